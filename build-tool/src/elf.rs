@@ -1,0 +1,292 @@
+//! Read side: a parsed x86-64 ELF image or object, with the lookups the tool needs.
+
+use std::ops::Range;
+
+use anyhow::{Context, Result, bail};
+use object::elf;
+use object::read::elf::{ElfFile64, ElfSection64, FileHeader, SectionHeader};
+use object::{
+    LittleEndian, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget,
+    SectionIndex, SymbolKind,
+};
+
+/// What kind of ELF file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElfKind {
+    /// ET_EXEC: a linked image at fixed addresses.
+    Exec,
+    /// ET_DYN: a PIE or shared object.
+    Dyn,
+    /// ET_REL: a relocatable object (section offsets, no addresses).
+    Rel,
+}
+
+/// A symbol the tool may name in output.
+#[derive(Clone, Debug)]
+pub struct Sym {
+    /// Address (ET_EXEC/ET_DYN) or section offset (ET_REL).
+    pub addr: u64,
+    /// Size, 0 if unknown.
+    pub size: u64,
+    /// Raw (mangled) name.
+    pub name: String,
+    /// Section it is defined in.
+    pub section: SectionIndex,
+    /// STT_FUNC.
+    pub is_func: bool,
+}
+
+/// One relocation of an executable section.
+#[derive(Clone, Copy, Debug)]
+pub struct Reloc {
+    /// `r_offset`: address (linked images) or section offset (ET_REL).
+    pub offset: u64,
+    /// `R_X86_64_*`.
+    pub r_type: u32,
+    /// `S`: the symbol's value (for a section symbol, the section's address).
+    pub sym_value: u64,
+    /// Index of the symbol.
+    pub sym_index: usize,
+    /// `A`.
+    pub addend: i64,
+}
+
+/// A parsed ELF file and its source bytes.
+pub struct Image<'d> {
+    /// The file name, for messages.
+    pub path: String,
+    /// The whole file.
+    pub data: &'d [u8],
+    /// The parsed file.
+    pub file: ElfFile64<'d, LittleEndian>,
+    /// ET_* kind.
+    pub kind: ElfKind,
+    /// Defined symbols, sorted by (section, address).
+    syms: Vec<Sym>,
+}
+
+impl std::fmt::Debug for Image<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image").field("path", &self.path).field("kind", &self.kind).finish()
+    }
+}
+
+impl<'d> Image<'d> {
+    /// Parses `data` (the contents of `path`) as a little-endian x86-64 ELF64 file.
+    pub fn parse(path: &str, data: &'d [u8]) -> Result<Image<'d>> {
+        let file = ElfFile64::<LittleEndian>::parse(data)
+            .with_context(|| format!("{path}: not a valid ELF64 little-endian file"))?;
+        let hdr = file.elf_header();
+        let e = LittleEndian;
+        if hdr.e_machine(e) != elf::EM_X86_64 {
+            bail!("{path}: machine {} is not x86-64", hdr.e_machine(e));
+        }
+        let kind = match hdr.e_type(e) {
+            elf::ET_EXEC => ElfKind::Exec,
+            elf::ET_DYN => ElfKind::Dyn,
+            elf::ET_REL => ElfKind::Rel,
+            t => bail!("{path}: ELF type {t} is not ET_EXEC, ET_DYN or ET_REL"),
+        };
+        let mut syms: Vec<Sym> = file
+            .symbols()
+            .filter_map(|s| {
+                let section = s.section_index()?;
+                let name = s.name().ok()?;
+                if name.is_empty() || s.kind() == SymbolKind::Section || s.kind() == SymbolKind::File {
+                    return None;
+                }
+                Some(Sym {
+                    addr: s.address(),
+                    size: s.size(),
+                    name: name.to_string(),
+                    section,
+                    is_func: s.kind() == SymbolKind::Text,
+                })
+            })
+            .collect();
+        syms.sort_by(|a, b| {
+            (a.section.0, a.addr, !a.is_func, &a.name).cmp(&(b.section.0, b.addr, !b.is_func, &b.name))
+        });
+        Ok(Image {
+            path: path.to_string(),
+            data,
+            file,
+            kind,
+            syms,
+        })
+    }
+
+    /// Sections that are allocated and executable.
+    pub fn exec_sections(&self) -> impl Iterator<Item = ElfSection64<'d, '_, LittleEndian>> + '_ {
+        self.file.sections().filter(|s| {
+            let f = s.elf_section_header().sh_flags(LittleEndian);
+            f & u64::from(elf::SHF_EXECINSTR) != 0 && f & u64::from(elf::SHF_ALLOC) != 0
+        })
+    }
+
+    /// Address ranges of the executable sections (linked images).
+    pub fn exec_ranges(&self) -> Vec<Range<u64>> {
+        let mut v: Vec<Range<u64>> = self
+            .exec_sections()
+            .filter(|s| s.size() > 0)
+            .map(|s| s.address()..s.address() + s.size())
+            .collect();
+        v.sort_by_key(|r| r.start);
+        v
+    }
+
+    /// A section by name.
+    pub fn section_by_name(&self, name: &str) -> Option<ElfSection64<'d, '_, LittleEndian>> {
+        self.file.section_by_name(name)
+    }
+
+    /// `len` bytes of file-backed contents at virtual address `addr`.
+    pub fn read_va(&self, addr: u64, len: u64) -> Option<&'d [u8]> {
+        for s in self.file.sections() {
+            let h = s.elf_section_header();
+            if h.sh_type(LittleEndian) == elf::SHT_NOBITS
+                || h.sh_flags(LittleEndian) & u64::from(elf::SHF_ALLOC) == 0
+            {
+                continue;
+            }
+            let (start, size) = (s.address(), s.size());
+            if addr >= start && addr.checked_add(len)? <= start + size {
+                let data = s.data().ok()?;
+                let off = (addr - start) as usize;
+                return data.get(off..off + len as usize);
+            }
+        }
+        None
+    }
+
+    /// File offset of virtual address `addr` (inside a file-backed section).
+    pub fn va_to_file_offset(&self, addr: u64, len: u64) -> Option<u64> {
+        for s in self.file.sections() {
+            let h = s.elf_section_header();
+            if h.sh_type(LittleEndian) == elf::SHT_NOBITS
+                || h.sh_flags(LittleEndian) & u64::from(elf::SHF_ALLOC) == 0
+            {
+                continue;
+            }
+            let (start, size) = (s.address(), s.size());
+            if addr >= start && addr.checked_add(len)? <= start + size {
+                let (off, _) = s.file_range()?;
+                return Some(off + (addr - start));
+            }
+        }
+        None
+    }
+
+    /// A defined symbol by exact name.
+    pub fn symbol(&self, name: &str) -> Option<&Sym> {
+        self.syms.iter().find(|s| s.name == name)
+    }
+
+    /// Name of a symbol at exactly `addr` in `section`, preferring functions.
+    pub fn symbol_at(&self, section: SectionIndex, addr: u64) -> Option<&Sym> {
+        let i = self.syms.partition_point(|s| (s.section.0, s.addr) < (section.0, addr));
+        self.syms.get(i).filter(|s| s.section == section && s.addr == addr)
+    }
+
+    /// The symbol that contains `addr` in `section`: the last one starting at or before
+    /// it whose size covers it (or that has no size). Functions win over labels.
+    pub fn enclosing_symbol(&self, section: SectionIndex, addr: u64) -> Option<&Sym> {
+        let end = self.syms.partition_point(|s| (s.section.0, s.addr) <= (section.0, addr));
+        let mut best: Option<&Sym> = None;
+        for s in self.syms[..end].iter().rev() {
+            if s.section != section {
+                break;
+            }
+            let covers = s.size == 0 || addr < s.addr + s.size;
+            if covers && s.is_func {
+                return Some(s);
+            }
+            if covers && best.is_none() {
+                best = Some(s);
+            }
+            // Sized functions never nest; stop once we are past any plausible start.
+            if s.is_func && s.size != 0 && addr >= s.addr + s.size && best.is_some() {
+                break;
+            }
+        }
+        best
+    }
+
+    /// Start of the next symbol after `addr` in `section` (to bound a sizeless symbol).
+    pub fn next_symbol_start(&self, section: SectionIndex, addr: u64) -> Option<u64> {
+        let i = self.syms.partition_point(|s| (s.section.0, s.addr) <= (section.0, addr));
+        self.syms.get(i).filter(|s| s.section == section).map(|s| s.addr)
+    }
+
+    /// `symbol+0xoff` for an address in `section`, demangled, for humans.
+    pub fn describe(&self, section: SectionIndex, addr: u64) -> String {
+        match self.enclosing_symbol(section, addr) {
+            Some(s) if addr == s.addr => demangle(&s.name),
+            Some(s) => format!("{}+{:#x}", demangle(&s.name), addr - s.addr),
+            None => format!("{addr:#x}"),
+        }
+    }
+
+    /// The relocations applying to `section` (from `.rela<name>` sections: `--emit-relocs`
+    /// output in linked images, ordinary relocations in objects).
+    pub fn relocations(&self, section: &ElfSection64<'d, '_, LittleEndian>) -> Result<Vec<Reloc>> {
+        let mut out = Vec::new();
+        for (offset, r) in section.relocations() {
+            let RelocationFlags::Elf { r_type } = r.flags() else {
+                continue;
+            };
+            let (sym_value, sym_index) = match r.target() {
+                RelocationTarget::Symbol(i) => {
+                    let sym = self.file.symbol_by_index(i).with_context(|| {
+                        format!("{}: relocation at {offset:#x} names a bad symbol", self.path)
+                    })?;
+                    let v = if sym.kind() == SymbolKind::Section {
+                        match sym.section_index() {
+                            Some(si) => self.file.section_by_index(si).map(|s| s.address()).unwrap_or(0),
+                            None => 0,
+                        }
+                    } else {
+                        sym.address()
+                    };
+                    (v, i.0)
+                }
+                RelocationTarget::Absolute => (0, 0),
+                _ => continue,
+            };
+            out.push(Reloc {
+                offset,
+                r_type,
+                sym_value,
+                sym_index,
+                addend: r.addend(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether any executable section carries relocations (i.e. `--emit-relocs` was used,
+    /// or this is an object).
+    pub fn has_text_relocations(&self) -> bool {
+        self.exec_sections().any(|s| s.relocations().next().is_some())
+    }
+
+    /// The raw name of the symbol with index `i`.
+    pub fn symbol_name(&self, i: usize) -> String {
+        self.file
+            .symbol_by_index(object::SymbolIndex(i))
+            .ok()
+            .and_then(|s| s.name().ok().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+/// Demangles a Rust (legacy or v0) or returns the name unchanged.
+pub fn demangle(name: &str) -> String {
+    format!("{:#}", rustc_demangle::demangle(name))
+}
+
+/// Convenience for `FileHeader` trait use elsewhere.
+pub fn e_type(data: &[u8]) -> Option<u16> {
+    let h = object::elf::FileHeader64::<LittleEndian>::parse(data).ok()?;
+    Some(h.e_type(LittleEndian))
+}

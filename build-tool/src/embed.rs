@@ -1,0 +1,320 @@
+//! `ksites embed`: discover sites, write `.ksites` in a new `PT_LOAD`, fill the table
+//! cell, and write the output atomically.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use kernel_loader::cell::{CELL_MAGIC, CELL_SIZE, CELL_SYMBOL};
+use kernel_loader::format::{SECTION_NAME, Table};
+use object::elf::{self, FileHeader64, ProgramHeader64, SectionHeader64};
+use object::pod::{bytes_of, from_bytes, slice_from_bytes};
+use object::{LittleEndian as LE, U16, U32, U64};
+
+use crate::elf::{ElfKind, Image};
+use crate::records::{IfuncInfo, read_ifuncs};
+use crate::sites::{SiteScan, find_sites};
+use crate::table::{IfuncEntry, SiteEntry, build_table, table_size};
+
+/// The input already carries a `.ksites` table (or a filled cell).
+#[derive(Debug)]
+pub struct AlreadyEmbedded(pub String);
+
+impl std::fmt::Display for AlreadyEmbedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: already processed by `ksites embed` (it has a {SECTION_NAME} section); \
+             embed the linker's original output instead",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for AlreadyEmbedded {}
+
+/// What `embed` did.
+#[derive(Debug, Default)]
+pub struct EmbedReport {
+    /// Ifuncs described.
+    pub ifuncs: Vec<IfuncInfo>,
+    /// The scan: sites recorded and references left alone.
+    pub scan: SiteScan,
+    /// Address and size of the table, if one was written.
+    pub table: Option<(u64, usize)>,
+}
+
+/// Embeds into an in-memory image; returns the new file contents.
+pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
+    let img = Image::parse(path, data)?;
+    if img.section_by_name(SECTION_NAME).is_some() {
+        return Err(AlreadyEmbedded(path.to_string()).into());
+    }
+    let ifuncs = read_ifuncs(&img)?;
+    if ifuncs.is_empty() {
+        // Nothing to describe: the output is the input, unchanged.
+        return Ok((data.to_vec(), EmbedReport::default()));
+    }
+    ensure!(
+        img.kind == ElfKind::Exec,
+        "{path}: embedding into {:?} files is not supported yet (ET_EXEC only)",
+        img.kind
+    );
+    ensure!(
+        img.has_text_relocations(),
+        "{path}: executable sections carry no relocations; link with --emit-relocs \
+         (e.g. `-C link-arg=--emit-relocs`) so call sites can be found"
+    );
+    let targets: HashMap<u64, usize> = ifuncs.iter().enumerate().map(|(i, f)| (f.trampoline, i)).collect();
+    let scan = find_sites(&img, &targets)?;
+
+    let cell = img.symbol(CELL_SYMBOL).with_context(|| {
+        format!(
+            "{path}: the image has ifuncs but no `{CELL_SYMBOL}` symbol; \
+             link kernel-loader and call `kernel_loader::cell::image_table` so the kernel can find its table"
+        )
+    })?;
+    let cell_addr = cell.addr;
+    let cell_bytes = img
+        .read_va(cell_addr, CELL_SIZE as u64)
+        .with_context(|| format!("{path}: {CELL_SYMBOL} at {cell_addr:#x} has no file contents"))?;
+    let magic = u64::from_le_bytes(cell_bytes[..8].try_into()?);
+    ensure!(magic == CELL_MAGIC, "{path}: {CELL_SYMBOL} has magic {magic:#x}, expected {CELL_MAGIC:#x}");
+    if cell_bytes[8..].iter().any(|&b| b != 0) {
+        return Err(AlreadyEmbedded(path.to_string()).into());
+    }
+
+    let entries: Vec<IfuncEntry> = ifuncs
+        .iter()
+        .map(|f| IfuncEntry {
+            name: f.name.clone(),
+            trampoline: f.trampoline,
+            slot: f.slot,
+            resolver: f.resolver,
+            default: f.default,
+        })
+        .collect();
+    let site_entries: Vec<SiteEntry> = scan
+        .sites
+        .iter()
+        .map(|s| SiteEntry {
+            addr: s.addr,
+            kind: s.kind,
+            prefixes: s.prefixes,
+            ifunc: s.target as u32,
+        })
+        .collect();
+
+    let size = table_size(&entries, site_entries.len());
+    let (mut out, table_addr) = append_segment(path, data, size, |addr| {
+        build_table(addr, &entries, &site_entries)
+    })?;
+
+    // Fill the cell: table address relative to the cell, and the size. Original bytes
+    // keep their file offsets, so the input's mapping still applies.
+    let offset = i64::try_from(i128::from(table_addr) - i128::from(cell_addr))?;
+    let at = img
+        .va_to_file_offset(cell_addr, CELL_SIZE as u64)
+        .with_context(|| format!("{path}: {CELL_SYMBOL} is not file-backed"))? as usize;
+    out[at + 8..at + 16].copy_from_slice(&offset.to_le_bytes());
+    out[at + 16..at + 24].copy_from_slice(&(size as u64).to_le_bytes());
+
+    verify_output(path, &out, table_addr, size, cell_addr)?;
+    Ok((
+        out,
+        EmbedReport {
+            ifuncs,
+            scan,
+            table: Some((table_addr, size)),
+        },
+    ))
+}
+
+/// Re-reads what was produced: the table must validate with the loader's own reader at
+/// its address, and the cell must point at it.
+fn verify_output(path: &str, out: &[u8], addr: u64, size: usize, cell_addr: u64) -> Result<()> {
+    let img = Image::parse(path, out).context("re-reading the output")?;
+    let bytes = img
+        .read_va(addr, size as u64)
+        .with_context(|| format!("{path}: output lost the table at {addr:#x}"))?;
+    let exec = img.exec_ranges();
+    Table::parse(bytes, addr, &exec).map_err(|e| anyhow::anyhow!("{path}: written table does not validate: {e}"))?;
+    let cell = img.read_va(cell_addr, CELL_SIZE as u64).context("output lost the cell")?;
+    let off = i64::from_le_bytes(cell[8..16].try_into()?);
+    ensure!(cell_addr.wrapping_add_signed(off) == addr, "{path}: cell does not point at the table");
+    Ok(())
+}
+
+/// Embeds `input` into `output`, writing a temporary file beside `output` and renaming
+/// it, so `output` is either untouched or complete. `input` is never modified.
+pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
+    let same = match (input.canonicalize(), output.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        bail!(
+            "{}: refusing to overwrite the input; write to a different -o path",
+            input.display()
+        );
+    }
+    let data = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let (out, report) = embed_bytes(&input.display().to_string(), &data)?;
+    let perms = std::fs::metadata(input)?.permissions();
+    write_atomically(output, &out, perms)?;
+    Ok(report)
+}
+
+/// Writes `bytes` to a temporary file in `path`'s directory, syncs it, and renames it
+/// over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8], perms: std::fs::Permissions) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ksites-tmp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.as_file().set_permissions(perms)?;
+    tmp.persist(path)
+        .map_err(|e| anyhow::anyhow!("cannot rename into {}: {}", path.display(), e.error))?;
+    Ok(())
+}
+
+const PAGE: u64 = 0x1000;
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+/// Appends an allocated, read-only section `.ksites` of `size` bytes in a new `PT_LOAD`
+/// after every existing segment, and returns the new file and the section's address.
+/// `contents` receives the address and returns exactly `size` bytes.
+///
+/// Every original byte keeps its file offset. The program header table is rewritten at
+/// the end of the file (it has to grow by one entry, and linkers such as GNU ld put the
+/// first section right behind it, so it cannot grow in place); the section header table
+/// and a copy of `.shstrtab` with the new name are appended too. The `object` crate's
+/// `build::elf::Builder` was the first choice, but it requires the program headers to
+/// stay directly after the file header, which fails on exactly those GNU ld images.
+pub fn append_segment(
+    path: &str,
+    data: &[u8],
+    size: usize,
+    contents: impl FnOnce(u64) -> Result<Vec<u8>>,
+) -> Result<(Vec<u8>, u64)> {
+    let e = LE;
+    let (fh, _) = from_bytes::<FileHeader64<LE>>(data).map_err(|()| anyhow::anyhow!("{path}: truncated ELF header"))?;
+    let phoff = fh.e_phoff.get(e) as usize;
+    let phnum = fh.e_phnum.get(e) as usize;
+    let shoff = fh.e_shoff.get(e) as usize;
+    let shnum = fh.e_shnum.get(e) as usize;
+    let shstrndx = fh.e_shstrndx.get(e) as usize;
+    ensure!(
+        fh.e_phentsize.get(e) as usize == size_of::<ProgramHeader64<LE>>()
+            && fh.e_shentsize.get(e) as usize == size_of::<SectionHeader64<LE>>(),
+        "{path}: unexpected program/section header entry size"
+    );
+    ensure!(
+        shnum > 0 && shnum < elf::SHN_LORESERVE as usize && shstrndx < shnum && phnum < 0xffff,
+        "{path}: extended section numbering is not supported"
+    );
+    let phdrs = data
+        .get(phoff..)
+        .and_then(|d| slice_from_bytes::<ProgramHeader64<LE>>(d, phnum).ok())
+        .map(|(p, _)| p)
+        .with_context(|| format!("{path}: program headers out of bounds"))?;
+    let shdrs = data
+        .get(shoff..)
+        .and_then(|d| slice_from_bytes::<SectionHeader64<LE>>(d, shnum).ok())
+        .map(|(s, _)| s)
+        .with_context(|| format!("{path}: section headers out of bounds"))?;
+    ensure!(
+        !phdrs.iter().any(|p| p.p_type.get(e) == elf::PT_PHDR),
+        "{path}: has a PT_PHDR segment; moving its program headers is not supported"
+    );
+    let last_load = phdrs
+        .iter()
+        .filter(|p| p.p_type.get(e) == elf::PT_LOAD)
+        .max_by_key(|p| p.p_vaddr.get(e) + p.p_memsz.get(e))
+        .with_context(|| format!("{path}: no PT_LOAD segment"))?;
+    let vaddr = align_up(last_load.p_vaddr.get(e) + last_load.p_memsz.get(e), PAGE);
+    let paddr = vaddr.wrapping_sub(last_load.p_vaddr.get(e).wrapping_sub(last_load.p_paddr.get(e)));
+
+    let mut out = data.to_vec();
+    // The table: page-aligned in the file and in memory.
+    let table_off = align_up(out.len() as u64, PAGE);
+    out.resize(table_off as usize, 0);
+    let table = contents(vaddr)?;
+    ensure!(table.len() == size, "internal: table has {} bytes, expected {size}", table.len());
+    out.extend_from_slice(&table);
+
+    // Program headers: the old ones, then the new PT_LOAD.
+    out.resize(align_up(out.len() as u64, 8) as usize, 0);
+    let new_phoff = out.len() as u64;
+    for p in phdrs {
+        out.extend_from_slice(bytes_of(p));
+    }
+    let ph = ProgramHeader64::<LE> {
+        p_type: U32::new(e, elf::PT_LOAD),
+        p_flags: U32::new(e, elf::PF_R),
+        p_offset: U64::new(e, table_off),
+        p_vaddr: U64::new(e, vaddr),
+        p_paddr: U64::new(e, paddr),
+        p_filesz: U64::new(e, size as u64),
+        p_memsz: U64::new(e, size as u64),
+        p_align: U64::new(e, PAGE),
+    };
+    out.extend_from_slice(bytes_of(&ph));
+
+    // Section names: a copy of .shstrtab with ".ksites" appended.
+    let strtab = &shdrs[shstrndx];
+    let (so, ss) = (strtab.sh_offset.get(e) as usize, strtab.sh_size.get(e) as usize);
+    let old_names = data
+        .get(so..so + ss)
+        .with_context(|| format!("{path}: .shstrtab out of bounds"))?;
+    let new_strtab_off = out.len() as u64;
+    out.extend_from_slice(old_names);
+    let name_off = old_names.len() as u32;
+    out.extend_from_slice(SECTION_NAME.as_bytes());
+    out.push(0);
+    let new_strtab_size = out.len() as u64 - new_strtab_off;
+
+    // Section headers: the old ones (shstrtab moved), then .ksites.
+    out.resize(align_up(out.len() as u64, 8) as usize, 0);
+    let new_shoff = out.len() as u64;
+    for (i, s) in shdrs.iter().enumerate() {
+        let mut s = *s;
+        if i == shstrndx {
+            s.sh_offset = U64::new(e, new_strtab_off);
+            s.sh_size = U64::new(e, new_strtab_size);
+        }
+        out.extend_from_slice(bytes_of(&s));
+    }
+    let sh = SectionHeader64::<LE> {
+        sh_name: U32::new(e, name_off),
+        sh_type: U32::new(e, elf::SHT_PROGBITS),
+        sh_flags: U64::new(e, u64::from(elf::SHF_ALLOC)),
+        sh_addr: U64::new(e, vaddr),
+        sh_offset: U64::new(e, table_off),
+        sh_size: U64::new(e, size as u64),
+        sh_link: U32::new(e, 0),
+        sh_info: U32::new(e, 0),
+        sh_addralign: U64::new(e, 8),
+        sh_entsize: U64::new(e, 0),
+    };
+    out.extend_from_slice(bytes_of(&sh));
+
+    // File header.
+    let mut nfh = *fh;
+    nfh.e_phoff = U64::new(e, new_phoff);
+    nfh.e_phnum = U16::new(e, (phnum + 1) as u16);
+    nfh.e_shoff = U64::new(e, new_shoff);
+    nfh.e_shnum = U16::new(e, (shnum + 1) as u16);
+    out[..size_of::<FileHeader64<LE>>()].copy_from_slice(bytes_of(&nfh));
+    Ok((out, vaddr))
+}

@@ -1,0 +1,8 @@
+//! Library half of the `ksites` CLI (the binary is a thin clap front end).
+
+pub mod elf;
+pub mod embed;
+pub mod inspect;
+pub mod records;
+pub mod sites;
+pub mod table;

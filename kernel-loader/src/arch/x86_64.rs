@@ -1,0 +1,123 @@
+//! x86-64 instruction encodings used by the patcher, and raw CPUID/XGETBV access.
+
+use crate::format::SiteKind;
+
+/// `call rel32` opcode.
+pub const CALL_REL32: u8 = 0xe8;
+/// `jmp rel32` opcode.
+pub const JMP_REL32: u8 = 0xe9;
+/// First byte of `jcc rel32` (`0f 80+cc`).
+pub const TWO_BYTE_ESCAPE: u8 = 0x0f;
+/// The recommended 5-byte NOP, `nopl 0x0(%rax,%rax,1)`.
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// `jmp qword ptr [rip + disp32]`: the trampoline's first two bytes.
+pub const JMP_RIP_INDIRECT: [u8; 2] = [0xff, 0x25];
+/// Length of a trampoline's `jmp [rip+disp32]`.
+pub const TRAMPOLINE_LEN: usize = 6;
+
+/// Legacy prefixes a compiler may put before a branch (segment overrides used as
+/// branch hints, operand/address size, `bnd`/`rep`). REX is never valid on `e8`/`e9`.
+pub const fn is_branch_prefix(b: u8) -> bool {
+    matches!(
+        b,
+        0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0x67 | 0xf2 | 0xf3
+    )
+}
+
+/// Whether `opcode` (the bytes after the prefixes) is the opcode of `kind`.
+pub fn opcode_matches(kind: SiteKind, opcode: &[u8]) -> bool {
+    match kind {
+        SiteKind::Call => opcode.first() == Some(&CALL_REL32),
+        SiteKind::Jmp => opcode.first() == Some(&JMP_REL32),
+        SiteKind::Jcc => {
+            opcode.first() == Some(&TWO_BYTE_ESCAPE)
+                && opcode.get(1).is_some_and(|b| b & 0xf0 == 0x80)
+        }
+    }
+}
+
+/// The rel32 that makes a branch ending at `next_ip` reach `target`, if in range.
+pub fn rel32(next_ip: u64, target: u64) -> Option<i32> {
+    i32::try_from(target as i128 - next_ip as i128).ok()
+}
+
+/// Raw CPUID output for the leaves [`crate::CpuFeatures`] is built from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawCpuid {
+    /// Highest standard leaf (CPUID.0:EAX).
+    pub max_leaf: u32,
+    /// CPUID.1:ECX.
+    pub leaf1_ecx: u32,
+    /// CPUID.1:EDX.
+    pub leaf1_edx: u32,
+    /// CPUID.(7,0):EBX.
+    pub leaf7_ebx: u32,
+    /// CPUID.(7,0):ECX.
+    pub leaf7_ecx: u32,
+    /// CPUID.(7,0):EDX.
+    pub leaf7_edx: u32,
+    /// XCR0 as read by XGETBV, or 0 when CPUID.1:ECX.OSXSAVE is clear.
+    pub xcr0: u64,
+}
+
+/// Executes CPUID for `leaf`/`subleaf`, returning (eax, ebx, ecx, edx).
+#[cfg(target_arch = "x86_64")]
+pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
+    let (eax, ebx, ecx, edx): (u32, u32, u32, u32);
+    // SAFETY: CPUID exists on every x86-64 CPU, reads no memory and only writes the four
+    // registers named here. LLVM reserves rbx, so it is saved in a scratch register.
+    unsafe {
+        core::arch::asm!(
+            "mov {tmp:r}, rbx",
+            "cpuid",
+            "xchg {tmp:r}, rbx",
+            tmp = out(reg) ebx,
+            inout("eax") leaf => eax,
+            inout("ecx") subleaf => ecx,
+            out("edx") edx,
+            options(nostack, preserves_flags, nomem),
+        );
+    }
+    (eax, ebx, ecx, edx)
+}
+
+/// Reads XCR0. Returns 0 unless CPUID.1:ECX.OSXSAVE (bit 27) is set, since XGETBV
+/// raises #UD when the OS has not enabled XSAVE.
+#[cfg(target_arch = "x86_64")]
+pub fn xcr0() -> u64 {
+    let (_, _, ecx, _) = cpuid(1, 0);
+    if ecx & (1 << 27) == 0 {
+        return 0;
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: OSXSAVE is set (checked above), so XGETBV with ECX=0 is defined; it reads
+    // no memory and writes only eax/edx.
+    unsafe {
+        core::arch::asm!(
+            "xgetbv",
+            in("ecx") 0u32,
+            out("eax") lo,
+            out("edx") hi,
+            options(nostack, preserves_flags, nomem),
+        );
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Reads leaves 0, 1 and 7 and XCR0 on the running CPU.
+#[cfg(target_arch = "x86_64")]
+pub fn read_cpuid() -> RawCpuid {
+    let (max_leaf, _, _, _) = cpuid(0, 0);
+    let (_, _, leaf1_ecx, leaf1_edx) = if max_leaf >= 1 { cpuid(1, 0) } else { (0, 0, 0, 0) };
+    let (_, leaf7_ebx, leaf7_ecx, leaf7_edx) =
+        if max_leaf >= 7 { cpuid(7, 0) } else { (0, 0, 0, 0) };
+    RawCpuid {
+        max_leaf,
+        leaf1_ecx,
+        leaf1_edx,
+        leaf7_ebx,
+        leaf7_ecx,
+        leaf7_edx,
+        xcr0: xcr0(),
+    }
+}

@@ -1,0 +1,27 @@
+//! # kernel-loader
+//!
+//! The `#![no_std]`, allocation-free run-time half of ksites.
+//!
+//! * [`format`]: the `.ksites` table format (v1) and its validating, zero-copy reader.
+//! * [`cpu`]: [`CpuFeatures`], from CPUID leaves 1 and 7 and XGETBV.
+//! * [`ifunc!`]: declares an ifunc (trampoline, slot, descriptor record).
+//! * [`patch`]: boot-time patching of ifunc call sites through a kernel-supplied [`TextPoker`].
+//! * [`cell`]: the table cell through which a linked image finds its own table.
+//!
+//! The build tool (`ksites embed`) writes the table; a kernel calls [`cell::image_table`]
+//! and [`patch::init`] once at boot.
+#![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(any(feature = "std", test))]
+extern crate std;
+
+pub mod arch;
+pub mod cell;
+pub mod cpu;
+pub mod format;
+pub mod ifunc;
+pub mod patch;
+
+pub use cpu::CpuFeatures;
+pub use patch::{InitReport, PatchError, PokeError, TextPoker};
