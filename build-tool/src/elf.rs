@@ -67,7 +67,10 @@ pub struct Image<'d> {
 
 impl std::fmt::Debug for Image<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Image").field("path", &self.path).field("kind", &self.kind).finish()
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 
@@ -92,7 +95,10 @@ impl<'d> Image<'d> {
             .filter_map(|s| {
                 let section = s.section_index()?;
                 let name = s.name().ok()?;
-                if name.is_empty() || s.kind() == SymbolKind::Section || s.kind() == SymbolKind::File {
+                if name.is_empty()
+                    || s.kind() == SymbolKind::Section
+                    || s.kind() == SymbolKind::File
+                {
                     return None;
                 }
                 Some(Sym {
@@ -105,7 +111,12 @@ impl<'d> Image<'d> {
             })
             .collect();
         syms.sort_by(|a, b| {
-            (a.section.0, a.addr, !a.is_func, &a.name).cmp(&(b.section.0, b.addr, !b.is_func, &b.name))
+            (a.section.0, a.addr, !a.is_func, &a.name).cmp(&(
+                b.section.0,
+                b.addr,
+                !b.is_func,
+                &b.name,
+            ))
         });
         Ok(Image {
             path: path.to_string(),
@@ -184,14 +195,20 @@ impl<'d> Image<'d> {
 
     /// Name of a symbol at exactly `addr` in `section`, preferring functions.
     pub fn symbol_at(&self, section: SectionIndex, addr: u64) -> Option<&Sym> {
-        let i = self.syms.partition_point(|s| (s.section.0, s.addr) < (section.0, addr));
-        self.syms.get(i).filter(|s| s.section == section && s.addr == addr)
+        let i = self
+            .syms
+            .partition_point(|s| (s.section.0, s.addr) < (section.0, addr));
+        self.syms
+            .get(i)
+            .filter(|s| s.section == section && s.addr == addr)
     }
 
     /// The symbol that contains `addr` in `section`: the last one starting at or before
     /// it whose size covers it (or that has no size). Functions win over labels.
     pub fn enclosing_symbol(&self, section: SectionIndex, addr: u64) -> Option<&Sym> {
-        let end = self.syms.partition_point(|s| (s.section.0, s.addr) <= (section.0, addr));
+        let end = self
+            .syms
+            .partition_point(|s| (s.section.0, s.addr) <= (section.0, addr));
         let mut best: Option<&Sym> = None;
         for s in self.syms[..end].iter().rev() {
             if s.section != section {
@@ -214,8 +231,13 @@ impl<'d> Image<'d> {
 
     /// Start of the next symbol after `addr` in `section` (to bound a sizeless symbol).
     pub fn next_symbol_start(&self, section: SectionIndex, addr: u64) -> Option<u64> {
-        let i = self.syms.partition_point(|s| (s.section.0, s.addr) <= (section.0, addr));
-        self.syms.get(i).filter(|s| s.section == section).map(|s| s.addr)
+        let i = self
+            .syms
+            .partition_point(|s| (s.section.0, s.addr) <= (section.0, addr));
+        self.syms
+            .get(i)
+            .filter(|s| s.section == section)
+            .map(|s| s.addr)
     }
 
     /// `symbol+0xoff` for an address in `section`, demangled, for humans.
@@ -238,11 +260,18 @@ impl<'d> Image<'d> {
             let (sym_value, sym_index) = match r.target() {
                 RelocationTarget::Symbol(i) => {
                     let sym = self.file.symbol_by_index(i).with_context(|| {
-                        format!("{}: relocation at {offset:#x} names a bad symbol", self.path)
+                        format!(
+                            "{}: relocation at {offset:#x} names a bad symbol",
+                            self.path
+                        )
                     })?;
                     let v = if sym.kind() == SymbolKind::Section {
                         match sym.section_index() {
-                            Some(si) => self.file.section_by_index(si).map(|s| s.address()).unwrap_or(0),
+                            Some(si) => self
+                                .file
+                                .section_by_index(si)
+                                .map(|s| s.address())
+                                .unwrap_or(0),
                             None => 0,
                         }
                     } else {
@@ -267,7 +296,8 @@ impl<'d> Image<'d> {
     /// Whether any executable section carries relocations (i.e. `--emit-relocs` was used,
     /// or this is an object).
     pub fn has_text_relocations(&self) -> bool {
-        self.exec_sections().any(|s| s.relocations().next().is_some())
+        self.exec_sections()
+            .any(|s| s.relocations().next().is_some())
     }
 
     /// The raw name of the symbol with index `i`.

@@ -66,7 +66,11 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         "{path}: executable sections carry no relocations; link with --emit-relocs \
          (e.g. `-C link-arg=--emit-relocs`) so call sites can be found"
     );
-    let targets: HashMap<u64, usize> = ifuncs.iter().enumerate().map(|(i, f)| (f.trampoline, i)).collect();
+    let targets: HashMap<u64, usize> = ifuncs
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.trampoline, i))
+        .collect();
     let scan = find_sites(&img, &targets)?;
 
     let cell = img.symbol(CELL_SYMBOL).with_context(|| {
@@ -80,7 +84,10 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         .read_va(cell_addr, CELL_SIZE as u64)
         .with_context(|| format!("{path}: {CELL_SYMBOL} at {cell_addr:#x} has no file contents"))?;
     let magic = u64::from_le_bytes(cell_bytes[..8].try_into()?);
-    ensure!(magic == CELL_MAGIC, "{path}: {CELL_SYMBOL} has magic {magic:#x}, expected {CELL_MAGIC:#x}");
+    ensure!(
+        magic == CELL_MAGIC,
+        "{path}: {CELL_SYMBOL} has magic {magic:#x}, expected {CELL_MAGIC:#x}"
+    );
     if cell_bytes[8..].iter().any(|&b| b != 0) {
         return Err(AlreadyEmbedded(path.to_string()).into());
     }
@@ -114,9 +121,9 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
     // Fill the cell: table address relative to the cell, and the size. Original bytes
     // keep their file offsets, so the input's mapping still applies.
     let offset = i64::try_from(i128::from(table_addr) - i128::from(cell_addr))?;
-    let at = img
-        .va_to_file_offset(cell_addr, CELL_SIZE as u64)
-        .with_context(|| format!("{path}: {CELL_SYMBOL} is not file-backed"))? as usize;
+    let at =
+        img.va_to_file_offset(cell_addr, CELL_SIZE as u64)
+            .with_context(|| format!("{path}: {CELL_SYMBOL} is not file-backed"))? as usize;
     out[at + 8..at + 16].copy_from_slice(&offset.to_le_bytes());
     out[at + 16..at + 24].copy_from_slice(&(size as u64).to_le_bytes());
 
@@ -139,10 +146,16 @@ fn verify_output(path: &str, out: &[u8], addr: u64, size: usize, cell_addr: u64)
         .read_va(addr, size as u64)
         .with_context(|| format!("{path}: output lost the table at {addr:#x}"))?;
     let exec = img.exec_ranges();
-    Table::parse(bytes, addr, &exec).map_err(|e| anyhow::anyhow!("{path}: written table does not validate: {e}"))?;
-    let cell = img.read_va(cell_addr, CELL_SIZE as u64).context("output lost the cell")?;
+    Table::parse(bytes, addr, &exec)
+        .map_err(|e| anyhow::anyhow!("{path}: written table does not validate: {e}"))?;
+    let cell = img
+        .read_va(cell_addr, CELL_SIZE as u64)
+        .context("output lost the cell")?;
     let off = i64::from_le_bytes(cell[8..16].try_into()?);
-    ensure!(cell_addr.wrapping_add_signed(off) == addr, "{path}: cell does not point at the table");
+    ensure!(
+        cell_addr.wrapping_add_signed(off) == addr,
+        "{path}: cell does not point at the table"
+    );
     Ok(())
 }
 
@@ -208,7 +221,8 @@ pub fn append_segment(
     contents: impl FnOnce(u64) -> Result<Vec<u8>>,
 ) -> Result<(Vec<u8>, u64)> {
     let e = LE;
-    let (fh, _) = from_bytes::<FileHeader64<LE>>(data).map_err(|()| anyhow::anyhow!("{path}: truncated ELF header"))?;
+    let (fh, _) = from_bytes::<FileHeader64<LE>>(data)
+        .map_err(|()| anyhow::anyhow!("{path}: truncated ELF header"))?;
     let phoff = fh.e_phoff.get(e) as usize;
     let phnum = fh.e_phnum.get(e) as usize;
     let shoff = fh.e_shoff.get(e) as usize;
@@ -243,14 +257,23 @@ pub fn append_segment(
         .max_by_key(|p| p.p_vaddr.get(e) + p.p_memsz.get(e))
         .with_context(|| format!("{path}: no PT_LOAD segment"))?;
     let vaddr = align_up(last_load.p_vaddr.get(e) + last_load.p_memsz.get(e), PAGE);
-    let paddr = vaddr.wrapping_sub(last_load.p_vaddr.get(e).wrapping_sub(last_load.p_paddr.get(e)));
+    let paddr = vaddr.wrapping_sub(
+        last_load
+            .p_vaddr
+            .get(e)
+            .wrapping_sub(last_load.p_paddr.get(e)),
+    );
 
     let mut out = data.to_vec();
     // The table: page-aligned in the file and in memory.
     let table_off = align_up(out.len() as u64, PAGE);
     out.resize(table_off as usize, 0);
     let table = contents(vaddr)?;
-    ensure!(table.len() == size, "internal: table has {} bytes, expected {size}", table.len());
+    ensure!(
+        table.len() == size,
+        "internal: table has {} bytes, expected {size}",
+        table.len()
+    );
     out.extend_from_slice(&table);
 
     // Program headers: the old ones, then the new PT_LOAD.
@@ -273,7 +296,10 @@ pub fn append_segment(
 
     // Section names: a copy of .shstrtab with ".ksites" appended.
     let strtab = &shdrs[shstrndx];
-    let (so, ss) = (strtab.sh_offset.get(e) as usize, strtab.sh_size.get(e) as usize);
+    let (so, ss) = (
+        strtab.sh_offset.get(e) as usize,
+        strtab.sh_size.get(e) as usize,
+    );
     let old_names = data
         .get(so..so + ss)
         .with_context(|| format!("{path}: .shstrtab out of bounds"))?;

@@ -31,8 +31,11 @@ pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
     writeln!(o, "{path}: ELF {:?} x86-64", img.kind)?;
     let exec = img.exec_ranges();
     let ifunc_records = read_ifuncs(&img)?;
-    let targets: HashMap<u64, usize> =
-        ifunc_records.iter().enumerate().map(|(i, f)| (f.trampoline, i)).collect();
+    let targets: HashMap<u64, usize> = ifunc_records
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.trampoline, i))
+        .collect();
     let scan = find_sites(&img, &targets)?;
 
     if let Some(sec) = img.section_by_name(SECTION_NAME) {
@@ -55,7 +58,14 @@ pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
                 .find(|r| r.trampoline == f.trampoline)
                 .map(|r| r.trampoline_symbol.clone())
                 .unwrap_or_else(|| "?".into());
-            writeln!(o, "ifunc {} trampoline={:#x} {} sites={}", f.name, f.trampoline, tsym, sites.len())?;
+            writeln!(
+                o,
+                "ifunc {} trampoline={:#x} {} sites={}",
+                f.name,
+                f.trampoline,
+                tsym,
+                sites.len()
+            )?;
             writeln!(
                 o,
                 "  slot={:#x} resolver={:#x} default={:#x} {}",
@@ -65,14 +75,31 @@ pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
                 sym_name(&img, f.default)
             )?;
             for s in sites {
-                writeln!(o, "  site {:#x} {} {}", s.addr, s.kind.name(), sym_name(&img, s.addr))?;
+                writeln!(
+                    o,
+                    "  site {:#x} {} {}",
+                    s.addr,
+                    s.kind.name(),
+                    sym_name(&img, s.addr)
+                )?;
             }
-            for r in scan.other_refs.iter().filter(|r| ifunc_records[r.target].trampoline == f.trampoline) {
-                writeln!(o, "  ref {:#x} {} in {} (not patched: uses the slot)", r.addr, r.what, r.location)?;
+            for r in scan
+                .other_refs
+                .iter()
+                .filter(|r| ifunc_records[r.target].trampoline == f.trampoline)
+            {
+                writeln!(
+                    o,
+                    "  ref {:#x} {} in {} (not patched: uses the slot)",
+                    r.addr, r.what, r.location
+                )?;
             }
         }
     } else {
-        writeln!(o, "no {SECTION_NAME} table (not embedded); listing what `ksites embed` would record")?;
+        writeln!(
+            o,
+            "no {SECTION_NAME} table (not embedded); listing what `ksites embed` would record"
+        )?;
         for (i, f) in ifunc_records.iter().enumerate() {
             let sites: Vec<_> = scan.sites.iter().filter(|s| s.target == i).collect();
             writeln!(
@@ -95,7 +122,11 @@ pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
                 writeln!(o, "  site {:#x} {} {}", s.addr, s.kind.name(), s.location)?;
             }
             for r in scan.other_refs.iter().filter(|r| r.target == i) {
-                writeln!(o, "  ref {:#x} {} in {} (not patched: uses the slot)", r.addr, r.what, r.location)?;
+                writeln!(
+                    o,
+                    "  ref {:#x} {} in {} (not patched: uses the slot)",
+                    r.addr, r.what, r.location
+                )?;
             }
         }
     }

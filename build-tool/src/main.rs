@@ -50,7 +50,11 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Embed { image, output, quiet } => {
+        Command::Embed {
+            image,
+            output,
+            quiet,
+        } => {
             let r = embed_file(&image, &output)?;
             if !quiet {
                 match r.table {
@@ -74,7 +78,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { file } => {
             let data = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            print!("{}", ksites::inspect::inspect(&file.display().to_string(), &data)?);
+            print!(
+                "{}",
+                ksites::inspect::inspect(&file.display().to_string(), &data)?
+            );
             Ok(())
         }
     }

@@ -82,7 +82,10 @@ pub fn read_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
             .read_va(name_ptr, name_len)
             .and_then(|b| std::str::from_utf8(b).ok())
             .with_context(|| {
-                format!("{}: {RECORD_SECTION}+{off:#x}: unreadable ifunc name at {name_ptr:#x}", img.path)
+                format!(
+                    "{}: {RECORD_SECTION}+{off:#x}: unreadable ifunc name at {name_ptr:#x}",
+                    img.path
+                )
             })?
             .to_string();
         let trampoline = u64_at(r, record::TRAMPOLINE);
@@ -127,7 +130,12 @@ pub fn read_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
 fn check_trampoline(img: &Image<'_>, f: &IfuncInfo) -> Result<()> {
     let b = img
         .read_va(f.trampoline, TRAMPOLINE_LEN as u64)
-        .with_context(|| format!("{}: ifunc {}: trampoline {:#x} is not in the file", img.path, f.name, f.trampoline))?;
+        .with_context(|| {
+            format!(
+                "{}: ifunc {}: trampoline {:#x} is not in the file",
+                img.path, f.name, f.trampoline
+            )
+        })?;
     let disp = i32::from_le_bytes(b[2..6].try_into().expect("4 bytes"));
     let target = (f.trampoline + TRAMPOLINE_LEN as u64).wrapping_add_signed(i64::from(disp));
     ensure!(

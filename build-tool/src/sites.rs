@@ -79,7 +79,10 @@ pub fn find_sites(img: &Image<'_>, targets: &HashMap<u64, usize>) -> Result<Site
         let mut by_func: BTreeMap<u64, Vec<Candidate>> = BTreeMap::new();
         for r in img.relocations(&sec)? {
             let pc_rel = matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32);
-            let abs = matches!(r.r_type, elf::R_X86_64_64 | elf::R_X86_64_32 | elf::R_X86_64_32S);
+            let abs = matches!(
+                r.r_type,
+                elf::R_X86_64_64 | elf::R_X86_64_32 | elf::R_X86_64_32S
+            );
             if !pc_rel && !abs {
                 continue;
             }
@@ -185,14 +188,23 @@ fn classify(
         return;
     };
     if insn.next_ip() != c.reloc_at + 4 || insn.near_branch_target() != c.target_addr {
-        other(format!("{} whose rel32 does not hold the relocation", Mnemonic(insn)));
+        other(format!(
+            "{} whose rel32 does not hold the relocation",
+            Mnemonic(insn)
+        ));
         return;
     }
     let prefixes = len - kind.opcode_len() - 4;
     let off = (insn.ip() - start) as usize;
     let bytes = &code[off..off + len];
-    if !bytes[..prefixes].iter().all(|&b| is_branch_prefix(b)) || !opcode_matches(kind, &bytes[prefixes..]) {
-        other(format!("{} with unsupported prefix bytes {:02x?}", Mnemonic(insn), &bytes[..prefixes]));
+    if !bytes[..prefixes].iter().all(|&b| is_branch_prefix(b))
+        || !opcode_matches(kind, &bytes[prefixes..])
+    {
+        other(format!(
+            "{} with unsupported prefix bytes {:02x?}",
+            Mnemonic(insn),
+            &bytes[..prefixes]
+        ));
         return;
     }
     scan.sites.push(FoundSite {

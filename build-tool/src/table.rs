@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result, ensure};
 use kernel_loader::format::{
-    ARCH_X86_64, HEADER_SIZE, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc, IfuncSite, MAGIC,
-    SiteKind, SubTable, VERSION, make_rel,
+    ARCH_X86_64, HEADER_SIZE, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc, IfuncSite,
+    MAGIC, SiteKind, SubTable, VERSION, make_rel,
 };
 
 /// An ifunc to describe.
@@ -42,7 +42,8 @@ fn align4(x: usize) -> usize {
 /// place the section before the contents are known.
 pub fn table_size(ifuncs: &[IfuncEntry], sites: usize) -> usize {
     let strings: usize = ifuncs.iter().map(|f| f.name.len() + 1).sum();
-    let end = align4(HEADER_SIZE + ifuncs.len() * IFUNC_DESC_SIZE) + sites * IFUNC_SITE_SIZE + strings;
+    let end =
+        align4(HEADER_SIZE + ifuncs.len() * IFUNC_DESC_SIZE) + sites * IFUNC_SITE_SIZE + strings;
     (end + 7) & !7
 }
 
@@ -59,13 +60,20 @@ pub fn build_table(base: u64, ifuncs: &[IfuncEntry], sites: &[SiteEntry]) -> Res
     let mut strings = Vec::new();
     let mut name_offs = Vec::new();
     for f in ifuncs {
-        ensure!(!f.name.as_bytes().contains(&0), "ifunc name {:?} contains NUL", f.name);
+        ensure!(
+            !f.name.as_bytes().contains(&0),
+            "ifunc name {:?} contains NUL",
+            f.name
+        );
         name_offs.push(strings.len() as u32);
         strings.extend_from_slice(f.name.as_bytes());
         strings.push(0);
     }
     let total = (str_off + strings.len() + 7) & !7;
-    ensure!(total == table_size(ifuncs, sites.len()), "internal: table size mismatch");
+    ensure!(
+        total == table_size(ifuncs, sites.len()),
+        "internal: table size mismatch"
+    );
     let total32 = u32::try_from(total).context("table larger than 4 GiB")?;
 
     let mut out = vec![0u8; total];

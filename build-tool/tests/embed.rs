@@ -89,7 +89,9 @@ fn build_fixture(dir: &Path, asm: &str, name: &str, emit_relocs: bool) -> PathBu
     let out = dir.join(name);
     std::fs::write(&src, asm).unwrap();
     let mut cmd = Command::new("gcc");
-    cmd.args(["-nostdlib", "-static", "-no-pie", "-o"]).arg(&out).arg(&src);
+    cmd.args(["-nostdlib", "-static", "-no-pie", "-o"])
+        .arg(&out)
+        .arg(&src);
     if emit_relocs {
         cmd.arg("-Wl,--emit-relocs");
     }
@@ -99,7 +101,11 @@ fn build_fixture(dir: &Path, asm: &str, name: &str, emit_relocs: bool) -> PathBu
 }
 
 fn sym(img: &Image<'_>, name: &str) -> u64 {
-    img.file.symbols().find(|s| s.name() == Ok(name)).unwrap().address()
+    img.file
+        .symbols()
+        .find(|s| s.name() == Ok(name))
+        .unwrap()
+        .address()
 }
 
 #[test]
@@ -124,22 +130,48 @@ fn embed_finds_calls_tail_calls_jcc_and_prefixed_calls_only() {
         .scan
         .sites
         .iter()
-        .map(|s| (s.addr, s.kind, s.prefixes, report.ifuncs[s.target].name.as_str()))
+        .map(|s| {
+            (
+                s.addr,
+                s.kind,
+                s.prefixes,
+                report.ifuncs[s.target].name.as_str(),
+            )
+        })
         .collect();
     assert_eq!(got, expect);
     // The lea and the absolute mov are reported, not recorded.
-    assert_eq!(report.scan.other_refs.len(), 2, "{:?}", report.scan.other_refs);
-    assert!(report.scan.other_refs[0].what.starts_with("lea"), "{:?}", report.scan.other_refs);
+    assert_eq!(
+        report.scan.other_refs.len(),
+        2,
+        "{:?}",
+        report.scan.other_refs
+    );
+    assert!(
+        report.scan.other_refs[0].what.starts_with("lea"),
+        "{:?}",
+        report.scan.other_refs
+    );
     assert!(report.scan.other_refs[1].what.contains("absolute"));
 
     // The output's table validates with the loader's reader and matches the scan.
     let oimg = Image::parse("out", &out).unwrap();
-    let sec = oimg.file.section_by_name(SECTION_NAME).expect(".ksites section");
+    let sec = oimg
+        .file
+        .section_by_name(SECTION_NAME)
+        .expect(".ksites section");
     let table = Table::parse(sec.data().unwrap(), sec.address(), &oimg.exec_ranges()).unwrap();
     assert_eq!(table.ifunc_count(), 2);
     let tsites: Vec<_> = table
         .sites()
-        .map(|s| (s.addr, s.kind, s.prefixes, table.ifunc(s.ifunc).unwrap().name))
+        .map(|s| {
+            (
+                s.addr,
+                s.kind,
+                s.prefixes,
+                table.ifunc(s.ifunc).unwrap().name,
+            )
+        })
         .collect();
     assert_eq!(tsites, expect);
     let f1 = table.ifuncs().find(|f| f.name == "fixture::f1").unwrap();
@@ -168,7 +200,10 @@ fn embed_finds_calls_tail_calls_jcc_and_prefixed_calls_only() {
     assert_eq!(u64::from_le_bytes(cb[0..8].try_into().unwrap()), CELL_MAGIC);
     let off = i64::from_le_bytes(cb[8..16].try_into().unwrap());
     assert_eq!(cell.wrapping_add_signed(off), sec.address());
-    assert_eq!(u64::from_le_bytes(cb[16..24].try_into().unwrap()), sec.size());
+    assert_eq!(
+        u64::from_le_bytes(cb[16..24].try_into().unwrap()),
+        sec.size()
+    );
 
     // Code bytes are untouched by embed (ifunc sites are patched at boot).
     let text = img.file.section_by_name(".text").unwrap();
@@ -187,7 +222,11 @@ fn embed_twice_is_detected_and_output_is_deterministic() {
     embed_file(&input, &out1).unwrap();
     embed_file(&input, &out2).unwrap();
     assert_eq!(std::fs::read(&input).unwrap(), before, "input modified");
-    assert_eq!(std::fs::read(&out1).unwrap(), std::fs::read(&out2).unwrap(), "not deterministic");
+    assert_eq!(
+        std::fs::read(&out1).unwrap(),
+        std::fs::read(&out2).unwrap(),
+        "not deterministic"
+    );
 
     let err = embed_file(&out1, &dir.path().join("out3")).unwrap_err();
     assert!(err.downcast_ref::<AlreadyEmbedded>().is_some(), "{err:#}");
@@ -227,9 +266,21 @@ fn inspect_lists_each_ifunc_with_its_site_count() {
         let text = ksites::inspect::inspect("x", &std::fs::read(path).unwrap()).unwrap();
         let lines: Vec<_> = text.lines().filter(|l| l.starts_with("ifunc ")).collect();
         assert_eq!(lines.len(), 2, "{text}");
-        assert!(lines[0].starts_with("ifunc fixture::f1 trampoline=0x") && lines[0].ends_with(" f1 sites=3"), "{text}");
+        assert!(
+            lines[0].starts_with("ifunc fixture::f1 trampoline=0x")
+                && lines[0].ends_with(" f1 sites=3"),
+            "{text}"
+        );
         assert!(lines[1].ends_with(" f2 sites=2"), "{text}");
-        assert_eq!(text.lines().filter(|l| l.starts_with("  site ")).count(), 5, "{text}");
-        assert_eq!(text.lines().filter(|l| l.starts_with("  ref ")).count(), 2, "{text}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("  site ")).count(),
+            5,
+            "{text}"
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("  ref ")).count(),
+            2,
+            "{text}"
+        );
     }
 }

@@ -36,7 +36,9 @@ const SLOT1: usize = DATA + 8;
 
 impl Image {
     fn new() -> Image {
-        let mut img = Image { mem: vec![0u64; 4096 / 8] };
+        let mut img = Image {
+            mem: vec![0u64; 4096 / 8],
+        };
         img.bytes_mut()[TEXT..DATA].fill(0xcc);
         img.tramp(TRAMP0, SLOT0);
         img.tramp(TRAMP1, SLOT1);
@@ -116,7 +118,7 @@ impl Image {
     }
 
     fn exec(&self) -> Vec<std::ops::Range<u64>> {
-        vec![self.addr(TEXT)..self.addr(DATA)]
+        std::iter::once(self.addr(TEXT)..self.addr(DATA)).collect()
     }
 
     fn table_bytes(&self) -> &[u8] {
@@ -197,10 +199,20 @@ fn format_round_trip() {
     assert_eq!(f[0].slot, img.addr(SLOT0));
     assert_eq!(f[0].resolver, img.addr(RESOLVER));
     assert_eq!(f[1].default, img.addr(IMPL_B0));
-    let s: Vec<_> = t.sites().map(|s| (s.addr, s.kind, s.prefixes, s.ifunc)).collect();
-    let want: Vec<_> = img.sites().iter().map(|s| (s.addr, s.kind, s.prefixes, s.ifunc)).collect();
+    let s: Vec<_> = t
+        .sites()
+        .map(|s| (s.addr, s.kind, s.prefixes, s.ifunc))
+        .collect();
+    let want: Vec<_> = img
+        .sites()
+        .iter()
+        .map(|s| (s.addr, s.kind, s.prefixes, s.ifunc))
+        .collect();
     assert_eq!(s, want);
-    assert_eq!(t.site_containing(img.addr(S_PCALL) + 3).unwrap().addr, img.addr(S_PCALL));
+    assert_eq!(
+        t.site_containing(img.addr(S_PCALL) + 3).unwrap().addr,
+        img.addr(S_PCALL)
+    );
     assert!(t.site_containing(img.addr(S_CALL) - 1).is_none());
     // 8 bytes per site, as promised.
     assert_eq!(IFUNC_SITE_SIZE, 8);
@@ -225,12 +237,21 @@ fn patching_rewrites_every_site_to_the_chosen_implementation() {
     assert_eq!(img.slot(SLOT1), img.addr(IMPL_B1));
     assert_eq!((p.began, p.ended, p.syncs), (1, 1, 1));
 
-    // A second run finds resolved slots and refuses, touching nothing.
+    // A second run finds patched sites and refuses, touching nothing.
     let before = img.bytes().to_vec();
     let mut p = FakePoker::default();
     // SAFETY: as above.
     let e = unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve_fast(&img)) }.unwrap_err();
-    assert!(matches!(e, PatchError::SlotNotDefault { ifunc: "t::zero", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            PatchError::AlreadyPatched {
+                ifunc: "t::zero",
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert_eq!(img.bytes(), &before[..]);
     assert_eq!(p.writes, 0);
 }
@@ -260,10 +281,15 @@ fn a_failed_write_restores_every_site_and_slot() {
             ..Default::default()
         };
         // SAFETY: as above.
-        let e = unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve_fast(&img)) }.unwrap_err();
+        let e =
+            unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve_fast(&img)) }.unwrap_err();
         assert!(matches!(e, PatchError::Poke { .. }), "{e}");
         assert!(e.to_string().contains("injected"), "{e}");
-        assert_eq!(img.bytes(), &before[..], "fail_at={fail_at}: image not restored");
+        assert_eq!(
+            img.bytes(),
+            &before[..],
+            "fail_at={fail_at}: image not restored"
+        );
         assert_eq!(p.ended, 1, "text must be made read-only again");
     }
 }
@@ -278,7 +304,12 @@ fn unexpected_site_bytes_abort_before_any_write() {
     // SAFETY: as above.
     let e = unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve_fast(&img)) }.unwrap_err();
     match e {
-        PatchError::UnexpectedSiteBytes { site, ifunc, expected, found } => {
+        PatchError::UnexpectedSiteBytes {
+            site,
+            ifunc,
+            expected,
+            found,
+        } => {
             assert_eq!(site, img.addr(S_JMP));
             assert_eq!(ifunc, "t::one");
             assert_eq!(expected.as_slice()[0], 0xe9);
@@ -291,10 +322,17 @@ fn unexpected_site_bytes_abort_before_any_write() {
 
     // A rel32 that points elsewhere is caught too.
     let mut img = Image::new();
-    img.branch(S_CALL, &[0xe8], IMPL_A0);
+    img.branch(S_CALL, &[0xe8], IMPL_B1);
     let t = img.table();
     // SAFETY: as above.
-    let e = unsafe { patch_ifuncs(&t, &img.exec(), &mut FakePoker::default(), &mut resolve_fast(&img)) };
+    let e = unsafe {
+        patch_ifuncs(
+            &t,
+            &img.exec(),
+            &mut FakePoker::default(),
+            &mut resolve_fast(&img),
+        )
+    };
     assert!(matches!(e, Err(PatchError::UnexpectedSiteBytes { .. })));
 }
 
@@ -304,11 +342,16 @@ fn a_bad_resolution_restores_slots() {
     let before = img.bytes().to_vec();
     let t = img.table();
     for bad in [0u64, img.addr(DATA + 64)] {
-        let mut resolve = |f: &kernel_loader::format::Ifunc<'_>| if f.index == 0 { img.addr(IMPL_A1) } else { bad };
+        let mut resolve = |f: &kernel_loader::format::Ifunc<'_>| {
+            if f.index == 0 { img.addr(IMPL_A1) } else { bad }
+        };
         let mut p = FakePoker::default();
         // SAFETY: as above.
         let e = unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve) }.unwrap_err();
-        assert!(matches!(e, PatchError::BadResolution { ifunc: "t::one", addr } if addr == bad), "{e}");
+        assert!(
+            matches!(e, PatchError::BadResolution { ifunc: "t::one", addr } if addr == bad),
+            "{e}"
+        );
         assert_eq!(img.bytes(), &before[..]);
         assert_eq!(p.writes, 0);
     }
@@ -320,8 +363,24 @@ fn a_broken_trampoline_is_refused() {
     img.tramp(TRAMP1, SLOT0); // jumps through the wrong slot
     let t = img.table();
     // SAFETY: as above.
-    let e = unsafe { patch_ifuncs(&t, &img.exec(), &mut FakePoker::default(), &mut resolve_fast(&img)) };
-    assert!(matches!(e, Err(PatchError::BadTrampoline { ifunc: "t::one", .. })), "{e:?}");
+    let e = unsafe {
+        patch_ifuncs(
+            &t,
+            &img.exec(),
+            &mut FakePoker::default(),
+            &mut resolve_fast(&img),
+        )
+    };
+    assert!(
+        matches!(
+            e,
+            Err(PatchError::BadTrampoline {
+                ifunc: "t::one",
+                ..
+            })
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -332,12 +391,17 @@ fn out_of_reach_implementations_leave_sites_on_the_trampoline() {
     let far = img.addr(IMPL_A1).wrapping_add(1 << 40);
     let mut exec = img.exec();
     exec.push(far..far + 16);
-    let mut resolve = |f: &kernel_loader::format::Ifunc<'_>| if f.index == 0 { far } else { img.addr(IMPL_B1) };
+    let mut resolve =
+        |f: &kernel_loader::format::Ifunc<'_>| if f.index == 0 { far } else { img.addr(IMPL_B1) };
     // SAFETY: as above.
     let r = unsafe { patch_ifuncs(&t, &exec, &mut FakePoker::default(), &mut resolve) }.unwrap();
     assert_eq!((r.sites_patched, r.sites_out_of_reach), (2, 2));
     assert_eq!(img.bytes()[S_CALL..S_CALL + 5], before[S_CALL..S_CALL + 5]);
-    assert_eq!(img.slot(SLOT0), far, "the trampoline still reaches it through the slot");
+    assert_eq!(
+        img.slot(SLOT0),
+        far,
+        "the trampoline still reaches it through the slot"
+    );
     assert_eq!(img.rel_target(S_JMP, 1), IMPL_B1);
 }
 
@@ -374,7 +438,10 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
             t.truncate(HEADER_SIZE - 1);
             b
         }),
-        Err(FormatError::Truncated { needed: HEADER_SIZE, .. })
+        Err(FormatError::Truncated {
+            needed: HEADER_SIZE,
+            ..
+        })
     ));
     assert_eq!(
         parse_mut(|t, b| {
@@ -410,7 +477,10 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
     // Table at a misaligned address.
     assert_eq!(
         parse_mut(|_, b| b + 4),
-        Err(FormatError::Misaligned { part: Part::Header, offset: 0 })
+        Err(FormatError::Misaligned {
+            part: Part::Header,
+            offset: 0
+        })
     );
     // A sub-table at a misaligned offset.
     assert!(matches!(
@@ -419,7 +489,10 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
             put_u32(t, H_SITES, o + 2);
             b
         }),
-        Err(FormatError::Misaligned { part: Part::IfuncSites, .. })
+        Err(FormatError::Misaligned {
+            part: Part::IfuncSites,
+            ..
+        })
     ));
     // Too many sites for the table: out of bounds (and no overflow with a huge count).
     for count in [50, u32::MAX] {
@@ -428,7 +501,10 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
                 put_u32(t, H_SITES + 4, count);
                 b
             }),
-            Err(FormatError::OutOfBounds { part: Part::IfuncSites, .. })
+            Err(FormatError::OutOfBounds {
+                part: Part::IfuncSites,
+                ..
+            })
         ));
     }
     // Sites overlapping the descriptors.
@@ -437,12 +513,18 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
             put_u32(t, H_SITES, HEADER_SIZE as u32 + 8);
             b
         }),
-        Err(FormatError::Overlap { a: Part::Ifuncs, b: Part::IfuncSites })
+        Err(FormatError::Overlap {
+            a: Part::Ifuncs,
+            b: Part::IfuncSites
+        })
     );
     // String table without its final NUL.
     assert_eq!(
         parse_mut(|t, b| {
-            let (o, n) = (get_u32(t, H_STRINGS) as usize, get_u32(t, H_STRINGS + 4) as usize);
+            let (o, n) = (
+                get_u32(t, H_STRINGS) as usize,
+                get_u32(t, H_STRINGS + 4) as usize,
+            );
             t[o + n - 1] = b'x';
             b
         }),
@@ -465,7 +547,11 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
             put_u32(t, o + 4, (info & 0xff) | (9 << 8));
             b
         }),
-        Err(FormatError::IfuncIndexOutOfRange { site: 0, ifunc: 9, count: 2 })
+        Err(FormatError::IfuncIndexOutOfRange {
+            site: 0,
+            ifunc: 9,
+            count: 2
+        })
     );
     // Invalid kind bits, reserved bits.
     assert_eq!(
@@ -514,7 +600,11 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
             put_u32(t, o + 8, (rel + 4096) as u32);
             b
         }),
-        Err(FormatError::BadIfuncPointer { ifunc: 0, field: IfuncField::Resolver, .. })
+        Err(FormatError::BadIfuncPointer {
+            ifunc: 0,
+            field: IfuncField::Resolver,
+            ..
+        })
     ));
     assert!(matches!(
         parse_mut(|t, b| {
@@ -523,7 +613,11 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
             put_u32(t, o + 4, (rel - 2048) as u32);
             b
         }),
-        Err(FormatError::BadIfuncPointer { ifunc: 0, field: IfuncField::Slot, .. })
+        Err(FormatError::BadIfuncPointer {
+            ifunc: 0,
+            field: IfuncField::Slot,
+            ..
+        })
     ));
     // Two descriptors for one trampoline.
     assert_eq!(

@@ -80,8 +80,16 @@ impl CpuFeatures {
     pub fn from_raw(raw: &RawCpuid) -> CpuFeatures {
         let mut f = CpuFeatures::empty();
         let mut set = |flag: CpuFeatures, on: bool| f.set(flag, on);
-        let (c1, d1) = if raw.max_leaf >= 1 { (raw.leaf1_ecx, raw.leaf1_edx) } else { (0, 0) };
-        let (b7, d7) = if raw.max_leaf >= 7 { (raw.leaf7_ebx, raw.leaf7_edx) } else { (0, 0) };
+        let (c1, d1) = if raw.max_leaf >= 1 {
+            (raw.leaf1_ecx, raw.leaf1_edx)
+        } else {
+            (0, 0)
+        };
+        let (b7, d7) = if raw.max_leaf >= 7 {
+            (raw.leaf7_ebx, raw.leaf7_edx)
+        } else {
+            (0, 0)
+        };
         let osxsave = bit(c1, 27);
         let xcr0 = if osxsave { raw.xcr0 } else { 0 };
         // XCR0 bits: 1 = SSE, 2 = AVX (YMM upper halves), 5..=7 = opmask, ZMM_Hi256, Hi16_ZMM.
@@ -180,8 +188,17 @@ mod tests {
     #[test]
     fn detect_agrees_with_std_on_this_host() {
         let f = CpuFeatures::detect();
-        assert_eq!(f.contains(CpuFeatures::POPCNT), std::is_x86_feature_detected!("popcnt"));
-        assert_eq!(f.contains(CpuFeatures::AVX2), std::is_x86_feature_detected!("avx2"));
-        assert_eq!(f.contains(CpuFeatures::SSE4_2), std::is_x86_feature_detected!("sse4.2"));
+        assert_eq!(
+            f.contains(CpuFeatures::POPCNT),
+            std::is_x86_feature_detected!("popcnt")
+        );
+        assert_eq!(
+            f.contains(CpuFeatures::AVX2),
+            std::is_x86_feature_detected!("avx2")
+        );
+        assert_eq!(
+            f.contains(CpuFeatures::SSE4_2),
+            std::is_x86_feature_detected!("sse4.2")
+        );
     }
 }

@@ -351,10 +351,16 @@ impl fmt::Display for FormatError {
             }
             FormatError::BadMagic => write!(f, "bad table magic (expected \"KSITES\\0\\0\")"),
             FormatError::UnsupportedVersion(v) => {
-                write!(f, "unsupported table version {v} (this reader knows {VERSION})")
+                write!(
+                    f,
+                    "unsupported table version {v} (this reader knows {VERSION})"
+                )
             }
             FormatError::WrongArch(a) => {
-                write!(f, "table is for architecture {a}, expected {ARCH_X86_64} (x86-64)")
+                write!(
+                    f,
+                    "table is for architecture {a}, expected {ARCH_X86_64} (x86-64)"
+                )
             }
             FormatError::UnknownFlags(x) => write!(f, "unknown header flags {x:#x}"),
             FormatError::BadHeaderSize(s) => {
@@ -389,7 +395,10 @@ impl fmt::Display for FormatError {
                 write!(f, "name at string offset {offset:#x} is not UTF-8")
             }
             FormatError::AddressOverflow { part, index } => {
-                write!(f, "{part} entry {index}: reference overflows the address space")
+                write!(
+                    f,
+                    "{part} entry {index}: reference overflows the address space"
+                )
             }
             FormatError::BadIfuncPointer { ifunc, field, addr } => match field {
                 IfuncField::Slot => write!(
@@ -402,7 +411,10 @@ impl fmt::Display for FormatError {
                 ),
             },
             FormatError::DuplicateIfunc { ifunc } => {
-                write!(f, "ifunc {ifunc}: trampoline already described by an earlier entry")
+                write!(
+                    f,
+                    "ifunc {ifunc}: trampoline already described by an earlier entry"
+                )
             }
             FormatError::BadSiteKind { site } => write!(f, "ifunc site {site}: invalid kind"),
             FormatError::ReservedSiteBits { site } => {
@@ -639,9 +651,7 @@ fn sub_end(part: Part, st: SubTable, entry: usize, total: u32) -> Result<u32, Fo
         offset: st.offset,
         count: st.count,
     };
-    let size = (st.count as u64)
-        .checked_mul(entry as u64)
-        .ok_or(oob)?;
+    let size = (st.count as u64).checked_mul(entry as u64).ok_or(oob)?;
     let end = (st.offset as u64).checked_add(size).ok_or(oob)?;
     if end > total as u64 {
         return Err(oob);
@@ -656,7 +666,11 @@ impl<'a> Table<'a> {
     /// `exec` lists the executable address ranges of the image or module: every site,
     /// trampoline, resolver and default implementation must lie inside one of them.
     /// Bytes after `total_size` are ignored.
-    pub fn parse(bytes: &'a [u8], base: u64, exec: &[Range<u64>]) -> Result<Table<'a>, FormatError> {
+    pub fn parse(
+        bytes: &'a [u8],
+        base: u64,
+        exec: &[Range<u64>],
+    ) -> Result<Table<'a>, FormatError> {
         let header = Header::read(bytes)?;
         if header.magic != MAGIC {
             return Err(FormatError::BadMagic);
@@ -679,7 +693,7 @@ impl<'a> Table<'a> {
                 len: bytes.len(),
             });
         }
-        if base % TABLE_ALIGN != 0 {
+        if !base.is_multiple_of(TABLE_ALIGN) {
             return Err(FormatError::Misaligned {
                 part: Part::Header,
                 offset: 0,
@@ -698,7 +712,7 @@ impl<'a> Table<'a> {
         ];
         let mut spans = [(Part::Header, 0u32, HEADER_SIZE as u32); 6];
         for (i, &(part, st, entry, align)) in parts.iter().enumerate() {
-            if st.offset % align != 0 {
+            if !st.offset.is_multiple_of(align) {
                 return Err(FormatError::Misaligned {
                     part,
                     offset: st.offset,
@@ -756,7 +770,8 @@ impl<'a> Table<'a> {
                     });
                 }
             }
-            if f.slot % 8 != 0 || f.slot.checked_add(8).is_none() || exec_overlaps(exec, f.slot, 8) {
+            if !f.slot.is_multiple_of(8) || f.slot.checked_add(8).is_none() || exec_overlaps(exec, f.slot, 8)
+            {
                 return Err(FormatError::BadIfuncPointer {
                     ifunc: i,
                     field: IfuncField::Slot,
@@ -847,10 +862,11 @@ impl<'a> Table<'a> {
                 count: self.header.ifuncs.count,
             });
         }
-        let addr = resolve_rel(self.field_addr(off), e.site).ok_or(FormatError::AddressOverflow {
-            part: Part::IfuncSites,
-            index: i,
-        })?;
+        let addr =
+            resolve_rel(self.field_addr(off), e.site).ok_or(FormatError::AddressOverflow {
+                part: Part::IfuncSites,
+                index: i,
+            })?;
         Ok(Site {
             index: i,
             addr,

@@ -142,7 +142,11 @@ mod tests {
         a.wrapping_add(b) | 0x8000_0000_0000_0000
     }
     fn pick_add(f: &CpuFeatures) -> unsafe extern "C" fn(u64, u64) -> u64 {
-        if f.contains(CpuFeatures::SSE2) { add_fast } else { add_slow }
+        if f.contains(CpuFeatures::SSE2) {
+            add_fast
+        } else {
+            add_slow
+        }
     }
 
     crate::ifunc! {

@@ -12,9 +12,9 @@
 use core::fmt;
 use core::ops::Range;
 
+use crate::CpuFeatures;
 use crate::arch::x86_64::{self as x86, JMP_RIP_INDIRECT, TRAMPOLINE_LEN};
 use crate::format::{FormatError, Ifunc, Site, Table};
-use crate::CpuFeatures;
 
 /// A failed text write, as reported by a [`TextPoker`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +127,13 @@ pub enum PatchError<'a> {
         /// The bytes it found.
         found: InsnBytes,
     },
+    /// A site already branches to its ifunc's resolved implementation: `init` ran before.
+    AlreadyPatched {
+        /// Site address.
+        site: u64,
+        /// The ifunc.
+        ifunc: &'a str,
+    },
     /// A trampoline is not `jmp [rip+slot]` through its own slot.
     BadTrampoline {
         /// The ifunc.
@@ -181,6 +188,10 @@ impl fmt::Display for PatchError<'_> {
             } => write!(
                 f,
                 "site {site:#x} ({ifunc}): expected bytes [{expected}], found [{found}]"
+            ),
+            PatchError::AlreadyPatched { site, ifunc } => write!(
+                f,
+                "site {site:#x} ({ifunc}) already calls the resolved implementation: init ran twice"
             ),
             PatchError::BadTrampoline { ifunc, addr, found } => write!(
                 f,
@@ -289,14 +300,18 @@ fn write_slot(slot: u64, value: u64) {
 }
 
 /// Checks a trampoline: `ff 25 disp32` whose target is the ifunc's slot.
-fn check_trampoline<'t, P: TextPoker + ?Sized>(poker: &P, f: &Ifunc<'t>) -> Result<(), PatchError<'t>> {
+fn check_trampoline<'t, P: TextPoker + ?Sized>(
+    poker: &P,
+    f: &Ifunc<'t>,
+) -> Result<(), PatchError<'t>> {
     let mut b = [0u8; TRAMPOLINE_LEN];
     // SAFETY: the trampoline address was validated to lie in an executable range; the
     // whole 6 bytes are inside the trampoline symbol the build tool checked.
     unsafe { poker.read(f.trampoline, &mut b) };
     let disp = i32::from_le_bytes([b[2], b[3], b[4], b[5]]);
     let ok = b[..2] == JMP_RIP_INDIRECT
-        && (f.trampoline + TRAMPOLINE_LEN as u64).checked_add_signed(i64::from(disp)) == Some(f.slot);
+        && (f.trampoline + TRAMPOLINE_LEN as u64).checked_add_signed(i64::from(disp))
+            == Some(f.slot);
     if ok {
         Ok(())
     } else {
@@ -323,17 +338,10 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
     poker: &mut P,
     resolve: &mut dyn FnMut(&Ifunc<'t>) -> u64,
 ) -> Result<InitReport, PatchError<'t>> {
-    // 1. Check everything before anything is written.
+    // 1. Check everything before anything is written: trampolines, then sites (a site
+    //    already aimed at its slot's current value means `init` ran before), then slots.
     for f in table.ifuncs() {
         check_trampoline(poker, &f)?;
-        let value = read_slot(f.slot);
-        if value != f.default {
-            return Err(PatchError::SlotNotDefault {
-                ifunc: f.name,
-                slot: f.slot,
-                value,
-            });
-        }
     }
     for s in table.sites() {
         let f = ifunc_of(table, &s);
@@ -346,6 +354,17 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         match ok {
             Some(exp) if prefixes_ok && opcode_ok && exp == found => {}
             _ => {
+                let current = read_slot(f.slot);
+                if prefixes_ok
+                    && opcode_ok
+                    && current != f.trampoline
+                    && site_bytes(&s, found.as_slice(), current) == Some(found)
+                {
+                    return Err(PatchError::AlreadyPatched {
+                        site: s.addr,
+                        ifunc: f.name,
+                    });
+                }
                 return Err(PatchError::UnexpectedSiteBytes {
                     site: s.addr,
                     ifunc: f.name,
@@ -353,6 +372,16 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
                     found,
                 });
             }
+        }
+    }
+    for f in table.ifuncs() {
+        let value = read_slot(f.slot);
+        if value != f.default {
+            return Err(PatchError::SlotNotDefault {
+                ifunc: f.name,
+                slot: f.slot,
+                value,
+            });
         }
     }
 
@@ -387,11 +416,23 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         let at = s.rel32_addr();
         // SAFETY: the rel32 field lies inside a validated site; precondition 2.
         if let Err(error) = unsafe { poker.write(at, &new.as_slice()[s.len() - 4..]) } {
-            failed = Some((s.index, PatchError::Poke { ifunc: f.name, error }));
+            failed = Some((
+                s.index,
+                PatchError::Poke {
+                    ifunc: f.name,
+                    error,
+                },
+            ));
             break;
         }
         if read_site(poker, &s) != new {
-            failed = Some((s.index + 1, PatchError::VerifyFailed { site: s.addr, ifunc: f.name }));
+            failed = Some((
+                s.index + 1,
+                PatchError::VerifyFailed {
+                    site: s.addr,
+                    ifunc: f.name,
+                },
+            ));
             break;
         }
         report.sites_patched += 1;

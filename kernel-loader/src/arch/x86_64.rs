@@ -108,9 +108,16 @@ pub fn xcr0() -> u64 {
 #[cfg(target_arch = "x86_64")]
 pub fn read_cpuid() -> RawCpuid {
     let (max_leaf, _, _, _) = cpuid(0, 0);
-    let (_, _, leaf1_ecx, leaf1_edx) = if max_leaf >= 1 { cpuid(1, 0) } else { (0, 0, 0, 0) };
-    let (_, leaf7_ebx, leaf7_ecx, leaf7_edx) =
-        if max_leaf >= 7 { cpuid(7, 0) } else { (0, 0, 0, 0) };
+    let (_, _, leaf1_ecx, leaf1_edx) = if max_leaf >= 1 {
+        cpuid(1, 0)
+    } else {
+        (0, 0, 0, 0)
+    };
+    let (_, leaf7_ebx, leaf7_ecx, leaf7_edx) = if max_leaf >= 7 {
+        cpuid(7, 0)
+    } else {
+        (0, 0, 0, 0)
+    };
     RawCpuid {
         max_leaf,
         leaf1_ecx,

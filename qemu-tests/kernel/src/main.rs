@@ -1,0 +1,46 @@
+//! The ksites test kernel.
+//!
+//! QEMU loads it with `-kernel` through its PVH note ([`boot`]); it sets up the CPU,
+//! COM1, exceptions and its own W^X page tables, then runs the ifunc tests and its own
+//! infrastructure self-tests, printing one line per test and `N passed, M failed`, and
+//! exits QEMU through isa-debug-exit (33 = success, 35 = failure).
+#![no_std]
+#![no_main]
+
+pub mod boot;
+pub mod cpu;
+pub mod exit;
+pub mod harness;
+pub mod idt;
+pub mod ifunc_tests;
+pub mod paging;
+mod selftest;
+pub mod serial;
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use harness::Harness;
+
+static START_INFO: AtomicU64 = AtomicU64::new(0);
+
+/// Physical address of the PVH `hvm_start_info` QEMU passed in `%ebx`.
+pub fn start_info() -> u64 {
+    START_INFO.load(Ordering::Relaxed)
+}
+
+/// Entered from the boot stub on the 64 KiB boot stack, with `.bss` zeroed, identity
+/// paging and interrupts off.
+#[unsafe(no_mangle)]
+extern "C" fn kmain(start_info: u64) -> ! {
+    cpu::init();
+    serial::init();
+    idt::init();
+    paging::init();
+    START_INFO.store(start_info, Ordering::Relaxed);
+    println!("ksites test kernel");
+
+    let mut harness = Harness::new();
+    ifunc_tests::run(&mut harness);
+    selftest::run(&mut harness);
+    harness.finish()
+}
