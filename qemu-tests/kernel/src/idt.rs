@@ -384,12 +384,13 @@ fn take_probe_fault() -> Result<(), Fault> {
 /// Tries to write the byte `value` at `addr`; a #PF, #GP or #SS is caught and returned
 /// instead of being fatal.
 ///
-/// This is a test facility and deliberately a safe function (the test code probes
-/// text and data addresses it computes): if the write succeeds it really happens, so
-/// the caller must only probe bytes whose change breaks nothing (a scratch static, or
-/// text rewritten with the byte it already holds), never device memory, and only from
-/// the boot CPU, one probe at a time.
-pub fn probe_write(addr: u64, value: u8) -> Result<(), Fault> {
+/// # Safety
+///
+/// If the write succeeds it really happens, so:
+/// 1. the byte at `addr` must be one whose change breaks nothing (a scratch static, or
+///    text rewritten with the byte it already holds), never device memory;
+/// 2. only the boot CPU probes, one probe at a time.
+pub unsafe fn probe_write(addr: u64, value: u8) -> Result<(), Fault> {
     PROBE.faulted.store(false, Ordering::SeqCst);
     // SAFETY: the write's target is the caller's responsibility (see above); a faulting
     // write changes nothing. The instruction at label 2 is registered before it runs; if it faults, the handler resumes at label 3 with every

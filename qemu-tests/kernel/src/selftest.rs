@@ -252,8 +252,10 @@ fn paging_null_and_guard_unmapped() -> TestResult {
 fn fault_recovery() -> TestResult {
     ensure!(paging::write_protect_enabled(), "CR0.WP is off");
     let target = paging::text_range().start + 0x10;
-    // CR0.WP is on, so this write to read-only text faults and changes nothing.
-    let r = idt::probe_write(target, 0xcc);
+    let byte = idt::probe_read(target).map_err(|f| msg!("read text: {f}"))?;
+    // SAFETY: rewrites the boot stub's byte with the value it holds (and CR0.WP is on,
+    // so the write to read-only text faults); only the boot CPU runs.
+    let r = unsafe { idt::probe_write(target, byte) };
     let fault = r
         .err()
         .ok_or_else(|| msg!("write to text at {target:#x} succeeded"))?;
@@ -269,8 +271,8 @@ fn fault_recovery() -> TestResult {
     );
 
     let addr = DATA_WORD.as_ptr() as u64;
-    // DATA_WORD is a scratch atomic; changing its low byte breaks nothing.
-    let r = idt::probe_write(addr, 0x42);
+    // SAFETY: DATA_WORD is a scratch atomic; changing its low byte breaks nothing.
+    let r = unsafe { idt::probe_write(addr, 0x42) };
     ensure!(r.is_ok(), "write to .data static at {addr:#x}: {r:?}");
     let now = DATA_WORD.load(Ordering::SeqCst);
     ensure!(
@@ -287,9 +289,9 @@ fn write_protect_toggle() -> TestResult {
     let byte = idt::probe_read(target).map_err(|f| msg!("read text: {f}"))?;
     paging::set_write_protect(false);
     let off = !paging::write_protect_enabled();
-    // Rewrites a text byte with the value it already holds, in code that is not running
-    // (the boot stub); with CR0.WP off the write to a read-only page succeeds.
-    let r = idt::probe_write(target, byte);
+    // SAFETY: rewrites a text byte with the value it already holds, in code that is not
+    // running (the boot stub); with CR0.WP off the write to a read-only page succeeds.
+    let r = unsafe { idt::probe_write(target, byte) };
     paging::set_write_protect(true);
     ensure!(off, "CR0.WP did not turn off");
     ensure!(
