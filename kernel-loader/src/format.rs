@@ -770,7 +770,9 @@ impl<'a> Table<'a> {
                     });
                 }
             }
-            if !f.slot.is_multiple_of(8) || f.slot.checked_add(8).is_none() || exec_overlaps(exec, f.slot, 8)
+            if !f.slot.is_multiple_of(8)
+                || f.slot.checked_add(8).is_none()
+                || exec_overlaps(exec, f.slot, 8)
             {
                 return Err(FormatError::BadIfuncPointer {
                     ifunc: i,

@@ -1,0 +1,387 @@
+//! Cross-check `ksites inspect` against `objdump -dr`: for every ifunc, the number of sites
+//! the build tool found must equal the number of `call`/`jmp`/`j<cc>` instructions whose
+//! PLT32/PC32 relocation names the ifunc's trampoline in the un-embedded image.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// One `ifunc <name> trampoline=0x<hex> <symbol> sites=<N>` line of `ksites inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InspectedIfunc {
+    pub(crate) name: String,
+    pub(crate) trampoline: u64,
+    pub(crate) symbol: String,
+    pub(crate) sites: usize,
+}
+
+/// Parse the `ifunc` lines of `ksites inspect` output. Other lines (headers, indented
+/// `  site …` lines, probes) are ignored; an `ifunc … trampoline=…` line that does not
+/// have exactly the expected shape is an error.
+pub(crate) fn parse_inspect(text: &str) -> Result<Vec<InspectedIfunc>, String> {
+    let mut ifuncs = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let Some(rest) = line.strip_prefix("ifunc ") else {
+            continue;
+        };
+        if !rest.contains(" trampoline=") {
+            continue;
+        }
+        let bad = || {
+            format!(
+                "ksites inspect, line {}: expected `ifunc <name> trampoline=0x<hex> <symbol> \
+                 sites=<N>`, got `{line}`",
+                index + 1
+            )
+        };
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let [name, trampoline, symbol, sites] = fields[..] else {
+            return Err(bad());
+        };
+        let trampoline = trampoline
+            .strip_prefix("trampoline=0x")
+            .filter(|hex| is_hex(hex))
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .ok_or_else(bad)?;
+        let sites = sites
+            .strip_prefix("sites=")
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(bad)?;
+        if name.is_empty() || symbol.is_empty() {
+            return Err(bad());
+        }
+        ifuncs.push(InspectedIfunc {
+            name: name.to_owned(),
+            trampoline,
+            symbol: symbol.to_owned(),
+            sites,
+        });
+    }
+    Ok(ifuncs)
+}
+
+/// Count, per symbol, the R_X86_64_PLT32 / R_X86_64_PC32 relocations (any addend) that
+/// belong to a `call`, `jmp` or `j<cc>` instruction in `objdump -dr --no-show-raw-insn`
+/// output. A relocation line belongs to the instruction line just before it.
+pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    let mut after_branch = false;
+    for line in objdump.lines() {
+        let Some((address, rest)) = line.trim_start().split_once(':') else {
+            continue;
+        };
+        if !is_hex(address) {
+            // Symbol headers (`0000000000101230 <foo>:`), section headers, file header.
+            after_branch = false;
+            continue;
+        }
+        let rest = rest.trim_start();
+        if let Some(reloc) = rest.strip_prefix("R_X86_64_") {
+            let mut parts = reloc.split_whitespace();
+            let (Some(kind), Some(target)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if after_branch && (kind == "PLT32" || kind == "PC32") {
+                *counts.entry(strip_addend(target).to_owned()).or_default() += 1;
+            }
+        } else {
+            after_branch = is_branch(rest);
+        }
+    }
+    counts
+}
+
+/// Whether an instruction's text (`bnd jmp 1234 <x>`, `callq 1234 <x>`, `jne,pt 10 <y>`) is a
+/// direct call, unconditional jump or conditional jump, ignoring prefixes. Indirect forms
+/// (`call *0x0(%rip)`) read a pointer *at* the symbol, so they are not branches to it.
+fn is_branch(instruction: &str) -> bool {
+    let mut tokens = instruction
+        .split_whitespace()
+        .skip_while(|token| is_prefix(token));
+    let Some(mnemonic) = tokens.next() else {
+        return false;
+    };
+    if tokens
+        .next()
+        .is_some_and(|operand| operand.starts_with('*'))
+    {
+        return false;
+    }
+    // Branch hints: `jne,pt` / `jne,pn`.
+    let mnemonic = mnemonic.split(',').next().unwrap_or(mnemonic);
+    is_branch_mnemonic(mnemonic)
+        || mnemonic
+            .strip_suffix('q')
+            .is_some_and(|m| m == "call" || m == "jmp")
+}
+
+fn is_prefix(token: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "cs", "ds", "es", "ss", "fs", "gs", "bnd", "notrack", "data16", "data32", "addr16",
+        "addr32", "lock", "rep", "repz", "repe", "repnz", "repne", "xacquire", "xrelease",
+    ];
+    PREFIXES.contains(&token) || token.starts_with("rex") || token.starts_with('{')
+}
+
+fn is_branch_mnemonic(mnemonic: &str) -> bool {
+    const CONDITIONS: &[&str] = &[
+        "o", "no", "b", "c", "nae", "ae", "nb", "nc", "e", "z", "ne", "nz", "be", "na", "a", "nbe",
+        "s", "ns", "p", "pe", "np", "po", "l", "nge", "ge", "nl", "le", "ng", "g", "nle",
+    ];
+    mnemonic == "call"
+        || mnemonic == "jmp"
+        || mnemonic
+            .strip_prefix('j')
+            .is_some_and(|cc| CONDITIONS.contains(&cc))
+}
+
+/// `sym-0x4` → `sym`, `sym+0x10` → `sym`, `sym` → `sym`.
+fn strip_addend(target: &str) -> &str {
+    if let Some(at) = target.rfind(['+', '-']) {
+        let (symbol, addend) = target.split_at(at);
+        if !symbol.is_empty() && addend[1..].strip_prefix("0x").is_some_and(is_hex) {
+            return symbol;
+        }
+    }
+    target
+}
+
+fn is_hex(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// One row of the cross-check table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Row {
+    pub(crate) name: String,
+    pub(crate) symbol: String,
+    pub(crate) inspect: usize,
+    pub(crate) objdump: usize,
+}
+
+/// Pair every inspected ifunc with objdump's count for its trampoline symbol.
+pub(crate) fn compare(ifuncs: &[InspectedIfunc], counts: &BTreeMap<String, usize>) -> Vec<Row> {
+    ifuncs
+        .iter()
+        .map(|f| Row {
+            name: f.name.clone(),
+            symbol: f.symbol.clone(),
+            inspect: f.sites,
+            objdump: counts.get(&f.symbol).copied().unwrap_or(0),
+        })
+        .collect()
+}
+
+/// The `ifunc  inspect  objdump` table.
+pub(crate) fn render(rows: &[Row]) -> String {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(5);
+    let mut out = format!("{:<width$}  inspect  objdump\n", "ifunc");
+    for row in rows {
+        let mark = if row.inspect == row.objdump {
+            ""
+        } else {
+            "  <-- MISMATCH"
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>7}  {:>7}{mark}",
+            row.name, row.inspect, row.objdump
+        );
+    }
+    out
+}
+
+/// Ok if there is at least one ifunc and every count agrees.
+pub(crate) fn check(rows: &[Row]) -> Result<(), String> {
+    if rows.is_empty() {
+        return Err("ksites inspect reported no ifuncs in the test kernel".to_owned());
+    }
+    let mismatches: Vec<String> = rows
+        .iter()
+        .filter(|r| r.inspect != r.objdump)
+        .map(|r| {
+            format!(
+                "{} (trampoline {}): ksites inspect found {} site(s), objdump shows {} \
+                 call/jmp relocation(s)",
+                r.name, r.symbol, r.inspect, r.objdump
+            )
+        })
+        .collect();
+    if mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "site counts disagree with objdump:\n  {}",
+            mismatches.join("\n  ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INSPECT: &str = "\
+ksites table v1, x86_64, 2 ifuncs, 3 ifunc sites, 1 probe
+ifunc kfuncs::popcount trampoline=0x101000 __ksites_tramp_popcount sites=2
+  site 0x101234 call
+  site 0x101300 jmp (tail call)
+ifunc kfuncs::sum_u32 trampoline=0x101010 _ZN6kfuncs7sum_u3210trampoline17h0123456789abcdefE sites=1
+  site 0x101400 call
+probe net:rx sites=1
+";
+
+    #[test]
+    fn parses_inspect() {
+        let ifuncs = parse_inspect(INSPECT).unwrap();
+        assert_eq!(
+            ifuncs,
+            vec![
+                InspectedIfunc {
+                    name: "kfuncs::popcount".into(),
+                    trampoline: 0x101000,
+                    symbol: "__ksites_tramp_popcount".into(),
+                    sites: 2,
+                },
+                InspectedIfunc {
+                    name: "kfuncs::sum_u32".into(),
+                    trampoline: 0x101010,
+                    symbol: "_ZN6kfuncs7sum_u3210trampoline17h0123456789abcdefE".into(),
+                    sites: 1,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_inspect() {
+        for bad in [
+            "ifunc a trampoline=0x10 sym\n",
+            "ifunc a trampoline=10 sym sites=1\n",
+            "ifunc a trampoline=0xzz sym sites=1\n",
+            "ifunc a trampoline=0x10 sym sites=x\n",
+            "ifunc a trampoline=0x10 sym sites=1 extra\n",
+            "ifunc a  trampoline=0x10 sym sites=1\n",
+        ] {
+            assert!(parse_inspect(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_inspect("ifuncs: 0\n").unwrap(), vec![]);
+    }
+
+    const OBJDUMP: &str = "
+qemu-tests-kernel:     file format elf64-x86-64
+
+
+Disassembly of section .text:
+
+0000000000101000 <__ksites_tramp_popcount>:
+  101000:\tjmp    *0x1000(%rip)        # 102006 <slot>
+\t\t\t101002: R_X86_64_PC32\t__ksites_slot_popcount-0x4
+  101006:\tcs nopw 0x0(%rax,%rax,1)
+
+0000000000101234 <caller>:
+  101234:\tcall   101239 <caller+0x5>
+\t\t\t101235: R_X86_64_PLT32\t__ksites_tramp_popcount-0x4
+  101239:\tbnd jmp 10123e <caller+0xa>
+\t\t\t10123a: R_X86_64_PLT32\t__ksites_tramp_popcount-0x4
+  10123e:\tjne    101244 <caller+0x10>
+\t\t\t101240: R_X86_64_PC32\t__ksites_tramp_popcount+0x10
+  101244:\tcallq  101249 <caller+0x15>
+\t\t\t101245: R_X86_64_PLT32\tsum-0x4
+  101249:\tnotrack jmpq  10124e <caller+0x1a>
+\t\t\t10124a: R_X86_64_PC32\tsum-0x4
+  10124e:\tlea    0x0(%rip),%rax        # 101255 <caller+0x21>
+\t\t\t101251: R_X86_64_PC32\t__ksites_tramp_popcount-0x4
+  101255:\tmov    0x0(%rip),%rax        # 10125c <caller+0x28>
+\t\t\t101258: R_X86_64_PLT32\tsum-0x4
+  10125c:\tcall   *0x0(%rip)        # 101262 <caller+0x2e>
+\t\t\t10125e: R_X86_64_GOTPCRELX\tsum-0x4
+  101262:\tje,pt  101268 <caller+0x34>
+\t\t\t101264: R_X86_64_PLT32\tsum_more-0x4
+  101268:\tcall   10126d <caller+0x39>
+\t\t\t101269: R_X86_64_PLT32\tsum_more
+";
+
+    #[test]
+    fn counts_objdump_branches() {
+        let counts = count_branch_relocs(OBJDUMP);
+        let expected: BTreeMap<String, usize> = [
+            ("__ksites_tramp_popcount".to_owned(), 3),
+            ("sum".to_owned(), 2),
+            ("sum_more".to_owned(), 2),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(counts, expected);
+    }
+
+    #[test]
+    fn branch_mnemonics() {
+        for yes in [
+            "call   1 <x>",
+            "callq  1 <x>",
+            "jmp 1",
+            "jmpq 1",
+            "bnd jmp 1",
+            "notrack jmp 1",
+            "cs call 1",
+            "ds jne,pn 1",
+            "jae 1",
+            "jg 1",
+            "rex.W jmp 1",
+        ] {
+            assert!(is_branch(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "ret",
+            "lea 0x0(%rip),%rax",
+            "jrcxz 1",
+            "jq 1",
+            "cs nopw 0x0(%rax,%rax,1)",
+            "(bad)",
+            "jmpq *%rax",
+            "notrack jmp *%rax",
+            "call   *0x0(%rip)",
+        ] {
+            assert!(!is_branch(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn addends() {
+        assert_eq!(strip_addend("foo-0x4"), "foo");
+        assert_eq!(strip_addend("foo+0x1c"), "foo");
+        assert_eq!(strip_addend("foo"), "foo");
+        assert_eq!(strip_addend("a-b"), "a-b");
+        assert_eq!(strip_addend("-0x4"), "-0x4");
+    }
+
+    #[test]
+    fn compares_and_checks() {
+        let ifuncs = parse_inspect(INSPECT).unwrap();
+        let counts = count_branch_relocs(OBJDUMP);
+        let rows = compare(&ifuncs, &counts);
+        assert_eq!(rows[0].objdump, 3);
+        assert_eq!(rows[1].objdump, 0);
+        let err = check(&rows).unwrap_err();
+        assert!(err.contains("kfuncs::popcount"), "{err}");
+        assert!(err.contains("kfuncs::sum_u32"), "{err}");
+        let table = render(&rows);
+        assert!(
+            table.starts_with("ifunc             inspect  objdump\n"),
+            "{table}"
+        );
+        assert!(table.contains("MISMATCH"));
+
+        let good = [Row {
+            name: "a".into(),
+            symbol: "t".into(),
+            inspect: 4,
+            objdump: 4,
+        }];
+        assert_eq!(check(&good), Ok(()));
+        assert!(!render(&good).contains("MISMATCH"));
+        assert!(check(&[]).is_err());
+    }
+}

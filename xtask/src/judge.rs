@@ -1,0 +1,292 @@
+//! Judge one QEMU run from its exit status and serial output, and compare the ifunc
+//! choices of different CPU models.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// How QEMU ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// QEMU exited with this status.
+    Code(i32),
+    /// QEMU ended without an exit status (killed by a signal).
+    Signal,
+    /// We killed QEMU after this many seconds.
+    Timeout(u64),
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(code) => write!(f, "exit status {code}"),
+            Exit::Signal => f.write_str("killed by a signal"),
+            Exit::Timeout(secs) => write!(f, "timeout after {secs} s"),
+        }
+    }
+}
+
+/// QEMU's status when the kernel writes `0x10` (success) to isa-debug-exit: `(0x10 << 1) | 1`.
+pub(crate) const EXIT_SUCCESS: i32 = 33;
+/// QEMU's status when the kernel writes `0x11` (failure): `(0x11 << 1) | 1`.
+pub(crate) const EXIT_FAILURE: i32 = 35;
+
+/// The verdict on one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    /// From the last `N passed, M failed` line, if any.
+    pub(crate) passed: Option<u32>,
+    pub(crate) failed: Option<u32>,
+    /// Why the run failed; empty when it passed.
+    pub(crate) problems: Vec<String>,
+}
+
+impl Verdict {
+    pub(crate) fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// A run passes only with exit status 33, a `N passed, 0 failed` line with N > 0, and no
+/// line starting with `FAIL `, `FAULT` or `PANIC`.
+pub(crate) fn judge(exit: &Exit, serial: &[String]) -> Verdict {
+    let mut problems = Vec::new();
+    match exit {
+        Exit::Code(EXIT_SUCCESS) => {}
+        Exit::Code(EXIT_FAILURE) => {
+            problems.push(format!(
+                "kernel reported failure (exit status {EXIT_FAILURE})"
+            ));
+        }
+        Exit::Code(code) => problems.push(format!(
+            "QEMU exit status {code}: crash, triple fault or QEMU error (expected {EXIT_SUCCESS})"
+        )),
+        Exit::Signal => problems.push("QEMU was killed by a signal".to_owned()),
+        Exit::Timeout(_) => problems.push(exit.to_string()),
+    }
+
+    let summary = serial.iter().rev().find_map(|line| parse_summary(line));
+    let (passed, failed) = match summary {
+        Some((passed, failed)) => (Some(passed), Some(failed)),
+        None => (None, None),
+    };
+    match summary {
+        None => problems.push("no `N passed, 0 failed` line in the output".to_owned()),
+        Some((_, failed @ 1..)) => problems.push(format!("{failed} test(s) failed")),
+        Some((0, 0)) => problems.push("0 tests passed".to_owned()),
+        Some(_) => {}
+    }
+
+    let bad: Vec<&str> = serial
+        .iter()
+        .map(|line| line.trim_end())
+        .filter(|line| {
+            line.starts_with("FAIL ") || line.starts_with("FAULT") || line.starts_with("PANIC")
+        })
+        .collect();
+    if let Some(first) = bad.first() {
+        problems.push(format!(
+            "{} FAIL/FAULT/PANIC line(s), first: `{first}`",
+            bad.len()
+        ));
+    }
+
+    Verdict {
+        passed,
+        failed,
+        problems,
+    }
+}
+
+/// `N passed, M failed` (the whole line) → `(N, M)`.
+fn parse_summary(line: &str) -> Option<(u32, u32)> {
+    let (passed, failed) = line
+        .trim_end()
+        .strip_suffix(" failed")?
+        .split_once(" passed, ")?;
+    Some((parse_decimal(passed)?, parse_decimal(failed)?))
+}
+
+fn parse_decimal(text: &str) -> Option<u32> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Collect `ifunc-choice <name> <impl_name>` lines: ifunc name → implementation.
+pub(crate) fn parse_choices(serial: &[String]) -> BTreeMap<String, String> {
+    serial
+        .iter()
+        .filter_map(|line| {
+            let rest = line.trim_end().strip_prefix("ifunc-choice ")?;
+            let (name, choice) = rest.split_once(' ')?;
+            (!name.is_empty() && !choice.is_empty() && !choice.contains(' '))
+                .then(|| (name.to_owned(), choice.to_owned()))
+        })
+        .collect()
+}
+
+fn show(choice: Option<&String>) -> &str {
+    choice.map_or("(not reported)", String::as_str)
+}
+
+/// Name suffixes of the ifuncs whose choice must differ between `qemu64` and `max`.
+pub(crate) const MUST_DIFFER: &[&str] = &["popcount", "sum_u32"];
+
+/// For every suffix in [`MUST_DIFFER`], at least one ifunc with that suffix must be reported
+/// by both models, and every such ifunc must have picked different implementations.
+pub(crate) fn check_choices_differ(
+    (model_a, a): (&str, &BTreeMap<String, String>),
+    (model_b, b): (&str, &BTreeMap<String, String>),
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for suffix in MUST_DIFFER {
+        let names: Vec<&String> = a
+            .keys()
+            .chain(b.keys())
+            .filter(|name| name.ends_with(suffix))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if names.is_empty() {
+            problems.push(format!(
+                "no `ifunc-choice …{suffix} …` line from {model_a} or {model_b}"
+            ));
+        }
+        for name in names {
+            let (ca, cb) = (a.get(name), b.get(name));
+            if ca.is_none() || cb.is_none() || ca == cb {
+                problems.push(format!(
+                    "{name}: {model_a} chose {}, {model_b} chose {} (expected different \
+                     implementations)",
+                    show(ca),
+                    show(cb)
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "cross-model check failed:\n  {}",
+            problems.join("\n  ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_owned).collect()
+    }
+
+    const GOOD: &str = "\
+ksites test kernel
+ifunc-choice kfuncs::popcount popcount_popcnt
+ifunc-choice kfuncs::sum_u32 sum_u32_avx2
+ok   boot::table_valid
+ok   ifunc::popcount_matches_cpuid
+2 passed, 0 failed\r
+";
+
+    #[test]
+    fn passing_run() {
+        let verdict = judge(&Exit::Code(33), &lines(GOOD));
+        assert_eq!(verdict.problems, Vec::<String>::new());
+        assert!(verdict.ok());
+        assert_eq!((verdict.passed, verdict.failed), (Some(2), Some(0)));
+    }
+
+    #[test]
+    fn failing_runs() {
+        let v = judge(&Exit::Code(35), &lines(GOOD));
+        assert!(!v.ok() && v.problems[0].contains("kernel reported failure"));
+
+        let v = judge(&Exit::Code(0), &lines(GOOD));
+        assert!(v.problems[0].contains("exit status 0"), "{:?}", v.problems);
+
+        let v = judge(&Exit::Timeout(120), &lines(GOOD));
+        assert_eq!(v.problems, vec!["timeout after 120 s".to_owned()]);
+
+        let v = judge(&Exit::Signal, &lines(GOOD));
+        assert!(!v.ok());
+
+        let v = judge(&Exit::Code(33), &lines("1 passed, 1 failed\n"));
+        assert_eq!(v.problems, vec!["1 test(s) failed".to_owned()]);
+        assert_eq!((v.passed, v.failed), (Some(1), Some(1)));
+
+        let v = judge(&Exit::Code(33), &lines("0 passed, 0 failed\n"));
+        assert_eq!(v.problems, vec!["0 tests passed".to_owned()]);
+
+        let v = judge(&Exit::Code(33), &lines("tests: 3 passed, 0 failed\n"));
+        assert_eq!((v.passed, v.problems.len()), (None, 1));
+
+        for bad in [
+            "FAIL ifunc::x",
+            "FAULT #GP at 0x1000",
+            "PANIC at src/main.rs",
+        ] {
+            let v = judge(&Exit::Code(33), &lines(&format!("{GOOD}{bad}\n")));
+            assert_eq!(v.problems.len(), 1, "{bad}");
+            assert!(v.problems[0].contains(bad), "{:?}", v.problems);
+        }
+        // `FAILED` or an indented FAIL is not a failure line.
+        let v = judge(
+            &Exit::Code(33),
+            &lines(&format!("{GOOD}  FAIL x\nFAILURES: none\n")),
+        );
+        assert!(v.ok(), "{:?}", v.problems);
+    }
+
+    #[test]
+    fn summaries() {
+        assert_eq!(parse_summary("12 passed, 0 failed"), Some((12, 0)));
+        assert_eq!(parse_summary("12 passed, 3 failed\r"), Some((12, 3)));
+        assert_eq!(parse_summary("+1 passed, 0 failed"), None);
+        assert_eq!(parse_summary(" 1 passed, 0 failed"), None);
+        assert_eq!(parse_summary("1 passed, 0 failed."), None);
+        assert_eq!(parse_summary("passed, 0 failed"), None);
+    }
+
+    #[test]
+    fn choices() {
+        let qemu64 = parse_choices(&lines(
+            "ifunc-choice kfuncs::popcount popcount_generic\n\
+             ifunc-choice kfuncs::sum_u32 sum_u32_scalar\n\
+             ifunc-choice kfuncs::memcpy memcpy_sse2\n\
+             ifunc-choice broken\n",
+        ));
+        assert_eq!(qemu64.len(), 3);
+        assert_eq!(qemu64["kfuncs::popcount"], "popcount_generic");
+        let max = parse_choices(&lines(
+            "ifunc-choice kfuncs::popcount popcount_popcnt\n\
+             ifunc-choice kfuncs::sum_u32 sum_u32_avx2\n\
+             ifunc-choice kfuncs::memcpy memcpy_sse2\n",
+        ));
+        assert_eq!(
+            check_choices_differ(("qemu64", &qemu64), ("max", &max)),
+            Ok(())
+        );
+
+        let mut same = max.clone();
+        same.insert("kfuncs::sum_u32".into(), "sum_u32_scalar".into());
+        let err = check_choices_differ(("qemu64", &qemu64), ("max", &same)).unwrap_err();
+        assert!(
+            err.contains("kfuncs::sum_u32: qemu64 chose sum_u32_scalar, max chose sum_u32_scalar"),
+            "{err}"
+        );
+        assert!(!err.contains("popcount"), "{err}");
+
+        let mut missing = max.clone();
+        missing.remove("kfuncs::popcount");
+        let err = check_choices_differ(("qemu64", &qemu64), ("max", &missing)).unwrap_err();
+        assert!(err.contains("max chose (not reported)"), "{err}");
+
+        let err = check_choices_differ(("qemu64", &BTreeMap::new()), ("max", &BTreeMap::new()))
+            .unwrap_err();
+        assert!(err.contains("popcount") && err.contains("sum_u32"), "{err}");
+    }
+}

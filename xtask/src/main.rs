@@ -1,0 +1,56 @@
+//! `cargo xtask …`: the project's build-and-check driver.
+//!
+//! * `cargo xtask qemu` builds the build tool and the test kernel, embeds the kernel's
+//!   `.ksites` table, cross-checks `ksites inspect` against `objdump`, then boots the kernel
+//!   in QEMU on several CPU models and judges what it prints.
+//! * `cargo xtask test` runs fmt, clippy and the host tests, then everything `qemu` does.
+//!
+//! Paths are computed from this crate's location, never from the caller's working directory.
+
+mod crosscheck;
+mod install;
+mod judge;
+mod qemu;
+mod test;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+/// Development tasks for ksites: build the test kernel and boot it in QEMU (`qemu`), or run
+/// every check the project has (`test`).
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the test kernel, embed its `.ksites` table, cross-check it against objdump,
+    /// and boot it in QEMU on each CPU model (installs missing tools first).
+    Qemu(qemu::QemuArgs),
+    /// Run fmt, clippy and host tests for the workspace and the test kernel, then
+    /// everything `qemu` does with the default CPU models. Stops at the first failure.
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let sh = xshell::Shell::new()?;
+    let root = project_root();
+    sh.change_dir(&root);
+    match cli.command {
+        Command::Qemu(args) => qemu::run(&sh, &root, &args),
+        Command::Test => test::run(&sh, &root),
+    }
+}
+
+/// The workspace root: the parent of this crate's manifest directory.
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ has a parent directory")
+        .to_path_buf()
+}

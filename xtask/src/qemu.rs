@@ -1,0 +1,439 @@
+//! `cargo xtask qemu`: build, embed, cross-check against objdump, boot on each CPU model.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use xshell::{Shell, cmd};
+
+use crate::judge::{self, Exit, Verdict};
+use crate::{crosscheck, install};
+
+/// The CPU models booted when `--cpu` is not given.
+pub(crate) const DEFAULT_CPUS: &[&str] = &["qemu64", "max", "Haswell"];
+const DEFAULT_TIMEOUT_SECS: u64 = 120;
+const KERNEL_TARGET: &str = "x86_64-unknown-none";
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct QemuArgs {
+    /// CPU model to boot; repeat to boot several [default: qemu64, max, Haswell]
+    #[arg(long = "cpu", value_name = "MODEL")]
+    cpus: Vec<String>,
+    /// Seconds each QEMU run may take before it is killed
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = DEFAULT_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    timeout: u64,
+    /// Do not build the build tool or the test kernel; use what is already built
+    #[arg(long)]
+    no_build: bool,
+}
+
+impl Default for QemuArgs {
+    fn default() -> Self {
+        QemuArgs {
+            cpus: Vec::new(),
+            timeout: DEFAULT_TIMEOUT_SECS,
+            no_build: false,
+        }
+    }
+}
+
+/// Where everything lives, relative to the project root.
+#[derive(Debug)]
+pub(crate) struct Paths {
+    pub(crate) root: PathBuf,
+    pub(crate) qemu_tests: PathBuf,
+    ksites: PathBuf,
+    kernel: PathBuf,
+    embedded: PathBuf,
+}
+
+impl Paths {
+    pub(crate) fn new(root: &Path) -> Self {
+        let qemu_tests = root.join("qemu-tests");
+        Paths {
+            root: root.to_path_buf(),
+            ksites: root.join("target/release/ksites"),
+            kernel: qemu_tests.join("target/x86_64-unknown-none/release/qemu-tests-kernel"),
+            embedded: root.join("target/ksites/qemu-tests-kernel.ksites"),
+            qemu_tests,
+        }
+    }
+}
+
+pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<()> {
+    let paths = Paths::new(root);
+    install_tools(sh, &paths)?;
+    if args.no_build {
+        println!("xtask: --no-build: using the existing build tool and test kernel");
+    } else {
+        build(sh, &paths)?;
+    }
+    for (what, path) in [
+        ("build tool", &paths.ksites),
+        ("test kernel", &paths.kernel),
+    ] {
+        if !path.is_file() {
+            bail!(
+                "the {what} is missing: {} (build it, or drop --no-build)",
+                path.display()
+            );
+        }
+    }
+    let inspect = embed(sh, &paths)?;
+    cross_check_objdump(sh, &paths, &inspect)?;
+    boot_all(&paths.embedded, args)
+}
+
+/// The Rust target for the kernel, QEMU, and objdump (for the cross-check).
+fn install_tools(sh: &Shell, paths: &Paths) -> Result<()> {
+    install_kernel_target(sh, paths)?;
+    install::host_tool(sh, "qemu-system-x86_64", "qemu-system-x86")?;
+    install::host_tool(sh, "objdump", "binutils")
+}
+
+/// `rustup target add x86_64-unknown-none` if needed, for the toolchain that builds the kernel.
+pub(crate) fn install_kernel_target(sh: &Shell, paths: &Paths) -> Result<()> {
+    let _dir = paths
+        .qemu_tests
+        .is_dir()
+        .then(|| sh.push_dir(&paths.qemu_tests));
+    install::rust_target(sh, KERNEL_TARGET)
+}
+
+fn build(sh: &Shell, paths: &Paths) -> Result<()> {
+    let _dir = sh.push_dir(&paths.root);
+    cmd!(sh, "cargo build --release -p build-tool")
+        .run()
+        .context("building the build tool (build-tool) failed")?;
+    // qemu-tests/.cargo/config.toml selects the target, so build from inside it.
+    let _dir = sh.push_dir(&paths.qemu_tests);
+    cmd!(sh, "cargo build --release")
+        .run()
+        .context("building the test kernel (qemu-tests) failed")?;
+    Ok(())
+}
+
+/// `ksites embed` the kernel, print `ksites inspect` of the result, and return that text.
+fn embed(sh: &Shell, paths: &Paths) -> Result<String> {
+    let Paths {
+        ksites,
+        kernel,
+        embedded,
+        ..
+    } = paths;
+    if let Some(dir) = embedded.parent() {
+        sh.create_dir(dir)?;
+    }
+    if embedded.exists() {
+        sh.remove_path(embedded)?;
+    }
+    cmd!(sh, "{ksites} embed {kernel} -o {embedded}")
+        .run()
+        .context("ksites embed failed")?;
+    let inspect = cmd!(sh, "{ksites} inspect {embedded}")
+        .read()
+        .context("ksites inspect failed")?;
+    println!("{inspect}");
+    Ok(inspect)
+}
+
+/// Every ifunc's site count must match objdump's count of branches to its trampoline.
+fn cross_check_objdump(sh: &Shell, paths: &Paths, inspect: &str) -> Result<()> {
+    let kernel = &paths.kernel;
+    let objdump = cmd!(sh, "objdump -dr --no-show-raw-insn {kernel}")
+        .read()
+        .context("objdump failed")?;
+    let ifuncs = crosscheck::parse_inspect(inspect).map_err(|e| anyhow!(e))?;
+    let rows = crosscheck::compare(&ifuncs, &crosscheck::count_branch_relocs(&objdump));
+    println!("xtask: objdump cross-check of {}", kernel.display());
+    print!("{}", crosscheck::render(&rows));
+    crosscheck::check(&rows).map_err(|e| anyhow!("objdump cross-check failed: {e}"))
+}
+
+/// One finished QEMU run.
+#[derive(Debug)]
+struct Run {
+    model: String,
+    verdict: Verdict,
+    choices: BTreeMap<String, String>,
+    elapsed: Duration,
+}
+
+fn boot_all(image: &Path, args: &QemuArgs) -> Result<()> {
+    let models: Vec<String> = if args.cpus.is_empty() {
+        DEFAULT_CPUS.iter().map(|m| (*m).to_owned()).collect()
+    } else {
+        args.cpus.clone()
+    };
+    let timeout = Duration::from_secs(args.timeout);
+    let mut runs = Vec::new();
+    for model in &models {
+        let start = Instant::now();
+        let (exit, serial) = boot(model, qemu_command(model, image), timeout)?;
+        let verdict = judge::judge(&exit, &serial);
+        println!(
+            "xtask: [{model}] {} ({exit})",
+            if verdict.ok() { "passed" } else { "FAILED" }
+        );
+        runs.push(Run {
+            model: model.clone(),
+            choices: judge::parse_choices(&serial),
+            verdict,
+            elapsed: start.elapsed(),
+        });
+    }
+
+    let find = |name: &str| runs.iter().find(|r| r.model == name);
+    let cross = match (find("qemu64"), find("max")) {
+        (Some(a), Some(b)) => Some(judge::check_choices_differ(
+            (&a.model, &a.choices),
+            (&b.model, &b.choices),
+        )),
+        _ => None,
+    };
+
+    println!();
+    print!("{}", summary(&runs));
+    let mut failures: Vec<String> = runs
+        .iter()
+        .flat_map(|r| {
+            r.verdict
+                .problems
+                .iter()
+                .map(|p| format!("[{}] {p}", r.model))
+        })
+        .collect();
+    match &cross {
+        Some(Ok(())) => println!("cross-model check (qemu64 vs max): ok"),
+        Some(Err(e)) => failures.push(e.clone()),
+        None => println!("cross-model check skipped (needs both qemu64 and max)"),
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        bail!("qemu runs failed:\n  {}", failures.join("\n  "))
+    }
+}
+
+fn summary(runs: &[Run]) -> String {
+    let width = runs.iter().map(|r| r.model.len()).max().unwrap_or(0).max(5);
+    let count = |n: Option<u32>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let mut out = format!("{:<width$}  result  passed  failed     time\n", "model");
+    for run in runs {
+        out.push_str(&format!(
+            "{:<width$}  {:<6}  {:>6}  {:>6}  {:>6.1} s\n",
+            run.model,
+            if run.verdict.ok() { "ok" } else { "FAIL" },
+            count(run.verdict.passed),
+            count(run.verdict.failed),
+            run.elapsed.as_secs_f64(),
+        ));
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Serial,
+    Stderr,
+}
+
+/// The QEMU command line that boots `image` on CPU `model`.
+fn qemu_command(model: &str, image: &Path) -> Command {
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args(["-cpu", model, "-m", "256M", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot", "-monitor", "none"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-kernel")
+        .arg(image);
+    command
+}
+
+/// Run `command` (QEMU), streaming its output prefixed with `[model] `, and kill it after
+/// `timeout`. Returns how it ended and its serial (stdout) lines.
+fn boot(model: &str, mut command: Command, timeout: Duration) -> Result<(Exit, Vec<String>)> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    println!("$ {}", shell_words(&command));
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
+
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        forward_lines(out, Stream::Serial, tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        forward_lines(err, Stream::Stderr, tx);
+    }
+
+    let deadline = Instant::now() + timeout;
+    let mut serial = Vec::new();
+    let mut show = |(stream, line): (Stream, String)| match stream {
+        Stream::Serial => {
+            println!("[{model}] {line}");
+            serial.push(line);
+        }
+        Stream::Stderr => eprintln!("[{model}] {line}"),
+    };
+
+    // Stream output until both pipes close (QEMU exited) or time runs out.
+    let mut timed_out = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(item) => show(item),
+            Err(RecvTimeoutError::Disconnected) => break false,
+            Err(RecvTimeoutError::Timeout) => break true,
+        }
+    };
+    let mut status = None;
+    while !timed_out {
+        if let Some(s) = child.try_wait()? {
+            status = Some(s);
+            break;
+        }
+        if Instant::now() >= deadline {
+            timed_out = true;
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if timed_out {
+        let _ = child.kill();
+        child.wait()?;
+        // Show whatever was still in flight, but do not wait long for it.
+        while let Ok(item) = rx.recv_timeout(Duration::from_secs(1)) {
+            show(item);
+        }
+        return Ok((Exit::Timeout(timeout.as_secs()), serial));
+    }
+    let exit = match status.and_then(|s| s.code()) {
+        Some(code) => Exit::Code(code),
+        None => Exit::Signal,
+    };
+    Ok((exit, serial))
+}
+
+/// Send each line of `pipe` (lossily decoded, without its line ending) to `tx`.
+fn forward_lines(pipe: impl Read + Send + 'static, stream: Stream, tx: Sender<(Stream, String)>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']).to_owned();
+                    if tx.send((stream, line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn shell_words(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_table() {
+        let run = |model: &str, exit, serial: &str| Run {
+            model: model.to_owned(),
+            verdict: judge::judge(
+                &exit,
+                &serial.lines().map(str::to_owned).collect::<Vec<_>>(),
+            ),
+            choices: BTreeMap::new(),
+            elapsed: Duration::from_millis(2500),
+        };
+        let table = summary(&[
+            run("qemu64", Exit::Code(33), "5 passed, 0 failed"),
+            run("Haswell", Exit::Timeout(120), ""),
+        ]);
+        assert_eq!(
+            table,
+            "model    result  passed  failed     time\n\
+             qemu64   ok           5       0     2.5 s\n\
+             Haswell  FAIL         -       -     2.5 s\n"
+        );
+    }
+
+    fn script(text: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.args(["-c", text]);
+        command
+    }
+
+    #[test]
+    fn boot_collects_serial_and_exit_status() {
+        let (exit, serial) = boot(
+            "fake",
+            script("printf 'a\\r\\nb\\n'; echo warning >&2; printf 'no newline'; exit 33"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(exit, Exit::Code(33));
+        assert_eq!(serial, ["a", "b", "no newline"]);
+    }
+
+    #[test]
+    fn boot_times_out() {
+        let start = Instant::now();
+        let (exit, serial) = boot(
+            "fake",
+            script("echo started; exec sleep 30"),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(exit, Exit::Timeout(1));
+        assert_eq!(serial, ["started"]);
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn qemu_command_line() {
+        let command = qemu_command("Haswell", Path::new("/k.ksites"));
+        assert_eq!(
+            shell_words(&command),
+            "qemu-system-x86_64 -cpu Haswell -m 256M -display none -serial stdio -no-reboot \
+             -monitor none -device isa-debug-exit,iobase=0xf4,iosize=0x04 -kernel /k.ksites"
+        );
+    }
+
+    #[test]
+    fn paths_come_from_the_root() {
+        let paths = Paths::new(Path::new("/r"));
+        assert_eq!(paths.ksites, Path::new("/r/target/release/ksites"));
+        assert_eq!(
+            paths.kernel,
+            Path::new("/r/qemu-tests/target/x86_64-unknown-none/release/qemu-tests-kernel")
+        );
+        assert_eq!(
+            paths.embedded,
+            Path::new("/r/target/ksites/qemu-tests-kernel.ksites")
+        );
+    }
+}
