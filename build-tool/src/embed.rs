@@ -8,14 +8,16 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::cell::{CELL_MAGIC, CELL_SIZE, CELL_SYMBOL};
 use kernel_loader::format::{SECTION_NAME, Table};
+use kernel_loader::probe::record as probe_record;
 use object::elf::{self, FileHeader64, ProgramHeader64, SectionHeader64};
 use object::pod::{bytes_of, from_bytes, slice_from_bytes};
 use object::{LittleEndian as LE, U16, U32, U64};
 
 use crate::elf::{ElfKind, Image};
+use crate::probes::{ProbeScan, find_probes};
 use crate::records::{IfuncInfo, read_ifuncs};
 use crate::sites::{SiteScan, find_sites};
-use crate::table::{IfuncEntry, SiteEntry, build_table, table_size};
+use crate::table::{IfuncEntry, SiteEntry, TableInput, build, table_size_for};
 
 /// The input already carries a `.ksites` table (or a filled cell).
 #[derive(Debug)]
@@ -41,6 +43,8 @@ pub struct EmbedReport {
     pub ifuncs: Vec<IfuncInfo>,
     /// The scan: sites recorded and references left alone.
     pub scan: SiteScan,
+    /// Probes and probe sites.
+    pub probes: ProbeScan,
     /// Address and size of the table, if one was written.
     pub table: Option<(u64, usize)>,
 }
@@ -52,7 +56,8 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         return Err(AlreadyEmbedded(path.to_string()).into());
     }
     let ifuncs = read_ifuncs(&img)?;
-    if ifuncs.is_empty() {
+    let probes = find_probes(&img)?;
+    if ifuncs.is_empty() && probes.probes.is_empty() {
         // Nothing to describe: the output is the input, unchanged.
         return Ok((data.to_vec(), EmbedReport::default()));
     }
@@ -75,7 +80,7 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
 
     let cell = img.symbol(CELL_SYMBOL).with_context(|| {
         format!(
-            "{path}: the image has ifuncs but no `{CELL_SYMBOL}` symbol; \
+            "{path}: the image has ifuncs or probes but no `{CELL_SYMBOL}` symbol; \
              link kernel-loader and call `kernel_loader::cell::image_table` so the kernel can find its table"
         )
     })?;
@@ -113,10 +118,36 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         })
         .collect();
 
-    let size = table_size(&entries, site_entries.len());
-    let (mut out, table_addr) = append_segment(path, data, size, |addr| {
-        build_table(addr, &entries, &site_entries)
-    })?;
+    let input = TableInput {
+        ifuncs: entries,
+        sites: site_entries,
+        probes: probes.probes.clone(),
+        probe_sites: probes.sites.clone(),
+    };
+    let size = table_size_for(&input);
+    let (mut out, table_addr) = append_segment(path, data, size, |addr| build(addr, &input))?;
+
+    // Rewrite C probe calls into their disabled form, and give every `probe!` record its
+    // probe id. Original bytes keep their file offsets in `out`.
+    let patch = |out: &mut Vec<u8>, addr: u64, bytes: &[u8], what: &str| -> Result<()> {
+        let at = img
+            .va_to_file_offset(addr, bytes.len() as u64)
+            .with_context(|| format!("{path}: {what} at {addr:#x} is not file-backed"))?
+            as usize;
+        out[at..at + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    };
+    for (addr, bytes) in &probes.rewrites {
+        patch(&mut out, *addr, bytes, "probe site")?;
+    }
+    for (rec, id) in &probes.record_ids {
+        patch(
+            &mut out,
+            rec + probe_record::ID as u64,
+            &id.to_le_bytes(),
+            "probe record",
+        )?;
+    }
 
     // Fill the cell: table address relative to the cell, and the size. Original bytes
     // keep their file offsets, so the input's mapping still applies.
@@ -133,6 +164,7 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         EmbedReport {
             ifuncs,
             scan,
+            probes,
             table: Some((table_addr, size)),
         },
     ))

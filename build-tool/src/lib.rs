@@ -3,6 +3,7 @@
 pub mod elf;
 pub mod embed;
 pub mod inspect;
+pub mod probes;
 pub mod records;
 pub mod sites;
 pub mod table;

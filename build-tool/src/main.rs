@@ -14,7 +14,8 @@ Exit status:
   2  usage error
   3  the input was already processed by `ksites embed`";
 
-/// Find ifunc call sites in a linked x86-64 ELF image and embed the `.ksites` table.
+/// Find ifunc call sites and SDT probe sites in a linked x86-64 ELF image and embed the
+/// `.ksites` table the kernel-loader patches from.
 #[derive(Parser, Debug)]
 #[command(name = "ksites", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -24,10 +25,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Find every call/jmp to an ifunc trampoline in IMAGE (linked with --emit-relocs),
-    /// write the `.ksites` table into a new PT_LOAD segment, point the image's table
-    /// cell at it, and write the result to OUTPUT (atomically; IMAGE is never modified).
-    /// An image without ifuncs is copied unchanged.
+    /// Find every call/jmp to an ifunc trampoline and every probe site in IMAGE (linked
+    /// with --emit-relocs), rewrite dtrace-style C probe calls into their disabled
+    /// 5-byte form, write the `.ksites` table into a new PT_LOAD segment, point the
+    /// image's table cell at it, and write the result to OUTPUT (atomically; IMAGE is
+    /// never modified). An image without ifuncs or probes is copied unchanged.
     #[command(after_help = EXIT_CODES)]
     Embed {
         /// The linked image (ET_EXEC, linked with --emit-relocs).
@@ -39,7 +41,7 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// List the ifuncs, their sites, and references that are not patched. Works on
+    /// List the ifuncs, probes, their sites, and references that are not patched. Works on
     /// embedded images (reads the table) and on plain ones (shows what embed would do).
     #[command(after_help = EXIT_CODES)]
     Inspect {
@@ -59,15 +61,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !quiet {
                 match r.table {
                     Some((addr, size)) => println!(
-                        "ksites: {}: {} ifuncs, {} sites, {} other references; table at {addr:#x} ({size} bytes) -> {}",
+                        "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites; table at {addr:#x} ({size} bytes) -> {}",
                         image.display(),
                         r.ifuncs.len(),
                         r.scan.sites.len(),
                         r.scan.other_refs.len(),
+                        r.probes.probes.len(),
+                        r.probes.sites.len(),
                         output.display()
                     ),
                     None => println!(
-                        "ksites: {}: no ifuncs; copied unchanged -> {}",
+                        "ksites: {}: no ifuncs or probes; copied unchanged -> {}",
                         image.display(),
                         output.display()
                     ),

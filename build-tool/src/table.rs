@@ -3,7 +3,8 @@
 use anyhow::{Context, Result, ensure};
 use kernel_loader::format::{
     ARCH_X86_64, HEADER_SIZE, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc, IfuncSite,
-    MAGIC, SiteKind, SubTable, VERSION, make_rel,
+    MAGIC, PROBE_DESC_SIZE, PROBE_SITE_SIZE, ProbeDesc, ProbeKind, ProbeSite, SiteKind, SubTable,
+    VERSION, make_rel,
 };
 
 /// An ifunc to describe.
@@ -34,6 +35,43 @@ pub struct SiteEntry {
     pub ifunc: u32,
 }
 
+/// A probe to describe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeEntry {
+    /// Provider.
+    pub provider: String,
+    /// Name.
+    pub name: String,
+    /// Argument count, or `NARGS_UNKNOWN`.
+    pub nargs: u16,
+}
+
+/// A probe site to record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeSiteEntry {
+    /// Address of the 5-byte instruction.
+    pub addr: u64,
+    /// Out-of-line target (Rust sites), else 0.
+    pub target: u64,
+    /// Kind.
+    pub kind: ProbeKind,
+    /// Index into the probe list.
+    pub probe: u32,
+}
+
+/// Everything a table holds.
+#[derive(Clone, Debug, Default)]
+pub struct TableInput {
+    /// Ifuncs.
+    pub ifuncs: Vec<IfuncEntry>,
+    /// Ifunc sites.
+    pub sites: Vec<SiteEntry>,
+    /// Probes.
+    pub probes: Vec<ProbeEntry>,
+    /// Probe sites.
+    pub probe_sites: Vec<ProbeSiteEntry>,
+}
+
 fn align4(x: usize) -> usize {
     (x + 3) & !3
 }
@@ -41,42 +79,110 @@ fn align4(x: usize) -> usize {
 /// The size of the table for these counts (independent of addresses), so the caller can
 /// place the section before the contents are known.
 pub fn table_size(ifuncs: &[IfuncEntry], sites: usize) -> usize {
-    let strings: usize = ifuncs.iter().map(|f| f.name.len() + 1).sum();
-    let end =
-        align4(HEADER_SIZE + ifuncs.len() * IFUNC_DESC_SIZE) + sites * IFUNC_SITE_SIZE + strings;
-    (end + 7) & !7
+    layout(&TableInput {
+        ifuncs: ifuncs.to_vec(),
+        sites: vec![
+            SiteEntry {
+                addr: 0,
+                kind: SiteKind::Call,
+                prefixes: 0,
+                ifunc: 0
+            };
+            sites
+        ],
+        ..Default::default()
+    })
+    .total
+}
+
+/// The size of the table for `input`.
+pub fn table_size_for(input: &TableInput) -> usize {
+    layout(input).total
+}
+
+struct Layout {
+    ifunc_off: usize,
+    site_off: usize,
+    probe_off: usize,
+    psite_off: usize,
+    str_off: usize,
+    strings: Vec<u8>,
+    ifunc_names: Vec<u32>,
+    probe_names: Vec<(u32, u32)>,
+    total: usize,
+}
+
+fn layout(input: &TableInput) -> Layout {
+    let mut strings = Vec::new();
+    let mut intern = |s: &str| {
+        let off = strings.len() as u32;
+        strings.extend_from_slice(s.as_bytes());
+        strings.push(0);
+        off
+    };
+    let ifunc_names = input.ifuncs.iter().map(|f| intern(&f.name)).collect();
+    let probe_names = input
+        .probes
+        .iter()
+        .map(|p| (intern(&p.provider), intern(&p.name)))
+        .collect();
+    let ifunc_off = HEADER_SIZE;
+    let site_off = align4(ifunc_off + input.ifuncs.len() * IFUNC_DESC_SIZE);
+    let probe_off = site_off + input.sites.len() * IFUNC_SITE_SIZE;
+    let psite_off = probe_off + input.probes.len() * PROBE_DESC_SIZE;
+    let str_off = psite_off + input.probe_sites.len() * PROBE_SITE_SIZE;
+    let total = (str_off + strings.len() + 7) & !7;
+    Layout {
+        ifunc_off,
+        site_off,
+        probe_off,
+        psite_off,
+        str_off,
+        strings,
+        ifunc_names,
+        probe_names,
+        total,
+    }
+}
+
+/// Encodes an ifunc-only table that will live at address `base`.
+pub fn build_table(base: u64, ifuncs: &[IfuncEntry], sites: &[SiteEntry]) -> Result<Vec<u8>> {
+    build(
+        base,
+        &TableInput {
+            ifuncs: ifuncs.to_vec(),
+            sites: sites.to_vec(),
+            ..Default::default()
+        },
+    )
 }
 
 /// Encodes a table that will live at address `base`. Sites are sorted by address and
 /// deduplicated here; every self-relative reference is range-checked.
-pub fn build_table(base: u64, ifuncs: &[IfuncEntry], sites: &[SiteEntry]) -> Result<Vec<u8>> {
-    let mut sites = sites.to_vec();
-    sites.sort_by_key(|s| s.addr);
-    sites.dedup_by_key(|s| s.addr);
-
-    let ifunc_off = HEADER_SIZE;
-    let site_off = align4(ifunc_off + ifuncs.len() * IFUNC_DESC_SIZE);
-    let str_off = site_off + sites.len() * IFUNC_SITE_SIZE;
-    let mut strings = Vec::new();
-    let mut name_offs = Vec::new();
-    for f in ifuncs {
+pub fn build(base: u64, input: &TableInput) -> Result<Vec<u8>> {
+    let mut input = input.clone();
+    input.sites.sort_by_key(|s| s.addr);
+    input.sites.dedup_by_key(|s| s.addr);
+    input.probe_sites.sort_by_key(|s| s.addr);
+    input.probe_sites.dedup_by_key(|s| s.addr);
+    for f in &input.ifuncs {
         ensure!(
             !f.name.as_bytes().contains(&0),
             "ifunc name {:?} contains NUL",
             f.name
         );
-        name_offs.push(strings.len() as u32);
-        strings.extend_from_slice(f.name.as_bytes());
-        strings.push(0);
     }
-    let total = (str_off + strings.len() + 7) & !7;
-    ensure!(
-        total == table_size(ifuncs, sites.len()),
-        "internal: table size mismatch"
-    );
-    let total32 = u32::try_from(total).context("table larger than 4 GiB")?;
-
-    let mut out = vec![0u8; total];
+    for p in &input.probes {
+        ensure!(
+            !p.provider.as_bytes().contains(&0) && !p.name.as_bytes().contains(&0),
+            "probe name {}:{} contains NUL",
+            p.provider,
+            p.name
+        );
+    }
+    let l = layout(&input);
+    let total32 = u32::try_from(l.total).context("table larger than 4 GiB")?;
+    let mut out = vec![0u8; l.total];
     let header = Header {
         magic: MAGIC,
         version: VERSION,
@@ -85,24 +191,24 @@ pub fn build_table(base: u64, ifuncs: &[IfuncEntry], sites: &[SiteEntry]) -> Res
         header_size: HEADER_SIZE as u32,
         total_size: total32,
         ifuncs: SubTable {
-            offset: ifunc_off as u32,
-            count: ifuncs.len() as u32,
+            offset: l.ifunc_off as u32,
+            count: input.ifuncs.len() as u32,
         },
         ifunc_sites: SubTable {
-            offset: site_off as u32,
-            count: sites.len() as u32,
+            offset: l.site_off as u32,
+            count: input.sites.len() as u32,
         },
         probes: SubTable {
-            offset: str_off as u32,
-            count: 0,
+            offset: l.probe_off as u32,
+            count: input.probes.len() as u32,
         },
         probe_sites: SubTable {
-            offset: str_off as u32,
-            count: 0,
+            offset: l.psite_off as u32,
+            count: input.probe_sites.len() as u32,
         },
         strings: SubTable {
-            offset: str_off as u32,
-            count: strings.len() as u32,
+            offset: l.str_off as u32,
+            count: l.strings.len() as u32,
         },
     };
     out[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
@@ -112,19 +218,19 @@ pub fn build_table(base: u64, ifuncs: &[IfuncEntry], sites: &[SiteEntry]) -> Res
             format!("{what} of {name} at {target:#x} is out of i32 reach of the table at {base:#x}")
         })
     };
-    for (i, f) in ifuncs.iter().enumerate() {
-        let at = ifunc_off + i * IFUNC_DESC_SIZE;
+    for (i, f) in input.ifuncs.iter().enumerate() {
+        let at = l.ifunc_off + i * IFUNC_DESC_SIZE;
         let d = IfuncDesc {
             trampoline: rel(at, f.trampoline, "trampoline", &f.name)?,
             slot: rel(at + 4, f.slot, "slot", &f.name)?,
             resolver: rel(at + 8, f.resolver, "resolver", &f.name)?,
             default: rel(at + 12, f.default, "default", &f.name)?,
-            name: name_offs[i],
+            name: l.ifunc_names[i],
         };
         out[at..at + IFUNC_DESC_SIZE].copy_from_slice(&d.to_bytes());
     }
-    for (i, s) in sites.iter().enumerate() {
-        let at = site_off + i * IFUNC_SITE_SIZE;
+    for (i, s) in input.sites.iter().enumerate() {
+        let at = l.site_off + i * IFUNC_SITE_SIZE;
         let info = IfuncSite::pack_info(s.kind, u32::from(s.prefixes), s.ifunc)
             .with_context(|| format!("site {:#x}: too many prefixes or ifuncs", s.addr))?;
         let e = IfuncSite {
@@ -133,6 +239,31 @@ pub fn build_table(base: u64, ifuncs: &[IfuncEntry], sites: &[SiteEntry]) -> Res
         };
         out[at..at + IFUNC_SITE_SIZE].copy_from_slice(&e.to_bytes());
     }
-    out[str_off..str_off + strings.len()].copy_from_slice(&strings);
+    for (i, p) in input.probes.iter().enumerate() {
+        let at = l.probe_off + i * PROBE_DESC_SIZE;
+        let d = ProbeDesc {
+            provider: l.probe_names[i].0,
+            name: l.probe_names[i].1,
+            nargs: p.nargs,
+            flags: 0,
+        };
+        out[at..at + PROBE_DESC_SIZE].copy_from_slice(&d.to_bytes());
+    }
+    for (i, s) in input.probe_sites.iter().enumerate() {
+        let at = l.psite_off + i * PROBE_SITE_SIZE;
+        let info = ProbeSite::pack_info(s.kind, s.probe)
+            .with_context(|| format!("probe site {:#x}: probe index too large", s.addr))?;
+        let e = ProbeSite {
+            site: rel(at, s.addr, "probe site", "probe")?,
+            target: if s.kind.is_rust() {
+                rel(at + 4, s.target, "out-of-line target", "probe")?
+            } else {
+                0
+            },
+            info,
+        };
+        out[at..at + PROBE_SITE_SIZE].copy_from_slice(&e.to_bytes());
+    }
+    out[l.str_off..l.str_off + l.strings.len()].copy_from_slice(&l.strings);
     Ok(out)
 }

@@ -8,7 +8,8 @@
 //! offset 0   Header (64 bytes)
 //!            IfuncDesc[ifuncs.count]        (20 bytes each, 4-aligned)
 //!            IfuncSite[ifunc_sites.count]   (8 bytes each, 4-aligned, sorted by address)
-//!            probes / probe sites           (reserved: count must be 0 in v1)
+//!            ProbeDesc[probes.count]        (12 bytes each, 4-aligned, sorted by name)
+//!            ProbeSite[probe_sites.count]   (12 bytes each, 4-aligned, sorted by address)
 //!            strings                        (NUL-terminated UTF-8)
 //! ```
 //!
@@ -40,6 +41,14 @@ pub const HEADER_SIZE: usize = 64;
 pub const IFUNC_DESC_SIZE: usize = 20;
 /// Size of [`IfuncSite`] in bytes.
 pub const IFUNC_SITE_SIZE: usize = 8;
+/// Size of [`ProbeDesc`] in bytes.
+pub const PROBE_DESC_SIZE: usize = 12;
+/// Size of [`ProbeSite`] in bytes.
+pub const PROBE_SITE_SIZE: usize = 12;
+/// Length of every probe site: one 5-byte instruction.
+pub const PROBE_SITE_LEN: usize = 5;
+/// `ProbeDesc::nargs` when no site declares the argument count.
+pub const NARGS_UNKNOWN: u16 = 0xffff;
 
 /// Offset and count of one sub-table (for strings: offset and size in bytes).
 #[repr(C)]
@@ -71,9 +80,9 @@ pub struct Header {
     pub ifuncs: SubTable,
     /// [`IfuncSite`] entries.
     pub ifunc_sites: SubTable,
-    /// Reserved for probe descriptors (count 0 in v1).
+    /// [`ProbeDesc`] entries.
     pub probes: SubTable,
-    /// Reserved for probe sites (count 0 in v1).
+    /// [`ProbeSite`] entries.
     pub probe_sites: SubTable,
     /// The string table (`count` = size in bytes).
     pub strings: SubTable,
@@ -104,6 +113,113 @@ pub struct IfuncSite {
     /// Bits 0..=1: [`SiteKind`]; bits 2..=4: number of prefix bytes; bits 5..=7:
     /// reserved (0); bits 8..=31: index into the ifunc descriptors.
     pub info: u32,
+}
+
+/// One probe (`provider:name`); its sites refer to it by index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeDesc {
+    /// String-table offset of the provider.
+    pub provider: u32,
+    /// String-table offset of the name.
+    pub name: u32,
+    /// Number of arguments (0..=6), or [`NARGS_UNKNOWN`].
+    pub nargs: u16,
+    /// Reserved, 0.
+    pub flags: u16,
+}
+
+/// One probe site: a 5-byte instruction the loader toggles between a disabled and an
+/// enabled form. 12 bytes: Rust sites carry their out-of-line target (as Linux's
+/// `__jump_table` entries carry theirs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeSite {
+    /// Self-relative: the site's first byte.
+    pub site: i32,
+    /// Self-relative: the out-of-line block a Rust site jumps to when enabled; 0 for C
+    /// sites (they call the dispatcher or trap).
+    pub target: i32,
+    /// Bits 0..=2: [`ProbeKind`]; bits 3..=7 reserved (0); bits 8..=31: probe index.
+    pub info: u32,
+}
+
+/// How a probe site is disabled and enabled.
+///
+/// | kind | disabled | enabled |
+/// |---|---|---|
+/// | `RustJmp` (`probe!`) | `0f 1f 44 00 00` (nop) | `e9 rel32` → out-of-line block |
+/// | `RustEnabled` (`probe_enabled!`) | `0f 1f 44 00 00` | `e9 rel32` → block setting `true` |
+/// | `CCall` (`call __dtrace_probe_*`) | `0f 1f 44 00 00` | `e8 rel32` → C dispatcher |
+/// | `CTail` (`jmp __dtrace_probe_*`) | `c3 90 90 90 90` (ret) | `cc 90 90 90 90`: int3 fires, then returns |
+/// | `CEnabled` (`call __dtraceenabled_*`) | `31 c0 0f 1f 00` (eax = 0) | `b8 01 00 00 00` (eax = 1) |
+/// | `CEnabledTail` (`jmp __dtraceenabled_*`) | `31 c0 c3 90 90` (return 0) | `31 c0 ff c0 c3` (return 1) |
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProbeKind {
+    /// A `probe!` site.
+    RustJmp,
+    /// A `probe_enabled!` site.
+    RustEnabled,
+    /// A C call of `__dtrace_probe_<provider>___<name>`.
+    CCall,
+    /// A C tail call (`jmp`) of `__dtrace_probe_…`.
+    CTail,
+    /// A C call of `__dtraceenabled_<provider>___<name>`.
+    CEnabled,
+    /// A C tail call of `__dtraceenabled_…`.
+    CEnabledTail,
+}
+
+impl ProbeKind {
+    /// The 3-bit encoding.
+    pub const fn bits(self) -> u32 {
+        match self {
+            ProbeKind::RustJmp => 0,
+            ProbeKind::RustEnabled => 1,
+            ProbeKind::CCall => 2,
+            ProbeKind::CTail => 3,
+            ProbeKind::CEnabled => 4,
+            ProbeKind::CEnabledTail => 5,
+        }
+    }
+
+    /// Decodes the 3-bit encoding.
+    pub const fn from_bits(b: u32) -> Option<ProbeKind> {
+        match b {
+            0 => Some(ProbeKind::RustJmp),
+            1 => Some(ProbeKind::RustEnabled),
+            2 => Some(ProbeKind::CCall),
+            3 => Some(ProbeKind::CTail),
+            4 => Some(ProbeKind::CEnabled),
+            5 => Some(ProbeKind::CEnabledTail),
+            _ => None,
+        }
+    }
+
+    /// Whether the site has an out-of-line target.
+    pub const fn is_rust(self) -> bool {
+        matches!(self, ProbeKind::RustJmp | ProbeKind::RustEnabled)
+    }
+
+    /// Whether it is an is-enabled check rather than a firing site.
+    pub const fn is_enabled_check(self) -> bool {
+        matches!(
+            self,
+            ProbeKind::RustEnabled | ProbeKind::CEnabled | ProbeKind::CEnabledTail
+        )
+    }
+
+    /// Short name for listings.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ProbeKind::RustJmp => "rust",
+            ProbeKind::RustEnabled => "rust-is-enabled",
+            ProbeKind::CCall => "c-call",
+            ProbeKind::CTail => "c-tail",
+            ProbeKind::CEnabled => "c-is-enabled",
+            ProbeKind::CEnabledTail => "c-is-enabled-tail",
+        }
+    }
 }
 
 /// The instruction at a site.
@@ -274,8 +390,6 @@ pub enum FormatError {
         /// The other.
         b: Part,
     },
-    /// Probe tables are reserved in format v1 and must be empty.
-    UnsupportedPart(Part),
     /// The string table does not end in NUL.
     StringTableUnterminated,
     /// A name offset points outside the string table.
@@ -334,6 +448,37 @@ pub enum FormatError {
         /// Index of the first site out of order.
         site: u32,
     },
+    /// A probe site's kind bits are invalid or reserved bits are set.
+    BadProbeSite {
+        /// Probe site index.
+        site: u32,
+    },
+    /// A probe site names a probe that does not exist.
+    ProbeIndexOutOfRange {
+        /// Probe site index.
+        site: u32,
+        /// The index it names.
+        probe: u32,
+        /// Number of probes.
+        count: u32,
+    },
+    /// Probe sites are not sorted and disjoint.
+    ProbeSitesUnsorted {
+        /// Index of the first site out of order.
+        site: u32,
+    },
+    /// A probe site, or a Rust site's out-of-line target, is not in an executable range.
+    ProbeSiteNotExecutable {
+        /// Probe site index.
+        site: u32,
+        /// The address.
+        addr: u64,
+    },
+    /// A probe descriptor declares more than six arguments, or has reserved flags set.
+    BadProbeDesc {
+        /// Probe index.
+        probe: u32,
+    },
     /// A site does not lie wholly inside one executable range.
     SiteNotExecutable {
         /// Site index.
@@ -382,9 +527,6 @@ impl fmt::Display for FormatError {
                 "{part} (offset {offset:#x}, count {count}) extend past the end of the table"
             ),
             FormatError::Overlap { a, b } => write!(f, "{a} overlap {b}"),
-            FormatError::UnsupportedPart(p) => {
-                write!(f, "{p} must be empty in table format v{VERSION}")
-            }
             FormatError::StringTableUnterminated => {
                 write!(f, "string table does not end with NUL")
             }
@@ -428,6 +570,27 @@ impl fmt::Display for FormatError {
                 f,
                 "ifunc site {site}: not after the previous site (sites must be sorted and disjoint)"
             ),
+            FormatError::BadProbeSite { site } => {
+                write!(f, "probe site {site}: invalid kind or reserved bits set")
+            }
+            FormatError::ProbeIndexOutOfRange { site, probe, count } => write!(
+                f,
+                "probe site {site}: names probe {probe}, but there are only {count}"
+            ),
+            FormatError::ProbeSitesUnsorted { site } => write!(
+                f,
+                "probe site {site}: not after the previous site (sites must be sorted and disjoint)"
+            ),
+            FormatError::ProbeSiteNotExecutable { site, addr } => write!(
+                f,
+                "probe site {site}: {addr:#x} is not inside an executable range"
+            ),
+            FormatError::BadProbeDesc { probe } => {
+                write!(
+                    f,
+                    "probe {probe}: more than 6 arguments or reserved flags set"
+                )
+            }
             FormatError::SiteNotExecutable { site, addr } => write!(
                 f,
                 "ifunc site {site} at {addr:#x} is not inside an executable range"
@@ -562,6 +725,56 @@ impl IfuncSite {
     }
 }
 
+impl ProbeDesc {
+    /// Decodes a descriptor (no validation).
+    pub fn read(b: &[u8]) -> ProbeDesc {
+        ProbeDesc {
+            provider: rd_u32(b, 0),
+            name: rd_u32(b, 4),
+            nargs: rd_u16(b, 8),
+            flags: rd_u16(b, 10),
+        }
+    }
+
+    /// Encodes the descriptor.
+    pub fn to_bytes(&self) -> [u8; PROBE_DESC_SIZE] {
+        let mut b = [0u8; PROBE_DESC_SIZE];
+        b[0..4].copy_from_slice(&self.provider.to_le_bytes());
+        b[4..8].copy_from_slice(&self.name.to_le_bytes());
+        b[8..10].copy_from_slice(&self.nargs.to_le_bytes());
+        b[10..12].copy_from_slice(&self.flags.to_le_bytes());
+        b
+    }
+}
+
+impl ProbeSite {
+    /// Decodes a probe site (no validation).
+    pub fn read(b: &[u8]) -> ProbeSite {
+        ProbeSite {
+            site: rd_i32(b, 0),
+            target: rd_i32(b, 4),
+            info: rd_u32(b, 8),
+        }
+    }
+
+    /// Encodes the probe site.
+    pub fn to_bytes(&self) -> [u8; PROBE_SITE_SIZE] {
+        let mut b = [0u8; PROBE_SITE_SIZE];
+        b[0..4].copy_from_slice(&self.site.to_le_bytes());
+        b[4..8].copy_from_slice(&self.target.to_le_bytes());
+        b[8..12].copy_from_slice(&self.info.to_le_bytes());
+        b
+    }
+
+    /// Packs `info`; `None` if the index does not fit in 24 bits.
+    pub const fn pack_info(kind: ProbeKind, probe: u32) -> Option<u32> {
+        if probe >= MAX_IFUNCS {
+            return None;
+        }
+        Some(kind.bits() | (probe << 8))
+    }
+}
+
 /// `address_of(field) + rel`, or `None` on overflow.
 pub fn resolve_rel(field_addr: u64, rel: i32) -> Option<u64> {
     field_addr.checked_add_signed(i64::from(rel))
@@ -638,6 +851,34 @@ impl Site {
     }
 }
 
+/// A decoded probe descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe<'a> {
+    /// Index in the table.
+    pub index: u32,
+    /// Provider.
+    pub provider: &'a str,
+    /// Name.
+    pub name: &'a str,
+    /// Declared argument count, or [`NARGS_UNKNOWN`].
+    pub nargs: u16,
+}
+
+/// A decoded probe site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PSite {
+    /// Index in the table.
+    pub index: u32,
+    /// Address of the 5-byte instruction.
+    pub addr: u64,
+    /// Out-of-line target (Rust sites), else 0.
+    pub target: u64,
+    /// The kind.
+    pub kind: ProbeKind,
+    /// Index of its probe.
+    pub probe: u32,
+}
+
 fn in_ranges(exec: &[Range<u64>], start: u64, len: u64) -> bool {
     let Some(end) = start.checked_add(len) else {
         return false;
@@ -706,8 +947,8 @@ impl<'a> Table<'a> {
         let parts = [
             (Part::Ifuncs, header.ifuncs, IFUNC_DESC_SIZE, 4u32),
             (Part::IfuncSites, header.ifunc_sites, IFUNC_SITE_SIZE, 4),
-            (Part::Probes, header.probes, 1, 1),
-            (Part::ProbeSites, header.probe_sites, 1, 1),
+            (Part::Probes, header.probes, PROBE_DESC_SIZE, 4),
+            (Part::ProbeSites, header.probe_sites, PROBE_SITE_SIZE, 4),
             (Part::Strings, header.strings, 1, 1),
         ];
         let mut spans = [(Part::Header, 0u32, HEADER_SIZE as u32); 6];
@@ -730,12 +971,6 @@ impl<'a> Table<'a> {
                 }
             }
         }
-        if header.probes.count != 0 {
-            return Err(FormatError::UnsupportedPart(Part::Probes));
-        }
-        if header.probe_sites.count != 0 {
-            return Err(FormatError::UnsupportedPart(Part::ProbeSites));
-        }
         if header.strings.count > 0 {
             let last = header.strings.offset as usize + header.strings.count as usize - 1;
             if bytes.get(last) != Some(&0) {
@@ -750,6 +985,7 @@ impl<'a> Table<'a> {
         };
         table.validate_ifuncs(exec)?;
         table.validate_sites(exec)?;
+        table.validate_probes(exec)?;
         Ok(table)
     }
 
@@ -811,6 +1047,137 @@ impl<'a> Table<'a> {
             prev_end = s.end();
         }
         Ok(())
+    }
+
+    fn validate_probes(&self, exec: &[Range<u64>]) -> Result<(), FormatError> {
+        for i in 0..self.header.probes.count {
+            let p = self.try_probe(i)?;
+            if p.nargs > 6 && p.nargs != NARGS_UNKNOWN {
+                return Err(FormatError::BadProbeDesc { probe: i });
+            }
+        }
+        let mut prev_end = 0u64;
+        for i in 0..self.header.probe_sites.count {
+            let s = self.try_psite(i)?;
+            if i > 0 && s.addr < prev_end {
+                return Err(FormatError::ProbeSitesUnsorted { site: i });
+            }
+            if !in_ranges(exec, s.addr, PROBE_SITE_LEN as u64) {
+                return Err(FormatError::ProbeSiteNotExecutable {
+                    site: i,
+                    addr: s.addr,
+                });
+            }
+            if s.kind.is_rust() && !in_ranges(exec, s.target, 1) {
+                return Err(FormatError::ProbeSiteNotExecutable {
+                    site: i,
+                    addr: s.target,
+                });
+            }
+            prev_end = s.addr + PROBE_SITE_LEN as u64;
+        }
+        Ok(())
+    }
+
+    fn try_probe(&self, i: u32) -> Result<Probe<'a>, FormatError> {
+        let off = self.header.probes.offset as usize + i as usize * PROBE_DESC_SIZE;
+        let d = ProbeDesc::read(&self.bytes[off..off + PROBE_DESC_SIZE]);
+        if d.flags != 0 {
+            return Err(FormatError::BadProbeDesc { probe: i });
+        }
+        Ok(Probe {
+            index: i,
+            provider: self.string(d.provider)?,
+            name: self.string(d.name)?,
+            nargs: d.nargs,
+        })
+    }
+
+    fn try_psite(&self, i: u32) -> Result<PSite, FormatError> {
+        let off = self.header.probe_sites.offset as usize + i as usize * PROBE_SITE_SIZE;
+        let e = ProbeSite::read(&self.bytes[off..off + PROBE_SITE_SIZE]);
+        let kind = ProbeKind::from_bits(e.info & 7).ok_or(FormatError::BadProbeSite { site: i })?;
+        if e.info & 0xf8 != 0 {
+            return Err(FormatError::BadProbeSite { site: i });
+        }
+        let probe = e.info >> 8;
+        if probe >= self.header.probes.count {
+            return Err(FormatError::ProbeIndexOutOfRange {
+                site: i,
+                probe,
+                count: self.header.probes.count,
+            });
+        }
+        let ovf = FormatError::AddressOverflow {
+            part: Part::ProbeSites,
+            index: i,
+        };
+        let addr = resolve_rel(self.field_addr(off), e.site).ok_or(ovf)?;
+        let target = if kind.is_rust() {
+            resolve_rel(self.field_addr(off + 4), e.target).ok_or(ovf)?
+        } else {
+            0
+        };
+        Ok(PSite {
+            index: i,
+            addr,
+            target,
+            kind,
+            probe,
+        })
+    }
+
+    /// Number of probes.
+    pub fn probe_count(&self) -> u32 {
+        self.header.probes.count
+    }
+
+    /// Number of probe sites.
+    pub fn probe_site_count(&self) -> u32 {
+        self.header.probe_sites.count
+    }
+
+    /// Probe `i`.
+    pub fn probe(&self, i: u32) -> Option<Probe<'a>> {
+        if i >= self.probe_count() {
+            return None;
+        }
+        self.try_probe(i).ok()
+    }
+
+    /// Probe site `i`.
+    pub fn probe_site(&self, i: u32) -> Option<PSite> {
+        if i >= self.probe_site_count() {
+            return None;
+        }
+        self.try_psite(i).ok()
+    }
+
+    /// All probes.
+    pub fn probes(&self) -> impl Iterator<Item = Probe<'a>> + '_ {
+        (0..self.probe_count()).filter_map(|i| self.probe(i))
+    }
+
+    /// All probe sites, in address order.
+    pub fn probe_sites(&self) -> impl Iterator<Item = PSite> + '_ {
+        (0..self.probe_site_count()).filter_map(|i| self.probe_site(i))
+    }
+
+    /// The probe site starting exactly at `addr` (binary search).
+    pub fn probe_site_at(&self, addr: u64) -> Option<PSite> {
+        let (mut lo, mut hi) = (0u32, self.probe_site_count());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let s = self.probe_site(mid)?;
+            if addr < s.addr {
+                hi = mid;
+            } else if addr > s.addr {
+                lo = mid + 1;
+            } else {
+                return Some(s);
+            }
+        }
+        None
     }
 
     fn field_addr(&self, offset: usize) -> u64 {

@@ -7,6 +7,8 @@
 //! * [`ifunc!`]: declares an ifunc (trampoline, slot, descriptor record).
 //! * [`patch`]: boot-time patching of ifunc call sites through a kernel-supplied [`TextPoker`].
 //! * [`cell`]: the table cell through which a linked image finds its own table.
+//! * [`probe`]: SDT probes (`probe!`, `probe_enabled!`, dtrace-style C probes), the
+//!   registry, and live enable/disable with the int3 protocol.
 //!
 //! The build tool (`ksites embed`) writes the table; a kernel calls [`cell::image_table`]
 //! and [`patch::init`] once at boot.
@@ -22,6 +24,7 @@ pub mod cpu;
 pub mod format;
 pub mod ifunc;
 pub mod patch;
+pub mod probe;
 
 pub use cpu::CpuFeatures;
 pub use patch::{InitReport, PatchError, PokeError, TextPoker};

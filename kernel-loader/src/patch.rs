@@ -77,7 +77,8 @@ pub struct InsnBytes {
 }
 
 impl InsnBytes {
-    fn new(src: &[u8]) -> InsnBytes {
+    /// Up to the first eight bytes of `src`.
+    pub fn new(src: &[u8]) -> InsnBytes {
         let mut bytes = [0u8; 8];
         let len = src.len().min(8);
         bytes[..len].copy_from_slice(&src[..len]);

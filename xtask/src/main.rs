@@ -42,7 +42,11 @@ fn main() -> anyhow::Result<()> {
     let root = project_root();
     sh.change_dir(&root);
     match cli.command {
-        Command::Qemu(args) => qemu::run(&sh, &root, &args),
+        Command::Qemu(args) => {
+            let passed = qemu::run(&sh, &root, &args)?;
+            println!("xtask: {passed} passed, 0 failed");
+            Ok(())
+        }
         Command::Test => test::run(&sh, &root),
     }
 }

@@ -69,7 +69,9 @@ impl Paths {
     }
 }
 
-pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<()> {
+/// Builds, embeds, cross-checks and boots; returns the number of in-kernel tests that
+/// passed, summed over the CPU models.
+pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
     let paths = Paths::new(root);
     install_tools(sh, &paths)?;
     if args.no_build {
@@ -168,7 +170,7 @@ struct Run {
     elapsed: Duration,
 }
 
-fn boot_all(image: &Path, args: &QemuArgs) -> Result<()> {
+fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
     let models: Vec<String> = if args.cpus.is_empty() {
         DEFAULT_CPUS.iter().map(|m| (*m).to_owned()).collect()
     } else {
@@ -218,7 +220,7 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<()> {
         None => println!("cross-model check skipped (needs both qemu64 and max)"),
     }
     if failures.is_empty() {
-        Ok(())
+        Ok(runs.iter().map(|r| r.verdict.passed.unwrap_or(0)).sum())
     } else {
         bail!("qemu runs failed:\n  {}", failures.join("\n  "))
     }

@@ -38,14 +38,17 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     }
 
     heading("test");
-    cmd!(sh, "cargo test --workspace")
-        .run()
-        .context("test: host tests failed (`cargo test --workspace`)")?;
+    println!("$ cargo test --workspace");
+    let host = host_tests(root).context("test: host tests failed (`cargo test --workspace`)")?;
 
     heading("qemu");
-    qemu::run(sh, root, &QemuArgs::default()).context("qemu: the test kernel runs failed")?;
+    let kernel =
+        qemu::run(sh, root, &QemuArgs::default()).context("qemu: the test kernel runs failed")?;
 
-    println!("\nxtask test: all steps passed");
+    println!(
+        "\nxtask test: all steps passed ({host} host tests, {kernel} in-kernel tests over all CPU models)"
+    );
+    println!("xtask: {} passed, 0 failed", host + kernel);
     Ok(())
 }
 
@@ -57,4 +60,57 @@ fn in_dir<'a>(sh: &'a Shell, dir: &Path) -> xshell::PushDir<'a> {
 
 fn heading(step: &str) {
     println!("\n==> {step}");
+}
+
+/// Runs `cargo test --workspace`, echoing its output, and returns the number of tests
+/// that passed (summed over every `test result:` line).
+fn host_tests(root: &Path) -> Result<u32> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new("cargo")
+        .args(["test", "--workspace", "--color", "never"])
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run cargo")?;
+    let mut passed = 0;
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        passed += count_passed(&line);
+    }
+    let status = child.wait()?;
+    anyhow::ensure!(status.success(), "cargo test exited with {status}");
+    Ok(passed)
+}
+
+/// `test result: ok. 5 passed; 0 failed; ...` → 5; other lines → 0.
+fn count_passed(line: &str) -> u32 {
+    line.strip_prefix("test result: ")
+        .and_then(|r| r.split(". ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_passed;
+
+    #[test]
+    fn counts_cargo_test_summaries() {
+        assert_eq!(
+            count_passed(
+                "test result: ok. 17 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s"
+            ),
+            17
+        );
+        assert_eq!(
+            count_passed("test result: ok. 0 passed; 0 failed; 2 ignored"),
+            0
+        );
+        assert_eq!(count_passed("running 5 tests"), 0);
+    }
 }

@@ -7,41 +7,12 @@ use core::ops::Range;
 
 use kernel_loader::arch::x86_64::cpuid;
 use kernel_loader::format::{SiteKind, Table};
-use kernel_loader::patch::{self, PatchError, PokeError, TextPoker};
+use kernel_loader::patch::{self, PatchError};
 use kernel_loader::{CpuFeatures, cell};
 
 use crate::harness::{Harness, Msg};
+use crate::poker::WpPoker;
 use crate::{ensure, msg, paging, println};
-
-/// Boot-time poker: a single CPU runs, so clearing CR0.WP around plain writes is enough.
-struct BootPoker {
-    writes: usize,
-}
-
-impl TextPoker for BootPoker {
-    fn begin(&mut self) -> Result<(), PokeError> {
-        paging::set_write_protect(false);
-        Ok(())
-    }
-
-    unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
-        for (i, &b) in bytes.iter().enumerate() {
-            // SAFETY: the engine only writes inside validated sites in mapped text, and
-            // CR0.WP is clear (begin), so the read-only mapping accepts the write.
-            unsafe { core::ptr::write_volatile((addr as usize + i) as *mut u8, b) };
-        }
-        self.writes += 1;
-        Ok(())
-    }
-
-    fn sync_cores(&mut self) {
-        crate::cpu::serialize();
-    }
-
-    fn end(&mut self) {
-        paging::set_write_protect(true);
-    }
-}
 
 /// What raw CPUID (not `CpuFeatures`) says each ifunc should pick.
 struct RawChoice {
@@ -418,9 +389,9 @@ pub fn run(h: &mut Harness) {
     );
 
     let features = CpuFeatures::detect();
-    let mut poker = BootPoker { writes: 0 };
+    let mut poker = WpPoker::default();
     // SAFETY: one CPU runs; the table describes this image and its resolvers are
-    // `ifunc!` adapters; BootPoker writes only where the engine asks.
+    // `ifunc!` adapters; WpPoker writes only where the engine asks.
     let r = unsafe { patch::init(&table, &exec, &features, &mut poker) };
     h.check(
         "ifunc_init_patches_every_site",
@@ -457,7 +428,7 @@ pub fn run(h: &mut Harness) {
     );
 
     let before = sites_digest(&table);
-    let mut poker = BootPoker { writes: 0 };
+    let mut poker = WpPoker::default();
     // SAFETY: as above; the engine must refuse: the sites are patched (and the slots
     // resolved, unless the default was chosen).
     let again = unsafe { patch::init(&table, &exec, &features, &mut poker) };

@@ -1,7 +1,7 @@
 //! The ksites test kernel.
 //!
 //! QEMU loads it with `-kernel` through its PVH note ([`boot`]); it sets up the CPU,
-//! COM1, exceptions and its own W^X page tables, then runs the ifunc tests and its own
+//! COM1, exceptions and its own W^X page tables, then runs the ifunc and probe tests and its own
 //! infrastructure self-tests, printing one line per test and `N passed, M failed`, and
 //! exits QEMU through isa-debug-exit (33 = success, 35 = failure).
 #![no_std]
@@ -14,6 +14,8 @@ pub mod harness;
 pub mod idt;
 pub mod ifunc_tests;
 pub mod paging;
+pub mod poker;
+pub mod probe_tests;
 mod selftest;
 pub mod serial;
 
@@ -41,6 +43,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
 
     let mut harness = Harness::new();
     ifunc_tests::run(&mut harness);
+    probe_tests::run(&mut harness);
     selftest::run(&mut harness);
     harness.finish()
 }

@@ -321,6 +321,7 @@ pub extern "C" fn memcpy_tail(dst: *mut u8, src: *const u8, n: usize) -> *mut u8
 /// Number of set bits in a bitmap: a call site in a loop.
 #[inline(never)]
 pub fn bitmap_weight(words: &[u64]) -> u64 {
+    kernel_loader::probe!(kfuncs, bitmap, words.len());
     let mut w = 0u64;
     for &x in words {
         w += u64::from(popcount(x));

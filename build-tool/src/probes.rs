@@ -1,0 +1,386 @@
+//! Probe discovery: `probe!`/`probe_enabled!` site records, and dtrace-style C probe
+//! calls (`call`/`jmp __dtrace_probe_<provider>___<name>` and
+//! `__dtraceenabled_<provider>___<name>`), which are rewritten into their disabled form.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Context, Result, bail, ensure};
+use kernel_loader::arch::x86_64::NOP5;
+use kernel_loader::format::{NARGS_UNKNOWN, ProbeKind, SiteKind};
+use kernel_loader::probe::{
+    C_ENABLED_OFF, C_ENABLED_TAIL_OFF, C_TAIL_OFF, PROBE_RECORD_MAGIC, RECORD_NARGS_NONE,
+    SITE_RECORD_MAGIC, SITE_RECORD_SECTION, SITE_RECORD_SIZE, record,
+};
+use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+
+use crate::elf::{ElfKind, Image};
+use crate::sites::find_sites;
+use crate::table::{ProbeEntry, ProbeSiteEntry};
+
+/// Section of C probe declarations (`KSITES_PROBE_DECL` in `ksites_sdt.h`).
+pub const DECL_SECTION: &str = ".ksites_probe_decls";
+/// First word of a C declaration record ("KSPD").
+pub const DECL_MAGIC: u32 = u32::from_le_bytes(*b"KSPD");
+/// Prefix of C probe functions.
+pub const C_PROBE_PREFIX: &str = "__dtrace_probe_";
+/// Prefix of C is-enabled functions.
+pub const C_ENABLED_PREFIX: &str = "__dtraceenabled_";
+
+/// One probe site found, for reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundProbeSite {
+    /// Address.
+    pub addr: u64,
+    /// Kind.
+    pub kind: ProbeKind,
+    /// Probe index.
+    pub probe: u32,
+    /// `function+0xoff`.
+    pub location: String,
+}
+
+/// Everything the probe scan produces.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeScan {
+    /// Probes, sorted by provider then name (their index is their id).
+    pub probes: Vec<ProbeEntry>,
+    /// Sites for the table.
+    pub sites: Vec<ProbeSiteEntry>,
+    /// Sites with locations, sorted by address.
+    pub found: Vec<FoundProbeSite>,
+    /// `probe!` records whose id field must be set: (record address, id).
+    pub record_ids: Vec<(u64, u32)>,
+    /// C call sites to rewrite into their disabled form: (address, bytes).
+    pub rewrites: Vec<(u64, [u8; 5])>,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn read_str(img: &Image<'_>, ptr: u64, len: u64, what: &str) -> Result<String> {
+    let b = img
+        .read_va(ptr, len)
+        .with_context(|| format!("{}: {what} string at {ptr:#x} is not in the file", img.path))?;
+    Ok(std::str::from_utf8(b)
+        .with_context(|| format!("{}: {what} at {ptr:#x} is not UTF-8", img.path))?
+        .to_string())
+}
+
+/// Splits `__dtrace_probe_net___rx` into ("net", "rx").
+pub fn split_c_probe(sym: &str) -> Option<(bool, &str, &str)> {
+    let (enabled, rest) = if let Some(r) = sym.strip_prefix(C_PROBE_PREFIX) {
+        (false, r)
+    } else {
+        (true, sym.strip_prefix(C_ENABLED_PREFIX)?)
+    };
+    let (prov, name) = rest.split_once("___")?;
+    if prov.is_empty() || name.is_empty() {
+        return None;
+    }
+    Some((enabled, prov, name))
+}
+
+struct Pending {
+    addr: u64,
+    target: u64,
+    kind: ProbeKind,
+    key: (String, String),
+    rec: Option<u64>,
+}
+
+/// Finds every probe site in a linked image.
+pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
+    let mut pending: Vec<Pending> = Vec::new();
+    // (provider, name) -> declared nargs
+    let mut nargs: BTreeMap<(String, String), Option<u32>> = BTreeMap::new();
+    let mut declare = |key: &(String, String), n: Option<u32>, path: &str| -> Result<()> {
+        let e = nargs.entry(key.clone()).or_insert(None);
+        match (*e, n) {
+            (Some(a), Some(b)) if a != b => bail!(
+                "{path}: probe {}:{} is declared with {a} and with {b} arguments",
+                key.0,
+                key.1
+            ),
+            (None, Some(b)) => *e = Some(b),
+            _ => {}
+        }
+        Ok(())
+    };
+
+    // 1. `probe!` / `probe_enabled!` records.
+    if let Some(sec) = img.section_by_name(SITE_RECORD_SECTION) {
+        ensure!(
+            img.kind == ElfKind::Exec,
+            "{}: probe records can only be read from ET_EXEC images so far",
+            img.path
+        );
+        let data = sec.data()?;
+        let mut off = 0;
+        while off < data.len() {
+            if data.len() - off >= 8 && u64_at(data, off) == 0 {
+                off += 8;
+                continue;
+            }
+            ensure!(
+                data.len() - off >= SITE_RECORD_SIZE,
+                "{}: {SITE_RECORD_SECTION}+{off:#x}: truncated probe site record",
+                img.path
+            );
+            let r = &data[off..off + SITE_RECORD_SIZE];
+            ensure!(
+                u32_at(r, 0) == SITE_RECORD_MAGIC,
+                "{}: {SITE_RECORD_SECTION}+{off:#x}: bad probe site record magic",
+                img.path
+            );
+            let kind = match u32_at(r, 4) {
+                0 => ProbeKind::RustJmp,
+                1 => ProbeKind::RustEnabled,
+                k => bail!(
+                    "{}: {SITE_RECORD_SECTION}+{off:#x}: unknown probe site kind {k}",
+                    img.path
+                ),
+            };
+            let (site, target, rec) = (u64_at(r, 8), u64_at(r, 16), u64_at(r, 24));
+            let rb = img.read_va(rec, record::SIZE as u64).with_context(|| {
+                format!("{}: probe record at {rec:#x} is not in the file", img.path)
+            })?;
+            ensure!(
+                u32_at(rb, 0) == PROBE_RECORD_MAGIC,
+                "{}: probe record at {rec:#x} has bad magic (kernel-loader version mismatch?)",
+                img.path
+            );
+            let n = u32_at(rb, 4);
+            let provider = read_str(
+                img,
+                u64_at(rb, record::PROVIDER),
+                u64_at(rb, record::PROVIDER_LEN),
+                "provider",
+            )?;
+            let name = read_str(
+                img,
+                u64_at(rb, record::NAME),
+                u64_at(rb, record::NAME_LEN),
+                "name",
+            )?;
+            let bytes = img.read_va(site, 5).with_context(|| {
+                format!("{}: probe site {site:#x} is not in the file", img.path)
+            })?;
+            ensure!(
+                bytes == NOP5,
+                "{}: probe site {site:#x} ({provider}:{name}) holds {bytes:02x?}, expected the 5-byte NOP",
+                img.path
+            );
+            let key = (provider, name);
+            declare(&key, (n != RECORD_NARGS_NONE).then_some(n), &img.path)?;
+            pending.push(Pending {
+                addr: site,
+                target,
+                kind,
+                key,
+                rec: Some(rec),
+            });
+            off += SITE_RECORD_SIZE;
+        }
+    }
+
+    // 2. C declarations (argument counts).
+    if let Some(sec) = img.section_by_name(DECL_SECTION) {
+        let data = sec.data()?;
+        let mut off = 0;
+        while off + 40 <= data.len() {
+            if u64_at(data, off) == 0 {
+                off += 8;
+                continue;
+            }
+            let r = &data[off..off + 40];
+            ensure!(
+                u32_at(r, 0) == DECL_MAGIC,
+                "{}: {DECL_SECTION}+{off:#x}: bad magic",
+                img.path
+            );
+            let n = u32_at(r, 4);
+            let prov = read_str(img, u64_at(r, 8), u64_at(r, 16), "provider")?;
+            let name = read_str(img, u64_at(r, 24), u64_at(r, 32), "name")?;
+            ensure!(
+                n <= 6,
+                "{}: C probe {prov}:{name} declares {n} arguments (at most 6)",
+                img.path
+            );
+            declare(&(prov, name), Some(n), &img.path)?;
+            off += 40;
+        }
+    }
+
+    // 3. C probe calls, found like ifunc sites: relocations to the probe functions.
+    let mut c_syms: Vec<(u64, bool, String, String, String)> = Vec::new();
+    for s in img.file.symbols() {
+        let Ok(n) = s.name() else { continue };
+        if s.kind() != SymbolKind::Text || s.section_index().is_none() {
+            continue;
+        }
+        if let Some((enabled, prov, name)) = split_c_probe(n) {
+            c_syms.push((
+                s.address(),
+                enabled,
+                prov.to_string(),
+                name.to_string(),
+                n.to_string(),
+            ));
+        }
+    }
+    c_syms.sort();
+    c_syms.dedup();
+    let mut targets: HashMap<u64, usize> = HashMap::new();
+    for (i, c) in c_syms.iter().enumerate() {
+        if let Some(&j) = targets.get(&c.0) {
+            bail!(
+                "{}: probe functions {} and {} share address {:#x}; cannot tell their calls apart \
+                 (identical code folding?)",
+                img.path,
+                c_syms[j].4,
+                c.4,
+                c.0
+            );
+        }
+        targets.insert(c.0, i);
+    }
+    if !targets.is_empty() {
+        ensure!(
+            img.kind == ElfKind::Exec,
+            "{}: C probes can only be rewritten in ET_EXEC images so far",
+            img.path
+        );
+        let scan = find_sites(img, &targets)?;
+        if let Some(r) = scan.other_refs.first() {
+            bail!(
+                "{}: {} at {:#x} in {} references probe function {}: not a call this tool can \
+                 rewrite safely",
+                img.path,
+                r.what,
+                r.addr,
+                r.location,
+                c_syms[r.target].4
+            );
+        }
+        for s in &scan.sites {
+            let c = &c_syms[s.target];
+            if s.prefixes != 0 || s.kind == SiteKind::Jcc || s.len != 5 {
+                bail!(
+                    "{}: {} section {}+{:#x} in {}: {} to probe function {} is {} bytes{}; only a \
+                     plain 5-byte call or jmp can be rewritten safely",
+                    img.path,
+                    s.kind.name(),
+                    s.section,
+                    s.section_offset,
+                    s.location,
+                    s.kind.name(),
+                    c.4,
+                    s.len,
+                    if s.prefixes != 0 {
+                        " with prefixes"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            let kind = match (c.1, s.kind) {
+                (false, SiteKind::Call) => ProbeKind::CCall,
+                (false, _) => ProbeKind::CTail,
+                (true, SiteKind::Call) => ProbeKind::CEnabled,
+                (true, _) => ProbeKind::CEnabledTail,
+            };
+            let key = (c.2.clone(), c.3.clone());
+            nargs.entry(key.clone()).or_insert(None);
+            pending.push(Pending {
+                addr: s.addr,
+                target: 0,
+                kind,
+                key,
+                rec: None,
+            });
+        }
+    }
+
+    // 4. Number the probes (sorted by provider, name) and build the outputs.
+    let mut scan = ProbeScan::default();
+    let mut index: BTreeMap<(String, String), u32> = BTreeMap::new();
+    for (i, (key, n)) in nargs.iter().enumerate() {
+        index.insert(key.clone(), i as u32);
+        scan.probes.push(ProbeEntry {
+            provider: key.0.clone(),
+            name: key.1.clone(),
+            nargs: n.map_or(NARGS_UNKNOWN, |n| n as u16),
+        });
+    }
+    pending.sort_by_key(|p| p.addr);
+    for w in pending.windows(2) {
+        ensure!(
+            w[0].addr + 5 <= w[1].addr,
+            "{}: probe sites at {:#x} and {:#x} overlap",
+            img.path,
+            w[0].addr,
+            w[1].addr
+        );
+    }
+    for p in pending {
+        let id = index[&p.key];
+        if let Some(rec) = p.rec {
+            scan.record_ids.push((rec, id));
+        }
+        let disabled = match p.kind {
+            ProbeKind::RustJmp | ProbeKind::RustEnabled => None,
+            ProbeKind::CCall => Some(NOP5),
+            ProbeKind::CTail => Some(C_TAIL_OFF),
+            ProbeKind::CEnabled => Some(C_ENABLED_OFF),
+            ProbeKind::CEnabledTail => Some(C_ENABLED_TAIL_OFF),
+        };
+        if let Some(b) = disabled {
+            scan.rewrites.push((p.addr, b));
+        }
+        let location = img
+            .file
+            .sections()
+            .find(|s| s.address() <= p.addr && p.addr < s.address() + s.size())
+            .map(|s| img.describe(s.index(), p.addr))
+            .unwrap_or_default();
+        scan.found.push(FoundProbeSite {
+            addr: p.addr,
+            kind: p.kind,
+            probe: id,
+            location,
+        });
+        scan.sites.push(ProbeSiteEntry {
+            addr: p.addr,
+            target: p.target,
+            kind: p.kind,
+            probe: id,
+        });
+    }
+    scan.record_ids.sort();
+    scan.record_ids.dedup();
+    Ok(scan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_c_probe;
+
+    #[test]
+    fn c_probe_names() {
+        assert_eq!(
+            split_c_probe("__dtrace_probe_net___rx"),
+            Some((false, "net", "rx"))
+        );
+        assert_eq!(
+            split_c_probe("__dtraceenabled_io___start_req"),
+            Some((true, "io", "start_req"))
+        );
+        assert_eq!(split_c_probe("__dtrace_probe_net"), None);
+        assert_eq!(split_c_probe("memcpy"), None);
+    }
+}

@@ -1,0 +1,757 @@
+//! SDT probes: the `probe!` / `probe_enabled!` macros, the registry, the dispatchers, and
+//! live enable/disable with the int3 protocol.
+//!
+//! A disabled probe site is one 5-byte instruction that does nothing (see
+//! [`ProbeKind`] for every form). Enabling a probe rewrites all its sites in one batch:
+//!
+//! 1. check that every site holds exactly its disabled bytes (else nothing is written);
+//! 2. publish the new state, so a CPU that traps on a half-written site is emulated
+//!    into the *new* instruction by [`handle_int3`];
+//! 3. write `cc` at every site, serialize all CPUs; write bytes 1..5, serialize; write
+//!    byte 0, serialize: three rounds of IPIs per batch, not per site;
+//! 4. wait until no CPU is still inside [`handle_int3`].
+//!
+//! A failed write rolls every site of the batch back with the same protocol.
+//!
+//! The int3 handler reads only the registered table and the static per-probe state,
+//! which live as long as the image; a counter of CPUs inside the handler lets a batch
+//! (and, later, module unload) wait for them to leave. There is no per-batch descriptor
+//! to be freed or cleared under a running handler (the bug Linux shipped twice).
+
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::arch::x86_64::{CALL_REL32, JMP_REL32, NOP5, rel32};
+use crate::format::{PROBE_SITE_LEN, PSite, ProbeKind, Table};
+use crate::patch::{InsnBytes, PokeError, TextPoker};
+
+/// Most probes the registry holds.
+pub const MAX_PROBES: usize = 1024;
+
+/// Section holding one record per `probe!`/`probe_enabled!` site.
+pub const SITE_RECORD_SECTION: &str = ".ksites_probe_sites";
+/// First word of a site record ("KSSP").
+pub const SITE_RECORD_MAGIC: u32 = u32::from_le_bytes(*b"KSSP");
+/// Size of a site record: `u32 magic, u32 kind (0 probe!, 1 probe_enabled!), u64 site,
+/// u64 out-of-line target, u64 probe record`.
+pub const SITE_RECORD_SIZE: usize = 32;
+/// First word of a [`ProbeRecord`] ("KSPR").
+pub const PROBE_RECORD_MAGIC: u32 = u32::from_le_bytes(*b"KSPR");
+/// `nargs` of a record that comes from `probe_enabled!` (no arguments declared).
+pub const RECORD_NARGS_NONE: u32 = u32::MAX;
+/// Value of [`ProbeRecord`]'s id before `ksites embed` assigns one.
+pub const UNASSIGNED: u32 = u32::MAX;
+
+/// Byte offsets of [`ProbeRecord`]'s fields (the build tool reads and patches them).
+pub mod record {
+    /// `*const u8` provider.
+    pub const PROVIDER: usize = 8;
+    /// `usize` provider length.
+    pub const PROVIDER_LEN: usize = 16;
+    /// `*const u8` name.
+    pub const NAME: usize = 24;
+    /// `usize` name length.
+    pub const NAME_LEN: usize = 32;
+    /// `u32` probe id, written by `ksites embed`.
+    pub const ID: usize = 40;
+    /// Size of the record.
+    pub const SIZE: usize = 48;
+}
+
+/// Per-`probe!` static: the probe's name and argument count, and its id in the image's
+/// table, which `ksites embed` writes into the image.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ProbeRecord {
+    magic: u32,
+    nargs: u32,
+    provider: *const u8,
+    provider_len: usize,
+    name: *const u8,
+    name_len: usize,
+    id: AtomicU32,
+    _pad: u32,
+}
+
+// SAFETY: the pointers refer to `'static` string literals and are only read; `id` is
+// atomic.
+unsafe impl Sync for ProbeRecord {}
+
+impl ProbeRecord {
+    /// A record for `provider:name` with `nargs` arguments.
+    pub const fn new(provider: &'static str, name: &'static str, nargs: u32) -> ProbeRecord {
+        ProbeRecord {
+            magic: PROBE_RECORD_MAGIC,
+            nargs,
+            provider: provider.as_ptr(),
+            provider_len: provider.len(),
+            name: name.as_ptr(),
+            name_len: name.len(),
+            id: AtomicU32::new(UNASSIGNED),
+            _pad: 0,
+        }
+    }
+
+    /// The probe id `ksites embed` assigned, if any.
+    pub fn id(&self) -> Option<ProbeId> {
+        match self.id.load(Ordering::Relaxed) {
+            UNASSIGNED => None,
+            id => Some(ProbeId(id)),
+        }
+    }
+}
+
+/// A probe, by its index in the image's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProbeId(pub u32);
+
+/// Called with the probe's id and its arguments (unused ones are 0).
+pub type Handler = fn(ProbeId, &[u64; 6]);
+
+struct ProbeState {
+    enabled: AtomicBool,
+    handler: AtomicUsize,
+    hits: AtomicU64,
+}
+
+impl ProbeState {
+    const fn new() -> ProbeState {
+        ProbeState {
+            enabled: AtomicBool::new(false),
+            handler: AtomicUsize::new(0),
+            hits: AtomicU64::new(0),
+        }
+    }
+}
+
+static STATES: [ProbeState; MAX_PROBES] = [const { ProbeState::new() }; MAX_PROBES];
+static IMAGE: spin::Once<Table<'static>> = spin::Once::new();
+static CONTROL: spin::Mutex<()> = spin::Mutex::new(());
+static IN_INT3: AtomicU32 = AtomicU32::new(0);
+static INT3_EMULATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Why a registry operation failed. On every error, no site is left changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeError {
+    /// [`register_image`] has not run.
+    NotRegistered,
+    /// [`register_image`] already ran.
+    AlreadyRegistered,
+    /// The table has more probes than [`MAX_PROBES`].
+    TooManyProbes(u32),
+    /// No probe with this id.
+    NoSuchProbe(ProbeId),
+    /// A site does not hold the bytes its state calls for.
+    UnexpectedBytes {
+        /// Site address.
+        site: u64,
+        /// The probe's id.
+        probe: ProbeId,
+        /// Expected bytes.
+        expected: InsnBytes,
+        /// Found bytes.
+        found: InsnBytes,
+    },
+    /// An enabled form cannot reach its target with a rel32.
+    OutOfReach {
+        /// Site address.
+        site: u64,
+        /// Target.
+        target: u64,
+    },
+    /// The kernel's poker failed; every site of the batch was restored.
+    Poke(PokeError),
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeError::NotRegistered => write!(f, "no probe table registered"),
+            ProbeError::AlreadyRegistered => {
+                write!(f, "the image's probe table is already registered")
+            }
+            ProbeError::TooManyProbes(n) => {
+                write!(
+                    f,
+                    "{n} probes exceed the registry's capacity of {MAX_PROBES}"
+                )
+            }
+            ProbeError::NoSuchProbe(id) => write!(f, "no probe with id {}", id.0),
+            ProbeError::UnexpectedBytes {
+                site,
+                probe,
+                expected,
+                found,
+            } => write!(
+                f,
+                "probe {} site {site:#x}: expected bytes [{expected}], found [{found}]",
+                probe.0
+            ),
+            ProbeError::OutOfReach { site, target } => {
+                write!(
+                    f,
+                    "probe site {site:#x} cannot reach {target:#x} with a rel32"
+                )
+            }
+            ProbeError::Poke(e) => write!(f, "{e} (batch rolled back)"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for ProbeError {}
+
+/// The 5 bytes a site holds in state `on`.
+pub fn site_bytes(s: &PSite, on: bool) -> Result<[u8; 5], ProbeError> {
+    let branch = |op: u8, target: u64| -> Result<[u8; 5], ProbeError> {
+        let r = rel32(s.addr + PROBE_SITE_LEN as u64, target).ok_or(ProbeError::OutOfReach {
+            site: s.addr,
+            target,
+        })?;
+        let r = r.to_le_bytes();
+        Ok([op, r[0], r[1], r[2], r[3]])
+    };
+    Ok(match (s.kind, on) {
+        (ProbeKind::RustJmp | ProbeKind::RustEnabled | ProbeKind::CCall, false) => NOP5,
+        (ProbeKind::RustJmp | ProbeKind::RustEnabled, true) => branch(JMP_REL32, s.target)?,
+        (ProbeKind::CCall, true) => branch(CALL_REL32, c_entry_addr())?,
+        (ProbeKind::CTail, false) => C_TAIL_OFF,
+        (ProbeKind::CTail, true) => C_TAIL_ON,
+        (ProbeKind::CEnabled, false) => C_ENABLED_OFF,
+        (ProbeKind::CEnabled, true) => C_ENABLED_ON,
+        (ProbeKind::CEnabledTail, false) => C_ENABLED_TAIL_OFF,
+        (ProbeKind::CEnabledTail, true) => C_ENABLED_TAIL_ON,
+    })
+}
+
+/// Disabled C tail call: `ret`, then NOPs.
+pub const C_TAIL_OFF: [u8; 5] = [0xc3, 0x90, 0x90, 0x90, 0x90];
+/// Enabled C tail call: `int3` (fires, then emulates `ret`), then NOPs.
+pub const C_TAIL_ON: [u8; 5] = [0xcc, 0x90, 0x90, 0x90, 0x90];
+/// Disabled is-enabled check: `xor eax, eax; nopl (%rax)`.
+pub const C_ENABLED_OFF: [u8; 5] = [0x31, 0xc0, 0x0f, 0x1f, 0x00];
+/// Enabled is-enabled check: `mov eax, 1`.
+pub const C_ENABLED_ON: [u8; 5] = [0xb8, 0x01, 0x00, 0x00, 0x00];
+/// Disabled is-enabled tail call: `xor eax, eax; ret; nop; nop`.
+pub const C_ENABLED_TAIL_OFF: [u8; 5] = [0x31, 0xc0, 0xc3, 0x90, 0x90];
+/// Enabled is-enabled tail call: `xor eax, eax; inc eax; ret`.
+pub const C_ENABLED_TAIL_ON: [u8; 5] = [0x31, 0xc0, 0xff, 0xc0, 0xc3];
+
+fn table() -> Result<&'static Table<'static>, ProbeError> {
+    IMAGE.get().ok_or(ProbeError::NotRegistered)
+}
+
+fn read5<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> [u8; 5] {
+    let mut b = [0u8; 5];
+    // SAFETY: probe sites were validated to lie in the image's executable ranges.
+    unsafe { poker.read(addr, &mut b) };
+    b
+}
+
+/// Registers the image's table: checks every probe site holds its disabled form.
+/// Call once at boot (after [`crate::patch::init`] or before: they touch different
+/// sites). Returns the number of probes.
+pub fn register_image<P: TextPoker + ?Sized>(
+    table: Table<'static>,
+    poker: &P,
+) -> Result<u32, ProbeError> {
+    let _g = CONTROL.lock();
+    if IMAGE.get().is_some() {
+        return Err(ProbeError::AlreadyRegistered);
+    }
+    if table.probe_count() as usize > MAX_PROBES {
+        return Err(ProbeError::TooManyProbes(table.probe_count()));
+    }
+    for s in table.probe_sites() {
+        let want = site_bytes(&s, false)?;
+        let found = read5(poker, s.addr);
+        if found != want {
+            return Err(ProbeError::UnexpectedBytes {
+                site: s.addr,
+                probe: ProbeId(s.probe),
+                expected: InsnBytes::new(&want),
+                found: InsnBytes::new(&found),
+            });
+        }
+    }
+    let n = table.probe_count();
+    IMAGE.call_once(|| table);
+    Ok(n)
+}
+
+/// What the registry knows about a probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeInfo {
+    /// Its id.
+    pub id: ProbeId,
+    /// Provider.
+    pub provider: &'static str,
+    /// Name.
+    pub name: &'static str,
+    /// Declared argument count, or `NARGS_UNKNOWN`.
+    pub nargs: u16,
+    /// Number of sites (firing and is-enabled).
+    pub sites: u32,
+    /// Times it fired while enabled.
+    pub hits: u64,
+    /// Whether it is enabled.
+    pub enabled: bool,
+}
+
+/// Information about probe `id`.
+pub fn info(id: ProbeId) -> Option<ProbeInfo> {
+    let t = IMAGE.get()?;
+    let p = t.probe(id.0)?;
+    let st = &STATES[id.0 as usize];
+    Some(ProbeInfo {
+        id,
+        provider: p.provider,
+        name: p.name,
+        nargs: p.nargs,
+        sites: t.probe_sites().filter(|s| s.probe == id.0).count() as u32,
+        hits: st.hits.load(Ordering::Relaxed),
+        enabled: st.enabled.load(Ordering::Relaxed),
+    })
+}
+
+/// Number of registered probes.
+pub fn count() -> u32 {
+    IMAGE.get().map_or(0, |t| t.probe_count())
+}
+
+/// The probe named `provider:name`.
+pub fn lookup(spec: &str) -> Option<ProbeId> {
+    let (prov, name) = spec.split_once(':')?;
+    IMAGE
+        .get()?
+        .probes()
+        .find(|p| p.provider == prov && p.name == name)
+        .map(|p| ProbeId(p.index))
+}
+
+/// Every probe whose `provider:name` matches `glob` (`*` any run, `?` one character).
+pub fn matching(glob: &str) -> impl Iterator<Item = ProbeId> + '_ {
+    IMAGE
+        .get()
+        .into_iter()
+        .flat_map(|t| t.probes())
+        .filter(move |p| glob_match(glob, p.provider, p.name))
+        .map(|p| ProbeId(p.index))
+}
+
+/// Matches `provider:name` against `glob` without allocating.
+pub fn glob_match(glob: &str, provider: &str, name: &str) -> bool {
+    // Iterate over the virtual string provider ':' name.
+    let text = provider
+        .bytes()
+        .chain(core::iter::once(b':'))
+        .chain(name.bytes());
+    let text_len = provider.len() + 1 + name.len();
+    let at = |i: usize| text.clone().nth(i).unwrap_or(0);
+    let g = glob.as_bytes();
+    let (mut gi, mut ti) = (0usize, 0usize);
+    let (mut star, mut mark) = (usize::MAX, 0usize);
+    while ti < text_len {
+        if gi < g.len() && (g[gi] == b'?' || g[gi] == at(ti)) {
+            gi += 1;
+            ti += 1;
+        } else if gi < g.len() && g[gi] == b'*' {
+            star = gi;
+            mark = ti;
+            gi += 1;
+        } else if star != usize::MAX {
+            gi = star + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while gi < g.len() && g[gi] == b'*' {
+        gi += 1;
+    }
+    gi == g.len()
+}
+
+/// Whether probe `id` is enabled.
+pub fn is_enabled(id: ProbeId) -> bool {
+    STATES
+        .get(id.0 as usize)
+        .is_some_and(|s| s.enabled.load(Ordering::Relaxed))
+}
+
+/// How many times a CPU was sent through [`handle_int3`]'s emulation.
+pub fn int3_emulations() -> u64 {
+    INT3_EMULATIONS.load(Ordering::Relaxed)
+}
+
+/// Enables probe `id`: every site of it starts calling `handler`.
+///
+/// # Safety
+///
+/// `poker` writes the image's live text safely for the CPUs that may run it (an alias
+/// mapping or CR0.WP, and a `sync_cores` that serializes every CPU), and the kernel's
+/// #BP handler calls [`handle_int3`].
+pub unsafe fn enable<P: TextPoker + ?Sized>(
+    id: ProbeId,
+    handler: Handler,
+    poker: &mut P,
+) -> Result<(), ProbeError> {
+    // SAFETY: forwarded.
+    unsafe { set_state(id, true, Some(handler), poker) }
+}
+
+/// Disables probe `id`: every site returns to its disabled form.
+///
+/// # Safety
+///
+/// As for [`enable`].
+pub unsafe fn disable<P: TextPoker + ?Sized>(id: ProbeId, poker: &mut P) -> Result<(), ProbeError> {
+    // SAFETY: forwarded.
+    unsafe { set_state(id, false, None, poker) }
+}
+
+unsafe fn set_state<P: TextPoker + ?Sized>(
+    id: ProbeId,
+    on: bool,
+    handler: Option<Handler>,
+    poker: &mut P,
+) -> Result<(), ProbeError> {
+    let _g = CONTROL.lock();
+    let t = table()?;
+    if id.0 >= t.probe_count() {
+        return Err(ProbeError::NoSuchProbe(id));
+    }
+    let st = &STATES[id.0 as usize];
+    if let Some(h) = handler {
+        st.handler.store(h as usize, Ordering::Release);
+    }
+    if st.enabled.load(Ordering::Acquire) == on {
+        return Ok(());
+    }
+    // 1. Every site must hold exactly the other state's bytes; compute the new bytes.
+    for s in t.probe_sites().filter(|s| s.probe == id.0) {
+        let want = site_bytes(&s, !on)?;
+        site_bytes(&s, on)?;
+        let found = read5(poker, s.addr);
+        if found != want {
+            return Err(ProbeError::UnexpectedBytes {
+                site: s.addr,
+                probe: id,
+                expected: InsnBytes::new(&want),
+                found: InsnBytes::new(&found),
+            });
+        }
+    }
+    // 2. Publish the new state: from here on, a trapping CPU is emulated into it.
+    st.enabled.store(on, Ordering::SeqCst);
+    if let Err(e) = poker.begin() {
+        st.enabled.store(!on, Ordering::SeqCst);
+        return Err(ProbeError::Poke(e));
+    }
+    // 3. The three rounds.
+    // SAFETY: the sites are validated probe sites; the int3 handler covers CPUs that run
+    // them mid-patch (precondition of `enable`/`disable`).
+    let r = unsafe { write_batch(t, id, on, poker) };
+    let result = match r {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            st.enabled.store(!on, Ordering::SeqCst);
+            // SAFETY: as above; rolls the same sites back to the old state.
+            let _ = unsafe { write_batch(t, id, !on, poker) };
+            Err(ProbeError::Poke(e))
+        }
+    };
+    poker.end();
+    // 4. Wait until no CPU is still emulating a site of the old batch.
+    while IN_INT3.load(Ordering::Acquire) != 0 {
+        core::hint::spin_loop();
+    }
+    result
+}
+
+/// Moves every site of probe `id` to state `on` with the int3 protocol.
+///
+/// # Safety
+///
+/// As for [`enable`].
+unsafe fn write_batch<P: TextPoker + ?Sized>(
+    t: &Table<'_>,
+    id: ProbeId,
+    on: bool,
+    poker: &mut P,
+) -> Result<(), PokeError> {
+    let sites = || t.probe_sites().filter(move |s| s.probe == id.0);
+    for s in sites() {
+        // SAFETY: inside a validated site.
+        unsafe { poker.write(s.addr, &[0xcc])? };
+    }
+    poker.sync_cores();
+    for s in sites() {
+        let new = site_bytes(&s, on).map_err(|_| PokeError {
+            addr: s.addr,
+            reason: "target out of reach",
+        })?;
+        // SAFETY: inside a validated site; byte 0 is int3, so no CPU decodes bytes 1..5.
+        unsafe { poker.write(s.addr + 1, &new[1..])? };
+    }
+    poker.sync_cores();
+    for s in sites() {
+        let new = site_bytes(&s, on).map_err(|_| PokeError {
+            addr: s.addr,
+            reason: "target out of reach",
+        })?;
+        // SAFETY: inside a validated site; a single-byte store is atomic.
+        unsafe { poker.write(s.addr, &new[..1])? };
+    }
+    poker.sync_cores();
+    Ok(())
+}
+
+fn fire(id: u32, args: &[u64; 6]) {
+    let Some(st) = STATES.get(id as usize) else {
+        return;
+    };
+    if !st.enabled.load(Ordering::Acquire) {
+        return;
+    }
+    st.hits.fetch_add(1, Ordering::Relaxed);
+    let h = st.handler.load(Ordering::Acquire);
+    if h != 0 {
+        // SAFETY: `handler` only ever holds a `Handler` stored by `set_state`.
+        let h: Handler = unsafe { core::mem::transmute::<usize, Handler>(h) };
+        h(ProbeId(id), args);
+    }
+}
+
+/// Entry point of an enabled `probe!` site's out-of-line block (stable symbol, so
+/// modules can link against it by name).
+#[unsafe(no_mangle)]
+pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
+    if let Some(id) = rec.id() {
+        fire(id.0, args);
+    }
+}
+
+/// What an enabled C site (`call ksites_probe_c_entry`) lands in: saves the six
+/// argument registers and passes them, with the return address, to the dispatcher.
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub extern "C" fn ksites_probe_c_entry() {
+    core::arch::naked_asm!(
+        "push rbp",
+        "mov rbp, rsp",
+        "sub rsp, 48",
+        "mov [rsp], rdi",
+        "mov [rsp + 8], rsi",
+        "mov [rsp + 16], rdx",
+        "mov [rsp + 24], rcx",
+        "mov [rsp + 32], r8",
+        "mov [rsp + 40], r9",
+        "mov rdi, [rbp + 8]",
+        "mov rsi, rsp",
+        "call {fire}",
+        "leave",
+        "ret",
+        fire = sym fire_c,
+    )
+}
+
+fn c_entry_addr() -> u64 {
+    ksites_probe_c_entry as *const () as u64
+}
+
+extern "C" fn fire_c(ret: u64, args: &[u64; 6]) {
+    let Some(t) = IMAGE.get() else {
+        return;
+    };
+    if let Some(s) = t.probe_site_at(ret.wrapping_sub(PROBE_SITE_LEN as u64))
+        && s.kind == ProbeKind::CCall
+    {
+        fire(s.probe, args);
+    }
+}
+
+/// The registers [`handle_int3`] reads and may change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Int3Frame {
+    /// RIP after the `int3` (site + 1).
+    pub rip: u64,
+    /// RSP of the interrupted code.
+    pub rsp: u64,
+    /// RAX.
+    pub rax: u64,
+    /// First argument register.
+    pub rdi: u64,
+    /// Second.
+    pub rsi: u64,
+    /// Third.
+    pub rdx: u64,
+    /// Fourth.
+    pub rcx: u64,
+    /// Fifth.
+    pub r8: u64,
+    /// Sixth.
+    pub r9: u64,
+}
+
+/// The #BP hook: if the trap came from a probe site, emulates the instruction the site
+/// is becoming (or, for an enabled C tail site, fires and returns) and returns `true`.
+/// Returns `false` for any other `int3`.
+///
+/// # Safety
+///
+/// `f` is the interrupted context of a #BP on this CPU; the kernel writes `rip`, `rsp`
+/// and `rax` back before returning from the trap.
+pub unsafe fn handle_int3(f: &mut Int3Frame) -> bool {
+    IN_INT3.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: forwarded.
+    let r = unsafe { emulate(f) };
+    IN_INT3.fetch_sub(1, Ordering::AcqRel);
+    r
+}
+
+unsafe fn emulate(f: &mut Int3Frame) -> bool {
+    let Some(t) = IMAGE.get() else {
+        return false;
+    };
+    let Some(s) = t.probe_site_at(f.rip.wrapping_sub(1)) else {
+        return false;
+    };
+    INT3_EMULATIONS.fetch_add(1, Ordering::Relaxed);
+    let on = STATES[s.probe as usize].enabled.load(Ordering::Acquire);
+    let next = s.addr + PROBE_SITE_LEN as u64;
+    let args = [f.rdi, f.rsi, f.rdx, f.rcx, f.r8, f.r9];
+    let ret = |f: &mut Int3Frame| {
+        // SAFETY: the site is a tail call: the interrupted stack's top is the return
+        // address its function was called with (precondition: `f` is live context).
+        f.rip = unsafe { core::ptr::read(f.rsp as usize as *const u64) };
+        f.rsp += 8;
+    };
+    match s.kind {
+        ProbeKind::RustJmp | ProbeKind::RustEnabled => f.rip = if on { s.target } else { next },
+        ProbeKind::CCall => {
+            if on {
+                fire(s.probe, &args);
+            }
+            f.rip = next;
+        }
+        ProbeKind::CTail => {
+            if on {
+                fire(s.probe, &args);
+            }
+            ret(f);
+        }
+        ProbeKind::CEnabled => {
+            f.rax = u64::from(on);
+            f.rip = next;
+        }
+        ProbeKind::CEnabledTail => {
+            f.rax = u64::from(on);
+            ret(f);
+        }
+    }
+    true
+}
+
+/// Fires probe `provider:name` with up to six integer or raw-pointer arguments.
+///
+/// Disabled (the default), the site is one 5-byte NOP: the arguments are not
+/// evaluated. Enabled, the NOP becomes a `jmp` to an out-of-line block that evaluates
+/// them and calls the dispatcher, then continues after the site.
+///
+/// ```ignore
+/// kernel_loader::probe!(net, rx, len, port);
+/// ```
+#[macro_export]
+macro_rules! probe {
+    ($provider:ident, $name:ident $(, $arg:expr)* $(,)?) => {{
+        const __KSITES_NARGS: u32 = 0 $(+ { let _ = ::core::stringify!($arg); 1 })*;
+        const _: () = ::core::assert!(__KSITES_NARGS <= 6, "a probe takes at most 6 arguments");
+        static __KSITES_REC: $crate::probe::ProbeRecord = $crate::probe::ProbeRecord::new(
+            ::core::stringify!($provider),
+            ::core::stringify!($name),
+            __KSITES_NARGS,
+        );
+        // SAFETY: the asm is a 5-byte NOP plus a record in a data section; when the
+        // loader turns the NOP into `jmp` to the label block, that block is ordinary code.
+        unsafe {
+            ::core::arch::asm!(
+                "2: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+                ".pushsection .ksites_probe_sites,\"awR\",@progbits",
+                ".p2align 3",
+                ".long 0x5053534b",
+                ".long 0",
+                ".quad 2b",
+                ".quad {target}",
+                ".quad {rec}",
+                ".popsection",
+                rec = sym __KSITES_REC,
+                target = label {
+                    #[allow(unused_mut, unused_assignments)]
+                    let mut __ksites_args = [0u64; 6];
+                    #[allow(unused_mut, unused_assignments)]
+                    let mut __ksites_i = 0usize;
+                    $(
+                        __ksites_args[__ksites_i] = ($arg) as u64;
+                        __ksites_i += 1;
+                    )*
+                    let _ = __ksites_i;
+                    $crate::probe::ksites_probe_fire(&__KSITES_REC, &__ksites_args);
+                },
+                options(nostack, preserves_flags),
+            );
+        }
+    }};
+}
+
+/// `true` while probe `provider:name` is enabled: guards expensive argument
+/// preparation. Disabled, it is one 5-byte NOP and evaluates to `false`.
+#[macro_export]
+macro_rules! probe_enabled {
+    ($provider:ident, $name:ident $(,)?) => {{
+        static __KSITES_REC: $crate::probe::ProbeRecord = $crate::probe::ProbeRecord::new(
+            ::core::stringify!($provider),
+            ::core::stringify!($name),
+            $crate::probe::RECORD_NARGS_NONE,
+        );
+        let mut __ksites_on = false;
+        // SAFETY: as in `probe!`; the label block only sets a local.
+        unsafe {
+            ::core::arch::asm!(
+                "2: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+                ".pushsection .ksites_probe_sites,\"awR\",@progbits",
+                ".p2align 3",
+                ".long 0x5053534b",
+                ".long 1",
+                ".quad 2b",
+                ".quad {target}",
+                ".quad {rec}",
+                ".popsection",
+                rec = sym __KSITES_REC,
+                target = label { __ksites_on = true; },
+                options(nostack, preserves_flags),
+            );
+        }
+        __ksites_on
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("net:*", "net", "rx"));
+        assert!(glob_match("*:rx", "net", "rx"));
+        assert!(glob_match("n?t:r*", "net", "rx"));
+        assert!(glob_match("*", "a", "b"));
+        assert!(glob_match("net:rx", "net", "rx"));
+        assert!(!glob_match("net:tx", "net", "rx"));
+        assert!(!glob_match("net", "net", "rx"));
+        assert!(!glob_match("disk:*", "net", "rx"));
+        assert!(glob_match("*x", "net", "rx"));
+    }
+}
