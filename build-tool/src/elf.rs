@@ -47,6 +47,10 @@ pub struct Reloc {
     pub sym_value: u64,
     /// Index of the symbol.
     pub sym_index: usize,
+    /// Whether the symbol is a section symbol (then `sym_value` is the section address).
+    pub sym_is_section: bool,
+    /// Section the symbol is defined in (`None`: undefined or absolute).
+    pub sym_section: Option<SectionIndex>,
     /// `A`.
     pub addend: i64,
 }
@@ -257,7 +261,7 @@ impl<'d> Image<'d> {
             let RelocationFlags::Elf { r_type } = r.flags() else {
                 continue;
             };
-            let (sym_value, sym_index) = match r.target() {
+            let (sym_value, sym_index, sym_is_section, sym_section) = match r.target() {
                 RelocationTarget::Symbol(i) => {
                     let sym = self.file.symbol_by_index(i).with_context(|| {
                         format!(
@@ -277,9 +281,14 @@ impl<'d> Image<'d> {
                     } else {
                         sym.address()
                     };
-                    (v, i.0)
+                    (
+                        v,
+                        i.0,
+                        sym.kind() == SymbolKind::Section,
+                        sym.section_index(),
+                    )
                 }
-                RelocationTarget::Absolute => (0, 0),
+                RelocationTarget::Absolute => (0, 0, false, None),
                 _ => continue,
             };
             out.push(Reloc {
@@ -287,6 +296,8 @@ impl<'d> Image<'d> {
                 r_type,
                 sym_value,
                 sym_index,
+                sym_is_section,
+                sym_section,
                 addend: r.addend(),
             });
         }

@@ -125,7 +125,13 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         probe_sites: probes.sites.clone(),
     };
     let size = table_size_for(&input);
-    let (mut out, table_addr) = append_segment(path, data, size, |addr| build(addr, &input))?;
+    let (mut out, table_addr) = append_segment(
+        path,
+        data,
+        size,
+        |addr| build(addr, &input),
+        |base| stapsdt_notes(&probes, base),
+    )?;
 
     // Rewrite C probe calls into their disabled form, and give every `probe!` record its
     // probe id. Original bytes keep their file offsets in `out`.
@@ -241,9 +247,10 @@ fn align_up(x: u64, a: u64) -> u64 {
 /// `contents` receives the address and returns exactly `size` bytes.
 ///
 /// Every original byte keeps its file offset. The program header table is rewritten at
-/// the end of the file (it has to grow by one entry, and linkers such as GNU ld put the
-/// first section right behind it, so it cannot grow in place); the section header table
-/// and a copy of `.shstrtab` with the new name are appended too. The `object` crate's
+/// the end of the new segment (it has to grow by one entry, and linkers such as GNU ld
+/// put the first section right behind it, so it cannot grow in place); a `PT_PHDR` entry
+/// is moved with it, so it stays covered by a `PT_LOAD`. The section header table and a
+/// copy of `.shstrtab` with the new names are appended too. The `object` crate's
 /// `build::elf::Builder` was the first choice, but it requires the program headers to
 /// stay directly after the file header, which fails on exactly those GNU ld images.
 pub fn append_segment(
@@ -251,6 +258,7 @@ pub fn append_segment(
     data: &[u8],
     size: usize,
     contents: impl FnOnce(u64) -> Result<Vec<u8>>,
+    notes: impl FnOnce(u64) -> Vec<u8>,
 ) -> Result<(Vec<u8>, u64)> {
     let e = LE;
     let (fh, _) = from_bytes::<FileHeader64<LE>>(data)
@@ -279,10 +287,6 @@ pub fn append_segment(
         .and_then(|d| slice_from_bytes::<SectionHeader64<LE>>(d, shnum).ok())
         .map(|(s, _)| s)
         .with_context(|| format!("{path}: section headers out of bounds"))?;
-    ensure!(
-        !phdrs.iter().any(|p| p.p_type.get(e) == elf::PT_PHDR),
-        "{path}: has a PT_PHDR segment; moving its program headers is not supported"
-    );
     let last_load = phdrs
         .iter()
         .filter(|p| p.p_type.get(e) == elf::PT_LOAD)
@@ -307,12 +311,31 @@ pub fn append_segment(
         table.len()
     );
     out.extend_from_slice(&table);
-
-    // Program headers: the old ones, then the new PT_LOAD.
+    // SystemTap SDT notes need a `.stapsdt.base` byte; it follows the table.
+    let base_addr = vaddr + size as u64;
+    let notes = notes(base_addr);
+    if !notes.is_empty() {
+        out.push(0);
+    }
+    // The program headers follow, inside the same PT_LOAD: a PT_PHDR segment (which
+    // lld emits for static images without a linker script) must stay covered by one.
     out.resize(align_up(out.len() as u64, 8) as usize, 0);
     let new_phoff = out.len() as u64;
+    let ph_size = ((phnum + 1) * size_of::<ProgramHeader64<LE>>()) as u64;
+    let seg_size = new_phoff + ph_size - table_off;
+
+    // Program headers: the old ones (PT_PHDR moved with them), then the new PT_LOAD.
     for p in phdrs {
-        out.extend_from_slice(bytes_of(p));
+        let mut p = *p;
+        if p.p_type.get(e) == elf::PT_PHDR {
+            let va = vaddr + (new_phoff - table_off);
+            p.p_offset = U64::new(e, new_phoff);
+            p.p_vaddr = U64::new(e, va);
+            p.p_paddr = U64::new(e, paddr + (new_phoff - table_off));
+            p.p_filesz = U64::new(e, ph_size);
+            p.p_memsz = U64::new(e, ph_size);
+        }
+        out.extend_from_slice(bytes_of(&p));
     }
     let ph = ProgramHeader64::<LE> {
         p_type: U32::new(e, elf::PT_LOAD),
@@ -320,11 +343,16 @@ pub fn append_segment(
         p_offset: U64::new(e, table_off),
         p_vaddr: U64::new(e, vaddr),
         p_paddr: U64::new(e, paddr),
-        p_filesz: U64::new(e, size as u64),
-        p_memsz: U64::new(e, size as u64),
+        p_filesz: U64::new(e, seg_size),
+        p_memsz: U64::new(e, seg_size),
         p_align: U64::new(e, PAGE),
     };
     out.extend_from_slice(bytes_of(&ph));
+
+    // The notes themselves: a non-allocated SHT_NOTE section.
+    out.resize(align_up(out.len() as u64, 4) as usize, 0);
+    let notes_off = out.len() as u64;
+    out.extend_from_slice(&notes);
 
     // Section names: a copy of .shstrtab with ".ksites" appended.
     let strtab = &shdrs[shstrndx];
@@ -340,6 +368,10 @@ pub fn append_segment(
     let name_off = old_names.len() as u32;
     out.extend_from_slice(SECTION_NAME.as_bytes());
     out.push(0);
+    let base_name_off = (out.len() as u64 - new_strtab_off) as u32;
+    out.extend_from_slice(b".stapsdt.base\0");
+    let note_name_off = (out.len() as u64 - new_strtab_off) as u32;
+    out.extend_from_slice(b".note.stapsdt\0");
     let new_strtab_size = out.len() as u64 - new_strtab_off;
 
     // Section headers: the old ones (shstrtab moved), then .ksites.
@@ -366,13 +398,84 @@ pub fn append_segment(
         sh_entsize: U64::new(e, 0),
     };
     out.extend_from_slice(bytes_of(&sh));
+    let mut added = 1;
+    if !notes.is_empty() {
+        let base = SectionHeader64::<LE> {
+            sh_name: U32::new(e, base_name_off),
+            sh_type: U32::new(e, elf::SHT_PROGBITS),
+            sh_flags: U64::new(e, u64::from(elf::SHF_ALLOC)),
+            sh_addr: U64::new(e, base_addr),
+            sh_offset: U64::new(e, table_off + size as u64),
+            sh_size: U64::new(e, 1),
+            sh_link: U32::new(e, 0),
+            sh_info: U32::new(e, 0),
+            sh_addralign: U64::new(e, 1),
+            sh_entsize: U64::new(e, 0),
+        };
+        let note = SectionHeader64::<LE> {
+            sh_name: U32::new(e, note_name_off),
+            sh_type: U32::new(e, elf::SHT_NOTE),
+            sh_flags: U64::new(e, 0),
+            sh_addr: U64::new(e, 0),
+            sh_offset: U64::new(e, notes_off),
+            sh_size: U64::new(e, notes.len() as u64),
+            sh_link: U32::new(e, 0),
+            sh_info: U32::new(e, 0),
+            sh_addralign: U64::new(e, 4),
+            sh_entsize: U64::new(e, 0),
+        };
+        out.extend_from_slice(bytes_of(&base));
+        out.extend_from_slice(bytes_of(&note));
+        added += 2;
+    }
 
     // File header.
     let mut nfh = *fh;
     nfh.e_phoff = U64::new(e, new_phoff);
     nfh.e_phnum = U16::new(e, (phnum + 1) as u16);
     nfh.e_shoff = U64::new(e, new_shoff);
-    nfh.e_shnum = U16::new(e, (shnum + 1) as u16);
+    nfh.e_shnum = U16::new(e, (shnum + added) as u16);
     out[..size_of::<FileHeader64<LE>>()].copy_from_slice(bytes_of(&nfh));
     Ok((out, vaddr))
+}
+
+/// One SystemTap `NT_STAPSDT` note per firing probe site (is-enabled sites have none):
+/// name `stapsdt`, type 3, desc = pc, base (the address of `.stapsdt.base`), semaphore
+/// (0), then `provider\0name\0args\0`. Arguments are described for C sites, where they
+/// are in the six argument registers at the call (`8@%rdi 8@%rsi ...`); a Rust site's
+/// arguments are evaluated out of line, so its argument string is empty.
+pub fn stapsdt_notes(probes: &ProbeScan, base: u64) -> Vec<u8> {
+    use kernel_loader::format::{NARGS_UNKNOWN, ProbeKind};
+    const REGS: [&str; 6] = ["%rdi", "%rsi", "%rdx", "%rcx", "%r8", "%r9"];
+    let mut out = Vec::new();
+    for s in &probes.sites {
+        if s.kind.is_enabled_check() {
+            continue;
+        }
+        let p = &probes.probes[s.probe as usize];
+        let args = if s.kind == ProbeKind::RustJmp || p.nargs == NARGS_UNKNOWN {
+            String::new()
+        } else {
+            REGS[..usize::from(p.nargs).min(6)]
+                .iter()
+                .map(|r| format!("8@{r}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut desc = Vec::new();
+        desc.extend_from_slice(&s.addr.to_le_bytes());
+        desc.extend_from_slice(&base.to_le_bytes());
+        desc.extend_from_slice(&0u64.to_le_bytes());
+        for part in [p.provider.as_bytes(), p.name.as_bytes(), args.as_bytes()] {
+            desc.extend_from_slice(part);
+            desc.push(0);
+        }
+        out.extend_from_slice(&8u32.to_le_bytes());
+        out.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(b"stapsdt\0");
+        out.extend_from_slice(&desc);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    out
 }

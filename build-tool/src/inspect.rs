@@ -44,13 +44,18 @@ fn nargs_str(n: u16) -> String {
     }
 }
 
-/// The listing for `data` (the contents of `path`).
-///
-/// For each ifunc, one line `ifunc NAME trampoline=0xADDR SYMBOL sites=N` (the format
-/// `cargo xtask` parses), then indented details and one `site` line per site. An image
-/// that has not been embedded yet is listed from its records and relocations: what
-/// `embed` would record.
-pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
+/// Everything `inspect` shows.
+struct Listing {
+    header: String,
+    embedded: bool,
+    ifuncs: Vec<IfuncRow>,
+    probes: Vec<ProbeRow>,
+    /// (trampoline, address, what, location)
+    other_refs: Vec<(u64, u64, String, String)>,
+    default_names: std::collections::HashMap<u64, String>,
+}
+
+fn listing(path: &str, data: &[u8]) -> Result<Listing> {
     let img = Image::parse(path, data)?;
     let mut o = String::new();
     writeln!(o, "{path}: ELF {:?} x86-64", img.kind)?;
@@ -72,6 +77,7 @@ pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
             .find(|r| r.trampoline == addr)
             .map_or_else(|| "?".into(), |r| r.trampoline_symbol.clone())
     };
+    let embedded = img.section_by_name(SECTION_NAME).is_some();
     if let Some(sec) = img.section_by_name(SECTION_NAME) {
         let bytes = sec.data().context("cannot read .ksites")?;
         let t = Table::parse(bytes, sec.address(), &exec)
@@ -149,7 +155,43 @@ pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
         }
     }
 
-    for f in &ifuncs {
+    let default_names = ifuncs
+        .iter()
+        .map(|f| (f.default, sym_name(&img, f.default)))
+        .collect();
+    Ok(Listing {
+        header: o,
+        embedded,
+        ifuncs,
+        probes,
+        other_refs: scan
+            .other_refs
+            .iter()
+            .map(|r| {
+                (
+                    ifunc_records[r.target].trampoline,
+                    r.addr,
+                    r.what.clone(),
+                    r.location.clone(),
+                )
+            })
+            .collect(),
+        default_names,
+    })
+}
+
+/// The text listing for `data` (the contents of `path`).
+///
+/// For each ifunc, one line `ifunc NAME trampoline=0xADDR SYMBOL sites=N` (the format
+/// `cargo xtask` parses), then indented details and one `site` line per site; for each
+/// probe, `probe PROVIDER:NAME nargs=N sites=N` and its sites. An image that has not
+/// been embedded yet is listed from its records and relocations: what `embed` would
+/// record.
+pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
+    let l = listing(path, data)?;
+    let mut o = l.header.clone();
+    let (ifuncs, probes) = (&l.ifuncs, &l.probes);
+    for f in ifuncs {
         writeln!(
             o,
             "ifunc {} trampoline={:#x} {} sites={}",
@@ -161,27 +203,19 @@ pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
         writeln!(
             o,
             "  slot={:#x} resolver={:#x} default={:#x} {}",
-            f.slot,
-            f.resolver,
-            f.default,
-            sym_name(&img, f.default)
+            f.slot, f.resolver, f.default, l.default_names[&f.default]
         )?;
         for (addr, kind, loc) in &f.sites {
             writeln!(o, "  site {addr:#x} {kind} {loc}")?;
         }
-        for r in scan
-            .other_refs
-            .iter()
-            .filter(|r| ifunc_records[r.target].trampoline == f.trampoline)
-        {
+        for (_, addr, what, location) in l.other_refs.iter().filter(|r| r.0 == f.trampoline) {
             writeln!(
                 o,
-                "  ref {:#x} {} in {} (not patched: uses the slot)",
-                r.addr, r.what, r.location
+                "  ref {addr:#x} {what} in {location} (not patched: uses the slot)"
             )?;
         }
     }
-    for p in &probes {
+    for p in probes {
         writeln!(
             o,
             "probe {} nargs={} sites={}",
@@ -194,4 +228,34 @@ pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
         }
     }
     Ok(o)
+}
+
+/// The same listing as one JSON object: `file`, `embedded`, `ifuncs` (each with its
+/// `sites` and unpatched `refs`) and `probes` (each with its `sites`).
+pub fn inspect_json(path: &str, data: &[u8]) -> Result<serde_json::Value> {
+    use serde_json::json;
+    let l = listing(path, data)?;
+    let site = |(addr, kind, loc): &(u64, &str, String)| json!({"address": addr, "kind": kind, "location": loc});
+    Ok(json!({
+        "file": path,
+        "embedded": l.embedded,
+        "ifuncs": l.ifuncs.iter().map(|f| json!({
+            "name": f.name,
+            "trampoline": f.trampoline,
+            "trampoline_symbol": f.symbol,
+            "slot": f.slot,
+            "resolver": f.resolver,
+            "default": f.default,
+            "default_symbol": l.default_names[&f.default],
+            "sites": f.sites.iter().map(site).collect::<Vec<_>>(),
+            "refs": l.other_refs.iter().filter(|r| r.0 == f.trampoline).map(|r| json!({
+                "address": r.1, "what": r.2, "location": r.3,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "probes": l.probes.iter().map(|p| json!({
+            "name": p.name,
+            "nargs": if p.nargs == NARGS_UNKNOWN { serde_json::Value::Null } else { p.nargs.into() },
+            "sites": p.sites.iter().map(site).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    }))
 }

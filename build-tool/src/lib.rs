@@ -3,7 +3,10 @@
 pub mod elf;
 pub mod embed;
 pub mod inspect;
+pub mod link;
 pub mod probes;
 pub mod records;
+pub mod scan;
 pub mod sites;
 pub mod table;
+pub mod verify;

@@ -1,21 +1,27 @@
-//! `ksites`: finds ifunc call sites in a linked kernel image and embeds the `.ksites`
-//! table the kernel-loader patches from at boot.
+//! `ksites`: finds ifunc call sites and SDT probe sites in x86-64 ELF files, embeds the
+//! `.ksites` table the kernel-loader patches from, wraps the linker, scans for arbitrary
+//! call/jump sites, and verifies embedded images.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ksites::embed::{AlreadyEmbedded, embed_file};
+use ksites::embed::{AlreadyEmbedded, EmbedReport, embed_file};
+use ksites::link::{Linker, link};
+use ksites::scan::{ScanOptions, scan_files};
 
 const EXIT_CODES: &str = "\
 Exit status:
-  0  success
-  1  error (message on stderr names the file, section, offset and symbol)
+  0  success (for scan: whether or not anything matched)
+  1  error: unreadable or malformed input, a site that cannot be rewritten safely, a
+     failed link (the message names the file, section, offset and symbol)
   2  usage error
-  3  the input was already processed by `ksites embed`";
+  3  embed/link: the input was already processed by `ksites embed`
+  4  verify: the image is inconsistent with its table (one line per problem)";
 
-/// Find ifunc call sites and SDT probe sites in a linked x86-64 ELF image and embed the
-/// `.ksites` table the kernel-loader patches from.
+/// Find ifunc call sites and SDT probe sites in x86-64 ELF files and embed the `.ksites`
+/// table that kernel-loader patches from at boot and at module load.
 #[derive(Parser, Debug)]
 #[command(name = "ksites", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -25,14 +31,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Find every call/jmp to an ifunc trampoline and every probe site in IMAGE (linked
-    /// with --emit-relocs), rewrite dtrace-style C probe calls into their disabled
-    /// 5-byte form, write the `.ksites` table into a new PT_LOAD segment, point the
-    /// image's table cell at it, and write the result to OUTPUT (atomically; IMAGE is
-    /// never modified). An image without ifuncs or probes is copied unchanged.
+    /// Find every call/jmp/jcc to an ifunc trampoline and every probe site in IMAGE
+    /// (an ET_EXEC linked with --emit-relocs), rewrite dtrace-style C probe calls into
+    /// their disabled 5-byte form, write the `.ksites` table into a new read-only
+    /// PT_LOAD segment plus one `.note.stapsdt` note per probe site, point the image's
+    /// table cell at the table, and write the result to OUTPUT. OUTPUT is written
+    /// through a temporary file and a rename; IMAGE is never modified; identical input
+    /// gives identical output. An image without ifuncs or probes is copied unchanged.
     #[command(after_help = EXIT_CODES)]
     Embed {
-        /// The linked image (ET_EXEC, linked with --emit-relocs).
+        /// The linked image.
         image: PathBuf,
         /// Where to write the result (must differ from IMAGE).
         #[arg(short, long)]
@@ -41,16 +49,89 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// List the ifuncs, probes, their sites, and references that are not patched. Works on
-    /// embedded images (reads the table) and on plain ones (shows what embed would do).
+    /// Run the real linker with --emit-relocs, then `embed`, writing the linker's `-o`
+    /// output only if both succeed. Everything after `--` is passed to the linker.
+    /// Use the `ksites-ld` binary (same as `ksites link --`) where a single program is
+    /// needed: `-C linker=ksites-ld` for rustc, `LD=ksites-ld` for C builds.
+    #[command(after_help = EXIT_CODES)]
+    Link {
+        /// The real linker: `lld` (the toolchain's rust-lld, else ld.lld; the default),
+        /// `bfd` (GNU ld), or a program name or path. Defaults to $KSITES_LINKER.
+        #[arg(long, value_name = "LINKER")]
+        linker: Option<OsString>,
+        /// Print nothing on success.
+        #[arg(short, long)]
+        quiet: bool,
+        /// The linker's arguments (including `-o OUTPUT`).
+        #[arg(last = true, required = true, value_name = "LINKER-ARGS")]
+        args: Vec<OsString>,
+    },
+    /// List ifuncs, probes, their sites, and references left on the trampoline. Works on
+    /// embedded images (reads the table) and on linked images not yet embedded (shows
+    /// what embed would record).
     #[command(after_help = EXIT_CODES)]
     Inspect {
         /// The file to list.
         file: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-decode every site of an embedded image and check it against its table entry,
+    /// check every probe site holds its disabled form, that the table's sites are
+    /// exactly those the relocations show, and that the cell points at the table.
+    /// Prints one line per problem and exits 4 if there is any.
+    #[command(after_help = EXIT_CODES)]
+    Verify {
+        /// The embedded image.
+        file: PathBuf,
+    },
+    /// List every `call rel32` to a symbol matching a --calls-to glob and every
+    /// `jmp rel32`/`jcc rel32` to one matching a --jumps-to glob, in ET_REL objects or
+    /// in ET_EXEC/ET_DYN images linked with --emit-relocs (like recordmcount for
+    /// `__fentry__` or objtool for retpoline thunks). Sites are found through
+    /// relocations and decoded from the start of the enclosing function; a site is the
+    /// instruction's first byte, prefixes included. Files are scanned in parallel;
+    /// output follows the order of the files.
+    #[command(after_help = EXIT_CODES)]
+    Scan {
+        /// Glob (`*`, `?`) for call targets; matched against raw and demangled names.
+        #[arg(long, value_name = "GLOB")]
+        calls_to: Vec<String>,
+        /// Glob for jmp/jcc (tail call) targets.
+        #[arg(long, value_name = "GLOB")]
+        jumps_to: Vec<String>,
+        /// One JSON object per line: file, section, offset (section offset of the first
+        /// byte), length, kind (call|jmp|jcc), symbol, and address for linked images.
+        #[arg(long)]
+        json: bool,
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Path) {
+    match r.table {
+        Some((addr, size)) => println!(
+            "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites; table at {addr:#x} ({size} bytes) -> {}",
+            input.display(),
+            r.ifuncs.len(),
+            r.scan.sites.len(),
+            r.scan.other_refs.len(),
+            r.probes.probes.len(),
+            r.probes.sites.len(),
+            output.display()
+        ),
+        None => println!(
+            "ksites: {}: no ifuncs or probes; copied unchanged -> {}",
+            input.display(),
+            output.display()
+        ),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Embed {
             image,
@@ -59,44 +140,98 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let r = embed_file(&image, &output)?;
             if !quiet {
-                match r.table {
-                    Some((addr, size)) => println!(
-                        "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites; table at {addr:#x} ({size} bytes) -> {}",
-                        image.display(),
-                        r.ifuncs.len(),
-                        r.scan.sites.len(),
-                        r.scan.other_refs.len(),
-                        r.probes.probes.len(),
-                        r.probes.sites.len(),
-                        output.display()
-                    ),
-                    None => println!(
-                        "ksites: {}: no ifuncs or probes; copied unchanged -> {}",
-                        image.display(),
-                        output.display()
-                    ),
-                }
+                print_embed(&r, &image, &output);
             }
-            Ok(())
         }
-        Command::Inspect { file } => {
+        Command::Link {
+            linker,
+            quiet,
+            args,
+        } => {
+            let linker = linker.map_or_else(Linker::from_env, |l| Linker::parse(&l));
+            let r = link(&linker, &args)?;
+            if !quiet {
+                let out = ksites::link::parse_link_args(&args)?.output;
+                print_embed(&r, &out, &out);
+            }
+        }
+        Command::Inspect { file, json } => {
             let data = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            print!(
-                "{}",
-                ksites::inspect::inspect(&file.display().to_string(), &data)?
+            let name = file.display().to_string();
+            if json {
+                println!("{}", ksites::inspect::inspect_json(&name, &data)?);
+            } else {
+                print!("{}", ksites::inspect::inspect(&name, &data)?);
+            }
+        }
+        Command::Verify { file } => {
+            let data = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let r = ksites::verify::verify(&file.display().to_string(), &data)?;
+            for p in &r.problems {
+                println!("{p}");
+            }
+            if !r.problems.is_empty() {
+                eprintln!(
+                    "ksites: verify: {} problem(s) in {}",
+                    r.problems.len(),
+                    file.display()
+                );
+                return Ok(ExitCode::from(4));
+            }
+            println!(
+                "ksites: {}: ok ({} ifunc sites, {} probe sites)",
+                file.display(),
+                r.ifunc_sites,
+                r.probe_sites
             );
-            Ok(())
+        }
+        Command::Scan {
+            calls_to,
+            jumps_to,
+            json,
+            files,
+        } => {
+            if calls_to.is_empty() && jumps_to.is_empty() {
+                anyhow::bail!("give at least one --calls-to or --jumps-to glob");
+            }
+            let opts = ScanOptions { calls_to, jumps_to };
+            let mut failed = None;
+            for r in scan_files(&files, &opts) {
+                match r {
+                    Ok(hits) => {
+                        for h in hits {
+                            if json {
+                                println!("{}", h.to_json());
+                            } else {
+                                println!("{}", h.to_text());
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("ksites: error: {e:#}");
+                        failed = Some(e);
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e.context("some files could not be scanned"));
+            }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("ksites: error: {e:#}");
-            if e.downcast_ref::<AlreadyEmbedded>().is_some() {
+            if e.downcast_ref::<AlreadyEmbedded>().is_some()
+                || e.chain()
+                    .any(|c| c.downcast_ref::<AlreadyEmbedded>().is_some())
+            {
                 ExitCode::from(3)
             } else {
                 ExitCode::FAILURE

@@ -366,6 +366,43 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     Ok(scan)
 }
 
+/// Probe site addresses of an image `embed` already processed: the `probe!` records'
+/// sites, and, for C probes, the instruction before each relocation against a probe
+/// function (only plain 5-byte `call`/`jmp` were accepted, so it starts one byte
+/// before the relocation; its bytes are the rewritten form now).
+pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    if let Some(sec) = img.section_by_name(SITE_RECORD_SECTION) {
+        let data = sec.data()?;
+        let mut off = 0;
+        while off + SITE_RECORD_SIZE <= data.len() {
+            if u64_at(data, off) == 0 {
+                off += 8;
+                continue;
+            }
+            out.push(u64_at(data, off + 8));
+            off += SITE_RECORD_SIZE;
+        }
+    }
+    for sec in img.exec_sections() {
+        for r in img.relocations(&sec)? {
+            if !matches!(
+                r.r_type,
+                object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32
+            ) || r.sym_is_section
+            {
+                continue;
+            }
+            if split_c_probe(&img.symbol_name(r.sym_index)).is_some() {
+                out.push(r.offset - 1);
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::split_c_probe;

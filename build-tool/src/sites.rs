@@ -12,7 +12,7 @@ use kernel_loader::format::SiteKind;
 use object::elf;
 use object::{ObjectSection, SectionIndex};
 
-use crate::elf::Image;
+use crate::elf::{Image, Reloc};
 
 /// A branch to one of the targets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,13 +63,41 @@ pub struct SiteScan {
 
 struct Candidate {
     reloc_at: u64,
-    target_addr: u64,
+    target_addr: Option<u64>,
     target: usize,
+}
+
+/// What a selector says about one relocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selected {
+    /// The caller's index for the target.
+    pub target: usize,
+    /// Where the branch must go, when known (linked images); `None` skips the check
+    /// (relocatable objects hold 0 in the rel32 until linked).
+    pub target_addr: Option<u64>,
 }
 
 /// Finds every reference to the addresses in `targets` (address → caller's index) from
 /// executable sections.
 pub fn find_sites(img: &Image<'_>, targets: &HashMap<u64, usize>) -> Result<SiteScan> {
+    find_sites_with(img, &|r: &Reloc| {
+        let pc_rel = matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32);
+        let base = r.sym_value.wrapping_add_signed(r.addend);
+        // For a rel32 that ends its instruction, S + A + 4 is where the branch goes.
+        let t = if pc_rel { base.wrapping_add(4) } else { base };
+        targets.get(&t).map(|&target| Selected {
+            target,
+            target_addr: Some(t),
+        })
+    })
+}
+
+/// The engine: every PC32/PLT32 relocation (and, reported as other references, every
+/// absolute one) in an executable section that `select` picks is decoded and classified.
+pub fn find_sites_with(
+    img: &Image<'_>,
+    select: &dyn Fn(&Reloc) -> Option<Selected>,
+) -> Result<SiteScan> {
     let mut scan = SiteScan::default();
     for sec in img.exec_sections() {
         let sec_name = sec.name().unwrap_or("?").to_string();
@@ -86,10 +114,11 @@ pub fn find_sites(img: &Image<'_>, targets: &HashMap<u64, usize>) -> Result<Site
             if !pc_rel && !abs {
                 continue;
             }
-            let base = r.sym_value.wrapping_add_signed(r.addend);
-            // For a rel32 that ends its instruction, S + A + 4 is where the branch goes.
-            let t = if pc_rel { base.wrapping_add(4) } else { base };
-            let Some(&target) = targets.get(&t) else {
+            let Some(Selected {
+                target,
+                target_addr,
+            }) = select(&r)
+            else {
                 continue;
             };
             let location = img.describe(sec.index(), r.offset);
@@ -109,7 +138,7 @@ pub fn find_sites(img: &Image<'_>, targets: &HashMap<u64, usize>) -> Result<Site
                 .unwrap_or(sec_addr);
             by_func.entry(start).or_default().push(Candidate {
                 reloc_at: r.offset,
-                target_addr: t,
+                target_addr,
                 target,
             });
         }
@@ -187,7 +216,10 @@ fn classify(
         other(format!("{}", Mnemonic(insn)));
         return;
     };
-    if insn.next_ip() != c.reloc_at + 4 || insn.near_branch_target() != c.target_addr {
+    if insn.next_ip() != c.reloc_at + 4
+        || c.target_addr
+            .is_some_and(|t| insn.near_branch_target() != t)
+    {
         other(format!(
             "{} whose rel32 does not hold the relocation",
             Mnemonic(insn)

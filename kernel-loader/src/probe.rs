@@ -341,14 +341,24 @@ pub fn matching(glob: &str) -> impl Iterator<Item = ProbeId> + '_ {
 
 /// Matches `provider:name` against `glob` without allocating.
 pub fn glob_match(glob: &str, provider: &str, name: &str) -> bool {
-    // Iterate over the virtual string provider ':' name.
-    let text = provider
-        .bytes()
-        .chain(core::iter::once(b':'))
-        .chain(name.bytes());
-    let text_len = provider.len() + 1 + name.len();
-    let at = |i: usize| text.clone().nth(i).unwrap_or(0);
-    let g = glob.as_bytes();
+    let (p, n) = (provider.as_bytes(), name.as_bytes());
+    let at = |i: usize| match i.cmp(&p.len()) {
+        core::cmp::Ordering::Less => p[i],
+        core::cmp::Ordering::Equal => b':',
+        core::cmp::Ordering::Greater => n[i - p.len() - 1],
+    };
+    wildcard(glob.as_bytes(), p.len() + 1 + n.len(), at)
+}
+
+/// Matches `text` against `glob` (`*` any run, `?` one byte).
+pub fn glob_match_str(glob: &str, text: &str) -> bool {
+    let t = text.as_bytes();
+    wildcard(glob.as_bytes(), t.len(), |i| t[i])
+}
+
+/// Iterative wildcard matching with single-star backtracking: linear in practice, no
+/// recursion, no allocation.
+fn wildcard(g: &[u8], text_len: usize, at: impl Fn(usize) -> u8) -> bool {
     let (mut gi, mut ti) = (0usize, 0usize);
     let (mut star, mut mark) = (usize::MAX, 0usize);
     while ti < text_len {
@@ -753,5 +763,11 @@ mod tests {
         assert!(!glob_match("net", "net", "rx"));
         assert!(!glob_match("disk:*", "net", "rx"));
         assert!(glob_match("*x", "net", "rx"));
+        assert!(super::glob_match_str(
+            "__x86_indirect_thunk_*",
+            "__x86_indirect_thunk_rax"
+        ));
+        assert!(super::glob_match_str("__fentry__", "__fentry__"));
+        assert!(!super::glob_match_str("__fentry__", "__fentry"));
     }
 }

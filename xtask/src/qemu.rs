@@ -53,6 +53,7 @@ pub(crate) struct Paths {
     pub(crate) qemu_tests: PathBuf,
     ksites: PathBuf,
     kernel: PathBuf,
+    kernel_gnu_ld: PathBuf,
     embedded: PathBuf,
 }
 
@@ -63,6 +64,8 @@ impl Paths {
             root: root.to_path_buf(),
             ksites: root.join("target/release/ksites"),
             kernel: qemu_tests.join("target/x86_64-unknown-none/release/qemu-tests-kernel"),
+            kernel_gnu_ld: qemu_tests
+                .join("target/gnu-ld/x86_64-unknown-none/release/qemu-tests-kernel"),
             embedded: root.join("target/ksites/qemu-tests-kernel.ksites"),
             qemu_tests,
         }
@@ -92,7 +95,29 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
     }
     let inspect = embed(sh, &paths)?;
     cross_check_objdump(sh, &paths, &inspect)?;
-    boot_all(&paths.embedded, args)
+    let passed = boot_all(&paths.embedded, args)?;
+    Ok(passed + boot_gnu_ld(&paths.kernel_gnu_ld, args)?)
+}
+
+/// Boots the GNU ld-linked kernel once (on `max`, or the first `--cpu` model) and judges
+/// it like the others.
+fn boot_gnu_ld(image: &Path, args: &QemuArgs) -> Result<u32> {
+    let model = args.cpus.first().map_or("max", String::as_str);
+    let label = format!("{model}/gnu-ld");
+    let (exit, serial) = boot(
+        &label,
+        qemu_command(model, image),
+        Duration::from_secs(args.timeout),
+    )?;
+    let verdict = judge::judge(&exit, &serial);
+    if !verdict.ok() {
+        bail!(
+            "[{label}] the GNU ld-linked kernel failed: {}",
+            verdict.problems.join("; ")
+        );
+    }
+    println!("xtask: [{label}] passed ({exit})");
+    Ok(verdict.passed.unwrap_or(0))
 }
 
 /// The Rust target for the kernel, QEMU, and objdump (for the cross-check).
@@ -116,31 +141,45 @@ fn build(sh: &Shell, paths: &Paths) -> Result<()> {
     cmd!(sh, "cargo build --release -p build-tool")
         .run()
         .context("building the build tool (build-tool) failed")?;
-    // qemu-tests/.cargo/config.toml selects the target, so build from inside it.
+    // qemu-tests/.cargo/config.toml selects the target and links through `ksites-ld`
+    // (the linker wrapper: rust-lld + `ksites embed`), so build from inside it.
     let _dir = sh.push_dir(&paths.qemu_tests);
     cmd!(sh, "cargo build --release")
         .run()
         .context("building the test kernel (qemu-tests) failed")?;
+    // The same kernel linked by GNU ld through the same wrapper.
+    let _env = sh.push_env("KSITES_LINKER", "bfd");
+    cmd!(sh, "cargo build --release --target-dir target/gnu-ld")
+        .run()
+        .context("building the test kernel with GNU ld failed")?;
     Ok(())
 }
 
 /// `ksites embed` the kernel, print `ksites inspect` of the result, and return that text.
+/// The kernel comes out of `cargo build` already embedded (linked through
+/// `ksites-ld`): verify both variants, check the GNU ld one really is, copy the rust-lld
+/// one to the image QEMU boots, and list its table.
 fn embed(sh: &Shell, paths: &Paths) -> Result<String> {
     let Paths {
         ksites,
         kernel,
+        kernel_gnu_ld,
         embedded,
         ..
     } = paths;
     if let Some(dir) = embedded.parent() {
         sh.create_dir(dir)?;
     }
-    if embedded.exists() {
-        sh.remove_path(embedded)?;
+    for k in [kernel, kernel_gnu_ld] {
+        cmd!(sh, "{ksites} verify {k}")
+            .run()
+            .with_context(|| format!("ksites verify failed on {}", k.display()))?;
     }
-    cmd!(sh, "{ksites} embed {kernel} -o {embedded}")
-        .run()
-        .context("ksites embed failed")?;
+    let comment = cmd!(sh, "readelf -p .comment {kernel_gnu_ld}").read()?;
+    if comment.contains("LLD") {
+        bail!("{} was linked by LLD, not GNU ld", kernel_gnu_ld.display());
+    }
+    sh.copy_file(kernel, embedded)?;
     let inspect = cmd!(sh, "{ksites} inspect {embedded}")
         .read()
         .context("ksites inspect failed")?;

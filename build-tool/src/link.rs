@@ -1,0 +1,218 @@
+//! `ksites link`: a linker wrapper. It runs the real linker with `--emit-relocs` into a
+//! temporary file beside the requested output, then `embed`s that into the output, so a
+//! `cargo build` (with `-C linker=ksites-ld`) or a C build (`LD=ksites-ld`) produces the
+//! final, embedded image in one step. The output is written only if both succeed.
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::embed::{EmbedReport, embed_file};
+
+/// Environment variable choosing the real linker for `ksites-ld` (and the default for
+/// `ksites link`).
+pub const LINKER_ENV: &str = "KSITES_LINKER";
+
+/// Which linker to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Linker {
+    /// The toolchain's `rust-lld` (`-flavor gnu`), else `ld.lld` from PATH.
+    Lld,
+    /// GNU ld (`ld.bfd`).
+    Bfd,
+    /// Any other program, given by name or path.
+    Program(OsString),
+}
+
+impl Linker {
+    /// Parses a `--linker` value or `KSITES_LINKER`: `lld`, `rust-lld`, `ld.lld` → LLD;
+    /// `bfd`, `ld.bfd`, `gnu`, `ld` → GNU ld; anything else is a program.
+    pub fn parse(s: &OsStr) -> Linker {
+        match s.to_str() {
+            Some("" | "lld" | "rust-lld" | "ld.lld") => Linker::Lld,
+            Some("bfd" | "ld.bfd" | "gnu" | "ld") => Linker::Bfd,
+            _ => Linker::Program(s.to_owned()),
+        }
+    }
+
+    /// The linker chosen by `KSITES_LINKER`, or LLD.
+    pub fn from_env() -> Linker {
+        std::env::var_os(LINKER_ENV).map_or(Linker::Lld, |v| Linker::parse(&v))
+    }
+
+    /// The command to run, with any leading arguments it needs.
+    fn command(&self) -> Result<Command> {
+        Ok(match self {
+            Linker::Lld => match rust_lld() {
+                Some(p) => {
+                    let mut c = Command::new(p);
+                    c.args(["-flavor", "gnu"]);
+                    c
+                }
+                None => Command::new("ld.lld"),
+            },
+            Linker::Bfd => Command::new("ld.bfd"),
+            Linker::Program(p) => Command::new(p),
+        })
+    }
+}
+
+/// The active toolchain's `rust-lld`, if there is one.
+fn rust_lld() -> Option<PathBuf> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
+    let vv = Command::new(&rustc).arg("-vV").output().ok()?;
+    let sysroot = String::from_utf8(sysroot.stdout).ok()?;
+    let host = String::from_utf8(vv.stdout)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))?;
+    let p = Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(host)
+        .join("bin/rust-lld");
+    p.is_file().then_some(p)
+}
+
+/// The linker's arguments with the output path taken out: `(output, args with a
+/// placeholder index where -o goes)`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LinkArgs {
+    /// The requested output.
+    pub output: PathBuf,
+    /// Every other argument, in order (`-flavor X` dropped).
+    pub rest: Vec<OsString>,
+    /// Whether `--emit-relocs` (or `-q`) was already given.
+    pub has_emit_relocs: bool,
+}
+
+/// Splits a linker command line. Accepts `-o X`, `-oX`, `--output X`, `--output=X`;
+/// drops a leading `-flavor gnu` (what rustc passes to `rust-lld`).
+pub fn parse_link_args(args: &[OsString]) -> Result<LinkArgs> {
+    let mut output = None;
+    let mut rest = Vec::new();
+    let mut has_emit_relocs = false;
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        let s = a.to_string_lossy();
+        if s == "-flavor" {
+            i += 2;
+            continue;
+        }
+        if s == "-o" || s == "--output" {
+            let v = args
+                .get(i + 1)
+                .with_context(|| format!("linker argument {s} has no value"))?;
+            output = Some(PathBuf::from(v));
+            i += 2;
+            continue;
+        }
+        if let Some(v) = s.strip_prefix("--output=") {
+            output = Some(PathBuf::from(v));
+        } else if let Some(v) = s
+            .strip_prefix("-o")
+            .filter(|v| !v.is_empty() && !s.starts_with("--"))
+        {
+            output = Some(PathBuf::from(v));
+        } else {
+            if s == "--emit-relocs" || s == "-q" {
+                has_emit_relocs = true;
+            }
+            rest.push(a.clone());
+        }
+        i += 1;
+    }
+    let output = output.context("no output file (-o) on the linker command line")?;
+    Ok(LinkArgs {
+        output,
+        rest,
+        has_emit_relocs,
+    })
+}
+
+/// Links, then embeds. Returns the embed report for the final output.
+pub fn link(linker: &Linker, args: &[OsString]) -> Result<EmbedReport> {
+    let la = parse_link_args(args)?;
+    let dir = match la.output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".ksites-link-")
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?
+        .into_temp_path();
+    let mut cmd = linker.command()?;
+    cmd.args(&la.rest);
+    if !la.has_emit_relocs {
+        cmd.arg("--emit-relocs");
+    }
+    cmd.arg("-o").arg(&*tmp);
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run the linker ({linker:?}): {cmd:?}"))?;
+    if !status.success() {
+        bail!(
+            "the linker failed ({status}); {} not written",
+            la.output.display()
+        );
+    }
+    ensure!(tmp.is_file(), "the linker produced no output");
+    let report = embed_file(&tmp, &la.output).with_context(|| {
+        format!(
+            "embedding into {} failed; the output was not written",
+            la.output.display()
+        )
+    })?;
+    tmp.close().ok();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn output_forms_and_flavor() {
+        let a = parse_link_args(&os(&[
+            "-flavor",
+            "gnu",
+            "a.o",
+            "-o",
+            "out",
+            "--gc-sections",
+        ]))
+        .unwrap();
+        assert_eq!(a.output, PathBuf::from("out"));
+        assert_eq!(a.rest, os(&["a.o", "--gc-sections"]));
+        assert!(!a.has_emit_relocs);
+        for form in [&["-oout"][..], &["--output=out"], &["--output", "out"]] {
+            let mut v = os(form);
+            v.push("--emit-relocs".into());
+            let a = parse_link_args(&v).unwrap();
+            assert_eq!(a.output, PathBuf::from("out"));
+            assert!(a.has_emit_relocs);
+        }
+        assert!(parse_link_args(&os(&["a.o"])).is_err());
+    }
+
+    #[test]
+    fn linker_names() {
+        assert_eq!(Linker::parse(OsStr::new("bfd")), Linker::Bfd);
+        assert_eq!(Linker::parse(OsStr::new("ld.lld")), Linker::Lld);
+        assert_eq!(
+            Linker::parse(OsStr::new("/opt/ld")),
+            Linker::Program("/opt/ld".into())
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! `ksites scan`: the generic site finder. Lists every `call rel32` to a symbol matching
+//! a `--calls-to` glob and every `jmp rel32`/`jcc rel32` to one matching a `--jumps-to`
+//! glob, in any x86-64 ELF file (ET_REL, or ET_EXEC/ET_DYN linked with
+//! `--emit-relocs`), the way recordmcount finds `__fentry__` calls and objtool finds
+//! retpoline-thunk calls. Sites are found through relocations and decoded from the start
+//! of the enclosing function.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result};
+use kernel_loader::format::SiteKind;
+use kernel_loader::probe::glob_match_str;
+use object::elf;
+
+use crate::elf::{ElfKind, Image, Reloc, demangle};
+use crate::sites::{Selected, find_sites_with};
+
+/// What to look for.
+#[derive(Clone, Debug, Default)]
+pub struct ScanOptions {
+    /// Globs for `call` targets.
+    pub calls_to: Vec<String>,
+    /// Globs for `jmp`/`jcc` targets.
+    pub jumps_to: Vec<String>,
+}
+
+/// One site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanHit {
+    /// The file.
+    pub file: String,
+    /// Section name.
+    pub section: String,
+    /// Section offset of the instruction's first byte.
+    pub offset: u64,
+    /// Instruction length.
+    pub length: u8,
+    /// `call`, `jmp` or `jcc`.
+    pub kind: SiteKind,
+    /// The target symbol (raw name).
+    pub symbol: String,
+    /// Virtual address (linked images only).
+    pub address: Option<u64>,
+}
+
+impl ScanHit {
+    /// One JSON object, as `--json` prints it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "file": self.file,
+            "section": self.section,
+            "offset": self.offset,
+            "length": self.length,
+            "kind": self.kind.name(),
+            "symbol": self.symbol,
+        });
+        if let Some(a) = self.address {
+            v["address"] = a.into();
+        }
+        v
+    }
+
+    /// One text line.
+    pub fn to_text(&self) -> String {
+        let addr = self.address.map(|a| format!(" {a:#x}")).unwrap_or_default();
+        format!(
+            "{}: {}+{:#x}{addr} {} ({} bytes) -> {}",
+            self.file,
+            self.section,
+            self.offset,
+            self.kind.name(),
+            self.length,
+            self.symbol
+        )
+    }
+}
+
+/// The name a relocation refers to: the symbol's own name, or, for a section symbol,
+/// the symbol defined at the branch target inside that section.
+fn target_name(img: &Image<'_>, r: &Reloc) -> Option<String> {
+    if !r.sym_is_section {
+        let n = img.symbol_name(r.sym_index);
+        return (!n.is_empty()).then_some(n);
+    }
+    let sec = r.sym_section?;
+    let at = r.sym_value.wrapping_add_signed(r.addend).wrapping_add(4);
+    img.symbol_at(sec, at).map(|s| s.name.clone())
+}
+
+fn matches(globs: &[String], raw: &str) -> bool {
+    if globs.is_empty() {
+        return false;
+    }
+    let dem = demangle(raw);
+    globs
+        .iter()
+        .any(|g| glob_match_str(g, raw) || glob_match_str(g, &dem))
+}
+
+/// Scans one file's contents.
+pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<Vec<ScanHit>> {
+    let img = Image::parse(path, data)?;
+    let mut names: Vec<String> = Vec::new();
+    let names_cell = std::cell::RefCell::new(&mut names);
+    let select = |r: &Reloc| -> Option<Selected> {
+        if !matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
+            return None;
+        }
+        let name = target_name(&img, r)?;
+        if !matches(&opts.calls_to, &name) && !matches(&opts.jumps_to, &name) {
+            return None;
+        }
+        let mut names = names_cell.borrow_mut();
+        let target = names.iter().position(|n| *n == name).unwrap_or_else(|| {
+            names.push(name);
+            names.len() - 1
+        });
+        Some(Selected {
+            target,
+            target_addr: None,
+        })
+    };
+    let found = find_sites_with(&img, &select)?;
+    let linked = img.kind != ElfKind::Rel;
+    let mut hits = Vec::new();
+    for s in found.sites {
+        let symbol = names[s.target].clone();
+        let wanted = match s.kind {
+            SiteKind::Call => matches(&opts.calls_to, &symbol),
+            SiteKind::Jmp | SiteKind::Jcc => matches(&opts.jumps_to, &symbol),
+        };
+        if !wanted {
+            continue;
+        }
+        hits.push(ScanHit {
+            file: path.to_string(),
+            section: s.section,
+            offset: s.section_offset,
+            length: s.len,
+            kind: s.kind,
+            symbol,
+            address: linked.then_some(s.addr),
+        });
+    }
+    hits.sort_by(|a, b| (&a.section, a.offset).cmp(&(&b.section, b.offset)));
+    Ok(hits)
+}
+
+/// Scans many files in parallel (one worker per CPU); results come back in input order.
+pub fn scan_files(files: &[PathBuf], opts: &ScanOptions) -> Vec<Result<Vec<ScanHit>>> {
+    let results: Vec<Mutex<Option<Result<Vec<ScanHit>>>>> =
+        files.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len().max(1));
+    std::thread::scope(|sc| {
+        for _ in 0..workers {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(f) = files.get(i) else { break };
+                    let r = std::fs::read(f)
+                        .with_context(|| format!("cannot read {}", f.display()))
+                        .and_then(|d| scan_bytes(&f.display().to_string(), &d, opts));
+                    *results[i].lock().expect("no poisoning") = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .expect("no poisoning")
+                .expect("every file scanned")
+        })
+        .collect()
+}

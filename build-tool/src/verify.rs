@@ -1,0 +1,213 @@
+//! `ksites verify`: re-checks an embedded image against its own table. Every ifunc site
+//! is re-decoded and must be the recorded `call`/`jmp`/`jcc` to its trampoline; every
+//! probe site must hold its disabled form; the set of sites must equal what a fresh scan
+//! of the relocations finds; the cell must point at the table.
+
+use std::collections::{BTreeSet, HashMap};
+
+use anyhow::{Context, Result, bail};
+use iced_x86::{Code, Decoder, DecoderOptions};
+use kernel_loader::arch::x86_64::{JMP_RIP_INDIRECT, TRAMPOLINE_LEN};
+use kernel_loader::cell::{CELL_MAGIC, CELL_SIZE, CELL_SYMBOL};
+use kernel_loader::format::{SECTION_NAME, SiteKind, Table};
+use kernel_loader::probe::site_bytes;
+use object::ObjectSection;
+
+use crate::elf::Image;
+use crate::probes::find_probes_in_embedded;
+use crate::sites::find_sites;
+
+/// What `verify` found.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    /// Ifunc sites checked.
+    pub ifunc_sites: usize,
+    /// Probe sites checked.
+    pub probe_sites: usize,
+    /// One line per mismatch; empty when the image is consistent.
+    pub problems: Vec<String>,
+}
+
+fn loc(img: &Image<'_>, addr: u64) -> String {
+    use object::Object;
+    img.file
+        .sections()
+        .find(|s| s.address() <= addr && addr < s.address() + s.size())
+        .map(|s| {
+            format!(
+                "{}+{:#x} ({})",
+                s.name().unwrap_or("?"),
+                addr - s.address(),
+                img.describe(s.index(), addr)
+            )
+        })
+        .unwrap_or_else(|| format!("{addr:#x}"))
+}
+
+/// Verifies `data` (the contents of `path`).
+pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
+    let img = Image::parse(path, data)?;
+    let sec = img
+        .section_by_name(SECTION_NAME)
+        .with_context(|| format!("{path}: no {SECTION_NAME} section: not embedded"))?;
+    let exec = img.exec_ranges();
+    let bytes = sec.data()?;
+    let t = match Table::parse(bytes, sec.address(), &exec) {
+        Ok(t) => t,
+        Err(e) => bail!("{path}: {SECTION_NAME} at {:#x}: {e}", sec.address()),
+    };
+    let mut r = VerifyReport::default();
+    let mut bad = |s: String| r.problems.push(format!("{path}: {s}"));
+
+    // The cell.
+    match img.symbol(CELL_SYMBOL) {
+        None => bad(format!("no {CELL_SYMBOL} symbol")),
+        Some(c) => match img.read_va(c.addr, CELL_SIZE as u64) {
+            None => bad(format!(
+                "{CELL_SYMBOL} at {:#x} has no file contents",
+                c.addr
+            )),
+            Some(cb) => {
+                let magic = u64::from_le_bytes(cb[0..8].try_into()?);
+                let off = i64::from_le_bytes(cb[8..16].try_into()?);
+                let size = u64::from_le_bytes(cb[16..24].try_into()?);
+                if magic != CELL_MAGIC
+                    || c.addr.wrapping_add_signed(off) != t.base()
+                    || size != bytes.len() as u64
+                {
+                    bad(format!(
+                        "{CELL_SYMBOL} at {:#x} says table at {:#x} ({size} bytes), table is at {:#x} ({} bytes)",
+                        c.addr,
+                        c.addr.wrapping_add_signed(off),
+                        t.base(),
+                        bytes.len()
+                    ));
+                }
+            }
+        },
+    }
+
+    // Trampolines and ifunc sites.
+    for f in t.ifuncs() {
+        match img.read_va(f.trampoline, TRAMPOLINE_LEN as u64) {
+            Some(b) if b[..2] == JMP_RIP_INDIRECT => {
+                let disp = i32::from_le_bytes(b[2..6].try_into()?);
+                let to = (f.trampoline + TRAMPOLINE_LEN as u64).wrapping_add_signed(disp.into());
+                if to != f.slot {
+                    bad(format!(
+                        "ifunc {}: trampoline at {} jumps through {to:#x}, table says slot {:#x}",
+                        f.name,
+                        loc(&img, f.trampoline),
+                        f.slot
+                    ));
+                }
+            }
+            b => bad(format!(
+                "ifunc {}: trampoline at {} is not `jmp [rip+slot]`: {:02x?}",
+                f.name,
+                loc(&img, f.trampoline),
+                b
+            )),
+        }
+    }
+    for s in t.sites() {
+        r.ifunc_sites += 1;
+        let Some(f) = t.ifunc(s.ifunc) else { continue };
+        let Some(code) = img.read_va(s.addr, s.len() as u64) else {
+            bad(format!("ifunc site {:#x}: not in the file", s.addr));
+            continue;
+        };
+        let mut dec = Decoder::with_ip(64, code, s.addr, DecoderOptions::NONE);
+        let insn = dec.decode();
+        let kind = match insn.code() {
+            Code::Call_rel32_64 => Some(SiteKind::Call),
+            Code::Jmp_rel32_64 => Some(SiteKind::Jmp),
+            _ if insn.is_jcc_near() => Some(SiteKind::Jcc),
+            _ => None,
+        };
+        if kind != Some(s.kind)
+            || insn.len() != s.len()
+            || insn.near_branch_target() != f.trampoline
+        {
+            bad(format!(
+                "ifunc site {} at {}: table says {} ({} bytes) to {} trampoline {:#x}; found {:02x?} = `{}`",
+                s.index,
+                loc(&img, s.addr),
+                s.kind.name(),
+                s.len(),
+                f.name,
+                f.trampoline,
+                code,
+                insn
+            ));
+        }
+    }
+
+    // Probe sites hold their disabled forms.
+    for s in t.probe_sites() {
+        r.probe_sites += 1;
+        let want = match site_bytes(&s, false) {
+            Ok(w) => w,
+            Err(e) => {
+                bad(format!("probe site {:#x}: {e}", s.addr));
+                continue;
+            }
+        };
+        let found = img.read_va(s.addr, 5);
+        if found != Some(&want[..]) {
+            let name = t
+                .probe(s.probe)
+                .map(|p| format!("{}:{}", p.provider, p.name))
+                .unwrap_or_default();
+            bad(format!(
+                "probe site {} at {} ({name}, {}): expected disabled bytes {want:02x?}, found {:02x?}",
+                s.index,
+                loc(&img, s.addr),
+                s.kind.name(),
+                found
+            ));
+        }
+    }
+
+    // The table's sites are exactly what the relocations say.
+    let records = crate::records::read_ifuncs(&img)?;
+    let targets: HashMap<u64, usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.trampoline, i))
+        .collect();
+    let scan = find_sites(&img, &targets)?;
+    let from_relocs: BTreeSet<u64> = scan.sites.iter().map(|s| s.addr).collect();
+    let in_table: BTreeSet<u64> = t.sites().map(|s| s.addr).collect();
+    for a in from_relocs.difference(&in_table) {
+        bad(format!(
+            "call site at {} targets an ifunc trampoline but is not in the table",
+            loc(&img, *a)
+        ));
+    }
+    for a in in_table.difference(&from_relocs) {
+        bad(format!(
+            "table site at {} is not a branch to a trampoline per the relocations",
+            loc(&img, *a)
+        ));
+    }
+    let probe_sites: BTreeSet<u64> = find_probes_in_embedded(&img)?.into_iter().collect();
+    let probe_table: BTreeSet<u64> = t.probe_sites().map(|s| s.addr).collect();
+    for a in probe_sites.symmetric_difference(&probe_table) {
+        bad(format!(
+            "probe site at {} is {} the table but {} the image's probe records/relocations",
+            loc(&img, *a),
+            if probe_table.contains(a) {
+                "in"
+            } else {
+                "not in"
+            },
+            if probe_sites.contains(a) {
+                "in"
+            } else {
+                "not in"
+            }
+        ));
+    }
+    Ok(r)
+}
