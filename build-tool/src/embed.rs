@@ -1,7 +1,6 @@
 //! `ksites embed`: discover sites, write `.ksites` in a new `PT_LOAD`, fill the table
 //! cell, and write the output atomically.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -15,8 +14,8 @@ use object::{LittleEndian as LE, U16, U32, U64};
 
 use crate::elf::{ElfKind, Image};
 use crate::probes::{ProbeScan, find_probes};
-use crate::records::{IfuncInfo, read_ifuncs};
-use crate::sites::{SiteScan, find_sites};
+use crate::records::{IfuncInfo, find_ifunc_sites, read_ifuncs};
+use crate::sites::SiteScan;
 use crate::table::{IfuncEntry, SiteEntry, TableInput, build, table_size_for};
 
 /// The input already carries a `.ksites` table (or a filled cell).
@@ -71,12 +70,7 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         "{path}: executable sections carry no relocations; link with --emit-relocs \
          (e.g. `-C link-arg=--emit-relocs`) so call sites can be found"
     );
-    let targets: HashMap<u64, usize> = ifuncs
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.trampoline, i))
-        .collect();
-    let scan = find_sites(&img, &targets)?;
+    let scan = find_ifunc_sites(&img, &ifuncs)?;
 
     let cell = img.symbol(CELL_SYMBOL).with_context(|| {
         format!(
@@ -145,6 +139,25 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
     };
     for (addr, bytes) in &probes.rewrites {
         patch(&mut out, *addr, bytes, "probe site")?;
+    }
+    // Their relocations now describe bytes that are gone: make them R_X86_64_NONE (as
+    // `dtrace -G` does), keeping the symbol, so no tool re-applies them over the new
+    // instruction.
+    let rewritten: std::collections::HashSet<u64> =
+        probes.rewrites.iter().map(|(a, _)| a + 1).collect();
+    for at in rela_entries_at(data, &rewritten) {
+        out[at + 8..at + 12].copy_from_slice(&elf::R_X86_64_NONE.to_le_bytes());
+    }
+    // A GNU ifunc's slot starts out pointing at its trampoline (the linkers leave 0 or
+    // a lazy-binding stub there): it has no default, and the loader checks the slot
+    // holds the recorded default before resolving.
+    for f in ifuncs.iter().filter(|f| f.gnu_symbol.is_some()) {
+        patch(
+            &mut out,
+            f.slot,
+            &f.trampoline.to_le_bytes(),
+            "GNU ifunc slot",
+        )?;
     }
     for (rec, id) in &probes.record_ids {
         patch(
@@ -476,6 +489,38 @@ pub fn stapsdt_notes(probes: &ProbeScan, base: u64) -> Vec<u8> {
         out.extend_from_slice(b"stapsdt\0");
         out.extend_from_slice(&desc);
         out.resize(out.len().next_multiple_of(4), 0);
+    }
+    out
+}
+
+/// File offsets of the `Elf64_Rela` entries (in any SHT_RELA section) whose `r_offset` is
+/// in `offsets` and whose type is PC32 or PLT32.
+fn rela_entries_at(data: &[u8], offsets: &std::collections::HashSet<u64>) -> Vec<usize> {
+    let mut out = Vec::new();
+    if offsets.is_empty() {
+        return out;
+    }
+    let Ok(file) = object::read::elf::ElfFile64::<LE>::parse(data) else {
+        return out;
+    };
+    for sec in file.elf_section_table().iter() {
+        use object::read::elf::SectionHeader as _;
+        if sec.sh_type(LE) != elf::SHT_RELA {
+            continue;
+        }
+        let (off, size) = (sec.sh_offset(LE) as usize, sec.sh_size(LE) as usize);
+        let Some(bytes) = data.get(off..off + size) else {
+            continue;
+        };
+        for (i, e) in bytes.chunks_exact(24).enumerate() {
+            let r_offset = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
+            let r_type = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes"));
+            if offsets.contains(&r_offset)
+                && matches!(r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32)
+            {
+                out.push(off + 24 * i);
+            }
+        }
     }
     out
 }

@@ -1,6 +1,5 @@
 //! `ksites inspect`: a readable listing of a file's ifuncs and sites.
 
-use std::collections::HashMap;
 use std::fmt::Write;
 
 use anyhow::{Context, Result};
@@ -9,8 +8,7 @@ use object::{Object, ObjectSection};
 
 use crate::elf::Image;
 use crate::probes::find_probes;
-use crate::records::read_ifuncs;
-use crate::sites::find_sites;
+use crate::records::{find_ifunc_sites, read_ifuncs};
 
 fn sym_name(img: &Image<'_>, addr: u64) -> String {
     img.file
@@ -61,12 +59,7 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
     writeln!(o, "{path}: ELF {:?} x86-64", img.kind)?;
     let exec = img.exec_ranges();
     let ifunc_records = read_ifuncs(&img)?;
-    let targets: HashMap<u64, usize> = ifunc_records
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.trampoline, i))
-        .collect();
-    let scan = find_sites(&img, &targets)?;
+    let scan = find_ifunc_sites(&img, &ifunc_records)?;
 
     // Rows to print: from the table when embedded, else from what embed would record.
     let mut ifuncs: Vec<IfuncRow> = Vec::new();

@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::arch::x86_64::NOP5;
-use kernel_loader::format::{NARGS_UNKNOWN, ProbeKind, SiteKind};
+use kernel_loader::format::{NARGS_UNKNOWN, PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::{
-    C_ENABLED_OFF, C_ENABLED_TAIL_OFF, C_TAIL_OFF, PROBE_RECORD_MAGIC, RECORD_NARGS_NONE,
-    SITE_RECORD_MAGIC, SITE_RECORD_SECTION, SITE_RECORD_SIZE, record,
+    PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_MAGIC, SITE_RECORD_SECTION,
+    SITE_RECORD_SIZE, STUB_SYMBOLS, Stubs, record, site_bytes_with,
 };
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
@@ -307,6 +307,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     }
 
     // 4. Number the probes (sorted by provider, name) and build the outputs.
+    let stubs = image_stubs(img);
     let mut scan = ProbeScan::default();
     let mut index: BTreeMap<(String, String), u32> = BTreeMap::new();
     for (i, (key, n)) in nargs.iter().enumerate() {
@@ -335,9 +336,27 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
         let disabled = match p.kind {
             ProbeKind::RustJmp | ProbeKind::RustEnabled => None,
             ProbeKind::CCall => Some(NOP5),
-            ProbeKind::CTail => Some(C_TAIL_OFF),
-            ProbeKind::CEnabled => Some(C_ENABLED_OFF),
-            ProbeKind::CEnabledTail => Some(C_ENABLED_TAIL_OFF),
+            ProbeKind::CTail | ProbeKind::CEnabled | ProbeKind::CEnabledTail => {
+                let site = PSite {
+                    index: 0,
+                    addr: p.addr,
+                    target: 0,
+                    kind: p.kind,
+                    probe: id,
+                };
+                if p.kind == ProbeKind::CEnabledTail && stubs.ret0 == 0 {
+                    bail!(
+                        "{}: C is-enabled tail call at {:#x} needs kernel-loader's `{}` in the image",
+                        img.path,
+                        p.addr,
+                        STUB_SYMBOLS[1]
+                    );
+                }
+                Some(
+                    site_bytes_with(&site, false, &stubs)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", img.path))?,
+                )
+            }
         };
         if let Some(b) = disabled {
             scan.rewrites.push((p.addr, b));
@@ -366,6 +385,16 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     Ok(scan)
 }
 
+/// The image's probe entry points (0 for any it lacks).
+pub fn image_stubs(img: &Image<'_>) -> Stubs {
+    let addr = |name: &str| img.symbol(name).map_or(0, |s| s.addr);
+    Stubs {
+        c_entry: addr(STUB_SYMBOLS[0]),
+        ret0: addr(STUB_SYMBOLS[1]),
+        ret1: addr(STUB_SYMBOLS[2]),
+    }
+}
+
 /// Probe site addresses of an image `embed` already processed: the `probe!` records'
 /// sites, and, for C probes, the instruction before each relocation against a probe
 /// function (only plain 5-byte `call`/`jmp` were accepted, so it starts one byte
@@ -384,17 +413,28 @@ pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
             off += SITE_RECORD_SIZE;
         }
     }
-    for sec in img.exec_sections() {
-        for r in img.relocations(&sec)? {
+    // Raw RELA entries: `embed` turned these relocations into R_X86_64_NONE, which the
+    // object crate's relocation iterator does not attribute to their symbol.
+    for sec in img.file.sections() {
+        use object::read::elf::SectionHeader as _;
+        let h = sec.elf_section_header();
+        if h.sh_type(object::LittleEndian) != object::elf::SHT_RELA {
+            continue;
+        }
+        let Ok(data) = sec.data() else { continue };
+        for e in data.chunks_exact(24) {
+            let info = u64_at(e, 8);
+            let r_type = (info & 0xffff_ffff) as u32;
             if !matches!(
-                r.r_type,
-                object::elf::R_X86_64_PC32 | object::elf::R_X86_64_PLT32
-            ) || r.sym_is_section
-            {
+                r_type,
+                object::elf::R_X86_64_PC32
+                    | object::elf::R_X86_64_PLT32
+                    | object::elf::R_X86_64_NONE
+            ) {
                 continue;
             }
-            if split_c_probe(&img.symbol_name(r.sym_index)).is_some() {
-                out.push(r.offset - 1);
+            if split_c_probe(&img.symbol_name((info >> 32) as usize)).is_some() {
+                out.push(u64_at(e, 0) - 1);
             }
         }
     }

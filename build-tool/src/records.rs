@@ -3,9 +3,14 @@
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::arch::x86_64::{JMP_RIP_INDIRECT, TRAMPOLINE_LEN};
 use kernel_loader::ifunc::{RECORD_MAGIC, RECORD_SECTION, RECORD_SIZE, RECORD_VERSION, record};
-use object::{Object, ObjectSection};
+use std::collections::HashMap;
 
-use crate::elf::{ElfKind, Image};
+use object::elf;
+use object::read::elf::SectionHeader;
+use object::{LittleEndian, Object, ObjectSection, ObjectSymbol};
+
+use crate::elf::{ElfKind, Image, Reloc};
+use crate::sites::{Selected, SiteScan, find_sites_with, reloc_target};
 
 /// One ifunc, with absolute addresses in the linked image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,8 +25,13 @@ pub struct IfuncInfo {
     pub slot: u64,
     /// The resolver adapter.
     pub resolver: u64,
-    /// The default implementation.
+    /// The default implementation (for a GNU ifunc, the trampoline itself: it has no
+    /// default, and the slot is made to point at the trampoline until resolution).
     pub default: u64,
+    /// For a GNU ifunc (`STT_GNU_IFUNC`), the index of its symbol: calls to it are
+    /// relocated against the symbol (whose value is the resolver) and routed by the
+    /// linker through the IPLT entry, the trampoline.
+    pub gnu_symbol: Option<usize>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -32,9 +42,133 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// All ifunc records of a linked image, sorted by trampoline address. An image without
-/// the section has no ifuncs (not an error).
+/// Every ifunc of a linked image: `ifunc!` records and GNU ifuncs, sorted by trampoline
+/// address. An image with neither has no ifuncs (not an error).
 pub fn read_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
+    let mut out = read_gnu_ifuncs(img)?;
+    out.extend(read_rust_ifuncs(img)?);
+    out.sort_by_key(|f| f.trampoline);
+    for w in out.windows(2) {
+        ensure!(
+            w[0].trampoline != w[1].trampoline,
+            "{}: two ifunc records for one trampoline ({} and {})",
+            img.path,
+            w[0].name,
+            w[1].name
+        );
+    }
+    Ok(out)
+}
+
+/// Every call/jmp/jcc site of `ifuncs` (and every other reference to them).
+pub fn find_ifunc_sites(img: &Image<'_>, ifuncs: &[IfuncInfo]) -> Result<SiteScan> {
+    let by_addr: HashMap<u64, usize> = ifuncs
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.trampoline, i))
+        .collect();
+    let by_sym: HashMap<usize, usize> = ifuncs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| f.gnu_symbol.map(|s| (s, i)))
+        .collect();
+    find_sites_with(img, &|r: &Reloc| {
+        if let Some(&i) = by_sym.get(&r.sym_index).filter(|_| !r.sym_is_section) {
+            return Some(Selected {
+                target: i,
+                target_addr: Some(ifuncs[i].trampoline),
+            });
+        }
+        let t = reloc_target(r);
+        by_addr.get(&t).map(|&target| Selected {
+            target,
+            target_addr: Some(t),
+        })
+    })
+}
+
+/// GNU ifuncs: `STT_GNU_IFUNC` symbols of a static image, each with the
+/// `R_X86_64_IRELATIVE` relocation the linker made for it (slot = its offset, resolver =
+/// its addend = the symbol's value) and the PLT/IPLT entry that jumps through that slot.
+pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
+    let syms: Vec<(usize, String, u64)> = img
+        .file
+        .symbols()
+        .filter(|s| s.elf_symbol().st_type() == elf::STT_GNU_IFUNC && s.section_index().is_some())
+        .filter_map(|s| Some((s.index().0, s.name().ok()?.to_string(), s.address())))
+        .collect();
+    if syms.is_empty() {
+        return Ok(Vec::new());
+    }
+    ensure!(
+        img.kind == ElfKind::Exec,
+        "{}: GNU ifuncs are supported in static ET_EXEC images only",
+        img.path
+    );
+    // IRELATIVE relocations, wherever the linker put them (.rela.plt, .rela.iplt, .rela.dyn).
+    let mut irel: Vec<(u64, u64)> = Vec::new();
+    for sec in img.file.sections() {
+        if sec.elf_section_header().sh_type(LittleEndian) != elf::SHT_RELA {
+            continue;
+        }
+        let Ok(data) = sec.data() else { continue };
+        for e in data.chunks_exact(24) {
+            let info = u64_at(e, 8);
+            if (info & 0xffff_ffff) as u32 == elf::R_X86_64_IRELATIVE {
+                irel.push((u64_at(e, 0), u64_at(e, 16)));
+            }
+        }
+    }
+    // PLT entries: `ff 25 disp32` at 16-byte boundaries that jump through one of those
+    // slots. They may sit in their own `.plt`/`.iplt` section or, with a linker script,
+    // inside `.text`.
+    let slots: std::collections::HashSet<u64> = irel.iter().map(|(slot, _)| *slot).collect();
+    let mut plt: HashMap<u64, u64> = HashMap::new();
+    for sec in img.exec_sections() {
+        let data = sec.data().unwrap_or(&[]);
+        let first = sec.address().next_multiple_of(16) - sec.address();
+        for off in (first as usize..data.len().saturating_sub(TRAMPOLINE_LEN - 1)).step_by(16) {
+            let e = &data[off..off + TRAMPOLINE_LEN];
+            if e[..2] != JMP_RIP_INDIRECT {
+                continue;
+            }
+            let at = sec.address() + off as u64;
+            let disp = i32::from_le_bytes(e[2..6].try_into().expect("4 bytes"));
+            let to = (at + TRAMPOLINE_LEN as u64).wrapping_add_signed(disp.into());
+            if slots.contains(&to) {
+                plt.entry(to).or_insert(at);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (index, name, resolver) in syms {
+        let (slot, _) = *irel.iter().find(|(_, a)| *a == resolver).with_context(|| {
+            format!(
+                "{}: GNU ifunc {name} (resolver {resolver:#x}) has no R_X86_64_IRELATIVE relocation; \
+                 is it ever called?",
+                img.path
+            )
+        })?;
+        let trampoline = *plt.get(&slot).with_context(|| {
+            format!(
+                "{}: GNU ifunc {name}: no PLT entry jumps through its slot {slot:#x}",
+                img.path
+            )
+        })?;
+        out.push(IfuncInfo {
+            trampoline_symbol: name.clone(),
+            name,
+            trampoline,
+            slot,
+            resolver,
+            default: trampoline,
+            gnu_symbol: Some(index),
+        });
+    }
+    Ok(out)
+}
+
+fn read_rust_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
     let Some(sec) = img.section_by_name(RECORD_SECTION) else {
         return Ok(Vec::new());
     };
@@ -108,20 +242,11 @@ pub fn read_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
             slot,
             resolver: u64_at(r, record::RESOLVER),
             default: u64_at(r, record::DEFAULT),
+            gnu_symbol: None,
         };
         check_trampoline(img, &info)?;
         out.push(info);
         off += RECORD_SIZE;
-    }
-    out.sort_by_key(|f| f.trampoline);
-    for w in out.windows(2) {
-        ensure!(
-            w[0].trampoline != w[1].trampoline,
-            "{}: two ifunc records for one trampoline ({} and {})",
-            img.path,
-            w[0].name,
-            w[1].name
-        );
     }
     Ok(out)
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::Result;
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
 use kernel_loader::arch::x86_64::{is_branch_prefix, opcode_matches};
-use kernel_loader::format::SiteKind;
+use kernel_loader::format::{MAX_SITE_LEN, SiteKind};
 use object::elf;
 use object::{ObjectSection, SectionIndex};
 
@@ -81,15 +81,40 @@ pub struct Selected {
 /// executable sections.
 pub fn find_sites(img: &Image<'_>, targets: &HashMap<u64, usize>) -> Result<SiteScan> {
     find_sites_with(img, &|r: &Reloc| {
-        let pc_rel = matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32);
-        let base = r.sym_value.wrapping_add_signed(r.addend);
-        // For a rel32 that ends its instruction, S + A + 4 is where the branch goes.
-        let t = if pc_rel { base.wrapping_add(4) } else { base };
+        let t = reloc_target(r);
         targets.get(&t).map(|&target| Selected {
             target,
             target_addr: Some(t),
         })
     })
+}
+
+/// Relocation types that reach a symbol through the GOT (`call *sym@GOTPCREL(%rip)`,
+/// `mov sym@GOTPCREL(%rip), %rax`).
+pub fn is_got_reloc(t: u32) -> bool {
+    matches!(
+        t,
+        elf::R_X86_64_GOT32
+            | elf::R_X86_64_GOTPCREL
+            | elf::R_X86_64_GOTPCRELX
+            | elf::R_X86_64_REX_GOTPCRELX
+            | elf::R_X86_64_GOTPCREL64
+            | elf::R_X86_64_GOT64
+    )
+}
+
+/// The address a relocation refers to: for a rel32 that ends its instruction (PC32,
+/// PLT32), S + A + 4 is where the branch goes; through the GOT, the symbol itself;
+/// otherwise S + A.
+pub fn reloc_target(r: &Reloc) -> u64 {
+    let base = r.sym_value.wrapping_add_signed(r.addend);
+    if matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
+        base.wrapping_add(4)
+    } else if is_got_reloc(r.r_type) {
+        r.sym_value
+    } else {
+        base
+    }
 }
 
 /// The engine: every PC32/PLT32 relocation (and, reported as other references, every
@@ -111,7 +136,8 @@ pub fn find_sites_with(
                 r.r_type,
                 elf::R_X86_64_64 | elf::R_X86_64_32 | elf::R_X86_64_32S
             );
-            if !pc_rel && !abs {
+            let got = is_got_reloc(r.r_type);
+            if !pc_rel && !abs && !got {
                 continue;
             }
             let Some(Selected {
@@ -122,12 +148,17 @@ pub fn find_sites_with(
                 continue;
             };
             let location = img.describe(sec.index(), r.offset);
-            if abs {
+            if abs || got {
+                let what = if got {
+                    format!("reference through the GOT ({})", reloc_name(r.r_type))
+                } else {
+                    format!("absolute address ({})", reloc_name(r.r_type))
+                };
                 scan.other_refs.push(OtherRef {
                     addr: r.offset,
                     target,
                     section: sec_name.clone(),
-                    what: format!("absolute address ({})", reloc_name(r.r_type)),
+                    what,
                     location,
                 });
                 continue;
@@ -226,6 +257,13 @@ fn classify(
         ));
         return;
     }
+    if len > MAX_SITE_LEN {
+        other(format!(
+            "{} with too many prefixes ({len} bytes)",
+            Mnemonic(insn)
+        ));
+        return;
+    }
     let prefixes = len - kind.opcode_len() - 4;
     let off = (insn.ip() - start) as usize;
     let bytes = &code[off..off + len];
@@ -271,6 +309,10 @@ pub fn reloc_name(t: u32) -> &'static str {
         elf::R_X86_64_32 => "R_X86_64_32",
         elf::R_X86_64_32S => "R_X86_64_32S",
         elf::R_X86_64_PC64 => "R_X86_64_PC64",
+        elf::R_X86_64_GOTPCREL => "R_X86_64_GOTPCREL",
+        elf::R_X86_64_GOTPCRELX => "R_X86_64_GOTPCRELX",
+        elf::R_X86_64_REX_GOTPCRELX => "R_X86_64_REX_GOTPCRELX",
+        elf::R_X86_64_GOT32 => "R_X86_64_GOT32",
         _ => "R_X86_64_?",
     }
 }

@@ -3,19 +3,18 @@
 //! probe site must hold its disabled form; the set of sites must equal what a fresh scan
 //! of the relocations finds; the cell must point at the table.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, bail};
 use iced_x86::{Code, Decoder, DecoderOptions};
 use kernel_loader::arch::x86_64::{JMP_RIP_INDIRECT, TRAMPOLINE_LEN};
 use kernel_loader::cell::{CELL_MAGIC, CELL_SIZE, CELL_SYMBOL};
 use kernel_loader::format::{SECTION_NAME, SiteKind, Table};
-use kernel_loader::probe::site_bytes;
+use kernel_loader::probe::site_bytes_with;
 use object::ObjectSection;
 
 use crate::elf::Image;
 use crate::probes::find_probes_in_embedded;
-use crate::sites::find_sites;
 
 /// What `verify` found.
 #[derive(Debug, Default)]
@@ -144,9 +143,10 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
     }
 
     // Probe sites hold their disabled forms.
+    let stubs = crate::probes::image_stubs(&img);
     for s in t.probe_sites() {
         r.probe_sites += 1;
-        let want = match site_bytes(&s, false) {
+        let want = match site_bytes_with(&s, false, &stubs) {
             Ok(w) => w,
             Err(e) => {
                 bad(format!("probe site {:#x}: {e}", s.addr));
@@ -171,12 +171,7 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
 
     // The table's sites are exactly what the relocations say.
     let records = crate::records::read_ifuncs(&img)?;
-    let targets: HashMap<u64, usize> = records
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.trampoline, i))
-        .collect();
-    let scan = find_sites(&img, &targets)?;
+    let scan = crate::records::find_ifunc_sites(&img, &records)?;
     let from_relocs: BTreeSet<u64> = scan.sites.iter().map(|s| s.addr).collect();
     let in_table: BTreeSet<u64> = t.sites().map(|s| s.addr).collect();
     for a in from_relocs.difference(&in_table) {

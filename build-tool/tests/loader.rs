@@ -144,6 +144,10 @@ impl Image {
 struct FakePoker {
     writes: usize,
     fail_at: Option<usize>,
+    /// Once failing, keep failing every write.
+    fail_forever: bool,
+    /// On the failing write, write this many bytes first (a torn write).
+    partial: usize,
     began: usize,
     ended: usize,
     syncs: usize,
@@ -156,8 +160,14 @@ impl TextPoker for FakePoker {
     }
 
     unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
-        if self.fail_at == Some(self.writes) {
-            self.fail_at = None;
+        if self.fail_at.is_some_and(|n| self.writes >= n) {
+            if !self.fail_forever {
+                self.fail_at = None;
+            }
+            let n = self.partial.min(bytes.len());
+            // SAFETY: as below; a torn write of the first `n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, n) };
+            self.partial = 0;
             return Err(PokeError {
                 addr,
                 reason: "injected",
@@ -292,6 +302,73 @@ fn a_failed_write_restores_every_site_and_slot() {
         );
         assert_eq!(p.ended, 1, "text must be made read-only again");
     }
+}
+
+#[test]
+fn a_torn_failed_write_is_restored_too() {
+    for fail_at in 0..4 {
+        let img = Image::new();
+        let before = img.bytes().to_vec();
+        let t = img.table();
+        let mut p = FakePoker {
+            fail_at: Some(fail_at),
+            partial: 2,
+            ..Default::default()
+        };
+        // SAFETY: as above.
+        let e =
+            unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve_fast(&img)) }.unwrap_err();
+        assert!(matches!(e, PatchError::Poke { .. }), "{e}");
+        assert_eq!(
+            img.bytes(),
+            &before[..],
+            "fail_at={fail_at}: torn site not restored"
+        );
+    }
+}
+
+#[test]
+fn a_rollback_that_cannot_write_says_which_site() {
+    let img = Image::new();
+    let t = img.table();
+    let mut p = FakePoker {
+        fail_at: Some(2),
+        fail_forever: true,
+        partial: 1,
+        ..Default::default()
+    };
+    // SAFETY: as above.
+    let e = unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve_fast(&img)) }.unwrap_err();
+    // Sites 0 and 1 were written and cannot be put back; site 0 is named.
+    assert_eq!(
+        e,
+        PatchError::RollbackIncomplete {
+            site: img.addr(S_CALL),
+            ifunc: "t::zero"
+        }
+    );
+    // The slots are restored regardless: calls through the trampolines stay valid.
+    assert_eq!(img.slot(SLOT0), img.addr(IMPL_A0));
+    assert_eq!(img.slot(SLOT1), img.addr(IMPL_B0));
+}
+
+#[test]
+fn sites_longer_than_eight_bytes_are_rejected_not_patched() {
+    // Four CS prefixes before a call: 9 bytes.
+    let mut img = Image::new();
+    img.branch(S_CALL, &[0x2e, 0x2e, 0x2e, 0x2e, 0xe8], TRAMP0);
+    let mut sites = img.sites();
+    sites.retain(|s| s.addr != img.addr(S_JMP) && s.addr != img.addr(S_PCALL));
+    sites[0].prefixes = 4;
+    let table = build_table(img.addr(TABLE), &img.ifuncs(), &sites).unwrap();
+    img.bytes_mut()[TABLE..TABLE + table.len()].copy_from_slice(&table);
+    let e = Table::parse(
+        &img.table_bytes()[..table.len()],
+        img.addr(TABLE),
+        &img.exec(),
+    )
+    .unwrap_err();
+    assert_eq!(e, FormatError::SiteTooLong { site: 0 });
 }
 
 #[test]
@@ -632,15 +709,25 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
 }
 
 #[test]
-fn reader_never_panics_on_arbitrary_mutations() {
-    // Every single-byte change of a valid table either parses or returns an error.
-    let img = Image::new();
-    let good = img.table_bytes()[..img.table().bytes().len()].to_vec();
+fn reader_and_patcher_never_panic_on_arbitrary_mutations() {
+    // Every single-byte change of a valid table either parses or returns an error, and
+    // when it parses, patching either succeeds or fails cleanly; it never panics.
+    let good = Image::new().table().bytes().to_vec();
     for i in 0..good.len() {
-        for v in [0u8, 1, 0x7f, 0x80, 0xff] {
-            let mut t = good.clone();
-            t[i] = v;
-            let _ = Table::parse(&t, img.addr(TABLE), &img.exec());
+        for v in [0u8, 1, 4, 0x1c, 0x7f, 0x80, 0xff] {
+            let mut img = Image::new();
+            img.bytes_mut()[TABLE + i] = v;
+            let Ok(t) = Table::parse(
+                &img.table_bytes()[..good.len()],
+                img.addr(TABLE),
+                &img.exec(),
+            ) else {
+                continue;
+            };
+            let mut p = FakePoker::default();
+            let text = img.addr(IMPL_A1);
+            // SAFETY: the table lies about sites only within the test image's text.
+            let _ = unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut |_| text) };
         }
     }
 }

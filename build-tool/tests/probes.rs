@@ -32,6 +32,16 @@ __dtraceenabled_net___tx: xor %eax, %eax
     ret
     .size __dtraceenabled_net___tx, 3
 
+    .text
+    .globl ksites_probe_ret0
+    .type ksites_probe_ret0,@function
+ksites_probe_ret0: xor %eax, %eax
+    ret
+    .globl ksites_probe_ret1
+    .type ksites_probe_ret1,@function
+ksites_probe_ret1: mov $1, %eax
+    ret
+
     .section .ksites_probe_decls,"awR",@progbits
     .p2align 3
     .long 0x4450534b, 2
@@ -108,14 +118,18 @@ fn c_probe_calls_are_rewritten_into_their_disabled_forms() {
     assert_eq!(at(start + 10), [0x0f, 0x1f, 0x44, 0x00, 0x00], "plain call");
     assert_eq!(
         at(start + 15),
-        [0x31, 0xc0, 0x0f, 0x1f, 0x00],
-        "is-enabled call"
+        [0xb8, 0x00, 0x00, 0x00, 0x00],
+        "is-enabled call: mov eax, 0"
     );
     assert_eq!(at(start + 22), [0xc3, 0x90, 0x90, 0x90, 0x90], "tail call");
+    let ret0 = sym(&img, "ksites_probe_ret0");
+    let rel = (ret0 as i64 - (check as i64 + 5)) as i32;
+    let mut jmp_ret0 = vec![0xe9];
+    jmp_ret0.extend_from_slice(&rel.to_le_bytes());
     assert_eq!(
         at(check),
-        [0x31, 0xc0, 0xc3, 0x90, 0x90],
-        "is-enabled tail call"
+        jmp_ret0,
+        "is-enabled tail call: jmp ksites_probe_ret0"
     );
     // Nothing else in text changed.
     let orig = Image::parse("in", &before).unwrap();
@@ -162,6 +176,22 @@ fn c_probe_calls_are_rewritten_into_their_disabled_forms() {
     assert!(text.contains("probe net:rx nargs=2 sites=2"), "{text}");
     assert!(text.contains("probe net:tx nargs=? sites=2"), "{text}");
     assert!(text.contains("c-is-enabled-tail check"), "{text}");
+
+    // The rewritten calls' relocations became R_X86_64_NONE.
+    let relocs = Command::new("readelf")
+        .arg("-rW")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let relocs = String::from_utf8_lossy(&relocs.stdout);
+    for l in relocs.lines().filter(|l| l.contains("__dtrace")) {
+        assert!(l.contains("R_X86_64_NONE"), "stale relocation left: {l}");
+    }
+    assert!(relocs.contains("R_X86_64_NONE"), "{relocs}");
+    // And verify still accepts the image.
+    let r = ksites::verify::verify("out", &data).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.probe_sites, 4);
 }
 
 #[test]

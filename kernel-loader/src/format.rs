@@ -24,6 +24,8 @@
 use core::fmt;
 use core::ops::Range;
 
+use crate::arch::x86_64::TRAMPOLINE_LEN;
+
 /// First eight bytes of every table.
 pub const MAGIC: [u8; 8] = *b"KSITES\0\0";
 /// The format version this reader understands.
@@ -152,8 +154,11 @@ pub struct ProbeSite {
 /// | `RustEnabled` (`probe_enabled!`) | `0f 1f 44 00 00` | `e9 rel32` → block setting `true` |
 /// | `CCall` (`call __dtrace_probe_*`) | `0f 1f 44 00 00` | `e8 rel32` → C dispatcher |
 /// | `CTail` (`jmp __dtrace_probe_*`) | `c3 90 90 90 90` (ret) | `cc 90 90 90 90`: int3 fires, then returns |
-/// | `CEnabled` (`call __dtraceenabled_*`) | `31 c0 0f 1f 00` (eax = 0) | `b8 01 00 00 00` (eax = 1) |
-/// | `CEnabledTail` (`jmp __dtraceenabled_*`) | `31 c0 c3 90 90` (return 0) | `31 c0 ff c0 c3` (return 1) |
+/// | `CEnabled` (`call __dtraceenabled_*`) | `b8 00 00 00 00` (eax = 0) | `b8 01 00 00 00` (eax = 1) |
+/// | `CEnabledTail` (`jmp __dtraceenabled_*`) | `e9 rel32` → `ksites_probe_ret0` | `e9 rel32` → `ksites_probe_ret1` |
+///
+/// Each form is a single instruction in both states, so a CPU stopped anywhere during
+/// the int3 protocol resumes on an instruction boundary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ProbeKind {
     /// A `probe!` site.
@@ -271,8 +276,12 @@ impl SiteKind {
     }
 }
 
-/// Largest number of prefix bytes a site may carry (3 bits).
+/// Largest number of prefix bytes a site's encoding can carry (3 bits).
 pub const MAX_PREFIXES: u32 = 7;
+/// Longest site instruction the patcher handles (the architectural limit is 15; real
+/// compilers emit at most one or two prefixes before a branch). Longer sites are
+/// rejected by the reader and reported, not recorded, by the build tool.
+pub const MAX_SITE_LEN: usize = 8;
 /// Largest ifunc index a site can name (24 bits).
 pub const MAX_IFUNCS: u32 = 1 << 24;
 
@@ -443,6 +452,11 @@ pub enum FormatError {
         /// Number of descriptors.
         count: u32,
     },
+    /// A site's instruction is longer than [`MAX_SITE_LEN`] (too many prefixes).
+    SiteTooLong {
+        /// Site index.
+        site: u32,
+    },
     /// Sites are not in strictly ascending address order, or two sites overlap.
     Unsorted {
         /// Index of the first site out of order.
@@ -565,6 +579,10 @@ impl fmt::Display for FormatError {
             FormatError::IfuncIndexOutOfRange { site, ifunc, count } => write!(
                 f,
                 "ifunc site {site}: names ifunc {ifunc}, but there are only {count}"
+            ),
+            FormatError::SiteTooLong { site } => write!(
+                f,
+                "ifunc site {site}: instruction longer than {MAX_SITE_LEN} bytes (too many prefixes)"
             ),
             FormatError::Unsorted { site } => write!(
                 f,
@@ -993,12 +1011,12 @@ impl<'a> Table<'a> {
         let n = self.header.ifuncs.count;
         for i in 0..n {
             let f = self.try_ifunc(i)?;
-            for (field, addr) in [
-                (IfuncField::Trampoline, f.trampoline),
-                (IfuncField::Resolver, f.resolver),
-                (IfuncField::Default, f.default),
+            for (field, addr, len) in [
+                (IfuncField::Trampoline, f.trampoline, TRAMPOLINE_LEN as u64),
+                (IfuncField::Resolver, f.resolver, 1),
+                (IfuncField::Default, f.default, 1),
             ] {
-                if !in_ranges(exec, addr, 1) {
+                if !in_ranges(exec, addr, len) {
                     return Err(FormatError::BadIfuncPointer {
                         ifunc: i,
                         field,
@@ -1035,6 +1053,9 @@ impl<'a> Table<'a> {
         let mut prev_end = 0u64;
         for i in 0..n {
             let s = self.try_site(i)?;
+            if s.len() > MAX_SITE_LEN {
+                return Err(FormatError::SiteTooLong { site: i });
+            }
             if i > 0 && s.addr < prev_end {
                 return Err(FormatError::Unsorted { site: i });
             }

@@ -112,7 +112,9 @@ impl fmt::Display for InsnBytes {
     }
 }
 
-/// Why patching failed. Whenever this is returned, no site and no slot is changed.
+/// Why patching failed. Whenever this is returned, no site and no slot is changed, except
+/// with [`PatchError::RollbackIncomplete`], which names the site that could not be
+/// restored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PatchError<'a> {
     /// The table is invalid.
@@ -168,6 +170,15 @@ pub enum PatchError<'a> {
         /// The poker's error.
         error: PokeError,
     },
+    /// A batch failed and restoring a site failed too: that site may hold neither its
+    /// original nor its patched bytes (its slot is restored, so the trampoline path stays
+    /// valid, but the site itself needs attention).
+    RollbackIncomplete {
+        /// Site address.
+        site: u64,
+        /// The ifunc.
+        ifunc: &'a str,
+    },
     /// A site read back differently from what was written.
     VerifyFailed {
         /// Site address.
@@ -213,6 +224,10 @@ impl fmt::Display for PatchError<'_> {
                     write!(f, "patching {ifunc}: {error}")
                 }
             }
+            PatchError::RollbackIncomplete { site, ifunc } => write!(
+                f,
+                "patching failed and site {site:#x} ({ifunc}) could not be restored"
+            ),
             PatchError::VerifyFailed { site, ifunc } => {
                 write!(f, "site {site:#x} ({ifunc}) did not read back as written")
             }
@@ -417,8 +432,9 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         let at = s.rel32_addr();
         // SAFETY: the rel32 field lies inside a validated site; precondition 2.
         if let Err(error) = unsafe { poker.write(at, &new.as_slice()[s.len() - 4..]) } {
+            // The failed write may have changed part of the rel32: restore this site too.
             failed = Some((
-                s.index,
+                s.index + 1,
                 PatchError::Poke {
                     ifunc: f.name,
                     error,
@@ -438,20 +454,29 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         }
         report.sites_patched += 1;
     }
-    if let Some((written, err)) = failed {
-        // Put back every site touched so far (including a half-verified one), then slots.
-        for s in table.sites().take(written as usize) {
+    if let Some((touched, err)) = failed {
+        // Put back every site touched so far (the failed one included), then read each
+        // back: the original bytes were checked in step 1, so they are known exactly.
+        let mut incomplete = None;
+        for s in table.sites().take(touched as usize) {
             let f = ifunc_of(table, &s);
             let current = read_site(poker, &s);
-            if let Some(orig) = site_bytes(&s, current.as_slice(), f.trampoline) {
-                // SAFETY: as above; restoring the original bytes the check pass saw.
-                let _ = unsafe { poker.write(s.rel32_addr(), &orig.as_slice()[s.len() - 4..]) };
+            let Some(orig) = site_bytes(&s, current.as_slice(), f.trampoline) else {
+                continue;
+            };
+            // SAFETY: as above; restoring the original bytes the check pass saw.
+            let w = unsafe { poker.write(s.rel32_addr(), &orig.as_slice()[s.len() - 4..]) };
+            if (w.is_err() || read_site(poker, &s) != orig) && incomplete.is_none() {
+                incomplete = Some(PatchError::RollbackIncomplete {
+                    site: s.addr,
+                    ifunc: f.name,
+                });
             }
         }
         poker.sync_cores();
         poker.end();
         restore_slots(table, table.ifunc_count() as usize);
-        return Err(err);
+        return Err(incomplete.unwrap_or(err));
     }
     poker.sync_cores();
     poker.end();

@@ -161,6 +161,15 @@ pub enum ProbeError {
     },
     /// The kernel's poker failed; every site of the batch was restored.
     Poke(PokeError),
+    /// The kernel's poker failed, and restoring failed too at this site. The probe is
+    /// in its old state; the site may still be `cc` (emulated by the int3 handler) and
+    /// the next enable/disable accepts and rewrites it.
+    RollbackIncomplete {
+        /// The first site that could not be restored.
+        site: u64,
+        /// The probe.
+        probe: ProbeId,
+    },
 }
 
 impl fmt::Display for ProbeError {
@@ -194,6 +203,12 @@ impl fmt::Display for ProbeError {
                 )
             }
             ProbeError::Poke(e) => write!(f, "{e} (batch rolled back)"),
+            ProbeError::RollbackIncomplete { site, probe } => write!(
+                f,
+                "probe {}: a write failed and site {site:#x} could not be restored (it is \
+                 emulated through int3 until the next batch rewrites it)",
+                probe.0
+            ),
         }
     }
 }
@@ -201,8 +216,46 @@ impl fmt::Display for ProbeError {
 #[cfg(feature = "std")]
 impl std::error::Error for ProbeError {}
 
-/// The 5 bytes a site holds in state `on`.
+/// Addresses of the loader's entry points that C probe sites branch to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stubs {
+    /// [`ksites_probe_c_entry`]: what an enabled C call site calls.
+    pub c_entry: u64,
+    /// [`ksites_probe_ret0`]: a disabled C is-enabled tail site jumps here.
+    pub ret0: u64,
+    /// [`ksites_probe_ret1`]: an enabled C is-enabled tail site jumps here.
+    pub ret1: u64,
+}
+
+/// Symbol names of [`Stubs`], in field order (the build tool looks them up).
+pub const STUB_SYMBOLS: [&str; 3] = [
+    "ksites_probe_c_entry",
+    "ksites_probe_ret0",
+    "ksites_probe_ret1",
+];
+
+impl Stubs {
+    /// This image's stubs.
+    pub fn this_image() -> Stubs {
+        Stubs {
+            c_entry: ksites_probe_c_entry as *const () as u64,
+            ret0: ksites_probe_ret0 as *const () as u64,
+            ret1: ksites_probe_ret1 as *const () as u64,
+        }
+    }
+}
+
+/// The 5 bytes a site holds in state `on`, in this image.
 pub fn site_bytes(s: &PSite, on: bool) -> Result<[u8; 5], ProbeError> {
+    site_bytes_with(s, on, &Stubs::this_image())
+}
+
+/// The 5 bytes a site holds in state `on`, with the given stub addresses.
+///
+/// Every form is **one** instruction in both states, so a CPU stopped at any point of
+/// the int3 protocol resumes at an instruction boundary: only the first byte (`cc`) or
+/// the operand bytes change.
+pub fn site_bytes_with(s: &PSite, on: bool, stubs: &Stubs) -> Result<[u8; 5], ProbeError> {
     let branch = |op: u8, target: u64| -> Result<[u8; 5], ProbeError> {
         let r = rel32(s.addr + PROBE_SITE_LEN as u64, target).ok_or(ProbeError::OutOfReach {
             site: s.addr,
@@ -214,13 +267,13 @@ pub fn site_bytes(s: &PSite, on: bool) -> Result<[u8; 5], ProbeError> {
     Ok(match (s.kind, on) {
         (ProbeKind::RustJmp | ProbeKind::RustEnabled | ProbeKind::CCall, false) => NOP5,
         (ProbeKind::RustJmp | ProbeKind::RustEnabled, true) => branch(JMP_REL32, s.target)?,
-        (ProbeKind::CCall, true) => branch(CALL_REL32, c_entry_addr())?,
+        (ProbeKind::CCall, true) => branch(CALL_REL32, stubs.c_entry)?,
         (ProbeKind::CTail, false) => C_TAIL_OFF,
         (ProbeKind::CTail, true) => C_TAIL_ON,
         (ProbeKind::CEnabled, false) => C_ENABLED_OFF,
         (ProbeKind::CEnabled, true) => C_ENABLED_ON,
-        (ProbeKind::CEnabledTail, false) => C_ENABLED_TAIL_OFF,
-        (ProbeKind::CEnabledTail, true) => C_ENABLED_TAIL_ON,
+        (ProbeKind::CEnabledTail, false) => branch(JMP_REL32, stubs.ret0)?,
+        (ProbeKind::CEnabledTail, true) => branch(JMP_REL32, stubs.ret1)?,
     })
 }
 
@@ -228,14 +281,26 @@ pub fn site_bytes(s: &PSite, on: bool) -> Result<[u8; 5], ProbeError> {
 pub const C_TAIL_OFF: [u8; 5] = [0xc3, 0x90, 0x90, 0x90, 0x90];
 /// Enabled C tail call: `int3` (fires, then emulates `ret`), then NOPs.
 pub const C_TAIL_ON: [u8; 5] = [0xcc, 0x90, 0x90, 0x90, 0x90];
-/// Disabled is-enabled check: `xor eax, eax; nopl (%rax)`.
-pub const C_ENABLED_OFF: [u8; 5] = [0x31, 0xc0, 0x0f, 0x1f, 0x00];
+/// Disabled is-enabled check: `mov eax, 0` (one instruction; DTrace's `xor eax,eax` +
+/// NOPs is two, and a CPU stopped between them during a live toggle would resume
+/// inside the new `mov`).
+pub const C_ENABLED_OFF: [u8; 5] = [0xb8, 0x00, 0x00, 0x00, 0x00];
 /// Enabled is-enabled check: `mov eax, 1`.
 pub const C_ENABLED_ON: [u8; 5] = [0xb8, 0x01, 0x00, 0x00, 0x00];
-/// Disabled is-enabled tail call: `xor eax, eax; ret; nop; nop`.
-pub const C_ENABLED_TAIL_OFF: [u8; 5] = [0x31, 0xc0, 0xc3, 0x90, 0x90];
-/// Enabled is-enabled tail call: `xor eax, eax; inc eax; ret`.
-pub const C_ENABLED_TAIL_ON: [u8; 5] = [0x31, 0xc0, 0xff, 0xc0, 0xc3];
+
+/// A disabled C is-enabled tail site jumps here: returns 0 for the site's function.
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub extern "C" fn ksites_probe_ret0() -> u32 {
+    core::arch::naked_asm!("xor eax, eax", "ret")
+}
+
+/// An enabled C is-enabled tail site jumps here: returns 1 for the site's function.
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub extern "C" fn ksites_probe_ret1() -> u32 {
+    core::arch::naked_asm!("mov eax, 1", "ret")
+}
 
 fn table() -> Result<&'static Table<'static>, ProbeError> {
     IMAGE.get().ok_or(ProbeError::NotRegistered)
@@ -439,16 +504,19 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
     if st.enabled.load(Ordering::Acquire) == on {
         return Ok(());
     }
-    // 1. Every site must hold exactly the other state's bytes; compute the new bytes.
+    // 1. Every site must hold exactly the other state's bytes (or the residue of an
+    //    interrupted batch: `cc` then either state's tail bytes), and the new bytes must
+    //    be encodable, before anything is written.
     for s in t.probe_sites().filter(|s| s.probe == id.0) {
-        let want = site_bytes(&s, !on)?;
-        site_bytes(&s, on)?;
+        let old = site_bytes(&s, !on)?;
+        let new = site_bytes(&s, on)?;
         let found = read5(poker, s.addr);
-        if found != want {
+        let residue = found[0] == 0xcc && (found[1..] == old[1..] || found[1..] == new[1..]);
+        if found != old && !residue {
             return Err(ProbeError::UnexpectedBytes {
                 site: s.addr,
                 probe: id,
-                expected: InsnBytes::new(&want),
+                expected: InsnBytes::new(&old),
                 found: InsnBytes::new(&found),
             });
         }
@@ -468,8 +536,10 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
         Err(e) => {
             st.enabled.store(!on, Ordering::SeqCst);
             // SAFETY: as above; rolls the same sites back to the old state.
-            let _ = unsafe { write_batch(t, id, !on, poker) };
-            Err(ProbeError::Poke(e))
+            match unsafe { roll_back(t, id, !on, poker) } {
+                Ok(()) => Err(ProbeError::Poke(e)),
+                Err(site) => Err(ProbeError::RollbackIncomplete { site, probe: id }),
+            }
         }
     };
     poker.end();
@@ -515,6 +585,48 @@ unsafe fn write_batch<P: TextPoker + ?Sized>(
         unsafe { poker.write(s.addr, &new[..1])? };
     }
     poker.sync_cores();
+    Ok(())
+}
+
+/// Puts every site of probe `id` back into state `on` with the same three rounds,
+/// continuing past failed writes, then reads every site back. Returns the first site
+/// that does not hold its bytes. A site left as `cc` still behaves correctly: the int3
+/// handler emulates the (restored) state, and the next batch accepts the residue.
+///
+/// # Safety
+///
+/// As for [`enable`].
+unsafe fn roll_back<P: TextPoker + ?Sized>(
+    t: &Table<'_>,
+    id: ProbeId,
+    on: bool,
+    poker: &mut P,
+) -> Result<(), u64> {
+    let sites = || t.probe_sites().filter(move |s| s.probe == id.0);
+    for s in sites() {
+        // SAFETY: inside a validated site.
+        let _ = unsafe { poker.write(s.addr, &[0xcc]) };
+    }
+    poker.sync_cores();
+    for s in sites() {
+        if let Ok(b) = site_bytes(&s, on) {
+            // SAFETY: inside a validated site; byte 0 is int3 (or the write failed).
+            let _ = unsafe { poker.write(s.addr + 1, &b[1..]) };
+        }
+    }
+    poker.sync_cores();
+    for s in sites() {
+        if let Ok(b) = site_bytes(&s, on) {
+            // SAFETY: inside a validated site; a single-byte store is atomic.
+            let _ = unsafe { poker.write(s.addr, &b[..1]) };
+        }
+    }
+    poker.sync_cores();
+    for s in sites() {
+        if site_bytes(&s, on).ok() != Some(read5(poker, s.addr)) {
+            return Err(s.addr);
+        }
+    }
     Ok(())
 }
 
@@ -565,10 +677,6 @@ pub extern "C" fn ksites_probe_c_entry() {
         "ret",
         fire = sym fire_c,
     )
-}
-
-fn c_entry_addr() -> u64 {
-    ksites_probe_c_entry as *const () as u64
 }
 
 extern "C" fn fire_c(ret: u64, args: &[u64; 6]) {

@@ -39,8 +39,48 @@ fn raw_choice() -> RawChoice {
     }
 }
 
+// The GNU ifunc in c/cifunc.c.
+unsafe extern "C" {
+    fn c_scale(x: i64) -> i64;
+    fn c_scale_sum(x: i64) -> i64;
+    fn c_scale_tail(x: i64) -> i64;
+    static c_scale_impls: [unsafe extern "C" fn(i64) -> i64; 2];
+}
+
+/// The name of the implementation at `addr`: a kfuncs one, or one of c_scale's.
+fn impl_name(addr: u64) -> &'static str {
+    // SAFETY: `c_scale_impls` is an immutable C array of two function pointers.
+    let c = unsafe { c_scale_impls };
+    if addr == c[0] as usize as u64 {
+        "c_scale_soft"
+    } else if addr == c[1] as usize as u64 {
+        "c_scale_fast"
+    } else {
+        kfuncs::impl_name(addr as usize)
+    }
+}
+
+/// Calls through the GNU ifunc, from Rust and from C (two sites and a tail call there).
+/// Only valid after `init`: a GNU ifunc has no default implementation.
+fn check_c_ifunc_results() -> Result<(), Msg> {
+    for x in [0i64, 1, -7, 1 << 40] {
+        // SAFETY: plain C functions over integers; `init` resolved the ifunc.
+        unsafe {
+            ensure!(c_scale(x) == 3 * x, "c_scale({x})");
+            ensure!(c_scale_sum(x) == 3 * x + 3 * (x + 1), "c_scale_sum({x})");
+            ensure!(c_scale_tail(x) == 3 * (x ^ 1), "c_scale_tail({x})");
+            for f in c_scale_impls {
+                ensure!(f(x) == 3 * x, "c_scale implementations disagree at {x}");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn expected_impl(name: &str, c: &RawChoice) -> &'static str {
     match name.rsplit("::").next().unwrap_or("") {
+        "c_scale" if c.popcnt => "c_scale_fast",
+        "c_scale" => "c_scale_soft",
         "memcpy" if c.erms => "memcpy_erms",
         "memcpy" => "memcpy_sse2",
         "popcount" if c.popcnt => "popcount_popcnt",
@@ -255,7 +295,12 @@ fn check_all_implementations(c: &RawChoice) -> Result<(), Msg> {
 }
 
 fn check_table(t: &Table<'_>) -> Result<(), Msg> {
-    ensure!(t.ifunc_count() >= 4, "only {} ifuncs", t.ifunc_count());
+    ensure!(t.ifunc_count() >= 5, "only {} ifuncs", t.ifunc_count());
+    ensure!(
+        t.ifuncs()
+            .any(|f| f.name == "c_scale" && f.default == f.trampoline),
+        "the GNU ifunc c_scale is not in the table"
+    );
     for f in t.ifuncs() {
         let n = t.sites().filter(|s| s.ifunc == f.index).count();
         ensure!(n >= 2, "{} has only {n} sites", f.name);
@@ -290,7 +335,7 @@ fn check_choices(t: &Table<'_>, c: &RawChoice) -> Result<(), Msg> {
         c.popcnt, c.sse42, c.erms, c.avx2
     );
     for f in t.ifuncs() {
-        let chosen = kfuncs::impl_name(read_slot(f.slot) as usize);
+        let chosen = impl_name(read_slot(f.slot));
         println!("ifunc-choice {} {}", f.name, chosen);
         let want = expected_impl(f.name, c);
         ensure!(
@@ -421,6 +466,7 @@ pub fn run(h: &mut Harness) {
         check_sites(&table),
     );
     h.check("ifunc_results_after_init", check_ifunc_results());
+    h.check("gnu_ifunc_in_c_results_after_init", check_c_ifunc_results());
     h.check("ifunc_implementations_agree", check_all_implementations(&c));
     h.check(
         "text_read_only_after_patching",

@@ -319,6 +319,22 @@ fn enable_patches_only_its_sites(t: &Table<'_>) -> Result<(), Msg> {
     Ok(())
 }
 
+/// Like `enable_patches_only_its_sites`, for each C probe: all other sites unchanged.
+fn c_enable_patches_only_its_sites(t: &Table<'_>) -> Result<(), Msg> {
+    let before = snapshot(t);
+    for spec in ["ctest:zero", "ctest:one", "ctest:six", "ctest:tail"] {
+        let p = id(spec)?;
+        enable(p)?;
+        check_sites(t, Some(p)).map_err(|e| msg!("{spec}: {e}"))?;
+        disable(p)?;
+        ensure!(
+            snapshot(t) == before,
+            "{spec}: disable did not restore the exact bytes"
+        );
+    }
+    Ok(())
+}
+
 fn arguments_0_1_6() -> Result<(), Msg> {
     type Fire = fn() -> Result<(), Msg>;
     let cases: [(&str, Fire, [u64; 6]); 6] = [
@@ -651,33 +667,110 @@ fn c_sites_mid_patch() -> Result<(), Msg> {
     Ok(())
 }
 
+/// Fails every write from the `from`-th on (once, or for good).
+struct FailingPoker {
+    inner: WpPoker,
+    from: usize,
+    forever: bool,
+    seen: usize,
+}
+
+impl TextPoker for FailingPoker {
+    fn begin(&mut self) -> Result<(), PokeError> {
+        self.inner.begin()
+    }
+
+    unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
+        let n = self.seen;
+        self.seen += 1;
+        if n == self.from || (self.forever && n > self.from) {
+            return Err(PokeError {
+                addr,
+                reason: "injected failure",
+            });
+        }
+        // SAFETY: forwarded from the engine.
+        unsafe { self.inner.write(addr, bytes) }
+    }
+
+    fn sync_cores(&mut self) {
+        self.inner.sync_cores()
+    }
+
+    fn end(&mut self) {
+        self.inner.end()
+    }
+}
+
+fn failing(from: usize, forever: bool) -> FailingPoker {
+    FailingPoker {
+        inner: WpPoker::default(),
+        from,
+        forever,
+        seen: 0,
+    }
+}
+
 fn failed_batch_restores(t: &Table<'_>) -> Result<(), Msg> {
     let before = snapshot(t);
     let six = id("ctest:six")?;
     let sites = probe::info(six).map_or(0, |i| i.sites as usize);
-    // Fail each write of the batch in turn: 3 rounds of `sites` writes.
-    for fail_at in 0..3 * sites {
-        let mut p = WpPoker {
-            fail_at: Some(fail_at),
-            ..WpPoker::default()
-        };
-        // SAFETY: one CPU; #BP hook installed.
-        let r = unsafe { probe::enable(six, handler, &mut p) };
-        ensure!(
-            matches!(r, Err(ProbeError::Poke(_))),
-            "fail_at {fail_at}: {r:?}"
-        );
-        ensure!(!probe::is_enabled(six), "fail_at {fail_at}: left enabled");
-        ensure!(
-            snapshot(t) == before,
-            "fail_at {fail_at}: sites not restored"
-        );
-        ensure!(paging::write_protect_enabled(), "WP left clear");
+    // Fail each write of an enable batch, then of a disable batch, in turn (3 rounds of
+    // `sites` writes each): every site is restored and the state is unchanged.
+    for on in [true, false] {
+        if !on {
+            enable(six)?;
+        }
+        let want = snapshot(t);
+        for fail_at in 0..3 * sites {
+            let mut p = failing(fail_at, false);
+            // SAFETY: one CPU; #BP hook installed.
+            let r = unsafe {
+                if on {
+                    probe::enable(six, handler, &mut p)
+                } else {
+                    probe::disable(six, &mut p)
+                }
+            };
+            ensure!(
+                matches!(r, Err(ProbeError::Poke(_))),
+                "on={on} fail_at {fail_at}: {r:?}"
+            );
+            ensure!(
+                probe::is_enabled(six) != on,
+                "on={on} fail_at {fail_at}: state changed"
+            );
+            ensure!(
+                snapshot(t) == want,
+                "on={on} fail_at {fail_at}: sites not restored"
+            );
+            ensure!(paging::write_protect_enabled(), "WP left clear");
+        }
     }
+    disable(six)?;
+    ensure!(snapshot(t) == before);
+
+    // A poker that fails for good from the 2nd write: the rollback cannot finish, says
+    // which site, leaves the probe disabled and behaving as disabled (a `cc` residue is
+    // emulated), and the next batch with a working poker repairs it.
+    let mut p = failing(1, true);
+    // SAFETY: one CPU; #BP hook installed.
+    let r = unsafe { probe::enable(six, handler, &mut p) };
+    ensure!(
+        matches!(r, Err(ProbeError::RollbackIncomplete { .. })),
+        "{r:?}"
+    );
+    ensure!(!probe::is_enabled(six));
+    let c0 = calls(six);
+    // SAFETY: plain C functions.
+    unsafe {
+        ensure!(c_fire_six(1, 1, 1, 1, 1, 1) == 6 && c_guarded(3) == 3 + c_work_now());
+    }
+    ensure!(calls(six) == c0, "a half-restored disabled probe fired");
     enable(six)?;
     check_probe_sites(t, six, true)?;
     disable(six)?;
-    ensure!(snapshot(t) == before);
+    ensure!(snapshot(t) == before, "not repaired by the next batches");
     Ok(())
 }
 
@@ -727,6 +820,10 @@ pub fn run(h: &mut Harness) {
     }
     h.check("probe_registry_lookup_glob_nargs", registry(&table));
     h.check("probe_disabled_sites_are_nops", disabled_are_nops(&table));
+    h.check(
+        "probe_enable_c_probe_patches_only_its_sites",
+        c_enable_patches_only_its_sites(&table),
+    );
     h.check(
         "probe_enable_patches_only_its_sites",
         enable_patches_only_its_sites(&table),
