@@ -144,7 +144,7 @@ impl<'d> Image<'d> {
         let mut v: Vec<Range<u64>> = self
             .exec_sections()
             .filter(|s| s.size() > 0)
-            .map(|s| s.address()..s.address() + s.size())
+            .map(|s| s.address()..s.address().saturating_add(s.size()))
             .collect();
         v.sort_by_key(|r| r.start);
         v
@@ -165,7 +165,7 @@ impl<'d> Image<'d> {
                 continue;
             }
             let (start, size) = (s.address(), s.size());
-            if addr >= start && addr.checked_add(len)? <= start + size {
+            if addr >= start && addr.checked_add(len)? <= start.saturating_add(size) {
                 let data = s.data().ok()?;
                 let off = (addr - start) as usize;
                 return data.get(off..off + len as usize);
@@ -184,9 +184,11 @@ impl<'d> Image<'d> {
                 continue;
             }
             let (start, size) = (s.address(), s.size());
-            if addr >= start && addr.checked_add(len)? <= start + size {
+            if addr >= start && addr.checked_add(len)? <= start.saturating_add(size) {
                 let (off, _) = s.file_range()?;
-                return Some(off + (addr - start));
+                let at = off.checked_add(addr - start)?;
+                // A malformed header can point a section past the end of the file.
+                return (at.checked_add(len)? <= self.data.len() as u64).then_some(at);
             }
         }
         None
@@ -218,7 +220,7 @@ impl<'d> Image<'d> {
             if s.section != section {
                 break;
             }
-            let covers = s.size == 0 || addr < s.addr + s.size;
+            let covers = s.size == 0 || addr < s.addr.saturating_add(s.size);
             if covers && s.is_func {
                 return Some(s);
             }
@@ -226,7 +228,7 @@ impl<'d> Image<'d> {
                 best = Some(s);
             }
             // Sized functions never nest; stop once we are past any plausible start.
-            if s.is_func && s.size != 0 && addr >= s.addr + s.size && best.is_some() {
+            if s.is_func && s.size != 0 && addr >= s.addr.saturating_add(s.size) && best.is_some() {
                 break;
             }
         }

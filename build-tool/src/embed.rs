@@ -134,7 +134,9 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             .va_to_file_offset(addr, bytes.len() as u64)
             .with_context(|| format!("{path}: {what} at {addr:#x} is not file-backed"))?
             as usize;
-        out[at..at + bytes.len()].copy_from_slice(bytes);
+        out.get_mut(at..at + bytes.len())
+            .with_context(|| format!("{path}: {what} at {addr:#x} lies past the end of the file"))?
+            .copy_from_slice(bytes);
         Ok(())
     };
     for (addr, bytes) in &probes.rewrites {

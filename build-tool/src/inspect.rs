@@ -13,7 +13,7 @@ use crate::records::{find_ifunc_sites, read_ifuncs};
 fn sym_name(img: &Image<'_>, addr: u64) -> String {
     img.file
         .sections()
-        .find(|s| s.address() <= addr && addr < s.address() + s.size())
+        .find(|s| s.address() <= addr && addr < s.address().saturating_add(s.size()))
         .map(|s| img.describe(s.index(), addr))
         .unwrap_or_else(|| format!("{addr:#x}"))
 }
@@ -64,12 +64,11 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
     // Rows to print: from the table when embedded, else from what embed would record.
     let mut ifuncs: Vec<IfuncRow> = Vec::new();
     let mut probes: Vec<ProbeRow> = Vec::new();
-    let sym_of = |addr: u64| -> String {
-        ifunc_records
-            .iter()
-            .find(|r| r.trampoline == addr)
-            .map_or_else(|| "?".into(), |r| r.trampoline_symbol.clone())
-    };
+    let symbols: std::collections::HashMap<u64, &str> = ifunc_records
+        .iter()
+        .map(|r| (r.trampoline, r.trampoline_symbol.as_str()))
+        .collect();
+    let sym_of = |addr: u64| -> String { symbols.get(&addr).map_or("?", |s| s).to_string() };
     let embedded = img.section_by_name(SECTION_NAME).is_some();
     if let Some(sec) = img.section_by_name(SECTION_NAME) {
         let bytes = sec.data().context("cannot read .ksites")?;
@@ -94,30 +93,35 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
                 slot: f.slot,
                 resolver: f.resolver,
                 default: f.default,
-                sites: t
-                    .sites()
-                    .filter(|s| s.ifunc == f.index)
-                    .map(|s| (s.addr, s.kind.name(), sym_name(&img, s.addr)))
-                    .collect(),
+                sites: Vec::new(),
             });
+        }
+        // One pass over the sites (tables may hold 10^5 of them).
+        for s in t.sites() {
+            if let Some(row) = ifuncs.get_mut(s.ifunc as usize) {
+                row.sites
+                    .push((s.addr, s.kind.name(), sym_name(&img, s.addr)));
+            }
         }
         for p in t.probes() {
             probes.push(ProbeRow {
                 name: format!("{}:{}", p.provider, p.name),
                 nargs: p.nargs,
-                sites: t
-                    .probe_sites()
-                    .filter(|s| s.probe == p.index)
-                    .map(|s| (s.addr, s.kind.name(), sym_name(&img, s.addr)))
-                    .collect(),
+                sites: Vec::new(),
             });
+        }
+        for s in t.probe_sites() {
+            if let Some(row) = probes.get_mut(s.probe as usize) {
+                row.sites
+                    .push((s.addr, s.kind.name(), sym_name(&img, s.addr)));
+            }
         }
     } else {
         writeln!(
             o,
             "no {SECTION_NAME} table (not embedded); listing what `ksites embed` would record"
         )?;
-        for (i, f) in ifunc_records.iter().enumerate() {
+        for f in ifunc_records.iter() {
             ifuncs.push(IfuncRow {
                 name: f.name.clone(),
                 trampoline: f.trampoline,
@@ -125,26 +129,26 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
                 slot: f.slot,
                 resolver: f.resolver,
                 default: f.default,
-                sites: scan
-                    .sites
-                    .iter()
-                    .filter(|s| s.target == i)
-                    .map(|s| (s.addr, s.kind.name(), s.location.clone()))
-                    .collect(),
+                sites: Vec::new(),
             });
         }
+        for s in &scan.sites {
+            if let Some(row) = ifuncs.get_mut(s.target) {
+                row.sites.push((s.addr, s.kind.name(), s.location.clone()));
+            }
+        }
         let found = find_probes(&img)?;
-        for (i, p) in found.probes.iter().enumerate() {
+        for p in found.probes.iter() {
             probes.push(ProbeRow {
                 name: format!("{}:{}", p.provider, p.name),
                 nargs: p.nargs,
-                sites: found
-                    .found
-                    .iter()
-                    .filter(|s| s.probe == i as u32)
-                    .map(|s| (s.addr, s.kind.name(), s.location.clone()))
-                    .collect(),
+                sites: Vec::new(),
             });
+        }
+        for s in &found.found {
+            if let Some(row) = probes.get_mut(s.probe as usize) {
+                row.sites.push((s.addr, s.kind.name(), s.location.clone()));
+            }
         }
     }
 

@@ -364,7 +364,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
         let location = img
             .file
             .sections()
-            .find(|s| s.address() <= p.addr && p.addr < s.address() + s.size())
+            .find(|s| s.address() <= p.addr && p.addr < s.address().saturating_add(s.size()))
             .map(|s| img.describe(s.index(), p.addr))
             .unwrap_or_default();
         scan.found.push(FoundProbeSite {

@@ -173,9 +173,14 @@ pub fn find_sites_with(
                 target,
             });
         }
+        let sec_end = sec_addr.saturating_add(data.len() as u64);
         for (start, cands) in by_func {
-            let end = function_end(img, sec.index(), start, sec_addr + data.len() as u64);
-            let code = &data[(start - sec_addr) as usize..(end - sec_addr) as usize];
+            // A malformed file can put a symbol outside its section: clamp to the section.
+            let start = start.clamp(sec_addr, sec_end);
+            let end = function_end(img, sec.index(), start, sec_end);
+            let code = data
+                .get((start - sec_addr) as usize..(end - sec_addr) as usize)
+                .unwrap_or(&[]);
             let insns = decode_all(code, start);
             for c in cands {
                 classify(img, &sec, &sec_name, &insns, code, start, &c, &mut scan);
@@ -192,7 +197,7 @@ fn function_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) ->
     let sized = img
         .enclosing_symbol(sec, start)
         .filter(|s| s.addr == start && s.size > 0)
-        .map(|s| s.addr + s.size);
+        .map(|s| s.addr.saturating_add(s.size));
     let next = img.next_symbol_start(sec, start);
     sized.or(next).unwrap_or(sec_end).min(sec_end).max(start)
 }

@@ -31,7 +31,7 @@ fn loc(img: &Image<'_>, addr: u64) -> String {
     use object::Object;
     img.file
         .sections()
-        .find(|s| s.address() <= addr && addr < s.address() + s.size())
+        .find(|s| s.address() <= addr && addr < s.address().saturating_add(s.size()))
         .map(|s| {
             format!(
                 "{}+{:#x} ({})",

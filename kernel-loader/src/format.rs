@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! offset 0   Header (64 bytes)
-//!            IfuncDesc[ifuncs.count]        (20 bytes each, 4-aligned)
+//!            IfuncDesc[ifuncs.count]        (20 bytes each, 4-aligned, sorted by trampoline)
 //!            IfuncSite[ifunc_sites.count]   (8 bytes each, 4-aligned, sorted by address)
 //!            ProbeDesc[probes.count]        (12 bytes each, 4-aligned, sorted by name)
 //!            ProbeSite[probe_sites.count]   (12 bytes each, 4-aligned, sorted by address)
@@ -428,6 +428,11 @@ pub enum FormatError {
         /// Its address.
         addr: u64,
     },
+    /// Descriptors are not sorted by trampoline address.
+    IfuncsUnsorted {
+        /// The first descriptor out of order.
+        ifunc: u32,
+    },
     /// Two descriptors share a trampoline.
     DuplicateIfunc {
         /// The later descriptor.
@@ -566,6 +571,12 @@ impl fmt::Display for FormatError {
                     "ifunc {ifunc}: {field} {addr:#x} is not in an executable range"
                 ),
             },
+            FormatError::IfuncsUnsorted { ifunc } => {
+                write!(
+                    f,
+                    "ifunc {ifunc}: descriptors must be sorted by trampoline address"
+                )
+            }
             FormatError::DuplicateIfunc { ifunc } => {
                 write!(
                     f,
@@ -1035,15 +1046,17 @@ impl<'a> Table<'a> {
                 });
             }
         }
-        // Trampolines must be distinct. Quadratic only in the number of ifuncs, which is
-        // small (tens); the sites, which may number 10^5, are checked in one linear pass.
+        // Descriptors are sorted by trampoline address, which makes "distinct
+        // trampolines" a linear check (no allocation, no quadratic scan).
+        let mut prev = None;
         for i in 0..n {
-            let ti = self.try_ifunc(i)?.trampoline;
-            for j in 0..i {
-                if self.try_ifunc(j)?.trampoline == ti {
-                    return Err(FormatError::DuplicateIfunc { ifunc: i });
-                }
+            let t = self.try_ifunc(i)?.trampoline;
+            match prev {
+                Some(p) if t == p => return Err(FormatError::DuplicateIfunc { ifunc: i }),
+                Some(p) if t < p => return Err(FormatError::IfuncsUnsorted { ifunc: i }),
+                _ => {}
             }
+            prev = Some(t);
         }
         Ok(())
     }

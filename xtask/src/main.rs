@@ -4,10 +4,12 @@
 //!   `.ksites` table, cross-checks `ksites inspect` against `objdump`, then boots the kernel
 //!   in QEMU on several CPU models and judges what it prints.
 //! * `cargo xtask test` runs fmt, clippy and the host tests, then everything `qemu` does.
+//! * `cargo xtask fuzz [--seconds N]` runs the cargo-fuzz targets (nightly).
 //!
 //! Paths are computed from this crate's location, never from the caller's working directory.
 
 mod crosscheck;
+mod fuzz;
 mod install;
 mod judge;
 mod qemu;
@@ -34,6 +36,9 @@ enum Command {
     /// Run fmt, clippy and host tests for the workspace and the test kernel, then
     /// everything `qemu` does with the default CPU models. Stops at the first failure.
     Test,
+    /// Run the cargo-fuzz targets (table reader + patcher, build tool ELF reading) on
+    /// the nightly toolchain, `--seconds` each (installs cargo-fuzz if missing).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +53,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Test => test::run(&sh, &root),
+        Command::Fuzz(args) => fuzz::run(&sh, &root, &args),
     }
 }
 

@@ -414,6 +414,42 @@ fn check_text_read_only(t: &Table<'_>, text: &Range<u64>) -> Result<(), Msg> {
     Ok(())
 }
 
+/// Boot patching with a poker that fails the Nth write, for N across the batch: every
+/// attempt must fail cleanly and leave every site and slot as it was.
+fn init_fault_injection(t: &Table<'_>, exec: &[Range<u64>], f: &CpuFeatures) -> Result<(), Msg> {
+    let digest = sites_digest(t);
+    let n = t.site_count() as usize;
+    for fail_at in [0, 1, n / 2, n - 1] {
+        let mut p = WpPoker {
+            fail_at: Some(fail_at),
+            ..WpPoker::default()
+        };
+        // SAFETY: one CPU runs; the table describes this image; the batch rolls back.
+        let r = unsafe { patch::init(t, exec, f, &mut p) };
+        ensure!(
+            matches!(r, Err(PatchError::Poke { .. })),
+            "fail_at {fail_at}: {:?}",
+            r.map(|_| ())
+        );
+        ensure!(
+            sites_digest(t) == digest,
+            "fail_at {fail_at}: sites not restored"
+        );
+        for i in t.ifuncs() {
+            ensure!(
+                read_slot(i.slot) == i.default,
+                "fail_at {fail_at}: slot of {} not restored",
+                i.name
+            );
+        }
+        ensure!(
+            paging::write_protect_enabled(),
+            "fail_at {fail_at}: CR0.WP left clear"
+        );
+    }
+    Ok(())
+}
+
 /// Runs the ifunc tests; `init` happens in the middle, after the pre-init checks.
 pub fn run(h: &mut Harness) {
     let text = paging::text_range();
@@ -434,6 +470,10 @@ pub fn run(h: &mut Harness) {
     );
 
     let features = CpuFeatures::detect();
+    h.check(
+        "ifunc_init_fault_injection_restores",
+        init_fault_injection(&table, &exec, &features),
+    );
     let mut poker = WpPoker::default();
     // SAFETY: one CPU runs; the table describes this image and its resolvers are
     // `ifunc!` adapters; WpPoker writes only where the engine asks.

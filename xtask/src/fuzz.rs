@@ -1,0 +1,85 @@
+//! `cargo xtask fuzz`: runs every cargo-fuzz target in `fuzz/` for a while each.
+//!
+//! cargo fuzz needs the nightly toolchain (the product itself builds on stable); the
+//! task installs `cargo-fuzz` from crates.io if it is missing, and says so. Each target
+//! starts from its own corpus in `fuzz/corpus/<target>` plus the malformed-input corpus
+//! under version control (`build-tool/tests/corpus`). A crash stops the run and leaves
+//! the input in `fuzz/artifacts/<target>/`; turn it into a corpus case.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use xshell::{Shell, cmd};
+
+/// Options of `cargo xtask fuzz`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct FuzzArgs {
+    /// Seconds per target.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Only these targets (default: all of `table_reader`, `elf_tools`).
+    #[arg(long = "target", value_name = "TARGET")]
+    targets: Vec<String>,
+}
+
+const TARGETS: [&str; 2] = ["table_reader", "elf_tools"];
+
+pub(crate) fn run(sh: &Shell, root: &Path, args: &FuzzArgs) -> Result<()> {
+    let toolchains = cmd!(sh, "rustup toolchain list").read()?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        bail!("cargo fuzz needs a nightly toolchain: `rustup toolchain install nightly`");
+    }
+    if cmd!(sh, "cargo +nightly fuzz --version")
+        .quiet()
+        .ignore_stderr()
+        .read()
+        .is_err()
+    {
+        println!("xtask: installing cargo-fuzz (cargo install cargo-fuzz --locked)");
+        cmd!(sh, "cargo install cargo-fuzz --locked")
+            .run()
+            .context("installing cargo-fuzz failed")?;
+    }
+    let targets: Vec<String> = if args.targets.is_empty() {
+        TARGETS.iter().map(|t| (*t).to_owned()).collect()
+    } else {
+        args.targets.clone()
+    };
+    let seeds = root.join("build-tool/tests/corpus");
+    let _dir = sh.push_dir(root.join("fuzz"));
+    let secs = args.seconds.to_string();
+    let mut summary = Vec::new();
+    for t in &targets {
+        let corpus = format!("corpus/{t}");
+        sh.create_dir(&corpus)?;
+        let seed = if t == "elf_tools" {
+            seeds.join("elf")
+        } else {
+            seeds.join("table")
+        };
+        println!("\n==> fuzz {t} for {secs} s");
+        let out = cmd!(
+            sh,
+            "cargo +nightly fuzz run {t} -O {corpus} {seed} -- -max_total_time={secs} -rss_limit_mb=4096"
+        )
+        .ignore_status()
+        .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        let done = stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Done "))
+            .map(str::to_owned);
+        if !out.status.success() {
+            eprint!("{stderr}");
+            bail!("fuzz target {t} failed (crash or build error); see fuzz/artifacts/{t}/");
+        }
+        summary.push((t.clone(), done.unwrap_or_else(|| "no summary line".into())));
+    }
+    println!();
+    for (t, done) in summary {
+        println!("{t:14} {done}");
+    }
+    Ok(())
+}
