@@ -692,3 +692,73 @@ n1e:
         }
     }
 }
+
+/// Seed inputs for the `table_reader` fuzz target (fuzz/seeds/table_reader): valid
+/// tables laid out as the target lays out its input (1 KiB of text bytes, then the
+/// table, placed 8 KiB after the text with 4 KiB of data between).
+#[test]
+#[ignore]
+fn regenerate_fuzz_seeds() {
+    use kernel_loader::format::{ProbeKind, SiteKind};
+    use ksites::table::{IfuncEntry, ProbeEntry, ProbeSiteEntry, SiteEntry, TableInput, build};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/table_reader");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (n, (ifuncs, sites, probes)) in [(1usize, 1usize, 0usize), (2, 4, 0), (2, 6, 2), (4, 12, 3)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut text = vec![0xccu8; 1024];
+        let mut input = TableInput::default();
+        for i in 0..ifuncs {
+            let (t, slot) = (8 * i as u64, 4096 + 8 * i as u64);
+            let disp = (slot as i64 - (t as i64 + 6)) as i32;
+            text[t as usize..t as usize + 2].copy_from_slice(&[0xff, 0x25]);
+            text[t as usize + 2..t as usize + 6].copy_from_slice(&disp.to_le_bytes());
+            input.ifuncs.push(IfuncEntry {
+                name: format!("seed::f{i}"),
+                trampoline: t,
+                slot,
+                resolver: 512,
+                default: 520,
+            });
+        }
+        for j in 0..sites {
+            let at = 128 + 8 * j as u64;
+            let f = j % ifuncs;
+            let rel = (8 * f as i64 - (at as i64 + 5)) as i32;
+            text[at as usize] = if j % 3 == 1 { 0xe9 } else { 0xe8 };
+            text[at as usize + 1..at as usize + 5].copy_from_slice(&rel.to_le_bytes());
+            let kind = if j % 3 == 1 {
+                SiteKind::Jmp
+            } else {
+                SiteKind::Call
+            };
+            input.sites.push(SiteEntry {
+                addr: at,
+                kind,
+                prefixes: 0,
+                ifunc: f as u32,
+            });
+        }
+        for k in 0..probes {
+            input.probes.push(ProbeEntry {
+                provider: "seed".into(),
+                name: format!("p{k}"),
+                nargs: k as u16,
+            });
+            let at = 640 + 16 * k as u64;
+            text[at as usize..at as usize + 5].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+            let kind = [ProbeKind::RustJmp, ProbeKind::CCall, ProbeKind::CEnabled][k % 3];
+            input.probe_sites.push(ProbeSiteEntry {
+                addr: at,
+                target: 900,
+                kind,
+                probe: k as u32,
+            });
+        }
+        let table = build(8192, &input).unwrap();
+        let mut seed = text;
+        seed.extend_from_slice(&table);
+        std::fs::write(dir.join(format!("seed-{n}")), seed).unwrap();
+    }
+}

@@ -2,8 +2,9 @@
 //!
 //! cargo fuzz needs the nightly toolchain (the product itself builds on stable); the
 //! task installs `cargo-fuzz` from crates.io if it is missing, and says so. Each target
-//! starts from its own corpus in `fuzz/corpus/<target>` plus the malformed-input corpus
-//! under version control (`build-tool/tests/corpus`). A crash stops the run and leaves
+//! starts from its own corpus in `fuzz/corpus/<target>` plus seeds under version control:
+//! the ELF cases of the malformed-input corpus (`build-tool/tests/corpus/elf`) and valid
+//! tables (`fuzz/seeds/table_reader`, made by build-tool/tests/corpus.rs). A crash stops the run and leaves
 //! the input in `fuzz/artifacts/<target>/`; turn it into a corpus case.
 
 use std::path::Path;
@@ -45,7 +46,8 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &FuzzArgs) -> Result<()> {
     } else {
         args.targets.clone()
     };
-    let seeds = root.join("build-tool/tests/corpus");
+    let corpus_cases = root.join("build-tool/tests/corpus/elf");
+    let table_seeds = root.join("fuzz/seeds/table_reader");
     let _dir = sh.push_dir(root.join("fuzz"));
     let secs = args.seconds.to_string();
     let mut summary = Vec::new();
@@ -53,9 +55,9 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &FuzzArgs) -> Result<()> {
         let corpus = format!("corpus/{t}");
         sh.create_dir(&corpus)?;
         let seed = if t == "elf_tools" {
-            seeds.join("elf")
+            &corpus_cases
         } else {
-            seeds.join("table")
+            &table_seeds
         };
         println!("\n==> fuzz {t} for {secs} s");
         let out = cmd!(
