@@ -3,7 +3,8 @@
 use crate::arch::x86_64::RawCpuid;
 
 bitflags::bitflags! {
-    /// What the CPU (and the OS's XSAVE setup) allows, from CPUID leaves 1 and 7 and XCR0.
+    /// What the CPU (and the OS's XSAVE setup) allows, from CPUID leaves 1, 7 and 0xD and
+    /// XCR0.
     ///
     /// AVX-class features (AVX, AVX2, FMA, F16C, AVX-512) are reported only when the OS
     /// has enabled the register state they need in XCR0; a CPU that supports AVX but
@@ -91,7 +92,14 @@ impl CpuFeatures {
             (0, 0)
         };
         let osxsave = bit(c1, 27);
-        let xcr0 = if osxsave { raw.xcr0 } else { 0 };
+        // A state component counts only if the OS enabled it in XCR0 and, where leaf 0xD
+        // exists, the CPU lists it as supported.
+        let supported = if raw.max_leaf >= 0xd {
+            u64::from(raw.leaf_d_eax)
+        } else {
+            u64::MAX
+        };
+        let xcr0 = if osxsave { raw.xcr0 & supported } else { 0 };
         // XCR0 bits: 1 = SSE, 2 = AVX (YMM upper halves), 5..=7 = opmask, ZMM_Hi256, Hi16_ZMM.
         let ymm = osxsave && xcr0 & 0b110 == 0b110;
         let zmm = ymm && xcr0 & 0xe0 == 0xe0;
@@ -128,7 +136,7 @@ impl CpuFeatures {
         f
     }
 
-    /// Reads the running CPU (CPUID leaves 0, 1, 7 and XGETBV).
+    /// Reads the running CPU (CPUID leaves 0, 1, 7, 0xD and XGETBV).
     #[cfg(target_arch = "x86_64")]
     pub fn detect() -> CpuFeatures {
         CpuFeatures::from_raw(&crate::arch::x86_64::read_cpuid())
@@ -148,6 +156,7 @@ mod tests {
             leaf7_ecx: 0,
             leaf7_edx: 0,
             xcr0,
+            leaf_d_eax: 0xe7,
         }
     }
 
@@ -176,6 +185,13 @@ mod tests {
         assert!(f.contains(CpuFeatures::AVX2) && !f.contains(CpuFeatures::AVX512F));
         let f = CpuFeatures::from_raw(&raw(AVX_OSXSAVE, b7, 0xe7));
         assert!(f.contains(CpuFeatures::AVX512F | CpuFeatures::AVX512BW | CpuFeatures::AVX512VL));
+    }
+
+    #[test]
+    fn state_the_cpu_does_not_list_in_leaf_0xd_does_not_count() {
+        let mut r = raw(AVX_OSXSAVE, AVX2, 0b111);
+        r.leaf_d_eax = 0b011; // x87 + SSE only
+        assert!(!CpuFeatures::from_raw(&r).contains(CpuFeatures::AVX2));
     }
 
     #[test]

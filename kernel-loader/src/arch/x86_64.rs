@@ -58,6 +58,9 @@ pub struct RawCpuid {
     pub leaf7_edx: u32,
     /// XCR0 as read by XGETBV, or 0 when CPUID.1:ECX.OSXSAVE is clear.
     pub xcr0: u64,
+    /// CPUID.(0xD,0):EAX: the XCR0 state components the CPU supports (0 if leaf 0xD
+    /// does not exist).
+    pub leaf_d_eax: u32,
 }
 
 /// Executes CPUID for `leaf`/`subleaf`, returning (eax, ebx, ecx, edx).
@@ -104,7 +107,7 @@ pub fn xcr0() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
-/// Reads leaves 0, 1 and 7 and XCR0 on the running CPU.
+/// Reads leaves 0, 1, 7 and 0xD and XCR0 on the running CPU.
 #[cfg(target_arch = "x86_64")]
 pub fn read_cpuid() -> RawCpuid {
     let (max_leaf, _, _, _) = cpuid(0, 0);
@@ -118,6 +121,11 @@ pub fn read_cpuid() -> RawCpuid {
     } else {
         (0, 0, 0, 0)
     };
+    let (leaf_d_eax, _, _, _) = if max_leaf >= 0xd {
+        cpuid(0xd, 0)
+    } else {
+        (0, 0, 0, 0)
+    };
     RawCpuid {
         max_leaf,
         leaf1_ecx,
@@ -126,5 +134,6 @@ pub fn read_cpuid() -> RawCpuid {
         leaf7_ecx,
         leaf7_edx,
         xcr0: xcr0(),
+        leaf_d_eax,
     }
 }
