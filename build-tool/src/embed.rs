@@ -248,6 +248,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8], perms: std::fs::Permissions) 
     tmp.as_file().set_permissions(perms)?;
     tmp.persist(path)
         .map_err(|e| anyhow::anyhow!("cannot rename into {}: {}", path.display(), e.error))?;
+    // Make the rename itself durable.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 
@@ -305,9 +309,15 @@ pub fn append_segment(
     let last_load = phdrs
         .iter()
         .filter(|p| p.p_type.get(e) == elf::PT_LOAD)
-        .max_by_key(|p| p.p_vaddr.get(e) + p.p_memsz.get(e))
+        .max_by_key(|p| p.p_vaddr.get(e).saturating_add(p.p_memsz.get(e)))
         .with_context(|| format!("{path}: no PT_LOAD segment"))?;
-    let vaddr = align_up(last_load.p_vaddr.get(e) + last_load.p_memsz.get(e), PAGE);
+    let end = last_load
+        .p_vaddr
+        .get(e)
+        .checked_add(last_load.p_memsz.get(e))
+        .filter(|end| end.checked_add(2 * PAGE).is_some())
+        .with_context(|| format!("{path}: a PT_LOAD segment ends past the address space"))?;
+    let vaddr = align_up(end, PAGE);
     let paddr = vaddr.wrapping_sub(
         last_load
             .p_vaddr
@@ -316,53 +326,74 @@ pub fn append_segment(
     );
 
     let mut out = data.to_vec();
-    // The table: page-aligned in the file and in memory.
-    let table_off = align_up(out.len() as u64, PAGE);
-    out.resize(table_off as usize, 0);
-    let table = contents(vaddr)?;
+    // The new segment, page-aligned in the file and in memory: first the program
+    // headers (binutils' objcopy/strip keep a segment whose headers lead it; a PT_PHDR
+    // segment, which lld emits for static images without a linker script, stays
+    // covered by a PT_LOAD), then the table, then the `.stapsdt.base` byte.
+    let seg_off = align_up(out.len() as u64, PAGE);
+    out.resize(seg_off as usize, 0);
+    let has_phdr = phdrs.iter().any(|p| p.p_type.get(e) == elf::PT_PHDR);
+    let ph_size = ((phnum + 1) * size_of::<ProgramHeader64<LE>>()) as u64;
+    // With a PT_PHDR the headers must be inside a PT_LOAD: they lead the new segment.
+    // Without one they follow it, outside any segment, where binutils' objcopy/strip
+    // can move them back behind the ELF header without disturbing any section.
+    let table_off = if has_phdr {
+        align_up(seg_off + ph_size, 8)
+    } else {
+        seg_off
+    };
+    let table_addr = vaddr + (table_off - seg_off);
+    let table = contents(table_addr)?;
     ensure!(
         table.len() == size,
         "internal: table has {} bytes, expected {size}",
         table.len()
     );
-    out.extend_from_slice(&table);
-    // SystemTap SDT notes need a `.stapsdt.base` byte; it follows the table.
-    let base_addr = vaddr + size as u64;
+    let base_addr = table_addr + size as u64;
     let notes = notes(base_addr);
-    if !notes.is_empty() {
-        out.push(0);
-    }
-    // The program headers follow, inside the same PT_LOAD: a PT_PHDR segment (which
-    // lld emits for static images without a linker script) must stay covered by one.
-    out.resize(align_up(out.len() as u64, 8) as usize, 0);
-    let new_phoff = out.len() as u64;
-    let ph_size = ((phnum + 1) * size_of::<ProgramHeader64<LE>>()) as u64;
-    let seg_size = new_phoff + ph_size - table_off;
+    let seg_size = (table_off - seg_off) + size as u64 + u64::from(!notes.is_empty());
+    let new_phoff = if has_phdr {
+        seg_off
+    } else {
+        align_up(seg_off + seg_size, 8)
+    };
 
+    let mut headers = Vec::with_capacity(ph_size as usize);
     // Program headers: the old ones (PT_PHDR moved with them), then the new PT_LOAD.
     for p in phdrs {
         let mut p = *p;
         if p.p_type.get(e) == elf::PT_PHDR {
-            let va = vaddr + (new_phoff - table_off);
             p.p_offset = U64::new(e, new_phoff);
-            p.p_vaddr = U64::new(e, va);
-            p.p_paddr = U64::new(e, paddr + (new_phoff - table_off));
+            p.p_vaddr = U64::new(e, vaddr);
+            p.p_paddr = U64::new(e, paddr);
             p.p_filesz = U64::new(e, ph_size);
             p.p_memsz = U64::new(e, ph_size);
         }
-        out.extend_from_slice(bytes_of(&p));
+        headers.extend_from_slice(bytes_of(&p));
     }
     let ph = ProgramHeader64::<LE> {
         p_type: U32::new(e, elf::PT_LOAD),
         p_flags: U32::new(e, elf::PF_R),
-        p_offset: U64::new(e, table_off),
+        p_offset: U64::new(e, seg_off),
         p_vaddr: U64::new(e, vaddr),
         p_paddr: U64::new(e, paddr),
         p_filesz: U64::new(e, seg_size),
         p_memsz: U64::new(e, seg_size),
         p_align: U64::new(e, PAGE),
     };
-    out.extend_from_slice(bytes_of(&ph));
+    headers.extend_from_slice(bytes_of(&ph));
+    if has_phdr {
+        out.extend_from_slice(&headers);
+    }
+    out.resize(table_off as usize, 0);
+    out.extend_from_slice(&table);
+    if !notes.is_empty() {
+        out.push(0);
+    }
+    if !has_phdr {
+        out.resize(new_phoff as usize, 0);
+        out.extend_from_slice(&headers);
+    }
 
     // The notes themselves: a non-allocated SHT_NOTE section.
     out.resize(align_up(out.len() as u64, 4) as usize, 0);
@@ -404,7 +435,7 @@ pub fn append_segment(
         sh_name: U32::new(e, name_off),
         sh_type: U32::new(e, elf::SHT_PROGBITS),
         sh_flags: U64::new(e, u64::from(elf::SHF_ALLOC)),
-        sh_addr: U64::new(e, vaddr),
+        sh_addr: U64::new(e, table_addr),
         sh_offset: U64::new(e, table_off),
         sh_size: U64::new(e, size as u64),
         sh_link: U32::new(e, 0),
@@ -451,7 +482,7 @@ pub fn append_segment(
     nfh.e_shoff = U64::new(e, new_shoff);
     nfh.e_shnum = U16::new(e, (shnum + added) as u16);
     out[..size_of::<FileHeader64<LE>>()].copy_from_slice(bytes_of(&nfh));
-    Ok((out, vaddr))
+    Ok((out, table_addr))
 }
 
 /// One SystemTap `NT_STAPSDT` note per firing probe site (is-enabled sites have none):
@@ -511,7 +542,7 @@ fn rela_entries_at(data: &[u8], offsets: &std::collections::HashSet<u64>) -> Vec
             continue;
         }
         let (off, size) = (sec.sh_offset(LE) as usize, sec.sh_size(LE) as usize);
-        let Some(bytes) = data.get(off..off + size) else {
+        let Some(bytes) = off.checked_add(size).and_then(|end| data.get(off..end)) else {
             continue;
         };
         for (i, e) in bytes.chunks_exact(24).enumerate() {

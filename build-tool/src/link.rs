@@ -136,9 +136,91 @@ pub fn parse_link_args(args: &[OsString]) -> Result<LinkArgs> {
     })
 }
 
-/// Links, then embeds. Returns the embed report for the final output.
-pub fn link(linker: &Linker, args: &[OsString]) -> Result<EmbedReport> {
-    let la = parse_link_args(args)?;
+/// Expands `@file` response files (as GNU ld and lld do; rustc uses one when a command
+/// line gets too long): whitespace-separated arguments, with `'`/`"` quoting and `\`.
+pub fn expand_response_files(args: &[OsString]) -> Result<Vec<OsString>> {
+    let mut out = Vec::new();
+    for a in args {
+        let s = a.to_string_lossy();
+        let Some(path) = s.strip_prefix('@') else {
+            out.push(a.clone());
+            continue;
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read response file {path}"))?;
+        let (mut cur, mut quote, mut any) = (String::new(), None, false);
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            match (c, quote) {
+                ('\\', _) => {
+                    if let Some(n) = chars.next() {
+                        cur.push(n);
+                        any = true;
+                    }
+                }
+                ('\'' | '"', None) => {
+                    quote = Some(c);
+                    any = true;
+                }
+                (c, Some(q)) if c == q => quote = None,
+                (c, None) if c.is_whitespace() => {
+                    if any {
+                        out.push(std::mem::take(&mut cur).into());
+                        any = false;
+                    }
+                }
+                (c, _) => {
+                    cur.push(c);
+                    any = true;
+                }
+            }
+        }
+        if any {
+            out.push(cur.into());
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a command line is not a final link `embed` should process: a partial link
+/// (`-r`), a version query, or no output file. Those go to the real linker unchanged.
+pub fn is_pass_through(args: &[OsString]) -> bool {
+    let has = |f: &[&str]| args.iter().any(|a| f.iter().any(|x| a == *x));
+    has(&[
+        "-r",
+        "--relocatable",
+        "-Ur",
+        "--version",
+        "-v",
+        "-V",
+        "--help",
+    ]) || parse_link_args(args).is_err()
+}
+
+/// Links, then embeds. Returns the embed report for the final output, or `None` for a
+/// command line passed through to the real linker unchanged (see [`is_pass_through`]).
+pub fn link(linker: &Linker, args: &[OsString]) -> Result<Option<EmbedReport>> {
+    let args = expand_response_files(args)?;
+    if is_pass_through(&args) {
+        let mut cmd = linker.command()?;
+        // `-flavor X` is for rust-lld only, and `command()` adds it where needed.
+        let mut rest = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if a == "-flavor" {
+                it.next();
+            } else {
+                rest.push(a.clone());
+            }
+        }
+        let status = cmd
+            .args(&rest)
+            .status()
+            .with_context(|| format!("cannot run the linker ({linker:?})"))?;
+        ensure!(status.success(), "the linker failed ({status})");
+        return Ok(None);
+    }
+    let la = parse_link_args(&args)?;
     let dir = match la.output.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -171,7 +253,7 @@ pub fn link(linker: &Linker, args: &[OsString]) -> Result<EmbedReport> {
         )
     })?;
     tmp.close().ok();
-    Ok(report)
+    Ok(Some(report))
 }
 
 #[cfg(test)]
@@ -204,6 +286,21 @@ mod tests {
             assert!(a.has_emit_relocs);
         }
         assert!(parse_link_args(&os(&["a.o"])).is_err());
+    }
+
+    #[test]
+    fn response_files_and_pass_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let rsp = dir.path().join("args");
+        std::fs::write(&rsp, "a.o \"b c.o\"\n-o out 'd e'\n").unwrap();
+        let v =
+            expand_response_files(&[OsString::from(format!("@{}", rsp.display())), "-x".into()])
+                .unwrap();
+        assert_eq!(v, os(&["a.o", "b c.o", "-o", "out", "d e", "-x"]));
+        assert!(is_pass_through(&os(&["--version"])));
+        assert!(is_pass_through(&os(&["-r", "a.o", "-o", "x.o"])));
+        assert!(is_pass_through(&os(&["a.o"])));
+        assert!(!is_pass_through(&os(&["a.o", "-o", "x"])));
     }
 
     #[test]

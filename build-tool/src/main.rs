@@ -52,7 +52,11 @@ enum Command {
     /// Run the real linker with --emit-relocs, then `embed`, writing the linker's `-o`
     /// output only if both succeed. Everything after `--` is passed to the linker.
     /// Use the `ksites-ld` binary (same as `ksites link --`) where a single program is
-    /// needed: `-C linker=ksites-ld` for rustc, `LD=ksites-ld` for C builds.
+    /// needed: `-C linker=ksites-ld` for rustc, `LD=ksites-ld` for C builds. `@file`
+    /// response files are expanded; partial links (`-r`), version queries and command
+    /// lines without `-o` go to the real linker unchanged. The image must be a static
+    /// ET_EXEC (for rustc targets that default to static-pie, add
+    /// `-C relocation-model=static`).
     #[command(after_help = EXIT_CODES)]
     Link {
         /// The real linker: `lld` (the toolchain's rust-lld, else ld.lld; the default),
@@ -149,8 +153,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             args,
         } => {
             let linker = linker.map_or_else(Linker::from_env, |l| Linker::parse(&l));
-            let r = link(&linker, &args)?;
-            if !quiet {
+            if let Some(r) = link(&linker, &args)?
+                && !quiet
+            {
+                let args = ksites::link::expand_response_files(&args)?;
                 let out = ksites::link::parse_link_args(&args)?.output;
                 print_embed(&r, &out, &out);
             }
@@ -194,7 +200,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             files,
         } => {
             if calls_to.is_empty() && jumps_to.is_empty() {
-                anyhow::bail!("give at least one --calls-to or --jumps-to glob");
+                eprintln!("ksites: error: give at least one --calls-to or --jumps-to glob");
+                return Ok(ExitCode::from(2));
             }
             let opts = ScanOptions { calls_to, jumps_to };
             let mut failed = None;

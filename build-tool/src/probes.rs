@@ -433,8 +433,10 @@ pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
             ) {
                 continue;
             }
-            if split_c_probe(&img.symbol_name((info >> 32) as usize)).is_some() {
-                out.push(u64_at(e, 0) - 1);
+            if split_c_probe(&img.symbol_name((info >> 32) as usize)).is_some()
+                && let Some(site) = u64_at(e, 0).checked_sub(1)
+            {
+                out.push(site);
             }
         }
     }

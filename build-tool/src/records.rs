@@ -119,42 +119,62 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
             }
         }
     }
-    // PLT entries: `ff 25 disp32` at 16-byte boundaries that jump through one of those
-    // slots. They may sit in their own `.plt`/`.iplt` section or, with a linker script,
-    // inside `.text`.
-    let slots: std::collections::HashSet<u64> = irel.iter().map(|(slot, _)| *slot).collect();
-    let mut plt: HashMap<u64, u64> = HashMap::new();
+    // Pair each ifunc with its PLT entry through a call to it: the linker routed the
+    // call's rel32 to the entry (which jumps through the IRELATIVE slot). Several ifuncs
+    // may share a resolver, so the pairing goes call -> entry -> slot, never by addend.
+    let irel: HashMap<u64, u64> = irel.into_iter().collect();
+    let mut first_call: HashMap<usize, u64> = HashMap::new();
     for sec in img.exec_sections() {
-        let data = sec.data().unwrap_or(&[]);
-        let first = sec.address().next_multiple_of(16) - sec.address();
-        for off in (first as usize..data.len().saturating_sub(TRAMPOLINE_LEN - 1)).step_by(16) {
-            let e = &data[off..off + TRAMPOLINE_LEN];
-            if e[..2] != JMP_RIP_INDIRECT {
-                continue;
-            }
-            let at = sec.address() + off as u64;
-            let disp = i32::from_le_bytes(e[2..6].try_into().expect("4 bytes"));
-            let to = (at + TRAMPOLINE_LEN as u64).wrapping_add_signed(disp.into());
-            if slots.contains(&to) {
-                plt.entry(to).or_insert(at);
+        for r in img.relocations(&sec)? {
+            if matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) && !r.sym_is_section {
+                first_call.entry(r.sym_index).or_insert(r.offset);
             }
         }
     }
     let mut out = Vec::new();
     for (index, name, resolver) in syms {
-        let (slot, _) = *irel.iter().find(|(_, a)| *a == resolver).with_context(|| {
-            format!(
-                "{}: GNU ifunc {name} (resolver {resolver:#x}) has no R_X86_64_IRELATIVE relocation; \
-                 is it ever called?",
+        // An ifunc nothing calls has no PLT entry and nothing to patch.
+        let Some(&at) = first_call.get(&index) else {
+            continue;
+        };
+        let rel = img
+            .read_va(at, 4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .with_context(|| {
+                format!(
+                    "{}: call to GNU ifunc {name} at {at:#x} is not in the file",
+                    img.path
+                )
+            })?;
+        let trampoline = at.wrapping_add(4).wrapping_add_signed(rel.into());
+        let entry = img
+            .read_va(trampoline, TRAMPOLINE_LEN as u64)
+            .unwrap_or(&[]);
+        if entry.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+            bail!(
+                "{}: GNU ifunc {name}: its PLT entry at {trampoline:#x} starts with endbr64 (an IBT \
+                 PLT); build with -fcf-protection=none (IBT PLTs are not supported yet)",
                 img.path
-            )
-        })?;
-        let trampoline = *plt.get(&slot).with_context(|| {
-            format!(
-                "{}: GNU ifunc {name}: no PLT entry jumps through its slot {slot:#x}",
+            );
+        }
+        ensure!(
+            entry.len() == TRAMPOLINE_LEN && entry[..2] == JMP_RIP_INDIRECT,
+            "{}: GNU ifunc {name}: the call at {at:#x} does not reach a `jmp [rip+slot]` PLT entry",
+            img.path
+        );
+        let disp = i32::from_le_bytes(entry[2..6].try_into().expect("4 bytes"));
+        let slot = (trampoline + TRAMPOLINE_LEN as u64).wrapping_add_signed(disp.into());
+        let Some(&irel_resolver) = irel.get(&slot) else {
+            bail!(
+                "{}: GNU ifunc {name}: its PLT slot {slot:#x} has no R_X86_64_IRELATIVE relocation",
                 img.path
-            )
-        })?;
+            );
+        };
+        ensure!(
+            irel_resolver == resolver,
+            "{}: GNU ifunc {name}: its slot's IRELATIVE resolver {irel_resolver:#x} is not the symbol's {resolver:#x}",
+            img.path
+        );
         out.push(IfuncInfo {
             trampoline_symbol: name.clone(),
             name,
@@ -165,6 +185,9 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
             gnu_symbol: Some(index),
         });
     }
+    // Aliases (two names, one IFUNC definition) share one trampoline: keep the first.
+    out.sort_by_key(|f| f.trampoline);
+    out.dedup_by_key(|f| f.trampoline);
     Ok(out)
 }
 
@@ -182,6 +205,17 @@ fn read_rust_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
     let data = sec
         .data()
         .with_context(|| format!("{}: cannot read section {RECORD_SECTION}", img.path))?;
+    // Function symbols by address, built once (a per-record scan is quadratic).
+    let mut text_syms: HashMap<u64, String> = HashMap::new();
+    for s in img.file.symbols() {
+        if s.kind() == object::SymbolKind::Text
+            && let Ok(n) = s.name()
+        {
+            text_syms
+                .entry(s.address())
+                .or_insert_with(|| n.to_string());
+        }
+    }
     let mut out = Vec::new();
     let mut off = 0usize;
     while off < data.len() {
@@ -225,18 +259,7 @@ fn read_rust_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
         let trampoline = u64_at(r, record::TRAMPOLINE);
         let slot = u64_at(r, record::SLOT);
         let info = IfuncInfo {
-            trampoline_symbol: img
-                .file
-                .symbols()
-                .find(|s| {
-                    use object::ObjectSymbol;
-                    s.address() == trampoline && s.kind() == object::SymbolKind::Text
-                })
-                .and_then(|s| {
-                    use object::ObjectSymbol;
-                    s.name().ok().map(str::to_string)
-                })
-                .unwrap_or_default(),
+            trampoline_symbol: text_syms.get(&trampoline).cloned().unwrap_or_default(),
             name,
             trampoline,
             slot,

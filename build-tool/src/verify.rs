@@ -58,6 +58,47 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
     let mut r = VerifyReport::default();
     let mut bad = |s: String| r.problems.push(format!("{path}: {s}"));
 
+    // The table must be loaded where its section header says: a PT_LOAD maps its file
+    // bytes to exactly that address (binutils may move one but not the other).
+    {
+        use object::read::elf::ProgramHeader;
+        let e = object::LittleEndian;
+        let (off, size) = sec.file_range().unwrap_or((0, 0));
+        let mapped = img.file.elf_program_headers().iter().find(|p| {
+            p.p_type(e) == object::elf::PT_LOAD
+                && p.p_offset(e) <= off
+                && off.saturating_add(size) <= p.p_offset(e).saturating_add(p.p_filesz(e))
+        });
+        // Its physical placement must follow the image's own virtual-to-physical offset
+        // (that of the segment holding the cell): a kernel is loaded by p_paddr.
+        let delta = |p: &object::elf::ProgramHeader64<object::LittleEndian>| {
+            p.p_paddr(e).wrapping_sub(p.p_vaddr(e))
+        };
+        let cell_delta = img.symbol(CELL_SYMBOL).and_then(|c| {
+            img.file.elf_program_headers().iter().find(|p| {
+                p.p_type(e) == object::elf::PT_LOAD
+                    && p.p_vaddr(e) <= c.addr
+                    && c.addr < p.p_vaddr(e).saturating_add(p.p_memsz(e))
+            })
+        });
+        match mapped {
+            Some(p) if cell_delta.is_some_and(|c| delta(c) != delta(p)) => bad(format!(
+                "the PT_LOAD holding {SECTION_NAME} has physical address {:#x} for virtual {:#x}, \
+                 unlike the rest of the image (was it rewritten by objcopy/strip after embedding?)",
+                p.p_paddr(e),
+                p.p_vaddr(e)
+            )),
+            Some(p) if p.p_vaddr(e).wrapping_add(off - p.p_offset(e)) == sec.address() => {}
+            Some(p) => bad(format!(
+                "{SECTION_NAME} says {:#x}, but its PT_LOAD loads its bytes at {:#x} \
+                 (was the image rewritten by objcopy/strip after embedding?)",
+                sec.address(),
+                p.p_vaddr(e).wrapping_add(off - p.p_offset(e))
+            )),
+            None => bad(format!("{SECTION_NAME} is not in any PT_LOAD segment")),
+        }
+    }
+
     // The cell.
     match img.symbol(CELL_SYMBOL) {
         None => bad(format!("no {CELL_SYMBOL} symbol")),

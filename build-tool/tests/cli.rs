@@ -489,7 +489,7 @@ fn embedded_images_still_run_under_linux() {
     );
     std::fs::write(dir.path().join("run.s"), asm).unwrap();
     gcc(&["-c", "run.s", "-o", "run.o"], dir.path());
-    for linker in ["lld", "bfd"] {
+    for linker in ["bfd", "lld"] {
         let out = format!("run-{linker}");
         let o = run(Command::new(KSITES)
             .args([
@@ -503,5 +503,44 @@ fn embedded_images_still_run_under_linux() {
             Some(42),
             "{linker}-linked embedded image did not run"
         );
+        // binutils' objcopy and strip keep the layout of a GNU ld image (the table where
+        // the cell says): the copy verifies and runs. (strip removes the symbols and
+        // relocations `verify` needs; the stripped image must still run.)
+        for tool in ["objcopy", "strip"] {
+            let copy = format!("{out}-{tool}");
+            let mut c = Command::new(tool);
+            if tool == "objcopy" {
+                c.arg(&out).arg(&copy);
+            } else {
+                c.arg(&out).arg("-o").arg(&copy);
+            }
+            let o = run(c.current_dir(dir.path()));
+            assert!(o.status.success(), "{tool}: {}", stderr(&o));
+            let moved = stderr(&o).contains("adjusted");
+            if tool == "objcopy" {
+                // verify must agree with what binutils did: ok only if nothing moved.
+                let v = run(Command::new(KSITES)
+                    .args(["verify", &copy])
+                    .current_dir(dir.path()));
+                assert_eq!(
+                    v.status.success(),
+                    !moved,
+                    "{linker}+{tool}: {}",
+                    stdout(&v)
+                );
+            }
+            if moved {
+                // Only with lld's PT_PHDR layout does binutils move the header segment.
+                assert_eq!(linker, "lld", "{tool} moved a section of a GNU ld image");
+                continue;
+            }
+            let o = run(&mut Command::new(dir.path().join(&copy)));
+            assert_eq!(
+                o.status.code(),
+                Some(42),
+                "{linker}+{} image did not run",
+                tool
+            );
+        }
     }
 }

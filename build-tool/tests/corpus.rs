@@ -453,6 +453,9 @@ const ELF_CASES: &[(&str, &str)] = &[
     ("16-c-probe-address-taken", "rewrite safely"),
     ("17-nargs-disagree", "declared with 1 and with 2 arguments"),
     ("18-section-headers-past-end", "not a valid ELF64"),
+    ("19-load-segment-overflows", "ends past the address space"),
+    ("20-text-address-wraps", "is not in the file"),
+    ("21-embedded-text-address-wraps", "already processed"),
     ("fuzz-crash-symbol-outside-section", ""),
     ("fuzz-crash-section-past-eof", ""),
 ];

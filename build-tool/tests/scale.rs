@@ -1,6 +1,5 @@
 //! Bounded resources: the reader and the patch engine on 10^5 sites and 10^4 ifuncs
-//! (no quadratic path may hide here: these sizes would take minutes if one did), and
-//! the build tool's listing of the same.
+//! (no quadratic path may hide here: these sizes would take minutes if one did).
 
 #![allow(clippy::single_range_in_vec_init)] // one executable range is the point
 

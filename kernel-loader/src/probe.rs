@@ -511,7 +511,10 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
         let old = site_bytes(&s, !on)?;
         let new = site_bytes(&s, on)?;
         let found = read5(poker, s.addr);
-        let residue = found[0] == 0xcc && (found[1..] == old[1..] || found[1..] == new[1..]);
+        // A failed batch whose rollback could not finish may have left `cc` plus either
+        // state's tail, or the complete new bytes: all are safe to rewrite.
+        let residue = found == new
+            || (found[0] == 0xcc && (found[1..] == old[1..] || found[1..] == new[1..]));
         if found != old && !residue {
             return Err(ProbeError::UnexpectedBytes {
                 site: s.addr,
@@ -608,15 +611,21 @@ unsafe fn roll_back<P: TextPoker + ?Sized>(
         let _ = unsafe { poker.write(s.addr, &[0xcc]) };
     }
     poker.sync_cores();
+    // Each later step only proceeds on a site whose previous step read back right, so a
+    // site is never left with one state's first byte and the other's tail.
     for s in sites() {
-        if let Ok(b) = site_bytes(&s, on) {
-            // SAFETY: inside a validated site; byte 0 is int3 (or the write failed).
+        if let Ok(b) = site_bytes(&s, on)
+            && read5(poker, s.addr)[0] == 0xcc
+        {
+            // SAFETY: inside a validated site; byte 0 is int3, so no CPU decodes 1..5.
             let _ = unsafe { poker.write(s.addr + 1, &b[1..]) };
         }
     }
     poker.sync_cores();
     for s in sites() {
-        if let Ok(b) = site_bytes(&s, on) {
+        if let Ok(b) = site_bytes(&s, on)
+            && read5(poker, s.addr)[1..] == b[1..]
+        {
             // SAFETY: inside a validated site; a single-byte store is atomic.
             let _ = unsafe { poker.write(s.addr, &b[..1]) };
         }

@@ -62,7 +62,7 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &FuzzArgs) -> Result<()> {
         println!("\n==> fuzz {t} for {secs} s");
         let out = cmd!(
             sh,
-            "cargo +nightly fuzz run {t} -O {corpus} {seed} -- -max_total_time={secs} -rss_limit_mb=4096"
+            "cargo +nightly fuzz run {t} -O -a {corpus} {seed} -- -max_total_time={secs} -rss_limit_mb=4096"
         )
         .ignore_status()
         .output()?;
