@@ -129,6 +129,7 @@ static IMAGE: spin::Once<Table<'static>> = spin::Once::new();
 static CONTROL: spin::Mutex<()> = spin::Mutex::new(());
 static IN_INT3: AtomicU32 = AtomicU32::new(0);
 static INT3_EMULATIONS: AtomicU64 = AtomicU64::new(0);
+static INT3_DRAIN_WAITS: AtomicU64 = AtomicU64::new(0);
 
 /// Why a registry operation failed. On every error, no site is left changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -460,6 +461,12 @@ pub fn int3_emulations() -> u64 {
     INT3_EMULATIONS.load(Ordering::Relaxed)
 }
 
+/// How many batches, when done writing, found a CPU still inside [`handle_int3`] and
+/// waited for it to leave (step 4 of the protocol).
+pub fn int3_drain_waits() -> u64 {
+    INT3_DRAIN_WAITS.load(Ordering::Relaxed)
+}
+
 /// Enables probe `id`: every site of it starts calling `handler`.
 ///
 /// # Safety
@@ -547,8 +554,11 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
     };
     poker.end();
     // 4. Wait until no CPU is still emulating a site of the old batch.
-    while IN_INT3.load(Ordering::Acquire) != 0 {
-        core::hint::spin_loop();
+    if IN_INT3.load(Ordering::Acquire) != 0 {
+        INT3_DRAIN_WAITS.fetch_add(1, Ordering::Relaxed);
+        while IN_INT3.load(Ordering::Acquire) != 0 {
+            core::hint::spin_loop();
+        }
     }
     result
 }

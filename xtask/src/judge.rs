@@ -113,6 +113,31 @@ fn parse_decimal(text: &str) -> Option<u32> {
     text.parse().ok()
 }
 
+/// The CPU count of the last `smp: N CPU online` / `smp: N CPUs online …` line.
+pub(crate) fn parse_cpus_online(serial: &[String]) -> Option<u32> {
+    serial.iter().rev().find_map(|line| {
+        let rest = line.trim_end().strip_prefix("smp: ")?;
+        let (n, rest) = rest.split_once(' ')?;
+        (rest.starts_with("CPU online") || rest.starts_with("CPUs online"))
+            .then(|| parse_decimal(n))
+            .flatten()
+    })
+}
+
+/// A problem unless the kernel reported exactly `expected` CPUs online (so an SMP run
+/// whose application processors did not come up fails, even if every test passed).
+pub(crate) fn check_cpus_online(serial: &[String], expected: u32) -> Option<String> {
+    match parse_cpus_online(serial) {
+        Some(n) if n == expected => None,
+        Some(n) => Some(format!(
+            "the kernel brought {n} CPU(s) online, expected {expected}"
+        )),
+        None => Some(format!(
+            "no `smp: N CPUs online` line (expected {expected} CPU(s))"
+        )),
+    }
+}
+
 /// Collect `ifunc-choice <name> <impl_name>` lines: ifunc name → implementation.
 pub(crate) fn parse_choices(serial: &[String]) -> BTreeMap<String, String> {
     serial
@@ -249,6 +274,28 @@ ok   ifunc::popcount_matches_cpuid
         assert_eq!(parse_summary(" 1 passed, 0 failed"), None);
         assert_eq!(parse_summary("1 passed, 0 failed."), None);
         assert_eq!(parse_summary("passed, 0 failed"), None);
+    }
+
+    #[test]
+    fn cpus_online() {
+        let out = lines(
+            "smp: 4 CPUs online (APIC ids [0, 1, 2, 3]; the MADT lists 4)\n\
+             smp: RSDP at 0xf59d0\n",
+        );
+        assert_eq!(parse_cpus_online(&out), Some(4));
+        assert_eq!(check_cpus_online(&out, 4), None);
+        let err = check_cpus_online(&out, 2).unwrap();
+        assert!(err.contains("4 CPU(s) online, expected 2"), "{err}");
+        let one = lines("smp: 1 CPU online (APIC ids [0])\n");
+        assert_eq!(check_cpus_online(&one, 1), None);
+        assert!(check_cpus_online(&one, 4).is_some());
+        assert!(
+            check_cpus_online(&lines(GOOD), 1)
+                .unwrap()
+                .contains("no `smp:")
+        );
+        assert_eq!(parse_cpus_online(&lines("smp: x CPUs online\n")), None);
+        assert_eq!(parse_cpus_online(&lines("smp: 4 CPUs offline\n")), None);
     }
 
     #[test]

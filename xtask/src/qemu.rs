@@ -13,17 +13,21 @@ use xshell::{Shell, cmd};
 use crate::judge::{self, Exit, Verdict};
 use crate::{crosscheck, install};
 
-/// The CPU models booted when `--cpu` is not given.
-pub(crate) const DEFAULT_CPUS: &[&str] = &["qemu64", "max", "Haswell"];
+/// The CPU models booted when `--cpu` is not given. `MODEL-smpN` boots `MODEL` with N
+/// CPUs under multi-threaded TCG (see [`split_label`]).
+pub(crate) const DEFAULT_CPUS: &[&str] = &["qemu64", "max", "Haswell", "qemu64-smp4", "max-smp4"];
 const DEFAULT_TIMEOUT_SECS: u64 = 120;
+/// An SMP run may take this many times `--timeout` (it runs the live-patching stress).
+const SMP_TIMEOUT_FACTOR: u32 = 3;
 const KERNEL_TARGET: &str = "x86_64-unknown-none";
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct QemuArgs {
-    /// CPU model to boot; repeat to boot several [default: qemu64, max, Haswell]
+    /// CPU model to boot, `MODEL-smpN` for N CPUs; repeat to boot several
+    /// [default: qemu64, max, Haswell, qemu64-smp4, max-smp4]
     #[arg(long = "cpu", value_name = "MODEL")]
     cpus: Vec<String>,
-    /// Seconds each QEMU run may take before it is killed
+    /// Seconds each single-CPU QEMU run may take before it is killed (SMP runs: 3x)
     #[arg(
         long,
         value_name = "SECS",
@@ -215,12 +219,19 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
     } else {
         args.cpus.clone()
     };
-    let timeout = Duration::from_secs(args.timeout);
     let mut runs = Vec::new();
     for model in &models {
         let start = Instant::now();
+        let cpus = split_label(model).1;
+        let mut timeout = Duration::from_secs(args.timeout);
+        if cpus > 1 {
+            timeout *= SMP_TIMEOUT_FACTOR;
+        }
         let (exit, serial) = boot(model, qemu_command(model, image), timeout)?;
-        let verdict = judge::judge(&exit, &serial);
+        let mut verdict = judge::judge(&exit, &serial);
+        if let Some(problem) = judge::check_cpus_online(&serial, cpus) {
+            verdict.problems.push(problem);
+        }
         println!(
             "xtask: [{model}] {} ({exit})",
             if verdict.ok() { "passed" } else { "FAILED" }
@@ -235,6 +246,14 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
 
     let find = |name: &str| runs.iter().find(|r| r.model == name);
     let cross = match (find("qemu64"), find("max")) {
+        (Some(a), Some(b)) => Some(judge::check_choices_differ(
+            (&a.model, &a.choices),
+            (&b.model, &b.choices),
+        )),
+        _ => None,
+    };
+    // The SMP runs boot the same kernel: their choices must differ the same way.
+    let cross_smp = match (find("qemu64-smp4"), find("max-smp4")) {
         (Some(a), Some(b)) => Some(judge::check_choices_differ(
             (&a.model, &a.choices),
             (&b.model, &b.choices),
@@ -257,6 +276,11 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
         Some(Ok(())) => println!("cross-model check (qemu64 vs max): ok"),
         Some(Err(e)) => failures.push(e.clone()),
         None => println!("cross-model check skipped (needs both qemu64 and max)"),
+    }
+    match cross_smp {
+        Some(Ok(())) => println!("cross-model check (qemu64-smp4 vs max-smp4): ok"),
+        Some(Err(e)) => failures.push(e),
+        None => {}
     }
     if failures.is_empty() {
         Ok(runs.iter().map(|r| r.verdict.passed.unwrap_or(0)).sum())
@@ -288,9 +312,26 @@ enum Stream {
     Stderr,
 }
 
-/// The QEMU command line that boots `image` on CPU `model`.
-fn qemu_command(model: &str, image: &Path) -> Command {
+/// A run label → (CPU model, CPU count): `max-smp4` → (`max`, 4), `Haswell` → (`Haswell`, 1).
+pub(crate) fn split_label(label: &str) -> (&str, u32) {
+    let smp = label.rsplit_once("-smp").and_then(|(model, n)| {
+        let canonical = !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit());
+        let n: u32 = n.parse().ok().filter(|_| canonical)?;
+        (!model.is_empty()).then_some((model, n))
+    });
+    smp.unwrap_or((label, 1))
+}
+
+/// The QEMU command line that boots `image` as run `label` (`MODEL` or `MODEL-smpN`:
+/// N CPUs under multi-threaded TCG).
+fn qemu_command(label: &str, image: &Path) -> Command {
+    let (model, cpus) = split_label(label);
     let mut command = Command::new("qemu-system-x86_64");
+    if cpus > 1 {
+        command
+            .args(["-smp", &cpus.to_string()])
+            .args(["-accel", "tcg,thread=multi"]);
+    }
     command
         .args(["-cpu", model, "-m", "256M", "-display", "none"])
         .args(["-serial", "stdio", "-no-reboot", "-monitor", "none"])
@@ -461,6 +502,23 @@ mod tests {
             shell_words(&command),
             "qemu-system-x86_64 -cpu Haswell -m 256M -display none -serial stdio -no-reboot \
              -monitor none -device isa-debug-exit,iobase=0xf4,iosize=0x04 -kernel /k.ksites"
+        );
+    }
+
+    #[test]
+    fn smp_labels() {
+        assert_eq!(split_label("max-smp4"), ("max", 4));
+        assert_eq!(split_label("qemu64-smp2"), ("qemu64", 2));
+        assert_eq!(split_label("Haswell"), ("Haswell", 1));
+        for odd in ["-smp4", "max-smp", "max-smpx", "max-smp04", "max-smp+4"] {
+            assert_eq!(split_label(odd), (odd, 1), "{odd}");
+        }
+        let command = qemu_command("max-smp4", Path::new("/k.ksites"));
+        assert_eq!(
+            shell_words(&command),
+            "qemu-system-x86_64 -smp 4 -accel tcg,thread=multi -cpu max -m 256M -display none \
+             -serial stdio -no-reboot -monitor none -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+             -kernel /k.ksites"
         );
     }
 

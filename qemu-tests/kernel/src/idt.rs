@@ -14,8 +14,13 @@
 //! frame-pointer backtrace on COM1 and exits QEMU with failure. `#DF` runs on its own
 //! stack (IST1) so a stack overflow into the guard page still gets reported.
 //!
-//! Vectors 32..=255 are not present: any stray interrupt becomes a reported `#GP`/`#NP`.
+//! Vectors [`FIRST_IRQ_VECTOR`]`..=255` have stubs too and go through the same path to a
+//! handler registered with [`set_interrupt_handler`] (the SMP code's IPIs); vectors
+//! 32..0xf0 are not present: any stray interrupt becomes a reported `#GP`/`#NP`.
 //! The probe state is global: probes are for the boot CPU, one at a time.
+//!
+//! Every CPU shares the IDT; each has its own GDT, TSS and double-fault stack
+//! ([`load_cpu_tables`] for application processors).
 
 use core::arch::{asm, global_asm};
 use core::fmt;
@@ -40,6 +45,10 @@ pub const STACK_SEGMENT_FAULT: u8 = 12;
 pub const GENERAL_PROTECTION: u8 = 13;
 /// `#PF`.
 pub const PAGE_FAULT: u8 = 14;
+
+/// First vector with a stub for [`set_interrupt_handler`].
+pub const FIRST_IRQ_VECTOR: u8 = 0xf0;
+const IRQ_VECTORS: usize = 256 - FIRST_IRQ_VECTOR as usize;
 
 /// `#PF` error code: the page was present (protection violation).
 pub const PF_PRESENT: u64 = 1 << 0;
@@ -144,6 +153,13 @@ idt_stub_\n:
     jmp idt_common
     .endr
 
+    .irp n, 240,241,242,243,244,245,246,247,248,249,250,251,252,253,254,255
+idt_stub_\n:
+    pushq $0
+    pushq $\n
+    jmp idt_common
+    .endr
+
 idt_common:
     pushq %rax
     pushq %rbx
@@ -189,6 +205,11 @@ idt_stub_table:
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad idt_stub_\n
     .endr
+    .globl idt_irq_stub_table
+idt_irq_stub_table:
+    .irp n, 240,241,242,243,244,245,246,247,248,249,250,251,252,253,254,255
+    .quad idt_stub_\n
+    .endr
     .popsection
     "#,
     handler = sym exception_handler,
@@ -198,6 +219,8 @@ idt_stub_table:
 unsafe extern "C" {
     /// Addresses of the 32 entry stubs.
     static idt_stub_table: [u64; 32];
+    /// Addresses of the stubs for vectors `FIRST_IRQ_VECTOR..=255`.
+    static idt_irq_stub_table: [u64; IRQ_VECTORS];
 }
 
 #[repr(C)]
@@ -237,9 +260,9 @@ impl IdtEntry {
     }
 }
 
-/// The 64-bit TSS; only IST1 is used.
+/// The 64-bit TSS; only IST1 is used. One per CPU.
 #[repr(C, packed(4))]
-struct Tss {
+pub struct Tss {
     reserved0: u32,
     rsp: [u64; 3],
     reserved1: u64,
@@ -249,20 +272,37 @@ struct Tss {
     iomap_base: u16,
 }
 
+impl Tss {
+    /// An empty TSS (no stacks set, no I/O bitmap).
+    pub const fn new() -> Tss {
+        Tss {
+            reserved0: 0,
+            rsp: [0; 3],
+            reserved1: 0,
+            ist: [0; 7],
+            reserved2: 0,
+            reserved3: 0,
+            iomap_base: size_of::<Tss>() as u16,
+        }
+    }
+}
+
+impl Default for Tss {
+    fn default() -> Tss {
+        Tss::new()
+    }
+}
+
+/// Size of a double-fault (IST1) stack.
+pub const DF_STACK_SIZE: usize = 16384;
+
+/// A double-fault stack.
 #[repr(C, align(16))]
-struct Stack([u8; 16384]);
+pub struct Stack(pub [u8; DF_STACK_SIZE]);
 
 static mut IDT: [IdtEntry; 256] = [IdtEntry::MISSING; 256];
-static mut TSS: Tss = Tss {
-    reserved0: 0,
-    rsp: [0; 3],
-    reserved1: 0,
-    ist: [0; 7],
-    reserved2: 0,
-    reserved3: 0,
-    iomap_base: size_of::<Tss>() as u16,
-};
-static mut DOUBLE_FAULT_STACK: Stack = Stack([0; 16384]);
+static mut TSS: Tss = Tss::new();
+static mut DOUBLE_FAULT_STACK: Stack = Stack([0; DF_STACK_SIZE]);
 
 #[repr(C, packed)]
 struct DescriptorPointer {
@@ -274,25 +314,11 @@ struct DescriptorPointer {
 /// boot CPU.
 pub fn init() {
     let df_stack_top = (&raw const DOUBLE_FAULT_STACK) as u64 + size_of::<Stack>() as u64;
-    let tss = &raw mut TSS;
-    let tss_base = tss as u64;
-    let tss_limit = size_of::<Tss>() as u64 - 1;
     // SAFETY: init runs once on the boot CPU before anything else uses TSS, IDT or the
     // GDT's TSS slot; all writes go through raw pointers to those statics. The stubs
     // in `idt_stub_table` are valid interrupt entry points.
     unsafe {
-        (*tss).ist[0] = df_stack_top;
-
-        let gdt = &raw mut boot::boot_gdt;
-        let slot = usize::from(TSS_SELECTOR / 8);
-        (*gdt)[slot] = (tss_limit & 0xffff)
-            | ((tss_base & 0xff_ffff) << 16)
-            | (0x89 << 40) // present, 64-bit available TSS
-            | (((tss_limit >> 16) & 0xf) << 48)
-            | (((tss_base >> 24) & 0xff) << 56);
-        (*gdt)[slot + 1] = tss_base >> 32;
-        asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack, preserves_flags));
-
+        install_tss(&raw mut boot::boot_gdt, &raw mut TSS, df_stack_top);
         let idt = &raw mut IDT;
         for (vector, &stub) in idt_stub_table.iter().enumerate() {
             let ist = if vector == usize::from(DOUBLE_FAULT) {
@@ -302,12 +328,128 @@ pub fn init() {
             };
             (*idt)[vector] = IdtEntry::interrupt_gate(stub, ist);
         }
-        let ptr = DescriptorPointer {
-            limit: (size_of::<[IdtEntry; 256]>() - 1) as u16,
-            base: idt as u64,
-        };
+        load_idt();
+    }
+}
+
+/// Points `tss`'s IST1 at `df_stack_top`, writes its descriptor into `gdt`'s TSS slot
+/// and loads the task register.
+///
+/// # Safety
+///
+/// `gdt` is the GDT this CPU has loaded, `tss` is used by no other CPU, and both (and
+/// the stack) live forever.
+unsafe fn install_tss(gdt: *mut [u64; 5], tss: *mut Tss, df_stack_top: u64) {
+    let tss_base = tss as u64;
+    let tss_limit = size_of::<Tss>() as u64 - 1;
+    let slot = usize::from(TSS_SELECTOR / 8);
+    // SAFETY: the caller guarantees both pointers are valid and this CPU's own.
+    unsafe {
+        (*tss).ist[0] = df_stack_top;
+        (*gdt)[slot] = (tss_limit & 0xffff)
+            | ((tss_base & 0xff_ffff) << 16)
+            | (0x89 << 40) // present, 64-bit available TSS
+            | (((tss_limit >> 16) & 0xf) << 48)
+            | (((tss_base >> 24) & 0xff) << 56);
+        (*gdt)[slot + 1] = tss_base >> 32;
+        asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack, preserves_flags));
+    }
+}
+
+/// Loads the shared IDT on this CPU.
+///
+/// # Safety
+///
+/// The IDT's present gates point at valid entry stubs ([`init`] ran).
+unsafe fn load_idt() {
+    let ptr = DescriptorPointer {
+        limit: (size_of::<[IdtEntry; 256]>() - 1) as u16,
+        base: (&raw const IDT) as u64,
+    };
+    // SAFETY: the IDT is a static that lives forever; the caller vouches for its gates.
+    unsafe {
         asm!("lidt [{}]", in(reg) &raw const ptr, options(readonly, nostack, preserves_flags));
     }
+}
+
+/// An application processor's descriptor tables: loads `gdt` (null, code64, data, TSS,
+/// like the boot GDT), reloads every segment register from it, installs `tss` with
+/// IST1 = `df_stack_top` and loads the shared IDT.
+///
+/// # Safety
+///
+/// 1. Runs once per AP, on that AP, in 64-bit mode, after [`init`] on the boot CPU.
+/// 2. `gdt`, `tss` and the stack belong to this CPU alone and live forever.
+pub unsafe fn load_cpu_tables(gdt: *mut [u64; 5], tss: *mut Tss, df_stack_top: u64) {
+    // SAFETY: (2) makes the pointers valid and private to this CPU; the descriptors
+    // copied from the boot GDT are the same flat code/data segments the kernel runs
+    // with, so reloading CS (far return) and the data segments changes nothing else.
+    unsafe {
+        let boot_gdt = &raw const boot::boot_gdt;
+        for i in 0..3 {
+            (*gdt)[i] = (*boot_gdt)[i];
+        }
+        (*gdt)[3] = 0;
+        (*gdt)[4] = 0;
+        let ptr = DescriptorPointer {
+            limit: (size_of::<[u64; 5]>() - 1) as u16,
+            base: gdt as u64,
+        };
+        asm!(
+            "lgdt [{ptr}]",
+            "push {cs}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            "mov ds, {ds:e}",
+            "mov es, {ds:e}",
+            "mov ss, {ds:e}",
+            ptr = in(reg) &raw const ptr,
+            cs = in(reg) u64::from(KERNEL_CS),
+            ds = in(reg) u32::from(boot::KERNEL_DS),
+            tmp = out(reg) _,
+            options(preserves_flags),
+        );
+        install_tss(gdt, tss, df_stack_top);
+        load_idt();
+    }
+}
+
+/// Handler for an interrupt vector at or above [`FIRST_IRQ_VECTOR`]: runs with
+/// interrupts off on the interrupted CPU's stack; it must send the local APIC its EOI
+/// itself if the interrupt needs one.
+pub type InterruptHandler = fn(&mut TrapFrame);
+
+static IRQ_HANDLERS: [AtomicUsize; IRQ_VECTORS] = [const { AtomicUsize::new(0) }; IRQ_VECTORS];
+
+/// Routes `vector` (>= [`FIRST_IRQ_VECTOR`]) to `handler` and makes its IDT gate present.
+///
+/// # Safety
+///
+/// No CPU may be receiving `vector` while its gate is written (install handlers
+/// before interrupts for them can arrive).
+pub unsafe fn set_interrupt_handler(vector: u8, handler: InterruptHandler) {
+    assert!(vector >= FIRST_IRQ_VECTOR, "vector {vector:#x} has no stub");
+    let i = usize::from(vector - FIRST_IRQ_VECTOR);
+    IRQ_HANDLERS[i].store(handler as usize, Ordering::SeqCst);
+    // SAFETY: the stub is a valid entry point; per the caller, no CPU reads this gate
+    // while it is written.
+    unsafe {
+        let stub = idt_irq_stub_table[i];
+        let idt = &raw mut IDT;
+        (*idt)[usize::from(vector)] = IdtEntry::interrupt_gate(stub, 0);
+    }
+}
+
+fn interrupt_handler(vector: u64) -> Option<InterruptHandler> {
+    let i = usize::try_from(vector.checked_sub(u64::from(FIRST_IRQ_VECTOR))?).ok()?;
+    let raw = IRQ_HANDLERS.get(i)?.load(Ordering::SeqCst);
+    if raw == 0 {
+        return None;
+    }
+    // SAFETY: the only non-zero values stored are `InterruptHandler` fn pointers.
+    Some(unsafe { core::mem::transmute::<usize, InterruptHandler>(raw) })
 }
 
 /// A fault caught by [`probe_write`] or [`probe_read`].
@@ -490,7 +632,12 @@ extern "C" fn exception_handler(frame: &mut TrapFrame) {
             }
         }
         BREAKPOINT if breakpoint_hook().is_some_and(|hook| hook(frame)) => return,
-        _ => {}
+        _ => {
+            if let Some(handler) = interrupt_handler(frame.vector) {
+                handler(frame);
+                return;
+            }
+        }
     }
     report(frame);
     exit_qemu(false)
@@ -498,13 +645,14 @@ extern "C" fn exception_handler(frame: &mut TrapFrame) {
 
 fn report(frame: &TrapFrame) {
     println!(
-        "FAULT: vector {} ({}) error={:#x} rip={:#x} cr2={:#x} rsp={:#x}",
+        "FAULT: vector {} ({}) error={:#x} rip={:#x} cr2={:#x} rsp={:#x} cpu={}",
         frame.vector,
         exception_name(frame.vector),
         frame.error_code,
         frame.rip,
         read_cr2(),
-        frame.rsp
+        frame.rsp,
+        crate::smp::cpu_index()
     );
     println!(
         "  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}",
@@ -522,10 +670,10 @@ fn report(frame: &TrapFrame) {
 }
 
 /// Follows the frame-pointer chain (the kernel is built with frame pointers) while it
-/// stays inside the boot stack.
+/// stays inside this CPU's stack.
 fn backtrace(mut rbp: u64) {
-    let bottom = (&raw const boot::boot_stack_bottom) as u64;
-    let top = (&raw const boot::boot_stack_top) as u64;
+    let stack = crate::smp::current_stack();
+    let (bottom, top) = (stack.start, stack.end);
     for _ in 0..32 {
         if rbp < bottom || rbp + 16 > top || !rbp.is_multiple_of(8) {
             break;

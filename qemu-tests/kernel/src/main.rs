@@ -1,12 +1,16 @@
 //! The ksites test kernel.
 //!
 //! QEMU loads it with `-kernel` through its PVH note ([`boot`]); it sets up the CPU,
-//! COM1, exceptions and its own W^X page tables, then runs the ifunc and probe tests and its own
+//! COM1, exceptions and its own W^X page tables, then runs the ifunc tests (boot
+//! patching, one CPU), starts the other CPUs ([`smp`]: `smp: N CPUs online`), runs the
+//! probe tests, the SMP tests (live patching while the APs run the sites) and its own
 //! infrastructure self-tests, printing one line per test and `N passed, M failed`, and
 //! exits QEMU through isa-debug-exit (33 = success, 35 = failure).
 #![no_std]
 #![no_main]
 
+pub mod acpi;
+pub mod apic;
 pub mod boot;
 pub mod cpu;
 pub mod exit;
@@ -18,6 +22,8 @@ pub mod poker;
 pub mod probe_tests;
 mod selftest;
 pub mod serial;
+pub mod smp;
+pub mod smp_tests;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,6 +40,7 @@ pub fn start_info() -> u64 {
 /// paging and interrupts off.
 #[unsafe(no_mangle)]
 extern "C" fn kmain(start_info: u64) -> ! {
+    smp::init_bsp();
     cpu::init();
     serial::init();
     idt::init();
@@ -42,8 +49,11 @@ extern "C" fn kmain(start_info: u64) -> ! {
     println!("ksites test kernel");
 
     let mut harness = Harness::new();
+    // Boot patching happens before the APs start: no other CPU runs the text yet.
     ifunc_tests::run(&mut harness);
+    smp::init(start_info);
     probe_tests::run(&mut harness);
+    smp_tests::run(&mut harness);
     selftest::run(&mut harness);
     harness.finish()
 }

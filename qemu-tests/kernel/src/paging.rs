@@ -9,6 +9,14 @@
 //! * `16 MiB .. 1 GiB` with 2 MiB pages, writable + NX.
 //! * `3 GiB .. 4 GiB` with 2 MiB pages, writable + NX + uncached: the MMIO hole
 //!   (local APIC at `0xfee0_0000`, I/O APIC at `0xfec0_0000`).
+//! * The *poke window* ([`POKE_WINDOW`], a 4 KiB page at 1 GiB + 2 MiB): not present
+//!   except while [`crate::poker::AliasPoker`] writes text through it, when it maps
+//!   the text's physical frames writable + NX (see [`map_poke_window`]).
+//!
+//! Text stays read-only + executable for the kernel's whole life; the only other
+//! executable page is the AP start-up trampoline, which [`crate::smp`] makes
+//! read-only + executable after copying it (see [`set_page`]). [`wx_scan`] checks from
+//! the tables that no page is both writable and executable.
 //!
 //! NX is used only when the boot stub could set EFER.NXE (the CPU has NX).
 //!
@@ -47,6 +55,11 @@ pub const SMALL_PAGES_END: u64 = 16 << 20;
 pub const IDENTITY_END: u64 = 1 << 30;
 /// Start of the mapped MMIO hole.
 pub const MMIO_START: u64 = 3 << 30;
+/// The poke window: [`POKE_WINDOW_PAGES`] 4 KiB virtual page(s), not present unless
+/// [`map_poke_window`] maps a text frame there (writable, NX) for one write.
+pub const POKE_WINDOW: u64 = (1 << 30) + LARGE_PAGE_SIZE;
+/// Pages in the poke window (the poker splits a write that straddles a page boundary).
+pub const POKE_WINDOW_PAGES: usize = 1;
 
 const SMALL_PAGE_TABLES: usize = (SMALL_PAGES_END / LARGE_PAGE_SIZE) as usize;
 
@@ -66,6 +79,8 @@ struct Tables {
     pdpt: Table,
     pd: Table,
     pd_mmio: Table,
+    pd_poke: Table,
+    pt_poke: Table,
     pt: [Table; SMALL_PAGE_TABLES],
 }
 
@@ -76,6 +91,8 @@ static mut TABLES: Tables = Tables {
     pdpt: EMPTY,
     pd: EMPTY,
     pd_mmio: EMPTY,
+    pd_poke: EMPTY,
+    pt_poke: EMPTY,
     pt: [EMPTY; SMALL_PAGE_TABLES],
 };
 
@@ -139,6 +156,11 @@ pub fn init() {
             *entry =
                 (MMIO_START + i as u64 * LARGE_PAGE_SIZE) | HUGE | NO_CACHE | WRITE_THROUGH | data;
         }
+        // The poke window's tables: present, but every PTE stays 0 until a write.
+        (*t).pd_poke.0[((POKE_WINDOW >> 21) & 0x1ff) as usize] =
+            &raw const (*t).pt_poke as u64 | PRESENT | WRITABLE;
+        (*t).pdpt.0[(POKE_WINDOW >> 30) as usize] =
+            &raw const (*t).pd_poke as u64 | PRESENT | WRITABLE;
         (*t).pdpt.0[0] = &raw const (*t).pd as u64 | PRESENT | WRITABLE;
         (*t).pdpt.0[(MMIO_START >> 30) as usize] =
             &raw const (*t).pd_mmio as u64 | PRESENT | WRITABLE;
@@ -216,4 +238,149 @@ pub fn translate(addr: u64) -> Option<PageInfo> {
         table = entry & ADDR_MASK;
     }
     None
+}
+
+/// Flushes this CPU's TLB entry for `addr`.
+pub fn invlpg(addr: u64) {
+    // SAFETY: invlpg only drops a cached translation; it reads and writes no memory.
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) addr, options(nostack, preserves_flags)) };
+}
+
+/// Replaces the 4 KiB page-table entry that maps `addr` (in the 4 KiB-mapped first
+/// 16 MiB) with `entry`; returns the old entry. Flushes this CPU's TLB entry only.
+///
+/// # Safety
+///
+/// 1. `addr` is below [`SMALL_PAGES_END`] and [`init`] has run.
+/// 2. Nothing live depends on the old mapping (unmapping a page in use, or making text
+///    writable, breaks the kernel's invariants), and other CPUs that may hold the old
+///    translation are flushed by the caller if that matters.
+pub unsafe fn set_page(addr: u64, entry: u64) -> u64 {
+    let index = (addr / PAGE_SIZE) as usize;
+    let t = &raw mut TABLES;
+    // SAFETY: (1) puts the entry inside `pt`; an aligned u64 store is atomic for the
+    // page walker; the caller vouches for the effect (2).
+    let old = unsafe {
+        let e = &raw mut (*t).pt[index / 512].0[index % 512];
+        let old = core::ptr::read_volatile(e);
+        core::ptr::write_volatile(e, entry);
+        old
+    };
+    invlpg(addr);
+    old
+}
+
+/// Maps physical frame `frame` (4 KiB aligned) at window page `page` of the poke window,
+/// writable and NX, and returns the page's virtual address. Flushes nothing: the entry
+/// was not present (checked), and a not-present entry is never cached.
+///
+/// # Safety
+///
+/// 1. The caller owns the poke window (one writer at a time) and [`init`] has run.
+/// 2. Writes through the window change whatever `frame` holds; the caller writes only
+///    the bytes it means to.
+/// 3. [`unmap_poke_window`] is called before the window is mapped again.
+pub unsafe fn map_poke_window(page: usize, frame: u64) -> u64 {
+    assert!(page < POKE_WINDOW_PAGES && frame.is_multiple_of(PAGE_SIZE));
+    let nx = if cpu::nx_enabled() { NO_EXECUTE } else { 0 };
+    let va = POKE_WINDOW + page as u64 * PAGE_SIZE;
+    let index = ((va >> 12) & 0x1ff) as usize;
+    let t = &raw mut TABLES;
+    // SAFETY: `index` is in range; the caller owns the window (1); an aligned u64 store
+    // is atomic for the page walker.
+    unsafe {
+        let e = &raw mut (*t).pt_poke.0[index];
+        assert!(
+            core::ptr::read_volatile(e) == 0,
+            "poke window page {page} already mapped"
+        );
+        core::ptr::write_volatile(e, frame | PRESENT | WRITABLE | nx);
+    }
+    va
+}
+
+/// Unmaps every poke-window page and flushes this CPU's TLB entries for them. No other
+/// CPU ever touches the window, so no other TLB can hold a translation it uses.
+pub fn unmap_poke_window() {
+    let t = &raw mut TABLES;
+    for page in 0..POKE_WINDOW_PAGES {
+        let va = POKE_WINDOW + page as u64 * PAGE_SIZE;
+        let index = ((va >> 12) & 0x1ff) as usize;
+        // SAFETY: clearing a PTE of the window, which only the poker uses (the caller
+        // of `map_poke_window` owns it); an aligned u64 store is atomic.
+        unsafe { core::ptr::write_volatile(&raw mut (*t).pt_poke.0[index], 0) };
+        invlpg(va);
+    }
+}
+
+/// What [`wx_scan`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WxReport {
+    /// Mapped pages (of any size) visited.
+    pub pages: u64,
+    /// Executable pages visited.
+    pub executable: u64,
+    /// Pages that are writable and executable.
+    pub violations: u64,
+    /// The first such page's virtual address.
+    pub first: Option<u64>,
+}
+
+/// Walks the live page tables (from CR3) and counts pages that are both writable and
+/// executable (permissions combined over all levels). W^X holds iff `violations == 0`.
+pub fn wx_scan() -> WxReport {
+    let mut r = WxReport::default();
+    let nx_enabled = cpu::nx_enabled();
+    walk(
+        cpu::read_cr3() & ADDR_MASK,
+        39,
+        0,
+        true,
+        false,
+        nx_enabled,
+        &mut r,
+    );
+    r
+}
+
+fn walk(
+    table: u64,
+    shift: u32,
+    base: u64,
+    writable: bool,
+    no_exec: bool,
+    nx_enabled: bool,
+    r: &mut WxReport,
+) {
+    if table >= IDENTITY_END {
+        return;
+    }
+    for i in 0..512u64 {
+        // SAFETY: `table` is a page-table page below 1 GiB, identity mapped; reading an
+        // aligned u64 of it has no side effects.
+        let entry = unsafe { core::ptr::read_volatile((table + i * 8) as *const u64) };
+        if entry & PRESENT == 0 {
+            continue;
+        }
+        let mut va = base | (i << shift);
+        if va & (1 << 47) != 0 {
+            va |= 0xffff_0000_0000_0000;
+        }
+        let w = writable && entry & WRITABLE != 0;
+        let nx = no_exec || entry & NO_EXECUTE != 0;
+        let leaf = shift == 12 || ((shift == 30 || shift == 21) && entry & HUGE != 0);
+        if leaf {
+            let exec = !(nx_enabled && nx);
+            r.pages += 1;
+            if exec {
+                r.executable += 1;
+                if w {
+                    r.violations += 1;
+                    r.first.get_or_insert(va);
+                }
+            }
+        } else {
+            walk(entry & ADDR_MASK, shift - 9, va, w, nx, nx_enabled, r);
+        }
+    }
 }

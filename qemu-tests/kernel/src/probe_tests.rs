@@ -2,9 +2,15 @@
 //! dtrace-style C sites (c/cprobes.c, rewritten by `ksites embed`), with 0, 1 and 6
 //! arguments, in several functions and two crates; enabling and disabling them live with
 //! the int3 protocol; and a CPU forced through the int3 emulation mid-patch.
+//!
+//! Live patching goes through [`AliasPoker`] (text is never writable); these tests run
+//! on the boot CPU while the APs, if any, are parked. [`bp_hook`] (installed here and
+//! left installed for [`crate::smp_tests`]) also counts, per CPU and per probe, the
+//! traps the loader emulated.
 
+use core::cell::UnsafeCell;
 use core::hint::black_box;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use kernel_loader::format::{PSite, ProbeKind, Table};
 use kernel_loader::patch::{PokeError, TextPoker};
@@ -13,24 +19,25 @@ use kernel_loader::{cell, probe_enabled};
 
 use crate::harness::{Harness, Msg};
 use crate::idt::{self, TrapFrame};
-use crate::poker::WpPoker;
+use crate::poker::{AliasPoker, WpPoker};
+use crate::smp::{self, MAX_CPUS};
 use crate::{ensure, msg, paging, println};
 
 // ---------------------------------------------------------------------------------------
 // Probe sites.
 
 unsafe extern "C" {
-    fn c_fire_zero() -> u64;
-    fn c_fire_one(x: u64) -> u64;
-    fn c_fire_six(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64;
-    fn c_fire_tail(x: u64);
-    fn c_one_enabled() -> i32;
-    fn c_guarded(x: u64) -> u64;
+    pub(crate) fn c_fire_zero() -> u64;
+    pub(crate) fn c_fire_one(x: u64) -> u64;
+    pub(crate) fn c_fire_six(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64;
+    pub(crate) fn c_fire_tail(x: u64);
+    pub(crate) fn c_one_enabled() -> i32;
+    pub(crate) fn c_guarded(x: u64) -> u64;
     static c_work: u64;
 }
 
 /// `c_one_enabled()`: the C is-enabled tail site of ctest:one.
-fn c_one_on() -> i32 {
+pub(crate) fn c_one_on() -> i32 {
     // SAFETY: a plain C function without arguments or preconditions.
     unsafe { c_one_enabled() }
 }
@@ -41,31 +48,31 @@ fn c_work_now() -> u64 {
 }
 
 #[inline(never)]
-fn r_zero() -> u64 {
+pub(crate) fn r_zero() -> u64 {
     kernel_loader::probe!(rtest, zero);
     black_box(1)
 }
 
 #[inline(never)]
-fn r_one(x: u64) -> u64 {
+pub(crate) fn r_one(x: u64) -> u64 {
     kernel_loader::probe!(rtest, one, x);
     x + 1
 }
 
 #[inline(never)]
-fn r_one_again(x: u64) -> u64 {
+pub(crate) fn r_one_again(x: u64) -> u64 {
     kernel_loader::probe!(rtest, one, x * 10);
     x + 2
 }
 
 #[inline(never)]
-fn r_six(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64 {
+pub(crate) fn r_six(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> u64 {
     kernel_loader::probe!(rtest, six, a, b, c, d, e, f);
     a ^ b ^ c ^ d ^ e ^ f
 }
 
 #[inline(never)]
-fn r_enabled() -> bool {
+pub(crate) fn r_enabled() -> bool {
     probe_enabled!(rtest, one)
 }
 
@@ -98,8 +105,128 @@ fn last_args() -> [u64; 6] {
     core::array::from_fn(|i| LAST_ARGS[i].load(Ordering::Relaxed))
 }
 
-/// The #BP hook: hands the trap to the loader's emulation.
-fn bp_hook(tf: &mut TrapFrame) -> bool {
+/// The image's table, for [`bp_hook`] to name the probe of a trapping site.
+struct TableCell {
+    set: AtomicBool,
+    table: UnsafeCell<Option<Table<'static>>>,
+}
+
+// SAFETY: `table` is written once, before `set` is published (Release), and only read
+// after `set` is seen (Acquire); it is never written again.
+unsafe impl Sync for TableCell {}
+
+static TABLE: TableCell = TableCell {
+    set: AtomicBool::new(false),
+    table: UnsafeCell::new(None),
+};
+
+fn set_table(t: Table<'static>) {
+    if !TABLE.set.load(Ordering::Acquire) {
+        // SAFETY: not yet published, and only the boot CPU calls this (once, before
+        // any AP runs a probe site).
+        unsafe { *TABLE.table.get() = Some(t) };
+        TABLE.set.store(true, Ordering::Release);
+    }
+}
+
+/// The registered image table, once [`run`] registered it.
+pub(crate) fn table() -> Option<&'static Table<'static>> {
+    if TABLE.set.load(Ordering::Acquire) {
+        // SAFETY: published and never written again (see `TableCell`).
+        unsafe { (*TABLE.table.get()).as_ref() }
+    } else {
+        None
+    }
+}
+
+/// Per CPU: int3 traps the loader emulated.
+static INT3_BY_CPU: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per CPU: emulated traps at a site that held no `int3` while no batch of its probe
+/// was in flight: the CPU ran a stale translation.
+static STALE_BY_CPU: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Emulated traps at a site of the probe whose batch is in flight that no longer held
+/// `int3` when the hook looked: the batch's final byte landed after the trap.
+static LATE: AtomicU64 = AtomicU64::new(0);
+/// Per probe: emulated traps on an AP at a site that held `int3` in memory.
+static AP_TRAPS_BY_PROBE: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+/// Per CPU: while inside [`bp_hook`] for a probe site, 1 + the probe, with
+/// [`HELD_INT3`] set if the site held `int3` in memory; else 0.
+static IN_BP: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+const HELD_INT3: u32 = 1 << 31;
+
+/// Emulated int3 traps on CPU `cpu`.
+pub(crate) fn int3_on_cpu(cpu: usize) -> u64 {
+    INT3_BY_CPU[cpu].load(Ordering::Relaxed)
+}
+
+/// Emulated traps on CPU `cpu` that ran a stale translation of a site: it held no
+/// `int3` and no batch of its probe was in flight (QEMU's TCG; see [`bp_hook`]).
+pub(crate) fn stale_on_cpu(cpu: usize) -> u64 {
+    STALE_BY_CPU[cpu].load(Ordering::Relaxed)
+}
+
+/// Emulated traps, on any CPU, at a site of the probe being patched whose final byte
+/// was written between the trap and the hook's look at it.
+pub(crate) fn late_traps() -> u64 {
+    LATE.load(Ordering::Relaxed)
+}
+
+/// Emulated traps on APs at sites of probe `p` that held `int3` in memory.
+pub(crate) fn ap_traps_on(p: ProbeId) -> u64 {
+    AP_TRAPS_BY_PROBE
+        .get(p.0 as usize)
+        .map_or(0, |c| c.load(Ordering::Relaxed))
+}
+
+/// While this CPU is inside [`bp_hook`] for a probe site: the probe, and whether the
+/// site held `int3` in memory when the hook looked.
+pub(crate) fn in_bp_for(cpu: usize) -> Option<(ProbeId, bool)> {
+    match IN_BP[cpu].load(Ordering::Relaxed) {
+        0 => None,
+        v => Some((ProbeId((v & !HELD_INT3) - 1), v & HELD_INT3 != 0)),
+    }
+}
+
+/// The #BP hook: hands the trap to the loader's emulation, counting what it emulated.
+///
+/// It also reads the trapping site's first byte. Normally it is `int3` (the CPU ran
+/// the site mid-patch, or an enabled C tail site). If not, either a batch of the
+/// site's probe is in flight and wrote the final byte after the trap ("late"), or this
+/// CPU ran a *stale translation*: QEMU's multi-threaded TCG links a translation block
+/// (and write-protects its page) only after reading the guest code, so a write by
+/// another CPU racing a translation of a page that had no translations is not seen,
+/// and the old code keeps running until the next write that overlaps it. Such traps
+/// are emulated like any other (the table is static, the state is the probe's current
+/// one) and counted apart.
+pub(crate) fn bp_hook(tf: &mut TrapFrame) -> bool {
+    let cpu = smp::cpu_index();
+    let site = tf.rip.wrapping_sub(1);
+    let probe = table().and_then(|t| t.probe_site_at(site)).map(|s| s.probe);
+    let held = probe.is_some() && read5(site)[0] == 0xcc;
+    IN_BP[cpu].store(
+        probe.map_or(0, |p| (p + 1) | if held { HELD_INT3 } else { 0 }),
+        Ordering::Relaxed,
+    );
+    let handled = emulate(tf);
+    IN_BP[cpu].store(0, Ordering::Relaxed);
+    if handled {
+        INT3_BY_CPU[cpu].fetch_add(1, Ordering::Relaxed);
+        if !held {
+            if probe.is_some_and(crate::smp_tests::batch_in_flight) {
+                LATE.fetch_add(1, Ordering::Relaxed);
+            } else {
+                STALE_BY_CPU[cpu].fetch_add(1, Ordering::Relaxed);
+            }
+        } else if cpu != 0
+            && let Some(c) = probe.and_then(|p| AP_TRAPS_BY_PROBE.get(p as usize))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    handled
+}
+
+fn emulate(tf: &mut TrapFrame) -> bool {
     let mut f = Int3Frame {
         rip: tf.rip,
         rsp: tf.rsp,
@@ -130,7 +257,7 @@ fn id(spec: &str) -> Result<ProbeId, Msg> {
     probe::lookup(spec).ok_or_else(|| msg!("probe {spec} not registered"))
 }
 
-fn read5(addr: u64) -> [u8; 5] {
+pub(crate) fn read5(addr: u64) -> [u8; 5] {
     let mut b = [0u8; 5];
     for (i, x) in b.iter_mut().enumerate() {
         // SAFETY: probe sites lie in mapped text (validated).
@@ -160,7 +287,7 @@ fn snapshot(t: &Table<'_>) -> Snapshot {
 }
 
 /// Every site of `id` holds its `on` form, and every other site its disabled form.
-fn check_sites(t: &Table<'_>, on_probe: Option<ProbeId>) -> Result<(), Msg> {
+pub(crate) fn check_sites(t: &Table<'_>, on_probe: Option<ProbeId>) -> Result<(), Msg> {
     for s in t.probe_sites() {
         let on = on_probe == Some(ProbeId(s.probe));
         let want = probe::site_bytes(&s, on).map_err(|e| msg!("{e}"))?;
@@ -178,8 +305,9 @@ fn check_sites(t: &Table<'_>, on_probe: Option<ProbeId>) -> Result<(), Msg> {
 }
 
 fn enable(id: ProbeId) -> Result<(), Msg> {
-    let mut p = WpPoker::default();
-    // SAFETY: one CPU runs; the #BP hook is installed; WpPoker writes text with WP clear.
+    let mut p = AliasPoker::default();
+    // SAFETY: the #BP hook is installed; AliasPoker writes through an alias and
+    // serializes every online CPU (the APs are parked, not running the sites).
     unsafe { probe::enable(id, handler, &mut p) }.map_err(|e| msg!("enable {}: {e}", id.0))?;
     ensure!(
         p.syncs == 3,
@@ -190,7 +318,7 @@ fn enable(id: ProbeId) -> Result<(), Msg> {
 }
 
 fn disable(id: ProbeId) -> Result<(), Msg> {
-    let mut p = WpPoker::default();
+    let mut p = AliasPoker::default();
     // SAFETY: as in `enable`.
     unsafe { probe::disable(id, &mut p) }.map_err(|e| msg!("disable {}: {e}", id.0))
 }
@@ -519,10 +647,10 @@ fn toggle_10000(t: &Table<'_>) -> Result<(), Msg> {
 }
 
 /// A poker that, right after the `cc` round (the first `sync_cores`), runs `sites` on
-/// this CPU with text read-only, as a concurrent CPU would: every site of the batch then
-/// holds `int3` and must be emulated into the state it is becoming.
+/// this CPU (text is read-only, as always), as a concurrent CPU would: every site of
+/// the batch then holds `int3` and must be emulated into the state it is becoming.
 struct MidPatch<F: FnMut() -> [u64; 3]> {
-    inner: WpPoker,
+    inner: AliasPoker,
     fired: bool,
     sites: F,
     results: [u64; 3],
@@ -531,7 +659,7 @@ struct MidPatch<F: FnMut() -> [u64; 3]> {
 impl<F: FnMut() -> [u64; 3]> MidPatch<F> {
     fn new(sites: F) -> Self {
         MidPatch {
-            inner: WpPoker::default(),
+            inner: AliasPoker::default(),
             fired: false,
             sites,
             results: [0; 3],
@@ -540,8 +668,7 @@ impl<F: FnMut() -> [u64; 3]> MidPatch<F> {
 
     /// Enables or disables `p` through this poker; returns what `sites` returned.
     fn toggle(mut self, p: ProbeId, on: bool) -> Result<[u64; 3], Msg> {
-        // SAFETY: one CPU runs; the #BP hook is installed; the inner poker writes text
-        // with WP clear.
+        // SAFETY: the #BP hook is installed; the inner poker writes through an alias.
         unsafe {
             if on {
                 probe::enable(p, handler, &mut self)
@@ -571,9 +698,7 @@ impl<F: FnMut() -> [u64; 3]> TextPoker for MidPatch<F> {
             return;
         }
         self.fired = true;
-        paging::set_write_protect(true);
         self.results = (self.sites)();
-        paging::set_write_protect(false);
     }
 
     fn end(&mut self) {
@@ -669,7 +794,7 @@ fn c_sites_mid_patch() -> Result<(), Msg> {
 
 /// Fails every write from the `from`-th on (once, or for good).
 struct FailingPoker {
-    inner: WpPoker,
+    inner: AliasPoker,
     from: usize,
     forever: bool,
     seen: usize,
@@ -704,7 +829,7 @@ impl TextPoker for FailingPoker {
 
 fn failing(from: usize, forever: bool) -> FailingPoker {
     FailingPoker {
-        inner: WpPoker::default(),
+        inner: AliasPoker::default(),
         from,
         forever,
         seen: 0,
@@ -724,7 +849,7 @@ fn failed_batch_restores(t: &Table<'_>) -> Result<(), Msg> {
         let want = snapshot(t);
         for fail_at in 0..3 * sites {
             let mut p = failing(fail_at, false);
-            // SAFETY: one CPU; #BP hook installed.
+            // SAFETY: #BP hook installed; the APs are parked; the poker writes through the alias.
             let r = unsafe {
                 if on {
                     probe::enable(six, handler, &mut p)
@@ -754,7 +879,7 @@ fn failed_batch_restores(t: &Table<'_>) -> Result<(), Msg> {
     // which site, leaves the probe disabled and behaving as disabled (a `cc` residue is
     // emulated), and the next batch with a working poker repairs it.
     let mut p = failing(1, true);
-    // SAFETY: one CPU; #BP hook installed.
+    // SAFETY: #BP hook installed; the APs are parked; the poker writes through the alias.
     let r = unsafe { probe::enable(six, handler, &mut p) };
     ensure!(
         matches!(r, Err(ProbeError::RollbackIncomplete { .. })),
@@ -787,6 +912,27 @@ fn text_still_read_only(t: &Table<'_>) -> Result<(), Msg> {
             s.addr
         );
     }
+    // What the alias poker checked from the page tables during every write.
+    let stats = &crate::poker::ALIAS_STATS;
+    let (writes, checks, scans, violations) = (
+        stats.writes.load(Ordering::SeqCst),
+        stats.checks.load(Ordering::SeqCst),
+        stats.scans.load(Ordering::SeqCst),
+        stats.violations.load(Ordering::SeqCst),
+    );
+    ensure!(
+        violations == 0,
+        "{violations} page-table violations while the alias was mapped, first at {:#x}",
+        stats.first_violation.load(Ordering::SeqCst)
+    );
+    ensure!(
+        writes > 0 && checks >= writes && scans > 0,
+        "alias writes {writes}, checks {checks}, W^X scans {scans}"
+    );
+    ensure!(
+        paging::translate(paging::POKE_WINDOW).is_none(),
+        "poke window left mapped"
+    );
     Ok(())
 }
 
@@ -805,6 +951,7 @@ pub fn run(h: &mut Harness) {
             return;
         }
     };
+    set_table(table);
     idt::set_breakpoint_hook(bp_hook);
     let poker = WpPoker::default();
     match probe::register_image(table, &poker) {
@@ -838,5 +985,5 @@ pub fn run(h: &mut Harness) {
         failed_batch_restores(&table),
     );
     h.check("probe_text_read_only_after", text_still_read_only(&table));
-    idt::clear_breakpoint_hook();
+    // The hook stays installed: the SMP tests run probe sites on every CPU.
 }
