@@ -95,8 +95,10 @@ enum Command {
     /// in ET_EXEC/ET_DYN images linked with --emit-relocs (like recordmcount for
     /// `__fentry__` or objtool for retpoline thunks). Sites are found through
     /// relocations and decoded from the start of the enclosing function; a site is the
-    /// instruction's first byte, prefixes included. Files are scanned in parallel;
-    /// output follows the order of the files.
+    /// instruction's first byte, prefixes included. Calls through the GOT
+    /// (`call *sym@GOTPCREL(%rip)`) are not rel32 sites and are not listed. Files are
+    /// scanned in parallel; output follows the order of the files. A linked image without
+    /// relocations is an error.
     #[command(after_help = EXIT_CODES)]
     Scan {
         /// Glob (`*`, `?`) for call targets; matched against raw and demangled names.

@@ -102,6 +102,12 @@ fn matches(globs: &[String], raw: &str) -> bool {
 /// Scans one file's contents.
 pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<Vec<ScanHit>> {
     let img = Image::parse(path, data)?;
+    anyhow::ensure!(
+        img.kind == ElfKind::Rel
+            || img.has_text_relocations()
+            || img.exec_sections().next().is_none(),
+        "{path}: executable sections carry no relocations; link with --emit-relocs to scan a linked image"
+    );
     let mut names: Vec<String> = Vec::new();
     let names_cell = std::cell::RefCell::new(&mut names);
     let select = |r: &Reloc| -> Option<Selected> {

@@ -544,3 +544,126 @@ fn embedded_images_still_run_under_linux() {
         }
     }
 }
+
+#[test]
+fn gcc_c_with_gnu_ifuncs_and_sdt_probes_through_both_linkers() {
+    // Real C, compiled by gcc as a kernel would compile it, using ksites_sdt.h and
+    // __attribute__((ifunc)); linked through the wrapper by GNU ld and by rust-lld.
+    let dir = tempfile::tempdir().unwrap();
+    let header = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/c");
+    std::fs::write(
+        dir.path().join("k.c"),
+        format!(
+            r#"#include "ksites_sdt.h"
+KSITES_PROBE_DECL(net, rx, 2, (unsigned long len, unsigned long port))
+KSITES_PROBE_DECL(net, tx, 1, (unsigned long len))
+static long a(long x) {{ return x; }}
+static long b(long x) {{ return 2 * x; }}
+static long (*pick(unsigned long f))(long) {{ return (f & 1) ? b : a; }}
+long scale(long x) __attribute__((ifunc("pick")));
+struct cell {{ unsigned long m, o, s; }};
+__attribute__((used)) struct cell {CELL_SYMBOL} = {{ {CELL_MAGIC:#x}UL, 0, 0 }};
+volatile long sink;
+void rx(unsigned long len, unsigned long port) {{
+    KSITES_PROBE(net, rx, len, port);
+    sink = scale(len);
+}}
+void tx(unsigned long len) {{
+    sink += len;
+    KSITES_PROBE(net, tx, len);
+}}
+int rx_on(void) {{ return KSITES_PROBE_ENABLED(net, rx); }}
+long twice(long x) {{ if (KSITES_PROBE_ENABLED(net, tx)) sink = 1; return scale(x) + scale(x + 1); }}
+void _start(void) {{ rx(1, 2); tx(3); sink = rx_on() + twice(4); for (;;) {{}} }}
+void ksites_probe_ret0(void) {{}}
+void ksites_probe_ret1(void) {{}}
+"#
+        ),
+    )
+    .unwrap();
+    let inc = format!("-I{}", header.display());
+    gcc(
+        &[
+            "-O2",
+            "-ffreestanding",
+            "-fno-pic",
+            "-fno-pie",
+            "-mcmodel=kernel",
+            "-mno-red-zone",
+            "-fcf-protection=none",
+            "-fno-stack-protector",
+            &inc,
+            "-c",
+            "k.c",
+            "-o",
+            "k.o",
+        ],
+        dir.path(),
+    );
+    for linker in ["bfd", "lld"] {
+        let out = format!("k-{linker}");
+        let o = run(Command::new(KSITES)
+            .args([
+                "link", "--linker", linker, "--", "-static", "k.o", "-o", &out,
+            ])
+            .current_dir(dir.path()));
+        assert!(o.status.success(), "{linker}: {}", stderr(&o));
+        let v = run(Command::new(KSITES)
+            .args(["verify", &out])
+            .current_dir(dir.path()));
+        assert!(v.status.success(), "{linker}: {}", stdout(&v));
+        let data = std::fs::read(dir.path().join(&out)).unwrap();
+        let j = ksites::inspect::inspect_json(&out, &data).unwrap();
+        let ifuncs = j["ifuncs"].as_array().unwrap();
+        assert_eq!(ifuncs.len(), 1, "{linker}: {j}");
+        assert_eq!(ifuncs[0]["name"], "scale");
+        assert_eq!(
+            ifuncs[0]["sites"].as_array().unwrap().len(),
+            3,
+            "{linker}: {j}"
+        );
+        let probes = j["probes"].as_array().unwrap();
+        let names: Vec<_> = probes
+            .iter()
+            .map(|p| (p["name"].as_str().unwrap(), p["nargs"].clone()))
+            .collect();
+        assert_eq!(
+            names,
+            [("net:rx", 2.into()), ("net:tx", 1.into())],
+            "{linker}"
+        );
+        let kinds: Vec<&str> = probes
+            .iter()
+            .flat_map(|p| {
+                p["sites"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["kind"].as_str().unwrap())
+            })
+            .collect();
+        for k in ["c-call", "c-tail", "c-is-enabled", "c-is-enabled-tail"] {
+            assert!(kinds.contains(&k), "{linker}: no {k} site: {kinds:?}");
+        }
+        // readelf lists every firing site (not the is-enabled checks) with its arguments.
+        let n = run(Command::new("readelf")
+            .args(["-n", &out])
+            .current_dir(dir.path()));
+        let notes = stdout(&n);
+        let firing = kinds
+            .iter()
+            .filter(|k| matches!(**k, "c-call" | "c-tail"))
+            .count();
+        assert!(firing >= 2);
+        assert_eq!(
+            notes.matches("NT_STAPSDT").count(),
+            firing,
+            "{linker}: {notes}"
+        );
+        assert!(notes.contains("Arguments: 8@%rdi 8@%rsi"), "{notes}");
+        assert!(
+            notes.contains("Name: tx") && notes.contains("Provider: net"),
+            "{notes}"
+        );
+    }
+}
