@@ -243,7 +243,21 @@ pub fn write_atomically(path: &Path, bytes: &[u8], perms: std::fs::Permissions) 
         .prefix(".ksites-tmp-")
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
+    // Test hook (fault injection for the "killed mid-write" test): write in 64 KiB chunks
+    // with a pause between them, so a kill can land inside the write.
+    let delay = std::env::var("KSITES_TEST_WRITE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    match delay {
+        Some(ms) => {
+            for chunk in bytes.chunks(64 * 1024) {
+                tmp.write_all(chunk)?;
+                tmp.as_file().sync_data()?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+        None => tmp.write_all(bytes)?,
+    }
     tmp.as_file().sync_all()?;
     tmp.as_file().set_permissions(perms)?;
     tmp.persist(path)

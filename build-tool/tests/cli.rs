@@ -421,14 +421,20 @@ fn killing_embed_mid_write_leaves_input_and_existing_output_intact() {
     let mut killed_early = 0;
     for i in 0..12u32 {
         std::fs::write(&out, b"previous output").unwrap();
-        let mut child = Command::new(KSITES)
-            .arg("embed")
-            .arg(&input)
-            .arg("-o")
-            .arg(&out)
-            .spawn()
-            .unwrap();
-        std::thread::sleep(took * i / 10);
+        // Half the runs write slowly (64 KiB chunks, 30 ms apart), so the kill lands in
+        // the middle of writing the temporary file; the others race a normal run.
+        let slow = i % 2 == 0;
+        let mut cmd = Command::new(KSITES);
+        cmd.arg("embed").arg(&input).arg("-o").arg(&out);
+        if slow {
+            cmd.env("KSITES_TEST_WRITE_DELAY_MS", "30");
+        }
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(if slow {
+            took + std::time::Duration::from_millis(60)
+        } else {
+            took * i / 10
+        });
         let _ = child.kill();
         let status = child.wait().unwrap();
         if !status.success() {
@@ -445,6 +451,12 @@ fn killing_embed_mid_write_leaves_input_and_existing_output_intact() {
             "output is neither the old nor the complete new file (i={i}, {} bytes)",
             now.len()
         );
+        if slow {
+            assert_eq!(
+                now, b"previous output",
+                "a slow run was not killed mid-write"
+            );
+        }
     }
     assert!(killed_early > 0, "no run was killed before finishing");
 }
