@@ -194,6 +194,7 @@ impl HostPoker {
         Ok(())
     }
 
+    #[inline]
     fn contains(&self, addr: u64, len: usize) -> bool {
         self.segments
             .iter()
@@ -212,6 +213,7 @@ impl TextPoker for HostPoker {
         self.protect(true)
     }
 
+    #[inline]
     unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
         if !self.contains(addr, bytes.len()) {
             return Err(PokeError {
