@@ -129,7 +129,7 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
                     .sites
                     .iter()
                     .filter(|s| s.target == i)
-                    .map(|s| (s.addr, s.kind.name(), s.location.clone()))
+                    .map(|s| (s.addr, s.kind.name(), s.location.to_string()))
                     .collect(),
             });
         }
