@@ -280,21 +280,27 @@ impl<'d> Image<'d> {
     }
 
     /// The relocations applying to `section` (from `.rela<name>` sections: `--emit-relocs`
-    /// output in linked images, ordinary relocations in objects).
-    pub fn relocations(&self, section: &ElfSection64<'d, '_, LittleEndian>) -> Result<Vec<Reloc>> {
-        let mut out = Vec::new();
-        for (offset, r) in section.relocations() {
+    /// output in linked images, ordinary relocations in objects), decoded one at a time
+    /// (an image can carry millions: they are not collected).
+    pub fn relocations<'s>(
+        &'s self,
+        section: &'s ElfSection64<'d, '_, LittleEndian>,
+    ) -> impl Iterator<Item = Result<Reloc>> + 's {
+        section.relocations().filter_map(move |(offset, r)| {
             let RelocationFlags::Elf { r_type } = r.flags() else {
-                continue;
+                return None;
             };
             let (sym_value, sym_index, sym_is_section, sym_section) = match r.target() {
                 RelocationTarget::Symbol(i) => {
-                    let sym = self.file.symbol_by_index(i).with_context(|| {
-                        format!(
-                            "{}: relocation at {offset:#x} names a bad symbol",
-                            self.path
-                        )
-                    })?;
+                    let sym = match self.file.symbol_by_index(i) {
+                        Ok(sym) => sym,
+                        Err(e) => {
+                            return Some(Err(anyhow::Error::new(e).context(format!(
+                                "{}: relocation at {offset:#x} names a bad symbol",
+                                self.path
+                            ))));
+                        }
+                    };
                     let v = if sym.kind() == SymbolKind::Section {
                         match sym.section_index() {
                             Some(si) => self
@@ -315,9 +321,9 @@ impl<'d> Image<'d> {
                     )
                 }
                 RelocationTarget::Absolute => (0, 0, false, None),
-                _ => continue,
+                _ => return None,
             };
-            out.push(Reloc {
+            Some(Ok(Reloc {
                 offset,
                 r_type,
                 sym_value,
@@ -325,9 +331,8 @@ impl<'d> Image<'d> {
                 sym_is_section,
                 sym_section,
                 addend: r.addend(),
-            });
-        }
-        Ok(out)
+            }))
+        })
     }
 
     /// Whether any executable section carries relocations (i.e. `--emit-relocs` was used,

@@ -133,7 +133,8 @@ pub fn find_sites_with(
         // sort (relocations come in address order, so this is nearly free and the order
         // within a function is kept).
         let mut by_func: Vec<(u64, Candidate)> = Vec::new();
-        for r in img.relocations(&sec)? {
+        for r in img.relocations(&sec) {
+            let r = r?;
             let pc_rel = matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32);
             let abs = matches!(
                 r.r_type,
