@@ -233,12 +233,20 @@ pub fn render(dir: &Path, tool_ran: bool, paired: &[(&str, Vec<f64>)]) -> String
 
     let _ = writeln!(
         out,
-        "### Paired re-measurement (interleaved A/B rounds; ratio A/B)\n\n| pair | median | min | max |\n|---|---:|---:|---:|"
+        "### Paired re-measurement (interleaved A/B rounds of 2,000 iterations; ratio A/B)\n\n\
+         | pair | rounds | median | 10th–90th percentile | min – max |\n|---|---:|---:|---:|---:|"
     );
     for (name, r) in paired {
-        let min = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = r.iter().copied().fold(0.0, f64::max);
-        let _ = writeln!(out, "| {name} | {:.3} | {min:.3} | {max:.3} |", median(r));
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {:.3} | {:.3} – {:.3} | {:.3} – {:.3} |",
+            r.len(),
+            median(r),
+            quantile(r, 0.1),
+            quantile(r, 0.9),
+            quantile(r, 0.0),
+            quantile(r, 1.0)
+        );
     }
     out.push('\n');
 
