@@ -171,7 +171,8 @@ pub fn feature_check(x: u64) -> u64 {
 /// A cached `AtomicBool` at every call, then a direct call.
 #[inline(never)]
 pub fn cached_flag(x: u64) -> u64 {
-    call_loop!(x, |v| if HAS_POPCNT.load(Ordering::Relaxed) {
+    // Volatile, so LLVM keeps the load in the loop (see `probes::flag`).
+    call_loop!(x, |v| if crate::probes::flag(&HAS_POPCNT) {
         // SAFETY: the flag is `is_x86_feature_detected!("popcnt")`.
         unsafe { popcount_popcnt(v) }
     } else {

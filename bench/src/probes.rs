@@ -54,12 +54,22 @@ pub fn ksites_off(x: u64) -> u64 {
     body_loop!(x, |acc| kernel_loader::probe!(bench, off, acc))
 }
 
-/// `if GUARD.load(Relaxed) { handler(acc) }`, the flag false.
+/// `if FLAG { handler(acc) }`, the flag false: one byte load and a branch per iteration.
 #[inline(never)]
 pub fn atomic_bool(x: u64) -> u64 {
-    body_loop!(x, |acc| if GUARD.load(Ordering::Relaxed) {
+    body_loop!(x, |acc| if flag(&GUARD) {
         guarded_handler(acc)
     })
+}
+
+/// Reads an `AtomicBool` the way a relaxed load compiles (one `movzx` from its address),
+/// but volatile: the benchmark never writes `GUARD`, so LLVM would otherwise fold a
+/// relaxed load to `false` or hoist it out of the loop and measure no check at all.
+#[inline(always)]
+pub fn flag(f: &AtomicBool) -> bool {
+    // SAFETY: the pointer comes from a live `AtomicBool`; no thread writes the flags this
+    // is used on while benchmarks run, so the non-atomic read races with nothing.
+    unsafe { std::ptr::read_volatile(f.as_ptr()) }
 }
 
 /// The `probe` crate's `probe!` (a NOP plus an SDT note; the argument is materialised).
