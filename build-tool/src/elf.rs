@@ -1,6 +1,7 @@
 //! Read side: a parsed x86-64 ELF image or object, with the lookups the tool needs.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use object::elf;
@@ -67,6 +68,8 @@ pub struct Image<'d> {
     pub kind: ElfKind,
     /// Defined symbols, sorted by (section, address).
     syms: Vec<Sym>,
+    /// Demangled names of `syms`, computed on first use (a location is made per site).
+    demangled: Vec<std::cell::OnceCell<Arc<str>>>,
 }
 
 impl std::fmt::Debug for Image<'_> {
@@ -122,12 +125,14 @@ impl<'d> Image<'d> {
                 &b.name,
             ))
         });
+        let demangled = syms.iter().map(|_| std::cell::OnceCell::new()).collect();
         Ok(Image {
             path: path.to_string(),
             data,
             file,
             kind,
             syms,
+            demangled,
         })
     }
 
@@ -212,20 +217,24 @@ impl<'d> Image<'d> {
     /// The symbol that contains `addr` in `section`: the last one starting at or before
     /// it whose size covers it (or that has no size). Functions win over labels.
     pub fn enclosing_symbol(&self, section: SectionIndex, addr: u64) -> Option<&Sym> {
+        self.enclosing_index(section, addr).map(|i| &self.syms[i])
+    }
+
+    fn enclosing_index(&self, section: SectionIndex, addr: u64) -> Option<usize> {
         let end = self
             .syms
             .partition_point(|s| (s.section.0, s.addr) <= (section.0, addr));
-        let mut best: Option<&Sym> = None;
-        for s in self.syms[..end].iter().rev() {
+        let mut best: Option<usize> = None;
+        for (i, s) in self.syms[..end].iter().enumerate().rev() {
             if s.section != section {
                 break;
             }
             let covers = s.size == 0 || addr < s.addr.saturating_add(s.size);
             if covers && s.is_func {
-                return Some(s);
+                return Some(i);
             }
             if covers && best.is_none() {
-                best = Some(s);
+                best = Some(i);
             }
             // Sized functions never nest; stop once we are past any plausible start.
             if s.is_func && s.size != 0 && addr >= s.addr.saturating_add(s.size) && best.is_some() {
@@ -248,29 +257,52 @@ impl<'d> Image<'d> {
 
     /// `symbol+0xoff` for an address in `section`, demangled, for humans.
     pub fn describe(&self, section: SectionIndex, addr: u64) -> String {
-        match self.enclosing_symbol(section, addr) {
-            Some(s) if addr == s.addr => demangle(&s.name),
-            Some(s) => format!("{}+{:#x}", demangle(&s.name), addr - s.addr),
-            None => format!("{addr:#x}"),
+        self.location(section, addr).to_string()
+    }
+
+    /// The same as [`Image::describe`], without formatting: cheap enough to keep for every
+    /// site (the demangled name is computed once per symbol and shared).
+    pub fn location(&self, section: SectionIndex, addr: u64) -> Location {
+        match self.enclosing_index(section, addr) {
+            Some(i) => {
+                let s = &self.syms[i];
+                let name = self.demangled[i].get_or_init(|| demangle(&s.name).into());
+                Location {
+                    function: Some(name.clone()),
+                    offset: addr - s.addr,
+                    addr,
+                }
+            }
+            None => Location {
+                function: None,
+                offset: 0,
+                addr,
+            },
         }
     }
 
     /// The relocations applying to `section` (from `.rela<name>` sections: `--emit-relocs`
-    /// output in linked images, ordinary relocations in objects).
-    pub fn relocations(&self, section: &ElfSection64<'d, '_, LittleEndian>) -> Result<Vec<Reloc>> {
-        let mut out = Vec::new();
-        for (offset, r) in section.relocations() {
+    /// output in linked images, ordinary relocations in objects), decoded one at a time
+    /// (an image can carry millions: they are not collected).
+    pub fn relocations<'s>(
+        &'s self,
+        section: &'s ElfSection64<'d, '_, LittleEndian>,
+    ) -> impl Iterator<Item = Result<Reloc>> + 's {
+        section.relocations().filter_map(move |(offset, r)| {
             let RelocationFlags::Elf { r_type } = r.flags() else {
-                continue;
+                return None;
             };
             let (sym_value, sym_index, sym_is_section, sym_section) = match r.target() {
                 RelocationTarget::Symbol(i) => {
-                    let sym = self.file.symbol_by_index(i).with_context(|| {
-                        format!(
-                            "{}: relocation at {offset:#x} names a bad symbol",
-                            self.path
-                        )
-                    })?;
+                    let sym = match self.file.symbol_by_index(i) {
+                        Ok(sym) => sym,
+                        Err(e) => {
+                            return Some(Err(anyhow::Error::new(e).context(format!(
+                                "{}: relocation at {offset:#x} names a bad symbol",
+                                self.path
+                            ))));
+                        }
+                    };
                     let v = if sym.kind() == SymbolKind::Section {
                         match sym.section_index() {
                             Some(si) => self
@@ -291,9 +323,9 @@ impl<'d> Image<'d> {
                     )
                 }
                 RelocationTarget::Absolute => (0, 0, false, None),
-                _ => continue,
+                _ => return None,
             };
-            out.push(Reloc {
+            Some(Ok(Reloc {
                 offset,
                 r_type,
                 sym_value,
@@ -301,9 +333,8 @@ impl<'d> Image<'d> {
                 sym_is_section,
                 sym_section,
                 addend: r.addend(),
-            });
-        }
-        Ok(out)
+            }))
+        })
     }
 
     /// Whether any executable section carries relocations (i.e. `--emit-relocs` was used,
@@ -320,6 +351,25 @@ impl<'d> Image<'d> {
             .ok()
             .and_then(|s| s.name().ok().map(str::to_string))
             .unwrap_or_default()
+    }
+}
+
+/// Where an address is, for humans: `function+0xoff` (demangled), or the bare address
+/// when no symbol encloses it. Displays as [`Image::describe`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    function: Option<Arc<str>>,
+    offset: u64,
+    addr: u64,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.function {
+            Some(name) if self.offset == 0 => f.write_str(name),
+            Some(name) => write!(f, "{name}+{:#x}", self.offset),
+            None => write!(f, "{:#x}", self.addr),
+        }
     }
 }
 

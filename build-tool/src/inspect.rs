@@ -134,7 +134,8 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
         }
         for s in &scan.sites {
             if let Some(row) = ifuncs.get_mut(s.target) {
-                row.sites.push((s.addr, s.kind.name(), s.location.clone()));
+                row.sites
+                    .push((s.addr, s.kind.name(), s.location.to_string()));
             }
         }
         let found = find_probes(&img)?;
@@ -147,7 +148,8 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
         }
         for s in &found.found {
             if let Some(row) = probes.get_mut(s.probe as usize) {
-                row.sites.push((s.addr, s.kind.name(), s.location.clone()));
+                row.sites
+                    .push((s.addr, s.kind.name(), s.location.to_string()));
             }
         }
     }

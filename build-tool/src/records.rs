@@ -125,7 +125,8 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
     let irel: HashMap<u64, u64> = irel.into_iter().collect();
     let mut first_call: HashMap<usize, u64> = HashMap::new();
     for sec in img.exec_sections() {
-        for r in img.relocations(&sec)? {
+        for r in img.relocations(&sec) {
+            let r = r?;
             if matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) && !r.sym_is_section {
                 first_call.entry(r.sym_index).or_insert(r.offset);
             }

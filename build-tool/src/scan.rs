@@ -110,19 +110,38 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<Vec<Sca
     );
     let mut names: Vec<String> = Vec::new();
     let names_cell = std::cell::RefCell::new(&mut names);
+    // Whether a (non-section) symbol matches, and its index in `names`: looked up and
+    // demangled once per symbol, not once per relocation.
+    let by_symbol =
+        std::cell::RefCell::new(std::collections::HashMap::<usize, Option<usize>>::new());
     let select = |r: &Reloc| -> Option<Selected> {
         if !matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
             return None;
         }
-        let name = target_name(&img, r)?;
-        if !matches(&opts.calls_to, &name) && !matches(&opts.jumps_to, &name) {
-            return None;
-        }
-        let mut names = names_cell.borrow_mut();
-        let target = names.iter().position(|n| *n == name).unwrap_or_else(|| {
-            names.push(name);
-            names.len() - 1
-        });
+        let lookup = |r: &Reloc| -> Option<usize> {
+            let name = target_name(&img, r)?;
+            if !matches(&opts.calls_to, &name) && !matches(&opts.jumps_to, &name) {
+                return None;
+            }
+            let mut names = names_cell.borrow_mut();
+            Some(names.iter().position(|n| *n == name).unwrap_or_else(|| {
+                names.push(name);
+                names.len() - 1
+            }))
+        };
+        let target = if r.sym_is_section {
+            lookup(r)?
+        } else {
+            let cached = by_symbol.borrow().get(&r.sym_index).copied();
+            match cached {
+                Some(t) => t?,
+                None => {
+                    let t = lookup(r);
+                    by_symbol.borrow_mut().insert(r.sym_index, t);
+                    t?
+                }
+            }
+        };
         Some(Selected {
             target,
             target_addr: None,
@@ -131,18 +150,22 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<Vec<Sca
     let found = find_sites_with(&img, &select)?;
     let linked = img.kind != ElfKind::Rel;
     let mut hits = Vec::new();
+    let wants: Vec<(bool, bool)> = names
+        .iter()
+        .map(|n| (matches(&opts.calls_to, n), matches(&opts.jumps_to, n)))
+        .collect();
     for s in found.sites {
         let symbol = names[s.target].clone();
         let wanted = match s.kind {
-            SiteKind::Call => matches(&opts.calls_to, &symbol),
-            SiteKind::Jmp | SiteKind::Jcc => matches(&opts.jumps_to, &symbol),
+            SiteKind::Call => wants[s.target].0,
+            SiteKind::Jmp | SiteKind::Jcc => wants[s.target].1,
         };
         if !wanted {
             continue;
         }
         hits.push(ScanHit {
             file: path.to_string(),
-            section: s.section,
+            section: s.section.to_string(),
             offset: s.section_offset,
             length: s.len,
             kind: s.kind,

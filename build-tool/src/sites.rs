@@ -3,7 +3,8 @@
 //! the enclosing function, never guessing from the bytes before the relocation) and
 //! classify it as a `call`/`jmp`/`jcc rel32` site or as some other reference.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::Result;
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
@@ -12,7 +13,7 @@ use kernel_loader::format::{MAX_SITE_LEN, SiteKind};
 use object::elf;
 use object::{ObjectSection, SectionIndex};
 
-use crate::elf::{Image, Reloc};
+use crate::elf::{Image, Location, Reloc};
 
 /// A branch to one of the targets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,11 +29,11 @@ pub struct FoundSite {
     /// Which target (index given by the caller).
     pub target: usize,
     /// Section name.
-    pub section: String,
+    pub section: Arc<str>,
     /// Section offset of the first byte.
     pub section_offset: u64,
-    /// `function+0xoff`.
-    pub location: String,
+    /// `function+0xoff` (displays as text).
+    pub location: Location,
 }
 
 /// A reference to a target that is not a patchable branch (address taken, `lea`, data,
@@ -125,12 +126,15 @@ pub fn find_sites_with(
 ) -> Result<SiteScan> {
     let mut scan = SiteScan::default();
     for sec in img.exec_sections() {
-        let sec_name = sec.name().unwrap_or("?").to_string();
+        let sec_name: Arc<str> = sec.name().unwrap_or("?").into();
         let sec_addr = sec.address();
         let data = sec.data().unwrap_or(&[]);
-        // Candidates grouped by enclosing symbol start (BTreeMap: deterministic order).
-        let mut by_func: BTreeMap<u64, Vec<Candidate>> = BTreeMap::new();
-        for r in img.relocations(&sec)? {
+        // Candidates tagged with their enclosing symbol's start, then grouped by a stable
+        // sort (relocations come in address order, so this is nearly free and the order
+        // within a function is kept).
+        let mut by_func: Vec<(u64, Candidate)> = Vec::new();
+        for r in img.relocations(&sec) {
+            let r = r?;
             let pc_rel = matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32);
             let abs = matches!(
                 r.r_type,
@@ -147,8 +151,8 @@ pub fn find_sites_with(
             else {
                 continue;
             };
-            let location = img.describe(sec.index(), r.offset);
             if abs || got {
+                let location = img.describe(sec.index(), r.offset);
                 let what = if got {
                     format!("reference through the GOT ({})", reloc_name(r.r_type))
                 } else {
@@ -157,7 +161,7 @@ pub fn find_sites_with(
                 scan.other_refs.push(OtherRef {
                     addr: r.offset,
                     target,
-                    section: sec_name.clone(),
+                    section: sec_name.to_string(),
                     what,
                     location,
                 });
@@ -167,23 +171,28 @@ pub fn find_sites_with(
                 .enclosing_symbol(sec.index(), r.offset)
                 .map(|s| s.addr)
                 .unwrap_or(sec_addr);
-            by_func.entry(start).or_default().push(Candidate {
-                reloc_at: r.offset,
-                target_addr,
-                target,
-            });
+            by_func.push((
+                start,
+                Candidate {
+                    reloc_at: r.offset,
+                    target_addr,
+                    target,
+                },
+            ));
         }
+        by_func.sort_by_key(|(start, _)| *start);
         let sec_end = sec_addr.saturating_add(data.len() as u64);
-        for (start, cands) in by_func {
+        let mut insns = Vec::new();
+        for group in by_func.chunk_by(|a, b| a.0 == b.0) {
             // A malformed file can put a symbol outside its section: clamp to the section.
-            let start = start.clamp(sec_addr, sec_end);
+            let start = group[0].0.clamp(sec_addr, sec_end);
             let end = function_end(img, sec.index(), start, sec_end);
             let code = data
                 .get((start - sec_addr) as usize..(end - sec_addr) as usize)
                 .unwrap_or(&[]);
-            let insns = decode_all(code, start);
-            for c in cands {
-                classify(img, &sec, &sec_name, &insns, code, start, &c, &mut scan);
+            decode_all(code, start, &mut insns);
+            for (_, c) in group {
+                classify(img, &sec, &sec_name, &insns, code, start, c, &mut scan);
             }
         }
     }
@@ -202,34 +211,32 @@ fn function_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) ->
     sized.or(next).unwrap_or(sec_end).min(sec_end).max(start)
 }
 
-fn decode_all(code: &[u8], ip: u64) -> Vec<Instruction> {
+fn decode_all(code: &[u8], ip: u64, out: &mut Vec<Instruction>) {
     let mut dec = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-    let mut out = Vec::new();
+    out.clear();
     while dec.can_decode() {
         out.push(dec.decode());
     }
-    out
 }
 
 #[allow(clippy::too_many_arguments)]
 fn classify(
     img: &Image<'_>,
     sec: &object::read::elf::ElfSection64<'_, '_, object::LittleEndian>,
-    sec_name: &str,
+    sec_name: &Arc<str>,
     insns: &[Instruction],
     code: &[u8],
     start: u64,
     c: &Candidate,
     scan: &mut SiteScan,
 ) {
-    let location = img.describe(sec.index(), c.reloc_at);
     let mut other = |what: String| {
         scan.other_refs.push(OtherRef {
             addr: c.reloc_at,
             target: c.target,
             section: sec_name.to_string(),
             what,
-            location: location.clone(),
+            location: img.describe(sec.index(), c.reloc_at),
         })
     };
     let i = insns.partition_point(|x| x.next_ip() <= c.reloc_at);
@@ -288,9 +295,9 @@ fn classify(
         kind,
         prefixes: prefixes as u8,
         target: c.target,
-        section: sec_name.to_string(),
+        section: sec_name.clone(),
         section_offset: insn.ip() - sec.address(),
-        location: img.describe(sec.index(), insn.ip()),
+        location: img.location(sec.index(), insn.ip()),
     });
 }
 

@@ -189,6 +189,7 @@ impl ProbeKind {
     }
 
     /// Decodes the 3-bit encoding.
+    #[inline]
     pub const fn from_bits(b: u32) -> Option<ProbeKind> {
         match b {
             0 => Some(ProbeKind::RustJmp),
@@ -634,6 +635,7 @@ impl std::error::Error for FormatError {}
 // ---------------------------------------------------------------------------------------
 // Little-endian field access that cannot panic.
 
+#[inline]
 fn rd_u16(b: &[u8], at: usize) -> u16 {
     let mut x = [0u8; 2];
     if let Some(s) = b.get(at..at + 2) {
@@ -642,6 +644,7 @@ fn rd_u16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes(x)
 }
 
+#[inline]
 fn rd_u32(b: &[u8], at: usize) -> u32 {
     let mut x = [0u8; 4];
     if let Some(s) = b.get(at..at + 4) {
@@ -650,6 +653,7 @@ fn rd_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(x)
 }
 
+#[inline]
 fn rd_i32(b: &[u8], at: usize) -> i32 {
     rd_u32(b, at) as i32
 }
@@ -714,6 +718,7 @@ impl Header {
 
 impl IfuncDesc {
     /// Decodes a descriptor (no validation).
+    #[inline]
     pub fn read(b: &[u8]) -> IfuncDesc {
         IfuncDesc {
             trampoline: rd_i32(b, 0),
@@ -738,6 +743,7 @@ impl IfuncDesc {
 
 impl IfuncSite {
     /// Decodes a site entry (no validation).
+    #[inline]
     pub fn read(b: &[u8]) -> IfuncSite {
         IfuncSite {
             site: rd_i32(b, 0),
@@ -778,6 +784,7 @@ impl ProbeDesc {
 
 impl ProbeSite {
     /// Decodes a probe site (no validation).
+    #[inline]
     pub fn read(b: &[u8]) -> ProbeSite {
         ProbeSite {
             site: rd_i32(b, 0),
@@ -805,6 +812,7 @@ impl ProbeSite {
 }
 
 /// `address_of(field) + rel`, or `None` on overflow.
+#[inline]
 pub fn resolve_rel(field_addr: u64, rel: i32) -> Option<u64> {
     field_addr.checked_add_signed(i64::from(rel))
 }
@@ -1127,6 +1135,7 @@ impl<'a> Table<'a> {
         })
     }
 
+    #[inline(always)]
     fn try_psite(&self, i: u32) -> Result<PSite, FormatError> {
         let off = self.header.probe_sites.offset as usize + i as usize * PROBE_SITE_SIZE;
         let e = ProbeSite::read(&self.bytes[off..off + PROBE_SITE_SIZE]);
@@ -1167,6 +1176,7 @@ impl<'a> Table<'a> {
     }
 
     /// Number of probe sites.
+    #[inline]
     pub fn probe_site_count(&self) -> u32 {
         self.header.probe_sites.count
     }
@@ -1180,6 +1190,7 @@ impl<'a> Table<'a> {
     }
 
     /// Probe site `i`.
+    #[inline]
     pub fn probe_site(&self, i: u32) -> Option<PSite> {
         if i >= self.probe_site_count() {
             return None;
@@ -1214,6 +1225,7 @@ impl<'a> Table<'a> {
         None
     }
 
+    #[inline]
     fn field_addr(&self, offset: usize) -> u64 {
         self.base + offset as u64
     }
@@ -1249,6 +1261,7 @@ impl<'a> Table<'a> {
         })
     }
 
+    #[inline]
     fn try_site(&self, i: u32) -> Result<Site, FormatError> {
         let off = self.header.ifunc_sites.offset as usize + i as usize * IFUNC_SITE_SIZE;
         let e = IfuncSite::read(&self.bytes[off..off + IFUNC_SITE_SIZE]);
@@ -1295,11 +1308,13 @@ impl<'a> Table<'a> {
     }
 
     /// Number of ifunc descriptors.
+    #[inline]
     pub fn ifunc_count(&self) -> u32 {
         self.header.ifuncs.count
     }
 
     /// Number of ifunc sites.
+    #[inline]
     pub fn site_count(&self) -> u32 {
         self.header.ifunc_sites.count
     }
@@ -1312,7 +1327,23 @@ impl<'a> Table<'a> {
         self.try_ifunc(i).ok()
     }
 
+    /// Trampoline and slot addresses of ifunc `i`, without decoding its name (what the
+    /// patch engine needs for every site). `None` if out of range.
+    #[inline]
+    pub fn ifunc_trampoline_slot(&self, i: u32) -> Option<(u64, u64)> {
+        if i >= self.ifunc_count() {
+            return None;
+        }
+        let off = self.header.ifuncs.offset as usize + i as usize * IFUNC_DESC_SIZE;
+        let d = IfuncDesc::read(&self.bytes[off..off + IFUNC_DESC_SIZE]);
+        Some((
+            resolve_rel(self.field_addr(off), d.trampoline)?,
+            resolve_rel(self.field_addr(off + 4), d.slot)?,
+        ))
+    }
+
     /// Site `i`, or `None` if out of range.
+    #[inline]
     pub fn site(&self, i: u32) -> Option<Site> {
         if i >= self.site_count() {
             return None;
@@ -1326,6 +1357,7 @@ impl<'a> Table<'a> {
     }
 
     /// All sites, in address order.
+    #[inline]
     pub fn sites(&self) -> impl Iterator<Item = Site> + '_ {
         (0..self.site_count()).filter_map(|i| self.site(i))
     }

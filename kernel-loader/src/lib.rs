@@ -9,6 +9,8 @@
 //! * [`cell`]: the table cell through which a linked image finds its own table.
 //! * [`probe`]: SDT probes (`probe!`, `probe_enabled!`, dtrace-style C probes), the
 //!   registry, and live enable/disable with the int3 protocol.
+//! * `host` (feature `std`, Linux x86-64): a [`TextPoker`] and a `SIGTRAP` hook for a
+//!   normal process, so a host binary can patch itself (tests and benchmarks).
 //!
 //! The build tool (`ksites embed`) writes the table; a kernel calls [`cell::image_table`]
 //! and [`patch::init`] once at boot.
@@ -22,6 +24,8 @@ pub mod arch;
 pub mod cell;
 pub mod cpu;
 pub mod format;
+#[cfg(all(feature = "std", target_os = "linux", target_arch = "x86_64"))]
+pub mod host;
 pub mod ifunc;
 pub mod patch;
 pub mod probe;

@@ -261,29 +261,65 @@ fn in_exec(exec: &[Range<u64>], addr: u64) -> bool {
 
 /// The bytes a site holds when its rel32 targets `target`, given the current prefix and
 /// opcode bytes. `None` if `target` is out of reach.
-fn site_bytes(site: &Site, current: &[u8], target: u64) -> Option<InsnBytes> {
+fn site_bytes(site: &Site, current: &InsnBytes, target: u64) -> Option<InsnBytes> {
     let rel = x86::rel32(site.end(), target)?;
-    let mut b = InsnBytes::new(current);
+    let mut b = *current;
     let at = site.len() - 4;
     b.bytes[at..at + 4].copy_from_slice(&rel.to_le_bytes());
     Some(b)
 }
 
 fn read_site<P: TextPoker + ?Sized>(poker: &P, site: &Site) -> InsnBytes {
-    let mut buf = [0u8; 8];
     let len = site.len().min(8);
-    // SAFETY: the table was validated: the site lies inside an executable range the
-    // kernel declared mapped.
-    unsafe { poker.read(site.addr, &mut buf[..len]) };
-    InsnBytes::new(&buf[..len])
+    InsnBytes {
+        len: len as u8,
+        bytes: read_word(poker, site.addr, len).to_le_bytes(),
+    }
+}
+
+/// Reads `len` (≤ 8) bytes of text at `addr` into a little-endian `u64`, one byte per
+/// `read`: assembled in a register, it avoids the store-forwarding stall of reading a
+/// byte-filled buffer back as a word (the engine's hot path reads every site).
+#[inline(always)]
+fn read_word<P: TextPoker + ?Sized>(poker: &P, addr: u64, len: usize) -> u64 {
+    let mut v = 0u64;
+    for i in 0..len.min(8) {
+        let mut b = [0u8; 1];
+        // SAFETY: callers pass a range inside a validated site, which lies in an
+        // executable range the kernel declared mapped.
+        unsafe { poker.read(addr + i as u64, &mut b) };
+        v |= u64::from(b[0]) << (8 * i);
+    }
+    v
+}
+
+/// Whether the site's bytes `v` (`site.len()` of them, little-endian) are exactly an
+/// unpatched site: valid prefixes, the opcode of its kind, and a rel32 that reaches
+/// `trampoline` (the fast path of the check pass; on `false` the engine works out which
+/// error to report).
+#[inline(always)]
+fn is_original(site: &Site, v: u64, trampoline: u64) -> bool {
+    let p = site.prefixes as usize;
+    let byte = |i: usize| (v >> (8 * i)) as u8;
+    if site.len() > 8 || !(0..p).all(|i| x86::is_branch_prefix(byte(i))) {
+        return false;
+    }
+    let opcode_ok = match site.kind {
+        crate::format::SiteKind::Call => byte(p) == x86::CALL_REL32,
+        crate::format::SiteKind::Jmp => byte(p) == x86::JMP_REL32,
+        crate::format::SiteKind::Jcc => {
+            byte(p) == x86::TWO_BYTE_ESCAPE && byte(p + 1) & 0xf0 == 0x80
+        }
+    };
+    let rel = (v >> (8 * (site.len() - 4))) as u32 as i32;
+    opcode_ok && x86::rel32(site.end(), trampoline) == Some(rel)
 }
 
 /// The bytes an unpatched site must hold: valid prefixes, the opcode of its kind, and a
 /// rel32 that reaches `trampoline`.
 fn expected_original(site: &Site, found: &InsnBytes, trampoline: u64) -> Option<InsnBytes> {
     let p = site.prefixes as usize;
-    let bytes = found.as_slice();
-    let mut exp = site_bytes(site, bytes, trampoline)?;
+    let mut exp = site_bytes(site, found, trampoline)?;
     // Normalise prefix/opcode bytes we expect, so the error shows what was wanted.
     for b in &mut exp.bytes[..p] {
         if !x86::is_branch_prefix(*b) {
@@ -356,12 +392,23 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
 ) -> Result<InitReport, PatchError<'t>> {
     // 1. Check everything before anything is written: trampolines, then sites (a site
     //    already aimed at its slot's current value means `init` ran before), then slots.
+    // The first CACHED ifuncs' trampolines and, once resolved, targets, on the stack (no
+    // allocator): the per-site loops then decode only the site entries.
+    let mut cache = IfuncCache::default();
     for f in table.ifuncs() {
         check_trampoline(poker, &f)?;
+        cache.set_trampoline(f.index, f.trampoline);
     }
-    for s in table.sites() {
-        let f = ifunc_of(table, &s);
+    // Index loops (not `table.sites()`): the engine's hot paths, kept inlinable.
+    for i in 0..table.site_count() {
+        let Some(s) = table.site(i) else { continue };
+        if let Some(trampoline) = cache.trampoline(table, s.ifunc)
+            && is_original(&s, read_word(poker, s.addr, s.len()), trampoline)
+        {
+            continue;
+        }
         let found = read_site(poker, &s);
+        let f = ifunc_of(table, &s);
         let ok = expected_original(&s, &found, f.trampoline);
         let prefixes_ok = found.as_slice()[..s.prefixes as usize]
             .iter()
@@ -374,7 +421,7 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
                 if prefixes_ok
                     && opcode_ok
                     && current != f.trampoline
-                    && site_bytes(&s, found.as_slice(), current) == Some(found)
+                    && site_bytes(&s, &found, current) == Some(found)
                 {
                     return Err(PatchError::AlreadyPatched {
                         site: s.addr,
@@ -413,6 +460,7 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
             });
         }
         write_slot(f.slot, addr);
+        cache.set_target(f.index, addr);
         report.ifuncs += 1;
     }
 
@@ -422,32 +470,35 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         return Err(PatchError::Poke { ifunc: "", error });
     }
     let mut failed = None;
-    for s in table.sites() {
-        let f = ifunc_of(table, &s);
-        let current = read_site(poker, &s);
-        let Some(new) = site_bytes(&s, current.as_slice(), read_slot(f.slot)) else {
+    for i in 0..table.site_count() {
+        let Some(s) = table.site(i) else { continue };
+        // The ifunc's name is decoded only for an error.
+        // Only the rel32 changes: the prefix and opcode bytes were checked in step 1 and
+        // are not written, so the rel32 is what is written and read back.
+        let Some(rel) = x86::rel32(s.end(), cache.target(table, s.ifunc)) else {
             report.sites_out_of_reach += 1;
             continue;
         };
+        let rel = rel.to_le_bytes();
         let at = s.rel32_addr();
         // SAFETY: the rel32 field lies inside a validated site; precondition 2.
-        if let Err(error) = unsafe { poker.write(at, &new.as_slice()[s.len() - 4..]) } {
+        if let Err(error) = unsafe { poker.write(at, &rel) } {
             // The failed write may have changed part of the rel32: restore this site too.
             failed = Some((
                 s.index + 1,
                 PatchError::Poke {
-                    ifunc: f.name,
+                    ifunc: ifunc_of(table, &s).name,
                     error,
                 },
             ));
             break;
         }
-        if read_site(poker, &s) != new {
+        if read_word(poker, at, 4) != u64::from(u32::from_le_bytes(rel)) {
             failed = Some((
                 s.index + 1,
                 PatchError::VerifyFailed {
                     site: s.addr,
-                    ifunc: f.name,
+                    ifunc: ifunc_of(table, &s).name,
                 },
             ));
             break;
@@ -461,7 +512,7 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         for s in table.sites().take(touched as usize) {
             let f = ifunc_of(table, &s);
             let current = read_site(poker, &s);
-            let Some(orig) = site_bytes(&s, current.as_slice(), f.trampoline) else {
+            let Some(orig) = site_bytes(&s, &current, f.trampoline) else {
                 continue;
             };
             // SAFETY: as above; restoring the original bytes the check pass saw.
@@ -481,6 +532,57 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
     poker.sync_cores();
     poker.end();
     Ok(report)
+}
+
+/// Per-ifunc addresses the per-site loops need, for the first [`IfuncCache::LEN`] ifuncs
+/// (tables have tens); later ones are decoded from the table each time.
+struct IfuncCache {
+    trampolines: [u64; IfuncCache::LEN],
+    targets: [u64; IfuncCache::LEN],
+}
+
+impl Default for IfuncCache {
+    fn default() -> Self {
+        IfuncCache {
+            trampolines: [0; IfuncCache::LEN],
+            targets: [0; IfuncCache::LEN],
+        }
+    }
+}
+
+impl IfuncCache {
+    const LEN: usize = 64;
+
+    fn set_trampoline(&mut self, i: u32, addr: u64) {
+        if let Some(t) = self.trampolines.get_mut(i as usize) {
+            *t = addr;
+        }
+    }
+
+    fn set_target(&mut self, i: u32, addr: u64) {
+        if let Some(t) = self.targets.get_mut(i as usize) {
+            *t = addr;
+        }
+    }
+
+    #[inline(always)]
+    fn trampoline(&self, table: &Table<'_>, i: u32) -> Option<u64> {
+        match self.trampolines.get(i as usize) {
+            Some(&t) => Some(t),
+            None => table.ifunc_trampoline_slot(i).map(|(t, _)| t),
+        }
+    }
+
+    /// The resolved implementation (what the slot holds after step 2).
+    #[inline(always)]
+    fn target(&self, table: &Table<'_>, i: u32) -> u64 {
+        match self.targets.get(i as usize) {
+            Some(&t) => t,
+            None => table
+                .ifunc_trampoline_slot(i)
+                .map_or(0, |(_, slot)| read_slot(slot)),
+        }
+    }
 }
 
 fn ifunc_of<'t>(table: &Table<'t>, s: &Site) -> Ifunc<'t> {

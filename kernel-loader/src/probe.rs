@@ -237,6 +237,7 @@ pub const STUB_SYMBOLS: [&str; 3] = [
 
 impl Stubs {
     /// This image's stubs.
+    #[inline]
     pub fn this_image() -> Stubs {
         Stubs {
             c_entry: ksites_probe_c_entry as *const () as u64,
@@ -247,6 +248,7 @@ impl Stubs {
 }
 
 /// The 5 bytes a site holds in state `on`, in this image.
+#[inline(always)]
 pub fn site_bytes(s: &PSite, on: bool) -> Result<[u8; 5], ProbeError> {
     site_bytes_with(s, on, &Stubs::this_image())
 }
@@ -256,6 +258,7 @@ pub fn site_bytes(s: &PSite, on: bool) -> Result<[u8; 5], ProbeError> {
 /// Every form is **one** instruction in both states, so a CPU stopped at any point of
 /// the int3 protocol resumes at an instruction boundary: only the first byte (`cc`) or
 /// the operand bytes change.
+#[inline(always)]
 pub fn site_bytes_with(s: &PSite, on: bool, stubs: &Stubs) -> Result<[u8; 5], ProbeError> {
     let branch = |op: u8, target: u64| -> Result<[u8; 5], ProbeError> {
         let r = rel32(s.addr + PROBE_SITE_LEN as u64, target).ok_or(ProbeError::OutOfReach {
@@ -307,11 +310,67 @@ fn table() -> Result<&'static Table<'static>, ProbeError> {
     IMAGE.get().ok_or(ProbeError::NotRegistered)
 }
 
+/// The 5 bytes at a probe site, read one byte per `read` and assembled in a register
+/// (reading a byte-filled buffer back as a word would stall store forwarding on every
+/// site of a batch).
+#[inline(always)]
 fn read5<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> [u8; 5] {
-    let mut b = [0u8; 5];
-    // SAFETY: probe sites were validated to lie in the image's executable ranges.
-    unsafe { poker.read(addr, &mut b) };
-    b
+    let mut v = 0u64;
+    for i in 0..5 {
+        let mut b = [0u8; 1];
+        // SAFETY: probe sites were validated to lie in the image's executable ranges.
+        unsafe { poker.read(addr + i, &mut b) };
+        v |= u64::from(b[0]) << (8 * i);
+    }
+    let b = v.to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4]]
+}
+
+/// Five site bytes as a little-endian integer.
+#[inline(always)]
+fn word5(b: [u8; 5]) -> u64 {
+    u64::from(b[0])
+        | u64::from(b[1]) << 8
+        | u64::from(b[2]) << 16
+        | u64::from(b[3]) << 24
+        | u64::from(b[4]) << 32
+}
+
+/// The sites of one probe, in address order: an index loop over the table without
+/// closures, so the batch loops inline it.
+struct SitesOf<'t, 'a> {
+    table: &'t Table<'a>,
+    probe: u32,
+    next: u32,
+}
+
+impl<'t, 'a> SitesOf<'t, 'a> {
+    #[inline]
+    fn new(table: &'t Table<'a>, id: ProbeId) -> Self {
+        SitesOf {
+            table,
+            probe: id.0,
+            next: 0,
+        }
+    }
+}
+
+impl Iterator for SitesOf<'_, '_> {
+    type Item = PSite;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<PSite> {
+        while self.next < self.table.probe_site_count() {
+            let i = self.next;
+            self.next += 1;
+            if let Some(s) = self.table.probe_site(i)
+                && s.probe == self.probe
+            {
+                return Some(s);
+            }
+        }
+        None
+    }
 }
 
 /// Registers the image's table: checks every probe site holds its disabled form.
@@ -514,15 +573,16 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
     // 1. Every site must hold exactly the other state's bytes (or the residue of an
     //    interrupted batch: `cc` then either state's tail bytes), and the new bytes must
     //    be encodable, before anything is written.
-    for s in t.probe_sites().filter(|s| s.probe == id.0) {
+    for s in SitesOf::new(t, id) {
         let old = site_bytes(&s, !on)?;
         let new = site_bytes(&s, on)?;
         let found = read5(poker, s.addr);
         // A failed batch whose rollback could not finish may have left `cc` plus either
-        // state's tail, or the complete new bytes: all are safe to rewrite.
-        let residue = found == new
-            || (found[0] == 0xcc && (found[1..] == old[1..] || found[1..] == new[1..]));
-        if found != old && !residue {
+        // state's tail, or the complete new bytes: all are safe to rewrite. (Compared
+        // as integers: slice comparisons would go through memory.)
+        let (o, n, f) = (word5(old), word5(new), word5(found));
+        let residue = f == n || (f & 0xff == 0xcc && (f >> 8 == o >> 8 || f >> 8 == n >> 8));
+        if f != o && !residue {
             return Err(ProbeError::UnexpectedBytes {
                 site: s.addr,
                 probe: id,
@@ -574,7 +634,7 @@ unsafe fn write_batch<P: TextPoker + ?Sized>(
     on: bool,
     poker: &mut P,
 ) -> Result<(), PokeError> {
-    let sites = || t.probe_sites().filter(move |s| s.probe == id.0);
+    let sites = || SitesOf::new(t, id);
     for s in sites() {
         // SAFETY: inside a validated site.
         unsafe { poker.write(s.addr, &[0xcc])? };
@@ -615,7 +675,7 @@ unsafe fn roll_back<P: TextPoker + ?Sized>(
     on: bool,
     poker: &mut P,
 ) -> Result<(), u64> {
-    let sites = || t.probe_sites().filter(move |s| s.probe == id.0);
+    let sites = || SitesOf::new(t, id);
     for s in sites() {
         // SAFETY: inside a validated site.
         let _ = unsafe { poker.write(s.addr, &[0xcc]) };

@@ -3,13 +3,18 @@
 //! * `cargo xtask qemu` builds the build tool and the test kernel, embeds the kernel's
 //!   `.ksites` table, cross-checks `ksites inspect` against `objdump`, then boots the kernel
 //!   in QEMU on several CPU models and judges what it prints.
-//! * `cargo xtask test` runs fmt, clippy and the host tests, then everything `qemu` does.
 //! * `cargo xtask fuzz [--seconds N]` runs the cargo-fuzz targets (nightly).
+//! * `cargo xtask test` runs fmt, clippy and the host tests, the host self-test (a native
+//!   binary that patches itself), then everything `qemu` does.
+//! * `cargo xtask bench` builds the benchmark binary, embeds it, runs it, and prints the
+//!   ratio table (not part of `test`).
 //!
 //! Paths are computed from this crate's location, never from the caller's working directory.
 
+mod bench;
 mod crosscheck;
 mod fuzz;
+mod host;
 mod install;
 mod judge;
 mod qemu;
@@ -19,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-/// Development tasks for ksites: build the test kernel and boot it in QEMU (`qemu`), or run
-/// every check the project has (`test`).
+/// Development tasks for ksites: build the test kernel and boot it in QEMU (`qemu`), run
+/// every check the project has (`test`), or run the benchmarks (`bench`).
 #[derive(Debug, Parser)]
 #[command(name = "xtask", bin_name = "cargo xtask", version)]
 struct Cli {
@@ -33,12 +38,16 @@ enum Command {
     /// Build the test kernel, embed its `.ksites` table, cross-check it against objdump,
     /// and boot it in QEMU on each CPU model (installs missing tools first).
     Qemu(qemu::QemuArgs),
-    /// Run fmt, clippy and host tests for the workspace and the test kernel, then
-    /// everything `qemu` does with the default CPU models. Stops at the first failure.
+    /// Run fmt, clippy and host tests for the workspace and the test kernel, the host
+    /// self-test, then everything `qemu` does with the default CPU models. Stops at the
+    /// first failure.
     Test,
     /// Run the cargo-fuzz targets (table reader + patcher, build tool ELF reading) on
     /// the nightly toolchain, `--seconds` each (installs cargo-fuzz if missing).
     Fuzz(fuzz::FuzzArgs),
+    /// Build, embed and run the benchmarks (ksites against the alternatives, side by
+    /// side) and print the table of ratios; writes target/ksites-bench/ratios.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Test => test::run(&sh, &root),
         Command::Fuzz(args) => fuzz::run(&sh, &root, &args),
+        Command::Bench(args) => bench::run(&sh, &root, &args),
     }
 }
 

@@ -5,8 +5,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use xshell::{Shell, cmd};
 
-use crate::install;
 use crate::qemu::{self, Paths, QemuArgs};
+use crate::{host, install};
 
 pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     let paths = Paths::new(root);
@@ -41,14 +41,20 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     println!("$ cargo test --workspace");
     let host = host_tests(root).context("test: host tests failed (`cargo test --workspace`)")?;
 
+    heading("host");
+    let host_checks = host::selftest(sh, root).context(
+        "host: the self-patching host binary failed (kernel-loader/examples/host_selftest.rs)",
+    )?;
+
     heading("qemu");
     let kernel =
         qemu::run(sh, root, &QemuArgs::default()).context("qemu: the test kernel runs failed")?;
 
     println!(
-        "\nxtask test: all steps passed ({host} host tests, {kernel} in-kernel tests over all CPU models)"
+        "\nxtask test: all steps passed ({host} host tests, {host_checks} host self-test checks, \
+         {kernel} in-kernel tests over all CPU models)"
     );
-    println!("xtask: {} passed, 0 failed", host + kernel);
+    println!("xtask: {} passed, 0 failed", host + host_checks + kernel);
     Ok(())
 }
 

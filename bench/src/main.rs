@@ -1,0 +1,307 @@
+//! `ksites-bench`: ksites side by side with the alternatives, in one criterion run.
+//!
+//! Built non-PIE with `--emit-relocs` and processed by `ksites embed` (`cargo xtask bench`
+//! does all of it), this program patches its own ifunc calls at start with the host
+//! poker, registers its probes, then measures:
+//!
+//! * ifunc dispatch ([`calls`]), probes ([`probes`]),
+//! * patching 10^5 ifunc sites and toggling a probe with 10^4 sites ([`patching`]),
+//! * `ksites embed`/`scan` against `objcopy` on an image with 10^6 relocations ([`tool`]),
+//!
+//! then prints a table of ratios (and writes it as Markdown), plus a paired, interleaved
+//! re-measurement of the close calls, whose spread shows the noise.
+//!
+//! ```text
+//! ksites-bench [--quick] [--no-tool] [--out DIR] [--ksites PATH] [--filter REGEX]
+//! ```
+
+mod calls;
+mod patching;
+mod probes;
+mod report;
+mod tool;
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
+
+/// A benchmarked variant: id, row label, the function that runs one iteration.
+pub type Variant = (&'static str, &'static str, fn(u64) -> u64);
+/// A paired comparison: name, A, B.
+type Pair = (&'static str, fn(u64) -> u64, fn(u64) -> u64);
+use kernel_loader::{CpuFeatures, cell, host, patch, probe};
+
+struct Options {
+    quick: bool,
+    tool: bool,
+    out: PathBuf,
+    ksites: Option<PathBuf>,
+    filter: Option<String>,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        quick: false,
+        tool: true,
+        out: PathBuf::from("target/ksites-bench"),
+        ksites: std::env::var_os("KSITES_BIN").map(PathBuf::from),
+        filter: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--no-tool" => o.tool = false,
+            "--out" => o.out = args.next().expect("--out DIR").into(),
+            "--ksites" => o.ksites = Some(args.next().expect("--ksites PATH").into()),
+            "--filter" => o.filter = Some(args.next().expect("--filter REGEX")),
+            // What `cargo bench`-style runners pass; ignored.
+            "--bench" => {}
+            other => {
+                eprintln!(
+                    "usage: ksites-bench [--quick] [--no-tool] [--out DIR] [--ksites PATH] [--filter REGEX]"
+                );
+                eprintln!("unknown argument {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    o
+}
+
+/// Patches this program and registers its probes; returns the ids of `bench:on` and
+/// `bench:many`.
+fn patch_self(poker: &mut host::HostPoker) -> (probe::ProbeId, probe::ProbeId) {
+    let exec = host::exec_ranges();
+    // SAFETY: `cargo xtask bench` ran `ksites embed` on this binary; nothing writes the
+    // table.
+    let table = unsafe { cell::image_table(&exec) }.unwrap_or_else(|e| {
+        eprintln!("ksites-bench: {e} (run it through `cargo xtask bench`)");
+        std::process::exit(2)
+    });
+    // SAFETY: the table describes this image; only this thread runs.
+    let r = unsafe { patch::init(&table, &exec, &CpuFeatures::detect(), poker) }
+        .unwrap_or_else(|e| panic!("patch::init: {e}"));
+    println!(
+        "ksites-bench: patched {} ifunc sites ({} ifuncs, {} out of reach)",
+        r.sites_patched, r.ifuncs, r.sites_out_of_reach
+    );
+    probe::register_image(table, poker).expect("register probes");
+    let on = probe::lookup("bench:on").expect("bench:on");
+    let many = probe::lookup("bench:many").expect("bench:many");
+    // SAFETY: this thread is the only one; the host poker writes this program's text.
+    unsafe { probe::enable(on, probes::handler, poker) }.expect("enable bench:on");
+    (on, many)
+}
+
+fn micro(g: &mut BenchmarkGroup<'_, WallTime>, variants: &[Variant], expect: Option<u64>) {
+    for &(id, _, f) in variants {
+        if let Some(want) = expect {
+            assert_eq!(f(0x1234), want, "{id} computes something else");
+        }
+        g.bench_function(id, |b| b.iter(|| f(black_box(0x1234_5678_9abc_def0))));
+    }
+}
+
+/// One A/B pair measured in interleaved rounds (ABBA order): the per-round ratios.
+fn paired(a: fn(u64) -> u64, b: fn(u64) -> u64, rounds: usize, inner: u64) -> Vec<f64> {
+    let time = |f: fn(u64) -> u64| {
+        let t = Instant::now();
+        for i in 0..inner {
+            black_box(f(black_box(i)));
+        }
+        t.elapsed().as_secs_f64()
+    };
+    for _ in 0..3 {
+        time(a);
+        time(b);
+    }
+    let mut ratios = Vec::with_capacity(rounds);
+    for r in 0..rounds {
+        let (ta, tb) = if r % 2 == 0 {
+            let ta = time(a);
+            (ta, time(b))
+        } else {
+            let tb = time(b);
+            (time(a), tb)
+        };
+        ratios.push(ta / tb);
+    }
+    ratios
+}
+
+fn main() {
+    let o = options();
+    assert!(
+        is_x86_feature_detected!("popcnt"),
+        "the dispatch benchmarks need a CPU with POPCNT"
+    );
+    let mut poker = host::HostPoker::new();
+    let (_on, many) = patch_self(&mut poker);
+    calls::setup();
+    probes::run_many(1);
+
+    let (warm, measure) = if o.quick {
+        (Duration::from_millis(200), Duration::from_millis(500))
+    } else {
+        (Duration::from_millis(500), Duration::from_millis(1500))
+    };
+    let crit_dir = o.out.join("criterion");
+    if o.filter.is_none() {
+        // A full run: no figure of an earlier run may leak into the table.
+        let _ = std::fs::remove_dir_all(&crit_dir);
+    }
+    let mut c = Criterion::default()
+        .output_directory(&crit_dir)
+        .warm_up_time(warm)
+        .measurement_time(measure)
+        .sample_size(50)
+        .without_plots();
+    if let Some(f) = &o.filter {
+        c = c.with_filter(f.as_str());
+    }
+
+    let expect = calls::direct(0x1234);
+    micro(
+        &mut c.benchmark_group("ifunc"),
+        calls::VARIANTS,
+        Some(expect),
+    );
+    let expect = probes::none(0x1234);
+    micro(
+        &mut c.benchmark_group("probe_off"),
+        probes::OFF,
+        Some(expect),
+    );
+    micro(&mut c.benchmark_group("probe_on"), probes::ON, Some(expect));
+
+    {
+        let mut img = patching::FakeImage::new();
+        let mut g = c.benchmark_group("patch");
+        g.sample_size(20);
+        g.bench_function("patch_ifuncs", |b| {
+            b.iter_custom(|n| patching::time_patch(&mut img, n))
+        });
+        g.bench_function("parse_and_patch", |b| {
+            b.iter_custom(|n| patching::time_parse_and_patch(&mut img, n))
+        });
+        g.bench_function("plain_loop", |b| {
+            b.iter_custom(|n| patching::time_plain_table(&mut img, n))
+        });
+        g.bench_function("raw_stores", |b| {
+            b.iter_custom(|n| patching::time_plain(&mut img, n))
+        });
+        g.finish();
+    }
+
+    {
+        let exec = host::exec_ranges();
+        // SAFETY: as in `patch_self`.
+        let table = unsafe { cell::image_table(&exec) }.expect("table");
+        let sites = patching::many_sites(&table, many);
+        assert_eq!(sites.len(), probes::MANY_SITES);
+        let mut g = c.benchmark_group("toggle");
+        g.sample_size(10);
+        g.bench_function("batch_membarrier", |b| {
+            b.iter(|| patching::toggle_batched(many, &mut poker))
+        });
+        let mut cp = patching::CpuidPoker(host::HostPoker::new());
+        g.bench_function("batch_cpuid", |b| {
+            b.iter(|| patching::toggle_batched(many, &mut cp))
+        });
+        g.bench_function("per_site_cpuid", |b| {
+            b.iter(|| patching::toggle_per_site(&sites, &mut cp))
+        });
+        g.bench_function("plain_loop", |b| {
+            b.iter(|| patching::toggle_plain(&sites, &mut cp.0))
+        });
+        g.finish();
+        // Still a working probe: enable, fire every site once, disable.
+        let before = probe::info(many).expect("info").hits;
+        // SAFETY: as in `patch_self`.
+        unsafe { probe::enable(many, probes::handler, &mut poker) }.expect("enable");
+        probes::run_many(2);
+        // SAFETY: as above.
+        unsafe { probe::disable(many, &mut poker) }.expect("disable");
+        let hits = probe::info(many).expect("info").hits - before;
+        assert_eq!(
+            hits as usize,
+            probes::MANY_SITES,
+            "every toggled site fires"
+        );
+    }
+
+    let mut tool_ran = false;
+    if o.tool {
+        match o.ksites.as_deref() {
+            None => {
+                println!("ksites-bench: no --ksites/KSITES_BIN: skipping the build-tool benchmarks")
+            }
+            Some(ksites) => {
+                let t = Instant::now();
+                let inputs = tool::generate(&o.out.join("tool"));
+                println!(
+                    "ksites-bench: generated {} ({} bytes) in {:.1} s",
+                    inputs.image.display(),
+                    std::fs::metadata(&inputs.image).map_or(0, |m| m.len()),
+                    t.elapsed().as_secs_f64()
+                );
+                let mut g = c.benchmark_group("tool");
+                g.sample_size(10);
+                g.warm_up_time(Duration::from_millis(100));
+                g.measurement_time(Duration::from_secs(if o.quick { 3 } else { 8 }));
+                g.bench_function("embed", |b| b.iter(|| tool::embed(ksites, &inputs)));
+                g.bench_function("scan", |b| b.iter(|| tool::scan(ksites, &inputs)));
+                g.bench_function("objcopy", |b| b.iter(|| tool::objcopy(&inputs)));
+                g.finish();
+                tool_ran = true;
+            }
+        }
+    }
+    c.final_summary();
+
+    // Paired, interleaved re-measurement of the pairs whose ratio is close to 1.
+    let rounds = match (&o.filter, o.quick) {
+        (Some(_), _) => 0,
+        (None, true) => 101,
+        (None, false) => 401,
+    };
+    let pairs: [Pair; 6] = [
+        ("patched / direct", calls::patched, calls::direct),
+        ("patched / slot", calls::patched, calls::via_slot),
+        (
+            "patched / multiversion",
+            calls::patched,
+            calls::multiversion,
+        ),
+        (
+            "disabled probe! / no probe",
+            probes::ksites_off,
+            probes::none,
+        ),
+        (
+            "disabled probe! / AtomicBool",
+            probes::ksites_off,
+            probes::atomic_bool,
+        ),
+        (
+            "disabled probe! / probe crate",
+            probes::ksites_off,
+            probes::sdt_crate,
+        ),
+    ];
+    let paired: Vec<(&str, Vec<f64>)> = pairs
+        .iter()
+        .filter(|_| rounds > 0)
+        .map(|&(name, a, b)| (name, paired(a, b, rounds, 2_000)))
+        .collect();
+
+    let text = report::render(&crit_dir, tool_ran, &paired);
+    println!("\n{text}");
+    std::fs::create_dir_all(&o.out).expect("create the output directory");
+    let md = o.out.join("ratios.md");
+    std::fs::write(&md, &text).expect("write ratios.md");
+    println!("ksites-bench: wrote {}", md.display());
+}

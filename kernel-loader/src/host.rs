@@ -1,0 +1,295 @@
+//! Host mode (feature `std`, Linux x86-64): patching a normal process's own text.
+//!
+//! A host binary linked non-PIE (`-C relocation-model=static`) with `--emit-relocs` and
+//! processed by `ksites embed` can patch itself at start, exactly as a kernel does at
+//! boot, so the whole pipeline (build, embed, patch, call, toggle probes) runs natively:
+//!
+//! ```ignore
+//! let exec = kernel_loader::host::exec_ranges();
+//! let table = unsafe { kernel_loader::cell::image_table(&exec) }?;
+//! let mut poker = kernel_loader::host::HostPoker::new();
+//! unsafe { kernel_loader::patch::init(&table, &exec, &CpuFeatures::detect(), &mut poker) }?;
+//! ```
+//!
+//! * [`exec_ranges`]: the executable `PT_LOAD` segments of the main program
+//!   (`dl_iterate_phdr`).
+//! * [`HostPoker`]: `begin` makes those segments writable (`mprotect` to R+W+X, so code
+//!   sharing a page with a site keeps running), `write` stores, `sync_cores` runs
+//!   `membarrier(PRIVATE_EXPEDITED_SYNC_CORE)` so every thread of the process executes a
+//!   core-serializing instruction (a local `cpuid` where the kernel lacks it), and `end`
+//!   restores the segments' original protection.
+//! * [`install_int3_handler`]: a `SIGTRAP` handler that forwards to
+//!   [`crate::probe::handle_int3`], so probes can be toggled while other threads run
+//!   their sites (the int3 protocol's trap path, as a kernel's #BP hook does).
+
+use core::ops::Range;
+use std::vec::Vec;
+
+use crate::patch::{PokeError, TextPoker};
+
+/// One executable segment of the main program: its exact range and its `PROT_*` bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    start: u64,
+    end: u64,
+    prot: i32,
+}
+
+struct Collect {
+    segments: Vec<Segment>,
+    first: bool,
+}
+
+unsafe extern "C" fn collect_main(
+    info: *mut libc::dl_phdr_info,
+    _size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: `data` is the `&mut Collect` passed to `dl_iterate_phdr` in `segments`,
+    // which calls this function synchronously.
+    let c = unsafe { &mut *data.cast::<Collect>() };
+    if !c.first {
+        return 1; // only the main program, which is always reported first
+    }
+    c.first = false;
+    // SAFETY: `info` is valid for the duration of the callback (dl_iterate_phdr's
+    // contract).
+    let info = unsafe { &*info };
+    if info.dlpi_phdr.is_null() {
+        return 1;
+    }
+    // SAFETY: `dlpi_phdr` points at `dlpi_phnum` program headers of a loaded object.
+    let phdrs = unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum.into()) };
+    for p in phdrs {
+        if p.p_type != libc::PT_LOAD || p.p_flags & libc::PF_X == 0 || p.p_memsz == 0 {
+            continue;
+        }
+        let start = info.dlpi_addr + p.p_vaddr;
+        let mut prot = libc::PROT_EXEC;
+        if p.p_flags & libc::PF_R != 0 {
+            prot |= libc::PROT_READ;
+        }
+        if p.p_flags & libc::PF_W != 0 {
+            prot |= libc::PROT_WRITE;
+        }
+        c.segments.push(Segment {
+            start,
+            end: start + p.p_memsz,
+            prot,
+        });
+    }
+    1
+}
+
+/// The main program's executable `PT_LOAD` segments, sorted.
+fn segments() -> Vec<Segment> {
+    let mut c = Collect {
+        segments: Vec::new(),
+        first: true,
+    };
+    // SAFETY: the callback only touches `c`, through the pointer, synchronously.
+    unsafe { libc::dl_iterate_phdr(Some(collect_main), (&raw mut c).cast()) };
+    c.segments.sort_by_key(|s| s.start);
+    c.segments
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as u64 } else { 4096 }
+}
+
+/// The executable ranges of the main program: its `PT_LOAD` segments with `PF_X`
+/// (exact, not page-rounded), sorted. This is what [`crate::cell::image_table`] and
+/// [`crate::patch::init`] validate sites against.
+pub fn exec_ranges() -> Vec<Range<u64>> {
+    segments().iter().map(|s| s.start..s.end).collect()
+}
+
+const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_long = 1 << 5;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_long = 1 << 6;
+
+fn membarrier(cmd: libc::c_long) -> libc::c_long {
+    // SAFETY: membarrier takes (cmd, flags, cpu_id) by value and touches no memory of ours.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    }
+}
+
+/// Registers the process for `membarrier` core serialization; `true` if it can be used.
+fn register_sync_core() -> bool {
+    let supported = membarrier(MEMBARRIER_CMD_QUERY);
+    supported >= 0
+        && supported & MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE != 0
+        && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) == 0
+}
+
+/// A [`TextPoker`] for the running process: `mprotect` around each batch.
+#[derive(Debug)]
+pub struct HostPoker {
+    segments: Vec<Segment>,
+    sync_core: bool,
+    /// Number of `sync_cores` calls so far.
+    pub syncs: u64,
+    /// Number of `write` calls so far.
+    pub writes: u64,
+}
+
+impl HostPoker {
+    /// A poker for the main program's executable segments. Registers the process for
+    /// `membarrier` core serialization when the kernel offers it.
+    pub fn new() -> HostPoker {
+        let page = page_size();
+        let segments = segments()
+            .into_iter()
+            .map(|s| Segment {
+                start: s.start & !(page - 1),
+                end: s.end.div_ceil(page) * page,
+                prot: s.prot,
+            })
+            .collect();
+        HostPoker {
+            segments,
+            sync_core: register_sync_core(),
+            syncs: 0,
+            writes: 0,
+        }
+    }
+
+    /// Whether `sync_cores` serializes every thread (`membarrier`) rather than only the
+    /// calling one.
+    pub fn serializes_all_threads(&self) -> bool {
+        self.sync_core
+    }
+
+    fn protect(&self, writable: bool) -> Result<(), PokeError> {
+        for s in &self.segments {
+            let prot = if writable {
+                s.prot | libc::PROT_READ | libc::PROT_WRITE
+            } else {
+                s.prot
+            };
+            // SAFETY: the range is a page-aligned executable segment of this program, so
+            // it is mapped; adding PROT_WRITE (keeping EXEC) does not unmap running code.
+            let r = unsafe {
+                libc::mprotect(
+                    s.start as usize as *mut libc::c_void,
+                    (s.end - s.start) as usize,
+                    prot,
+                )
+            };
+            if r != 0 {
+                return Err(PokeError {
+                    addr: s.start,
+                    reason: "mprotect failed",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn contains(&self, addr: u64, len: usize) -> bool {
+        self.segments
+            .iter()
+            .any(|s| addr >= s.start && addr.saturating_add(len as u64) <= s.end)
+    }
+}
+
+impl Default for HostPoker {
+    fn default() -> Self {
+        HostPoker::new()
+    }
+}
+
+impl TextPoker for HostPoker {
+    fn begin(&mut self) -> Result<(), PokeError> {
+        self.protect(true)
+    }
+
+    #[inline]
+    unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
+        if !self.contains(addr, bytes.len()) {
+            return Err(PokeError {
+                addr,
+                reason: "not in an executable segment of the main program",
+            });
+        }
+        for (i, &b) in bytes.iter().enumerate() {
+            // SAFETY: inside an executable segment made writable by `begin`; the engine
+            // only writes inside validated sites (the caller's contract).
+            unsafe { core::ptr::write_volatile((addr as usize + i) as *mut u8, b) };
+        }
+        self.writes += 1;
+        Ok(())
+    }
+
+    fn sync_cores(&mut self) {
+        self.syncs += 1;
+        if !self.sync_core || membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE) != 0 {
+            // Only this thread: a serializing instruction.
+            let _ = crate::arch::x86_64::cpuid(0, 0);
+        }
+    }
+
+    fn end(&mut self) {
+        // Nothing sensible to do on failure but report it loudly: text stays writable.
+        if let Err(e) = self.protect(false) {
+            std::eprintln!("ksites host poker: cannot make text read-only again: {e}");
+        }
+    }
+}
+
+extern "C" fn on_sigtrap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid `ucontext_t` to an SA_SIGINFO handler.
+    let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
+    let g = &mut uc.uc_mcontext.gregs;
+    let r = |i: libc::c_int| g[i as usize] as u64;
+    let mut f = crate::probe::Int3Frame {
+        rip: r(libc::REG_RIP),
+        rsp: r(libc::REG_RSP),
+        rax: r(libc::REG_RAX),
+        rdi: r(libc::REG_RDI),
+        rsi: r(libc::REG_RSI),
+        rdx: r(libc::REG_RDX),
+        rcx: r(libc::REG_RCX),
+        r8: r(libc::REG_R8),
+        r9: r(libc::REG_R9),
+    };
+    // SAFETY: `f` is this thread's interrupted context of an int3 trap; rip/rsp/rax are
+    // written back below and restored by sigreturn.
+    if unsafe { crate::probe::handle_int3(&mut f) } {
+        g[libc::REG_RIP as usize] = f.rip as i64;
+        g[libc::REG_RSP as usize] = f.rsp as i64;
+        g[libc::REG_RAX as usize] = f.rax as i64;
+    } else {
+        // Not a probe site: die as an unhandled SIGTRAP would.
+        // SAFETY: restoring the default disposition and re-raising is async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGTRAP, libc::SIG_DFL);
+            libc::raise(libc::SIGTRAP);
+        }
+    }
+}
+
+/// Installs a `SIGTRAP` handler that emulates probe sites caught mid-patch (and fires
+/// enabled C tail sites). Needed when threads other than the one toggling probes may
+/// run probe sites. Returns `false` if `sigaction` failed.
+pub fn install_int3_handler() -> bool {
+    // SAFETY: a zeroed sigaction is a valid starting point; the handler has the
+    // SA_SIGINFO signature, and it only touches the trapping thread's context and the
+    // probe registry's atomics.
+    unsafe {
+        let mut sa: libc::sigaction = core::mem::zeroed();
+        sa.sa_sigaction = on_sigtrap as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGTRAP, &sa, core::ptr::null_mut()) == 0
+    }
+}
