@@ -156,9 +156,15 @@ fn scan_rustc_object_and_linked_image() {
         r#"#![no_std]
 unsafe extern "C" { fn target_fn(x: u64) -> u64; }
 #[unsafe(no_mangle)] #[inline(never)]
-pub extern "C" fn plain(x: u64) -> u64 { unsafe { target_fn(x) }.wrapping_mul(3) }
+pub extern "C" fn plain(x: u64) -> u64 {
+    // SAFETY: target_fn (defined by the test's assembly) takes any u64.
+    unsafe { target_fn(x) }.wrapping_mul(3)
+}
 #[unsafe(no_mangle)] #[inline(never)]
-pub extern "C" fn tail(x: u64) -> u64 { unsafe { target_fn(x ^ 5) } }
+pub extern "C" fn tail(x: u64) -> u64 {
+    // SAFETY: as in `plain`.
+    unsafe { target_fn(x ^ 5) }
+}
 #[unsafe(no_mangle)] #[inline(never)]
 pub extern "C" fn addr() -> usize { target_fn as usize }
 "#,

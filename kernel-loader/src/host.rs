@@ -6,8 +6,10 @@
 //!
 //! ```ignore
 //! let exec = kernel_loader::host::exec_ranges();
+//! // SAFETY: the binary was processed by `ksites embed`; its table is mapped read-only.
 //! let table = unsafe { kernel_loader::cell::image_table(&exec) }?;
 //! let mut poker = kernel_loader::host::HostPoker::new();
+//! // SAFETY: called once, before other threads run the patched code.
 //! unsafe { kernel_loader::patch::init(&table, &exec, &CpuFeatures::detect(), &mut poker) }?;
 //! ```
 //!
