@@ -28,6 +28,19 @@ fn gcc(args: &[&str], dir: &Path) {
     assert!(o.status.success(), "gcc {args:?}: {}", stderr(&o));
 }
 
+/// `ksites link --linker LINKER -- -static OBJECT -o OUT` in `dir`, then `ksites verify`
+/// on the result; both must succeed.
+fn link_and_verify(dir: &Path, linker: &str, object: &str, out: &str) {
+    let o = run(Command::new(KSITES)
+        .args([
+            "link", "--linker", linker, "--", "-static", object, "-o", out,
+        ])
+        .current_dir(dir));
+    assert!(o.status.success(), "{linker}: {}", stderr(&o));
+    let v = run(Command::new(KSITES).args(["verify", out]).current_dir(dir));
+    assert!(v.status.success(), "{linker}: {}", stdout(&v));
+}
+
 /// Assembly for an image with one ifunc `f1` laid out as `ifunc!` lays it out
 /// (trampoline, slot, record, cell), `_start` holding `start`, and `impl_a` holding
 /// `impl_body`; `extra` is appended.
@@ -341,16 +354,7 @@ fn link_wrapper_with_rust_lld_and_gnu_ld() {
     gcc(&["-c", "fx.s", "-o", "fx.o"], dir.path());
     for linker in ["lld", "bfd"] {
         let out = format!("linked-{linker}");
-        let o = run(Command::new(KSITES)
-            .args([
-                "link", "--linker", linker, "--", "-static", "fx.o", "-o", &out,
-            ])
-            .current_dir(dir.path()));
-        assert!(o.status.success(), "{linker}: {}", stderr(&o));
-        let v = run(Command::new(KSITES)
-            .args(["verify", &out])
-            .current_dir(dir.path()));
-        assert!(v.status.success(), "{linker}: {}", stdout(&v));
+        link_and_verify(dir.path(), linker, "fx.o", &out);
         let comment = run(Command::new("readelf")
             .args(["-p", ".comment", &out])
             .current_dir(dir.path()));
@@ -509,12 +513,7 @@ fn embedded_images_still_run_under_linux() {
     gcc(&["-c", "run.s", "-o", "run.o"], dir.path());
     for linker in ["bfd", "lld"] {
         let out = format!("run-{linker}");
-        let o = run(Command::new(KSITES)
-            .args([
-                "link", "--linker", linker, "--", "-static", "run.o", "-o", &out,
-            ])
-            .current_dir(dir.path()));
-        assert!(o.status.success(), "{linker}: {}", stderr(&o));
+        link_and_verify(dir.path(), linker, "run.o", &out);
         let o = run(&mut Command::new(dir.path().join(&out)));
         assert_eq!(
             o.status.code(),
@@ -620,16 +619,7 @@ void ksites_probe_ret1(void) {{}}
     );
     for linker in ["bfd", "lld"] {
         let out = format!("k-{linker}");
-        let o = run(Command::new(KSITES)
-            .args([
-                "link", "--linker", linker, "--", "-static", "k.o", "-o", &out,
-            ])
-            .current_dir(dir.path()));
-        assert!(o.status.success(), "{linker}: {}", stderr(&o));
-        let v = run(Command::new(KSITES)
-            .args(["verify", &out])
-            .current_dir(dir.path()));
-        assert!(v.status.success(), "{linker}: {}", stdout(&v));
+        link_and_verify(dir.path(), linker, "k.o", &out);
         let data = std::fs::read(dir.path().join(&out)).unwrap();
         let j = ksites::inspect::inspect_json(&out, &data).unwrap();
         let ifuncs = j["ifuncs"].as_array().unwrap();

@@ -119,6 +119,8 @@ pub struct AliasPoker {
     pub syncs: usize,
     /// Fail the write with this index (0-based), once.
     pub fail_at: Option<usize>,
+    /// With `fail_at`: keep failing every write from then on.
+    pub fail_forever: bool,
     /// A full W^X scan is due at the next write (set by `begin`).
     scan_due: bool,
 }
@@ -196,7 +198,9 @@ impl TextPoker for AliasPoker {
 
     unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
         if self.fail_at == Some(self.writes) {
-            self.fail_at = None;
+            if !self.fail_forever {
+                self.fail_at = None;
+            }
             return Err(PokeError {
                 addr,
                 reason: "injected failure",

@@ -792,48 +792,11 @@ fn c_sites_mid_patch() -> Result<(), Msg> {
     Ok(())
 }
 
-/// Fails every write from the `from`-th on (once, or for good).
-struct FailingPoker {
-    inner: AliasPoker,
-    from: usize,
-    forever: bool,
-    seen: usize,
-}
-
-impl TextPoker for FailingPoker {
-    fn begin(&mut self) -> Result<(), PokeError> {
-        self.inner.begin()
-    }
-
-    unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
-        let n = self.seen;
-        self.seen += 1;
-        if n == self.from || (self.forever && n > self.from) {
-            return Err(PokeError {
-                addr,
-                reason: "injected failure",
-            });
-        }
-        // SAFETY: forwarded from the engine.
-        unsafe { self.inner.write(addr, bytes) }
-    }
-
-    fn sync_cores(&mut self) {
-        self.inner.sync_cores()
-    }
-
-    fn end(&mut self) {
-        self.inner.end()
-    }
-}
-
-fn failing(from: usize, forever: bool) -> FailingPoker {
-    FailingPoker {
-        inner: AliasPoker::default(),
-        from,
-        forever,
-        seen: 0,
-    }
+/// An alias poker that fails its `from`-th write, once or for good.
+fn failing(from: usize, forever: bool) -> AliasPoker {
+    let mut p = AliasPoker::failing_at(from);
+    p.fail_forever = forever;
+    p
 }
 
 fn failed_batch_restores(t: &Table<'_>) -> Result<(), Msg> {
