@@ -83,7 +83,9 @@ enum Command {
     },
     /// Re-decode every site of an embedded image and check it against its table entry,
     /// check every probe site holds its disabled form, that the table's sites are
-    /// exactly those the relocations show, and that the cell points at the table.
+    /// exactly those the relocations show, that the cell points at the table, and that
+    /// the table's PT_LOAD loads it at its address (catching a later objcopy/strip that
+    /// moved it).
     /// Prints one line per problem and exits 4 if there is any.
     #[command(after_help = EXIT_CODES)]
     Verify {
