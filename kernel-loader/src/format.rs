@@ -429,12 +429,13 @@ pub enum FormatError {
         /// Its address.
         addr: u64,
     },
-    /// Descriptors are not sorted by trampoline address.
+    /// Descriptors are not sorted: defined ones by trampoline address, then imports by
+    /// name.
     IfuncsUnsorted {
         /// The first descriptor out of order.
         ifunc: u32,
     },
-    /// Two descriptors share a trampoline.
+    /// Two descriptors share a trampoline (or two imports a name).
     DuplicateIfunc {
         /// The later descriptor.
         ifunc: u32,
@@ -575,13 +576,13 @@ impl fmt::Display for FormatError {
             FormatError::IfuncsUnsorted { ifunc } => {
                 write!(
                     f,
-                    "ifunc {ifunc}: descriptors must be sorted by trampoline address"
+                    "ifunc {ifunc}: descriptors must be sorted by trampoline address, imports last and by name"
                 )
             }
             FormatError::DuplicateIfunc { ifunc } => {
                 write!(
                     f,
-                    "ifunc {ifunc}: trampoline already described by an earlier entry"
+                    "ifunc {ifunc}: trampoline (or import name) already described by an earlier entry"
                 )
             }
             FormatError::BadSiteKind { site } => write!(f, "ifunc site {site}: invalid kind"),
@@ -849,6 +850,19 @@ pub struct Ifunc<'a> {
     pub resolver: u64,
     /// Default implementation address.
     pub default: u64,
+    /// An *import*: an ifunc another image (the kernel) defines, which a module calls.
+    /// Its descriptor has `slot`, `resolver` and `default` all 0 (a self-relative 0
+    /// would point into the table itself, which is never code); only the trampoline is
+    /// set, by the module's relocation. The decoded `slot`, `resolver` and `default`
+    /// are 0; the loader patches its sites to whatever the trampoline's slot holds.
+    pub imported: bool,
+}
+
+impl Ifunc<'_> {
+    /// Whether a raw descriptor is an import (see [`Ifunc::imported`]).
+    pub const fn desc_is_import(d: &IfuncDesc) -> bool {
+        d.slot == 0 && d.resolver == 0 && d.default == 0
+    }
 }
 
 /// A decoded ifunc site with its absolute address.
@@ -1030,6 +1044,18 @@ impl<'a> Table<'a> {
         let n = self.header.ifuncs.count;
         for i in 0..n {
             let f = self.try_ifunc(i)?;
+            if f.imported {
+                // Only the trampoline is known; it lies in the defining image's text,
+                // which the caller includes in `exec`.
+                if !in_ranges(exec, f.trampoline, TRAMPOLINE_LEN as u64) {
+                    return Err(FormatError::BadIfuncPointer {
+                        ifunc: i,
+                        field: IfuncField::Trampoline,
+                        addr: f.trampoline,
+                    });
+                }
+                continue;
+            }
             for (field, addr, len) in [
                 (IfuncField::Trampoline, f.trampoline, TRAMPOLINE_LEN as u64),
                 (IfuncField::Resolver, f.resolver, 1),
@@ -1054,11 +1080,28 @@ impl<'a> Table<'a> {
                 });
             }
         }
-        // Descriptors are sorted by trampoline address, which makes "distinct
-        // trampolines" a linear check (no allocation, no quadratic scan).
+        // Defined descriptors come first, sorted by trampoline address, which makes
+        // "distinct trampolines" a linear check (no allocation, no quadratic scan).
+        // Imports follow, sorted by name: their trampolines are only known once the
+        // module is relocated, so their address order is not known when the table is
+        // written.
         let mut prev = None;
+        let mut prev_import: Option<&str> = None;
         for i in 0..n {
-            let t = self.try_ifunc(i)?.trampoline;
+            let f = self.try_ifunc(i)?;
+            if f.imported {
+                match prev_import {
+                    Some(p) if f.name == p => return Err(FormatError::DuplicateIfunc { ifunc: i }),
+                    Some(p) if f.name < p => return Err(FormatError::IfuncsUnsorted { ifunc: i }),
+                    _ => {}
+                }
+                prev_import = Some(f.name);
+                continue;
+            }
+            if prev_import.is_some() {
+                return Err(FormatError::IfuncsUnsorted { ifunc: i });
+            }
+            let t = f.trampoline;
             match prev {
                 Some(p) if t == p => return Err(FormatError::DuplicateIfunc { ifunc: i }),
                 Some(p) if t < p => return Err(FormatError::IfuncsUnsorted { ifunc: i }),
@@ -1251,6 +1294,17 @@ impl<'a> Table<'a> {
             index: i,
         };
         let at = |field: usize, rel: i32| resolve_rel(self.field_addr(off + field), rel).ok_or(ovf);
+        if Ifunc::desc_is_import(&d) {
+            return Ok(Ifunc {
+                index: i,
+                name: self.string(d.name)?,
+                trampoline: at(0, d.trampoline)?,
+                slot: 0,
+                resolver: 0,
+                default: 0,
+                imported: true,
+            });
+        }
         Ok(Ifunc {
             index: i,
             name: self.string(d.name)?,
@@ -1258,6 +1312,7 @@ impl<'a> Table<'a> {
             slot: at(4, d.slot)?,
             resolver: at(8, d.resolver)?,
             default: at(12, d.default)?,
+            imported: false,
         })
     }
 
@@ -1328,7 +1383,8 @@ impl<'a> Table<'a> {
     }
 
     /// Trampoline and slot addresses of ifunc `i`, without decoding its name (what the
-    /// patch engine needs for every site). `None` if out of range.
+    /// patch engine needs for every site). `None` if out of range. The slot of an
+    /// import is 0 here (the engine reads it from the trampoline).
     #[inline]
     pub fn ifunc_trampoline_slot(&self, i: u32) -> Option<(u64, u64)> {
         if i >= self.ifunc_count() {
@@ -1336,10 +1392,11 @@ impl<'a> Table<'a> {
         }
         let off = self.header.ifuncs.offset as usize + i as usize * IFUNC_DESC_SIZE;
         let d = IfuncDesc::read(&self.bytes[off..off + IFUNC_DESC_SIZE]);
-        Some((
-            resolve_rel(self.field_addr(off), d.trampoline)?,
-            resolve_rel(self.field_addr(off + 4), d.slot)?,
-        ))
+        let trampoline = resolve_rel(self.field_addr(off), d.trampoline)?;
+        if Ifunc::desc_is_import(&d) {
+            return Some((trampoline, 0));
+        }
+        Some((trampoline, resolve_rel(self.field_addr(off + 4), d.slot)?))
     }
 
     /// Site `i`, or `None` if out of range.

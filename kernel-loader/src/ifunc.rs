@@ -131,6 +131,47 @@ macro_rules! ifunc {
     };
 }
 
+/// Section in a module object listing the kernel ifuncs it calls: one 8-byte
+/// `R_X86_64_64` reference per imported symbol (not allocated; `ksites embed` reads it).
+pub const IMPORT_SECTION: &str = ".ksites_ifunc_imports";
+
+/// Declares ifuncs that the kernel defines and a module calls: the `extern "C"`
+/// declarations, plus one entry per function in [`IMPORT_SECTION`], so `ksites embed`
+/// records every call to them as a site of the module's table and the module loader
+/// patches those calls into direct calls to the implementation the kernel chose.
+///
+/// ```ignore
+/// kernel_loader::ifunc_import! {
+///     /// The kernel's popcount.
+///     pub fn popcount(x: u64) -> u32;
+/// }
+/// ```
+///
+/// The names are the kernel's exported (unmangled) symbol names. Like the kernel's own
+/// [`ifunc!`](crate::ifunc) functions, they are safe to call.
+#[macro_export]
+macro_rules! ifunc_import {
+    ($(
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident ( $($arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)?;
+    )+) => {
+        unsafe extern "C" {
+            $(
+                $(#[$attr])*
+                $vis safe fn $name($($arg: $ty),*) $(-> $ret)?;
+            )+
+        }
+        $(
+            ::core::arch::global_asm!(
+                ".pushsection .ksites_ifunc_imports,\"\",@progbits",
+                ".p2align 3",
+                ::core::concat!(".quad ", ::core::stringify!($name)),
+                ".popsection",
+            );
+        )+
+    };
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use crate::CpuFeatures;

@@ -351,28 +351,37 @@ fn write_slot(slot: u64, value: u64) {
     unsafe { core::ptr::write_volatile(slot as usize as *mut u64, value) }
 }
 
-/// Checks a trampoline: `ff 25 disp32` whose target is the ifunc's slot.
+/// Checks a trampoline: `ff 25 disp32` whose target is the ifunc's slot (for an
+/// import, any slot: the defining image's). Returns the slot it jumps through.
 fn check_trampoline<'t, P: TextPoker + ?Sized>(
     poker: &P,
     f: &Ifunc<'t>,
-) -> Result<(), PatchError<'t>> {
-    let mut b = [0u8; TRAMPOLINE_LEN];
-    // SAFETY: the trampoline address was validated to lie in an executable range; the
-    // whole 6 bytes are inside the trampoline symbol the build tool checked.
-    unsafe { poker.read(f.trampoline, &mut b) };
-    let disp = i32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-    let ok = b[..2] == JMP_RIP_INDIRECT
-        && (f.trampoline + TRAMPOLINE_LEN as u64).checked_add_signed(i64::from(disp))
-            == Some(f.slot);
-    if ok {
-        Ok(())
-    } else {
-        Err(PatchError::BadTrampoline {
-            ifunc: f.name,
-            addr: f.trampoline,
-            found: InsnBytes::new(&b),
-        })
+) -> Result<u64, PatchError<'t>> {
+    match trampoline_slot(poker, f.trampoline) {
+        Some(slot) if f.imported || slot == f.slot => Ok(slot),
+        _ => {
+            let mut b = [0u8; TRAMPOLINE_LEN];
+            // SAFETY: as in `trampoline_slot`.
+            unsafe { poker.read(f.trampoline, &mut b) };
+            Err(PatchError::BadTrampoline {
+                ifunc: f.name,
+                addr: f.trampoline,
+                found: InsnBytes::new(&b),
+            })
+        }
     }
+}
+
+/// The slot a `jmp [rip+disp32]` trampoline at `addr` jumps through, or `None` if the
+/// bytes there are not that instruction (or the slot would be misaligned).
+fn trampoline_slot<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> Option<u64> {
+    let mut b = [0u8; TRAMPOLINE_LEN];
+    // SAFETY: trampoline addresses were validated to lie, with all 6 bytes, in an
+    // executable range (the image's, or for an import the defining image's).
+    unsafe { poker.read(addr, &mut b) };
+    let disp = i32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let slot = (addr + TRAMPOLINE_LEN as u64).checked_add_signed(i64::from(disp))?;
+    (b[..2] == JMP_RIP_INDIRECT && slot.is_multiple_of(8) && slot != 0).then_some(slot)
 }
 
 /// The patch engine, with resolution abstracted: `resolve` is called exactly once per
@@ -399,6 +408,14 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         check_trampoline(poker, &f)?;
         cache.set_trampoline(f.index, f.trampoline);
     }
+    // An import's slot belongs to the image that defines it: it is read, never written.
+    let slot_of = |f: &Ifunc<'t>| {
+        if f.imported {
+            trampoline_slot(poker, f.trampoline).unwrap_or(0)
+        } else {
+            f.slot
+        }
+    };
     // Index loops (not `table.sites()`): the engine's hot paths, kept inlinable.
     for i in 0..table.site_count() {
         let Some(s) = table.site(i) else { continue };
@@ -417,7 +434,7 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         match ok {
             Some(exp) if prefixes_ok && opcode_ok && exp == found => {}
             _ => {
-                let current = read_slot(f.slot);
+                let current = read_slot(slot_of(&f));
                 if prefixes_ok
                     && opcode_ok
                     && current != f.trampoline
@@ -437,7 +454,7 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
             }
         }
     }
-    for f in table.ifuncs() {
+    for f in table.ifuncs().filter(|f| !f.imported) {
         let value = read_slot(f.slot);
         if value != f.default {
             return Err(PatchError::SlotNotDefault {
@@ -448,10 +465,15 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         }
     }
 
-    // 2. Resolve each ifunc once, into its slot.
+    // 2. Resolve each ifunc once, into its slot. An import is already resolved: its
+    //    sites go wherever the defining image's slot points now.
     let mut report = InitReport::default();
     for (i, f) in table.ifuncs().enumerate() {
-        let addr = resolve(&f);
+        let addr = if f.imported {
+            read_slot(slot_of(&f))
+        } else {
+            resolve(&f)
+        };
         if !in_exec(exec, addr) {
             restore_slots(table, i);
             return Err(PatchError::BadResolution {
@@ -459,7 +481,9 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
                 addr,
             });
         }
-        write_slot(f.slot, addr);
+        if !f.imported {
+            write_slot(f.slot, addr);
+        }
         cache.set_target(f.index, addr);
         report.ifuncs += 1;
     }
@@ -475,7 +499,7 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         // The ifunc's name is decoded only for an error.
         // Only the rel32 changes: the prefix and opcode bytes were checked in step 1 and
         // are not written, so the rel32 is what is written and read back.
-        let Some(rel) = x86::rel32(s.end(), cache.target(table, s.ifunc)) else {
+        let Some(rel) = x86::rel32(s.end(), cache.target(table, poker, s.ifunc)) else {
             report.sites_out_of_reach += 1;
             continue;
         };
@@ -575,12 +599,15 @@ impl IfuncCache {
 
     /// The resolved implementation (what the slot holds after step 2).
     #[inline(always)]
-    fn target(&self, table: &Table<'_>, i: u32) -> u64 {
+    fn target<P: TextPoker + ?Sized>(&self, table: &Table<'_>, poker: &P, i: u32) -> u64 {
         match self.targets.get(i as usize) {
             Some(&t) => t,
-            None => table
-                .ifunc_trampoline_slot(i)
-                .map_or(0, |(_, slot)| read_slot(slot)),
+            None => match table.ifunc_trampoline_slot(i) {
+                // An import: read through the trampoline to the defining image's slot.
+                Some((t, 0)) => trampoline_slot(poker, t).map_or(0, read_slot),
+                Some((_, slot)) => read_slot(slot),
+                None => 0,
+            },
         }
     }
 }
@@ -594,11 +621,12 @@ fn ifunc_of<'t>(table: &Table<'t>, s: &Site) -> Ifunc<'t> {
         slot: 0,
         resolver: 0,
         default: 0,
+        imported: false,
     })
 }
 
 fn restore_slots(table: &Table<'_>, n: usize) {
-    for f in table.ifuncs().take(n) {
+    for f in table.ifuncs().take(n).filter(|f| !f.imported) {
         write_slot(f.slot, f.default);
     }
 }

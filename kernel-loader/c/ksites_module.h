@@ -1,0 +1,27 @@
+/*
+ * ksites_module.h: what a C module (an ET_REL object loaded by kernel-loader's module
+ * loader) declares.
+ *
+ *   KSITES_IFUNC_IMPORT(popcount)
+ *       at file scope, next to the prototype of a kernel ifunc the module calls. It
+ *       records the symbol in the non-allocated section `.ksites_ifunc_imports`, so
+ *       `ksites embed` makes every call to it a site of the module's `.ksites` table and
+ *       the loader patches those calls into direct calls to the implementation the
+ *       kernel chose. Without it, calls still work, through the kernel's trampoline.
+ *
+ *   int ksites_module_init(void)   optional; run by Module::load, nonzero fails the load
+ *   void ksites_module_exit(void)  optional; run by Module::unload
+ *
+ * Build modules with `-fno-pic -mcmodel=kernel` (or small, if the kernel runs below
+ * 2 GiB), `-fno-common`, and without `-fPIC` GOT relocations.
+ */
+#ifndef KSITES_MODULE_H
+#define KSITES_MODULE_H
+
+#define KSITES_IFUNC_IMPORT(fn)                                \
+    __asm__(".pushsection .ksites_ifunc_imports,\"\",@progbits\n" \
+            ".p2align 3\n"                                     \
+            ".quad " #fn "\n"                                  \
+            ".popsection\n")
+
+#endif
