@@ -1,0 +1,156 @@
+//! `rmod`: the Rust test module of the ksites test kernel.
+//!
+//! The xtask compiles this crate alone into one relocatable object (`cargo rustc
+//! --emit=obj`, one codegen unit), runs `ksites embed` on it and hands the result to the
+//! kernel build, which `include_bytes!`s it; the kernel's module tests load it with
+//! `kernel_loader::module::Module::load` and call the functions below by symbol name.
+//!
+//! What it exercises:
+//!
+//! * calls to two **kernel ifuncs** (`popcount`, `crc32c`, imported with
+//!   [`kernel_loader::ifunc_import!`]): after loading, each call site must be a direct
+//!   `call` to the implementation the kernel chose;
+//! * its **own ifunc**, [`rmod_mix`], resolved by the module loader from the CPU
+//!   features: AVX2 → [`MIX_AVX2`], else POPCNT → [`MIX_POPCNT`], else [`MIX_BASE`]
+//!   (each implementation XORs its own tag into the argument);
+//! * a **probe** `rmod:hit` with three arguments and an is-enabled check of it;
+//! * `ksites_module_init` / `ksites_module_exit`, which count in [`rmod_state`].
+//!
+//! The object must not reference anything from `core` by a mangled name (the kernel
+//! exports only unmangled symbols): no panicking paths, only wrapping arithmetic and
+//! raw-pointer loops. The xtask checks the object's undefined symbols.
+#![no_std]
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use kernel_loader::{CpuFeatures, ifunc, probe, probe_enabled};
+
+kernel_loader::ifunc_import! {
+    /// The kernel's popcount (kfuncs), exported as `popcount`.
+    pub fn popcount(x: u64) -> u32;
+    /// The kernel's CRC-32C (kfuncs), exported as `crc32c`.
+    pub fn crc32c(crc: u32, data: *const u8, len: usize) -> u32;
+}
+
+/// Tag [`rmod_mix`]'s AVX2 implementation XORs in.
+pub const MIX_AVX2: u64 = 0xa2a2_0000_0000_0000;
+/// Tag of the POPCNT implementation.
+pub const MIX_POPCNT: u64 = 0x9c9c_0000_0000_0000;
+/// Tag of the baseline implementation (also the default).
+pub const MIX_BASE: u64 = 0xbaba_0000_0000_0000;
+
+/// Baseline (and default) implementation of [`rmod_mix`].
+///
+/// # Safety
+///
+/// None: safe on every CPU (`unsafe` to match the ifunc's slot type).
+pub unsafe extern "C" fn mix_base(x: u64) -> u64 {
+    x ^ MIX_BASE
+}
+
+/// The POPCNT flavour of [`rmod_mix`].
+///
+/// # Safety
+///
+/// None beyond the ifunc contract (the value is what matters, not the instruction).
+pub unsafe extern "C" fn mix_popcnt(x: u64) -> u64 {
+    x ^ MIX_POPCNT
+}
+
+/// The AVX2 flavour of [`rmod_mix`].
+///
+/// # Safety
+///
+/// None beyond the ifunc contract.
+pub unsafe extern "C" fn mix_avx2(x: u64) -> u64 {
+    x ^ MIX_AVX2
+}
+
+fn pick_mix(f: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u64 {
+    if f.contains(CpuFeatures::AVX2) {
+        mix_avx2
+    } else if f.contains(CpuFeatures::POPCNT) {
+        mix_popcnt
+    } else {
+        mix_base
+    }
+}
+
+ifunc! {
+    /// The module's own ifunc: `x` XOR the chosen implementation's tag.
+    pub fn rmod_mix(x: u64) -> u64;
+    default = mix_base;
+    resolver = pick_mix;
+}
+
+/// Bumped by init (`+1`) and exit (`+0x100`): the kernel checks both ran.
+static STATE: AtomicU64 = AtomicU64::new(0);
+
+/// Run by `Module::load`; 0 means success.
+#[unsafe(no_mangle)]
+pub extern "C" fn ksites_module_init() -> i32 {
+    STATE.fetch_add(1, Ordering::Relaxed);
+    0
+}
+
+/// Run by `Module::unload`.
+#[unsafe(no_mangle)]
+pub extern "C" fn ksites_module_exit() {
+    STATE.fetch_add(0x100, Ordering::Relaxed);
+}
+
+/// How often init (low byte) and exit (second byte) ran in this copy of the module.
+#[unsafe(no_mangle)]
+pub extern "C" fn rmod_state() -> u64 {
+    STATE.load(Ordering::Relaxed)
+}
+
+/// Sum of `popcount(p[i])` for `i < n`, through the kernel's popcount ifunc.
+///
+/// # Safety
+///
+/// `p` is valid for reading `n` `u64`s.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rmod_popcount_sum(p: *const u64, n: usize) -> u64 {
+    let mut sum = 0u64;
+    let mut i = 0usize;
+    while i < n {
+        // SAFETY: `i < n` and the caller guarantees `p` is valid for `n` words.
+        let w = unsafe { core::ptr::read(p.wrapping_add(i)) };
+        sum = sum.wrapping_add(u64::from(popcount(w)));
+        i = i.wrapping_add(1);
+    }
+    sum
+}
+
+/// CRC-32C of `len` bytes at `data`, starting from `!0`, through the kernel's crc32c.
+///
+/// # Safety
+///
+/// `data` is valid for reading `len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rmod_crc(data: *const u8, len: usize) -> u32 {
+    crc32c(!0, data, len)
+}
+
+/// Calls the module's own ifunc.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rmod_mix_call(x: u64) -> u64 {
+    rmod_mix(x)
+}
+
+/// Fires `rmod:hit(a, b, c)`; returns `a + b + c` (wrapping).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rmod_fire(a: u64, b: u64, c: u64) -> u64 {
+    probe!(rmod, hit, a, b, c);
+    a.wrapping_add(b).wrapping_add(c)
+}
+
+/// 1 while `rmod:hit` is enabled, else 0.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rmod_hit_enabled() -> u64 {
+    u64::from(probe_enabled!(rmod, hit))
+}
