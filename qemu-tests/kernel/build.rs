@@ -1,8 +1,56 @@
-//! Passes the kernel's linker script to the linker with an absolute path, and compiles
-//! the C code (dtrace-style probes in c/cprobes.c, a GNU ifunc in c/cifunc.c) with gcc.
+//! Passes the kernel's linker script to the linker with an absolute path, compiles
+//! the C code (dtrace-style probes in c/cprobes.c, a GNU ifunc in c/cifunc.c) with gcc,
+//! and includes the test modules (see [`include_modules`]).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The modules `cargo xtask qemu` builds and embeds (`NAME.ko`), in the directory named
+/// by `KSITES_MODULE_DIR` (default: `target/ksites-modules` at the project root).
+const MODULES: &[&str] = &["rmod", "cmod", "badmod"];
+
+/// Writes `$OUT_DIR/modules.rs`: one `pub static NAME: &Aligned<[u8]>` per module,
+/// `include_bytes!` of `NAME.ko`, or an empty slice (and a warning) if it was not built,
+/// so the kernel still builds (e.g. under `cargo clippy`) and its module tests fail
+/// with a clear message instead.
+fn include_modules(manifest_dir: &str) {
+    println!("cargo:rerun-if-env-changed=KSITES_MODULE_DIR");
+    let dir = std::env::var_os("KSITES_MODULE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(manifest_dir).join("../../target/ksites-modules"));
+    let mut code = String::new();
+    for name in MODULES {
+        let path = dir.join(format!("{name}.ko"));
+        println!("cargo:rerun-if-changed={}", path.display());
+        let upper = name.to_uppercase();
+        if path.is_file() {
+            let path = path.canonicalize().expect("canonicalize a module path");
+            writeln!(
+                code,
+                "/// `{name}.ko`, embedded by the xtask.\n\
+                 pub static {upper}: &Aligned<[u8]> = &Aligned(*include_bytes!({:?}));",
+                path.display().to_string()
+            )
+            .unwrap();
+        } else {
+            println!(
+                "cargo:warning=test module {} not built (run `cargo xtask qemu`); the module tests will fail",
+                path.display()
+            );
+            writeln!(
+                code,
+                "/// `{name}.ko` was not built.\npub static {upper}: &Aligned<[u8]> = &Aligned([]);"
+            )
+            .unwrap();
+        }
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    std::fs::write(out.join("modules.rs"), code).expect("write modules.rs");
+}
 
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    include_modules(&dir);
     println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");
     println!("cargo:rerun-if-changed=linker.ld");
     println!("cargo:rerun-if-changed=build.rs");

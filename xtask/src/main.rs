@@ -17,6 +17,7 @@ mod fuzz;
 mod host;
 mod install;
 mod judge;
+mod modules;
 mod qemu;
 mod test;
 

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use xshell::{Shell, cmd};
 
 use crate::judge::{self, Exit, Verdict};
-use crate::{crosscheck, install};
+use crate::{crosscheck, install, modules};
 
 /// The CPU models booted when `--cpu` is not given. `MODEL-smpN` boots `MODEL` with N
 /// CPUs under multi-threaded TCG (see [`split_label`]).
@@ -145,6 +145,10 @@ fn build(sh: &Shell, paths: &Paths) -> Result<()> {
     cmd!(sh, "cargo build --release -p build-tool")
         .run()
         .context("building the build tool (build-tool) failed")?;
+    // The test modules first: the kernel includes them (kernel/build.rs reads the
+    // directory from KSITES_MODULE_DIR).
+    let module_dir = modules::build(sh, &paths.root, &paths.ksites)?;
+    let _modules = sh.push_env(modules::MODULE_DIR_ENV, &module_dir);
     // qemu-tests/.cargo/config.toml selects the target and links through `ksites-ld`
     // (the linker wrapper: rust-lld + `ksites embed`), so build from inside it.
     let _dir = sh.push_dir(&paths.qemu_tests);
