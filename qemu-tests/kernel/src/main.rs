@@ -3,7 +3,8 @@
 //! QEMU loads it with `-kernel` through its PVH note ([`boot`]); it sets up the CPU,
 //! COM1, exceptions and its own W^X page tables, then runs the ifunc tests (boot
 //! patching, one CPU), starts the other CPUs ([`smp`]: `smp: N CPUs online`), runs the
-//! probe tests, the SMP tests (live patching while the APs run the sites) and its own
+//! probe tests, the module tests ([`module_tests`]: the module arena, loadable
+//! modules), the SMP tests (live patching while the APs run the sites) and its own
 //! infrastructure self-tests, printing one line per test and `N passed, M failed`, and
 //! exits QEMU through isa-debug-exit (33 = success, 35 = failure).
 #![no_std]
@@ -11,12 +12,14 @@
 
 pub mod acpi;
 pub mod apic;
+pub mod arena;
 pub mod boot;
 pub mod cpu;
 pub mod exit;
 pub mod harness;
 pub mod idt;
 pub mod ifunc_tests;
+pub mod module_tests;
 pub mod paging;
 pub mod poker;
 pub mod probe_tests;
@@ -53,6 +56,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     ifunc_tests::run(&mut harness);
     smp::init(start_info);
     probe_tests::run(&mut harness);
+    module_tests::run(&mut harness);
     smp_tests::run(&mut harness);
     selftest::run(&mut harness);
     harness.finish()

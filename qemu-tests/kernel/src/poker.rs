@@ -9,8 +9,10 @@
 //!   writable + NX, writes there, unmaps the window and flushes that TLB entry
 //!   (`invlpg`), then reads the bytes back through the executable mapping.
 //!   `sync_cores` serializes every online CPU ([`smp::sync_all_cores`]). It is used
-//!   for all live probe patching. While the alias is mapped it checks from the page
-//!   tables that the text stays read-only + executable and the alias writable + NX,
+//!   for all live probe patching. It writes any 4 KiB-mapped page, the kernel's text
+//!   or a module's in the arena ([`crate::arena`]). While the alias is mapped it checks
+//!   from the page tables that kernel text stays read-only + executable (any other
+//!   target page: never writable and executable at once) and the alias writable + NX,
 //!   and once per batch it scans every mapping for W^X ([`paging::wx_scan`]); every
 //!   finding is counted in [`ALIAS_STATS`].
 
@@ -154,7 +156,18 @@ impl AliasPoker {
         let alias = paging::translate(window);
         let text_now = paging::translate(page);
         ALIAS_STATS.checks.fetch_add(1, Ordering::Relaxed);
-        let ok = text_now.is_some_and(|t| !t.writable && t.executable)
+        // Kernel text must stay read-only + executable; any other page (module text in
+        // the arena, which may still be writable + NX while a module loads) must
+        // simply never be writable and executable at once.
+        let kernel_text = paging::text_range().contains(&page);
+        let target_ok = |t: paging::PageInfo| {
+            if kernel_text {
+                !t.writable && t.executable
+            } else {
+                !(t.writable && t.executable)
+            }
+        };
+        let ok = text_now.is_some_and(target_ok)
             && alias.is_some_and(|a| {
                 a.writable && (!a.executable || !cpu::nx_enabled()) && a.phys == text.phys
             })
