@@ -963,6 +963,19 @@ impl<'a> Table<'a> {
         base: u64,
         exec: &[Range<u64>],
     ) -> Result<Table<'a>, FormatError> {
+        Table::parse_module(bytes, base, exec, exec)
+    }
+
+    /// [`Table::parse`] for a module's table: everything the module defines (sites,
+    /// probe sites, its own ifuncs) must lie in `exec`, its executable ranges, while the
+    /// trampolines of imported ifuncs must lie in `import_exec`, the defining image's
+    /// (the kernel's) executable ranges.
+    pub fn parse_module(
+        bytes: &'a [u8],
+        base: u64,
+        exec: &[Range<u64>],
+        import_exec: &[Range<u64>],
+    ) -> Result<Table<'a>, FormatError> {
         let header = Header::read(bytes)?;
         if header.magic != MAGIC {
             return Err(FormatError::BadMagic);
@@ -1034,20 +1047,24 @@ impl<'a> Table<'a> {
             base,
             header,
         };
-        table.validate_ifuncs(exec)?;
+        table.validate_ifuncs(exec, import_exec)?;
         table.validate_sites(exec)?;
         table.validate_probes(exec)?;
         Ok(table)
     }
 
-    fn validate_ifuncs(&self, exec: &[Range<u64>]) -> Result<(), FormatError> {
+    fn validate_ifuncs(
+        &self,
+        exec: &[Range<u64>],
+        import_exec: &[Range<u64>],
+    ) -> Result<(), FormatError> {
         let n = self.header.ifuncs.count;
         for i in 0..n {
             let f = self.try_ifunc(i)?;
             if f.imported {
                 // Only the trampoline is known; it lies in the defining image's text,
                 // which the caller includes in `exec`.
-                if !in_ranges(exec, f.trampoline, TRAMPOLINE_LEN as u64) {
+                if !in_ranges(import_exec, f.trampoline, TRAMPOLINE_LEN as u64) {
                     return Err(FormatError::BadIfuncPointer {
                         ifunc: i,
                         field: IfuncField::Trampoline,

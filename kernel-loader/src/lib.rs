@@ -9,6 +9,7 @@
 //! * [`cell`]: the table cell through which a linked image finds its own table.
 //! * [`probe`]: SDT probes (`probe!`, `probe_enabled!`, dtrace-style C probes), the
 //!   registry, and live enable/disable with the int3 protocol.
+//! * `module` (feature `module`): the ET_REL module loader ([`module::Module::load`]).
 //! * `host` (feature `std`, Linux x86-64): a [`TextPoker`] and a `SIGTRAP` hook for a
 //!   normal process, so a host binary can patch itself (tests and benchmarks).
 //!
@@ -27,6 +28,8 @@ pub mod format;
 #[cfg(all(feature = "std", target_os = "linux", target_arch = "x86_64"))]
 pub mod host;
 pub mod ifunc;
+#[cfg(feature = "module")]
+pub mod module;
 pub mod patch;
 pub mod probe;
 

@@ -19,7 +19,8 @@
 //! to be freed or cleared under a running handler (the bug Linux shipped twice).
 
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::ops::Range;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arch::x86_64::{CALL_REL32, JMP_REL32, NOP5, rel32};
 use crate::format::{PROBE_SITE_LEN, PSite, ProbeKind, Table};
@@ -125,9 +126,90 @@ impl ProbeState {
 }
 
 static STATES: [ProbeState; MAX_PROBES] = [const { ProbeState::new() }; MAX_PROBES];
-static IMAGE: spin::Once<Table<'static>> = spin::Once::new();
+static IMAGES: [ImageSlot; MAX_IMAGES] = [const { ImageSlot::new() }; MAX_IMAGES];
 static CONTROL: spin::Mutex<()> = spin::Mutex::new(());
 static IN_INT3: AtomicU32 = AtomicU32::new(0);
+/// CPUs inside a dispatcher ([`ksites_probe_fire`], the C entry) that reads an image
+/// slot: a module's slot is freed only once this and `IN_INT3` are 0.
+static IN_DISPATCH: AtomicU32 = AtomicU32::new(0);
+
+/// Most images (the kernel and its loaded modules) the registry holds.
+pub const MAX_IMAGES: usize = 32;
+
+const SLOT_FREE: u8 = 0;
+const SLOT_LIVE: u8 = 1;
+
+/// One registered table. Slot 0 is the kernel image ([`register_image`]); the others
+/// are modules. Written only under `CONTROL` while the state is not `SLOT_LIVE`; read
+/// lock-free (int3 handler, dispatchers) once `SLOT_LIVE` is observed with Acquire.
+struct ImageSlot {
+    state: AtomicU8,
+    data: core::cell::UnsafeCell<Option<SlotData>>,
+}
+
+#[derive(Clone)]
+struct SlotData {
+    table: Table<'static>,
+    /// Global id of the table's probe 0.
+    base: u32,
+    /// Addresses owned by the image (a module's whole region): a `ProbeRecord` or site
+    /// there belongs to it. The kernel's slot owns whatever no module owns.
+    range: Range<u64>,
+}
+
+// SAFETY: `data` is written only under `CONTROL` while `state` is `SLOT_FREE` and no
+// reader can be inside it (see `unregister_module`); readers only read it after an
+// Acquire load of `SLOT_LIVE`.
+unsafe impl Sync for ImageSlot {}
+
+impl ImageSlot {
+    const fn new() -> ImageSlot {
+        ImageSlot {
+            state: AtomicU8::new(SLOT_FREE),
+            data: core::cell::UnsafeCell::new(None),
+        }
+    }
+
+    /// The slot's data, if live.
+    #[inline(always)]
+    fn get(&self) -> Option<&SlotData> {
+        if self.state.load(Ordering::Acquire) != SLOT_LIVE {
+            return None;
+        }
+        // SAFETY: live slots are not written (type-level invariant above).
+        unsafe { (*self.data.get()).as_ref() }
+    }
+}
+
+/// Live images, kernel first.
+fn images() -> impl Iterator<Item = &'static SlotData> {
+    IMAGES.iter().filter_map(ImageSlot::get)
+}
+
+/// The image owning address `addr`: the module whose region contains it, else the
+/// kernel.
+#[inline(always)]
+fn image_at(addr: u64) -> Option<&'static SlotData> {
+    let mut kernel = None;
+    for (i, slot) in IMAGES.iter().enumerate() {
+        if let Some(d) = slot.get() {
+            if i == 0 {
+                kernel = Some(d);
+            } else if d.range.contains(&addr) {
+                return Some(d);
+            }
+        }
+    }
+    kernel
+}
+
+/// The image holding global probe `id`, and the probe's index in its table.
+fn image_of(id: ProbeId) -> Option<(&'static SlotData, u32)> {
+    images().find_map(|d| {
+        let local = id.0.checked_sub(d.base)?;
+        (local < d.table.probe_count()).then_some((d, local))
+    })
+}
 static INT3_EMULATIONS: AtomicU64 = AtomicU64::new(0);
 static INT3_DRAIN_WAITS: AtomicU64 = AtomicU64::new(0);
 
@@ -138,8 +220,17 @@ pub enum ProbeError {
     NotRegistered,
     /// [`register_image`] already ran.
     AlreadyRegistered,
-    /// The table has more probes than [`MAX_PROBES`].
+    /// The registry has no room for the table's probes ([`MAX_PROBES`] in all).
     TooManyProbes(u32),
+    /// The registry already holds [`MAX_IMAGES`] images.
+    TooManyImages,
+    /// A module cannot be unregistered: an enabled probe's handler lies in its code.
+    HandlerInModule {
+        /// The probe whose handler is in the module.
+        probe: ProbeId,
+        /// The handler's address.
+        handler: u64,
+    },
     /// No probe with this id.
     NoSuchProbe(ProbeId),
     /// A site does not hold the bytes its state calls for.
@@ -183,9 +274,18 @@ impl fmt::Display for ProbeError {
             ProbeError::TooManyProbes(n) => {
                 write!(
                     f,
-                    "{n} probes exceed the registry's capacity of {MAX_PROBES}"
+                    "no room for {n} more probes in the registry (capacity {MAX_PROBES})"
                 )
             }
+            ProbeError::TooManyImages => {
+                write!(f, "the probe registry already holds {MAX_IMAGES} images")
+            }
+            ProbeError::HandlerInModule { probe, handler } => write!(
+                f,
+                "probe {} is enabled with a handler at {handler:#x} inside the module: \
+                 disable it first",
+                probe.0
+            ),
             ProbeError::NoSuchProbe(id) => write!(f, "no probe with id {}", id.0),
             ProbeError::UnexpectedBytes {
                 site,
@@ -306,10 +406,6 @@ pub extern "C" fn ksites_probe_ret1() -> u32 {
     core::arch::naked_asm!("mov eax, 1", "ret")
 }
 
-fn table() -> Result<&'static Table<'static>, ProbeError> {
-    IMAGE.get().ok_or(ProbeError::NotRegistered)
-}
-
 /// The 5 bytes at a probe site, read one byte per `read` and assembled in a register
 /// (reading a byte-filled buffer back as a word would stall store forwarding on every
 /// site of a batch).
@@ -373,20 +469,130 @@ impl Iterator for SitesOf<'_, '_> {
     }
 }
 
-/// Registers the image's table: checks every probe site holds its disabled form.
+/// Registers the kernel image's table: checks every probe site holds its disabled form.
 /// Call once at boot (after [`crate::patch::init`] or before: they touch different
-/// sites). Returns the number of probes.
+/// sites). The kernel's probes get ids `0..n`. Returns `n`.
 pub fn register_image<P: TextPoker + ?Sized>(
     table: Table<'static>,
     poker: &P,
 ) -> Result<u32, ProbeError> {
     let _g = CONTROL.lock();
-    if IMAGE.get().is_some() {
+    if IMAGES[0].get().is_some() {
         return Err(ProbeError::AlreadyRegistered);
     }
-    if table.probe_count() as usize > MAX_PROBES {
-        return Err(ProbeError::TooManyProbes(table.probe_count()));
+    check_disabled(&table, poker)?;
+    let n = table.probe_count();
+    let base = free_ids(n).ok_or(ProbeError::TooManyProbes(n))?;
+    publish(0, table, base, 0..0);
+    Ok(n)
+}
+
+/// A module's place in the registry, from [`register_module`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageHandle {
+    slot: usize,
+    /// Global id of the module's probe 0.
+    pub base: u32,
+    /// Number of probes.
+    pub count: u32,
+}
+
+impl ImageHandle {
+    /// The module's probe ids.
+    pub fn ids(&self) -> impl Iterator<Item = ProbeId> + use<> {
+        (self.base..self.base + self.count).map(ProbeId)
     }
+}
+
+/// Registers a loaded module's table, whose probes get the next free run of global ids.
+/// Every site must hold its disabled form; `range` is the module's whole memory (its
+/// `ProbeRecord`s and sites lie there).
+///
+/// # Safety
+///
+/// The table's memory stays valid and unchanged until [`unregister_module`] returns.
+pub unsafe fn register_module<P: TextPoker + ?Sized>(
+    table: Table<'_>,
+    range: Range<u64>,
+    poker: &P,
+) -> Result<ImageHandle, ProbeError> {
+    // SAFETY: the caller keeps the table alive until it is unregistered, which removes
+    // every reference the registry holds.
+    let table: Table<'static> = unsafe { core::mem::transmute::<Table<'_>, Table<'static>>(table) };
+    let _g = CONTROL.lock();
+    check_disabled(&table, poker)?;
+    let n = table.probe_count();
+    let slot = (1..MAX_IMAGES)
+        .find(|&i| IMAGES[i].state.load(Ordering::Acquire) == SLOT_FREE)
+        .ok_or(ProbeError::TooManyImages)?;
+    let base = free_ids(n).ok_or(ProbeError::TooManyProbes(n))?;
+    publish(slot, table, base, range);
+    Ok(ImageHandle {
+        slot,
+        base,
+        count: n,
+    })
+}
+
+/// Removes a module from the registry: refuses (nothing changed) while an enabled probe
+/// anywhere has its handler in `code`; disables the module's enabled probes (one batch
+/// each); waits until no CPU is inside the int3 handler or a dispatcher; clears its
+/// probes' state. On an error the module stays registered, its probes in whatever state
+/// the failed batch rolled back to.
+///
+/// # Safety
+///
+/// As for [`enable`]; `handle` came from [`register_module`] and is not used again after
+/// success.
+pub unsafe fn unregister_module<P: TextPoker + ?Sized>(
+    handle: &ImageHandle,
+    code: Range<u64>,
+    poker: &mut P,
+) -> Result<(), ProbeError> {
+    {
+        let _g = CONTROL.lock();
+        for d in images() {
+            for local in 0..d.table.probe_count() {
+                let id = ProbeId(d.base + local);
+                let st = &STATES[id.0 as usize];
+                let h = st.handler.load(Ordering::Acquire) as u64;
+                let theirs = id.0 >= handle.base && id.0 < handle.base + handle.count;
+                if !theirs && st.enabled.load(Ordering::Acquire) && code.contains(&h) {
+                    return Err(ProbeError::HandlerInModule {
+                        probe: id,
+                        handler: h,
+                    });
+                }
+            }
+        }
+    }
+    for id in handle.ids() {
+        if is_enabled(id) {
+            // SAFETY: forwarded.
+            unsafe { disable(id, poker)? };
+        }
+    }
+    let _g = CONTROL.lock();
+    let slot = &IMAGES[handle.slot];
+    slot.state.store(SLOT_FREE, Ordering::SeqCst);
+    // A reader counts itself in before it looks at a slot: once both counts are 0 after
+    // the store above, no reader holds this slot's data.
+    while IN_INT3.load(Ordering::SeqCst) != 0 || IN_DISPATCH.load(Ordering::SeqCst) != 0 {
+        core::hint::spin_loop();
+    }
+    // SAFETY: the slot is free and no reader is inside it (above); `CONTROL` is held.
+    unsafe { *slot.data.get() = None };
+    for id in handle.ids() {
+        let st = &STATES[id.0 as usize];
+        st.enabled.store(false, Ordering::Relaxed);
+        st.handler.store(0, Ordering::Relaxed);
+        st.hits.store(0, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Checks every probe site of `table` holds its disabled form.
+fn check_disabled<P: TextPoker + ?Sized>(table: &Table<'_>, poker: &P) -> Result<(), ProbeError> {
     for s in table.probe_sites() {
         let want = site_bytes(&s, false)?;
         let found = read5(poker, s.addr);
@@ -399,9 +605,86 @@ pub fn register_image<P: TextPoker + ?Sized>(
             });
         }
     }
-    let n = table.probe_count();
-    IMAGE.call_once(|| table);
-    Ok(n)
+    Ok(())
+}
+
+/// The first run of `n` global ids no live image uses (first fit). Under `CONTROL`.
+fn free_ids(n: u32) -> Option<u32> {
+    let mut start = 0u32;
+    loop {
+        let end = start.checked_add(n)?;
+        if end as usize > MAX_PROBES {
+            return None;
+        }
+        match images().find(|d| d.base < end && start < d.base + d.table.probe_count()) {
+            None => return Some(start),
+            Some(d) => start = d.base + d.table.probe_count(),
+        }
+    }
+}
+
+/// Fills a free slot and makes it live. Under `CONTROL`.
+fn publish(slot: usize, table: Table<'static>, base: u32, range: Range<u64>) {
+    for i in base..base + table.probe_count() {
+        let st = &STATES[i as usize];
+        st.enabled.store(false, Ordering::Relaxed);
+        st.handler.store(0, Ordering::Relaxed);
+        st.hits.store(0, Ordering::Relaxed);
+    }
+    // SAFETY: the slot is free (callers checked under `CONTROL`), so no reader looks at
+    // its data.
+    unsafe { *IMAGES[slot].data.get() = Some(SlotData { table, base, range }) };
+    IMAGES[slot].state.store(SLOT_LIVE, Ordering::Release);
+}
+
+/// A probe's provider or name, copied out of its table (a module's table goes away at
+/// unload), up to [`Name::CAPACITY`] bytes; a longer one is cut at a character boundary.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Name {
+    len: u8,
+    buf: [u8; Name::CAPACITY],
+}
+
+impl Name {
+    /// Longest name kept whole.
+    pub const CAPACITY: usize = 64;
+
+    fn new(s: &str) -> Name {
+        let mut len = s.len().min(Name::CAPACITY);
+        while !s.is_char_boundary(len) {
+            len -= 1;
+        }
+        let mut buf = [0u8; Name::CAPACITY];
+        buf[..len].copy_from_slice(&s.as_bytes()[..len]);
+        Name {
+            len: len as u8,
+            buf,
+        }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Cut at a character boundary of a `str` in `new`.
+        core::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What the registry knows about a probe.
@@ -410,9 +693,9 @@ pub struct ProbeInfo {
     /// Its id.
     pub id: ProbeId,
     /// Provider.
-    pub provider: &'static str,
+    pub provider: Name,
     /// Name.
-    pub name: &'static str,
+    pub name: Name,
     /// Declared argument count, or `NARGS_UNKNOWN`.
     pub nargs: u16,
     /// Number of sites (firing and is-enabled).
@@ -425,43 +708,55 @@ pub struct ProbeInfo {
 
 /// Information about probe `id`.
 pub fn info(id: ProbeId) -> Option<ProbeInfo> {
-    let t = IMAGE.get()?;
-    let p = t.probe(id.0)?;
+    let _g = CONTROL.lock();
+    let (d, local) = image_of(id)?;
+    let p = d.table.probe(local)?;
     let st = &STATES[id.0 as usize];
     Some(ProbeInfo {
         id,
-        provider: p.provider,
-        name: p.name,
+        provider: Name::new(p.provider),
+        name: Name::new(p.name),
         nargs: p.nargs,
-        sites: t.probe_sites().filter(|s| s.probe == id.0).count() as u32,
+        sites: d.table.probe_sites().filter(|s| s.probe == local).count() as u32,
         hits: st.hits.load(Ordering::Relaxed),
         enabled: st.enabled.load(Ordering::Relaxed),
     })
 }
 
-/// Number of registered probes.
+/// Number of registered probes, in all images.
 pub fn count() -> u32 {
-    IMAGE.get().map_or(0, |t| t.probe_count())
+    let _g = CONTROL.lock();
+    images().map(|d| d.table.probe_count()).sum()
 }
 
-/// The probe named `provider:name`.
+/// The probe named `provider:name` (the first image that has it, kernel first).
 pub fn lookup(spec: &str) -> Option<ProbeId> {
     let (prov, name) = spec.split_once(':')?;
-    IMAGE
-        .get()?
-        .probes()
-        .find(|p| p.provider == prov && p.name == name)
-        .map(|p| ProbeId(p.index))
+    let _g = CONTROL.lock();
+    images().find_map(|d| {
+        d.table
+            .probes()
+            .find(|p| p.provider == prov && p.name == name)
+            .map(|p| ProbeId(d.base + p.index))
+    })
 }
 
-/// Every probe whose `provider:name` matches `glob` (`*` any run, `?` one character).
-pub fn matching(glob: &str) -> impl Iterator<Item = ProbeId> + '_ {
-    IMAGE
-        .get()
-        .into_iter()
-        .flat_map(|t| t.probes())
-        .filter(move |p| glob_match(glob, p.provider, p.name))
-        .map(|p| ProbeId(p.index))
+/// Every probe whose `provider:name` matches `glob` (`*` any run, `?` one character),
+/// in id order, as of the call.
+pub fn matching(glob: &str) -> impl Iterator<Item = ProbeId> + use<> {
+    let mut set = [0u64; MAX_PROBES / 64];
+    {
+        let _g = CONTROL.lock();
+        for d in images() {
+            for p in d.table.probes() {
+                if glob_match(glob, p.provider, p.name) {
+                    let id = (d.base + p.index) as usize;
+                    set[id / 64] |= 1 << (id % 64);
+                }
+            }
+        }
+    }
+    (0..MAX_PROBES as u32).filter(move |&i| set[i as usize / 64] & (1 << (i % 64)) != 0).map(ProbeId)
 }
 
 /// Matches `provider:name` against `glob` without allocating.
@@ -559,10 +854,8 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
     poker: &mut P,
 ) -> Result<(), ProbeError> {
     let _g = CONTROL.lock();
-    let t = table()?;
-    if id.0 >= t.probe_count() {
-        return Err(ProbeError::NoSuchProbe(id));
-    }
+    let (d, local) = image_of(id).ok_or(ProbeError::NoSuchProbe(id))?;
+    let t = &d.table;
     let st = &STATES[id.0 as usize];
     if let Some(h) = handler {
         st.handler.store(h as usize, Ordering::Release);
@@ -573,7 +866,8 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
     // 1. Every site must hold exactly the other state's bytes (or the residue of an
     //    interrupted batch: `cc` then either state's tail bytes), and the new bytes must
     //    be encodable, before anything is written.
-    for s in SitesOf::new(t, id) {
+    let lid = ProbeId(local);
+    for s in SitesOf::new(t, lid) {
         let old = site_bytes(&s, !on)?;
         let new = site_bytes(&s, on)?;
         let found = read5(poker, s.addr);
@@ -600,13 +894,13 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
     // 3. The three rounds.
     // SAFETY: the sites are validated probe sites; the int3 handler covers CPUs that run
     // them mid-patch (precondition of `enable`/`disable`).
-    let r = unsafe { write_batch(t, id, on, poker) };
+    let r = unsafe { write_batch(t, lid, on, poker) };
     let result = match r {
         Ok(()) => Ok(()),
         Err(e) => {
             st.enabled.store(!on, Ordering::SeqCst);
             // SAFETY: as above; rolls the same sites back to the old state.
-            match unsafe { roll_back(t, id, !on, poker) } {
+            match unsafe { roll_back(t, lid, !on, poker) } {
                 Ok(()) => Err(ProbeError::Poke(e)),
                 Err(site) => Err(ProbeError::RollbackIncomplete { site, probe: id }),
             }
@@ -623,7 +917,8 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
     result
 }
 
-/// Moves every site of probe `id` to state `on` with the int3 protocol.
+/// Moves every site of probe `id` (its index in `t`) to state `on` with the int3
+/// protocol.
 ///
 /// # Safety
 ///
@@ -729,9 +1024,16 @@ fn fire(id: u32, args: &[u64; 6]) {
 /// modules can link against it by name).
 #[unsafe(no_mangle)]
 pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
-    if let Some(id) = rec.id() {
-        fire(id.0, args);
+    // The record's id is its index in its own image's table; the image is the one
+    // whose memory holds the record.
+    IN_DISPATCH.fetch_add(1, Ordering::SeqCst);
+    if let Some(local) = rec.id()
+        && let Some(d) = image_at(rec as *const ProbeRecord as u64)
+        && local.0 < d.table.probe_count()
+    {
+        fire(d.base + local.0, args);
     }
+    IN_DISPATCH.fetch_sub(1, Ordering::Release);
 }
 
 /// What an enabled C site (`call ksites_probe_c_entry`) lands in: saves the six
@@ -759,14 +1061,15 @@ pub extern "C" fn ksites_probe_c_entry() {
 }
 
 extern "C" fn fire_c(ret: u64, args: &[u64; 6]) {
-    let Some(t) = IMAGE.get() else {
-        return;
-    };
-    if let Some(s) = t.probe_site_at(ret.wrapping_sub(PROBE_SITE_LEN as u64))
+    IN_DISPATCH.fetch_add(1, Ordering::SeqCst);
+    let site = ret.wrapping_sub(PROBE_SITE_LEN as u64);
+    if let Some(d) = image_at(site)
+        && let Some(s) = d.table.probe_site_at(site)
         && s.kind == ProbeKind::CCall
     {
-        fire(s.probe, args);
+        fire(d.base + s.probe, args);
     }
+    IN_DISPATCH.fetch_sub(1, Ordering::Release);
 }
 
 /// The registers [`handle_int3`] reads and may change.
@@ -810,14 +1113,16 @@ pub unsafe fn handle_int3(f: &mut Int3Frame) -> bool {
 }
 
 unsafe fn emulate(f: &mut Int3Frame) -> bool {
-    let Some(t) = IMAGE.get() else {
+    let addr = f.rip.wrapping_sub(1);
+    let Some(d) = image_at(addr) else {
         return false;
     };
-    let Some(s) = t.probe_site_at(f.rip.wrapping_sub(1)) else {
+    let Some(s) = d.table.probe_site_at(addr) else {
         return false;
     };
     INT3_EMULATIONS.fetch_add(1, Ordering::Relaxed);
-    let on = STATES[s.probe as usize].enabled.load(Ordering::Acquire);
+    let id = d.base + s.probe;
+    let on = STATES[id as usize].enabled.load(Ordering::Acquire);
     let next = s.addr + PROBE_SITE_LEN as u64;
     let args = [f.rdi, f.rsi, f.rdx, f.rcx, f.r8, f.r9];
     let ret = |f: &mut Int3Frame| {
@@ -830,13 +1135,13 @@ unsafe fn emulate(f: &mut Int3Frame) -> bool {
         ProbeKind::RustJmp | ProbeKind::RustEnabled => f.rip = if on { s.target } else { next },
         ProbeKind::CCall => {
             if on {
-                fire(s.probe, &args);
+                fire(id, &args);
             }
             f.rip = next;
         }
         ProbeKind::CTail => {
             if on {
-                fire(s.probe, &args);
+                fire(id, &args);
             }
             ret(f);
         }
