@@ -225,3 +225,47 @@ fn flush_other_cpus() {
         }
     }
 }
+
+impl kernel_loader::module::ModuleMemory for Arena {
+    fn alloc(&mut self, size: usize) -> Option<kernel_loader::module::Region> {
+        let pages = Arena::alloc(self, size)?;
+        Some(kernel_loader::module::Region {
+            ptr: pages.ptr(),
+            addr: pages.addr,
+            size: pages.len,
+        })
+    }
+
+    unsafe fn protect(
+        &mut self,
+        region: &kernel_loader::module::Region,
+        offset: usize,
+        len: usize,
+        prot: kernel_loader::module::Prot,
+    ) -> Result<(), &'static str> {
+        use kernel_loader::module::Prot;
+        if offset.checked_add(len).is_none_or(|end| end > region.size) {
+            return Err("protect beyond the region");
+        }
+        let perm = match prot {
+            Prot::ReadExec => Perm::ReadExec,
+            Prot::Read => Perm::Read,
+            Prot::ReadWrite => Perm::ReadWrite,
+        };
+        // SAFETY: the region is one of ours (trait contract) and the loader agrees.
+        unsafe { protect(region.addr + offset as u64, len, perm) }
+    }
+
+    unsafe fn free(&mut self, region: kernel_loader::module::Region) {
+        // SAFETY: from `alloc`, unused (trait contract).
+        unsafe {
+            Arena::free(
+                self,
+                Pages {
+                    addr: region.addr,
+                    len: region.size,
+                },
+            )
+        };
+    }
+}

@@ -15,14 +15,14 @@ use crate::poker::WpPoker;
 use crate::{ensure, msg, paging, println};
 
 /// What raw CPUID (not `CpuFeatures`) says each ifunc should pick.
-struct RawChoice {
-    popcnt: bool,
-    sse42: bool,
-    erms: bool,
-    avx2: bool,
+pub(crate) struct RawChoice {
+    pub(crate) popcnt: bool,
+    pub(crate) sse42: bool,
+    pub(crate) erms: bool,
+    pub(crate) avx2: bool,
 }
 
-fn raw_choice() -> RawChoice {
+pub(crate) fn raw_choice() -> RawChoice {
     let (_, _, ecx1, _) = cpuid(1, 0);
     let (_, ebx7, _, _) = cpuid(7, 0);
     let osxsave = ecx1 & (1 << 27) != 0;
@@ -93,12 +93,12 @@ fn expected_impl(name: &str, c: &RawChoice) -> &'static str {
     }
 }
 
-fn read_slot(addr: u64) -> u64 {
+pub(crate) fn read_slot(addr: u64) -> u64 {
     // SAFETY: slot addresses come from the validated table: 8-aligned, mapped data.
     unsafe { core::ptr::read_volatile(addr as usize as *const u64) }
 }
 
-fn read_bytes<const N: usize>(addr: u64) -> [u8; N] {
+pub(crate) fn read_bytes<const N: usize>(addr: u64) -> [u8; N] {
     let mut b = [0u8; N];
     for (i, x) in b.iter_mut().enumerate() {
         // SAFETY: sites lie in mapped, readable text (validated against `text_range`).
@@ -119,7 +119,7 @@ fn sites_digest(t: &Table<'_>) -> u64 {
 }
 
 // Reference results, computed without any ifunc.
-fn ref_popcount(x: u64) -> u32 {
+pub(crate) fn ref_popcount(x: u64) -> u32 {
     let mut n = 0;
     for i in 0..64 {
         n += ((x >> i) & 1) as u32;
@@ -127,7 +127,7 @@ fn ref_popcount(x: u64) -> u32 {
     n
 }
 
-fn ref_crc32c(data: &[u8]) -> u32 {
+pub(crate) fn ref_crc32c(data: &[u8]) -> u32 {
     let mut c = !0u32;
     for &b in data {
         c ^= u32::from(b);

@@ -20,6 +20,7 @@ pub mod harness;
 pub mod idt;
 pub mod ifunc_tests;
 pub mod module_tests;
+pub mod no_alloc;
 pub mod paging;
 pub mod poker;
 pub mod probe_tests;

@@ -11,12 +11,20 @@
 //! Modules live in the [`arena`]; these tests check it first (allocate, protect,
 //! patch module text through both pokers, free, reuse).
 
+use core::ops::Range;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use kernel_loader::format::{SiteKind, Table};
+use kernel_loader::module::{Export, Kernel, Module, ModuleError, RUNTIME_EXPORTS};
 use kernel_loader::patch::TextPoker;
+use kernel_loader::probe::{self, ProbeId};
+use kernel_loader::{CpuFeatures, cell};
 
 use crate::arena::{self, Arena, Perm};
 use crate::harness::{Harness, Msg};
+use crate::ifunc_tests::{raw_choice, read_bytes, read_slot, ref_crc32c, ref_popcount};
 use crate::poker::{ALIAS_STATS, AliasPoker, WpPoker};
-use crate::{ensure, paging, println};
+use crate::{ensure, msg, paging, println};
 
 /// Bytes aligned for the ELF reader (section headers and symbols are read in place).
 #[repr(C, align(16))]
@@ -206,6 +214,504 @@ fn modules_embedded() -> Result<(), Msg> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// Loading modules.
+
+/// The kernel's exports besides the loader's runtime entry points: its ifuncs, under
+/// their plain names (what `ifunc_import!` / `KSITES_IFUNC_IMPORT` declare).
+static KERNEL_EXPORTS: [Export; 4] = [
+    kernel_loader::export!(kfuncs::popcount),
+    kernel_loader::export!(kfuncs::crc32c),
+    kernel_loader::export!(kfuncs::memcpy),
+    kernel_loader::export!(kfuncs::sum_u32),
+];
+static RUNTIME: [Export; 4] = RUNTIME_EXPORTS;
+
+/// What the module tests load against.
+struct Env {
+    table: Table<'static>,
+    exec: [Range<u64>; 1],
+    features: CpuFeatures,
+}
+
+impl Env {
+    fn new() -> Result<Env, Msg> {
+        let exec = [paging::text_range()];
+        // SAFETY: as in ifunc_tests: the image was embedded; the table is mapped
+        // read-only and nothing writes it.
+        let table = unsafe { cell::image_table(&exec) }.map_err(Msg::display)?;
+        Ok(Env {
+            table,
+            exec,
+            features: CpuFeatures::detect(),
+        })
+    }
+
+    /// Loads `bytes` as `name` into the arena, patching through an [`AliasPoker`].
+    fn load(&self, name: &'static str, bytes: &'static [u8]) -> Result<Module<'static>, Msg> {
+        let (m, _) = self.try_load(name, bytes);
+        m.map_err(|e| msg!("loading {name}: {e}"))
+    }
+
+    /// Like [`Env::load`], returning the error and the poker's write count.
+    fn try_load(
+        &self,
+        name: &'static str,
+        bytes: &'static [u8],
+    ) -> (Result<Module<'static>, ModuleError<'static>>, usize) {
+        let symbols = (&RUNTIME, &KERNEL_EXPORTS);
+        let kernel = Kernel {
+            symbols: &symbols,
+            table: Some(self.table),
+            exec: &self.exec,
+            features: self.features,
+        };
+        let mut poker = AliasPoker::default();
+        // SAFETY: the arena is executable once protected and within rel32 of the kernel;
+        // the poker writes any arena page and syncs every CPU; `kernel` is this kernel;
+        // the #BP hook calls `probe::handle_int3`; the modules are ours (trusted).
+        let r = unsafe { Module::load(name, bytes, &kernel, &mut Arena, &mut poker) };
+        (r, poker.writes)
+    }
+}
+
+/// Unloads `m` (through an [`AliasPoker`]).
+#[allow(clippy::result_large_err)]
+fn unload(m: Module<'static>) -> Result<(), (Module<'static>, ModuleError<'static>)> {
+    let mut poker = AliasPoker::default();
+    // SAFETY: the tests call module code only from this CPU and not concurrently; the
+    // module's probes are disabled by unload.
+    unsafe { m.unload(&mut Arena, &mut poker) }
+}
+
+fn unload_ok(m: Module<'static>) -> Result<(), Msg> {
+    let name = m.name();
+    unload(m).map_err(|(_, e)| msg!("unloading {name}: {e}"))
+}
+
+fn sym(m: &Module<'_>, name: &str) -> Result<u64, Msg> {
+    m.symbol(name)
+        .ok_or_else(|| msg!("{}: no symbol {name}", m.name()))
+}
+
+/// A module function `extern "C" fn(..) -> R` by name.
+///
+/// # Safety
+///
+/// The module defines `name` with exactly type `F`, and stays loaded while it is used.
+unsafe fn func<F: Copy>(m: &Module<'_>, name: &str) -> Result<F, Msg> {
+    let addr = sym(m, name)?;
+    ensure!(
+        m.text().contains(&addr),
+        "{name} at {addr:#x} not in the module's text"
+    );
+    ensure!(
+        size_of::<F>() == size_of::<usize>(),
+        "{name}: not a function pointer type"
+    );
+    // SAFETY: `F` is a function pointer type of the symbol's signature (caller).
+    Ok(unsafe { core::mem::transmute_copy::<usize, F>(&(addr as usize)) })
+}
+
+// rmod's `rmod_mix` tags (qemu-tests/modules/rmod/src/lib.rs; the kernel must not
+// link the module crate itself).
+const MIX_AVX2: u64 = 0xa2a2_0000_0000_0000;
+const MIX_POPCNT: u64 = 0x9c9c_0000_0000_0000;
+const MIX_BASE: u64 = 0xbaba_0000_0000_0000;
+
+type FnU64 = extern "C" fn() -> u64;
+type FnU64U64 = extern "C" fn(u64) -> u64;
+type Fn3 = extern "C" fn(u64, u64, u64) -> u64;
+type Fn2 = extern "C" fn(u64, u64) -> u64;
+type FnI32 = extern "C" fn() -> i32;
+type FnSum = unsafe extern "C" fn(*const u64, usize) -> u64;
+type FnCrc = unsafe extern "C" fn(*const u8, usize) -> u32;
+
+/// Every site of `m` that calls a kernel ifunc is a direct branch to the implementation
+/// the kernel's slot holds; both imports have sites. Returns the number checked.
+fn check_import_sites(env: &Env, m: &Module<'_>) -> Result<usize, Msg> {
+    let t = m.table().ok_or_else(|| msg!("{}: no table", m.name()))?;
+    let mut checked = 0;
+    for import in ["popcount", "crc32c"] {
+        let f = t
+            .ifuncs()
+            .find(|f| f.imported && f.name == import)
+            .ok_or_else(|| msg!("{}: no import {import}", m.name()))?;
+        let k = env
+            .table
+            .ifuncs()
+            .find(|k| k.trampoline == f.trampoline)
+            .ok_or_else(|| msg!("{}: {import} is not a kernel ifunc", m.name()))?;
+        let chosen = read_slot(k.slot);
+        let mut n = 0;
+        for s in t.sites().filter(|s| s.ifunc == f.index) {
+            ensure!(
+                m.text().contains(&s.addr),
+                "site {:#x} outside the module",
+                s.addr
+            );
+            let b: [u8; 8] = read_bytes(s.addr);
+            let p = s.prefixes as usize;
+            let op_ok = match s.kind {
+                SiteKind::Call => b[p] == 0xe8,
+                SiteKind::Jmp => b[p] == 0xe9,
+                SiteKind::Jcc => b[p] == 0x0f && b[p + 1] & 0xf0 == 0x80,
+            };
+            ensure!(
+                op_ok,
+                "{} site {:#x} ({import}): {:02x?}",
+                m.name(),
+                s.addr,
+                &b[..s.len()]
+            );
+            let at = s.len() - 4;
+            let rel = i32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            let target = s.end().wrapping_add_signed(i64::from(rel));
+            ensure!(
+                target == chosen,
+                "{} site {:#x} ({import}) targets {target:#x}, the kernel chose {} at {chosen:#x}",
+                m.name(),
+                s.addr,
+                kfuncs::impl_name(chosen as usize)
+            );
+            n += 1;
+        }
+        ensure!(n >= 1, "{}: no sites call {import}", m.name());
+        println!(
+            "modules: {} calls {import} at {n} site(s), each a direct {} to {}",
+            m.name(),
+            if n == 1 { "branch" } else { "branches" },
+            kfuncs::impl_name(chosen as usize)
+        );
+        checked += n;
+    }
+    Ok(checked)
+}
+
+const WORDS: [u64; 5] = [0, 1, u64::MAX, 0x8000_0000_0000_0001, 0x0123_4567_89ab_cdef];
+
+fn data() -> [u8; 100] {
+    core::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11))
+}
+
+/// rmod's and cmod's functions, through their imports, give the reference results.
+fn check_results(rmod: &Module<'_>, cmod: &Module<'_>) -> Result<(), Msg> {
+    let want_pop: u64 = WORDS.iter().map(|&w| u64::from(ref_popcount(w))).sum();
+    let d = data();
+    let want_crc = !ref_crc32c(&d);
+    for (m, pre) in [(rmod, "rmod"), (cmod, "cmod")] {
+        // SAFETY: both modules define these with these C signatures, and stay loaded.
+        let (sum, crc, state) = unsafe {
+            (
+                func::<FnSum>(m, &fmt_name(pre, "_popcount_sum"))?,
+                func::<FnCrc>(m, &fmt_name(pre, "_crc"))?,
+                func::<FnU64>(m, &fmt_name(pre, "_state"))?,
+            )
+        };
+        // SAFETY: valid pointers and lengths.
+        let (s, c) = unsafe { (sum(WORDS.as_ptr(), WORDS.len()), crc(d.as_ptr(), d.len())) };
+        ensure!(s == want_pop, "{pre}_popcount_sum = {s}, want {want_pop}");
+        ensure!(c == want_crc, "{pre}_crc = {c:#x}, want {want_crc:#x}");
+        ensure!(
+            state() == 1,
+            "{pre}: init ran {} time(s), exit {}",
+            state() & 0xff,
+            state() >> 8
+        );
+    }
+    Ok(())
+}
+
+/// `pre` + `suffix` in a small stack buffer (no allocator).
+fn fmt_name(pre: &str, suffix: &str) -> NameBuf {
+    let mut b = NameBuf {
+        buf: [0; 48],
+        len: 0,
+    };
+    for part in [pre, suffix] {
+        let n = part.len().min(b.buf.len() - b.len);
+        b.buf[b.len..b.len + n].copy_from_slice(&part.as_bytes()[..n]);
+        b.len += n;
+    }
+    b
+}
+
+struct NameBuf {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl core::ops::Deref for NameBuf {
+    type Target = str;
+    fn deref(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+/// rmod's own ifunc picked what CPUID calls for, and its site calls it directly.
+fn check_own_ifunc(rmod: &Module<'_>) -> Result<(), Msg> {
+    let c = raw_choice();
+    let (want_tag, want_name) = if c.avx2 {
+        (MIX_AVX2, "mix_avx2")
+    } else if c.popcnt {
+        (MIX_POPCNT, "mix_popcnt")
+    } else {
+        (MIX_BASE, "mix_base")
+    };
+    let t = rmod.table().ok_or("rmod: no table")?;
+    let f = t
+        .ifuncs()
+        .find(|f| !f.imported && f.name.ends_with("rmod_mix"))
+        .ok_or("rmod: its own ifunc rmod_mix is not in its table")?;
+    let chosen = read_slot(f.slot);
+    ensure!(
+        rmod.text().contains(&chosen),
+        "rmod_mix slot {chosen:#x} outside rmod"
+    );
+    // SAFETY: the slot holds one of rmod_mix's implementations, `extern "C" fn(u64) -> u64`.
+    let imp = unsafe { core::mem::transmute::<usize, FnU64U64>(chosen as usize) };
+    let tag = imp(0);
+    let name = match tag {
+        MIX_AVX2 => "mix_avx2",
+        MIX_POPCNT => "mix_popcnt",
+        MIX_BASE => "mix_base",
+        _ => "?",
+    };
+    println!("ifunc-choice {} {name}", f.name);
+    ensure!(
+        tag == want_tag,
+        "rmod_mix chose {name}, CPUID calls for {want_name}"
+    );
+    let mut n = 0;
+    for s in t.sites().filter(|s| s.ifunc == f.index) {
+        let b: [u8; 8] = read_bytes(s.addr);
+        let at = s.len() - 4;
+        let rel = i32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let target = s.end().wrapping_add_signed(i64::from(rel));
+        ensure!(
+            target == chosen,
+            "rmod_mix site {:#x} targets {target:#x}, not {chosen:#x}",
+            s.addr
+        );
+        n += 1;
+    }
+    ensure!(n >= 1, "rmod_mix has no sites");
+    // SAFETY: rmod defines `rmod_mix_call(u64) -> u64` and stays loaded.
+    let call = unsafe { func::<FnU64U64>(rmod, "rmod_mix_call") }?;
+    for x in [0u64, 1, 0x1234_5678] {
+        ensure!(
+            call(x) == x ^ want_tag,
+            "rmod_mix_call({x:#x}) = {:#x}",
+            call(x)
+        );
+    }
+    Ok(())
+}
+
+// The module probes' handler records what it saw.
+static HITS: AtomicU64 = AtomicU64::new(0);
+static LAST_ID: AtomicU32 = AtomicU32::new(u32::MAX);
+static LAST_ARGS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+fn handler(id: ProbeId, args: &[u64; 6]) {
+    HITS.fetch_add(1, Ordering::SeqCst);
+    LAST_ID.store(id.0, Ordering::SeqCst);
+    for (slot, &a) in LAST_ARGS.iter().zip(args) {
+        slot.store(a, Ordering::SeqCst);
+    }
+}
+
+fn last_args() -> [u64; 6] {
+    core::array::from_fn(|i| LAST_ARGS[i].load(Ordering::SeqCst))
+}
+
+/// `rmod:hit` and `cmod:event` are in the registry with the modules' ids, fire with
+/// their arguments when enabled, report their state, and are silent when disabled.
+fn check_probes(rmod: &Module<'_>, cmod: &Module<'_>) -> Result<(), Msg> {
+    // SAFETY: both modules define these with these signatures and stay loaded.
+    let (rfire, ron, cfire, con) = unsafe {
+        (
+            func::<Fn3>(rmod, "rmod_fire")?,
+            func::<FnU64>(rmod, "rmod_hit_enabled")?,
+            func::<Fn2>(cmod, "cmod_fire")?,
+            func::<FnI32>(cmod, "cmod_event_enabled")?,
+        )
+    };
+    let hit = probe::lookup("rmod:hit").ok_or("rmod:hit not registered")?;
+    let event = probe::lookup("cmod:event").ok_or("cmod:event not registered")?;
+    ensure!(
+        rmod.probe_ids().contains(&hit.0),
+        "rmod:hit id {} not rmod's {:?}",
+        hit.0,
+        rmod.probe_ids()
+    );
+    ensure!(
+        cmod.probe_ids().contains(&event.0),
+        "cmod:event id {} not cmod's {:?}",
+        event.0,
+        cmod.probe_ids()
+    );
+    ensure!(
+        probe::matching("rmod:*").count() == 1,
+        "rmod:* matches {}",
+        probe::matching("rmod:*").count()
+    );
+    ensure!(
+        probe::info(hit).is_some_and(|i| i.nargs == 3),
+        "rmod:hit nargs"
+    );
+
+    // Disabled: NOPs, no hit.
+    let before = HITS.load(Ordering::SeqCst);
+    ensure!(
+        rfire(1, 2, 3) == 6 && cfire(5, 7) == 22,
+        "results while disabled"
+    );
+    ensure!(
+        ron() == 0 && con() == 0,
+        "is-enabled while disabled: {} {}",
+        ron(),
+        con()
+    );
+    ensure!(
+        HITS.load(Ordering::SeqCst) == before,
+        "a disabled probe fired"
+    );
+
+    let mut poker = AliasPoker::default();
+    for id in [hit, event] {
+        // SAFETY: `handler` is a plain function; the poker syncs every CPU.
+        unsafe { probe::enable(id, handler, &mut poker) }
+            .map_err(|e| msg!("enable {}: {e}", id.0))?;
+    }
+    ensure!(rfire(10, 20, 30) == 60, "rmod_fire result while enabled");
+    ensure!(
+        LAST_ID.load(Ordering::SeqCst) == hit.0 && last_args()[..3] == [10, 20, 30],
+        "rmod:hit saw id {} args {:?}",
+        LAST_ID.load(Ordering::SeqCst),
+        last_args()
+    );
+    ensure!(cfire(4, 9) == 21, "cmod_fire result while enabled");
+    ensure!(
+        LAST_ID.load(Ordering::SeqCst) == event.0 && last_args()[..2] == [4, 9],
+        "cmod:event saw id {} args {:?}",
+        LAST_ID.load(Ordering::SeqCst),
+        last_args()
+    );
+    ensure!(
+        ron() == 1 && con() == 1,
+        "is-enabled while enabled: {} {}",
+        ron(),
+        con()
+    );
+    ensure!(
+        HITS.load(Ordering::SeqCst) == before + 2,
+        "hits {}",
+        HITS.load(Ordering::SeqCst) - before
+    );
+    for id in [hit, event] {
+        // SAFETY: as above.
+        unsafe { probe::disable(id, &mut poker) }.map_err(|e| msg!("disable {}: {e}", id.0))?;
+    }
+    ensure!(
+        rfire(1, 1, 1) == 3 && cfire(1, 1) == 4,
+        "results after disable"
+    );
+    ensure!(ron() == 0 && con() == 0, "is-enabled after disable");
+    ensure!(
+        HITS.load(Ordering::SeqCst) == before + 2,
+        "a disabled probe fired"
+    );
+    println!(
+        "modules: probes rmod:hit (id {}) and cmod:event (id {}) fired with their arguments; {} probes registered",
+        hit.0,
+        event.0,
+        probe::count()
+    );
+    Ok(())
+}
+
+/// FNV-1a over every kernel ifunc site's and probe site's bytes.
+fn kernel_sites_digest(t: &Table<'_>) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |addr: u64, n: usize| {
+        let b: [u8; 8] = read_bytes(addr);
+        for x in &b[..n] {
+            h = (h ^ u64::from(*x)).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    for s in t.sites() {
+        eat(s.addr, s.len());
+    }
+    for s in t.probe_sites() {
+        eat(s.addr, 5);
+    }
+    h
+}
+
+fn report(m: &Module<'_>) {
+    let r = m.report();
+    println!(
+        "modules: {} loaded at {:#x} ({} bytes, text {:#x}..{:#x}): {} relocations, {} kernel symbols, {} ifuncs ({} imported), {} sites patched, {} probes ({} sites)",
+        m.name(),
+        m.memory().start,
+        m.memory().end - m.memory().start,
+        m.text().start,
+        m.text().end,
+        r.relocations,
+        r.kernel_symbols,
+        r.ifuncs,
+        r.imports,
+        r.patch.sites_patched,
+        r.probes,
+        r.probe_sites
+    );
+}
+
+/// Loading badmod fails, names the missing symbol, and changes nothing.
+fn check_bad_module(env: &Env) -> Result<(), Msg> {
+    let probes = probe::count();
+    let usage = Arena.usage();
+    let digest = kernel_sites_digest(&env.table);
+    let (r, writes) = env.try_load("badmod", &BADMOD.0);
+    match r {
+        Ok(m) => {
+            let _ = unload(m);
+            return Err(msg!("badmod loaded"));
+        }
+        Err(e) => {
+            let text = msg!("{e}");
+            println!("modules: badmod refused: {text}");
+            ensure!(
+                text.as_str().contains("no_such_kernel_function"),
+                "the error does not name the symbol: {text}"
+            );
+        }
+    }
+    ensure!(writes == 0, "{writes} text writes for a refused module");
+    ensure!(
+        probe::lookup("badmod:never").is_none(),
+        "badmod:never registered by a refused module"
+    );
+    ensure!(
+        probe::count() == probes,
+        "probe count {} -> {}",
+        probes,
+        probe::count()
+    );
+    ensure!(
+        Arena.usage() == usage,
+        "arena {:?} -> {:?}",
+        usage,
+        Arena.usage()
+    );
+    ensure!(
+        kernel_sites_digest(&env.table) == digest,
+        "kernel sites changed"
+    );
+    Ok(())
+}
+
 /// Runs the module tests.
 pub fn run(h: &mut Harness) {
     let r = arena::range();
@@ -220,4 +726,150 @@ pub fn run(h: &mut Harness) {
         arena_alloc_protect_poke_free(),
     );
     h.check("modules_embedded_are_et_rel", modules_embedded());
+
+    let env = match Env::new() {
+        Ok(e) => e,
+        Err(e) => {
+            h.check("module_env", Err(e));
+            return;
+        }
+    };
+    let probes_before = probe::count();
+    let usage_before = Arena.usage();
+    let digest_before = kernel_sites_digest(&env.table);
+
+    let loaded = env
+        .load("rmod", &RMOD.0)
+        .and_then(|r| match env.load("cmod", &CMOD.0) {
+            Ok(c) => Ok((r, c)),
+            Err(e) => {
+                let _ = unload(r);
+                Err(e)
+            }
+        });
+    let (rmod, cmod) = match loaded {
+        Ok(x) => x,
+        Err(e) => {
+            h.check("module_load_rust_and_c", Err(e));
+            return;
+        }
+    };
+    report(&rmod);
+    report(&cmod);
+    h.check("module_load_rust_and_c", Ok::<(), Msg>(()));
+    h.check(
+        "module_kernel_ifunc_sites_direct_to_choice",
+        check_import_sites(&env, &rmod).and_then(|_| check_import_sites(&env, &cmod).map(|_| ())),
+    );
+    h.check(
+        "module_calls_through_kernel_ifuncs",
+        check_results(&rmod, &cmod),
+    );
+    h.check("module_own_ifunc_by_cpu_model", check_own_ifunc(&rmod));
+    h.check(
+        "module_probes_registry_fire_args",
+        check_probes(&rmod, &cmod),
+    );
+    h.check(
+        "module_kernel_sites_unchanged_by_loads",
+        if kernel_sites_digest(&env.table) == digest_before {
+            Ok(())
+        } else {
+            Err(msg!("loading modules changed kernel sites"))
+        },
+    );
+
+    // Unload refused while held.
+    rmod.hold();
+    let rmod = match unload(rmod) {
+        Ok(()) => {
+            h.check(
+                "module_unload_refused_while_held",
+                Err(msg!("unloaded while held")),
+            );
+            let _ = unload(cmod);
+            return;
+        }
+        Err((m, e)) => {
+            let held_ok =
+                matches!(e, ModuleError::InUse { users: 1 }) && probe::lookup("rmod:hit").is_some();
+            h.check(
+                "module_unload_refused_while_held",
+                if held_ok {
+                    Ok(())
+                } else {
+                    Err(msg!("unexpected: {e}"))
+                },
+            );
+            m.release();
+            m
+        }
+    };
+
+    let unloaded = unload_ok(rmod)
+        .and_then(|()| unload_ok(cmod))
+        .and_then(|()| {
+            ensure!(
+                probe::lookup("rmod:hit").is_none(),
+                "rmod:hit still registered"
+            );
+            ensure!(
+                probe::lookup("cmod:event").is_none(),
+                "cmod:event still registered"
+            );
+            ensure!(
+                probe::count() == probes_before,
+                "probe count {} -> {}",
+                probes_before,
+                probe::count()
+            );
+            ensure!(
+                Arena.usage() == usage_before,
+                "arena {:?} -> {:?}",
+                usage_before,
+                Arena.usage()
+            );
+            ensure!(
+                kernel_sites_digest(&env.table) == digest_before,
+                "kernel sites changed"
+            );
+            Ok(())
+        });
+    h.check("module_unload_removes_probes_and_memory", unloaded);
+
+    h.check(
+        "module_unknown_symbol_fails_cleanly",
+        check_bad_module(&env),
+    );
+
+    let again = env.load("rmod", &RMOD.0).and_then(|m| {
+        let r = check_own_ifunc(&m).and_then(|()| {
+            // SAFETY: rmod defines `rmod_state() -> u64` and stays loaded.
+            let state = unsafe { func::<FnU64>(&m, "rmod_state") }?;
+            ensure!(state() == 1, "fresh copy has state {:#x}", state());
+            ensure!(
+                probe::lookup("rmod:hit").is_some(),
+                "rmod:hit not registered again"
+            );
+            Ok(())
+        });
+        let u = unload_ok(m);
+        r.and(u)?;
+        ensure!(
+            probe::count() == probes_before,
+            "probe count {} -> {}",
+            probes_before,
+            probe::count()
+        );
+        ensure!(Arena.usage() == usage_before, "arena leaked");
+        Ok(())
+    });
+    h.check("module_load_unload_load", again);
+    h.check(
+        "module_loader_never_allocates",
+        match crate::no_alloc::requests() {
+            0 => Ok(()),
+            n => Err(msg!("{n} allocation request(s)")),
+        },
+    );
 }
