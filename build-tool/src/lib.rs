@@ -1,5 +1,6 @@
 //! Library half of the `ksites` CLI (the binary is a thin clap front end).
 
+pub mod check_module;
 pub mod elf;
 pub mod embed;
 pub mod inspect;

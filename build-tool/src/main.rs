@@ -18,7 +18,8 @@ Exit status:
      failed link (the message names the file, section, offset and symbol)
   2  usage error
   3  embed/link: the input was already processed by `ksites embed`
-  4  verify: the image is inconsistent with its table (one line per problem)";
+  4  verify: the image is inconsistent with its table (one line per problem);
+     check-module: the module would not load (one line per problem)";
 
 /// Find ifunc call sites and SDT probe sites in x86-64 ELF files and embed the `.ksites`
 /// table that kernel-loader patches from at boot and at module load.
@@ -92,6 +93,29 @@ enum Command {
         /// The embedded image.
         file: PathBuf,
     },
+    /// Run kernel-loader's module loader on MODULE (an ET_REL object, normally after
+    /// `ksites embed`) on the host: lay it out and relocate it into a buffer at the
+    /// address it would get in the kernel, validate its `.ksites` table, and check its
+    /// imported ifuncs are kernel ifuncs — executing nothing — then report whether it
+    /// would load, listing every unresolved symbol and unsupported relocation.
+    /// Exits 4 if it would not.
+    #[command(name = "check-module", after_help = EXIT_CODES)]
+    CheckModule {
+        /// The module object.
+        module: PathBuf,
+        /// The kernel's symbols: its ELF image (symbols, text ranges and `.ksites`
+        /// table) or a System.map-style file (`ADDRESS TYPE NAME` per line). Without
+        /// it, undefined symbols are listed but not checked.
+        #[arg(long, value_name = "FILE")]
+        kernel_symbols: Option<PathBuf>,
+        /// The address to lay the module out at (default: the first 2 MiB boundary
+        /// past the kernel's text).
+        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+        load_address: Option<u64>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List every `call rel32` to a symbol matching a --calls-to glob and every
     /// `jmp rel32`/`jcc rel32` to one matching a --jumps-to glob, in ET_REL objects or
     /// in ET_EXEC/ET_DYN images linked with --emit-relocs (like recordmcount for
@@ -117,6 +141,11 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+fn parse_addr(s: &str) -> Result<u64, String> {
+    let t = s.trim_start_matches("0x");
+    u64::from_str_radix(t, 16).map_err(|e| format!("{s:?}: expected a hex address: {e}"))
 }
 
 fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Path) {
@@ -196,6 +225,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 r.ifunc_sites,
                 r.probe_sites
             );
+        }
+        Command::CheckModule {
+            module,
+            kernel_symbols,
+            load_address,
+            json,
+        } => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+            };
+            let data = read(&module)?;
+            let kernel = match &kernel_symbols {
+                Some(p) => Some(ksites::check_module::KernelSymbols::read(
+                    &p.display().to_string(),
+                    &read(p)?,
+                )?),
+                None => None,
+            };
+            let r = ksites::check_module::check(&data, kernel.as_ref(), load_address)?;
+            let name = module.display().to_string();
+            if json {
+                println!("{}", ksites::check_module::to_json(&name, &r));
+            } else {
+                print!("{}", ksites::check_module::to_text(&name, &r));
+            }
+            if !r.problems.is_empty() || r.load.is_none() {
+                return Ok(ExitCode::from(4));
+            }
         }
         Command::Scan {
             calls_to,

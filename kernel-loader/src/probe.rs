@@ -129,9 +129,6 @@ static STATES: [ProbeState; MAX_PROBES] = [const { ProbeState::new() }; MAX_PROB
 static IMAGES: [ImageSlot; MAX_IMAGES] = [const { ImageSlot::new() }; MAX_IMAGES];
 static CONTROL: spin::Mutex<()> = spin::Mutex::new(());
 static IN_INT3: AtomicU32 = AtomicU32::new(0);
-/// CPUs inside a dispatcher ([`ksites_probe_fire`], the C entry) that reads an image
-/// slot: a module's slot is freed only once this and `IN_INT3` are 0.
-static IN_DISPATCH: AtomicU32 = AtomicU32::new(0);
 
 /// Most images (the kernel and its loaded modules) the registry holds.
 pub const MAX_IMAGES: usize = 32;
@@ -139,11 +136,21 @@ pub const MAX_IMAGES: usize = 32;
 const SLOT_FREE: u8 = 0;
 const SLOT_LIVE: u8 = 1;
 
-/// One registered table. Slot 0 is the kernel image ([`register_image`]); the others
-/// are modules. Written only under `CONTROL` while the state is not `SLOT_LIVE`; read
-/// lock-free (int3 handler, dispatchers) once `SLOT_LIVE` is observed with Acquire.
+/// One registered table. Slot 0 is the kernel image ([`register_image`]), never
+/// removed; the others are modules. `data` is written only under `CONTROL` while the
+/// state is `SLOT_FREE` and `readers` is 0.
+///
+/// Lock-free readers (the int3 handler, the dispatchers) find a module's slot by
+/// address through `start..end`, then count themselves in `readers` and re-check the
+/// state before touching `data` (a hazard count, per slot, so unloading one module
+/// waits only for CPUs inside *that* module's data, never for the steady traffic of
+/// other probes); [`unregister_module`] frees the slot, then waits for `readers` to
+/// drain.
 struct ImageSlot {
     state: AtomicU8,
+    readers: AtomicU32,
+    start: AtomicU64,
+    end: AtomicU64,
     data: core::cell::UnsafeCell<Option<SlotData>>,
 }
 
@@ -152,55 +159,68 @@ struct SlotData {
     table: Table<'static>,
     /// Global id of the table's probe 0.
     base: u32,
-    /// Addresses owned by the image (a module's whole region): a `ProbeRecord` or site
-    /// there belongs to it. The kernel's slot owns whatever no module owns.
-    range: Range<u64>,
 }
 
 // SAFETY: `data` is written only under `CONTROL` while `state` is `SLOT_FREE` and no
-// reader can be inside it (see `unregister_module`); readers only read it after an
-// Acquire load of `SLOT_LIVE`.
+// reader counts itself in `readers` (see `unregister_module`); readers only read it
+// after an Acquire load of `SLOT_LIVE`, counted in `readers` for module slots.
 unsafe impl Sync for ImageSlot {}
 
 impl ImageSlot {
     const fn new() -> ImageSlot {
         ImageSlot {
             state: AtomicU8::new(SLOT_FREE),
+            readers: AtomicU32::new(0),
+            start: AtomicU64::new(0),
+            end: AtomicU64::new(0),
             data: core::cell::UnsafeCell::new(None),
         }
     }
 
-    /// The slot's data, if live.
+    /// The slot's data, if live. Only for the kernel's slot (never freed) and under
+    /// `CONTROL` (which every writer holds).
     #[inline(always)]
     fn get(&self) -> Option<&SlotData> {
         if self.state.load(Ordering::Acquire) != SLOT_LIVE {
             return None;
         }
-        // SAFETY: live slots are not written (type-level invariant above).
+        // SAFETY: live slots are not written (type-level invariant above); callers hold
+        // `CONTROL` or this is the kernel's slot.
         unsafe { (*self.data.get()).as_ref() }
+    }
+
+    #[inline(always)]
+    fn owns(&self, addr: u64) -> bool {
+        self.start.load(Ordering::Acquire) <= addr && addr < self.end.load(Ordering::Acquire)
     }
 }
 
-/// Live images, kernel first.
+/// Live images, kernel first. Under `CONTROL`.
 fn images() -> impl Iterator<Item = &'static SlotData> {
     IMAGES.iter().filter_map(ImageSlot::get)
 }
 
-/// The image owning address `addr`: the module whose region contains it, else the
-/// kernel.
+/// Runs `f` on the image owning address `addr`: the module whose memory contains it,
+/// else the kernel. Lock-free (int3 handler and dispatchers).
 #[inline(always)]
-fn image_at(addr: u64) -> Option<&'static SlotData> {
-    let mut kernel = None;
-    for (i, slot) in IMAGES.iter().enumerate() {
-        if let Some(d) = slot.get() {
-            if i == 0 {
-                kernel = Some(d);
-            } else if d.range.contains(&addr) {
-                return Some(d);
-            }
+fn with_image_at<R>(addr: u64, f: impl FnOnce(&SlotData) -> R) -> Option<R> {
+    for slot in &IMAGES[1..] {
+        if slot.state.load(Ordering::Acquire) != SLOT_LIVE || !slot.owns(addr) {
+            continue;
         }
+        slot.readers.fetch_add(1, Ordering::SeqCst);
+        // Re-check after counting in: a concurrent unregister either sees the count, or
+        // freed the slot before it, which the re-check sees.
+        let r = if slot.state.load(Ordering::SeqCst) == SLOT_LIVE && slot.owns(addr) {
+            // SAFETY: live and counted in: `data` is not written until `readers` is 0.
+            unsafe { (*slot.data.get()).as_ref() }.map(f)
+        } else {
+            None
+        };
+        slot.readers.fetch_sub(1, Ordering::Release);
+        return r;
     }
-    kernel
+    IMAGES[0].get().map(f)
 }
 
 /// The image holding global probe `id`, and the probe's index in its table.
@@ -575,11 +595,13 @@ pub unsafe fn unregister_module<P: TextPoker + ?Sized>(
     let _g = CONTROL.lock();
     let slot = &IMAGES[handle.slot];
     slot.state.store(SLOT_FREE, Ordering::SeqCst);
-    // A reader counts itself in before it looks at a slot: once both counts are 0 after
-    // the store above, no reader holds this slot's data.
-    while IN_INT3.load(Ordering::SeqCst) != 0 || IN_DISPATCH.load(Ordering::SeqCst) != 0 {
+    // A reader counts itself in, then re-checks the state: once the count is 0 after the
+    // store above, no reader holds this slot's data, and none will.
+    while slot.readers.load(Ordering::SeqCst) != 0 {
         core::hint::spin_loop();
     }
+    slot.start.store(0, Ordering::Release);
+    slot.end.store(0, Ordering::Release);
     // SAFETY: the slot is free and no reader is inside it (above); `CONTROL` is held.
     unsafe { *slot.data.get() = None };
     for id in handle.ids() {
@@ -625,6 +647,7 @@ fn free_ids(n: u32) -> Option<u32> {
 
 /// Fills a free slot and makes it live. Under `CONTROL`.
 fn publish(slot: usize, table: Table<'static>, base: u32, range: Range<u64>) {
+    let sl = &IMAGES[slot];
     for i in base..base + table.probe_count() {
         let st = &STATES[i as usize];
         st.enabled.store(false, Ordering::Relaxed);
@@ -633,8 +656,10 @@ fn publish(slot: usize, table: Table<'static>, base: u32, range: Range<u64>) {
     }
     // SAFETY: the slot is free (callers checked under `CONTROL`), so no reader looks at
     // its data.
-    unsafe { *IMAGES[slot].data.get() = Some(SlotData { table, base, range }) };
-    IMAGES[slot].state.store(SLOT_LIVE, Ordering::Release);
+    unsafe { *sl.data.get() = Some(SlotData { table, base }) };
+    sl.start.store(range.start, Ordering::Release);
+    sl.end.store(range.end, Ordering::Release);
+    sl.state.store(SLOT_LIVE, Ordering::Release);
 }
 
 /// A probe's provider or name, copied out of its table (a module's table goes away at
@@ -756,7 +781,9 @@ pub fn matching(glob: &str) -> impl Iterator<Item = ProbeId> + use<> {
             }
         }
     }
-    (0..MAX_PROBES as u32).filter(move |&i| set[i as usize / 64] & (1 << (i % 64)) != 0).map(ProbeId)
+    (0..MAX_PROBES as u32)
+        .filter(move |&i| set[i as usize / 64] & (1 << (i % 64)) != 0)
+        .map(ProbeId)
 }
 
 /// Matches `provider:name` against `glob` without allocating.
@@ -1026,14 +1053,13 @@ fn fire(id: u32, args: &[u64; 6]) {
 pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
     // The record's id is its index in its own image's table; the image is the one
     // whose memory holds the record.
-    IN_DISPATCH.fetch_add(1, Ordering::SeqCst);
-    if let Some(local) = rec.id()
-        && let Some(d) = image_at(rec as *const ProbeRecord as u64)
-        && local.0 < d.table.probe_count()
-    {
-        fire(d.base + local.0, args);
+    let Some(local) = rec.id() else { return };
+    let id = with_image_at(rec as *const ProbeRecord as u64, |d| {
+        (local.0 < d.table.probe_count()).then_some(d.base + local.0)
+    });
+    if let Some(Some(id)) = id {
+        fire(id, args);
     }
-    IN_DISPATCH.fetch_sub(1, Ordering::Release);
 }
 
 /// What an enabled C site (`call ksites_probe_c_entry`) lands in: saves the six
@@ -1061,15 +1087,16 @@ pub extern "C" fn ksites_probe_c_entry() {
 }
 
 extern "C" fn fire_c(ret: u64, args: &[u64; 6]) {
-    IN_DISPATCH.fetch_add(1, Ordering::SeqCst);
     let site = ret.wrapping_sub(PROBE_SITE_LEN as u64);
-    if let Some(d) = image_at(site)
-        && let Some(s) = d.table.probe_site_at(site)
-        && s.kind == ProbeKind::CCall
-    {
-        fire(d.base + s.probe, args);
+    let id = with_image_at(site, |d| {
+        d.table
+            .probe_site_at(site)
+            .filter(|s| s.kind == ProbeKind::CCall)
+            .map(|s| d.base + s.probe)
+    });
+    if let Some(Some(id)) = id {
+        fire(id, args);
     }
-    IN_DISPATCH.fetch_sub(1, Ordering::Release);
 }
 
 /// The registers [`handle_int3`] reads and may change.
@@ -1114,14 +1141,13 @@ pub unsafe fn handle_int3(f: &mut Int3Frame) -> bool {
 
 unsafe fn emulate(f: &mut Int3Frame) -> bool {
     let addr = f.rip.wrapping_sub(1);
-    let Some(d) = image_at(addr) else {
-        return false;
-    };
-    let Some(s) = d.table.probe_site_at(addr) else {
+    // The site is copied out (it is plain data): nothing below reads the table.
+    let Some(Some((s, id))) = with_image_at(addr, |d| {
+        d.table.probe_site_at(addr).map(|s| (s, d.base + s.probe))
+    }) else {
         return false;
     };
     INT3_EMULATIONS.fetch_add(1, Ordering::Relaxed);
-    let id = d.base + s.probe;
     let on = STATES[id as usize].enabled.load(Ordering::Acquire);
     let next = s.addr + PROBE_SITE_LEN as u64;
     let args = [f.rdi, f.rsi, f.rdx, f.rcx, f.r8, f.r9];

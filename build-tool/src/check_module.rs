@@ -1,0 +1,335 @@
+//! `ksites check-module`: runs kernel-loader's module loader on the host — lay out,
+//! resolve, relocate, validate the table, into a buffer at the address the module would
+//! get in the kernel, executing nothing — and reports whether the module would load.
+
+use std::fmt::Write as _;
+use std::ops::Range;
+
+use anyhow::{Context, Result, bail};
+use kernel_loader::CpuFeatures;
+use kernel_loader::format::Table;
+use kernel_loader::module::{self, Kernel, LoadReport, ModuleMemory, PAGE_SIZE, Prot, Region};
+use object::read::elf::{ElfFile64, SectionHeader as _};
+use object::{LittleEndian, Object as _, ObjectSection as _, ObjectSymbol as _, SectionKind};
+
+/// The kernel a module is checked against.
+#[derive(Debug, Default)]
+pub struct KernelSymbols {
+    /// Exported names and addresses.
+    pub symbols: Vec<(String, u64)>,
+    /// Executable ranges.
+    pub exec: Vec<Range<u64>>,
+    /// The kernel's `.ksites` table bytes and address, if it has one.
+    pub table: Option<(Vec<u8>, u64)>,
+    /// What the symbols came from.
+    pub source: String,
+}
+
+impl KernelSymbols {
+    /// Reads an ELF kernel image (its symbol table, executable sections and `.ksites`)
+    /// or a `System.map`-style text file (`ADDRESS TYPE NAME` per line; `t`/`T` symbols
+    /// make up the executable range).
+    pub fn read(name: &str, data: &[u8]) -> Result<KernelSymbols> {
+        if data.starts_with(b"\x7fELF") {
+            return Self::from_elf(name, data);
+        }
+        let text = std::str::from_utf8(data)
+            .with_context(|| format!("{name}: neither an ELF file nor a text symbol map"))?;
+        Self::from_map(name, text)
+    }
+
+    fn from_elf(name: &str, data: &[u8]) -> Result<KernelSymbols> {
+        let f = ElfFile64::<LittleEndian>::parse(data)
+            .with_context(|| format!("{name}: not a 64-bit little-endian ELF file"))?;
+        let symbols = f
+            .symbols()
+            .filter(|s| s.is_definition() && s.is_global())
+            .filter_map(|s| Some((s.name().ok()?.to_string(), s.address())))
+            .collect();
+        let exec = f
+            .sections()
+            .filter(|s| s.kind() == SectionKind::Text && s.size() > 0)
+            .map(|s| s.address()..s.address() + s.size())
+            .collect();
+        let table = f
+            .section_by_name(kernel_loader::format::SECTION_NAME)
+            .filter(|s| s.elf_section_header().sh_type(LittleEndian) != object::elf::SHT_NOBITS)
+            .and_then(|s| Some((s.data().ok()?.to_vec(), s.address())));
+        Ok(KernelSymbols {
+            symbols,
+            exec,
+            table,
+            source: name.to_string(),
+        })
+    }
+
+    fn from_map(name: &str, text: &str) -> Result<KernelSymbols> {
+        let mut symbols = Vec::new();
+        let (mut lo, mut hi) = (u64::MAX, 0u64);
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut it = line.split_whitespace();
+            let (Some(addr), Some(ty), Some(sym)) = (it.next(), it.next(), it.next()) else {
+                bail!(
+                    "{name}:{}: expected `ADDRESS TYPE NAME`, found {line:?}",
+                    n + 1
+                );
+            };
+            let addr = u64::from_str_radix(addr.trim_start_matches("0x"), 16)
+                .with_context(|| format!("{name}:{}: bad address {addr:?}", n + 1))?;
+            if ty.eq_ignore_ascii_case("t") {
+                lo = lo.min(addr);
+                hi = hi.max(addr);
+            }
+            // Local symbols (lower-case types) are not exported, except that `t` still
+            // marks text for the executable range above.
+            if ty.chars().all(|c| c.is_ascii_uppercase()) || ty == "w" || ty == "v" {
+                symbols.push((sym.to_string(), addr));
+            }
+        }
+        // The map has no sizes: the range runs to one page past the last text symbol.
+        let exec: Vec<Range<u64>> = (lo <= hi)
+            .then(|| lo..hi.saturating_add(PAGE_SIZE as u64))
+            .into_iter()
+            .collect();
+        Ok(KernelSymbols {
+            symbols,
+            exec,
+            table: None,
+            source: name.to_string(),
+        })
+    }
+
+    /// Where a kernel's module arena would plausibly start: the first 2 MiB boundary
+    /// past its highest executable address (within rel32 reach of all of it).
+    pub fn default_load_address(&self) -> u64 {
+        let end = self.exec.iter().map(|r| r.end).max().unwrap_or(0x4000_0000);
+        end.div_ceil(0x20_0000) * 0x20_0000
+    }
+}
+
+/// Kernel symbols by name; with no kernel given (`any_at`), every name resolves to
+/// one placeholder address in reach, so layout and relocation can still be checked.
+struct Lookup<'a> {
+    kernel: &'a KernelSymbols,
+    any_at: Option<u64>,
+}
+
+impl module::Symbols for Lookup<'_> {
+    fn lookup(&self, name: &str) -> Option<u64> {
+        self.kernel
+            .symbols
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, a)| a)
+            .or(self.any_at)
+    }
+}
+
+/// A host buffer posing as kernel memory at `addr`.
+struct Buffer {
+    addr: u64,
+    bufs: Vec<Vec<u8>>,
+}
+
+impl ModuleMemory for Buffer {
+    fn alloc(&mut self, size: usize) -> Option<Region> {
+        let mut v = vec![0u8; size];
+        let r = Region {
+            ptr: v.as_mut_ptr(),
+            addr: self.addr,
+            size,
+        };
+        self.bufs.push(v);
+        Some(r)
+    }
+
+    unsafe fn protect(
+        &mut self,
+        _: &Region,
+        _: usize,
+        _: usize,
+        _: Prot,
+    ) -> Result<(), &'static str> {
+        Ok(())
+    }
+
+    unsafe fn free(&mut self, region: Region) {
+        self.bufs.retain(|b| b.as_ptr() != region.ptr.cast_const());
+    }
+}
+
+/// The outcome of a check.
+#[derive(Debug)]
+pub struct CheckReport {
+    /// Every problem found (empty: the module would load).
+    pub problems: Vec<String>,
+    /// Undefined symbols and what they resolved to (`None`: unresolved).
+    pub imports: Vec<(String, Option<u64>)>,
+    /// What loading would do, if it would load.
+    pub load: Option<LoadReport>,
+    /// The address the module was laid out at.
+    pub addr: u64,
+    /// Whether undefined symbols were checked against a kernel.
+    pub symbols_checked: bool,
+}
+
+/// Checks `module` against `kernel` at `addr` (default: [`KernelSymbols::default_load_address`]).
+/// With `kernel` `None`, undefined symbols are not checked (each resolves to a
+/// placeholder just below the module) and are listed as what the kernel must export.
+pub fn check(
+    module: &[u8],
+    kernel: Option<&KernelSymbols>,
+    addr: Option<u64>,
+) -> Result<CheckReport> {
+    let none = KernelSymbols::default();
+    let checked = kernel.is_some();
+    let kernel = kernel.unwrap_or(&none);
+    let addr = addr.unwrap_or_else(|| kernel.default_load_address());
+    if !addr.is_multiple_of(PAGE_SIZE as u64) {
+        bail!("load address {addr:#x} is not page-aligned");
+    }
+    let table = match &kernel.table {
+        Some((bytes, at)) => Some(
+            Table::parse(bytes, *at, &kernel.exec)
+                .with_context(|| format!("{}: invalid .ksites table", kernel.source))?,
+        ),
+        None => None,
+    };
+    let lookup = Lookup {
+        kernel,
+        any_at: (!checked).then(|| addr.saturating_sub(PAGE_SIZE as u64)),
+    };
+    let k = Kernel {
+        symbols: &lookup,
+        table,
+        exec: &kernel.exec,
+        features: CpuFeatures::empty(),
+    };
+    let mut mem = Buffer {
+        addr,
+        bufs: Vec::new(),
+    };
+    let mut problems = Vec::new();
+    let r = module::check(module, &k, &mut mem, &mut |e| problems.push(e.to_string()));
+    let load = match r {
+        Ok(rep) => Some(rep),
+        Err(e) => {
+            let s = e.to_string();
+            if !problems.contains(&s) {
+                problems.push(s);
+            }
+            None
+        }
+    };
+    Ok(CheckReport {
+        problems,
+        imports: undefined_symbols(module)
+            .into_iter()
+            .map(|n| {
+                let a = module::Symbols::lookup(&lookup, &n);
+                (n, a)
+            })
+            .collect(),
+        load,
+        addr,
+        symbols_checked: checked,
+    })
+}
+
+/// The module's undefined (non-weak or weak) symbol names, in symbol-table order.
+fn undefined_symbols(data: &[u8]) -> Vec<String> {
+    let Ok(f) = ElfFile64::<LittleEndian>::parse(data) else {
+        return Vec::new();
+    };
+    if f.kind() != object::ObjectKind::Relocatable {
+        return Vec::new();
+    }
+    f.symbols()
+        .filter(|s| s.is_undefined() && !s.name().unwrap_or("").is_empty())
+        .filter_map(|s| Some(s.name().ok()?.to_string()))
+        .collect()
+}
+
+/// Text output.
+pub fn to_text(name: &str, r: &CheckReport) -> String {
+    let mut o = String::new();
+    match &r.load {
+        Some(l) if r.problems.is_empty() => {
+            let _ = writeln!(
+                o,
+                "{name}: would load at {:#x}: {} sections ({} code, {} read-only, {} writable bytes), {} relocations, {} kernel symbols, {} ifuncs, {} imported ifuncs, {} ifunc sites, {} probes, {} probe sites",
+                r.addr,
+                l.sections,
+                l.text_size,
+                l.ro_size,
+                l.rw_size,
+                l.relocations,
+                l.kernel_symbols,
+                l.ifuncs,
+                l.imports,
+                l.sites,
+                l.probes,
+                l.probe_sites
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                o,
+                "{name}: would NOT load ({} problem(s)):",
+                r.problems.len()
+            );
+            for p in &r.problems {
+                let _ = writeln!(o, "  {p}");
+            }
+        }
+    }
+    if !r.symbols_checked {
+        let names: Vec<_> = r.imports.iter().map(|(n, _)| n.as_str()).collect();
+        let _ = writeln!(
+            o,
+            "  needs from the kernel (not checked: no --kernel-symbols): {}",
+            if names.is_empty() {
+                "nothing".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+        return o;
+    }
+    let unresolved: Vec<_> = r
+        .imports
+        .iter()
+        .filter(|(_, a)| a.is_none())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !unresolved.is_empty() {
+        let _ = writeln!(o, "  unresolved symbols: {}", unresolved.join(", "));
+    }
+    o
+}
+
+/// JSON output.
+pub fn to_json(name: &str, r: &CheckReport) -> serde_json::Value {
+    serde_json::json!({
+        "file": name,
+        "loads": r.problems.is_empty() && r.load.is_some(),
+        "address": r.addr,
+        "symbols_checked": r.symbols_checked,
+        "problems": r.problems,
+        "imports": r.imports.iter().map(|(n, a)| serde_json::json!({"name": n, "address": a})).collect::<Vec<_>>(),
+        "report": r.load.map(|l| serde_json::json!({
+            "sections": l.sections,
+            "relocations": l.relocations,
+            "kernel_symbols": l.kernel_symbols,
+            "ifuncs": l.ifuncs,
+            "imports": l.imports,
+            "sites": l.sites,
+            "probes": l.probes,
+            "probe_sites": l.probe_sites,
+        })),
+    })
+}
