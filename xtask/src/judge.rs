@@ -155,8 +155,40 @@ fn show(choice: Option<&String>) -> &str {
     choice.map_or("(not reported)", String::as_str)
 }
 
-/// Name suffixes of the ifuncs whose choice must differ between `qemu64` and `max`.
-pub(crate) const MUST_DIFFER: &[&str] = &["popcount", "sum_u32"];
+/// Name suffixes of the ifuncs whose choice must differ between `qemu64` and `max`
+/// (`rmod_mix`: the Rust test module's own ifunc, resolved when the module loads).
+pub(crate) const MUST_DIFFER: &[&str] = &["popcount", "sum_u32", "rmod_mix"];
+
+/// In-kernel tests every run must report `ok` for: the module tests (issue 5). A kernel
+/// that skipped them (e.g. built without its modules) fails instead of passing with
+/// fewer tests.
+pub(crate) const REQUIRED_TESTS: &[&str] = &[
+    "module_arena_alloc_protect_poke_free",
+    "modules_embedded_are_et_rel",
+    "module_load_rust_and_c",
+    "module_kernel_ifunc_sites_direct_to_choice",
+    "module_calls_through_kernel_ifuncs",
+    "module_own_ifunc_by_cpu_model",
+    "module_probes_registry_fire_args",
+    "module_unload_refused_while_held",
+    "module_unload_removes_probes_and_memory",
+    "module_unknown_symbol_fails_cleanly",
+    "module_load_unload_load",
+    "module_loader_never_allocates",
+];
+
+/// A problem for every test in [`REQUIRED_TESTS`] without an `ok <name>` line.
+pub(crate) fn check_required(serial: &[String]) -> Vec<String> {
+    REQUIRED_TESTS
+        .iter()
+        .filter(|name| {
+            !serial
+                .iter()
+                .any(|line| line.trim_end().strip_prefix("ok ") == Some(**name))
+        })
+        .map(|name| format!("required test `{name}` did not pass (no `ok {name}` line)"))
+        .collect()
+}
 
 /// For every suffix in [`MUST_DIFFER`], at least one ifunc with that suffix must be reported
 /// by both models, and every such ifunc must have picked different implementations.
@@ -299,19 +331,41 @@ ok   ifunc::popcount_matches_cpuid
     }
 
     #[test]
+    fn required_tests() {
+        let all: String = REQUIRED_TESTS
+            .iter()
+            .map(|t| format!("ok {t}\r\n"))
+            .collect();
+        assert_eq!(check_required(&lines(&all)), Vec::<String>::new());
+        let missing = all.replace(
+            "ok module_load_unload_load",
+            "FAIL module_load_unload_load: x",
+        );
+        let problems = check_required(&lines(&missing));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("`module_load_unload_load`"),
+            "{problems:?}"
+        );
+        assert_eq!(check_required(&lines(GOOD)).len(), REQUIRED_TESTS.len());
+    }
+
+    #[test]
     fn choices() {
         let qemu64 = parse_choices(&lines(
             "ifunc-choice kfuncs::popcount popcount_generic\n\
              ifunc-choice kfuncs::sum_u32 sum_u32_scalar\n\
              ifunc-choice kfuncs::memcpy memcpy_sse2\n\
+             ifunc-choice rmod::rmod_mix mix_base\n\
              ifunc-choice broken\n",
         ));
-        assert_eq!(qemu64.len(), 3);
+        assert_eq!(qemu64.len(), 4);
         assert_eq!(qemu64["kfuncs::popcount"], "popcount_generic");
         let max = parse_choices(&lines(
             "ifunc-choice kfuncs::popcount popcount_popcnt\n\
              ifunc-choice kfuncs::sum_u32 sum_u32_avx2\n\
-             ifunc-choice kfuncs::memcpy memcpy_sse2\n",
+             ifunc-choice kfuncs::memcpy memcpy_sse2\n\
+             ifunc-choice rmod::rmod_mix mix_avx2\n",
         ));
         assert_eq!(
             check_choices_differ(("qemu64", &qemu64), ("max", &max)),
@@ -334,6 +388,9 @@ ok   ifunc::popcount_matches_cpuid
 
         let err = check_choices_differ(("qemu64", &BTreeMap::new()), ("max", &BTreeMap::new()))
             .unwrap_err();
-        assert!(err.contains("popcount") && err.contains("sum_u32"), "{err}");
+        assert!(
+            err.contains("popcount") && err.contains("sum_u32") && err.contains("rmod_mix"),
+            "{err}"
+        );
     }
 }

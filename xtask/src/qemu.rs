@@ -113,7 +113,8 @@ fn boot_gnu_ld(image: &Path, args: &QemuArgs) -> Result<u32> {
         qemu_command(model, image),
         Duration::from_secs(args.timeout),
     )?;
-    let verdict = judge::judge(&exit, &serial);
+    let mut verdict = judge::judge(&exit, &serial);
+    verdict.problems.extend(judge::check_required(&serial));
     if !verdict.ok() {
         bail!(
             "[{label}] the GNU ld-linked kernel failed: {}",
@@ -233,6 +234,7 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
         }
         let (exit, serial) = boot(model, qemu_command(model, image), timeout)?;
         let mut verdict = judge::judge(&exit, &serial);
+        verdict.problems.extend(judge::check_required(&serial));
         if let Some(problem) = judge::check_cpus_online(&serial, cpus) {
             verdict.problems.push(problem);
         }
