@@ -112,11 +112,7 @@ fn build_c(sh: &Shell, qemu_tests: &Path, root: &Path, out: &Path, name: &str) -
 /// a panicking path would add.
 fn check_undefined(sh: &Shell, object: &Path) -> Result<()> {
     let undefined = cmd!(sh, "nm -u {object}").read()?;
-    let mangled: Vec<&str> = undefined
-        .lines()
-        .filter_map(|l| l.split_whitespace().last())
-        .filter(|s| s.starts_with("_ZN") || s.starts_with("_R"))
-        .collect();
+    let mangled = mangled_undefined(&undefined);
     if !mangled.is_empty() {
         bail!(
             "{} references mangled symbols the kernel does not export (a panicking path?): {}",
@@ -142,4 +138,43 @@ fn embed(sh: &Shell, ksites: &Path, object: &Path) -> Result<()> {
         sh.copy_file(object, &ko)?;
     }
     Ok(())
+}
+
+/// The Rust-mangled (legacy `_ZN` or v0 `_R`) names in `nm -u` output.
+fn mangled_undefined(nm_output: &str) -> Vec<&str> {
+    nm_output
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|s| s.starts_with("_ZN") || s.starts_with("_R"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_mangled_undefined_symbols() {
+        let nm = "                 U crc32c\n\
+                  \x20                U _ZN4core9panicking5panic17h0123456789abcdefE\n\
+                  \x20                U ksites_probe_fire\n\
+                  \x20                U _RNvNtCs1234_4core9panicking9panic_fmt\n";
+        assert_eq!(
+            mangled_undefined(nm),
+            [
+                "_ZN4core9panicking5panic17h0123456789abcdefE",
+                "_RNvNtCs1234_4core9panicking9panic_fmt"
+            ]
+        );
+        assert!(mangled_undefined("                 U popcount\n").is_empty());
+        assert!(mangled_undefined("").is_empty());
+    }
+
+    #[test]
+    fn module_dir_is_under_target() {
+        assert_eq!(
+            module_dir(Path::new("/r")),
+            Path::new("/r/target/ksites-modules")
+        );
+    }
 }
