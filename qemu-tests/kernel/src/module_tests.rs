@@ -668,6 +668,40 @@ fn report(m: &Module<'_>) {
     );
 }
 
+/// The module's text is read + execute, the rest of its memory never executable, and
+/// no page anywhere is writable and executable.
+fn check_mapping(m: &Module<'_>) -> Result<(), Msg> {
+    let nx = crate::cpu::nx_enabled();
+    let mem = m.memory();
+    let mut page = mem.start;
+    while page < mem.end {
+        let p = paging::translate(page).ok_or_else(|| msg!("{}: {page:#x} unmapped", m.name()))?;
+        if m.text().contains(&page) {
+            ensure!(
+                !p.writable && p.executable,
+                "{} text page {page:#x}: {:?}",
+                m.name(),
+                p
+            );
+        } else {
+            ensure!(
+                !p.executable || !nx,
+                "{} data page {page:#x} executable",
+                m.name()
+            );
+        }
+        page += paging::PAGE_SIZE;
+    }
+    let wx = paging::wx_scan();
+    ensure!(
+        wx.violations == 0,
+        "W^X after loading {}: {:?}",
+        m.name(),
+        wx
+    );
+    Ok(())
+}
+
 /// Loading badmod fails, names the missing symbol, and changes nothing.
 fn check_bad_module(env: &Env) -> Result<(), Msg> {
     let probes = probe::count();
@@ -756,7 +790,10 @@ pub fn run(h: &mut Harness) {
     };
     report(&rmod);
     report(&cmod);
-    h.check("module_load_rust_and_c", Ok::<(), Msg>(()));
+    h.check(
+        "module_load_rust_and_c",
+        check_mapping(&rmod).and(check_mapping(&cmod)),
+    );
     h.check(
         "module_kernel_ifunc_sites_direct_to_choice",
         check_import_sites(&env, &rmod).and_then(|_| check_import_sites(&env, &cmod).map(|_| ())),
@@ -847,10 +884,12 @@ pub fn run(h: &mut Harness) {
             // SAFETY: rmod defines `rmod_state() -> u64` and stays loaded.
             let state = unsafe { func::<FnU64>(&m, "rmod_state") }?;
             ensure!(state() == 1, "fresh copy has state {:#x}", state());
-            ensure!(
-                probe::lookup("rmod:hit").is_some(),
-                "rmod:hit not registered again"
-            );
+            let hit = probe::lookup("rmod:hit").ok_or("rmod:hit not registered again")?;
+            // Unload must disable an enabled probe itself.
+            let mut poker = AliasPoker::default();
+            // SAFETY: `handler` is a plain function; the poker syncs every CPU.
+            unsafe { probe::enable(hit, handler, &mut poker) }.map_err(Msg::display)?;
+            ensure!(probe::is_enabled(hit), "rmod:hit not enabled");
             Ok(())
         });
         let u = unload_ok(m);
