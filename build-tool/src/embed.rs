@@ -54,6 +54,10 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
     if img.section_by_name(SECTION_NAME).is_some() {
         return Err(AlreadyEmbedded(path.to_string()).into());
     }
+    if img.kind == ElfKind::Rel {
+        // A module: `.ksites` + `.rela.ksites`, always (even an empty table).
+        return crate::embed_rel::embed_rel(path, data);
+    }
     let ifuncs = read_ifuncs(&img)?;
     let probes = find_probes(&img)?;
     if ifuncs.is_empty() && probes.probes.is_empty() {
