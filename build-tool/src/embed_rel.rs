@@ -1130,6 +1130,21 @@ fn write_object(
         }
     }
 
+    // LLVM shares one `.strtab` between section and symbol names; the builder writes
+    // them apart, so such an object gets its own `.shstrtab` (at the end, like the new
+    // sections: every existing section keeps its index).
+    if !b
+        .sections
+        .iter()
+        .any(|s| matches!(s.data, SectionData::SectionString))
+    {
+        let s = b.sections.add();
+        s.name = b".shstrtab".to_vec().into();
+        s.sh_type = elf::SHT_STRTAB;
+        s.sh_addralign = 1;
+        s.data = SectionData::SectionString;
+    }
+
     // The new sections, at the end (every existing section keeps its index).
     let symtab = b
         .sections
