@@ -931,6 +931,7 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             scan,
             probes,
             table: Some((0, table.len())),
+            relocatable: true,
         },
     ))
 }
