@@ -43,8 +43,10 @@
 //! addresses are mapped back to (section, offset) or symbol when the relocations are
 //! written.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
+use std::rc::Rc;
 
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::arch::x86_64::{JMP_RIP_INDIRECT, NOP5, TRAMPOLINE_LEN};
@@ -178,10 +180,16 @@ struct RelocMap(HashMap<u64, (u32, usize, i64)>);
 struct Obj<'a, 'd> {
     img: &'a Image<'d>,
     path: &'a str,
+    /// Relocation maps by section index, built once each.
+    reloc_cache: RefCell<HashMap<usize, Rc<RelocMap>>>,
 }
 
 impl<'d> Obj<'_, 'd> {
-    fn relocs(&self, sec: &object::read::elf::ElfSection64<'d, '_, LE>) -> Result<RelocMap> {
+    /// The relocations applying to `sec`, by offset.
+    fn relocs(&self, sec: &object::read::elf::ElfSection64<'d, '_, LE>) -> Result<Rc<RelocMap>> {
+        if let Some(m) = self.reloc_cache.borrow().get(&sec.index().0) {
+            return Ok(m.clone());
+        }
         let mut m = HashMap::new();
         for (off, r) in sec.relocations() {
             let RelocationFlags::Elf { r_type } = r.flags() else {
@@ -193,7 +201,11 @@ impl<'d> Obj<'_, 'd> {
             };
             m.insert(off, (r_type, sym, r.addend()));
         }
-        Ok(RelocMap(m))
+        let m = Rc::new(RelocMap(m));
+        self.reloc_cache
+            .borrow_mut()
+            .insert(sec.index().0, m.clone());
+        Ok(m)
     }
 
     /// Where symbol `sym` + `addend` points.
@@ -731,7 +743,11 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
     if img.section_by_name(SECTION_NAME).is_some() {
         return Err(AlreadyEmbedded(path.to_string()).into());
     }
-    let o = Obj { img: &img, path };
+    let o = Obj {
+        img: &img,
+        path,
+        reloc_cache: RefCell::default(),
+    };
     if let Some(s) = img
         .file
         .symbols()
@@ -969,37 +985,20 @@ fn write_object(
         .collect::<Result<_>>()?;
     let old_order = symbol_order(&b);
 
-    let data_mut = |b: &mut Builder<'_>, sec: usize, what: &str| -> Result<Vec<u8>> {
-        let s = b.sections.get_mut(sec_id(sec)?);
-        match &mut s.data {
-            SectionData::Data(d) => Ok(d.to_mut().clone()),
-            _ => bail!("{path}: {what} lies in a section without file data"),
-        }
-    };
-    let set_data = |b: &mut Builder<'_>, sec: usize, v: Vec<u8>| -> Result<()> {
-        b.sections.get_mut(sec_id(sec)?).data = SectionData::Data(v.into());
-        Ok(())
-    };
-
-    // Probe ids into `probe!` records.
+    // Byte patches, by section: probe ids into `probe!` records, disabled forms into C
+    // probe sites.
+    let mut patches: BTreeMap<usize, Vec<(usize, Vec<u8>)>> = BTreeMap::new();
     for &(rec, id) in record_ids {
         let Target::Sec { sec, off } = rec else {
             bail!("{path}: probe record is not in a section")
         };
-        let mut v = data_mut(&mut b, sec, "a probe record")?;
-        let at = off as usize + probe_record::ID;
-        v.get_mut(at..at + 4)
-            .with_context(|| format!("{path}: probe record past its section"))?
-            .copy_from_slice(&id.to_le_bytes());
-        set_data(&mut b, sec, v)?;
+        patches
+            .entry(sec)
+            .or_default()
+            .push((off as usize + probe_record::ID, id.to_le_bytes().to_vec()));
     }
-
-    // C probe sites: disabled bytes, and their relocation.
-    let mut ret0: Option<SymbolId> = b
-        .symbols
-        .iter()
-        .find(|s| s.name.as_slice() == STUB_SYMBOLS[1].as_bytes())
-        .map(|s| s.id());
+    // C probe sites by section: offset of the rel32 -> kind.
+    let mut c_sites: BTreeMap<usize, HashMap<u64, ProbeKind>> = BTreeMap::new();
     for &(site, kind) in rewrites {
         let Target::Sec { sec, off } = site else {
             bail!("{path}: probe site is not in a section")
@@ -1008,30 +1007,56 @@ fn write_object(
             ProbeKind::CCall => NOP5,
             ProbeKind::CTail => C_TAIL_OFF,
             ProbeKind::CEnabled => C_ENABLED_OFF,
+            // `jmp ksites_probe_ret0`: the rel32 comes from the retargeted relocation.
             ProbeKind::CEnabledTail => [0xe9, 0, 0, 0, 0],
-            _ => continue,
+            ProbeKind::RustJmp | ProbeKind::RustEnabled => continue,
         };
-        let mut v = data_mut(&mut b, sec, "a probe site")?;
-        v[off as usize..off as usize + 5].copy_from_slice(&bytes);
-        set_data(&mut b, sec, v)?;
-        let retarget = if kind == ProbeKind::CEnabledTail {
-            Some(match ret0 {
-                Some(id) => id,
-                None => {
-                    let s = b.symbols.add();
-                    s.name = STUB_SYMBOLS[1].as_bytes().to_vec().into();
-                    s.st_info = (elf::STB_GLOBAL << 4) | elf::STT_NOTYPE;
-                    s.st_shndx = elf::SHN_UNDEF;
-                    let id = s.id();
-                    ret0 = Some(id);
-                    id
-                }
-            })
-        } else {
-            None
+        patches
+            .entry(sec)
+            .or_default()
+            .push((off as usize, bytes.to_vec()));
+        c_sites.entry(sec).or_default().insert(off + 1, kind);
+    }
+    for (sec, list) in patches {
+        let s = b.sections.get_mut(sec_id(sec)?);
+        let SectionData::Data(d) = &mut s.data else {
+            bail!("{path}: section {sec} (probe sites or records) has no file data");
         };
-        let target_sec = sec_id(sec)?;
-        let mut found = 0;
+        let v = d.to_mut();
+        for (at, bytes) in list {
+            v.get_mut(at..at + bytes.len())
+                .with_context(|| {
+                    format!("{path}: patch at section {sec}+{at:#x} is past the section end")
+                })?
+                .copy_from_slice(&bytes);
+        }
+    }
+
+    // Their relocations: R_X86_64_NONE, or for a C is-enabled tail call a PLT32 to
+    // `ksites_probe_ret0` - 4 (an undefined symbol, added if the object lacks it).
+    let needs_ret0 = rewrites.iter().any(|&(_, k)| k == ProbeKind::CEnabledTail);
+    let ret0: Option<SymbolId> = if needs_ret0 {
+        let found = b
+            .symbols
+            .iter()
+            .find(|s| s.name.as_slice() == STUB_SYMBOLS[1].as_bytes())
+            .map(|s| s.id());
+        Some(match found {
+            Some(id) => id,
+            None => {
+                let s = b.symbols.add();
+                s.name = STUB_SYMBOLS[1].as_bytes().to_vec().into();
+                s.st_info = (elf::STB_GLOBAL << 4) | elf::STT_NOTYPE;
+                s.st_shndx = elf::SHN_UNDEF;
+                s.id()
+            }
+        })
+    } else {
+        None
+    };
+    for (sec, sites) in &c_sites {
+        let target_sec = sec_id(*sec)?;
+        let mut seen: HashMap<u64, usize> = HashMap::new();
         for rs in b.sections.iter_mut() {
             if rs.sh_info_section != Some(target_sec) {
                 continue;
@@ -1039,25 +1064,32 @@ fn write_object(
             let SectionData::Relocation(rels) = &mut rs.data else {
                 continue;
             };
-            for r in rels.iter_mut().filter(|r| {
-                r.r_offset == off + 1
-                    && matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32)
-            }) {
-                found += 1;
-                match retarget {
-                    Some(id) => {
+            for r in rels.iter_mut() {
+                if !matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
+                    continue;
+                }
+                let Some(&kind) = sites.get(&r.r_offset) else {
+                    continue;
+                };
+                *seen.entry(r.r_offset).or_default() += 1;
+                match (kind, ret0) {
+                    (ProbeKind::CEnabledTail, Some(id)) => {
                         r.symbol = Some(id);
                         r.r_type = elf::R_X86_64_PLT32;
                         r.r_addend = -4;
                     }
-                    None => r.r_type = elf::R_X86_64_NONE,
+                    _ => r.r_type = elf::R_X86_64_NONE,
                 }
             }
         }
-        ensure!(
-            found == 1,
-            "{path}: probe site at section {sec}+{off:#x}: expected one rel32 relocation, found {found}"
-        );
+        for off in sites.keys() {
+            let n = seen.get(off).copied().unwrap_or(0);
+            ensure!(
+                n == 1,
+                "{path}: probe site at section {sec}+{:#x}: expected one rel32 relocation, found {n}",
+                off - 1
+            );
+        }
     }
 
     // Section symbols for every section the table points into.
