@@ -961,8 +961,19 @@ fn write_object(
     record_ids: &BTreeSet<(Target, u32)>,
     rewrites: &[(Target, ProbeKind)],
 ) -> Result<Vec<u8>> {
-    let mut b = Builder::read(data)
+    // The builder rejects section types it does not model (SHT_GROUP, .llvm_addrsig,
+    // ...): they are read and written as opaque PROGBITS and get their type back in
+    // the output. Sections keep their indices (none is removed, new ones go last), so
+    // group member lists stay valid.
+    let (input, disguised) = disguise_section_types(path, data)?;
+    let mut b = Builder::read(&input[..])
         .map_err(|e| anyhow::anyhow!("{path}: cannot read the object for rewriting: {e}"))?;
+    let orig_type = |id: SectionId| -> u32 {
+        disguised
+            .iter()
+            .find(|&&(i, _)| i == id.index() + 1)
+            .map_or(b.sections.get(id).sh_type, |&(_, t)| t)
+    };
     let section_ids: Vec<SectionId> = b.sections.iter().map(|s| s.id()).collect();
     let symbol_ids: Vec<SymbolId> = b.symbols.iter().map(|s| s.id()).collect();
     // ELF index -> builder id (the null entries are not in the builder).
@@ -980,9 +991,15 @@ fn write_object(
     let groups: Vec<(SectionId, SymbolId)> = b
         .sections
         .iter()
-        .filter(|s| s.sh_type == elf::SHT_GROUP && s.sh_info_section.is_none())
+        .filter(|s| orig_type(s.id()) == elf::SHT_GROUP)
         .map(|s| Ok((s.id(), sym_id(s.sh_info as usize)?)))
         .collect::<Result<_>>()?;
+    let addrsig: Vec<SectionId> = b
+        .sections
+        .iter()
+        .filter(|s| orig_type(s.id()) == SHT_LLVM_ADDRSIG)
+        .map(|s| s.id())
+        .collect();
     let old_order = symbol_order(&b);
 
     // Byte patches, by section: probe ids into `probe!` records, disabled forms into C
@@ -1141,10 +1158,8 @@ fn write_object(
         b.sections.get_mut(g).sh_info = new_index[&sym.index()];
     }
     if old_order != new_order {
-        for s in b.sections.iter_mut() {
-            if s.sh_type != SHT_LLVM_ADDRSIG {
-                continue;
-            }
+        for &id in &addrsig {
+            let s = b.sections.get_mut(id);
             let SectionData::Data(d) = &mut s.data else {
                 continue;
             };
@@ -1205,7 +1220,65 @@ fn write_object(
     let mut out = Vec::new();
     b.write(&mut out)
         .map_err(|e| anyhow::anyhow!("{path}: cannot write the object: {e}"))?;
+    set_section_types(&mut out, &disguised)?;
     Ok(out)
+}
+
+/// Section types `object::build::elf::Builder` reads as what they are.
+fn builder_models(t: u32) -> bool {
+    matches!(
+        t,
+        elf::SHT_NULL
+            | elf::SHT_PROGBITS
+            | elf::SHT_NOBITS
+            | elf::SHT_INIT_ARRAY
+            | elf::SHT_FINI_ARRAY
+            | elf::SHT_PREINIT_ARRAY
+            | elf::SHT_REL
+            | elf::SHT_RELA
+            | elf::SHT_SYMTAB
+            | elf::SHT_SYMTAB_SHNDX
+            | elf::SHT_STRTAB
+            | elf::SHT_NOTE
+            | elf::SHT_GNU_ATTRIBUTES
+            | elf::SHT_X86_64_UNWIND
+    )
+}
+
+/// (section index, original `sh_type`) of the sections given to the builder as PROGBITS.
+type Disguised = Vec<(usize, u32)>;
+
+/// A copy of `data` where every section type the builder does not model is
+/// `SHT_PROGBITS`, and the (index, original type) pairs.
+fn disguise_section_types(path: &str, data: &[u8]) -> Result<(Vec<u8>, Disguised)> {
+    let file = ElfFile64::<LE>::parse(data).with_context(|| format!("{path}: not ELF64"))?;
+    let shoff = file.elf_header().e_shoff.get(LE) as usize;
+    let mut out = data.to_vec();
+    let mut changed = Vec::new();
+    for (i, s) in file.elf_section_table().iter().enumerate() {
+        let t = s.sh_type(LE);
+        if builder_models(t) || t == elf::SHT_NOBITS {
+            continue;
+        }
+        let at = shoff + i * size_of::<elf::SectionHeader64<LE>>() + 4;
+        out.get_mut(at..at + 4)
+            .with_context(|| format!("{path}: section header {i} out of bounds"))?
+            .copy_from_slice(&elf::SHT_PROGBITS.to_le_bytes());
+        changed.push((i, t));
+    }
+    Ok((out, changed))
+}
+
+/// Gives the sections [`disguise_section_types`] changed their types back.
+fn set_section_types(out: &mut [u8], types: &[(usize, u32)]) -> Result<()> {
+    let shoff = ElfFile64::<LE>::parse(&*out)?.elf_header().e_shoff.get(LE) as usize;
+    for &(i, t) in types {
+        let at = shoff + i * size_of::<elf::SectionHeader64<LE>>() + 4;
+        out.get_mut(at..at + 4)
+            .context("section header out of bounds")?
+            .copy_from_slice(&t.to_le_bytes());
+    }
+    Ok(())
 }
 
 /// Symbol ids in the order the builder writes them: locals, then the rest.

@@ -892,3 +892,49 @@ fn sites_in_several_sections_sort_by_section_index() {
     let secs: Vec<String> = l.table().sites().map(|s| l.place(s.addr).0).collect();
     assert_eq!(secs, [".text.a", ".text.b", ".text.c"]);
 }
+
+#[test]
+fn comdat_group_signature_follows_added_section_symbols() {
+    // GNU as emits no section symbol for these sections; `embed` adds local ones, which
+    // renumbers the globals: the group's signature (a symbol index in sh_info) must
+    // still name `foo`, and GNU ld must still accept the object.
+    let dir = tmpdir("group");
+    std::fs::write(
+        dir.join("g.s"),
+        ".section .text.foo,\"axG\",@progbits,foo,comdat\n.globl foo\n.type foo,@function\n\
+         foo: call k\n ret\n.size foo, .-foo\n.text\n.globl bar\n.type bar,@function\n\
+         bar: call foo\n jmp k\n.size bar, .-bar\n\
+         .section .ksites_ifunc_imports,\"\",@progbits\n.quad k\n",
+    )
+    .unwrap();
+    let o = run(Command::new("gcc")
+        .args(["-c", "g.s", "-o", "g.o"])
+        .current_dir(&dir));
+    assert!(o.status.success(), "gcc: {}", stderr(&o));
+    let o = embed(&dir.join("g.o"), &dir.join("g.ksites.o"));
+    assert!(o.status.success(), "embed: {}", stderr(&o));
+    let out = std::fs::read(dir.join("g.ksites.o")).unwrap();
+    let signature = |b: &[u8]| -> String {
+        let f = ElfFile64::<LE>::parse(b).unwrap();
+        let g = f
+            .elf_section_table()
+            .iter()
+            .find(|s| s.sh_type(LE) == elf::SHT_GROUP)
+            .unwrap();
+        let i = g.sh_info(LE) as usize;
+        f.symbol_by_index(object::SymbolIndex(i))
+            .unwrap()
+            .name()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(signature(&std::fs::read(dir.join("g.o")).unwrap()), "foo");
+    assert_eq!(signature(&out), "foo");
+    let l = load(&out);
+    let insns = objdump_relocs(&dir.join("g.o"));
+    check_sites(&l, &insns, &["k".to_string()]);
+    let o = run(Command::new("ld.bfd")
+        .args(["-r", "g.ksites.o", "-o", "linked.o"])
+        .current_dir(&dir));
+    assert!(o.status.success(), "ld -r: {}", stderr(&o));
+}
