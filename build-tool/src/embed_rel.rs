@@ -115,14 +115,16 @@ pub struct VirtualLayout {
 }
 
 impl VirtualLayout {
-    /// Lays out `file` at `base` (page-aligned).
-    pub fn new(file: &ElfFile64<'_, LE>, base: u64) -> VirtualLayout {
+    /// Lays out `file` at `base` (page-aligned); `None` if the sections do not fit in
+    /// the address space (a malformed file).
+    pub fn new(file: &ElfFile64<'_, LE>, base: u64) -> Option<VirtualLayout> {
+        let align_up = |x: u64, a: u64| x.checked_next_multiple_of(a.max(1));
         let n = file.elf_section_table().len();
         let mut sections = vec![None; n];
         let mut exec = Vec::new();
         let mut addr = base;
         for group in 0..3 {
-            addr = addr.next_multiple_of(PAGE);
+            addr = align_up(addr, PAGE)?;
             for (i, s) in file.elf_section_table().iter().enumerate() {
                 let f = s.sh_flags(LE);
                 if f & u64::from(elf::SHF_ALLOC) == 0 {
@@ -138,31 +140,32 @@ impl VirtualLayout {
                 if g != group {
                     continue;
                 }
-                addr = addr.next_multiple_of(s.sh_addralign(LE).max(1));
+                addr = align_up(addr, s.sh_addralign(LE))?;
                 sections[i] = Some(addr);
-                if g == 0 && s.sh_size(LE) > 0 {
-                    exec.push(addr..addr + s.sh_size(LE));
+                let end = addr.checked_add(s.sh_size(LE))?;
+                if g == 0 && end > addr {
+                    exec.push(addr..end);
                 }
-                addr += s.sh_size(LE);
+                addr = end;
             }
         }
-        let undef_base = addr.next_multiple_of(PAGE) + PAGE;
+        let undef_base = align_up(addr, PAGE)?.checked_add(PAGE)?;
         let mut undefined = HashMap::new();
         for s in file.symbols() {
             if s.is_undefined() && s.index().0 != 0 {
-                let a = undef_base + 16 * undefined.len() as u64;
+                let a = undef_base.checked_add(16 * undefined.len() as u64)?;
                 undefined.insert(s.index().0, a);
             }
         }
         if !undefined.is_empty() {
-            exec.push(undef_base..undef_base + 16 * undefined.len() as u64);
+            exec.push(undef_base..undef_base.checked_add(16 * undefined.len() as u64)?);
         }
         exec.sort_by_key(|r| r.start);
-        VirtualLayout {
+        Some(VirtualLayout {
             sections,
             undefined,
             exec,
-        }
+        })
     }
 
     /// The address of `t`.
@@ -759,7 +762,8 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             s.name().unwrap_or("?")
         );
     }
-    let layout = VirtualLayout::new(&img.file, PAGE);
+    let layout = VirtualLayout::new(&img.file, PAGE)
+        .with_context(|| format!("{path}: allocated sections do not fit the address space"))?;
     // Every address handed to the table writer, mapped back to its target.
     let mut back: HashMap<u64, Target> = HashMap::new();
     let mut va = |t: Target| -> Result<u64> {
@@ -1321,7 +1325,8 @@ fn write_uleb(out: &mut Vec<u8>, mut v: u64) {
 /// and checks that the loader's reader accepts the table with the expected counts.
 fn verify_output(path: &str, out: &[u8], input: &TableInput) -> Result<()> {
     let file = ElfFile64::<LE>::parse(out).context("re-reading the output")?;
-    let layout = VirtualLayout::new(&file, PAGE);
+    let layout = VirtualLayout::new(&file, PAGE)
+        .with_context(|| format!("{path}: allocated sections do not fit the address space"))?;
     let (bytes, addr) = relocated_table(&file, &layout)
         .map_err(|e| anyhow::anyhow!("{path}: written table: {e}"))?;
     let t = Table::parse(&bytes, addr, &layout.exec)
@@ -1342,7 +1347,12 @@ pub fn relocated_table(file: &ElfFile64<'_, LE>, layout: &VirtualLayout) -> Resu
     let sec = file
         .section_by_name(SECTION_NAME)
         .context("no .ksites section")?;
-    let addr = layout.sections[sec.index().0].context(".ksites is not allocated")?;
+    let addr = layout
+        .sections
+        .get(sec.index().0)
+        .copied()
+        .flatten()
+        .context(".ksites is not allocated")?;
     let mut bytes = sec.data()?.to_vec();
     for (off, r) in sec.relocations() {
         ensure!(
@@ -1363,14 +1373,22 @@ pub fn relocated_table(file: &ElfFile64<'_, LE>, layout: &VirtualLayout) -> Resu
                 .context("undefined symbol without an address")?
         } else {
             let si = s.section_index().context("symbol not in a section")?;
-            let base = layout.sections[si.0].context("symbol in a non-allocated section")?;
+            let base = layout
+                .sections
+                .get(si.0)
+                .copied()
+                .flatten()
+                .context("symbol in a non-allocated section")?;
             if s.kind() == SymbolKind::Section {
                 base
             } else {
-                base + s.address()
+                base.checked_add(s.address())
+                    .context("symbol address overflows")?
             }
         };
-        let p = addr + off;
+        let p = addr
+            .checked_add(off)
+            .context("relocation offset overflows")?;
         let v = i64::try_from(i128::from(sv) + i128::from(r.addend()) - i128::from(p))?;
         let v = i32::try_from(v).context("PC32 overflow")?;
         bytes
