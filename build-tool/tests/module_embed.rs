@@ -605,6 +605,11 @@ fn gcc_module_with_imports_and_c_probes() {
     let linked = std::fs::read(dir.join("linked.o")).unwrap();
     load(&linked).table();
 
+    // Deterministic: a second run writes the same bytes.
+    let o = embed(&input, &dir.join("m.again.o"));
+    assert!(o.status.success(), "embed: {}", stderr(&o));
+    assert_eq!(std::fs::read(dir.join("m.again.o")).unwrap(), out);
+
     // inspect and verify say clearly that they read linked images only.
     for cmd in ["inspect", "verify"] {
         let o = run(Command::new(KSITES).arg(cmd).arg(&output));
