@@ -42,11 +42,6 @@ const C_FLAGS: &[&str] = &[
     "-Werror",
 ];
 
-/// TODO(issue 5): remove once `ksites embed` accepts ET_REL objects (being added to
-/// build-tool in parallel). Until then the modules are copied as they are, without a
-/// `.ksites` table, so the rest of the pipeline (build, include, load) runs.
-const EMBED_ACCEPTS_ET_REL: bool = false;
-
 /// Where the module objects and the embedded modules go.
 pub(crate) fn module_dir(root: &Path) -> PathBuf {
     root.join("target/ksites-modules")
@@ -126,17 +121,9 @@ fn check_undefined(sh: &Shell, object: &Path) -> Result<()> {
 /// `ksites embed X.o -o X.ko`.
 fn embed(sh: &Shell, ksites: &Path, object: &Path) -> Result<()> {
     let ko = object.with_extension("ko");
-    if EMBED_ACCEPTS_ET_REL {
-        cmd!(sh, "{ksites} embed {object} -o {ko}")
-            .run()
-            .with_context(|| format!("ksites embed failed on {}", object.display()))?;
-    } else {
-        println!(
-            "xtask: TODO: `ksites embed` does not accept ET_REL yet; copying {} unembedded",
-            object.display()
-        );
-        sh.copy_file(object, &ko)?;
-    }
+    cmd!(sh, "{ksites} embed {object} -o {ko}")
+        .run()
+        .with_context(|| format!("ksites embed failed on {}", object.display()))?;
     Ok(())
 }
 
