@@ -12,7 +12,7 @@
 //! patch module text through both pokers, free, reuse).
 
 use core::ops::Range;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use kernel_loader::format::{SiteKind, Table};
 use kernel_loader::module::{Export, Kernel, Module, ModuleError, RUNTIME_EXPORTS};
@@ -24,7 +24,7 @@ use crate::arena::{self, Arena, Perm};
 use crate::harness::{Harness, Msg};
 use crate::ifunc_tests::{raw_choice, read_bytes, read_slot, ref_crc32c, ref_popcount};
 use crate::poker::{ALIAS_STATS, AliasPoker, WpPoker};
-use crate::{ensure, msg, paging, println};
+use crate::{ensure, msg, paging, println, smp};
 
 /// Bytes aligned for the ELF reader (section headers and symbols are read in place).
 #[repr(C, align(16))]
@@ -631,6 +631,120 @@ fn check_probes(rmod: &Module<'_>, cmod: &Module<'_>) -> Result<(), Msg> {
     Ok(())
 }
 
+// Live toggling of a module probe while the APs run its site.
+
+static AP_FIRE: AtomicU64 = AtomicU64::new(0);
+static AP_STOP: AtomicBool = AtomicBool::new(false);
+static AP_STARTED: AtomicU32 = AtomicU32::new(0);
+static AP_CALLS: AtomicU64 = AtomicU64::new(0);
+static AP_WRONG: AtomicU64 = AtomicU64::new(0);
+static SMP_HITS: AtomicU64 = AtomicU64::new(0);
+static SMP_BAD_ARGS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts hits; an AP fires `rmod:hit(cpu, n, 7)` with `1 <= cpu < online`.
+fn smp_handler(_id: ProbeId, args: &[u64; 6]) {
+    SMP_HITS.fetch_add(1, Ordering::SeqCst);
+    let cpu_ok = args[0] >= 1 && args[0] < smp::online() as u64;
+    if !cpu_ok || args[2] != 7 || args[3..] != [0, 0, 0] {
+        SMP_BAD_ARGS.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// An AP's job: call `rmod_fire(cpu, n, 7)` until told to stop.
+fn ap_worker(cpu: usize) {
+    // SAFETY: AP_FIRE holds rmod's `rmod_fire`, and rmod stays loaded (and held) until
+    // every AP finished this job.
+    let fire =
+        unsafe { core::mem::transmute::<usize, Fn3>(AP_FIRE.load(Ordering::Acquire) as usize) };
+    AP_STARTED.fetch_add(1, Ordering::AcqRel);
+    let cpu = cpu as u64;
+    let mut n = 0u64;
+    while !AP_STOP.load(Ordering::Relaxed) {
+        if fire(cpu, n, 7) != cpu.wrapping_add(n).wrapping_add(7) {
+            AP_WRONG.fetch_add(1, Ordering::Relaxed);
+        }
+        n += 1;
+        // Do not starve the host: QEMU runs each CPU on a host thread (see smp::nap).
+        smp::nap(20);
+    }
+    AP_CALLS.fetch_add(n, Ordering::AcqRel);
+}
+
+/// With every AP calling `rmod_fire` in a loop, CPU 0 enables and disables `rmod:hit`
+/// 100 times: every result stays right, every hit has the AP's arguments, and the
+/// handler and the registry count the same hits. rmod is held meanwhile.
+fn probe_toggle_while_aps_run(rmod: &Module<'_>) -> Result<(), Msg> {
+    let hit = probe::lookup("rmod:hit").ok_or("rmod:hit not registered")?;
+    AP_FIRE.store(sym(rmod, "rmod_fire")?, Ordering::Release);
+    for c in [&AP_CALLS, &AP_WRONG, &SMP_HITS, &SMP_BAD_ARGS] {
+        c.store(0, Ordering::SeqCst);
+    }
+    AP_STOP.store(false, Ordering::SeqCst);
+    AP_STARTED.store(0, Ordering::SeqCst);
+    let registry_before = probe::info(hit).map_or(0, |i| i.hits);
+    rmod.hold();
+    smp::run_on_aps(ap_worker);
+    let aps = smp::online() as u32 - 1;
+    let mut spins = 0u64;
+    while AP_STARTED.load(Ordering::Acquire) < aps && spins < 2_000_000_000 {
+        spins += 1;
+        core::hint::spin_loop();
+    }
+    let mut poker = AliasPoker::default();
+    let mut r = Ok(());
+    for _ in 0..100 {
+        // SAFETY: `smp_handler` is a plain function; the poker syncs every CPU, and
+        // the int3 protocol covers APs running the site mid-patch.
+        r = unsafe { probe::enable(hit, smp_handler, &mut poker) }
+            .and_then(|()| {
+                crate::apic::delay_us(300);
+                // SAFETY: as above.
+                unsafe { probe::disable(hit, &mut poker) }
+            })
+            .map_err(|e| msg!("toggling rmod:hit: {e}"));
+        if r.is_err() {
+            break;
+        }
+        crate::apic::delay_us(100);
+    }
+    AP_STOP.store(true, Ordering::SeqCst);
+    let stopped = smp::wait_aps(4_000_000_000).map_err(|cpu| msg!("CPU {cpu} did not stop"));
+    rmod.release();
+    r?;
+    stopped?;
+    ensure!(
+        AP_STARTED.load(Ordering::SeqCst) == aps,
+        "only {} APs started",
+        AP_STARTED.load(Ordering::SeqCst)
+    );
+    let (calls, hits) = (
+        AP_CALLS.load(Ordering::SeqCst),
+        SMP_HITS.load(Ordering::SeqCst),
+    );
+    let registry = probe::info(hit).map_or(0, |i| i.hits) - registry_before;
+    println!(
+        "modules: rmod:hit toggled 100 times while {aps} APs called rmod_fire {calls} times: {hits} hits (registry {registry}), {} syncs",
+        poker.syncs
+    );
+    ensure!(
+        AP_WRONG.load(Ordering::SeqCst) == 0,
+        "{} wrong results",
+        AP_WRONG.load(Ordering::SeqCst)
+    );
+    ensure!(
+        SMP_BAD_ARGS.load(Ordering::SeqCst) == 0,
+        "{} hits with wrong arguments",
+        SMP_BAD_ARGS.load(Ordering::SeqCst)
+    );
+    ensure!(calls > 0 && hits > 0, "calls {calls}, hits {hits}");
+    ensure!(
+        hits == registry,
+        "handler counted {hits} hits, registry {registry}"
+    );
+    ensure!(!probe::is_enabled(hit), "rmod:hit left enabled");
+    Ok(())
+}
+
 /// FNV-1a over every kernel ifunc site's and probe site's bytes.
 fn kernel_sites_digest(t: &Table<'_>) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -807,6 +921,12 @@ pub fn run(h: &mut Harness) {
         "module_probes_registry_fire_args",
         check_probes(&rmod, &cmod),
     );
+    if smp::online() > 1 {
+        h.check(
+            "module_probe_live_toggle_while_aps_run_it",
+            probe_toggle_while_aps_run(&rmod),
+        );
+    }
     h.check(
         "module_kernel_sites_unchanged_by_loads",
         if kernel_sites_digest(&env.table) == digest_before {
