@@ -2,7 +2,7 @@
  * ksites_module.h: what a C module (an ET_REL object loaded by kernel-loader's module
  * loader) declares.
  *
- *   KSITES_IFUNC_IMPORT(popcount)
+ *   KSITES_IFUNC_IMPORT(popcount);
  *       at file scope, next to the prototype of a kernel ifunc the module calls. It
  *       records the symbol in the non-allocated section `.ksites_ifunc_imports`, so
  *       `ksites embed` makes every call to it a site of the module's `.ksites` table and
