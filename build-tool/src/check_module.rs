@@ -203,7 +203,7 @@ pub fn check(
     let lookup = Lookup { kernel, any_at };
     // With no kernel, the placeholder page stands for the kernel's text.
     let exec: Vec<Range<u64>> = match any_at {
-        Some(a) => vec![a..a + PAGE_SIZE as u64],
+        Some(a) => std::iter::once(a..a + PAGE_SIZE as u64).collect(),
         None => kernel.exec.clone(),
     };
     let k = Kernel {
