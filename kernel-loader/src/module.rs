@@ -542,9 +542,7 @@ impl<'b> Object<'b> {
             return Err(ModuleError::NotRelocatable { e_type, machine });
         }
         let table = eh.sections(LE, bytes).map_err(elf_err)?;
-        let symtab = table
-            .symbols(LE, bytes, elf::SHT_SYMTAB)
-            .map_err(elf_err)?;
+        let symtab = table.symbols(LE, bytes, elf::SHT_SYMTAB).map_err(elf_err)?;
         Ok(Object {
             bytes,
             sections: table.iter().as_slice(),
@@ -669,7 +667,8 @@ impl<'b> Linker<'b, '_, '_> {
             let size = sh.sh_size.get(LE) as usize;
             if sh.sh_type.get(LE) != elf::SHT_NOBITS {
                 let data = sh.data(LE, self.obj.bytes).map_err(elf_err)?;
-                self.mem(off, size).copy_from_slice(&data[..size.min(data.len())]);
+                self.mem(off, size)
+                    .copy_from_slice(&data[..size.min(data.len())]);
             }
             self.set_meta(i, self.region.addr + off as u64);
             at[g] = off + size;
@@ -729,7 +728,11 @@ impl<'b> Linker<'b, '_, '_> {
             .map_err(elf_err)?
         {
             Some(SectionIndex(s)) => {
-                let sh = self.obj.sections.get(s).ok_or(ModuleError::Malformed("bad symbol section index"))?;
+                let sh = self
+                    .obj
+                    .sections
+                    .get(s)
+                    .ok_or(ModuleError::Malformed("bad symbol section index"))?;
                 if group(sh).is_none() {
                     return Ok(0);
                 }
@@ -760,7 +763,9 @@ impl<'b> Linker<'b, '_, '_> {
             }
             let target = rs.sh_info.get(LE) as usize;
             let Some(tsh) = self.obj.sections.get(target) else {
-                return Err(ModuleError::Malformed("relocation section targets no section"));
+                return Err(ModuleError::Malformed(
+                    "relocation section targets no section",
+                ));
             };
             if group(tsh).is_none() {
                 continue;
@@ -883,7 +888,9 @@ impl<'b> Linker<'b, '_, '_> {
         // Every import must be a kernel ifunc.
         for f in t.ifuncs().filter(|f| f.imported) {
             let known = match &self.kernel.table {
-                Some(kt) => kt.ifuncs().any(|k| !k.imported && k.trampoline == f.trampoline),
+                Some(kt) => kt
+                    .ifuncs()
+                    .any(|k| !k.imported && k.trampoline == f.trampoline),
                 None => true,
             };
             if !known {
@@ -916,7 +923,11 @@ impl<'b> Linker<'b, '_, '_> {
         ) else {
             return Ok(());
         };
-        let stubs = Stubs { c_entry, ret0, ret1 };
+        let stubs = Stubs {
+            c_entry,
+            ret0,
+            ret1,
+        };
         for s in t.probe_sites() {
             let want = probe::site_bytes_with(&s, false, &stubs).map_err(ModuleError::Probe)?;
             let off = (s.addr - self.region.addr) as usize;
@@ -1000,7 +1011,9 @@ fn link<'b, 'k>(
     issue: &mut dyn FnMut(ModuleError<'b>),
 ) -> Result<(Region, Layout, LoadReport, Option<Table<'static>>), ModuleError<'b>> {
     if kernel.exec.len() > MAX_KERNEL_EXEC {
-        return Err(ModuleError::Malformed("the kernel lists too many executable ranges"));
+        return Err(ModuleError::Malformed(
+            "the kernel lists too many executable ranges",
+        ));
     }
     let obj = Object::parse(bytes)?;
     let layout = obj.layout()?;

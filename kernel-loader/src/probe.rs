@@ -756,7 +756,9 @@ pub fn matching(glob: &str) -> impl Iterator<Item = ProbeId> + use<> {
             }
         }
     }
-    (0..MAX_PROBES as u32).filter(move |&i| set[i as usize / 64] & (1 << (i % 64)) != 0).map(ProbeId)
+    (0..MAX_PROBES as u32)
+        .filter(move |&i| set[i as usize / 64] & (1 << (i % 64)) != 0)
+        .map(ProbeId)
 }
 
 /// Matches `provider:name` against `glob` without allocating.
