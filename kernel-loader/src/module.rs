@@ -753,6 +753,28 @@ impl<'b> Linker<'b, '_, '_> {
         }
     }
 
+    /// Whether symbol `i` failed to resolve (`resolve` reported it and recorded 0).
+    fn unresolved(&self, i: SymbolIndex) -> bool {
+        let Ok(sym) = self.obj.symtab.symbol(i) else {
+            return false;
+        };
+        if i.0 == 0 {
+            return false;
+        }
+        if matches!(sym.st_type(), elf::STT_GNU_IFUNC | elf::STT_TLS)
+            || sym.st_shndx(LE) == elf::SHN_COMMON
+        {
+            return true;
+        }
+        sym.st_shndx(LE) == elf::SHN_UNDEF
+            && sym.st_bind() != elf::STB_WEAK
+            && self
+                .kernel
+                .symbols
+                .lookup(self.obj.symbol_name(sym))
+                .is_none()
+    }
+
     /// Applies every relocation section that targets an allocated section; reports each
     /// problem to `issue`.
     fn relocate(&mut self, issue: &mut dyn FnMut(ModuleError<'b>)) -> Result<(), ModuleError<'b>> {
@@ -826,6 +848,11 @@ impl<'b> Linker<'b, '_, '_> {
             return Err(bad("offset outside its section"));
         }
         let s = self.symbol_addr(sym);
+        if s == 0 && self.unresolved(SymbolIndex(sym)) {
+            // `resolve` already reported the symbol; a value computed from its
+            // placeholder 0 would only add a spurious overflow for every reference.
+            return Ok(());
+        }
         let a = r.r_addend(LE);
         let p = self.section_addr(target).wrapping_add(offset);
         let sa = s.wrapping_add_signed(a);
