@@ -44,8 +44,12 @@ pub struct EmbedReport {
     pub scan: SiteScan,
     /// Probes and probe sites.
     pub probes: ProbeScan,
-    /// Address and size of the table, if one was written.
+    /// Address and size of the table, if one was written (for an object: 0, the table
+    /// is relocated at load).
     pub table: Option<(u64, usize)>,
+    /// The input was a relocatable object (a module): the table went into `.ksites`
+    /// with its relocations in `.rela.ksites`.
+    pub relocatable: bool,
 }
 
 /// Embeds into an in-memory image; returns the new file contents.
@@ -53,6 +57,10 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
     let img = Image::parse(path, data)?;
     if img.section_by_name(SECTION_NAME).is_some() {
         return Err(AlreadyEmbedded(path.to_string()).into());
+    }
+    if img.kind == ElfKind::Rel {
+        // A module: `.ksites` + `.rela.ksites`, always (even an empty table).
+        return crate::embed_rel::embed_rel(path, data);
     }
     let ifuncs = read_ifuncs(&img)?;
     let probes = find_probes(&img)?;
@@ -187,6 +195,7 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             scan,
             probes,
             table: Some((table_addr, size)),
+            relocatable: false,
         },
     ))
 }

@@ -55,6 +55,7 @@ struct Listing {
 
 fn listing(path: &str, data: &[u8]) -> Result<Listing> {
     let img = Image::parse(path, data)?;
+    ensure_not_embedded_object(&img)?;
     let mut o = String::new();
     writeln!(o, "{path}: ELF {:?} x86-64", img.kind)?;
     let exec = img.exec_ranges();
@@ -257,4 +258,17 @@ pub fn inspect_json(path: &str, data: &[u8]) -> Result<serde_json::Value> {
             "sites": p.sites.iter().map(site).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     }))
+}
+
+/// A module's table only means something once `.rela.ksites` is applied (at load):
+/// `inspect` and `verify` read linked images only.
+pub fn ensure_not_embedded_object(img: &Image<'_>) -> Result<()> {
+    if img.kind == crate::elf::ElfKind::Rel && img.section_by_name(SECTION_NAME).is_some() {
+        anyhow::bail!(
+            "{}: an embedded relocatable object (module): its .ksites table is relocated at \
+             load time by .rela.ksites; inspect and verify read linked images only",
+            img.path
+        );
+    }
+    Ok(())
 }

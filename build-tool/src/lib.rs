@@ -2,6 +2,7 @@
 
 pub mod elf;
 pub mod embed;
+pub mod embed_rel;
 pub mod inspect;
 pub mod link;
 pub mod probes;

@@ -121,6 +121,16 @@ enum Command {
 
 fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Path) {
     match r.table {
+        Some((_, size)) if r.relocatable => println!(
+            "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites; table in .ksites ({size} bytes, relocated at load by .rela.ksites) -> {}",
+            input.display(),
+            r.ifuncs.len(),
+            r.scan.sites.len(),
+            r.scan.other_refs.len(),
+            r.probes.probes.len(),
+            r.probes.sites.len(),
+            output.display()
+        ),
         Some((addr, size)) => println!(
             "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites; table at {addr:#x} ({size} bytes) -> {}",
             input.display(),

@@ -30,6 +30,8 @@ pub struct FoundSite {
     pub target: usize,
     /// Section name.
     pub section: Arc<str>,
+    /// Section index (section names need not be unique in an object).
+    pub section_index: SectionIndex,
     /// Section offset of the first byte.
     pub section_offset: u64,
     /// `function+0xoff` (displays as text).
@@ -196,8 +198,10 @@ pub fn find_sites_with(
             }
         }
     }
-    scan.sites.sort_by_key(|s| s.addr);
-    scan.sites.dedup_by_key(|s| s.addr);
+    // In an object every section starts at 0: equal addresses in different sections
+    // are different sites.
+    scan.sites.sort_by_key(|s| (s.addr, s.section_index.0));
+    scan.sites.dedup_by_key(|s| (s.addr, s.section_index.0));
     scan.other_refs.sort_by_key(|r| r.addr);
     Ok(scan)
 }
@@ -296,6 +300,7 @@ fn classify(
         prefixes: prefixes as u8,
         target: c.target,
         section: sec_name.clone(),
+        section_index: sec.index(),
         section_offset: insn.ip() - sec.address(),
         location: img.location(sec.index(), insn.ip()),
     });

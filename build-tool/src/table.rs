@@ -160,6 +160,22 @@ pub fn build_table(base: u64, ifuncs: &[IfuncEntry], sites: &[SiteEntry]) -> Res
 /// Encodes a table that will live at address `base`. Sites are sorted by address and
 /// deduplicated here; every self-relative reference is range-checked.
 pub fn build(base: u64, input: &TableInput) -> Result<Vec<u8>> {
+    build_with(input, &mut |field, target| {
+        make_rel(base + field as u64, target)
+    })
+    .with_context(|| format!("table at {base:#x}"))
+}
+
+/// Encodes a table, asking `rel(field_offset, target)` for the value of every
+/// self-relative field (`field_offset` from the table start, `target` an address as
+/// given in `input`; `None`: out of i32 reach). [`build`] computes them for a table at a
+/// known address; for a relocatable object the caller records a relocation per field
+/// and returns 0.
+/// Sites are sorted by address and deduplicated here.
+pub fn build_with(
+    input: &TableInput,
+    rel: &mut dyn FnMut(usize, u64) -> Option<i32>,
+) -> Result<Vec<u8>> {
     let mut input = input.clone();
     input.sites.sort_by_key(|s| s.addr);
     input.sites.dedup_by_key(|s| s.addr);
@@ -213,9 +229,11 @@ pub fn build(base: u64, input: &TableInput) -> Result<Vec<u8>> {
     };
     out[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
 
-    let rel = |field: usize, target: u64, what: &str, name: &str| -> Result<i32> {
-        make_rel(base + field as u64, target).with_context(|| {
-            format!("{what} of {name} at {target:#x} is out of i32 reach of the table at {base:#x}")
+    let mut rel = |field: usize, target: u64, what: &str, name: &str| -> Result<i32> {
+        rel(field, target).with_context(|| {
+            format!(
+                "{what} of {name} at {target:#x} is out of i32 reach of table offset {field:#x}"
+            )
         })
     };
     for (i, f) in input.ifuncs.iter().enumerate() {

@@ -46,6 +46,7 @@ fn loc(img: &Image<'_>, addr: u64) -> String {
 /// Verifies `data` (the contents of `path`).
 pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
     let img = Image::parse(path, data)?;
+    crate::inspect::ensure_not_embedded_object(&img)?;
     let sec = img
         .section_by_name(SECTION_NAME)
         .with_context(|| format!("{path}: no {SECTION_NAME} section: not embedded"))?;
