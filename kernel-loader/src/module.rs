@@ -574,6 +574,22 @@ impl<'b> Object<'b> {
             .unwrap_or("?")
     }
 
+    /// Fails with [`ModuleError::NotEmbedded`] if the object has ksites records but no
+    /// `.ksites` table.
+    fn check_embedded(&self) -> Result<(), ModuleError<'b>> {
+        if self.section_by_name(crate::format::SECTION_NAME).is_some() {
+            return Ok(());
+        }
+        for name in RECORD_SECTIONS {
+            if let Some((_, sh)) = self.section_by_name(name) {
+                return Err(ModuleError::NotEmbedded {
+                    section: self.section_name(sh),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Computes the layout (offsets from the region start).
     fn layout(&self) -> Result<Layout, ModuleError<'b>> {
         let too_big = ModuleError::OutOfMemory { size: usize::MAX };
@@ -890,13 +906,7 @@ impl<'b> Linker<'b, '_, '_> {
     /// The module's table, validated in place, if it has one.
     fn table(&mut self) -> Result<Option<Table<'static>>, ModuleError<'b>> {
         let Some((i, sh)) = self.obj.section_by_name(crate::format::SECTION_NAME) else {
-            for name in RECORD_SECTIONS {
-                if let Some((_, sh)) = self.obj.section_by_name(name) {
-                    return Err(ModuleError::NotEmbedded {
-                        section: self.obj.section_name(sh),
-                    });
-                }
-            }
+            self.obj.check_embedded()?;
             return Ok(None);
         };
         if group(sh) != Some(1) {
@@ -1043,6 +1053,9 @@ fn link<'b, 'k>(
         ));
     }
     let obj = Object::parse(bytes)?;
+    // Before resolving: an object `ksites embed` never saw names its ifunc imports as
+    // undefined symbols the kernel need not export, and the cause is the missing table.
+    obj.check_embedded()?;
     let layout = obj.layout()?;
     let region = mem
         .alloc(layout.end)
