@@ -28,6 +28,9 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Every live module region of every `TestMem` (the poker writes module text there).
+static MODULE_REGIONS: Mutex<Vec<(u64, usize)>> = Mutex::new(Vec::new());
+
 /// Memory for modules: anonymous mappings within rel32 reach of this binary's text.
 #[derive(Debug, Default)]
 struct TestMem {
@@ -87,6 +90,7 @@ impl ModuleMemory for TestMem {
             if near_text(p as u64, size) {
                 self.allocs += 1;
                 self.live.push((p as u64, size));
+                MODULE_REGIONS.lock().unwrap().push((p as u64, size));
                 return Some(Region {
                     ptr: p.cast(),
                     addr: p as u64,
@@ -135,6 +139,10 @@ impl ModuleMemory for TestMem {
             .position(|&r| r == (region.addr, region.size))
             .expect("freeing a region that is not live");
         self.live.remove(i);
+        MODULE_REGIONS
+            .lock()
+            .unwrap()
+            .retain(|&r| r != (region.addr, region.size));
         self.frees += 1;
         // SAFETY: the region is a mapping of ours and nothing refers to it any more.
         let r = unsafe { libc::munmap(region.ptr.cast(), region.size) };
@@ -155,7 +163,6 @@ impl TestMem {
 #[derive(Debug)]
 struct TestPoker {
     host: kernel_loader::host::HostPoker,
-    regions: Vec<(u64, usize)>,
     module_writes: u32,
 }
 
@@ -163,7 +170,6 @@ impl TestPoker {
     fn new() -> TestPoker {
         TestPoker {
             host: kernel_loader::host::HostPoker::new(),
-            regions: Vec::new(),
             module_writes: 0,
         }
     }
@@ -176,11 +182,12 @@ impl TextPoker for TestPoker {
 
     unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
         let end = addr + bytes.len() as u64;
-        if !self
-            .regions
+        let in_module = MODULE_REGIONS
+            .lock()
+            .unwrap()
             .iter()
-            .any(|&(a, s)| addr >= a && end <= a + s as u64)
-        {
+            .any(|&(a, s)| addr >= a && end <= a + s as u64);
+        if !in_module {
             // SAFETY: forwarded.
             return unsafe { self.host.write(addr, bytes) };
         }
@@ -306,14 +313,7 @@ fn load<'b>(
     // `poker` writes this process's text and the module regions; the exports are this
     // binary's functions and statics (or fake addresses nothing calls); the modules are
     // the tests' own code.
-    let r = unsafe { Module::load("test", bytes, k, mem, poker) };
-    if let Ok(m) = &r {
-        poker.regions.push((
-            m.memory().start,
-            (m.memory().end - m.memory().start) as usize,
-        ));
-    }
-    r
+    unsafe { Module::load("test", bytes, k, mem, poker) }
 }
 
 // `Module::unload` hands the module back with the error (the loader cannot box).
@@ -323,14 +323,9 @@ fn unload<'b>(
     mem: &mut TestMem,
     poker: &mut TestPoker,
 ) -> Result<(), (Module<'b>, ModuleError<'static>)> {
-    let r0 = m.memory().start;
     // SAFETY: no thread runs the module's code any more (the tests call it only
     // synchronously).
-    let r = unsafe { m.unload(mem, poker) };
-    if r.is_ok() {
-        poker.regions.retain(|&(a, _)| a != r0);
-    }
-    r
+    unsafe { m.unload(mem, poker) }
 }
 
 fn read_u32(addr: u64) -> u32 {
@@ -1126,4 +1121,212 @@ fn got_relocations_from_fno_plt_are_unsupported() {
     assert!(r.is_err());
     let (s, _) = load_err(&obj, &kernel_exports());
     assert!(issues.contains(&s), "{s} not among {issues:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. An embedded Rust module with its own ifunc, an imported kernel ifunc and probes.
+//
+// A module built for x86_64-unknown-none uses absolute 32-bit addresses (probe records,
+// resolvers' function pointers), which fit only below 2 GiB, and this PIE test binary
+// lies far above: the "kernel" is a non-PIE host program (`tests/fixtures/
+// module_kernel.rs`) built here against kernel-loader (std + module), which loads the
+// module below 2 GiB and runs the checks.
+
+const KSITES: &str = env!("CARGO_BIN_EXE_ksites");
+
+const MOD_SRC: &str = r#"#![no_std]
+use core::sync::atomic::{AtomicU64, Ordering};
+use kernel_loader::probe::ProbeId;
+use kernel_loader::{CpuFeatures, ifunc, ifunc_import, probe, probe_enabled};
+
+unsafe extern "C" fn double_soft(x: u64) -> u64 { x.wrapping_mul(2) }
+unsafe extern "C" fn double_fast(x: u64) -> u64 { x.wrapping_mul(2) | 1 }
+fn pick(f: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u64 {
+    if f.contains(CpuFeatures::SSE2) { double_fast } else { double_soft }
+}
+ifunc! {
+    /// Doubles (odd when the fast one was picked).
+    pub fn mod_double(x: u64) -> u64;
+    default = double_soft;
+    resolver = pick;
+}
+ifunc_import! {
+    /// The kernel's popcount.
+    pub fn kpopcount(x: u64) -> u32;
+}
+unsafe extern "C" {
+    fn kernel_add(a: i64, b: i64) -> i64;
+}
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn work(x: u64) -> u64 {
+    probe!(modr, work, x, x + 1);
+    let r = mod_double(x) + kpopcount(x) as u64;
+    if probe_enabled!(modr, check) { probe!(modr, check); }
+    r
+}
+#[unsafe(no_mangle)]
+pub extern "C" fn add_via_kernel(x: i64) -> i64 {
+    // SAFETY: kernel_add takes any i64s.
+    unsafe { kernel_add(x, 4) }
+}
+static HANDLED: AtomicU64 = AtomicU64::new(0);
+#[unsafe(no_mangle)]
+pub fn mod_handler(_id: ProbeId, args: &[u64; 6]) { HANDLED.store(args[0], Ordering::SeqCst); }
+#[unsafe(no_mangle)]
+pub extern "C" fn mod_handled() -> u64 { HANDLED.load(Ordering::SeqCst) }
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! { loop {} }
+"#;
+
+fn cargo_build_kernel_loader(args: &[&str], target_dir: &Path) {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    ok(
+        run(Command::new(cargo)
+            .args(["build", "-q"])
+            .args(args)
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")),
+        "cargo build kernel-loader",
+    );
+}
+
+/// The one `lib{name}-*.rlib` in `deps`.
+fn dep_rlib(deps: &Path, name: &str) -> std::path::PathBuf {
+    let mut found: Vec<_> = std::fs::read_dir(deps)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(&format!("lib{name}-")) && n.ends_with(".rlib")
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{name} in {deps:?}: {found:?}");
+    found.pop().unwrap()
+}
+
+#[test]
+fn embedded_rust_module_ifuncs_probes_and_unload_rules() {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join("module_loader_kernel");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    // The module: kernel-loader for x86_64-unknown-none, rustc, ksites embed.
+    let none = tmp.join("kl-none");
+    cargo_build_kernel_loader(&["--target", "x86_64-unknown-none"], &none);
+    let none = none.join("x86_64-unknown-none/debug");
+    std::fs::write(tmp.join("modr.rs"), MOD_SRC).unwrap();
+    ok(
+        run(Command::new("rustc")
+            .args([
+                "--edition",
+                "2024",
+                "--crate-type=lib",
+                "--crate-name=modr",
+                "--emit=obj",
+                "-C",
+                "panic=abort",
+                "-C",
+                "relocation-model=static",
+                "-C",
+                "opt-level=2",
+                "--target",
+                "x86_64-unknown-none",
+                "--extern",
+            ])
+            .arg(format!(
+                "kernel_loader={}",
+                none.join("libkernel_loader.rlib").display()
+            ))
+            .arg("-L")
+            .arg(format!("dependency={}", none.join("deps").display()))
+            .args(["-o", "modr.o", "modr.rs"])
+            .current_dir(&tmp)),
+        "rustc modr",
+    );
+    ok(
+        run(Command::new(KSITES)
+            .args(["embed", "modr.o", "-o", "modr.ksites.o"])
+            .current_dir(&tmp)),
+        "ksites embed modr.o",
+    );
+
+    // The un-embedded object is refused: it has records but no table (before its
+    // ifunc import `kpopcount`, which this binary does not export, is looked up).
+    let _g = serial();
+    let raw = std::fs::read(tmp.join("modr.o")).unwrap();
+    let (s, _) = load_err(&raw, &kernel_exports());
+    assert!(
+        s.contains("but no .ksites table: run `ksites embed` on it"),
+        "{s}"
+    );
+    let embedded = std::fs::read(tmp.join("modr.ksites.o")).unwrap();
+    // `check` on the host against the PIE binary: everything resolves; the module's
+    // absolute 32-bit references cannot reach memory near this binary.
+    let mut exports = kernel_exports();
+    for e in module::RUNTIME_EXPORTS {
+        exports.push(e);
+    }
+    exports.push(Export::new("kpopcount", kernel_note as *const ()));
+    let (issues, r) = check_all(&embedded, &exports);
+    assert!(r.is_err());
+    assert!(
+        issues.iter().all(|i| i.contains("overflows")),
+        "only overflows: {issues:?}"
+    );
+
+    // The kernel: a non-PIE host program with kernel-loader (std + module).
+    let host = tmp.join("kl-host");
+    cargo_build_kernel_loader(&["--features", "std,module"], &host);
+    let host = host.join("debug");
+    let libc = dep_rlib(&host.join("deps"), "libc");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/module_kernel.rs");
+    ok(
+        run(Command::new("rustc")
+            .args([
+                "--edition",
+                "2024",
+                "-C",
+                "relocation-model=static",
+                "-C",
+                "opt-level=1",
+                "-C",
+                "debug-assertions",
+                "-D",
+                "warnings",
+                "--extern",
+            ])
+            .arg(format!(
+                "kernel_loader={}",
+                host.join("libkernel_loader.rlib").display()
+            ))
+            .arg("--extern")
+            .arg(format!("libc={}", libc.display()))
+            .arg("-L")
+            .arg(format!("dependency={}", host.join("deps").display()))
+            .arg("-o")
+            .arg(tmp.join("module_kernel"))
+            .arg(&fixture)),
+        "rustc module_kernel",
+    );
+    let o = run(Command::new(tmp.join("module_kernel")).arg(tmp.join("modr.ksites.o")));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "module_kernel: {:?}\n{out}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let n: u32 = out
+        .trim()
+        .strip_prefix("PASS ")
+        .unwrap_or_else(|| panic!("{out}"))
+        .parse()
+        .unwrap();
+    assert!(n >= 40, "{n} checks");
 }
