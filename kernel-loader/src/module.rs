@@ -985,7 +985,10 @@ impl<'b> Linker<'b, '_, '_> {
 /// `s` points into `mem`; the same bytes at the same offset of `file`.
 fn rebase_str<'f>(s: &str, mem: &[u8], file: &'f [u8]) -> &'f str {
     let off = (s.as_ptr() as usize).wrapping_sub(mem.as_ptr() as usize);
-    file.get(off..off + s.len())
+    // `s` may not point into `mem` (the patch engine's "?" placeholder): then `off` is
+    // arbitrary and `off + len` must not overflow.
+    off.checked_add(s.len())
+        .and_then(|end| file.get(off..end))
         .and_then(|b| core::str::from_utf8(b).ok())
         .unwrap_or("?")
 }
