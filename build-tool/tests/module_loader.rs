@@ -1124,7 +1124,8 @@ fn got_relocations_from_fno_plt_are_unsupported() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. An embedded Rust module with its own ifunc, an imported kernel ifunc and probes.
+// 4. Embedded modules: Rust (its own ifunc, an imported kernel ifunc, probes) and C
+// (the import, dtrace-style C probes).
 //
 // A module built for x86_64-unknown-none uses absolute 32-bit addresses (probe records,
 // resolvers' function pointers), which fit only below 2 GiB, and this PIE test binary
@@ -1179,6 +1180,20 @@ pub extern "C" fn mod_handled() -> u64 { HANDLED.load(Ordering::SeqCst) }
 fn panic(_: &core::panic::PanicInfo<'_>) -> ! { loop {} }
 "#;
 
+const C_MOD_SRC: &str = r#"
+#include "ksites_sdt.h"
+#include "ksites_module.h"
+extern unsigned int kpopcount(unsigned long x);
+KSITES_IFUNC_IMPORT(kpopcount);
+KSITES_PROBE_DECL(cmod, hit, 2, (unsigned long a, unsigned long b))
+unsigned long count_bits(unsigned long x) {
+    KSITES_PROBE(cmod, hit, x, 1);
+    return kpopcount(x);
+}
+unsigned int tail_pop(unsigned long x) { return kpopcount(x); }
+int is_on(void) { return KSITES_PROBE_ENABLED(cmod, hit); }
+"#;
+
 fn cargo_build_kernel_loader(args: &[&str], target_dir: &Path) {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/Cargo.toml");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -1211,7 +1226,7 @@ fn dep_rlib(deps: &Path, name: &str) -> std::path::PathBuf {
 }
 
 #[test]
-fn embedded_rust_module_ifuncs_probes_and_unload_rules() {
+fn embedded_rust_and_c_modules_ifuncs_probes_and_unload_rules() {
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join("module_loader_kernel");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
@@ -1254,6 +1269,32 @@ fn embedded_rust_module_ifuncs_probes_and_unload_rules() {
             .args(["embed", "modr.o", "-o", "modr.ksites.o"])
             .current_dir(&tmp)),
         "ksites embed modr.o",
+    );
+
+    std::fs::write(tmp.join("cmod.c"), C_MOD_SRC).unwrap();
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/c");
+    ok(
+        run(Command::new("gcc")
+            .args([
+                "-c",
+                "-O2",
+                "-fno-pic",
+                "-mcmodel=kernel",
+                "-fno-common",
+                "-ffreestanding",
+                "-fcf-protection=none",
+                "-I",
+            ])
+            .arg(&include)
+            .args(["cmod.c", "-o", "cmod.o"])
+            .current_dir(&tmp)),
+        "gcc cmod.c",
+    );
+    ok(
+        run(Command::new(KSITES)
+            .args(["embed", "cmod.o", "-o", "cmod.ksites.o"])
+            .current_dir(&tmp)),
+        "ksites embed cmod.o",
     );
 
     // The un-embedded object is refused: it has records but no table (before its
@@ -1314,7 +1355,9 @@ fn embedded_rust_module_ifuncs_probes_and_unload_rules() {
             .arg(&fixture)),
         "rustc module_kernel",
     );
-    let o = run(Command::new(tmp.join("module_kernel")).arg(tmp.join("modr.ksites.o")));
+    let o = run(Command::new(tmp.join("module_kernel"))
+        .arg(tmp.join("modr.ksites.o"))
+        .arg(tmp.join("cmod.ksites.o")));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -1328,5 +1371,5 @@ fn embedded_rust_module_ifuncs_probes_and_unload_rules() {
         .unwrap_or_else(|| panic!("{out}"))
         .parse()
         .unwrap();
-    assert!(n >= 40, "{n} checks");
+    assert!(n >= 50, "{n} checks");
 }
