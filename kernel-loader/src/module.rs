@@ -164,6 +164,12 @@ impl Symbols for [Export] {
     }
 }
 
+impl Symbols for &[Export] {
+    fn lookup(&self, name: &str) -> Option<u64> {
+        (**self).lookup(name)
+    }
+}
+
 impl<const N: usize> Symbols for [Export; N] {
     fn lookup(&self, name: &str) -> Option<u64> {
         self[..].lookup(name)
