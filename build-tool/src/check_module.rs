@@ -199,14 +199,17 @@ pub fn check(
         ),
         None => None,
     };
-    let lookup = Lookup {
-        kernel,
-        any_at: (!checked).then(|| addr.saturating_sub(PAGE_SIZE as u64)),
+    let any_at = (!checked).then(|| addr.saturating_sub(PAGE_SIZE as u64));
+    let lookup = Lookup { kernel, any_at };
+    // With no kernel, the placeholder page stands for the kernel's text.
+    let exec: Vec<Range<u64>> = match any_at {
+        Some(a) => std::iter::once(a..a + PAGE_SIZE as u64).collect(),
+        None => kernel.exec.clone(),
     };
     let k = Kernel {
         symbols: &lookup,
         table,
-        exec: &kernel.exec,
+        exec: &exec,
         features: CpuFeatures::empty(),
     };
     let mut mem = Buffer {

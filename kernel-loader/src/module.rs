@@ -164,6 +164,12 @@ impl Symbols for [Export] {
     }
 }
 
+impl Symbols for &[Export] {
+    fn lookup(&self, name: &str) -> Option<u64> {
+        (**self).lookup(name)
+    }
+}
+
 impl<const N: usize> Symbols for [Export; N] {
     fn lookup(&self, name: &str) -> Option<u64> {
         self[..].lookup(name)
@@ -574,6 +580,22 @@ impl<'b> Object<'b> {
             .unwrap_or("?")
     }
 
+    /// Fails with [`ModuleError::NotEmbedded`] if the object has ksites records but no
+    /// `.ksites` table.
+    fn check_embedded(&self) -> Result<(), ModuleError<'b>> {
+        if self.section_by_name(crate::format::SECTION_NAME).is_some() {
+            return Ok(());
+        }
+        for name in RECORD_SECTIONS {
+            if let Some((_, sh)) = self.section_by_name(name) {
+                return Err(ModuleError::NotEmbedded {
+                    section: self.section_name(sh),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Computes the layout (offsets from the region start).
     fn layout(&self) -> Result<Layout, ModuleError<'b>> {
         let too_big = ModuleError::OutOfMemory { size: usize::MAX };
@@ -753,6 +775,28 @@ impl<'b> Linker<'b, '_, '_> {
         }
     }
 
+    /// Whether symbol `i` failed to resolve (`resolve` reported it and recorded 0).
+    fn unresolved(&self, i: SymbolIndex) -> bool {
+        let Ok(sym) = self.obj.symtab.symbol(i) else {
+            return false;
+        };
+        if i.0 == 0 {
+            return false;
+        }
+        if matches!(sym.st_type(), elf::STT_GNU_IFUNC | elf::STT_TLS)
+            || sym.st_shndx(LE) == elf::SHN_COMMON
+        {
+            return true;
+        }
+        sym.st_shndx(LE) == elf::SHN_UNDEF
+            && sym.st_bind() != elf::STB_WEAK
+            && self
+                .kernel
+                .symbols
+                .lookup(self.obj.symbol_name(sym))
+                .is_none()
+    }
+
     /// Applies every relocation section that targets an allocated section; reports each
     /// problem to `issue`.
     fn relocate(&mut self, issue: &mut dyn FnMut(ModuleError<'b>)) -> Result<(), ModuleError<'b>> {
@@ -826,6 +870,11 @@ impl<'b> Linker<'b, '_, '_> {
             return Err(bad("offset outside its section"));
         }
         let s = self.symbol_addr(sym);
+        if s == 0 && self.unresolved(SymbolIndex(sym)) {
+            // `resolve` already reported the symbol; a value computed from its
+            // placeholder 0 would only add a spurious overflow for every reference.
+            return Ok(());
+        }
         let a = r.r_addend(LE);
         let p = self.section_addr(target).wrapping_add(offset);
         let sa = s.wrapping_add_signed(a);
@@ -863,13 +912,7 @@ impl<'b> Linker<'b, '_, '_> {
     /// The module's table, validated in place, if it has one.
     fn table(&mut self) -> Result<Option<Table<'static>>, ModuleError<'b>> {
         let Some((i, sh)) = self.obj.section_by_name(crate::format::SECTION_NAME) else {
-            for name in RECORD_SECTIONS {
-                if let Some((_, sh)) = self.obj.section_by_name(name) {
-                    return Err(ModuleError::NotEmbedded {
-                        section: self.obj.section_name(sh),
-                    });
-                }
-            }
+            self.obj.check_embedded()?;
             return Ok(None);
         };
         if group(sh) != Some(1) {
@@ -948,7 +991,10 @@ impl<'b> Linker<'b, '_, '_> {
 /// `s` points into `mem`; the same bytes at the same offset of `file`.
 fn rebase_str<'f>(s: &str, mem: &[u8], file: &'f [u8]) -> &'f str {
     let off = (s.as_ptr() as usize).wrapping_sub(mem.as_ptr() as usize);
-    file.get(off..off + s.len())
+    // `s` may not point into `mem` (the patch engine's "?" placeholder): then `off` is
+    // arbitrary and `off + len` must not overflow.
+    off.checked_add(s.len())
+        .and_then(|end| file.get(off..end))
         .and_then(|b| core::str::from_utf8(b).ok())
         .unwrap_or("?")
 }
@@ -1016,6 +1062,9 @@ fn link<'b, 'k>(
         ));
     }
     let obj = Object::parse(bytes)?;
+    // Before resolving: an object `ksites embed` never saw names its ifunc imports as
+    // undefined symbols the kernel need not export, and the cause is the missing table.
+    obj.check_embedded()?;
     let layout = obj.layout()?;
     let region = mem
         .alloc(layout.end)

@@ -1,0 +1,199 @@
+//! `ksites check-module`: a gcc module embedded by `ksites embed`, checked against a
+//! System.map and against a real linked "kernel" ELF (gcc + ld), with the exit status
+//! and the problems it lists.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const KSITES: &str = env!("CARGO_BIN_EXE_ksites");
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("check_module_{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn gcc(dir: &Path, src: &str, out: &str, extra: &[&str]) -> PathBuf {
+    std::fs::write(dir.join(format!("{out}.c")), src).unwrap();
+    let o = run(Command::new("gcc")
+        .args([
+            "-O2",
+            "-fno-pic",
+            "-fno-common",
+            "-ffreestanding",
+            "-fcf-protection=none",
+            "-I",
+        ])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/c"))
+        .args(extra)
+        .arg(format!("{out}.c"))
+        .args(["-o", out])
+        .current_dir(dir));
+    assert!(o.status.success(), "gcc: {}", text(&o));
+    dir.join(out)
+}
+
+const MODULE: &str = r#"
+#include "ksites_module.h"
+#include "ksites_sdt.h"
+extern unsigned kernel_popcount(unsigned long);
+KSITES_IFUNC_IMPORT(kernel_popcount);
+extern void kernel_log(int);
+KSITES_PROBE_DECL(mod, ev, 1, (unsigned long x))
+unsigned long total;
+unsigned long *total_p = &total;
+unsigned mod_count(unsigned long x) {
+    KSITES_PROBE(mod, ev, x);
+    kernel_log((int)x);
+    return kernel_popcount(x) + kernel_popcount(x >> 1);
+}
+int ksites_module_init(void) { total = 1; return 0; }
+"#;
+
+/// A module object, embedded.
+fn module(dir: &Path) -> PathBuf {
+    let o = gcc(dir, MODULE, "mod.o", &["-c", "-mcmodel=kernel"]);
+    let out = dir.join("mod.ko");
+    let r = run(Command::new(KSITES)
+        .arg("embed")
+        .arg(&o)
+        .arg("-o")
+        .arg(&out));
+    assert!(r.status.success(), "embed: {}", text(&r));
+    out
+}
+
+fn check(module: &Path, extra: &[&str]) -> Output {
+    run(Command::new(KSITES)
+        .arg("check-module")
+        .arg(module)
+        .args(extra))
+}
+
+#[test]
+fn system_map_lists_every_unresolved_symbol() {
+    let d = tmpdir("map");
+    let m = module(&d);
+    // Nothing exported but the probe stubs: both kernel functions are missing.
+    std::fs::write(
+        d.join("System.map"),
+        "ffffffff81000000 T ksites_probe_c_entry\n\
+         ffffffff81000010 T ksites_probe_ret0\n\
+         ffffffff81000020 T ksites_probe_ret1\n\
+         ffffffff81000030 t local_helper\n",
+    )
+    .unwrap();
+    let o = check(
+        &m,
+        &["--kernel-symbols", d.join("System.map").to_str().unwrap()],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(4), "{t}");
+    assert!(t.contains("would NOT load"), "{t}");
+    assert!(t.contains("unknown symbol `kernel_popcount`"), "{t}");
+    assert!(t.contains("unknown symbol `kernel_log`"), "{t}");
+    assert!(
+        t.contains("unresolved symbols: kernel_popcount, kernel_log")
+            || t.contains("unresolved symbols: kernel_log, kernel_popcount"),
+        "{t}"
+    );
+
+    // With them exported (as functions near the stubs) it would load.
+    std::fs::write(
+        d.join("ok.map"),
+        "ffffffff81000000 T ksites_probe_c_entry\n\
+         ffffffff81000010 T ksites_probe_ret0\n\
+         ffffffff81000020 T ksites_probe_ret1\n\
+         ffffffff81000100 T kernel_popcount\n\
+         ffffffff81000200 T kernel_log\n",
+    )
+    .unwrap();
+    let o = check(
+        &m,
+        &[
+            "--kernel-symbols",
+            d.join("ok.map").to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["loads"], true, "{t}");
+    assert_eq!(v["report"]["imports"], 1, "{t}");
+    assert_eq!(v["report"]["sites"], 2, "{t}");
+    assert_eq!(v["report"]["probes"], 1, "{t}");
+    // The map has no kernel table, so imports are checked only for their form; the
+    // module lands at the first 2 MiB boundary past the last text symbol.
+    assert_eq!(v["address"], 0xffff_ffff_8120_0000u64, "{t}");
+
+    // Laid out 4 GiB away, its rel32 calls into the kernel cannot reach.
+    let o = check(
+        &m,
+        &[
+            "--kernel-symbols",
+            d.join("ok.map").to_str().unwrap(),
+            "--load-address",
+            "0xffffffff00000000",
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(4), "{t}");
+    assert!(t.contains("overflows"), "{t}");
+    assert!(
+        t.contains("R_X86_64_PLT32") || t.contains("R_X86_64_PC32"),
+        "{t}"
+    );
+}
+
+#[test]
+fn elf_kernel_checks_imports_against_its_symbols_and_text() {
+    let d = tmpdir("elf");
+    let m = module(&d);
+    // A small static "kernel" whose exported functions are the ones the module needs.
+    let k = gcc(
+        &d,
+        "unsigned kernel_popcount(unsigned long x) { return (unsigned)(x & 0xff); }\n\
+         void kernel_log(int x) { (void)x; }\n\
+         void ksites_probe_c_entry(void) {}\n\
+         int ksites_probe_ret0(void) { return 0; }\n\
+         int ksites_probe_ret1(void) { return 1; }\n\
+         void _start(void) { for (;;) {} }\n",
+        "kernel",
+        &["-nostdlib", "-static", "-Wl,-Ttext=0x200000"],
+    );
+    let o = check(&m, &["--kernel-symbols", k.to_str().unwrap()]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("would load at 0x400000"), "{t}");
+    assert!(t.contains("1 imported ifuncs, 2 ifunc sites"), "{t}");
+
+    // Without a kernel, the undefined symbols are listed, not judged.
+    let o = check(&m, &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("needs from the kernel (not checked"), "{t}");
+    assert!(
+        t.contains("kernel_popcount") && t.contains("kernel_log"),
+        "{t}"
+    );
+
+    // A linked image is not a module.
+    let o = check(&k, &[]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(text(&o).contains("not an x86-64 relocatable object"));
+}
