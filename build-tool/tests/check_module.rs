@@ -197,3 +197,32 @@ fn elf_kernel_checks_imports_against_its_symbols_and_text() {
     assert_eq!(o.status.code(), Some(4));
     assert!(text(&o).contains("not an x86-64 relocatable object"));
 }
+
+#[test]
+fn a_module_without_sites_loads_from_any_buffer_alignment() {
+    // A module with nothing to patch gets an empty `.rela.ksites`; the loader must read
+    // it (and every header) from bytes at any alignment, as `include_bytes!` gives them.
+    // (kernel-loader enables `object`'s `unaligned` feature for this; on the host,
+    // build-tool enables it too, so this guards the host path and the empty section.)
+    let d = tmpdir("align");
+    let o = gcc(
+        &d,
+        "int counter;\nint bump(int x) { return counter += x; }\n",
+        "plain.o",
+        &["-c", "-mcmodel=kernel"],
+    );
+    let ko = d.join("plain.ko");
+    let r = run(Command::new(KSITES).arg("embed").arg(&o).arg("-o").arg(&ko));
+    assert!(r.status.success(), "embed: {}", text(&r));
+    let bytes = std::fs::read(&ko).unwrap();
+    for shift in 0..8 {
+        let mut buf = vec![0u8; shift];
+        buf.extend_from_slice(&bytes);
+        let r = ksites::check_module::check(&buf[shift..], None, None).unwrap();
+        assert!(
+            r.problems.is_empty() && r.load.is_some(),
+            "shifted by {shift}: {:?}",
+            r.problems
+        );
+    }
+}
