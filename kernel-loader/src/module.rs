@@ -1184,8 +1184,11 @@ impl<'b> Module<'b> {
             poker: &mut dyn TextPoker,
             e: ModuleError<'b>,
         ) -> Result<Module<'b>, ModuleError<'b>> {
-            // SAFETY: the caller's preconditions; the module's init did not succeed, so
-            // nothing holds it and none of its probes is enabled.
+            // A failed init may have enabled probes with handlers in the module: they go
+            // first, so nothing is left pointing into the freed memory.
+            // SAFETY: the caller's preconditions; nothing holds the module.
+            let _ = unsafe { probe::disable_handlers_in(m.text(), poker) };
+            // SAFETY: as above.
             unsafe { m.release_all(mem, poker) };
             Err(e)
         }

@@ -613,6 +613,30 @@ pub unsafe fn unregister_module<P: TextPoker + ?Sized>(
     Ok(())
 }
 
+/// Disables every enabled probe whose handler lies in `code`: what a module that failed
+/// to load (its init enabled a probe, then returned an error) must not leave behind.
+/// Returns how many it disabled.
+///
+/// # Safety
+///
+/// As for [`enable`].
+pub unsafe fn disable_handlers_in<P: TextPoker + ?Sized>(
+    code: Range<u64>,
+    poker: &mut P,
+) -> Result<u32, ProbeError> {
+    let mut n = 0;
+    for i in 0..MAX_PROBES as u32 {
+        let st = &STATES[i as usize];
+        let h = st.handler.load(Ordering::Acquire) as u64;
+        if st.enabled.load(Ordering::Acquire) && code.contains(&h) {
+            // SAFETY: forwarded.
+            unsafe { disable(ProbeId(i), poker)? };
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Checks every probe site of `table` holds its disabled form.
 fn check_disabled<P: TextPoker + ?Sized>(table: &Table<'_>, poker: &P) -> Result<(), ProbeError> {
     for s in table.probe_sites() {
