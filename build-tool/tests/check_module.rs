@@ -226,3 +226,145 @@ fn a_module_without_sites_loads_from_any_buffer_alignment() {
         );
     }
 }
+
+/// Host memory that counts what is live (a failed load must give everything back).
+struct Counting {
+    addr: u64,
+    live: Vec<Vec<u8>>,
+    allocs: usize,
+}
+
+impl kernel_loader::module::ModuleMemory for Counting {
+    fn alloc(&mut self, size: usize) -> Option<kernel_loader::module::Region> {
+        let mut v = vec![0u8; size];
+        self.allocs += 1;
+        let r = kernel_loader::module::Region {
+            ptr: v.as_mut_ptr(),
+            addr: self.addr,
+            size,
+        };
+        self.live.push(v);
+        Some(r)
+    }
+
+    unsafe fn protect(
+        &mut self,
+        _: &kernel_loader::module::Region,
+        _: usize,
+        _: usize,
+        _: kernel_loader::module::Prot,
+    ) -> Result<(), &'static str> {
+        Ok(())
+    }
+
+    unsafe fn free(&mut self, r: kernel_loader::module::Region) {
+        self.live.retain(|b| b.as_ptr() != r.ptr.cast_const());
+    }
+}
+
+/// No-op poker: a bad table must fail before anything is written.
+struct NoWrites(usize);
+
+impl kernel_loader::patch::TextPoker for NoWrites {
+    unsafe fn write(&mut self, _: u64, _: &[u8]) -> Result<(), kernel_loader::patch::PokeError> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn sync_cores(&mut self) {}
+    fn end(&mut self) {}
+}
+
+#[test]
+fn a_bad_table_fails_the_load_with_nothing_written_or_leaked() {
+    use kernel_loader::format::FormatError;
+    use kernel_loader::module::{Export, Kernel, Module, ModuleError};
+    use object::{Object as _, ObjectSection as _};
+
+    let d = tmpdir("badtable");
+    let ko = std::fs::read(module(&d)).unwrap();
+    let f = object::File::parse(&*ko).unwrap();
+    let sec = f.section_by_name(".ksites").unwrap();
+    let (off, _) = sec.file_range().unwrap();
+    let off = off as usize;
+    let hdr = kernel_loader::format::Header::read(sec.data().unwrap()).unwrap();
+    assert!(hdr.ifunc_sites.count > 0);
+
+    // Kernel symbols the module needs, all in one "kernel text" page below the module.
+    let base = 0x4000_0000u64;
+    let names = [
+        "kernel_popcount",
+        "kernel_log",
+        "ksites_probe_c_entry",
+        "ksites_probe_ret0",
+        "ksites_probe_ret1",
+    ];
+    let exports: Vec<Export> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Export::new(n, (base - 0x1000 + 16 * i as u64) as *const ()))
+        .collect();
+    let exports: &[Export] = &exports;
+    let exec = [std::ops::Range {
+        start: base - 0x1000,
+        end: base,
+    }];
+    let kernel = Kernel {
+        symbols: &exports,
+        table: None,
+        exec: &exec,
+        features: kernel_loader::CpuFeatures::empty(),
+    };
+
+    let mut corrupt_version = ko.clone();
+    corrupt_version[off + 8] = 9;
+    let mut corrupt_site = ko.clone();
+    // The first site's ifunc index (bits 8..) pointing past the descriptors.
+    let info = off + hdr.ifunc_sites.offset as usize + 4;
+    corrupt_site[info + 1] = 0x7f;
+
+    for (what, bytes, want) in [
+        ("version", &corrupt_version, "unsupported"),
+        ("site", &corrupt_site, "ifunc"),
+    ] {
+        let mut mem = Counting {
+            addr: base,
+            live: Vec::new(),
+            allocs: 0,
+        };
+        let mut poker = NoWrites(0);
+        let probes = kernel_loader::probe::count();
+        // SAFETY: the load fails while validating the table, before anything runs.
+        let r = unsafe { Module::load("bad", bytes, &kernel, &mut mem, &mut poker) };
+        let e = r
+            .err()
+            .unwrap_or_else(|| panic!("{what}: a corrupt table loaded"));
+        assert!(matches!(e, ModuleError::Table(_)), "{what}: {e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("invalid .ksites table") && text.to_lowercase().contains(want),
+            "{what}: {text}"
+        );
+        if let ModuleError::Table(fe) = e {
+            assert!(!matches!(fe, FormatError::BadMagic), "{what}: {fe:?}");
+        }
+        assert_eq!(mem.allocs, 1, "{what}");
+        assert!(mem.live.is_empty(), "{what}: memory leaked");
+        assert_eq!(poker.0, 0, "{what}: text written");
+        assert_eq!(
+            kernel_loader::probe::count(),
+            probes,
+            "{what}: registry changed"
+        );
+    }
+
+    // The intact module loads through the same path up to the point of executing (the
+    // check runs the same steps).
+    let mut mem = Counting {
+        addr: base,
+        live: Vec::new(),
+        allocs: 0,
+    };
+    let r = kernel_loader::module::check(&ko, &kernel, &mut mem, &mut |_| {});
+    assert!(r.is_ok(), "{r:?}");
+    assert!(mem.live.is_empty());
+}
