@@ -129,6 +129,9 @@ impl module::Symbols for Lookup<'_> {
     }
 }
 
+/// Largest module `check` lays out (1 GiB).
+pub const MAX_MODULE_SIZE: usize = 1 << 30;
+
 /// A host buffer posing as kernel memory at `addr`.
 struct Buffer {
     addr: u64,
@@ -137,6 +140,11 @@ struct Buffer {
 
 impl ModuleMemory for Buffer {
     fn alloc(&mut self, size: usize) -> Option<Region> {
+        // A module object can ask for any size (a huge NOBITS section): refuse what no
+        // kernel arena would give rather than abort on the host.
+        if size > MAX_MODULE_SIZE {
+            return None;
+        }
         let mut v = vec![0u8; size];
         let r = Region {
             ptr: v.as_mut_ptr(),

@@ -18,12 +18,12 @@ pub(crate) struct FuzzArgs {
     /// Seconds per target.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
-    /// Only these targets (default: all of `table_reader`, `elf_tools`).
+    /// Only these targets (default: all of `table_reader`, `elf_tools`, `module_loader`).
     #[arg(long = "target", value_name = "TARGET")]
     targets: Vec<String>,
 }
 
-const TARGETS: [&str; 2] = ["table_reader", "elf_tools"];
+const TARGETS: [&str; 3] = ["table_reader", "elf_tools", "module_loader"];
 
 pub(crate) fn run(sh: &Shell, root: &Path, args: &FuzzArgs) -> Result<()> {
     let toolchains = cmd!(sh, "rustup toolchain list").read()?;
@@ -54,8 +54,11 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &FuzzArgs) -> Result<()> {
     for t in &targets {
         let corpus = format!("corpus/{t}");
         sh.create_dir(&corpus)?;
+        let module_seeds = root.join("fuzz/seeds/module_loader");
         let seed = if t == "elf_tools" {
             &corpus_cases
+        } else if t == "module_loader" {
+            &module_seeds
         } else {
             &table_seeds
         };
