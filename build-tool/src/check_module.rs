@@ -129,8 +129,8 @@ impl module::Symbols for Lookup<'_> {
     }
 }
 
-/// Largest module `check` lays out (1 GiB).
-pub const MAX_MODULE_SIZE: usize = 1 << 30;
+/// Largest module `check` lays out (256 MiB).
+pub const MAX_MODULE_SIZE: usize = 256 << 20;
 
 /// A host buffer posing as kernel memory at `addr`.
 struct Buffer {

@@ -331,6 +331,9 @@ pub enum ModuleError<'b> {
     Probe(ProbeError),
     /// `ksites_module_init` returned non-zero.
     InitFailed(i32),
+    /// A load failed, and then unregistering the module's probes failed too: the
+    /// module's memory is deliberately leaked (something may still point into it).
+    CleanupFailed(ProbeError),
     /// Unload refused: the module is held ([`Module::hold`]).
     InUse {
         /// Outstanding holds.
@@ -400,6 +403,10 @@ impl fmt::Display for ModuleError<'_> {
             ModuleError::Patch(e) => write!(f, "patching the module's ifunc sites: {e}"),
             ModuleError::Probe(e) => write!(f, "module probes: {e}"),
             ModuleError::InitFailed(r) => write!(f, "{INIT_SYMBOL} returned {r}"),
+            ModuleError::CleanupFailed(e) => write!(
+                f,
+                "the load failed and its probes could not be unregistered ({e}): the module's memory is leaked, not freed"
+            ),
             ModuleError::InUse { users } => {
                 write!(f, "the module is in use ({users} holds): not unloaded")
             }
@@ -466,7 +473,8 @@ pub struct LoadReport {
     pub probe_sites: u32,
 }
 
-/// A loaded module.
+/// A loaded module. Free it with [`Module::unload`]; dropping it frees nothing (its
+/// memory and probes stay, which is safe but leaks).
 pub struct Module<'b> {
     name: &'static str,
     bytes: &'b [u8],
@@ -606,6 +614,12 @@ impl<'b> Object<'b> {
             *start = at;
             for sh in self.sections.iter().filter(|sh| group(sh) == Some(g)) {
                 let align = usize::try_from(sh.sh_addralign.get(LE)).map_err(|_| too_big)?;
+                if align > PAGE_SIZE {
+                    // The region is only page-aligned.
+                    return Err(ModuleError::Malformed(
+                        "section alignment above the page size",
+                    ));
+                }
                 let size = usize::try_from(sh.sh_size.get(LE)).map_err(|_| too_big)?;
                 at = align_up(at, align).ok_or(ModuleError::Malformed("bad section alignment"))?;
                 at = at.checked_add(size).ok_or(too_big)?;
@@ -928,6 +942,18 @@ impl<'b> Linker<'b, '_, '_> {
         let text = self.text_range();
         let t = Table::parse_module(bytes, addr, core::slice::from_ref(&text), self.kernel.exec)
             .map_err(ModuleError::Table)?;
+        // The module's own slots are written at load: they must be in its writable data.
+        let data =
+            self.region.addr + self.layout.rw as u64..self.region.addr + self.layout.meta as u64;
+        for f in t.ifuncs().filter(|f| !f.imported) {
+            if !(data.contains(&f.slot) && f.slot + 8 <= data.end) {
+                return Err(ModuleError::Table(FormatError::BadIfuncPointer {
+                    ifunc: f.index,
+                    field: crate::format::IfuncField::Slot,
+                    addr: f.slot,
+                }));
+            }
+        }
         // Every import must be a kernel ifunc.
         for f in t.ifuncs().filter(|f| f.imported) {
             let known = match &self.kernel.table {
@@ -1189,8 +1215,15 @@ impl<'b> Module<'b> {
             // SAFETY: the caller's preconditions; nothing holds the module.
             let _ = unsafe { probe::disable_handlers_in(m.text(), poker) };
             // SAFETY: as above.
-            unsafe { m.release_all(mem, poker) };
-            Err(e)
+            match unsafe { m.release_all(mem, poker) } {
+                Ok(()) => Err(e),
+                Err((_leaked, pe)) => {
+                    // Something still points into the module: its memory is leaked on
+                    // purpose rather than freed under a live reference (dropping a
+                    // `Module` frees nothing).
+                    Err(ModuleError::CleanupFailed(pe))
+                }
+            }
         }
         // 5. Permissions.
         // SAFETY: the region came from `mem.alloc`; nothing runs in it yet.
@@ -1243,14 +1276,21 @@ impl<'b> Module<'b> {
         Ok(m)
     }
 
-    /// Unloads the module: refuses while it is held or an enabled probe's handler lies in
-    /// its code (the module is handed back with the error, unchanged); otherwise
-    /// disables and unregisters its probes, runs `ksites_module_exit`, and frees it.
+    /// Unloads the module: refuses while it is held ([`ModuleError::InUse`], nothing
+    /// run); runs `ksites_module_exit` (once, where a module undoes what it registered);
+    /// refuses while an enabled probe anywhere still has its handler in the module's
+    /// code (the module comes back with the error, still loaded, its exit already run);
+    /// otherwise disables and unregisters its probes and frees its memory.
     ///
     /// # Safety
     ///
     /// As for [`Module::load`]; and no CPU executes the module's code or uses its data
-    /// any more, other than through its probe sites (which this disables).
+    /// any more, other than through its probe sites, which this disables. The loader
+    /// waits for CPUs in the int3 handler, in a probe's handler and in a lookup of the
+    /// module's table; a CPU that entered a module probe's out-of-line block just before
+    /// the disable (between the site's `jmp` and the dispatcher) is covered only by the
+    /// kernel's own quiescence — unload when the module's callers are known to be
+    /// stopped (the test kernel holds a module while other CPUs run it).
     // The module comes back by value with the error (no allocator to box it in).
     #[allow(clippy::result_large_err)]
     pub unsafe fn unload(
@@ -1262,37 +1302,54 @@ impl<'b> Module<'b> {
         if users != 0 {
             return Err((self, ModuleError::InUse { users }));
         }
-        if let Some(h) = self.probes {
-            // SAFETY: forwarded.
-            if let Err(e) = unsafe { probe::unregister_module(&h, self.text(), poker) } {
-                return Err((self, ModuleError::Probe(e)));
-            }
-            self.probes = None;
-        }
-        if let Some(exit) = self.exit {
+        // Exit first: it is where a module undoes what it registered (a handler on a
+        // kernel probe, say). It runs once, even if the unload is then refused.
+        if let Some(exit) = self.exit.take() {
             // SAFETY: `ksites_module_exit` is `extern "C" fn()` in the module's text.
             let exit: extern "C" fn() = unsafe { core::mem::transmute(exit as usize) };
             exit();
         }
-        // SAFETY: forwarded; probes are gone.
-        unsafe { self.release_all(mem, poker) };
-        Ok(())
+        if let Some((probe, handler)) = probe::handler_in(&self.text(), self.probes.as_ref()) {
+            return Err((
+                self,
+                ModuleError::Probe(ProbeError::HandlerInModule { probe, handler }),
+            ));
+        }
+        // SAFETY: forwarded.
+        match unsafe { self.release_all(mem, poker) } {
+            Ok(()) => Ok(()),
+            Err((m, e)) => Err((m, ModuleError::Probe(e))),
+        }
     }
 
-    /// Unregisters probes (if registered), makes the region RW, frees it.
+    /// Unregisters probes (if registered; this disables them and refuses while anything
+    /// still points into the module), makes the region RW, frees it. On an error nothing
+    /// is freed and the module comes back.
     ///
     /// # Safety
     ///
     /// As for [`Module::unload`].
-    unsafe fn release_all(mut self, mem: &mut dyn ModuleMemory, poker: &mut dyn TextPoker) {
-        if let Some(h) = self.probes.take() {
-            // SAFETY: forwarded. A module that failed to load has no enabled probes and
-            // no handler in use, so this cannot fail for it.
-            let _ = unsafe { probe::unregister_module(&h, self.text(), poker) };
+    #[allow(clippy::result_large_err)]
+    unsafe fn release_all(
+        mut self,
+        mem: &mut dyn ModuleMemory,
+        poker: &mut dyn TextPoker,
+    ) -> Result<(), (Module<'b>, ProbeError)> {
+        if let Some(h) = self.probes {
+            // SAFETY: forwarded.
+            if let Err(e) = unsafe { probe::unregister_module(&h, self.text(), poker) } {
+                return Err((self, e));
+            }
+            self.probes = None;
         }
         self.table = None;
+        // Freed memory must not stay executable; if the kernel cannot make it writable
+        // again, it is not handed back either.
         // SAFETY: the region came from `mem.alloc`; nothing runs in it any more.
-        let _ = unsafe { mem.protect(&self.region, 0, self.region.size, Prot::ReadWrite) };
+        if unsafe { mem.protect(&self.region, 0, self.region.size, Prot::ReadWrite) }.is_err() {
+            // Leaked: dropping a `Module` frees nothing.
+            return Ok(());
+        }
         let region = core::mem::replace(
             &mut self.region,
             Region {
@@ -1303,6 +1360,7 @@ impl<'b> Module<'b> {
         );
         // SAFETY: nothing refers to the region any more.
         unsafe { mem.free(region) };
+        Ok(())
     }
 
     /// Sets the three groups' permissions.
@@ -1368,7 +1426,7 @@ impl<'b> Module<'b> {
 
     /// Its probes' global ids.
     pub fn probe_ids(&self) -> Range<u32> {
-        self.probes.map_or(0..0, |h| h.base..h.base + h.count)
+        self.probes.map_or(0..0, |h| h.base()..h.base() + h.count())
     }
 
     /// The address of a global symbol the module defines.
@@ -1381,9 +1439,15 @@ impl<'b> Module<'b> {
             {
                 continue;
             }
-            let sec = obj.symtab.symbol_section(LE, sym, i).ok()??;
-            let sh = obj.sections.get(sec.0)?;
-            group(sh)?;
+            let Some(sec) = obj.symtab.symbol_section(LE, sym, i).ok().flatten() else {
+                continue;
+            };
+            let Some(sh) = obj.sections.get(sec.0) else {
+                continue;
+            };
+            if group(sh).is_none() {
+                continue;
+            }
             let base = self.meta_section_addr(sec.0)?;
             return Some(base.wrapping_add(sym.st_value(LE)));
         }

@@ -113,6 +113,10 @@ struct ProbeState {
     enabled: AtomicBool,
     handler: AtomicUsize,
     hits: AtomicU64,
+    /// CPUs inside `fire` for this probe (from before the `enabled` check until the
+    /// handler returned): a disable, or a handler change, waits for it to drain, so when
+    /// it returns no CPU runs the old handler any more (its code may be a module's).
+    inflight: AtomicU32,
 }
 
 impl ProbeState {
@@ -121,6 +125,14 @@ impl ProbeState {
             enabled: AtomicBool::new(false),
             handler: AtomicUsize::new(0),
             hits: AtomicU64::new(0),
+            inflight: AtomicU32::new(0),
+        }
+    }
+
+    /// Waits until no CPU is inside `fire` for this probe.
+    fn drain(&self) {
+        while self.inflight.load(Ordering::SeqCst) != 0 {
+            core::hint::spin_loop();
         }
     }
 }
@@ -491,7 +503,8 @@ impl Iterator for SitesOf<'_, '_> {
 
 /// Registers the kernel image's table: checks every probe site holds its disabled form.
 /// Call once at boot (after [`crate::patch::init`] or before: they touch different
-/// sites). The kernel's probes get ids `0..n`. Returns `n`.
+/// sites). The kernel's probes get the first free run of ids (`0..n` when it registers
+/// before any module, as at boot). Returns `n`.
 pub fn register_image<P: TextPoker + ?Sized>(
     table: Table<'static>,
     poker: &P,
@@ -511,13 +524,21 @@ pub fn register_image<P: TextPoker + ?Sized>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageHandle {
     slot: usize,
-    /// Global id of the module's probe 0.
-    pub base: u32,
-    /// Number of probes.
-    pub count: u32,
+    base: u32,
+    count: u32,
 }
 
 impl ImageHandle {
+    /// Global id of the module's probe 0.
+    pub fn base(&self) -> u32 {
+        self.base
+    }
+
+    /// Number of probes.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
     /// The module's probe ids.
     pub fn ids(&self) -> impl Iterator<Item = ProbeId> + use<> {
         (self.base..self.base + self.count).map(ProbeId)
@@ -555,10 +576,11 @@ pub unsafe fn register_module<P: TextPoker + ?Sized>(
 }
 
 /// Removes a module from the registry: refuses (nothing changed) while an enabled probe
-/// anywhere has its handler in `code`; disables the module's enabled probes (one batch
-/// each); waits until no CPU is inside the int3 handler or a dispatcher; clears its
-/// probes' state. On an error the module stays registered, its probes in whatever state
-/// the failed batch rolled back to.
+/// of another image has its handler in `code`; disables the module's enabled probes
+/// (one batch each; each disable waits until no CPU emulates its sites or runs its
+/// handler); re-checks both under the lock; frees the slot, waiting for CPUs still
+/// inside a lookup of its table; clears its probes' state. On an error the module stays
+/// registered, its probes in whatever state the failed batch rolled back to.
 ///
 /// # Safety
 ///
@@ -571,19 +593,8 @@ pub unsafe fn unregister_module<P: TextPoker + ?Sized>(
 ) -> Result<(), ProbeError> {
     {
         let _g = CONTROL.lock();
-        for d in images() {
-            for local in 0..d.table.probe_count() {
-                let id = ProbeId(d.base + local);
-                let st = &STATES[id.0 as usize];
-                let h = st.handler.load(Ordering::Acquire) as u64;
-                let theirs = id.0 >= handle.base && id.0 < handle.base + handle.count;
-                if !theirs && st.enabled.load(Ordering::Acquire) && code.contains(&h) {
-                    return Err(ProbeError::HandlerInModule {
-                        probe: id,
-                        handler: h,
-                    });
-                }
-            }
+        if let Some((probe, handler)) = handlers_into(handle, &code) {
+            return Err(ProbeError::HandlerInModule { probe, handler });
         }
     }
     for id in handle.ids() {
@@ -593,6 +604,11 @@ pub unsafe fn unregister_module<P: TextPoker + ?Sized>(
         }
     }
     let _g = CONTROL.lock();
+    // Re-check under the lock that frees the slot: an enable between the check above
+    // and here (of one of its probes, or of any probe with a handler in its code) wins.
+    if let Some((probe, handler)) = enabled_into(handle, &code) {
+        return Err(ProbeError::HandlerInModule { probe, handler });
+    }
     let slot = &IMAGES[handle.slot];
     slot.state.store(SLOT_FREE, Ordering::SeqCst);
     // A reader counts itself in, then re-checks the state: once the count is 0 after the
@@ -611,6 +627,49 @@ pub unsafe fn unregister_module<P: TextPoker + ?Sized>(
         st.hits.store(0, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// An enabled probe (other than those of `except`) whose handler lies in `code`: what
+/// must not outlive a module.
+pub fn handler_in(code: &Range<u64>, except: Option<&ImageHandle>) -> Option<(ProbeId, u64)> {
+    let none = ImageHandle {
+        slot: 0,
+        base: 0,
+        count: 0,
+    };
+    let _g = CONTROL.lock();
+    handlers_into(except.unwrap_or(&none), code)
+}
+
+/// An enabled probe of another image whose handler lies in `code`. Under `CONTROL`.
+fn handlers_into(handle: &ImageHandle, code: &Range<u64>) -> Option<(ProbeId, u64)> {
+    for d in images() {
+        for local in 0..d.table.probe_count() {
+            let id = d.base + local;
+            let st = &STATES[id as usize];
+            let h = st.handler.load(Ordering::Acquire) as u64;
+            let theirs = id >= handle.base && id < handle.base + handle.count;
+            if !theirs && st.enabled.load(Ordering::Acquire) && code.contains(&h) {
+                return Some((ProbeId(id), h));
+            }
+        }
+    }
+    None
+}
+
+/// [`handlers_into`], or an enabled probe of the module itself. Under `CONTROL`.
+fn enabled_into(handle: &ImageHandle, code: &Range<u64>) -> Option<(ProbeId, u64)> {
+    handlers_into(handle, code).or_else(|| {
+        handle
+            .ids()
+            .find(|id| STATES[id.0 as usize].enabled.load(Ordering::Acquire))
+            .map(|id| {
+                (
+                    id,
+                    STATES[id.0 as usize].handler.load(Ordering::Acquire) as u64,
+                )
+            })
+    })
 }
 
 /// Disables every enabled probe whose handler lies in `code`: what a module that failed
@@ -909,7 +968,11 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
     let t = &d.table;
     let st = &STATES[id.0 as usize];
     if let Some(h) = handler {
-        st.handler.store(h as usize, Ordering::Release);
+        let old = st.handler.swap(h as usize, Ordering::SeqCst);
+        if old != h as usize && st.enabled.load(Ordering::SeqCst) {
+            // Live handler change: no CPU may still run the old one when this returns.
+            st.drain();
+        }
     }
     if st.enabled.load(Ordering::Acquire) == on {
         return Ok(());
@@ -958,12 +1021,16 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
         }
     };
     poker.end();
-    // 4. Wait until no CPU is still emulating a site of the old batch.
+    // 4. Wait until no CPU is still emulating a site of the old batch, and, after a
+    //    disable, until no CPU still runs the handler.
     if IN_INT3.load(Ordering::Acquire) != 0 {
         INT3_DRAIN_WAITS.fetch_add(1, Ordering::Relaxed);
         while IN_INT3.load(Ordering::Acquire) != 0 {
             core::hint::spin_loop();
         }
+    }
+    if !on || result.is_err() {
+        st.drain();
     }
     result
 }
@@ -1059,16 +1126,19 @@ fn fire(id: u32, args: &[u64; 6]) {
     let Some(st) = STATES.get(id as usize) else {
         return;
     };
-    if !st.enabled.load(Ordering::Acquire) {
-        return;
+    // Counted in before looking at the state: `set_state` publishes a change, then
+    // drains the count, so a CPU either sees the new state or is waited for.
+    st.inflight.fetch_add(1, Ordering::SeqCst);
+    if st.enabled.load(Ordering::SeqCst) {
+        st.hits.fetch_add(1, Ordering::Relaxed);
+        let h = st.handler.load(Ordering::SeqCst);
+        if h != 0 {
+            // SAFETY: `handler` only ever holds a `Handler` stored by `set_state`.
+            let h: Handler = unsafe { core::mem::transmute::<usize, Handler>(h) };
+            h(ProbeId(id), args);
+        }
     }
-    st.hits.fetch_add(1, Ordering::Relaxed);
-    let h = st.handler.load(Ordering::Acquire);
-    if h != 0 {
-        // SAFETY: `handler` only ever holds a `Handler` stored by `set_state`.
-        let h: Handler = unsafe { core::mem::transmute::<usize, Handler>(h) };
-        h(ProbeId(id), args);
-    }
+    st.inflight.fetch_sub(1, Ordering::Release);
 }
 
 /// Entry point of an enabled `probe!` site's out-of-line block (stable symbol, so
