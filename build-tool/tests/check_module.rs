@@ -368,3 +368,101 @@ fn a_bad_table_fails_the_load_with_nothing_written_or_leaked() {
     assert!(r.is_ok(), "{r:?}");
     assert!(mem.live.is_empty());
 }
+
+#[test]
+fn a_module_ifunc_slot_outside_its_data_is_refused() {
+    use object::read::elf::{ElfFile64, SectionHeader as _};
+    use object::{LittleEndian as LE, Object as _, ObjectSection as _};
+
+    // An `ifunc!` by hand (the macro's records, in assembly) and a call to it.
+    let d = tmpdir("slot");
+    std::fs::write(
+        d.join("m.s"),
+        r#"
+        .text
+        .globl f
+f:      jmp *slot(%rip)
+        int3
+        int3
+impl:   ret
+resolve: lea impl(%rip), %rax
+        ret
+        .globl user
+user:   call f
+        ret
+        .data
+        .p2align 3
+slot:   .quad impl
+        .section .rodata.n,"a",@progbits
+        .p2align 3
+pad:    .quad 0
+name:   .ascii "m::f"
+        .section .ksites_ifuncs,"awR",@progbits
+        .p2align 3
+        .long 0x4649534b, 1
+        .quad f, slot, resolve, impl, name, 4
+"#,
+    )
+    .unwrap();
+    let o = run(Command::new("gcc")
+        .args(["-c", "m.s", "-o", "m.o"])
+        .current_dir(&d));
+    assert!(o.status.success(), "{}", text(&o));
+    let r = run(Command::new(KSITES)
+        .args(["embed", "m.o", "-o", "m.ko"])
+        .current_dir(&d));
+    assert!(r.status.success(), "{}", text(&r));
+    let ko = std::fs::read(d.join("m.ko")).unwrap();
+
+    // As embedded it would load: one ifunc, one site.
+    let ok = ksites::check_module::check(&ko, None, None).unwrap();
+    assert!(ok.problems.is_empty(), "{:?}", ok.problems);
+    assert_eq!(ok.load.map(|l| (l.ifuncs, l.sites)), Some((1, 1)));
+
+    // Point the descriptor's slot field (offset 4 of descriptor 0) at `.rodata.n`, which
+    // is read-only: 8-aligned and outside the text, so only the "slot in the module's
+    // writable data" rule catches it.
+    let f = ElfFile64::<LE>::parse(&*ko).unwrap();
+    let ksites = f.section_by_name(".ksites").unwrap();
+    let hdr = kernel_loader::format::Header::read(ksites.data().unwrap()).unwrap();
+    let slot_field = u64::from(hdr.ifuncs.offset) + 4;
+    let rodata = f.section_by_name(".rodata.n").unwrap().index();
+    let ksites_sym = f
+        .symbols()
+        .find(|s| {
+            use object::ObjectSymbol as _;
+            s.kind() == object::SymbolKind::Section && s.section_index() == Some(rodata)
+        })
+        .map(|s| {
+            use object::ObjectSymbol as _;
+            s.index().0 as u64
+        })
+        .expect("a section symbol for .rodata.n");
+    let rela = f
+        .sections()
+        .find(|s| s.name() == Ok(".rela.ksites"))
+        .unwrap();
+    let (roff, rsize) = rela.file_range().unwrap();
+    let hdr_sh = rela.elf_section_header();
+    assert_eq!(hdr_sh.sh_entsize(LE), 24);
+    let mut bad = ko.clone();
+    let mut patched = false;
+    for e in (roff..roff + rsize).step_by(24) {
+        let e = e as usize;
+        let r_offset = u64::from_le_bytes(bad[e..e + 8].try_into().unwrap());
+        if r_offset == slot_field {
+            let info = (ksites_sym << 32) | u64::from(object::elf::R_X86_64_PC32);
+            bad[e + 8..e + 16].copy_from_slice(&info.to_le_bytes());
+            bad[e + 16..e + 24].copy_from_slice(&0i64.to_le_bytes());
+            patched = true;
+        }
+    }
+    assert!(patched, "no relocation for the slot field");
+    let r = ksites::check_module::check(&bad, None, None).unwrap();
+    assert!(r.load.is_none(), "a slot in read-only memory was accepted");
+    assert!(
+        r.problems.iter().any(|p| p.contains("slot")),
+        "{:?}",
+        r.problems
+    );
+}
