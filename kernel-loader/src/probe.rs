@@ -1383,3 +1383,132 @@ mod tests {
         assert!(!super::glob_match_str("__fentry__", "__fentry"));
     }
 }
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+    use crate::format::{ARCH_X86_64, HEADER_SIZE, Header, MAGIC, ProbeDesc, SubTable, VERSION};
+    use std::sync::atomic::AtomicBool;
+    use std::vec::Vec;
+
+    /// A table with one probe `t:x` and no sites (fired directly through `fire`).
+    fn one_probe_table() -> &'static [u8] {
+        let strings = b"t\0x\0";
+        let probes = HEADER_SIZE as u32;
+        let strs = probes + crate::format::PROBE_DESC_SIZE as u32;
+        let total = strs + strings.len() as u32;
+        let h = Header {
+            magic: MAGIC,
+            version: VERSION,
+            arch: ARCH_X86_64,
+            flags: 0,
+            header_size: HEADER_SIZE as u32,
+            total_size: total,
+            ifuncs: SubTable {
+                offset: probes,
+                count: 0,
+            },
+            ifunc_sites: SubTable {
+                offset: probes,
+                count: 0,
+            },
+            probes: SubTable {
+                offset: probes,
+                count: 1,
+            },
+            probe_sites: SubTable {
+                offset: strs,
+                count: 0,
+            },
+            strings: SubTable {
+                offset: strs,
+                count: strings.len() as u32,
+            },
+        };
+        let d = ProbeDesc {
+            provider: 0,
+            name: 2,
+            nargs: 0,
+            flags: 0,
+        };
+        let mut v: Vec<u8> = Vec::new();
+        v.extend_from_slice(&h.to_bytes());
+        v.extend_from_slice(&d.to_bytes());
+        v.extend_from_slice(strings);
+        // 8-aligned, as tables are.
+        let words: Vec<u64> = v
+            .chunks(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b[..c.len()].copy_from_slice(c);
+                u64::from_le_bytes(b)
+            })
+            .collect();
+        let words: &'static [u64] = std::boxed::Box::leak(words.into_boxed_slice());
+        // SAFETY: `words` is leaked, so it lives forever; u64 → u8 reinterpretation.
+        unsafe { core::slice::from_raw_parts(words.as_ptr().cast::<u8>(), v.len()) }
+    }
+
+    struct NoSites;
+    impl TextPoker for NoSites {
+        unsafe fn write(&mut self, addr: u64, _: &[u8]) -> Result<(), PokeError> {
+            Err(PokeError {
+                addr,
+                reason: "no sites to write",
+            })
+        }
+        fn sync_cores(&mut self) {}
+        fn end(&mut self) {}
+    }
+
+    static INSIDE: AtomicBool = AtomicBool::new(false);
+    static ENTERED: AtomicU64 = AtomicU64::new(0);
+    static LEFT: AtomicU64 = AtomicU64::new(0);
+
+    fn slow(_: ProbeId, _: &[u64; 6]) {
+        ENTERED.fetch_add(1, Ordering::SeqCst);
+        INSIDE.store(true, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        INSIDE.store(false, Ordering::SeqCst);
+        LEFT.fetch_add(1, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn disable_waits_for_cpus_still_in_the_handler() {
+        let bytes = one_probe_table();
+        let base = bytes.as_ptr() as u64;
+        let t = Table::parse(bytes, base, &[]).unwrap();
+        // SAFETY: the table is leaked (lives forever); it has no sites.
+        let h = unsafe { register_module(t, base..base + bytes.len() as u64, &NoSites) }.unwrap();
+        let id = ProbeId(h.base());
+        // SAFETY: no sites: nothing is written.
+        unsafe { enable(id, slow, &mut NoSites) }.unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let firer = std::thread::spawn(move || {
+            while !s2.load(Ordering::SeqCst) {
+                fire(id.0, &[0; 6]);
+            }
+        });
+        for _ in 0..10 {
+            while !INSIDE.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            // A handler is running: disable must not return before it has left.
+            // SAFETY: as above.
+            unsafe { disable(id, &mut NoSites) }.unwrap();
+            assert!(
+                !INSIDE.load(Ordering::SeqCst),
+                "disable returned mid-handler"
+            );
+            assert_eq!(ENTERED.load(Ordering::SeqCst), LEFT.load(Ordering::SeqCst));
+            // SAFETY: as above.
+            unsafe { enable(id, slow, &mut NoSites) }.unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        firer.join().unwrap();
+        // SAFETY: as above.
+        unsafe { unregister_module(&h, 0..0, &mut NoSites) }.unwrap();
+        assert!(lookup("t:x").is_none());
+    }
+}
