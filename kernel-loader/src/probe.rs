@@ -102,7 +102,10 @@ impl ProbeRecord {
     }
 }
 
-/// A probe, by its index in the image's table.
+/// A probe, by its global id: the kernel's probes first (its table's indices, when it
+/// registers first), each module's after, in one run from its table's index 0. Ids of
+/// an unloaded module are reused by the next module that fits: look ids up again
+/// (`lookup`) after loading or unloading.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProbeId(pub u32);
 
