@@ -55,17 +55,18 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &FuzzArgs) -> Result<()> {
         let corpus = format!("corpus/{t}");
         sh.create_dir(&corpus)?;
         let module_seeds = root.join("fuzz/seeds/module_loader");
-        let seed = if t == "elf_tools" {
-            &corpus_cases
+        // elf_tools also starts from the test modules, so `embed` on ET_REL is fuzzed.
+        let seeds: Vec<&std::path::Path> = if t == "elf_tools" {
+            vec![&corpus_cases, &module_seeds]
         } else if t == "module_loader" {
-            &module_seeds
+            vec![&module_seeds]
         } else {
-            &table_seeds
+            vec![&table_seeds]
         };
         println!("\n==> fuzz {t} for {secs} s");
         let out = cmd!(
             sh,
-            "cargo +nightly fuzz run {t} -O -a {corpus} {seed} -- -max_total_time={secs} -rss_limit_mb=4096"
+            "cargo +nightly fuzz run {t} -O -a {corpus} {seeds...} -- -max_total_time={secs} -rss_limit_mb=4096"
         )
         .ignore_status()
         .output()?;
