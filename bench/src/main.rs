@@ -7,6 +7,8 @@
 //! * ifunc dispatch ([`calls`]), probes ([`probes`]),
 //! * patching 10^5 ifunc sites and toggling a probe with 10^4 sites ([`patching`]),
 //! * `ksites embed`/`scan` against `objcopy` on an image with 10^6 relocations ([`tool`]),
+//! * loading a generated C module (`module::check`) against copying its sections and
+//!   against parsing it ([`module`]),
 //!
 //! then prints a table of ratios (and writes it as Markdown), plus a paired, interleaved
 //! re-measurement of the close calls, whose spread shows the noise.
@@ -16,6 +18,7 @@
 //! ```
 
 mod calls;
+mod module;
 mod patching;
 mod probes;
 mod report;
@@ -260,6 +263,22 @@ fn main() {
             }
         }
     }
+    let module_ran = match (o.ksites.as_deref(), module_inputs(&o)) {
+        (None, _) => {
+            println!("ksites-bench: no --ksites/KSITES_BIN: skipping the module benchmarks");
+            false
+        }
+        (Some(_), Err(e)) => {
+            println!(
+                "ksites-bench: cannot build the benchmark module ({e}): skipping the module benchmarks"
+            );
+            false
+        }
+        (Some(_), Ok(input)) => {
+            bench_module(&mut c, &input);
+            true
+        }
+    };
     c.final_summary();
 
     // Paired, interleaved re-measurement of the pairs whose ratio is close to 1.
@@ -298,10 +317,60 @@ fn main() {
         .map(|&(name, a, b)| (name, paired(a, b, rounds, 2_000)))
         .collect();
 
-    let text = report::render(&crit_dir, tool_ran, &paired);
+    let text = report::render(&crit_dir, tool_ran, module_ran, &paired);
     println!("\n{text}");
     std::fs::create_dir_all(&o.out).expect("create the output directory");
     let md = o.out.join("ratios.md");
     std::fs::write(&md, &text).expect("write ratios.md");
     println!("ksites-bench: wrote {}", md.display());
+}
+
+/// Generates and embeds the benchmark module (`Err`: no ksites, or gcc failed).
+fn module_inputs(o: &Options) -> Result<module::Input, String> {
+    let ksites = o.ksites.as_deref().ok_or("no ksites")?;
+    let t = Instant::now();
+    let input = module::generate(&o.out.join("module"), ksites)?;
+    println!(
+        "ksites-bench: generated {} ({} bytes, {} relocations) in {:.1} s",
+        input.path.display(),
+        input.bytes.len(),
+        input.relocations,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(input)
+}
+
+/// The `module` group: `module::check` against copying the sections and parsing.
+fn bench_module(c: &mut Criterion, input: &module::Input) {
+    let kernel = module::FakeKernel::new();
+    let k = kernel.kernel();
+    let copies = module::copies(&input.bytes);
+    let mut arena = module::Arena::new((2 * copies.size + (1 << 20)).next_multiple_of(4096));
+    let r = module::check(&input.bytes, &k, &mut arena);
+    println!(
+        "ksites-bench: module: {} KiB text, {} KiB read-only, {} KiB data; {} relocations applied, \
+         {} kernel symbols; {} imported ifuncs, {} own; {} ifunc sites; {} probes, {} probe sites",
+        r.text_size / 1024,
+        r.ro_size / 1024,
+        r.rw_size / 1024,
+        r.relocations,
+        r.kernel_symbols,
+        r.imports,
+        r.ifuncs,
+        r.sites,
+        r.probes,
+        r.probe_sites
+    );
+    let mut g = c.benchmark_group("module");
+    g.sample_size(30);
+    g.bench_function("check", |b| {
+        b.iter(|| module::check(black_box(&input.bytes), &k, &mut arena))
+    });
+    g.bench_function("parse_relocs", |b| {
+        b.iter(|| module::walk_relocations(black_box(&input.bytes)))
+    });
+    g.bench_function("copy", |b| {
+        b.iter(|| module::copy(black_box(&input.bytes), &copies, arena.bytes_mut()))
+    });
+    g.finish();
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::{calls, patching, probes, tool};
+use crate::{calls, module, patching, probes, tool};
 
 /// Median and its 95% confidence interval, in nanoseconds per criterion iteration.
 #[derive(Clone, Copy, Debug)]
@@ -108,7 +108,7 @@ fn machine() -> String {
 }
 
 /// Renders every section, the paired table and the targets as Markdown.
-pub fn render(dir: &Path, tool_ran: bool, paired: &[(&str, Vec<f64>)]) -> String {
+pub fn render(dir: &Path, tool_ran: bool, module_ran: bool, paired: &[(&str, Vec<f64>)]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Machine: {}\n", machine());
     section(
@@ -226,6 +226,35 @@ pub fn render(dir: &Path, tool_ran: bool, paired: &[(&str, Vec<f64>)]) -> String
                     ("embed", "ksites embed"),
                     ("scan", "ksites scan --calls-to 'tramp_*'"),
                     ("objcopy", "objcopy --add-section (same size as the table)"),
+                ],
+            },
+        );
+    }
+    if module_ran {
+        section(
+            &mut out,
+            dir,
+            &Section {
+                title: &format!(
+                    "Loading a generated C module ({} functions; one preallocated buffer at {:#x})",
+                    module::FUNCS,
+                    module::MODULE_ADDR
+                ),
+                group: "module",
+                unit: "time per load",
+                per: 1.0,
+                baseline: "copy",
+                baseline_label: "copying the sections",
+                rows: vec![
+                    (
+                        "check",
+                        "module::check (lay out, resolve, relocate, validate the table)",
+                    ),
+                    (
+                        "parse_relocs",
+                        "object ELF parse + iterate every relocation, none applied",
+                    ),
+                    ("copy", "copy the SHF_ALLOC sections' bytes, nothing else"),
                 ],
             },
         );
