@@ -50,7 +50,7 @@ use std::rc::Rc;
 
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::arch::x86_64::{JMP_RIP_INDIRECT, NOP5, TRAMPOLINE_LEN};
-use kernel_loader::format::{NARGS_UNKNOWN, ProbeKind, SECTION_NAME, SiteKind, Table};
+use kernel_loader::format::{NARGS_UNKNOWN, ProbeKind, SECTION_NAME, Table};
 use kernel_loader::ifunc::{
     IMPORT_SECTION, RECORD_MAGIC, RECORD_SECTION, RECORD_SIZE, RECORD_VERSION,
     record as ifunc_record,
@@ -686,29 +686,8 @@ fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
         }
         for s in &scan.sites {
             let c = &c_syms[s.target];
-            if s.prefixes != 0 || s.kind == SiteKind::Jcc || s.len != 5 {
-                bail!(
-                    "{path}: section {}+{:#x} in {}: {} to probe function {} is {} bytes{}; only a \
-                     plain 5-byte call or jmp can be rewritten safely",
-                    s.section,
-                    s.section_offset,
-                    s.location,
-                    s.kind.name(),
-                    c.3,
-                    s.len,
-                    if s.prefixes != 0 {
-                        " with prefixes"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            let kind = match (c.0, s.kind) {
-                (false, SiteKind::Call) => ProbeKind::CCall,
-                (false, _) => ProbeKind::CTail,
-                (true, SiteKind::Call) => ProbeKind::CEnabled,
-                (true, _) => ProbeKind::CEnabledTail,
-            };
+            let kind =
+                crate::probes::c_site_kind(s, c.0, &c.3).with_context(|| path.to_string())?;
             let key = (c.1.clone(), c.2.clone());
             nargs.entry(key.clone()).or_insert(None);
             pending.push(PendingProbe {

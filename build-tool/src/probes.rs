@@ -269,31 +269,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
         }
         for s in &scan.sites {
             let c = &c_syms[s.target];
-            if s.prefixes != 0 || s.kind == SiteKind::Jcc || s.len != 5 {
-                bail!(
-                    "{}: {} section {}+{:#x} in {}: {} to probe function {} is {} bytes{}; only a \
-                     plain 5-byte call or jmp can be rewritten safely",
-                    img.path,
-                    s.kind.name(),
-                    s.section,
-                    s.section_offset,
-                    s.location,
-                    s.kind.name(),
-                    c.4,
-                    s.len,
-                    if s.prefixes != 0 {
-                        " with prefixes"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            let kind = match (c.1, s.kind) {
-                (false, SiteKind::Call) => ProbeKind::CCall,
-                (false, _) => ProbeKind::CTail,
-                (true, SiteKind::Call) => ProbeKind::CEnabled,
-                (true, _) => ProbeKind::CEnabledTail,
-            };
+            let kind = c_site_kind(s, c.1, &c.4).with_context(|| img.path.to_string())?;
             let key = (c.2.clone(), c.3.clone());
             nargs.entry(key.clone()).or_insert(None);
             pending.push(Pending {
@@ -443,6 +419,38 @@ pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
     out.sort_unstable();
     out.dedup();
     Ok(out)
+}
+
+/// The kind of a C probe site (a call or jump to `__dtrace_probe_*`, or to
+/// `__dtraceenabled_*` when `is_enabled`), or why it cannot be rewritten: only a plain
+/// 5-byte `call`/`jmp` can (images and modules alike).
+pub(crate) fn c_site_kind(
+    s: &crate::sites::FoundSite,
+    is_enabled: bool,
+    func: &str,
+) -> Result<ProbeKind> {
+    if s.prefixes != 0 || s.kind == SiteKind::Jcc || s.len != 5 {
+        bail!(
+            "section {}+{:#x} in {}: {} to probe function {func} is {} bytes{}; only a plain \
+             5-byte call or jmp can be rewritten safely",
+            s.section,
+            s.section_offset,
+            s.location,
+            s.kind.name(),
+            s.len,
+            if s.prefixes != 0 {
+                " with prefixes"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(match (is_enabled, s.kind) {
+        (false, SiteKind::Call) => ProbeKind::CCall,
+        (false, _) => ProbeKind::CTail,
+        (true, SiteKind::Call) => ProbeKind::CEnabled,
+        (true, _) => ProbeKind::CEnabledTail,
+    })
 }
 
 #[cfg(test)]
