@@ -1153,13 +1153,7 @@ pub fn check<'b>(
     mem: &mut dyn ModuleMemory,
     issue: &mut dyn FnMut(ModuleError<'b>),
 ) -> Result<LoadReport, ModuleError<'b>> {
-    let kernel = Kernel {
-        symbols: kernel.symbols,
-        table: kernel.table,
-        exec: kernel.exec,
-        features: kernel.features,
-    };
-    let (region, _, report, t) = link(bytes, &kernel, mem, issue)?;
+    let (region, _, report, t) = link(bytes, kernel, mem, issue)?;
     let _ = t;
     // SAFETY: nothing refers to the region any more.
     unsafe { mem.free(region) };
@@ -1185,13 +1179,7 @@ impl<'b> Module<'b> {
         mem: &mut dyn ModuleMemory,
         poker: &mut dyn TextPoker,
     ) -> Result<Module<'b>, ModuleError<'b>> {
-        let kernel = Kernel {
-            symbols: kernel.symbols,
-            table: kernel.table,
-            exec: kernel.exec,
-            features: kernel.features,
-        };
-        let (region, layout, mut report, table) = link(bytes, &kernel, mem, &mut |_| {})?;
+        let (region, layout, mut report, table) = link(bytes, kernel, mem, &mut |_| {})?;
         let mut m = Module {
             name,
             bytes,
