@@ -607,10 +607,9 @@ impl<'b> Object<'b> {
     /// Computes the layout (offsets from the region start).
     fn layout(&self) -> Result<Layout, ModuleError<'b>> {
         let too_big = ModuleError::OutOfMemory { size: usize::MAX };
-        let mut ends = [0usize; 3];
         let mut starts = [0usize; 3];
         let mut at = 0usize;
-        for (g, (start, end)) in starts.iter_mut().zip(ends.iter_mut()).enumerate() {
+        for (g, start) in starts.iter_mut().enumerate() {
             *start = at;
             for sh in self.sections.iter().filter(|sh| group(sh) == Some(g)) {
                 let align = usize::try_from(sh.sh_addralign.get(LE)).map_err(|_| too_big)?;
@@ -624,10 +623,8 @@ impl<'b> Object<'b> {
                 at = align_up(at, align).ok_or(ModuleError::Malformed("bad section alignment"))?;
                 at = at.checked_add(size).ok_or(too_big)?;
             }
-            *end = at;
             at = align_up(at, PAGE_SIZE).ok_or(too_big)?;
         }
-        let _ = ends;
         let meta = at;
         let n = self.sections.len() + self.symtab.len();
         let end = n
