@@ -39,9 +39,12 @@ enum Command {
     /// table cell at the table, and write the result to OUTPUT. OUTPUT is written
     /// through a temporary file and a rename; IMAGE is never modified; identical input
     /// gives identical output. An image without ifuncs or probes is copied unchanged.
+    /// IMAGE may also be an ET_REL module (`gcc -c`, `rustc --emit=obj`): it gets a
+    /// `.ksites` section and `.rela.ksites` (R_X86_64_PC32 per field), which the module
+    /// loader relocates into the same self-relative table; see `check-module`.
     #[command(after_help = EXIT_CODES)]
     Embed {
-        /// The linked image.
+        /// The linked image, or a relocatable module object.
         image: PathBuf,
         /// Where to write the result (must differ from IMAGE).
         #[arg(short, long)]
