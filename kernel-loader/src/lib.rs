@@ -30,8 +30,10 @@ pub mod host;
 pub mod ifunc;
 #[cfg(feature = "module")]
 pub mod module;
+pub mod name;
 pub mod patch;
 pub mod probe;
 
 pub use cpu::CpuFeatures;
+pub use name::Name;
 pub use patch::{InitReport, PatchError, PokeError, TextPoker};

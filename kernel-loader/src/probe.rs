@@ -24,6 +24,7 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize
 
 use crate::arch::x86_64::{CALL_REL32, JMP_REL32, NOP5, rel32};
 use crate::format::{PROBE_SITE_LEN, PSite, ProbeKind, Table};
+pub use crate::name::Name;
 use crate::patch::{InsnBytes, PokeError, TextPoker};
 
 /// Most probes the registry holds.
@@ -746,56 +747,6 @@ fn publish(slot: usize, table: Table<'static>, base: u32, range: Range<u64>) {
     sl.start.store(range.start, Ordering::Release);
     sl.end.store(range.end, Ordering::Release);
     sl.state.store(SLOT_LIVE, Ordering::Release);
-}
-
-/// A probe's provider or name, copied out of its table (a module's table goes away at
-/// unload), up to [`Name::CAPACITY`] bytes; a longer one is cut at a character boundary.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Name {
-    len: u8,
-    buf: [u8; Name::CAPACITY],
-}
-
-impl Name {
-    /// Longest name kept whole.
-    pub const CAPACITY: usize = 64;
-
-    fn new(s: &str) -> Name {
-        let mut len = s.len().min(Name::CAPACITY);
-        while !s.is_char_boundary(len) {
-            len -= 1;
-        }
-        let mut buf = [0u8; Name::CAPACITY];
-        buf[..len].copy_from_slice(&s.as_bytes()[..len]);
-        Name {
-            len: len as u8,
-            buf,
-        }
-    }
-
-    /// The text.
-    pub fn as_str(&self) -> &str {
-        // Cut at a character boundary of a `str` in `new`.
-        core::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
-    }
-}
-
-impl PartialEq<&str> for Name {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-impl fmt::Debug for Name {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl fmt::Display for Name {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// What the registry knows about a probe.
