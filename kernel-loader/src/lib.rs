@@ -24,6 +24,7 @@ extern crate std;
 pub mod arch;
 pub mod cell;
 pub mod cpu;
+pub mod error;
 pub mod format;
 #[cfg(all(feature = "std", target_os = "linux", target_arch = "x86_64"))]
 pub mod host;
@@ -35,5 +36,6 @@ pub mod patch;
 pub mod probe;
 
 pub use cpu::CpuFeatures;
+pub use error::Error;
 pub use name::Name;
 pub use patch::{InitReport, PatchError, PokeError, TextPoker};
