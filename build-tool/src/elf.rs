@@ -1,15 +1,18 @@
-//! Read side: a parsed x86-64 ELF image or object, with the lookups the tool needs.
+//! Read side: a parsed little-endian ELF64 image or object, with the lookups the tool
+//! needs, and its [`Target`] (chosen once, from `e_machine`).
 
 use std::ops::Range;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use object::elf;
 use object::read::elf::{ElfFile64, ElfSection64, FileHeader, SectionHeader};
 use object::{
     LittleEndian, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget,
     SectionIndex, SymbolKind,
 };
+
+use crate::target::Target;
 
 /// What kind of ELF file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +45,7 @@ pub struct Sym {
 pub struct Reloc {
     /// `r_offset`: address (linked images) or section offset (ET_REL).
     pub offset: u64,
-    /// `R_X86_64_*`.
+    /// The raw relocation type; [`Target::reloc_class`] says what it is.
     pub r_type: u32,
     /// `S`: the symbol's value (for a section symbol, the section's address).
     pub sym_value: u64,
@@ -56,6 +59,19 @@ pub struct Reloc {
     pub addend: i64,
 }
 
+/// One raw `Elf64_Rela` entry (see [`Image::raw_relas`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawRela {
+    /// `r_offset`.
+    pub offset: u64,
+    /// The raw relocation type (`ELF64_R_TYPE`).
+    pub r_type: u32,
+    /// The symbol index (`ELF64_R_SYM`).
+    pub sym_index: usize,
+    /// `r_addend`.
+    pub addend: i64,
+}
+
 /// A parsed ELF file and its source bytes.
 pub struct Image<'d> {
     /// The file name, for messages.
@@ -66,6 +82,9 @@ pub struct Image<'d> {
     pub file: ElfFile64<'d, LittleEndian>,
     /// ET_* kind.
     pub kind: ElfKind,
+    /// The instruction set, from `e_machine`: everything architecture-specific goes
+    /// through it.
+    pub target: Target,
     /// Defined symbols, sorted by (section, address).
     syms: Vec<Sym>,
     /// Demangled names of `syms`, computed on first use (a location is made per site).
@@ -82,15 +101,14 @@ impl std::fmt::Debug for Image<'_> {
 }
 
 impl<'d> Image<'d> {
-    /// Parses `data` (the contents of `path`) as a little-endian x86-64 ELF64 file.
+    /// Parses `data` (the contents of `path`) as a little-endian ELF64 file of a
+    /// supported [`Target`].
     pub fn parse(path: &str, data: &'d [u8]) -> Result<Image<'d>> {
         let file = ElfFile64::<LittleEndian>::parse(data)
             .with_context(|| format!("{path}: not a valid ELF64 little-endian file"))?;
         let hdr = file.elf_header();
         let e = LittleEndian;
-        if hdr.e_machine(e) != elf::EM_X86_64 {
-            bail!("{path}: machine {} is not x86-64", hdr.e_machine(e));
-        }
+        let target = Target::from_machine(hdr.e_machine(e)).map_err(|m| anyhow!("{path}: {m}"))?;
         let kind = match hdr.e_type(e) {
             elf::ET_EXEC => ElfKind::Exec,
             elf::ET_DYN => ElfKind::Dyn,
@@ -131,6 +149,7 @@ impl<'d> Image<'d> {
             data,
             file,
             kind,
+            target,
             syms,
             demangled,
         })
@@ -335,6 +354,28 @@ impl<'d> Image<'d> {
                 addend: r.addend(),
             }))
         })
+    }
+
+    /// Every entry of every `SHT_RELA` section (dynamic, PLT and `--emit-relocs` ones
+    /// alike), read raw: the `object` crate's relocation iterator does not attribute a
+    /// NONE relocation to its symbol.
+    pub fn raw_relas(&self) -> impl Iterator<Item = RawRela> + '_ {
+        self.file
+            .sections()
+            .filter(|s| s.elf_section_header().sh_type(LittleEndian) == elf::SHT_RELA)
+            .filter_map(|s| s.data().ok())
+            .flat_map(|data| data.chunks_exact(24))
+            .map(|e| {
+                let word =
+                    |at: usize| u64::from_le_bytes(e[at..at + 8].try_into().expect("8 bytes"));
+                let info = word(8);
+                RawRela {
+                    offset: word(0),
+                    r_type: info as u32,
+                    sym_index: (info >> 32) as usize,
+                    addend: word(16) as i64,
+                }
+            })
     }
 
     /// Whether any executable section carries relocations (i.e. `--emit-relocs` was used,

@@ -57,7 +57,7 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
     let img = Image::parse(path, data)?;
     ensure_not_embedded_object(&img)?;
     let mut o = String::new();
-    writeln!(o, "{path}: ELF {:?} x86-64", img.kind)?;
+    writeln!(o, "{path}: ELF {:?} {}", img.kind, img.target.name())?;
     let exec = img.exec_ranges();
     let ifunc_records = read_ifuncs(&img)?;
     let scan = find_ifunc_sites(&img, &ifunc_records)?;

@@ -11,4 +11,5 @@ pub mod records;
 pub mod scan;
 pub mod sites;
 pub mod table;
+pub mod target;
 pub mod verify;

@@ -291,10 +291,10 @@ mod tests {
     #[test]
     fn response_files_and_pass_through() {
         let dir = tempfile::tempdir().unwrap();
-        let rsp = dir.path().join("args");
-        std::fs::write(&rsp, "a.o \"b c.o\"\n-o out 'd e'\n").unwrap();
+        let resp = dir.path().join("args");
+        std::fs::write(&resp, "a.o \"b c.o\"\n-o out 'd e'\n").unwrap();
         let v =
-            expand_response_files(&[OsString::from(format!("@{}", rsp.display())), "-x".into()])
+            expand_response_files(&[OsString::from(format!("@{}", resp.display())), "-x".into()])
                 .unwrap();
         assert_eq!(v, os(&["a.o", "b c.o", "-o", "out", "d e", "-x"]));
         assert!(is_pass_through(&os(&["--version"])));

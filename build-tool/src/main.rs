@@ -40,8 +40,8 @@ enum Command {
     /// through a temporary file and a rename; IMAGE is never modified; identical input
     /// gives identical output. An image without ifuncs or probes is copied unchanged.
     /// IMAGE may also be an ET_REL module (`gcc -c`, `rustc --emit=obj`): it gets a
-    /// `.ksites` section and `.rela.ksites` (R_X86_64_PC32 per field), which the module
-    /// loader relocates into the same self-relative table; see `check-module`.
+    /// `.ksites` section and `.rela.ksites` (a PC-relative relocation per field), which
+    /// the module loader relocates into the same self-relative table; see `check-module`.
     #[command(after_help = EXIT_CODES)]
     Embed {
         /// The linked image, or a relocatable module object.
@@ -124,10 +124,9 @@ enum Command {
     /// in ET_EXEC/ET_DYN images linked with --emit-relocs (like recordmcount for
     /// `__fentry__` or objtool for retpoline thunks). Sites are found through
     /// relocations and decoded from the start of the enclosing function; a site is the
-    /// instruction's first byte, prefixes included. Calls through the GOT
-    /// (`call *sym@GOTPCREL(%rip)`) are not rel32 sites and are not listed. Files are
-    /// scanned in parallel; output follows the order of the files. A linked image without
-    /// relocations is an error.
+    /// instruction's first byte, prefixes included. Calls through the GOT (`-fno-plt`)
+    /// are not rel32 sites and are not listed. Files are scanned in parallel; output
+    /// follows the order of the files. A linked image without relocations is an error.
     #[command(after_help = EXIT_CODES)]
     Scan {
         /// Glob (`*`, `?`) for call targets; matched against raw and demangled names.

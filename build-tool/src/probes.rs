@@ -5,17 +5,17 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result, bail, ensure};
-use kernel_loader::arch::x86_64::NOP5;
-use kernel_loader::format::{NARGS_UNKNOWN, PSite, ProbeKind, SiteKind};
+use kernel_loader::format::{NARGS_UNKNOWN, PROBE_SITE_LEN, PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::{
     PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_MAGIC, SITE_RECORD_SECTION,
-    SITE_RECORD_SIZE, STUB_SYMBOLS, Stubs, record, site_bytes_with,
+    SITE_RECORD_SIZE, STUB_SYMBOLS, Stubs, record,
 };
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 use crate::elf::{ElfKind, Image};
 use crate::sites::find_sites;
 use crate::table::{ProbeEntry, ProbeSiteEntry};
+use crate::target::RelocClass;
 
 /// Section of C probe declarations (`KSITES_PROBE_DECL` in `ksites_sdt.h`).
 pub const DECL_SECTION: &str = ".ksites_probe_decls";
@@ -51,7 +51,7 @@ pub struct ProbeScan {
     /// `probe!` records whose id field must be set: (record address, id).
     pub record_ids: Vec<(u64, u32)>,
     /// C call sites to rewrite into their disabled form: (address, bytes).
-    pub rewrites: Vec<(u64, [u8; 5])>,
+    pub rewrites: Vec<(u64, [u8; PROBE_SITE_LEN])>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -167,11 +167,11 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                 u64_at(rb, record::NAME_LEN),
                 "name",
             )?;
-            let bytes = img.read_va(site, 5).with_context(|| {
+            let bytes = img.read_va(site, PROBE_SITE_LEN as u64).with_context(|| {
                 format!("{}: probe site {site:#x} is not in the file", img.path)
             })?;
             ensure!(
-                bytes == NOP5,
+                bytes == img.target.probe_nop(),
                 "{}: probe site {site:#x} ({provider}:{name}) holds {bytes:02x?}, expected the 5-byte NOP",
                 img.path
             );
@@ -297,7 +297,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     pending.sort_by_key(|p| p.addr);
     for w in pending.windows(2) {
         ensure!(
-            w[0].addr + 5 <= w[1].addr,
+            w[0].addr + PROBE_SITE_LEN as u64 <= w[1].addr,
             "{}: probe sites at {:#x} and {:#x} overlap",
             img.path,
             w[0].addr,
@@ -311,7 +311,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
         }
         let disabled = match p.kind {
             ProbeKind::RustJmp | ProbeKind::RustEnabled => None,
-            ProbeKind::CCall => Some(NOP5),
+            ProbeKind::CCall => Some(img.target.probe_nop()),
             ProbeKind::CTail | ProbeKind::CEnabled | ProbeKind::CEnabledTail => {
                 let site = PSite {
                     index: 0,
@@ -329,7 +329,8 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                     );
                 }
                 Some(
-                    site_bytes_with(&site, false, &stubs)
+                    img.target
+                        .disabled_probe(&site, &stubs)
                         .map_err(|e| anyhow::anyhow!("{}: {e}", img.path))?,
                 )
             }
@@ -389,31 +390,19 @@ pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
             off += SITE_RECORD_SIZE;
         }
     }
-    // Raw RELA entries: `embed` turned these relocations into R_X86_64_NONE, which the
+    // Raw RELA entries: `embed` turned these relocations into NONE ones, which the
     // object crate's relocation iterator does not attribute to their symbol.
-    for sec in img.file.sections() {
-        use object::read::elf::SectionHeader as _;
-        let h = sec.elf_section_header();
-        if h.sh_type(object::LittleEndian) != object::elf::SHT_RELA {
+    for r in img.raw_relas() {
+        if !matches!(
+            img.target.reloc_class(r.r_type),
+            RelocClass::Branch | RelocClass::None
+        ) {
             continue;
         }
-        let Ok(data) = sec.data() else { continue };
-        for e in data.chunks_exact(24) {
-            let info = u64_at(e, 8);
-            let r_type = (info & 0xffff_ffff) as u32;
-            if !matches!(
-                r_type,
-                object::elf::R_X86_64_PC32
-                    | object::elf::R_X86_64_PLT32
-                    | object::elf::R_X86_64_NONE
-            ) {
-                continue;
-            }
-            if split_c_probe(&img.symbol_name((info >> 32) as usize)).is_some()
-                && let Some(site) = u64_at(e, 0).checked_sub(1)
-            {
-                out.push(site);
-            }
+        if split_c_probe(&img.symbol_name(r.sym_index)).is_some()
+            && let Some(site) = img.target.plain_branch_start(r.offset)
+        {
+            out.push(site);
         }
     }
     out.sort_unstable();
@@ -429,7 +418,7 @@ pub(crate) fn c_site_kind(
     is_enabled: bool,
     func: &str,
 ) -> Result<ProbeKind> {
-    if s.prefixes != 0 || s.kind == SiteKind::Jcc || s.len != 5 {
+    if s.prefixes != 0 || s.kind == SiteKind::Jcc || usize::from(s.len) != PROBE_SITE_LEN {
         bail!(
             "section {}+{:#x} in {}: {} to probe function {func} is {} bytes{}; only a plain \
              5-byte call or jmp can be rewritten safely",

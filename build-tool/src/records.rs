@@ -1,16 +1,15 @@
 //! Reads the ifunc descriptor records the `ifunc!` macro leaves in `.ksites_ifuncs`.
 
 use anyhow::{Context, Result, bail, ensure};
-use kernel_loader::arch::x86_64::{JMP_RIP_INDIRECT, TRAMPOLINE_LEN};
 use kernel_loader::ifunc::{RECORD_MAGIC, RECORD_SECTION, RECORD_SIZE, RECORD_VERSION, record};
 use std::collections::HashMap;
 
 use object::elf;
-use object::read::elf::SectionHeader;
-use object::{LittleEndian, Object, ObjectSection, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 use crate::elf::{ElfKind, Image, Reloc};
-use crate::sites::{Selected, SiteScan, find_sites_with, reloc_target};
+use crate::sites::{Selected, SiteScan, find_sites_with};
+use crate::target::RelocClass;
 
 /// One ifunc, with absolute addresses in the linked image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,7 +78,7 @@ pub fn find_ifunc_sites(img: &Image<'_>, ifuncs: &[IfuncInfo]) -> Result<SiteSca
                 target_addr: Some(ifuncs[i].trampoline),
             });
         }
-        let t = reloc_target(r);
+        let t = img.target.reloc_target(r);
         by_addr.get(&t).map(|&target| Selected {
             target,
             target_addr: Some(t),
@@ -88,7 +87,7 @@ pub fn find_ifunc_sites(img: &Image<'_>, ifuncs: &[IfuncInfo]) -> Result<SiteSca
 }
 
 /// GNU ifuncs: `STT_GNU_IFUNC` symbols of a static image, each with the
-/// `R_X86_64_IRELATIVE` relocation the linker made for it (slot = its offset, resolver =
+/// IRELATIVE relocation the linker made for it (slot = its offset, resolver =
 /// its addend = the symbol's value) and the PLT/IPLT entry that jumps through that slot.
 pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
     let syms: Vec<(usize, String, u64)> = img
@@ -106,19 +105,12 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
         img.path
     );
     // IRELATIVE relocations, wherever the linker put them (.rela.plt, .rela.iplt, .rela.dyn).
-    let mut irel: Vec<(u64, u64)> = Vec::new();
-    for sec in img.file.sections() {
-        if sec.elf_section_header().sh_type(LittleEndian) != elf::SHT_RELA {
-            continue;
-        }
-        let Ok(data) = sec.data() else { continue };
-        for e in data.chunks_exact(24) {
-            let info = u64_at(e, 8);
-            if (info & 0xffff_ffff) as u32 == elf::R_X86_64_IRELATIVE {
-                irel.push((u64_at(e, 0), u64_at(e, 16)));
-            }
-        }
-    }
+    let t = img.target;
+    let irel: Vec<(u64, u64)> = img
+        .raw_relas()
+        .filter(|r| t.reloc_class(r.r_type) == RelocClass::IRelative)
+        .map(|r| (r.offset, r.addend as u64))
+        .collect();
     // Pair each ifunc with its PLT entry through a call to it: the linker routed the
     // call's rel32 to the entry (which jumps through the IRELATIVE slot). Several ifuncs
     // may share a resolver, so the pairing goes call -> entry -> slot, never by addend.
@@ -127,7 +119,7 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
     for sec in img.exec_sections() {
         for r in img.relocations(&sec) {
             let r = r?;
-            if matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) && !r.sym_is_section {
+            if t.reloc_class(r.r_type) == RelocClass::Branch && !r.sym_is_section {
                 first_call.entry(r.sym_index).or_insert(r.offset);
             }
         }
@@ -138,37 +130,36 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
         let Some(&at) = first_call.get(&index) else {
             continue;
         };
-        let rel = img
-            .read_va(at, 4)
-            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+        let trampoline = img
+            .read_va(at, t.branch_field_len())
+            .and_then(|b| t.branch_field_dest(b, at))
             .with_context(|| {
                 format!(
                     "{}: call to GNU ifunc {name} at {at:#x} is not in the file",
                     img.path
                 )
             })?;
-        let trampoline = at.wrapping_add(4).wrapping_add_signed(rel.into());
         let entry = img
-            .read_va(trampoline, TRAMPOLINE_LEN as u64)
+            .read_va(trampoline, t.trampoline_len() as u64)
             .unwrap_or(&[]);
-        if entry.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+        if let Some(why) = t.unsupported_plt_entry(entry) {
             bail!(
-                "{}: GNU ifunc {name}: its PLT entry at {trampoline:#x} starts with endbr64 (an IBT \
-                 PLT); build with -fcf-protection=none (IBT PLTs are not supported yet)",
+                "{}: GNU ifunc {name}: its PLT entry at {trampoline:#x} {why}",
                 img.path
             );
         }
-        ensure!(
-            entry.len() == TRAMPOLINE_LEN && entry[..2] == JMP_RIP_INDIRECT,
-            "{}: GNU ifunc {name}: the call at {at:#x} does not reach a `jmp [rip+slot]` PLT entry",
-            img.path
-        );
-        let disp = i32::from_le_bytes(entry[2..6].try_into().expect("4 bytes"));
-        let slot = (trampoline + TRAMPOLINE_LEN as u64).wrapping_add_signed(disp.into());
+        let Some(slot) = t.trampoline_slot(entry, trampoline) else {
+            bail!(
+                "{}: GNU ifunc {name}: the call at {at:#x} does not reach a {} PLT entry",
+                img.path,
+                t.trampoline_text(None)
+            );
+        };
         let Some(&irel_resolver) = irel.get(&slot) else {
             bail!(
-                "{}: GNU ifunc {name}: its PLT slot {slot:#x} has no R_X86_64_IRELATIVE relocation",
-                img.path
+                "{}: GNU ifunc {name}: its PLT slot {slot:#x} has no {} relocation",
+                img.path,
+                t.reloc_name(t.irelative_reloc())
             );
         };
         ensure!(
@@ -275,25 +266,25 @@ fn read_rust_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
     Ok(out)
 }
 
-/// The trampoline must be `jmp [rip+slot]`: anything else means the record is stale.
+/// The trampoline must jump through the record's slot: anything else means the record is
+/// stale.
 fn check_trampoline(img: &Image<'_>, f: &IfuncInfo) -> Result<()> {
+    let t = img.target;
     let b = img
-        .read_va(f.trampoline, TRAMPOLINE_LEN as u64)
+        .read_va(f.trampoline, t.trampoline_len() as u64)
         .with_context(|| {
             format!(
                 "{}: ifunc {}: trampoline {:#x} is not in the file",
                 img.path, f.name, f.trampoline
             )
         })?;
-    let disp = i32::from_le_bytes(b[2..6].try_into().expect("4 bytes"));
-    let target = (f.trampoline + TRAMPOLINE_LEN as u64).wrapping_add_signed(i64::from(disp));
     ensure!(
-        b[..2] == JMP_RIP_INDIRECT && target == f.slot,
-        "{}: ifunc {}: trampoline at {:#x} is not `jmp [rip+{:#x}]` (found {:02x?})",
+        t.trampoline_slot(b, f.trampoline) == Some(f.slot),
+        "{}: ifunc {}: trampoline at {:#x} is not {} (found {:02x?})",
         img.path,
         f.name,
         f.trampoline,
-        f.slot,
+        t.trampoline_text(Some(f.slot)),
         b
     );
     Ok(())

@@ -1,6 +1,6 @@
 //! `ksites scan`: the generic site finder. Lists every `call rel32` to a symbol matching
 //! a `--calls-to` glob and every `jmp rel32`/`jcc rel32` to one matching a `--jumps-to`
-//! glob, in any x86-64 ELF file (ET_REL, or ET_EXEC/ET_DYN linked with
+//! glob, in any ELF file of a supported target (ET_REL, or ET_EXEC/ET_DYN linked with
 //! `--emit-relocs`), the way recordmcount finds `__fentry__` calls and objtool finds
 //! retpoline-thunk calls. Sites are found through relocations and decoded from the start
 //! of the enclosing function.
@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Context, Result};
 use kernel_loader::format::SiteKind;
 use kernel_loader::probe::glob_match_str;
-use object::elf;
 
 use crate::elf::{ElfKind, Image, Reloc, demangle};
 use crate::sites::{Selected, find_sites_with};
+use crate::target::RelocClass;
 
 /// What to look for.
 #[derive(Clone, Debug, Default)]
@@ -85,7 +85,7 @@ fn target_name(img: &Image<'_>, r: &Reloc) -> Option<String> {
         return (!n.is_empty()).then_some(n);
     }
     let sec = r.sym_section?;
-    let at = r.sym_value.wrapping_add_signed(r.addend).wrapping_add(4);
+    let at = img.target.reloc_target(r);
     img.symbol_at(sec, at).map(|s| s.name.clone())
 }
 
@@ -115,7 +115,7 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<Vec<Sca
     let by_symbol =
         std::cell::RefCell::new(std::collections::HashMap::<usize, Option<usize>>::new());
     let select = |r: &Reloc| -> Option<Selected> {
-        if !matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
+        if img.target.reloc_class(r.r_type) != RelocClass::Branch {
             return None;
         }
         let lookup = |r: &Reloc| -> Option<usize> {

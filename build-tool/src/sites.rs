@@ -7,13 +7,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Result;
-use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
-use kernel_loader::arch::x86_64::{is_branch_prefix, opcode_matches};
-use kernel_loader::format::{MAX_SITE_LEN, SiteKind};
-use object::elf;
+use kernel_loader::format::SiteKind;
 use object::{ObjectSection, SectionIndex};
 
 use crate::elf::{Image, Location, Reloc};
+use crate::target::{Decoded, RelocClass, SiteInsn};
+
+/// Kept at its old path for `embed` (which will ask `img.target`).
+pub use crate::target::x86_64::reloc_target;
 
 /// A branch to one of the targets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +50,7 @@ pub struct OtherRef {
     pub target: usize,
     /// Section name.
     pub section: String,
-    /// What it is (`lea rax,[...]`, `R_X86_64_64`, …).
+    /// What it is (an instruction's mnemonic, a relocation type's name, …).
     pub what: String,
     /// `function+0xoff`.
     pub location: String,
@@ -84,7 +85,7 @@ pub struct Selected {
 /// executable sections.
 pub fn find_sites(img: &Image<'_>, targets: &HashMap<u64, usize>) -> Result<SiteScan> {
     find_sites_with(img, &|r: &Reloc| {
-        let t = reloc_target(r);
+        let t = img.target.reloc_target(r);
         targets.get(&t).map(|&target| Selected {
             target,
             target_addr: Some(t),
@@ -92,36 +93,8 @@ pub fn find_sites(img: &Image<'_>, targets: &HashMap<u64, usize>) -> Result<Site
     })
 }
 
-/// Relocation types that reach a symbol through the GOT (`call *sym@GOTPCREL(%rip)`,
-/// `mov sym@GOTPCREL(%rip), %rax`).
-pub fn is_got_reloc(t: u32) -> bool {
-    matches!(
-        t,
-        elf::R_X86_64_GOT32
-            | elf::R_X86_64_GOTPCREL
-            | elf::R_X86_64_GOTPCRELX
-            | elf::R_X86_64_REX_GOTPCRELX
-            | elf::R_X86_64_GOTPCREL64
-            | elf::R_X86_64_GOT64
-    )
-}
-
-/// The address a relocation refers to: for a rel32 that ends its instruction (PC32,
-/// PLT32), S + A + 4 is where the branch goes; through the GOT, the symbol itself;
-/// otherwise S + A.
-pub fn reloc_target(r: &Reloc) -> u64 {
-    let base = r.sym_value.wrapping_add_signed(r.addend);
-    if matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
-        base.wrapping_add(4)
-    } else if is_got_reloc(r.r_type) {
-        r.sym_value
-    } else {
-        base
-    }
-}
-
-/// The engine: every PC32/PLT32 relocation (and, reported as other references, every
-/// absolute one) in an executable section that `select` picks is decoded and classified.
+/// The engine: every branch-class relocation (and, reported as other references, every
+/// absolute or GOT one) in an executable section that `select` picks is decoded and classified.
 pub fn find_sites_with(
     img: &Image<'_>,
     select: &dyn Fn(&Reloc) -> Option<Selected>,
@@ -137,13 +110,9 @@ pub fn find_sites_with(
         let mut by_func: Vec<(u64, Candidate)> = Vec::new();
         for r in img.relocations(&sec) {
             let r = r?;
-            let pc_rel = matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32);
-            let abs = matches!(
-                r.r_type,
-                elf::R_X86_64_64 | elf::R_X86_64_32 | elf::R_X86_64_32S
-            );
-            let got = is_got_reloc(r.r_type);
-            if !pc_rel && !abs && !got {
+            let class = img.target.reloc_class(r.r_type);
+            let (abs, got) = (class == RelocClass::Absolute, class == RelocClass::Got);
+            if class != RelocClass::Branch && !abs && !got {
                 continue;
             }
             let Some(Selected {
@@ -156,9 +125,12 @@ pub fn find_sites_with(
             if abs || got {
                 let location = img.describe(sec.index(), r.offset);
                 let what = if got {
-                    format!("reference through the GOT ({})", reloc_name(r.r_type))
+                    format!(
+                        "reference through the GOT ({})",
+                        img.target.reloc_name(r.r_type)
+                    )
                 } else {
-                    format!("absolute address ({})", reloc_name(r.r_type))
+                    format!("absolute address ({})", img.target.reloc_name(r.r_type))
                 };
                 scan.other_refs.push(OtherRef {
                     addr: r.offset,
@@ -184,7 +156,7 @@ pub fn find_sites_with(
         }
         by_func.sort_by_key(|(start, _)| *start);
         let sec_end = sec_addr.saturating_add(data.len() as u64);
-        let mut insns = Vec::new();
+        let mut decoded = Decoded::default();
         for group in by_func.chunk_by(|a, b| a.0 == b.0) {
             // A malformed file can put a symbol outside its section: clamp to the section.
             let start = group[0].0.clamp(sec_addr, sec_end);
@@ -192,9 +164,9 @@ pub fn find_sites_with(
             let code = data
                 .get((start - sec_addr) as usize..(end - sec_addr) as usize)
                 .unwrap_or(&[]);
-            decode_all(code, start, &mut insns);
+            img.target.decode_function(code, start, &mut decoded);
             for (_, c) in group {
-                classify(img, &sec, &sec_name, &insns, code, start, c, &mut scan);
+                classify(img, &sec, &sec_name, &decoded, code, start, c, &mut scan);
             }
         }
     }
@@ -215,121 +187,47 @@ fn function_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) ->
     sized.or(next).unwrap_or(sec_end).min(sec_end).max(start)
 }
 
-fn decode_all(code: &[u8], ip: u64, out: &mut Vec<Instruction>) {
-    let mut dec = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-    out.clear();
-    while dec.can_decode() {
-        out.push(dec.decode());
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn classify(
     img: &Image<'_>,
     sec: &object::read::elf::ElfSection64<'_, '_, object::LittleEndian>,
     sec_name: &Arc<str>,
-    insns: &[Instruction],
+    decoded: &Decoded,
     code: &[u8],
     start: u64,
     c: &Candidate,
     scan: &mut SiteScan,
 ) {
-    let mut other = |what: String| {
-        scan.other_refs.push(OtherRef {
-            addr: c.reloc_at,
-            target: c.target,
-            section: sec_name.to_string(),
-            what,
-            location: img.describe(sec.index(), c.reloc_at),
-        })
-    };
-    let i = insns.partition_point(|x| x.next_ip() <= c.reloc_at);
-    let Some(insn) = insns.get(i).filter(|x| x.ip() <= c.reloc_at) else {
-        other("not inside a decodable instruction".into());
-        return;
-    };
-    if insn.code() == Code::INVALID {
-        other(format!("invalid instruction at {:#x}", insn.ip()));
-        return;
-    }
-    let kind = match insn.code() {
-        Code::Call_rel32_64 => Some(SiteKind::Call),
-        Code::Jmp_rel32_64 => Some(SiteKind::Jmp),
-        _ if insn.is_jcc_near() => Some(SiteKind::Jcc),
-        _ => None,
-    };
-    let len = insn.len();
-    let Some(kind) = kind else {
-        other(format!("{}", Mnemonic(insn)));
-        return;
-    };
-    if insn.next_ip() != c.reloc_at + 4
-        || c.target_addr
-            .is_some_and(|t| insn.near_branch_target() != t)
-    {
-        other(format!(
-            "{} whose rel32 does not hold the relocation",
-            Mnemonic(insn)
-        ));
-        return;
-    }
-    if len > MAX_SITE_LEN {
-        other(format!(
-            "{} with too many prefixes ({len} bytes)",
-            Mnemonic(insn)
-        ));
-        return;
-    }
-    let prefixes = len - kind.opcode_len() - 4;
-    let off = (insn.ip() - start) as usize;
-    let bytes = &code[off..off + len];
-    if !bytes[..prefixes].iter().all(|&b| is_branch_prefix(b))
-        || !opcode_matches(kind, &bytes[prefixes..])
-    {
-        other(format!(
-            "{} with unsupported prefix bytes {:02x?}",
-            Mnemonic(insn),
-            &bytes[..prefixes]
-        ));
-        return;
-    }
-    scan.sites.push(FoundSite {
-        addr: insn.ip(),
-        len: len as u8,
+    let SiteInsn {
+        addr,
+        len,
         kind,
-        prefixes: prefixes as u8,
+        prefixes,
+    } = match img
+        .target
+        .classify(decoded, code, start, c.reloc_at, c.target_addr)
+    {
+        Ok(site) => site,
+        Err(what) => {
+            scan.other_refs.push(OtherRef {
+                addr: c.reloc_at,
+                target: c.target,
+                section: sec_name.to_string(),
+                what,
+                location: img.describe(sec.index(), c.reloc_at),
+            });
+            return;
+        }
+    };
+    scan.sites.push(FoundSite {
+        addr,
+        len,
+        kind,
+        prefixes,
         target: c.target,
         section: sec_name.clone(),
         section_index: sec.index(),
-        section_offset: insn.ip() - sec.address(),
-        location: img.location(sec.index(), insn.ip()),
+        section_offset: addr - sec.address(),
+        location: img.location(sec.index(), addr),
     });
-}
-
-struct Mnemonic<'a>(&'a Instruction);
-
-impl std::fmt::Display for Mnemonic<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut s = String::new();
-        let mut fmt = iced_x86::FastFormatter::new();
-        fmt.format(self.0, &mut s);
-        f.write_str(&s)
-    }
-}
-
-/// `R_X86_64_*` name.
-pub fn reloc_name(t: u32) -> &'static str {
-    match t {
-        elf::R_X86_64_64 => "R_X86_64_64",
-        elf::R_X86_64_PC32 => "R_X86_64_PC32",
-        elf::R_X86_64_PLT32 => "R_X86_64_PLT32",
-        elf::R_X86_64_32 => "R_X86_64_32",
-        elf::R_X86_64_32S => "R_X86_64_32S",
-        elf::R_X86_64_PC64 => "R_X86_64_PC64",
-        elf::R_X86_64_GOTPCREL => "R_X86_64_GOTPCREL",
-        elf::R_X86_64_GOTPCRELX => "R_X86_64_GOTPCRELX",
-        elf::R_X86_64_REX_GOTPCRELX => "R_X86_64_REX_GOTPCRELX",
-        elf::R_X86_64_GOT32 => "R_X86_64_GOT32",
-        _ => "R_X86_64_?",
-    }
 }

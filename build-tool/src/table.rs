@@ -2,10 +2,12 @@
 
 use anyhow::{Context, Result, ensure};
 use kernel_loader::format::{
-    ARCH_X86_64, HEADER_SIZE, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc, IfuncSite,
-    MAGIC, PROBE_DESC_SIZE, PROBE_SITE_SIZE, ProbeDesc, ProbeKind, ProbeSite, SiteKind, SubTable,
-    VERSION, make_rel,
+    HEADER_SIZE, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc, IfuncSite, MAGIC,
+    PROBE_DESC_SIZE, PROBE_SITE_SIZE, ProbeDesc, ProbeKind, ProbeSite, SiteKind, SubTable, VERSION,
+    make_rel,
 };
+
+use crate::target::Target;
 
 /// An ifunc to describe.
 #[derive(Clone, Debug)]
@@ -157,22 +159,38 @@ pub fn build_table(base: u64, ifuncs: &[IfuncEntry], sites: &[SiteEntry]) -> Res
     )
 }
 
-/// Encodes a table that will live at address `base`. Sites are sorted by address and
-/// deduplicated here; every self-relative reference is range-checked.
+/// Encodes a table for the default [`Target`] that will live at address `base`; see
+/// [`build_for`].
 pub fn build(base: u64, input: &TableInput) -> Result<Vec<u8>> {
-    build_with(input, &mut |field, target| {
-        make_rel(base + field as u64, target)
+    build_for(Target::default(), base, input)
+}
+
+/// Encodes a table for `target` that will live at address `base`. Sites are sorted by
+/// address and deduplicated here; every self-relative reference is range-checked.
+pub fn build_for(target: Target, base: u64, input: &TableInput) -> Result<Vec<u8>> {
+    build_with_for(target, input, &mut |field, t| {
+        make_rel(base + field as u64, t)
     })
     .with_context(|| format!("table at {base:#x}"))
 }
 
+/// [`build_with_for`] the default [`Target`].
+pub fn build_with(
+    input: &TableInput,
+    rel: &mut dyn FnMut(usize, u64) -> Option<i32>,
+) -> Result<Vec<u8>> {
+    build_with_for(Target::default(), input, rel)
+}
+
 /// Encodes a table, asking `rel(field_offset, target)` for the value of every
 /// self-relative field (`field_offset` from the table start, `target` an address as
-/// given in `input`; `None`: out of i32 reach). [`build`] computes them for a table at a
+/// given in `input`; `None`: out of i32 reach). [`build_for`] computes them for a table at a
 /// known address; for a relocatable object the caller records a relocation per field
 /// and returns 0.
-/// Sites are sorted by address and deduplicated here.
-pub fn build_with(
+/// Sites are sorted by address and deduplicated here. The header names `target`'s
+/// architecture.
+pub fn build_with_for(
+    target: Target,
     input: &TableInput,
     rel: &mut dyn FnMut(usize, u64) -> Option<i32>,
 ) -> Result<Vec<u8>> {
@@ -202,7 +220,7 @@ pub fn build_with(
     let header = Header {
         magic: MAGIC,
         version: VERSION,
-        arch: ARCH_X86_64,
+        arch: target.table_arch(),
         flags: 0,
         header_size: HEADER_SIZE as u32,
         total_size: total32,

@@ -6,11 +6,8 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, bail};
-use iced_x86::{Code, Decoder, DecoderOptions};
-use kernel_loader::arch::x86_64::{JMP_RIP_INDIRECT, TRAMPOLINE_LEN};
 use kernel_loader::cell::{CELL_MAGIC, CELL_SIZE, CELL_SYMBOL};
-use kernel_loader::format::{SECTION_NAME, SiteKind, Table};
-use kernel_loader::probe::site_bytes_with;
+use kernel_loader::format::{PROBE_SITE_LEN, SECTION_NAME, Table};
 use object::ObjectSection;
 
 use crate::elf::Image;
@@ -129,11 +126,11 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
     }
 
     // Trampolines and ifunc sites.
+    let target = img.target;
     for f in t.ifuncs() {
-        match img.read_va(f.trampoline, TRAMPOLINE_LEN as u64) {
-            Some(b) if b[..2] == JMP_RIP_INDIRECT => {
-                let disp = i32::from_le_bytes(b[2..6].try_into()?);
-                let to = (f.trampoline + TRAMPOLINE_LEN as u64).wrapping_add_signed(disp.into());
+        let b = img.read_va(f.trampoline, target.trampoline_len() as u64);
+        match b.and_then(|b| target.trampoline_slot(b, f.trampoline)) {
+            Some(to) => {
                 if to != f.slot {
                     bad(format!(
                         "ifunc {}: trampoline at {} jumps through {to:#x}, table says slot {:#x}",
@@ -143,10 +140,11 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
                     ));
                 }
             }
-            b => bad(format!(
-                "ifunc {}: trampoline at {} is not `jmp [rip+slot]`: {:02x?}",
+            None => bad(format!(
+                "ifunc {}: trampoline at {} is not {}: {:02x?}",
                 f.name,
                 loc(&img, f.trampoline),
+                target.trampoline_text(None),
                 b
             )),
         }
@@ -158,18 +156,8 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
             bad(format!("ifunc site {:#x}: not in the file", s.addr));
             continue;
         };
-        let mut dec = Decoder::with_ip(64, code, s.addr, DecoderOptions::NONE);
-        let insn = dec.decode();
-        let kind = match insn.code() {
-            Code::Call_rel32_64 => Some(SiteKind::Call),
-            Code::Jmp_rel32_64 => Some(SiteKind::Jmp),
-            _ if insn.is_jcc_near() => Some(SiteKind::Jcc),
-            _ => None,
-        };
-        if kind != Some(s.kind)
-            || insn.len() != s.len()
-            || insn.near_branch_target() != f.trampoline
-        {
+        let insn = target.decode_insn(code, s.addr);
+        if insn.kind != Some(s.kind) || insn.len != s.len() || insn.branch_target != f.trampoline {
             bad(format!(
                 "ifunc site {} at {}: table says {} ({} bytes) to {} trampoline {:#x}; found {:02x?} = `{}`",
                 s.index,
@@ -179,7 +167,7 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
                 f.name,
                 f.trampoline,
                 code,
-                insn
+                target.disasm(code, s.addr)
             ));
         }
     }
@@ -188,14 +176,14 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
     let stubs = crate::probes::image_stubs(&img);
     for s in t.probe_sites() {
         r.probe_sites += 1;
-        let want = match site_bytes_with(&s, false, &stubs) {
+        let want = match target.disabled_probe(&s, &stubs) {
             Ok(w) => w,
             Err(e) => {
                 bad(format!("probe site {:#x}: {e}", s.addr));
                 continue;
             }
         };
-        let found = img.read_va(s.addr, 5);
+        let found = img.read_va(s.addr, PROBE_SITE_LEN as u64);
         if found != Some(&want[..]) {
             let name = t
                 .probe(s.probe)

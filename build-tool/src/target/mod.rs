@@ -1,0 +1,358 @@
+//! The build tool's architecture seam. One [`Target`], chosen once from the ELF header's
+//! `e_machine` (as the `object` crate maps raw relocation types to kinds in one `match`),
+//! owns everything that depends on the instruction set: decoding a function and
+//! classifying the instruction that holds a relocation (the one classification `scan`,
+//! `embed` and `verify` share), relocation classes and their addend rules, the ifunc
+//! trampoline and its slot, unsupported PLT forms, the disabled probe bytes, the stapsdt
+//! argument registers, and the relocations `embed` writes into a module's table.
+//!
+//! Generic code (`sites`, `scan`, `verify`, `records`, `probes`, `table`, `inspect`)
+//! asks the target and names no instruction byte, relocation type or register. Each
+//! target is a module defining the same functions ([`x86_64`] today; an `aarch64` and a
+//! `riscv64` module add a variant here and fill the same `match` arms). Every method is
+//! an enum `match` the compiler inlines: no dynamic dispatch on the per-relocation path.
+
+pub mod x86_64;
+
+use kernel_loader::format::{PROBE_SITE_LEN, PSite, SiteKind};
+use kernel_loader::probe::{ProbeError, Stubs};
+
+use crate::elf::Reloc;
+
+/// An instruction set the build tool handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// x86-64 (`EM_X86_64`), [`x86_64`].
+    X86_64,
+}
+
+/// The target of tables built with no ELF header to take it from (`table::build`, used
+/// by tests and benches): x86-64, the only one so far.
+impl Default for Target {
+    fn default() -> Self {
+        Target::X86_64
+    }
+}
+
+/// Every supported target, in the order messages list them.
+pub const TARGETS: [Target; 1] = [Target::X86_64];
+
+/// An ELF machine no [`Target`] handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnsupportedMachine(pub u16);
+
+impl std::fmt::Display for UnsupportedMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "machine {} is not ", self.0)?;
+        for (i, t) in TARGETS.iter().enumerate() {
+            match i {
+                0 => {}
+                _ if i + 1 == TARGETS.len() => f.write_str(" or ")?,
+                _ => f.write_str(", ")?,
+            }
+            f.write_str(t.name())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for UnsupportedMachine {}
+
+/// What a raw relocation type does, as far as site finding cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelocClass {
+    /// The PC-relative field of a direct branch (x86-64: PC32, PLT32). Other
+    /// instructions may carry the same type (x86 rip-relative operands): decoding the
+    /// instruction tells them apart.
+    Branch,
+    /// Reaches its symbol through the GOT.
+    Got,
+    /// The symbol's absolute address.
+    Absolute,
+    /// A GNU ifunc slot, filled with its resolver's result at startup.
+    IRelative,
+    /// No relocation (what `embed` turns a rewritten C probe call's relocation into).
+    None,
+    /// Anything else.
+    Other,
+}
+
+/// One decoded instruction, as site checks see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Insn {
+    /// Its address.
+    pub addr: u64,
+    /// Its length (prefixes included).
+    pub len: usize,
+    /// The site kind it is, if it is a patchable branch form.
+    pub kind: Option<SiteKind>,
+    /// Where it branches (0 if it is no direct branch).
+    pub branch_target: u64,
+}
+
+/// A patchable branch site found by [`Target::classify`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteInsn {
+    /// Address of the first byte (prefixes included).
+    pub addr: u64,
+    /// Instruction length.
+    pub len: u8,
+    /// `call`, `jmp` or `jcc`.
+    pub kind: SiteKind,
+    /// Prefix bytes before the opcode.
+    pub prefixes: u8,
+}
+
+/// The instructions of one function, decoded once by [`Target::decode_function`] and
+/// searched for every relocation in it. Reuse one across functions: decoding then
+/// allocates nothing once it has grown.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    x86_64: Vec<iced_x86::Instruction>,
+}
+
+impl Target {
+    /// The target of an ELF file's `e_machine`.
+    pub fn from_machine(e_machine: u16) -> Result<Target, UnsupportedMachine> {
+        TARGETS
+            .into_iter()
+            .find(|t| t.e_machine() == e_machine)
+            .ok_or(UnsupportedMachine(e_machine))
+    }
+
+    /// Human name (`x86-64`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Target::X86_64 => x86_64::NAME,
+        }
+    }
+
+    /// The ELF machine number.
+    pub const fn e_machine(self) -> u16 {
+        match self {
+            Target::X86_64 => x86_64::E_MACHINE,
+        }
+    }
+
+    /// The `.ksites` header's architecture field for tables of this target.
+    pub const fn table_arch(self) -> u16 {
+        match self {
+            Target::X86_64 => x86_64::TABLE_ARCH,
+        }
+    }
+
+    /// What the raw relocation type `r_type` is.
+    #[inline]
+    pub fn reloc_class(self, r_type: u32) -> RelocClass {
+        match self {
+            Target::X86_64 => x86_64::reloc_class(r_type),
+        }
+    }
+
+    /// The name of a relocation type, for messages.
+    pub fn reloc_name(self, r_type: u32) -> &'static str {
+        match self {
+            Target::X86_64 => x86_64::reloc_name(r_type),
+        }
+    }
+
+    /// The address a relocation refers to: where a branch holding it goes (the
+    /// architecture's bias applied: `S + A + 4` on x86-64), the symbol itself for a GOT
+    /// reference, otherwise `S + A`.
+    #[inline]
+    pub fn reloc_target(self, r: &Reloc) -> u64 {
+        match self {
+            Target::X86_64 => x86_64::reloc_target(r),
+        }
+    }
+
+    /// Size of a branch's PC-relative field, as [`Target::branch_field_dest`] reads it.
+    pub const fn branch_field_len(self) -> u64 {
+        match self {
+            Target::X86_64 => x86_64::BRANCH_FIELD_LEN,
+        }
+    }
+
+    /// Where a branch whose PC-relative field (`field`, its bytes) is at `at` goes;
+    /// `None` if `field` is not [`Target::branch_field_len`] bytes.
+    pub fn branch_field_dest(self, field: &[u8], at: u64) -> Option<u64> {
+        match self {
+            Target::X86_64 => x86_64::branch_field_dest(field, at),
+        }
+    }
+
+    /// The first byte of a plain (prefix-less) call or jump whose branch field is at
+    /// `field_at`.
+    pub fn plain_branch_start(self, field_at: u64) -> Option<u64> {
+        match self {
+            Target::X86_64 => x86_64::plain_branch_start(field_at),
+        }
+    }
+
+    /// Decodes `code`, a function starting at `ip`, into `out` (which is cleared).
+    #[inline]
+    pub fn decode_function(self, code: &[u8], ip: u64, out: &mut Decoded) {
+        match self {
+            Target::X86_64 => x86_64::decode_function(code, ip, out),
+        }
+    }
+
+    /// Classifies the instruction of `decoded` (decoded from `code`, which starts at
+    /// `start`) holding the relocated field at `reloc_at`: a patchable branch site
+    /// (to `target_addr`, when given), or, as `Err`, what else it is, for reports
+    /// (`lea rax,[...]`, `… whose rel32 does not hold the relocation`, …).
+    #[inline]
+    pub fn classify(
+        self,
+        decoded: &Decoded,
+        code: &[u8],
+        start: u64,
+        reloc_at: u64,
+        target_addr: Option<u64>,
+    ) -> Result<SiteInsn, String> {
+        match self {
+            Target::X86_64 => x86_64::classify(decoded, code, start, reloc_at, target_addr),
+        }
+    }
+
+    /// Decodes the one instruction at `ip` (`code` holds it) and classifies it the same
+    /// way [`Target::classify`] does.
+    pub fn decode_insn(self, code: &[u8], ip: u64) -> Insn {
+        match self {
+            Target::X86_64 => x86_64::decode_insn(code, ip),
+        }
+    }
+
+    /// The instruction at `ip` as assembly text, for messages.
+    pub fn disasm(self, code: &[u8], ip: u64) -> String {
+        match self {
+            Target::X86_64 => x86_64::disasm(code, ip),
+        }
+    }
+
+    /// Length of an ifunc trampoline.
+    pub const fn trampoline_len(self) -> usize {
+        match self {
+            Target::X86_64 => kernel_loader::arch::x86_64::TRAMPOLINE_LEN,
+        }
+    }
+
+    /// The slot the trampoline `bytes` at `at` jumps through, or `None` if they are not
+    /// a trampoline.
+    pub fn trampoline_slot(self, bytes: &[u8], at: u64) -> Option<u64> {
+        match self {
+            Target::X86_64 => x86_64::trampoline_slot(bytes, at),
+        }
+    }
+
+    /// The trampoline's form, for messages, jumping through `slot` (or a placeholder).
+    pub fn trampoline_text(self, slot: Option<u64>) -> String {
+        match self {
+            Target::X86_64 => x86_64::trampoline_text(slot),
+        }
+    }
+
+    /// Why a GNU ifunc's PLT entry is of a form not supported yet, if it is.
+    pub fn unsupported_plt_entry(self, entry: &[u8]) -> Option<&'static str> {
+        match self {
+            Target::X86_64 => x86_64::unsupported_plt_entry(entry),
+        }
+    }
+
+    /// The disabled form of a `probe!` site and of a C probe call.
+    pub const fn probe_nop(self) -> [u8; PROBE_SITE_LEN] {
+        match self {
+            Target::X86_64 => x86_64::probe_nop(),
+        }
+    }
+
+    /// The disabled bytes of a probe site of any kind (`stubs`: the image's entry
+    /// points, for the forms that branch to one).
+    pub fn disabled_probe(
+        self,
+        site: &PSite,
+        stubs: &Stubs,
+    ) -> Result<[u8; PROBE_SITE_LEN], ProbeError> {
+        match self {
+            Target::X86_64 => x86_64::disabled_probe(site, stubs),
+        }
+    }
+
+    /// The registers holding a probe's arguments at the site, in order, as stapsdt
+    /// argument strings name them.
+    pub const fn stapsdt_arg_registers(self) -> &'static [&'static str] {
+        match self {
+            Target::X86_64 => &x86_64::ARG_REGISTERS,
+        }
+    }
+
+    /// The relocation type of a self-relative 32-bit table field in an ET_REL module;
+    /// its addend is [`Target::table_reloc_addend`].
+    pub const fn table_reloc(self) -> u32 {
+        match self {
+            Target::X86_64 => x86_64::TABLE_RELOC,
+        }
+    }
+
+    /// The addend of a [`Target::table_reloc`] to the address `offset` bytes past its
+    /// symbol (the field holds `S + A - P`).
+    pub const fn table_reloc_addend(self, offset: i64) -> i64 {
+        match self {
+            Target::X86_64 => offset,
+        }
+    }
+
+    /// The relocation type and addend that make a branch's field reach its symbol's
+    /// first byte.
+    pub const fn branch_reloc(self) -> (u32, i64) {
+        match self {
+            Target::X86_64 => x86_64::BRANCH_RELOC,
+        }
+    }
+
+    /// The relocation type that does nothing.
+    pub const fn none_reloc(self) -> u32 {
+        match self {
+            Target::X86_64 => x86_64::NONE_RELOC,
+        }
+    }
+
+    /// The relocation type of a 64-bit absolute address.
+    pub const fn abs64_reloc(self) -> u32 {
+        match self {
+            Target::X86_64 => x86_64::ABS64_RELOC,
+        }
+    }
+
+    /// The relocation type of a GNU ifunc slot.
+    pub const fn irelative_reloc(self) -> u32 {
+        match self {
+            Target::X86_64 => x86_64::IRELATIVE_RELOC,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machines() {
+        assert_eq!(
+            Target::from_machine(object::elf::EM_X86_64),
+            Ok(Target::X86_64)
+        );
+        let e = Target::from_machine(object::elf::EM_AARCH64).unwrap_err();
+        assert_eq!(e.to_string(), "machine 183 is not x86-64");
+    }
+
+    #[test]
+    fn classes() {
+        let t = Target::X86_64;
+        assert_eq!(t.reloc_class(t.table_reloc()), RelocClass::Branch);
+        assert_eq!(t.reloc_class(t.branch_reloc().0), RelocClass::Branch);
+        assert_eq!(t.reloc_class(t.none_reloc()), RelocClass::None);
+        assert_eq!(t.reloc_class(t.abs64_reloc()), RelocClass::Absolute);
+        assert_eq!(t.reloc_class(t.irelative_reloc()), RelocClass::IRelative);
+    }
+}
