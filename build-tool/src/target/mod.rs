@@ -14,7 +14,7 @@
 
 pub mod x86_64;
 
-use kernel_loader::format::{PROBE_SITE_LEN, PSite, SiteKind};
+use kernel_loader::format::{PROBE_SITE_LEN, PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::{ProbeError, Stubs};
 
 use crate::elf::Reloc;
@@ -189,6 +189,14 @@ impl Target {
         }
     }
 
+    /// The branch field of a plain (prefix-less) call or jump starting at `start`
+    /// (the inverse of [`Target::plain_branch_start`]).
+    pub const fn plain_branch_field(self, start: u64) -> u64 {
+        match self {
+            Target::X86_64 => start + x86_64::PLAIN_BRANCH_OPCODE_LEN,
+        }
+    }
+
     /// Decodes `code`, a function starting at `ip`, into `out` (which is cleared).
     #[inline]
     pub fn decode_function(self, code: &[u8], ip: u64, out: &mut Decoded) {
@@ -245,6 +253,15 @@ impl Target {
         }
     }
 
+    /// Offset in a trampoline of its PC-relative slot field, which a relocation of
+    /// [`RelocClass::Branch`] fills in an object (reaching the slot as
+    /// [`Target::reloc_target`] says).
+    pub const fn trampoline_slot_field(self) -> u64 {
+        match self {
+            Target::X86_64 => x86_64::TRAMPOLINE_SLOT_FIELD,
+        }
+    }
+
     /// The trampoline's form, for messages, jumping through `slot` (or a placeholder).
     pub fn trampoline_text(self, slot: Option<u64>) -> String {
         match self {
@@ -275,6 +292,15 @@ impl Target {
     ) -> Result<[u8; PROBE_SITE_LEN], ProbeError> {
         match self {
             Target::X86_64 => x86_64::disabled_probe(site, stubs),
+        }
+    }
+
+    /// The disabled bytes of a C probe site of `kind` in a relocatable object (branch
+    /// fields left 0 for a relocation: see [`Target::branch_reloc`]); `None` for a
+    /// `probe!` site, which needs no rewrite.
+    pub fn disabled_probe_unlinked(self, kind: ProbeKind) -> Option<[u8; PROBE_SITE_LEN]> {
+        match self {
+            Target::X86_64 => x86_64::disabled_probe_unlinked(kind),
         }
     }
 

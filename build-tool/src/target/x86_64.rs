@@ -6,9 +6,11 @@
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
 use kernel_loader::arch::x86_64::{
-    JMP_RIP_INDIRECT, NOP5, TRAMPOLINE_LEN, is_branch_prefix, opcode_matches,
+    JMP_REL32, JMP_RIP_INDIRECT, NOP5, TRAMPOLINE_LEN, is_branch_prefix, opcode_matches,
 };
-use kernel_loader::format::{ARCH_X86_64, MAX_SITE_LEN, PROBE_SITE_LEN, PSite, SiteKind};
+use kernel_loader::format::{
+    ARCH_X86_64, MAX_SITE_LEN, PROBE_SITE_LEN, PSite, ProbeKind, SiteKind,
+};
 use kernel_loader::probe::{ProbeError, Stubs, site_bytes_with};
 use object::elf;
 
@@ -26,7 +28,10 @@ pub const BRANCH_FIELD_LEN: u64 = 4;
 /// `endbr64`: an IBT PLT entry starts with it.
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 /// Opcode bytes of a prefix-less `call`/`jmp rel32` (before its rel32).
-const PLAIN_BRANCH_OPCODE_LEN: u64 = 1;
+pub const PLAIN_BRANCH_OPCODE_LEN: u64 = 1;
+/// Offset of the trampoline's disp32 (after `ff 25`); like a rel32 it ends the
+/// instruction, so its relocation reaches `S + A + 4`.
+pub const TRAMPOLINE_SLOT_FIELD: u64 = JMP_RIP_INDIRECT.len() as u64;
 /// The SysV argument registers, as stapsdt argument strings name them.
 pub const ARG_REGISTERS: [&str; 6] = ["%rdi", "%rsi", "%rdx", "%rcx", "%r8", "%r9"];
 /// The relocation of a self-relative 32-bit table field (`S + A - P`, `A` = the
@@ -142,6 +147,33 @@ pub fn disabled_probe(site: &PSite, stubs: &Stubs) -> Result<[u8; PROBE_SITE_LEN
     site_bytes_with(site, false, stubs)
 }
 
+/// The disabled bytes of a C probe site of `kind` in a relocatable object, where a
+/// branch's rel32 is left 0 for the relocation that fills it (`None`: a `probe!` site,
+/// which holds its disabled form already).
+pub fn disabled_probe_unlinked(kind: ProbeKind) -> Option<[u8; PROBE_SITE_LEN]> {
+    match kind {
+        ProbeKind::RustJmp | ProbeKind::RustEnabled => None,
+        // `jmp ksites_probe_ret0`: the rel32 comes from the retargeted relocation.
+        ProbeKind::CEnabledTail => Some([JMP_REL32, 0, 0, 0, 0]),
+        ProbeKind::CCall | ProbeKind::CTail | ProbeKind::CEnabled => {
+            let site = PSite {
+                index: 0,
+                addr: 0,
+                target: 0,
+                kind,
+                probe: 0,
+            };
+            let stubs = Stubs {
+                c_entry: 0,
+                ret0: 0,
+                ret1: 0,
+            };
+            // These disabled forms branch nowhere: they cannot be out of reach.
+            site_bytes_with(&site, false, &stubs).ok()
+        }
+    }
+}
+
 /// The one classification: which site kind an instruction is (`call rel32`,
 /// `jmp rel32`, near `jcc`), if any.
 #[inline]
@@ -245,5 +277,89 @@ impl std::fmt::Display for Mnemonic<'_> {
         let mut fmt = iced_x86::FastFormatter::new();
         fmt.format(self.0, &mut s);
         f.write_str(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_classification_for_whole_functions_and_single_instructions() {
+        // call rel32; cs jmp rel32; jne rel32 (0f 85); lea rax, [rip+0]
+        let code: [u8; 24] = [
+            0xe8, 0, 0, 0, 0, 0x2e, 0xe9, 0, 0, 0, 0, 0x0f, 0x85, 0, 0, 0, 0, 0x48, 0x8d, 0x05, 0,
+            0, 0, 0,
+        ];
+        let ip = 0x1000;
+        let mut d = Decoded::default();
+        decode_function(&code, ip, &mut d);
+        let site = |at: u64| classify(&d, &code, ip, at, None);
+        let want = |addr, len, kind, prefixes| {
+            Ok(SiteInsn {
+                addr,
+                len,
+                kind,
+                prefixes,
+            })
+        };
+        assert_eq!(site(0x1001), want(0x1000, 5, SiteKind::Call, 0));
+        assert_eq!(site(0x1007), want(0x1005, 6, SiteKind::Jmp, 1));
+        assert_eq!(site(0x100d), want(0x100b, 6, SiteKind::Jcc, 0));
+        assert!(site(0x1014).is_err());
+        for (at, kind, len) in [
+            (0x1000, Some(SiteKind::Call), 5),
+            (0x1005, Some(SiteKind::Jmp), 6),
+            (0x100b, Some(SiteKind::Jcc), 6),
+            (0x1011, None, 7),
+        ] {
+            let off = (at - ip) as usize;
+            let i = decode_insn(&code[off..], at);
+            assert_eq!((i.kind, i.len), (kind, len));
+        }
+        assert_eq!(decode_insn(&code, ip).branch_target, 0x1005);
+        assert_eq!(plain_branch_start(0x1001), Some(0x1000));
+        assert_eq!(branch_field_dest(&code[1..5], 0x1001), Some(0x1005));
+    }
+
+    #[test]
+    fn trampolines() {
+        let mut t = [0u8; TRAMPOLINE_LEN];
+        t[..2].copy_from_slice(&JMP_RIP_INDIRECT);
+        t[2..].copy_from_slice(&0x10i32.to_le_bytes());
+        assert_eq!(trampoline_slot(&t, 0x2000), Some(0x2016));
+        assert_eq!(trampoline_slot(&t[..5], 0x2000), None);
+        assert_eq!(trampoline_slot(&NOP5, 0x2000), None);
+        assert!(unsupported_plt_entry(&ENDBR64).is_some());
+        assert!(unsupported_plt_entry(&t).is_none());
+    }
+
+    #[test]
+    fn unlinked_probe_forms_are_the_linked_ones_with_a_zero_rel32() {
+        let stubs = Stubs {
+            c_entry: 0x5000,
+            ret0: 0x5000,
+            ret1: 0x6000,
+        };
+        for kind in [
+            ProbeKind::CCall,
+            ProbeKind::CTail,
+            ProbeKind::CEnabled,
+            ProbeKind::CEnabledTail,
+        ] {
+            let site = PSite {
+                index: 0,
+                addr: 0x5000 - PROBE_SITE_LEN as u64,
+                target: 0,
+                kind,
+                probe: 0,
+            };
+            assert_eq!(
+                disabled_probe_unlinked(kind),
+                disabled_probe(&site, &stubs).ok(),
+                "{kind:?}"
+            );
+        }
+        assert_eq!(disabled_probe_unlinked(ProbeKind::RustJmp), None);
     }
 }
