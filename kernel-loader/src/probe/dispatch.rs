@@ -99,8 +99,9 @@ impl Stubs {
 ///
 /// # Safety
 ///
-/// `f` is the interrupted context of a #BP on this CPU; the kernel writes `rip`, `rsp`
-/// and `rax` back before returning from the trap.
+/// `f` is the interrupted context of a #BP on this CPU; the kernel writes back the
+/// registers the architecture's emulation changes (see [`Int3Frame`]) before returning
+/// from the trap.
 pub unsafe fn handle_int3(f: &mut Int3Frame) -> bool {
     IN_INT3.fetch_add(1, Ordering::AcqRel);
     // SAFETY: forwarded.

@@ -100,36 +100,18 @@ macro_rules! probe {
             ::core::stringify!($name),
             __KSITES_NARGS,
         );
-        // SAFETY: the asm is one NOP instruction plus a record in a data section; when
-        // the loader turns the NOP into a jump to the label block, that block is
-        // ordinary code.
-        unsafe {
-            ::core::arch::asm!(
-                $crate::__ksites_probe_site_asm!(),
-                $crate::__ksites_probe_section_asm!(),
-                ".p2align 3",
-                ".long 0x5053534b",
-                ".long 0",
-                ".quad 2b",
-                ".quad {target}",
-                ".quad {rec}",
-                ".popsection",
-                rec = sym __KSITES_REC,
-                target = label {
-                    #[allow(unused_mut, unused_assignments)]
-                    let mut __ksites_args = [0u64; 6];
-                    #[allow(unused_mut, unused_assignments)]
-                    let mut __ksites_i = 0usize;
-                    $(
-                        __ksites_args[__ksites_i] = ($arg) as u64;
-                        __ksites_i += 1;
-                    )*
-                    let _ = __ksites_i;
-                    $crate::probe::ksites_probe_fire(&__KSITES_REC, &__ksites_args);
-                },
-                options(nostack, preserves_flags),
-            );
-        }
+        $crate::__ksites_probe_site!(0, __KSITES_REC, {
+            #[allow(unused_mut, unused_assignments)]
+            let mut __ksites_args = [0u64; 6];
+            #[allow(unused_mut, unused_assignments)]
+            let mut __ksites_i = 0usize;
+            $(
+                __ksites_args[__ksites_i] = ($arg) as u64;
+                __ksites_i += 1;
+            )*
+            let _ = __ksites_i;
+            $crate::probe::ksites_probe_fire(&__KSITES_REC, &__ksites_args);
+        });
     }};
 }
 
@@ -144,23 +126,39 @@ macro_rules! probe_enabled {
             $crate::probe::RECORD_NARGS_NONE,
         );
         let mut __ksites_on = false;
-        // SAFETY: as in `probe!`; the label block only sets a local.
+        $crate::__ksites_probe_site!(1, __KSITES_REC, {
+            __ksites_on = true;
+        });
+        __ksites_on
+    }};
+}
+
+/// One probe site: the architecture's disabled instruction, labelled, and its site
+/// record (`kind` 0 for `probe!`, 1 for `probe_enabled!`; the record `rec`; the
+/// out-of-line block `target`, which runs when the site is enabled and then continues
+/// after the site). Hidden: the body of `probe!` and `probe_enabled!`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __ksites_probe_site {
+    ($kind:literal, $rec:ident, $target:block) => {
+        // SAFETY: the asm is one NOP instruction plus a record in a data section; when
+        // the loader turns the NOP into a jump to the label block, that block is
+        // ordinary code.
         unsafe {
             ::core::arch::asm!(
                 $crate::__ksites_probe_site_asm!(),
                 $crate::__ksites_probe_section_asm!(),
                 ".p2align 3",
                 ".long 0x5053534b",
-                ".long 1",
+                ::core::concat!(".long ", $kind),
                 ".quad 2b",
                 ".quad {target}",
                 ".quad {rec}",
                 ".popsection",
-                rec = sym __KSITES_REC,
-                target = label { __ksites_on = true; },
+                rec = sym $rec,
+                target = label $target,
                 options(nostack, preserves_flags),
             );
         }
-        __ksites_on
-    }};
+    };
 }

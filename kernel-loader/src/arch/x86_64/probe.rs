@@ -122,7 +122,9 @@ fn word(b: &SiteBytes) -> u64 {
         | u64::from(b[4]) << 32
 }
 
-/// The registers the #BP hook (`crate::probe::handle_int3`) reads and may change.
+/// The registers the #BP hook (`crate::probe::handle_int3`) reads and may change: of
+/// these, [`emulate`] writes only `rip`, `rsp` and `rax`, which the trap handler must
+/// write back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Int3Frame {
