@@ -22,11 +22,13 @@
 //!   restores the segments' original protection.
 //! * [`install_int3_handler`]: a `SIGTRAP` handler that forwards to
 //!   [`crate::probe::handle_int3`], so probes can be toggled while other threads run
-//!   their sites (the int3 protocol's trap path, as a kernel's #BP hook does).
+//!   their sites (the int3 protocol's trap path, as a kernel's #BP hook does). Probe
+//!   handlers may then run in signal context, so they must be async-signal-safe.
 
 use core::ops::Range;
 use std::vec::Vec;
 
+use crate::arch::native::probe as probe_arch;
 use crate::patch::{PokeError, TextPoker};
 
 /// One executable segment of the main program: its exact range and its `PROT_*` bits.
@@ -248,31 +250,36 @@ impl TextPoker for HostPoker {
     }
 }
 
-extern "C" fn on_sigtrap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid `ucontext_t` to an SA_SIGINFO handler.
+/// The `SIGTRAP` handler. It runs in signal context on the trapping thread, and
+/// through [`crate::probe::handle_int3`] it may run a probe's handler (an enabled C call
+/// or tail site fires from the trap): see [`install_int3_handler`] for what that asks of
+/// handlers.
+extern "C" fn on_sigtrap(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // A SIGTRAP sent by a process (`kill`, `tgkill`, `sigqueue`: `si_code <= 0`) is not
+    // a trap: its context does not point after a trap instruction, and emulating a site
+    // there would corrupt the thread.
+    // SAFETY: the kernel passes a valid `siginfo_t` to an SA_SIGINFO handler.
+    let from_kernel = unsafe { (*info).si_code } > 0;
+    // SAFETY: the kernel passes a valid `ucontext_t` to an SA_SIGINFO handler; nothing
+    // else refers to it while the handler runs.
     let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
-    let g = &mut uc.uc_mcontext.gregs;
-    let r = |i: libc::c_int| g[i as usize] as u64;
-    let mut f = crate::probe::Int3Frame {
-        rip: r(libc::REG_RIP),
-        rsp: r(libc::REG_RSP),
-        rax: r(libc::REG_RAX),
-        rdi: r(libc::REG_RDI),
-        rsi: r(libc::REG_RSI),
-        rdx: r(libc::REG_RDX),
-        rcx: r(libc::REG_RCX),
-        r8: r(libc::REG_R8),
-        r9: r(libc::REG_R9),
-    };
-    // SAFETY: `f` is this thread's interrupted context of an int3 trap; rip/rsp/rax are
-    // written back below and restored by sigreturn.
-    if unsafe { crate::probe::handle_int3(&mut f) } {
-        g[libc::REG_RIP as usize] = f.rip as i64;
-        g[libc::REG_RSP as usize] = f.rsp as i64;
-        g[libc::REG_RAX as usize] = f.rax as i64;
+    let mut f = probe_arch::host::frame(uc);
+    // The probe handler may call functions that set `errno`; the interrupted code must
+    // find it unchanged.
+    // SAFETY: `__errno_location` returns this thread's `errno`, valid for its lifetime.
+    let errno = unsafe { *libc::__errno_location() };
+    // SAFETY: `f` is this thread's interrupted context of a trap (checked `si_code`);
+    // the registers `emulate` changes are written back below and restored by
+    // sigreturn.
+    let handled = from_kernel && unsafe { crate::probe::handle_int3(&mut f) };
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+    if handled {
+        probe_arch::host::write_back(&f, uc);
     } else {
         // Not a probe site: die as an unhandled SIGTRAP would.
-        // SAFETY: restoring the default disposition and re-raising is async-signal-safe.
+        // SAFETY: `signal` and `raise` are async-signal-safe; restoring the default
+        // disposition and re-raising terminates the process as the default would.
         unsafe {
             libc::signal(libc::SIGTRAP, libc::SIG_DFL);
             libc::raise(libc::SIGTRAP);
@@ -283,10 +290,20 @@ extern "C" fn on_sigtrap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *m
 /// Installs a `SIGTRAP` handler that emulates probe sites caught mid-patch (and fires
 /// enabled C tail sites). Needed when threads other than the one toggling probes may
 /// run probe sites. Returns `false` if `sigaction` failed.
+///
+/// Probe handlers then run **in signal context** whenever a site fires from the trap
+/// (an enabled C tail site always does; any site may while a batch is writing it): a
+/// handler must be async-signal-safe (no locks another thread or the interrupted code
+/// may hold, no allocation, no stdio), and must not itself run a probe site that may be
+/// mid-patch (`SIGTRAP` is blocked inside the handler, so a second trap kills the
+/// process). In a kernel the same handlers run in #BP trap context, with the same
+/// restrictions.
 pub fn install_int3_handler() -> bool {
     // SAFETY: a zeroed sigaction is a valid starting point; the handler has the
-    // SA_SIGINFO signature, and it only touches the trapping thread's context and the
-    // probe registry's atomics.
+    // SA_SIGINFO signature. What the handler does is sound in signal context as long
+    // as probe handlers are async-signal-safe, which is their documented contract
+    // (above): the rest touches only the trapping thread's context and `errno`, and the
+    // probe registry's lock-free paths (atomics and immutable registered tables).
     unsafe {
         let mut sa: libc::sigaction = core::mem::zeroed();
         sa.sa_sigaction = on_sigtrap as *const () as usize;

@@ -1,2 +1,314 @@
-//! x86-64 probe sites: disabled/enabled bytes of each probe form, the int3 protocol and
-//! trap emulation.
+//! x86-64 probe sites: the disabled and enabled bytes of every probe form, the live-patch
+//! (int3) protocol's rounds, the trap frame and its emulation, and the dispatcher entry
+//! stubs that use the SysV calling convention.
+//!
+//! The generic probe code (`crate::probe`) talks to this module only through names an
+//! `aarch64` or `riscv64` module defines too: [`SITE_LEN`], [`SiteBytes`],
+//! [`site_bytes`], [`Stubs`], [`ROUNDS`]/[`round`]/[`is_residue`], [`Int3Frame`],
+//! [`trap_site`]/[`trap_args`]/[`emulate`]/[`call_site`], the entry stubs, and the
+//! `c_entry!`, `__ksites_probe_site_asm!` and `__ksites_probe_section_asm!` macros.
+//!
+//! This module imports nothing from `crate::probe`: only the neutral table types of
+//! [`crate::format`].
+
+use crate::format::{PSite, ProbeKind};
+
+use super::branch::{CALL_REL32, JMP_REL32, NOP5, rel32};
+
+/// Length of every probe site: one 5-byte instruction.
+pub const SITE_LEN: usize = 5;
+
+/// The bytes of one probe site.
+pub type SiteBytes = [u8; SITE_LEN];
+
+/// The one-byte trap instruction (`int3`) the live-patch protocol writes first.
+const TRAP: [u8; 1] = [0xcc];
+
+/// Disabled C tail call: `ret`, then NOPs.
+pub const C_TAIL_OFF: SiteBytes = [0xc3, 0x90, 0x90, 0x90, 0x90];
+/// Enabled C tail call: `int3` (fires, then emulates `ret`), then NOPs.
+pub const C_TAIL_ON: SiteBytes = [0xcc, 0x90, 0x90, 0x90, 0x90];
+/// Disabled is-enabled check: `mov eax, 0` (one instruction; DTrace's `xor eax,eax` +
+/// NOPs is two, and a CPU stopped between them during a live toggle would resume
+/// inside the new `mov`).
+pub const C_ENABLED_OFF: SiteBytes = [0xb8, 0x00, 0x00, 0x00, 0x00];
+/// Enabled is-enabled check: `mov eax, 1`.
+pub const C_ENABLED_ON: SiteBytes = [0xb8, 0x01, 0x00, 0x00, 0x00];
+
+/// Addresses of the loader's entry points that C probe sites branch to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stubs {
+    /// `ksites_probe_c_entry`: what an enabled C call site calls.
+    pub c_entry: u64,
+    /// [`ksites_probe_ret0`]: a disabled C is-enabled tail site jumps here.
+    pub ret0: u64,
+    /// [`ksites_probe_ret1`]: an enabled C is-enabled tail site jumps here.
+    pub ret1: u64,
+}
+
+/// Symbol names of [`Stubs`], in field order (the build tool looks them up).
+pub const STUB_SYMBOLS: [&str; 3] = [
+    "ksites_probe_c_entry",
+    "ksites_probe_ret0",
+    "ksites_probe_ret1",
+];
+
+/// A branch from a probe site to its target does not fit the instruction's reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutOfReach {
+    /// The branch target.
+    pub target: u64,
+}
+
+/// The bytes site `s` holds in state `on`, with the given stub addresses.
+///
+/// Every form is **one** instruction in both states, so a CPU stopped at any point of
+/// the int3 protocol resumes at an instruction boundary: only the first byte (`cc`) or
+/// the operand bytes change.
+#[inline(always)]
+pub fn site_bytes(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteBytes, OutOfReach> {
+    let branch = |op: u8, target: u64| -> Result<SiteBytes, OutOfReach> {
+        let r = rel32(s.addr + SITE_LEN as u64, target).ok_or(OutOfReach { target })?;
+        let r = r.to_le_bytes();
+        Ok([op, r[0], r[1], r[2], r[3]])
+    };
+    Ok(match (s.kind, on) {
+        (ProbeKind::RustJmp | ProbeKind::RustEnabled | ProbeKind::CCall, false) => NOP5,
+        (ProbeKind::RustJmp | ProbeKind::RustEnabled, true) => branch(JMP_REL32, s.target)?,
+        (ProbeKind::CCall, true) => branch(CALL_REL32, stubs.c_entry)?,
+        (ProbeKind::CTail, false) => C_TAIL_OFF,
+        (ProbeKind::CTail, true) => C_TAIL_ON,
+        (ProbeKind::CEnabled, false) => C_ENABLED_OFF,
+        (ProbeKind::CEnabled, true) => C_ENABLED_ON,
+        (ProbeKind::CEnabledTail, false) => branch(JMP_REL32, stubs.ret0)?,
+        (ProbeKind::CEnabledTail, true) => branch(JMP_REL32, stubs.ret1)?,
+    })
+}
+
+/// Number of rounds of the live-patch protocol. Each round writes one piece of every
+/// site of a batch, then serializes every CPU.
+pub const ROUNDS: usize = 3;
+
+/// What round `r` (`0..ROUNDS`) writes at a site that becomes `new`: the offset in the
+/// site, and the bytes. Round 0 writes `int3` over byte 0 (a CPU reaching the site now
+/// traps and is emulated); round 1 writes the new bytes 1..5 (no CPU decodes them, byte
+/// 0 is `int3`); round 2 writes the new byte 0 (a single-byte store is atomic).
+#[inline(always)]
+pub fn round(r: usize, new: &SiteBytes) -> (u64, &[u8]) {
+    match r {
+        0 => (0, &TRAP),
+        1 => (1, &new[1..]),
+        _ => (0, &new[..1]),
+    }
+}
+
+/// Whether `found` is what an interrupted batch between `old` and `new` (in either
+/// direction) may have left: the complete new bytes, or `int3` followed by either
+/// state's tail. All are safe to rewrite with the protocol. (Compared as integers:
+/// slice comparisons would go through memory.)
+#[inline(always)]
+pub fn is_residue(found: &SiteBytes, old: &SiteBytes, new: &SiteBytes) -> bool {
+    let (o, n, f) = (word(old), word(new), word(found));
+    f == n || (f & 0xff == u64::from(TRAP[0]) && (f >> 8 == o >> 8 || f >> 8 == n >> 8))
+}
+
+/// Site bytes as a little-endian integer.
+#[inline(always)]
+fn word(b: &SiteBytes) -> u64 {
+    u64::from(b[0])
+        | u64::from(b[1]) << 8
+        | u64::from(b[2]) << 16
+        | u64::from(b[3]) << 24
+        | u64::from(b[4]) << 32
+}
+
+/// The registers the #BP hook (`crate::probe::handle_int3`) reads and may change: of
+/// these, [`emulate`] writes only `rip`, `rsp` and `rax`, which the trap handler must
+/// write back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Int3Frame {
+    /// RIP after the `int3` (site + 1).
+    pub rip: u64,
+    /// RSP of the interrupted code.
+    pub rsp: u64,
+    /// RAX.
+    pub rax: u64,
+    /// First argument register.
+    pub rdi: u64,
+    /// Second.
+    pub rsi: u64,
+    /// Third.
+    pub rdx: u64,
+    /// Fourth.
+    pub rcx: u64,
+    /// Fifth.
+    pub r8: u64,
+    /// Sixth.
+    pub r9: u64,
+}
+
+/// The address of the site whose trap instruction produced `f` (the `int3` is the
+/// site's byte 0, and RIP points after it).
+#[inline(always)]
+pub fn trap_site(f: &Int3Frame) -> u64 {
+    f.rip.wrapping_sub(1)
+}
+
+/// The six integer argument registers of the trapped code (a C probe's arguments).
+#[inline(always)]
+pub fn trap_args(f: &Int3Frame) -> [u64; 6] {
+    [f.rdi, f.rsi, f.rdx, f.rcx, f.r8, f.r9]
+}
+
+/// Makes `f` resume as if site `s` had executed its form for state `on`, except for
+/// firing the probe (the caller fires an enabled C call or tail site first):
+///
+/// * `probe!`/`probe_enabled!`: continue after the site, or at its out-of-line block;
+/// * C call: continue after the site (the call's effect is the firing);
+/// * C tail: `ret` (after firing, if enabled);
+/// * C is-enabled: `eax` = `on`, then continue after the site, or `ret` for a tail.
+///
+/// # Safety
+///
+/// `f` is the live interrupted context of a trap at `s` (so for a tail site the top of
+/// its stack is the return address its function was called with); the kernel writes
+/// `rip`, `rsp` and `rax` back before returning from the trap.
+#[inline(always)]
+pub unsafe fn emulate(f: &mut Int3Frame, s: &PSite, on: bool) {
+    let next = s.addr + SITE_LEN as u64;
+    let ret = |f: &mut Int3Frame| {
+        // SAFETY: the site is a tail call: the interrupted stack's top is the return
+        // address its function was called with (this function's precondition).
+        f.rip = unsafe { core::ptr::read(f.rsp as usize as *const u64) };
+        f.rsp += 8;
+    };
+    match s.kind {
+        ProbeKind::RustJmp | ProbeKind::RustEnabled => f.rip = if on { s.target } else { next },
+        ProbeKind::CCall => f.rip = next,
+        ProbeKind::CTail => ret(f),
+        ProbeKind::CEnabled => {
+            f.rax = u64::from(on);
+            f.rip = next;
+        }
+        ProbeKind::CEnabledTail => {
+            f.rax = u64::from(on);
+            ret(f);
+        }
+    }
+}
+
+/// The address of the probe site whose enabled `call` pushed return address `ret`.
+#[inline(always)]
+pub fn call_site(ret: u64) -> u64 {
+    ret.wrapping_sub(SITE_LEN as u64)
+}
+
+/// Host (Linux user space): the trap frame of a `SIGTRAP`'s `ucontext_t`, and writing
+/// the registers [`emulate`] may change back into it.
+#[cfg(all(feature = "std", target_os = "linux", target_arch = "x86_64"))]
+pub mod host {
+    use super::Int3Frame;
+
+    /// The frame of the interrupted context `uc`.
+    pub fn frame(uc: &libc::ucontext_t) -> Int3Frame {
+        let g = &uc.uc_mcontext.gregs;
+        let r = |i: libc::c_int| g[i as usize] as u64;
+        Int3Frame {
+            rip: r(libc::REG_RIP),
+            rsp: r(libc::REG_RSP),
+            rax: r(libc::REG_RAX),
+            rdi: r(libc::REG_RDI),
+            rsi: r(libc::REG_RSI),
+            rdx: r(libc::REG_RDX),
+            rcx: r(libc::REG_RCX),
+            r8: r(libc::REG_R8),
+            r9: r(libc::REG_R9),
+        }
+    }
+
+    /// Writes the registers [`super::emulate`] may change (rip, rsp, rax) back into `uc`,
+    /// which `sigreturn` restores.
+    pub fn write_back(f: &Int3Frame, uc: &mut libc::ucontext_t) {
+        let g = &mut uc.uc_mcontext.gregs;
+        g[libc::REG_RIP as usize] = f.rip as i64;
+        g[libc::REG_RSP as usize] = f.rsp as i64;
+        g[libc::REG_RAX as usize] = f.rax as i64;
+    }
+}
+
+/// A disabled C is-enabled tail site jumps here: returns 0 for the site's function.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub extern "C" fn ksites_probe_ret0() -> u32 {
+    core::arch::naked_asm!("xor eax, eax", "ret")
+}
+
+/// An enabled C is-enabled tail site jumps here: returns 1 for the site's function.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub extern "C" fn ksites_probe_ret1() -> u32 {
+    core::arch::naked_asm!("mov eax, 1", "ret")
+}
+
+/// Defines `pub extern "C" fn ksites_probe_c_entry()`, what an enabled C site
+/// (`call ksites_probe_c_entry`) lands in: it saves the six argument registers and
+/// passes them, with the return address, to `$fire: extern "C" fn(ret: u64, args: &[u64;
+/// 6])`. A macro, so the generic dispatcher names its function without this module
+/// importing it.
+#[cfg(target_arch = "x86_64")]
+macro_rules! c_entry {
+    ($fire:path) => {
+        /// What an enabled C site (`call ksites_probe_c_entry`) lands in: saves the six
+        /// argument registers and passes them, with the return address, to the
+        /// dispatcher.
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        pub extern "C" fn ksites_probe_c_entry() {
+            core::arch::naked_asm!(
+                "push rbp",
+                "mov rbp, rsp",
+                "sub rsp, 48",
+                "mov [rsp], rdi",
+                "mov [rsp + 8], rsi",
+                "mov [rsp + 16], rdx",
+                "mov [rsp + 24], rcx",
+                "mov [rsp + 32], r8",
+                "mov [rsp + 40], r9",
+                "mov rdi, [rbp + 8]",
+                "mov rsi, rsp",
+                "call {fire}",
+                "leave",
+                "ret",
+                fire = sym $fire,
+            )
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use c_entry;
+
+/// The instruction a `probe!`/`probe_enabled!` site assembles to while disabled (a
+/// 5-byte NOP), labelled `2:`, as an `asm!` template string. Hidden: used by the macros.
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __ksites_probe_site_asm {
+    () => {
+        "2: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00"
+    };
+}
+
+/// The directive opening the probe site record section (`.ksites_probe_sites`, in this
+/// assembler's section-type syntax), as an `asm!` template string. Hidden: used by the
+/// macros.
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __ksites_probe_section_asm {
+    () => {
+        ".pushsection .ksites_probe_sites,\"awR\",@progbits"
+    };
+}

@@ -1,0 +1,145 @@
+//! Firing probes: the dispatcher every enabled site ends up in ([`fire`]), its entry
+//! points (`ksites_probe_fire` for `probe!` blocks, `ksites_probe_c_entry` for C call
+//! sites), and the #BP hook ([`handle_int3`]) that finds the probe site a CPU trapped
+//! on and has the architecture emulate it.
+//!
+//! Everything here is lock-free: it runs on any CPU, in trap context in a kernel and in
+//! a signal handler on a host (see `crate::host`), so probe handlers run there too.
+
+use core::sync::atomic::Ordering;
+
+use super::records::ProbeRecord;
+use super::state::{IN_INT3, INT3_DRAIN_WAITS, INT3_EMULATIONS, STATES, with_image_at};
+use super::{Handler, ProbeId};
+use crate::arch::native::probe::{
+    self as arch, Int3Frame, Stubs, ksites_probe_ret0, ksites_probe_ret1,
+};
+use crate::format::ProbeKind;
+
+/// Runs probe `id`'s handler if it is enabled.
+pub(super) fn fire(id: u32, args: &[u64; 6]) {
+    let Some(st) = STATES.get(id as usize) else {
+        return;
+    };
+    // Counted in before looking at the state: a disable publishes the change, then
+    // drains the count, so a CPU either sees the new state or is waited for.
+    st.inflight.fetch_add(1, Ordering::SeqCst);
+    if st.enabled.load(Ordering::SeqCst) {
+        st.hits.fetch_add(1, Ordering::Relaxed);
+        let h = st.handler.load(Ordering::SeqCst);
+        if h != 0 {
+            // SAFETY: `handler` only ever holds 0 or a `Handler` stored by `set_state`
+            // (a fn pointer as `usize`, same size); its code stays mapped while the
+            // probe is enabled or counted in flight (a module cannot unload then).
+            let h: Handler = unsafe { core::mem::transmute::<usize, Handler>(h) };
+            h(ProbeId(id), args);
+        }
+    }
+    st.inflight.fetch_sub(1, Ordering::Release);
+}
+
+/// Entry point of an enabled `probe!` site's out-of-line block (stable symbol, so
+/// modules can link against it by name).
+#[unsafe(no_mangle)]
+pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
+    // The record's id is its index in its own image's table; the image is the one
+    // whose memory holds the record.
+    let Some(local) = rec.id() else { return };
+    let id = with_image_at(rec as *const ProbeRecord as u64, |d| {
+        (local.0 < d.table.probe_count()).then_some(d.base + local.0)
+    });
+    if let Some(Some(id)) = id {
+        fire(id, args);
+    }
+}
+
+// `ksites_probe_c_entry`: saves the argument registers, calls `fire_c`.
+arch::c_entry!(fire_c);
+
+/// What `ksites_probe_c_entry` calls: `ret` is the return address the site's call
+/// pushed, `args` the six argument registers.
+extern "C" fn fire_c(ret: u64, args: &[u64; 6]) {
+    let site = arch::call_site(ret);
+    let id = with_image_at(site, |d| {
+        d.table
+            .probe_site_at(site)
+            .filter(|s| s.kind == ProbeKind::CCall)
+            .map(|s| d.base + s.probe)
+    });
+    if let Some(Some(id)) = id {
+        fire(id, args);
+    }
+}
+
+/// This image's stubs.
+#[inline(always)]
+pub(super) fn this_image_stubs() -> Stubs {
+    Stubs {
+        c_entry: ksites_probe_c_entry as *const () as u64,
+        ret0: ksites_probe_ret0 as *const () as u64,
+        ret1: ksites_probe_ret1 as *const () as u64,
+    }
+}
+
+impl Stubs {
+    /// This image's stubs (defined here, next to `ksites_probe_c_entry`, which the
+    /// architecture's module cannot name).
+    #[inline]
+    pub fn this_image() -> Stubs {
+        this_image_stubs()
+    }
+}
+
+/// The #BP hook: if the trap came from a probe site, emulates the instruction the site
+/// is becoming (or, for an enabled C tail site, fires and returns) and returns `true`.
+/// Returns `false` for any other trap.
+///
+/// Enabled C call and tail sites run the probe's handler from here: in trap context in
+/// a kernel, in a `SIGTRAP` handler on a host.
+///
+/// # Safety
+///
+/// `f` is the interrupted context of a #BP on this CPU; the kernel writes back the
+/// registers the architecture's emulation changes (see [`Int3Frame`]) before returning
+/// from the trap.
+pub unsafe fn handle_int3(f: &mut Int3Frame) -> bool {
+    IN_INT3.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: forwarded.
+    let r = unsafe { emulate(f) };
+    IN_INT3.fetch_sub(1, Ordering::AcqRel);
+    r
+}
+
+/// [`handle_int3`] while counted in `IN_INT3`.
+///
+/// # Safety
+///
+/// As for [`handle_int3`].
+unsafe fn emulate(f: &mut Int3Frame) -> bool {
+    let addr = arch::trap_site(f);
+    // The site is copied out (it is plain data): nothing below reads the table.
+    let Some(Some((s, id))) = with_image_at(addr, |d| {
+        d.table.probe_site_at(addr).map(|s| (s, d.base + s.probe))
+    }) else {
+        return false;
+    };
+    INT3_EMULATIONS.fetch_add(1, Ordering::Relaxed);
+    let on = STATES[id as usize].enabled.load(Ordering::Acquire);
+    if on && matches!(s.kind, ProbeKind::CCall | ProbeKind::CTail) {
+        fire(id, &arch::trap_args(f));
+    }
+    // SAFETY: `f` is the live context of a trap at site `s` (precondition).
+    unsafe { arch::emulate(f, &s, on) };
+    true
+}
+
+/// How many times a CPU was sent through [`handle_int3`]'s emulation.
+pub fn int3_emulations() -> u64 {
+    INT3_EMULATIONS.load(Ordering::Relaxed)
+}
+
+/// How many batches, when done writing, found a CPU still inside [`handle_int3`] and
+/// waited for it to leave (step 4 of the protocol).
+pub fn int3_drain_waits() -> u64 {
+    INT3_DRAIN_WAITS.load(Ordering::Relaxed)
+}

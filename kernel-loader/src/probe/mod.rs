@@ -1,0 +1,178 @@
+//! SDT probes: the `probe!` / `probe_enabled!` macros, the registry, the dispatchers, and
+//! live enable/disable with the int3 protocol.
+//!
+//! A disabled probe site is one instruction that does nothing (see
+//! [`ProbeKind`](crate::format::ProbeKind) for every form). Enabling a probe rewrites all its sites in one batch:
+//!
+//! 1. check that every site holds exactly its disabled bytes (else nothing is written);
+//! 2. publish the new state, so a CPU that traps on a half-written site is emulated
+//!    into the *new* instruction by [`handle_int3`];
+//! 3. the architecture's rounds (on x86-64: write the trap byte at every site,
+//!    serialize all CPUs; write the operand bytes, serialize; write byte 0, serialize):
+//!    rounds of IPIs per batch, not per site;
+//! 4. wait until no CPU is still inside [`handle_int3`].
+//!
+//! A failed write rolls every site of the batch back with the same routine.
+//!
+//! The int3 handler reads only the registered table and the static per-probe state,
+//! which live as long as the image; a counter of CPUs inside the handler lets a batch
+//! (and, later, module unload) wait for them to leave. There is no per-batch descriptor
+//! to be freed or cleared under a running handler (the bug Linux shipped twice).
+//!
+//! Files, by job (each imports only those listed after it, and the architecture's
+//! `arch::native::probe` imports none of them):
+//!
+//! * `registry`: registering tables, enable/disable, queries;
+//! * `batch`: the live-patch protocol over one probe's sites, and its rollback;
+//! * `dispatch`: `fire`, the entry points, the #BP hook;
+//! * `state`: the registry's storage and its lock;
+//! * `records`: the records and the `probe!`/`probe_enabled!` macros;
+//! * `glob`: name matching.
+
+use core::fmt;
+
+pub use crate::name::Name;
+use crate::patch::{InsnBytes, PokeError};
+
+mod batch;
+mod dispatch;
+mod glob;
+mod records;
+mod registry;
+mod state;
+
+pub use crate::arch::native::probe::{
+    C_ENABLED_OFF, C_ENABLED_ON, C_TAIL_OFF, C_TAIL_ON, Int3Frame, STUB_SYMBOLS, Stubs,
+    ksites_probe_ret0, ksites_probe_ret1,
+};
+pub use batch::{site_bytes, site_bytes_with};
+pub use dispatch::{
+    handle_int3, int3_drain_waits, int3_emulations, ksites_probe_c_entry, ksites_probe_fire,
+};
+pub use glob::{glob_match, glob_match_str};
+pub use records::{
+    PROBE_RECORD_MAGIC, ProbeRecord, RECORD_NARGS_NONE, SITE_RECORD_MAGIC, SITE_RECORD_SECTION,
+    SITE_RECORD_SIZE, UNASSIGNED, record,
+};
+pub use registry::{
+    ImageHandle, ProbeInfo, count, disable, disable_handlers_in, enable, handler_in, info,
+    is_enabled, lookup, matching, register_image, register_module, unregister_module,
+};
+pub use state::MAX_IMAGES;
+
+/// Most probes the registry holds.
+pub const MAX_PROBES: usize = 1024;
+
+/// A probe, by its global id: the kernel's probes first (its table's indices, when it
+/// registers first), each module's after, in one run from its table's index 0. Ids of
+/// an unloaded module are reused by the next module that fits: look ids up again
+/// (`lookup`) after loading or unloading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProbeId(pub u32);
+
+/// Called with the probe's id and its arguments (unused ones are 0).
+pub type Handler = fn(ProbeId, &[u64; 6]);
+
+/// Why a registry operation failed. On every error, no site is left changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeError {
+    /// [`register_image`] has not run.
+    NotRegistered,
+    /// [`register_image`] already ran.
+    AlreadyRegistered,
+    /// The registry has no room for the table's probes ([`MAX_PROBES`] in all).
+    TooManyProbes(u32),
+    /// The registry already holds [`MAX_IMAGES`] images.
+    TooManyImages,
+    /// A module cannot be unregistered: an enabled probe's handler lies in its code.
+    HandlerInModule {
+        /// The probe whose handler is in the module.
+        probe: ProbeId,
+        /// The handler's address.
+        handler: u64,
+    },
+    /// No probe with this id.
+    NoSuchProbe(ProbeId),
+    /// A site does not hold the bytes its state calls for.
+    UnexpectedBytes {
+        /// Site address.
+        site: u64,
+        /// The probe's id.
+        probe: ProbeId,
+        /// Expected bytes.
+        expected: InsnBytes,
+        /// Found bytes.
+        found: InsnBytes,
+    },
+    /// An enabled form cannot reach its target with a rel32.
+    OutOfReach {
+        /// Site address.
+        site: u64,
+        /// Target.
+        target: u64,
+    },
+    /// The kernel's poker failed; every site of the batch was restored.
+    Poke(PokeError),
+    /// The kernel's poker failed, and restoring failed too at this site. The probe is
+    /// in its old state; the site may still be `cc` (emulated by the int3 handler) and
+    /// the next enable/disable accepts and rewrites it.
+    RollbackIncomplete {
+        /// The first site that could not be restored.
+        site: u64,
+        /// The probe.
+        probe: ProbeId,
+    },
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeError::NotRegistered => write!(f, "no probe table registered"),
+            ProbeError::AlreadyRegistered => {
+                write!(f, "the image's probe table is already registered")
+            }
+            ProbeError::TooManyProbes(n) => {
+                write!(
+                    f,
+                    "no room for {n} more probes in the registry (capacity {MAX_PROBES})"
+                )
+            }
+            ProbeError::TooManyImages => {
+                write!(f, "the probe registry already holds {MAX_IMAGES} images")
+            }
+            ProbeError::HandlerInModule { probe, handler } => write!(
+                f,
+                "probe {} is enabled with a handler at {handler:#x} inside the module: \
+                 disable it first",
+                probe.0
+            ),
+            ProbeError::NoSuchProbe(id) => write!(f, "no probe with id {}", id.0),
+            ProbeError::UnexpectedBytes {
+                site,
+                probe,
+                expected,
+                found,
+            } => write!(
+                f,
+                "probe {} site {site:#x}: expected bytes [{expected}], found [{found}]",
+                probe.0
+            ),
+            ProbeError::OutOfReach { site, target } => {
+                write!(
+                    f,
+                    "probe site {site:#x} cannot reach {target:#x} with a rel32"
+                )
+            }
+            ProbeError::Poke(e) => write!(f, "{e} (batch rolled back)"),
+            ProbeError::RollbackIncomplete { site, probe } => write!(
+                f,
+                "probe {}: a write failed and site {site:#x} could not be restored (it is \
+                 emulated through int3 until the next batch rewrites it)",
+                probe.0
+            ),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for ProbeError {}
