@@ -18,7 +18,7 @@ pub enum Error {
     /// The image's table cell is missing or invalid.
     Cell(CellError),
     /// Boot-time ifunc patching failed.
-    Patch(PatchError<'static>),
+    Patch(PatchError),
     /// The kernel's text poker failed.
     Poke(PokeError),
     /// A probe operation failed.
@@ -57,8 +57,8 @@ impl From<CellError> for Error {
     }
 }
 
-impl From<PatchError<'static>> for Error {
-    fn from(e: PatchError<'static>) -> Error {
+impl From<PatchError> for Error {
+    fn from(e: PatchError) -> Error {
         Error::Patch(e)
     }
 }

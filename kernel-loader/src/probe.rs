@@ -1008,19 +1008,19 @@ unsafe fn write_batch<P: TextPoker + ?Sized>(
     }
     poker.sync_cores();
     for s in sites() {
-        let new = site_bytes(&s, on).map_err(|_| PokeError {
-            addr: s.addr,
-            reason: "target out of reach",
-        })?;
+        // Encodable: step 1 of `set` checked every site of the batch.
+        let Ok(new) = site_bytes(&s, on) else {
+            continue;
+        };
         // SAFETY: inside a validated site; byte 0 is int3, so no CPU decodes bytes 1..5.
         unsafe { poker.write(s.addr + 1, &new[1..])? };
     }
     poker.sync_cores();
     for s in sites() {
-        let new = site_bytes(&s, on).map_err(|_| PokeError {
-            addr: s.addr,
-            reason: "target out of reach",
-        })?;
+        // Encodable: step 1 of `set` checked every site of the batch.
+        let Ok(new) = site_bytes(&s, on) else {
+            continue;
+        };
         // SAFETY: inside a validated site; a single-byte store is atomic.
         unsafe { poker.write(s.addr, &new[..1])? };
     }
@@ -1406,10 +1406,7 @@ mod drain_tests {
     struct NoSites;
     impl TextPoker for NoSites {
         unsafe fn write(&mut self, addr: u64, _: &[u8]) -> Result<(), PokeError> {
-            Err(PokeError {
-                addr,
-                reason: "no sites to write",
-            })
+            Err(PokeError::new(addr, crate::patch::PokeFailure::Injected))
         }
         fn sync_cores(&mut self) {}
         fn end(&mut self) {}
