@@ -22,8 +22,10 @@
 #ifndef KSITES_MODULE_H
 #define KSITES_MODULE_H
 
+#include "ksites_arch.h"
+
 #define KSITES_IFUNC_IMPORT(fn)                                \
-    __asm__(".pushsection .ksites_ifunc_imports,\"\",@progbits\n" \
+    __asm__(".pushsection .ksites_ifunc_imports,\"\"," KSITES_PROGBITS "\n" \
             ".p2align 3\n"                                     \
             ".quad " #fn "\n"                                  \
             ".popsection\n")

@@ -330,3 +330,31 @@ impl fmt::Display for InsnBytes {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_implemented_architectures_are_accepted() {
+        assert_eq!(Arch::from_id(ids::X86_64), Some(Arch::X86_64));
+        assert_eq!(Arch::X86_64.id(), 1);
+        for id in [0, ids::AARCH64, ids::RISCV64, 0xffff] {
+            assert_eq!(Arch::from_id(id), None);
+        }
+        assert_eq!(ids::name(ids::AARCH64), Some("aarch64"));
+        assert_eq!(ids::name(7), None);
+    }
+
+    #[test]
+    fn x86_64_facts_through_the_dispatch() {
+        let a = Arch::X86_64;
+        assert_eq!(a.site_len(SiteKind::Call, 0), 5);
+        assert_eq!(a.site_len(SiteKind::Jcc, 2), 8);
+        assert_eq!(a.target_field(SiteKind::Jmp, 1), 2..6);
+        assert_eq!(a.max_site_len(), 8);
+        assert_eq!(a.probe_site_len(), 5);
+        assert_eq!(a.trampoline_len(), 6);
+        assert!(a.trampoline_len() <= MAX_TRAMPOLINE_LEN);
+    }
+}

@@ -73,3 +73,48 @@ pub const PROBE_SITE_LEN: usize = crate::arch::native::PROBE_SITE_LEN;
 /// Longest site instruction the patcher handles on the native architecture (the reader
 /// uses the table's [`Arch::max_site_len`]).
 pub const MAX_SITE_LEN: usize = crate::arch::native::MAX_SITE_LEN;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::ids;
+
+    fn header(arch: u16) -> [u8; HEADER_SIZE] {
+        Header {
+            magic: MAGIC,
+            version: VERSION,
+            arch,
+            flags: 0,
+            header_size: HEADER_SIZE as u32,
+            total_size: HEADER_SIZE as u32,
+            ifuncs: SubTable::default(),
+            ifunc_sites: SubTable::default(),
+            probes: SubTable::default(),
+            probe_sites: SubTable::default(),
+            strings: SubTable::default(),
+        }
+        .to_bytes()
+    }
+
+    #[repr(align(8))]
+    struct Aligned([u8; HEADER_SIZE]);
+
+    #[test]
+    fn the_header_arch_picks_the_architecture() {
+        let t = Aligned(header(ids::X86_64));
+        let table = Table::parse(&t.0, 0x1000, &[]).unwrap();
+        assert_eq!(table.arch(), Arch::X86_64);
+        for id in [ids::AARCH64, ids::RISCV64, 9] {
+            let t = Aligned(header(id));
+            let e = Table::parse(&t.0, 0x1000, &[]).unwrap_err();
+            assert_eq!(e, FormatError::WrongArch(id));
+            let msg = std::format!("{e}");
+            assert!(msg.contains("architecture"), "{msg}");
+        }
+        let msg = std::format!("{}", FormatError::WrongArch(ids::AARCH64));
+        assert!(
+            msg.contains("aarch64") && msg.contains("not support"),
+            "{msg}"
+        );
+    }
+}

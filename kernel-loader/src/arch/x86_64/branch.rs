@@ -178,3 +178,78 @@ pub fn trampoline_slot(b: &[u8], addr: u64) -> Option<u64> {
         && slot.checked_add(8).is_some())
     .then_some(slot)
 }
+
+/// The instructions of an ifunc trampoline (for [`crate::ifunc!`]'s `naked_asm!`): an
+/// indirect jump through the 8-byte slot at the local label `2` that follows, padded with
+/// traps. Every architecture defines this macro under the same name.
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __ksites_arch_trampoline {
+    () => {
+        "jmp qword ptr [rip + 2f]\nint3\nint3"
+    };
+}
+
+/// `.pushsection <name>,"<flags>",<type>` with this assembler's spelling of the
+/// `progbits` section type. Every architecture defines this macro under the same name.
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __ksites_arch_pushsection {
+    ($name:literal, $flags:literal) => {
+        concat!(".pushsection ", $name, ",\"", $flags, "\",@progbits")
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(kind: SiteKind, prefixes: u8) -> BranchSite {
+        BranchSite {
+            addr: 0x1000,
+            kind,
+            prefixes,
+            len: site_len(kind, prefixes) as u8,
+        }
+    }
+
+    #[test]
+    fn encode_decode_and_is_original_agree() {
+        let s = site(SiteKind::Jcc, 1);
+        assert_eq!(s.len, 7);
+        assert_eq!(target_field(s.kind, s.prefixes), 3..7);
+        let cur = InsnBytes::new(&[0x3e, 0x0f, 0x84, 0, 0, 0, 0]);
+        let b = encode_branch(&s, &cur, 0x2000).unwrap();
+        assert_eq!(&b.as_slice()[..3], &[0x3e, 0x0f, 0x84]);
+        assert_eq!(decode_branch_target(&s, b.as_slice()), Some(0x2000));
+        let mut w = [0u8; 8];
+        w[..7].copy_from_slice(b.as_slice());
+        assert!(is_original(&s, u64::from_le_bytes(w), 0x2000));
+        assert!(!is_original(&s, u64::from_le_bytes(w), 0x2001));
+        assert!(encode_branch(&s, &cur, 0x1_0000_2000).is_none());
+    }
+
+    #[test]
+    fn expected_original_normalises_prefixes_and_opcode() {
+        let s = site(SiteKind::Call, 1);
+        let found = InsnBytes::new(&[0x90, 0x90, 0, 0, 0, 0]);
+        let exp = expected_original(&s, &found, 0x1006).unwrap();
+        assert_eq!(exp.as_slice(), &[DS_PREFIX, CALL_REL32, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn trampoline_slot_decodes_checks_and_refuses() {
+        let mut b = [0xff, 0x25, 0, 0, 0, 0];
+        b[2..].copy_from_slice(&(0x2000i32 - 0x1006).to_le_bytes());
+        assert_eq!(trampoline_slot(&b, 0x1000), Some(0x2000));
+        b[2] ^= 1; // misaligned slot
+        assert_eq!(trampoline_slot(&b, 0x1000), None);
+        assert_eq!(trampoline_slot(&[0xe9, 0, 0, 0, 0, 0], 0x1000), None);
+        assert_eq!(trampoline_slot(&[0xff, 0x25], 0x1000), None);
+        let to_null = (-0x1006i32).to_le_bytes();
+        let b = [0xff, 0x25, to_null[0], to_null[1], to_null[2], to_null[3]];
+        assert_eq!(trampoline_slot(&b, 0x1000), None);
+    }
+}
