@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn question_mark_chains_every_error_into_error() {
-        let r = boot(&[0..0], &mut NoPoker);
+        let r = boot(core::slice::from_ref(&(0..0)), &mut NoPoker);
         assert_eq!(r, Err(Error::Cell(CellError::Empty)));
         let e: Error = FormatError::BadMagic.into();
         assert_eq!(

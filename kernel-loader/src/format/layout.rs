@@ -20,9 +20,9 @@ pub struct SubTable {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// [`MAGIC`].
+    /// [`MAGIC`](super::MAGIC).
     pub magic: [u8; 8],
-    /// [`VERSION`].
+    /// [`VERSION`](super::VERSION).
     pub version: u16,
     /// The architecture: a [`crate::arch::ids`] value ([`super::ARCH_X86_64`] today).
     pub arch: u16,
@@ -79,7 +79,7 @@ pub struct ProbeDesc {
     pub provider: u32,
     /// String-table offset of the name.
     pub name: u32,
-    /// Number of arguments (0..=6), or [`NARGS_UNKNOWN`].
+    /// Number of arguments (0..=6), or [`NARGS_UNKNOWN`](super::NARGS_UNKNOWN).
     pub nargs: u16,
     /// Reserved, 0.
     pub flags: u16,
@@ -181,8 +181,6 @@ impl ProbeKind {
         }
     }
 }
-
-/// The instruction at a site.
 
 /// Largest number of prefix bytes a site's encoding can carry (3 bits).
 pub const MAX_PREFIXES: u32 = 7;
