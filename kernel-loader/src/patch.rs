@@ -1,7 +1,7 @@
 //! Boot-time patching of ifunc call sites.
 //!
 //! [`init`] runs each ifunc's resolver exactly once, stores the result in the ifunc's
-//! slot, and rewrites the rel32 of every recorded `call`/`jmp`/`jcc` so it targets the
+//! slot, and rewrites the target field of every recorded call/jump site so it targets the
 //! chosen implementation directly. It is all-or-nothing: every byte is checked before the
 //! first write, and if anything fails after writing began, every site and slot is put
 //! back the way it was.
@@ -256,7 +256,7 @@ pub struct InitReport {
     pub ifuncs: u32,
     /// Sites rewritten into direct branches.
     pub sites_patched: u32,
-    /// Sites left on the trampoline because the implementation is out of rel32 reach.
+    /// Sites left on the trampoline because the implementation is out of the branch's reach.
     pub sites_out_of_reach: u32,
 }
 
@@ -287,7 +287,7 @@ fn read_word<P: TextPoker + ?Sized>(poker: &P, addr: u64, len: usize) -> u64 {
 
 /// An ifunc's slot, readable: an 8-byte word the engine may load with a volatile read.
 ///
-/// Only [`Slot::defined`] and [`Slot::import`] make one, and both are `unsafe`: the proof
+/// Only [`Slot::defined`], [`Slot::own`] and [`Slot::import`] make one, all `unsafe`: the proof
 /// that the address is mapped, readable memory comes from the caller of
 /// [`patch_ifuncs`] (its preconditions 1 and 3), and the constructors add what can be
 /// checked: non-null, 8-aligned, 8 bytes inside the address space, and not executable
@@ -309,8 +309,24 @@ impl Slot {
     /// runs. (`Table::parse` already checked the slot is 8-aligned, does not overflow,
     /// and lies outside the executable ranges.)
     unsafe fn defined(f: &Ifunc<'_>) -> Option<OwnSlot> {
-        (!f.imported && f.slot != 0 && f.slot.is_multiple_of(8) && f.slot.checked_add(8).is_some())
-            .then_some(OwnSlot(Slot(f.slot)))
+        if f.imported {
+            return None;
+        }
+        // SAFETY: forwarded: `f.slot` is the slot of a defined ifunc of such a table.
+        unsafe { Slot::own(f.slot) }
+    }
+
+    /// The slot at `addr`, of an ifunc the table defines; `None` if null, misaligned or
+    /// overflowing.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Slot::defined`]: `addr` is the slot of a defined ifunc of a table
+    /// satisfying precondition 1 of [`patch_ifuncs`].
+    #[inline(always)]
+    unsafe fn own(addr: u64) -> Option<OwnSlot> {
+        (addr != 0 && addr.is_multiple_of(8) && addr.checked_add(8).is_some())
+            .then_some(OwnSlot(Slot(addr)))
     }
 
     /// The slot the trampoline at `trampoline` jumps through, decoded by `arch` from the
@@ -530,9 +546,11 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         // The ifunc's name is decoded only for an error.
         // Only the target field changes: the other bytes were checked in step 1 and are
         // not written, so the field is what is written and read back.
-        let current = InsnBytes::from_word(read_word(poker, s.addr, s.len()), s.len());
+        // Only the target field of the encoding is used, so the other bytes need not be
+        // read: zeros stand in for them.
+        let blank = InsnBytes::from_word(0, s.len());
         let target = cache.target(table, poker, exec, s.ifunc);
-        let Some(new) = target.and_then(|t| arch.encode_branch(&s.branch(), &current, t)) else {
+        let Some(new) = target.and_then(|t| arch.encode_branch(&s.branch(), &blank, t)) else {
             report.sites_out_of_reach += 1;
             continue;
         };
@@ -649,13 +667,16 @@ impl IfuncCache {
         if let Some(&t) = self.targets.get(i as usize) {
             return Some(t);
         }
-        let f = table.ifunc(i)?;
-        // SAFETY: called from `patch_ifuncs` only, whose preconditions 1 and 3 cover
-        // `f`'s slot (defined) or its trampoline's slot (import).
-        let slot = match unsafe { Slot::defined(&f) } {
-            Some(own) => own.slot(),
-            // SAFETY: as above.
-            None => unsafe { Slot::import(table.arch(), poker, f.trampoline, exec)? },
+        // The slot of an import is 0 here: it is read through the trampoline.
+        let (trampoline, slot) = table.ifunc_trampoline_slot(i)?;
+        let slot = if slot != 0 {
+            // SAFETY: called from `patch_ifuncs` only, whose precondition 1 covers the
+            // slots of the ifuncs its table defines.
+            unsafe { Slot::own(slot) }?.slot()
+        } else {
+            // SAFETY: as above, precondition 3 for an import's trampoline (checked in
+            // step 1 to lie in an executable range).
+            unsafe { Slot::import(table.arch(), poker, trampoline, exec) }?
         };
         Some(slot.read())
     }

@@ -48,7 +48,8 @@ pub struct Header {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IfuncDesc {
-    /// Self-relative: the trampoline (`jmp [rip+slot]`) every original call targets.
+    /// Self-relative: the trampoline (an indirect jump through the slot) every original
+    /// call targets.
     pub trampoline: i32,
     /// Self-relative: the 8-byte slot the trampoline jumps through.
     pub slot: i32,
@@ -85,8 +86,8 @@ pub struct ProbeDesc {
     pub flags: u16,
 }
 
-/// One probe site: one instruction (5 bytes on x86-64) the loader toggles between a disabled and an
-/// enabled form. 12 bytes: Rust sites carry their out-of-line target (as Linux's
+/// One probe site: one instruction (the architecture's probe site length) the loader
+/// toggles between a disabled and an enabled form. 12 bytes: Rust sites carry their out-of-line target (as Linux's
 /// `__jump_table` entries carry theirs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,19 +101,10 @@ pub struct ProbeSite {
     pub info: u32,
 }
 
-/// How a probe site is disabled and enabled. On x86-64:
-///
-/// | kind | disabled | enabled |
-/// |---|---|---|
-/// | `RustJmp` (`probe!`) | `0f 1f 44 00 00` (nop) | `e9 rel32` → out-of-line block |
-/// | `RustEnabled` (`probe_enabled!`) | `0f 1f 44 00 00` | `e9 rel32` → block setting `true` |
-/// | `CCall` (`call __dtrace_probe_*`) | `0f 1f 44 00 00` | `e8 rel32` → C dispatcher |
-/// | `CTail` (`jmp __dtrace_probe_*`) | `c3 90 90 90 90` (ret) | `cc 90 90 90 90`: int3 fires, then returns |
-/// | `CEnabled` (`call __dtraceenabled_*`) | `b8 00 00 00 00` (eax = 0) | `b8 01 00 00 00` (eax = 1) |
-/// | `CEnabledTail` (`jmp __dtraceenabled_*`) | `e9 rel32` → `ksites_probe_ret0` | `e9 rel32` → `ksites_probe_ret1` |
-///
-/// Each form is a single instruction in both states, so a CPU stopped anywhere during
-/// the int3 protocol resumes on an instruction boundary.
+/// How a probe site is disabled and enabled: which form it has in each state is the
+/// architecture's business (the x86-64 forms are listed in [`crate::arch::x86_64`]).
+/// Each form is a single instruction in both states, so a CPU stopped anywhere while a
+/// site is rewritten resumes on an instruction boundary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ProbeKind {
     /// A `probe!` site.

@@ -65,7 +65,7 @@ pub const PROBE_DESC_SIZE: usize = 12;
 /// Size of [`ProbeSite`] in bytes.
 pub const PROBE_SITE_SIZE: usize = 12;
 /// `ProbeDesc::nargs` when no site declares the argument count.
-pub const NARGS_UNKNOWN: u16 = 0xffff;
+pub const NARGS_UNKNOWN: u16 = u16::MAX;
 
 /// Length of every probe site on the native architecture (the reader uses the table's
 /// [`Arch::probe_site_len`]).
