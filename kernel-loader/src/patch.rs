@@ -546,19 +546,15 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         // The ifunc's name is decoded only for an error.
         // Only the target field changes: the other bytes were checked in step 1 and are
         // not written, so the field is what is written and read back.
-        // Only the target field of the encoding is used, so the other bytes need not be
-        // read: zeros stand in for them.
-        let blank = InsnBytes::from_word(0, s.len());
         let target = cache.target(table, poker, exec, s.ifunc);
-        let Some(new) = target.and_then(|t| arch.encode_branch(&s.branch(), &blank, t)) else {
+        let Some(field) = target.and_then(|t| arch.encode_target(&s.branch(), t)) else {
             report.sites_out_of_reach += 1;
             continue;
         };
-        let field = s.target_field_offsets();
-        let bytes = &new.as_slice()[field.clone()];
+        let len = field.len as usize;
         let at = s.target_field().start;
         // SAFETY: the target field lies inside a validated site; precondition 2.
-        if let Err(error) = unsafe { poker.write(at, bytes) } {
+        if let Err(error) = unsafe { poker.write(at, &field.bytes()[..len]) } {
             // The failed write may have changed part of the field: restore this site too.
             failed = Some((
                 s.index + 1,
@@ -569,9 +565,7 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
             ));
             break;
         }
-        let mut want = [0u8; 8];
-        want[..bytes.len()].copy_from_slice(bytes);
-        if read_word(poker, at, bytes.len()) != u64::from_le_bytes(want) {
+        if read_word(poker, at, len) != field.value {
             failed = Some((
                 s.index + 1,
                 PatchError::VerifyFailed {

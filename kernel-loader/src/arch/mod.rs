@@ -150,6 +150,15 @@ impl Arch {
         }
     }
 
+    /// Only the target field of `site` branching to `target` (what patching writes at
+    /// the field's first byte); `None` if `target` is out of reach.
+    #[inline(always)]
+    pub fn encode_target(self, site: &BranchSite, target: u64) -> Option<TargetField> {
+        match self {
+            Arch::X86_64 => x86_64::encode_target(site, target),
+        }
+    }
+
     /// Where the branch `bytes` at `site` goes, if they are a branch of its kind.
     pub fn decode_branch_target(self, site: &BranchSite, bytes: &[u8]) -> Option<u64> {
         match self {
@@ -198,6 +207,24 @@ impl Arch {
 impl fmt::Display for Arch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The target field of a branch, encoded: up to eight bytes, little-endian in a word so
+/// the patch engine writes and verifies it without a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetField {
+    /// The bytes, little-endian (the first byte in the low bits).
+    pub value: u64,
+    /// How many (≤ 8).
+    pub len: u8,
+}
+
+impl TargetField {
+    /// The bytes.
+    #[inline(always)]
+    pub fn bytes(&self) -> [u8; 8] {
+        self.value.to_le_bytes()
     }
 }
 

@@ -7,7 +7,7 @@
 
 use core::ops::Range;
 
-use crate::arch::{BranchSite, InsnBytes, SiteKind};
+use crate::arch::{BranchSite, InsnBytes, SiteKind, TargetField};
 
 /// `call rel32` opcode.
 pub const CALL_REL32: u8 = 0xe8;
@@ -94,6 +94,16 @@ pub fn encode_branch(site: &BranchSite, current: &InsnBytes, target: u64) -> Opt
         .get_mut(at)?
         .copy_from_slice(&rel.to_le_bytes());
     Some(b)
+}
+
+/// The rel32 of `site` branching to `target`; `None` if out of reach.
+#[inline(always)]
+pub fn encode_target(site: &BranchSite, target: u64) -> Option<TargetField> {
+    let rel = rel32(site.end(), target)?;
+    Some(TargetField {
+        value: u64::from(rel as u32),
+        len: REL32_LEN as u8,
+    })
 }
 
 /// Whether `bytes` are valid prefixes followed by the opcode of the site's kind.
