@@ -9,8 +9,8 @@
 //!
 //! * Branch sites ([`x86_64::branch`]): `MAX_SITE_LEN`, `PROBE_SITE_LEN`,
 //!   `TRAMPOLINE_LEN`, `site_len(kind, prefixes)`, `target_field(kind, prefixes)`,
-//!   `encode_branch`, `decode_branch_target`, `is_original`, `has_branch_opcode`,
-//!   `expected_original` and `trampoline_slot`. [`Arch`] dispatches to them by the
+//!   `encode_branch`, `encode_target`, `decode_branch_target`, `is_original`,
+//!   `has_branch_opcode`, `expected_original` and `trampoline_slot`. [`Arch`] dispatches to them by the
 //!   architecture named in a table's header.
 //! * `CpuFeatures`: a `bitflags` set over `u64` of what the CPU (and the OS's state
 //!   setup) allows, with `from_bits_retain` and `detect()`. Resolvers receive it, and the
@@ -25,7 +25,7 @@
 //!
 //! `arch` is a leaf: it imports nothing from the rest of the crate. The neutral types it
 //! shares with the table format and the patch engine ([`SiteKind`], [`BranchSite`],
-//! [`InsnBytes`]) live here, and `format` and `patch` re-export them, so the import
+//! [`InsnBytes`], [`TargetField`]) live here, and `format` and `patch` re-export them, so the import
 //! graph only goes `format`/`patch`/`probe` → `arch`.
 
 use core::fmt;
