@@ -160,6 +160,10 @@ pub fn generate(dir: &Path, ksites: &Path) -> Result<Input, String> {
         "ksites_sdt.h",
         include_str!("../../kernel-loader/c/ksites_sdt.h"),
     )?;
+    write(
+        "ksites_arch.h",
+        include_str!("../../kernel-loader/c/ksites_arch.h"),
+    )?;
     write("gen.c", &source())?;
     let obj = dir.join("gen.o");
     let ko = dir.join("gen.ko");

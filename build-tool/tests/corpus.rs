@@ -419,7 +419,7 @@ fn table_corpus_messages_are_clear() {
         "ifunc 1: trampoline 0x1234 is not in an executable range"
     );
     let e = PatchError::BadResolution {
-        ifunc: "kfuncs::popcount",
+        ifunc: "kfuncs::popcount".into(),
         addr: 0,
     };
     assert!(e.to_string().contains("kfuncs::popcount") && e.to_string().contains("0x0"));

@@ -66,10 +66,7 @@ fn patching_rewrites_every_site_to_the_chosen_implementation() {
     assert!(
         matches!(
             e,
-            PatchError::AlreadyPatched {
-                ifunc: "t::zero",
-                ..
-            }
+            PatchError::AlreadyPatched { ifunc, .. } if ifunc == "t::zero"
         ),
         "{e}"
     );
@@ -155,7 +152,7 @@ fn a_rollback_that_cannot_write_says_which_site() {
         e,
         PatchError::RollbackIncomplete {
             site: img.addr(S_CALL),
-            ifunc: "t::zero"
+            ifunc: "t::zero".into()
         }
     );
     // The slots are restored regardless: calls through the trampolines stay valid.
@@ -237,7 +234,7 @@ fn a_bad_resolution_restores_slots() {
         // SAFETY: as above.
         let e = unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve) }.unwrap_err();
         assert!(
-            matches!(e, PatchError::BadResolution { ifunc: "t::one", addr } if addr == bad),
+            matches!(e, PatchError::BadResolution { ifunc, addr } if addr == bad && ifunc == "t::one"),
             "{e}"
         );
         assert_eq!(img.bytes(), &before[..]);
@@ -262,10 +259,7 @@ fn a_broken_trampoline_is_refused() {
     assert!(
         matches!(
             e,
-            Err(PatchError::BadTrampoline {
-                ifunc: "t::one",
-                ..
-            })
+            Err(PatchError::BadTrampoline { ifunc, .. }) if ifunc == "t::one"
         ),
         "{e:?}"
     );

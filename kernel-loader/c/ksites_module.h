@@ -12,7 +12,7 @@
  *   int ksites_module_init(void)   optional; run by Module::load, nonzero fails the load
  *   void ksites_module_exit(void)  optional; run by Module::unload
  *
- * Build modules with `-fno-pic -mcmodel=kernel` (or small, if the kernel runs below
+ * On x86-64, build modules with `-fno-pic -mcmodel=kernel` (or small, if the kernel runs below
  * 2 GiB), `-fno-common`, and without `-fPIC`/`-fno-plt` GOT relocations (the loader
  * implements R_X86_64_64, PC32, PLT32, 32, 32S and PC64, and names anything else).
  * Rust modules: `--emit=obj -C relocation-model=static` (PIC/PIE code calls through the
@@ -22,8 +22,10 @@
 #ifndef KSITES_MODULE_H
 #define KSITES_MODULE_H
 
+#include "ksites_arch.h"
+
 #define KSITES_IFUNC_IMPORT(fn)                                \
-    __asm__(".pushsection .ksites_ifunc_imports,\"\",@progbits\n" \
+    __asm__(".pushsection .ksites_ifunc_imports,\"\"," KSITES_PROGBITS "\n" \
             ".p2align 3\n"                                     \
             ".quad " #fn "\n"                                  \
             ".popsection\n")

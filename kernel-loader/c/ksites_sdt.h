@@ -19,16 +19,18 @@
 #ifndef KSITES_SDT_H
 #define KSITES_SDT_H
 
+#include "ksites_arch.h"
+
 #define KSITES_STR_(x) #x
 #define KSITES_STR(x) KSITES_STR_(x)
 
 #define KSITES_PROBE_DECL(prov, name, nargs, params)                                  \
-    __asm__(".pushsection .ksites_probe_decls,\"awR\",@progbits\n"                      \
+    __asm__(".pushsection .ksites_probe_decls,\"awR\"," KSITES_PROGBITS "\n"                      \
             ".p2align 3\n"                                                              \
             ".long 0x4450534b, " KSITES_STR(nargs) "\n"                                 \
             ".quad 1f, 2f - 1f, 3f, 4f - 3f\n"                                          \
             ".popsection\n"                                                             \
-            ".pushsection .rodata.ksites_decl,\"a\",@progbits\n"                        \
+            ".pushsection .rodata.ksites_decl,\"a\"," KSITES_PROGBITS "\n"                        \
             "1: .ascii \"" #prov "\"\n"                                                 \
             "2:\n"                                                                      \
             "3: .ascii \"" #name "\"\n"                                                 \

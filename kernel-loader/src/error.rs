@@ -18,7 +18,7 @@ pub enum Error {
     /// The image's table cell is missing or invalid.
     Cell(CellError),
     /// Boot-time ifunc patching failed.
-    Patch(PatchError<'static>),
+    Patch(PatchError),
     /// The kernel's text poker failed.
     Poke(PokeError),
     /// A probe operation failed.
@@ -57,8 +57,8 @@ impl From<CellError> for Error {
     }
 }
 
-impl From<PatchError<'static>> for Error {
-    fn from(e: PatchError<'static>) -> Error {
+impl From<PatchError> for Error {
+    fn from(e: PatchError) -> Error {
         Error::Patch(e)
     }
 }
@@ -79,5 +79,51 @@ impl From<ProbeError> for Error {
 impl From<crate::module::ModuleError<'static>> for Error {
     fn from(e: crate::module::ModuleError<'static>) -> Error {
         Error::Module(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use core::ops::Range;
+
+    use super::Error;
+    use crate::cell::CellError;
+    use crate::format::{FormatError, Table};
+    use crate::patch::{PokeError, TextPoker};
+    use crate::{CpuFeatures, cell, patch, probe};
+
+    struct NoPoker;
+
+    impl TextPoker for NoPoker {
+        unsafe fn write(&mut self, _: u64, _: &[u8]) -> Result<(), PokeError> {
+            Ok(())
+        }
+        fn sync_cores(&mut self) {}
+        fn end(&mut self) {}
+    }
+
+    /// The README's boot sequence: `?` across cell, patch, poke, probe and format errors
+    /// into one `kernel_loader::Error`.
+    fn boot(exec: &[Range<u64>], poker: &mut NoPoker) -> Result<u32, Error> {
+        // SAFETY: this test binary was not processed by `ksites embed`: the cell is
+        // empty and nothing is read through it.
+        let table = unsafe { cell::image_table(exec) }?;
+        // SAFETY: not reached (the cell is empty); it would be the image's own table.
+        let report = unsafe { patch::init(&table, exec, &CpuFeatures::detect(), poker) }?;
+        poker.begin()?;
+        let n = probe::register_image(table, poker)?;
+        let again = Table::parse(table.bytes(), table.base(), exec)?;
+        Ok(report.sites_patched + n + again.site_count())
+    }
+
+    #[test]
+    fn question_mark_chains_every_error_into_error() {
+        let r = boot(core::slice::from_ref(&(0..0)), &mut NoPoker);
+        assert_eq!(r, Err(Error::Cell(CellError::Empty)));
+        let e: Error = FormatError::BadMagic.into();
+        assert_eq!(
+            std::format!("{e}"),
+            std::format!("{}", FormatError::BadMagic)
+        );
     }
 }

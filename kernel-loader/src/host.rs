@@ -29,7 +29,7 @@ use core::ops::Range;
 use std::vec::Vec;
 
 use crate::arch::native::probe as probe_arch;
-use crate::patch::{PokeError, TextPoker};
+use crate::patch::{PokeError, PokeFailure, TextPoker};
 
 /// One executable segment of the main program: its exact range and its `PROT_*` bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,10 +189,7 @@ impl HostPoker {
                 )
             };
             if r != 0 {
-                return Err(PokeError {
-                    addr: s.start,
-                    reason: "mprotect failed",
-                });
+                return Err(PokeError::new(s.start, PokeFailure::Protect));
             }
         }
         Ok(())
@@ -220,10 +217,7 @@ impl TextPoker for HostPoker {
     #[inline]
     unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
         if !self.contains(addr, bytes.len()) {
-            return Err(PokeError {
-                addr,
-                reason: "not in an executable segment of the main program",
-            });
+            return Err(PokeError::new(addr, PokeFailure::NotText));
         }
         for (i, &b) in bytes.iter().enumerate() {
             // SAFETY: inside an executable segment made writable by `begin`; the engine

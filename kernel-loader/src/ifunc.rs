@@ -3,7 +3,8 @@
 //! For each ifunc the macro emits, in the user's crate:
 //!
 //! * the **trampoline**: a naked `extern "C"` function with the ifunc's name and
-//!   signature whose body is `jmp qword ptr [rip + slot]`. Callers call it normally;
+//!   signature whose body jumps through the slot (the architecture's
+//!   `__ksites_arch_trampoline!`, see [`crate::arch`]). Callers call it normally;
 //!   `ksites embed` records every `call`/`jmp` to it and the loader later rewrites those
 //!   into direct calls of the chosen implementation;
 //! * the **slot** (`.data.ksites_slot`): initialised to the default implementation, so
@@ -84,18 +85,16 @@ macro_rules! ifunc {
         #[unsafe(naked)]
         $vis extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
             ::core::arch::naked_asm!(
-                "jmp qword ptr [rip + 2f]",
-                "int3",
-                "int3",
-                ".pushsection .data.ksites_slot,\"aw\",@progbits",
+                $crate::__ksites_arch_trampoline!(),
+                $crate::__ksites_arch_pushsection!(".data.ksites_slot", "aw"),
                 ".p2align 3",
                 "2: .quad {default}",
                 ".popsection",
-                ".pushsection .rodata.ksites_name,\"a\",@progbits",
+                $crate::__ksites_arch_pushsection!(".rodata.ksites_name", "a"),
                 concat!("3: .ascii \"", module_path!(), "::", stringify!($name), "\""),
                 "4:",
                 ".popsection",
-                ".pushsection .ksites_ifuncs,\"awR\",@progbits",
+                $crate::__ksites_arch_pushsection!(".ksites_ifuncs", "awR"),
                 ".p2align 3",
                 ".long 0x4649534b",
                 ".long 1",
@@ -132,7 +131,7 @@ macro_rules! ifunc {
 }
 
 /// Section in a module object listing the kernel ifuncs it calls: one 8-byte
-/// `R_X86_64_64` reference per imported symbol (not allocated; `ksites embed` reads it).
+/// absolute reference per imported symbol (not allocated; `ksites embed` reads it).
 pub const IMPORT_SECTION: &str = ".ksites_ifunc_imports";
 
 /// Declares ifuncs that the kernel defines and a module calls: the `extern "C"`
@@ -163,7 +162,7 @@ macro_rules! ifunc_import {
         }
         $(
             ::core::arch::global_asm!(
-                ".pushsection .ksites_ifunc_imports,\"\",@progbits",
+                $crate::__ksites_arch_pushsection!(".ksites_ifunc_imports", ""),
                 ".p2align 3",
                 ::core::concat!(".quad ", ::core::stringify!($name)),
                 ".popsection",

@@ -3,7 +3,10 @@
 //! The `#![no_std]`, allocation-free run-time half of ksites.
 //!
 //! * [`format`]: the `.ksites` table format (v1) and its validating, zero-copy reader.
-//! * [`cpu`]: [`CpuFeatures`], from CPUID leaves 1 and 7 and XGETBV.
+//! * [`arch`]: everything architecture-specific ([`arch::x86_64`] today), behind names
+//!   every architecture defines; [`arch::Arch`] is a table's architecture.
+//! * [`cpu`]: [`CpuFeatures`], the compiled-for architecture's feature set (on x86-64:
+//!   from CPUID leaves 1, 7 and 0xD and XGETBV).
 //! * [`ifunc!`]: declares an ifunc (trampoline, slot, descriptor record).
 //! * [`patch`]: boot-time patching of ifunc call sites through a kernel-supplied [`TextPoker`].
 //! * [`cell`]: the table cell through which a linked image finds its own table.

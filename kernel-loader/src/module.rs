@@ -326,7 +326,7 @@ pub enum ModuleError<'b> {
         addr: u64,
     },
     /// Patching the module's ifunc sites failed (nothing was left patched).
-    Patch(PatchError<'b>),
+    Patch(PatchError),
     /// Registering or unregistering the module's probes failed.
     Probe(ProbeError),
     /// `ksites_module_init` returned non-zero.
@@ -1022,55 +1022,6 @@ fn rebase_str<'f>(s: &str, mem: &[u8], file: &'f [u8]) -> &'f str {
         .unwrap_or("?")
 }
 
-/// A `PatchError` whose names point into module memory, re-pointed at the file's copy.
-fn rebase_patch<'b>(e: PatchError<'_>, mem: &[u8], file: &'b [u8]) -> PatchError<'b> {
-    let r = |s: &str| rebase_str(s, mem, file);
-    match e {
-        PatchError::Format(f) => PatchError::Format(f),
-        PatchError::UnexpectedSiteBytes {
-            site,
-            ifunc,
-            expected,
-            found,
-        } => PatchError::UnexpectedSiteBytes {
-            site,
-            ifunc: r(ifunc),
-            expected,
-            found,
-        },
-        PatchError::AlreadyPatched { site, ifunc } => PatchError::AlreadyPatched {
-            site,
-            ifunc: r(ifunc),
-        },
-        PatchError::BadTrampoline { ifunc, addr, found } => PatchError::BadTrampoline {
-            ifunc: r(ifunc),
-            addr,
-            found,
-        },
-        PatchError::SlotNotDefault { ifunc, slot, value } => PatchError::SlotNotDefault {
-            ifunc: r(ifunc),
-            slot,
-            value,
-        },
-        PatchError::BadResolution { ifunc, addr } => PatchError::BadResolution {
-            ifunc: r(ifunc),
-            addr,
-        },
-        PatchError::Poke { ifunc, error } => PatchError::Poke {
-            ifunc: r(ifunc),
-            error,
-        },
-        PatchError::RollbackIncomplete { site, ifunc } => PatchError::RollbackIncomplete {
-            site,
-            ifunc: r(ifunc),
-        },
-        PatchError::VerifyFailed { site, ifunc } => PatchError::VerifyFailed {
-            site,
-            ifunc: r(ifunc),
-        },
-    }
-}
-
 /// Steps 1–4 (lay out, resolve, relocate, validate the table) into a fresh region.
 /// On success the region is returned with everything placed; on failure it is freed.
 fn link<'b, 'k>(
@@ -1229,8 +1180,7 @@ impl<'b> Module<'b> {
             match r {
                 Ok(p) => report.patch = p,
                 Err(e) => {
-                    let file = m.table_file_bytes();
-                    let e = ModuleError::Patch(rebase_patch(e, t.bytes(), file));
+                    let e = ModuleError::Patch(e);
                     return fail(m, mem, poker, e);
                 }
             }
@@ -1367,17 +1317,6 @@ impl<'b> Module<'b> {
             }
         }
         Ok(())
-    }
-
-    /// The `.ksites` section's bytes in the file (for error names).
-    fn table_file_bytes(&self) -> &'b [u8] {
-        Object::parse(self.bytes)
-            .ok()
-            .and_then(|o| {
-                o.section_by_name(crate::format::SECTION_NAME)
-                    .and_then(|(_, sh)| sh.data(LE, self.bytes).ok())
-            })
-            .unwrap_or(&[])
     }
 
     fn range(&self) -> Range<u64> {

@@ -1,7 +1,7 @@
 //! Boot-time patching of ifunc call sites.
 //!
 //! [`init`] runs each ifunc's resolver exactly once, stores the result in the ifunc's
-//! slot, and rewrites the rel32 of every recorded `call`/`jmp`/`jcc` so it targets the
+//! slot, and rewrites the target field of every recorded call/jump site so it targets the
 //! chosen implementation directly. It is all-or-nothing: every byte is checked before the
 //! first write, and if anything fails after writing began, every site and slot is put
 //! back the way it was.
@@ -13,8 +13,47 @@ use core::fmt;
 use core::ops::Range;
 
 use crate::CpuFeatures;
-use crate::arch::x86_64::{self as x86, JMP_RIP_INDIRECT, TRAMPOLINE_LEN};
+pub use crate::arch::InsnBytes;
+use crate::arch::{Arch, MAX_TRAMPOLINE_LEN};
 use crate::format::{FormatError, Ifunc, Site, Table};
+use crate::name::Name;
+
+/// Why a [`TextPoker`] could not write text. A small set that every poker maps its
+/// failures into, so errors own their data (no borrowed strings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PokeFailure {
+    /// Changing the text's protection (making it writable, or read-only again) failed,
+    /// e.g. `mprotect`.
+    Protect,
+    /// The address is outside the text this poker may write (e.g. not in an executable
+    /// segment of the main program).
+    NotText,
+    /// The text page is not mapped.
+    NotMapped,
+    /// The text is mapped with a large page, which this poker cannot alias.
+    LargePage,
+    /// The poker's write window is in use by another writer.
+    Busy,
+    /// The bytes read back through the text mapping differ from those written.
+    ReadBack,
+    /// A test injected this failure.
+    Injected,
+}
+
+impl fmt::Display for PokeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PokeFailure::Protect => "changing the text's page protection failed",
+            PokeFailure::NotText => "not in text this poker may write",
+            PokeFailure::NotMapped => "text page not mapped",
+            PokeFailure::LargePage => "text mapped with a large page, which cannot be aliased",
+            PokeFailure::Busy => "the poke window is in use",
+            PokeFailure::ReadBack => "read-back through the text mapping differs",
+            PokeFailure::Injected => "injected failure",
+        })
+    }
+}
 
 /// A failed text write, as reported by a [`TextPoker`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +61,14 @@ pub struct PokeError {
     /// Address of the write that failed.
     pub addr: u64,
     /// Why.
-    pub reason: &'static str,
+    pub reason: PokeFailure,
+}
+
+impl PokeError {
+    /// A failed write at `addr`.
+    pub const fn new(addr: u64, reason: PokeFailure) -> PokeError {
+        PokeError { addr, reason }
+    }
 }
 
 impl fmt::Display for PokeError {
@@ -30,6 +76,9 @@ impl fmt::Display for PokeError {
         write!(f, "text write at {:#x} failed: {}", self.addr, self.reason)
     }
 }
+
+#[cfg(feature = "std")]
+impl std::error::Error for PokeError {}
 
 /// How the kernel writes to its text. The patch engine calls `begin`, any number of
 /// `write`s, `sync_cores`, then `end`.
@@ -69,54 +118,11 @@ pub trait TextPoker {
     fn end(&mut self);
 }
 
-/// Up to eight instruction bytes, for error messages.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct InsnBytes {
-    len: u8,
-    bytes: [u8; 8],
-}
-
-impl InsnBytes {
-    /// Up to the first eight bytes of `src`.
-    pub fn new(src: &[u8]) -> InsnBytes {
-        let mut bytes = [0u8; 8];
-        let len = src.len().min(8);
-        bytes[..len].copy_from_slice(&src[..len]);
-        InsnBytes {
-            len: len as u8,
-            bytes,
-        }
-    }
-
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        &self.bytes[..self.len as usize]
-    }
-}
-
-impl fmt::Debug for InsnBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl fmt::Display for InsnBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, b) in self.as_slice().iter().enumerate() {
-            if i > 0 {
-                f.write_str(" ")?;
-            }
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
 /// Why patching failed. Whenever this is returned, no site and no slot is changed, except
 /// with [`PatchError::RollbackIncomplete`], which names the site that could not be
 /// restored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PatchError<'a> {
+pub enum PatchError {
     /// The table is invalid.
     Format(FormatError),
     /// A site does not hold the original branch to its ifunc's trampoline.
@@ -124,7 +130,7 @@ pub enum PatchError<'a> {
         /// Site address.
         site: u64,
         /// The ifunc it should call.
-        ifunc: &'a str,
+        ifunc: Name,
         /// The bytes the engine expected.
         expected: InsnBytes,
         /// The bytes it found.
@@ -135,12 +141,13 @@ pub enum PatchError<'a> {
         /// Site address.
         site: u64,
         /// The ifunc.
-        ifunc: &'a str,
+        ifunc: Name,
     },
-    /// A trampoline is not `jmp [rip+slot]` through its own slot.
+    /// A trampoline is not the architecture's trampoline through its own slot (for an
+    /// import: through a valid slot).
     BadTrampoline {
         /// The ifunc.
-        ifunc: &'a str,
+        ifunc: Name,
         /// Trampoline address.
         addr: u64,
         /// The bytes found there.
@@ -150,7 +157,7 @@ pub enum PatchError<'a> {
     /// overwritten).
     SlotNotDefault {
         /// The ifunc.
-        ifunc: &'a str,
+        ifunc: Name,
         /// Slot address.
         slot: u64,
         /// Value found.
@@ -159,14 +166,14 @@ pub enum PatchError<'a> {
     /// A resolver returned null or an address outside every executable range.
     BadResolution {
         /// The ifunc.
-        ifunc: &'a str,
+        ifunc: Name,
         /// What it returned.
         addr: u64,
     },
     /// The kernel's poker failed.
     Poke {
-        /// The ifunc whose site was being written (empty for `begin`).
-        ifunc: &'a str,
+        /// The ifunc whose site was being written (`None` for `begin`).
+        ifunc: Option<Name>,
         /// The poker's error.
         error: PokeError,
     },
@@ -177,18 +184,18 @@ pub enum PatchError<'a> {
         /// Site address.
         site: u64,
         /// The ifunc.
-        ifunc: &'a str,
+        ifunc: Name,
     },
     /// A site read back differently from what was written.
     VerifyFailed {
         /// Site address.
         site: u64,
         /// The ifunc.
-        ifunc: &'a str,
+        ifunc: Name,
     },
 }
 
-impl fmt::Display for PatchError<'_> {
+impl fmt::Display for PatchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PatchError::Format(e) => write!(f, "invalid .ksites table: {e}"),
@@ -207,7 +214,7 @@ impl fmt::Display for PatchError<'_> {
             ),
             PatchError::BadTrampoline { ifunc, addr, found } => write!(
                 f,
-                "trampoline of {ifunc} at {addr:#x} is not `jmp [rip+slot]` through its slot: [{found}]"
+                "trampoline of {ifunc} at {addr:#x} is not a trampoline through its slot: [{found}]"
             ),
             PatchError::SlotNotDefault { ifunc, slot, value } => write!(
                 f,
@@ -217,13 +224,11 @@ impl fmt::Display for PatchError<'_> {
                 f,
                 "resolver of {ifunc} returned {addr:#x}, which is not in an executable range"
             ),
-            PatchError::Poke { ifunc, error } => {
-                if ifunc.is_empty() {
-                    write!(f, "{error}")
-                } else {
-                    write!(f, "patching {ifunc}: {error}")
-                }
-            }
+            PatchError::Poke { ifunc: None, error } => write!(f, "{error}"),
+            PatchError::Poke {
+                ifunc: Some(ifunc),
+                error,
+            } => write!(f, "patching {ifunc}: {error}"),
             PatchError::RollbackIncomplete { site, ifunc } => write!(
                 f,
                 "patching failed and site {site:#x} ({ifunc}) could not be restored"
@@ -236,9 +241,9 @@ impl fmt::Display for PatchError<'_> {
 }
 
 #[cfg(feature = "std")]
-impl std::error::Error for PatchError<'_> {}
+impl std::error::Error for PatchError {}
 
-impl From<FormatError> for PatchError<'_> {
+impl From<FormatError> for PatchError {
     fn from(e: FormatError) -> Self {
         PatchError::Format(e)
     }
@@ -251,7 +256,7 @@ pub struct InitReport {
     pub ifuncs: u32,
     /// Sites rewritten into direct branches.
     pub sites_patched: u32,
-    /// Sites left on the trampoline because the implementation is out of rel32 reach.
+    /// Sites left on the trampoline because the implementation is out of the branch's reach.
     pub sites_out_of_reach: u32,
 }
 
@@ -259,22 +264,9 @@ fn in_exec(exec: &[Range<u64>], addr: u64) -> bool {
     addr != 0 && exec.iter().any(|r| r.contains(&addr))
 }
 
-/// The bytes a site holds when its rel32 targets `target`, given the current prefix and
-/// opcode bytes. `None` if `target` is out of reach.
-fn site_bytes(site: &Site, current: &InsnBytes, target: u64) -> Option<InsnBytes> {
-    let rel = x86::rel32(site.end(), target)?;
-    let mut b = *current;
-    let at = site.len() - 4;
-    b.bytes[at..at + 4].copy_from_slice(&rel.to_le_bytes());
-    Some(b)
-}
-
 fn read_site<P: TextPoker + ?Sized>(poker: &P, site: &Site) -> InsnBytes {
     let len = site.len().min(8);
-    InsnBytes {
-        len: len as u8,
-        bytes: read_word(poker, site.addr, len).to_le_bytes(),
-    }
+    InsnBytes::from_word(read_word(poker, site.addr, len), len)
 }
 
 /// Reads `len` (≤ 8) bytes of text at `addr` into a little-endian `u64`, one byte per
@@ -293,95 +285,133 @@ fn read_word<P: TextPoker + ?Sized>(poker: &P, addr: u64, len: usize) -> u64 {
     v
 }
 
-/// Whether the site's bytes `v` (`site.len()` of them, little-endian) are exactly an
-/// unpatched site: valid prefixes, the opcode of its kind, and a rel32 that reaches
-/// `trampoline` (the fast path of the check pass; on `false` the engine works out which
-/// error to report).
-#[inline(always)]
-fn is_original(site: &Site, v: u64, trampoline: u64) -> bool {
-    let p = site.prefixes as usize;
-    let byte = |i: usize| (v >> (8 * i)) as u8;
-    if site.len() > 8 || !(0..p).all(|i| x86::is_branch_prefix(byte(i))) {
-        return false;
-    }
-    let opcode_ok = match site.kind {
-        crate::format::SiteKind::Call => byte(p) == x86::CALL_REL32,
-        crate::format::SiteKind::Jmp => byte(p) == x86::JMP_REL32,
-        crate::format::SiteKind::Jcc => {
-            byte(p) == x86::TWO_BYTE_ESCAPE && byte(p + 1) & 0xf0 == 0x80
+/// An ifunc's slot, readable: an 8-byte word the engine may load with a volatile read.
+///
+/// Only [`Slot::defined`], [`Slot::own`] and [`Slot::import`] make one, all `unsafe`: the proof
+/// that the address is mapped, readable memory comes from the caller of
+/// [`patch_ifuncs`] (its preconditions 1 and 3), and the constructors add what can be
+/// checked: non-null, 8-aligned, 8 bytes inside the address space, and not executable
+/// text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot(u64);
+
+/// A slot of an ifunc the table defines: readable, and writable by the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OwnSlot(Slot);
+
+impl Slot {
+    /// The slot of a defined ifunc `f`; `None` for an import.
+    ///
+    /// # Safety
+    ///
+    /// `f` comes from a table satisfying precondition 1 of [`patch_ifuncs`]: its slots
+    /// are mapped, writable data of the image that nothing else writes while the engine
+    /// runs. (`Table::parse` already checked the slot is 8-aligned, does not overflow,
+    /// and lies outside the executable ranges.)
+    unsafe fn defined(f: &Ifunc<'_>) -> Option<OwnSlot> {
+        if f.imported {
+            return None;
         }
-    };
-    let rel = (v >> (8 * (site.len() - 4))) as u32 as i32;
-    opcode_ok && x86::rel32(site.end(), trampoline) == Some(rel)
-}
-
-/// The bytes an unpatched site must hold: valid prefixes, the opcode of its kind, and a
-/// rel32 that reaches `trampoline`.
-fn expected_original(site: &Site, found: &InsnBytes, trampoline: u64) -> Option<InsnBytes> {
-    let p = site.prefixes as usize;
-    let mut exp = site_bytes(site, found, trampoline)?;
-    // Normalise prefix/opcode bytes we expect, so the error shows what was wanted.
-    for b in &mut exp.bytes[..p] {
-        if !x86::is_branch_prefix(*b) {
-            *b = 0x3e;
-        }
+        // SAFETY: forwarded: `f.slot` is the slot of a defined ifunc of such a table.
+        unsafe { Slot::own(f.slot) }
     }
-    match site.kind {
-        crate::format::SiteKind::Call => exp.bytes[p] = x86::CALL_REL32,
-        crate::format::SiteKind::Jmp => exp.bytes[p] = x86::JMP_REL32,
-        crate::format::SiteKind::Jcc => {
-            exp.bytes[p] = x86::TWO_BYTE_ESCAPE;
-            if exp.bytes[p + 1] & 0xf0 != 0x80 {
-                exp.bytes[p + 1] = 0x85;
-            }
-        }
+
+    /// The slot at `addr`, of an ifunc the table defines; `None` if null, misaligned or
+    /// overflowing.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Slot::defined`]: `addr` is the slot of a defined ifunc of a table
+    /// satisfying precondition 1 of [`patch_ifuncs`].
+    #[inline(always)]
+    unsafe fn own(addr: u64) -> Option<OwnSlot> {
+        (addr != 0 && addr.is_multiple_of(8) && addr.checked_add(8).is_some())
+            .then_some(OwnSlot(Slot(addr)))
     }
-    Some(exp)
+
+    /// The slot the trampoline at `trampoline` jumps through, decoded by `arch` from the
+    /// trampoline's bytes; `None` if they are not a trampoline, or the slot is null,
+    /// misaligned, overflows or overlaps `exec` (a slot is data, never text).
+    ///
+    /// # Safety
+    ///
+    /// `trampoline` lies with all its bytes in an executable range the caller declared
+    /// mapped, and is a trampoline of an ifunc defined by an image satisfying
+    /// precondition 1 (for an import: precondition 3 of [`patch_ifuncs`]), so the slot it
+    /// jumps through is mapped and readable.
+    unsafe fn import<P: TextPoker + ?Sized>(
+        arch: Arch,
+        poker: &P,
+        trampoline: u64,
+        exec: &[Range<u64>],
+    ) -> Option<Slot> {
+        let len = arch.trampoline_len();
+        let mut b = [0u8; MAX_TRAMPOLINE_LEN];
+        // SAFETY: precondition: the trampoline's bytes are mapped and readable.
+        unsafe { poker.read(trampoline, &mut b[..len]) };
+        let slot = arch.trampoline_slot(&b[..len], trampoline)?;
+        let outside_text = !exec
+            .iter()
+            .any(|r| r.start < slot.saturating_add(8) && slot < r.end);
+        (slot != 0 && slot.is_multiple_of(8) && slot.checked_add(8).is_some() && outside_text)
+            .then_some(Slot(slot))
+    }
+
+    fn addr(self) -> u64 {
+        self.0
+    }
+
+    fn read(self) -> u64 {
+        // SAFETY: a `Slot` is only made by `defined`/`import`, whose callers vouch that
+        // the address is mapped, readable memory; it is non-null and 8-aligned (checked
+        // there), so an 8-byte volatile load is in bounds and aligned.
+        unsafe { core::ptr::read_volatile(self.0 as usize as *const u64) }
+    }
 }
 
-fn read_slot(slot: u64) -> u64 {
-    // SAFETY: the table was validated (slot 8-aligned, outside text), and the caller of
-    // `init`/`patch_ifuncs` guarantees the table describes live memory of this image.
-    unsafe { core::ptr::read_volatile(slot as usize as *const u64) }
+impl OwnSlot {
+    fn slot(self) -> Slot {
+        self.0
+    }
+
+    fn write(self, value: u64) {
+        // SAFETY: an `OwnSlot` is only made by `Slot::defined`, whose caller vouches that
+        // the slot is mapped, writable data of the image that nothing else writes while
+        // the engine runs (boot or module load, single writer); aligned as in `read`.
+        unsafe { core::ptr::write_volatile(self.0.0 as usize as *mut u64, value) }
+    }
 }
 
-fn write_slot(slot: u64, value: u64) {
-    // SAFETY: as in `read_slot`; slots live in writable data and nothing else writes
-    // them while the engine runs (boot, single writer).
-    unsafe { core::ptr::write_volatile(slot as usize as *mut u64, value) }
-}
-
-/// Checks a trampoline: `ff 25 disp32` whose target is the ifunc's slot (for an
-/// import, any slot: the defining image's). Returns the slot it jumps through.
-fn check_trampoline<'t, P: TextPoker + ?Sized>(
+/// Checks a trampoline: the architecture's trampoline whose target is the ifunc's slot
+/// (for an import, any valid slot: the defining image's). Returns the slot it jumps
+/// through.
+///
+/// # Safety
+///
+/// As for [`patch_ifuncs`], with `f` from its table.
+unsafe fn check_trampoline<P: TextPoker + ?Sized>(
+    arch: Arch,
     poker: &P,
-    f: &Ifunc<'t>,
-) -> Result<u64, PatchError<'t>> {
-    match trampoline_slot(poker, f.trampoline) {
-        Some(slot) if f.imported || slot == f.slot => Ok(slot),
+    f: &Ifunc<'_>,
+    exec: &[Range<u64>],
+) -> Result<Slot, PatchError> {
+    // SAFETY: `Table::parse` checked that the trampoline lies with all its bytes in an
+    // executable range (the image's, or for an import the defining image's);
+    // preconditions 1 and 3 of `patch_ifuncs` make it a trampoline of a live image.
+    match unsafe { Slot::import(arch, poker, f.trampoline, exec) } {
+        Some(slot) if f.imported || slot.addr() == f.slot => Ok(slot),
         _ => {
-            let mut b = [0u8; TRAMPOLINE_LEN];
-            // SAFETY: as in `trampoline_slot`.
-            unsafe { poker.read(f.trampoline, &mut b) };
+            let len = arch.trampoline_len();
+            let mut b = [0u8; MAX_TRAMPOLINE_LEN];
+            // SAFETY: as above: the trampoline's bytes are mapped and readable.
+            unsafe { poker.read(f.trampoline, &mut b[..len]) };
             Err(PatchError::BadTrampoline {
-                ifunc: f.name,
+                ifunc: Name::new(f.name),
                 addr: f.trampoline,
-                found: InsnBytes::new(&b),
+                found: InsnBytes::new(&b[..len]),
             })
         }
     }
-}
-
-/// The slot a `jmp [rip+disp32]` trampoline at `addr` jumps through, or `None` if the
-/// bytes there are not that instruction (or the slot would be misaligned).
-fn trampoline_slot<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> Option<u64> {
-    let mut b = [0u8; TRAMPOLINE_LEN];
-    // SAFETY: trampoline addresses were validated to lie, with all 6 bytes, in an
-    // executable range (the image's, or for an import the defining image's).
-    unsafe { poker.read(addr, &mut b) };
-    let disp = i32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-    let slot = (addr + TRAMPOLINE_LEN as u64).checked_add_signed(i64::from(disp))?;
-    (b[..2] == JMP_RIP_INDIRECT && slot.is_multiple_of(8) && slot != 0).then_some(slot)
 }
 
 /// The patch engine, with resolution abstracted: `resolve` is called exactly once per
@@ -390,75 +420,91 @@ fn trampoline_slot<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> Option<u64> {
 /// # Safety
 ///
 /// 1. `table` describes this running image (or a loaded module): its sites, trampolines
-///    and slots are mapped, and `exec` is the executable ranges it was validated with.
+///    and slots are mapped, its slots are writable data that nothing else writes while
+///    this runs, and `exec` is the executable ranges it was validated with.
 /// 2. No CPU other than the caller's executes the sites while this runs (boot or module
 ///    load); live patching uses the int3 protocol instead.
+/// 3. The trampoline of every imported ifunc is the trampoline of an ifunc the defining
+///    image (the kernel) defines, so the slot it jumps through is mapped and readable
+///    (the module loader checks imports against the kernel's table when it has one).
 pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
     table: &Table<'t>,
     exec: &[Range<u64>],
     poker: &mut P,
     resolve: &mut dyn FnMut(&Ifunc<'t>) -> u64,
-) -> Result<InitReport, PatchError<'t>> {
+) -> Result<InitReport, PatchError> {
+    let arch = table.arch();
     // 1. Check everything before anything is written: trampolines, then sites (a site
     //    already aimed at its slot's current value means `init` ran before), then slots.
     // The first CACHED ifuncs' trampolines and, once resolved, targets, on the stack (no
     // allocator): the per-site loops then decode only the site entries.
     let mut cache = IfuncCache::default();
     for f in table.ifuncs() {
-        check_trampoline(poker, &f)?;
+        // SAFETY: forwarded (preconditions 1 and 3); `f` is from `table`.
+        unsafe { check_trampoline(arch, poker, &f, exec)? };
         cache.set_trampoline(f.index, f.trampoline);
     }
-    // An import's slot belongs to the image that defines it: it is read, never written.
-    let slot_of = |f: &Ifunc<'t>| {
-        if f.imported {
-            trampoline_slot(poker, f.trampoline).unwrap_or(0)
-        } else {
-            f.slot
+    // The slot an ifunc's sites end up at: its own, or for an import (read, never
+    // written) the defining image's, which its trampoline jumps through.
+    let slot_of = |f: &Ifunc<'t>| -> Result<Slot, PatchError> {
+        // SAFETY: `f` is from `table`, which satisfies precondition 1 (defined ifuncs)
+        // and 3 (imports).
+        let own = unsafe { Slot::defined(f) };
+        match own {
+            Some(s) => Ok(s.slot()),
+            // SAFETY: as in `check_trampoline`, which already accepted this trampoline.
+            None => unsafe { check_trampoline(arch, poker, f, exec) },
         }
     };
     // Index loops (not `table.sites()`): the engine's hot paths, kept inlinable.
     for i in 0..table.site_count() {
         let Some(s) = table.site(i) else { continue };
         if let Some(trampoline) = cache.trampoline(table, s.ifunc)
-            && is_original(&s, read_word(poker, s.addr, s.len()), trampoline)
+            && arch.is_original(&s.branch(), read_word(poker, s.addr, s.len()), trampoline)
         {
             continue;
         }
         let found = read_site(poker, &s);
         let f = ifunc_of(table, &s);
-        let ok = expected_original(&s, &found, f.trampoline);
-        let prefixes_ok = found.as_slice()[..s.prefixes as usize]
-            .iter()
-            .all(|&b| x86::is_branch_prefix(b));
-        let opcode_ok = x86::opcode_matches(s.kind, &found.as_slice()[s.prefixes as usize..]);
+        let b = s.branch();
+        let ok = arch.expected_original(&b, &found, f.trampoline);
+        let opcode_ok = arch.has_branch_opcode(&b, found.as_slice());
         match ok {
-            Some(exp) if prefixes_ok && opcode_ok && exp == found => {}
+            Some(exp) if opcode_ok && exp == found => {}
             _ => {
-                let current = read_slot(slot_of(&f));
-                if prefixes_ok
-                    && opcode_ok
+                // (Without a descriptor, which a validated table always has, there is no
+                // slot to read: the trampoline stands in and the site is unexpected.)
+                let current = match table.ifunc(s.ifunc) {
+                    Some(f) => slot_of(&f)?.read(),
+                    None => f.trampoline,
+                };
+                if opcode_ok
                     && current != f.trampoline
-                    && site_bytes(&s, &found, current) == Some(found)
+                    && arch.decode_branch_target(&b, found.as_slice()) == Some(current)
                 {
                     return Err(PatchError::AlreadyPatched {
                         site: s.addr,
-                        ifunc: f.name,
+                        ifunc: Name::new(f.name),
                     });
                 }
                 return Err(PatchError::UnexpectedSiteBytes {
                     site: s.addr,
-                    ifunc: f.name,
+                    ifunc: Name::new(f.name),
                     expected: ok.unwrap_or(found),
                     found,
                 });
             }
         }
     }
-    for f in table.ifuncs().filter(|f| !f.imported) {
-        let value = read_slot(f.slot);
+    for f in table.ifuncs() {
+        // SAFETY: precondition 1; `f` is from `table`.
+        let Some(slot) = (unsafe { Slot::defined(&f) }) else {
+            continue;
+        };
+        let value = slot.slot().read();
         if value != f.default {
             return Err(PatchError::SlotNotDefault {
-                ifunc: f.name,
+                ifunc: Name::new(f.name),
                 slot: f.slot,
                 value,
             });
@@ -469,60 +515,62 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
     //    sites go wherever the defining image's slot points now.
     let mut report = InitReport::default();
     for (i, f) in table.ifuncs().enumerate() {
-        let addr = if f.imported {
-            read_slot(slot_of(&f))
-        } else {
-            resolve(&f)
+        // SAFETY: precondition 1; `f` is from `table`.
+        let own = unsafe { Slot::defined(&f) };
+        let addr = match own {
+            Some(_) => resolve(&f),
+            None => slot_of(&f)?.read(),
         };
         if !in_exec(exec, addr) {
             restore_slots(table, i);
             return Err(PatchError::BadResolution {
-                ifunc: f.name,
+                ifunc: Name::new(f.name),
                 addr,
             });
         }
-        if !f.imported {
-            write_slot(f.slot, addr);
+        if let Some(slot) = own {
+            slot.write(addr);
         }
         cache.set_target(f.index, addr);
         report.ifuncs += 1;
     }
 
-    // 3. Rewrite every site's rel32 to the chosen implementation.
+    // 3. Rewrite every site's target field to the chosen implementation.
     if let Err(error) = poker.begin() {
         restore_slots(table, table.ifunc_count() as usize);
-        return Err(PatchError::Poke { ifunc: "", error });
+        return Err(PatchError::Poke { ifunc: None, error });
     }
     let mut failed = None;
     for i in 0..table.site_count() {
         let Some(s) = table.site(i) else { continue };
         // The ifunc's name is decoded only for an error.
-        // Only the rel32 changes: the prefix and opcode bytes were checked in step 1 and
-        // are not written, so the rel32 is what is written and read back.
-        let Some(rel) = x86::rel32(s.end(), cache.target(table, poker, s.ifunc)) else {
+        // Only the target field changes: the other bytes were checked in step 1 and are
+        // not written, so the field is what is written and read back.
+        let target = cache.target(table, poker, exec, s.ifunc);
+        let Some(field) = target.and_then(|t| arch.encode_target(&s.branch(), t)) else {
             report.sites_out_of_reach += 1;
             continue;
         };
-        let rel = rel.to_le_bytes();
-        let at = s.rel32_addr();
-        // SAFETY: the rel32 field lies inside a validated site; precondition 2.
-        if let Err(error) = unsafe { poker.write(at, &rel) } {
-            // The failed write may have changed part of the rel32: restore this site too.
+        let len = field.len as usize;
+        let at = s.target_field().start;
+        // SAFETY: the target field lies inside a validated site; precondition 2.
+        if let Err(error) = unsafe { poker.write(at, &field.bytes()[..len]) } {
+            // The failed write may have changed part of the field: restore this site too.
             failed = Some((
                 s.index + 1,
                 PatchError::Poke {
-                    ifunc: ifunc_of(table, &s).name,
+                    ifunc: Some(Name::new(ifunc_of(table, &s).name)),
                     error,
                 },
             ));
             break;
         }
-        if read_word(poker, at, 4) != u64::from(u32::from_le_bytes(rel)) {
+        if read_word(poker, at, len) != field.value {
             failed = Some((
                 s.index + 1,
                 PatchError::VerifyFailed {
                     site: s.addr,
-                    ifunc: ifunc_of(table, &s).name,
+                    ifunc: Name::new(ifunc_of(table, &s).name),
                 },
             ));
             break;
@@ -536,15 +584,16 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         for s in table.sites().take(touched as usize) {
             let f = ifunc_of(table, &s);
             let current = read_site(poker, &s);
-            let Some(orig) = site_bytes(&s, &current, f.trampoline) else {
+            let Some(orig) = arch.encode_branch(&s.branch(), &current, f.trampoline) else {
                 continue;
             };
+            let field = s.target_field_offsets();
             // SAFETY: as above; restoring the original bytes the check pass saw.
-            let w = unsafe { poker.write(s.rel32_addr(), &orig.as_slice()[s.len() - 4..]) };
+            let w = unsafe { poker.write(s.target_field().start, &orig.as_slice()[field]) };
             if (w.is_err() || read_site(poker, &s) != orig) && incomplete.is_none() {
                 incomplete = Some(PatchError::RollbackIncomplete {
                     site: s.addr,
-                    ifunc: f.name,
+                    ifunc: Name::new(f.name),
                 });
             }
         }
@@ -597,18 +646,33 @@ impl IfuncCache {
         }
     }
 
-    /// The resolved implementation (what the slot holds after step 2).
+    /// The resolved implementation (what the slot holds after step 2); `None` only if
+    /// the table or a trampoline changed since step 1.
+    ///
+    /// Safe to call only from `patch_ifuncs` step 3, whose preconditions it relies on.
     #[inline(always)]
-    fn target<P: TextPoker + ?Sized>(&self, table: &Table<'_>, poker: &P, i: u32) -> u64 {
-        match self.targets.get(i as usize) {
-            Some(&t) => t,
-            None => match table.ifunc_trampoline_slot(i) {
-                // An import: read through the trampoline to the defining image's slot.
-                Some((t, 0)) => trampoline_slot(poker, t).map_or(0, read_slot),
-                Some((_, slot)) => read_slot(slot),
-                None => 0,
-            },
+    fn target<P: TextPoker + ?Sized>(
+        &self,
+        table: &Table<'_>,
+        poker: &P,
+        exec: &[Range<u64>],
+        i: u32,
+    ) -> Option<u64> {
+        if let Some(&t) = self.targets.get(i as usize) {
+            return Some(t);
         }
+        // The slot of an import is 0 here: it is read through the trampoline.
+        let (trampoline, slot) = table.ifunc_trampoline_slot(i)?;
+        let slot = if slot != 0 {
+            // SAFETY: called from `patch_ifuncs` only, whose precondition 1 covers the
+            // slots of the ifuncs its table defines.
+            unsafe { Slot::own(slot) }?.slot()
+        } else {
+            // SAFETY: as above, precondition 3 for an import's trampoline (checked in
+            // step 1 to lie in an executable range).
+            unsafe { Slot::import(table.arch(), poker, trampoline, exec) }?
+        };
+        Some(slot.read())
     }
 }
 
@@ -625,9 +689,15 @@ fn ifunc_of<'t>(table: &Table<'t>, s: &Site) -> Ifunc<'t> {
     })
 }
 
+/// Puts the default implementation back into the slots of the first `n` ifuncs.
+///
+/// Called only from `patch_ifuncs`, whose precondition 1 covers the slots.
 fn restore_slots(table: &Table<'_>, n: usize) {
-    for f in table.ifuncs().take(n).filter(|f| !f.imported) {
-        write_slot(f.slot, f.default);
+    for f in table.ifuncs().take(n) {
+        // SAFETY: precondition 1 of `patch_ifuncs` (the only caller); `f` is from `table`.
+        if let Some(slot) = unsafe { Slot::defined(&f) } {
+            slot.write(f.default);
+        }
     }
 }
 
@@ -643,7 +713,7 @@ pub unsafe fn init<'t, P: TextPoker + ?Sized>(
     exec: &[Range<u64>],
     features: &CpuFeatures,
     poker: &mut P,
-) -> Result<InitReport, PatchError<'t>> {
+) -> Result<InitReport, PatchError> {
     let bits = features.bits();
     let mut resolve = |f: &Ifunc<'t>| -> u64 {
         // SAFETY: precondition: the resolver address is an `extern "C" fn(u64) -> usize`

@@ -57,6 +57,7 @@ fn main() {
     println!("cargo:rerun-if-changed=c/cprobes.c");
     println!("cargo:rerun-if-changed=c/cifunc.c");
     println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_sdt.h");
+    println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_arch.h");
 
     cc::Build::new()
         .compiler("gcc")

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use kernel_loader::format::{ProbeKind, SiteKind, Table};
-use kernel_loader::patch::{PokeError, TextPoker};
+use kernel_loader::patch::{PokeError, PokeFailure, TextPoker};
 use ksites::table::{IfuncEntry, ProbeEntry, ProbeSiteEntry, SiteEntry, TableInput, build};
 
 /// A fake image: 2 KiB of "text" then 2 KiB of data, 16-aligned, at a real address.
@@ -205,10 +205,7 @@ impl TextPoker for FakePoker {
             // SAFETY: as below; a torn write of the first `n` bytes.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, n) };
             self.partial = 0;
-            return Err(PokeError {
-                addr,
-                reason: "injected",
-            });
+            return Err(PokeError::new(addr, PokeFailure::Injected));
         }
         self.writes += 1;
         // SAFETY: the engine only writes inside sites of the test image.

@@ -1,11 +1,387 @@
 //! Architecture-specific pieces. Each architecture is a module defining the same names
 //! (instruction encodings, probe bytes, the live-patch protocol, trap emulation,
 //! relocations, CPU features); the rest of the crate uses [`native`], the one for the
-//! architecture being compiled for. The modules compile on every host (only `asm!` is
-//! behind `cfg(target_arch)`), so the build tool can use any architecture's encoders.
+//! architecture being compiled for, or dispatches on [`Arch`], the architecture a table
+//! was written for. The modules compile on every host (only `asm!` is behind
+//! `cfg(target_arch)`), so the build tool can use any architecture's encoders.
+//!
+//! # What every architecture module defines
+//!
+//! * Branch sites ([`x86_64::branch`]): `MAX_SITE_LEN`, `PROBE_SITE_LEN`,
+//!   `TRAMPOLINE_LEN`, `site_len(kind, prefixes)`, `target_field(kind, prefixes)`,
+//!   `encode_branch`, `encode_target`, `decode_branch_target`, `is_original`,
+//!   `has_branch_opcode`, `expected_original` and `trampoline_slot`. [`Arch`] dispatches to them by the
+//!   architecture named in a table's header.
+//! * `CpuFeatures`: a `bitflags` set over `u64` of what the CPU (and the OS's state
+//!   setup) allows, with `from_bits_retain` and `detect()`. Resolvers receive it, and the
+//!   C resolver ABI passes its bits as the first (`u64`) argument, which fits an
+//!   aarch64 (ID_AA64ISAR*/PFR0 fields) or riscv64 (ISA extensions) set as well.
+//!   [`crate::CpuFeatures`] is [`native`]'s.
+//! * The ifunc trampoline macro `__ksites_arch_trampoline!` (`#[macro_export]`, hidden,
+//!   defined under `cfg(target_arch)`, so each architecture defines the same name) that
+//!   [`crate::ifunc!`] expands to, and its C counterpart in `c/ksites_arch.h`.
+//!
+//! # Dependencies
+//!
+//! `arch` is a leaf: it imports nothing from the rest of the crate. The neutral types it
+//! shares with the table format and the patch engine ([`SiteKind`], [`BranchSite`],
+//! [`InsnBytes`], [`TargetField`]) live here, and `format` and `patch` re-export them, so the import
+//! graph only goes `format`/`patch`/`probe` → `arch`.
+
+use core::fmt;
+use core::ops::Range;
 
 pub mod x86_64;
 
 /// The architecture this crate is compiled for.
 #[cfg(target_arch = "x86_64")]
 pub use x86_64 as native;
+
+/// Raw architecture ids of the table header's `arch` field. Only [`Arch::X86_64`] is
+/// accepted until the other architecture modules exist; the ids are reserved now so the
+/// format does not change when they do.
+pub mod ids {
+    /// x86-64.
+    pub const X86_64: u16 = 1;
+    /// aarch64 (reserved: not accepted yet).
+    pub const AARCH64: u16 = 2;
+    /// riscv64 (reserved: not accepted yet).
+    pub const RISCV64: u16 = 3;
+
+    /// The name of a known (supported or reserved) architecture id.
+    pub const fn name(id: u16) -> Option<&'static str> {
+        match id {
+            X86_64 => Some("x86-64"),
+            AARCH64 => Some("aarch64"),
+            RISCV64 => Some("riscv64"),
+            _ => None,
+        }
+    }
+}
+
+/// An architecture a table can be written for: the header's `arch` field, decoded. It
+/// picks the per-architecture facts the reader and the patch engine need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum Arch {
+    /// x86-64 ([`ids::X86_64`]).
+    X86_64 = ids::X86_64,
+}
+
+impl Arch {
+    /// The architecture of a header id, if this crate supports it.
+    #[inline]
+    pub const fn from_id(id: u16) -> Option<Arch> {
+        match id {
+            ids::X86_64 => Some(Arch::X86_64),
+            _ => None,
+        }
+    }
+
+    /// The header id.
+    pub const fn id(self) -> u16 {
+        self as u16
+    }
+
+    /// The architecture this crate is compiled for.
+    #[cfg(target_arch = "x86_64")]
+    pub const fn native() -> Arch {
+        Arch::X86_64
+    }
+
+    /// Display name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86-64",
+        }
+    }
+
+    /// Length of a branch site of `kind` with `prefixes` bytes before its opcode.
+    #[inline(always)]
+    pub const fn site_len(self, kind: SiteKind, prefixes: u8) -> usize {
+        match self {
+            Arch::X86_64 => x86_64::site_len(kind, prefixes),
+        }
+    }
+
+    /// The bytes of a site (offsets from its first byte) that patching rewrites: the
+    /// branch's target field.
+    #[inline(always)]
+    pub const fn target_field(self, kind: SiteKind, prefixes: u8) -> Range<usize> {
+        match self {
+            Arch::X86_64 => x86_64::target_field(kind, prefixes),
+        }
+    }
+
+    /// Longest branch site the patcher handles.
+    pub const fn max_site_len(self) -> usize {
+        match self {
+            Arch::X86_64 => x86_64::MAX_SITE_LEN,
+        }
+    }
+
+    /// Length of every probe site.
+    #[inline(always)]
+    pub const fn probe_site_len(self) -> usize {
+        match self {
+            Arch::X86_64 => x86_64::PROBE_SITE_LEN,
+        }
+    }
+
+    /// Length of an ifunc trampoline.
+    pub const fn trampoline_len(self) -> usize {
+        match self {
+            Arch::X86_64 => x86_64::TRAMPOLINE_LEN,
+        }
+    }
+
+    /// The bytes `site` holds when it branches to `target`, keeping the non-target bytes
+    /// of `current`; `None` if `target` is out of the branch's reach.
+    #[inline(always)]
+    pub fn encode_branch(
+        self,
+        site: &BranchSite,
+        current: &InsnBytes,
+        target: u64,
+    ) -> Option<InsnBytes> {
+        match self {
+            Arch::X86_64 => x86_64::encode_branch(site, current, target),
+        }
+    }
+
+    /// Only the target field of `site` branching to `target` (what patching writes at
+    /// the field's first byte); `None` if `target` is out of reach.
+    #[inline(always)]
+    pub fn encode_target(self, site: &BranchSite, target: u64) -> Option<TargetField> {
+        match self {
+            Arch::X86_64 => x86_64::encode_target(site, target),
+        }
+    }
+
+    /// Where the branch `bytes` at `site` goes, if they are a branch of its kind.
+    pub fn decode_branch_target(self, site: &BranchSite, bytes: &[u8]) -> Option<u64> {
+        match self {
+            Arch::X86_64 => x86_64::decode_branch_target(site, bytes),
+        }
+    }
+
+    /// Whether `v` (the site's bytes, little-endian) is exactly the unpatched branch to
+    /// `trampoline`.
+    #[inline(always)]
+    pub fn is_original(self, site: &BranchSite, v: u64, trampoline: u64) -> bool {
+        match self {
+            Arch::X86_64 => x86_64::is_original(site, v, trampoline),
+        }
+    }
+
+    /// Whether `bytes` hold a branch of the site's kind (whatever its target).
+    pub fn has_branch_opcode(self, site: &BranchSite, bytes: &[u8]) -> bool {
+        match self {
+            Arch::X86_64 => x86_64::has_branch_opcode(site, bytes),
+        }
+    }
+
+    /// The unpatched bytes of `site` (a branch to `trampoline`), shaped after what was
+    /// `found` there, for error messages; `None` if the trampoline is out of reach.
+    pub fn expected_original(
+        self,
+        site: &BranchSite,
+        found: &InsnBytes,
+        trampoline: u64,
+    ) -> Option<InsnBytes> {
+        match self {
+            Arch::X86_64 => x86_64::expected_original(site, found, trampoline),
+        }
+    }
+
+    /// The slot the trampoline `bytes` (read at `addr`) jump through, or `None` if they
+    /// are not this architecture's trampoline, or the slot would be null or misaligned.
+    pub fn trampoline_slot(self, bytes: &[u8], addr: u64) -> Option<u64> {
+        match self {
+            Arch::X86_64 => x86_64::trampoline_slot(bytes, addr),
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The target field of a branch, encoded: up to eight bytes, little-endian in a word so
+/// the patch engine writes and verifies it without a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetField {
+    /// The bytes, little-endian (the first byte in the low bits).
+    pub value: u64,
+    /// How many (≤ 8).
+    pub len: u8,
+}
+
+impl TargetField {
+    /// The bytes.
+    #[inline(always)]
+    pub fn bytes(&self) -> [u8; 8] {
+        self.value.to_le_bytes()
+    }
+}
+
+/// Longest trampoline of any architecture (a buffer size for readers).
+pub const MAX_TRAMPOLINE_LEN: usize = 16;
+
+/// What a branch site does, whatever the architecture encodes it as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SiteKind {
+    /// A call.
+    Call,
+    /// An unconditional jump: a tail call.
+    Jmp,
+    /// A conditional jump: a conditional tail call.
+    Jcc,
+}
+
+impl SiteKind {
+    /// The 2-bit encoding in `format::IfuncSite::info`.
+    pub const fn bits(self) -> u32 {
+        match self {
+            SiteKind::Call => 0,
+            SiteKind::Jmp => 1,
+            SiteKind::Jcc => 2,
+        }
+    }
+
+    /// Decodes the 2-bit encoding.
+    #[inline]
+    pub const fn from_bits(bits: u32) -> Option<SiteKind> {
+        match bits {
+            0 => Some(SiteKind::Call),
+            1 => Some(SiteKind::Jmp),
+            2 => Some(SiteKind::Jcc),
+            _ => None,
+        }
+    }
+
+    /// Opcode length (without prefixes) on the native architecture.
+    #[cfg(target_arch = "x86_64")]
+    pub const fn opcode_len(self) -> usize {
+        native::opcode_len(self)
+    }
+
+    /// Lower-case name, as the build tool prints it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SiteKind::Call => "call",
+            SiteKind::Jmp => "jmp",
+            SiteKind::Jcc => "jcc",
+        }
+    }
+}
+
+/// A branch site as the architecture layer sees it: where it is and what it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BranchSite {
+    /// Address of its first byte.
+    pub addr: u64,
+    /// The branch.
+    pub kind: SiteKind,
+    /// Bytes before the opcode (left alone by patching).
+    pub prefixes: u8,
+    /// Length of the whole instruction (or instruction sequence).
+    pub len: u8,
+}
+
+impl BranchSite {
+    /// Address just past the site.
+    #[inline(always)]
+    pub const fn end(&self) -> u64 {
+        self.addr + self.len as u64
+    }
+}
+
+/// Up to eight instruction bytes (a branch site, or the start of a longer sequence),
+/// copied by value: what the patch engine compares and errors report.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct InsnBytes {
+    len: u8,
+    bytes: [u8; 8],
+}
+
+impl InsnBytes {
+    /// Up to the first eight bytes of `src`.
+    pub fn new(src: &[u8]) -> InsnBytes {
+        let mut bytes = [0u8; 8];
+        let len = src.len().min(8);
+        bytes[..len].copy_from_slice(&src[..len]);
+        InsnBytes {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    /// The first `len` (≤ 8) bytes of the little-endian `v`.
+    #[inline(always)]
+    pub const fn from_word(v: u64, len: usize) -> InsnBytes {
+        InsnBytes {
+            len: if len < 8 { len as u8 } else { 8 },
+            bytes: v.to_le_bytes(),
+        }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.bytes[..self.len as usize]
+    }
+}
+
+impl fmt::Debug for InsnBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for InsnBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.as_slice().iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_implemented_architectures_are_accepted() {
+        assert_eq!(Arch::from_id(ids::X86_64), Some(Arch::X86_64));
+        assert_eq!(Arch::X86_64.id(), 1);
+        for id in [0, ids::AARCH64, ids::RISCV64, 0xffff] {
+            assert_eq!(Arch::from_id(id), None);
+        }
+        assert_eq!(ids::name(ids::AARCH64), Some("aarch64"));
+        assert_eq!(ids::name(7), None);
+    }
+
+    #[test]
+    fn x86_64_facts_through_the_dispatch() {
+        let a = Arch::X86_64;
+        assert_eq!(a.site_len(SiteKind::Call, 0), 5);
+        assert_eq!(a.site_len(SiteKind::Jcc, 2), 8);
+        assert_eq!(a.target_field(SiteKind::Jmp, 1), 2..6);
+        assert_eq!(a.max_site_len(), 8);
+        assert_eq!(a.probe_site_len(), 5);
+        assert_eq!(a.trampoline_len(), 6);
+        assert!(a.trampoline_len() <= MAX_TRAMPOLINE_LEN);
+    }
+}

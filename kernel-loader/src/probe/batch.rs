@@ -314,10 +314,7 @@ mod drain_tests {
     struct NoSites;
     impl TextPoker for NoSites {
         unsafe fn write(&mut self, addr: u64, _: &[u8]) -> Result<(), PokeError> {
-            Err(PokeError {
-                addr,
-                reason: "no sites to write",
-            })
+            Err(PokeError::new(addr, crate::patch::PokeFailure::Injected))
         }
         fn sync_cores(&mut self) {}
         fn end(&mut self) {}

@@ -18,7 +18,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use kernel_loader::patch::{PokeError, TextPoker};
+use kernel_loader::patch::{PokeError, PokeFailure, TextPoker};
 
 use crate::{cpu, paging, smp};
 
@@ -45,10 +45,7 @@ impl TextPoker for WpPoker {
     unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
         if self.fail_at == Some(self.writes) {
             self.fail_at = None;
-            return Err(PokeError {
-                addr,
-                reason: "injected failure",
-            });
+            return Err(PokeError::new(addr, PokeFailure::Injected));
         }
         for (i, &b) in bytes.iter().enumerate() {
             // SAFETY: the engine only writes inside validated sites in mapped text, and
@@ -142,11 +139,11 @@ impl AliasPoker {
     ///
     /// As for [`TextPoker::write`]; the caller owns the window.
     unsafe fn write_in_page(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
-        let err = |reason| PokeError { addr, reason };
+        let err = |reason| PokeError::new(addr, reason);
         let page = addr & !(paging::PAGE_SIZE - 1);
-        let text = paging::translate(page).ok_or(err("text page not mapped"))?;
+        let text = paging::translate(page).ok_or(err(PokeFailure::NotMapped))?;
         if text.size != paging::PAGE_SIZE {
-            return Err(err("text not mapped with 4 KiB pages"));
+            return Err(err(PokeFailure::LargePage));
         }
         // SAFETY: the caller owns the window; the frame is the text page's own, and
         // only `bytes` at its offset are written below.
@@ -196,7 +193,7 @@ impl AliasPoker {
             // SAFETY: text is mapped readable.
             let got = unsafe { core::ptr::read_volatile((addr as usize + i) as *const u8) };
             if got != b {
-                return Err(err("read-back through the text mapping differs"));
+                return Err(err(PokeFailure::ReadBack));
             }
         }
         Ok(())
@@ -214,16 +211,10 @@ impl TextPoker for AliasPoker {
             if !self.fail_forever {
                 self.fail_at = None;
             }
-            return Err(PokeError {
-                addr,
-                reason: "injected failure",
-            });
+            return Err(PokeError::new(addr, PokeFailure::Injected));
         }
         if WINDOW_BUSY.swap(true, Ordering::Acquire) {
-            return Err(PokeError {
-                addr,
-                reason: "poke window in use",
-            });
+            return Err(PokeError::new(addr, PokeFailure::Busy));
         }
         let mut r = Ok(());
         let mut done = 0usize;

@@ -6,6 +6,22 @@
 //!   trap-frame emulation and the dispatcher entry stubs.
 //! * [`reloc`]: the ELF machine and the relocation types a module may use.
 //! * [`cpu`]: CPUID/XGETBV and the feature set resolvers receive.
+//!
+//! # Probe forms
+//!
+//! How each [`crate::format::ProbeKind`] is disabled and enabled (5-byte sites):
+//!
+//! | kind | disabled | enabled |
+//! |---|---|---|
+//! | `RustJmp` (`probe!`) | `0f 1f 44 00 00` (nop) | `e9 rel32` → out-of-line block |
+//! | `RustEnabled` (`probe_enabled!`) | `0f 1f 44 00 00` | `e9 rel32` → block setting `true` |
+//! | `CCall` (`call __dtrace_probe_*`) | `0f 1f 44 00 00` | `e8 rel32` → C dispatcher |
+//! | `CTail` (`jmp __dtrace_probe_*`) | `c3 90 90 90 90` (ret) | `cc 90 90 90 90`: int3 fires, then returns |
+//! | `CEnabled` (`call __dtraceenabled_*`) | `b8 00 00 00 00` (eax = 0) | `b8 01 00 00 00` (eax = 1) |
+//! | `CEnabledTail` (`jmp __dtraceenabled_*`) | `e9 rel32` → `ksites_probe_ret0` | `e9 rel32` → `ksites_probe_ret1` |
+//!
+//! Each form is a single instruction in both states, so a CPU stopped anywhere during
+//! the int3 protocol resumes on an instruction boundary.
 
 pub mod branch;
 pub mod cpu;

@@ -1,0 +1,346 @@
+//! [`FormatError`]: every way a table can be wrong, and the parts of a table it names.
+
+use core::fmt;
+
+use super::{HEADER_SIZE, VERSION};
+use crate::arch::ids;
+
+/// A part of the table, as named in errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The header.
+    Header,
+    /// The ifunc descriptors.
+    Ifuncs,
+    /// The ifunc site entries.
+    IfuncSites,
+    /// The probe descriptors.
+    Probes,
+    /// The probe site entries.
+    ProbeSites,
+    /// The string table.
+    Strings,
+}
+
+impl fmt::Display for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Part::Header => "header",
+            Part::Ifuncs => "ifunc descriptors",
+            Part::IfuncSites => "ifunc sites",
+            Part::Probes => "probe descriptors",
+            Part::ProbeSites => "probe sites",
+            Part::Strings => "string table",
+        })
+    }
+}
+
+/// What a code pointer in an ifunc descriptor is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IfuncField {
+    /// The trampoline.
+    Trampoline,
+    /// The slot.
+    Slot,
+    /// The resolver.
+    Resolver,
+    /// The default implementation.
+    Default,
+}
+
+impl fmt::Display for IfuncField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IfuncField::Trampoline => "trampoline",
+            IfuncField::Slot => "slot",
+            IfuncField::Resolver => "resolver",
+            IfuncField::Default => "default implementation",
+        })
+    }
+}
+
+/// Every way a table can be wrong. Offsets are byte offsets from the table start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatError {
+    /// Fewer bytes than a header.
+    Truncated {
+        /// Bytes available.
+        len: usize,
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// The first eight bytes are not [`MAGIC`](super::MAGIC).
+    BadMagic,
+    /// A version this reader does not understand.
+    UnsupportedVersion(u16),
+    /// A table for an architecture this crate does not support (an unknown id, or one
+    /// reserved in [`crate::arch::ids`] for an architecture not implemented yet).
+    WrongArch(u16),
+    /// Reserved header flags are set.
+    UnknownFlags(u32),
+    /// `header_size` is not [`HEADER_SIZE`].
+    BadHeaderSize(u32),
+    /// `total_size` exceeds the bytes available (or is smaller than the header).
+    BadTotalSize {
+        /// Declared size.
+        total_size: u32,
+        /// Bytes available.
+        len: usize,
+    },
+    /// The table's address, or a sub-table's offset, is not suitably aligned.
+    Misaligned {
+        /// Which part.
+        part: Part,
+        /// Its offset (0 with `Part::Header`: the table's own address).
+        offset: u32,
+    },
+    /// A sub-table extends past `total_size` (or its size overflows).
+    OutOfBounds {
+        /// Which part.
+        part: Part,
+        /// Its offset.
+        offset: u32,
+        /// Its count.
+        count: u32,
+    },
+    /// A sub-table overlaps the header or another sub-table.
+    Overlap {
+        /// One part.
+        a: Part,
+        /// The other.
+        b: Part,
+    },
+    /// The string table does not end in NUL.
+    StringTableUnterminated,
+    /// A name offset points outside the string table.
+    StringOutOfBounds {
+        /// The offset.
+        offset: u32,
+    },
+    /// A name is not valid UTF-8.
+    StringNotUtf8 {
+        /// The offset.
+        offset: u32,
+    },
+    /// A self-relative reference leaves the 64-bit address space.
+    AddressOverflow {
+        /// Which part holds the entry.
+        part: Part,
+        /// Entry index.
+        index: u32,
+    },
+    /// A descriptor's code pointer does not lie in an executable range (or, for the
+    /// slot, lies in one, or is not 8-aligned).
+    BadIfuncPointer {
+        /// Descriptor index.
+        ifunc: u32,
+        /// Which pointer.
+        field: IfuncField,
+        /// Its address.
+        addr: u64,
+    },
+    /// Descriptors are not sorted: defined ones by trampoline address, then imports by
+    /// name.
+    IfuncsUnsorted {
+        /// The first descriptor out of order.
+        ifunc: u32,
+    },
+    /// Two descriptors share a trampoline (or two imports a name).
+    DuplicateIfunc {
+        /// The later descriptor.
+        ifunc: u32,
+    },
+    /// A site's kind bits are invalid.
+    BadSiteKind {
+        /// Site index.
+        site: u32,
+    },
+    /// A site's reserved bits are set.
+    ReservedSiteBits {
+        /// Site index.
+        site: u32,
+    },
+    /// A site names a descriptor that does not exist.
+    IfuncIndexOutOfRange {
+        /// Site index.
+        site: u32,
+        /// The index it names.
+        ifunc: u32,
+        /// Number of descriptors.
+        count: u32,
+    },
+    /// A site's instruction is longer than its architecture's longest patchable site
+    /// ([`crate::arch::Arch::max_site_len`]; too many prefixes).
+    SiteTooLong {
+        /// Site index.
+        site: u32,
+    },
+    /// Sites are not in strictly ascending address order, or two sites overlap.
+    Unsorted {
+        /// Index of the first site out of order.
+        site: u32,
+    },
+    /// A probe site's kind bits are invalid or reserved bits are set.
+    BadProbeSite {
+        /// Probe site index.
+        site: u32,
+    },
+    /// A probe site names a probe that does not exist.
+    ProbeIndexOutOfRange {
+        /// Probe site index.
+        site: u32,
+        /// The index it names.
+        probe: u32,
+        /// Number of probes.
+        count: u32,
+    },
+    /// Probe sites are not sorted and disjoint.
+    ProbeSitesUnsorted {
+        /// Index of the first site out of order.
+        site: u32,
+    },
+    /// A probe site, or a Rust site's out-of-line target, is not in an executable range.
+    ProbeSiteNotExecutable {
+        /// Probe site index.
+        site: u32,
+        /// The address.
+        addr: u64,
+    },
+    /// A probe descriptor declares more than six arguments, or has reserved flags set.
+    BadProbeDesc {
+        /// Probe index.
+        probe: u32,
+    },
+    /// A site does not lie wholly inside one executable range.
+    SiteNotExecutable {
+        /// Site index.
+        site: u32,
+        /// Its address.
+        addr: u64,
+    },
+}
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            FormatError::Truncated { len, needed } => {
+                write!(f, "table truncated: {len} bytes, need at least {needed}")
+            }
+            FormatError::BadMagic => write!(f, "bad table magic (expected \"KSITES\\0\\0\")"),
+            FormatError::UnsupportedVersion(v) => {
+                write!(
+                    f,
+                    "unsupported table version {v} (this reader knows {VERSION})"
+                )
+            }
+            FormatError::WrongArch(a) => match ids::name(a) {
+                Some(name) => write!(
+                    f,
+                    "table is for architecture {a} ({name}), which this reader does not support"
+                ),
+                None => write!(f, "table is for unknown architecture {a}"),
+            },
+            FormatError::UnknownFlags(x) => write!(f, "unknown header flags {x:#x}"),
+            FormatError::BadHeaderSize(s) => {
+                write!(f, "header size {s}, expected {HEADER_SIZE}")
+            }
+            FormatError::BadTotalSize { total_size, len } => write!(
+                f,
+                "declared table size {total_size} does not fit the {len} bytes available"
+            ),
+            FormatError::Misaligned { part, offset } => {
+                write!(f, "{part} at offset {offset:#x} is misaligned")
+            }
+            FormatError::OutOfBounds {
+                part,
+                offset,
+                count,
+            } => write!(
+                f,
+                "{part} (offset {offset:#x}, count {count}) extend past the end of the table"
+            ),
+            FormatError::Overlap { a, b } => write!(f, "{a} overlap {b}"),
+            FormatError::StringTableUnterminated => {
+                write!(f, "string table does not end with NUL")
+            }
+            FormatError::StringOutOfBounds { offset } => {
+                write!(f, "name offset {offset:#x} is outside the string table")
+            }
+            FormatError::StringNotUtf8 { offset } => {
+                write!(f, "name at string offset {offset:#x} is not UTF-8")
+            }
+            FormatError::AddressOverflow { part, index } => {
+                write!(
+                    f,
+                    "{part} entry {index}: reference overflows the address space"
+                )
+            }
+            FormatError::BadIfuncPointer { ifunc, field, addr } => match field {
+                IfuncField::Slot => write!(
+                    f,
+                    "ifunc {ifunc}: slot {addr:#x} is misaligned or lies in executable text"
+                ),
+                _ => write!(
+                    f,
+                    "ifunc {ifunc}: {field} {addr:#x} is not in an executable range"
+                ),
+            },
+            FormatError::IfuncsUnsorted { ifunc } => {
+                write!(
+                    f,
+                    "ifunc {ifunc}: descriptors must be sorted by trampoline address, imports last and by name"
+                )
+            }
+            FormatError::DuplicateIfunc { ifunc } => {
+                write!(
+                    f,
+                    "ifunc {ifunc}: trampoline (or import name) already described by an earlier entry"
+                )
+            }
+            FormatError::BadSiteKind { site } => write!(f, "ifunc site {site}: invalid kind"),
+            FormatError::ReservedSiteBits { site } => {
+                write!(f, "ifunc site {site}: reserved bits set")
+            }
+            FormatError::IfuncIndexOutOfRange { site, ifunc, count } => write!(
+                f,
+                "ifunc site {site}: names ifunc {ifunc}, but there are only {count}"
+            ),
+            FormatError::SiteTooLong { site } => write!(
+                f,
+                "ifunc site {site}: instruction longer than the architecture allows (too many prefixes)"
+            ),
+            FormatError::Unsorted { site } => write!(
+                f,
+                "ifunc site {site}: not after the previous site (sites must be sorted and disjoint)"
+            ),
+            FormatError::BadProbeSite { site } => {
+                write!(f, "probe site {site}: invalid kind or reserved bits set")
+            }
+            FormatError::ProbeIndexOutOfRange { site, probe, count } => write!(
+                f,
+                "probe site {site}: names probe {probe}, but there are only {count}"
+            ),
+            FormatError::ProbeSitesUnsorted { site } => write!(
+                f,
+                "probe site {site}: not after the previous site (sites must be sorted and disjoint)"
+            ),
+            FormatError::ProbeSiteNotExecutable { site, addr } => write!(
+                f,
+                "probe site {site}: {addr:#x} is not inside an executable range"
+            ),
+            FormatError::BadProbeDesc { probe } => {
+                write!(
+                    f,
+                    "probe {probe}: more than 6 arguments or reserved flags set"
+                )
+            }
+            FormatError::SiteNotExecutable { site, addr } => write!(
+                f,
+                "ifunc site {site} at {addr:#x} is not inside an executable range"
+            ),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for FormatError {}

@@ -1,0 +1,120 @@
+//! The `.ksites` table, format v1.
+//!
+//! One table per image or module. All multi-byte fields are little-endian. Every
+//! reference to code or data is **self-relative**: `target = address_of(field) + value`
+//! (an `i32`), so the table needs no run-time relocation and works at any load address.
+//!
+//! ```text
+//! offset 0   Header (64 bytes)
+//!            IfuncDesc[ifuncs.count]        (20 bytes each, 4-aligned, sorted by trampoline)
+//!            IfuncSite[ifunc_sites.count]   (8 bytes each, 4-aligned, sorted by address)
+//!            ProbeDesc[probes.count]        (12 bytes each, 4-aligned, sorted by name)
+//!            ProbeSite[probe_sites.count]   (12 bytes each, 4-aligned, sorted by address)
+//!            strings                        (NUL-terminated UTF-8)
+//! ```
+//!
+//! [`Table::parse`] validates everything a patcher relies on before anything is touched:
+//! sizes, bounds, alignment, ordering, indices, strings, and that every site and code
+//! pointer lies inside an executable range supplied by the caller. Accessors on a parsed
+//! [`Table`] cannot fail and never panic.
+//!
+//! The structs in [`layout`] document the layout; they are decoded field by field from
+//! bytes (`from_le_bytes`), so reading never depends on the alignment of a host buffer.
+//!
+//! The format is architecture-neutral: the header's `arch` field names an [`Arch`], and
+//! the reader asks it for every instruction fact (site lengths, the probe site length,
+//! the trampoline length). A table for an architecture this crate does not support is a
+//! [`FormatError::WrongArch`].
+//!
+//! * [`layout`]: the POD structs and their byte encodings.
+//! * [`error`]: [`FormatError`] and the parts it names.
+//! * [`reader`]: the validating reader, [`Table`], and the decoded entries.
+
+pub mod error;
+pub mod layout;
+pub mod reader;
+
+pub use crate::arch::{Arch, SiteKind};
+pub use error::{FormatError, IfuncField, Part};
+pub use layout::{
+    Header, IfuncDesc, IfuncSite, MAX_IFUNCS, MAX_PREFIXES, ProbeDesc, ProbeKind, ProbeSite,
+    SubTable, make_rel, resolve_rel,
+};
+pub use reader::{Ifunc, PSite, Probe, Site, Table};
+
+/// First eight bytes of every table.
+pub const MAGIC: [u8; 8] = *b"KSITES\0\0";
+/// The format version this reader understands.
+pub const VERSION: u16 = 1;
+/// `Header::arch` for x86-64 (= `Arch::X86_64.id()`; see [`crate::arch::ids`] for the
+/// reserved ids of other architectures).
+pub const ARCH_X86_64: u16 = crate::arch::ids::X86_64;
+/// Name of the section the build tool writes.
+pub const SECTION_NAME: &str = ".ksites";
+/// Required alignment of the table's start address.
+pub const TABLE_ALIGN: u64 = 8;
+
+/// Size of [`Header`] in bytes.
+pub const HEADER_SIZE: usize = 64;
+/// Size of [`IfuncDesc`] in bytes.
+pub const IFUNC_DESC_SIZE: usize = 20;
+/// Size of [`IfuncSite`] in bytes.
+pub const IFUNC_SITE_SIZE: usize = 8;
+/// Size of [`ProbeDesc`] in bytes.
+pub const PROBE_DESC_SIZE: usize = 12;
+/// Size of [`ProbeSite`] in bytes.
+pub const PROBE_SITE_SIZE: usize = 12;
+/// `ProbeDesc::nargs` when no site declares the argument count.
+pub const NARGS_UNKNOWN: u16 = u16::MAX;
+
+/// Length of every probe site on the native architecture (the reader uses the table's
+/// [`Arch::probe_site_len`]).
+pub const PROBE_SITE_LEN: usize = crate::arch::native::PROBE_SITE_LEN;
+/// Longest site instruction the patcher handles on the native architecture (the reader
+/// uses the table's [`Arch::max_site_len`]).
+pub const MAX_SITE_LEN: usize = crate::arch::native::MAX_SITE_LEN;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::ids;
+
+    fn header(arch: u16) -> [u8; HEADER_SIZE] {
+        Header {
+            magic: MAGIC,
+            version: VERSION,
+            arch,
+            flags: 0,
+            header_size: HEADER_SIZE as u32,
+            total_size: HEADER_SIZE as u32,
+            ifuncs: SubTable::default(),
+            ifunc_sites: SubTable::default(),
+            probes: SubTable::default(),
+            probe_sites: SubTable::default(),
+            strings: SubTable::default(),
+        }
+        .to_bytes()
+    }
+
+    #[repr(align(8))]
+    struct Aligned([u8; HEADER_SIZE]);
+
+    #[test]
+    fn the_header_arch_picks_the_architecture() {
+        let t = Aligned(header(ids::X86_64));
+        let table = Table::parse(&t.0, 0x1000, &[]).unwrap();
+        assert_eq!(table.arch(), Arch::X86_64);
+        for id in [ids::AARCH64, ids::RISCV64, 9] {
+            let t = Aligned(header(id));
+            let e = Table::parse(&t.0, 0x1000, &[]).unwrap_err();
+            assert_eq!(e, FormatError::WrongArch(id));
+            let msg = std::format!("{e}");
+            assert!(msg.contains("architecture"), "{msg}");
+        }
+        let msg = std::format!("{}", FormatError::WrongArch(ids::AARCH64));
+        assert!(
+            msg.contains("aarch64") && msg.contains("not support"),
+            "{msg}"
+        );
+    }
+}
