@@ -308,7 +308,7 @@ impl ModuleMemory for Arena {
         _: usize,
         _: usize,
         _: Prot,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), kernel_loader::module::ProtectError> {
         Ok(())
     }
 

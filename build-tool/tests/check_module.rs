@@ -253,7 +253,7 @@ impl kernel_loader::module::ModuleMemory for Counting {
         _: usize,
         _: usize,
         _: kernel_loader::module::Prot,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), kernel_loader::module::ProtectError> {
         Ok(())
     }
 
