@@ -12,8 +12,9 @@
 //! 2. **Resolve** every symbol: defined ones from the layout, undefined ones against the
 //!    kernel's exports ([`Symbols`]), by name. An unknown strong symbol fails the load and
 //!    is named; an unknown weak one is 0.
-//! 3. **Relocate** every allocated section: `R_X86_64_64`, `PC32`, `PLT32`, `32`, `32S`,
-//!    `PC64` (and `NONE`), each 32-bit result checked for overflow. Anything else fails
+//! 3. **Relocate** every allocated section with the architecture's relocation types
+//!    ([`crate::arch::x86_64::reloc`] on x86-64: `64`, `PC32`, `PLT32`, `32`, `32S`,
+//!    `PC64` and `NONE`), each 32-bit result checked for overflow. Anything else fails
 //!    with its type, section and offset. `.rela.ksites` is relocated like any other
 //!    section, which turns the module's table into the self-relative form of a linked
 //!    image's.
@@ -59,7 +60,7 @@ pub use error::{Malformed, ModuleError, ProtectError, RelocationProblem, SymbolP
 pub use layout::PAGE_SIZE;
 pub use loaded::Module;
 
-/// The name of a relocation type of the architecture (`R_X86_64_*` on x86-64); see
+/// The name of a relocation type of the architecture; see
 /// [`crate::arch::x86_64::reloc::name`].
 pub use crate::arch::native::reloc::name as reloc_name;
 
