@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 
 use kernel_loader::format::{ProbeKind, SECTION_NAME, Table};
 use kernel_loader::ifunc::{IMPORT_SECTION, RECORD_SECTION, RECORD_SIZE, record as ifunc_record};
+use kernel_loader::module::layout;
 use kernel_loader::probe::{SITE_RECORD_SECTION, SITE_RECORD_SIZE, UNASSIGNED, record};
 use object::elf;
 use object::read::elf::{ElfFile64, SectionHeader as _, Sym as _};
@@ -20,7 +21,6 @@ use object::{
 };
 
 const KSITES: &str = env!("CARGO_BIN_EXE_ksites");
-const PAGE: u64 = 0x1000;
 /// Where the test "loads" modules (kernel module area) ...
 const MODULE_BASE: u64 = 0xffff_ffff_a000_0000;
 /// ... and where the "kernel" it links them against has its text (imports live there).
@@ -240,41 +240,29 @@ impl Loaded {
     }
 }
 
-/// Lays the object out as the module loader does (executable, read-only, writable
-/// groups, each page-aligned, sections in index order within a group at their own
-/// alignment), gives every undefined symbol an address in a fake kernel text, and
+/// Lays the object out as the module loader does ([`layout`], the contract), gives every undefined symbol an address in a fake kernel text, and
 /// applies `.rela.ksites` (only `R_X86_64_PC32` is accepted).
 fn load(bytes: &[u8]) -> Loaded {
     let f = ElfFile64::<LE>::parse(bytes).unwrap();
     let shdrs = f.elf_section_table();
+    let sec_name: Vec<String> = shdrs
+        .iter()
+        .map(|s| String::from_utf8_lossy(shdrs.section_name(LE, s).unwrap()).into())
+        .collect();
+    // The loader's own layout contract.
     let mut sec_addr = vec![None; shdrs.len()];
-    let mut sec_name = vec![String::new(); shdrs.len()];
+    layout::layout(
+        shdrs.iter().map(layout::from_elf),
+        MODULE_BASE,
+        &mut |i, a| sec_addr[i] = Some(a),
+    )
+    .unwrap();
     let mut exec = Vec::new();
-    let mut addr = MODULE_BASE;
-    for group in 0..3 {
-        addr = addr.next_multiple_of(PAGE);
-        for (i, s) in shdrs.iter().enumerate() {
-            sec_name[i] = String::from_utf8_lossy(shdrs.section_name(LE, s).unwrap()).into();
-            let fl = s.sh_flags(LE);
-            if fl & u64::from(elf::SHF_ALLOC) == 0 {
-                continue;
-            }
-            let g = if fl & u64::from(elf::SHF_EXECINSTR) != 0 {
-                0
-            } else if fl & u64::from(elf::SHF_WRITE) != 0 || s.sh_type(LE) == elf::SHT_NOBITS {
-                2
-            } else {
-                1
-            };
-            if g != group {
-                continue;
-            }
-            addr = addr.next_multiple_of(s.sh_addralign(LE).max(1));
-            sec_addr[i] = Some(addr);
-            if g == 0 {
-                exec.push(addr..addr + s.sh_size(LE));
-            }
-            addr += s.sh_size(LE);
+    for (i, s) in shdrs.iter().enumerate() {
+        if let Some(a) = sec_addr[i]
+            && layout::group(s.sh_flags(LE)) == Some(layout::Group::Exec)
+        {
+            exec.push(a..a + s.sh_size(LE));
         }
     }
     let mut names: Vec<String> = f
@@ -942,4 +930,147 @@ fn comdat_group_signature_follows_added_section_symbols() {
         .args(["-r", "g.ksites.o", "-o", "linked.o"])
         .current_dir(&dir));
     assert!(o.status.success(), "ld -r: {}", stderr(&o));
+}
+
+// ---------------------------------------------------------------------------------------
+// The layout contract's one former disagreement: a read-only `SHT_NOBITS` section.
+
+/// A module in assembly (so the section order is exact): a read-only NOBITS section,
+/// then text with a hand-written ifunc (trampoline, default, resolver, a call site),
+/// then the writable section holding its slot.
+const RO_NOBITS_SRC: &str = r#"
+    .section .rodata.zeros,"a",@nobits
+    .balign 64
+    .space 0x2800
+    .text
+    .globl f
+f:  jmp *f_slot(%rip)
+    .balign 16
+f_default:
+    mov %rdi, %rax
+    ret
+f_resolve:
+    lea f_default(%rip), %rax
+    ret
+    .globl work
+work:
+    call f
+    ret
+    .section .data.slot,"aw",@progbits
+    .balign 8
+f_slot: .quad f_default
+    .section .rodata.name,"a",@progbits
+f_name: .ascii "f"
+    .section .ksites_ifuncs,"aw",@progbits
+    .balign 8
+    .ascii "KSIF"
+    .long 1
+    .quad f, f_slot, f_resolve, f_default, f_name, 1
+"#;
+
+/// Module memory in a host buffer at `MODULE_BASE`; keeps the region's last contents.
+#[derive(Default)]
+struct Capture {
+    live: Vec<u8>,
+    last: Vec<u8>,
+}
+
+impl kernel_loader::module::ModuleMemory for Capture {
+    fn alloc(&mut self, size: usize) -> Option<kernel_loader::module::Region> {
+        self.live = vec![0; size];
+        Some(kernel_loader::module::Region {
+            ptr: self.live.as_mut_ptr(),
+            addr: MODULE_BASE,
+            size,
+        })
+    }
+
+    unsafe fn protect(
+        &mut self,
+        _: &kernel_loader::module::Region,
+        _: usize,
+        _: usize,
+        _: kernel_loader::module::Prot,
+    ) -> Result<(), kernel_loader::module::ProtectError> {
+        Ok(())
+    }
+
+    unsafe fn free(&mut self, _: kernel_loader::module::Region) {
+        self.last = std::mem::take(&mut self.live);
+    }
+}
+
+/// `ksites embed` lays a module out by the loader's contract: a read-only NOBITS
+/// section is read-only data for both (it once went to the writable group in `embed`,
+/// shifting every writable section after it: the addresses `embed` reported and
+/// checked its table at were not where the loader puts them).
+#[test]
+fn read_only_nobits_is_read_only_data_for_embed_and_loader() {
+    use kernel_loader::module::{self, Kernel};
+    let dir = tmpdir("ro_nobits");
+    std::fs::write(dir.join("n.s"), RO_NOBITS_SRC).unwrap();
+    let o = run(Command::new("gcc")
+        .args(["-c", "n.s", "-o", "n.o"])
+        .current_dir(&dir));
+    assert!(o.status.success(), "gcc: {}", stderr(&o));
+    let obj = std::fs::read(dir.join("n.o")).unwrap();
+
+    // The case: a read-only NOBITS section, with a writable section after it.
+    let f = ElfFile64::<LE>::parse(&obj[..]).unwrap();
+    let zeros = f.section_by_name(".rodata.zeros").expect(".rodata.zeros");
+    let zh = zeros.elf_section_header();
+    assert_eq!(zh.sh_type(LE), elf::SHT_NOBITS);
+    assert_eq!(zh.sh_flags(LE), u64::from(elf::SHF_ALLOC));
+    let slot_sec = f.section_by_name(".data.slot").expect(".data.slot");
+    assert!(
+        slot_sec.index().0 > zeros.index().0,
+        "the slot's section comes after"
+    );
+
+    // Where `embed` put the ifunc's slot (its virtual layout starts at one page).
+    let (out, report) = ksites::embed::embed_bytes("n.o", &obj).unwrap();
+    assert_eq!(report.ifuncs.len(), 1);
+    let embed_slot = report.ifuncs[0].slot - layout::PAGE_SIZE as u64;
+    let file = ElfFile64::<LE>::parse(&out[..]).unwrap();
+    let v = ksites::embed_rel::VirtualLayout::new(&file, layout::PAGE_SIZE as u64).unwrap();
+    let groups = layout::layout(
+        file.elf_section_table().iter().map(layout::from_elf),
+        layout::PAGE_SIZE as u64,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let zeros_addr = v.sections[zeros.index().0].unwrap();
+    assert!(
+        groups.read_only.contains(&zeros_addr),
+        "embed placed .rodata.zeros at {zeros_addr:#x}, outside the read-only group {:?}",
+        groups.read_only
+    );
+
+    // Where the loader put it: its relocated table, read back from its memory.
+    let exports: [module::Export; 0] = [];
+    let k = Kernel {
+        symbols: &exports,
+        table: None,
+        exec: &[],
+        features: kernel_loader::CpuFeatures::empty(),
+    };
+    let mut mem = Capture::default();
+    let r = module::check(&out, &k, &mut mem, &mut |e| panic!("{e}")).unwrap();
+    assert!(r.ro_size >= 0x2800, "the zeros are read-only: {r:?}");
+    let region = &mem.last;
+    let at = region
+        .windows(8)
+        .position(|w| w == kernel_loader::format::MAGIC)
+        .expect("the table in the module's memory");
+    let text = MODULE_BASE..MODULE_BASE + r.text_size as u64;
+    let t = Table::parse(&region[at..], MODULE_BASE + at as u64, &[text]).unwrap();
+    let loader_slot = t.ifuncs().next().unwrap().slot - MODULE_BASE;
+    assert!(
+        loader_slot >= (r.text_size + r.ro_size) as u64,
+        "slot in writable data"
+    );
+    assert_eq!(
+        embed_slot, loader_slot,
+        "embed's layout and the loader's disagree on the slot's place"
+    );
 }
