@@ -20,6 +20,10 @@ use object::{
     SymbolKind,
 };
 
+#[path = "common/module_mem.rs"]
+mod module_mem;
+use module_mem::HostMemory;
+
 const KSITES: &str = env!("CARGO_BIN_EXE_ksites");
 /// Where the test "loads" modules (kernel module area) ...
 const MODULE_BASE: u64 = 0xffff_ffff_a000_0000;
@@ -968,38 +972,6 @@ f_name: .ascii "f"
     .quad f, f_slot, f_resolve, f_default, f_name, 1
 "#;
 
-/// Module memory in a host buffer at `MODULE_BASE`; keeps the region's last contents.
-#[derive(Default)]
-struct Capture {
-    live: Vec<u8>,
-    last: Vec<u8>,
-}
-
-impl kernel_loader::module::ModuleMemory for Capture {
-    fn alloc(&mut self, size: usize) -> Option<kernel_loader::module::Region> {
-        self.live = vec![0; size];
-        Some(kernel_loader::module::Region {
-            ptr: self.live.as_mut_ptr(),
-            addr: MODULE_BASE,
-            size,
-        })
-    }
-
-    unsafe fn protect(
-        &mut self,
-        _: &kernel_loader::module::Region,
-        _: usize,
-        _: usize,
-        _: kernel_loader::module::Prot,
-    ) -> Result<(), kernel_loader::module::ProtectError> {
-        Ok(())
-    }
-
-    unsafe fn free(&mut self, _: kernel_loader::module::Region) {
-        self.last = std::mem::take(&mut self.live);
-    }
-}
-
 /// `ksites embed` lays a module out by the loader's contract: a read-only NOBITS
 /// section is read-only data for both (it once went to the writable group in `embed`,
 /// shifting every writable section after it: the addresses `embed` reported and
@@ -1054,7 +1026,7 @@ fn read_only_nobits_is_read_only_data_for_embed_and_loader() {
         exec: &[],
         features: kernel_loader::CpuFeatures::empty(),
     };
-    let mut mem = Capture::default();
+    let mut mem = HostMemory::at(MODULE_BASE);
     let r = module::check(&out, &k, &mut mem, &mut |e| panic!("{e}")).unwrap();
     assert!(r.ro_size >= 0x2800, "the zeros are read-only: {r:?}");
     let region = &mem.last;
