@@ -22,6 +22,8 @@ use object::{
 
 #[path = "common/module_mem.rs"]
 mod module_mem;
+#[path = "common/rust_module.rs"]
+mod rust_module;
 use module_mem::HostMemory;
 
 const KSITES: &str = env!("CARGO_BIN_EXE_ksites");
@@ -71,61 +73,11 @@ fn gcc_module(dir: &Path, src: &str, out: &str) -> PathBuf {
     dir.join(out)
 }
 
-/// kernel-loader built for `x86_64-unknown-none` (so a module crate gets the real
-/// macros): (rlib, deps dir).
-fn kernel_loader_rlib() -> (PathBuf, PathBuf) {
-    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("module_embed_kl");
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let o = run(Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "--target",
-            "x86_64-unknown-none",
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS"));
-    assert!(
-        o.status.success(),
-        "cargo build kernel-loader: {}",
-        stderr(&o)
-    );
-    let d = target_dir.join("x86_64-unknown-none/debug");
-    (d.join("libkernel_loader.rlib"), d.join("deps"))
-}
-
 fn rustc_module(dir: &Path, src: &str, out: &str) -> PathBuf {
-    let (rlib, deps) = kernel_loader_rlib();
-    std::fs::write(dir.join("r.rs"), src).unwrap();
-    let o = run(Command::new("rustc")
-        .args([
-            "--edition",
-            "2024",
-            "--crate-type=lib",
-            "--crate-name=modr",
-            "--emit=obj",
-            "-C",
-            "panic=abort",
-            "-C",
-            "relocation-model=static",
-            "-C",
-            "opt-level=2",
-            "--target",
-            "x86_64-unknown-none",
-            "--extern",
-        ])
-        .arg(format!("kernel_loader={}", rlib.display()))
-        .arg("-L")
-        .arg(format!("dependency={}", deps.display()))
-        .args(["-o", out, "r.rs"])
-        .current_dir(dir));
-    assert!(o.status.success(), "rustc: {}", stderr(&o));
-    dir.join(out)
+    let kl = rust_module::kernel_loader_for_none(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("module_embed_kl"),
+    );
+    rust_module::rustc_module(dir, "modr", src, out, &kl)
 }
 
 fn embed(input: &Path, output: &Path) -> Output {
@@ -330,9 +282,15 @@ fn load(bytes: &[u8]) -> Loaded {
                 base + s.address()
             }
         };
-        let v = sv as i128 + r.addend() as i128 - (table_addr + off) as i128;
-        let v = i32::try_from(v).unwrap();
-        table[off as usize..off as usize + 4].copy_from_slice(&v.to_le_bytes());
+        // The loader's own relocation arithmetic.
+        kernel_loader::arch::x86_64::reloc::apply(
+            elf::R_X86_64_PC32,
+            &mut table[off as usize..],
+            sv,
+            r.addend(),
+            table_addr + off,
+        )
+        .unwrap();
     }
     Loaded {
         sec_addr,

@@ -18,6 +18,11 @@ use kernel_loader::patch::{PokeError, TextPoker};
 use kernel_loader::probe;
 use object::{Object, ObjectSection};
 
+#[path = "common/mmap_region.rs"]
+mod mmap_region;
+#[path = "common/rust_module.rs"]
+mod rust_module;
+
 // ---------------------------------------------------------------------------------------
 // Harness.
 
@@ -66,41 +71,22 @@ impl ModuleMemory for TestMem {
         }
         let a = anchor as *const () as u64 & !0xfff;
         // Below the binary first (the heap usually follows it), then above.
-        for i in 1..64u64 {
-            let hint = if i % 2 == 1 {
-                a.checked_sub(0x1000_0000 + (i / 2) * 0x100_0000)?
+        let hints = (1..64u64).map_while(|i| {
+            if i % 2 == 1 {
+                a.checked_sub(0x1000_0000 + (i / 2) * 0x100_0000)
             } else {
-                a + 0x2000_0000 + (i / 2) * 0x100_0000
-            };
-            // SAFETY: a fresh private anonymous mapping; the hint is only a hint (no
-            // MAP_FIXED), so nothing existing is replaced.
-            let p = unsafe {
-                libc::mmap(
-                    hint as usize as *mut libc::c_void,
-                    size,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                continue;
+                Some(a + 0x2000_0000 + (i / 2) * 0x100_0000)
             }
-            if near_text(p as u64, size) {
-                self.allocs += 1;
-                self.live.push((p as u64, size));
-                MODULE_REGIONS.lock().unwrap().push((p as u64, size));
-                return Some(Region {
-                    ptr: p.cast(),
-                    addr: p as u64,
-                    size,
-                });
-            }
-            // SAFETY: the mapping just made, unused.
-            unsafe { libc::munmap(p, size) };
-        }
-        None
+        });
+        let p = mmap_region::map_near(size, hints, near_text)?;
+        self.allocs += 1;
+        self.live.push((p as u64, size));
+        MODULE_REGIONS.lock().unwrap().push((p as u64, size));
+        Some(Region {
+            ptr: p,
+            addr: p as u64,
+            size,
+        })
     }
 
     unsafe fn protect(
@@ -117,19 +103,9 @@ impl ModuleMemory for TestMem {
                 && offset + len <= region.size
         );
         self.protects.push((offset, len, prot));
-        let p = match prot {
-            Prot::ReadExec => libc::PROT_READ | libc::PROT_EXEC,
-            Prot::Read => libc::PROT_READ,
-            Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-        };
         // SAFETY: inside a live mapping of ours (asserted above); the caller guarantees
         // nothing runs there unless `prot` allows it.
-        let r = unsafe { libc::mprotect(region.ptr.add(offset).cast(), len, p) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(kernel_loader::module::ProtectError::Failed)
-        }
+        unsafe { mmap_region::protect(region.ptr.add(offset), len, prot) }
     }
 
     unsafe fn free(&mut self, region: Region) {
@@ -145,8 +121,7 @@ impl ModuleMemory for TestMem {
             .retain(|&r| r != (region.addr, region.size));
         self.frees += 1;
         // SAFETY: the region is a mapping of ours and nothing refers to it any more.
-        let r = unsafe { libc::munmap(region.ptr.cast(), region.size) };
-        assert_eq!(r, 0);
+        unsafe { mmap_region::unmap(region.ptr, region.size) };
     }
 }
 
@@ -1203,23 +1178,6 @@ unsigned int tail_pop(unsigned long x) { return kpopcount(x); }
 int is_on(void) { return KSITES_PROBE_ENABLED(cmod, hit); }
 "#;
 
-fn cargo_build_kernel_loader(args: &[&str], target_dir: &Path) {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    ok(
-        run(Command::new(cargo)
-            .args(["build", "-q"])
-            .args(args)
-            .arg("--manifest-path")
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target_dir)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")),
-        "cargo build kernel-loader",
-    );
-}
-
 /// The one `lib{name}-*.rlib` in `deps`.
 fn dep_rlib(deps: &Path, name: &str) -> std::path::PathBuf {
     let mut found: Vec<_> = std::fs::read_dir(deps)
@@ -1241,38 +1199,8 @@ fn embedded_rust_and_c_modules_ifuncs_probes_and_unload_rules() {
     std::fs::create_dir_all(&tmp).unwrap();
 
     // The module: kernel-loader for x86_64-unknown-none, rustc, ksites embed.
-    let none = tmp.join("kl-none");
-    cargo_build_kernel_loader(&["--target", "x86_64-unknown-none"], &none);
-    let none = none.join("x86_64-unknown-none/debug");
-    std::fs::write(tmp.join("modr.rs"), MOD_SRC).unwrap();
-    ok(
-        run(Command::new("rustc")
-            .args([
-                "--edition",
-                "2024",
-                "--crate-type=lib",
-                "--crate-name=modr",
-                "--emit=obj",
-                "-C",
-                "panic=abort",
-                "-C",
-                "relocation-model=static",
-                "-C",
-                "opt-level=2",
-                "--target",
-                "x86_64-unknown-none",
-                "--extern",
-            ])
-            .arg(format!(
-                "kernel_loader={}",
-                none.join("libkernel_loader.rlib").display()
-            ))
-            .arg("-L")
-            .arg(format!("dependency={}", none.join("deps").display()))
-            .args(["-o", "modr.o", "modr.rs"])
-            .current_dir(&tmp)),
-        "rustc modr",
-    );
+    let none = rust_module::kernel_loader_for_none(&tmp.join("kl-none"));
+    rust_module::rustc_module(&tmp, "modr", MOD_SRC, "modr.o", &none);
     ok(
         run(Command::new(KSITES)
             .args(["embed", "modr.o", "-o", "modr.ksites.o"])
@@ -1332,7 +1260,7 @@ fn embedded_rust_and_c_modules_ifuncs_probes_and_unload_rules() {
 
     // The kernel: a non-PIE host program with kernel-loader (std + module).
     let host = tmp.join("kl-host");
-    cargo_build_kernel_loader(&["--features", "std,module"], &host);
+    rust_module::cargo_build_kernel_loader(&["--features", "std,module"], &host);
     let host = host.join("debug");
     let libc = dep_rlib(&host.join("deps"), "libc");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/module_kernel.rs");

@@ -19,6 +19,17 @@ pub(super) const RECORD_POINTER: u32 = reloc::ABS64;
 /// `R_X86_64_PC32`: every self-relative field of a module's table (`.rela.ksites`).
 pub(super) const TABLE_FIELD: u32 = reloc::TABLE_FIELD;
 
+/// Applies a table-field relocation (`S + A - P`, 32-bit, overflow checked) to the
+/// start of `place`, as the module loader does.
+pub(super) fn apply_table_field(
+    place: &mut [u8],
+    s: u64,
+    a: i64,
+    p: u64,
+) -> Result<(), reloc::RelocError> {
+    reloc::apply(TABLE_FIELD, place, s, a, p)
+}
+
 /// Whether `r_type` is a place-relative 32-bit reference (`PC32` or `PLT32`), the
 /// relocation of a `call`/`jmp` to a symbol.
 pub(super) fn is_rel32(r_type: u32) -> bool {

@@ -373,12 +373,11 @@ pub fn relocated_table(file: &ElfFile64<'_, LE>, layout: &VirtualLayout) -> Resu
         let p = addr
             .checked_add(off)
             .context("relocation offset overflows")?;
-        let v = i64::try_from(i128::from(sv) + i128::from(r.addend()) - i128::from(p))?;
-        let v = i32::try_from(v).context("PC32 overflow")?;
-        bytes
-            .get_mut(off as usize..off as usize + 4)
-            .context("relocation past the table")?
-            .copy_from_slice(&v.to_le_bytes());
+        let place = bytes
+            .get_mut(off as usize..)
+            .context("relocation past the table")?;
+        x86_64::apply_table_field(place, sv, r.addend(), p)
+            .map_err(|e| anyhow::anyhow!(".rela.ksites+{off:#x}: {e}"))?;
     }
     Ok((bytes, addr))
 }
