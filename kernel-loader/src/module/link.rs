@@ -502,8 +502,8 @@ pub(super) fn link<'k>(
     match r {
         Ok(t) => Ok((region, layout, report, t)),
         Err(e) => {
-            // SAFETY: nothing refers to the region: no table was registered (a table
-            // made by `table` is dropped with `r`'s error path, before this).
+            // SAFETY: the region came from `alloc`; on an error no table came back, so
+            // nothing refers to the region.
             unsafe { mem.free(region) };
             Err(e)
         }

@@ -38,7 +38,8 @@ pub struct Module<'b> {
 // SAFETY: a `Module` owns its region (the raw pointer is its memory, used only through
 // `&mut self` or read-only lookups); the kernel decides which CPU loads and unloads.
 unsafe impl Send for Module<'_> {}
-// SAFETY: shared access only reads immutable fields and the atomic `users`.
+// SAFETY: shared access only reads immutable fields, the atomic `users`, and the
+// region's table and bookkeeping, which nothing writes once the load has returned.
 unsafe impl Sync for Module<'_> {}
 
 impl fmt::Debug for Module<'_> {
@@ -185,7 +186,9 @@ impl<'b> Module<'b> {
         // Exit first: it is where a module undoes what it registered (a handler on a
         // kernel probe, say). It runs once, even if the unload is then refused.
         if let Some(exit) = self.exit.take() {
-            // SAFETY: `ksites_module_exit` is `extern "C" fn()` in the module's text.
+            // SAFETY: precondition 3 of `load` (the module's code is trusted):
+            // `ksites_module_exit` is `extern "C" fn()`; `code_symbol` found it in the
+            // module's text, which is mapped RX while the module is loaded.
             let exit: extern "C" fn() = unsafe { core::mem::transmute(exit as usize) };
             exit();
         }
@@ -225,7 +228,8 @@ impl<'b> Module<'b> {
         self.table = None;
         // Freed memory must not stay executable; if the kernel cannot make it writable
         // again, it is not handed back either.
-        // SAFETY: the region came from `mem.alloc`; nothing runs in it any more.
+        // SAFETY: the region came from `mem.alloc`; nothing runs in it any more (the
+        // caller's precondition; its probes are unregistered, so disabled, above).
         if unsafe { mem.protect(&self.region, 0, self.region.size, Prot::ReadWrite) }.is_err() {
             // Leaked: dropping a `Module` frees nothing.
             return Ok(());
@@ -238,7 +242,8 @@ impl<'b> Module<'b> {
                 size: 0,
             },
         );
-        // SAFETY: nothing refers to the region any more.
+        // SAFETY: nothing refers to the region any more: the table (the only slice
+        // into it) is dropped and the probe registry no longer lists it.
         unsafe { mem.free(region) };
         Ok(())
     }
@@ -335,8 +340,9 @@ impl<'b> Module<'b> {
         }
         let off = self.layout.meta + 8 * i;
         let mut b = [0u8; 8];
-        // SAFETY: the bookkeeping area lies inside the live region, which stays mapped
-        // readable (RW) while the module is loaded.
+        // SAFETY: `i < sections`, so `off + 8 <= meta + 8 * (sections + symbols) <= end
+        // <= size`: the 8 bytes lie in the live region's bookkeeping, which stays mapped
+        // readable (RW) while the module is loaded and is written only while linking.
         unsafe { core::ptr::copy_nonoverlapping(self.region.ptr.add(off), b.as_mut_ptr(), 8) };
         Some(u64::from_le_bytes(b))
     }
