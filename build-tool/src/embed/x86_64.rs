@@ -71,6 +71,9 @@ pub(super) fn stub_tail_reloc() -> (u32, i64) {
     (reloc::BRANCH32, -REL32_BIAS)
 }
 
+/// The trampoline's instruction, for messages.
+pub(super) const TRAMPOLINE_ASM: &str = "jmp [rip+slot]";
+
 /// Offset of the disp32 in a trampoline `jmp [rip+slot]` (after `ff 25`).
 pub(super) const TRAMPOLINE_DISP_AT: u64 = 2;
 

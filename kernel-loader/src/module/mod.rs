@@ -226,7 +226,7 @@ pub struct Kernel<'k> {
     /// The kernel's exports.
     pub symbols: &'k dyn Symbols,
     /// The kernel's `.ksites` table: every ifunc a module imports must be one of its
-    /// ifuncs. `None` accepts any `jmp [rip+slot]` trampoline.
+    /// ifuncs. `None` accepts any well-formed trampoline.
     pub table: Option<Table<'k>>,
     /// The kernel's executable ranges (where imported trampolines and the
     /// implementations they resolve to lie), at most [`MAX_KERNEL_EXEC`].

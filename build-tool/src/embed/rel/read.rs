@@ -262,8 +262,8 @@ pub(super) fn read_defined_ifuncs(o: &Obj<'_, '_>) -> Result<Vec<DefIfunc>> {
     Ok(out)
 }
 
-/// The trampoline must be `jmp [rip+slot]`: `ff 25` and a PC32 relocation reaching the
-/// slot.
+/// The trampoline must be the indirect jump through its slot
+/// ([`x86_64::TRAMPOLINE_ASM`]), with a rel32 relocation reaching the slot.
 fn check_trampoline(o: &Obj<'_, '_>, f: &DefIfunc) -> Result<()> {
     let Target::Sec { sec, off } = f.trampoline else {
         bail!(
@@ -293,10 +293,11 @@ fn check_trampoline(o: &Obj<'_, '_>, f: &DefIfunc) -> Result<()> {
         });
     ensure!(
         x86_64::is_trampoline_jump(b) && reaches,
-        "{}: ifunc {}: trampoline at {} is not `jmp [rip+slot]` to its slot {}",
+        "{}: ifunc {}: trampoline at {} is not `{}` to its slot {}",
         o.path,
         f.name,
         o.describe(f.trampoline),
+        x86_64::TRAMPOLINE_ASM,
         o.describe(f.slot)
     );
     Ok(())
