@@ -20,10 +20,10 @@ use object::{
     SymbolKind,
 };
 
+#[path = "common/module_build.rs"]
+mod module_build;
 #[path = "common/module_mem.rs"]
 mod module_mem;
-#[path = "common/rust_module.rs"]
-mod rust_module;
 use module_mem::HostMemory;
 
 const KSITES: &str = env!("CARGO_BIN_EXE_ksites");
@@ -56,16 +56,8 @@ fn header_dir() -> PathBuf {
 fn gcc_module(dir: &Path, src: &str, out: &str) -> PathBuf {
     std::fs::write(dir.join("m.c"), src).unwrap();
     let o = run(Command::new("gcc")
-        .args([
-            "-c",
-            "-O2",
-            "-fno-pic",
-            "-mcmodel=kernel",
-            "-fno-common",
-            "-ffreestanding",
-            "-fcf-protection=none",
-            "-I",
-        ])
+        .args(module_build::GCC_MODULE_FLAGS)
+        .arg("-I")
         .arg(header_dir())
         .args(["m.c", "-o", out])
         .current_dir(dir));
@@ -74,10 +66,10 @@ fn gcc_module(dir: &Path, src: &str, out: &str) -> PathBuf {
 }
 
 fn rustc_module(dir: &Path, src: &str, out: &str) -> PathBuf {
-    let kl = rust_module::kernel_loader_for_none(
+    let kl = module_build::kernel_loader_for_none(
         &Path::new(env!("CARGO_TARGET_TMPDIR")).join("module_embed_kl"),
     );
-    rust_module::rustc_module(dir, "modr", src, out, &kl)
+    module_build::rustc_module(dir, "modr", src, out, &kl)
 }
 
 fn embed(input: &Path, output: &Path) -> Output {

@@ -20,8 +20,8 @@ use object::{Object, ObjectSection};
 
 #[path = "common/mmap_region.rs"]
 mod mmap_region;
-#[path = "common/rust_module.rs"]
-mod rust_module;
+#[path = "common/module_build.rs"]
+mod module_build;
 
 // ---------------------------------------------------------------------------------------
 // Harness.
@@ -39,10 +39,7 @@ static MODULE_REGIONS: Mutex<Vec<(u64, usize)>> = Mutex::new(Vec::new());
 /// Memory for modules: anonymous mappings within rel32 reach of this binary's text.
 #[derive(Debug, Default)]
 struct TestMem {
-    allocs: usize,
-    frees: usize,
-    /// Live regions (address, size).
-    live: Vec<(u64, usize)>,
+    regions: mmap_region::Regions,
     /// Every `protect` call, in order.
     protects: Vec<(usize, usize, Prot)>,
     /// Fail the next `alloc`.
@@ -79,14 +76,7 @@ impl ModuleMemory for TestMem {
             }
         });
         let p = mmap_region::map_near(size, hints, near_text)?;
-        self.allocs += 1;
-        self.live.push((p as u64, size));
-        MODULE_REGIONS.lock().unwrap().push((p as u64, size));
-        Some(Region {
-            ptr: p,
-            addr: p as u64,
-            size,
-        })
+        Some(self.regions.track(&MODULE_REGIONS, p, size))
     }
 
     unsafe fn protect(
@@ -96,7 +86,10 @@ impl ModuleMemory for TestMem {
         len: usize,
         prot: Prot,
     ) -> Result<(), kernel_loader::module::ProtectError> {
-        assert!(self.live.contains(&(region.addr, region.size)), "not ours");
+        assert!(
+            self.regions.live.contains(&(region.addr, region.size)),
+            "not ours"
+        );
         assert!(
             offset.is_multiple_of(PAGE_SIZE)
                 && len.is_multiple_of(PAGE_SIZE)
@@ -109,27 +102,19 @@ impl ModuleMemory for TestMem {
     }
 
     unsafe fn free(&mut self, region: Region) {
-        let i = self
-            .live
-            .iter()
-            .position(|&r| r == (region.addr, region.size))
-            .expect("freeing a region that is not live");
-        self.live.remove(i);
-        MODULE_REGIONS
-            .lock()
-            .unwrap()
-            .retain(|&r| r != (region.addr, region.size));
-        self.frees += 1;
-        // SAFETY: the region is a mapping of ours and nothing refers to it any more.
-        unsafe { mmap_region::unmap(region.ptr, region.size) };
+        // SAFETY: from `alloc`; nothing refers to it any more (trait contract).
+        unsafe { self.regions.release(&MODULE_REGIONS, region) };
     }
 }
 
 impl TestMem {
     #[track_caller]
     fn assert_clean(&self) {
-        assert_eq!(self.allocs, self.frees, "module memory leaked");
-        assert!(self.live.is_empty());
+        assert_eq!(
+            self.regions.allocs, self.regions.frees,
+            "module memory leaked"
+        );
+        assert!(self.regions.live.is_empty());
     }
 }
 
@@ -451,7 +436,7 @@ fn every_relocation_type_writes_the_exact_value() {
     let mut poker = TestPoker::new();
     let probes = probe::count();
     let m = load(&obj, &k, &mut mem, &mut poker).unwrap();
-    assert_eq!(mem.allocs, 1);
+    assert_eq!(mem.regions.allocs, 1);
 
     let base = m.symbol("relocs").unwrap();
     let ro = m.symbol("ro_sym").unwrap();
@@ -1015,7 +1000,7 @@ fn out_of_memory_is_reported() {
         "{e:?}"
     );
     mem.assert_clean();
-    assert_eq!(mem.allocs, 0);
+    assert_eq!(mem.regions.allocs, 0);
 }
 
 /// Garbage in (truncations, byte flips of a real object, random bytes): an error or a
@@ -1199,8 +1184,8 @@ fn embedded_rust_and_c_modules_ifuncs_probes_and_unload_rules() {
     std::fs::create_dir_all(&tmp).unwrap();
 
     // The module: kernel-loader for x86_64-unknown-none, rustc, ksites embed.
-    let none = rust_module::kernel_loader_for_none(&tmp.join("kl-none"));
-    rust_module::rustc_module(&tmp, "modr", MOD_SRC, "modr.o", &none);
+    let none = module_build::kernel_loader_for_none(&tmp.join("kl-none"));
+    module_build::rustc_module(&tmp, "modr", MOD_SRC, "modr.o", &none);
     ok(
         run(Command::new(KSITES)
             .args(["embed", "modr.o", "-o", "modr.ksites.o"])
@@ -1212,16 +1197,8 @@ fn embedded_rust_and_c_modules_ifuncs_probes_and_unload_rules() {
     let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/c");
     ok(
         run(Command::new("gcc")
-            .args([
-                "-c",
-                "-O2",
-                "-fno-pic",
-                "-mcmodel=kernel",
-                "-fno-common",
-                "-ffreestanding",
-                "-fcf-protection=none",
-                "-I",
-            ])
+            .args(module_build::GCC_MODULE_FLAGS)
+            .arg("-I")
             .arg(&include)
             .args(["cmod.c", "-o", "cmod.o"])
             .current_dir(&tmp)),
@@ -1260,7 +1237,7 @@ fn embedded_rust_and_c_modules_ifuncs_probes_and_unload_rules() {
 
     // The kernel: a non-PIE host program with kernel-loader (std + module).
     let host = tmp.join("kl-host");
-    rust_module::cargo_build_kernel_loader(&["--features", "std,module"], &host);
+    module_build::cargo_build_kernel_loader(&["--features", "std,module"], &host);
     let host = host.join("debug");
     let libc = dep_rlib(&host.join("deps"), "libc");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/module_kernel.rs");

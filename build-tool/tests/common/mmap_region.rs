@@ -67,3 +67,57 @@ pub unsafe fn unmap(ptr: *mut u8, len: usize) {
     // SAFETY: the caller's mapping, unused (the contract above).
     assert_eq!(unsafe { libc::munmap(ptr.cast(), len) }, 0);
 }
+
+/// Mapped module regions: counts, the live list, and a registry of live regions the
+/// test's text poker consults (a static of the test).
+#[derive(Debug, Default)]
+pub struct Regions {
+    /// Regions handed out.
+    pub allocs: usize,
+    /// Regions taken back.
+    pub frees: usize,
+    /// Live regions (address, size).
+    pub live: Vec<(u64, usize)>,
+}
+
+impl Regions {
+    /// Records the mapping `p` of `size` bytes as a live region.
+    pub fn track(
+        &mut self,
+        registry: &std::sync::Mutex<Vec<(u64, usize)>>,
+        p: *mut u8,
+        size: usize,
+    ) -> kernel_loader::module::Region {
+        self.allocs += 1;
+        self.live.push((p as u64, size));
+        registry.lock().unwrap().push((p as u64, size));
+        kernel_loader::module::Region {
+            ptr: p,
+            addr: p as u64,
+            size,
+        }
+    }
+
+    /// Forgets a live region and unmaps it.
+    ///
+    /// # Safety
+    ///
+    /// `region` came from [`Regions::track`] and nothing refers to it any more.
+    pub unsafe fn release(
+        &mut self,
+        registry: &std::sync::Mutex<Vec<(u64, usize)>>,
+        region: kernel_loader::module::Region,
+    ) {
+        let key = (region.addr, region.size);
+        let i = self
+            .live
+            .iter()
+            .position(|&r| r == key)
+            .expect("freeing a region that is not live");
+        self.live.remove(i);
+        registry.lock().unwrap().retain(|&r| r != key);
+        self.frees += 1;
+        // SAFETY: a mapping of ours (the contract above), unused.
+        unsafe { unmap(region.ptr, region.size) };
+    }
+}

@@ -1,8 +1,21 @@
-//! Building Rust module objects: kernel-loader for `x86_64-unknown-none` (or any other
-//! feature set, with `cargo build`), then a module crate against it with `rustc`.
+//! Building module objects: the gcc flags of a C kernel module; kernel-loader for
+//! `x86_64-unknown-none` (or any other feature set, with `cargo build`), then a Rust
+//! module crate against it with `rustc`.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// `gcc` flags for a C module object (kernel code model, no PIC, no CET), before `-I`.
+pub const GCC_MODULE_FLAGS: [&str; 7] = [
+    "-c",
+    "-O2",
+    "-fno-pic",
+    "-mcmodel=kernel",
+    "-fno-common",
+    "-ffreestanding",
+    "-fcf-protection=none",
+];
 
 fn check(o: std::process::Output, what: &str) {
     assert!(
