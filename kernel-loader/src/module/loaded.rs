@@ -54,7 +54,7 @@ impl fmt::Debug for Module<'_> {
 }
 
 impl<'b> Module<'b> {
-    /// Loads `bytes` (steps 1–8 of the [module docs](self)).
+    /// Loads `bytes` (steps 1–8 of the [module docs](crate::module)).
     ///
     /// # Safety
     ///
