@@ -313,29 +313,18 @@ fn check_ksites_section(bytes: &[u8]) {
 /// (target section name, r_offset, type, symbol name, addend).
 fn raw_relocs(bytes: &[u8]) -> Vec<(String, u64, u32, String, i64)> {
     let f = ElfFile64::<LE>::parse(bytes).unwrap();
-    let mut out = Vec::new();
-    for s in f.sections() {
-        if s.elf_section_header().sh_type(LE) != elf::SHT_RELA {
-            continue;
-        }
-        let target = f
-            .section_by_index(object::SectionIndex(
-                s.elf_section_header().sh_info(LE) as usize
-            ))
-            .unwrap();
-        let tname = target.name().unwrap().to_string();
-        for e in s.data().unwrap().chunks_exact(24) {
-            let off = u64::from_le_bytes(e[0..8].try_into().unwrap());
-            let info = u64::from_le_bytes(e[8..16].try_into().unwrap());
-            let addend = i64::from_le_bytes(e[16..24].try_into().unwrap());
+    ksites::embed::rela::raw_relas(bytes)
+        .into_iter()
+        .map(|r| {
+            let target = f.section_by_index(object::SectionIndex(r.section)).unwrap();
             let sym = f
-                .symbol_by_index(object::SymbolIndex((info >> 32) as usize))
+                .symbol_by_index(object::SymbolIndex(r.sym as usize))
                 .map(|s| s.name().unwrap_or("").to_string())
                 .unwrap_or_default();
-            out.push((tname.clone(), off, info as u32, sym, addend));
-        }
-    }
-    out
+            let tname = target.name().unwrap().to_string();
+            (tname, r.r_offset, r.r_type, sym, r.addend)
+        })
+        .collect()
 }
 
 fn section_bytes<'a>(bytes: &'a [u8], name: &str) -> &'a [u8] {

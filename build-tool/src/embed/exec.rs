@@ -460,29 +460,12 @@ pub fn stapsdt_notes(probes: &ProbeScan, base: u64) -> Vec<u8> {
 /// File offsets of the `Elf64_Rela` entries (in any SHT_RELA section) whose `r_offset` is
 /// in `offsets` and whose type is a rel32 branch relocation.
 fn rela_entries_at(data: &[u8], offsets: &std::collections::HashSet<u64>) -> Vec<usize> {
-    let mut out = Vec::new();
     if offsets.is_empty() {
-        return out;
+        return Vec::new();
     }
-    let Ok(file) = object::read::elf::ElfFile64::<LE>::parse(data) else {
-        return out;
-    };
-    for sec in file.elf_section_table().iter() {
-        use object::read::elf::SectionHeader as _;
-        if sec.sh_type(LE) != elf::SHT_RELA {
-            continue;
-        }
-        let (off, size) = (sec.sh_offset(LE) as usize, sec.sh_size(LE) as usize);
-        let Some(bytes) = off.checked_add(size).and_then(|end| data.get(off..end)) else {
-            continue;
-        };
-        for (i, e) in bytes.chunks_exact(24).enumerate() {
-            let r_offset = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
-            let r_type = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes"));
-            if offsets.contains(&r_offset) && x86_64::is_rel32(r_type) {
-                out.push(off + 24 * i);
-            }
-        }
-    }
-    out
+    super::rela::raw_relas(data)
+        .into_iter()
+        .filter(|r| offsets.contains(&r.r_offset) && x86_64::is_rel32(r.r_type))
+        .map(|r| r.file_offset)
+        .collect()
 }
