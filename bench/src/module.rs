@@ -312,7 +312,7 @@ impl ModuleMemory for Arena {
         _: usize,
         _: usize,
         _: Prot,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), kernel_loader::module::ProtectError> {
         Ok(())
     }
 

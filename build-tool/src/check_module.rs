@@ -161,7 +161,7 @@ impl ModuleMemory for Buffer {
         _: usize,
         _: usize,
         _: Prot,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), kernel_loader::module::ProtectError> {
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 pub mod check_module;
 pub mod elf;
 pub mod embed;
-pub mod embed_rel;
+pub use embed::rel as embed_rel;
 pub mod inspect;
 pub mod link;
 pub mod probes;

@@ -5,6 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "common/module_mem.rs"]
+mod module_mem;
+use module_mem::HostMemory;
+
 const KSITES: &str = env!("CARGO_BIN_EXE_ksites");
 
 fn run(cmd: &mut Command) -> Output {
@@ -227,41 +231,6 @@ fn a_module_without_sites_loads_from_any_buffer_alignment() {
     }
 }
 
-/// Host memory that counts what is live (a failed load must give everything back).
-struct Counting {
-    addr: u64,
-    live: Vec<Vec<u8>>,
-    allocs: usize,
-}
-
-impl kernel_loader::module::ModuleMemory for Counting {
-    fn alloc(&mut self, size: usize) -> Option<kernel_loader::module::Region> {
-        let mut v = vec![0u8; size];
-        self.allocs += 1;
-        let r = kernel_loader::module::Region {
-            ptr: v.as_mut_ptr(),
-            addr: self.addr,
-            size,
-        };
-        self.live.push(v);
-        Some(r)
-    }
-
-    unsafe fn protect(
-        &mut self,
-        _: &kernel_loader::module::Region,
-        _: usize,
-        _: usize,
-        _: kernel_loader::module::Prot,
-    ) -> Result<(), &'static str> {
-        Ok(())
-    }
-
-    unsafe fn free(&mut self, r: kernel_loader::module::Region) {
-        self.live.retain(|b| b.as_ptr() != r.ptr.cast_const());
-    }
-}
-
 /// No-op poker: a bad table must fail before anything is written.
 struct NoWrites(usize);
 
@@ -326,11 +295,7 @@ fn a_bad_table_fails_the_load_with_nothing_written_or_leaked() {
         ("version", &corrupt_version, "unsupported"),
         ("site", &corrupt_site, "ifunc"),
     ] {
-        let mut mem = Counting {
-            addr: base,
-            live: Vec::new(),
-            allocs: 0,
-        };
+        let mut mem = HostMemory::at(base);
         let mut poker = NoWrites(0);
         let probes = kernel_loader::probe::count();
         // SAFETY: the load fails while validating the table, before anything runs.
@@ -359,11 +324,7 @@ fn a_bad_table_fails_the_load_with_nothing_written_or_leaked() {
 
     // The intact module loads through the same path up to the point of executing (the
     // check runs the same steps).
-    let mut mem = Counting {
-        addr: base,
-        live: Vec::new(),
-        allocs: 0,
-    };
+    let mut mem = HostMemory::at(base);
     let r = kernel_loader::module::check(&ko, &kernel, &mut mem, &mut |_| {});
     assert!(r.is_ok(), "{r:?}");
     assert!(mem.live.is_empty());

@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 
 use kernel_loader::format::{ProbeKind, SECTION_NAME, Table};
 use kernel_loader::ifunc::{IMPORT_SECTION, RECORD_SECTION, RECORD_SIZE, record as ifunc_record};
+use kernel_loader::module::layout;
 use kernel_loader::probe::{SITE_RECORD_SECTION, SITE_RECORD_SIZE, UNASSIGNED, record};
 use object::elf;
 use object::read::elf::{ElfFile64, SectionHeader as _, Sym as _};
@@ -19,8 +20,13 @@ use object::{
     SymbolKind,
 };
 
+#[path = "common/module_build.rs"]
+mod module_build;
+#[path = "common/module_mem.rs"]
+mod module_mem;
+use module_mem::HostMemory;
+
 const KSITES: &str = env!("CARGO_BIN_EXE_ksites");
-const PAGE: u64 = 0x1000;
 /// Where the test "loads" modules (kernel module area) ...
 const MODULE_BASE: u64 = 0xffff_ffff_a000_0000;
 /// ... and where the "kernel" it links them against has its text (imports live there).
@@ -50,16 +56,8 @@ fn header_dir() -> PathBuf {
 fn gcc_module(dir: &Path, src: &str, out: &str) -> PathBuf {
     std::fs::write(dir.join("m.c"), src).unwrap();
     let o = run(Command::new("gcc")
-        .args([
-            "-c",
-            "-O2",
-            "-fno-pic",
-            "-mcmodel=kernel",
-            "-fno-common",
-            "-ffreestanding",
-            "-fcf-protection=none",
-            "-I",
-        ])
+        .args(module_build::GCC_MODULE_FLAGS)
+        .arg("-I")
         .arg(header_dir())
         .args(["m.c", "-o", out])
         .current_dir(dir));
@@ -67,61 +65,11 @@ fn gcc_module(dir: &Path, src: &str, out: &str) -> PathBuf {
     dir.join(out)
 }
 
-/// kernel-loader built for `x86_64-unknown-none` (so a module crate gets the real
-/// macros): (rlib, deps dir).
-fn kernel_loader_rlib() -> (PathBuf, PathBuf) {
-    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("module_embed_kl");
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let o = run(Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "--target",
-            "x86_64-unknown-none",
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS"));
-    assert!(
-        o.status.success(),
-        "cargo build kernel-loader: {}",
-        stderr(&o)
-    );
-    let d = target_dir.join("x86_64-unknown-none/debug");
-    (d.join("libkernel_loader.rlib"), d.join("deps"))
-}
-
 fn rustc_module(dir: &Path, src: &str, out: &str) -> PathBuf {
-    let (rlib, deps) = kernel_loader_rlib();
-    std::fs::write(dir.join("r.rs"), src).unwrap();
-    let o = run(Command::new("rustc")
-        .args([
-            "--edition",
-            "2024",
-            "--crate-type=lib",
-            "--crate-name=modr",
-            "--emit=obj",
-            "-C",
-            "panic=abort",
-            "-C",
-            "relocation-model=static",
-            "-C",
-            "opt-level=2",
-            "--target",
-            "x86_64-unknown-none",
-            "--extern",
-        ])
-        .arg(format!("kernel_loader={}", rlib.display()))
-        .arg("-L")
-        .arg(format!("dependency={}", deps.display()))
-        .args(["-o", out, "r.rs"])
-        .current_dir(dir));
-    assert!(o.status.success(), "rustc: {}", stderr(&o));
-    dir.join(out)
+    let kl = module_build::kernel_loader_for_none(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("module_embed_kl"),
+    );
+    module_build::rustc_module(dir, "modr", src, out, &kl)
 }
 
 fn embed(input: &Path, output: &Path) -> Output {
@@ -240,41 +188,29 @@ impl Loaded {
     }
 }
 
-/// Lays the object out as the module loader does (executable, read-only, writable
-/// groups, each page-aligned, sections in index order within a group at their own
-/// alignment), gives every undefined symbol an address in a fake kernel text, and
+/// Lays the object out as the module loader does ([`layout`], the contract), gives every undefined symbol an address in a fake kernel text, and
 /// applies `.rela.ksites` (only `R_X86_64_PC32` is accepted).
 fn load(bytes: &[u8]) -> Loaded {
     let f = ElfFile64::<LE>::parse(bytes).unwrap();
     let shdrs = f.elf_section_table();
+    let sec_name: Vec<String> = shdrs
+        .iter()
+        .map(|s| String::from_utf8_lossy(shdrs.section_name(LE, s).unwrap()).into())
+        .collect();
+    // The loader's own layout contract.
     let mut sec_addr = vec![None; shdrs.len()];
-    let mut sec_name = vec![String::new(); shdrs.len()];
+    layout::layout(
+        shdrs.iter().map(layout::from_elf),
+        MODULE_BASE,
+        &mut |i, a| sec_addr[i] = Some(a),
+    )
+    .unwrap();
     let mut exec = Vec::new();
-    let mut addr = MODULE_BASE;
-    for group in 0..3 {
-        addr = addr.next_multiple_of(PAGE);
-        for (i, s) in shdrs.iter().enumerate() {
-            sec_name[i] = String::from_utf8_lossy(shdrs.section_name(LE, s).unwrap()).into();
-            let fl = s.sh_flags(LE);
-            if fl & u64::from(elf::SHF_ALLOC) == 0 {
-                continue;
-            }
-            let g = if fl & u64::from(elf::SHF_EXECINSTR) != 0 {
-                0
-            } else if fl & u64::from(elf::SHF_WRITE) != 0 || s.sh_type(LE) == elf::SHT_NOBITS {
-                2
-            } else {
-                1
-            };
-            if g != group {
-                continue;
-            }
-            addr = addr.next_multiple_of(s.sh_addralign(LE).max(1));
-            sec_addr[i] = Some(addr);
-            if g == 0 {
-                exec.push(addr..addr + s.sh_size(LE));
-            }
-            addr += s.sh_size(LE);
+    for (i, s) in shdrs.iter().enumerate() {
+        if let Some(a) = sec_addr[i]
+            && layout::group(s.sh_flags(LE)) == Some(layout::Group::Exec)
+        {
+            exec.push(a..a + s.sh_size(LE));
         }
     }
     let mut names: Vec<String> = f
@@ -338,9 +274,15 @@ fn load(bytes: &[u8]) -> Loaded {
                 base + s.address()
             }
         };
-        let v = sv as i128 + r.addend() as i128 - (table_addr + off) as i128;
-        let v = i32::try_from(v).unwrap();
-        table[off as usize..off as usize + 4].copy_from_slice(&v.to_le_bytes());
+        // The loader's own relocation arithmetic.
+        kernel_loader::arch::x86_64::reloc::apply(
+            elf::R_X86_64_PC32,
+            &mut table[off as usize..],
+            sv,
+            r.addend(),
+            table_addr + off,
+        )
+        .unwrap();
     }
     Loaded {
         sec_addr,
@@ -371,29 +313,18 @@ fn check_ksites_section(bytes: &[u8]) {
 /// (target section name, r_offset, type, symbol name, addend).
 fn raw_relocs(bytes: &[u8]) -> Vec<(String, u64, u32, String, i64)> {
     let f = ElfFile64::<LE>::parse(bytes).unwrap();
-    let mut out = Vec::new();
-    for s in f.sections() {
-        if s.elf_section_header().sh_type(LE) != elf::SHT_RELA {
-            continue;
-        }
-        let target = f
-            .section_by_index(object::SectionIndex(
-                s.elf_section_header().sh_info(LE) as usize
-            ))
-            .unwrap();
-        let tname = target.name().unwrap().to_string();
-        for e in s.data().unwrap().chunks_exact(24) {
-            let off = u64::from_le_bytes(e[0..8].try_into().unwrap());
-            let info = u64::from_le_bytes(e[8..16].try_into().unwrap());
-            let addend = i64::from_le_bytes(e[16..24].try_into().unwrap());
+    ksites::embed::rela::raw_relas(bytes)
+        .into_iter()
+        .map(|r| {
+            let target = f.section_by_index(object::SectionIndex(r.section)).unwrap();
             let sym = f
-                .symbol_by_index(object::SymbolIndex((info >> 32) as usize))
+                .symbol_by_index(object::SymbolIndex(r.sym as usize))
                 .map(|s| s.name().unwrap_or("").to_string())
                 .unwrap_or_default();
-            out.push((tname.clone(), off, info as u32, sym, addend));
-        }
-    }
-    out
+            let tname = target.name().unwrap().to_string();
+            (tname, r.r_offset, r.r_type, sym, r.addend)
+        })
+        .collect()
 }
 
 fn section_bytes<'a>(bytes: &'a [u8], name: &str) -> &'a [u8] {
@@ -942,4 +873,115 @@ fn comdat_group_signature_follows_added_section_symbols() {
         .args(["-r", "g.ksites.o", "-o", "linked.o"])
         .current_dir(&dir));
     assert!(o.status.success(), "ld -r: {}", stderr(&o));
+}
+
+// ---------------------------------------------------------------------------------------
+// The layout contract's one former disagreement: a read-only `SHT_NOBITS` section.
+
+/// A module in assembly (so the section order is exact): a read-only NOBITS section,
+/// then text with a hand-written ifunc (trampoline, default, resolver, a call site),
+/// then the writable section holding its slot.
+const RO_NOBITS_SRC: &str = r#"
+    .section .rodata.zeros,"a",@nobits
+    .balign 64
+    .space 0x2800
+    .text
+    .globl f
+f:  jmp *f_slot(%rip)
+    .balign 16
+f_default:
+    mov %rdi, %rax
+    ret
+f_resolve:
+    lea f_default(%rip), %rax
+    ret
+    .globl work
+work:
+    call f
+    ret
+    .section .data.slot,"aw",@progbits
+    .balign 8
+f_slot: .quad f_default
+    .section .rodata.name,"a",@progbits
+f_name: .ascii "f"
+    .section .ksites_ifuncs,"aw",@progbits
+    .balign 8
+    .ascii "KSIF"
+    .long 1
+    .quad f, f_slot, f_resolve, f_default, f_name, 1
+"#;
+
+/// `ksites embed` lays a module out by the loader's contract: a read-only NOBITS
+/// section is read-only data for both (it once went to the writable group in `embed`,
+/// shifting every writable section after it: the addresses `embed` reported and
+/// checked its table at were not where the loader puts them).
+#[test]
+fn read_only_nobits_is_read_only_data_for_embed_and_loader() {
+    use kernel_loader::module::{self, Kernel};
+    let dir = tmpdir("ro_nobits");
+    std::fs::write(dir.join("n.s"), RO_NOBITS_SRC).unwrap();
+    let o = run(Command::new("gcc")
+        .args(["-c", "n.s", "-o", "n.o"])
+        .current_dir(&dir));
+    assert!(o.status.success(), "gcc: {}", stderr(&o));
+    let obj = std::fs::read(dir.join("n.o")).unwrap();
+
+    // The case: a read-only NOBITS section, with a writable section after it.
+    let f = ElfFile64::<LE>::parse(&obj[..]).unwrap();
+    let zeros = f.section_by_name(".rodata.zeros").expect(".rodata.zeros");
+    let zh = zeros.elf_section_header();
+    assert_eq!(zh.sh_type(LE), elf::SHT_NOBITS);
+    assert_eq!(zh.sh_flags(LE), u64::from(elf::SHF_ALLOC));
+    let slot_sec = f.section_by_name(".data.slot").expect(".data.slot");
+    assert!(
+        slot_sec.index().0 > zeros.index().0,
+        "the slot's section comes after"
+    );
+
+    // Where `embed` put the ifunc's slot (its virtual layout starts at one page).
+    let (out, report) = ksites::embed::embed_bytes("n.o", &obj).unwrap();
+    assert_eq!(report.ifuncs.len(), 1);
+    let embed_slot = report.ifuncs[0].slot - layout::PAGE_SIZE as u64;
+    let file = ElfFile64::<LE>::parse(&out[..]).unwrap();
+    let v = ksites::embed_rel::VirtualLayout::new(&file, layout::PAGE_SIZE as u64).unwrap();
+    let groups = layout::layout(
+        file.elf_section_table().iter().map(layout::from_elf),
+        layout::PAGE_SIZE as u64,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let zeros_addr = v.sections[zeros.index().0].unwrap();
+    assert!(
+        groups.read_only.contains(&zeros_addr),
+        "embed placed .rodata.zeros at {zeros_addr:#x}, outside the read-only group {:?}",
+        groups.read_only
+    );
+
+    // Where the loader put it: its relocated table, read back from its memory.
+    let exports: [module::Export; 0] = [];
+    let k = Kernel {
+        symbols: &exports,
+        table: None,
+        exec: &[],
+        features: kernel_loader::CpuFeatures::empty(),
+    };
+    let mut mem = HostMemory::at(MODULE_BASE);
+    let r = module::check(&out, &k, &mut mem, &mut |e| panic!("{e}")).unwrap();
+    assert!(r.ro_size >= 0x2800, "the zeros are read-only: {r:?}");
+    let region = &mem.last;
+    let at = region
+        .windows(8)
+        .position(|w| w == kernel_loader::format::MAGIC)
+        .expect("the table in the module's memory");
+    let text = MODULE_BASE..MODULE_BASE + r.text_size as u64;
+    let t = Table::parse(&region[at..], MODULE_BASE + at as u64, &[text]).unwrap();
+    let loader_slot = t.ifuncs().next().unwrap().slot - MODULE_BASE;
+    assert!(
+        loader_slot >= (r.text_size + r.ro_size) as u64,
+        "slot in writable data"
+    );
+    assert_eq!(
+        embed_slot, loader_slot,
+        "embed's layout and the loader's disagree on the slot's place"
+    );
 }

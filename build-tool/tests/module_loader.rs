@@ -18,6 +18,11 @@ use kernel_loader::patch::{PokeError, TextPoker};
 use kernel_loader::probe;
 use object::{Object, ObjectSection};
 
+#[path = "common/mmap_region.rs"]
+mod mmap_region;
+#[path = "common/module_build.rs"]
+mod module_build;
+
 // ---------------------------------------------------------------------------------------
 // Harness.
 
@@ -34,10 +39,7 @@ static MODULE_REGIONS: Mutex<Vec<(u64, usize)>> = Mutex::new(Vec::new());
 /// Memory for modules: anonymous mappings within rel32 reach of this binary's text.
 #[derive(Debug, Default)]
 struct TestMem {
-    allocs: usize,
-    frees: usize,
-    /// Live regions (address, size).
-    live: Vec<(u64, usize)>,
+    regions: mmap_region::Regions,
     /// Every `protect` call, in order.
     protects: Vec<(usize, usize, Prot)>,
     /// Fail the next `alloc`.
@@ -66,41 +68,15 @@ impl ModuleMemory for TestMem {
         }
         let a = anchor as *const () as u64 & !0xfff;
         // Below the binary first (the heap usually follows it), then above.
-        for i in 1..64u64 {
-            let hint = if i % 2 == 1 {
-                a.checked_sub(0x1000_0000 + (i / 2) * 0x100_0000)?
+        let hints = (1..64u64).map_while(|i| {
+            if i % 2 == 1 {
+                a.checked_sub(0x1000_0000 + (i / 2) * 0x100_0000)
             } else {
-                a + 0x2000_0000 + (i / 2) * 0x100_0000
-            };
-            // SAFETY: a fresh private anonymous mapping; the hint is only a hint (no
-            // MAP_FIXED), so nothing existing is replaced.
-            let p = unsafe {
-                libc::mmap(
-                    hint as usize as *mut libc::c_void,
-                    size,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                continue;
+                Some(a + 0x2000_0000 + (i / 2) * 0x100_0000)
             }
-            if near_text(p as u64, size) {
-                self.allocs += 1;
-                self.live.push((p as u64, size));
-                MODULE_REGIONS.lock().unwrap().push((p as u64, size));
-                return Some(Region {
-                    ptr: p.cast(),
-                    addr: p as u64,
-                    size,
-                });
-            }
-            // SAFETY: the mapping just made, unused.
-            unsafe { libc::munmap(p, size) };
-        }
-        None
+        });
+        let p = mmap_region::map_near(size, hints, near_text)?;
+        Some(self.regions.track(&MODULE_REGIONS, p, size))
     }
 
     unsafe fn protect(
@@ -109,52 +85,36 @@ impl ModuleMemory for TestMem {
         offset: usize,
         len: usize,
         prot: Prot,
-    ) -> Result<(), &'static str> {
-        assert!(self.live.contains(&(region.addr, region.size)), "not ours");
+    ) -> Result<(), kernel_loader::module::ProtectError> {
+        assert!(
+            self.regions.live.contains(&(region.addr, region.size)),
+            "not ours"
+        );
         assert!(
             offset.is_multiple_of(PAGE_SIZE)
                 && len.is_multiple_of(PAGE_SIZE)
                 && offset + len <= region.size
         );
         self.protects.push((offset, len, prot));
-        let p = match prot {
-            Prot::ReadExec => libc::PROT_READ | libc::PROT_EXEC,
-            Prot::Read => libc::PROT_READ,
-            Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-        };
         // SAFETY: inside a live mapping of ours (asserted above); the caller guarantees
         // nothing runs there unless `prot` allows it.
-        let r = unsafe { libc::mprotect(region.ptr.add(offset).cast(), len, p) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err("mprotect failed")
-        }
+        unsafe { mmap_region::protect(region.ptr.add(offset), len, prot) }
     }
 
     unsafe fn free(&mut self, region: Region) {
-        let i = self
-            .live
-            .iter()
-            .position(|&r| r == (region.addr, region.size))
-            .expect("freeing a region that is not live");
-        self.live.remove(i);
-        MODULE_REGIONS
-            .lock()
-            .unwrap()
-            .retain(|&r| r != (region.addr, region.size));
-        self.frees += 1;
-        // SAFETY: the region is a mapping of ours and nothing refers to it any more.
-        let r = unsafe { libc::munmap(region.ptr.cast(), region.size) };
-        assert_eq!(r, 0);
+        // SAFETY: from `alloc`; nothing refers to it any more (trait contract).
+        unsafe { self.regions.release(&MODULE_REGIONS, region) };
     }
 }
 
 impl TestMem {
     #[track_caller]
     fn assert_clean(&self) {
-        assert_eq!(self.allocs, self.frees, "module memory leaked");
-        assert!(self.live.is_empty());
+        assert_eq!(
+            self.regions.allocs, self.regions.frees,
+            "module memory leaked"
+        );
+        assert!(self.regions.live.is_empty());
     }
 }
 
@@ -308,7 +268,7 @@ fn load<'b>(
     k: &Kernel<'_>,
     mem: &mut TestMem,
     poker: &mut TestPoker,
-) -> Result<Module<'b>, ModuleError<'b>> {
+) -> Result<Module<'b>, ModuleError> {
     // SAFETY: `mem` hands out memory near this binary that it can execute once RX;
     // `poker` writes this process's text and the module regions; the exports are this
     // binary's functions and statics (or fake addresses nothing calls); the modules are
@@ -322,7 +282,7 @@ fn unload<'b>(
     m: Module<'b>,
     mem: &mut TestMem,
     poker: &mut TestPoker,
-) -> Result<(), (Module<'b>, ModuleError<'static>)> {
+) -> Result<(), (Module<'b>, ModuleError)> {
     // SAFETY: no thread runs the module's code any more (the tests call it only
     // synchronously).
     unsafe { m.unload(mem, poker) }
@@ -476,7 +436,7 @@ fn every_relocation_type_writes_the_exact_value() {
     let mut poker = TestPoker::new();
     let probes = probe::count();
     let m = load(&obj, &k, &mut mem, &mut poker).unwrap();
-    assert_eq!(mem.allocs, 1);
+    assert_eq!(mem.regions.allocs, 1);
 
     let base = m.symbol("relocs").unwrap();
     let ro = m.symbol("ro_sym").unwrap();
@@ -753,7 +713,7 @@ fn rust_module_runs_calls_back_and_inits_and_exits() {
 /// Loads `obj`, expecting an error; checks nothing leaked and the registry is unchanged;
 /// returns the error's text.
 #[track_caller]
-fn load_err(obj: &[u8], exports: &Exports) -> (String, ModuleError<'static>) {
+fn load_err(obj: &[u8], exports: &Exports) -> (String, ModuleError) {
     let k = kernel(exports);
     let mut mem = TestMem::default();
     let mut poker = TestPoker::new();
@@ -809,7 +769,12 @@ f:  call nosuch_one
     );
     let exports = kernel_exports();
     let (s, e) = load_err(&obj, &exports);
-    assert_eq!(e, ModuleError::UnknownSymbol { name: "nosuch_one" });
+    assert_eq!(
+        e,
+        ModuleError::UnknownSymbol {
+            name: "nosuch_one".into()
+        }
+    );
     assert_eq!(
         s,
         "unknown symbol `nosuch_one`: the kernel does not export it"
@@ -866,7 +831,7 @@ x:  .long 0
         e,
         ModuleError::UnsupportedRelocation {
             r_type: 9,
-            section: ".text",
+            section: ".text".into(),
             offset: 3
         }
     );
@@ -902,7 +867,11 @@ fn overflow_from_absolute_32_bit_relocations_in_c_code() {
         else {
             panic!("{model}: {e:?}")
         };
-        assert_eq!((t, section, offset), (r_type, ".text", off), "{model}");
+        assert_eq!(
+            (t, section, offset),
+            (r_type, ".text".into(), off),
+            "{model}"
+        );
         // The value is `state`'s address in the module's .bss, near this binary.
         assert!(near_text(value as u64, 0), "{model}: {value:#x}");
         assert_eq!(
@@ -926,10 +895,10 @@ fn overflow_from_absolute_32_bit_relocations_in_c_code() {
             e,
             ModuleError::Overflow {
                 r_type: object::elf::R_X86_64_PLT32,
-                section: ".text",
+                section,
                 offset: 1,
                 ..
-            }
+            } if section == ".text"
         ),
         "{e:?}"
     );
@@ -959,7 +928,7 @@ f:  nop
     assert_eq!(
         e,
         ModuleError::NotEmbedded {
-            section: ".ksites_probe_sites"
+            section: ".ksites_probe_sites".into()
         }
     );
     assert_eq!(
@@ -1031,7 +1000,7 @@ fn out_of_memory_is_reported() {
         "{e:?}"
     );
     mem.assert_clean();
-    assert_eq!(mem.allocs, 0);
+    assert_eq!(mem.regions.allocs, 0);
 }
 
 /// Garbage in (truncations, byte flips of a real object, random bytes): an error or a
@@ -1194,23 +1163,6 @@ unsigned int tail_pop(unsigned long x) { return kpopcount(x); }
 int is_on(void) { return KSITES_PROBE_ENABLED(cmod, hit); }
 "#;
 
-fn cargo_build_kernel_loader(args: &[&str], target_dir: &Path) {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    ok(
-        run(Command::new(cargo)
-            .args(["build", "-q"])
-            .args(args)
-            .arg("--manifest-path")
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target_dir)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")),
-        "cargo build kernel-loader",
-    );
-}
-
 /// The one `lib{name}-*.rlib` in `deps`.
 fn dep_rlib(deps: &Path, name: &str) -> std::path::PathBuf {
     let mut found: Vec<_> = std::fs::read_dir(deps)
@@ -1232,38 +1184,8 @@ fn embedded_rust_and_c_modules_ifuncs_probes_and_unload_rules() {
     std::fs::create_dir_all(&tmp).unwrap();
 
     // The module: kernel-loader for x86_64-unknown-none, rustc, ksites embed.
-    let none = tmp.join("kl-none");
-    cargo_build_kernel_loader(&["--target", "x86_64-unknown-none"], &none);
-    let none = none.join("x86_64-unknown-none/debug");
-    std::fs::write(tmp.join("modr.rs"), MOD_SRC).unwrap();
-    ok(
-        run(Command::new("rustc")
-            .args([
-                "--edition",
-                "2024",
-                "--crate-type=lib",
-                "--crate-name=modr",
-                "--emit=obj",
-                "-C",
-                "panic=abort",
-                "-C",
-                "relocation-model=static",
-                "-C",
-                "opt-level=2",
-                "--target",
-                "x86_64-unknown-none",
-                "--extern",
-            ])
-            .arg(format!(
-                "kernel_loader={}",
-                none.join("libkernel_loader.rlib").display()
-            ))
-            .arg("-L")
-            .arg(format!("dependency={}", none.join("deps").display()))
-            .args(["-o", "modr.o", "modr.rs"])
-            .current_dir(&tmp)),
-        "rustc modr",
-    );
+    let none = module_build::kernel_loader_for_none(&tmp.join("kl-none"));
+    module_build::rustc_module(&tmp, "modr", MOD_SRC, "modr.o", &none);
     ok(
         run(Command::new(KSITES)
             .args(["embed", "modr.o", "-o", "modr.ksites.o"])
@@ -1275,16 +1197,8 @@ fn embedded_rust_and_c_modules_ifuncs_probes_and_unload_rules() {
     let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/c");
     ok(
         run(Command::new("gcc")
-            .args([
-                "-c",
-                "-O2",
-                "-fno-pic",
-                "-mcmodel=kernel",
-                "-fno-common",
-                "-ffreestanding",
-                "-fcf-protection=none",
-                "-I",
-            ])
+            .args(module_build::GCC_MODULE_FLAGS)
+            .arg("-I")
             .arg(&include)
             .args(["cmod.c", "-o", "cmod.o"])
             .current_dir(&tmp)),
@@ -1323,7 +1237,7 @@ fn embedded_rust_and_c_modules_ifuncs_probes_and_unload_rules() {
 
     // The kernel: a non-PIE host program with kernel-loader (std + module).
     let host = tmp.join("kl-host");
-    cargo_build_kernel_loader(&["--features", "std,module"], &host);
+    module_build::cargo_build_kernel_loader(&["--features", "std,module"], &host);
     let host = host.join("debug");
     let libc = dep_rlib(&host.join("deps"), "libc");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/module_kernel.rs");

@@ -25,7 +25,7 @@ pub enum Error {
     Probe(ProbeError),
     /// Loading, checking or unloading a module failed.
     #[cfg(feature = "module")]
-    Module(crate::module::ModuleError<'static>),
+    Module(crate::module::ModuleError),
 }
 
 impl fmt::Display for Error {
@@ -76,8 +76,8 @@ impl From<ProbeError> for Error {
 }
 
 #[cfg(feature = "module")]
-impl From<crate::module::ModuleError<'static>> for Error {
-    fn from(e: crate::module::ModuleError<'static>) -> Error {
+impl From<crate::module::ModuleError> for Error {
+    fn from(e: crate::module::ModuleError) -> Error {
         Error::Module(e)
     }
 }

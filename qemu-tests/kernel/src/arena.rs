@@ -242,10 +242,10 @@ impl kernel_loader::module::ModuleMemory for Arena {
         offset: usize,
         len: usize,
         prot: kernel_loader::module::Prot,
-    ) -> Result<(), &'static str> {
-        use kernel_loader::module::Prot;
+    ) -> Result<(), kernel_loader::module::ProtectError> {
+        use kernel_loader::module::{Prot, ProtectError};
         if offset.checked_add(len).is_none_or(|end| end > region.size) {
-            return Err("protect beyond the region");
+            return Err(ProtectError::OutOfRange);
         }
         let perm = match prot {
             Prot::ReadExec => Perm::ReadExec,
@@ -253,7 +253,9 @@ impl kernel_loader::module::ModuleMemory for Arena {
             Prot::ReadWrite => Perm::ReadWrite,
         };
         // SAFETY: the region is one of ours (trait contract) and the loader agrees.
+        // Its only errors are ranges outside the arena.
         unsafe { protect(region.addr + offset as u64, len, perm) }
+            .map_err(|_| ProtectError::OutOfRange)
     }
 
     unsafe fn free(&mut self, region: kernel_loader::module::Region) {

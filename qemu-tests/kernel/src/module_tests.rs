@@ -258,7 +258,7 @@ impl Env {
         &self,
         name: &'static str,
         bytes: &'static [u8],
-    ) -> (Result<Module<'static>, ModuleError<'static>>, usize) {
+    ) -> (Result<Module<'static>, ModuleError>, usize) {
         let symbols = (&RUNTIME, &KERNEL_EXPORTS);
         let kernel = Kernel {
             symbols: &symbols,
@@ -277,7 +277,7 @@ impl Env {
 
 /// Unloads `m` (through an [`AliasPoker`]).
 #[allow(clippy::result_large_err)]
-fn unload(m: Module<'static>) -> Result<(), (Module<'static>, ModuleError<'static>)> {
+fn unload(m: Module<'static>) -> Result<(), (Module<'static>, ModuleError)> {
     let mut poker = AliasPoker::default();
     // SAFETY: the tests call module code only from this CPU and not concurrently; the
     // module's probes are disabled by unload.

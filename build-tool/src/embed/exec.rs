@@ -1,10 +1,9 @@
-//! `ksites embed`: discover sites, write `.ksites` in a new `PT_LOAD`, fill the table
-//! cell, and write the output atomically.
+//! `ksites embed` on linked images (ET_EXEC): the table goes into a new `PT_LOAD`
+//! ([`append_segment`]), the image's table cell points at it, C probe sites get their
+//! disabled form (their relocations become "none"), `probe!` records get their ids,
+//! and SystemTap notes describe the probe sites ([`stapsdt_notes`]).
 
-use std::io::Write;
-use std::path::Path;
-
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use kernel_loader::cell::{CELL_MAGIC, CELL_SIZE, CELL_SYMBOL};
 use kernel_loader::format::{SECTION_NAME, Table};
 use kernel_loader::probe::record as probe_record;
@@ -12,58 +11,21 @@ use object::elf::{self, FileHeader64, ProgramHeader64, SectionHeader64};
 use object::pod::{bytes_of, from_bytes, slice_from_bytes};
 use object::{LittleEndian as LE, U16, U32, U64};
 
+use super::report::{AlreadyEmbedded, EmbedReport};
+use super::x86_64;
 use crate::elf::{ElfKind, Image};
 use crate::probes::{ProbeScan, find_probes};
-use crate::records::{IfuncInfo, find_ifunc_sites, read_ifuncs};
-use crate::sites::SiteScan;
+use crate::records::{find_ifunc_sites, read_ifuncs};
 use crate::table::{IfuncEntry, SiteEntry, TableInput, build, table_size_for};
 
-/// The input already carries a `.ksites` table (or a filled cell).
-#[derive(Debug)]
-pub struct AlreadyEmbedded(pub String);
-
-impl std::fmt::Display for AlreadyEmbedded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: already processed by `ksites embed` (it has a {SECTION_NAME} section); \
-             embed the linker's original output instead",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for AlreadyEmbedded {}
-
-/// What `embed` did.
-#[derive(Debug, Default)]
-pub struct EmbedReport {
-    /// Ifuncs described.
-    pub ifuncs: Vec<IfuncInfo>,
-    /// The scan: sites recorded and references left alone.
-    pub scan: SiteScan,
-    /// Probes and probe sites.
-    pub probes: ProbeScan,
-    /// Address and size of the table, if one was written (for an object: 0, the table
-    /// is relocated at load).
-    pub table: Option<(u64, usize)>,
-    /// The input was a relocatable object (a module): the table went into `.ksites`
-    /// with its relocations in `.rela.ksites`.
-    pub relocatable: bool,
-}
-
-/// Embeds into an in-memory image; returns the new file contents.
-pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
-    let img = Image::parse(path, data)?;
-    if img.section_by_name(SECTION_NAME).is_some() {
-        return Err(AlreadyEmbedded(path.to_string()).into());
-    }
-    if img.kind == ElfKind::Rel {
-        // A module: `.ksites` + `.rela.ksites`, always (even an empty table).
-        return crate::embed_rel::embed_rel(path, data);
-    }
-    let ifuncs = read_ifuncs(&img)?;
-    let probes = find_probes(&img)?;
+/// Embeds into a linked image `img` (parsed from `data`, with no table yet).
+pub(super) fn embed_exec(
+    path: &str,
+    data: &[u8],
+    img: &Image<'_>,
+) -> Result<(Vec<u8>, EmbedReport)> {
+    let ifuncs = read_ifuncs(img)?;
+    let probes = find_probes(img)?;
     if ifuncs.is_empty() && probes.probes.is_empty() {
         // Nothing to describe: the output is the input, unchanged.
         return Ok((data.to_vec(), EmbedReport::default()));
@@ -78,7 +40,7 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         "{path}: executable sections carry no relocations; link with --emit-relocs \
          (e.g. `-C link-arg=--emit-relocs`) so call sites can be found"
     );
-    let scan = find_ifunc_sites(&img, &ifuncs)?;
+    let scan = find_ifunc_sites(img, &ifuncs)?;
 
     let cell = img.symbol(CELL_SYMBOL).with_context(|| {
         format!(
@@ -150,13 +112,16 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
     for (addr, bytes) in &probes.rewrites {
         patch(&mut out, *addr, bytes, "probe site")?;
     }
-    // Their relocations now describe bytes that are gone: make them R_X86_64_NONE (as
+    // Their relocations now describe bytes that are gone: make them "none" (as
     // `dtrace -G` does), keeping the symbol, so no tool re-applies them over the new
     // instruction.
-    let rewritten: std::collections::HashSet<u64> =
-        probes.rewrites.iter().map(|(a, _)| a + 1).collect();
+    let rewritten: std::collections::HashSet<u64> = probes
+        .rewrites
+        .iter()
+        .map(|(a, _)| a + x86_64::SITE_REL32_AT)
+        .collect();
     for at in rela_entries_at(data, &rewritten) {
-        out[at + 8..at + 12].copy_from_slice(&elf::R_X86_64_NONE.to_le_bytes());
+        out[at + 8..at + 12].copy_from_slice(&x86_64::RELOC_NONE.to_le_bytes());
     }
     // A GNU ifunc's slot starts out pointing at its trampoline (the linkers leave 0 or
     // a lazy-binding stub there): it has no default, and the loader checks the slot
@@ -218,63 +183,6 @@ fn verify_output(path: &str, out: &[u8], addr: u64, size: usize, cell_addr: u64)
         cell_addr.wrapping_add_signed(off) == addr,
         "{path}: cell does not point at the table"
     );
-    Ok(())
-}
-
-/// Embeds `input` into `output`, writing a temporary file beside `output` and renaming
-/// it, so `output` is either untouched or complete. `input` is never modified.
-pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
-    let same = match (input.canonicalize(), output.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
-        bail!(
-            "{}: refusing to overwrite the input; write to a different -o path",
-            input.display()
-        );
-    }
-    let data = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
-    let (out, report) = embed_bytes(&input.display().to_string(), &data)?;
-    let perms = std::fs::metadata(input)?.permissions();
-    write_atomically(output, &out, perms)?;
-    Ok(report)
-}
-
-/// Writes `bytes` to a temporary file in `path`'s directory, syncs it, and renames it
-/// over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8], perms: std::fs::Permissions) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".ksites-tmp-")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    // Test hook (fault injection for the "killed mid-write" test): write in 64 KiB chunks
-    // with a pause between them, so a kill can land inside the write.
-    let delay = std::env::var("KSITES_TEST_WRITE_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok());
-    match delay {
-        Some(ms) => {
-            for chunk in bytes.chunks(64 * 1024) {
-                tmp.write_all(chunk)?;
-                tmp.as_file().sync_data()?;
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-            }
-        }
-        None => tmp.write_all(bytes)?,
-    }
-    tmp.as_file().sync_all()?;
-    tmp.as_file().set_permissions(perms)?;
-    tmp.persist(path)
-        .map_err(|e| anyhow::anyhow!("cannot rename into {}: {}", path.display(), e.error))?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
     Ok(())
 }
 
@@ -511,11 +419,11 @@ pub fn append_segment(
 /// One SystemTap `NT_STAPSDT` note per firing probe site (is-enabled sites have none):
 /// name `stapsdt`, type 3, desc = pc, base (the address of `.stapsdt.base`), semaphore
 /// (0), then `provider\0name\0args\0`. Arguments are described for C sites, where they
-/// are in the six argument registers at the call (`8@%rdi 8@%rsi ...`); a Rust site's
+/// are in the six argument registers at the call (`8@<reg>` each, from the x86-64
+/// argument registers); a Rust site's
 /// arguments are evaluated out of line, so its argument string is empty.
 pub fn stapsdt_notes(probes: &ProbeScan, base: u64) -> Vec<u8> {
     use kernel_loader::format::{NARGS_UNKNOWN, ProbeKind};
-    const REGS: [&str; 6] = ["%rdi", "%rsi", "%rdx", "%rcx", "%r8", "%r9"];
     let mut out = Vec::new();
     for s in &probes.sites {
         if s.kind.is_enabled_check() {
@@ -525,7 +433,7 @@ pub fn stapsdt_notes(probes: &ProbeScan, base: u64) -> Vec<u8> {
         let args = if s.kind == ProbeKind::RustJmp || p.nargs == NARGS_UNKNOWN {
             String::new()
         } else {
-            REGS[..usize::from(p.nargs).min(6)]
+            x86_64::STAPSDT_ARG_REGS[..usize::from(p.nargs).min(6)]
                 .iter()
                 .map(|r| format!("8@{r}"))
                 .collect::<Vec<_>>()
@@ -550,33 +458,14 @@ pub fn stapsdt_notes(probes: &ProbeScan, base: u64) -> Vec<u8> {
 }
 
 /// File offsets of the `Elf64_Rela` entries (in any SHT_RELA section) whose `r_offset` is
-/// in `offsets` and whose type is PC32 or PLT32.
+/// in `offsets` and whose type is a rel32 branch relocation.
 fn rela_entries_at(data: &[u8], offsets: &std::collections::HashSet<u64>) -> Vec<usize> {
-    let mut out = Vec::new();
     if offsets.is_empty() {
-        return out;
+        return Vec::new();
     }
-    let Ok(file) = object::read::elf::ElfFile64::<LE>::parse(data) else {
-        return out;
-    };
-    for sec in file.elf_section_table().iter() {
-        use object::read::elf::SectionHeader as _;
-        if sec.sh_type(LE) != elf::SHT_RELA {
-            continue;
-        }
-        let (off, size) = (sec.sh_offset(LE) as usize, sec.sh_size(LE) as usize);
-        let Some(bytes) = off.checked_add(size).and_then(|end| data.get(off..end)) else {
-            continue;
-        };
-        for (i, e) in bytes.chunks_exact(24).enumerate() {
-            let r_offset = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
-            let r_type = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes"));
-            if offsets.contains(&r_offset)
-                && matches!(r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32)
-            {
-                out.push(off + 24 * i);
-            }
-        }
-    }
-    out
+    super::rela::raw_relas(data)
+        .into_iter()
+        .filter(|r| offsets.contains(&r.r_offset) && x86_64::is_rel32(r.r_type))
+        .map(|r| r.file_offset)
+        .collect()
 }

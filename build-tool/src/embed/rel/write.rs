@@ -1,0 +1,386 @@
+//! Writing the embedded object: the input rebuilt with `object`'s ELF builder, plus
+//! `.ksites` and `.rela.ksites`, probe sites disabled, probe ids in records, and the
+//! symbol indices of group signatures and `.llvm_addrsig` kept right.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use anyhow::{Context, Result, bail, ensure};
+use kernel_loader::format::{ProbeKind, SECTION_NAME};
+use kernel_loader::probe::{STUB_SYMBOLS, record as probe_record};
+use object::LittleEndian as LE;
+use object::build::Id as _;
+use object::build::elf::{Builder, Relocation as BRel, SectionData, SectionId, SymbolId};
+use object::elf;
+use object::read::elf::{ElfFile64, SectionHeader as _};
+
+use super::super::x86_64;
+use super::layout::Target;
+
+/// `.rela.ksites`.
+pub const RELA_SECTION_NAME: &str = ".rela.ksites";
+/// `sh_type` of `.llvm_addrsig`.
+const SHT_LLVM_ADDRSIG: u32 = 0x6fff_4c03;
+
+/// Applies every change to a [`Builder`] of the input and writes it.
+pub(super) fn write_object(
+    path: &str,
+    data: &[u8],
+    table: &[u8],
+    table_relocs: &[(u64, Target)],
+    record_ids: &BTreeSet<(Target, u32)>,
+    rewrites: &[(Target, ProbeKind)],
+) -> Result<Vec<u8>> {
+    // The builder rejects section types it does not model (SHT_GROUP, .llvm_addrsig,
+    // ...): they are read and written as opaque PROGBITS and get their type back in
+    // the output. Sections keep their indices (none is removed, new ones go last), so
+    // group member lists stay valid.
+    let (input, disguised) = disguise_section_types(path, data)?;
+    let mut b = Builder::read(&input[..])
+        .map_err(|e| anyhow::anyhow!("{path}: cannot read the object for rewriting: {e}"))?;
+    let orig_type = |id: SectionId| -> u32 {
+        disguised
+            .iter()
+            .find(|&&(i, _)| i == id.index() + 1)
+            .map_or(b.sections.get(id).sh_type, |&(_, t)| t)
+    };
+    let section_ids: Vec<SectionId> = b.sections.iter().map(|s| s.id()).collect();
+    let symbol_ids: Vec<SymbolId> = b.symbols.iter().map(|s| s.id()).collect();
+    // ELF index -> builder id (the null entries are not in the builder).
+    let sec_id = |i: usize| -> Result<SectionId> {
+        i.checked_sub(1)
+            .and_then(|i| section_ids.get(i).copied())
+            .with_context(|| format!("{path}: bad section index {i}"))
+    };
+    let sym_id = |i: usize| -> Result<SymbolId> {
+        i.checked_sub(1)
+            .and_then(|i| symbol_ids.get(i).copied())
+            .with_context(|| format!("{path}: bad symbol index {i}"))
+    };
+    // Group signatures are symbol indices in sh_info: remember them as ids.
+    let groups: Vec<(SectionId, SymbolId)> = b
+        .sections
+        .iter()
+        .filter(|s| orig_type(s.id()) == elf::SHT_GROUP)
+        .map(|s| Ok((s.id(), sym_id(s.sh_info as usize)?)))
+        .collect::<Result<_>>()?;
+    let addrsig: Vec<SectionId> = b
+        .sections
+        .iter()
+        .filter(|s| orig_type(s.id()) == SHT_LLVM_ADDRSIG)
+        .map(|s| s.id())
+        .collect();
+    let old_order = symbol_order(&b);
+
+    // Byte patches, by section: probe ids into `probe!` records, disabled forms into C
+    // probe sites.
+    let mut patches: BTreeMap<usize, Vec<(usize, Vec<u8>)>> = BTreeMap::new();
+    for &(rec, id) in record_ids {
+        let Target::Sec { sec, off } = rec else {
+            bail!("{path}: probe record is not in a section")
+        };
+        patches
+            .entry(sec)
+            .or_default()
+            .push((off as usize + probe_record::ID, id.to_le_bytes().to_vec()));
+    }
+    // C probe sites by section: offset of the rel32 -> kind.
+    let mut c_sites: BTreeMap<usize, HashMap<u64, ProbeKind>> = BTreeMap::new();
+    for &(site, kind) in rewrites {
+        let Target::Sec { sec, off } = site else {
+            bail!("{path}: probe site is not in a section")
+        };
+        // A C is-enabled tail call becomes `jmp ksites_probe_ret0`: its rel32 comes
+        // from the retargeted relocation.
+        let Some(bytes) = x86_64::disabled_c_site(kind) else {
+            continue;
+        };
+        patches
+            .entry(sec)
+            .or_default()
+            .push((off as usize, bytes.to_vec()));
+        c_sites
+            .entry(sec)
+            .or_default()
+            .insert(off + x86_64::SITE_REL32_AT, kind);
+    }
+    for (sec, list) in patches {
+        let s = b.sections.get_mut(sec_id(sec)?);
+        let SectionData::Data(d) = &mut s.data else {
+            bail!("{path}: section {sec} (probe sites or records) has no file data");
+        };
+        let v = d.to_mut();
+        for (at, bytes) in list {
+            v.get_mut(at..at + bytes.len())
+                .with_context(|| {
+                    format!("{path}: patch at section {sec}+{at:#x} is past the section end")
+                })?
+                .copy_from_slice(&bytes);
+        }
+    }
+
+    // Their relocations: none, or for a C is-enabled tail call a branch relocation to
+    // `ksites_probe_ret0` (an undefined symbol, added if the object lacks it).
+    let needs_ret0 = rewrites.iter().any(|&(_, k)| k == ProbeKind::CEnabledTail);
+    let ret0: Option<SymbolId> = if needs_ret0 {
+        let found = b
+            .symbols
+            .iter()
+            .find(|s| s.name.as_slice() == STUB_SYMBOLS[1].as_bytes())
+            .map(|s| s.id());
+        Some(match found {
+            Some(id) => id,
+            None => {
+                let s = b.symbols.add();
+                s.name = STUB_SYMBOLS[1].as_bytes().to_vec().into();
+                s.st_info = (elf::STB_GLOBAL << 4) | elf::STT_NOTYPE;
+                s.st_shndx = elf::SHN_UNDEF;
+                s.id()
+            }
+        })
+    } else {
+        None
+    };
+    for (sec, sites) in &c_sites {
+        let target_sec = sec_id(*sec)?;
+        let mut seen: HashMap<u64, usize> = HashMap::new();
+        for rs in b.sections.iter_mut() {
+            if rs.sh_info_section != Some(target_sec) {
+                continue;
+            }
+            let SectionData::Relocation(rels) = &mut rs.data else {
+                continue;
+            };
+            for r in rels.iter_mut() {
+                if !x86_64::is_rel32(r.r_type) {
+                    continue;
+                }
+                let Some(&kind) = sites.get(&r.r_offset) else {
+                    continue;
+                };
+                *seen.entry(r.r_offset).or_default() += 1;
+                match (kind, ret0) {
+                    (ProbeKind::CEnabledTail, Some(id)) => {
+                        r.symbol = Some(id);
+                        (r.r_type, r.r_addend) = x86_64::stub_tail_reloc();
+                    }
+                    _ => r.r_type = x86_64::RELOC_NONE,
+                }
+            }
+        }
+        for off in sites.keys() {
+            let n = seen.get(off).copied().unwrap_or(0);
+            ensure!(
+                n == 1,
+                "{path}: probe site at section {sec}+{:#x}: expected one rel32 relocation, found {n}",
+                off - x86_64::SITE_REL32_AT
+            );
+        }
+    }
+
+    // Section symbols for every section the table points into.
+    let mut sec_syms: HashMap<usize, SymbolId> = HashMap::new();
+    for s in b.symbols.iter() {
+        if s.st_type() == elf::STT_SECTION
+            && let Some(id) = s.section
+        {
+            sec_syms.entry(id.index()).or_insert(s.id());
+        }
+    }
+    let mut rels: Vec<BRel> = Vec::new();
+    for &(field, t) in table_relocs {
+        let (symbol, addend) = match t {
+            Target::Sec { sec, off } => {
+                let id = sec_id(sec)?;
+                let sym = match sec_syms.get(&id.index()) {
+                    Some(&s) => s,
+                    None => {
+                        let s = b.symbols.add();
+                        s.section = Some(id);
+                        s.st_info = (elf::STB_LOCAL << 4) | elf::STT_SECTION;
+                        let sid = s.id();
+                        sec_syms.insert(id.index(), sid);
+                        sid
+                    }
+                };
+                (sym, i64::try_from(off)?)
+            }
+            Target::Undef { sym, addend } => (sym_id(sym)?, addend),
+        };
+        rels.push(BRel {
+            r_offset: field,
+            symbol: Some(symbol),
+            r_type: x86_64::TABLE_FIELD,
+            r_addend: addend,
+        });
+    }
+
+    // Symbol indices after the write (locals first): fix group signatures and
+    // `.llvm_addrsig`, which hold raw indices.
+    let new_order = symbol_order(&b);
+    let new_index: HashMap<usize, u32> = new_order
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| (id.index(), i as u32 + 1))
+        .collect();
+    for (g, sym) in groups {
+        b.sections.get_mut(g).sh_info = new_index[&sym.index()];
+    }
+    if old_order != new_order {
+        for &id in &addrsig {
+            let s = b.sections.get_mut(id);
+            let SectionData::Data(d) = &mut s.data else {
+                continue;
+            };
+            let mut out = Vec::new();
+            let mut rd = d.as_slice();
+            while !rd.is_empty() {
+                let (old, n) = uleb(rd).with_context(|| format!("{path}: bad .llvm_addrsig"))?;
+                rd = &rd[n..];
+                let id = old
+                    .checked_sub(1)
+                    .and_then(|i| old_order.get(i as usize))
+                    .with_context(|| format!("{path}: .llvm_addrsig names symbol {old}"))?;
+                write_uleb(&mut out, u64::from(new_index[&id.index()]));
+            }
+            s.data = SectionData::Data(out.into());
+        }
+    }
+
+    // LLVM shares one `.strtab` between section and symbol names; the builder writes
+    // them apart, so such an object gets its own `.shstrtab` (at the end, like the new
+    // sections: every existing section keeps its index).
+    if !b
+        .sections
+        .iter()
+        .any(|s| matches!(s.data, SectionData::SectionString))
+    {
+        let s = b.sections.add();
+        s.name = b".shstrtab".to_vec().into();
+        s.sh_type = elf::SHT_STRTAB;
+        s.sh_addralign = 1;
+        s.data = SectionData::SectionString;
+    }
+
+    // The new sections, at the end (every existing section keeps its index).
+    let symtab = b
+        .sections
+        .iter()
+        .find(|s| matches!(s.data, SectionData::Symbol))
+        .map(|s| s.id())
+        .with_context(|| format!("{path}: the object has no .symtab"))?;
+    let ks = b.sections.add();
+    ks.name = SECTION_NAME.as_bytes().to_vec().into();
+    ks.sh_type = elf::SHT_PROGBITS;
+    ks.sh_flags = u64::from(elf::SHF_ALLOC);
+    ks.sh_addralign = 8;
+    ks.data = SectionData::Data(table.to_vec().into());
+    let ks_id = ks.id();
+    let rs = b.sections.add();
+    rs.name = RELA_SECTION_NAME.as_bytes().to_vec().into();
+    rs.sh_type = elf::SHT_RELA;
+    rs.sh_flags = u64::from(elf::SHF_INFO_LINK);
+    rs.sh_addralign = 8;
+    rs.sh_entsize = 24;
+    rs.sh_link_section = Some(symtab);
+    rs.sh_info_section = Some(ks_id);
+    rs.data = SectionData::Relocation(rels);
+
+    let mut out = Vec::new();
+    b.write(&mut out)
+        .map_err(|e| anyhow::anyhow!("{path}: cannot write the object: {e}"))?;
+    set_section_types(&mut out, &disguised)?;
+    Ok(out)
+}
+
+/// Section types `object::build::elf::Builder` reads as what they are.
+fn builder_models(t: u32) -> bool {
+    matches!(
+        t,
+        elf::SHT_NULL
+            | elf::SHT_PROGBITS
+            | elf::SHT_NOBITS
+            | elf::SHT_INIT_ARRAY
+            | elf::SHT_FINI_ARRAY
+            | elf::SHT_PREINIT_ARRAY
+            | elf::SHT_REL
+            | elf::SHT_RELA
+            | elf::SHT_SYMTAB
+            | elf::SHT_SYMTAB_SHNDX
+            | elf::SHT_STRTAB
+            | elf::SHT_NOTE
+            | elf::SHT_GNU_ATTRIBUTES
+            | elf::SHT_X86_64_UNWIND
+    )
+}
+
+/// (section index, original `sh_type`) of the sections given to the builder as PROGBITS.
+type Disguised = Vec<(usize, u32)>;
+
+/// A copy of `data` where every section type the builder does not model is
+/// `SHT_PROGBITS`, and the (index, original type) pairs.
+fn disguise_section_types(path: &str, data: &[u8]) -> Result<(Vec<u8>, Disguised)> {
+    let file = ElfFile64::<LE>::parse(data).with_context(|| format!("{path}: not ELF64"))?;
+    let shoff = file.elf_header().e_shoff.get(LE) as usize;
+    let mut out = data.to_vec();
+    let mut changed = Vec::new();
+    for (i, s) in file.elf_section_table().iter().enumerate() {
+        let t = s.sh_type(LE);
+        if builder_models(t) || t == elf::SHT_NOBITS {
+            continue;
+        }
+        let at = shoff + i * size_of::<elf::SectionHeader64<LE>>() + 4;
+        out.get_mut(at..at + 4)
+            .with_context(|| format!("{path}: section header {i} out of bounds"))?
+            .copy_from_slice(&elf::SHT_PROGBITS.to_le_bytes());
+        changed.push((i, t));
+    }
+    Ok((out, changed))
+}
+
+/// Gives the sections [`disguise_section_types`] changed their types back.
+fn set_section_types(out: &mut [u8], types: &[(usize, u32)]) -> Result<()> {
+    let shoff = ElfFile64::<LE>::parse(&*out)?.elf_header().e_shoff.get(LE) as usize;
+    for &(i, t) in types {
+        let at = shoff + i * size_of::<elf::SectionHeader64<LE>>() + 4;
+        out.get_mut(at..at + 4)
+            .context("section header out of bounds")?
+            .copy_from_slice(&t.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// Symbol ids in the order the builder writes them: locals, then the rest.
+fn symbol_order(b: &Builder<'_>) -> Vec<SymbolId> {
+    let locals = b
+        .symbols
+        .iter()
+        .filter(|s| !s.delete && s.st_bind() == elf::STB_LOCAL);
+    let rest = b
+        .symbols
+        .iter()
+        .filter(|s| !s.delete && s.st_bind() != elf::STB_LOCAL);
+    locals.chain(rest).map(|s| s.id()).collect()
+}
+
+fn uleb(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &x) in b.iter().enumerate().take(10) {
+        v |= u64::from(x & 0x7f) << (7 * i);
+        if x & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+fn write_uleb(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}

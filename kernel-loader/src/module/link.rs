@@ -1,0 +1,511 @@
+//! Steps 1–4 of a load: lay the sections out in a region, resolve every symbol,
+//! apply every relocation (through [`crate::arch::native::reloc`]), and validate the
+//! module's table in place.
+//!
+//! The linker writes the region only through raw pointers ([`Linker::write`], bounds
+//! checked), never through a `&mut` slice made from `&self`; the one shared slice into
+//! the region, the `.ksites` table handed to [`Table::parse_module`], is made after the
+//! last write of the linker and covers bytes nothing writes afterwards (see
+//! [`Linker::table`]).
+
+use core::ops::Range;
+
+use object::LittleEndian as LE;
+use object::elf;
+use object::read::elf::{Rela as _, SectionHeader as _, Sym as _};
+use object::read::{SectionIndex, SymbolIndex};
+
+use crate::Name;
+use crate::arch::native::reloc::{self, RelocError};
+use crate::format::{FormatError, PROBE_SITE_LEN, Table};
+use crate::patch;
+use crate::probe::{self, ProbeError, STUB_SYMBOLS, Stubs};
+
+use super::error::{Malformed, ModuleError, RelocationProblem, SymbolProblem};
+use super::layout::{PAGE_SIZE, SectionHeader};
+use super::object::{ElfSym, Object, Shdr, elf_err};
+use super::{Kernel, LoadReport, MAX_KERNEL_EXEC, ModuleMemory, Region};
+
+/// Where the three groups and the bookkeeping lie, as offsets in the region.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Layout {
+    pub(super) text: usize,
+    pub(super) ro: usize,
+    pub(super) rw: usize,
+    /// Bookkeeping: one `u64` address per section, then one per symbol.
+    pub(super) meta: usize,
+    pub(super) end: usize,
+    pub(super) sections: usize,
+    pub(super) symbols: usize,
+}
+
+/// Whether a section is loaded (has a group in the layout contract).
+pub(super) fn is_loaded(sh: &Shdr) -> bool {
+    super::layout::from_elf(sh).group().is_some()
+}
+
+impl Object<'_> {
+    /// The region layout: the contract's groups from offset 0, then the bookkeeping.
+    fn region_layout(&self) -> Result<Layout, ModuleError> {
+        let too_big = ModuleError::OutOfMemory { size: usize::MAX };
+        let g = self.layout(&mut |_, _| {})?;
+        let off = |v: u64| usize::try_from(v).map_err(|_| too_big);
+        let meta = off(g.end())?;
+        let n = self.sections.len() + self.symtab.len();
+        let end = n
+            .checked_mul(8)
+            .and_then(|b| meta.checked_add(b))
+            .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+            .ok_or(too_big)?;
+        Ok(Layout {
+            text: off(g.exec.start)?,
+            ro: off(g.read_only.start)?,
+            rw: off(g.writable.start)?,
+            meta,
+            end: end.max(PAGE_SIZE),
+            sections: self.sections.len(),
+            symbols: self.symtab.len(),
+        })
+    }
+}
+
+/// The loader's working state over one region.
+struct Linker<'b, 'k, 'm> {
+    obj: Object<'b>,
+    kernel: &'k Kernel<'k>,
+    region: &'m Region,
+    layout: Layout,
+    report: LoadReport,
+}
+
+impl<'b> Linker<'b, '_, '_> {
+    /// The region's bytes `off..off + len`, as a raw pointer; panics if the range is
+    /// not inside the region (offsets come from the layout, which fits in it: a range
+    /// outside is a loader bug, never written).
+    fn at(&self, off: usize, len: usize) -> *mut u8 {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.region.size),
+            "module offset outside its region"
+        );
+        // SAFETY: `off + len <= size` (checked above), so the pointer stays inside the
+        // region's allocation.
+        unsafe { self.region.ptr.add(off) }
+    }
+
+    /// Writes `bytes` at `off` in the region.
+    fn write(&self, off: usize, bytes: &[u8]) {
+        let p = self.at(off, bytes.len());
+        // SAFETY: `p..p + len` lies in the region (`at` checked it), which is writable
+        // memory the loader owns while it links; no reference into the region is alive
+        // while the linker writes (the table slice is made after the last write, in
+        // `table`, over bytes nothing writes afterwards); `bytes` is not in the region.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) }
+    }
+
+    /// Reads `buf.len()` bytes at `off` in the region.
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        let p = self.at(off, buf.len());
+        // SAFETY: `p..p + len` lies in the region (checked by `at`), which is readable
+        // while the loader links; `buf` is not in the region.
+        unsafe { core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) }
+    }
+
+    fn meta(&self, i: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.read(self.layout.meta + 8 * i, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    fn set_meta(&self, i: usize, v: u64) {
+        self.write(self.layout.meta + 8 * i, &v.to_le_bytes());
+    }
+
+    fn section_addr(&self, i: usize) -> u64 {
+        self.meta(i)
+    }
+
+    fn symbol_addr(&self, i: usize) -> u64 {
+        self.meta(self.layout.sections + i)
+    }
+
+    /// Places every allocated section at the contract's offset: records its address
+    /// and copies its bytes (a `SHT_NOBITS` section stays zero).
+    fn place(&mut self) -> Result<(), ModuleError> {
+        let base = self.at(0, self.region.size);
+        // SAFETY: the whole region is writable memory the loader owns (`at` checked the
+        // range); no reference into it exists yet.
+        unsafe { core::ptr::write_bytes(base, 0, self.region.size) };
+        // Unplaced sections keep address 0 in the (zeroed) bookkeeping.
+        let mut placed = 0u32;
+        let mut err = None;
+        let this = &*self;
+        let obj = &this.obj;
+        obj.layout(&mut |i, off| {
+            if err.is_some() {
+                return;
+            }
+            let sh = &obj.sections[i];
+            let hdr: SectionHeader = super::layout::from_elf(sh);
+            let off = off as usize;
+            if !hdr.is_nobits() {
+                match sh.data(LE, obj.bytes) {
+                    Ok(data) => this.write(off, &data[..(hdr.size as usize).min(data.len())]),
+                    Err(e) => {
+                        err = Some(elf_err(e));
+                        return;
+                    }
+                }
+            }
+            this.set_meta(i, this.region.addr + off as u64);
+            placed += 1;
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        self.report.sections += placed;
+        Ok(())
+    }
+
+    /// Resolves every symbol's address; reports each problem to `issue`.
+    fn resolve(&mut self, issue: &mut dyn FnMut(ModuleError)) {
+        for (i, sym) in self.obj.symtab.enumerate() {
+            let addr = match self.symbol_value(i, sym) {
+                Ok(a) => a,
+                Err(e) => {
+                    issue(e);
+                    0
+                }
+            };
+            self.set_meta(self.layout.sections + i.0, addr);
+        }
+    }
+
+    fn symbol_value(&mut self, i: SymbolIndex, sym: &ElfSym) -> Result<u64, ModuleError> {
+        if i.0 == 0 {
+            return Ok(0);
+        }
+        let name = || Name::new(self.obj.symbol_name(sym));
+        let unsupported = |why| ModuleError::UnsupportedSymbol { name: name(), why };
+        match sym.st_type() {
+            elf::STT_GNU_IFUNC => return Err(unsupported(SymbolProblem::GnuIfunc)),
+            elf::STT_TLS => return Err(unsupported(SymbolProblem::ThreadLocal)),
+            _ => {}
+        }
+        match sym.st_shndx(LE) {
+            elf::SHN_ABS => return Ok(sym.st_value(LE)),
+            elf::SHN_COMMON => return Err(unsupported(SymbolProblem::Common)),
+            _ => {}
+        }
+        match self
+            .obj
+            .symtab
+            .symbol_section(LE, sym, i)
+            .map_err(elf_err)?
+        {
+            Some(SectionIndex(s)) => {
+                let sh = self
+                    .obj
+                    .sections
+                    .get(s)
+                    .ok_or(ModuleError::Malformed(Malformed::BadSymbolSection))?;
+                if !is_loaded(sh) {
+                    return Ok(0);
+                }
+                Ok(self.section_addr(s).wrapping_add(sym.st_value(LE)))
+            }
+            None if sym.st_shndx(LE) != elf::SHN_UNDEF => Ok(sym.st_value(LE)),
+            None => {
+                let n = self.obj.symbol_name(sym);
+                match self.kernel.symbols.lookup(n) {
+                    Some(a) => {
+                        self.report.kernel_symbols += 1;
+                        Ok(a)
+                    }
+                    None if sym.st_bind() == elf::STB_WEAK => Ok(0),
+                    None => Err(ModuleError::UnknownSymbol { name: Name::new(n) }),
+                }
+            }
+        }
+    }
+
+    /// Whether symbol `i` failed to resolve (`resolve` reported it and recorded 0).
+    fn unresolved(&self, i: SymbolIndex) -> bool {
+        let Ok(sym) = self.obj.symtab.symbol(i) else {
+            return false;
+        };
+        if i.0 == 0 {
+            return false;
+        }
+        if matches!(sym.st_type(), elf::STT_GNU_IFUNC | elf::STT_TLS)
+            || sym.st_shndx(LE) == elf::SHN_COMMON
+        {
+            return true;
+        }
+        sym.st_shndx(LE) == elf::SHN_UNDEF
+            && sym.st_bind() != elf::STB_WEAK
+            && self
+                .kernel
+                .symbols
+                .lookup(self.obj.symbol_name(sym))
+                .is_none()
+    }
+
+    /// Applies every relocation section that targets an allocated section; reports each
+    /// problem to `issue`.
+    fn relocate(&mut self, issue: &mut dyn FnMut(ModuleError)) -> Result<(), ModuleError> {
+        for rs in self.obj.sections {
+            let ty = rs.sh_type.get(LE);
+            if ty != elf::SHT_RELA && ty != elf::SHT_REL {
+                continue;
+            }
+            let target = rs.sh_info.get(LE) as usize;
+            let Some(tsh) = self.obj.sections.get(target) else {
+                return Err(ModuleError::Malformed(
+                    Malformed::RelocationTargetsNoSection,
+                ));
+            };
+            if !is_loaded(tsh) {
+                continue;
+            }
+            let tname = self.obj.section_name(tsh);
+            if ty == elf::SHT_REL {
+                issue(ModuleError::BadRelocation {
+                    section: Name::new(tname),
+                    offset: 0,
+                    why: RelocationProblem::Rel,
+                });
+                continue;
+            }
+            let Some((relas, _)) = rs.rela(LE, self.obj.bytes).map_err(elf_err)? else {
+                continue;
+            };
+            for r in relas {
+                if let Err(e) = self.apply(target, tsh, tname, r) {
+                    issue(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        target: usize,
+        tsh: &Shdr,
+        tname: &str,
+        r: &elf::Rela64<LE>,
+    ) -> Result<(), ModuleError> {
+        let offset = r.r_offset(LE);
+        let r_type = r.r_type(LE, false);
+        let sym = r.r_sym(LE, false) as usize;
+        let section = Name::new(tname);
+        let bad = |why| ModuleError::BadRelocation {
+            section,
+            offset,
+            why,
+        };
+        if sym >= self.layout.symbols {
+            return Err(bad(RelocationProblem::SymbolOutOfRange));
+        }
+        let unsupported = ModuleError::UnsupportedRelocation {
+            r_type,
+            section,
+            offset,
+        };
+        let width = match reloc::width(r_type) {
+            Some(0) => return Ok(()),
+            Some(w) => w as u64,
+            None => return Err(unsupported),
+        };
+        let size = tsh.sh_size.get(LE);
+        if offset.checked_add(width).is_none_or(|e| e > size) {
+            return Err(bad(RelocationProblem::OutsideSection));
+        }
+        let s = self.symbol_addr(sym);
+        if s == 0 && self.unresolved(SymbolIndex(sym)) {
+            // `resolve` already reported the symbol; a value computed from its
+            // placeholder 0 would only add a spurious overflow for every reference.
+            return Ok(());
+        }
+        let p = self.section_addr(target).wrapping_add(offset);
+        let v = reloc::compute(r_type, s, r.r_addend(LE), p).map_err(|e| match e {
+            RelocError::Overflow { value } => ModuleError::Overflow {
+                r_type,
+                section,
+                offset,
+                value,
+            },
+            RelocError::Unsupported | RelocError::Short => unsupported,
+        })?;
+        // The field lies in its section (checked above), which lies in the region.
+        self.write((p - self.region.addr) as usize, v.bytes());
+        self.report.relocations += 1;
+        Ok(())
+    }
+
+    /// The module's table, validated in place, if it has one.
+    ///
+    /// This makes the only shared slice into the region, over the `.ksites` section:
+    /// the linker writes nothing after it, and later writes into the region (the patch
+    /// engine's sites in text and slots in writable data) never touch the table, which
+    /// lies in the read-only group.
+    fn table(&mut self) -> Result<Option<Table<'static>>, ModuleError> {
+        let Some((i, sh)) = self.obj.section_by_name(crate::format::SECTION_NAME) else {
+            self.obj.check_embedded()?;
+            return Ok(None);
+        };
+        if super::layout::from_elf(sh).group() != Some(super::layout::Group::ReadOnly) {
+            return Err(ModuleError::BadTableSection);
+        }
+        let addr = self.section_addr(i);
+        let off = (addr - self.region.addr) as usize;
+        let len = sh.sh_size.get(LE) as usize;
+        let p = self.at(off, len);
+        // SAFETY: `p..p + len` is the placed `.ksites` section, inside the region (`at`
+        // checked it). The region outlives the `Table` (the module drops its table
+        // before freeing the region; `check` drops it before freeing), and nothing
+        // writes these bytes while the slice lives (see above).
+        let bytes: &'static [u8] = unsafe { core::slice::from_raw_parts(p, len) };
+        let text = self.text_range();
+        let t = Table::parse_module(bytes, addr, core::slice::from_ref(&text), self.kernel.exec)
+            .map_err(ModuleError::Table)?;
+        // The module's own slots are written at load: they must be in its writable data.
+        let data =
+            self.region.addr + self.layout.rw as u64..self.region.addr + self.layout.meta as u64;
+        for f in t.ifuncs().filter(|f| !f.imported) {
+            if !(data.contains(&f.slot) && f.slot + 8 <= data.end) {
+                return Err(ModuleError::Table(FormatError::BadIfuncPointer {
+                    ifunc: f.index,
+                    field: crate::format::IfuncField::Slot,
+                    addr: f.slot,
+                }));
+            }
+        }
+        // Every import must be a kernel ifunc.
+        for f in t.ifuncs().filter(|f| f.imported) {
+            let known = match &self.kernel.table {
+                Some(kt) => kt
+                    .ifuncs()
+                    .any(|k| !k.imported && k.trampoline == f.trampoline),
+                None => true,
+            };
+            if !known {
+                return Err(ModuleError::NotAKernelIfunc {
+                    name: Name::new(f.name),
+                    addr: f.trampoline,
+                });
+            }
+        }
+        self.report.ifuncs = t.ifuncs().filter(|f| !f.imported).count() as u32;
+        self.report.imports = t.ifuncs().filter(|f| f.imported).count() as u32;
+        self.report.sites = t.site_count();
+        self.report.probes = t.probe_count();
+        self.report.probe_sites = t.probe_site_count();
+        Ok(Some(t))
+    }
+
+    fn text_range(&self) -> Range<u64> {
+        self.region.addr + self.layout.text as u64..self.region.addr + self.layout.ro as u64
+    }
+
+    /// Checks every probe site holds its disabled form (read from the region, so this
+    /// works for a host buffer too).
+    fn check_probe_sites(&self, t: &Table<'_>) -> Result<(), ModuleError> {
+        let k = self.kernel.symbols;
+        let (Some(c_entry), Some(ret0), Some(ret1)) = (
+            k.lookup(STUB_SYMBOLS[0]),
+            k.lookup(STUB_SYMBOLS[1]),
+            k.lookup(STUB_SYMBOLS[2]),
+        ) else {
+            return Ok(());
+        };
+        let stubs = Stubs {
+            c_entry,
+            ret0,
+            ret1,
+        };
+        for s in t.probe_sites() {
+            let want = probe::site_bytes_with(&s, false, &stubs).map_err(ModuleError::Probe)?;
+            let mut found = [0u8; PROBE_SITE_LEN];
+            // The table validated the site: it lies in the module's text.
+            self.read((s.addr - self.region.addr) as usize, &mut found);
+            if found != want {
+                return Err(ModuleError::Probe(ProbeError::UnexpectedBytes {
+                    site: s.addr,
+                    probe: probe::ProbeId(s.probe),
+                    expected: patch::InsnBytes::new(&want),
+                    found: patch::InsnBytes::new(&found),
+                }));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Steps 1–4 (lay out, resolve, relocate, validate the table) into a fresh region.
+/// On success the region is returned with everything placed; on failure it is freed.
+pub(super) fn link<'k>(
+    bytes: &[u8],
+    kernel: &'k Kernel<'k>,
+    mem: &mut dyn ModuleMemory,
+    issue: &mut dyn FnMut(ModuleError),
+) -> Result<(Region, Layout, LoadReport, Option<Table<'static>>), ModuleError> {
+    if kernel.exec.len() > MAX_KERNEL_EXEC {
+        return Err(ModuleError::Malformed(Malformed::TooManyKernelRanges));
+    }
+    let obj = Object::parse(bytes)?;
+    // Before resolving: an object `ksites embed` never saw names its ifunc imports as
+    // undefined symbols the kernel need not export, and the cause is the missing table.
+    obj.check_embedded()?;
+    let layout = obj.region_layout()?;
+    let region = mem
+        .alloc(layout.end)
+        .ok_or(ModuleError::OutOfMemory { size: layout.end })?;
+    if region.size < layout.end || !region.addr.is_multiple_of(PAGE_SIZE as u64) {
+        // SAFETY: the region came from `alloc` and nothing refers to it.
+        unsafe { mem.free(region) };
+        return Err(ModuleError::OutOfMemory { size: layout.end });
+    }
+    let mut l = Linker {
+        obj,
+        kernel,
+        region: &region,
+        layout,
+        report: LoadReport {
+            text_size: layout.ro - layout.text,
+            ro_size: layout.rw - layout.ro,
+            rw_size: layout.end - layout.rw,
+            ..LoadReport::default()
+        },
+    };
+    let first = core::cell::Cell::new(None);
+    let mut note = |e: ModuleError| {
+        if first.get().is_none() {
+            first.set(Some(e));
+        }
+        issue(e);
+    };
+    let r = (|| {
+        l.place()?;
+        l.resolve(&mut note);
+        l.relocate(&mut note)?;
+        if let Some(e) = first.get() {
+            return Err(e);
+        }
+        let t = l.table()?;
+        if let Some(t) = &t {
+            l.check_probe_sites(t)?;
+        }
+        Ok(t)
+    })();
+    let report = l.report;
+    match r {
+        Ok(t) => Ok((region, layout, report, t)),
+        Err(e) => {
+            // SAFETY: the region came from `alloc`; on an error no table came back, so
+            // nothing refers to the region.
+            unsafe { mem.free(region) };
+            Err(e)
+        }
+    }
+}
