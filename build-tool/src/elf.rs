@@ -59,9 +59,14 @@ pub struct Reloc {
     pub addend: i64,
 }
 
-/// One raw `Elf64_Rela` entry (see [`Image::raw_relas`]).
+/// One raw `Elf64_Rela` entry (see [`raw_relas`]), with where it is in the file, so it
+/// can be rewritten in place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawRela {
+    /// File offset of the entry.
+    pub file_offset: usize,
+    /// Index of the section it applies to (`sh_info`).
+    pub section: usize,
     /// `r_offset`.
     pub offset: u64,
     /// The raw relocation type (`ELF64_R_TYPE`).
@@ -70,6 +75,39 @@ pub struct RawRela {
     pub sym_index: usize,
     /// `r_addend`.
     pub addend: i64,
+}
+
+/// Every entry of every `SHT_RELA` section of `file` (parsed from `data`), read raw: the
+/// one RELA walker of the build tool (`embed` rewrites entries in place through
+/// [`RawRela::file_offset`]). A section whose bytes lie outside the file is skipped.
+pub fn raw_relas<'a>(
+    file: &'a ElfFile64<'_, LittleEndian>,
+    data: &'a [u8],
+) -> impl Iterator<Item = RawRela> + 'a {
+    file.elf_section_table()
+        .iter()
+        .filter(|sec| sec.sh_type(LittleEndian) == elf::SHT_RELA)
+        .filter_map(move |sec| {
+            let off = usize::try_from(sec.sh_offset(LittleEndian)).ok()?;
+            let size = usize::try_from(sec.sh_size(LittleEndian)).ok()?;
+            let bytes = data.get(off..off.checked_add(size)?)?;
+            Some((off, sec.sh_info(LittleEndian) as usize, bytes))
+        })
+        .flat_map(|(off, section, bytes)| {
+            bytes.chunks_exact(24).enumerate().map(move |(i, e)| {
+                let word =
+                    |at: usize| u64::from_le_bytes(e[at..at + 8].try_into().expect("8 bytes"));
+                let info = word(8);
+                RawRela {
+                    file_offset: off + 24 * i,
+                    section,
+                    offset: word(0),
+                    r_type: info as u32,
+                    sym_index: (info >> 32) as usize,
+                    addend: word(16) as i64,
+                }
+            })
+        })
 }
 
 /// A parsed ELF file and its source bytes.
@@ -360,22 +398,7 @@ impl<'d> Image<'d> {
     /// alike), read raw: the `object` crate's relocation iterator does not attribute a
     /// NONE relocation to its symbol.
     pub fn raw_relas(&self) -> impl Iterator<Item = RawRela> + '_ {
-        self.file
-            .sections()
-            .filter(|s| s.elf_section_header().sh_type(LittleEndian) == elf::SHT_RELA)
-            .filter_map(|s| s.data().ok())
-            .flat_map(|data| data.chunks_exact(24))
-            .map(|e| {
-                let word =
-                    |at: usize| u64::from_le_bytes(e[at..at + 8].try_into().expect("8 bytes"));
-                let info = word(8);
-                RawRela {
-                    offset: word(0),
-                    r_type: info as u32,
-                    sym_index: (info >> 32) as usize,
-                    addend: word(16) as i64,
-                }
-            })
+        raw_relas(&self.file, self.data)
     }
 
     /// Whether any executable section carries relocations (i.e. `--emit-relocs` was used,

@@ -313,16 +313,15 @@ fn check_ksites_section(bytes: &[u8]) {
 /// (target section name, r_offset, type, symbol name, addend).
 fn raw_relocs(bytes: &[u8]) -> Vec<(String, u64, u32, String, i64)> {
     let f = ElfFile64::<LE>::parse(bytes).unwrap();
-    ksites::embed::rela::raw_relas(bytes)
-        .into_iter()
+    ksites::elf::raw_relas(&f, bytes)
         .map(|r| {
             let target = f.section_by_index(object::SectionIndex(r.section)).unwrap();
             let sym = f
-                .symbol_by_index(object::SymbolIndex(r.sym as usize))
+                .symbol_by_index(object::SymbolIndex(r.sym_index))
                 .map(|s| s.name().unwrap_or("").to_string())
                 .unwrap_or_default();
             let tname = target.name().unwrap().to_string();
-            (tname, r.r_offset, r.r_type, sym, r.addend)
+            (tname, r.offset, r.r_type, sym, r.addend)
         })
         .collect()
 }

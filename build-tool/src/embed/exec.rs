@@ -12,11 +12,11 @@ use object::pod::{bytes_of, from_bytes, slice_from_bytes};
 use object::{LittleEndian as LE, U16, U32, U64};
 
 use super::report::{AlreadyEmbedded, EmbedReport};
-use super::x86_64;
 use crate::elf::{ElfKind, Image};
 use crate::probes::{ProbeScan, find_probes};
 use crate::records::{find_ifunc_sites, read_ifuncs};
-use crate::table::{IfuncEntry, SiteEntry, TableInput, build, table_size_for};
+use crate::table::{IfuncEntry, SiteEntry, TableInput, build_for, table_size_for};
+use crate::target::{RelocClass, Target};
 
 /// Embeds into a linked image `img` (parsed from `data`, with no table yet).
 pub(super) fn embed_exec(
@@ -93,8 +93,8 @@ pub(super) fn embed_exec(
         path,
         data,
         size,
-        |addr| build(addr, &input),
-        |base| stapsdt_notes(&probes, base),
+        |addr| build_for(img.target, addr, &input),
+        |base| stapsdt_notes(img.target, &probes, base),
     )?;
 
     // Rewrite C probe calls into their disabled form, and give every `probe!` record its
@@ -118,10 +118,10 @@ pub(super) fn embed_exec(
     let rewritten: std::collections::HashSet<u64> = probes
         .rewrites
         .iter()
-        .map(|(a, _)| a + x86_64::SITE_REL32_AT)
+        .map(|(a, _)| img.target.plain_branch_field(*a))
         .collect();
-    for at in rela_entries_at(data, &rewritten) {
-        out[at + 8..at + 12].copy_from_slice(&x86_64::RELOC_NONE.to_le_bytes());
+    for at in rela_entries_at(img, &rewritten) {
+        out[at + 8..at + 12].copy_from_slice(&img.target.none_reloc().to_le_bytes());
     }
     // A GNU ifunc's slot starts out pointing at its trampoline (the linkers leave 0 or
     // a lazy-binding stub there): it has no default, and the loader checks the slot
@@ -422,7 +422,7 @@ pub fn append_segment(
 /// are in the six argument registers at the call (`8@<reg>` each, from the x86-64
 /// argument registers); a Rust site's
 /// arguments are evaluated out of line, so its argument string is empty.
-pub fn stapsdt_notes(probes: &ProbeScan, base: u64) -> Vec<u8> {
+pub fn stapsdt_notes(target: Target, probes: &ProbeScan, base: u64) -> Vec<u8> {
     use kernel_loader::format::{NARGS_UNKNOWN, ProbeKind};
     let mut out = Vec::new();
     for s in &probes.sites {
@@ -433,7 +433,8 @@ pub fn stapsdt_notes(probes: &ProbeScan, base: u64) -> Vec<u8> {
         let args = if s.kind == ProbeKind::RustJmp || p.nargs == NARGS_UNKNOWN {
             String::new()
         } else {
-            x86_64::STAPSDT_ARG_REGS[..usize::from(p.nargs).min(6)]
+            let regs = target.stapsdt_arg_registers();
+            regs[..usize::from(p.nargs).min(regs.len())]
                 .iter()
                 .map(|r| format!("8@{r}"))
                 .collect::<Vec<_>>()
@@ -459,13 +460,14 @@ pub fn stapsdt_notes(probes: &ProbeScan, base: u64) -> Vec<u8> {
 
 /// File offsets of the `Elf64_Rela` entries (in any SHT_RELA section) whose `r_offset` is
 /// in `offsets` and whose type is a rel32 branch relocation.
-fn rela_entries_at(data: &[u8], offsets: &std::collections::HashSet<u64>) -> Vec<usize> {
+fn rela_entries_at(img: &Image<'_>, offsets: &std::collections::HashSet<u64>) -> Vec<usize> {
     if offsets.is_empty() {
         return Vec::new();
     }
-    super::rela::raw_relas(data)
-        .into_iter()
-        .filter(|r| offsets.contains(&r.r_offset) && x86_64::is_rel32(r.r_type))
+    img.raw_relas()
+        .filter(|r| {
+            offsets.contains(&r.offset) && img.target.reloc_class(r.r_type) == RelocClass::Branch
+        })
         .map(|r| r.file_offset)
         .collect()
 }

@@ -5,9 +5,7 @@
 //!   filled, C probe sites disabled.
 //! * [`rel`]: relocatable objects (ET_REL modules): `.ksites` and `.rela.ksites`, laid
 //!   out by the module layout contract ([`kernel_loader::module::layout`]).
-//! * [`rela`]: the raw relocation entries of a file, with their file offsets.
 //! * `report`: [`EmbedReport`] and [`AlreadyEmbedded`].
-//! * `x86_64`: every x86-64 encoding and relocation type the embedders write.
 
 use std::io::Write;
 use std::path::Path;
@@ -19,9 +17,7 @@ use crate::elf::{ElfKind, Image};
 
 pub mod exec;
 pub mod rel;
-pub mod rela;
 mod report;
-mod x86_64;
 
 pub use exec::{append_segment, stapsdt_notes};
 pub use report::{AlreadyEmbedded, EmbedReport};

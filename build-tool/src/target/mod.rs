@@ -336,6 +336,21 @@ impl Target {
         }
     }
 
+    /// Applies a [`Target::table_reloc`] (`S + A - P`, overflow checked) to the start of
+    /// `place`, exactly as the module loader will.
+    pub fn apply_table_reloc(self, place: &mut [u8], s: u64, a: i64, p: u64) -> Result<(), String> {
+        match self {
+            Target::X86_64 => x86_64::apply_table_reloc(place, s, a, p),
+        }
+    }
+    /// What a relocation of [`RelocClass::Branch`] adds to `S + A` to name the address
+    /// its branch reaches (a PC-relative field is relative to the end of the instruction
+    /// on x86-64, so `S + A + 4`). [`Target::reloc_target`] applies it.
+    pub const fn branch_bias(self) -> i64 {
+        match self {
+            Target::X86_64 => x86_64::BRANCH_FIELD_LEN as i64,
+        }
+    }
     /// The relocation type that does nothing.
     pub const fn none_reloc(self) -> u32 {
         match self {

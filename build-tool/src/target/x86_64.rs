@@ -110,6 +110,12 @@ pub fn plain_branch_start(field_at: u64) -> Option<u64> {
     field_at.checked_sub(PLAIN_BRANCH_OPCODE_LEN)
 }
 
+/// Applies a [`TABLE_RELOC`] to the start of `place`, as the module loader does.
+pub fn apply_table_reloc(place: &mut [u8], s: u64, a: i64, p: u64) -> Result<(), String> {
+    kernel_loader::arch::x86_64::reloc::apply(TABLE_RELOC, place, s, a, p)
+        .map_err(|e| e.to_string())
+}
+
 /// The slot a trampoline (`jmp [rip+disp32]`, `bytes` at `at`) jumps through, or `None`
 /// if `bytes` is not one.
 pub fn trampoline_slot(bytes: &[u8], at: u64) -> Option<u64> {

@@ -22,8 +22,8 @@
 //! their relocation becomes the "none" relocation, except a C is-enabled tail call
 //! (`jmp __dtraceenabled_*`), whose disabled form `jmp ksites_probe_ret0` keeps a
 //! branch relocation (PLT32 on x86-64), retargeted to the (undefined) symbol
-//! `ksites_probe_ret0`, addend -4. Every encoding and relocation type involved is in
-//! the private `embed::x86_64` module. Each `probe!` record gets its probe id in section
+//! `ksites_probe_ret0`, addend -4. Every encoding and relocation type involved comes
+//! from the input's [`crate::target::Target`]. Each `probe!` record gets its probe id in section
 //! data. Nothing else changes: sections, symbols and relocations keep their contents
 //! (symbol indices may change when a section symbol is added; relocations, group
 //! signatures and `.llvm_addrsig` follow).
@@ -61,12 +61,11 @@ use object::{
 };
 
 use super::report::{AlreadyEmbedded, EmbedReport};
-use super::x86_64;
 use crate::elf::{Image, Reloc};
 use crate::probes::{FoundProbeSite, ProbeScan};
 use crate::records::IfuncInfo;
 use crate::sites::{Selected, SiteScan, find_sites_with};
-use crate::table::{IfuncEntry, ProbeEntry, ProbeSiteEntry, SiteEntry, TableInput, build_with};
+use crate::table::{IfuncEntry, ProbeEntry, ProbeSiteEntry, SiteEntry, TableInput, build_with_for};
 
 mod layout;
 mod read;
@@ -284,15 +283,23 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         probe_sites: probes.sites.clone(),
     };
     let mut table_relocs: Vec<(u64, Target)> = Vec::new();
-    let table = build_with(&input, &mut |field, target| {
+    let table = build_with_for(img.target, &input, &mut |field, target| {
         if target != 0 {
             table_relocs.push((field as u64, *back.get(&target)?));
         }
         Some(0)
     })?;
 
-    let out = write::write_object(path, data, &table, &table_relocs, &record_ids, &rewrites)?;
-    verify_output(path, &out, &input)?;
+    let out = write::write_object(
+        img.target,
+        path,
+        data,
+        &table,
+        &table_relocs,
+        &record_ids,
+        &rewrites,
+    )?;
+    verify_output(img.target, path, &out, &input)?;
     Ok((
         out,
         EmbedReport {
@@ -307,10 +314,15 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
 
 /// Re-reads the output: applies `.rela.ksites` at a layout that follows the contract
 /// and checks that the loader's reader accepts the table with the expected counts.
-fn verify_output(path: &str, out: &[u8], input: &TableInput) -> Result<()> {
+fn verify_output(
+    arch: crate::target::Target,
+    path: &str,
+    out: &[u8],
+    input: &TableInput,
+) -> Result<()> {
     let file = ElfFile64::<LE>::parse(out).context("re-reading the output")?;
     let layout = virtual_layout(path, &file)?;
-    let (bytes, addr) = relocated_table(&file, &layout)
+    let (bytes, addr) = relocated_table(arch, &file, &layout)
         .map_err(|e| anyhow::anyhow!("{path}: written table: {e}"))?;
     let t = Table::parse(&bytes, addr, &layout.exec)
         .map_err(|e| anyhow::anyhow!("{path}: written table does not validate: {e}"))?;
@@ -326,7 +338,11 @@ fn verify_output(path: &str, out: &[u8], input: &TableInput) -> Result<()> {
 
 /// The `.ksites` section of an embedded object with `.rela.ksites` applied at
 /// `layout`, and its address.
-pub fn relocated_table(file: &ElfFile64<'_, LE>, layout: &VirtualLayout) -> Result<(Vec<u8>, u64)> {
+pub fn relocated_table(
+    arch: crate::target::Target,
+    file: &ElfFile64<'_, LE>,
+    layout: &VirtualLayout,
+) -> Result<(Vec<u8>, u64)> {
     let sec = file
         .section_by_name(SECTION_NAME)
         .context("no .ksites section")?;
@@ -341,10 +357,10 @@ pub fn relocated_table(file: &ElfFile64<'_, LE>, layout: &VirtualLayout) -> Resu
         ensure!(
             r.flags()
                 == (RelocationFlags::Elf {
-                    r_type: x86_64::TABLE_FIELD
+                    r_type: arch.table_reloc()
                 }),
             ".rela.ksites+{off:#x}: not {}",
-            x86_64::reloc_name(x86_64::TABLE_FIELD)
+            arch.reloc_name(arch.table_reloc())
         );
         let RelocationTarget::Symbol(i) = r.target() else {
             bail!(".rela.ksites: relocation without a symbol");
@@ -376,7 +392,7 @@ pub fn relocated_table(file: &ElfFile64<'_, LE>, layout: &VirtualLayout) -> Resu
         let place = bytes
             .get_mut(off as usize..)
             .context("relocation past the table")?;
-        x86_64::apply_table_field(place, sv, r.addend(), p)
+        arch.apply_table_reloc(place, sv, r.addend(), p)
             .map_err(|e| anyhow::anyhow!(".rela.ksites+{off:#x}: {e}"))?;
     }
     Ok((bytes, addr))

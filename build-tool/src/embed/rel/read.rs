@@ -22,11 +22,11 @@ use object::{
     SectionIndex, SymbolIndex, SymbolKind,
 };
 
-use super::super::x86_64;
 use super::layout::Target;
 use crate::elf::{Image, Reloc};
 use crate::probes::{DECL_MAGIC, DECL_SECTION, split_c_probe};
 use crate::sites::{Selected, find_sites_with, reloc_target};
+use crate::target::RelocClass;
 
 /// The relocations of one section, by offset: (type, symbol index, addend).
 pub(super) struct RelocMap(HashMap<u64, (u32, usize, i64)>);
@@ -124,11 +124,11 @@ impl<'d> Obj<'_, 'd> {
             )
         })?;
         ensure!(
-            t == x86_64::RECORD_POINTER,
+            t == self.img.target.abs64_reloc(),
             "{}: {}: relocation type {t}, expected {}",
             self.path,
             what(),
-            x86_64::reloc_name(x86_64::RECORD_POINTER)
+            self.img.target.reloc_name(self.img.target.abs64_reloc())
         );
         self.target(sym, addend, &what)
     }
@@ -263,7 +263,7 @@ pub(super) fn read_defined_ifuncs(o: &Obj<'_, '_>) -> Result<Vec<DefIfunc>> {
 }
 
 /// The trampoline must be the indirect jump through its slot
-/// ([`x86_64::TRAMPOLINE_ASM`]), with a rel32 relocation reaching the slot.
+/// ([`crate::target::Target::trampoline_text`]), with a rel32 relocation reaching the slot.
 fn check_trampoline(o: &Obj<'_, '_>, f: &DefIfunc) -> Result<()> {
     let Target::Sec { sec, off } = f.trampoline else {
         bail!(
@@ -279,25 +279,27 @@ fn check_trampoline(o: &Obj<'_, '_>, f: &DefIfunc) -> Result<()> {
         f.name,
         o.describe(f.trampoline)
     );
-    let b = o.bytes_at(f.trampoline, x86_64::TRAMPOLINE_LEN as u64, "trampoline")?;
+    let arch = o.img.target;
+    let b = o.bytes_at(f.trampoline, arch.trampoline_len() as u64, "trampoline")?;
     let s = o.img.file.section_by_index(SectionIndex(sec))?;
     let relocs = o.relocs(&s)?;
     let reaches = relocs
         .0
-        .get(&(off + x86_64::TRAMPOLINE_DISP_AT))
+        .get(&(off + arch.trampoline_slot_field()))
         .is_some_and(|&(t, sym, addend)| {
-            x86_64::is_rel32(t)
-                && o.target(sym, addend.wrapping_add(x86_64::REL32_BIAS), &String::new)
+            arch.reloc_class(t) == RelocClass::Branch
+                && o.target(sym, addend.wrapping_add(arch.branch_bias()), &String::new)
                     .ok()
                     == Some(f.slot)
         });
     ensure!(
-        x86_64::is_trampoline_jump(b) && reaches,
-        "{}: ifunc {}: trampoline at {} is not `{}` to its slot {}",
+        // In the object the slot field is 0 (the relocation fills it): only the form counts.
+        arch.trampoline_slot(b, 0).is_some() && reaches,
+        "{}: ifunc {}: trampoline at {} is not {} to its slot {}",
         o.path,
         f.name,
         o.describe(f.trampoline),
-        x86_64::TRAMPOLINE_ASM,
+        arch.trampoline_text(None),
         o.describe(f.slot)
     );
     Ok(())
@@ -320,11 +322,11 @@ pub(super) fn read_imports(o: &Obj<'_, '_>) -> Result<Vec<(usize, String)>> {
             ensure!(
                 r.flags()
                     == (RelocationFlags::Elf {
-                        r_type: x86_64::RECORD_POINTER
+                        r_type: o.img.target.abs64_reloc()
                     }),
                 "{}: {IMPORT_SECTION}+{off:#x}: expected an {} relocation",
                 o.path,
-                x86_64::reloc_name(x86_64::RECORD_POINTER)
+                o.img.target.reloc_name(o.img.target.abs64_reloc())
             );
             let s = o.img.file.symbol_by_index(i)?;
             let name = s.name()?.to_string();
@@ -468,7 +470,7 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
             )?;
             let bytes = o.bytes_at(site, PROBE_SITE_LEN as u64, "probe site")?;
             ensure!(
-                x86_64::is_disabled_rust_site(bytes),
+                bytes == o.img.target.probe_nop(),
                 "{path}: probe site {} ({provider}:{name}) holds {bytes:02x?}, expected the 5-byte NOP",
                 o.describe(site)
             );

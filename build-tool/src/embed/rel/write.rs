@@ -13,8 +13,8 @@ use object::build::elf::{Builder, Relocation as BRel, SectionData, SectionId, Sy
 use object::elf;
 use object::read::elf::{ElfFile64, SectionHeader as _};
 
-use super::super::x86_64;
 use super::layout::Target;
+use crate::target::{self, RelocClass};
 
 /// `.rela.ksites`.
 pub const RELA_SECTION_NAME: &str = ".rela.ksites";
@@ -23,6 +23,7 @@ const SHT_LLVM_ADDRSIG: u32 = 0x6fff_4c03;
 
 /// Applies every change to a [`Builder`] of the input and writes it.
 pub(super) fn write_object(
+    arch: target::Target,
     path: &str,
     data: &[u8],
     table: &[u8],
@@ -91,7 +92,7 @@ pub(super) fn write_object(
         };
         // A C is-enabled tail call becomes `jmp ksites_probe_ret0`: its rel32 comes
         // from the retargeted relocation.
-        let Some(bytes) = x86_64::disabled_c_site(kind) else {
+        let Some(bytes) = arch.disabled_probe_unlinked(kind) else {
             continue;
         };
         patches
@@ -101,7 +102,7 @@ pub(super) fn write_object(
         c_sites
             .entry(sec)
             .or_default()
-            .insert(off + x86_64::SITE_REL32_AT, kind);
+            .insert(arch.plain_branch_field(off), kind);
     }
     for (sec, list) in patches {
         let s = b.sections.get_mut(sec_id(sec)?);
@@ -151,7 +152,7 @@ pub(super) fn write_object(
                 continue;
             };
             for r in rels.iter_mut() {
-                if !x86_64::is_rel32(r.r_type) {
+                if arch.reloc_class(r.r_type) != RelocClass::Branch {
                     continue;
                 }
                 let Some(&kind) = sites.get(&r.r_offset) else {
@@ -161,9 +162,9 @@ pub(super) fn write_object(
                 match (kind, ret0) {
                     (ProbeKind::CEnabledTail, Some(id)) => {
                         r.symbol = Some(id);
-                        (r.r_type, r.r_addend) = x86_64::stub_tail_reloc();
+                        (r.r_type, r.r_addend) = arch.branch_reloc();
                     }
-                    _ => r.r_type = x86_64::RELOC_NONE,
+                    _ => r.r_type = arch.none_reloc(),
                 }
             }
         }
@@ -172,7 +173,7 @@ pub(super) fn write_object(
             ensure!(
                 n == 1,
                 "{path}: probe site at section {sec}+{:#x}: expected one rel32 relocation, found {n}",
-                off - x86_64::SITE_REL32_AT
+                arch.plain_branch_start(*off).unwrap_or(*off)
             );
         }
     }
@@ -209,7 +210,7 @@ pub(super) fn write_object(
         rels.push(BRel {
             r_offset: field,
             symbol: Some(symbol),
-            r_type: x86_64::TABLE_FIELD,
+            r_type: arch.table_reloc(),
             r_addend: addend,
         });
     }
