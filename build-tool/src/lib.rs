@@ -7,6 +7,7 @@ pub use embed::rel as embed_rel;
 pub mod inspect;
 pub mod link;
 pub mod probes;
+pub mod record_section;
 pub mod records;
 pub mod scan;
 pub mod sites;

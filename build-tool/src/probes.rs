@@ -7,12 +7,15 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::format::{NARGS_UNKNOWN, PROBE_SITE_LEN, PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::{
-    PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_MAGIC, SITE_RECORD_SECTION,
-    SITE_RECORD_SIZE, STUB_SYMBOLS, Stubs, record,
+    PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_SECTION, SITE_RECORD_SIZE, STUB_SYMBOLS,
+    Stubs, record,
 };
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 use crate::elf::{ElfKind, Image};
+use crate::record_section::{
+    self, Declared, PROBE_SITE_RECORDS, declare, probe_site_kind, u32_at, u64_at,
+};
 use crate::sites::find_sites;
 use crate::table::{ProbeEntry, ProbeSiteEntry};
 use crate::target::RelocClass;
@@ -54,14 +57,6 @@ pub struct ProbeScan {
     pub rewrites: Vec<(u64, [u8; PROBE_SITE_LEN])>,
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
 fn read_str(img: &Image<'_>, ptr: u64, len: u64, what: &str) -> Result<String> {
     let b = img
         .read_va(ptr, len)
@@ -97,20 +92,7 @@ struct Pending {
 pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     let mut pending: Vec<Pending> = Vec::new();
     // (provider, name) -> declared nargs
-    let mut nargs: BTreeMap<(String, String), Option<u32>> = BTreeMap::new();
-    let mut declare = |key: &(String, String), n: Option<u32>, path: &str| -> Result<()> {
-        let e = nargs.entry(key.clone()).or_insert(None);
-        match (*e, n) {
-            (Some(a), Some(b)) if a != b => bail!(
-                "{path}: probe {}:{} is declared with {a} and with {b} arguments",
-                key.0,
-                key.1
-            ),
-            (None, Some(b)) => *e = Some(b),
-            _ => {}
-        }
-        Ok(())
-    };
+    let mut nargs = Declared::new();
 
     // 1. `probe!` / `probe_enabled!` records.
     if let Some(sec) = img.section_by_name(SITE_RECORD_SECTION) {
@@ -120,31 +102,9 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
             img.path
         );
         let data = sec.data()?;
-        let mut off = 0;
-        while off < data.len() {
-            if data.len() - off >= 8 && u64_at(data, off) == 0 {
-                off += 8;
-                continue;
-            }
-            ensure!(
-                data.len() - off >= SITE_RECORD_SIZE,
-                "{}: {SITE_RECORD_SECTION}+{off:#x}: truncated probe site record",
-                img.path
-            );
+        for off in record_section::walk(&img.path, &PROBE_SITE_RECORDS, data, |_| true)? {
             let r = &data[off..off + SITE_RECORD_SIZE];
-            ensure!(
-                u32_at(r, 0) == SITE_RECORD_MAGIC,
-                "{}: {SITE_RECORD_SECTION}+{off:#x}: bad probe site record magic",
-                img.path
-            );
-            let kind = match u32_at(r, 4) {
-                0 => ProbeKind::RustJmp,
-                1 => ProbeKind::RustEnabled,
-                k => bail!(
-                    "{}: {SITE_RECORD_SECTION}+{off:#x}: unknown probe site kind {k}",
-                    img.path
-                ),
-            };
+            let kind = probe_site_kind(&img.path, off, r)?;
             let (site, target, rec) = (u64_at(r, 8), u64_at(r, 16), u64_at(r, 24));
             let rb = img.read_va(rec, record::SIZE as u64).with_context(|| {
                 format!("{}: probe record at {rec:#x} is not in the file", img.path)
@@ -176,7 +136,12 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                 img.path
             );
             let key = (provider, name);
-            declare(&key, (n != RECORD_NARGS_NONE).then_some(n), &img.path)?;
+            declare(
+                &mut nargs,
+                &img.path,
+                &key,
+                (n != RECORD_NARGS_NONE).then_some(n),
+            )?;
             pending.push(Pending {
                 addr: site,
                 target,
@@ -184,7 +149,6 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                 key,
                 rec: Some(rec),
             });
-            off += SITE_RECORD_SIZE;
         }
     }
 
@@ -211,7 +175,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                 "{}: C probe {prov}:{name} declares {n} arguments (at most 6)",
                 img.path
             );
-            declare(&(prov, name), Some(n), &img.path)?;
+            declare(&mut nargs, &img.path, &(prov, name), Some(n))?;
             off += 40;
         }
     }
@@ -380,14 +344,8 @@ pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
     let mut out = Vec::new();
     if let Some(sec) = img.section_by_name(SITE_RECORD_SECTION) {
         let data = sec.data()?;
-        let mut off = 0;
-        while off + SITE_RECORD_SIZE <= data.len() {
-            if u64_at(data, off) == 0 {
-                off += 8;
-                continue;
-            }
+        for off in record_section::walk(&img.path, &PROBE_SITE_RECORDS, data, |_| true)? {
             out.push(u64_at(data, off + 8));
-            off += SITE_RECORD_SIZE;
         }
     }
     // Raw RELA entries: `embed` turned these relocations into NONE ones, which the

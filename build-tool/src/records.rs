@@ -1,13 +1,14 @@
 //! Reads the ifunc descriptor records the `ifunc!` macro leaves in `.ksites_ifuncs`.
 
 use anyhow::{Context, Result, bail, ensure};
-use kernel_loader::ifunc::{RECORD_MAGIC, RECORD_SECTION, RECORD_SIZE, RECORD_VERSION, record};
+use kernel_loader::ifunc::{RECORD_SECTION, RECORD_SIZE, record};
 use std::collections::HashMap;
 
 use object::elf;
 use object::{Object, ObjectSection, ObjectSymbol};
 
 use crate::elf::{ElfKind, Image, Reloc};
+use crate::record_section::{self, IFUNC_RECORDS, u64_at};
 use crate::sites::{Selected, SiteScan, find_sites_with};
 use crate::target::RelocClass;
 
@@ -31,14 +32,6 @@ pub struct IfuncInfo {
     /// relocated against the symbol (whose value is the resolver) and routed by the
     /// linker through the IPLT entry, the trampoline.
     pub gnu_symbol: Option<usize>,
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Every ifunc of a linked image: `ifunc!` records and GNU ifuncs, sorted by trampoline
@@ -209,33 +202,10 @@ fn read_rust_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
         }
     }
     let mut out = Vec::new();
-    let mut off = 0usize;
-    while off < data.len() {
-        // The linker may pad between input sections; records are 8-aligned and start with
-        // a non-zero magic, so skip zero words.
-        if data.len() - off >= 8 && u64_at(data, off) == 0 {
-            off += 8;
-            continue;
-        }
-        ensure!(
-            data.len() - off >= RECORD_SIZE,
-            "{}: {RECORD_SECTION}+{off:#x}: truncated ifunc record ({} bytes left, need {RECORD_SIZE})",
-            img.path,
-            data.len() - off
-        );
+    // The linker may pad between input sections; records are 8-aligned and start with a
+    // non-zero magic, so every zero word is padding.
+    for off in record_section::walk(&img.path, &IFUNC_RECORDS, data, |_| true)? {
         let r = &data[off..off + RECORD_SIZE];
-        let (magic, version) = (u32_at(r, 0), u32_at(r, 4));
-        ensure!(
-            magic == RECORD_MAGIC,
-            "{}: {RECORD_SECTION}+{off:#x}: bad ifunc record magic {magic:#x}",
-            img.path
-        );
-        ensure!(
-            version == RECORD_VERSION,
-            "{}: {RECORD_SECTION}+{off:#x}: ifunc record version {version}, this tool reads {RECORD_VERSION} \
-             (rebuild with the matching kernel-loader)",
-            img.path
-        );
         let name_ptr = u64_at(r, record::NAME_PTR);
         let name_len = u64_at(r, record::NAME_LEN);
         let name = img
@@ -261,7 +231,6 @@ fn read_rust_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
         };
         check_trampoline(img, &info)?;
         out.push(info);
-        off += RECORD_SIZE;
     }
     Ok(out)
 }

@@ -7,13 +7,10 @@ use std::rc::Rc;
 
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::format::{PROBE_SITE_LEN, ProbeKind};
-use kernel_loader::ifunc::{
-    IMPORT_SECTION, RECORD_MAGIC, RECORD_SECTION, RECORD_SIZE, RECORD_VERSION,
-    record as ifunc_record,
-};
+use kernel_loader::ifunc::{IMPORT_SECTION, RECORD_SECTION, RECORD_SIZE, record as ifunc_record};
 use kernel_loader::probe::{
-    PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_MAGIC, SITE_RECORD_SECTION,
-    SITE_RECORD_SIZE, record as probe_record,
+    PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_SECTION, SITE_RECORD_SIZE,
+    record as probe_record,
 };
 use object::elf;
 use object::read::elf::SectionHeader as _;
@@ -25,6 +22,9 @@ use object::{
 use super::layout::Target;
 use crate::elf::{Image, Reloc};
 use crate::probes::{DECL_MAGIC, DECL_SECTION, split_c_probe};
+use crate::record_section::{
+    self, Declared, IFUNC_RECORDS, PROBE_SITE_RECORDS, declare, probe_site_kind, u32_at, u64_at,
+};
 use crate::sites::{Selected, find_sites_with, reloc_target};
 use crate::target::RelocClass;
 
@@ -198,14 +198,6 @@ impl<'d> Obj<'_, 'd> {
     }
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
 /// A defined ifunc, as (section, offset) targets.
 pub(super) struct DefIfunc {
     pub(super) name: String,
@@ -223,26 +215,10 @@ pub(super) fn read_defined_ifuncs(o: &Obj<'_, '_>) -> Result<Vec<DefIfunc>> {
         }
         let data = sec.data()?;
         let relocs = o.relocs(&sec)?;
-        let mut off = 0usize;
-        while off < data.len() {
-            if data.len() - off >= 8
-                && u64_at(data, off) == 0
-                && !relocs.0.contains_key(&(off as u64 + 8))
-            {
-                off += 8;
-                continue;
-            }
-            ensure!(
-                data.len() - off >= RECORD_SIZE,
-                "{}: {RECORD_SECTION}+{off:#x}: truncated ifunc record",
-                o.path
-            );
+        // A zero word is padding unless a relocation fills the word after it.
+        let padding = |off: usize| !relocs.0.contains_key(&(off as u64 + 8));
+        for off in record_section::walk(o.path, &IFUNC_RECORDS, data, padding)? {
             let r = &data[off..off + RECORD_SIZE];
-            ensure!(
-                u32_at(r, 0) == RECORD_MAGIC && u32_at(r, 4) == RECORD_VERSION,
-                "{}: {RECORD_SECTION}+{off:#x}: bad ifunc record magic or version",
-                o.path
-            );
             let f = |field: usize| o.field(&relocs, RECORD_SECTION, (off + field) as u64);
             let name_t = f(ifunc_record::NAME_PTR)?;
             let name_len = u64_at(r, ifunc_record::NAME_LEN);
@@ -256,7 +232,6 @@ pub(super) fn read_defined_ifuncs(o: &Obj<'_, '_>) -> Result<Vec<DefIfunc>> {
             };
             check_trampoline(o, &d)?;
             out.push(d);
-            off += RECORD_SIZE;
         }
     }
     Ok(out)
@@ -385,26 +360,13 @@ pub(super) struct PendingProbe {
 /// Everything found, before numbering.
 pub(super) struct ProbeFind {
     pub(super) pending: Vec<PendingProbe>,
-    pub(super) nargs: BTreeMap<(String, String), Option<u32>>,
+    pub(super) nargs: Declared,
 }
 
 pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
     let mut pending = Vec::new();
-    let mut nargs: BTreeMap<(String, String), Option<u32>> = BTreeMap::new();
+    let mut nargs = Declared::new();
     let path = o.path;
-    let mut declare = |key: &(String, String), n: Option<u32>| -> Result<()> {
-        let e = nargs.entry(key.clone()).or_insert(None);
-        match (*e, n) {
-            (Some(a), Some(b)) if a != b => bail!(
-                "{path}: probe {}:{} is declared with {a} and with {b} arguments",
-                key.0,
-                key.1
-            ),
-            (None, Some(b)) => *e = Some(b),
-            _ => {}
-        }
-        Ok(())
-    };
 
     // 1. `probe!` / `probe_enabled!` records.
     for sec in o.img.file.sections() {
@@ -413,26 +375,9 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
         }
         let data = sec.data()?;
         let relocs = o.relocs(&sec)?;
-        let mut off = 0usize;
-        while off < data.len() {
-            if data.len() - off >= 8 && u64_at(data, off) == 0 {
-                off += 8;
-                continue;
-            }
-            ensure!(
-                data.len() - off >= SITE_RECORD_SIZE,
-                "{path}: {SITE_RECORD_SECTION}+{off:#x}: truncated probe site record"
-            );
+        for off in record_section::walk(path, &PROBE_SITE_RECORDS, data, |_| true)? {
             let r = &data[off..off + SITE_RECORD_SIZE];
-            ensure!(
-                u32_at(r, 0) == SITE_RECORD_MAGIC,
-                "{path}: {SITE_RECORD_SECTION}+{off:#x}: bad probe site record magic"
-            );
-            let kind = match u32_at(r, 4) {
-                0 => ProbeKind::RustJmp,
-                1 => ProbeKind::RustEnabled,
-                k => bail!("{path}: {SITE_RECORD_SECTION}+{off:#x}: unknown probe site kind {k}"),
-            };
+            let kind = probe_site_kind(path, off, r)?;
             let f = |field: usize| o.field(&relocs, SITE_RECORD_SECTION, (off + field) as u64);
             let (site, target, rec) = (f(8)?, f(16)?, f(24)?);
             for (t, what) in [(site, "probe site"), (target, "out-of-line target")] {
@@ -476,7 +421,12 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
             );
             let n = u32_at(rb, 4);
             let key = (provider, name);
-            declare(&key, (n != RECORD_NARGS_NONE).then_some(n))?;
+            declare(
+                &mut nargs,
+                path,
+                &key,
+                (n != RECORD_NARGS_NONE).then_some(n),
+            )?;
             pending.push(PendingProbe {
                 site,
                 target: Some(target),
@@ -484,7 +434,6 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
                 key,
                 record: Some(rec),
             });
-            off += SITE_RECORD_SIZE;
         }
     }
 
@@ -514,7 +463,7 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
                 n <= 6,
                 "{path}: C probe {prov}:{name} declares {n} arguments (at most 6)"
             );
-            declare(&(prov, name), Some(n))?;
+            declare(&mut nargs, path, &(prov, name), Some(n))?;
             off += 40;
         }
     }
