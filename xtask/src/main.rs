@@ -4,7 +4,9 @@
 //!   `.ksites` table, cross-checks `ksites inspect` against `objdump`, then boots the kernel
 //!   in QEMU on several CPU models and judges what it prints.
 //! * `cargo xtask fuzz [--seconds N]` runs the cargo-fuzz targets (nightly).
-//! * `cargo xtask test` runs fmt, clippy and the host tests, the host self-test (a native
+//! * `cargo xtask tidy` checks the tree (the architecture seam, module docs and sizes,
+//!   the README's lists); see [`tidy`].
+//! * `cargo xtask test` runs tidy, fmt, clippy and the host tests, the host self-test (a native
 //!   binary that patches itself), then everything `qemu` does.
 //! * `cargo xtask bench` builds the benchmark binary, embeds it, runs it, and prints the
 //!   ratio table (not part of `test`).
@@ -20,6 +22,7 @@ mod judge;
 mod modules;
 mod qemu;
 mod test;
+mod tidy;
 
 use std::path::{Path, PathBuf};
 
@@ -39,7 +42,10 @@ enum Command {
     /// Build the test kernel, embed its `.ksites` table, cross-check it against objdump,
     /// and boot it in QEMU on each CPU model (installs missing tools first).
     Qemu(qemu::QemuArgs),
-    /// Run fmt, clippy and host tests for the workspace and the test kernel, the host
+    /// Check the tree: x86 facts only under `arch/` and the build tool's targets, every
+    /// module documented and under 1,000 lines, the README's lists matching the tree.
+    Tidy,
+    /// Run tidy, fmt, clippy and host tests for the workspace and the test kernel, the host
     /// self-test, then everything `qemu` does with the default CPU models. Stops at the
     /// first failure.
     Test,
@@ -62,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             println!("xtask: {passed} passed, 0 failed");
             Ok(())
         }
+        Command::Tidy => tidy::run(&root),
         Command::Test => test::run(&sh, &root),
         Command::Fuzz(args) => fuzz::run(&sh, &root, &args),
         Command::Bench(args) => bench::run(&sh, &root, &args),

@@ -1,4 +1,4 @@
-//! `cargo xtask test`: fmt, clippy, host tests, then the QEMU runs. Stops at the first failure.
+//! `cargo xtask test`: tidy, fmt, clippy, host tests, then the QEMU runs. Stops at the first failure.
 
 use std::path::Path;
 
@@ -11,6 +11,9 @@ use crate::{host, install};
 pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     let paths = Paths::new(root);
     let kernel_dir = &paths.qemu_tests;
+
+    heading("tidy");
+    crate::tidy::run(root)?;
 
     heading("fmt");
     install::rust_component(sh, "rustfmt")?;
