@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result, bail, ensure};
-use kernel_loader::format::{NARGS_UNKNOWN, PROBE_SITE_LEN, PSite, ProbeKind, SiteKind};
+use kernel_loader::format::{NARGS_UNKNOWN, PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::{
     PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_SECTION, SITE_RECORD_SIZE, STUB_SYMBOLS,
     Stubs, record,
@@ -18,7 +18,7 @@ use crate::record_section::{
 };
 use crate::sites::find_sites;
 use crate::table::{ProbeEntry, ProbeSiteEntry};
-use crate::target::RelocClass;
+use crate::target::{PROBE_SITE_LEN, RelocClass};
 
 /// Section of C probe declarations (`KSITES_PROBE_DECL` in `ksites_sdt.h`).
 pub const DECL_SECTION: &str = ".ksites_probe_decls";
@@ -127,13 +127,16 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                 u64_at(rb, record::NAME_LEN),
                 "name",
             )?;
-            let bytes = img.read_va(site, PROBE_SITE_LEN as u64).with_context(|| {
-                format!("{}: probe site {site:#x} is not in the file", img.path)
-            })?;
+            let bytes = img
+                .read_va(site, img.target.probe_site_len() as u64)
+                .with_context(|| {
+                    format!("{}: probe site {site:#x} is not in the file", img.path)
+                })?;
             ensure!(
                 bytes == img.target.probe_nop(),
-                "{}: probe site {site:#x} ({provider}:{name}) holds {bytes:02x?}, expected the 5-byte NOP",
-                img.path
+                "{}: probe site {site:#x} ({provider}:{name}) holds {bytes:02x?}, expected the {}-byte NOP",
+                img.path,
+                img.target.probe_site_len()
             );
             let key = (provider, name);
             declare(
@@ -261,7 +264,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     pending.sort_by_key(|p| p.addr);
     for w in pending.windows(2) {
         ensure!(
-            w[0].addr + PROBE_SITE_LEN as u64 <= w[1].addr,
+            w[0].addr + img.target.probe_site_len() as u64 <= w[1].addr,
             "{}: probe sites at {:#x} and {:#x} overlap",
             img.path,
             w[0].addr,

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, bail};
 use kernel_loader::cell::{CELL_MAGIC, CELL_SIZE, CELL_SYMBOL};
-use kernel_loader::format::{PROBE_SITE_LEN, SECTION_NAME, Table};
+use kernel_loader::format::{SECTION_NAME, Table};
 use object::ObjectSection;
 
 use crate::elf::Image;
@@ -183,7 +183,7 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
                 continue;
             }
         };
-        let found = img.read_va(s.addr, PROBE_SITE_LEN as u64);
+        let found = img.read_va(s.addr, img.target.probe_site_len() as u64);
         if found != Some(&want[..]) {
             let name = t
                 .probe(s.probe)

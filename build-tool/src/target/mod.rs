@@ -14,10 +14,15 @@
 
 pub mod x86_64;
 
-use kernel_loader::format::{PROBE_SITE_LEN, PSite, ProbeKind, SiteKind};
+use kernel_loader::format::{PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::{ProbeError, Stubs};
 
 use crate::elf::Reloc;
+
+/// The length of a probe site, in bytes, for every target the tool supports (the byte
+/// arrays the probe methods return are this long). It is the target's own constant, not
+/// the host's: the tool processes x86-64 files on any host.
+pub const PROBE_SITE_LEN: usize = x86_64::PROBE_SITE_LEN;
 
 /// An instruction set the build tool handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -276,6 +281,12 @@ impl Target {
         }
     }
 
+    /// The length of a probe site ([`PROBE_SITE_LEN`]).
+    pub const fn probe_site_len(self) -> usize {
+        match self {
+            Target::X86_64 => x86_64::PROBE_SITE_LEN,
+        }
+    }
     /// The disabled form of a `probe!` site and of a C probe call.
     pub const fn probe_nop(self) -> [u8; PROBE_SITE_LEN] {
         match self {

@@ -5,12 +5,12 @@
 //! module. Encodings come from `kernel_loader::arch::x86_64` (never defined twice).
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
+pub use kernel_loader::arch::x86_64::PROBE_SITE_LEN;
 use kernel_loader::arch::x86_64::{
-    JMP_REL32, JMP_RIP_INDIRECT, NOP5, TRAMPOLINE_LEN, is_branch_prefix, opcode_matches,
+    JMP_REL32, JMP_RIP_INDIRECT, MAX_SITE_LEN, NOP5, REL32_LEN, TRAMPOLINE_LEN, is_branch_prefix,
+    opcode_len, opcode_matches,
 };
-use kernel_loader::format::{
-    ARCH_X86_64, MAX_SITE_LEN, PROBE_SITE_LEN, PSite, ProbeKind, SiteKind,
-};
+use kernel_loader::format::{ARCH_X86_64, PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::{ProbeError, Stubs, site_bytes_with};
 use object::elf;
 
@@ -255,7 +255,7 @@ pub(super) fn classify(
             Mnemonic(insn)
         ));
     }
-    let prefixes = len - kind.opcode_len() - 4;
+    let prefixes = len - opcode_len(kind) - REL32_LEN;
     let off = (insn.ip() - start) as usize;
     let bytes = &code[off..off + len];
     if !bytes[..prefixes].iter().all(|&b| is_branch_prefix(b))

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use anyhow::{Context, Result, bail, ensure};
-use kernel_loader::format::{PROBE_SITE_LEN, ProbeKind};
+use kernel_loader::format::ProbeKind;
 use kernel_loader::ifunc::{IMPORT_SECTION, RECORD_SECTION, RECORD_SIZE, record as ifunc_record};
 use kernel_loader::probe::{
     PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_SECTION, SITE_RECORD_SIZE,
@@ -413,11 +413,12 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
                 u64_at(rb, probe_record::NAME_LEN),
                 "probe name",
             )?;
-            let bytes = o.bytes_at(site, PROBE_SITE_LEN as u64, "probe site")?;
+            let bytes = o.bytes_at(site, o.img.target.probe_site_len() as u64, "probe site")?;
             ensure!(
                 bytes == o.img.target.probe_nop(),
-                "{path}: probe site {} ({provider}:{name}) holds {bytes:02x?}, expected the 5-byte NOP",
-                o.describe(site)
+                "{path}: probe site {} ({provider}:{name}) holds {bytes:02x?}, expected the {}-byte NOP",
+                o.describe(site),
+                o.img.target.probe_site_len()
             );
             let n = u32_at(rb, 4);
             let key = (provider, name);
@@ -527,7 +528,7 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
             (w[0].site, w[1].site)
         {
             ensure!(
-                a != b || x + PROBE_SITE_LEN as u64 <= y,
+                a != b || x + o.img.target.probe_site_len() as u64 <= y,
                 "{path}: probe sites at {} and {} overlap",
                 o.describe(w[0].site),
                 o.describe(w[1].site)
