@@ -7,23 +7,19 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::format::{NARGS_UNKNOWN, PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::{
-    PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_SECTION, SITE_RECORD_SIZE, STUB_SYMBOLS,
-    Stubs, record,
+    DECL_SECTION, DECL_SIZE, PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_SECTION,
+    SITE_RECORD_SIZE, STUB_SYMBOLS, Stubs, decl, record,
 };
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 use crate::elf::{ElfKind, Image};
 use crate::record_section::{
-    self, Declared, PROBE_SITE_RECORDS, declare, probe_site_kind, u32_at, u64_at,
+    self, Declared, PROBE_DECLS, PROBE_SITE_RECORDS, declare, probe_site_kind, u32_at, u64_at,
 };
 use crate::sites::find_sites;
 use crate::table::{ProbeEntry, ProbeSiteEntry};
 use crate::target::{PROBE_SITE_LEN, RelocClass};
 
-/// Section of C probe declarations (`KSITES_PROBE_DECL` in `ksites_sdt.h`).
-pub const DECL_SECTION: &str = ".ksites_probe_decls";
-/// First word of a C declaration record ("KSPD").
-pub const DECL_MAGIC: u32 = u32::from_le_bytes(*b"KSPD");
 /// Prefix of C probe functions.
 pub const C_PROBE_PREFIX: &str = "__dtrace_probe_";
 /// Prefix of C is-enabled functions.
@@ -158,28 +154,27 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     // 2. C declarations (argument counts).
     if let Some(sec) = img.section_by_name(DECL_SECTION) {
         let data = sec.data()?;
-        let mut off = 0;
-        while off + 40 <= data.len() {
-            if u64_at(data, off) == 0 {
-                off += 8;
-                continue;
-            }
-            let r = &data[off..off + 40];
-            ensure!(
-                u32_at(r, 0) == DECL_MAGIC,
-                "{}: {DECL_SECTION}+{off:#x}: bad magic",
-                img.path
-            );
-            let n = u32_at(r, 4);
-            let prov = read_str(img, u64_at(r, 8), u64_at(r, 16), "provider")?;
-            let name = read_str(img, u64_at(r, 24), u64_at(r, 32), "name")?;
+        for off in record_section::walk(&img.path, &PROBE_DECLS, data, |_| true)? {
+            let r = &data[off..off + DECL_SIZE];
+            let n = u32_at(r, decl::NARGS);
+            let prov = read_str(
+                img,
+                u64_at(r, decl::PROVIDER),
+                u64_at(r, decl::PROVIDER_LEN),
+                "provider",
+            )?;
+            let name = read_str(
+                img,
+                u64_at(r, decl::NAME),
+                u64_at(r, decl::NAME_LEN),
+                "name",
+            )?;
             ensure!(
                 n <= 6,
                 "{}: C probe {prov}:{name} declares {n} arguments (at most 6)",
                 img.path
             );
             declare(&mut nargs, &img.path, &(prov, name), Some(n))?;
-            off += 40;
         }
     }
 

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use anyhow::{Result, bail, ensure};
 use kernel_loader::format::ProbeKind;
 use kernel_loader::ifunc::{RECORD_MAGIC, RECORD_SECTION, RECORD_SIZE, RECORD_VERSION};
-use kernel_loader::probe::{SITE_RECORD_MAGIC, SITE_RECORD_SECTION, SITE_RECORD_SIZE};
+use kernel_loader::probe::{
+    DECL_MAGIC, DECL_SECTION, DECL_SIZE, SITE_RECORD_MAGIC, SITE_RECORD_SECTION, SITE_RECORD_SIZE,
+};
 
 /// One kind of record section.
 #[derive(Clone, Copy, Debug)]
@@ -41,6 +43,15 @@ pub const PROBE_SITE_RECORDS: RecordKind = RecordKind {
     what: "probe site",
     size: SITE_RECORD_SIZE,
     magic: SITE_RECORD_MAGIC,
+    version: None,
+};
+
+/// C probe declarations (`KSITES_PROBE_DECL`).
+pub const PROBE_DECLS: RecordKind = RecordKind {
+    section: DECL_SECTION,
+    what: "C probe declaration",
+    size: DECL_SIZE,
+    magic: DECL_MAGIC,
     version: None,
 };
 

@@ -22,7 +22,7 @@ const RECORD_SECTIONS: [&str; 4] = [
     crate::ifunc::RECORD_SECTION,
     crate::ifunc::IMPORT_SECTION,
     probe::SITE_RECORD_SECTION,
-    ".ksites_probe_decls",
+    probe::DECL_SECTION,
 ];
 
 /// The parsed object.

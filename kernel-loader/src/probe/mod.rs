@@ -51,8 +51,8 @@ pub use dispatch::{
 };
 pub use glob::{glob_match, glob_match_str};
 pub use records::{
-    PROBE_RECORD_MAGIC, ProbeRecord, RECORD_NARGS_NONE, SITE_RECORD_MAGIC, SITE_RECORD_SECTION,
-    SITE_RECORD_SIZE, UNASSIGNED, record,
+    DECL_MAGIC, DECL_SECTION, DECL_SIZE, PROBE_RECORD_MAGIC, ProbeRecord, RECORD_NARGS_NONE,
+    SITE_RECORD_MAGIC, SITE_RECORD_SECTION, SITE_RECORD_SIZE, UNASSIGNED, decl, record,
 };
 pub use registry::{
     ImageHandle, ProbeInfo, count, disable, disable_handlers_in, enable, handler_in, info,

@@ -22,6 +22,29 @@ pub const RECORD_NARGS_NONE: u32 = u32::MAX;
 /// Value of [`ProbeRecord`]'s id before `ksites embed` assigns one.
 pub const UNASSIGNED: u32 = u32::MAX;
 
+/// Section of C probe declarations, one record per `KSITES_PROBE_DECL` in
+/// `c/ksites_sdt.h`: `u32 magic, u32 nargs, u64 provider, u64 provider length, u64 name,
+/// u64 name length` (the pointers relocated, the strings not NUL-terminated).
+pub const DECL_SECTION: &str = ".ksites_probe_decls";
+/// First word of a C declaration record ("KSPD").
+pub const DECL_MAGIC: u32 = u32::from_le_bytes(*b"KSPD");
+/// Size of a C declaration record.
+pub const DECL_SIZE: usize = 40;
+
+/// Byte offsets of a C declaration record's fields (see [`DECL_SECTION`]).
+pub mod decl {
+    /// `u32` declared argument count.
+    pub const NARGS: usize = 4;
+    /// Provider pointer.
+    pub const PROVIDER: usize = 8;
+    /// Provider length.
+    pub const PROVIDER_LEN: usize = 16;
+    /// Name pointer.
+    pub const NAME: usize = 24;
+    /// Name length.
+    pub const NAME_LEN: usize = 32;
+}
+
 /// Byte offsets of [`ProbeRecord`]'s fields (the build tool reads and patches them).
 pub mod record {
     /// `*const u8` provider.

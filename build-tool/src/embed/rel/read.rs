@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::format::ProbeKind;
 use kernel_loader::ifunc::{IMPORT_SECTION, RECORD_SECTION, RECORD_SIZE, record as ifunc_record};
 use kernel_loader::probe::{
-    PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_SECTION, SITE_RECORD_SIZE,
-    record as probe_record,
+    DECL_SECTION, DECL_SIZE, PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_SECTION,
+    SITE_RECORD_SIZE, decl, record as probe_record,
 };
 use object::elf;
 use object::read::elf::SectionHeader as _;
@@ -21,9 +21,10 @@ use object::{
 
 use super::layout::Target;
 use crate::elf::{Image, Reloc};
-use crate::probes::{DECL_MAGIC, DECL_SECTION, split_c_probe};
+use crate::probes::split_c_probe;
 use crate::record_section::{
-    self, Declared, IFUNC_RECORDS, PROBE_SITE_RECORDS, declare, probe_site_kind, u32_at, u64_at,
+    self, Declared, IFUNC_RECORDS, PROBE_DECLS, PROBE_SITE_RECORDS, declare, probe_site_kind,
+    u32_at, u64_at,
 };
 use crate::sites::{Selected, find_sites_with, reloc_target};
 use crate::target::RelocClass;
@@ -445,27 +446,23 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
         }
         let data = sec.data()?;
         let relocs = o.relocs(&sec)?;
-        let mut off = 0usize;
-        while off + 40 <= data.len() {
-            if u64_at(data, off) == 0 {
-                off += 8;
-                continue;
-            }
-            let r = &data[off..off + 40];
-            ensure!(
-                u32_at(r, 0) == DECL_MAGIC,
-                "{path}: {DECL_SECTION}+{off:#x}: bad magic"
-            );
-            let n = u32_at(r, 4);
+        // A zero word is padding unless a relocation fills the word after it.
+        let padding = |off: usize| !relocs.0.contains_key(&(off as u64 + 8));
+        for off in record_section::walk(path, &PROBE_DECLS, data, padding)? {
+            let r = &data[off..off + DECL_SIZE];
+            let n = u32_at(r, decl::NARGS);
             let f = |field: usize| o.field(&relocs, DECL_SECTION, (off + field) as u64);
-            let prov = o.string(f(8)?, u64_at(r, 16), "provider")?;
-            let name = o.string(f(24)?, u64_at(r, 32), "name")?;
+            let prov = o.string(
+                f(decl::PROVIDER)?,
+                u64_at(r, decl::PROVIDER_LEN),
+                "provider",
+            )?;
+            let name = o.string(f(decl::NAME)?, u64_at(r, decl::NAME_LEN), "name")?;
             ensure!(
                 n <= 6,
                 "{path}: C probe {prov}:{name} declares {n} arguments (at most 6)"
             );
             declare(&mut nargs, path, &(prov, name), Some(n))?;
-            off += 40;
         }
     }
 
