@@ -9,7 +9,7 @@ use super::{
     IfuncSite, MAGIC, NARGS_UNKNOWN, PROBE_DESC_SIZE, PROBE_SITE_SIZE, Part, ProbeDesc, ProbeKind,
     ProbeSite, SubTable, TABLE_ALIGN, VERSION, resolve_rel,
 };
-use crate::arch::{Arch, BranchSite, SiteKind};
+use crate::arch::{Arch, BranchSite, ProbeSiteRef, SiteKind};
 
 /// A validated table. Cheap to copy; borrows the table bytes.
 #[derive(Clone, Copy, Debug)]
@@ -144,6 +144,18 @@ pub struct PSite {
     pub kind: ProbeKind,
     /// Index of its probe.
     pub probe: u32,
+}
+
+impl PSite {
+    /// The site as the architecture's probe functions take it.
+    #[inline(always)]
+    pub const fn arch_ref(&self) -> ProbeSiteRef {
+        ProbeSiteRef {
+            addr: self.addr,
+            target: self.target,
+            kind: self.kind,
+        }
+    }
 }
 
 fn in_ranges(exec: &[Range<u64>], start: u64, len: u64) -> bool {

@@ -24,7 +24,7 @@ pub fn site_bytes(s: &PSite, on: bool) -> Result<SiteBytes, ProbeError> {
 /// the live-patch protocol resumes at an instruction boundary.
 #[inline(always)]
 pub fn site_bytes_with(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteBytes, ProbeError> {
-    arch::site_bytes(s, on, stubs).map_err(|e| ProbeError::OutOfReach {
+    arch::site_bytes(&s.arch_ref(), on, stubs).map_err(|e| ProbeError::OutOfReach {
         site: s.addr,
         target: e.target,
     })
