@@ -87,7 +87,7 @@ const SLOT_LIVE: u8 = 1;
 /// modules. `data` is written only through a `&mut Control` while the state is
 /// `SLOT_FREE` and `readers` is 0; slot 0's data is written once, before it goes live.
 ///
-/// Lock-free readers (the int3 handler, the dispatchers) find a module's slot by
+/// Lock-free readers (the trap handler, the dispatchers) find a module's slot by
 /// address through `start..end`, then count themselves in `readers` and re-check the
 /// state before touching `data` (a hazard count, per slot, so unloading one module
 /// waits only for CPUs inside *that* module's data, never for the steady traffic of
@@ -163,7 +163,7 @@ pub(super) fn kernel_image() -> Option<&'static SlotData> {
 }
 
 /// Runs `f` on the image owning address `addr`: the module whose memory contains it,
-/// else the kernel. Lock-free (int3 handler and dispatchers).
+/// else the kernel. Lock-free (trap handler and dispatchers).
 #[inline(always)]
 pub(super) fn with_image_at<R>(addr: u64, f: impl FnOnce(&SlotData) -> R) -> Option<R> {
     for slot in &IMAGES[1..] {
