@@ -106,10 +106,16 @@ mod tests {
         let n = Name::new(&long);
         assert!(n.is_truncated());
         assert_eq!(n.as_str(), &long[..Name::CAPACITY]);
-        assert!(n != long.as_str(), "a truncated name never equals the longer string");
+        assert!(
+            n != long.as_str(),
+            "a truncated name never equals the longer string"
+        );
         assert!(n != &long[..Name::CAPACITY], "nor its kept prefix");
         assert_eq!(format!("{n}"), format!("{}…", &long[..Name::CAPACITY]));
-        assert_eq!(format!("{n:?}"), format!("\"{}…\"", &long[..Name::CAPACITY]));
+        assert_eq!(
+            format!("{n:?}"),
+            format!("\"{}…\"", &long[..Name::CAPACITY])
+        );
 
         // Exactly CAPACITY bytes fit whole; a multi-byte character is not split.
         assert!(!Name::new(&long[..Name::CAPACITY]).is_truncated());

@@ -70,6 +70,9 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Every architecture this crate supports (what [`Arch::from_id`] accepts).
+    pub const ALL: &'static [Arch] = &[Arch::X86_64];
+
     /// The architecture of a header id, if this crate supports it.
     #[inline]
     pub const fn from_id(id: u16) -> Option<Arch> {
@@ -456,6 +459,16 @@ mod tests {
         }
         assert_eq!(ids::name(ids::AARCH64), Some("aarch64"));
         assert_eq!(ids::name(7), None);
+    }
+
+    #[test]
+    fn all_lists_what_from_id_accepts() {
+        for id in 0..=16 {
+            assert_eq!(
+                Arch::from_id(id),
+                Arch::ALL.iter().copied().find(|a| a.id() == id)
+            );
+        }
     }
 
     #[test]
