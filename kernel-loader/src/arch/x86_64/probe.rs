@@ -4,7 +4,7 @@
 //!
 //! The generic probe code (`crate::probe`) talks to this module only through names an
 //! `aarch64` or `riscv64` module defines too: [`SITE_LEN`], [`SiteBytes`],
-//! [`site_bytes`], [`Stubs`], [`ROUNDS`]/[`round`]/[`is_residue`], [`Int3Frame`],
+//! [`site_bytes`], [`Stubs`], [`ROUNDS`]/[`round`]/[`round_uses_new`]/[`is_residue`], [`Int3Frame`],
 //! [`trap_site`]/[`trap_args`]/[`emulate`]/[`call_site`], the entry stubs, and the
 //! `c_entry!`, `__ksites_probe_site_asm!` and `__ksites_probe_section_asm!` macros.
 //!
@@ -100,6 +100,13 @@ pub fn round(r: usize, new: &SiteBytes) -> (u64, &[u8]) {
         1 => (1, &new[1..]),
         _ => (0, &new[..1]),
     }
+}
+
+/// Whether [`round`] `r` reads its `new` argument (round 0 writes only the trap, so a
+/// forward batch need not encode the new bytes for it).
+#[inline(always)]
+pub const fn round_uses_new(r: usize) -> bool {
+    r != 0
 }
 
 /// Whether `found` is what an interrupted batch between `old` and `new` (in either
