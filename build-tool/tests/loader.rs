@@ -586,6 +586,26 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
             ..
         })
     ));
+    // A defined ifunc's slot at address 0: refused as a slot, not later as a trampoline
+    // (a low base, so every field of descriptor 0 can point at small addresses).
+    {
+        let img = Image::new();
+        let mut t = img.table_bytes()[..img.table().bytes().len()].to_vec();
+        let base = 0x10_0000u64;
+        let o = get_u32(&t, H_IFUNCS) as usize;
+        for (field, target) in [(0, 0x1000u64), (4, 0), (8, 0x1010), (12, 0x1020)] {
+            let rel = target as i64 - (base + (o + field) as u64) as i64;
+            put_u32(&mut t, o + field, rel as i32 as u32);
+        }
+        assert_eq!(
+            Table::parse(&t, base, &[0x1000..0x2000]).map(|_| ()),
+            Err(FormatError::BadIfuncPointer {
+                ifunc: 0,
+                field: IfuncField::Slot,
+                addr: 0,
+            })
+        );
+    }
     // Two descriptors for one trampoline.
     assert_eq!(
         parse_mut(|t, b| {
