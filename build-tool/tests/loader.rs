@@ -597,8 +597,9 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
             let rel = target as i64 - (base + (o + field) as u64) as i64;
             put_u32(&mut t, o + field, rel as i32 as u32);
         }
+        let exec = std::iter::once(0x1000..0x2000).collect::<Vec<_>>();
         assert_eq!(
-            Table::parse(&t, base, &[0x1000..0x2000]).map(|_| ()),
+            Table::parse(&t, base, &exec).map(|_| ()),
             Err(FormatError::BadIfuncPointer {
                 ifunc: 0,
                 field: IfuncField::Slot,
