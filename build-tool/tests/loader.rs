@@ -5,8 +5,10 @@
 mod common;
 
 use common::*;
-use kernel_loader::format::{FormatError, HEADER_SIZE, IFUNC_SITE_SIZE, IfuncField, Part, Table};
-use kernel_loader::patch::{PatchError, patch_ifuncs};
+use kernel_loader::format::{
+    FormatError, HEADER_SIZE, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncField, Part, Table,
+};
+use kernel_loader::patch::{PatchError, PokeError, TextPoker, patch_ifuncs};
 use ksites::table::build_table;
 
 #[test]
@@ -239,6 +241,89 @@ fn a_bad_resolution_restores_slots() {
         );
         assert_eq!(img.bytes(), &before[..]);
         assert_eq!(p.writes, 0);
+    }
+}
+
+/// A poker whose reads at `at` return the real bytes `good` times, then garbage (a
+/// trampoline that changes under the engine).
+struct FlakyReads {
+    inner: FakePoker,
+    at: u64,
+    good: std::cell::Cell<usize>,
+}
+
+impl TextPoker for FlakyReads {
+    fn begin(&mut self) -> Result<(), PokeError> {
+        self.inner.begin()
+    }
+
+    unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
+        // SAFETY: forwarded.
+        unsafe { self.inner.write(addr, bytes) }
+    }
+
+    unsafe fn read(&self, addr: u64, out: &mut [u8]) {
+        if addr == self.at {
+            if self.good.get() == 0 {
+                out.fill(0);
+                return;
+            }
+            self.good.set(self.good.get() - 1);
+        }
+        // SAFETY: forwarded: the engine reads only inside the test image.
+        unsafe { self.inner.read(addr, out) }
+    }
+
+    fn sync_cores(&mut self) {
+        self.inner.sync_cores();
+    }
+
+    fn end(&mut self) {
+        self.inner.end();
+    }
+}
+
+/// Step 1 checks an import's trampoline once; resolving must not read it again (it
+/// used to, and returned the second read's error with earlier slots left resolved).
+#[test]
+fn an_import_trampoline_is_read_once_and_no_slot_changes_on_error() {
+    let mut img = Image::new();
+    // Ifunc 1 ("t::one") becomes an import: slot, resolver and default fields 0. Its
+    // trampoline still jumps through SLOT1 (the "defining image's" slot).
+    let descs = get_u32(img.table_bytes(), H_IFUNCS) as usize;
+    let d1 = TABLE + descs + IFUNC_DESC_SIZE;
+    img.bytes_mut()[d1 + 4..d1 + 16].fill(0);
+    let t = img.table();
+    assert!(t.ifunc(1).unwrap().imported);
+    let mut p = FlakyReads {
+        inner: FakePoker::default(),
+        at: img.addr(TRAMP1),
+        good: std::cell::Cell::new(1),
+    };
+    let mut resolve = |f: &kernel_loader::format::Ifunc<'_>| {
+        assert_eq!(f.index, 0, "imports are not resolved");
+        img.addr(IMPL_A1)
+    };
+    // SAFETY: the table describes `img`, which nothing executes; the import's
+    // trampoline is in the image.
+    let r = unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve) };
+    match r {
+        Ok(r) => {
+            assert_eq!((r.ifuncs, r.sites_patched), (2, 4));
+            assert_eq!(img.slot(SLOT0), img.addr(IMPL_A1));
+            assert_eq!(
+                img.rel_target(S_JMP, 1),
+                IMPL_B0,
+                "the import's current target"
+            );
+        }
+        Err(e) => {
+            assert_eq!(
+                img.slot(SLOT0),
+                img.addr(IMPL_A0),
+                "slot left resolved: {e}"
+            );
+        }
     }
 }
 
@@ -501,6 +586,27 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
             ..
         })
     ));
+    // A defined ifunc's slot at address 0: refused as a slot, not later as a trampoline
+    // (a low base, so every field of descriptor 0 can point at small addresses).
+    {
+        let img = Image::new();
+        let mut t = img.table_bytes()[..img.table().bytes().len()].to_vec();
+        let base = 0x10_0000u64;
+        let o = get_u32(&t, H_IFUNCS) as usize;
+        for (field, target) in [(0, 0x1000u64), (4, 0), (8, 0x1010), (12, 0x1020)] {
+            let rel = target as i64 - (base + (o + field) as u64) as i64;
+            put_u32(&mut t, o + field, rel as i32 as u32);
+        }
+        let exec = std::iter::once(0x1000..0x2000).collect::<Vec<_>>();
+        assert_eq!(
+            Table::parse(&t, base, &exec).map(|_| ()),
+            Err(FormatError::BadIfuncPointer {
+                ifunc: 0,
+                field: IfuncField::Slot,
+                addr: 0,
+            })
+        );
+    }
     // Two descriptors for one trampoline.
     assert_eq!(
         parse_mut(|t, b| {

@@ -423,7 +423,7 @@ unsafe fn check_trampoline<P: TextPoker + ?Sized>(
 ///    and slots are mapped, its slots are writable data that nothing else writes while
 ///    this runs, and `exec` is the executable ranges it was validated with.
 /// 2. No CPU other than the caller's executes the sites while this runs (boot or module
-///    load); live patching uses the int3 protocol instead.
+///    load); live patching uses the architecture's live-patch protocol instead.
 /// 3. The trampoline of every imported ifunc is the trampoline of an ifunc the defining
 ///    image (the kernel) defines, so the slot it jumps through is mapped and readable
 ///    (the module loader checks imports against the kernel's table when it has one).
@@ -438,22 +438,26 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
     //    already aimed at its slot's current value means `init` ran before), then slots.
     // The first CACHED ifuncs' trampolines and, once resolved, targets, on the stack (no
     // allocator): the per-site loops then decode only the site entries.
+    // Each cached ifunc keeps the slot its trampoline was checked to jump through, so
+    // later steps never read (and never re-validate) a trampoline again.
     let mut cache = IfuncCache::default();
     for f in table.ifuncs() {
         // SAFETY: forwarded (preconditions 1 and 3); `f` is from `table`.
-        unsafe { check_trampoline(arch, poker, &f, exec)? };
-        cache.set_trampoline(f.index, f.trampoline);
+        let slot = unsafe { check_trampoline(arch, poker, &f, exec)? };
+        cache.set_checked(f.index, f.trampoline, slot);
     }
     // The slot an ifunc's sites end up at: its own, or for an import (read, never
-    // written) the defining image's, which its trampoline jumps through.
-    let slot_of = |f: &Ifunc<'t>| -> Result<Slot, PatchError> {
+    // written) the defining image's, which its trampoline jumps through: the one step 1
+    // accepted, or (past the cache) the trampoline checked again.
+    let slot_of = |cache: &IfuncCache, f: &Ifunc<'t>| -> Result<Slot, PatchError> {
         // SAFETY: `f` is from `table`, which satisfies precondition 1 (defined ifuncs)
         // and 3 (imports).
         let own = unsafe { Slot::defined(f) };
-        match own {
-            Some(s) => Ok(s.slot()),
+        match (own, cache.slot(f.index)) {
+            (Some(s), _) => Ok(s.slot()),
+            (None, Some(s)) => Ok(s),
             // SAFETY: as in `check_trampoline`, which already accepted this trampoline.
-            None => unsafe { check_trampoline(arch, poker, f, exec) },
+            (None, None) => unsafe { check_trampoline(arch, poker, f, exec) },
         }
     };
     // Index loops (not `table.sites()`): the engine's hot paths, kept inlinable.
@@ -475,7 +479,7 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
                 // (Without a descriptor, which a validated table always has, there is no
                 // slot to read: the trampoline stands in and the site is unexpected.)
                 let current = match table.ifunc(s.ifunc) {
-                    Some(f) => slot_of(&f)?.read(),
+                    Some(f) => slot_of(&cache, &f)?.read(),
                     None => f.trampoline,
                 };
                 if opcode_ok
@@ -519,7 +523,15 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         let own = unsafe { Slot::defined(&f) };
         let addr = match own {
             Some(_) => resolve(&f),
-            None => slot_of(&f)?.read(),
+            None => match slot_of(&cache, &f) {
+                Ok(slot) => slot.read(),
+                Err(e) => {
+                    // Earlier ifuncs' slots are resolved already: keep "no slot
+                    // changed on error".
+                    restore_slots(table, i);
+                    return Err(e);
+                }
+            },
         };
         if !in_exec(exec, addr) {
             restore_slots(table, i);
@@ -611,6 +623,8 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
 /// (tables have tens); later ones are decoded from the table each time.
 struct IfuncCache {
     trampolines: [u64; IfuncCache::LEN],
+    /// The slot step 1 found each trampoline jumping through.
+    slots: [Option<Slot>; IfuncCache::LEN],
     targets: [u64; IfuncCache::LEN],
 }
 
@@ -618,6 +632,7 @@ impl Default for IfuncCache {
     fn default() -> Self {
         IfuncCache {
             trampolines: [0; IfuncCache::LEN],
+            slots: [None; IfuncCache::LEN],
             targets: [0; IfuncCache::LEN],
         }
     }
@@ -626,10 +641,20 @@ impl Default for IfuncCache {
 impl IfuncCache {
     const LEN: usize = 64;
 
-    fn set_trampoline(&mut self, i: u32, addr: u64) {
-        if let Some(t) = self.trampolines.get_mut(i as usize) {
-            *t = addr;
+    /// Records ifunc `i`'s trampoline and the slot `check_trampoline` returned for it.
+    fn set_checked(&mut self, i: u32, trampoline: u64, slot: Slot) {
+        if let (Some(t), Some(s)) = (
+            self.trampolines.get_mut(i as usize),
+            self.slots.get_mut(i as usize),
+        ) {
+            *t = trampoline;
+            *s = Some(slot);
         }
+    }
+
+    /// The slot step 1 validated for ifunc `i`, if cached.
+    fn slot(&self, i: u32) -> Option<Slot> {
+        self.slots.get(i as usize).copied().flatten()
     }
 
     fn set_target(&mut self, i: u32, addr: u64) {

@@ -24,8 +24,8 @@
 //! # Dependencies
 //!
 //! `arch` is a leaf: it imports nothing from the rest of the crate. The neutral types it
-//! shares with the table format and the patch engine ([`SiteKind`], [`BranchSite`],
-//! [`InsnBytes`], [`TargetField`]) live here, and `format` and `patch` re-export them, so the import
+//! shares with the table format and the patch engine ([`SiteKind`], [`ProbeKind`],
+//! [`ProbeSiteRef`], [`BranchSite`], [`InsnBytes`], [`TargetField`]) live here, and `format` and `patch` re-export them, so the import
 //! graph only goes `format`/`patch`/`probe` → `arch`.
 
 use core::fmt;
@@ -70,6 +70,9 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Every architecture this crate supports (what [`Arch::from_id`] accepts).
+    pub const ALL: &'static [Arch] = &[Arch::X86_64];
+
     /// The architecture of a header id, if this crate supports it.
     #[inline]
     pub const fn from_id(id: u16) -> Option<Arch> {
@@ -279,6 +282,91 @@ impl SiteKind {
     }
 }
 
+/// How a probe site is disabled and enabled: which form it has in each state is the
+/// architecture's business (each architecture module lists its forms, e.g. [`x86_64`]).
+/// Each form is a single instruction in both states, so a CPU stopped anywhere while a
+/// site is rewritten resumes on an instruction boundary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProbeKind {
+    /// A `probe!` site.
+    RustJmp,
+    /// A `probe_enabled!` site.
+    RustEnabled,
+    /// A C call of `__dtrace_probe_<provider>___<name>`.
+    CCall,
+    /// A C tail call (`jmp`) of `__dtrace_probe_…`.
+    CTail,
+    /// A C call of `__dtraceenabled_<provider>___<name>`.
+    CEnabled,
+    /// A C tail call of `__dtraceenabled_…`.
+    CEnabledTail,
+}
+
+impl ProbeKind {
+    /// The 3-bit encoding.
+    pub const fn bits(self) -> u32 {
+        match self {
+            ProbeKind::RustJmp => 0,
+            ProbeKind::RustEnabled => 1,
+            ProbeKind::CCall => 2,
+            ProbeKind::CTail => 3,
+            ProbeKind::CEnabled => 4,
+            ProbeKind::CEnabledTail => 5,
+        }
+    }
+
+    /// Decodes the 3-bit encoding.
+    #[inline]
+    pub const fn from_bits(b: u32) -> Option<ProbeKind> {
+        match b {
+            0 => Some(ProbeKind::RustJmp),
+            1 => Some(ProbeKind::RustEnabled),
+            2 => Some(ProbeKind::CCall),
+            3 => Some(ProbeKind::CTail),
+            4 => Some(ProbeKind::CEnabled),
+            5 => Some(ProbeKind::CEnabledTail),
+            _ => None,
+        }
+    }
+
+    /// Whether the site has an out-of-line target.
+    pub const fn is_rust(self) -> bool {
+        matches!(self, ProbeKind::RustJmp | ProbeKind::RustEnabled)
+    }
+
+    /// Whether it is an is-enabled check rather than a firing site.
+    pub const fn is_enabled_check(self) -> bool {
+        matches!(
+            self,
+            ProbeKind::RustEnabled | ProbeKind::CEnabled | ProbeKind::CEnabledTail
+        )
+    }
+
+    /// Short name for listings.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ProbeKind::RustJmp => "rust",
+            ProbeKind::RustEnabled => "rust-is-enabled",
+            ProbeKind::CCall => "c-call",
+            ProbeKind::CTail => "c-tail",
+            ProbeKind::CEnabled => "c-is-enabled",
+            ProbeKind::CEnabledTail => "c-is-enabled-tail",
+        }
+    }
+}
+
+/// A probe site as the architecture layer sees it: what the generic probe code passes
+/// to `probe::site_bytes` and `probe::emulate` (built from a table's `format::PSite`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeSiteRef {
+    /// Address of the site's first byte.
+    pub addr: u64,
+    /// Out-of-line target (Rust sites), else 0.
+    pub target: u64,
+    /// The kind.
+    pub kind: ProbeKind,
+}
+
 /// A branch site as the architecture layer sees it: where it is and what it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BranchSite {
@@ -371,6 +459,16 @@ mod tests {
         }
         assert_eq!(ids::name(ids::AARCH64), Some("aarch64"));
         assert_eq!(ids::name(7), None);
+    }
+
+    #[test]
+    fn all_lists_what_from_id_accepts() {
+        for id in 0..=16 {
+            assert_eq!(
+                Arch::from_id(id),
+                Arch::ALL.iter().copied().find(|a| a.id() == id)
+            );
+        }
     }
 
     #[test]

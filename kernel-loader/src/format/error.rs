@@ -3,7 +3,7 @@
 use core::fmt;
 
 use super::{HEADER_SIZE, VERSION};
-use crate::arch::ids;
+use crate::arch::{Arch, ids};
 
 /// A part of the table, as named in errors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,13 +233,20 @@ impl fmt::Display for FormatError {
                     "unsupported table version {v} (this reader knows {VERSION})"
                 )
             }
-            FormatError::WrongArch(a) => match ids::name(a) {
-                Some(name) => write!(
-                    f,
-                    "table is for architecture {a} ({name}), which this reader does not support"
-                ),
-                None => write!(f, "table is for unknown architecture {a}"),
-            },
+            FormatError::WrongArch(a) => {
+                match ids::name(a) {
+                    Some(name) => write!(f, "table is for architecture {a} ({name})")?,
+                    None => write!(f, "table is for unknown architecture {a}")?,
+                }
+                f.write_str(", this reader supports ")?;
+                for (i, arch) in Arch::ALL.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{arch} ({})", arch.id())?;
+                }
+                Ok(())
+            }
             FormatError::UnknownFlags(x) => write!(f, "unknown header flags {x:#x}"),
             FormatError::BadHeaderSize(s) => {
                 write!(f, "header size {s}, expected {HEADER_SIZE}")

@@ -101,78 +101,7 @@ pub struct ProbeSite {
     pub info: u32,
 }
 
-/// How a probe site is disabled and enabled: which form it has in each state is the
-/// architecture's business (the x86-64 forms are listed in [`crate::arch::x86_64`]).
-/// Each form is a single instruction in both states, so a CPU stopped anywhere while a
-/// site is rewritten resumes on an instruction boundary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ProbeKind {
-    /// A `probe!` site.
-    RustJmp,
-    /// A `probe_enabled!` site.
-    RustEnabled,
-    /// A C call of `__dtrace_probe_<provider>___<name>`.
-    CCall,
-    /// A C tail call (`jmp`) of `__dtrace_probe_…`.
-    CTail,
-    /// A C call of `__dtraceenabled_<provider>___<name>`.
-    CEnabled,
-    /// A C tail call of `__dtraceenabled_…`.
-    CEnabledTail,
-}
-
-impl ProbeKind {
-    /// The 3-bit encoding.
-    pub const fn bits(self) -> u32 {
-        match self {
-            ProbeKind::RustJmp => 0,
-            ProbeKind::RustEnabled => 1,
-            ProbeKind::CCall => 2,
-            ProbeKind::CTail => 3,
-            ProbeKind::CEnabled => 4,
-            ProbeKind::CEnabledTail => 5,
-        }
-    }
-
-    /// Decodes the 3-bit encoding.
-    #[inline]
-    pub const fn from_bits(b: u32) -> Option<ProbeKind> {
-        match b {
-            0 => Some(ProbeKind::RustJmp),
-            1 => Some(ProbeKind::RustEnabled),
-            2 => Some(ProbeKind::CCall),
-            3 => Some(ProbeKind::CTail),
-            4 => Some(ProbeKind::CEnabled),
-            5 => Some(ProbeKind::CEnabledTail),
-            _ => None,
-        }
-    }
-
-    /// Whether the site has an out-of-line target.
-    pub const fn is_rust(self) -> bool {
-        matches!(self, ProbeKind::RustJmp | ProbeKind::RustEnabled)
-    }
-
-    /// Whether it is an is-enabled check rather than a firing site.
-    pub const fn is_enabled_check(self) -> bool {
-        matches!(
-            self,
-            ProbeKind::RustEnabled | ProbeKind::CEnabled | ProbeKind::CEnabledTail
-        )
-    }
-
-    /// Short name for listings.
-    pub const fn name(self) -> &'static str {
-        match self {
-            ProbeKind::RustJmp => "rust",
-            ProbeKind::RustEnabled => "rust-is-enabled",
-            ProbeKind::CCall => "c-call",
-            ProbeKind::CTail => "c-tail",
-            ProbeKind::CEnabled => "c-is-enabled",
-            ProbeKind::CEnabledTail => "c-is-enabled-tail",
-        }
-    }
-}
+pub use crate::arch::ProbeKind;
 
 /// Largest number of prefix bytes a site's encoding can carry (3 bits).
 pub const MAX_PREFIXES: u32 = 7;

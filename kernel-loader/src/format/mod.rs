@@ -112,9 +112,12 @@ mod tests {
             assert!(msg.contains("architecture"), "{msg}");
         }
         let msg = std::format!("{}", FormatError::WrongArch(ids::AARCH64));
+        let native = std::format!("supports {} ({})", Arch::X86_64, ids::X86_64);
         assert!(
-            msg.contains("aarch64") && msg.contains("not support"),
+            msg.contains("architecture 2 (aarch64)") && msg.ends_with(&native),
             "{msg}"
         );
+        let msg = std::format!("{}", FormatError::WrongArch(9));
+        assert!(msg.contains("unknown architecture 9, "), "{msg}");
     }
 }

@@ -9,7 +9,7 @@ use super::{
     IfuncSite, MAGIC, NARGS_UNKNOWN, PROBE_DESC_SIZE, PROBE_SITE_SIZE, Part, ProbeDesc, ProbeKind,
     ProbeSite, SubTable, TABLE_ALIGN, VERSION, resolve_rel,
 };
-use crate::arch::{Arch, BranchSite, SiteKind};
+use crate::arch::{Arch, BranchSite, ProbeSiteRef, SiteKind};
 
 /// A validated table. Cheap to copy; borrows the table bytes.
 #[derive(Clone, Copy, Debug)]
@@ -81,8 +81,8 @@ impl Site {
         false
     }
 
-    /// Address range of the branch's target field, the bytes patching rewrites (on
-    /// x86-64 the rel32, the last four bytes).
+    /// Address range of the branch's target field, the bytes patching rewrites (where
+    /// it lies is the architecture's: [`crate::arch::Arch::target_field`]).
     #[inline(always)]
     pub const fn target_field(&self) -> Range<u64> {
         self.addr + self.field.0 as u64..self.addr + self.field.1 as u64
@@ -94,7 +94,8 @@ impl Site {
         self.field.0 as usize..self.field.1 as usize
     }
 
-    /// Address of the target field's first byte (the x86-64 name: the rel32's).
+    /// Address of the first byte of the branch's target field: the same as
+    /// `self.target_field().start` (an older name, kept for existing callers).
     #[inline(always)]
     pub const fn rel32_addr(&self) -> u64 {
         self.addr + self.field.0 as u64
@@ -144,6 +145,18 @@ pub struct PSite {
     pub kind: ProbeKind,
     /// Index of its probe.
     pub probe: u32,
+}
+
+impl PSite {
+    /// The site as the architecture's probe functions take it.
+    #[inline(always)]
+    pub const fn arch_ref(&self) -> ProbeSiteRef {
+        ProbeSiteRef {
+            addr: self.addr,
+            target: self.target,
+            kind: self.kind,
+        }
+    }
 }
 
 fn in_ranges(exec: &[Range<u64>], start: u64, len: u64) -> bool {
@@ -302,7 +315,10 @@ impl<'a> Table<'a> {
                     });
                 }
             }
-            if !f.slot.is_multiple_of(8)
+            // A defined ifunc's slot is never 0 (the patcher would take it for an
+            // import's and report its trampoline instead).
+            if f.slot == 0
+                || !f.slot.is_multiple_of(8)
                 || f.slot.checked_add(8).is_none()
                 || exec_overlaps(exec, f.slot, 8)
             {

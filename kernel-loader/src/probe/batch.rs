@@ -24,7 +24,7 @@ pub fn site_bytes(s: &PSite, on: bool) -> Result<SiteBytes, ProbeError> {
 /// the live-patch protocol resumes at an instruction boundary.
 #[inline(always)]
 pub fn site_bytes_with(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteBytes, ProbeError> {
-    arch::site_bytes(s, on, stubs).map_err(|e| ProbeError::OutOfReach {
+    arch::site_bytes(&s.arch_ref(), on, stubs).map_err(|e| ProbeError::OutOfReach {
         site: s.addr,
         target: e.target,
     })
@@ -203,11 +203,20 @@ unsafe fn write_sites<P: TextPoker + ?Sized>(
 ) -> Result<(), ProbeError> {
     let sites = || SitesOf::new(t, local);
     for r in 0..ROUNDS {
+        // A forward batch checked every site's new bytes encode before writing (see
+        // `switch`), so a round that does not read them skips the encoding; a rollback
+        // still encodes, to skip the sites it could not encode, as before.
+        let encode = mode == Mode::Restore || arch::round_uses_new(r);
         for s in sites() {
-            let new = match site_bytes(&s, on) {
-                Ok(b) => b,
-                Err(_) if mode == Mode::Restore => continue,
-                Err(e) => return Err(e),
+            let new = if encode {
+                match site_bytes(&s, on) {
+                    Ok(b) => b,
+                    Err(_) if mode == Mode::Restore => continue,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                // Unread by this round.
+                [0; SITE_LEN]
             };
             if mode == Mode::Restore && r > 0 {
                 let (off, prev) = arch::round(r - 1, &new);

@@ -123,13 +123,18 @@ unsafe fn emulate(f: &mut Int3Frame) -> bool {
     }) else {
         return false;
     };
+    // (A registered site's probe always has a state; `get` keeps the trap path free of
+    // a panicking index all the same.)
+    let Some(state) = STATES.get(id as usize) else {
+        return false;
+    };
     INT3_EMULATIONS.fetch_add(1, Ordering::Relaxed);
-    let on = STATES[id as usize].enabled.load(Ordering::Acquire);
+    let on = state.enabled.load(Ordering::Acquire);
     if on && matches!(s.kind, ProbeKind::CCall | ProbeKind::CTail) {
         fire(id, &arch::trap_args(f));
     }
     // SAFETY: `f` is the live context of a trap at site `s` (precondition).
-    unsafe { arch::emulate(f, &s, on) };
+    unsafe { arch::emulate(f, &s.arch_ref(), on) };
     true
 }
 

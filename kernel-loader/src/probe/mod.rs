@@ -1,5 +1,5 @@
 //! SDT probes: the `probe!` / `probe_enabled!` macros, the registry, the dispatchers, and
-//! live enable/disable with the int3 protocol.
+//! live enable/disable with the architecture's live-patch (trap) protocol.
 //!
 //! A disabled probe site is one instruction that does nothing (see
 //! [`ProbeKind`](crate::format::ProbeKind) for every form). Enabling a probe rewrites all its sites in one batch:
@@ -14,7 +14,7 @@
 //!
 //! A failed write rolls every site of the batch back with the same routine.
 //!
-//! The int3 handler reads only the registered table and the static per-probe state,
+//! The trap handler reads only the registered table and the static per-probe state,
 //! which live as long as the image; a counter of CPUs inside the handler lets a batch
 //! (and, later, module unload) wait for them to leave. There is no per-batch descriptor
 //! to be freed or cleared under a running handler (the bug Linux shipped twice).
@@ -31,6 +31,7 @@
 
 use core::fmt;
 
+use crate::arch::{Arch, ids};
 pub use crate::name::Name;
 use crate::patch::{InsnBytes, PokeError};
 
@@ -104,7 +105,10 @@ pub enum ProbeError {
         /// Found bytes.
         found: InsnBytes,
     },
-    /// An enabled form cannot reach its target with a rel32.
+    /// The table was written for another architecture than the one this kernel runs
+    /// (its header's architecture id): its sites would be patched with the wrong bytes.
+    WrongArch(u16),
+    /// An enabled form cannot reach its target from the site's branch.
     OutOfReach {
         /// Site address.
         site: u64,
@@ -114,8 +118,9 @@ pub enum ProbeError {
     /// The kernel's poker failed; every site of the batch was restored.
     Poke(PokeError),
     /// The kernel's poker failed, and restoring failed too at this site. The probe is
-    /// in its old state; the site may still be `cc` (emulated by the int3 handler) and
-    /// the next enable/disable accepts and rewrites it.
+    /// in its old state; the site may still start with the architecture's trap
+    /// (emulated by the trap handler) and the next enable/disable accepts and rewrites
+    /// it.
     RollbackIncomplete {
         /// The first site that could not be restored.
         site: u64,
@@ -157,17 +162,25 @@ impl fmt::Display for ProbeError {
                 "probe {} site {site:#x}: expected bytes [{expected}], found [{found}]",
                 probe.0
             ),
+            ProbeError::WrongArch(id) => {
+                write!(f, "probe table is for architecture {id}")?;
+                if let Some(name) = ids::name(*id) {
+                    write!(f, " ({name})")?;
+                }
+                let native = Arch::native();
+                write!(f, ", this kernel runs {native} ({})", native.id())
+            }
             ProbeError::OutOfReach { site, target } => {
                 write!(
                     f,
-                    "probe site {site:#x} cannot reach {target:#x} with a rel32"
+                    "probe site {site:#x} cannot reach {target:#x} from the site's branch"
                 )
             }
             ProbeError::Poke(e) => write!(f, "{e} (batch rolled back)"),
             ProbeError::RollbackIncomplete { site, probe } => write!(
                 f,
                 "probe {}: a write failed and site {site:#x} could not be restored (it is \
-                 emulated through int3 until the next batch rewrites it)",
+                 emulated through the trap handler until the next batch rewrites it)",
                 probe.0
             ),
         }

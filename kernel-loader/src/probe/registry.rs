@@ -10,6 +10,7 @@ use super::batch::{self, check_disabled};
 use super::glob::glob_match;
 use super::state::{self, Control, STATES, images};
 use super::{Handler, MAX_PROBES, Name, ProbeError, ProbeId};
+use crate::arch::Arch;
 use crate::format::Table;
 use crate::patch::TextPoker;
 
@@ -21,6 +22,7 @@ pub fn register_image<P: TextPoker + ?Sized>(
     table: Table<'static>,
     poker: &P,
 ) -> Result<u32, ProbeError> {
+    native_only(table.arch())?;
     let mut lock = state::lock();
     if state::kernel_registered(&lock) {
         return Err(ProbeError::AlreadyRegistered);
@@ -30,6 +32,21 @@ pub fn register_image<P: TextPoker + ?Sized>(
     let base = state::free_ids(n, &lock).ok_or(ProbeError::TooManyProbes(n))?;
     state::publish(0, table, base, 0..0, &mut lock);
     Ok(n)
+}
+
+/// Refuses a table written for another architecture than the native one: batches
+/// write the native architecture's probe bytes.
+fn native_only(arch: Arch) -> Result<(), ProbeError> {
+    check_arch_id(arch.id())
+}
+
+/// [`native_only`] on a header id (testable with ids no [`Arch`] has yet).
+fn check_arch_id(id: u16) -> Result<(), ProbeError> {
+    if id == Arch::native().id() {
+        Ok(())
+    } else {
+        Err(ProbeError::WrongArch(id))
+    }
 }
 
 /// A module's place in the registry, from [`register_module`].
@@ -72,6 +89,7 @@ pub unsafe fn register_module<P: TextPoker + ?Sized>(
     // SAFETY: the caller keeps the table alive until it is unregistered, which removes
     // every reference the registry holds (`state::free` waits for lock-free readers).
     let table: Table<'static> = unsafe { core::mem::transmute::<Table<'_>, Table<'static>>(table) };
+    native_only(table.arch())?;
     let mut lock = state::lock();
     check_disabled(&table, poker)?;
     let n = table.probe_count();
@@ -328,4 +346,27 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
     // SAFETY: `d.table` is the probe's live table, kept from being unregistered by the
     // lock; the rest is forwarded.
     unsafe { batch::switch(&d.table, ProbeId(local), id, st, on, poker) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::ids;
+
+    #[test]
+    fn a_table_of_another_architecture_is_refused() {
+        assert_eq!(native_only(Arch::native()), Ok(()));
+        assert_eq!(check_arch_id(Arch::native().id()), Ok(()));
+        for id in [ids::AARCH64, ids::RISCV64, 0] {
+            assert_eq!(check_arch_id(id), Err(ProbeError::WrongArch(id)));
+        }
+        let msg = std::format!("{}", ProbeError::WrongArch(ids::AARCH64));
+        let native = std::format!("{} ({})", Arch::native(), Arch::native().id());
+        assert!(
+            msg.contains("2 (aarch64)") && msg.contains(&native),
+            "{msg}"
+        );
+        let msg = std::format!("{}", ProbeError::WrongArch(9));
+        assert!(msg.contains("architecture 9,"), "{msg}");
+    }
 }

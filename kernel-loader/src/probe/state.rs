@@ -85,9 +85,10 @@ const SLOT_LIVE: u8 = 1;
 
 /// One registered table. Slot 0 is the kernel image, never removed; the others are
 /// modules. `data` is written only through a `&mut Control` while the state is
-/// `SLOT_FREE` and `readers` is 0; slot 0's data is written once, before it goes live.
+/// `SLOT_FREE` (by [`free`] once `readers` drained; by [`publish`] before it stores
+/// `SLOT_LIVE`); slot 0's data is written once, before it goes live.
 ///
-/// Lock-free readers (the int3 handler, the dispatchers) find a module's slot by
+/// Lock-free readers (the trap handler, the dispatchers) find a module's slot by
 /// address through `start..end`, then count themselves in `readers` and re-check the
 /// state before touching `data` (a hazard count, per slot, so unloading one module
 /// waits only for CPUs inside *that* module's data, never for the steady traffic of
@@ -109,10 +110,13 @@ pub(super) struct SlotData {
 }
 
 // SAFETY: `data` is written only by `publish` and `free`, which take `&mut Control` (so
-// no reference from `ImageSlot::get` is alive) and write only while `state` is
-// `SLOT_FREE` and no lock-free reader is counted in `readers`; lock-free readers read it
-// only after an Acquire load of `SLOT_LIVE` (and, for module slots, counted in
-// `readers`, re-checked). Every other field is atomic.
+// no reference from `ImageSlot::get` is alive). `free` stores `SLOT_FREE` (SeqCst), then
+// waits for `readers` to drain before writing, so no counted-in reader is reading.
+// `publish` writes only a `SLOT_FREE` slot and does not wait for `readers`: a reader
+// counted in meanwhile re-checks `state` (SeqCst) and reads `data` only if it then sees
+// `SLOT_LIVE`, which `publish` stores with Release after writing, so it reads the
+// complete new data and never during the write. Slot 0, never freed, is read only after
+// an Acquire load of `SLOT_LIVE`. Every other field is atomic.
 unsafe impl Sync for ImageSlot {}
 
 impl ImageSlot {
@@ -163,7 +167,7 @@ pub(super) fn kernel_image() -> Option<&'static SlotData> {
 }
 
 /// Runs `f` on the image owning address `addr`: the module whose memory contains it,
-/// else the kernel. Lock-free (int3 handler and dispatchers).
+/// else the kernel. Lock-free (trap handler and dispatchers).
 #[inline(always)]
 pub(super) fn with_image_at<R>(addr: u64, f: impl FnOnce(&SlotData) -> R) -> Option<R> {
     for slot in &IMAGES[1..] {

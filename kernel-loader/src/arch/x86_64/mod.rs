@@ -9,7 +9,7 @@
 //!
 //! # Probe forms
 //!
-//! How each [`crate::format::ProbeKind`] is disabled and enabled (5-byte sites):
+//! How each [`crate::arch::ProbeKind`] is disabled and enabled (5-byte sites):
 //!
 //! | kind | disabled | enabled |
 //! |---|---|---|

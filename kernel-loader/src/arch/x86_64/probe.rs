@@ -4,14 +4,14 @@
 //!
 //! The generic probe code (`crate::probe`) talks to this module only through names an
 //! `aarch64` or `riscv64` module defines too: [`SITE_LEN`], [`SiteBytes`],
-//! [`site_bytes`], [`Stubs`], [`ROUNDS`]/[`round`]/[`is_residue`], [`Int3Frame`],
+//! [`site_bytes`], [`Stubs`], [`ROUNDS`]/[`round`]/[`round_uses_new`]/[`is_residue`], [`Int3Frame`],
 //! [`trap_site`]/[`trap_args`]/[`emulate`]/[`call_site`], the entry stubs, and the
 //! `c_entry!`, `__ksites_probe_site_asm!` and `__ksites_probe_section_asm!` macros.
 //!
-//! This module imports nothing from `crate::probe`: only the neutral table types of
-//! [`crate::format`].
+//! This module imports nothing outside `crate::arch`: sites come as the neutral
+//! [`ProbeSiteRef`].
 
-use crate::format::{PSite, ProbeKind};
+use crate::arch::{ProbeKind, ProbeSiteRef};
 
 use super::branch::{CALL_REL32, JMP_REL32, NOP5, rel32};
 
@@ -66,7 +66,7 @@ pub struct OutOfReach {
 /// the int3 protocol resumes at an instruction boundary: only the first byte (`cc`) or
 /// the operand bytes change.
 #[inline(always)]
-pub fn site_bytes(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteBytes, OutOfReach> {
+pub fn site_bytes(s: &ProbeSiteRef, on: bool, stubs: &Stubs) -> Result<SiteBytes, OutOfReach> {
     let branch = |op: u8, target: u64| -> Result<SiteBytes, OutOfReach> {
         let r = rel32(s.addr + SITE_LEN as u64, target).ok_or(OutOfReach { target })?;
         let r = r.to_le_bytes();
@@ -100,6 +100,13 @@ pub fn round(r: usize, new: &SiteBytes) -> (u64, &[u8]) {
         1 => (1, &new[1..]),
         _ => (0, &new[..1]),
     }
+}
+
+/// Whether [`round`] `r` reads its `new` argument (round 0 writes only the trap, so a
+/// forward batch need not encode the new bytes for it).
+#[inline(always)]
+pub const fn round_uses_new(r: usize) -> bool {
+    r != 0
 }
 
 /// Whether `found` is what an interrupted batch between `old` and `new` (in either
@@ -175,7 +182,7 @@ pub fn trap_args(f: &Int3Frame) -> [u64; 6] {
 /// its stack is the return address its function was called with); the kernel writes
 /// `rip`, `rsp` and `rax` back before returning from the trap.
 #[inline(always)]
-pub unsafe fn emulate(f: &mut Int3Frame, s: &PSite, on: bool) {
+pub unsafe fn emulate(f: &mut Int3Frame, s: &ProbeSiteRef, on: bool) {
     let next = s.addr + SITE_LEN as u64;
     let ret = |f: &mut Int3Frame| {
         // SAFETY: the site is a tail call: the interrupted stack's top is the return
