@@ -5,13 +5,15 @@
 //! module. Encodings come from `kernel_loader::arch::x86_64` (never defined twice).
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
+use kernel_loader::arch::ProbeSiteRef;
 pub use kernel_loader::arch::x86_64::PROBE_SITE_LEN;
+use kernel_loader::arch::x86_64::probe::{Stubs, site_bytes};
 use kernel_loader::arch::x86_64::{
     JMP_REL32, JMP_RIP_INDIRECT, MAX_SITE_LEN, NOP5, REL32_LEN, TRAMPOLINE_LEN, is_branch_prefix,
     opcode_len, opcode_matches,
 };
 use kernel_loader::format::{ARCH_X86_64, PSite, ProbeKind, SiteKind};
-use kernel_loader::probe::{ProbeError, Stubs, site_bytes_with};
+use kernel_loader::probe::ProbeError;
 use object::elf;
 
 use super::{Decoded, Insn, RelocClass, SiteInsn};
@@ -150,7 +152,10 @@ pub const fn probe_nop() -> [u8; PROBE_SITE_LEN] {
 
 /// The disabled bytes of a probe site of any kind.
 pub fn disabled_probe(site: &PSite, stubs: &Stubs) -> Result<[u8; PROBE_SITE_LEN], ProbeError> {
-    site_bytes_with(site, false, stubs)
+    site_bytes(&site.arch_ref(), false, stubs).map_err(|e| ProbeError::OutOfReach {
+        site: site.addr,
+        target: e.target,
+    })
 }
 
 /// The disabled bytes of a C probe site of `kind` in a relocatable object, where a
@@ -162,12 +167,10 @@ pub fn disabled_probe_unlinked(kind: ProbeKind) -> Option<[u8; PROBE_SITE_LEN]> 
         // `jmp ksites_probe_ret0`: the rel32 comes from the retargeted relocation.
         ProbeKind::CEnabledTail => Some([JMP_REL32, 0, 0, 0, 0]),
         ProbeKind::CCall | ProbeKind::CTail | ProbeKind::CEnabled => {
-            let site = PSite {
-                index: 0,
+            let site = ProbeSiteRef {
                 addr: 0,
                 target: 0,
                 kind,
-                probe: 0,
             };
             let stubs = Stubs {
                 c_entry: 0,
@@ -175,7 +178,7 @@ pub fn disabled_probe_unlinked(kind: ProbeKind) -> Option<[u8; PROBE_SITE_LEN]> 
                 ret1: 0,
             };
             // These disabled forms branch nowhere: they cannot be out of reach.
-            site_bytes_with(&site, false, &stubs).ok()
+            site_bytes(&site, false, &stubs).ok()
         }
     }
 }
