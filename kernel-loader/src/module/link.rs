@@ -82,6 +82,7 @@ impl<'b> Linker<'b, '_, '_> {
     /// The region's bytes `off..off + len`, as a raw pointer; panics if the range is
     /// not inside the region (offsets come from the layout, which fits in it: a range
     /// outside is a loader bug, never written).
+    #[inline]
     fn at(&self, off: usize, len: usize) -> *mut u8 {
         assert!(
             off.checked_add(len).is_some_and(|e| e <= self.region.size),
@@ -93,6 +94,7 @@ impl<'b> Linker<'b, '_, '_> {
     }
 
     /// Writes `bytes` at `off` in the region.
+    #[inline]
     fn write(&self, off: usize, bytes: &[u8]) {
         let p = self.at(off, bytes.len());
         // SAFETY: `p..p + len` lies in the region (`at` checked it), which is writable
@@ -298,24 +300,25 @@ impl<'b> Linker<'b, '_, '_> {
         let offset = r.r_offset(LE);
         let r_type = r.r_type(LE, false);
         let sym = r.r_sym(LE, false) as usize;
-        let section = Name::new(tname);
+        // Names are copied only on the error paths: this runs once per relocation.
+        let section = || Name::new(tname);
         let bad = |why| ModuleError::BadRelocation {
-            section,
+            section: section(),
             offset,
             why,
         };
         if sym >= self.layout.symbols {
             return Err(bad(RelocationProblem::SymbolOutOfRange));
         }
-        let unsupported = ModuleError::UnsupportedRelocation {
+        let unsupported = || ModuleError::UnsupportedRelocation {
             r_type,
-            section,
+            section: section(),
             offset,
         };
         let width = match reloc::width(r_type) {
             Some(0) => return Ok(()),
             Some(w) => w as u64,
-            None => return Err(unsupported),
+            None => return Err(unsupported()),
         };
         let size = tsh.sh_size.get(LE);
         if offset.checked_add(width).is_none_or(|e| e > size) {
@@ -331,14 +334,20 @@ impl<'b> Linker<'b, '_, '_> {
         let v = reloc::compute(r_type, s, r.r_addend(LE), p).map_err(|e| match e {
             RelocError::Overflow { value } => ModuleError::Overflow {
                 r_type,
-                section,
+                section: section(),
                 offset,
                 value,
             },
-            RelocError::Unsupported | RelocError::Short => unsupported,
+            RelocError::Unsupported | RelocError::Short => unsupported(),
         })?;
         // The field lies in its section (checked above), which lies in the region.
-        self.write((p - self.region.addr) as usize, v.bytes());
+        let at = (p - self.region.addr) as usize;
+        // Fixed-size copies for the two field widths: this runs once per relocation.
+        match *v.bytes() {
+            [b0, b1, b2, b3] => self.write(at, &[b0, b1, b2, b3]),
+            [b0, b1, b2, b3, b4, b5, b6, b7] => self.write(at, &[b0, b1, b2, b3, b4, b5, b6, b7]),
+            ref other => self.write(at, other),
+        }
         self.report.relocations += 1;
         Ok(())
     }

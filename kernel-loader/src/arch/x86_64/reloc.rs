@@ -70,6 +70,7 @@ pub struct Value {
 
 impl Value {
     /// The bytes to write.
+    #[inline]
     pub fn bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
@@ -77,6 +78,7 @@ impl Value {
 
 /// The width in bytes of the field `r_type` writes (0 for [`NONE`]), or `None` if the
 /// loader does not implement it.
+#[inline]
 pub fn width(r_type: u32) -> Option<usize> {
     match r_type {
         NONE => Some(0),
@@ -89,6 +91,7 @@ pub fn width(r_type: u32) -> Option<usize> {
 /// What relocation `r_type` writes for symbol value `s`, addend `a`, at place `p`:
 /// `R_X86_64_64`, `PC64`, `PC32`, `PLT32`, `32`, `32S` (each 32-bit result checked for
 /// overflow) and `NONE` (nothing).
+#[inline]
 pub fn compute(r_type: u32, s: u64, a: i64, p: u64) -> Result<Value, RelocError> {
     let sa = s.wrapping_add_signed(a);
     let four = |v: u32| Value {
