@@ -147,7 +147,7 @@ pub const IMPORT_SECTION: &str = ".ksites_ifunc_imports";
 /// ```
 ///
 /// The names are the kernel's exported (unmangled) symbol names. Like the kernel's own
-/// [`ifunc!`](crate::ifunc) functions, they are safe to call.
+/// [`ifunc!`](macro@crate::ifunc) functions, they are safe to call.
 #[macro_export]
 macro_rules! ifunc_import {
     ($(

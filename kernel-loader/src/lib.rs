@@ -10,8 +10,8 @@
 //! * [`ifunc!`]: declares an ifunc (trampoline, slot, descriptor record).
 //! * [`patch`]: boot-time patching of ifunc call sites through a kernel-supplied [`TextPoker`].
 //! * [`cell`]: the table cell through which a linked image finds its own table.
-//! * [`probe`]: SDT probes (`probe!`, `probe_enabled!`, dtrace-style C probes), the
-//!   registry, and live enable/disable with the int3 protocol.
+//! * [`probe`](mod@probe): SDT probes (`probe!`, `probe_enabled!`, dtrace-style C probes), the
+//!   registry, and live enable/disable with the architecture's live-patch protocol.
 //! * `module` (feature `module`): the ET_REL module loader ([`module::Module::load`]).
 //! * `host` (feature `std`, Linux x86-64): a [`TextPoker`] and a `SIGTRAP` hook for a
 //!   normal process, so a host binary can patch itself (tests and benchmarks).
