@@ -24,6 +24,9 @@ pub enum Malformed {
     BadSymbolSection,
     /// A relocation section's `sh_info` names no section.
     RelocationTargetsNoSection,
+    /// A placed section, a relocated field or a probe site falls outside the module's
+    /// memory (the layout should make this impossible; it is checked, not assumed).
+    OutsideRegion,
 }
 
 impl fmt::Display for Malformed {
@@ -37,6 +40,7 @@ impl fmt::Display for Malformed {
             Malformed::RelocationTargetsNoSection => {
                 f.write_str("relocation section targets no section")
             }
+            Malformed::OutsideRegion => f.write_str("a write falls outside the module's memory"),
         }
     }
 }

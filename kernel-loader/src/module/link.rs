@@ -79,47 +79,54 @@ struct Linker<'b, 'k, 'm> {
 }
 
 impl<'b> Linker<'b, '_, '_> {
-    /// The region's bytes `off..off + len`, as a raw pointer; panics if the range is
-    /// not inside the region (offsets come from the layout, which fits in it: a range
-    /// outside is a loader bug, never written).
+    /// The region's bytes `off..off + len`, as a raw pointer, or an error if the range
+    /// is not inside the region (offsets come from the layout, which fits in it, so this
+    /// is never expected: it is checked, not assumed, because the loader must not panic
+    /// on a module).
     #[inline]
-    fn at(&self, off: usize, len: usize) -> *mut u8 {
-        assert!(
-            off.checked_add(len).is_some_and(|e| e <= self.region.size),
-            "module offset outside its region"
-        );
+    fn at(&self, off: usize, len: usize) -> Result<*mut u8, ModuleError> {
+        if off.checked_add(len).is_none_or(|e| e > self.region.size) {
+            return Err(ModuleError::Malformed(Malformed::OutsideRegion));
+        }
         // SAFETY: `off + len <= size` (checked above), so the pointer stays inside the
         // region's allocation.
-        unsafe { self.region.ptr.add(off) }
+        Ok(unsafe { self.region.ptr.add(off) })
     }
 
     /// Writes `bytes` at `off` in the region.
     #[inline]
-    fn write(&self, off: usize, bytes: &[u8]) {
-        let p = self.at(off, bytes.len());
+    fn write(&self, off: usize, bytes: &[u8]) -> Result<(), ModuleError> {
+        let p = self.at(off, bytes.len())?;
         // SAFETY: `p..p + len` lies in the region (`at` checked it), which is writable
         // memory the loader owns while it links; no reference into the region is alive
         // while the linker writes (the table slice is made after the last write, in
         // `table`, over bytes nothing writes afterwards); `bytes` is not in the region.
-        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) }
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) };
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at `off` in the region.
-    fn read(&self, off: usize, buf: &mut [u8]) {
-        let p = self.at(off, buf.len());
+    fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), ModuleError> {
+        let p = self.at(off, buf.len())?;
         // SAFETY: `p..p + len` lies in the region (checked by `at`), which is readable
         // while the loader links; `buf` is not in the region.
-        unsafe { core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) }
+        unsafe { core::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
     }
 
+    // The bookkeeping (one address per section and symbol) lies in the region's last
+    // group: `link` refuses a region smaller than the layout, so `read`/`write` cannot
+    // fail here; were they to, an address reads as 0 ("not placed").
     fn meta(&self, i: usize) -> u64 {
         let mut b = [0u8; 8];
-        self.read(self.layout.meta + 8 * i, &mut b);
-        u64::from_le_bytes(b)
+        match self.read(self.layout.meta + 8 * i, &mut b) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => 0,
+        }
     }
 
-    fn set_meta(&self, i: usize, v: u64) {
-        self.write(self.layout.meta + 8 * i, &v.to_le_bytes());
+    fn set_meta(&self, i: usize, v: u64) -> Result<(), ModuleError> {
+        self.write(self.layout.meta + 8 * i, &v.to_le_bytes())
     }
 
     fn section_addr(&self, i: usize) -> u64 {
@@ -133,7 +140,7 @@ impl<'b> Linker<'b, '_, '_> {
     /// Places every allocated section at the contract's offset: records its address
     /// and copies its bytes (a `SHT_NOBITS` section stays zero).
     fn place(&mut self) -> Result<(), ModuleError> {
-        let base = self.at(0, self.region.size);
+        let base = self.at(0, self.region.size)?;
         // SAFETY: the whole region is writable memory the loader owns (`at` checked the
         // range); no reference into it exists yet.
         unsafe { core::ptr::write_bytes(base, 0, self.region.size) };
@@ -150,15 +157,19 @@ impl<'b> Linker<'b, '_, '_> {
             let hdr: SectionHeader = super::layout::from_elf(sh);
             let off = off as usize;
             if !hdr.is_nobits() {
-                match sh.data(LE, obj.bytes) {
+                let written = match sh.data(LE, obj.bytes) {
                     Ok(data) => this.write(off, &data[..(hdr.size as usize).min(data.len())]),
-                    Err(e) => {
-                        err = Some(elf_err(e));
-                        return;
-                    }
+                    Err(e) => Err(elf_err(e)),
+                };
+                if let Err(e) = written {
+                    err = Some(e);
+                    return;
                 }
             }
-            this.set_meta(i, this.region.addr + off as u64);
+            if let Err(e) = this.set_meta(i, this.region.addr + off as u64) {
+                err = Some(e);
+                return;
+            }
             placed += 1;
         })?;
         if let Some(e) = err {
@@ -178,7 +189,9 @@ impl<'b> Linker<'b, '_, '_> {
                     0
                 }
             };
-            self.set_meta(self.layout.sections + i.0, addr);
+            if let Err(e) = self.set_meta(self.layout.sections + i.0, addr) {
+                issue(e);
+            }
         }
     }
 
@@ -344,9 +357,11 @@ impl<'b> Linker<'b, '_, '_> {
         let at = (p - self.region.addr) as usize;
         // Fixed-size copies for the two field widths: this runs once per relocation.
         match *v.bytes() {
-            [b0, b1, b2, b3] => self.write(at, &[b0, b1, b2, b3]),
-            [b0, b1, b2, b3, b4, b5, b6, b7] => self.write(at, &[b0, b1, b2, b3, b4, b5, b6, b7]),
-            ref other => self.write(at, other),
+            [b0, b1, b2, b3] => self.write(at, &[b0, b1, b2, b3])?,
+            [b0, b1, b2, b3, b4, b5, b6, b7] => {
+                self.write(at, &[b0, b1, b2, b3, b4, b5, b6, b7])?
+            }
+            ref other => self.write(at, other)?,
         }
         self.report.relocations += 1;
         Ok(())
@@ -367,9 +382,9 @@ impl<'b> Linker<'b, '_, '_> {
             return Err(ModuleError::BadTableSection);
         }
         let addr = self.section_addr(i);
-        let off = (addr - self.region.addr) as usize;
+        let off = addr.wrapping_sub(self.region.addr) as usize;
         let len = sh.sh_size.get(LE) as usize;
-        let p = self.at(off, len);
+        let p = self.at(off, len)?;
         // SAFETY: `p..p + len` is the placed `.ksites` section, inside the region (`at`
         // checked it). The region outlives the `Table` (the module drops its table
         // before freeing the region; `check` drops it before freeing), and nothing
@@ -437,7 +452,7 @@ impl<'b> Linker<'b, '_, '_> {
             let want = probe::site_bytes_with(&s, false, &stubs).map_err(ModuleError::Probe)?;
             let mut found = [0u8; PROBE_SITE_LEN];
             // The table validated the site: it lies in the module's text.
-            self.read((s.addr - self.region.addr) as usize, &mut found);
+            self.read(s.addr.wrapping_sub(self.region.addr) as usize, &mut found)?;
             if found != want {
                 return Err(ModuleError::Probe(ProbeError::UnexpectedBytes {
                     site: s.addr,
