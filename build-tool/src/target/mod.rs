@@ -27,7 +27,7 @@ pub const PROBE_SITE_LEN: usize = x86_64::PROBE_SITE_LEN;
 /// An instruction set the build tool handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
-    /// x86-64 (`EM_X86_64`), [`x86_64`].
+    /// x86-64, [`x86_64`].
     X86_64,
 }
 
@@ -66,9 +66,9 @@ impl std::error::Error for UnsupportedMachine {}
 /// What a raw relocation type does, as far as site finding cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RelocClass {
-    /// The PC-relative field of a direct branch (x86-64: PC32, PLT32). Other
-    /// instructions may carry the same type (x86 rip-relative operands): decoding the
-    /// instruction tells them apart.
+    /// The PC-relative field of a direct branch (the target's branch relocation
+    /// types). Other instructions may carry the same types (PC-relative data operands):
+    /// decoding the instruction tells them apart.
     Branch,
     /// Reaches its symbol through the GOT.
     Got,
@@ -162,7 +162,7 @@ impl Target {
     }
 
     /// The address a relocation refers to: where a branch holding it goes (the
-    /// architecture's bias applied: `S + A + 4` on x86-64), the symbol itself for a GOT
+    /// architecture's bias applied, [`Target::branch_bias`]), the symbol itself for a GOT
     /// reference, otherwise `S + A`.
     #[inline]
     pub fn reloc_target(self, r: &Reloc) -> u64 {
@@ -213,7 +213,7 @@ impl Target {
     /// Classifies the instruction of `decoded` (decoded from `code`, which starts at
     /// `start`) holding the relocated field at `reloc_at`: a patchable branch site
     /// (to `target_addr`, when given), or, as `Err`, what else it is, for reports
-    /// (`lea rax,[...]`, `… whose rel32 does not hold the relocation`, …).
+    /// (an address-taking `lea`, a branch whose field does not hold the relocation, …).
     #[inline]
     pub fn classify(
         self,
@@ -246,7 +246,7 @@ impl Target {
     /// Length of an ifunc trampoline.
     pub const fn trampoline_len(self) -> usize {
         match self {
-            Target::X86_64 => kernel_loader::arch::x86_64::TRAMPOLINE_LEN,
+            Target::X86_64 => x86_64::TRAMPOLINE_LEN,
         }
     }
 
@@ -390,10 +390,7 @@ mod tests {
 
     #[test]
     fn machines() {
-        assert_eq!(
-            Target::from_machine(object::elf::EM_X86_64),
-            Ok(Target::X86_64)
-        );
+        assert_eq!(Target::from_machine(x86_64::E_MACHINE), Ok(Target::X86_64));
         let e = Target::from_machine(object::elf::EM_AARCH64).unwrap_err();
         assert_eq!(e.to_string(), "machine 183 is not x86-64");
     }

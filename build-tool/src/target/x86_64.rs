@@ -6,12 +6,12 @@
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
 use kernel_loader::arch::ProbeSiteRef;
-pub use kernel_loader::arch::x86_64::PROBE_SITE_LEN;
 use kernel_loader::arch::x86_64::probe::{Stubs, site_bytes};
 use kernel_loader::arch::x86_64::{
-    JMP_REL32, JMP_RIP_INDIRECT, MAX_SITE_LEN, NOP5, REL32_LEN, TRAMPOLINE_LEN, is_branch_prefix,
-    opcode_len, opcode_matches,
+    JMP_REL32, JMP_RIP_INDIRECT, MAX_SITE_LEN, NOP5, REL32_LEN, is_branch_prefix, opcode_len,
+    opcode_matches,
 };
+pub use kernel_loader::arch::x86_64::{PROBE_SITE_LEN, TRAMPOLINE_LEN};
 use kernel_loader::format::{ARCH_X86_64, PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::ProbeError;
 use object::elf;
