@@ -7,7 +7,9 @@
 //!   plus addend, in the symbol's section) must be exactly the sites `ksites scan` prints
 //!   in the sections recordmcount records at all. recordmcount ignores calls in other
 //!   executable sections (and turns them into NOPs); those sites are counted and reported
-//!   separately, never silently dropped.
+//!   separately, never silently dropped. recordmcount also records a relocation against
+//!   `__fentry__` from any instruction, where `--calls-to` lists calls only: a
+//!   `jmp __fentry__` (which compilers do not emit) would show here as a mismatch.
 //! * **Timing.** Whole processes, one per object, as Kbuild runs them
 //!   (`recordmcount OBJ`, or with `-w` when `RECORDMCOUNT_WARN` is set) against
 //!   `ksites scan --calls-to __fentry__ OBJ > /dev/null`, each on its own fresh copy of
