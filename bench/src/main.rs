@@ -6,7 +6,10 @@
 //!
 //! * ifunc dispatch ([`calls`]), probes ([`probes`]),
 //! * patching 10^5 ifunc sites and toggling a probe with 10^4 sites ([`patching`]),
-//! * `ksites embed`/`scan` against `objcopy` on an image with 10^6 relocations ([`tool`]),
+//! * `ksites embed`/`scan` against `objcopy` on an image with 10^6 relocations, and their
+//!   peak memory ([`tool`]),
+//! * `ksites scan --calls-to __fentry__` against `recordmcount` on real C objects
+//!   ([`mcount`]),
 //! * loading a generated C module (`module::check`) against copying its sections and
 //!   against parsing it ([`module`]),
 //!
@@ -15,9 +18,11 @@
 //!
 //! ```text
 //! ksites-bench [--quick] [--no-tool] [--out DIR] [--ksites PATH] [--filter REGEX]
+//!              [--mcount CORPUS_DIR --recordmcount PATH]
 //! ```
 
 mod calls;
+mod mcount;
 mod module;
 mod patching;
 mod probes;
@@ -42,6 +47,19 @@ struct Options {
     out: PathBuf,
     ksites: Option<PathBuf>,
     filter: Option<String>,
+    mcount: Option<PathBuf>,
+    recordmcount: Option<PathBuf>,
+}
+
+impl Options {
+    /// Whether a non-criterion measurement `id` passes `--filter`.
+    fn wants(&self, id: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| {
+            regex::Regex::new(f)
+                .unwrap_or_else(|e| panic!("--filter: {e}"))
+                .is_match(id)
+        })
+    }
 }
 
 fn options() -> Options {
@@ -51,6 +69,8 @@ fn options() -> Options {
         out: PathBuf::from("target/ksites-bench"),
         ksites: std::env::var_os("KSITES_BIN").map(PathBuf::from),
         filter: None,
+        mcount: None,
+        recordmcount: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -60,6 +80,10 @@ fn options() -> Options {
             "--out" => o.out = args.next().expect("--out DIR").into(),
             "--ksites" => o.ksites = Some(args.next().expect("--ksites PATH").into()),
             "--filter" => o.filter = Some(args.next().expect("--filter REGEX")),
+            "--mcount" => o.mcount = Some(args.next().expect("--mcount DIR").into()),
+            "--recordmcount" => {
+                o.recordmcount = Some(args.next().expect("--recordmcount PATH").into())
+            }
             // What `cargo bench`-style runners pass; ignored.
             "--bench" => {}
             other => {
@@ -237,6 +261,7 @@ fn main() {
     }
 
     let mut tool_ran = false;
+    let mut extra = String::new();
     if o.tool {
         match o.ksites.as_deref() {
             None => {
@@ -260,6 +285,11 @@ fn main() {
                 g.bench_function("objcopy", |b| b.iter(|| tool::objcopy(&inputs)));
                 g.finish();
                 tool_ran = true;
+                if o.wants("rss/embed") || o.wants("rss/scan") {
+                    let rows = tool::peak_rss_rows(ksites, &inputs, 3);
+                    let size = std::fs::metadata(&inputs.image).map_or(0, |m| m.len());
+                    extra.push_str(&report::render_rss(&rows, size));
+                }
             }
         }
     }
@@ -279,6 +309,9 @@ fn main() {
             true
         }
     };
+    if o.tool && o.wants("mcount/scan") {
+        extra.push_str(&bench_mcount(&o));
+    }
     c.final_summary();
 
     // Paired, interleaved re-measurement of the pairs whose ratio is close to 1.
@@ -317,7 +350,11 @@ fn main() {
         .map(|&(name, a, b)| (name, paired(a, b, rounds, 2_000)))
         .collect();
 
-    let text = report::render(&crit_dir, tool_ran, module_ran, &paired);
+    let mut text = report::render(&crit_dir, tool_ran, module_ran, &paired);
+    if !extra.is_empty() {
+        text.push('\n');
+        text.push_str(&extra);
+    }
     println!("\n{text}");
     std::fs::create_dir_all(&o.out).expect("create the output directory");
     let md = o.out.join("ratios.md");
@@ -373,4 +410,56 @@ fn bench_module(c: &mut Criterion, input: &module::Input) {
         b.iter(|| module::copy(black_box(&input.bytes), &copies, arena.bytes_mut()))
     });
     g.finish();
+}
+
+/// `ksites scan` against recordmcount on the corpus: the check (exits on a mismatch),
+/// then the timing; returns the report section.
+fn bench_mcount(o: &Options) -> String {
+    let (Some(ksites), Some(dir), Some(rmc)) = (&o.ksites, &o.mcount, &o.recordmcount) else {
+        let why = "no --ksites, --mcount or --recordmcount (`cargo xtask bench` passes them when \
+                   it could build the corpus and install recordmcount; see its messages)";
+        println!("ksites-bench: skipping the recordmcount benchmark: {why}");
+        return format!("### `ksites scan` against recordmcount\n\n(not measured: {why})\n\n");
+    };
+    let corpus = mcount::load(dir).unwrap_or_else(|e| panic!("recordmcount corpus: {e}"));
+    let work = o.out.join("mcount/work");
+    let _ = std::fs::remove_dir_all(&work);
+    let t = Instant::now();
+    let check = mcount::check(ksites, rmc, &corpus, &work).unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "ksites-bench: mcount check: {} objects, {} sites found by ksites scan, {} recorded by \
+         recordmcount, {} mismatches ({:.1} s)",
+        corpus.objects.len(),
+        check.sites,
+        check.recorded,
+        check.mismatches.len(),
+        t.elapsed().as_secs_f64()
+    );
+    for (f, s, n) in &check.unrecorded {
+        println!("ksites-bench: mcount: {f}: {n} sites in {s}, which recordmcount does not record");
+    }
+    if !check.mismatches.is_empty() {
+        for m in &check.mismatches {
+            eprintln!("ksites-bench: MISMATCH: {m}");
+        }
+        eprintln!(
+            "ksites-bench: ksites scan and recordmcount disagree on {} sites",
+            check.mismatches.len()
+        );
+        std::process::exit(1);
+    }
+    let rounds = if o.quick { 3 } else { 7 };
+    let t = Instant::now();
+    let timed = mcount::time(ksites, rmc, &corpus, &work, rounds);
+    println!(
+        "ksites-bench: mcount timing: {rounds} rounds in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    report::render_mcount(&mcount::Outcome {
+        objects: corpus.objects.len(),
+        bytes: corpus.bytes,
+        check,
+        rounds: timed,
+    })
 }

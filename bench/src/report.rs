@@ -363,3 +363,110 @@ pub fn render(dir: &Path, tool_ran: bool, module_ran: bool, paired: &[(&str, Vec
     }
     out
 }
+
+/// The recordmcount comparison (timed by [`crate::mcount`], not criterion).
+pub fn render_mcount(m: &crate::mcount::Outcome) -> String {
+    let mut out = String::new();
+    let ratios: Vec<f64> = m.rounds.iter().map(|r| r.scan / r.recordmcount).collect();
+    let net: Vec<f64> = m
+        .rounds
+        .iter()
+        .map(|r| (r.scan - r.start) / (r.recordmcount - r.start))
+        .collect();
+    let rmc: Vec<f64> = m.rounds.iter().map(|r| r.recordmcount).collect();
+    let ks: Vec<f64> = m.rounds.iter().map(|r| r.scan).collect();
+    let start: Vec<f64> = m.rounds.iter().map(|r| r.start).collect();
+    let c = &m.check;
+    let _ = writeln!(
+        out,
+        "### `ksites scan --calls-to __fentry__` against recordmcount ({} real C objects, {} KiB, \
+         {} `__fentry__` sites; one process per object, on fresh copies, alternating)\n",
+        m.objects,
+        m.bytes / 1024,
+        c.sites
+    );
+    let _ = writeln!(
+        out,
+        "| tool | total per round (median of {}) | per object | ratio to recordmcount (median; min – max) |\n|---|---:|---:|---:|",
+        m.rounds.len()
+    );
+    let per = m.objects as f64;
+    let _ = writeln!(
+        out,
+        "| `ksites scan --calls-to __fentry__ OBJ` | {} | {} | {:.3} ({:.3} – {:.3}) |",
+        fmt_time(median(&ks) * 1e9),
+        fmt_time(median(&ks) * 1e9 / per),
+        median(&ratios),
+        quantile(&ratios, 0.0),
+        quantile(&ratios, 1.0)
+    );
+    let _ = writeln!(
+        out,
+        "| `recordmcount OBJ` (Debian linux-kbuild-6.1) | {} | {} | 1 |",
+        fmt_time(median(&rmc) * 1e9),
+        fmt_time(median(&rmc) * 1e9 / per)
+    );
+    let _ = writeln!(
+        out,
+        "| `true` (starting a process, for scale) | {} | {} | {:.3} |\n",
+        fmt_time(median(&start) * 1e9),
+        fmt_time(median(&start) * 1e9 / per),
+        median(&start) / median(&rmc)
+    );
+    let _ = writeln!(
+        out,
+        "Net of process start (each total minus `true`'s): ksites scan / recordmcount {:.3} \
+         (median over rounds).\n",
+        median(&net)
+    );
+    let unrecorded: usize = c.unrecorded.iter().map(|u| u.2).sum();
+    let _ = writeln!(
+        out,
+        "Same sites: recordmcount recorded {} entries, ksites scan found {} sites, {} of them in \
+         sections recordmcount does not record (it NOPs those calls); {} mismatches.\n",
+        c.recorded,
+        c.sites,
+        unrecorded,
+        c.mismatches.len()
+    );
+    let r = median(&ratios);
+    let _ = writeln!(
+        out,
+        "Target: ksites scan / recordmcount ≤ 1.0: {:.3}, {}\n",
+        r,
+        if r <= 1.0 { "met" } else { "MISSED" }
+    );
+    out
+}
+
+/// Peak memory of the build tool on the 10^6-relocation image: `(label, bytes)` rows.
+pub fn render_rss(rows: &[(&str, u64)], input: u64) -> String {
+    let mut out = String::new();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let _ = writeln!(
+        out,
+        "### Peak memory (max RSS from wait4) on the {}-relocation image ({:.1} MiB)\n\n\
+         | command | max RSS | RSS / input size |\n|---|---:|---:|",
+        tool::FUNCS * tool::CALLS_PER_FUNC,
+        mib(input)
+    );
+    for &(label, b) in rows {
+        let _ = writeln!(
+            out,
+            "| {label} | {:.1} MiB | {:.2} |",
+            mib(b),
+            b as f64 / input as f64
+        );
+    }
+    out.push('\n');
+    for &(label, b) in rows.iter().filter(|r| r.0.starts_with("ksites")) {
+        let r = b as f64 / input as f64;
+        let _ = writeln!(
+            out,
+            "Target: {label} RSS ≤ 3 × input: {r:.2}, {}",
+            if r <= 3.0 { "met" } else { "MISSED" }
+        );
+    }
+    out.push('\n');
+    out
+}

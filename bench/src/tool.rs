@@ -1,7 +1,8 @@
 //! Build-tool throughput: a generated static image with 10^6 calls to four ifunc
 //! trampolines (10^6 `R_X86_64_PLT32` relocations kept by `--emit-relocs`), assembled and
 //! linked by gcc/GNU ld; `ksites embed` and `ksites scan` on it against
-//! `objcopy --add-section` of a section the size of the table embed writes.
+//! `objcopy --add-section` of a section the size of the table embed writes; and the
+//! peak memory (max RSS, from `wait4`) of each of them on that image.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -88,33 +89,85 @@ pub fn generate(dir: &Path) -> Inputs {
     }
 }
 
-/// `ksites embed IMAGE -o OUT`.
-pub fn embed(ksites: &Path, i: &Inputs) {
-    let out = i.dir.join("embedded.elf");
-    run(Command::new(ksites)
-        .arg("embed")
+/// `ksites embed IMAGE -o OUT -q`.
+fn embed_cmd(ksites: &Path, i: &Inputs) -> Command {
+    let mut c = Command::new(ksites);
+    c.arg("embed")
         .arg(&i.image)
         .arg("-o")
-        .arg(&out)
-        .arg("-q"));
+        .arg(i.dir.join("embedded.elf"))
+        .arg("-q");
+    c
+}
+
+/// `ksites scan --calls-to 'tramp_*' IMAGE`, output discarded.
+fn scan_cmd(ksites: &Path, i: &Inputs) -> Command {
+    let mut c = Command::new(ksites);
+    c.args(["scan", "--calls-to", "tramp_*"])
+        .arg(&i.image)
+        .stdout(Stdio::null());
+    c
+}
+
+/// `objcopy --add-section .blob=BLOB IMAGE OUT`.
+fn objcopy_cmd(i: &Inputs) -> Command {
+    let mut arg = std::ffi::OsString::from(".blob=");
+    arg.push(&i.blob);
+    let mut c = Command::new("objcopy");
+    c.arg("--add-section")
+        .arg(arg)
+        .arg(&i.image)
+        .arg(i.dir.join("objcopy.elf"));
+    c
+}
+
+/// `ksites embed IMAGE -o OUT -q`.
+pub fn embed(ksites: &Path, i: &Inputs) {
+    run(&mut embed_cmd(ksites, i));
 }
 
 /// `ksites scan --calls-to 'tramp_*' IMAGE`, output discarded.
 pub fn scan(ksites: &Path, i: &Inputs) {
-    run(Command::new(ksites)
-        .args(["scan", "--calls-to", "tramp_*"])
-        .arg(&i.image)
-        .stdout(Stdio::null()));
+    run(&mut scan_cmd(ksites, i));
 }
 
 /// `objcopy --add-section .blob=BLOB IMAGE OUT`.
 pub fn objcopy(i: &Inputs) {
-    let out = i.dir.join("objcopy.elf");
-    let mut arg = std::ffi::OsString::from(".blob=");
-    arg.push(&i.blob);
-    run(Command::new("objcopy")
-        .arg("--add-section")
-        .arg(arg)
-        .arg(&i.image)
-        .arg(&out));
+    run(&mut objcopy_cmd(i));
+}
+
+/// Peak resident set (bytes) of one run of `cmd`, from `wait4`'s `ru_maxrss`; panics
+/// unless it exits with status 0.
+fn peak_rss(cmd: &mut Command) -> u64 {
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+    let mut status: libc::c_int = 0;
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `pid` is our child, which nothing else waits for (`child` is never waited
+    // on through std); `status` and `ru` are valid, writable out-parameters.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, ru.as_mut_ptr()) };
+    assert_eq!(r, pid, "wait4 {cmd:?}: {}", std::io::Error::last_os_error());
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed: wait status {status:#x}"
+    );
+    // SAFETY: wait4 succeeded and filled `ru`, which was zeroed (a valid rusage) anyway.
+    let ru = unsafe { ru.assume_init() };
+    drop(child);
+    u64::try_from(ru.ru_maxrss).expect("ru_maxrss is not negative") * 1024
+}
+
+/// Peak RSS of each command (the highest of `runs` runs): `(label, bytes)`.
+pub fn peak_rss_rows(ksites: &Path, i: &Inputs, runs: usize) -> Vec<(&'static str, u64)> {
+    let max = |mk: &dyn Fn() -> Command| (0..runs).map(|_| peak_rss(&mut mk())).max().unwrap_or(0);
+    vec![
+        ("ksites embed", max(&|| embed_cmd(ksites, i))),
+        (
+            "ksites scan --calls-to 'tramp_*'",
+            max(&|| scan_cmd(ksites, i)),
+        ),
+        ("objcopy --add-section (for scale)", max(&|| objcopy_cmd(i))),
+    ]
 }

@@ -8,12 +8,15 @@ use xshell::Shell;
 
 use crate::host;
 
+mod mcount;
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct BenchArgs {
     /// Shorter measurements (a smoke run; the figures are noisier)
     #[arg(long)]
     quick: bool,
-    /// Skip the build-tool benchmarks (they generate a ~30 MB image with gcc)
+    /// Skip the build-tool benchmarks (they generate a ~30 MB image with gcc, and a
+    /// corpus of ~300 C objects for the recordmcount comparison)
     #[arg(long)]
     no_tool: bool,
     /// Only run the criterion benchmarks whose `group/id` matches this regex
@@ -45,6 +48,21 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &BenchArgs) -> Result<()> {
         &built,
         &bin,
     )?;
+    // The recordmcount comparison: its corpus and Debian's recordmcount. Either missing
+    // skips only that part, with a message.
+    let mut mcount_args = Vec::new();
+    let wants_mcount = args.filter.as_deref().is_none_or(|f| f.contains("mcount"));
+    if !args.no_tool && wants_mcount {
+        match mcount_inputs(sh, &out_dir.join("mcount")) {
+            Ok((corpus, rmc)) => {
+                mcount_args.push("--mcount".into());
+                mcount_args.push(corpus.into_os_string());
+                mcount_args.push("--recordmcount".into());
+                mcount_args.push(rmc.into_os_string());
+            }
+            Err(e) => println!("xtask: skipping the recordmcount benchmark: {e:#}"),
+        }
+    }
     print_machine();
     let mut cmd = std::process::Command::new(&bin);
     cmd.arg("--out").arg(&out_dir).arg("--ksites").arg(&ksites);
@@ -57,6 +75,7 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &BenchArgs) -> Result<()> {
     if let Some(f) = &args.filter {
         cmd.arg("--filter").arg(f);
     }
+    cmd.args(&mcount_args);
     println!("$ {cmd:?}");
     let status = cmd
         .current_dir(root)
@@ -66,6 +85,14 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &BenchArgs) -> Result<()> {
         bail!("the benchmarks failed ({status})");
     }
     Ok(())
+}
+
+/// The corpus (built on demand) and recordmcount (installed on demand).
+fn mcount_inputs(sh: &Shell, dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let rmc = Path::new(mcount::RECORDMCOUNT);
+    crate::install::debian_file(sh, rmc, mcount::RECORDMCOUNT_PACKAGE)?;
+    let corpus = mcount::prepare(dir).context("cannot build the recordmcount corpus")?;
+    Ok((corpus, rmc.to_path_buf()))
 }
 
 fn print_machine() {

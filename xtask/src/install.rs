@@ -1,6 +1,6 @@
 //! Install what a fresh machine lacks, and say so.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
@@ -56,6 +56,33 @@ pub(crate) fn host_tool(sh: &Shell, program: &str, package: &str) -> Result<()> 
     if find_on_path(program).is_some() {
         return Ok(());
     }
+    apt_install(sh, &format!("`{program}` is not on PATH"), package)?;
+    if find_on_path(program).is_none() {
+        bail!("installed package {package}, but `{program}` is still not on PATH");
+    }
+    Ok(())
+}
+
+/// Make sure the file `path` (a program outside PATH, such as Debian's
+/// `/usr/lib/linux-kbuild-6.1/scripts/recordmcount`) exists; install Debian `package`
+/// with apt-get when running as root, else fail with a message naming the package.
+pub(crate) fn debian_file(sh: &Shell, path: &Path, package: &str) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    apt_install(sh, &format!("{} does not exist", path.display()), package)?;
+    if !path.is_file() {
+        bail!(
+            "installed package {package}, but {} still does not exist",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `apt-get install -y package` (after one `apt-get update` per run) when running as
+/// root on a system with apt-get; else an error saying `missing` and what to install.
+fn apt_install(sh: &Shell, missing: &str, package: &str) -> Result<()> {
     let is_root = cmd!(sh, "id -u")
         .quiet()
         .ignore_stderr()
@@ -63,11 +90,11 @@ pub(crate) fn host_tool(sh: &Shell, program: &str, package: &str) -> Result<()> 
         .is_ok_and(|uid| uid.trim() == "0");
     if !is_root || find_on_path("apt-get").is_none() {
         bail!(
-            "`{program}` is not on PATH. Install it and rerun: on Debian/Ubuntu \
+            "{missing}. Install it and rerun: on Debian/Ubuntu \
              `sudo apt-get install {package}`, elsewhere your distribution's equivalent package"
         );
     }
-    println!("xtask: `{program}` not found; installing package {package} with apt-get");
+    println!("xtask: {missing}; installing package {package} with apt-get");
     let _env = sh.push_env("DEBIAN_FRONTEND", "noninteractive");
     if !APT_UPDATED.swap(true, Ordering::Relaxed) {
         cmd!(sh, "apt-get update")
@@ -76,11 +103,7 @@ pub(crate) fn host_tool(sh: &Shell, program: &str, package: &str) -> Result<()> 
     }
     cmd!(sh, "apt-get install -y {package}")
         .run()
-        .with_context(|| format!("apt-get install {package} failed"))?;
-    if find_on_path(program).is_none() {
-        bail!("installed package {package}, but `{program}` is still not on PATH");
-    }
-    Ok(())
+        .with_context(|| format!("apt-get install {package} failed"))
 }
 
 /// The first executable file named `program` in `$PATH`.
