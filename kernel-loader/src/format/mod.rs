@@ -40,7 +40,7 @@ pub use layout::{
     Header, IfuncDesc, IfuncSite, MAX_IFUNCS, MAX_PREFIXES, ProbeDesc, ProbeKind, ProbeSite,
     SubTable, make_rel, resolve_rel,
 };
-pub use reader::{Ifunc, PSite, Probe, Site, Table};
+pub use reader::{Ifunc, PSite, Probe, ProbeSitesOf, Site, Table};
 
 /// First eight bytes of every table.
 pub const MAGIC: [u8; 8] = *b"KSITES\0\0";
@@ -74,6 +74,89 @@ pub const PROBE_SITE_LEN: usize = crate::arch::native::PROBE_SITE_LEN;
 /// uses the table's [`Arch::max_site_len`]).
 pub const MAX_SITE_LEN: usize = crate::arch::native::MAX_SITE_LEN;
 
+/// Tables for the crate's unit tests, built from raw entries.
+#[cfg(test)]
+pub(crate) mod test_table {
+    use super::*;
+    use std::vec::Vec;
+
+    /// A table at address `base` with `probes` probes (named `t:p0`, `t:p1`, ...) and
+    /// the probe sites `(addr, target, kind, probe)`, as bytes to leak or keep at an
+    /// 8-aligned address.
+    pub(crate) fn probe_table(
+        base: u64,
+        probes: u32,
+        sites: &[(u64, u64, ProbeKind, u32)],
+    ) -> Vec<u8> {
+        let mut strings = Vec::new();
+        let mut descs = Vec::new();
+        for p in 0..probes {
+            let provider = strings.len() as u32;
+            strings.extend_from_slice(b"t\0");
+            let name = strings.len() as u32;
+            strings.extend_from_slice(std::format!("p{p}\0").as_bytes());
+            descs.push(ProbeDesc {
+                provider,
+                name,
+                nargs: 0,
+                flags: 0,
+            });
+        }
+        let probes_off = HEADER_SIZE as u32;
+        let sites_off = probes_off + probes * PROBE_DESC_SIZE as u32;
+        let strs = sites_off + sites.len() as u32 * PROBE_SITE_SIZE as u32;
+        let total = strs + strings.len() as u32;
+        let h = Header {
+            magic: MAGIC,
+            version: VERSION,
+            arch: ARCH_X86_64,
+            flags: 0,
+            header_size: HEADER_SIZE as u32,
+            total_size: total,
+            ifuncs: SubTable {
+                offset: probes_off,
+                count: 0,
+            },
+            ifunc_sites: SubTable {
+                offset: probes_off,
+                count: 0,
+            },
+            probes: SubTable {
+                offset: probes_off,
+                count: probes,
+            },
+            probe_sites: SubTable {
+                offset: sites_off,
+                count: sites.len() as u32,
+            },
+            strings: SubTable {
+                offset: strs,
+                count: strings.len() as u32,
+            },
+        };
+        let mut v = Vec::new();
+        v.extend_from_slice(&h.to_bytes());
+        for d in &descs {
+            v.extend_from_slice(&d.to_bytes());
+        }
+        for &(addr, target, kind, probe) in sites {
+            let field = base + v.len() as u64;
+            let e = ProbeSite {
+                site: make_rel(field, addr).unwrap(),
+                target: if kind.is_rust() {
+                    make_rel(field + 4, target).unwrap()
+                } else {
+                    0
+                },
+                info: ProbeSite::pack_info(kind, probe).unwrap(),
+            };
+            v.extend_from_slice(&e.to_bytes());
+        }
+        v.extend_from_slice(&strings);
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +181,54 @@ mod tests {
 
     #[repr(align(8))]
     struct Aligned([u8; HEADER_SIZE]);
+
+    /// `probe_sites_of(p)` yields what `probe_sites()` yields for `p`, wherever the
+    /// table lies (its bounds test replaces an overflow check per field).
+    #[test]
+    fn probe_sites_of_agrees_with_probe_sites() {
+        #[repr(align(8))]
+        struct A([u8; 512]);
+        let top = 0u64.wrapping_sub(0x1000);
+        for base in [0x1000u64, 0x8000_0000, 0x7fff_0000_0000, top] {
+            let text = base - 0x800;
+            let kinds = [
+                ProbeKind::RustJmp,
+                ProbeKind::CCall,
+                ProbeKind::RustEnabled,
+                ProbeKind::CTail,
+                ProbeKind::CEnabled,
+                ProbeKind::CEnabledTail,
+            ];
+            let sites: std::vec::Vec<_> = (0..12u64)
+                .map(|i| {
+                    (
+                        text + 8 * i,
+                        text + 0x400 + i,
+                        kinds[i as usize % 6],
+                        (i % 3) as u32 % 2,
+                    )
+                })
+                .collect();
+            let bytes = test_table::probe_table(base, 2, &sites);
+            let mut a = A([0; 512]);
+            a.0[..bytes.len()].copy_from_slice(&bytes);
+            let exec = core::iter::once(text..base).collect::<std::vec::Vec<_>>();
+            let t = Table::parse(&a.0[..bytes.len()], base, &exec).unwrap();
+            for p in 0..4 {
+                let all: std::vec::Vec<_> = t.probe_sites().filter(|s| s.probe == p).collect();
+                let of: std::vec::Vec<_> = t.probe_sites_of(p).collect();
+                assert_eq!(of, all, "base {base:#x} probe {p}");
+                assert_eq!(of.is_empty(), p >= 2);
+                let cut = t.probe_sites_of(p).until(5).collect::<std::vec::Vec<_>>();
+                assert_eq!(
+                    cut,
+                    all.into_iter()
+                        .filter(|s| s.index < 5)
+                        .collect::<std::vec::Vec<_>>()
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_header_arch_picks_the_architecture() {
