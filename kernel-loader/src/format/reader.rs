@@ -478,23 +478,34 @@ impl<'a> Table<'a> {
     /// [`Table::probe_sites`] yields for that probe.
     #[inline]
     pub fn probe_sites_of(&self, probe: u32) -> ProbeSitesOf<'a> {
-        let st = self.header.probe_sites;
-        let start = st.offset as usize;
-        // `parse` checked the sub-table lies inside the table.
-        let end = start.saturating_add(st.count as usize * PROBE_SITE_SIZE);
-        let entries = self.bytes.get(start..end).unwrap_or(&[]);
         // Entries of a probe past the count do not decode (and the index must fit in
         // an entry's 24 bits): none to yield.
         let valid = probe < self.header.probes.count && probe < 1 << 24;
+        let mut walk = self.entries(self.header.probe_sites, PROBE_SITE_SIZE);
+        if !valid {
+            walk.rest = &[];
+        }
+        ProbeSitesOf {
+            walk,
+            probe_bits: probe << 8,
+        }
+    }
+
+    /// A walk over the `entry`-byte entries of sub-table `st`.
+    #[inline]
+    fn entries(&self, st: SubTable, entry: usize) -> Entries<'a> {
+        let start = st.offset as usize;
+        // `parse` checked the sub-table lies inside the table.
+        let end = start.saturating_add(st.count as usize * entry);
+        let entries = self.bytes.get(start..end).unwrap_or(&[]);
         let first = self.field_addr(start);
         let (lo, span) = resolution_bounds(first);
-        ProbeSitesOf {
+        Entries {
             entries,
-            rest: if valid { entries } else { &[] },
+            rest: entries,
             first,
             lo,
             span,
-            probe_bits: probe << 8,
         }
     }
 
@@ -675,6 +686,18 @@ impl<'a> Table<'a> {
         (0..self.site_count()).filter_map(|i| self.site(i))
     }
 
+    /// The same sites as [`Table::sites`], in the same order, as one walk over the
+    /// entries (no per-index bounds check or multiplication; each address resolved with
+    /// one range test): what the patch engine's passes iterate.
+    #[inline]
+    pub fn site_walk(&self) -> SiteWalk<'a> {
+        SiteWalk {
+            walk: self.entries(self.header.ifunc_sites, IFUNC_SITE_SIZE),
+            ifuncs: self.header.ifuncs.count,
+            arch: self.arch,
+        }
+    }
+
     /// The site whose instruction contains `addr` (binary search).
     pub fn site_containing(&self, addr: u64) -> Option<Site> {
         let (mut lo, mut hi) = (0u32, self.site_count());
@@ -743,12 +766,11 @@ fn decode_psite(i: u32, e: &[u8], field_addr: u64, probes: u32) -> Result<PSite,
     })
 }
 
-/// The sites of one probe, in address order ([`Table::probe_sites_of`]). Entries that
-/// do not decode are skipped, as [`Table::probe_sites`] skips them (a parsed table has
-/// none).
+/// A walk over the entries of one sub-table: each step yields an entry and its offset,
+/// and [`Entries::resolve`] turns a self-relative field into an address.
 #[derive(Clone, Debug)]
-pub struct ProbeSitesOf<'a> {
-    /// Every entry of the table.
+struct Entries<'a> {
+    /// Every entry of the sub-table.
     entries: &'a [u8],
     /// The entries not yet visited (a tail of `entries`).
     rest: &'a [u8],
@@ -757,22 +779,16 @@ pub struct ProbeSitesOf<'a> {
     /// [`resolution_bounds`] of `first`.
     lo: i64,
     span: u64,
-    /// The probe's index, shifted to its place in an entry's `info`.
-    probe_bits: u32,
 }
 
-impl ProbeSitesOf<'_> {
-    /// Stops before the entry with table index `end` (a [`PSite::index`]).
-    #[inline]
-    pub fn until(mut self, end: u32) -> Self {
-        let end = end as usize * PROBE_SITE_SIZE;
-        if end < self.entries.len() {
-            // Both cut at the same place, so `offset` stays right.
-            let n = end.saturating_sub(self.offset());
-            self.entries = &self.entries[..end];
-            self.rest = self.rest.get(..n).unwrap_or(&[]);
-        }
-        self
+impl<'a> Entries<'a> {
+    /// The next entry (`N` bytes) and its offset in `entries`.
+    #[inline(always)]
+    fn next<const N: usize>(&mut self) -> Option<(usize, &'a [u8; N])> {
+        let (e, rest) = self.rest.split_first_chunk::<N>()?;
+        let off = self.entries.len() - self.rest.len();
+        self.rest = rest;
+        Some((off, e))
     }
 
     /// The address the self-relative `rel` at offset `off` of `entries` refers to:
@@ -783,10 +799,34 @@ impl ProbeSitesOf<'_> {
         (x.wrapping_sub(self.lo) as u64 <= self.span).then(|| self.first.wrapping_add(x as u64))
     }
 
-    /// Offset in `entries` of the next entry.
-    #[inline(always)]
-    fn offset(&self) -> usize {
-        self.entries.len() - self.rest.len()
+    /// Stops before byte `end` of `entries`.
+    #[inline]
+    fn until(&mut self, end: usize) {
+        if end < self.entries.len() {
+            // Both cut at the same place, so the offsets `next` computes stay right.
+            let n = end.saturating_sub(self.entries.len() - self.rest.len());
+            self.entries = &self.entries[..end];
+            self.rest = self.rest.get(..n).unwrap_or(&[]);
+        }
+    }
+}
+
+/// The sites of one probe, in address order ([`Table::probe_sites_of`]). Entries that
+/// do not decode are skipped, as [`Table::probe_sites`] skips them (a parsed table has
+/// none).
+#[derive(Clone, Debug)]
+pub struct ProbeSitesOf<'a> {
+    walk: Entries<'a>,
+    /// The probe's index, shifted to its place in an entry's `info`.
+    probe_bits: u32,
+}
+
+impl ProbeSitesOf<'_> {
+    /// Stops before the entry with table index `end` (a [`PSite::index`]).
+    #[inline]
+    pub fn until(mut self, end: u32) -> Self {
+        self.walk.until(end as usize * PROBE_SITE_SIZE);
+        self
     }
 }
 
@@ -795,9 +835,7 @@ impl Iterator for ProbeSitesOf<'_> {
 
     #[inline(always)]
     fn next(&mut self) -> Option<PSite> {
-        while let Some((e, rest)) = self.rest.split_first_chunk::<PROBE_SITE_SIZE>() {
-            let off = self.offset();
-            self.rest = rest;
+        while let Some((off, e)) = self.walk.next::<PROBE_SITE_SIZE>() {
             let entry = ProbeSite::read(e);
             // In one compare: the entry is this probe's (`info >> 8`), its reserved
             // bits are 0 and its kind is valid (`info & 0xff` is a kind); another
@@ -812,8 +850,8 @@ impl Iterator for ProbeSitesOf<'_> {
             };
             // Both fields resolved, then one test of their overflows (the target's
             // counts for a Rust site only, as in `decode_psite`).
-            let site = self.resolve(off, entry.site);
-            let target = self.resolve(off + 4, entry.target);
+            let site = self.walk.resolve(off, entry.site);
+            let target = self.walk.resolve(off + 4, entry.target);
             let rust = kind.is_rust();
             let (Some(addr), Some(target)) = (site, if rust { target } else { Some(0) }) else {
                 continue;
@@ -824,6 +862,56 @@ impl Iterator for ProbeSitesOf<'_> {
                 target,
                 kind,
                 probe: self.probe_bits >> 8,
+            });
+        }
+        None
+    }
+}
+
+/// The ifunc sites in table order ([`Table::site_walk`]). Entries that do not decode are
+/// skipped, as [`Table::sites`] skips them (a parsed table has none).
+#[derive(Clone, Debug)]
+pub struct SiteWalk<'a> {
+    walk: Entries<'a>,
+    /// The table's ifunc count.
+    ifuncs: u32,
+    arch: Arch,
+}
+
+impl Iterator for SiteWalk<'_> {
+    type Item = Site;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Site> {
+        while let Some((off, e)) = self.walk.next::<IFUNC_SITE_SIZE>() {
+            let e = IfuncSite::read(e);
+            // What `try_site` checks (any failure skips the entry).
+            let kind = match e.info & 0xe0 {
+                0 => SiteKind::from_bits(e.info & 3),
+                _ => None,
+            };
+            let ifunc = e.info >> 8;
+            // `Entries::resolve`, spelled out: the test, then the addition (the
+            // `Option` form compiles to a much slower loop here).
+            let x = off as i64 + i64::from(e.site);
+            let (Some(kind), true, true) = (
+                kind,
+                ifunc < self.ifuncs,
+                x.wrapping_sub(self.walk.lo) as u64 <= self.walk.span,
+            ) else {
+                continue;
+            };
+            let addr = self.walk.first.wrapping_add(x as u64);
+            let prefixes = ((e.info >> 2) & 7) as u8;
+            let field = self.arch.target_field(kind, prefixes);
+            return Some(Site {
+                index: (off / IFUNC_SITE_SIZE) as u32,
+                addr,
+                kind,
+                prefixes,
+                ifunc,
+                len: self.arch.site_len(kind, prefixes) as u8,
+                field: (field.start as u8, field.end as u8),
             });
         }
         None
