@@ -460,9 +460,8 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
             (None, None) => unsafe { check_trampoline(arch, poker, f, exec) },
         }
     };
-    // Index loops (not `table.sites()`): the engine's hot paths, kept inlinable.
-    for i in 0..table.site_count() {
-        let Some(s) = table.site(i) else { continue };
+    // One walk over the entries per pass (`site_walk`): the engine's hot paths.
+    for s in table.site_walk() {
         if let Some(trampoline) = cache.trampoline(table, s.ifunc)
             && arch.is_original(&s.branch(), read_word(poker, s.addr, s.len()), trampoline)
         {
@@ -553,8 +552,7 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         return Err(PatchError::Poke { ifunc: None, error });
     }
     let mut failed = None;
-    for i in 0..table.site_count() {
-        let Some(s) = table.site(i) else { continue };
+    for s in table.site_walk() {
         // The ifunc's name is decoded only for an error.
         // Only the target field changes: the other bytes were checked in step 1 and are
         // not written, so the field is what is written and read back.

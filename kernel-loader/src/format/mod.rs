@@ -40,7 +40,7 @@ pub use layout::{
     Header, IfuncDesc, IfuncSite, MAX_IFUNCS, MAX_PREFIXES, ProbeDesc, ProbeKind, ProbeSite,
     SubTable, make_rel, resolve_rel,
 };
-pub use reader::{Ifunc, PSite, Probe, Site, Table};
+pub use reader::{Ifunc, PSite, Probe, ProbeSitesOf, Site, SiteWalk, Table};
 
 /// First eight bytes of every table.
 pub const MAGIC: [u8; 8] = *b"KSITES\0\0";
@@ -73,6 +73,220 @@ pub const PROBE_SITE_LEN: usize = crate::arch::native::PROBE_SITE_LEN;
 /// Longest site instruction the patcher handles on the native architecture (the reader
 /// uses the table's [`Arch::max_site_len`]).
 pub const MAX_SITE_LEN: usize = crate::arch::native::MAX_SITE_LEN;
+
+/// Tables for the crate's unit tests, built from raw entries.
+#[cfg(test)]
+pub(crate) mod test_table {
+    use super::*;
+    use std::vec::Vec;
+
+    /// A table at address `base` with `probes` probes (named `t:p0`, `t:p1`, ...) and
+    /// the probe sites `(addr, target, kind, probe)`, as bytes to leak or keep at an
+    /// 8-aligned address.
+    pub(crate) fn probe_table(
+        base: u64,
+        probes: u32,
+        sites: &[(u64, u64, ProbeKind, u32)],
+    ) -> Vec<u8> {
+        let mut strings = Vec::new();
+        let mut descs = Vec::new();
+        for p in 0..probes {
+            let provider = strings.len() as u32;
+            strings.extend_from_slice(b"t\0");
+            let name = strings.len() as u32;
+            strings.extend_from_slice(std::format!("p{p}\0").as_bytes());
+            descs.push(ProbeDesc {
+                provider,
+                name,
+                nargs: 0,
+                flags: 0,
+            });
+        }
+        let probes_off = HEADER_SIZE as u32;
+        let sites_off = probes_off + probes * PROBE_DESC_SIZE as u32;
+        let strs = sites_off + sites.len() as u32 * PROBE_SITE_SIZE as u32;
+        let total = strs + strings.len() as u32;
+        let h = Header {
+            magic: MAGIC,
+            version: VERSION,
+            arch: ARCH_X86_64,
+            flags: 0,
+            header_size: HEADER_SIZE as u32,
+            total_size: total,
+            ifuncs: SubTable {
+                offset: probes_off,
+                count: 0,
+            },
+            ifunc_sites: SubTable {
+                offset: probes_off,
+                count: 0,
+            },
+            probes: SubTable {
+                offset: probes_off,
+                count: probes,
+            },
+            probe_sites: SubTable {
+                offset: sites_off,
+                count: sites.len() as u32,
+            },
+            strings: SubTable {
+                offset: strs,
+                count: strings.len() as u32,
+            },
+        };
+        let mut v = Vec::new();
+        v.extend_from_slice(&h.to_bytes());
+        for d in &descs {
+            v.extend_from_slice(&d.to_bytes());
+        }
+        for &(addr, target, kind, probe) in sites {
+            let field = base + v.len() as u64;
+            let e = ProbeSite {
+                site: make_rel(field, addr).unwrap(),
+                target: if kind.is_rust() {
+                    make_rel(field + 4, target).unwrap()
+                } else {
+                    0
+                },
+                info: ProbeSite::pack_info(kind, probe).unwrap(),
+            };
+            v.extend_from_slice(&e.to_bytes());
+        }
+        v.extend_from_slice(&strings);
+        v
+    }
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use super::*;
+    use std::vec::Vec;
+
+    /// A table at `base` with one ifunc (trampoline at `text`, slot past the table) and
+    /// `sites` (address, kind, prefixes).
+    fn ifunc_table(base: u64, text: u64, sites: &[(u64, SiteKind, u32)]) -> Vec<u8> {
+        let descs = HEADER_SIZE as u32;
+        let site_off = descs + IFUNC_DESC_SIZE as u32;
+        let strs = site_off + (sites.len() * IFUNC_SITE_SIZE) as u32;
+        let strings = b"f\0";
+        let st = |offset, count| SubTable { offset, count };
+        let h = Header {
+            magic: MAGIC,
+            version: VERSION,
+            arch: ARCH_X86_64,
+            flags: 0,
+            header_size: HEADER_SIZE as u32,
+            total_size: strs + strings.len() as u32,
+            ifuncs: st(descs, 1),
+            ifunc_sites: st(site_off, sites.len() as u32),
+            probes: st(strs, 0),
+            probe_sites: st(strs, 0),
+            strings: st(strs, strings.len() as u32),
+        };
+        let mut v = Vec::from(h.to_bytes());
+        let rel = |at: u64, to: u64| make_rel(base + at, to).unwrap();
+        let d = descs as u64;
+        let desc = IfuncDesc {
+            trampoline: rel(d, text),
+            slot: rel(d + 4, base + 0x1000),
+            resolver: rel(d + 8, text + 16),
+            default: rel(d + 12, text + 24),
+            name: 0,
+        };
+        v.extend_from_slice(&desc.to_bytes());
+        for &(addr, kind, prefixes) in sites {
+            let e = IfuncSite {
+                site: rel(v.len() as u64, addr),
+                info: IfuncSite::pack_info(kind, prefixes, 0).unwrap(),
+            };
+            v.extend_from_slice(&e.to_bytes());
+        }
+        v.extend_from_slice(strings);
+        v
+    }
+
+    /// Where the tables of these tests lie: near 0, around 2^31, high, and near 2^64
+    /// (the walks' bounds test replaces an overflow check per field).
+    const BASES: [u64; 4] = [
+        0x1000,
+        0x8000_0000,
+        0x7fff_0000_0000,
+        0u64.wrapping_sub(0x2000),
+    ];
+
+    #[repr(align(8))]
+    struct Buf([u8; 512]);
+
+    /// `bytes`, copied into `buf`, parsed as a table at `base` whose text is
+    /// `base - 0x800 .. base`.
+    fn parsed<'b>(buf: &'b mut Buf, bytes: &[u8], base: u64) -> Table<'b> {
+        buf.0[..bytes.len()].copy_from_slice(bytes);
+        let exec: Vec<_> = core::iter::once(base - 0x800..base).collect();
+        Table::parse(&buf.0[..bytes.len()], base, &exec).unwrap()
+    }
+
+    /// `site_walk()` yields what `sites()` yields.
+    #[test]
+    fn site_walk_agrees_with_sites() {
+        for base in BASES {
+            let text = base - 0x800;
+            let kinds = [SiteKind::Call, SiteKind::Jmp, SiteKind::Jcc];
+            let sites: Vec<_> = (0..9u64)
+                .map(|i| {
+                    (
+                        text + 64 + 16 * i,
+                        kinds[i as usize % 3],
+                        (i % 4) as u32 % 3,
+                    )
+                })
+                .collect();
+            let mut buf = Buf([0; 512]);
+            let t = parsed(&mut buf, &ifunc_table(base, text, &sites), base);
+            let all: Vec<_> = t.sites().collect();
+            assert_eq!(all.len(), 9);
+            assert_eq!(t.site_walk().collect::<Vec<_>>(), all, "base {base:#x}");
+        }
+    }
+
+    /// `probe_sites_of(p)` (and `until`) yield what `probe_sites()` yields for `p`.
+    #[test]
+    fn probe_sites_of_agrees_with_probe_sites() {
+        for base in BASES {
+            let text = base - 0x800;
+            let kinds = [
+                ProbeKind::RustJmp,
+                ProbeKind::CCall,
+                ProbeKind::RustEnabled,
+                ProbeKind::CTail,
+                ProbeKind::CEnabled,
+                ProbeKind::CEnabledTail,
+            ];
+            let sites: Vec<_> = (0..12u64)
+                .map(|i| {
+                    (
+                        text + 8 * i,
+                        text + 0x400 + i,
+                        kinds[i as usize % 6],
+                        (i % 3) as u32 % 2,
+                    )
+                })
+                .collect();
+            let mut buf = Buf([0; 512]);
+            let t = parsed(&mut buf, &test_table::probe_table(base, 2, &sites), base);
+            for p in 0..4 {
+                let all: Vec<_> = t.probe_sites().filter(|s| s.probe == p).collect();
+                let of: Vec<_> = t.probe_sites_of(p).collect();
+                assert_eq!(of, all, "base {base:#x} probe {p}");
+                assert_eq!(of.is_empty(), p >= 2);
+                let cut: Vec<_> = t.probe_sites_of(p).until(5).collect();
+                assert_eq!(
+                    cut,
+                    all.into_iter().filter(|s| s.index < 5).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -431,36 +431,8 @@ impl<'a> Table<'a> {
     #[inline(always)]
     fn try_psite(&self, i: u32) -> Result<PSite, FormatError> {
         let off = self.header.probe_sites.offset as usize + i as usize * PROBE_SITE_SIZE;
-        let e = ProbeSite::read(&self.bytes[off..off + PROBE_SITE_SIZE]);
-        let kind = ProbeKind::from_bits(e.info & 7).ok_or(FormatError::BadProbeSite { site: i })?;
-        if e.info & 0xf8 != 0 {
-            return Err(FormatError::BadProbeSite { site: i });
-        }
-        let probe = e.info >> 8;
-        if probe >= self.header.probes.count {
-            return Err(FormatError::ProbeIndexOutOfRange {
-                site: i,
-                probe,
-                count: self.header.probes.count,
-            });
-        }
-        let ovf = FormatError::AddressOverflow {
-            part: Part::ProbeSites,
-            index: i,
-        };
-        let addr = resolve_rel(self.field_addr(off), e.site).ok_or(ovf)?;
-        let target = if kind.is_rust() {
-            resolve_rel(self.field_addr(off + 4), e.target).ok_or(ovf)?
-        } else {
-            0
-        };
-        Ok(PSite {
-            index: i,
-            addr,
-            target,
-            kind,
-            probe,
-        })
+        let e = &self.bytes[off..off + PROBE_SITE_SIZE];
+        decode_psite(i, e, self.field_addr(off), self.header.probes.count)
     }
 
     /// Number of probes.
@@ -499,6 +471,42 @@ impl<'a> Table<'a> {
     /// All probe sites, in address order.
     pub fn probe_sites(&self) -> impl Iterator<Item = PSite> + '_ {
         (0..self.probe_site_count()).filter_map(|i| self.probe_site(i))
+    }
+
+    /// The sites of probe `probe`, in address order: one walk over the entries that
+    /// decodes only that probe's (what a batch's passes iterate). Yields what
+    /// [`Table::probe_sites`] yields for that probe.
+    #[inline]
+    pub fn probe_sites_of(&self, probe: u32) -> ProbeSitesOf<'a> {
+        // Entries of a probe past the count do not decode (and the index must fit in
+        // an entry's 24 bits): none to yield.
+        let valid = probe < self.header.probes.count && probe < 1 << 24;
+        let mut walk = self.entries(self.header.probe_sites, PROBE_SITE_SIZE);
+        if !valid {
+            walk.rest = &[];
+        }
+        ProbeSitesOf {
+            walk,
+            probe_bits: probe << 8,
+        }
+    }
+
+    /// A walk over the `entry`-byte entries of sub-table `st`.
+    #[inline]
+    fn entries(&self, st: SubTable, entry: usize) -> Entries<'a> {
+        let start = st.offset as usize;
+        // `parse` checked the sub-table lies inside the table.
+        let end = start.saturating_add(st.count as usize * entry);
+        let entries = self.bytes.get(start..end).unwrap_or(&[]);
+        let first = self.field_addr(start);
+        let (lo, span) = resolution_bounds(first);
+        Entries {
+            entries,
+            rest: entries,
+            first,
+            lo,
+            span,
+        }
     }
 
     /// The probe site starting exactly at `addr` (binary search).
@@ -678,6 +686,18 @@ impl<'a> Table<'a> {
         (0..self.site_count()).filter_map(|i| self.site(i))
     }
 
+    /// The same sites as [`Table::sites`], in the same order, as one walk over the
+    /// entries (no per-index bounds check or multiplication; each address resolved with
+    /// one range test): what the patch engine's passes iterate.
+    #[inline]
+    pub fn site_walk(&self) -> SiteWalk<'a> {
+        SiteWalk {
+            walk: self.entries(self.header.ifunc_sites, IFUNC_SITE_SIZE),
+            ifuncs: self.header.ifuncs.count,
+            arch: self.arch,
+        }
+    }
+
     /// The site whose instruction contains `addr` (binary search).
     pub fn site_containing(&self, addr: u64) -> Option<Site> {
         let (mut lo, mut hi) = (0u32, self.site_count());
@@ -691,6 +711,208 @@ impl<'a> Table<'a> {
             } else {
                 return Some(s);
             }
+        }
+        None
+    }
+}
+
+/// For sub-table entries at `first`: `(lo, span)` such that the address `first + x`,
+/// for an `x` (a field's offset plus its `i32`) of magnitude below 2^40, lies inside
+/// the address space exactly when `x - lo`, unsigned, is at most `span`. One compare
+/// per field instead of an overflow check of each addition.
+fn resolution_bounds(first: u64) -> (i64, u64) {
+    const CLIP: i128 = 1 << 40;
+    let c = i128::from(first);
+    let lo = (-c).max(-CLIP) as i64;
+    let hi = (i128::from(u64::MAX) - c).min(CLIP) as i64;
+    (lo, hi.wrapping_sub(lo) as u64)
+}
+
+/// Decodes probe site entry `i` (`e`, its bytes, at address `field_addr`) of a table
+/// with `probes` probes.
+#[inline(always)]
+fn decode_psite(i: u32, e: &[u8], field_addr: u64, probes: u32) -> Result<PSite, FormatError> {
+    let e = ProbeSite::read(e);
+    // The kind (3 bits) and the reserved bits above it, in one test.
+    let kind = match e.info & 0xf8 {
+        0 => ProbeKind::from_bits(e.info & 7),
+        _ => None,
+    }
+    .ok_or(FormatError::BadProbeSite { site: i })?;
+    let probe = e.info >> 8;
+    if probe >= probes {
+        return Err(FormatError::ProbeIndexOutOfRange {
+            site: i,
+            probe,
+            count: probes,
+        });
+    }
+    let ovf = FormatError::AddressOverflow {
+        part: Part::ProbeSites,
+        index: i,
+    };
+    let addr = resolve_rel(field_addr, e.site).ok_or(ovf)?;
+    let target = if kind.is_rust() {
+        resolve_rel(field_addr + 4, e.target).ok_or(ovf)?
+    } else {
+        0
+    };
+    Ok(PSite {
+        index: i,
+        addr,
+        target,
+        kind,
+        probe,
+    })
+}
+
+/// A walk over the entries of one sub-table: each step yields an entry and its offset,
+/// and [`Entries::resolve`] turns a self-relative field into an address.
+#[derive(Clone, Debug)]
+struct Entries<'a> {
+    /// Every entry of the sub-table.
+    entries: &'a [u8],
+    /// The entries not yet visited (a tail of `entries`).
+    rest: &'a [u8],
+    /// Address of `entries`.
+    first: u64,
+    /// [`resolution_bounds`] of `first`.
+    lo: i64,
+    span: u64,
+}
+
+impl<'a> Entries<'a> {
+    /// The next entry (`N` bytes) and its offset in `entries`.
+    #[inline(always)]
+    fn next<const N: usize>(&mut self) -> Option<(usize, &'a [u8; N])> {
+        let (e, rest) = self.rest.split_first_chunk::<N>()?;
+        let off = self.entries.len() - self.rest.len();
+        self.rest = rest;
+        Some((off, e))
+    }
+
+    /// The address the self-relative `rel` at offset `off` of `entries` refers to:
+    /// [`resolve_rel`] of the field's address, as one range test.
+    #[inline(always)]
+    fn resolve(&self, off: usize, rel: i32) -> Option<u64> {
+        let x = off as i64 + i64::from(rel);
+        (x.wrapping_sub(self.lo) as u64 <= self.span).then(|| self.first.wrapping_add(x as u64))
+    }
+
+    /// Stops before byte `end` of `entries`.
+    #[inline]
+    fn until(&mut self, end: usize) {
+        if end < self.entries.len() {
+            // Both cut at the same place, so the offsets `next` computes stay right.
+            let n = end.saturating_sub(self.entries.len() - self.rest.len());
+            self.entries = &self.entries[..end];
+            self.rest = self.rest.get(..n).unwrap_or(&[]);
+        }
+    }
+}
+
+/// The sites of one probe, in address order ([`Table::probe_sites_of`]). Entries that
+/// do not decode are skipped, as [`Table::probe_sites`] skips them (a parsed table has
+/// none).
+#[derive(Clone, Debug)]
+pub struct ProbeSitesOf<'a> {
+    walk: Entries<'a>,
+    /// The probe's index, shifted to its place in an entry's `info`.
+    probe_bits: u32,
+}
+
+impl ProbeSitesOf<'_> {
+    /// Stops before the entry with table index `end` (a [`PSite::index`]).
+    #[inline]
+    pub fn until(mut self, end: u32) -> Self {
+        self.walk.until(end as usize * PROBE_SITE_SIZE);
+        self
+    }
+}
+
+impl Iterator for ProbeSitesOf<'_> {
+    type Item = PSite;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<PSite> {
+        while let Some((off, e)) = self.walk.next::<PROBE_SITE_SIZE>() {
+            let entry = ProbeSite::read(e);
+            // In one compare: the entry is this probe's (`info >> 8`), its reserved
+            // bits are 0 and its kind is valid (`info & 0xff` is a kind); another
+            // probe's entry, or one that does not decode, is skipped.
+            let bits = entry.info.wrapping_sub(self.probe_bits);
+            let Some(kind) = (if bits <= 7 {
+                ProbeKind::from_bits(bits)
+            } else {
+                None
+            }) else {
+                continue;
+            };
+            // Both fields resolved, then one test of their overflows (the target's
+            // counts for a Rust site only, as in `decode_psite`).
+            let site = self.walk.resolve(off, entry.site);
+            let target = self.walk.resolve(off + 4, entry.target);
+            let rust = kind.is_rust();
+            let (Some(addr), Some(target)) = (site, if rust { target } else { Some(0) }) else {
+                continue;
+            };
+            return Some(PSite {
+                index: (off / PROBE_SITE_SIZE) as u32,
+                addr,
+                target,
+                kind,
+                probe: self.probe_bits >> 8,
+            });
+        }
+        None
+    }
+}
+
+/// The ifunc sites in table order ([`Table::site_walk`]). Entries that do not decode are
+/// skipped, as [`Table::sites`] skips them (a parsed table has none).
+#[derive(Clone, Debug)]
+pub struct SiteWalk<'a> {
+    walk: Entries<'a>,
+    /// The table's ifunc count.
+    ifuncs: u32,
+    arch: Arch,
+}
+
+impl Iterator for SiteWalk<'_> {
+    type Item = Site;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Site> {
+        while let Some((off, e)) = self.walk.next::<IFUNC_SITE_SIZE>() {
+            let e = IfuncSite::read(e);
+            // What `try_site` checks (any failure skips the entry).
+            let kind = match e.info & 0xe0 {
+                0 => SiteKind::from_bits(e.info & 3),
+                _ => None,
+            };
+            let ifunc = e.info >> 8;
+            // `Entries::resolve`, spelled out: the test, then the addition (the
+            // `Option` form compiles to a much slower loop here).
+            let x = off as i64 + i64::from(e.site);
+            let (Some(kind), true, true) = (
+                kind,
+                ifunc < self.ifuncs,
+                x.wrapping_sub(self.walk.lo) as u64 <= self.walk.span,
+            ) else {
+                continue;
+            };
+            let addr = self.walk.first.wrapping_add(x as u64);
+            let prefixes = ((e.info >> 2) & 7) as u8;
+            let field = self.arch.target_field(kind, prefixes);
+            return Some(Site {
+                index: (off / IFUNC_SITE_SIZE) as u32,
+                addr,
+                kind,
+                prefixes,
+                ifunc,
+                len: self.arch.site_len(kind, prefixes) as u8,
+                field: (field.start as u8, field.end as u8),
+            });
         }
         None
     }

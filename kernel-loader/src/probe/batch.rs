@@ -8,9 +8,9 @@ use core::sync::atomic::Ordering;
 use super::dispatch;
 use super::state::{IN_INT3, INT3_DRAIN_WAITS, ProbeState};
 use super::{ProbeError, ProbeId};
-use crate::arch::native::probe::{self as arch, ROUNDS, SITE_LEN, SiteBytes, Stubs};
+use crate::arch::native::probe::{self as arch, ROUNDS, SITE_LEN, SiteBytes, SiteWord, Stubs};
 use crate::format::{PSite, Table};
-use crate::patch::{InsnBytes, TextPoker};
+use crate::patch::{InsnBytes, PokeError, TextPoker};
 
 /// The bytes a site holds in state `on`, in this image.
 #[inline(always)]
@@ -24,7 +24,13 @@ pub fn site_bytes(s: &PSite, on: bool) -> Result<SiteBytes, ProbeError> {
 /// the live-patch protocol resumes at an instruction boundary.
 #[inline(always)]
 pub fn site_bytes_with(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteBytes, ProbeError> {
-    arch::site_bytes(&s.arch_ref(), on, stubs).map_err(|e| ProbeError::OutOfReach {
+    site_word(s, on, stubs).map(arch::bytes_of)
+}
+
+/// [`site_bytes_with`] as a word (what the batch loops compare and write).
+#[inline(always)]
+fn site_word(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteWord, ProbeError> {
+    arch::site_word(&s.arch_ref(), on, stubs).map_err(|e| ProbeError::OutOfReach {
         site: s.addr,
         target: e.target,
     })
@@ -34,7 +40,7 @@ pub fn site_bytes_with(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteBytes, 
 /// (reading a byte-filled buffer back as a word would stall store forwarding on every
 /// site of a batch).
 #[inline(always)]
-fn read_site<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> SiteBytes {
+fn read_site<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> SiteWord {
     const { assert!(SITE_LEN <= 8) };
     let mut v = 0u64;
     for i in 0..SITE_LEN as u64 {
@@ -44,45 +50,12 @@ fn read_site<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> SiteBytes {
         unsafe { poker.read(addr + i, &mut b) };
         v |= u64::from(b[0]) << (8 * i);
     }
-    let b = v.to_le_bytes();
-    core::array::from_fn(|i| b[i])
+    v
 }
 
-/// The sites of one probe, in address order: an index loop over the table without
-/// closures, so the batch loops inline it.
-struct SitesOf<'t, 'a> {
-    table: &'t Table<'a>,
-    probe: u32,
-    next: u32,
-}
-
-impl<'t, 'a> SitesOf<'t, 'a> {
-    #[inline]
-    fn new(table: &'t Table<'a>, id: ProbeId) -> Self {
-        SitesOf {
-            table,
-            probe: id.0,
-            next: 0,
-        }
-    }
-}
-
-impl Iterator for SitesOf<'_, '_> {
-    type Item = PSite;
-
-    #[inline(always)]
-    fn next(&mut self) -> Option<PSite> {
-        while self.next < self.table.probe_site_count() {
-            let i = self.next;
-            self.next += 1;
-            if let Some(s) = self.table.probe_site(i)
-                && s.probe == self.probe
-            {
-                return Some(s);
-            }
-        }
-        None
-    }
+/// An error's view of a site word.
+fn insn(w: SiteWord) -> InsnBytes {
+    InsnBytes::new(&arch::bytes_of(w))
 }
 
 /// Checks every probe site of `table` holds its disabled form.
@@ -90,15 +63,16 @@ pub(super) fn check_disabled<P: TextPoker + ?Sized>(
     table: &Table<'_>,
     poker: &P,
 ) -> Result<(), ProbeError> {
+    let stubs = dispatch::this_image_stubs();
     for s in table.probe_sites() {
-        let want = site_bytes(&s, false)?;
+        let want = site_word(&s, false, &stubs)?;
         let found = read_site(poker, s.addr);
         if found != want {
             return Err(ProbeError::UnexpectedBytes {
                 site: s.addr,
                 probe: ProbeId(s.probe),
-                expected: InsnBytes::new(&want),
-                found: InsnBytes::new(&found),
+                expected: insn(want),
+                found: insn(found),
             });
         }
     }
@@ -120,43 +94,50 @@ pub(super) unsafe fn switch<P: TextPoker + ?Sized>(
     on: bool,
     poker: &mut P,
 ) -> Result<(), ProbeError> {
-    // 1. Every site must hold exactly the other state's bytes (or the residue of an
-    //    interrupted batch), and the new bytes must be encodable, before anything is
-    //    written.
-    for s in SitesOf::new(t, local) {
-        let old = site_bytes(&s, !on)?;
-        let new = site_bytes(&s, on)?;
-        let found = read_site(poker, s.addr);
-        // A failed batch whose rollback could not finish may have left a residue
-        // (`arch::is_residue`): safe to rewrite.
-        if found != old && !arch::is_residue(&found, &old, &new) {
-            return Err(ProbeError::UnexpectedBytes {
-                site: s.addr,
-                probe: id,
-                expected: InsnBytes::new(&old),
-                found: InsnBytes::new(&found),
-            });
-        }
-    }
-    // 2. Publish the new state: from here on, a trapping CPU is emulated into it.
+    let b = Batch {
+        t,
+        local,
+        id,
+        stubs: dispatch::this_image_stubs(),
+    };
+    // 1. Publish the new state: from here on, a trapping CPU is emulated into it.
     st.enabled.store(on, Ordering::SeqCst);
     if let Err(e) = poker.begin() {
         st.enabled.store(!on, Ordering::SeqCst);
         return Err(ProbeError::Poke(e));
     }
-    // 3. The rounds.
+    // 2. The rounds, the first fused with the check: every site must hold exactly the
+    //    other state's bytes (or the residue of an interrupted batch), and its new bytes
+    //    must encode, before its trap is written; a site that fails stops the batch, and
+    //    the sites already trapped are put back.
     // SAFETY: the sites are validated probe sites of the live table `t`; the #BP hook
     // covers CPUs that run them mid-patch (precondition of `enable`/`disable`).
-    let result = match unsafe { write_sites(t, local, id, on, poker, Mode::Apply) } {
+    // (Two copies, `on` a constant in each: the per-site encoding then has one form to
+    // pick from instead of two.)
+    let result = if on {
+        // SAFETY: as above.
+        unsafe { b.forward(true, poker) }
+    } else {
+        // SAFETY: as above.
+        unsafe { b.forward(false, poker) }
+    };
+    let result = match result {
         Ok(()) => Ok(()),
-        Err(e) => {
+        Err(Failed { touched: 0, error }) => {
             st.enabled.store(!on, Ordering::SeqCst);
-            // SAFETY: as above; puts the same sites back into the old state.
-            unsafe { write_sites(t, local, id, !on, poker, Mode::Restore) }.and(Err(e))
+            Err(error)
+        }
+        Err(Failed { touched, error }) => {
+            st.enabled.store(!on, Ordering::SeqCst);
+            // SAFETY: as above; puts the sites the batch reached (all checked) back into
+            // the old state.
+            unsafe { b.write_sites(!on, poker, Mode::Restore, touched) }
+                .map_err(|f| f.error)
+                .and(Err(error))
         }
     };
     poker.end();
-    // 4. Wait until no CPU is still emulating a site of the old batch, and, after a
+    // 3. Wait until no CPU is still emulating a site of the old batch, and, after a
     //    disable, until no CPU still runs the handler.
     if IN_INT3.load(Ordering::Acquire) != 0 {
         INT3_DRAIN_WAITS.fetch_add(1, Ordering::Relaxed);
@@ -170,7 +151,7 @@ pub(super) unsafe fn switch<P: TextPoker + ?Sized>(
     result
 }
 
-/// How [`write_sites`] treats a failed write.
+/// How [`Batch::write_sites`] treats a failed write.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// A forward batch: stop at the first failed write (the caller then restores).
@@ -183,72 +164,168 @@ enum Mode {
     Restore,
 }
 
-/// Moves every site of probe `id` (`local`, its index in `t`) to state `on` with the
-/// architecture's rounds (for each round: write its piece of every site, then serialize
-/// every CPU): one routine for a batch and for its rollback (`mode`). A batch returns
-/// the first failure; a rollback returns [`ProbeError::RollbackIncomplete`] for the
-/// first site it could not restore.
+/// Writes a round's piece at the site at `site`.
 ///
 /// # Safety
 ///
-/// As for [`super::enable`]; every site of `id` in `t` is a validated probe site.
+/// As for [`TextPoker::write`]: `site` is a validated probe site, and the piece one the
+/// protocol allows now.
 #[inline(always)]
-unsafe fn write_sites<P: TextPoker + ?Sized>(
-    t: &Table<'_>,
+unsafe fn write_piece<P: TextPoker + ?Sized>(
+    poker: &mut P,
+    site: u64,
+    piece: arch::RoundPiece,
+) -> Result<(), PokeError> {
+    let b = piece.bytes.to_le_bytes();
+    // SAFETY: forwarded; the piece lies inside the site (`arch::round`).
+    unsafe { poker.write(site + piece.offset, &b[..piece.len.min(b.len())]) }
+}
+
+/// A batch stopped: `error`, after writing at most the probe's sites before table entry
+/// `touched` (a [`PSite::index`]; 0: it wrote nothing).
+struct Failed {
+    touched: u32,
+    error: ProbeError,
+}
+
+/// One batch: the sites of probe `id` (`local`, its index in `t`), encoded with `stubs`.
+struct Batch<'t, 'a> {
+    t: &'t Table<'a>,
     local: ProbeId,
     id: ProbeId,
-    on: bool,
-    poker: &mut P,
-    mode: Mode,
-) -> Result<(), ProbeError> {
-    let sites = || SitesOf::new(t, local);
-    for r in 0..ROUNDS {
-        // A forward batch checked every site's new bytes encode before writing (see
-        // `switch`), so a round that does not read them skips the encoding; a rollback
-        // still encodes, to skip the sites it could not encode, as before.
-        let encode = mode == Mode::Restore || arch::round_uses_new(r);
-        for s in sites() {
-            let new = if encode {
-                match site_bytes(&s, on) {
-                    Ok(b) => b,
-                    Err(_) if mode == Mode::Restore => continue,
-                    Err(e) => return Err(e),
-                }
-            } else {
-                // Unread by this round.
-                [0; SITE_LEN]
+    stubs: Stubs,
+}
+
+impl Batch<'_, '_> {
+    /// The rounds of a forward batch: [`Batch::check_and_trap`], then the other rounds.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Batch::write_sites`].
+    #[inline(always)]
+    unsafe fn forward<P: TextPoker + ?Sized>(&self, on: bool, poker: &mut P) -> Result<(), Failed> {
+        // SAFETY: forwarded.
+        unsafe { self.check_and_trap(on, poker) }?;
+        // SAFETY: forwarded; every site was checked and trapped.
+        unsafe { self.write_sites(on, poker, Mode::Apply, u32::MAX) }
+    }
+
+    /// Round 0 of a forward batch, fused with its check (one walk over the sites instead of
+    /// two): for each site of the batch, in table order, checks
+    /// it holds the old state's bytes or a residue and that its new bytes encode, then
+    /// writes its round-0 piece; then serializes every CPU. On failure, returns the table
+    /// entry before which it may have written (every site before it checked).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Batch::write_sites`].
+    #[inline(always)]
+    unsafe fn check_and_trap<P: TextPoker + ?Sized>(
+        &self,
+        on: bool,
+        poker: &mut P,
+    ) -> Result<(), Failed> {
+        let stubs = &self.stubs;
+        let fail = |touched, error| Err(Failed { touched, error });
+        // The table entry after the last site written (0: none).
+        let mut touched = 0;
+        for s in self.t.probe_sites_of(self.local.0) {
+            let (old, new) = match (site_word(&s, !on, stubs), site_word(&s, on, stubs)) {
+                (Ok(old), Ok(new)) => (old, new),
+                (Err(e), _) | (_, Err(e)) => return fail(touched, e),
             };
-            if mode == Mode::Restore && r > 0 {
-                let (off, prev) = arch::round(r - 1, &new);
-                let off = off as usize;
-                if read_site(poker, s.addr)[off..off + prev.len()] != *prev {
-                    continue;
-                }
+            let found = read_site(poker, s.addr);
+            // A failed batch whose rollback could not finish may have left a residue
+            // (`arch::is_residue`): safe to rewrite.
+            if found != old && !arch::is_residue(found, old, new) {
+                let error = ProbeError::UnexpectedBytes {
+                    site: s.addr,
+                    probe: self.id,
+                    expected: insn(old),
+                    found: insn(found),
+                };
+                return fail(touched, error);
             }
-            let (off, bytes) = arch::round(r, &new);
-            // SAFETY: inside a validated site (this function's precondition); the
-            // round's piece keeps the site one instruction for every CPU (see
-            // `arch::round`).
-            let w = unsafe { poker.write(s.addr + off, bytes) };
-            if let Err(e) = w
-                && mode == Mode::Apply
-            {
-                return Err(ProbeError::Poke(e));
+            touched = s.index + 1;
+            let piece = arch::round(0, new);
+            // SAFETY: as in `Batch::write_sites`.
+            if let Err(e) = unsafe { write_piece(poker, s.addr, piece) } {
+                return fail(touched, ProbeError::Poke(e));
             }
         }
         poker.sync_cores();
+        Ok(())
     }
-    if mode == Mode::Restore {
-        for s in sites() {
-            if site_bytes(&s, on).ok() != Some(read_site(poker, s.addr)) {
-                return Err(ProbeError::RollbackIncomplete {
-                    site: s.addr,
-                    probe: id,
-                });
+
+    /// Moves the batch's sites (those before table entry `limit`) to state `on` with the architecture's rounds (for each round: write its piece
+    /// of every site, then serialize every CPU): one routine for a batch (whose round 0
+    /// [`Batch::check_and_trap`] did) and for its rollback (`mode`). A batch returns the first
+    /// failure; a rollback returns [`ProbeError::RollbackIncomplete`] for the first site it
+    /// could not restore.
+    ///
+    /// # Safety
+    ///
+    /// As for [`super::enable`]; every site of the batch is a validated probe site, and
+    /// for a batch every site passed [`Batch::check_and_trap`].
+    #[inline(always)]
+    unsafe fn write_sites<P: TextPoker + ?Sized>(
+        &self,
+        on: bool,
+        poker: &mut P,
+        mode: Mode,
+        limit: u32,
+    ) -> Result<(), Failed> {
+        let stubs = &self.stubs;
+        let sites = || self.t.probe_sites_of(self.local.0).until(limit);
+        let first = if mode == Mode::Apply { 1 } else { 0 };
+        for r in first..ROUNDS {
+            for s in sites() {
+                let new = match mode {
+                    // `check_and_trap` encoded every site's new bytes: the same again.
+                    Mode::Apply => arch::site_word_again(&s.arch_ref(), on, stubs),
+                    // A rollback skips the sites it cannot encode.
+                    Mode::Restore => match site_word(&s, on, stubs) {
+                        Ok(b) => b,
+                        Err(_) => continue,
+                    },
+                };
+                if mode == Mode::Restore
+                    && r > 0
+                    && !arch::round(r - 1, new).is_in(read_site(poker, s.addr))
+                {
+                    continue;
+                }
+                let piece = arch::round(r, new);
+                // SAFETY: inside a validated site (this function's precondition); the
+                // round's piece keeps the site one instruction for every CPU (see
+                // `arch::round`).
+                let w = unsafe { write_piece(poker, s.addr, piece) };
+                if let Err(e) = w
+                    && mode == Mode::Apply
+                {
+                    return Err(Failed {
+                        touched: limit,
+                        error: ProbeError::Poke(e),
+                    });
+                }
+            }
+            poker.sync_cores();
+        }
+        if mode == Mode::Restore {
+            for s in sites() {
+                if site_word(&s, on, stubs).ok() != Some(read_site(poker, s.addr)) {
+                    return Err(Failed {
+                        touched: limit,
+                        error: ProbeError::RollbackIncomplete {
+                            site: s.addr,
+                            probe: self.id,
+                        },
+                    });
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -378,5 +455,113 @@ mod drain_tests {
         // SAFETY: as above.
         unsafe { unregister_module(&h, 0..0, &mut NoSites) }.unwrap();
         assert!(lookup("t:x").is_none());
+    }
+}
+
+#[cfg(test)]
+mod fused_check_tests {
+    use super::super::{
+        ProbeError, disable, enable, is_enabled, register_module, unregister_module,
+    };
+    use super::site_bytes;
+    use crate::format::{ProbeKind, Table, test_table};
+    use crate::patch::{PokeError, TextPoker};
+    use std::vec::Vec;
+
+    /// Writes memory directly, counting writes.
+    #[derive(Default)]
+    struct Mem {
+        writes: usize,
+    }
+    impl TextPoker for Mem {
+        unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
+            self.writes += 1;
+            // SAFETY: the test's text buffer, which nothing executes.
+            unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+            Ok(())
+        }
+        fn sync_cores(&mut self) {}
+        fn end(&mut self) {}
+    }
+
+    fn handler(_: super::ProbeId, _: &[u64; 6]) {}
+
+    /// The check is fused with the first write round: a site that fails it, after
+    /// earlier sites got their trap, leaves every site as it was.
+    #[test]
+    fn a_failed_check_puts_back_the_sites_already_trapped() {
+        const N: u64 = 6;
+        let text: &'static mut [u64] =
+            std::boxed::Box::leak(std::vec![0u64; 16].into_boxed_slice());
+        let t0 = text.as_ptr() as u64;
+        // SAFETY: reinterpreting the leaked u64 buffer as bytes.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(t0 as *mut u8, 128) };
+        let sites: Vec<_> = (0..N)
+            .map(|i| (t0 + 8 * i, t0 + 8 * i + 5, ProbeKind::RustJmp, 0))
+            .collect();
+        let table_words: &'static mut [u64] =
+            std::boxed::Box::leak(std::vec![0u64; 64].into_boxed_slice());
+        let base = table_words.as_ptr() as u64;
+        let tb = test_table::probe_table(base, 1, &sites);
+        // SAFETY: the leaked table buffer, as bytes.
+        let tbytes = unsafe { core::slice::from_raw_parts_mut(base as *mut u8, 512) };
+        tbytes[..tb.len()].copy_from_slice(&tb);
+        let exec: Vec<_> = core::iter::once(t0..t0 + 128).collect();
+        let t = Table::parse(&tbytes[..tb.len()], base, &exec).unwrap();
+        let form = |on: bool| -> Vec<u8> {
+            let mut v = std::vec![0; 8 * N as usize];
+            for s in t.probe_sites() {
+                let at = (s.addr - t0) as usize;
+                v[at..at + 5].copy_from_slice(&site_bytes(&s, on).unwrap());
+            }
+            v
+        };
+        bytes[..8 * N as usize].copy_from_slice(&form(false));
+        // SAFETY: the table is leaked.
+        let h = unsafe { register_module(t, t0..t0 + 128, &Mem::default()) }.unwrap();
+        let id = super::ProbeId(h.base());
+        let snapshot = |b: &[u8]| b[..8 * N as usize].to_vec();
+
+        // Site 3 holds something else: sites 0..3 were trapped, then put back.
+        bytes[8 * 3 + 2] = 0x99;
+        let before = snapshot(bytes);
+        let mut p = Mem::default();
+        // SAFETY: the sites are in the test's buffer, which nothing executes.
+        let r = unsafe { enable(id, handler, &mut p) };
+        assert!(
+            matches!(r, Err(ProbeError::UnexpectedBytes { site, .. }) if site == t0 + 24),
+            "{r:?}"
+        );
+        assert_eq!(snapshot(bytes), before);
+        assert!(
+            p.writes >= 3,
+            "sites 0..3 were trapped and restored: {}",
+            p.writes
+        );
+        assert!(!is_enabled(id));
+
+        // The first site wrong: nothing written at all.
+        bytes[..8 * N as usize].copy_from_slice(&form(false));
+        bytes[1] = 0x99;
+        let before = snapshot(bytes);
+        let mut p = Mem::default();
+        // SAFETY: as above.
+        let r = unsafe { enable(id, handler, &mut p) };
+        assert!(
+            matches!(r, Err(ProbeError::UnexpectedBytes { .. })),
+            "{r:?}"
+        );
+        assert_eq!((snapshot(bytes), p.writes), (before, 0));
+
+        // Repaired: a whole batch each way.
+        bytes[..8 * N as usize].copy_from_slice(&form(false));
+        // SAFETY: as above.
+        unsafe { enable(id, handler, &mut Mem::default()) }.unwrap();
+        assert_eq!(snapshot(bytes), form(true));
+        // SAFETY: as above.
+        unsafe { disable(id, &mut Mem::default()) }.unwrap();
+        assert_eq!(snapshot(bytes), form(false));
+        // SAFETY: as above.
+        unsafe { unregister_module(&h, 0..0, &mut Mem::default()) }.unwrap();
     }
 }

@@ -141,7 +141,9 @@ pub fn is_original(site: &BranchSite, v: u64, trampoline: u64) -> bool {
         SiteKind::Jcc => byte(p) == TWO_BYTE_ESCAPE && byte(p + 1) & 0xf0 == 0x80,
     };
     let rel = (v >> (8 * (len - REL32_LEN))) as u32 as i32;
-    opcode_ok && rel32(site.end(), trampoline) == Some(rel)
+    // Where the rel32 goes, exactly (no wrap), is the trampoline: the same as
+    // `rel32(site.end(), trampoline) == Some(rel)`, with one addition.
+    opcode_ok && site.end().checked_add_signed(i64::from(rel)) == Some(trampoline)
 }
 
 /// The bytes an unpatched site must hold: valid prefixes, the opcode of its kind, and a

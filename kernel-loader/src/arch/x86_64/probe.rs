@@ -3,13 +3,16 @@
 //! stubs that use the SysV calling convention.
 //!
 //! The generic probe code (`crate::probe`) talks to this module only through names an
-//! `aarch64` or `riscv64` module defines too: [`SITE_LEN`], [`SiteBytes`],
-//! [`site_bytes`], [`Stubs`], [`ROUNDS`]/[`round`]/[`round_uses_new`]/[`is_residue`], [`Int3Frame`],
+//! `aarch64` or `riscv64` module defines too: [`SITE_LEN`], [`SiteBytes`]/[`SiteWord`]
+//! ([`word`], [`bytes_of`]), [`site_bytes`]/[`site_word`]/[`site_word_again`], [`Stubs`],
+//! [`ROUNDS`]/[`round`]/[`RoundPiece`]/[`round_uses_new`]/[`is_residue`], [`Int3Frame`],
 //! [`trap_site`]/[`trap_args`]/[`emulate`]/[`call_site`], the entry stubs, and the
 //! `c_entry!`, `__ksites_probe_site_asm!` and `__ksites_probe_section_asm!` macros.
 //!
 //! This module imports nothing outside `crate::arch`: sites come as the neutral
 //! [`ProbeSiteRef`].
+
+use core::convert::Infallible;
 
 use crate::arch::{ProbeKind, ProbeSiteRef};
 
@@ -67,19 +70,53 @@ pub struct OutOfReach {
 /// the operand bytes change.
 #[inline(always)]
 pub fn site_bytes(s: &ProbeSiteRef, on: bool, stubs: &Stubs) -> Result<SiteBytes, OutOfReach> {
-    let branch = |op: u8, target: u64| -> Result<SiteBytes, OutOfReach> {
-        let r = rel32(s.addr + SITE_LEN as u64, target).ok_or(OutOfReach { target })?;
-        let r = r.to_le_bytes();
-        Ok([op, r[0], r[1], r[2], r[3]])
+    site_word(s, on, stubs).map(bytes_of)
+}
+
+/// [`site_bytes`] as a [`SiteWord`]: built in a register, so a batch compares and
+/// writes it without a buffer (bytes stored one by one and loaded back as a word stall
+/// store forwarding on every site).
+#[inline(always)]
+pub fn site_word(s: &ProbeSiteRef, on: bool, stubs: &Stubs) -> Result<SiteWord, OutOfReach> {
+    encode(s, on, stubs, |next, target| {
+        rel32(next, target).ok_or(OutOfReach { target })
+    })
+}
+
+/// What [`site_word`] returned for the same site, state and stubs, when it returned
+/// `Ok` (a batch's later rounds, after its check encoded every site): the branch
+/// displacement is not range-checked again, so a round that uses only some of the
+/// bytes computes only those.
+#[inline(always)]
+pub fn site_word_again(s: &ProbeSiteRef, on: bool, stubs: &Stubs) -> SiteWord {
+    let wrapped = |next: u64, target: u64| Ok(target.wrapping_sub(next) as i32);
+    match encode::<Infallible>(s, on, stubs, wrapped) {
+        Ok(w) => w,
+        Err(never) => match never {},
+    }
+}
+
+/// The bytes of site `s` in state `on`, with `rel(next, target)` for a branch's
+/// displacement.
+#[inline(always)]
+fn encode<E>(
+    s: &ProbeSiteRef,
+    on: bool,
+    stubs: &Stubs,
+    rel: impl Fn(u64, u64) -> Result<i32, E>,
+) -> Result<SiteWord, E> {
+    let branch = |op: u8, target: u64| -> Result<SiteWord, E> {
+        let r = rel(s.addr + SITE_LEN as u64, target)?;
+        Ok(u64::from(op) | u64::from(r as u32) << 8)
     };
     Ok(match (s.kind, on) {
-        (ProbeKind::RustJmp | ProbeKind::RustEnabled | ProbeKind::CCall, false) => NOP5,
+        (ProbeKind::RustJmp | ProbeKind::RustEnabled | ProbeKind::CCall, false) => word(&NOP5),
         (ProbeKind::RustJmp | ProbeKind::RustEnabled, true) => branch(JMP_REL32, s.target)?,
         (ProbeKind::CCall, true) => branch(CALL_REL32, stubs.c_entry)?,
-        (ProbeKind::CTail, false) => C_TAIL_OFF,
-        (ProbeKind::CTail, true) => C_TAIL_ON,
-        (ProbeKind::CEnabled, false) => C_ENABLED_OFF,
-        (ProbeKind::CEnabled, true) => C_ENABLED_ON,
+        (ProbeKind::CTail, false) => word(&C_TAIL_OFF),
+        (ProbeKind::CTail, true) => word(&C_TAIL_ON),
+        (ProbeKind::CEnabled, false) => word(&C_ENABLED_OFF),
+        (ProbeKind::CEnabled, true) => word(&C_ENABLED_ON),
         (ProbeKind::CEnabledTail, false) => branch(JMP_REL32, stubs.ret0)?,
         (ProbeKind::CEnabledTail, true) => branch(JMP_REL32, stubs.ret1)?,
     })
@@ -90,15 +127,49 @@ pub fn site_bytes(s: &ProbeSiteRef, on: bool, stubs: &Stubs) -> Result<SiteBytes
 pub const ROUNDS: usize = 3;
 
 /// What round `r` (`0..ROUNDS`) writes at a site that becomes `new`: the offset in the
-/// site, and the bytes. Round 0 writes `int3` over byte 0 (a CPU reaching the site now
-/// traps and is emulated); round 1 writes the new bytes 1..5 (no CPU decodes them, byte
-/// 0 is `int3`); round 2 writes the new byte 0 (a single-byte store is atomic).
+/// site, and the bytes (the low `len` bytes of the returned word). Round 0 writes
+/// `int3` over byte 0 (a CPU reaching the site now traps and is emulated); round 1
+/// writes the new bytes 1..5 (no CPU decodes them, byte 0 is `int3`); round 2 writes
+/// the new byte 0 (a single-byte store is atomic).
 #[inline(always)]
-pub fn round(r: usize, new: &SiteBytes) -> (u64, &[u8]) {
+pub const fn round(r: usize, new: SiteWord) -> RoundPiece {
     match r {
-        0 => (0, &TRAP),
-        1 => (1, &new[1..]),
-        _ => (0, &new[..1]),
+        0 => RoundPiece {
+            offset: 0,
+            bytes: TRAP[0] as u64,
+            len: 1,
+        },
+        1 => RoundPiece {
+            offset: 1,
+            bytes: new >> 8,
+            len: SITE_LEN - 1,
+        },
+        _ => RoundPiece {
+            offset: 0,
+            bytes: new & 0xff,
+            len: 1,
+        },
+    }
+}
+
+/// What one round writes at one site: `len` bytes (little-endian in `bytes`) at
+/// `offset` from the site's first byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundPiece {
+    /// Offset from the site's first byte.
+    pub offset: u64,
+    /// The bytes, little-endian (the first in the low bits).
+    pub bytes: u64,
+    /// How many (≤ [`SITE_LEN`]).
+    pub len: usize,
+}
+
+impl RoundPiece {
+    /// Whether the site (as a [`SiteWord`]) holds this piece.
+    #[inline(always)]
+    pub const fn is_in(&self, site: SiteWord) -> bool {
+        let mask = (1u64 << (8 * self.len)) - 1;
+        (site >> (8 * self.offset)) & mask == self.bytes
     }
 }
 
@@ -111,22 +182,28 @@ pub const fn round_uses_new(r: usize) -> bool {
 
 /// Whether `found` is what an interrupted batch between `old` and `new` (in either
 /// direction) may have left: the complete new bytes, or `int3` followed by either
-/// state's tail. All are safe to rewrite with the protocol. (Compared as integers:
-/// slice comparisons would go through memory.)
+/// state's tail. All are safe to rewrite with the protocol.
 #[inline(always)]
-pub fn is_residue(found: &SiteBytes, old: &SiteBytes, new: &SiteBytes) -> bool {
-    let (o, n, f) = (word(old), word(new), word(found));
-    f == n || (f & 0xff == u64::from(TRAP[0]) && (f >> 8 == o >> 8 || f >> 8 == n >> 8))
+pub const fn is_residue(found: SiteWord, old: SiteWord, new: SiteWord) -> bool {
+    let (o, n, f) = (old, new, found);
+    f == n || (f & 0xff == TRAP[0] as u64 && (f >> 8 == o >> 8 || f >> 8 == n >> 8))
 }
 
-/// Site bytes as a little-endian integer.
+/// The bytes of a probe site, little-endian in the low [`SITE_LEN`] bytes of a word (the
+/// rest 0).
+pub type SiteWord = u64;
+
+/// Site bytes as a [`SiteWord`].
 #[inline(always)]
-fn word(b: &SiteBytes) -> u64 {
-    u64::from(b[0])
-        | u64::from(b[1]) << 8
-        | u64::from(b[2]) << 16
-        | u64::from(b[3]) << 24
-        | u64::from(b[4]) << 32
+pub const fn word(b: &SiteBytes) -> SiteWord {
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], 0, 0, 0])
+}
+
+/// A [`SiteWord`]'s bytes.
+#[inline(always)]
+pub const fn bytes_of(w: SiteWord) -> SiteBytes {
+    let b = w.to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4]]
 }
 
 /// The registers the #BP hook (`crate::probe::handle_int3`) reads and may change: of
