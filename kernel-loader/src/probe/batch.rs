@@ -100,33 +100,31 @@ pub(super) unsafe fn switch<P: TextPoker + ?Sized>(
         id,
         stubs: dispatch::this_image_stubs(),
     };
-    // 1. Publish the new state: from here on, a trapping CPU is emulated into it.
-    st.enabled.store(on, Ordering::SeqCst);
-    if let Err(e) = poker.begin() {
-        st.enabled.store(!on, Ordering::SeqCst);
-        return Err(ProbeError::Poke(e));
-    }
-    // 2. The rounds, the first fused with the check: every site must hold exactly the
-    //    other state's bytes (or the residue of an interrupted batch), and its new bytes
-    //    must encode, before its trap is written; a site that fails stops the batch, and
-    //    the sites already trapped are put back.
+    poker.begin().map_err(ProbeError::Poke)?;
+    // 1. The first round fused with the check: every site must hold exactly the other
+    //    state's bytes (or the residue of an interrupted batch), and its new bytes must
+    //    encode, before its trap is written; a site that fails stops the batch, and the
+    //    sites already trapped are put back. Until every site passed, the old state
+    //    stays published, so a CPU trapping on a site is emulated into the instruction
+    //    still there (only its first byte changed), and a failed check never shows a
+    //    handler the new state.
+    // 2. Then the new state is published (before the round's serialization): from
+    //    there on a trapping CPU is emulated into it.
+    // 3. The other rounds.
     // SAFETY: the sites are validated probe sites of the live table `t`; the #BP hook
     // covers CPUs that run them mid-patch (precondition of `enable`/`disable`).
     // (Two copies, `on` a constant in each: the per-site encoding then has one form to
     // pick from instead of two.)
     let result = if on {
         // SAFETY: as above.
-        unsafe { b.forward(true, poker) }
+        unsafe { b.forward(true, st, poker) }
     } else {
         // SAFETY: as above.
-        unsafe { b.forward(false, poker) }
+        unsafe { b.forward(false, st, poker) }
     };
     let result = match result {
         Ok(()) => Ok(()),
-        Err(Failed { touched: 0, error }) => {
-            st.enabled.store(!on, Ordering::SeqCst);
-            Err(error)
-        }
+        Err(Failed { touched: 0, error }) => Err(error),
         Err(Failed { touched, error }) => {
             st.enabled.store(!on, Ordering::SeqCst);
             // SAFETY: as above; puts the sites the batch reached (all checked) back into
@@ -137,7 +135,7 @@ pub(super) unsafe fn switch<P: TextPoker + ?Sized>(
         }
     };
     poker.end();
-    // 3. Wait until no CPU is still emulating a site of the old batch, and, after a
+    // 4. Wait until no CPU is still emulating a site of the old batch, and, after a
     //    disable, until no CPU still runs the handler.
     if IN_INT3.load(Ordering::Acquire) != 0 {
         INT3_DRAIN_WAITS.fetch_add(1, Ordering::Relaxed);
@@ -203,9 +201,14 @@ impl Batch<'_, '_> {
     ///
     /// As for [`Batch::write_sites`].
     #[inline(always)]
-    unsafe fn forward<P: TextPoker + ?Sized>(&self, on: bool, poker: &mut P) -> Result<(), Failed> {
+    unsafe fn forward<P: TextPoker + ?Sized>(
+        &self,
+        on: bool,
+        st: &ProbeState,
+        poker: &mut P,
+    ) -> Result<(), Failed> {
         // SAFETY: forwarded.
-        unsafe { self.check_and_trap(on, poker) }?;
+        unsafe { self.check_and_trap(on, st, poker) }?;
         // SAFETY: forwarded; every site was checked and trapped.
         unsafe { self.write_sites(on, poker, Mode::Apply, u32::MAX) }
     }
@@ -213,8 +216,9 @@ impl Batch<'_, '_> {
     /// Round 0 of a forward batch, fused with its check (one walk over the sites instead of
     /// two): for each site of the batch, in table order, checks
     /// it holds the old state's bytes or a residue and that its new bytes encode, then
-    /// writes its round-0 piece; then serializes every CPU. On failure, returns the table
-    /// entry before which it may have written (every site before it checked).
+    /// writes its round-0 piece; then publishes state `on` in `st` and serializes every
+    /// CPU. On failure (nothing published), returns the table entry before which it may
+    /// have written (every site before it checked).
     ///
     /// # Safety
     ///
@@ -223,6 +227,7 @@ impl Batch<'_, '_> {
     unsafe fn check_and_trap<P: TextPoker + ?Sized>(
         &self,
         on: bool,
+        st: &ProbeState,
         poker: &mut P,
     ) -> Result<(), Failed> {
         let stubs = &self.stubs;
@@ -253,6 +258,9 @@ impl Batch<'_, '_> {
                 return fail(touched, ProbeError::Poke(e));
             }
         }
+        // Every site checked and trapped: publish the new state. The serialization below
+        // makes every CPU see it before any operand byte changes.
+        st.enabled.store(on, Ordering::SeqCst);
         poker.sync_cores();
         Ok(())
     }
@@ -468,14 +476,18 @@ mod fused_check_tests {
     use crate::patch::{PokeError, TextPoker};
     use std::vec::Vec;
 
-    /// Writes memory directly, counting writes.
+    /// Writes memory directly, counting writes and whether probe `watch` was ever
+    /// published enabled during one.
     #[derive(Default)]
     struct Mem {
         writes: usize,
+        watch: Option<super::ProbeId>,
+        saw_enabled: bool,
     }
     impl TextPoker for Mem {
         unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
             self.writes += 1;
+            self.saw_enabled |= self.watch.is_some_and(is_enabled);
             // SAFETY: the test's text buffer, which nothing executes.
             unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
             Ok(())
@@ -525,7 +537,10 @@ mod fused_check_tests {
         // Site 3 holds something else: sites 0..3 were trapped, then put back.
         bytes[8 * 3 + 2] = 0x99;
         let before = snapshot(bytes);
-        let mut p = Mem::default();
+        let mut p = Mem {
+            watch: Some(id),
+            ..Mem::default()
+        };
         // SAFETY: the sites are in the test's buffer, which nothing executes.
         let r = unsafe { enable(id, handler, &mut p) };
         assert!(
@@ -539,6 +554,9 @@ mod fused_check_tests {
             p.writes
         );
         assert!(!is_enabled(id));
+        // The state is published only once every site passed: a CPU trapping on a
+        // site of the failed batch never saw the probe enabled.
+        assert!(!p.saw_enabled, "a failed check published the new state");
 
         // The first site wrong: nothing written at all.
         bytes[..8 * N as usize].copy_from_slice(&form(false));
@@ -553,10 +571,15 @@ mod fused_check_tests {
         );
         assert_eq!((snapshot(bytes), p.writes), (before, 0));
 
-        // Repaired: a whole batch each way.
+        // Repaired: a whole batch each way (published before the operand round).
         bytes[..8 * N as usize].copy_from_slice(&form(false));
+        let mut p = Mem {
+            watch: Some(id),
+            ..Mem::default()
+        };
         // SAFETY: as above.
-        unsafe { enable(id, handler, &mut Mem::default()) }.unwrap();
+        unsafe { enable(id, handler, &mut p) }.unwrap();
+        assert!(p.saw_enabled);
         assert_eq!(snapshot(bytes), form(true));
         // SAFETY: as above.
         unsafe { disable(id, &mut Mem::default()) }.unwrap();

@@ -4,12 +4,14 @@
 //! A disabled probe site is one instruction that does nothing (see
 //! [`ProbeKind`](crate::format::ProbeKind) for every form). Enabling a probe rewrites all its sites in one batch:
 //!
-//! 1. check that every site holds exactly its disabled bytes (else nothing is written);
+//! 1. check each site holds exactly its old bytes and write the architecture's trap over
+//!    its first byte (on x86-64, `cc`), in one walk; a site that fails the check stops
+//!    the batch and the sites already trapped are put back (a trapping CPU is emulated
+//!    into the old instruction meanwhile), so no handler ever sees the new state;
 //! 2. publish the new state, so a CPU that traps on a half-written site is emulated
 //!    into the *new* instruction by [`handle_int3`];
-//! 3. the architecture's rounds (on x86-64: write the trap byte at every site,
-//!    serialize all CPUs; write the operand bytes, serialize; write byte 0, serialize):
-//!    rounds of IPIs per batch, not per site;
+//! 3. the architecture's rounds (on x86-64: serialize all CPUs; write the operand bytes,
+//!    serialize; write byte 0, serialize): rounds of IPIs per batch, not per site;
 //! 4. wait until no CPU is still inside [`handle_int3`].
 //!
 //! A failed write rolls every site of the batch back with the same routine.
