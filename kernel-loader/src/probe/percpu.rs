@@ -175,9 +175,32 @@ pub(super) fn enter() -> Section {
         compiler_fence(Ordering::SeqCst);
         return Section::Cpu(cpu, w);
     }
+    enter_shared()
+}
+
+/// [`enter`] without a CPU slot (out of line: the per-CPU path is the hot one).
+#[cold]
+#[inline(never)]
+fn enter_shared() -> Section {
     let phase = PHASE.load(Ordering::SeqCst) & 1;
     SHARED[phase].0.fetch_add(1, Ordering::SeqCst);
     Section::Shared(phase)
+}
+
+/// Counts a hit of probe `id` without a CPU slot.
+#[cold]
+#[inline(never)]
+fn hit_shared(id: usize) {
+    if let Some(h) = SHARED_HITS.get(id) {
+        h.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Leaves a section counted in on `SHARED[phase]`.
+#[cold]
+#[inline(never)]
+fn exit_shared(phase: usize) {
+    SHARED[phase & 1].0.fetch_sub(1, Ordering::SeqCst);
 }
 
 impl Section {
@@ -190,11 +213,7 @@ impl Section {
                     local::inc(h);
                 }
             }
-            Section::Shared(_) => {
-                if let Some(h) = SHARED_HITS.get(id) {
-                    h.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            Section::Shared(_) => hit_shared(id),
         }
     }
 }
@@ -212,9 +231,7 @@ impl Drop for Section {
                 let exit = if *w & DEPTH == 0 { OUTER_EXIT } else { 0 };
                 cpu.word.store(w.wrapping_add(exit), Ordering::Release);
             }
-            Section::Shared(phase) => {
-                SHARED[*phase & 1].0.fetch_sub(1, Ordering::SeqCst);
-            }
+            Section::Shared(phase) => exit_shared(*phase),
         }
     }
 }
