@@ -167,6 +167,7 @@ fn main() {
     );
     let mut poker = host::HostPoker::new();
     let (_on, many) = patch_self(&mut poker);
+    probes::use_cpu_index();
     calls::setup();
     probes::run_many(1);
 
@@ -203,6 +204,7 @@ fn main() {
         Some(expect),
     );
     micro(&mut c.benchmark_group("probe_on"), probes::ON, Some(expect));
+    probes::bench_scaling(&mut c);
 
     {
         let mut img = patching::FakeImage::new();

@@ -1,10 +1,19 @@
 //! Probes: the same loop body with no probe, a disabled `probe!`, an `AtomicBool`-guarded
 //! call, and the `probe` crate's SystemTap SDT probe; an enabled `probe!` against a direct
-//! call of its handler; and a probe with 10^4 sites for the toggling benchmarks.
+//! call of its handler; the enabled `probe!` fired by 1, 2 and 4 threads at once (per-fire
+//! thread CPU time); and a probe with 10^4 sites for the toggling benchmarks.
+//!
+//! Every thread that fires probes gets a CPU index of its own (the hook a kernel would
+//! install is [`cpu_index`], a thread-local here), so probes fire as they would on a
+//! kernel's CPUs: on per-CPU counters.
 
+use std::cell::Cell;
 use std::hint::black_box;
+use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
+use criterion::Criterion;
 use kernel_loader::probe::ProbeId;
 
 /// Loop iterations per benchmark iteration.
@@ -107,6 +116,85 @@ pub const ON: &[crate::Variant] = &[
         direct_handler,
     ),
 ];
+
+thread_local! {
+    /// This thread's CPU index for the probe dispatchers (none until it claims one).
+    static CPU: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// The probe dispatchers' CPU-index hook: this thread's index.
+fn cpu_index() -> usize {
+    CPU.with(Cell::get)
+}
+
+/// Gives the calling thread CPU index `i`; the main thread takes 0 (see [`use_cpu_index`]).
+fn claim_cpu(i: usize) {
+    CPU.with(|c| c.set(i));
+}
+
+/// Installs [`cpu_index`] as the dispatchers' hook, the main thread as CPU 0.
+pub fn use_cpu_index() {
+    claim_cpu(0);
+    // SAFETY: every thread that fires probes has its own index (the main thread 0, the
+    // scaling threads 1..=4 while they run, one group at a time) or none (usize::MAX:
+    // the shared counters), and a thread's index does not change while it fires. The
+    // host poker's `sync_cores` is `membarrier`, a barrier on every thread.
+    unsafe { kernel_loader::probe::set_cpu_index(cpu_index) };
+}
+
+/// Thread counts of the scaling benchmark.
+pub const SCALING_THREADS: &[usize] = &[1, 2, 4];
+
+/// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid `timespec` to write; the clock id is a constant.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// `threads` threads, each with its own CPU index, run `iters` iterations of
+/// [`ksites_on`] (100 enabled fires each) at once; returns the mean of their thread CPU
+/// times, so criterion's figure is the CPU time one thread spends per iteration.
+fn fire_on_threads(threads: usize, iters: u64) -> Duration {
+    let start = Barrier::new(threads);
+    let total: Duration = std::thread::scope(|s| {
+        let handles: Vec<_> = (1..=threads)
+            .map(|i| {
+                let start = &start;
+                s.spawn(move || {
+                    claim_cpu(i);
+                    start.wait();
+                    let t = thread_cpu_time();
+                    for k in 0..iters {
+                        black_box(ksites_on(black_box(k)));
+                    }
+                    thread_cpu_time() - t
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("firing thread"))
+            .sum()
+    });
+    total / threads as u32
+}
+
+/// The `probe_scaling` group: the enabled `probe!` fired on 1, 2 and 4 threads at once.
+pub fn bench_scaling(c: &mut Criterion) {
+    let mut g = c.benchmark_group("probe_scaling");
+    for &n in SCALING_THREADS {
+        g.bench_function(n.to_string(), |b| {
+            b.iter_custom(|iters| fire_on_threads(n, iters))
+        });
+    }
+    g.finish();
+}
 
 /// Number of sites of `bench:many`.
 pub const MANY_SITES: usize = 10_000;

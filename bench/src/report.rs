@@ -150,6 +150,20 @@ pub fn render(dir: &Path, tool_ran: bool, module_ran: bool, paired: &[(&str, Vec
             rows: probes::ON.iter().map(|&(i, l, _)| (i, l)).collect(),
         },
     );
+    section(
+        &mut out,
+        dir,
+        &Section {
+            title: "Enabled probe fired by 1, 2 and 4 threads at once (thread CPU time per \
+                    loop iteration, each thread with its own CPU index)",
+            group: "probe_scaling",
+            unit: "CPU time per iteration",
+            per: probes::ITERS as f64,
+            baseline: "1",
+            baseline_label: "1 thread",
+            rows: vec![("1", "1 thread"), ("2", "2 threads"), ("4", "4 threads")],
+        },
+    );
     let sites = patching::IFUNC_SITES;
     section(
         &mut out,
@@ -331,6 +345,16 @@ pub fn render(dir: &Path, tool_ran: bool, module_ran: bool, paired: &[(&str, Vec
             "disabled probe! / AtomicBool ≤ 1.02".into(),
             p("disabled probe! / AtomicBool"),
             1.02,
+        ),
+        (
+            "enabled probe! / direct handler call ≤ 2".into(),
+            ratio(dir, "probe_on", "ksites_on", "direct_handler"),
+            2.0,
+        ),
+        (
+            "enabled probe!, 4 threads / 1 thread (CPU time per fire) ≤ 1.2".into(),
+            ratio(dir, "probe_scaling", "4", "1"),
+            1.2,
         ),
         (
             "patch_ifuncs / plain loop ≤ 3".into(),

@@ -4,10 +4,15 @@
 //! on and has the architecture emulate it.
 //!
 //! Everything here is lock-free: it runs on any CPU, in trap context in a kernel and in
-//! a signal handler on a host (see `crate::host`), so probe handlers run there too.
+//! a signal handler on a host (see `crate::host`), so probe handlers run there too. Each
+//! entry point opens one read-side section ([`percpu::enter`]) before it reads the
+//! registry (image slots, probe state) and closes it after the handler returned: that
+//! is what `disable`, a live handler change and module unload wait for, and on the fire
+//! path it writes only this CPU's slot.
 
 use core::sync::atomic::Ordering;
 
+use super::percpu::{self, Section};
 use super::records::ProbeRecord;
 use super::state::{IN_INT3, INT3_DRAIN_WAITS, INT3_EMULATIONS, STATES, with_image_at};
 use super::{Handler, ProbeId};
@@ -16,26 +21,33 @@ use crate::arch::native::probe::{
 };
 use crate::format::ProbeKind;
 
-/// Runs probe `id`'s handler if it is enabled.
+/// Runs probe `id`'s handler if it is enabled, in a section of its own.
+#[cfg(test)]
 pub(super) fn fire(id: u32, args: &[u64; 6]) {
+    let sec = percpu::enter();
+    fire_in(&sec, id, args);
+}
+
+/// Runs probe `id`'s handler if it is enabled, inside the caller's section `sec`.
+#[inline(always)]
+fn fire_in(sec: &Section, id: u32, args: &[u64; 6]) {
     let Some(st) = STATES.get(id as usize) else {
         return;
     };
-    // Counted in before looking at the state: a disable publishes the change, then
-    // drains the count, so a CPU either sees the new state or is waited for.
-    st.inflight.fetch_add(1, Ordering::SeqCst);
+    // Read inside the section: a writer publishes a change, then waits for every
+    // section that may have read the old state (`percpu::synchronize`).
     if st.enabled.load(Ordering::SeqCst) {
-        st.hits.fetch_add(1, Ordering::Relaxed);
+        sec.hit(id as usize);
         let h = st.handler.load(Ordering::SeqCst);
         if h != 0 {
             // SAFETY: `handler` only ever holds 0 or a `Handler` stored by `set_state`
             // (a fn pointer as `usize`, same size); its code stays mapped while the
-            // probe is enabled or counted in flight (a module cannot unload then).
+            // probe is enabled or a section that read it is open (a module cannot
+            // unload then: disabling its probes waits for the sections).
             let h: Handler = unsafe { core::mem::transmute::<usize, Handler>(h) };
             h(ProbeId(id), args);
         }
     }
-    st.inflight.fetch_sub(1, Ordering::Release);
 }
 
 /// Entry point of an enabled `probe!` site's out-of-line block (stable symbol, so
@@ -45,11 +57,12 @@ pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
     // The record's id is its index in its own image's table; the image is the one
     // whose memory holds the record.
     let Some(local) = rec.id() else { return };
-    let id = with_image_at(rec as *const ProbeRecord as u64, |d| {
+    let sec = percpu::enter();
+    let id = with_image_at(&sec, rec as *const ProbeRecord as u64, |d| {
         (local.0 < d.table.probe_count()).then_some(d.base + local.0)
     });
     if let Some(Some(id)) = id {
-        fire(id, args);
+        fire_in(&sec, id, args);
     }
 }
 
@@ -60,14 +73,15 @@ arch::c_entry!(fire_c);
 /// pushed, `args` the six argument registers.
 extern "C" fn fire_c(ret: u64, args: &[u64; 6]) {
     let site = arch::call_site(ret);
-    let id = with_image_at(site, |d| {
+    let sec = percpu::enter();
+    let id = with_image_at(&sec, site, |d| {
         d.table
             .probe_site_at(site)
             .filter(|s| s.kind == ProbeKind::CCall)
             .map(|s| d.base + s.probe)
     });
     if let Some(Some(id)) = id {
-        fire(id, args);
+        fire_in(&sec, id, args);
     }
 }
 
@@ -117,8 +131,9 @@ pub unsafe fn handle_int3(f: &mut Int3Frame) -> bool {
 /// As for [`handle_int3`].
 unsafe fn emulate(f: &mut Int3Frame) -> bool {
     let addr = arch::trap_site(f);
+    let sec = percpu::enter();
     // The site is copied out (it is plain data): nothing below reads the table.
-    let Some(Some((s, id))) = with_image_at(addr, |d| {
+    let Some(Some((s, id))) = with_image_at(&sec, addr, |d| {
         d.table.probe_site_at(addr).map(|s| (s, d.base + s.probe))
     }) else {
         return false;
@@ -129,9 +144,9 @@ unsafe fn emulate(f: &mut Int3Frame) -> bool {
         return false;
     };
     INT3_EMULATIONS.fetch_add(1, Ordering::Relaxed);
-    let on = state.enabled.load(Ordering::Acquire);
+    let on = state.enabled.load(Ordering::SeqCst);
     if on && matches!(s.kind, ProbeKind::CCall | ProbeKind::CTail) {
-        fire(id, &arch::trap_args(f));
+        fire_in(&sec, id, &arch::trap_args(f));
     }
     // SAFETY: `f` is the live context of a trap at site `s` (precondition).
     unsafe { arch::emulate(f, &s.arch_ref(), on) };

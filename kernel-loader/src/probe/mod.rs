@@ -18,8 +18,16 @@
 //!
 //! The trap handler reads only the registered table and the static per-probe state,
 //! which live as long as the image; a counter of CPUs inside the handler lets a batch
-//! (and, later, module unload) wait for them to leave. There is no per-batch descriptor
-//! to be freed or cleared under a running handler (the bug Linux shipped twice).
+//! wait for them to leave. There is no per-batch descriptor to be freed or cleared under
+//! a running handler (the bug Linux shipped twice).
+//!
+//! Firing an enabled probe writes only the firing CPU's own data (its read-side section
+//! depth and hit counters, `percpu`, given a CPU index from [`set_cpu_index`]); a
+//! disable, a live handler change and a module unload publish the change, serialize
+//! every CPU through the poker and wait for the sections still open (RCU-like). A
+//! handler must therefore not wait for the registry lock (a drain holds it while it
+//! waits for the handler), nor for anything a thread that enables or disables probes
+//! may hold.
 //!
 //! Files, by job (each imports only those listed after it, and the architecture's
 //! `arch::native::probe` imports none of them):
@@ -28,6 +36,8 @@
 //! * `batch`: the live-patch protocol over one probe's sites, and its rollback;
 //! * `dispatch`: `fire`, the entry points, the #BP hook;
 //! * `state`: the registry's storage and its lock;
+//! * `percpu`: the dispatchers' per-CPU read-side sections and hit counters, and the
+//!   writers' wait for them;
 //! * `records`: the records and the `probe!`/`probe_enabled!` macros;
 //! * `glob`: name matching.
 
@@ -40,6 +50,7 @@ use crate::patch::{InsnBytes, PokeError};
 mod batch;
 mod dispatch;
 mod glob;
+mod percpu;
 mod records;
 mod registry;
 mod state;
@@ -53,6 +64,7 @@ pub use dispatch::{
     handle_int3, int3_drain_waits, int3_emulations, ksites_probe_c_entry, ksites_probe_fire,
 };
 pub use glob::{glob_match, glob_match_str};
+pub use percpu::{CpuIndex, MAX_CPUS, set_cpu_index};
 pub use records::{
     DECL_MAGIC, DECL_SECTION, DECL_SIZE, PROBE_RECORD_MAGIC, ProbeRecord, RECORD_NARGS_NONE,
     SITE_RECORD_MAGIC, SITE_RECORD_SECTION, SITE_RECORD_SIZE, UNASSIGNED, decl, record,
@@ -74,6 +86,12 @@ pub const MAX_PROBES: usize = 1024;
 pub struct ProbeId(pub u32);
 
 /// Called with the probe's id and its arguments (unused ones are 0).
+///
+/// A handler runs on the CPU that fired the probe, possibly in trap context (see
+/// [`handle_int3`]). It must not wait for the registry lock (call [`info`], [`lookup`],
+/// [`matching`], [`count`], [`enable`], …) nor for anything a CPU that enables or
+/// disables probes may hold: `disable`, a handler change and module unload wait, under
+/// the lock, for every CPU inside a handler. It may fire probes (nesting is counted).
 pub type Handler = fn(ProbeId, &[u64; 6]);
 
 /// Why a registry operation failed. On every error, no site is left changed.

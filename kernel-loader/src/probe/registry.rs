@@ -8,6 +8,7 @@ use core::sync::atomic::Ordering;
 
 use super::batch::{self, check_disabled};
 use super::glob::glob_match;
+use super::percpu;
 use super::state::{self, Control, STATES, images};
 use super::{Handler, MAX_PROBES, Name, ProbeError, ProbeId};
 use crate::arch::Arch;
@@ -137,7 +138,7 @@ pub unsafe fn unregister_module<P: TextPoker + ?Sized>(
     if let Some((probe, handler)) = enabled_into(handle, &code, &lock) {
         return Err(ProbeError::HandlerInModule { probe, handler });
     }
-    state::free(handle.slot, handle.ids(), &mut lock);
+    state::free(handle.slot, handle.ids(), poker, &mut lock);
     Ok(())
 }
 
@@ -225,7 +226,8 @@ pub struct ProbeInfo {
     pub nargs: u16,
     /// Number of sites (firing and is-enabled).
     pub sites: u32,
-    /// Times it fired while enabled.
+    /// Times it fired while enabled (summed over the CPUs' own counters: a snapshot
+    /// while it fires on other CPUs).
     pub hits: u64,
     /// Whether it is enabled.
     pub enabled: bool,
@@ -243,7 +245,7 @@ pub fn info(id: ProbeId) -> Option<ProbeInfo> {
         name: Name::new(p.name),
         nargs: p.nargs,
         sites: d.table.probe_sites().filter(|s| s.probe == local).count() as u32,
-        hits: st.hits.load(Ordering::Relaxed),
+        hits: percpu::hits(id.0 as usize),
         enabled: st.enabled.load(Ordering::Relaxed),
     })
 }
@@ -337,6 +339,9 @@ unsafe fn set_state<P: TextPoker + ?Sized>(
         let old = st.handler.swap(h as usize, Ordering::SeqCst);
         if old != h as usize && st.enabled.load(Ordering::SeqCst) {
             // Live handler change: no CPU may still run the old one when this returns.
+            // Every CPU serializes after the swap (each then reads the new handler or
+            // is seen inside its section), then the drain waits for those sections.
+            poker.sync_cores();
             st.drain();
         }
     }

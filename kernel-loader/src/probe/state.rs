@@ -3,6 +3,11 @@
 //! lock that serializes every change ([`Control`], only obtainable by [`lock`]), and the
 //! trap counters.
 //!
+//! The lock-free readers run inside a read-side section (`percpu::Section`, which
+//! [`with_image_at`] takes as proof); every change they may observe is published, then
+//! waited out with the poker's `sync_cores` and `percpu::synchronize` ([`ProbeState::drain`],
+//! [`free`]). Readers write nothing shared.
+//!
 //! Writers hold [`Control`]; readers under the lock borrow it (`&Control`), writers of a
 //! slot's data borrow it mutably (`&mut Control`), so a reference obtained under the lock
 //! cannot outlive it nor coexist with a write. Lock-free readers (the dispatchers and
@@ -11,22 +16,21 @@
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
+use super::percpu::{self, Section};
 use super::{MAX_PROBES, ProbeId};
 use crate::format::Table;
+use crate::patch::TextPoker;
 
 /// Most images (the kernel and its loaded modules) the registry holds.
 pub const MAX_IMAGES: usize = 32;
 
-/// One probe's live state.
+/// One probe's live state: read by every CPU that fires it, written only by the
+/// registry's writers (so its cache line stays shared). Its hits are counted per CPU
+/// (`percpu`).
 pub(super) struct ProbeState {
     pub(super) enabled: AtomicBool,
     /// The `Handler`, as an address; 0 for none.
     pub(super) handler: AtomicUsize,
-    pub(super) hits: AtomicU64,
-    /// CPUs inside `fire` for this probe (from before the `enabled` check until the
-    /// handler returned): a disable, or a handler change, waits for it to drain, so when
-    /// it returns no CPU runs the old handler any more (its code may be a module's).
-    pub(super) inflight: AtomicU32,
 }
 
 impl ProbeState {
@@ -34,29 +38,35 @@ impl ProbeState {
         ProbeState {
             enabled: AtomicBool::new(false),
             handler: AtomicUsize::new(0),
-            hits: AtomicU64::new(0),
-            inflight: AtomicU32::new(0),
         }
     }
 
-    /// Waits until no CPU is inside `fire` for this probe.
+    /// After a change of this probe's state was published (SeqCst) **and** the poker's
+    /// `sync_cores` ran after it (a batch's rounds end with one): waits until no other
+    /// CPU can still run the old state (the old handler, whose code may be a module's).
+    /// It waits for every dispatcher section open on another CPU (not only this
+    /// probe's): see `percpu::synchronize`. The caller holds the registry lock.
     pub(super) fn drain(&self) {
-        while self.inflight.load(Ordering::SeqCst) != 0 {
-            core::hint::spin_loop();
-        }
+        percpu::synchronize();
     }
 
-    /// Back to disabled, no handler, no hits (a probe id being given out or freed).
-    pub(super) fn reset(&self) {
+    /// Back to disabled, no handler, no hits (a probe id being given out or freed; no
+    /// CPU can be counting a hit of it: it is disabled and was drained, or never used).
+    pub(super) fn reset(&self, id: u32) {
         self.enabled.store(false, Ordering::Relaxed);
         self.handler.store(0, Ordering::Relaxed);
-        self.hits.store(0, Ordering::Relaxed);
+        percpu::reset_hits(id as usize);
     }
 }
 
 /// Every probe's state, by global id.
 pub(super) static STATES: [ProbeState; MAX_PROBES] = [const { ProbeState::new() }; MAX_PROBES];
 static IMAGES: [ImageSlot; MAX_IMAGES] = [const { ImageSlot::new() }; MAX_IMAGES];
+/// Bit `i` set: module slot `i` (1..) may be live. Set after a slot goes live, cleared
+/// before it is freed, so the dispatchers look only at those slots (one load when no
+/// module is loaded) and still re-check each slot's state.
+static LIVE_MODULES: AtomicU32 = AtomicU32::new(0);
+const _: () = assert!(MAX_IMAGES <= 32, "LIVE_MODULES has one bit per slot");
 static CONTROL: spin::Mutex<()> = spin::Mutex::new(());
 
 /// CPUs inside the #BP hook: a batch waits for it to drop to 0 (step 4 of the protocol).
@@ -85,17 +95,17 @@ const SLOT_LIVE: u8 = 1;
 
 /// One registered table. Slot 0 is the kernel image, never removed; the others are
 /// modules. `data` is written only through a `&mut Control` while the state is
-/// `SLOT_FREE` (by [`free`] once `readers` drained; by [`publish`] before it stores
-/// `SLOT_LIVE`); slot 0's data is written once, before it goes live.
+/// `SLOT_FREE` (by [`free`] once no reader can be inside it; by [`publish`] before it
+/// stores `SLOT_LIVE`); slot 0's data is written once, before it goes live.
 ///
-/// Lock-free readers (the trap handler, the dispatchers) find a module's slot by
-/// address through `start..end`, then count themselves in `readers` and re-check the
-/// state before touching `data` (a hazard count, per slot, so unloading one module
-/// waits only for CPUs inside *that* module's data, never for the steady traffic of
-/// other probes); [`free`] frees the slot, then waits for `readers` to drain.
+/// Lock-free readers (the trap handler, the dispatchers) run inside a read-side section
+/// (RCU-like, `percpu`): they find a module's slot by address through `start..end` and
+/// read `data` only if they saw `SLOT_LIVE`, writing nothing. [`free`] stores
+/// `SLOT_FREE`, serializes every CPU and waits for every section open before that
+/// (`percpu::synchronize`), then clears `data`. (Unloading thus waits for CPUs inside any
+/// probe, for the length of one handler call each, never for new fires.)
 struct ImageSlot {
     state: AtomicU8,
-    readers: AtomicU32,
     start: AtomicU64,
     end: AtomicU64,
     data: core::cell::UnsafeCell<Option<SlotData>>,
@@ -110,20 +120,20 @@ pub(super) struct SlotData {
 }
 
 // SAFETY: `data` is written only by `publish` and `free`, which take `&mut Control` (so
-// no reference from `ImageSlot::get` is alive). `free` stores `SLOT_FREE` (SeqCst), then
-// waits for `readers` to drain before writing, so no counted-in reader is reading.
-// `publish` writes only a `SLOT_FREE` slot and does not wait for `readers`: a reader
-// counted in meanwhile re-checks `state` (SeqCst) and reads `data` only if it then sees
-// `SLOT_LIVE`, which `publish` stores with Release after writing, so it reads the
-// complete new data and never during the write. Slot 0, never freed, is read only after
-// an Acquire load of `SLOT_LIVE`. Every other field is atomic.
+// no reference from `ImageSlot::get` is alive). `free` stores `SLOT_FREE` (SeqCst),
+// serializes every CPU and waits for every read-side section open before (see
+// `percpu`), so no reader that saw `SLOT_LIVE` is still reading when it writes, and
+// every later reader sees `SLOT_FREE`. `publish` writes only a `SLOT_FREE` slot: a
+// reader reads `data` only after an Acquire load of `SLOT_LIVE`, which `publish` stores
+// with Release after writing, so it reads the complete new data and never during the
+// write. Slot 0, never freed, is read only after an Acquire load of `SLOT_LIVE`. Every
+// other field is atomic.
 unsafe impl Sync for ImageSlot {}
 
 impl ImageSlot {
     const fn new() -> ImageSlot {
         ImageSlot {
             state: AtomicU8::new(SLOT_FREE),
-            readers: AtomicU32::new(0),
             start: AtomicU64::new(0),
             end: AtomicU64::new(0),
             data: core::cell::UnsafeCell::new(None),
@@ -167,25 +177,25 @@ pub(super) fn kernel_image() -> Option<&'static SlotData> {
 }
 
 /// Runs `f` on the image owning address `addr`: the module whose memory contains it,
-/// else the kernel. Lock-free (trap handler and dispatchers).
+/// else the kernel. Lock-free (trap handler and dispatchers), and writes nothing: the
+/// caller's open section `_sec` is what [`free`] waits for.
 #[inline(always)]
-pub(super) fn with_image_at<R>(addr: u64, f: impl FnOnce(&SlotData) -> R) -> Option<R> {
-    for slot in &IMAGES[1..] {
-        if slot.state.load(Ordering::Acquire) != SLOT_LIVE || !slot.owns(addr) {
+pub(super) fn with_image_at<R>(
+    _sec: &Section,
+    addr: u64,
+    f: impl FnOnce(&SlotData) -> R,
+) -> Option<R> {
+    let mut live = LIVE_MODULES.load(Ordering::Acquire);
+    while live != 0 {
+        let i = live.trailing_zeros() as usize;
+        live &= live - 1;
+        let Some(slot) = IMAGES.get(i) else { break };
+        if i == 0 || slot.state.load(Ordering::Acquire) != SLOT_LIVE || !slot.owns(addr) {
             continue;
         }
-        slot.readers.fetch_add(1, Ordering::SeqCst);
-        // Re-check after counting in: a concurrent `free` either sees the count, or
-        // freed the slot before it, which the re-check sees.
-        let r = if slot.state.load(Ordering::SeqCst) == SLOT_LIVE && slot.owns(addr) {
-            // SAFETY: live and counted in: `free` waits for `readers` to be 0 before it
-            // writes `data`, and `publish` only writes free slots.
-            unsafe { (*slot.data.get()).as_ref() }.map(f)
-        } else {
-            None
-        };
-        slot.readers.fetch_sub(1, Ordering::Release);
-        return r;
+        // SAFETY: seen live (Acquire) inside the section `_sec`: `free` waits for the
+        // section to end before it writes `data`, and `publish` only writes free slots.
+        return unsafe { (*slot.data.get()).as_ref() }.map(f);
     }
     kernel_image().map(f)
 }
@@ -235,7 +245,7 @@ pub(super) fn publish(
     let sl = &IMAGES[slot];
     debug_assert_eq!(sl.state.load(Ordering::Acquire), SLOT_FREE);
     for i in base..base + table.probe_count() {
-        STATES[i as usize].reset();
+        STATES[i as usize].reset(i);
     }
     // SAFETY: the slot is free (callers found it so under the lock, and only lock
     // holders make a slot live), so no lock-free reader looks at its data; `_lock` is
@@ -244,29 +254,39 @@ pub(super) fn publish(
     sl.start.store(range.start, Ordering::Release);
     sl.end.store(range.end, Ordering::Release);
     sl.state.store(SLOT_LIVE, Ordering::Release);
+    if slot != 0 {
+        LIVE_MODULES.fetch_or(1 << slot, Ordering::SeqCst);
+    }
 }
 
-/// Frees module slot `slot` (1..), waiting for lock-free readers still inside it, and
-/// resets the probes `ids`.
-pub(super) fn free(slot: usize, ids: impl Iterator<Item = ProbeId>, _lock: &mut Control) {
+/// Frees module slot `slot` (1..), waiting for lock-free readers that may still be
+/// inside it (`poker.sync_cores`, then `percpu::synchronize`), and resets the probes
+/// `ids`.
+pub(super) fn free<P: TextPoker + ?Sized>(
+    slot: usize,
+    ids: impl Iterator<Item = ProbeId>,
+    poker: &mut P,
+    _lock: &mut Control,
+) {
     // The kernel's slot is never freed: callers pass a module's handle (`base` 1..).
     debug_assert!(slot != 0, "the kernel's slot is never freed");
-    if slot == 0 {
+    let Some(sl) = IMAGES.get(slot).filter(|_| slot != 0) else {
         return;
-    }
-    let sl = &IMAGES[slot];
+    };
+    LIVE_MODULES.fetch_and(!(1 << slot), Ordering::SeqCst);
     sl.state.store(SLOT_FREE, Ordering::SeqCst);
-    // A reader counts itself in, then re-checks the state: once the count is 0 after the
-    // store above, no reader holds this slot's data, and none will.
-    while sl.readers.load(Ordering::SeqCst) != 0 {
-        core::hint::spin_loop();
-    }
+    // Every CPU serializes (so each either sees `SLOT_FREE` from here on, or its open
+    // section is visible to the wait), then wait for the sections open before.
+    poker.sync_cores();
+    percpu::synchronize();
     sl.start.store(0, Ordering::Release);
     sl.end.store(0, Ordering::Release);
     // SAFETY: the slot is free and no lock-free reader is inside it (above); `_lock` is
     // borrowed mutably, so no reference from `ImageSlot::get` is alive.
     unsafe { *sl.data.get() = None };
     for id in ids {
-        STATES[id.0 as usize].reset();
+        if let Some(st) = STATES.get(id.0 as usize) {
+            st.reset(id.0);
+        }
     }
 }

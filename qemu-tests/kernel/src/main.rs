@@ -45,6 +45,12 @@ pub fn start_info() -> u64 {
 #[unsafe(no_mangle)]
 extern "C" fn kmain(start_info: u64) -> ! {
     smp::init_bsp();
+    // SAFETY: `cpu_index` reads this CPU's index through its per-CPU segment, set up on
+    // every CPU before anything else runs there (`init_bsp` above, `ap_entry` on an AP),
+    // from any context; this kernel never migrates or preempts, so it is stable while a
+    // probe fires, and each online CPU has its own. Live probe changes use the
+    // `AliasPoker`, whose `sync_cores` serializes every online CPU.
+    unsafe { kernel_loader::probe::set_cpu_index(smp::cpu_index) };
     cpu::init();
     serial::init();
     idt::init();

@@ -1121,6 +1121,134 @@ fn text_never_writable(t: &Table<'_>) -> Result<(), Msg> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// The drain: disable and a live handler change wait for APs inside the old handler.
+
+/// Per CPU: inside [`drain_a`] / [`drain_b`].
+static IN_A: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+static IN_B: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Bumped by CPU 0 when a change that retired [`drain_a`] / [`drain_b`] returned.
+static RETIRED_A: AtomicU64 = AtomicU64::new(0);
+static RETIRED_B: AtomicU64 = AtomicU64::new(0);
+/// Handler runs that were still running when the change that retired them returned.
+static DRAIN_OUTLIVED: AtomicU64 = AtomicU64::new(0);
+static DRAIN_RUNS: AtomicU64 = AtomicU64::new(0);
+static DRAIN_STOP: AtomicBool = AtomicBool::new(false);
+
+/// Lingers (milliseconds under TCG, longer than a sync round) with this CPU's flag in `inside` set, and
+/// counts a run that the change retiring it (`retired` bumped) did not wait for.
+fn drain_linger(inside: &[AtomicU32; MAX_CPUS], retired: &AtomicU64) {
+    let cpu = smp::cpu_index();
+    let g = retired.load(Ordering::SeqCst);
+    inside[cpu].store(1, Ordering::SeqCst);
+    DRAIN_RUNS.fetch_add(1, Ordering::Relaxed);
+    linger(2_000_000);
+    inside[cpu].store(0, Ordering::SeqCst);
+    if retired.load(Ordering::SeqCst) != g {
+        DRAIN_OUTLIVED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn drain_a(_: ProbeId, _: &[u64; 6]) {
+    drain_linger(&IN_A, &RETIRED_A);
+}
+
+fn drain_b(_: ProbeId, _: &[u64; 6]) {
+    drain_linger(&IN_B, &RETIRED_B);
+}
+
+/// An AP's job: fire `rtest:one` until told to stop.
+fn drain_worker(cpu: usize) {
+    let mut x = cpu as u64;
+    while !DRAIN_STOP.load(Ordering::Relaxed) {
+        x = black_box(pt::r_one(x));
+        smp::nap(NAP_US);
+    }
+}
+
+fn any_inside(inside: &[AtomicU32; MAX_CPUS]) -> bool {
+    inside.iter().any(|f| f.load(Ordering::SeqCst) != 0)
+}
+
+/// Waits (up to about a second) until some AP is inside the handler of `inside`.
+fn wait_inside(inside: &[AtomicU32; MAX_CPUS]) -> Result<(), Msg> {
+    let deadline = cpu::rdtsc() + 1_000 * tsc_per_ms();
+    while !any_inside(inside) {
+        ensure!(
+            cpu::rdtsc() < deadline,
+            "no AP ran the handler within a second"
+        );
+        core::hint::spin_loop();
+    }
+    Ok(())
+}
+
+/// While the APs fire `rtest:one` and its handler lingers: a disable, and a live
+/// handler change, return only once no AP runs the old handler (each caught with an AP
+/// inside it), and no handler run outlives the change that retired it. The loader's
+/// per-CPU drain is what waits: the batch's rounds end long before the handler does.
+fn drain_waits_for_aps(poker: &mut AliasPoker) -> Result<(), Msg> {
+    const ROUNDS: usize = 8;
+    let p = probe::lookup("rtest:one").ok_or_else(|| msg!("rtest:one not registered"))?;
+    ensure!(
+        !probe::is_enabled(p),
+        "rtest:one is enabled before the test"
+    );
+    DRAIN_OUTLIVED.store(0, Ordering::SeqCst);
+    DRAIN_RUNS.store(0, Ordering::SeqCst);
+    DRAIN_STOP.store(false, Ordering::SeqCst);
+    let hits0 = probe::info(p).map_or(0, |i| i.hits);
+    smp::run_on_aps(drain_worker);
+    let result = (|| {
+        for _ in 0..ROUNDS {
+            // SAFETY: as in `set`.
+            unsafe { probe::enable(p, drain_a, poker) }.map_err(Msg::display)?;
+            wait_inside(&IN_A)?;
+            // A live handler change: drain_a retires.
+            // SAFETY: as above.
+            unsafe { probe::enable(p, drain_b, poker) }.map_err(Msg::display)?;
+            RETIRED_A.fetch_add(1, Ordering::SeqCst);
+            ensure!(
+                !any_inside(&IN_A),
+                "a handler change returned while an AP ran the old handler"
+            );
+            wait_inside(&IN_B)?;
+            // SAFETY: as above.
+            unsafe { probe::disable(p, poker) }.map_err(Msg::display)?;
+            RETIRED_B.fetch_add(1, Ordering::SeqCst);
+            ensure!(
+                !any_inside(&IN_B),
+                "disable returned while an AP ran the handler"
+            );
+        }
+        Ok(())
+    })();
+    DRAIN_STOP.store(true, Ordering::SeqCst);
+    smp::wait_aps(4_000_000_000).map_err(|cpu| msg!("CPU {cpu} did not stop"))?;
+    if probe::is_enabled(p) {
+        // (A failed round: leave the probe disabled for the tests after this one.)
+        // SAFETY: as above.
+        unsafe { probe::disable(p, poker) }.map_err(Msg::display)?;
+    }
+    result?;
+    let outlived = DRAIN_OUTLIVED.load(Ordering::SeqCst);
+    ensure!(
+        outlived == 0,
+        "{outlived} handler runs outlived the change that retired them"
+    );
+    let runs = DRAIN_RUNS.load(Ordering::SeqCst);
+    let hits = probe::info(p).map_or(0, |i| i.hits) - hits0;
+    ensure!(
+        hits == runs,
+        "registry counted {hits} hits, the handlers {runs} runs"
+    );
+    println!(
+        "smp: {ROUNDS} handler changes and {ROUNDS} disables, each with an AP inside the old \
+         handler, waited for it; {runs} handler runs"
+    );
+    Ok(())
+}
+
 /// Runs the SMP tests (after the probe tests registered the table and installed the
 /// #BP hook).
 pub fn run(h: &mut Harness) {
@@ -1148,4 +1276,8 @@ pub fn run(h: &mut Harness) {
         int3_on_aps_mid_patch(t),
     );
     h.check("smp_text_never_writable", text_never_writable(t));
+    h.check(
+        "smp_drain_waits_for_handlers_on_aps",
+        drain_waits_for_aps(&mut AliasPoker::default()),
+    );
 }

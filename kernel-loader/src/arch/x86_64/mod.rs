@@ -6,6 +6,7 @@
 //!   trap-frame emulation and the dispatcher entry stubs.
 //! * [`reloc`]: the ELF machine and the relocation types a module may use.
 //! * [`cpu`]: CPUID/XGETBV and the feature set resolvers receive.
+//! * [`local`]: CPU-local counters (an interrupt-atomic increment without `lock`).
 //!
 //! # Probe forms
 //!
@@ -25,6 +26,7 @@
 
 pub mod branch;
 pub mod cpu;
+pub mod local;
 pub mod probe;
 pub mod reloc;
 
