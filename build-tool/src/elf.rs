@@ -2,7 +2,6 @@
 //! needs, and its [`Target`] (chosen once, from `e_machine`).
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use object::elf;
@@ -125,8 +124,6 @@ pub struct Image<'d> {
     pub target: Target,
     /// Defined symbols, sorted by (section, address).
     syms: Vec<Sym>,
-    /// Demangled names of `syms`, computed on first use (a location is made per site).
-    demangled: Vec<std::cell::OnceCell<Arc<str>>>,
 }
 
 impl std::fmt::Debug for Image<'_> {
@@ -181,7 +178,6 @@ impl<'d> Image<'d> {
                 &b.name,
             ))
         });
-        let demangled = syms.iter().map(|_| std::cell::OnceCell::new()).collect();
         Ok(Image {
             path: path.to_string(),
             data,
@@ -189,7 +185,6 @@ impl<'d> Image<'d> {
             kind,
             target,
             syms,
-            demangled,
         })
     }
 
@@ -263,12 +258,18 @@ impl<'d> Image<'d> {
 
     /// Name of a symbol at exactly `addr` in `section`, preferring functions.
     pub fn symbol_at(&self, section: SectionIndex, addr: u64) -> Option<&Sym> {
+        self.symbol_at_index(section, addr).map(|i| &self.syms[i])
+    }
+
+    /// [`Image::symbol_at`], as an index for [`Image::sym`].
+    pub fn symbol_at_index(&self, section: SectionIndex, addr: u64) -> Option<usize> {
         let i = self
             .syms
             .partition_point(|s| (s.section.0, s.addr) < (section.0, addr));
         self.syms
             .get(i)
             .filter(|s| s.section == section && s.addr == addr)
+            .map(|_| i)
     }
 
     /// The symbol that contains `addr` in `section`: the last one starting at or before
@@ -278,27 +279,52 @@ impl<'d> Image<'d> {
     }
 
     fn enclosing_index(&self, section: SectionIndex, addr: u64) -> Option<usize> {
+        self.enclosing_span(section, addr).0
+    }
+
+    /// [`Image::enclosing_symbol`]'s answer for `addr` (as an index into the sorted
+    /// symbols), and the end of the range `addr..end` over which that answer stays the
+    /// same: the answer depends only on which symbols start at or before the address
+    /// (fixed until the next symbol's start) and on which of them cover it (fixed until
+    /// the first end of a sized symbol examined past `addr`). Callers walking
+    /// relocations in address order reuse one answer for a whole function.
+    pub fn enclosing_span(&self, section: SectionIndex, addr: u64) -> (Option<usize>, u64) {
         let end = self
             .syms
             .partition_point(|s| (s.section.0, s.addr) <= (section.0, addr));
+        let mut until = self
+            .syms
+            .get(end)
+            .filter(|s| s.section == section)
+            .map_or(u64::MAX, |s| s.addr);
         let mut best: Option<usize> = None;
         for (i, s) in self.syms[..end].iter().enumerate().rev() {
             if s.section != section {
                 break;
             }
-            let covers = s.size == 0 || addr < s.addr.saturating_add(s.size);
+            let s_end = s.addr.saturating_add(s.size);
+            if s.size != 0 && addr < s_end {
+                // Covers `addr`, and stops covering at its end.
+                until = until.min(s_end);
+            }
+            let covers = s.size == 0 || addr < s_end;
             if covers && s.is_func {
-                return Some(i);
+                return (Some(i), until);
             }
             if covers && best.is_none() {
                 best = Some(i);
             }
             // Sized functions never nest; stop once we are past any plausible start.
-            if s.is_func && s.size != 0 && addr >= s.addr.saturating_add(s.size) && best.is_some() {
+            if s.is_func && s.size != 0 && addr >= s_end && best.is_some() {
                 break;
             }
         }
-        best
+        (best, until)
+    }
+
+    /// A symbol of [`Image::enclosing_span`] by its index.
+    pub fn sym(&self, i: usize) -> &Sym {
+        &self.syms[i]
     }
 
     /// Start of the next symbol after `addr` in `section` (to bound a sizeless symbol).
@@ -317,15 +343,14 @@ impl<'d> Image<'d> {
         self.location(section, addr).to_string()
     }
 
-    /// The same as [`Image::describe`], without formatting: cheap enough to keep for every
-    /// site (the demangled name is computed once per symbol and shared).
-    pub fn location(&self, section: SectionIndex, addr: u64) -> Location {
+    /// The same as [`Image::describe`], without formatting (the name is demangled only
+    /// when displayed).
+    pub fn location(&self, section: SectionIndex, addr: u64) -> Location<'_> {
         match self.enclosing_index(section, addr) {
             Some(i) => {
                 let s = &self.syms[i];
-                let name = self.demangled[i].get_or_init(|| demangle(&s.name).into());
                 Location {
-                    function: Some(name.clone()),
+                    function: Some(&s.name),
                     offset: addr - s.addr,
                     addr,
                 }
@@ -410,28 +435,37 @@ impl<'d> Image<'d> {
 
     /// The raw name of the symbol with index `i`.
     pub fn symbol_name(&self, i: usize) -> String {
+        self.raw_symbol_name(i).to_string()
+    }
+
+    /// [`Image::symbol_name`], borrowed from the file (empty if there is none).
+    pub fn raw_symbol_name(&self, i: usize) -> &'d str {
         self.file
             .symbol_by_index(object::SymbolIndex(i))
             .ok()
-            .and_then(|s| s.name().ok().map(str::to_string))
+            .and_then(|s| s.name().ok())
             .unwrap_or_default()
     }
 }
 
-/// Where an address is, for humans: `function+0xoff` (demangled), or the bare address
-/// when no symbol encloses it. Displays as [`Image::describe`] returns.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Location {
-    function: Option<Arc<str>>,
-    offset: u64,
-    addr: u64,
+/// Where an address is, for humans: `function+0xoff` (demangled when displayed, so
+/// a location nobody prints costs no demangling), or the bare address when no symbol
+/// encloses it. Displays as [`Image::describe`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location<'a> {
+    /// The enclosing symbol's raw (mangled) name.
+    pub function: Option<&'a str>,
+    /// Offset from the symbol.
+    pub offset: u64,
+    /// The address.
+    pub addr: u64,
 }
 
-impl std::fmt::Display for Location {
+impl std::fmt::Display for Location<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.function {
-            Some(name) if self.offset == 0 => f.write_str(name),
-            Some(name) => write!(f, "{name}+{:#x}", self.offset),
+        match self.function {
+            Some(name) if self.offset == 0 => write!(f, "{:#}", rustc_demangle::demangle(name)),
+            Some(name) => write!(f, "{:#}+{:#x}", rustc_demangle::demangle(name), self.offset),
             None => write!(f, "{:#x}", self.addr),
         }
     }
@@ -446,4 +480,48 @@ pub fn demangle(name: &str) -> String {
 pub fn e_type(data: &[u8]) -> Option<u16> {
     let h = object::elf::FileHeader64::<LittleEndian>::parse(data).ok()?;
     Some(h.e_type(LittleEndian))
+}
+
+/// Files at least this large are memory-mapped by [`read_file`]; smaller ones are read
+/// (one `read(2)` costs less than mapping, faulting in and unmapping a few pages).
+const MAP_AT_LEAST: u64 = 256 * 1024;
+
+/// A whole input file's contents, as [`read_file`] gives them.
+#[derive(Debug)]
+pub enum FileBytes {
+    /// Memory-mapped, read-only (large files: nothing is copied).
+    Mapped(memmap2::Mmap),
+    /// Read into memory.
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Read(v) => v,
+        }
+    }
+}
+
+/// Reads a whole file: a large regular file is mapped read-only, anything else is read
+/// (with the same errors `std::fs::read` gives).
+pub fn read_file(path: &std::path::Path) -> std::io::Result<FileBytes> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    if meta.is_file() && meta.len() >= MAP_AT_LEAST {
+        // SAFETY: the map is read-only and private to this process, which never writes
+        // the file (outputs go to a new temporary file that is renamed). Another process
+        // truncating or rewriting the input while the tool runs can change or remove
+        // the bytes under the map, as it can under any tool that maps its input; the
+        // parsers bounds-check everything they read, so changed bytes are just another
+        // malformed input.
+        return unsafe { memmap2::Mmap::map(&f) }.map(FileBytes::Mapped);
+    }
+    let mut v = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    f.read_to_end(&mut v)?;
+    Ok(FileBytes::Read(v))
 }

@@ -194,11 +194,20 @@ pub fn build_with_for(
     input: &TableInput,
     rel: &mut dyn FnMut(usize, u64) -> Option<i32>,
 ) -> Result<Vec<u8>> {
-    let mut input = input.clone();
-    input.sites.sort_by_key(|s| s.addr);
-    input.sites.dedup_by_key(|s| s.addr);
-    input.probe_sites.sort_by_key(|s| s.addr);
-    input.probe_sites.dedup_by_key(|s| s.addr);
+    // Sorted with no duplicate, as the site finder gives them, the input is used as it
+    // is (a sort and a dedup would change nothing); otherwise a sorted copy.
+    let in_order = input.sites.windows(2).all(|w| w[0].addr < w[1].addr)
+        && input.probe_sites.windows(2).all(|w| w[0].addr < w[1].addr);
+    let input: std::borrow::Cow<'_, TableInput> = if in_order {
+        std::borrow::Cow::Borrowed(input)
+    } else {
+        let mut input = input.clone();
+        input.sites.sort_by_key(|s| s.addr);
+        input.sites.dedup_by_key(|s| s.addr);
+        input.probe_sites.sort_by_key(|s| s.addr);
+        input.probe_sites.dedup_by_key(|s| s.addr);
+        std::borrow::Cow::Owned(input)
+    };
     for f in &input.ifuncs {
         ensure!(
             !f.name.as_bytes().contains(&0),

@@ -161,6 +161,64 @@ fn scan_gcc_object_lists_exactly_the_call_and_jump_sites() {
     );
 }
 
+/// A function nested inside another (`g` in `f`): the relocations' enclosing functions
+/// go f, g, f, out of address order; and sections whose file order is not their name
+/// order.
+const NESTED_ASM: &str = r#"
+    .section .text.b,"ax",@progbits
+    .globl f
+    .type f,@function
+f:
+    call target_fn            # .text.b+0 in f
+    .globl g
+    .type g,@function
+g:
+    call target_fn            # .text.b+5 in g
+    .size g, .-g
+    call target_fn            # .text.b+10 in f again
+    ret
+    .size f, .-f
+    .section .text.a,"ax",@progbits
+h:
+    call target_fn            # .text.a+0
+    lea target_fn(%rip), %rax # not a site
+    ret
+"#;
+
+#[test]
+fn scan_nested_functions_and_section_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("n.s"), NESTED_ASM).unwrap();
+    gcc(&["-c", "n.s", "-o", "n.o"], dir.path());
+    let o = run(Command::new(KSITES)
+        .args(["scan", "--calls-to", "target_*", "n.o"])
+        .current_dir(dir.path()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = [
+        "n.o: .text.a+0x0 call (5 bytes) -> target_fn",
+        "n.o: .text.b+0x0 call (5 bytes) -> target_fn",
+        "n.o: .text.b+0x5 call (5 bytes) -> target_fn",
+        "n.o: .text.b+0xa call (5 bytes) -> target_fn",
+    ];
+    assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), want);
+    // The JSON lines say the same, in the same order.
+    let json: Vec<String> = scan_json(dir.path(), &["--calls-to", "target_*", "n.o"])
+        .iter()
+        .map(|v| {
+            format!(
+                "{}: {}+{:#x} {} ({} bytes) -> {}",
+                v["file"].as_str().unwrap(),
+                v["section"].as_str().unwrap(),
+                v["offset"].as_u64().unwrap(),
+                v["kind"].as_str().unwrap(),
+                v["length"].as_u64().unwrap(),
+                v["symbol"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(json, want);
+}
+
 #[test]
 fn scan_rustc_object_and_linked_image() {
     let dir = tempfile::tempdir().unwrap();

@@ -135,7 +135,7 @@ fn embed_finds_calls_tail_calls_jcc_and_prefixed_calls_only() {
                 s.addr,
                 s.kind,
                 s.prefixes,
-                report.ifuncs[s.target].name.as_str(),
+                report.ifuncs[s.target as usize].name.as_str(),
             )
         })
         .collect();

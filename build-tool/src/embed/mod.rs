@@ -6,14 +6,20 @@
 //! * [`rel`]: relocatable objects (ET_REL modules): `.ksites` and `.rela.ksites`, laid
 //!   out by the module layout contract ([`kernel_loader::module::layout`]).
 //! * `report`: [`EmbedReport`] and [`AlreadyEmbedded`].
+//!
+//! A linked image's output is described, not built: the input's bytes with a few ranges
+//! replaced, then the new parts ([`Output`]). [`embed_file`] writes it straight from the
+//! (memory-mapped) input into the temporary file, so the image is never copied in
+//! memory, and checks the result by mapping the file it wrote.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use kernel_loader::format::SECTION_NAME;
 
-use crate::elf::{ElfKind, Image};
+use crate::elf::{ElfKind, Image, read_file};
 
 pub mod exec;
 pub mod rel;
@@ -22,17 +28,144 @@ mod report;
 pub use exec::{append_segment, stapsdt_notes};
 pub use report::{AlreadyEmbedded, EmbedReport};
 
-/// Embeds into an in-memory image; returns the new file contents.
-pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
+/// An output file: `base` with some ranges replaced (in the order given: a later
+/// replacement wins where two overlap), then `tail` appended.
+#[derive(Debug, Default)]
+pub struct Output<'a> {
+    base: Cow<'a, [u8]>,
+    patches: Vec<(usize, Vec<u8>)>,
+    tail: Vec<Vec<u8>>,
+}
+
+impl<'a> Output<'a> {
+    /// `base`, unchanged so far.
+    pub fn new(base: impl Into<Cow<'a, [u8]>>) -> Self {
+        Output {
+            base: base.into(),
+            patches: Vec::new(),
+            tail: Vec::new(),
+        }
+    }
+
+    /// The length of `base`: where the tail starts.
+    pub fn base_len(&self) -> usize {
+        self.base.len()
+    }
+
+    /// The whole output's length.
+    pub fn len(&self) -> usize {
+        self.base.len() + self.tail.iter().map(Vec::len).sum::<usize>()
+    }
+
+    /// Whether the output is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Replaces `bytes.len()` bytes of the base at `at`; `None` (nothing changed) if
+    /// they are not all inside the base.
+    pub fn patch(&mut self, at: usize, bytes: &[u8]) -> Option<()> {
+        if at.checked_add(bytes.len())? > self.base.len() {
+            return None;
+        }
+        if !bytes.is_empty() {
+            self.patches.push((at, bytes.to_vec()));
+        }
+        Some(())
+    }
+
+    /// Appends `bytes` after everything so far.
+    pub fn append(&mut self, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.tail.push(bytes);
+        }
+    }
+
+    /// The patched ranges of the base, merged where they overlap or touch, each with its
+    /// final bytes (the patches applied in order).
+    fn regions(&self) -> Vec<(usize, Vec<u8>)> {
+        let mut spans: Vec<(usize, usize)> = self
+            .patches
+            .iter()
+            .map(|(at, b)| (*at, at + b.len()))
+            .collect();
+        spans.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::new();
+        for (s, e) in spans {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        let mut regions: Vec<(usize, Vec<u8>)> = merged
+            .iter()
+            .map(|&(s, e)| (s, self.base[s..e].to_vec()))
+            .collect();
+        for (at, b) in &self.patches {
+            let r = merged.partition_point(|&(s, _)| s <= *at) - 1;
+            let (s, bytes) = &mut regions[r];
+            bytes[at - *s..at - *s + b.len()].copy_from_slice(b);
+        }
+        regions
+    }
+
+    /// Writes the output to `w`: the base's unchanged ranges straight from `base`.
+    pub fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        let mut pos = 0;
+        for (s, bytes) in self.regions() {
+            w.write_all(&self.base[pos..s])?;
+            w.write_all(&bytes)?;
+            pos = s + bytes.len();
+        }
+        w.write_all(&self.base[pos..])?;
+        for t in &self.tail {
+            w.write_all(t)?;
+        }
+        Ok(())
+    }
+
+    /// The output as one vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        self.write_to(&mut v)
+            .expect("writing to a vector cannot fail");
+        v
+    }
+}
+
+/// An embedded output and the check its bytes must pass once written.
+struct Embedded<'a> {
+    out: Output<'a>,
+    report: EmbedReport,
+    /// For linked images: re-read the output ([`exec::verify_output`]).
+    check: Option<exec::OutputCheck>,
+}
+
+fn embed_image<'a>(path: &str, data: &'a [u8]) -> Result<Embedded<'a>> {
     let img = Image::parse(path, data)?;
     if img.section_by_name(SECTION_NAME).is_some() {
         return Err(AlreadyEmbedded(path.to_string()).into());
     }
     if img.kind == ElfKind::Rel {
         // A module: `.ksites` + `.rela.ksites`, always (even an empty table).
-        return rel::embed_rel(path, data);
+        let (bytes, report) = rel::embed_rel(path, data)?;
+        return Ok(Embedded {
+            out: Output::new(bytes),
+            report,
+            check: None,
+        });
     }
     exec::embed_exec(path, data, &img)
+}
+
+/// Embeds into an in-memory image; returns the new file contents.
+pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
+    let e = embed_image(path, data)?;
+    let out = e.out.to_vec();
+    if let Some(c) = &e.check {
+        exec::verify_output(path, &out, c)?;
+    }
+    Ok((out, e.report))
 }
 
 /// Embeds `input` into `output`, writing a temporary file beside `output` and renaming
@@ -48,21 +181,69 @@ pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
             input.display()
         );
     }
-    let data = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
-    let (out, report) = embed_bytes(&input.display().to_string(), &data)?;
+    let data = read_file(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let path = input.display().to_string();
+    let e = embed_image(&path, &data)?;
     let perms = std::fs::metadata(input)?.permissions();
-    write_atomically(output, &out, perms)?;
-    Ok(report)
+    write_atomically_with(
+        output,
+        perms,
+        |w| e.out.write_to(w),
+        |file| {
+            let Some(c) = &e.check else { return Ok(()) };
+            // SAFETY: the temporary file was just written by this process and is not
+            // renamed into place until this check returns; its random name in the
+            // output directory is known to nobody else, so nothing changes it under
+            // the map.
+            let map = unsafe { memmap2::Mmap::map(file) }
+                .with_context(|| format!("{path}: cannot map the output to check it"))?;
+            exec::verify_output(&path, &map, c)
+        },
+    )?;
+    Ok(e.report)
 }
 
 /// Writes `bytes` to a temporary file in `path`'s directory, syncs it, and renames it
 /// over `path`.
 pub fn write_atomically(path: &Path, bytes: &[u8], perms: std::fs::Permissions) -> Result<()> {
+    write_atomically_with(path, perms, |w| w.write_all(bytes), |_| Ok(()))
+}
+
+/// Splits every write into 64 KiB chunks, syncing and pausing after each (the test hook
+/// of [`write_atomically_with`]).
+struct SlowWriter<'f> {
+    file: &'f std::fs::File,
+    pause: std::time::Duration,
+}
+
+impl Write for SlowWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(64 * 1024);
+        self.file.write_all(&buf[..n])?;
+        self.file.sync_data()?;
+        std::thread::sleep(self.pause);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Creates a temporary file in `path`'s directory, lets `write` fill it and `check` it,
+/// syncs it, and renames it over `path`. If anything fails, the temporary file is
+/// removed and `path` is untouched.
+fn write_atomically_with(
+    path: &Path,
+    perms: std::fs::Permissions,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    check: impl FnOnce(&std::fs::File) -> Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix(".ksites-tmp-")
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
@@ -72,15 +253,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8], perms: std::fs::Permissions) 
         .ok()
         .and_then(|v| v.parse::<u64>().ok());
     match delay {
-        Some(ms) => {
-            for chunk in bytes.chunks(64 * 1024) {
-                tmp.write_all(chunk)?;
-                tmp.as_file().sync_data()?;
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-            }
-        }
-        None => tmp.write_all(bytes)?,
+        Some(ms) => write(&mut SlowWriter {
+            file: tmp.as_file(),
+            pause: std::time::Duration::from_millis(ms),
+        })?,
+        None => write(&mut tmp.as_file())?,
     }
+    check(tmp.as_file())?;
     tmp.as_file().sync_all()?;
     tmp.as_file().set_permissions(perms)?;
     tmp.persist(path)
@@ -90,4 +269,42 @@ pub fn write_atomically(path: &Path, bytes: &[u8], perms: std::fs::Permissions) 
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Output;
+
+    #[test]
+    fn patches_apply_in_order_over_the_base_and_the_tail_follows() {
+        let base: Vec<u8> = (0..64).collect();
+        let mut out = Output::new(&base[..]);
+        let mut want = base.clone();
+        let patches: [(usize, &[u8]); 7] = [
+            (10, &[0xa0, 0xa1, 0xa2, 0xa3]),
+            (12, &[0xb0, 0xb1, 0xb2, 0xb3]), // overlaps the first: it wins where they meet
+            (16, &[0xc0]),                   // touches the second
+            (0, &[0xd0]),
+            (63, &[0xe0]),
+            (40, &[]),
+            (11, &[0xf0]), // inside an earlier one, applied after it
+        ];
+        for (at, b) in patches {
+            assert_eq!(out.patch(at, b), Some(()));
+            want[at..at + b.len()].copy_from_slice(b);
+        }
+        assert_eq!(out.patch(63, &[1, 2]), None, "past the base");
+        assert_eq!(out.patch(usize::MAX, &[1]), None);
+        out.append(vec![1, 2, 3]);
+        out.append(Vec::new());
+        out.append(vec![4]);
+        want.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(out.len(), want.len());
+        assert_eq!(out.to_vec(), want);
+        assert_eq!(
+            &base[..],
+            &(0..64).collect::<Vec<u8>>()[..],
+            "the base is untouched"
+        );
+    }
 }
