@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use anyhow::{Context, Result, anyhow, bail};
 use object::elf;
-use object::read::elf::{ElfFile64, ElfSection64, FileHeader, SectionHeader};
+use object::read::elf::{ElfFile64, ElfSection64, FileHeader, Rela as _, SectionHeader};
 use object::{
     LittleEndian, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget,
     SectionIndex, SymbolKind,
@@ -124,6 +124,10 @@ pub struct Image<'d> {
     pub target: Target,
     /// Defined symbols, sorted by (section, address).
     syms: Vec<Sym>,
+    /// Which relocation sections apply to which section (as the `object` crate maps them).
+    reloc_sections: object::read::elf::RelocationSections,
+    /// The header's MIPS64 little-endian flag (relocation entries are read through it).
+    mips64el: bool,
 }
 
 impl std::fmt::Debug for Image<'_> {
@@ -178,6 +182,11 @@ impl<'d> Image<'d> {
                 &b.name,
             ))
         });
+        let reloc_sections = file
+            .elf_section_table()
+            .relocation_sections(e, file.elf_symbol_table().section())
+            .with_context(|| format!("{path}: bad relocation sections"))?;
+        let mips64el = hdr.is_mips64el(e);
         Ok(Image {
             path: path.to_string(),
             data,
@@ -185,6 +194,8 @@ impl<'d> Image<'d> {
             kind,
             target,
             syms,
+            reloc_sections,
+            mips64el,
         })
     }
 
@@ -322,6 +333,17 @@ impl<'d> Image<'d> {
         (best, until)
     }
 
+    /// The number of entries of the symbol table (relocations name symbols by their
+    /// index in it, below this).
+    pub fn symbol_count(&self) -> usize {
+        self.file.elf_symbol_table().len()
+    }
+
+    /// The number of defined symbols [`Image::sym`] indexes.
+    pub fn defined_count(&self) -> usize {
+        self.syms.len()
+    }
+
     /// A symbol of [`Image::enclosing_span`] by its index.
     pub fn sym(&self, i: usize) -> &Sym {
         &self.syms[i]
@@ -374,48 +396,99 @@ impl<'d> Image<'d> {
             let RelocationFlags::Elf { r_type } = r.flags() else {
                 return None;
             };
-            let (sym_value, sym_index, sym_is_section, sym_section) = match r.target() {
-                RelocationTarget::Symbol(i) => {
-                    let sym = match self.file.symbol_by_index(i) {
-                        Ok(sym) => sym,
-                        Err(e) => {
-                            return Some(Err(anyhow::Error::new(e).context(format!(
-                                "{}: relocation at {offset:#x} names a bad symbol",
-                                self.path
-                            ))));
-                        }
-                    };
-                    let v = if sym.kind() == SymbolKind::Section {
-                        match sym.section_index() {
-                            Some(si) => self
-                                .file
-                                .section_by_index(si)
-                                .map(|s| s.address())
-                                .unwrap_or(0),
-                            None => 0,
-                        }
-                    } else {
-                        sym.address()
-                    };
-                    (
-                        v,
-                        i.0,
-                        sym.kind() == SymbolKind::Section,
-                        sym.section_index(),
-                    )
-                }
-                RelocationTarget::Absolute => (0, 0, false, None),
+            let sym = match r.target() {
+                RelocationTarget::Symbol(i) => Some(i),
+                RelocationTarget::Absolute => None,
                 _ => return None,
             };
-            Some(Ok(Reloc {
-                offset,
-                r_type,
-                sym_value,
-                sym_index,
-                sym_is_section,
-                sym_section,
-                addend: r.addend(),
-            }))
+            Some(self.reloc(offset, r_type, sym, r.addend()))
+        })
+    }
+
+    /// The relocations of [`Image::relocations`], as the slices of raw `Elf64_Rela`
+    /// entries they come from (in the same order: random access, so the work can be
+    /// split), when every relocation section applying to `section` is `SHT_RELA` (the
+    /// x86-64 norm); `None` if one is `SHT_REL` or `SHT_CREL`. [`Image::rela_reloc`]
+    /// decodes an entry.
+    pub fn rela_tables(
+        &self,
+        section: SectionIndex,
+    ) -> Option<Vec<&'d [elf::Rela64<LittleEndian>]>> {
+        let sections = self.file.elf_section_table();
+        let mut tables = Vec::new();
+        let mut i = section;
+        while let Some(next) = self.reloc_sections.get(i) {
+            i = next;
+            let s = sections.section(i).ok()?;
+            if s.sh_type(LittleEndian) != elf::SHT_RELA {
+                return None;
+            }
+            // An unreadable table is skipped, as the `object` crate's iterator does.
+            if let Ok(t) = s.data_as_array(LittleEndian, self.data) {
+                tables.push(t);
+            }
+        }
+        Some(tables)
+    }
+
+    /// One entry of [`Image::rela_tables`], as [`Image::relocations`] gives it.
+    pub fn rela_reloc(&self, r: &elf::Rela64<LittleEndian>) -> Result<Reloc> {
+        let e = LittleEndian;
+        let sym = r.r_sym(e, self.mips64el);
+        let sym = (sym != 0).then_some(object::SymbolIndex(sym as usize));
+        self.reloc(
+            r.r_offset(e),
+            r.r_type(e, self.mips64el),
+            sym,
+            r.r_addend(e),
+        )
+    }
+
+    /// A relocation at `offset` against symbol `sym` (`None`: absolute).
+    fn reloc(
+        &self,
+        offset: u64,
+        r_type: u32,
+        sym: Option<object::SymbolIndex>,
+        addend: i64,
+    ) -> Result<Reloc> {
+        let (sym_value, sym_index, sym_is_section, sym_section) = match sym {
+            Some(i) => {
+                let sym = self.file.symbol_by_index(i).map_err(|e| {
+                    anyhow::Error::new(e).context(format!(
+                        "{}: relocation at {offset:#x} names a bad symbol",
+                        self.path
+                    ))
+                })?;
+                let v = if sym.kind() == SymbolKind::Section {
+                    match sym.section_index() {
+                        Some(si) => self
+                            .file
+                            .section_by_index(si)
+                            .map(|s| s.address())
+                            .unwrap_or(0),
+                        None => 0,
+                    }
+                } else {
+                    sym.address()
+                };
+                (
+                    v,
+                    i.0,
+                    sym.kind() == SymbolKind::Section,
+                    sym.section_index(),
+                )
+            }
+            None => (0, 0, false, None),
+        };
+        Ok(Reloc {
+            offset,
+            r_type,
+            sym_value,
+            sym_index,
+            sym_is_section,
+            sym_section,
+            addend,
         })
     }
 

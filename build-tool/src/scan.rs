@@ -5,11 +5,10 @@
 //! retpoline-thunk calls. Sites are found through relocations and decoded from the start
 //! of the enclosing function.
 
-use std::cell::RefCell;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use anyhow::{Context, Result};
 use kernel_loader::format::SiteKind;
@@ -201,52 +200,47 @@ const NO_MATCH: u32 = u32::MAX - 1;
 
 /// The target names that match, and what each symbol resolved to (an index into
 /// `names`, [`NO_MATCH`] or [`UNKNOWN`]): matched and demangled once per symbol, not
-/// once per relocation.
+/// once per relocation, by whichever thread meets it first.
 struct Targets<'o> {
     opts: &'o ScanOptions,
-    names: Vec<String>,
+    names: Mutex<Vec<String>>,
     /// By symbol table index.
-    by_symbol: Vec<u32>,
+    by_symbol: Vec<AtomicU32>,
     /// Section symbols' targets, by the index ([`Image::sym`]) of the symbol defined there.
-    by_defined: Vec<u32>,
+    by_defined: Vec<AtomicU32>,
 }
 
 impl Targets<'_> {
-    /// The index in `names` of the symbol `key` (named by `name`), if it matches.
+    /// The index in `names` of the symbol `key` of `cache` (named by `name`), if it
+    /// matches.
     fn resolve<'n>(
-        &mut self,
-        in_symtab: bool,
+        &self,
+        cache: &[AtomicU32],
         key: usize,
         name: impl FnOnce() -> Option<&'n str>,
     ) -> Option<usize> {
-        let cache = if in_symtab {
-            &mut self.by_symbol
-        } else {
-            &mut self.by_defined
-        };
-        let mut t = cache.get(key).copied().unwrap_or(UNKNOWN);
+        let slot = cache.get(key)?;
+        let mut t = slot.load(Ordering::Relaxed);
         if t == UNKNOWN {
-            t = match name() {
-                Some(n) if matches(&self.opts.calls_to, n) || matches(&self.opts.jumps_to, n) => {
-                    match self.names.iter().position(|m| m == n) {
-                        Some(i) => i as u32,
-                        None => {
-                            self.names.push(n.to_string());
-                            (self.names.len() - 1) as u32
+            let mut names = self.names.lock().expect("no poisoning");
+            t = slot.load(Ordering::Relaxed);
+            if t == UNKNOWN {
+                t = match name() {
+                    Some(n)
+                        if matches(&self.opts.calls_to, n) || matches(&self.opts.jumps_to, n) =>
+                    {
+                        match names.iter().position(|m| m == n) {
+                            Some(i) => i as u32,
+                            None => {
+                                names.push(n.to_string());
+                                (names.len() - 1) as u32
+                            }
                         }
                     }
-                }
-                _ => NO_MATCH,
-            };
-            let cache = if in_symtab {
-                &mut self.by_symbol
-            } else {
-                &mut self.by_defined
-            };
-            if cache.len() <= key {
-                cache.resize(key + 1, UNKNOWN);
+                    _ => NO_MATCH,
+                };
+                slot.store(t, Ordering::Relaxed);
             }
-            cache[key] = t;
         }
         (t != NO_MATCH).then_some(t as usize)
     }
@@ -261,24 +255,24 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<FileSca
             || img.exec_sections().next().is_none(),
         "{path}: executable sections carry no relocations; link with --emit-relocs to scan a linked image"
     );
-    let targets = RefCell::new(Targets {
+    let unknown = |n: usize| (0..n).map(|_| AtomicU32::new(UNKNOWN)).collect();
+    let targets = Targets {
         opts,
-        names: Vec::new(),
-        by_symbol: Vec::new(),
-        by_defined: Vec::new(),
-    });
+        names: Mutex::new(Vec::new()),
+        by_symbol: unknown(img.symbol_count()),
+        by_defined: unknown(img.defined_count()),
+    };
     let select = |r: &Reloc| -> Option<Selected> {
         if img.target.reloc_class(r.r_type) != RelocClass::Branch {
             return None;
         }
-        let mut t = targets.borrow_mut();
         let target = if r.sym_is_section {
             let sec = r.sym_section?;
             let at = img.target.reloc_target(r);
             let i = img.symbol_at_index(sec, at)?;
-            t.resolve(false, i, || Some(img.sym(i).name.as_str()))?
+            targets.resolve(&targets.by_defined, i, || Some(img.sym(i).name.as_str()))?
         } else {
-            t.resolve(true, r.sym_index, || target_name(&img, r))?
+            targets.resolve(&targets.by_symbol, r.sym_index, || target_name(&img, r))?
         };
         Some(Selected {
             target,
@@ -286,7 +280,7 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<FileSca
         })
     };
     let mut scan = find_sites_with(&img, &select)?;
-    let names = targets.into_inner().names;
+    let names = targets.names.into_inner().expect("no poisoning");
     let wants: Vec<(bool, bool)> = names
         .iter()
         .map(|n| (matches(&opts.calls_to, n), matches(&opts.jumps_to, n)))

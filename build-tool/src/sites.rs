@@ -13,8 +13,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use kernel_loader::format::SiteKind;
-use object::read::elf::ElfSection64;
-use object::{LittleEndian, ObjectSection, SectionIndex};
+use object::{ObjectSection, SectionIndex};
 
 use crate::elf::{Image, Location, Reloc};
 use crate::target::{FunctionCursor, RelocClass, SiteInsn};
@@ -165,14 +164,19 @@ pub fn find_sites(img: &Image<'_>, targets: &HashMap<u64, usize>) -> Result<Site
     })
 }
 
+/// A relocation selector: must be callable from several threads at once (a section's
+/// relocations are split between them).
+pub type Select<'a> = dyn Fn(&Reloc) -> Option<Selected> + Sync + 'a;
+
+/// Sections with at least this many relocations are split between the CPUs.
+const SPLIT_AT: usize = 1 << 16;
+
 /// The engine: every branch-class relocation (and, reported as other references, every
 /// absolute or GOT one) in an executable section that `select` picks is decoded and classified.
-pub fn find_sites_with(
-    img: &Image<'_>,
-    select: &dyn Fn(&Reloc) -> Option<Selected>,
-) -> Result<SiteScan> {
+pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan> {
     let mut scan = SiteScan::default();
-    let mut functions = HashMap::new();
+    let mut functions: HashMap<usize, u32> = HashMap::new();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     for sec in img.exec_sections() {
         let section = u32::try_from(scan.sections.len()).context("too many sections")?;
         scan.sections.push(ScannedSection {
@@ -180,25 +184,76 @@ pub fn find_sites_with(
             name: sec.name().unwrap_or("?").to_string(),
             addr: sec.address(),
         });
-        let (sites, refs) = (scan.sites.len(), scan.other_refs.len());
-        let data = sec.data().unwrap_or(&[]);
-        // Streaming first; if the functions come out of address order, the section
-        // starts over, sorted.
-        for sorted in [false, true] {
-            let mut s = SectionScan {
-                img,
-                sec: &sec,
-                section,
-                data,
-                scan: &mut scan,
-                functions: &mut functions,
-                last_function: (usize::MAX, NO_FUNCTION),
-            };
-            if s.run(select, sorted)? {
+        let ctx = SectionCtx {
+            img,
+            sec_index: sec.index(),
+            sec_addr: sec.address(),
+            sec_name: sec.name().unwrap_or("?"),
+            section,
+            data: sec.data().unwrap_or(&[]),
+            select,
+        };
+        // Streaming first, in parts on several CPUs when the section is large; if the
+        // functions come out of address order, the section starts over, sorted.
+        let parts = match img.rela_tables(sec.index()) {
+            Some(tables) => {
+                let n: usize = tables.iter().map(|t| t.len()).sum();
+                let k = if n >= SPLIT_AT {
+                    cpus.min(n / 4096).max(1)
+                } else {
+                    1
+                };
+                let ranges: Vec<(usize, usize)> =
+                    (0..k).map(|p| (n * p / k, n * (p + 1) / k)).collect();
+                let part = |&(a, b): &(usize, usize)| {
+                    let relocs = rela_range(&tables, a, b).map(|r| img.rela_reloc(r));
+                    ctx.pass(relocs, false)
+                };
+                if k == 1 {
+                    vec![part(&ranges[0])]
+                } else {
+                    std::thread::scope(|sc| {
+                        let handles: Vec<_> =
+                            ranges.iter().map(|r| sc.spawn(move || part(r))).collect();
+                        handles
+                            .into_iter()
+                            .map(|h| h.join().expect("site finder threads do not panic"))
+                            .collect()
+                    })
+                }
+            }
+            None => vec![ctx.pass(img.relocations(&sec), false)],
+        };
+        // Parts in order: an error is the first a single pass would meet (every part
+        // before it went through its whole range); after a part that stopped out of
+        // order, the sorted pass decides.
+        let mut done = Vec::with_capacity(parts.len());
+        let mut in_order = true;
+        for p in parts {
+            let p = p?;
+            if !p.in_order {
+                in_order = false;
                 break;
             }
-            scan.sites.truncate(sites);
-            scan.other_refs.truncate(refs);
+            done.push(p);
+        }
+        // Across parts too (parts with no candidate have no keys).
+        let keys: Vec<(u64, u64)> = done
+            .iter()
+            .filter_map(|p| Some((p.first_key?, p.last_key?)))
+            .collect();
+        let in_order = in_order && keys.windows(2).all(|w| w[0].1 <= w[1].0);
+        if in_order {
+            scan.merge(done, &mut functions);
+        } else {
+            let sorted = match img.rela_tables(sec.index()) {
+                Some(tables) => {
+                    let n = tables.iter().map(|t| t.len()).sum();
+                    ctx.pass(rela_range(&tables, 0, n).map(|r| img.rela_reloc(r)), true)?
+                }
+                None => ctx.pass(img.relocations(&sec), true)?,
+            };
+            scan.merge(vec![sorted], &mut functions);
         }
     }
     // In an object every section starts at 0: equal addresses in different sections
@@ -210,6 +265,55 @@ pub fn find_sites_with(
     scan.sites.dedup_by_key(|s| (s.addr, s.section));
     scan.other_refs.sort_by_key(|r| r.addr);
     Ok(scan)
+}
+
+/// Entries `a..b` of the concatenation of `tables`.
+fn rela_range<'t, T>(tables: &'t [&'t [T]], a: usize, b: usize) -> impl Iterator<Item = &'t T> {
+    let mut skip = a;
+    let mut take = b - a;
+    tables.iter().flat_map(move |t| {
+        let from = skip.min(t.len());
+        skip -= from;
+        let n = take.min(t.len() - from);
+        take -= n;
+        &t[from..from + n]
+    })
+}
+
+impl SiteScan {
+    /// Appends a section's parts, in order: their sites (function indices made
+    /// global), their absolute and GOT references, then their decoding failures (the
+    /// order a single pass reports them in).
+    fn merge(&mut self, parts: Vec<Part>, functions: &mut HashMap<usize, u32>) {
+        let mut late = Vec::new();
+        for mut p in parts {
+            let global: Vec<u32> = p
+                .functions
+                .iter()
+                .map(|(sym, f)| {
+                    *functions.entry(*sym).or_insert_with(|| {
+                        self.functions.push(f.clone());
+                        // One per symbol: 2^32 symbols would be a 96 GiB symbol table.
+                        (self.functions.len() - 1) as u32
+                    })
+                })
+                .collect();
+            for s in &mut p.sites {
+                if let Some(&g) = global.get(s.function as usize) {
+                    s.function = g;
+                }
+            }
+            if self.sites.is_empty() {
+                // The usual case (one section): take the part's vector, no copy.
+                std::mem::swap(&mut self.sites, &mut p.sites);
+            } else {
+                self.sites.append(&mut p.sites);
+            }
+            self.other_refs.append(&mut p.refs);
+            late.append(&mut p.late);
+        }
+        self.other_refs.append(&mut late);
+    }
 }
 
 /// An address range over which [`Image::enclosing_span`] gives one answer.
@@ -244,35 +348,67 @@ struct Group<'c> {
     cursor: FunctionCursor<'c>,
 }
 
-/// One executable section's pass.
-struct SectionScan<'a, 'd, 's> {
+/// What one executable section's pass needs.
+struct SectionCtx<'a, 'd> {
     img: &'a Image<'d>,
-    sec: &'a ElfSection64<'d, 's, LittleEndian>,
+    sec_index: SectionIndex,
+    sec_addr: u64,
+    sec_name: &'d str,
+    /// Index into [`SiteScan::sections`].
     section: u32,
     data: &'d [u8],
-    scan: &'a mut SiteScan,
-    /// Symbol index → index into `scan.functions`.
-    functions: &'a mut HashMap<usize, u32>,
-    /// The last entry of `functions` used (most sites are in the previous site's function).
+    select: &'a Select<'a>,
+}
+
+/// What a pass over (part of) a section's relocations found.
+#[derive(Default)]
+struct Part {
+    sites: Vec<FoundSite>,
+    /// Absolute and GOT references.
+    refs: Vec<OtherRef>,
+    /// Decoding failures (reported after the section's absolute and GOT references).
+    late: Vec<OtherRef>,
+    /// The functions enclosing `sites` ([`FoundSite::function`] indexes this), with
+    /// their symbol indices.
+    functions: Vec<(usize, SiteFunction)>,
+    /// The first and last candidates' function keys.
+    first_key: Option<u64>,
+    last_key: Option<u64>,
+    /// Whether the functions came in address order (else the streaming pass stopped).
+    in_order: bool,
+}
+
+/// The state of a pass.
+struct Pass {
+    part: Part,
+    /// The enclosing function of relocations, and of sites.
+    starts: Span,
+    locations: Span,
+    /// The last function used: (symbol index, index into `part.functions`).
     last_function: (usize, u32),
 }
 
-impl<'a, 'd, 's> SectionScan<'a, 'd, 's> {
-    /// Classifies every selected relocation of the section. Streaming (`sorted` false),
-    /// gives up (returns `false`) at the first relocation whose enclosing function
-    /// starts before the previous one's; `sorted` collects the candidates and stably
-    /// sorts them by function first (relocations keep their order within a function).
-    fn run(&mut self, select: &dyn Fn(&Reloc) -> Option<Selected>, sorted: bool) -> Result<bool> {
+impl<'a, 'd> SectionCtx<'a, 'd> {
+    /// Classifies every selected relocation of `relocs`. Streaming (`sorted` false),
+    /// stops at the first relocation whose enclosing function starts before the
+    /// previous one's (the part is then not `in_order`); `sorted` collects the
+    /// candidates and stably sorts them by function first (relocations keep their order
+    /// within a function).
+    fn pass(&self, relocs: impl Iterator<Item = Result<Reloc>>, sorted: bool) -> Result<Part> {
         let img = self.img;
-        let sec_index = self.sec.index();
-        let sec_addr = self.sec.address();
-        let mut starts = Span::EMPTY;
-        let mut locations = Span::EMPTY;
-        // Decoding failures, reported after the section's absolute and GOT references.
-        let mut late: Vec<OtherRef> = Vec::new();
-        let mut by_func: Vec<(u64, Candidate)> = Vec::new();
+        let mut p = Pass {
+            part: Part {
+                in_order: true,
+                ..Part::default()
+            },
+            starts: Span::EMPTY,
+            locations: Span::EMPTY,
+            last_function: (usize::MAX, NO_FUNCTION),
+        };
+        // The function being classified (kept in place: a cursor is large).
         let mut group: Option<Group<'d>> = None;
-        for r in img.relocations(self.sec) {
+        let mut by_func: Vec<(u64, Candidate)> = Vec::new();
+        for r in relocs {
             let r = r?;
             let class = img.target.reloc_class(r.r_type);
             let (abs, got) = (class == RelocClass::Absolute, class == RelocClass::Got);
@@ -282,7 +418,7 @@ impl<'a, 'd, 's> SectionScan<'a, 'd, 's> {
             let Some(Selected {
                 target,
                 target_addr,
-            }) = select(&r)
+            }) = (self.select)(&r)
             else {
                 continue;
             };
@@ -293,60 +429,60 @@ impl<'a, 'd, 's> SectionScan<'a, 'd, 's> {
                 } else {
                     format!("absolute address ({name})")
                 };
-                self.scan.other_refs.push(OtherRef {
+                p.part.refs.push(OtherRef {
                     addr: r.offset,
                     target,
-                    section: self.section_name().to_string(),
+                    section: self.sec_name.to_string(),
                     what,
-                    location: img.describe(sec_index, r.offset),
+                    location: img.describe(self.sec_index, r.offset),
                 });
                 continue;
             }
-            let key = starts
-                .enclosing(img, sec_index, r.offset)
-                .map_or(sec_addr, |i| img.sym(i).addr);
+            let key = p
+                .starts
+                .enclosing(img, self.sec_index, r.offset)
+                .map_or(self.sec_addr, |i| img.sym(i).addr);
             let c = Candidate {
                 reloc_at: r.offset,
                 target_addr,
                 target: u32::try_from(target).context("too many targets")?,
             };
+            p.part.first_key.get_or_insert(key);
+            p.part.last_key = Some(key);
             if sorted {
                 by_func.push((key, c));
                 continue;
             }
-            match &group {
-                Some(g) if g.key == key => {}
-                Some(g) if key < g.key => return Ok(false),
-                _ => group = Some(self.group(key)),
-            }
-            let g = group.as_mut().expect("set above");
-            self.classify(g, &c, &mut locations, &mut late);
+            let g = match &mut group {
+                Some(g) if g.key == key => g,
+                Some(g) if key < g.key => {
+                    p.part.in_order = false;
+                    return Ok(p.part);
+                }
+                _ => group.insert(self.group(key)),
+            };
+            self.classify(&mut p, g, &c);
         }
         if sorted {
             by_func.sort_by_key(|(key, _)| *key);
             for run in by_func.chunk_by(|a, b| a.0 == b.0) {
                 let mut g = self.group(run[0].0);
                 for (_, c) in run {
-                    self.classify(&mut g, c, &mut locations, &mut late);
+                    self.classify(&mut p, &mut g, c);
                 }
             }
         }
-        self.scan.other_refs.append(&mut late);
-        Ok(true)
-    }
-
-    fn section_name(&self) -> &str {
-        &self.scan.sections[self.section as usize].name
+        Ok(p.part)
     }
 
     /// A cursor over the function starting at `key`.
     fn group(&self, key: u64) -> Group<'d> {
-        let sec_addr = self.sec.address();
+        let sec_addr = self.sec_addr;
         let data = self.data;
         let sec_end = sec_addr.saturating_add(data.len() as u64);
         // A malformed file can put a symbol outside its section: clamp to the section.
         let start = key.clamp(sec_addr, sec_end);
-        let end = function_end(self.img, self.sec.index(), start, sec_end);
+        let end = function_end(self.img, self.sec_index, start, sec_end);
         let code = data
             .get((start - sec_addr) as usize..(end - sec_addr) as usize)
             .unwrap_or(&[]);
@@ -356,15 +492,8 @@ impl<'a, 'd, 's> SectionScan<'a, 'd, 's> {
         }
     }
 
-    fn classify(
-        &mut self,
-        g: &mut Group<'_>,
-        c: &Candidate,
-        locations: &mut Span,
-        late: &mut Vec<OtherRef>,
-    ) {
+    fn classify(&self, p: &mut Pass, g: &mut Group<'_>, c: &Candidate) {
         let img = self.img;
-        let sec_index = self.sec.index();
         let SiteInsn {
             addr,
             len,
@@ -373,33 +502,40 @@ impl<'a, 'd, 's> SectionScan<'a, 'd, 's> {
         } = match g.cursor.classify(c.reloc_at, c.target_addr) {
             Ok(site) => site,
             Err(what) => {
-                late.push(OtherRef {
+                p.part.late.push(OtherRef {
                     addr: c.reloc_at,
                     target: c.target as usize,
-                    section: self.section_name().to_string(),
+                    section: self.sec_name.to_string(),
                     what,
-                    location: img.describe(sec_index, c.reloc_at),
+                    location: img.describe(self.sec_index, c.reloc_at),
                 });
                 return;
             }
         };
-        let function = match locations.enclosing(img, sec_index, addr) {
+        let function = match p.locations.enclosing(img, self.sec_index, addr) {
             None => NO_FUNCTION,
-            Some(i) if self.last_function.0 == i => self.last_function.1,
-            Some(i) => *self.functions.entry(i).or_insert_with(|| {
-                let s = img.sym(i);
-                self.scan.functions.push(SiteFunction {
-                    name: s.name.clone(),
-                    addr: s.addr,
-                });
-                // One per symbol: a symbol table of 2^32 entries would be a 96 GiB file.
-                (self.scan.functions.len() - 1) as u32
-            }),
+            Some(i) if p.last_function.0 == i => p.last_function.1,
+            Some(i) => {
+                let f = match p.part.functions.iter().rposition(|(sym, _)| *sym == i) {
+                    Some(f) => f,
+                    None => {
+                        let s = img.sym(i);
+                        p.part.functions.push((
+                            i,
+                            SiteFunction {
+                                name: s.name.clone(),
+                                addr: s.addr,
+                            },
+                        ));
+                        p.part.functions.len() - 1
+                    }
+                };
+                // One per symbol: 2^32 symbols would be a 96 GiB symbol table.
+                p.last_function = (i, f as u32);
+                f as u32
+            }
         };
-        if function != NO_FUNCTION {
-            self.last_function = (locations.sym.unwrap_or(usize::MAX), function);
-        }
-        self.scan.sites.push(FoundSite {
+        p.part.sites.push(FoundSite {
             addr,
             target: c.target,
             section: self.section,

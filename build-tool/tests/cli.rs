@@ -219,6 +219,50 @@ fn scan_nested_functions_and_section_order() {
     assert_eq!(json, want);
 }
 
+/// A section with more relocations than one thread takes (it is split between the
+/// CPUs), in address order; and the same with a function nested in its second half
+/// (which sends the section to the sorted pass): every call, once, in order, and the
+/// text output the same lines the hits give one by one.
+#[test]
+fn scan_of_a_large_section_split_between_threads() {
+    const FUNCS: usize = 300;
+    const CALLS: usize = 250;
+    let dir = tempfile::tempdir().unwrap();
+    for nested in [false, true] {
+        let mut asm = String::from(".text\n");
+        for f in 0..FUNCS {
+            asm += &format!(".globl f{f}\n.type f{f},@function\nf{f}:\n");
+            for c in 0..CALLS {
+                if nested && f == 200 && c == 100 {
+                    asm += ".globl g\n.type g,@function\ng:\n";
+                }
+                asm += "  call target_fn\n";
+                if nested && f == 200 && c == 101 {
+                    asm += ".size g, .-g\n";
+                }
+            }
+            asm += &format!("  ret\n.size f{f}, .-f{f}\n");
+        }
+        std::fs::write(dir.path().join("big.s"), asm).unwrap();
+        gcc(&["-c", "big.s", "-o", "big.o"], dir.path());
+        let data = std::fs::read(dir.path().join("big.o")).unwrap();
+        let opts = ksites::scan::ScanOptions {
+            calls_to: vec!["target_*".into()],
+            jumps_to: Vec::new(),
+        };
+        let r = ksites::scan::scan_bytes("big.o", &data, &opts).unwrap();
+        let got: Vec<u64> = r.hits().map(|h| h.offset).collect();
+        let want: Vec<u64> = (0..FUNCS)
+            .flat_map(|f| (0..CALLS).map(move |c| (f * (CALLS * 5 + 1) + c * 5) as u64))
+            .collect();
+        assert_eq!(got, want, "nested: {nested}");
+        let mut text = Vec::new();
+        r.write_text(&mut text).unwrap();
+        let lines: String = r.hits().map(|h| h.to_text() + "\n").collect();
+        assert_eq!(String::from_utf8(text).unwrap(), lines);
+    }
+}
+
 #[test]
 fn scan_rustc_object_and_linked_image() {
     let dir = tempfile::tempdir().unwrap();

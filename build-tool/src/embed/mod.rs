@@ -124,6 +124,26 @@ impl<'a> Output<'a> {
         Ok(())
     }
 
+    /// Whether the base is `data` itself (not a copy): then the output starts with
+    /// `data`, changed only by the patches.
+    pub fn base_is(&self, data: &[u8]) -> bool {
+        matches!(&self.base, Cow::Borrowed(b) if std::ptr::eq(*b, data))
+    }
+
+    /// Writes into `file`, which already holds the base at offset 0, what differs
+    /// from it: the patched ranges, then the tail.
+    fn write_changes_at(&self, file: &std::fs::File, pace: Option<Pace>) -> std::io::Result<()> {
+        for (s, bytes) in self.regions() {
+            write_at(file, &bytes, s as u64, pace)?;
+        }
+        let mut at = self.base.len() as u64;
+        for t in &self.tail {
+            write_at(file, t, at, pace)?;
+            at += t.len() as u64;
+        }
+        Ok(())
+    }
+
     /// The output as one vector.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.len());
@@ -170,6 +190,13 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
 
 /// Embeds `input` into `output`, writing a temporary file beside `output` and renaming
 /// it, so `output` is either untouched or complete. `input` is never modified.
+///
+/// A linked image's output starts with the input unchanged but for a few patched
+/// ranges: while the sites are found, a second thread copies the input into the
+/// temporary file and syncs it, so that writing and syncing the output's bulk overlaps
+/// the work; the patches and the new parts are written over and after it once known.
+/// Errors come in the same order as without the copy (its temporary file is only
+/// opportunistic: a failure to create it leaves the ordinary path to report it).
 pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
     let same = match (input.canonicalize(), output.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
@@ -183,46 +210,129 @@ pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
     }
     let data = read_file(input).with_context(|| format!("cannot read {}", input.display()))?;
     let path = input.display().to_string();
-    let e = embed_image(&path, &data)?;
+    let pace = Pace::from_env();
+    // Linked images (the path that keeps the input as the output's base).
+    let early = matches!(
+        crate::elf::e_type(&data),
+        Some(object::elf::ET_EXEC | object::elf::ET_DYN)
+    );
+    let pre = early.then(|| temp_beside(output).ok()).flatten();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let (embedded, prefix) = std::thread::scope(|sc| {
+        let copier = pre
+            .as_ref()
+            .map(|tmp| sc.spawn(|| copy_prefix(tmp.as_file(), &data, pace, &cancel)));
+        let embedded = embed_image(&path, &data);
+        if embedded.is_err() {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let prefix = copier.map(|h| h.join().expect("the copying thread does not panic"));
+        (embedded, prefix)
+    });
+    let e = embedded?;
     let perms = std::fs::metadata(input)?.permissions();
-    write_atomically_with(
-        output,
-        perms,
-        |w| e.out.write_to(w),
-        |file| {
-            let Some(c) = &e.check else { return Ok(()) };
-            // SAFETY: the temporary file was just written by this process and is not
-            // renamed into place until this check returns; its random name in the
-            // output directory is known to nobody else, so nothing changes it under
-            // the map.
-            let map = unsafe { memmap2::Mmap::map(file) }
-                .with_context(|| format!("{path}: cannot map the output to check it"))?;
-            exec::verify_output(&path, &map, c)
-        },
-    )?;
+    let check = |file: &std::fs::File| -> Result<()> {
+        let Some(c) = &e.check else { return Ok(()) };
+        // SAFETY: the temporary file was just written by this process and is not
+        // renamed into place until this check returns; its random name in the output
+        // directory is known to nobody else, so nothing changes it under the map.
+        let map = unsafe { memmap2::Mmap::map(file) }
+            .with_context(|| format!("{path}: cannot map the output to check it"))?;
+        exec::verify_output(&path, &map, c)
+    };
+    match (pre, prefix) {
+        (Some(tmp), Some(copied)) if e.out.base_is(&data) => {
+            copied?;
+            e.out.write_changes_at(tmp.as_file(), pace)?;
+            finish_atomically(tmp, output, perms, check)?;
+        }
+        _ => write_atomically_with(output, perms, pace, |w| e.out.write_to(w), check)?,
+    }
     Ok(e.report)
+}
+
+/// Copies `data` to the start of `file` and syncs it, unless `cancel` is set first
+/// (then what is in the file does not matter: it is removed).
+fn copy_prefix(
+    file: &std::fs::File,
+    data: &[u8],
+    pace: Option<Pace>,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
+    let chunk = if pace.is_some() { Pace::CHUNK } else { 4 << 20 };
+    let mut at = 0u64;
+    for c in data.chunks(chunk) {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        write_at(file, c, at, pace)?;
+        at += c.len() as u64;
+    }
+    file.sync_data()
 }
 
 /// Writes `bytes` to a temporary file in `path`'s directory, syncs it, and renames it
 /// over `path`.
 pub fn write_atomically(path: &Path, bytes: &[u8], perms: std::fs::Permissions) -> Result<()> {
-    write_atomically_with(path, perms, |w| w.write_all(bytes), |_| Ok(()))
+    write_atomically_with(
+        path,
+        perms,
+        Pace::from_env(),
+        |w| w.write_all(bytes),
+        |_| Ok(()),
+    )
 }
 
-/// Splits every write into 64 KiB chunks, syncing and pausing after each (the test hook
-/// of [`write_atomically_with`]).
-struct SlowWriter<'f> {
+/// The test hook of the writes (fault injection for the "killed mid-write" test):
+/// `KSITES_TEST_WRITE_DELAY_MS` makes every write go in 64 KiB chunks, each synced and
+/// followed by that pause, so a kill can land inside the write.
+#[derive(Clone, Copy, Debug)]
+struct Pace(std::time::Duration);
+
+impl Pace {
+    const CHUNK: usize = 64 * 1024;
+
+    fn from_env() -> Option<Pace> {
+        std::env::var("KSITES_TEST_WRITE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| Pace(std::time::Duration::from_millis(ms)))
+    }
+}
+
+/// Writes `bytes` at `at` in `file` (paced by the test hook, if set).
+fn write_at(
+    file: &std::fs::File,
+    bytes: &[u8],
+    at: u64,
+    pace: Option<Pace>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let Some(Pace(pause)) = pace else {
+        return file.write_all_at(bytes, at);
+    };
+    let mut at = at;
+    for c in bytes.chunks(Pace::CHUNK) {
+        file.write_all_at(c, at)?;
+        file.sync_data()?;
+        std::thread::sleep(pause);
+        at += c.len() as u64;
+    }
+    Ok(())
+}
+
+/// Sequential writes to a file, through [`write_at`].
+struct PacedWriter<'f> {
     file: &'f std::fs::File,
-    pause: std::time::Duration,
+    at: u64,
+    pace: Option<Pace>,
 }
 
-impl Write for SlowWriter<'_> {
+impl Write for PacedWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(64 * 1024);
-        self.file.write_all(&buf[..n])?;
-        self.file.sync_data()?;
-        std::thread::sleep(self.pause);
-        Ok(n)
+        write_at(self.file, buf, self.at, self.pace)?;
+        self.at += buf.len() as u64;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -230,41 +340,55 @@ impl Write for SlowWriter<'_> {
     }
 }
 
-/// Creates a temporary file in `path`'s directory, lets `write` fill it and `check` it,
-/// syncs it, and renames it over `path`. If anything fails, the temporary file is
-/// removed and `path` is untouched.
-fn write_atomically_with(
-    path: &Path,
-    perms: std::fs::Permissions,
-    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-    check: impl FnOnce(&std::fs::File) -> Result<()>,
-) -> Result<()> {
+/// A new temporary file in `path`'s directory.
+fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let tmp = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix(".ksites-tmp-")
         .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    // Test hook (fault injection for the "killed mid-write" test): write in 64 KiB chunks
-    // with a pause between them, so a kill can land inside the write.
-    let delay = std::env::var("KSITES_TEST_WRITE_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok());
-    match delay {
-        Some(ms) => write(&mut SlowWriter {
-            file: tmp.as_file(),
-            pause: std::time::Duration::from_millis(ms),
-        })?,
-        None => write(&mut tmp.as_file())?,
-    }
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
+}
+
+/// Creates a temporary file in `path`'s directory, lets `write` fill it, and finishes
+/// it ([`finish_atomically`]). If anything fails, the temporary file is removed and
+/// `path` is untouched.
+fn write_atomically_with(
+    path: &Path,
+    perms: std::fs::Permissions,
+    pace: Option<Pace>,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    check: impl FnOnce(&std::fs::File) -> Result<()>,
+) -> Result<()> {
+    let tmp = temp_beside(path)?;
+    write(&mut PacedWriter {
+        file: tmp.as_file(),
+        at: 0,
+        pace,
+    })?;
+    finish_atomically(tmp, path, perms, check)
+}
+
+/// Lets `check` read the written temporary file, syncs it, and renames it over
+/// `path`. If anything fails, the temporary file is removed and `path` is untouched.
+fn finish_atomically(
+    tmp: tempfile::NamedTempFile,
+    path: &Path,
+    perms: std::fs::Permissions,
+    check: impl FnOnce(&std::fs::File) -> Result<()>,
+) -> Result<()> {
     check(tmp.as_file())?;
     tmp.as_file().sync_all()?;
     tmp.as_file().set_permissions(perms)?;
     tmp.persist(path)
         .map_err(|e| anyhow::anyhow!("cannot rename into {}: {}", path.display(), e.error))?;
     // Make the rename itself durable.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
