@@ -324,13 +324,13 @@ fn scan_file(f: &std::path::Path, opts: &ScanOptions) -> Result<FileScan> {
 
 /// Scans many files in parallel (one worker per CPU); results come back in input order.
 pub fn scan_files(files: &[PathBuf], opts: &ScanOptions) -> Vec<Result<FileScan>> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(files.len().max(1));
-    if workers == 1 {
-        // No thread to start for one file (or one CPU).
+    if files.len() <= 1 {
+        // No thread to start (nor CPUs to count) for one file.
         return files.iter().map(|f| scan_file(f, opts)).collect();
     }
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len());
     let results: Vec<Mutex<Option<Result<FileScan>>>> =
         files.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);

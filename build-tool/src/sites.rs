@@ -176,7 +176,6 @@ const SPLIT_AT: usize = 1 << 16;
 pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan> {
     let mut scan = SiteScan::default();
     let mut functions: HashMap<usize, u32> = HashMap::new();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     for sec in img.exec_sections() {
         let section = u32::try_from(scan.sections.len()).context("too many sections")?;
         scan.sections.push(ScannedSection {
@@ -199,6 +198,8 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
             Some(tables) => {
                 let n: usize = tables.iter().map(|t| t.len()).sum();
                 let k = if n >= SPLIT_AT {
+                    // (Asked only here: finding the CPU count reads several files.)
+                    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
                     cpus.min(n / 4096).max(1)
                 } else {
                     1
