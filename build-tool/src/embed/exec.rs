@@ -16,7 +16,7 @@ use super::{Embedded, Output};
 use crate::elf::{ElfKind, Image};
 use crate::probes::{ProbeScan, find_probes};
 use crate::records::{find_ifunc_sites, read_ifuncs};
-use crate::table::{IfuncEntry, SiteEntry, TableInput, build_for, table_size_for};
+use crate::table::{IfuncEntry, SiteEntry, TableInput, build_sites_for, table_size_with};
 use crate::target::{RelocClass, Target};
 
 /// What [`verify_output`] checks in an output: the table's address and size, and the
@@ -81,29 +81,28 @@ pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Res
             default: f.default,
         })
         .collect();
-    let site_entries: Vec<SiteEntry> = scan
-        .sites
-        .iter()
-        .map(|s| SiteEntry {
+    // The sites are read from the scan where they are, not copied into the input.
+    let site = |i: usize| {
+        let s = &scan.sites[i];
+        SiteEntry {
             addr: s.addr,
             kind: s.kind,
             prefixes: s.prefixes,
             ifunc: s.target,
-        })
-        .collect();
-
+        }
+    };
     let input = TableInput {
         ifuncs: entries,
-        sites: site_entries,
+        sites: Vec::new(),
         probes: probes.probes.clone(),
         probe_sites: probes.sites.clone(),
     };
-    let size = table_size_for(&input);
+    let size = table_size_with(&input, scan.sites.len());
     let (mut out, table_addr) = append_segment_to(
         path,
         data,
         size,
-        |addr| build_for(img.target, addr, &input),
+        |addr| build_sites_for(img.target, addr, &input, scan.sites.len(), &site),
         |base| stapsdt_notes(img.target, &probes, base),
     )?;
 
