@@ -203,7 +203,8 @@ const NO_MATCH: u32 = u32::MAX - 1;
 /// once per relocation, by whichever thread meets it first.
 struct Targets<'o> {
     opts: &'o ScanOptions,
-    names: Mutex<Vec<String>>,
+    /// The names, and each name's index (distinct symbols can share a name).
+    names: Mutex<(Vec<String>, std::collections::HashMap<String, u32>)>,
     /// By symbol table index.
     by_symbol: Vec<AtomicU32>,
     /// Section symbols' targets, by the index ([`Image::sym`]) of the symbol defined there.
@@ -222,20 +223,19 @@ impl Targets<'_> {
         let slot = cache.get(key)?;
         let mut t = slot.load(Ordering::Relaxed);
         if t == UNKNOWN {
-            let mut names = self.names.lock().expect("no poisoning");
+            let mut guard = self.names.lock().expect("no poisoning");
+            let (names, index) = &mut *guard;
             t = slot.load(Ordering::Relaxed);
             if t == UNKNOWN {
                 t = match name() {
                     Some(n)
                         if matches(&self.opts.calls_to, n) || matches(&self.opts.jumps_to, n) =>
                     {
-                        match names.iter().position(|m| m == n) {
-                            Some(i) => i as u32,
-                            None => {
-                                names.push(n.to_string());
-                                (names.len() - 1) as u32
-                            }
-                        }
+                        *index.entry(n.to_string()).or_insert_with(|| {
+                            names.push(n.to_string());
+                            // One per symbol: fewer than the symbol table's u32 indices.
+                            (names.len() - 1) as u32
+                        })
                     }
                     _ => NO_MATCH,
                 };
@@ -258,7 +258,7 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<FileSca
     let unknown = |n: usize| (0..n).map(|_| AtomicU32::new(UNKNOWN)).collect();
     let targets = Targets {
         opts,
-        names: Mutex::new(Vec::new()),
+        names: Mutex::new((Vec::new(), std::collections::HashMap::new())),
         by_symbol: unknown(img.symbol_count()),
         by_defined: unknown(img.defined_count()),
     };
@@ -280,7 +280,7 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<FileSca
         })
     };
     let mut scan = find_sites_with(&img, &select)?;
-    let names = targets.names.into_inner().expect("no poisoning");
+    let (names, _) = targets.names.into_inner().expect("no poisoning");
     let wants: Vec<(bool, bool)> = names
         .iter()
         .map(|n| (matches(&opts.calls_to, n), matches(&opts.jumps_to, n)))

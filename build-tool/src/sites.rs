@@ -387,6 +387,8 @@ struct Pass {
     locations: Span,
     /// The last function used: (symbol index, index into `part.functions`).
     last_function: (usize, u32),
+    /// Symbol index → index into `part.functions` (asked when the function changes).
+    function_index: HashMap<usize, usize>,
 }
 
 impl<'a, 'd> SectionCtx<'a, 'd> {
@@ -405,6 +407,7 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
             starts: Span::EMPTY,
             locations: Span::EMPTY,
             last_function: (usize::MAX, NO_FUNCTION),
+            function_index: HashMap::new(),
         };
         // The function being classified (kept in place: a cursor is large).
         let mut group: Option<Group<'d>> = None;
@@ -517,20 +520,18 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
             None => NO_FUNCTION,
             Some(i) if p.last_function.0 == i => p.last_function.1,
             Some(i) => {
-                let f = match p.part.functions.iter().rposition(|(sym, _)| *sym == i) {
-                    Some(f) => f,
-                    None => {
-                        let s = img.sym(i);
-                        p.part.functions.push((
-                            i,
-                            SiteFunction {
-                                name: s.name.clone(),
-                                addr: s.addr,
-                            },
-                        ));
-                        p.part.functions.len() - 1
-                    }
-                };
+                let functions = &mut p.part.functions;
+                let f = *p.function_index.entry(i).or_insert_with(|| {
+                    let s = img.sym(i);
+                    functions.push((
+                        i,
+                        SiteFunction {
+                            name: s.name.clone(),
+                            addr: s.addr,
+                        },
+                    ));
+                    functions.len() - 1
+                });
                 // One per symbol: 2^32 symbols would be a 96 GiB symbol table.
                 p.last_function = (i, f as u32);
                 f as u32
