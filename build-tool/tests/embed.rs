@@ -228,9 +228,21 @@ fn embed_twice_is_detected_and_output_is_deterministic() {
         "not deterministic"
     );
 
+    // Written from the input by two threads (the bulk copied early, the rest after),
+    // the file is what the in-memory embed builds.
+    let (in_memory, _) = embed_bytes("fixture", &before).unwrap();
+    assert_eq!(std::fs::read(&out1).unwrap(), in_memory);
+
     let err = embed_file(&out1, &dir.path().join("out3")).unwrap_err();
     assert!(err.downcast_ref::<AlreadyEmbedded>().is_some(), "{err:#}");
     assert!(!dir.path().join("out3").exists());
+    // The temporary file the early copy went to is gone with the error.
+    let tmp: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".ksites"))
+        .collect();
+    assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
 
     let err = embed_file(&input, &input).unwrap_err();
     assert!(format!("{err:#}").contains("refusing to overwrite the input"));
@@ -254,6 +266,9 @@ fn image_without_ifuncs_is_copied_unchanged() {
     let (out, report) = embed_bytes("plain", &data).unwrap();
     assert_eq!(out, data);
     assert!(report.table.is_none());
+    let copy = dir.path().join("plain.out");
+    assert!(embed_file(&input, &copy).unwrap().table.is_none());
+    assert_eq!(std::fs::read(&copy).unwrap(), data);
 }
 
 #[test]
