@@ -2,6 +2,8 @@
 //! `link` with rust-lld and GNU ld, stapsdt notes read by `readelf -n`, killing `embed`
 //! mid-write, and the help texts.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -487,11 +489,7 @@ fn link_wrapper_with_rust_lld_and_gnu_ld() {
         .current_dir(dir.path()));
     assert!(!o.status.success());
     assert_eq!(std::fs::read(dir.path().join("keep")).unwrap(), b"old");
-    let tmp: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".ksites"))
-        .collect();
+    let tmp = common::temp_files_left(dir.path());
     assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
 }
 

@@ -2,6 +2,8 @@
 //! exactly as the `ifunc!` macro lays out an ifunc (trampoline, slot, record, cell),
 //! assembled and linked by gcc/GNU ld with `--emit-relocs`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -237,11 +239,7 @@ fn embed_twice_is_detected_and_output_is_deterministic() {
     assert!(err.downcast_ref::<AlreadyEmbedded>().is_some(), "{err:#}");
     assert!(!dir.path().join("out3").exists());
     // The temporary file the early copy went to is gone with the error.
-    let tmp: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".ksites"))
-        .collect();
+    let tmp = common::temp_files_left(dir.path());
     assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
 
     let err = embed_file(&input, &input).unwrap_err();
