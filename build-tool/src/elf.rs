@@ -586,12 +586,13 @@ pub fn read_file(path: &std::path::Path) -> std::io::Result<FileBytes> {
     let mut f = std::fs::File::open(path)?;
     let meta = f.metadata()?;
     if meta.is_file() && meta.len() >= MAP_AT_LEAST {
-        // SAFETY: the map is read-only and private to this process, which never writes
-        // the file (outputs go to a new temporary file that is renamed). Another process
-        // truncating or rewriting the input while the tool runs can change or remove
-        // the bytes under the map, as it can under any tool that maps its input; the
-        // parsers bounds-check everything they read, so changed bytes are just another
-        // malformed input.
+        // SAFETY: the map is read-only and this process never writes the file (outputs
+        // go to a new temporary file that is renamed over the output path, never into
+        // the input's inode). What the map cannot rule out is another process
+        // rewriting or truncating the input while the tool runs (then reads see the new
+        // bytes, or fault past a new end) — the caveat of every tool that maps its
+        // input, as linkers do; the build system does not change a file it is
+        // processing.
         return unsafe { memmap2::Mmap::map(&f) }.map(FileBytes::Mapped);
     }
     let mut v = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
