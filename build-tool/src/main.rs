@@ -11,6 +11,9 @@ use ksites::embed::{AlreadyEmbedded, EmbedReport, embed_file};
 use ksites::link::{Linker, link};
 use ksites::scan::{ScanOptions, scan_files};
 
+#[global_allocator]
+static ALLOC: ksites::HugePageAlloc = ksites::HugePageAlloc;
+
 const EXIT_CODES: &str = "\
 Exit status:
   0  success (for scan: whether or not anything matched)

@@ -208,7 +208,11 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
                     (0..k).map(|p| (n * p / k, n * (p + 1) / k)).collect();
                 let part = |&(a, b): &(usize, usize)| {
                     let relocs = rela_range(&tables, a, b).map(|r| img.rela_reloc(r));
-                    ctx.pass(relocs, false)
+                    // At most one site per relocation: room for the section's sites in the
+                    // first part (the others are appended to it) and for its own in each
+                    // other, allocated once (untouched room costs address space only).
+                    let room = if a == 0 { n } else { b - a };
+                    ctx.pass(relocs, false, room)
                 };
                 if k == 1 {
                     vec![part(&ranges[0])]
@@ -223,7 +227,7 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
                     })
                 }
             }
-            None => vec![ctx.pass(img.relocations(&sec), false)],
+            None => vec![ctx.pass(img.relocations(&sec), false, 0)],
         };
         // Parts in order: an error is the first a single pass would meet (every part
         // before it went through its whole range); after a part that stopped out of
@@ -250,9 +254,10 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
             let sorted = match img.rela_tables(sec.index()) {
                 Some(tables) => {
                     let n = tables.iter().map(|t| t.len()).sum();
-                    ctx.pass(rela_range(&tables, 0, n).map(|r| img.rela_reloc(r)), true)?
+                    let relocs = rela_range(&tables, 0, n).map(|r| img.rela_reloc(r));
+                    ctx.pass(relocs, true, n)?
                 }
-                None => ctx.pass(img.relocations(&sec), true)?,
+                None => ctx.pass(img.relocations(&sec), true, 0)?,
             };
             scan.merge(vec![sorted], &mut functions);
         }
@@ -397,11 +402,18 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
     /// previous one's (the part is then not `in_order`); `sorted` collects the
     /// candidates and stably sorts them by function first (relocations keep their order
     /// within a function).
-    fn pass(&self, relocs: impl Iterator<Item = Result<Reloc>>, sorted: bool) -> Result<Part> {
+    /// `room`: the sites to make room for up front.
+    fn pass(
+        &self,
+        relocs: impl Iterator<Item = Result<Reloc>>,
+        sorted: bool,
+        room: usize,
+    ) -> Result<Part> {
         let img = self.img;
         let mut p = Pass {
             part: Part {
                 in_order: true,
+                sites: Vec::with_capacity(room),
                 ..Part::default()
             },
             starts: Span::EMPTY,
