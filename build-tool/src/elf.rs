@@ -2,11 +2,10 @@
 //! needs, and its [`Target`] (chosen once, from `e_machine`).
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use object::elf;
-use object::read::elf::{ElfFile64, ElfSection64, FileHeader, SectionHeader};
+use object::read::elf::{ElfFile64, ElfSection64, FileHeader, Rela as _, SectionHeader};
 use object::{
     LittleEndian, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget,
     SectionIndex, SymbolKind,
@@ -125,8 +124,10 @@ pub struct Image<'d> {
     pub target: Target,
     /// Defined symbols, sorted by (section, address).
     syms: Vec<Sym>,
-    /// Demangled names of `syms`, computed on first use (a location is made per site).
-    demangled: Vec<std::cell::OnceCell<Arc<str>>>,
+    /// Which relocation sections apply to which section (as the `object` crate maps them).
+    reloc_sections: object::read::elf::RelocationSections,
+    /// The header's MIPS64 little-endian flag (relocation entries are read through it).
+    mips64el: bool,
 }
 
 impl std::fmt::Debug for Image<'_> {
@@ -181,7 +182,11 @@ impl<'d> Image<'d> {
                 &b.name,
             ))
         });
-        let demangled = syms.iter().map(|_| std::cell::OnceCell::new()).collect();
+        let reloc_sections = file
+            .elf_section_table()
+            .relocation_sections(e, file.elf_symbol_table().section())
+            .with_context(|| format!("{path}: bad relocation sections"))?;
+        let mips64el = hdr.is_mips64el(e);
         Ok(Image {
             path: path.to_string(),
             data,
@@ -189,7 +194,8 @@ impl<'d> Image<'d> {
             kind,
             target,
             syms,
-            demangled,
+            reloc_sections,
+            mips64el,
         })
     }
 
@@ -263,12 +269,18 @@ impl<'d> Image<'d> {
 
     /// Name of a symbol at exactly `addr` in `section`, preferring functions.
     pub fn symbol_at(&self, section: SectionIndex, addr: u64) -> Option<&Sym> {
+        self.symbol_at_index(section, addr).map(|i| &self.syms[i])
+    }
+
+    /// [`Image::symbol_at`], as an index for [`Image::sym`].
+    pub fn symbol_at_index(&self, section: SectionIndex, addr: u64) -> Option<usize> {
         let i = self
             .syms
             .partition_point(|s| (s.section.0, s.addr) < (section.0, addr));
         self.syms
             .get(i)
             .filter(|s| s.section == section && s.addr == addr)
+            .map(|_| i)
     }
 
     /// The symbol that contains `addr` in `section`: the last one starting at or before
@@ -278,27 +290,63 @@ impl<'d> Image<'d> {
     }
 
     fn enclosing_index(&self, section: SectionIndex, addr: u64) -> Option<usize> {
+        self.enclosing_span(section, addr).0
+    }
+
+    /// [`Image::enclosing_symbol`]'s answer for `addr` (as an index into the sorted
+    /// symbols), and the end of the range `addr..end` over which that answer stays the
+    /// same: the answer depends only on which symbols start at or before the address
+    /// (fixed until the next symbol's start) and on which of them cover it (fixed until
+    /// the first end of a sized symbol examined past `addr`). Callers walking
+    /// relocations in address order reuse one answer for a whole function.
+    pub fn enclosing_span(&self, section: SectionIndex, addr: u64) -> (Option<usize>, u64) {
         let end = self
             .syms
             .partition_point(|s| (s.section.0, s.addr) <= (section.0, addr));
+        let mut until = self
+            .syms
+            .get(end)
+            .filter(|s| s.section == section)
+            .map_or(u64::MAX, |s| s.addr);
         let mut best: Option<usize> = None;
         for (i, s) in self.syms[..end].iter().enumerate().rev() {
             if s.section != section {
                 break;
             }
-            let covers = s.size == 0 || addr < s.addr.saturating_add(s.size);
+            let s_end = s.addr.saturating_add(s.size);
+            if s.size != 0 && addr < s_end {
+                // Covers `addr`, and stops covering at its end.
+                until = until.min(s_end);
+            }
+            let covers = s.size == 0 || addr < s_end;
             if covers && s.is_func {
-                return Some(i);
+                return (Some(i), until);
             }
             if covers && best.is_none() {
                 best = Some(i);
             }
             // Sized functions never nest; stop once we are past any plausible start.
-            if s.is_func && s.size != 0 && addr >= s.addr.saturating_add(s.size) && best.is_some() {
+            if s.is_func && s.size != 0 && addr >= s_end && best.is_some() {
                 break;
             }
         }
-        best
+        (best, until)
+    }
+
+    /// The number of entries of the symbol table (relocations name symbols by their
+    /// index in it, below this).
+    pub fn symbol_count(&self) -> usize {
+        self.file.elf_symbol_table().len()
+    }
+
+    /// The number of defined symbols [`Image::sym`] indexes.
+    pub fn defined_count(&self) -> usize {
+        self.syms.len()
+    }
+
+    /// A symbol of [`Image::enclosing_span`] by its index.
+    pub fn sym(&self, i: usize) -> &Sym {
+        &self.syms[i]
     }
 
     /// Start of the next symbol after `addr` in `section` (to bound a sizeless symbol).
@@ -317,15 +365,14 @@ impl<'d> Image<'d> {
         self.location(section, addr).to_string()
     }
 
-    /// The same as [`Image::describe`], without formatting: cheap enough to keep for every
-    /// site (the demangled name is computed once per symbol and shared).
-    pub fn location(&self, section: SectionIndex, addr: u64) -> Location {
+    /// The same as [`Image::describe`], without formatting (the name is demangled only
+    /// when displayed).
+    pub fn location(&self, section: SectionIndex, addr: u64) -> Location<'_> {
         match self.enclosing_index(section, addr) {
             Some(i) => {
                 let s = &self.syms[i];
-                let name = self.demangled[i].get_or_init(|| demangle(&s.name).into());
                 Location {
-                    function: Some(name.clone()),
+                    function: Some(&s.name),
                     offset: addr - s.addr,
                     addr,
                 }
@@ -349,48 +396,99 @@ impl<'d> Image<'d> {
             let RelocationFlags::Elf { r_type } = r.flags() else {
                 return None;
             };
-            let (sym_value, sym_index, sym_is_section, sym_section) = match r.target() {
-                RelocationTarget::Symbol(i) => {
-                    let sym = match self.file.symbol_by_index(i) {
-                        Ok(sym) => sym,
-                        Err(e) => {
-                            return Some(Err(anyhow::Error::new(e).context(format!(
-                                "{}: relocation at {offset:#x} names a bad symbol",
-                                self.path
-                            ))));
-                        }
-                    };
-                    let v = if sym.kind() == SymbolKind::Section {
-                        match sym.section_index() {
-                            Some(si) => self
-                                .file
-                                .section_by_index(si)
-                                .map(|s| s.address())
-                                .unwrap_or(0),
-                            None => 0,
-                        }
-                    } else {
-                        sym.address()
-                    };
-                    (
-                        v,
-                        i.0,
-                        sym.kind() == SymbolKind::Section,
-                        sym.section_index(),
-                    )
-                }
-                RelocationTarget::Absolute => (0, 0, false, None),
+            let sym = match r.target() {
+                RelocationTarget::Symbol(i) => Some(i),
+                RelocationTarget::Absolute => None,
                 _ => return None,
             };
-            Some(Ok(Reloc {
-                offset,
-                r_type,
-                sym_value,
-                sym_index,
-                sym_is_section,
-                sym_section,
-                addend: r.addend(),
-            }))
+            Some(self.reloc(offset, r_type, sym, r.addend()))
+        })
+    }
+
+    /// The relocations of [`Image::relocations`], as the slices of raw `Elf64_Rela`
+    /// entries they come from (in the same order: random access, so the work can be
+    /// split), when every relocation section applying to `section` is `SHT_RELA` (the
+    /// x86-64 norm); `None` if one is `SHT_REL` or `SHT_CREL`. [`Image::rela_reloc`]
+    /// decodes an entry.
+    pub fn rela_tables(
+        &self,
+        section: SectionIndex,
+    ) -> Option<Vec<&'d [elf::Rela64<LittleEndian>]>> {
+        let sections = self.file.elf_section_table();
+        let mut tables = Vec::new();
+        let mut i = section;
+        while let Some(next) = self.reloc_sections.get(i) {
+            i = next;
+            let s = sections.section(i).ok()?;
+            if s.sh_type(LittleEndian) != elf::SHT_RELA {
+                return None;
+            }
+            // An unreadable table is skipped, as the `object` crate's iterator does.
+            if let Ok(t) = s.data_as_array(LittleEndian, self.data) {
+                tables.push(t);
+            }
+        }
+        Some(tables)
+    }
+
+    /// One entry of [`Image::rela_tables`], as [`Image::relocations`] gives it.
+    pub fn rela_reloc(&self, r: &elf::Rela64<LittleEndian>) -> Result<Reloc> {
+        let e = LittleEndian;
+        let sym = r.r_sym(e, self.mips64el);
+        let sym = (sym != 0).then_some(object::SymbolIndex(sym as usize));
+        self.reloc(
+            r.r_offset(e),
+            r.r_type(e, self.mips64el),
+            sym,
+            r.r_addend(e),
+        )
+    }
+
+    /// A relocation at `offset` against symbol `sym` (`None`: absolute).
+    fn reloc(
+        &self,
+        offset: u64,
+        r_type: u32,
+        sym: Option<object::SymbolIndex>,
+        addend: i64,
+    ) -> Result<Reloc> {
+        let (sym_value, sym_index, sym_is_section, sym_section) = match sym {
+            Some(i) => {
+                let sym = self.file.symbol_by_index(i).map_err(|e| {
+                    anyhow::Error::new(e).context(format!(
+                        "{}: relocation at {offset:#x} names a bad symbol",
+                        self.path
+                    ))
+                })?;
+                let v = if sym.kind() == SymbolKind::Section {
+                    match sym.section_index() {
+                        Some(si) => self
+                            .file
+                            .section_by_index(si)
+                            .map(|s| s.address())
+                            .unwrap_or(0),
+                        None => 0,
+                    }
+                } else {
+                    sym.address()
+                };
+                (
+                    v,
+                    i.0,
+                    sym.kind() == SymbolKind::Section,
+                    sym.section_index(),
+                )
+            }
+            None => (0, 0, false, None),
+        };
+        Ok(Reloc {
+            offset,
+            r_type,
+            sym_value,
+            sym_index,
+            sym_is_section,
+            sym_section,
+            addend,
         })
     }
 
@@ -410,28 +508,37 @@ impl<'d> Image<'d> {
 
     /// The raw name of the symbol with index `i`.
     pub fn symbol_name(&self, i: usize) -> String {
+        self.raw_symbol_name(i).to_string()
+    }
+
+    /// [`Image::symbol_name`], borrowed from the file (empty if there is none).
+    pub fn raw_symbol_name(&self, i: usize) -> &'d str {
         self.file
             .symbol_by_index(object::SymbolIndex(i))
             .ok()
-            .and_then(|s| s.name().ok().map(str::to_string))
+            .and_then(|s| s.name().ok())
             .unwrap_or_default()
     }
 }
 
-/// Where an address is, for humans: `function+0xoff` (demangled), or the bare address
-/// when no symbol encloses it. Displays as [`Image::describe`] returns.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Location {
-    function: Option<Arc<str>>,
-    offset: u64,
-    addr: u64,
+/// Where an address is, for humans: `function+0xoff` (demangled when displayed, so
+/// a location nobody prints costs no demangling), or the bare address when no symbol
+/// encloses it. Displays as [`Image::describe`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location<'a> {
+    /// The enclosing symbol's raw (mangled) name.
+    pub function: Option<&'a str>,
+    /// Offset from the symbol.
+    pub offset: u64,
+    /// The address.
+    pub addr: u64,
 }
 
-impl std::fmt::Display for Location {
+impl std::fmt::Display for Location<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.function {
-            Some(name) if self.offset == 0 => f.write_str(name),
-            Some(name) => write!(f, "{name}+{:#x}", self.offset),
+        match self.function {
+            Some(name) if self.offset == 0 => write!(f, "{:#}", rustc_demangle::demangle(name)),
+            Some(name) => write!(f, "{:#}+{:#x}", rustc_demangle::demangle(name), self.offset),
             None => write!(f, "{:#x}", self.addr),
         }
     }
@@ -446,4 +553,49 @@ pub fn demangle(name: &str) -> String {
 pub fn e_type(data: &[u8]) -> Option<u16> {
     let h = object::elf::FileHeader64::<LittleEndian>::parse(data).ok()?;
     Some(h.e_type(LittleEndian))
+}
+
+/// Files at least this large are memory-mapped by [`read_file`]; smaller ones are read
+/// (one `read(2)` costs less than mapping, faulting in and unmapping a few pages).
+const MAP_AT_LEAST: u64 = 256 * 1024;
+
+/// A whole input file's contents, as [`read_file`] gives them.
+#[derive(Debug)]
+pub enum FileBytes {
+    /// Memory-mapped, read-only (large files: nothing is copied).
+    Mapped(memmap2::Mmap),
+    /// Read into memory.
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Read(v) => v,
+        }
+    }
+}
+
+/// Reads a whole file: a large regular file is mapped read-only, anything else is read
+/// (with the same errors `std::fs::read` gives).
+pub fn read_file(path: &std::path::Path) -> std::io::Result<FileBytes> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    if meta.is_file() && meta.len() >= MAP_AT_LEAST {
+        // SAFETY: the map is read-only and this process never writes the file (outputs
+        // go to a new temporary file that is renamed over the output path, never into
+        // the input's inode). What the map cannot rule out is another process
+        // rewriting or truncating the input while the tool runs (then reads see the new
+        // bytes, or fault past a new end) — the caveat of every tool that maps its
+        // input, as linkers do; the build system does not change a file it is
+        // processing.
+        return unsafe { memmap2::Mmap::map(&f) }.map(FileBytes::Mapped);
+    }
+    let mut v = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    f.read_to_end(&mut v)?;
+    Ok(FileBytes::Read(v))
 }

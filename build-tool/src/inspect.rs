@@ -134,9 +134,9 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
             });
         }
         for s in &scan.sites {
-            if let Some(row) = ifuncs.get_mut(s.target) {
+            if let Some(row) = ifuncs.get_mut(s.target as usize) {
                 row.sites
-                    .push((s.addr, s.kind.name(), s.location.to_string()));
+                    .push((s.addr, s.kind.name(), scan.location(s).to_string()));
             }
         }
         let found = find_probes(&img)?;

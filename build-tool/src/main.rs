@@ -11,6 +11,9 @@ use ksites::embed::{AlreadyEmbedded, EmbedReport, embed_file};
 use ksites::link::{Linker, link};
 use ksites::scan::{ScanOptions, scan_files};
 
+#[global_allocator]
+static ALLOC: ksites::HugePageAlloc = ksites::HugePageAlloc;
+
 const EXIT_CODES: &str = "\
 Exit status:
   0  success (for scan: whether or not anything matched)
@@ -280,17 +283,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut failed = None;
             // One buffered writer: a line-buffered `println!` per hit is a write(2) per
             // line, which dominated scanning images with 10^6 sites.
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
             for r in scan_files(&files, &opts) {
                 match r {
                     Ok(hits) => {
                         use std::io::Write as _;
-                        for h in hits {
-                            if json {
+                        if json {
+                            for h in hits.hits() {
                                 writeln!(out, "{}", h.to_json())?;
-                            } else {
-                                writeln!(out, "{}", h.to_text())?;
                             }
+                        } else {
+                            hits.write_text(&mut out)?;
                         }
                         out.flush()?;
                     }

@@ -230,8 +230,8 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
             );
         }
         for s in &scan.sites {
-            let c = &c_syms[s.target];
-            let kind = c_site_kind(s, c.1, &c.4).with_context(|| img.path.to_string())?;
+            let c = &c_syms[s.target as usize];
+            let kind = c_site_kind(&scan, s, c.1, &c.4).with_context(|| img.path.to_string())?;
             let key = (c.2.clone(), c.3.clone());
             nargs.entry(key.clone()).or_insert(None);
             pending.push(Pending {
@@ -370,6 +370,7 @@ pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
 /// `__dtraceenabled_*` when `is_enabled`), or why it cannot be rewritten: only a plain
 /// 5-byte `call`/`jmp` can (images and modules alike).
 pub(crate) fn c_site_kind(
+    scan: &crate::sites::SiteScan,
     s: &crate::sites::FoundSite,
     is_enabled: bool,
     func: &str,
@@ -378,9 +379,9 @@ pub(crate) fn c_site_kind(
         bail!(
             "section {}+{:#x} in {}: {} to probe function {func} is {} bytes{}; only a plain \
              5-byte call or jmp can be rewritten safely",
-            s.section,
-            s.section_offset,
-            s.location,
+            scan.section_name(s),
+            scan.section_offset(s),
+            scan.location(s),
             s.kind.name(),
             s.len,
             if s.prefixes != 0 {

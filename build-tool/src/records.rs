@@ -54,25 +54,47 @@ pub fn read_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
 
 /// Every call/jmp/jcc site of `ifuncs` (and every other reference to them).
 pub fn find_ifunc_sites(img: &Image<'_>, ifuncs: &[IfuncInfo]) -> Result<SiteScan> {
-    let by_addr: HashMap<u64, usize> = ifuncs
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.trampoline, i))
-        .collect();
-    let by_sym: HashMap<usize, usize> = ifuncs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, f)| f.gnu_symbol.map(|s| (s, i)))
-        .collect();
+    // Few ifuncs, millions of relocations: sorted vectors searched by halving, not
+    // hash maps. Where two ifuncs share a key, the later one answers (as a map built
+    // from the list in order would have it).
+    let last_per_key = |mut v: Vec<(u64, usize)>| {
+        v.sort_by_key(|&(k, _)| k);
+        let mut out: Vec<(u64, usize)> = Vec::with_capacity(v.len());
+        for (k, i) in v {
+            match out.last_mut() {
+                Some(last) if last.0 == k => last.1 = i,
+                _ => out.push((k, i)),
+            }
+        }
+        out
+    };
+    let lookup =
+        |v: &[(u64, usize)], k: u64| v.binary_search_by_key(&k, |&(k, _)| k).ok().map(|j| v[j].1);
+    let by_addr = last_per_key(
+        ifuncs
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.trampoline, i))
+            .collect(),
+    );
+    let by_sym = last_per_key(
+        ifuncs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.gnu_symbol.map(|s| (s as u64, i)))
+            .collect(),
+    );
     find_sites_with(img, &|r: &Reloc| {
-        if let Some(&i) = by_sym.get(&r.sym_index).filter(|_| !r.sym_is_section) {
+        if !r.sym_is_section
+            && let Some(i) = lookup(&by_sym, r.sym_index as u64)
+        {
             return Some(Selected {
                 target: i,
                 target_addr: Some(ifuncs[i].trampoline),
             });
         }
         let t = img.target.reloc_target(r);
-        by_addr.get(&t).map(|&target| Selected {
+        lookup(&by_addr, t).map(|target| Selected {
             target,
             target_addr: Some(t),
         })

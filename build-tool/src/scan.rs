@@ -5,16 +5,17 @@
 //! retpoline-thunk calls. Sites are found through relocations and decoded from the start
 //! of the enclosing function.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use anyhow::{Context, Result};
 use kernel_loader::format::SiteKind;
 use kernel_loader::probe::glob_match_str;
 
-use crate::elf::{ElfKind, Image, Reloc, demangle};
-use crate::sites::{Selected, find_sites_with};
+use crate::elf::{ElfKind, Image, Reloc, demangle, read_file};
+use crate::sites::{FoundSite, Selected, SiteScan, find_sites_with};
 use crate::target::RelocClass;
 
 /// What to look for.
@@ -77,16 +78,109 @@ impl ScanHit {
     }
 }
 
+/// Every hit in one file, in output order (by section name, then offset). Hits are kept
+/// compact (an image can have millions); [`FileScan::hit`] gives one as a [`ScanHit`],
+/// [`FileScan::write_text`] prints them all without building one.
+#[derive(Debug)]
+pub struct FileScan {
+    /// The file's name, as printed.
+    pub file: String,
+    /// A linked image (hits have addresses).
+    linked: bool,
+    /// The sites found, filtered to the hits, in output order.
+    scan: SiteScan,
+    /// Target symbols ([`FoundSite::target`]), raw names.
+    names: Vec<String>,
+}
+
+impl FileScan {
+    /// Number of hits.
+    pub fn len(&self) -> usize {
+        self.scan.sites.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.scan.sites.is_empty()
+    }
+
+    /// Hit `i`.
+    pub fn hit(&self, i: usize) -> ScanHit {
+        let s = &self.scan.sites[i];
+        ScanHit {
+            file: self.file.clone(),
+            section: self.scan.section_name(s).to_string(),
+            offset: self.scan.section_offset(s),
+            length: s.len,
+            kind: s.kind,
+            symbol: self.names[s.target as usize].clone(),
+            address: self.linked.then_some(s.addr),
+        }
+    }
+
+    /// Every hit.
+    pub fn hits(&self) -> impl Iterator<Item = ScanHit> + '_ {
+        (0..self.len()).map(|i| self.hit(i))
+    }
+
+    /// Prints every hit as [`ScanHit::to_text`] does, one line each, through `out` in
+    /// large writes.
+    pub fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        const FLUSH_AT: usize = 1 << 16;
+        let mut buf: Vec<u8> = Vec::with_capacity(FLUSH_AT + 4096);
+        for s in &self.scan.sites {
+            buf.extend_from_slice(self.file.as_bytes());
+            buf.extend_from_slice(b": ");
+            buf.extend_from_slice(self.scan.section_name(s).as_bytes());
+            buf.push(b'+');
+            push_hex(&mut buf, self.scan.section_offset(s));
+            if self.linked {
+                buf.push(b' ');
+                push_hex(&mut buf, s.addr);
+            }
+            buf.push(b' ');
+            buf.extend_from_slice(s.kind.name().as_bytes());
+            buf.extend_from_slice(b" (");
+            push_decimal(&mut buf, s.len);
+            buf.extend_from_slice(b" bytes) -> ");
+            buf.extend_from_slice(self.names[s.target as usize].as_bytes());
+            buf.push(b'\n');
+            if buf.len() >= FLUSH_AT {
+                out.write_all(&buf)?;
+                buf.clear();
+            }
+        }
+        out.write_all(&buf)
+    }
+}
+
+/// Appends `v` as `{:#x}` formats it (digit by digit: a copy of a variable-length
+/// slice costs more than the few pushes).
+fn push_hex(buf: &mut Vec<u8>, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    buf.extend_from_slice(b"0x");
+    let digits = (64 - (v | 1).leading_zeros()).div_ceil(4);
+    for k in (0..digits).rev() {
+        buf.push(DIGITS[((v >> (4 * k)) & 0xf) as usize]);
+    }
+}
+
+/// Appends `v` in decimal.
+fn push_decimal(buf: &mut Vec<u8>, v: u8) {
+    if v >= 100 {
+        buf.push(b'0' + v / 100);
+    }
+    if v >= 10 {
+        buf.push(b'0' + v / 10 % 10);
+    }
+    buf.push(b'0' + v % 10);
+}
+
 /// The name a relocation refers to: the symbol's own name, or, for a section symbol,
 /// the symbol defined at the branch target inside that section.
-fn target_name(img: &Image<'_>, r: &Reloc) -> Option<String> {
-    if !r.sym_is_section {
-        let n = img.symbol_name(r.sym_index);
-        return (!n.is_empty()).then_some(n);
-    }
-    let sec = r.sym_section?;
-    let at = img.target.reloc_target(r);
-    img.symbol_at(sec, at).map(|s| s.name.clone())
+fn target_name<'d>(img: &Image<'d>, r: &Reloc) -> Option<&'d str> {
+    let n = img.raw_symbol_name(r.sym_index);
+    (!n.is_empty()).then_some(n)
 }
 
 fn matches(globs: &[String], raw: &str) -> bool {
@@ -99,8 +193,61 @@ fn matches(globs: &[String], raw: &str) -> bool {
         .any(|g| glob_match_str(g, raw) || glob_match_str(g, &dem))
 }
 
+/// A per-symbol answer not computed yet.
+const UNKNOWN: u32 = u32::MAX;
+/// A symbol that matches no glob.
+const NO_MATCH: u32 = u32::MAX - 1;
+
+/// The target names that match, and what each symbol resolved to (an index into
+/// `names`, [`NO_MATCH`] or [`UNKNOWN`]): matched and demangled once per symbol, not
+/// once per relocation, by whichever thread meets it first.
+struct Targets<'o> {
+    opts: &'o ScanOptions,
+    /// The names, and each name's index (distinct symbols can share a name).
+    names: Mutex<(Vec<String>, std::collections::HashMap<String, u32>)>,
+    /// By symbol table index.
+    by_symbol: Vec<AtomicU32>,
+    /// Section symbols' targets, by the index ([`Image::sym`]) of the symbol defined there.
+    by_defined: Vec<AtomicU32>,
+}
+
+impl Targets<'_> {
+    /// The index in `names` of the symbol `key` of `cache` (named by `name`), if it
+    /// matches.
+    fn resolve<'n>(
+        &self,
+        cache: &[AtomicU32],
+        key: usize,
+        name: impl FnOnce() -> Option<&'n str>,
+    ) -> Option<usize> {
+        let slot = cache.get(key)?;
+        let mut t = slot.load(Ordering::Relaxed);
+        if t == UNKNOWN {
+            let mut guard = self.names.lock().expect("no poisoning");
+            let (names, index) = &mut *guard;
+            t = slot.load(Ordering::Relaxed);
+            if t == UNKNOWN {
+                t = match name() {
+                    Some(n)
+                        if matches(&self.opts.calls_to, n) || matches(&self.opts.jumps_to, n) =>
+                    {
+                        *index.entry(n.to_string()).or_insert_with(|| {
+                            names.push(n.to_string());
+                            // One per symbol: fewer than the symbol table's u32 indices.
+                            (names.len() - 1) as u32
+                        })
+                    }
+                    _ => NO_MATCH,
+                };
+                slot.store(t, Ordering::Relaxed);
+            }
+        }
+        (t != NO_MATCH).then_some(t as usize)
+    }
+}
+
 /// Scans one file's contents.
-pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<Vec<ScanHit>> {
+pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<FileScan> {
     let img = Image::parse(path, data)?;
     anyhow::ensure!(
         img.kind == ElfKind::Rel
@@ -108,92 +255,92 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<Vec<Sca
             || img.exec_sections().next().is_none(),
         "{path}: executable sections carry no relocations; link with --emit-relocs to scan a linked image"
     );
-    let mut names: Vec<String> = Vec::new();
-    let names_cell = std::cell::RefCell::new(&mut names);
-    // Whether a (non-section) symbol matches, and its index in `names`: looked up and
-    // demangled once per symbol, not once per relocation.
-    let by_symbol =
-        std::cell::RefCell::new(std::collections::HashMap::<usize, Option<usize>>::new());
+    let unknown = |n: usize| (0..n).map(|_| AtomicU32::new(UNKNOWN)).collect();
+    let targets = Targets {
+        opts,
+        names: Mutex::new((Vec::new(), std::collections::HashMap::new())),
+        by_symbol: unknown(img.symbol_count()),
+        by_defined: unknown(img.defined_count()),
+    };
     let select = |r: &Reloc| -> Option<Selected> {
         if img.target.reloc_class(r.r_type) != RelocClass::Branch {
             return None;
         }
-        let lookup = |r: &Reloc| -> Option<usize> {
-            let name = target_name(&img, r)?;
-            if !matches(&opts.calls_to, &name) && !matches(&opts.jumps_to, &name) {
-                return None;
-            }
-            let mut names = names_cell.borrow_mut();
-            Some(names.iter().position(|n| *n == name).unwrap_or_else(|| {
-                names.push(name);
-                names.len() - 1
-            }))
-        };
         let target = if r.sym_is_section {
-            lookup(r)?
+            let sec = r.sym_section?;
+            let at = img.target.reloc_target(r);
+            let i = img.symbol_at_index(sec, at)?;
+            targets.resolve(&targets.by_defined, i, || Some(img.sym(i).name.as_str()))?
         } else {
-            let cached = by_symbol.borrow().get(&r.sym_index).copied();
-            match cached {
-                Some(t) => t?,
-                None => {
-                    let t = lookup(r);
-                    by_symbol.borrow_mut().insert(r.sym_index, t);
-                    t?
-                }
-            }
+            targets.resolve(&targets.by_symbol, r.sym_index, || target_name(&img, r))?
         };
         Some(Selected {
             target,
             target_addr: None,
         })
     };
-    let found = find_sites_with(&img, &select)?;
-    let linked = img.kind != ElfKind::Rel;
-    let mut hits = Vec::new();
+    let mut scan = find_sites_with(&img, &select)?;
+    let (names, _) = targets.names.into_inner().expect("no poisoning");
     let wants: Vec<(bool, bool)> = names
         .iter()
         .map(|n| (matches(&opts.calls_to, n), matches(&opts.jumps_to, n)))
         .collect();
-    for s in found.sites {
-        let symbol = names[s.target].clone();
-        let wanted = match s.kind {
-            SiteKind::Call => wants[s.target].0,
-            SiteKind::Jmp | SiteKind::Jcc => wants[s.target].1,
+    scan.sites.retain(|s| match s.kind {
+        SiteKind::Call => wants[s.target as usize].0,
+        SiteKind::Jmp | SiteKind::Jcc => wants[s.target as usize].1,
+    });
+    // Output order: by section name (names need not be unique: equal names rank
+    // equal), then offset; a stable sort, so it is skipped when already in order.
+    let mut by_name: Vec<usize> = (0..scan.sections.len()).collect();
+    by_name.sort_by(|&a, &b| scan.sections[a].name.cmp(&scan.sections[b].name));
+    let mut rank = vec![0u32; scan.sections.len()];
+    for (k, w) in by_name.iter().enumerate() {
+        rank[*w] = match k {
+            0 => 0,
+            _ if scan.sections[by_name[k - 1]].name == scan.sections[*w].name => {
+                rank[by_name[k - 1]]
+            }
+            _ => k as u32,
         };
-        if !wanted {
-            continue;
-        }
-        hits.push(ScanHit {
-            file: path.to_string(),
-            section: s.section.to_string(),
-            offset: s.section_offset,
-            length: s.len,
-            kind: s.kind,
-            symbol,
-            address: linked.then_some(s.addr),
-        });
     }
-    hits.sort_by(|a, b| (&a.section, a.offset).cmp(&(&b.section, b.offset)));
-    Ok(hits)
+    let key = |s: &FoundSite| (rank[s.section as usize], scan.section_offset(s));
+    if !scan.sites.is_sorted_by_key(key) {
+        let mut sites = std::mem::take(&mut scan.sites);
+        sites.sort_by_key(|s| (rank[s.section as usize], scan.section_offset(s)));
+        scan.sites = sites;
+    }
+    Ok(FileScan {
+        file: path.to_string(),
+        linked: img.kind != ElfKind::Rel,
+        scan,
+        names,
+    })
+}
+
+fn scan_file(f: &std::path::Path, opts: &ScanOptions) -> Result<FileScan> {
+    let data = read_file(f).with_context(|| format!("cannot read {}", f.display()))?;
+    scan_bytes(&f.display().to_string(), &data, opts)
 }
 
 /// Scans many files in parallel (one worker per CPU); results come back in input order.
-pub fn scan_files(files: &[PathBuf], opts: &ScanOptions) -> Vec<Result<Vec<ScanHit>>> {
-    let results: Vec<Mutex<Option<Result<Vec<ScanHit>>>>> =
-        files.iter().map(|_| Mutex::new(None)).collect();
-    let next = AtomicUsize::new(0);
+pub fn scan_files(files: &[PathBuf], opts: &ScanOptions) -> Vec<Result<FileScan>> {
+    if files.len() <= 1 {
+        // No thread to start (nor CPUs to count) for one file.
+        return files.iter().map(|f| scan_file(f, opts)).collect();
+    }
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(files.len().max(1));
+        .min(files.len());
+    let results: Vec<Mutex<Option<Result<FileScan>>>> =
+        files.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
     std::thread::scope(|sc| {
         for _ in 0..workers {
             sc.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(f) = files.get(i) else { break };
-                    let r = std::fs::read(f)
-                        .with_context(|| format!("cannot read {}", f.display()))
-                        .and_then(|d| scan_bytes(&f.display().to_string(), &d, opts));
+                    let r = scan_file(f, opts);
                     *results[i].lock().expect("no poisoning") = Some(r);
                 }
             });
@@ -207,4 +354,34 @@ pub fn scan_files(files: &[PathBuf], opts: &ScanOptions) -> Vec<Result<Vec<ScanH
                 .expect("every file scanned")
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{push_decimal, push_hex};
+
+    #[test]
+    fn numbers_print_as_format_does() {
+        for v in [
+            0,
+            1,
+            9,
+            0xf,
+            0x10,
+            0x41,
+            0x401041,
+            u64::from(u32::MAX),
+            1 << 63,
+            u64::MAX,
+        ] {
+            let mut b = Vec::new();
+            push_hex(&mut b, v);
+            assert_eq!(String::from_utf8(b).unwrap(), format!("{v:#x}"));
+        }
+        for v in 0..=u8::MAX {
+            let mut b = Vec::new();
+            push_decimal(&mut b, v);
+            assert_eq!(String::from_utf8(b).unwrap(), v.to_string());
+        }
+    }
 }

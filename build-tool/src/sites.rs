@@ -2,41 +2,68 @@
 //! a set of addresses, decode the instruction that holds it (decoding from the start of
 //! the enclosing function, never guessing from the bytes before the relocation) and
 //! classify it as a `call`/`jmp`/`jcc rel32` site or as some other reference.
+//!
+//! Relocations are taken in file order and classified as they come, one function at a
+//! time (an image can carry millions: nothing is collected per relocation). Where the
+//! enclosing functions do not come in address order, the section is redone the general
+//! way (every candidate collected, then stably sorted by function), which gives the same
+//! result the streaming pass gives in the usual case.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use kernel_loader::format::SiteKind;
 use object::{ObjectSection, SectionIndex};
 
 use crate::elf::{Image, Location, Reloc};
-use crate::target::{Decoded, RelocClass, SiteInsn};
+use crate::target::{FunctionCursor, RelocClass, SiteInsn};
 
 /// Kept at its old path for `embed` (which will ask `img.target`).
 pub use crate::target::x86_64::reloc_target;
 
-/// A branch to one of the targets.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A branch to one of the targets. Kept small (an image can have millions): its section
+/// and enclosing function are indices into the [`SiteScan`]'s tables, whose methods
+/// give their names ([`SiteScan::section_name`], [`SiteScan::location`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FoundSite {
     /// Address of the instruction's first byte (prefixes included).
     pub addr: u64,
+    /// Which target (index given by the caller).
+    pub target: u32,
+    /// Index into [`SiteScan::sections`].
+    pub section: u32,
+    /// Index into [`SiteScan::functions`] of the symbol enclosing the site, or
+    /// [`NO_FUNCTION`].
+    pub function: u32,
     /// Instruction length.
     pub len: u8,
     /// `call`, `jmp` or `jcc`.
     pub kind: SiteKind,
     /// Prefix bytes before the opcode.
     pub prefixes: u8,
-    /// Which target (index given by the caller).
-    pub target: usize,
-    /// Section name.
-    pub section: Arc<str>,
-    /// Section index (section names need not be unique in an object).
-    pub section_index: SectionIndex,
-    /// Section offset of the first byte.
-    pub section_offset: u64,
-    /// `function+0xoff` (displays as text).
-    pub location: Location,
+}
+
+/// [`FoundSite::function`] of a site no symbol encloses.
+pub const NO_FUNCTION: u32 = u32::MAX;
+
+/// An executable section the finder went through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScannedSection {
+    /// Its index (section names need not be unique in an object).
+    pub index: SectionIndex,
+    /// Its name.
+    pub name: String,
+    /// Its address (0 in an object).
+    pub addr: u64,
+}
+
+/// A symbol enclosing a site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteFunction {
+    /// Raw (mangled) name: demangled only when a location is displayed.
+    pub name: String,
+    /// Its address.
+    pub addr: u64,
 }
 
 /// A reference to a target that is not a patchable branch (address taken, `lea`, data,
@@ -59,16 +86,60 @@ pub struct OtherRef {
 /// Everything the finder saw.
 #[derive(Clone, Debug, Default)]
 pub struct SiteScan {
-    /// Patchable branches, sorted by address, deduplicated.
+    /// Patchable branches, sorted by address (then section), deduplicated.
     pub sites: Vec<FoundSite>,
     /// Other references, sorted by address.
     pub other_refs: Vec<OtherRef>,
+    /// The executable sections, in section order ([`FoundSite::section`]).
+    pub sections: Vec<ScannedSection>,
+    /// The symbols enclosing sites ([`FoundSite::function`]).
+    pub functions: Vec<SiteFunction>,
 }
 
+impl SiteScan {
+    /// The section of a site.
+    pub fn section(&self, s: &FoundSite) -> &ScannedSection {
+        &self.sections[s.section as usize]
+    }
+
+    /// The name of a site's section.
+    pub fn section_name(&self, s: &FoundSite) -> &str {
+        &self.section(s).name
+    }
+
+    /// The index of a site's section.
+    pub fn section_index(&self, s: &FoundSite) -> SectionIndex {
+        self.section(s).index
+    }
+
+    /// Section offset of a site's first byte.
+    pub fn section_offset(&self, s: &FoundSite) -> u64 {
+        s.addr - self.section(s).addr
+    }
+
+    /// `function+0xoff` of a site (displays demangled).
+    pub fn location(&self, s: &FoundSite) -> Location<'_> {
+        match self.functions.get(s.function as usize) {
+            Some(f) => Location {
+                function: Some(&f.name),
+                offset: s.addr - f.addr,
+                addr: s.addr,
+            },
+            None => Location {
+                function: None,
+                offset: 0,
+                addr: s.addr,
+            },
+        }
+    }
+}
+
+/// A relocation picked for decoding.
+#[derive(Clone, Copy)]
 struct Candidate {
     reloc_at: u64,
     target_addr: Option<u64>,
-    target: usize,
+    target: u32,
 }
 
 /// What a selector says about one relocation.
@@ -93,22 +164,267 @@ pub fn find_sites(img: &Image<'_>, targets: &HashMap<u64, usize>) -> Result<Site
     })
 }
 
+/// A relocation selector: must be callable from several threads at once (a section's
+/// relocations are split between them).
+pub type Select<'a> = dyn Fn(&Reloc) -> Option<Selected> + Sync + 'a;
+
+/// Sections with at least this many relocations are split between the CPUs.
+const SPLIT_AT: usize = 1 << 16;
+
 /// The engine: every branch-class relocation (and, reported as other references, every
 /// absolute or GOT one) in an executable section that `select` picks is decoded and classified.
-pub fn find_sites_with(
-    img: &Image<'_>,
-    select: &dyn Fn(&Reloc) -> Option<Selected>,
-) -> Result<SiteScan> {
+pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan> {
     let mut scan = SiteScan::default();
+    let mut functions: HashMap<usize, u32> = HashMap::new();
     for sec in img.exec_sections() {
-        let sec_name: Arc<str> = sec.name().unwrap_or("?").into();
-        let sec_addr = sec.address();
-        let data = sec.data().unwrap_or(&[]);
-        // Candidates tagged with their enclosing symbol's start, then grouped by a stable
-        // sort (relocations come in address order, so this is nearly free and the order
-        // within a function is kept).
+        let section = u32::try_from(scan.sections.len()).context("too many sections")?;
+        scan.sections.push(ScannedSection {
+            index: sec.index(),
+            name: sec.name().unwrap_or("?").to_string(),
+            addr: sec.address(),
+        });
+        let ctx = SectionCtx {
+            img,
+            sec_index: sec.index(),
+            sec_addr: sec.address(),
+            sec_name: sec.name().unwrap_or("?"),
+            section,
+            data: sec.data().unwrap_or(&[]),
+            select,
+        };
+        // Streaming first, in parts on several CPUs when the section is large; if the
+        // functions come out of address order, the section starts over, sorted.
+        let parts = match img.rela_tables(sec.index()) {
+            Some(tables) => {
+                let n: usize = tables.iter().map(|t| t.len()).sum();
+                let k = if n >= SPLIT_AT {
+                    // (Asked only here: finding the CPU count reads several files.)
+                    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+                    cpus.min(n / 4096).max(1)
+                } else {
+                    1
+                };
+                let ranges: Vec<(usize, usize)> =
+                    (0..k).map(|p| (n * p / k, n * (p + 1) / k)).collect();
+                let part = |&(a, b): &(usize, usize)| {
+                    let relocs = rela_range(&tables, a, b).map(|r| img.rela_reloc(r));
+                    // At most one site per relocation: room for the section's sites in the
+                    // first part (the others are appended to it) and for its own in each
+                    // other, allocated once (untouched room costs address space only).
+                    let room = if a == 0 { n } else { b - a };
+                    ctx.pass(relocs, false, room)
+                };
+                if k == 1 {
+                    vec![part(&ranges[0])]
+                } else {
+                    std::thread::scope(|sc| {
+                        let handles: Vec<_> =
+                            ranges.iter().map(|r| sc.spawn(move || part(r))).collect();
+                        handles
+                            .into_iter()
+                            .map(|h| h.join().expect("site finder threads do not panic"))
+                            .collect()
+                    })
+                }
+            }
+            None => vec![ctx.pass(img.relocations(&sec), false, 0)],
+        };
+        // Parts in order: an error is the first a single pass would meet (every part
+        // before it went through its whole range); after a part that stopped out of
+        // order, the sorted pass decides.
+        let mut done = Vec::with_capacity(parts.len());
+        let mut in_order = true;
+        for p in parts {
+            let p = p?;
+            if !p.in_order {
+                in_order = false;
+                break;
+            }
+            done.push(p);
+        }
+        // Across parts too (parts with no candidate have no keys).
+        let keys: Vec<(u64, u64)> = done
+            .iter()
+            .filter_map(|p| Some((p.first_key?, p.last_key?)))
+            .collect();
+        let in_order = in_order && keys.windows(2).all(|w| w[0].1 <= w[1].0);
+        if in_order {
+            scan.merge(done, &mut functions);
+        } else {
+            let sorted = match img.rela_tables(sec.index()) {
+                Some(tables) => {
+                    let n = tables.iter().map(|t| t.len()).sum();
+                    let relocs = rela_range(&tables, 0, n).map(|r| img.rela_reloc(r));
+                    ctx.pass(relocs, true, n)?
+                }
+                None => ctx.pass(img.relocations(&sec), true, 0)?,
+            };
+            scan.merge(vec![sorted], &mut functions);
+        }
+    }
+    // In an object every section starts at 0: equal addresses in different sections
+    // are different sites. (Sections are numbered in section-index order.) The sites
+    // usually come sorted already; the sort is stable, so skipping it changes nothing.
+    if !scan.sites.is_sorted_by_key(|s| (s.addr, s.section)) {
+        scan.sites.sort_by_key(|s| (s.addr, s.section));
+    }
+    scan.sites.dedup_by_key(|s| (s.addr, s.section));
+    scan.other_refs.sort_by_key(|r| r.addr);
+    Ok(scan)
+}
+
+/// Entries `a..b` of the concatenation of `tables`.
+fn rela_range<'t, T>(tables: &'t [&'t [T]], a: usize, b: usize) -> impl Iterator<Item = &'t T> {
+    let mut skip = a;
+    let mut take = b - a;
+    tables.iter().flat_map(move |t| {
+        let from = skip.min(t.len());
+        skip -= from;
+        let n = take.min(t.len() - from);
+        take -= n;
+        &t[from..from + n]
+    })
+}
+
+impl SiteScan {
+    /// Appends a section's parts, in order: their sites (function indices made
+    /// global), their absolute and GOT references, then their decoding failures (the
+    /// order a single pass reports them in).
+    fn merge(&mut self, parts: Vec<Part>, functions: &mut HashMap<usize, u32>) {
+        let mut late = Vec::new();
+        for mut p in parts {
+            let global: Vec<u32> = p
+                .functions
+                .iter()
+                .map(|(sym, f)| {
+                    *functions.entry(*sym).or_insert_with(|| {
+                        self.functions.push(f.clone());
+                        // One per symbol: 2^32 symbols would be a 96 GiB symbol table.
+                        (self.functions.len() - 1) as u32
+                    })
+                })
+                .collect();
+            for s in &mut p.sites {
+                if let Some(&g) = global.get(s.function as usize) {
+                    s.function = g;
+                }
+            }
+            if self.sites.is_empty() {
+                // The usual case (one section): take the part's vector, no copy.
+                std::mem::swap(&mut self.sites, &mut p.sites);
+            } else {
+                self.sites.append(&mut p.sites);
+            }
+            self.other_refs.append(&mut p.refs);
+            late.append(&mut p.late);
+        }
+        self.other_refs.append(&mut late);
+    }
+}
+
+/// An address range over which [`Image::enclosing_span`] gives one answer.
+#[derive(Clone, Copy)]
+struct Span {
+    lo: u64,
+    hi: u64,
+    sym: Option<usize>,
+}
+
+impl Span {
+    const EMPTY: Span = Span {
+        lo: 1,
+        hi: 0,
+        sym: None,
+    };
+
+    /// The symbol enclosing `addr` in `sec`, from the cached span when it covers `addr`.
+    fn enclosing(&mut self, img: &Image<'_>, sec: SectionIndex, addr: u64) -> Option<usize> {
+        if !(self.lo <= addr && addr < self.hi) {
+            let (sym, hi) = img.enclosing_span(sec, addr);
+            *self = Span { lo: addr, hi, sym };
+        }
+        self.sym
+    }
+}
+
+/// The function whose relocations are being classified.
+struct Group<'c> {
+    /// Its start as the enclosing symbol gives it (unclamped): the grouping key.
+    key: u64,
+    cursor: FunctionCursor<'c>,
+}
+
+/// What one executable section's pass needs.
+struct SectionCtx<'a, 'd> {
+    img: &'a Image<'d>,
+    sec_index: SectionIndex,
+    sec_addr: u64,
+    sec_name: &'d str,
+    /// Index into [`SiteScan::sections`].
+    section: u32,
+    data: &'d [u8],
+    select: &'a Select<'a>,
+}
+
+/// What a pass over (part of) a section's relocations found.
+#[derive(Default)]
+struct Part {
+    sites: Vec<FoundSite>,
+    /// Absolute and GOT references.
+    refs: Vec<OtherRef>,
+    /// Decoding failures (reported after the section's absolute and GOT references).
+    late: Vec<OtherRef>,
+    /// The functions enclosing `sites` ([`FoundSite::function`] indexes this), with
+    /// their symbol indices.
+    functions: Vec<(usize, SiteFunction)>,
+    /// The first and last candidates' function keys.
+    first_key: Option<u64>,
+    last_key: Option<u64>,
+    /// Whether the functions came in address order (else the streaming pass stopped).
+    in_order: bool,
+}
+
+/// The state of a pass.
+struct Pass {
+    part: Part,
+    /// The enclosing function of relocations, and of sites.
+    starts: Span,
+    locations: Span,
+    /// The last function used: (symbol index, index into `part.functions`).
+    last_function: (usize, u32),
+    /// Symbol index → index into `part.functions` (asked when the function changes).
+    function_index: HashMap<usize, usize>,
+}
+
+impl<'a, 'd> SectionCtx<'a, 'd> {
+    /// Classifies every selected relocation of `relocs`. Streaming (`sorted` false),
+    /// stops at the first relocation whose enclosing function starts before the
+    /// previous one's (the part is then not `in_order`); `sorted` collects the
+    /// candidates and stably sorts them by function first (relocations keep their order
+    /// within a function).
+    /// `room`: the sites to make room for up front.
+    fn pass(
+        &self,
+        relocs: impl Iterator<Item = Result<Reloc>>,
+        sorted: bool,
+        room: usize,
+    ) -> Result<Part> {
+        let img = self.img;
+        let mut p = Pass {
+            part: Part {
+                in_order: true,
+                sites: Vec::with_capacity(room),
+                ..Part::default()
+            },
+            starts: Span::EMPTY,
+            locations: Span::EMPTY,
+            last_function: (usize::MAX, NO_FUNCTION),
+            function_index: HashMap::new(),
+        };
+        // The function being classified (kept in place: a cursor is large).
+        let mut group: Option<Group<'d>> = None;
         let mut by_func: Vec<(u64, Candidate)> = Vec::new();
-        for r in img.relocations(&sec) {
+        for r in relocs {
             let r = r?;
             let class = img.target.reloc_class(r.r_type);
             let (abs, got) = (class == RelocClass::Absolute, class == RelocClass::Got);
@@ -118,64 +434,131 @@ pub fn find_sites_with(
             let Some(Selected {
                 target,
                 target_addr,
-            }) = select(&r)
+            }) = (self.select)(&r)
             else {
                 continue;
             };
             if abs || got {
-                let location = img.describe(sec.index(), r.offset);
+                let name = img.target.reloc_name(r.r_type);
                 let what = if got {
-                    format!(
-                        "reference through the GOT ({})",
-                        img.target.reloc_name(r.r_type)
-                    )
+                    format!("reference through the GOT ({name})")
                 } else {
-                    format!("absolute address ({})", img.target.reloc_name(r.r_type))
+                    format!("absolute address ({name})")
                 };
-                scan.other_refs.push(OtherRef {
+                p.part.refs.push(OtherRef {
                     addr: r.offset,
                     target,
-                    section: sec_name.to_string(),
+                    section: self.sec_name.to_string(),
                     what,
-                    location,
+                    location: img.describe(self.sec_index, r.offset),
                 });
                 continue;
             }
-            let start = img
-                .enclosing_symbol(sec.index(), r.offset)
-                .map(|s| s.addr)
-                .unwrap_or(sec_addr);
-            by_func.push((
-                start,
-                Candidate {
-                    reloc_at: r.offset,
-                    target_addr,
-                    target,
-                },
-            ));
+            let key = p
+                .starts
+                .enclosing(img, self.sec_index, r.offset)
+                .map_or(self.sec_addr, |i| img.sym(i).addr);
+            let c = Candidate {
+                reloc_at: r.offset,
+                target_addr,
+                target: u32::try_from(target).context("too many targets")?,
+            };
+            p.part.first_key.get_or_insert(key);
+            p.part.last_key = Some(key);
+            if sorted {
+                by_func.push((key, c));
+                continue;
+            }
+            let g = match &mut group {
+                Some(g) if g.key == key => g,
+                Some(g) if key < g.key => {
+                    p.part.in_order = false;
+                    return Ok(p.part);
+                }
+                _ => group.insert(self.group(key)),
+            };
+            self.classify(&mut p, g, &c);
         }
-        by_func.sort_by_key(|(start, _)| *start);
-        let sec_end = sec_addr.saturating_add(data.len() as u64);
-        let mut decoded = Decoded::default();
-        for group in by_func.chunk_by(|a, b| a.0 == b.0) {
-            // A malformed file can put a symbol outside its section: clamp to the section.
-            let start = group[0].0.clamp(sec_addr, sec_end);
-            let end = function_end(img, sec.index(), start, sec_end);
-            let code = data
-                .get((start - sec_addr) as usize..(end - sec_addr) as usize)
-                .unwrap_or(&[]);
-            img.target.decode_function(code, start, &mut decoded);
-            for (_, c) in group {
-                classify(img, &sec, &sec_name, &decoded, code, start, c, &mut scan);
+        if sorted {
+            by_func.sort_by_key(|(key, _)| *key);
+            for run in by_func.chunk_by(|a, b| a.0 == b.0) {
+                let mut g = self.group(run[0].0);
+                for (_, c) in run {
+                    self.classify(&mut p, &mut g, c);
+                }
             }
         }
+        Ok(p.part)
     }
-    // In an object every section starts at 0: equal addresses in different sections
-    // are different sites.
-    scan.sites.sort_by_key(|s| (s.addr, s.section_index.0));
-    scan.sites.dedup_by_key(|s| (s.addr, s.section_index.0));
-    scan.other_refs.sort_by_key(|r| r.addr);
-    Ok(scan)
+
+    /// A cursor over the function starting at `key`.
+    fn group(&self, key: u64) -> Group<'d> {
+        let sec_addr = self.sec_addr;
+        let data = self.data;
+        let sec_end = sec_addr.saturating_add(data.len() as u64);
+        // A malformed file can put a symbol outside its section: clamp to the section.
+        let start = key.clamp(sec_addr, sec_end);
+        let end = function_end(self.img, self.sec_index, start, sec_end);
+        let code = data
+            .get((start - sec_addr) as usize..(end - sec_addr) as usize)
+            .unwrap_or(&[]);
+        Group {
+            key,
+            cursor: self.img.target.function_cursor(code, start),
+        }
+    }
+
+    fn classify(&self, p: &mut Pass, g: &mut Group<'_>, c: &Candidate) {
+        let img = self.img;
+        let SiteInsn {
+            addr,
+            len,
+            kind,
+            prefixes,
+        } = match g.cursor.classify(c.reloc_at, c.target_addr) {
+            Ok(site) => site,
+            Err(what) => {
+                p.part.late.push(OtherRef {
+                    addr: c.reloc_at,
+                    target: c.target as usize,
+                    section: self.sec_name.to_string(),
+                    what,
+                    location: img.describe(self.sec_index, c.reloc_at),
+                });
+                return;
+            }
+        };
+        let function = match p.locations.enclosing(img, self.sec_index, addr) {
+            None => NO_FUNCTION,
+            Some(i) if p.last_function.0 == i => p.last_function.1,
+            Some(i) => {
+                let functions = &mut p.part.functions;
+                let f = *p.function_index.entry(i).or_insert_with(|| {
+                    let s = img.sym(i);
+                    functions.push((
+                        i,
+                        SiteFunction {
+                            name: s.name.clone(),
+                            addr: s.addr,
+                        },
+                    ));
+                    functions.len() - 1
+                });
+                // One per symbol: 2^32 symbols would be a 96 GiB symbol table.
+                p.last_function = (i, f as u32);
+                f as u32
+            }
+        };
+        p.part.sites.push(FoundSite {
+            addr,
+            target: c.target,
+            section: self.section,
+            function,
+            len,
+            kind,
+            prefixes,
+        });
+    }
 }
 
 fn function_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) -> u64 {
@@ -185,49 +568,4 @@ fn function_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) ->
         .map(|s| s.addr.saturating_add(s.size));
     let next = img.next_symbol_start(sec, start);
     sized.or(next).unwrap_or(sec_end).min(sec_end).max(start)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn classify(
-    img: &Image<'_>,
-    sec: &object::read::elf::ElfSection64<'_, '_, object::LittleEndian>,
-    sec_name: &Arc<str>,
-    decoded: &Decoded,
-    code: &[u8],
-    start: u64,
-    c: &Candidate,
-    scan: &mut SiteScan,
-) {
-    let SiteInsn {
-        addr,
-        len,
-        kind,
-        prefixes,
-    } = match img
-        .target
-        .classify(decoded, code, start, c.reloc_at, c.target_addr)
-    {
-        Ok(site) => site,
-        Err(what) => {
-            scan.other_refs.push(OtherRef {
-                addr: c.reloc_at,
-                target: c.target,
-                section: sec_name.to_string(),
-                what,
-                location: img.describe(sec.index(), c.reloc_at),
-            });
-            return;
-        }
-    };
-    scan.sites.push(FoundSite {
-        addr,
-        len,
-        kind,
-        prefixes,
-        target: c.target,
-        section: sec_name.clone(),
-        section_index: sec.index(),
-        section_offset: addr - sec.address(),
-        location: img.location(sec.index(), addr),
-    });
 }

@@ -81,25 +81,22 @@ fn align4(x: usize) -> usize {
 /// The size of the table for these counts (independent of addresses), so the caller can
 /// place the section before the contents are known.
 pub fn table_size(ifuncs: &[IfuncEntry], sites: usize) -> usize {
-    layout(&TableInput {
+    let input = TableInput {
         ifuncs: ifuncs.to_vec(),
-        sites: vec![
-            SiteEntry {
-                addr: 0,
-                kind: SiteKind::Call,
-                prefixes: 0,
-                ifunc: 0
-            };
-            sites
-        ],
         ..Default::default()
-    })
-    .total
+    };
+    layout(&input, sites).total
 }
 
 /// The size of the table for `input`.
 pub fn table_size_for(input: &TableInput) -> usize {
-    layout(input).total
+    layout(input, input.sites.len()).total
+}
+
+/// The size of the table for `input` with `sites` ifunc sites given apart from it
+/// (its own `sites` are not counted), as [`build_sites_for`] builds it.
+pub fn table_size_with(input: &TableInput, sites: usize) -> usize {
+    layout(input, sites).total
 }
 
 struct Layout {
@@ -114,7 +111,8 @@ struct Layout {
     total: usize,
 }
 
-fn layout(input: &TableInput) -> Layout {
+/// The layout of a table of `input` with `sites` ifunc sites.
+fn layout(input: &TableInput, sites: usize) -> Layout {
     let mut strings = Vec::new();
     let mut intern = |s: &str| {
         let off = strings.len() as u32;
@@ -130,7 +128,7 @@ fn layout(input: &TableInput) -> Layout {
         .collect();
     let ifunc_off = HEADER_SIZE;
     let site_off = align4(ifunc_off + input.ifuncs.len() * IFUNC_DESC_SIZE);
-    let probe_off = site_off + input.sites.len() * IFUNC_SITE_SIZE;
+    let probe_off = site_off + sites * IFUNC_SITE_SIZE;
     let psite_off = probe_off + input.probes.len() * PROBE_DESC_SIZE;
     let str_off = psite_off + input.probe_sites.len() * PROBE_SITE_SIZE;
     let total = (str_off + strings.len() + 7) & !7;
@@ -194,11 +192,60 @@ pub fn build_with_for(
     input: &TableInput,
     rel: &mut dyn FnMut(usize, u64) -> Option<i32>,
 ) -> Result<Vec<u8>> {
-    let mut input = input.clone();
-    input.sites.sort_by_key(|s| s.addr);
-    input.sites.dedup_by_key(|s| s.addr);
-    input.probe_sites.sort_by_key(|s| s.addr);
-    input.probe_sites.dedup_by_key(|s| s.addr);
+    // Sorted with no duplicate, as the site finder gives them, the input is used as it
+    // is (a sort and a dedup would change nothing); otherwise a sorted copy.
+    let in_order = input.sites.windows(2).all(|w| w[0].addr < w[1].addr)
+        && input.probe_sites.windows(2).all(|w| w[0].addr < w[1].addr);
+    let input: std::borrow::Cow<'_, TableInput> = if in_order {
+        std::borrow::Cow::Borrowed(input)
+    } else {
+        let mut input = input.clone();
+        input.sites.sort_by_key(|s| s.addr);
+        input.sites.dedup_by_key(|s| s.addr);
+        input.probe_sites.sort_by_key(|s| s.addr);
+        input.probe_sites.dedup_by_key(|s| s.addr);
+        std::borrow::Cow::Owned(input)
+    };
+    let sites = &input.sites;
+    encode(target, &input, sites.len(), &|i| sites[i], rel)
+}
+
+/// [`build_for`] with the ifunc sites given apart from `input` (whose own `sites` are
+/// ignored): `sites` of them, site `i` being `site(i)`, read where they are (an image's
+/// million sites are not copied into a [`TableInput`] first). If they are not sorted
+/// by address without duplicates, they are collected, sorted and deduplicated, as
+/// [`build_for`] does.
+pub fn build_sites_for(
+    target: Target,
+    base: u64,
+    input: &TableInput,
+    sites: usize,
+    site: &dyn Fn(usize) -> SiteEntry,
+) -> Result<Vec<u8>> {
+    let in_order = (1..sites).all(|i| site(i - 1).addr < site(i).addr)
+        && input.probe_sites.windows(2).all(|w| w[0].addr < w[1].addr);
+    let rel = &mut |field: usize, t: u64| make_rel(base + field as u64, t);
+    if in_order {
+        encode(target, input, sites, site, rel)
+    } else {
+        let input = TableInput {
+            sites: (0..sites).map(site).collect(),
+            ..input.clone()
+        };
+        build_with_for(target, &input, rel)
+    }
+    .with_context(|| format!("table at {base:#x}"))
+}
+
+/// Encodes a table of `input` with `sites` ifunc sites (`site(i)`), sorted by address
+/// without duplicates, as are `input.probe_sites`.
+fn encode(
+    target: Target,
+    input: &TableInput,
+    sites: usize,
+    site: &dyn Fn(usize) -> SiteEntry,
+    rel: &mut dyn FnMut(usize, u64) -> Option<i32>,
+) -> Result<Vec<u8>> {
     for f in &input.ifuncs {
         ensure!(
             !f.name.as_bytes().contains(&0),
@@ -214,7 +261,7 @@ pub fn build_with_for(
             p.name
         );
     }
-    let l = layout(&input);
+    let l = layout(input, sites);
     let total32 = u32::try_from(l.total).context("table larger than 4 GiB")?;
     let mut out = vec![0u8; l.total];
     let header = Header {
@@ -230,7 +277,7 @@ pub fn build_with_for(
         },
         ifunc_sites: SubTable {
             offset: l.site_off as u32,
-            count: input.sites.len() as u32,
+            count: sites as u32,
         },
         probes: SubTable {
             offset: l.probe_off as u32,
@@ -265,7 +312,8 @@ pub fn build_with_for(
         };
         out[at..at + IFUNC_DESC_SIZE].copy_from_slice(&d.to_bytes());
     }
-    for (i, s) in input.sites.iter().enumerate() {
+    for i in 0..sites {
+        let s = site(i);
         let at = l.site_off + i * IFUNC_SITE_SIZE;
         let info = IfuncSite::pack_info(s.kind, u32::from(s.prefixes), s.ifunc)
             .with_context(|| format!("site {:#x}: too many prefixes or ifuncs", s.addr))?;

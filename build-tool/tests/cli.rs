@@ -2,6 +2,8 @@
 //! `link` with rust-lld and GNU ld, stapsdt notes read by `readelf -n`, killing `embed`
 //! mid-write, and the help texts.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -159,6 +161,108 @@ fn scan_gcc_object_lists_exactly_the_call_and_jump_sites() {
         text.contains("s.o: .text+0x5 call (6 bytes) -> target_fn"),
         "{text}"
     );
+}
+
+/// A function nested inside another (`g` in `f`): the relocations' enclosing functions
+/// go f, g, f, out of address order; and sections whose file order is not their name
+/// order.
+const NESTED_ASM: &str = r#"
+    .section .text.b,"ax",@progbits
+    .globl f
+    .type f,@function
+f:
+    call target_fn            # .text.b+0 in f
+    .globl g
+    .type g,@function
+g:
+    call target_fn            # .text.b+5 in g
+    .size g, .-g
+    call target_fn            # .text.b+10 in f again
+    ret
+    .size f, .-f
+    .section .text.a,"ax",@progbits
+h:
+    call target_fn            # .text.a+0
+    lea target_fn(%rip), %rax # not a site
+    ret
+"#;
+
+#[test]
+fn scan_nested_functions_and_section_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("n.s"), NESTED_ASM).unwrap();
+    gcc(&["-c", "n.s", "-o", "n.o"], dir.path());
+    let o = run(Command::new(KSITES)
+        .args(["scan", "--calls-to", "target_*", "n.o"])
+        .current_dir(dir.path()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = [
+        "n.o: .text.a+0x0 call (5 bytes) -> target_fn",
+        "n.o: .text.b+0x0 call (5 bytes) -> target_fn",
+        "n.o: .text.b+0x5 call (5 bytes) -> target_fn",
+        "n.o: .text.b+0xa call (5 bytes) -> target_fn",
+    ];
+    assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), want);
+    // The JSON lines say the same, in the same order.
+    let json: Vec<String> = scan_json(dir.path(), &["--calls-to", "target_*", "n.o"])
+        .iter()
+        .map(|v| {
+            format!(
+                "{}: {}+{:#x} {} ({} bytes) -> {}",
+                v["file"].as_str().unwrap(),
+                v["section"].as_str().unwrap(),
+                v["offset"].as_u64().unwrap(),
+                v["kind"].as_str().unwrap(),
+                v["length"].as_u64().unwrap(),
+                v["symbol"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(json, want);
+}
+
+/// A section with more relocations than one thread takes (it is split between the
+/// CPUs), in address order; and the same with a function nested in its second half
+/// (which sends the section to the sorted pass): every call, once, in order, and the
+/// text output the same lines the hits give one by one.
+#[test]
+fn scan_of_a_large_section_split_between_threads() {
+    const FUNCS: usize = 300;
+    const CALLS: usize = 250;
+    let dir = tempfile::tempdir().unwrap();
+    for nested in [false, true] {
+        let mut asm = String::from(".text\n");
+        for f in 0..FUNCS {
+            asm += &format!(".globl f{f}\n.type f{f},@function\nf{f}:\n");
+            for c in 0..CALLS {
+                if nested && f == 200 && c == 100 {
+                    asm += ".globl g\n.type g,@function\ng:\n";
+                }
+                asm += "  call target_fn\n";
+                if nested && f == 200 && c == 101 {
+                    asm += ".size g, .-g\n";
+                }
+            }
+            asm += &format!("  ret\n.size f{f}, .-f{f}\n");
+        }
+        std::fs::write(dir.path().join("big.s"), asm).unwrap();
+        gcc(&["-c", "big.s", "-o", "big.o"], dir.path());
+        let data = std::fs::read(dir.path().join("big.o")).unwrap();
+        let opts = ksites::scan::ScanOptions {
+            calls_to: vec!["target_*".into()],
+            jumps_to: Vec::new(),
+        };
+        let r = ksites::scan::scan_bytes("big.o", &data, &opts).unwrap();
+        let got: Vec<u64> = r.hits().map(|h| h.offset).collect();
+        let want: Vec<u64> = (0..FUNCS)
+            .flat_map(|f| (0..CALLS).map(move |c| (f * (CALLS * 5 + 1) + c * 5) as u64))
+            .collect();
+        assert_eq!(got, want, "nested: {nested}");
+        let mut text = Vec::new();
+        r.write_text(&mut text).unwrap();
+        let lines: String = r.hits().map(|h| h.to_text() + "\n").collect();
+        assert_eq!(String::from_utf8(text).unwrap(), lines);
+    }
 }
 
 #[test]
@@ -385,11 +489,7 @@ fn link_wrapper_with_rust_lld_and_gnu_ld() {
         .current_dir(dir.path()));
     assert!(!o.status.success());
     assert_eq!(std::fs::read(dir.path().join("keep")).unwrap(), b"old");
-    let tmp: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".ksites"))
-        .collect();
+    let tmp = common::temp_files_left(dir.path());
     assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
 }
 

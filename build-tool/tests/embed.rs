@@ -2,6 +2,8 @@
 //! exactly as the `ifunc!` macro lays out an ifunc (trampoline, slot, record, cell),
 //! assembled and linked by gcc/GNU ld with `--emit-relocs`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -135,7 +137,7 @@ fn embed_finds_calls_tail_calls_jcc_and_prefixed_calls_only() {
                 s.addr,
                 s.kind,
                 s.prefixes,
-                report.ifuncs[s.target].name.as_str(),
+                report.ifuncs[s.target as usize].name.as_str(),
             )
         })
         .collect();
@@ -228,9 +230,17 @@ fn embed_twice_is_detected_and_output_is_deterministic() {
         "not deterministic"
     );
 
+    // Written from the input by two threads (the bulk copied early, the rest after),
+    // the file is what the in-memory embed builds.
+    let (in_memory, _) = embed_bytes("fixture", &before).unwrap();
+    assert_eq!(std::fs::read(&out1).unwrap(), in_memory);
+
     let err = embed_file(&out1, &dir.path().join("out3")).unwrap_err();
     assert!(err.downcast_ref::<AlreadyEmbedded>().is_some(), "{err:#}");
     assert!(!dir.path().join("out3").exists());
+    // The temporary file the early copy went to is gone with the error.
+    let tmp = common::temp_files_left(dir.path());
+    assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
 
     let err = embed_file(&input, &input).unwrap_err();
     assert!(format!("{err:#}").contains("refusing to overwrite the input"));
@@ -254,6 +264,9 @@ fn image_without_ifuncs_is_copied_unchanged() {
     let (out, report) = embed_bytes("plain", &data).unwrap();
     assert_eq!(out, data);
     assert!(report.table.is_none());
+    let copy = dir.path().join("plain.out");
+    assert!(embed_file(&input, &copy).unwrap().table.is_none());
+    assert_eq!(std::fs::read(&copy).unwrap(), data);
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! plain, tail and is-enabled sites, the table entries, and refusal of sites that cannot
 //! be rewritten safely (nothing written).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -227,11 +229,7 @@ fn unsafe_probe_sites_are_refused_and_nothing_is_written() {
             "{name}: message does not name the function: {msg}"
         );
         assert!(!out.exists(), "{name}: output written despite the error");
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".ksites-tmp"))
-            .collect();
+        let leftovers = common::temp_files_left(dir.path());
         assert!(leftovers.is_empty(), "{name}: temporary file left behind");
     }
 }

@@ -10,6 +10,9 @@ use std::process::ExitCode;
 use ksites::embed::AlreadyEmbedded;
 use ksites::link::{Linker, link};
 
+#[global_allocator]
+static ALLOC: ksites::HugePageAlloc = ksites::HugePageAlloc;
+
 fn main() -> ExitCode {
     let args: Vec<_> = std::env::args_os().skip(1).collect();
     if args.iter().any(|a| a == "--help") && args.len() == 1 {

@@ -12,23 +12,33 @@ use object::pod::{bytes_of, from_bytes, slice_from_bytes};
 use object::{LittleEndian as LE, U16, U32, U64};
 
 use super::report::{AlreadyEmbedded, EmbedReport};
+use super::{Embedded, Output};
 use crate::elf::{ElfKind, Image};
 use crate::probes::{ProbeScan, find_probes};
 use crate::records::{find_ifunc_sites, read_ifuncs};
-use crate::table::{IfuncEntry, SiteEntry, TableInput, build_for, table_size_for};
+use crate::table::{IfuncEntry, SiteEntry, TableInput, build_sites_for, table_size_with};
 use crate::target::{RelocClass, Target};
 
+/// What [`verify_output`] checks in an output: the table's address and size, and the
+/// cell that must point at it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct OutputCheck {
+    table: u64,
+    size: usize,
+    cell: u64,
+}
+
 /// Embeds into a linked image `img` (parsed from `data`, with no table yet).
-pub(super) fn embed_exec(
-    path: &str,
-    data: &[u8],
-    img: &Image<'_>,
-) -> Result<(Vec<u8>, EmbedReport)> {
+pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Result<Embedded<'a>> {
     let ifuncs = read_ifuncs(img)?;
     let probes = find_probes(img)?;
     if ifuncs.is_empty() && probes.probes.is_empty() {
         // Nothing to describe: the output is the input, unchanged.
-        return Ok((data.to_vec(), EmbedReport::default()));
+        return Ok(Embedded {
+            out: Output::new(data),
+            report: EmbedReport::default(),
+            check: None,
+        });
     }
     ensure!(
         img.kind == ElfKind::Exec,
@@ -71,43 +81,40 @@ pub(super) fn embed_exec(
             default: f.default,
         })
         .collect();
-    let site_entries: Vec<SiteEntry> = scan
-        .sites
-        .iter()
-        .map(|s| SiteEntry {
+    // The sites are read from the scan where they are, not copied into the input.
+    let site = |i: usize| {
+        let s = &scan.sites[i];
+        SiteEntry {
             addr: s.addr,
             kind: s.kind,
             prefixes: s.prefixes,
-            ifunc: s.target as u32,
-        })
-        .collect();
-
+            ifunc: s.target,
+        }
+    };
     let input = TableInput {
         ifuncs: entries,
-        sites: site_entries,
+        sites: Vec::new(),
         probes: probes.probes.clone(),
         probe_sites: probes.sites.clone(),
     };
-    let size = table_size_for(&input);
-    let (mut out, table_addr) = append_segment(
+    let size = table_size_with(&input, scan.sites.len());
+    let (mut out, table_addr) = append_segment_to(
         path,
         data,
         size,
-        |addr| build_for(img.target, addr, &input),
+        |addr| build_sites_for(img.target, addr, &input, scan.sites.len(), &site),
         |base| stapsdt_notes(img.target, &probes, base),
     )?;
 
     // Rewrite C probe calls into their disabled form, and give every `probe!` record its
     // probe id. Original bytes keep their file offsets in `out`.
-    let patch = |out: &mut Vec<u8>, addr: u64, bytes: &[u8], what: &str| -> Result<()> {
+    let patch = |out: &mut Output<'_>, addr: u64, bytes: &[u8], what: &str| -> Result<()> {
         let at = img
             .va_to_file_offset(addr, bytes.len() as u64)
             .with_context(|| format!("{path}: {what} at {addr:#x} is not file-backed"))?
             as usize;
-        out.get_mut(at..at + bytes.len())
-            .with_context(|| format!("{path}: {what} at {addr:#x} lies past the end of the file"))?
-            .copy_from_slice(bytes);
-        Ok(())
+        out.patch(at, bytes)
+            .with_context(|| format!("{path}: {what} at {addr:#x} lies past the end of the file"))
     };
     for (addr, bytes) in &probes.rewrites {
         patch(&mut out, *addr, bytes, "probe site")?;
@@ -121,7 +128,8 @@ pub(super) fn embed_exec(
         .map(|(a, _)| img.target.plain_branch_field(*a))
         .collect();
     for at in rela_entries_at(img, &rewritten) {
-        out[at + 8..at + 12].copy_from_slice(&img.target.none_reloc().to_le_bytes());
+        out.patch(at + 8, &img.target.none_reloc().to_le_bytes())
+            .with_context(|| format!("{path}: relocation entry at {at:#x} is outside the file"))?;
     }
     // A GNU ifunc's slot starts out pointing at its trampoline (the linkers leave 0 or
     // a lazy-binding stub there): it has no default, and the loader checks the slot
@@ -149,25 +157,37 @@ pub(super) fn embed_exec(
     let at =
         img.va_to_file_offset(cell_addr, CELL_SIZE as u64)
             .with_context(|| format!("{path}: {CELL_SYMBOL} is not file-backed"))? as usize;
-    out[at + 8..at + 16].copy_from_slice(&offset.to_le_bytes());
-    out[at + 16..at + 24].copy_from_slice(&(size as u64).to_le_bytes());
+    let mut fill = [0u8; 16];
+    fill[..8].copy_from_slice(&offset.to_le_bytes());
+    fill[8..].copy_from_slice(&(size as u64).to_le_bytes());
+    out.patch(at + 8, &fill)
+        .with_context(|| format!("{path}: {CELL_SYMBOL} lies past the end of the file"))?;
 
-    verify_output(path, &out, table_addr, size, cell_addr)?;
-    Ok((
+    Ok(Embedded {
         out,
-        EmbedReport {
+        report: EmbedReport {
             ifuncs,
             scan,
             probes,
             table: Some((table_addr, size)),
             relocatable: false,
         },
-    ))
+        check: Some(OutputCheck {
+            table: table_addr,
+            size,
+            cell: cell_addr,
+        }),
+    })
 }
 
 /// Re-reads what was produced: the table must validate with the loader's own reader at
 /// its address, and the cell must point at it.
-fn verify_output(path: &str, out: &[u8], addr: u64, size: usize, cell_addr: u64) -> Result<()> {
+pub(super) fn verify_output(path: &str, out: &[u8], check: &OutputCheck) -> Result<()> {
+    let OutputCheck {
+        table: addr,
+        size,
+        cell: cell_addr,
+    } = *check;
     let img = Image::parse(path, out).context("re-reading the output")?;
     let bytes = img
         .read_va(addr, size as u64)
@@ -210,6 +230,60 @@ pub fn append_segment(
     contents: impl FnOnce(u64) -> Result<Vec<u8>>,
     notes: impl FnOnce(u64) -> Vec<u8>,
 ) -> Result<(Vec<u8>, u64)> {
+    let (out, addr) = append_segment_to(path, data, size, contents, notes)?;
+    Ok((out.to_vec(), addr))
+}
+
+/// The bytes appended after an input, built up in pieces (a large piece, the table, is
+/// added as it is, without a copy).
+struct Tail<'o, 'a> {
+    out: &'o mut Output<'a>,
+    /// The piece being built, and the output offset of its first byte.
+    piece: Vec<u8>,
+    start: usize,
+}
+
+impl Tail<'_, '_> {
+    /// The output's length so far.
+    fn len(&self) -> usize {
+        self.start + self.piece.len()
+    }
+
+    /// Pads with zeros up to `len` (never shrinks: every caller pads forward).
+    fn resize(&mut self, len: usize) {
+        if len > self.len() {
+            self.piece.resize(len - self.start, 0);
+        }
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.piece.extend_from_slice(bytes);
+    }
+
+    fn push(&mut self, b: u8) {
+        self.piece.push(b);
+    }
+
+    /// Appends `bytes` as a piece of its own.
+    fn append(&mut self, bytes: Vec<u8>) {
+        self.out.append(std::mem::take(&mut self.piece));
+        self.out.append(bytes);
+        self.start = self.out.len();
+    }
+
+    fn finish(self) {
+        self.out.append(self.piece);
+    }
+}
+
+/// [`append_segment`], as an [`Output`] that refers to `data`.
+fn append_segment_to<'a>(
+    path: &str,
+    data: &'a [u8],
+    size: usize,
+    contents: impl FnOnce(u64) -> Result<Vec<u8>>,
+    notes: impl FnOnce(u64) -> Vec<u8>,
+) -> Result<(Output<'a>, u64)> {
     let e = LE;
     let (fh, _) = from_bytes::<FileHeader64<LE>>(data)
         .map_err(|()| anyhow::anyhow!("{path}: truncated ELF header"))?;
@@ -256,13 +330,18 @@ pub fn append_segment(
             .wrapping_sub(last_load.p_paddr.get(e)),
     );
 
-    let mut out = data.to_vec();
+    let mut output = Output::new(data);
+    let mut out = Tail {
+        start: output.base_len(),
+        out: &mut output,
+        piece: Vec::new(),
+    };
     // The new segment, page-aligned in the file and in memory: first the program
     // headers (binutils' objcopy/strip keep a segment whose headers lead it; a PT_PHDR
     // segment, which lld emits for static images without a linker script, stays
     // covered by a PT_LOAD), then the table, then the `.stapsdt.base` byte.
     let seg_off = align_up(out.len() as u64, PAGE);
-    out.resize(seg_off as usize, 0);
+    out.resize(seg_off as usize);
     let has_phdr = phdrs.iter().any(|p| p.p_type.get(e) == elf::PT_PHDR);
     let ph_size = ((phnum + 1) * size_of::<ProgramHeader64<LE>>()) as u64;
     // With a PT_PHDR the headers must be inside a PT_LOAD: they lead the new segment.
@@ -316,18 +395,18 @@ pub fn append_segment(
     if has_phdr {
         out.extend_from_slice(&headers);
     }
-    out.resize(table_off as usize, 0);
-    out.extend_from_slice(&table);
+    out.resize(table_off as usize);
+    out.append(table);
     if !notes.is_empty() {
         out.push(0);
     }
     if !has_phdr {
-        out.resize(new_phoff as usize, 0);
+        out.resize(new_phoff as usize);
         out.extend_from_slice(&headers);
     }
 
     // The notes themselves: a non-allocated SHT_NOTE section.
-    out.resize(align_up(out.len() as u64, 4) as usize, 0);
+    out.resize(align_up(out.len() as u64, 4) as usize);
     let notes_off = out.len() as u64;
     out.extend_from_slice(&notes);
 
@@ -352,7 +431,7 @@ pub fn append_segment(
     let new_strtab_size = out.len() as u64 - new_strtab_off;
 
     // Section headers: the old ones (shstrtab moved), then .ksites.
-    out.resize(align_up(out.len() as u64, 8) as usize, 0);
+    out.resize(align_up(out.len() as u64, 8) as usize);
     let new_shoff = out.len() as u64;
     for (i, s) in shdrs.iter().enumerate() {
         let mut s = *s;
@@ -412,8 +491,11 @@ pub fn append_segment(
     nfh.e_phnum = U16::new(e, (phnum + 1) as u16);
     nfh.e_shoff = U64::new(e, new_shoff);
     nfh.e_shnum = U16::new(e, (shnum + added) as u16);
-    out[..size_of::<FileHeader64<LE>>()].copy_from_slice(bytes_of(&nfh));
-    Ok((out, table_addr))
+    out.finish();
+    output
+        .patch(0, bytes_of(&nfh))
+        .with_context(|| format!("{path}: truncated ELF header"))?;
+    Ok((output, table_addr))
 }
 
 /// One SystemTap `NT_STAPSDT` note per firing probe site (is-enabled sites have none):

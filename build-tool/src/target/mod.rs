@@ -95,7 +95,7 @@ pub struct Insn {
     pub branch_target: u64,
 }
 
-/// A patchable branch site found by [`Target::classify`].
+/// A patchable branch site found by [`FunctionCursor::classify`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SiteInsn {
     /// Address of the first byte (prefixes included).
@@ -108,12 +108,33 @@ pub struct SiteInsn {
     pub prefixes: u8,
 }
 
-/// The instructions of one function, decoded once by [`Target::decode_function`] and
-/// searched for every relocation in it. Reuse one across functions: decoding then
-/// allocates nothing once it has grown.
-#[derive(Debug, Default)]
-pub struct Decoded {
-    x86_64: Vec<iced_x86::Instruction>,
+/// One function's instructions, decoded from its first byte by
+/// [`Target::function_cursor`] as [`FunctionCursor::classify`] asks about the relocations
+/// in it (in address order: one forward pass; otherwise the function is decoded once
+/// and searched).
+pub struct FunctionCursor<'c> {
+    x86_64: x86_64::Cursor<'c>,
+}
+
+impl std::fmt::Debug for FunctionCursor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionCursor").finish_non_exhaustive()
+    }
+}
+
+impl FunctionCursor<'_> {
+    /// Classifies the instruction of the function holding the relocated field at
+    /// `reloc_at`: a patchable branch site (to `target_addr`, when given), or, as `Err`,
+    /// what else it is, for reports (an address-taking `lea`, a branch whose field does
+    /// not hold the relocation, …).
+    #[inline]
+    pub fn classify(
+        &mut self,
+        reloc_at: u64,
+        target_addr: Option<u64>,
+    ) -> Result<SiteInsn, String> {
+        self.x86_64.classify(reloc_at, target_addr)
+    }
 }
 
 impl Target {
@@ -202,34 +223,19 @@ impl Target {
         }
     }
 
-    /// Decodes `code`, a function starting at `ip`, into `out` (which is cleared).
+    /// A cursor over `code`, a function starting at `start`, for
+    /// [`FunctionCursor::classify`].
     #[inline]
-    pub fn decode_function(self, code: &[u8], ip: u64, out: &mut Decoded) {
+    pub fn function_cursor(self, code: &[u8], start: u64) -> FunctionCursor<'_> {
         match self {
-            Target::X86_64 => x86_64::decode_function(code, ip, out),
-        }
-    }
-
-    /// Classifies the instruction of `decoded` (decoded from `code`, which starts at
-    /// `start`) holding the relocated field at `reloc_at`: a patchable branch site
-    /// (to `target_addr`, when given), or, as `Err`, what else it is, for reports
-    /// (an address-taking `lea`, a branch whose field does not hold the relocation, …).
-    #[inline]
-    pub fn classify(
-        self,
-        decoded: &Decoded,
-        code: &[u8],
-        start: u64,
-        reloc_at: u64,
-        target_addr: Option<u64>,
-    ) -> Result<SiteInsn, String> {
-        match self {
-            Target::X86_64 => x86_64::classify(decoded, code, start, reloc_at, target_addr),
+            Target::X86_64 => FunctionCursor {
+                x86_64: x86_64::Cursor::new(code, start),
+            },
         }
     }
 
     /// Decodes the one instruction at `ip` (`code` holds it) and classifies it the same
-    /// way [`Target::classify`] does.
+    /// way [`FunctionCursor::classify`] does.
     pub fn decode_insn(self, code: &[u8], ip: u64) -> Insn {
         match self {
             Target::X86_64 => x86_64::decode_insn(code, ip),

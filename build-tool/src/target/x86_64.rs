@@ -16,7 +16,7 @@ use kernel_loader::format::{ARCH_X86_64, PSite, ProbeKind, SiteKind};
 use kernel_loader::probe::ProbeError;
 use object::elf;
 
-use super::{Decoded, Insn, RelocClass, SiteInsn};
+use super::{Insn, RelocClass, SiteInsn};
 use crate::elf::Reloc;
 
 /// The ELF machine.
@@ -195,13 +195,66 @@ pub fn branch_kind(insn: &Instruction) -> Option<SiteKind> {
     }
 }
 
-/// Decodes `code` (a function starting at `ip`) into `out` (cleared first).
-pub(super) fn decode_function(code: &[u8], ip: u64, out: &mut Decoded) {
-    let out = &mut out.x86_64;
-    let mut dec = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
-    out.clear();
-    while dec.can_decode() {
-        out.push(dec.decode());
+/// A function's instructions, decoded from its first byte as the relocations in it are
+/// asked about: in address order (the usual case) one forward pass that keeps only the
+/// current instruction; once asked about an earlier address, the whole function decoded
+/// into a vector and searched, so any order costs one decode.
+pub(super) struct Cursor<'c> {
+    code: &'c [u8],
+    start: u64,
+    dec: Decoder<'c>,
+    /// The last instruction decoded by the forward pass (`None` before the first).
+    cur: Option<Instruction>,
+    /// Every instruction, once a request went backwards.
+    all: Option<Vec<Instruction>>,
+}
+
+impl<'c> Cursor<'c> {
+    pub(super) fn new(code: &'c [u8], start: u64) -> Self {
+        Cursor {
+            code,
+            start,
+            dec: Decoder::with_ip(64, code, start, DecoderOptions::NONE),
+            cur: None,
+            all: None,
+        }
+    }
+
+    /// The instruction holding the byte at `at`: the first whose end is past `at`, if it
+    /// starts at or before `at`.
+    fn find(&mut self, at: u64) -> Option<Instruction> {
+        if self.all.is_none() && self.cur.is_some_and(|c| c.ip() > at) {
+            let mut dec = Decoder::with_ip(64, self.code, self.start, DecoderOptions::NONE);
+            let mut all = Vec::new();
+            while dec.can_decode() {
+                all.push(dec.decode());
+            }
+            self.all = Some(all);
+        }
+        if let Some(all) = &self.all {
+            let i = all.partition_point(|x| x.next_ip() <= at);
+            return all.get(i).filter(|x| x.ip() <= at).copied();
+        }
+        loop {
+            match self.cur {
+                Some(c) if c.next_ip() > at => return (c.ip() <= at).then_some(c),
+                _ if !self.dec.can_decode() => return None,
+                _ => self.cur = Some(self.dec.decode()),
+            }
+        }
+    }
+
+    /// Classifies the instruction that holds the relocated field at `reloc_at`: a
+    /// patchable site (branching to `target_addr`, when given), or what else it is.
+    pub(super) fn classify(
+        &mut self,
+        reloc_at: u64,
+        target_addr: Option<u64>,
+    ) -> Result<SiteInsn, String> {
+        let Some(insn) = self.find(reloc_at) else {
+            return Err("not inside a decodable instruction".into());
+        };
+        classify_insn(&insn, self.code, self.start, reloc_at, target_addr)
     }
 }
 
@@ -223,20 +276,15 @@ pub fn disasm(code: &[u8], ip: u64) -> String {
         .to_string()
 }
 
-/// Classifies the instruction of `d` (decoded from `code`, which starts at `start`)
+/// Classifies `insn` (decoded from `code`, which starts at `start`), the instruction
 /// that holds the relocated field at `reloc_at`: a patchable site, or what else it is.
-pub(super) fn classify(
-    d: &Decoded,
+fn classify_insn(
+    insn: &Instruction,
     code: &[u8],
     start: u64,
     reloc_at: u64,
     target_addr: Option<u64>,
 ) -> Result<SiteInsn, String> {
-    let insns = &d.x86_64;
-    let i = insns.partition_point(|x| x.next_ip() <= reloc_at);
-    let Some(insn) = insns.get(i).filter(|x| x.ip() <= reloc_at) else {
-        return Err("not inside a decodable instruction".into());
-    };
     if insn.code() == Code::INVALID {
         return Err(format!("invalid instruction at {:#x}", insn.ip()));
     }
@@ -301,9 +349,7 @@ mod tests {
             0, 0, 0,
         ];
         let ip = 0x1000;
-        let mut d = Decoded::default();
-        decode_function(&code, ip, &mut d);
-        let site = |at: u64| classify(&d, &code, ip, at, None);
+        let site = |at: u64| Cursor::new(&code, ip).classify(at, None);
         let want = |addr, len, kind, prefixes| {
             Ok(SiteInsn {
                 addr,
@@ -316,6 +362,16 @@ mod tests {
         assert_eq!(site(0x1007), want(0x1005, 6, SiteKind::Jmp, 1));
         assert_eq!(site(0x100d), want(0x100b, 6, SiteKind::Jcc, 0));
         assert!(site(0x1014).is_err());
+        assert!(site(0xfff).is_err(), "before the function");
+        assert!(site(0x1018).is_err(), "past the function");
+        // One cursor asked forwards, backwards and out of order answers as fresh ones do.
+        let order = [
+            0x1001, 0x1007, 0x100d, 0x1014, 0x1018, 0x1007, 0xfff, 0x1001, 0x100d,
+        ];
+        let mut c = Cursor::new(&code, ip);
+        for at in order {
+            assert_eq!(c.classify(at, None), site(at), "{at:#x}");
+        }
         for (at, kind, len) in [
             (0x1000, Some(SiteKind::Call), 5),
             (0x1005, Some(SiteKind::Jmp), 6),

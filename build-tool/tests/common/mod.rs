@@ -231,3 +231,14 @@ pub fn resolve_fast(img: &Image) -> impl FnMut(&kernel_loader::format::Ifunc<'_>
         }
     }
 }
+
+/// The temporary files (`.ksites-tmp-…`) left in `dir`: there must be none once a
+/// `ksites` command or an `embed_file` call has returned, whether it failed or not.
+pub fn temp_files_left(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".ksites"))
+        .map(|e| e.path())
+        .collect()
+}

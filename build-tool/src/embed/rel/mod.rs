@@ -215,18 +215,19 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             target_addr: None,
         })
     })?;
-    scan.sites
-        .sort_by_key(|s| (s.section_index.0, s.section_offset));
+    let mut sites = std::mem::take(&mut scan.sites);
+    sites.sort_by_key(|s| (scan.section_index(s).0, scan.section_offset(s)));
+    scan.sites = sites;
     let mut site_entries = Vec::new();
     for s in &scan.sites {
         site_entries.push(SiteEntry {
             addr: va(Target::Sec {
-                sec: s.section_index.0,
-                off: s.section_offset,
+                sec: scan.section_index(s).0,
+                off: scan.section_offset(s),
             })?,
             kind: s.kind,
             prefixes: s.prefixes,
-            ifunc: s.target as u32,
+            ifunc: s.target,
         });
     }
 

@@ -502,15 +502,15 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
             );
         }
         for s in &scan.sites {
-            let c = &c_syms[s.target];
-            let kind =
-                crate::probes::c_site_kind(s, c.0, &c.3).with_context(|| path.to_string())?;
+            let c = &c_syms[s.target as usize];
+            let kind = crate::probes::c_site_kind(&scan, s, c.0, &c.3)
+                .with_context(|| path.to_string())?;
             let key = (c.1.clone(), c.2.clone());
             nargs.entry(key.clone()).or_insert(None);
             pending.push(PendingProbe {
                 site: Target::Sec {
-                    sec: s.section_index.0,
-                    off: s.section_offset,
+                    sec: scan.section_index(s).0,
+                    off: scan.section_offset(s),
                 },
                 target: None,
                 kind,
