@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use anyhow::{Context, Result, anyhow, bail};
 use object::elf;
-use object::read::elf::{ElfFile64, ElfSection64, FileHeader, Rela as _, SectionHeader};
+use object::read::elf::{ElfFile64, ElfSection64, FileHeader, Rela as _, SectionHeader, Sym as _};
 use object::{
     LittleEndian, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget,
     SectionIndex, SymbolKind,
@@ -128,6 +128,32 @@ pub struct Image<'d> {
     reloc_sections: object::read::elf::RelocationSections,
     /// The header's MIPS64 little-endian flag (relocation entries are read through it).
     mips64el: bool,
+    /// The symbol table's and the section headers' string tables.
+    sym_strings: Strings<'d>,
+    section_strings: Strings<'d>,
+}
+
+/// A string table, read as `object`'s `StringTable` reads it (the same bounds, the same
+/// failures) but without `memchr`: its first use runs CPU-feature detection (`cpuid`,
+/// slow in a VM), which dominated the names a small object's scan looks up.
+#[derive(Clone, Copy, Default)]
+struct Strings<'d>(Option<&'d [u8]>);
+
+impl<'d> Strings<'d> {
+    /// The table at file offsets `start..start + size` of `data`.
+    fn new(data: &'d [u8], start: u64, size: u64) -> Self {
+        let range = start
+            .checked_add(size)
+            .and_then(|end| Some(usize::try_from(start).ok()?..usize::try_from(end).ok()?));
+        Strings(range.and_then(|r| data.get(r)))
+    }
+
+    /// The NUL-terminated UTF-8 string at `offset`.
+    fn get(self, offset: u32) -> Option<&'d str> {
+        let tail = self.0?.get(usize::try_from(offset).ok()?..)?;
+        let len = tail.iter().position(|&b| b == 0)?;
+        std::str::from_utf8(&tail[..len]).ok()
+    }
 }
 
 impl std::fmt::Debug for Image<'_> {
@@ -154,11 +180,33 @@ impl<'d> Image<'d> {
             elf::ET_REL => ElfKind::Rel,
             t => bail!("{path}: ELF type {t} is not ET_EXEC, ET_DYN or ET_REL"),
         };
+        let sym_strings = match file.elf_symbol_table().string_section() {
+            SectionIndex(0) => Strings::default(),
+            i => file
+                .elf_section_table()
+                .section(i)
+                .ok()
+                .filter(|h| h.sh_type(e) == elf::SHT_STRTAB)
+                .map_or_else(Strings::default, |h| {
+                    Strings::new(data, h.sh_offset(e), h.sh_size(e))
+                }),
+        };
+        let section_strings = match file.elf_section_table().is_empty() {
+            true => Strings::default(),
+            false => hdr
+                .section_strings_index(e, data)
+                .ok()
+                .and_then(|i| file.elf_section_table().section(i).ok())
+                .and_then(|h| h.file_range(e))
+                .map_or_else(Strings::default, |(off, size)| {
+                    Strings::new(data, off, size)
+                }),
+        };
         let mut syms: Vec<Sym> = file
             .symbols()
             .filter_map(|s| {
                 let section = s.section_index()?;
-                let name = s.name().ok()?;
+                let name = sym_strings.get(s.elf_symbol().st_name(e))?;
                 if name.is_empty()
                     || s.kind() == SymbolKind::Section
                     || s.kind() == SymbolKind::File
@@ -196,7 +244,16 @@ impl<'d> Image<'d> {
             syms,
             reloc_sections,
             mips64el,
+            sym_strings,
+            section_strings,
         })
+    }
+
+    /// A section's name (`None` if the string table does not hold one), as
+    /// `ObjectSection::name` reads it.
+    pub fn section_name(&self, sec: &ElfSection64<'d, '_, LittleEndian>) -> Option<&'d str> {
+        self.section_strings
+            .get(sec.elf_section_header().sh_name(LittleEndian))
     }
 
     /// Sections that are allocated and executable.
@@ -516,7 +573,7 @@ impl<'d> Image<'d> {
         self.file
             .symbol_by_index(object::SymbolIndex(i))
             .ok()
-            .and_then(|s| s.name().ok())
+            .and_then(|s| self.sym_strings.get(s.elf_symbol().st_name(LittleEndian)))
             .unwrap_or_default()
     }
 }
@@ -598,4 +655,38 @@ pub fn read_file(path: &std::path::Path) -> std::io::Result<FileBytes> {
     let mut v = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     f.read_to_end(&mut v)?;
     Ok(FileBytes::Read(v))
+}
+
+#[cfg(test)]
+mod strings_tests {
+    use super::Strings;
+
+    /// The same names as `object`'s `StringTable` (which `ObjectSymbol::name` and
+    /// `ObjectSection::name` read), for every offset, including tables that run past
+    /// the file, lack a final NUL, or hold invalid UTF-8.
+    #[test]
+    fn strings_read_as_object_reads_them() {
+        let data = b"\0abc\0\xff\0de\0tail".as_slice();
+        let n = data.len() as u64;
+        for start in 0..n + 2 {
+            for size in [0, 1, 3, 5, 7, n - start.min(n), n + 1, u64::MAX] {
+                let mine = Strings::new(data, start, size);
+                let Some(end) = start.checked_add(size) else {
+                    // object refuses such a table when it parses the file.
+                    assert_eq!(mine.get(0), None);
+                    continue;
+                };
+                let theirs = object::read::StringTable::new(data, start, end);
+                for off in 0..(n as u32 + 3) {
+                    let want = theirs
+                        .get(off)
+                        .ok()
+                        .and_then(|b| std::str::from_utf8(b).ok());
+                    assert_eq!(mine.get(off), want, "{start} {size} {off}");
+                }
+            }
+        }
+        assert_eq!(Strings::default().get(0), None);
+        assert_eq!(Strings::new(data, 0, n).get(1), Some("abc"));
+    }
 }

@@ -180,14 +180,14 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
         let section = u32::try_from(scan.sections.len()).context("too many sections")?;
         scan.sections.push(ScannedSection {
             index: sec.index(),
-            name: sec.name().unwrap_or("?").to_string(),
+            name: img.section_name(&sec).unwrap_or("?").to_string(),
             addr: sec.address(),
         });
         let ctx = SectionCtx {
             img,
             sec_index: sec.index(),
             sec_addr: sec.address(),
-            sec_name: sec.name().unwrap_or("?"),
+            sec_name: img.section_name(&sec).unwrap_or("?"),
             section,
             data: sec.data().unwrap_or(&[]),
             select,

@@ -198,11 +198,15 @@ pub fn branch_kind(insn: &Instruction) -> Option<SiteKind> {
 /// A function's instructions, decoded from its first byte as the relocations in it are
 /// asked about: in address order (the usual case) one forward pass that keeps only the
 /// current instruction; once asked about an earlier address, the whole function decoded
-/// into a vector and searched, so any order costs one decode.
+/// into a vector and searched, so any order costs one decode. A `call`/`jmp rel32` at a
+/// known instruction boundary (see [`Cursor::at_boundary`]) is classified without the
+/// decoder, which is only created when some relocation needs it (its first use builds
+/// iced's tables: most of a small object's scan).
 pub(super) struct Cursor<'c> {
     code: &'c [u8],
     start: u64,
-    dec: Decoder<'c>,
+    /// The forward pass's decoder, created on first use.
+    dec: Option<Decoder<'c>>,
     /// The last instruction decoded by the forward pass (`None` before the first).
     cur: Option<Instruction>,
     /// Every instruction, once a request went backwards.
@@ -214,10 +218,39 @@ impl<'c> Cursor<'c> {
         Cursor {
             code,
             start,
-            dec: Decoder::with_ip(64, code, start, DecoderOptions::NONE),
+            dec: None,
             cur: None,
             all: None,
         }
+    }
+
+    /// The site whose rel32 is at `reloc_at`, when it is a prefix-less `call`/`jmp
+    /// rel32` starting at a known instruction boundary: the function's first byte, or
+    /// right after an `endbr64` that starts the function. Decoding starts at the
+    /// function's first byte, so an instruction there (or after the 4-byte `endbr64`)
+    /// starts exactly where the decoder would start it, and an `e8`/`e9` with its four
+    /// bytes inside the function is `call`/`jmp rel32` and nothing else: exactly what
+    /// [`classify_insn`] answers for it. `None` (ask the decoder) in every other case,
+    /// including a branch elsewhere than `target_addr` (the decoder words the error).
+    fn at_boundary(&self, reloc_at: u64, target_addr: Option<u64>) -> Option<SiteInsn> {
+        let field = usize::try_from(reloc_at.checked_sub(self.start)?).ok()?;
+        let op = field.checked_sub(PLAIN_BRANCH_OPCODE_LEN as usize)?;
+        if !(op == 0 || (op == ENDBR64.len() && self.code.starts_with(&ENDBR64))) {
+            return None;
+        }
+        let rel32 = self.code.get(field..field.checked_add(REL32_LEN)?)?;
+        let kind = [SiteKind::Call, SiteKind::Jmp]
+            .into_iter()
+            .find(|&k| opcode_matches(k, &self.code[op..]))?;
+        if target_addr.is_some_and(|t| branch_field_dest(rel32, reloc_at) != Some(t)) {
+            return None;
+        }
+        Some(SiteInsn {
+            addr: self.start + op as u64,
+            len: (PLAIN_BRANCH_OPCODE_LEN as usize + REL32_LEN) as u8,
+            kind,
+            prefixes: 0,
+        })
     }
 
     /// The instruction holding the byte at `at`: the first whose end is past `at`, if it
@@ -238,8 +271,16 @@ impl<'c> Cursor<'c> {
         loop {
             match self.cur {
                 Some(c) if c.next_ip() > at => return (c.ip() <= at).then_some(c),
-                _ if !self.dec.can_decode() => return None,
-                _ => self.cur = Some(self.dec.decode()),
+                _ => {
+                    let (code, start) = (self.code, self.start);
+                    let dec = self.dec.get_or_insert_with(|| {
+                        Decoder::with_ip(64, code, start, DecoderOptions::NONE)
+                    });
+                    if !dec.can_decode() {
+                        return None;
+                    }
+                    self.cur = Some(dec.decode());
+                }
             }
         }
     }
@@ -251,6 +292,9 @@ impl<'c> Cursor<'c> {
         reloc_at: u64,
         target_addr: Option<u64>,
     ) -> Result<SiteInsn, String> {
+        if let Some(site) = self.at_boundary(reloc_at, target_addr) {
+            return Ok(site);
+        }
         let Some(insn) = self.find(reloc_at) else {
             return Err("not inside a decodable instruction".into());
         };
@@ -385,6 +429,99 @@ mod tests {
         assert_eq!(decode_insn(&code, ip).branch_target, 0x1005);
         assert_eq!(plain_branch_start(0x1001), Some(0x1000));
         assert_eq!(branch_field_dest(&code[1..5], 0x1001), Some(0x1005));
+    }
+
+    /// What the decoder alone answers (no boundary fast path).
+    fn decoded(code: &[u8], start: u64, at: u64, target: Option<u64>) -> Result<SiteInsn, String> {
+        let mut c = Cursor::new(code, start);
+        let Some(insn) = c.find(at) else {
+            return Err("not inside a decodable instruction".into());
+        };
+        classify_insn(&insn, code, start, at, target)
+    }
+
+    /// Every relocation offset in and around `code`, with and without a branch target
+    /// (the right one, a wrong one): the cursor answers as the decoder alone does.
+    fn assert_same_as_decoder(code: &[u8], start: u64) -> usize {
+        let mut fast = 0;
+        for at in start.saturating_sub(2)..start + code.len() as u64 + 2 {
+            let off = at.wrapping_sub(start) as usize;
+            let dest = code
+                .get(off..off.wrapping_add(4))
+                .and_then(|f| branch_field_dest(f, at));
+            for target in [None, dest, dest.map(|d| d ^ 1)] {
+                let mut c = Cursor::new(code, start);
+                fast += usize::from(c.at_boundary(at, target).is_some());
+                assert_eq!(
+                    c.classify(at, target),
+                    decoded(code, start, at, target),
+                    "{code:02x?} at {at:#x} target {target:x?}"
+                );
+            }
+        }
+        fast
+    }
+
+    #[test]
+    fn boundary_branches_without_the_decoder_are_what_the_decoder_says() {
+        let start = 0x4000;
+        let mut fast = 0;
+        for head in [
+            &[][..],
+            &ENDBR64[..],
+            &ENDBR64[..3],
+            &[0xf3][..],
+            &[0x2e][..],
+        ] {
+            for op in [0xe8, 0xe9, 0xeb, 0x0f, 0x90] {
+                for tail in [
+                    &[][..],
+                    &[1][..],
+                    &[1, 2, 3][..],
+                    &[0x10, 0, 0, 0x80, 0xc3][..],
+                ] {
+                    let code: Vec<u8> = head
+                        .iter()
+                        .copied()
+                        .chain([op])
+                        .chain(tail.iter().copied())
+                        .collect();
+                    fast += assert_same_as_decoder(&code, start);
+                }
+            }
+        }
+        // The fast path answered: `call`/`jmp` at the start and after `endbr64`.
+        assert!(fast >= 8, "{fast}");
+        // endbr64; call rel32 — the site starts after the endbr64.
+        let code = [0xf3, 0x0f, 0x1e, 0xfa, 0xe8, 0, 0, 0, 0];
+        let mut c = Cursor::new(&code, start);
+        assert_eq!(
+            c.classify(start + 5, Some(start + 9)),
+            Ok(SiteInsn {
+                addr: start + 4,
+                len: 5,
+                kind: SiteKind::Call,
+                prefixes: 0
+            })
+        );
+        assert!(c.dec.is_none(), "answered without the decoder");
+        // A `call` after another instruction needs the decoder.
+        let code = [0x90, 0xe8, 0, 0, 0, 0];
+        let mut c = Cursor::new(&code, start);
+        assert!(c.classify(start + 2, None).is_ok());
+        assert!(c.dec.is_some());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_function_start_classifies_as_the_decoder_does(
+            head in proptest::sample::select(vec![vec![], ENDBR64.to_vec()]),
+            op in proptest::sample::select(vec![0xe8u8, 0xe9, 0x66, 0xf3]),
+            rest in proptest::collection::vec(proptest::num::u8::ANY, 0..12),
+        ) {
+            let code: Vec<u8> = head.into_iter().chain([op]).chain(rest).collect();
+            assert_same_as_decoder(&code, 0x1000);
+        }
     }
 
     #[test]
