@@ -199,7 +199,7 @@ impl HostPoker {
     fn contains(&self, addr: u64, len: usize) -> bool {
         self.segments
             .iter()
-            .any(|s| addr >= s.start && addr.saturating_add(len as u64) <= s.end)
+            .any(|s| addr >= s.start && addr.checked_add(len as u64).is_some_and(|e| e <= s.end))
     }
 }
 
@@ -304,5 +304,36 @@ pub fn install_int3_handler() -> bool {
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(libc::SIGTRAP, &sa, core::ptr::null_mut()) == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poker(start: u64, end: u64) -> HostPoker {
+        HostPoker {
+            segments: std::vec![Segment {
+                start,
+                end,
+                prot: 0
+            }],
+            sync_core: false,
+            syncs: 0,
+            writes: 0,
+        }
+    }
+
+    #[test]
+    fn contains_takes_whole_ranges_only_and_never_wraps() {
+        let p = poker(0x1000, 0x2000);
+        assert!(p.contains(0x1000, 0x1000));
+        assert!(!p.contains(0x1ffc, 5));
+        assert!(!p.contains(0xfff, 1));
+        // A segment reaching the top of the address space: a range that would wrap
+        // past it is not inside, though a saturating end would say it is.
+        let top = poker(u64::MAX - 0xfff, u64::MAX);
+        assert!(top.contains(u64::MAX - 8, 5));
+        assert!(!top.contains(u64::MAX - 2, 5));
     }
 }
