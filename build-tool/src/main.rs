@@ -189,8 +189,9 @@ fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Pat
             output.display()
         ),
     };
-    // With `-o -` the output is on stdout: the summary goes to stderr.
-    if output.as_os_str() == "-" {
+    // With `-o -` (or `/dev/stdout`) the output is on stdout: the summary goes to
+    // stderr.
+    if ksites::output::is_stdout(output) {
         eprintln!("{line}");
     } else {
         println!("{line}");

@@ -130,49 +130,41 @@ impl Dest {
         if path.as_os_str() == "-" {
             return Ok(Dest::Stdout);
         }
-        let mut p = path.to_path_buf();
-        for _ in 0..40 {
-            let meta = match std::fs::symlink_metadata(&p) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && p == path => {
-                    return Ok(Dest::Replace { target: p });
+        // What the path leads to, as the kernel follows it (also through /proc's
+        // links, as `/dev/stdout` is: they name pipes and sockets by no path).
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+                    bail!(
+                        "cannot write {}: it is a symbolic link to a file that does not \
+                         exist (not writing through a dangling link)",
+                        path.display()
+                    );
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-                    "cannot write {}: it is a symbolic link to {}, which does not exist \
-                     (not writing through a dangling link)",
-                    path.display(),
-                    p.display()
-                ),
-                Err(e) => return Err(write_error(path)(e)),
-                Ok(m) => m,
-            };
-            let ft = meta.file_type();
-            if ft.is_symlink() {
-                let link = std::fs::read_link(&p).map_err(write_error(path))?;
-                p = match p.parent() {
-                    Some(d) if link.is_relative() => d.join(link),
-                    _ => link,
-                };
-                continue;
+                return Ok(Dest::Replace {
+                    target: path.to_path_buf(),
+                });
             }
-            if ft.is_file() {
-                return Ok(Dest::Replace { target: p });
-            }
-            if ft.is_char_device() || ft.is_fifo() {
-                return Ok(Dest::Direct(path.to_path_buf()));
-            }
-            let what = if ft.is_dir() {
-                "a directory"
-            } else if ft.is_block_device() {
-                "a block device (write to a file and copy that)"
-            } else {
-                "neither a regular file, a character device nor a FIFO"
-            };
-            bail!("cannot write {}: it is {what}", path.display());
+            Err(e) => return Err(write_error(path)(e)),
+        };
+        let ft = meta.file_type();
+        if ft.is_file() {
+            return Ok(Dest::Replace {
+                target: link_target(path)?,
+            });
         }
-        bail!(
-            "cannot write {}: too many levels of symbolic links",
-            path.display()
-        )
+        if ft.is_char_device() || ft.is_fifo() {
+            return Ok(Dest::Direct(path.to_path_buf()));
+        }
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_block_device() {
+            "a block device (write to a file and copy that)"
+        } else {
+            "neither a regular file, a character device nor a FIFO"
+        };
+        bail!("cannot write {}: it is {what}", path.display())
     }
 
     /// Writes `bytes` to a [`Dest::Stdout`] or [`Dest::Direct`] output (`path`, as the
@@ -195,6 +187,48 @@ impl Dest {
             }
             Dest::Replace { .. } => bail!("{}: not a direct output", path.display()),
         }
+    }
+}
+
+/// The regular file a chain of symbolic links starting at `path` ends at (`path` itself
+/// if it is no link), by paths relative to where the user's path is, never made
+/// absolute.
+fn link_target(path: &Path) -> Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        let meta = std::fs::symlink_metadata(&p).map_err(write_error(path))?;
+        if !meta.file_type().is_symlink() {
+            if meta.is_file() {
+                return Ok(p);
+            }
+            break;
+        }
+        let link = std::fs::read_link(&p).map_err(write_error(path))?;
+        p = match p.parent() {
+            Some(d) if link.is_relative() => d.join(link),
+            _ => link,
+        };
+    }
+    bail!(
+        "cannot write {}: cannot follow its symbolic links to the file they lead to",
+        path.display()
+    )
+}
+
+/// Whether `path` is where standard output goes: `-`, or the same file (a pipe, a
+/// terminal, a file) as file descriptor 1, as `/dev/stdout` is.
+pub fn is_stdout(path: &Path) -> bool {
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+    if path.as_os_str() == "-" {
+        return true;
+    }
+    let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    match (File::from(fd).metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

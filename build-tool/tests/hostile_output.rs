@@ -131,6 +131,20 @@ fn row_01_dash_writes_the_output_to_stdout() {
     );
     assert!(!dir.path().join("-").exists());
     assert!(temp_files_left(dir.path()).is_empty());
+    // `/dev/stdout` (a link to /proc/self/fd/1, a pipe here) is written directly too.
+    let o = run(Command::new(KSITES)
+        .arg("embed")
+        .arg(&input)
+        .args(["-o", "/dev/stdout"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout == std::fs::read(&input).unwrap());
+    assert!(stderr(&o).contains("-> /dev/stdout"), "{}", stderr(&o));
+    assert!(
+        std::fs::symlink_metadata("/dev/stdout")
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
 }
 
 /// A link to a regular file: the file it leads to is replaced (through a temporary file
@@ -405,4 +419,76 @@ fn row_14_a_relative_output_below_path_max() {
         stderr(&o)
     );
     assert!(!stderr(&o).contains("too long"), "{}", stderr(&o));
+}
+
+/// `ksites link` killed while the linker runs: its `.ksites-link-*` temporary output is
+/// removed too.
+#[test]
+fn row_10_sigterm_during_link_removes_the_linker_temporary_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let linker = dir.path().join("slow-ld");
+    let pidfile = dir.path().join("ld.pid");
+    // Written by another process: a file this one holds open for writing could be
+    // inherited by a child another test forks, and exec'ing it would fail (ETXTBSY).
+    let script = "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = -o ] && out=$2; shift; done\n\
+                  echo partial > \"$out\"; echo $$ > \"$PIDFILE\"; exec sleep 30\n";
+    let o = run(Command::new("sh")
+        .args([
+            "-c",
+            r#"printf '%s' "$SCRIPT" > "$1" && chmod 755 "$1""#,
+            "sh",
+        ])
+        .arg(&linker)
+        .env("SCRIPT", script));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let mut child = Command::new(KSITES)
+        .arg("link")
+        .arg("--linker")
+        .arg(&linker)
+        .args(["--", "-static", "x.o", "-o"])
+        .arg(&out)
+        .env("PIDFILE", &pidfile)
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let ld_pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the linker did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(
+        temp_files_left(dir.path()).iter().any(|p| p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".ksites-link-")),
+        "the linker's temporary output is there while it runs"
+    );
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, not yet waited for, and on the fake linker,
+    // which it started and which sleeps until killed.
+    unsafe {
+        assert_eq!(libc::kill(pid, libc::SIGTERM), 0);
+    }
+    let status = child.wait().unwrap();
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(ld_pid, libc::SIGKILL);
+    }
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
+    assert!(
+        temp_files_left(dir.path()).is_empty(),
+        "left {:?}",
+        temp_files_left(dir.path())
+    );
+    assert!(!out.exists());
 }
