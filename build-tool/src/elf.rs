@@ -637,12 +637,17 @@ impl std::ops::Deref for FileBytes {
 }
 
 /// Reads a whole file: a large regular file is mapped read-only, anything else is read
-/// (with the same errors `std::fs::read` gives).
+/// (with the same errors `std::fs::read` gives). A file larger than the input limit
+/// ([`crate::output::max_input_size`]) is an error: a regular file's size is checked
+/// before anything is read, and a pipe or device (`/dev/zero`) is read no further than
+/// one byte past the limit.
 pub fn read_file(path: &std::path::Path) -> std::io::Result<FileBytes> {
     use std::io::Read as _;
-    let mut f = std::fs::File::open(path)?;
-    let meta = f.metadata()?;
-    if meta.is_file() && meta.len() >= MAP_AT_LEAST {
+    let (mut f, meta) = crate::output::open_input(path)?;
+    if !meta.is_file() {
+        return crate::output::read_bounded(&mut f).map(FileBytes::Read);
+    }
+    if meta.len() >= MAP_AT_LEAST {
         // SAFETY: the map is read-only and this process never writes the file (outputs
         // go to a new temporary file that is renamed over the output path, never into
         // the input's inode). What the map cannot rule out is another process

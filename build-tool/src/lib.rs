@@ -6,6 +6,7 @@ pub mod embed;
 pub use embed::rel as embed_rel;
 pub mod inspect;
 pub mod link;
+pub mod output;
 pub mod probes;
 pub mod record_section;
 pub mod records;

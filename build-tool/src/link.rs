@@ -221,21 +221,21 @@ pub fn link(linker: &Linker, args: &[OsString]) -> Result<Option<EmbedReport>> {
         return Ok(None);
     }
     let la = parse_link_args(&args)?;
-    let dir = match la.output.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+    // Beside the output (by the user's, maybe relative, path; in the temporary
+    // directory for a device, FIFO or stdout output); removed on error, on drop and on
+    // SIGINT/SIGTERM/SIGHUP.
+    let beside = match crate::output::Dest::resolve(&la.output)? {
+        crate::output::Dest::Replace { target } => target,
+        _ => std::env::temp_dir().join("out"),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".ksites-link-")
-        .tempfile_in(&dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?
-        .into_temp_path();
+    let tmp = crate::output::TempFile::beside(&beside, ".ksites-link-")
+        .map_err(crate::output::write_error(&la.output))?;
     let mut cmd = linker.command()?;
     cmd.args(&la.rest);
     if !la.has_emit_relocs {
         cmd.arg("--emit-relocs");
     }
-    cmd.arg("-o").arg(&*tmp);
+    cmd.arg("-o").arg(tmp.path());
     let status = cmd
         .status()
         .with_context(|| format!("cannot run the linker ({linker:?}): {cmd:?}"))?;
@@ -245,14 +245,14 @@ pub fn link(linker: &Linker, args: &[OsString]) -> Result<Option<EmbedReport>> {
             la.output.display()
         );
     }
-    ensure!(tmp.is_file(), "the linker produced no output");
-    let report = embed_file(&tmp, &la.output).with_context(|| {
+    ensure!(tmp.path().is_file(), "the linker produced no output");
+    let report = embed_file(tmp.path(), &la.output).with_context(|| {
         format!(
             "embedding into {} failed; the output was not written",
             la.output.display()
         )
     })?;
-    tmp.close().ok();
+    drop(tmp);
     Ok(Some(report))
 }
 

@@ -49,12 +49,20 @@ enum Command {
     Embed {
         /// The linked image, or a relocatable module object.
         image: PathBuf,
-        /// Where to write the result (must differ from IMAGE).
+        /// Where to write the result (must differ from IMAGE). A regular file is
+        /// replaced through a temporary file and a rename (through a symbolic link: the
+        /// file it leads to); a character device or FIFO (`/dev/null`) is written to
+        /// directly, never replaced; `-` writes to stdout (the summary then goes to
+        /// stderr).
         #[arg(short, long)]
         output: PathBuf,
         /// Print nothing on success.
         #[arg(short, long)]
         quiet: bool,
+        /// Refuse inputs larger than BYTES and outputs larger than twice BYTES (a
+        /// number, or with K, M, G or T; default 2G, or $KSITES_MAX_SIZE).
+        #[arg(long, value_name = "BYTES", value_parser = ksites::output::parse_size)]
+        max_size: Option<u64>,
     },
     /// Run the real linker with --emit-relocs, then `embed`, writing the linker's `-o`
     /// output only if both succeed. Everything after `--` is passed to the linker.
@@ -154,8 +162,8 @@ fn parse_addr(s: &str) -> Result<u64, String> {
 }
 
 fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Path) {
-    match r.table {
-        Some((_, size)) if r.relocatable => println!(
+    let line = match r.table {
+        Some((_, size)) if r.relocatable => format!(
             "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites; table in .ksites ({size} bytes, relocated at load by .rela.ksites) -> {}",
             input.display(),
             r.ifuncs.len(),
@@ -165,7 +173,7 @@ fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Pat
             r.probes.sites.len(),
             output.display()
         ),
-        Some((addr, size)) => println!(
+        Some((addr, size)) => format!(
             "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites; table at {addr:#x} ({size} bytes) -> {}",
             input.display(),
             r.ifuncs.len(),
@@ -175,11 +183,18 @@ fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Pat
             r.probes.sites.len(),
             output.display()
         ),
-        None => println!(
+        None => format!(
             "ksites: {}: no ifuncs or probes; copied unchanged -> {}",
             input.display(),
             output.display()
         ),
+    };
+    // With `-o -` (or `/dev/stdout`) the output is on stdout: the summary goes to
+    // stderr.
+    if ksites::output::is_stdout(output) {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
     }
 }
 
@@ -189,7 +204,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             image,
             output,
             quiet,
+            max_size,
         } => {
+            if let Some(n) = max_size {
+                ksites::output::set_max_size(n);
+            }
             let r = embed_file(&image, &output)?;
             if !quiet {
                 print_embed(&r, &image, &output);

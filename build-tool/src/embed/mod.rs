@@ -20,6 +20,9 @@ use anyhow::{Context, Result, bail};
 use kernel_loader::format::SECTION_NAME;
 
 use crate::elf::{ElfKind, Image, read_file};
+use crate::output::{
+    Dest, TempFile, check_output_size, finish, replace_with, same_file, write_error,
+};
 
 pub mod exec;
 pub mod rel;
@@ -191,6 +194,12 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
 /// Embeds `input` into `output`, writing a temporary file beside `output` and renaming
 /// it, so `output` is either untouched or complete. `input` is never modified.
 ///
+/// Where the output goes is decided by [`Dest::resolve`]: a regular file (or a new
+/// one) is replaced through the temporary file; a symbolic link to a regular file is
+/// followed, and the file it leads to is replaced (the link stays); a character device
+/// or a FIFO (or a link to one) is opened and written to directly; `-` is stdout;
+/// anything else is refused. Errors name `output` as given, never the temporary file.
+///
 /// A linked image's output starts with the input unchanged but for a few patched
 /// ranges: while the sites are found, a second thread copies the input into the
 /// temporary file and syncs it, so that writing and syncing the output's bulk overlaps
@@ -198,11 +207,10 @@ pub fn embed_bytes(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
 /// Errors come in the same order as without the copy (its temporary file is only
 /// opportunistic: a failure to create it leaves the ordinary path to report it).
 pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
-    let same = match (input.canonicalize(), output.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
+    let dest = Dest::resolve(output)?;
+    if let Dest::Replace { target } | Dest::Direct(target) = &dest
+        && same_file(input, target)
+    {
         bail!(
             "{}: refusing to overwrite the input; write to a different -o path",
             input.display()
@@ -211,17 +219,31 @@ pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
     let data = read_file(input).with_context(|| format!("cannot read {}", input.display()))?;
     let path = input.display().to_string();
     let pace = Pace::from_env();
+    let Dest::Replace { target } = &dest else {
+        // A device, a FIFO or stdout: written directly, once the output is complete
+        // and checked.
+        let e = embed_image(&path, &data)?;
+        check_output_size(output, "the output", e.out.len() as u64)?;
+        let out = e.out.to_vec();
+        if let Some(c) = &e.check {
+            exec::verify_output(&path, &out, c)?;
+        }
+        dest.write_direct(output, &out)?;
+        return Ok(e.report);
+    };
     // Linked images (the path that keeps the input as the output's base).
     let early = matches!(
         crate::elf::e_type(&data),
         Some(object::elf::ET_EXEC | object::elf::ET_DYN)
     );
-    let pre = early.then(|| temp_beside(output).ok()).flatten();
+    let pre = early
+        .then(|| TempFile::beside(target, TEMP_PREFIX).ok())
+        .flatten();
     let cancel = std::sync::atomic::AtomicBool::new(false);
     let (embedded, prefix) = std::thread::scope(|sc| {
         let copier = pre
             .as_ref()
-            .map(|tmp| sc.spawn(|| copy_prefix(tmp.as_file(), &data, pace, &cancel)));
+            .map(|tmp| sc.spawn(|| copy_prefix(tmp.file(), &data, pace, &cancel)));
         let embedded = embed_image(&path, &data);
         if embedded.is_err() {
             cancel.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -230,7 +252,10 @@ pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
         (embedded, prefix)
     });
     let e = embedded?;
-    let perms = std::fs::metadata(input)?.permissions();
+    check_output_size(output, "the output", e.out.len() as u64)?;
+    let perms = std::fs::metadata(input)
+        .with_context(|| format!("cannot read {}", input.display()))?
+        .permissions();
     let check = |file: &std::fs::File| -> Result<()> {
         let Some(c) = &e.check else { return Ok(()) };
         // SAFETY: the temporary file was just written by this process and is not
@@ -242,14 +267,30 @@ pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
     };
     match (pre, prefix) {
         (Some(tmp), Some(copied)) if e.out.base_is(&data) => {
-            copied?;
-            e.out.write_changes_at(tmp.as_file(), pace)?;
-            finish_atomically(tmp, output, perms, check)?;
+            copied
+                .and_then(|()| e.out.write_changes_at(tmp.file(), pace))
+                .map_err(write_error(output))?;
+            finish(tmp, output, target, perms, check)?;
         }
-        _ => write_atomically_with(output, perms, pace, |w| e.out.write_to(w), check)?,
+        _ => replace_with(
+            output,
+            target,
+            perms,
+            |f| {
+                e.out.write_to(&mut PacedWriter {
+                    file: f,
+                    at: 0,
+                    pace,
+                })
+            },
+            check,
+        )?,
     }
     Ok(e.report)
 }
+
+/// The prefix of the temporary files `embed` writes beside its output.
+pub const TEMP_PREFIX: &str = ".ksites-tmp-";
 
 /// Copies `data` to the start of `file` and syncs it, unless `cancel` is set first
 /// (then what is in the file does not matter: it is removed).
@@ -271,14 +312,26 @@ fn copy_prefix(
     file.sync_data()
 }
 
-/// Writes `bytes` to a temporary file in `path`'s directory, syncs it, and renames it
-/// over `path`.
+/// Writes `bytes` to `path` as `embed` writes its output ([`Dest`]): a regular file
+/// through a temporary file in its directory, synced and renamed over it.
 pub fn write_atomically(path: &Path, bytes: &[u8], perms: std::fs::Permissions) -> Result<()> {
-    write_atomically_with(
+    let dest = Dest::resolve(path)?;
+    let Dest::Replace { target } = &dest else {
+        return dest.write_direct(path, bytes);
+    };
+    let pace = Pace::from_env();
+    replace_with(
         path,
+        target,
         perms,
-        Pace::from_env(),
-        |w| w.write_all(bytes),
+        |f| {
+            PacedWriter {
+                file: f,
+                at: 0,
+                pace,
+            }
+            .write_all(bytes)
+        },
         |_| Ok(()),
     )
 }
@@ -338,61 +391,6 @@ impl Write for PacedWriter<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// A new temporary file in `path`'s directory.
-fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    tempfile::Builder::new()
-        .prefix(".ksites-tmp-")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
-}
-
-/// Creates a temporary file in `path`'s directory, lets `write` fill it, and finishes
-/// it ([`finish_atomically`]). If anything fails, the temporary file is removed and
-/// `path` is untouched.
-fn write_atomically_with(
-    path: &Path,
-    perms: std::fs::Permissions,
-    pace: Option<Pace>,
-    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-    check: impl FnOnce(&std::fs::File) -> Result<()>,
-) -> Result<()> {
-    let tmp = temp_beside(path)?;
-    write(&mut PacedWriter {
-        file: tmp.as_file(),
-        at: 0,
-        pace,
-    })?;
-    finish_atomically(tmp, path, perms, check)
-}
-
-/// Lets `check` read the written temporary file, syncs it, and renames it over
-/// `path`. If anything fails, the temporary file is removed and `path` is untouched.
-fn finish_atomically(
-    tmp: tempfile::NamedTempFile,
-    path: &Path,
-    perms: std::fs::Permissions,
-    check: impl FnOnce(&std::fs::File) -> Result<()>,
-) -> Result<()> {
-    check(tmp.as_file())?;
-    tmp.as_file().sync_all()?;
-    tmp.as_file().set_permissions(perms)?;
-    tmp.persist(path)
-        .map_err(|e| anyhow::anyhow!("cannot rename into {}: {}", path.display(), e.error))?;
-    // Make the rename itself durable.
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]
