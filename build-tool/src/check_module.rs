@@ -209,12 +209,12 @@ pub fn check_input(name: &str, data: &[u8]) -> Result<()> {
         "an ar archive (check its members one by one: `ar x`)".to_string()
     } else if !data.starts_with(&elf::ELFMAG) {
         "not an ELF file".to_string()
+    } else if data.get(4 /* EI_CLASS */) == Some(&elf::ELFCLASS32) {
+        "a 32-bit ELF file".to_string()
+    } else if data.get(5 /* EI_DATA */) == Some(&elf::ELFDATA2MSB) {
+        "a big-endian ELF file".to_string()
     } else if data.len() < 64 {
         format!("a truncated ELF header ({} bytes)", data.len())
-    } else if data[4 /* EI_CLASS */] != elf::ELFCLASS64 {
-        "a 32-bit ELF file".to_string()
-    } else if data[5 /* EI_DATA */] != elf::ELFDATA2LSB {
-        "a big-endian ELF file".to_string()
     } else {
         match u16::from_le_bytes([data[16], data[17]]) {
             elf::ET_REL => return Ok(()),

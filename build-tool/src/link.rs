@@ -320,7 +320,9 @@ fn refuse_output_among_inputs(output: &Path, rest: &[OsString]) -> Result<()> {
     let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
     let out_id = id(output);
     fn plain(p: &Path) -> Vec<std::path::Component<'_>> {
-        p.components().collect()
+        p.components()
+            .filter(|c| *c != std::path::Component::CurDir)
+            .collect()
     }
     for a in rest {
         let b = a.as_bytes();
