@@ -2,6 +2,14 @@
 //! temporary file beside the requested output, then `embed`s that into the output, so a
 //! `cargo build` (with `-C linker=ksites-ld`) or a C build (`LD=ksites-ld`) produces the
 //! final, embedded image in one step. The output is written only if both succeed.
+//!
+//! The command line is read as the linkers read it: `@file` response files expanded
+//! (nested, as bytes, libiberty's quoting: [`expand_response_files`]), `-o` found in all
+//! its spellings (`a.out` without one: [`parse_link_args`]). Informational flags
+//! (`-v`, `-V`, `--version`) do not make a link a query: the linker decides whether it
+//! links, and whatever it writes is embedded. An output that is one of the inputs is
+//! refused before the linker runs, as GNU ld refuses it. Errors name the linker program
+//! and the user's `-o` path, never the temporary file.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};

@@ -65,10 +65,12 @@ enum Command {
     /// output only if both succeed. Everything after `--` is passed to the linker.
     /// Use the `ksites-ld` binary (same as `ksites link --`) where a single program is
     /// needed: `-C linker=ksites-ld` for rustc, `LD=ksites-ld` for C builds. `@file`
-    /// response files are expanded; partial links (`-r`), version queries and command
-    /// lines without `-o` go to the real linker unchanged. The image must be a static
-    /// ET_EXEC (for rustc targets that default to static-pie, add
-    /// `-C relocation-model=static`).
+    /// response files are expanded as GNU ld does (nested ones too, as bytes). Without
+    /// `-o` the output is `a.out`. `-v`/`-V`/`--version` print the linker's version and
+    /// the output, if the linker writes one, is embedded; only partial links (`-r`) and
+    /// `--help` go to the real linker unchanged. An output that is one of the inputs is
+    /// refused. The image must be a static ET_EXEC (for rustc targets that default to
+    /// static-pie, add `-C relocation-model=static`).
     #[command(after_help = EXIT_CODES)]
     Link {
         /// The real linker: `lld` (the toolchain's rust-lld, else ld.lld; the default),
