@@ -319,10 +319,25 @@ fn is_informational(args: &[OsString]) -> bool {
     })
 }
 
+/// Linker options whose value (the next argument, or after `=`) names no file the link
+/// reads: a soname, a symbol, a directory, an address, a file the linker writes. Their
+/// values are not compared with the output (`-soname libx.so.1 -o libx.so.1` is usual).
+#[rustfmt::skip]
+const NOT_INPUT_VALUE: &[&str] = &[
+    "soname", "h", "e", "entry", "m", "z", "u", "undefined", "require-defined", "y",
+    "trace-symbol", "defsym", "wrap", "Map", "dynamic-linker", "I", "rpath", "rpath-link",
+    "L", "library-path", "sysroot", "hash-style", "O", "plugin", "plugin-opt",
+    "section-start", "Ttext", "Tdata", "Tbss", "Ttext-segment", "Trodata-segment",
+    "Tldata-segment", "image-base", "exclude-libs", "a", "audit", "f", "auxiliary", "F",
+    "filter", "A", "architecture", "b", "format", "oformat", "out-implib",
+    "dependency-file", "package-metadata",
+];
+
 /// Refuses an output that is one of the link's inputs (GNU ld: "input file is the same
 /// as output file"): the same file (device and inode) when the output exists, else the
-/// same path. Every argument that may name a file is compared: a plain argument, and the
-/// value of an `--option=value`.
+/// same path. Every argument that may name a file the link reads is compared: a plain
+/// argument, and the value of an option (`-T x`, `--script=x`), except the values of
+/// [`NOT_INPUT_VALUE`] options.
 fn refuse_output_among_inputs(output: &Path, rest: &[OsString]) -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
@@ -332,12 +347,25 @@ fn refuse_output_among_inputs(output: &Path, rest: &[OsString]) -> Result<()> {
             .filter(|c| *c != std::path::Component::CurDir)
             .collect()
     }
+    let not_input = |opt: &[u8]| {
+        let name = opt.strip_prefix(b"-").unwrap_or(opt);
+        let name = name.strip_prefix(b"-").unwrap_or(name);
+        NOT_INPUT_VALUE.iter().any(|n| n.as_bytes() == name)
+    };
+    let mut skip_next = false;
     for a in rest {
         let b = a.as_bytes();
+        if std::mem::take(&mut skip_next) {
+            continue;
+        }
         let cand = if b.starts_with(b"-") {
             match b.iter().position(|&c| c == b'=') {
-                Some(eq) => &b[eq + 1..],
-                None => continue,
+                Some(eq) if !not_input(&b[..eq]) => &b[eq + 1..],
+                Some(_) => continue,
+                None => {
+                    skip_next = not_input(b);
+                    continue;
+                }
             }
         } else {
             b
@@ -394,7 +422,8 @@ fn name_output(e: anyhow::Error, tmp: &Path, output: &Path) -> anyhow::Error {
     if e.chain()
         .any(|c| c.downcast_ref::<AlreadyEmbedded>().is_some())
     {
-        return AlreadyEmbedded(format!("{out} (as linked)")).into();
+        return AlreadyEmbedded(format!("{out} (as linked: an input has a .ksites section)"))
+            .into();
     }
     let msg = format!("{e:#}").replace(&tmp.display().to_string(), &out);
     anyhow::anyhow!(msg)
@@ -572,7 +601,16 @@ mod tests {
         let via = OsString::from(format!("--script={}", o.display()));
         assert!(refuse_output_among_inputs(&o, &[via]).is_err());
         let other = dir.path().join("other");
-        assert!(refuse_output_among_inputs(&other, &[o.into()]).is_ok());
+        assert!(refuse_output_among_inputs(&other, &[o.clone().into()]).is_ok());
+        // A soname (or any value that names no input) equal to the output is usual.
+        for v in [
+            vec![OsString::from("-soname"), o.clone().into()],
+            vec![OsString::from("-h"), o.clone().into()],
+            vec![OsString::from(format!("--soname={}", o.display()))],
+        ] {
+            assert!(refuse_output_among_inputs(&o, &v).is_ok(), "{v:?}");
+        }
+        assert!(refuse_output_among_inputs(&o, &[OsString::from("-T"), o.clone().into()]).is_err());
     }
 
     #[test]
