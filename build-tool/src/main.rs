@@ -175,6 +175,12 @@ fn parse_load_addr(s: &str) -> Result<u64, String> {
     Ok(a)
 }
 
+/// Reads an input file the way every subcommand does (see [`ksites::elf::read_file`]),
+/// with an error naming it.
+fn read_input(p: &std::path::Path) -> anyhow::Result<ksites::elf::FileBytes> {
+    ksites::elf::read_file(p).with_context(|| format!("cannot read {}", p.display()))
+}
+
 fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Path) {
     match r.table {
         Some((_, size)) if r.relocatable => println!(
@@ -230,8 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Inspect { file, json } => {
-            let data = std::fs::read(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let data = read_input(&file)?;
             let name = file.display().to_string();
             if json {
                 println!("{}", ksites::inspect::inspect_json(&name, &data)?);
@@ -240,8 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Verify { file } => {
-            let data = std::fs::read(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let data = read_input(&file)?;
             let r = ksites::verify::verify(&file.display().to_string(), &data)?;
             for p in &r.problems {
                 println!("{p}");
@@ -267,16 +271,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             load_address,
             json,
         } => {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
-            };
-            let data = read(&module)?;
+            let data = read_input(&module)?;
             let name = module.display().to_string();
             ksites::check_module::check_input(&name, &data)?;
             let kernel = match &kernel_symbols {
                 Some(p) => Some(ksites::check_module::KernelSymbols::read(
                     &p.display().to_string(),
-                    &read(p)?,
+                    &read_input(p)?,
                 )?),
                 None => None,
             };
