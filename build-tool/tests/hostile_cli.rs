@@ -437,6 +437,8 @@ fn row_11_inputs_that_are_not_modules_exit_1() {
     std::fs::write(d.join("notes.txt"), b"just some text\n").unwrap();
     std::fs::write(d.join("elf32.o"), &elf32).unwrap();
     std::fs::write(d.join("core"), &core).unwrap();
+    // An ET_REL header whose section headers lie past the end of the file.
+    std::fs::write(d.join("cut.o"), &m[..100]).unwrap();
     let ar = run(Command::new("ar")
         .args(["rc", "lib.a", "m.o"])
         .current_dir(d));
@@ -448,6 +450,7 @@ fn row_11_inputs_that_are_not_modules_exit_1() {
         ("lib.a", "an ar archive"),
         ("core", "a core file (ET_CORE)"),
         ("missing.o", "cannot read missing.o"),
+        ("cut.o", "cut.o: malformed module object: malformed ELF"),
     ] {
         let o = check_module(d, &[file]);
         let t = text(&o);
