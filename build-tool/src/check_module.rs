@@ -8,7 +8,9 @@ use std::ops::Range;
 use anyhow::{Context, Result, bail};
 use kernel_loader::CpuFeatures;
 use kernel_loader::format::Table;
-use kernel_loader::module::{self, Kernel, LoadReport, ModuleMemory, PAGE_SIZE, Prot, Region};
+use kernel_loader::module::{
+    self, Kernel, LoadReport, ModuleError, ModuleMemory, PAGE_SIZE, Prot, Region, RelocationProblem,
+};
 use object::read::elf::{ElfFile64, SectionHeader as _};
 use object::{LittleEndian, Object as _, ObjectSection as _, ObjectSymbol as _, SectionKind};
 
@@ -23,6 +25,9 @@ pub struct KernelSymbols {
     pub table: Option<(Vec<u8>, u64)>,
     /// What the symbols came from.
     pub source: String,
+    /// Whether they came from a `System.map`-style text file (which says nothing of
+    /// ifuncs).
+    pub map: bool,
 }
 
 impl KernelSymbols {
@@ -60,6 +65,7 @@ impl KernelSymbols {
             exec,
             table,
             source: name.to_string(),
+            map: false,
         })
     }
 
@@ -100,6 +106,7 @@ impl KernelSymbols {
             exec,
             table: None,
             source: name.to_string(),
+            map: true,
         })
     }
 
@@ -183,6 +190,58 @@ pub struct CheckReport {
     pub addr: u64,
     /// Whether undefined symbols were checked against a kernel.
     pub symbols_checked: bool,
+    /// The kernel ifuncs the module imports (its `.ksites` table's imports).
+    pub ifunc_imports: Vec<String>,
+    /// Why those imports could not be checked to be kernel ifuncs (`None`: they were,
+    /// against the kernel's `.ksites` table).
+    pub imports_unchecked: Option<String>,
+}
+
+/// Checks that `data` is what a module is, an ELF64 little-endian relocatable object,
+/// and otherwise says what it is instead: an empty file, text, an archive, a 32-bit or
+/// big-endian ELF file, a core file, a linked executable. (Such input is malformed, not
+/// a module that would not load.)
+pub fn check_input(name: &str, data: &[u8]) -> Result<()> {
+    use object::elf;
+    let what = if data.is_empty() {
+        "an empty file".to_string()
+    } else if data.starts_with(b"!<arch>\n") || data.starts_with(b"!<thin>\n") {
+        "an ar archive (check its members one by one: `ar x`)".to_string()
+    } else if !data.starts_with(&elf::ELFMAG) {
+        "not an ELF file".to_string()
+    } else if data.get(4 /* EI_CLASS */) == Some(&elf::ELFCLASS32) {
+        "a 32-bit ELF file".to_string()
+    } else if data.get(5 /* EI_DATA */) == Some(&elf::ELFDATA2MSB) {
+        "a big-endian ELF file".to_string()
+    } else if data.len() < 64 {
+        format!("a truncated ELF header ({} bytes)", data.len())
+    } else {
+        match u16::from_le_bytes([data[16], data[17]]) {
+            elf::ET_REL => return Ok(()),
+            elf::ET_EXEC => "a linked executable (ET_EXEC)".to_string(),
+            elf::ET_DYN => "a shared object or PIE (ET_DYN)".to_string(),
+            elf::ET_CORE => "a core file (ET_CORE)".to_string(),
+            t => format!("an ELF file of type {t:#x}"),
+        }
+    };
+    bail!(
+        "{name}: {what}, not a module (an ELF64 little-endian relocatable object, as `gcc -c` makes)"
+    )
+}
+
+/// Whether a loader error means the object is malformed (exit status 1) rather than a
+/// well-formed module that would not load (4).
+fn is_malformed(e: &ModuleError) -> bool {
+    matches!(
+        e,
+        ModuleError::Elf(_)
+            | ModuleError::NotRelocatable { .. }
+            | ModuleError::Malformed(_)
+            | ModuleError::BadRelocation {
+                why: RelocationProblem::SymbolOutOfRange | RelocationProblem::OutsideSection,
+                ..
+            }
+    )
 }
 
 /// Checks `module` against `kernel` at `addr` (default: [`KernelSymbols::default_load_address`]).
@@ -225,16 +284,41 @@ pub fn check(
         bufs: Vec::new(),
     };
     let mut problems = Vec::new();
-    let r = module::check(module, &k, &mut mem, &mut |e| problems.push(e.to_string()));
+    let mut malformed = None;
+    let mut note = |e: ModuleError, problems: &mut Vec<String>| {
+        let s = e.to_string();
+        if is_malformed(&e) && malformed.is_none() {
+            malformed = Some(s.clone());
+        }
+        if !problems.contains(&s) {
+            problems.push(s);
+        }
+    };
+    let r = module::check(module, &k, &mut mem, &mut |e| note(e, &mut problems));
     let load = match r {
         Ok(rep) => Some(rep),
         Err(e) => {
-            let s = e.to_string();
-            if !problems.contains(&s) {
-                problems.push(s);
-            }
+            note(e, &mut problems);
             None
         }
+    };
+    if let Some(m) = malformed {
+        bail!("malformed module object: {m}");
+    }
+    let imports_unchecked = if !checked {
+        Some("no --kernel-symbols".to_string())
+    } else if kernel.table.is_some() {
+        None
+    } else if kernel.map {
+        Some(format!(
+            "{} is a System.map, which does not say which symbols are ifuncs",
+            kernel.source
+        ))
+    } else {
+        Some(format!(
+            "{} has no .ksites table (not embedded), so its ifuncs are not known",
+            kernel.source
+        ))
     };
     Ok(CheckReport {
         problems,
@@ -248,7 +332,31 @@ pub fn check(
         load,
         addr,
         symbols_checked: checked,
+        ifunc_imports: ifunc_imports(module),
+        imports_unchecked,
     })
+}
+
+/// The names of the kernel ifuncs an embedded module imports: the undefined symbols its
+/// `.ksites` table is relocated against (see [`crate::embed`]'s module format).
+fn ifunc_imports(data: &[u8]) -> Vec<String> {
+    let Ok(f) = ElfFile64::<LittleEndian>::parse(data) else {
+        return Vec::new();
+    };
+    let Some(t) = f.section_by_name(kernel_loader::format::SECTION_NAME) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = t
+        .relocations()
+        .filter_map(|(_, r)| match r.target() {
+            object::RelocationTarget::Symbol(i) => f.symbol_by_index(i).ok(),
+            _ => None,
+        })
+        .filter(|s| s.is_undefined())
+        .filter_map(|s| Some(s.name().ok()?.to_string()))
+        .collect();
+    names.dedup();
+    names
 }
 
 /// The module's undefined (non-weak or weak) symbol names, in symbol-table order.
@@ -298,6 +406,11 @@ pub fn to_text(name: &str, r: &CheckReport) -> String {
             }
         }
     }
+    if let Some(why) = &r.imports_unchecked {
+        for n in &r.ifunc_imports {
+            let _ = writeln!(o, "  import {n}: not checked to be a kernel ifunc ({why})");
+        }
+    }
     if !r.symbols_checked {
         let names: Vec<_> = r.imports.iter().map(|(n, _)| n.as_str()).collect();
         let _ = writeln!(
@@ -330,6 +443,9 @@ pub fn to_json(name: &str, r: &CheckReport) -> serde_json::Value {
         "loads": r.problems.is_empty() && r.load.is_some(),
         "address": r.addr,
         "symbols_checked": r.symbols_checked,
+        "ifunc_imports": r.ifunc_imports,
+        "ifunc_imports_checked": r.imports_unchecked.is_none(),
+        "ifunc_imports_not_checked_because": r.imports_unchecked,
         "problems": r.problems,
         "imports": r.imports.iter().map(|(n, a)| serde_json::json!({"name": n, "address": a})).collect::<Vec<_>>(),
         "report": r.load.map(|l| serde_json::json!({

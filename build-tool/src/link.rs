@@ -2,14 +2,23 @@
 //! temporary file beside the requested output, then `embed`s that into the output, so a
 //! `cargo build` (with `-C linker=ksites-ld`) or a C build (`LD=ksites-ld`) produces the
 //! final, embedded image in one step. The output is written only if both succeed.
+//!
+//! The command line is read as the linkers read it: `@file` response files expanded
+//! (nested, as bytes, libiberty's quoting: [`expand_response_files`]), `-o` found in all
+//! its spellings (`a.out` without one: [`parse_link_args`]). Informational flags
+//! (`-v`, `-V`, `--version`) do not make a link a query: the linker decides whether it
+//! links, and whatever it writes is embedded. An output that is one of the inputs is
+//! refused before the linker runs, as GNU ld refuses it. Errors name the linker program
+//! and the user's `-o` path, never the temporary file.
 
 use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::embed::{EmbedReport, embed_file};
+use crate::embed::{AlreadyEmbedded, EmbedReport, embed_file};
 
 /// Environment variable choosing the real linker for `ksites-ld` (and the default for
 /// `ksites link`).
@@ -79,11 +88,10 @@ fn rust_lld() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-/// The linker's arguments with the output path taken out: `(output, args with a
-/// placeholder index where -o goes)`.
+/// The linker's arguments with the output path taken out.
 #[derive(Debug, PartialEq, Eq)]
 pub struct LinkArgs {
-    /// The requested output.
+    /// The requested output (`a.out`, the linkers' default, without `-o`).
     pub output: PathBuf,
     /// Every other argument, in order (`-flavor X` dropped).
     pub rest: Vec<OsString>,
@@ -91,8 +99,13 @@ pub struct LinkArgs {
     pub has_emit_relocs: bool,
 }
 
-/// Splits a linker command line. Accepts `-o X`, `-oX`, `--output X`, `--output=X`;
-/// drops a leading `-flavor gnu` (what rustc passes to `rust-lld`).
+/// Long options that begin with `-o` when written with one dash (GNU ld parses
+/// single-dash long options, and so does lld): not an `-oFILE`.
+const O_LONG_OPTIONS: &[&str] = &["omagic", "oformat", "orphan-handling", "opt-remarks"];
+
+/// Splits a linker command line. Accepts `-o X`, `-oX`, `--output X`, `--output=X` (the
+/// last one wins, as in the linkers; none: `a.out`); drops a leading `-flavor gnu` (what
+/// rustc passes to `rust-lld`).
 pub fn parse_link_args(args: &[OsString]) -> Result<LinkArgs> {
     let mut output = None;
     let mut rest = Vec::new();
@@ -100,127 +113,334 @@ pub fn parse_link_args(args: &[OsString]) -> Result<LinkArgs> {
     let mut i = 0;
     while i < args.len() {
         let a = &args[i];
-        let s = a.to_string_lossy();
-        if s == "-flavor" {
+        let b = a.as_bytes();
+        if b == b"-flavor" {
             i += 2;
             continue;
         }
-        if s == "-o" || s == "--output" {
+        if b == b"-o" || b == b"--output" || b == b"-output" {
             let v = args
                 .get(i + 1)
-                .with_context(|| format!("linker argument {s} has no value"))?;
+                .with_context(|| format!("linker argument {} has no value", a.to_string_lossy()))?;
             output = Some(PathBuf::from(v));
             i += 2;
             continue;
         }
-        if let Some(v) = s.strip_prefix("--output=") {
-            output = Some(PathBuf::from(v));
-        } else if let Some(v) = s
-            .strip_prefix("-o")
-            .filter(|v| !v.is_empty() && !s.starts_with("--"))
+        let long_o = |v: &[u8]| O_LONG_OPTIONS.iter().any(|o| v.starts_with(o.as_bytes()));
+        if let Some(v) = b
+            .strip_prefix(b"--output=")
+            .or_else(|| b.strip_prefix(b"-output="))
         {
-            output = Some(PathBuf::from(v));
+            output = Some(PathBuf::from(OsStr::from_bytes(v)));
+        } else if let Some(v) = b
+            .strip_prefix(b"-o")
+            .filter(|v| !v.is_empty() && !long_o(&b[1..]))
+        {
+            output = Some(PathBuf::from(OsStr::from_bytes(v)));
         } else {
-            if s == "--emit-relocs" || s == "-q" {
+            if b == b"--emit-relocs" || b == b"-q" {
                 has_emit_relocs = true;
             }
             rest.push(a.clone());
         }
         i += 1;
     }
-    let output = output.context("no output file (-o) on the linker command line")?;
     Ok(LinkArgs {
-        output,
+        output: output.unwrap_or_else(|| PathBuf::from("a.out")),
         rest,
         has_emit_relocs,
     })
 }
 
-/// Expands `@file` response files (as GNU ld and lld do; rustc uses one when a command
-/// line gets too long): whitespace-separated arguments, with `'`/`"` quoting and `\`.
+/// Most response files one command line may read, nested ones included (libiberty's
+/// limit, which is also what stops a file that names itself).
+pub const MAX_RESPONSE_FILES: usize = 2000;
+/// Deepest nesting of response files followed.
+pub const MAX_RESPONSE_DEPTH: usize = 64;
+/// Largest response file read (rustc's hold a few MB at most).
+pub const MAX_RESPONSE_FILE_SIZE: u64 = 64 << 20;
+
+/// Expands `@file` response files as GNU ld (libiberty's `expandargv`) and lld do; rustc
+/// uses one when a command line gets too long. A file holds arguments separated by
+/// whitespace, with `'`/`"` quoting and `\` escaping the next byte (also inside quotes);
+/// `@file`s inside it are expanded in turn, their relative paths taken from the current
+/// directory (as libiberty does). Files are read as bytes: any non-UTF-8 argument is
+/// passed on unchanged. A file that includes itself, nesting deeper than
+/// [`MAX_RESPONSE_DEPTH`], more than [`MAX_RESPONSE_FILES`] files, a file over
+/// [`MAX_RESPONSE_FILE_SIZE`] or one with a NUL byte is an error naming the files.
 pub fn expand_response_files(args: &[OsString]) -> Result<Vec<OsString>> {
     let mut out = Vec::new();
-    for a in args {
-        let s = a.to_string_lossy();
-        let Some(path) = s.strip_prefix('@') else {
-            out.push(a.clone());
-            continue;
-        };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read response file {path}"))?;
-        let (mut cur, mut quote, mut any) = (String::new(), None, false);
-        let mut chars = text.chars();
-        while let Some(c) = chars.next() {
-            match (c, quote) {
-                ('\\', _) => {
-                    if let Some(n) = chars.next() {
-                        cur.push(n);
-                        any = true;
-                    }
-                }
-                ('\'' | '"', None) => {
-                    quote = Some(c);
-                    any = true;
-                }
-                (c, Some(q)) if c == q => quote = None,
-                (c, None) if c.is_whitespace() => {
-                    if any {
-                        out.push(std::mem::take(&mut cur).into());
-                        any = false;
-                    }
-                }
-                (c, _) => {
-                    cur.push(c);
-                    any = true;
-                }
-            }
-        }
-        if any {
-            out.push(cur.into());
-        }
-    }
+    let mut count = 0;
+    expand_into(args, &mut out, &mut Vec::new(), &mut count)?;
     Ok(out)
 }
 
-/// Whether a command line is not a final link `embed` should process: a partial link
-/// (`-r`), a version query, or no output file. Those go to the real linker unchanged.
-pub fn is_pass_through(args: &[OsString]) -> bool {
-    let has = |f: &[&str]| args.iter().any(|a| f.iter().any(|x| a == *x));
-    has(&[
-        "-r",
-        "--relocatable",
-        "-Ur",
-        "--version",
-        "-v",
-        "-V",
-        "--help",
-    ]) || parse_link_args(args).is_err()
+/// A response file being expanded: its path and identity (device, inode).
+type Open = (PathBuf, (u64, u64));
+
+fn expand_into(
+    args: &[OsString],
+    out: &mut Vec<OsString>,
+    chain: &mut Vec<Open>,
+    count: &mut usize,
+) -> Result<()> {
+    for a in args {
+        let Some(name) = a.as_bytes().strip_prefix(b"@").filter(|n| !n.is_empty()) else {
+            out.push(a.clone());
+            continue;
+        };
+        let path = PathBuf::from(OsStr::from_bytes(name));
+        let within = || match chain.last() {
+            Some((p, _)) => format!(" (named in response file {})", p.display()),
+            None => String::new(),
+        };
+        *count += 1;
+        ensure!(
+            *count <= MAX_RESPONSE_FILES,
+            "more than {MAX_RESPONSE_FILES} response files; stopped at {}{}",
+            path.display(),
+            within()
+        );
+        ensure!(
+            chain.len() < MAX_RESPONSE_DEPTH,
+            "response files nested deeper than {MAX_RESPONSE_DEPTH}; stopped at {}{}",
+            path.display(),
+            within()
+        );
+        let (bytes, id) = read_response_file(&path)
+            .with_context(|| format!("cannot read response file {}{}", path.display(), within()))?;
+        if let Some(first) = chain.iter().position(|(_, i)| *i == id) {
+            let names: Vec<_> = chain[first..]
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .chain(std::iter::once(path.display().to_string()))
+                .collect();
+            bail!(
+                "response file {} includes itself: {}",
+                path.display(),
+                names.join(" -> ")
+            );
+        }
+        let words = split_response(&bytes)
+            .with_context(|| format!("response file {}{}", path.display(), within()))?;
+        chain.push((path, id));
+        expand_into(&words, out, chain, count)?;
+        chain.pop();
+    }
+    Ok(())
 }
 
-/// Links, then embeds. Returns the embed report for the final output, or `None` for a
-/// command line passed through to the real linker unchanged (see [`is_pass_through`]).
-pub fn link(linker: &Linker, args: &[OsString]) -> Result<Option<EmbedReport>> {
+/// Reads a response file (at most [`MAX_RESPONSE_FILE_SIZE`] bytes) and its identity.
+fn read_response_file(path: &Path) -> Result<(Vec<u8>, (u64, u64))> {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let f = std::fs::File::open(path)?;
+    let m = f.metadata()?;
+    ensure!(!m.is_dir(), "it is a directory");
+    let mut bytes = Vec::new();
+    f.take(MAX_RESPONSE_FILE_SIZE + 1).read_to_end(&mut bytes)?;
+    ensure!(
+        bytes.len() as u64 <= MAX_RESPONSE_FILE_SIZE,
+        "larger than {} MiB",
+        MAX_RESPONSE_FILE_SIZE >> 20
+    );
+    Ok((bytes, (m.dev(), m.ino())))
+}
+
+/// Splits a response file's bytes into arguments as libiberty's `buildargv` does.
+fn split_response(bytes: &[u8]) -> Result<Vec<OsString>> {
+    if let Some(at) = bytes.iter().position(|&b| b == 0) {
+        bail!("a NUL byte at offset {at:#x} (not a text file)");
+    }
+    let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < bytes.len() && space(bytes[i]) {
+            i += 1;
+        }
+        if i == bytes.len() {
+            return Ok(out);
+        }
+        let (mut arg, mut quote, mut escaped) = (Vec::new(), None, false);
+        while i < bytes.len() {
+            let c = bytes[i];
+            if escaped {
+                arg.push(c);
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if let Some(q) = quote {
+                if c == q {
+                    quote = None;
+                } else {
+                    arg.push(c);
+                }
+            } else if c == b'\'' || c == b'"' {
+                quote = Some(c);
+            } else if space(c) {
+                break;
+            } else {
+                arg.push(c);
+            }
+            i += 1;
+        }
+        out.push(OsString::from_vec(arg));
+    }
+}
+
+/// Whether a command line is not a final link `embed` should process: a partial link
+/// (`-r`) or a help request. Those go to the real linker unchanged. (Version queries are
+/// not: `-v`/`-V`/`--version` with input files still link, so they are linked like any
+/// command line, and only when the linker writes no output is nothing embedded.)
+pub fn is_pass_through(args: &[OsString]) -> bool {
+    args.iter().any(|a| {
+        [
+            "-r",
+            "--relocatable",
+            "-Ur",
+            "--help",
+            "-help",
+            "--target-help",
+        ]
+        .iter()
+        .any(|x| a == *x)
+    })
+}
+
+/// The linkers' informational flags: they print something and link only if there is
+/// something to link (GNU ld: `-v`, `--version`, `-V`; lld: `-v`, and `--version`
+/// never links).
+fn is_informational(args: &[OsString]) -> bool {
+    args.iter().any(|a| {
+        ["-v", "-V", "--version", "-version"]
+            .iter()
+            .any(|x| a == *x)
+    })
+}
+
+/// Linker options whose value (the next argument, or after `=`) names no file the link
+/// reads: a soname, a symbol, a directory, an address, a file the linker writes. Their
+/// values are not compared with the output (`-soname libx.so.1 -o libx.so.1` is usual).
+#[rustfmt::skip]
+const NOT_INPUT_VALUE: &[&str] = &[
+    "soname", "h", "e", "entry", "m", "z", "u", "undefined", "require-defined", "y",
+    "trace-symbol", "defsym", "wrap", "Map", "dynamic-linker", "I", "rpath", "rpath-link",
+    "L", "library-path", "sysroot", "hash-style", "O", "plugin", "plugin-opt",
+    "section-start", "Ttext", "Tdata", "Tbss", "Ttext-segment", "Trodata-segment",
+    "Tldata-segment", "image-base", "exclude-libs", "a", "audit", "f", "auxiliary", "F",
+    "filter", "A", "architecture", "b", "format", "oformat", "out-implib",
+    "dependency-file", "package-metadata",
+];
+
+/// Refuses an output that is one of the link's inputs (GNU ld: "input file is the same
+/// as output file"): the same file (device and inode) when the output exists, else the
+/// same path. Every argument that may name a file the link reads is compared: a plain
+/// argument, and the value of an option (`-T x`, `--script=x`), except the values of
+/// [`NOT_INPUT_VALUE`] options.
+fn refuse_output_among_inputs(output: &Path, rest: &[OsString]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let out_id = id(output);
+    fn plain(p: &Path) -> Vec<std::path::Component<'_>> {
+        p.components()
+            .filter(|c| *c != std::path::Component::CurDir)
+            .collect()
+    }
+    let not_input = |opt: &[u8]| {
+        let name = opt.strip_prefix(b"-").unwrap_or(opt);
+        let name = name.strip_prefix(b"-").unwrap_or(name);
+        NOT_INPUT_VALUE.iter().any(|n| n.as_bytes() == name)
+    };
+    let mut skip_next = false;
+    for a in rest {
+        let b = a.as_bytes();
+        if std::mem::take(&mut skip_next) {
+            continue;
+        }
+        let cand = if b.starts_with(b"-") {
+            match b.iter().position(|&c| c == b'=') {
+                Some(eq) if !not_input(&b[..eq]) => &b[eq + 1..],
+                Some(_) => continue,
+                None => {
+                    skip_next = not_input(b);
+                    continue;
+                }
+            }
+        } else {
+            b
+        };
+        if cand.is_empty() {
+            continue;
+        }
+        let p = Path::new(OsStr::from_bytes(cand));
+        let same = match out_id {
+            Some(o) => id(p) == Some(o),
+            None => plain(p) == plain(output),
+        };
+        if same {
+            bail!(
+                "input file {} is the same as the output file {}; refusing to overwrite an input",
+                p.display(),
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The linker's program, for messages.
+fn program(cmd: &Command) -> String {
+    cmd.get_program().to_string_lossy().into_owned()
+}
+
+/// Runs the linker unchanged (a pass-through command line).
+fn run_unchanged(linker: &Linker, args: &[OsString]) -> Result<()> {
+    let mut cmd = linker.command()?;
+    // `-flavor X` is for rust-lld only, and `command()` adds it where needed.
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "-flavor" {
+            it.next();
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    let status = cmd
+        .args(&rest)
+        .status()
+        .with_context(|| format!("cannot run the linker {}", program(&cmd)))?;
+    ensure!(status.success(), "the linker failed ({status})");
+    Ok(())
+}
+
+/// An embed error about the linker's temporary output, told as about `output`: the
+/// temporary file is an implementation detail the user never named.
+fn name_output(e: anyhow::Error, tmp: &Path, output: &Path) -> anyhow::Error {
+    let out = output.display().to_string();
+    if e.chain()
+        .any(|c| c.downcast_ref::<AlreadyEmbedded>().is_some())
+    {
+        return AlreadyEmbedded(format!("{out} (as linked: an input has a .ksites section)"))
+            .into();
+    }
+    let msg = format!("{e:#}").replace(&tmp.display().to_string(), &out);
+    anyhow::anyhow!(msg)
+}
+
+/// Links, then embeds. Returns the output and the embed report, or `None` when no image
+/// was embedded: a command line passed through to the real linker unchanged (see
+/// [`is_pass_through`]), or an informational query (`-v`, `--version`) after which the
+/// linker wrote no output.
+pub fn link(linker: &Linker, args: &[OsString]) -> Result<Option<(PathBuf, EmbedReport)>> {
     let args = expand_response_files(args)?;
     if is_pass_through(&args) {
-        let mut cmd = linker.command()?;
-        // `-flavor X` is for rust-lld only, and `command()` adds it where needed.
-        let mut rest = Vec::new();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            if a == "-flavor" {
-                it.next();
-            } else {
-                rest.push(a.clone());
-            }
-        }
-        let status = cmd
-            .args(&rest)
-            .status()
-            .with_context(|| format!("cannot run the linker ({linker:?})"))?;
-        ensure!(status.success(), "the linker failed ({status})");
+        run_unchanged(linker, &args)?;
         return Ok(None);
     }
     let la = parse_link_args(&args)?;
+    refuse_output_among_inputs(&la.output, &la.rest)?;
     // Beside the output (by the user's, maybe relative, path; in the temporary
     // directory for a device, FIFO or stdout output); removed on error, on drop and on
     // SIGINT/SIGTERM/SIGHUP.
@@ -238,22 +458,33 @@ pub fn link(linker: &Linker, args: &[OsString]) -> Result<Option<EmbedReport>> {
     cmd.arg("-o").arg(tmp.path());
     let status = cmd
         .status()
-        .with_context(|| format!("cannot run the linker ({linker:?}): {cmd:?}"))?;
+        .with_context(|| format!("cannot run the linker {}", program(&cmd)))?;
     if !status.success() {
         bail!(
             "the linker failed ({status}); {} not written",
             la.output.display()
         );
     }
-    ensure!(tmp.path().is_file(), "the linker produced no output");
-    let report = embed_file(tmp.path(), &la.output).with_context(|| {
-        format!(
-            "embedding into {} failed; the output was not written",
+    let written = std::fs::metadata(tmp.path()).is_ok_and(|m| m.is_file() && m.len() > 0);
+    if !written {
+        // `ld -v` with nothing to link, `ld.lld --version`: a query, answered.
+        ensure!(
+            is_informational(&la.rest),
+            "the linker produced no output; {} not written",
             la.output.display()
-        )
-    })?;
+        );
+        return Ok(None);
+    }
+    let report = embed_file(tmp.path(), &la.output)
+        .map_err(|e| name_output(e, tmp.path(), &la.output))
+        .with_context(|| {
+            format!(
+                "embedding into {} failed; the output was not written",
+                la.output.display()
+            )
+        })?;
     drop(tmp);
-    Ok(Some(report))
+    Ok(Some((la.output, report)))
 }
 
 #[cfg(test)]
@@ -285,22 +516,101 @@ mod tests {
             assert_eq!(a.output, PathBuf::from("out"));
             assert!(a.has_emit_relocs);
         }
-        assert!(parse_link_args(&os(&["a.o"])).is_err());
+        // No -o: the linkers' a.out. One-dash long options are not -oFILE.
+        assert_eq!(
+            parse_link_args(&os(&["a.o"])).unwrap().output,
+            PathBuf::from("a.out")
+        );
+        let a = parse_link_args(&os(&["-omagic", "-oformat=elf64-x86-64", "a.o"])).unwrap();
+        assert_eq!(a.output, PathBuf::from("a.out"));
+        assert_eq!(a.rest.len(), 3);
+        assert!(parse_link_args(&os(&["a.o", "-o"])).is_err());
+    }
+
+    fn split(s: &[u8]) -> Vec<OsString> {
+        split_response(s).unwrap()
     }
 
     #[test]
-    fn response_files_and_pass_through() {
+    fn response_file_quoting_as_libiberty() {
+        assert_eq!(
+            split(b"a.o \"b c.o\"\n-o out 'd e'\n"),
+            os(&["a.o", "b c.o", "-o", "out", "d e"])
+        );
+        // Backslash escapes anywhere (inside single quotes too); '' is an empty argument;
+        // quotes join with what touches them; any whitespace separates.
+        assert_eq!(
+            split(br"a\ b 'c\'d' e''f '' x\"),
+            os(&["a b", "c'd", "ef", "", "x"])
+        );
+        assert_eq!(split(b"\t\x0b\x0c\r\n  "), Vec::<OsString>::new());
+        assert_eq!(split(b"'a\"b' \"c'd\""), os(&["a\"b", "c'd"]));
+        // Bytes, not UTF-8.
+        assert_eq!(
+            split(b"-o \xff\xfe.img"),
+            vec![
+                OsString::from("-o"),
+                OsString::from_vec(b"\xff\xfe.img".to_vec())
+            ]
+        );
+        assert!(split_response(b"a\0b").is_err());
+    }
+
+    #[test]
+    fn nested_response_files_and_loops() {
         let dir = tempfile::tempdir().unwrap();
-        let resp = dir.path().join("args");
-        std::fs::write(&resp, "a.o \"b c.o\"\n-o out 'd e'\n").unwrap();
-        let v =
-            expand_response_files(&[OsString::from(format!("@{}", resp.display())), "-x".into()])
-                .unwrap();
-        assert_eq!(v, os(&["a.o", "b c.o", "-o", "out", "d e", "-x"]));
-        assert!(is_pass_through(&os(&["--version"])));
+        let at = |n: &str| OsString::from(format!("@{}", dir.path().join(n).display()));
+        std::fs::write(dir.path().join("inner"), "-o out").unwrap();
+        std::fs::write(
+            dir.path().join("outer"),
+            format!("a.o {} b.o", at("inner").to_string_lossy()),
+        )
+        .unwrap();
+        let v = expand_response_files(&[at("outer"), "-x".into()]).unwrap();
+        assert_eq!(v, os(&["a.o", "-o", "out", "b.o", "-x"]));
+        std::fs::write(dir.path().join("loop"), at("loop2").as_bytes()).unwrap();
+        std::fs::write(dir.path().join("loop2"), at("loop").as_bytes()).unwrap();
+        let e = format!("{:#}", expand_response_files(&[at("loop")]).unwrap_err());
+        assert!(e.contains("includes itself") && e.contains("loop2"), "{e}");
+        let e = format!("{:#}", expand_response_files(&[at("missing")]).unwrap_err());
+        assert!(
+            e.contains("cannot read response file") && e.contains("missing"),
+            "{e}"
+        );
+        // `@` alone is an argument (libiberty leaves what it cannot open as it is).
+        assert_eq!(expand_response_files(&os(&["@"])).unwrap(), os(&["@"]));
+    }
+
+    #[test]
+    fn pass_through_and_queries() {
         assert!(is_pass_through(&os(&["-r", "a.o", "-o", "x.o"])));
-        assert!(is_pass_through(&os(&["a.o"])));
-        assert!(!is_pass_through(&os(&["a.o", "-o", "x"])));
+        assert!(is_pass_through(&os(&["--help"])));
+        assert!(!is_pass_through(&os(&["--version"])));
+        assert!(!is_pass_through(&os(&["a.o", "-o", "x", "-v"])));
+        assert!(is_informational(&os(&["a.o", "-V"])));
+        assert!(!is_informational(&os(&["a.o"])));
+    }
+
+    #[test]
+    fn same_input_and_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = dir.path().join("kk.o");
+        std::fs::write(&o, b"x").unwrap();
+        let e = refuse_output_among_inputs(&o, &[OsString::from("-static"), o.clone().into()]);
+        assert!(format!("{:#}", e.unwrap_err()).contains("is the same as the output file"));
+        let via = OsString::from(format!("--script={}", o.display()));
+        assert!(refuse_output_among_inputs(&o, &[via]).is_err());
+        let other = dir.path().join("other");
+        assert!(refuse_output_among_inputs(&other, &[o.clone().into()]).is_ok());
+        // A soname (or any value that names no input) equal to the output is usual.
+        for v in [
+            vec![OsString::from("-soname"), o.clone().into()],
+            vec![OsString::from("-h"), o.clone().into()],
+            vec![OsString::from(format!("--soname={}", o.display()))],
+        ] {
+            assert!(refuse_output_among_inputs(&o, &v).is_ok(), "{v:?}");
+        }
+        assert!(refuse_output_among_inputs(&o, &[OsString::from("-T"), o.clone().into()]).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ksites::embed::{AlreadyEmbedded, EmbedReport, embed_file};
 use ksites::link::{Linker, link};
@@ -16,13 +17,17 @@ static ALLOC: ksites::HugePageAlloc = ksites::HugePageAlloc;
 
 const EXIT_CODES: &str = "\
 Exit status:
-  0  success (for scan: whether or not anything matched)
-  1  error: unreadable or malformed input, a site that cannot be rewritten safely, a
-     failed link (the message names the file, section, offset and symbol)
-  2  usage error
+  0  success (scan: whether or not anything matched; check-module: it would load)
+  1  error: unreadable or malformed input (check-module too: a file that is not an
+     ELF64 relocatable object, or a malformed one), a site that cannot be rewritten
+     safely, a failed link, a link output that is one of its inputs (the message
+     names the file, section, offset and symbol)
+  2  usage error (an unknown option, an invalid --calls-to/--jumps-to glob, a
+     --load-address that is not page-aligned)
   3  embed/link: the input was already processed by `ksites embed`
   4  verify: the image is inconsistent with its table (one line per problem);
-     check-module: the module would not load (one line per problem)";
+     check-module: the module, a well-formed object, would not load (one line per
+     problem); nothing else exits 4";
 
 /// Find ifunc call sites and SDT probe sites in x86-64 ELF files and embed the `.ksites`
 /// table that kernel-loader patches from at boot and at module load.
@@ -68,10 +73,12 @@ enum Command {
     /// output only if both succeed. Everything after `--` is passed to the linker.
     /// Use the `ksites-ld` binary (same as `ksites link --`) where a single program is
     /// needed: `-C linker=ksites-ld` for rustc, `LD=ksites-ld` for C builds. `@file`
-    /// response files are expanded; partial links (`-r`), version queries and command
-    /// lines without `-o` go to the real linker unchanged. The image must be a static
-    /// ET_EXEC (for rustc targets that default to static-pie, add
-    /// `-C relocation-model=static`).
+    /// response files are expanded as GNU ld does (nested ones too, as bytes). Without
+    /// `-o` the output is `a.out`. `-v`/`-V`/`--version` print the linker's version and
+    /// the output, if the linker writes one, is embedded; only partial links (`-r`) and
+    /// `--help` go to the real linker unchanged. An output that is one of the inputs is
+    /// refused. The image must be a static ET_EXEC (for rustc targets that default to
+    /// static-pie, add `-C relocation-model=static`).
     #[command(after_help = EXIT_CODES)]
     Link {
         /// The real linker: `lld` (the toolchain's rust-lld, else ld.lld; the default),
@@ -122,9 +129,9 @@ enum Command {
         /// it, undefined symbols are listed but not checked.
         #[arg(long, value_name = "FILE")]
         kernel_symbols: Option<PathBuf>,
-        /// The address to lay the module out at (default: the first 2 MiB boundary
-        /// past the kernel's text).
-        #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+        /// The address to lay the module out at, in hex, a multiple of the 4 KiB page
+        /// (default: the first 2 MiB boundary past the kernel's text).
+        #[arg(long, value_name = "ADDR", value_parser = parse_load_addr)]
         load_address: Option<u64>,
         /// One JSON object instead of text.
         #[arg(long)]
@@ -140,11 +147,13 @@ enum Command {
     /// follows the order of the files. A linked image without relocations is an error.
     #[command(after_help = EXIT_CODES)]
     Scan {
-        /// Glob (`*`, `?`) for call targets; matched against raw and demangled names.
-        #[arg(long, value_name = "GLOB")]
+        /// Glob for call targets: `*` any run of characters, `?` one; matched against
+        /// raw and demangled names. `[`, `]`, `{`, `}`, `\` and an empty glob are
+        /// usage errors (no character classes, braces or escapes).
+        #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
         calls_to: Vec<String>,
-        /// Glob for jmp/jcc (tail call) targets.
-        #[arg(long, value_name = "GLOB")]
+        /// Glob for jmp/jcc (tail call) targets, as for --calls-to.
+        #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
         jumps_to: Vec<String>,
         /// One JSON object per line: file, section, offset (section offset of the first
         /// byte), length, kind (call|jmp|jcc), symbol, and address for linked images.
@@ -156,9 +165,28 @@ enum Command {
     },
 }
 
-fn parse_addr(s: &str) -> Result<u64, String> {
-    let t = s.trim_start_matches("0x");
-    u64::from_str_radix(t, 16).map_err(|e| format!("{s:?}: expected a hex address: {e}"))
+/// A `--load-address`: hex, page-aligned (the module loader gives each section group
+/// (code, read-only, writable) its own pages, so it can protect each on its own).
+fn parse_load_addr(s: &str) -> Result<u64, String> {
+    let t = s.strip_prefix("0x").unwrap_or(s);
+    let a =
+        u64::from_str_radix(t, 16).map_err(|e| format!("{s:?}: expected a hex address: {e}"))?;
+    let page = kernel_loader::module::PAGE_SIZE as u64;
+    if !a.is_multiple_of(page) {
+        return Err(format!(
+            "{a:#x} is not a multiple of the page size ({page:#x}): the module loader \
+             places the module's code, read-only and writable data on pages of their own \
+             to give each its own permissions (try {:#x})",
+            a.next_multiple_of(page)
+        ));
+    }
+    Ok(a)
+}
+
+/// Reads an input file the way every subcommand does (see [`ksites::elf::read_file`]),
+/// with an error naming it.
+fn read_input(p: &std::path::Path) -> anyhow::Result<ksites::elf::FileBytes> {
+    ksites::elf::read_file(p).with_context(|| format!("cannot read {}", p.display()))
 }
 
 fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Path) {
@@ -220,17 +248,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             args,
         } => {
             let linker = linker.map_or_else(Linker::from_env, |l| Linker::parse(&l));
-            if let Some(r) = link(&linker, &args)?
+            if let Some((out, r)) = link(&linker, &args)?
                 && !quiet
             {
-                let args = ksites::link::expand_response_files(&args)?;
-                let out = ksites::link::parse_link_args(&args)?.output;
                 print_embed(&r, &out, &out);
             }
         }
         Command::Inspect { file, json } => {
-            let data = std::fs::read(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let data = read_input(&file)?;
             let name = file.display().to_string();
             if json {
                 println!("{}", ksites::inspect::inspect_json(&name, &data)?);
@@ -239,8 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Verify { file } => {
-            let data = std::fs::read(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let data = read_input(&file)?;
             let r = ksites::verify::verify(&file.display().to_string(), &data)?;
             for p in &r.problems {
                 println!("{p}");
@@ -266,19 +290,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             load_address,
             json,
         } => {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
-            };
-            let data = read(&module)?;
+            let data = read_input(&module)?;
+            let name = module.display().to_string();
+            ksites::check_module::check_input(&name, &data)?;
             let kernel = match &kernel_symbols {
                 Some(p) => Some(ksites::check_module::KernelSymbols::read(
                     &p.display().to_string(),
-                    &read(p)?,
+                    &read_input(p)?,
                 )?),
                 None => None,
             };
-            let r = ksites::check_module::check(&data, kernel.as_ref(), load_address)?;
-            let name = module.display().to_string();
+            let r = ksites::check_module::check(&data, kernel.as_ref(), load_address)
+                .with_context(|| name.clone())?;
             if json {
                 println!("{}", ksites::check_module::to_json(&name, &r));
             } else {

@@ -193,6 +193,24 @@ fn matches(globs: &[String], raw: &str) -> bool {
         .any(|g| glob_match_str(g, raw) || glob_match_str(g, &dem))
 }
 
+/// Parses a `--calls-to`/`--jumps-to` pattern: `*` matches any run of characters and
+/// `?` one character; everything else matches itself. A pattern that could only be a
+/// mistake is refused: an empty one (it matches no symbol), and one
+/// with `[`, `]`, `{`, `}` or `\`, which a shell glob would treat as a character class,
+/// a brace list or an escape, while here they would silently match only themselves.
+pub fn parse_glob(pattern: &str) -> std::result::Result<String, String> {
+    if pattern.is_empty() {
+        return Err("an empty pattern matches no symbol".into());
+    }
+    if let Some(c) = pattern.chars().find(|c| "[]{}\\".contains(*c)) {
+        return Err(format!(
+            "`{c}` is not supported in a pattern: only `*` (any run of \
+             characters) and `?` (one character) are; use `?` to match a `{c}`"
+        ));
+    }
+    Ok(pattern.to_string())
+}
+
 /// A per-symbol answer not computed yet.
 const UNKNOWN: u32 = u32::MAX;
 /// A symbol that matches no glob.
