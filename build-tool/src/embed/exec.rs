@@ -218,7 +218,8 @@ const LEGACY_GAP_LIMIT: u64 = 1 << 20;
 
 /// The smallest `y >= x` with `y % PAGE == residue`.
 fn up_to_residue(x: u64, residue: u64) -> Option<u64> {
-    align_up(x.checked_sub(residue)?, PAGE).checked_add(residue)
+    let y = (x - x % PAGE).checked_add(residue)?;
+    if y >= x { Some(y) } else { y.checked_add(PAGE) }
 }
 
 /// Where the new segment goes, as (file offset, address), for an input of `file_len`
@@ -243,8 +244,8 @@ fn up_to_residue(x: u64, residue: u64) -> Option<u64> {
 ///   image without `PT_PHDR`.
 fn place_segment(file_len: u64, file_end: u64, end: u64, first_delta: u64) -> Option<(u64, u64)> {
     let residue = file_end % PAGE;
-    let off = up_to_residue(file_len.max(residue), residue)?;
-    let addr = up_to_residue(align_up(end, PAGE), residue)?;
+    let off = up_to_residue(file_len, residue)?;
+    let addr = up_to_residue(end.checked_next_multiple_of(PAGE)?, residue)?;
     if first_delta.is_multiple_of(PAGE) {
         // The smallest (offset, address) pair with address - offset == first_delta.
         let legacy_off = addr.wrapping_sub(first_delta);
@@ -261,17 +262,21 @@ fn place_segment(file_len: u64, file_end: u64, end: u64, first_delta: u64) -> Op
     Some((off, addr))
 }
 
-/// Appends an allocated, read-only section `.ksites` of `size` bytes in a new `PT_LOAD`
-/// after every existing segment, and returns the new file and the section's address.
+/// Appends an allocated, read-only section `.ksites` of `size` bytes after every
+/// existing segment, and returns the new file and the section's address.
 /// `contents` receives the address and returns exactly `size` bytes.
 ///
-/// Every original byte keeps its file offset. The program header table is rewritten at
-/// the end of the new segment (it has to grow by one entry, and linkers such as GNU ld
-/// put the first section right behind it, so it cannot grow in place); a `PT_PHDR` entry
-/// is moved with it, so it stays covered by a `PT_LOAD`. The section header table and a
-/// copy of `.shstrtab` with the new names are appended too. The `object` crate's
-/// `build::elf::Builder` was the first choice, but it requires the program headers to
-/// stay directly after the file header, which fails on exactly those GNU ld images.
+/// Every original byte keeps its file offset. The program header table has to grow by
+/// two entries, and linkers such as GNU ld put the first section right behind it, so
+/// it cannot grow in place: it is rewritten at the end of the file, in a read-only
+/// PT_LOAD of its own (a `PT_PHDR` entry is moved with it), directly followed by the
+/// table's PT_LOAD; [`place_segment`] says where. The headers must be loaded: Linux
+/// passes their address as `AT_PHDR`, computed from the PT_LOAD holding `e_phoff`,
+/// and static glibc finds its TLS segment through it, the dynamic loader everything.
+/// The section header table and a copy of `.shstrtab` with the new names are appended
+/// too. The `object` crate's `build::elf::Builder` was the first choice, but it requires
+/// the program headers to stay directly after the file header, which fails on exactly
+/// those GNU ld images.
 pub fn append_segment(
     path: &str,
     data: &[u8],
@@ -606,4 +611,43 @@ fn rela_entries_at(img: &Image<'_>, offsets: &std::collections::HashSet<u64>) ->
         })
         .map(|r| r.file_offset)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LEGACY_GAP_LIMIT, PAGE, place_segment};
+
+    #[test]
+    fn segment_keeps_the_first_loads_delta_when_that_is_cheap() {
+        // gcc -static -no-pie: loaded contents end at file 0xa62b0, memory (.bss) at
+        // 0x4abae0; symbols and relocations make the file 0x106960 bytes long.
+        let (off, addr) = place_segment(0x10_6960, 0xa_62b0, 0x4a_bae0, 0x40_0000).unwrap();
+        assert_eq!((off, addr), (0x10_72b0, 0x50_72b0));
+        // A large .bss: the file is padded instead.
+        let (off, addr) = place_segment(0x8000, 0x72b0, 0x48_0000, 0x40_0000).unwrap();
+        assert_eq!((off, addr), (0x8_02b0, 0x48_02b0));
+    }
+
+    #[test]
+    fn segment_never_shares_a_page_with_bss_and_stays_congruent() {
+        for (len, fend, end, delta) in [
+            (0x5000, 0xf00, 0x40_1001, 0x40_0000),
+            (0x5000, 0x10, 0x40_0fff, 0x40_0000),
+            // Too far for the old rule either way: only the modern one holds.
+            (0x1000, 0x0, 0x40_0000 + 4 * LEGACY_GAP_LIMIT, 0x40_0000),
+            (0x40_0000 + 4 * LEGACY_GAP_LIMIT, 0x0, 0x40_1000, 0x40_0000),
+            // A first PT_LOAD that is not page-congruent.
+            (0x5000, 0x123, 0x40_1000, 0x40_0010),
+        ] {
+            let (off, addr) = place_segment(len, fend, end, delta).unwrap();
+            assert!(
+                off >= len && addr >= end.div_ceil(PAGE) * PAGE,
+                "{len:#x} {end:#x}"
+            );
+            assert_eq!(off % PAGE, fend % PAGE);
+            assert_eq!(addr % PAGE, off % PAGE);
+            assert!(off - len < PAGE + LEGACY_GAP_LIMIT);
+        }
+        assert_eq!(place_segment(0x1000, 0x10, u64::MAX - 0x10, 0), None);
+    }
 }
