@@ -135,6 +135,41 @@ fn phdr_layout(data: &[u8]) -> PhdrLayout {
     }
 }
 
+/// The address of the program headers by `readelf -lW`'s reading of `exe` (the PT_LOAD
+/// holding `e_phoff`, as Linux 5.18 and later compute `AT_PHDR`), relative to the ELF
+/// header; readelf must have no complaint.
+fn readelf_phdr(exe: &Path) -> u64 {
+    let o = run(Command::new("readelf").arg("-lW").arg(exe));
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "readelf: {}",
+        text(&o.stderr)
+    );
+    let phoff: u64 = out
+        .split("starting at offset ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no e_phoff in {out}"));
+    let hex = |f: &str| u64::from_str_radix(f.trim_start_matches("0x"), 16).unwrap();
+    let loads: Vec<(u64, u64, u64)> = out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&"LOAD")).then(|| (hex(f[1]), hex(f[2]), hex(f[4])))
+        })
+        .collect();
+    let at = |off: u64| {
+        loads
+            .iter()
+            .find(|(o, _, size)| *o <= off && off < o + size)
+            .map(|(o, v, _)| v + (off - o))
+            .unwrap_or_else(|| panic!("offset {off:#x} is in no PT_LOAD: {out}"))
+    };
+    at(phoff) - at(0)
+}
+
 /// `ksites embed INPUT -o OUTPUT`.
 fn embed(input: &Path, output: &Path) -> Output {
     run(Command::new(KSITES)
@@ -174,6 +209,11 @@ fn embeds_and_runs(dir: &Path, name: &str, flags: &[&str], extra: &str) -> [Phdr
     assert_eq!(
         line, layout.line,
         "{name}: AT_PHDR is not the program headers"
+    );
+    assert_eq!(
+        layout.modern,
+        Some(readelf_phdr(&output)),
+        "{name}: readelf"
     );
 
     for tool in ["objcopy", "strip"] {
