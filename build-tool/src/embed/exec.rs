@@ -222,26 +222,27 @@ fn up_to_residue(x: u64, residue: u64) -> Option<u64> {
     if y >= x { Some(y) } else { y.checked_add(PAGE) }
 }
 
-/// Where the new segment goes, as (file offset, address), for an input of `file_len`
+/// Where the new segments go, as (file offset, address), for an input of `file_len`
 /// bytes whose PT_LOAD segments end at address `end` and file offset `file_end`, and
 /// whose first PT_LOAD (in table order) has `p_vaddr - p_offset == first_delta`.
 ///
-/// The program headers lead the segment, so `e_phoff` is its offset. Three rules:
+/// The program headers come first, in a PT_LOAD of their own, so `e_phoff` is the
+/// returned offset; the table's PT_LOAD follows directly. Three rules:
 ///
-/// * The segment starts where binutils' `objcopy`/`strip` would put it when they
+/// * They start where binutils' `objcopy`/`strip` would put them when they
 ///   rewrite the image (packed behind the loaded contents, at `file_end`): at the same
 ///   offset within a page. They then keep every section's address (load address
 ///   included) for a GNU ld image, so the copy still verifies.
-/// * Its address is past every segment, `.bss` included, on a page of its own, and
-///   congruent to its offset modulo the page size.
+/// * Their address is past every segment, `.bss` included, on pages of their own, and
+///   congruent to their offset modulo the page size.
 /// * Linux since 5.18 sets `AT_PHDR` from the PT_LOAD holding `e_phoff`, right for
 ///   any placement; earlier kernels used `first_delta + e_phoff`, right only if the
-///   new segment has the first one's `p_vaddr - p_offset`. That placement is chosen
+///   headers' segment has the first one's `p_vaddr - p_offset`. That placement is chosen
 ///   when it costs at most [`LEGACY_GAP_LIMIT`] of file padding (a large `.bss`) or of
 ///   unused addresses (large sections that are not loaded, such as symbols and
 ///   relocations: a kernel is loaded by physical address, so the gap would be
-///   physical memory). Otherwise only Linux 5.18 and later find the headers of an
-///   image without `PT_PHDR`.
+///   physical memory). Otherwise only Linux 5.18 and later pass the right `AT_PHDR`
+///   (`PT_PHDR` does not change what the kernel passes).
 fn place_segment(file_len: u64, file_end: u64, end: u64, first_delta: u64) -> Option<(u64, u64)> {
     let residue = file_end % PAGE;
     let off = up_to_residue(file_len, residue)?;
