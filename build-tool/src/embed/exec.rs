@@ -212,17 +212,72 @@ fn align_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
 
-/// Appends an allocated, read-only section `.ksites` of `size` bytes in a new `PT_LOAD`
-/// after every existing segment, and returns the new file and the section's address.
+/// How far [`place_segment`] may pad the file, or leave addresses unused before the
+/// new segment, to keep `AT_PHDR` right for Linux before 5.18.
+const LEGACY_GAP_LIMIT: u64 = 1 << 20;
+
+/// The smallest `y >= x` with `y % PAGE == residue`.
+fn up_to_residue(x: u64, residue: u64) -> Option<u64> {
+    let y = (x - x % PAGE).checked_add(residue)?;
+    if y >= x { Some(y) } else { y.checked_add(PAGE) }
+}
+
+/// Where the new segments go, as (file offset, address), for an input of `file_len`
+/// bytes whose PT_LOAD segments end at address `end` and file offset `file_end`, and
+/// whose first PT_LOAD (in table order) has `p_vaddr - p_offset == first_delta`.
+///
+/// The program headers come first, in a PT_LOAD of their own, so `e_phoff` is the
+/// returned offset; the table's PT_LOAD follows directly. Three rules:
+///
+/// * They start where binutils' `objcopy`/`strip` would put them when they
+///   rewrite the image (packed behind the loaded contents, at `file_end`): at the same
+///   offset within a page. They then keep every section's address (load address
+///   included) for a GNU ld image, so the copy still verifies.
+/// * Their address is past every segment, `.bss` included, on pages of their own, and
+///   congruent to their offset modulo the page size.
+/// * Linux since 5.18 sets `AT_PHDR` from the PT_LOAD holding `e_phoff`, right for
+///   any placement; earlier kernels used `first_delta + e_phoff`, right only if the
+///   headers' segment has the first one's `p_vaddr - p_offset`. That placement is chosen
+///   when it costs at most [`LEGACY_GAP_LIMIT`] of file padding (a large `.bss`) or of
+///   unused addresses (large sections that are not loaded, such as symbols and
+///   relocations: a kernel is loaded by physical address, so the gap would be
+///   physical memory). Otherwise only Linux 5.18 and later pass the right `AT_PHDR`
+///   (`PT_PHDR` does not change what the kernel passes).
+fn place_segment(file_len: u64, file_end: u64, end: u64, first_delta: u64) -> Option<(u64, u64)> {
+    let residue = file_end % PAGE;
+    let off = up_to_residue(file_len, residue)?;
+    let addr = up_to_residue(end.checked_next_multiple_of(PAGE)?, residue)?;
+    if first_delta.is_multiple_of(PAGE) {
+        // The smallest (offset, address) pair with address - offset == first_delta.
+        let legacy_off = addr.wrapping_sub(first_delta);
+        if legacy_off >= off && legacy_off - off <= LEGACY_GAP_LIMIT {
+            return Some((legacy_off, addr));
+        }
+        if let Some(legacy_addr) = off.checked_add(first_delta)
+            && legacy_addr >= addr
+            && legacy_addr - addr <= LEGACY_GAP_LIMIT
+        {
+            return Some((off, legacy_addr));
+        }
+    }
+    Some((off, addr))
+}
+
+/// Appends an allocated, read-only section `.ksites` of `size` bytes after every
+/// existing segment, and returns the new file and the section's address.
 /// `contents` receives the address and returns exactly `size` bytes.
 ///
-/// Every original byte keeps its file offset. The program header table is rewritten at
-/// the end of the new segment (it has to grow by one entry, and linkers such as GNU ld
-/// put the first section right behind it, so it cannot grow in place); a `PT_PHDR` entry
-/// is moved with it, so it stays covered by a `PT_LOAD`. The section header table and a
-/// copy of `.shstrtab` with the new names are appended too. The `object` crate's
-/// `build::elf::Builder` was the first choice, but it requires the program headers to
-/// stay directly after the file header, which fails on exactly those GNU ld images.
+/// Every original byte keeps its file offset. The program header table has to grow by
+/// two entries, and linkers such as GNU ld put the first section right behind it, so
+/// it cannot grow in place: it is rewritten at the end of the file, in a read-only
+/// PT_LOAD of its own (a `PT_PHDR` entry is moved with it), directly followed by the
+/// table's PT_LOAD; [`place_segment`] says where. The headers must be loaded: Linux
+/// passes their address as `AT_PHDR`, computed from the PT_LOAD holding `e_phoff`,
+/// and static glibc finds its TLS segment through it, the dynamic loader everything.
+/// The section header table and a copy of `.shstrtab` with the new names are appended
+/// too. The `object` crate's `build::elf::Builder` was the first choice, but it requires
+/// the program headers to stay directly after the file header, which fails on exactly
+/// those GNU ld images.
 pub fn append_segment(
     path: &str,
     data: &[u8],
@@ -298,7 +353,7 @@ fn append_segment_to<'a>(
         "{path}: unexpected program/section header entry size"
     );
     ensure!(
-        shnum > 0 && shnum < elf::SHN_LORESERVE as usize && shstrndx < shnum && phnum < 0xffff,
+        shnum > 0 && shnum < elf::SHN_LORESERVE as usize && shstrndx < shnum && phnum + 2 < 0xffff,
         "{path}: extended section numbering is not supported"
     );
     let phdrs = data
@@ -322,7 +377,24 @@ fn append_segment_to<'a>(
         .checked_add(last_load.p_memsz.get(e))
         .filter(|end| end.checked_add(2 * PAGE).is_some())
         .with_context(|| format!("{path}: a PT_LOAD segment ends past the address space"))?;
-    let vaddr = align_up(end, PAGE);
+    let loads = || phdrs.iter().filter(|p| p.p_type.get(e) == elf::PT_LOAD);
+    let first_load = loads()
+        .next()
+        .with_context(|| format!("{path}: no PT_LOAD segment"))?;
+    let file_end = loads()
+        .map(|p| p.p_offset.get(e).saturating_add(p.p_filesz.get(e)))
+        .max()
+        .unwrap_or(0);
+    let (seg_off, vaddr) = place_segment(
+        data.len() as u64,
+        file_end,
+        end,
+        first_load
+            .p_vaddr
+            .get(e)
+            .wrapping_sub(first_load.p_offset.get(e)),
+    )
+    .with_context(|| format!("{path}: no room for a new segment after {end:#x}"))?;
     let paddr = vaddr.wrapping_sub(
         last_load
             .p_vaddr
@@ -336,23 +408,18 @@ fn append_segment_to<'a>(
         out: &mut output,
         piece: Vec::new(),
     };
-    // The new segment, page-aligned in the file and in memory: first the program
-    // headers (binutils' objcopy/strip keep a segment whose headers lead it; a PT_PHDR
-    // segment, which lld emits for static images without a linker script, stays
-    // covered by a PT_LOAD), then the table, then the `.stapsdt.base` byte.
-    let seg_off = align_up(out.len() as u64, PAGE);
+    // The new segment, placed by [`place_segment`]: first the program headers, so that
+    // they are loaded (Linux derives `AT_PHDR` from the PT_LOAD holding `e_phoff`, and
+    // static glibc finds its TLS segment through it; the dynamic loader reads them
+    // there and computes the load bias from `PT_PHDR`, moved with them), then the
+    // table, then the `.stapsdt.base` byte.
     out.resize(seg_off as usize);
-    let has_phdr = phdrs.iter().any(|p| p.p_type.get(e) == elf::PT_PHDR);
-    let ph_size = ((phnum + 1) * size_of::<ProgramHeader64<LE>>()) as u64;
-    // With a PT_PHDR the headers must be inside a PT_LOAD: they lead the new segment.
-    // Without one they follow it, outside any segment, where binutils' objcopy/strip
-    // can move them back behind the ELF header without disturbing any section.
-    let table_off = if has_phdr {
-        align_up(seg_off + ph_size, 8)
-    } else {
-        seg_off
-    };
-    let table_addr = vaddr + (table_off - seg_off);
+    let ph_size = ((phnum + 2) * size_of::<ProgramHeader64<LE>>()) as u64;
+    let table_off = align_up(seg_off + ph_size, 8);
+    let table_addr = vaddr
+        .checked_add(table_off - seg_off)
+        .filter(|a| a.checked_add(size as u64 + 1).is_some())
+        .with_context(|| format!("{path}: no room for a {size}-byte table after {end:#x}"))?;
     let table = contents(table_addr)?;
     ensure!(
         table.len() == size,
@@ -361,15 +428,13 @@ fn append_segment_to<'a>(
     );
     let base_addr = table_addr + size as u64;
     let notes = notes(base_addr);
-    let seg_size = (table_off - seg_off) + size as u64 + u64::from(!notes.is_empty());
-    let new_phoff = if has_phdr {
-        seg_off
-    } else {
-        align_up(seg_off + seg_size, 8)
-    };
+    let table_seg_size = size as u64 + u64::from(!notes.is_empty());
+    let new_phoff = seg_off;
 
     let mut headers = Vec::with_capacity(ph_size as usize);
-    // Program headers: the old ones (PT_PHDR moved with them), then the new PT_LOAD.
+    // Program headers: the old ones (PT_PHDR moved with them), then the two new
+    // PT_LOADs: one for the headers, one for the table. Each starts where its contents
+    // start, which is what binutils expects when it rewrites the image.
     for p in phdrs {
         let mut p = *p;
         if p.p_type.get(e) == elf::PT_PHDR {
@@ -381,28 +446,23 @@ fn append_segment_to<'a>(
         }
         headers.extend_from_slice(bytes_of(&p));
     }
-    let ph = ProgramHeader64::<LE> {
+    let load = |off: u64, size: u64| ProgramHeader64::<LE> {
         p_type: U32::new(e, elf::PT_LOAD),
         p_flags: U32::new(e, elf::PF_R),
-        p_offset: U64::new(e, seg_off),
-        p_vaddr: U64::new(e, vaddr),
-        p_paddr: U64::new(e, paddr),
-        p_filesz: U64::new(e, seg_size),
-        p_memsz: U64::new(e, seg_size),
+        p_offset: U64::new(e, off),
+        p_vaddr: U64::new(e, vaddr + (off - seg_off)),
+        p_paddr: U64::new(e, paddr.wrapping_add(off - seg_off)),
+        p_filesz: U64::new(e, size),
+        p_memsz: U64::new(e, size),
         p_align: U64::new(e, PAGE),
     };
-    headers.extend_from_slice(bytes_of(&ph));
-    if has_phdr {
-        out.extend_from_slice(&headers);
-    }
+    headers.extend_from_slice(bytes_of(&load(seg_off, ph_size)));
+    headers.extend_from_slice(bytes_of(&load(table_off, table_seg_size)));
+    out.extend_from_slice(&headers);
     out.resize(table_off as usize);
     out.append(table);
     if !notes.is_empty() {
         out.push(0);
-    }
-    if !has_phdr {
-        out.resize(new_phoff as usize);
-        out.extend_from_slice(&headers);
     }
 
     // The notes themselves: a non-allocated SHT_NOTE section.
@@ -488,7 +548,7 @@ fn append_segment_to<'a>(
     // File header.
     let mut nfh = *fh;
     nfh.e_phoff = U64::new(e, new_phoff);
-    nfh.e_phnum = U16::new(e, (phnum + 1) as u16);
+    nfh.e_phnum = U16::new(e, (phnum + 2) as u16);
     nfh.e_shoff = U64::new(e, new_shoff);
     nfh.e_shnum = U16::new(e, (shnum + added) as u16);
     out.finish();
@@ -552,4 +612,43 @@ fn rela_entries_at(img: &Image<'_>, offsets: &std::collections::HashSet<u64>) ->
         })
         .map(|r| r.file_offset)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LEGACY_GAP_LIMIT, PAGE, place_segment};
+
+    #[test]
+    fn segment_keeps_the_first_loads_delta_when_that_is_cheap() {
+        // gcc -static -no-pie: loaded contents end at file 0xa62b0, memory (.bss) at
+        // 0x4abae0; symbols and relocations make the file 0x106960 bytes long.
+        let (off, addr) = place_segment(0x10_6960, 0xa_62b0, 0x4a_bae0, 0x40_0000).unwrap();
+        assert_eq!((off, addr), (0x10_72b0, 0x50_72b0));
+        // A large .bss: the file is padded instead.
+        let (off, addr) = place_segment(0x8000, 0x72b0, 0x48_0000, 0x40_0000).unwrap();
+        assert_eq!((off, addr), (0x8_02b0, 0x48_02b0));
+    }
+
+    #[test]
+    fn segment_never_shares_a_page_with_bss_and_stays_congruent() {
+        for (len, fend, end, delta) in [
+            (0x5000, 0xf00, 0x40_1001, 0x40_0000),
+            (0x5000, 0x10, 0x40_0fff, 0x40_0000),
+            // Too far for the old rule either way: only the modern one holds.
+            (0x1000, 0x0, 0x40_0000 + 4 * LEGACY_GAP_LIMIT, 0x40_0000),
+            (0x40_0000 + 4 * LEGACY_GAP_LIMIT, 0x0, 0x40_1000, 0x40_0000),
+            // A first PT_LOAD that is not page-congruent.
+            (0x5000, 0x123, 0x40_1000, 0x40_0010),
+        ] {
+            let (off, addr) = place_segment(len, fend, end, delta).unwrap();
+            assert!(
+                off >= len && addr >= end.div_ceil(PAGE) * PAGE,
+                "{len:#x} {end:#x}"
+            );
+            assert_eq!(off % PAGE, fend % PAGE);
+            assert_eq!(addr % PAGE, off % PAGE);
+            assert!(off - len < PAGE + LEGACY_GAP_LIMIT);
+        }
+        assert_eq!(place_segment(0x1000, 0x10, u64::MAX - 0x10, 0), None);
+    }
 }
