@@ -159,6 +159,10 @@ enum Command {
         /// byte), length, kind (call|jmp|jcc), symbol, and address for linked images.
         #[arg(long)]
         json: bool,
+        /// Refuse files larger than BYTES (a number, or with K, M, G or T; default 2G,
+        /// or $KSITES_MAX_SIZE).
+        #[arg(long, value_name = "BYTES", value_parser = ksites::output::parse_size)]
+        max_size: Option<u64>,
         /// The files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -315,8 +319,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             calls_to,
             jumps_to,
             json,
+            max_size,
             files,
         } => {
+            if let Some(n) = max_size {
+                ksites::output::set_max_size(n);
+            }
             if calls_to.is_empty() && jumps_to.is_empty() {
                 eprintln!("ksites: error: give at least one --calls-to or --jumps-to glob");
                 return Ok(ExitCode::from(2));

@@ -275,6 +275,19 @@ fn row_09_an_endless_input_fails_at_the_limit() {
         "{}",
         stderr(&o)
     );
+    // The flag wins over the environment.
+    let o = run_within(
+        Command::new(KSITES)
+            .args(["scan", "--calls-to", "x", "--max-size", "32K", "/dev/zero"])
+            .env("KSITES_MAX_SIZE", "64K"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/dev/zero: larger than the input limit of 32768 bytes"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
