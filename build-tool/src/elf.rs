@@ -657,6 +657,87 @@ pub fn read_file(path: &std::path::Path) -> std::io::Result<FileBytes> {
     Ok(FileBytes::Read(v))
 }
 
+// Header consistency of linked images: checks `embed`'s readers of ifunc and probe
+// records run first, kept apart from the parsing above.
+
+/// Refuses a linked image (ET_EXEC or ET_DYN; others pass) whose headers contradict
+/// themselves where the tool relies on them: a `PT_LOAD` with more file bytes than
+/// memory (`p_filesz > p_memsz`) or whose file bytes lie outside the file, and a
+/// missing or empty section name string table (no section could be found by name, and
+/// records and probe declarations would silently be missed).
+pub fn check_linked_headers(img: &Image<'_>) -> Result<()> {
+    use object::read::elf::ProgramHeader as _;
+    if img.kind == ElfKind::Rel {
+        return Ok(());
+    }
+    let e = LittleEndian;
+    let path = &img.path;
+    for (i, p) in img.file.elf_program_headers().iter().enumerate() {
+        if p.p_type(e) != elf::PT_LOAD {
+            continue;
+        }
+        let (off, filesz, memsz) = (p.p_offset(e), p.p_filesz(e), p.p_memsz(e));
+        if filesz > memsz {
+            bail!(
+                "{path}: program header {i} (PT_LOAD at {:#x}) is malformed: p_filesz {filesz:#x} \
+                 is larger than p_memsz {memsz:#x}",
+                p.p_vaddr(e)
+            );
+        }
+        if off
+            .checked_add(filesz)
+            .is_none_or(|end| end > img.data.len() as u64)
+        {
+            bail!(
+                "{path}: program header {i} (PT_LOAD at {:#x}) is malformed: its file bytes \
+                 {off:#x}+{filesz:#x} lie past the end of the file ({:#x} bytes)",
+                p.p_vaddr(e),
+                img.data.len()
+            );
+        }
+    }
+    let sections = img.file.elf_section_table();
+    if sections.is_empty() {
+        return Ok(());
+    }
+    let index = img
+        .file
+        .elf_header()
+        .section_strings_index(e, img.data)
+        .ok()
+        .filter(|i| i.0 != 0);
+    let Some(index) = index else {
+        bail!("{path}: malformed: the file has sections but no section name string table");
+    };
+    let h = sections
+        .section(index)
+        .with_context(|| format!("{path}: malformed: bad section name string table index"))?;
+    if h.sh_type(e) != elf::SHT_STRTAB || h.sh_size(e) == 0 {
+        bail!(
+            "{path}: malformed: the section name string table (section {}) is {}",
+            index.0,
+            if h.sh_size(e) == 0 {
+                "empty"
+            } else {
+                "not SHT_STRTAB"
+            }
+        );
+    }
+    // Every name inside it: a name past its end would be read from whatever `embed`
+    // appends there (the new section names), and sections would be mistaken for others.
+    let size = h.sh_size(e);
+    for (i, sh) in sections.iter().enumerate() {
+        if u64::from(sh.sh_name(e)) >= size {
+            bail!(
+                "{path}: malformed: section {i}'s name offset {:#x} is past the end of the \
+                 section name string table ({size:#x} bytes)",
+                sh.sh_name(e)
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod strings_tests {
     use super::Strings;
