@@ -723,6 +723,90 @@ pub fn check_linked_headers(img: &Image<'_>) -> Result<()> {
             }
         );
     }
+    // Allocated sections lie where a PT_LOAD maps them (their address is what the
+    // segment loads at their file offset): otherwise what `embed` patches by section
+    // is not what runs, and its new segment is placed from segments that lie.
+    let loads: Vec<_> = img
+        .file
+        .elf_program_headers()
+        .iter()
+        .filter(|p| p.p_type(e) == elf::PT_LOAD)
+        .map(|p| (p.p_offset(e), p.p_filesz(e), p.p_vaddr(e)))
+        .collect();
+    for (i, sh) in sections.iter().enumerate() {
+        let (addr, off, size) = (sh.sh_addr(e), sh.sh_offset(e), sh.sh_size(e));
+        // (A section whose addresses wrap is refused by the readers, as not in the file.)
+        if sh.sh_flags(e) & u64::from(elf::SHF_ALLOC) == 0
+            || sh.sh_type(e) == elf::SHT_NOBITS
+            || size == 0
+            || addr.checked_add(size).is_none()
+        {
+            continue;
+        }
+        let mapped = loads.iter().any(|&(p_off, p_filesz, p_vaddr)| {
+            off >= p_off
+                && off.saturating_add(size) <= p_off.saturating_add(p_filesz)
+                && p_vaddr.checked_add(off - p_off) == Some(addr)
+        });
+        if !mapped {
+            bail!(
+                "{path}: malformed: section {i} ({}) at {addr:#x} (file offset {off:#x}, \
+                 {size:#x} bytes) is not where any PT_LOAD segment loads its bytes",
+                img.section_strings.get(sh.sh_name(e)).unwrap_or("?")
+            );
+        }
+    }
+    // Relocations of executable sections (`--emit-relocs`) are whole entries inside the
+    // file, each inside the section it applies to: the probe and ifunc call sites are
+    // found through them, and one that points elsewhere hides a call.
+    for (i, sh) in sections.iter().enumerate() {
+        if sh.sh_type(e) != elf::SHT_RELA {
+            continue;
+        }
+        let Ok(target) = sections.section(SectionIndex(sh.sh_info(e) as usize)) else {
+            continue;
+        };
+        let flags = u64::from(elf::SHF_ALLOC | elf::SHF_EXECINSTR);
+        if target.sh_flags(e) & flags != flags
+            || sh.sh_info(e) == 0
+            || target.sh_addr(e).checked_add(target.sh_size(e)).is_none()
+        {
+            continue;
+        }
+        let name = img.section_strings.get(sh.sh_name(e)).unwrap_or("?");
+        let symtab = sections.section(SectionIndex(sh.sh_link(e) as usize));
+        if !symtab.is_ok_and(|t| t.sh_type(e) == elf::SHT_SYMTAB) {
+            bail!(
+                "{path}: malformed: relocation section {i} ({name}) names section {} as its \
+                 symbol table, which is not one",
+                sh.sh_link(e)
+            );
+        }
+        let (off, size) = (sh.sh_offset(e), sh.sh_size(e));
+        let entry = size_of::<elf::Rela64<LittleEndian>>() as u64;
+        let bytes = usize::try_from(off)
+            .ok()
+            .zip(usize::try_from(size).ok())
+            .and_then(|(o, n)| img.data.get(o..o.checked_add(n)?))
+            .filter(|_| size % entry == 0);
+        let Some(bytes) = bytes else {
+            bail!(
+                "{path}: malformed: relocation section {i} ({name}) at file offset {off:#x} \
+                 ({size:#x} bytes) is not whole {entry}-byte entries inside the file"
+            );
+        };
+        let (start, len) = (target.sh_addr(e), target.sh_size(e));
+        for (k, r) in bytes.chunks_exact(entry as usize).enumerate() {
+            let at = u64::from_le_bytes(r[..8].try_into().expect("8 bytes"));
+            if at < start || at - start >= len {
+                bail!(
+                    "{path}: malformed: relocation {k} of section {i} ({name}) is at {at:#x}, \
+                     outside the section it applies to ({start:#x}..{:#x})",
+                    start.saturating_add(len)
+                );
+            }
+        }
+    }
     // Every name inside it: a name past its end would be read from whatever `embed`
     // appends there (the new section names), and sections would be mistaken for others.
     let size = h.sh_size(e);

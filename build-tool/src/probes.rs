@@ -416,6 +416,10 @@ pub struct ProbeFunctions {
     by_sym: HashMap<usize, usize>,
     /// Address of a defined probe symbol → index into `funcs`.
     by_addr: HashMap<u64, usize>,
+    /// The value of every probe symbol, defined or not (a hostile file may leave a
+    /// real address in an undefined one) → index into `funcs`: where no call may go
+    /// unless its relocation says so.
+    all_addrs: HashMap<u64, usize>,
 }
 
 /// The executable sections' address ranges and bytes, sorted by address.
@@ -454,7 +458,7 @@ impl ProbeFunctions {
     /// their calls could not be told apart.
     pub fn read(img: &Image<'_>) -> Result<Self> {
         let e = LittleEndian;
-        let mut names: BTreeMap<String, Vec<(usize, Option<u64>)>> = BTreeMap::new();
+        let mut names: BTreeMap<String, Vec<(usize, u64, bool)>> = BTreeMap::new();
         for s in img.file.symbols() {
             let n = img.raw_symbol_name(s.index().0);
             if split_c_probe(n).is_none() {
@@ -466,7 +470,7 @@ impl ProbeFunctions {
             names
                 .entry(n.to_string())
                 .or_default()
-                .push((s.index().0, defined.then(|| s.address())));
+                .push((s.index().0, s.address(), defined));
         }
         let mut out = ProbeFunctions::default();
         for (i, (symbol, syms)) in names.into_iter().enumerate() {
@@ -477,9 +481,12 @@ impl ProbeFunctions {
                 name: name.to_string(),
                 symbol: symbol.clone(),
             });
-            for (index, addr) in syms {
+            for (index, addr, defined) in syms {
                 out.by_sym.insert(index, i);
-                let Some(addr) = addr else { continue };
+                out.all_addrs.entry(addr).or_insert(i);
+                if !defined {
+                    continue;
+                }
                 if let Some(&j) = out.by_addr.get(&addr)
                     && j != i
                 {
@@ -597,13 +604,7 @@ impl ProbeFunctions {
                 {
                     continue;
                 }
-                Some(_)
-                    if !in_exec
-                        && matches!(
-                            class,
-                            RelocClass::Absolute | RelocClass::Got | RelocClass::Other
-                        ) =>
-                {
+                Some(_) if !in_exec && matches!(class, RelocClass::Absolute | RelocClass::Got) => {
                     continue;
                 }
                 Some(i) if class == RelocClass::None => (
@@ -618,27 +619,40 @@ impl ProbeFunctions {
                 ),
                 Some(i) => (i, "not a call this tool can rewrite safely"),
                 None => {
-                    // A branch whose code reaches a probe function although its
-                    // relocation says otherwise.
-                    if class != RelocClass::Branch || !in_exec {
+                    // Code that reaches a probe function although its relocation says
+                    // otherwise: a branch's field, or a plain call or jmp holding a
+                    // relocation of no (or an unknown) type.
+                    if !in_exec {
                         continue;
                     }
-                    let field = exec.read(r.offset, t.branch_field_len());
-                    let Some(dest) = field.and_then(|f| t.branch_field_dest(f, r.offset)) else {
+                    let dest = match class {
+                        RelocClass::Branch => exec
+                            .read(r.offset, t.branch_field_len())
+                            .and_then(|f| t.branch_field_dest(f, r.offset)),
+                        RelocClass::None | RelocClass::Other => {
+                            t.plain_branch_start(r.offset).and_then(|start| {
+                                let code = exec.read(start, t.probe_site_len() as u64)?;
+                                let insn = t.decode_insn(code, start);
+                                (insn.kind.is_some() && insn.len == code.len())
+                                    .then_some(insn.branch_target)
+                            })
+                        }
+                        _ => None,
+                    };
+                    let Some(dest) = dest else { continue };
+                    let Some(&i) = self.all_addrs.get(&dest) else {
                         continue;
                     };
-                    let Some(&i) = self.by_addr.get(&dest) else {
-                        continue;
-                    };
-                    if Self::branch_target(img, &r) == Some(dest) {
+                    if class == RelocClass::Branch && Self::branch_target(img, &r) == Some(dest) {
                         continue;
                     }
                     bail!(
                         "{}: the branch at {:#x} reaches probe function {}, but its relocation \
-                         names `{}` (symbol {}): the relocations do not describe the code",
+                         ({}) names `{}` (symbol {}): the relocations do not describe the code",
                         img.path,
                         r.offset,
                         self.funcs[i].symbol,
+                        t.reloc_name(r.r_type),
                         img.raw_symbol_name(r.sym_index),
                         r.sym_index
                     );
