@@ -11,7 +11,7 @@ use kernel_loader::probe::{
     SITE_RECORD_SIZE, STUB_SYMBOLS, Stubs, decl, record,
 };
 use object::read::elf::Sym as _;
-use object::{LittleEndian, Object, ObjectSection, ObjectSymbol, SymbolKind};
+use object::{LittleEndian, Object, ObjectSection, ObjectSymbol, SectionIndex, SymbolKind};
 
 use crate::elf::{ElfKind, Image, RawRela, Reloc, demangle};
 use crate::record_section::{
@@ -422,33 +422,39 @@ pub struct ProbeFunctions {
     all_addrs: HashMap<u64, usize>,
 }
 
-/// The executable sections' address ranges and bytes, sorted by address.
+/// The executable sections' addresses, bytes and indices, sorted by address.
 #[derive(Debug)]
-pub struct ExecCode<'d>(Vec<(u64, &'d [u8])>);
+pub struct ExecCode<'d>(Vec<(u64, &'d [u8], SectionIndex)>);
 
 impl<'d> ExecCode<'d> {
     /// The executable sections of `img`.
     pub fn new(img: &Image<'d>) -> Self {
-        let mut v: Vec<(u64, &'d [u8])> = img
+        let mut v: Vec<(u64, &'d [u8], SectionIndex)> = img
             .exec_sections()
-            .map(|s| (s.address(), s.data().unwrap_or(&[])))
-            .filter(|(_, d)| !d.is_empty())
+            .map(|s| (s.address(), s.data().unwrap_or(&[]), s.index()))
+            .filter(|(_, d, _)| !d.is_empty())
             .collect();
         v.sort_by_key(|s| s.0);
         ExecCode(v)
     }
 
+    /// The section holding `addr`.
+    fn section(&self, addr: u64) -> Option<(u64, &'d [u8], SectionIndex)> {
+        let i = self.0.partition_point(|s| s.0 <= addr).checked_sub(1)?;
+        let s = self.0[i];
+        (addr - s.0 < s.1.len() as u64).then_some(s)
+    }
+
     /// `len` bytes at `addr`, if an executable section holds them all.
     fn read(&self, addr: u64, len: u64) -> Option<&'d [u8]> {
-        let i = self.0.partition_point(|s| s.0 <= addr).checked_sub(1)?;
-        let (start, data) = self.0[i];
+        let (start, data, _) = self.section(addr)?;
         let off = usize::try_from(addr - start).ok()?;
         data.get(off..off.checked_add(usize::try_from(len).ok()?)?)
     }
 
     /// Whether `addr` is in an executable section.
     fn contains(&self, addr: u64) -> bool {
-        self.read(addr, 1).is_some()
+        self.section(addr).is_some()
     }
 }
 
@@ -593,7 +599,11 @@ impl ProbeFunctions {
     fn check_all_recorded(&self, img: &Image<'_>, recorded: &HashSet<u64>) -> Result<()> {
         let exec = ExecCode::new(img);
         let t = img.target;
+        let mut unrelocated = self.field_candidates(img, &exec);
         for r in img.raw_relas() {
+            if !unrelocated.is_empty() {
+                unrelocated.remove(&r.offset);
+            }
             let class = t.reloc_class(r.r_type);
             let in_exec = exec.contains(r.offset);
             let (i, why) = match self.reference(img, &exec, &r) {
@@ -621,7 +631,7 @@ impl ProbeFunctions {
                 None => {
                     // Code that reaches a probe function although its relocation says
                     // otherwise: a branch's field, or a plain call or jmp holding a
-                    // relocation of no (or an unknown) type.
+                    // relocation of another kind.
                     if !in_exec {
                         continue;
                     }
@@ -629,15 +639,12 @@ impl ProbeFunctions {
                         RelocClass::Branch => exec
                             .read(r.offset, t.branch_field_len())
                             .and_then(|f| t.branch_field_dest(f, r.offset)),
-                        RelocClass::None | RelocClass::Other => {
-                            t.plain_branch_start(r.offset).and_then(|start| {
-                                let code = exec.read(start, t.probe_site_len() as u64)?;
-                                let insn = t.decode_insn(code, start);
-                                (insn.kind.is_some() && insn.len == code.len())
-                                    .then_some(insn.branch_target)
-                            })
-                        }
-                        _ => None,
+                        _ => t.plain_branch_start(r.offset).and_then(|start| {
+                            let code = exec.read(start, t.probe_site_len() as u64)?;
+                            let insn = t.decode_insn(code, start);
+                            (insn.kind.is_some() && insn.len == code.len())
+                                .then_some(insn.branch_target)
+                        }),
                     };
                     let Some(dest) = dest else { continue };
                     let Some(&i) = self.all_addrs.get(&dest) else {
@@ -668,8 +675,81 @@ impl ProbeFunctions {
                 img.raw_symbol_name(r.sym_index)
             );
         }
+        let mut unrelocated: Vec<(u64, (u64, usize))> = unrelocated.into_iter().collect();
+        unrelocated.sort_unstable();
+        for (at, (dest, i)) in unrelocated {
+            if let Some(site) = branch_at(img, &exec, at, dest) {
+                bail!(
+                    "{}: the {} at {:#x} ({}) reaches probe function {} but has no relocation \
+                     (a call the assembler resolved itself, to a local probe function in the \
+                     same section?): it cannot be recorded; make the probe function global or \
+                     weak, as KSITES_PROBE_DECL does",
+                    img.path,
+                    site.kind.name(),
+                    site.addr,
+                    exec.section(at)
+                        .map(|(_, _, sec)| img.describe(sec, site.addr))
+                        .unwrap_or_default(),
+                    self.funcs[i].symbol
+                );
+            }
+        }
         Ok(())
     }
+
+    /// The places in executable code whose bytes, read as a branch's field, reach a
+    /// probe function: field address → (destination, probe index). Every byte is tried (a window that
+    /// lands exactly on a probe function is rare); whether one is a branch is decided by
+    /// [`branch_at`], for those no relocation describes.
+    fn field_candidates(&self, img: &Image<'_>, exec: &ExecCode<'_>) -> HashMap<u64, (u64, usize)> {
+        let t = img.target;
+        let mut out = HashMap::new();
+        let (Some(&lo), Some(&hi)) = (self.all_addrs.keys().min(), self.all_addrs.keys().max())
+        else {
+            return out;
+        };
+        let n = t.branch_field_len() as usize;
+        for &(start, data, _) in &exec.0 {
+            for (k, w) in data.windows(n).enumerate() {
+                let at = start.wrapping_add(k as u64);
+                let Some(dest) = t.branch_field_dest(w, at) else {
+                    continue;
+                };
+                if (lo..=hi).contains(&dest)
+                    && let Some(&i) = self.all_addrs.get(&dest)
+                {
+                    out.insert(at, (dest, i));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The branch whose field is at `at`, decoded from the start of the enclosing
+/// function (or section), if it is one and reaches `dest`.
+fn branch_at(
+    img: &Image<'_>,
+    exec: &ExecCode<'_>,
+    at: u64,
+    dest: u64,
+) -> Option<crate::target::SiteInsn> {
+    let (sec_addr, data, sec) = exec.section(at)?;
+    let sec_end = sec_addr.checked_add(data.len() as u64)?;
+    let start = img
+        .enclosing_symbol(sec, at)
+        .map_or(sec_addr, |s| s.addr)
+        .max(sec_addr)
+        .min(at);
+    let end = img
+        .next_symbol_start(sec, at)
+        .unwrap_or(sec_end)
+        .max(at.saturating_add(img.target.branch_field_len()))
+        .min(sec_end);
+    let code = data.get((start - sec_addr) as usize..(end - sec_addr) as usize)?;
+    let mut cursor = img.target.function_cursor(code, start);
+    let site = cursor.classify(at, Some(dest)).ok()?;
+    Some(site)
 }
 
 #[cfg(test)]

@@ -133,6 +133,50 @@ fn row_03_probe_functions_without_relocations_are_an_error() {
     assert!(!d.join("out").exists());
 }
 
+#[test]
+fn row_08_probe_call_without_a_relocation_is_refused() {
+    // A local probe function in the caller's section: the assembler resolves the call
+    // itself and emits no relocation, so only the code says it is a probe call.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("loc.s"),
+        format!(
+            "    .text\n    .globl _start\n    .type _start,@function\n_start:\n\
+             \x20   call __dtrace_probe_loc___x\n    call other\n    ret\n\
+             \x20   .size _start, .-_start\n\
+             \x20   .type __dtrace_probe_loc___x,@function\n__dtrace_probe_loc___x: ret\n\
+             \x20   .size __dtrace_probe_loc___x, 1\n\
+             \x20   .globl other\n    .type other,@function\nother: ret\n    .size other, 1\n\
+             \x20   .section .data.cell,\"aw\",@progbits\n    .balign 8\n\
+             \x20   .globl {CELL_SYMBOL}\n{CELL_SYMBOL}: .quad {CELL_MAGIC:#x}, 0, 0\n"
+        ),
+    )
+    .unwrap();
+    gcc(
+        d,
+        &[
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,--emit-relocs",
+            "loc.s",
+            "-o",
+            "loc",
+        ],
+    );
+    let (code, text) = embed_cli(d, "loc", "out");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("loc: the call at 0x")
+            && text.contains(
+                "(_start) reaches probe function __dtrace_probe_loc___x but has no relocation"
+            ),
+        "{text}"
+    );
+    assert!(!d.join("out").exists());
+}
+
 /// A kernel-like image: gcc-compiled C with declared probes (plain, tail and is-enabled
 /// calls), a GNU ifunc, the table cell, and an assembly probe stub without `.type`
 /// (an `STT_NOTYPE` probe function) called and tail-called from assembly.
@@ -592,7 +636,7 @@ fn mutated_images_embed_cleanly_or_verify() {
     let cases: usize = std::env::var("KSITES_MUTATION_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
+        .unwrap_or(8000);
     let seed: u64 = std::env::var("KSITES_MUTATION_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
