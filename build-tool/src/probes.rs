@@ -390,6 +390,9 @@ pub(crate) fn c_site_kind(
     })
 }
 
+/// [`ProbeFunctions`]' mark of a symbol that names no probe function.
+const NOT_PROBE: u32 = u32::MAX;
+
 /// One C probe function (a name; several symbols may carry it).
 #[derive(Clone, Debug)]
 pub struct ProbeFunction {
@@ -412,14 +415,36 @@ pub struct ProbeFunction {
 pub struct ProbeFunctions {
     /// One per name, sorted by name.
     pub funcs: Vec<ProbeFunction>,
-    /// Symbol index → index into `funcs`.
-    by_sym: HashMap<usize, usize>,
+    /// Symbol index → index into `funcs` (`NONE`: not a probe symbol).
+    by_sym: Vec<u32>,
     /// Address of a defined probe symbol → index into `funcs`.
-    by_addr: HashMap<u64, usize>,
+    by_addr: AddrMap,
     /// The value of every probe symbol, defined or not (a hostile file may leave a
     /// real address in an undefined one) → index into `funcs`: where no call may go
     /// unless its relocation says so.
-    all_addrs: HashMap<u64, usize>,
+    all_addrs: AddrMap,
+}
+
+/// Addresses → probe index, sorted: a lookup (one per relocation, most of them nowhere
+/// near a probe function) is a range check, then halving.
+#[derive(Debug, Default)]
+struct AddrMap(Vec<(u64, usize)>);
+
+impl AddrMap {
+    fn new(map: HashMap<u64, usize>) -> Self {
+        let mut v: Vec<(u64, usize)> = map.into_iter().collect();
+        v.sort_unstable();
+        AddrMap(v)
+    }
+
+    fn get(&self, addr: &u64) -> Option<&usize> {
+        let (first, last) = (self.0.first()?, self.0.last()?);
+        if *addr < first.0 || *addr > last.0 {
+            return None;
+        }
+        let i = self.0.binary_search_by_key(addr, |e| e.0).ok()?;
+        Some(&self.0[i].1)
+    }
 }
 
 /// The executable sections' addresses, bytes and indices, sorted by address.
@@ -478,7 +503,12 @@ impl ProbeFunctions {
                 .or_default()
                 .push((s.index().0, s.address(), defined));
         }
-        let mut out = ProbeFunctions::default();
+        let mut out = ProbeFunctions {
+            by_sym: vec![NOT_PROBE; img.symbol_count()],
+            ..ProbeFunctions::default()
+        };
+        let mut by_addr: HashMap<u64, usize> = HashMap::new();
+        let mut all_addrs: HashMap<u64, usize> = HashMap::new();
         for (i, (symbol, syms)) in names.into_iter().enumerate() {
             let (enabled, provider, name) = split_c_probe(&symbol).expect("checked above");
             out.funcs.push(ProbeFunction {
@@ -488,12 +518,14 @@ impl ProbeFunctions {
                 symbol: symbol.clone(),
             });
             for (index, addr, defined) in syms {
-                out.by_sym.insert(index, i);
-                out.all_addrs.entry(addr).or_insert(i);
+                if let Some(e) = out.by_sym.get_mut(index) {
+                    *e = i as u32;
+                }
+                all_addrs.entry(addr).or_insert(i);
                 if !defined {
                     continue;
                 }
-                if let Some(&j) = out.by_addr.get(&addr)
+                if let Some(&j) = by_addr.get(&addr)
                     && j != i
                 {
                     bail!(
@@ -503,10 +535,12 @@ impl ProbeFunctions {
                         out.funcs[j].symbol
                     );
                 }
-                out.by_addr.insert(addr, i);
+                by_addr.insert(addr, i);
             }
         }
-        if out.by_addr.is_empty() {
+        out.by_addr = AddrMap::new(by_addr);
+        out.all_addrs = AddrMap::new(all_addrs);
+        if out.by_addr.0.is_empty() {
             return Ok(out);
         }
         for s in img.file.symbols() {
@@ -540,12 +574,20 @@ impl ProbeFunctions {
         self.funcs.is_empty()
     }
 
+    /// The probe function the symbol with index `sym` names, if any.
+    fn probe_symbol(&self, sym: usize) -> Option<usize> {
+        self.by_sym
+            .get(sym)
+            .filter(|&&i| i != NOT_PROBE)
+            .map(|&i| i as usize)
+    }
+
     /// The site finder's selector: a relocation naming a probe function, or reaching one.
     fn select(&self, img: &Image<'_>, r: &Reloc) -> Option<Selected> {
         let t = img.target.reloc_target(r);
         let &target = self
-            .by_sym
-            .get(&r.sym_index)
+            .probe_symbol(r.sym_index)
+            .as_ref()
             .or_else(|| self.by_addr.get(&t))?;
         Some(Selected {
             target,
@@ -578,7 +620,7 @@ impl ProbeFunctions {
     /// (anywhere), or, for a branch relocation (or one `embed` made "none") in
     /// executable code, by where it goes.
     pub fn reference(&self, img: &Image<'_>, exec: &ExecCode<'_>, r: &RawRela) -> Option<usize> {
-        if let Some(&i) = self.by_sym.get(&r.sym_index) {
+        if let Some(i) = self.probe_symbol(r.sym_index) {
             return Some(i);
         }
         if !matches!(
@@ -599,11 +641,7 @@ impl ProbeFunctions {
     fn check_all_recorded(&self, img: &Image<'_>, recorded: &HashSet<u64>) -> Result<()> {
         let exec = ExecCode::new(img);
         let t = img.target;
-        let mut unrelocated = self.field_candidates(img, &exec);
         for r in img.raw_relas() {
-            if !unrelocated.is_empty() {
-                unrelocated.remove(&r.offset);
-            }
             let class = t.reloc_class(r.r_type);
             let in_exec = exec.contains(r.offset);
             let (i, why) = match self.reference(img, &exec, &r) {
@@ -675,9 +713,14 @@ impl ProbeFunctions {
                 img.raw_symbol_name(r.sym_index)
             );
         }
-        let mut unrelocated: Vec<(u64, (u64, usize))> = unrelocated.into_iter().collect();
-        unrelocated.sort_unstable();
-        for (at, (dest, i)) in unrelocated {
+        // Code that reaches a probe function and is no recorded site: every relocation
+        // was checked above, so if it is a branch, none describes it.
+        for (at, dest, i) in self.field_candidates(img, &exec) {
+            if t.plain_branch_start(at)
+                .is_some_and(|s| recorded.contains(&s))
+            {
+                continue;
+            }
             if let Some(site) = branch_at(img, &exec, at, dest) {
                 bail!(
                     "{}: the {} at {:#x} ({}) reaches probe function {} but has no relocation \
@@ -698,13 +741,13 @@ impl ProbeFunctions {
     }
 
     /// The places in executable code whose bytes, read as a branch's field, reach a
-    /// probe function: field address → (destination, probe index). Every byte is tried (a window that
-    /// lands exactly on a probe function is rare); whether one is a branch is decided by
-    /// [`branch_at`], for those no relocation describes.
-    fn field_candidates(&self, img: &Image<'_>, exec: &ExecCode<'_>) -> HashMap<u64, (u64, usize)> {
+    /// probe function, in address order: (field address, destination, probe index).
+    /// Every byte is tried (a window that lands exactly on a probe function is rare);
+    /// whether one is a branch is decided by [`branch_at`].
+    fn field_candidates(&self, img: &Image<'_>, exec: &ExecCode<'_>) -> Vec<(u64, u64, usize)> {
         let t = img.target;
-        let mut out = HashMap::new();
-        let (Some(&lo), Some(&hi)) = (self.all_addrs.keys().min(), self.all_addrs.keys().max())
+        let mut out = Vec::new();
+        let (Some(&(lo, _)), Some(&(hi, _))) = (self.all_addrs.0.first(), self.all_addrs.0.last())
         else {
             return out;
         };
@@ -718,7 +761,7 @@ impl ProbeFunctions {
                 if (lo..=hi).contains(&dest)
                     && let Some(&i) = self.all_addrs.get(&dest)
                 {
-                    out.insert(at, (dest, i));
+                    out.push((at, dest, i));
                 }
             }
         }
