@@ -214,6 +214,26 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
         let mut recorded = HashSet::new();
         for s in &scan.sites {
             let f = &funcs.funcs[s.target as usize];
+            // The site's bytes change: code decoded from a symbol inside them would read
+            // differently before and after (and `verify` would disagree with `embed`).
+            let end = s.addr.saturating_add(u64::from(s.len));
+            if let Some(inside) = img
+                .next_symbol_start(scan.section_index(s), s.addr)
+                .filter(|&a| a < end)
+            {
+                let name = img
+                    .symbol_at(scan.section_index(s), inside)
+                    .map_or("?", |y| &y.name);
+                bail!(
+                    "{}: symbol `{}` at {inside:#x} starts inside the call to probe function {} \
+                     at {:#x} ({}): the symbols and the code disagree",
+                    img.path,
+                    demangle(name),
+                    f.symbol,
+                    s.addr,
+                    scan.location(s)
+                );
+            }
             let kind = c_site_kind(&scan, s, f.enabled, &f.symbol)
                 .with_context(|| img.path.to_string())?;
             let key = (f.provider.clone(), f.name.clone());

@@ -179,7 +179,8 @@ fn row_08_probe_call_without_a_relocation_is_refused() {
 
 /// A kernel-like image: gcc-compiled C with declared probes (plain, tail and is-enabled
 /// calls), a GNU ifunc, the table cell, and an assembly probe stub without `.type`
-/// (an `STT_NOTYPE` probe function) called and tail-called from assembly.
+/// (an `STT_NOTYPE` probe function) called and tail-called from assembly; linked by GNU
+/// ld (`k`).
 fn kernel_like(dir: &Path) -> PathBuf {
     let header = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/c");
     std::fs::write(
@@ -260,6 +261,37 @@ void ksites_probe_ret1(void) {{}}
     dir.join("k")
 }
 
+/// The same objects linked by the toolchain's rust-lld (`k-lld`, with lld's layout:
+/// `PT_PHDR`, other segment boundaries), if it has one.
+fn kernel_like_lld(dir: &Path) -> Option<PathBuf> {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
+    let lld = Path::new(String::from_utf8_lossy(&sysroot.stdout).trim())
+        .join("lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-lld");
+    if !lld.exists() {
+        return None;
+    }
+    gcc(dir, &["-c", "stub.s", "-o", "stub.o"]);
+    let o = Command::new(lld)
+        .args([
+            "-flavor",
+            "gnu",
+            "-static",
+            "--emit-relocs",
+            "k.o",
+            "stub.o",
+            "-o",
+            "k-lld",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Some(dir.join("k-lld"))
+}
+
 // ELF64 field offsets, for editing the fixture.
 const E_PHOFF: usize = 0x20;
 const E_SHOFF: usize = 0x28;
@@ -272,6 +304,7 @@ const SYM: usize = 24;
 const RELA: usize = 24;
 const SHT_SYMTAB: u32 = 2;
 const SHT_RELA: u32 = 4;
+const SHF_EXECINSTR: u64 = 4;
 
 fn rd(d: &[u8], at: usize, n: usize) -> u64 {
     let mut b = [0u8; 8];
@@ -293,6 +326,8 @@ struct Layout {
     /// RELA entries, and the name of the symbol each names.
     relas: Vec<(usize, String)>,
     shstrtab: usize,
+    /// File offsets of the executable sections' bytes.
+    code: Vec<std::ops::Range<usize>>,
 }
 
 fn layout(d: &[u8]) -> Layout {
@@ -319,6 +354,10 @@ fn layout(d: &[u8]) -> Layout {
         .map(|i| (so + i * SYM, names[i].clone()))
         .collect();
     for &h in &l.shdrs {
+        if rd(d, h + 8, 8) & SHF_EXECINSTR != 0 {
+            let (o, s) = sec(h);
+            l.code.push(o..o + s);
+        }
         if rd(d, h + 4, 4) as u32 == SHT_RELA {
             let (o, s) = sec(h);
             for e in (o..o + s).step_by(RELA) {
@@ -482,6 +521,7 @@ fn row_08_probe_symbols_of_any_type_or_section_are_handled_or_refused() {
             }
             Err(e) => {
                 let msg = format!("{e:#}");
+                eprintln!("{what}: refused: {msg}");
                 assert!(!ok, "{what}: {msg}");
                 assert!(
                     msg.starts_with("k: ") && msg.contains("__dtrace_probe_net___tx"),
@@ -559,11 +599,38 @@ fn new_value(rng: &mut Rng, old: u64, n: usize) -> u64 {
 }
 
 /// One mutation of `m`: a field of a symbol (biased to the probe, ifunc and cell
-/// symbols), a section header, a program header or a relocation (biased to those naming
-/// probe functions or ifuncs); returns what it changed.
-fn mutate(rng: &mut Rng, m: &mut [u8], l: &Layout) -> String {
+/// symbols), a section header, a program header, a relocation (biased to those naming
+/// probe functions or ifuncs), the ELF header, or a code byte (biased to the probe call
+/// sites); returns what it changed.
+fn mutate(rng: &mut Rng, m: &mut [u8], l: &Layout, sites: &[(u64, usize, Vec<u8>)]) -> String {
     let interesting = |n: &str| is_probe(n) || n == "scale" || n == CELL_SYMBOL;
-    let (kind, at, n) = match rng.below(10) {
+    let (kind, at, n) = match rng.below(12) {
+        10 => {
+            // The ELF header's layout fields.
+            let (f, w) = rng.pick(&[
+                (0x10, 2),
+                (0x18, 8),
+                (E_PHOFF, 8),
+                (E_SHOFF, 8),
+                (0x36, 2),
+                (E_PHNUM, 2),
+                (0x3a, 2),
+                (E_SHNUM, 2),
+                (E_SHSTRNDX, 2),
+            ]);
+            ("ehdr", f, w)
+        }
+        11 => {
+            // A code byte: at or near a probe call site, or anywhere.
+            let at = if rng.below(2) == 0 {
+                let (_, off, _) = &sites[rng.below(sites.len())];
+                (off + rng.below(12)).saturating_sub(4)
+            } else {
+                let r = l.code[rng.below(l.code.len())].clone();
+                r.start + rng.below(r.len().max(1))
+            };
+            ("code", at.min(m.len() - 1), 1)
+        }
         0..=3 => {
             let hot: Vec<usize> = l
                 .syms
@@ -629,27 +696,38 @@ fn mutate(rng: &mut Rng, m: &mut [u8], l: &Layout) -> String {
 #[test]
 fn mutated_images_embed_cleanly_or_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let input = kernel_like(dir.path());
-    let data = std::fs::read(&input).unwrap();
-    let sites = probe_sites("k", &data);
-    let l = layout(&data);
+    let mut images = vec![kernel_like(dir.path())];
+    images.extend(kernel_like_lld(dir.path()));
     let cases: usize = std::env::var("KSITES_MUTATION_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(8000);
+        .unwrap_or(5000);
     let seed: u64 = std::env::var("KSITES_MUTATION_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    for input in images {
+        let data = std::fs::read(&input).unwrap();
+        let name = input.file_name().unwrap().to_string_lossy().into_owned();
+        mutate_and_check(&name, &data, cases, seed);
+    }
+}
+
+/// `cases` mutations of `data` (from `seed`), each checked by [`check`].
+fn mutate_and_check(name: &str, data: &[u8], cases: usize, seed: u64) {
+    // The unmutated image embeds and verifies.
+    let sites = probe_sites("k", data);
+    assert!(matches!(check(data, &sites), Outcome::Embedded), "{name}");
+    let l = layout(data);
     let mut rng = Rng(seed);
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let mut failures: BTreeMap<String, (usize, String)> = BTreeMap::new();
     let (mut ok, mut refused, mut unnamed) = (0, 0, 0);
     for _ in 0..cases {
-        let mut m = data.clone();
+        let mut m = data.to_vec();
         let edits: Vec<String> = (0..1 + rng.below(3))
-            .map(|_| mutate(&mut rng, &mut m, &l))
+            .map(|_| mutate(&mut rng, &mut m, &l, &sites))
             .collect();
         let why = match check(&m, &sites) {
             Outcome::Embedded => {
@@ -684,10 +762,10 @@ fn mutated_images_embed_cleanly_or_verify() {
         .map(|(c, (n, ex))| format!("{n:5} {c}\n      e.g. {ex}"))
         .collect();
     eprintln!(
-        "{cases} mutations: {ok} embedded, {refused} refused ({unnamed} without the file \
+        "{name}: {cases} mutations: {ok} embedded, {refused} refused ({unnamed} without the file \
          name), {} broken",
         failures.values().map(|f| f.0).sum::<usize>()
     );
-    assert!(failures.is_empty(), "\n{}", report.join("\n"));
-    assert!(ok > cases / 10, "too few mutations embedded: {ok}");
+    assert!(failures.is_empty(), "{name}:\n{}", report.join("\n"));
+    assert!(ok > cases / 10, "{name}: too few mutations embedded: {ok}");
 }
