@@ -760,7 +760,8 @@ pub fn check_linked_headers(img: &Image<'_>) -> Result<()> {
     // file, each inside the section it applies to: the probe and ifunc call sites are
     // found through them, and one that points elsewhere hides a call.
     for (i, sh) in sections.iter().enumerate() {
-        if sh.sh_type(e) != elf::SHT_RELA {
+        // (Dynamic relocations, `SHF_ALLOC`, are the dynamic linker's: not these.)
+        if sh.sh_type(e) != elf::SHT_RELA || sh.sh_flags(e) & u64::from(elf::SHF_ALLOC) != 0 {
             continue;
         }
         let Ok(target) = sections.section(SectionIndex(sh.sh_info(e) as usize)) else {
