@@ -558,6 +558,54 @@ fn row_08_malformed_segment_and_section_headers_are_refused() {
             && msg.contains("empty"),
         "{msg}"
     );
+    // The other header contradictions the readers rely on: (what, edit, message).
+    let text_rela = *l
+        .shdrs
+        .iter()
+        .find(|&&h| rd(&data, h + 4, 4) as u32 == SHT_RELA && rd(&data, h + 8, 8) & 2 == 0)
+        .unwrap();
+    let first_rela = rd(&data, text_rela + 24, 8) as usize;
+    let file_len = data.len() as u64;
+    type Edit = Box<dyn Fn(&mut [u8])>;
+    let cases: [(&str, Edit, &str); 5] = [
+        (
+            "PT_LOAD past the end",
+            Box::new(move |m| wr(m, load + 8, 8, file_len)),
+            "lie past the end of the file",
+        ),
+        (
+            "PT_LOAD loads elsewhere",
+            Box::new(move |m| {
+                let v = rd(m, load + 16, 8);
+                wr(m, load + 16, 8, v + 0x10_0000)
+            }),
+            "is not where any PT_LOAD segment loads its bytes",
+        ),
+        (
+            "relocation outside its section",
+            Box::new(move |m| wr(m, first_rela, 8, 0x10)),
+            "outside the section it applies to",
+        ),
+        (
+            "relocations without a symbol table",
+            Box::new(move |m| wr(m, text_rela + 40, 4, 0)),
+            "as its symbol table, which is not one",
+        ),
+        (
+            "name past the string table",
+            Box::new(move |m| wr(m, text_rela, 4, 0xffff)),
+            "is past the end of the section name string table",
+        ),
+    ];
+    for (what, edit, want) in cases {
+        let mut m = data.clone();
+        edit(&mut m);
+        let msg = format!("{:#}", ksites::embed::embed_bytes("k", &m).unwrap_err());
+        assert!(
+            msg.starts_with("k: ") && msg.contains("malformed") && msg.contains(want),
+            "{what}: {msg}"
+        );
+    }
     // The CLI: exit 1, no output.
     std::fs::write(dir.path().join("bad"), &m).unwrap();
     let (code, text) = embed_cli(dir.path(), "bad", "out");
