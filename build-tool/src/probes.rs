@@ -435,7 +435,7 @@ pub struct ProbeFunction {
 pub struct ProbeFunctions {
     /// One per name, sorted by name.
     pub funcs: Vec<ProbeFunction>,
-    /// Symbol index → index into `funcs` (`NONE`: not a probe symbol).
+    /// Symbol index → index into `funcs` ([`NOT_PROBE`]: not a probe symbol).
     by_sym: Vec<u32>,
     /// Address of a defined probe symbol → index into `funcs`.
     by_addr: AddrMap,
