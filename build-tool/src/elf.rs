@@ -662,6 +662,172 @@ pub fn read_file(path: &std::path::Path) -> std::io::Result<FileBytes> {
     Ok(FileBytes::Read(v))
 }
 
+// Header consistency of linked images: checks `embed`'s readers of ifunc and probe
+// records run first, kept apart from the parsing above.
+
+/// Refuses a linked image (ET_EXEC or ET_DYN; others pass) whose headers contradict
+/// themselves where the tool relies on them: a `PT_LOAD` with more file bytes than
+/// memory (`p_filesz > p_memsz`) or whose file bytes lie outside the file, and a
+/// missing or empty section name string table (no section could be found by name, and
+/// records and probe declarations would silently be missed).
+pub fn check_linked_headers(img: &Image<'_>) -> Result<()> {
+    use object::read::elf::ProgramHeader as _;
+    if img.kind == ElfKind::Rel {
+        return Ok(());
+    }
+    let e = LittleEndian;
+    let path = &img.path;
+    for (i, p) in img.file.elf_program_headers().iter().enumerate() {
+        if p.p_type(e) != elf::PT_LOAD {
+            continue;
+        }
+        let (off, filesz, memsz) = (p.p_offset(e), p.p_filesz(e), p.p_memsz(e));
+        if filesz > memsz {
+            bail!(
+                "{path}: program header {i} (PT_LOAD at {:#x}) is malformed: p_filesz {filesz:#x} \
+                 is larger than p_memsz {memsz:#x}",
+                p.p_vaddr(e)
+            );
+        }
+        if off
+            .checked_add(filesz)
+            .is_none_or(|end| end > img.data.len() as u64)
+        {
+            bail!(
+                "{path}: program header {i} (PT_LOAD at {:#x}) is malformed: its file bytes \
+                 {off:#x}+{filesz:#x} lie past the end of the file ({:#x} bytes)",
+                p.p_vaddr(e),
+                img.data.len()
+            );
+        }
+    }
+    let sections = img.file.elf_section_table();
+    if sections.is_empty() {
+        return Ok(());
+    }
+    let index = img
+        .file
+        .elf_header()
+        .section_strings_index(e, img.data)
+        .ok()
+        .filter(|i| i.0 != 0);
+    let Some(index) = index else {
+        bail!("{path}: malformed: the file has sections but no section name string table");
+    };
+    let h = sections
+        .section(index)
+        .with_context(|| format!("{path}: malformed: bad section name string table index"))?;
+    if h.sh_type(e) != elf::SHT_STRTAB || h.sh_size(e) == 0 {
+        bail!(
+            "{path}: malformed: the section name string table (section {}) is {}",
+            index.0,
+            if h.sh_size(e) == 0 {
+                "empty"
+            } else {
+                "not SHT_STRTAB"
+            }
+        );
+    }
+    // Allocated sections lie where a PT_LOAD maps them (their address is what the
+    // segment loads at their file offset): otherwise what `embed` patches by section
+    // is not what runs, and its new segment is placed from segments that lie.
+    let loads: Vec<_> = img
+        .file
+        .elf_program_headers()
+        .iter()
+        .filter(|p| p.p_type(e) == elf::PT_LOAD)
+        .map(|p| (p.p_offset(e), p.p_filesz(e), p.p_vaddr(e)))
+        .collect();
+    for (i, sh) in sections.iter().enumerate() {
+        let (addr, off, size) = (sh.sh_addr(e), sh.sh_offset(e), sh.sh_size(e));
+        // (A section whose addresses wrap is refused by the readers, as not in the file.)
+        if sh.sh_flags(e) & u64::from(elf::SHF_ALLOC) == 0
+            || sh.sh_type(e) == elf::SHT_NOBITS
+            || size == 0
+            || addr.checked_add(size).is_none()
+        {
+            continue;
+        }
+        let mapped = loads.iter().any(|&(p_off, p_filesz, p_vaddr)| {
+            off >= p_off
+                && off.saturating_add(size) <= p_off.saturating_add(p_filesz)
+                && p_vaddr.checked_add(off - p_off) == Some(addr)
+        });
+        if !mapped {
+            bail!(
+                "{path}: malformed: section {i} ({}) at {addr:#x} (file offset {off:#x}, \
+                 {size:#x} bytes) is not where any PT_LOAD segment loads its bytes",
+                img.section_strings.get(sh.sh_name(e)).unwrap_or("?")
+            );
+        }
+    }
+    // Relocations of executable sections (`--emit-relocs`) are whole entries inside the
+    // file, each inside the section it applies to: the probe and ifunc call sites are
+    // found through them, and one that points elsewhere hides a call.
+    for (i, sh) in sections.iter().enumerate() {
+        // (Dynamic relocations, `SHF_ALLOC`, are the dynamic linker's: not these.)
+        if sh.sh_type(e) != elf::SHT_RELA || sh.sh_flags(e) & u64::from(elf::SHF_ALLOC) != 0 {
+            continue;
+        }
+        let Ok(target) = sections.section(SectionIndex(sh.sh_info(e) as usize)) else {
+            continue;
+        };
+        let flags = u64::from(elf::SHF_ALLOC | elf::SHF_EXECINSTR);
+        if target.sh_flags(e) & flags != flags
+            || sh.sh_info(e) == 0
+            || target.sh_addr(e).checked_add(target.sh_size(e)).is_none()
+        {
+            continue;
+        }
+        let name = img.section_strings.get(sh.sh_name(e)).unwrap_or("?");
+        let symtab = sections.section(SectionIndex(sh.sh_link(e) as usize));
+        if !symtab.is_ok_and(|t| t.sh_type(e) == elf::SHT_SYMTAB) {
+            bail!(
+                "{path}: malformed: relocation section {i} ({name}) names section {} as its \
+                 symbol table, which is not one",
+                sh.sh_link(e)
+            );
+        }
+        let (off, size) = (sh.sh_offset(e), sh.sh_size(e));
+        let entry = size_of::<elf::Rela64<LittleEndian>>() as u64;
+        let bytes = usize::try_from(off)
+            .ok()
+            .zip(usize::try_from(size).ok())
+            .and_then(|(o, n)| img.data.get(o..o.checked_add(n)?))
+            .filter(|_| size % entry == 0);
+        let Some(bytes) = bytes else {
+            bail!(
+                "{path}: malformed: relocation section {i} ({name}) at file offset {off:#x} \
+                 ({size:#x} bytes) is not whole {entry}-byte entries inside the file"
+            );
+        };
+        let (start, len) = (target.sh_addr(e), target.sh_size(e));
+        for (k, r) in bytes.chunks_exact(entry as usize).enumerate() {
+            let at = u64::from_le_bytes(r[..8].try_into().expect("8 bytes"));
+            if at < start || at - start >= len {
+                bail!(
+                    "{path}: malformed: relocation {k} of section {i} ({name}) is at {at:#x}, \
+                     outside the section it applies to ({start:#x}..{:#x})",
+                    start.saturating_add(len)
+                );
+            }
+        }
+    }
+    // Every name inside it: a name past its end would be read from whatever `embed`
+    // appends there (the new section names), and sections would be mistaken for others.
+    let size = h.sh_size(e);
+    for (i, sh) in sections.iter().enumerate() {
+        if u64::from(sh.sh_name(e)) >= size {
+            bail!(
+                "{path}: malformed: section {i}'s name offset {:#x} is past the end of the \
+                 section name string table ({size:#x} bytes)",
+                sh.sh_name(e)
+            );
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod strings_tests {
     use super::Strings;

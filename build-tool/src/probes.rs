@@ -2,7 +2,7 @@
 //! calls (`call`/`jmp __dtrace_probe_<provider>___<name>` and
 //! `__dtraceenabled_<provider>___<name>`), which are rewritten into their disabled form.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::format::{NARGS_UNKNOWN, PSite, ProbeKind, SiteKind};
@@ -10,13 +10,14 @@ use kernel_loader::probe::{
     DECL_SECTION, DECL_SIZE, PROBE_RECORD_MAGIC, RECORD_NARGS_NONE, SITE_RECORD_SECTION,
     SITE_RECORD_SIZE, STUB_SYMBOLS, Stubs, decl, record,
 };
-use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+use object::read::elf::Sym as _;
+use object::{LittleEndian, Object, ObjectSection, ObjectSymbol, SectionIndex, SymbolKind};
 
-use crate::elf::{ElfKind, Image};
+use crate::elf::{ElfKind, Image, RawRela, Reloc, demangle};
 use crate::record_section::{
     self, Declared, PROBE_DECLS, PROBE_SITE_RECORDS, declare, probe_site_kind, u32_at, u64_at,
 };
-use crate::sites::find_sites;
+use crate::sites::{Selected, find_sites_with};
 use crate::table::{ProbeEntry, ProbeSiteEntry};
 use crate::target::{PROBE_SITE_LEN, RelocClass};
 
@@ -97,7 +98,9 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
             "{}: probe records can only be read from ET_EXEC images so far",
             img.path
         );
-        let data = sec.data()?;
+        let data = sec
+            .data()
+            .with_context(|| format!("{}: cannot read section {SITE_RECORD_SECTION}", img.path))?;
         for off in record_section::walk(&img.path, &PROBE_SITE_RECORDS, data, |_| true)? {
             let r = &data[off..off + SITE_RECORD_SIZE];
             let kind = probe_site_kind(&img.path, off, r)?;
@@ -153,7 +156,9 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
 
     // 2. C declarations (argument counts).
     if let Some(sec) = img.section_by_name(DECL_SECTION) {
-        let data = sec.data()?;
+        let data = sec
+            .data()
+            .with_context(|| format!("{}: cannot read section {DECL_SECTION}", img.path))?;
         for off in record_section::walk(&img.path, &PROBE_DECLS, data, |_| true)? {
             let r = &data[off..off + DECL_SIZE];
             let n = u32_at(r, decl::NARGS);
@@ -179,45 +184,22 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     }
 
     // 3. C probe calls, found like ifunc sites: relocations to the probe functions.
-    let mut c_syms: Vec<(u64, bool, String, String, String)> = Vec::new();
-    for s in img.file.symbols() {
-        let Ok(n) = s.name() else { continue };
-        if s.kind() != SymbolKind::Text || s.section_index().is_none() {
-            continue;
-        }
-        if let Some((enabled, prov, name)) = split_c_probe(n) {
-            c_syms.push((
-                s.address(),
-                enabled,
-                prov.to_string(),
-                name.to_string(),
-                n.to_string(),
-            ));
-        }
-    }
-    c_syms.sort();
-    c_syms.dedup();
-    let mut targets: HashMap<u64, usize> = HashMap::new();
-    for (i, c) in c_syms.iter().enumerate() {
-        if let Some(&j) = targets.get(&c.0) {
-            bail!(
-                "{}: probe functions {} and {} share address {:#x}; cannot tell their calls apart \
-                 (identical code folding?)",
-                img.path,
-                c_syms[j].4,
-                c.4,
-                c.0
-            );
-        }
-        targets.insert(c.0, i);
-    }
-    if !targets.is_empty() {
+    let funcs = ProbeFunctions::read(img)?;
+    if !funcs.is_empty() {
         ensure!(
             img.kind == ElfKind::Exec,
             "{}: C probes can only be rewritten in ET_EXEC images so far",
             img.path
         );
-        let scan = find_sites(img, &targets)?;
+        ensure!(
+            img.has_text_relocations(),
+            "{}: has {} probe function symbols (e.g. `{}`) but no relocation sections; \
+             link with --emit-relocs",
+            img.path,
+            funcs.funcs.len(),
+            funcs.funcs[0].symbol
+        );
+        let scan = find_sites_with(img, &|r: &Reloc| funcs.select(img, r))?;
         if let Some(r) = scan.other_refs.first() {
             bail!(
                 "{}: {} at {:#x} in {} references probe function {}: not a call this tool can \
@@ -226,14 +208,37 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                 r.what,
                 r.addr,
                 r.location,
-                c_syms[r.target].4
+                funcs.funcs[r.target].symbol
             );
         }
+        let mut recorded = HashSet::new();
         for s in &scan.sites {
-            let c = &c_syms[s.target as usize];
-            let kind = c_site_kind(&scan, s, c.1, &c.4).with_context(|| img.path.to_string())?;
-            let key = (c.2.clone(), c.3.clone());
+            let f = &funcs.funcs[s.target as usize];
+            // The site's bytes change: code decoded from a symbol inside them would read
+            // differently before and after (and `verify` would disagree with `embed`).
+            let end = s.addr.saturating_add(u64::from(s.len));
+            if let Some(inside) = img
+                .next_symbol_start(scan.section_index(s), s.addr)
+                .filter(|&a| a < end)
+            {
+                let name = img
+                    .symbol_at(scan.section_index(s), inside)
+                    .map_or("?", |y| &y.name);
+                bail!(
+                    "{}: symbol `{}` at {inside:#x} starts inside the call to probe function {} \
+                     at {:#x} ({}): the symbols and the code disagree",
+                    img.path,
+                    demangle(name),
+                    f.symbol,
+                    s.addr,
+                    scan.location(s)
+                );
+            }
+            let kind = c_site_kind(&scan, s, f.enabled, &f.symbol)
+                .with_context(|| img.path.to_string())?;
+            let key = (f.provider.clone(), f.name.clone());
             nargs.entry(key.clone()).or_insert(None);
+            recorded.insert(s.addr);
             pending.push(Pending {
                 addr: s.addr,
                 target: 0,
@@ -242,6 +247,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                 rec: None,
             });
         }
+        funcs.check_all_recorded(img, &recorded)?;
     }
 
     // 4. Number the probes (sorted by provider, name) and build the outputs.
@@ -341,24 +347,29 @@ pub fn image_stubs(img: &Image<'_>) -> Stubs {
 pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
     let mut out = Vec::new();
     if let Some(sec) = img.section_by_name(SITE_RECORD_SECTION) {
-        let data = sec.data()?;
+        let data = sec
+            .data()
+            .with_context(|| format!("{}: cannot read section {SITE_RECORD_SECTION}", img.path))?;
         for off in record_section::walk(&img.path, &PROBE_SITE_RECORDS, data, |_| true)? {
             out.push(u64_at(data, off + 8));
         }
     }
     // Raw RELA entries: `embed` turned these relocations into NONE ones, which the
-    // object crate's relocation iterator does not attribute to their symbol.
-    for r in img.raw_relas() {
-        if !matches!(
-            img.target.reloc_class(r.r_type),
-            RelocClass::Branch | RelocClass::None
-        ) {
-            continue;
-        }
-        if split_c_probe(&img.symbol_name(r.sym_index)).is_some()
-            && let Some(site) = img.target.plain_branch_start(r.offset)
-        {
-            out.push(site);
+    // object crate's relocation iterator does not attribute to their symbol. The same
+    // test as `embed`'s ([`ProbeFunctions::reference`]).
+    let funcs = ProbeFunctions::read(img)?;
+    if !funcs.is_empty() {
+        let exec = ExecCode::new(img);
+        for r in img.raw_relas() {
+            if funcs.reference(img, &exec, &r).is_some()
+                && matches!(
+                    img.target.reloc_class(r.r_type),
+                    RelocClass::Branch | RelocClass::None
+                )
+                && let Some(site) = img.target.plain_branch_start(r.offset)
+            {
+                out.push(site);
+            }
         }
     }
     out.sort_unstable();
@@ -397,6 +408,411 @@ pub(crate) fn c_site_kind(
         (true, SiteKind::Call) => ProbeKind::CEnabled,
         (true, _) => ProbeKind::CEnabledTail,
     })
+}
+
+/// [`ProbeFunctions`]' mark of a symbol that names no probe function.
+const NOT_PROBE: u32 = u32::MAX;
+
+/// One C probe function (a name; several symbols may carry it).
+#[derive(Clone, Debug)]
+pub struct ProbeFunction {
+    /// `__dtraceenabled_*` (an is-enabled check) rather than `__dtrace_probe_*`.
+    pub enabled: bool,
+    /// Provider.
+    pub provider: String,
+    /// Probe name.
+    pub name: String,
+    /// The symbol's name.
+    pub symbol: String,
+}
+
+/// The C probe functions of an image: every symbol named `__dtrace_probe_*` or
+/// `__dtraceenabled_*`, whatever its type (`STT_FUNC`, an assembly stub's `STT_NOTYPE`,
+/// `STT_OBJECT`, …), binding or section. A relocation refers to one when it names such
+/// a symbol, or when (in executable code) it reaches the address of a defined one; the
+/// site finder (`embed`) and [`find_probes_in_embedded`] (`verify`) use the same test.
+#[derive(Debug, Default)]
+pub struct ProbeFunctions {
+    /// One per name, sorted by name.
+    pub funcs: Vec<ProbeFunction>,
+    /// Symbol index → index into `funcs` ([`NOT_PROBE`]: not a probe symbol).
+    by_sym: Vec<u32>,
+    /// Address of a defined probe symbol → index into `funcs`.
+    by_addr: AddrMap,
+    /// The value of every probe symbol, defined or not (a hostile file may leave a
+    /// real address in an undefined one) → index into `funcs`: where no call may go
+    /// unless its relocation says so.
+    all_addrs: AddrMap,
+}
+
+/// Addresses → probe index, sorted: a lookup (one per relocation, most of them nowhere
+/// near a probe function) is a range check, then halving.
+#[derive(Debug, Default)]
+struct AddrMap(Vec<(u64, usize)>);
+
+impl AddrMap {
+    fn new(map: HashMap<u64, usize>) -> Self {
+        let mut v: Vec<(u64, usize)> = map.into_iter().collect();
+        v.sort_unstable();
+        AddrMap(v)
+    }
+
+    fn get(&self, addr: &u64) -> Option<&usize> {
+        let (first, last) = (self.0.first()?, self.0.last()?);
+        if *addr < first.0 || *addr > last.0 {
+            return None;
+        }
+        let i = self.0.binary_search_by_key(addr, |e| e.0).ok()?;
+        Some(&self.0[i].1)
+    }
+}
+
+/// The executable sections' addresses, bytes and indices, sorted by address.
+#[derive(Debug)]
+pub struct ExecCode<'d>(Vec<(u64, &'d [u8], SectionIndex)>);
+
+impl<'d> ExecCode<'d> {
+    /// The executable sections of `img`.
+    pub fn new(img: &Image<'d>) -> Self {
+        let mut v: Vec<(u64, &'d [u8], SectionIndex)> = img
+            .exec_sections()
+            .map(|s| (s.address(), s.data().unwrap_or(&[]), s.index()))
+            .filter(|(_, d, _)| !d.is_empty())
+            .collect();
+        v.sort_by_key(|s| s.0);
+        ExecCode(v)
+    }
+
+    /// The section holding `addr`.
+    fn section(&self, addr: u64) -> Option<(u64, &'d [u8], SectionIndex)> {
+        let i = self.0.partition_point(|s| s.0 <= addr).checked_sub(1)?;
+        let s = self.0[i];
+        (addr - s.0 < s.1.len() as u64).then_some(s)
+    }
+
+    /// `len` bytes at `addr`, if an executable section holds them all.
+    fn read(&self, addr: u64, len: u64) -> Option<&'d [u8]> {
+        let (start, data, _) = self.section(addr)?;
+        let off = usize::try_from(addr - start).ok()?;
+        data.get(off..off.checked_add(usize::try_from(len).ok()?)?)
+    }
+
+    /// Whether `addr` is in an executable section.
+    fn contains(&self, addr: u64) -> bool {
+        self.section(addr).is_some()
+    }
+}
+
+impl ProbeFunctions {
+    /// Every probe function symbol of `img`. Refuses two probe functions at one address,
+    /// and a probe function at the address of another function (identical code folding):
+    /// their calls could not be told apart.
+    pub fn read(img: &Image<'_>) -> Result<Self> {
+        let e = LittleEndian;
+        let mut names: BTreeMap<String, Vec<(usize, u64, bool)>> = BTreeMap::new();
+        for s in img.file.symbols() {
+            let n = img.raw_symbol_name(s.index().0);
+            if split_c_probe(n).is_none() {
+                continue;
+            }
+            // Undefined or common: no address of its own, but calls still name it.
+            let shndx = s.elf_symbol().st_shndx(e);
+            let defined = shndx != object::elf::SHN_UNDEF && shndx != object::elf::SHN_COMMON;
+            names
+                .entry(n.to_string())
+                .or_default()
+                .push((s.index().0, s.address(), defined));
+        }
+        let mut out = ProbeFunctions {
+            by_sym: vec![NOT_PROBE; img.symbol_count()],
+            ..ProbeFunctions::default()
+        };
+        let mut by_addr: HashMap<u64, usize> = HashMap::new();
+        let mut all_addrs: HashMap<u64, usize> = HashMap::new();
+        for (i, (symbol, syms)) in names.into_iter().enumerate() {
+            let (enabled, provider, name) = split_c_probe(&symbol).expect("checked above");
+            out.funcs.push(ProbeFunction {
+                enabled,
+                provider: provider.to_string(),
+                name: name.to_string(),
+                symbol: symbol.clone(),
+            });
+            for (index, addr, defined) in syms {
+                if let Some(e) = out.by_sym.get_mut(index) {
+                    *e = i as u32;
+                }
+                all_addrs.entry(addr).or_insert(i);
+                if !defined {
+                    continue;
+                }
+                if let Some(&j) = by_addr.get(&addr)
+                    && j != i
+                {
+                    bail!(
+                        "{}: probe functions {} and {symbol} share address {addr:#x}; cannot \
+                         tell their calls apart (identical code folding?)",
+                        img.path,
+                        out.funcs[j].symbol
+                    );
+                }
+                by_addr.insert(addr, i);
+            }
+        }
+        out.by_addr = AddrMap::new(by_addr);
+        out.all_addrs = AddrMap::new(all_addrs);
+        if out.by_addr.0.is_empty() {
+            return Ok(out);
+        }
+        for s in img.file.symbols() {
+            let t = s.elf_symbol().st_type();
+            if !matches!(t, object::elf::STT_FUNC | object::elf::STT_GNU_IFUNC)
+                || s.section_index().is_none()
+            {
+                continue;
+            }
+            let n = img.raw_symbol_name(s.index().0);
+            if let Some(&i) = out.by_addr.get(&s.address())
+                && !n.is_empty()
+                && split_c_probe(n).is_none()
+            {
+                bail!(
+                    "{}: probe function {} shares address {:#x} with function {}; cannot tell \
+                     calls to {} from probe calls (identical code folding?)",
+                    img.path,
+                    out.funcs[i].symbol,
+                    s.address(),
+                    demangle(n),
+                    demangle(n)
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the image has no probe function.
+    pub fn is_empty(&self) -> bool {
+        self.funcs.is_empty()
+    }
+
+    /// The probe function the symbol with index `sym` names, if any.
+    fn probe_symbol(&self, sym: usize) -> Option<usize> {
+        self.by_sym
+            .get(sym)
+            .filter(|&&i| i != NOT_PROBE)
+            .map(|&i| i as usize)
+    }
+
+    /// The site finder's selector: a relocation naming a probe function, or reaching one.
+    fn select(&self, img: &Image<'_>, r: &Reloc) -> Option<Selected> {
+        let t = img.target.reloc_target(r);
+        let &target = self
+            .probe_symbol(r.sym_index)
+            .as_ref()
+            .or_else(|| self.by_addr.get(&t))?;
+        Some(Selected {
+            target,
+            target_addr: Some(t),
+        })
+    }
+
+    /// The address a raw relocation refers to, read as a branch's (`S + A` plus the
+    /// branch bias), `None` if its symbol cannot be read.
+    fn branch_target(img: &Image<'_>, r: &RawRela) -> Option<u64> {
+        let sym = img
+            .file
+            .symbol_by_index(object::SymbolIndex(r.sym_index))
+            .ok()?;
+        let s = if sym.kind() == SymbolKind::Section {
+            img.file
+                .section_by_index(sym.section_index()?)
+                .ok()?
+                .address()
+        } else {
+            sym.address()
+        };
+        Some(
+            s.wrapping_add_signed(r.addend)
+                .wrapping_add(img.target.branch_field_len()),
+        )
+    }
+
+    /// The probe function a raw relocation refers to: by the name of its symbol
+    /// (anywhere), or, for a branch relocation (or one `embed` made "none") in
+    /// executable code, by where it goes.
+    pub fn reference(&self, img: &Image<'_>, exec: &ExecCode<'_>, r: &RawRela) -> Option<usize> {
+        if let Some(i) = self.probe_symbol(r.sym_index) {
+            return Some(i);
+        }
+        if !matches!(
+            img.target.reloc_class(r.r_type),
+            RelocClass::Branch | RelocClass::None
+        ) || !exec.contains(r.offset)
+        {
+            return None;
+        }
+        self.by_addr.get(&Self::branch_target(img, r)?).copied()
+    }
+
+    /// After the site finder: every relocation that refers to a probe function (as
+    /// [`ProbeFunctions::reference`] tests it, the test `verify` applies) is a recorded
+    /// site, or a reference outside executable code that is not a branch; and no branch
+    /// in executable code reaches a probe function while its relocation says otherwise.
+    /// Anything else is refused, naming the symbol: a probe call is never left live.
+    fn check_all_recorded(&self, img: &Image<'_>, recorded: &HashSet<u64>) -> Result<()> {
+        let exec = ExecCode::new(img);
+        let t = img.target;
+        for r in img.raw_relas() {
+            let class = t.reloc_class(r.r_type);
+            let in_exec = exec.contains(r.offset);
+            let (i, why) = match self.reference(img, &exec, &r) {
+                Some(_)
+                    if class == RelocClass::Branch
+                        && t.plain_branch_start(r.offset)
+                            .is_some_and(|s| recorded.contains(&s)) =>
+                {
+                    continue;
+                }
+                Some(_) if !in_exec && matches!(class, RelocClass::Absolute | RelocClass::Got) => {
+                    continue;
+                }
+                Some(i) if class == RelocClass::None => (
+                    i,
+                    "it is already a \"none\" relocation (was the image rewritten by another \
+                     tool? embed the linker's output)",
+                ),
+                Some(i) if !in_exec => (i, "it is not in an executable section"),
+                Some(i) if class == RelocClass::Branch => (
+                    i,
+                    "its relocation section does not apply to the section holding it",
+                ),
+                Some(i) => (i, "not a call this tool can rewrite safely"),
+                None => {
+                    // Code that reaches a probe function although its relocation says
+                    // otherwise: a branch's field, or a plain call or jmp holding a
+                    // relocation of another kind.
+                    if !in_exec {
+                        continue;
+                    }
+                    let dest = match class {
+                        RelocClass::Branch => exec
+                            .read(r.offset, t.branch_field_len())
+                            .and_then(|f| t.branch_field_dest(f, r.offset)),
+                        _ => t.plain_branch_start(r.offset).and_then(|start| {
+                            let code = exec.read(start, t.probe_site_len() as u64)?;
+                            let insn = t.decode_insn(code, start);
+                            (insn.kind.is_some() && insn.len == code.len())
+                                .then_some(insn.branch_target)
+                        }),
+                    };
+                    let Some(dest) = dest else { continue };
+                    let Some(&i) = self.all_addrs.get(&dest) else {
+                        continue;
+                    };
+                    if class == RelocClass::Branch && Self::branch_target(img, &r) == Some(dest) {
+                        continue;
+                    }
+                    bail!(
+                        "{}: the branch at {:#x} reaches probe function {}, but its relocation \
+                         ({}) names `{}` (symbol {}): the relocations do not describe the code",
+                        img.path,
+                        r.offset,
+                        self.funcs[i].symbol,
+                        t.reloc_name(r.r_type),
+                        img.raw_symbol_name(r.sym_index),
+                        r.sym_index
+                    );
+                }
+            };
+            bail!(
+                "{}: relocation {} at {:#x} against probe function {} (symbol `{}`) is not a \
+                 recorded probe site: {why}",
+                img.path,
+                t.reloc_name(r.r_type),
+                r.offset,
+                self.funcs[i].symbol,
+                img.raw_symbol_name(r.sym_index)
+            );
+        }
+        // Code that reaches a probe function and is no recorded site: every relocation
+        // was checked above, so if it is a branch, none describes it.
+        for (at, dest, i) in self.field_candidates(img, &exec) {
+            if t.plain_branch_start(at)
+                .is_some_and(|s| recorded.contains(&s))
+            {
+                continue;
+            }
+            if let Some(site) = branch_at(img, &exec, at, dest) {
+                bail!(
+                    "{}: the {} at {:#x} ({}) reaches probe function {} but has no relocation \
+                     (a call the assembler resolved itself, to a local probe function in the \
+                     same section?): it cannot be recorded; make the probe function global or \
+                     weak, as KSITES_PROBE_DECL does",
+                    img.path,
+                    site.kind.name(),
+                    site.addr,
+                    exec.section(at)
+                        .map(|(_, _, sec)| img.describe(sec, site.addr))
+                        .unwrap_or_default(),
+                    self.funcs[i].symbol
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The places in executable code whose bytes, read as a branch's field, reach a
+    /// probe function, in address order: (field address, destination, probe index).
+    /// Every byte is tried (a window that lands exactly on a probe function is rare);
+    /// whether one is a branch is decided by [`branch_at`].
+    fn field_candidates(&self, img: &Image<'_>, exec: &ExecCode<'_>) -> Vec<(u64, u64, usize)> {
+        let t = img.target;
+        let mut out = Vec::new();
+        let (Some(&(lo, _)), Some(&(hi, _))) = (self.all_addrs.0.first(), self.all_addrs.0.last())
+        else {
+            return out;
+        };
+        let n = t.branch_field_len() as usize;
+        for &(start, data, _) in &exec.0 {
+            for (k, w) in data.windows(n).enumerate() {
+                let at = start.wrapping_add(k as u64);
+                let Some(dest) = t.branch_field_dest(w, at) else {
+                    continue;
+                };
+                if (lo..=hi).contains(&dest)
+                    && let Some(&i) = self.all_addrs.get(&dest)
+                {
+                    out.push((at, dest, i));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The branch whose field is at `at`, decoded from the start of the enclosing
+/// function (or section), if it is one and reaches `dest`.
+fn branch_at(
+    img: &Image<'_>,
+    exec: &ExecCode<'_>,
+    at: u64,
+    dest: u64,
+) -> Option<crate::target::SiteInsn> {
+    let (sec_addr, data, sec) = exec.section(at)?;
+    let sec_end = sec_addr.checked_add(data.len() as u64)?;
+    let start = img
+        .enclosing_symbol(sec, at)
+        .map_or(sec_addr, |s| s.addr)
+        .max(sec_addr)
+        .min(at);
+    let end = img
+        .next_symbol_start(sec, at)
+        .unwrap_or(sec_end)
+        .max(at.saturating_add(img.target.branch_field_len()))
+        .min(sec_end);
+    let code = data.get((start - sec_addr) as usize..(end - sec_addr) as usize)?;
+    let mut cursor = img.target.function_cursor(code, start);
+    let site = cursor.classify(at, Some(dest)).ok()?;
+    Some(site)
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ pub struct IfuncInfo {
 /// Every ifunc of a linked image: `ifunc!` records and GNU ifuncs, sorted by trampoline
 /// address. An image with neither has no ifuncs (not an error).
 pub fn read_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
+    crate::elf::check_linked_headers(img)?;
     let mut out = read_gnu_ifuncs(img)?;
     out.extend(read_rust_ifuncs(img)?);
     out.sort_by_key(|f| f.trampoline);
@@ -118,6 +119,16 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
         img.kind == ElfKind::Exec,
         "{}: GNU ifuncs are supported in static ET_EXEC images only",
         img.path
+    );
+    // Each is paired with its PLT entry through a call's relocation: without
+    // relocations none could be, and the image would look as if it had no ifunc.
+    ensure!(
+        img.has_text_relocations(),
+        "{}: has {} GNU ifunc symbols (e.g. `{}`) but no relocation sections; link with \
+         --emit-relocs",
+        img.path,
+        syms.len(),
+        syms[0].1
     );
     // IRELATIVE relocations, wherever the linker put them (.rela.plt, .rela.iplt, .rela.dyn).
     let t = img.target;
