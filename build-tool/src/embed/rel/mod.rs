@@ -293,7 +293,8 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             table_relocs.push((field as u64, *back.get(&target)?));
         }
         Some(0)
-    })?;
+    })
+    .with_context(|| format!("{path}: cannot build the table"))?;
 
     let out = write::write_object(
         img.target,
