@@ -725,6 +725,16 @@ pub fn archive_members<'d>(path: &str, data: &'d [u8]) -> Result<Vec<(String, &'
     Ok(out)
 }
 
+/// The files in `data` (the contents of `path`) for a command that reads several:
+/// the file itself, or for an `ar` archive its ELF members ([`archive_members`]), each
+/// with the name to report.
+pub fn inputs<'d>(path: &str, data: &'d [u8]) -> Result<Vec<(String, &'d [u8])>> {
+    match is_archive(data) {
+        true => archive_members(path, data),
+        false => Ok(vec![(path.to_string(), data)]),
+    }
+}
+
 /// Convenience for `FileHeader` trait use elsewhere.
 pub fn e_type(data: &[u8]) -> Option<u16> {
     let h = object::elf::FileHeader64::<LittleEndian>::parse(data).ok()?;

@@ -238,6 +238,11 @@ fn row_12_archive_is_recognised() {
     assert_eq!(members.len(), 1);
     assert_eq!(members[0].0, "x.a(m.o)");
     assert_eq!(members[0].1, std::fs::read(dir.join("m.o")).unwrap());
+    assert_eq!(ksites::elf::inputs("x.a", &data).unwrap(), members);
+    assert_eq!(
+        ksites::elf::inputs("m.o", members[0].1).unwrap(),
+        [("m.o".to_string(), members[0].1)]
+    );
     let e = ksites::elf::archive_members("m.o", members[0].1).unwrap_err();
     assert!(
         format!("{e:#}").contains("m.o: malformed ar archive"),
