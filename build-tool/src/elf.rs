@@ -169,6 +169,7 @@ impl<'d> Image<'d> {
     /// Parses `data` (the contents of `path`) as a little-endian ELF64 file of a
     /// supported [`Target`].
     pub fn parse(path: &str, data: &'d [u8]) -> Result<Image<'d>> {
+        refuse_archive(path, data)?;
         let file = ElfFile64::<LittleEndian>::parse(data)
             .with_context(|| format!("{path}: not a valid ELF64 little-endian file"))?;
         let hdr = file.elf_header();
@@ -202,6 +203,7 @@ impl<'d> Image<'d> {
                     Strings::new(data, off, size)
                 }),
         };
+        check_sections(path, &file, data, section_strings)?;
         let mut syms: Vec<Sym> = file
             .symbols()
             .filter_map(|s| {
@@ -254,6 +256,17 @@ impl<'d> Image<'d> {
     pub fn section_name(&self, sec: &ElfSection64<'d, '_, LittleEndian>) -> Option<&'d str> {
         self.section_strings
             .get(sec.elf_section_header().sh_name(LittleEndian))
+    }
+
+    /// `section NAME (index N)`, for messages.
+    pub fn section_label(&self, index: SectionIndex) -> String {
+        let name = self
+            .file
+            .elf_section_table()
+            .section(index)
+            .ok()
+            .and_then(|h| self.section_strings.get(h.sh_name(LittleEndian)));
+        label(name, index.0)
     }
 
     /// Sections that are allocated and executable.
@@ -458,7 +471,7 @@ impl<'d> Image<'d> {
                 RelocationTarget::Absolute => None,
                 _ => return None,
             };
-            Some(self.reloc(offset, r_type, sym, r.addend()))
+            Some(self.reloc(&|| Some(section.index()), offset, r_type, sym, r.addend()))
         })
     }
 
@@ -494,6 +507,7 @@ impl<'d> Image<'d> {
         let sym = r.r_sym(e, self.mips64el);
         let sym = (sym != 0).then_some(object::SymbolIndex(sym as usize));
         self.reloc(
+            &|| self.rela_section(r),
             r.r_offset(e),
             r.r_type(e, self.mips64el),
             sym,
@@ -501,9 +515,23 @@ impl<'d> Image<'d> {
         )
     }
 
-    /// A relocation at `offset` against symbol `sym` (`None`: absolute).
+    /// The section that relocation entry `r` (a reference into the file's bytes, from
+    /// [`Image::rela_tables`]) applies to, found from where it lies (for messages).
+    fn rela_section(&self, r: &elf::Rela64<LittleEndian>) -> Option<SectionIndex> {
+        let at = (r as *const elf::Rela64<LittleEndian> as usize)
+            .checked_sub(self.data.as_ptr() as usize)? as u64;
+        self.file.elf_section_table().iter().find_map(|h| {
+            let (off, size) = h.file_range(LittleEndian)?;
+            (h.sh_type(LittleEndian) == elf::SHT_RELA && at >= off && at - off < size)
+                .then(|| SectionIndex(h.sh_info(LittleEndian) as usize))
+        })
+    }
+
+    /// A relocation at `offset` of the section `section()` gives (asked only for an
+    /// error message) against symbol `sym` (`None`: absolute).
     fn reloc(
         &self,
+        section: &dyn Fn() -> Option<SectionIndex>,
         offset: u64,
         r_type: u32,
         sym: Option<object::SymbolIndex>,
@@ -511,11 +539,16 @@ impl<'d> Image<'d> {
     ) -> Result<Reloc> {
         let (sym_value, sym_index, sym_is_section, sym_section) = match sym {
             Some(i) => {
-                let sym = self.file.symbol_by_index(i).map_err(|e| {
-                    anyhow::Error::new(e).context(format!(
-                        "{}: relocation at {offset:#x} names a bad symbol",
-                        self.path
-                    ))
+                let sym = self.file.symbol_by_index(i).map_err(|_| {
+                    let sec = section()
+                        .map_or_else(String::new, |s| format!("{}: ", self.section_label(s)));
+                    anyhow!(
+                        "{}: {sec}relocation at offset {offset:#x} names symbol {}, past the \
+                         end of the symbol table ({} entries)",
+                        self.path,
+                        i.0,
+                        self.symbol_count()
+                    )
                 })?;
                 let v = if sym.kind() == SymbolKind::Section {
                     match sym.section_index() {
@@ -604,6 +637,102 @@ impl std::fmt::Display for Location<'_> {
 /// Demangles a Rust (legacy or v0) or returns the name unchanged.
 pub fn demangle(name: &str) -> String {
     format!("{:#}", rustc_demangle::demangle(name))
+}
+
+/// `section NAME (index N)` (`?` for a name the string table does not hold).
+fn label(name: Option<&str>, index: usize) -> String {
+    format!("section {} (index {index})", name.unwrap_or("?"))
+}
+
+/// Checks what [`Image::parse`] takes from every section header before anything is
+/// read through it: `sh_addralign` is 0 or a power of two, and the bytes of a section
+/// with file contents lie inside the file. The error names the file, the section (name
+/// and index) and the bad value.
+fn check_sections(
+    path: &str,
+    file: &ElfFile64<'_, LittleEndian>,
+    data: &[u8],
+    names: Strings<'_>,
+) -> Result<()> {
+    let e = LittleEndian;
+    let len = data.len() as u64;
+    for (i, h) in file.elf_section_table().iter().enumerate().skip(1) {
+        let what = || label(names.get(h.sh_name(e)), i);
+        let align = h.sh_addralign(e);
+        if align != 0 && !align.is_power_of_two() {
+            bail!(
+                "{path}: {}: sh_addralign {align:#x} is not a power of two",
+                what()
+            );
+        }
+        let (off, size) = (h.sh_offset(e), h.sh_size(e));
+        let t = h.sh_type(e);
+        if t == elf::SHT_NOBITS || t == elf::SHT_NULL || size == 0 {
+            continue;
+        }
+        if off.checked_add(size).is_none_or(|end| end > len) {
+            bail!(
+                "{path}: {}: contents at offset {off:#x}, size {size:#x} run past the end of \
+                 the file ({len:#x} bytes)",
+                what()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The magic of an `ar` archive, and of a GNU thin archive.
+const AR_MAGICS: [&[u8]; 2] = [b"!<arch>\n", b"!<thin>\n"];
+
+/// Whether `data` is an `ar` archive (a static library: `ar rcs x.a y.o`).
+pub fn is_archive(data: &[u8]) -> bool {
+    AR_MAGICS.iter().any(|m| data.starts_with(m))
+}
+
+/// An error naming `path` as an archive if it is one (commands that take one object or
+/// image call it first, so an archive is not reported as a malformed ELF file).
+pub fn refuse_archive(path: &str, data: &[u8]) -> Result<()> {
+    if is_archive(data) {
+        bail!(
+            "{path}: is an ar archive; ksites takes one object or image here (extract the \
+             members with `ar x`)"
+        );
+    }
+    Ok(())
+}
+
+/// The members of the `ar` archive `data` (the contents of `path`) that are ELF files,
+/// each named `path(member)` for messages, in archive order; the symbol table and
+/// other non-ELF members are left out. An error for a thin archive (its members are
+/// separate files) or a malformed one. `scan` reads an archive through it.
+pub fn archive_members<'d>(path: &str, data: &'d [u8]) -> Result<Vec<(String, &'d [u8])>> {
+    let ar = object::read::archive::ArchiveFile::parse(data)
+        .with_context(|| format!("{path}: malformed ar archive"))?;
+    if ar.is_thin() {
+        bail!("{path}: is a thin ar archive (its members are separate files: scan those)");
+    }
+    let mut out = Vec::new();
+    for m in ar.members() {
+        let m = m.with_context(|| format!("{path}: malformed ar archive member header"))?;
+        let name = format!("{path}({})", String::from_utf8_lossy(m.name()));
+        let bytes = m
+            .data(data)
+            .with_context(|| format!("{name}: member data past the end of the archive"))?;
+        if bytes.starts_with(&elf::ELFMAG) {
+            out.push((name, bytes));
+        }
+    }
+    Ok(out)
+}
+
+/// The files in `data` (the contents of `path`) for a command that reads several:
+/// the file itself, or for an `ar` archive its ELF members ([`archive_members`]), each
+/// with the name to report.
+pub fn inputs<'d>(path: &str, data: &'d [u8]) -> Result<Vec<(String, &'d [u8])>> {
+    match is_archive(data) {
+        true => archive_members(path, data),
+        false => Ok(vec![(path.to_string(), data)]),
+    }
 }
 
 /// Convenience for `FileHeader` trait use elsewhere.

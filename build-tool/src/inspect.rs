@@ -72,7 +72,9 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
     let sym_of = |addr: u64| -> String { symbols.get(&addr).map_or("?", |s| s).to_string() };
     let embedded = img.section_by_name(SECTION_NAME).is_some();
     if let Some(sec) = img.section_by_name(SECTION_NAME) {
-        let bytes = sec.data().context("cannot read .ksites")?;
+        let bytes = sec
+            .data()
+            .with_context(|| format!("{path}: cannot read {SECTION_NAME}"))?;
         let t = Table::parse(bytes, sec.address(), &exec)
             .map_err(|e| anyhow::anyhow!("{path}: {SECTION_NAME} at {:#x}: {e}", sec.address()))?;
         writeln!(

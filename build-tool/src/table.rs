@@ -145,6 +145,48 @@ fn layout(input: &TableInput, sites: usize) -> Layout {
     }
 }
 
+/// The most a table field's 32-bit self-relative offset reaches, either way.
+const REACH: u64 = i32::MAX as u64;
+
+/// Refuses a table placed at `table` (`size` bytes) in `img` (a linked image) when its
+/// end is more than 2 GiB from the lowest code address its 32-bit self-relative fields
+/// must reach, naming what pushed it there: the allocated section that ends last (a
+/// huge `.bss`, say), after which the table is placed. `embed` calls it before
+/// building the table, so the error is about the layout and not one field's overflow.
+pub fn check_reach(img: &crate::elf::Image<'_>, table: u64, size: usize) -> Result<()> {
+    use object::read::elf::SectionHeader as _;
+    use object::{Object as _, ObjectSection as _, SectionIndex};
+    let Some(code) = img.exec_ranges().first().map(|r| r.start) else {
+        return Ok(());
+    };
+    let end = table.saturating_add(size as u64);
+    if end.saturating_sub(code) <= REACH && code.saturating_sub(table) <= REACH {
+        return Ok(());
+    }
+    let flags = |s: &object::read::elf::ElfSection64<'_, '_, object::LittleEndian>| {
+        s.elf_section_header().sh_flags(object::LittleEndian)
+    };
+    let last = img
+        .file
+        .sections()
+        .filter(|s| flags(s) & u64::from(object::elf::SHF_ALLOC) != 0)
+        .max_by_key(|s| s.address().saturating_add(s.size()));
+    let after = match last {
+        Some(s) => format!(
+            " ({} ends at {:#x})",
+            img.section_label(SectionIndex(s.index().0)),
+            s.address().saturating_add(s.size())
+        ),
+        None => String::new(),
+    };
+    anyhow::bail!(
+        "{}: the table would be placed at {table:#x}, after the last segment{after}, more \
+         than 2 GiB from the code at {code:#x}: its 32-bit self-relative fields cannot reach \
+         it (shrink the section, or link the code above it)",
+        img.path
+    )
+}
+
 /// Encodes an ifunc-only table that will live at address `base`.
 pub fn build_table(base: u64, ifuncs: &[IfuncEntry], sites: &[SiteEntry]) -> Result<Vec<u8>> {
     build(

@@ -48,7 +48,12 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
         .section_by_name(SECTION_NAME)
         .with_context(|| format!("{path}: no {SECTION_NAME} section: not embedded"))?;
     let exec = img.exec_ranges();
-    let bytes = sec.data()?;
+    let bytes = sec.data().map_err(|e| {
+        anyhow::anyhow!(
+            "{path}: {}: cannot read its contents: {e}",
+            img.section_label(sec.index())
+        )
+    })?;
     let t = match Table::parse(bytes, sec.address(), &exec) {
         Ok(t) => t,
         Err(e) => bail!("{path}: {SECTION_NAME} at {:#x}: {e}", sec.address()),

@@ -456,6 +456,40 @@ const ELF_CASES: &[(&str, &str)] = &[
     ("19-load-segment-overflows", "ends past the address space"),
     ("20-text-address-wraps", "is not in the file"),
     ("21-embedded-text-address-wraps", "already processed"),
+    (
+        "22-module-align-2p31",
+        "sh_addralign 0x80000000 is above the page size",
+    ),
+    (
+        "23-module-align-2p32",
+        "sh_addralign 0x100000000 is above the page size",
+    ),
+    (
+        "24-module-align-2p40",
+        "sh_addralign 0x10000000000 is above the page size",
+    ),
+    (
+        "25-module-align-2p63",
+        "sh_addralign 0x8000000000000000 is above the page size",
+    ),
+    (
+        "26-align-not-power-of-two",
+        "sh_addralign 0x3 is not a power of two",
+    ),
+    (
+        "27-section-past-end",
+        "section .comment (index 7): contents at offset 0x100000",
+    ),
+    (
+        "28-bad-symbol-index",
+        "section .text (index 1): relocation at offset 0x1 names symbol 2457",
+    ),
+    ("29-archive", "is an ar archive"),
+    (
+        "30-module-16g-rodata",
+        "the allocated sections span 0x400002010 bytes",
+    ),
+    ("31-image-16g-bss", "reach"),
     ("fuzz-crash-symbol-outside-section", ""),
     ("fuzz-crash-section-past-eof", ""),
 ];
@@ -690,9 +724,86 @@ n1e:
         let shoff = (m.len() as u64 + 4096).to_le_bytes();
         m[40..48].copy_from_slice(&shoff);
         cases.push(("18-section-headers-past-end", m));
+        module_cases(t, &mut cases);
         for (name, bytes) in cases {
             std::fs::write(dir.join(name), bytes).unwrap();
         }
+    }
+
+    /// A module object: a call to an imported ifunc, and a `.comment`.
+    const MODULE: &str = ".text\n.globl f\n.type f,@function\nf: call ext\nret\n.size f, .-f\n\
+        .section .ksites_ifunc_imports,\"\",@progbits\n.quad ext\n\
+        .section .comment,\"\",@progbits\n.ascii \"corpus\"\n";
+
+    fn assemble(dir: &Path, name: &str, src: &str) -> Vec<u8> {
+        let s = dir.join(format!("{name}.s"));
+        let o = dir.join(format!("{name}.o"));
+        std::fs::write(&s, src).unwrap();
+        let ok = Command::new("gcc")
+            .args(["-c", "-o"])
+            .arg(&o)
+            .arg(&s)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{name}");
+        std::fs::read(&o).unwrap()
+    }
+
+    /// Sets the 8-byte field at `field` of the header of section `name`.
+    fn set_shdr(data: &mut [u8], name: &str, field: usize, value: u64) {
+        let index = {
+            let img = Image::parse("x", data).unwrap();
+            img.section_by_name(name).unwrap().index().0
+        };
+        let shoff = u64::from_le_bytes(data[0x28..0x30].try_into().unwrap()) as usize;
+        let at = shoff + 64 * index + field;
+        data[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// The cases of issue 14 (rows 2 and 12): hostile section headers in a module,
+    /// a bad symbol index, an archive, sections too big for the table to reach across.
+    fn module_cases(t: &Path, cases: &mut Vec<(&str, Vec<u8>)>) {
+        let module = assemble(t, "module", MODULE);
+        for (name, shift) in [
+            ("22-module-align-2p31", 31),
+            ("23-module-align-2p32", 32),
+            ("24-module-align-2p40", 40),
+            ("25-module-align-2p63", 63),
+        ] {
+            let mut m = module.clone();
+            set_shdr(&mut m, ".comment", 48, 1 << shift);
+            cases.push((name, m));
+        }
+        let mut m = module.clone();
+        set_shdr(&mut m, ".comment", 48, 3);
+        cases.push(("26-align-not-power-of-two", m));
+        let mut m = module.clone();
+        set_shdr(&mut m, ".comment", 24, 0x10_0000);
+        cases.push(("27-section-past-end", m));
+        let mut m = module.clone();
+        let rela = Image::parse("x", &m)
+            .unwrap()
+            .section_by_name(".rela.text")
+            .unwrap()
+            .file_range()
+            .unwrap()
+            .0 as usize;
+        m[rela + 12..rela + 16].copy_from_slice(&0x999u32.to_le_bytes());
+        cases.push(("28-bad-symbol-index", m));
+        let ok = Command::new("ar")
+            .args(["rcs", "x.a", "module.o"])
+            .current_dir(t)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        cases.push(("29-archive", std::fs::read(t.join("x.a")).unwrap()));
+        let big = format!("{MODULE}.section .rodata.big,\"a\",@nobits\n.skip 0x400000000\n");
+        cases.push(("30-module-16g-rodata", assemble(t, "big", &big)));
+        let bss = format!(
+            "{}.section .bss,\"aw\",@nobits\n.skip 0x400000000\n",
+            asm("", GOOD_RECORD, true)
+        );
+        cases.push(("31-image-16g-bss", link(t, "bigbss", &bss, true)));
     }
 }
 

@@ -5,9 +5,32 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
+use anyhow::{Result, bail};
 use kernel_loader::module::layout;
 use object::read::elf::{ElfFile64, SectionHeader as _};
-use object::{LittleEndian as LE, Object, ObjectSymbol};
+use object::{LittleEndian as LE, Object, ObjectSymbol, SectionIndex};
+
+use crate::elf::Image;
+
+/// Refuses a section of `img` whose `sh_addralign` is above the page size, the most
+/// the module loader gives any section ([`layout::layout`] refuses it for allocated
+/// sections; the output writer would pad the file to it for the others: gigabytes for
+/// an alignment of 2^31). Run before anything is laid out or copied.
+pub(super) fn check_alignments(img: &Image<'_>) -> Result<()> {
+    let page = layout::PAGE_SIZE as u64;
+    for (i, h) in img.file.elf_section_table().iter().enumerate() {
+        let align = h.sh_addralign(LE);
+        if align > page {
+            bail!(
+                "{}: {}: sh_addralign {align:#x} is above the page size ({page:#x}), the \
+                 most a module section may have",
+                img.path,
+                img.section_label(SectionIndex(i))
+            );
+        }
+    }
+    Ok(())
+}
 
 /// Where a relocated field of an object points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -54,7 +54,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use anyhow::{Context, Result, bail, ensure};
 use kernel_loader::format::{NARGS_UNKNOWN, ProbeKind, SECTION_NAME, Table};
 use object::elf;
-use object::read::elf::ElfFile64;
+use object::read::elf::{ElfFile64, SectionHeader as _};
 use object::{
     LittleEndian as LE, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget,
     SectionIndex, SymbolKind,
@@ -92,6 +92,7 @@ fn virtual_layout(path: &str, file: &ElfFile64<'_, LE>) -> Result<VirtualLayout>
 /// documentation for what the output holds.
 pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
     let img = Image::parse(path, data)?;
+    layout::check_alignments(&img)?;
     if img.section_by_name(SECTION_NAME).is_some() {
         return Err(AlreadyEmbedded(path.to_string()).into());
     }
@@ -277,6 +278,9 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
     }
 
     // The table, with a relocation per self-relative field.
+    if !(entries.is_empty() && site_entries.is_empty() && probes.sites.is_empty()) {
+        check_span(&img, &layout)?;
+    }
     let input = TableInput {
         ifuncs: entries,
         sites: site_entries,
@@ -289,7 +293,8 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             table_relocs.push((field as u64, *back.get(&target)?));
         }
         Some(0)
-    })?;
+    })
+    .with_context(|| format!("{path}: cannot build the table"))?;
 
     let out = write::write_object(
         img.target,
@@ -311,6 +316,43 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             relocatable: true,
         },
     ))
+}
+
+/// Refuses a module whose allocated sections and imports span more than 2 GiB at the
+/// layout contract: the table's 32-bit self-relative fields (placed among the
+/// read-only sections) could not reach across them. Names the largest section.
+fn check_span(img: &Image<'_>, layout: &VirtualLayout) -> Result<()> {
+    let sizes = img
+        .file
+        .elf_section_table()
+        .iter()
+        .map(|h| h.sh_size(LE))
+        .collect::<Vec<_>>();
+    let placed = || {
+        layout
+            .sections
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| Some((i, (*a)?, sizes[i])))
+    };
+    let start = placed().map(|(_, a, _)| a).min().unwrap_or(BASE);
+    let end = placed()
+        .map(|(_, a, n)| a.saturating_add(n))
+        .chain(layout.exec.iter().map(|r| r.end))
+        .max()
+        .unwrap_or(BASE);
+    if end.saturating_sub(start) <= i32::MAX as u64 {
+        return Ok(());
+    }
+    let (big, _, size) = placed().max_by_key(|&(_, _, n)| n).unwrap_or_default();
+    bail!(
+        "{}: the allocated sections span {:#x} bytes at the module layout ({} alone is \
+         {size:#x} bytes): the table placed among them could not reach the code with its \
+         32-bit self-relative fields (more than 2 GiB)",
+        img.path,
+        end - start,
+        img.section_label(SectionIndex(big))
+    )
 }
 
 /// Re-reads the output: applies `.rela.ksites` at a layout that follows the contract
@@ -353,7 +395,7 @@ pub fn relocated_table(
         .copied()
         .flatten()
         .context(".ksites is not allocated")?;
-    let mut bytes = sec.data()?.to_vec();
+    let mut bytes = sec.data().context("unreadable .ksites")?.to_vec();
     for (off, r) in sec.relocations() {
         ensure!(
             r.flags()
@@ -366,7 +408,9 @@ pub fn relocated_table(
         let RelocationTarget::Symbol(i) = r.target() else {
             bail!(".rela.ksites: relocation without a symbol");
         };
-        let s = file.symbol_by_index(i)?;
+        let s = file
+            .symbol_by_index(i)
+            .with_context(|| format!(".rela.ksites+{off:#x}: bad symbol index {}", i.0))?;
         let sv = if s.is_undefined() {
             *layout
                 .undefined

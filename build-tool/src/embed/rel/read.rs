@@ -134,14 +134,30 @@ impl<'d> Obj<'_, 'd> {
         self.target(sym, addend, &what)
     }
 
-    pub(super) fn section_data(&self, sec: usize) -> Result<&'d [u8]> {
-        let s = self
-            .img
+    /// The contents of `sec`, with the section named in the error.
+    pub(super) fn data_of(
+        &self,
+        sec: &object::read::elf::ElfSection64<'d, '_, LE>,
+    ) -> Result<&'d [u8]> {
+        sec.data().map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {}: cannot read its contents: {e}",
+                self.path,
+                self.img.section_label(sec.index())
+            )
+        })
+    }
+
+    /// The section with index `sec`.
+    fn section(&self, sec: usize) -> Result<object::read::elf::ElfSection64<'d, '_, LE>> {
+        self.img
             .file
             .section_by_index(SectionIndex(sec))
-            .with_context(|| format!("{}: bad section index {sec}", self.path))?;
-        s.data()
-            .with_context(|| format!("{}: cannot read section {sec}", self.path))
+            .with_context(|| format!("{}: bad section index {sec}", self.path))
+    }
+
+    pub(super) fn section_data(&self, sec: usize) -> Result<&'d [u8]> {
+        self.data_of(&self.section(sec)?)
     }
 
     pub(super) fn bytes_at(&self, t: Target, len: u64, what: &str) -> Result<&'d [u8]> {
@@ -214,7 +230,7 @@ pub(super) fn read_defined_ifuncs(o: &Obj<'_, '_>) -> Result<Vec<DefIfunc>> {
         if sec.name().ok() != Some(RECORD_SECTION) {
             continue;
         }
-        let data = sec.data()?;
+        let data = o.data_of(&sec)?;
         let relocs = o.relocs(&sec)?;
         // A zero word is padding unless a relocation fills the word after it.
         let padding = |off: usize| !relocs.0.contains_key(&(off as u64 + 8));
@@ -257,8 +273,7 @@ fn check_trampoline(o: &Obj<'_, '_>, f: &DefIfunc) -> Result<()> {
     );
     let arch = o.img.target;
     let b = o.bytes_at(f.trampoline, arch.trampoline_len() as u64, "trampoline")?;
-    let s = o.img.file.section_by_index(SectionIndex(sec))?;
-    let relocs = o.relocs(&s)?;
+    let relocs = o.relocs(&o.section(sec)?)?;
     let reaches = relocs
         .0
         .get(&(off + arch.trampoline_slot_field()))
@@ -304,8 +319,22 @@ pub(super) fn read_imports(o: &Obj<'_, '_>) -> Result<Vec<(usize, String)>> {
                 o.path,
                 o.img.target.reloc_name(o.img.target.abs64_reloc())
             );
-            let s = o.img.file.symbol_by_index(i)?;
-            let name = s.name()?.to_string();
+            let s = o.img.file.symbol_by_index(i).with_context(|| {
+                format!(
+                    "{}: {IMPORT_SECTION}+{off:#x}: relocation names symbol {}, past the end \
+                     of the symbol table",
+                    o.path, i.0
+                )
+            })?;
+            let name = s
+                .name()
+                .with_context(|| {
+                    format!(
+                        "{}: {IMPORT_SECTION}+{off:#x}: symbol {} has no name",
+                        o.path, i.0
+                    )
+                })?
+                .to_string();
             ensure!(
                 s.is_undefined(),
                 "{}: {name} is declared as an imported ifunc (ifunc_import!/KSITES_IFUNC_IMPORT) \
@@ -374,7 +403,7 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
         if sec.name().ok() != Some(SITE_RECORD_SECTION) {
             continue;
         }
-        let data = sec.data()?;
+        let data = o.data_of(&sec)?;
         let relocs = o.relocs(&sec)?;
         for off in record_section::walk(path, &PROBE_SITE_RECORDS, data, |_| true)? {
             let r = &data[off..off + SITE_RECORD_SIZE];
@@ -402,7 +431,7 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
             else {
                 unreachable!("bytes_at checked it")
             };
-            let rrelocs = o.relocs(&o.img.file.section_by_index(SectionIndex(rsec))?)?;
+            let rrelocs = o.relocs(&o.section(rsec)?)?;
             let rf = |field: usize| o.field(&rrelocs, "probe record", roff + field as u64);
             let provider = o.string(
                 rf(probe_record::PROVIDER)?,
@@ -444,7 +473,7 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
         if sec.name().ok() != Some(DECL_SECTION) {
             continue;
         }
-        let data = sec.data()?;
+        let data = o.data_of(&sec)?;
         let relocs = o.relocs(&sec)?;
         // A zero word is padding unless a relocation fills the word after it.
         let padding = |off: usize| !relocs.0.contains_key(&(off as u64 + 8));

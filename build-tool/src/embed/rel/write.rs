@@ -79,10 +79,10 @@ pub(super) fn write_object(
         let Target::Sec { sec, off } = rec else {
             bail!("{path}: probe record is not in a section")
         };
-        patches
-            .entry(sec)
-            .or_default()
-            .push((off as usize + probe_record::ID, id.to_le_bytes().to_vec()));
+        patches.entry(sec).or_default().push((
+            (off as usize).saturating_add(probe_record::ID),
+            id.to_le_bytes().to_vec(),
+        ));
     }
     // C probe sites by section: offset of the rel32 -> kind.
     let mut c_sites: BTreeMap<usize, HashMap<u64, ProbeKind>> = BTreeMap::new();
@@ -111,7 +111,7 @@ pub(super) fn write_object(
         };
         let v = d.to_mut();
         for (at, bytes) in list {
-            v.get_mut(at..at + bytes.len())
+            v.get_mut(at..at.saturating_add(bytes.len()))
                 .with_context(|| {
                     format!("{path}: patch at section {sec}+{at:#x} is past the section end")
                 })?
