@@ -102,7 +102,11 @@ pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Res
         path,
         data,
         size,
-        |addr| build_sites_for(img.target, addr, &input, scan.sites.len(), &site),
+        |addr| {
+            crate::table::check_reach(&img, addr, size)?;
+            build_sites_for(img.target, addr, &input, scan.sites.len(), &site)
+                .with_context(|| format!("{path}: cannot build the table"))
+        },
         |base| stapsdt_notes(img.target, &probes, base),
     )?;
 
