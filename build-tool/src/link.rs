@@ -63,7 +63,16 @@ impl Linker {
                 None => Command::new("ld.lld"),
             },
             Linker::Bfd => Command::new("ld.bfd"),
-            Linker::Program(p) => Command::new(p),
+            Linker::Program(p) => {
+                let mut c = Command::new(p);
+                // rust-lld is lld's generic driver: it needs the flavor rustc gives it,
+                // which `parse_link_args` drops.
+                let name = Path::new(p).file_name().unwrap_or_default().as_bytes();
+                if name.starts_with(b"rust-lld") || name == b"lld" {
+                    c.args(["-flavor", "gnu"]);
+                }
+                c
+            }
         })
     }
 }
@@ -290,11 +299,13 @@ fn split_response(bytes: &[u8]) -> Result<Vec<OsString>> {
 }
 
 /// Whether a command line is not a final link `embed` should process: a partial link
-/// (`-r`) or a help request. Those go to the real linker unchanged. (Version queries are
-/// not: `-v`/`-V`/`--version` with input files still link, so they are linked like any
+/// (`-r`), a help request, `--version` (which neither linker follows with a link), or
+/// a command line that names no input file (`ld -v`, `ld --verbose`, `ld -V`: a query
+/// the linker answers without writing `a.out`). Those go to the real linker unchanged.
+/// (`-v`/`-V`/`--verbose` with input files still link, so they are linked like any
 /// command line, and only when the linker writes no output is nothing embedded.)
 pub fn is_pass_through(args: &[OsString]) -> bool {
-    args.iter().any(|a| {
+    let flag = args.iter().any(|a| {
         [
             "-r",
             "--relocatable",
@@ -302,10 +313,41 @@ pub fn is_pass_through(args: &[OsString]) -> bool {
             "--help",
             "-help",
             "--target-help",
+            "--version",
+            "-version",
         ]
         .iter()
         .any(|x| a == *x)
-    })
+    });
+    flag || !names_an_input(args)
+}
+
+/// Whether a linker command line names something to link: an argument that is not an
+/// option nor an option's value (`-o x`, `-m elf_x86_64`, `-L dir`), or a `-lNAME`.
+fn names_an_input(args: &[OsString]) -> bool {
+    let mut skip_next = false;
+    for a in args {
+        let b = a.as_bytes();
+        if std::mem::take(&mut skip_next) {
+            continue;
+        }
+        if b.starts_with(b"-l") && b.len() > 2 {
+            return true;
+        }
+        if b.starts_with(b"-") {
+            if !b.contains(&b'=') {
+                let name = b.strip_prefix(b"-").unwrap_or(b);
+                let name = name.strip_prefix(b"-").unwrap_or(name);
+                skip_next = matches!(name, b"o" | b"output" | b"flavor" | b"T" | b"script")
+                    || NOT_INPUT_VALUE.iter().any(|n| n.as_bytes() == name);
+            }
+            continue;
+        }
+        if !b.is_empty() {
+            return true;
+        }
+    }
+    false
 }
 
 /// The linkers' informational flags: they print something and link only if there is
@@ -313,7 +355,7 @@ pub fn is_pass_through(args: &[OsString]) -> bool {
 /// never links).
 fn is_informational(args: &[OsString]) -> bool {
     args.iter().any(|a| {
-        ["-v", "-V", "--version", "-version"]
+        ["-v", "-V", "--version", "-version", "--verbose"]
             .iter()
             .any(|x| a == *x)
     })
@@ -415,6 +457,50 @@ fn run_unchanged(linker: &Linker, args: &[OsString]) -> Result<()> {
     Ok(())
 }
 
+/// Runs the linker with its standard error passed on line by line with the temporary
+/// output's path replaced by the user's `output` (a warning such as "has a LOAD
+/// segment with RWX permissions" names the file the user asked for), and with a signal
+/// that ends this process passed on to it first ([`crate::output::ChildGuard`]).
+fn run_naming_output(
+    cmd: &mut Command,
+    tmp: &Path,
+    output: &Path,
+) -> Result<std::process::ExitStatus> {
+    use std::io::{BufRead as _, Write as _};
+    let (mut child, guard) =
+        crate::output::ChildGuard::spawn(cmd.stderr(std::process::Stdio::piped()))
+            .with_context(|| format!("cannot run the linker {}", program(cmd)))?;
+    if let Some(err) = child.stderr.take() {
+        let (from, to) = (tmp.as_os_str().as_bytes(), output.as_os_str().as_bytes());
+        let mut r = std::io::BufReader::new(err);
+        let mut line = Vec::new();
+        let mut stderr = std::io::stderr().lock();
+        while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let _ = stderr.write_all(&replace_bytes(&line, from, to));
+            line.clear();
+        }
+    }
+    let status = child.wait();
+    drop(guard);
+    status.with_context(|| format!("waiting for the linker {} failed", program(cmd)))
+}
+
+/// `line` with every `from` replaced by `to`.
+fn replace_bytes(line: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len());
+    let mut i = 0;
+    while i < line.len() {
+        if !from.is_empty() && line[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(line[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 /// An embed error about the linker's temporary output, told as about `output`: the
 /// temporary file is an implementation detail the user never named.
 fn name_output(e: anyhow::Error, tmp: &Path, output: &Path) -> anyhow::Error {
@@ -456,9 +542,7 @@ pub fn link(linker: &Linker, args: &[OsString]) -> Result<Option<(PathBuf, Embed
         cmd.arg("--emit-relocs");
     }
     cmd.arg("-o").arg(tmp.path());
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot run the linker {}", program(&cmd)))?;
+    let status = run_naming_output(&mut cmd, tmp.path(), &la.output)?;
     if !status.success() {
         bail!(
             "the linker failed ({status}); {} not written",
@@ -585,8 +669,22 @@ mod tests {
     fn pass_through_and_queries() {
         assert!(is_pass_through(&os(&["-r", "a.o", "-o", "x.o"])));
         assert!(is_pass_through(&os(&["--help"])));
-        assert!(!is_pass_through(&os(&["--version"])));
+        // Queries with nothing to link go to the linker as they are.
+        assert!(is_pass_through(&os(&["--version"])));
+        assert!(is_pass_through(&os(&["a.o", "--version", "-o", "x"])));
+        assert!(is_pass_through(&os(&["--verbose"])));
+        assert!(is_pass_through(&os(&[
+            "-m",
+            "elf_x86_64",
+            "-V",
+            "-L",
+            "lib"
+        ])));
+        assert!(is_pass_through(&os(&["-flavor", "gnu", "-v"])));
+        // With something to link they link (and embed).
         assert!(!is_pass_through(&os(&["a.o", "-o", "x", "-v"])));
+        assert!(!is_pass_through(&os(&["-lfoo", "--verbose"])));
+        assert!(!is_pass_through(&os(&["-T", "k.ld", "a.o"])));
         assert!(is_informational(&os(&["a.o", "-V"])));
         assert!(!is_informational(&os(&["a.o"])));
     }

@@ -398,13 +398,20 @@ fn unregister(slot: Option<usize>) {
 }
 
 /// Removes every registered temporary file. Async-signal-safe: atomics and unlink(2).
+/// A slot another thread's handler has claimed (HANDLING) is removed here too: that
+/// thread may not have reached its unlink when this one ends the process, and a second
+/// unlink of the same path is harmless (its bytes never change once READY).
 fn remove_registered() {
     for slot in &REGISTRY {
-        if slot
-            .state
-            .compare_exchange(READY, HANDLING, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        let claimed =
+            match slot
+                .state
+                .compare_exchange(READY, HANDLING, Ordering::Acquire, Ordering::Acquire)
+            {
+                Ok(_) => true,
+                Err(state) => state == HANDLING,
+            };
+        if !claimed {
             continue;
         }
         let mut buf = [0u8; PATH_BYTES];
@@ -426,6 +433,17 @@ fn remove_registered() {
 /// the same signal (installed with `SA_RESETHAND`, so the signal raised again, pending
 /// until the handler returns, takes its default action).
 extern "C" fn on_signal(sig: libc::c_int) {
+    // The linker `ksites-ld` runs first, so it cannot write its output again after the
+    // temporary file is removed.
+    let child = CHILD.load(Ordering::Acquire);
+    if child > 0 {
+        // SAFETY: kill(2) is async-signal-safe; `child` is the pid of a child this
+        // process spawned and has not reaped yet (`ChildGuard` clears it before `wait`
+        // returns the pid to the system), so it names no other process.
+        unsafe {
+            libc::kill(child, sig);
+        }
+    }
     remove_registered();
     // SAFETY: raise(3) is async-signal-safe.
     unsafe {
@@ -452,11 +470,71 @@ fn install_handlers() {
                 let mut new: libc::sigaction = std::mem::zeroed();
                 new.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
                 new.sa_flags = libc::SA_RESETHAND;
-                libc::sigemptyset(&mut new.sa_mask);
+                // Every signal blocked while it runs: a second signal cannot end the
+                // process between claiming a slot and removing its file.
+                libc::sigfillset(&mut new.sa_mask);
                 libc::sigaction(sig, &new, std::ptr::null_mut());
             }
         }
     });
+}
+
+/// The pid of the child (the real linker) the signal handler signals first; 0 for none.
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Makes the SIGINT/SIGTERM/SIGHUP handler pass the signal on to a running child
+/// process (the real linker) before it removes the temporary files, so the child
+/// cannot write one again; cleared on drop, before the child is reaped.
+#[derive(Debug)]
+pub struct ChildGuard(());
+
+impl ChildGuard {
+    /// Spawns `cmd` and registers the child until the guard drops. SIGINT, SIGTERM and
+    /// SIGHUP are blocked from before the spawn until the child is registered, so one
+    /// that arrives in between is handled, child included, just after (the child gets
+    /// the mask from before).
+    pub fn spawn(
+        cmd: &mut std::process::Command,
+    ) -> std::io::Result<(std::process::Child, ChildGuard)> {
+        install_handlers();
+        // SAFETY: `set` and `old` are valid sigset_t values for the calls, which only
+        // change this thread's signal mask and put it back below.
+        let old = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            old
+        };
+        // The child gets the mask this thread had before (std passes the blocked one on).
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // pthread_sigmask, which is async-signal-safe, on a copy of `old`.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(move || {
+                libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let spawned = cmd.spawn();
+        if let Ok(child) = &spawned {
+            CHILD.store(i32::try_from(child.id()).unwrap_or(0), Ordering::Release);
+        }
+        // SAFETY: puts back the mask saved above.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        }
+        spawned.map(|c| (c, ChildGuard(())))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        CHILD.store(0, Ordering::Release);
+    }
 }
 
 /// Opens `path` for reading with its size checked against [`max_input_size`] first

@@ -322,6 +322,16 @@ fn row_12_linker_errors_name_the_program_and_the_users_output() {
         assert!(!t.contains(".ksites-link"), "{linker}: {t}");
         assert!(!d.join("g.img").exists());
     }
+    // The linker's own warnings name the user's output too (GNU ld warns about the
+    // RWX segment `-N` makes, naming the file it writes).
+    let o = ld(d, "bfd", &os(&["-static", "-N", "k.o", "-o", "rwx.img"]));
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("rwx.img has a LOAD segment with RWX permissions"),
+        "{t}"
+    );
+    assert!(!t.contains(".ksites-link"), "{t}");
     assert_no_temp_files(d);
 }
 

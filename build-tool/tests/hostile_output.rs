@@ -493,10 +493,30 @@ fn row_10_sigterm_during_link_removes_the_linker_temporary_output() {
         assert_eq!(libc::kill(pid, libc::SIGTERM), 0);
     }
     let status = child.wait().unwrap();
-    // SAFETY: as above.
-    unsafe {
-        libc::kill(ld_pid, libc::SIGKILL);
+    // The signal was passed on to the linker, which could otherwise go on and write
+    // its output again: it is gone (or a zombie waiting for init) soon after.
+    let ended = |pid: libc::pid_t| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+            st.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    let t0 = Instant::now();
+    while !ended(ld_pid) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
     }
+    let linker_ended = ended(ld_pid);
+    if !linker_ended {
+        // SAFETY: as above; the fake linker still runs (it sleeps until killed).
+        unsafe {
+            libc::kill(ld_pid, libc::SIGKILL);
+        }
+    }
+    assert!(
+        linker_ended,
+        "the linker still runs after ksites was terminated"
+    );
     assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
     assert!(
         temp_files_left(dir.path()).is_empty(),
