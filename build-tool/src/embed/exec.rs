@@ -103,7 +103,7 @@ pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Res
         data,
         size,
         |addr| {
-            crate::table::check_reach(&img, addr, size)?;
+            crate::table::check_reach(img, addr, size)?;
             build_sites_for(img.target, addr, &input, scan.sites.len(), &site)
                 .with_context(|| format!("{path}: cannot build the table"))
         },
