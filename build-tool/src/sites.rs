@@ -1,7 +1,17 @@
 //! The site finder: for every relocation in an executable section whose target is one of
-//! a set of addresses, decode the instruction that holds it (decoding from the start of
-//! the enclosing function, never guessing from the bytes before the relocation) and
+//! a set of addresses, decode the instruction that holds it (decoding from the last
+//! instruction boundary known, never guessing from the bytes before the relocation) and
 //! classify it as a `call`/`jmp`/`jcc rel32` site or as some other reference.
+//!
+//! The boundaries known are the starts of symbols and of sections. A relocation inside a
+//! function symbol is decoded from the function's first byte. One that no function
+//! covers (code past a function's `st_size` such as a stripped static function or a
+//! cold part, code in a section without symbols, asm without `.size`) is in a gap: it is
+//! decoded linearly from the start of the last symbol at or before it (through that
+//! symbol's end, its padding — nops, `int3`, zero bytes two at a time — and whatever
+//! follows), or from the section start, up to the next symbol: the regions `objdump -d`
+//! decodes, so a gap's sites are the `call`/`jmp` lines `objdump -dr` shows there, with
+//! the same limits (data inside code desynchronises both).
 //!
 //! Relocations are taken in file order and classified as they come, one function at a
 //! time (an image can carry millions: nothing is collected per relocation). Where the
@@ -328,6 +338,8 @@ struct Span {
     lo: u64,
     hi: u64,
     sym: Option<usize>,
+    /// Where decoding starts for the range ([`decode_start`]), once asked.
+    start: Option<u64>,
 }
 
 impl Span {
@@ -335,21 +347,79 @@ impl Span {
         lo: 1,
         hi: 0,
         sym: None,
+        start: None,
     };
 
     /// The symbol enclosing `addr` in `sec`, from the cached span when it covers `addr`.
     fn enclosing(&mut self, img: &Image<'_>, sec: SectionIndex, addr: u64) -> Option<usize> {
         if !(self.lo <= addr && addr < self.hi) {
             let (sym, hi) = img.enclosing_span(sec, addr);
-            *self = Span { lo: addr, hi, sym };
+            *self = Span {
+                lo: addr,
+                hi,
+                sym,
+                start: None,
+            };
         }
         self.sym
     }
+
+    /// The instruction boundary decoding starts from for `addr` in `sec` (which starts
+    /// at `sec_addr`), from the cached span when it covers `addr`: see [`decode_start`].
+    fn decode_start(
+        &mut self,
+        img: &Image<'_>,
+        sec: SectionIndex,
+        sec_addr: u64,
+        addr: u64,
+    ) -> u64 {
+        let sym = self.enclosing(img, sec, addr);
+        *self
+            .start
+            .get_or_insert_with(|| decode_start(img, sec, sec_addr, addr, sym))
+    }
 }
 
-/// The function whose relocations are being classified.
+/// Where decoding starts for the relocation at `addr` in `sec`, whose enclosing symbol
+/// ([`Image::enclosing_span`]) is `sym`: the first byte of the sized function enclosing
+/// it (the usual case: the function is decoded whole, whatever labels it holds), else
+/// (a gap, or a function without a size, which ends where the next symbol starts) the
+/// start of the last symbol of `sec` at or before `addr`, else the section's start
+/// (`sec_addr`). The answer only changes at a symbol's start or end, so it holds for the
+/// whole span `sym` holds for.
+fn decode_start(
+    img: &Image<'_>,
+    sec: SectionIndex,
+    sec_addr: u64,
+    addr: u64,
+    sym: Option<usize>,
+) -> u64 {
+    match sym.map(|i| img.sym(i)) {
+        Some(s) if s.is_func && s.size > 0 => s.addr,
+        _ => last_symbol_start(img, sec, addr).unwrap_or(sec_addr),
+    }
+}
+
+/// The start of the last symbol of `sec` starting at or before `addr`, if any (the
+/// symbols are sorted by section, then address).
+fn last_symbol_start(img: &Image<'_>, sec: SectionIndex, addr: u64) -> Option<u64> {
+    let (mut lo, mut hi) = (0, img.defined_count());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let s = img.sym(mid);
+        if (s.section.0, s.addr) <= (sec.0, addr) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let s = img.sym(lo.checked_sub(1)?);
+    (s.section == sec).then_some(s.addr)
+}
+
+/// The function (or gap region) whose relocations are being classified.
 struct Group<'c> {
-    /// Its start as the enclosing symbol gives it (unclamped): the grouping key.
+    /// Where decoding starts ([`decode_start`], unclamped): the grouping key.
     key: u64,
     cursor: FunctionCursor<'c>,
 }
@@ -456,8 +526,7 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
             }
             let key = p
                 .starts
-                .enclosing(img, self.sec_index, r.offset)
-                .map_or(self.sec_addr, |i| img.sym(i).addr);
+                .decode_start(img, self.sec_index, self.sec_addr, r.offset);
             let c = Candidate {
                 reloc_at: r.offset,
                 target_addr,
@@ -491,14 +560,15 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
         Ok(p.part)
     }
 
-    /// A cursor over the function starting at `key`.
+    /// A cursor over the code decoded from `key` ([`decode_start`]) to its
+    /// [`region_end`].
     fn group(&self, key: u64) -> Group<'d> {
         let sec_addr = self.sec_addr;
         let data = self.data;
         let sec_end = sec_addr.saturating_add(data.len() as u64);
         // A malformed file can put a symbol outside its section: clamp to the section.
         let start = key.clamp(sec_addr, sec_end);
-        let end = function_end(self.img, self.sec_index, start, sec_end);
+        let end = region_end(self.img, self.sec_index, start, sec_end);
         let code = data
             .get((start - sec_addr) as usize..(end - sec_addr) as usize)
             .unwrap_or(&[]);
@@ -561,11 +631,15 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
     }
 }
 
-fn function_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) -> u64 {
+/// The end of the code decoded from `start` (a [`decode_start`]): the next symbol's start
+/// (or the section's end), so that the gap after a function is decoded on from the
+/// function's instructions, and at least the end of the function starting there (sized
+/// functions can contain other symbols: the function is decoded whole from its start).
+fn region_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) -> u64 {
     let sized = img
         .enclosing_symbol(sec, start)
         .filter(|s| s.addr == start && s.size > 0)
-        .map(|s| s.addr.saturating_add(s.size));
-    let next = img.next_symbol_start(sec, start);
-    sized.or(next).unwrap_or(sec_end).min(sec_end).max(start)
+        .map_or(start, |s| s.addr.saturating_add(s.size));
+    let next = img.next_symbol_start(sec, start).unwrap_or(sec_end);
+    sized.max(next).min(sec_end).max(start)
 }
