@@ -22,6 +22,7 @@
 //! result the streaming pass gives in the usual case.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use kernel_loader::format::SiteKind;
@@ -195,6 +196,9 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
             name: img.section_name(&sec).unwrap_or("?").to_string(),
             addr: sec.address(),
         });
+        let first = partition(img.defined_count(), |i| {
+            img.sym(i).section.0 < sec.index().0
+        });
         let ctx = SectionCtx {
             img,
             sec_index: sec.index(),
@@ -203,6 +207,11 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
             section,
             data: sec.data().unwrap_or(&[]),
             select,
+            first,
+            count: partition(img.defined_count() - first, |k| {
+                img.sym(first + k).section == sec.index()
+            }),
+            reach: OnceLock::new(),
         };
         // Streaming first, in parts on several CPUs when the section is large; if the
         // functions come out of address order, the section starts over, sorted.
@@ -340,8 +349,10 @@ struct Span {
     lo: u64,
     hi: u64,
     sym: Option<usize>,
-    /// Where decoding starts for the range ([`decode_start`]), once asked.
+    /// Where decoding starts for the range ([`SectionCtx::decode_start`]), once known.
     start: Option<u64>,
+    /// How many of the section's symbols start at or before the range.
+    before: usize,
 }
 
 impl Span {
@@ -350,73 +361,71 @@ impl Span {
         hi: 0,
         sym: None,
         start: None,
+        before: 0,
     };
 
-    /// The symbol enclosing `addr` in `sec`, from the cached span when it covers `addr`.
-    fn enclosing(&mut self, img: &Image<'_>, sec: SectionIndex, addr: u64) -> Option<usize> {
+    /// The symbol enclosing `addr` in the section, from the cached span when it covers
+    /// `addr`.
+    fn enclosing(&mut self, ctx: &SectionCtx<'_, '_>, addr: u64) -> Option<usize> {
         if !(self.lo <= addr && addr < self.hi) {
-            let (sym, hi) = img.enclosing_span(sec, addr);
-            *self = Span {
-                lo: addr,
-                hi,
-                sym,
-                start: None,
+            let before = ctx.symbols_before(addr, self.before);
+            *self = match ctx.gap_at(addr, before) {
+                // No symbol encloses it: answered without [`Image::enclosing_span`]'s
+                // walk back over every symbol before it (one per stripped function).
+                Some(Gap { start, end }) => Span {
+                    lo: addr,
+                    hi: end,
+                    sym: None,
+                    start: Some(start),
+                    before,
+                },
+                None => {
+                    let (sym, hi) = ctx.img.enclosing_span(ctx.sec_index, addr);
+                    Span {
+                        lo: addr,
+                        hi,
+                        sym,
+                        start: None,
+                        before,
+                    }
+                }
             };
         }
         self.sym
     }
 
-    /// The instruction boundary decoding starts from for `addr` in `sec` (which starts
-    /// at `sec_addr`), from the cached span when it covers `addr`: see [`decode_start`].
-    fn decode_start(
-        &mut self,
-        img: &Image<'_>,
-        sec: SectionIndex,
-        sec_addr: u64,
-        addr: u64,
-    ) -> u64 {
-        let sym = self.enclosing(img, sec, addr);
+    /// The instruction boundary decoding starts from for `addr`, from the cached span
+    /// when it covers `addr`: see [`SectionCtx::decode_start`].
+    fn decode_start(&mut self, ctx: &SectionCtx<'_, '_>, addr: u64) -> u64 {
+        let sym = self.enclosing(ctx, addr);
+        let before = self.before;
         *self
             .start
-            .get_or_insert_with(|| decode_start(img, sec, sec_addr, addr, sym))
+            .get_or_insert_with(|| ctx.decode_start(sym, before))
     }
 }
 
-/// Where decoding starts for the relocation at `addr` in `sec`, whose enclosing symbol
-/// ([`Image::enclosing_span`]) is `sym`: the first byte of the sized function enclosing
-/// it (the usual case: the function is decoded whole, whatever labels it holds), else
-/// (a gap, or a function without a size, which ends where the next symbol starts) the
-/// start of the last symbol of `sec` at or before `addr`, else the section's start
-/// (`sec_addr`). The answer only changes at a symbol's start or end, so it holds for the
-/// whole span `sym` holds for.
-fn decode_start(
-    img: &Image<'_>,
-    sec: SectionIndex,
-    sec_addr: u64,
-    addr: u64,
-    sym: Option<usize>,
-) -> u64 {
-    match sym.map(|i| img.sym(i)) {
-        Some(s) if s.is_func && s.size > 0 => s.addr,
-        _ => last_symbol_start(img, sec, addr).unwrap_or(sec_addr),
-    }
+/// A range of a section that no symbol encloses.
+struct Gap {
+    /// Where decoding starts: the start of the last symbol before it, or the section's.
+    start: u64,
+    /// Where the next symbol starts (or the end of the address space).
+    end: u64,
 }
 
-/// The start of the last symbol of `sec` starting at or before `addr`, if any (the
-/// symbols are sorted by section, then address).
-fn last_symbol_start(img: &Image<'_>, sec: SectionIndex, addr: u64) -> Option<u64> {
-    let (mut lo, mut hi) = (0, img.defined_count());
+/// The number of leading indices of `0..n` for which `pred` holds (`pred` holds for a
+/// prefix).
+fn partition(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let s = img.sym(mid);
-        if (s.section.0, s.addr) <= (sec.0, addr) {
+        if pred(mid) {
             lo = mid + 1;
         } else {
             hi = mid;
         }
     }
-    let s = img.sym(lo.checked_sub(1)?);
-    (s.section == sec).then_some(s.addr)
+    lo
 }
 
 /// The function (or gap region) whose relocations are being classified.
@@ -436,6 +445,13 @@ struct SectionCtx<'a, 'd> {
     section: u32,
     data: &'d [u8],
     select: &'a Select<'a>,
+    /// The [`Image::sym`] index of the section's first symbol, and how many it has.
+    first: usize,
+    count: usize,
+    /// For each of the section's symbols in address order, the farthest end of it and
+    /// of the symbols before it (`u64::MAX` once one has no size: such a symbol encloses
+    /// everything after it, for [`Image::enclosing_span`]); built for the first gap.
+    reach: OnceLock<Vec<u64>>,
 }
 
 /// What a pass over (part of) a section's relocations found.
@@ -469,6 +485,84 @@ struct Pass {
 }
 
 impl<'a, 'd> SectionCtx<'a, 'd> {
+    /// The start of the section's symbol `k` (in address order).
+    fn sym_addr(&self, k: usize) -> u64 {
+        self.img.sym(self.first + k).addr
+    }
+
+    /// How many of the section's symbols start at or before `addr`, walking on from
+    /// `hint` (the answer for an earlier address: relocations come in address order) a
+    /// few symbols before searching.
+    fn symbols_before(&self, addr: u64, hint: usize) -> usize {
+        let mut k = hint;
+        if k <= self.count && (k == 0 || self.sym_addr(k - 1) <= addr) {
+            for _ in 0..8 {
+                if k == self.count || self.sym_addr(k) > addr {
+                    return k;
+                }
+                k += 1;
+            }
+        }
+        partition(self.count, |k| self.sym_addr(k) <= addr)
+    }
+
+    /// The gap `addr` is in, if no symbol encloses it ([`Image::enclosing_span`] would
+    /// answer `None`); `before` symbols start at or before it.
+    fn gap_at(&self, addr: u64, before: usize) -> Option<Gap> {
+        if let Some(s) = before.checked_sub(1).map(|k| self.img.sym(self.first + k))
+            && s.is_func
+            && addr < s.addr.saturating_add(s.size)
+        {
+            // Inside a sized function: the usual case, no gap.
+            return None;
+        }
+        let reach = self.reach.get_or_init(|| {
+            let mut far = 0u64;
+            (self.first..self.first + self.count)
+                .map(|i| {
+                    let s = self.img.sym(i);
+                    far = far.max(match s.size {
+                        0 => u64::MAX,
+                        size => s.addr.saturating_add(size),
+                    });
+                    far
+                })
+                .collect()
+        });
+        let end = match before < self.count {
+            true => self.sym_addr(before),
+            false => u64::MAX,
+        };
+        match before.checked_sub(1) {
+            None => Some(Gap {
+                start: self.sec_addr,
+                end,
+            }),
+            Some(k) if reach[k] <= addr => Some(Gap {
+                start: self.sym_addr(k),
+                end,
+            }),
+            Some(_) => None,
+        }
+    }
+
+    /// Where decoding starts for a relocation whose enclosing symbol
+    /// ([`Image::enclosing_span`]) is `sym`, with `before` of the section's symbols
+    /// starting at or before it: the first byte of the sized function enclosing it (the
+    /// usual case: the function is decoded whole, whatever labels it holds), else (a gap,
+    /// or a function without a size, which ends where the next symbol starts) the start
+    /// of the last symbol at or before it, else the section's start. The answer only
+    /// changes at a symbol's start or end, so it holds for the whole span `sym` holds for.
+    fn decode_start(&self, sym: Option<usize>, before: usize) -> u64 {
+        match sym.map(|i| self.img.sym(i)) {
+            Some(s) if s.is_func && s.size > 0 => s.addr,
+            _ => match before.checked_sub(1) {
+                Some(k) => self.sym_addr(k),
+                None => self.sec_addr,
+            },
+        }
+    }
+
     /// Classifies every selected relocation of `relocs`. Streaming (`sorted` false),
     /// stops at the first relocation whose enclosing function starts before the
     /// previous one's (the part is then not `in_order`); `sorted` collects the
@@ -526,9 +620,7 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
                 });
                 continue;
             }
-            let key = p
-                .starts
-                .decode_start(img, self.sec_index, self.sec_addr, r.offset);
+            let key = p.starts.decode_start(self, r.offset);
             let c = Candidate {
                 reloc_at: r.offset,
                 target_addr,
@@ -600,7 +692,7 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
                 return;
             }
         };
-        let function = match p.locations.enclosing(img, self.sec_index, addr) {
+        let function = match p.locations.enclosing(self, addr) {
             None => NO_FUNCTION,
             Some(i) if p.last_function.0 == i => p.last_function.1,
             Some(i) => {
@@ -647,274 +739,4 @@ fn region_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) -> u
 }
 
 #[cfg(test)]
-mod tests {
-    use object::write::{Object, Relocation, Symbol, SymbolSection};
-    use object::{
-        Architecture, BinaryFormat, Endianness, RelocationFlags, SectionKind, SymbolFlags,
-        SymbolKind, SymbolScope,
-    };
-
-    use super::*;
-    use crate::target::{Samples, Target};
-
-    const T: Target = Target::X86_64;
-
-    fn x() -> &'static Samples {
-        T.samples()
-    }
-
-    /// Code being put together: its bytes, the symbols on it and where branch
-    /// relocations go.
-    #[derive(Default)]
-    struct Code {
-        bytes: Vec<u8>,
-        /// (name, offset, size, is a function).
-        syms: Vec<(&'static str, u64, u64, bool)>,
-        relocs: Vec<u64>,
-    }
-
-    impl Code {
-        fn at(&self) -> u64 {
-            self.bytes.len() as u64
-        }
-
-        /// An instruction whose last field a branch relocation fills (to `ext`).
-        fn reloc(&mut self, insn: &[u8]) -> u64 {
-            let start = self.at();
-            self.bytes.extend_from_slice(insn);
-            self.relocs.push(self.at() - T.branch_field_len());
-            start
-        }
-
-        fn raw(&mut self, bytes: &[u8]) -> &mut Self {
-            self.bytes.extend_from_slice(bytes);
-            self
-        }
-
-        fn sym(&mut self, name: &'static str, size: u64, func: bool) {
-            let at = self.at();
-            self.syms.push((name, at, size, func));
-        }
-    }
-
-    /// An ET_REL object holding `sections` (name, code), relocations in the order
-    /// given (`reverse`: in reverse).
-    fn object(sections: &[(&str, &Code)], reverse: bool) -> Vec<u8> {
-        let mut obj = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
-        let ext = obj.add_symbol(Symbol {
-            name: b"ext".to_vec(),
-            value: 0,
-            size: 0,
-            kind: SymbolKind::Text,
-            scope: SymbolScope::Linkage,
-            weak: false,
-            section: SymbolSection::Undefined,
-            flags: SymbolFlags::None,
-        });
-        for (name, code) in sections {
-            let id = obj.add_section(Vec::new(), name.as_bytes().to_vec(), SectionKind::Text);
-            obj.append_section_data(id, &code.bytes, 16);
-            for &(name, value, size, func) in &code.syms {
-                obj.add_symbol(Symbol {
-                    name: name.as_bytes().to_vec(),
-                    value,
-                    size,
-                    kind: if func {
-                        SymbolKind::Text
-                    } else {
-                        SymbolKind::Label
-                    },
-                    scope: SymbolScope::Compilation,
-                    weak: false,
-                    section: SymbolSection::Section(id),
-                    flags: SymbolFlags::None,
-                });
-            }
-            let mut relocs = code.relocs.clone();
-            if reverse {
-                relocs.reverse();
-            }
-            let (r_type, addend) = T.branch_reloc();
-            for offset in relocs {
-                let r = Relocation {
-                    offset,
-                    symbol: ext,
-                    addend,
-                    flags: RelocationFlags::Elf { r_type },
-                };
-                obj.add_relocation(id, r).unwrap();
-            }
-        }
-        obj.write().unwrap()
-    }
-
-    /// (section, offset, kind, enclosing function) of every site, and the offsets of
-    /// the other references, of every branch relocation in `data`.
-    #[allow(clippy::type_complexity)]
-    fn scan(data: &[u8]) -> (Vec<(String, u64, SiteKind, Option<String>)>, Vec<u64>) {
-        let img = Image::parse("t.o", data).unwrap();
-        let all = |_: &Reloc| {
-            Some(Selected {
-                target: 0,
-                target_addr: None,
-            })
-        };
-        let s = find_sites_with(&img, &all).unwrap();
-        let sites = s
-            .sites
-            .iter()
-            .map(|f| {
-                let func = s.functions.get(f.function as usize).map(|f| f.name.clone());
-                (
-                    s.section_name(f).to_string(),
-                    s.section_offset(f),
-                    f.kind,
-                    func,
-                )
-            })
-            .collect();
-        (sites, s.other_refs.iter().map(|r| r.addr).collect())
-    }
-
-    fn site(
-        off: u64,
-        kind: SiteKind,
-        func: Option<&str>,
-    ) -> (String, u64, SiteKind, Option<String>) {
-        (".text".to_string(), off, kind, func.map(str::to_string))
-    }
-
-    /// The scan of `code` as `.text`, the same whichever order its relocations come in.
-    #[allow(clippy::type_complexity)]
-    fn scan_text(code: &Code) -> (Vec<(String, u64, SiteKind, Option<String>)>, Vec<u64>) {
-        let forward = scan(&object(&[(".text", code)], false));
-        assert_eq!(forward, scan(&object(&[(".text", code)], true)));
-        forward
-    }
-
-    #[test]
-    fn code_past_a_functions_size_is_decoded_on_from_the_function() {
-        let mut c = Code::default();
-        c.sym("f", 0, true);
-        let call_f = c.reloc(x().call);
-        c.raw(x().other);
-        c.syms[0].2 = c.at();
-        // A stripped function after `f`, behind nop and trap padding.
-        c.raw(x().nops).raw(&[x().trap; 3]).raw(x().other);
-        let call = c.reloc(x().call);
-        c.raw(x().other);
-        let jcc = c.reloc(x().jcc);
-        let jmp = c.reloc(x().jmp);
-        c.raw(&[x().trap; 5]);
-        c.sym("g", 0, true);
-        let call_g = c.reloc(x().call);
-        let g = c.syms.len() - 1;
-        c.syms[g].2 = c.at() - c.syms[g].1;
-        let (sites, other) = scan_text(&c);
-        assert_eq!(
-            sites,
-            vec![
-                site(call_f, SiteKind::Call, Some("f")),
-                site(call, SiteKind::Call, None),
-                site(jcc, SiteKind::Jcc, None),
-                site(jmp, SiteKind::Jmp, None),
-                site(call_g, SiteKind::Call, Some("g")),
-            ]
-        );
-        assert!(other.is_empty());
-    }
-
-    #[test]
-    fn a_section_without_symbols_is_decoded_from_its_start() {
-        let mut c = Code::default();
-        c.raw(x().nops);
-        let call = c.reloc(x().call);
-        c.raw(x().other).raw(&[x().trap]);
-        let jmp = c.reloc(x().jmp);
-        let mut d = Code::default();
-        d.sym("late", 0, true);
-        let late = d.reloc(x().call);
-        let data = object(&[(".text", &c), (".text.other", &d)], false);
-        // Sites are sorted by address, then section: both sections start at 0.
-        let (sites, _) = scan(&data);
-        let other = (
-            ".text.other".into(),
-            late,
-            SiteKind::Call,
-            Some("late".into()),
-        );
-        assert_eq!(
-            sites,
-            vec![
-                other,
-                site(call, SiteKind::Call, None),
-                site(jmp, SiteKind::Jmp, None),
-            ]
-        );
-    }
-
-    #[test]
-    fn the_byte_before_a_relocation_is_never_taken_for_an_opcode() {
-        let mut c = Code::default();
-        c.sym("f", 0, true);
-        c.raw(x().other);
-        c.syms[0].2 = c.at();
-        // In the gap: an instruction whose field follows the call opcode byte, and a
-        // relocation two bytes into a call's field.
-        let fake = c.reloc(x().not_branch) + x().not_branch.len() as u64 - T.branch_field_len();
-        let call = c.at();
-        c.raw(x().call);
-        c.relocs.push(call + 2);
-        let real = c.reloc(x().call);
-        let (sites, other) = scan_text(&c);
-        assert_eq!(sites, vec![site(real, SiteKind::Call, None)]);
-        assert_eq!(other, vec![fake, call + 2]);
-    }
-
-    #[test]
-    fn a_function_without_size_ends_where_the_next_symbol_starts() {
-        let mut c = Code::default();
-        c.sym("nosize", 0, true);
-        let a = c.reloc(x().call);
-        c.raw(x().nops);
-        // `short` is declared smaller than its code: decoding goes on through it.
-        c.sym("short", 2, true);
-        c.raw(x().other);
-        let b = c.reloc(x().call);
-        let d = c.reloc(x().jmp);
-        c.sym("label", 0, false);
-        let e = c.reloc(x().call);
-        let (sites, other) = scan_text(&c);
-        assert_eq!(
-            sites,
-            vec![
-                site(a, SiteKind::Call, Some("nosize")),
-                site(b, SiteKind::Call, Some("nosize")),
-                site(d, SiteKind::Jmp, Some("nosize")),
-                site(e, SiteKind::Call, Some("label")),
-            ]
-        );
-        assert!(other.is_empty());
-    }
-
-    #[test]
-    fn zero_fill_is_decoded_like_any_code() {
-        for zeros in 1..=4 * x().zero_step {
-            let mut c = Code::default();
-            c.sym("f", 0, true);
-            c.raw(x().other);
-            c.syms[0].2 = c.at();
-            c.raw(&vec![0; zeros]);
-            let call = c.reloc(x().call);
-            let (sites, other) = scan_text(&c);
-            if zeros % x().zero_step == 0 {
-                // Back in step: the call is found.
-                assert_eq!(sites, vec![site(call, SiteKind::Call, None)], "{zeros}");
-            } else {
-                // Out of step, as for objdump: not a site, and not guessed.
-                assert!(sites.is_empty(), "{zeros}: {sites:?}");
-                assert_eq!(other.len(), 1, "{zeros}");
-            }
-        }
-    }
-}
+mod tests;
