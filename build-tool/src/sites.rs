@@ -563,6 +563,18 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
         }
     }
 
+    /// `symbol+0xoff` for `addr`, as [`Image::describe`] words it, through `span` (so a
+    /// gap costs no walk back over the symbols before it).
+    fn describe(&self, span: &mut Span, addr: u64) -> String {
+        let function = span.enclosing(self, addr).map(|i| self.img.sym(i));
+        Location {
+            function: function.map(|s| s.name.as_str()),
+            offset: function.map_or(0, |s| addr - s.addr),
+            addr,
+        }
+        .to_string()
+    }
+
     /// Classifies every selected relocation of `relocs`. Streaming (`sorted` false),
     /// stops at the first relocation whose enclosing function starts before the
     /// previous one's (the part is then not `in_order`); `sorted` collects the
@@ -616,7 +628,7 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
                     target,
                     section: self.sec_name.to_string(),
                     what,
-                    location: img.describe(self.sec_index, r.offset),
+                    location: self.describe(&mut p.locations, r.offset),
                 });
                 continue;
             }
@@ -687,7 +699,7 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
                     target: c.target as usize,
                     section: self.sec_name.to_string(),
                     what,
-                    location: img.describe(self.sec_index, c.reloc_at),
+                    location: self.describe(&mut p.locations, c.reloc_at),
                 });
                 return;
             }

@@ -489,3 +489,66 @@ fn scan_equals_objdump_on_handwritten_asm() {
         .filter(|(s, off, ..)| s == ".text" && text[*off as usize] == 0x81);
     assert_eq!(subs.count(), 0, "{got:#?}");
 }
+
+/// A module whose probe and ifunc-import calls sit in static functions placed after
+/// sized ones (`-fno-toplevel-reorder`) and stripped: `embed` records every one.
+const MODULE_SRC: &str = r#"
+#include "ksites_sdt.h"
+#include "ksites_module.h"
+extern unsigned int kpopcount(unsigned long x);
+KSITES_IFUNC_IMPORT(kpopcount);
+KSITES_PROBE_DECL(mod, hit, 2, (unsigned long a, unsigned long b))
+unsigned long first(unsigned long x) { return kpopcount(x) + 1; }
+static __attribute__((noinline)) unsigned long hidden(unsigned long x) {
+    KSITES_PROBE(mod, hit, x, 1);
+    return kpopcount(x) + kpopcount(x >> 1);
+}
+unsigned long second(unsigned long x) { return hidden(x) + 2; }
+static __attribute__((noinline)) unsigned long hidden_tail(unsigned long x) {
+    KSITES_PROBE(mod, hit, x, 2);
+    return kpopcount(x);
+}
+unsigned long third(unsigned long x) { return hidden_tail(x) * 3; }
+"#;
+
+#[test]
+fn embed_records_sites_in_stripped_functions_of_a_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-loader/c");
+    let include = format!("-I{}", include.display());
+    let flags = [
+        "-O2",
+        "-fno-pic",
+        "-mcmodel=kernel",
+        "-fno-common",
+        "-ffreestanding",
+        "-fcf-protection=none",
+        "-fno-toplevel-reorder",
+        &include,
+    ];
+    let o = gcc(d, "m.c", MODULE_SRC, &flags, "m.o");
+    let stripped = objcopy(d, &o, &["--strip-unneeded"], "ms.o");
+    let want = expected(&stripped);
+    let count = |prefix: &str| want.iter().filter(|s| s.3.starts_with(prefix)).count();
+    let (calls, probes) = (count("kpopcount"), count("__dtrace_probe_"));
+    assert_eq!((calls, probes), (4, 2), "{want:#?}");
+    assert!(gap_sites(&stripped, &want) >= 5);
+    let out = d.join("ms.ksites.o");
+    let r = Command::new(env!("CARGO_BIN_EXE_ksites"))
+        .arg("embed")
+        .arg(&stripped)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&r.stdout).into_owned() + &String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "1 ifuncs, {calls} sites, 0 other references, 1 probes, {probes} probe sites"
+        )),
+        "{text}"
+    );
+}

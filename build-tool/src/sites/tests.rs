@@ -125,6 +125,15 @@ fn scan(data: &[u8]) -> (Vec<(String, u64, SiteKind, Option<String>)>, Vec<u64>)
             )
         })
         .collect();
+    // Sites and references are named as `Image::describe` names them.
+    for f in &s.sites {
+        let at = s.location(f).to_string();
+        assert_eq!(at, img.describe(s.section_index(f), f.addr));
+    }
+    for r in &s.other_refs {
+        let sec = s.sections.iter().find(|x| x.name == r.section).unwrap();
+        assert_eq!(r.location, img.describe(sec.index, r.addr));
+    }
     (sites, s.other_refs.iter().map(|r| r.addr).collect())
 }
 
