@@ -26,7 +26,8 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use kernel_loader::format::SiteKind;
-use object::{ObjectSection, SectionIndex};
+use object::read::elf::ElfSection64;
+use object::{LittleEndian, ObjectSection, SectionIndex};
 
 use crate::elf::{Image, Location, Reloc};
 use crate::target::{FunctionCursor, RelocClass, SiteInsn};
@@ -196,23 +197,7 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
             name: img.section_name(&sec).unwrap_or("?").to_string(),
             addr: sec.address(),
         });
-        let first = partition(img.defined_count(), |i| {
-            img.sym(i).section.0 < sec.index().0
-        });
-        let ctx = SectionCtx {
-            img,
-            sec_index: sec.index(),
-            sec_addr: sec.address(),
-            sec_name: img.section_name(&sec).unwrap_or("?"),
-            section,
-            data: sec.data().unwrap_or(&[]),
-            select,
-            first,
-            count: partition(img.defined_count() - first, |k| {
-                img.sym(first + k).section == sec.index()
-            }),
-            reach: OnceLock::new(),
-        };
+        let ctx = SectionCtx::new(img, &sec, section, select);
         // Streaming first, in parts on several CPUs when the section is large; if the
         // functions come out of address order, the section starts over, sorted.
         let parts = match img.rela_tables(sec.index()) {
@@ -367,30 +352,42 @@ impl Span {
     /// The symbol enclosing `addr` in the section, from the cached span when it covers
     /// `addr`.
     fn enclosing(&mut self, ctx: &SectionCtx<'_, '_>, addr: u64) -> Option<usize> {
-        if !(self.lo <= addr && addr < self.hi) {
-            let before = ctx.symbols_before(addr, self.before);
-            *self = match ctx.gap_at(addr, before) {
-                // No symbol encloses it: answered without [`Image::enclosing_span`]'s
-                // walk back over every symbol before it (one per stripped function).
-                Some(Gap { start, end }) => Span {
-                    lo: addr,
-                    hi: end,
-                    sym: None,
-                    start: Some(start),
-                    before,
-                },
-                None => {
-                    let (sym, hi) = ctx.img.enclosing_span(ctx.sec_index, addr);
-                    Span {
-                        lo: addr,
-                        hi,
-                        sym,
-                        start: None,
-                        before,
-                    }
-                }
-            };
+        if self.lo <= addr && addr < self.hi {
+            return self.sym;
         }
+        if let Some((sym, hi)) = ctx.next_function_span(self.before, addr) {
+            // The usual case, read from the next two symbols.
+            *self = Span {
+                lo: addr,
+                hi,
+                sym: Some(sym),
+                start: None,
+                before: self.before + 1,
+            };
+            return self.sym;
+        }
+        let before = ctx.symbols_before(addr, self.before);
+        *self = match ctx.gap_at(addr, before) {
+            // No symbol encloses it: answered without [`Image::enclosing_span`]'s walk
+            // back over every symbol before it (one per stripped function).
+            Some(Gap { start, end }) => Span {
+                lo: addr,
+                hi: end,
+                sym: None,
+                start: Some(start),
+                before,
+            },
+            None => {
+                let (sym, hi) = ctx.img.enclosing_span(ctx.sec_index, addr);
+                Span {
+                    lo: addr,
+                    hi,
+                    sym,
+                    start: None,
+                    before,
+                }
+            }
+        };
         self.sym
     }
 
@@ -398,10 +395,14 @@ impl Span {
     /// when it covers `addr`: see [`SectionCtx::decode_start`].
     fn decode_start(&mut self, ctx: &SectionCtx<'_, '_>, addr: u64) -> u64 {
         let sym = self.enclosing(ctx, addr);
-        let before = self.before;
-        *self
-            .start
-            .get_or_insert_with(|| ctx.decode_start(sym, before))
+        if let Some(start) = self.start {
+            return start;
+        }
+        let start = ctx
+            .decode_start_of(sym)
+            .unwrap_or_else(|| ctx.decode_start(self.before));
+        self.start = Some(start);
+        start
     }
 }
 
@@ -485,6 +486,31 @@ struct Pass {
 }
 
 impl<'a, 'd> SectionCtx<'a, 'd> {
+    /// The context of `sec`, [`SiteScan::sections`] entry `section`.
+    fn new(
+        img: &'a Image<'d>,
+        sec: &ElfSection64<'d, '_, LittleEndian>,
+        section: u32,
+        select: &'a Select<'a>,
+    ) -> Self {
+        let index = sec.index();
+        let first = partition(img.defined_count(), |i| img.sym(i).section.0 < index.0);
+        SectionCtx {
+            img,
+            sec_index: index,
+            sec_addr: sec.address(),
+            sec_name: img.section_name(sec).unwrap_or("?"),
+            section,
+            data: sec.data().unwrap_or(&[]),
+            select,
+            first,
+            count: partition(img.defined_count() - first, |k| {
+                img.sym(first + k).section == index
+            }),
+            reach: OnceLock::new(),
+        }
+    }
+
     /// The start of the section's symbol `k` (in address order).
     fn sym_addr(&self, k: usize) -> u64 {
         self.img.sym(self.first + k).addr
@@ -509,11 +535,11 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
     /// The gap `addr` is in, if no symbol encloses it ([`Image::enclosing_span`] would
     /// answer `None`); `before` symbols start at or before it.
     fn gap_at(&self, addr: u64, before: usize) -> Option<Gap> {
-        if let Some(s) = before.checked_sub(1).map(|k| self.img.sym(self.first + k))
-            && s.is_func
-            && addr < s.addr.saturating_add(s.size)
+        if before
+            .checked_sub(1)
+            .is_some_and(|k| self.is_sized_function_at(k, addr))
         {
-            // Inside a sized function: the usual case, no gap.
+            // Inside a sized function: no gap.
             return None;
         }
         let reach = self.reach.get_or_init(|| {
@@ -547,19 +573,45 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
     }
 
     /// Where decoding starts for a relocation whose enclosing symbol
-    /// ([`Image::enclosing_span`]) is `sym`, with `before` of the section's symbols
-    /// starting at or before it: the first byte of the sized function enclosing it (the
-    /// usual case: the function is decoded whole, whatever labels it holds), else (a gap,
-    /// or a function without a size, which ends where the next symbol starts) the start
-    /// of the last symbol at or before it, else the section's start. The answer only
-    /// changes at a symbol's start or end, so it holds for the whole span `sym` holds for.
-    fn decode_start(&self, sym: Option<usize>, before: usize) -> u64 {
-        match sym.map(|i| self.img.sym(i)) {
-            Some(s) if s.is_func && s.size > 0 => s.addr,
-            _ => match before.checked_sub(1) {
-                Some(k) => self.sym_addr(k),
-                None => self.sec_addr,
-            },
+    /// ([`Image::enclosing_span`]) is `sym`, when it is a sized function (the usual
+    /// case): its first byte (the function is decoded whole, whatever labels it holds).
+    fn decode_start_of(&self, sym: Option<usize>) -> Option<u64> {
+        let s = self.img.sym(sym?);
+        (s.is_func && s.size > 0).then_some(s.addr)
+    }
+
+    /// Where decoding starts for a relocation no sized function encloses (a gap, or a
+    /// function without a size, which ends where the next symbol starts), `before` of
+    /// the section's symbols starting at or before it: the start of the last of them,
+    /// else the section's start. The answer only changes at a symbol's start or end, so
+    /// it holds for the whole span the enclosing symbol holds for.
+    fn decode_start(&self, before: usize) -> u64 {
+        match before.checked_sub(1) {
+            Some(k) => self.sym_addr(k),
+            None => self.sec_addr,
+        }
+    }
+
+    /// [`Image::enclosing_span`]'s answer for `addr` when the section's symbol `k` is a
+    /// sized function holding it and the last symbol starting at or before it: that
+    /// function (its [`Image::sym`] index), until its end or the next symbol's start.
+    fn next_function_span(&self, k: usize, addr: u64) -> Option<(usize, u64)> {
+        if !self.is_sized_function_at(k, addr) {
+            return None;
+        }
+        let next = match k + 1 < self.count {
+            true => self.sym_addr(k + 1),
+            false => u64::MAX,
+        };
+        let s = self.img.sym(self.first + k);
+        (next > addr).then(|| (self.first + k, next.min(s.addr.saturating_add(s.size))))
+    }
+
+    /// Whether the section's symbol `k` is a sized function holding `addr`.
+    fn is_sized_function_at(&self, k: usize, addr: u64) -> bool {
+        k < self.count && {
+            let s = self.img.sym(self.first + k);
+            s.is_func && s.addr <= addr && addr < s.addr.saturating_add(s.size)
         }
     }
 

@@ -274,3 +274,53 @@ fn zero_fill_is_decoded_like_any_code() {
         }
     }
 }
+
+/// What [`Span`] must answer for `addr`: [`Image::enclosing_span`]'s symbol, and the
+/// decoding start the module documentation gives.
+fn reference(img: &Image<'_>, sec: SectionIndex, addr: u64) -> (Option<usize>, u64) {
+    let sym = img.enclosing_span(sec, addr).0;
+    let start = match sym.map(|i| img.sym(i)) {
+        Some(s) if s.is_func && s.size > 0 => s.addr,
+        _ => (0..img.defined_count())
+            .map(|i| img.sym(i))
+            .filter(|s| s.section == sec && s.addr <= addr)
+            .map(|s| s.addr)
+            .max()
+            .unwrap_or(0),
+    };
+    (sym, start)
+}
+
+proptest::proptest! {
+    /// Any symbols (sized or not, functions or labels, overlapping or not), any order
+    /// of questions: the span's shortcuts answer as `Image::enclosing_span` does, and
+    /// decoding starts where the rule says.
+    #[test]
+    fn spans_answer_as_the_image_does(
+        syms in proptest::collection::vec((0u64..48, 0u64..24, proptest::bool::ANY), 0..10),
+        order in proptest::collection::vec(0u64..56, 1..40),
+    ) {
+        let mut c = Code { bytes: vec![0; 48], ..Code::default() };
+        for (i, &(at, size, func)) in syms.iter().enumerate() {
+            let name: &'static str = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"][i];
+            c.syms.push((name, at, size, func));
+        }
+        let data = object(&[(".text", &c)], false);
+        let img = Image::parse("t.o", &data).unwrap();
+        let sec = img.exec_sections().next().unwrap();
+        let none = |_: &Reloc| None;
+        let ctx = SectionCtx::new(&img, &sec, 0, &none);
+        let mut sorted = order.clone();
+        sorted.sort();
+        for asks in [order, sorted, (0..56).collect()] {
+            let (mut span, mut starts) = (Span::EMPTY, Span::EMPTY);
+            for addr in asks {
+                let want = reference(&img, sec.index(), addr);
+                assert_eq!(span.enclosing(&ctx, addr), want.0, "{addr} {syms:?}");
+                assert_eq!(starts.decode_start(&ctx, addr), want.1, "{addr} {syms:?}");
+                let mut fresh = Span::EMPTY;
+                assert_eq!(fresh.decode_start(&ctx, addr), want.1, "{addr} {syms:?}");
+            }
+        }
+    }
+}
