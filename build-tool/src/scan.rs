@@ -3,7 +3,8 @@
 //! glob, in any ELF file of a supported target (ET_REL, or ET_EXEC/ET_DYN linked with
 //! `--emit-relocs`), the way recordmcount finds `__fentry__` calls and objtool finds
 //! retpoline-thunk calls. Sites are found through relocations and decoded from the start
-//! of the enclosing function.
+//! of the enclosing function, or, for code no sized function symbol covers, from the last
+//! symbol or section start before it, as `objdump -d` decodes it ([`crate::sites`]).
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,7 +1,19 @@
 //! The site finder: for every relocation in an executable section whose target is one of
-//! a set of addresses, decode the instruction that holds it (decoding from the start of
-//! the enclosing function, never guessing from the bytes before the relocation) and
+//! a set of addresses, decode the instruction that holds it (decoding from the last
+//! instruction boundary known, never guessing from the bytes before the relocation) and
 //! classify it as a `call`/`jmp`/`jcc rel32` site or as some other reference.
+//!
+//! The boundaries known are the starts of symbols and of sections. A relocation inside a
+//! function symbol is decoded from the function's first byte. One that no function
+//! covers (code past a function's `st_size` such as a stripped static function or a
+//! cold part, code in a section without symbols, asm without `.size`) is in a gap: it is
+//! decoded linearly from the start of the last symbol at or before it (through that
+//! symbol's end, the alignment padding after it, decoded like any other bytes, and
+//! whatever follows), or from the section start, up to the next symbol: the regions
+//! `objdump -d` decodes, so a gap's sites are the `call`/`jmp` lines `objdump -dr` shows
+//! there, with the same limits (data inside code, or fill bytes that do not decode back
+//! to the boundary they started on, put both out of step until the next symbol; a
+//! relocation then met inside some other instruction is reported, never guessed from).
 //!
 //! Relocations are taken in file order and classified as they come, one function at a
 //! time (an image can carry millions: nothing is collected per relocation). Where the
@@ -10,10 +22,12 @@
 //! result the streaming pass gives in the usual case.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use kernel_loader::format::SiteKind;
-use object::{ObjectSection, SectionIndex};
+use object::read::elf::ElfSection64;
+use object::{LittleEndian, ObjectSection, SectionIndex};
 
 use crate::elf::{Image, Location, Reloc};
 use crate::target::{FunctionCursor, RelocClass, SiteInsn};
@@ -183,15 +197,7 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
             name: img.section_name(&sec).unwrap_or("?").to_string(),
             addr: sec.address(),
         });
-        let ctx = SectionCtx {
-            img,
-            sec_index: sec.index(),
-            sec_addr: sec.address(),
-            sec_name: img.section_name(&sec).unwrap_or("?"),
-            section,
-            data: sec.data().unwrap_or(&[]),
-            select,
-        };
+        let ctx = SectionCtx::new(img, &sec, section, select);
         // Streaming first, in parts on several CPUs when the section is large; if the
         // functions come out of address order, the section starts over, sorted.
         let parts = match img.rela_tables(sec.index()) {
@@ -328,6 +334,10 @@ struct Span {
     lo: u64,
     hi: u64,
     sym: Option<usize>,
+    /// Where decoding starts for the range ([`SectionCtx::decode_start`]), once known.
+    start: Option<u64>,
+    /// How many of the section's symbols start at or before the range.
+    before: usize,
 }
 
 impl Span {
@@ -335,21 +345,93 @@ impl Span {
         lo: 1,
         hi: 0,
         sym: None,
+        start: None,
+        before: 0,
     };
 
-    /// The symbol enclosing `addr` in `sec`, from the cached span when it covers `addr`.
-    fn enclosing(&mut self, img: &Image<'_>, sec: SectionIndex, addr: u64) -> Option<usize> {
-        if !(self.lo <= addr && addr < self.hi) {
-            let (sym, hi) = img.enclosing_span(sec, addr);
-            *self = Span { lo: addr, hi, sym };
+    /// The symbol enclosing `addr` in the section, from the cached span when it covers
+    /// `addr`.
+    fn enclosing(&mut self, ctx: &SectionCtx<'_, '_>, addr: u64) -> Option<usize> {
+        if self.lo <= addr && addr < self.hi {
+            return self.sym;
         }
+        if let Some((sym, hi)) = ctx.next_function_span(self.before, addr) {
+            // The usual case, read from the next two symbols.
+            *self = Span {
+                lo: addr,
+                hi,
+                sym: Some(sym),
+                start: None,
+                before: self.before + 1,
+            };
+            return self.sym;
+        }
+        let before = ctx.symbols_before(addr, self.before);
+        *self = match ctx.gap_at(addr, before) {
+            // No symbol encloses it: answered without [`Image::enclosing_span`]'s walk
+            // back over every symbol before it (one per stripped function).
+            Some(Gap { start, end }) => Span {
+                lo: addr,
+                hi: end,
+                sym: None,
+                start: Some(start),
+                before,
+            },
+            None => {
+                let (sym, hi) = ctx.img.enclosing_span(ctx.sec_index, addr);
+                Span {
+                    lo: addr,
+                    hi,
+                    sym,
+                    start: None,
+                    before,
+                }
+            }
+        };
         self.sym
+    }
+
+    /// The instruction boundary decoding starts from for `addr`, from the cached span
+    /// when it covers `addr`: see [`SectionCtx::decode_start`].
+    fn decode_start(&mut self, ctx: &SectionCtx<'_, '_>, addr: u64) -> u64 {
+        let sym = self.enclosing(ctx, addr);
+        if let Some(start) = self.start {
+            return start;
+        }
+        let start = ctx
+            .decode_start_of(sym)
+            .unwrap_or_else(|| ctx.decode_start(self.before));
+        self.start = Some(start);
+        start
     }
 }
 
-/// The function whose relocations are being classified.
+/// A range of a section that no symbol encloses.
+struct Gap {
+    /// Where decoding starts: the start of the last symbol before it, or the section's.
+    start: u64,
+    /// Where the next symbol starts (or the end of the address space).
+    end: u64,
+}
+
+/// The number of leading indices of `0..n` for which `pred` holds (`pred` holds for a
+/// prefix).
+fn partition(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// The function (or gap region) whose relocations are being classified.
 struct Group<'c> {
-    /// Its start as the enclosing symbol gives it (unclamped): the grouping key.
+    /// Where decoding starts ([`decode_start`], unclamped): the grouping key.
     key: u64,
     cursor: FunctionCursor<'c>,
 }
@@ -364,6 +446,13 @@ struct SectionCtx<'a, 'd> {
     section: u32,
     data: &'d [u8],
     select: &'a Select<'a>,
+    /// The [`Image::sym`] index of the section's first symbol, and how many it has.
+    first: usize,
+    count: usize,
+    /// For each of the section's symbols in address order, the farthest end of it and
+    /// of the symbols before it (`u64::MAX` once one has no size: such a symbol encloses
+    /// everything after it, for [`Image::enclosing_span`]); built for the first gap.
+    reach: OnceLock<Vec<u64>>,
 }
 
 /// What a pass over (part of) a section's relocations found.
@@ -397,6 +486,147 @@ struct Pass {
 }
 
 impl<'a, 'd> SectionCtx<'a, 'd> {
+    /// The context of `sec`, [`SiteScan::sections`] entry `section`.
+    fn new(
+        img: &'a Image<'d>,
+        sec: &ElfSection64<'d, '_, LittleEndian>,
+        section: u32,
+        select: &'a Select<'a>,
+    ) -> Self {
+        let index = sec.index();
+        let first = partition(img.defined_count(), |i| img.sym(i).section.0 < index.0);
+        SectionCtx {
+            img,
+            sec_index: index,
+            sec_addr: sec.address(),
+            sec_name: img.section_name(sec).unwrap_or("?"),
+            section,
+            data: sec.data().unwrap_or(&[]),
+            select,
+            first,
+            count: partition(img.defined_count() - first, |k| {
+                img.sym(first + k).section == index
+            }),
+            reach: OnceLock::new(),
+        }
+    }
+
+    /// The start of the section's symbol `k` (in address order).
+    fn sym_addr(&self, k: usize) -> u64 {
+        self.img.sym(self.first + k).addr
+    }
+
+    /// How many of the section's symbols start at or before `addr`, walking on from
+    /// `hint` (the answer for an earlier address: relocations come in address order) a
+    /// few symbols before searching.
+    fn symbols_before(&self, addr: u64, hint: usize) -> usize {
+        let mut k = hint;
+        if k <= self.count && (k == 0 || self.sym_addr(k - 1) <= addr) {
+            for _ in 0..8 {
+                if k == self.count || self.sym_addr(k) > addr {
+                    return k;
+                }
+                k += 1;
+            }
+        }
+        partition(self.count, |k| self.sym_addr(k) <= addr)
+    }
+
+    /// The gap `addr` is in, if no symbol encloses it ([`Image::enclosing_span`] would
+    /// answer `None`); `before` symbols start at or before it.
+    fn gap_at(&self, addr: u64, before: usize) -> Option<Gap> {
+        if before
+            .checked_sub(1)
+            .is_some_and(|k| self.is_sized_function_at(k, addr))
+        {
+            // Inside a sized function: no gap.
+            return None;
+        }
+        let reach = self.reach.get_or_init(|| {
+            let mut far = 0u64;
+            (self.first..self.first + self.count)
+                .map(|i| {
+                    let s = self.img.sym(i);
+                    far = far.max(match s.size {
+                        0 => u64::MAX,
+                        size => s.addr.saturating_add(size),
+                    });
+                    far
+                })
+                .collect()
+        });
+        let end = match before < self.count {
+            true => self.sym_addr(before),
+            false => u64::MAX,
+        };
+        match before.checked_sub(1) {
+            None => Some(Gap {
+                start: self.sec_addr,
+                end,
+            }),
+            Some(k) if reach[k] <= addr => Some(Gap {
+                start: self.sym_addr(k),
+                end,
+            }),
+            Some(_) => None,
+        }
+    }
+
+    /// Where decoding starts for a relocation whose enclosing symbol
+    /// ([`Image::enclosing_span`]) is `sym`, when it is a sized function (the usual
+    /// case): its first byte (the function is decoded whole, whatever labels it holds).
+    fn decode_start_of(&self, sym: Option<usize>) -> Option<u64> {
+        let s = self.img.sym(sym?);
+        (s.is_func && s.size > 0).then_some(s.addr)
+    }
+
+    /// Where decoding starts for a relocation no sized function encloses (a gap, or a
+    /// function without a size, which ends where the next symbol starts), `before` of
+    /// the section's symbols starting at or before it: the start of the last of them,
+    /// else the section's start. The answer only changes at a symbol's start or end, so
+    /// it holds for the whole span the enclosing symbol holds for.
+    fn decode_start(&self, before: usize) -> u64 {
+        match before.checked_sub(1) {
+            Some(k) => self.sym_addr(k),
+            None => self.sec_addr,
+        }
+    }
+
+    /// [`Image::enclosing_span`]'s answer for `addr` when the section's symbol `k` is a
+    /// sized function holding it and the last symbol starting at or before it: that
+    /// function (its [`Image::sym`] index), until its end or the next symbol's start.
+    fn next_function_span(&self, k: usize, addr: u64) -> Option<(usize, u64)> {
+        if !self.is_sized_function_at(k, addr) {
+            return None;
+        }
+        let next = match k + 1 < self.count {
+            true => self.sym_addr(k + 1),
+            false => u64::MAX,
+        };
+        let s = self.img.sym(self.first + k);
+        (next > addr).then(|| (self.first + k, next.min(s.addr.saturating_add(s.size))))
+    }
+
+    /// Whether the section's symbol `k` is a sized function holding `addr`.
+    fn is_sized_function_at(&self, k: usize, addr: u64) -> bool {
+        k < self.count && {
+            let s = self.img.sym(self.first + k);
+            s.is_func && s.addr <= addr && addr < s.addr.saturating_add(s.size)
+        }
+    }
+
+    /// `symbol+0xoff` for `addr`, as [`Image::describe`] words it, through `span` (so a
+    /// gap costs no walk back over the symbols before it).
+    fn describe(&self, span: &mut Span, addr: u64) -> String {
+        let function = span.enclosing(self, addr).map(|i| self.img.sym(i));
+        Location {
+            function: function.map(|s| s.name.as_str()),
+            offset: function.map_or(0, |s| addr - s.addr),
+            addr,
+        }
+        .to_string()
+    }
+
     /// Classifies every selected relocation of `relocs`. Streaming (`sorted` false),
     /// stops at the first relocation whose enclosing function starts before the
     /// previous one's (the part is then not `in_order`); `sorted` collects the
@@ -450,14 +680,11 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
                     target,
                     section: self.sec_name.to_string(),
                     what,
-                    location: img.describe(self.sec_index, r.offset),
+                    location: self.describe(&mut p.locations, r.offset),
                 });
                 continue;
             }
-            let key = p
-                .starts
-                .enclosing(img, self.sec_index, r.offset)
-                .map_or(self.sec_addr, |i| img.sym(i).addr);
+            let key = p.starts.decode_start(self, r.offset);
             let c = Candidate {
                 reloc_at: r.offset,
                 target_addr,
@@ -491,14 +718,15 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
         Ok(p.part)
     }
 
-    /// A cursor over the function starting at `key`.
+    /// A cursor over the code decoded from `key` ([`decode_start`]) to its
+    /// [`region_end`].
     fn group(&self, key: u64) -> Group<'d> {
         let sec_addr = self.sec_addr;
         let data = self.data;
         let sec_end = sec_addr.saturating_add(data.len() as u64);
         // A malformed file can put a symbol outside its section: clamp to the section.
         let start = key.clamp(sec_addr, sec_end);
-        let end = function_end(self.img, self.sec_index, start, sec_end);
+        let end = region_end(self.img, self.sec_index, start, sec_end);
         let code = data
             .get((start - sec_addr) as usize..(end - sec_addr) as usize)
             .unwrap_or(&[]);
@@ -523,12 +751,12 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
                     target: c.target as usize,
                     section: self.sec_name.to_string(),
                     what,
-                    location: img.describe(self.sec_index, c.reloc_at),
+                    location: self.describe(&mut p.locations, c.reloc_at),
                 });
                 return;
             }
         };
-        let function = match p.locations.enclosing(img, self.sec_index, addr) {
+        let function = match p.locations.enclosing(self, addr) {
             None => NO_FUNCTION,
             Some(i) if p.last_function.0 == i => p.last_function.1,
             Some(i) => {
@@ -561,11 +789,18 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
     }
 }
 
-fn function_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) -> u64 {
+/// The end of the code decoded from `start` (a [`decode_start`]): the next symbol's start
+/// (or the section's end), so that the gap after a function is decoded on from the
+/// function's instructions, and at least the end of the function starting there (sized
+/// functions can contain other symbols: the function is decoded whole from its start).
+fn region_end(img: &Image<'_>, sec: SectionIndex, start: u64, sec_end: u64) -> u64 {
     let sized = img
         .enclosing_symbol(sec, start)
         .filter(|s| s.addr == start && s.size > 0)
-        .map(|s| s.addr.saturating_add(s.size));
-    let next = img.next_symbol_start(sec, start);
-    sized.or(next).unwrap_or(sec_end).min(sec_end).max(start)
+        .map_or(start, |s| s.addr.saturating_add(s.size));
+    let next = img.next_symbol_start(sec, start).unwrap_or(sec_end);
+    sized.max(next).min(sec_end).max(start)
 }
+
+#[cfg(test)]
+mod tests;

@@ -390,6 +390,40 @@ impl Target {
     }
 }
 
+/// Code for the generic engine's tests, from the target: each instruction whole, a
+/// branch's PC-relative field its last [`Target::branch_field_len`] bytes.
+#[cfg(test)]
+pub(crate) struct Samples {
+    /// A `call` site.
+    pub call: &'static [u8],
+    /// A `jmp` site.
+    pub jmp: &'static [u8],
+    /// A conditional jump site.
+    pub jcc: &'static [u8],
+    /// No branch, though it ends with a field a branch relocation can fill and the
+    /// byte before that field is the `call` opcode.
+    pub not_branch: &'static [u8],
+    /// Some other instructions.
+    pub other: &'static [u8],
+    /// Padding instructions, as an assembler's code alignment emits.
+    pub nops: &'static [u8],
+    /// The trap byte, as an alignment fill.
+    pub trap: u8,
+    /// A run of zero bytes whose length is a multiple of this decodes back to the
+    /// boundary it started on.
+    pub zero_step: usize,
+}
+
+#[cfg(test)]
+impl Target {
+    /// The target's [`Samples`].
+    pub(crate) const fn samples(self) -> &'static Samples {
+        match self {
+            Target::X86_64 => &x86_64::SAMPLES,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -381,6 +381,23 @@ impl std::fmt::Display for Mnemonic<'_> {
     }
 }
 
+/// The code the generic engine's tests assemble objects from (they name no encoding).
+#[cfg(test)]
+pub(crate) const SAMPLES: super::Samples = super::Samples {
+    call: &[0xe8, 0, 0, 0, 0],
+    jmp: &[0xe9, 0, 0, 0, 0],
+    jcc: &[0x0f, 0x85, 0, 0, 0, 0],
+    // `sub eax, imm32`: the byte before the immediate is `call`'s opcode.
+    not_branch: &[0x81, 0xe8, 0, 0, 0, 0],
+    // `push r12`, `ret`.
+    other: &[0x41, 0x54, 0xc3],
+    // `nop word [rax+rax+0]`, `nop`.
+    nops: &[0x66, 0x0f, 0x1f, 0x44, 0, 0, 0x90],
+    trap: 0xcc,
+    // `00 00` is `add [rax], al`.
+    zero_step: 2,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
