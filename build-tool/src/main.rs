@@ -139,9 +139,11 @@ enum Command {
     },
     /// List every `call rel32` to a symbol matching a --calls-to glob and every
     /// `jmp rel32`/`jcc rel32` to one matching a --jumps-to glob, in ET_REL objects or
-    /// in ET_EXEC/ET_DYN images linked with --emit-relocs (like recordmcount for
-    /// `__fentry__` or objtool for retpoline thunks). Sites are found through
-    /// relocations and decoded from the start of the enclosing function; a site is the
+    /// in ET_EXEC/ET_DYN images linked with --emit-relocs, or in the members of an `ar`
+    /// archive (printed as `lib.a(member.o)`) (like recordmcount for `__fentry__` or
+    /// objtool for retpoline thunks). Sites are found through relocations and decoded
+    /// from the start of the enclosing function, or, for code no sized function covers,
+    /// from the last symbol or the section start, as `objdump -d` does; a site is the
     /// instruction's first byte, prefixes included. Calls through the GOT (`-fno-plt`)
     /// are not rel32 sites and are not listed. Files are scanned in parallel; output
     /// follows the order of the files. A linked image without relocations is an error.

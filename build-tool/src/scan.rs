@@ -336,21 +336,33 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<FileSca
     })
 }
 
-fn scan_file(f: &std::path::Path, opts: &ScanOptions) -> Result<FileScan> {
-    let data = read_file(f).with_context(|| format!("cannot read {}", f.display()))?;
-    scan_bytes(&f.display().to_string(), &data, opts)
+/// Scans one file: one result, or one per ELF member of an `ar` archive (named
+/// `lib.a(member.o)`, in archive order).
+fn scan_file(f: &std::path::Path, opts: &ScanOptions) -> Vec<Result<FileScan>> {
+    let data = match read_file(f).with_context(|| format!("cannot read {}", f.display())) {
+        Ok(d) => d,
+        Err(e) => return vec![Err(e)],
+    };
+    match crate::elf::inputs(&f.display().to_string(), &data) {
+        Ok(members) => members
+            .into_iter()
+            .map(|(name, bytes)| scan_bytes(&name, bytes, opts))
+            .collect(),
+        Err(e) => vec![Err(e)],
+    }
 }
 
-/// Scans many files in parallel (one worker per CPU); results come back in input order.
+/// Scans many files in parallel (one worker per CPU); results come back in input order,
+/// one per file or per ELF member of an archive.
 pub fn scan_files(files: &[PathBuf], opts: &ScanOptions) -> Vec<Result<FileScan>> {
     if files.len() <= 1 {
         // No thread to start (nor CPUs to count) for one file.
-        return files.iter().map(|f| scan_file(f, opts)).collect();
+        return files.iter().flat_map(|f| scan_file(f, opts)).collect();
     }
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(files.len());
-    let results: Vec<Mutex<Option<Result<FileScan>>>> =
+    let results: Vec<Mutex<Option<Vec<Result<FileScan>>>>> =
         files.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     std::thread::scope(|sc| {
@@ -367,7 +379,7 @@ pub fn scan_files(files: &[PathBuf], opts: &ScanOptions) -> Vec<Result<FileScan>
     });
     results
         .into_iter()
-        .map(|m| {
+        .flat_map(|m| {
             m.into_inner()
                 .expect("no poisoning")
                 .expect("every file scanned")

@@ -233,6 +233,28 @@ fn row_12_archive_is_recognised() {
         assert_refused(&o, &["x.a: is an ar archive", "`ar x`"]);
     }
     assert!(!dir.join("out.o").exists());
+    // scan reads an archive's members, each named `archive(member)`, as a linker would.
+    let o = ksites(
+        dir,
+        &["scan", "--calls-to", "*", "--json", "x.a", "m.o"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    let from_member = out
+        .lines()
+        .filter(|l| l.contains(r#""file":"x.a(m.o)""#))
+        .count();
+    let from_object = out
+        .lines()
+        .filter(|l| l.contains(r#""file":"m.o""#))
+        .count();
+    assert!(from_member > 0 && from_member == from_object, "{out}");
     let data = std::fs::read(dir.join("x.a")).unwrap();
     let members = ksites::elf::archive_members("x.a", &data).unwrap();
     assert_eq!(members.len(), 1);
