@@ -653,6 +653,18 @@ mod tests {
         assert!(s.avx() && !s.avx512());
     }
 
+    /// README "Using it in your kernel" step 4's SIMD setup, as written (compiled, never
+    /// run: `enable_simd_state` needs CPL 0).
+    #[allow(dead_code)]
+    fn readme_step_4_simd_setup() -> bool {
+        use crate::CpuFeatures;
+
+        // SAFETY: never called (see above).
+        let simd = unsafe { crate::cpu::enable_simd_state() };
+        let unusable = CpuFeatures::unusable();
+        simd.save_area_size >= FXSAVE_AREA_SIZE && unusable.is_empty()
+    }
+
     #[test]
     fn detect_agrees_with_std_on_this_host() {
         let f = CpuFeatures::detect();
