@@ -16,7 +16,10 @@
 //!   setup) allows, with `from_bits_retain` and `detect()`. Resolvers receive it, and the
 //!   C resolver ABI passes its bits as the first (`u64`) argument, which fits an
 //!   aarch64 (ID_AA64ISAR*/PFR0 fields) or riscv64 (ISA extensions) set as well.
-//!   [`crate::CpuFeatures`] is [`native`]'s.
+//!   [`crate::CpuFeatures`] is [`native`]'s. Also `CpuFeatures::unusable()` (features the
+//!   CPU has but the OS's state setup keeps from use) and `unsafe fn
+//!   enable_simd_state() -> SimdState` (the per-CPU register setup those features need),
+//!   which [`crate::cpu`] re-exports.
 //! * The ifunc trampoline macro `__ksites_arch_trampoline!` (`#[macro_export]`, hidden,
 //!   defined under `cfg(target_arch)`, so each architecture defines the same name) that
 //!   [`crate::ifunc!`] expands to, and its C counterpart in `c/ksites_arch.h`.

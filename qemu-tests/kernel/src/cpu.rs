@@ -2,74 +2,60 @@
 //! I/O ports.
 
 use core::arch::asm;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-pub use kernel_loader::arch::x86_64::cpuid;
+pub use kernel_loader::arch::x86_64::{
+    CR0_EM, CR0_MP, CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE, XCR0_AVX, XCR0_AVX512,
+    XCR0_SSE, XCR0_X87, cpuid,
+};
+use kernel_loader::cpu::SimdState;
 
-/// CR0.MP: monitor coprocessor.
-pub const CR0_MP: u64 = 1 << 1;
-/// CR0.EM: x87 emulation (must be clear for SSE).
-pub const CR0_EM: u64 = 1 << 2;
-/// CR0.TS: task switched (lazy FPU trap).
-pub const CR0_TS: u64 = 1 << 3;
 /// CR0.NE: native x87 error reporting.
 pub const CR0_NE: u64 = 1 << 5;
 /// CR0.WP: supervisor writes honour read-only pages.
 pub const CR0_WP: u64 = 1 << 16;
-/// CR4.OSFXSR: FXSAVE/FXRSTOR and SSE enabled.
-pub const CR4_OSFXSR: u64 = 1 << 9;
-/// CR4.OSXMMEXCPT: unmasked SSE exceptions raise #XM.
-pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
-/// CR4.OSXSAVE: XSAVE and XGETBV/XSETBV enabled.
-pub const CR4_OSXSAVE: u64 = 1 << 18;
-/// XCR0 bits: x87, SSE (XMM), AVX (YMM upper halves).
-pub const XCR0_X87: u64 = 1 << 0;
-/// XCR0.SSE.
-pub const XCR0_SSE: u64 = 1 << 1;
-/// XCR0.AVX.
-pub const XCR0_AVX: u64 = 1 << 2;
-/// XCR0 opmask | ZMM_Hi256 | Hi16_ZMM: the AVX-512 state.
-pub const XCR0_AVX512: u64 = 0b111 << 5;
 /// IA32_EFER.
 pub const MSR_EFER: u32 = 0xc000_0080;
 /// IA32_EFER.NXE.
 pub const EFER_NXE: u64 = 1 << 11;
 
-/// Early CPU setup; `kmain` calls it first, before anything may use the FPU or SSE.
+/// What `kernel_loader::cpu::enable_simd_state` returned on the boot CPU: its XCR0 and
+/// XSAVE area size (`u64::MAX` until `init` ran there).
+static BOOT_SIMD_XCR0: AtomicU64 = AtomicU64::new(u64::MAX);
+static BOOT_SIMD_AREA: AtomicU32 = AtomicU32::new(0);
+static BOOT_SIMD_XSAVE: AtomicBool = AtomicBool::new(false);
+
+/// Early CPU setup, on every CPU; `kmain` (and `smp::ap_entry`) call it first, before
+/// anything may use the FPU or SSE.
 ///
-/// * CR0: clear EM and TS, set MP, NE and WP.
-/// * CR4: set OSFXSR and OSXMMEXCPT.
-/// * If CPUID.1:ECX.XSAVE: set CR4.OSXSAVE and XCR0 = x87 | SSE, plus AVX if
-///   CPUID.1:ECX.AVX, plus the AVX-512 state if AVX is on and CPUID.(0DH,0):EAX
-///   supports all three AVX-512 components.
+/// * CR0: set NE and WP.
+/// * The SIMD state through the crate, as a user's kernel would:
+///   `kernel_loader::cpu::enable_simd_state` (CR0.MP/EM/TS, CR4.OSFXSR/OSXMMEXCPT, and
+///   with XSAVE CR4.OSXSAVE and XCR0 = x87 | SSE [| AVX [| AVX-512]]). The boot CPU's
+///   result is kept for [`boot_simd_state`].
 pub fn init() {
-    let cr0 = (read_cr0() & !(CR0_EM | CR0_TS)) | CR0_MP | CR0_NE | CR0_WP;
-    // SAFETY: these CR0 bits only select how the FPU behaves and make supervisor writes
+    let cr0 = read_cr0() | CR0_NE | CR0_WP;
+    // SAFETY: NE only selects native x87 error reporting and WP makes supervisor writes
     // honour read-only pages; the boot page tables map everything writable.
     unsafe { write_cr0(cr0) };
-
-    let mut cr4 = read_cr4() | CR4_OSFXSR | CR4_OSXMMEXCPT;
-    let (_, _, ecx1, _) = cpuid(1, 0);
-    let xsave = ecx1 & (1 << 26) != 0;
-    if xsave {
-        cr4 |= CR4_OSXSAVE;
+    // SAFETY: CPL 0 in long mode; this runs first on each CPU, before anything has SIMD
+    // state to lose, with interrupts off, and the kernel does no lazy FPU switching.
+    let state = unsafe { kernel_loader::cpu::enable_simd_state() };
+    if BOOT_SIMD_XCR0.load(Ordering::Relaxed) == u64::MAX {
+        BOOT_SIMD_XSAVE.store(state.xsave, Ordering::Relaxed);
+        BOOT_SIMD_AREA.store(state.save_area_size, Ordering::Relaxed);
+        BOOT_SIMD_XCR0.store(state.xcr0, Ordering::Release);
     }
-    // SAFETY: OSFXSR/OSXMMEXCPT are architectural on x86-64; OSXSAVE is set only when
-    // CPUID reports XSAVE.
-    unsafe { write_cr4(cr4) };
+}
 
-    if xsave {
-        let mut xcr0 = XCR0_X87 | XCR0_SSE;
-        if ecx1 & (1 << 28) != 0 {
-            xcr0 |= XCR0_AVX;
-            let (supported_lo, _, _, _) = cpuid(0xd, 0);
-            if u64::from(supported_lo) & XCR0_AVX512 == XCR0_AVX512 {
-                xcr0 |= XCR0_AVX512;
-            }
-        }
-        // SAFETY: CR4.OSXSAVE is set, and every bit in `xcr0` is supported: x87 and SSE
-        // always are with XSAVE, AVX when CPUID.1:ECX.AVX, AVX-512 per CPUID.(0DH,0).
-        unsafe { xsetbv(0, xcr0) };
-    }
+/// What `enable_simd_state` returned on the boot CPU (`None` before [`init`] ran).
+pub fn boot_simd_state() -> Option<SimdState> {
+    let xcr0 = BOOT_SIMD_XCR0.load(Ordering::Acquire);
+    (xcr0 != u64::MAX).then(|| SimdState {
+        xsave: BOOT_SIMD_XSAVE.load(Ordering::Relaxed),
+        xcr0,
+        save_area_size: BOOT_SIMD_AREA.load(Ordering::Relaxed),
+    })
 }
 
 /// Reads CR0.

@@ -15,6 +15,7 @@ pub mod apic;
 pub mod arena;
 pub mod boot;
 pub mod cpu;
+pub mod cpu_state_tests;
 pub mod exit;
 pub mod harness;
 pub mod idt;
@@ -61,6 +62,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     let mut harness = Harness::new();
     // Boot patching happens before the APs start: no other CPU runs the text yet.
     ifunc_tests::run(&mut harness);
+    cpu_state_tests::run(&mut harness);
     smp::init(start_info);
     probe_tests::run(&mut harness);
     module_tests::run(&mut harness);

@@ -1,6 +1,35 @@
 //! x86-64 CPU identification: raw CPUID leaves, XCR0, and [`CpuFeatures`], the feature
 //! set resolvers receive (re-exported as `kernel_loader::CpuFeatures`). Its bits are the
 //! first argument of the C resolver ABI (`extern "C" fn(features: u64) -> usize`).
+//!
+//! Also the SIMD state setup a kernel needs before CPUID tells the truth about AVX:
+//! [`enable_simd_state`] (CR0, CR4, XCR0; re-exported as
+//! `kernel_loader::cpu::enable_simd_state`) and [`CpuFeatures::unusable`], the
+//! AVX-class features the CPU has but the OS has not enabled.
+
+/// CR0.MP (bit 1): WAIT/FWAIT honour CR0.TS.
+pub const CR0_MP: u64 = 1 << 1;
+/// CR0.EM (bit 2): x87 emulation; must be clear for x87 and SSE instructions.
+pub const CR0_EM: u64 = 1 << 2;
+/// CR0.TS (bit 3): task switched; while set, the first FPU/SSE instruction raises #NM.
+pub const CR0_TS: u64 = 1 << 3;
+/// CR4.OSFXSR (bit 9): FXSAVE/FXRSTOR and SSE instructions enabled.
+pub const CR4_OSFXSR: u64 = 1 << 9;
+/// CR4.OSXMMEXCPT (bit 10): unmasked SSE floating-point exceptions raise #XM.
+pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+/// CR4.OSXSAVE (bit 18): XSAVE, XGETBV and XSETBV enabled.
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+/// XCR0 bit 0: x87 state (always set when XCR0 is written).
+pub const XCR0_X87: u64 = 1 << 0;
+/// XCR0 bit 1: SSE (XMM registers, MXCSR).
+pub const XCR0_SSE: u64 = 1 << 1;
+/// XCR0 bit 2: AVX (the upper halves of the YMM registers).
+pub const XCR0_AVX: u64 = 1 << 2;
+/// XCR0 bits 5..=7: opmask, ZMM_Hi256 and Hi16_ZMM, the AVX-512 state (all three or
+/// none).
+pub const XCR0_AVX512: u64 = 0b111 << 5;
+/// Size of the legacy FXSAVE area: what a context switch saves without XSAVE.
+pub const FXSAVE_AREA_SIZE: u32 = 512;
 
 /// Raw CPUID output for the leaves [`CpuFeatures`] is built from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,6 +125,179 @@ pub fn read_cpuid() -> RawCpuid {
         leaf7_edx,
         xcr0: xcr0(),
         leaf_d_eax,
+    }
+}
+
+/// Which state [`enable_simd_state`] enabled on the CPU it ran on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimdState {
+    /// Whether CR4.OSXSAVE was set (the CPU reports XSAVE); XCR0 was written only then.
+    pub xsave: bool,
+    /// The value written to XCR0 (0 when `xsave` is false): [`XCR0_X87`] | [`XCR0_SSE`],
+    /// plus [`XCR0_AVX`] and [`XCR0_AVX512`] where the CPU has them.
+    pub xcr0: u64,
+    /// Bytes a context switch must reserve to save this CPU's SIMD state: CPUID.(0xD,0):EBX
+    /// read after XCR0 was written (the XSAVE area for exactly `xcr0`, 64-byte aligned
+    /// for XSAVE/XRSTOR), or [`FXSAVE_AREA_SIZE`] (16-byte aligned for FXSAVE) without
+    /// XSAVE.
+    pub save_area_size: u32,
+}
+
+impl SimdState {
+    /// Whether AVX (YMM) state was enabled.
+    pub const fn avx(&self) -> bool {
+        self.xcr0 & XCR0_AVX != 0
+    }
+
+    /// Whether the AVX-512 state (opmask, ZMM_Hi256, Hi16_ZMM) was enabled.
+    pub const fn avx512(&self) -> bool {
+        self.xcr0 & XCR0_AVX512 == XCR0_AVX512
+    }
+}
+
+impl RawCpuid {
+    /// The XCR0 value [`enable_simd_state`] writes on this CPU (pure; testable on any
+    /// host): 0 without XSAVE (CPUID.1:ECX.26); else x87 | SSE, plus AVX if CPUID.1:ECX.AVX,
+    /// plus the three AVX-512 components if AVX is in and CPUID.(7,0):EBX.AVX512F — each
+    /// only if CPUID.(0xD,0):EAX lists it as supported.
+    pub const fn simd_xcr0(&self) -> u64 {
+        if self.max_leaf < 1 || !bit(self.leaf1_ecx, 26) {
+            return 0;
+        }
+        let supported = if self.max_leaf >= 0xd {
+            self.leaf_d_eax as u64
+        } else {
+            XCR0_X87 | XCR0_SSE
+        };
+        // x87 must always be set in XCR0; SSE is part of every XSAVE CPU's state.
+        let mut xcr0 = XCR0_X87 | XCR0_SSE;
+        if bit(self.leaf1_ecx, 28) && supported & XCR0_AVX != 0 {
+            xcr0 |= XCR0_AVX;
+            if self.max_leaf >= 7
+                && bit(self.leaf7_ebx, 16)
+                && supported & XCR0_AVX512 == XCR0_AVX512
+            {
+                xcr0 |= XCR0_AVX512;
+            }
+        }
+        xcr0
+    }
+}
+
+/// Enables the x87/SSE/AVX/AVX-512 register state on the running CPU, so that
+/// [`CpuFeatures::detect`] reports (and resolvers may pick) what the CPU has:
+///
+/// * CR0: sets MP, clears EM and TS;
+/// * CR4: sets OSFXSR and OSXMMEXCPT;
+/// * if CPUID.1:ECX.XSAVE: sets CR4.OSXSAVE and writes XCR0 = [`RawCpuid::simd_xcr0`]
+///   (x87 | SSE, plus AVX if CPUID has AVX, plus the AVX-512 state if CPUID.7 has
+///   AVX512F; only components CPUID.(0xD,0):EAX lists as supported).
+///
+/// Call it on every CPU (the registers are per CPU), before anything uses SIMD registers
+/// and before [`CpuFeatures::detect`] and `patch::init`. It returns what it enabled and
+/// [`SimdState::save_area_size`]: a kernel that switches between contexts that use SIMD
+/// registers must reserve that many bytes per context for XSAVE/XRSTOR (or FXSAVE) —
+/// the AVX-512 state makes it about 2.7 KiB.
+///
+/// # Safety
+///
+/// * The caller runs at CPL 0 in 64-bit mode (CR0/CR4 writes and XSETBV raise #GP
+///   otherwise).
+/// * XCR0 is overwritten, not extended: register state in components it already had but
+///   the new value lacks (e.g. AMX tile data a firmware enabled) is discarded, and
+///   nothing on this CPU may be relying on such state, or be in the middle of an
+///   XSAVE/XRSTOR of it (interrupts that save SIMD state should be off).
+/// * CR0.TS is cleared: a kernel that uses TS for lazy FPU switching must not call this
+///   while a context's state is not loaded.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn enable_simd_state() -> SimdState {
+    let raw = read_cpuid();
+    let cr0 = (read_cr0() & !(CR0_EM | CR0_TS)) | CR0_MP;
+    // SAFETY: CPL 0 per the contract; MP, EM and TS only select how x87/SSE
+    // instructions behave, and every other bit is written back as read.
+    unsafe { write_cr0(cr0) };
+    let xcr0 = raw.simd_xcr0();
+    let xsave = xcr0 != 0;
+    let mut cr4 = read_cr4() | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    if xsave {
+        cr4 |= CR4_OSXSAVE;
+    }
+    // SAFETY: CPL 0 per the contract; OSFXSR and OSXMMEXCPT exist on every x86-64 CPU,
+    // OSXSAVE is set only when CPUID.1:ECX.XSAVE says it exists, and every other bit is
+    // written back as read.
+    unsafe { write_cr4(cr4) };
+    let save_area_size = if xsave {
+        // SAFETY: CR4.OSXSAVE was just set; `xcr0` has x87 set and only components
+        // CPUID.(0xD,0):EAX lists, with AVX before AVX-512 and the three AVX-512
+        // components together, as XSETBV requires. Discarding state is the caller's
+        // call (contract above).
+        unsafe { xsetbv0(xcr0) };
+        // EBX of leaf 0xD, sub-leaf 0 is the XSAVE area size for the XCR0 now in force.
+        cpuid(0xd, 0).1
+    } else {
+        FXSAVE_AREA_SIZE
+    };
+    SimdState {
+        xsave,
+        xcr0,
+        save_area_size,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 has no side effect; the callers run at CPL 0.
+    unsafe {
+        core::arch::asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// # Safety
+///
+/// CPL 0, and `v` must be a valid CR0 value whose effects the caller accepts.
+#[cfg(target_arch = "x86_64")]
+unsafe fn write_cr0(v: u64) {
+    // SAFETY: the caller upholds the preconditions.
+    unsafe { core::arch::asm!("mov cr0, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+#[cfg(target_arch = "x86_64")]
+fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 has no side effect; the callers run at CPL 0.
+    unsafe {
+        core::arch::asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// # Safety
+///
+/// CPL 0, and every bit of `v` must be supported by this CPU, keeping PAE set.
+#[cfg(target_arch = "x86_64")]
+unsafe fn write_cr4(v: u64) {
+    // SAFETY: the caller upholds the preconditions.
+    unsafe { core::arch::asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Writes XCR0.
+///
+/// # Safety
+///
+/// CPL 0, CR4.OSXSAVE set, and `v` a valid XCR0 value for this CPU.
+#[cfg(target_arch = "x86_64")]
+unsafe fn xsetbv0(v: u64) {
+    // SAFETY: the caller upholds the preconditions.
+    unsafe {
+        core::arch::asm!(
+            "xsetbv",
+            in("ecx") 0u32,
+            in("eax") v as u32,
+            in("edx") (v >> 32) as u32,
+            options(nomem, nostack, preserves_flags),
+        );
     }
 }
 
@@ -233,10 +435,51 @@ impl CpuFeatures {
         f
     }
 
-    /// Reads the running CPU (CPUID leaves 0, 1, 7, 0xD and XGETBV).
+    /// Reads the running CPU (CPUID leaves 0, 1, 7, 0xD and XGETBV): the features usable
+    /// now, so AVX-class ones only if the OS enabled their state (see
+    /// [`enable_simd_state`] and [`CpuFeatures::unusable`]).
     #[cfg(target_arch = "x86_64")]
     pub fn detect() -> CpuFeatures {
         CpuFeatures::from_raw(&read_cpuid())
+    }
+
+    /// The features that need register state the OS enables in XCR0: FMA, AVX, F16C,
+    /// AVX2 (YMM) and AVX512F/BW/VL (opmask and ZMM).
+    pub const NEEDS_OS_STATE: CpuFeatures = CpuFeatures::FMA
+        .union(CpuFeatures::AVX)
+        .union(CpuFeatures::F16C)
+        .union(CpuFeatures::AVX2)
+        .union(CpuFeatures::AVX512F)
+        .union(CpuFeatures::AVX512BW)
+        .union(CpuFeatures::AVX512VL);
+
+    /// The features the CPU has (CPUID) that are not usable because the OS has not
+    /// enabled their state (CR4.OSXSAVE clear, or XCR0 missing AVX or AVX-512 bits) but
+    /// [`enable_simd_state`] would (pure; testable on any host). Empty when everything
+    /// the CPU has is usable; a subset of [`CpuFeatures::NEEDS_OS_STATE`].
+    pub fn unusable_from_raw(raw: &RawCpuid) -> CpuFeatures {
+        let wanted = raw.simd_xcr0();
+        if wanted == 0 {
+            return CpuFeatures::empty();
+        }
+        let enabled = RawCpuid {
+            leaf1_ecx: raw.leaf1_ecx | (1 << 27),
+            xcr0: wanted,
+            ..*raw
+        };
+        CpuFeatures::from_raw(&enabled)
+            .difference(CpuFeatures::from_raw(raw))
+            .intersection(CpuFeatures::NEEDS_OS_STATE)
+    }
+
+    /// Reads the running CPU: the AVX-class features it has that [`CpuFeatures::detect`]
+    /// does not report because the OS has not enabled their state (see
+    /// [`CpuFeatures::unusable_from_raw`]). A kernel that expects AVX should check this is
+    /// empty after [`enable_simd_state`] and warn otherwise: resolvers silently pick the
+    /// scalar implementations.
+    #[cfg(target_arch = "x86_64")]
+    pub fn unusable() -> CpuFeatures {
+        CpuFeatures::unusable_from_raw(&read_cpuid())
     }
 }
 
@@ -296,6 +539,130 @@ mod tests {
         let mut r = raw(0, AVX2 | (1 << 9), 0);
         r.max_leaf = 1;
         assert!(!CpuFeatures::from_raw(&r).contains(CpuFeatures::ERMS));
+    }
+
+    /// CPUID.1:ECX of a CPU with FMA, XSAVE and AVX (OSXSAVE as given).
+    const AVX_CPU: u32 = (1 << 12) | (1 << 26) | (1 << 28) | (1 << 29);
+    /// CPUID.(7,0):EBX of a CPU with AVX2 and AVX-512 F/BW/VL.
+    const AVX512_CPU: u32 = AVX2 | (1 << 16) | (1 << 30) | (1 << 31);
+    const YMM_FEATURES: CpuFeatures = CpuFeatures::FMA
+        .union(CpuFeatures::AVX)
+        .union(CpuFeatures::F16C)
+        .union(CpuFeatures::AVX2);
+    const ZMM_FEATURES: CpuFeatures = CpuFeatures::AVX512F
+        .union(CpuFeatures::AVX512BW)
+        .union(CpuFeatures::AVX512VL);
+
+    fn osxsave(c1: u32) -> u32 {
+        c1 | (1 << 27)
+    }
+
+    #[test]
+    fn unusable_without_osxsave_is_every_avx_feature_the_cpu_has() {
+        // The OS never set CR4.OSXSAVE: XCR0 is unreadable (0), nothing AVX is usable.
+        let r = raw(AVX_CPU, AVX512_CPU, 0);
+        let usable = CpuFeatures::from_raw(&r);
+        assert!(
+            !usable.intersects(CpuFeatures::NEEDS_OS_STATE),
+            "{usable:?}"
+        );
+        assert_eq!(
+            CpuFeatures::unusable_from_raw(&r),
+            YMM_FEATURES | ZMM_FEATURES
+        );
+    }
+
+    #[test]
+    fn unusable_with_xcr0_lacking_avx_is_the_ymm_and_zmm_features() {
+        let r = raw(osxsave(AVX_CPU), AVX2, 0b011);
+        assert_eq!(CpuFeatures::unusable_from_raw(&r), YMM_FEATURES);
+        let r = raw(osxsave(AVX_CPU), AVX512_CPU, 0b011);
+        assert_eq!(
+            CpuFeatures::unusable_from_raw(&r),
+            YMM_FEATURES | ZMM_FEATURES
+        );
+    }
+
+    #[test]
+    fn unusable_with_ymm_but_not_zmm_state_on_an_avx512_cpu_is_avx512() {
+        let r = raw(osxsave(AVX_CPU), AVX512_CPU, 0b111);
+        let usable = CpuFeatures::from_raw(&r);
+        assert!(usable.contains(YMM_FEATURES) && !usable.intersects(ZMM_FEATURES));
+        assert_eq!(CpuFeatures::unusable_from_raw(&r), ZMM_FEATURES);
+        // Only part of the AVX-512 state enabled counts as none of it.
+        let r = raw(osxsave(AVX_CPU), AVX512_CPU, 0b0110_0111);
+        assert_eq!(CpuFeatures::unusable_from_raw(&r), ZMM_FEATURES);
+    }
+
+    #[test]
+    fn unusable_is_empty_when_everything_is_enabled() {
+        let r = raw(osxsave(AVX_CPU), AVX512_CPU, 0xe7);
+        assert!(CpuFeatures::from_raw(&r).contains(YMM_FEATURES | ZMM_FEATURES));
+        assert_eq!(CpuFeatures::unusable_from_raw(&r), CpuFeatures::empty());
+        let r = raw(osxsave(AVX_CPU), AVX2, 0b111);
+        assert_eq!(CpuFeatures::unusable_from_raw(&r), CpuFeatures::empty());
+    }
+
+    #[test]
+    fn unusable_is_empty_on_cpus_without_avx_or_xsave() {
+        // qemu64: SSE3 and XSAVE-less; no state to enable, nothing unusable.
+        let r = raw(1, 0, 0);
+        assert_eq!(r.simd_xcr0(), 0);
+        assert_eq!(CpuFeatures::unusable_from_raw(&r), CpuFeatures::empty());
+        // XSAVE without AVX: only x87|SSE to enable, nothing unusable.
+        let r = raw(1 << 26, 0, 0);
+        assert_eq!(r.simd_xcr0(), XCR0_X87 | XCR0_SSE);
+        assert_eq!(CpuFeatures::unusable_from_raw(&r), CpuFeatures::empty());
+        // An AVX bit without XSAVE cannot be enabled: not reported.
+        let r = raw(1 << 28, AVX2, 0);
+        assert_eq!(CpuFeatures::unusable_from_raw(&r), CpuFeatures::empty());
+    }
+
+    #[test]
+    fn simd_xcr0_enables_only_what_cpuid_lists() {
+        let r = raw(AVX_CPU, AVX512_CPU, 0);
+        assert_eq!(r.simd_xcr0(), XCR0_X87 | XCR0_SSE | XCR0_AVX | XCR0_AVX512);
+        // AVX-512 state without AVX512F in leaf 7: not enabled.
+        let r = raw(AVX_CPU, AVX2, 0);
+        assert_eq!(r.simd_xcr0(), 0b111);
+        // Leaf 0xD lists AVX but only two of the three AVX-512 components.
+        let mut r = raw(AVX_CPU, AVX512_CPU, 0);
+        r.leaf_d_eax = 0b0110_0111;
+        assert_eq!(r.simd_xcr0(), 0b111);
+        // Leaf 0xD lists no AVX: neither AVX nor AVX-512.
+        r.leaf_d_eax = 0b1110_0011;
+        assert_eq!(r.simd_xcr0(), 0b011);
+        assert_eq!(CpuFeatures::unusable_from_raw(&r), CpuFeatures::empty());
+        // No leaf 0xD: x87|SSE only.
+        r.max_leaf = 7;
+        assert_eq!(r.simd_xcr0(), 0b011);
+    }
+
+    #[test]
+    fn simd_state_flags() {
+        let s = SimdState {
+            xsave: true,
+            xcr0: 0xe7,
+            save_area_size: 2696,
+        };
+        assert!(s.avx() && s.avx512());
+        let s = SimdState {
+            xcr0: 0b0110_0111,
+            ..s
+        };
+        assert!(s.avx() && !s.avx512());
+    }
+
+    /// README "Using it in your kernel" step 4's SIMD setup, as written (compiled, never
+    /// run: `enable_simd_state` needs CPL 0).
+    #[allow(dead_code)]
+    fn readme_step_4_simd_setup() -> bool {
+        use crate::CpuFeatures;
+
+        // SAFETY: never called (see above).
+        let simd = unsafe { crate::cpu::enable_simd_state() };
+        let unusable = CpuFeatures::unusable();
+        simd.save_area_size >= FXSAVE_AREA_SIZE && unusable.is_empty()
     }
 
     #[test]
