@@ -14,17 +14,28 @@
 //! iterator walks the table in place. Implementation names are not in the table: an
 //! implementation is given by address, for the kernel's own symbolizer.
 //!
-//! ```ignore
-//! let image = unsafe { introspect::LiveImage::new(table) };
+//! The iterators over probes take the registry lock at each step: call them from a
+//! shell or a test, never from a probe handler.
+//!
+//! ```no_run
+//! # extern crate std;
+//! # use std::println;
+//! use kernel_loader::introspect::{self, LiveImage};
+//! # fn show(table: kernel_loader::format::Table<'static>) {
+//! let image = unsafe { LiveImage::new(table) }; // SAFETY: the table of this image
 //! for f in image.ifuncs() {
 //!     println!("{} -> {:#x} (default {:#x})", f.name, f.chosen, f.default);
 //!     for s in f.sites() {
-//!         println!("  {:#x} {} {:?}", s.addr, s.kind.name(), s.state);
+//!         println!("  {:#x} {} {:?}", s.addr, s.kind.name(), s.state); // Patched, Trampoline, ...
 //!     }
 //! }
 //! for p in introspect::probes() {
 //!     println!("{}:{} enabled={} hits={}", p.provider, p.name, p.enabled, p.hits);
+//!     for s in p.sites() {
+//!         println!("  {:#x} {:?} {:?}", s.addr, s.image, s.state); // Enabled, Disabled, ...
+//!     }
 //! }
+//! # }
 //! ```
 
 use crate::arch::{InsnBytes, MAX_TRAMPOLINE_LEN, SiteKind};
