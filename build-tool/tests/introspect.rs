@@ -210,4 +210,35 @@ fn row_03_probes_sites_state_and_hits_through_enable_fire_disable() {
         first.state,
         ProbeSiteState::Unexpected(InsnBytes::new(&found))
     );
+
+    poke(img, P_RUST + 2, &[0x44]);
+
+    // A module's probe is listed after the kernel's, its sites in the module; an
+    // iterator over them stops once the module is unloaded.
+    let m: &'static mut Image = Box::leak(Box::new(Image::new()));
+    let mut input = m.table_input();
+    input.probe_sites.truncate(1);
+    m.write_table(&input);
+    let m: &'static Image = m;
+    let range = m.addr(0)..m.addr(4096);
+    // SAFETY: the module's memory is leaked: it outlives its registration.
+    let h =
+        unsafe { probe::register_module(m.table(), range.clone(), &FakePoker::default()) }.unwrap();
+    let ids: Vec<_> = introspect::probes().map(|p| (p.id, p.hits)).collect();
+    assert_eq!(ids, vec![(ProbeId(0), N), (ProbeId(1), 0)]);
+    let module = ProbeSiteImage::Module {
+        first_id: ProbeId(1),
+    };
+    let got: Vec<_> = introspect::probe_sites(ProbeId(1))
+        .map(|s| (s.addr, s.image, s.state))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(m.addr(P_RUST), module, ProbeSiteState::Disabled)]
+    );
+    let mut stale = introspect::probe_sites(ProbeId(1));
+    // SAFETY: as for `probe::enable`: the poker writes into the fake images only.
+    unsafe { probe::unregister_module(&h, range, &mut FakePoker::default()) }.unwrap();
+    assert!(stale.next().is_none());
+    assert_eq!(introspect::probes().count(), 1);
 }
