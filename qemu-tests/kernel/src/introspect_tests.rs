@@ -36,8 +36,16 @@ fn ifuncs(live: &LiveImage<'_>) -> Result<(), Msg> {
     for f in live.ifuncs() {
         let chosen = impl_name(f.chosen);
         let want = expected_impl(f.name, &c);
-        ensure!(chosen == want, "{}: reports {chosen}, CPUID calls for {want}", f.name);
-        ensure!(f.chosen == read_slot(f.slot), "{}: chosen is not the slot", f.name);
+        ensure!(
+            chosen == want,
+            "{}: reports {chosen}, CPUID calls for {want}",
+            f.name
+        );
+        ensure!(
+            f.chosen == read_slot(f.slot),
+            "{}: chosen is not the slot",
+            f.name
+        );
         ensure!(f.resolved && !f.imported, "{}: {f:?}", f.name);
         let mut sites = 0;
         for s in f.sites() {
@@ -53,10 +61,16 @@ fn ifuncs(live: &LiveImage<'_>) -> Result<(), Msg> {
         }
         let recorded = live.table().sites().filter(|s| s.ifunc == f.index).count();
         ensure!(sites == recorded && sites >= 2, "{}: {sites} sites", f.name);
-        println!("introspect ifunc {} -> {chosen} ({sites} sites patched)", f.name);
+        println!(
+            "introspect ifunc {} -> {chosen} ({sites} sites patched)",
+            f.name
+        );
         n += 1;
     }
-    ensure!(n == live.table().ifunc_count() && n >= 5, "{n} ifuncs listed");
+    ensure!(
+        n == live.table().ifunc_count() && n >= 5,
+        "{n} ifuncs listed"
+    );
     Ok(())
 }
 
@@ -93,11 +107,20 @@ fn probes() -> Result<(), Msg> {
         probe::count()
     );
     let id = probe::lookup("itest:tick").ok_or_else(|| msg!("itest:tick not registered"))?;
-    let p = introspect::probes().find(|p| p.id == id).ok_or_else(|| msg!("not listed"))?;
-    ensure!(p.provider == "itest" && p.name == "tick" && p.nargs == 1, "{p:?}");
+    let p = introspect::probes()
+        .find(|p| p.id == id)
+        .ok_or_else(|| msg!("not listed"))?;
+    ensure!(
+        p.provider == "itest" && p.name == "tick" && p.nargs == 1,
+        "{p:?}"
+    );
     ensure!(!p.enabled && p.hits == 0, "{p:?}");
     let n = sites_in(id, ProbeSiteState::Disabled)?;
-    ensure!(n as u32 == p.sites, "{n} sites listed, info says {}", p.sites);
+    ensure!(
+        n as u32 == p.sites,
+        "{n} sites listed, info says {}",
+        p.sites
+    );
 
     let mut poker = AliasPoker::default();
     // SAFETY: the #BP hook is installed (probe tests); AliasPoker writes through an
@@ -109,15 +132,26 @@ fn probes() -> Result<(), Msg> {
     for i in 0..N {
         ensure!(tick(i) == i + 1);
     }
-    ensure!(HANDLED.load(Ordering::Relaxed) - handled == N, "handler runs");
-    ensure!(listed(id)? == (true, N), "after {N} fires: {:?}", listed(id)?);
+    ensure!(
+        HANDLED.load(Ordering::Relaxed) - handled == N,
+        "handler runs"
+    );
+    ensure!(
+        listed(id)? == (true, N),
+        "after {N} fires: {:?}",
+        listed(id)?
+    );
 
     let mut poker = AliasPoker::default();
     // SAFETY: as above.
     unsafe { probe::disable(id, &mut poker) }.map_err(Msg::display)?;
     sites_in(id, ProbeSiteState::Disabled)?;
     tick(0);
-    ensure!(listed(id)? == (false, N), "after disable: {:?}", listed(id)?);
+    ensure!(
+        listed(id)? == (false, N),
+        "after disable: {:?}",
+        listed(id)?
+    );
     println!("introspect probe itest:tick: {n} site(s), {N} hits");
     Ok(())
 }
