@@ -8,6 +8,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use kernel_loader::cell;
 use kernel_loader::introspect::{self, LiveImage, ProbeSiteImage, ProbeSiteState, SiteState};
+use kernel_loader::module::Module;
 use kernel_loader::probe::{self, ProbeId};
 
 use crate::harness::{Harness, Msg};
@@ -153,6 +154,88 @@ fn probes() -> Result<(), Msg> {
         listed(id)?
     );
     println!("introspect probe itest:tick: {n} site(s), {N} hits");
+    Ok(())
+}
+
+/// A loaded module through introspection: its imports report the kernel's choice and
+/// its own ifunc its slot, every site of either patched; its probes' sites lie in the
+/// module and hold the form their probe's state calls for.
+pub fn module(m: &Module<'_>) -> Result<(), Msg> {
+    let text = paging::text_range();
+    // SAFETY: as in `run`.
+    let kernel = unsafe { cell::image_table(&[text]) }.map_err(Msg::display)?;
+    // SAFETY: this kernel's table.
+    let kernel = unsafe { LiveImage::new(kernel) };
+    let t = m.table().ok_or_else(|| msg!("{}: no table", m.name()))?;
+    // SAFETY: `m` is loaded (its sites and slots are mapped while it is borrowed) and
+    // its imports' trampolines are this kernel's.
+    let live = unsafe { LiveImage::new(t) };
+    let (mut imports, mut sites) = (0, 0);
+    for f in live.ifuncs() {
+        let want = if f.imported {
+            imports += 1;
+            let k = kernel
+                .ifuncs()
+                .find(|k| k.trampoline == f.trampoline)
+                .ok_or_else(|| msg!("{}: import {} not in the kernel", m.name(), f.name))?;
+            ensure!(f.slot == k.slot, "{}: import {} slot", m.name(), f.name);
+            k.chosen
+        } else {
+            read_slot(f.slot)
+        };
+        ensure!(
+            f.resolved && f.chosen == want,
+            "{} {}: chosen {:#x}, expected {want:#x}",
+            m.name(),
+            f.name,
+            f.chosen
+        );
+        for s in f.sites() {
+            ensure!(
+                s.state == SiteState::Patched && m.text().contains(&s.addr),
+                "{} {} site {:#x}: {:?}",
+                m.name(),
+                f.name,
+                s.addr,
+                s.state
+            );
+            sites += 1;
+        }
+    }
+    ensure!(
+        imports >= 1 && sites >= 2,
+        "{}: {imports} imports, {sites} sites",
+        m.name()
+    );
+    let ids = m.probe_ids();
+    let image = ProbeSiteImage::Module {
+        first_id: ProbeId(ids.start),
+    };
+    let mut psites = 0;
+    for id in ids.map(ProbeId) {
+        for s in introspect::probe_sites(id) {
+            let want = if s.probe_enabled {
+                ProbeSiteState::Enabled
+            } else {
+                ProbeSiteState::Disabled
+            };
+            ensure!(
+                s.image == image && s.state == want && m.text().contains(&s.addr),
+                "{} probe {} site {:#x}: {:?} in {:?}",
+                m.name(),
+                id.0,
+                s.addr,
+                s.state,
+                s.image
+            );
+            psites += 1;
+        }
+    }
+    ensure!(psites >= 1, "{}: no probe sites listed", m.name());
+    println!(
+        "introspect module {}: {imports} imports, {sites} ifunc sites patched, {psites} probe sites",
+        m.name()
+    );
     Ok(())
 }
 
