@@ -9,6 +9,7 @@
 //!   from CPUID leaves 1, 7 and 0xD and XGETBV).
 //! * [`ifunc!`]: declares an ifunc (trampoline, slot, descriptor record).
 //! * [`patch`]: boot-time patching of ifunc call sites through a kernel-supplied [`TextPoker`].
+//! * [`introspect`]: what each ifunc resolved to, and every ifunc and probe site's state.
 //! * [`cell`]: the table cell through which a linked image finds its own table.
 //! * [`probe`](mod@probe): SDT probes (`probe!`, `probe_enabled!`, dtrace-style C probes), the
 //!   registry, and live enable/disable with the architecture's live-patch protocol.
@@ -32,6 +33,7 @@ pub mod format;
 #[cfg(all(feature = "std", target_os = "linux", target_arch = "x86_64"))]
 pub mod host;
 pub mod ifunc;
+pub mod introspect;
 #[cfg(feature = "module")]
 pub mod module;
 pub mod name;

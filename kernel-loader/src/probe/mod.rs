@@ -39,7 +39,8 @@
 //! * `percpu`: the dispatchers' per-CPU read-side sections and hit counters, and the
 //!   writers' wait for them;
 //! * `records`: the records and the `probe!`/`probe_enabled!` macros;
-//! * `glob`: name matching.
+//! * `glob`: name matching;
+//! * `inspect`: introspection (every probe, each site's state from its live bytes).
 
 use core::fmt;
 
@@ -50,6 +51,7 @@ use crate::patch::{InsnBytes, PokeError};
 mod batch;
 mod dispatch;
 mod glob;
+mod inspect;
 mod percpu;
 mod records;
 mod registry;
@@ -64,6 +66,7 @@ pub use dispatch::{
     handle_int3, int3_drain_waits, int3_emulations, ksites_probe_c_entry, ksites_probe_fire,
 };
 pub use glob::{glob_match, glob_match_str};
+pub use inspect::{ProbeSiteImage, ProbeSiteInfo, ProbeSiteState, ProbeSites, probe_sites, probes};
 pub use percpu::{CpuIndex, MAX_CPUS, set_cpu_index};
 pub use records::{
     DECL_MAGIC, DECL_SECTION, DECL_SIZE, PROBE_RECORD_MAGIC, ProbeRecord, RECORD_NARGS_NONE,

@@ -48,7 +48,7 @@ unsafe extern "C" {
 }
 
 /// The name of the implementation at `addr`: a kfuncs one, or one of c_scale's.
-fn impl_name(addr: u64) -> &'static str {
+pub(crate) fn impl_name(addr: u64) -> &'static str {
     // SAFETY: `c_scale_impls` is an immutable C array of two function pointers.
     let c = unsafe { c_scale_impls };
     if addr == c[0] as usize as u64 {
@@ -77,7 +77,7 @@ fn check_c_ifunc_results() -> Result<(), Msg> {
     Ok(())
 }
 
-fn expected_impl(name: &str, c: &RawChoice) -> &'static str {
+pub(crate) fn expected_impl(name: &str, c: &RawChoice) -> &'static str {
     match name.rsplit("::").next().unwrap_or("") {
         "c_scale" if c.popcnt => "c_scale_fast",
         "c_scale" => "c_scale_soft",

@@ -20,6 +20,7 @@ pub mod exit;
 pub mod harness;
 pub mod idt;
 pub mod ifunc_tests;
+pub mod introspect_tests;
 pub mod module_tests;
 pub mod no_alloc;
 pub mod paging;
@@ -65,6 +66,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     cpu_state_tests::run(&mut harness);
     smp::init(start_info);
     probe_tests::run(&mut harness);
+    introspect_tests::run(&mut harness);
     module_tests::run(&mut harness);
     smp_tests::run(&mut harness);
     selftest::run(&mut harness);

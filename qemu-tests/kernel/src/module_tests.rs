@@ -921,6 +921,10 @@ pub fn run(h: &mut Harness) {
         "module_probes_registry_fire_args",
         check_probes(&rmod, &cmod),
     );
+    h.check(
+        "introspect_module_ifuncs_and_probes",
+        crate::introspect_tests::module(&rmod).and(crate::introspect_tests::module(&cmod)),
+    );
     if smp::online() > 1 {
         h.check(
             "module_probe_live_toggle_while_aps_run_it",
