@@ -116,6 +116,8 @@ fn patch_self(poker: &mut host::HostPoker) -> (probe::ProbeId, probe::ProbeId) {
         r.sites_patched, r.ifuncs, r.sites_out_of_reach
     );
     probe::register_image(table, poker).expect("register probes");
+    // The SIGTRAP hook is the #BP route `probe::enable` requires (it declares it).
+    assert!(host::install_int3_handler(), "install the SIGTRAP hook");
     let on = probe::lookup("bench:on").expect("bench:on");
     let many = probe::lookup("bench:many").expect("bench:many");
     // SAFETY: this thread is the only one; the host poker writes this program's text.

@@ -167,6 +167,12 @@ fn main() {
         HITS.load(Ordering::Relaxed) == 0,
         String::new(),
     );
+    // The SIGTRAP hook is the #BP route `probe::enable` requires (it declares it).
+    r.check(
+        "SIGTRAP hook installed",
+        host::install_int3_handler(),
+        String::new(),
+    );
     // SAFETY: the host poker writes this program's text; the SIGTRAP hook is installed
     // before any other thread runs a site.
     let e = unsafe { probe::enable(id, on_traced, &mut poker) };
@@ -186,11 +192,6 @@ fn main() {
     );
 
     // Live toggling while another thread runs the site.
-    r.check(
-        "SIGTRAP hook installed",
-        host::install_int3_handler(),
-        String::new(),
-    );
     let stop = AtomicBool::new(false);
     let calls = AtomicU64::new(0);
     let toggles = 2000;

@@ -283,7 +283,8 @@ extern "C" fn on_sigtrap(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mu
 
 /// Installs a `SIGTRAP` handler that emulates probe sites caught mid-patch (and fires
 /// enabled C tail sites). Needed when threads other than the one toggling probes may
-/// run probe sites. Returns `false` if `sigaction` failed.
+/// run probe sites. Returns `false` if `sigaction` failed; on success it declares the
+/// #BP route ([`crate::probe::declare_int3_route`]) that `probe::enable` requires.
 ///
 /// Probe handlers then run **in signal context** whenever a site fires from the trap
 /// (an enabled C tail site always does; any site may while a batch is writing it): a
@@ -297,13 +298,21 @@ pub fn install_int3_handler() -> bool {
     // SA_SIGINFO signature. What the handler does is sound in signal context as long
     // as probe handlers are async-signal-safe, which is their documented contract
     // (above): the rest touches only the trapping thread's context and `errno`, and the
-    // probe registry's lock-free paths (atomics and immutable registered tables).
+    // probe registry's lock-free paths (atomics and immutable registered tables). The
+    // handler, once installed, is the route `declare_int3_route` asks for, on every
+    // thread of the process.
     unsafe {
         let mut sa: libc::sigaction = core::mem::zeroed();
         sa.sa_sigaction = on_sigtrap as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
         libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGTRAP, &sa, core::ptr::null_mut()) == 0
+        if libc::sigaction(libc::SIGTRAP, &sa, core::ptr::null_mut()) != 0 {
+            return false;
+        }
+        // The handler forwards every SIGTRAP from an `int3` to `handle_int3` and writes
+        // the registers back: the route `probe::enable` requires.
+        crate::probe::declare_int3_route();
+        true
     }
 }
 

@@ -433,6 +433,7 @@ mod drain_tests {
         let t = Table::parse(bytes, base, &[]).unwrap();
         // SAFETY: the table is leaked (lives forever); it has no sites.
         let h = unsafe { register_module(t, base..base + bytes.len() as u64, &NoSites) }.unwrap();
+        super::super::trap::route_for_tests();
         let id = ProbeId(h.base());
         // SAFETY: no sites: nothing is written.
         unsafe { enable(id, slow, &mut NoSites) }.unwrap();
@@ -531,6 +532,7 @@ mod fused_check_tests {
         bytes[..8 * N as usize].copy_from_slice(&form(false));
         // SAFETY: the table is leaked.
         let h = unsafe { register_module(t, t0..t0 + 128, &Mem::default()) }.unwrap();
+        super::super::trap::route_for_tests();
         let id = super::ProbeId(h.base());
         let snapshot = |b: &[u8]| b[..8 * N as usize].to_vec();
 

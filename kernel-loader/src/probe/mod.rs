@@ -35,6 +35,8 @@
 //! * `registry`: registering tables, enable/disable, queries;
 //! * `batch`: the live-patch protocol over one probe's sites, and its rollback;
 //! * `dispatch`: `fire`, the entry points, the #BP hook;
+//! * `trap`: the ready #BP entry stub ([`int3_entry`]), its hook and fallback, and the
+//!   route declaration [`enable`] requires ([`declare_int3_route`]);
 //! * `state`: the registry's storage and its lock;
 //! * `percpu`: the dispatchers' per-CPU read-side sections and hit counters, and the
 //!   writers' wait for them;
@@ -56,6 +58,7 @@ mod percpu;
 mod records;
 mod registry;
 mod state;
+mod trap;
 
 pub use crate::arch::native::probe::{
     C_ENABLED_OFF, C_ENABLED_ON, C_TAIL_OFF, C_TAIL_ON, Int3Frame, STUB_SYMBOLS, Stubs,
@@ -77,6 +80,11 @@ pub use registry::{
     is_enabled, lookup, matching, register_image, register_module, unregister_module,
 };
 pub use state::MAX_IMAGES;
+pub use trap::{
+    Int3Hook, declare_int3_route, int3_route_declared, set_int3_fallback, set_int3_hook,
+};
+#[cfg(target_arch = "x86_64")]
+pub use trap::{int3_entry, int3_entry_address};
 
 /// Most probes the registry holds.
 pub const MAX_PROBES: usize = 1024;
@@ -140,6 +148,10 @@ pub enum ProbeError {
     },
     /// The kernel's poker failed; every site of the batch was restored.
     Poke(PokeError),
+    /// [`enable`] before [`declare_int3_route`]: a CPU reaching a site while a batch
+    /// writes it (or an enabled C tail site) executes `int3`, which must reach
+    /// [`handle_int3`]. Nothing was written.
+    NoTrapRoute,
     /// The kernel's poker failed, and restoring failed too at this site. The probe is
     /// in its old state; the site may still start with the architecture's trap
     /// (emulated by the trap handler) and the next enable/disable accepts and rewrites
@@ -200,6 +212,12 @@ impl fmt::Display for ProbeError {
                 )
             }
             ProbeError::Poke(e) => write!(f, "{e} (batch rolled back)"),
+            ProbeError::NoTrapRoute => write!(
+                f,
+                "probes need a #BP route: install kernel_loader::probe::int3_entry in IDT \
+                 vector 3 (or call probe::handle_int3 from your own #BP handler) and call \
+                 probe::declare_int3_route()"
+            ),
             ProbeError::RollbackIncomplete { site, probe } => write!(
                 f,
                 "probe {}: a write failed and site {site:#x} could not be restored (it is \

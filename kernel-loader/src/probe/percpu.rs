@@ -403,6 +403,7 @@ mod tests {
         let range = base..base + bytes.len() as u64;
         // SAFETY: the table is leaked (lives forever); it has no sites.
         let h = unsafe { register_module(t, range.clone(), &poker()) }.unwrap();
+        super::super::trap::route_for_tests();
         (h, range)
     }
     type Range = core::ops::Range<u64>;

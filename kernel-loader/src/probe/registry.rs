@@ -10,6 +10,7 @@ use super::batch::{self, check_disabled};
 use super::glob::glob_match;
 use super::percpu;
 use super::state::{self, Control, STATES, images};
+use super::trap::check_route;
 use super::{Handler, MAX_PROBES, Name, ProbeError, ProbeId};
 use crate::arch::Arch;
 use crate::format::Table;
@@ -295,7 +296,9 @@ pub fn is_enabled(id: ProbeId) -> bool {
         .is_some_and(|s| s.enabled.load(Ordering::Relaxed))
 }
 
-/// Enables probe `id`: every site of it starts calling `handler`.
+/// Enables probe `id`: every site of it starts calling `handler`. Refuses with
+/// [`ProbeError::NoTrapRoute`] (nothing written) until the kernel called
+/// [`super::declare_int3_route`].
 ///
 /// # Safety
 ///
@@ -307,6 +310,7 @@ pub unsafe fn enable<P: TextPoker + ?Sized>(
     handler: Handler,
     poker: &mut P,
 ) -> Result<(), ProbeError> {
+    check_route()?;
     // SAFETY: forwarded.
     unsafe { set_state(id, true, Some(handler), poker) }
 }

@@ -4,11 +4,16 @@
 //! Vectors 0..=31 have stubs (generated with `.irp`) that push a dummy error code where
 //! the CPU pushes none, then the vector, and jump to a common stub that saves every GPR
 //! into a [`TrapFrame`] and calls [`exception_handler`]. The handler returns (`iretq`)
-//! only in two cases:
+//! only for a fault at the instruction of a [`probe_write`] / [`probe_read`]: the
+//! frame's RIP is moved to the probe's recovery address and the probe returns
+//! `Err(Fault)`.
 //!
-//! * a fault at the instruction of a [`probe_write`] / [`probe_read`]: the frame's RIP is
-//!   moved to the probe's recovery address and the probe returns `Err(Fault)`;
-//! * `#BP` with a hook set by [`set_breakpoint_hook`] that returns `true`.
+//! `#BP` (vector 3) is the crate's ready entry, `kernel_loader::probe::int3_entry`, as a
+//! kernel adopting ksites installs it: it runs `probe::handle_int3` (or the counting
+//! hook the probe tests set with `probe::set_int3_hook`) and, for an `int3` that is not
+//! a probe site's, this kernel's fallback, which calls the hook set by
+//! [`set_breakpoint_hook`]. An `int3` nothing handles ends in the stub's `ud2`: a fatal
+//! `#UD`.
 //!
 //! Everything else prints `FAULT: vector N (name) error=… rip=… cr2=… rsp=…` and a
 //! frame-pointer backtrace on COM1 and exits QEMU with failure. `#DF` runs on its own
@@ -25,6 +30,8 @@
 use core::arch::{asm, global_asm};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use kernel_loader::probe::{self, Int3Frame};
 
 use crate::boot::{self, KERNEL_CS, TSS_SELECTOR};
 use crate::cpu::read_cr2;
@@ -316,7 +323,8 @@ pub fn init() {
     let df_stack_top = (&raw const DOUBLE_FAULT_STACK) as u64 + size_of::<Stack>() as u64;
     // SAFETY: init runs once on the boot CPU before anything else uses TSS, IDT or the
     // GDT's TSS slot; all writes go through raw pointers to those statics. The stubs
-    // in `idt_stub_table` are valid interrupt entry points.
+    // in `idt_stub_table` and `probe::int3_entry` are valid interrupt entry points;
+    // vector 3 is `int3_entry` on every CPU from here on (the route it declares).
     unsafe {
         install_tss(&raw mut boot::boot_gdt, &raw mut TSS, df_stack_top);
         let idt = &raw mut IDT;
@@ -328,6 +336,12 @@ pub fn init() {
             };
             (*idt)[vector] = IdtEntry::interrupt_gate(stub, ist);
         }
+        // #BP: the crate's ready entry, as is.
+        (*idt)[usize::from(BREAKPOINT)] = IdtEntry::interrupt_gate(probe::int3_entry_address(), 0);
+        probe::set_int3_fallback(Some(breakpoint_fallback));
+        // Every CPU loads this IDT before it runs kernel code (`load_cpu_tables`), so
+        // every #BP reaches `int3_entry`, which runs `handle_int3`.
+        probe::declare_int3_route();
         load_idt();
     }
 }
@@ -589,9 +603,10 @@ pub fn probe_read(addr: u64) -> Result<u8, Fault> {
     take_probe_fault().map(|()| value as u8)
 }
 
-/// Handler type for `#BP`: returns `true` if it handled the trap (it may change any
-/// field of the frame, usually `rip`), `false` to report it as a fault.
-pub type BreakpointHook = fn(&mut TrapFrame) -> bool;
+/// Handler type for an `int3` that is not a probe site's: returns `true` if it handled
+/// the trap (it may change any field of the frame, usually `rip`), `false` to make it
+/// fatal.
+pub type BreakpointHook = fn(&mut Int3Frame) -> bool;
 
 static BREAKPOINT_HOOK: AtomicUsize = AtomicUsize::new(0);
 
@@ -600,7 +615,7 @@ pub fn set_breakpoint_hook(hook: BreakpointHook) {
     BREAKPOINT_HOOK.store(hook as usize, Ordering::SeqCst);
 }
 
-/// Removes the `#BP` hook: an int3 is a fatal fault again.
+/// Removes the `#BP` hook: an int3 outside probe sites is fatal again.
 pub fn clear_breakpoint_hook() {
     BREAKPOINT_HOOK.store(0, Ordering::SeqCst);
 }
@@ -613,6 +628,11 @@ fn breakpoint_hook() -> Option<BreakpointHook> {
     // SAFETY: the only non-zero values ever stored are `BreakpointHook` fn pointers
     // (set_breakpoint_hook), and fn pointers and usize have the same size.
     Some(unsafe { core::mem::transmute::<usize, BreakpointHook>(raw) })
+}
+
+/// The crate stub's fallback (`probe::set_int3_fallback`): the hook, if one is set.
+fn breakpoint_fallback(frame: &mut Int3Frame) -> bool {
+    breakpoint_hook().is_some_and(|hook| hook(frame))
 }
 
 /// Called by the common entry stub with the saved registers of the interrupted code.
@@ -631,7 +651,6 @@ extern "C" fn exception_handler(frame: &mut TrapFrame) {
                 return;
             }
         }
-        BREAKPOINT if breakpoint_hook().is_some_and(|hook| hook(frame)) => return,
         _ => {
             if let Some(handler) = interrupt_handler(frame.vector) {
                 handler(frame);

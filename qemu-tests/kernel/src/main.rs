@@ -30,6 +30,7 @@ mod selftest;
 pub mod serial;
 pub mod smp;
 pub mod smp_tests;
+pub mod trap_tests;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -69,6 +70,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     introspect_tests::run(&mut harness);
     module_tests::run(&mut harness);
     smp_tests::run(&mut harness);
+    trap_tests::run(&mut harness);
     selftest::run(&mut harness);
     harness.finish()
 }

@@ -18,7 +18,6 @@ use kernel_loader::probe::{self, Int3Frame, ProbeError, ProbeId};
 use kernel_loader::{cell, probe_enabled};
 
 use crate::harness::{Harness, Msg};
-use crate::idt::{self, TrapFrame};
 use crate::poker::{AliasPoker, WpPoker};
 use crate::smp::{self, MAX_CPUS};
 use crate::{ensure, msg, paging, println};
@@ -187,7 +186,8 @@ pub(crate) fn in_bp_for(cpu: usize) -> Option<(ProbeId, bool)> {
     }
 }
 
-/// The #BP hook: hands the trap to the loader's emulation, counting what it emulated.
+/// The #BP hook (`probe::set_int3_hook`: the crate's `int3_entry` runs it instead of
+/// `handle_int3`): hands the trap to the loader's emulation, counting what it emulated.
 ///
 /// It also reads the trapping site's first byte. Normally it is `int3` (the CPU ran
 /// the site mid-patch, or an enabled C tail site). If not, either a batch of the
@@ -198,16 +198,18 @@ pub(crate) fn in_bp_for(cpu: usize) -> Option<(ProbeId, bool)> {
 /// and the old code keeps running until the next write that overlaps it. Such traps
 /// are emulated like any other (the table is static, the state is the probe's current
 /// one) and counted apart.
-pub(crate) fn bp_hook(tf: &mut TrapFrame) -> bool {
+pub(crate) fn bp_hook(f: &mut Int3Frame) -> bool {
     let cpu = smp::cpu_index();
-    let site = tf.rip.wrapping_sub(1);
+    let site = f.rip.wrapping_sub(1);
     let probe = table().and_then(|t| t.probe_site_at(site)).map(|s| s.probe);
     let held = probe.is_some() && read5(site)[0] == 0xcc;
     IN_BP[cpu].store(
         probe.map_or(0, |p| (p + 1) | if held { HELD_INT3 } else { 0 }),
         Ordering::Relaxed,
     );
-    let handled = emulate(tf);
+    // SAFETY: `f` is this CPU's interrupted context, given by the crate's #BP entry
+    // (`probe::int3_entry`, installed in vector 3), which writes it back.
+    let handled = unsafe { probe::handle_int3(f) };
     IN_BP[cpu].store(0, Ordering::Relaxed);
     if handled {
         INT3_BY_CPU[cpu].fetch_add(1, Ordering::Relaxed);
@@ -224,30 +226,6 @@ pub(crate) fn bp_hook(tf: &mut TrapFrame) -> bool {
         }
     }
     handled
-}
-
-fn emulate(tf: &mut TrapFrame) -> bool {
-    let mut f = Int3Frame {
-        rip: tf.rip,
-        rsp: tf.rsp,
-        rax: tf.rax,
-        rdi: tf.rdi,
-        rsi: tf.rsi,
-        rdx: tf.rdx,
-        rcx: tf.rcx,
-        r8: tf.r8,
-        r9: tf.r9,
-    };
-    // SAFETY: `tf` is this CPU's interrupted context; rip/rsp/rax are written back below
-    // and restored by the IDT stub's iretq.
-    if unsafe { probe::handle_int3(&mut f) } {
-        tf.rip = f.rip;
-        tf.rsp = f.rsp;
-        tf.rax = f.rax;
-        true
-    } else {
-        false
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -915,7 +893,7 @@ pub fn run(h: &mut Harness) {
         }
     };
     set_table(table);
-    idt::set_breakpoint_hook(bp_hook);
+    probe::set_int3_hook(Some(bp_hook));
     let poker = WpPoker::default();
     match probe::register_image(table, &poker) {
         Ok(n) => println!(

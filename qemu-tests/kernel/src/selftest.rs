@@ -5,7 +5,7 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::cpu;
 use crate::harness::{Harness, TestResult};
-use crate::idt::{self, PF_PRESENT, PF_WRITE, TrapFrame};
+use crate::idt::{self, PF_PRESENT, PF_WRITE};
 use crate::paging::{self, PAGE_SIZE};
 use crate::{ensure, msg};
 
@@ -306,7 +306,7 @@ fn write_protect_toggle() -> TestResult {
 static BP_HITS: AtomicUsize = AtomicUsize::new(0);
 static BP_RIP: AtomicU64 = AtomicU64::new(0);
 
-fn count_breakpoint(frame: &mut TrapFrame) -> bool {
+fn count_breakpoint(frame: &mut kernel_loader::probe::Int3Frame) -> bool {
     BP_HITS.fetch_add(1, Ordering::SeqCst);
     BP_RIP.store(frame.rip, Ordering::SeqCst);
     frame.rax = 0x1234;

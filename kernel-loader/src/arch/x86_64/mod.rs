@@ -7,6 +7,7 @@
 //! * [`reloc`]: the ELF machine and the relocation types a module may use.
 //! * [`cpu`]: CPUID/XGETBV and the feature set resolvers receive.
 //! * [`local`]: CPU-local counters (an interrupt-atomic increment without `lock`).
+//! * [`trap`]: the ready #BP entry stub (`int3_entry!`) a kernel installs in its IDT.
 //!
 //! # Probe forms
 //!
@@ -29,6 +30,7 @@ pub mod cpu;
 pub mod local;
 pub mod probe;
 pub mod reloc;
+pub mod trap;
 
 pub use branch::*;
 pub use cpu::*;
