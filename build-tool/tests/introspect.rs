@@ -147,6 +147,9 @@ fn probes_sites_state_and_hits_through_enable_fire_disable() {
         introspect::probes().next().is_none(),
         "nothing registered yet"
     );
+    // SAFETY: the fake image is never executed: its sites' `int3`s are fired through
+    // `handle_int3` by hand below, standing in for the #BP route.
+    unsafe { probe::declare_int3_route() };
     probe::register_image(t, &FakePoker::default()).unwrap();
 
     let all: Vec<_> = introspect::probes().collect();
