@@ -2,7 +2,9 @@
 //! PIE, dynamic non-PIE) with a GNU ifunc of their own and thread-local data are run
 //! before and after `ksites embed`, and must print the same and exit 0; each reports
 //! the `AT_PHDR` Linux gave it, checked against the output's program headers. The
-//! kinds `embed` does not support yet (ET_DYN with ifuncs) must be refused cleanly.
+//! position-independent ones (ET_DYN, linked by ld.bfd and by lld) also fire C probes
+//! (`KSITES_PROBE`) and check at run time, wherever Linux loaded them, that the table
+//! cell leads to the table.
 
 mod common;
 
@@ -240,23 +242,6 @@ fn embeds_and_runs(dir: &Path, name: &str, flags: &[&str], extra: &str) -> [Phdr
     [in_layout, layout]
 }
 
-/// Builds `name` with `flags` and checks that `embed` refuses it: exit 1, a message
-/// naming the input and saying why, no output written. The input runs.
-fn refused(dir: &Path, name: &str, flags: &[&str], why: &str) {
-    let input = gcc_program(dir, name, flags, &program(true, ""));
-    run_program(&input);
-    let output = dir.join(format!("{name}.k"));
-    let o = embed(&input, &output);
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{name}: {err}");
-    assert!(
-        err.contains(&input.display().to_string()) && err.contains(why),
-        "{name}: {err}"
-    );
-    assert!(!output.exists(), "{name}: output written");
-    assert!(common::temp_files_left(dir).is_empty());
-}
-
 #[test]
 fn static_glibc_non_pie_with_tls_runs_after_embed() {
     // The case that crashed: glibc's own 25 ifuncs, and static glibc finds its TLS
@@ -290,27 +275,115 @@ fn static_glibc_with_a_large_bss_runs_after_embed_on_this_kernel() {
     assert!(grown < 64 << 10, "output grew by {grown} bytes");
 }
 
-#[test]
-fn static_pie_with_ifuncs_is_refused() {
-    // ET_DYN: embedding into position-independent images is not supported yet.
+/// C probes for [`program`]'s `extra` (built with [`sdt_flag`]), fired from a
+/// constructor, and a check, wherever the image was loaded, that a filled table cell
+/// (self-relative) leads to the table's magic: the program aborts if not.
+fn probes_and_cell_check() -> String {
+    format!(
+        r#"#include <stdlib.h>
+#include "ksites_sdt.h"
+KSITES_PROBE_DECL(app, tick, 1, (unsigned long n))
+KSITES_PROBE_DECL(app, tock, 0, (void))
+__attribute__((constructor)) static void fire(void) {{
+    KSITES_PROBE(app, tick, 7);
+    if (KSITES_PROBE_ENABLED(app, tick)) puts("tick enabled");
+    KSITES_PROBE(app, tock);
+    const volatile struct cell *c = &{CELL_SYMBOL};
+    if (c->o != 0 && memcmp((const char *)c + c->o, "KSITES\0\0", 8) != 0) abort();
+}}
+"#
+    )
+}
+
+/// `-I` for `ksites_sdt.h`.
+fn sdt_flag() -> String {
+    format!("-I{}/../kernel-loader/c", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `-fuse-ld=lld` and, when no `ld.lld` is on `PATH`, `-B` for the toolchain's own
+/// (rust-lld behind its `gcc-ld/ld.lld` wrapper).
+fn lld_flags() -> Vec<String> {
+    let mut v = vec!["-fuse-ld=lld".to_string()];
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("ld.lld").is_file()));
+    if !on_path {
+        let o = run(Command::new("rustc").args(["--print", "target-libdir"]));
+        let dir = PathBuf::from(text(&o.stdout).trim()).join("../bin/gcc-ld");
+        assert!(
+            dir.join("ld.lld").is_file(),
+            "no ld.lld in {}",
+            dir.display()
+        );
+        v.push(format!("-B{}", dir.display()));
+    }
+    v
+}
+
+/// A PIE with a GNU ifunc and C probes, linked with `flags`: it embeds, verifies,
+/// runs as before (see [`embeds_and_runs`]), and `inspect` lists the ifunc and the
+/// probes with their sites.
+fn pie_embeds_and_runs(name: &str, flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    refused(
-        dir.path(),
-        "static-pie",
-        &["-static-pie"],
-        "GNU ifuncs are supported in static ET_EXEC images only",
+    let sdt = sdt_flag();
+    let flags: Vec<&str> = flags.iter().copied().chain([sdt.as_str()]).collect();
+    let [input, out] = embeds_and_runs(dir.path(), name, &flags, &probes_and_cell_check());
+    // PT_PHDR (dynamic PIEs, and lld's static ones) is kept, moved with the headers.
+    let phdr = |l: &PhdrLayout| l.line.contains(" 0x6 ");
+    assert_eq!(phdr(&out), phdr(&input), "{name}: {}", out.line);
+    assert!(
+        phdr(&out) || !flags.contains(&"-pie"),
+        "{name}: {}",
+        out.line
+    );
+    let o = run(Command::new(KSITES)
+        .arg("inspect")
+        .arg(dir.path().join(format!("{name}.k"))));
+    let listing = text(&o.stdout);
+    assert!(o.status.success(), "{name}: inspect: {}", text(&o.stderr));
+    assert!(listing.contains(": ELF Dyn "), "{name}: {listing}");
+    assert!(listing.contains("ifunc scale "), "{name}: {listing}");
+    assert!(
+        listing.contains("probe app:tick nargs=1 sites=2"),
+        "{name}: {listing}"
+    );
+    assert!(
+        listing.contains("probe app:tock nargs=0 sites=1"),
+        "{name}: {listing}"
     );
 }
 
 #[test]
-fn dynamic_pie_with_ifuncs_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    refused(
-        dir.path(),
-        "pie",
-        &["-pie", "-fPIE"],
-        "GNU ifuncs are supported in static ET_EXEC images only",
-    );
+fn static_pie_with_ifuncs_and_probes_runs_after_embed() {
+    // ET_DYN without a dynamic loader: glibc relocates itself (RELATIVE, IRELATIVE).
+    pie_embeds_and_runs("static-pie", &["-static-pie"]);
+}
+
+#[test]
+fn dynamic_pie_with_ifuncs_and_probes_runs_after_embed() {
+    // ld.so finds the load bias through PT_PHDR (moved with the program headers).
+    pie_embeds_and_runs("pie", &["-pie", "-fPIE"]);
+}
+
+#[test]
+fn static_pie_linked_by_lld_runs_after_embed() {
+    // lld leaves the fields of RELATIVE-relocated pointers zero: the records' pointers
+    // are read from the relocations' addends.
+    let lld = lld_flags();
+    let flags: Vec<&str> = ["-static-pie"]
+        .into_iter()
+        .chain(lld.iter().map(String::as_str))
+        .collect();
+    pie_embeds_and_runs("lld-static-pie", &flags);
+}
+
+#[test]
+fn dynamic_pie_linked_by_lld_runs_after_embed() {
+    let lld = lld_flags();
+    let flags: Vec<&str> = ["-pie", "-fPIE"]
+        .into_iter()
+        .chain(lld.iter().map(String::as_str))
+        .collect();
+    pie_embeds_and_runs("lld-pie", &flags);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use object::{LittleEndian as LE, U16, U32, U64};
 
 use super::report::{AlreadyEmbedded, EmbedReport};
 use super::{Embedded, Output};
-use crate::elf::{ElfKind, Image};
+use crate::elf::Image;
 use crate::probes::{ProbeScan, find_probes};
 use crate::records::{find_ifunc_sites, read_ifuncs};
 use crate::table::{IfuncEntry, SiteEntry, TableInput, build_sites_for, table_size_with};
@@ -40,11 +40,6 @@ pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Res
             check: None,
         });
     }
-    ensure!(
-        img.kind == ElfKind::Exec,
-        "{path}: embedding into {:?} files is not supported yet (ET_EXEC only)",
-        img.kind
-    );
     ensure!(
         img.has_text_relocations(),
         "{path}: executable sections carry no relocations; link with --emit-relocs \
