@@ -265,7 +265,11 @@ mod tests {
         let out = rel.apply(0x1000, &bytes);
         assert_eq!(u64_at(&out, 0), 0xaa);
         assert_eq!(u64_at(&out, 8), 0);
-        assert_eq!(u64_at(&out, 0x10), 0xbb, "a pointer that does not fit is left");
+        assert_eq!(
+            u64_at(&out, 0x10),
+            0xbb,
+            "a pointer that does not fit is left"
+        );
         // No relocation in range: borrowed, unchanged.
         assert!(matches!(rel.apply(0x2000, &bytes), Cow::Borrowed(_)));
         let empty = Relative { values: Vec::new() };

@@ -4,14 +4,18 @@
 //! the `AT_PHDR` Linux gave it, checked against the output's program headers. The
 //! position-independent ones (ET_DYN, linked by ld.bfd and by lld) also fire C probes
 //! (`KSITES_PROBE`) and check at run time, wherever Linux loaded them, that the table
-//! cell leads to the table.
+//! cell leads to the table. A Rust PIE with `ifunc!` and `probe!` records (whose
+//! pointers lld leaves zero, to be read from their RELATIVE relocations) embeds too.
 
 mod common;
+#[path = "common/module_build.rs"]
+mod module_build;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kernel_loader::cell::{CELL_MAGIC, CELL_SYMBOL};
+use object::ObjectSection;
 use object::elf::{FileHeader64, PT_LOAD};
 use object::read::elf::{FileHeader, ProgramHeader};
 
@@ -384,6 +388,96 @@ fn dynamic_pie_linked_by_lld_runs_after_embed() {
         .chain(lld.iter().map(String::as_str))
         .collect();
     pie_embeds_and_runs("lld-pie", &flags);
+}
+
+/// A Rust program (host, PIE by default) with an `ifunc!` and a `probe!`.
+const RUST_PIE: &str = r#"
+use kernel_loader::{CpuFeatures, ifunc, probe};
+extern "C" fn twice_soft(x: u64) -> u64 { 2 * x }
+fn pick(_: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u64 { twice_soft }
+ifunc! {
+    pub fn twice(x: u64) -> u64;
+    default = twice_soft;
+    resolver = pick;
+}
+fn main() {
+    let n = std::env::args().count() as u64;
+    probe!(app, tick, n);
+    println!("twice {}", twice(n + 20));
+}
+"#;
+
+#[test]
+fn rust_pie_with_ifunc_and_probe_records_runs_after_embed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    module_build::cargo_build_kernel_loader(&[], &d.join("kl"));
+    let kl = d.join("kl/debug");
+    std::fs::write(d.join("main.rs"), RUST_PIE).unwrap();
+    let lld = lld_flags();
+    for (name, flags) in [
+        ("rust-bfd", vec!["-fuse-ld=bfd".to_string()]),
+        ("rust-lld", lld),
+    ] {
+        let mut cmd = Command::new("rustc");
+        cmd.args(["--edition", "2024", "-O", "main.rs", "-o", name])
+            .arg("--extern")
+            .arg(format!(
+                "kernel_loader={}",
+                kl.join("libkernel_loader.rlib").display()
+            ))
+            .arg("-L")
+            .arg(format!("dependency={}", kl.join("deps").display()))
+            .args(["-C", "link-arg=-Wl,--emit-relocs"])
+            .current_dir(d);
+        for f in &flags {
+            cmd.arg("-C").arg(format!("link-arg={f}"));
+        }
+        let o = run(&mut cmd);
+        assert!(o.status.success(), "rustc {name}: {}", text(&o.stderr));
+        let input = d.join(name);
+        let data = std::fs::read(&input).unwrap();
+        let img = ksites::elf::Image::parse(name, &data).unwrap();
+        assert_eq!(img.kind, ksites::elf::ElfKind::Dyn, "{name}");
+        // ld.bfd writes the records' pointers (the trampoline's, at +8) into the
+        // section too; lld leaves them zero: both ways must be read.
+        let rec = img.section_by_name(".ksites_ifuncs").unwrap();
+        let tramp = u64::from_le_bytes(rec.data().unwrap()[8..16].try_into().unwrap());
+        assert_eq!(tramp == 0, name == "rust-lld", "{name}: {tramp:#x}");
+        let before = run_program_stdout(&input);
+        assert_eq!(before, "twice 42\n");
+        let output = d.join(format!("{name}.k"));
+        let o = embed(&input, &output);
+        assert!(o.status.success(), "{name}: embed: {}", text(&o.stderr));
+        let v = run(Command::new(KSITES).arg("verify").arg(&output));
+        assert!(v.status.success(), "{name}: verify: {}", text(&v.stdout));
+        assert_eq!(run_program_stdout(&output), before, "{name}");
+        let o = run(Command::new(KSITES).arg("inspect").arg(&output));
+        let listing = text(&o.stdout);
+        assert!(listing.contains("ifunc main::twice "), "{name}: {listing}");
+        assert!(
+            listing.contains("default=0x") && listing.contains(" main::twice_soft"),
+            "{name}: {listing}"
+        );
+        assert!(
+            listing.contains("probe app:tick nargs=1 sites=1"),
+            "{name}: {listing}"
+        );
+    }
+    assert!(common::temp_files_left(d).is_empty());
+}
+
+/// Runs `exe`: it must exit 0; returns its stdout.
+fn run_program_stdout(exe: &Path) -> String {
+    let o = run(&mut Command::new(exe));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}: {}",
+        exe.display(),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
 }
 
 #[test]
