@@ -1,4 +1,5 @@
-//! `ksites embed` on linked images (ET_EXEC): the table goes into a new `PT_LOAD`
+//! `ksites embed` on linked images (ET_EXEC, and ET_DYN PIEs at their link-time
+//! addresses, which the self-relative cell does not depend on): the table goes into a new `PT_LOAD`
 //! ([`append_segment`]), the image's table cell points at it, C probe sites get their
 //! disabled form (their relocations become "none"), `probe!` records get their ids,
 //! and SystemTap notes describe the probe sites ([`stapsdt_notes`]).
