@@ -259,7 +259,7 @@ mod tests {
     #[test]
     fn relative_values_replace_whole_pointers_inside_the_range_only() {
         let rel = Relative {
-            values: vec![(0x0ff8, 1), (0x1000, 0xaa), (0x1010, 0xbb), (0x1014, 0xcc)],
+            values: vec![(0x0ff8, 1), (0x1000, 0xaa), (0x1010, 0xbb), (0x1014, 0xdd)],
         };
         let bytes = [0u8; 0x18];
         let out = rel.apply(0x1000, &bytes);
