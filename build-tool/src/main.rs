@@ -41,7 +41,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Find every call/jmp/jcc to an ifunc trampoline and every probe site in IMAGE
-    /// (an ET_EXEC linked with --emit-relocs), rewrite dtrace-style C probe calls into
+    /// (an ET_EXEC, or an ET_DYN PIE, linked with --emit-relocs), rewrite dtrace-style C probe calls into
     /// their disabled 5-byte form, write the `.ksites` table into a new read-only
     /// PT_LOAD segment plus one `.note.stapsdt` note per probe site, point the image's
     /// table cell at the table, and write the result to OUTPUT. OUTPUT is written
@@ -77,8 +77,8 @@ enum Command {
     /// `-o` the output is `a.out`. `-v`/`-V`/`--version` print the linker's version and
     /// the output, if the linker writes one, is embedded; only partial links (`-r`) and
     /// `--help` go to the real linker unchanged. An output that is one of the inputs is
-    /// refused. The image must be a static ET_EXEC (for rustc targets that default to
-    /// static-pie, add `-C relocation-model=static`).
+    /// refused. The image may be an ET_EXEC or a PIE (ET_DYN, the default of rustc's
+    /// x86_64-unknown-none): a PIE's table holds link-time addresses.
     #[command(after_help = EXIT_CODES)]
     Link {
         /// The real linker: `lld` (the toolchain's rust-lld, else ld.lld; the default),

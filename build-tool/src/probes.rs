@@ -13,9 +13,10 @@ use kernel_loader::probe::{
 use object::read::elf::Sym as _;
 use object::{LittleEndian, Object, ObjectSection, ObjectSymbol, SectionIndex, SymbolKind};
 
-use crate::elf::{ElfKind, Image, RawRela, Reloc, demangle};
+use crate::elf::{Image, RawRela, Reloc, demangle};
 use crate::record_section::{
-    self, Declared, PROBE_DECLS, PROBE_SITE_RECORDS, declare, probe_site_kind, u32_at, u64_at,
+    self, Declared, PROBE_DECLS, PROBE_SITE_RECORDS, Relative, declare, probe_site_kind, u32_at,
+    u64_at,
 };
 use crate::sites::{Selected, find_sites_with};
 use crate::table::{ProbeEntry, ProbeSiteEntry};
@@ -91,23 +92,25 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     // (provider, name) -> declared nargs
     let mut nargs = Declared::new();
 
+    // Pointers in records, read through their RELATIVE relocations in a PIE.
+    let rel = Relative::of(img);
+
     // 1. `probe!` / `probe_enabled!` records.
     if let Some(sec) = img.section_by_name(SITE_RECORD_SECTION) {
-        ensure!(
-            img.kind == ElfKind::Exec,
-            "{}: probe records can only be read from ET_EXEC images so far",
-            img.path
-        );
         let data = sec
             .data()
             .with_context(|| format!("{}: cannot read section {SITE_RECORD_SECTION}", img.path))?;
+        let data = &*rel.apply(sec.address(), data);
         for off in record_section::walk(&img.path, &PROBE_SITE_RECORDS, data, |_| true)? {
             let r = &data[off..off + SITE_RECORD_SIZE];
             let kind = probe_site_kind(&img.path, off, r)?;
             let (site, target, rec) = (u64_at(r, 8), u64_at(r, 16), u64_at(r, 24));
-            let rb = img.read_va(rec, record::SIZE as u64).with_context(|| {
-                format!("{}: probe record at {rec:#x} is not in the file", img.path)
-            })?;
+            let rb = rel
+                .read_va(img, rec, record::SIZE as u64)
+                .with_context(|| {
+                    format!("{}: probe record at {rec:#x} is not in the file", img.path)
+                })?;
+            let rb = &*rb;
             ensure!(
                 u32_at(rb, 0) == PROBE_RECORD_MAGIC,
                 "{}: probe record at {rec:#x} has bad magic (kernel-loader version mismatch?)",
@@ -159,6 +162,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
         let data = sec
             .data()
             .with_context(|| format!("{}: cannot read section {DECL_SECTION}", img.path))?;
+        let data = &*rel.apply(sec.address(), data);
         for off in record_section::walk(&img.path, &PROBE_DECLS, data, |_| true)? {
             let r = &data[off..off + DECL_SIZE];
             let n = u32_at(r, decl::NARGS);
@@ -186,11 +190,6 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
     // 3. C probe calls, found like ifunc sites: relocations to the probe functions.
     let funcs = ProbeFunctions::read(img)?;
     if !funcs.is_empty() {
-        ensure!(
-            img.kind == ElfKind::Exec,
-            "{}: C probes can only be rewritten in ET_EXEC images so far",
-            img.path
-        );
         ensure!(
             img.has_text_relocations(),
             "{}: has {} probe function symbols (e.g. `{}`) but no relocation sections; \
@@ -350,6 +349,7 @@ pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
         let data = sec
             .data()
             .with_context(|| format!("{}: cannot read section {SITE_RECORD_SECTION}", img.path))?;
+        let data = &*Relative::of(img).apply(sec.address(), data);
         for off in record_section::walk(&img.path, &PROBE_SITE_RECORDS, data, |_| true)? {
             out.push(u64_at(data, off + 8));
         }

@@ -2,8 +2,10 @@
 //! laid out by `kernel-loader`'s macros, each starting with a `u32` magic, 8-aligned, with
 //! zero words between input sections (linker or assembler padding). One walker for linked
 //! images (`records`, `probes`) and relocatable objects (`embed::rel`), and one check of
-//! the probe declarations they carry.
+//! the probe declarations they carry. In a position-independent image the records'
+//! pointers are read through their `RELATIVE` dynamic relocations ([`Relative`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use anyhow::{Result, bail, ensure};
@@ -63,6 +65,59 @@ pub fn u32_at(b: &[u8], at: usize) -> u32 {
 /// The little-endian `u64` at `at` of a record.
 pub fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The link-time values of the absolute pointers of a position-independent (ET_DYN)
+/// image, from its `RELATIVE` dynamic relocations (`r_offset` -> `r_addend`). ld.bfd
+/// also writes the value into the pointer's bytes, lld by default leaves them zero: the
+/// addend is what the dynamic loader (or a self-relocating kernel) uses, so it wins.
+/// Empty for any other image, whose bytes are read as they are.
+#[derive(Debug)]
+pub struct Relative {
+    /// Sorted by address.
+    values: Vec<(u64, u64)>,
+}
+
+impl Relative {
+    /// The `RELATIVE` relocations of `img` (none unless it is ET_DYN).
+    pub fn of(img: &crate::elf::Image<'_>) -> Relative {
+        let mut values: Vec<(u64, u64)> = if img.kind == crate::elf::ElfKind::Dyn {
+            let t = img.target.relative_reloc();
+            img.raw_relas()
+                .filter(|r| r.r_type == t)
+                .map(|r| (r.offset, r.addend as u64))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        values.sort_unstable();
+        Relative { values }
+    }
+
+    /// `bytes` (the contents at address `addr`) with every 8-byte pointer a relocation
+    /// wholly inside them fills replaced by its link-time value; borrowed when none is.
+    pub fn apply<'b>(&self, addr: u64, bytes: &'b [u8]) -> Cow<'b, [u8]> {
+        let end = addr.saturating_add(bytes.len() as u64);
+        let from = self.values.partition_point(|&(at, _)| at < addr);
+        let mut out = Cow::Borrowed(bytes);
+        for &(at, value) in self.values[from..].iter().take_while(|&&(at, _)| at < end) {
+            let off = (at - addr) as usize;
+            if let Some(field) = out.to_mut().get_mut(off..off.saturating_add(8)) {
+                field.copy_from_slice(&value.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// [`Image::read_va`](crate::elf::Image::read_va), relocated by [`Relative::apply`].
+    pub fn read_va<'d>(
+        &self,
+        img: &crate::elf::Image<'d>,
+        addr: u64,
+        len: u64,
+    ) -> Option<Cow<'d, [u8]>> {
+        img.read_va(addr, len).map(|b| self.apply(addr, b))
+    }
 }
 
 /// The offsets of the records in `data` (the contents of a `kind` section of `path`),
@@ -199,5 +254,25 @@ mod tests {
         assert_eq!(d[&key], Some(2));
         let e = declare(&mut d, "f", &key, Some(3)).unwrap_err().to_string();
         assert!(e.contains("declared with 2 and with 3 arguments"), "{e}");
+    }
+
+    #[test]
+    fn relative_values_replace_whole_pointers_inside_the_range_only() {
+        let rel = Relative {
+            values: vec![(0x0ff8, 1), (0x1000, 0xaa), (0x1010, 0xbb), (0x1014, 0xdd)],
+        };
+        let bytes = [0u8; 0x18];
+        let out = rel.apply(0x1000, &bytes);
+        assert_eq!(u64_at(&out, 0), 0xaa);
+        assert_eq!(u64_at(&out, 8), 0);
+        assert_eq!(
+            u64_at(&out, 0x10),
+            0xbb,
+            "a pointer that does not fit is left"
+        );
+        // No relocation in range: borrowed, unchanged.
+        assert!(matches!(rel.apply(0x2000, &bytes), Cow::Borrowed(_)));
+        let empty = Relative { values: Vec::new() };
+        assert!(matches!(empty.apply(0x1000, &bytes), Cow::Borrowed(_)));
     }
 }

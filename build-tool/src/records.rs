@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use object::elf;
 use object::{Object, ObjectSection, ObjectSymbol};
 
-use crate::elf::{ElfKind, Image, Reloc};
-use crate::record_section::{self, IFUNC_RECORDS, u64_at};
+use crate::elf::{Image, Reloc};
+use crate::record_section::{self, IFUNC_RECORDS, Relative, u64_at};
 use crate::sites::{Selected, SiteScan, find_sites_with};
 use crate::target::RelocClass;
 
@@ -115,11 +115,6 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
     if syms.is_empty() {
         return Ok(Vec::new());
     }
-    ensure!(
-        img.kind == ElfKind::Exec,
-        "{}: GNU ifuncs are supported in static ET_EXEC images only",
-        img.path
-    );
     // Each is paired with its PLT entry through a call's relocation: without
     // relocations none could be, and the image would look as if it had no ifunc.
     ensure!(
@@ -213,16 +208,11 @@ fn read_rust_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
     let Some(sec) = img.section_by_name(RECORD_SECTION) else {
         return Ok(Vec::new());
     };
-    if img.kind != ElfKind::Exec {
-        bail!(
-            "{}: ifunc records can only be read from ET_EXEC images so far (this file is {:?})",
-            img.path,
-            img.kind
-        );
-    }
     let data = sec
         .data()
         .with_context(|| format!("{}: cannot read section {RECORD_SECTION}", img.path))?;
+    // In a PIE the pointers are read through their RELATIVE relocations.
+    let data = &*Relative::of(img).apply(sec.address(), data);
     // Function symbols by address, built once (a per-record scan is quadratic).
     let mut text_syms: HashMap<u64, String> = HashMap::new();
     for s in img.file.symbols() {

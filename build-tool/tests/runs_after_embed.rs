@@ -2,14 +2,20 @@
 //! PIE, dynamic non-PIE) with a GNU ifunc of their own and thread-local data are run
 //! before and after `ksites embed`, and must print the same and exit 0; each reports
 //! the `AT_PHDR` Linux gave it, checked against the output's program headers. The
-//! kinds `embed` does not support yet (ET_DYN with ifuncs) must be refused cleanly.
+//! position-independent ones (ET_DYN, linked by ld.bfd and by lld) also fire C probes
+//! (`KSITES_PROBE`) and check at run time, wherever Linux loaded them, that the table
+//! cell leads to the table. A Rust PIE with `ifunc!` and `probe!` records (whose
+//! pointers lld leaves zero, to be read from their RELATIVE relocations) embeds too.
 
 mod common;
+#[path = "common/module_build.rs"]
+mod module_build;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kernel_loader::cell::{CELL_MAGIC, CELL_SYMBOL};
+use object::ObjectSection;
 use object::elf::{FileHeader64, PT_LOAD};
 use object::read::elf::{FileHeader, ProgramHeader};
 
@@ -240,23 +246,6 @@ fn embeds_and_runs(dir: &Path, name: &str, flags: &[&str], extra: &str) -> [Phdr
     [in_layout, layout]
 }
 
-/// Builds `name` with `flags` and checks that `embed` refuses it: exit 1, a message
-/// naming the input and saying why, no output written. The input runs.
-fn refused(dir: &Path, name: &str, flags: &[&str], why: &str) {
-    let input = gcc_program(dir, name, flags, &program(true, ""));
-    run_program(&input);
-    let output = dir.join(format!("{name}.k"));
-    let o = embed(&input, &output);
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{name}: {err}");
-    assert!(
-        err.contains(&input.display().to_string()) && err.contains(why),
-        "{name}: {err}"
-    );
-    assert!(!output.exists(), "{name}: output written");
-    assert!(common::temp_files_left(dir).is_empty());
-}
-
 #[test]
 fn static_glibc_non_pie_with_tls_runs_after_embed() {
     // The case that crashed: glibc's own 25 ifuncs, and static glibc finds its TLS
@@ -290,27 +279,205 @@ fn static_glibc_with_a_large_bss_runs_after_embed_on_this_kernel() {
     assert!(grown < 64 << 10, "output grew by {grown} bytes");
 }
 
-#[test]
-fn static_pie_with_ifuncs_is_refused() {
-    // ET_DYN: embedding into position-independent images is not supported yet.
+/// C probes for [`program`]'s `extra` (built with [`sdt_flag`]), fired from a
+/// constructor, and a check, wherever the image was loaded, that a filled table cell
+/// (self-relative) leads to the table's magic: the program aborts if not.
+fn probes_and_cell_check() -> String {
+    format!(
+        r#"#include <stdlib.h>
+#include "ksites_sdt.h"
+KSITES_PROBE_DECL(app, tick, 1, (unsigned long n))
+KSITES_PROBE_DECL(app, tock, 0, (void))
+__attribute__((constructor)) static void fire(void) {{
+    KSITES_PROBE(app, tick, 7);
+    if (KSITES_PROBE_ENABLED(app, tick)) puts("tick enabled");
+    KSITES_PROBE(app, tock);
+    const volatile struct cell *c = &{CELL_SYMBOL};
+    if (c->o != 0 && memcmp((const char *)c + c->o, "KSITES\0\0", 8) != 0) abort();
+}}
+"#
+    )
+}
+
+/// `-I` for `ksites_sdt.h`.
+fn sdt_flag() -> String {
+    format!("-I{}/../kernel-loader/c", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `-fuse-ld=lld` and, when no `ld.lld` is on `PATH`, `-B` for the toolchain's own
+/// (rust-lld behind its `gcc-ld/ld.lld` wrapper).
+fn lld_flags() -> Vec<String> {
+    let mut v = vec!["-fuse-ld=lld".to_string()];
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("ld.lld").is_file()));
+    if !on_path {
+        let o = run(Command::new("rustc").args(["--print", "target-libdir"]));
+        let dir = PathBuf::from(text(&o.stdout).trim()).join("../bin/gcc-ld");
+        assert!(
+            dir.join("ld.lld").is_file(),
+            "no ld.lld in {}",
+            dir.display()
+        );
+        v.push(format!("-B{}", dir.display()));
+    }
+    v
+}
+
+/// A PIE with a GNU ifunc and C probes, linked with `flags`: it embeds, verifies,
+/// runs as before (see [`embeds_and_runs`]), and `inspect` lists the ifunc and the
+/// probes with their sites.
+fn pie_embeds_and_runs(name: &str, flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    refused(
-        dir.path(),
-        "static-pie",
-        &["-static-pie"],
-        "GNU ifuncs are supported in static ET_EXEC images only",
+    let sdt = sdt_flag();
+    let flags: Vec<&str> = flags.iter().copied().chain([sdt.as_str()]).collect();
+    let [input, out] = embeds_and_runs(dir.path(), name, &flags, &probes_and_cell_check());
+    // PT_PHDR (dynamic PIEs, and lld's static ones) is kept, moved with the headers.
+    let phdr = |l: &PhdrLayout| l.line.contains(" 0x6 ");
+    assert_eq!(phdr(&out), phdr(&input), "{name}: {}", out.line);
+    assert!(
+        phdr(&out) || !flags.contains(&"-pie"),
+        "{name}: {}",
+        out.line
+    );
+    let o = run(Command::new(KSITES)
+        .arg("inspect")
+        .arg(dir.path().join(format!("{name}.k"))));
+    let listing = text(&o.stdout);
+    assert!(o.status.success(), "{name}: inspect: {}", text(&o.stderr));
+    assert!(listing.contains(": ELF Dyn "), "{name}: {listing}");
+    assert!(listing.contains("ifunc scale "), "{name}: {listing}");
+    assert!(
+        listing.contains("probe app:tick nargs=1 sites=2"),
+        "{name}: {listing}"
+    );
+    assert!(
+        listing.contains("probe app:tock nargs=0 sites=1"),
+        "{name}: {listing}"
     );
 }
 
 #[test]
-fn dynamic_pie_with_ifuncs_is_refused() {
+fn static_pie_with_ifuncs_and_probes_runs_after_embed() {
+    // ET_DYN without a dynamic loader: glibc relocates itself (RELATIVE, IRELATIVE).
+    pie_embeds_and_runs("static-pie", &["-static-pie"]);
+}
+
+#[test]
+fn dynamic_pie_with_ifuncs_and_probes_runs_after_embed() {
+    // ld.so finds the load bias through PT_PHDR (moved with the program headers).
+    pie_embeds_and_runs("pie", &["-pie", "-fPIE"]);
+}
+
+#[test]
+fn static_pie_linked_by_lld_runs_after_embed() {
+    // lld leaves the fields of RELATIVE-relocated pointers zero: the records' pointers
+    // are read from the relocations' addends.
+    let lld = lld_flags();
+    let flags: Vec<&str> = ["-static-pie"]
+        .into_iter()
+        .chain(lld.iter().map(String::as_str))
+        .collect();
+    pie_embeds_and_runs("lld-static-pie", &flags);
+}
+
+#[test]
+fn dynamic_pie_linked_by_lld_runs_after_embed() {
+    let lld = lld_flags();
+    let flags: Vec<&str> = ["-pie", "-fPIE"]
+        .into_iter()
+        .chain(lld.iter().map(String::as_str))
+        .collect();
+    pie_embeds_and_runs("lld-pie", &flags);
+}
+
+/// A Rust program (host, PIE by default) with an `ifunc!` and a `probe!`.
+const RUST_PIE: &str = r#"
+use kernel_loader::{CpuFeatures, ifunc, probe};
+extern "C" fn twice_soft(x: u64) -> u64 { 2 * x }
+fn pick(_: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u64 { twice_soft }
+ifunc! {
+    pub fn twice(x: u64) -> u64;
+    default = twice_soft;
+    resolver = pick;
+}
+fn main() {
+    let n = std::env::args().count() as u64;
+    probe!(app, tick, n);
+    println!("twice {}", twice(n + 20));
+}
+"#;
+
+#[test]
+fn rust_pie_with_ifunc_and_probe_records_runs_after_embed() {
     let dir = tempfile::tempdir().unwrap();
-    refused(
-        dir.path(),
-        "pie",
-        &["-pie", "-fPIE"],
-        "GNU ifuncs are supported in static ET_EXEC images only",
+    let d = dir.path();
+    module_build::cargo_build_kernel_loader(&[], &d.join("kl"));
+    let kl = d.join("kl/debug");
+    std::fs::write(d.join("main.rs"), RUST_PIE).unwrap();
+    let lld = lld_flags();
+    for (name, flags) in [
+        ("rust-bfd", vec!["-fuse-ld=bfd".to_string()]),
+        ("rust-lld", lld),
+    ] {
+        let mut cmd = Command::new("rustc");
+        cmd.args(["--edition", "2024", "-O", "main.rs", "-o", name])
+            .arg("--extern")
+            .arg(format!(
+                "kernel_loader={}",
+                kl.join("libkernel_loader.rlib").display()
+            ))
+            .arg("-L")
+            .arg(format!("dependency={}", kl.join("deps").display()))
+            .args(["-C", "link-arg=-Wl,--emit-relocs"])
+            .current_dir(d);
+        for f in &flags {
+            cmd.arg("-C").arg(format!("link-arg={f}"));
+        }
+        let o = run(&mut cmd);
+        assert!(o.status.success(), "rustc {name}: {}", text(&o.stderr));
+        let input = d.join(name);
+        let data = std::fs::read(&input).unwrap();
+        let img = ksites::elf::Image::parse(name, &data).unwrap();
+        assert_eq!(img.kind, ksites::elf::ElfKind::Dyn, "{name}");
+        // ld.bfd writes the records' pointers (the trampoline's, at +8) into the
+        // section too; lld leaves them zero: both ways must be read.
+        let rec = img.section_by_name(".ksites_ifuncs").unwrap();
+        let tramp = u64::from_le_bytes(rec.data().unwrap()[8..16].try_into().unwrap());
+        assert_eq!(tramp == 0, name == "rust-lld", "{name}: {tramp:#x}");
+        let before = run_program_stdout(&input);
+        assert_eq!(before, "twice 42\n");
+        let output = d.join(format!("{name}.k"));
+        let o = embed(&input, &output);
+        assert!(o.status.success(), "{name}: embed: {}", text(&o.stderr));
+        let v = run(Command::new(KSITES).arg("verify").arg(&output));
+        assert!(v.status.success(), "{name}: verify: {}", text(&v.stdout));
+        assert_eq!(run_program_stdout(&output), before, "{name}");
+        let o = run(Command::new(KSITES).arg("inspect").arg(&output));
+        let listing = text(&o.stdout);
+        assert!(listing.contains("ifunc main::twice "), "{name}: {listing}");
+        assert!(
+            listing.contains("default=0x") && listing.contains(" main::twice_soft"),
+            "{name}: {listing}"
+        );
+        assert!(
+            listing.contains("probe app:tick nargs=1 sites=1"),
+            "{name}: {listing}"
+        );
+    }
+    assert!(common::temp_files_left(d).is_empty());
+}
+
+/// Runs `exe`: it must exit 0; returns its stdout.
+fn run_program_stdout(exe: &Path) -> String {
+    let o = run(&mut Command::new(exe));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}: {}",
+        exe.display(),
+        text(&o.stderr)
     );
+    text(&o.stdout)
 }
 
 #[test]

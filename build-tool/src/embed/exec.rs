@@ -1,4 +1,5 @@
-//! `ksites embed` on linked images (ET_EXEC): the table goes into a new `PT_LOAD`
+//! `ksites embed` on linked images (ET_EXEC, and ET_DYN PIEs at their link-time
+//! addresses, which the self-relative cell does not depend on): the table goes into a new `PT_LOAD`
 //! ([`append_segment`]), the image's table cell points at it, C probe sites get their
 //! disabled form (their relocations become "none"), `probe!` records get their ids,
 //! and SystemTap notes describe the probe sites ([`stapsdt_notes`]).
@@ -13,7 +14,7 @@ use object::{LittleEndian as LE, U16, U32, U64};
 
 use super::report::{AlreadyEmbedded, EmbedReport};
 use super::{Embedded, Output};
-use crate::elf::{ElfKind, Image};
+use crate::elf::Image;
 use crate::probes::{ProbeScan, find_probes};
 use crate::records::{find_ifunc_sites, read_ifuncs};
 use crate::table::{IfuncEntry, SiteEntry, TableInput, build_sites_for, table_size_with};
@@ -40,11 +41,6 @@ pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Res
             check: None,
         });
     }
-    ensure!(
-        img.kind == ElfKind::Exec,
-        "{path}: embedding into {:?} files is not supported yet (ET_EXEC only)",
-        img.kind
-    );
     ensure!(
         img.has_text_relocations(),
         "{path}: executable sections carry no relocations; link with --emit-relocs \

@@ -1,7 +1,7 @@
 //! `ksites embed`: discover sites, write the `.ksites` table, and write the output
 //! atomically.
 //!
-//! * [`exec`]: linked images (ET_EXEC): the table in a new `PT_LOAD`, the table cell
+//! * [`exec`]: linked images (ET_EXEC, ET_DYN): the table in a new `PT_LOAD`, the table cell
 //!   filled, C probe sites disabled.
 //! * [`rel`]: relocatable objects (ET_REL modules): `.ksites` and `.rela.ksites`, laid
 //!   out by the module layout contract ([`kernel_loader::module::layout`]).

@@ -388,6 +388,14 @@ impl Target {
             Target::X86_64 => x86_64::IRELATIVE_RELOC,
         }
     }
+
+    /// The dynamic relocation type of an absolute pointer in a position-independent
+    /// image (`B + A`, the addend being the link-time value).
+    pub const fn relative_reloc(self) -> u32 {
+        match self {
+            Target::X86_64 => x86_64::RELATIVE_RELOC,
+        }
+    }
 }
 
 /// Code for the generic engine's tests, from the target: each instruction whole, a

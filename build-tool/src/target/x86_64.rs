@@ -49,6 +49,10 @@ pub const ABS64_RELOC: u32 = elf::R_X86_64_64;
 /// The IRELATIVE relocation of a GNU ifunc's slot.
 pub const IRELATIVE_RELOC: u32 = elf::R_X86_64_IRELATIVE;
 
+/// The dynamic relocation of an absolute pointer in a position-independent image
+/// (`B + A`): its addend is the pointer's link-time value.
+pub const RELATIVE_RELOC: u32 = elf::R_X86_64_RELATIVE;
+
 /// What a raw relocation type is.
 #[inline]
 pub fn reloc_class(t: u32) -> RelocClass {
@@ -94,6 +98,7 @@ pub fn reloc_name(t: u32) -> &'static str {
         elf::R_X86_64_REX_GOTPCRELX => "R_X86_64_REX_GOTPCRELX",
         elf::R_X86_64_GOT32 => "R_X86_64_GOT32",
         elf::R_X86_64_IRELATIVE => "R_X86_64_IRELATIVE",
+        elf::R_X86_64_RELATIVE => "R_X86_64_RELATIVE",
         _ => "R_X86_64_?",
     }
 }
