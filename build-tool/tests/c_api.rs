@@ -1,7 +1,10 @@
 //! C kernels: `KSITES_TABLE_CELL()` from `kernel-loader/c/ksites.h` defines a cell that
 //! `ksites embed` fills (a static C program with a GNU ifunc embeds, verifies and still
 //! runs), and the C API's declarations in `ksites.h` link against the
-//! `kernel-loader-capi` static library and behave as documented on the host.
+//! `kernel-loader-capi` static library and behave as documented on the host: errors
+//! before `embed`, and after it `ksites_init`, a C call and a C tail probe enabled with
+//! a C handler (the tail's `int3` reaching `ksites_handle_int3` from a `SIGTRAP`
+//! handler), hits, disable.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -217,4 +220,157 @@ fn c_api_header_links_against_the_staticlib_and_behaves() {
         &[&lib, Path::new("-lgcc_s"), Path::new("-lm")],
     );
     assert_eq!(run_ok(&exe), "ok\n");
+}
+
+/// A C program using the whole C API on itself once embedded: an `mprotect` poker over
+/// its text, a `SIGTRAP` handler that calls `ksites_handle_int3` (as a C kernel's #BP
+/// handler would), a call probe and a tail probe (an `int3` while enabled).
+const INIT_PROGRAM: &str = r#"#define _GNU_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+#include "ksites.h"
+
+KSITES_PROBE_DECL(capi, call, 1, (unsigned long a))
+KSITES_PROBE_DECL(capi, tail, 1, (unsigned long a))
+
+extern char __executable_start[], etext[];
+
+
+volatile unsigned long work;
+__attribute__((noinline)) unsigned long fire_call(unsigned long x) {
+    KSITES_PROBE(capi, call, x);
+    return x + 1;
+}
+__attribute__((noinline)) void fire_tail(unsigned long x) {
+    work += x;
+    KSITES_PROBE(capi, tail, x);
+}
+
+/* The text poker: the executable range writable between begin and end. */
+static uintptr_t lo, hi;
+static int writes, protects;
+static int p_begin(void *ctx) {
+    (void)ctx;
+    protects++;
+    return mprotect((void *)lo, hi - lo, PROT_READ | PROT_WRITE | PROT_EXEC) ? KSITES_POKE_PROTECT : 0;
+}
+static int p_write(void *ctx, uint64_t addr, const uint8_t *b, size_t n) {
+    (void)ctx;
+    if (addr < lo || addr + n > hi) return KSITES_POKE_NOT_TEXT;
+    memcpy((void *)(uintptr_t)addr, b, n);
+    writes++;
+    return 0;
+}
+static void p_sync(void *ctx) { (void)ctx; __sync_synchronize(); }
+static void p_end(void *ctx) { (void)ctx; mprotect((void *)lo, hi - lo, PROT_READ | PROT_EXEC); }
+
+/* The #BP hook from SIGTRAP, as a C kernel's own #BP handler would call it. */
+static int traps;
+static void on_trap(int sig, siginfo_t *si, void *uc_) {
+    (void)sig; (void)si;
+    ucontext_t *uc = uc_;
+    greg_t *g = uc->uc_mcontext.gregs;
+    struct ksites_int3_frame f = {
+        (uint64_t)g[REG_RIP], (uint64_t)g[REG_RSP], (uint64_t)g[REG_RAX], (uint64_t)g[REG_RDI],
+        (uint64_t)g[REG_RSI], (uint64_t)g[REG_RDX], (uint64_t)g[REG_RCX], (uint64_t)g[REG_R8],
+        (uint64_t)g[REG_R9],
+    };
+    if (!ksites_handle_int3(&f)) _exit(70);
+    traps++;
+    g[REG_RIP] = (greg_t)f.rip;
+    g[REG_RSP] = (greg_t)f.rsp;
+    g[REG_RAX] = (greg_t)f.rax;
+}
+
+static uint64_t calls[2], last[2];
+static uint32_t ids[2];
+static void handler(uint32_t id, const uint64_t args[6]) {
+    int i = id == ids[1];
+    calls[i]++;
+    last[i] = args[0];
+}
+
+#define CHECK(e) do { if (!(e)) { printf("failed: %s\n", #e); return 1; } } while (0)
+
+int main(void) {
+    long page = sysconf(_SC_PAGESIZE);
+    lo = (uintptr_t)__executable_start & ~(uintptr_t)(page - 1);
+    hi = ((uintptr_t)etext + page - 1) & ~(uintptr_t)(page - 1);
+    struct ksites_poker poker = { NULL, p_begin, p_write, p_sync, p_end };
+    struct ksites_range exec = { (uint64_t)(uintptr_t)__executable_start, (uint64_t)(uintptr_t)etext };
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_trap;
+    sa.sa_flags = SA_SIGINFO;
+    CHECK(sigaction(SIGTRAP, &sa, NULL) == 0);
+
+    uint32_t n = 0;
+    int r = ksites_init(&exec, 1, &poker, &n);
+    if (r) { printf("init: %s\n", ksites_strerror(r)); return 1; }
+    CHECK(n == 0);
+    CHECK(ksites_probe_lookup("capi:call", &ids[0]) == 0);
+    CHECK(ksites_probe_lookup("capi:tail", &ids[1]) == 0);
+    CHECK(ksites_probe_enable(ids[0], handler, &poker) == KSITES_ENOTRAP);
+    ksites_declare_int3_route();
+    CHECK(ksites_probe_enable(ids[0], handler, &poker) == 0);
+    CHECK(ksites_probe_enable(ids[1], handler, &poker) == 0);
+    CHECK(fire_call(5) == 6);
+    fire_tail(6);
+    CHECK(calls[0] == 1 && last[0] == 5 && calls[1] == 1 && last[1] == 6);
+    CHECK(ksites_probe_hits(ids[0]) == 1 && ksites_probe_hits(ids[1]) == 1);
+    CHECK(traps >= 1);
+    CHECK(ksites_probe_disable(ids[0], &poker) == 0);
+    CHECK(ksites_probe_disable(ids[1], &poker) == 0);
+    CHECK(fire_call(1) == 2);
+    fire_tail(1);
+    CHECK(calls[0] == 1 && calls[1] == 1 && work == 7);
+    CHECK(ksites_init(&exec, 1, &poker, &n) < 0);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn c_api_init_enable_fire_disable_on_an_embedded_c_program() {
+    let lib = host_staticlib();
+    let dir = fresh_dir("c_api_init");
+    let input = gcc(
+        &dir,
+        "init",
+        INIT_PROGRAM,
+        &["-no-pie", "-fno-pie", "-Wl,--emit-relocs"],
+        &[&lib, Path::new("-lgcc_s"), Path::new("-lm")],
+    );
+    // Not embedded: the library's cell is empty.
+    let o = run(&mut Command::new(&input));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stdout).contains("init: the image's table cell is empty"),
+        "{}",
+        text(&o.stdout)
+    );
+    let output = dir.join("init.k");
+    let o = run(Command::new(KSITES)
+        .arg("embed")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output));
+    assert!(o.status.success(), "embed: {}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("2 probes, 2 probe sites"),
+        "{}",
+        text(&o.stdout)
+    );
+    let v = run(Command::new(KSITES).arg("verify").arg(&output));
+    assert!(
+        v.status.success(),
+        "verify: {}{}",
+        text(&v.stdout),
+        text(&v.stderr)
+    );
+    assert_eq!(run_ok(&output), "ok\n");
 }
