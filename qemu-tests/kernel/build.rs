@@ -1,5 +1,5 @@
 //! Passes the kernel's linker script to the linker with an absolute path, compiles
-//! the C code (dtrace-style probes in c/cprobes.c, a GNU ifunc in c/cifunc.c) with gcc,
+//! the C code (dtrace-style probes in c/cprobes.c, a GNU ifunc in c/cifunc.c, the C API's use in c/capi.c) with gcc,
 //! and includes the test modules (see [`include_modules`]).
 
 use std::fmt::Write as _;
@@ -56,6 +56,9 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=c/cprobes.c");
     println!("cargo:rerun-if-changed=c/cifunc.c");
+    println!("cargo:rerun-if-changed=c/capi.c");
+    println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites.h");
+    println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_module.h");
     println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_sdt.h");
     println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_arch.h");
 
@@ -63,6 +66,7 @@ fn main() {
         .compiler("gcc")
         .file("c/cprobes.c")
         .file("c/cifunc.c")
+        .file("c/capi.c")
         .include("../../kernel-loader/c")
         .pic(false)
         .opt_level(2)

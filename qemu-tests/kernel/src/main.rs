@@ -14,6 +14,7 @@ pub mod acpi;
 pub mod apic;
 pub mod arena;
 pub mod boot;
+pub mod capi_tests;
 pub mod cpu;
 pub mod cpu_state_tests;
 pub mod exit;
@@ -71,6 +72,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     module_tests::run(&mut harness);
     smp_tests::run(&mut harness);
     trap_tests::run(&mut harness);
+    capi_tests::run(&mut harness);
     selftest::run(&mut harness);
     harness.finish()
 }
