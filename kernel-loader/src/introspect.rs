@@ -60,7 +60,10 @@ impl<'t> LiveImage<'t> {
     /// `table` describes this running image or a module loaded into it, as for
     /// [`crate::patch::init`]: its sites and trampolines (an import's: the kernel's) are
     /// mapped and readable at their addresses, and so are its slots (an import's: the
-    /// slot its trampoline jumps through), for as long as the `LiveImage` lives.
+    /// slot its trampoline jumps through), for all of `'t`: the `IfuncInfo`s and site
+    /// iterators it hands out are `Copy` and may outlive it, and they read those
+    /// addresses. For a module (whose table is `'static`), drop everything obtained
+    /// from its `LiveImage` before unloading it.
     pub unsafe fn new(table: Table<'t>) -> LiveImage<'t> {
         LiveImage { table }
     }

@@ -53,7 +53,13 @@ pub(super) fn check_route() -> Result<(), ProbeError> {
 /// probe site's (a debugger's breakpoint, an `int3` in the kernel's own code). It
 /// returns `true` if it handled the trap; if it returns `false`, or none is set, the
 /// stub ends in `ud2` (see [`int3_entry`]). It runs in trap context.
-pub fn set_int3_fallback(fallback: Option<Int3Hook>) {
+///
+/// # Safety
+///
+/// What `fallback` leaves in the frame when it returns `true` is where and how the
+/// interrupted code resumes (rip, rsp and the registers): it must be a valid
+/// continuation of that code (e.g. rip unchanged after a debugger's breakpoint).
+pub unsafe fn set_int3_fallback(fallback: Option<Int3Hook>) {
     FALLBACK.store(fallback.map_or(0, |f| f as usize), Ordering::SeqCst);
 }
 
@@ -61,7 +67,13 @@ pub fn set_int3_fallback(fallback: Option<Int3Hook>) {
 /// [`handle_int3`] (the fallback still runs if it returns `false`): for a kernel that
 /// counts or traces traps around the emulation. The hook must call [`handle_int3`] on
 /// the frame it gets (and return `true` when that does), or enabled probes break.
-pub fn set_int3_hook(hook: Option<Int3Hook>) {
+///
+/// # Safety
+///
+/// The hook passes every trap at a probe site to [`handle_int3`] and returns its result,
+/// leaving the frame as [`handle_int3`] left it: the frame decides where the interrupted
+/// code resumes, and a site mid-patch resumed anywhere else runs half an instruction.
+pub unsafe fn set_int3_hook(hook: Option<Int3Hook>) {
     HOOK.store(hook.map_or(0, |f| f as usize), Ordering::SeqCst);
 }
 
@@ -135,19 +147,22 @@ mod tests {
     #[test]
     fn an_int3_outside_probe_sites_goes_to_the_fallback() {
         // (The only test that sets the hook and fallback slots.)
-        set_int3_fallback(None);
-        assert_eq!(trap(), (false, 0), "no fallback: unhandled");
-        set_int3_fallback(Some(decline));
-        assert_eq!(trap(), (false, 100));
-        set_int3_fallback(Some(accept));
-        assert_eq!(trap(), (true, 1));
-        set_int3_hook(Some(decline));
-        assert_eq!(trap(), (true, 101), "hook declined: the fallback runs");
-        set_int3_hook(Some(accept));
-        set_int3_fallback(Some(decline));
-        assert_eq!(trap(), (true, 1), "hook handled: no fallback");
-        set_int3_hook(None);
-        set_int3_fallback(None);
+        // SAFETY: nothing traps in this test; the hooks are only called by hand.
+        unsafe {
+            set_int3_fallback(None);
+            assert_eq!(trap(), (false, 0), "no fallback: unhandled");
+            set_int3_fallback(Some(decline));
+            assert_eq!(trap(), (false, 100));
+            set_int3_fallback(Some(accept));
+            assert_eq!(trap(), (true, 1));
+            set_int3_hook(Some(decline));
+            assert_eq!(trap(), (true, 101), "hook declined: the fallback runs");
+            set_int3_hook(Some(accept));
+            set_int3_fallback(Some(decline));
+            assert_eq!(trap(), (true, 1), "hook handled: no fallback");
+            set_int3_hook(None);
+            set_int3_fallback(None);
+        }
         assert_eq!(trap(), (false, 0));
         assert_ne!(int3_entry_address(), 0);
     }

@@ -338,6 +338,8 @@ pub fn init() {
         }
         // #BP: the crate's ready entry, as is.
         (*idt)[usize::from(BREAKPOINT)] = IdtEntry::interrupt_gate(probe::int3_entry_address(), 0);
+        // SAFETY: the fallback only runs the test hooks, which leave the frame as a
+        // valid continuation (they resume after their own `int3`s).
         probe::set_int3_fallback(Some(breakpoint_fallback));
         // Every CPU loads this IDT before it runs kernel code (`load_cpu_tables`), so
         // every #BP reaches `int3_entry`, which runs `handle_int3`.

@@ -893,7 +893,8 @@ pub fn run(h: &mut Harness) {
         }
     };
     set_table(table);
-    probe::set_int3_hook(Some(bp_hook));
+    // SAFETY: `bp_hook` passes every trap to `probe::handle_int3` and returns its result.
+    unsafe { probe::set_int3_hook(Some(bp_hook)) };
     let poker = WpPoker::default();
     match probe::register_image(table, &poker) {
         Ok(n) => println!(

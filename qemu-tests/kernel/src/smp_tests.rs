@@ -1262,7 +1262,8 @@ pub fn run(h: &mut Harness) {
         h.check("smp_probe_table", Err("no probe table registered"));
         return;
     };
-    probe::set_int3_hook(Some(pt::bp_hook));
+    // SAFETY: `bp_hook` passes every trap to `probe::handle_int3` and returns its result.
+    unsafe { probe::set_int3_hook(Some(pt::bp_hook)) };
     EXPECT_CRC.store(kfuncs::crc32c_of(CRC_DATA), Ordering::Relaxed);
     EXPECT_SUM.store(
         sum_words().iter().map(|&w| u64::from(w)).sum(),

@@ -232,8 +232,13 @@ pub unsafe fn enable_simd_state() -> SimdState {
         // components together, as XSETBV requires. Discarding state is the caller's
         // call (contract above).
         unsafe { xsetbv0(xcr0) };
-        // EBX of leaf 0xD, sub-leaf 0 is the XSAVE area size for the XCR0 now in force.
-        cpuid(0xd, 0).1
+        // EBX of leaf 0xD, sub-leaf 0 is the XSAVE area size for the XCR0 now in force;
+        // without that leaf (only x87|SSE can be on), the legacy area and the header.
+        if raw.max_leaf >= 0xd {
+            cpuid(0xd, 0).1
+        } else {
+            FXSAVE_AREA_SIZE + 64
+        }
     } else {
         FXSAVE_AREA_SIZE
     };

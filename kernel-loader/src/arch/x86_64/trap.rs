@@ -32,7 +32,8 @@
 //! one the loader does.
 //!
 //! If `trap` returns `false` (no one handled the `int3`), the stub restores every
-//! register as it was on entry and executes `ud2`: the kernel's #UD handler reports it
+//! register (with whatever a declining hook or fallback left in the frame's fields) and
+//! executes `ud2`: the kernel's #UD handler reports it
 //! with the #BP's frame (RIP = the `int3` + 1) on top of its interrupted stack.
 
 /// Defines `pub extern "C" fn int3_entry()`: the #BP entry stub described in this
@@ -54,13 +55,19 @@ macro_rules! int3_entry {
         /// #BP's frame on top of the stack).
         ///
         /// What the kernel must provide: a stack with room for the stub's 12 words and
-        /// the Rust code it calls (any kernel stack, or an IST stack); code built
+        /// the Rust code it calls (a gate with IST 0: the stub is re-entered when a
+        /// handler reaches a site mid-patch or an enabled C tail site, and a nested #BP
+        /// on an IST stack would overwrite the outer frame); code built
         /// without a red zone and without SSE/AVX in the trap path (the stub saves no
         /// vector registers: a soft-float kernel target such as `x86_64-unknown-none`);
         /// and, for a gate with DPL 3, its own GS handling (the stub never runs
-        /// `swapgs`). Not a function to call.
+        /// `swapgs`).
+        ///
+        /// # Safety
+        ///
+        /// Not a function to call: only a CPU delivering #BP may enter it.
         #[unsafe(naked)]
-        pub extern "C" fn int3_entry() {
+        pub unsafe extern "C" fn int3_entry() {
             core::arch::naked_asm!(
                 "push rbp",
                 "mov rbp, rsp",
