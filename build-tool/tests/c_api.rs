@@ -170,24 +170,35 @@ static int w(void *ctx, uint64_t addr, const uint8_t *b, size_t n) {
     (void)ctx; (void)addr; (void)b; (void)n; writes++; return KSITES_POKE_NOT_TEXT;
 }
 static void h(uint32_t id, const uint64_t args[6]) { (void)id; (void)args; }
+static void nop(void *ctx) { (void)ctx; }
 
 #define CHECK(e) do { if (!(e)) { printf("failed: %s\n", #e); return 1; } } while (0)
 
 int main(void) {
-    struct ksites_poker poker = { NULL, NULL, w, NULL, NULL };
-    struct ksites_poker no_write = { NULL, NULL, NULL, NULL, NULL };
+    struct ksites_poker poker = { NULL, NULL, w, nop, nop };
+    struct ksites_poker no_write = { NULL, NULL, NULL, nop, nop };
+    struct ksites_poker no_sync = { NULL, NULL, w, NULL, nop };
+    struct ksites_poker no_end = { NULL, NULL, w, nop, NULL };
     struct ksites_range exec = { 0x1000, 0x2000 };
     uint32_t id = 7, n = 9;
 
     CHECK(strstr(ksites_strerror(KSITES_ENOTFOUND), "no such probe"));
     CHECK(strstr(ksites_strerror(KSITES_ENOTRAP), "ksites_declare_int3_route"));
     CHECK(strstr(ksites_strerror(-1000), "unknown"));
+    CHECK(strstr(ksites_strerror(KSITES_EROLLBACK), "inconsistent"));
+    CHECK(strstr(ksites_strerror(KSITES_EALREADY), "already"));
     CHECK(ksites_probe_lookup("no:such", &id) == KSITES_ENOTFOUND && id == 7);
     CHECK(ksites_probe_lookup(NULL, &id) == KSITES_EINVAL);
     CHECK(ksites_probe_lookup("\xff:x", &id) == KSITES_EINVAL);
     CHECK(ksites_probe_hits(0) == 0);
     CHECK(ksites_probe_enable(0, h, NULL) == KSITES_EINVAL);
     CHECK(ksites_probe_enable(0, h, &no_write) == KSITES_EINVAL);
+    /* Live patching without serialization, or text left writable: refused. */
+    CHECK(ksites_probe_enable(0, h, &no_sync) == KSITES_EINVAL);
+    CHECK(ksites_probe_enable(0, h, &no_end) == KSITES_EINVAL);
+    CHECK(ksites_probe_disable(0, &no_sync) == KSITES_EINVAL);
+    CHECK(ksites_init(&exec, 1, &no_sync, &n) == KSITES_EINVAL && n == 9);
+    CHECK(ksites_init(&exec, 1, &no_end, &n) == KSITES_EINVAL && n == 9);
     CHECK(ksites_probe_enable(0, NULL, &poker) == KSITES_EINVAL);
     CHECK(ksites_probe_enable(0, h, &poker) == KSITES_ENOTFOUND);
     CHECK(ksites_probe_disable(0, &poker) == KSITES_ENOTFOUND);
@@ -328,7 +339,7 @@ int main(void) {
     CHECK(fire_call(1) == 2);
     fire_tail(1);
     CHECK(calls[0] == 1 && calls[1] == 1 && work == 7);
-    CHECK(ksites_init(&exec, 1, &poker, &n) < 0);
+    CHECK(ksites_init(&exec, 1, &poker, &n) == KSITES_EALREADY);
     printf("ok\n");
     return 0;
 }

@@ -16,34 +16,44 @@ extern crate std;
 
 use core::ffi::{CStr, c_char, c_int, c_void};
 use core::ops::Range;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use kernel_loader::cell::CellError;
+use kernel_loader::patch::PatchError;
 use kernel_loader::patch::PokeFailure;
 use kernel_loader::probe::{self, MAX_PROBES, ProbeError, ProbeId};
 use kernel_loader::{CpuFeatures, Error, PokeError, TextPoker, cell, patch};
 
 /// Success.
 pub const KSITES_OK: c_int = 0;
-/// A null pointer, a string that is not UTF-8, or too many ranges.
+/// A null pointer (including a poker without `write`, `sync_cores` or `end`), a string
+/// that is not UTF-8, or too many ranges.
 pub const KSITES_EINVAL: c_int = -1;
 /// No such probe.
 pub const KSITES_ENOTFOUND: c_int = -2;
 /// The image's table cell is empty or invalid.
 pub const KSITES_ECELL: c_int = -3;
-/// The `.ksites` table is malformed.
+/// The `.ksites` table is malformed (also when found through the cell or by patching).
 pub const KSITES_EFORMAT: c_int = -4;
-/// Ifunc patching failed (everything was put back).
+/// Ifunc patching failed (every site was put back).
 pub const KSITES_EPATCH: c_int = -5;
 /// The poker's write failed.
 pub const KSITES_EPOKE: c_int = -6;
 /// Enable before `ksites_declare_int3_route`.
 pub const KSITES_ENOTRAP: c_int = -7;
-/// The image's table is not registered yet, or was registered twice.
+/// The image's table is not registered yet, or was registered twice (by a Rust part).
 pub const KSITES_EREGISTERED: c_int = -8;
 /// Another probe registry error.
 pub const KSITES_EPROBE: c_int = -9;
 /// Any other error.
 pub const KSITES_EOTHER: c_int = -10;
+/// A write failed and restoring a site failed too. From [`ksites_init`]: that site may
+/// hold neither its original nor its patched bytes (the text is inconsistent). From
+/// probe enable/disable: the probe is in its old state, a site may still hold the trap
+/// (emulated by the #BP hook), and the next enable/disable rewrites it.
+pub const KSITES_EROLLBACK: c_int = -11;
+/// [`ksites_init`] already ran (the image is patched and registered).
+pub const KSITES_EALREADY: c_int = -12;
 
 /// Most executable ranges [`ksites_init`] takes.
 pub const MAX_EXEC_RANGES: usize = 16;
@@ -54,13 +64,15 @@ pub const MAX_EXEC_RANGES: usize = 16;
 pub struct KsitesPoker {
     /// Passed to every function.
     pub ctx: *mut c_void,
-    /// Prepares for writes; 0 or a `KSITES_POKE_*` code.
+    /// Prepares for writes (text writable); 0 or a `KSITES_POKE_*` code. May be null
+    /// only if `write` needs no preparation (e.g. it writes through a writable alias).
     pub begin: Option<unsafe extern "C" fn(*mut c_void) -> c_int>,
-    /// Writes `len` bytes at `addr`; 0 or a `KSITES_POKE_*` code.
+    /// Writes `len` bytes at `addr`; 0 or a `KSITES_POKE_*` code. Required.
     pub write: Option<unsafe extern "C" fn(*mut c_void, u64, *const u8, usize) -> c_int>,
-    /// Serializes every CPU that may run the text.
+    /// Serializes every CPU that may run the text. Required.
     pub sync_cores: Option<unsafe extern "C" fn(*mut c_void)>,
-    /// Text is read-only again when it returns.
+    /// Text is read-only again when it returns. Required (a no-op function if `begin`
+    /// never makes the text writable).
     pub end: Option<unsafe extern "C" fn(*mut c_void)>,
 }
 
@@ -89,7 +101,8 @@ fn failure(code: c_int) -> PokeFailure {
     }
 }
 
-/// [`KsitesPoker`] adapted to [`TextPoker`]; `write` is required (checked by [`poker`]).
+/// [`KsitesPoker`] adapted to [`TextPoker`]; `write`, `sync_cores` and `end` are
+/// required (checked by [`poker`]).
 struct CPoker(KsitesPoker);
 
 impl TextPoker for CPoker {
@@ -130,7 +143,8 @@ impl TextPoker for CPoker {
     }
 }
 
-/// Copies the C poker at `p`, or `None` if `p` is null or has no `write`.
+/// Copies the C poker at `p`, or `None` if `p` is null or lacks `write`, `sync_cores` or
+/// `end` (live patching without serialization, or text left writable, is refused).
 ///
 /// # Safety
 ///
@@ -138,14 +152,17 @@ impl TextPoker for CPoker {
 unsafe fn poker(p: *const KsitesPoker) -> Option<CPoker> {
     // SAFETY: the caller's precondition.
     let p = unsafe { p.as_ref() }?;
-    p.write.is_some().then_some(CPoker(*p))
+    (p.write.is_some() && p.sync_cores.is_some() && p.end.is_some()).then_some(CPoker(*p))
 }
 
 /// The error code of `e`.
 fn code(e: Error) -> c_int {
     match e {
-        Error::Format(_) => KSITES_EFORMAT,
+        Error::Format(_)
+        | Error::Cell(CellError::Format(_))
+        | Error::Patch(PatchError::Format(_)) => KSITES_EFORMAT,
         Error::Cell(_) => KSITES_ECELL,
+        Error::Patch(PatchError::RollbackIncomplete { .. }) => KSITES_EROLLBACK,
         Error::Patch(_) => KSITES_EPATCH,
         Error::Poke(_) => KSITES_EPOKE,
         Error::Probe(p) => match p {
@@ -153,6 +170,7 @@ fn code(e: Error) -> c_int {
             ProbeError::NoTrapRoute => KSITES_ENOTRAP,
             ProbeError::NotRegistered | ProbeError::AlreadyRegistered => KSITES_EREGISTERED,
             ProbeError::Poke(_) => KSITES_EPOKE,
+            ProbeError::RollbackIncomplete { .. } => KSITES_EROLLBACK,
             _ => KSITES_EPROBE,
         },
         _ => KSITES_EOTHER,
@@ -169,7 +187,9 @@ fn result<E: Into<Error>>(r: Result<(), E>) -> c_int {
 pub extern "C" fn ksites_strerror(err: c_int) -> *const c_char {
     let s: &'static CStr = match err {
         KSITES_OK => c"success",
-        KSITES_EINVAL => c"invalid argument (null pointer, bad string, or too many ranges)",
+        KSITES_EINVAL => {
+            c"invalid argument (null pointer, poker without write/sync_cores/end, bad string, or too many ranges)"
+        }
         KSITES_ENOTFOUND => c"no such probe",
         KSITES_ECELL => c"the image's table cell is empty or invalid (run `ksites embed`)",
         KSITES_EFORMAT => c"the .ksites table is malformed",
@@ -179,6 +199,10 @@ pub extern "C" fn ksites_strerror(err: c_int) -> *const c_char {
         KSITES_EREGISTERED => c"the image's table is not registered, or registered twice",
         KSITES_EPROBE => c"probe registry error",
         KSITES_EOTHER => c"error",
+        KSITES_EROLLBACK => {
+            c"a failed write could not restore every site; the text is inconsistent (probe enable/disable: retry)"
+        }
+        KSITES_EALREADY => c"ksites_init already ran",
         _ => c"unknown ksites error code",
     };
     s.as_ptr()
@@ -187,6 +211,7 @@ pub extern "C" fn ksites_strerror(err: c_int) -> *const c_char {
 /// Boot-time init: the image's table (through its cell, validated against `exec`),
 /// every ifunc resolved for the detected CPU features and its sites patched, the
 /// image's probes registered. `ifuncs`, if not null, gets the number of ifuncs resolved.
+/// After a successful init (or one by a Rust part), returns [`KSITES_EALREADY`].
 ///
 /// # Safety
 ///
@@ -214,6 +239,9 @@ pub unsafe extern "C" fn ksites_init(
         *r = c.start..c.end;
     }
     let ranges = &ranges[..nexec];
+    if INITIALIZED.load(Ordering::Acquire) {
+        return KSITES_EALREADY;
+    }
     let run = |p: &mut CPoker| -> Result<u32, Error> {
         // SAFETY: the caller's precondition (this image, processed by `ksites embed`).
         let table = unsafe { cell::image_table(ranges) }?;
@@ -224,15 +252,24 @@ pub unsafe extern "C" fn ksites_init(
     };
     match run(&mut p) {
         Ok(n) => {
+            INITIALIZED.store(true, Ordering::Release);
             // SAFETY: the caller's precondition: null or writable.
             if let Some(out) = unsafe { ifuncs.as_mut() } {
                 *out = n;
             }
             KSITES_OK
         }
+        // A Rust part of the kernel initialized already.
+        Err(
+            Error::Patch(PatchError::AlreadyPatched { .. })
+            | Error::Probe(ProbeError::AlreadyRegistered),
+        ) => KSITES_EALREADY,
         Err(e) => code(e),
     }
 }
+
+/// Set once [`ksites_init`] succeeded.
+static INITIALIZED: AtomicBool = AtomicBool::new(false);
 
 /// The id of probe `spec` ("provider:name").
 ///
@@ -274,7 +311,8 @@ fn dispatch(id: ProbeId, args: &[u64; 6]) {
     }
 }
 
-/// Enables probe `id`: every site of it calls `handler` (replacing any handler it had).
+/// Enables probe `id`: every site of it calls `handler` (replacing any handler it had;
+/// on error, the old handler stays).
 ///
 /// # Safety
 ///
@@ -296,9 +334,15 @@ pub unsafe extern "C" fn ksites_probe_enable(
     if probe::info(ProbeId(id)).is_none() {
         return KSITES_ENOTFOUND;
     }
-    slot.store(handler as usize, Ordering::Release);
+    let old = slot.swap(handler as usize, Ordering::AcqRel);
     // SAFETY: the caller's precondition.
-    result(unsafe { probe::enable(ProbeId(id), dispatch, &mut p) })
+    let r = result(unsafe { probe::enable(ProbeId(id), dispatch, &mut p) });
+    if r != KSITES_OK {
+        // A failed enable leaves the probe in its old state: so is its handler.
+        // (Unless another enable stored its own handler meanwhile.)
+        let _ = slot.compare_exchange(handler as usize, old, Ordering::AcqRel, Ordering::Relaxed);
+    }
+    r
 }
 
 /// Disables probe `id`.
