@@ -57,8 +57,9 @@ pub(super) fn check_route() -> Result<(), ProbeError> {
 /// # Safety
 ///
 /// What `fallback` leaves in the frame when it returns `true` is where and how the
-/// interrupted code resumes (rip, rsp and the registers): it must be a valid
-/// continuation of that code (e.g. rip unchanged after a debugger's breakpoint).
+/// interrupted code resumes (its instruction and stack pointers and registers): it
+/// must be a valid continuation of that code (e.g. resuming right after a debugger's
+/// breakpoint).
 pub unsafe fn set_int3_fallback(fallback: Option<Int3Hook>) {
     FALLBACK.store(fallback.map_or(0, |f| f as usize), Ordering::SeqCst);
 }
