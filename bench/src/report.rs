@@ -362,16 +362,16 @@ pub fn render(dir: &Path, tool_ran: bool, module_ran: bool, paired: &[(&str, Vec
             3.0,
         ),
         (
-            "probe batch (membarrier) / plain loop ≤ 3".into(),
+            "probe batch (membarrier) / plain loop ≤ 5".into(),
             ratio(dir, "toggle", "batch_membarrier", "plain_loop"),
-            3.0,
+            5.0,
         ),
     ];
     if tool_ran {
         targets.push((
-            "ksites embed / objcopy --add-section ≤ 1".into(),
+            "ksites embed / objcopy --add-section ≤ 2".into(),
             ratio(dir, "tool", "embed", "objcopy"),
-            1.0,
+            2.0,
         ));
     }
     let _ = writeln!(
