@@ -23,8 +23,15 @@ pub fn probes() -> impl Iterator<Item = ProbeInfo> {
 /// The sites of probe `id`, in address order (none if no such probe).
 pub fn probe_sites(id: ProbeId) -> ProbeSites {
     let lock = state::lock();
-    let table = state::image_of(id, &lock).map_or(0, |(d, _)| d.table.base());
-    ProbeSites { id, table, next: 0 }
+    let (table, image) = state::image_of(id, &lock).map_or((0, (0, 0)), |(d, _)| {
+        (d.table.base(), (d.base, d.table.probe_site_count()))
+    });
+    ProbeSites {
+        id,
+        table,
+        image,
+        next: 0,
+    }
 }
 
 impl ProbeInfo {
@@ -40,6 +47,9 @@ pub struct ProbeSites {
     id: ProbeId,
     /// Address of the probe's table when the iterator was made (0: none).
     table: u64,
+    /// The image's first probe id and probe site count then: with the address, what
+    /// tells a module loaded later at the same address (after an unload) from it.
+    image: (u32, u32),
     /// Next table site index to look at.
     next: u32,
 }
@@ -50,7 +60,10 @@ impl Iterator for ProbeSites {
     fn next(&mut self) -> Option<ProbeSiteInfo> {
         let lock = state::lock();
         let (d, local) = state::image_of(self.id, &lock)?;
-        if self.table == 0 || d.table.base() != self.table {
+        if self.table == 0
+            || d.table.base() != self.table
+            || (d.base, d.table.probe_site_count()) != self.image
+        {
             return None;
         }
         let s = (self.next..d.table.probe_site_count())
