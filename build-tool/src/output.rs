@@ -127,7 +127,12 @@ impl Dest {
     /// Decides where `path` (as the user gave it) is written. Refuses a directory, a
     /// block device, a socket and a dangling symbolic link.
     pub fn resolve(path: &Path) -> Result<Dest> {
-        if path.as_os_str() == "-" {
+        // `-`, and the names of fd 1 (written through the descriptor, as a shell's `>>`
+        // or a deleted file expects, never replaced or reopened).
+        if ["-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"]
+            .iter()
+            .any(|n| path.as_os_str() == *n)
+        {
             return Ok(Dest::Stdout);
         }
         // What the path leads to, as the kernel follows it (also through /proc's

@@ -145,6 +145,27 @@ fn row_01_dash_writes_the_output_to_stdout() {
             .file_type()
             .is_symlink()
     );
+    // Stdout a regular file opened for appending (a shell's `>>`): written through the
+    // descriptor, so the output is appended and the file (its inode and mode) kept.
+    let log = dir.path().join("log");
+    std::fs::write(&log, b"hello\n").unwrap();
+    let before = std::fs::metadata(&log).unwrap();
+    let append = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let o = run(Command::new(KSITES)
+        .arg("embed")
+        .arg(&input)
+        .args(["-o", "/dev/stdout"])
+        .stdout(append));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut want = b"hello\n".to_vec();
+    want.extend(std::fs::read(&input).unwrap());
+    assert!(
+        std::fs::read(&log).unwrap() == want,
+        "the output is appended"
+    );
+    let after = std::fs::metadata(&log).unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!((after.ino(), after.mode()), (before.ino(), before.mode()));
 }
 
 /// A link to a regular file: the file it leads to is replaced (through a temporary file
