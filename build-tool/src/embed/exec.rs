@@ -1,6 +1,7 @@
 //! `ksites embed` on linked images (ET_EXEC, and ET_DYN PIEs at their link-time
-//! addresses, which the self-relative cell does not depend on): the table goes into a new `PT_LOAD`
-//! ([`append_segment`]), the image's table cell points at it, C probe sites get their
+//! addresses, which the self-relative cell does not depend on): the table goes into a
+//! `.ksites` section the linker script reserved ([`reserved_slot`]), or else into a new
+//! `PT_LOAD` ([`append_segment`]); the image's table cell points at it, C probe sites get their
 //! disabled form (their relocations become "none"), `probe!` records get their ids,
 //! and SystemTap notes describe the probe sites ([`stapsdt_notes`]).
 
@@ -29,8 +30,101 @@ pub(super) struct OutputCheck {
     cell: u64,
 }
 
-/// Embeds into a linked image `img` (parsed from `data`, with no table yet).
-pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Result<Embedded<'a>> {
+/// A `.ksites` section the image's linker script reserved for the table: allocated,
+/// with file contents, all zero.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Reserved {
+    addr: u64,
+    offset: u64,
+    size: u64,
+}
+
+/// What the linker-script snippet that reserves a slot looks like (for error messages).
+const RESERVE_HINT: &str = "reserve it with contents, e.g. `.ksites : ALIGN(8) { \
+     __ksites_table_start = .; BYTE(0); . += N - 1; __ksites_table_end = .; }` \
+     (a bare `. += N` makes GNU ld emit NOBITS)";
+
+/// Classifies a linked image's `.ksites` section `sec`: `None` if it holds a table
+/// already (it starts with the table magic), the slot if it is a zero-filled
+/// reservation, an error otherwise (not allocated, no file contents, other bytes).
+pub(super) fn reserved_slot(
+    path: &str,
+    sec: &object::read::elf::ElfSection64<'_, '_, LE>,
+) -> Result<Option<Reserved>> {
+    use object::read::elf::SectionHeader as _;
+    let h = sec.elf_section_header();
+    let (addr, size) = (h.sh_addr(LE), h.sh_size(LE));
+    ensure!(
+        h.sh_flags(LE) & u64::from(elf::SHF_ALLOC) != 0,
+        "{path}: section {SECTION_NAME} is not allocated (SHF_ALLOC); a reserved table slot \
+         must be loaded: place it in an output section of a PT_LOAD segment"
+    );
+    ensure!(
+        h.sh_type(LE) != elf::SHT_NOBITS,
+        "{path}: the reserved section {SECTION_NAME} ({size} bytes at {addr:#x}) is NOBITS, \
+         so the table has no file bytes to go into; {RESERVE_HINT}"
+    );
+    let bytes = h
+        .data(LE, sec.elf_file().data())
+        .map_err(|_| anyhow::anyhow!("{path}: section {SECTION_NAME} lies outside the file"))?;
+    if bytes.starts_with(&kernel_loader::format::MAGIC) {
+        return Ok(None);
+    }
+    ensure!(
+        bytes.iter().all(|&b| b == 0),
+        "{path}: section {SECTION_NAME} ({size} bytes at {addr:#x}) is neither a table nor \
+         a zero-filled reservation; fill the reserved slot with zeros"
+    );
+    ensure!(
+        addr % 8 == 0,
+        "{path}: the reserved section {SECTION_NAME} at {addr:#x} is not 8-byte aligned; \
+         {RESERVE_HINT}"
+    );
+    Ok(Some(Reserved {
+        addr,
+        offset: h.sh_offset(LE),
+        size,
+    }))
+}
+
+/// Writes the table into the reserved slot `r`: the program headers and sections stay
+/// as they are. SystemTap notes are not written in this mode (they would need a new
+/// section), so the probes are not listed for `stap`/`bpftrace`.
+fn fill_reserved<'a>(
+    path: &str,
+    data: &'a [u8],
+    r: &Reserved,
+    size: usize,
+    contents: impl FnOnce(u64) -> Result<Vec<u8>>,
+) -> Result<(Output<'a>, u64)> {
+    ensure!(
+        size as u64 <= r.size,
+        "{path}: the reserved section {SECTION_NAME} ({} bytes at {:#x}) is too small for \
+         the table: reserve at least {size} bytes",
+        r.size,
+        r.addr
+    );
+    let table = contents(r.addr)?;
+    ensure!(
+        table.len() == size,
+        "internal: table has {} bytes, expected {size}",
+        table.len()
+    );
+    let mut out = Output::new(data);
+    out.patch(r.offset as usize, &table).with_context(|| {
+        format!("{path}: the reserved section {SECTION_NAME} lies past the end of the file")
+    })?;
+    Ok((out, r.addr))
+}
+
+/// Embeds into a linked image `img` (parsed from `data`, with no table yet): into
+/// `reserved` when the linker script reserved a slot, else into a new segment.
+pub(super) fn embed_exec<'a>(
+    path: &str,
+    data: &'a [u8],
+    img: &Image<'_>,
+    reserved: Option<Reserved>,
+) -> Result<Embedded<'a>> {
     let ifuncs = read_ifuncs(img)?;
     let probes = find_probes(img)?;
     if ifuncs.is_empty() && probes.probes.is_empty() {
@@ -94,17 +188,17 @@ pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Res
         probe_sites: probes.sites.clone(),
     };
     let size = table_size_with(&input, scan.sites.len());
-    let (mut out, table_addr) = append_segment_to(
-        path,
-        data,
-        size,
-        |addr| {
-            crate::table::check_reach(img, addr, size)?;
-            build_sites_for(img.target, addr, &input, scan.sites.len(), &site)
-                .with_context(|| format!("{path}: cannot build the table"))
-        },
-        |base| stapsdt_notes(img.target, &probes, base),
-    )?;
+    let build = |addr: u64| {
+        crate::table::check_reach(img, addr, size)?;
+        build_sites_for(img.target, addr, &input, scan.sites.len(), &site)
+            .with_context(|| format!("{path}: cannot build the table"))
+    };
+    let (mut out, table_addr) = match &reserved {
+        Some(r) => fill_reserved(path, data, r, size, build)?,
+        None => append_segment_to(path, data, size, build, |base| {
+            stapsdt_notes(img.target, &probes, base)
+        })?,
+    };
 
     // Rewrite C probe calls into their disabled form, and give every `probe!` record its
     // probe id. Original bytes keep their file offsets in `out`.
