@@ -297,8 +297,13 @@ fn row_12_linker_errors_name_the_program_and_the_users_output() {
 
     // An embed error about what the linker produced names the -o path, not the
     // temporary file the linker wrote: here the linked image is already embedded
-    // (its object carries a .ksites section).
-    std::fs::write(d.join("t.s"), ".section .ksites,\"a\",@progbits\n.quad 0\n").unwrap();
+    // (its object carries a .ksites section holding a table's magic; a zero-filled one
+    // would be a slot reserved for the table).
+    std::fs::write(
+        d.join("t.s"),
+        ".section .ksites,\"a\",@progbits\n.ascii \"KSITES\\0\\0\"\n.quad 0\n",
+    )
+    .unwrap();
     gcc(d, &["-c", "t.s", "-o", "t.o"]);
     for linker in LINKERS {
         let o = ld(d, linker, &os(&["-static", "k.o", "t.o", "-o", "w.img"]));

@@ -3,7 +3,9 @@
 //! The build tool appends the table in a new `PT_LOAD` segment and then fills this cell,
 //! found by its symbol name [`CELL_SYMBOL`], with the table's offset relative to the cell
 //! and its size. No linker-script reservation or size guess is needed, and because the
-//! reference is self-relative it stays right wherever the image is loaded.
+//! reference is self-relative it stays right wherever the image is loaded. A linker
+//! script may still reserve a zero-filled `.ksites` section (README, "Finding the
+//! table"): the build tool then writes the table there and the cell points into it.
 
 use core::ops::Range;
 

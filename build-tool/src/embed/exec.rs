@@ -1,6 +1,7 @@
 //! `ksites embed` on linked images (ET_EXEC, and ET_DYN PIEs at their link-time
-//! addresses, which the self-relative cell does not depend on): the table goes into a new `PT_LOAD`
-//! ([`append_segment`]), the image's table cell points at it, C probe sites get their
+//! addresses, which the self-relative cell does not depend on): the table goes into a
+//! `.ksites` section the linker script reserved ([`reserved_slot`]), or else into a new
+//! `PT_LOAD` ([`append_segment`]); the image's table cell points at it, C probe sites get their
 //! disabled form (their relocations become "none"), `probe!` records get their ids,
 //! and SystemTap notes describe the probe sites ([`stapsdt_notes`]).
 
@@ -29,8 +30,130 @@ pub(super) struct OutputCheck {
     cell: u64,
 }
 
-/// Embeds into a linked image `img` (parsed from `data`, with no table yet).
-pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Result<Embedded<'a>> {
+/// A `.ksites` section the image's linker script reserved for the table: allocated,
+/// with file contents, all zero.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Reserved {
+    addr: u64,
+    offset: u64,
+    size: u64,
+}
+
+/// What the linker-script snippet that reserves a slot looks like (for error messages).
+const RESERVE_HINT: &str = "reserve it with contents, e.g. `.ksites : ALIGN(8) { \
+     __ksites_table_start = .; BYTE(0); . += N - 1; __ksites_table_end = .; }` \
+     (a bare `. += N` makes GNU ld emit NOBITS)";
+
+/// Classifies a linked image's `.ksites` section `sec`: `None` if it holds a table
+/// already (it starts with the table magic), the slot if it is a zero-filled
+/// reservation, an error otherwise (not allocated, no file contents, other bytes).
+pub(super) fn reserved_slot(
+    path: &str,
+    sec: &object::read::elf::ElfSection64<'_, '_, LE>,
+) -> Result<Option<Reserved>> {
+    use object::read::elf::SectionHeader as _;
+    let h = sec.elf_section_header();
+    let (addr, size) = (h.sh_addr(LE), h.sh_size(LE));
+    ensure!(
+        h.sh_flags(LE) & u64::from(elf::SHF_ALLOC) != 0,
+        "{path}: section {SECTION_NAME} is not allocated (SHF_ALLOC); a reserved table slot \
+         must be loaded: place it in an output section of a PT_LOAD segment"
+    );
+    ensure!(
+        h.sh_type(LE) != elf::SHT_NOBITS,
+        "{path}: the reserved section {SECTION_NAME} ({size} bytes at {addr:#x}) is NOBITS, \
+         so the table has no file bytes to go into; {RESERVE_HINT}"
+    );
+    let bytes = h
+        .data(LE, sec.elf_file().data())
+        .map_err(|_| anyhow::anyhow!("{path}: section {SECTION_NAME} lies outside the file"))?;
+    if bytes.starts_with(&kernel_loader::format::MAGIC) {
+        return Ok(None);
+    }
+    ensure!(
+        bytes.iter().all(|&b| b == 0),
+        "{path}: section {SECTION_NAME} ({size} bytes at {addr:#x}) is neither a table nor \
+         a zero-filled reservation; fill the reserved slot with zeros"
+    );
+    ensure!(
+        addr % 8 == 0,
+        "{path}: the reserved section {SECTION_NAME} at {addr:#x} is not 8-byte aligned; \
+         {RESERVE_HINT}"
+    );
+    Ok(Some(Reserved {
+        addr,
+        offset: h.sh_offset(LE),
+        size,
+    }))
+}
+
+/// Writes the table into the reserved slot `r`: the program headers stay as they are.
+/// With probe notes, the `.stapsdt.base` byte follows the table inside the slot, and the
+/// (not loaded) `.note.stapsdt` section is appended with a new section header table.
+fn fill_reserved<'a>(
+    path: &str,
+    data: &'a [u8],
+    r: &Reserved,
+    size: usize,
+    contents: impl FnOnce(u64) -> Result<Vec<u8>>,
+    notes: impl FnOnce(u64) -> Vec<u8>,
+) -> Result<(Output<'a>, u64)> {
+    let base_addr = r.addr.saturating_add(size as u64);
+    let notes = notes(base_addr);
+    let needed = size as u64 + u64::from(!notes.is_empty());
+    ensure!(
+        needed <= r.size,
+        "{path}: the reserved section {SECTION_NAME} ({} bytes at {:#x}) is too small for \
+         the table: reserve at least {needed} bytes",
+        r.size,
+        r.addr
+    );
+    let table = contents(r.addr)?;
+    ensure!(
+        table.len() == size,
+        "internal: table has {} bytes, expected {size}",
+        table.len()
+    );
+    let mut output = Output::new(data);
+    output.patch(r.offset as usize, &table).with_context(|| {
+        format!("{path}: the reserved section {SECTION_NAME} lies past the end of the file")
+    })?;
+    if notes.is_empty() {
+        return Ok((output, r.addr));
+    }
+    // The notes and a new section header table, after everything.
+    let (shdrs, shstrndx) = input_sections(path, data)?;
+    let mut out = Tail {
+        start: output.base_len(),
+        out: &mut output,
+        piece: Vec::new(),
+    };
+    out.resize(align_up(out.len() as u64, 4) as usize);
+    let notes_off = out.len() as u64;
+    out.extend_from_slice(&notes);
+    let added = notes_sections(base_addr, r.offset + size as u64, notes_off, notes.len());
+    let (shoff, shnum) = append_section_table(path, data, shdrs, shstrndx, &mut out, &added)?;
+    out.finish();
+    let e = LE;
+    let (fh, _) = from_bytes::<FileHeader64<LE>>(data)
+        .map_err(|()| anyhow::anyhow!("{path}: truncated ELF header"))?;
+    let mut nfh = *fh;
+    nfh.e_shoff = U64::new(e, shoff);
+    nfh.e_shnum = U16::new(e, shnum);
+    output
+        .patch(0, bytes_of(&nfh))
+        .with_context(|| format!("{path}: truncated ELF header"))?;
+    Ok((output, r.addr))
+}
+
+/// Embeds into a linked image `img` (parsed from `data`, with no table yet): into
+/// `reserved` when the linker script reserved a slot, else into a new segment.
+pub(super) fn embed_exec<'a>(
+    path: &str,
+    data: &'a [u8],
+    img: &Image<'_>,
+    reserved: Option<Reserved>,
+) -> Result<Embedded<'a>> {
     let ifuncs = read_ifuncs(img)?;
     let probes = find_probes(img)?;
     if ifuncs.is_empty() && probes.probes.is_empty() {
@@ -94,17 +217,16 @@ pub(super) fn embed_exec<'a>(path: &str, data: &'a [u8], img: &Image<'_>) -> Res
         probe_sites: probes.sites.clone(),
     };
     let size = table_size_with(&input, scan.sites.len());
-    let (mut out, table_addr) = append_segment_to(
-        path,
-        data,
-        size,
-        |addr| {
-            crate::table::check_reach(img, addr, size)?;
-            build_sites_for(img.target, addr, &input, scan.sites.len(), &site)
-                .with_context(|| format!("{path}: cannot build the table"))
-        },
-        |base| stapsdt_notes(img.target, &probes, base),
-    )?;
+    let build = |addr: u64| {
+        crate::table::check_reach(img, addr, size)?;
+        build_sites_for(img.target, addr, &input, scan.sites.len(), &site)
+            .with_context(|| format!("{path}: cannot build the table"))
+    };
+    let notes = |base| stapsdt_notes(img.target, &probes, base);
+    let (mut out, table_addr) = match &reserved {
+        Some(r) => fill_reserved(path, data, r, size, build, notes)?,
+        None => append_segment_to(path, data, size, build, notes)?,
+    };
 
     // Rewrite C probe calls into their disabled form, and give every `probe!` record its
     // probe id. Original bytes keep their file offsets in `out`.
@@ -470,92 +592,151 @@ fn append_segment_to<'a>(
     let notes_off = out.len() as u64;
     out.extend_from_slice(&notes);
 
-    // Section names: a copy of .shstrtab with ".ksites" appended.
-    let strtab = &shdrs[shstrndx];
-    let (so, ss) = (
-        strtab.sh_offset.get(e) as usize,
-        strtab.sh_size.get(e) as usize,
-    );
-    let old_names = data
-        .get(so..so + ss)
-        .with_context(|| format!("{path}: .shstrtab out of bounds"))?;
-    let new_strtab_off = out.len() as u64;
-    out.extend_from_slice(old_names);
-    let name_off = old_names.len() as u32;
-    out.extend_from_slice(SECTION_NAME.as_bytes());
-    out.push(0);
-    let base_name_off = (out.len() as u64 - new_strtab_off) as u32;
-    out.extend_from_slice(b".stapsdt.base\0");
-    let note_name_off = (out.len() as u64 - new_strtab_off) as u32;
-    out.extend_from_slice(b".note.stapsdt\0");
-    let new_strtab_size = out.len() as u64 - new_strtab_off;
-
-    // Section headers: the old ones (shstrtab moved), then .ksites.
-    out.resize(align_up(out.len() as u64, 8) as usize);
-    let new_shoff = out.len() as u64;
-    for (i, s) in shdrs.iter().enumerate() {
-        let mut s = *s;
-        if i == shstrndx {
-            s.sh_offset = U64::new(e, new_strtab_off);
-            s.sh_size = U64::new(e, new_strtab_size);
-        }
-        out.extend_from_slice(bytes_of(&s));
-    }
-    let sh = SectionHeader64::<LE> {
-        sh_name: U32::new(e, name_off),
-        sh_type: U32::new(e, elf::SHT_PROGBITS),
-        sh_flags: U64::new(e, u64::from(elf::SHF_ALLOC)),
-        sh_addr: U64::new(e, table_addr),
-        sh_offset: U64::new(e, table_off),
-        sh_size: U64::new(e, size as u64),
-        sh_link: U32::new(e, 0),
-        sh_info: U32::new(e, 0),
-        sh_addralign: U64::new(e, 8),
-        sh_entsize: U64::new(e, 0),
-    };
-    out.extend_from_slice(bytes_of(&sh));
-    let mut added = 1;
+    let mut added = vec![(
+        SECTION_NAME,
+        section(
+            elf::SHT_PROGBITS,
+            elf::SHF_ALLOC,
+            table_addr,
+            table_off,
+            size as u64,
+            8,
+        ),
+    )];
     if !notes.is_empty() {
-        let base = SectionHeader64::<LE> {
-            sh_name: U32::new(e, base_name_off),
-            sh_type: U32::new(e, elf::SHT_PROGBITS),
-            sh_flags: U64::new(e, u64::from(elf::SHF_ALLOC)),
-            sh_addr: U64::new(e, base_addr),
-            sh_offset: U64::new(e, table_off + size as u64),
-            sh_size: U64::new(e, 1),
-            sh_link: U32::new(e, 0),
-            sh_info: U32::new(e, 0),
-            sh_addralign: U64::new(e, 1),
-            sh_entsize: U64::new(e, 0),
-        };
-        let note = SectionHeader64::<LE> {
-            sh_name: U32::new(e, note_name_off),
-            sh_type: U32::new(e, elf::SHT_NOTE),
-            sh_flags: U64::new(e, 0),
-            sh_addr: U64::new(e, 0),
-            sh_offset: U64::new(e, notes_off),
-            sh_size: U64::new(e, notes.len() as u64),
-            sh_link: U32::new(e, 0),
-            sh_info: U32::new(e, 0),
-            sh_addralign: U64::new(e, 4),
-            sh_entsize: U64::new(e, 0),
-        };
-        out.extend_from_slice(bytes_of(&base));
-        out.extend_from_slice(bytes_of(&note));
-        added += 2;
+        added.extend(notes_sections(
+            base_addr,
+            table_off + size as u64,
+            notes_off,
+            notes.len(),
+        ));
     }
+    let (new_shoff, new_shnum) =
+        append_section_table(path, data, shdrs, shstrndx, &mut out, &added)?;
 
     // File header.
     let mut nfh = *fh;
     nfh.e_phoff = U64::new(e, new_phoff);
     nfh.e_phnum = U16::new(e, (phnum + 2) as u16);
     nfh.e_shoff = U64::new(e, new_shoff);
-    nfh.e_shnum = U16::new(e, (shnum + added) as u16);
+    nfh.e_shnum = U16::new(e, new_shnum);
     out.finish();
     output
         .patch(0, bytes_of(&nfh))
         .with_context(|| format!("{path}: truncated ELF header"))?;
     Ok((output, table_addr))
+}
+
+/// A section header with no name yet ([`append_section_table`] names it).
+fn section(ty: u32, flags: u32, addr: u64, off: u64, size: u64, align: u64) -> SectionHeader64<LE> {
+    let e = LE;
+    SectionHeader64::<LE> {
+        sh_name: U32::new(e, 0),
+        sh_type: U32::new(e, ty),
+        sh_flags: U64::new(e, u64::from(flags)),
+        sh_addr: U64::new(e, addr),
+        sh_offset: U64::new(e, off),
+        sh_size: U64::new(e, size),
+        sh_link: U32::new(e, 0),
+        sh_info: U32::new(e, 0),
+        sh_addralign: U64::new(e, align),
+        sh_entsize: U64::new(e, 0),
+    }
+}
+
+/// The SystemTap sections: the allocated `.stapsdt.base` byte at `base_addr` (file
+/// offset `base_off`) and the `.note.stapsdt` notes (`len` bytes at `notes_off`).
+fn notes_sections(
+    base_addr: u64,
+    base_off: u64,
+    notes_off: u64,
+    len: usize,
+) -> [(&'static str, SectionHeader64<LE>); 2] {
+    [
+        (
+            ".stapsdt.base",
+            section(elf::SHT_PROGBITS, elf::SHF_ALLOC, base_addr, base_off, 1, 1),
+        ),
+        (
+            ".note.stapsdt",
+            section(elf::SHT_NOTE, 0, 0, notes_off, len as u64, 4),
+        ),
+    ]
+}
+
+/// The input's section headers (`e_shnum` of them at `e_shoff`), and `e_shstrndx`.
+fn input_sections<'d>(path: &str, data: &'d [u8]) -> Result<(&'d [SectionHeader64<LE>], usize)> {
+    let e = LE;
+    let (fh, _) = from_bytes::<FileHeader64<LE>>(data)
+        .map_err(|()| anyhow::anyhow!("{path}: truncated ELF header"))?;
+    let shnum = fh.e_shnum.get(e) as usize;
+    let shstrndx = fh.e_shstrndx.get(e) as usize;
+    ensure!(
+        fh.e_shentsize.get(e) as usize == size_of::<SectionHeader64<LE>>(),
+        "{path}: unexpected section header entry size"
+    );
+    ensure!(
+        shnum > 0 && shnum < elf::SHN_LORESERVE as usize && shstrndx < shnum,
+        "{path}: extended section numbering is not supported"
+    );
+    let shdrs = data
+        .get(fh.e_shoff.get(e) as usize..)
+        .and_then(|d| slice_from_bytes::<SectionHeader64<LE>>(d, shnum).ok())
+        .map(|(s, _)| s)
+        .with_context(|| format!("{path}: section headers out of bounds"))?;
+    Ok((shdrs, shstrndx))
+}
+
+/// Appends to `out` a copy of the input's `.shstrtab` with the names of `added`, then
+/// the section header table: the input's (its `.shstrtab` moved to the copy) followed by
+/// `added`, named. Returns the new `e_shoff` and `e_shnum`.
+fn append_section_table(
+    path: &str,
+    data: &[u8],
+    shdrs: &[SectionHeader64<LE>],
+    shstrndx: usize,
+    out: &mut Tail<'_, '_>,
+    added: &[(&str, SectionHeader64<LE>)],
+) -> Result<(u64, u16)> {
+    let e = LE;
+    let strtab = &shdrs[shstrndx];
+    let (so, ss) = (
+        strtab.sh_offset.get(e) as usize,
+        strtab.sh_size.get(e) as usize,
+    );
+    let old_names = data
+        .get(so..so.saturating_add(ss))
+        .with_context(|| format!("{path}: .shstrtab out of bounds"))?;
+    let strtab_off = out.len() as u64;
+    out.extend_from_slice(old_names);
+    let mut name_offs = Vec::with_capacity(added.len());
+    for (name, _) in added {
+        name_offs.push((out.len() as u64 - strtab_off) as u32);
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+    }
+    let strtab_size = out.len() as u64 - strtab_off;
+
+    out.resize(align_up(out.len() as u64, 8) as usize);
+    let shoff = out.len() as u64;
+    for (i, s) in shdrs.iter().enumerate() {
+        let mut s = *s;
+        if i == shstrndx {
+            s.sh_offset = U64::new(e, strtab_off);
+            s.sh_size = U64::new(e, strtab_size);
+        }
+        out.extend_from_slice(bytes_of(&s));
+    }
+    for ((_, s), name) in added.iter().zip(name_offs) {
+        let mut s = *s;
+        s.sh_name = U32::new(e, name);
+        out.extend_from_slice(bytes_of(&s));
+    }
+    let shnum = u16::try_from(shdrs.len() + added.len())
+        .ok()
+        .filter(|&n| n < elf::SHN_LORESERVE)
+        .with_context(|| format!("{path}: too many sections"))?;
+    Ok((shoff, shnum))
 }
 
 /// One SystemTap `NT_STAPSDT` note per firing probe site (is-enabled sites have none):

@@ -1,8 +1,9 @@
 //! `ksites embed`: discover sites, write the `.ksites` table, and write the output
 //! atomically.
 //!
-//! * [`exec`]: linked images (ET_EXEC, ET_DYN): the table in a new `PT_LOAD`, the table cell
-//!   filled, C probe sites disabled.
+//! * [`exec`]: linked images (ET_EXEC, ET_DYN): the table in a `.ksites` section the
+//!   linker script reserved, or else in a new `PT_LOAD`; the table cell filled, C probe
+//!   sites disabled.
 //! * [`rel`]: relocatable objects (ET_REL modules): `.ksites` and `.rela.ksites`, laid
 //!   out by the module layout contract ([`kernel_loader::module::layout`]).
 //! * `report`: [`EmbedReport`] and [`AlreadyEmbedded`].
@@ -166,9 +167,17 @@ struct Embedded<'a> {
 
 fn embed_image<'a>(path: &str, data: &'a [u8]) -> Result<Embedded<'a>> {
     let img = Image::parse(path, data)?;
-    if img.section_by_name(SECTION_NAME).is_some() {
-        return Err(AlreadyEmbedded(path.to_string()).into());
-    }
+    let reserved = match img.section_by_name(SECTION_NAME) {
+        None => None,
+        Some(_) if img.kind == ElfKind::Rel => {
+            return Err(AlreadyEmbedded(path.to_string()).into());
+        }
+        // A linked image: a table already, or a slot its linker script reserved.
+        Some(sec) => match exec::reserved_slot(path, &sec)? {
+            None => return Err(AlreadyEmbedded(path.to_string()).into()),
+            slot => slot,
+        },
+    };
     if img.kind == ElfKind::Rel {
         // A module: `.ksites` + `.rela.ksites`, always (even an empty table).
         let (bytes, report) = rel::embed_rel(path, data)?;
@@ -178,7 +187,7 @@ fn embed_image<'a>(path: &str, data: &'a [u8]) -> Result<Embedded<'a>> {
             check: None,
         });
     }
-    exec::embed_exec(path, data, &img)
+    exec::embed_exec(path, data, &img, reserved)
 }
 
 /// Embeds into an in-memory image; returns the new file contents.
