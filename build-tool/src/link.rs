@@ -508,8 +508,10 @@ fn name_output(e: anyhow::Error, tmp: &Path, output: &Path) -> anyhow::Error {
     if e.chain()
         .any(|c| c.downcast_ref::<AlreadyEmbedded>().is_some())
     {
-        return AlreadyEmbedded(format!("{out} (as linked: an input has a .ksites section)"))
-            .into();
+        return AlreadyEmbedded(format!(
+            "{out} (as linked: an input carries a .ksites table)"
+        ))
+        .into();
     }
     let msg = format!("{e:#}").replace(&tmp.display().to_string(), &out);
     anyhow::anyhow!(msg)

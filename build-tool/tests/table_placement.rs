@@ -235,27 +235,27 @@ fn refuses_a_small_slot(flags: &[String]) {
 }
 
 #[test]
-fn row_05_gnu_ld_reserved_slot_holds_the_table() {
+fn gnu_ld_reserved_slot_holds_the_table() {
     fills_the_reserved_slot(&[]);
 }
 
 #[test]
-fn row_05_lld_reserved_slot_holds_the_table() {
+fn lld_reserved_slot_holds_the_table() {
     fills_the_reserved_slot(&lld_flags());
 }
 
 #[test]
-fn row_05_gnu_ld_too_small_slot_is_refused() {
+fn gnu_ld_too_small_slot_is_refused() {
     refuses_a_small_slot(&[]);
 }
 
 #[test]
-fn row_05_lld_too_small_slot_is_refused() {
+fn lld_too_small_slot_is_refused() {
     refuses_a_small_slot(&lld_flags());
 }
 
 #[test]
-fn row_05_nobits_slot_is_refused_with_the_fix() {
+fn nobits_slot_is_refused_with_the_fix() {
     // GNU ld makes `. += N` alone NOBITS: there are no file bytes for the table.
     let dir = tempfile::tempdir().unwrap();
     let exe = build(dir.path(), "nobits", &nobits_script(16384), &[]);
