@@ -304,25 +304,6 @@ fn sdt_flag() -> String {
     format!("-I{}/../kernel-loader/c", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `-fuse-ld=lld` and, when no `ld.lld` is on `PATH`, `-B` for the toolchain's own
-/// (rust-lld behind its `gcc-ld/ld.lld` wrapper).
-fn lld_flags() -> Vec<String> {
-    let mut v = vec!["-fuse-ld=lld".to_string()];
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("ld.lld").is_file()));
-    if !on_path {
-        let o = run(Command::new("rustc").args(["--print", "target-libdir"]));
-        let dir = PathBuf::from(text(&o.stdout).trim()).join("../bin/gcc-ld");
-        assert!(
-            dir.join("ld.lld").is_file(),
-            "no ld.lld in {}",
-            dir.display()
-        );
-        v.push(format!("-B{}", dir.display()));
-    }
-    v
-}
-
 /// A PIE with a GNU ifunc and C probes, linked with `flags`: it embeds, verifies,
 /// runs as before (see [`embeds_and_runs`]), and `inspect` lists the ifunc and the
 /// probes with their sites.
@@ -372,7 +353,7 @@ fn dynamic_pie_with_ifuncs_and_probes_runs_after_embed() {
 fn static_pie_linked_by_lld_runs_after_embed() {
     // lld leaves the fields of RELATIVE-relocated pointers zero: the records' pointers
     // are read from the relocations' addends.
-    let lld = lld_flags();
+    let lld = common::toolchain::lld_flags();
     let flags: Vec<&str> = ["-static-pie"]
         .into_iter()
         .chain(lld.iter().map(String::as_str))
@@ -382,7 +363,7 @@ fn static_pie_linked_by_lld_runs_after_embed() {
 
 #[test]
 fn dynamic_pie_linked_by_lld_runs_after_embed() {
-    let lld = lld_flags();
+    let lld = common::toolchain::lld_flags();
     let flags: Vec<&str> = ["-pie", "-fPIE"]
         .into_iter()
         .chain(lld.iter().map(String::as_str))
@@ -414,7 +395,7 @@ fn rust_pie_with_ifunc_and_probe_records_runs_after_embed() {
     module_build::cargo_build_kernel_loader(&[], &d.join("kl"));
     let kl = d.join("kl/debug");
     std::fs::write(d.join("main.rs"), RUST_PIE).unwrap();
-    let lld = lld_flags();
+    let lld = common::toolchain::lld_flags();
     for (name, flags) in [
         ("rust-bfd", vec!["-fuse-ld=bfd".to_string()]),
         ("rust-lld", lld),

@@ -6,6 +6,8 @@
 //! `[__ksites_table_start, __ksites_table_end)`. A slot that is too small, or NOBITS,
 //! is refused with the fix and no output; an embedded output is refused again (exit 3).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -60,24 +62,6 @@ fn run(cmd: &mut Command) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// `-fuse-ld=lld` and, when no `ld.lld` is on `PATH`, `-B` for the toolchain's own.
-fn lld_flags() -> Vec<String> {
-    let mut v = vec!["-fuse-ld=lld".to_string()];
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("ld.lld").is_file()));
-    if !on_path {
-        let o = run(Command::new("rustc").args(["--print", "target-libdir"]));
-        let dir = PathBuf::from(text(&o.stdout).trim()).join("../bin/gcc-ld");
-        assert!(
-            dir.join("ld.lld").is_file(),
-            "no ld.lld in {}",
-            dir.display()
-        );
-        v.push(format!("-B{}", dir.display()));
-    }
-    v
 }
 
 /// Builds [`PROGRAM`] with the linker script `ld_script`, and `flags`.
@@ -241,7 +225,7 @@ fn gnu_ld_reserved_slot_holds_the_table() {
 
 #[test]
 fn lld_reserved_slot_holds_the_table() {
-    fills_the_reserved_slot(&lld_flags());
+    fills_the_reserved_slot(&common::toolchain::lld_flags());
 }
 
 #[test]
@@ -251,7 +235,7 @@ fn gnu_ld_too_small_slot_is_refused() {
 
 #[test]
 fn lld_too_small_slot_is_refused() {
-    refuses_a_small_slot(&lld_flags());
+    refuses_a_small_slot(&common::toolchain::lld_flags());
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! block) then 2 KiB of data (slots, then the table), at a real, aligned address.
 #![allow(dead_code)]
 
+pub mod toolchain;
+
 use kernel_loader::format::{ProbeKind, SiteKind, Table};
 use kernel_loader::patch::{PokeError, PokeFailure, TextPoker};
 use ksites::table::{IfuncEntry, ProbeEntry, ProbeSiteEntry, SiteEntry, TableInput, build};
