@@ -41,11 +41,12 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Find every call/jmp/jcc to an ifunc trampoline and every probe site in IMAGE
-    /// (an ET_EXEC, or an ET_DYN PIE, linked with --emit-relocs), rewrite dtrace-style C probe calls into
-    /// their disabled 5-byte form, write the `.ksites` table into a new read-only
-    /// PT_LOAD segment plus one `.note.stapsdt` note per probe site, point the image's
-    /// table cell at the table, and write the result to OUTPUT. OUTPUT is written
-    /// through a temporary file and a rename; IMAGE is never modified; identical input
+    /// (an ET_EXEC, or an ET_DYN PIE, linked with --emit-relocs), rewrite dtrace-style
+    /// C probe calls into their disabled 5-byte form, write the `.ksites` table (into a
+    /// zero-filled `.ksites` section the linker script reserved, or else into a new
+    /// read-only PT_LOAD past the image, behind one holding the program headers) plus
+    /// one `.note.stapsdt` note per probe site, point the image's table cell at the
+    /// table, and write the result to OUTPUT. IMAGE is never modified; identical input
     /// gives identical output. An image without ifuncs or probes is copied unchanged.
     /// IMAGE may also be an ET_REL module (`gcc -c`, `rustc --emit=obj`): it gets a
     /// `.ksites` section and `.rela.ksites` (a PC-relative relocation per field), which
@@ -57,8 +58,8 @@ enum Command {
         /// Where to write the result (must differ from IMAGE). A regular file is
         /// replaced through a temporary file and a rename (through a symbolic link: the
         /// file it leads to); a character device or FIFO (`/dev/null`) is written to
-        /// directly, never replaced; `-` writes to stdout (the summary then goes to
-        /// stderr).
+        /// directly, never replaced; `-` (or `/dev/stdout`) writes to stdout (the
+        /// summary then goes to stderr).
         #[arg(short, long)]
         output: PathBuf,
         /// Print nothing on success.
