@@ -345,13 +345,13 @@ pub fn copies(bytes: &[u8]) -> Copies {
     };
     for s in f.sections() {
         let h = s.elf_section_header();
-        if h.sh_flags(LittleEndian) & u64::from(object::elf::SHF_ALLOC) == 0 {
+        if h.sh_flags(LittleEndian).0 & object::elf::SHF_ALLOC.0 == 0 {
             continue;
         }
         let align = h.sh_addralign(LittleEndian).max(1) as usize;
         let len = h.sh_size(LittleEndian) as usize;
         let at = c.size.next_multiple_of(align);
-        if h.sh_type(LittleEndian) == object::elf::SHT_NOBITS {
+        if h.sh_type(LittleEndian).0 == object::elf::SHT_NOBITS.0 {
             c.zero.push((at, len));
         } else {
             let off = h.sh_offset(LittleEndian) as usize;

@@ -58,7 +58,7 @@ impl KernelSymbols {
             .collect();
         let table = f
             .section_by_name(kernel_loader::format::SECTION_NAME)
-            .filter(|s| s.elf_section_header().sh_type(LittleEndian) != object::elf::SHT_NOBITS)
+            .filter(|s| s.elf_section_header().sh_type(LittleEndian).0 != object::elf::SHT_NOBITS.0)
             .and_then(|s| Some((s.data().ok()?.to_vec(), s.address())));
         Ok(KernelSymbols {
             symbols,
@@ -209,19 +209,19 @@ pub fn check_input(name: &str, data: &[u8]) -> Result<()> {
         "an ar archive (check its members one by one: `ar x`)".to_string()
     } else if !data.starts_with(&elf::ELFMAG) {
         "not an ELF file".to_string()
-    } else if data.get(4 /* EI_CLASS */) == Some(&elf::ELFCLASS32) {
+    } else if data.get(4 /* EI_CLASS */) == Some(&elf::ELFCLASS32.0) {
         "a 32-bit ELF file".to_string()
-    } else if data.get(5 /* EI_DATA */) == Some(&elf::ELFDATA2MSB) {
+    } else if data.get(5 /* EI_DATA */) == Some(&elf::ELFDATA2MSB.0) {
         "a big-endian ELF file".to_string()
     } else if data.len() < 64 {
         format!("a truncated ELF header ({} bytes)", data.len())
     } else {
-        match u16::from_le_bytes([data[16], data[17]]) {
+        match elf::FileType(u16::from_le_bytes([data[16], data[17]])) {
             elf::ET_REL => return Ok(()),
             elf::ET_EXEC => "a linked executable (ET_EXEC)".to_string(),
             elf::ET_DYN => "a shared object or PIE (ET_DYN)".to_string(),
             elf::ET_CORE => "a core file (ET_CORE)".to_string(),
-            t => format!("an ELF file of type {t:#x}"),
+            t => format!("an ELF file of type {:#x}", t.0),
         }
     };
     bail!(

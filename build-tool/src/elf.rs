@@ -85,7 +85,7 @@ pub fn raw_relas<'a>(
 ) -> impl Iterator<Item = RawRela> + 'a {
     file.elf_section_table()
         .iter()
-        .filter(|sec| sec.sh_type(LittleEndian) == elf::SHT_RELA)
+        .filter(|sec| sec.sh_type(LittleEndian).0 == elf::SHT_RELA.0)
         .filter_map(move |sec| {
             let off = usize::try_from(sec.sh_offset(LittleEndian)).ok()?;
             let size = usize::try_from(sec.sh_size(LittleEndian)).ok()?;
@@ -174,12 +174,13 @@ impl<'d> Image<'d> {
             .with_context(|| format!("{path}: not a valid ELF64 little-endian file"))?;
         let hdr = file.elf_header();
         let e = LittleEndian;
-        let target = Target::from_machine(hdr.e_machine(e)).map_err(|m| anyhow!("{path}: {m}"))?;
+        let target =
+            Target::from_machine(hdr.e_machine(e).0).map_err(|m| anyhow!("{path}: {m}"))?;
         let kind = match hdr.e_type(e) {
             elf::ET_EXEC => ElfKind::Exec,
             elf::ET_DYN => ElfKind::Dyn,
             elf::ET_REL => ElfKind::Rel,
-            t => bail!("{path}: ELF type {t} is not ET_EXEC, ET_DYN or ET_REL"),
+            t => bail!("{path}: ELF type {} is not ET_EXEC, ET_DYN or ET_REL", t.0),
         };
         let sym_strings = match file.elf_symbol_table().string_section() {
             SectionIndex(0) => Strings::default(),
@@ -187,7 +188,7 @@ impl<'d> Image<'d> {
                 .elf_section_table()
                 .section(i)
                 .ok()
-                .filter(|h| h.sh_type(e) == elf::SHT_STRTAB)
+                .filter(|h| h.sh_type(e).0 == elf::SHT_STRTAB.0)
                 .map_or_else(Strings::default, |h| {
                     Strings::new(data, h.sh_offset(e), h.sh_size(e))
                 }),
@@ -272,8 +273,8 @@ impl<'d> Image<'d> {
     /// Sections that are allocated and executable.
     pub fn exec_sections(&self) -> impl Iterator<Item = ElfSection64<'d, '_, LittleEndian>> + '_ {
         self.file.sections().filter(|s| {
-            let f = s.elf_section_header().sh_flags(LittleEndian);
-            f & u64::from(elf::SHF_EXECINSTR) != 0 && f & u64::from(elf::SHF_ALLOC) != 0
+            let f = s.elf_section_header().sh_flags(LittleEndian).0;
+            f & elf::SHF_EXECINSTR.0 != 0 && f & elf::SHF_ALLOC.0 != 0
         })
     }
 
@@ -297,8 +298,8 @@ impl<'d> Image<'d> {
     pub fn read_va(&self, addr: u64, len: u64) -> Option<&'d [u8]> {
         for s in self.file.sections() {
             let h = s.elf_section_header();
-            if h.sh_type(LittleEndian) == elf::SHT_NOBITS
-                || h.sh_flags(LittleEndian) & u64::from(elf::SHF_ALLOC) == 0
+            if h.sh_type(LittleEndian).0 == elf::SHT_NOBITS.0
+                || h.sh_flags(LittleEndian).0 & elf::SHF_ALLOC.0 == 0
             {
                 continue;
             }
@@ -316,8 +317,8 @@ impl<'d> Image<'d> {
     pub fn va_to_file_offset(&self, addr: u64, len: u64) -> Option<u64> {
         for s in self.file.sections() {
             let h = s.elf_section_header();
-            if h.sh_type(LittleEndian) == elf::SHT_NOBITS
-                || h.sh_flags(LittleEndian) & u64::from(elf::SHF_ALLOC) == 0
+            if h.sh_type(LittleEndian).0 == elf::SHT_NOBITS.0
+                || h.sh_flags(LittleEndian).0 & elf::SHF_ALLOC.0 == 0
             {
                 continue;
             }
@@ -471,7 +472,7 @@ impl<'d> Image<'d> {
                 RelocationTarget::Absolute => None,
                 _ => return None,
             };
-            Some(self.reloc(&|| Some(section.index()), offset, r_type, sym, r.addend()))
+            Some(self.reloc(&|| Some(section.index()), offset, r_type.0, sym, r.addend()))
         })
     }
 
@@ -490,7 +491,7 @@ impl<'d> Image<'d> {
         while let Some(next) = self.reloc_sections.get(i) {
             i = next;
             let s = sections.section(i).ok()?;
-            if s.sh_type(LittleEndian) != elf::SHT_RELA {
+            if s.sh_type(LittleEndian).0 != elf::SHT_RELA.0 {
                 return None;
             }
             // An unreadable table is skipped, as the `object` crate's iterator does.
@@ -509,7 +510,7 @@ impl<'d> Image<'d> {
         self.reloc(
             &|| self.rela_section(r),
             r.r_offset(e),
-            r.r_type(e, self.mips64el),
+            r.r_type(e, self.mips64el).0,
             sym,
             r.r_addend(e),
         )
@@ -522,7 +523,7 @@ impl<'d> Image<'d> {
             .checked_sub(self.data.as_ptr() as usize)? as u64;
         self.file.elf_section_table().iter().find_map(|h| {
             let (off, size) = h.file_range(LittleEndian)?;
-            (h.sh_type(LittleEndian) == elf::SHT_RELA && at >= off && at - off < size)
+            (h.sh_type(LittleEndian).0 == elf::SHT_RELA.0 && at >= off && at - off < size)
                 .then(|| SectionIndex(h.sh_info(LittleEndian) as usize))
         })
     }
@@ -560,7 +561,9 @@ impl<'d> Image<'d> {
                         None => 0,
                     }
                 } else {
-                    sym.address()
+                    // The raw st_value: object 0.40's `address()` is 0 for SHN_COMMON,
+                    // and a linked image's relocation was resolved with the value.
+                    sym.elf_symbol().st_value(LittleEndian)
                 };
                 (
                     v,
@@ -666,8 +669,8 @@ fn check_sections(
             );
         }
         let (off, size) = (h.sh_offset(e), h.sh_size(e));
-        let t = h.sh_type(e);
-        if t == elf::SHT_NOBITS || t == elf::SHT_NULL || size == 0 {
+        let t = h.sh_type(e).0;
+        if t == elf::SHT_NOBITS.0 || t == elf::SHT_NULL.0 || size == 0 {
             continue;
         }
         if off.checked_add(size).is_none_or(|end| end > len) {
@@ -738,7 +741,7 @@ pub fn inputs<'d>(path: &str, data: &'d [u8]) -> Result<Vec<(String, &'d [u8])>>
 /// Convenience for `FileHeader` trait use elsewhere.
 pub fn e_type(data: &[u8]) -> Option<u16> {
     let h = object::elf::FileHeader64::<LittleEndian>::parse(data).ok()?;
-    Some(h.e_type(LittleEndian))
+    Some(h.e_type(LittleEndian).0)
 }
 
 /// Files at least this large are memory-mapped by [`read_file`]; smaller ones are read
@@ -807,7 +810,7 @@ pub fn check_linked_headers(img: &Image<'_>) -> Result<()> {
     let e = LittleEndian;
     let path = &img.path;
     for (i, p) in img.file.elf_program_headers().iter().enumerate() {
-        if p.p_type(e) != elf::PT_LOAD {
+        if p.p_type(e).0 != elf::PT_LOAD.0 {
             continue;
         }
         let (off, filesz, memsz) = (p.p_offset(e), p.p_filesz(e), p.p_memsz(e));
@@ -846,7 +849,7 @@ pub fn check_linked_headers(img: &Image<'_>) -> Result<()> {
     let h = sections
         .section(index)
         .with_context(|| format!("{path}: malformed: bad section name string table index"))?;
-    if h.sh_type(e) != elf::SHT_STRTAB || h.sh_size(e) == 0 {
+    if h.sh_type(e).0 != elf::SHT_STRTAB.0 || h.sh_size(e) == 0 {
         bail!(
             "{path}: malformed: the section name string table (section {}) is {}",
             index.0,
@@ -864,14 +867,14 @@ pub fn check_linked_headers(img: &Image<'_>) -> Result<()> {
         .file
         .elf_program_headers()
         .iter()
-        .filter(|p| p.p_type(e) == elf::PT_LOAD)
+        .filter(|p| p.p_type(e).0 == elf::PT_LOAD.0)
         .map(|p| (p.p_offset(e), p.p_filesz(e), p.p_vaddr(e)))
         .collect();
     for (i, sh) in sections.iter().enumerate() {
         let (addr, off, size) = (sh.sh_addr(e), sh.sh_offset(e), sh.sh_size(e));
         // (A section whose addresses wrap is refused by the readers, as not in the file.)
-        if sh.sh_flags(e) & u64::from(elf::SHF_ALLOC) == 0
-            || sh.sh_type(e) == elf::SHT_NOBITS
+        if sh.sh_flags(e).0 & elf::SHF_ALLOC.0 == 0
+            || sh.sh_type(e).0 == elf::SHT_NOBITS.0
             || size == 0
             || addr.checked_add(size).is_none()
         {
@@ -895,14 +898,14 @@ pub fn check_linked_headers(img: &Image<'_>) -> Result<()> {
     // found through them, and one that points elsewhere hides a call.
     for (i, sh) in sections.iter().enumerate() {
         // (Dynamic relocations, `SHF_ALLOC`, are the dynamic linker's: not these.)
-        if sh.sh_type(e) != elf::SHT_RELA || sh.sh_flags(e) & u64::from(elf::SHF_ALLOC) != 0 {
+        if sh.sh_type(e).0 != elf::SHT_RELA.0 || sh.sh_flags(e).0 & elf::SHF_ALLOC.0 != 0 {
             continue;
         }
         let Ok(target) = sections.section(SectionIndex(sh.sh_info(e) as usize)) else {
             continue;
         };
-        let flags = u64::from(elf::SHF_ALLOC | elf::SHF_EXECINSTR);
-        if target.sh_flags(e) & flags != flags
+        let flags = elf::SHF_ALLOC.0 | elf::SHF_EXECINSTR.0;
+        if target.sh_flags(e).0 & flags != flags
             || sh.sh_info(e) == 0
             || target.sh_addr(e).checked_add(target.sh_size(e)).is_none()
         {
@@ -910,7 +913,7 @@ pub fn check_linked_headers(img: &Image<'_>) -> Result<()> {
         }
         let name = img.section_strings.get(sh.sh_name(e)).unwrap_or("?");
         let symtab = sections.section(SectionIndex(sh.sh_link(e) as usize));
-        if !symtab.is_ok_and(|t| t.sh_type(e) == elf::SHT_SYMTAB) {
+        if !symtab.is_ok_and(|t| t.sh_type(e).0 == elf::SHT_SYMTAB.0) {
             bail!(
                 "{path}: malformed: relocation section {i} ({name}) names section {} as its \
                  symbol table, which is not one",

@@ -164,12 +164,12 @@ pub fn check_reach(img: &crate::elf::Image<'_>, table: u64, size: usize) -> Resu
         return Ok(());
     }
     let flags = |s: &object::read::elf::ElfSection64<'_, '_, object::LittleEndian>| {
-        s.elf_section_header().sh_flags(object::LittleEndian)
+        s.elf_section_header().sh_flags(object::LittleEndian).0
     };
     let last = img
         .file
         .sections()
-        .filter(|s| flags(s) & u64::from(object::elf::SHF_ALLOC) != 0)
+        .filter(|s| flags(s) & object::elf::SHF_ALLOC.0 != 0)
         .max_by_key(|s| s.address().saturating_add(s.size()));
     let after = match last {
         Some(s) => format!(

@@ -68,7 +68,7 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
         let e = object::LittleEndian;
         let (off, size) = sec.file_range().unwrap_or((0, 0));
         let mapped = img.file.elf_program_headers().iter().find(|p| {
-            p.p_type(e) == object::elf::PT_LOAD
+            p.p_type(e).0 == object::elf::PT_LOAD.0
                 && p.p_offset(e) <= off
                 && off.saturating_add(size) <= p.p_offset(e).saturating_add(p.p_filesz(e))
         });
@@ -79,7 +79,7 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
         };
         let cell_delta = img.symbol(CELL_SYMBOL).and_then(|c| {
             img.file.elf_program_headers().iter().find(|p| {
-                p.p_type(e) == object::elf::PT_LOAD
+                p.p_type(e).0 == object::elf::PT_LOAD.0
                     && p.p_vaddr(e) <= c.addr
                     && c.addr < p.p_vaddr(e).saturating_add(p.p_memsz(e))
             })

@@ -412,7 +412,7 @@ name:   .ascii "m::f"
         let e = e as usize;
         let r_offset = u64::from_le_bytes(bad[e..e + 8].try_into().unwrap());
         if r_offset == slot_field {
-            let info = (ksites_sym << 32) | u64::from(object::elf::R_X86_64_PC32);
+            let info = (ksites_sym << 32) | u64::from(object::elf::R_X86_64_PC32.0);
             bad[e + 8..e + 16].copy_from_slice(&info.to_le_bytes());
             bad[e + 16..e + 24].copy_from_slice(&0i64.to_le_bytes());
             patched = true;

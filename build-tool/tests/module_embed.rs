@@ -208,7 +208,7 @@ fn load(bytes: &[u8]) -> Loaded {
     let mut exec = Vec::new();
     for (i, s) in shdrs.iter().enumerate() {
         if let Some(a) = sec_addr[i]
-            && layout::group(s.sh_flags(LE)) == Some(layout::Group::Exec)
+            && layout::group(s.sh_flags(LE).0) == Some(layout::Group::Exec)
         {
             exec.push(a..a + s.sh_size(LE));
         }
@@ -235,7 +235,7 @@ fn load(bytes: &[u8]) -> Loaded {
         .expect(".rela.ksites");
     let rh = rela.elf_section_header();
     assert_eq!(rh.sh_type(LE), elf::SHT_RELA);
-    assert_eq!(rh.sh_flags(LE), u64::from(elf::SHF_INFO_LINK));
+    assert_eq!(rh.sh_flags(LE), elf::SHF_INFO_LINK);
     assert_eq!(
         rh.sh_info(LE) as usize,
         ks.index().0,
@@ -276,7 +276,7 @@ fn load(bytes: &[u8]) -> Loaded {
         };
         // The loader's own relocation arithmetic.
         kernel_loader::arch::x86_64::reloc::apply(
-            elf::R_X86_64_PC32,
+            elf::R_X86_64_PC32.0,
             &mut table[off as usize..],
             sv,
             r.addend(),
@@ -301,7 +301,7 @@ fn check_ksites_section(bytes: &[u8]) {
     let ks = f.section_by_name(SECTION_NAME).unwrap();
     let h = ks.elf_section_header();
     assert_eq!(h.sh_type(LE), elf::SHT_PROGBITS);
-    assert_eq!(h.sh_flags(LE), u64::from(elf::SHF_ALLOC));
+    assert_eq!(h.sh_flags(LE), elf::SHF_ALLOC);
     assert_eq!(h.sh_addralign(LE), 8);
     let data = ks.data().unwrap();
     for (off, _) in ks.relocations() {
@@ -467,7 +467,7 @@ fn gcc_module_with_imports_and_c_probes() {
                 assert_eq!(b, [0xe9, 0, 0, 0, 0]);
                 assert_eq!(
                     (r.2, r.3.as_str(), r.4),
-                    (elf::R_X86_64_PLT32, "ksites_probe_ret0", -4)
+                    (elf::R_X86_64_PLT32.0, "ksites_probe_ret0", -4)
                 );
             }
             kind => {
@@ -478,7 +478,7 @@ fn gcc_module_with_imports_and_c_probes() {
                     k => panic!("unexpected kind {k:?}"),
                 };
                 assert_eq!(b, want, "{kind:?}");
-                assert_eq!(r.2, elf::R_X86_64_NONE, "{r:?}");
+                assert_eq!(r.2, elf::R_X86_64_NONE.0, "{r:?}");
                 assert!(r.3.starts_with("__dtrace"), "{r:?}");
             }
         }
@@ -498,7 +498,7 @@ fn gcc_module_with_imports_and_c_probes() {
     assert!(
         !relocs
             .iter()
-            .any(|r| r.3.starts_with("__dtrace") && r.2 != elf::R_X86_64_NONE)
+            .any(|r| r.3.starts_with("__dtrace") && r.2 != elf::R_X86_64_NONE.0)
     );
 
     // Everything else is unchanged: the same symbols, the same other relocations.
@@ -509,14 +509,18 @@ fn gcc_module_with_imports_and_c_probes() {
             .map(|s| {
                 (
                     s.name().unwrap().to_string(),
-                    s.elf_symbol().st_info(),
+                    s.elf_symbol().st_info().0,
                     s.address(),
                 )
             })
             .collect()
     };
     let mut expected_syms = syms(&before);
-    expected_syms.insert(("ksites_probe_ret0".into(), elf::STB_GLOBAL << 4, 0));
+    expected_syms.insert((
+        "ksites_probe_ret0".into(),
+        elf::SymbolInfo::new(elf::STB_GLOBAL, elf::STT_NOTYPE).0,
+        0,
+    ));
     assert_eq!(syms(&out), expected_syms);
     let keep = |v: Vec<(String, u64, u32, String, i64)>| -> BTreeSet<_> {
         v.into_iter()
@@ -930,7 +934,7 @@ fn read_only_nobits_is_read_only_data_for_embed_and_loader() {
     let zeros = f.section_by_name(".rodata.zeros").expect(".rodata.zeros");
     let zh = zeros.elf_section_header();
     assert_eq!(zh.sh_type(LE), elf::SHT_NOBITS);
-    assert_eq!(zh.sh_flags(LE), u64::from(elf::SHF_ALLOC));
+    assert_eq!(zh.sh_flags(LE), elf::SHF_ALLOC);
     let slot_sec = f.section_by_name(".data.slot").expect(".data.slot");
     assert!(
         slot_sec.index().0 > zeros.index().0,

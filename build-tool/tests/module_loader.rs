@@ -304,7 +304,12 @@ fn reloc_offset(bytes: &[u8], sec: &str, r_type: u32) -> u64 {
     let f = object::File::parse(bytes).unwrap();
     let s = f.section_by_name(sec).unwrap();
     s.relocations()
-        .find(|(_, r)| r.flags() == object::RelocationFlags::Elf { r_type })
+        .find(|(_, r)| {
+            r.flags()
+                == object::RelocationFlags::Elf {
+                    r_type: object::elf::RelocationType(r_type),
+                }
+        })
         .unwrap_or_else(|| panic!("no relocation {r_type} in {sec}"))
         .0
 }
@@ -856,7 +861,7 @@ fn overflow_from_absolute_32_bit_relocations_in_c_code() {
         let flags = ["-O2", "-fno-pic", model, "-fno-asynchronous-unwind-tables"];
         let file = format!("abs{}.c", r_type);
         let obj = gcc_obj(d.path(), &file, src, &flags);
-        let off = reloc_offset(&obj, ".text", r_type);
+        let off = reloc_offset(&obj, ".text", r_type.0);
         let (s, e) = load_err(&obj, &kernel_exports());
         let ModuleError::Overflow {
             r_type: t,
@@ -869,7 +874,7 @@ fn overflow_from_absolute_32_bit_relocations_in_c_code() {
         };
         assert_eq!(
             (t, section, offset),
-            (r_type, ".text".into(), off),
+            (r_type.0, ".text".into(), off),
             "{model}"
         );
         // The value is `state`'s address in the module's .bss, near this binary.
@@ -894,11 +899,11 @@ fn overflow_from_absolute_32_bit_relocations_in_c_code() {
         matches!(
             e,
             ModuleError::Overflow {
-                r_type: object::elf::R_X86_64_PLT32,
+                r_type,
                 section,
                 offset: 1,
                 ..
-            } if section == ".text"
+            } if section == ".text" && r_type == object::elf::R_X86_64_PLT32.0
         ),
         "{e:?}"
     );
@@ -1082,7 +1087,7 @@ fn got_relocations_from_fno_plt_are_unsupported() {
             "-fno-asynchronous-unwind-tables",
         ],
     );
-    let off = reloc_offset(&obj, ".text", object::elf::R_X86_64_GOTPCRELX);
+    let off = reloc_offset(&obj, ".text", object::elf::R_X86_64_GOTPCRELX.0);
     let (issues, r) = check_all(&obj, &kernel_exports());
     let want =
         format!("unsupported relocation R_X86_64_GOTPCRELX (41) in .text at offset {off:#x}");

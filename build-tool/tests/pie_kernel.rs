@@ -70,7 +70,7 @@ fn default_target_pie_kernel_links_through_ksites_ld() {
         let data = std::fs::read(d.join(&out)).unwrap();
         assert_eq!(
             u16::from_le_bytes([data[16], data[17]]),
-            object::elf::ET_DYN,
+            object::elf::ET_DYN.0,
             "{linker}: not a PIE"
         );
         let v = run(Command::new(KSITES).arg("verify").arg(d.join(&out)));

@@ -55,12 +55,12 @@ pub(super) fn reserved_slot(
     let h = sec.elf_section_header();
     let (addr, size) = (h.sh_addr(LE), h.sh_size(LE));
     ensure!(
-        h.sh_flags(LE) & u64::from(elf::SHF_ALLOC) != 0,
+        h.sh_flags(LE).0 & elf::SHF_ALLOC.0 != 0,
         "{path}: section {SECTION_NAME} is not allocated (SHF_ALLOC); a reserved table slot \
          must be loaded: place it in an output section of a PT_LOAD segment"
     );
     ensure!(
-        h.sh_type(LE) != elf::SHT_NOBITS,
+        h.sh_type(LE).0 != elf::SHT_NOBITS.0,
         "{path}: the reserved section {SECTION_NAME} ({size} bytes at {addr:#x}) is NOBITS, \
          so the table has no file bytes to go into; {RESERVE_HINT}"
     );
@@ -468,7 +468,7 @@ fn append_segment_to<'a>(
     let phnum = fh.e_phnum.get(e) as usize;
     let shoff = fh.e_shoff.get(e) as usize;
     let shnum = fh.e_shnum.get(e) as usize;
-    let shstrndx = fh.e_shstrndx.get(e) as usize;
+    let shstrndx = fh.e_shstrndx.get(e).0 as usize;
     ensure!(
         fh.e_phentsize.get(e) as usize == size_of::<ProgramHeader64<LE>>()
             && fh.e_shentsize.get(e) as usize == size_of::<SectionHeader64<LE>>(),
@@ -595,8 +595,8 @@ fn append_segment_to<'a>(
     let mut added = vec![(
         SECTION_NAME,
         section(
-            elf::SHT_PROGBITS,
-            elf::SHF_ALLOC,
+            elf::SHT_PROGBITS.0,
+            elf::SHF_ALLOC.0,
             table_addr,
             table_off,
             size as u64,
@@ -628,12 +628,12 @@ fn append_segment_to<'a>(
 }
 
 /// A section header with no name yet ([`append_section_table`] names it).
-fn section(ty: u32, flags: u32, addr: u64, off: u64, size: u64, align: u64) -> SectionHeader64<LE> {
+fn section(ty: u32, flags: u64, addr: u64, off: u64, size: u64, align: u64) -> SectionHeader64<LE> {
     let e = LE;
     SectionHeader64::<LE> {
         sh_name: U32::new(e, 0),
-        sh_type: U32::new(e, ty),
-        sh_flags: U64::new(e, u64::from(flags)),
+        sh_type: U32::new(e, elf::SectionType(ty)),
+        sh_flags: U64::new(e, elf::SectionFlags(flags)),
         sh_addr: U64::new(e, addr),
         sh_offset: U64::new(e, off),
         sh_size: U64::new(e, size),
@@ -655,11 +655,18 @@ fn notes_sections(
     [
         (
             ".stapsdt.base",
-            section(elf::SHT_PROGBITS, elf::SHF_ALLOC, base_addr, base_off, 1, 1),
+            section(
+                elf::SHT_PROGBITS.0,
+                elf::SHF_ALLOC.0,
+                base_addr,
+                base_off,
+                1,
+                1,
+            ),
         ),
         (
             ".note.stapsdt",
-            section(elf::SHT_NOTE, 0, 0, notes_off, len as u64, 4),
+            section(elf::SHT_NOTE.0, 0, 0, notes_off, len as u64, 4),
         ),
     ]
 }
@@ -670,7 +677,7 @@ fn input_sections<'d>(path: &str, data: &'d [u8]) -> Result<(&'d [SectionHeader6
     let (fh, _) = from_bytes::<FileHeader64<LE>>(data)
         .map_err(|()| anyhow::anyhow!("{path}: truncated ELF header"))?;
     let shnum = fh.e_shnum.get(e) as usize;
-    let shstrndx = fh.e_shstrndx.get(e) as usize;
+    let shstrndx = fh.e_shstrndx.get(e).0 as usize;
     ensure!(
         fh.e_shentsize.get(e) as usize == size_of::<SectionHeader64<LE>>(),
         "{path}: unexpected section header entry size"

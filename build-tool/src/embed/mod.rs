@@ -243,7 +243,7 @@ pub fn embed_file(input: &Path, output: &Path) -> Result<EmbedReport> {
     // Linked images (the path that keeps the input as the output's base).
     let early = matches!(
         crate::elf::e_type(&data),
-        Some(object::elf::ET_EXEC | object::elf::ET_DYN)
+        Some(t) if t == object::elf::ET_EXEC.0 || t == object::elf::ET_DYN.0
     );
     let pre = early
         .then(|| TempFile::beside(target, TEMP_PREFIX).ok())

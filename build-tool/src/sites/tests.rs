@@ -92,7 +92,9 @@ fn object(sections: &[(&str, &Code)], reverse: bool) -> Vec<u8> {
                 offset,
                 symbol: ext,
                 addend,
-                flags: RelocationFlags::Elf { r_type },
+                flags: RelocationFlags::Elf {
+                    r_type: object::elf::RelocationType(r_type),
+                },
             };
             obj.add_relocation(id, r).unwrap();
         }

@@ -439,7 +439,7 @@ mod tests {
     #[test]
     fn machines() {
         assert_eq!(Target::from_machine(x86_64::E_MACHINE), Ok(Target::X86_64));
-        let e = Target::from_machine(object::elf::EM_AARCH64).unwrap_err();
+        let e = Target::from_machine(object::elf::EM_AARCH64.0).unwrap_err();
         assert_eq!(e.to_string(), "machine 183 is not x86-64");
     }
 

@@ -20,7 +20,7 @@ use super::{Insn, RelocClass, SiteInsn};
 use crate::elf::Reloc;
 
 /// The ELF machine.
-pub const E_MACHINE: u16 = elf::EM_X86_64;
+pub const E_MACHINE: u16 = elf::EM_X86_64.0;
 /// The `.ksites` header's architecture field.
 pub const TABLE_ARCH: u16 = ARCH_X86_64;
 /// Human name, for messages.
@@ -38,25 +38,25 @@ pub const TRAMPOLINE_SLOT_FIELD: u64 = JMP_RIP_INDIRECT.len() as u64;
 pub const ARG_REGISTERS: [&str; 6] = ["%rdi", "%rsi", "%rdx", "%rcx", "%r8", "%r9"];
 /// The relocation of a self-relative 32-bit table field (`S + A - P`, `A` = the
 /// target's offset from its symbol).
-pub const TABLE_RELOC: u32 = elf::R_X86_64_PC32;
+pub const TABLE_RELOC: u32 = elf::R_X86_64_PC32.0;
 /// The relocation of a branch's rel32 to a symbol, and its addend (`-4`: the field
 /// ends the instruction).
-pub const BRANCH_RELOC: (u32, i64) = (elf::R_X86_64_PLT32, -(BRANCH_FIELD_LEN as i64));
+pub const BRANCH_RELOC: (u32, i64) = (elf::R_X86_64_PLT32.0, -(BRANCH_FIELD_LEN as i64));
 /// No relocation.
-pub const NONE_RELOC: u32 = elf::R_X86_64_NONE;
+pub const NONE_RELOC: u32 = elf::R_X86_64_NONE.0;
 /// A 64-bit absolute address.
-pub const ABS64_RELOC: u32 = elf::R_X86_64_64;
+pub const ABS64_RELOC: u32 = elf::R_X86_64_64.0;
 /// The IRELATIVE relocation of a GNU ifunc's slot.
-pub const IRELATIVE_RELOC: u32 = elf::R_X86_64_IRELATIVE;
+pub const IRELATIVE_RELOC: u32 = elf::R_X86_64_IRELATIVE.0;
 
 /// The dynamic relocation of an absolute pointer in a position-independent image
 /// (`B + A`): its addend is the pointer's link-time value.
-pub const RELATIVE_RELOC: u32 = elf::R_X86_64_RELATIVE;
+pub const RELATIVE_RELOC: u32 = elf::R_X86_64_RELATIVE.0;
 
 /// What a raw relocation type is.
 #[inline]
 pub fn reloc_class(t: u32) -> RelocClass {
-    match t {
+    match elf::RelocationType(t) {
         elf::R_X86_64_PC32 | elf::R_X86_64_PLT32 => RelocClass::Branch,
         elf::R_X86_64_GOT32
         | elf::R_X86_64_GOTPCREL
@@ -86,7 +86,7 @@ pub fn reloc_target(r: &Reloc) -> u64 {
 
 /// `R_X86_64_*` name.
 pub fn reloc_name(t: u32) -> &'static str {
-    match t {
+    match elf::RelocationType(t) {
         elf::R_X86_64_64 => "R_X86_64_64",
         elf::R_X86_64_PC32 => "R_X86_64_PC32",
         elf::R_X86_64_PLT32 => "R_X86_64_PLT32",

@@ -198,8 +198,8 @@ where
 pub fn from_elf(sh: &object::elf::SectionHeader64<object::LittleEndian>) -> SectionHeader {
     let le = object::LittleEndian;
     SectionHeader {
-        flags: sh.sh_flags.get(le),
-        sh_type: sh.sh_type.get(le),
+        flags: sh.sh_flags.get(le).0,
+        sh_type: sh.sh_type.get(le).0,
         size: sh.sh_size.get(le),
         align: sh.sh_addralign.get(le),
     }

@@ -311,7 +311,7 @@ impl<'b> Linker<'b, '_, '_> {
         r: &elf::Rela64<LE>,
     ) -> Result<(), ModuleError> {
         let offset = r.r_offset(LE);
-        let r_type = r.r_type(LE, false);
+        let r_type = r.r_type(LE, false).0;
         let sym = r.r_sym(LE, false) as usize;
         // Names are copied only on the error paths: this runs once per relocation.
         let section = || Name::new(tname);

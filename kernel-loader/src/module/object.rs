@@ -41,8 +41,8 @@ impl<'b> Object<'b> {
     /// Parses `bytes`: a little-endian ELF64 relocatable object for this architecture.
     pub(super) fn parse(bytes: &'b [u8]) -> Result<Object<'b>, ModuleError> {
         let eh = Ehdr::parse(bytes).map_err(elf_err)?;
-        let (e_type, machine) = (eh.e_type.get(LE), eh.e_machine.get(LE));
-        if !eh.is_little_endian() || e_type != elf::ET_REL || machine != reloc::MACHINE {
+        let (e_type, machine) = (eh.e_type.get(LE).0, eh.e_machine.get(LE).0);
+        if !eh.is_little_endian() || e_type != elf::ET_REL.0 || machine != reloc::MACHINE {
             return Err(ModuleError::NotRelocatable { e_type, machine });
         }
         let table = eh.sections(LE, bytes).map_err(elf_err)?;

@@ -80,7 +80,7 @@ impl VirtualLayout {
         )?;
         for (i, s) in headers.iter().enumerate() {
             if let Some(addr) = sections[i]
-                && layout::group(s.sh_flags(LE)) == Some(layout::Group::Exec)
+                && layout::group(s.sh_flags(LE).0) == Some(layout::Group::Exec)
             {
                 let end = addr + s.sh_size(LE);
                 if end > addr {

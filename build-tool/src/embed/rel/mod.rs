@@ -400,7 +400,7 @@ pub fn relocated_table(
         ensure!(
             r.flags()
                 == (RelocationFlags::Elf {
-                    r_type: arch.table_reloc()
+                    r_type: object::elf::RelocationType(arch.table_reloc())
                 }),
             ".rela.ksites+{off:#x}: not {}",
             arch.reloc_name(arch.table_reloc())

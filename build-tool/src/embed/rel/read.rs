@@ -57,7 +57,7 @@ impl<'d> Obj<'_, 'd> {
                 RelocationTarget::Symbol(i) => i.0,
                 _ => 0,
             };
-            m.insert(off, (r_type, sym, r.addend()));
+            m.insert(off, (r_type.0, sym, r.addend()));
         }
         let m = Rc::new(RelocMap(m));
         self.reloc_cache
@@ -187,8 +187,8 @@ impl<'d> Obj<'_, 'd> {
             .file
             .section_by_index(SectionIndex(sec))
             .map(|s| {
-                let f = s.elf_section_header().sh_flags(LE);
-                f & u64::from(elf::SHF_EXECINSTR) != 0 && f & u64::from(elf::SHF_ALLOC) != 0
+                let f = s.elf_section_header().sh_flags(LE).0;
+                f & elf::SHF_EXECINSTR.0 != 0 && f & elf::SHF_ALLOC.0 != 0
             })
             .unwrap_or(false)
     }
@@ -313,7 +313,7 @@ pub(super) fn read_imports(o: &Obj<'_, '_>) -> Result<Vec<(usize, String)>> {
             ensure!(
                 r.flags()
                     == (RelocationFlags::Elf {
-                        r_type: o.img.target.abs64_reloc()
+                        r_type: elf::RelocationType(o.img.target.abs64_reloc())
                     }),
                 "{}: {IMPORT_SECTION}+{off:#x}: expected an {} relocation",
                 o.path,

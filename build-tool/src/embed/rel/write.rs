@@ -42,7 +42,7 @@ pub(super) fn write_object(
         disguised
             .iter()
             .find(|&&(i, _)| i == id.index() + 1)
-            .map_or(b.sections.get(id).sh_type, |&(_, t)| t)
+            .map_or(b.sections.get(id).sh_type.0, |&(_, t)| t)
     };
     let section_ids: Vec<SectionId> = b.sections.iter().map(|s| s.id()).collect();
     let symbol_ids: Vec<SymbolId> = b.symbols.iter().map(|s| s.id()).collect();
@@ -61,7 +61,7 @@ pub(super) fn write_object(
     let groups: Vec<(SectionId, SymbolId)> = b
         .sections
         .iter()
-        .filter(|s| orig_type(s.id()) == elf::SHT_GROUP)
+        .filter(|s| orig_type(s.id()) == elf::SHT_GROUP.0)
         .map(|s| Ok((s.id(), sym_id(s.sh_info as usize)?)))
         .collect::<Result<_>>()?;
     let addrsig: Vec<SectionId> = b
@@ -133,7 +133,7 @@ pub(super) fn write_object(
             None => {
                 let s = b.symbols.add();
                 s.name = STUB_SYMBOLS[1].as_bytes().to_vec().into();
-                s.st_info = (elf::STB_GLOBAL << 4) | elf::STT_NOTYPE;
+                s.st_info = elf::SymbolInfo::new(elf::STB_GLOBAL, elf::STT_NOTYPE);
                 s.st_shndx = elf::SHN_UNDEF;
                 s.id()
             }
@@ -152,7 +152,7 @@ pub(super) fn write_object(
                 continue;
             };
             for r in rels.iter_mut() {
-                if arch.reloc_class(r.r_type) != RelocClass::Branch {
+                if arch.reloc_class(r.r_type.0) != RelocClass::Branch {
                     continue;
                 }
                 let Some(&kind) = sites.get(&r.r_offset) else {
@@ -162,9 +162,10 @@ pub(super) fn write_object(
                 match (kind, ret0) {
                     (ProbeKind::CEnabledTail, Some(id)) => {
                         r.symbol = Some(id);
-                        (r.r_type, r.r_addend) = arch.branch_reloc();
+                        let (t, addend) = arch.branch_reloc();
+                        (r.r_type, r.r_addend) = (elf::RelocationType(t), addend);
                     }
-                    _ => r.r_type = arch.none_reloc(),
+                    _ => r.r_type = elf::RelocationType(arch.none_reloc()),
                 }
             }
         }
@@ -197,7 +198,7 @@ pub(super) fn write_object(
                     None => {
                         let s = b.symbols.add();
                         s.section = Some(id);
-                        s.st_info = (elf::STB_LOCAL << 4) | elf::STT_SECTION;
+                        s.st_info = elf::SymbolInfo::new(elf::STB_LOCAL, elf::STT_SECTION);
                         let sid = s.id();
                         sec_syms.insert(id.index(), sid);
                         sid
@@ -210,7 +211,7 @@ pub(super) fn write_object(
         rels.push(BRel {
             r_offset: field,
             symbol: Some(symbol),
-            r_type: arch.table_reloc(),
+            r_type: elf::RelocationType(arch.table_reloc()),
             r_addend: addend,
         });
     }
@@ -272,14 +273,14 @@ pub(super) fn write_object(
     let ks = b.sections.add();
     ks.name = SECTION_NAME.as_bytes().to_vec().into();
     ks.sh_type = elf::SHT_PROGBITS;
-    ks.sh_flags = u64::from(elf::SHF_ALLOC);
+    ks.sh_flags = elf::SHF_ALLOC;
     ks.sh_addralign = 8;
     ks.data = SectionData::Data(table.to_vec().into());
     let ks_id = ks.id();
     let rs = b.sections.add();
     rs.name = RELA_SECTION_NAME.as_bytes().to_vec().into();
     rs.sh_type = elf::SHT_RELA;
-    rs.sh_flags = u64::from(elf::SHF_INFO_LINK);
+    rs.sh_flags = elf::SHF_INFO_LINK;
     rs.sh_addralign = 8;
     rs.sh_entsize = 24;
     rs.sh_link_section = Some(symtab);
@@ -296,7 +297,7 @@ pub(super) fn write_object(
 /// Section types `object::build::elf::Builder` reads as what they are.
 fn builder_models(t: u32) -> bool {
     matches!(
-        t,
+        elf::SectionType(t),
         elf::SHT_NULL
             | elf::SHT_PROGBITS
             | elf::SHT_NOBITS
@@ -325,14 +326,14 @@ fn disguise_section_types(path: &str, data: &[u8]) -> Result<(Vec<u8>, Disguised
     let mut out = data.to_vec();
     let mut changed = Vec::new();
     for (i, s) in file.elf_section_table().iter().enumerate() {
-        let t = s.sh_type(LE);
-        if builder_models(t) || t == elf::SHT_NOBITS {
+        let t = s.sh_type(LE).0;
+        if builder_models(t) || t == elf::SHT_NOBITS.0 {
             continue;
         }
         let at = shoff + i * size_of::<elf::SectionHeader64<LE>>() + 4;
         out.get_mut(at..at + 4)
             .with_context(|| format!("{path}: section header {i} out of bounds"))?
-            .copy_from_slice(&elf::SHT_PROGBITS.to_le_bytes());
+            .copy_from_slice(&elf::SHT_PROGBITS.0.to_le_bytes());
         changed.push((i, t));
     }
     Ok((out, changed))
