@@ -75,7 +75,7 @@ impl<'b> Module<'b> {
         mem: &mut dyn ModuleMemory,
         poker: &mut dyn TextPoker,
     ) -> Result<Module<'b>, ModuleError> {
-        let (region, layout, mut report, table) = link(bytes, kernel, mem, &mut |_| {})?;
+        let (region, layout, mut report, table) = link(bytes, kernel, mem, &mut |_| {}, true)?;
         let mut m = Module {
             name,
             bytes,
@@ -265,7 +265,9 @@ impl<'b> Module<'b> {
             (l.text, l.ro, Group::Exec.prot()),
             (l.ro, l.rw, Group::ReadOnly.prot()),
             // The writable group and the bookkeeping after it.
-            (l.rw, l.end, Group::Writable.prot()),
+            (l.rw, l.veneers, Group::Writable.prot()),
+            // The veneers (empty unless the module needs them).
+            (l.veneers, l.end, Group::Exec.prot()),
         ] {
             if end > start {
                 // SAFETY: forwarded.
@@ -312,7 +314,7 @@ impl<'b> Module<'b> {
 
     /// The address of a global symbol the module defines.
     pub fn symbol(&self, name: &str) -> Option<u64> {
-        let obj = Object::parse(self.bytes).ok()?;
+        let obj = Object::parse(self.bytes, true).ok()?;
         for (i, sym) in obj.symtab.enumerate() {
             if sym.st_bind() == elf::STB_LOCAL
                 || sym.st_shndx(LE) == elf::SHN_UNDEF

@@ -54,11 +54,16 @@ pub mod error;
 pub mod layout;
 mod link;
 mod loaded;
+mod machine;
 mod object;
 
-pub use error::{Malformed, ModuleError, ProtectError, RelocationProblem, SymbolProblem};
+pub use error::{
+    Malformed, ModuleError, ProtectError, RelocFailure, RelocationProblem, SectionSymbol,
+    SymbolProblem,
+};
 pub use layout::PAGE_SIZE;
 pub use loaded::Module;
+pub use machine::Machine;
 
 /// The name of a relocation type of the architecture; see
 /// [`crate::arch::x86_64::reloc::name`].
@@ -258,6 +263,8 @@ pub struct LoadReport {
     pub rw_size: usize,
     /// Relocations applied.
     pub relocations: u32,
+    /// Range-extension veneers built (aarch64 `bl`/`b` beyond ±128 MiB).
+    pub veneers: u32,
     /// Undefined symbols resolved against the kernel.
     pub kernel_symbols: u32,
     /// The module's own ifuncs.
@@ -285,7 +292,7 @@ pub fn check(
     issue: &mut dyn FnMut(ModuleError),
 ) -> Result<LoadReport, ModuleError> {
     // The table (which points into the region) is not kept.
-    let (region, _, report, _) = link::link(bytes, kernel, mem, issue)?;
+    let (region, _, report, _) = link::link(bytes, kernel, mem, issue, false)?;
     // SAFETY: nothing refers to the region any more.
     unsafe { mem.free(region) };
     Ok(report)
