@@ -343,18 +343,19 @@ pub fn name(r_type: u32) -> &'static str {
         292 => "R_AARCH64_MOVW_PREL_G2_NC",
         293 => "R_AARCH64_MOVW_PREL_G3",
         299 => "R_AARCH64_LDST128_ABS_LO12_NC",
-        309 => "R_AARCH64_GOTREL64",
-        310 => "R_AARCH64_GOTREL32",
-        311 => "R_AARCH64_GOT_LD_PREL19",
-        312 => "R_AARCH64_LD64_GOTOFF_LO15",
-        313 => "R_AARCH64_ADR_GOT_PAGE",
-        314 => "R_AARCH64_LD64_GOT_LO12_NC",
-        315 => "R_AARCH64_LD64_GOTPAGE_LO15",
+        307 => "R_AARCH64_GOTREL64",
+        308 => "R_AARCH64_GOTREL32",
+        309 => "R_AARCH64_GOT_LD_PREL19",
+        310 => "R_AARCH64_LD64_GOTOFF_LO15",
+        311 => "R_AARCH64_ADR_GOT_PAGE",
+        312 => "R_AARCH64_LD64_GOT_LO12_NC",
+        313 => "R_AARCH64_LD64_GOTPAGE_LO15",
         512..=580 => "R_AARCH64_TLS*",
         1024 => "R_AARCH64_COPY",
         1025 => "R_AARCH64_GLOB_DAT",
         1026 => "R_AARCH64_JUMP_SLOT",
         1027 => "R_AARCH64_RELATIVE",
+        1028..=1031 => "R_AARCH64_TLS*",
         1032 => "R_AARCH64_IRELATIVE",
         _ => "R_AARCH64_?",
     }
@@ -471,9 +472,9 @@ mod tests {
             apply(CALL26, &mut [0u8; 3], 0, 0, 0),
             Err(RelocError::Short)
         );
-        assert_eq!(compute(313, 0, 0, 0, &b), Err(RelocError::Unsupported));
-        assert_eq!(width(313), None);
-        assert_eq!(name(313), "R_AARCH64_ADR_GOT_PAGE");
+        assert_eq!(compute(311, 0, 0, 0, &b), Err(RelocError::Unsupported));
+        assert_eq!(width(311), None);
+        assert_eq!(name(311), "R_AARCH64_ADR_GOT_PAGE");
         assert_eq!(name(TABLE_FIELD), "R_AARCH64_PREL32");
         let v = veneer(0xdead_beef_0000_1234);
         assert_eq!(veneer_target(&v), Some(0xdead_beef_0000_1234));
