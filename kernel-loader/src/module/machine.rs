@@ -10,9 +10,9 @@ use crate::arch::{aarch64, x86_64};
 /// An architecture whose modules the loader relocates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Machine {
-    /// `EM_X86_64`.
+    /// x86-64 ([`crate::arch::x86_64::reloc::MACHINE`]).
     X86_64,
-    /// `EM_AARCH64`.
+    /// aarch64 ([`crate::arch::aarch64::reloc::MACHINE`]).
     Aarch64,
 }
 
