@@ -741,6 +741,22 @@ fn every_checked_type_overflows_with_a_clear_error() {
         );
         assert!(s.contains(&format!("is not {align}-byte aligned")), "{s}");
     }
+    // A reference through a section symbol names the section (`.data` follows the
+    // text page: the read-only group is empty).
+    let src =
+        "    .text\n    nop\n    movz x0, #:abs_g0:local\n    .data\n    .word 0\nlocal: .word 1\n";
+    let o = gcc(&d, "secsym.S", src, &["-c"]);
+    let bytes = std::fs::read(o).unwrap();
+    let f = ElfFile64::<LE>::parse(&*bytes).unwrap();
+    let e = load(&bytes, &exports_for(&f, &[])).err().unwrap();
+    assert_eq!(
+        e[0].to_string(),
+        format!(
+            "aarch64 relocation R_AARCH64_MOVW_UABS_G0 (263) against `.data` in .text at offset \
+             0x4 overflows: {:#x} does not fit (0x0 <= X < 0x10000)",
+            BASE + 0x1004
+        )
+    );
     // A GOT reference is refused by number and name.
     let (e, s) = one_error(&d, "got", "adrp x0, :got:ksym", KERNEL);
     assert!(
@@ -810,6 +826,27 @@ void b(int x) { kfar(x); }
         assert_eq!(mem.u32(veneer + 4), 0xd61f_0200, "{sym}");
         assert_eq!(
             u64::from_le_bytes(mem.read(veneer + 8, 8).try_into().unwrap()),
+            target
+        );
+    }
+    // Tail calls (`b`, JUMP26) too, and one symbol with three addends is three
+    // targets, each with its own veneer (more than the module has outside symbols).
+    let asm = "    .text\n    b kfar\n    bl kfar\n    bl kfar + 16\n    b kfar + 16\n    bl knear\n    bl kfar + 32\n";
+    let o = gcc(&d, "tail.S", asm, &["-c"]);
+    let bytes = std::fs::read(&o).unwrap();
+    let f = ElfFile64::<LE>::parse(&*bytes).unwrap();
+    let exports = exports_for(&f, &[("kfar", far)]);
+    let (report, mem) = load(&bytes, &exports).unwrap();
+    assert_eq!(report.veneers, 3);
+    let at = |i: u64| decode(elf::R_AARCH64_JUMP26, &mem, BASE + 4 * i, 0).0;
+    let (v0, v1) = (at(0), at(2));
+    assert_eq!((at(1), at(3)), (v0, v1), "one veneer per target");
+    assert_ne!(v0, v1);
+    assert_eq!(at(4), exports.0["knear"]);
+    for (v, target) in [(v0, far), (v1, far + 16), (at(5), far + 32)] {
+        assert_eq!(mem.u32(v + 4), 0xd61f_0200);
+        assert_eq!(
+            u64::from_le_bytes(mem.read(v + 8, 8).try_into().unwrap()),
             target
         );
     }

@@ -104,13 +104,15 @@ impl Object<'_> {
         }
     }
 
-    /// How many veneers the module may need: its `bl`/`b` relocations (in loaded
-    /// sections) to symbols outside it, but no more than there are such symbols.
+    /// How many veneers the module may need (one per distinct target, at most): one
+    /// per `bl`/`b` relocation (in a loaded section) to a symbol outside the module
+    /// with a non-zero addend, plus those with a zero addend, but no more of these
+    /// than there are symbols outside the module.
     fn veneer_slots(&self) -> Result<usize, ModuleError> {
         if self.machine.veneer_len() == 0 {
             return Ok(0);
         }
-        let mut branches = 0usize;
+        let (mut plain, mut offset) = (0usize, 0usize);
         for rs in self.sections {
             if rs.sh_type.get(LE) != elf::SHT_RELA
                 || !self
@@ -123,19 +125,21 @@ impl Object<'_> {
             let Some((relas, _)) = rs.rela(LE, self.bytes).map_err(elf_err)? else {
                 continue;
             };
-            branches += relas
-                .iter()
-                .filter(|r| {
-                    self.machine.needs_veneer(r.r_type(LE, false))
-                        && self.outside(r.r_sym(LE, false) as usize)
-                })
-                .count();
+            for r in relas {
+                if self.machine.needs_veneer(r.r_type(LE, false))
+                    && self.outside(r.r_sym(LE, false) as usize)
+                {
+                    match r.r_addend(LE) {
+                        0 => plain += 1,
+                        _ => offset += 1,
+                    }
+                }
+            }
         }
-        if branches == 0 {
-            return Ok(0);
+        if plain > 0 {
+            plain = plain.min((1..self.symtab.len()).filter(|&i| self.outside(i)).count());
         }
-        let symbols = (1..self.symtab.len()).filter(|&i| self.outside(i)).count();
-        Ok(branches.min(symbols))
+        Ok(plain + offset)
     }
 }
 
