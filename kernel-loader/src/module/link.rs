@@ -5,7 +5,7 @@
 //! The region is the layout contract's three groups from offset 0, then the loader's
 //! bookkeeping, then (on architectures with veneers, and only if the module may need
 //! one) a page-aligned veneer area mapped read + execute. Neither changes a section's
-//! address. The veneer area has room for one veneer per `bl`/`b` relocation to a
+//! address. The veneer area has room for one veneer per branch relocation to a
 //! symbol outside the module (at most one per such symbol); a branch that overflows
 //! goes through a veneer to its target, one veneer per distinct target.
 //!
@@ -105,7 +105,7 @@ impl Object<'_> {
     }
 
     /// How many veneers the module may need (one per distinct target, at most): one
-    /// per `bl`/`b` relocation (in a loaded section) to a symbol outside the module
+    /// per veneer-capable branch relocation (in a loaded section) to a symbol outside the module
     /// with a non-zero addend, plus those with a zero addend, but no more of these
     /// than there are symbols outside the module.
     fn veneer_slots(&self) -> Result<usize, ModuleError> {

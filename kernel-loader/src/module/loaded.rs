@@ -16,6 +16,7 @@ use crate::probe::{self, ImageHandle, ProbeError};
 use super::error::ModuleError;
 use super::layout::Group;
 use super::link::{Layout, is_loaded, link};
+use super::machine::Machine;
 use super::object::Object;
 use super::{
     EXIT_SYMBOL, INIT_SYMBOL, Kernel, LoadReport, MAX_KERNEL_EXEC, ModuleMemory, Prot, Region,
@@ -290,6 +291,16 @@ impl<'b> Module<'b> {
     /// The module's code.
     pub fn text(&self) -> Range<u64> {
         self.region.addr + self.layout.text as u64..self.region.addr + self.layout.ro as u64
+    }
+
+    /// The range-extension veneers the loader built for branches whose target is out
+    /// of their reach (the architecture's `reloc::veneer`; empty where there are
+    /// none), mapped read + execute: a branch site whose target lies here reaches the
+    /// veneer's target.
+    pub fn veneers(&self) -> Range<u64> {
+        let start = self.region.addr + self.layout.veneers as u64;
+        let len = Machine::native().veneer_len() as u64 * u64::from(self.report.veneers);
+        start..start + len
     }
 
     /// All of its memory.

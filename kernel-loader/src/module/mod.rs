@@ -15,10 +15,10 @@
 //! 3. **Relocate** every allocated section with the relocation types of the object's
 //!    architecture ([`Machine`], from `e_machine`): [`crate::arch::x86_64::reloc`]
 //!    (`64`, `PC32`, `PLT32`, `32`, `32S`, `PC64` and `NONE`, each 32-bit result
-//!    checked for overflow) or [`crate::arch::aarch64::reloc`] (data, `adrp`/`:lo12:`,
-//!    `movz`/`movk`, branch and `adr` forms, each checked as aaelf64 says; a `bl`/`b`
-//!    beyond ±128 MiB goes through a veneer the loader writes in an executable area
-//!    after its bookkeeping). Anything else fails with its type, section and offset
+//!    checked for overflow) or [`crate::arch::aarch64::reloc`] (data, page/low-12-bit,
+//!    move-wide, branch and PC-relative address forms, each checked as its ABI says;
+//!    a call or jump out of reach goes through a veneer the loader writes in an
+//!    executable area after its bookkeeping, see [`Module::veneers`]). Anything else fails with its type, section and offset
 //!    (and, on aarch64, symbol). [`check`] relocates any supported architecture's
 //!    module on any host; [`Module::load`] only the one it is compiled for. `.rela.ksites` is relocated like any other
 //!    section, which turns the module's table into the self-relative form of a linked
@@ -269,7 +269,7 @@ pub struct LoadReport {
     pub rw_size: usize,
     /// Relocations applied.
     pub relocations: u32,
-    /// Range-extension veneers built (aarch64 `bl`/`b` beyond ±128 MiB).
+    /// Range-extension veneers built (for branches out of reach; aarch64).
     pub veneers: u32,
     /// Undefined symbols resolved against the kernel.
     pub kernel_symbols: u32,
