@@ -5,7 +5,9 @@
 use core::fmt;
 
 use crate::Name;
-use crate::arch::native::reloc;
+use crate::arch::x86_64::reloc;
+
+use super::machine::Machine;
 use crate::format::FormatError;
 use crate::patch::PatchError;
 use crate::probe::ProbeError;
@@ -84,10 +86,154 @@ impl fmt::Display for RelocationProblem {
         match self {
             RelocationProblem::SymbolOutOfRange => f.write_str("symbol index out of range"),
             RelocationProblem::OutsideSection => f.write_str("offset outside its section"),
-            RelocationProblem::Rel => write!(
+            RelocationProblem::Rel => {
+                f.write_str("SHT_REL (no addends) is not used on ")?;
+                machines(f)
+            }
+        }
+    }
+}
+
+/// `x86-64 or aarch64`: the machines the loader relocates.
+fn machines(f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    for (i, m) in Machine::ALL.into_iter().enumerate() {
+        if i > 0 {
+            f.write_str(if i + 1 == Machine::ALL.len() {
+                " or "
+            } else {
+                ", "
+            })?;
+        }
+        f.write_str(m.name())?;
+    }
+    Ok(())
+}
+
+/// The section and the symbol of a failed relocation, in one [`Name`]'s space (so a
+/// [`ModuleError`] stays small): each is cut at a character boundary when both do not
+/// fit, the section to at most half, and a cut one prints with a trailing `…`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SectionSymbol {
+    both: Name,
+    split: u8,
+    cut: u8,
+}
+
+impl SectionSymbol {
+    /// Keeps `section` and `symbol`.
+    pub fn new(section: &str, symbol: &str) -> SectionSymbol {
+        let cap = Name::CAPACITY;
+        let fit = |s: &str, max: usize| {
+            let mut n = s.len().min(max);
+            while !s.is_char_boundary(n) {
+                n -= 1;
+            }
+            n
+        };
+        let sec = fit(section, cap.saturating_sub(symbol.len()).max(cap / 2));
+        let sym = fit(symbol, cap - sec);
+        let mut buf = [0u8; Name::CAPACITY];
+        buf[..sec].copy_from_slice(&section.as_bytes()[..sec]);
+        buf[sec..sec + sym].copy_from_slice(&symbol.as_bytes()[..sym]);
+        let both = core::str::from_utf8(&buf[..sec + sym]).map_or(Name::default(), Name::new);
+        SectionSymbol {
+            both,
+            split: sec as u8,
+            cut: u8::from(sec < section.len()) | u8::from(sym < symbol.len()) << 1,
+        }
+    }
+
+    /// The section (cut if long).
+    pub fn section(&self) -> &str {
+        self.both.as_str().get(..self.split as usize).unwrap_or("")
+    }
+
+    /// The symbol (cut if long).
+    pub fn symbol(&self) -> &str {
+        self.both.as_str().get(self.split as usize..).unwrap_or("")
+    }
+
+    fn show(f: &mut fmt::Formatter<'_>, s: &str, cut: bool) -> fmt::Result {
+        f.write_str(s)?;
+        if cut {
+            f.write_str("…")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SectionSymbol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({:?}, {:?})", self.section(), self.symbol())
+    }
+}
+
+/// `` `symbol` in section ``.
+impl fmt::Display for SectionSymbol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("`")?;
+        Self::show(f, self.symbol(), self.cut & 2 != 0)?;
+        f.write_str("` in ")?;
+        Self::show(f, self.section(), self.cut & 1 != 0)
+    }
+}
+
+/// Why a relocation of [`ModuleError::RelocationFailed`] could not be applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelocFailure {
+    /// The loader does not implement the type.
+    Unsupported,
+    /// The result does not fit the field: it must lie in `min <= value < max`.
+    Overflow {
+        /// The value (`X` of the ABI's formula).
+        value: i64,
+        /// Smallest value that fits.
+        min: i64,
+        /// One past the largest value that fits.
+        max: i64,
+    },
+    /// The field drops low bits of the result that are not zero.
+    Misaligned {
+        /// The value.
+        value: i64,
+        /// The alignment it needs, in bytes.
+        align: u8,
+    },
+    /// A branch out of reach needs a veneer, and the module's veneer area is full
+    /// (the loader reserves one per branch relocation to a symbol outside the module,
+    /// so this means a malformed count, never a normal module).
+    NoVeneerRoom {
+        /// Where the branch must go.
+        target: u64,
+    },
+    /// A branch out of reach needs a veneer, and the veneer area is itself out of the
+    /// branch's reach (a module larger than the branch's range).
+    VeneerOutOfReach {
+        /// Where the branch must go.
+        target: u64,
+        /// The veneer's address.
+        veneer: u64,
+    },
+}
+
+impl fmt::Display for RelocFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RelocFailure::Unsupported => f.write_str("is not supported"),
+            RelocFailure::Overflow { value, min, max } => write!(
                 f,
-                "SHT_REL (no addends) is not used on {}",
-                reloc::ARCH_NAME
+                "overflows: {value:#x} does not fit ({min:#x} <= X < {max:#x})"
+            ),
+            RelocFailure::Misaligned { value, align } => {
+                write!(f, "is misaligned: {value:#x} is not {align}-byte aligned")
+            }
+            RelocFailure::NoVeneerRoom { target } => write!(
+                f,
+                "is out of reach of {target:#x} and no veneer space is left in the module"
+            ),
+            RelocFailure::VeneerOutOfReach { target, veneer } => write!(
+                f,
+                "is out of reach of {target:#x} and of its veneer at {veneer:#x}"
             ),
         }
     }
@@ -145,7 +291,8 @@ pub enum ModuleError {
         /// Why.
         why: SymbolProblem,
     },
-    /// A relocation type the loader does not implement.
+    /// A relocation type the loader does not implement (x86-64 modules; aarch64 ones
+    /// report [`ModuleError::RelocationFailed`]).
     UnsupportedRelocation {
         /// Relocation type (see [`reloc::name`]).
         r_type: u32,
@@ -154,7 +301,8 @@ pub enum ModuleError {
         /// Offset in that section.
         offset: u64,
     },
-    /// A relocation whose result does not fit its field.
+    /// A relocation whose result does not fit its field (x86-64 modules; aarch64 ones
+    /// report [`ModuleError::RelocationFailed`]).
     Overflow {
         /// Relocation type (see [`reloc::name`]).
         r_type: u32,
@@ -164,6 +312,22 @@ pub enum ModuleError {
         offset: u64,
         /// The value that did not fit.
         value: i64,
+    },
+    /// A relocation that could not be applied, named with its symbol and architecture
+    /// (what aarch64 modules report; x86-64 modules keep [`ModuleError::Overflow`] and
+    /// [`ModuleError::UnsupportedRelocation`]).
+    RelocationFailed {
+        /// `e_machine` of the module.
+        machine: u16,
+        /// Relocation type.
+        r_type: u32,
+        /// The section it applies to and the symbol it refers to (a section symbol by
+        /// its section's name).
+        at: SectionSymbol,
+        /// Offset in that section.
+        offset: u64,
+        /// What went wrong.
+        why: RelocFailure,
     },
     /// A malformed relocation.
     BadRelocation {
@@ -215,11 +379,17 @@ impl fmt::Display for ModuleError {
                 f,
                 ".ksites must be an allocated, read-only, non-executable section"
             ),
-            ModuleError::NotRelocatable { e_type, machine } => write!(
-                f,
-                "not an {} relocatable object (e_type {e_type}, e_machine {machine})",
-                reloc::ARCH_NAME
-            ),
+            ModuleError::NotRelocatable { e_type, machine } => {
+                match Machine::from_e_machine(*machine) {
+                    Some(m) => write!(f, "not an {} relocatable object", m.name())?,
+                    None => {
+                        f.write_str("not an ")?;
+                        machines(f)?;
+                        f.write_str(" relocatable object")?;
+                    }
+                }
+                write!(f, " (e_type {e_type}, e_machine {machine})")
+            }
             ModuleError::NotEmbedded { section } => write!(
                 f,
                 "the object has {section} but no .ksites table: run `ksites embed` on it"
@@ -249,6 +419,22 @@ impl fmt::Display for ModuleError {
                 "relocation {} in {section} at offset {offset:#x} overflows: {value:#x} does not fit",
                 reloc::name(*r_type)
             ),
+            ModuleError::RelocationFailed {
+                machine,
+                r_type,
+                at,
+                offset,
+                why,
+            } => {
+                let (arch, name) = match Machine::from_e_machine(*machine) {
+                    Some(m) => (m.name(), m.reloc_name(*r_type)),
+                    None => ("?", "?"),
+                };
+                write!(
+                    f,
+                    "{arch} relocation {name} ({r_type}) against {at} at offset {offset:#x} {why}"
+                )
+            }
             ModuleError::BadRelocation {
                 section,
                 offset,

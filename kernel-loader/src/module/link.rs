@@ -1,6 +1,13 @@
 //! Steps 1–4 of a load: lay the sections out in a region, resolve every symbol,
-//! apply every relocation (through [`crate::arch::native::reloc`]), and validate the
+//! apply every relocation (through the object's [`Machine`]), and validate the
 //! module's table in place.
+//!
+//! The region is the layout contract's three groups from offset 0, then the loader's
+//! bookkeeping, then (on architectures with veneers, and only if the module may need
+//! one) a page-aligned veneer area mapped read + execute. Neither changes a section's
+//! address. The veneer area has room for one veneer per branch relocation to a
+//! symbol outside the module (at most one per such symbol); a branch that overflows
+//! goes through a veneer to its target, one veneer per distinct target.
 //!
 //! The linker writes the region only through raw pointers ([`Linker::write`], bounds
 //! checked), never through a `&mut` slice made from `&self`; the one shared slice into
@@ -16,13 +23,15 @@ use object::read::elf::{Rela as _, SectionHeader as _, Sym as _};
 use object::read::{SectionIndex, SymbolIndex};
 
 use crate::Name;
-use crate::arch::native::reloc::{self, RelocError};
 use crate::format::{FormatError, PROBE_SITE_LEN, Table};
 use crate::patch;
 use crate::probe::{self, ProbeError, STUB_SYMBOLS, Stubs};
 
-use super::error::{Malformed, ModuleError, RelocationProblem, SymbolProblem};
+use super::error::{
+    Malformed, ModuleError, RelocFailure, RelocationProblem, SectionSymbol, SymbolProblem,
+};
 use super::layout::{PAGE_SIZE, SectionHeader};
+use super::machine::{Failure, Machine};
 use super::object::{ElfSym, Object, Shdr, elf_err};
 use super::{Kernel, LoadReport, MAX_KERNEL_EXEC, ModuleMemory, Region};
 
@@ -34,6 +43,8 @@ pub(super) struct Layout {
     pub(super) rw: usize,
     /// Bookkeeping: one `u64` address per section, then one per symbol.
     pub(super) meta: usize,
+    /// The veneer area (page-aligned; up to `end`, empty if the module needs none).
+    pub(super) veneers: usize,
     pub(super) end: usize,
     pub(super) sections: usize,
     pub(super) symbols: usize,
@@ -52,9 +63,16 @@ impl Object<'_> {
         let off = |v: u64| usize::try_from(v).map_err(|_| too_big);
         let meta = off(g.end())?;
         let n = self.sections.len() + self.symtab.len();
-        let end = n
+        let veneers = n
             .checked_mul(8)
             .and_then(|b| meta.checked_add(b))
+            .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+            .ok_or(too_big)?
+            .max(PAGE_SIZE);
+        let end = self
+            .veneer_slots()?
+            .checked_mul(self.machine.veneer_len())
+            .and_then(|b| veneers.checked_add(b))
             .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
             .ok_or(too_big)?;
         Ok(Layout {
@@ -62,10 +80,66 @@ impl Object<'_> {
             ro: off(g.read_only.start)?,
             rw: off(g.writable.start)?,
             meta,
-            end: end.max(PAGE_SIZE),
+            veneers,
+            end,
             sections: self.sections.len(),
             symbols: self.symtab.len(),
         })
+    }
+}
+
+impl Object<'_> {
+    /// Whether symbol `i` lies outside the module's memory (undefined, absolute, or in
+    /// a section that is not loaded): a branch to it may need a veneer.
+    fn outside(&self, i: usize) -> bool {
+        let Ok(sym) = self.symtab.symbol(SymbolIndex(i)) else {
+            return false;
+        };
+        if i == 0 {
+            return false;
+        }
+        match self.symtab.symbol_section(LE, sym, SymbolIndex(i)) {
+            Ok(Some(SectionIndex(s))) => !self.sections.get(s).is_some_and(is_loaded),
+            _ => true,
+        }
+    }
+
+    /// How many veneers the module may need (one per distinct target, at most): one
+    /// per veneer-capable branch relocation (in a loaded section) to a symbol outside the module
+    /// with a non-zero addend, plus those with a zero addend, but no more of these
+    /// than there are symbols outside the module.
+    fn veneer_slots(&self) -> Result<usize, ModuleError> {
+        if self.machine.veneer_len() == 0 {
+            return Ok(0);
+        }
+        let (mut plain, mut offset) = (0usize, 0usize);
+        for rs in self.sections {
+            if rs.sh_type.get(LE) != elf::SHT_RELA
+                || !self
+                    .sections
+                    .get(rs.sh_info.get(LE) as usize)
+                    .is_some_and(is_loaded)
+            {
+                continue;
+            }
+            let Some((relas, _)) = rs.rela(LE, self.bytes).map_err(elf_err)? else {
+                continue;
+            };
+            for r in relas {
+                if self.machine.needs_veneer(r.r_type(LE, false).0)
+                    && self.outside(r.r_sym(LE, false) as usize)
+                {
+                    match r.r_addend(LE) {
+                        0 => plain += 1,
+                        _ => offset += 1,
+                    }
+                }
+            }
+        }
+        if plain > 0 {
+            plain = plain.min((1..self.symtab.len()).filter(|&i| self.outside(i)).count());
+        }
+        Ok(plain + offset)
     }
 }
 
@@ -323,18 +397,18 @@ impl<'b> Linker<'b, '_, '_> {
         if sym >= self.layout.symbols {
             return Err(bad(RelocationProblem::SymbolOutOfRange));
         }
-        let unsupported = || ModuleError::UnsupportedRelocation {
-            r_type,
-            section: section(),
-            offset,
-        };
-        let width = match reloc::width(r_type) {
+        let machine = self.obj.machine;
+        let a = r.r_addend(LE);
+        // Names are looked up only on the error paths.
+        let fail =
+            |this: &Self, why: Failure| this.reloc_error(machine, r_type, tname, offset, sym, why);
+        let width = match machine.width(r_type) {
             Some(0) => return Ok(()),
-            Some(w) => w as u64,
-            None => return Err(unsupported()),
+            Some(w) => w,
+            None => return Err(fail(self, Failure::Unsupported)),
         };
         let size = tsh.sh_size.get(LE);
-        if offset.checked_add(width).is_none_or(|e| e > size) {
+        if offset.checked_add(width as u64).is_none_or(|e| e > size) {
             return Err(bad(RelocationProblem::OutsideSection));
         }
         let s = self.symbol_addr(sym);
@@ -344,27 +418,135 @@ impl<'b> Linker<'b, '_, '_> {
             return Ok(());
         }
         let p = self.section_addr(target).wrapping_add(offset);
-        let v = reloc::compute(r_type, s, r.r_addend(LE), p).map_err(|e| match e {
-            RelocError::Overflow { value } => ModuleError::Overflow {
-                r_type,
-                section: section(),
-                offset,
-                value,
-            },
-            RelocError::Unsupported | RelocError::Short => unsupported(),
-        })?;
         // The field lies in its section (checked above), which lies in the region.
         let at = (p - self.region.addr) as usize;
-        // Fixed-size copies for the two field widths: this runs once per relocation.
-        match *v.bytes() {
-            [b0, b1, b2, b3] => self.write(at, &[b0, b1, b2, b3])?,
-            [b0, b1, b2, b3, b4, b5, b6, b7] => {
-                self.write(at, &[b0, b1, b2, b3, b4, b5, b6, b7])?
+        let mut buf = [0u8; 8];
+        let place = &mut buf[..width];
+        self.read(at, place)?;
+        match machine.apply(r_type, place, s, a, p) {
+            Ok(()) => {}
+            Err(Failure::Overflow { .. }) if machine.needs_veneer(r_type) => {
+                let to = s.wrapping_add_signed(a);
+                let v = self
+                    .veneer(to)
+                    .map_err(|why| self.failed(machine, r_type, tname, offset, sym, why))?;
+                if machine.apply(r_type, place, v, 0, p).is_err() {
+                    let why = RelocFailure::VeneerOutOfReach {
+                        target: to,
+                        veneer: v,
+                    };
+                    return Err(self.failed(machine, r_type, tname, offset, sym, why));
+                }
             }
-            ref other => self.write(at, other)?,
+            Err(why) => return Err(fail(self, why)),
         }
+        self.write(at, place)?;
         self.report.relocations += 1;
         Ok(())
+    }
+
+    /// The address of a veneer to `to` in the veneer area: an existing one to the
+    /// same target, or a new one.
+    fn veneer(&mut self, to: u64) -> Result<u64, RelocFailure> {
+        let machine = self.obj.machine;
+        let len = machine.veneer_len();
+        let slots = (self.layout.end - self.layout.veneers)
+            .checked_div(len)
+            .unwrap_or(0);
+        let mut bytes = [0u8; 16];
+        for i in 0..self.report.veneers as usize {
+            let off = self.layout.veneers + i * len;
+            if self.read(off, &mut bytes[..len]).is_ok()
+                && machine.veneer_target(&bytes) == Some(to)
+            {
+                return Ok(self.region.addr + off as u64);
+            }
+        }
+        let i = self.report.veneers as usize;
+        if i >= slots {
+            return Err(RelocFailure::NoVeneerRoom { target: to });
+        }
+        let off = self.layout.veneers + i * len;
+        if self.write(off, &machine.veneer(to)[..len]).is_err() {
+            return Err(RelocFailure::NoVeneerRoom { target: to });
+        }
+        self.report.veneers += 1;
+        Ok(self.region.addr + off as u64)
+    }
+
+    /// The error for a relocation that failed with `why`: x86-64 modules keep the
+    /// variants they always had; others name the symbol ([`ModuleError::RelocationFailed`]).
+    #[allow(clippy::too_many_arguments)]
+    fn reloc_error(
+        &self,
+        machine: Machine,
+        r_type: u32,
+        tname: &str,
+        offset: u64,
+        sym: usize,
+        why: Failure,
+    ) -> ModuleError {
+        let section = Name::new(tname);
+        if machine == Machine::X86_64 {
+            return match why {
+                Failure::Overflow { value, .. } | Failure::Misaligned { value, .. } => {
+                    ModuleError::Overflow {
+                        r_type,
+                        section,
+                        offset,
+                        value,
+                    }
+                }
+                Failure::Unsupported => ModuleError::UnsupportedRelocation {
+                    r_type,
+                    section,
+                    offset,
+                },
+            };
+        }
+        let why = match why {
+            Failure::Unsupported => RelocFailure::Unsupported,
+            Failure::Overflow { value, range } => {
+                let (min, max) = range.unwrap_or((i64::MIN, i64::MAX));
+                RelocFailure::Overflow { value, min, max }
+            }
+            Failure::Misaligned { value, align } => RelocFailure::Misaligned { value, align },
+        };
+        self.failed(machine, r_type, tname, offset, sym, why)
+    }
+
+    /// [`ModuleError::RelocationFailed`] for relocation `r_type` at `offset` in section
+    /// `tname` against symbol `sym`.
+    fn failed(
+        &self,
+        machine: Machine,
+        r_type: u32,
+        tname: &str,
+        offset: u64,
+        sym: usize,
+        why: RelocFailure,
+    ) -> ModuleError {
+        let symbol = match self.obj.symtab.symbol(SymbolIndex(sym)) {
+            Ok(s) => {
+                let n = self.obj.symbol_name(s);
+                match self.obj.symtab.symbol_section(LE, s, SymbolIndex(sym)) {
+                    Ok(Some(SectionIndex(i))) if n.is_empty() => self
+                        .obj
+                        .sections
+                        .get(i)
+                        .map_or("?", |sh| self.obj.section_name(sh)),
+                    _ => n,
+                }
+            }
+            Err(_) => "?",
+        };
+        ModuleError::RelocationFailed {
+            machine: machine.e_machine(),
+            r_type,
+            at: SectionSymbol::new(tname, symbol),
+            offset,
+            why,
+        }
     }
 
     /// The module's table, validated in place, if it has one.
@@ -468,16 +650,19 @@ impl<'b> Linker<'b, '_, '_> {
 
 /// Steps 1–4 (lay out, resolve, relocate, validate the table) into a fresh region.
 /// On success the region is returned with everything placed; on failure it is freed.
+/// With `native_only`, only an object for the architecture the crate is compiled for
+/// is accepted (a load); otherwise any [`Machine`] (a check).
 pub(super) fn link<'k>(
     bytes: &[u8],
     kernel: &'k Kernel<'k>,
     mem: &mut dyn ModuleMemory,
     issue: &mut dyn FnMut(ModuleError),
+    native_only: bool,
 ) -> Result<(Region, Layout, LoadReport, Option<Table<'static>>), ModuleError> {
     if kernel.exec.len() > MAX_KERNEL_EXEC {
         return Err(ModuleError::Malformed(Malformed::TooManyKernelRanges));
     }
-    let obj = Object::parse(bytes)?;
+    let obj = Object::parse(bytes, native_only)?;
     // Before resolving: an object `ksites embed` never saw names its ifunc imports as
     // undefined symbols the kernel need not export, and the cause is the missing table.
     obj.check_embedded()?;
@@ -498,7 +683,7 @@ pub(super) fn link<'k>(
         report: LoadReport {
             text_size: layout.ro - layout.text,
             ro_size: layout.rw - layout.ro,
-            rw_size: layout.end - layout.rw,
+            rw_size: layout.veneers - layout.rw,
             ..LoadReport::default()
         },
     };

@@ -16,6 +16,7 @@ use crate::probe::{self, ImageHandle, ProbeError};
 use super::error::ModuleError;
 use super::layout::Group;
 use super::link::{Layout, is_loaded, link};
+use super::machine::Machine;
 use super::object::Object;
 use super::{
     EXIT_SYMBOL, INIT_SYMBOL, Kernel, LoadReport, MAX_KERNEL_EXEC, ModuleMemory, Prot, Region,
@@ -75,7 +76,7 @@ impl<'b> Module<'b> {
         mem: &mut dyn ModuleMemory,
         poker: &mut dyn TextPoker,
     ) -> Result<Module<'b>, ModuleError> {
-        let (region, layout, mut report, table) = link(bytes, kernel, mem, &mut |_| {})?;
+        let (region, layout, mut report, table) = link(bytes, kernel, mem, &mut |_| {}, true)?;
         let mut m = Module {
             name,
             bytes,
@@ -265,7 +266,9 @@ impl<'b> Module<'b> {
             (l.text, l.ro, Group::Exec.prot()),
             (l.ro, l.rw, Group::ReadOnly.prot()),
             // The writable group and the bookkeeping after it.
-            (l.rw, l.end, Group::Writable.prot()),
+            (l.rw, l.veneers, Group::Writable.prot()),
+            // The veneers (empty unless the module needs them).
+            (l.veneers, l.end, Group::Exec.prot()),
         ] {
             if end > start {
                 // SAFETY: forwarded.
@@ -290,6 +293,16 @@ impl<'b> Module<'b> {
         self.region.addr + self.layout.text as u64..self.region.addr + self.layout.ro as u64
     }
 
+    /// The range-extension veneers the loader built for branches whose target is out
+    /// of their reach (the architecture's `reloc::veneer`; empty where there are
+    /// none), mapped read + execute: a branch site whose target lies here reaches the
+    /// veneer's target.
+    pub fn veneers(&self) -> Range<u64> {
+        let start = self.region.addr + self.layout.veneers as u64;
+        let len = Machine::native().veneer_len() as u64 * u64::from(self.report.veneers);
+        start..start + len
+    }
+
     /// All of its memory.
     pub fn memory(&self) -> Range<u64> {
         self.range()
@@ -312,7 +325,7 @@ impl<'b> Module<'b> {
 
     /// The address of a global symbol the module defines.
     pub fn symbol(&self, name: &str) -> Option<u64> {
-        let obj = Object::parse(self.bytes).ok()?;
+        let obj = Object::parse(self.bytes, true).ok()?;
         for (i, sym) in obj.symtab.enumerate() {
             if sym.st_bind() == elf::STB_LOCAL
                 || sym.st_shndx(LE) == elf::SHN_UNDEF

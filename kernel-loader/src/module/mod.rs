@@ -12,10 +12,15 @@
 //! 2. **Resolve** every symbol: defined ones from the layout, undefined ones against the
 //!    kernel's exports ([`Symbols`]), by name. An unknown strong symbol fails the load and
 //!    is named; an unknown weak one is 0.
-//! 3. **Relocate** every allocated section with the architecture's relocation types
-//!    ([`crate::arch::x86_64::reloc`] on x86-64: `64`, `PC32`, `PLT32`, `32`, `32S`,
-//!    `PC64` and `NONE`), each 32-bit result checked for overflow. Anything else fails
-//!    with its type, section and offset. `.rela.ksites` is relocated like any other
+//! 3. **Relocate** every allocated section with the relocation types of the object's
+//!    architecture ([`Machine`], from `e_machine`): [`crate::arch::x86_64::reloc`]
+//!    (`64`, `PC32`, `PLT32`, `32`, `32S`, `PC64` and `NONE`, each 32-bit result
+//!    checked for overflow) or [`crate::arch::aarch64::reloc`] (data, page/low-12-bit,
+//!    move-wide, branch and PC-relative address forms, each checked as its ABI says;
+//!    a call or jump out of reach goes through a veneer the loader writes in an
+//!    executable area after its bookkeeping, see [`Module::veneers`]). Anything else fails with its type, section and offset
+//!    (and, on aarch64, symbol). [`check`] relocates any supported architecture's
+//!    module on any host; [`Module::load`] only the one it is compiled for. `.rela.ksites` is relocated like any other
 //!    section, which turns the module's table into the self-relative form of a linked
 //!    image's.
 //! 4. **Validate the table** ([`Table::parse_module`]): sites and the module's own
@@ -39,7 +44,8 @@
 
 //!
 //! Files: [`layout`] (the layout contract, shared with `ksites embed` and
-//! `check-module`), `object` (the parsed ELF), `link` (steps 1–4), `loaded`
+//! `check-module`), `object` (the parsed ELF), `machine` ([`Machine`]: relocation
+//! dispatch), `link` (steps 1–4, veneers), `loaded`
 //! ([`Module`]: steps 5–8 and unload), [`error`] ([`ModuleError`]).
 
 use core::fmt;
@@ -54,14 +60,19 @@ pub mod error;
 pub mod layout;
 mod link;
 mod loaded;
+mod machine;
 mod object;
 
-pub use error::{Malformed, ModuleError, ProtectError, RelocationProblem, SymbolProblem};
+pub use error::{
+    Malformed, ModuleError, ProtectError, RelocFailure, RelocationProblem, SectionSymbol,
+    SymbolProblem,
+};
 pub use layout::PAGE_SIZE;
 pub use loaded::Module;
+pub use machine::Machine;
 
-/// The name of a relocation type of the architecture; see
-/// [`crate::arch::x86_64::reloc::name`].
+/// The name of a relocation type of the architecture compiled for (see
+/// [`Machine::reloc_name`] for any module's).
 pub use crate::arch::native::reloc::name as reloc_name;
 
 /// Optional `extern "C" fn() -> i32` a module runs at load; non-zero fails the load.
@@ -258,6 +269,8 @@ pub struct LoadReport {
     pub rw_size: usize,
     /// Relocations applied.
     pub relocations: u32,
+    /// Range-extension veneers built (for branches out of reach; aarch64).
+    pub veneers: u32,
     /// Undefined symbols resolved against the kernel.
     pub kernel_symbols: u32,
     /// The module's own ifuncs.
@@ -285,7 +298,7 @@ pub fn check(
     issue: &mut dyn FnMut(ModuleError),
 ) -> Result<LoadReport, ModuleError> {
     // The table (which points into the region) is not kept.
-    let (region, _, report, _) = link::link(bytes, kernel, mem, issue)?;
+    let (region, _, report, _) = link::link(bytes, kernel, mem, issue, false)?;
     // SAFETY: nothing refers to the region any more.
     unsafe { mem.free(region) };
     Ok(report)

@@ -6,11 +6,11 @@ use object::elf;
 use object::read::elf::FileHeader;
 
 use crate::Name;
-use crate::arch::native::reloc;
 use crate::probe;
 
 use super::error::ModuleError;
 use super::layout::{self, Groups, LayoutError};
+use super::machine::Machine;
 
 pub(super) type Ehdr = elf::FileHeader64<LE>;
 pub(super) type Shdr = elf::SectionHeader64<LE>;
@@ -31,6 +31,8 @@ pub(super) struct Object<'b> {
     pub(super) sections: &'b [Shdr],
     table: object::read::elf::SectionTable<'b, Ehdr, &'b [u8]>,
     pub(super) symtab: SymTab<'b>,
+    /// The architecture it was compiled for.
+    pub(super) machine: Machine,
 }
 
 pub(super) fn elf_err(e: object::read::Error) -> ModuleError {
@@ -38,12 +40,21 @@ pub(super) fn elf_err(e: object::read::Error) -> ModuleError {
 }
 
 impl<'b> Object<'b> {
-    /// Parses `bytes`: a little-endian ELF64 relocatable object for this architecture.
-    pub(super) fn parse(bytes: &'b [u8]) -> Result<Object<'b>, ModuleError> {
+    /// Parses `bytes`: a little-endian ELF64 relocatable object for a [`Machine`] the
+    /// loader relocates (with `native_only`, for the one it runs on).
+    pub(super) fn parse(bytes: &'b [u8], native_only: bool) -> Result<Object<'b>, ModuleError> {
         let eh = Ehdr::parse(bytes).map_err(elf_err)?;
-        let (e_type, machine) = (eh.e_type.get(LE).0, eh.e_machine.get(LE).0);
-        if !eh.is_little_endian() || e_type != elf::ET_REL.0 || machine != reloc::MACHINE {
-            return Err(ModuleError::NotRelocatable { e_type, machine });
+        let (e_type, e_machine) = (eh.e_type.get(LE).0, eh.e_machine.get(LE).0);
+        let not = ModuleError::NotRelocatable {
+            e_type,
+            machine: e_machine,
+        };
+        let machine = Machine::from_e_machine(e_machine).ok_or(not)?;
+        if !eh.is_little_endian()
+            || e_type != elf::ET_REL.0
+            || (native_only && machine != Machine::native())
+        {
+            return Err(not);
         }
         let table = eh.sections(LE, bytes).map_err(elf_err)?;
         let symtab = table.symbols(LE, bytes, elf::SHT_SYMTAB).map_err(elf_err)?;
@@ -52,6 +63,7 @@ impl<'b> Object<'b> {
             sections: table.iter().as_slice(),
             table,
             symtab,
+            machine,
         })
     }
 
