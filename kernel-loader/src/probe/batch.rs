@@ -8,7 +8,9 @@ use core::sync::atomic::Ordering;
 use super::dispatch;
 use super::state::{IN_INT3, INT3_DRAIN_WAITS, ProbeState};
 use super::{ProbeError, ProbeId};
-use crate::arch::native::probe::{self as arch, ROUNDS, SITE_LEN, SiteBytes, SiteWord, Stubs};
+use crate::arch::native::probe::{
+    self as arch, ROUNDS, SINGLE_STORE, SITE_LEN, SiteBytes, SiteWord, Stubs,
+};
 use crate::format::{PSite, Table};
 use crate::patch::{InsnBytes, PokeError, TextPoker};
 
@@ -111,6 +113,10 @@ pub(super) unsafe fn switch<P: TextPoker + ?Sized>(
     // 2. Then the new state is published (before the round's serialization): from
     //    there on a trapping CPU is emulated into it.
     // 3. The other rounds.
+    // (With the architecture's single-store protocol, `arch::SINGLE_STORE`: step 1 only
+    // checks, writing nothing, and step 3 is the one round: a store per site, then one
+    // `sync_cores`. A site written before a later write fails is rolled back the same
+    // way; a CPU may have run its new instruction meanwhile, as the state was published.)
     // SAFETY: the sites are validated probe sites of the live table `t`; the #BP hook
     // covers CPUs that run them mid-patch (precondition of `enable`/`disable`).
     // (Two copies, `on` a constant in each: the per-site encoding then has one form to
@@ -218,7 +224,8 @@ impl Batch<'_, '_> {
     /// it holds the old state's bytes or a residue and that its new bytes encode, then
     /// writes its round-0 piece; then publishes state `on` in `st` and serializes every
     /// CPU. On failure (nothing published), returns the table entry before which it may
-    /// have written (every site before it checked).
+    /// have written (every site before it checked). With [`SINGLE_STORE`] it only
+    /// checks and publishes: nothing is written, and there is nothing to serialize.
     ///
     /// # Safety
     ///
@@ -251,6 +258,9 @@ impl Batch<'_, '_> {
                 };
                 return fail(touched, error);
             }
+            if SINGLE_STORE {
+                continue;
+            }
             touched = s.index + 1;
             let piece = arch::round(0, new);
             // SAFETY: as in `Batch::write_sites`.
@@ -261,7 +271,9 @@ impl Batch<'_, '_> {
         // Every site checked and trapped: publish the new state. The serialization below
         // makes every CPU see it before any operand byte changes.
         st.enabled.store(on, Ordering::SeqCst);
-        poker.sync_cores();
+        if !SINGLE_STORE {
+            poker.sync_cores();
+        }
         Ok(())
     }
 
@@ -285,7 +297,12 @@ impl Batch<'_, '_> {
     ) -> Result<(), Failed> {
         let stubs = &self.stubs;
         let sites = || self.t.probe_sites_of(self.local.0).until(limit);
-        let first = if mode == Mode::Apply { 1 } else { 0 };
+        // A forward batch's round 0 was `check_and_trap`'s, unless it only checked.
+        let first = if mode == Mode::Apply && !SINGLE_STORE {
+            1
+        } else {
+            0
+        };
         for r in first..ROUNDS {
             for s in sites() {
                 let new = match mode {

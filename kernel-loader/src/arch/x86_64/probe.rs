@@ -5,7 +5,7 @@
 //! The generic probe code (`crate::probe`) talks to this module only through names an
 //! `aarch64` or `riscv64` module defines too: [`SITE_LEN`], [`SiteBytes`]/[`SiteWord`]
 //! ([`word`], [`bytes_of`]), [`site_bytes`]/[`site_word`]/[`site_word_again`], [`Stubs`],
-//! [`ROUNDS`]/[`round`]/[`RoundPiece`]/[`round_uses_new`]/[`is_residue`], [`Int3Frame`],
+//! [`SINGLE_STORE`]/[`ROUNDS`]/[`round`]/[`RoundPiece`]/[`round_uses_new`]/[`is_residue`], [`Int3Frame`],
 //! [`trap_site`]/[`trap_args`]/[`emulate`]/[`call_site`], the entry stubs, and the
 //! `c_entry!`, `__ksites_probe_site_asm!` and `__ksites_probe_section_asm!` macros.
 //!
@@ -121,6 +121,11 @@ fn encode<E>(
         (ProbeKind::CEnabledTail, true) => branch(JMP_REL32, stubs.ret1)?,
     })
 }
+
+/// Whether a batch writes each site's new bytes in one store (false: x86-64 sites are
+/// 5 bytes, and a CPU may run a site while it is written, so the int3 protocol traps
+/// every site first; aarch64 defines it true).
+pub const SINGLE_STORE: bool = false;
 
 /// Number of rounds of the live-patch protocol. Each round writes one piece of every
 /// site of a batch, then serializes every CPU.
