@@ -106,11 +106,11 @@ extern "C" fn int3_trap(f: &mut Int3Frame) -> bool {
 #[cfg(target_arch = "x86_64")]
 arch::int3_entry!(int3_trap);
 
-/// aarch64: what the kernel's synchronous exception handler calls for a `brk` that
-/// `arch::aarch64::trap::is_probe_brk` accepts, with the frame it built from ELR_EL1,
-/// x30 and x0..x5 (see `arch::aarch64::trap`): the hook set by [`set_int3_hook`] (or
-/// [`handle_int3`]), then the fallback. Returns whether the trap was handled; then the
-/// handler writes `pc` back to ELR_EL1 and `x0` to the saved x0.
+/// aarch64: what the kernel's synchronous exception handler calls for a trap that
+/// `arch::aarch64::trap::is_probe_brk` accepts, with the frame that module describes:
+/// the hook set by [`set_int3_hook`] (or [`handle_int3`]), then the fallback. Returns
+/// whether the trap was handled; then the handler writes the frame's fields back as
+/// that module says.
 ///
 /// # Safety
 ///

@@ -4,7 +4,7 @@
 //! first argument of the C resolver ABI (`extern "C" fn(features: u64) -> usize`).
 //!
 //! Also the register-state setup a kernel needs before FP/SIMD and SVE code can run:
-//! [`enable_simd_state`] (CPACR_EL1.FPEN and .ZEN, ZCR_EL1) and [`CpuFeatures::unusable`],
+//! `enable_simd_state` (CPACR_EL1.FPEN and .ZEN, ZCR_EL1) and `CpuFeatures::unusable`,
 //! the features the CPU has whose registers CPACR_EL1 still traps.
 //!
 //! Field positions and values: Arm ARM (DDI 0487) D19.2, "ID_AA64ISAR0_EL1",
@@ -244,7 +244,7 @@ fn read_cpacr() -> u64 {
     v
 }
 
-/// Which state [`enable_simd_state`] enabled on the CPU it ran on.
+/// Which state `enable_simd_state` enabled on the CPU it ran on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SimdState {
     /// CPACR_EL1.FPEN was set (the CPU has FP/AdvSIMD).

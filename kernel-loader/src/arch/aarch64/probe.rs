@@ -23,7 +23,7 @@
 //! 2. publish the new state;
 //! 3. one aligned 32-bit store per site, each followed (by the kernel's
 //!    `TextPoker::write`, on the site's own address) by `DC CVAU; DSB ISH; IC IVAU;
-//!    DSB ISH` ([`super::sync_icache`]), which reach every CPU of the Inner Shareable
+//!    DSB ISH` (`super::sync_icache`), which reach every CPU of the Inner Shareable
 //!    domain;
 //! 4. **one** `TextPoker::sync_cores` for the batch: an `ISB` (context
 //!    synchronisation) on every CPU, so each stops executing instructions it fetched
@@ -62,10 +62,10 @@ pub const C_TAIL_ON: SiteBytes = brk(BRK_IMM).to_le_bytes();
 pub struct Stubs {
     /// `ksites_probe_c_entry`: what an enabled C call site `bl`s.
     pub c_entry: u64,
-    /// [`ksites_probe_ret0`]: returns 0. A disabled C tail site `b`s here (returning
+    /// `ksites_probe_ret0`: returns 0. A disabled C tail site `b`s here (returning
     /// for the site's function), and a disabled C is-enabled site `bl`s/`b`s here.
     pub ret0: u64,
-    /// [`ksites_probe_ret1`]: returns 1, for an enabled C is-enabled site.
+    /// `ksites_probe_ret1`: returns 1, for an enabled C is-enabled site.
     pub ret1: u64,
 }
 
