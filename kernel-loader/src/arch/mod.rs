@@ -36,7 +36,8 @@
 //!
 //! `arch` is a leaf: it imports nothing from the rest of the crate. The neutral types it
 //! shares with the table format and the patch engine ([`SiteKind`], [`ProbeKind`],
-//! [`ProbeSiteRef`], [`BranchSite`], [`InsnBytes`], [`TargetField`]) live here, and `format` and `patch` re-export them, so the import
+//! [`ProbeSiteRef`], [`BranchSite`], [`InsnBytes`], [`TargetField`], [`RoundPiece`],
+//! [`LiveProtocol`]) live here, and `format` and `patch` re-export them, so the import
 //! graph only goes `format`/`patch`/`probe` → `arch`.
 
 use core::fmt;
@@ -421,6 +422,57 @@ pub struct ProbeSiteRef {
     pub target: u64,
     /// The kind.
     pub kind: ProbeKind,
+}
+
+/// What one round of a live-patch protocol writes at one site: `len` bytes
+/// (little-endian in `bytes`) at `offset` from the site's first byte. Each
+/// architecture's `probe::round` returns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundPiece {
+    /// Offset from the site's first byte.
+    pub offset: u64,
+    /// The bytes, little-endian (the first in the low bits).
+    pub bytes: u64,
+    /// How many (≤ the architecture's probe site length).
+    pub len: usize,
+}
+
+impl RoundPiece {
+    /// Whether the site (its bytes little-endian in a word) holds this piece.
+    #[inline(always)]
+    pub const fn is_in(&self, site: u64) -> bool {
+        let mask = (1u64 << (8 * self.len)) - 1;
+        (site >> (8 * self.offset)) & mask == self.bytes
+    }
+}
+
+/// An architecture's live-patch protocol for probe sites, as the generic batch
+/// (`crate::probe`) runs it: a unit type in each architecture's `probe` module
+/// (`Live`) forwarding to that module's functions. The batch is generic over it, so the
+/// protocol of an architecture other than the native one runs on any host (in tests,
+/// over a buffer nothing executes); the kernel's batches use the native one.
+pub trait LiveProtocol {
+    /// Addresses of the loader's entry points C probe sites branch to (`probe::Stubs`).
+    type Stubs: Copy;
+    /// Length of every probe site.
+    const SITE_LEN: usize;
+    /// Whether each site's new bytes are written with one store, after every site was
+    /// checked, with one synchronisation round for the batch (aarch64); else the
+    /// check is fused with round 0, which writes a trap (x86-64's int3 protocol).
+    const SINGLE_STORE: bool;
+    /// Rounds per batch (each: a piece of every site, then `sync_cores`).
+    const ROUNDS: usize;
+    /// The site's bytes (a word) in state `on`; `Err(target)` when a branch cannot reach
+    /// `target`.
+    fn site_word(s: &ProbeSiteRef, on: bool, stubs: &Self::Stubs) -> Result<u64, u64>;
+    /// What [`LiveProtocol::site_word`] returned when it returned `Ok`, not
+    /// range-checked again.
+    fn site_word_again(s: &ProbeSiteRef, on: bool, stubs: &Self::Stubs) -> u64;
+    /// What round `r` writes at a site becoming `new`.
+    fn round(r: usize, new: u64) -> RoundPiece;
+    /// Whether `found` is what an interrupted batch between `old` and `new` may have
+    /// left.
+    fn is_residue(found: u64, old: u64, new: u64) -> bool;
 }
 
 /// A branch site as the architecture layer sees it: where it is and what it is.

@@ -88,6 +88,16 @@ pub(crate) mod test_table {
         probes: u32,
         sites: &[(u64, u64, ProbeKind, u32)],
     ) -> Vec<u8> {
+        probe_table_for(ARCH_X86_64, base, probes, sites)
+    }
+
+    /// [`probe_table`] with the header's architecture `arch`.
+    pub(crate) fn probe_table_for(
+        arch: u16,
+        base: u64,
+        probes: u32,
+        sites: &[(u64, u64, ProbeKind, u32)],
+    ) -> Vec<u8> {
         let mut strings = Vec::new();
         let mut descs = Vec::new();
         for p in 0..probes {
@@ -109,7 +119,7 @@ pub(crate) mod test_table {
         let h = Header {
             magic: MAGIC,
             version: VERSION,
-            arch: ARCH_X86_64,
+            arch,
             flags: 0,
             header_size: HEADER_SIZE as u32,
             total_size: total,
