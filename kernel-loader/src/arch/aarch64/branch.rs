@@ -27,14 +27,20 @@
 //! | lld `AArch64ABSLongThunk` (absolute) | `ldr x16, .+8; br x16; .quad T` | `58000050 d61f0200 T` |
 //! | GNU ld `aarch64_long_branch_stub` (PC-relative) | `ldr x16, .+16; adr x17, .; add x16, x16, x17; br x16; .quad T - (veneer + 4)` | `58000090 10000011 8b110210 d61f0200 …` |
 //!
-//! (lld may put `bti c` in front when BTI is on; [`veneer_target`] skips one.) A site
-//! whose branch goes to a veneer for the trampoline is still a site: recognising it is
-//! the build tool's job (it reads the linked image, finds the branch's target is a
-//! veneer, and decodes where the veneer goes with [`veneer_target`]). The loader checks
-//! a site's bytes against the branch the table says it holds ([`is_original`]), so a
-//! table entry for a veneered site must name what the site's own instruction reaches;
-//! the table format has no field for it yet (see `DESIGN.md`; the build tool's aarch64
-//! target decides whether it records such sites or leaves them on the trampoline).
+//! (lld may put `bti c` in front when BTI is on; [`veneer_target`] skips one.)
+//!
+//! **Veneered sites: a note for the build tool.** Decoding belongs here (it is an
+//! encoding fact, and both the build tool and a future loader check use it); deciding
+//! what to record is the build tool's. The loader checks a site against the branch the
+//! table says it holds, a `bl`/`b` to the ifunc's trampoline ([`is_original`]), and a
+//! rollback rewrites exactly that branch; a site whose `bl` reaches only a veneer
+//! (`bl V`, [`veneer_target`]`(V) == trampoline`) can satisfy neither, and format v1 has
+//! no per-site field to name `V`. So until the format gains one (a "via" offset per
+//! site, or a flag meaning "the original target is the veneer at the decoded
+//! destination", checked by reading `V`): `ksites embed` should recognise such sites
+//! (so `scan`/`inspect` count them as calls of the ifunc), leave them out of the
+//! table, where they keep working through veneer and trampoline, and report them
+//! (a site, the veneer, the reason) as x86-64 reports out-of-reach sites.
 
 use core::ops::Range;
 
