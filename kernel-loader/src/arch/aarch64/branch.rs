@@ -386,6 +386,34 @@ mod tests {
         assert_eq!(RET, 0xd65f_03c0);
     }
 
+    /// Every word offset in reach (sampled: each end, around 0, and a stride across)
+    /// encodes and decodes back; one word past either end is refused.
+    #[test]
+    fn encode_decode_round_trip_across_the_reach() {
+        let pc = 0xffff_8000_4000_0000u64;
+        let ends = (MAX_BACKWARD..MAX_BACKWARD + 4096)
+            .chain(-4096..4096)
+            .chain(MAX_FORWARD - 4096..=MAX_FORWARD)
+            .chain((MAX_BACKWARD..=MAX_FORWARD).step_by(0x1_0004));
+        let mut n = 0;
+        for off in ends.filter(|o| o % 4 == 0) {
+            let target = pc.checked_add_signed(off).unwrap();
+            for kind in [SiteKind::Call, SiteKind::Jmp] {
+                let s = site(kind, pc);
+                let f = encode_target(&s, target).unwrap_or_else(|| panic!("{off:#x}"));
+                let b = (f.value as u32).to_le_bytes();
+                assert_eq!(decode_branch_target(&s, &b), Some(target), "{off:#x}");
+                assert!(is_original(&s, f.value, target));
+                n += 1;
+            }
+        }
+        assert!(n > 8000, "{n}");
+        for off in [MAX_FORWARD + 4, MAX_BACKWARD - 4, 1 << 30, -(1 << 30)] {
+            let target = pc.checked_add_signed(off).unwrap();
+            assert_eq!(imm26(pc, target), None, "{off:#x}");
+        }
+    }
+
     #[test]
     fn out_of_reach_and_misaligned_targets_are_refused() {
         let s = site(SiteKind::Call, 0x1000_0000);
