@@ -340,7 +340,8 @@ impl SiteKind {
 }
 
 /// How a probe site is disabled and enabled: which form it has in each state is the
-/// architecture's business (each architecture module lists its forms, e.g. [`x86_64`]).
+/// architecture's business (each architecture module lists its forms: [`x86_64`],
+/// [`aarch64`]).
 /// Each form is a single instruction in both states, so a CPU stopped anywhere while a
 /// site is rewritten resumes on an instruction boundary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

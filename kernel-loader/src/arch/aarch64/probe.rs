@@ -13,11 +13,14 @@
 //! # The live-patch protocol
 //!
 //! Every form is one instruction from {`b`, `bl`, `nop`, `brk`} in both states. The
-//! Arm ARM (DDI 0487, "Concurrent modification and execution of instructions", B2.2.5
-//! in issue K.a) allows one CPU to replace such an instruction with another of them
-//! while other CPUs execute it, with no further synchronisation for correctness: a CPU
-//! executes either the old or the new instruction, never a mix, provided the write is
-//! a single-copy-atomic aligned 32-bit store. So a batch is ([`SINGLE_STORE`]):
+//! Arm ARM (DDI 0487, chapter B2, "Concurrent modification and execution of
+//! instructions") makes an exception to "concurrently modified instructions may behave
+//! as anything": where the instruction before and the instruction after the
+//! modification are each one of B, BL, BRK, HVC, ISB, NOP, SMC or SVC, a CPU executing
+//! it behaves as either the old or the new instruction, never a mix, provided the
+//! write is a single-copy-atomic (aligned 32-bit) store. Seeing the new one takes the
+//! cache maintenance and a context synchronisation event below. So a batch is
+//! ([`SINGLE_STORE`]):
 //!
 //! 1. check every site holds the old instruction (nothing is written if one does not);
 //! 2. publish the new state;
