@@ -14,7 +14,8 @@
 //!
 //! Every form is one instruction from {`b`, `bl`, `nop`, `brk`} in both states. The
 //! Arm ARM (DDI 0487, chapter B2, "Concurrent modification and execution of
-//! instructions") makes an exception to "concurrently modified instructions may behave
+//! instructions"; B2.6.5 in issue A.a, the section Linux's `aarch64_insn_hotpatch_safe`
+//! cites) makes an exception to "concurrently modified instructions may behave
 //! as anything": where the instruction before and the instruction after the
 //! modification are each one of B, BL, BRK, HVC, ISB, NOP, SMC or SVC, a CPU executing
 //! it behaves as either the old or the new instruction, never a mix, provided the
