@@ -4,12 +4,35 @@
  * (e.g. `%progbits` on 32-bit ARM, where `@` starts a comment).
  *
  *   KSITES_PROGBITS   the `progbits` section type, as the assembler spells it
+ *
+ * aarch64 (kernel-loader's arch::aarch64): `ksites embed` rewrites `bl __dtrace_probe_*`
+ * into `nop`, a tail `b __dtrace_probe_*` into `b ksites_probe_ret0`, and
+ * `bl`/`b __dtraceenabled_*` into `bl`/`b ksites_probe_ret0`; enabling makes them `bl
+ * ksites_probe_c_entry`, `brk #KSITES_PROBE_BRK_IMM` and `bl`/`b ksites_probe_ret1`
+ * (each state one B/BL/NOP/BRK instruction, which the Arm ARM lets a CPU rewrite while
+ * others run it). A kernel's synchronous exception handler passes a BRK whose ESR_EL1
+ * has EC 0x3c and this comment to the loader (kernel-loader's `probe::handle_brk`, with
+ * struct ksites_brk_frame), then writes pc back to ELR_EL1 and x0 to the saved x0.
+ * Build C kernel code with -fno-pic -mgeneral-regs-only.
  */
 #ifndef KSITES_ARCH_H
 #define KSITES_ARCH_H
 
+#include <stdint.h>
+
 #if defined(__x86_64__)
 #define KSITES_PROGBITS "@progbits"
+#elif defined(__aarch64__)
+#define KSITES_PROGBITS "%progbits"
+/* The `brk` comment of an enabled C tail probe site ("KS"). */
+#define KSITES_PROBE_BRK_IMM 0x4b53
+/* kernel-loader's aarch64 Int3Frame (the BRK frame): pc = ELR_EL1 (the brk itself),
+ * lr = x30, then x0..x5; the loader writes back pc and x0. */
+struct ksites_brk_frame {
+    uint64_t pc;
+    uint64_t lr;
+    uint64_t x0, x1, x2, x3, x4, x5;
+};
 #else
 #error "ksites: unsupported architecture"
 #endif

@@ -81,14 +81,24 @@ impl fmt::Display for PokeError {
 impl std::error::Error for PokeError {}
 
 /// How the kernel writes to its text. The patch engine calls `begin`, any number of
-/// `write`s, `sync_cores`, then `end`.
+/// `write`s, `sync_cores`, then `end`. The loader owns the protocol (what is written
+/// when, and how many synchronisation rounds: `arch::native::probe`), the kernel the
+/// hardware (the mapping, the IPIs).
 pub trait TextPoker {
-    /// Prepares for writes (map a writable alias, or clear CR0.WP on the boot CPU).
+    /// Prepares for writes (map a writable alias, or on x86-64 clear CR0.WP on the boot
+    /// CPU).
     fn begin(&mut self) -> Result<(), PokeError> {
         Ok(())
     }
 
-    /// Writes `bytes` at `addr`.
+    /// Writes `bytes` at `addr`, and makes them visible to instruction fetch on the
+    /// running CPU.
+    ///
+    /// On an architecture with fixed 4-byte instructions (aarch64), the engine writes a
+    /// whole, aligned instruction at a time: the poker must store it with **one**
+    /// aligned 32-bit store (single-copy atomic, so no CPU ever fetches half of it),
+    /// then clean and invalidate the caches for that address
+    /// (`arch::aarch64::sync_icache`, on the site's own address).
     ///
     /// # Safety
     ///
@@ -111,7 +121,10 @@ pub trait TextPoker {
     }
 
     /// Makes every CPU that may execute the patched text execute a serializing
-    /// instruction (on one CPU at boot: just this one).
+    /// instruction (on one CPU at boot: just this one): on x86-64 an IPI running e.g.
+    /// `cpuid` or `iret`; on aarch64 an IPI running `isb` (`arch::aarch64::isb`), a
+    /// context synchronisation event. A probe batch calls it once per round of the
+    /// architecture's protocol (x86-64: 3; aarch64: 1), never per site.
     fn sync_cores(&mut self);
 
     /// Writing is over: text must be read-only again when this returns.

@@ -7,11 +7,19 @@
 //!
 //! # What every architecture module defines
 //!
-//! * Branch sites ([`x86_64::branch`]): `MAX_SITE_LEN`, `PROBE_SITE_LEN`,
-//!   `TRAMPOLINE_LEN`, `site_len(kind, prefixes)`, `target_field(kind, prefixes)`,
-//!   `encode_branch`, `encode_target`, `decode_branch_target`, `is_original`,
-//!   `has_branch_opcode`, `expected_original` and `trampoline_slot`. [`Arch`] dispatches to them by the
-//!   architecture named in a table's header.
+//! * Branch sites ([`x86_64::branch`], [`aarch64::branch`]): `MAX_SITE_LEN`,
+//!   `PROBE_SITE_LEN`, `TRAMPOLINE_LEN`, `site_len(kind, prefixes)`,
+//!   `target_field(kind, prefixes)`, `encode_branch`, `encode_target`,
+//!   `decode_branch_target`, `is_original`, `has_branch_opcode`, `expected_original` and
+//!   `trampoline_slot` (aarch64 also `supports_site`, which [`Arch::supports_site`]
+//!   answers for every architecture). [`Arch`] dispatches to them by the architecture
+//!   named in a table's header.
+//! * Probe sites (`probe`): the probe forms' bytes in each state, and the live-patch
+//!   protocol: `SINGLE_STORE` (false on x86-64: the int3 protocol, a trap written
+//!   first and `ROUNDS` = 3 synchronisation rounds per batch; true on aarch64: one
+//!   store per site and one round per batch), `ROUNDS`, `round`, `is_residue`, the trap
+//!   frame and its emulation. The generic batch (`crate::probe`) runs whichever the
+//!   native module defines.
 //! * `CpuFeatures`: a `bitflags` set over `u64` of what the CPU (and the OS's state
 //!   setup) allows, with `from_bits_retain` and `detect()`. Resolvers receive it, and the
 //!   C resolver ABI passes its bits as the first (`u64`) argument, which fits an
@@ -28,7 +36,8 @@
 //!
 //! `arch` is a leaf: it imports nothing from the rest of the crate. The neutral types it
 //! shares with the table format and the patch engine ([`SiteKind`], [`ProbeKind`],
-//! [`ProbeSiteRef`], [`BranchSite`], [`InsnBytes`], [`TargetField`]) live here, and `format` and `patch` re-export them, so the import
+//! [`ProbeSiteRef`], [`BranchSite`], [`InsnBytes`], [`TargetField`], [`RoundPiece`],
+//! [`LiveProtocol`]) live here, and `format` and `patch` re-export them, so the import
 //! graph only goes `format`/`patch`/`probe` → `arch`.
 
 use core::fmt;
@@ -38,16 +47,19 @@ pub mod aarch64;
 pub mod x86_64;
 
 /// The architecture this crate is compiled for.
+#[cfg(target_arch = "aarch64")]
+pub use aarch64 as native;
+/// The architecture this crate is compiled for.
 #[cfg(target_arch = "x86_64")]
 pub use x86_64 as native;
 
-/// Raw architecture ids of the table header's `arch` field. Only [`Arch::X86_64`] is
-/// accepted until the other architecture modules exist; the ids are reserved now so the
-/// format does not change when they do.
+/// Raw architecture ids of the table header's `arch` field. [`Arch::X86_64`] and
+/// [`Arch::Aarch64`] are accepted; the riscv64 id is reserved now so the format does not
+/// change when its module exists.
 pub mod ids {
     /// x86-64.
     pub const X86_64: u16 = 1;
-    /// aarch64 (reserved: not accepted yet).
+    /// aarch64.
     pub const AARCH64: u16 = 2;
     /// riscv64 (reserved: not accepted yet).
     pub const RISCV64: u16 = 3;
@@ -71,17 +83,20 @@ pub mod ids {
 pub enum Arch {
     /// x86-64 ([`ids::X86_64`]).
     X86_64 = ids::X86_64,
+    /// aarch64 ([`ids::AARCH64`]).
+    Aarch64 = ids::AARCH64,
 }
 
 impl Arch {
     /// Every architecture this crate supports (what [`Arch::from_id`] accepts).
-    pub const ALL: &'static [Arch] = &[Arch::X86_64];
+    pub const ALL: &'static [Arch] = &[Arch::X86_64, Arch::Aarch64];
 
     /// The architecture of a header id, if this crate supports it.
     #[inline]
     pub const fn from_id(id: u16) -> Option<Arch> {
         match id {
             ids::X86_64 => Some(Arch::X86_64),
+            ids::AARCH64 => Some(Arch::Aarch64),
             _ => None,
         }
     }
@@ -97,10 +112,17 @@ impl Arch {
         Arch::X86_64
     }
 
+    /// The architecture this crate is compiled for.
+    #[cfg(target_arch = "aarch64")]
+    pub const fn native() -> Arch {
+        Arch::Aarch64
+    }
+
     /// Display name.
     pub const fn name(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86-64",
+            Arch::Aarch64 => "aarch64",
         }
     }
 
@@ -109,6 +131,26 @@ impl Arch {
     pub const fn site_len(self, kind: SiteKind, prefixes: u8) -> usize {
         match self {
             Arch::X86_64 => x86_64::site_len(kind, prefixes),
+            Arch::Aarch64 => aarch64::site_len(kind, prefixes),
+        }
+    }
+
+    /// Whether the patcher handles a branch site of `kind` with `prefixes` at `addr`
+    /// (x86-64: every one, prefixes being bounded by [`Arch::max_site_len`]; aarch64: a
+    /// 4-aligned `bl`/`b`, never a conditional branch).
+    pub const fn supports_site(self, kind: SiteKind, prefixes: u8, addr: u64) -> bool {
+        match self {
+            Arch::X86_64 => true,
+            Arch::Aarch64 => aarch64::supports_site(kind, prefixes, addr),
+        }
+    }
+
+    /// The alignment every instruction (so every branch and probe site) has: 1 on
+    /// x86-64, 4 on aarch64.
+    pub const fn insn_align(self) -> u64 {
+        match self {
+            Arch::X86_64 => 1,
+            Arch::Aarch64 => aarch64::INSN_LEN as u64,
         }
     }
 
@@ -118,6 +160,7 @@ impl Arch {
     pub const fn target_field(self, kind: SiteKind, prefixes: u8) -> Range<usize> {
         match self {
             Arch::X86_64 => x86_64::target_field(kind, prefixes),
+            Arch::Aarch64 => aarch64::target_field(kind, prefixes),
         }
     }
 
@@ -125,6 +168,7 @@ impl Arch {
     pub const fn max_site_len(self) -> usize {
         match self {
             Arch::X86_64 => x86_64::MAX_SITE_LEN,
+            Arch::Aarch64 => aarch64::MAX_SITE_LEN,
         }
     }
 
@@ -133,6 +177,7 @@ impl Arch {
     pub const fn probe_site_len(self) -> usize {
         match self {
             Arch::X86_64 => x86_64::PROBE_SITE_LEN,
+            Arch::Aarch64 => aarch64::PROBE_SITE_LEN,
         }
     }
 
@@ -140,6 +185,7 @@ impl Arch {
     pub const fn trampoline_len(self) -> usize {
         match self {
             Arch::X86_64 => x86_64::TRAMPOLINE_LEN,
+            Arch::Aarch64 => aarch64::TRAMPOLINE_LEN,
         }
     }
 
@@ -154,6 +200,7 @@ impl Arch {
     ) -> Option<InsnBytes> {
         match self {
             Arch::X86_64 => x86_64::encode_branch(site, current, target),
+            Arch::Aarch64 => aarch64::encode_branch(site, current, target),
         }
     }
 
@@ -163,6 +210,7 @@ impl Arch {
     pub fn encode_target(self, site: &BranchSite, target: u64) -> Option<TargetField> {
         match self {
             Arch::X86_64 => x86_64::encode_target(site, target),
+            Arch::Aarch64 => aarch64::encode_target(site, target),
         }
     }
 
@@ -170,6 +218,7 @@ impl Arch {
     pub fn decode_branch_target(self, site: &BranchSite, bytes: &[u8]) -> Option<u64> {
         match self {
             Arch::X86_64 => x86_64::decode_branch_target(site, bytes),
+            Arch::Aarch64 => aarch64::decode_branch_target(site, bytes),
         }
     }
 
@@ -179,6 +228,7 @@ impl Arch {
     pub fn is_original(self, site: &BranchSite, v: u64, trampoline: u64) -> bool {
         match self {
             Arch::X86_64 => x86_64::is_original(site, v, trampoline),
+            Arch::Aarch64 => aarch64::is_original(site, v, trampoline),
         }
     }
 
@@ -186,6 +236,7 @@ impl Arch {
     pub fn has_branch_opcode(self, site: &BranchSite, bytes: &[u8]) -> bool {
         match self {
             Arch::X86_64 => x86_64::has_branch_opcode(site, bytes),
+            Arch::Aarch64 => aarch64::has_branch_opcode(site, bytes),
         }
     }
 
@@ -199,6 +250,7 @@ impl Arch {
     ) -> Option<InsnBytes> {
         match self {
             Arch::X86_64 => x86_64::expected_original(site, found, trampoline),
+            Arch::Aarch64 => aarch64::expected_original(site, found, trampoline),
         }
     }
 
@@ -207,6 +259,7 @@ impl Arch {
     pub fn trampoline_slot(self, bytes: &[u8], addr: u64) -> Option<u64> {
         match self {
             Arch::X86_64 => x86_64::trampoline_slot(bytes, addr),
+            Arch::Aarch64 => aarch64::trampoline_slot(bytes, addr),
         }
     }
 }
@@ -287,7 +340,8 @@ impl SiteKind {
 }
 
 /// How a probe site is disabled and enabled: which form it has in each state is the
-/// architecture's business (each architecture module lists its forms, e.g. [`x86_64`]).
+/// architecture's business (each architecture module lists its forms: [`x86_64`],
+/// [`aarch64`]).
 /// Each form is a single instruction in both states, so a CPU stopped anywhere while a
 /// site is rewritten resumes on an instruction boundary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -369,6 +423,57 @@ pub struct ProbeSiteRef {
     pub target: u64,
     /// The kind.
     pub kind: ProbeKind,
+}
+
+/// What one round of a live-patch protocol writes at one site: `len` bytes
+/// (little-endian in `bytes`) at `offset` from the site's first byte. Each
+/// architecture's `probe::round` returns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundPiece {
+    /// Offset from the site's first byte.
+    pub offset: u64,
+    /// The bytes, little-endian (the first in the low bits).
+    pub bytes: u64,
+    /// How many (≤ the architecture's probe site length).
+    pub len: usize,
+}
+
+impl RoundPiece {
+    /// Whether the site (its bytes little-endian in a word) holds this piece.
+    #[inline(always)]
+    pub const fn is_in(&self, site: u64) -> bool {
+        let mask = (1u64 << (8 * self.len)) - 1;
+        (site >> (8 * self.offset)) & mask == self.bytes
+    }
+}
+
+/// An architecture's live-patch protocol for probe sites, as the generic batch
+/// (`crate::probe`) runs it: a unit type in each architecture's `probe` module
+/// (`Live`) forwarding to that module's functions. The batch is generic over it, so the
+/// protocol of an architecture other than the native one runs on any host (in tests,
+/// over a buffer nothing executes); the kernel's batches use the native one.
+pub trait LiveProtocol {
+    /// Addresses of the loader's entry points C probe sites branch to (`probe::Stubs`).
+    type Stubs: Copy;
+    /// Length of every probe site.
+    const SITE_LEN: usize;
+    /// Whether each site's new bytes are written with one store, after every site was
+    /// checked, with one synchronisation round for the batch (aarch64); else the
+    /// check is fused with round 0, which writes a trap (x86-64's int3 protocol).
+    const SINGLE_STORE: bool;
+    /// Rounds per batch (each: a piece of every site, then `sync_cores`).
+    const ROUNDS: usize;
+    /// The site's bytes (a word) in state `on`; `Err(target)` when a branch cannot reach
+    /// `target`.
+    fn site_word(s: &ProbeSiteRef, on: bool, stubs: &Self::Stubs) -> Result<u64, u64>;
+    /// What [`LiveProtocol::site_word`] returned when it returned `Ok`, not
+    /// range-checked again.
+    fn site_word_again(s: &ProbeSiteRef, on: bool, stubs: &Self::Stubs) -> u64;
+    /// What round `r` writes at a site becoming `new`.
+    fn round(r: usize, new: u64) -> RoundPiece;
+    /// Whether `found` is what an interrupted batch between `old` and `new` may have
+    /// left.
+    fn is_residue(found: u64, old: u64, new: u64) -> bool;
 }
 
 /// A branch site as the architecture layer sees it: where it is and what it is.
@@ -457,11 +562,14 @@ mod tests {
     #[test]
     fn only_implemented_architectures_are_accepted() {
         assert_eq!(Arch::from_id(ids::X86_64), Some(Arch::X86_64));
+        assert_eq!(Arch::from_id(ids::AARCH64), Some(Arch::Aarch64));
         assert_eq!(Arch::X86_64.id(), 1);
-        for id in [0, ids::AARCH64, ids::RISCV64, 0xffff] {
+        assert_eq!(Arch::Aarch64.id(), 2);
+        for id in [0, ids::RISCV64, 0xffff] {
             assert_eq!(Arch::from_id(id), None);
         }
         assert_eq!(ids::name(ids::AARCH64), Some("aarch64"));
+        assert_eq!(Arch::Aarch64.name(), "aarch64");
         assert_eq!(ids::name(7), None);
     }
 
@@ -485,5 +593,51 @@ mod tests {
         assert_eq!(a.probe_site_len(), 5);
         assert_eq!(a.trampoline_len(), 6);
         assert!(a.trampoline_len() <= MAX_TRAMPOLINE_LEN);
+        assert!(a.supports_site(SiteKind::Jcc, 3, 0x1001));
+        assert_eq!(a.insn_align(), 1);
+    }
+
+    #[test]
+    fn aarch64_facts_through_the_dispatch() {
+        let a = Arch::Aarch64;
+        assert_eq!(a.site_len(SiteKind::Call, 0), 4);
+        assert_eq!(a.target_field(SiteKind::Jmp, 0), 0..4);
+        assert_eq!(a.max_site_len(), 4);
+        assert_eq!(a.probe_site_len(), 4);
+        assert_eq!(a.trampoline_len(), 12);
+        assert!(a.trampoline_len() <= MAX_TRAMPOLINE_LEN);
+        assert_eq!(a.insn_align(), 4);
+        assert!(a.supports_site(SiteKind::Call, 0, 0x1000));
+        assert!(!a.supports_site(SiteKind::Jcc, 0, 0x1000));
+        assert!(!a.supports_site(SiteKind::Call, 0, 0x1002));
+        let s = BranchSite {
+            addr: 0x1000,
+            kind: SiteKind::Call,
+            prefixes: 0,
+            len: 4,
+        };
+        // `bl 0x2000` from 0x1000: 0x94000400.
+        let f = a.encode_target(&s, 0x2000).unwrap();
+        assert_eq!((f.value, f.len), (0x9400_0400, 4));
+        let b = a
+            .encode_branch(&s, &InsnBytes::new(&[0; 4]), 0x2000)
+            .unwrap();
+        assert_eq!(b.as_slice(), &[0x00, 0x04, 0x00, 0x94]);
+        assert_eq!(a.decode_branch_target(&s, b.as_slice()), Some(0x2000));
+        assert!(a.is_original(&s, 0x9400_0400, 0x2000));
+        assert!(a.has_branch_opcode(&s, b.as_slice()));
+        assert_eq!(a.expected_original(&s, &b, 0x2000), Some(b));
+        // The x86-64 reading of the same bytes differs: the dispatch picks the rules.
+        assert_ne!(
+            Arch::X86_64.decode_branch_target(&s, b.as_slice()),
+            Some(0x2000)
+        );
+        let t = aarch64::trampoline(0x3000, 0x4008).unwrap();
+        let mut tb = [0u8; 12];
+        for (i, w) in t.iter().enumerate() {
+            tb[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        assert_eq!(a.trampoline_slot(&tb, 0x3000), Some(0x4008));
+        assert_eq!(Arch::X86_64.trampoline_slot(&tb, 0x3000), None);
     }
 }

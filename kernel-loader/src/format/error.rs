@@ -175,6 +175,23 @@ pub enum FormatError {
         /// Site index.
         site: u32,
     },
+    /// A site the table's architecture does not patch: misaligned, or a kind it leaves
+    /// on the trampoline ([`crate::arch::Arch::supports_site`]; on aarch64 a
+    /// conditional branch).
+    SiteUnsupported {
+        /// Site index.
+        site: u32,
+        /// Its address.
+        addr: u64,
+    },
+    /// A probe site's address is not aligned as the table's architecture's
+    /// instructions are ([`crate::arch::Arch::insn_align`]).
+    ProbeSiteMisaligned {
+        /// Probe site index.
+        site: u32,
+        /// Its address.
+        addr: u64,
+    },
     /// Sites are not in strictly ascending address order, or two sites overlap.
     Unsorted {
         /// Index of the first site out of order.
@@ -330,6 +347,14 @@ impl fmt::Display for FormatError {
             FormatError::ProbeSitesUnsorted { site } => write!(
                 f,
                 "probe site {site}: not after the previous site (sites must be sorted and disjoint)"
+            ),
+            FormatError::SiteUnsupported { site, addr } => write!(
+                f,
+                "ifunc site {site} at {addr:#x}: misaligned, or a branch kind the architecture does not patch"
+            ),
+            FormatError::ProbeSiteMisaligned { site, addr } => write!(
+                f,
+                "probe site {site} at {addr:#x} is not aligned to an instruction boundary"
             ),
             FormatError::ProbeSiteNotExecutable { site, addr } => write!(
                 f,

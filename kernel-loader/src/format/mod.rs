@@ -88,6 +88,16 @@ pub(crate) mod test_table {
         probes: u32,
         sites: &[(u64, u64, ProbeKind, u32)],
     ) -> Vec<u8> {
+        probe_table_for(ARCH_X86_64, base, probes, sites)
+    }
+
+    /// [`probe_table`] with the header's architecture `arch`.
+    pub(crate) fn probe_table_for(
+        arch: u16,
+        base: u64,
+        probes: u32,
+        sites: &[(u64, u64, ProbeKind, u32)],
+    ) -> Vec<u8> {
         let mut strings = Vec::new();
         let mut descs = Vec::new();
         for p in 0..probes {
@@ -109,7 +119,7 @@ pub(crate) mod test_table {
         let h = Header {
             magic: MAGIC,
             version: VERSION,
-            arch: ARCH_X86_64,
+            arch,
             flags: 0,
             header_size: HEADER_SIZE as u32,
             total_size: total,
@@ -318,17 +328,26 @@ mod tests {
         let t = Aligned(header(ids::X86_64));
         let table = Table::parse(&t.0, 0x1000, &[]).unwrap();
         assert_eq!(table.arch(), Arch::X86_64);
-        for id in [ids::AARCH64, ids::RISCV64, 9] {
+        let t = Aligned(header(ids::AARCH64));
+        let table = Table::parse(&t.0, 0x1000, &[]).unwrap();
+        assert_eq!(table.arch(), Arch::Aarch64);
+        for id in [ids::RISCV64, 9] {
             let t = Aligned(header(id));
             let e = Table::parse(&t.0, 0x1000, &[]).unwrap_err();
             assert_eq!(e, FormatError::WrongArch(id));
             let msg = std::format!("{e}");
             assert!(msg.contains("architecture"), "{msg}");
         }
-        let msg = std::format!("{}", FormatError::WrongArch(ids::AARCH64));
-        let native = std::format!("supports {} ({})", Arch::X86_64, ids::X86_64);
+        let msg = std::format!("{}", FormatError::WrongArch(ids::RISCV64));
+        let native = std::format!(
+            "supports {} ({}), {} ({})",
+            Arch::X86_64,
+            ids::X86_64,
+            Arch::Aarch64,
+            ids::AARCH64
+        );
         assert!(
-            msg.contains("architecture 2 (aarch64)") && msg.ends_with(&native),
+            msg.contains("architecture 3 (riscv64)") && msg.ends_with(&native),
             "{msg}"
         );
         let msg = std::format!("{}", FormatError::WrongArch(9));

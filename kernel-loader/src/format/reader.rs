@@ -369,6 +369,12 @@ impl<'a> Table<'a> {
             if s.len() > self.arch.max_site_len() {
                 return Err(FormatError::SiteTooLong { site: i });
             }
+            if !self.arch.supports_site(s.kind, s.prefixes, s.addr) {
+                return Err(FormatError::SiteUnsupported {
+                    site: i,
+                    addr: s.addr,
+                });
+            }
             if i > 0 && s.addr < prev_end {
                 return Err(FormatError::Unsorted { site: i });
             }
@@ -396,6 +402,12 @@ impl<'a> Table<'a> {
             let s = self.try_psite(i)?;
             if i > 0 && s.addr < prev_end {
                 return Err(FormatError::ProbeSitesUnsorted { site: i });
+            }
+            if !s.addr.is_multiple_of(self.arch.insn_align()) {
+                return Err(FormatError::ProbeSiteMisaligned {
+                    site: i,
+                    addr: s.addr,
+                });
             }
             if !in_ranges(exec, s.addr, len) {
                 return Err(FormatError::ProbeSiteNotExecutable {

@@ -3,12 +3,14 @@
 //! [module docs](super); its per-architecture rounds come from
 //! `arch::native::probe`), and rolling a failed batch back with the same routine.
 
+use core::marker::PhantomData;
 use core::sync::atomic::Ordering;
 
 use super::dispatch;
 use super::state::{IN_INT3, INT3_DRAIN_WAITS, ProbeState};
 use super::{ProbeError, ProbeId};
-use crate::arch::native::probe::{self as arch, ROUNDS, SITE_LEN, SiteBytes, SiteWord, Stubs};
+use crate::arch::native::probe::{self as arch, Live as Native, SiteBytes, SiteWord, Stubs};
+use crate::arch::{LiveProtocol, RoundPiece};
 use crate::format::{PSite, Table};
 use crate::patch::{InsnBytes, PokeError, TextPoker};
 
@@ -24,15 +26,20 @@ pub fn site_bytes(s: &PSite, on: bool) -> Result<SiteBytes, ProbeError> {
 /// the live-patch protocol resumes at an instruction boundary.
 #[inline(always)]
 pub fn site_bytes_with(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteBytes, ProbeError> {
-    site_word(s, on, stubs).map(arch::bytes_of)
+    site_word::<Native>(s, on, stubs).map(arch::bytes_of)
 }
 
-/// [`site_bytes_with`] as a word (what the batch loops compare and write).
+/// [`site_bytes_with`] as a word (what the batch loops compare and write), for
+/// protocol `A`.
 #[inline(always)]
-fn site_word(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteWord, ProbeError> {
-    arch::site_word(&s.arch_ref(), on, stubs).map_err(|e| ProbeError::OutOfReach {
+fn site_word<A: LiveProtocol>(
+    s: &PSite,
+    on: bool,
+    stubs: &A::Stubs,
+) -> Result<SiteWord, ProbeError> {
+    A::site_word(&s.arch_ref(), on, stubs).map_err(|target| ProbeError::OutOfReach {
         site: s.addr,
-        target: e.target,
+        target,
     })
 }
 
@@ -40,10 +47,10 @@ fn site_word(s: &PSite, on: bool, stubs: &Stubs) -> Result<SiteWord, ProbeError>
 /// (reading a byte-filled buffer back as a word would stall store forwarding on every
 /// site of a batch).
 #[inline(always)]
-fn read_site<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> SiteWord {
-    const { assert!(SITE_LEN <= 8) };
+fn read_site<A: LiveProtocol, P: TextPoker + ?Sized>(poker: &P, addr: u64) -> SiteWord {
+    const { assert!(A::SITE_LEN <= 8) };
     let mut v = 0u64;
-    for i in 0..SITE_LEN as u64 {
+    for i in 0..A::SITE_LEN as u64 {
         let mut b = [0u8; 1];
         // SAFETY: probe sites were validated, when their table was parsed, to lie in
         // the image's executable ranges, which the poker can read.
@@ -54,8 +61,8 @@ fn read_site<P: TextPoker + ?Sized>(poker: &P, addr: u64) -> SiteWord {
 }
 
 /// An error's view of a site word.
-fn insn(w: SiteWord) -> InsnBytes {
-    InsnBytes::new(&arch::bytes_of(w))
+fn insn<A: LiveProtocol>(w: SiteWord) -> InsnBytes {
+    InsnBytes::from_word(w, A::SITE_LEN)
 }
 
 /// Checks every probe site of `table` holds its disabled form.
@@ -65,14 +72,14 @@ pub(super) fn check_disabled<P: TextPoker + ?Sized>(
 ) -> Result<(), ProbeError> {
     let stubs = dispatch::this_image_stubs();
     for s in table.probe_sites() {
-        let want = site_word(&s, false, &stubs)?;
-        let found = read_site(poker, s.addr);
+        let want = site_word::<Native>(&s, false, &stubs)?;
+        let found = read_site::<Native, P>(poker, s.addr);
         if found != want {
             return Err(ProbeError::UnexpectedBytes {
                 site: s.addr,
                 probe: ProbeId(s.probe),
-                expected: insn(want),
-                found: insn(found),
+                expected: insn::<Native>(want),
+                found: insn::<Native>(found),
             });
         }
     }
@@ -94,59 +101,82 @@ pub(super) unsafe fn switch<P: TextPoker + ?Sized>(
     on: bool,
     poker: &mut P,
 ) -> Result<(), ProbeError> {
-    let b = Batch {
+    let b = Batch::<Native> {
         t,
         local,
         id,
         stubs: dispatch::this_image_stubs(),
+        arch: PhantomData,
     };
-    poker.begin().map_err(ProbeError::Poke)?;
-    // 1. The first round fused with the check: every site must hold exactly the other
-    //    state's bytes (or the residue of an interrupted batch), and its new bytes must
-    //    encode, before its trap is written; a site that fails stops the batch, and the
-    //    sites already trapped are put back. Until every site passed, the old state
-    //    stays published, so a CPU trapping on a site is emulated into the instruction
-    //    still there (only its first byte changed), and a failed check never shows a
-    //    handler the new state.
-    // 2. Then the new state is published (before the round's serialization): from
-    //    there on a trapping CPU is emulated into it.
-    // 3. The other rounds.
-    // SAFETY: the sites are validated probe sites of the live table `t`; the #BP hook
-    // covers CPUs that run them mid-patch (precondition of `enable`/`disable`).
-    // (Two copies, `on` a constant in each: the per-site encoding then has one form to
-    // pick from instead of two.)
-    let result = if on {
-        // SAFETY: as above.
-        unsafe { b.forward(true, st, poker) }
-    } else {
-        // SAFETY: as above.
-        unsafe { b.forward(false, st, poker) }
-    };
-    let result = match result {
-        Ok(()) => Ok(()),
-        Err(Failed { touched: 0, error }) => Err(error),
-        Err(Failed { touched, error }) => {
-            st.enabled.store(!on, Ordering::SeqCst);
-            // SAFETY: as above; puts the sites the batch reached (all checked) back into
-            // the old state.
-            unsafe { b.write_sites(!on, poker, Mode::Restore, touched) }
-                .map_err(|f| f.error)
-                .and(Err(error))
+    // SAFETY: forwarded.
+    unsafe { b.switch(st, on, poker) }
+}
+
+impl<A: LiveProtocol> Batch<'_, '_, A> {
+    /// [`switch`] with protocol `A` (the native one in a kernel; any in tests).
+    ///
+    /// # Safety
+    ///
+    /// As for [`switch`].
+    unsafe fn switch<P: TextPoker + ?Sized>(
+        &self,
+        st: &ProbeState,
+        on: bool,
+        poker: &mut P,
+    ) -> Result<(), ProbeError> {
+        let b = self;
+        poker.begin().map_err(ProbeError::Poke)?;
+        // 1. The first round fused with the check: every site must hold exactly the other
+        //    state's bytes (or the residue of an interrupted batch), and its new bytes must
+        //    encode, before its trap is written; a site that fails stops the batch, and the
+        //    sites already trapped are put back. Until every site passed, the old state
+        //    stays published, so a CPU trapping on a site is emulated into the instruction
+        //    still there (only its first byte changed), and a failed check never shows a
+        //    handler the new state.
+        // 2. Then the new state is published (before the round's serialization): from
+        //    there on a trapping CPU is emulated into it.
+        // 3. The other rounds.
+        // (With the architecture's single-store protocol, `A::SINGLE_STORE`: step 1 only
+        // checks, writing nothing, and step 3 is the one round: a store per site, then one
+        // `sync_cores`. A site written before a later write fails is rolled back the same
+        // way; a CPU may have run its new instruction meanwhile, as the state was published.)
+        // SAFETY: the sites are validated probe sites of the live table `t`; the #BP hook
+        // covers CPUs that run them mid-patch (precondition of `enable`/`disable`).
+        // (Two copies, `on` a constant in each: the per-site encoding then has one form to
+        // pick from instead of two.)
+        let result = if on {
+            // SAFETY: as above.
+            unsafe { b.forward(true, st, poker) }
+        } else {
+            // SAFETY: as above.
+            unsafe { b.forward(false, st, poker) }
+        };
+        let result = match result {
+            Ok(()) => Ok(()),
+            Err(Failed { touched: 0, error }) => Err(error),
+            Err(Failed { touched, error }) => {
+                st.enabled.store(!on, Ordering::SeqCst);
+                // SAFETY: as above; puts the sites the batch reached (all checked) back into
+                // the old state.
+                unsafe { b.write_sites(!on, poker, Mode::Restore, touched) }
+                    .map_err(|f| f.error)
+                    .and(Err(error))
+            }
+        };
+        poker.end();
+        // 4. Wait until no CPU is still emulating a site of the old batch, and, after a
+        //    disable, until no CPU still runs the handler.
+        if IN_INT3.load(Ordering::Acquire) != 0 {
+            INT3_DRAIN_WAITS.fetch_add(1, Ordering::Relaxed);
+            while IN_INT3.load(Ordering::Acquire) != 0 {
+                core::hint::spin_loop();
+            }
         }
-    };
-    poker.end();
-    // 4. Wait until no CPU is still emulating a site of the old batch, and, after a
-    //    disable, until no CPU still runs the handler.
-    if IN_INT3.load(Ordering::Acquire) != 0 {
-        INT3_DRAIN_WAITS.fetch_add(1, Ordering::Relaxed);
-        while IN_INT3.load(Ordering::Acquire) != 0 {
-            core::hint::spin_loop();
+        if !on || result.is_err() {
+            st.drain();
         }
+        result
     }
-    if !on || result.is_err() {
-        st.drain();
-    }
-    result
 }
 
 /// How [`Batch::write_sites`] treats a failed write.
@@ -172,7 +202,7 @@ enum Mode {
 unsafe fn write_piece<P: TextPoker + ?Sized>(
     poker: &mut P,
     site: u64,
-    piece: arch::RoundPiece,
+    piece: RoundPiece,
 ) -> Result<(), PokeError> {
     let b = piece.bytes.to_le_bytes();
     // SAFETY: forwarded; the piece lies inside the site (`arch::round`).
@@ -186,15 +216,17 @@ struct Failed {
     error: ProbeError,
 }
 
-/// One batch: the sites of probe `id` (`local`, its index in `t`), encoded with `stubs`.
-struct Batch<'t, 'a> {
+/// One batch: the sites of probe `id` (`local`, its index in `t`), encoded with `stubs`
+/// and written with protocol `A`.
+struct Batch<'t, 'a, A: LiveProtocol> {
     t: &'t Table<'a>,
     local: ProbeId,
     id: ProbeId,
-    stubs: Stubs,
+    stubs: A::Stubs,
+    arch: PhantomData<A>,
 }
 
-impl Batch<'_, '_> {
+impl<A: LiveProtocol> Batch<'_, '_, A> {
     /// The rounds of a forward batch: [`Batch::check_and_trap`], then the other rounds.
     ///
     /// # Safety
@@ -218,7 +250,8 @@ impl Batch<'_, '_> {
     /// it holds the old state's bytes or a residue and that its new bytes encode, then
     /// writes its round-0 piece; then publishes state `on` in `st` and serializes every
     /// CPU. On failure (nothing published), returns the table entry before which it may
-    /// have written (every site before it checked).
+    /// have written (every site before it checked). With [`LiveProtocol::SINGLE_STORE`] it only
+    /// checks and publishes: nothing is written, and there is nothing to serialize.
     ///
     /// # Safety
     ///
@@ -235,24 +268,30 @@ impl Batch<'_, '_> {
         // The table entry after the last site written (0: none).
         let mut touched = 0;
         for s in self.t.probe_sites_of(self.local.0) {
-            let (old, new) = match (site_word(&s, !on, stubs), site_word(&s, on, stubs)) {
+            let (old, new) = match (
+                site_word::<A>(&s, !on, stubs),
+                site_word::<A>(&s, on, stubs),
+            ) {
                 (Ok(old), Ok(new)) => (old, new),
                 (Err(e), _) | (_, Err(e)) => return fail(touched, e),
             };
-            let found = read_site(poker, s.addr);
+            let found = read_site::<A, P>(poker, s.addr);
             // A failed batch whose rollback could not finish may have left a residue
             // (`arch::is_residue`): safe to rewrite.
-            if found != old && !arch::is_residue(found, old, new) {
+            if found != old && !A::is_residue(found, old, new) {
                 let error = ProbeError::UnexpectedBytes {
                     site: s.addr,
                     probe: self.id,
-                    expected: insn(old),
-                    found: insn(found),
+                    expected: insn::<A>(old),
+                    found: insn::<A>(found),
                 };
                 return fail(touched, error);
             }
+            if A::SINGLE_STORE {
+                continue;
+            }
             touched = s.index + 1;
-            let piece = arch::round(0, new);
+            let piece = A::round(0, new);
             // SAFETY: as in `Batch::write_sites`.
             if let Err(e) = unsafe { write_piece(poker, s.addr, piece) } {
                 return fail(touched, ProbeError::Poke(e));
@@ -261,7 +300,9 @@ impl Batch<'_, '_> {
         // Every site checked and trapped: publish the new state. The serialization below
         // makes every CPU see it before any operand byte changes.
         st.enabled.store(on, Ordering::SeqCst);
-        poker.sync_cores();
+        if !A::SINGLE_STORE {
+            poker.sync_cores();
+        }
         Ok(())
     }
 
@@ -285,25 +326,30 @@ impl Batch<'_, '_> {
     ) -> Result<(), Failed> {
         let stubs = &self.stubs;
         let sites = || self.t.probe_sites_of(self.local.0).until(limit);
-        let first = if mode == Mode::Apply { 1 } else { 0 };
-        for r in first..ROUNDS {
+        // A forward batch's round 0 was `check_and_trap`'s, unless it only checked.
+        let first = if mode == Mode::Apply && !A::SINGLE_STORE {
+            1
+        } else {
+            0
+        };
+        for r in first..A::ROUNDS {
             for s in sites() {
                 let new = match mode {
                     // `check_and_trap` encoded every site's new bytes: the same again.
-                    Mode::Apply => arch::site_word_again(&s.arch_ref(), on, stubs),
+                    Mode::Apply => A::site_word_again(&s.arch_ref(), on, stubs),
                     // A rollback skips the sites it cannot encode.
-                    Mode::Restore => match site_word(&s, on, stubs) {
+                    Mode::Restore => match site_word::<A>(&s, on, stubs) {
                         Ok(b) => b,
                         Err(_) => continue,
                     },
                 };
                 if mode == Mode::Restore
                     && r > 0
-                    && !arch::round(r - 1, new).is_in(read_site(poker, s.addr))
+                    && !A::round(r - 1, new).is_in(read_site::<A, P>(poker, s.addr))
                 {
                     continue;
                 }
-                let piece = arch::round(r, new);
+                let piece = A::round(r, new);
                 // SAFETY: inside a validated site (this function's precondition); the
                 // round's piece keeps the site one instruction for every CPU (see
                 // `arch::round`).
@@ -321,7 +367,7 @@ impl Batch<'_, '_> {
         }
         if mode == Mode::Restore {
             for s in sites() {
-                if site_word(&s, on, stubs).ok() != Some(read_site(poker, s.addr)) {
+                if site_word::<A>(&s, on, stubs).ok() != Some(read_site::<A, P>(poker, s.addr)) {
                     return Err(Failed {
                         touched: limit,
                         error: ProbeError::RollbackIncomplete {
@@ -588,5 +634,166 @@ mod fused_check_tests {
         assert_eq!(snapshot(bytes), form(false));
         // SAFETY: as above.
         unsafe { unregister_module(&h, 0..0, &mut Mem::default()) }.unwrap();
+    }
+}
+
+/// The generic batch with aarch64's single-store protocol, on any host: over a buffer
+/// nothing executes, with a poker that counts writes and synchronisation rounds.
+#[cfg(test)]
+mod single_store_tests {
+    use super::*;
+    use crate::arch::aarch64::probe::{Live as A64, Stubs as A64Stubs, site_word as a64_word};
+    use crate::arch::ids;
+    use crate::format::{ProbeKind, test_table};
+    use std::vec::Vec;
+
+    /// Writes memory directly (one aligned 4-byte store per write), with an optional
+    /// one-shot failure, counting writes and rounds.
+    #[derive(Default)]
+    struct Mem {
+        writes: usize,
+        syncs: usize,
+        fail_at: Option<u64>,
+    }
+    impl TextPoker for Mem {
+        unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
+            if self.fail_at == Some(addr) {
+                self.fail_at = None;
+                return Err(PokeError::new(addr, crate::patch::PokeFailure::Injected));
+            }
+            assert_eq!((bytes.len(), addr % 4), (4, 0), "one aligned store");
+            self.writes += 1;
+            let w = u32::from_le_bytes(bytes.try_into().unwrap());
+            // SAFETY: a site in the test's leaked buffer, which nothing executes;
+            // 4-aligned (checked above).
+            unsafe { core::ptr::write_volatile(addr as *mut u32, w) };
+            Ok(())
+        }
+        fn sync_cores(&mut self) {
+            self.syncs += 1;
+        }
+        fn end(&mut self) {}
+    }
+
+    const KINDS: [ProbeKind; 6] = [
+        ProbeKind::RustJmp,
+        ProbeKind::CCall,
+        ProbeKind::CTail,
+        ProbeKind::CEnabled,
+        ProbeKind::CEnabledTail,
+        ProbeKind::RustEnabled,
+    ];
+    const N: u64 = 12;
+
+    /// A leaked text buffer holding `N` probe sites of probe 0 (every kind), an aarch64
+    /// table for them, and stubs inside the buffer.
+    fn setup() -> (&'static mut [u32], Table<'static>, A64Stubs) {
+        let text: &'static mut [u32] =
+            std::boxed::Box::leak(std::vec![0u32; 256].into_boxed_slice());
+        let t0 = text.as_ptr() as u64;
+        let sites: Vec<_> = (0..N)
+            .map(|i| (t0 + 8 * i, t0 + 0x200 + 8 * i, KINDS[i as usize % 6], 0))
+            .collect();
+        let words: &'static mut [u64] =
+            std::boxed::Box::leak(std::vec![0u64; 64].into_boxed_slice());
+        let base = words.as_ptr() as u64;
+        let tb = test_table::probe_table_for(ids::AARCH64, base, 1, &sites);
+        // SAFETY: the leaked table buffer, as bytes (512 of them).
+        let tbytes = unsafe { core::slice::from_raw_parts_mut(base as *mut u8, 512) };
+        tbytes[..tb.len()].copy_from_slice(&tb);
+        let exec: Vec<_> = core::iter::once(t0..t0 + 1024).collect();
+        let t = Table::parse(&tbytes[..tb.len()], base, &exec).unwrap();
+        let stubs = A64Stubs {
+            c_entry: t0 + 0x300,
+            ret0: t0 + 0x308,
+            ret1: t0 + 0x310,
+        };
+        for s in t.probe_sites() {
+            text[((s.addr - t0) / 4) as usize] =
+                a64_word(&s.arch_ref(), false, &stubs).unwrap() as u32;
+        }
+        (text, t, stubs)
+    }
+
+    fn form(t: &Table<'_>, stubs: &A64Stubs, on: bool) -> Vec<u32> {
+        t.probe_sites()
+            .map(|s| a64_word(&s.arch_ref(), on, stubs).unwrap() as u32)
+            .collect()
+    }
+
+    fn sites_now(text: &[u32]) -> Vec<u32> {
+        (0..N as usize).map(|i| text[2 * i]).collect()
+    }
+
+    #[test]
+    fn one_store_per_site_and_one_round_per_batch() {
+        let (text, t, stubs) = setup();
+        let st = ProbeState::new();
+        let b = Batch::<A64> {
+            t: &t,
+            local: ProbeId(0),
+            id: ProbeId(0),
+            stubs,
+            arch: PhantomData,
+        };
+        assert_ne!(form(&t, &stubs, true), form(&t, &stubs, false));
+        let mut p = Mem::default();
+        // SAFETY: the sites are in the test's buffer, which nothing executes.
+        unsafe { b.switch(&st, true, &mut p) }.unwrap();
+        assert_eq!(sites_now(text), form(&t, &stubs, true));
+        assert!(st.enabled.load(Ordering::SeqCst));
+        assert_eq!((p.writes, p.syncs), (N as usize, 1), "one round per batch");
+        let mut p = Mem::default();
+        // SAFETY: as above.
+        unsafe { b.switch(&st, false, &mut p) }.unwrap();
+        assert_eq!(sites_now(text), form(&t, &stubs, false));
+        assert!(!st.enabled.load(Ordering::SeqCst));
+        assert_eq!((p.writes, p.syncs), (N as usize, 1));
+    }
+
+    #[test]
+    fn a_failed_check_writes_nothing_and_a_failed_store_rolls_back() {
+        let (text, t, stubs) = setup();
+        let t0 = text.as_ptr() as u64;
+        let st = ProbeState::new();
+        let b = Batch::<A64> {
+            t: &t,
+            local: ProbeId(0),
+            id: ProbeId(0),
+            stubs,
+            arch: PhantomData,
+        };
+        let off = form(&t, &stubs, false);
+        // Site 5 holds something else: every site is checked before any is written.
+        text[10] = 0xd65f_03c0;
+        let mut p = Mem::default();
+        // SAFETY: as above.
+        let r = unsafe { b.switch(&st, true, &mut p) };
+        assert!(
+            matches!(r, Err(ProbeError::UnexpectedBytes { site, .. }) if site == t0 + 40),
+            "{r:?}"
+        );
+        assert_eq!((p.writes, p.syncs), (0, 0));
+        assert!(!st.enabled.load(Ordering::SeqCst));
+        text[10] = off[5];
+        // The store at site 7 fails: sites 0..7 were written, then every site is put
+        // back, in one round.
+        let mut p = Mem {
+            fail_at: Some(t0 + 56),
+            ..Mem::default()
+        };
+        // SAFETY: as above.
+        let r = unsafe { b.switch(&st, true, &mut p) };
+        assert!(
+            matches!(r, Err(ProbeError::Poke(e)) if e.addr == t0 + 56),
+            "{r:?}"
+        );
+        assert_eq!(sites_now(text), off);
+        assert!(!st.enabled.load(Ordering::SeqCst));
+        assert_eq!((p.writes, p.syncs), (7 + N as usize, 1));
+        // And the next batch goes through.
+        // SAFETY: as above.
+        unsafe { b.switch(&st, true, &mut Mem::default()) }.unwrap();
+        assert_eq!(sites_now(text), form(&t, &stubs, true));
     }
 }

@@ -7,11 +7,14 @@
 //! 1. check each site holds exactly its old bytes and write the architecture's trap over
 //!    its first byte (on x86-64, `cc`), in one walk; a site that fails the check stops
 //!    the batch and the sites already trapped are put back (a trapping CPU is emulated
-//!    into the old instruction meanwhile), so no handler ever sees the new state;
+//!    into the old instruction meanwhile), so no handler ever sees the new state (an
+//!    architecture whose forms may be overwritten in one store, `SINGLE_STORE` — aarch64
+//!    — only checks here, and writes nothing);
 //! 2. publish the new state, so a CPU that traps on a half-written site is emulated
 //!    into the *new* instruction by [`handle_int3`];
 //! 3. the architecture's rounds (on x86-64: serialize all CPUs; write the operand bytes,
-//!    serialize; write byte 0, serialize): rounds of IPIs per batch, not per site;
+//!    serialize; write byte 0, serialize; on aarch64 one round: store each site's new
+//!    instruction, then one `ISB` on every CPU): rounds of IPIs per batch, not per site;
 //! 4. wait until no CPU is still inside [`handle_int3`].
 //!
 //! A failed write rolls every site of the batch back with the same routine.
@@ -60,9 +63,10 @@ mod registry;
 mod state;
 mod trap;
 
+#[cfg(target_arch = "x86_64")]
+pub use crate::arch::native::probe::{C_ENABLED_OFF, C_ENABLED_ON, C_TAIL_OFF};
 pub use crate::arch::native::probe::{
-    C_ENABLED_OFF, C_ENABLED_ON, C_TAIL_OFF, C_TAIL_ON, Int3Frame, STUB_SYMBOLS, Stubs,
-    ksites_probe_ret0, ksites_probe_ret1,
+    C_TAIL_ON, Int3Frame, STUB_SYMBOLS, Stubs, ksites_probe_ret0, ksites_probe_ret1,
 };
 pub use batch::{site_bytes, site_bytes_with};
 pub use dispatch::{
@@ -80,6 +84,8 @@ pub use registry::{
     is_enabled, lookup, matching, register_image, register_module, unregister_module,
 };
 pub use state::MAX_IMAGES;
+#[cfg(target_arch = "aarch64")]
+pub use trap::handle_brk;
 pub use trap::{
     Int3Hook, declare_int3_route, int3_route_declared, set_int3_fallback, set_int3_hook,
 };

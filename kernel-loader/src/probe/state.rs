@@ -34,7 +34,7 @@ pub(super) struct ProbeState {
 }
 
 impl ProbeState {
-    const fn new() -> ProbeState {
+    pub(super) const fn new() -> ProbeState {
         ProbeState {
             enabled: AtomicBool::new(false),
             handler: AtomicUsize::new(0),

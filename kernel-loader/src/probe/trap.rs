@@ -7,6 +7,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::dispatch::handle_int3;
 use super::{Int3Frame, ProbeError};
+#[cfg(target_arch = "x86_64")]
 use crate::arch::native::trap as arch;
 
 /// A #BP hook or fallback: gets the interrupted context, returns whether it handled the
@@ -104,6 +105,21 @@ extern "C" fn int3_trap(f: &mut Int3Frame) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 arch::int3_entry!(int3_trap);
+
+/// aarch64: what the kernel's synchronous exception handler calls for a trap that
+/// `arch::aarch64::trap::is_probe_brk` accepts, with the frame that module describes:
+/// the hook set by [`set_int3_hook`] (or [`handle_int3`]), then the fallback. Returns
+/// whether the trap was handled; then the handler writes the frame's fields back as
+/// that module says.
+///
+/// # Safety
+///
+/// As for [`handle_int3`]: `f` is this CPU's interrupted BRK context, and the handler
+/// writes those fields back before `eret`.
+#[cfg(target_arch = "aarch64")]
+pub unsafe fn handle_brk(f: &mut Int3Frame) -> bool {
+    int3_trap(f)
+}
 
 /// The address of [`int3_entry`], for the kernel's IDT (vector 3).
 #[cfg(target_arch = "x86_64")]

@@ -5,7 +5,7 @@
 //! The generic probe code (`crate::probe`) talks to this module only through names an
 //! `aarch64` or `riscv64` module defines too: [`SITE_LEN`], [`SiteBytes`]/[`SiteWord`]
 //! ([`word`], [`bytes_of`]), [`site_bytes`]/[`site_word`]/[`site_word_again`], [`Stubs`],
-//! [`ROUNDS`]/[`round`]/[`RoundPiece`]/[`round_uses_new`]/[`is_residue`], [`Int3Frame`],
+//! [`SINGLE_STORE`]/[`ROUNDS`]/[`round`]/[`RoundPiece`]/[`round_uses_new`]/[`is_residue`], [`Int3Frame`],
 //! [`trap_site`]/[`trap_args`]/[`emulate`]/[`call_site`], the entry stubs, and the
 //! `c_entry!`, `__ksites_probe_site_asm!` and `__ksites_probe_section_asm!` macros.
 //!
@@ -14,7 +14,8 @@
 
 use core::convert::Infallible;
 
-use crate::arch::{ProbeKind, ProbeSiteRef};
+pub use crate::arch::RoundPiece;
+use crate::arch::{LiveProtocol, ProbeKind, ProbeSiteRef};
 
 use super::branch::{CALL_REL32, JMP_REL32, NOP5, rel32};
 
@@ -122,6 +123,11 @@ fn encode<E>(
     })
 }
 
+/// Whether a batch writes each site's new bytes in one store (false: x86-64 sites are
+/// 5 bytes, and a CPU may run a site while it is written, so the int3 protocol traps
+/// every site first; aarch64 defines it true).
+pub const SINGLE_STORE: bool = false;
+
 /// Number of rounds of the live-patch protocol. Each round writes one piece of every
 /// site of a batch, then serializes every CPU.
 pub const ROUNDS: usize = 3;
@@ -152,27 +158,6 @@ pub const fn round(r: usize, new: SiteWord) -> RoundPiece {
     }
 }
 
-/// What one round writes at one site: `len` bytes (little-endian in `bytes`) at
-/// `offset` from the site's first byte.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RoundPiece {
-    /// Offset from the site's first byte.
-    pub offset: u64,
-    /// The bytes, little-endian (the first in the low bits).
-    pub bytes: u64,
-    /// How many (≤ [`SITE_LEN`]).
-    pub len: usize,
-}
-
-impl RoundPiece {
-    /// Whether the site (as a [`SiteWord`]) holds this piece.
-    #[inline(always)]
-    pub const fn is_in(&self, site: SiteWord) -> bool {
-        let mask = (1u64 << (8 * self.len)) - 1;
-        (site >> (8 * self.offset)) & mask == self.bytes
-    }
-}
-
 /// Whether [`round`] `r` reads its `new` argument (round 0 writes only the trap, so a
 /// forward batch need not encode the new bytes for it).
 #[inline(always)]
@@ -187,6 +172,33 @@ pub const fn round_uses_new(r: usize) -> bool {
 pub const fn is_residue(found: SiteWord, old: SiteWord, new: SiteWord) -> bool {
     let (o, n, f) = (old, new, found);
     f == n || (f & 0xff == TRAP[0] as u64 && (f >> 8 == o >> 8 || f >> 8 == n >> 8))
+}
+
+/// The int3 protocol, for the generic batch ([`LiveProtocol`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Live;
+
+impl LiveProtocol for Live {
+    type Stubs = Stubs;
+    const SITE_LEN: usize = SITE_LEN;
+    const SINGLE_STORE: bool = SINGLE_STORE;
+    const ROUNDS: usize = ROUNDS;
+    #[inline(always)]
+    fn site_word(s: &ProbeSiteRef, on: bool, stubs: &Stubs) -> Result<u64, u64> {
+        site_word(s, on, stubs).map_err(|e| e.target)
+    }
+    #[inline(always)]
+    fn site_word_again(s: &ProbeSiteRef, on: bool, stubs: &Stubs) -> u64 {
+        site_word_again(s, on, stubs)
+    }
+    #[inline(always)]
+    fn round(r: usize, new: u64) -> RoundPiece {
+        round(r, new)
+    }
+    #[inline(always)]
+    fn is_residue(found: u64, old: u64, new: u64) -> bool {
+        is_residue(found, old, new)
+    }
 }
 
 /// The bytes of a probe site, little-endian in the low [`SITE_LEN`] bytes of a word (the
