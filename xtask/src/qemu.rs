@@ -8,6 +8,9 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use object::LittleEndian;
+use object::elf::{ET_DYN, ET_EXEC, FileHeader64, PT_LOAD, PT_NOTE, ProgramHeader64};
+use object::read::elf::{FileHeader, ProgramHeader};
 use xshell::{Shell, cmd};
 
 use crate::judge::{self, Exit, Verdict};
@@ -20,6 +23,8 @@ const DEFAULT_TIMEOUT_SECS: u64 = 120;
 /// An SMP run may take this many times `--timeout` (it runs the live-patching stress).
 const SMP_TIMEOUT_FACTOR: u32 = 3;
 const KERNEL_TARGET: &str = "x86_64-unknown-none";
+/// Extra rustflags for [`KERNEL_TARGET`] (cargo adds them to `.cargo/config.toml`'s).
+const STATIC_RUSTFLAGS_ENV: &str = "CARGO_TARGET_X86_64_UNKNOWN_NONE_RUSTFLAGS";
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct QemuArgs {
@@ -99,15 +104,37 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
     }
     let inspect = embed(sh, &paths)?;
     cross_check_objdump(sh, &paths, &inspect)?;
+    let relocated = relocated_image(&paths.embedded, RELOCATE_BY)?;
     let passed = boot_all(&paths.embedded, args)?;
-    Ok(passed + boot_gnu_ld(&paths.kernel_gnu_ld, args)?)
+    let passed = passed
+        + boot_once(
+            "gnu-ld",
+            "the GNU ld-linked kernel",
+            &paths.kernel_gnu_ld,
+            0,
+            args,
+        )?;
+    Ok(passed
+        + boot_once(
+            "relocated",
+            "the PIE kernel loaded away from its link address",
+            &relocated,
+            RELOCATE_BY,
+            args,
+        )?)
 }
 
-/// Boots the GNU ld-linked kernel once (on `max`, or the first `--cpu` model) and judges
-/// it like the others.
-fn boot_gnu_ld(image: &Path, args: &QemuArgs) -> Result<u32> {
+/// How far the `relocated` run moves the PIE kernel from its link address: 8 MiB, a
+/// multiple of 2 MiB that keeps the image (linked at 1 MiB, a few MiB long) inside the
+/// 16 MiB the kernel maps with 4 KiB pages.
+const RELOCATE_BY: u64 = 8 << 20;
+
+/// Boots one variant once (on `max`, or the first `--cpu` model) as run `MODEL/suffix`
+/// and judges it like the others; the kernel must also report that it runs `delta`
+/// bytes above its link address.
+fn boot_once(suffix: &str, what: &str, image: &Path, delta: u64, args: &QemuArgs) -> Result<u32> {
     let model = args.cpus.first().map_or("max", String::as_str);
-    let label = format!("{model}/gnu-ld");
+    let label = format!("{model}/{suffix}");
     let (exit, serial) = boot(
         &label,
         qemu_command(model, image),
@@ -115,14 +142,107 @@ fn boot_gnu_ld(image: &Path, args: &QemuArgs) -> Result<u32> {
     )?;
     let mut verdict = judge::judge(&exit, &serial);
     verdict.problems.extend(judge::check_required(&serial));
+    verdict
+        .problems
+        .extend(judge::check_load_delta(&serial, delta));
     if !verdict.ok() {
-        bail!(
-            "[{label}] the GNU ld-linked kernel failed: {}",
-            verdict.problems.join("; ")
-        );
+        bail!("[{label}] {what} failed: {}", verdict.problems.join("; "));
     }
     println!("xtask: [{label}] passed ({exit})");
     Ok(verdict.passed.unwrap_or(0))
+}
+
+/// `XEN_ELFNOTE_PHYS32_ENTRY`: the PVH note that gives the 32-bit entry point.
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+/// The ELF type (`e_type`) of the image at `path`.
+fn elf_type(path: &Path) -> Result<u16> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let header = FileHeader64::<LittleEndian>::parse(&*data).map_err(|e| {
+        anyhow!(
+            "{}: not a 64-bit little-endian ELF file: {e}",
+            path.display()
+        )
+    })?;
+    Ok(header.e_type(LittleEndian))
+}
+
+/// Acts as a boot loader that places the kernel `delta` bytes above where it was linked:
+/// writes `IMAGE.relocated` (beside `image`), a copy whose every `PT_LOAD` has its
+/// `p_paddr` (where QEMU loads it) and whose PVH note has its entry moved by `delta`.
+/// Nothing else changes: the kernel finds where it runs and relocates itself.
+fn relocated_image(image: &Path, delta: u64) -> Result<PathBuf> {
+    let data = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let moved =
+        relocate(&data, delta).with_context(|| format!("relocating {}", image.display()))?;
+    let out = image.with_extension("relocated");
+    std::fs::write(&out, moved).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "xtask: {} is the kernel to be loaded {delta:#x} above its link address",
+        out.display()
+    );
+    Ok(out)
+}
+
+/// The bytes of [`relocated_image`]: `data` with each `PT_LOAD`'s `p_paddr` and the
+/// `XEN_ELFNOTE_PHYS32_ENTRY` note's entry (4 or 8 bytes) moved up by `delta`. Only an
+/// `ET_DYN` image (a PIE) can be moved.
+fn relocate(data: &[u8], delta: u64) -> Result<Vec<u8>> {
+    let e = LittleEndian;
+    let header = FileHeader64::<LittleEndian>::parse(data)
+        .map_err(|err| anyhow!("not a 64-bit little-endian ELF file: {err}"))?;
+    if header.e_type(e) != ET_DYN {
+        bail!("only a PIE (ET_DYN) can be loaded away from its link address");
+    }
+    let phdrs = header
+        .program_headers(e, data)
+        .map_err(|err| anyhow!("program headers: {err}"))?;
+    let mut out = data.to_vec();
+    let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+    let phoff = usize::try_from(header.e_phoff(e))?;
+    let (mut loads, mut entries) = (0, 0);
+    for (i, ph) in phdrs.iter().enumerate() {
+        match ph.p_type(e) {
+            PT_LOAD => {
+                let at = phoff
+                    + i * usize::from(header.e_phentsize(e))
+                    + std::mem::offset_of!(ProgramHeader64<LittleEndian>, p_paddr);
+                put(at, &(ph.p_paddr(e) + delta).to_le_bytes());
+                loads += 1;
+            }
+            PT_NOTE => {
+                let mut notes = ph
+                    .notes(e, data)
+                    .map_err(|err| anyhow!("notes: {err}"))?
+                    .ok_or_else(|| anyhow!("PT_NOTE {i} is not a note segment"))?;
+                while let Some(note) = notes.next().map_err(|err| anyhow!("notes: {err}"))? {
+                    if note.name() != b"Xen" || note.n_type(e) != XEN_ELFNOTE_PHYS32_ENTRY {
+                        continue;
+                    }
+                    let desc = note.desc();
+                    let at = desc.as_ptr() as usize - data.as_ptr() as usize;
+                    match *desc {
+                        [a, b, c, d, ..] if desc.len() < 8 => {
+                            let entry = u32::from_le_bytes([a, b, c, d]);
+                            let moved = u64::from(entry) + delta;
+                            put(at, &u32::try_from(moved)?.to_le_bytes());
+                        }
+                        [a, b, c, d, f, g, h, k, ..] => {
+                            let entry = u64::from_le_bytes([a, b, c, d, f, g, h, k]);
+                            put(at, &(entry + delta).to_le_bytes());
+                        }
+                        _ => bail!("the PVH entry note's descriptor is {} bytes", desc.len()),
+                    }
+                    entries += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    if loads == 0 || entries != 1 {
+        bail!("{loads} PT_LOAD segments and {entries} PVH entry notes (expected 1)");
+    }
+    Ok(out)
 }
 
 /// The Rust target for the kernel, QEMU, and objdump (for the cross-check).
@@ -156,8 +276,10 @@ fn build(sh: &Shell, paths: &Paths) -> Result<()> {
     cmd!(sh, "cargo build --release")
         .run()
         .context("building the test kernel (qemu-tests) failed")?;
-    // The same kernel linked by GNU ld through the same wrapper.
+    // The same kernel linked by GNU ld through the same wrapper, as a static ET_EXEC
+    // (the rust-lld one is a PIE): cargo appends these flags to the config's.
     let _env = sh.push_env("KSITES_LINKER", "bfd");
+    let _static = sh.push_env(STATIC_RUSTFLAGS_ENV, "-C relocation-model=static");
     cmd!(sh, "cargo build --release --target-dir target/gnu-ld")
         .run()
         .context("building the test kernel with GNU ld failed")?;
@@ -166,7 +288,8 @@ fn build(sh: &Shell, paths: &Paths) -> Result<()> {
 
 /// `ksites embed` the kernel, print `ksites inspect` of the result, and return that text.
 /// The kernel comes out of `cargo build` already embedded (linked through
-/// `ksites-ld`): verify both variants, check the GNU ld one really is, copy the rust-lld
+/// `ksites-ld`): check the rust-lld variant is a PIE and the GNU ld one a static
+/// ET_EXEC, verify both, check the GNU ld one really is, copy the rust-lld
 /// one to the image QEMU boots, and list its table.
 fn embed(sh: &Shell, paths: &Paths) -> Result<String> {
     let Paths {
@@ -179,7 +302,13 @@ fn embed(sh: &Shell, paths: &Paths) -> Result<String> {
     if let Some(dir) = embedded.parent() {
         sh.create_dir(dir)?;
     }
-    for k in [kernel, kernel_gnu_ld] {
+    for (k, want, form) in [
+        (kernel, ET_DYN, "a PIE (ET_DYN)"),
+        (kernel_gnu_ld, ET_EXEC, "a static ET_EXEC"),
+    ] {
+        if elf_type(k)? != want {
+            bail!("{} is not {form}", k.display());
+        }
         cmd!(sh, "{ksites} verify {k}")
             .run()
             .with_context(|| format!("ksites verify failed on {}", k.display()))?;
@@ -238,6 +367,7 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
         if let Some(problem) = judge::check_cpus_online(&serial, cpus) {
             verdict.problems.push(problem);
         }
+        verdict.problems.extend(judge::check_load_delta(&serial, 0));
         println!(
             "xtask: [{model}] {} ({exit})",
             if verdict.ok() { "passed" } else { "FAILED" }
