@@ -658,6 +658,71 @@ mod tests {
         );
     }
 
+    /// A minimal ELF64 image: one PT_LOAD at 1 MiB and a PT_NOTE with the PVH entry.
+    fn tiny_elf(e_type: u16, note_type: u32) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        for half in [e_type, 62, 1, 0] {
+            // e_type, e_machine, e_version (low half, then high half).
+            f.extend_from_slice(&half.to_le_bytes());
+        }
+        for word in [0x10_1000u64, 64, 0] {
+            f.extend_from_slice(&word.to_le_bytes()); // e_entry, e_phoff, e_shoff
+        }
+        f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for half in [64u16, 56, 2, 64, 0, 0] {
+            f.extend_from_slice(&half.to_le_bytes());
+        }
+        let phdr = |f: &mut Vec<u8>, p_type: u32, offset: u64, size: u64, align: u64| {
+            f.extend_from_slice(&p_type.to_le_bytes());
+            f.extend_from_slice(&4u32.to_le_bytes()); // p_flags: R
+            for word in [
+                offset,
+                0x10_0000 + offset,
+                0x10_0000 + offset,
+                size,
+                size,
+                align,
+            ] {
+                f.extend_from_slice(&word.to_le_bytes());
+            }
+        };
+        phdr(&mut f, PT_LOAD, 0, 200, 0x1000);
+        phdr(&mut f, PT_NOTE, 176, 24, 4);
+        for word in [4u32, 8, note_type] {
+            f.extend_from_slice(&word.to_le_bytes());
+        }
+        f.extend_from_slice(b"Xen\0");
+        f.extend_from_slice(&0x10_1000u64.to_le_bytes());
+        assert_eq!(f.len(), 200);
+        f
+    }
+
+    #[test]
+    fn relocate_moves_the_loads_and_the_pvh_entry_only() {
+        let image = tiny_elf(ET_DYN, XEN_ELFNOTE_PHYS32_ENTRY);
+        let moved = relocate(&image, 8 << 20).unwrap();
+        let e = LittleEndian;
+        let header = FileHeader64::<LittleEndian>::parse(&*moved).unwrap();
+        let phdrs = header.program_headers(e, &*moved).unwrap();
+        assert_eq!(phdrs[0].p_paddr(e), 0x90_0000);
+        assert_eq!(phdrs[0].p_vaddr(e), 0x10_0000, "virtual addresses stay");
+        assert_eq!(phdrs[1].p_paddr(e), 0x10_00b0, "only PT_LOADs move");
+        assert_eq!(moved[192..], 0x90_1000u64.to_le_bytes());
+        // Nothing else changed.
+        let differ: Vec<usize> = (0..image.len()).filter(|&i| image[i] != moved[i]).collect();
+        assert_eq!(differ, [64 + 24 + 2, 192 + 2], "{differ:?}");
+    }
+
+    #[test]
+    fn relocate_refuses_a_static_image_or_one_without_the_pvh_note() {
+        let exec = relocate(&tiny_elf(ET_EXEC, XEN_ELFNOTE_PHYS32_ENTRY), 1 << 21);
+        assert!(format!("{:#}", exec.unwrap_err()).contains("only a PIE (ET_DYN)"));
+        let no_note = relocate(&tiny_elf(ET_DYN, 17), 1 << 21);
+        assert!(format!("{:#}", no_note.unwrap_err()).contains("0 PVH entry notes"));
+        assert!(relocate(b"not an ELF file", 1 << 21).is_err());
+    }
+
     #[test]
     fn paths_come_from_the_root() {
         let paths = Paths::new(Path::new("/r"));
