@@ -106,22 +106,19 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
     cross_check_objdump(sh, &paths, &inspect)?;
     let relocated = relocated_image(&paths.embedded, RELOCATE_BY)?;
     let passed = boot_all(&paths.embedded, args)?;
-    let passed = passed
-        + boot_once(
-            "gnu-ld",
-            "the GNU ld-linked kernel",
-            &paths.kernel_gnu_ld,
-            0,
-            args,
-        )?;
-    Ok(passed
-        + boot_once(
-            "relocated",
-            "the PIE kernel loaded away from its link address",
-            &relocated,
-            RELOCATE_BY,
-            args,
-        )?)
+    let gnu_ld = Variant {
+        suffix: "gnu-ld",
+        what: "the GNU ld-linked kernel",
+        model: "max",
+        delta: 0,
+    };
+    let moved = Variant {
+        suffix: "relocated",
+        what: "the PIE kernel loaded away from its link address",
+        model: "max-smp4",
+        delta: RELOCATE_BY,
+    };
+    Ok(passed + gnu_ld.boot(&paths.kernel_gnu_ld, args)? + moved.boot(&relocated, args)?)
 }
 
 /// How far the `relocated` run moves the PIE kernel from its link address: 8 MiB, a
@@ -129,27 +126,49 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
 /// 16 MiB the kernel maps with 4 KiB pages.
 const RELOCATE_BY: u64 = 8 << 20;
 
-/// Boots one variant once (on `max`, or the first `--cpu` model) as run `MODEL/suffix`
-/// and judges it like the others; the kernel must also report that it runs `delta`
-/// bytes above its link address.
-fn boot_once(suffix: &str, what: &str, image: &Path, delta: u64, args: &QemuArgs) -> Result<u32> {
-    let model = args.cpus.first().map_or("max", String::as_str);
-    let label = format!("{model}/{suffix}");
-    let (exit, serial) = boot(
-        &label,
-        qemu_command(model, image),
-        Duration::from_secs(args.timeout),
-    )?;
-    let mut verdict = judge::judge(&exit, &serial);
-    verdict.problems.extend(judge::check_required(&serial));
-    verdict
-        .problems
-        .extend(judge::check_load_delta(&serial, delta));
-    if !verdict.ok() {
-        bail!("[{label}] {what} failed: {}", verdict.problems.join("; "));
+/// A kernel variant booted once, as run `MODEL/suffix`, besides the runs of
+/// [`boot_all`]: the GNU ld-linked static kernel, and the PIE loaded [`RELOCATE_BY`]
+/// above its link address (on 4 CPUs, so the APs' start-up and the live patching run
+/// relocated too).
+struct Variant {
+    suffix: &'static str,
+    what: &'static str,
+    /// The run label booted unless `--cpu` is given (then its first model).
+    model: &'static str,
+    /// How far above its link address the kernel must report it runs.
+    delta: u64,
+}
+
+impl Variant {
+    /// Boots `image` and judges it like the other runs; the kernel must also report
+    /// that it runs `delta` bytes above its link address.
+    fn boot(&self, image: &Path, args: &QemuArgs) -> Result<u32> {
+        let model = args.cpus.first().map_or(self.model, String::as_str);
+        let label = format!("{model}/{}", self.suffix);
+        let cpus = split_label(model).1;
+        let mut timeout = Duration::from_secs(args.timeout);
+        if cpus > 1 {
+            timeout *= SMP_TIMEOUT_FACTOR;
+        }
+        let (exit, serial) = boot(&label, qemu_command(model, image), timeout)?;
+        let mut verdict = judge::judge(&exit, &serial);
+        verdict.problems.extend(judge::check_required(&serial));
+        verdict
+            .problems
+            .extend(judge::check_cpus_online(&serial, cpus));
+        verdict
+            .problems
+            .extend(judge::check_load_delta(&serial, self.delta));
+        if !verdict.ok() {
+            bail!(
+                "[{label}] {} failed: {}",
+                self.what,
+                verdict.problems.join("; ")
+            );
+        }
+        println!("xtask: [{label}] passed ({exit})");
+        Ok(verdict.passed.unwrap_or(0))
     }
-    println!("xtask: [{label}] passed ({exit})");
-    Ok(verdict.passed.unwrap_or(0))
 }
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the PVH note that gives the 32-bit entry point.
