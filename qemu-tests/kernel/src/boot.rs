@@ -1,16 +1,22 @@
-//! PVH entry: from 32-bit protected mode to long mode and `kmain`.
+//! PVH entry: from 32-bit protected mode to long mode and `kmain`, wherever the image
+//! was loaded.
 //!
-//! QEMU's `-kernel` loads an ELF image that carries a `XEN_ELFNOTE_PHYS32_ENTRY` note and
-//! jumps to the address in that note with the CPU in 32-bit protected mode, paging off,
-//! interrupts off, flat 4 GiB segments and `%ebx` holding the physical address of the
-//! `hvm_start_info` structure. The stub here:
+//! QEMU's `-kernel` loads an ELF image that carries a `XEN_ELFNOTE_PHYS32_ENTRY` note
+//! (each `PT_LOAD` at its `p_paddr`) and jumps to the address in that note with the CPU
+//! in 32-bit protected mode, paging off, interrupts off, flat 4 GiB segments, no stack,
+//! and `%ebx` holding the physical address of the `hvm_start_info` structure. The stub
+//! is position independent (the rust-lld kernel is a PIE, and one QEMU run loads it
+//! 8 MiB above its link address); it:
 //!
-//! 1. enables PAE and points CR3 at static boot page tables (in `.data`, so zeroing
-//!    `.bss` cannot clobber them) that identity-map the first 1 GiB with 2 MiB pages;
+//! 1. finds its run-time address (`call`/`pop`), writes the links of the static boot
+//!    page tables (in `.data`, so zeroing `.bss` cannot clobber them; they identity-map
+//!    the first 1 GiB with 2 MiB pages) and the GDT pointer's base, enables PAE and
+//!    points CR3 at them;
 //! 2. sets EFER.LME, and EFER.NXE when the CPU has NX; turns paging on;
-//! 3. loads a 64-bit GDT and far-jumps to 64-bit code;
-//! 4. loads the data segments, zeroes `.bss`, switches to a 64 KiB stack in `.bss` and
-//!    calls `kmain(start_info)`.
+//! 3. loads a 64-bit GDT and far-returns to 64-bit code;
+//! 4. loads the data segments, zeroes `.bss`, switches to a 64 KiB stack in `.bss`;
+//! 5. relocates the image: applies `.rela.dyn` with the load delta ([`load_address`]);
+//! 6. calls `kmain(start_info)`.
 //!
 //! [`crate::paging::init`] later replaces the boot tables with the kernel's own.
 //!
