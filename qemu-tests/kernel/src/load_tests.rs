@@ -1,6 +1,6 @@
 //! Where the kernel runs: the rust-lld kernel is a PIE (`ET_DYN`) that the boot stub
 //! relocates to wherever it was loaded ([`crate::boot`]); `cargo xtask qemu` boots it
-//! once moved away from its link address (`max/relocated`). These tests check that the
+//! once moved away from its link address (`max-smp4/relocated`). These tests check that the
 //! dynamic relocations were applied (pointers held in data point at the run-time image)
 //! and that the ksites table, which is self-relative, agrees: every ifunc's trampoline,
 //! slot, implementations and sites, and every probe site, lie in the run-time image,
