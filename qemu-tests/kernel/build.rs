@@ -62,7 +62,25 @@ fn main() {
     println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_sdt.h");
     println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_arch.h");
 
-    cc::Build::new()
+    // The C code is built like the Rust code: position independent for the PIE kernel
+    // (the default; rust-lld), for the kernel code model when the xtask builds the static
+    // ET_EXEC (GNU ld, `-C relocation-model=static`).
+    println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+    let static_kernel = std::env::var("CARGO_ENCODED_RUSTFLAGS").is_ok_and(|flags| {
+        flags
+            .split('\x1f')
+            .any(|f| f.ends_with("relocation-model=static"))
+    });
+    let code_model: &[&str] = if static_kernel {
+        &["-fno-pie", "-mcmodel=kernel"]
+    } else {
+        &["-fpie"]
+    };
+    let mut build = cc::Build::new();
+    for flag in code_model {
+        build.flag(flag);
+    }
+    build
         .compiler("gcc")
         .file("c/cprobes.c")
         .file("c/cifunc.c")
@@ -71,8 +89,6 @@ fn main() {
         .pic(false)
         .opt_level(2)
         .flag("-ffreestanding")
-        .flag("-fno-pie")
-        .flag("-mcmodel=kernel")
         .flag("-mno-red-zone")
         .flag("-mno-sse")
         .flag("-mno-mmx")

@@ -138,6 +138,38 @@ pub(crate) fn check_cpus_online(serial: &[String], expected: u32) -> Option<Stri
     }
 }
 
+/// The last `load: runtime R link L delta D` line (hex numbers) → `(R, L, D)`.
+pub(crate) fn parse_load(serial: &[String]) -> Option<(u64, u64, u64)> {
+    serial.iter().rev().find_map(|line| {
+        let rest = line.trim_end().strip_prefix("load: runtime ")?;
+        let (runtime, rest) = rest.split_once(" link ")?;
+        let (link, delta) = rest.split_once(" delta ")?;
+        let hex = |t: &str| u64::from_str_radix(t.strip_prefix("0x")?, 16).ok();
+        Some((hex(runtime)?, hex(link)?, hex(delta)?))
+    })
+}
+
+/// A problem unless the kernel reported (`load: …`, from the test
+/// `pie_image_runs_at_its_load_address`) that it runs `expected` bytes above its link
+/// address, consistently. The relocated run expects its non-zero move, so it cannot
+/// pass by booting at the link address.
+pub(crate) fn check_load_delta(serial: &[String], expected: u64) -> Option<String> {
+    match parse_load(serial) {
+        Some((runtime, link, delta))
+            if delta == expected && runtime.wrapping_sub(link) == delta =>
+        {
+            None
+        }
+        Some((runtime, link, delta)) => Some(format!(
+            "the kernel ran at {runtime:#x}, linked at {link:#x} (delta {delta:#x}), \
+             expected a delta of {expected:#x}"
+        )),
+        None => Some(format!(
+            "no `load: runtime R link L delta D` line (expected delta {expected:#x})"
+        )),
+    }
+}
+
 /// Collect `ifunc-choice <name> <impl_name>` lines: ifunc name → implementation.
 pub(crate) fn parse_choices(serial: &[String]) -> BTreeMap<String, String> {
     serial
@@ -306,6 +338,37 @@ ok   ifunc::popcount_matches_cpuid
         assert_eq!(parse_summary(" 1 passed, 0 failed"), None);
         assert_eq!(parse_summary("1 passed, 0 failed."), None);
         assert_eq!(parse_summary("passed, 0 failed"), None);
+    }
+
+    #[test]
+    fn load_delta() {
+        let moved = lines(
+            "load: runtime 0x900000 link 0x100000 delta 0x800000\n\
+             load: 983 R_X86_64_RELATIVE applied\n",
+        );
+        assert_eq!(parse_load(&moved), Some((0x90_0000, 0x10_0000, 0x80_0000)));
+        assert_eq!(check_load_delta(&moved, 0x80_0000), None);
+        // A relocated run that booted at its link address fails.
+        let err = check_load_delta(&moved, 0).unwrap();
+        assert!(
+            err.contains("delta 0x800000), expected a delta of 0x0"),
+            "{err}"
+        );
+        let home = lines("load: runtime 0x100000 link 0x100000 delta 0x0\n");
+        assert_eq!(check_load_delta(&home, 0), None);
+        assert!(check_load_delta(&home, 0x80_0000).is_some());
+        // Inconsistent numbers, a missing or malformed line.
+        let odd = lines("load: runtime 0x900000 link 0x100000 delta 0x400000\n");
+        assert!(check_load_delta(&odd, 0x40_0000).is_some());
+        assert!(
+            check_load_delta(&lines(GOOD), 0)
+                .unwrap()
+                .contains("no `load:")
+        );
+        assert_eq!(
+            parse_load(&lines("load: runtime 900000 link 0x0 delta 0x0\n")),
+            None
+        );
     }
 
     #[test]

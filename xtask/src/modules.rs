@@ -4,7 +4,7 @@
 //! * `rmod`: the Rust `#![no_std]` crate `qemu-tests/modules/rmod`, compiled alone into
 //!   one relocatable object (`cargo rustc --release -p rmod --lib -- --emit=obj=…`; the
 //!   workspace's release profile gives it one codegen unit and no overflow or debug
-//!   checks, and `qemu-tests/.cargo/config.toml` the static relocation model);
+//!   checks; `-C relocation-model=static`, since the kernel's default is PIE);
 //! * `cmod`, `badmod`: C, `qemu-tests/modules/*.c`, compiled by gcc.
 //!
 //! Each object then goes through `ksites embed X.o -o target/ksites-modules/X.ko`.
@@ -70,9 +70,12 @@ fn build_rmod(sh: &Shell, qemu_tests: &Path, out: &Path) -> Result<PathBuf> {
     let emit = format!("--emit=obj={}", object.display());
     let _ = std::fs::remove_file(&object);
     let build = || {
-        cmd!(sh, "cargo rustc --release -p rmod --lib -- {emit}")
-            .run()
-            .context("building the Rust test module (qemu-tests/modules/rmod) failed")
+        cmd!(
+            sh,
+            "cargo rustc --release -p rmod --lib -- -C relocation-model=static {emit}"
+        )
+        .run()
+        .context("building the Rust test module (qemu-tests/modules/rmod) failed")
     };
     build()?;
     if !object.is_file() {

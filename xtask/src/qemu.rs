@@ -8,6 +8,9 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use object::LittleEndian;
+use object::elf::{ET_DYN, ET_EXEC, FileHeader64, PT_LOAD, PT_NOTE, ProgramHeader64};
+use object::read::elf::{FileHeader, ProgramHeader};
 use xshell::{Shell, cmd};
 
 use crate::judge::{self, Exit, Verdict};
@@ -20,6 +23,8 @@ const DEFAULT_TIMEOUT_SECS: u64 = 120;
 /// An SMP run may take this many times `--timeout` (it runs the live-patching stress).
 const SMP_TIMEOUT_FACTOR: u32 = 3;
 const KERNEL_TARGET: &str = "x86_64-unknown-none";
+/// Extra rustflags for [`KERNEL_TARGET`] (cargo adds them to `.cargo/config.toml`'s).
+const STATIC_RUSTFLAGS_ENV: &str = "CARGO_TARGET_X86_64_UNKNOWN_NONE_RUSTFLAGS";
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct QemuArgs {
@@ -99,30 +104,164 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
     }
     let inspect = embed(sh, &paths)?;
     cross_check_objdump(sh, &paths, &inspect)?;
+    let relocated = relocated_image(&paths.embedded, RELOCATE_BY)?;
     let passed = boot_all(&paths.embedded, args)?;
-    Ok(passed + boot_gnu_ld(&paths.kernel_gnu_ld, args)?)
+    let gnu_ld = Variant {
+        suffix: "gnu-ld",
+        what: "the GNU ld-linked kernel",
+        model: "max",
+        delta: 0,
+    };
+    let moved = Variant {
+        suffix: "relocated",
+        what: "the PIE kernel loaded away from its link address",
+        model: "max-smp4",
+        delta: RELOCATE_BY,
+    };
+    Ok(passed + gnu_ld.boot(&paths.kernel_gnu_ld, args)? + moved.boot(&relocated, args)?)
 }
 
-/// Boots the GNU ld-linked kernel once (on `max`, or the first `--cpu` model) and judges
-/// it like the others.
-fn boot_gnu_ld(image: &Path, args: &QemuArgs) -> Result<u32> {
-    let model = args.cpus.first().map_or("max", String::as_str);
-    let label = format!("{model}/gnu-ld");
-    let (exit, serial) = boot(
-        &label,
-        qemu_command(model, image),
-        Duration::from_secs(args.timeout),
-    )?;
-    let mut verdict = judge::judge(&exit, &serial);
-    verdict.problems.extend(judge::check_required(&serial));
-    if !verdict.ok() {
-        bail!(
-            "[{label}] the GNU ld-linked kernel failed: {}",
-            verdict.problems.join("; ")
-        );
+/// How far the `relocated` run moves the PIE kernel from its link address: 8 MiB, a
+/// multiple of 2 MiB that keeps the image (linked at 1 MiB, a few MiB long) inside the
+/// 16 MiB the kernel maps with 4 KiB pages.
+const RELOCATE_BY: u64 = 8 << 20;
+
+/// A kernel variant booted once, as run `MODEL/suffix`, besides the runs of
+/// [`boot_all`]: the GNU ld-linked static kernel, and the PIE loaded [`RELOCATE_BY`]
+/// above its link address (on 4 CPUs, so the APs' start-up and the live patching run
+/// relocated too).
+struct Variant {
+    suffix: &'static str,
+    what: &'static str,
+    /// The run label booted unless `--cpu` is given (then its first model).
+    model: &'static str,
+    /// How far above its link address the kernel must report it runs.
+    delta: u64,
+}
+
+impl Variant {
+    /// Boots `image` and judges it like the other runs; the kernel must also report
+    /// that it runs `delta` bytes above its link address.
+    fn boot(&self, image: &Path, args: &QemuArgs) -> Result<u32> {
+        let model = args.cpus.first().map_or(self.model, String::as_str);
+        let label = format!("{model}/{}", self.suffix);
+        let cpus = split_label(model).1;
+        let mut timeout = Duration::from_secs(args.timeout);
+        if cpus > 1 {
+            timeout *= SMP_TIMEOUT_FACTOR;
+        }
+        let (exit, serial) = boot(&label, qemu_command(model, image), timeout)?;
+        let mut verdict = judge::judge(&exit, &serial);
+        verdict.problems.extend(judge::check_required(&serial));
+        verdict
+            .problems
+            .extend(judge::check_cpus_online(&serial, cpus));
+        verdict
+            .problems
+            .extend(judge::check_load_delta(&serial, self.delta));
+        if !verdict.ok() {
+            bail!(
+                "[{label}] {} failed: {}",
+                self.what,
+                verdict.problems.join("; ")
+            );
+        }
+        println!("xtask: [{label}] passed ({exit})");
+        Ok(verdict.passed.unwrap_or(0))
     }
-    println!("xtask: [{label}] passed ({exit})");
-    Ok(verdict.passed.unwrap_or(0))
+}
+
+/// `XEN_ELFNOTE_PHYS32_ENTRY`: the PVH note that gives the 32-bit entry point.
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+/// The ELF type (`e_type`) of the image at `path`.
+fn elf_type(path: &Path) -> Result<u16> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let header = FileHeader64::<LittleEndian>::parse(&*data).map_err(|e| {
+        anyhow!(
+            "{}: not a 64-bit little-endian ELF file: {e}",
+            path.display()
+        )
+    })?;
+    Ok(header.e_type(LittleEndian))
+}
+
+/// Acts as a boot loader that places the kernel `delta` bytes above where it was linked:
+/// writes `IMAGE.relocated` (beside `image`), a copy whose every `PT_LOAD` has its
+/// `p_paddr` (where QEMU loads it) and whose PVH note has its entry moved by `delta`.
+/// Nothing else changes: the kernel finds where it runs and relocates itself.
+fn relocated_image(image: &Path, delta: u64) -> Result<PathBuf> {
+    let data = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let moved =
+        relocate(&data, delta).with_context(|| format!("relocating {}", image.display()))?;
+    let out = image.with_extension("relocated");
+    std::fs::write(&out, moved).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "xtask: {} is the kernel to be loaded {delta:#x} above its link address",
+        out.display()
+    );
+    Ok(out)
+}
+
+/// The bytes of [`relocated_image`]: `data` with each `PT_LOAD`'s `p_paddr` and the
+/// `XEN_ELFNOTE_PHYS32_ENTRY` note's entry (4 or 8 bytes) moved up by `delta`. Only an
+/// `ET_DYN` image (a PIE) can be moved.
+fn relocate(data: &[u8], delta: u64) -> Result<Vec<u8>> {
+    let e = LittleEndian;
+    let header = FileHeader64::<LittleEndian>::parse(data)
+        .map_err(|err| anyhow!("not a 64-bit little-endian ELF file: {err}"))?;
+    if header.e_type(e) != ET_DYN {
+        bail!("only a PIE (ET_DYN) can be loaded away from its link address");
+    }
+    let phdrs = header
+        .program_headers(e, data)
+        .map_err(|err| anyhow!("program headers: {err}"))?;
+    let mut out = data.to_vec();
+    let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+    let phoff = usize::try_from(header.e_phoff(e))?;
+    let (mut loads, mut entries) = (0, 0);
+    for (i, ph) in phdrs.iter().enumerate() {
+        match ph.p_type(e) {
+            PT_LOAD => {
+                let at = phoff
+                    + i * usize::from(header.e_phentsize(e))
+                    + std::mem::offset_of!(ProgramHeader64<LittleEndian>, p_paddr);
+                put(at, &(ph.p_paddr(e) + delta).to_le_bytes());
+                loads += 1;
+            }
+            PT_NOTE => {
+                let mut notes = ph
+                    .notes(e, data)
+                    .map_err(|err| anyhow!("notes: {err}"))?
+                    .ok_or_else(|| anyhow!("PT_NOTE {i} is not a note segment"))?;
+                while let Some(note) = notes.next().map_err(|err| anyhow!("notes: {err}"))? {
+                    if note.name() != b"Xen" || note.n_type(e) != XEN_ELFNOTE_PHYS32_ENTRY {
+                        continue;
+                    }
+                    let desc = note.desc();
+                    let at = desc.as_ptr() as usize - data.as_ptr() as usize;
+                    match *desc {
+                        [a, b, c, d, ..] if desc.len() < 8 => {
+                            let entry = u32::from_le_bytes([a, b, c, d]);
+                            let moved = u64::from(entry) + delta;
+                            put(at, &u32::try_from(moved)?.to_le_bytes());
+                        }
+                        [a, b, c, d, f, g, h, k, ..] => {
+                            let entry = u64::from_le_bytes([a, b, c, d, f, g, h, k]);
+                            put(at, &(entry + delta).to_le_bytes());
+                        }
+                        _ => bail!("the PVH entry note's descriptor is {} bytes", desc.len()),
+                    }
+                    entries += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    if loads == 0 || entries != 1 {
+        bail!("{loads} PT_LOAD segments and {entries} PVH entry notes (expected 1)");
+    }
+    Ok(out)
 }
 
 /// The Rust target for the kernel, QEMU, and objdump (for the cross-check).
@@ -156,8 +295,10 @@ fn build(sh: &Shell, paths: &Paths) -> Result<()> {
     cmd!(sh, "cargo build --release")
         .run()
         .context("building the test kernel (qemu-tests) failed")?;
-    // The same kernel linked by GNU ld through the same wrapper.
+    // The same kernel linked by GNU ld through the same wrapper, as a static ET_EXEC
+    // (the rust-lld one is a PIE): cargo appends these flags to the config's.
     let _env = sh.push_env("KSITES_LINKER", "bfd");
+    let _static = sh.push_env(STATIC_RUSTFLAGS_ENV, "-C relocation-model=static");
     cmd!(sh, "cargo build --release --target-dir target/gnu-ld")
         .run()
         .context("building the test kernel with GNU ld failed")?;
@@ -166,7 +307,8 @@ fn build(sh: &Shell, paths: &Paths) -> Result<()> {
 
 /// `ksites embed` the kernel, print `ksites inspect` of the result, and return that text.
 /// The kernel comes out of `cargo build` already embedded (linked through
-/// `ksites-ld`): verify both variants, check the GNU ld one really is, copy the rust-lld
+/// `ksites-ld`): check the rust-lld variant is a PIE and the GNU ld one a static
+/// ET_EXEC, verify both, check the GNU ld one really is, copy the rust-lld
 /// one to the image QEMU boots, and list its table.
 fn embed(sh: &Shell, paths: &Paths) -> Result<String> {
     let Paths {
@@ -179,7 +321,13 @@ fn embed(sh: &Shell, paths: &Paths) -> Result<String> {
     if let Some(dir) = embedded.parent() {
         sh.create_dir(dir)?;
     }
-    for k in [kernel, kernel_gnu_ld] {
+    for (k, want, form) in [
+        (kernel, ET_DYN, "a PIE (ET_DYN)"),
+        (kernel_gnu_ld, ET_EXEC, "a static ET_EXEC"),
+    ] {
+        if elf_type(k)? != want {
+            bail!("{} is not {form}", k.display());
+        }
         cmd!(sh, "{ksites} verify {k}")
             .run()
             .with_context(|| format!("ksites verify failed on {}", k.display()))?;
@@ -238,6 +386,7 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
         if let Some(problem) = judge::check_cpus_online(&serial, cpus) {
             verdict.problems.push(problem);
         }
+        verdict.problems.extend(judge::check_load_delta(&serial, 0));
         println!(
             "xtask: [{model}] {} ({exit})",
             if verdict.ok() { "passed" } else { "FAILED" }
@@ -526,6 +675,71 @@ mod tests {
              -serial stdio -no-reboot -monitor none -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
              -kernel /k.ksites"
         );
+    }
+
+    /// A minimal ELF64 image: one PT_LOAD at 1 MiB and a PT_NOTE with the PVH entry.
+    fn tiny_elf(e_type: u16, note_type: u32) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        for half in [e_type, 62, 1, 0] {
+            // e_type, e_machine, e_version (low half, then high half).
+            f.extend_from_slice(&half.to_le_bytes());
+        }
+        for word in [0x10_1000u64, 64, 0] {
+            f.extend_from_slice(&word.to_le_bytes()); // e_entry, e_phoff, e_shoff
+        }
+        f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for half in [64u16, 56, 2, 64, 0, 0] {
+            f.extend_from_slice(&half.to_le_bytes());
+        }
+        let phdr = |f: &mut Vec<u8>, p_type: u32, offset: u64, size: u64, align: u64| {
+            f.extend_from_slice(&p_type.to_le_bytes());
+            f.extend_from_slice(&4u32.to_le_bytes()); // p_flags: R
+            for word in [
+                offset,
+                0x10_0000 + offset,
+                0x10_0000 + offset,
+                size,
+                size,
+                align,
+            ] {
+                f.extend_from_slice(&word.to_le_bytes());
+            }
+        };
+        phdr(&mut f, PT_LOAD, 0, 200, 0x1000);
+        phdr(&mut f, PT_NOTE, 176, 24, 4);
+        for word in [4u32, 8, note_type] {
+            f.extend_from_slice(&word.to_le_bytes());
+        }
+        f.extend_from_slice(b"Xen\0");
+        f.extend_from_slice(&0x10_1000u64.to_le_bytes());
+        assert_eq!(f.len(), 200);
+        f
+    }
+
+    #[test]
+    fn relocate_moves_the_loads_and_the_pvh_entry_only() {
+        let image = tiny_elf(ET_DYN, XEN_ELFNOTE_PHYS32_ENTRY);
+        let moved = relocate(&image, 8 << 20).unwrap();
+        let e = LittleEndian;
+        let header = FileHeader64::<LittleEndian>::parse(&*moved).unwrap();
+        let phdrs = header.program_headers(e, &*moved).unwrap();
+        assert_eq!(phdrs[0].p_paddr(e), 0x90_0000);
+        assert_eq!(phdrs[0].p_vaddr(e), 0x10_0000, "virtual addresses stay");
+        assert_eq!(phdrs[1].p_paddr(e), 0x10_00b0, "only PT_LOADs move");
+        assert_eq!(moved[192..], 0x90_1000u64.to_le_bytes());
+        // Nothing else changed.
+        let differ: Vec<usize> = (0..image.len()).filter(|&i| image[i] != moved[i]).collect();
+        assert_eq!(differ, [64 + 24 + 2, 192 + 2], "{differ:?}");
+    }
+
+    #[test]
+    fn relocate_refuses_a_static_image_or_one_without_the_pvh_note() {
+        let exec = relocate(&tiny_elf(ET_EXEC, XEN_ELFNOTE_PHYS32_ENTRY), 1 << 21);
+        assert!(format!("{:#}", exec.unwrap_err()).contains("only a PIE (ET_DYN)"));
+        let no_note = relocate(&tiny_elf(ET_DYN, 17), 1 << 21);
+        assert!(format!("{:#}", no_note.unwrap_err()).contains("0 PVH entry notes"));
+        assert!(relocate(b"not an ELF file", 1 << 21).is_err());
     }
 
     #[test]

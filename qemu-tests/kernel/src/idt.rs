@@ -205,17 +205,19 @@ idt_common:
     iretq
     .popsection
 
+    /* Self-relative (stub - table): no absolute address, so nothing to relocate when
+       the kernel runs away from its link address (see boot.rs). */
     .pushsection .rodata.idt_stubs, "a", @progbits
-    .p2align 3
+    .p2align 2
     .globl idt_stub_table
 idt_stub_table:
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
-    .quad idt_stub_\n
+    .long idt_stub_\n - idt_stub_table
     .endr
     .globl idt_irq_stub_table
 idt_irq_stub_table:
     .irp n, 240,241,242,243,244,245,246,247,248,249,250,251,252,253,254,255
-    .quad idt_stub_\n
+    .long idt_stub_\n - idt_irq_stub_table
     .endr
     .popsection
     "#,
@@ -224,10 +226,10 @@ idt_irq_stub_table:
 );
 
 unsafe extern "C" {
-    /// Addresses of the 32 entry stubs.
-    static idt_stub_table: [u64; 32];
-    /// Addresses of the stubs for vectors `FIRST_IRQ_VECTOR..=255`.
-    static idt_irq_stub_table: [u64; IRQ_VECTORS];
+    /// The 32 entry stubs, each as its offset from the table.
+    static idt_stub_table: [i32; 32];
+    /// The stubs for vectors `FIRST_IRQ_VECTOR..=255`, each as its offset from the table.
+    static idt_irq_stub_table: [i32; IRQ_VECTORS];
 }
 
 #[repr(C)]
@@ -317,6 +319,14 @@ struct DescriptorPointer {
     base: u64,
 }
 
+/// The address of entry `i` of a self-relative stub table (`.long stub - table`).
+fn stub_address<const N: usize>(table: *const [i32; N], i: usize) -> u64 {
+    // SAFETY: `table` is one of the two stub tables (rodata, never written); `i < N` is
+    // checked by the index.
+    let offset = unsafe { (*table)[i] };
+    (table as u64).wrapping_add_signed(i64::from(offset))
+}
+
 /// Installs the TSS (IST1 = double-fault stack) and the IDT. Call once, early, on the
 /// boot CPU.
 pub fn init() {
@@ -328,7 +338,8 @@ pub fn init() {
     unsafe {
         install_tss(&raw mut boot::boot_gdt, &raw mut TSS, df_stack_top);
         let idt = &raw mut IDT;
-        for (vector, &stub) in idt_stub_table.iter().enumerate() {
+        for vector in 0..idt_stub_table.len() {
+            let stub = stub_address(&raw const idt_stub_table, vector);
             let ist = if vector == usize::from(DOUBLE_FAULT) {
                 1
             } else {
@@ -452,7 +463,7 @@ pub unsafe fn set_interrupt_handler(vector: u8, handler: InterruptHandler) {
     // SAFETY: the stub is a valid entry point; per the caller, no CPU reads this gate
     // while it is written.
     unsafe {
-        let stub = idt_irq_stub_table[i];
+        let stub = stub_address(&raw const idt_irq_stub_table, i);
         let idt = &raw mut IDT;
         (*idt)[usize::from(vector)] = IdtEntry::interrupt_gate(stub, 0);
     }

@@ -22,6 +22,7 @@ pub mod harness;
 pub mod idt;
 pub mod ifunc_tests;
 pub mod introspect_tests;
+pub mod load_tests;
 pub mod module_tests;
 pub mod no_alloc;
 pub mod paging;
@@ -69,6 +70,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     smp::init(start_info);
     probe_tests::run(&mut harness);
     introspect_tests::run(&mut harness);
+    load_tests::run(&mut harness);
     module_tests::run(&mut harness);
     smp_tests::run(&mut harness);
     trap_tests::run(&mut harness);
