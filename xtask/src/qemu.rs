@@ -183,7 +183,7 @@ fn elf_type(path: &Path) -> Result<u16> {
             path.display()
         )
     })?;
-    Ok(header.e_type(LittleEndian))
+    Ok(header.e_type(LittleEndian).0)
 }
 
 /// Acts as a boot loader that places the kernel `delta` bytes above where it was linked:
@@ -235,7 +235,7 @@ fn relocate(data: &[u8], delta: u64) -> Result<Vec<u8>> {
                     .map_err(|err| anyhow!("notes: {err}"))?
                     .ok_or_else(|| anyhow!("PT_NOTE {i} is not a note segment"))?;
                 while let Some(note) = notes.next().map_err(|err| anyhow!("notes: {err}"))? {
-                    if note.name() != b"Xen" || note.n_type(e) != XEN_ELFNOTE_PHYS32_ENTRY {
+                    if note.name() != b"Xen" || note.n_type(e).0 != XEN_ELFNOTE_PHYS32_ENTRY {
                         continue;
                     }
                     let desc = note.desc();
@@ -322,8 +322,8 @@ fn embed(sh: &Shell, paths: &Paths) -> Result<String> {
         sh.create_dir(dir)?;
     }
     for (k, want, form) in [
-        (kernel, ET_DYN, "a PIE (ET_DYN)"),
-        (kernel_gnu_ld, ET_EXEC, "a static ET_EXEC"),
+        (kernel, ET_DYN.0, "a PIE (ET_DYN)"),
+        (kernel_gnu_ld, ET_EXEC.0, "a static ET_EXEC"),
     ] {
         if elf_type(k)? != want {
             bail!("{} is not {form}", k.display());
@@ -706,8 +706,8 @@ mod tests {
                 f.extend_from_slice(&word.to_le_bytes());
             }
         };
-        phdr(&mut f, PT_LOAD, 0, 200, 0x1000);
-        phdr(&mut f, PT_NOTE, 176, 24, 4);
+        phdr(&mut f, PT_LOAD.0, 0, 200, 0x1000);
+        phdr(&mut f, PT_NOTE.0, 176, 24, 4);
         for word in [4u32, 8, note_type] {
             f.extend_from_slice(&word.to_le_bytes());
         }
@@ -719,7 +719,7 @@ mod tests {
 
     #[test]
     fn relocate_moves_the_loads_and_the_pvh_entry_only() {
-        let image = tiny_elf(ET_DYN, XEN_ELFNOTE_PHYS32_ENTRY);
+        let image = tiny_elf(ET_DYN.0, XEN_ELFNOTE_PHYS32_ENTRY);
         let moved = relocate(&image, 8 << 20).unwrap();
         let e = LittleEndian;
         let header = FileHeader64::<LittleEndian>::parse(&*moved).unwrap();
@@ -735,9 +735,9 @@ mod tests {
 
     #[test]
     fn relocate_refuses_a_static_image_or_one_without_the_pvh_note() {
-        let exec = relocate(&tiny_elf(ET_EXEC, XEN_ELFNOTE_PHYS32_ENTRY), 1 << 21);
+        let exec = relocate(&tiny_elf(ET_EXEC.0, XEN_ELFNOTE_PHYS32_ENTRY), 1 << 21);
         assert!(format!("{:#}", exec.unwrap_err()).contains("only a PIE (ET_DYN)"));
-        let no_note = relocate(&tiny_elf(ET_DYN, 17), 1 << 21);
+        let no_note = relocate(&tiny_elf(ET_DYN.0, 17), 1 << 21);
         assert!(format!("{:#}", no_note.unwrap_err()).contains("0 PVH entry notes"));
         assert!(relocate(b"not an ELF file", 1 << 21).is_err());
     }
