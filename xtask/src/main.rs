@@ -3,11 +3,13 @@
 //! * `cargo xtask qemu` builds the build tool and the test kernel, embeds the kernel's
 //!   `.ksites` table, cross-checks `ksites inspect` against `objdump`, then boots the kernel
 //!   in QEMU on several CPU models and judges what it prints.
+//! * `cargo xtask example` builds `examples/minimal-kernel` (the README's walkthrough) and
+//!   boots it on `qemu64` and `max`; see [`example`].
 //! * `cargo xtask fuzz [--seconds N]` runs the cargo-fuzz targets (nightly).
 //! * `cargo xtask tidy` checks the tree (the architecture seam, module docs and sizes,
 //!   the README's lists); see [`tidy`].
 //! * `cargo xtask test` runs tidy, fmt, clippy and the host tests, the host self-test (a native
-//!   binary that patches itself), then everything `qemu` does.
+//!   binary that patches itself), then everything `qemu` and `example` do.
 //! * `cargo xtask bench` builds the benchmark binary, embeds it, runs it, and prints the
 //!   ratio table (not part of `test`).
 //!
@@ -15,6 +17,7 @@
 
 mod bench;
 mod crosscheck;
+mod example;
 mod fuzz;
 mod host;
 mod install;
@@ -42,12 +45,15 @@ enum Command {
     /// Build the test kernel, embed its `.ksites` table, cross-check it against objdump,
     /// and boot it in QEMU on each CPU model (installs missing tools first).
     Qemu(qemu::QemuArgs),
+    /// Build examples/minimal-kernel (a PIE, linked through the freshly built ksites-ld)
+    /// and boot it on qemu64 and max; their ifunc choices must differ.
+    Example,
     /// Check the tree: x86 facts only under `arch/` and the build tool's targets, every
     /// module documented and under 1,000 lines, the README's lists matching the tree.
     Tidy,
     /// Run tidy, fmt, clippy and host tests for the workspace and the test kernel, the host
-    /// self-test, then everything `qemu` does with the default CPU models. Stops at the
-    /// first failure.
+    /// self-test, then everything `qemu` does with the default CPU models, then `example`.
+    /// Stops at the first failure.
     Test,
     /// Run the cargo-fuzz targets (table reader + patcher, build tool ELF reading) on
     /// the nightly toolchain, `--seconds` each (installs cargo-fuzz if missing).
@@ -65,6 +71,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Qemu(args) => {
             let passed = qemu::run(&sh, &root, &args)?;
+            println!("xtask: {passed} passed, 0 failed");
+            Ok(())
+        }
+        Command::Example => {
+            let passed = example::run(&sh, &root)?;
             println!("xtask: {passed} passed, 0 failed");
             Ok(())
         }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use xshell::{Shell, cmd};
 
 use crate::qemu::{self, Paths, QemuArgs};
-use crate::{host, install};
+use crate::{example, host, install};
 
 pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     let paths = Paths::new(root);
@@ -26,6 +26,12 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
             .run()
             .context("fmt: qemu-tests is not formatted (run `cargo fmt --all` in qemu-tests/)")?;
     }
+    {
+        let _dir = in_dir(sh, &root.join(example::DIR));
+        cmd!(sh, "cargo fmt --check").run().context(
+            "fmt: the example is not formatted (run `cargo fmt` in examples/minimal-kernel/)",
+        )?;
+    }
 
     heading("clippy");
     install::rust_component(sh, "clippy")?;
@@ -38,6 +44,12 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
         cmd!(sh, "cargo clippy --release -- -D warnings")
             .run()
             .context("clippy: warnings in qemu-tests")?;
+    }
+    {
+        let _dir = in_dir(sh, &root.join(example::DIR));
+        cmd!(sh, "cargo clippy --release -- -D warnings")
+            .run()
+            .context("clippy: warnings in examples/minimal-kernel")?;
     }
 
     heading("test");
@@ -53,11 +65,17 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     let kernel =
         qemu::run(sh, root, &QemuArgs::default()).context("qemu: the test kernel runs failed")?;
 
+    heading("example");
+    let example = example::run(sh, root).context("example: examples/minimal-kernel failed")?;
+
     println!(
         "\nxtask test: all steps passed ({host} host tests, {host_checks} host self-test checks, \
-         {kernel} in-kernel tests over all CPU models)"
+         {kernel} in-kernel tests over all CPU models, {example} example kernel checks)"
     );
-    println!("xtask: {} passed, 0 failed", host + host_checks + kernel);
+    println!(
+        "xtask: {} passed, 0 failed",
+        host + host_checks + kernel + example
+    );
     Ok(())
 }
 

@@ -11,6 +11,13 @@
 //!   `build-tool/src/main.rs` defines; it names every fuzz target of `fuzz/Cargo.toml`;
 //!   its Layout section names every top-level module of `kernel-loader/src` and
 //!   `build-tool/src`, and every path it gives from the root exists.
+//! * **The README's walkthrough is the example.** Every `rust`, `toml`, `ld` and `asm`
+//!   block of "Using it in your kernel" is found in a file of `examples/minimal-kernel`
+//!   (line by line, indentation aside; a line starting `// ...`, `# ...` or `/* ...`
+//!   skips any lines), so the
+//!   snippets compile as written: `cargo xtask example` builds and boots them. The
+//!   example's `.rs` files start with `//!` too. It may state x86 facts: it is a
+//!   kernel's own architecture code, outside the seam.
 //!
 //! `cargo xtask test` runs it first; `cargo test -p xtask` runs it as a test too.
 
@@ -32,11 +39,12 @@ const X86_HOMES: [&str; 2] = [
     "build-tool/src/target/x86_64",
 ];
 /// Directories whose `.rs` files must start with `//!`.
-const DOC_DIRS: [&str; 4] = [
+const DOC_DIRS: [&str; 5] = [
     "kernel-loader/src",
     "build-tool/src",
     "xtask/src",
     "bench/src",
+    "examples/minimal-kernel/src",
 ];
 
 /// x86 instruction bytes that stand alone as literals: `call`/`jmp rel32`, `jmp rel8`,
@@ -95,7 +103,105 @@ pub(crate) fn check(root: &Path) -> Result<Vec<String>> {
     let fuzz = fs::read_to_string(root.join("fuzz/Cargo.toml"))?;
     problems.extend(fuzz_target_mismatches(&readme, &fuzz));
     problems.extend(layout_mismatches(root, &readme)?);
+    problems.extend(walkthrough_mismatches(root, &readme)?);
     Ok(problems)
+}
+
+/// The README section the example kernel implements, and the example.
+const WALKTHROUGH: (&str, &str) = ("## Using it in your kernel", crate::example::DIR);
+/// How a line of a README snippet starts that stands for any number of the example's
+/// lines.
+const ELISIONS: [&str; 3] = ["// ...", "# ...", "/* ..."];
+
+/// Every `rust`/`toml`/`ld`/`asm` block of the walkthrough section that no file of the example
+/// contains (see [`snippet_in`]).
+fn walkthrough_mismatches(root: &Path, readme: &str) -> Result<Vec<String>> {
+    let (heading, dir) = WALKTHROUGH;
+    let mut files = Vec::new();
+    for name in ["Cargo.toml", ".cargo/config.toml", "linker.ld", "build.rs"] {
+        files.push(fs::read_to_string(root.join(dir).join(name))?);
+    }
+    for file in rust_files(&root.join(dir).join("src"))? {
+        files.push(fs::read_to_string(file)?);
+    }
+    let blocks = fenced_blocks(section(readme, heading), &["rust", "toml", "ld", "asm"]);
+    // The section's first line in the README, for line numbers.
+    let base = readme
+        .find(&format!("\n{heading}\n"))
+        .map_or(0, |at| readme[..=at].lines().count() + 1);
+    let mut out = Vec::new();
+    if blocks.is_empty() {
+        out.push(format!(
+            "README.md: no rust/toml/ld blocks under `{heading}`"
+        ));
+    }
+    for (line, block) in blocks {
+        if !files.iter().any(|f| snippet_in(&block, f)) {
+            out.push(format!(
+                "README.md:{}: this block of `{heading}` is not in {dir} as written",
+                base + line
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The fenced blocks of `text` whose language is one of `langs`: (line in `text`, body).
+fn fenced_blocks(text: &str, langs: &[&str]) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut open: Option<(usize, bool, String)> = None;
+    for (n, line) in text.lines().enumerate() {
+        let fence = line.trim_start().strip_prefix("```");
+        match (&mut open, fence) {
+            (None, Some(lang)) => open = Some((n + 1, langs.contains(&lang.trim()), String::new())),
+            (Some((at, wanted, body)), Some(_)) => {
+                if *wanted {
+                    out.push((*at, std::mem::take(body)));
+                }
+                open = None;
+            }
+            (Some((_, _, body)), None) => {
+                body.push_str(line);
+                body.push('\n');
+            }
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+/// Whether `file` contains `snippet`: its non-blank lines, indentation aside, in order
+/// and consecutive, except that an elision line ([`ELISIONS`]) skips any lines.
+fn snippet_in(snippet: &str, file: &str) -> bool {
+    let file: Vec<&str> = file
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let lines = snippet.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut at = 0;
+    let mut runs: Vec<Vec<&str>> = vec![Vec::new()];
+    for line in lines {
+        if ELISIONS.iter().any(|e| line.starts_with(e)) {
+            runs.push(Vec::new());
+        } else if let Some(run) = runs.last_mut() {
+            run.push(line);
+        }
+    }
+    for run in runs.iter().filter(|r| !r.is_empty()) {
+        match find_run(&file, run, at) {
+            Some(end) => at = end,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// The index after the first occurrence of `run` in `file` at or after `from`.
+fn find_run(file: &[&str], run: &[&str], from: usize) -> Option<usize> {
+    (from..=file.len().checked_sub(run.len())?)
+        .find(|&i| file[i..i + run.len()] == *run)
+        .map(|i| i + run.len())
 }
 
 /// Lines of `text` (the file `rel`) that state an x86 fact outside the x86 homes.
@@ -457,6 +563,31 @@ mod tests {
         let problems = fuzz_target_mismatches("targets `a`", toml);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("`b`"));
+    }
+
+    #[test]
+    fn readme_snippets_are_found_in_the_example() {
+        let file = "fn a() {\n    let x = 1;\n\n    let y = 2;\n    done(x, y);\n}\n";
+        assert!(snippet_in("let x = 1;\nlet y = 2;\n", file));
+        assert!(snippet_in(
+            "fn a() {\n// ... the rest\n    done(x, y);\n",
+            file
+        ));
+        assert!(
+            !snippet_in("let x = 1;\ndone(x, y);\n", file),
+            "not consecutive"
+        );
+        assert!(
+            !snippet_in("let y = 2;\n// ...\nlet x = 1;\n", file),
+            "out of order"
+        );
+        assert!(!snippet_in("let x = 2;\n", file));
+        let readme = "## S\n```rust\nlet x = 1;\n```\n```sh\nls\n```\n```toml\n[a]\n```\n";
+        let blocks = fenced_blocks(readme, &["rust", "toml"]);
+        assert_eq!(
+            blocks,
+            [(2, "let x = 1;\n".to_string()), (8, "[a]\n".to_string())]
+        );
     }
 
     #[test]

@@ -1,0 +1,7 @@
+//! Passes the linker script with an absolute path (the linker runs in another directory).
+
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");
+    println!("cargo:rerun-if-changed=linker.ld");
+}
