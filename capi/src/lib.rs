@@ -2,7 +2,7 @@
 //!
 //! The C API to `kernel-loader`, declared in `kernel-loader/c/ksites.h`: boot-time init
 //! (table, ifunc patching, probe registration), probe lookup/enable/disable/hits, and the
-//! #BP hook. Every `int` function returns 0 or a negative `KSITES_E*` code
+//! #BP hook, and module load/unload ([`module`]). Every `int` function returns 0 or a negative `KSITES_E*` code
 //! ([`ksites_strerror`] names it); nothing panics on input.
 //!
 //! Build the C static library with
@@ -17,6 +17,8 @@ extern crate std;
 use core::ffi::{CStr, c_char, c_int, c_void};
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+pub mod module;
 
 use kernel_loader::cell::CellError;
 use kernel_loader::patch::PatchError;
@@ -54,6 +56,32 @@ pub const KSITES_EOTHER: c_int = -10;
 pub const KSITES_EROLLBACK: c_int = -11;
 /// [`ksites_init`] already ran (the image is patched and registered).
 pub const KSITES_EALREADY: c_int = -12;
+/// Not a valid module: malformed ELF, not a relocatable object for this architecture,
+/// a malformed relocation or section layout.
+pub const KSITES_EMODULE: c_int = -13;
+/// The module has ksites records but no `.ksites` table (run `ksites embed` on it).
+pub const KSITES_ENOTEMBEDDED: c_int = -14;
+/// The module needs a symbol the kernel does not export.
+pub const KSITES_ESYMBOL: c_int = -15;
+/// An unsupported symbol (GNU ifunc, TLS, common) or relocation type in the module.
+pub const KSITES_EUNSUPPORTED: c_int = -16;
+/// A relocation's value does not fit its field (the module is out of reach).
+pub const KSITES_EOVERFLOW: c_int = -17;
+/// The kernel's `alloc` callback gave no memory.
+pub const KSITES_ENOMEM: c_int = -18;
+/// The kernel's `protect` callback failed.
+pub const KSITES_EPROTECT: c_int = -19;
+/// An ifunc the module imports is not an ifunc of the kernel's table.
+pub const KSITES_ENOTIFUNC: c_int = -20;
+/// The module's `ksites_module_init` returned non-zero (the load was undone).
+pub const KSITES_EINIT: c_int = -21;
+/// A failed load could not unregister the module's probes: its memory is leaked.
+pub const KSITES_ELEAKED: c_int = -22;
+/// The module is held, an enabled probe's handler lies in its code, or another call is
+/// using it: not unloaded.
+pub const KSITES_EBUSY: c_int = -23;
+/// [`module::MAX_MODULES`] modules are loaded already.
+pub const KSITES_EMODULES: c_int = -24;
 
 /// Most executable ranges [`ksites_init`] takes.
 pub const MAX_EXEC_RANGES: usize = 16;
@@ -149,14 +177,14 @@ impl TextPoker for CPoker {
 /// # Safety
 ///
 /// `p` is null or points to a valid `struct ksites_poker`.
-unsafe fn poker(p: *const KsitesPoker) -> Option<CPoker> {
+pub(crate) unsafe fn poker(p: *const KsitesPoker) -> Option<CPoker> {
     // SAFETY: the caller's precondition.
     let p = unsafe { p.as_ref() }?;
     (p.write.is_some() && p.sync_cores.is_some() && p.end.is_some()).then_some(CPoker(*p))
 }
 
 /// The error code of `e`.
-fn code(e: Error) -> c_int {
+pub(crate) fn code(e: Error) -> c_int {
     match e {
         Error::Format(_)
         | Error::Cell(CellError::Format(_))
@@ -173,6 +201,7 @@ fn code(e: Error) -> c_int {
             ProbeError::RollbackIncomplete { .. } => KSITES_EROLLBACK,
             _ => KSITES_EPROBE,
         },
+        Error::Module(m) => module::module_code(m),
         _ => KSITES_EOTHER,
     }
 }
@@ -203,6 +232,18 @@ pub extern "C" fn ksites_strerror(err: c_int) -> *const c_char {
             c"a failed write could not restore every site; the text is inconsistent (probe enable/disable: retry)"
         }
         KSITES_EALREADY => c"ksites_init already ran",
+        KSITES_EMODULE => c"not a valid module (malformed ELF, not a relocatable object for this architecture, bad relocation or layout)",
+        KSITES_ENOTEMBEDDED => c"the module has no .ksites table: run `ksites embed` on it",
+        KSITES_ESYMBOL => c"the module needs a symbol the kernel does not export",
+        KSITES_EUNSUPPORTED => c"unsupported symbol or relocation type in the module",
+        KSITES_EOVERFLOW => c"a relocation overflows: the module is out of reach of the kernel",
+        KSITES_ENOMEM => c"no memory for the module (alloc callback failed)",
+        KSITES_EPROTECT => c"setting the module's page permissions failed (protect callback)",
+        KSITES_ENOTIFUNC => c"an imported ifunc is not an ifunc of the kernel's table",
+        KSITES_EINIT => c"the module's ksites_module_init failed; the load was undone",
+        KSITES_ELEAKED => c"a failed load could not unregister the module's probes: its memory is leaked",
+        KSITES_EBUSY => c"the module is in use (held, a probe handler in it, or another call): not unloaded",
+        KSITES_EMODULES => c"too many modules loaded",
         _ => c"unknown ksites error code",
     };
     s.as_ptr()
