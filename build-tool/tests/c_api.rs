@@ -798,3 +798,33 @@ fn c_api_header_declares_every_library_function() {
     }
     assert!(constants >= 29, "{constants} constants");
 }
+
+/// The README's command builds the no_std static library a C kernel links (a panic
+/// handler and a refusing allocator included: `object` links `alloc`), and it defines
+/// the whole API.
+#[test]
+fn c_api_no_std_staticlib_builds_with_the_readme_command() {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_api_no_std");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../capi/Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let o = run(Command::new(cargo)
+        .args(["rustc", "-q", "--target", "x86_64-unknown-none"])
+        .args(["--crate-type", "staticlib", "--features", "panic-handler"])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS"));
+    assert!(o.status.success(), "cargo rustc: {}", text(&o.stderr));
+    let lib = target.join("x86_64-unknown-none/debug/libkernel_loader_capi.a");
+    let nm = run(Command::new("nm").arg("--defined-only").arg(&lib));
+    let symbols = text(&nm.stdout);
+    for name in library_functions().keys() {
+        assert!(
+            symbols.lines().any(|l| l.ends_with(&format!(" T {name}"))),
+            "{name} not defined in {}",
+            lib.display()
+        );
+    }
+}

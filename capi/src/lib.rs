@@ -1,14 +1,15 @@
 //! # kernel-loader-capi
 //!
 //! The C API to `kernel-loader`, declared in `kernel-loader/c/ksites.h`: boot-time init
-//! (table, ifunc patching, probe registration), probe lookup/enable/disable/hits, and the
-//! #BP hook, and module load/unload ([`module`]). Every `int` function returns 0 or a negative `KSITES_E*` code
-//! ([`ksites_strerror`] names it); nothing panics on input.
+//! (table, ifunc patching, probe registration), probe lookup/enable/disable/hits, the
+//! #BP hook, and module load/unload ([`module`]). Every `int` function returns 0 or a
+//! negative `KSITES_E*` code ([`ksites_strerror`] names it); nothing panics on input.
 //!
 //! Build the C static library with
 //! `cargo rustc -p kernel-loader-capi --release --target x86_64-unknown-none --crate-type staticlib --features panic-handler`
-//! (drop `panic-handler` if the kernel has a Rust panic handler of its own). A Rust kernel
-//! with C parts depends on the crate as an rlib instead.
+//! (`panic-handler` adds a spinning panic handler and, through `no-alloc`, a global
+//! allocator that refuses every request: leave them out if the kernel has Rust ones). A
+//! Rust kernel with C parts depends on the crate as an rlib instead.
 #![no_std]
 
 #[cfg(feature = "std")]
@@ -442,6 +443,27 @@ pub extern "C" fn ksites_int3_entry_address() -> u64 {
 pub unsafe extern "C" fn ksites_declare_int3_route() {
     // SAFETY: the caller's precondition.
     unsafe { probe::declare_int3_route() }
+}
+
+/// The global allocator of a no_std C kernel's staticlib (feature `no-alloc`): refuses
+/// every request (null). The loader never allocates; `object` only links `alloc`.
+#[cfg(all(feature = "no-alloc", not(feature = "std")))]
+#[global_allocator]
+static NO_ALLOC: NoAlloc = NoAlloc;
+
+/// See [`NO_ALLOC`].
+#[cfg(all(feature = "no-alloc", not(feature = "std")))]
+struct NoAlloc;
+
+// SAFETY: `alloc` always fails (null), which `GlobalAlloc` permits; `dealloc` can then
+// never be called with a pointer this allocator returned, so it does nothing.
+#[cfg(all(feature = "no-alloc", not(feature = "std")))]
+unsafe impl core::alloc::GlobalAlloc for NoAlloc {
+    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
 }
 
 /// Spins: the panic handler of a no_std C kernel's staticlib (feature `panic-handler`).
