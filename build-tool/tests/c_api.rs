@@ -173,6 +173,14 @@ static int w(void *ctx, uint64_t addr, const uint8_t *b, size_t n) {
 }
 static void h(uint32_t id, const uint64_t args[6]) { (void)id; (void)args; }
 static void nop(void *ctx) { (void)ctx; }
+static int allocs;
+static int m_alloc(void *ctx, size_t size, struct ksites_region *out) {
+    (void)ctx; (void)size; (void)out; allocs++; return 1;
+}
+static int m_protect(void *ctx, const struct ksites_region *r, size_t off, size_t len, int prot) {
+    (void)ctx; (void)r; (void)off; (void)len; (void)prot; return 2;
+}
+static void m_free(void *ctx, const struct ksites_region *r) { (void)ctx; (void)r; }
 
 #define CHECK(e) do { if (!(e)) { printf("failed: %s\n", #e); return 1; } } while (0)
 
@@ -215,6 +223,21 @@ int main(void) {
     CHECK(ksites_int3_entry_address() != 0);
     ksites_declare_int3_route();
     CHECK(ksites_probe_enable(3, h, &poker) == KSITES_ENOTFOUND);
+    /* Modules: bad arguments, and no kernel table before embed. */
+    struct ksites_module *m = NULL;
+    char msg[64];
+    CHECK(ksites_module_load("x", "x", 1, NULL, &poker, &m, msg, sizeof msg) == KSITES_EINVAL);
+    CHECK(strstr(msg, "env") && m == NULL);
+    struct ksites_module_env env = { NULL, NULL, 0, NULL, &exec, 1, m_alloc, m_protect, m_free };
+    CHECK(ksites_module_load("x", "x", 1, &env, &poker, &m, msg, sizeof msg) == KSITES_ECELL);
+    CHECK(strstr(msg, "kernel table") && m == NULL && allocs == 0);
+    env.nexec = 8;
+    CHECK(ksites_module_load("x", "x", 1, &env, &poker, &m, NULL, 0) == KSITES_EINVAL);
+    CHECK(ksites_module_unload(NULL, &poker) == KSITES_EINVAL);
+    CHECK(ksites_module_hold(NULL) == KSITES_EINVAL && ksites_module_release(NULL) == KSITES_EINVAL);
+    struct ksites_module_info info;
+    CHECK(ksites_module_info(NULL, &info) == KSITES_EINVAL);
+    CHECK(strstr(ksites_strerror(KSITES_EBUSY), "in use"));
     CHECK(writes == 0);
     printf("ok\n");
     return 0;
