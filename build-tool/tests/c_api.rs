@@ -432,22 +432,28 @@ fn c_api_init_enable_fire_disable_on_an_embedded_c_program() {
 }
 
 /// A C module for [`MODULE_PROGRAM`]: calls the program's `host_add` (an export) and
-/// `host_sub` (found by the lookup callback), has a probe `hmod:ping`, init and exit.
-/// With `-DFAIL_INIT` its init fails; with `-DMISSING` it calls a function nobody
-/// exports.
-const HOST_MODULE: &str = r#"#include "ksites_module.h"
-#include "ksites_sdt.h"
+/// `host_sub` (found by the lookup callback), has a probe `hmod:ping`, a probe handler
+/// `hmod_on`, init and exit. With `-DFAIL_INIT` its init enables the program's probe
+/// `hprog:add` with `hmod_on` (through the C API the loader exports and the program's
+/// exported poker) and fails; with `-DMISSING` it calls a function nobody exports.
+const HOST_MODULE: &str = r#"#include "ksites.h"
 
+extern struct ksites_poker host_poker;
 long host_add(long a, long b);
 long host_sub(long a, long b);
 long host_missing(long a);
 
 KSITES_PROBE_DECL(hmod, ping, 1, (unsigned long x))
 
-static long inits, exits;
+static long inits, exits, seen;
+void hmod_on(uint32_t id, const uint64_t args[6]) { (void)id; seen += (long)args[0]; }
+long hmod_seen(void) { return seen; }
+
 int ksites_module_init(void) {
 #ifdef FAIL_INIT
-    return 7;
+    uint32_t id;
+    if (ksites_probe_lookup("hprog:add", &id)) return 8;
+    return ksites_probe_enable(id, hmod_on, &host_poker) ? 9 : 7;
 #endif
     inits++;
     return 0;
@@ -555,8 +561,11 @@ int main(int argc, char **argv) {
     size_t len[3];
     void *img[3] = { slurp(argv[1], &len[0]), slurp(argv[2], &len[1]), slurp(argv[3], &len[2]) };
     CHECK(img[0] && img[1] && img[2]);
-    struct ksites_export exports[] = { { "host_add", (uint64_t)(uintptr_t)host_add }, { NULL, 0 } };
-    struct ksites_module_env env = { NULL, exports, 2, lookup, &exec, 1, m_alloc, m_protect, m_free };
+    struct ksites_export exports[] = {
+        { "host_add", (uint64_t)(uintptr_t)host_add }, { NULL, 0 },
+        { "host_poker", (uint64_t)(uintptr_t)&poker },
+    };
+    struct ksites_module_env env = { NULL, exports, 3, lookup, &exec, 1, m_alloc, m_protect, m_free };
     struct ksites_module *m = NULL, *bad = NULL;
     char msg[200];
 
@@ -587,10 +596,18 @@ int main(int argc, char **argv) {
     CHECK(calc(0) == 100); /* exit did not run */
     CHECK(ksites_module_release(m) == 0);
     CHECK(ksites_probe_enable(id, on_ping, &poker) == 0); /* unload disables it */
+    /* A program probe with the module's C handler: unload disables it too. */
+    uint32_t add_id;
+    CHECK(ksites_probe_lookup("hprog:add", &add_id) == 0);
+    CHECK(ksites_module_symbol(m, "hmod_on", &a) == 0);
+    CHECK(ksites_probe_enable(add_id, (ksites_handler)(uintptr_t)a, &poker) == 0);
+    CHECK(host_add(20, 1) == 21 && KSITES_PROBE_ENABLED(hprog, add));
+    CHECK(ksites_module_symbol(m, "hmod_seen", &a) == 0 && ((long (*)(void))(uintptr_t)a)() == 20);
     CHECK(ksites_module_unload(NULL, &poker) == KSITES_EINVAL);
     CHECK(ksites_module_unload(m, NULL) == KSITES_EINVAL);
     CHECK(ksites_module_unload(m, &poker) == 0);
     CHECK(ksites_probe_lookup("hmod:ping", &missing) == KSITES_ENOTFOUND);
+    CHECK(!KSITES_PROBE_ENABLED(hprog, add) && host_add(1, 2) == 3);
     CHECK(ksites_module_symbol(m, "hmod_calc", &a) == KSITES_EINVAL);
     CHECK(ksites_module_hold((struct ksites_module *)arena) == KSITES_EINVAL);
     CHECK(pages_used() == 0 && frees == 1);
@@ -601,6 +618,8 @@ int main(int argc, char **argv) {
     CHECK(strstr(ksites_strerror(r), "does not export"));
     r = ksites_module_load("failing", img[2], len[2], &env, &poker, &bad, msg, sizeof msg);
     CHECK(r == KSITES_EINIT && strstr(msg, "returned 7") && bad == NULL);
+    /* Its init enabled hprog:add with its own handler: disabled before the free. */
+    CHECK(!KSITES_PROBE_ENABLED(hprog, add) && host_add(2, 2) == 4);
     CHECK(ksites_probe_lookup("hmod:ping", &missing) == KSITES_ENOTFOUND);
     CHECK(ksites_module_load("junk", "junk", 4, &env, &poker, &bad, msg, sizeof msg) == KSITES_EMODULE);
     fail_alloc = 1;

@@ -132,7 +132,7 @@ fn failure(code: c_int) -> PokeFailure {
 
 /// [`KsitesPoker`] adapted to [`TextPoker`]; `write`, `sync_cores` and `end` are
 /// required (checked by [`poker`]).
-struct CPoker(KsitesPoker);
+pub(crate) struct CPoker(pub(crate) KsitesPoker);
 
 impl TextPoker for CPoker {
     fn begin(&mut self) -> Result<(), PokeError> {
@@ -385,6 +385,27 @@ pub unsafe extern "C" fn ksites_probe_enable(
         let _ = slot.compare_exchange(handler as usize, old, Ordering::AcqRel, Ordering::Relaxed);
     }
     r
+}
+
+/// Disables every enabled probe whose C handler lies in `code` (a module's memory about
+/// to be freed), as the loader does for Rust handlers when a load fails; `Err` with the
+/// first failure's code (that probe stays enabled).
+///
+/// # Safety
+///
+/// As for [`ksites_probe_disable`].
+pub(crate) unsafe fn disable_c_handlers_in(code: &Range<u64>, p: &mut CPoker) -> Result<(), c_int> {
+    for (id, h) in (0u32..).zip(C_HANDLERS.iter()) {
+        let h = h.load(Ordering::Acquire) as u64;
+        if h != 0 && code.contains(&h) && probe::info(ProbeId(id)).is_some_and(|i| i.enabled) {
+            // SAFETY: the caller's precondition.
+            match result(unsafe { probe::disable(ProbeId(id), p) }) {
+                KSITES_OK => {}
+                rc => return Err(rc),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Disables probe `id`.

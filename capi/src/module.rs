@@ -22,10 +22,10 @@ use kernel_loader::probe::ProbeError;
 use kernel_loader::{CpuFeatures, Error, cell};
 
 use crate::{
-    KSITES_EBUSY, KSITES_EFORMAT, KSITES_EINIT, KSITES_EINVAL, KSITES_ELEAKED, KSITES_EMODULE,
-    KSITES_EMODULES, KSITES_ENOMEM, KSITES_ENOTEMBEDDED, KSITES_ENOTFOUND, KSITES_ENOTIFUNC,
-    KSITES_EOVERFLOW, KSITES_EPROTECT, KSITES_ESYMBOL, KSITES_EUNSUPPORTED, KSITES_OK, KsitesPoker,
-    KsitesRange, code, poker,
+    CPoker, KSITES_EBUSY, KSITES_EFORMAT, KSITES_EINIT, KSITES_EINVAL, KSITES_ELEAKED,
+    KSITES_EMODULE, KSITES_EMODULES, KSITES_ENOMEM, KSITES_ENOTEMBEDDED, KSITES_ENOTFOUND,
+    KSITES_ENOTIFUNC, KSITES_EOVERFLOW, KSITES_EPROTECT, KSITES_ESYMBOL, KSITES_EUNSUPPORTED,
+    KSITES_OK, KsitesPoker, KsitesRange, code, poker,
 };
 
 /// Most modules loaded at once.
@@ -132,13 +132,15 @@ pub struct KsitesModuleInfo {
     pub users: u32,
 }
 
-/// The kernel's memory callbacks, kept with each module for its unload.
+/// The kernel's memory callbacks, kept with each module for its unload, and the poker
+/// of the current load or unload.
 #[derive(Clone, Copy)]
 struct CMemory {
     ctx: *mut c_void,
     alloc: AllocFn,
     protect: ProtectFn,
     free: FreeFn,
+    poker: KsitesPoker,
 }
 
 impl ModuleMemory for CMemory {
@@ -165,6 +167,19 @@ impl ModuleMemory for CMemory {
         prot: Prot,
     ) -> Result<(), ProtectError> {
         let r = c_region(region);
+        if prot == Prot::ReadWrite && offset == 0 && len == region.size {
+            // The loader releases the region (a failed load, or an unload after the
+            // module's exit): no enabled probe may keep a C handler in it. (Rust
+            // handlers the loader checks itself; C ones all go through `dispatch`.)
+            let start = region.addr;
+            let code = start..start.saturating_add(region.size as u64);
+            // SAFETY: the C caller of load/unload promised a poker that writes live
+            // text safely; the region is still mapped.
+            if unsafe { crate::disable_c_handlers_in(&code, &mut CPoker(self.poker)) }.is_err() {
+                // Not made writable, so not freed: the handler's code stays.
+                return Err(ProtectError::Failed);
+            }
+        }
         let prot = match prot {
             Prot::ReadExec => KSITES_PROT_RX,
             Prot::Read => KSITES_PROT_R,
@@ -339,12 +354,13 @@ unsafe fn message(msg: *mut c_char, len: usize, what: fmt::Arguments<'_>) {
 }
 
 /// The memory callbacks of `env`, if all three are there.
-fn memory(env: &KsitesModuleEnv) -> Option<CMemory> {
+fn memory(env: &KsitesModuleEnv, p: &CPoker) -> Option<CMemory> {
     Some(CMemory {
         ctx: env.ctx,
         alloc: env.alloc?,
         protect: env.protect?,
         free: env.free?,
+        poker: p.0,
     })
 }
 
@@ -382,7 +398,7 @@ pub unsafe extern "C" fn ksites_module_load(
     let (Some(env), Some(mut p)) = (env, p) else {
         return fail(KSITES_EINVAL, format_args!("null env or invalid poker"));
     };
-    let Some(mut mem) = memory(env) else {
+    let Some(mut mem) = memory(env, &p) else {
         return fail(
             KSITES_EINVAL,
             format_args!("env lacks alloc, protect or free"),
@@ -462,9 +478,11 @@ pub unsafe extern "C" fn ksites_module_load(
 }
 
 /// Unloads `m`: refused with `KSITES_EBUSY` while it is held (nothing run) or, after
-/// its `ksites_module_exit` ran, while an enabled probe's handler lies in its code (it
-/// stays loaded); otherwise its probes are disabled and unregistered and its memory
-/// goes back through the `free` callback it was loaded with. The handle is then free.
+/// its `ksites_module_exit` ran, while an enabled probe's Rust handler lies in its code
+/// (it stays loaded); otherwise its probes are disabled and unregistered, every probe
+/// still enabled with a C handler in its code is disabled (as a failed load does), and
+/// its memory goes back through the `free` callback it was loaded with. The handle is
+/// then free.
 ///
 /// # Safety
 ///
@@ -486,6 +504,7 @@ pub unsafe extern "C" fn ksites_module_unload(
     let Some(Loaded { module, mut mem }) = guard.take() else {
         return KSITES_EINVAL;
     };
+    mem.poker = p.0;
     // SAFETY: the caller's preconditions.
     match unsafe { module.unload(&mut mem, &mut p) } {
         Ok(()) => KSITES_OK,

@@ -275,9 +275,11 @@ int ksites_module_load(const char *name, const void *image, size_t len,
                        char *msg, size_t msg_len);
 
 /* Unloads `m`: KSITES_EBUSY while held (nothing run); otherwise runs its
- * ksites_module_exit, then KSITES_EBUSY if an enabled probe's handler still lies in its
- * code (it stays loaded); otherwise disables and unregisters its probes and frees its
- * memory; the handle is then invalid. No CPU may run its code any more. */
+ * ksites_module_exit, then KSITES_EBUSY if an enabled probe's Rust handler still lies
+ * in its code (it stays loaded); otherwise disables and unregisters its probes,
+ * disables every probe still enabled with a C handler in its code (as a failed load
+ * does), and frees its memory; the handle is then invalid. No CPU may run its code any
+ * more. */
 int ksites_module_unload(struct ksites_module *m, const struct ksites_poker *poker);
 
 /* The address of a global symbol `m` defines (KSITES_ENOTFOUND). */
