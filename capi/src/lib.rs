@@ -399,7 +399,7 @@ pub(crate) unsafe fn disable_c_handlers_in(code: &Range<u64>, p: &mut CPoker) ->
         let h = h.load(Ordering::Acquire) as u64;
         if h != 0 && code.contains(&h) && probe::info(ProbeId(id)).is_some_and(|i| i.enabled) {
             // SAFETY: the caller's precondition.
-            match result(unsafe { probe::disable(ProbeId(id), p) }) {
+            match unsafe { disable(id, p) } {
                 KSITES_OK => {}
                 rc => return Err(rc),
             }
@@ -420,7 +420,24 @@ pub unsafe extern "C" fn ksites_probe_disable(id: u32, poker_ptr: *const KsitesP
         return KSITES_EINVAL;
     };
     // SAFETY: the caller's precondition.
-    result(unsafe { probe::disable(ProbeId(id), &mut p) })
+    unsafe { disable(id, &mut p) }
+}
+
+/// Disables probe `id` and, once it is (no handler runs any more), forgets its C
+/// handler.
+///
+/// # Safety
+///
+/// As for [`ksites_probe_disable`].
+unsafe fn disable(id: u32, p: &mut CPoker) -> c_int {
+    // SAFETY: the caller's precondition.
+    let r = result(unsafe { probe::disable(ProbeId(id), p) });
+    if r == KSITES_OK
+        && let Some(h) = C_HANDLERS.get(id as usize)
+    {
+        h.store(0, Ordering::Release);
+    }
+    r
 }
 
 /// How many times probe `id` fired while enabled (0 for an unknown id).
