@@ -1,14 +1,15 @@
 //! # kernel-loader-capi
 //!
 //! The C API to `kernel-loader`, declared in `kernel-loader/c/ksites.h`: boot-time init
-//! (table, ifunc patching, probe registration), probe lookup/enable/disable/hits, and the
-//! #BP hook. Every `int` function returns 0 or a negative `KSITES_E*` code
-//! ([`ksites_strerror`] names it); nothing panics on input.
+//! (table, ifunc patching, probe registration), probe lookup/enable/disable/hits, the
+//! #BP hook, and module load/unload ([`module`]). Every `int` function returns 0 or a
+//! negative `KSITES_E*` code ([`ksites_strerror`] names it); nothing panics on input.
 //!
 //! Build the C static library with
 //! `cargo rustc -p kernel-loader-capi --release --target x86_64-unknown-none --crate-type staticlib --features panic-handler`
-//! (drop `panic-handler` if the kernel has a Rust panic handler of its own). A Rust kernel
-//! with C parts depends on the crate as an rlib instead.
+//! (`panic-handler` adds a spinning panic handler and, through `no-alloc`, a global
+//! allocator that refuses every request: leave them out if the kernel has Rust ones). A
+//! Rust kernel with C parts depends on the crate as an rlib instead.
 #![no_std]
 
 #[cfg(feature = "std")]
@@ -17,6 +18,8 @@ extern crate std;
 use core::ffi::{CStr, c_char, c_int, c_void};
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+pub mod module;
 
 use kernel_loader::cell::CellError;
 use kernel_loader::patch::PatchError;
@@ -54,6 +57,32 @@ pub const KSITES_EOTHER: c_int = -10;
 pub const KSITES_EROLLBACK: c_int = -11;
 /// [`ksites_init`] already ran (the image is patched and registered).
 pub const KSITES_EALREADY: c_int = -12;
+/// Not a valid module: malformed ELF, not a relocatable object for this architecture,
+/// a malformed relocation or section layout.
+pub const KSITES_EMODULE: c_int = -13;
+/// The module has ksites records but no `.ksites` table (run `ksites embed` on it).
+pub const KSITES_ENOTEMBEDDED: c_int = -14;
+/// The module needs a symbol the kernel does not export.
+pub const KSITES_ESYMBOL: c_int = -15;
+/// An unsupported symbol (GNU ifunc, TLS, common) or relocation type in the module.
+pub const KSITES_EUNSUPPORTED: c_int = -16;
+/// A relocation's value does not fit its field (the module is out of reach).
+pub const KSITES_EOVERFLOW: c_int = -17;
+/// The kernel's `alloc` callback gave no memory.
+pub const KSITES_ENOMEM: c_int = -18;
+/// The kernel's `protect` callback failed.
+pub const KSITES_EPROTECT: c_int = -19;
+/// An ifunc the module imports is not an ifunc of the kernel's table.
+pub const KSITES_ENOTIFUNC: c_int = -20;
+/// The module's `ksites_module_init` returned non-zero (the load was undone).
+pub const KSITES_EINIT: c_int = -21;
+/// A failed load could not unregister the module's probes: its memory is leaked.
+pub const KSITES_ELEAKED: c_int = -22;
+/// The module is held, an enabled probe's handler lies in its code, or another call is
+/// using it: not unloaded.
+pub const KSITES_EBUSY: c_int = -23;
+/// [`module::MAX_MODULES`] modules are loaded already.
+pub const KSITES_EMODULES: c_int = -24;
 
 /// Most executable ranges [`ksites_init`] takes.
 pub const MAX_EXEC_RANGES: usize = 16;
@@ -103,7 +132,7 @@ fn failure(code: c_int) -> PokeFailure {
 
 /// [`KsitesPoker`] adapted to [`TextPoker`]; `write`, `sync_cores` and `end` are
 /// required (checked by [`poker`]).
-struct CPoker(KsitesPoker);
+pub(crate) struct CPoker(pub(crate) KsitesPoker);
 
 impl TextPoker for CPoker {
     fn begin(&mut self) -> Result<(), PokeError> {
@@ -149,14 +178,14 @@ impl TextPoker for CPoker {
 /// # Safety
 ///
 /// `p` is null or points to a valid `struct ksites_poker`.
-unsafe fn poker(p: *const KsitesPoker) -> Option<CPoker> {
+pub(crate) unsafe fn poker(p: *const KsitesPoker) -> Option<CPoker> {
     // SAFETY: the caller's precondition.
     let p = unsafe { p.as_ref() }?;
     (p.write.is_some() && p.sync_cores.is_some() && p.end.is_some()).then_some(CPoker(*p))
 }
 
 /// The error code of `e`.
-fn code(e: Error) -> c_int {
+pub(crate) fn code(e: Error) -> c_int {
     match e {
         Error::Format(_)
         | Error::Cell(CellError::Format(_))
@@ -173,6 +202,7 @@ fn code(e: Error) -> c_int {
             ProbeError::RollbackIncomplete { .. } => KSITES_EROLLBACK,
             _ => KSITES_EPROBE,
         },
+        Error::Module(m) => module::module_code(m),
         _ => KSITES_EOTHER,
     }
 }
@@ -203,6 +233,18 @@ pub extern "C" fn ksites_strerror(err: c_int) -> *const c_char {
             c"a failed write could not restore every site; the text is inconsistent (probe enable/disable: retry)"
         }
         KSITES_EALREADY => c"ksites_init already ran",
+        KSITES_EMODULE => c"not a valid module (malformed ELF, not a relocatable object for this architecture, bad relocation or layout)",
+        KSITES_ENOTEMBEDDED => c"the module has no .ksites table: run `ksites embed` on it",
+        KSITES_ESYMBOL => c"the module needs a symbol the kernel does not export",
+        KSITES_EUNSUPPORTED => c"unsupported symbol or relocation type in the module",
+        KSITES_EOVERFLOW => c"a relocation overflows: the module is out of reach of the kernel",
+        KSITES_ENOMEM => c"no memory for the module (alloc callback failed)",
+        KSITES_EPROTECT => c"setting the module's page permissions failed (protect callback)",
+        KSITES_ENOTIFUNC => c"an imported ifunc is not an ifunc of the kernel's table",
+        KSITES_EINIT => c"the module's ksites_module_init failed; the load was undone",
+        KSITES_ELEAKED => c"a failed load could not unregister the module's probes: its memory is leaked",
+        KSITES_EBUSY => c"the module is in use (held, a probe handler in it, or another call): not unloaded",
+        KSITES_EMODULES => c"too many modules loaded",
         _ => c"unknown ksites error code",
     };
     s.as_ptr()
@@ -345,6 +387,27 @@ pub unsafe extern "C" fn ksites_probe_enable(
     r
 }
 
+/// Disables every enabled probe whose C handler lies in `code` (a module's memory about
+/// to be freed), as the loader does for Rust handlers when a load fails; `Err` with the
+/// first failure's code (that probe stays enabled).
+///
+/// # Safety
+///
+/// As for [`ksites_probe_disable`].
+pub(crate) unsafe fn disable_c_handlers_in(code: &Range<u64>, p: &mut CPoker) -> Result<(), c_int> {
+    for (id, h) in (0u32..).zip(C_HANDLERS.iter()) {
+        let h = h.load(Ordering::Acquire) as u64;
+        if h != 0 && code.contains(&h) && probe::info(ProbeId(id)).is_some_and(|i| i.enabled) {
+            // SAFETY: the caller's precondition.
+            match unsafe { disable(id, p) } {
+                KSITES_OK => {}
+                rc => return Err(rc),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Disables probe `id`.
 ///
 /// # Safety
@@ -357,7 +420,24 @@ pub unsafe extern "C" fn ksites_probe_disable(id: u32, poker_ptr: *const KsitesP
         return KSITES_EINVAL;
     };
     // SAFETY: the caller's precondition.
-    result(unsafe { probe::disable(ProbeId(id), &mut p) })
+    unsafe { disable(id, &mut p) }
+}
+
+/// Disables probe `id` and, once it is (no handler runs any more), forgets its C
+/// handler.
+///
+/// # Safety
+///
+/// As for [`ksites_probe_disable`].
+unsafe fn disable(id: u32, p: &mut CPoker) -> c_int {
+    // SAFETY: the caller's precondition.
+    let r = result(unsafe { probe::disable(ProbeId(id), p) });
+    if r == KSITES_OK
+        && let Some(h) = C_HANDLERS.get(id as usize)
+    {
+        h.store(0, Ordering::Release);
+    }
+    r
 }
 
 /// How many times probe `id` fired while enabled (0 for an unknown id).
@@ -401,6 +481,27 @@ pub extern "C" fn ksites_int3_entry_address() -> u64 {
 pub unsafe extern "C" fn ksites_declare_int3_route() {
     // SAFETY: the caller's precondition.
     unsafe { probe::declare_int3_route() }
+}
+
+/// The global allocator of a no_std C kernel's staticlib (feature `no-alloc`): refuses
+/// every request (null). The loader never allocates; `object` only links `alloc`.
+#[cfg(all(feature = "no-alloc", not(feature = "std")))]
+#[global_allocator]
+static NO_ALLOC: NoAlloc = NoAlloc;
+
+/// See [`NO_ALLOC`].
+#[cfg(all(feature = "no-alloc", not(feature = "std")))]
+struct NoAlloc;
+
+// SAFETY: `alloc` always fails (null), which `GlobalAlloc` permits; `dealloc` can then
+// never be called with a pointer this allocator returned, so it does nothing.
+#[cfg(all(feature = "no-alloc", not(feature = "std")))]
+unsafe impl core::alloc::GlobalAlloc for NoAlloc {
+    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
 }
 
 /// Spins: the panic handler of a no_std C kernel's staticlib (feature `panic-handler`).

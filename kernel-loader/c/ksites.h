@@ -9,8 +9,10 @@
  *       u64s). Only for images that do NOT link kernel-loader (or
  *       libkernel_loader_capi.a): the library defines the cell itself.
  *
- *   The C API (libkernel_loader_capi.a, crate kernel-loader-capi): every `int` function
- *   returns 0 or a negative KSITES_E* code; ksites_strerror() names it.
+ *   The C API (libkernel_loader_capi.a, crate kernel-loader-capi): boot init, probes,
+ *   the #BP hook, module load/unload. Every `int` function returns 0 or a negative
+ *   KSITES_E* code; ksites_strerror() names it. Every `ksites_*` function the library
+ *   defines is declared here (build-tool/tests/c_api.rs checks the prototypes).
  *
  *   Build flags: probe handlers and the #BP hook run in trap context, and neither the
  *   library's #BP entry stub nor the hook saves vector (SSE/AVX/x87) registers. C probe
@@ -83,6 +85,23 @@ extern "C" {
                                    it */
 #define KSITES_EALREADY (-12)   /* ksites_init already ran (the image is patched and
                                    registered, by it or by a Rust part) */
+/* Module load/unload (ksites_module_*): */
+#define KSITES_EMODULE (-13)      /* not a valid module: malformed ELF, not a relocatable
+                                     object for this architecture, bad relocation/layout */
+#define KSITES_ENOTEMBEDDED (-14) /* the module has no .ksites table: `ksites embed` it */
+#define KSITES_ESYMBOL (-15)      /* it needs a symbol the kernel does not export */
+#define KSITES_EUNSUPPORTED (-16) /* unsupported symbol (GNU ifunc, TLS, common) or
+                                     relocation type */
+#define KSITES_EOVERFLOW (-17)    /* a relocation overflows: the module is out of reach */
+#define KSITES_ENOMEM (-18)       /* the alloc callback gave no memory */
+#define KSITES_EPROTECT (-19)     /* the protect callback failed */
+#define KSITES_ENOTIFUNC (-20)    /* an imported ifunc is not one of the kernel's table */
+#define KSITES_EINIT (-21)        /* ksites_module_init returned non-zero (load undone) */
+#define KSITES_ELEAKED (-22)      /* a failed load could not unregister the module's
+                                     probes: its memory is leaked, not freed */
+#define KSITES_EBUSY (-23)        /* held, an enabled probe's handler lies in it, or
+                                     another call is using it: not unloaded */
+#define KSITES_EMODULES (-24)     /* KSITES_MAX_MODULES modules are loaded already */
 
 /* What a poker's write returns besides 0 (kernel-loader's PokeFailure). */
 #define KSITES_POKE_PROTECT 1
@@ -171,6 +190,107 @@ void ksites_declare_int3_route(void);
 
 /* A static string naming error code `err`. */
 const char *ksites_strerror(int err);
+
+/* ---- Modules (kernel-loader's module loader) ------------------------------------ */
+
+#define KSITES_MAX_MODULES 16
+
+/* Page permissions `protect` is asked for. */
+#define KSITES_PROT_RX 1 /* read + execute: code */
+#define KSITES_PROT_R 2  /* read-only: rodata, the module's table */
+#define KSITES_PROT_RW 3 /* read + write: data, bss, bookkeeping, and freed memory */
+/* What `protect` returns for a range outside the region (anything else non-zero: the
+ * mapping could not be changed). */
+#define KSITES_PROTECT_RANGE 1
+
+/* A kernel symbol modules may link against. */
+struct ksites_export {
+    const char *name; /* NUL-terminated */
+    uint64_t addr;
+};
+
+/* Memory for one module: `ptr` is where the loader writes, `addr` where the module runs
+ * (normally the same), `size` a multiple of 4096. */
+struct ksites_region {
+    void *ptr;
+    uint64_t addr;
+    size_t size;
+};
+
+/* What modules are loaded against. Every ksites_module_load also exports the loader's
+ * runtime entry points (what probe sites call) and ksites_probe_lookup/enable/disable/
+ * hits and ksites_strerror; then `exports`, then `lookup` (may be NULL; `name` is
+ * `len` bytes, not NUL-terminated; returns 1 and the address, or 0).
+ * `exec` (1 to 7 ranges) is the kernel's text: the kernel's table is found through its
+ * cell and validated against it, and every ifunc a module imports must be one of it.
+ * `alloc` returns 0 and page-aligned, zeroed or not, read-write memory within rel32
+ * reach (+-2 GiB) of the kernel's text and data; `protect` sets the permissions of
+ * `len` bytes at `offset` in the region (both page-aligned) and flushes TLBs; `free`
+ * takes the region back (already KSITES_PROT_RW). All three are required; the module
+ * keeps them (and `ctx`) for its unload. */
+struct ksites_module_env {
+    void *ctx;
+    const struct ksites_export *exports;
+    size_t nexports;
+    int (*lookup)(void *ctx, const char *name, size_t len, uint64_t *addr);
+    const struct ksites_range *exec;
+    size_t nexec;
+    int (*alloc)(void *ctx, size_t size, struct ksites_region *out);
+    int (*protect)(void *ctx, const struct ksites_region *region, size_t offset, size_t len,
+                   int prot);
+    void (*free)(void *ctx, const struct ksites_region *region);
+};
+
+/* What loading did. */
+struct ksites_module_info {
+    uint64_t text_start, text_end; /* its code */
+    uint64_t mem_start, mem_end;   /* all of its memory */
+    uint32_t sections;             /* allocated sections placed */
+    uint32_t relocations;          /* relocations applied */
+    uint32_t kernel_symbols;       /* undefined symbols resolved against the kernel */
+    uint32_t ifuncs;               /* its own ifuncs (resolved for this CPU) */
+    uint32_t imports;              /* kernel ifuncs it imports */
+    uint32_t sites_patched;        /* ifunc call sites made direct branches */
+    uint32_t probes;               /* its probes: ids first_probe .. first_probe+probes */
+    uint32_t probe_sites;
+    uint32_t first_probe;
+    uint32_t users;                /* outstanding ksites_module_hold()s */
+};
+KSITES_STATIC_ASSERT_(sizeof(struct ksites_module_info) == 72, "ksites_module_info layout");
+
+/* A loaded module (opaque; one of KSITES_MAX_MODULES slots). */
+struct ksites_module;
+
+/* Loads the module `image` (`len` bytes of an ET_REL object `ksites embed` processed)
+ * as `name`: lays it out in memory from env->alloc, resolves its symbols, relocates it,
+ * validates its table, protects it (text RX, never W+X), patches its calls to kernel
+ * ifuncs into direct calls to the kernel's choice and resolves its own ifuncs, registers
+ * its probes, runs its ksites_module_init. `*out` gets the handle. On error nothing is
+ * left patched, registered or allocated, and `msg` (may be NULL) gets the loader's
+ * message, naming the symbol, relocation or section (truncated to `msg_len` bytes,
+ * NUL-terminated). `name` and `image` must stay valid until the module is unloaded. */
+int ksites_module_load(const char *name, const void *image, size_t len,
+                       const struct ksites_module_env *env,
+                       const struct ksites_poker *poker, struct ksites_module **out,
+                       char *msg, size_t msg_len);
+
+/* Unloads `m`: KSITES_EBUSY while held (nothing run); otherwise runs its
+ * ksites_module_exit, then KSITES_EBUSY if an enabled probe's Rust handler still lies
+ * in its code (it stays loaded); otherwise disables and unregisters its probes,
+ * disables every probe still enabled with a C handler in its code (as a failed load
+ * does), and frees its memory; the handle is then invalid. No CPU may run its code any
+ * more. */
+int ksites_module_unload(struct ksites_module *m, const struct ksites_poker *poker);
+
+/* The address of a global symbol `m` defines (KSITES_ENOTFOUND). */
+int ksites_module_symbol(const struct ksites_module *m, const char *name, uint64_t *addr);
+
+/* What loading `m` did. */
+int ksites_module_info(const struct ksites_module *m, struct ksites_module_info *info);
+
+/* Something depends on `m`: ksites_module_unload refuses until ksites_module_release. */
+int ksites_module_hold(const struct ksites_module *m);
+int ksites_module_release(const struct ksites_module *m);
 
 #ifdef __cplusplus
 }

@@ -1,5 +1,6 @@
 //! Passes the kernel's linker script to the linker with an absolute path, compiles
-//! the C code (dtrace-style probes in c/cprobes.c, a GNU ifunc in c/cifunc.c, the C API's use in c/capi.c) with gcc,
+//! the C code (dtrace-style probes in c/cprobes.c, a GNU ifunc in c/cifunc.c, the C
+//! API's use in c/capi.c, the C boot path in c/cboot.c) with gcc,
 //! and includes the test modules (see [`include_modules`]).
 
 use std::fmt::Write as _;
@@ -57,6 +58,8 @@ fn main() {
     println!("cargo:rerun-if-changed=c/cprobes.c");
     println!("cargo:rerun-if-changed=c/cifunc.c");
     println!("cargo:rerun-if-changed=c/capi.c");
+    println!("cargo:rerun-if-changed=c/cboot.c");
+    println!("cargo:rerun-if-changed=c/cpoker.h");
     println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites.h");
     println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_module.h");
     println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_sdt.h");
@@ -85,6 +88,7 @@ fn main() {
         .file("c/cprobes.c")
         .file("c/cifunc.c")
         .file("c/capi.c")
+        .file("c/cboot.c")
         .include("../../kernel-loader/c")
         .pic(false)
         .opt_level(2)

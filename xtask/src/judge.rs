@@ -211,7 +211,43 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
 
 /// A problem for every test in [`REQUIRED_TESTS`] without an `ok <name>` line.
 pub(crate) fn check_required(serial: &[String]) -> Vec<String> {
-    REQUIRED_TESTS
+    missing_tests(serial, REQUIRED_TESTS)
+}
+
+/// What the C boot path (`ksites.boot=c`, `qemu-tests/kernel/c/cboot.c`) prints once
+/// `ksites_init` succeeded from C.
+pub(crate) const C_BOOT_LINE: &str = "ksites: initialised from C";
+
+/// In-kernel tests the C boot run must pass besides [`REQUIRED_TESTS`]: the C init and
+/// the C module API's tests.
+pub(crate) const C_BOOT_TESTS: &[&str] = &[
+    "capi_cboot_init",
+    "capi_cboot_second_init_refused",
+    "capi_module_load",
+    "capi_module_call",
+    "capi_module_probe_in_module",
+    "capi_module_unload_refused_while_held",
+    "capi_module_unload",
+    "capi_module_bad_module_refused",
+    "capi_module_load_unload_load",
+    "capi_c_probe_lookup_enable_fire_disable",
+];
+
+/// The C boot run's problems: no [`C_BOOT_LINE`], or a test of [`C_BOOT_TESTS`] that did
+/// not pass.
+pub(crate) fn check_c_boot(serial: &[String]) -> Vec<String> {
+    let mut problems = missing_tests(serial, C_BOOT_TESTS);
+    if !serial.iter().any(|line| line.starts_with(C_BOOT_LINE)) {
+        problems.push(format!(
+            "no `{C_BOOT_LINE}` line: ksites was not initialised from C"
+        ));
+    }
+    problems
+}
+
+/// A problem for every test in `names` without an `ok <name>` line.
+fn missing_tests(serial: &[String], names: &[&str]) -> Vec<String> {
+    names
         .iter()
         .filter(|name| {
             !serial
@@ -391,6 +427,21 @@ ok   ifunc::popcount_matches_cpuid
         );
         assert_eq!(parse_cpus_online(&lines("smp: x CPUs online\n")), None);
         assert_eq!(parse_cpus_online(&lines("smp: 4 CPUs offline\n")), None);
+    }
+
+    #[test]
+    fn c_boot_needs_its_line_and_tests() {
+        let mut all: String = C_BOOT_TESTS.iter().map(|t| format!("ok {t}\n")).collect();
+        let problems = check_c_boot(&lines(&all));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains(C_BOOT_LINE));
+        all.push_str("ksites: initialised from C: 6 ifuncs resolved\n");
+        assert_eq!(check_c_boot(&lines(&all)), Vec::<String>::new());
+        let failed = all.replace("ok capi_module_unload\n", "FAIL capi_module_unload: x\n");
+        assert_eq!(
+            check_c_boot(&lines(&failed)),
+            ["required test `capi_module_unload` did not pass (no `ok capi_module_unload` line)"]
+        );
     }
 
     #[test]

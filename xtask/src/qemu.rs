@@ -118,7 +118,33 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
         model: "max-smp4",
         delta: RELOCATE_BY,
     };
-    Ok(passed + gnu_ld.boot(&paths.kernel_gnu_ld, args)? + moved.boot(&relocated, args)?)
+    Ok(passed
+        + gnu_ld.boot(&paths.kernel_gnu_ld, args)?
+        + moved.boot(&relocated, args)?
+        + boot_c(&paths.embedded, args)?)
+}
+
+/// Boots the kernel once more (on `max`, or the first `--cpu` model, one CPU) with
+/// `ksites.boot=c` on the PVH command line: C initialises ksites and loads modules
+/// through the C API (`qemu-tests/kernel/c/cboot.c`); the judge requires the C boot
+/// line and the C module tests on top of the usual checks.
+fn boot_c(image: &Path, args: &QemuArgs) -> Result<u32> {
+    let model = args.cpus.first().map_or("max", |m| split_label(m).0);
+    let label = format!("{model}/c-boot");
+    let mut command = qemu_command(model, image);
+    command.args(["-append", "ksites.boot=c"]);
+    let (exit, serial) = boot(&label, command, Duration::from_secs(args.timeout))?;
+    let mut verdict = judge::judge(&exit, &serial);
+    verdict.problems.extend(judge::check_required(&serial));
+    verdict.problems.extend(judge::check_c_boot(&serial));
+    if !verdict.ok() {
+        bail!(
+            "[{label}] the C boot run failed: {}",
+            verdict.problems.join("; ")
+        );
+    }
+    println!("xtask: [{label}] passed ({exit})");
+    Ok(verdict.passed.unwrap_or(0))
 }
 
 /// How far the `relocated` run moves the PIE kernel from its link address: 8 MiB, a

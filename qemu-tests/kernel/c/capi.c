@@ -2,59 +2,12 @@
  * A C kernel's use of ksites, through ksites.h and the C API only: look up the C probe
  * ctest:one (c/cprobes.c), enable it with a C handler, fire it, check the handler's
  * count and ksites_probe_hits, disable it, fire again and check nothing more counted.
- * capi_tests.rs runs it. Its poker writes text with CR0.WP clear on this CPU (as a
- * FreeBSD-style kernel patches); no other CPU runs ctest:one's site meanwhile.
+ * capi_tests.rs runs it. Its poker (cpoker.h) writes text with CR0.WP clear on this
+ * CPU (as a FreeBSD-style kernel patches); no other CPU runs ctest:one's site meanwhile.
  */
-#include "ksites.h"
+#include "cpoker.h"
 
 unsigned long c_fire_one(unsigned long x);
-
-#define CR0_WP (1UL << 16)
-
-static unsigned long read_cr0(void)
-{
-    unsigned long v;
-    __asm__ volatile("mov %%cr0, %0" : "=r"(v));
-    return v;
-}
-
-static void write_cr0(unsigned long v)
-{
-    __asm__ volatile("mov %0, %%cr0" : : "r"(v) : "memory");
-}
-
-struct wp_poker {
-    unsigned long writes, syncs, begins, ends;
-};
-
-static int wp_begin(void *ctx)
-{
-    ((struct wp_poker *)ctx)->begins++;
-    write_cr0(read_cr0() & ~CR0_WP);
-    return 0;
-}
-
-static int wp_write(void *ctx, uint64_t addr, const uint8_t *bytes, size_t len)
-{
-    volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)addr;
-    for (size_t i = 0; i < len; i++)
-        p[i] = bytes[i];
-    ((struct wp_poker *)ctx)->writes++;
-    return 0;
-}
-
-static void wp_sync_cores(void *ctx)
-{
-    unsigned int a = 0, b, c = 0, d;
-    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d) : : "memory");
-    ((struct wp_poker *)ctx)->syncs++;
-}
-
-static void wp_end(void *ctx)
-{
-    write_cr0(read_cr0() | CR0_WP);
-    ((struct wp_poker *)ctx)->ends++;
-}
 
 static volatile unsigned long handler_calls;
 static volatile uint64_t handler_arg;
@@ -72,7 +25,7 @@ static void count(uint32_t id, const uint64_t args[6])
 int capi_probe_roundtrip(int *err)
 {
     struct wp_poker state = {0, 0, 0, 0};
-    struct ksites_poker poker = {&state, wp_begin, wp_write, wp_sync_cores, wp_end};
+    struct ksites_poker poker = wp_poker(&state);
     uint32_t id = 0xffffffffu, missing = 0xffffffffu;
     int r;
 

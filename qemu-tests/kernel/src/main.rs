@@ -65,16 +65,30 @@ extern "C" fn kmain(start_info: u64) -> ! {
 
     let mut harness = Harness::new();
     // Boot patching happens before the APs start: no other CPU runs the text yet.
-    ifunc_tests::run(&mut harness);
+    let c_boot = boot_ksites(&mut harness);
     cpu_state_tests::run(&mut harness);
     smp::init(start_info);
-    probe_tests::run(&mut harness);
+    if !c_boot {
+        probe_tests::run(&mut harness);
+    }
     introspect_tests::run(&mut harness);
     load_tests::run(&mut harness);
     module_tests::run(&mut harness);
-    smp_tests::run(&mut harness);
+    if !c_boot {
+        smp_tests::run(&mut harness);
+    }
     trap_tests::run(&mut harness);
     capi_tests::run(&mut harness);
     selftest::run(&mut harness);
     harness.finish()
+}
+
+/// Initialises ksites: from C through the C API with `ksites.boot=c` on the command
+/// line ([`capi_tests::c_boot`]; returns `true`), else in the Rust ifunc tests. The
+/// probe and SMP tests register the image themselves, so a C boot skips them.
+fn boot_ksites(harness: &mut Harness) -> bool {
+    capi_tests::c_boot(harness) || {
+        ifunc_tests::run(harness);
+        false
+    }
 }
