@@ -16,7 +16,7 @@ use core::ops::Range;
 
 use kernel_loader::module::{
     Export, Kernel, MAX_KERNEL_EXEC, Module, ModuleError, ModuleMemory, Prot, ProtectError,
-    RUNTIME_EXPORTS, Region, Symbols,
+    RUNTIME_EXPORTS, Region, RelocFailure, Symbols,
 };
 use kernel_loader::probe::ProbeError;
 use kernel_loader::{CpuFeatures, Error, cell};
@@ -303,6 +303,11 @@ pub(crate) fn module_code(e: ModuleError) -> c_int {
             KSITES_EUNSUPPORTED
         }
         ModuleError::Overflow { .. } => KSITES_EOVERFLOW,
+        ModuleError::RelocationFailed { why, .. } => match why {
+            RelocFailure::Unsupported => KSITES_EUNSUPPORTED,
+            RelocFailure::Misaligned { .. } => KSITES_EMODULE,
+            _ => KSITES_EOVERFLOW,
+        },
         ModuleError::OutOfMemory { .. } => KSITES_ENOMEM,
         ModuleError::Protect(_) => KSITES_EPROTECT,
         ModuleError::Table(_) => KSITES_EFORMAT,
