@@ -638,8 +638,12 @@ int main(int argc, char **argv) {
     CHECK(ksites_module_load("hmod", img[0], len[0], &wrong_exec, &poker, &bad, NULL, 0) < 0);
     CHECK(bad == NULL && pages_used() == 0);
 
-    /* And it loads again. */
+    /* And it loads again, into the same slot; the old handle stays invalid. */
+    struct ksites_module *old = m;
     CHECK(ksites_module_load("hmod", img[0], len[0], &env, &poker, &m, NULL, 0) == 0);
+    CHECK(m != old && ksites_module_info(old, &info) == KSITES_EINVAL);
+    CHECK(ksites_module_hold(old) == KSITES_EINVAL && ksites_module_unload(old, &poker) == KSITES_EINVAL);
+    CHECK(ksites_module_info(m, &info) == 0 && info.users == 0);
     CHECK(ksites_module_symbol(m, "hmod_calc", &a) == 0 && ((long (*)(long))(uintptr_t)a)(1) == 101);
     CHECK(ksites_module_unload(m, &poker) == 0 && pages_used() == 0);
     printf("ok\n");

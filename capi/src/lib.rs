@@ -242,8 +242,8 @@ pub extern "C" fn ksites_strerror(err: c_int) -> *const c_char {
         KSITES_EPROTECT => c"setting the module's page permissions failed (protect callback)",
         KSITES_ENOTIFUNC => c"an imported ifunc is not an ifunc of the kernel's table",
         KSITES_EINIT => c"the module's ksites_module_init failed; the load was undone",
-        KSITES_ELEAKED => c"a failed load could not unregister the module's probes: its memory is leaked",
-        KSITES_EBUSY => c"the module is in use (held, a probe handler in it, or another call): not unloaded",
+        KSITES_ELEAKED => c"the module's memory is leaked: a failed load could not unregister its probes, or an unload could not disable a probe whose C handler lies in it",
+        KSITES_EBUSY => c"the module is in use (held, a probe handler in it, or a load or unload on its slot in progress)",
         KSITES_EMODULES => c"too many modules loaded",
         _ => c"unknown ksites error code",
     };

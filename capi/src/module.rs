@@ -5,10 +5,15 @@
 //! always exported), patch its ifunc sites, register its probes, run its init; unload,
 //! symbol lookup, hold/release, and what loading did.
 //!
-//! Loaded modules live in a fixed pool of [`MAX_MODULES`] slots (no allocator); a
-//! `struct ksites_module *` is a slot's address, checked on every call. Each slot has
-//! its own lock, taken with `try_lock`: a call on a module another call is using (its
-//! init or exit calling back, another CPU) returns `KSITES_EBUSY` instead of spinning.
+//! Loaded modules live in a fixed pool of [`MAX_MODULES`] slots (no allocator). A
+//! `struct ksites_module *` is an opaque handle naming one slot and one load of it (a
+//! generation number): every call checks both, so a handle is invalid
+//! (`KSITES_EINVAL`) for ever once its module is unloaded, even after the slot is reused
+//! by another load. Each slot has a reader-writer lock, never waited for: load and
+//! unload take it exclusively, the other calls shared, so any number of CPUs may look
+//! up symbols or hold and release a module at once, and only a call that meets a load
+//! or unload in progress on the same slot (another CPU, or the module's own init or
+//! exit calling back) returns `KSITES_EBUSY` instead of spinning.
 
 use core::ffi::{CStr, c_char, c_int, c_void};
 use core::fmt::{self, Write as _};
@@ -141,6 +146,9 @@ struct CMemory {
     protect: ProtectFn,
     free: FreeFn,
     poker: KsitesPoker,
+    /// A probe with a C handler in the module could not be disabled when its memory was
+    /// to be released: the memory was kept (leaked) instead, and unload says so.
+    handler_left_enabled: bool,
 }
 
 impl ModuleMemory for CMemory {
@@ -177,6 +185,7 @@ impl ModuleMemory for CMemory {
             // text safely; the region is still mapped.
             if unsafe { crate::disable_c_handlers_in(&code, &mut CPoker(self.poker)) }.is_err() {
                 // Not made writable, so not freed: the handler's code stays.
+                self.handler_left_enabled = true;
                 return Err(ProtectError::Failed);
             }
         }
@@ -266,10 +275,25 @@ struct Loaded {
 // promised may be used from whichever CPU loads and unloads (ksites.h).
 unsafe impl Send for Loaded {}
 
-/// `struct ksites_module`: one slot of the pool (opaque to C).
+// SAFETY: a shared `&Loaded` only reaches `with_module`'s closures, which call
+// `Module`'s `&self` methods (symbol lookup and the load report read immutable data;
+// hold and release are atomic counters); `mem` (raw C pointers) is used only under the
+// slot's exclusive lock, by load and unload.
+unsafe impl Sync for Loaded {}
+
+/// `struct ksites_module`: what a handle points into (opaque to C; a handle is not
+/// this slot's address but [`handle`]'s encoding of its index and generation).
 #[derive(Debug)]
 pub struct KsitesModule {
-    slot: spin::Mutex<Option<Loaded>>,
+    slot: spin::RwLock<Slot>,
+}
+
+/// A slot's state: the module loaded in it, and how many loads it has had (the
+/// generation a handle must carry).
+#[derive(Debug)]
+struct Slot {
+    generation: u32,
+    loaded: Option<Loaded>,
 }
 
 impl fmt::Debug for Loaded {
@@ -280,13 +304,34 @@ impl fmt::Debug for Loaded {
 
 static MODULES: [KsitesModule; MAX_MODULES] = [const {
     KsitesModule {
-        slot: spin::Mutex::new(None),
+        slot: spin::RwLock::new(Slot {
+            generation: 0,
+            loaded: None,
+        }),
     }
 }; MAX_MODULES];
 
-/// The slot `m` names, if it is one of the pool's.
-fn slot(m: *const KsitesModule) -> Option<&'static KsitesModule> {
-    MODULES.iter().find(|s| core::ptr::eq(*s, m))
+/// High bits every handle carries ("ks"), so a stray pointer is never mistaken for one.
+const HANDLE_TAG: usize = 0x6b73 << 48;
+/// Bits of a handle that hold the slot index plus one (`MAX_MODULES` fits).
+const INDEX_BITS: u32 = 8;
+
+/// The handle of load number `generation` of slot `index`.
+fn handle(index: usize, generation: u32) -> *mut KsitesModule {
+    let raw = HANDLE_TAG | ((generation as usize) << INDEX_BITS) | (index + 1);
+    core::ptr::without_provenance_mut(raw)
+}
+
+/// The slot a handle names and the generation it carries, if it is well formed
+/// (whether that load is still the slot's is checked under the slot's lock).
+fn slot(m: *const KsitesModule) -> Option<(&'static KsitesModule, u32)> {
+    let raw = m.addr();
+    if raw & !((1 << 48) - 1) != HANDLE_TAG {
+        return None;
+    }
+    let index = (raw & ((1 << INDEX_BITS) - 1)).checked_sub(1)?;
+    let generation = u32::try_from((raw & ((1 << 48) - 1)) >> INDEX_BITS).ok()?;
+    Some((MODULES.get(index)?, generation))
 }
 
 /// The error code of a module error.
@@ -366,6 +411,7 @@ fn memory(env: &KsitesModuleEnv, p: &CPoker) -> Option<CMemory> {
         protect: env.protect?,
         free: env.free?,
         poker: p.0,
+        handler_left_enabled: false,
     })
 }
 
@@ -416,7 +462,10 @@ pub unsafe extern "C" fn ksites_module_load(
         );
     }
     if env.exec.is_null() || env.nexec == 0 || env.nexec > MAX_KERNEL_EXEC {
-        return fail(KSITES_EINVAL, format_args!("env.exec: 1 to 7 ranges"));
+        return fail(
+            KSITES_EINVAL,
+            format_args!("env.exec: 1 to {MAX_KERNEL_EXEC} ranges"),
+        );
     }
     if env.exports.is_null() && env.nexports != 0 {
         return fail(KSITES_EINVAL, format_args!("env.exports is null"));
@@ -441,10 +490,11 @@ pub unsafe extern "C" fn ksites_module_load(
         unsafe { core::slice::from_raw_parts(env.exports, env.nexports) }
     };
     // A free slot, locked for the whole load.
-    let Some((slot, mut guard)) = MODULES
+    let Some((index, mut guard)) = MODULES
         .iter()
-        .filter_map(|s| s.slot.try_lock().map(|g| (s, g)))
-        .find(|(_, g)| g.is_none())
+        .enumerate()
+        .filter_map(|(i, s)| s.slot.try_write().map(|g| (i, g)))
+        .find(|(_, g)| g.loaded.is_none())
     else {
         return fail(
             KSITES_EMODULES,
@@ -473,9 +523,12 @@ pub unsafe extern "C" fn ksites_module_load(
     // (so every import is checked against the kernel's ifuncs), trusted module code.
     match unsafe { Module::load(name, bytes, &kernel, &mut mem, &mut p) } {
         Ok(module) => {
-            *guard = Some(Loaded { module, mem });
+            // A new generation for every load: handles of earlier ones stay invalid
+            // (the counter wraps after 2^32 loads of one slot).
+            guard.generation = guard.generation.wrapping_add(1);
+            guard.loaded = Some(Loaded { module, mem });
             // SAFETY: the caller's precondition: writable.
-            unsafe { *out = core::ptr::from_ref(slot).cast_mut() };
+            unsafe { *out = handle(index, guard.generation) };
             KSITES_OK
         }
         Err(e) => fail(module_code(e), format_args!("{name}: {e}")),
@@ -487,7 +540,9 @@ pub unsafe extern "C" fn ksites_module_load(
 /// (it stays loaded); otherwise its probes are disabled and unregistered, every probe
 /// still enabled with a C handler in its code is disabled (as a failed load does), and
 /// its memory goes back through the `free` callback it was loaded with. The handle is
-/// then free.
+/// then invalid for ever. If such a probe could not be disabled (the poker failed), the
+/// module is unloaded but its memory is kept, not freed, and this returns
+/// `KSITES_ELEAKED`: that probe still calls into the module's code.
 ///
 /// # Safety
 ///
@@ -500,36 +555,45 @@ pub unsafe extern "C" fn ksites_module_unload(
     poker_ptr: *const KsitesPoker,
 ) -> c_int {
     // SAFETY: the caller's precondition: null or valid.
-    let (Some(s), Some(mut p)) = (slot(m), unsafe { poker(poker_ptr) }) else {
+    let (Some((s, generation)), Some(mut p)) = (slot(m), unsafe { poker(poker_ptr) }) else {
         return KSITES_EINVAL;
     };
-    let Some(mut guard) = s.slot.try_lock() else {
+    let Some(mut guard) = s.slot.try_write() else {
         return KSITES_EBUSY;
     };
-    let Some(Loaded { module, mut mem }) = guard.take() else {
+    if guard.generation != generation {
+        return KSITES_EINVAL;
+    }
+    let Some(Loaded { module, mut mem }) = guard.loaded.take() else {
         return KSITES_EINVAL;
     };
     mem.poker = p.0;
     // SAFETY: the caller's preconditions.
     match unsafe { module.unload(&mut mem, &mut p) } {
+        // Unloaded, but a probe still calls a C handler in its code: the memory was
+        // kept, and the caller must know the module's code still runs.
+        Ok(()) if mem.handler_left_enabled => KSITES_ELEAKED,
         Ok(()) => KSITES_OK,
         Err((module, e)) => {
-            *guard = Some(Loaded { module, mem });
+            guard.loaded = Some(Loaded { module, mem });
             module_code(e)
         }
     }
 }
 
 /// Runs `f` on the loaded module `m`: `KSITES_EINVAL` for a handle that is not a
-/// loaded module, `KSITES_EBUSY` while another call uses it.
+/// loaded module's, `KSITES_EBUSY` while a load or unload holds its slot.
 fn with_module(m: *const KsitesModule, f: impl FnOnce(&Module<'static>) -> c_int) -> c_int {
-    let Some(s) = slot(m) else {
+    let Some((s, generation)) = slot(m) else {
         return KSITES_EINVAL;
     };
-    let Some(guard) = s.slot.try_lock() else {
+    let Some(guard) = s.slot.try_read() else {
         return KSITES_EBUSY;
     };
-    guard.as_ref().map_or(KSITES_EINVAL, |l| f(&l.module))
+    match &guard.loaded {
+        Some(l) if guard.generation == generation => f(&l.module),
+        _ => KSITES_EINVAL,
+    }
 }
 
 /// The address of the global symbol `name` the module defines (`KSITES_ENOTFOUND`).

@@ -97,10 +97,13 @@ extern "C" {
 #define KSITES_EPROTECT (-19)     /* the protect callback failed */
 #define KSITES_ENOTIFUNC (-20)    /* an imported ifunc is not one of the kernel's table */
 #define KSITES_EINIT (-21)        /* ksites_module_init returned non-zero (load undone) */
-#define KSITES_ELEAKED (-22)      /* a failed load could not unregister the module's
-                                     probes: its memory is leaked, not freed */
-#define KSITES_EBUSY (-23)        /* held, an enabled probe's handler lies in it, or
-                                     another call is using it: not unloaded */
+#define KSITES_ELEAKED (-22)      /* the module's memory is leaked, not freed: a failed
+                                     load could not unregister its probes, or an unload
+                                     could not disable a probe whose C handler lies in it
+                                     (that probe still calls into the module's code) */
+#define KSITES_EBUSY (-23)        /* held, an enabled probe's handler lies in it, or a
+                                     load or unload of its slot is in progress (another
+                                     CPU, or the module's init or exit calling back) */
 #define KSITES_EMODULES (-24)     /* KSITES_MAX_MODULES modules are loaded already */
 
 /* What a poker's write returns besides 0 (kernel-loader's PokeFailure). */
@@ -155,7 +158,8 @@ KSITES_STATIC_ASSERT_(sizeof(struct ksites_int3_frame) == 72, "ksites_int3_frame
 typedef void (*ksites_handler)(uint32_t id, const uint64_t args[6]);
 
 /* Boot, once, on one CPU, with SSE/XSAVE state set up: finds the image's table through
- * its cell, validates it against `exec` (at most 16 ranges), resolves every ifunc for
+ * its cell, validates it against `exec` (at most 16 ranges; a kernel that loads modules
+ * passes the same ranges in ksites_module_env.exec, which takes at most 7), resolves every ifunc for
  * the detected CPU features and patches its call sites, and registers the image's
  * probes. `ifuncs` (may be NULL) gets the number of ifuncs resolved. A second call
  * returns KSITES_EALREADY. */
@@ -258,7 +262,12 @@ struct ksites_module_info {
 };
 KSITES_STATIC_ASSERT_(sizeof(struct ksites_module_info) == 72, "ksites_module_info layout");
 
-/* A loaded module (opaque; one of KSITES_MAX_MODULES slots). */
+/* A loaded module (opaque; one of KSITES_MAX_MODULES slots). A handle names one load:
+ * once that module is unloaded, every call with it returns KSITES_EINVAL, even after
+ * its slot holds another module. ksites_module_symbol, _info, _hold and _release may run
+ * on any number of CPUs at once; they return KSITES_EBUSY only while a load or unload
+ * of the same slot is in progress (so a module's init or exit calling them on itself
+ * gets KSITES_EBUSY). */
 struct ksites_module;
 
 /* Loads the module `image` (`len` bytes of an ET_REL object `ksites embed` processed)
@@ -278,8 +287,9 @@ int ksites_module_load(const char *name, const void *image, size_t len,
  * ksites_module_exit, then KSITES_EBUSY if an enabled probe's Rust handler still lies
  * in its code (it stays loaded); otherwise disables and unregisters its probes,
  * disables every probe still enabled with a C handler in its code (as a failed load
- * does), and frees its memory; the handle is then invalid. No CPU may run its code any
- * more. */
+ * does), and frees its memory; the handle is then invalid. If the poker fails to
+ * disable such a probe, the module is unloaded but its memory is kept and this returns
+ * KSITES_ELEAKED. No CPU may run its code any more. */
 int ksites_module_unload(struct ksites_module *m, const struct ksites_poker *poker);
 
 /* The address of a global symbol `m` defines (KSITES_ENOTFOUND). */
