@@ -107,7 +107,7 @@ start64:
 3:  cmpq %rcx, %rdx
     jae 4f
     cmpl $8, 8(%rdx)
-    jne 5f
+    jne 6f                      /* not R_X86_64_RELATIVE: print why, halt */
     movq (%rdx), %rdi
     movq 16(%rdx), %r8
     addq %rax, %r8
@@ -121,6 +121,15 @@ start64:
 5:  cli
     hlt
     jmp 5b
+    /* A relocation other than R_X86_64_RELATIVE (e.g. a C GNU ifunc's IRELATIVE, which
+       this stub does not handle): say so on COM1 instead of hanging silently. */
+6:  leaq boot_bad_reloc(%rip), %rsi
+    movw $0x3f8, %dx
+7:  lodsb
+    testb %al, %al
+    jz 5b
+    outb %al, %dx
+    jmp 7b
     .popsection
     "#,
     r#"
@@ -130,6 +139,8 @@ boot_gdt:
     .quad 0
     .quad 0x00af9b000000ffff    /* 0x08: 64-bit code */
     .quad 0x00cf93000000ffff    /* 0x10: data */
+boot_bad_reloc:
+    .asciz "boot: a relocation other than R_X86_64_RELATIVE in .rela.dyn; halting\n"
     .popsection
 
     .pushsection .data.boot, "aw", @progbits

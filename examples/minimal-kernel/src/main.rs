@@ -120,7 +120,7 @@ static mut IDT: InterruptDescriptorTable = InterruptDescriptorTable::new();
 /// README step 5: route #BP to ksites.
 fn install_int3_route() {
     // SAFETY: one CPU, interrupts off, nothing else references the IDT yet.
-    let idt = unsafe { (&raw mut IDT).as_mut_unchecked() };
+    let idt = unsafe { &mut *(&raw mut IDT) };
     // SAFETY: `int3_entry` is a complete #BP handler for a 64-bit interrupt gate, IST 0.
     unsafe {
         idt.breakpoint

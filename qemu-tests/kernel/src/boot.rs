@@ -184,10 +184,12 @@ pvh_start64:
        delta is where __kernel_start is minus where it was linked. A PIE's .rela.dyn
        holds R_X86_64_RELATIVE entries (*(r_offset + delta) = r_addend + delta),
        applied at every boot (lld leaves the words themselves 0), and GNU ifuncs'
-       R_X86_64_IRELATIVE. Those the ksites loader resolves (the table lists them):
-       `ksites embed` made each such slot hold its trampoline's link-time address,
-       the "default" the loader checks for, so the slot only moves by the delta
-       (*(r_offset + delta) += delta). Anything else is reported on COM1 and the CPU
+       R_X86_64_IRELATIVE. The stub moves every IRELATIVE slot by the delta
+       (*(r_offset + delta) += delta) without looking at the table: `ksites embed`
+       made each called GNU ifunc's slot hold its trampoline's link-time address, the
+       "default" the ksites loader checks for and later resolves. (A GNU ifunc whose
+       address is only taken, never called, is not in the table; its IRELATIVE would
+       need its resolver run, which this kernel never does: it has none.) Anything else is reported on COM1 and the CPU
        halts. A static ET_EXEC has only the IRELATIVE ones, and delta 0. */
     leaq __kernel_start(%rip), %rax
     movabsq $__kernel_link_start, %rdx
