@@ -211,7 +211,12 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
 
 /// A problem for every test in [`REQUIRED_TESTS`] without an `ok <name>` line.
 pub(crate) fn check_required(serial: &[String]) -> Vec<String> {
-    REQUIRED_TESTS
+    check_required_tests(serial, REQUIRED_TESTS)
+}
+
+/// A problem for every test in `required` without an `ok <name>` line.
+pub(crate) fn check_required_tests(serial: &[String], required: &[&str]) -> Vec<String> {
+    required
         .iter()
         .filter(|name| {
             !serial

@@ -21,6 +21,7 @@ mod install;
 mod judge;
 mod modules;
 mod qemu;
+mod qemu_aarch64;
 mod test;
 mod tidy;
 
