@@ -2,7 +2,8 @@
 //!
 //! * `cargo xtask qemu` builds the build tool and the test kernel, embeds the kernel's
 //!   `.ksites` table, cross-checks `ksites inspect` against `objdump`, then boots the kernel
-//!   in QEMU on several CPU models and judges what it prints.
+//!   in QEMU on several CPU models and judges what it prints; the same for the aarch64
+//!   test kernel on QEMU `virt` ([`qemu_aarch64`]; `--arch` picks one architecture).
 //! * `cargo xtask fuzz [--seconds N]` runs the cargo-fuzz targets (nightly).
 //! * `cargo xtask tidy` checks the tree (the architecture seam, module docs and sizes,
 //!   the README's lists); see [`tidy`].
@@ -41,7 +42,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build the test kernel, embed its `.ksites` table, cross-check it against objdump,
-    /// and boot it in QEMU on each CPU model (installs missing tools first).
+    /// and boot it in QEMU on each CPU model, for x86_64 and aarch64 (installs missing
+    /// tools first).
     Qemu(qemu::QemuArgs),
     /// Check the tree: x86 facts only under `arch/` and the build tool's targets, every
     /// module documented and under 1,000 lines, the README's lists matching the tree.

@@ -54,10 +54,10 @@ pub(crate) struct QemuArgs {
 /// The architectures the test kernel boots on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Arch {
-    /// `qemu-system-x86_64`, PVH entry (the runs of [`DEFAULT_CPUS`]).
+    /// qemu-system-x86_64, PVH entry, the ksites test list.
     #[value(name = "x86_64")]
     X86_64,
-    /// `qemu-system-aarch64 -M virt` (see `qemu_aarch64`).
+    /// qemu-system-aarch64 -M virt, the platform tests.
     Aarch64,
 }
 
