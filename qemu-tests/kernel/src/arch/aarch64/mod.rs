@@ -29,6 +29,11 @@ use crate::println;
 #[unsafe(no_mangle)]
 extern "C" fn kmain() -> ! {
     println!("ksites test kernel (aarch64, QEMU virt)");
+    // SAFETY: `smp::cpu_index` reads MPIDR_EL1.Aff0: callable from any context, fixed
+    // per CPU and distinct between CPUs (this kernel never migrates or preempts); live
+    // probe changes will use `mmu::AliasPoker`, whose `sync_cores` runs `isb` on every
+    // online CPU.
+    unsafe { kernel_loader::probe::set_cpu_index(smp::cpu_index) };
     if let Err(e) = mmu::init() {
         println!("FAULT: mmu: {e}");
         exit::exit_qemu(false);
