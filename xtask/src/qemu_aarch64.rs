@@ -37,6 +37,7 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
     "aarch64_brk_is_trapped_and_resumed",
     "aarch64_secondary_cpus_start",
     "aarch64_sgi_reaches_every_cpu",
+    "aarch64_live_patch_seen_by_every_cpu",
 ];
 
 /// Run labels for one architecture, or `None` to skip it.

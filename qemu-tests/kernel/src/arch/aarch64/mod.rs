@@ -9,12 +9,15 @@
 //! * [`mmu`]: 4 KiB-granule identity map, text RX / rodata R / data RW NX, the writable
 //!   alias and its `TextPoker`.
 //! * [`gic`], [`psci`], [`serial`], [`timer`], [`exit`]: the devices and firmware calls.
-//! * [`smp`]: secondary start-up and `sync_cores` (an `isb` on every CPU through SGIs).
+//! * [`smp`]: secondary start-up, `sync_cores` (an `isb` on every CPU through SGIs),
+//!   jobs for the other CPUs.
+//! * [`tests`], [`live_tests`]: the platform tests.
 
 pub mod boot;
 pub mod exceptions;
 pub mod exit;
 pub mod gic;
+pub mod live_tests;
 pub mod mmu;
 pub mod psci;
 pub mod serial;

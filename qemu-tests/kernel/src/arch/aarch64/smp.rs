@@ -3,11 +3,11 @@
 //! CPU 0 starts each other CPU with PSCI `CPU_ON` at `_secondary_start` (`boot.rs`),
 //! passing the top of that CPU's stack. A secondary turns its MMU on, enables its SIMD
 //! state and its GIC CPU interface, reports in ([`online`]), unmasks IRQs and waits
-//! (`wfi`). [`sync_cores`] is `TextPoker::sync_cores` for this kernel: an `isb` here,
-//! then SGI [`SYNC_SGI`] to every other CPU, whose handler runs `isb` and acknowledges;
-//! it returns once every online CPU has acknowledged this round.
+//! (`wfe`) for work ([`start_job`]). [`sync_cores`] is `TextPoker::sync_cores` for this
+//! kernel: an `isb` here, then SGI [`SYNC_SGI`] to every other CPU, whose handler runs
+//! `isb` and acknowledges; it returns once every online CPU has acknowledged this round.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use kernel_loader::arch::aarch64::isb;
 
@@ -97,10 +97,54 @@ extern "C" fn secondary_main() -> ! {
     gic::init_cpu();
     ONLINE[cpu].store(true, Ordering::SeqCst);
     ONLINE_COUNT.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: unmasking IRQs lets the SGI handler run (it only touches this module's
+    // atomics and the GIC).
+    unsafe { core::arch::asm!("msr daifclr, #2", options(nomem, nostack)) };
+    let mut seen = 0;
     loop {
-        // SAFETY: unmasking IRQs lets the SGI handler run; `wfi` waits for one.
-        unsafe { core::arch::asm!("msr daifclr, #2", "wfi", options(nomem, nostack)) };
+        let job = JOB_ROUND.load(Ordering::Acquire);
+        if job != seen {
+            seen = job;
+            let f = JOB.load(Ordering::Acquire);
+            if f != 0 {
+                // SAFETY: JOB only ever holds 0 or a `fn(usize)` stored by `start_job`.
+                let f = unsafe { core::mem::transmute::<usize, fn(usize)>(f) };
+                f(cpu);
+            }
+            JOB_DONE[cpu].store(job, Ordering::Release);
+        }
+        // SAFETY: waits for an event (`start_job`'s `sev`) or an interrupt; a `sev`
+        // between the check above and here leaves the event register set, so the
+        // `wfe` returns at once.
+        unsafe { core::arch::asm!("wfe", options(nomem, nostack)) };
     }
+}
+
+/// The job the other CPUs run (a `fn(usize)` as `usize`; 0 = none).
+static JOB: AtomicUsize = AtomicUsize::new(0);
+/// Bumped by every [`start_job`].
+static JOB_ROUND: AtomicU64 = AtomicU64::new(0);
+/// Per CPU: the last job round it finished.
+static JOB_DONE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// Makes every other online CPU run `job(cpu)` once, from its idle loop (IRQs
+/// unmasked, so synchronisation rounds still reach it), and returns at once; see
+/// [`wait_job`]. CPU 0 only, one job at a time.
+pub fn start_job(job: fn(usize)) -> u64 {
+    JOB.store(job as usize, Ordering::Release);
+    let round = JOB_ROUND.fetch_add(1, Ordering::AcqRel) + 1;
+    // SAFETY: `dsb` orders the stores before the event; `sev` wakes CPUs in `wfe`.
+    unsafe { core::arch::asm!("dsb ish", "sev", options(nostack)) };
+    round
+}
+
+/// Waits (≤ `micros` µs) until every other online CPU finished job `round`; returns
+/// whether they all did.
+pub fn wait_job(round: u64, micros: u64) -> bool {
+    let me = cpu_index();
+    (0..MAX_CPUS)
+        .filter(|&c| c != me && is_online(c))
+        .all(|c| timer::wait_until(micros, || JOB_DONE[c].load(Ordering::Acquire) >= round))
 }
 
 /// The IRQ vector: acknowledge, handle a synchronisation SGI (`isb`, then record the

@@ -79,6 +79,10 @@ pub fn run(h: &mut Harness) {
     );
     h.run("aarch64_secondary_cpus_start", secondary_cpus_start);
     h.run("aarch64_sgi_reaches_every_cpu", sgi_reaches_every_cpu);
+    h.run(
+        "aarch64_live_patch_seen_by_every_cpu",
+        super::live_tests::live_patch_seen_by_every_cpu,
+    );
 }
 
 fn simd_state_enabled() -> TestResult {
