@@ -170,6 +170,18 @@ pub fn init() -> Result<(), &'static str> {
         t.l2_ram.0[block] = addr_of!(t.l3_kernel[j]) as u64 | VALID | TABLE_OR_PAGE;
         t.l2_alias.0[block] = addr_of!(t.l3_alias[j]) as u64 | VALID | TABLE_OR_PAGE;
     }
+    // The tables were written with the MMU (so the data cache) off, and the walker reads
+    // them cacheable (TCR IRGN0/ORGN0): drop any line a cache may still hold for them,
+    // as Linux does for its boot tables.
+    let start = addr_of!(*t) as u64;
+    let end = start + core::mem::size_of::<Tables>() as u64;
+    for line in (start..end).step_by(64) {
+        // SAFETY: cleaning and invalidating a data cache line of our own tables only
+        // writes back (nothing dirty: caches were off) and drops it.
+        unsafe { core::arch::asm!("dc civac, {}", in(reg) line, options(nostack)) };
+    }
+    // SAFETY: a barrier only.
+    unsafe { core::arch::asm!("dsb sy", options(nostack)) };
     let sctlr: u64;
     // SAFETY: reading SCTLR_EL1 at EL1 has no side effect.
     unsafe { core::arch::asm!("mrs {}, SCTLR_EL1", out(reg) sctlr, options(nomem, nostack)) };
