@@ -211,7 +211,7 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
 
 /// A problem for every test in [`REQUIRED_TESTS`] without an `ok <name>` line.
 pub(crate) fn check_required(serial: &[String]) -> Vec<String> {
-    missing_tests(serial, REQUIRED_TESTS)
+    check_required_tests(serial, REQUIRED_TESTS)
 }
 
 /// What the C boot path (`ksites.boot=c`, `qemu-tests/kernel/c/cboot.c`) prints once
@@ -236,7 +236,7 @@ pub(crate) const C_BOOT_TESTS: &[&str] = &[
 /// The C boot run's problems: no [`C_BOOT_LINE`], or a test of [`C_BOOT_TESTS`] that did
 /// not pass.
 pub(crate) fn check_c_boot(serial: &[String]) -> Vec<String> {
-    let mut problems = missing_tests(serial, C_BOOT_TESTS);
+    let mut problems = check_required_tests(serial, C_BOOT_TESTS);
     if !serial.iter().any(|line| line.starts_with(C_BOOT_LINE)) {
         problems.push(format!(
             "no `{C_BOOT_LINE}` line: ksites was not initialised from C"
@@ -245,9 +245,9 @@ pub(crate) fn check_c_boot(serial: &[String]) -> Vec<String> {
     problems
 }
 
-/// A problem for every test in `names` without an `ok <name>` line.
-fn missing_tests(serial: &[String], names: &[&str]) -> Vec<String> {
-    names
+/// A problem for every test in `required` without an `ok <name>` line.
+pub(crate) fn check_required_tests(serial: &[String], required: &[&str]) -> Vec<String> {
+    required
         .iter()
         .filter(|name| {
             !serial

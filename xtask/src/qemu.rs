@@ -14,24 +14,30 @@ use object::read::elf::{FileHeader, ProgramHeader};
 use xshell::{Shell, cmd};
 
 use crate::judge::{self, Exit, Verdict};
-use crate::{crosscheck, install, modules};
+use crate::{crosscheck, install, modules, qemu_aarch64};
 
 /// The CPU models booted when `--cpu` is not given. `MODEL-smpN` boots `MODEL` with N
 /// CPUs under multi-threaded TCG (see [`split_label`]).
 pub(crate) const DEFAULT_CPUS: &[&str] = &["qemu64", "max", "Haswell", "qemu64-smp4", "max-smp4"];
 const DEFAULT_TIMEOUT_SECS: u64 = 120;
 /// An SMP run may take this many times `--timeout` (it runs the live-patching stress).
-const SMP_TIMEOUT_FACTOR: u32 = 3;
+pub(crate) const SMP_TIMEOUT_FACTOR: u32 = 3;
 const KERNEL_TARGET: &str = "x86_64-unknown-none";
 /// Extra rustflags for [`KERNEL_TARGET`] (cargo adds them to `.cargo/config.toml`'s).
 const STATIC_RUSTFLAGS_ENV: &str = "CARGO_TARGET_X86_64_UNKNOWN_NONE_RUSTFLAGS";
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct QemuArgs {
-    /// CPU model to boot, `MODEL-smpN` for N CPUs; repeat to boot several
-    /// [default: qemu64, max, Haswell, qemu64-smp4, max-smp4]
+    /// Architecture whose test kernel to build and boot; repeat for several
+    /// [default: both]
+    #[arg(long = "arch", value_enum, value_name = "ARCH")]
+    pub(crate) arches: Vec<Arch>,
+    /// CPU model to boot, `MODEL-smpN` for N CPUs; repeat to boot several. x86_64:
+    /// [default: qemu64, max, Haswell, qemu64-smp4, max-smp4]; aarch64 (`aarch64-MODEL`,
+    /// or `MODEL` with `--arch aarch64`): [default: aarch64-cortex-a57, aarch64-max,
+    /// aarch64-max-smp4]. Without `--arch`, `--cpu` boots only the architectures it names
     #[arg(long = "cpu", value_name = "MODEL")]
-    cpus: Vec<String>,
+    pub(crate) cpus: Vec<String>,
     /// Seconds each single-CPU QEMU run may take before it is killed (SMP runs: 3x)
     #[arg(
         long,
@@ -39,15 +45,26 @@ pub(crate) struct QemuArgs {
         default_value_t = DEFAULT_TIMEOUT_SECS,
         value_parser = clap::value_parser!(u64).range(1..)
     )]
-    timeout: u64,
+    pub(crate) timeout: u64,
     /// Do not build the build tool or the test kernel; use what is already built
     #[arg(long)]
-    no_build: bool,
+    pub(crate) no_build: bool,
+}
+
+/// The architectures the test kernel boots on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Arch {
+    /// qemu-system-x86_64, PVH entry, the ksites test list.
+    #[value(name = "x86_64")]
+    X86_64,
+    /// qemu-system-aarch64 -M virt, the platform tests.
+    Aarch64,
 }
 
 impl Default for QemuArgs {
     fn default() -> Self {
         QemuArgs {
+            arches: Vec::new(),
             cpus: Vec::new(),
             timeout: DEFAULT_TIMEOUT_SECS,
             no_build: false,
@@ -81,9 +98,30 @@ impl Paths {
     }
 }
 
-/// Builds, embeds, cross-checks and boots; returns the number of in-kernel tests that
-/// passed, summed over the CPU models.
+/// Runs the x86_64 and the aarch64 test kernels (those `--arch`/`--cpu` select);
+/// returns the number of in-kernel tests that passed, summed over every run.
 pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
+    let (x86_64, aarch64) = qemu_aarch64::split_runs(args)?;
+    let mut passed = 0;
+    if let Some(cpus) = x86_64 {
+        passed += run_x86_64(
+            sh,
+            root,
+            &QemuArgs {
+                cpus,
+                ..args.clone()
+            },
+        )?;
+    }
+    if let Some(labels) = aarch64 {
+        passed += qemu_aarch64::run(sh, root, &labels, args)?;
+    }
+    Ok(passed)
+}
+
+/// The x86_64 kernel: builds, embeds, cross-checks and boots; returns the number of
+/// in-kernel tests that passed, summed over the CPU models.
+fn run_x86_64(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
     let paths = Paths::new(root);
     install_tools(sh, &paths)?;
     if args.no_build {
@@ -385,11 +423,11 @@ fn cross_check_objdump(sh: &Shell, paths: &Paths, inspect: &str) -> Result<()> {
 
 /// One finished QEMU run.
 #[derive(Debug)]
-struct Run {
-    model: String,
-    verdict: Verdict,
-    choices: BTreeMap<String, String>,
-    elapsed: Duration,
+pub(crate) struct Run {
+    pub(crate) model: String,
+    pub(crate) verdict: Verdict,
+    pub(crate) choices: BTreeMap<String, String>,
+    pub(crate) elapsed: Duration,
 }
 
 fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
@@ -470,7 +508,7 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
     }
 }
 
-fn summary(runs: &[Run]) -> String {
+pub(crate) fn summary(runs: &[Run]) -> String {
     let width = runs.iter().map(|r| r.model.len()).max().unwrap_or(0).max(5);
     let count = |n: Option<u32>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
     let mut out = format!("{:<width$}  result  passed  failed     time\n", "model");
@@ -524,7 +562,11 @@ fn qemu_command(label: &str, image: &Path) -> Command {
 
 /// Run `command` (QEMU), streaming its output prefixed with `[model] `, and kill it after
 /// `timeout`. Returns how it ended and its serial (stdout) lines.
-fn boot(model: &str, mut command: Command, timeout: Duration) -> Result<(Exit, Vec<String>)> {
+pub(crate) fn boot(
+    model: &str,
+    mut command: Command,
+    timeout: Duration,
+) -> Result<(Exit, Vec<String>)> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,4 +1,5 @@
-//! `cargo xtask test`: tidy, fmt, clippy, host tests, then the QEMU runs. Stops at the first failure.
+//! `cargo xtask test`: tidy, fmt, clippy, host tests, then the QEMU runs of both
+//! architectures. Stops at the first failure.
 
 use std::path::Path;
 
@@ -6,6 +7,7 @@ use anyhow::{Context, Result};
 use xshell::{Shell, cmd};
 
 use crate::qemu::{self, Paths, QemuArgs};
+use crate::qemu_aarch64;
 use crate::{example, host, install};
 
 pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
@@ -45,6 +47,17 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
             .run()
             .context("clippy: warnings in qemu-tests")?;
     }
+    qemu_aarch64::install_tools(sh, kernel_dir)?;
+    {
+        let _dir = in_dir(sh, kernel_dir);
+        let target = qemu_aarch64::TARGET;
+        cmd!(
+            sh,
+            "cargo clippy --release -p qemu-tests --target {target} -- -D warnings"
+        )
+        .run()
+        .context("clippy: warnings in the aarch64 test kernel (qemu-tests)")?;
+    }
     {
         let _dir = in_dir(sh, &root.join(example::DIR));
         cmd!(sh, "cargo clippy --release -- -D warnings")
@@ -70,7 +83,7 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
 
     println!(
         "\nxtask test: all steps passed ({host} host tests, {host_checks} host self-test checks, \
-         {kernel} in-kernel tests over all CPU models, {example} example kernel checks)"
+         {kernel} in-kernel tests over all CPU models and architectures, {example} example kernel checks)"
     );
     println!(
         "xtask: {} passed, 0 failed",

@@ -7,88 +7,107 @@
 //! modules), the SMP tests (live patching while the APs run the sites) and its own
 //! infrastructure self-tests, printing one line per test and `N passed, M failed`, and
 //! exits QEMU through isa-debug-exit (33 = success, 35 = failure).
+//!
+//! Built for `aarch64-unknown-none` it is the aarch64 platform instead ([`arch`],
+//! `src/arch/aarch64/`: QEMU `virt`, PL011, GICv2, PSCI, semihosting exit), which
+//! shares [`harness`] and [`no_alloc`]; every other module here is x86_64's.
 #![no_std]
 #![no_main]
 
-pub mod acpi;
-pub mod apic;
-pub mod arena;
-pub mod boot;
-pub mod capi_tests;
-pub mod cpu;
-pub mod cpu_state_tests;
-pub mod exit;
+/// Items that only the x86_64 kernel has.
+macro_rules! x86_64_only {
+    ($($item:item)*) => { $( #[cfg(target_arch = "x86_64")] $item )* };
+}
+
+#[cfg(target_arch = "aarch64")]
+#[path = "arch/aarch64/mod.rs"]
+pub mod arch;
+#[cfg(target_arch = "aarch64")]
+pub use arch::{exit, serial};
 pub mod harness;
-pub mod idt;
-pub mod ifunc_tests;
-pub mod introspect_tests;
-pub mod load_tests;
-pub mod module_tests;
 pub mod no_alloc;
-pub mod paging;
-pub mod poker;
-pub mod probe_tests;
-mod selftest;
+// Outside `x86_64_only!`: its `#[macro_export]` macros must not be macro-expanded.
+#[cfg(target_arch = "x86_64")]
 pub mod serial;
-pub mod smp;
-pub mod smp_tests;
-pub mod trap_tests;
 
-use core::sync::atomic::{AtomicU64, Ordering};
+x86_64_only! {
+    pub mod acpi;
+    pub mod apic;
+    pub mod arena;
+    pub mod boot;
+    pub mod capi_tests;
+    pub mod cpu;
+    pub mod cpu_state_tests;
+    pub mod exit;
+    pub mod idt;
+    pub mod ifunc_tests;
+    pub mod introspect_tests;
+    pub mod load_tests;
+    pub mod module_tests;
+    pub mod paging;
+    pub mod poker;
+    pub mod probe_tests;
+    mod selftest;
+    pub mod smp;
+    pub mod smp_tests;
+    pub mod trap_tests;
 
-use harness::Harness;
+    use core::sync::atomic::{AtomicU64, Ordering};
 
-static START_INFO: AtomicU64 = AtomicU64::new(0);
+    use harness::Harness;
 
-/// Physical address of the PVH `hvm_start_info` QEMU passed in `%ebx`.
-pub fn start_info() -> u64 {
-    START_INFO.load(Ordering::Relaxed)
-}
+    static START_INFO: AtomicU64 = AtomicU64::new(0);
 
-/// Entered from the boot stub on the 64 KiB boot stack, with `.bss` zeroed, identity
-/// paging and interrupts off.
-#[unsafe(no_mangle)]
-extern "C" fn kmain(start_info: u64) -> ! {
-    smp::init_bsp();
-    // SAFETY: `cpu_index` reads this CPU's index through its per-CPU segment, set up on
-    // every CPU before anything else runs there (`init_bsp` above, `ap_entry` on an AP),
-    // from any context; this kernel never migrates or preempts, so it is stable while a
-    // probe fires, and each online CPU has its own. Live probe changes use the
-    // `AliasPoker`, whose `sync_cores` serializes every online CPU.
-    unsafe { kernel_loader::probe::set_cpu_index(smp::cpu_index) };
-    cpu::init();
-    serial::init();
-    idt::init();
-    paging::init();
-    START_INFO.store(start_info, Ordering::Relaxed);
-    println!("ksites test kernel");
-
-    let mut harness = Harness::new();
-    // Boot patching happens before the APs start: no other CPU runs the text yet.
-    let c_boot = boot_ksites(&mut harness);
-    cpu_state_tests::run(&mut harness);
-    smp::init(start_info);
-    if !c_boot {
-        probe_tests::run(&mut harness);
+    /// Physical address of the PVH `hvm_start_info` QEMU passed in `%ebx`.
+    pub fn start_info() -> u64 {
+        START_INFO.load(Ordering::Relaxed)
     }
-    introspect_tests::run(&mut harness);
-    load_tests::run(&mut harness);
-    module_tests::run(&mut harness);
-    if !c_boot {
-        smp_tests::run(&mut harness);
-    }
-    trap_tests::run(&mut harness);
-    capi_tests::run(&mut harness);
-    selftest::run(&mut harness);
-    harness.finish()
-}
 
-/// Initialises ksites: from C through the C API with `ksites.boot=c` on the command
-/// line ([`capi_tests::c_boot`]; returns `true`), else in the Rust ifunc tests. The
-/// probe and SMP tests register the image themselves, so a C boot skips them.
-fn boot_ksites(harness: &mut Harness) -> bool {
-    capi_tests::c_boot(harness) || {
-        ifunc_tests::run(harness);
-        false
+    /// Entered from the boot stub on the 64 KiB boot stack, with `.bss` zeroed, identity
+    /// paging and interrupts off.
+    #[unsafe(no_mangle)]
+    extern "C" fn kmain(start_info: u64) -> ! {
+        smp::init_bsp();
+        // SAFETY: `cpu_index` reads this CPU's index through its per-CPU segment, set up on
+        // every CPU before anything else runs there (`init_bsp` above, `ap_entry` on an AP),
+        // from any context; this kernel never migrates or preempts, so it is stable while a
+        // probe fires, and each online CPU has its own. Live probe changes use the
+        // `AliasPoker`, whose `sync_cores` serializes every online CPU.
+        unsafe { kernel_loader::probe::set_cpu_index(smp::cpu_index) };
+        cpu::init();
+        serial::init();
+        idt::init();
+        paging::init();
+        START_INFO.store(start_info, Ordering::Relaxed);
+        println!("ksites test kernel");
+
+        let mut harness = Harness::new();
+        // Boot patching happens before the APs start: no other CPU runs the text yet.
+        let c_boot = boot_ksites(&mut harness);
+        cpu_state_tests::run(&mut harness);
+        smp::init(start_info);
+        if !c_boot {
+            probe_tests::run(&mut harness);
+        }
+        introspect_tests::run(&mut harness);
+        load_tests::run(&mut harness);
+        module_tests::run(&mut harness);
+        if !c_boot {
+            smp_tests::run(&mut harness);
+        }
+        trap_tests::run(&mut harness);
+        capi_tests::run(&mut harness);
+        selftest::run(&mut harness);
+        harness.finish()
+    }
+
+    /// Initialises ksites: from C through the C API with `ksites.boot=c` on the command
+    /// line ([`capi_tests::c_boot`]; returns `true`), else in the Rust ifunc tests. The
+    /// probe and SMP tests register the image themselves, so a C boot skips them.
+    fn boot_ksites(harness: &mut Harness) -> bool {
+        capi_tests::c_boot(harness) || {
+            ifunc_tests::run(harness);
+            false
+        }
     }
 }

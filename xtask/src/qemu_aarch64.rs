@@ -1,0 +1,338 @@
+//! `cargo xtask qemu --arch aarch64`: build the aarch64 test kernel and boot it on
+//! `qemu-system-aarch64 -M virt` on each run label, and judge the runs.
+//!
+//! The kernel (`qemu-tests/kernel/src/arch/aarch64/`) is the aarch64 platform: it is
+//! linked by plain rust-lld (the target's default linker) and not yet embedded —
+//! `ksites embed` for aarch64 images and the ksites test list come next. It exits
+//! through semihosting with the x86_64 kernel's statuses (33 = success, 35 = failure),
+//! so [`judge::judge`] applies unchanged; on top, every run must pass every platform
+//! test ([`REQUIRED_TESTS`]) and bring the expected CPUs online, and `cortex-a57` and
+//! `max` must report different CPU features (LSE atomics and at least one more).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use xshell::{Shell, cmd};
+
+use crate::install;
+use crate::judge;
+use crate::qemu::{self, Arch, QemuArgs, Run};
+
+/// The Rust target of the aarch64 kernel.
+pub(crate) const TARGET: &str = "aarch64-unknown-none";
+/// The runs booted when `--cpu` names none: `aarch64-MODEL[-smpN]`.
+pub(crate) const DEFAULT_RUNS: &[&str] = &["aarch64-cortex-a57", "aarch64-max", "aarch64-max-smp4"];
+const PREFIX: &str = "aarch64-";
+
+/// The platform tests every aarch64 run must pass.
+pub(crate) const REQUIRED_TESTS: &[&str] = &[
+    "aarch64_simd_state_enabled",
+    "aarch64_cpu_features_match_id_registers",
+    "aarch64_text_is_not_writable",
+    "aarch64_data_is_not_executable",
+    "aarch64_sync_icache_makes_new_code_visible",
+    "aarch64_brk_is_trapped_and_resumed",
+    "aarch64_secondary_cpus_start",
+    "aarch64_sgi_reaches_every_cpu",
+    "aarch64_live_patch_seen_by_every_cpu",
+];
+
+/// Run labels for one architecture, or `None` to skip it.
+pub(crate) type Runs = Option<Vec<String>>;
+
+/// Which runs each architecture gets from `--arch` and `--cpu`: `None` skips it.
+/// Without `--cpu`, each selected architecture boots its defaults (x86_64: an empty
+/// list, which means [`qemu::DEFAULT_CPUS`]). With `--cpu`, labels starting with
+/// `aarch64-` are aarch64 runs (with `--arch aarch64` alone, every label is); the rest
+/// are x86_64's, and an architecture no label names is skipped unless `--arch` asks
+/// for it (an error then).
+pub(crate) fn split_runs(args: &QemuArgs) -> Result<(Runs, Runs)> {
+    let explicit = !args.arches.is_empty();
+    let wants = |a| !explicit || args.arches.contains(&a);
+    if args.cpus.is_empty() {
+        let a64 = DEFAULT_RUNS.iter().map(|r| (*r).to_owned()).collect();
+        return Ok((
+            wants(Arch::X86_64).then(Vec::new),
+            wants(Arch::Aarch64).then_some(a64),
+        ));
+    }
+    let only_aarch64 = explicit && !wants(Arch::X86_64);
+    let (mut a64, mut x86) = (Vec::new(), Vec::new());
+    for label in &args.cpus {
+        if label.starts_with(PREFIX) {
+            a64.push(label.clone());
+        } else if only_aarch64 {
+            a64.push(format!("{PREFIX}{label}"));
+        } else {
+            x86.push(label.clone());
+        }
+    }
+    let pick = |arch, labels: Vec<String>| -> Result<Runs> {
+        match (wants(arch), labels.is_empty()) {
+            (true, false) => Ok(Some(labels)),
+            (false, false) => bail!("--cpu {} is not a run of the selected --arch", labels[0]),
+            (true, true) if explicit => {
+                bail!("--arch {arch:?} is selected but no --cpu names one of its runs")
+            }
+            _ => Ok(None),
+        }
+    };
+    Ok((pick(Arch::X86_64, x86)?, pick(Arch::Aarch64, a64)?))
+}
+
+/// The kernel image cargo builds.
+pub(crate) fn kernel_path(root: &Path) -> PathBuf {
+    root.join("qemu-tests/target")
+        .join(TARGET)
+        .join("release/qemu-tests-kernel")
+}
+
+/// Installs what is missing, builds the kernel (unless `--no-build`) and boots `labels`;
+/// returns the tests passed, summed over the runs.
+pub(crate) fn run(sh: &Shell, root: &Path, labels: &[String], args: &QemuArgs) -> Result<u32> {
+    let qemu_tests = root.join("qemu-tests");
+    install_tools(sh, &qemu_tests)?;
+    if args.no_build {
+        println!("xtask: --no-build: using the existing aarch64 test kernel");
+    } else {
+        let _dir = sh.push_dir(&qemu_tests);
+        // Plain rust-lld: the aarch64 kernel is not embedded yet (no `ksites-ld`).
+        cmd!(sh, "cargo build --release -p qemu-tests --target {TARGET}")
+            .run()
+            .context("building the aarch64 test kernel failed")?;
+    }
+    let image = kernel_path(root);
+    if !image.is_file() {
+        bail!(
+            "the aarch64 test kernel is missing: {} (build it, or drop --no-build)",
+            image.display()
+        );
+    }
+    boot_all(&image, labels, Duration::from_secs(args.timeout))
+}
+
+/// `rustup target add aarch64-unknown-none`, QEMU for Arm, and the cross gcc (for the
+/// C code of the aarch64 test list), each only if missing.
+pub(crate) fn install_tools(sh: &Shell, qemu_tests: &Path) -> Result<()> {
+    {
+        let _dir = sh.push_dir(qemu_tests);
+        install::rust_target(sh, TARGET)?;
+    }
+    install::host_tool(sh, "qemu-system-aarch64", "qemu-system-arm")?;
+    install::host_tool(sh, "aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")
+}
+
+/// The QEMU command line of run `label` (`aarch64-MODEL[-smpN]`).
+pub(crate) fn qemu_command(label: &str, image: &Path) -> Command {
+    let (model, cpus) = qemu::split_label(label.strip_prefix(PREFIX).unwrap_or(label));
+    let mut command = Command::new("qemu-system-aarch64");
+    command.args(["-M", "virt", "-cpu", model, "-m", "256M"]);
+    if cpus > 1 {
+        command
+            .args(["-smp", &cpus.to_string()])
+            .args(["-accel", "tcg,thread=multi"]);
+    }
+    command
+        .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+        .args(["-no-reboot", "-semihosting", "-kernel"])
+        .arg(image);
+    command
+}
+
+fn boot_all(image: &Path, labels: &[String], timeout: Duration) -> Result<u32> {
+    let mut runs = Vec::new();
+    let mut features = BTreeMap::new();
+    for label in labels {
+        let start = Instant::now();
+        let cpus = qemu::split_label(label).1;
+        let limit = if cpus > 1 {
+            timeout * qemu::SMP_TIMEOUT_FACTOR
+        } else {
+            timeout
+        };
+        let (exit, serial) = qemu::boot(label, qemu_command(label, image), limit)?;
+        let mut verdict = judge::judge(&exit, &serial);
+        verdict
+            .problems
+            .extend(judge::check_required_tests(&serial, REQUIRED_TESTS));
+        verdict
+            .problems
+            .extend(judge::check_cpus_online(&serial, cpus));
+        if let Some(passed) = verdict.passed.filter(|&n| n < REQUIRED_TESTS.len() as u32) {
+            verdict.problems.push(format!(
+                "{passed} tests passed, expected at least {}",
+                REQUIRED_TESTS.len()
+            ));
+        }
+        if let Some(f) = parse_features(&serial) {
+            features.insert(label.clone(), f);
+        }
+        println!(
+            "xtask: [{label}] {} ({exit})",
+            if verdict.ok() { "passed" } else { "FAILED" }
+        );
+        runs.push(Run {
+            model: label.clone(),
+            verdict,
+            choices: BTreeMap::new(),
+            elapsed: start.elapsed(),
+        });
+    }
+    println!();
+    print!("{}", qemu::summary(&runs));
+    let mut failures: Vec<String> = runs
+        .iter()
+        .flat_map(|r| {
+            r.verdict
+                .problems
+                .iter()
+                .map(|p| format!("[{}] {p}", r.model))
+        })
+        .collect();
+    let (a57, max) = ("aarch64-cortex-a57", "aarch64-max");
+    if labels.iter().any(|l| l == a57) && labels.iter().any(|l| l == max) {
+        match check_features_differ(features.get(a57), features.get(max)) {
+            Ok(differ) => {
+                println!("cross-model check ({a57} vs {max}): ok, features differ: {differ}")
+            }
+            Err(e) => failures.push(e),
+        }
+    } else {
+        println!("cross-model check skipped (needs both {a57} and {max})");
+    }
+    if failures.is_empty() {
+        Ok(runs.iter().map(|r| r.verdict.passed.unwrap_or(0)).sum())
+    } else {
+        bail!("aarch64 qemu runs failed:\n  {}", failures.join("\n  "))
+    }
+}
+
+/// The last `features: NAME=0|1 … (MIDR …)` line → feature name → present.
+pub(crate) fn parse_features(serial: &[String]) -> Option<BTreeMap<String, bool>> {
+    serial.iter().rev().find_map(|line| {
+        let rest = line.trim_end().strip_prefix("features:")?;
+        let map: BTreeMap<String, bool> = rest
+            .split_whitespace()
+            .filter_map(|word| match word.split_once('=')? {
+                (name, "0") => Some((name.to_owned(), false)),
+                (name, "1") => Some((name.to_owned(), true)),
+                _ => None,
+            })
+            .collect();
+        (!map.is_empty()).then_some(map)
+    })
+}
+
+/// `cortex-a57` (Armv8.0) must lack LSE atomics and `max` have them, and at least one
+/// more feature must differ, so the resolvers have two ifuncs' worth of real choices.
+/// Returns the differing features.
+pub(crate) fn check_features_differ(
+    a57: Option<&BTreeMap<String, bool>>,
+    max: Option<&BTreeMap<String, bool>>,
+) -> Result<String, String> {
+    let (Some(a57), Some(max)) = (a57, max) else {
+        return Err("no `features: …` line from aarch64-cortex-a57 or aarch64-max".to_owned());
+    };
+    if a57.get("lse") != Some(&false) || max.get("lse") != Some(&true) {
+        return Err(format!(
+            "LSE atomics: cortex-a57 {:?}, max {:?} (expected absent, present)",
+            a57.get("lse"),
+            max.get("lse")
+        ));
+    }
+    let differ: Vec<&str> = a57
+        .iter()
+        .filter(|(name, has)| max.get(*name).is_some_and(|m| m != *has))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if differ.len() < 2 {
+        return Err(format!(
+            "cortex-a57 and max differ only in {differ:?}; expected LSE and at least one more"
+        ));
+    }
+    Ok(differ.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(arches: &[Arch], cpus: &[&str]) -> QemuArgs {
+        QemuArgs {
+            arches: arches.to_vec(),
+            cpus: cpus.iter().map(|c| (*c).to_owned()).collect(),
+            ..QemuArgs::default()
+        }
+    }
+
+    #[test]
+    fn runs_per_architecture() {
+        let owned = |v: &[&str]| Some(v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        assert_eq!(
+            split_runs(&args(&[], &[])).unwrap(),
+            (Some(vec![]), owned(DEFAULT_RUNS))
+        );
+        assert_eq!(
+            split_runs(&args(&[Arch::X86_64], &[])).unwrap(),
+            (Some(vec![]), None)
+        );
+        assert_eq!(
+            split_runs(&args(&[Arch::Aarch64], &[])).unwrap(),
+            (None, owned(DEFAULT_RUNS))
+        );
+        // `--cpu max` alone stays the x86_64 run it always was.
+        assert_eq!(
+            split_runs(&args(&[], &["max"])).unwrap(),
+            (owned(&["max"]), None)
+        );
+        assert_eq!(
+            split_runs(&args(&[Arch::Aarch64], &["max", "aarch64-cortex-a57"])).unwrap(),
+            (None, owned(&["aarch64-max", "aarch64-cortex-a57"]))
+        );
+        assert_eq!(
+            split_runs(&args(&[], &["qemu64", "aarch64-max-smp4"])).unwrap(),
+            (owned(&["qemu64"]), owned(&["aarch64-max-smp4"]))
+        );
+        assert!(split_runs(&args(&[Arch::X86_64], &["aarch64-max"])).is_err());
+        assert!(split_runs(&args(&[Arch::X86_64, Arch::Aarch64], &["max"])).is_err());
+    }
+
+    #[test]
+    fn command_line() {
+        let c = qemu_command("aarch64-max-smp4", Path::new("/k"));
+        let words: Vec<_> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let line = words.join(" ");
+        assert_eq!(c.get_program(), "qemu-system-aarch64");
+        assert!(
+            line.starts_with("-M virt -cpu max -m 256M -smp 4 "),
+            "{line}"
+        );
+        assert!(line.ends_with("-semihosting -kernel /k"), "{line}");
+        let one = qemu_command("aarch64-cortex-a57", Path::new("/k"));
+        assert!(!one.get_args().any(|a| a == "-smp"));
+    }
+
+    #[test]
+    fn features_must_differ_in_lse_and_one_more() {
+        let lines = |s: &str| vec![format!("features: {s} (MIDR 0x411fd070)")];
+        let a57 = parse_features(&lines("lse=0 sha3=0 sve=0 crc32=1")).unwrap();
+        let max = parse_features(&lines("lse=1 sha3=1 sve=1 crc32=1")).unwrap();
+        assert_eq!(a57.len(), 4);
+        assert_eq!(
+            check_features_differ(Some(&a57), Some(&max)).unwrap(),
+            "lse, sha3, sve"
+        );
+        assert!(check_features_differ(Some(&a57), Some(&a57)).is_err());
+        assert!(check_features_differ(Some(&max), Some(&a57)).is_err());
+        let lse_only = parse_features(&lines("lse=1 sha3=0 sve=0 crc32=1")).unwrap();
+        assert!(check_features_differ(Some(&a57), Some(&lse_only)).is_err());
+        assert!(check_features_differ(None, Some(&max)).is_err());
+        assert!(parse_features(&["features: none".to_owned()]).is_none());
+    }
+}
