@@ -119,8 +119,9 @@ static mut IDT: InterruptDescriptorTable = InterruptDescriptorTable::new();
 
 /// README step 5: route #BP to ksites.
 fn install_int3_route() {
+    let idt = &raw mut IDT;
     // SAFETY: one CPU, interrupts off, nothing else references the IDT yet.
-    let idt = unsafe { &mut *(&raw mut IDT) };
+    let idt = unsafe { &mut *idt };
     // SAFETY: `int3_entry` is a complete #BP handler for a 64-bit interrupt gate, IST 0.
     unsafe {
         idt.breakpoint
