@@ -85,7 +85,7 @@ pub fn find_ifunc_sites(img: &Image<'_>, ifuncs: &[IfuncInfo]) -> Result<SiteSca
             .filter_map(|(i, f)| f.gnu_symbol.map(|s| (s as u64, i)))
             .collect(),
     );
-    find_sites_with(img, &|r: &Reloc| {
+    let mut scan = find_sites_with(img, &|r: &Reloc| {
         if !r.sym_is_section
             && let Some(i) = lookup(&by_sym, r.sym_index as u64)
         {
@@ -99,7 +99,9 @@ pub fn find_ifunc_sites(img: &Image<'_>, ifuncs: &[IfuncInfo]) -> Result<SiteSca
             target,
             target_addr: Some(t),
         })
-    })
+    })?;
+    scan.keep_patchable(img);
+    Ok(scan)
 }
 
 /// GNU ifuncs: `STT_GNU_IFUNC` symbols of a static image, each with the

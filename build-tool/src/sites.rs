@@ -148,6 +148,41 @@ impl SiteScan {
     }
 }
 
+impl SiteScan {
+    /// Moves the sites `img`'s target cannot patch (aarch64's conditional branches) to
+    /// [`SiteScan::other_refs`]: they keep branching to the trampoline and are reported
+    /// as `jcc`-class references, not patched. Nothing moves on x86-64.
+    pub fn keep_patchable(&mut self, img: &Image<'_>) {
+        let t = img.target;
+        if self.sites.iter().all(|s| t.patches_site(s.kind)) {
+            return;
+        }
+        let (keep, moved): (Vec<FoundSite>, Vec<FoundSite>) =
+            self.sites.iter().partition(|s| t.patches_site(s.kind));
+        for s in moved {
+            let off = (s.addr.wrapping_sub(self.section(&s).addr)) as usize;
+            let code = object::Object::section_by_index(&img.file, self.section_index(&s))
+                .ok()
+                .and_then(|sec| sec.data().ok())
+                .and_then(|d| d.get(off..))
+                .unwrap_or(&[]);
+            self.other_refs.push(OtherRef {
+                addr: s.addr,
+                target: s.target as usize,
+                section: self.section_name(&s).to_string(),
+                what: format!(
+                    "{} ({}-class branch: not patched)",
+                    t.disasm(code, s.addr),
+                    s.kind.name()
+                ),
+                location: self.location(&s).to_string(),
+            });
+        }
+        self.sites = keep;
+        self.other_refs.sort_by_key(|r| r.addr);
+    }
+}
+
 /// A relocation picked for decoding.
 #[derive(Clone, Copy)]
 struct Candidate {
@@ -736,6 +771,31 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
         }
     }
 
+    /// The section's bytes from `at` on (empty if `at` is outside it).
+    fn code_at(&self, at: u64) -> &'d [u8] {
+        at.checked_sub(self.sec_addr)
+            .and_then(|o| self.data.get(usize::try_from(o).ok()?..))
+            .unwrap_or(&[])
+    }
+
+    /// The linker range-extension veneer the branch at `at` goes to instead of
+    /// `target`, when that veneer goes to `target`: such a site is still a call of
+    /// `target`, but format v1 cannot record it (the loader checks a site against a
+    /// branch to the target itself), so it stays on the veneer and is reported.
+    fn veneer(&self, at: u64, target: u64) -> Option<u64> {
+        let t = self.img.target;
+        let n = t.veneer_len();
+        let code = self.code_at(at);
+        let dest = t.decode_insn(code, at);
+        if n == 0 || dest.kind.is_none() || dest.branch_target == target {
+            return None;
+        }
+        let v = dest.branch_target;
+        // A veneer at the end of its section may be shorter than the longest form.
+        let bytes = (1..=n).rev().find_map(|k| self.img.read_va(v, k as u64))?;
+        (t.veneer_target(bytes, v) == Some(target)).then_some(v)
+    }
+
     fn classify(&self, p: &mut Pass, g: &mut Group<'_>, c: &Candidate) {
         let img = self.img;
         let SiteInsn {
@@ -746,6 +806,13 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
         } = match g.cursor.classify(c.reloc_at, c.target_addr) {
             Ok(site) => site,
             Err(what) => {
+                let what = match c.target_addr.and_then(|t| self.veneer(c.reloc_at, t)) {
+                    Some(v) => format!(
+                        "{} to the linker veneer at {v:#x}: not patched: through a veneer",
+                        img.target.disasm(self.code_at(c.reloc_at), c.reloc_at)
+                    ),
+                    None => what,
+                };
                 p.part.late.push(OtherRef {
                     addr: c.reloc_at,
                     target: c.target as usize,
