@@ -224,6 +224,21 @@ fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Pat
             output.display()
         ),
     };
+    let veneered = r
+        .scan
+        .other_refs
+        .iter()
+        .filter(|o| o.what.contains(ksites::sites::THROUGH_VENEER))
+        .count();
+    let line = match veneered {
+        0 => line,
+        n => format!(
+            "{line}\nksites: {}: {n} ifunc sites {}: they keep working through the \
+             linker veneer and the trampoline (`ksites inspect` lists them)",
+            input.display(),
+            ksites::sites::THROUGH_VENEER
+        ),
+    };
     // With `-o -` (or `/dev/stdout`) the output is on stdout: the summary goes to
     // stderr.
     if ksites::output::is_stdout(output) {

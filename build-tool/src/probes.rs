@@ -662,9 +662,23 @@ impl ProbeFunctions {
     fn check_all_recorded(&self, img: &Image<'_>, recorded: &HashSet<u64>) -> Result<()> {
         let exec = ExecCode::new(img);
         let t = img.target;
+        // A relocation of a non-allocated section (debug information) holds an offset in
+        // that section, not an address: it is no reference from code.
+        let unallocated: HashSet<usize> = img
+            .file
+            .elf_section_table()
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| {
+                object::read::elf::SectionHeader::sh_flags(*h, object::LittleEndian).0
+                    & u64::from(object::elf::SHF_ALLOC.0)
+                    == 0
+            })
+            .map(|(i, _)| i)
+            .collect();
         for r in img.raw_relas() {
             let class = t.reloc_class(r.r_type);
-            let in_exec = exec.contains(r.offset);
+            let in_exec = exec.contains(r.offset) && !unallocated.contains(&r.section);
             let (i, why) = match self.reference(img, &exec, &r) {
                 Some(_)
                     if class == RelocClass::Branch

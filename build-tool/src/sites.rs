@@ -35,6 +35,11 @@ use crate::target::{FunctionCursor, RelocClass, SiteInsn};
 /// Kept at its old path for `embed` (which will ask `img.target`).
 pub use crate::target::x86_64::reloc_target;
 
+/// How a site whose branch reaches its target only through a linker range-extension
+/// veneer is reported (an [`OtherRef`]): format v1 cannot record it, so it stays on the
+/// veneer and the trampoline.
+pub const THROUGH_VENEER: &str = "not patched: through a veneer";
+
 /// A branch to one of the targets. Kept small (an image can have millions): its section
 /// and enclosing function are indices into the [`SiteScan`]'s tables, whose methods
 /// give their names ([`SiteScan::section_name`], [`SiteScan::location`]).
@@ -808,7 +813,7 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
             Err(what) => {
                 let what = match c.target_addr.and_then(|t| self.veneer(c.reloc_at, t)) {
                     Some(v) => format!(
-                        "{} to the linker veneer at {v:#x}: not patched: through a veneer",
+                        "{} to the linker veneer at {v:#x}: {THROUGH_VENEER}",
                         img.target.disasm(self.code_at(c.reloc_at), c.reloc_at)
                     ),
                     None => what,
