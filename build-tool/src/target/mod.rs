@@ -211,6 +211,17 @@ impl Target {
         }
     }
 
+    /// The GNU ld program that links for this target: `ld.bfd` on a host of the same
+    /// architecture, else the cross linker (`aarch64-linux-gnu-ld`).
+    pub const fn gnu_ld(self) -> &'static str {
+        match self {
+            Target::X86_64 if cfg!(target_arch = "x86_64") => "ld.bfd",
+            Target::Aarch64 if cfg!(target_arch = "aarch64") => "ld.bfd",
+            Target::X86_64 => x86_64::CROSS_GNU_LD,
+            Target::Aarch64 => aarch64::CROSS_GNU_LD,
+        }
+    }
+
     /// The `.ksites` header's architecture field for tables of this target.
     pub const fn table_arch(self) -> u16 {
         match self {
