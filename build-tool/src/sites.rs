@@ -724,6 +724,21 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
                 });
                 continue;
             }
+            if let Err(why) =
+                img.target
+                    .check_branch_reloc(r.r_type, self.code_at(r.offset), r.offset)
+            {
+                anyhow::bail!(
+                    "{}: section {}+{:#x} ({}): {} against `{}` {why}: the relocations do not \
+                     describe the code",
+                    img.path,
+                    self.sec_name,
+                    r.offset.wrapping_sub(self.sec_addr),
+                    self.describe(&mut p.locations, r.offset),
+                    img.target.reloc_name(r.r_type),
+                    img.raw_symbol_name(r.sym_index)
+                );
+            }
             let key = p.starts.decode_start(self, r.offset);
             let c = Candidate {
                 reloc_at: r.offset,

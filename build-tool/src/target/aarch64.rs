@@ -221,6 +221,34 @@ pub const fn probe_stub_reloc(kind: ProbeKind) -> Option<(u32, i64)> {
     }
 }
 
+/// Whether the instruction at `at` (`code` from there on) is one a relocation of type
+/// `t` fills: see [`super::Target::check_branch_reloc`]. Other types are not checked.
+pub fn check_branch_reloc(t: u32, code: &[u8], at: u64) -> Result<(), String> {
+    let want: &[&str] = match elf::RelocationType(t) {
+        elf::R_AARCH64_CALL26 => &["bl"],
+        elf::R_AARCH64_JUMP26 => &["b"],
+        elf::R_AARCH64_CONDBR19 => &["b.cond", "cbz", "cbnz"],
+        elf::R_AARCH64_TSTBR14 => &["tbz", "tbnz"],
+        _ => return Ok(()),
+    };
+    if !at.is_multiple_of(INSN_LEN as u64) {
+        return Err(format!(
+            "is at {at:#x}, not on a 4-byte instruction boundary"
+        ));
+    }
+    let Some(insn) = insn_at(code, 0) else {
+        return Err("is past the end of its section".into());
+    };
+    match mnemonic(insn) {
+        Some(m) if want.contains(&m) => Ok(()),
+        _ => Err(format!(
+            "is on `{}`, not on a `{}`",
+            describe(insn, at),
+            want.join("`/`")
+        )),
+    }
+}
+
 /// The one classification: the site kind and destination of `insn` at `pc`, if it is
 /// a direct branch (`bl`, `b`, or a conditional one as [`SiteKind::Jcc`]).
 fn branch_of(insn: u32, pc: u64) -> Option<(SiteKind, u64)> {
@@ -383,6 +411,31 @@ mod tests {
         assert_eq!(plain_branch_start(0x1004), Some(0x1004));
         assert_eq!(plain_branch_start(0x1005), None);
         assert_eq!(branch_field_dest(&code[..4], 0x1000), Some(0x1008));
+        // Each branch relocation type on its own form only.
+        let call = elf::R_AARCH64_CALL26.0;
+        assert_eq!(check_branch_reloc(call, &code, 0x1000), Ok(()));
+        assert!(
+            check_branch_reloc(call, &code[4..], 0x1004)
+                .unwrap_err()
+                .contains("`bl`")
+        );
+        assert!(check_branch_reloc(elf::R_AARCH64_JUMP26.0, &code, 0x1000).is_err());
+        assert_eq!(
+            check_branch_reloc(elf::R_AARCH64_CONDBR19.0, &code[12..], 0x100c),
+            Ok(())
+        );
+        assert!(check_branch_reloc(elf::R_AARCH64_TSTBR14.0, &code[12..], 0x100c).is_err());
+        assert!(
+            check_branch_reloc(call, &code[2..], 0x1002)
+                .unwrap_err()
+                .contains("boundary")
+        );
+        assert!(check_branch_reloc(call, &[], 0x1000).is_err());
+        // Address-taking relocations are not branch forms: nothing to check.
+        assert_eq!(
+            check_branch_reloc(elf::R_AARCH64_ADR_PREL_PG_HI21.0, &code[16..], 0x1010),
+            Ok(())
+        );
     }
 
     #[test]

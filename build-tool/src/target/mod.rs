@@ -239,6 +239,18 @@ impl Target {
         }
     }
 
+    /// Whether the instruction a relocation of type `r_type` sits on (`code` from
+    /// `at` on) is one that relocation type can fill: on aarch64 a CALL26 must be on a
+    /// 4-aligned `bl`, a JUMP26 on a `b`, a CONDBR19 on `b.cond`/`cbz`/`cbnz`, a TSTBR14
+    /// on `tbz`/`tbnz`; anything else is a malformed file. (x86-64's PC32/PLT32 also
+    /// fill data operands: nothing is checked there.)
+    pub fn check_branch_reloc(self, r_type: u32, code: &[u8], at: u64) -> Result<(), String> {
+        match self {
+            Target::X86_64 => Ok(()),
+            Target::Aarch64 => aarch64::check_branch_reloc(r_type, code, at),
+        }
+    }
+
     /// The name of a relocation type, for messages.
     pub fn reloc_name(self, r_type: u32) -> &'static str {
         match self {
