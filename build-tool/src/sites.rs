@@ -701,6 +701,23 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
             if class != RelocClass::Branch && !abs && !got {
                 continue;
             }
+            // Every branch relocation, selected or not: a malformed file is refused.
+            if class == RelocClass::Branch
+                && let Err(why) =
+                    img.target
+                        .check_branch_reloc(r.r_type, self.code_at(r.offset), r.offset)
+            {
+                anyhow::bail!(
+                    "{}: section {}+{:#x} ({}): {} against `{}` {why}: the relocations do not \
+                     describe the code",
+                    img.path,
+                    self.sec_name,
+                    r.offset.wrapping_sub(self.sec_addr),
+                    self.describe(&mut p.locations, r.offset),
+                    img.target.reloc_name(r.r_type),
+                    img.raw_symbol_name(r.sym_index)
+                );
+            }
             let Some(Selected {
                 target,
                 target_addr,
@@ -723,21 +740,6 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
                     location: self.describe(&mut p.locations, r.offset),
                 });
                 continue;
-            }
-            if let Err(why) =
-                img.target
-                    .check_branch_reloc(r.r_type, self.code_at(r.offset), r.offset)
-            {
-                anyhow::bail!(
-                    "{}: section {}+{:#x} ({}): {} against `{}` {why}: the relocations do not \
-                     describe the code",
-                    img.path,
-                    self.sec_name,
-                    r.offset.wrapping_sub(self.sec_addr),
-                    self.describe(&mut p.locations, r.offset),
-                    img.target.reloc_name(r.r_type),
-                    img.raw_symbol_name(r.sym_index)
-                );
             }
             let key = p.starts.decode_start(self, r.offset);
             let c = Candidate {
