@@ -633,12 +633,12 @@ mod tests {
             h
         };
         let a64 = dir.path().join("a.o");
-        std::fs::write(&a64, elf(object::elf::EM_AARCH64.0)).unwrap();
+        std::fs::write(&a64, elf(Target::Aarch64.e_machine())).unwrap();
         let lib = dir.path().join("libx.a");
         let mut ar =
             b"!<arch>\n/               0           0     0     0       4         `\n\0\0\0\0"
                 .to_vec();
-        ar.extend(elf(object::elf::EM_X86_64.0));
+        ar.extend(elf(Target::X86_64.e_machine()));
         std::fs::write(&lib, ar).unwrap();
         let args = |v: &[&std::path::Path]| -> Vec<OsString> {
             ["-static".into(), "-o".into()]

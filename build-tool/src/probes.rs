@@ -671,7 +671,7 @@ impl ProbeFunctions {
             .enumerate()
             .filter(|(_, h)| {
                 object::read::elf::SectionHeader::sh_flags(*h, object::LittleEndian).0
-                    & u64::from(object::elf::SHF_ALLOC.0)
+                    & object::elf::SHF_ALLOC.0
                     == 0
             })
             .map(|(i, _)| i)

@@ -697,3 +697,19 @@ fn malformed_inputs_are_refused_naming_the_place_with_no_output() {
         assert!(!out.exists());
     }
 }
+
+/// Regenerates the aarch64 fuzz seeds in `fuzz/seeds/module_loader` (which the
+/// `module_loader` and `elf_tools` targets start from): the module of
+/// [`modules_embed_and_check`] as gcc wrote it (`embed`'s aarch64 path on `ET_REL`), and
+/// embedded, with and without probes (the loader's aarch64 relocations and table).
+#[test]
+#[ignore]
+fn regenerate_fuzz_seeds() {
+    let dir = tmpdir("seeds");
+    let seeds = ws().join("fuzz/seeds/module_loader");
+    let m = gcc(&dir, "m.o", M_C, &[]);
+    let m2 = gcc(&dir, "m2.o", M_C, &["-DNO_PROBES"]);
+    std::fs::copy(&m, seeds.join("a64cmod.o")).unwrap();
+    ksites_ok(&[&"embed", &m, &"-o", &seeds.join("a64cmod.ko")]);
+    ksites_ok(&[&"embed", &m2, &"-o", &seeds.join("a64cmod-ifunc.ko")]);
+}

@@ -340,6 +340,10 @@ pub fn disasm(code: &[u8], ip: u64) -> String {
     }
 }
 
+/// `adrp x0, .` (a PC-relative instruction that is no branch).
+#[cfg(test)]
+const ADRP_X0: [u8; 4] = (kernel_loader::arch::aarch64::ADRP_X16 & !0x1f).to_le_bytes();
+
 /// The code the generic engine's tests assemble objects from.
 #[cfg(test)]
 pub(crate) const SAMPLES: super::Samples = super::Samples {
@@ -348,7 +352,7 @@ pub(crate) const SAMPLES: super::Samples = super::Samples {
     // `b.ne .`
     jcc: &[0x01, 0, 0, 0x54],
     // `adrp x0, .`
-    not_branch: &[0, 0, 0, 0x90],
+    not_branch: &ADRP_X0,
     // `stp x29, x30, [sp, #-16]!`, `ret`.
     other: &[0xfd, 0x7b, 0xbf, 0xa9, 0xc0, 0x03, 0x5f, 0xd6],
     // `nop`
