@@ -163,7 +163,7 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
                 )
             })?;
         let entry = img
-            .read_va(trampoline, t.trampoline_len() as u64)
+            .read_va(trampoline, t.plt_entry_len() as u64)
             .unwrap_or(&[]);
         if let Some(why) = t.unsupported_plt_entry(entry) {
             bail!(
@@ -171,7 +171,7 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
                 img.path
             );
         }
-        let Some(slot) = t.trampoline_slot(entry, trampoline) else {
+        let Some(slot) = t.plt_slot(entry, trampoline) else {
             bail!(
                 "{}: GNU ifunc {name}: the call at {at:#x} does not reach a {} PLT entry",
                 img.path,

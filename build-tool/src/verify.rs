@@ -136,7 +136,8 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
     let target = img.target;
     for f in t.ifuncs() {
         let b = img.read_va(f.trampoline, target.trampoline_len() as u64);
-        match b.and_then(|b| target.trampoline_slot(b, f.trampoline)) {
+        let read = |len| img.read_va(f.trampoline, len);
+        match target.entry_slot(read, f.trampoline) {
             Some(to) => {
                 if to != f.slot {
                     bad(format!(

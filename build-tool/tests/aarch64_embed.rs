@@ -144,6 +144,17 @@ const FAR_LD: &str = "SECTIONS {
 }
 ";
 
+/// A GNU ifunc (`R_AARCH64_IRELATIVE`, called through the linker's `.iplt` entry).
+const G_C: &str = r#"
+#include <stdint.h>
+static uint64_t pc_a(uint64_t x) { return x + 1; }
+static void *pick_pc(void) { return (void *)pc_a; }
+uint64_t gpop(uint64_t x) __attribute__((ifunc("pick_pc")));
+extern volatile uint64_t sink;
+__attribute__((noinline)) uint64_t g_calls(uint64_t x) { sink = gpop(x); return gpop(x + 1) + 1; }
+__attribute__((noinline)) uint64_t g_tail(uint64_t x) { return gpop(x); }
+"#;
+
 /// A module: calls of an imported ifunc and every C probe form.
 const M_C: &str = r#"
 #include <stdint.h>
@@ -457,6 +468,40 @@ fn images_from_both_linkers_embed_verify_and_match_objdump() {
         assert!(!o.status.success());
         assert!(String::from_utf8_lossy(&o.stderr).contains("already"));
         assert!(!twice.exists());
+    }
+}
+
+#[test]
+fn gnu_ifuncs_through_the_iplt_of_both_linkers() {
+    let dir = tmpdir("gnu");
+    let k = gcc(&dir, "k.o", K_C, &[]);
+    let g = gcc(&dir, "g.o", G_C, &[]);
+    for ld in [Ld::Bfd, Ld::Lld] {
+        let input = dir.join(format!("g-{ld:?}.elf"));
+        link(ld, false, &[&k, &g, &rust_lib(false)], None, &input);
+        let out = input.with_extension("emb");
+        let said = ksites_ok(&[&"embed", &input, &"-o", &out]);
+        assert!(said.contains("2 ifuncs, 9 sites"), "{ld:?}: {said}");
+        // The objdump cross-check covers the `.iplt` entry as gpop's trampoline.
+        let (sites, _, inspect) = check_embedded(&input, &out);
+        assert_eq!(sites, 9);
+        assert!(inspect.contains("ifunc gpop trampoline="), "{inspect}");
+        assert!(inspect.contains("gpop sites=3"), "{inspect}");
+        // The slot is the IRELATIVE one.
+        let rel = ok(Command::new("readelf").arg("-rW").arg(&input));
+        let irel = rel
+            .lines()
+            .find(|l| l.contains("R_AARCH64_IRELATIVE"))
+            .expect("an IRELATIVE relocation");
+        let slot = irel
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_start_matches('0');
+        assert!(
+            inspect.contains(&format!("slot=0x{slot} ")),
+            "{slot}: {inspect}"
+        );
     }
 }
 

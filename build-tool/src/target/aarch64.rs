@@ -147,14 +147,19 @@ pub fn trampoline_text(slot: Option<u64>) -> String {
     }
 }
 
-/// A GNU ifunc's IPLT entry (`adrp x16; ldr x17; add x16; br x17`) is not the
-/// trampoline form: GNU ifuncs are not supported on aarch64 yet.
-pub fn unsupported_plt_entry(entry: &[u8]) -> Option<&'static str> {
-    (!is_trampoline_form(entry)).then_some(
-        "is an aarch64 IPLT entry; GNU ifuncs (R_AARCH64_IRELATIVE) are not supported on \
-         aarch64 yet: declare the ifunc with kernel-loader's ifunc! (called from C through \
-         its trampoline symbol)",
-    )
+/// Every PLT form aarch64 linkers write for a static image is supported
+/// ([`plt_slot`]).
+pub fn unsupported_plt_entry(_entry: &[u8]) -> Option<&'static str> {
+    None
+}
+
+/// Length of a GNU ifunc's PLT entry.
+pub const PLT_ENTRY_LEN: usize = kernel_loader::arch::aarch64::PLT_ENTRY_LEN;
+
+/// The slot a GNU ifunc's PLT entry (`adrp x16; ldr x17, [x16, #off]; add x16, x16,
+/// #off; br x17`, `bytes` at `at`) jumps through.
+pub fn plt_slot(bytes: &[u8], at: u64) -> Option<u64> {
+    kernel_loader::arch::aarch64::plt_slot(bytes, at)
 }
 
 /// Where the linker veneer `bytes` at `at` goes, if they are one.
@@ -494,8 +499,6 @@ mod tests {
             .flat_map(|w| w.to_le_bytes())
             .collect();
         assert!(is_trampoline_form(&unlinked));
-        assert!(unsupported_plt_entry(&t).is_none());
-        assert!(unsupported_plt_entry(&[0; 16]).is_some());
         assert!(!is_trampoline_form(&probe_nop()));
         assert!(is_trampoline_slot_reloc(elf::R_AARCH64_ADR_PREL_PG_HI21.0));
         assert!(!is_trampoline_slot_reloc(elf::R_AARCH64_CALL26.0));

@@ -374,6 +374,31 @@ impl Target {
         }
     }
 
+    /// Length of a GNU ifunc's PLT entry (on x86-64 the trampoline's form).
+    pub const fn plt_entry_len(self) -> usize {
+        match self {
+            Target::X86_64 => x86_64::TRAMPOLINE_LEN,
+            Target::Aarch64 => aarch64::PLT_ENTRY_LEN,
+        }
+    }
+
+    /// The slot a GNU ifunc's PLT entry (`bytes` at `at`) jumps through, or `None` if
+    /// they are not one.
+    pub fn plt_slot(self, bytes: &[u8], at: u64) -> Option<u64> {
+        match self {
+            Target::X86_64 => x86_64::trampoline_slot(bytes, at),
+            Target::Aarch64 => aarch64::plt_slot(bytes, at),
+        }
+    }
+
+    /// The slot the ifunc entry at `at` jumps through: an `ifunc!` trampoline or a GNU
+    /// ifunc's PLT entry, its bytes read by `read(len)`.
+    pub fn entry_slot<'d>(self, read: impl Fn(u64) -> Option<&'d [u8]>, at: u64) -> Option<u64> {
+        read(self.trampoline_len() as u64)
+            .and_then(|b| self.trampoline_slot(b, at))
+            .or_else(|| read(self.plt_entry_len() as u64).and_then(|b| self.plt_slot(b, at)))
+    }
+
     /// Whether `bytes` are the trampoline's form whatever slot it names (in an object,
     /// before the slot relocation is applied).
     pub fn is_trampoline_form(self, bytes: &[u8]) -> bool {

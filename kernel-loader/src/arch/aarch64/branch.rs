@@ -270,6 +270,29 @@ pub fn trampoline_slot(b: &[u8], addr: u64) -> Option<u64> {
     (slot != 0 && slot.checked_add(8).is_some()).then_some(slot)
 }
 
+/// `ldr x17, [x16, #0]` (64-bit, unsigned offset): imm12 (in 8-byte units) in bits
+/// 10..22.
+const LDR_X17_X16: u32 = 0xf940_0211;
+/// `br x17`.
+const BR_X17: u32 = 0xd61f_0220;
+/// Length of a GNU ifunc's PLT entry (`.iplt`), as GNU ld and lld write it.
+pub const PLT_ENTRY_LEN: usize = 16;
+
+/// The slot (`.got.plt`/`.got` entry, filled through `R_AARCH64_IRELATIVE`) the GNU
+/// ifunc PLT entry `b` (read at `addr`) jumps through: `adrp x16, page; ldr x17, [x16,
+/// #off]; add x16, x16, #off; br x17` (GNU ld's and lld's static `.iplt` form). `None` if
+/// the bytes are not that, or the slot would be null or outside the address space.
+pub fn plt_slot(b: &[u8], addr: u64) -> Option<u64> {
+    let page = adrp_x16_page(insn_at(b, 0)?, addr)?;
+    let off = imm12_of(insn_at(b, 1)?, LDR_X17_X16)? * 8;
+    let add = imm12_of(insn_at(b, 2)?, ADD_X16_X16)?;
+    if add != off || insn_at(b, 3)? != BR_X17 {
+        return None;
+    }
+    let slot = page.checked_add(off)?;
+    (slot != 0 && slot.checked_add(8).is_some()).then_some(slot)
+}
+
 /// Longest veneer [`veneer_target`] decodes, in bytes (GNU ld's PC-relative long
 /// branch stub after a `bti c`).
 pub const MAX_VENEER_LEN: usize = 28;
@@ -636,5 +659,35 @@ mod tests {
         // `add x0, x0, #1` and a data word.
         assert_eq!(mnemonic(0x9100_0400), None);
         assert_eq!(mnemonic(0), None);
+    }
+
+    /// GNU ld's (at 0x400140) and lld's (at 0x251400) `.iplt` entries for a static
+    /// aarch64 image with one GNU ifunc (`aarch64-linux-gnu-ld 2.42` and rust-lld,
+    /// bytes from `objdump -d`), with the slots their `R_AARCH64_IRELATIVE` names.
+    #[test]
+    fn plt_entries_of_both_linkers() {
+        let words = |w: [u32; 4]| -> [u8; 16] {
+            let mut b = [0u8; 16];
+            for (k, w) in w.iter().enumerate() {
+                b[4 * k..4 * k + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            b
+        };
+        let bfd = words([0xf000_02f0, 0xf947_f611, 0x913f_a210, 0xd61f_0220]);
+        assert_eq!(plt_slot(&bfd, 0x40_0140), Some(0x45_ffe8));
+        let lld = words([0x9000_0090, 0xf942_ae11, 0x9115_6210, 0xd61f_0220]);
+        assert_eq!(plt_slot(&lld, 0x25_1400), Some(0x26_1558));
+        // Not a trampoline, and a trampoline is not an entry; `add` and `ldr`
+        // disagreeing, a truncated entry, `br x16`: refused.
+        assert_eq!(trampoline_slot(&bfd, 0x40_0140), None);
+        let t = words([ADRP_X16, LDR_X16_X16 | 1 << 10, BR_X16, NOP]);
+        assert_eq!(plt_slot(&t, 0x1000), None);
+        let mut bad = lld;
+        bad[8..12].copy_from_slice(&0x9115_6610u32.to_le_bytes());
+        assert_eq!(plt_slot(&bad, 0x25_1400), None);
+        assert_eq!(plt_slot(&lld[..12], 0x25_1400), None);
+        let mut bad = lld;
+        bad[12..].copy_from_slice(&BR_X16.to_le_bytes());
+        assert_eq!(plt_slot(&bad, 0x25_1400), None);
     }
 }
