@@ -228,6 +228,14 @@ const SPLIT_AT: usize = 1 << 16;
 /// The engine: every branch-class relocation (and, reported as other references, every
 /// absolute or GOT one) in an executable section that `select` picks is decoded and classified.
 pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan> {
+    find_sites_checked(img, select, true)
+}
+
+/// [`find_sites_with`]; with `strict` false, a branch relocation on an instruction it
+/// cannot fill ([`crate::target::Target::check_branch_reloc`]) is reported as an other
+/// reference instead of refusing the file (`verify` and `inspect` on an image whose
+/// code changed since it was linked).
+pub fn find_sites_checked(img: &Image<'_>, select: &Select<'_>, strict: bool) -> Result<SiteScan> {
     let mut scan = SiteScan::default();
     let mut functions: HashMap<usize, u32> = HashMap::new();
     for sec in img.exec_sections() {
@@ -237,7 +245,8 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
             name: img.section_name(&sec).unwrap_or("?").to_string(),
             addr: sec.address(),
         });
-        let ctx = SectionCtx::new(img, &sec, section, select);
+        let mut ctx = SectionCtx::new(img, &sec, section, select);
+        ctx.strict = strict;
         // Streaming first, in parts on several CPUs when the section is large; if the
         // functions come out of address order, the section starts over, sorted.
         let parts = match img.rela_tables(sec.index()) {
@@ -486,6 +495,8 @@ struct SectionCtx<'a, 'd> {
     section: u32,
     data: &'d [u8],
     select: &'a Select<'a>,
+    /// Whether a malformed branch relocation refuses the file (else it is reported).
+    strict: bool,
     /// The [`Image::sym`] index of the section's first symbol, and how many it has.
     first: usize,
     count: usize,
@@ -543,6 +554,7 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
             section,
             data: sec.data().unwrap_or(&[]),
             select,
+            strict: true,
             first,
             count: partition(img.defined_count() - first, |k| {
                 img.sym(first + k).section == index
@@ -701,22 +713,36 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
             if class != RelocClass::Branch && !abs && !got {
                 continue;
             }
-            // Every branch relocation, selected or not: a malformed file is refused.
+            // Every branch relocation, selected or not: a malformed file is refused
+            // (reported, when not strict).
             if class == RelocClass::Branch
                 && let Err(why) =
                     img.target
                         .check_branch_reloc(r.r_type, self.code_at(r.offset), r.offset)
             {
-                anyhow::bail!(
-                    "{}: section {}+{:#x} ({}): {} against `{}` {why}: the relocations do not \
-                     describe the code",
-                    img.path,
-                    self.sec_name,
-                    r.offset.wrapping_sub(self.sec_addr),
-                    self.describe(&mut p.locations, r.offset),
+                let what = format!(
+                    "{} against `{}` {why}: the relocations do not describe the code",
                     img.target.reloc_name(r.r_type),
                     img.raw_symbol_name(r.sym_index)
                 );
+                let location = self.describe(&mut p.locations, r.offset);
+                anyhow::ensure!(
+                    !self.strict,
+                    "{}: section {}+{:#x} ({location}): {what}",
+                    img.path,
+                    self.sec_name,
+                    r.offset.wrapping_sub(self.sec_addr),
+                );
+                if let Some(sel) = (self.select)(&r) {
+                    p.part.late.push(OtherRef {
+                        addr: r.offset,
+                        target: sel.target,
+                        section: self.sec_name.to_string(),
+                        what,
+                        location,
+                    });
+                }
+                continue;
             }
             let Some(Selected {
                 target,

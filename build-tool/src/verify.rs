@@ -209,7 +209,7 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
 
     // The table's sites are exactly what the relocations say.
     let records = crate::records::read_ifuncs(&img)?;
-    let scan = crate::records::find_ifunc_sites(&img, &records)?;
+    let scan = crate::records::find_ifunc_sites_checked(&img, &records, false)?;
     let from_relocs: BTreeSet<u64> = scan.sites.iter().map(|s| s.addr).collect();
     let in_table: BTreeSet<u64> = t.sites().map(|s| s.addr).collect();
     for a in from_relocs.difference(&in_table) {

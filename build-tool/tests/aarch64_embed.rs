@@ -730,6 +730,35 @@ fn malformed_inputs_are_refused_naming_the_place_with_no_output() {
             "not on a `b`",
         ],
     );
+    // An embedded image whose site no longer holds its branch: `verify` finds it
+    // (exit 4), naming the site.
+    let input = dir.join("k.elf");
+    link(Ld::Lld, false, &[&k, &rust_lib(false)], None, &input);
+    let out = dir.join("k.emb");
+    ksites_ok(&[&"embed", &input, &"-o", &out]);
+    let mut img = std::fs::read(&out).unwrap();
+    let site = {
+        let i = Image::parse("out", &img).unwrap();
+        let sec = i.section_by_name(SECTION_NAME).unwrap();
+        let t = Table::parse(
+            object::ObjectSection::data(&sec).unwrap(),
+            object::ObjectSection::address(&sec),
+            &i.exec_ranges(),
+        )
+        .unwrap();
+        let s = t.site(0).unwrap().addr;
+        let text = i.section_by_name(".text").unwrap();
+        let (off, _) = object::ObjectSection::file_range(&text).unwrap();
+        (off + s - object::ObjectSection::address(&text)) as usize
+    };
+    img[site..site + 4].copy_from_slice(&NOP);
+    let bad = dir.join("bad.emb");
+    std::fs::write(&bad, &img).unwrap();
+    let o = ksites(&[&"verify", &bad]);
+    assert_eq!(o.status.code(), Some(4));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("ifunc site 0 at .text+"), "{said}");
+    assert!(said.contains("found [1f, 20, 03, d5] = `nop`"), "{said}");
     // Truncated anywhere in its headers or sections.
     for cut in [10, 64, data.len() / 2] {
         let input = dir.join(format!("cut{cut}.o"));

@@ -29,8 +29,9 @@ pub const PROBE_SITE_LEN: usize = if x86_64::PROBE_SITE_LEN > aarch64::PROBE_SIT
     aarch64::PROBE_SITE_LEN
 };
 
-/// The bytes of one probe site ([`Target::probe_site_len`] of them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The bytes of one probe site ([`Target::probe_site_len`] of them). Formats (`{:02x?}`)
+/// as the byte slice it holds.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProbeBytes {
     buf: [u8; PROBE_SITE_LEN],
     len: u8,
@@ -46,6 +47,12 @@ impl ProbeBytes {
             i += 1;
         }
         ProbeBytes { buf, len: N as u8 }
+    }
+}
+
+impl std::fmt::Debug for ProbeBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
     }
 }
 
