@@ -639,6 +639,25 @@ fn modules_embed_and_check() {
     let rel = ok(Command::new("readelf").arg("-rW").arg(&out));
     let ksites_rel = rel.split("'.rela.ksites'").nth(1).expect(".rela.ksites");
     assert!(ksites_rel.contains("R_AARCH64_PREL32"), "{ksites_rel}");
+    // A rustc object as a module: `ifunc!` defined in it (its trampoline's `adrp`
+    // relocated against the slot), Rust callers and `probe!` sites.
+    let ar = dir.join("ar");
+    std::fs::create_dir_all(&ar).unwrap();
+    ok(Command::new("aarch64-linux-gnu-ar")
+        .arg("x")
+        .arg(rust_lib(false))
+        .current_dir(&ar));
+    let robj = std::fs::read_dir(&ar)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("a64embed"))
+        .expect("the crate's object in the archive");
+    let rout = dir.join("r.emb.o");
+    let said = ksites_ok(&[&"embed", &robj, &"-o", &rout]);
+    assert!(
+        said.contains("1 ifuncs, 3 sites, 0 other references, 2 probes, 2 probe sites"),
+        "{said}"
+    );
     // An ifunc-only module with its table loads (checked by the module loader).
     let m2 = gcc(&dir, "m2.o", M_C, &["-DNO_PROBES"]);
     let out2 = dir.join("m2.emb.o");
