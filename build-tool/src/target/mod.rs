@@ -79,7 +79,7 @@ pub enum Target {
 }
 
 /// The target of tables built with no ELF header to take it from (`table::build`, used
-/// by tests and benches): x86-64, the only one so far.
+/// by tests and benches): x86-64, the first target (every ELF input names its own).
 impl Default for Target {
     fn default() -> Self {
         Target::X86_64
