@@ -295,11 +295,24 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                         STUB_SYMBOLS[1]
                     );
                 }
-                Some(
-                    img.target
-                        .disabled_probe(&site, &stubs)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", img.path))?,
-                )
+                Some(img.target.disabled_probe(&site, &stubs).map_err(|e| {
+                    // Where the site is, and the probe, for the message.
+                    let at = ExecCode::new(img)
+                        .section(p.addr)
+                        .map(|(start, _, sec)| {
+                            let name = object::Object::section_by_index(&img.file, sec)
+                                .ok()
+                                .and_then(|s| img.section_name(&s))
+                                .unwrap_or("?");
+                            format!(
+                                "section {name}+{:#x} in {}",
+                                p.addr - start,
+                                img.describe(sec, p.addr)
+                            )
+                        })
+                        .unwrap_or_default();
+                    anyhow::anyhow!("{}: {e} ({at}, probe {}:{})", img.path, p.key.0, p.key.1)
+                })?)
             }
         };
         if let Some(b) = disabled {

@@ -130,7 +130,18 @@ __attribute__((noinline)) uint64_t far_calls(uint64_t x) {
     return fixture_add_c(x, 2) + 1;
 }
 __attribute__((noinline)) uint64_t far_tail(uint64_t x) { return fixture_add_c(x, 3); }
-void _start(void) { sink = far_calls(1) + far_tail(2) + rust_calls(3) + fixture_fire(4); for (;;) {} }
+#ifdef WITH_PROBE
+#include "ksites_sdt.h"
+KSITES_PROBE_DECL(net, tx, 1, (unsigned long len))
+__attribute__((noinline)) void far_probe_tail(unsigned long n) { KSITES_PROBE(net, tx, n); }
+#else
+static void far_probe_tail(unsigned long n) { (void)n; }
+#endif
+void _start(void) {
+    sink = far_calls(1) + far_tail(2) + rust_calls(3) + fixture_fire(4);
+    far_probe_tail(5);
+    for (;;) {}
+}
 "#;
 
 const FAR_LD: &str = "SECTIONS {
@@ -570,6 +581,25 @@ fn a_far_trampoline_is_reached_through_veneers_which_are_reported() {
         assert_eq!(veneered.len(), 3, "{inspect}");
         assert!(veneered.iter().all(|l| l.contains("far_")), "{inspect}");
     }
+    // A C tail probe there: its disabled form (`b ksites_probe_ret0`) cannot reach the
+    // stub 256 MiB away, which is an error naming the site, with no output.
+    let farp = gcc(&dir, "far.o", FAR_C, &["-DWITH_PROBE"]);
+    let input = dir.join("farp.elf");
+    link(Ld::Bfd, false, &[&farp, &lib], Some(&script), &input);
+    let out = dir.join("farp.emb");
+    let o = ksites(&[&"embed", &input, &"-o", &out]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    for want in [
+        "farp.elf: probe site 0x",
+        "cannot reach",
+        "section .text.near+0x",
+        "in far_probe_tail",
+        "probe net:tx",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(!out.exists());
 }
 
 #[test]
