@@ -8,7 +8,7 @@ use object::{Object, ObjectSection};
 
 use crate::elf::Image;
 use crate::probes::find_probes;
-use crate::records::{find_ifunc_sites, read_ifuncs};
+use crate::records::{find_ifunc_sites_checked, read_ifuncs};
 
 fn sym_name(img: &Image<'_>, addr: u64) -> String {
     img.file
@@ -60,7 +60,7 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
     writeln!(o, "{path}: ELF {:?} {}", img.kind, img.target.name())?;
     let exec = img.exec_ranges();
     let ifunc_records = read_ifuncs(&img)?;
-    let scan = find_ifunc_sites(&img, &ifunc_records)?;
+    let scan = find_ifunc_sites_checked(&img, &ifunc_records, false)?;
 
     // Rows to print: from the table when embedded, else from what embed would record.
     let mut ifuncs: Vec<IfuncRow> = Vec::new();

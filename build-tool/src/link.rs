@@ -19,6 +19,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::embed::{AlreadyEmbedded, EmbedReport, embed_file};
+use crate::target::Target;
 
 /// Environment variable choosing the real linker for `ksites-ld` (and the default for
 /// `ksites link`).
@@ -49,6 +50,15 @@ impl Linker {
     /// The linker chosen by `KSITES_LINKER`, or LLD.
     pub fn from_env() -> Linker {
         std::env::var_os(LINKER_ENV).map_or(Linker::Lld, |v| Linker::parse(&v))
+    }
+
+    /// The command to run for a link whose inputs are for `target` (GNU ld is one
+    /// program per architecture: [`Target::gnu_ld`]; lld handles every one).
+    fn command_for(&self, target: Option<Target>) -> Result<Command> {
+        match (self, target) {
+            (Linker::Bfd, Some(t)) => Ok(Command::new(t.gnu_ld())),
+            _ => self.command(),
+        }
     }
 
     /// The command to run, with any leading arguments it needs.
@@ -431,6 +441,38 @@ fn refuse_output_among_inputs(output: &Path, rest: &[OsString]) -> Result<()> {
     Ok(())
 }
 
+/// The target of a link's inputs: the `e_machine` of the first input file that is an
+/// ELF object or an archive of them, if the tool knows it.
+fn input_target(args: &[OsString]) -> Option<Target> {
+    use std::io::Read as _;
+    for a in args {
+        let p = Path::new(a);
+        if a.as_bytes().starts_with(b"-") || !p.is_file() {
+            continue;
+        }
+        let mut head = [0u8; 4096];
+        let Ok(n) = std::fs::File::open(p).and_then(|mut f| f.read(&mut head)) else {
+            continue;
+        };
+        let head = &head[..n];
+        // An archive: its first member's header is 60 bytes after the 8-byte magic
+        // (the symbol table first, usually: look for the first ELF header instead).
+        let elf = match head.strip_prefix(b"!<arch>\n") {
+            Some(rest) => rest
+                .windows(4)
+                .position(|w| w == b"\x7fELF")
+                .map(|i| &rest[i..]),
+            None => Some(head),
+        };
+        if let Some(e) = elf.filter(|e| e.starts_with(b"\x7fELF") && e.len() >= 20)
+            && let Ok(t) = Target::from_machine(u16::from_le_bytes([e[18], e[19]]))
+        {
+            return Some(t);
+        }
+    }
+    None
+}
+
 /// The linker's program, for messages.
 fn program(cmd: &Command) -> String {
     cmd.get_program().to_string_lossy().into_owned()
@@ -438,7 +480,7 @@ fn program(cmd: &Command) -> String {
 
 /// Runs the linker unchanged (a pass-through command line).
 fn run_unchanged(linker: &Linker, args: &[OsString]) -> Result<()> {
-    let mut cmd = linker.command()?;
+    let mut cmd = linker.command_for(input_target(args))?;
     // `-flavor X` is for rust-lld only, and `command()` adds it where needed.
     let mut rest = Vec::new();
     let mut it = args.iter();
@@ -538,7 +580,7 @@ pub fn link(linker: &Linker, args: &[OsString]) -> Result<Option<(PathBuf, Embed
     };
     let tmp = crate::output::TempFile::beside(&beside, ".ksites-link-")
         .map_err(crate::output::write_error(&la.output))?;
-    let mut cmd = linker.command()?;
+    let mut cmd = linker.command_for(input_target(&la.rest))?;
     cmd.args(&la.rest);
     if !la.has_emit_relocs {
         cmd.arg("--emit-relocs");
@@ -579,6 +621,41 @@ mod tests {
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn gnu_ld_follows_the_inputs_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let elf = |machine: u16| {
+            let mut h = vec![0u8; 64];
+            h[..4].copy_from_slice(b"\x7fELF");
+            h[18..20].copy_from_slice(&machine.to_le_bytes());
+            h
+        };
+        let a64 = dir.path().join("a.o");
+        std::fs::write(&a64, elf(Target::Aarch64.e_machine())).unwrap();
+        let lib = dir.path().join("libx.a");
+        let mut ar =
+            b"!<arch>\n/               0           0     0     0       4         `\n\0\0\0\0"
+                .to_vec();
+        ar.extend(elf(Target::X86_64.e_machine()));
+        std::fs::write(&lib, ar).unwrap();
+        let args = |v: &[&std::path::Path]| -> Vec<OsString> {
+            ["-static".into(), "-o".into()]
+                .into_iter()
+                .chain(v.iter().map(|p| p.as_os_str().to_owned()))
+                .collect()
+        };
+        assert_eq!(input_target(&args(&[&a64, &lib])), Some(Target::Aarch64));
+        assert_eq!(input_target(&args(&[&lib, &a64])), Some(Target::X86_64));
+        assert_eq!(input_target(&args(&[])), None);
+        let cmd = Linker::Bfd.command_for(Some(Target::Aarch64)).unwrap();
+        assert_eq!(program(&cmd), Target::Aarch64.gnu_ld());
+        assert_eq!(
+            program(&Linker::Bfd.command_for(None).unwrap()),
+            "ld.bfd",
+            "no input told: the host's"
+        );
     }
 
     #[test]

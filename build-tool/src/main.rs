@@ -1,6 +1,6 @@
-//! `ksites`: finds ifunc call sites and SDT probe sites in x86-64 ELF files, embeds the
-//! `.ksites` table the kernel-loader patches from, wraps the linker, scans for arbitrary
-//! call/jump sites, and verifies embedded images.
+//! `ksites`: finds ifunc call sites and SDT probe sites in x86-64 and aarch64 ELF files,
+//! embeds the `.ksites` table the kernel-loader patches from, wraps the linker, scans for
+//! arbitrary call/jump sites, and verifies embedded images.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -29,8 +29,8 @@ Exit status:
      check-module: the module, a well-formed object, would not load (one line per
      problem); nothing else exits 4";
 
-/// Find ifunc call sites and SDT probe sites in x86-64 ELF files and embed the `.ksites`
-/// table that kernel-loader patches from at boot and at module load.
+/// Find ifunc call sites and SDT probe sites in x86-64 and aarch64 ELF files and embed the
+/// `.ksites` table that kernel-loader patches from at boot and at module load.
 #[derive(Parser, Debug)]
 #[command(name = "ksites", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -42,8 +42,8 @@ struct Cli {
 enum Command {
     /// Find every call/jmp/jcc to an ifunc trampoline and every probe site in IMAGE
     /// (an ET_EXEC, or an ET_DYN PIE, linked with --emit-relocs), rewrite dtrace-style
-    /// C probe calls into their disabled 5-byte form, write the `.ksites` table (into a
-    /// zero-filled `.ksites` section the linker script reserved, or else into a new
+    /// C probe calls into their disabled form (5 bytes on x86-64, one instruction on
+    /// aarch64), write the `.ksites` table (into a zero-filled `.ksites` section the linker script reserved, or else into a new
     /// read-only PT_LOAD past the image, behind one holding the program headers) plus
     /// one `.note.stapsdt` note per probe site, point the image's table cell at the
     /// table, and write the result to OUTPUT. IMAGE is never modified; identical input
@@ -222,6 +222,21 @@ fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Pat
             "ksites: {}: no ifuncs or probes; copied unchanged -> {}",
             input.display(),
             output.display()
+        ),
+    };
+    let veneered = r
+        .scan
+        .other_refs
+        .iter()
+        .filter(|o| o.what.contains(ksites::sites::THROUGH_VENEER))
+        .count();
+    let line = match veneered {
+        0 => line,
+        n => format!(
+            "{line}\nksites: {}: {n} ifunc sites {}: they keep working through the \
+             linker veneer and the trampoline (`ksites inspect` lists them)",
+            input.display(),
+            ksites::sites::THROUGH_VENEER
         ),
     };
     // With `-o -` (or `/dev/stdout`) the output is on stdout: the summary goes to

@@ -20,7 +20,7 @@ use crate::record_section::{
 };
 use crate::sites::{Selected, find_sites_with};
 use crate::table::{ProbeEntry, ProbeSiteEntry};
-use crate::target::{PROBE_SITE_LEN, RelocClass};
+use crate::target::{ProbeBytes, RelocClass};
 
 /// Prefix of C probe functions.
 pub const C_PROBE_PREFIX: &str = "__dtrace_probe_";
@@ -52,7 +52,7 @@ pub struct ProbeScan {
     /// `probe!` records whose id field must be set: (record address, id).
     pub record_ids: Vec<(u64, u32)>,
     /// C call sites to rewrite into their disabled form: (address, bytes).
-    pub rewrites: Vec<(u64, [u8; PROBE_SITE_LEN])>,
+    pub rewrites: Vec<(u64, ProbeBytes)>,
 }
 
 fn read_str(img: &Image<'_>, ptr: u64, len: u64, what: &str) -> Result<String> {
@@ -233,7 +233,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                     scan.location(s)
                 );
             }
-            let kind = c_site_kind(&scan, s, f.enabled, &f.symbol)
+            let kind = c_site_kind(&scan, s, f.enabled, &f.symbol, img.target.probe_site_len())
                 .with_context(|| img.path.to_string())?;
             let key = (f.provider.clone(), f.name.clone());
             nargs.entry(key.clone()).or_insert(None);
@@ -287,7 +287,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                     kind: p.kind,
                     probe: id,
                 };
-                if p.kind == ProbeKind::CEnabledTail && stubs.ret0 == 0 {
+                if img.target.probe_stub_reloc(p.kind).is_some() && stubs.ret0 == 0 {
                     bail!(
                         "{}: C is-enabled tail call at {:#x} needs kernel-loader's `{}` in the image",
                         img.path,
@@ -295,11 +295,24 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                         STUB_SYMBOLS[1]
                     );
                 }
-                Some(
-                    img.target
-                        .disabled_probe(&site, &stubs)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", img.path))?,
-                )
+                Some(img.target.disabled_probe(&site, &stubs).map_err(|e| {
+                    // Where the site is, and the probe, for the message.
+                    let at = ExecCode::new(img)
+                        .section(p.addr)
+                        .map(|(start, _, sec)| {
+                            let name = object::Object::section_by_index(&img.file, sec)
+                                .ok()
+                                .and_then(|s| img.section_name(&s))
+                                .unwrap_or("?");
+                            format!(
+                                "section {name}+{:#x} in {}",
+                                p.addr - start,
+                                img.describe(sec, p.addr)
+                            )
+                        })
+                        .unwrap_or_default();
+                    anyhow::anyhow!("{}: {e} ({at}, probe {}:{})", img.path, p.key.0, p.key.1)
+                })?)
             }
         };
         if let Some(b) = disabled {
@@ -385,11 +398,12 @@ pub(crate) fn c_site_kind(
     s: &crate::sites::FoundSite,
     is_enabled: bool,
     func: &str,
+    site_len: usize,
 ) -> Result<ProbeKind> {
-    if s.prefixes != 0 || s.kind == SiteKind::Jcc || usize::from(s.len) != PROBE_SITE_LEN {
+    if s.prefixes != 0 || s.kind == SiteKind::Jcc || usize::from(s.len) != site_len {
         bail!(
             "section {}+{:#x} in {}: {} to probe function {func} is {} bytes{}; only a plain \
-             5-byte call or jmp can be rewritten safely",
+             {site_len}-byte call or jmp can be rewritten safely",
             scan.section_name(s),
             scan.section_offset(s),
             scan.location(s),
@@ -632,7 +646,7 @@ impl ProbeFunctions {
         };
         Some(
             s.wrapping_add_signed(r.addend)
-                .wrapping_add(img.target.branch_field_len()),
+                .wrapping_add_signed(img.target.branch_bias()),
         )
     }
 
@@ -661,9 +675,23 @@ impl ProbeFunctions {
     fn check_all_recorded(&self, img: &Image<'_>, recorded: &HashSet<u64>) -> Result<()> {
         let exec = ExecCode::new(img);
         let t = img.target;
+        // A relocation of a non-allocated section (debug information) holds an offset in
+        // that section, not an address: it is no reference from code.
+        let unallocated: HashSet<usize> = img
+            .file
+            .elf_section_table()
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| {
+                object::read::elf::SectionHeader::sh_flags(*h, object::LittleEndian).0
+                    & object::elf::SHF_ALLOC.0
+                    == 0
+            })
+            .map(|(i, _)| i)
+            .collect();
         for r in img.raw_relas() {
             let class = t.reloc_class(r.r_type);
-            let in_exec = exec.contains(r.offset);
+            let in_exec = exec.contains(r.offset) && !unallocated.contains(&r.section);
             let (i, why) = match self.reference(img, &exec, &r) {
                 Some(_)
                     if class == RelocClass::Branch

@@ -9,7 +9,7 @@ use object::{Object, ObjectSection, ObjectSymbol};
 
 use crate::elf::{Image, Reloc};
 use crate::record_section::{self, IFUNC_RECORDS, Relative, u64_at};
-use crate::sites::{Selected, SiteScan, find_sites_with};
+use crate::sites::{Selected, SiteScan, find_sites_checked};
 use crate::target::RelocClass;
 
 /// One ifunc, with absolute addresses in the linked image.
@@ -55,6 +55,16 @@ pub fn read_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
 
 /// Every call/jmp/jcc site of `ifuncs` (and every other reference to them).
 pub fn find_ifunc_sites(img: &Image<'_>, ifuncs: &[IfuncInfo]) -> Result<SiteScan> {
+    find_ifunc_sites_checked(img, ifuncs, true)
+}
+
+/// [`find_ifunc_sites`], reporting malformed branch relocations instead of refusing
+/// the file unless `strict` (see [`crate::sites::find_sites_checked`]).
+pub fn find_ifunc_sites_checked(
+    img: &Image<'_>,
+    ifuncs: &[IfuncInfo],
+    strict: bool,
+) -> Result<SiteScan> {
     // Few ifuncs, millions of relocations: sorted vectors searched by halving, not
     // hash maps. Where two ifuncs share a key, the later one answers (as a map built
     // from the list in order would have it).
@@ -85,21 +95,27 @@ pub fn find_ifunc_sites(img: &Image<'_>, ifuncs: &[IfuncInfo]) -> Result<SiteSca
             .filter_map(|(i, f)| f.gnu_symbol.map(|s| (s as u64, i)))
             .collect(),
     );
-    find_sites_with(img, &|r: &Reloc| {
-        if !r.sym_is_section
-            && let Some(i) = lookup(&by_sym, r.sym_index as u64)
-        {
-            return Some(Selected {
-                target: i,
-                target_addr: Some(ifuncs[i].trampoline),
-            });
-        }
-        let t = img.target.reloc_target(r);
-        lookup(&by_addr, t).map(|target| Selected {
-            target,
-            target_addr: Some(t),
-        })
-    })
+    let mut scan = find_sites_checked(
+        img,
+        &|r: &Reloc| {
+            if !r.sym_is_section
+                && let Some(i) = lookup(&by_sym, r.sym_index as u64)
+            {
+                return Some(Selected {
+                    target: i,
+                    target_addr: Some(ifuncs[i].trampoline),
+                });
+            }
+            let t = img.target.reloc_target(r);
+            lookup(&by_addr, t).map(|target| Selected {
+                target,
+                target_addr: Some(t),
+            })
+        },
+        strict,
+    )?;
+    scan.keep_patchable(img);
+    Ok(scan)
 }
 
 /// GNU ifuncs: `STT_GNU_IFUNC` symbols of a static image, each with the
@@ -161,7 +177,7 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
                 )
             })?;
         let entry = img
-            .read_va(trampoline, t.trampoline_len() as u64)
+            .read_va(trampoline, t.plt_entry_len() as u64)
             .unwrap_or(&[]);
         if let Some(why) = t.unsupported_plt_entry(entry) {
             bail!(
@@ -169,7 +185,7 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
                 img.path
             );
         }
-        let Some(slot) = t.trampoline_slot(entry, trampoline) else {
+        let Some(slot) = t.plt_slot(entry, trampoline) else {
             bail!(
                 "{}: GNU ifunc {name}: the call at {at:#x} does not reach a {} PLT entry",
                 img.path,

@@ -35,6 +35,11 @@ use crate::target::{FunctionCursor, RelocClass, SiteInsn};
 /// Kept at its old path for `embed` (which will ask `img.target`).
 pub use crate::target::x86_64::reloc_target;
 
+/// How a site whose branch reaches its target only through a linker range-extension
+/// veneer is reported (an [`OtherRef`]): format v1 cannot record it, so it stays on the
+/// veneer and the trampoline.
+pub const THROUGH_VENEER: &str = "not patched: through a veneer";
+
 /// A branch to one of the targets. Kept small (an image can have millions): its section
 /// and enclosing function are indices into the [`SiteScan`]'s tables, whose methods
 /// give their names ([`SiteScan::section_name`], [`SiteScan::location`]).
@@ -148,6 +153,41 @@ impl SiteScan {
     }
 }
 
+impl SiteScan {
+    /// Moves the sites `img`'s target cannot patch (aarch64's conditional branches) to
+    /// [`SiteScan::other_refs`]: they keep branching to the trampoline and are reported
+    /// as `jcc`-class references, not patched. Nothing moves on x86-64.
+    pub fn keep_patchable(&mut self, img: &Image<'_>) {
+        let t = img.target;
+        if self.sites.iter().all(|s| t.patches_site(s.kind)) {
+            return;
+        }
+        let (keep, moved): (Vec<FoundSite>, Vec<FoundSite>) =
+            self.sites.iter().partition(|s| t.patches_site(s.kind));
+        for s in moved {
+            let off = (s.addr.wrapping_sub(self.section(&s).addr)) as usize;
+            let code = object::Object::section_by_index(&img.file, self.section_index(&s))
+                .ok()
+                .and_then(|sec| sec.data().ok())
+                .and_then(|d| d.get(off..))
+                .unwrap_or(&[]);
+            self.other_refs.push(OtherRef {
+                addr: s.addr,
+                target: s.target as usize,
+                section: self.section_name(&s).to_string(),
+                what: format!(
+                    "{} ({}-class branch: not patched)",
+                    t.disasm(code, s.addr),
+                    s.kind.name()
+                ),
+                location: self.location(&s).to_string(),
+            });
+        }
+        self.sites = keep;
+        self.other_refs.sort_by_key(|r| r.addr);
+    }
+}
+
 /// A relocation picked for decoding.
 #[derive(Clone, Copy)]
 struct Candidate {
@@ -188,6 +228,14 @@ const SPLIT_AT: usize = 1 << 16;
 /// The engine: every branch-class relocation (and, reported as other references, every
 /// absolute or GOT one) in an executable section that `select` picks is decoded and classified.
 pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan> {
+    find_sites_checked(img, select, true)
+}
+
+/// [`find_sites_with`]; with `strict` false, a branch relocation on an instruction it
+/// cannot fill ([`crate::target::Target::check_branch_reloc`]) is reported as an other
+/// reference instead of refusing the file (`verify` and `inspect` on an image whose
+/// code changed since it was linked).
+pub fn find_sites_checked(img: &Image<'_>, select: &Select<'_>, strict: bool) -> Result<SiteScan> {
     let mut scan = SiteScan::default();
     let mut functions: HashMap<usize, u32> = HashMap::new();
     for sec in img.exec_sections() {
@@ -197,7 +245,8 @@ pub fn find_sites_with(img: &Image<'_>, select: &Select<'_>) -> Result<SiteScan>
             name: img.section_name(&sec).unwrap_or("?").to_string(),
             addr: sec.address(),
         });
-        let ctx = SectionCtx::new(img, &sec, section, select);
+        let mut ctx = SectionCtx::new(img, &sec, section, select);
+        ctx.strict = strict;
         // Streaming first, in parts on several CPUs when the section is large; if the
         // functions come out of address order, the section starts over, sorted.
         let parts = match img.rela_tables(sec.index()) {
@@ -446,6 +495,8 @@ struct SectionCtx<'a, 'd> {
     section: u32,
     data: &'d [u8],
     select: &'a Select<'a>,
+    /// Whether a malformed branch relocation refuses the file (else it is reported).
+    strict: bool,
     /// The [`Image::sym`] index of the section's first symbol, and how many it has.
     first: usize,
     count: usize,
@@ -503,6 +554,7 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
             section,
             data: sec.data().unwrap_or(&[]),
             select,
+            strict: true,
             first,
             count: partition(img.defined_count() - first, |k| {
                 img.sym(first + k).section == index
@@ -661,6 +713,37 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
             if class != RelocClass::Branch && !abs && !got {
                 continue;
             }
+            // Every branch relocation, selected or not: a malformed file is refused
+            // (reported, when not strict).
+            if class == RelocClass::Branch
+                && let Err(why) =
+                    img.target
+                        .check_branch_reloc(r.r_type, self.code_at(r.offset), r.offset)
+            {
+                let what = format!(
+                    "{} against `{}` {why}: the relocations do not describe the code",
+                    img.target.reloc_name(r.r_type),
+                    img.raw_symbol_name(r.sym_index)
+                );
+                let location = self.describe(&mut p.locations, r.offset);
+                anyhow::ensure!(
+                    !self.strict,
+                    "{}: section {}+{:#x} ({location}): {what}",
+                    img.path,
+                    self.sec_name,
+                    r.offset.wrapping_sub(self.sec_addr),
+                );
+                if let Some(sel) = (self.select)(&r) {
+                    p.part.late.push(OtherRef {
+                        addr: r.offset,
+                        target: sel.target,
+                        section: self.sec_name.to_string(),
+                        what,
+                        location,
+                    });
+                }
+                continue;
+            }
             let Some(Selected {
                 target,
                 target_addr,
@@ -736,6 +819,31 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
         }
     }
 
+    /// The section's bytes from `at` on (empty if `at` is outside it).
+    fn code_at(&self, at: u64) -> &'d [u8] {
+        at.checked_sub(self.sec_addr)
+            .and_then(|o| self.data.get(usize::try_from(o).ok()?..))
+            .unwrap_or(&[])
+    }
+
+    /// The linker range-extension veneer the branch at `at` goes to instead of
+    /// `target`, when that veneer goes to `target`: such a site is still a call of
+    /// `target`, but format v1 cannot record it (the loader checks a site against a
+    /// branch to the target itself), so it stays on the veneer and is reported.
+    fn veneer(&self, at: u64, target: u64) -> Option<u64> {
+        let t = self.img.target;
+        let n = t.veneer_len();
+        let code = self.code_at(at);
+        let dest = t.decode_insn(code, at);
+        if n == 0 || dest.kind.is_none() || dest.branch_target == target {
+            return None;
+        }
+        let v = dest.branch_target;
+        // A veneer at the end of its section may be shorter than the longest form.
+        let bytes = (1..=n).rev().find_map(|k| self.img.read_va(v, k as u64))?;
+        (t.veneer_target(bytes, v) == Some(target)).then_some(v)
+    }
+
     fn classify(&self, p: &mut Pass, g: &mut Group<'_>, c: &Candidate) {
         let img = self.img;
         let SiteInsn {
@@ -746,6 +854,13 @@ impl<'a, 'd> SectionCtx<'a, 'd> {
         } = match g.cursor.classify(c.reloc_at, c.target_addr) {
             Ok(site) => site,
             Err(what) => {
+                let what = match c.target_addr.and_then(|t| self.veneer(c.reloc_at, t)) {
+                    Some(v) => format!(
+                        "{} to the linker veneer at {v:#x}: {THROUGH_VENEER}",
+                        img.target.disasm(self.code_at(c.reloc_at), c.reloc_at)
+                    ),
+                    None => what,
+                };
                 p.part.late.push(OtherRef {
                     addr: c.reloc_at,
                     target: c.target as usize,

@@ -136,7 +136,8 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
     let target = img.target;
     for f in t.ifuncs() {
         let b = img.read_va(f.trampoline, target.trampoline_len() as u64);
-        match b.and_then(|b| target.trampoline_slot(b, f.trampoline)) {
+        let read = |len| img.read_va(f.trampoline, len);
+        match target.entry_slot(read, f.trampoline) {
             Some(to) => {
                 if to != f.slot {
                     bad(format!(
@@ -208,7 +209,7 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
 
     // The table's sites are exactly what the relocations say.
     let records = crate::records::read_ifuncs(&img)?;
-    let scan = crate::records::find_ifunc_sites(&img, &records)?;
+    let scan = crate::records::find_ifunc_sites_checked(&img, &records, false)?;
     let from_relocs: BTreeSet<u64> = scan.sites.iter().map(|s| s.addr).collect();
     let in_table: BTreeSet<u64> = t.sites().map(|s| s.addr).collect();
     for a in from_relocs.difference(&in_table) {

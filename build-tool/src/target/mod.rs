@@ -8,10 +8,11 @@
 //!
 //! Generic code (`sites`, `scan`, `verify`, `records`, `probes`, `table`, `inspect`)
 //! asks the target and names no instruction byte, relocation type or register. Each
-//! target is a module defining the same functions ([`x86_64`] today; an `aarch64` and a
-//! `riscv64` module add a variant here and fill the same `match` arms). Every method is
+//! target is a module defining the same functions ([`x86_64`], [`aarch64`]; a `riscv64`
+//! module would add a variant here and fill the same `match` arms). Every method is
 //! an enum `match` the compiler inlines: no dynamic dispatch on the per-relocation path.
 
+pub mod aarch64;
 pub mod x86_64;
 
 use kernel_loader::format::{PSite, ProbeKind, SiteKind};
@@ -19,20 +20,66 @@ use kernel_loader::probe::{ProbeError, Stubs};
 
 use crate::elf::Reloc;
 
-/// The length of a probe site, in bytes, for every target the tool supports (the byte
-/// arrays the probe methods return are this long). It is the target's own constant, not
-/// the host's: the tool processes x86-64 files on any host.
-pub const PROBE_SITE_LEN: usize = x86_64::PROBE_SITE_LEN;
+/// The longest probe site of any target the tool supports, in bytes ([`ProbeBytes`]
+/// holds up to this many). Each target's own length is [`Target::probe_site_len`], not
+/// the host's: the tool processes any target's files on any host.
+pub const PROBE_SITE_LEN: usize = if x86_64::PROBE_SITE_LEN > aarch64::PROBE_SITE_LEN {
+    x86_64::PROBE_SITE_LEN
+} else {
+    aarch64::PROBE_SITE_LEN
+};
+
+/// The bytes of one probe site ([`Target::probe_site_len`] of them). Formats (`{:02x?}`)
+/// as the byte slice it holds.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProbeBytes {
+    buf: [u8; PROBE_SITE_LEN],
+    len: u8,
+}
+
+impl ProbeBytes {
+    /// The bytes of `b` (at most [`PROBE_SITE_LEN`]).
+    const fn new<const N: usize>(b: [u8; N]) -> ProbeBytes {
+        let mut buf = [0; PROBE_SITE_LEN];
+        let mut i = 0;
+        while i < N {
+            buf[i] = b[i];
+            i += 1;
+        }
+        ProbeBytes { buf, len: N as u8 }
+    }
+}
+
+impl std::fmt::Debug for ProbeBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl PartialEq<ProbeBytes> for &[u8] {
+    fn eq(&self, other: &ProbeBytes) -> bool {
+        *self == &**other
+    }
+}
+
+impl std::ops::Deref for ProbeBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+}
 
 /// An instruction set the build tool handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     /// x86-64, [`x86_64`].
     X86_64,
+    /// aarch64, [`aarch64`].
+    Aarch64,
 }
 
 /// The target of tables built with no ELF header to take it from (`table::build`, used
-/// by tests and benches): x86-64, the only one so far.
+/// by tests and benches): x86-64, the first target (every ELF input names its own).
 impl Default for Target {
     fn default() -> Self {
         Target::X86_64
@@ -40,7 +87,7 @@ impl Default for Target {
 }
 
 /// Every supported target, in the order messages list them.
-pub const TARGETS: [Target; 1] = [Target::X86_64];
+pub const TARGETS: [Target; 2] = [Target::X86_64, Target::Aarch64];
 
 /// An ELF machine no [`Target`] handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +160,16 @@ pub struct SiteInsn {
 /// in it (in address order: one forward pass; otherwise the function is decoded once
 /// and searched).
 pub struct FunctionCursor<'c> {
-    x86_64: x86_64::Cursor<'c>,
+    inner: Cursor<'c>,
+}
+
+/// The target's cursor. Unboxed although x86-64's is much the larger: the site engine
+/// keeps one cursor per function in place, and a box would be an allocation per
+/// function on the x86-64 path.
+#[allow(clippy::large_enum_variant)]
+enum Cursor<'c> {
+    X86_64(x86_64::Cursor<'c>),
+    Aarch64(aarch64::Cursor<'c>),
 }
 
 impl std::fmt::Debug for FunctionCursor<'_> {
@@ -133,7 +189,10 @@ impl FunctionCursor<'_> {
         reloc_at: u64,
         target_addr: Option<u64>,
     ) -> Result<SiteInsn, String> {
-        self.x86_64.classify(reloc_at, target_addr)
+        match &mut self.inner {
+            Cursor::X86_64(c) => c.classify(reloc_at, target_addr),
+            Cursor::Aarch64(c) => c.classify(reloc_at, target_addr),
+        }
     }
 }
 
@@ -150,6 +209,7 @@ impl Target {
     pub const fn name(self) -> &'static str {
         match self {
             Target::X86_64 => x86_64::NAME,
+            Target::Aarch64 => aarch64::NAME,
         }
     }
 
@@ -157,6 +217,18 @@ impl Target {
     pub const fn e_machine(self) -> u16 {
         match self {
             Target::X86_64 => x86_64::E_MACHINE,
+            Target::Aarch64 => aarch64::E_MACHINE,
+        }
+    }
+
+    /// The GNU ld program that links for this target: `ld.bfd` on a host of the same
+    /// architecture, else the cross linker (`aarch64-linux-gnu-ld`).
+    pub const fn gnu_ld(self) -> &'static str {
+        match self {
+            Target::X86_64 if cfg!(target_arch = "x86_64") => "ld.bfd",
+            Target::Aarch64 if cfg!(target_arch = "aarch64") => "ld.bfd",
+            Target::X86_64 => x86_64::CROSS_GNU_LD,
+            Target::Aarch64 => aarch64::CROSS_GNU_LD,
         }
     }
 
@@ -164,6 +236,7 @@ impl Target {
     pub const fn table_arch(self) -> u16 {
         match self {
             Target::X86_64 => x86_64::TABLE_ARCH,
+            Target::Aarch64 => aarch64::TABLE_ARCH,
         }
     }
 
@@ -172,6 +245,19 @@ impl Target {
     pub fn reloc_class(self, r_type: u32) -> RelocClass {
         match self {
             Target::X86_64 => x86_64::reloc_class(r_type),
+            Target::Aarch64 => aarch64::reloc_class(r_type),
+        }
+    }
+
+    /// Whether the instruction a relocation of type `r_type` sits on (`code` from
+    /// `at` on) is one that relocation type can fill: on aarch64 a CALL26 must be on a
+    /// 4-aligned `bl`, a JUMP26 on a `b`, a CONDBR19 on `b.cond`/`cbz`/`cbnz`, a TSTBR14
+    /// on `tbz`/`tbnz`; anything else is a malformed file. (x86-64's PC32/PLT32 also
+    /// fill data operands: nothing is checked there.)
+    pub fn check_branch_reloc(self, r_type: u32, code: &[u8], at: u64) -> Result<(), String> {
+        match self {
+            Target::X86_64 => Ok(()),
+            Target::Aarch64 => aarch64::check_branch_reloc(r_type, code, at),
         }
     }
 
@@ -179,6 +265,7 @@ impl Target {
     pub fn reloc_name(self, r_type: u32) -> &'static str {
         match self {
             Target::X86_64 => x86_64::reloc_name(r_type),
+            Target::Aarch64 => aarch64::reloc_name(r_type),
         }
     }
 
@@ -189,6 +276,7 @@ impl Target {
     pub fn reloc_target(self, r: &Reloc) -> u64 {
         match self {
             Target::X86_64 => x86_64::reloc_target(r),
+            Target::Aarch64 => aarch64::reloc_target(r),
         }
     }
 
@@ -196,6 +284,7 @@ impl Target {
     pub const fn branch_field_len(self) -> u64 {
         match self {
             Target::X86_64 => x86_64::BRANCH_FIELD_LEN,
+            Target::Aarch64 => aarch64::BRANCH_FIELD_LEN,
         }
     }
 
@@ -204,6 +293,7 @@ impl Target {
     pub fn branch_field_dest(self, field: &[u8], at: u64) -> Option<u64> {
         match self {
             Target::X86_64 => x86_64::branch_field_dest(field, at),
+            Target::Aarch64 => aarch64::branch_field_dest(field, at),
         }
     }
 
@@ -212,6 +302,7 @@ impl Target {
     pub fn plain_branch_start(self, field_at: u64) -> Option<u64> {
         match self {
             Target::X86_64 => x86_64::plain_branch_start(field_at),
+            Target::Aarch64 => aarch64::plain_branch_start(field_at),
         }
     }
 
@@ -220,6 +311,7 @@ impl Target {
     pub const fn plain_branch_field(self, start: u64) -> u64 {
         match self {
             Target::X86_64 => start + x86_64::PLAIN_BRANCH_OPCODE_LEN,
+            Target::Aarch64 => start,
         }
     }
 
@@ -229,7 +321,10 @@ impl Target {
     pub fn function_cursor(self, code: &[u8], start: u64) -> FunctionCursor<'_> {
         match self {
             Target::X86_64 => FunctionCursor {
-                x86_64: x86_64::Cursor::new(code, start),
+                inner: Cursor::X86_64(x86_64::Cursor::new(code, start)),
+            },
+            Target::Aarch64 => FunctionCursor {
+                inner: Cursor::Aarch64(aarch64::Cursor::new(code, start)),
             },
         }
     }
@@ -239,6 +334,7 @@ impl Target {
     pub fn decode_insn(self, code: &[u8], ip: u64) -> Insn {
         match self {
             Target::X86_64 => x86_64::decode_insn(code, ip),
+            Target::Aarch64 => aarch64::decode_insn(code, ip),
         }
     }
 
@@ -246,6 +342,7 @@ impl Target {
     pub fn disasm(self, code: &[u8], ip: u64) -> String {
         match self {
             Target::X86_64 => x86_64::disasm(code, ip),
+            Target::Aarch64 => aarch64::disasm(code, ip),
         }
     }
 
@@ -253,6 +350,7 @@ impl Target {
     pub const fn trampoline_len(self) -> usize {
         match self {
             Target::X86_64 => x86_64::TRAMPOLINE_LEN,
+            Target::Aarch64 => aarch64::TRAMPOLINE_LEN,
         }
     }
 
@@ -261,6 +359,7 @@ impl Target {
     pub fn trampoline_slot(self, bytes: &[u8], at: u64) -> Option<u64> {
         match self {
             Target::X86_64 => x86_64::trampoline_slot(bytes, at),
+            Target::Aarch64 => aarch64::trampoline_slot(bytes, at),
         }
     }
 
@@ -270,6 +369,7 @@ impl Target {
     pub const fn trampoline_slot_field(self) -> u64 {
         match self {
             Target::X86_64 => x86_64::TRAMPOLINE_SLOT_FIELD,
+            Target::Aarch64 => aarch64::TRAMPOLINE_SLOT_FIELD,
         }
     }
 
@@ -277,6 +377,75 @@ impl Target {
     pub fn trampoline_text(self, slot: Option<u64>) -> String {
         match self {
             Target::X86_64 => x86_64::trampoline_text(slot),
+            Target::Aarch64 => aarch64::trampoline_text(slot),
+        }
+    }
+
+    /// Length of a GNU ifunc's PLT entry (on x86-64 the trampoline's form).
+    pub const fn plt_entry_len(self) -> usize {
+        match self {
+            Target::X86_64 => x86_64::TRAMPOLINE_LEN,
+            Target::Aarch64 => aarch64::PLT_ENTRY_LEN,
+        }
+    }
+
+    /// The slot a GNU ifunc's PLT entry (`bytes` at `at`) jumps through, or `None` if
+    /// they are not one.
+    pub fn plt_slot(self, bytes: &[u8], at: u64) -> Option<u64> {
+        match self {
+            Target::X86_64 => x86_64::trampoline_slot(bytes, at),
+            Target::Aarch64 => aarch64::plt_slot(bytes, at),
+        }
+    }
+
+    /// The slot the ifunc entry at `at` jumps through: an `ifunc!` trampoline or a GNU
+    /// ifunc's PLT entry, its bytes read by `read(len)`.
+    pub fn entry_slot<'d>(self, read: impl Fn(u64) -> Option<&'d [u8]>, at: u64) -> Option<u64> {
+        read(self.trampoline_len() as u64)
+            .and_then(|b| self.trampoline_slot(b, at))
+            .or_else(|| read(self.plt_entry_len() as u64).and_then(|b| self.plt_slot(b, at)))
+    }
+
+    /// Whether `bytes` are the trampoline's form whatever slot it names (in an object,
+    /// before the slot relocation is applied).
+    pub fn is_trampoline_form(self, bytes: &[u8]) -> bool {
+        match self {
+            Target::X86_64 => x86_64::trampoline_slot(bytes, 0).is_some(),
+            Target::Aarch64 => aarch64::is_trampoline_form(bytes),
+        }
+    }
+
+    /// Whether a relocation of type `r_type` at [`Target::trampoline_slot_field`] makes
+    /// the trampoline reach its slot (at `S + A` plus [`Target::branch_bias`]).
+    pub fn is_trampoline_slot_reloc(self, r_type: u32) -> bool {
+        match self {
+            Target::X86_64 => x86_64::reloc_class(r_type) == RelocClass::Branch,
+            Target::Aarch64 => aarch64::is_trampoline_slot_reloc(r_type),
+        }
+    }
+
+    /// Whether the loader patches a branch site of `kind` on this target (aarch64 leaves
+    /// conditional branches on the trampoline).
+    pub const fn patches_site(self, kind: SiteKind) -> bool {
+        match self {
+            Target::X86_64 => true,
+            Target::Aarch64 => !matches!(kind, SiteKind::Jcc),
+        }
+    }
+
+    /// Longest linker range-extension veneer, in bytes (0: the target has none).
+    pub const fn veneer_len(self) -> usize {
+        match self {
+            Target::X86_64 => 0,
+            Target::Aarch64 => aarch64::VENEER_LEN,
+        }
+    }
+
+    /// Where the linker veneer `bytes` at `at` goes, if they are one.
+    pub fn veneer_target(self, bytes: &[u8], at: u64) -> Option<u64> {
+        match self {
+            Target::X86_64 => None,
+            Target::Aarch64 => aarch64::veneer_target(bytes, at),
         }
     }
 
@@ -284,6 +453,7 @@ impl Target {
     pub fn unsupported_plt_entry(self, entry: &[u8]) -> Option<&'static str> {
         match self {
             Target::X86_64 => x86_64::unsupported_plt_entry(entry),
+            Target::Aarch64 => aarch64::unsupported_plt_entry(entry),
         }
     }
 
@@ -291,33 +461,46 @@ impl Target {
     pub const fn probe_site_len(self) -> usize {
         match self {
             Target::X86_64 => x86_64::PROBE_SITE_LEN,
+            Target::Aarch64 => aarch64::PROBE_SITE_LEN,
         }
     }
     /// The disabled form of a `probe!` site and of a C probe call.
-    pub const fn probe_nop(self) -> [u8; PROBE_SITE_LEN] {
+    pub const fn probe_nop(self) -> ProbeBytes {
         match self {
-            Target::X86_64 => x86_64::probe_nop(),
+            Target::X86_64 => ProbeBytes::new(x86_64::probe_nop()),
+            Target::Aarch64 => ProbeBytes::new(aarch64::probe_nop()),
         }
     }
 
     /// The disabled bytes of a probe site of any kind (`stubs`: the image's entry
     /// points, for the forms that branch to one).
-    pub fn disabled_probe(
-        self,
-        site: &PSite,
-        stubs: &Stubs,
-    ) -> Result<[u8; PROBE_SITE_LEN], ProbeError> {
+    pub fn disabled_probe(self, site: &PSite, stubs: &Stubs) -> Result<ProbeBytes, ProbeError> {
         match self {
-            Target::X86_64 => x86_64::disabled_probe(site, stubs),
+            Target::X86_64 => x86_64::disabled_probe(site, stubs).map(ProbeBytes::new),
+            Target::Aarch64 => aarch64::disabled_probe(site, stubs).map(ProbeBytes::new),
         }
     }
 
     /// The disabled bytes of a C probe site of `kind` in a relocatable object (branch
-    /// fields left 0 for a relocation: see [`Target::branch_reloc`]); `None` for a
+    /// fields left 0 for the relocation [`Target::probe_stub_reloc`] names); `None` for a
     /// `probe!` site, which needs no rewrite.
-    pub fn disabled_probe_unlinked(self, kind: ProbeKind) -> Option<[u8; PROBE_SITE_LEN]> {
+    pub fn disabled_probe_unlinked(self, kind: ProbeKind) -> Option<ProbeBytes> {
         match self {
-            Target::X86_64 => x86_64::disabled_probe_unlinked(kind),
+            Target::X86_64 => x86_64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
+            Target::Aarch64 => aarch64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
+        }
+    }
+
+    /// The relocation (type, addend) the disabled form of a C probe site of `kind`
+    /// needs to reach `ksites_probe_ret0` (the image must then define it); `None` if
+    /// that form branches nowhere.
+    pub const fn probe_stub_reloc(self, kind: ProbeKind) -> Option<(u32, i64)> {
+        match self {
+            Target::X86_64 => match kind {
+                ProbeKind::CEnabledTail => Some(x86_64::BRANCH_RELOC),
+                _ => None,
+            },
+            Target::Aarch64 => aarch64::probe_stub_reloc(kind),
         }
     }
 
@@ -326,6 +509,7 @@ impl Target {
     pub const fn stapsdt_arg_registers(self) -> &'static [&'static str] {
         match self {
             Target::X86_64 => &x86_64::ARG_REGISTERS,
+            Target::Aarch64 => &aarch64::ARG_REGISTERS,
         }
     }
 
@@ -334,6 +518,7 @@ impl Target {
     pub const fn table_reloc(self) -> u32 {
         match self {
             Target::X86_64 => x86_64::TABLE_RELOC,
+            Target::Aarch64 => aarch64::TABLE_RELOC,
         }
     }
 
@@ -341,7 +526,7 @@ impl Target {
     /// symbol (the field holds `S + A - P`).
     pub const fn table_reloc_addend(self, offset: i64) -> i64 {
         match self {
-            Target::X86_64 => offset,
+            Target::X86_64 | Target::Aarch64 => offset,
         }
     }
 
@@ -350,6 +535,7 @@ impl Target {
     pub const fn branch_reloc(self) -> (u32, i64) {
         match self {
             Target::X86_64 => x86_64::BRANCH_RELOC,
+            Target::Aarch64 => aarch64::BRANCH_RELOC,
         }
     }
 
@@ -358,6 +544,7 @@ impl Target {
     pub fn apply_table_reloc(self, place: &mut [u8], s: u64, a: i64, p: u64) -> Result<(), String> {
         match self {
             Target::X86_64 => x86_64::apply_table_reloc(place, s, a, p),
+            Target::Aarch64 => aarch64::apply_table_reloc(place, s, a, p),
         }
     }
     /// What a relocation of [`RelocClass::Branch`] adds to `S + A` to name the address
@@ -366,12 +553,14 @@ impl Target {
     pub const fn branch_bias(self) -> i64 {
         match self {
             Target::X86_64 => x86_64::BRANCH_FIELD_LEN as i64,
+            Target::Aarch64 => 0,
         }
     }
     /// The relocation type that does nothing.
     pub const fn none_reloc(self) -> u32 {
         match self {
             Target::X86_64 => x86_64::NONE_RELOC,
+            Target::Aarch64 => aarch64::NONE_RELOC,
         }
     }
 
@@ -379,6 +568,7 @@ impl Target {
     pub const fn abs64_reloc(self) -> u32 {
         match self {
             Target::X86_64 => x86_64::ABS64_RELOC,
+            Target::Aarch64 => aarch64::ABS64_RELOC,
         }
     }
 
@@ -386,6 +576,7 @@ impl Target {
     pub const fn irelative_reloc(self) -> u32 {
         match self {
             Target::X86_64 => x86_64::IRELATIVE_RELOC,
+            Target::Aarch64 => aarch64::IRELATIVE_RELOC,
         }
     }
 
@@ -394,6 +585,7 @@ impl Target {
     pub const fn relative_reloc(self) -> u32 {
         match self {
             Target::X86_64 => x86_64::RELATIVE_RELOC,
+            Target::Aarch64 => aarch64::RELATIVE_RELOC,
         }
     }
 }
@@ -428,6 +620,7 @@ impl Target {
     pub(crate) const fn samples(self) -> &'static Samples {
         match self {
             Target::X86_64 => &x86_64::SAMPLES,
+            Target::Aarch64 => &aarch64::SAMPLES,
         }
     }
 }
@@ -439,13 +632,22 @@ mod tests {
     #[test]
     fn machines() {
         assert_eq!(Target::from_machine(x86_64::E_MACHINE), Ok(Target::X86_64));
-        let e = Target::from_machine(object::elf::EM_AARCH64.0).unwrap_err();
-        assert_eq!(e.to_string(), "machine 183 is not x86-64");
+        assert_eq!(
+            Target::from_machine(aarch64::E_MACHINE),
+            Ok(Target::Aarch64)
+        );
+        let e = Target::from_machine(object::elf::EM_RISCV.0).unwrap_err();
+        assert_eq!(e.to_string(), "machine 243 is not x86-64 or aarch64");
     }
 
     #[test]
     fn classes() {
-        let t = Target::X86_64;
+        for t in TARGETS {
+            classes_of(t);
+        }
+    }
+
+    fn classes_of(t: Target) {
         assert_eq!(t.reloc_class(t.table_reloc()), RelocClass::Branch);
         assert_eq!(t.reloc_class(t.branch_reloc().0), RelocClass::Branch);
         assert_eq!(t.reloc_class(t.none_reloc()), RelocClass::None);

@@ -19,6 +19,8 @@ use object::elf;
 use super::{Insn, RelocClass, SiteInsn};
 use crate::elf::Reloc;
 
+/// GNU ld for this target on a host of another architecture.
+pub const CROSS_GNU_LD: &str = "x86_64-linux-gnu-ld";
 /// The ELF machine.
 pub const E_MACHINE: u16 = elf::EM_X86_64.0;
 /// The `.ksites` header's architecture field.

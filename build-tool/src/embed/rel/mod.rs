@@ -216,6 +216,7 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             target_addr: None,
         })
     })?;
+    scan.keep_patchable(&img);
     let mut sites = std::mem::take(&mut scan.sites);
     sites.sort_by_key(|s| (scan.section_index(s).0, scan.section_offset(s)));
     scan.sites = sites;

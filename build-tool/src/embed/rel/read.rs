@@ -27,7 +27,6 @@ use crate::record_section::{
     u32_at, u64_at,
 };
 use crate::sites::{Selected, find_sites_with, reloc_target};
-use crate::target::RelocClass;
 
 /// The relocations of one section, by offset: (type, symbol index, addend).
 pub(super) struct RelocMap(HashMap<u64, (u32, usize, i64)>);
@@ -278,14 +277,14 @@ fn check_trampoline(o: &Obj<'_, '_>, f: &DefIfunc) -> Result<()> {
         .0
         .get(&(off + arch.trampoline_slot_field()))
         .is_some_and(|&(t, sym, addend)| {
-            arch.reloc_class(t) == RelocClass::Branch
+            arch.is_trampoline_slot_reloc(t)
                 && o.target(sym, addend.wrapping_add(arch.branch_bias()), &String::new)
                     .ok()
                     == Some(f.slot)
         });
     ensure!(
         // In the object the slot field is 0 (the relocation fills it): only the form counts.
-        arch.trampoline_slot(b, 0).is_some() && reaches,
+        arch.is_trampoline_form(b) && reaches,
         "{}: ifunc {}: trampoline at {} is not {} to its slot {}",
         o.path,
         f.name,
@@ -532,8 +531,9 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
         }
         for s in &scan.sites {
             let c = &c_syms[s.target as usize];
-            let kind = crate::probes::c_site_kind(&scan, s, c.0, &c.3)
-                .with_context(|| path.to_string())?;
+            let kind =
+                crate::probes::c_site_kind(&scan, s, c.0, &c.3, o.img.target.probe_site_len())
+                    .with_context(|| path.to_string())?;
             let key = (c.1.clone(), c.2.clone());
             nargs.entry(key.clone()).or_insert(None);
             pending.push(PendingProbe {

@@ -90,8 +90,8 @@ pub(super) fn write_object(
         let Target::Sec { sec, off } = site else {
             bail!("{path}: probe site is not in a section")
         };
-        // A C is-enabled tail call becomes `jmp ksites_probe_ret0`: its rel32 comes
-        // from the retargeted relocation.
+        // A form that branches to `ksites_probe_ret0` (on x86-64 the is-enabled tail
+        // call's `jmp`) gets its offset from the retargeted relocation.
         let Some(bytes) = arch.disabled_probe_unlinked(kind) else {
             continue;
         };
@@ -121,7 +121,9 @@ pub(super) fn write_object(
 
     // Their relocations: none, or for a C is-enabled tail call a branch relocation to
     // `ksites_probe_ret0` (an undefined symbol, added if the object lacks it).
-    let needs_ret0 = rewrites.iter().any(|&(_, k)| k == ProbeKind::CEnabledTail);
+    let needs_ret0 = rewrites
+        .iter()
+        .any(|&(_, k)| arch.probe_stub_reloc(k).is_some());
     let ret0: Option<SymbolId> = if needs_ret0 {
         let found = b
             .symbols
@@ -159,10 +161,9 @@ pub(super) fn write_object(
                     continue;
                 };
                 *seen.entry(r.r_offset).or_default() += 1;
-                match (kind, ret0) {
-                    (ProbeKind::CEnabledTail, Some(id)) => {
+                match (arch.probe_stub_reloc(kind), ret0) {
+                    (Some((t, addend)), Some(id)) => {
                         r.symbol = Some(id);
-                        let (t, addend) = arch.branch_reloc();
                         (r.r_type, r.r_addend) = (elf::RelocationType(t), addend);
                     }
                     _ => r.r_type = elf::RelocationType(arch.none_reloc()),

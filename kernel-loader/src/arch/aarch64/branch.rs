@@ -270,6 +270,29 @@ pub fn trampoline_slot(b: &[u8], addr: u64) -> Option<u64> {
     (slot != 0 && slot.checked_add(8).is_some()).then_some(slot)
 }
 
+/// `ldr x17, [x16, #0]` (64-bit, unsigned offset): imm12 (in 8-byte units) in bits
+/// 10..22.
+const LDR_X17_X16: u32 = 0xf940_0211;
+/// `br x17`.
+const BR_X17: u32 = 0xd61f_0220;
+/// Length of a GNU ifunc's PLT entry (`.iplt`), as GNU ld and lld write it.
+pub const PLT_ENTRY_LEN: usize = 16;
+
+/// The slot (`.got.plt`/`.got` entry, filled through `R_AARCH64_IRELATIVE`) the GNU
+/// ifunc PLT entry `b` (read at `addr`) jumps through: `adrp x16, page; ldr x17, [x16,
+/// #off]; add x16, x16, #off; br x17` (GNU ld's and lld's static `.iplt` form). `None` if
+/// the bytes are not that, or the slot would be null or outside the address space.
+pub fn plt_slot(b: &[u8], addr: u64) -> Option<u64> {
+    let page = adrp_x16_page(insn_at(b, 0)?, addr)?;
+    let off = imm12_of(insn_at(b, 1)?, LDR_X17_X16)? * 8;
+    let add = imm12_of(insn_at(b, 2)?, ADD_X16_X16)?;
+    if add != off || insn_at(b, 3)? != BR_X17 {
+        return None;
+    }
+    let slot = page.checked_add(off)?;
+    (slot != 0 && slot.checked_add(8).is_some()).then_some(slot)
+}
+
 /// Longest veneer [`veneer_target`] decodes, in bytes (GNU ld's PC-relative long
 /// branch stub after a `bti c`).
 pub const MAX_VENEER_LEN: usize = 28;
@@ -302,6 +325,71 @@ pub fn veneer_target(b: &[u8], addr: u64) -> Option<u64> {
         return at.checked_add(4)?.checked_add(quad(4)?);
     }
     None
+}
+
+/// `b.cond`: opcode bits (imm19 in bits 5..24, the condition in bits 0..4).
+const B_COND: u32 = 0x5400_0000;
+const B_COND_MASK: u32 = 0xff00_0010;
+/// `cbz`/`cbnz` (either width): imm19 in bits 5..24.
+const CBZ: u32 = 0x3400_0000;
+const CBNZ: u32 = 0x3500_0000;
+const CB_MASK: u32 = 0x7f00_0000;
+/// `tbz`/`tbnz`: imm14 in bits 5..19.
+const TBZ: u32 = 0x3600_0000;
+const TBNZ: u32 = 0x3700_0000;
+/// `adr`/`adrp` (any register).
+const ADR: u32 = 0x1000_0000;
+const ADRP: u32 = 0x9000_0000;
+/// `br`/`blr`/`ret` (any register): the register in bits 5..10.
+const BR_REG_MASK: u32 = 0xffff_fc1f;
+const BR_REG: u32 = 0xd61f_0000;
+const BLR_REG: u32 = 0xd63f_0000;
+const RET_REG: u32 = 0xd65f_0000;
+
+/// Where the conditional branch `insn` at `pc` goes (`b.cond`, `cbz`/`cbnz`: imm19,
+/// ±1 MiB; `tbz`/`tbnz`: imm14, ±32 KiB), and its mnemonic; `None` if it is none of
+/// them. These are never patched (see the module docs); the build tool reports them.
+pub fn cond_branch(insn: u32, pc: u64) -> Option<(&'static str, u64)> {
+    let (name, off) = cond_branch_offset(insn)?;
+    Some((name, pc.checked_add_signed(off)?))
+}
+
+/// The mnemonic and byte offset of the conditional branch `insn`.
+fn cond_branch_offset(insn: u32) -> Option<(&'static str, i64)> {
+    let imm19 = || ((((insn >> 5) & 0x7_ffff) << 13) as i32 >> 13) as i64 * 4;
+    let (name, off) = if insn & B_COND_MASK == B_COND {
+        ("b.cond", imm19())
+    } else if insn & CB_MASK == CBZ {
+        ("cbz", imm19())
+    } else if insn & CB_MASK == CBNZ {
+        ("cbnz", imm19())
+    } else if insn & CB_MASK == TBZ || insn & CB_MASK == TBNZ {
+        let imm14 = ((((insn >> 5) & 0x3fff) << 18) as i32 >> 18) as i64 * 4;
+        (if insn & CB_MASK == TBZ { "tbz" } else { "tbnz" }, imm14)
+    } else {
+        return None;
+    };
+    Some((name, off))
+}
+
+/// The mnemonic of `insn`, for messages about instructions that are not sites: every
+/// branch form, `adr`/`adrp`, `nop`, `brk`, or `None` for anything else.
+pub fn mnemonic(insn: u32) -> Option<&'static str> {
+    if let Some((name, _)) = cond_branch_offset(insn) {
+        return Some(name);
+    }
+    Some(match insn {
+        _ if insn & B_OPCODE_MASK == BL => "bl",
+        _ if insn & B_OPCODE_MASK == B => "b",
+        _ if insn & ADRP_MASK == ADRP => "adrp",
+        _ if insn & ADRP_MASK == ADR => "adr",
+        _ if insn & BR_REG_MASK == BR_REG => "br",
+        _ if insn & BR_REG_MASK == BLR_REG => "blr",
+        _ if insn & BR_REG_MASK == RET_REG => "ret",
+        NOP => "nop",
+        _ if insn & 0xffe0_001f == BRK => "brk",
+        _ => return None,
+    })
 }
 
 /// The instructions of an ifunc trampoline (for [`crate::ifunc!`]'s `naked_asm!`): an
@@ -531,5 +619,75 @@ mod tests {
             None
         );
         assert_eq!(veneer_target(&[], 0), None);
+    }
+
+    /// `b.ne .+0x100`, `cbz x3, .-8`, `cbnz w5, .+0xffffc`, `tbz x7, #33, .+0x7ffc`,
+    /// `tbnz w2, #3, .-0x8000`, `b.eq .-0x100000`, then `adrp x0`, `adr x1`, `blr x3`,
+    /// `br x9`: bytes from `aarch64-linux-gnu-as` + `objdump -d` (binutils 2.42).
+    #[test]
+    fn conditional_branches_and_mnemonics_match_the_assembler() {
+        let pc = 0x4000_0000u64;
+        let cases: [(u32, &str, i64); 6] = [
+            (0x5400_0801, "b.cond", 0x100),
+            (0xb4ff_ffc3, "cbz", -8),
+            (0x357f_ffe5, "cbnz", 0xf_fffc),
+            (0xb60b_ffe7, "tbz", 0x7ffc),
+            (0x371c_0002, "tbnz", -0x8000),
+            (0x5480_0000, "b.cond", -0x10_0000),
+        ];
+        for (insn, name, off) in cases {
+            let want = pc.checked_add_signed(off).unwrap();
+            assert_eq!(cond_branch(insn, pc), Some((name, want)), "{insn:#x}");
+            assert_eq!(mnemonic(insn), Some(name));
+            assert_eq!(branch_dest(insn, pc), None);
+        }
+        for (insn, name) in [
+            (0x9000_0000, "adrp"),
+            (0x1000_0001, "adr"),
+            (0xd63f_0060, "blr"),
+            (0xd61f_0120, "br"),
+            (BR_X16, "br"),
+            (RET, "ret"),
+            (NOP, "nop"),
+            (brk(0x4b53), "brk"),
+            (0x9400_048d, "bl"),
+            (0x17ff_fffe, "b"),
+        ] {
+            assert_eq!(mnemonic(insn), Some(name), "{insn:#x}");
+            assert_eq!(cond_branch(insn, pc), None);
+        }
+        // `add x0, x0, #1` and a data word.
+        assert_eq!(mnemonic(0x9100_0400), None);
+        assert_eq!(mnemonic(0), None);
+    }
+
+    /// GNU ld's (at 0x400140) and lld's (at 0x251400) `.iplt` entries for a static
+    /// aarch64 image with one GNU ifunc (`aarch64-linux-gnu-ld 2.42` and rust-lld,
+    /// bytes from `objdump -d`), with the slots their `R_AARCH64_IRELATIVE` names.
+    #[test]
+    fn plt_entries_of_both_linkers() {
+        let words = |w: [u32; 4]| -> [u8; 16] {
+            let mut b = [0u8; 16];
+            for (k, w) in w.iter().enumerate() {
+                b[4 * k..4 * k + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            b
+        };
+        let bfd = words([0xf000_02f0, 0xf947_f611, 0x913f_a210, 0xd61f_0220]);
+        assert_eq!(plt_slot(&bfd, 0x40_0140), Some(0x45_ffe8));
+        let lld = words([0x9000_0090, 0xf942_ae11, 0x9115_6210, 0xd61f_0220]);
+        assert_eq!(plt_slot(&lld, 0x25_1400), Some(0x26_1558));
+        // Not a trampoline, and a trampoline is not an entry; `add` and `ldr`
+        // disagreeing, a truncated entry, `br x16`: refused.
+        assert_eq!(trampoline_slot(&bfd, 0x40_0140), None);
+        let t = words([ADRP_X16, LDR_X16_X16 | 1 << 10, BR_X16, NOP]);
+        assert_eq!(plt_slot(&t, 0x1000), None);
+        let mut bad = lld;
+        bad[8..12].copy_from_slice(&0x9115_6610u32.to_le_bytes());
+        assert_eq!(plt_slot(&bad, 0x25_1400), None);
+        assert_eq!(plt_slot(&lld[..12], 0x25_1400), None);
+        let mut bad = lld;
+        bad[12..].copy_from_slice(&BR_X16.to_le_bytes());
+        assert_eq!(plt_slot(&bad, 0x25_1400), None);
     }
 }
