@@ -688,6 +688,15 @@ fn modules_embed_and_check() {
         said.contains("1 ifuncs, 3 sites, 0 other references, 2 probes, 2 probe sites"),
         "{said}"
     );
+    // The module with its probes loads too: the loader checks each probe site's
+    // disabled form by the table's architecture (aarch64 here), not the host's.
+    let check = ksites_ok(&[&"check-module", &out]);
+    assert!(check.contains("would load"), "{check}");
+    assert!(check.contains("1 probes, 4 probe sites"), "{check}");
+    // And the Rust one (its `probe!` sites are `nop`s).
+    let check = ksites_ok(&[&"check-module", &rout]);
+    assert!(check.contains("would load"), "{check}");
+    assert!(check.contains("2 probes, 2 probe sites"), "{check}");
     // An ifunc-only module with its table loads (checked by the module loader).
     let m2 = gcc(&dir, "m2.o", M_C, &["-DNO_PROBES"]);
     let out2 = dir.join("m2.emb.o");

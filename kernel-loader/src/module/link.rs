@@ -23,9 +23,10 @@ use object::read::elf::{Rela as _, SectionHeader as _, Sym as _};
 use object::read::{SectionIndex, SymbolIndex};
 
 use crate::Name;
+use crate::arch::{self, Arch, LiveProtocol as _};
 use crate::format::{FormatError, PROBE_SITE_LEN, Table};
 use crate::patch;
-use crate::probe::{self, ProbeError, STUB_SYMBOLS, Stubs};
+use crate::probe::{self, ProbeError, STUB_SYMBOLS};
 
 use super::error::{
     Malformed, ModuleError, RelocFailure, RelocationProblem, SectionSymbol, SymbolProblem,
@@ -625,22 +626,49 @@ impl<'b> Linker<'b, '_, '_> {
         ) else {
             return Ok(());
         };
-        let stubs = Stubs {
-            c_entry,
-            ret0,
-            ret1,
-        };
+        // The table's architecture decides the disabled form (a check on the host may
+        // read another architecture's module).
+        let (x86, a64) = (
+            arch::x86_64::probe::Stubs {
+                c_entry,
+                ret0,
+                ret1,
+            },
+            arch::aarch64::probe::Stubs {
+                c_entry,
+                ret0,
+                ret1,
+            },
+        );
         for s in t.probe_sites() {
-            let want = probe::site_bytes_with(&s, false, &stubs).map_err(ModuleError::Probe)?;
+            let r = s.arch_ref();
+            let (word, len) = match t.arch() {
+                Arch::X86_64 => (
+                    arch::x86_64::probe::Live::site_word(&r, false, &x86),
+                    arch::x86_64::probe::Live::SITE_LEN,
+                ),
+                Arch::Aarch64 => (
+                    arch::aarch64::probe::Live::site_word(&r, false, &a64),
+                    arch::aarch64::probe::Live::SITE_LEN,
+                ),
+            };
+            let want = word.map_err(|target| {
+                ModuleError::Probe(ProbeError::OutOfReach {
+                    site: s.addr,
+                    target,
+                })
+            })?;
+            let want = &want.to_le_bytes()[..len];
             let mut found = [0u8; PROBE_SITE_LEN];
+            let found = &mut found[..len];
             // The table validated the site: it lies in the module's text.
-            self.read(s.addr.wrapping_sub(self.region.addr) as usize, &mut found)?;
+            self.read(s.addr.wrapping_sub(self.region.addr) as usize, found)?;
             if found != want {
                 return Err(ModuleError::Probe(ProbeError::UnexpectedBytes {
                     site: s.addr,
                     probe: probe::ProbeId(s.probe),
-                    expected: patch::InsnBytes::new(&want),
-                    found: patch::InsnBytes::new(&found),
+                    expected: patch::InsnBytes::new(want),
+                    found: patch::InsnBytes::new(found),
                 }));
             }
         }
