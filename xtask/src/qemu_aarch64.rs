@@ -1,9 +1,9 @@
 //! `cargo xtask qemu --arch aarch64`: build the aarch64 test kernel and boot it on
 //! `qemu-system-aarch64 -M virt` on each run label, and judge the runs.
 //!
-//! The kernel (`qemu-tests/kernel/src/arch/aarch64/`) is the aarch64 platform: it is
-//! linked by plain rust-lld (the target's default linker) and not yet embedded —
-//! `ksites embed` for aarch64 images and the ksites test list come next. It exits
+//! The kernel (`qemu-tests/kernel/src/arch/aarch64/`) is linked through `ksites-ld`
+//! (rust-lld, then `ksites embed` into the `.ksites` slot its linker script reserves),
+//! as the x86_64 kernel is; the build tool is built first. It exits
 //! through semihosting with the x86_64 kernel's statuses (33 = success, 35 = failure),
 //! so [`judge::judge`] applies unchanged; on top, every run must pass every platform
 //! test ([`REQUIRED_TESTS`]) and bring the expected CPUs online, and `cortex-a57` and
@@ -98,8 +98,14 @@ pub(crate) fn run(sh: &Shell, root: &Path, labels: &[String], args: &QemuArgs) -
     if args.no_build {
         println!("xtask: --no-build: using the existing aarch64 test kernel");
     } else {
+        {
+            // `ksites-ld` (qemu-tests/.cargo/config.toml) is the linker.
+            let _dir = sh.push_dir(root);
+            cmd!(sh, "cargo build --release -p build-tool")
+                .run()
+                .context("building the build tool (build-tool) failed")?;
+        }
         let _dir = sh.push_dir(&qemu_tests);
-        // Plain rust-lld: the aarch64 kernel is not embedded yet (no `ksites-ld`).
         cmd!(sh, "cargo build --release -p qemu-tests --target {TARGET}")
             .run()
             .context("building the aarch64 test kernel failed")?;
