@@ -70,8 +70,19 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
         .map(|r| (r.trampoline, r.trampoline_symbol.as_str()))
         .collect();
     let sym_of = |addr: u64| -> String { symbols.get(&addr).map_or("?", |s| s).to_string() };
-    let embedded = img.section_by_name(SECTION_NAME).is_some();
-    if let Some(sec) = img.section_by_name(SECTION_NAME) {
+    // A linker-script-reserved slot `embed` left all zero (nothing to embed) is no table.
+    let table_sec = img
+        .section_by_name(SECTION_NAME)
+        .filter(|s| !s.data().is_ok_and(is_unfilled_slot));
+    if table_sec.is_none() && img.section_by_name(SECTION_NAME).is_some() {
+        writeln!(
+            o,
+            "{SECTION_NAME}: a reserved slot, not filled (`ksites embed` copies an image with \
+             no ifuncs or probes unchanged)"
+        )?;
+    }
+    let embedded = table_sec.is_some();
+    if let Some(sec) = table_sec {
         let bytes = sec
             .data()
             .with_context(|| format!("{path}: cannot read {SECTION_NAME}"))?;
@@ -273,4 +284,10 @@ pub fn ensure_not_embedded_object(img: &Image<'_>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether a `.ksites` section's contents are a reserved slot nothing was written to
+/// (all zero: `embed` had no ifuncs or probes to record).
+pub(crate) fn is_unfilled_slot(bytes: &[u8]) -> bool {
+    !bytes.is_empty() && bytes.iter().all(|&b| b == 0)
 }

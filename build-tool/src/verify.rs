@@ -54,6 +54,13 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
             img.section_label(sec.index())
         )
     })?;
+    if crate::inspect::is_unfilled_slot(bytes) {
+        bail!(
+            "{path}: {SECTION_NAME} at {:#x} is a reserved slot `ksites embed` did not fill: the \
+             image has no ifuncs or probes (embed copies it unchanged)",
+            sec.address()
+        );
+    }
     let t = match Table::parse(bytes, sec.address(), &exec) {
         Ok(t) => t,
         Err(e) => bail!("{path}: {SECTION_NAME} at {:#x}: {e}", sec.address()),

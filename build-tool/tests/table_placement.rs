@@ -255,3 +255,51 @@ fn nobits_slot_is_refused_with_the_fix() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn an_unfilled_slot_is_reported_as_such() {
+    // Nothing to embed (no ifuncs, no probes, no libc): `embed` copies the image, the
+    // reserved slot stays zero, and `inspect`/`verify` say that instead of "bad magic".
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("e.c");
+    std::fs::write(&src, "void _start(void) { for (;;) { } }\n").unwrap();
+    let lds = d.join("e.ld");
+    std::fs::write(
+        &lds,
+        script(4096).replace("INSERT AFTER .rodata", "INSERT AFTER .text"),
+    )
+    .unwrap();
+    let exe = d.join("e");
+    let o = run(Command::new("gcc")
+        .args(["-static", "-no-pie", "-nostdlib", "-O1"])
+        .arg(&src)
+        .arg(format!("-Wl,-T,{}", lds.display()))
+        .arg("-Wl,--emit-relocs")
+        .arg("-o")
+        .arg(&exe));
+    assert!(o.status.success(), "gcc: {}", text(&o.stderr));
+    let out = d.join("e.out");
+    let o = embed(&exe, &out);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let said = text(&o.stdout) + &text(&o.stderr);
+    assert!(
+        said.contains("no ifuncs or probes; copied unchanged"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&exe).unwrap());
+    let o = ksites(&[Path::new("inspect"), &out]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains(".ksites: a reserved slot, not filled"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = ksites(&[Path::new("verify"), &out]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("is a reserved slot `ksites embed` did not fill") && !err.contains("magic"),
+        "{err}"
+    );
+}
