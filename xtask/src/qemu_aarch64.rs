@@ -58,6 +58,7 @@ pub(crate) const IFUNC_TESTS: &[&str] = &[
     "text_read_only_after_patching",
     "ifunc_second_init_refused_unchanged",
     "ifunc_one_sync_round_per_batch",
+    "ifunc_init_never_allocates",
 ];
 
 /// The ifuncs `cortex-a57` and `max` must resolve differently: LSE atomics
