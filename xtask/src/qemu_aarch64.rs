@@ -19,6 +19,7 @@ use xshell::{Shell, cmd};
 
 use crate::install;
 use crate::judge;
+use crate::modules;
 use crate::qemu::{self, Arch, QemuArgs, Run};
 
 /// The Rust target of the aarch64 kernel.
@@ -105,6 +106,10 @@ pub(crate) fn run(sh: &Shell, root: &Path, labels: &[String], args: &QemuArgs) -
                 .run()
                 .context("building the build tool (build-tool) failed")?;
         }
+        // The test modules first: the kernel includes them (kernel/build.rs).
+        let ksites = root.join("target/release/ksites");
+        let module_dir = modules::build_aarch64(sh, root, &ksites)?;
+        let _modules = sh.push_env(modules::AARCH64_MODULE_DIR_ENV, &module_dir);
         let _dir = sh.push_dir(&qemu_tests);
         cmd!(sh, "cargo build --release -p qemu-tests --target {TARGET}")
             .run()
