@@ -41,6 +41,28 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
     "aarch64_live_patch_seen_by_every_cpu",
 ];
 
+/// The module tests every aarch64 run must pass (`src/arch/aarch64/module_tests.rs`:
+/// rmod and cmod built for aarch64, loaded, relocated, patched, probed and unloaded).
+pub(crate) const MODULE_TESTS: &[&str] = &[
+    "module_arena_alloc_protect_poke_free",
+    "modules_embedded_are_et_rel",
+    "module_load_rust_and_c",
+    "module_kernel_ifunc_sites_direct_to_choice",
+    "module_calls_through_kernel_ifuncs",
+    "module_own_ifunc_by_cpu_model",
+    "module_probes_registry_fire_args",
+    "module_kernel_sites_unchanged_by_loads",
+    "module_unload_refused_while_held",
+    "module_unload_refused_while_its_handler_is_enabled",
+    "module_unload_removes_probes_and_memory",
+    "module_unknown_symbol_fails_cleanly",
+    "module_load_unload_load",
+    "module_loader_never_allocates",
+];
+
+/// The module tests an SMP run must pass as well.
+pub(crate) const SMP_MODULE_TESTS: &[&str] = &["module_probe_live_toggle_while_aps_run_it"];
+
 /// Run labels for one architecture, or `None` to skip it.
 pub(crate) type Runs = Option<Vec<String>>;
 
@@ -169,6 +191,12 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration) -> Result<u32> {
         verdict
             .problems
             .extend(judge::check_required_tests(&serial, REQUIRED_TESTS));
+        let smp_modules: &[&str] = if cpus > 1 { SMP_MODULE_TESTS } else { &[] };
+        for tests in [MODULE_TESTS, smp_modules] {
+            verdict
+                .problems
+                .extend(judge::check_required_tests(&serial, tests));
+        }
         verdict
             .problems
             .extend(judge::check_cpus_online(&serial, cpus));
