@@ -9,13 +9,20 @@ use std::path::{Path, PathBuf};
 /// The modules `cargo xtask qemu` builds and embeds (`NAME.ko`), in the directory named
 /// by `KSITES_MODULE_DIR` (default: `target/ksites-modules` at the project root).
 const MODULES: &[&str] = &["rmod", "cmod", "badmod"];
+/// The aarch64 set: `farmod` too (loaded out of `bl` reach of the kernel).
+const AARCH64_MODULES: &[&str] = &["rmod", "cmod", "badmod", "farmod"];
 
 /// Writes `$OUT_DIR/modules.rs`: one `pub static NAME: &Aligned<[u8]>` per module,
 /// `include_bytes!` of `NAME.ko`, or an empty slice (and a warning) if it was not built,
 /// so the kernel still builds (e.g. under `cargo clippy`) and its module tests fail
 /// with a clear message instead.
 fn include_modules(manifest_dir: &str) {
-    write_modules(manifest_dir, "KSITES_MODULE_DIR", "target/ksites-modules");
+    write_modules(
+        manifest_dir,
+        "KSITES_MODULE_DIR",
+        "target/ksites-modules",
+        MODULES,
+    );
 }
 
 /// The aarch64 kernel's [`include_modules`]: the same modules built for aarch64, from
@@ -25,18 +32,19 @@ fn include_aarch64_modules(manifest_dir: &str) {
         manifest_dir,
         "KSITES_AARCH64_MODULE_DIR",
         "target/ksites-modules/aarch64",
+        AARCH64_MODULES,
     );
 }
 
-/// `$OUT_DIR/modules.rs` from the directory `env` names (default: `default` under the
-/// project root).
-fn write_modules(manifest_dir: &str, env: &str, default: &str) {
+/// `$OUT_DIR/modules.rs` with `modules` from the directory `env` names (default:
+/// `default` under the project root).
+fn write_modules(manifest_dir: &str, env: &str, default: &str, modules: &[&str]) {
     println!("cargo:rerun-if-env-changed={env}");
     let dir = std::env::var_os(env)
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(manifest_dir).join("../..").join(default));
     let mut code = String::new();
-    for name in MODULES {
+    for name in modules {
         let path = dir.join(format!("{name}.ko"));
         println!("cargo:rerun-if-changed={}", path.display());
         let upper = name.to_uppercase();

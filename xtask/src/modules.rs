@@ -28,6 +28,9 @@ pub(crate) const AARCH64_MODULE_DIR_ENV: &str = "KSITES_AARCH64_MODULE_DIR";
 
 /// The C modules, by file stem, in `qemu-tests/modules/`.
 const C_MODULES: &[&str] = &["cmod", "badmod"];
+/// The aarch64 set's: `farmod` as well, which the aarch64 kernel loads out of `bl`
+/// reach of its text (its calls into the kernel go through the loader's veneers).
+const AARCH64_C_MODULES: &[&str] = &["cmod", "badmod", "farmod"];
 
 /// The flags every C module is compiled with: freestanding, not PIC (the kernel and the
 /// module arena lie below 2 GiB, so the small code model's absolute 32-bit relocations
@@ -52,6 +55,7 @@ const C_FLAGS: &[&str] = &[
 struct Toolchain {
     /// `--target` for `cargo rustc` (none: the workspace's default, x86_64).
     rust_target: Option<&'static str>,
+    c_modules: &'static [&'static str],
     cc: &'static str,
     /// Added to [`C_FLAGS`] (x86_64: no red zone, interrupts write below `rsp`).
     arch_flags: &'static [&'static str],
@@ -60,6 +64,7 @@ struct Toolchain {
 
 const X86_64: Toolchain = Toolchain {
     rust_target: None,
+    c_modules: C_MODULES,
     cc: "gcc",
     arch_flags: &["-mno-red-zone"],
     nm: "nm",
@@ -67,6 +72,7 @@ const X86_64: Toolchain = Toolchain {
 
 const AARCH64: Toolchain = Toolchain {
     rust_target: Some("aarch64-unknown-none"),
+    c_modules: AARCH64_C_MODULES,
     cc: "aarch64-linux-gnu-gcc",
     arch_flags: &[],
     nm: "aarch64-linux-gnu-nm",
@@ -102,7 +108,7 @@ fn build_set(
     sh.create_dir(&out)?;
     let qemu_tests = root.join("qemu-tests");
     let mut objects = vec![build_rmod(sh, &qemu_tests, &out, tc)?];
-    for name in C_MODULES {
+    for name in tc.c_modules {
         objects.push(build_c(sh, &qemu_tests, root, &out, name, tc)?);
     }
     for object in &objects {

@@ -56,6 +56,7 @@ pub(crate) const MODULE_TESTS: &[&str] = &[
     "module_unload_refused_while_its_handler_is_enabled",
     "module_unload_removes_probes_and_memory",
     "module_unknown_symbol_fails_cleanly",
+    "module_far_calls_through_veneers",
     "module_load_unload_load",
     "module_loader_never_allocates",
 ];

@@ -9,8 +9,8 @@
 //! | 1 .. 1.25 GiB | RAM (the same PA) | 2 MiB normal blocks, RW, NX |
 //! | the kernel's 2 MiB blocks | RAM | 4 KiB pages: text RO + X, rodata RO NX, the rest RW NX |
 //! | `addr` + [`ALIAS_OFFSET`] | the kernel image's PA | 4 KiB pages RW NX: the patching alias |
-//! | [`MODULE_BASE`], 2 MiB | RAM | 4 KiB pages, each RX, R NX or RW NX ([`protect_module`]) |
-//! | [`MODULE_BASE`] + [`ALIAS_OFFSET`] | the module block's PA | one 2 MiB block RW NX |
+//! | [`MODULE_BASE`], [`FAR_MODULE_BASE`]: 2 MiB each | RAM | 4 KiB pages, each RX, R NX or RW NX ([`protect_module`]) |
+//! | each module block + [`ALIAS_OFFSET`] | the block's PA | one 2 MiB block RW NX |
 //!
 //! Text is never writable through its own mapping: a patch writes through the alias
 //! ([`AliasPoker`]) and then cleans the D-cache and invalidates the I-cache for the
@@ -73,7 +73,7 @@ struct Tables {
     l2_alias: Table,
     l3_kernel: [Table; KERNEL_BLOCKS],
     l3_alias: [Table; KERNEL_BLOCKS],
-    l3_modules: Table,
+    l3_modules: [Table; 2],
 }
 
 const EMPTY: Table = Table([0; 512]);
@@ -83,7 +83,7 @@ static mut TABLES: Tables = Tables {
     l2_alias: EMPTY,
     l3_kernel: [EMPTY, EMPTY],
     l3_alias: [EMPTY, EMPTY],
-    l3_modules: EMPTY,
+    l3_modules: [EMPTY, EMPTY],
 };
 
 /// What every CPU writes to MAIR_EL1, TCR_EL1, TTBR0_EL1 and SCTLR_EL1 (in that order)
@@ -178,12 +178,14 @@ pub fn init() -> Result<(), &'static str> {
         t.l2_ram.0[block] = addr_of!(t.l3_kernel[j]) as u64 | VALID | TABLE_OR_PAGE;
         t.l2_alias.0[block] = addr_of!(t.l3_alias[j]) as u64 | VALID | TABLE_OR_PAGE;
     }
-    let module_block = ((MODULE_BASE - RAM_BASE) / BLOCK_2M) as usize;
-    for (k, d) in t.l3_modules.0.iter_mut().enumerate() {
-        *d = module_page(MODULE_BASE + k as u64 * PAGE, ModulePerm::ReadWrite);
+    for (table, base) in t.l3_modules.iter_mut().zip(MODULE_BLOCKS) {
+        let block = ((base - RAM_BASE) / BLOCK_2M) as usize;
+        for (k, d) in table.0.iter_mut().enumerate() {
+            *d = module_page(base + k as u64 * PAGE, ModulePerm::ReadWrite);
+        }
+        t.l2_ram.0[block] = addr_of!(*table) as u64 | VALID | TABLE_OR_PAGE;
+        t.l2_alias.0[block] = base | NORMAL_RW_NX | VALID;
     }
-    t.l2_ram.0[module_block] = addr_of!(t.l3_modules) as u64 | VALID | TABLE_OR_PAGE;
-    t.l2_alias.0[module_block] = MODULE_BASE | NORMAL_RW_NX | VALID;
     // The tables were written with the MMU (so the data cache) off, and the walker reads
     // them cacheable (TCR IRGN0/ORGN0): drop any line a cache may still hold for them,
     // as Linux does for its boot tables.
@@ -307,6 +309,10 @@ impl TextPoker for AliasPoker {
 /// First byte of the module block (the 2 MiB block after the kernel's two; within
 /// `bl`/`b` reach, ±128 MiB, of the kernel text both ways).
 pub const MODULE_BASE: u64 = RAM_BASE + 4 * BLOCK_2M;
+/// First byte of the far module block, 160 MiB into RAM: out of `bl` reach of the kernel
+/// text, so a module there calls the kernel through the loader's veneers.
+pub const FAR_MODULE_BASE: u64 = RAM_BASE + 80 * BLOCK_2M;
+const MODULE_BLOCKS: [u64; 2] = [MODULE_BASE, FAR_MODULE_BASE];
 /// Size of the module block.
 pub const MODULE_SIZE: u64 = BLOCK_2M;
 /// Page size of the module block.
@@ -328,6 +334,18 @@ pub fn module_range() -> core::ops::Range<u64> {
     MODULE_BASE..MODULE_BASE + MODULE_SIZE
 }
 
+/// The far module block's address range.
+pub fn far_module_range() -> core::ops::Range<u64> {
+    FAR_MODULE_BASE..FAR_MODULE_BASE + MODULE_SIZE
+}
+
+/// The module block (index into `l3_modules`) holding all of `range`.
+fn module_block(range: &core::ops::Range<u64>) -> Option<usize> {
+    MODULE_BLOCKS
+        .iter()
+        .position(|&b| b <= range.start && range.end <= b + MODULE_SIZE)
+}
+
 /// The level-3 descriptor of module page `pa` with `perm` (never writable and executable).
 fn module_page(pa: u64, perm: ModulePerm) -> u64 {
     let perms = match perm {
@@ -340,12 +358,10 @@ fn module_page(pa: u64, perm: ModulePerm) -> u64 {
 
 /// The module page holding `addr`'s descriptor slot, if `addr` is in the block.
 fn module_slot(addr: u64) -> Option<*mut u64> {
-    if !module_range().contains(&addr) {
-        return None;
-    }
-    let i = ((addr - MODULE_BASE) / PAGE) as usize;
+    let b = module_block(&(addr..addr.checked_add(1)?))?;
+    let i = ((addr - MODULE_BLOCKS[b]) / PAGE) as usize;
     // SAFETY: only the address of an element is taken (no reference is formed).
-    Some(unsafe { core::ptr::addr_of_mut!(TABLES.l3_modules.0[i]) })
+    Some(unsafe { core::ptr::addr_of_mut!(TABLES.l3_modules[b].0[i]) })
 }
 
 /// What the translation tables say about the module page at `addr`: `(writable,
@@ -359,17 +375,16 @@ pub fn module_page_perms(addr: u64) -> Option<(bool, bool)> {
 /// Module pages whose descriptor is writable and executable at once (must be 0).
 pub fn module_wx_pages() -> usize {
     module_range()
+        .chain(far_module_range())
         .step_by(PAGE as usize)
         .filter(|&a| module_page_perms(a) == Some((true, true)))
         .count()
 }
 
-/// Whether `range` lies in executable pages of the module block.
+/// Whether `range` lies in executable pages of one module block.
 fn module_text(range: core::ops::Range<u64>) -> bool {
-    let m = module_range();
     range.start < range.end
-        && m.start <= range.start
-        && range.end <= m.end
+        && module_block(&range).is_some()
         && (range.start & !(PAGE - 1)..range.end)
             .step_by(PAGE as usize)
             .all(|a| module_page_perms(a).is_some_and(|(_, x)| x))
@@ -387,12 +402,11 @@ fn module_text(range: core::ops::Range<u64>) -> bool {
 /// nothing writes them through this mapping unless `perm` is [`ModulePerm::ReadWrite`].
 pub unsafe fn protect_module(addr: u64, len: usize, perm: ModulePerm) -> Result<(), &'static str> {
     let end = addr.checked_add(len as u64).ok_or("range overflows")?;
-    let m = module_range();
     if !addr.is_multiple_of(PAGE) || !(len as u64).is_multiple_of(PAGE) {
         return Err("not page aligned");
     }
-    if addr < m.start || end > m.end {
-        return Err("outside the module block");
+    if module_block(&(addr..end)).is_none() {
+        return Err("outside the module blocks");
     }
     for page in (addr..end).step_by(PAGE as usize) {
         let slot = module_slot(page).ok_or("outside the module block")?;

@@ -138,3 +138,55 @@ impl ModuleMemory for ModuleArena {
         locked(|b| set(b, first..first + region.size / PAGE, false));
     }
 }
+
+/// The far module block ([`mmu::FAR_MODULE_BASE`], out of `bl` reach of the kernel
+/// text) as module memory: one region at a time, from its start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FarArena;
+
+static FAR_IN_USE: AtomicBool = AtomicBool::new(false);
+
+impl FarArena {
+    /// Whether a region of the far block is handed out.
+    pub fn in_use(&self) -> bool {
+        FAR_IN_USE.load(Ordering::SeqCst)
+    }
+}
+
+impl ModuleMemory for FarArena {
+    fn alloc(&mut self, size: usize) -> Option<Region> {
+        let size = size.checked_add(PAGE - 1)? / PAGE * PAGE;
+        if size == 0 || size as u64 > mmu::MODULE_SIZE || FAR_IN_USE.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let addr = mmu::FAR_MODULE_BASE;
+        zero(addr, size);
+        Some(Region {
+            ptr: addr as usize as *mut u8,
+            addr,
+            size,
+        })
+    }
+
+    unsafe fn protect(
+        &mut self,
+        region: &Region,
+        offset: usize,
+        len: usize,
+        prot: Prot,
+    ) -> Result<(), ProtectError> {
+        // SAFETY: forwarded (the same block table and rules).
+        unsafe { ModuleArena.protect(region, offset, len, prot) }
+    }
+
+    unsafe fn free(&mut self, region: Region) {
+        if region.addr != mmu::FAR_MODULE_BASE {
+            return;
+        }
+        // SAFETY: ours, and nothing refers to it any more (the trait's contract).
+        if unsafe { mmu::protect_module(region.addr, region.size, ModulePerm::ReadWrite) }.is_ok() {
+            zero(region.addr, region.size);
+            FAR_IN_USE.store(false, Ordering::SeqCst);
+        }
+    }
+}

@@ -10,7 +10,7 @@
 //! its `.ksites` table, after [`super::ksites_init`] patched the kernel.
 
 use core::ops::Range;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use kernel_loader::CpuFeatures;
 use kernel_loader::arch::aarch64::branch::{B, B_OPCODE_MASK, BL, branch_dest, veneer_target};
@@ -24,7 +24,7 @@ use kernel_loader::probe::{self, ProbeError, ProbeId};
 use super::exceptions::{EC_DATA_ABORT, EC_INSTRUCTION_ABORT, try_call, try_store};
 use super::mmu::{self, AliasPoker};
 use super::module_arena::{self, ModuleArena};
-use super::{smp, timer};
+use super::smp;
 use crate::harness::{Harness, Msg};
 use crate::{ensure, msg, println};
 
@@ -33,6 +33,9 @@ use crate::{ensure, msg, println};
 pub struct Aligned<T: ?Sized>(pub T);
 
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
+
+mod far;
+mod live;
 
 /// `mov w0, #imm` (MOVZ, 32-bit).
 const fn mov_w0(imm: u16) -> u32 {
@@ -199,7 +202,12 @@ fn arena_alloc_protect_poke_free() -> Result<(), Msg> {
 
 /// Each embedded module is an aarch64 ELF relocatable object.
 fn modules_embedded() -> Result<(), Msg> {
-    for (name, bytes) in [("rmod", &RMOD.0), ("cmod", &CMOD.0), ("badmod", &BADMOD.0)] {
+    for (name, bytes) in [
+        ("rmod", &RMOD.0),
+        ("cmod", &CMOD.0),
+        ("badmod", &BADMOD.0),
+        ("farmod", &FARMOD.0),
+    ] {
         ensure!(
             !bytes.is_empty(),
             "{name}.ko was not built into the kernel (run `cargo xtask qemu --arch aarch64`)"
@@ -247,16 +255,18 @@ impl Env {
     }
 
     fn load(&self, name: &'static str, bytes: &'static [u8]) -> Result<Module<'static>, Msg> {
-        self.try_load(name, bytes)
+        self.try_load(name, bytes, &mut ModuleArena)
             .0
             .map_err(|e| msg!("loading {name}: {e}"))
     }
 
-    /// Loads `bytes` as `name`; the error, and the poker's synchronisation rounds.
+    /// Loads `bytes` as `name` into `mem`; the error, and the poker's synchronisation
+    /// rounds.
     fn try_load(
         &self,
         name: &'static str,
         bytes: &'static [u8],
+        mem: &mut dyn ModuleMemory,
     ) -> (Result<Module<'static>, ModuleError>, u64) {
         let symbols = (&RUNTIME, &KERNEL_EXPORTS);
         let kernel = Kernel {
@@ -269,17 +279,26 @@ impl Env {
         // SAFETY: the module block is executable once protected and within `bl` reach
         // of the kernel (veneers otherwise); the poker writes module text through the
         // alias and syncs every CPU; `kernel` is this kernel; the modules are ours.
-        let r = unsafe { Module::load(name, bytes, &kernel, &mut ModuleArena, &mut poker) };
+        let r = unsafe { Module::load(name, bytes, &kernel, mem, &mut poker) };
         (r, poker.rounds)
     }
 }
 
 #[allow(clippy::result_large_err)]
 fn unload(m: Module<'static>) -> Result<(), (Module<'static>, ModuleError)> {
+    unload_from(m, &mut ModuleArena)
+}
+
+/// Unloads `m`, which `mem` gave its memory.
+#[allow(clippy::result_large_err)]
+fn unload_from(
+    m: Module<'static>,
+    mem: &mut dyn ModuleMemory,
+) -> Result<(), (Module<'static>, ModuleError)> {
     let mut poker = AliasPoker::default();
-    // SAFETY: module code runs only on this CPU here (the APs' job has finished); the
-    // module's probes are disabled by unload.
-    unsafe { m.unload(&mut ModuleArena, &mut poker) }
+    // SAFETY: module code runs only on this CPU here (the other CPUs' job has
+    // finished); the module's probes are disabled by unload.
+    unsafe { m.unload(mem, &mut poker) }
 }
 
 fn unload_ok(m: Module<'static>) -> Result<(), Msg> {
@@ -404,15 +423,20 @@ fn ref_crc32c_update(mut crc: u32, d: &[u8]) -> u32 {
     crc
 }
 
+const RMOD_FNS: [&str; 3] = ["rmod_popcount_sum", "rmod_crc", "rmod_state"];
+const CMOD_FNS: [&str; 3] = ["cmod_popcount_sum", "cmod_crc", "cmod_state"];
+
 /// rmod's and cmod's functions, through their imports, give the reference results.
 fn check_results(rmod: &Module<'_>, cmod: &Module<'_>) -> Result<(), Msg> {
+    check_results_of(&[(rmod, RMOD_FNS), (cmod, CMOD_FNS)])
+}
+
+/// Each module's `*_popcount_sum`, `*_crc` and `*_state` give the reference results.
+fn check_results_of(modules: &[(&Module<'_>, [&str; 3])]) -> Result<(), Msg> {
     let want_pop: u64 = WORDS.iter().map(|w| u64::from(w.count_ones())).sum();
     let d = data();
     let want_crc = ref_crc32c_update(!0, &d);
-    for (m, names) in [
-        (rmod, ["rmod_popcount_sum", "rmod_crc", "rmod_state"]),
-        (cmod, ["cmod_popcount_sum", "cmod_crc", "cmod_state"]),
-    ] {
+    for &(m, names) in modules {
         // SAFETY: both modules define these with these C signatures, and stay loaded.
         let (sum, crc, state) = unsafe {
             (
@@ -587,112 +611,6 @@ fn check_probes(rmod: &Module<'_>, cmod: &Module<'_>) -> Result<(), Msg> {
     Ok(())
 }
 
-// Live toggling of a module probe while the other CPUs run its site.
-
-static AP_FIRE: AtomicU64 = AtomicU64::new(0);
-static AP_STOP: AtomicBool = AtomicBool::new(false);
-static AP_STARTED: AtomicU32 = AtomicU32::new(0);
-static AP_CALLS: AtomicU64 = AtomicU64::new(0);
-static AP_WRONG: AtomicU64 = AtomicU64::new(0);
-static SMP_HITS: AtomicU64 = AtomicU64::new(0);
-static SMP_BAD_ARGS: AtomicU64 = AtomicU64::new(0);
-
-/// Counts hits; another CPU fires `rmod:hit(cpu, n, 7)` with `1 <= cpu < MAX_CPUS`.
-fn smp_handler(_id: ProbeId, args: &[u64; 6]) {
-    SMP_HITS.fetch_add(1, Ordering::SeqCst);
-    let cpu_ok = args[0] >= 1 && args[0] < smp::MAX_CPUS as u64;
-    if !cpu_ok || args[2] != 7 || args[3..] != [0, 0, 0] {
-        SMP_BAD_ARGS.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-/// Another CPU's job: call `rmod_fire(cpu, n, 7)` until told to stop.
-fn ap_worker(cpu: usize) {
-    // SAFETY: AP_FIRE holds rmod's `rmod_fire`, and rmod stays loaded (and held) until
-    // every CPU finished this job.
-    let fire =
-        unsafe { core::mem::transmute::<usize, Fn3>(AP_FIRE.load(Ordering::Acquire) as usize) };
-    AP_STARTED.fetch_add(1, Ordering::AcqRel);
-    let cpu = cpu as u64;
-    let mut n = 0u64;
-    while !AP_STOP.load(Ordering::Relaxed) {
-        if fire(cpu, n, 7) != cpu.wrapping_add(n).wrapping_add(7) {
-            AP_WRONG.fetch_add(1, Ordering::Relaxed);
-        }
-        n += 1;
-    }
-    AP_CALLS.fetch_add(n, Ordering::AcqRel);
-}
-
-fn delay_us(us: u64) {
-    let _ = timer::wait_until(us, || false);
-}
-
-/// With every other CPU calling `rmod_fire` in a loop, CPU 0 enables and disables
-/// `rmod:hit` 100 times: every result stays right, every hit has its CPU's arguments,
-/// and the handler and the registry count the same hits. rmod is held meanwhile.
-fn probe_toggle_while_aps_run(rmod: &Module<'_>) -> Result<(), Msg> {
-    let hit = probe::lookup("rmod:hit").ok_or("rmod:hit not registered")?;
-    AP_FIRE.store(sym(rmod, "rmod_fire")?, Ordering::Release);
-    for c in [&AP_CALLS, &AP_WRONG, &SMP_HITS, &SMP_BAD_ARGS] {
-        c.store(0, Ordering::SeqCst);
-    }
-    AP_STOP.store(false, Ordering::SeqCst);
-    AP_STARTED.store(0, Ordering::SeqCst);
-    let registry_before = probe::info(hit).map_or(0, |i| i.hits);
-    rmod.hold();
-    let round = smp::start_job(ap_worker);
-    let aps = smp::online() - 1;
-    let started = timer::wait_until(2_000_000, || AP_STARTED.load(Ordering::Acquire) >= aps);
-    let mut poker = AliasPoker::default();
-    let mut r = Ok(());
-    for _ in 0..100 {
-        // SAFETY: `smp_handler` is a plain function; the poker syncs every CPU, and the
-        // single-store protocol covers CPUs running the site mid-patch.
-        r = unsafe { probe::enable(hit, smp_handler, &mut poker) }
-            .and_then(|()| {
-                delay_us(300);
-                // SAFETY: as above.
-                unsafe { probe::disable(hit, &mut poker) }
-            })
-            .map_err(|e| msg!("toggling rmod:hit: {e}"));
-        if r.is_err() {
-            break;
-        }
-        delay_us(100);
-    }
-    AP_STOP.store(true, Ordering::SeqCst);
-    let stopped = smp::wait_job(round, 4_000_000);
-    rmod.release();
-    r?;
-    ensure!(stopped, "the other CPUs did not finish their job");
-    ensure!(
-        started,
-        "only {} of {aps} CPUs started",
-        AP_STARTED.load(Ordering::SeqCst)
-    );
-    let (calls, hits) = (
-        AP_CALLS.load(Ordering::SeqCst),
-        SMP_HITS.load(Ordering::SeqCst),
-    );
-    let registry = probe::info(hit).map_or(0, |i| i.hits) - registry_before;
-    println!(
-        "modules: rmod:hit toggled 100 times while {aps} CPUs called rmod_fire {calls} times: {hits} hits (registry {registry}), {} sync rounds",
-        poker.rounds
-    );
-    let wrong = AP_WRONG.load(Ordering::SeqCst);
-    ensure!(wrong == 0, "{wrong} wrong results");
-    let bad = SMP_BAD_ARGS.load(Ordering::SeqCst);
-    ensure!(bad == 0, "{bad} hits with wrong arguments");
-    ensure!(calls > 0 && hits > 0, "calls {calls}, hits {hits}");
-    ensure!(
-        hits == registry,
-        "handler counted {hits} hits, registry {registry}"
-    );
-    ensure!(!probe::is_enabled(hit), "rmod:hit left enabled");
-    Ok(())
-}
-
 /// FNV-1a over every kernel ifunc site's and probe site's instruction.
 fn kernel_sites_digest(t: &Table<'_>) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -764,7 +682,7 @@ fn check_bad_module(env: &Env) -> Result<(), Msg> {
     let probes = probe::count();
     let used = ModuleArena.used_pages();
     let digest = kernel_sites_digest(&env.table);
-    let (r, rounds) = env.try_load("badmod", &BADMOD.0);
+    let (r, rounds) = env.try_load("badmod", &BADMOD.0, &mut ModuleArena);
     match r {
         Ok(m) => {
             let _ = unload(m);
@@ -905,7 +823,7 @@ pub fn run(h: &mut Harness) {
     if smp::online() > 1 {
         h.check(
             "module_probe_live_toggle_while_aps_run_it",
-            probe_toggle_while_aps_run(&rmod),
+            live::probe_toggle_while_aps_run(&rmod),
         );
     }
     h.check(
@@ -986,6 +904,10 @@ pub fn run(h: &mut Harness) {
     h.check(
         "module_unknown_symbol_fails_cleanly",
         check_bad_module(&env),
+    );
+    h.check(
+        "module_far_calls_through_veneers",
+        far::check_far_module(&env.exec),
     );
 
     let again = env.load("rmod", &RMOD.0).and_then(|m| {
