@@ -174,16 +174,41 @@ pub(crate) fn pick_fetch_add(f: &CpuFeatures) -> unsafe extern "C" fn(*mut u64, 
 // xor3: dst ^= a ^ b (RAID parity; Linux's arm64 xor_blocks uses `eor3` when SHA3 is
 // there).
 
-/// Scalar tail: bytes `from .. n`.
-///
-/// # Safety
-///
-/// As for [`xor3_eor3`].
-unsafe fn xor3_tail_bytes(dst: *mut u8, a: *const u8, b: *const u8, from: usize, n: usize) {
-    for i in from..n {
-        // SAFETY: i < n: inside the caller's ranges.
-        unsafe { *dst.add(i) ^= *a.add(i) ^ *b.add(i) };
-    }
+/// The loop both `xor3` implementations share: 16 bytes a step (`ld1` `dst`, `a`, `b`
+/// into `x`, `y`, `z`; the `$combine` instructions leave the result in `x`; `st1`), then
+/// the bytes past the last full step in Rust.
+macro_rules! xor3_body {
+    ($dst:ident, $a:ident, $b:ident, $n:ident, $($combine:literal),+) => {{
+        let vec = $n & !15;
+        // SAFETY: the loop reads and writes exactly `vec` <= n bytes of the caller's
+        // ranges (the function's contract); the vector registers are declared clobbered.
+        unsafe {
+            asm!(
+                "cbz {n}, 3f",
+                "2:",
+                "ld1 {{{x:v}.16b}}, [{d}]",
+                "ld1 {{{y:v}.16b}}, [{a}], #16",
+                "ld1 {{{z:v}.16b}}, [{b}], #16",
+                $($combine,)+
+                "st1 {{{x:v}.16b}}, [{d}], #16",
+                "subs {n}, {n}, #16",
+                "b.ne 2b",
+                "3:",
+                d = inout(reg) $dst => _,
+                a = inout(reg) $a => _,
+                b = inout(reg) $b => _,
+                n = inout(reg) vec => _,
+                x = out(vreg) _,
+                y = out(vreg) _,
+                z = out(vreg) _,
+                options(nostack),
+            );
+        }
+        for i in vec..$n {
+            // SAFETY: i < n: inside the caller's ranges.
+            unsafe { *$dst.add(i) ^= *$a.add(i) ^ *$b.add(i) };
+        }
+    }};
 }
 
 /// SHA3's three-way `eor3`, 16 bytes a step.
@@ -194,33 +219,13 @@ unsafe fn xor3_tail_bytes(dst: *mut u8, a: *const u8, b: *const u8, from: usize,
 /// bytes and `dst` does not overlap the others.
 #[target_feature(enable = "sha3")]
 pub unsafe extern "C" fn xor3_eor3(dst: *mut u8, a: *const u8, b: *const u8, n: usize) {
-    let vec = n & !15;
-    // SAFETY: the loop reads and writes exactly `vec` <= n bytes of the caller's ranges;
-    // the vector registers are declared clobbered; SHA3 exists (caller).
-    unsafe {
-        asm!(
-            "cbz {n}, 3f",
-            "2:",
-            "ld1 {{{x:v}.16b}}, [{d}]",
-            "ld1 {{{y:v}.16b}}, [{a}], #16",
-            "ld1 {{{z:v}.16b}}, [{b}], #16",
-            "eor3 {x:v}.16b, {x:v}.16b, {y:v}.16b, {z:v}.16b",
-            "st1 {{{x:v}.16b}}, [{d}], #16",
-            "subs {n}, {n}, #16",
-            "b.ne 2b",
-            "3:",
-            d = inout(reg) dst => _,
-            a = inout(reg) a => _,
-            b = inout(reg) b => _,
-            n = inout(reg) vec => _,
-            x = out(vreg) _,
-            y = out(vreg) _,
-            z = out(vreg) _,
-            options(nostack),
-        );
-    }
-    // SAFETY: forwarded.
-    unsafe { xor3_tail_bytes(dst, a, b, vec, n) };
+    xor3_body!(
+        dst,
+        a,
+        b,
+        n,
+        "eor3 {x:v}.16b, {x:v}.16b, {y:v}.16b, {z:v}.16b"
+    );
 }
 
 /// AdvSIMD: two `eor`s, 16 bytes a step.
@@ -229,33 +234,14 @@ pub unsafe extern "C" fn xor3_eor3(dst: *mut u8, a: *const u8, b: *const u8, n: 
 ///
 /// FP/AdvSIMD enabled; ranges as for [`xor3_eor3`].
 pub unsafe extern "C" fn xor3_neon(dst: *mut u8, a: *const u8, b: *const u8, n: usize) {
-    let vec = n & !15;
-    // SAFETY: as for `xor3_eor3`, with base AdvSIMD instructions only.
-    unsafe {
-        asm!(
-            "cbz {n}, 3f",
-            "2:",
-            "ld1 {{{x:v}.16b}}, [{d}]",
-            "ld1 {{{y:v}.16b}}, [{a}], #16",
-            "ld1 {{{z:v}.16b}}, [{b}], #16",
-            "eor {y:v}.16b, {y:v}.16b, {z:v}.16b",
-            "eor {x:v}.16b, {x:v}.16b, {y:v}.16b",
-            "st1 {{{x:v}.16b}}, [{d}], #16",
-            "subs {n}, {n}, #16",
-            "b.ne 2b",
-            "3:",
-            d = inout(reg) dst => _,
-            a = inout(reg) a => _,
-            b = inout(reg) b => _,
-            n = inout(reg) vec => _,
-            x = out(vreg) _,
-            y = out(vreg) _,
-            z = out(vreg) _,
-            options(nostack),
-        );
-    }
-    // SAFETY: forwarded.
-    unsafe { xor3_tail_bytes(dst, a, b, vec, n) };
+    xor3_body!(
+        dst,
+        a,
+        b,
+        n,
+        "eor {y:v}.16b, {y:v}.16b, {z:v}.16b",
+        "eor {x:v}.16b, {x:v}.16b, {y:v}.16b"
+    );
 }
 
 pub(crate) fn pick_xor3(

@@ -475,8 +475,23 @@ fn one_sync_round_per_batch(k: &Ksites) -> TestResult {
 }
 
 /// Runs the ifunc tests on CPU 0 before the other CPUs start; [`ksites_init`] happens
-/// in the middle, after the pre-init checks.
+/// in the middle, after the pre-init checks. None of it may allocate (the kernel's
+/// allocator refuses and counts every request).
 pub fn run(h: &mut Harness) {
+    let allocs = crate::no_alloc::requests();
+    run_tests(h);
+    let more = crate::no_alloc::requests() - allocs;
+    h.check(
+        "ifunc_init_never_allocates",
+        if more == 0 {
+            Ok(())
+        } else {
+            Err(msg!("{more} allocation requests during the ifunc tests"))
+        },
+    );
+}
+
+fn run_tests(h: &mut Harness) {
     let features = ksites_features();
     let table = match ksites_table() {
         Ok(t) => t,

@@ -93,7 +93,8 @@ pub struct Ksites {
 /// The executable ranges the table is validated against: the kernel text.
 pub fn ksites_exec() -> [Range<u64>; 1] {
     let l = mmu::layout();
-    [l.text_start..l.text_end]
+    let text = l.text_start..l.text_end;
+    [text]
 }
 
 /// The FP/AdvSIMD/SVE state enabled (the implementations use vector registers), then the
