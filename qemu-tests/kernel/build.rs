@@ -9,18 +9,42 @@ use std::path::{Path, PathBuf};
 /// The modules `cargo xtask qemu` builds and embeds (`NAME.ko`), in the directory named
 /// by `KSITES_MODULE_DIR` (default: `target/ksites-modules` at the project root).
 const MODULES: &[&str] = &["rmod", "cmod", "badmod"];
+/// The aarch64 set: `farmod` too (loaded out of `bl` reach of the kernel).
+const AARCH64_MODULES: &[&str] = &["rmod", "cmod", "badmod", "farmod"];
 
 /// Writes `$OUT_DIR/modules.rs`: one `pub static NAME: &Aligned<[u8]>` per module,
 /// `include_bytes!` of `NAME.ko`, or an empty slice (and a warning) if it was not built,
 /// so the kernel still builds (e.g. under `cargo clippy`) and its module tests fail
 /// with a clear message instead.
 fn include_modules(manifest_dir: &str) {
-    println!("cargo:rerun-if-env-changed=KSITES_MODULE_DIR");
-    let dir = std::env::var_os("KSITES_MODULE_DIR")
+    write_modules(
+        manifest_dir,
+        "KSITES_MODULE_DIR",
+        "target/ksites-modules",
+        MODULES,
+    );
+}
+
+/// The aarch64 kernel's [`include_modules`]: the same modules built for aarch64, from
+/// `KSITES_AARCH64_MODULE_DIR` (default: `target/ksites-modules/aarch64`).
+fn include_aarch64_modules(manifest_dir: &str) {
+    write_modules(
+        manifest_dir,
+        "KSITES_AARCH64_MODULE_DIR",
+        "target/ksites-modules/aarch64",
+        AARCH64_MODULES,
+    );
+}
+
+/// `$OUT_DIR/modules.rs` with `modules` from the directory `env` names (default:
+/// `default` under the project root).
+fn write_modules(manifest_dir: &str, env: &str, default: &str, modules: &[&str]) {
+    println!("cargo:rerun-if-env-changed={env}");
+    let dir = std::env::var_os(env)
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(manifest_dir).join("../../target/ksites-modules"));
+        .unwrap_or_else(|| Path::new(manifest_dir).join("../..").join(default));
     let mut code = String::new();
-    for name in MODULES {
+    for name in modules {
         let path = dir.join(format!("{name}.ko"));
         println!("cargo:rerun-if-changed={}", path.display());
         let upper = name.to_uppercase();
@@ -51,9 +75,10 @@ fn include_modules(manifest_dir: &str) {
 
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
-    // The aarch64 platform (src/arch/aarch64/) has its own linker script and, for now,
-    // neither the C objects nor the test modules (both are built for x86_64).
+    // The aarch64 platform (src/arch/aarch64/) has its own linker script and its own
+    // set of test modules; for now not the C objects (built for x86_64).
     if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("aarch64") {
+        include_aarch64_modules(&dir);
         println!("cargo:rustc-link-arg-bins=-T{dir}/src/arch/aarch64/linker.ld");
         println!("cargo:rerun-if-changed=src/arch/aarch64/linker.ld");
         println!("cargo:rerun-if-changed=build.rs");

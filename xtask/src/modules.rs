@@ -9,6 +9,10 @@
 //!
 //! Each object then goes through `ksites embed X.o -o target/ksites-modules/X.ko`.
 //! The kernel build finds that directory through [`MODULE_DIR_ENV`].
+//!
+//! The aarch64 kernel gets the same three modules built for aarch64 ([`build_aarch64`]:
+//! rustc `--target aarch64-unknown-none`, `aarch64-linux-gnu-gcc`) in
+//! `target/ksites-modules/aarch64/`, named by [`AARCH64_MODULE_DIR_ENV`].
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -19,13 +23,19 @@ use xshell::{Shell, cmd};
 /// The environment variable that tells `qemu-tests/kernel/build.rs` where the embedded
 /// modules (`*.ko`) are.
 pub(crate) const MODULE_DIR_ENV: &str = "KSITES_MODULE_DIR";
+/// The same for the aarch64 kernel's modules.
+pub(crate) const AARCH64_MODULE_DIR_ENV: &str = "KSITES_AARCH64_MODULE_DIR";
 
 /// The C modules, by file stem, in `qemu-tests/modules/`.
 const C_MODULES: &[&str] = &["cmod", "badmod"];
+/// The aarch64 set's: `farmod` as well, which the aarch64 kernel loads out of `bl`
+/// reach of its text (its calls into the kernel go through the loader's veneers).
+const AARCH64_C_MODULES: &[&str] = &["cmod", "badmod", "farmod"];
 
 /// The flags every C module is compiled with: freestanding, not PIC (the kernel and the
 /// module arena lie below 2 GiB, so the small code model's absolute 32-bit relocations
-/// reach them), no red zone, no SSE/x87 state, no stack protector or unwind tables.
+/// reach them), no SSE/x87 or FP/SIMD state, no stack protector or unwind tables; the
+/// architecture's own flags ([`Toolchain::arch_flags`]) follow.
 const C_FLAGS: &[&str] = &[
     "-c",
     "-O2",
@@ -33,7 +43,6 @@ const C_FLAGS: &[&str] = &[
     "-fno-pic",
     "-fno-pie",
     "-fno-common",
-    "-mno-red-zone",
     "-mgeneral-regs-only",
     "-fno-stack-protector",
     "-fno-asynchronous-unwind-tables",
@@ -42,37 +51,85 @@ const C_FLAGS: &[&str] = &[
     "-Werror",
 ];
 
+/// How one architecture's modules are built.
+struct Toolchain {
+    /// `--target` for `cargo rustc` (none: the workspace's default, x86_64).
+    rust_target: Option<&'static str>,
+    c_modules: &'static [&'static str],
+    cc: &'static str,
+    /// Added to [`C_FLAGS`] (x86_64: no red zone, interrupts write below `rsp`).
+    arch_flags: &'static [&'static str],
+    nm: &'static str,
+}
+
+const X86_64: Toolchain = Toolchain {
+    rust_target: None,
+    c_modules: C_MODULES,
+    cc: "gcc",
+    arch_flags: &["-mno-red-zone"],
+    nm: "nm",
+};
+
+const AARCH64: Toolchain = Toolchain {
+    rust_target: Some("aarch64-unknown-none"),
+    c_modules: AARCH64_C_MODULES,
+    cc: "aarch64-linux-gnu-gcc",
+    arch_flags: &[],
+    nm: "aarch64-linux-gnu-nm",
+};
+
 /// Where the module objects and the embedded modules go.
 pub(crate) fn module_dir(root: &Path) -> PathBuf {
     root.join("target/ksites-modules")
 }
 
+/// Where the aarch64 modules go.
+pub(crate) fn aarch64_module_dir(root: &Path) -> PathBuf {
+    module_dir(root).join("aarch64")
+}
+
 /// Builds every module and embeds it; returns the directory holding the `*.ko` files.
 pub(crate) fn build(sh: &Shell, root: &Path, ksites: &Path) -> Result<PathBuf> {
-    let out = module_dir(root);
+    build_set(sh, root, ksites, &X86_64, module_dir(root))
+}
+
+/// Builds every module for aarch64 and embeds it; returns the directory holding them.
+pub(crate) fn build_aarch64(sh: &Shell, root: &Path, ksites: &Path) -> Result<PathBuf> {
+    build_set(sh, root, ksites, &AARCH64, aarch64_module_dir(root))
+}
+
+fn build_set(
+    sh: &Shell,
+    root: &Path,
+    ksites: &Path,
+    tc: &Toolchain,
+    out: PathBuf,
+) -> Result<PathBuf> {
     sh.create_dir(&out)?;
     let qemu_tests = root.join("qemu-tests");
-    let mut objects = vec![build_rmod(sh, &qemu_tests, &out)?];
-    for name in C_MODULES {
-        objects.push(build_c(sh, &qemu_tests, root, &out, name)?);
+    let mut objects = vec![build_rmod(sh, &qemu_tests, &out, tc)?];
+    for name in tc.c_modules {
+        objects.push(build_c(sh, &qemu_tests, root, &out, name, tc)?);
     }
     for object in &objects {
-        check_undefined(sh, object)?;
+        check_undefined(sh, object, tc)?;
         embed(sh, ksites, object)?;
     }
     Ok(out)
 }
 
 /// `cargo rustc` the rmod crate into `out/rmod.o`.
-fn build_rmod(sh: &Shell, qemu_tests: &Path, out: &Path) -> Result<PathBuf> {
+fn build_rmod(sh: &Shell, qemu_tests: &Path, out: &Path, tc: &Toolchain) -> Result<PathBuf> {
     let object = out.join("rmod.o");
     let _dir = sh.push_dir(qemu_tests);
     let emit = format!("--emit=obj={}", object.display());
+    let target = tc.rust_target.map(|t| ["--target", t]);
+    let target: &[&str] = target.as_ref().map_or(&[], |t| &t[..]);
     let _ = std::fs::remove_file(&object);
     let build = || {
         cmd!(
             sh,
-            "cargo rustc --release -p rmod --lib -- -C relocation-model=static {emit}"
+            "cargo rustc --release -p rmod --lib {target...} -- -C relocation-model=static {emit}"
         )
         .run()
         .context("building the Rust test module (qemu-tests/modules/rmod) failed")
@@ -95,21 +152,33 @@ fn build_rmod(sh: &Shell, qemu_tests: &Path, out: &Path) -> Result<PathBuf> {
 }
 
 /// gcc `qemu-tests/modules/NAME.c` into `out/NAME.o`.
-fn build_c(sh: &Shell, qemu_tests: &Path, root: &Path, out: &Path, name: &str) -> Result<PathBuf> {
+fn build_c(
+    sh: &Shell,
+    qemu_tests: &Path,
+    root: &Path,
+    out: &Path,
+    name: &str,
+    tc: &Toolchain,
+) -> Result<PathBuf> {
     let source = qemu_tests.join(format!("modules/{name}.c"));
     let object = out.join(format!("{name}.o"));
     let include = root.join("kernel-loader/c");
-    cmd!(sh, "gcc {C_FLAGS...} -I {include} {source} -o {object}")
-        .run()
-        .with_context(|| format!("compiling the C test module {} failed", source.display()))?;
+    let (cc, arch) = (tc.cc, tc.arch_flags);
+    cmd!(
+        sh,
+        "{cc} {C_FLAGS...} {arch...} -I {include} {source} -o {object}"
+    )
+    .run()
+    .with_context(|| format!("compiling the C test module {} failed", source.display()))?;
     Ok(object)
 }
 
 /// A module may only reference the kernel by unmangled names (the kernel exports no
 /// Rust-mangled symbol): refuse an object that leaks a mangled `core` reference, which
 /// a panicking path would add.
-fn check_undefined(sh: &Shell, object: &Path) -> Result<()> {
-    let undefined = cmd!(sh, "nm -u {object}").read()?;
+fn check_undefined(sh: &Shell, object: &Path, tc: &Toolchain) -> Result<()> {
+    let nm = tc.nm;
+    let undefined = cmd!(sh, "{nm} -u {object}").read()?;
     let mangled = mangled_undefined(&undefined);
     if !mangled.is_empty() {
         bail!(
@@ -165,6 +234,10 @@ mod tests {
         assert_eq!(
             module_dir(Path::new("/r")),
             Path::new("/r/target/ksites-modules")
+        );
+        assert_eq!(
+            aarch64_module_dir(Path::new("/r")),
+            Path::new("/r/target/ksites-modules/aarch64")
         );
     }
 }

@@ -6,7 +6,8 @@
 //! as the x86_64 kernel is; the build tool is built first. It exits
 //! through semihosting with the x86_64 kernel's statuses (33 = success, 35 = failure),
 //! so [`judge::judge`] applies unchanged; on top, every run must pass every platform
-//! test ([`REQUIRED_TESTS`]) and ifunc test ([`IFUNC_TESTS`]) and bring the expected
+//! test ([`REQUIRED_TESTS`]), ifunc test ([`IFUNC_TESTS`]) and module test
+//! ([`MODULE_TESTS`]; on SMP runs [`SMP_MODULE_TESTS`] too) and bring the expected
 //! CPUs online, and `cortex-a57` and `max` must report different CPU features (LSE
 //! atomics and at least one more) and choose different implementations for the ifuncs
 //! of [`MUST_DIFFER`]. Before booting, the image is `ksites verify`-ed, its `ksites
@@ -24,6 +25,7 @@ use xshell::{Shell, cmd};
 use crate::crosscheck;
 use crate::install;
 use crate::judge;
+use crate::modules;
 use crate::qemu::{self, Arch, QemuArgs, Run};
 
 /// The Rust target of the aarch64 kernel.
@@ -44,6 +46,29 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
     "aarch64_sgi_reaches_every_cpu",
     "aarch64_live_patch_seen_by_every_cpu",
 ];
+
+/// The module tests every aarch64 run must pass (`src/arch/aarch64/module_tests.rs`:
+/// rmod and cmod built for aarch64, loaded, relocated, patched, probed and unloaded).
+pub(crate) const MODULE_TESTS: &[&str] = &[
+    "module_arena_alloc_protect_poke_free",
+    "modules_embedded_are_et_rel",
+    "module_load_rust_and_c",
+    "module_kernel_ifunc_sites_direct_to_choice",
+    "module_calls_through_kernel_ifuncs",
+    "module_own_ifunc_by_cpu_model",
+    "module_probes_registry_fire_args",
+    "module_kernel_sites_unchanged_by_loads",
+    "module_unload_refused_while_held",
+    "module_unload_refused_while_its_handler_is_enabled",
+    "module_unload_removes_probes_and_memory",
+    "module_unknown_symbol_fails_cleanly",
+    "module_far_calls_through_veneers",
+    "module_load_unload_load",
+    "module_loader_never_allocates",
+];
+
+/// The module tests an SMP run must pass as well.
+pub(crate) const SMP_MODULE_TESTS: &[&str] = &["module_probe_live_toggle_while_aps_run_it"];
 
 /// The ifunc tests (`src/arch/aarch64/ifunc_tests.rs`) every aarch64 run must pass.
 pub(crate) const IFUNC_TESTS: &[&str] = &[
@@ -130,6 +155,10 @@ pub(crate) fn run(sh: &Shell, root: &Path, labels: &[String], args: &QemuArgs) -
                 .run()
                 .context("building the build tool (build-tool) failed")?;
         }
+        // The test modules first: the kernel includes them (kernel/build.rs).
+        let ksites = root.join("target/release/ksites");
+        let module_dir = modules::build_aarch64(sh, root, &ksites)?;
+        let _modules = sh.push_env(modules::AARCH64_MODULE_DIR_ENV, &module_dir);
         let _dir = sh.push_dir(&qemu_tests);
         cmd!(sh, "cargo build --release -p qemu-tests --target {TARGET}")
             .run()
@@ -243,6 +272,12 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration) -> Result<u32> {
         verdict
             .problems
             .extend(judge::check_required_tests(&serial, REQUIRED_TESTS));
+        let smp_modules: &[&str] = if cpus > 1 { SMP_MODULE_TESTS } else { &[] };
+        for tests in [MODULE_TESTS, smp_modules] {
+            verdict
+                .problems
+                .extend(judge::check_required_tests(&serial, tests));
+        }
         verdict
             .problems
             .extend(judge::check_required_tests(&serial, IFUNC_TESTS));

@@ -12,7 +12,8 @@
 //!   `call` to the implementation the kernel chose;
 //! * its **own ifunc**, [`rmod_mix`], resolved by the module loader from the CPU
 //!   features: AVX2 → [`MIX_AVX2`], else POPCNT → [`MIX_POPCNT`], else [`MIX_BASE`]
-//!   (each implementation XORs its own tag into the argument);
+//!   (each implementation XORs its own tag into the argument); built for aarch64:
+//!   LSE atomics → [`MIX_LSE`], else CRC32 → [`MIX_CRC32`], else [`MIX_BASE`];
 //! * a **probe** `rmod:hit` with three arguments and an is-enabled check of it;
 //! * `ksites_module_init` / `ksites_module_exit`, which count in [`rmod_state`].
 //!
@@ -66,6 +67,43 @@ pub unsafe extern "C" fn mix_avx2(x: u64) -> u64 {
     x ^ MIX_AVX2
 }
 
+/// Tag of the aarch64 LSE-atomics implementation.
+pub const MIX_LSE: u64 = 0x15e0_0000_0000_0000;
+/// Tag of the aarch64 CRC32 implementation.
+pub const MIX_CRC32: u64 = 0xc3c3_0000_0000_0000;
+
+/// The aarch64 LSE flavour of [`rmod_mix`].
+///
+/// # Safety
+///
+/// None beyond the ifunc contract.
+#[cfg(target_arch = "aarch64")]
+pub unsafe extern "C" fn mix_lse(x: u64) -> u64 {
+    x ^ MIX_LSE
+}
+
+/// The aarch64 CRC32 flavour of [`rmod_mix`].
+///
+/// # Safety
+///
+/// None beyond the ifunc contract.
+#[cfg(target_arch = "aarch64")]
+pub unsafe extern "C" fn mix_crc32(x: u64) -> u64 {
+    x ^ MIX_CRC32
+}
+
+#[cfg(target_arch = "aarch64")]
+fn pick_mix(f: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u64 {
+    if f.contains(CpuFeatures::LSE) {
+        mix_lse
+    } else if f.contains(CpuFeatures::CRC32) {
+        mix_crc32
+    } else {
+        mix_base
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 fn pick_mix(f: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u64 {
     if f.contains(CpuFeatures::AVX2) {
         mix_avx2

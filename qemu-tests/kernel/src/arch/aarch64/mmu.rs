@@ -9,10 +9,13 @@
 //! | 1 .. 1.25 GiB | RAM (the same PA) | 2 MiB normal blocks, RW, NX |
 //! | the kernel's 2 MiB blocks | RAM | 4 KiB pages: text RO + X, rodata RO NX, the rest RW NX |
 //! | `addr` + [`ALIAS_OFFSET`] | the kernel image's PA | 4 KiB pages RW NX: the patching alias |
+//! | [`MODULE_BASE`], [`FAR_MODULE_BASE`]: 2 MiB each | RAM | 4 KiB pages, each RX, R NX or RW NX ([`protect_module`]) |
+//! | each module block + [`ALIAS_OFFSET`] | the block's PA | one 2 MiB block RW NX |
 //!
 //! Text is never writable through its own mapping: a patch writes through the alias
 //! ([`AliasPoker`]) and then cleans the D-cache and invalidates the I-cache for the
-//! executable address (`kernel_loader::arch::aarch64::sync_icache`).
+//! executable address (`kernel_loader::arch::aarch64::sync_icache`). Loaded modules'
+//! text (the module block's RX pages) is patched the same way.
 
 use core::ptr::addr_of;
 
@@ -70,6 +73,7 @@ struct Tables {
     l2_alias: Table,
     l3_kernel: [Table; KERNEL_BLOCKS],
     l3_alias: [Table; KERNEL_BLOCKS],
+    l3_modules: [Table; 2],
 }
 
 const EMPTY: Table = Table([0; 512]);
@@ -79,6 +83,7 @@ static mut TABLES: Tables = Tables {
     l2_alias: EMPTY,
     l3_kernel: [EMPTY, EMPTY],
     l3_alias: [EMPTY, EMPTY],
+    l3_modules: [EMPTY, EMPTY],
 };
 
 /// What every CPU writes to MAIR_EL1, TCR_EL1, TTBR0_EL1 and SCTLR_EL1 (in that order)
@@ -150,6 +155,9 @@ pub fn init() -> Result<(), &'static str> {
     if last - first >= KERNEL_BLOCKS as u64 {
         return Err("the kernel image spans more 2 MiB blocks than mmu.rs has tables for");
     }
+    if l.kernel_end > MODULE_BASE {
+        return Err("the kernel image reaches into the module block");
+    }
     // SAFETY: only CPU 0 runs, once, before any translation uses the tables; this is
     // the only reference to them.
     let t = unsafe { &mut *core::ptr::addr_of_mut!(TABLES) };
@@ -169,6 +177,14 @@ pub fn init() -> Result<(), &'static str> {
         }
         t.l2_ram.0[block] = addr_of!(t.l3_kernel[j]) as u64 | VALID | TABLE_OR_PAGE;
         t.l2_alias.0[block] = addr_of!(t.l3_alias[j]) as u64 | VALID | TABLE_OR_PAGE;
+    }
+    for (table, base) in t.l3_modules.iter_mut().zip(MODULE_BLOCKS) {
+        let block = ((base - RAM_BASE) / BLOCK_2M) as usize;
+        for (k, d) in table.0.iter_mut().enumerate() {
+            *d = module_page(base + k as u64 * PAGE, ModulePerm::ReadWrite);
+        }
+        t.l2_ram.0[block] = addr_of!(*table) as u64 | VALID | TABLE_OR_PAGE;
+        t.l2_alias.0[block] = base | NORMAL_RW_NX | VALID;
     }
     // The tables were written with the MMU (so the data cache) off, and the walker reads
     // them cacheable (TCR IRGN0/ORGN0): drop any line a cache may still hold for them,
@@ -253,10 +269,13 @@ impl TextPoker for AliasPoker {
     unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
         let l = layout();
         let end = addr.checked_add(bytes.len() as u64);
-        if addr < l.text_start || end.is_none_or(|e| e > l.text_end) {
+        let alias = if end.is_some_and(|e| module_text(addr..e)) {
+            addr + ALIAS_OFFSET
+        } else if addr < l.text_start || end.is_none_or(|e| e > l.text_end) {
             return Err(PokeError::new(addr, PokeFailure::NotText));
-        }
-        let Some(alias) = alias(addr) else {
+        } else if let Some(alias) = alias(addr) {
+            alias
+        } else {
             return Err(PokeError::new(addr, PokeFailure::NotMapped));
         };
         if addr.is_multiple_of(4) && bytes.len() == 4 {
@@ -282,4 +301,134 @@ impl TextPoker for AliasPoker {
     }
 
     fn end(&mut self) {}
+}
+
+// ---------------------------------------------------------------------------------------
+// The module block: where loaded modules live (see `module_arena`).
+
+/// First byte of the module block (the 2 MiB block after the kernel's two; within
+/// `bl`/`b` reach, ±128 MiB, of the kernel text both ways).
+pub const MODULE_BASE: u64 = RAM_BASE + 4 * BLOCK_2M;
+/// First byte of the far module block, 160 MiB into RAM: out of `bl` reach of the kernel
+/// text, so a module there calls the kernel through the loader's veneers.
+pub const FAR_MODULE_BASE: u64 = RAM_BASE + 80 * BLOCK_2M;
+const MODULE_BLOCKS: [u64; 2] = [MODULE_BASE, FAR_MODULE_BASE];
+/// Size of the module block.
+pub const MODULE_SIZE: u64 = BLOCK_2M;
+/// Page size of the module block.
+pub const PAGE_SIZE: u64 = PAGE;
+
+/// The permissions of one module page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModulePerm {
+    /// Read + execute (module text, veneers).
+    ReadExec,
+    /// Read-only, never executable.
+    Read,
+    /// Read + write, never executable (data, bss, free pages).
+    ReadWrite,
+}
+
+/// The module block's address range.
+pub fn module_range() -> core::ops::Range<u64> {
+    MODULE_BASE..MODULE_BASE + MODULE_SIZE
+}
+
+/// The far module block's address range.
+pub fn far_module_range() -> core::ops::Range<u64> {
+    FAR_MODULE_BASE..FAR_MODULE_BASE + MODULE_SIZE
+}
+
+/// The module block (index into `l3_modules`) holding all of `range`.
+fn module_block(range: &core::ops::Range<u64>) -> Option<usize> {
+    MODULE_BLOCKS
+        .iter()
+        .position(|&b| b <= range.start && range.end <= b + MODULE_SIZE)
+}
+
+/// The level-3 descriptor of module page `pa` with `perm` (never writable and executable).
+fn module_page(pa: u64, perm: ModulePerm) -> u64 {
+    let perms = match perm {
+        ModulePerm::ReadExec => AP_RO | UXN,
+        ModulePerm::Read => AP_RO | PXN | UXN,
+        ModulePerm::ReadWrite => PXN | UXN,
+    };
+    pa | ATTR_NORMAL | SH_INNER | AF | perms | VALID | TABLE_OR_PAGE
+}
+
+/// The module page holding `addr`'s descriptor slot, if `addr` is in the block.
+fn module_slot(addr: u64) -> Option<*mut u64> {
+    let b = module_block(&(addr..addr.checked_add(1)?))?;
+    let i = ((addr - MODULE_BLOCKS[b]) / PAGE) as usize;
+    // SAFETY: only the address of an element is taken (no reference is formed).
+    Some(unsafe { core::ptr::addr_of_mut!(TABLES.l3_modules[b].0[i]) })
+}
+
+/// What the translation tables say about the module page at `addr`: `(writable,
+/// executable)` at EL1, or `None` outside the block.
+pub fn module_page_perms(addr: u64) -> Option<(bool, bool)> {
+    // SAFETY: a volatile read of an initialised descriptor (written only by CPU 0).
+    let d = unsafe { module_slot(addr)?.read_volatile() };
+    Some((d & AP_RO == 0, d & PXN == 0))
+}
+
+/// Module pages whose descriptor is writable and executable at once (must be 0).
+pub fn module_wx_pages() -> usize {
+    module_range()
+        .chain(far_module_range())
+        .step_by(PAGE as usize)
+        .filter(|&a| module_page_perms(a) == Some((true, true)))
+        .count()
+}
+
+/// Whether `range` lies in executable pages of one module block.
+fn module_text(range: core::ops::Range<u64>) -> bool {
+    range.start < range.end
+        && module_block(&range).is_some()
+        && (range.start & !(PAGE - 1)..range.end)
+            .step_by(PAGE as usize)
+            .all(|a| module_page_perms(a).is_some_and(|(_, x)| x))
+}
+
+/// Gives the module pages `[addr, addr + len)` the permissions `perm`, invalidates
+/// their TLB entries on every CPU (`tlbi vaae1is`: inner shareable, so every CPU of
+/// `virt`), and, for [`ModulePerm::ReadExec`], makes what was written through the data
+/// side visible to instruction fetch (`sync_icache`). Refuses a range outside the block
+/// or not page aligned, changing nothing.
+///
+/// # Safety
+///
+/// The pages belong to the caller; nothing executes them unless `perm` allows it, and
+/// nothing writes them through this mapping unless `perm` is [`ModulePerm::ReadWrite`].
+pub unsafe fn protect_module(addr: u64, len: usize, perm: ModulePerm) -> Result<(), &'static str> {
+    let end = addr.checked_add(len as u64).ok_or("range overflows")?;
+    if !addr.is_multiple_of(PAGE) || !(len as u64).is_multiple_of(PAGE) {
+        return Err("not page aligned");
+    }
+    if module_block(&(addr..end)).is_none() {
+        return Err("outside the module blocks");
+    }
+    for page in (addr..end).step_by(PAGE as usize) {
+        let slot = module_slot(page).ok_or("outside the module block")?;
+        // SAFETY: our own descriptor of a page the caller owns; a change of permissions
+        // only (same output address, attributes and size: no break-before-make needed);
+        // `dsb ishst` makes the store visible to the walkers before the `tlbi`.
+        unsafe {
+            slot.write_volatile(module_page(page, perm));
+            core::arch::asm!(
+                "dsb ishst",
+                "tlbi vaae1is, {}",
+                in(reg) page >> 12,
+                options(nostack),
+            );
+        }
+    }
+    // SAFETY: barriers only: the invalidations complete on every CPU, then this CPU
+    // refetches under the new permissions.
+    unsafe { core::arch::asm!("dsb ish", "isb", options(nostack)) };
+    if perm == ModulePerm::ReadExec && len > 0 {
+        // SAFETY: the pages are mapped and readable at `addr`.
+        unsafe { sync_icache(addr, len) };
+    }
+    Ok(())
 }

@@ -22,6 +22,8 @@ pub mod gic;
 pub mod ifunc_tests;
 pub mod live_tests;
 pub mod mmu;
+pub mod module_arena;
+pub mod module_tests;
 pub mod psci;
 pub mod serial;
 pub mod smp;
@@ -71,6 +73,7 @@ extern "C" fn kmain() -> ! {
     let mut harness = Harness::new();
     ifunc_tests::run(&mut harness);
     tests::run(&mut harness);
+    module_tests::run(&mut harness);
     harness.finish()
 }
 
