@@ -149,6 +149,18 @@ pub enum PatchError {
         /// The bytes it found.
         found: InsnBytes,
     },
+    /// No direct branch from the site reaches its ifunc's trampoline (it lies beyond the
+    /// architecture's branch range: ±2 GiB on x86-64, ±128 MiB on aarch64), so the site
+    /// cannot be checked as the original: e.g. a module loaded too far from the kernel,
+    /// whose calls reach the kernel through the module loader's veneers.
+    TrampolineOutOfReach {
+        /// Site address.
+        site: u64,
+        /// The ifunc it should call.
+        ifunc: Name,
+        /// Its trampoline.
+        trampoline: u64,
+    },
     /// A site already branches to its ifunc's resolved implementation: `init` ran before.
     AlreadyPatched {
         /// Site address.
@@ -220,6 +232,15 @@ impl fmt::Display for PatchError {
             } => write!(
                 f,
                 "site {site:#x} ({ifunc}): expected bytes [{expected}], found [{found}]"
+            ),
+            PatchError::TrampolineOutOfReach {
+                site,
+                ifunc,
+                trampoline,
+            } => write!(
+                f,
+                "site {site:#x} ({ifunc}): its trampoline {trampoline:#x} is out of a direct \
+                 branch's reach (load the code nearer the kernel)"
             ),
             PatchError::AlreadyPatched { site, ifunc } => write!(
                 f,
@@ -503,10 +524,17 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
                         ifunc: Name::new(f.name),
                     });
                 }
+                let Some(expected) = ok else {
+                    return Err(PatchError::TrampolineOutOfReach {
+                        site: s.addr,
+                        ifunc: Name::new(f.name),
+                        trampoline: f.trampoline,
+                    });
+                };
                 return Err(PatchError::UnexpectedSiteBytes {
                     site: s.addr,
                     ifunc: Name::new(f.name),
-                    expected: ok.unwrap_or(found),
+                    expected,
                     found,
                 });
             }

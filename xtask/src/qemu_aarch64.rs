@@ -63,6 +63,7 @@ pub(crate) const MODULE_TESTS: &[&str] = &[
     "module_unload_removes_probes_and_memory",
     "module_unknown_symbol_fails_cleanly",
     "module_far_calls_through_veneers",
+    "module_far_ifunc_import_refused_clearly",
     "module_load_unload_load",
     "module_loader_never_allocates",
 ];

@@ -909,6 +909,10 @@ pub fn run(h: &mut Harness) {
         "module_far_calls_through_veneers",
         far::check_far_module(&env.exec),
     );
+    h.check(
+        "module_far_ifunc_import_refused_clearly",
+        far_import_refused(&env),
+    );
 
     let again = env.load("rmod", &RMOD.0).and_then(|m| {
         let r = check_own_ifunc(&env, &m).and_then(|()| {
@@ -941,4 +945,30 @@ pub fn run(h: &mut Harness) {
             n => Err(msg!("{n} allocation request(s)")),
         },
     );
+}
+
+/// `rmod` imports kernel ifuncs; loaded into the far block its import sites cannot
+/// reach the kernel's trampolines with a `bl`, so the load is refused with
+/// `PatchError::TrampolineOutOfReach` naming the site, and the far block is free again.
+fn far_import_refused(env: &Env) -> Result<(), Msg> {
+    let mut far = super::module_arena::FarArena;
+    match env.try_load("rmod", &RMOD.0, &mut far).0 {
+        Ok(m) => {
+            let _ = unload_from(m, &mut far);
+            Err(msg!("rmod loaded into the far block"))
+        }
+        Err(ModuleError::Patch(kernel_loader::patch::PatchError::TrampolineOutOfReach {
+            site,
+            trampoline,
+            ..
+        })) => {
+            ensure!(
+                site.abs_diff(trampoline) > 1 << 27,
+                "site {site:#x} is within reach of {trampoline:#x}"
+            );
+            ensure!(!far.in_use(), "the far block was not freed");
+            Ok(())
+        }
+        Err(e) => Err(msg!("rmod in the far block: unexpected error: {e}")),
+    }
 }

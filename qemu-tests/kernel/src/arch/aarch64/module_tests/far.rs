@@ -6,8 +6,8 @@
 //!
 //! farmod has no ksites records: a C probe's enabled form is a `bl` to the kernel's
 //! `ksites_probe_c_entry` and an imported ifunc's site must branch to the kernel's
-//! trampoline, and neither is routed through a veneer today (rmod or cmod loaded there
-//! are refused with an error).
+//! trampoline, and neither is routed through a veneer today (rmod loaded there is
+//! refused with `PatchError::TrampolineOutOfReach`: `module_far_ifunc_import_refused_clearly`).
 
 use kernel_loader::arch::aarch64::branch::{B_OPCODE_MASK, BL, branch_dest, veneer_target};
 use kernel_loader::module::{Export, Kernel, Module};
