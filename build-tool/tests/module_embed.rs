@@ -775,6 +775,52 @@ fn object_without_sites_gets_an_empty_table() {
 }
 
 #[test]
+fn a_section_aligned_to_zero_is_written_in_place() {
+    // `sh_addralign` 0 means "no constraint" (like 1). object's builder once computed
+    // `offset + (align - 1)` with it: a panic in a debug build, and in a release build
+    // the section written at offset 0, over the ELF header (found by the elf_tools
+    // fuzzer on an aarch64 object).
+    let dir = tmpdir("align0");
+    let src = "const char greeting[] = \"hello\";\nint answer(void) { return 42; }\n";
+    let input = gcc_module(&dir, src, "a.o");
+    let mut data = std::fs::read(&input).unwrap();
+    let f = object::read::elf::ElfFile64::<LE>::parse(&*data).unwrap();
+    let hdr = f.elf_header();
+    let shoff = hdr.e_shoff.get(LE) as usize;
+    let rodata = f
+        .sections()
+        .find(|s| s.name().is_ok_and(|n| n.starts_with(".rodata")))
+        .expect("a .rodata section")
+        .index()
+        .0;
+    drop(f);
+    let at = shoff + 64 * rodata + 48; // sh_addralign
+    data[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+    let zero = dir.join("a0.o");
+    std::fs::write(&zero, &data).unwrap();
+    let output = dir.join("a0.ksites.o");
+    let o = embed(&zero, &output);
+    assert!(o.status.success(), "embed: {}", stderr(&o));
+    let out = std::fs::read(&output).unwrap();
+    assert_eq!(&out[..4], b"\x7fELF");
+    check_ksites_section(&out);
+    // The section's bytes survive at their own offset, and the module still loads.
+    let before = object::read::elf::ElfFile64::<LE>::parse(&*data).unwrap();
+    let after = object::read::elf::ElfFile64::<LE>::parse(&*out).unwrap();
+    let bytes = |f: &object::read::elf::ElfFile64<'_, LE>| {
+        f.sections()
+            .find(|s| s.name().is_ok_and(|n| n.starts_with(".rodata")))
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec()
+    };
+    assert_eq!(bytes(&before), bytes(&after));
+    let l = load(&out);
+    assert_eq!(l.table().ifunc_count(), 0);
+}
+
+#[test]
 fn module_errors_are_clear() {
     let dir = tmpdir("errors");
     // An import the object defines.

@@ -288,6 +288,12 @@ pub(super) fn write_object(
     rs.sh_info_section = Some(ks_id);
     rs.data = SectionData::Relocation(rels);
 
+    // ELF gives `sh_addralign` 0 the meaning of 1 (no constraint), but the builder
+    // rounds each section's offset up as `offset + (align - 1)`: with 0 that wraps, and
+    // a release build would place the section at offset 0, over the ELF header.
+    for s in b.sections.iter_mut() {
+        s.sh_addralign = s.sh_addralign.max(1);
+    }
     let mut out = Vec::new();
     b.write(&mut out)
         .map_err(|e| anyhow::anyhow!("{path}: cannot write the object: {e}"))?;
