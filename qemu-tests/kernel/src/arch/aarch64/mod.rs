@@ -12,6 +12,7 @@
 //! * [`smp`]: secondary start-up, `sync_cores` (an `isb` on every CPU through SGIs),
 //!   jobs for the other CPUs.
 //! * [`tests`], [`live_tests`]: the platform tests.
+//! * [`probe_tests`], [`smp_tests`]: probes of every form, live, and the SMP stress.
 
 pub mod boot;
 pub mod exceptions;
@@ -19,9 +20,11 @@ pub mod exit;
 pub mod gic;
 pub mod live_tests;
 pub mod mmu;
+pub mod probe_tests;
 pub mod psci;
 pub mod serial;
 pub mod smp;
+pub mod smp_tests;
 pub mod tests;
 pub mod timer;
 
@@ -59,5 +62,7 @@ extern "C" fn kmain() -> ! {
     gic::init_cpu();
     let mut harness = Harness::new();
     tests::run(&mut harness);
+    probe_tests::run(&mut harness);
+    smp_tests::run(&mut harness);
     harness.finish()
 }
