@@ -862,8 +862,16 @@ pub(crate) fn text_still_read_only(t: &Table<'_>) -> Result<(), Msg> {
     Ok(())
 }
 
-/// Runs the probe tests.
+/// Runs the probe tests, with the other CPUs parked in `wfi`.
 pub fn run(h: &mut Harness) {
+    super::smp_tests::park_others();
+    run_parked(h);
+    if !super::smp_tests::unpark_others() {
+        h.check("probe_unpark_other_cpus", Err("a parked CPU did not wake"));
+    }
+}
+
+fn run_parked(h: &mut Harness) {
     let l = mmu::layout();
     // SAFETY: the image was embedded by `ksites-ld`; the table lies in the read-only
     // mapping, never written.
