@@ -1,6 +1,8 @@
 //! Cross-check `ksites inspect` against `objdump -dr`: for every ifunc, the number of sites
-//! the build tool found must equal the number of `call`/`jmp`/`j<cc>` instructions whose
-//! PLT32/PC32 relocation names the ifunc's trampoline in the un-embedded image.
+//! the build tool found must equal the number of branch instructions whose relocation
+//! names the ifunc's trampoline: x86_64 `call`/`jmp`/`j<cc>` with PLT32/PC32, aarch64
+//! `bl`/`b` with CALL26/JUMP26 (`aarch64-linux-gnu-objdump`). The kernels are linked with
+//! `--emit-relocs`, so the relocations are still there.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -60,9 +62,19 @@ pub(crate) fn parse_inspect(text: &str) -> Result<Vec<InspectedIfunc>, String> {
     Ok(ifuncs)
 }
 
-/// Count, per symbol, the R_X86_64_PLT32 / R_X86_64_PC32 relocations (any addend) that
-/// belong to a `call`, `jmp` or `j<cc>` instruction in `objdump -dr --no-show-raw-insn`
-/// output. A relocation line belongs to the instruction line just before it.
+/// The relocations that make a branch instruction a branch to their symbol: x86_64's
+/// PLT32/PC32 (`call`/`jmp`/`j<cc>`), aarch64's CALL26 (`bl`) and JUMP26 (`b`).
+const BRANCH_RELOCS: &[&str] = &[
+    "R_X86_64_PLT32",
+    "R_X86_64_PC32",
+    "R_AARCH64_CALL26",
+    "R_AARCH64_JUMP26",
+];
+
+/// Count, per symbol, the [`BRANCH_RELOCS`] relocations (any addend) that belong to a
+/// branch instruction (x86_64 `call`, `jmp`, `j<cc>`; aarch64 `bl`, `b`) in
+/// `objdump -dr --no-show-raw-insn` output. A relocation line belongs to the
+/// instruction line just before it.
 pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     let mut after_branch = false;
@@ -76,12 +88,12 @@ pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
             continue;
         }
         let rest = rest.trim_start();
-        if let Some(reloc) = rest.strip_prefix("R_X86_64_") {
-            let mut parts = reloc.split_whitespace();
+        if rest.starts_with("R_X86_64_") || rest.starts_with("R_AARCH64_") {
+            let mut parts = rest.split_whitespace();
             let (Some(kind), Some(target)) = (parts.next(), parts.next()) else {
                 continue;
             };
-            if after_branch && (kind == "PLT32" || kind == "PC32") {
+            if after_branch && BRANCH_RELOCS.contains(&kind) {
                 *counts.entry(strip_addend(target).to_owned()).or_default() += 1;
             }
         } else {
@@ -91,9 +103,10 @@ pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
     counts
 }
 
-/// Whether an instruction's text (`bnd jmp 1234 <x>`, `callq 1234 <x>`, `jne,pt 10 <y>`) is a
-/// direct call, unconditional jump or conditional jump, ignoring prefixes. Indirect forms
-/// (`call *0x0(%rip)`) read a pointer *at* the symbol, so they are not branches to it.
+/// Whether an instruction's text (`bnd jmp 1234 <x>`, `callq 1234 <x>`, `jne,pt 10 <y>`,
+/// aarch64 `bl 40211a34 <x>`) is a direct call, unconditional jump or conditional jump,
+/// ignoring prefixes. Indirect forms (`call *0x0(%rip)`; aarch64's `blr`/`br` take a
+/// register) read a pointer *at* the symbol, so they are not branches to it.
 fn is_branch(instruction: &str) -> bool {
     let mut tokens = instruction
         .split_whitespace()
@@ -110,6 +123,8 @@ fn is_branch(instruction: &str) -> bool {
     // Branch hints: `jne,pt` / `jne,pn`.
     let mnemonic = mnemonic.split(',').next().unwrap_or(mnemonic);
     is_branch_mnemonic(mnemonic)
+        || mnemonic == "bl"
+        || mnemonic == "b"
         || mnemonic
             .strip_suffix('q')
             .is_some_and(|m| m == "call" || m == "jmp")
@@ -315,6 +330,45 @@ Disassembly of section .text:
         assert_eq!(counts, expected);
     }
 
+    /// `aarch64-linux-gnu-objdump -dr --no-show-raw-insn` of a kernel linked with
+    /// `--emit-relocs`.
+    const OBJDUMP_AARCH64: &str = "
+qemu-tests-kernel:     file format elf64-littleaarch64
+
+Disassembly of section .text:
+
+0000000040211a34 <_ZN6kfuncs9fetch_add17hE>:
+    40211a34:\tadrp\tx16, 4022c000 <slot>
+\t\t\t40211a34: R_AARCH64_ADR_PREL_PG_HI21\t.data.ksites_slot+0x18
+    40211a38:\tldr\tx16, [x16, #320]
+    40211a3c:\tbr\tx16
+
+0000000040211b90 <counter_add>:
+    40211ba0:\tb\t40211a34 <_ZN6kfuncs9fetch_add17hE>
+\t\t\t40211ba0: R_AARCH64_JUMP26\t_ZN6kfuncs9fetch_add17hE
+    40211bc4:\tbl\t40211a34 <_ZN6kfuncs9fetch_add17hE>
+\t\t\t40211bc4: R_AARCH64_CALL26\t_ZN6kfuncs9fetch_add17hE
+    40211bc8:\tadrp\tx0, 40211000 <counter_add>
+\t\t\t40211bc8: R_AARCH64_ADR_PREL_PG_HI21\t_ZN6kfuncs9fetch_add17hE
+    40211bcc:\tadd\tx0, x0, #0xa34
+\t\t\t40211bcc: R_AARCH64_ADD_ABS_LO12_NC\t_ZN6kfuncs9fetch_add17hE
+    40211bd0:\tb.ne\t40211bd8 <counter_add+0x48>
+    40211bd4:\tbl\t40211000 <other>
+\t\t\t40211bd4: R_AARCH64_CALL26\tother+0x8
+";
+
+    #[test]
+    fn counts_aarch64_objdump_branches() {
+        let counts = count_branch_relocs(OBJDUMP_AARCH64);
+        let expected: BTreeMap<String, usize> = [
+            ("_ZN6kfuncs9fetch_add17hE".to_owned(), 2),
+            ("other".to_owned(), 1),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(counts, expected);
+    }
+
     #[test]
     fn branch_mnemonics() {
         for yes in [
@@ -329,6 +383,8 @@ Disassembly of section .text:
             "jae 1",
             "jg 1",
             "rex.W jmp 1",
+            "bl\t40211a34 <x>",
+            "b\t40211a34 <x>",
         ] {
             assert!(is_branch(yes), "{yes}");
         }
@@ -343,6 +399,9 @@ Disassembly of section .text:
             "jmpq *%rax",
             "notrack jmp *%rax",
             "call   *0x0(%rip)",
+            "br\tx16",
+            "blr\tx8",
+            "adrp\tx16, 4022c000 <slot>",
         ] {
             assert!(!is_branch(no), "{no}");
         }

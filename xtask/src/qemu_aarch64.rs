@@ -6,8 +6,12 @@
 //! as the x86_64 kernel is; the build tool is built first. It exits
 //! through semihosting with the x86_64 kernel's statuses (33 = success, 35 = failure),
 //! so [`judge::judge`] applies unchanged; on top, every run must pass every platform
-//! test ([`REQUIRED_TESTS`]) and bring the expected CPUs online, and `cortex-a57` and
-//! `max` must report different CPU features (LSE atomics and at least one more).
+//! test ([`REQUIRED_TESTS`]) and ifunc test ([`IFUNC_TESTS`]) and bring the expected
+//! CPUs online, and `cortex-a57` and `max` must report different CPU features (LSE
+//! atomics and at least one more) and choose different implementations for the ifuncs
+//! of [`MUST_DIFFER`]. Before booting, the image is `ksites verify`-ed, its `ksites
+//! inspect` printed, and its site counts cross-checked against
+//! `aarch64-linux-gnu-objdump -dr` ([`crosscheck`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
+use crate::crosscheck;
 use crate::install;
 use crate::judge;
 use crate::qemu::{self, Arch, QemuArgs, Run};
@@ -39,6 +44,26 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
     "aarch64_sgi_reaches_every_cpu",
     "aarch64_live_patch_seen_by_every_cpu",
 ];
+
+/// The ifunc tests (`src/arch/aarch64/ifunc_tests.rs`) every aarch64 run must pass.
+pub(crate) const IFUNC_TESTS: &[&str] = &[
+    "ksites_table_valid",
+    "ifunc_calls_before_init_use_default",
+    "ifunc_init_fault_injection_restores",
+    "ifunc_init_patches_every_site",
+    "ifunc_choice_matches_id_registers",
+    "ifunc_sites_are_direct_branches_to_choice",
+    "ifunc_results_after_init",
+    "ifunc_implementations_agree",
+    "text_read_only_after_patching",
+    "ifunc_second_init_refused_unchanged",
+    "ifunc_one_sync_round_per_batch",
+    "ifunc_init_never_allocates",
+];
+
+/// The ifuncs `cortex-a57` and `max` must resolve differently: LSE atomics
+/// (`ldaddal` vs an exclusive loop) and SHA3 (`eor3` vs two `eor`).
+pub(crate) const MUST_DIFFER: &[&str] = &["kfuncs::fetch_add", "kfuncs::xor3"];
 
 /// Run labels for one architecture, or `None` to skip it.
 pub(crate) type Runs = Option<Vec<String>>;
@@ -117,7 +142,56 @@ pub(crate) fn run(sh: &Shell, root: &Path, labels: &[String], args: &QemuArgs) -
             image.display()
         );
     }
+    check_image(sh, root, &image)?;
     boot_all(&image, labels, Duration::from_secs(args.timeout))
+}
+
+/// `ksites verify` the kernel, print its `ksites inspect`, and check every ifunc's site
+/// count equals `aarch64-linux-gnu-objdump -dr`'s `bl`/`b` to its trampoline.
+fn check_image(sh: &Shell, root: &Path, image: &Path) -> Result<()> {
+    let ksites = root.join("target/release/ksites");
+    cmd!(sh, "{ksites} verify {image}")
+        .run()
+        .with_context(|| format!("ksites verify failed on {}", image.display()))?;
+    let inspect = cmd!(sh, "{ksites} inspect {image}")
+        .read()
+        .context("ksites inspect failed")?;
+    println!("{inspect}");
+    let objdump = cmd!(
+        sh,
+        "aarch64-linux-gnu-objdump -dr --no-show-raw-insn {image}"
+    )
+    .read()
+    .context("aarch64-linux-gnu-objdump failed")?;
+    let ifuncs = crosscheck::parse_inspect(&inspect).map_err(|e| anyhow::anyhow!(e))?;
+    let rows = crosscheck::compare(&ifuncs, &crosscheck::count_branch_relocs(&objdump));
+    println!(
+        "xtask: aarch64-linux-gnu-objdump cross-check of {}",
+        image.display()
+    );
+    print!("{}", crosscheck::render(&rows));
+    crosscheck::check(&rows).map_err(|e| anyhow::anyhow!("objdump cross-check failed: {e}"))
+}
+
+/// Every ifunc of [`MUST_DIFFER`] is reported by both runs, with different choices.
+/// Returns `name: a57-choice / max-choice` for the report.
+pub(crate) fn check_choices_differ(
+    a57: &BTreeMap<String, String>,
+    max: &BTreeMap<String, String>,
+) -> Result<String, String> {
+    let mut shown = Vec::new();
+    for name in MUST_DIFFER {
+        match (a57.get(*name), max.get(*name)) {
+            (Some(a), Some(m)) if a != m => shown.push(format!("{name} {a} / {m}")),
+            (a, m) => {
+                return Err(format!(
+                    "{name}: cortex-a57 chose {a:?}, max chose {m:?} (expected two \
+                     different implementations)"
+                ));
+            }
+        }
+    }
+    Ok(shown.join(", "))
 }
 
 /// `rustup target add aarch64-unknown-none`, QEMU for Arm, and the cross gcc (for the
@@ -128,7 +202,12 @@ pub(crate) fn install_tools(sh: &Shell, qemu_tests: &Path) -> Result<()> {
         install::rust_target(sh, TARGET)?;
     }
     install::host_tool(sh, "qemu-system-aarch64", "qemu-system-arm")?;
-    install::host_tool(sh, "aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")
+    install::host_tool(sh, "aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")?;
+    install::host_tool(
+        sh,
+        "aarch64-linux-gnu-objdump",
+        "binutils-aarch64-linux-gnu",
+    )
 }
 
 /// The QEMU command line of run `label` (`aarch64-MODEL[-smpN]`).
@@ -166,6 +245,9 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration) -> Result<u32> {
             .extend(judge::check_required_tests(&serial, REQUIRED_TESTS));
         verdict
             .problems
+            .extend(judge::check_required_tests(&serial, IFUNC_TESTS));
+        verdict
+            .problems
             .extend(judge::check_cpus_online(&serial, cpus));
         if let Some(passed) = verdict.passed.filter(|&n| n < REQUIRED_TESTS.len() as u32) {
             verdict.problems.push(format!(
@@ -183,7 +265,7 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration) -> Result<u32> {
         runs.push(Run {
             model: label.clone(),
             verdict,
-            choices: BTreeMap::new(),
+            choices: judge::parse_choices(&serial),
             elapsed: start.elapsed(),
         });
     }
@@ -205,6 +287,14 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration) -> Result<u32> {
                 println!("cross-model check ({a57} vs {max}): ok, features differ: {differ}")
             }
             Err(e) => failures.push(e),
+        }
+        let choices = |l| runs.iter().find(|r| r.model == l).map(|r| &r.choices);
+        match check_choices_differ(
+            choices(a57).unwrap_or(&BTreeMap::new()),
+            choices(max).unwrap_or(&BTreeMap::new()),
+        ) {
+            Ok(differ) => println!("ifunc choices ({a57} vs {max}): ok, differ: {differ}"),
+            Err(e) => failures.push(format!("cross-model ifunc check: {e}")),
         }
     } else {
         println!("cross-model check skipped (needs both {a57} and {max})");
@@ -322,6 +412,28 @@ mod tests {
         assert!(line.ends_with("-semihosting -kernel /k"), "{line}");
         let one = qemu_command("aarch64-cortex-a57", Path::new("/k"));
         assert!(!one.get_args().any(|a| a == "-smp"));
+    }
+
+    #[test]
+    fn ifunc_choices_must_differ() {
+        let serial = |xor3: &str, fa: &str| {
+            vec![
+                format!("ifunc-choice kfuncs::xor3 {xor3}"),
+                "ifunc-choice kfuncs::crc32c crc32c_hw".to_owned(),
+                format!("ifunc-choice kfuncs::fetch_add {fa}"),
+            ]
+        };
+        let a57 = judge::parse_choices(&serial("xor3_neon", "fetch_add_llsc"));
+        let max = judge::parse_choices(&serial("xor3_eor3", "fetch_add_lse"));
+        assert_eq!(
+            check_choices_differ(&a57, &max).unwrap(),
+            "kfuncs::fetch_add fetch_add_llsc / fetch_add_lse, kfuncs::xor3 xor3_neon / xor3_eor3"
+        );
+        assert!(check_choices_differ(&a57, &a57).is_err());
+        let same_xor = judge::parse_choices(&serial("xor3_neon", "fetch_add_lse"));
+        let err = check_choices_differ(&a57, &same_xor).unwrap_err();
+        assert!(err.contains("kfuncs::xor3"), "{err}");
+        assert!(check_choices_differ(&a57, &BTreeMap::new()).is_err());
     }
 
     #[test]

@@ -1,145 +1,34 @@
-//! Four real ifuncs, each with a baseline and an accelerated implementation, plus
-//! helpers that call them from several functions (and, from the kernel crate, from
-//! another crate), including tail calls.
+//! Real ifuncs for the ksites test kernels, each with a baseline and an accelerated
+//! implementation chosen from the CPU's features, plus helpers that call them from
+//! several functions (and, from the kernel crate, from another crate), including tail
+//! calls. The implementations are per architecture (the private `x86_64` and `aarch64`
+//! modules, re-exported here); `popcount` and `crc32c` and their callers exist on both.
 //!
-//! | ifunc      | fast (feature)          | baseline (default)      |
-//! |------------|-------------------------|-------------------------|
-//! | `memcpy`   | `rep movsb` (ERMS)      | 16-byte SSE2 loop       |
-//! | `popcount` | `popcnt` (POPCNT)       | SWAR bit tricks         |
-//! | `crc32c`   | `crc32` (SSE4.2)        | 256-entry table         |
-//! | `sum_u32`  | 256-bit adds (AVX2)     | scalar loop             |
+//! | ifunc | x86_64: fast / baseline | aarch64: fast / baseline |
+//! |---|---|---|
+//! | `memcpy` | `rep movsb` (ERMS) / SSE2 loop | — |
+//! | `popcount` | `popcnt` (POPCNT) / SWAR | AdvSIMD `cnt`+`addv` (ASIMD) / nibble table |
+//! | `crc32c` | `crc32` (SSE4.2) / table | `crc32cx`/`crc32cb` (CRC32) / table |
+//! | `sum_u32` | 256-bit adds (AVX2) / scalar | — |
+//! | `fetch_add` | — | `ldaddal` (LSE) / `ldaxr`/`stlxr` loop |
+//! | `xor3` | — | `eor3` (SHA3) / two AdvSIMD `eor` |
 #![no_std]
 
-use core::arch::x86_64::*;
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
 
-use kernel_loader::{CpuFeatures, ifunc};
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::*;
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::*;
 
-// ---------------------------------------------------------------------------------------
-// memcpy
-
-/// `rep movsb`: fastest on CPUs with Enhanced REP MOVSB.
-///
-/// # Safety
-///
-/// `src` and `dst` are valid for `n` bytes and do not overlap.
-pub unsafe extern "C" fn memcpy_erms(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both ranges are valid and disjoint; rep movsb copies
-    // exactly rcx bytes forward (DF is clear in this kernel, per the SysV ABI).
-    unsafe {
-        core::arch::asm!(
-            "rep movsb",
-            inout("rdi") dst => _,
-            inout("rsi") src => _,
-            inout("rcx") n => _,
-            options(nostack, preserves_flags),
-        );
-    }
-    dst
-}
-
-/// 16 bytes at a time with unaligned SSE2 loads and stores (`movdqu`), then bytes.
-///
-/// Written in assembly: `x86_64-unknown-none` is a soft-float target on which LLVM
-/// neither allocates vector registers nor lowers `__m128i` intrinsics correctly, even
-/// inside `#[target_feature]` functions. The code saves and restores `xmm0`, which
-/// compiled code on this target never uses, so the asm is transparent to its caller.
-///
-/// # Safety
-///
-/// As [`memcpy_erms`]; SSE must be enabled (CR0.EM clear, CR4.OSFXSR set).
-pub unsafe extern "C" fn memcpy_sse2(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both ranges are valid for n bytes and disjoint; the
-    // loop reads/writes exactly n bytes; xmm0 is saved and restored on the stack.
-    unsafe {
-        core::arch::asm!(
-            "sub rsp, 16",
-            "movdqu [rsp], xmm0",
-            "2:",
-            "cmp rcx, 16",
-            "jb 3f",
-            "movdqu xmm0, [rsi]",
-            "movdqu [rdi], xmm0",
-            "add rsi, 16",
-            "add rdi, 16",
-            "sub rcx, 16",
-            "jmp 2b",
-            "3:",
-            "movdqu xmm0, [rsp]",
-            "add rsp, 16",
-            "test rcx, rcx",
-            "jz 5f",
-            "4:",
-            "mov al, [rsi]",
-            "mov [rdi], al",
-            "inc rsi",
-            "inc rdi",
-            "dec rcx",
-            "jnz 4b",
-            "5:",
-            inout("rdi") dst => _,
-            inout("rsi") src => _,
-            inout("rcx") n => _,
-            out("al") _,
-        );
-    }
-    dst
-}
-
-fn pick_memcpy(f: &CpuFeatures) -> unsafe extern "C" fn(*mut u8, *const u8, usize) -> *mut u8 {
-    if f.contains(CpuFeatures::ERMS) {
-        memcpy_erms
-    } else {
-        memcpy_sse2
-    }
-}
-
-ifunc! {
-    /// Copies `n` bytes from `src` to `dst` (which must not overlap); returns `dst`.
-    /// Callers must pass valid, disjoint ranges (the C `memcpy` contract).
-    pub fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8;
-    default = memcpy_sse2;
-    resolver = pick_memcpy;
-}
-
-// ---------------------------------------------------------------------------------------
-// popcount
-
-/// The POPCNT instruction.
-///
-/// # Safety
-///
-/// The CPU must support POPCNT.
-#[target_feature(enable = "popcnt")]
-pub unsafe extern "C" fn popcount_popcnt(x: u64) -> u32 {
-    x.count_ones()
-}
-
-/// SWAR bit counting (no special instructions).
-///
-/// # Safety
-///
-/// None: safe on every CPU (the signature is `unsafe` to match the ifunc's slot type).
-pub unsafe extern "C" fn popcount_soft(x: u64) -> u32 {
-    let x = x - ((x >> 1) & 0x5555_5555_5555_5555);
-    let x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
-    let x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
-    (x.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
-}
-
-fn pick_popcount(f: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u32 {
-    if f.contains(CpuFeatures::POPCNT) {
-        popcount_popcnt
-    } else {
-        popcount_soft
-    }
-}
-
-ifunc! {
-    /// Number of set bits in `x`.
-    pub fn popcount(x: u64) -> u32;
-    default = popcount_soft;
-    resolver = pick_popcount;
-}
+#[cfg(target_arch = "aarch64")]
+use aarch64 as arch;
+use kernel_loader::ifunc;
+#[cfg(target_arch = "x86_64")]
+use x86_64 as arch;
 
 // ---------------------------------------------------------------------------------------
 // crc32c (Castagnoli, reflected polynomial 0x82f63b78), no pre/post inversion.
@@ -166,30 +55,6 @@ const CRC32C_TABLE: [u32; 256] = {
     t
 };
 
-/// The SSE4.2 `crc32` instruction, 8 bytes at a time.
-///
-/// # Safety
-///
-/// The CPU must support SSE4.2; `data` is valid for `len` bytes.
-#[target_feature(enable = "sse4.2")]
-pub unsafe extern "C" fn crc32c_sse42(crc: u32, data: *const u8, len: usize) -> u32 {
-    let mut c = u64::from(crc);
-    let mut i = 0;
-    while i + 8 <= len {
-        // SAFETY: i + 8 <= len: inside the caller's range; unaligned read is allowed.
-        let w = unsafe { data.add(i).cast::<u64>().read_unaligned() };
-        c = _mm_crc32_u64(c, w);
-        i += 8;
-    }
-    let mut c = c as u32;
-    while i < len {
-        // SAFETY: i < len.
-        c = _mm_crc32_u8(c, unsafe { data.add(i).read() });
-        i += 1;
-    }
-    c
-}
-
 /// Byte-at-a-time table lookup.
 ///
 /// # Safety
@@ -205,12 +70,16 @@ pub unsafe extern "C" fn crc32c_table(crc: u32, data: *const u8, len: usize) -> 
     c
 }
 
-fn pick_crc32c(f: &CpuFeatures) -> unsafe extern "C" fn(u32, *const u8, usize) -> u32 {
-    if f.contains(CpuFeatures::SSE4_2) {
-        crc32c_sse42
-    } else {
-        crc32c_table
-    }
+// ---------------------------------------------------------------------------------------
+// The ifuncs, declared here so their table names are `kfuncs::NAME` on both architectures
+// (`ifunc!` names them by `module_path!()`); the implementations and resolvers are the
+// architecture module's (`arch`).
+
+ifunc! {
+    /// Number of set bits in `x`.
+    pub fn popcount(x: u64) -> u32;
+    default = arch::popcount_soft;
+    resolver = arch::pick_popcount;
 }
 
 ifunc! {
@@ -218,105 +87,46 @@ ifunc! {
     /// `data` must be valid for `len` bytes.
     pub fn crc32c(crc: u32, data: *const u8, len: usize) -> u32;
     default = crc32c_table;
-    resolver = pick_crc32c;
+    resolver = arch::pick_crc32c;
 }
 
-// ---------------------------------------------------------------------------------------
-// sum_u32
-
-/// AVX2: `vpmovzxdq` widens four u32 to u64 per step, `vpaddq` accumulates four lanes.
-///
-/// Assembly for the reason given at [`memcpy_sse2`]; `ymm0`/`ymm1` are saved and
-/// restored around it.
-///
-/// # Safety
-///
-/// The CPU must support AVX2 with YMM state enabled in XCR0; `p` is valid for `n`
-/// elements.
-pub unsafe extern "C" fn sum_u32_avx2(p: *const u32, n: usize) -> u64 {
-    let vec_n = n & !3;
-    let mut s: u64;
-    // SAFETY: reads exactly vec_n (<= n) elements at p; ymm0/ymm1 are saved and restored
-    // on the stack; AVX2 is available per the caller's contract.
-    unsafe {
-        core::arch::asm!(
-            "sub rsp, 64",
-            "vmovdqu [rsp], ymm0",
-            "vmovdqu [rsp + 32], ymm1",
-            "vpxor ymm0, ymm0, ymm0",
-            "test rcx, rcx",
-            "jz 3f",
-            "2:",
-            "vpmovzxdq ymm1, [rsi]",
-            "vpaddq ymm0, ymm0, ymm1",
-            "add rsi, 16",
-            "sub rcx, 4",
-            "jnz 2b",
-            "3:",
-            "vextracti128 xmm1, ymm0, 1",
-            "vpaddq xmm0, xmm0, xmm1",
-            "vpshufd xmm1, xmm0, 0x4e",
-            "vpaddq xmm0, xmm0, xmm1",
-            "vmovq rax, xmm0",
-            "vmovdqu ymm0, [rsp]",
-            "vmovdqu ymm1, [rsp + 32]",
-            "add rsp, 64",
-            inout("rsi") p => _,
-            inout("rcx") vec_n => _,
-            out("rax") s,
-        );
-    }
-    for i in vec_n..n {
-        // SAFETY: i < n.
-        s = s.wrapping_add(u64::from(unsafe { p.add(i).read() }));
-    }
-    s
+#[cfg(target_arch = "x86_64")]
+ifunc! {
+    /// Copies `n` bytes from `src` to `dst` (which must not overlap); returns `dst`.
+    /// Callers must pass valid, disjoint ranges (the C `memcpy` contract).
+    pub fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8;
+    default = arch::memcpy_sse2;
+    resolver = arch::pick_memcpy;
 }
 
-/// Scalar loop.
-///
-/// # Safety
-///
-/// `p` is valid for `n` elements.
-pub unsafe extern "C" fn sum_u32_scalar(p: *const u32, n: usize) -> u64 {
-    let mut s = 0u64;
-    for i in 0..n {
-        // SAFETY: i < n.
-        s = s.wrapping_add(u64::from(unsafe { p.add(i).read() }));
-    }
-    s
-}
-
-fn pick_sum(f: &CpuFeatures) -> unsafe extern "C" fn(*const u32, usize) -> u64 {
-    if f.contains(CpuFeatures::AVX2) {
-        sum_u32_avx2
-    } else {
-        sum_u32_scalar
-    }
-}
-
+#[cfg(target_arch = "x86_64")]
 ifunc! {
     /// Sum of `n` u32s at `p`, as u64. `p` must be valid for `n` elements.
     pub fn sum_u32(p: *const u32, n: usize) -> u64;
-    default = sum_u32_scalar;
-    resolver = pick_sum;
+    default = arch::sum_u32_scalar;
+    resolver = arch::pick_sum;
+}
+
+#[cfg(target_arch = "aarch64")]
+ifunc! {
+    /// Atomically adds `v` to `*p` (acquire-release); returns the old value. `p` must be
+    /// valid, 8-aligned and accessed only atomically.
+    pub fn fetch_add(p: *mut u64, v: u64) -> u64;
+    default = arch::fetch_add_llsc;
+    resolver = arch::pick_fetch_add;
+}
+
+#[cfg(target_arch = "aarch64")]
+ifunc! {
+    /// `dst[i] ^= a[i] ^ b[i]` for `i < n`. All three must be valid for `n` bytes and
+    /// `dst` must not overlap `a` or `b`.
+    pub fn xor3(dst: *mut u8, a: *const u8, b: *const u8, n: usize);
+    default = arch::xor3_neon;
+    resolver = arch::pick_xor3;
 }
 
 // ---------------------------------------------------------------------------------------
-// Callers: several functions, loops and tail calls, so the sites are varied.
-
-/// Copies `src` into the front of `dst` (panics if it does not fit).
-#[inline(never)]
-pub fn copy_into(dst: &mut [u8], src: &[u8]) {
-    assert!(src.len() <= dst.len());
-    memcpy(dst.as_mut_ptr(), src.as_ptr(), src.len());
-}
-
-/// Tail call of `memcpy`.
-#[inline(never)]
-pub extern "C" fn memcpy_tail(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    memcpy(dst, src, n)
-}
+// Callers shared by both architectures: a loop, tail calls, a probe.
 
 /// Number of set bits in a bitmap: a call site in a loop.
 #[inline(never)]
@@ -351,32 +161,4 @@ pub fn crc32c_of(data: &[u8]) -> u32 {
 #[inline(never)]
 pub extern "C" fn crc32c_tail(crc: u32, data: *const u8, len: usize) -> u32 {
     crc32c(crc, data, len)
-}
-
-/// Sum of a slice.
-#[inline(never)]
-pub fn sum_of(v: &[u32]) -> u64 {
-    sum_u32(v.as_ptr(), v.len())
-}
-
-/// Tail call of `sum_u32`.
-#[inline(never)]
-pub extern "C" fn sum_tail(p: *const u32, n: usize) -> u64 {
-    sum_u32(p, n)
-}
-
-/// The name of a known implementation, for reports.
-pub fn impl_name(addr: usize) -> &'static str {
-    type Named = (usize, &'static str);
-    let known: [Named; 8] = [
-        (memcpy_erms as *const () as usize, "memcpy_erms"),
-        (memcpy_sse2 as *const () as usize, "memcpy_sse2"),
-        (popcount_popcnt as *const () as usize, "popcount_popcnt"),
-        (popcount_soft as *const () as usize, "popcount_soft"),
-        (crc32c_sse42 as *const () as usize, "crc32c_sse42"),
-        (crc32c_table as *const () as usize, "crc32c_table"),
-        (sum_u32_avx2 as *const () as usize, "sum_u32_avx2"),
-        (sum_u32_scalar as *const () as usize, "sum_u32_scalar"),
-    ];
-    known.iter().find(|k| k.0 == addr).map_or("?", |k| k.1)
 }

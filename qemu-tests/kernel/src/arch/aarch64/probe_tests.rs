@@ -2,7 +2,8 @@
 //! and dtrace-style C sites (c/cprobes.c, built with `aarch64-linux-gnu-gcc` and
 //! rewritten by `ksites embed`): C call (`bl` ↔ `nop`), tail (`b ksites_probe_ret0` ↔
 //! `brk #0x4b53`, routed to `probe::handle_brk` by `exceptions.rs`), is-enabled and
-//! is-enabled tail (`bl`/`b ksites_probe_ret0` ↔ `ret1`), with 0, 1 and 6 arguments.
+//! is-enabled tail (`bl`/`b ksites_probe_ret0` ↔ `ret1`), with 0, 1 and 6 arguments,
+//! and the `kfuncs` crate's site (a second crate).
 //! The tests mirror the x86_64 kernel's `probe_tests.rs` by name.
 //!
 //! Live patching goes through [`Poker`] (the platform's [`AliasPoker`], counting its
@@ -376,6 +377,7 @@ fn call_everything(x: u64) -> Result<(), Msg> {
         );
         ensure!(c_guarded(x) == x + c_work_now());
     }
+    ensure!(kfuncs::bitmap_weight(&[1, 3, 7]) == 6);
     Ok(())
 }
 
@@ -391,6 +393,7 @@ fn registry(t: &Table<'_>) -> Result<(), Msg> {
         ("ctest:one", 1),
         ("ctest:six", 6),
         ("ctest:tail", 1),
+        ("kfuncs:bitmap", 1),
     ] {
         let i = probe::info(id(spec)?).ok_or_else(|| msg!("no info for {spec}"))?;
         ensure!(i.nargs == nargs, "{spec}: nargs {} != {nargs}", i.nargs);
@@ -533,7 +536,7 @@ fn c_enable_patches_only_its_sites(t: &Table<'_>) -> Result<(), Msg> {
 
 fn arguments_0_1_6() -> Result<(), Msg> {
     type Fire = fn() -> Result<(), Msg>;
-    let cases: [(&str, Fire, [u64; 6]); 5] = [
+    let cases: [(&str, Fire, [u64; 6]); 6] = [
         (
             "rtest:zero",
             || {
@@ -577,6 +580,14 @@ fn arguments_0_1_6() -> Result<(), Msg> {
                 Ok(())
             },
             [1, 2, 3, 4, 5, 6],
+        ),
+        (
+            "kfuncs:bitmap",
+            || {
+                ensure!(kfuncs::bitmap_weight(&[u64::MAX; 5]) == 320);
+                Ok(())
+            },
+            [5, 0, 0, 0, 0, 0],
         ),
     ];
     for (spec, fire, want) in cases {

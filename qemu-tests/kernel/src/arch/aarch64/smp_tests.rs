@@ -6,7 +6,8 @@
 //!
 //! The other CPUs run *workers* ([`worker`]): passes over every probe site of the test
 //! image (Rust `probe!`/`probe_enabled!`, C call, tail, is-enabled, is-enabled tail and
-//! guarded sites), checking every result. Between passes a worker waits for an
+//! guarded sites, the `kfuncs` crate's site) and over ifunc'd functions, checking every
+//! result. Between passes a worker waits for an
 //! interrupt (`wfi`): QEMU runs each CPU on a host thread, and four busy CPUs on a
 //! two-core host would make every synchronisation round wait for time slices. Each
 //! batch's round (an SGI) wakes every worker, so workers run the sites right while the
@@ -40,13 +41,13 @@ use super::timer;
 use crate::harness::{Harness, Msg};
 use crate::{ensure, msg, println};
 
-/// Batches (each one enable or one disable) CPU 0 runs in the stress test: 10,003
-/// enables and 10,003 disables, over [`PROBES`] in turn (2,858 per probe, so every
-/// probe ends disabled).
-const STRESS_BATCHES: usize = 20_006;
+/// Batches (each one enable or one disable) CPU 0 runs in the stress test: 10,008
+/// enables and 10,008 disables, over [`PROBES`] in turn (2,502 per probe, an even
+/// number, so every probe ends disabled).
+const STRESS_BATCHES: usize = 20_016;
 
 /// The probes the workers fire, by index into [`IDS`].
-const PROBES: [&str; 7] = [
+const PROBES: [&str; 8] = [
     "rtest:zero",
     "rtest:one",
     "rtest:six",
@@ -54,7 +55,12 @@ const PROBES: [&str; 7] = [
     "ctest:one",
     "ctest:six",
     "ctest:tail",
+    "kfuncs:bitmap",
 ];
+const _: () = assert!(
+    STRESS_BATCHES.is_multiple_of(2 * PROBES.len()),
+    "every probe must be flipped an even number of times"
+);
 const R_ZERO: usize = 0;
 const R_ONE: usize = 1;
 const R_SIX: usize = 2;
@@ -62,7 +68,8 @@ const C_ZERO: usize = 3;
 const C_ONE: usize = 4;
 const C_SIX: usize = 5;
 const C_TAIL: usize = 6;
-/// "No probe may fire": the expected probe of an is-enabled check.
+const BITMAP: usize = 7;
+/// "No probe may fire": the expected probe of an is-enabled check or an ifunc call.
 const NONE: u32 = u32::MAX;
 
 static IDS: [AtomicU32; PROBES.len()] = [const { AtomicU32::new(NONE) }; PROBES.len()];
@@ -83,11 +90,15 @@ enum Check {
     COne,
     CSix,
     COneEnabled,
+    Bitmap,
+    Popcount,
+    Hamming,
+    Crc32c,
     FiredTwice,
     FiredWhenNothingMay,
 }
 
-const CHECK_NAMES: [&str; 10] = [
+const CHECK_NAMES: [&str; 14] = [
     "ok",
     "r_zero result",
     "r_one result",
@@ -96,6 +107,10 @@ const CHECK_NAMES: [&str; 10] = [
     "c_fire_one result",
     "c_fire_six result",
     "c_one_enabled not 0 or 1",
+    "bitmap_weight result",
+    "popcount result",
+    "hamming result",
+    "crc32c_of result",
     "one call fired the handler twice",
     "a call that may not fire did",
 ];
@@ -282,7 +297,7 @@ mod c {
 }
 
 /// Calls per [`one_pass`].
-const CALLS_PER_PASS: u64 = 11;
+const CALLS_PER_PASS: u64 = 15;
 
 /// One pass over every probe site; returns how many calls fired.
 fn one_pass(slot: &CpuSlot, x: u64) -> u64 {
@@ -328,8 +343,27 @@ fn one_pass(slot: &CpuSlot, x: u64) -> u64 {
     fired += call(slot, None, &[], Check::COneEnabled, x, || {
         matches!(pt::c_one_on(), 0 | 1)
     });
+    let words = [x, !x, 0xff];
+    fired += call(slot, Some(BITMAP), &[3], Check::Bitmap, x, || {
+        kfuncs::bitmap_weight(&words) == 72
+    });
+    // ifunc'd functions, patched at boot: no probe may fire.
+    let y = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    fired += call(slot, None, &[], Check::Popcount, x, || {
+        kfuncs::popcount(y) == y.count_ones() && kfuncs::popcount_tail(y) == y.count_ones()
+    });
+    fired += call(slot, None, &[], Check::Hamming, x, || {
+        kfuncs::hamming(y, !y) == 64
+    });
+    fired += call(slot, None, &[], Check::Crc32c, x, || {
+        kfuncs::crc32c_of(CRC_DATA) == EXPECT_CRC.load(Ordering::Relaxed)
+    });
     fired
 }
+
+const CRC_DATA: &[u8] = b"ksites: live patching on every CPU";
+/// `crc32c_of(CRC_DATA)` as CPU 0 computed it.
+static EXPECT_CRC: AtomicU32 = AtomicU32::new(0);
 
 /// Waits for an interrupt (a synchronisation round's SGI); IRQs are unmasked in jobs.
 fn nap() {
@@ -861,6 +895,7 @@ pub fn run(h: &mut Harness) {
         h.check("smp_probe_table", Err("no probe table registered"));
         return;
     };
+    EXPECT_CRC.store(kfuncs::crc32c_of(CRC_DATA), Ordering::Relaxed);
     h.check("smp_stress_live_patching", stress(t));
     h.check("smp_text_never_writable", text_never_writable(t));
     h.check(
