@@ -20,7 +20,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use kernel_loader::format::{ProbeKind, Table};
 use kernel_loader::patch::{PokeError, PokeFailure, TextPoker};
 use kernel_loader::probe::{self, Int3Frame, ProbeError, ProbeId};
-use kernel_loader::{cell, probe_enabled};
+use kernel_loader::probe_enabled;
 
 use super::mmu::{self, AliasPoker};
 use super::smp::{self, MAX_CPUS};
@@ -883,10 +883,7 @@ pub fn run(h: &mut Harness) {
 }
 
 fn run_parked(h: &mut Harness) {
-    let l = mmu::layout();
-    // SAFETY: the image was embedded by `ksites-ld`; the table lies in the read-only
-    // mapping, never written.
-    let table = match unsafe { cell::image_table(&[l.text_start..l.text_end]) } {
+    let table = match super::ksites_table() {
         Ok(t) => t,
         Err(e) => {
             h.check("probe_table", Err(e));

@@ -307,7 +307,9 @@ fn one_pass(slot: &CpuSlot, x: u64) -> u64 {
         c::fire_tail(x);
         true
     });
-    fired += call(slot, Some(R_ZERO), &[], Check::RZero, x, || pt::r_zero() == 1);
+    fired += call(slot, Some(R_ZERO), &[], Check::RZero, x, || {
+        pt::r_zero() == 1
+    });
     fired += call(slot, Some(R_ONE), &[x], Check::ROne, x, || {
         pt::r_one(x) == x + 1
     });
@@ -425,16 +427,13 @@ fn wake_until_done(job: u64) -> bool {
         })
 }
 
-
 /// Starts the workers and waits until every other CPU runs one.
 fn start_workers() -> Result<(), Msg> {
     STOP.store(false, Ordering::SeqCst);
     STARTED.store(0, Ordering::SeqCst);
     JOB.store(smp::start_job(worker), Ordering::SeqCst);
     let others = smp::online() as usize - 1;
-    if !timer::wait_until(5_000_000, || {
-        STARTED.load(Ordering::Acquire) >= others
-    }) {
+    if !timer::wait_until(5_000_000, || STARTED.load(Ordering::Acquire) >= others) {
         stop_workers()?;
         return Err(msg!(
             "only {} of {others} CPUs started their worker",
