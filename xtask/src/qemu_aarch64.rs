@@ -66,7 +66,8 @@ pub(crate) const IFUNC_TESTS: &[&str] = &[
 /// (`ldaddal` vs an exclusive loop) and SHA3 (`eor3` vs two `eor`).
 pub(crate) const MUST_DIFFER: &[&str] = &["kfuncs::fetch_add", "kfuncs::xor3"];
 
-/// The probe tests (`src/arch/aarch64/probe_tests.rs`) every aarch64 run must pass.
+/// The probe and BRK-route tests (`src/arch/aarch64/probe_tests.rs`, `trap_tests.rs`)
+/// every aarch64 run must pass.
 pub(crate) const PROBE_TESTS: &[&str] = &[
     "probe_registry_lookup_glob_nargs",
     "probe_disabled_sites_are_nops",
@@ -80,6 +81,8 @@ pub(crate) const PROBE_TESTS: &[&str] = &[
     "probe_one_sync_round_per_batch",
     "probe_failed_batch_restores_sites",
     "probe_text_read_only_after",
+    "trap_int3_entry_keeps_registers_and_writes_back_the_frame",
+    "trap_int3_entry_lands_on_an_emulated_ret",
 ];
 
 /// The SMP tests (`src/arch/aarch64/smp_tests.rs`) every run with more than one CPU

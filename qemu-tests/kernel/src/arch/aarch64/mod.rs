@@ -14,7 +14,8 @@
 //! * [`smp`]: secondary start-up, `sync_cores` (an `isb` on every CPU through SGIs),
 //!   jobs for the other CPUs.
 //! * [`tests`], [`live_tests`]: the platform tests; [`ifunc_tests`]: boot patching.
-//! * [`probe_tests`], [`smp_tests`]: probes of every form, live, and the SMP stress.
+//! * [`probe_tests`], [`smp_tests`], [`trap_tests`]: probes of every form, live, the
+//!   SMP stress, the BRK route.
 
 pub mod boot;
 pub mod exceptions;
@@ -30,6 +31,7 @@ pub mod smp;
 pub mod smp_tests;
 pub mod tests;
 pub mod timer;
+pub mod trap_tests;
 
 use core::cell::UnsafeCell;
 use core::ops::Range;
@@ -76,6 +78,7 @@ extern "C" fn kmain() -> ! {
     tests::run(&mut harness);
     probe_tests::run(&mut harness);
     smp_tests::run(&mut harness);
+    trap_tests::run(&mut harness);
     harness.finish()
 }
 
