@@ -73,15 +73,40 @@ fn write_modules(manifest_dir: &str, env: &str, default: &str, modules: &[&str])
     std::fs::write(out.join("modules.rs"), code).expect("write modules.rs");
 }
 
+/// The aarch64 kernel's C probe sites: c/cprobes.c (the x86_64 kernel's file, whose
+/// call, tail, is-enabled and is-enabled tail sites `ksites embed` rewrites for either
+/// architecture), built with the cross gcc and kernel flags (no FP/SIMD registers).
+fn compile_aarch64_c_probes() {
+    println!("cargo:rerun-if-changed=c/cprobes.c");
+    println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_sdt.h");
+    println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_arch.h");
+    cc::Build::new()
+        .compiler("aarch64-linux-gnu-gcc")
+        .archiver("aarch64-linux-gnu-ar")
+        .file("c/cprobes.c")
+        .include("../../kernel-loader/c")
+        .pic(false)
+        .opt_level(2)
+        .flag("-ffreestanding")
+        .flag("-fno-pic")
+        .flag("-mgeneral-regs-only")
+        .flag("-fno-stack-protector")
+        .flag("-fno-asynchronous-unwind-tables")
+        .warnings(true)
+        .extra_warnings(true)
+        .compile("a64cprobes");
+}
+
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
-    // The aarch64 platform (src/arch/aarch64/) has its own linker script and its own
-    // set of test modules; for now not the C objects (built for x86_64).
+    // The aarch64 platform (src/arch/aarch64/) has its own linker script, its own set
+    // of test modules and, of the C code, only the probe file (built with the cross gcc).
     if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("aarch64") {
         include_aarch64_modules(&dir);
         println!("cargo:rustc-link-arg-bins=-T{dir}/src/arch/aarch64/linker.ld");
         println!("cargo:rerun-if-changed=src/arch/aarch64/linker.ld");
         println!("cargo:rerun-if-changed=build.rs");
+        compile_aarch64_c_probes();
         return;
     }
     include_modules(&dir);

@@ -6,8 +6,9 @@
 //! as the x86_64 kernel is; the build tool is built first. It exits
 //! through semihosting with the x86_64 kernel's statuses (33 = success, 35 = failure),
 //! so [`judge::judge`] applies unchanged; on top, every run must pass every platform
-//! test ([`REQUIRED_TESTS`]), ifunc test ([`IFUNC_TESTS`]) and module test
-//! ([`MODULE_TESTS`]; on SMP runs [`SMP_MODULE_TESTS`] too) and bring the expected
+//! test ([`REQUIRED_TESTS`]), ifunc test ([`IFUNC_TESTS`]), probe test
+//! ([`PROBE_TESTS`], and on SMP runs [`SMP_TESTS`]) and module test ([`MODULE_TESTS`];
+//! on SMP runs [`SMP_MODULE_TESTS`] too) and bring the expected
 //! CPUs online, and `cortex-a57` and `max` must report different CPU features (LSE
 //! atomics and at least one more) and choose different implementations for the ifuncs
 //! of [`MUST_DIFFER`]. Before booting, the image is `ksites verify`-ed, its `ksites
@@ -90,6 +91,44 @@ pub(crate) const IFUNC_TESTS: &[&str] = &[
 /// The ifuncs `cortex-a57` and `max` must resolve differently: LSE atomics
 /// (`ldaddal` vs an exclusive loop) and SHA3 (`eor3` vs two `eor`).
 pub(crate) const MUST_DIFFER: &[&str] = &["kfuncs::fetch_add", "kfuncs::xor3"];
+
+/// The probe and BRK-route tests (`src/arch/aarch64/probe_tests.rs`, `trap_tests.rs`)
+/// every aarch64 run must pass.
+pub(crate) const PROBE_TESTS: &[&str] = &[
+    "probe_registry_lookup_glob_nargs",
+    "probe_disabled_sites_are_nops",
+    "probe_enable_refused_without_brk_route",
+    "probe_enable_c_probe_patches_only_its_sites",
+    "probe_enable_patches_only_its_sites",
+    "probe_arguments_0_1_6_rust_and_c",
+    "probe_is_enabled_reports_state",
+    "probe_c_tail_call_returns",
+    "probe_toggle_10000_counts_exact",
+    "probe_one_sync_round_per_batch",
+    "probe_failed_batch_restores_sites",
+    "probe_text_read_only_after",
+    "trap_int3_entry_keeps_registers_and_writes_back_the_frame",
+    "trap_int3_entry_lands_on_an_emulated_ret",
+];
+
+/// The SMP tests (`src/arch/aarch64/smp_tests.rs`) every run with more than one CPU
+/// must pass.
+pub(crate) const SMP_TESTS: &[&str] = &[
+    "smp_stress_live_patching",
+    "smp_text_never_writable",
+    "smp_drain_waits_for_handlers_on_aps",
+];
+
+/// The probe and SMP tests a run with `cpus` CPUs must pass: with one CPU, the SMP
+/// tests' `ok smp_tests_skipped_on_one_cpu` instead of the SMP tests.
+pub(crate) fn probe_tests_for(cpus: u32) -> Vec<&'static str> {
+    let smp: &[&str] = if cpus > 1 {
+        SMP_TESTS
+    } else {
+        &["smp_tests_skipped_on_one_cpu"]
+    };
+    PROBE_TESTS.iter().chain(smp).copied().collect()
+}
 
 /// Run labels for one architecture, or `None` to skip it.
 pub(crate) type Runs = Option<Vec<String>>;
@@ -284,6 +323,9 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration) -> Result<u32> {
             .extend(judge::check_required_tests(&serial, IFUNC_TESTS));
         verdict
             .problems
+            .extend(judge::check_required_tests(&serial, &probe_tests_for(cpus)));
+        verdict
+            .problems
             .extend(judge::check_cpus_online(&serial, cpus));
         if let Some(passed) = verdict.passed.filter(|&n| n < REQUIRED_TESTS.len() as u32) {
             verdict.problems.push(format!(
@@ -470,6 +512,19 @@ mod tests {
         let err = check_choices_differ(&a57, &same_xor).unwrap_err();
         assert!(err.contains("kfuncs::xor3"), "{err}");
         assert!(check_choices_differ(&a57, &BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn smp_tests_required_only_on_smp_runs() {
+        let one = probe_tests_for(1);
+        let four = probe_tests_for(4);
+        assert!(one.contains(&"probe_toggle_10000_counts_exact"));
+        assert!(one.contains(&"smp_tests_skipped_on_one_cpu"));
+        assert!(!one.contains(&"smp_stress_live_patching"));
+        assert!(four.contains(&"smp_stress_live_patching"));
+        assert!(four.contains(&"smp_drain_waits_for_handlers_on_aps"));
+        assert!(!four.contains(&"smp_tests_skipped_on_one_cpu"));
+        assert_eq!(four.len(), PROBE_TESTS.len() + SMP_TESTS.len());
     }
 
     #[test]

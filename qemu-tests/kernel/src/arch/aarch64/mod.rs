@@ -14,6 +14,8 @@
 //! * [`smp`]: secondary start-up, `sync_cores` (an `isb` on every CPU through SGIs),
 //!   jobs for the other CPUs.
 //! * [`tests`], [`live_tests`]: the platform tests; [`ifunc_tests`]: boot patching.
+//! * [`probe_tests`], [`smp_tests`], [`trap_tests`]: probes of every form, live, the
+//!   SMP stress, the BRK route.
 
 pub mod boot;
 pub mod exceptions;
@@ -24,11 +26,14 @@ pub mod live_tests;
 pub mod mmu;
 pub mod module_arena;
 pub mod module_tests;
+pub mod probe_tests;
 pub mod psci;
 pub mod serial;
 pub mod smp;
+pub mod smp_tests;
 pub mod tests;
 pub mod timer;
+pub mod trap_tests;
 
 use core::cell::UnsafeCell;
 use core::ops::Range;
@@ -73,6 +78,11 @@ extern "C" fn kmain() -> ! {
     let mut harness = Harness::new();
     ifunc_tests::run(&mut harness);
     tests::run(&mut harness);
+    probe_tests::run(&mut harness);
+    smp_tests::run(&mut harness);
+    trap_tests::run(&mut harness);
+    // After the probe tests: they check `enable` is refused before the BRK route is
+    // declared, and register the kernel's probes first.
     module_tests::run(&mut harness);
     harness.finish()
 }
