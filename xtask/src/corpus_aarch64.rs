@@ -27,7 +27,7 @@
 //! (readelf's names) with their counts, objects with veneers, and fails on any failure,
 //! naming the object and quoting ksites.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -260,17 +260,17 @@ fn parse_line(line: &str) -> Option<Object> {
 fn check(ksites: &Path, obj: &Path, work: &Path, o: &Object) -> Result<Checked> {
     let path = obj.join(&o.path);
     let name = o.path.replace('/', "_");
-    let mut c = Checked {
-        types: readelf_types(&path)?,
-        ..Checked::default()
-    };
-    let listed: u64 = c.types.values().sum();
+    let relocs = readelf(&path)?;
+    let listed = relocs.total();
 
     // 1. No kernel: undefined symbols at the placeholder.
     let mut cmd = Command::new(ksites);
     cmd.arg("check-module").arg("--json").arg(&path);
     let near = loads(&path, &mut cmd)?;
-    c.relocations = number(&near, "relocations");
+    let mut c = Checked {
+        relocations: number(&near, "relocations"),
+        ..Checked::default()
+    };
     ensure!(
         c.relocations == listed,
         "{}: check-module applied {} relocations, readelf lists {listed}",
@@ -313,6 +313,17 @@ fn check(ksites: &Path, obj: &Path, work: &Path, o: &Object) -> Result<Checked> 
         );
         c.veneers = number(&far, "veneers");
         c.far = true;
+        // One veneer per kernel function called (the loader shares them by target).
+        let called = imports
+            .iter()
+            .filter(|n| relocs.branch_targets.contains(**n))
+            .count() as u64;
+        ensure!(
+            c.veneers == called,
+            "{}: with the kernel far away, {} veneers for {called} kernel functions called",
+            path.display(),
+            c.veneers
+        );
         let _ = std::fs::remove_file(&map_path);
     }
 
@@ -344,7 +355,7 @@ fn check(ksites: &Path, obj: &Path, work: &Path, o: &Object) -> Result<Checked> 
     cmd.arg("check-module").arg("--json").arg(&out_path);
     let embedded = loads(&path, &mut cmd)
         .with_context(|| format!("{}: after ksites embed", path.display()))?;
-    let listed_after: u64 = readelf_types(&out_path)?.values().sum();
+    let listed_after = readelf(&out_path)?.total();
     ensure!(
         number(&embedded, "relocations") == listed_after,
         "{}: embedded, check-module applied {} relocations, readelf lists {listed_after}",
@@ -352,6 +363,7 @@ fn check(ksites: &Path, obj: &Path, work: &Path, o: &Object) -> Result<Checked> 
         number(&embedded, "relocations")
     );
     let _ = std::fs::remove_file(&out_path);
+    c.types = relocs.types;
     Ok(c)
 }
 
@@ -457,9 +469,22 @@ fn relocations(
     Ok(out)
 }
 
-/// The relocation types `readelf -rW` lists for `path` (binutils' names), with counts;
-/// the `NONE` relocation is not counted (there is nothing to apply).
-fn readelf_types(path: &Path) -> Result<BTreeMap<String, u64>> {
+/// What `readelf -rW` lists: the relocation types (binutils' names) with counts, the
+/// `NONE` relocation not counted (there is nothing to apply), and the symbols `bl`/`b`
+/// relocations (CALL26/JUMP26) go to.
+#[derive(Debug, Default)]
+struct Listed {
+    types: BTreeMap<String, u64>,
+    branch_targets: BTreeSet<String>,
+}
+
+impl Listed {
+    fn total(&self) -> u64 {
+        self.types.values().sum()
+    }
+}
+
+fn readelf(path: &Path) -> Result<Listed> {
     let out = Command::new(READELF)
         .arg("-rW")
         .arg(path)
@@ -474,21 +499,24 @@ fn readelf_types(path: &Path) -> Result<BTreeMap<String, u64>> {
     Ok(parse_readelf(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Counts the third column of each relocation line (`OFFSET INFO TYPE ...`).
-fn parse_readelf(text: &str) -> BTreeMap<String, u64> {
-    let mut types = BTreeMap::new();
+/// Reads each relocation line (`OFFSET INFO TYPE [VALUE NAME + ADDEND]`).
+fn parse_readelf(text: &str) -> Listed {
+    let mut l = Listed::default();
     for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let (Some(off), Some(info), Some(ty)) = (words.next(), words.next(), words.next()) else {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [off, info, ty, rest @ ..] = words.as_slice() else {
             continue;
         };
         let hex = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_hexdigit());
         if !hex(off) || !hex(info) || !ty.starts_with("R_") || ty.ends_with("_NONE") {
             continue;
         }
-        *types.entry(ty.to_string()).or_insert(0) += 1;
+        *l.types.entry(ty.to_string()).or_insert(0) += 1;
+        if let ("R_AARCH64_CALL26" | "R_AARCH64_JUMP26", [_, name, ..]) = (*ty, rest) {
+            l.branch_targets.insert(name.to_string());
+        }
     }
-    types
+    l
 }
 
 /// The step's report.
@@ -547,12 +575,21 @@ Relocation section '.rela.data' at offset 0x200 contains 1 entry:
     Offset             Info             Type               Symbol's Value  Symbol's Name + Addend
 0000000000000000  0000000300000101 R_AARCH64_ABS64        0000000000000000 .text + 10
 ";
-        let t = parse_readelf(text);
+        let l = parse_readelf(text);
+        let t = &l.types;
         assert_eq!(t.len(), 3, "{t:?}");
         assert_eq!(t["R_AARCH64_CALL26"], 2);
         assert_eq!(t["R_AARCH64_ADR_PREL_PG_HI21"], 1);
         assert_eq!(t["R_AARCH64_ABS64"], 1);
-        assert!(parse_readelf("There are no relocations in this file.\n").is_empty());
+        assert_eq!(l.total(), 4);
+        assert_eq!(
+            l.branch_targets,
+            BTreeSet::from(["bar".into(), "foo".into()])
+        );
+        assert_eq!(
+            parse_readelf("There are no relocations in this file.\n").total(),
+            0
+        );
     }
 
     #[test]
