@@ -380,13 +380,14 @@ pub fn to_text(name: &str, r: &CheckReport) -> String {
         Some(l) if r.problems.is_empty() => {
             let _ = writeln!(
                 o,
-                "{name}: would load at {:#x}: {} sections ({} code, {} read-only, {} writable bytes), {} relocations, {} kernel symbols, {} ifuncs, {} imported ifuncs, {} ifunc sites, {} probes, {} probe sites",
+                "{name}: would load at {:#x}: {} sections ({} code, {} read-only, {} writable bytes), {} relocations, {} veneers, {} kernel symbols, {} ifuncs, {} imported ifuncs, {} ifunc sites, {} probes, {} probe sites",
                 r.addr,
                 l.sections,
                 l.text_size,
                 l.ro_size,
                 l.rw_size,
                 l.relocations,
+                l.veneers,
                 l.kernel_symbols,
                 l.ifuncs,
                 l.imports,
@@ -451,6 +452,7 @@ pub fn to_json(name: &str, r: &CheckReport) -> serde_json::Value {
         "report": r.load.map(|l| serde_json::json!({
             "sections": l.sections,
             "relocations": l.relocations,
+            "veneers": l.veneers,
             "kernel_symbols": l.kernel_symbols,
             "ifuncs": l.ifuncs,
             "imports": l.imports,

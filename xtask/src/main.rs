@@ -9,14 +9,18 @@
 //! * `cargo xtask fuzz [--seconds N]` runs the cargo-fuzz targets (nightly).
 //! * `cargo xtask tidy` checks the tree (the architecture seam, module docs and sizes,
 //!   the README's lists); see [`tidy`].
+//! * `cargo xtask corpus-aarch64` compiles the C corpus for arm64 and checks every object
+//!   with `ksites check-module` and `embed`; see [`corpus_aarch64`].
 //! * `cargo xtask test` runs tidy, fmt, clippy and the host tests, the host self-test (a native
-//!   binary that patches itself), then everything `qemu` and `example` do.
+//!   binary that patches itself), the aarch64 corpus, then everything `qemu` and `example` do.
 //! * `cargo xtask bench` builds the benchmark binary, embeds it, runs it, and prints the
 //!   ratio table (not part of `test`).
 //!
 //! Paths are computed from this crate's location, never from the caller's working directory.
 
 mod bench;
+mod corpus;
+mod corpus_aarch64;
 mod crosscheck;
 mod example;
 mod fuzz;
@@ -54,6 +58,9 @@ enum Command {
     /// Check the tree: x86 facts only under `arch/` and the build tool's targets, every
     /// module documented and under 1,000 lines, the README's lists matching the tree.
     Tidy,
+    /// Compile the C corpus (Lua, zstd, xz, zlib, …) for arm64 with kernel-like flags and
+    /// run `ksites check-module` and `ksites embed` on every object (part of `test`).
+    CorpusAarch64,
     /// Run tidy, fmt, clippy and host tests for the workspace and the test kernel, the host
     /// self-test, then everything `qemu` does with the default CPU models, then `example`.
     /// Stops at the first failure.
@@ -83,6 +90,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tidy => tidy::run(&root),
+        Command::CorpusAarch64 => {
+            let passed = corpus_aarch64::run(&sh, &root)?;
+            println!("xtask: {passed} passed, 0 failed");
+            Ok(())
+        }
         Command::Test => test::run(&sh, &root),
         Command::Fuzz(args) => fuzz::run(&sh, &root, &args),
         Command::Bench(args) => bench::run(&sh, &root, &args),

@@ -74,6 +74,10 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
         "host: the self-patching host binary failed (kernel-loader/examples/host_selftest.rs)",
     )?;
 
+    heading("aarch64 corpus");
+    let corpus = crate::corpus_aarch64::run(sh, root)
+        .context("aarch64 corpus: check-module or embed failed on a real C object")?;
+
     heading("qemu");
     let kernel =
         qemu::run(sh, root, &QemuArgs::default()).context("qemu: the test kernel runs failed")?;
@@ -83,11 +87,11 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
 
     println!(
         "\nxtask test: all steps passed ({host} host tests, {host_checks} host self-test checks, \
-         {kernel} in-kernel tests over all CPU models and architectures, {example} example kernel checks)"
+         {corpus} aarch64 corpus objects, {kernel} in-kernel tests over all CPU models and architectures, {example} example kernel checks)"
     );
     println!(
         "xtask: {} passed, 0 failed",
-        host + host_checks + kernel + example
+        host + host_checks + corpus + kernel + example
     );
     Ok(())
 }
