@@ -81,7 +81,7 @@ pub fn start_secondaries() -> Started {
             break;
         }
         s.accepted += 1;
-        if !timer::wait_until(1_000_000, || online.load(Ordering::SeqCst)) {
+        if !timer::wait_until(ACK_TIMEOUT_US, || online.load(Ordering::SeqCst)) {
             s.missing += 1;
         }
     }
@@ -119,6 +119,10 @@ extern "C" fn secondary_main() -> ! {
         unsafe { core::arch::asm!("wfe", options(nomem, nostack)) };
     }
 }
+
+/// How long [`sync_cores`] waits for each CPU's acknowledgement, in microseconds of the
+/// virtual counter: 10 s (two runs on a host at load 6.5 once needed more than 1 s).
+pub const ACK_TIMEOUT_US: u64 = 10_000_000;
 
 /// The job the other CPUs run (a `fn(usize)` as `usize`; 0 = none).
 static JOB: AtomicUsize = AtomicUsize::new(0);
@@ -169,7 +173,9 @@ pub static ROUNDS: AtomicU64 = AtomicU64::new(0);
 
 /// One synchronisation round: a context synchronisation event (`isb`) on every online
 /// CPU, this one included, before it returns. CPU 0 only (one patcher at a time).
-/// Panics if a CPU does not acknowledge within a second (a lost IPI is a kernel bug).
+/// Panics if a CPU does not acknowledge within [`ACK_TIMEOUT_US`] (a lost IPI is a
+/// kernel bug; the bound is generous because QEMU's vCPU threads share a loaded host's
+/// cores, and idle CPUs in `wfe` keep spinning there).
 pub fn sync_cores() {
     isb();
     ROUNDS.fetch_add(1, Ordering::SeqCst);
@@ -182,7 +188,9 @@ pub fn sync_cores() {
         gic::send_sgi_to_others(SYNC_SGI);
     }
     for cpu in (0..MAX_CPUS).filter(|&c| c != me && is_online(c)) {
-        let acked = timer::wait_until(1_000_000, || ACKED[cpu].load(Ordering::SeqCst) >= round);
+        let acked = timer::wait_until(ACK_TIMEOUT_US, || {
+            ACKED[cpu].load(Ordering::SeqCst) >= round
+        });
         assert!(
             acked,
             "sync_cores: CPU {cpu} did not acknowledge round {round}"
