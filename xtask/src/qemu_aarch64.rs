@@ -43,6 +43,7 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
     "aarch64_data_is_not_executable",
     "aarch64_sync_icache_makes_new_code_visible",
     "aarch64_brk_is_trapped_and_resumed",
+    "aarch64_exceptions_preserve_fp_simd_state",
     "aarch64_secondary_cpus_start",
     "aarch64_sgi_reaches_every_cpu",
     "aarch64_live_patch_seen_by_every_cpu",

@@ -14,6 +14,12 @@
 //!    ELR_EL1 and `frame.x0` to the saved x0, then `eret`. If `false`, the BRK is not a
 //!    probe site's: handle it as any other BRK (a debugger's, a `BUG()`).
 //!
+//! `handle_int3` and the probe's handler are compiled Rust: on a target with FP/AdvSIMD
+//! (`aarch64-unknown-none`) they may use the vector registers and FPCR, so the
+//! exception entry must save q0-q31, FPSR and FPCR of the interrupted code (or the
+//! kernel must build this path for a soft-float target); the test kernel saves them
+//! (`aarch64_exceptions_preserve_fp_simd_state`).
+//!
 //! While patching, no CPU traps (see [`super::probe`]): only enabled C tail sites
 //! `brk`, so a kernel without C tail probes never reaches this path. `probe::enable`
 //! still requires `declare_int3_route` (one rule for every architecture).

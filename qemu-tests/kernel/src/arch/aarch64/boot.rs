@@ -131,8 +131,53 @@ exception_common:
     mrs x3, FAR_EL1
     stp x2, x3, [sp, #264]
     str x1, [sp, #280]
-    mov x0, sp
+    /* The handlers are compiled Rust (and the loader's BRK route), which may use the
+       FP/SIMD registers: save q0-q31, FPSR and FPCR of the interrupted code below the
+       frame, and restore them before returning. */
+    sub sp, sp, #528
+    stp q0, q1, [sp, #0]
+    stp q2, q3, [sp, #32]
+    stp q4, q5, [sp, #64]
+    stp q6, q7, [sp, #96]
+    stp q8, q9, [sp, #128]
+    stp q10, q11, [sp, #160]
+    stp q12, q13, [sp, #192]
+    stp q14, q15, [sp, #224]
+    stp q16, q17, [sp, #256]
+    stp q18, q19, [sp, #288]
+    stp q20, q21, [sp, #320]
+    stp q22, q23, [sp, #352]
+    stp q24, q25, [sp, #384]
+    stp q26, q27, [sp, #416]
+    stp q28, q29, [sp, #448]
+    stp q30, q31, [sp, #480]
+    mrs x2, FPSR
+    mrs x3, FPCR
+    str x2, [sp, #512]
+    str x3, [sp, #520]
+    add x0, sp, #528
     bl aarch64_exception
+    ldr x2, [sp, #512]
+    ldr x3, [sp, #520]
+    msr FPSR, x2
+    msr FPCR, x3
+    ldp q0, q1, [sp, #0]
+    ldp q2, q3, [sp, #32]
+    ldp q4, q5, [sp, #64]
+    ldp q6, q7, [sp, #96]
+    ldp q8, q9, [sp, #128]
+    ldp q10, q11, [sp, #160]
+    ldp q12, q13, [sp, #192]
+    ldp q14, q15, [sp, #224]
+    ldp q16, q17, [sp, #256]
+    ldp q18, q19, [sp, #288]
+    ldp q20, q21, [sp, #320]
+    ldp q22, q23, [sp, #352]
+    ldp q24, q25, [sp, #384]
+    ldp q26, q27, [sp, #416]
+    ldp q28, q29, [sp, #448]
+    ldp q30, q31, [sp, #480]
+    add sp, sp, #528
     ldp x2, x3, [sp, #248]
     msr ELR_EL1, x2
     msr SPSR_EL1, x3

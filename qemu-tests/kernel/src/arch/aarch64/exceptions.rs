@@ -221,5 +221,30 @@ fn handle_brk(f: &mut ExceptionFrame) -> bool {
         f.elr += 4;
         return true;
     }
+    if f.esr & 0xffff == CLOBBER_BRK_IMM {
+        // What compiled handler code may do (this kernel is built with NEON on): use
+        // vector registers and change FPCR. The exception entry must have saved them.
+        // SAFETY: scratch registers only; FPCR.RMode changes rounding, restored by the
+        // exception return path from the saved copy.
+        unsafe {
+            core::arch::asm!(
+                "movi v0.16b, #0x5a",
+                "movi v8.16b, #0x5a",
+                "movi v31.16b, #0x5a",
+                "mrs {t}, FPCR",
+                "orr {t}, {t}, #(3 << 22)",
+                "msr FPCR, {t}",
+                t = out(reg) _,
+                out("v0") _, out("v8") _, out("v31") _,
+                options(nomem, nostack),
+            )
+        };
+        f.elr += 4;
+        return true;
+    }
     false
 }
+
+/// `brk #CLOBBER_BRK_IMM`: resumed after itself by a handler that overwrites v0, v8 and
+/// v31 and FPCR's rounding mode (`aarch64_exceptions_preserve_fp_simd_state`).
+pub const CLOBBER_BRK_IMM: u64 = 0x7b;

@@ -77,6 +77,10 @@ pub fn run(h: &mut Harness) {
         "aarch64_brk_is_trapped_and_resumed",
         brk_is_trapped_and_resumed,
     );
+    h.run(
+        "aarch64_exceptions_preserve_fp_simd_state",
+        exceptions_preserve_fp_simd_state,
+    );
     h.run("aarch64_secondary_cpus_start", secondary_cpus_start);
     h.run("aarch64_sgi_reaches_every_cpu", sgi_reaches_every_cpu);
     h.run(
@@ -400,5 +404,51 @@ fn sgi_reaches_every_cpu() -> TestResult {
     for (cpu, &h) in handled.iter().enumerate().take(n).skip(1) {
         ensure!(h == ROUNDS, "CPU {cpu} handled {h} SGIs in {ROUNDS} rounds");
     }
+    Ok(())
+}
+
+/// An exception whose (compiled) handler uses vector registers and changes FPCR returns
+/// to code that finds its v0, v8, v31 and FPCR as it left them.
+fn exceptions_preserve_fp_simd_state() -> TestResult {
+    let pattern = [0x0123_4567_89ab_cdefu64, 0xfedc_ba98_7654_3210];
+    let mut after = [[0u64; 2]; 3];
+    let (fpcr_before, fpcr_after): (u64, u64);
+    // SAFETY: loads the pattern into v0, v8 and v31 (declared clobbered), traps to the
+    // clobbering handler, which resumes after the `brk`, and stores the three registers
+    // into `after`.
+    unsafe {
+        core::arch::asm!(
+            "ld1 {{v0.2d}}, [{p}]",
+            "ld1 {{v8.2d}}, [{p}]",
+            "ld1 {{v31.2d}}, [{p}]",
+            "mrs {fb}, FPCR",
+            "brk #0x7b",
+            "mrs {fa}, FPCR",
+            "st1 {{v0.2d}}, [{a0}]",
+            "st1 {{v8.2d}}, [{a1}]",
+            "st1 {{v31.2d}}, [{a2}]",
+            p = in(reg) pattern.as_ptr(),
+            a0 = in(reg) after[0].as_mut_ptr(),
+            a1 = in(reg) after[1].as_mut_ptr(),
+            a2 = in(reg) after[2].as_mut_ptr(),
+            fb = out(reg) fpcr_before,
+            fa = out(reg) fpcr_after,
+            out("v0") _, out("v8") _, out("v31") _,
+            options(nostack),
+        );
+    }
+    const _: () = assert!(super::exceptions::CLOBBER_BRK_IMM == 0x7b);
+    for (i, r) in ["v0", "v8", "v31"].iter().enumerate() {
+        ensure!(
+            after[i] == pattern,
+            "{r} after the exception: {:x?} (was {:x?})",
+            after[i],
+            pattern
+        );
+    }
+    ensure!(
+        fpcr_after == fpcr_before,
+        "FPCR {fpcr_before:#x} became {fpcr_after:#x}"
+    );
     Ok(())
 }
