@@ -845,3 +845,58 @@ fn regenerate_fuzz_seeds() {
     ksites_ok(&[&"embed", &m, &"-o", &seeds.join("a64cmod.ko")]);
     ksites_ok(&[&"embed", &m2, &"-o", &seeds.join("a64cmod-ifunc.ko")]);
 }
+
+#[test]
+fn a_probe_whose_enabled_form_cannot_reach_the_kernel_is_refused_at_load() {
+    // A C call probe is a `nop` while disabled and `bl ksites_probe_c_entry` while
+    // enabled: a module loaded beyond that `bl`'s ±128 MiB would load and then fail at
+    // `probe::enable`. The loader checks both forms at load instead.
+    let dir = tmpdir("probe_reach");
+    let src = "#include \"ksites_sdt.h\"\nKSITES_PROBE_DECL(mod, ev, 1, (unsigned long n))\n\
+               long kfunc(long);\n\
+               long work(long x) { KSITES_PROBE(mod, ev, x); return kfunc(x) + 1; }\n";
+    let m = gcc(&dir, "p.o", src, &[]);
+    let ko = dir.join("p.ko");
+    ksites_ok(&[&"embed", &m, &"-o", &ko]);
+    let map = |base: u64| {
+        let path = dir.join(format!("{base:x}.map"));
+        let names = [
+            "kfunc",
+            "ksites_probe_c_entry",
+            "ksites_probe_ret0",
+            "ksites_probe_ret1",
+        ];
+        let text: String = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{:016x} T {n}\n", base + 0x100 * i as u64))
+            .collect();
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let near = map(0x4040_0000);
+    let said = ksites_ok(&[
+        &"check-module",
+        &"--kernel-symbols",
+        &near,
+        &"--load-address",
+        &"40000000",
+        &ko,
+    ]);
+    assert!(said.contains("would load"), "{said}");
+    let far = map(0x8000_0000);
+    let o = ksites(&[
+        &"check-module",
+        &"--kernel-symbols",
+        &far,
+        &"--load-address",
+        &"40000000",
+        &ko,
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{out}");
+    assert!(
+        out.contains("would NOT load") && out.contains("cannot reach 0x80000100"),
+        "{out}"
+    );
+}

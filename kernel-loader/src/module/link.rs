@@ -642,22 +642,27 @@ impl<'b> Linker<'b, '_, '_> {
         );
         for s in t.probe_sites() {
             let r = s.arch_ref();
-            let (word, len) = match t.arch() {
+            // Both forms: the disabled one is what must be there now, and the enabled
+            // one must be encodable, or `probe::enable` would fail long after the load
+            // (a module too far from the kernel's C entry stub).
+            let (words, len) = match t.arch() {
                 Arch::X86_64 => (
-                    arch::x86_64::probe::Live::site_word(&r, false, &x86),
+                    [false, true].map(|on| arch::x86_64::probe::Live::site_word(&r, on, &x86)),
                     arch::x86_64::probe::Live::SITE_LEN,
                 ),
                 Arch::Aarch64 => (
-                    arch::aarch64::probe::Live::site_word(&r, false, &a64),
+                    [false, true].map(|on| arch::aarch64::probe::Live::site_word(&r, on, &a64)),
                     arch::aarch64::probe::Live::SITE_LEN,
                 ),
             };
-            let want = word.map_err(|target| {
+            let out_of_reach = |target| {
                 ModuleError::Probe(ProbeError::OutOfReach {
                     site: s.addr,
                     target,
                 })
-            })?;
+            };
+            words[1].map_err(out_of_reach)?;
+            let want = words[0].map_err(out_of_reach)?;
             let want = &want.to_le_bytes()[..len];
             let mut found = [0u8; PROBE_SITE_LEN];
             let found = &mut found[..len];
