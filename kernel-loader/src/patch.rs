@@ -467,7 +467,39 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
     poker: &mut P,
     resolve: &mut dyn FnMut(&Ifunc<'t>) -> u64,
 ) -> Result<InitReport, PatchError> {
-    let arch = table.arch();
+    // One copy of the engine per architecture: in each, every `arch.*` call of the
+    // per-site loops folds to that architecture's code (a run-time match per call cost
+    // about a quarter of the engine's time once a second architecture existed).
+    match table.arch() {
+        // SAFETY: the caller's preconditions, passed on.
+        Arch::X86_64 => unsafe {
+            patch_ifuncs_for::<{ crate::arch::ids::X86_64 }, P>(table, exec, poker, resolve)
+        },
+        // SAFETY: as above.
+        Arch::Aarch64 => unsafe {
+            patch_ifuncs_for::<{ crate::arch::ids::AARCH64 }, P>(table, exec, poker, resolve)
+        },
+    }
+}
+
+/// [`patch_ifuncs`] for the architecture whose table id is `ID` (the table's).
+///
+/// # Safety
+///
+/// As [`patch_ifuncs`]; `table.arch()` is `ID`'s architecture.
+unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
+    table: &Table<'t>,
+    exec: &[Range<u64>],
+    poker: &mut P,
+    resolve: &mut dyn FnMut(&Ifunc<'t>) -> u64,
+) -> Result<InitReport, PatchError> {
+    let arch: Arch = const {
+        match Arch::from_id(ID) {
+            Some(a) => a,
+            None => panic!("not an architecture id"),
+        }
+    };
+    debug_assert!(arch == table.arch());
     // 1. Check everything before anything is written: trampolines, then sites (a site
     //    already aimed at its slot's current value means `init` ran before), then slots.
     // The first CACHED ifuncs' trampolines and, once resolved, targets, on the stack (no
