@@ -136,6 +136,17 @@ struct ksites_range {
     uint64_t end;
 };
 
+#if defined(__aarch64__)
+/* kernel-loader's Int3Frame on aarch64: what the exception handler of a probe's `brk`
+ * passes to ksites_handle_int3 (the same layout as ksites_arch.h's ksites_brk_frame);
+ * it writes back pc (to ELR_EL1) and x0. */
+struct ksites_int3_frame {
+    uint64_t pc; /* ELR_EL1: the brk itself */
+    uint64_t lr; /* x30 */
+    uint64_t x0, x1, x2, x3, x4, x5;
+};
+KSITES_STATIC_ASSERT_(sizeof(struct ksites_int3_frame) == 64, "ksites_int3_frame layout");
+#else
 /* kernel-loader's Int3Frame: the registers the #BP hook reads; it writes back rip, rsp
  * and rax. */
 struct ksites_int3_frame {
@@ -150,6 +161,7 @@ struct ksites_int3_frame {
     uint64_t r9;
 };
 KSITES_STATIC_ASSERT_(sizeof(struct ksites_int3_frame) == 72, "ksites_int3_frame layout");
+#endif
 
 /* A probe handler: the probe's id and its six arguments (unused ones are 0). Runs on
  * the CPU that fired the probe, possibly in trap context (#BP) with no vector

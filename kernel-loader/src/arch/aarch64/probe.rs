@@ -247,6 +247,9 @@ pub struct Int3Frame {
     pub x5: u64,
 }
 
+// `struct ksites_int3_frame` in kernel-loader/c/ksites.h has this layout (64 bytes).
+const _: () = assert!(core::mem::size_of::<Int3Frame>() == 64);
+
 /// The address of the site whose `brk` produced `f` (ELR points at it).
 #[inline(always)]
 pub fn trap_site(f: &Int3Frame) -> u64 {

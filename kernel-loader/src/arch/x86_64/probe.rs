@@ -244,6 +244,9 @@ pub struct Int3Frame {
     pub r9: u64,
 }
 
+// `struct ksites_int3_frame` in kernel-loader/c/ksites.h has this layout (72 bytes).
+const _: () = assert!(core::mem::size_of::<Int3Frame>() == 72);
+
 /// The address of the site whose trap instruction produced `f` (the `int3` is the
 /// site's byte 0, and RIP points after it).
 #[inline(always)]
