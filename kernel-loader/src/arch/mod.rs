@@ -37,7 +37,8 @@
 //! `arch` is a leaf: it imports nothing from the rest of the crate. The neutral types it
 //! shares with the table format and the patch engine ([`SiteKind`], [`ProbeKind`],
 //! [`ProbeSiteRef`], [`BranchSite`], [`InsnBytes`], [`TargetField`], [`RoundPiece`],
-//! [`LiveProtocol`]) live here, and `format` and `patch` re-export them, so the import
+//! [`LiveProtocol`], and the probe stubs' [`Stubs`], [`STUB_SYMBOLS`], [`OutOfReach`])
+//! live here, and `format` and `patch` re-export them, so the import
 //! graph only goes `format`/`patch`/`probe` → `arch`.
 
 use core::fmt;
@@ -423,6 +424,34 @@ pub struct ProbeSiteRef {
     pub target: u64,
     /// The kind.
     pub kind: ProbeKind,
+}
+
+/// Addresses of the loader's entry points that C probe sites branch to (every
+/// architecture's probe forms use the same three).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stubs {
+    /// `ksites_probe_c_entry`: what an enabled C call site calls.
+    pub c_entry: u64,
+    /// `ksites_probe_ret0`: returns 0; where a disabled C is-enabled site (and on
+    /// aarch64 a disabled C tail site) branches.
+    pub ret0: u64,
+    /// `ksites_probe_ret1`: returns 1, for an enabled C is-enabled site.
+    pub ret1: u64,
+}
+
+/// Symbol names of [`Stubs`], in field order (the build tool looks them up).
+pub const STUB_SYMBOLS: [&str; 3] = [
+    "ksites_probe_c_entry",
+    "ksites_probe_ret0",
+    "ksites_probe_ret1",
+];
+
+/// A branch from a probe site to its target does not fit the instruction's reach
+/// (rel32 on x86-64; ±128 MiB and 4-aligned on aarch64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutOfReach {
+    /// The branch target.
+    pub target: u64,
 }
 
 /// What one round of a live-patch protocol writes at one site: `len` bytes

@@ -628,18 +628,11 @@ impl<'b> Linker<'b, '_, '_> {
         };
         // The table's architecture decides the disabled form (a check on the host may
         // read another architecture's module).
-        let (x86, a64) = (
-            arch::x86_64::probe::Stubs {
-                c_entry,
-                ret0,
-                ret1,
-            },
-            arch::aarch64::probe::Stubs {
-                c_entry,
-                ret0,
-                ret1,
-            },
-        );
+        let stubs = arch::Stubs {
+            c_entry,
+            ret0,
+            ret1,
+        };
         for s in t.probe_sites() {
             let r = s.arch_ref();
             // Both forms: the disabled one is what must be there now, and the enabled
@@ -647,11 +640,11 @@ impl<'b> Linker<'b, '_, '_> {
             // (a module too far from the kernel's C entry stub).
             let (words, len) = match t.arch() {
                 Arch::X86_64 => (
-                    [false, true].map(|on| arch::x86_64::probe::Live::site_word(&r, on, &x86)),
+                    [false, true].map(|on| arch::x86_64::probe::Live::site_word(&r, on, &stubs)),
                     arch::x86_64::probe::Live::SITE_LEN,
                 ),
                 Arch::Aarch64 => (
-                    [false, true].map(|on| arch::aarch64::probe::Live::site_word(&r, on, &a64)),
+                    [false, true].map(|on| arch::aarch64::probe::Live::site_word(&r, on, &stubs)),
                     arch::aarch64::probe::Live::SITE_LEN,
                 ),
             };

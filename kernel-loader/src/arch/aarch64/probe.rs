@@ -62,32 +62,7 @@ pub const BRK_IMM: u16 = 0x4b53;
 /// Enabled C tail call: `brk #0x4b53` (fires, then emulates `ret`).
 pub const C_TAIL_ON: SiteBytes = brk(BRK_IMM).to_le_bytes();
 
-/// Addresses of the loader's entry points that C probe sites branch to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stubs {
-    /// `ksites_probe_c_entry`: what an enabled C call site `bl`s.
-    pub c_entry: u64,
-    /// `ksites_probe_ret0`: returns 0. A disabled C tail site `b`s here (returning
-    /// for the site's function), and a disabled C is-enabled site `bl`s/`b`s here.
-    pub ret0: u64,
-    /// `ksites_probe_ret1`: returns 1, for an enabled C is-enabled site.
-    pub ret1: u64,
-}
-
-/// Symbol names of [`Stubs`], in field order (the build tool looks them up).
-pub const STUB_SYMBOLS: [&str; 3] = [
-    "ksites_probe_c_entry",
-    "ksites_probe_ret0",
-    "ksites_probe_ret1",
-];
-
-/// A branch from a probe site to its target does not fit the instruction's reach
-/// (±128 MiB), or the target is not 4-aligned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OutOfReach {
-    /// The branch target.
-    pub target: u64,
-}
+pub use crate::arch::{OutOfReach, STUB_SYMBOLS, Stubs};
 
 /// The instruction site `s` holds in state `on`, with the given stub addresses:
 ///

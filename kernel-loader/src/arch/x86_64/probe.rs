@@ -39,30 +39,7 @@ pub const C_ENABLED_OFF: SiteBytes = [0xb8, 0x00, 0x00, 0x00, 0x00];
 /// Enabled is-enabled check: `mov eax, 1`.
 pub const C_ENABLED_ON: SiteBytes = [0xb8, 0x01, 0x00, 0x00, 0x00];
 
-/// Addresses of the loader's entry points that C probe sites branch to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stubs {
-    /// `ksites_probe_c_entry`: what an enabled C call site calls.
-    pub c_entry: u64,
-    /// [`ksites_probe_ret0`]: a disabled C is-enabled tail site jumps here.
-    pub ret0: u64,
-    /// [`ksites_probe_ret1`]: an enabled C is-enabled tail site jumps here.
-    pub ret1: u64,
-}
-
-/// Symbol names of [`Stubs`], in field order (the build tool looks them up).
-pub const STUB_SYMBOLS: [&str; 3] = [
-    "ksites_probe_c_entry",
-    "ksites_probe_ret0",
-    "ksites_probe_ret1",
-];
-
-/// A branch from a probe site to its target does not fit the instruction's reach.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OutOfReach {
-    /// The branch target.
-    pub target: u64,
-}
+pub use crate::arch::{OutOfReach, STUB_SYMBOLS, Stubs};
 
 /// The bytes site `s` holds in state `on`, with the given stub addresses.
 ///
