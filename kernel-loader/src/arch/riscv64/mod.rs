@@ -9,6 +9,7 @@
 //!   emulation and the dispatcher entry stubs.
 //! * [`cpu`]: the ISA extensions resolvers receive, from the device tree
 //!   (`riscv,isa-extensions` / `riscv,isa`); `sstatus.FS`/`.VS` for FP and vectors.
+//! * [`dtb`]: a validating flattened-device-tree reader (the cpu nodes' properties).
 //! * [`local`]: hart-local counters and `fence.i`.
 //! * [`trap`]: how a kernel's trap handler routes a probe's `ebreak`.
 //! * [`reloc`]: the ELF machine and the relocations a module may use.
@@ -29,6 +30,7 @@
 
 pub mod branch;
 pub mod cpu;
+pub mod dtb;
 pub mod local;
 pub mod probe;
 pub mod reloc;
