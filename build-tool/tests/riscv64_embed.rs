@@ -146,7 +146,9 @@ void _start(void) {
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?}: {e} (install gcc-riscv64-linux-gnu / binutils-riscv64-linux-gnu)")
+        panic!(
+            "cannot run {cmd:?}: {e} (install gcc-riscv64-linux-gnu / binutils-riscv64-linux-gnu)"
+        )
     })
 }
 
@@ -375,7 +377,12 @@ fn check_embedded(input: &Path, out: &Path) -> ([usize; 3], usize, String) {
     let before = Image::parse("in", &orig).unwrap();
     for p in t.probe_sites() {
         let want = site_bytes(&p.arch_ref(), false, &stubs).unwrap();
-        assert_eq!(img.read_va(p.addr, 4).unwrap(), want, "probe site {:#x}", p.addr);
+        assert_eq!(
+            img.read_va(p.addr, 4).unwrap(),
+            want,
+            "probe site {:#x}",
+            p.addr
+        );
         // The call was at the site or 2 bytes before it: a pair, or a 4-aligned `jal`.
         let call = [p.addr, p.addr - 2]
             .into_iter()
@@ -418,7 +425,10 @@ fn images_relaxed_or_not_from_both_linkers_embed_verify_and_match_objdump() {
         (Ld::Bfd, true, &calls_norelax, [4, 0, 0]),
         (Ld::Lld, true, &calls_norelax, [4, 0, 0]),
     ] {
-        let name = format!("k-{ld:?}-{relax}-{}", calls.file_stem().unwrap().to_string_lossy());
+        let name = format!(
+            "k-{ld:?}-{relax}-{}",
+            calls.file_stem().unwrap().to_string_lossy()
+        );
         let input = dir.join(format!("{name}.elf"));
         link(ld, relax, &[calls, &probes, &asm], &input);
         let before = digest(&input);
@@ -461,7 +471,13 @@ fn scan_lists_pairs_relaxed_forms_and_conditional_branches() {
     let calls = gcc(&dir, "calls.o", CALLS_C, &["-mrelax"]);
     let asm = gcc(&dir, "ifunc.S.o", IFUNC_S, &[]);
     let said = ksites_ok(&[
-        &"scan", &"--calls-to", &"fixture_add", &"--jumps-to", &"fixture_add", &calls, &asm,
+        &"scan",
+        &"--calls-to",
+        &"fixture_add",
+        &"--jumps-to",
+        &"fixture_add",
+        &calls,
+        &asm,
     ]);
     // In the objects: four pairs (the site is the `auipc`), 8 bytes; two branches.
     let kinds: Vec<&str> = said
@@ -472,7 +488,10 @@ fn scan_lists_pairs_relaxed_forms_and_conditional_branches() {
     assert_eq!(kinds.iter().filter(|k| **k == "jmp").count(), 2, "{said}");
     assert_eq!(kinds.iter().filter(|k| **k == "jcc").count(), 2, "{said}");
     assert_eq!(said.matches("(8 bytes)").count(), 4, "{said}");
-    assert!(said.contains("jcc (4 bytes)") && said.contains("jcc (2 bytes)"), "{said}");
+    assert!(
+        said.contains("jcc (4 bytes)") && said.contains("jcc (2 bytes)"),
+        "{said}"
+    );
     for (addr, _) in objdump_calls(&calls, "fixture_add") {
         assert!(said.contains(&format!("+{addr:#x} ")), "{addr:#x}: {said}");
     }
@@ -480,7 +499,14 @@ fn scan_lists_pairs_relaxed_forms_and_conditional_branches() {
     let probes = gcc(&dir, "probes.o", PROBES_C, &["-mno-relax"]);
     let img = dir.join("k.elf");
     link(Ld::Lld, true, &[&calls, &probes, &asm], &img);
-    let said = ksites_ok(&[&"scan", &"--calls-to", &"fixture_add", &"--jumps-to", &"fixture_add", &img]);
+    let said = ksites_ok(&[
+        &"scan",
+        &"--calls-to",
+        &"fixture_add",
+        &"--jumps-to",
+        &"fixture_add",
+        &img,
+    ]);
     assert_eq!(said.matches("call (4 bytes)").count(), 2, "{said}");
     assert_eq!(said.matches("jmp (2 bytes)").count(), 2, "{said}");
 }
@@ -495,8 +521,18 @@ fn ksites_link_wraps_both_riscv64_linkers() {
     for linker in ["bfd", "lld"] {
         let out = dir.join(format!("k-{linker}.elf"));
         let said = ksites_ok(&[
-            &"link", &"--linker", &linker, &"--", &"-static", &"-e", &"_start", &calls,
-            &probes, &asm, &"-o", &out,
+            &"link",
+            &"--linker",
+            &linker,
+            &"--",
+            &"-static",
+            &"-e",
+            &"_start",
+            &calls,
+            &probes,
+            &asm,
+            &"-o",
+            &out,
         ]);
         assert!(said.contains("4 sites"), "{said}");
         let v = ksites_ok(&[&"verify", &out]);
@@ -556,7 +592,11 @@ fn hostile_inputs_are_refused_naming_the_place() {
     // The same in a linked image.
     let img = dir.join("badcall.elf");
     link(Ld::Bfd, false, &[&bad, &calls, &probes, &asm], &img);
-    refused(&dir, &img, &["badcall.elf", "(badcall)", "not on an `auipc`+`jalr` pair"]);
+    refused(
+        &dir,
+        &img,
+        &["badcall.elf", "(badcall)", "not on an `auipc`+`jalr` pair"],
+    );
     // A conditional branch to a probe function: never left live, never rewritten.
     let condbr = gcc(
         &dir,
@@ -571,7 +611,11 @@ fn hostile_inputs_are_refused_naming_the_place() {
     refused(
         &dir,
         &img,
-        &["condbr.elf", "in c_condbr_probe", "jcc to probe function __dtrace_probe_net___rx"],
+        &[
+            "condbr.elf",
+            "in c_condbr_probe",
+            "jcc to probe function __dtrace_probe_net___rx",
+        ],
     );
     // A probe call that relaxation made a `jal` at 2 mod 4: no room for an aligned site.
     let mis = gcc(
@@ -583,7 +627,16 @@ fn hostile_inputs_are_refused_naming_the_place() {
     );
     let img = dir.join("mis.elf");
     link(Ld::Bfd, true, &[&mis, &calls, &probes, &asm], &img);
-    refused(&dir, &img, &["mis.elf", "in mis+0x2", "__dtrace_probe_net___tx", "4-aligned"]);
+    refused(
+        &dir,
+        &img,
+        &[
+            "mis.elf",
+            "in mis+0x2",
+            "__dtrace_probe_net___tx",
+            "4-aligned",
+        ],
+    );
     // The ifunc's own conditional branches are reported, not patched (like aarch64's).
     let img = dir.join("k.elf");
     link(Ld::Lld, true, &[&calls, &probes, &asm], &img);

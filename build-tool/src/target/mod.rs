@@ -771,7 +771,10 @@ mod tests {
             Ok(Target::Riscv64)
         );
         let e = Target::from_machine(object::elf::EM_PPC64.0).unwrap_err();
-        assert_eq!(e.to_string(), "machine 21 is not x86-64, aarch64 or riscv64");
+        assert_eq!(
+            e.to_string(),
+            "machine 21 is not x86-64, aarch64 or riscv64"
+        );
     }
 
     #[test]
