@@ -870,3 +870,53 @@ fn rust_and_c_through_ksites_link_into_a_reserved_slot_with_both_linkers() {
         assert_eq!(loads(&out), loads(&input), "{linker}");
     }
 }
+
+/// A GNU ifunc (`R_RISCV_IRELATIVE`, called through the linker's PLT entry `auipc t3;
+/// ld t3; jalr t1, t3; nop`).
+const G_C: &str = r#"
+#include <stdint.h>
+static uint64_t pc_a(uint64_t x) { return x + 1; }
+static void *pick_pc(void) { return (void *)pc_a; }
+uint64_t gpop(uint64_t x) __attribute__((ifunc("pick_pc")));
+volatile uint64_t sink;
+__attribute__((noinline)) uint64_t g_calls(uint64_t x) { sink = gpop(x); return gpop(x + 1) + 1; }
+__attribute__((noinline)) uint64_t g_tail(uint64_t x) { return gpop(x); }
+uint64_t __ksites_table_cell[3] = {0x01004c4c4543534bull, 0, 0};
+void _start(void) { sink = g_calls(1) + g_tail(2); for (;;) {} }
+"#;
+
+#[test]
+fn gnu_ifuncs_through_the_plt_of_both_linkers() {
+    let dir = tmpdir("gnu");
+    let g = gcc(&dir, "g.o", G_C, &[]);
+    for ld in [Ld::Bfd, Ld::Lld] {
+        let input = dir.join(format!("g-{ld:?}.elf"));
+        link(ld, true, &[&g], &input);
+        let out = input.with_extension("emb");
+        let said = ksites_ok(&[&"embed", &input, &"-o", &out]);
+        assert!(said.contains("1 ifuncs, 3 sites"), "{ld:?}: {said}");
+        assert!(ksites_ok(&[&"verify", &out]).contains("ok (3 ifunc sites"));
+        let data = std::fs::read(&out).unwrap();
+        let img = Image::parse("out", &data).unwrap();
+        let sec = img.section_by_name(SECTION_NAME).unwrap();
+        let t = Table::parse(
+            object::ObjectSection::data(&sec).unwrap(),
+            object::ObjectSection::address(&sec),
+            &img.exec_ranges(),
+        )
+        .unwrap();
+        let got: Vec<(u64, bool)> = t
+            .sites()
+            .map(|s| (s.addr, s.kind == SiteKind::Call))
+            .collect();
+        assert_eq!(got, objdump_calls(&input, "gpop"), "{ld:?}");
+        // The slot is the IRELATIVE one.
+        let rel = ok(Command::new("readelf").arg("-rW").arg(&input));
+        let irel = rel
+            .lines()
+            .find(|l| l.contains("R_RISCV_IRELATIVE"))
+            .expect("an IRELATIVE relocation");
+        let slot = u64::from_str_radix(irel.split_whitespace().next().unwrap(), 16).unwrap();
+        assert_eq!(t.ifuncs().next().unwrap().slot, slot, "{ld:?}");
+    }
+}
