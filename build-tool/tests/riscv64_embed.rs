@@ -920,3 +920,46 @@ fn gnu_ifuncs_through_the_plt_of_both_linkers() {
         assert_eq!(t.ifuncs().next().unwrap().slot, slot, "{ld:?}");
     }
 }
+
+#[test]
+fn verify_finds_a_probe_pair_not_rewritten_whole() {
+    let dir = tmpdir("verify");
+    let asm = gcc(&dir, "ifunc.S.o", IFUNC_S, &[]);
+    let probes = gcc(&dir, "probes.o", PROBES_C, &["-mno-relax"]);
+    let calls = gcc(&dir, "calls.o", CALLS_C, &["-mno-relax"]);
+    let input = dir.join("k.elf");
+    link(Ld::Bfd, false, &[&calls, &probes, &asm], &input);
+    let out = dir.join("k.emb");
+    ksites_ok(&[&"embed", &input, &"-o", &out]);
+    let orig = std::fs::read(&input).unwrap();
+    let before = Image::parse("in", &orig).unwrap();
+    let mut data = std::fs::read(&out).unwrap();
+    // A C call probe site that was a 4-aligned pair: put its `jalr` back.
+    let (at, jalr) = {
+        let img = Image::parse("out", &data).unwrap();
+        let sec = img.section_by_name(SECTION_NAME).unwrap();
+        let t = Table::parse(
+            object::ObjectSection::data(&sec).unwrap(),
+            object::ObjectSection::address(&sec),
+            &img.exec_ranges(),
+        )
+        .unwrap();
+        let site = t
+            .probe_sites()
+            .map(|p| p.addr)
+            .find(|&a| {
+                decode_site(before.read_va(a, 8).unwrap(), a)
+                    .is_some_and(|d| d.form == 0 && d.kind == SiteKind::Call)
+            })
+            .expect("a 4-aligned C probe pair");
+        let jalr: [u8; 4] = before.read_va(site + 4, 4).unwrap().try_into().unwrap();
+        (img.va_to_file_offset(site + 4, 4).unwrap() as usize, jalr)
+    };
+    data[at..at + 4].copy_from_slice(&jalr);
+    let bad = dir.join("bad.emb");
+    std::fs::write(&bad, &data).unwrap();
+    let o = ksites(&[&"verify", &bad]);
+    assert_eq!(o.status.code(), Some(4));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("the pair was not rewritten whole"), "{said}");
+}

@@ -601,6 +601,16 @@ impl Target {
         }
     }
 
+    /// What is wrong after the rewritten C probe site at `site` (`after`: the bytes from
+    /// its end on), if part of the original call is left there (riscv64: a pair's
+    /// `jalr`); `None` on the targets where the call is the site.
+    pub fn c_probe_remnant(self, site: u64, after: &[u8]) -> Option<String> {
+        match self {
+            Target::X86_64 | Target::Aarch64 => None,
+            Target::Riscv64 => riscv64::c_probe_remnant(site, after),
+        }
+    }
+
     /// Whether a relocation of type `r_type` goes with a C probe call's own relocation
     /// and is dropped with it when `embed` rewrites the call (riscv64's R_RISCV_RELAX,
     /// which would let a linker shrink the rewritten bytes).

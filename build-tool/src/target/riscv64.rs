@@ -487,6 +487,24 @@ pub fn c_probe_rewrite(
     }
 }
 
+/// What is wrong with the bytes after a rewritten C probe site at `site` (`after`: from
+/// `site + 4` on), if they still hold the second half of the call: a `jalr ra, lo(ra)`
+/// or `jr lo(t1)` right after the disabled instruction would jump through a stale
+/// register (the `nop` padding of a pair was lost).
+pub fn c_probe_remnant(site: u64, after: &[u8]) -> Option<String> {
+    let Some(Ok(j)) = insn_at(after, 0) else {
+        return None;
+    };
+    let stale = j & 0x707f == OP_JALR && matches!((rd(j), rs1(j)), (1, 1) | (0, T1));
+    stale.then(|| {
+        format!(
+            "the call's `jalr` at {:#x} follows the disabled site: the pair was not rewritten \
+             whole",
+            site + PROBE_SITE_LEN as u64
+        )
+    })
+}
+
 /// R_RISCV_RELAX goes with a C probe call's CALL relocation: dropped with it, so no
 /// linker shrinks the rewritten bytes.
 pub fn dropped_with_call(t: u32) -> bool {
