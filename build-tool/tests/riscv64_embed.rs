@@ -963,3 +963,24 @@ fn verify_finds_a_probe_pair_not_rewritten_whole() {
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(said.contains("the pair was not rewritten whole"), "{said}");
 }
+
+#[test]
+fn relaxable_probe_calls_linked_without_relaxation_lose_their_relax_relocations() {
+    let dir = tmpdir("relaxrel");
+    let asm = gcc(&dir, "ifunc.S.o", IFUNC_S, &[]);
+    let probes = gcc(&dir, "probes.o", PROBES_C, &["-mrelax"]);
+    let calls = gcc(&dir, "calls.o", CALLS_C, &[]);
+    let input = dir.join("k.elf");
+    link(Ld::Bfd, false, &[&calls, &probes, &asm], &input);
+    let out = dir.join("k.emb");
+    let said = ksites_ok(&[&"embed", &input, &"-o", &out]);
+    assert!(said.contains("4 probe sites"), "{said}");
+    assert!(ksites_ok(&[&"verify", &out]).contains(": ok ("));
+    // Each rewritten pair's R_RISCV_RELAX went "none" with its CALL_PLT.
+    let relax = |p: &Path| {
+        ok(Command::new("readelf").arg("-rW").arg(p))
+            .matches("R_RISCV_RELAX")
+            .count()
+    };
+    assert_eq!(relax(&input) - relax(&out), 4);
+}
