@@ -10,7 +10,8 @@
 //!
 //! Built for `aarch64-unknown-none` it is the aarch64 platform instead ([`arch`],
 //! `src/arch/aarch64/`: QEMU `virt`, PL011, GICv2, PSCI, semihosting exit), which
-//! shares [`harness`] and [`no_alloc`]; every other module here is x86_64's.
+//! shares [`harness`] and [`no_alloc`] and runs the test list of `shared` (the
+//! platform-neutral tests of every non-x86 kernel); every other module here is x86_64's.
 #![no_std]
 #![no_main]
 
@@ -26,6 +27,8 @@ pub mod arch;
 pub use arch::{exit, serial};
 pub mod harness;
 pub mod no_alloc;
+#[cfg(not(target_arch = "x86_64"))]
+pub mod shared;
 // Outside `x86_64_only!`: its `#[macro_export]` macros must not be macro-expanded.
 #[cfg(target_arch = "x86_64")]
 pub mod serial;
