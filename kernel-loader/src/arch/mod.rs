@@ -45,6 +45,7 @@ use core::fmt;
 use core::ops::Range;
 
 pub mod aarch64;
+pub mod riscv64;
 pub mod x86_64;
 
 /// The architecture this crate is compiled for.
