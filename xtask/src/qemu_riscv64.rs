@@ -5,7 +5,9 @@
 //! The kernel (`qemu-tests/kernel/src/arch/riscv64/`) enters in S-mode at 0x8020_0000
 //! and exits through QEMU's `sifive_test` device with the x86_64 kernel's statuses (33 =
 //! success, 35 = failure), so [`judge::judge`] applies unchanged; on top, every run must
-//! pass every platform test ([`REQUIRED_TESTS`]) and bring the expected harts online.
+//! pass every platform test ([`REQUIRED_TESTS`]) and bring the expected harts online,
+//! and `riscv64-rv64` and `riscv64-rv64-zbb` must report different CPU features (Zbb
+//! and at least one more, from the device tree: [`check_features_differ`]).
 //!
 //! Run labels are `riscv64-MODEL[-smpN]`, where MODEL names a CPU set-up
 //! ([`cpu_option`]): `rv64` is RV64GC with the bit-manipulation (Zba/Zbb/Zbc/Zbs) and
@@ -13,6 +15,7 @@
 //! QEMU's `max` CPU, or, on a QEMU without one (7.2), `rv64` with every extension of
 //! [`MAX_EXTENSIONS`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -23,6 +26,7 @@ use xshell::{Shell, cmd};
 use crate::install;
 use crate::judge;
 use crate::qemu::{self, Arch, QemuArgs, Run};
+use crate::qemu_aarch64::parse_features;
 
 /// The Rust target of the riscv64 kernel.
 pub(crate) const TARGET: &str = "riscv64gc-unknown-none-elf";
@@ -47,6 +51,7 @@ pub(crate) const MAX_EXTENSIONS: &str =
 pub(crate) const REQUIRED_TESTS: &[&str] = &[
     "riscv64_fp_state_enabled",
     "riscv64_device_tree_read",
+    "riscv64_cpu_features_match_device_tree",
     "riscv64_text_is_not_writable",
     "riscv64_rodata_is_not_writable",
     "riscv64_data_is_not_executable",
@@ -221,6 +226,7 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration, has_max: bool) -
         );
     }
     let mut runs = Vec::new();
+    let mut features = BTreeMap::new();
     for label in labels {
         let start = Instant::now();
         let cpus = qemu::split_label(label).1;
@@ -243,6 +249,9 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration, has_max: bool) -
                 REQUIRED_TESTS.len()
             ));
         }
+        if let Some(f) = parse_features(&serial) {
+            features.insert(label.clone(), f);
+        }
         println!(
             "xtask: [{label}] {} ({exit})",
             if verdict.ok() { "passed" } else { "FAILED" }
@@ -256,7 +265,7 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration, has_max: bool) -
     }
     println!();
     print!("{}", qemu::summary(&runs));
-    let failures: Vec<String> = runs
+    let mut failures: Vec<String> = runs
         .iter()
         .flat_map(|r| {
             r.verdict
@@ -265,11 +274,51 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration, has_max: bool) -
                 .map(|p| format!("[{}] {p}", r.model))
         })
         .collect();
+    let (base, zbb) = ("riscv64-rv64", "riscv64-rv64-zbb");
+    if labels.iter().any(|l| l == base) && labels.iter().any(|l| l == zbb) {
+        match check_features_differ(features.get(base), features.get(zbb)) {
+            Ok(differ) => {
+                println!("cross-model check ({base} vs {zbb}): ok, features differ: {differ}")
+            }
+            Err(e) => failures.push(e),
+        }
+    } else {
+        println!("cross-model check skipped (needs both {base} and {zbb})");
+    }
     if failures.is_empty() {
         Ok(runs.iter().map(|r| r.verdict.passed.unwrap_or(0)).sum())
     } else {
         bail!("riscv64 qemu runs failed:\n  {}", failures.join("\n  "))
     }
+}
+
+/// `rv64` must lack Zbb and `rv64-zbb` have it, and at least one more feature must
+/// differ, so the resolvers have real choices. Returns the differing features.
+pub(crate) fn check_features_differ(
+    base: Option<&BTreeMap<String, bool>>,
+    zbb: Option<&BTreeMap<String, bool>>,
+) -> Result<String, String> {
+    let (Some(base), Some(zbb)) = (base, zbb) else {
+        return Err("no `features: …` line from riscv64-rv64 or riscv64-rv64-zbb".to_owned());
+    };
+    if base.get("zbb") != Some(&false) || zbb.get("zbb") != Some(&true) {
+        return Err(format!(
+            "Zbb: rv64 {:?}, rv64-zbb {:?} (expected absent, present)",
+            base.get("zbb"),
+            zbb.get("zbb")
+        ));
+    }
+    let differ: Vec<&str> = base
+        .iter()
+        .filter(|(name, has)| zbb.get(*name).is_some_and(|z| z != *has))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if differ.len() < 2 {
+        return Err(format!(
+            "rv64 and rv64-zbb differ only in {differ:?}; expected Zbb and at least one more"
+        ));
+    }
+    Ok(differ.join(", "))
 }
 
 #[cfg(test)]
@@ -332,6 +381,22 @@ mod tests {
         assert_eq!(cpu_option("sifive-u54", false), "sifive-u54");
         assert!(lists_max("any\nmax\nrv64\n"));
         assert!(!lists_max("any\nrv64\nsifive-u54\n"));
+    }
+
+    #[test]
+    fn features_must_differ_in_zbb_and_one_more() {
+        let lines = |s: &str| vec![format!("features: {s} (from the device tree, bits 0x3f)")];
+        let base = parse_features(&lines("zba=0 zbb=0 zbc=0 v=0")).unwrap();
+        let zbb = parse_features(&lines("zba=1 zbb=1 zbc=1 v=0")).unwrap();
+        assert_eq!(
+            check_features_differ(Some(&base), Some(&zbb)).unwrap(),
+            "zba, zbb, zbc"
+        );
+        assert!(check_features_differ(Some(&zbb), Some(&base)).is_err());
+        assert!(check_features_differ(Some(&base), Some(&base)).is_err());
+        let only_zbb = parse_features(&lines("zba=0 zbb=1 zbc=0 v=0")).unwrap();
+        assert!(check_features_differ(Some(&base), Some(&only_zbb)).is_err());
+        assert!(check_features_differ(None, Some(&zbb)).is_err());
     }
 
     #[test]

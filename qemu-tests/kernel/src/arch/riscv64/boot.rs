@@ -11,7 +11,7 @@
 //!   `STACKS[index]`). Turns paging on from `MMU_SATP` before any Rust runs, then
 //!   `secondary_main(hartid)`.
 //! * `trap_vector` (direct mode, every trap): saves x1..x31 into a
-//!   [`TrapFrame`](super::trap::TrapFrame) on the stack with `sepc`, `sstatus`,
+//!   [`TrapFrame`](super::exceptions::TrapFrame) on the stack with `sepc`, `sstatus`,
 //!   `scause` and `stval`, and, when `sstatus.FS` is not Off, f0..f31 and `fcsr` (the
 //!   handlers are compiled Rust and may use them); calls `riscv64_trap`, then restores
 //!   everything (`sepc` and `sstatus` as the handler may have changed them) and `sret`s.
@@ -261,5 +261,5 @@ trap_vector:
     fs_initial = const SSTATUS_FS_INITIAL,
     boot_stack = const BOOT_STACK_SIZE,
     stack_shift = const STACK_SIZE.trailing_zeros(),
-    frame = const core::mem::size_of::<super::trap::TrapFrame>(),
+    frame = const core::mem::size_of::<super::exceptions::TrapFrame>(),
 );

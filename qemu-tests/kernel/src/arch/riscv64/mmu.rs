@@ -18,6 +18,9 @@
 
 use core::ptr::addr_of;
 
+use kernel_loader::patch::PokeFailure;
+use kernel_loader::{PokeError, TextPoker};
+
 use super::{boot, sbi, smp};
 
 /// Start of RAM on QEMU `virt`.
@@ -255,6 +258,35 @@ pub unsafe fn write_text(addr: u64, bytes: &[u8]) -> bool {
     }
     riscv::asm::fence_i();
     true
+}
+
+/// The `TextPoker` for this kernel: writes kernel or module text through the alias
+/// mapping ([`write_text`]: one aligned 32-bit store per instruction word, then a local
+/// `fence.i`); `sync_cores` is [`super::smp::sync_cores`] (a `fence.i` on every online
+/// hart).
+#[derive(Debug, Default)]
+pub struct AliasPoker {
+    /// Synchronisation rounds run so far.
+    pub rounds: u64,
+}
+
+impl TextPoker for AliasPoker {
+    unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
+        // SAFETY: the engine's contract: nobody runs these bytes while they change,
+        // unless the change is one aligned store of a whole instruction.
+        if unsafe { write_text(addr, bytes) } {
+            Ok(())
+        } else {
+            Err(PokeError::new(addr, PokeFailure::NotText))
+        }
+    }
+
+    fn sync_cores(&mut self) {
+        self.rounds += 1;
+        smp::sync_cores();
+    }
+
+    fn end(&mut self) {}
 }
 
 // ---------------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ pub fn start_secondaries() -> Started {
 #[unsafe(no_mangle)]
 extern "C" fn secondary_main(_hartid: usize) -> ! {
     let cpu = cpu_index();
+    super::ksites_simd_state();
     // SAFETY: enabling the software interrupt source (IPIs); sstatus.SIE gates it.
     unsafe { core::arch::asm!("csrs sie, {}", in(reg) SSI, options(nomem, nostack)) };
     ONLINE[cpu].store(true, Ordering::SeqCst);

@@ -6,13 +6,14 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::trap::{
+use super::exceptions::{
     EXC_INSTRUCTION_PAGE_FAULT, EXC_STORE_PAGE_FAULT, PLATFORM_EBREAKS, ksites_rv_clobber_site,
     ksites_rv_ebreak_fn, try_call, try_store,
 };
 use super::{dt, mmu, sbi, smp};
 use crate::harness::{Harness, TestResult};
 use crate::{ensure, println};
+use kernel_loader::CpuFeatures;
 
 /// `ret` (`jalr x0, 0(ra)`).
 const RET: u32 = 0x0000_8067;
@@ -61,6 +62,10 @@ static mut DATA_CODE: DataCode = DataCode([RET, RET]);
 pub fn run(h: &mut Harness) {
     h.run("riscv64_fp_state_enabled", fp_state_enabled);
     h.run("riscv64_device_tree_read", device_tree_read);
+    h.run(
+        "riscv64_cpu_features_match_device_tree",
+        cpu_features_match_device_tree,
+    );
     h.run("riscv64_text_is_not_writable", text_is_not_writable);
     h.run("riscv64_rodata_is_not_writable", rodata_is_not_writable);
     h.run("riscv64_data_is_not_executable", data_is_not_executable);
@@ -136,6 +141,41 @@ fn device_tree_read() -> TestResult {
         m.memory.1,
         mmu::RAM_BASE,
         mmu::RAM_SIZE
+    );
+    Ok(())
+}
+
+/// Whether the `riscv,isa` string names extension `name`: a single letter in the base
+/// part (after `rv64`, before the first `_`), a longer name as a `_`-separated part.
+fn isa_has(isa: &str, name: &str) -> bool {
+    let mut parts = isa.split('_');
+    let base = parts.next().unwrap_or("").trim_start_matches("rv64");
+    if name.len() == 1 {
+        return base.contains(name);
+    }
+    parts.any(|p| p == name)
+}
+
+fn cpu_features_match_device_tree() -> TestResult {
+    let m = dt::machine().ok_or("the device tree was not read")?;
+    let f = CpuFeatures::detect();
+    for (name, bit) in super::SHOWN_FEATURES {
+        ensure!(
+            f.contains(*bit) == isa_has(m.isa(), name),
+            "{name}: CpuFeatures says {}, riscv,isa `{}` says {}",
+            f.contains(*bit),
+            m.isa(),
+            isa_has(m.isa(), name)
+        );
+    }
+    ensure!(
+        f.contains(CpuFeatures::F | CpuFeatures::D | CpuFeatures::C),
+        "RV64GC without F, D or C: {f:?}"
+    );
+    let unusable = CpuFeatures::unusable();
+    ensure!(
+        unusable.is_empty(),
+        "features kept from use by sstatus after enable_simd_state: {unusable:?}"
     );
     Ok(())
 }

@@ -1,10 +1,16 @@
 //! The Rust side of the trap vector (`boot.rs`): supervisor software interrupts (IPIs)
-//! go to [`super::smp::handle_ipi`], the platform's own `ebreak`s are resumed, an
+//! go to [`super::smp::handle_ipi`], the platform's own `ebreak`s are resumed, any
+//! other 4-byte `ebreak` goes to the ksites probe route (`kernel_loader::probe::
+//! handle_ebreak`, with the frame and write-back of `kernel_loader::arch::riscv64::
+//! trap`), an
 //! *expected* fault (armed by [`try_store`] / [`try_call`]) is caught and reported to
 //! its test, and anything else prints `FAULT: …` with `scause`, `stval` and `sepc` and
 //! fails the run.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use kernel_loader::arch::riscv64::probe::Int3Frame;
+use kernel_loader::arch::riscv64::trap::is_probe_ebreak;
 
 use super::exit::exit_qemu;
 
@@ -174,12 +180,23 @@ pub unsafe fn try_call(addr: u64) -> Result<u64, CaughtFault> {
     take_caught().map_or(Ok(v), Err)
 }
 
+/// The instruction at `pc` (its first 4 bytes, or a compressed one's 2).
+fn insn_at(pc: u64) -> u32 {
+    // SAFETY: `pc` is the address of an instruction that just trapped: mapped and
+    // readable (text is R X), 2-byte aligned; a 4-byte instruction's second half is
+    // in the same mapping.
+    let low = unsafe { (pc as *const u16).read_volatile() };
+    if low & 3 != 3 {
+        return u32::from(low);
+    }
+    // SAFETY: as above.
+    let high = unsafe { ((pc + 2) as *const u16).read_volatile() };
+    u32::from(low) | (u32::from(high) << 16)
+}
+
 /// Length of the instruction at `pc`: 2 (compressed) or 4.
 fn insn_len(pc: u64) -> u64 {
-    // SAFETY: `pc` is the address of an instruction that just trapped: mapped and
-    // readable (text is R X), 2-byte aligned.
-    let low = unsafe { (pc as *const u16).read_volatile() };
-    if low & 3 == 3 { 4 } else { 2 }
+    if insn_at(pc) & 3 == 3 { 4 } else { 2 }
 }
 
 /// Called by the trap vector with the saved frame.
@@ -218,8 +235,40 @@ extern "C" fn riscv64_trap(f: &mut TrapFrame) {
 }
 
 /// An `ebreak`: the platform's own sites resume after themselves (the clobber site
-/// after overwriting FP state, as a compiled handler may).
+/// after overwriting FP state, as a compiled handler may); any other 4-byte `ebreak`
+/// goes to the ksites probe route, and its `pc`, `ra` and `a0` are written back as the
+/// loader's riscv64 trap module says.
 fn handle_ebreak(f: &mut TrapFrame) -> bool {
+    let pc = f.sepc;
+    if platform_ebreak(f) {
+        return true;
+    }
+    if !is_probe_ebreak(f.scause, insn_at(pc)) {
+        return false;
+    }
+    let mut frame = Int3Frame {
+        pc,
+        ra: f.x[1],
+        a0: f.x[10],
+        a1: f.x[11],
+        a2: f.x[12],
+        a3: f.x[13],
+        a4: f.x[14],
+        a5: f.x[15],
+    };
+    // SAFETY: `frame` is this hart's interrupted `ebreak` context, and its pc, ra and
+    // a0 are written back before `sret` (below).
+    if unsafe { kernel_loader::probe::handle_ebreak(&mut frame) } {
+        f.sepc = frame.pc;
+        f.x[1] = frame.ra;
+        f.x[10] = frame.a0;
+        return true;
+    }
+    false
+}
+
+/// The platform's own `ebreak` sites (not ksites probes).
+fn platform_ebreak(f: &mut TrapFrame) -> bool {
     let pc = f.sepc;
     if pc == core::ptr::addr_of!(ksites_rv_ebreak_site) as u64 {
         PLATFORM_EBREAKS.fetch_add(1, Ordering::SeqCst);
