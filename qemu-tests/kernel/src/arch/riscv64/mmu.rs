@@ -211,6 +211,32 @@ pub fn satp() -> u64 {
     v
 }
 
+/// Whether the running hart's page tables let the kernel read (`write` false) or write
+/// `addr`: a software walk of the Sv39 tables `satp` names (RISC-V has no instruction
+/// that translates without accessing). `false` with paging off, for an address outside
+/// Sv39's range, an invalid entry, or a leaf without the permission.
+pub fn translates(addr: u64, write: bool) -> bool {
+    let satp = satp();
+    if satp >> 60 != 8 || (addr as i64) << 25 >> 25 != addr as i64 {
+        return false;
+    }
+    let mut table = (satp & ((1 << 44) - 1)) << 12;
+    for level in (0..3).rev() {
+        let index = (addr >> (12 + 9 * level)) & 0x1ff;
+        // SAFETY: `table` is a page table this kernel built (identity mapped, R W);
+        // reading an entry has no side effect.
+        let e = unsafe { ((table + index * 8) as *const u64).read_volatile() };
+        if e & V == 0 {
+            return false;
+        }
+        if e & (R | W | X) != 0 {
+            return e & if write { W } else { R } != 0;
+        }
+        table = pte_pa(e);
+    }
+    false
+}
+
 /// The writable alias of kernel address `addr`, if `addr` is in the image.
 pub fn alias(addr: u64) -> Option<u64> {
     let l = layout();

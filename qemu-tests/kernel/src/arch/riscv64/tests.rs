@@ -192,6 +192,17 @@ fn text_is_not_writable() -> TestResult {
         fault.cause == EXC_STORE_PAGE_FAULT && fault.tval == addr,
         "expected a store page fault at {addr:#x}, got {fault:?}"
     );
+    ensure!(
+        mmu::translates(addr, false) && !mmu::translates(addr, true),
+        "the page walk says text at {addr:#x} is {}readable, {}writable",
+        if mmu::translates(addr, false) { "" } else { "not " },
+        if mmu::translates(addr, true) { "" } else { "not " }
+    );
+    let alias = mmu::alias(addr).ok_or("no alias of the text")?;
+    ensure!(
+        mmu::translates(alias, true),
+        "the text's alias {alias:#x} is not writable"
+    );
     // SAFETY: the canary is `li a0, 42; ret`.
     let v = unsafe { ksites_rv_text_canary() };
     ensure!(v == 42, "the canary returned {v}");
