@@ -12,6 +12,9 @@ const MODULES: &[&str] = &["rmod", "cmod", "badmod"];
 /// The aarch64 set: `farmod` too (loaded out of `bl` reach of the kernel).
 const AARCH64_MODULES: &[&str] = &["rmod", "cmod", "badmod", "farmod"];
 
+/// The riscv64 set (the modules built for riscv64).
+const RISCV64_MODULES: &[&str] = &["rmod", "cmod", "badmod"];
+
 /// Writes `$OUT_DIR/modules.rs`: one `pub static NAME: &Aligned<[u8]>` per module,
 /// `include_bytes!` of `NAME.ko`, or an empty slice (and a warning) if it was not built,
 /// so the kernel still builds (e.g. under `cargo clippy`) and its module tests fail
@@ -33,6 +36,17 @@ fn include_aarch64_modules(manifest_dir: &str) {
         "KSITES_AARCH64_MODULE_DIR",
         "target/ksites-modules/aarch64",
         AARCH64_MODULES,
+    );
+}
+
+/// The riscv64 kernel's [`include_modules`]: the modules built for riscv64, from
+/// `KSITES_RISCV64_MODULE_DIR` (default: `target/ksites-modules/riscv64`).
+fn include_riscv64_modules(manifest_dir: &str) {
+    write_modules(
+        manifest_dir,
+        "KSITES_RISCV64_MODULE_DIR",
+        "target/ksites-modules/riscv64",
+        RISCV64_MODULES,
     );
 }
 
@@ -107,6 +121,14 @@ fn main() {
         println!("cargo:rerun-if-changed=src/arch/aarch64/linker.ld");
         println!("cargo:rerun-if-changed=build.rs");
         compile_aarch64_c_probes();
+        return;
+    }
+    // The riscv64 platform (src/arch/riscv64/): its own linker script and modules.
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("riscv64") {
+        include_riscv64_modules(&dir);
+        println!("cargo:rustc-link-arg-bins=-T{dir}/src/arch/riscv64/linker.ld");
+        println!("cargo:rerun-if-changed=src/arch/riscv64/linker.ld");
+        println!("cargo:rerun-if-changed=build.rs");
         return;
     }
     include_modules(&dir);

@@ -3,7 +3,8 @@
 //! * `cargo xtask qemu` builds the build tool and the test kernel, embeds the kernel's
 //!   `.ksites` table, cross-checks `ksites inspect` against `objdump`, then boots the kernel
 //!   in QEMU on several CPU models and judges what it prints; the same for the aarch64
-//!   test kernel on QEMU `virt` ([`qemu_aarch64`]; `--arch` picks one architecture).
+//!   test kernel on QEMU `virt` ([`qemu_aarch64`]) and the riscv64 one on QEMU `virt` with
+//!   OpenSBI ([`qemu_riscv64`]); `--arch` picks architectures.
 //! * `cargo xtask example` builds `examples/minimal-kernel` (the README's walkthrough) and
 //!   boots it on `qemu64` and `max`; see [`example`].
 //! * `cargo xtask fuzz [--seconds N]` runs the cargo-fuzz targets (nightly).
@@ -30,6 +31,7 @@ mod judge;
 mod modules;
 mod qemu;
 mod qemu_aarch64;
+mod qemu_riscv64;
 mod test;
 mod tidy;
 
@@ -49,8 +51,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build the test kernel, embed its `.ksites` table, cross-check it against objdump,
-    /// and boot it in QEMU on each CPU model, for x86_64 and aarch64 (installs missing
-    /// tools first).
+    /// and boot it in QEMU on each CPU model, for x86_64, aarch64 and riscv64 (installs
+    /// missing tools first).
     Qemu(qemu::QemuArgs),
     /// Build examples/minimal-kernel (a PIE, linked through the freshly built ksites-ld)
     /// and boot it on qemu64 and max; their ifunc choices must differ.

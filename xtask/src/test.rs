@@ -1,4 +1,4 @@
-//! `cargo xtask test`: tidy, fmt, clippy, host tests, then the QEMU runs of both
+//! `cargo xtask test`: tidy, fmt, clippy, host tests, then the QEMU runs of the three
 //! architectures. Stops at the first failure.
 
 use std::path::Path;
@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use xshell::{Shell, cmd};
 
 use crate::qemu::{self, Paths, QemuArgs};
-use crate::qemu_aarch64;
 use crate::{example, host, install};
+use crate::{qemu_aarch64, qemu_riscv64};
 
 pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     let paths = Paths::new(root);
@@ -57,6 +57,17 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
         )
         .run()
         .context("clippy: warnings in the aarch64 test kernel (qemu-tests)")?;
+    }
+    qemu_riscv64::install_tools(sh, kernel_dir)?;
+    {
+        let _dir = in_dir(sh, kernel_dir);
+        let target = qemu_riscv64::TARGET;
+        cmd!(
+            sh,
+            "cargo clippy --release -p qemu-tests --target {target} -- -D warnings"
+        )
+        .run()
+        .context("clippy: warnings in the riscv64 test kernel (qemu-tests)")?;
     }
     {
         let _dir = in_dir(sh, &root.join(example::DIR));

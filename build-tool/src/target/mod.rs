@@ -8,11 +8,12 @@
 //!
 //! Generic code (`sites`, `scan`, `verify`, `records`, `probes`, `table`, `inspect`)
 //! asks the target and names no instruction byte, relocation type or register. Each
-//! target is a module defining the same functions ([`x86_64`], [`aarch64`]; a `riscv64`
-//! module would add a variant here and fill the same `match` arms). Every method is
-//! an enum `match` the compiler inlines: no dynamic dispatch on the per-relocation path.
+//! target is a module defining the same functions ([`x86_64`], [`aarch64`], [`riscv64`]).
+//! Every method is an enum `match` the compiler inlines: no dynamic dispatch on the
+//! per-relocation path.
 
 pub mod aarch64;
+pub mod riscv64;
 pub mod x86_64;
 
 use kernel_loader::format::{PSite, ProbeKind, SiteKind};
@@ -23,11 +24,14 @@ use crate::elf::Reloc;
 /// The longest probe site of any target the tool supports, in bytes ([`ProbeBytes`]
 /// holds up to this many). Each target's own length is [`Target::probe_site_len`], not
 /// the host's: the tool processes any target's files on any host.
-pub const PROBE_SITE_LEN: usize = if x86_64::PROBE_SITE_LEN > aarch64::PROBE_SITE_LEN {
-    x86_64::PROBE_SITE_LEN
-} else {
-    aarch64::PROBE_SITE_LEN
-};
+pub const PROBE_SITE_LEN: usize = max(
+    x86_64::PROBE_SITE_LEN,
+    max(aarch64::PROBE_SITE_LEN, riscv64::PROBE_SITE_LEN),
+);
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
 
 /// The bytes of one probe site ([`Target::probe_site_len`] of them). Formats (`{:02x?}`)
 /// as the byte slice it holds.
@@ -76,6 +80,8 @@ pub enum Target {
     X86_64,
     /// aarch64, [`aarch64`].
     Aarch64,
+    /// riscv64 (RV64GC), [`riscv64`].
+    Riscv64,
 }
 
 /// The target of tables built with no ELF header to take it from (`table::build`, used
@@ -87,7 +93,7 @@ impl Default for Target {
 }
 
 /// Every supported target, in the order messages list them.
-pub const TARGETS: [Target; 2] = [Target::X86_64, Target::Aarch64];
+pub const TARGETS: [Target; 3] = [Target::X86_64, Target::Aarch64, Target::Riscv64];
 
 /// An ELF machine no [`Target`] handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +176,7 @@ pub struct FunctionCursor<'c> {
 enum Cursor<'c> {
     X86_64(x86_64::Cursor<'c>),
     Aarch64(aarch64::Cursor<'c>),
+    Riscv64(riscv64::Cursor<'c>),
 }
 
 impl std::fmt::Debug for FunctionCursor<'_> {
@@ -192,6 +199,7 @@ impl FunctionCursor<'_> {
         match &mut self.inner {
             Cursor::X86_64(c) => c.classify(reloc_at, target_addr),
             Cursor::Aarch64(c) => c.classify(reloc_at, target_addr),
+            Cursor::Riscv64(c) => c.classify(reloc_at, target_addr),
         }
     }
 }
@@ -210,6 +218,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::NAME,
             Target::Aarch64 => aarch64::NAME,
+            Target::Riscv64 => riscv64::NAME,
         }
     }
 
@@ -218,6 +227,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::E_MACHINE,
             Target::Aarch64 => aarch64::E_MACHINE,
+            Target::Riscv64 => riscv64::E_MACHINE,
         }
     }
 
@@ -227,8 +237,10 @@ impl Target {
         match self {
             Target::X86_64 if cfg!(target_arch = "x86_64") => "ld.bfd",
             Target::Aarch64 if cfg!(target_arch = "aarch64") => "ld.bfd",
+            Target::Riscv64 if cfg!(target_arch = "riscv64") => "ld.bfd",
             Target::X86_64 => x86_64::CROSS_GNU_LD,
             Target::Aarch64 => aarch64::CROSS_GNU_LD,
+            Target::Riscv64 => riscv64::CROSS_GNU_LD,
         }
     }
 
@@ -237,6 +249,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TABLE_ARCH,
             Target::Aarch64 => aarch64::TABLE_ARCH,
+            Target::Riscv64 => riscv64::TABLE_ARCH,
         }
     }
 
@@ -246,6 +259,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::reloc_class(r_type),
             Target::Aarch64 => aarch64::reloc_class(r_type),
+            Target::Riscv64 => riscv64::reloc_class(r_type),
         }
     }
 
@@ -258,6 +272,7 @@ impl Target {
         match self {
             Target::X86_64 => Ok(()),
             Target::Aarch64 => aarch64::check_branch_reloc(r_type, code, at),
+            Target::Riscv64 => riscv64::check_branch_reloc(r_type, code, at),
         }
     }
 
@@ -266,6 +281,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::reloc_name(r_type),
             Target::Aarch64 => aarch64::reloc_name(r_type),
+            Target::Riscv64 => riscv64::reloc_name(r_type),
         }
     }
 
@@ -277,6 +293,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::reloc_target(r),
             Target::Aarch64 => aarch64::reloc_target(r),
+            Target::Riscv64 => riscv64::reloc_target(r),
         }
     }
 
@@ -285,6 +302,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::BRANCH_FIELD_LEN,
             Target::Aarch64 => aarch64::BRANCH_FIELD_LEN,
+            Target::Riscv64 => riscv64::BRANCH_FIELD_LEN,
         }
     }
 
@@ -294,6 +312,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::branch_field_dest(field, at),
             Target::Aarch64 => aarch64::branch_field_dest(field, at),
+            Target::Riscv64 => riscv64::branch_field_dest(field, at),
         }
     }
 
@@ -303,6 +322,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::plain_branch_start(field_at),
             Target::Aarch64 => aarch64::plain_branch_start(field_at),
+            Target::Riscv64 => riscv64::plain_branch_start(field_at),
         }
     }
 
@@ -311,7 +331,7 @@ impl Target {
     pub const fn plain_branch_field(self, start: u64) -> u64 {
         match self {
             Target::X86_64 => start + x86_64::PLAIN_BRANCH_OPCODE_LEN,
-            Target::Aarch64 => start,
+            Target::Aarch64 | Target::Riscv64 => start,
         }
     }
 
@@ -326,6 +346,9 @@ impl Target {
             Target::Aarch64 => FunctionCursor {
                 inner: Cursor::Aarch64(aarch64::Cursor::new(code, start)),
             },
+            Target::Riscv64 => FunctionCursor {
+                inner: Cursor::Riscv64(riscv64::Cursor::new(code, start)),
+            },
         }
     }
 
@@ -335,6 +358,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::decode_insn(code, ip),
             Target::Aarch64 => aarch64::decode_insn(code, ip),
+            Target::Riscv64 => riscv64::decode_insn(code, ip),
         }
     }
 
@@ -343,6 +367,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::disasm(code, ip),
             Target::Aarch64 => aarch64::disasm(code, ip),
+            Target::Riscv64 => riscv64::disasm(code, ip),
         }
     }
 
@@ -351,6 +376,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TRAMPOLINE_LEN,
             Target::Aarch64 => aarch64::TRAMPOLINE_LEN,
+            Target::Riscv64 => riscv64::TRAMPOLINE_LEN,
         }
     }
 
@@ -360,6 +386,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::trampoline_slot(bytes, at),
             Target::Aarch64 => aarch64::trampoline_slot(bytes, at),
+            Target::Riscv64 => riscv64::trampoline_slot(bytes, at),
         }
     }
 
@@ -370,6 +397,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TRAMPOLINE_SLOT_FIELD,
             Target::Aarch64 => aarch64::TRAMPOLINE_SLOT_FIELD,
+            Target::Riscv64 => riscv64::TRAMPOLINE_SLOT_FIELD,
         }
     }
 
@@ -378,6 +406,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::trampoline_text(slot),
             Target::Aarch64 => aarch64::trampoline_text(slot),
+            Target::Riscv64 => riscv64::trampoline_text(slot),
         }
     }
 
@@ -386,6 +415,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TRAMPOLINE_LEN,
             Target::Aarch64 => aarch64::PLT_ENTRY_LEN,
+            Target::Riscv64 => riscv64::PLT_ENTRY_LEN,
         }
     }
 
@@ -395,6 +425,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::trampoline_slot(bytes, at),
             Target::Aarch64 => aarch64::plt_slot(bytes, at),
+            Target::Riscv64 => riscv64::plt_slot(bytes, at),
         }
     }
 
@@ -412,6 +443,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::trampoline_slot(bytes, 0).is_some(),
             Target::Aarch64 => aarch64::is_trampoline_form(bytes),
+            Target::Riscv64 => riscv64::is_trampoline_form(bytes),
         }
     }
 
@@ -421,6 +453,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::reloc_class(r_type) == RelocClass::Branch,
             Target::Aarch64 => aarch64::is_trampoline_slot_reloc(r_type),
+            Target::Riscv64 => riscv64::is_trampoline_slot_reloc(r_type),
         }
     }
 
@@ -429,7 +462,7 @@ impl Target {
     pub const fn patches_site(self, kind: SiteKind) -> bool {
         match self {
             Target::X86_64 => true,
-            Target::Aarch64 => !matches!(kind, SiteKind::Jcc),
+            Target::Aarch64 | Target::Riscv64 => !matches!(kind, SiteKind::Jcc),
         }
     }
 
@@ -438,6 +471,7 @@ impl Target {
         match self {
             Target::X86_64 => 0,
             Target::Aarch64 => aarch64::VENEER_LEN,
+            Target::Riscv64 => 0,
         }
     }
 
@@ -446,6 +480,7 @@ impl Target {
         match self {
             Target::X86_64 => None,
             Target::Aarch64 => aarch64::veneer_target(bytes, at),
+            Target::Riscv64 => riscv64::veneer_target(bytes, at),
         }
     }
 
@@ -454,6 +489,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::unsupported_plt_entry(entry),
             Target::Aarch64 => aarch64::unsupported_plt_entry(entry),
+            Target::Riscv64 => riscv64::unsupported_plt_entry(entry),
         }
     }
 
@@ -462,6 +498,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::PROBE_SITE_LEN,
             Target::Aarch64 => aarch64::PROBE_SITE_LEN,
+            Target::Riscv64 => riscv64::PROBE_SITE_LEN,
         }
     }
     /// The disabled form of a `probe!` site and of a C probe call.
@@ -469,6 +506,7 @@ impl Target {
         match self {
             Target::X86_64 => ProbeBytes::new(x86_64::probe_nop()),
             Target::Aarch64 => ProbeBytes::new(aarch64::probe_nop()),
+            Target::Riscv64 => ProbeBytes::new(riscv64::probe_nop()),
         }
     }
 
@@ -478,6 +516,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::disabled_probe(site, stubs).map(ProbeBytes::new),
             Target::Aarch64 => aarch64::disabled_probe(site, stubs).map(ProbeBytes::new),
+            Target::Riscv64 => riscv64::disabled_probe(site, stubs).map(ProbeBytes::new),
         }
     }
 
@@ -488,6 +527,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
             Target::Aarch64 => aarch64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
+            Target::Riscv64 => riscv64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
         }
     }
 
@@ -501,6 +541,7 @@ impl Target {
                 _ => None,
             },
             Target::Aarch64 => aarch64::probe_stub_reloc(kind),
+            Target::Riscv64 => riscv64::probe_stub_reloc(kind),
         }
     }
 
@@ -510,6 +551,7 @@ impl Target {
         match self {
             Target::X86_64 => &x86_64::ARG_REGISTERS,
             Target::Aarch64 => &aarch64::ARG_REGISTERS,
+            Target::Riscv64 => &riscv64::ARG_REGISTERS,
         }
     }
 
@@ -519,6 +561,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TABLE_RELOC,
             Target::Aarch64 => aarch64::TABLE_RELOC,
+            Target::Riscv64 => riscv64::TABLE_RELOC,
         }
     }
 
@@ -526,7 +569,7 @@ impl Target {
     /// symbol (the field holds `S + A - P`).
     pub const fn table_reloc_addend(self, offset: i64) -> i64 {
         match self {
-            Target::X86_64 | Target::Aarch64 => offset,
+            Target::X86_64 | Target::Aarch64 | Target::Riscv64 => offset,
         }
     }
 
@@ -536,6 +579,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::BRANCH_RELOC,
             Target::Aarch64 => aarch64::BRANCH_RELOC,
+            Target::Riscv64 => riscv64::BRANCH_RELOC,
         }
     }
 
@@ -545,6 +589,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::apply_table_reloc(place, s, a, p),
             Target::Aarch64 => aarch64::apply_table_reloc(place, s, a, p),
+            Target::Riscv64 => riscv64::apply_table_reloc(place, s, a, p),
         }
     }
     /// What a relocation of [`RelocClass::Branch`] adds to `S + A` to name the address
@@ -553,7 +598,7 @@ impl Target {
     pub const fn branch_bias(self) -> i64 {
         match self {
             Target::X86_64 => x86_64::BRANCH_FIELD_LEN as i64,
-            Target::Aarch64 => 0,
+            Target::Aarch64 | Target::Riscv64 => 0,
         }
     }
     /// The relocation type that does nothing.
@@ -561,6 +606,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::NONE_RELOC,
             Target::Aarch64 => aarch64::NONE_RELOC,
+            Target::Riscv64 => riscv64::NONE_RELOC,
         }
     }
 
@@ -569,6 +615,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::ABS64_RELOC,
             Target::Aarch64 => aarch64::ABS64_RELOC,
+            Target::Riscv64 => riscv64::ABS64_RELOC,
         }
     }
 
@@ -577,6 +624,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::IRELATIVE_RELOC,
             Target::Aarch64 => aarch64::IRELATIVE_RELOC,
+            Target::Riscv64 => riscv64::IRELATIVE_RELOC,
         }
     }
 
@@ -586,6 +634,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::RELATIVE_RELOC,
             Target::Aarch64 => aarch64::RELATIVE_RELOC,
+            Target::Riscv64 => riscv64::RELATIVE_RELOC,
         }
     }
 }
@@ -621,6 +670,7 @@ impl Target {
         match self {
             Target::X86_64 => &x86_64::SAMPLES,
             Target::Aarch64 => &aarch64::SAMPLES,
+            Target::Riscv64 => &riscv64::SAMPLES,
         }
     }
 }
@@ -636,8 +686,12 @@ mod tests {
             Target::from_machine(aarch64::E_MACHINE),
             Ok(Target::Aarch64)
         );
-        let e = Target::from_machine(object::elf::EM_RISCV.0).unwrap_err();
-        assert_eq!(e.to_string(), "machine 243 is not x86-64 or aarch64");
+        assert_eq!(
+            Target::from_machine(riscv64::E_MACHINE),
+            Ok(Target::Riscv64)
+        );
+        let e = Target::from_machine(object::elf::EM_PPC64.0).unwrap_err();
+        assert_eq!(e.to_string(), "machine 21 is not x86-64, aarch64 or riscv64");
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! `src/arch/aarch64/`: QEMU `virt`, PL011, GICv2, PSCI, semihosting exit), which
 //! shares [`harness`] and [`no_alloc`] and runs the test list of `shared` (the
 //! platform-neutral tests of every non-x86 kernel); every other module here is x86_64's.
+//! Built for `riscv64gc-unknown-none-elf` it is the riscv64 platform
+//! (`src/arch/riscv64/`: QEMU `virt` with OpenSBI, NS16550A, SBI HSM and IPIs, Sv39,
+//! `sifive_test` exit).
 #![no_std]
 #![no_main]
 
@@ -24,6 +27,11 @@ macro_rules! x86_64_only {
 #[path = "arch/aarch64/mod.rs"]
 pub mod arch;
 #[cfg(target_arch = "aarch64")]
+pub use arch::{exit, serial};
+#[cfg(target_arch = "riscv64")]
+#[path = "arch/riscv64/mod.rs"]
+pub mod arch;
+#[cfg(target_arch = "riscv64")]
 pub use arch::{exit, serial};
 pub mod harness;
 pub mod no_alloc;
