@@ -228,7 +228,7 @@ impl TextPoker for Mem {
         // A riscv64 site is rewritten whole: 8 (pair), 4 (`jal`) or 2 (`c.j`) bytes at
         // a 2-aligned address.
         assert!(
-            matches!(bytes.len(), 2 | 4 | 8) && addr % 2 == 0,
+            matches!(bytes.len(), 2 | 4 | 8) && addr.is_multiple_of(2),
             "write at {addr:#x}"
         );
         self.writes += 1;

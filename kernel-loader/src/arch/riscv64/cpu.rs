@@ -6,7 +6,7 @@
 //! extensions, so the kernel reads them from the device tree (OpenSBI passes its address
 //! in `a1`): each `/cpus/cpu@N` node's `riscv,isa-extensions` string list, or failing
 //! that its `riscv,isa` string (`rv64imafdc_zicsr_zba_zbb…`). [`CpuFeatures::from_fdt`]
-//! parses it (with the `fdt` crate) and intersects the harts' sets, since a resolver's
+//! parses it (with [`super::dtb`]) and intersects the harts' sets, since a resolver's
 //! choice runs on every hart; the kernel records the result once at boot
 //! ([`set_detected`], or [`init_from_fdt`]) and [`CpuFeatures::detect`] returns it, less
 //! what `sstatus` keeps from use.
@@ -16,6 +16,8 @@
 //! [`CpuFeatures::unusable`]).
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::dtb::{Dtb, trim_nul};
 
 /// `sstatus.FS` (bits 13..15): FP state Off (0) / Initial / Clean / Dirty.
 pub const SSTATUS_FS: u64 = 0b11 << 13;
@@ -318,50 +320,43 @@ impl CpuFeatures {
 
     /// What every enabled hart of the device tree `dtb` has: the intersection over the
     /// `/cpus/cpu@N` nodes whose `status` is absent or `"okay"` of each one's
-    /// `riscv,isa-extensions` (or, without it, `riscv,isa`).
+    /// `riscv,isa-extensions` (or, without it, `riscv,isa`). The tree is read by
+    /// [`super::dtb`], which checks every offset and token: a malformed tree is an error.
     ///
     /// # Safety
     ///
-    /// `dtb` points at a flattened device tree (the `a1` OpenSBI passes), mapped and
-    /// readable for the `totalsize` its header gives, and not written while this runs.
-    /// The header is checked (magic, size, version); the `fdt` crate trusts the
-    /// structure block past it (a corrupt one may make it panic), as firmware input.
+    /// `dtb` points at a flattened device tree (the `a1` OpenSBI passes), readable for
+    /// 8 bytes and, when they hold the FDT magic, for the `totalsize` its header gives,
+    /// and not written while this runs.
     pub unsafe fn from_fdt(dtb: *const u8) -> Result<CpuFeatures, DtbError> {
-        // SAFETY: forwarded: `dtb` is a mapped device tree (the crate reads its header
-        // first, then `totalsize` bytes).
-        let fdt = unsafe { fdt::Fdt::from_ptr(dtb) }.map_err(|_| DtbError::BadHeader)?;
-        CpuFeatures::from_parsed(&fdt)
+        // SAFETY: forwarded.
+        let tree = unsafe { Dtb::from_ptr(dtb) }?;
+        CpuFeatures::from_dtb(&tree)
     }
 
     /// [`CpuFeatures::from_fdt`] on a device tree in a buffer.
     pub fn from_fdt_bytes(dtb: &[u8]) -> Result<CpuFeatures, DtbError> {
-        let fdt = fdt::Fdt::new(dtb).map_err(|_| DtbError::BadHeader)?;
-        CpuFeatures::from_parsed(&fdt)
+        CpuFeatures::from_dtb(&Dtb::new(dtb)?)
     }
 
-    fn from_parsed(fdt: &fdt::Fdt<'_>) -> Result<CpuFeatures, DtbError> {
-        let cpus = fdt.find_node("/cpus").ok_or(DtbError::NoCpus)?;
+    fn from_dtb(tree: &Dtb<'_>) -> Result<CpuFeatures, DtbError> {
         let mut all: Option<CpuFeatures> = None;
-        for (i, cpu) in cpus
-            .children()
-            .filter(|c| c.name.split('@').next() == Some("cpu"))
-            .enumerate()
-        {
-            let status = cpu.property("status").and_then(|p| p.as_str());
-            if !matches!(status, None | Some("okay") | Some("ok")) {
-                continue;
+        tree.for_each_cpu(&mut |cpu| {
+            if !cpu.is_enabled() {
+                return Ok(());
             }
-            let f = if let Some(list) = cpu.property("riscv,isa-extensions") {
-                CpuFeatures::from_isa_extensions(list.value)
+            let f = if let Some(list) = cpu.isa_extensions {
+                CpuFeatures::from_isa_extensions(list)
             } else {
-                let isa = cpu
-                    .property("riscv,isa")
-                    .and_then(|p| p.as_str())
-                    .ok_or(DtbError::NoIsa { cpu: i as u32 })?;
-                CpuFeatures::from_isa_str(isa).ok_or(DtbError::BadIsa { cpu: i as u32 })?
+                let isa = cpu.isa.ok_or(DtbError::NoIsa { cpu: cpu.index })?;
+                core::str::from_utf8(trim_nul(isa))
+                    .ok()
+                    .and_then(CpuFeatures::from_isa_str)
+                    .ok_or(DtbError::BadIsa { cpu: cpu.index })?
             };
             all = Some(all.map_or(f, |a| a & f));
-        }
+            Ok(())
+        })?;
         all.ok_or(DtbError::NoCpus)
     }
 
@@ -401,6 +396,12 @@ impl CpuFeatures {
 pub enum DtbError {
     /// Not a flattened device tree (magic, size or version).
     BadHeader,
+    /// The structure block is malformed at this offset (a bad token, a length or name
+    /// offset out of bounds, unbalanced nodes).
+    Malformed {
+        /// Offset in the structure block.
+        offset: u32,
+    },
     /// No `/cpus` node, or no enabled `cpu@N` under it.
     NoCpus,
     /// The `n`th cpu node has neither `riscv,isa-extensions` nor `riscv,isa`.
@@ -419,6 +420,12 @@ impl core::fmt::Display for DtbError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             DtbError::BadHeader => f.write_str("not a flattened device tree"),
+            DtbError::Malformed { offset } => {
+                write!(
+                    f,
+                    "device tree structure block malformed at offset {offset:#x}"
+                )
+            }
             DtbError::NoCpus => f.write_str("device tree has no enabled /cpus/cpu node"),
             DtbError::NoIsa { cpu } => write!(f, "cpu node {cpu} has no riscv,isa"),
             DtbError::BadIsa { cpu } => write!(f, "cpu node {cpu}: riscv,isa is not rv64/rv32"),

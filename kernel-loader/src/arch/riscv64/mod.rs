@@ -9,7 +9,8 @@
 //!   emulation and the dispatcher entry stubs.
 //! * [`cpu`]: the ISA extensions resolvers receive, from the device tree
 //!   (`riscv,isa-extensions` / `riscv,isa`); `sstatus.FS`/`.VS` for FP and vectors.
-//! * [`local`]: hart-local counters and `fence.i`.
+//! * [`dtb`]: a validating flattened-device-tree reader (the cpu nodes' properties).
+//! * [`local`]: hart-local counters, `fence.i`, and SBI `remote_fence_i`.
 //! * [`trap`]: how a kernel's trap handler routes a probe's `ebreak`.
 //! * [`reloc`]: the ELF machine and the relocations a module may use.
 //!
@@ -25,10 +26,11 @@
 //! | `CCall` (`call __dtrace_probe_*`) | `nop` | `jal ra, ksites_probe_c_entry` (or `ebreak`) |
 //! | `CTail` (`tail __dtrace_probe_*`) | `ret` | `ebreak`: fires, then returns |
 //! | `CEnabled` (`call __dtraceenabled_*`) | `li a0, 0` | `li a0, 1` |
-//! | `CEnabledTail` (`tail __dtraceenabled_*`) | `jal x0, ksites_probe_ret0` | `jal x0, ksites_probe_ret1` (or `ebreak`) |
+//! | `CEnabledTail` (`tail __dtraceenabled_*`) | `jal x0, ksites_probe_ret0` (±1 MiB) | `jal x0, ksites_probe_ret1` (or `ebreak`) |
 
 pub mod branch;
 pub mod cpu;
+pub mod dtb;
 pub mod local;
 pub mod probe;
 pub mod reloc;
@@ -37,4 +39,4 @@ pub mod trap;
 pub use branch::*;
 pub use cpu::*;
 #[cfg(target_arch = "riscv64")]
-pub use local::fence_i;
+pub use local::{fence_i, sbi_remote_fence_i};
