@@ -33,24 +33,37 @@ const fn max(a: usize, b: usize) -> usize {
     if a > b { a } else { b }
 }
 
-/// The bytes of one probe site ([`Target::probe_site_len`] of them). Formats (`{:02x?}`)
-/// as the byte slice it holds.
+/// The most bytes a C probe call's rewrite spans (riscv64's `auipc`+`jalr` pair).
+pub const REWRITE_MAX: usize = max(PROBE_SITE_LEN, riscv64::C_CALL_MAX);
+
+/// The bytes of one probe site ([`Target::probe_site_len`] of them), or of a rewritten
+/// C probe call (up to [`REWRITE_MAX`]). Formats (`{:02x?}`) as the byte slice it holds.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProbeBytes {
-    buf: [u8; PROBE_SITE_LEN],
+    buf: [u8; REWRITE_MAX],
     len: u8,
 }
 
 impl ProbeBytes {
-    /// The bytes of `b` (at most [`PROBE_SITE_LEN`]).
+    /// The bytes of `b` (at most [`REWRITE_MAX`]).
     const fn new<const N: usize>(b: [u8; N]) -> ProbeBytes {
-        let mut buf = [0; PROBE_SITE_LEN];
+        let mut buf = [0; REWRITE_MAX];
         let mut i = 0;
         while i < N {
             buf[i] = b[i];
             i += 1;
         }
         ProbeBytes { buf, len: N as u8 }
+    }
+}
+
+impl ProbeBytes {
+    /// The first `len` bytes (all of them if `len` is larger).
+    pub const fn truncated(mut self, len: usize) -> ProbeBytes {
+        if len < self.len as usize {
+            self.len = len as u8;
+        }
+        self
     }
 }
 
@@ -71,6 +84,15 @@ impl std::ops::Deref for ProbeBytes {
     fn deref(&self) -> &[u8] {
         &self.buf[..self.len as usize]
     }
+}
+
+/// How `embed` rewrites one C probe call ([`Target::c_probe_rewrite`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CProbeRewrite {
+    /// The probe site (what the table records).
+    pub site: u64,
+    /// The bytes written over the whole call, from its first byte.
+    pub bytes: ProbeBytes,
 }
 
 /// An instruction set the build tool handles.
@@ -480,7 +502,7 @@ impl Target {
         match self {
             Target::X86_64 => None,
             Target::Aarch64 => aarch64::veneer_target(bytes, at),
-            Target::Riscv64 => riscv64::veneer_target(bytes, at),
+            Target::Riscv64 => None,
         }
     }
 
@@ -528,6 +550,74 @@ impl Target {
             Target::X86_64 => x86_64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
             Target::Aarch64 => aarch64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
             Target::Riscv64 => riscv64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
+        }
+    }
+
+    /// Whether a call or jump of this length and form (`prefixes`) to a C probe
+    /// function can be rewritten: on x86-64 and aarch64 a plain one exactly
+    /// [`Target::probe_site_len`] long; on riscv64 an `auipc`+`jalr` pair or a `jal`.
+    pub const fn c_probe_call_ok(self, len: u8, prefixes: u8) -> bool {
+        match self {
+            Target::X86_64 | Target::Aarch64 => {
+                prefixes == 0 && len as usize == self.probe_site_len()
+            }
+            Target::Riscv64 => riscv64::c_probe_call_ok(len, prefixes),
+        }
+    }
+
+    /// The C probe calls [`Target::c_probe_call_ok`] accepts, for messages.
+    pub const fn c_probe_call_forms(self) -> &'static str {
+        match self {
+            Target::X86_64 => "a plain 5-byte call or jmp",
+            Target::Aarch64 => "a plain 4-byte bl or b",
+            Target::Riscv64 => riscv64::C_PROBE_CALL_FORMS,
+        }
+    }
+
+    /// Where the probe site of a C probe call whose relocation is at `reloc_at` is (its
+    /// bytes are the disabled form once `embed` rewrote it): the call's first byte on
+    /// x86-64 and aarch64, the first 4-aligned byte of the call on riscv64.
+    pub fn c_probe_site_of_reloc(self, reloc_at: u64) -> Option<u64> {
+        match self {
+            Target::X86_64 | Target::Aarch64 => self.plain_branch_start(reloc_at),
+            Target::Riscv64 => riscv64::c_probe_site_of_reloc(reloc_at),
+        }
+    }
+
+    /// How `embed` rewrites a C probe call of `kind`, `len` bytes at `call`, when the
+    /// rewrite spans more than the site (riscv64: the site and its padding over the
+    /// whole call); `stubs`: the image's, `None` in a relocatable object. `None` on the
+    /// targets where the call is the site and its bytes are [`Target::disabled_probe`].
+    pub fn c_probe_rewrite(
+        self,
+        kind: ProbeKind,
+        call: u64,
+        len: u8,
+        stubs: Option<&Stubs>,
+    ) -> Option<Result<CProbeRewrite, String>> {
+        match self {
+            Target::X86_64 | Target::Aarch64 => None,
+            Target::Riscv64 => Some(riscv64::c_probe_rewrite(kind, call, len, stubs)),
+        }
+    }
+
+    /// What is wrong after the rewritten C probe site at `site` (`after`: the bytes from
+    /// its end on), if part of the original call is left there (riscv64: a pair's
+    /// `jalr`); `None` on the targets where the call is the site.
+    pub fn c_probe_remnant(self, site: u64, after: &[u8]) -> Option<String> {
+        match self {
+            Target::X86_64 | Target::Aarch64 => None,
+            Target::Riscv64 => riscv64::c_probe_remnant(site, after),
+        }
+    }
+
+    /// Whether a relocation of type `r_type` goes with a C probe call's own relocation
+    /// and is dropped with it when `embed` rewrites the call (riscv64's R_RISCV_RELAX,
+    /// which would let a linker shrink the rewritten bytes).
+    pub fn dropped_with_call(self, r_type: u32) -> bool {
+        match self {
+            Target::X86_64 | Target::Aarch64 => false,
+            Target::Riscv64 => riscv64::dropped_with_call(r_type),
         }
     }
 
@@ -691,7 +781,10 @@ mod tests {
             Ok(Target::Riscv64)
         );
         let e = Target::from_machine(object::elf::EM_PPC64.0).unwrap_err();
-        assert_eq!(e.to_string(), "machine 21 is not x86-64, aarch64 or riscv64");
+        assert_eq!(
+            e.to_string(),
+            "machine 21 is not x86-64, aarch64 or riscv64"
+        );
     }
 
     #[test]

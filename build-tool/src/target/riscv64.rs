@@ -15,30 +15,32 @@
 //! what runs. [`check_branch_reloc`] refuses a relocation on bytes its type cannot fill
 //! (a CALL on anything but a pair or the relaxed `jal`/`c.j`), so the relocations and
 //! the code never disagree silently. RV64 has no `c.jal` (its encoding is `c.addiw`).
-//! The table's per-site `prefixes` field holds the form ([`FORM_PAIR`], [`FORM_JAL`],
-//! [`FORM_CJ`]), whose length is the site's.
+//! The table's per-site `prefixes` field holds the form (`FORM_PAIR`, `FORM_JAL`,
+//! `FORM_C_J`), whose length is the site's. What is a site is kernel-loader's
+//! `arch::riscv64::decode_site` (the forms its patcher accepts, e.g. a tail-call pair
+//! through `t1`); this module adds what is no site (branches, other link registers,
+//! addresses taken), for reports. Every encoding of the forms, the trampoline and the
+//! probe instructions comes from `kernel_loader::arch::riscv64` (never defined twice).
 
 use kernel_loader::arch::ids;
+use kernel_loader::arch::riscv64::probe::{CSiteError, c_site_disabled, site_bytes};
+pub use kernel_loader::arch::riscv64::{FORM_C_J, FORM_JAL, FORM_PAIR};
+use kernel_loader::arch::riscv64::{
+    MAX_SITE_LEN, NOP, auipc_offset, c_j_offset, decode_site, i_imm, jal_offset, pair_dest, rd, rs1,
+};
+pub use kernel_loader::arch::riscv64::{PROBE_SITE_LEN, TRAMPOLINE_LEN};
 use kernel_loader::format::{PSite, ProbeKind, SiteKind};
-use kernel_loader::probe::ProbeError;
+use kernel_loader::probe::{ProbeError, Stubs};
 use object::elf;
 
-use super::{Insn, RelocClass, SiteInsn};
+use super::{CProbeRewrite, Insn, ProbeBytes, RelocClass, SiteInsn};
 use crate::elf::Reloc;
 
-/// Length of a probe site: one 4-byte instruction.
-pub const PROBE_SITE_LEN: usize = 4;
-/// Length of the trampoline: `auipc t1; ld t1; jr t1`, uncompressed.
-pub const TRAMPOLINE_LEN: usize = 12;
-/// `addi x0, x0, 0`.
-const NOP: u32 = 0x0000_0013;
-
-/// Form of an `auipc`+`jalr` pair site (8 bytes).
-pub const FORM_PAIR: u8 = 0;
-/// Form of a `jal` site (4 bytes).
-pub const FORM_JAL: u8 = 1;
-/// Form of a `c.j` site (2 bytes).
-pub const FORM_CJ: u8 = 2;
+/// The longest C probe call `embed` rewrites: an `auipc`+`jalr` pair.
+pub const C_CALL_MAX: usize = MAX_SITE_LEN;
+/// The C probe calls `embed` rewrites, for messages.
+pub const C_PROBE_CALL_FORMS: &str =
+    "an `auipc`+`jalr` pair or a 4-aligned `jal` (compile C with probes with -mno-relax)";
 
 /// GNU ld for this target on a host of another architecture.
 pub const CROSS_GNU_LD: &str = "riscv64-linux-gnu-ld";
@@ -138,9 +140,7 @@ const REG_NAMES: [&str; 32] = [
     "a5", "a6", "a7", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11", "t3", "t4",
     "t5", "t6",
 ];
-/// `ra` (x1), the link register of a call.
-const RA: u32 = 1;
-/// `t1` (x6), the trampoline's scratch register.
+/// `t1` (x6), the PLT entry's link register.
 const T1: u32 = 6;
 /// `t3` (x28), the PLT entry's scratch register.
 const T3: u32 = 28;
@@ -154,30 +154,8 @@ const OP_LOAD: u32 = 0x03;
 /// `ld`'s funct3.
 const F3_LD: u32 = 3;
 
-fn rd(i: u32) -> u32 {
-    (i >> 7) & 0x1f
-}
-fn rs1(i: u32) -> u32 {
-    (i >> 15) & 0x1f
-}
 fn funct3(i: u32) -> u32 {
     (i >> 12) & 7
-}
-/// The sign-extended I-type immediate.
-fn imm_i(i: u32) -> i64 {
-    i64::from((i as i32) >> 20)
-}
-/// The `auipc`/`lui` immediate, shifted into place and sign-extended.
-fn imm_u(i: u32) -> i64 {
-    i64::from((i & 0xffff_f000) as i32)
-}
-/// The J-type (`jal`) offset.
-fn imm_j(i: u32) -> i64 {
-    let v = ((i >> 31) & 1) << 20
-        | ((i >> 12) & 0xff) << 12
-        | ((i >> 20) & 1) << 11
-        | ((i >> 21) & 0x3ff) << 1;
-    i64::from(((v << 11) as i32) >> 11)
 }
 /// The B-type (conditional branch) offset.
 fn imm_b(i: u32) -> i64 {
@@ -186,19 +164,6 @@ fn imm_b(i: u32) -> i64 {
         | ((i >> 25) & 0x3f) << 5
         | ((i >> 8) & 0xf) << 1;
     i64::from(((v << 19) as i32) >> 19)
-}
-/// The CJ-type (`c.j`) offset.
-fn imm_cj(h: u16) -> i64 {
-    let h = u32::from(h);
-    let v = ((h >> 12) & 1) << 11
-        | ((h >> 11) & 1) << 4
-        | ((h >> 9) & 3) << 8
-        | ((h >> 8) & 1) << 10
-        | ((h >> 7) & 1) << 6
-        | ((h >> 6) & 1) << 7
-        | ((h >> 3) & 7) << 1
-        | ((h >> 2) & 1) << 5;
-    i64::from(((v << 20) as i32) >> 20)
 }
 /// The CB-type (`c.beqz`/`c.bnez`) offset.
 fn imm_cb(h: u16) -> i64 {
@@ -263,37 +228,6 @@ impl Decoded {
         }
     }
 
-    /// The site kind and form, if it is a call (`rd = ra`) or tail call (`rd = x0`),
-    /// or a conditional branch (`jcc`, form 0: never patched).
-    fn site(self) -> Option<(SiteKind, u8, u64)> {
-        let link = |rd| match rd {
-            RA => Some(SiteKind::Call),
-            0 => Some(SiteKind::Jmp),
-            _ => None,
-        };
-        match self {
-            Decoded::Pair { rd, dest, .. } => Some((link(rd)?, FORM_PAIR, dest)),
-            Decoded::Jal { rd, dest } => Some((link(rd)?, FORM_JAL, dest)),
-            Decoded::CJ { dest } => Some((SiteKind::Jmp, FORM_CJ, dest)),
-            Decoded::Branch { dest, .. } | Decoded::CBranch { dest, .. } => {
-                Some((SiteKind::Jcc, 0, dest))
-            }
-            _ => None,
-        }
-    }
-
-    /// Where it branches, if it is a direct branch.
-    fn dest(self) -> Option<u64> {
-        match self {
-            Decoded::Pair { dest, .. }
-            | Decoded::Jal { dest, .. }
-            | Decoded::CJ { dest }
-            | Decoded::Branch { dest, .. }
-            | Decoded::CBranch { dest, .. } => Some(dest),
-            _ => None,
-        }
-    }
-
     /// The instruction for messages.
     fn describe(self) -> String {
         let r = |x: u32| REG_NAMES[x as usize & 31];
@@ -318,13 +252,13 @@ impl Decoded {
 fn decode(code: &[u8], pc: u64) -> Option<Decoded> {
     let i = match insn_at(code, 0)? {
         Err(h) => {
-            let q1 = h & 3 == 1;
-            let f3 = h >> 13;
-            return Some(match (q1, f3) {
-                (true, 5) => Decoded::CJ {
-                    dest: pc.wrapping_add_signed(imm_cj(h)),
-                },
-                (true, 6 | 7) => Decoded::CBranch {
+            if let Some(off) = c_j_offset(h) {
+                return Some(Decoded::CJ {
+                    dest: pc.wrapping_add_signed(off),
+                });
+            }
+            return Some(match (h & 3, h >> 13) {
+                (1, f3 @ (6 | 7)) => Decoded::CBranch {
                     mnemonic: if f3 == 6 { "c.beqz" } else { "c.bnez" },
                     dest: pc.wrapping_add_signed(imm_cb(h)),
                 },
@@ -335,25 +269,18 @@ fn decode(code: &[u8], pc: u64) -> Option<Decoded> {
     };
     Some(match i & 0x7f {
         OP_AUIPC => {
-            let rx = rd(i);
-            let next = match insn_at(code, 4) {
-                Some(Ok(j)) => Some(j),
+            let pair = match insn_at(code, 4) {
+                Some(Ok(j)) => pair_dest(i, j, pc),
                 _ => None,
             };
-            match next {
-                Some(j) if rx != 0 && j & 0x7f == OP_JALR && funct3(j) == 0 && rs1(j) == rx => {
-                    Decoded::Pair {
-                        rx,
-                        rd: rd(j),
-                        dest: pc.wrapping_add_signed(imm_u(i)).wrapping_add_signed(imm_i(j)),
-                    }
-                }
-                _ => Decoded::Auipc { rx },
+            match pair {
+                Some((dest, rx, rd)) => Decoded::Pair { rx, rd, dest },
+                None => Decoded::Auipc { rx: rd(i) },
             }
         }
         OP_JAL => Decoded::Jal {
             rd: rd(i),
-            dest: pc.wrapping_add_signed(imm_j(i)),
+            dest: pc.wrapping_add_signed(jal_offset(i).unwrap_or(0)),
         },
         OP_BRANCH => {
             let mnemonic = match funct3(i) {
@@ -374,6 +301,28 @@ fn decode(code: &[u8], pc: u64) -> Option<Decoded> {
     })
 }
 
+/// The one classification: the site the bytes at `pc` are — kernel-loader's
+/// `decode_site` (kind, form, destination, length) — or a conditional branch as a
+/// `jcc` (form 0, never patched); `Err` with what else they are, for reports.
+fn classify_at(code: &[u8], pc: u64) -> Result<(SiteKind, u8, u64, usize), String> {
+    if let Some(s) = decode_site(code, pc) {
+        return Ok((s.kind, s.form, s.target, usize::from(s.len)));
+    }
+    let Some(d) = decode(code, pc) else {
+        return Err("not inside a decodable instruction".into());
+    };
+    match d {
+        Decoded::Branch { dest, .. } | Decoded::CBranch { dest, .. } => {
+            Ok((SiteKind::Jcc, FORM_PAIR, dest, d.len()))
+        }
+        Decoded::Pair { .. } | Decoded::Jal { .. } => Err(format!(
+            "{} (not a call through ra nor a tail call through t1/zero: not patched)",
+            d.describe()
+        )),
+        _ => Err(d.describe()),
+    }
+}
+
 /// Where the site whose relocation is at `at` (its bytes `field`, up to a pair) goes:
 /// a pair, `jal` or `c.j` at a 2-byte boundary; `None` for anything else.
 pub fn branch_field_dest(field: &[u8], at: u64) -> Option<u64> {
@@ -381,7 +330,7 @@ pub fn branch_field_dest(field: &[u8], at: u64) -> Option<u64> {
         return None;
     }
     match decode(field, at)? {
-        d @ (Decoded::Pair { .. } | Decoded::Jal { .. } | Decoded::CJ { .. }) => d.dest(),
+        Decoded::Pair { dest, .. } | Decoded::Jal { dest, .. } | Decoded::CJ { dest } => Some(dest),
         _ => None,
     }
 }
@@ -396,9 +345,8 @@ pub fn plain_branch_start(field_at: u64) -> Option<u64> {
 /// `place`, as the module loader does.
 pub fn apply_table_reloc(place: &mut [u8], s: u64, a: i64, p: u64) -> Result<(), String> {
     let v = s.wrapping_add_signed(a).wrapping_sub(p) as i64;
-    let v = i32::try_from(v).map_err(|_| {
-        format!("R_RISCV_32_PCREL: {v:#x} does not fit in a signed 32-bit field")
-    })?;
+    let v = i32::try_from(v)
+        .map_err(|_| format!("R_RISCV_32_PCREL: {v:#x} does not fit in a signed 32-bit field"))?;
     let field = place
         .get_mut(..4)
         .ok_or("R_RISCV_32_PCREL: the field is past the end of its section")?;
@@ -406,32 +354,17 @@ pub fn apply_table_reloc(place: &mut [u8], s: u64, a: i64, p: u64) -> Result<(),
     Ok(())
 }
 
-/// The 32-bit instructions of `bytes` (`n` of them), if all are uncompressed.
-fn words<const N: usize>(bytes: &[u8]) -> Option<[u32; N]> {
-    let mut out = [0; N];
-    for (k, w) in out.iter_mut().enumerate() {
-        *w = insn_at(bytes, 4 * k)?.ok()?;
-    }
-    Some(out)
-}
-
 /// The slot a trampoline (`auipc t1, hi; ld t1, lo(t1); jr t1`, `bytes` at `at`) jumps
 /// through, or `None` if it is not one.
 pub fn trampoline_slot(bytes: &[u8], at: u64) -> Option<u64> {
-    let [auipc, ld, jr] = words::<3>(bytes)?;
-    let ok = auipc & 0xfff == (T1 << 7 | OP_AUIPC)
-        && ld & 0x7f == OP_LOAD
-        && funct3(ld) == F3_LD
-        && rd(ld) == T1
-        && rs1(ld) == T1
-        && jr == (T1 << 15 | OP_JALR);
-    ok.then(|| at.wrapping_add_signed(imm_u(auipc)).wrapping_add_signed(imm_i(ld)))
+    kernel_loader::arch::riscv64::trampoline_slot(bytes, at)
 }
 
 /// Whether `bytes` are the trampoline's form whatever its offsets (in an object they
-/// are 0 until linked).
+/// are 0 until linked): decoded at an address where they name a valid (non-null,
+/// 8-aligned) slot, if there is one.
 pub fn is_trampoline_form(bytes: &[u8]) -> bool {
-    trampoline_slot(bytes, 0).is_some()
+    (0..8).any(|k| trampoline_slot(bytes, (1 << 40) + k).is_some())
 }
 
 /// Whether a relocation of type `t` on the trampoline's `auipc` reaches its slot.
@@ -447,8 +380,17 @@ pub fn trampoline_text(slot: Option<u64>) -> String {
     }
 }
 
+/// The 32-bit instructions of `bytes` (`N` of them), if all are uncompressed.
+fn words<const N: usize>(bytes: &[u8]) -> Option<[u32; N]> {
+    let mut out = [0; N];
+    for (k, w) in out.iter_mut().enumerate() {
+        *w = insn_at(bytes, 4 * k)?.ok()?;
+    }
+    Some(out)
+}
+
 /// The slot a GNU ifunc's PLT entry (`auipc t3, hi; ld t3, lo(t3); jalr t1, t3; nop`,
-/// `bytes` at `at`) jumps through.
+/// as GNU ld and lld write it; `bytes` at `at`) jumps through.
 pub fn plt_slot(bytes: &[u8], at: u64) -> Option<u64> {
     let [auipc, ld, jalr, nop] = words::<4>(bytes)?;
     let ok = auipc & 0xfff == (T3 << 7 | OP_AUIPC)
@@ -458,7 +400,10 @@ pub fn plt_slot(bytes: &[u8], at: u64) -> Option<u64> {
         && rs1(ld) == T3
         && jalr == (T3 << 15 | T1 << 7 | OP_JALR)
         && nop == NOP;
-    ok.then(|| at.wrapping_add_signed(imm_u(auipc)).wrapping_add_signed(imm_i(ld)))
+    ok.then(|| {
+        at.wrapping_add_signed(auipc_offset(auipc))
+            .wrapping_add_signed(i_imm(ld))
+    })
 }
 
 /// Every PLT form riscv64 linkers write for a static image is supported
@@ -467,42 +412,103 @@ pub fn unsupported_plt_entry(_entry: &[u8]) -> Option<&'static str> {
     None
 }
 
-/// riscv64 has no range-extension veneers (a pair reaches ±2 GiB).
-pub fn veneer_target(_bytes: &[u8], _at: u64) -> Option<u64> {
-    None
-}
-
 /// The disabled form of a `probe!` site and of a C probe call: `nop`.
 pub const fn probe_nop() -> [u8; PROBE_SITE_LEN] {
     NOP.to_le_bytes()
 }
 
-/// The disabled instruction of a probe site of any kind.
-pub fn disabled_probe(
-    site: &PSite,
-    _stubs: &kernel_loader::probe::Stubs,
-) -> Result<[u8; PROBE_SITE_LEN], ProbeError> {
-    match site.kind {
-        ProbeKind::RustJmp | ProbeKind::RustEnabled | ProbeKind::CCall => Ok(probe_nop()),
-        _ => Err(ProbeError::OutOfReach {
-            site: site.addr,
-            target: 0,
-        }),
-    }
+/// The disabled instruction of a probe site of any kind (kernel-loader's table: `nop`,
+/// `ret`, `li a0, 0`, `jal x0, ksites_probe_ret0`).
+pub fn disabled_probe(site: &PSite, stubs: &Stubs) -> Result<[u8; PROBE_SITE_LEN], ProbeError> {
+    site_bytes(&site.arch_ref(), false, stubs).map_err(|e| ProbeError::OutOfReach {
+        site: site.addr,
+        target: e.target,
+    })
 }
 
-/// The disabled instruction of a C probe site of `kind` in a relocatable object (`None`:
-/// a `probe!` site, which holds its disabled form already).
+/// The disabled instruction of a C probe site of `kind` in a relocatable object, a
+/// `jal`'s offset left 0 for the relocation [`probe_stub_reloc`] names (`None`: a
+/// `probe!` site, which holds its disabled form already).
 pub fn disabled_probe_unlinked(kind: ProbeKind) -> Option<[u8; PROBE_SITE_LEN]> {
+    let r = c_site_disabled(kind, 0, PROBE_SITE_LEN, None).ok()?;
+    r.as_slice().try_into().ok()
+}
+
+/// The relocation (type, addend) the disabled form of a C probe site of `kind` needs
+/// to reach `ksites_probe_ret0`: the is-enabled tail call's `jal x0`.
+pub const fn probe_stub_reloc(kind: ProbeKind) -> Option<(u32, i64)> {
     match kind {
-        ProbeKind::CCall => Some(probe_nop()),
+        ProbeKind::CEnabledTail => Some(BRANCH_RELOC),
         _ => None,
     }
 }
 
-/// The relocation (type, addend) the disabled form of a C probe site of `kind` needs.
-pub const fn probe_stub_reloc(_kind: ProbeKind) -> Option<(u32, i64)> {
-    None
+/// Whether a C probe call of `len` bytes in `form` can be rewritten: a pair or a `jal`
+/// (a `c.j` has no room for a 4-byte site).
+pub const fn c_probe_call_ok(len: u8, form: u8) -> bool {
+    matches!((len, form), (8, FORM_PAIR) | (4, FORM_JAL))
+}
+
+/// The probe site of the C probe call whose relocation (on its first byte) is at
+/// `reloc_at`: its first 4-aligned byte (kernel-loader's `c_site_disabled` puts it
+/// there; a call at 2 mod 4 is an 8-byte pair, since a `jal` there is refused).
+pub fn c_probe_site_of_reloc(reloc_at: u64) -> Option<u64> {
+    reloc_at
+        .is_multiple_of(2)
+        .then(|| reloc_at.next_multiple_of(PROBE_SITE_LEN as u64))
+}
+
+/// How `embed` rewrites the C probe call of `kind`, `len` bytes at `call`
+/// (kernel-loader's `c_site_disabled`: the site 4-aligned, padded with `nop`/`c.nop`).
+pub fn c_probe_rewrite(
+    kind: ProbeKind,
+    call: u64,
+    len: u8,
+    stubs: Option<&Stubs>,
+) -> Result<CProbeRewrite, String> {
+    match c_site_disabled(kind, call, usize::from(len), stubs) {
+        Ok(r) => Ok(CProbeRewrite {
+            site: r.site,
+            bytes: ProbeBytes::new(r.bytes).truncated(r.len),
+        }),
+        Err(CSiteError::Misaligned) => Err(format!(
+            "a {len}-byte `jal` (a call the linker relaxed) at {call:#x}, which is not \
+             4-aligned, leaves no room for the 4-aligned probe site: compile the C code with \
+             probes with -mno-relax (or link with --no-relax)"
+        )),
+        Err(CSiteError::BadLength) => Err(format!(
+            "a {len}-byte call is not one this tool rewrites: only {C_PROBE_CALL_FORMS}"
+        )),
+        Err(CSiteError::NotACall) => Err("a `probe!` site is no call".into()),
+        Err(CSiteError::OutOfReach) => Err(format!(
+            "its disabled form's `jal` does not reach `{}` (±1 MiB)",
+            kernel_loader::probe::STUB_SYMBOLS[1]
+        )),
+    }
+}
+
+/// What is wrong with the bytes after a rewritten C probe site at `site` (`after`: from
+/// `site + 4` on), if they still hold the second half of the call: a `jalr ra, lo(ra)`
+/// or `jr lo(t1)` right after the disabled instruction would jump through a stale
+/// register (the `nop` padding of a pair was lost).
+pub fn c_probe_remnant(site: u64, after: &[u8]) -> Option<String> {
+    let Some(Ok(j)) = insn_at(after, 0) else {
+        return None;
+    };
+    let stale = j & 0x707f == OP_JALR && matches!((rd(j), rs1(j)), (1, 1) | (0, T1));
+    stale.then(|| {
+        format!(
+            "the call's `jalr` at {:#x} follows the disabled site: the pair was not rewritten \
+             whole",
+            site + PROBE_SITE_LEN as u64
+        )
+    })
+}
+
+/// R_RISCV_RELAX goes with a C probe call's CALL relocation: dropped with it, so no
+/// linker shrinks the rewritten bytes.
+pub fn dropped_with_call(t: u32) -> bool {
+    elf::RelocationType(t) == elf::R_RISCV_RELAX
 }
 
 /// Whether the site at `at` (`code` from there on) is one a relocation of type `t`
@@ -512,7 +518,9 @@ pub const fn probe_stub_reloc(_kind: ProbeKind) -> Option<(u32, i64)> {
 /// are not checked.
 pub fn check_branch_reloc(t: u32, code: &[u8], at: u64) -> Result<(), String> {
     let want: &str = match elf::RelocationType(t) {
-        elf::R_RISCV_CALL | elf::R_RISCV_CALL_PLT => "an `auipc`+`jalr` pair (or a relaxed `jal`/`c.j`)",
+        elf::R_RISCV_CALL | elf::R_RISCV_CALL_PLT => {
+            "an `auipc`+`jalr` pair (or a relaxed `jal`/`c.j`)"
+        }
         elf::R_RISCV_JAL => "a `jal`",
         elf::R_RISCV_RVC_JUMP => "a `c.j`",
         elf::R_RISCV_BRANCH => "a conditional branch",
@@ -568,29 +576,20 @@ impl<'c> Cursor<'c> {
                 "relocation at {reloc_at:#x} is not on a 2-byte instruction boundary"
             ));
         }
-        let d = reloc_at
+        let code = reloc_at
             .checked_sub(self.start)
-            .and_then(|off| decode(self.code.get(usize::try_from(off).ok()?..)?, reloc_at));
-        let Some(d) = d else {
-            return Err("not inside a decodable instruction".into());
-        };
-        let Some((kind, form, dest)) = d.site() else {
-            return Err(match d {
-                Decoded::Pair { .. } | Decoded::Jal { .. } => {
-                    format!("{} (links neither ra nor zero: no call or tail call)", d.describe())
-                }
-                _ => d.describe(),
-            });
-        };
+            .and_then(|off| self.code.get(usize::try_from(off).ok()?..))
+            .unwrap_or(&[]);
+        let (kind, form, dest, len) = classify_at(code, reloc_at)?;
         if target_addr.is_some_and(|t| t != dest) {
             return Err(format!(
                 "{} whose offset does not reach the relocation's target",
-                d.describe()
+                disasm(code, reloc_at)
             ));
         }
         Ok(SiteInsn {
             addr: reloc_at,
-            len: d.len() as u8,
+            len: len as u8,
             kind,
             prefixes: form,
         })
@@ -599,13 +598,19 @@ impl<'c> Cursor<'c> {
 
 /// Decodes the one instruction (or pair) at `ip` (`code` holds it).
 pub fn decode_insn(code: &[u8], ip: u64) -> Insn {
-    let d = decode(code, ip);
-    let site = d.and_then(|d| d.site());
-    Insn {
-        addr: ip,
-        len: d.map_or(2, |d| d.len()),
-        kind: site.map(|s| s.0),
-        branch_target: site.map_or(0, |s| s.2),
+    match classify_at(code, ip) {
+        Ok((kind, _, dest, len)) => Insn {
+            addr: ip,
+            len,
+            kind: Some(kind),
+            branch_target: dest,
+        },
+        Err(_) => Insn {
+            addr: ip,
+            len: decode(code, ip).map_or(2, |d| d.len()),
+            kind: None,
+            branch_target: 0,
+        },
     }
 }
 
