@@ -2,8 +2,12 @@
 //! `qemu-system-riscv64 -M virt -bios default` (OpenSBI) on each run label, and judge
 //! the runs.
 //!
-//! The kernel (`qemu-tests/kernel/src/arch/riscv64/`) enters in S-mode at 0x8020_0000
-//! and exits through QEMU's `sifive_test` device with the x86_64 kernel's statuses (33 =
+//! The kernel (`qemu-tests/kernel/src/arch/riscv64/`) is linked through `ksites-ld`
+//! (rust-lld, then `ksites embed` into the `.ksites` slot its linker script reserves),
+//! as the other kernels are; the build tool is built first. Before booting, the image is
+//! `ksites verify`-ed, its `ksites inspect` printed, and its site counts cross-checked
+//! against `riscv64-linux-gnu-objdump -dr` (`crosscheck`). The kernel enters in
+//! S-mode at 0x8020_0000 and exits through QEMU's `sifive_test` device with the x86_64 kernel's statuses (33 =
 //! success, 35 = failure), so [`judge::judge`] applies unchanged; on top, every run must
 //! pass every platform test ([`REQUIRED_TESTS`]) and bring the expected harts online,
 //! and `riscv64-rv64` and `riscv64-rv64-zbb` must report different CPU features (Zbb
@@ -23,8 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
+use crate::crosscheck;
 use crate::install;
 use crate::judge;
+use crate::modules;
 use crate::qemu::{self, Arch, QemuArgs, Run};
 use crate::qemu_aarch64::parse_features;
 
@@ -136,6 +142,17 @@ pub(crate) fn run(sh: &Shell, root: &Path, labels: &[String], args: &QemuArgs) -
     if args.no_build {
         println!("xtask: --no-build: using the existing riscv64 test kernel");
     } else {
+        {
+            // `ksites-ld` (qemu-tests/.cargo/config.toml) is the linker.
+            let _dir = sh.push_dir(root);
+            cmd!(sh, "cargo build --release -p build-tool")
+                .run()
+                .context("building the build tool (build-tool) failed")?;
+        }
+        // The test modules first: the kernel includes them (kernel/build.rs).
+        let ksites = root.join("target/release/ksites");
+        let module_dir = modules::build_riscv64(sh, root, &ksites)?;
+        let _modules = sh.push_env(modules::RISCV64_MODULE_DIR_ENV, &module_dir);
         let _dir = sh.push_dir(&qemu_tests);
         cmd!(sh, "cargo build --release -p qemu-tests --target {TARGET}")
             .run()
@@ -148,8 +165,37 @@ pub(crate) fn run(sh: &Shell, root: &Path, labels: &[String], args: &QemuArgs) -
             image.display()
         );
     }
+    check_image(sh, root, &image)?;
     let has_max = qemu_has_max_cpu();
     boot_all(&image, labels, Duration::from_secs(args.timeout), has_max)
+}
+
+/// `ksites verify` the kernel, print its `ksites inspect`, and check every ifunc's site
+/// count equals `riscv64-linux-gnu-objdump -dr`'s calls and tail calls to its
+/// trampoline.
+fn check_image(sh: &Shell, root: &Path, image: &Path) -> Result<()> {
+    let ksites = root.join("target/release/ksites");
+    cmd!(sh, "{ksites} verify {image}")
+        .run()
+        .with_context(|| format!("ksites verify failed on {}", image.display()))?;
+    let inspect = cmd!(sh, "{ksites} inspect {image}")
+        .read()
+        .context("ksites inspect failed")?;
+    println!("{inspect}");
+    let objdump = cmd!(
+        sh,
+        "riscv64-linux-gnu-objdump -dr --no-show-raw-insn {image}"
+    )
+    .read()
+    .context("riscv64-linux-gnu-objdump failed")?;
+    let ifuncs = crosscheck::parse_inspect(&inspect).map_err(|e| anyhow::anyhow!(e))?;
+    let rows = crosscheck::compare(&ifuncs, &crosscheck::count_branch_relocs(&objdump));
+    println!(
+        "xtask: riscv64-linux-gnu-objdump cross-check of {}",
+        image.display()
+    );
+    print!("{}", crosscheck::render(&rows));
+    crosscheck::check(&rows).map_err(|e| anyhow::anyhow!("objdump cross-check failed: {e}"))
 }
 
 /// `rustup target add riscv64gc-unknown-none-elf`, QEMU for RISC-V, OpenSBI (the

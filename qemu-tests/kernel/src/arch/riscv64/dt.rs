@@ -41,6 +41,18 @@ impl Machine {
         core::str::from_utf8(&self.isa[..self.isa_len]).unwrap_or("?")
     }
 
+    /// Whether the `riscv,isa` string names extension `name`: a single letter in the
+    /// base part (after `rv64`, before the first `_`), a longer name as a `_`-separated
+    /// part. A plain reading of the string, independent of the loader's parser.
+    pub fn has_extension(&self, name: &str) -> bool {
+        let mut parts = self.isa().split('_');
+        let base = parts.next().unwrap_or("").trim_start_matches("rv64");
+        if name.len() == 1 {
+            return base.contains(name);
+        }
+        parts.any(|p| p == name)
+    }
+
     /// The hart ids.
     pub fn harts(&self) -> &[usize] {
         &self.harts[..self.hart_count]

@@ -2,7 +2,10 @@
 //! `-kernel` ELF entered in S-mode at 0x8020_0000), an NS16550A UART, SBI HSM for the
 //! other harts, SBI IPIs for the synchronisation round, Sv39 paging and an exit through
 //! `sifive_test`. It shares the harness with x86_64 and aarch64 (`N passed, M failed`,
-//! exit status 33/35), then runs the platform tests of [`tests`].
+//! exit status 33/35) and runs the shared test list (`crate::shared::run`: boot patching
+//! on CPU 0 through `crate::shared::ksites_init` first, then the platform tests of
+//! [`tests`], the probe, SMP, trap-route and module tests), providing the platform
+//! interface `crate::shared` documents.
 //!
 //! * [`boot`]: `_start`, `_secondary_start`, the trap vector (assembly).
 //! * [`exceptions`]: the vector's Rust side: IPIs, `ebreak`s (the probe route), caught
@@ -13,7 +16,8 @@
 //! * [`sbi`], [`serial`], [`timer`], [`exit`]: firmware calls and devices.
 //! * [`smp`]: secondary start-up, `sync_cores` (a `fence.i` on every hart through
 //!   IPIs), jobs for the other harts.
-//! * [`tests`]: the platform tests.
+//! * [`tests`]: the platform tests; [`testing`]: the instruction-level helpers of the
+//!   shared tests.
 
 pub mod boot;
 pub mod dt;
@@ -24,6 +28,7 @@ pub mod module_arena;
 pub mod sbi;
 pub mod serial;
 pub mod smp;
+pub mod testing;
 pub mod tests;
 pub mod timer;
 
@@ -117,7 +122,7 @@ extern "C" fn kmain(hartid: usize, dtb: usize) -> ! {
         state.fp, state.vector, state.vector_bytes, state.save_area_size
     );
     let mut harness = Harness::new();
-    tests::run(&mut harness);
+    crate::shared::run(&mut harness);
     harness.finish()
 }
 

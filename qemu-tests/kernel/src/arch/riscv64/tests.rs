@@ -1,62 +1,17 @@
-//! The riscv64 platform tests: the FP state, what the device tree says, W^X of the
-//! kernel's own mappings (faults caught and checked), patching text through the alias
-//! with `fence.i`, the trap path (`ebreak` resumed, FP state preserved), SBI HSM
-//! start-up of every hart, the IPI synchronisation round, jobs on every hart, and a live
-//! patch every hart sees after one round.
+//! The riscv64 platform tests: the FP state, what the device tree says and the CPU
+//! features from it, the trap path (`ebreak` resumed, FP state preserved), SBI HSM
+//! start-up of every hart, the IPI synchronisation round, jobs on every hart with its
+//! paging on; and, under their riscv64 names, the shared W^X, alias-patching and
+//! live-patching tests (`crate::shared::wx_tests`, `crate::shared::live_tests`).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::exceptions::{
-    EXC_INSTRUCTION_PAGE_FAULT, EXC_STORE_PAGE_FAULT, PLATFORM_EBREAKS, ksites_rv_clobber_site,
-    ksites_rv_ebreak_fn, try_call, try_store,
-};
+use super::exceptions::{PLATFORM_EBREAKS, ksites_rv_clobber_site, ksites_rv_ebreak_fn};
 use super::{dt, mmu, sbi, smp};
 use crate::harness::{Harness, TestResult};
+use crate::shared::{live_tests, wx_tests};
 use crate::{ensure, println};
 use kernel_loader::CpuFeatures;
-
-/// `ret` (`jalr x0, 0(ra)`).
-const RET: u32 = 0x0000_8067;
-
-/// `li a0, imm` (`addi a0, x0, imm`), 4 bytes.
-const fn li_a0(imm: u16) -> u32 {
-    0x0000_0513 | ((imm as u32 & 0xfff) << 20)
-}
-
-core::arch::global_asm!(
-    r#"
-    .option push
-    .option norvc
-    .text
-    .balign 4
-    .global ksites_rv_text_canary
-ksites_rv_text_canary:
-    li a0, 42
-    ret
-
-    .section .text.patch_page, "ax"
-    .balign 4096
-    .global ksites_rv_patch_page
-ksites_rv_patch_page:
-    li a0, 1
-    ret
-    .fill 1022, 4, 0x00100073
-    .option pop
-"#
-);
-
-unsafe extern "C" {
-    fn ksites_rv_text_canary() -> u64;
-    fn ksites_rv_patch_page() -> u64;
-}
-
-/// A read-only word (in `.rodata`).
-static RODATA_WORD: u32 = 0x1234_5678;
-
-/// A `ret` in writable data: must not be executable.
-#[repr(C, align(4))]
-struct DataCode([u32; 2]);
-static mut DATA_CODE: DataCode = DataCode([RET, RET]);
 
 /// Runs every platform test, in boot order (the other harts start before the IPI tests).
 pub fn run(h: &mut Harness) {
@@ -66,12 +21,17 @@ pub fn run(h: &mut Harness) {
         "riscv64_cpu_features_match_device_tree",
         cpu_features_match_device_tree,
     );
-    h.run("riscv64_text_is_not_writable", text_is_not_writable);
-    h.run("riscv64_rodata_is_not_writable", rodata_is_not_writable);
-    h.run("riscv64_data_is_not_executable", data_is_not_executable);
+    h.run(
+        "riscv64_text_is_not_writable",
+        wx_tests::text_is_not_writable,
+    );
+    h.run(
+        "riscv64_data_is_not_executable",
+        wx_tests::data_is_not_executable,
+    );
     h.run(
         "riscv64_fence_i_makes_new_code_visible",
-        fence_i_makes_new_code_visible,
+        wx_tests::sync_icache_makes_new_code_visible,
     );
     h.run(
         "riscv64_ebreak_is_trapped_and_resumed",
@@ -86,7 +46,7 @@ pub fn run(h: &mut Harness) {
     );
     h.run(
         "riscv64_live_patch_seen_by_every_hart",
-        live_patch_seen_by_every_hart,
+        live_tests::live_patch_seen_by_every_cpu,
     );
 }
 
@@ -145,27 +105,16 @@ fn device_tree_read() -> TestResult {
     Ok(())
 }
 
-/// Whether the `riscv,isa` string names extension `name`: a single letter in the base
-/// part (after `rv64`, before the first `_`), a longer name as a `_`-separated part.
-fn isa_has(isa: &str, name: &str) -> bool {
-    let mut parts = isa.split('_');
-    let base = parts.next().unwrap_or("").trim_start_matches("rv64");
-    if name.len() == 1 {
-        return base.contains(name);
-    }
-    parts.any(|p| p == name)
-}
-
 fn cpu_features_match_device_tree() -> TestResult {
     let m = dt::machine().ok_or("the device tree was not read")?;
     let f = CpuFeatures::detect();
     for (name, bit) in super::SHOWN_FEATURES {
         ensure!(
-            f.contains(*bit) == isa_has(m.isa(), name),
+            f.contains(*bit) == m.has_extension(name),
             "{name}: CpuFeatures says {}, riscv,isa `{}` says {}",
             f.contains(*bit),
             m.isa(),
-            isa_has(m.isa(), name)
+            m.has_extension(name)
         );
     }
     ensure!(
@@ -177,93 +126,6 @@ fn cpu_features_match_device_tree() -> TestResult {
         unusable.is_empty(),
         "features kept from use by sstatus after enable_simd_state: {unusable:?}"
     );
-    Ok(())
-}
-
-fn text_is_not_writable() -> TestResult {
-    let addr = ksites_rv_text_canary as *const () as u64;
-    // SAFETY: expected to fault (text is R X); if it did not, the canary is only
-    // called by this test.
-    let r = unsafe { try_store(addr, RET) };
-    let Err(fault) = r else {
-        return Err("a store to kernel text succeeded".into());
-    };
-    ensure!(
-        fault.cause == EXC_STORE_PAGE_FAULT && fault.tval == addr,
-        "expected a store page fault at {addr:#x}, got {fault:?}"
-    );
-    ensure!(
-        mmu::translates(addr, false) && !mmu::translates(addr, true),
-        "the page walk says text at {addr:#x} is {}readable, {}writable",
-        if mmu::translates(addr, false) { "" } else { "not " },
-        if mmu::translates(addr, true) { "" } else { "not " }
-    );
-    let alias = mmu::alias(addr).ok_or("no alias of the text")?;
-    ensure!(
-        mmu::translates(alias, true),
-        "the text's alias {alias:#x} is not writable"
-    );
-    // SAFETY: the canary is `li a0, 42; ret`.
-    let v = unsafe { ksites_rv_text_canary() };
-    ensure!(v == 42, "the canary returned {v}");
-    Ok(())
-}
-
-fn rodata_is_not_writable() -> TestResult {
-    let addr = core::ptr::addr_of!(RODATA_WORD) as u64;
-    // SAFETY: expected to fault (rodata is R).
-    let r = unsafe { try_store(addr, 0) };
-    let Err(fault) = r else {
-        return Err("a store to rodata succeeded".into());
-    };
-    ensure!(
-        fault.cause == EXC_STORE_PAGE_FAULT && fault.tval == addr,
-        "expected a store page fault at {addr:#x}, got {fault:?}"
-    );
-    // SAFETY: a read of a static.
-    let v = unsafe { core::ptr::addr_of!(RODATA_WORD).read_volatile() };
-    ensure!(v == 0x1234_5678, "rodata changed: {v:#x}");
-    Ok(())
-}
-
-fn data_is_not_executable() -> TestResult {
-    let addr = core::ptr::addr_of!(DATA_CODE) as u64;
-    // SAFETY: expected to fault (data is not executable); were it executable, `ret`
-    // returns at once.
-    let r = unsafe { try_call(addr) };
-    let Err(fault) = r else {
-        return Err("code in .data ran".into());
-    };
-    ensure!(
-        fault.cause == EXC_INSTRUCTION_PAGE_FAULT && fault.tval == addr,
-        "expected an instruction page fault at {addr:#x}, got {fault:?}"
-    );
-    Ok(())
-}
-
-fn fence_i_makes_new_code_visible() -> TestResult {
-    let addr = ksites_rv_patch_page as *const () as u64;
-    ensure!(
-        addr == mmu::layout().patch_page,
-        "the patch function is at {addr:#x}, the patch page at {:#x}",
-        mmu::layout().patch_page
-    );
-    // SAFETY: `li a0, 1; ret`.
-    let before = unsafe { ksites_rv_patch_page() };
-    ensure!(before == 1, "before: {before}");
-    for imm in [2u16, 3, 1] {
-        // SAFETY: only this hart runs the patch page (the others are not started yet
-        // or idle); one aligned 32-bit store of a whole instruction.
-        let ok = unsafe { mmu::write_text(addr, &li_a0(imm).to_le_bytes()) };
-        ensure!(ok, "write_text refused the patch page");
-        // SAFETY: the page holds `li a0, imm; ret`.
-        let v = unsafe { ksites_rv_patch_page() };
-        ensure!(v == u64::from(imm), "after writing `li a0, {imm}`: {v}");
-    }
-    // Not text: refused, nothing written.
-    // SAFETY: refused before any store (rodata is not text).
-    let refused = unsafe { mmu::write_text(core::ptr::addr_of!(RODATA_WORD) as u64, &[0; 4]) };
-    ensure!(!refused, "write_text accepted rodata");
     Ok(())
 }
 
@@ -384,7 +246,6 @@ fn ipi_reaches_every_hart() -> TestResult {
 
 static JOB_RUNS: [AtomicU64; smp::MAX_CPUS] = [const { AtomicU64::new(0) }; smp::MAX_CPUS];
 static JOB_SATP: [AtomicU64; smp::MAX_CPUS] = [const { AtomicU64::new(0) }; smp::MAX_CPUS];
-static JOB_RESULT: [AtomicU64; smp::MAX_CPUS] = [const { AtomicU64::new(0) }; smp::MAX_CPUS];
 
 fn record_job(cpu: usize) {
     JOB_RUNS[cpu].fetch_add(1, Ordering::SeqCst);
@@ -409,37 +270,6 @@ fn jobs_run_on_every_hart_with_paging() -> TestResult {
             theirs == satp,
             "CPU {cpu}'s satp {theirs:#x}, CPU 0's {satp:#x}"
         );
-    }
-    Ok(())
-}
-
-fn run_patch_page(cpu: usize) {
-    // SAFETY: the patch page holds `li a0, imm; ret`.
-    let v = unsafe { ksites_rv_patch_page() };
-    JOB_RESULT[cpu].store(v, Ordering::SeqCst);
-}
-
-fn live_patch_seen_by_every_hart() -> TestResult {
-    let n = smp::online() as usize;
-    let addr = ksites_rv_patch_page as *const () as u64;
-    for imm in [5u16, 1] {
-        // Every hart runs the function first, so a stale fetch would show.
-        let round = smp::start_job(run_patch_page);
-        ensure!(smp::wait_job(round, smp::ACK_TIMEOUT_US), "job timed out");
-        // SAFETY: no other hart runs the page now (their job finished); one aligned
-        // store of a whole instruction.
-        let ok = unsafe { mmu::write_text(addr, &li_a0(imm).to_le_bytes()) };
-        ensure!(ok, "write_text refused the patch page");
-        smp::sync_cores();
-        let round = smp::start_job(run_patch_page);
-        ensure!(smp::wait_job(round, smp::ACK_TIMEOUT_US), "job timed out");
-        for (cpu, result) in JOB_RESULT.iter().enumerate().take(n).skip(1) {
-            let v = result.load(Ordering::SeqCst);
-            ensure!(
-                v == u64::from(imm),
-                "CPU {cpu} ran the old code after sync_cores: {v}, expected {imm}"
-            );
-        }
     }
     Ok(())
 }
