@@ -24,6 +24,7 @@ pub mod module_arena;
 pub mod sbi;
 pub mod serial;
 pub mod smp;
+pub mod testing;
 pub mod tests;
 pub mod timer;
 
