@@ -451,11 +451,10 @@ fn check_results_of(modules: &[(&Module<'_>, [&str; 3])]) -> Result<(), Msg> {
 /// rmod's own ifunc picked what the CPU's features call for, and its site calls it
 /// directly.
 fn check_own_ifunc(env: &Env, rmod: &Module<'_>) -> Result<(), Msg> {
-    let want_name = testing::rmod_mix_expected(&env.features);
-    let want_tag = testing::RMOD_MIX_TAGS
-        .iter()
-        .find(|t| t.1 == want_name)
-        .map_or(0, |t| t.0);
+    let (_, want_tag, want_name) = testing::RMOD_MIX
+        .into_iter()
+        .find(|m| env.features.contains(m.0))
+        .ok_or("no rmod_mix flavour for these features")?;
     let t = rmod.table().ok_or("rmod: no table")?;
     let f = t
         .ifuncs()
@@ -469,10 +468,10 @@ fn check_own_ifunc(env: &Env, rmod: &Module<'_>) -> Result<(), Msg> {
     // SAFETY: the slot holds one of rmod_mix's implementations, `extern "C" fn(u64) -> u64`.
     let imp = unsafe { core::mem::transmute::<usize, FnU64U64>(chosen as usize) };
     let tag = imp(0);
-    let name = testing::RMOD_MIX_TAGS
+    let name = testing::RMOD_MIX
         .iter()
-        .find(|t| t.0 == tag)
-        .map_or("?", |t| t.1);
+        .find(|m| m.1 == tag)
+        .map_or("?", |m| m.2);
     println!("modules: rmod's own ifunc {} chose {name}", f.name);
     ensure!(
         tag == want_tag,

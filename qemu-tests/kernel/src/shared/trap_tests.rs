@@ -3,13 +3,16 @@
 //! frame back), mirroring the x86_64 kernel's `trap_tests.rs` by name: a real probe
 //! trap at no probe site reaches the loader's fallback with the interrupted pc, return
 //! address and six argument registers, keeps every other register, and resumes where
-//! the fallback says — after the trap, or at the return address (an emulated `ret`,
-//! what an enabled C tail site's emulation does). Run after the probe tests (the route
-//! is declared). The instructions are `testing`'s.
+//! the fallback says — after the trap with the return register set (the loader's
+//! emulation of an enabled C is-enabled site), or at the return address (an emulated
+//! `ret`, what a C tail site's emulation does). Run after the probe tests (the route is
+//! declared). The instructions are `testing`'s; the frame is read and changed only
+//! through the loader's own `trap_site`, `trap_args` and `emulate`.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use kernel_loader::arch::native::probe::{trap_args, trap_site};
+use kernel_loader::arch::native::probe::{emulate, trap_args, trap_site};
+use kernel_loader::arch::{ProbeKind, ProbeSiteRef};
 use kernel_loader::probe::{self, Int3Frame};
 
 use super::testing;
@@ -25,16 +28,38 @@ pub fn run(h: &mut Harness) {
     h.run("trap_int3_entry_lands_on_an_emulated_ret", lands_on_ret);
 }
 
+/// Makes `f` resume as the loader's emulation of a probe site of `kind` at the trap in
+/// state `on` does.
+fn emulated(f: &mut Int3Frame, kind: ProbeKind, on: bool) {
+    let site = ProbeSiteRef {
+        addr: trap_site(f),
+        target: 0,
+        kind,
+    };
+    // SAFETY: `f` is a trap frame whose `pc` is `site.addr` (a live one the platform
+    // writes back, or a copy); `emulate` only sets its pc and return register.
+    unsafe { emulate(f, &site, on) };
+}
+
+/// The frame's return address: where an emulated `ret` (a disabled C tail site) would
+/// resume.
+fn return_address(f: &Int3Frame) -> u64 {
+    let mut copy = *f;
+    emulated(&mut copy, ProbeKind::CTail, false);
+    trap_site(&copy)
+}
+
 /// What the fallback saw: pc, return address, six arguments.
 static SEEN: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 static HITS: AtomicU64 = AtomicU64::new(0);
 
-/// Records the frame, then resumes after the trap with the return register changed.
+/// Records the frame, then resumes after the trap with the return register 1 (an
+/// enabled C is-enabled site's emulation).
 fn record(f: &mut Int3Frame) -> bool {
     let a = trap_args(f);
     let v = [
         trap_site(f),
-        testing::frame_return_address(f),
+        return_address(f),
         a[0],
         a[1],
         a[2],
@@ -46,7 +71,7 @@ fn record(f: &mut Int3Frame) -> bool {
         s.store(v, Ordering::SeqCst);
     }
     HITS.fetch_add(1, Ordering::SeqCst);
-    testing::resume_after_trap(f, 0xa0a0);
+    emulated(f, ProbeKind::CEnabled, true);
     true
 }
 
@@ -72,9 +97,7 @@ fn keeps_registers() -> TestResult {
     let seen: [u64; 8] = core::array::from_fn(|i| SEEN[i].load(Ordering::SeqCst));
     let want = [site, 0x1e1e, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
     ensure!(seen == want, "frame {seen:x?}, want {want:x?}");
-    let back = [
-        0xa0a0u64, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa,
-    ];
+    let back = [1u64, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa];
     ensure!(
         r == back && ra == 0x1e1e,
         "registers after the trap {r:x?} return address {ra:#x}, want {back:x?} 0x1e1e"
@@ -82,9 +105,9 @@ fn keeps_registers() -> TestResult {
     Ok(())
 }
 
-/// Emulates a `ret`: resumes at the return address.
+/// Emulates a `ret` (a disabled C tail site): resumes at the return address.
 fn emulate_ret(f: &mut Int3Frame) -> bool {
-    testing::resume_at_return_address(f);
+    emulated(f, ProbeKind::CTail, false);
     HITS.fetch_add(1, Ordering::SeqCst);
     true
 }

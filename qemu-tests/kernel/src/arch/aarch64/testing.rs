@@ -8,11 +8,9 @@
 //! * faults: [`is_store_fault`], [`is_exec_fault`] (a caught permission fault of that
 //!   access at that address), [`translates`] (a stage-1 translation check, no access);
 //! * [`wait_for_interrupt`];
-//! * the trap route: [`trap_with_registers`], [`trap_then_return`],
-//!   [`frame_return_address`], [`resume_after_trap`], [`resume_at_return_address`];
+//! * the trap route: [`trap_with_registers`], [`trap_then_return`];
 //! * CPU models: [`raw_features`] (per ifunc, its fast implementation's feature as read
-//!   without `CpuFeatures`) and [`RAW_SOURCE`], [`rmod_mix_expected`] and
-//!   [`RMOD_MIX_TAGS`] (rmod's own ifunc);
+//!   without `CpuFeatures`) and [`RAW_SOURCE`], [`RMOD_MIX`] (rmod's own ifunc);
 //! * modules: [`EXTRA_MODULES`] (embedded besides rmod, cmod and badmod),
 //!   [`veneer_target`] and [`module_tests`] (the platform's extra module tests, here
 //!   the far module of [`super::far_module_tests`]).
@@ -22,7 +20,6 @@ use core::arch::asm;
 use kernel_loader::CpuFeatures;
 use kernel_loader::arch::aarch64::branch::branch_insn;
 use kernel_loader::arch::aarch64::probe::BRK_IMM;
-use kernel_loader::probe::Int3Frame;
 
 use super::exceptions::{CaughtFault, EC_DATA_ABORT, EC_INSTRUCTION_ABORT};
 use crate::harness::Harness;
@@ -186,22 +183,6 @@ pub fn trap_then_return() -> bool {
     landed == 1
 }
 
-/// The link register of a trap frame.
-pub fn frame_return_address(f: &Int3Frame) -> u64 {
-    f.lr
-}
-
-/// Makes `f` resume after its trap instruction with `value` in the return register.
-pub fn resume_after_trap(f: &mut Int3Frame, value: u64) {
-    f.x0 = value;
-    f.pc += 4;
-}
-
-/// Makes `f` resume at its link register (an emulated `ret`).
-pub fn resume_at_return_address(f: &mut Int3Frame) {
-    f.pc = f.lr;
-}
-
 // ---------------------------------------------------------------------------------------
 // CPU models.
 
@@ -230,24 +211,14 @@ pub fn raw_features() -> [(&'static str, &'static str, bool); 4] {
     ]
 }
 
-/// rmod's own ifunc `rmod_mix`: each implementation's tag and name
-/// (qemu-tests/modules/rmod/src/lib.rs).
-pub const RMOD_MIX_TAGS: [(u64, &str); 3] = [
-    (0x15e0_0000_0000_0000, "mix_lse"),
-    (0xc3c3_0000_0000_0000, "mix_crc32"),
-    (0xbaba_0000_0000_0000, "mix_base"),
+/// rmod's own ifunc `rmod_mix` (qemu-tests/modules/rmod/src/lib.rs): its flavours by
+/// preference, each with the features it needs (the first the CPU has wins), its tag
+/// and its name.
+pub const RMOD_MIX: [(CpuFeatures, u64, &str); 3] = [
+    (CpuFeatures::LSE, 0x15e0_0000_0000_0000, "mix_lse"),
+    (CpuFeatures::CRC32, 0xc3c3_0000_0000_0000, "mix_crc32"),
+    (CpuFeatures::empty(), 0xbaba_0000_0000_0000, "mix_base"),
 ];
-
-/// The `rmod_mix` implementation the features call for.
-pub fn rmod_mix_expected(f: &CpuFeatures) -> &'static str {
-    if f.contains(CpuFeatures::LSE) {
-        "mix_lse"
-    } else if f.contains(CpuFeatures::CRC32) {
-        "mix_crc32"
-    } else {
-        "mix_base"
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Modules.

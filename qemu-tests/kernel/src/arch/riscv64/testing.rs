@@ -1,31 +1,31 @@
 //! The riscv64 facts the shared tests (`crate::shared`) need, behind the names every
-//! platform's `testing` module defines (aarch64: `src/arch/aarch64/testing.rs`):
+//! platform's `testing` module defines (the aarch64 module's doc lists them). Every
+//! instruction here is 4 bytes (`.option norvc`): the probe trap is the 4-byte `ebreak`.
 //!
-//! * code: [`ret_imm`] (`li a0, imm; ret`), [`jump_insn`] (`jal x0`), the text
-//!   functions [`text_canary`], [`patch_page`] and [`live_site`] (a jump over an
-//!   `ebreak` to `ret_imm(1)`, then room for `ret_imm` stubs of two words each),
-//!   [`DIRECT_CALL_REACH`], [`MODULE_MACHINE`];
-//! * faults: [`is_store_fault`], [`is_exec_fault`] (a caught page fault of that access
-//!   at that address), [`translates`] (a software Sv39 walk: RISC-V has no translating
-//!   instruction);
-//! * [`wait_for_interrupt`];
-//! * the trap route: [`trap_with_registers`], [`trap_then_return`],
-//!   [`frame_return_address`], [`resume_after_trap`], [`resume_at_return_address`];
-//! * CPU models: [`raw_features`] (per ifunc, its fast implementation's extension as the
-//!   device tree's `riscv,isa` string names it, read without `CpuFeatures`) and
-//!   [`RAW_SOURCE`], [`rmod_mix_expected`] and [`RMOD_MIX_TAGS`] (rmod's own ifunc);
-//! * modules: [`EXTRA_MODULES`] (none), [`veneer_target`] and [`module_tests`] (none:
-//!   every module block lies within `auipc`+`jalr` reach of the kernel).
+//! * code: [`ret_imm`] (`li a0, imm; ret`), [`jump_insn`] (`jal x0`), [`text_canary`]
+//!   and [`patch_page`] (the platform tests' `ksites_rv_text_canary` and
+//!   `ksites_rv_patch_page`, `tests.rs`), [`live_site`], [`DIRECT_CALL_REACH`]
+//!   (`auipc`+`jalr`), [`MODULE_MACHINE`];
+//! * faults: [`is_store_fault`], [`is_exec_fault`] (store / instruction page faults
+//!   with `stval` the address), [`translates`] (`mmu::translates`, a software Sv39
+//!   walk);
+//! * [`wait_for_interrupt`] (`wfi`);
+//! * the trap route: [`trap_with_registers`], [`trap_then_return`];
+//! * CPU models: [`raw_features`] reads the extensions by executing one instruction
+//!   of each (an illegal-instruction trap, caught, says it is absent): independent of
+//!   the device tree `CpuFeatures` come from; [`RMOD_MIX`] (rmod's own ifunc);
+//! * modules: [`EXTRA_MODULES`] (none), [`veneer_target`] (the module loader builds no
+//!   veneers on riscv64: `auipc`+`jalr` reaches ±2 GiB), [`module_tests`] (none).
 
 use core::arch::asm;
 
 use kernel_loader::CpuFeatures;
-use kernel_loader::arch::riscv64::branch::jal_to;
-use kernel_loader::arch::riscv64::reloc::{VENEER_LEN, veneer_target as decode_veneer};
-use kernel_loader::probe::Int3Frame;
+use kernel_loader::arch::riscv64::branch::{jal_to, jalr, li};
 
-use super::exceptions::{CaughtFault, EXC_INSTRUCTION_PAGE_FAULT, EXC_STORE_PAGE_FAULT};
-use super::{dt, mmu};
+use super::exceptions::{
+    CaughtFault, EXC_ILLEGAL_INSTRUCTION, EXC_INSTRUCTION_PAGE_FAULT, EXC_STORE_PAGE_FAULT,
+    try_call,
+};
 use crate::harness::Harness;
 use crate::shared::module_tests::Env;
 
@@ -33,12 +33,18 @@ use crate::shared::module_tests::Env;
 pub const MODULE_MACHINE: u16 = 243;
 
 /// How far a module may be from the kernel text for its calls to reach it directly
-/// (an `auipc`+`jalr` pair: ±2 GiB).
+/// (`auipc`+`jalr`, what `R_RISCV_CALL_PLT` is: ±2 GiB).
 pub const DIRECT_CALL_REACH: u64 = 1 << 31;
 
-/// `li a0, imm; ret`: code returning `imm` (at most 0x7ff), two instruction words.
+/// `a0`.
+const A0: u32 = 10;
+/// `ra`.
+const RA: u32 = 1;
+
+/// `li a0, imm; ret` (`addi a0, x0, imm; jalr x0, 0(ra)`): code returning `imm` (at
+/// most 0x7ff, `addi`'s positive range), two instruction words.
 pub const fn ret_imm(imm: u16) -> [u32; 2] {
-    [0x0000_0513 | ((imm as u32 & 0xfff) << 20), 0x0000_8067]
+    [li(A0, imm as i32), jalr(0, RA, 0)]
 }
 
 /// The one-word jump (`jal x0`) at `pc` to `target`, if in reach (±1 MiB).
@@ -50,21 +56,7 @@ core::arch::global_asm!(
     r#"
     .option push
     .option norvc
-    .text
-    .balign 4
-    .global ksites_rv_text_canary
-ksites_rv_text_canary:
-    li a0, 42
-    ret
-
-    .section .text.patch_page, "ax"
-    .balign 4096
-    .global ksites_rv_patch_page
-ksites_rv_patch_page:
-    li a0, 1
-    ret
-    .fill 1022, 4, 0x00100073
-
+    .section .text.ksites_live_site, "ax"
     .balign 64
     .global ksites_rv_live_site
 ksites_rv_live_site:
@@ -73,14 +65,42 @@ ksites_rv_live_site:
 1:  li a0, 1
     ret
     .fill 64, 4, 0x00100073
+
+    .text
+    .balign 4
+ksites_rv_has_zbb:
+    .option arch, +zbb
+    cpop a0, a0
+    li a0, 1
+    ret
+ksites_rv_has_zbc:
+    .option arch, +zbc
+    clmul a0, a0, a0
+    li a0, 1
+    ret
+ksites_rv_has_a:
+    .option arch, +a
+    amoadd.d zero, zero, (sp)
+    li a0, 1
+    ret
+ksites_rv_has_v:
+    .option arch, +v
+    vsetvli t0, zero, e8, m1, ta, ma
+    li a0, 1
+    ret
     .option pop
 "#
 );
 
 unsafe extern "C" {
+    fn ksites_rv_live_site() -> u64;
+    fn ksites_rv_has_zbb() -> u64;
+    fn ksites_rv_has_zbc() -> u64;
+    fn ksites_rv_has_a() -> u64;
+    fn ksites_rv_has_v() -> u64;
+    // The platform tests' text functions (`tests.rs`).
     fn ksites_rv_text_canary() -> u64;
     fn ksites_rv_patch_page() -> u64;
-    fn ksites_rv_live_site() -> u64;
 }
 
 /// A text function returning 42 (`li a0, 42; ret`).
@@ -88,8 +108,8 @@ pub fn text_canary() -> unsafe extern "C" fn() -> u64 {
     ksites_rv_text_canary
 }
 
-/// The function at the start of `mmu::layout().patch_page`: `ret_imm(1)`, then
-/// `ebreak`s to the end of the page.
+/// The function at the start of `mmu::layout().patch_page`: `ret_imm(1)`, then traps
+/// to the end of the page.
 pub fn patch_page() -> unsafe extern "C" fn() -> u64 {
     ksites_rv_patch_page
 }
@@ -109,31 +129,32 @@ pub fn is_exec_fault(fault: &CaughtFault, addr: u64) -> bool {
     fault.cause == EXC_INSTRUCTION_PAGE_FAULT && fault.tval == addr && fault.epc == addr
 }
 
-/// Whether the page tables let the kernel write (`write`) or read `addr`.
+/// Waits for an interrupt (`wfi`): a synchronisation round's IPI wakes it.
+pub fn wait_for_interrupt() {
+    // SAFETY: `wfi` only waits; a pending IPI (each batch sends one) wakes it.
+    unsafe { asm!("wfi", options(nomem, nostack)) };
+}
+
+/// Whether the Sv39 tables translate `addr` for a write (`write`) or a read.
 pub fn translates(addr: u64, write: bool) -> bool {
-    mmu::translates(addr, write)
+    super::mmu::translates(addr, write)
 }
 
 /// The name of the translation check, for reports.
-pub const TRANSLATION_CHECK: &str = "a software Sv39 walk";
-
-/// Waits for an interrupt (`wfi`): a synchronisation round's IPI wakes it.
-pub fn wait_for_interrupt() {
-    riscv::asm::wfi();
-}
+pub const TRANSLATION_CHECK: &str = "Sv39 walk";
 
 // ---------------------------------------------------------------------------------------
 // The trap route.
 
-/// Executes the probe trap (the 4-byte `ebreak`) at no probe site with a0..a7, t0, t1 =
-/// `regs` and `ra` = `lr`, and stores what those registers hold after it back; returns
-/// the trap's address.
-pub fn trap_with_registers(regs: &mut [u64; 10], lr: &mut u64) -> u64 {
-    let site: u64;
+/// Runs the probe trap (a 4-byte `ebreak`) where no probe site is, with `regs` in
+/// a0..a7, t3 and t4 and `ra` in `ra`; afterwards `regs` and `ra` hold what those
+/// registers hold. Returns the address of the `ebreak`.
+pub fn trap_with_registers(regs: &mut [u64; 10], ra: &mut u64) -> u64 {
     let r = regs;
-    // SAFETY: the trap is at no probe site: the loader's hook declines it and the
-    // test's fallback resumes after it (changing at most the declared registers); `ra`
-    // is an in/out operand, so the compiler saved the real return address.
+    let site: u64;
+    // SAFETY: no probe site is at this `ebreak`, so the loader's hook declines it and
+    // the fallback of the test resumes after it, changing at most the registers given
+    // as operands; `ra` is one (in/out), so the compiler saved the real return address.
     unsafe {
         asm!(
             ".option push",
@@ -141,23 +162,21 @@ pub fn trap_with_registers(regs: &mut [u64; 10], lr: &mut u64) -> u64 {
             "lla {site}, 2f",
             "2: ebreak",
             ".option pop",
-            site = out(reg) site,
-            inout("a0") r[0], inout("a1") r[1], inout("a2") r[2], inout("a3") r[3],
-            inout("a4") r[4], inout("a5") r[5], inout("a6") r[6], inout("a7") r[7],
-            inout("t0") r[8], inout("t1") r[9], inout("ra") *lr,
+            inout("a0") r[0], inout("a1") r[1], inout("a2") r[2], inout("a3") r[3], inout("a4") r[4],
+            inout("a5") r[5], inout("a6") r[6], inout("a7") r[7], inout("t3") r[8], inout("t4") r[9],
+            inout("ra") *ra, site = out(reg) site,
         );
     }
     site
 }
 
-/// Executes the probe trap with `ra` pointing at a label after it (and an illegal
-/// instruction right after the trap); returns whether execution resumed at the label
-/// (if it resumes after the trap instead, the illegal instruction faults and fails the
-/// run).
+/// Whether a probe trap whose fallback emulates a `ret` resumes at `ra`: `ra` points
+/// at a label after the `ebreak`, and right after the `ebreak` is an illegal
+/// instruction (resuming there faults and fails the run).
 pub fn trap_then_return() -> bool {
     let landed: u64;
-    // SAFETY: ra = label 3; the fallback resumes there, so the `unimp` after the
-    // `ebreak` is never reached if it works (and faults, failing the run, if not).
+    // SAFETY: ra = label 3, where the fallback resumes; the `unimp` right after the
+    // `ebreak` is only reached if it does not (and then faults, failing the run).
     unsafe {
         asm!(
             ".option push",
@@ -166,69 +185,56 @@ pub fn trap_then_return() -> bool {
             "lla ra, 3f",
             "ebreak",
             "unimp",
-            "3:",
-            "li {landed}, 1",
+            "3: li {landed}, 1",
             ".option pop",
-            landed = out(reg) landed,
-            out("ra") _,
+            landed = out(reg) landed, out("ra") _,
         );
     }
     landed == 1
-}
-
-/// The link register of a trap frame.
-pub fn frame_return_address(f: &Int3Frame) -> u64 {
-    f.ra
-}
-
-/// Makes `f` resume after its trap instruction with `value` in the return register.
-pub fn resume_after_trap(f: &mut Int3Frame, value: u64) {
-    f.a0 = value;
-    f.pc += 4;
-}
-
-/// Makes `f` resume at its link register (an emulated `ret`).
-pub fn resume_at_return_address(f: &mut Int3Frame) {
-    f.pc = f.ra;
 }
 
 // ---------------------------------------------------------------------------------------
 // CPU models.
 
 /// Where [`raw_features`] reads the features, for reports.
-pub const RAW_SOURCE: &str = "riscv,isa";
+pub const RAW_SOURCE: &str = "instruction probes";
+
+/// Whether `probe` (`<one instruction>; li a0, 1; ret`) runs: an illegal-instruction
+/// trap means the extension is absent (or, for V, its state off).
+fn runs(probe: unsafe extern "C" fn() -> u64) -> bool {
+    // SAFETY: each probe is one instruction of its extension (registers only, or an
+    // add of zero to the stack word for A), then `li a0, 1; ret`; on CPU 0 (these
+    // tests run there) an illegal instruction is caught and returned.
+    match unsafe { try_call(probe as usize as u64) } {
+        Ok(v) => v == 1,
+        Err(f) => {
+            if f.cause != EXC_ILLEGAL_INSTRUCTION {
+                crate::println!("testing: probe {:#x} faulted: {f:?}", probe as usize);
+            }
+            false
+        }
+    }
+}
 
 /// Per `kfuncs` ifunc (by name), the extension its fast implementation needs and
-/// whether the device tree's `riscv,isa` names it (read as a string, not through
-/// `CpuFeatures`).
+/// whether the CPU runs one of its instructions (not through `CpuFeatures`).
 pub fn raw_features() -> [(&'static str, &'static str, bool); 4] {
-    let has = |name| dt::machine().is_some_and(|m| m.has_extension(name));
     [
-        ("popcount", "zbb", has("zbb")),
-        ("crc32c", "zbc", has("zbc")),
-        ("fetch_add", "a", has("a")),
-        ("xor3", "v", has("v")),
+        ("popcount", "zbb", runs(ksites_rv_has_zbb)),
+        ("crc32c", "zbc", runs(ksites_rv_has_zbc)),
+        ("fetch_add", "a", runs(ksites_rv_has_a)),
+        ("xor3", "v", runs(ksites_rv_has_v)),
     ]
 }
 
-/// rmod's own ifunc `rmod_mix`: each implementation's tag and name
-/// (qemu-tests/modules/rmod/src/lib.rs).
-pub const RMOD_MIX_TAGS: [(u64, &str); 3] = [
-    (0x2bb0_0000_0000_0000, "mix_zbb"),
-    (0x2bc0_0000_0000_0000, "mix_zbc"),
-    (0xbaba_0000_0000_0000, "mix_base"),
+/// rmod's own ifunc `rmod_mix` (qemu-tests/modules/rmod/src/lib.rs): its flavours by
+/// preference, each with the features it needs (the first the CPU has wins), its tag
+/// and its name.
+pub const RMOD_MIX: [(CpuFeatures, u64, &str); 3] = [
+    (CpuFeatures::ZBB, 0x2bb0_0000_0000_0000, "mix_zbb"),
+    (CpuFeatures::ZBC, 0x2bc0_0000_0000_0000, "mix_zbc"),
+    (CpuFeatures::empty(), 0xbaba_0000_0000_0000, "mix_base"),
 ];
-
-/// The `rmod_mix` implementation the features call for.
-pub fn rmod_mix_expected(f: &CpuFeatures) -> &'static str {
-    if f.contains(CpuFeatures::ZBB) {
-        "mix_zbb"
-    } else if f.contains(CpuFeatures::ZBC) {
-        "mix_zbc"
-    } else {
-        "mix_base"
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Modules.
@@ -236,17 +242,11 @@ pub fn rmod_mix_expected(f: &CpuFeatures) -> &'static str {
 /// The modules the platform embeds besides rmod, cmod and badmod: none.
 pub static EXTRA_MODULES: &[(&str, &[u8])] = &[];
 
-/// Where the module loader's veneer at `addr` goes.
-pub fn veneer_target(addr: u64) -> Option<u64> {
-    let mut b = [0u8; VENEER_LEN];
-    for (i, w) in b.chunks_exact_mut(4).enumerate() {
-        // SAFETY: a veneer lies in the module's mapped RX veneer area, 8-aligned.
-        let word = unsafe { core::ptr::read_volatile((addr + 4 * i as u64) as *const u32) };
-        w.copy_from_slice(&word.to_le_bytes());
-    }
-    decode_veneer(&b)
+/// Where a module loader veneer at `addr` goes: riscv64 modules have none (every call
+/// relocation reaches ±2 GiB), so a branch into the veneer area is not followed.
+pub fn veneer_target(_addr: u64) -> Option<u64> {
+    None
 }
 
-/// The platform's module tests, run after `module_unknown_symbol_fails_cleanly`: none
-/// on riscv64 (no module block is out of direct call reach).
+/// The platform's module tests: none beyond the shared ones.
 pub fn module_tests(_h: &mut Harness, _env: &Env) {}
