@@ -146,6 +146,16 @@ struct ksites_int3_frame {
     uint64_t x0, x1, x2, x3, x4, x5;
 };
 KSITES_STATIC_ASSERT_(sizeof(struct ksites_int3_frame) == 64, "ksites_int3_frame layout");
+#elif defined(__riscv) && __riscv_xlen == 64
+/* kernel-loader's Int3Frame on riscv64: what the trap handler of a probe's `ebreak`
+ * passes to ksites_handle_int3 (the same layout as ksites_arch.h's
+ * ksites_ebreak_frame); it writes back pc (to sepc), ra and a0. */
+struct ksites_int3_frame {
+    uint64_t pc; /* sepc: the ebreak itself */
+    uint64_t ra; /* x1 */
+    uint64_t a0, a1, a2, a3, a4, a5;
+};
+KSITES_STATIC_ASSERT_(sizeof(struct ksites_int3_frame) == 64, "ksites_int3_frame layout");
 #else
 /* kernel-loader's Int3Frame: the registers the #BP hook reads; it writes back rip, rsp
  * and rax. */

@@ -14,6 +14,20 @@
  * has EC 0x3c and this comment to the loader (kernel-loader's `probe::handle_brk`, with
  * struct ksites_brk_frame), then writes pc back to ELR_EL1 and x0 to the saved x0.
  * Build C kernel code with -fno-pic -mgeneral-regs-only.
+ *
+ * riscv64 (kernel-loader's arch::riscv64::probe): gcc emits each probe as `call`/`tail`
+ * (an 8-byte auipc+jalr pair, or a relaxed 4-byte jal). `ksites embed` rewrites the 8
+ * bytes as `site; nop` (pair 4-aligned) or `c.nop; site; c.nop` (pair at 2 mod 4), so
+ * the site is one 4-aligned 4-byte instruction: disabled `nop` (call), `ret` (tail),
+ * `li a0, 0` (is-enabled call), `jal x0, ksites_probe_ret0` (is-enabled tail);
+ * enabled `jal ra, ksites_probe_c_entry`, `ebreak`, `li a0, 1`, `jal x0,
+ * ksites_probe_ret1` (a jal whose stub is beyond +-1 MiB is `ebreak` instead). Each
+ * state is one aligned 32-bit store, then fence.i on every hart. A kernel's trap
+ * handler passes an `ebreak` (scause 3, the 4-byte 0x00100073 at sepc) to the loader
+ * (kernel-loader's `probe::handle_ebreak`, with struct ksites_ebreak_frame), then
+ * writes pc back to sepc and ra, a0 to the saved ra, a0. Build C kernel code with
+ * -fno-pic -mcmodel=medany (and -mno-relax or keep R_RISCV_RELAX: embed drops it at
+ * probe sites).
  */
 #ifndef KSITES_ARCH_H
 #define KSITES_ARCH_H
@@ -32,6 +46,17 @@ struct ksites_brk_frame {
     uint64_t pc;
     uint64_t lr;
     uint64_t x0, x1, x2, x3, x4, x5;
+};
+#elif defined(__riscv) && __riscv_xlen == 64
+#define KSITES_PROGBITS "@progbits"
+/* A probe site's trap instruction: the 4-byte `ebreak`. */
+#define KSITES_PROBE_EBREAK 0x00100073u
+/* kernel-loader's riscv64 Int3Frame (the ebreak frame): pc = sepc (the ebreak itself),
+ * ra, then a0..a5; the loader writes back pc, ra and a0. */
+struct ksites_ebreak_frame {
+    uint64_t pc;
+    uint64_t ra;
+    uint64_t a0, a1, a2, a3, a4, a5;
 };
 #else
 #error "ksites: unsupported architecture"

@@ -98,7 +98,10 @@ pub trait TextPoker {
     /// whole, aligned instruction at a time: the poker must store it with **one**
     /// aligned 32-bit store (single-copy atomic, so no CPU ever fetches half of it),
     /// then clean and invalidate the caches for that address
-    /// (`arch::aarch64::sync_icache`, on the site's own address).
+    /// (`arch::aarch64::sync_icache`, on the site's own address). On riscv64 likewise
+    /// one aligned 32-bit store for a probe site (a boot-time ifunc site, 2 to 8
+    /// bytes, may be written in any number of stores), then `fence.i`
+    /// (`arch::riscv64::fence_i`).
     ///
     /// # Safety
     ///
@@ -123,8 +126,10 @@ pub trait TextPoker {
     /// Makes every CPU that may execute the patched text execute a serializing
     /// instruction (on one CPU at boot: just this one): on x86-64 an IPI running e.g.
     /// `cpuid` or `iret`; on aarch64 an IPI running `isb` (`arch::aarch64::isb`), a
-    /// context synchronisation event. A probe batch calls it once per round of the
-    /// architecture's protocol (x86-64: 3; aarch64: 1), never per site.
+    /// context synchronisation event; on riscv64 a `fence.i` on every hart (SBI RFENCE
+    /// `remote_fence_i`, or an IPI running `arch::riscv64::fence_i`). A probe batch
+    /// calls it once per round of the architecture's protocol (x86-64: 3; aarch64 and
+    /// riscv64: 1), never per site.
     fn sync_cores(&mut self);
 
     /// Writing is over: text must be read-only again when this returns.
@@ -150,7 +155,8 @@ pub enum PatchError {
         found: InsnBytes,
     },
     /// No direct branch from the site reaches its ifunc's trampoline (it lies beyond the
-    /// architecture's branch range: ±2 GiB on x86-64, ±128 MiB on aarch64), so the site
+    /// architecture's branch range: ±2 GiB on x86-64, ±128 MiB on aarch64; on riscv64
+    /// the site's form's: ±2 GiB, ±1 MiB, ±2 KiB), so the site
     /// cannot be checked as the original: e.g. a module loaded too far from the kernel,
     /// whose calls reach the kernel through the module loader's veneers.
     TrampolineOutOfReach {
@@ -292,6 +298,12 @@ pub struct InitReport {
     pub sites_patched: u32,
     /// Sites left on the trampoline because the implementation is out of the branch's reach.
     pub sites_out_of_reach: u32,
+    /// Of [`InitReport::sites_out_of_reach`], the sites in a short, relaxed form
+    /// ([`Arch::is_relaxed_form`]: riscv64 `jal`, ±1 MiB, and `c.j`, ±2 KiB) whose
+    /// implementation is beyond that form's reach. They keep calling the trampoline,
+    /// which reaches the chosen implementation through its slot: correct, not direct
+    /// (`arch::riscv64::branch`, "Relaxation rule"). Always 0 on x86-64 and aarch64.
+    pub relaxed_sites_on_trampoline: u32,
 }
 
 fn in_exec(exec: &[Range<u64>], addr: u64) -> bool {
@@ -479,6 +491,10 @@ pub unsafe fn patch_ifuncs<'t, P: TextPoker + ?Sized>(
         Arch::Aarch64 => unsafe {
             patch_ifuncs_for::<{ crate::arch::ids::AARCH64 }, P>(table, exec, poker, resolve)
         },
+        // SAFETY: as above.
+        Arch::Riscv64 => unsafe {
+            patch_ifuncs_for::<{ crate::arch::ids::RISCV64 }, P>(table, exec, poker, resolve)
+        },
     }
 }
 
@@ -632,6 +648,9 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         let target = cache.target(table, poker, exec, s.ifunc);
         let Some(field) = target.and_then(|t| arch.encode_target(&s.branch(), t)) else {
             report.sites_out_of_reach += 1;
+            if arch.is_relaxed_form(s.kind, s.prefixes) {
+                report.relaxed_sites_on_trampoline += 1;
+            }
             continue;
         };
         let len = field.len as usize;

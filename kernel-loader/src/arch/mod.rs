@@ -7,17 +7,18 @@
 //!
 //! # What every architecture module defines
 //!
-//! * Branch sites ([`x86_64::branch`], [`aarch64::branch`]): `MAX_SITE_LEN`,
+//! * Branch sites ([`x86_64::branch`], [`aarch64::branch`], [`riscv64::branch`]): `MAX_SITE_LEN`,
 //!   `PROBE_SITE_LEN`, `TRAMPOLINE_LEN`, `site_len(kind, prefixes)`,
 //!   `target_field(kind, prefixes)`, `encode_branch`, `encode_target`,
 //!   `decode_branch_target`, `is_original`, `has_branch_opcode`, `expected_original` and
-//!   `trampoline_slot` (aarch64 also `supports_site`, which [`Arch::supports_site`]
-//!   answers for every architecture). [`Arch`] dispatches to them by the architecture
+//!   `trampoline_slot` (aarch64 and riscv64 also `supports_site`, which
+//!   [`Arch::supports_site`] answers for every architecture). On riscv64 a site's
+//!   `prefixes` value is its *form* (`auipc`+`jalr` pair, relaxed `jal` or `c.j`). [`Arch`] dispatches to them by the architecture
 //!   named in a table's header.
 //! * Probe sites (`probe`): the probe forms' bytes in each state, and the live-patch
 //!   protocol: `SINGLE_STORE` (false on x86-64: the int3 protocol, a trap written
-//!   first and `ROUNDS` = 3 synchronisation rounds per batch; true on aarch64: one
-//!   store per site and one round per batch), `ROUNDS`, `round`, `is_residue`, the trap
+//!   first and `ROUNDS` = 3 synchronisation rounds per batch; true on aarch64 and
+//!   riscv64: one store per site and one round per batch), `ROUNDS`, `round`, `is_residue`, the trap
 //!   frame and its emulation. The generic batch (`crate::probe`) runs whichever the
 //!   native module defines.
 //! * `CpuFeatures`: a `bitflags` set over `u64` of what the CPU (and the OS's state
@@ -52,18 +53,20 @@ pub mod x86_64;
 #[cfg(target_arch = "aarch64")]
 pub use aarch64 as native;
 /// The architecture this crate is compiled for.
+#[cfg(target_arch = "riscv64")]
+pub use riscv64 as native;
+/// The architecture this crate is compiled for.
 #[cfg(target_arch = "x86_64")]
 pub use x86_64 as native;
 
-/// Raw architecture ids of the table header's `arch` field. [`Arch::X86_64`] and
-/// [`Arch::Aarch64`] are accepted; the riscv64 id is reserved now so the format does not
-/// change when its module exists.
+/// Raw architecture ids of the table header's `arch` field; [`Arch::from_id`] accepts
+/// each.
 pub mod ids {
     /// x86-64.
     pub const X86_64: u16 = 1;
     /// aarch64.
     pub const AARCH64: u16 = 2;
-    /// riscv64 (reserved: not accepted yet).
+    /// riscv64.
     pub const RISCV64: u16 = 3;
 
     /// The name of a known (supported or reserved) architecture id.
@@ -87,11 +90,13 @@ pub enum Arch {
     X86_64 = ids::X86_64,
     /// aarch64 ([`ids::AARCH64`]).
     Aarch64 = ids::AARCH64,
+    /// riscv64 ([`ids::RISCV64`]).
+    Riscv64 = ids::RISCV64,
 }
 
 impl Arch {
     /// Every architecture this crate supports (what [`Arch::from_id`] accepts).
-    pub const ALL: &'static [Arch] = &[Arch::X86_64, Arch::Aarch64];
+    pub const ALL: &'static [Arch] = &[Arch::X86_64, Arch::Aarch64, Arch::Riscv64];
 
     /// The architecture of a header id, if this crate supports it.
     #[inline]
@@ -99,6 +104,7 @@ impl Arch {
         match id {
             ids::X86_64 => Some(Arch::X86_64),
             ids::AARCH64 => Some(Arch::Aarch64),
+            ids::RISCV64 => Some(Arch::Riscv64),
             _ => None,
         }
     }
@@ -120,39 +126,73 @@ impl Arch {
         Arch::Aarch64
     }
 
+    /// The architecture this crate is compiled for.
+    #[cfg(target_arch = "riscv64")]
+    pub const fn native() -> Arch {
+        Arch::Riscv64
+    }
+
     /// Display name.
     pub const fn name(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86-64",
             Arch::Aarch64 => "aarch64",
+            Arch::Riscv64 => "riscv64",
         }
     }
 
-    /// Length of a branch site of `kind` with `prefixes` bytes before its opcode.
+    /// Length of a branch site of `kind` with `prefixes` bytes before its opcode (on
+    /// riscv64, in form `prefixes`).
     #[inline(always)]
     pub const fn site_len(self, kind: SiteKind, prefixes: u8) -> usize {
         match self {
             Arch::X86_64 => x86_64::site_len(kind, prefixes),
             Arch::Aarch64 => aarch64::site_len(kind, prefixes),
+            Arch::Riscv64 => riscv64::site_len(kind, prefixes),
         }
     }
 
     /// Whether the patcher handles a branch site of `kind` with `prefixes` at `addr`
     /// (x86-64: every one, prefixes being bounded by [`Arch::max_site_len`]; aarch64: a
-    /// 4-aligned `bl`/`b`, never a conditional branch).
+    /// 4-aligned `bl`/`b`, never a conditional branch; riscv64: a 2-aligned call or
+    /// tail call in one of the three forms of [`riscv64::branch`]).
     pub const fn supports_site(self, kind: SiteKind, prefixes: u8, addr: u64) -> bool {
         match self {
             Arch::X86_64 => true,
             Arch::Aarch64 => aarch64::supports_site(kind, prefixes, addr),
+            Arch::Riscv64 => riscv64::supports_site(kind, prefixes, addr),
         }
     }
 
-    /// The alignment every instruction (so every branch and probe site) has: 1 on
-    /// x86-64, 4 on aarch64.
+    /// The alignment every instruction (so every branch site) has: 1 on x86-64, 4 on
+    /// aarch64, 2 on riscv64 (compressed instructions).
     pub const fn insn_align(self) -> u64 {
         match self {
             Arch::X86_64 => 1,
             Arch::Aarch64 => aarch64::INSN_LEN as u64,
+            Arch::Riscv64 => riscv64::C_INSN_LEN as u64,
+        }
+    }
+
+    /// The alignment every probe site has: [`Arch::insn_align`], except on riscv64,
+    /// where a probe site is a 4-aligned 4-byte instruction (so one aligned store
+    /// rewrites it whole).
+    pub const fn probe_align(self) -> u64 {
+        match self {
+            Arch::X86_64 => 1,
+            Arch::Aarch64 => aarch64::INSN_LEN as u64,
+            Arch::Riscv64 => riscv64::PROBE_SITE_LEN as u64,
+        }
+    }
+
+    /// Whether a site of `kind` in form `prefixes` is a short, relaxed form whose reach
+    /// is less than the architecture's full call reach (riscv64 `jal` ±1 MiB, `c.j`
+    /// ±2 KiB): when its implementation is out of that reach it stays on the
+    /// trampoline (`patch::InitReport::relaxed_sites_on_trampoline`).
+    pub const fn is_relaxed_form(self, _kind: SiteKind, prefixes: u8) -> bool {
+        match self {
+            Arch::X86_64 | Arch::Aarch64 => false,
+            Arch::Riscv64 => prefixes != riscv64::FORM_PAIR,
         }
     }
 
@@ -163,6 +203,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::target_field(kind, prefixes),
             Arch::Aarch64 => aarch64::target_field(kind, prefixes),
+            Arch::Riscv64 => riscv64::target_field(kind, prefixes),
         }
     }
 
@@ -171,6 +212,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::MAX_SITE_LEN,
             Arch::Aarch64 => aarch64::MAX_SITE_LEN,
+            Arch::Riscv64 => riscv64::MAX_SITE_LEN,
         }
     }
 
@@ -180,6 +222,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::PROBE_SITE_LEN,
             Arch::Aarch64 => aarch64::PROBE_SITE_LEN,
+            Arch::Riscv64 => riscv64::PROBE_SITE_LEN,
         }
     }
 
@@ -188,6 +231,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::TRAMPOLINE_LEN,
             Arch::Aarch64 => aarch64::TRAMPOLINE_LEN,
+            Arch::Riscv64 => riscv64::TRAMPOLINE_LEN,
         }
     }
 
@@ -203,6 +247,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::encode_branch(site, current, target),
             Arch::Aarch64 => aarch64::encode_branch(site, current, target),
+            Arch::Riscv64 => riscv64::encode_branch(site, current, target),
         }
     }
 
@@ -213,6 +258,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::encode_target(site, target),
             Arch::Aarch64 => aarch64::encode_target(site, target),
+            Arch::Riscv64 => riscv64::encode_target(site, target),
         }
     }
 
@@ -221,6 +267,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::decode_branch_target(site, bytes),
             Arch::Aarch64 => aarch64::decode_branch_target(site, bytes),
+            Arch::Riscv64 => riscv64::decode_branch_target(site, bytes),
         }
     }
 
@@ -231,6 +278,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::is_original(site, v, trampoline),
             Arch::Aarch64 => aarch64::is_original(site, v, trampoline),
+            Arch::Riscv64 => riscv64::is_original(site, v, trampoline),
         }
     }
 
@@ -239,6 +287,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::has_branch_opcode(site, bytes),
             Arch::Aarch64 => aarch64::has_branch_opcode(site, bytes),
+            Arch::Riscv64 => riscv64::has_branch_opcode(site, bytes),
         }
     }
 
@@ -253,6 +302,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::expected_original(site, found, trampoline),
             Arch::Aarch64 => aarch64::expected_original(site, found, trampoline),
+            Arch::Riscv64 => riscv64::expected_original(site, found, trampoline),
         }
     }
 
@@ -262,6 +312,7 @@ impl Arch {
         match self {
             Arch::X86_64 => x86_64::trampoline_slot(bytes, addr),
             Arch::Aarch64 => aarch64::trampoline_slot(bytes, addr),
+            Arch::Riscv64 => riscv64::trampoline_slot(bytes, addr),
         }
     }
 }
@@ -343,7 +394,7 @@ impl SiteKind {
 
 /// How a probe site is disabled and enabled: which form it has in each state is the
 /// architecture's business (each architecture module lists its forms: [`x86_64`],
-/// [`aarch64`]).
+/// [`aarch64`], [`riscv64`]).
 /// Each form is a single instruction in both states, so a CPU stopped anywhere while a
 /// site is rewritten resumes on an instruction boundary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -595,7 +646,9 @@ mod tests {
         assert_eq!(Arch::from_id(ids::AARCH64), Some(Arch::Aarch64));
         assert_eq!(Arch::X86_64.id(), 1);
         assert_eq!(Arch::Aarch64.id(), 2);
-        for id in [0, ids::RISCV64, 0xffff] {
+        assert_eq!(Arch::from_id(ids::RISCV64), Some(Arch::Riscv64));
+        assert_eq!(Arch::Riscv64.id(), 3);
+        for id in [0, 4, 0xffff] {
             assert_eq!(Arch::from_id(id), None);
         }
         assert_eq!(ids::name(ids::AARCH64), Some("aarch64"));
@@ -669,5 +722,49 @@ mod tests {
         }
         assert_eq!(a.trampoline_slot(&tb, 0x3000), Some(0x4008));
         assert_eq!(Arch::X86_64.trampoline_slot(&tb, 0x3000), None);
+    }
+
+    #[test]
+    fn riscv64_facts_through_the_dispatch() {
+        let a = Arch::Riscv64;
+        assert_eq!(a.name(), "riscv64");
+        assert_eq!(a.site_len(SiteKind::Call, riscv64::FORM_PAIR), 8);
+        assert_eq!(a.site_len(SiteKind::Call, riscv64::FORM_JAL), 4);
+        assert_eq!(a.site_len(SiteKind::Jmp, riscv64::FORM_C_J), 2);
+        assert_eq!(a.target_field(SiteKind::Jmp, riscv64::FORM_PAIR), 0..8);
+        assert_eq!(a.max_site_len(), 8);
+        assert_eq!(a.probe_site_len(), 4);
+        assert_eq!(a.trampoline_len(), 12);
+        assert!(a.trampoline_len() <= MAX_TRAMPOLINE_LEN);
+        assert_eq!((a.insn_align(), a.probe_align()), (2, 4));
+        assert!(a.supports_site(SiteKind::Call, riscv64::FORM_PAIR, 0x1002));
+        assert!(!a.supports_site(SiteKind::Call, riscv64::FORM_C_J, 0x1000));
+        assert!(!a.supports_site(SiteKind::Jcc, riscv64::FORM_PAIR, 0x1000));
+        assert!(a.is_relaxed_form(SiteKind::Call, riscv64::FORM_JAL));
+        assert!(!a.is_relaxed_form(SiteKind::Call, riscv64::FORM_PAIR));
+        assert!(!Arch::Aarch64.is_relaxed_form(SiteKind::Call, 0));
+        let s = BranchSite {
+            addr: 0x1000,
+            kind: SiteKind::Call,
+            prefixes: riscv64::FORM_PAIR,
+            len: 8,
+        };
+        // `call 0x2000` from 0x1000: `auipc ra, 0x1; jalr ra, 0(ra)`.
+        let f = a.encode_target(&s, 0x2000).unwrap();
+        assert_eq!((f.value, f.len), (0x0000_80e7_0000_1097, 8));
+        let b = a
+            .encode_branch(&s, &InsnBytes::new(&[0; 8]), 0x2000)
+            .unwrap();
+        assert_eq!(a.decode_branch_target(&s, b.as_slice()), Some(0x2000));
+        assert!(a.is_original(&s, f.value, 0x2000));
+        assert!(a.has_branch_opcode(&s, b.as_slice()));
+        assert_eq!(a.expected_original(&s, &b, 0x2000), Some(b));
+        let t = riscv64::trampoline(0x3000, 0x4008).unwrap();
+        let mut tb = [0u8; 12];
+        for (i, w) in t.iter().enumerate() {
+            tb[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        assert_eq!(a.trampoline_slot(&tb, 0x3000), Some(0x4008));
+        assert_eq!(Arch::Aarch64.trampoline_slot(&tb, 0x3000), None);
     }
 }

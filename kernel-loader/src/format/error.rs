@@ -184,8 +184,8 @@ pub enum FormatError {
         /// Its address.
         addr: u64,
     },
-    /// A probe site's address is not aligned as the table's architecture's
-    /// instructions are ([`crate::arch::Arch::insn_align`]).
+    /// A probe site's address is not aligned as the table's architecture requires
+    /// ([`crate::arch::Arch::probe_align`]).
     ProbeSiteMisaligned {
         /// Probe site index.
         site: u32,

@@ -331,7 +331,10 @@ mod tests {
         let t = Aligned(header(ids::AARCH64));
         let table = Table::parse(&t.0, 0x1000, &[]).unwrap();
         assert_eq!(table.arch(), Arch::Aarch64);
-        for id in [ids::RISCV64, 9] {
+        let t = Aligned(header(ids::RISCV64));
+        let table = Table::parse(&t.0, 0x1000, &[]).unwrap();
+        assert_eq!(table.arch(), Arch::Riscv64);
+        for id in [4, 9] {
             let t = Aligned(header(id));
             let e = Table::parse(&t.0, 0x1000, &[]).unwrap_err();
             assert_eq!(e, FormatError::WrongArch(id));
@@ -340,11 +343,13 @@ mod tests {
         }
         let msg = std::format!("{}", FormatError::WrongArch(ids::RISCV64));
         let native = std::format!(
-            "supports {} ({}), {} ({})",
+            "supports {} ({}), {} ({}), {} ({})",
             Arch::X86_64,
             ids::X86_64,
             Arch::Aarch64,
-            ids::AARCH64
+            ids::AARCH64,
+            Arch::Riscv64,
+            ids::RISCV64
         );
         assert!(
             msg.contains("architecture 3 (riscv64)") && msg.ends_with(&native),

@@ -403,7 +403,7 @@ impl<'a> Table<'a> {
             if i > 0 && s.addr < prev_end {
                 return Err(FormatError::ProbeSitesUnsorted { site: i });
             }
-            if !s.addr.is_multiple_of(self.arch.insn_align()) {
+            if !s.addr.is_multiple_of(self.arch.probe_align()) {
                 return Err(FormatError::ProbeSiteMisaligned {
                     site: i,
                     addr: s.addr,

@@ -842,6 +842,10 @@ impl<'b> Linker<'b, '_, '_> {
                     [false, true].map(|on| arch::aarch64::probe::Live::site_word(&r, on, &stubs)),
                     arch::aarch64::probe::Live::SITE_LEN,
                 ),
+                Arch::Riscv64 => (
+                    [false, true].map(|on| arch::riscv64::probe::Live::site_word(&r, on, &stubs)),
+                    arch::riscv64::probe::Live::SITE_LEN,
+                ),
             };
             let out_of_reach = |target| {
                 ModuleError::Probe(ProbeError::OutOfReach {

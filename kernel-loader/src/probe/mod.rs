@@ -63,7 +63,7 @@ mod registry;
 mod state;
 mod trap;
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "riscv64"))]
 pub use crate::arch::native::probe::{C_ENABLED_OFF, C_ENABLED_ON, C_TAIL_OFF};
 pub use crate::arch::native::probe::{
     C_TAIL_ON, Int3Frame, STUB_SYMBOLS, Stubs, ksites_probe_ret0, ksites_probe_ret1,
@@ -86,6 +86,8 @@ pub use registry::{
 pub use state::MAX_IMAGES;
 #[cfg(target_arch = "aarch64")]
 pub use trap::handle_brk;
+#[cfg(target_arch = "riscv64")]
+pub use trap::handle_ebreak;
 pub use trap::{
     Int3Hook, declare_int3_route, int3_route_declared, set_int3_fallback, set_int3_hook,
 };

@@ -121,6 +121,21 @@ pub unsafe fn handle_brk(f: &mut Int3Frame) -> bool {
     int3_trap(f)
 }
 
+/// riscv64: what the kernel's trap handler calls for a trap that
+/// `arch::riscv64::trap::is_probe_ebreak` accepts, with the frame that module describes:
+/// the hook set by [`set_int3_hook`] (or [`handle_int3`]), then the fallback. Returns
+/// whether the trap was handled; then the handler writes the frame's fields back as
+/// that module says.
+///
+/// # Safety
+///
+/// As for [`handle_int3`]: `f` is this hart's interrupted `ebreak` context, and the
+/// handler writes those fields back before `sret`.
+#[cfg(target_arch = "riscv64")]
+pub unsafe fn handle_ebreak(f: &mut Int3Frame) -> bool {
+    int3_trap(f)
+}
+
 /// The address of [`int3_entry`], for the kernel's IDT (vector 3).
 #[cfg(target_arch = "x86_64")]
 pub fn int3_entry_address() -> u64 {
