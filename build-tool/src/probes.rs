@@ -80,6 +80,9 @@ pub fn split_c_probe(sym: &str) -> Option<(bool, &str, &str)> {
 
 struct Pending {
     addr: u64,
+    /// A C probe call whose rewrite spans more than the site
+    /// ([`crate::target::Target::c_probe_rewrite`]): its first byte and length.
+    call: Option<(u64, u8)>,
     target: u64,
     kind: ProbeKind,
     key: (String, String),
@@ -149,6 +152,7 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
             )?;
             pending.push(Pending {
                 addr: site,
+                call: None,
                 target,
                 kind,
                 key,
@@ -233,13 +237,28 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                     scan.location(s)
                 );
             }
-            let kind = c_site_kind(&scan, s, f.enabled, &f.symbol, img.target.probe_site_len())
+            let kind = c_site_kind(&scan, s, f.enabled, &f.symbol, img.target)
                 .with_context(|| img.path.to_string())?;
             let key = (f.provider.clone(), f.name.clone());
             nargs.entry(key.clone()).or_insert(None);
-            recorded.insert(s.addr);
+            // Where the site is in the call, when the rewrite spans more than the site.
+            let (addr, call) = match img.target.c_probe_rewrite(kind, s.addr, s.len, None) {
+                None => (s.addr, None),
+                Some(Ok(r)) => (r.site, Some((s.addr, s.len))),
+                Some(Err(why)) => bail!(
+                    "{}: section {}+{:#x} in {}: {} to probe function {}: {why}",
+                    img.path,
+                    scan.section_name(s),
+                    scan.section_offset(s),
+                    scan.location(s),
+                    s.kind.name(),
+                    f.symbol
+                ),
+            };
+            recorded.insert(addr);
             pending.push(Pending {
-                addr: s.addr,
+                addr,
+                call,
                 target: 0,
                 kind,
                 key,
@@ -276,7 +295,33 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
         if let Some(rec) = p.rec {
             scan.record_ids.push((rec, id));
         }
+        if p.call.is_some() && img.target.probe_stub_reloc(p.kind).is_some() && stubs.ret0 == 0 {
+            bail!(
+                "{}: C is-enabled tail call at {:#x} needs kernel-loader's `{}` in the image",
+                img.path,
+                p.addr,
+                STUB_SYMBOLS[1]
+            );
+        }
+        let whole = p.call.and_then(|(call, len)| {
+            img.target
+                .c_probe_rewrite(p.kind, call, len, Some(&stubs))
+                .map(|r| (call, r))
+        });
+        let is_whole = whole.is_some();
+        if let Some((call, r)) = whole {
+            let r = r.map_err(|why| {
+                anyhow::anyhow!(
+                    "{}: C probe {}:{} called at {call:#x}: {why}",
+                    img.path,
+                    p.key.0,
+                    p.key.1
+                )
+            })?;
+            scan.rewrites.push((call, r.bytes));
+        }
         let disabled = match p.kind {
+            _ if is_whole => None,
             ProbeKind::RustJmp | ProbeKind::RustEnabled => None,
             ProbeKind::CCall => Some(img.target.probe_nop()),
             ProbeKind::CTail | ProbeKind::CEnabled | ProbeKind::CEnabledTail => {
@@ -379,7 +424,7 @@ pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
                     img.target.reloc_class(r.r_type),
                     RelocClass::Branch | RelocClass::None
                 )
-                && let Some(site) = img.target.plain_branch_start(r.offset)
+                && let Some(site) = img.target.c_probe_site_of_reloc(r.offset)
             {
                 out.push(site);
             }
@@ -391,29 +436,31 @@ pub fn find_probes_in_embedded(img: &Image<'_>) -> Result<Vec<u64>> {
 }
 
 /// The kind of a C probe site (a call or jump to `__dtrace_probe_*`, or to
-/// `__dtraceenabled_*` when `is_enabled`), or why it cannot be rewritten: only a plain
-/// 5-byte `call`/`jmp` can (images and modules alike).
+/// `__dtraceenabled_*` when `is_enabled`), or why it cannot be rewritten: only the forms
+/// [`crate::target::Target::c_probe_call_ok`] accepts can (images and modules alike; a
+/// plain 5-byte `call`/`jmp` on x86-64).
 pub(crate) fn c_site_kind(
     scan: &crate::sites::SiteScan,
     s: &crate::sites::FoundSite,
     is_enabled: bool,
     func: &str,
-    site_len: usize,
+    target: crate::target::Target,
 ) -> Result<ProbeKind> {
-    if s.prefixes != 0 || s.kind == SiteKind::Jcc || usize::from(s.len) != site_len {
+    if s.kind == SiteKind::Jcc || !target.c_probe_call_ok(s.len, s.prefixes) {
         bail!(
-            "section {}+{:#x} in {}: {} to probe function {func} is {} bytes{}; only a plain \
-             {site_len}-byte call or jmp can be rewritten safely",
+            "section {}+{:#x} in {}: {} to probe function {func} is {} bytes{}; only {} can be \
+             rewritten safely",
             scan.section_name(s),
             scan.section_offset(s),
             scan.location(s),
             s.kind.name(),
             s.len,
-            if s.prefixes != 0 {
+            if s.prefixes != 0 && target == crate::target::Target::X86_64 {
                 " with prefixes"
             } else {
                 ""
-            }
+            },
+            target.c_probe_call_forms()
         );
     }
     Ok(match (is_enabled, s.kind) {
@@ -695,7 +742,7 @@ impl ProbeFunctions {
             let (i, why) = match self.reference(img, &exec, &r) {
                 Some(_)
                     if class == RelocClass::Branch
-                        && t.plain_branch_start(r.offset)
+                        && t.c_probe_site_of_reloc(r.offset)
                             .is_some_and(|s| recorded.contains(&s)) =>
                 {
                     continue;
@@ -764,7 +811,7 @@ impl ProbeFunctions {
         // Code that reaches a probe function and is no recorded site: every relocation
         // was checked above, so if it is a branch, none describes it.
         for (at, dest, i) in self.field_candidates(img, &exec) {
-            if t.plain_branch_start(at)
+            if t.c_probe_site_of_reloc(at)
                 .is_some_and(|s| recorded.contains(&s))
             {
                 continue;

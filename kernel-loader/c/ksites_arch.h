@@ -48,6 +48,11 @@ struct ksites_brk_frame {
     uint64_t x0, x1, x2, x3, x4, x5;
 };
 #elif defined(__riscv) && __riscv_xlen == 64
+/* riscv64 (kernel-loader's arch::riscv64): `ksites embed` rewrites each `call`/`tail`
+ * of __dtrace_probe_* / __dtraceenabled_* (an auipc+jalr pair, or a relaxed 4-aligned
+ * jal) into one 4-aligned disabled instruction padded with nop/c.nop
+ * (arch::riscv64::probe::c_site_disabled). Compile C code with probes with -mno-relax
+ * (or link with --no-relax): a relaxed jal at 2 mod 4 cannot hold an aligned site. */
 #define KSITES_PROGBITS "@progbits"
 /* A probe site's trap instruction: the 4-byte `ebreak`. */
 #define KSITES_PROBE_EBREAK 0x00100073u

@@ -8,11 +8,12 @@
 //!
 //! Generic code (`sites`, `scan`, `verify`, `records`, `probes`, `table`, `inspect`)
 //! asks the target and names no instruction byte, relocation type or register. Each
-//! target is a module defining the same functions ([`x86_64`], [`aarch64`]; a `riscv64`
-//! module would add a variant here and fill the same `match` arms). Every method is
-//! an enum `match` the compiler inlines: no dynamic dispatch on the per-relocation path.
+//! target is a module defining the same functions ([`x86_64`], [`aarch64`], [`riscv64`]).
+//! Every method is an enum `match` the compiler inlines: no dynamic dispatch on the
+//! per-relocation path.
 
 pub mod aarch64;
+pub mod riscv64;
 pub mod x86_64;
 
 use kernel_loader::format::{PSite, ProbeKind, SiteKind};
@@ -23,30 +24,46 @@ use crate::elf::Reloc;
 /// The longest probe site of any target the tool supports, in bytes ([`ProbeBytes`]
 /// holds up to this many). Each target's own length is [`Target::probe_site_len`], not
 /// the host's: the tool processes any target's files on any host.
-pub const PROBE_SITE_LEN: usize = if x86_64::PROBE_SITE_LEN > aarch64::PROBE_SITE_LEN {
-    x86_64::PROBE_SITE_LEN
-} else {
-    aarch64::PROBE_SITE_LEN
-};
+pub const PROBE_SITE_LEN: usize = max(
+    x86_64::PROBE_SITE_LEN,
+    max(aarch64::PROBE_SITE_LEN, riscv64::PROBE_SITE_LEN),
+);
 
-/// The bytes of one probe site ([`Target::probe_site_len`] of them). Formats (`{:02x?}`)
-/// as the byte slice it holds.
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
+
+/// The most bytes a C probe call's rewrite spans (riscv64's `auipc`+`jalr` pair).
+pub const REWRITE_MAX: usize = max(PROBE_SITE_LEN, riscv64::C_CALL_MAX);
+
+/// The bytes of one probe site ([`Target::probe_site_len`] of them), or of a rewritten
+/// C probe call (up to [`REWRITE_MAX`]). Formats (`{:02x?}`) as the byte slice it holds.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProbeBytes {
-    buf: [u8; PROBE_SITE_LEN],
+    buf: [u8; REWRITE_MAX],
     len: u8,
 }
 
 impl ProbeBytes {
-    /// The bytes of `b` (at most [`PROBE_SITE_LEN`]).
+    /// The bytes of `b` (at most [`REWRITE_MAX`]).
     const fn new<const N: usize>(b: [u8; N]) -> ProbeBytes {
-        let mut buf = [0; PROBE_SITE_LEN];
+        let mut buf = [0; REWRITE_MAX];
         let mut i = 0;
         while i < N {
             buf[i] = b[i];
             i += 1;
         }
         ProbeBytes { buf, len: N as u8 }
+    }
+}
+
+impl ProbeBytes {
+    /// The first `len` bytes (all of them if `len` is larger).
+    pub const fn truncated(mut self, len: usize) -> ProbeBytes {
+        if len < self.len as usize {
+            self.len = len as u8;
+        }
+        self
     }
 }
 
@@ -69,6 +86,15 @@ impl std::ops::Deref for ProbeBytes {
     }
 }
 
+/// How `embed` rewrites one C probe call ([`Target::c_probe_rewrite`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CProbeRewrite {
+    /// The probe site (what the table records).
+    pub site: u64,
+    /// The bytes written over the whole call, from its first byte.
+    pub bytes: ProbeBytes,
+}
+
 /// An instruction set the build tool handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
@@ -76,6 +102,8 @@ pub enum Target {
     X86_64,
     /// aarch64, [`aarch64`].
     Aarch64,
+    /// riscv64 (RV64GC), [`riscv64`].
+    Riscv64,
 }
 
 /// The target of tables built with no ELF header to take it from (`table::build`, used
@@ -87,7 +115,7 @@ impl Default for Target {
 }
 
 /// Every supported target, in the order messages list them.
-pub const TARGETS: [Target; 2] = [Target::X86_64, Target::Aarch64];
+pub const TARGETS: [Target; 3] = [Target::X86_64, Target::Aarch64, Target::Riscv64];
 
 /// An ELF machine no [`Target`] handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +198,7 @@ pub struct FunctionCursor<'c> {
 enum Cursor<'c> {
     X86_64(x86_64::Cursor<'c>),
     Aarch64(aarch64::Cursor<'c>),
+    Riscv64(riscv64::Cursor<'c>),
 }
 
 impl std::fmt::Debug for FunctionCursor<'_> {
@@ -192,6 +221,7 @@ impl FunctionCursor<'_> {
         match &mut self.inner {
             Cursor::X86_64(c) => c.classify(reloc_at, target_addr),
             Cursor::Aarch64(c) => c.classify(reloc_at, target_addr),
+            Cursor::Riscv64(c) => c.classify(reloc_at, target_addr),
         }
     }
 }
@@ -210,6 +240,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::NAME,
             Target::Aarch64 => aarch64::NAME,
+            Target::Riscv64 => riscv64::NAME,
         }
     }
 
@@ -218,6 +249,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::E_MACHINE,
             Target::Aarch64 => aarch64::E_MACHINE,
+            Target::Riscv64 => riscv64::E_MACHINE,
         }
     }
 
@@ -227,8 +259,10 @@ impl Target {
         match self {
             Target::X86_64 if cfg!(target_arch = "x86_64") => "ld.bfd",
             Target::Aarch64 if cfg!(target_arch = "aarch64") => "ld.bfd",
+            Target::Riscv64 if cfg!(target_arch = "riscv64") => "ld.bfd",
             Target::X86_64 => x86_64::CROSS_GNU_LD,
             Target::Aarch64 => aarch64::CROSS_GNU_LD,
+            Target::Riscv64 => riscv64::CROSS_GNU_LD,
         }
     }
 
@@ -237,6 +271,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TABLE_ARCH,
             Target::Aarch64 => aarch64::TABLE_ARCH,
+            Target::Riscv64 => riscv64::TABLE_ARCH,
         }
     }
 
@@ -246,6 +281,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::reloc_class(r_type),
             Target::Aarch64 => aarch64::reloc_class(r_type),
+            Target::Riscv64 => riscv64::reloc_class(r_type),
         }
     }
 
@@ -258,6 +294,7 @@ impl Target {
         match self {
             Target::X86_64 => Ok(()),
             Target::Aarch64 => aarch64::check_branch_reloc(r_type, code, at),
+            Target::Riscv64 => riscv64::check_branch_reloc(r_type, code, at),
         }
     }
 
@@ -266,6 +303,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::reloc_name(r_type),
             Target::Aarch64 => aarch64::reloc_name(r_type),
+            Target::Riscv64 => riscv64::reloc_name(r_type),
         }
     }
 
@@ -277,6 +315,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::reloc_target(r),
             Target::Aarch64 => aarch64::reloc_target(r),
+            Target::Riscv64 => riscv64::reloc_target(r),
         }
     }
 
@@ -285,6 +324,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::BRANCH_FIELD_LEN,
             Target::Aarch64 => aarch64::BRANCH_FIELD_LEN,
+            Target::Riscv64 => riscv64::BRANCH_FIELD_LEN,
         }
     }
 
@@ -294,6 +334,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::branch_field_dest(field, at),
             Target::Aarch64 => aarch64::branch_field_dest(field, at),
+            Target::Riscv64 => riscv64::branch_field_dest(field, at),
         }
     }
 
@@ -303,6 +344,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::plain_branch_start(field_at),
             Target::Aarch64 => aarch64::plain_branch_start(field_at),
+            Target::Riscv64 => riscv64::plain_branch_start(field_at),
         }
     }
 
@@ -311,7 +353,7 @@ impl Target {
     pub const fn plain_branch_field(self, start: u64) -> u64 {
         match self {
             Target::X86_64 => start + x86_64::PLAIN_BRANCH_OPCODE_LEN,
-            Target::Aarch64 => start,
+            Target::Aarch64 | Target::Riscv64 => start,
         }
     }
 
@@ -326,6 +368,9 @@ impl Target {
             Target::Aarch64 => FunctionCursor {
                 inner: Cursor::Aarch64(aarch64::Cursor::new(code, start)),
             },
+            Target::Riscv64 => FunctionCursor {
+                inner: Cursor::Riscv64(riscv64::Cursor::new(code, start)),
+            },
         }
     }
 
@@ -335,6 +380,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::decode_insn(code, ip),
             Target::Aarch64 => aarch64::decode_insn(code, ip),
+            Target::Riscv64 => riscv64::decode_insn(code, ip),
         }
     }
 
@@ -343,6 +389,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::disasm(code, ip),
             Target::Aarch64 => aarch64::disasm(code, ip),
+            Target::Riscv64 => riscv64::disasm(code, ip),
         }
     }
 
@@ -351,6 +398,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TRAMPOLINE_LEN,
             Target::Aarch64 => aarch64::TRAMPOLINE_LEN,
+            Target::Riscv64 => riscv64::TRAMPOLINE_LEN,
         }
     }
 
@@ -360,6 +408,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::trampoline_slot(bytes, at),
             Target::Aarch64 => aarch64::trampoline_slot(bytes, at),
+            Target::Riscv64 => riscv64::trampoline_slot(bytes, at),
         }
     }
 
@@ -370,6 +419,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TRAMPOLINE_SLOT_FIELD,
             Target::Aarch64 => aarch64::TRAMPOLINE_SLOT_FIELD,
+            Target::Riscv64 => riscv64::TRAMPOLINE_SLOT_FIELD,
         }
     }
 
@@ -378,6 +428,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::trampoline_text(slot),
             Target::Aarch64 => aarch64::trampoline_text(slot),
+            Target::Riscv64 => riscv64::trampoline_text(slot),
         }
     }
 
@@ -386,6 +437,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TRAMPOLINE_LEN,
             Target::Aarch64 => aarch64::PLT_ENTRY_LEN,
+            Target::Riscv64 => riscv64::PLT_ENTRY_LEN,
         }
     }
 
@@ -395,6 +447,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::trampoline_slot(bytes, at),
             Target::Aarch64 => aarch64::plt_slot(bytes, at),
+            Target::Riscv64 => riscv64::plt_slot(bytes, at),
         }
     }
 
@@ -412,6 +465,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::trampoline_slot(bytes, 0).is_some(),
             Target::Aarch64 => aarch64::is_trampoline_form(bytes),
+            Target::Riscv64 => riscv64::is_trampoline_form(bytes),
         }
     }
 
@@ -421,6 +475,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::reloc_class(r_type) == RelocClass::Branch,
             Target::Aarch64 => aarch64::is_trampoline_slot_reloc(r_type),
+            Target::Riscv64 => riscv64::is_trampoline_slot_reloc(r_type),
         }
     }
 
@@ -429,7 +484,7 @@ impl Target {
     pub const fn patches_site(self, kind: SiteKind) -> bool {
         match self {
             Target::X86_64 => true,
-            Target::Aarch64 => !matches!(kind, SiteKind::Jcc),
+            Target::Aarch64 | Target::Riscv64 => !matches!(kind, SiteKind::Jcc),
         }
     }
 
@@ -438,6 +493,7 @@ impl Target {
         match self {
             Target::X86_64 => 0,
             Target::Aarch64 => aarch64::VENEER_LEN,
+            Target::Riscv64 => 0,
         }
     }
 
@@ -446,6 +502,7 @@ impl Target {
         match self {
             Target::X86_64 => None,
             Target::Aarch64 => aarch64::veneer_target(bytes, at),
+            Target::Riscv64 => None,
         }
     }
 
@@ -454,6 +511,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::unsupported_plt_entry(entry),
             Target::Aarch64 => aarch64::unsupported_plt_entry(entry),
+            Target::Riscv64 => riscv64::unsupported_plt_entry(entry),
         }
     }
 
@@ -462,6 +520,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::PROBE_SITE_LEN,
             Target::Aarch64 => aarch64::PROBE_SITE_LEN,
+            Target::Riscv64 => riscv64::PROBE_SITE_LEN,
         }
     }
     /// The disabled form of a `probe!` site and of a C probe call.
@@ -469,6 +528,7 @@ impl Target {
         match self {
             Target::X86_64 => ProbeBytes::new(x86_64::probe_nop()),
             Target::Aarch64 => ProbeBytes::new(aarch64::probe_nop()),
+            Target::Riscv64 => ProbeBytes::new(riscv64::probe_nop()),
         }
     }
 
@@ -478,6 +538,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::disabled_probe(site, stubs).map(ProbeBytes::new),
             Target::Aarch64 => aarch64::disabled_probe(site, stubs).map(ProbeBytes::new),
+            Target::Riscv64 => riscv64::disabled_probe(site, stubs).map(ProbeBytes::new),
         }
     }
 
@@ -488,6 +549,65 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
             Target::Aarch64 => aarch64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
+            Target::Riscv64 => riscv64::disabled_probe_unlinked(kind).map(ProbeBytes::new),
+        }
+    }
+
+    /// Whether a call or jump of this length and form (`prefixes`) to a C probe
+    /// function can be rewritten: on x86-64 and aarch64 a plain one exactly
+    /// [`Target::probe_site_len`] long; on riscv64 an `auipc`+`jalr` pair or a `jal`.
+    pub const fn c_probe_call_ok(self, len: u8, prefixes: u8) -> bool {
+        match self {
+            Target::X86_64 | Target::Aarch64 => {
+                prefixes == 0 && len as usize == self.probe_site_len()
+            }
+            Target::Riscv64 => riscv64::c_probe_call_ok(len, prefixes),
+        }
+    }
+
+    /// The C probe calls [`Target::c_probe_call_ok`] accepts, for messages.
+    pub const fn c_probe_call_forms(self) -> &'static str {
+        match self {
+            Target::X86_64 => "a plain 5-byte call or jmp",
+            Target::Aarch64 => "a plain 4-byte bl or b",
+            Target::Riscv64 => riscv64::C_PROBE_CALL_FORMS,
+        }
+    }
+
+    /// Where the probe site of a C probe call whose relocation is at `reloc_at` is (its
+    /// bytes are the disabled form once `embed` rewrote it): the call's first byte on
+    /// x86-64 and aarch64, the first 4-aligned byte of the call on riscv64.
+    pub fn c_probe_site_of_reloc(self, reloc_at: u64) -> Option<u64> {
+        match self {
+            Target::X86_64 | Target::Aarch64 => self.plain_branch_start(reloc_at),
+            Target::Riscv64 => riscv64::c_probe_site_of_reloc(reloc_at),
+        }
+    }
+
+    /// How `embed` rewrites a C probe call of `kind`, `len` bytes at `call`, when the
+    /// rewrite spans more than the site (riscv64: the site and its padding over the
+    /// whole call); `stubs`: the image's, `None` in a relocatable object. `None` on the
+    /// targets where the call is the site and its bytes are [`Target::disabled_probe`].
+    pub fn c_probe_rewrite(
+        self,
+        kind: ProbeKind,
+        call: u64,
+        len: u8,
+        stubs: Option<&Stubs>,
+    ) -> Option<Result<CProbeRewrite, String>> {
+        match self {
+            Target::X86_64 | Target::Aarch64 => None,
+            Target::Riscv64 => Some(riscv64::c_probe_rewrite(kind, call, len, stubs)),
+        }
+    }
+
+    /// Whether a relocation of type `r_type` goes with a C probe call's own relocation
+    /// and is dropped with it when `embed` rewrites the call (riscv64's R_RISCV_RELAX,
+    /// which would let a linker shrink the rewritten bytes).
+    pub fn dropped_with_call(self, r_type: u32) -> bool {
+        match self {
+            Target::X86_64 | Target::Aarch64 => false,
+            Target::Riscv64 => riscv64::dropped_with_call(r_type),
         }
     }
 
@@ -501,6 +621,7 @@ impl Target {
                 _ => None,
             },
             Target::Aarch64 => aarch64::probe_stub_reloc(kind),
+            Target::Riscv64 => riscv64::probe_stub_reloc(kind),
         }
     }
 
@@ -510,6 +631,7 @@ impl Target {
         match self {
             Target::X86_64 => &x86_64::ARG_REGISTERS,
             Target::Aarch64 => &aarch64::ARG_REGISTERS,
+            Target::Riscv64 => &riscv64::ARG_REGISTERS,
         }
     }
 
@@ -519,6 +641,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::TABLE_RELOC,
             Target::Aarch64 => aarch64::TABLE_RELOC,
+            Target::Riscv64 => riscv64::TABLE_RELOC,
         }
     }
 
@@ -526,7 +649,7 @@ impl Target {
     /// symbol (the field holds `S + A - P`).
     pub const fn table_reloc_addend(self, offset: i64) -> i64 {
         match self {
-            Target::X86_64 | Target::Aarch64 => offset,
+            Target::X86_64 | Target::Aarch64 | Target::Riscv64 => offset,
         }
     }
 
@@ -536,6 +659,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::BRANCH_RELOC,
             Target::Aarch64 => aarch64::BRANCH_RELOC,
+            Target::Riscv64 => riscv64::BRANCH_RELOC,
         }
     }
 
@@ -545,6 +669,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::apply_table_reloc(place, s, a, p),
             Target::Aarch64 => aarch64::apply_table_reloc(place, s, a, p),
+            Target::Riscv64 => riscv64::apply_table_reloc(place, s, a, p),
         }
     }
     /// What a relocation of [`RelocClass::Branch`] adds to `S + A` to name the address
@@ -553,7 +678,7 @@ impl Target {
     pub const fn branch_bias(self) -> i64 {
         match self {
             Target::X86_64 => x86_64::BRANCH_FIELD_LEN as i64,
-            Target::Aarch64 => 0,
+            Target::Aarch64 | Target::Riscv64 => 0,
         }
     }
     /// The relocation type that does nothing.
@@ -561,6 +686,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::NONE_RELOC,
             Target::Aarch64 => aarch64::NONE_RELOC,
+            Target::Riscv64 => riscv64::NONE_RELOC,
         }
     }
 
@@ -569,6 +695,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::ABS64_RELOC,
             Target::Aarch64 => aarch64::ABS64_RELOC,
+            Target::Riscv64 => riscv64::ABS64_RELOC,
         }
     }
 
@@ -577,6 +704,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::IRELATIVE_RELOC,
             Target::Aarch64 => aarch64::IRELATIVE_RELOC,
+            Target::Riscv64 => riscv64::IRELATIVE_RELOC,
         }
     }
 
@@ -586,6 +714,7 @@ impl Target {
         match self {
             Target::X86_64 => x86_64::RELATIVE_RELOC,
             Target::Aarch64 => aarch64::RELATIVE_RELOC,
+            Target::Riscv64 => riscv64::RELATIVE_RELOC,
         }
     }
 }
@@ -621,6 +750,7 @@ impl Target {
         match self {
             Target::X86_64 => &x86_64::SAMPLES,
             Target::Aarch64 => &aarch64::SAMPLES,
+            Target::Riscv64 => &riscv64::SAMPLES,
         }
     }
 }
@@ -636,8 +766,12 @@ mod tests {
             Target::from_machine(aarch64::E_MACHINE),
             Ok(Target::Aarch64)
         );
-        let e = Target::from_machine(object::elf::EM_RISCV.0).unwrap_err();
-        assert_eq!(e.to_string(), "machine 243 is not x86-64 or aarch64");
+        assert_eq!(
+            Target::from_machine(riscv64::E_MACHINE),
+            Ok(Target::Riscv64)
+        );
+        let e = Target::from_machine(object::elf::EM_PPC64.0).unwrap_err();
+        assert_eq!(e.to_string(), "machine 21 is not x86-64, aarch64 or riscv64");
     }
 
     #[test]

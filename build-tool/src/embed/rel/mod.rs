@@ -246,14 +246,14 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         });
     }
     let mut record_ids: BTreeSet<(Target, u32)> = BTreeSet::new();
-    let mut rewrites: Vec<(Target, ProbeKind)> = Vec::new();
+    let mut rewrites: Vec<(Target, ProbeKind, Option<(u64, u8)>)> = Vec::new();
     for p in &pf.pending {
         let id = index[&p.key];
         if let Some(rec) = p.record {
             record_ids.insert((rec, id));
         }
         if !p.kind.is_rust() {
-            rewrites.push((p.site, p.kind));
+            rewrites.push((p.site, p.kind, p.call));
         }
         let addr = va(p.site)?;
         let target = match p.target {

@@ -380,6 +380,9 @@ pub(super) fn rel32_target(r: &Reloc) -> Option<Target> {
 /// A probe site found in the object.
 pub(super) struct PendingProbe {
     pub(super) site: Target,
+    /// A C probe call whose rewrite spans more than the site (riscv64): its section
+    /// offset and length ([`crate::target::Target::c_probe_rewrite`]).
+    pub(super) call: Option<(u64, u8)>,
     pub(super) target: Option<Target>,
     pub(super) kind: ProbeKind,
     pub(super) key: (String, String),
@@ -459,6 +462,7 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
             )?;
             pending.push(PendingProbe {
                 site,
+                call: None,
                 target: Some(target),
                 kind,
                 key,
@@ -531,16 +535,30 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
         }
         for s in &scan.sites {
             let c = &c_syms[s.target as usize];
-            let kind =
-                crate::probes::c_site_kind(&scan, s, c.0, &c.3, o.img.target.probe_site_len())
-                    .with_context(|| path.to_string())?;
+            let kind = crate::probes::c_site_kind(&scan, s, c.0, &c.3, o.img.target)
+                .with_context(|| path.to_string())?;
             let key = (c.1.clone(), c.2.clone());
             nargs.entry(key.clone()).or_insert(None);
+            let call = scan.section_offset(s);
+            // The site's offset in the call when the rewrite spans more (the section is
+            // then aligned so offsets keep their alignment: `write_object`).
+            let (off, call) = match o.img.target.c_probe_rewrite(kind, call, s.len, None) {
+                None => (call, None),
+                Some(Ok(r)) => (r.site, Some((call, s.len))),
+                Some(Err(why)) => bail!(
+                    "{path}: section {}+{call:#x} in {}: {} to probe function {}: {why}",
+                    scan.section_name(s),
+                    scan.location(s),
+                    s.kind.name(),
+                    c.3
+                ),
+            };
             pending.push(PendingProbe {
                 site: Target::Sec {
                     sec: scan.section_index(s).0,
-                    off: scan.section_offset(s),
+                    off,
                 },
+                call,
                 target: None,
                 kind,
                 key,

@@ -29,7 +29,7 @@ pub(super) fn write_object(
     table: &[u8],
     table_relocs: &[(u64, Target)],
     record_ids: &BTreeSet<(Target, u32)>,
-    rewrites: &[(Target, ProbeKind)],
+    rewrites: &[(Target, ProbeKind, Option<(u64, u8)>)],
 ) -> Result<Vec<u8>> {
     // The builder rejects section types it does not model (SHT_GROUP, .llvm_addrsig,
     // ...): they are read and written as opaque PROGBITS and get their type back in
@@ -84,12 +84,31 @@ pub(super) fn write_object(
             id.to_le_bytes().to_vec(),
         ));
     }
-    // C probe sites by section: offset of the rel32 -> kind.
-    let mut c_sites: BTreeMap<usize, HashMap<u64, ProbeKind>> = BTreeMap::new();
-    for &(site, kind) in rewrites {
+    // C probe sites by section: offset of the call's relocation -> (kind, the site's
+    // offset). Sections holding calls rewritten whole (riscv64) keep offsets' alignment
+    // in the image: the site is 4-aligned in the section.
+    let mut c_sites: BTreeMap<usize, HashMap<u64, (ProbeKind, u64)>> = BTreeMap::new();
+    let mut align4: BTreeSet<usize> = BTreeSet::new();
+    for &(site, kind, call) in rewrites {
         let Target::Sec { sec, off } = site else {
             bail!("{path}: probe site is not in a section")
         };
+        if let Some((call, len)) = call {
+            let r = match arch.c_probe_rewrite(kind, call, len, None) {
+                Some(Ok(r)) if r.site == off => r,
+                _ => bail!("{path}: C probe call at section {sec}+{call:#x} cannot be rewritten"),
+            };
+            patches
+                .entry(sec)
+                .or_default()
+                .push((call as usize, r.bytes.to_vec()));
+            c_sites
+                .entry(sec)
+                .or_default()
+                .insert(arch.plain_branch_field(call), (kind, off));
+            align4.insert(sec);
+            continue;
+        }
         // A form that branches to `ksites_probe_ret0` (on x86-64 the is-enabled tail
         // call's `jmp`) gets its offset from the retargeted relocation.
         let Some(bytes) = arch.disabled_probe_unlinked(kind) else {
@@ -102,7 +121,11 @@ pub(super) fn write_object(
         c_sites
             .entry(sec)
             .or_default()
-            .insert(arch.plain_branch_field(off), kind);
+            .insert(arch.plain_branch_field(off), (kind, off));
+    }
+    for &sec in &align4 {
+        let s = b.sections.get_mut(sec_id(sec)?);
+        s.sh_addralign = s.sh_addralign.max(arch.probe_site_len() as u64);
     }
     for (sec, list) in patches {
         let s = b.sections.get_mut(sec_id(sec)?);
@@ -123,7 +146,7 @@ pub(super) fn write_object(
     // `ksites_probe_ret0` (an undefined symbol, added if the object lacks it).
     let needs_ret0 = rewrites
         .iter()
-        .any(|&(_, k)| arch.probe_stub_reloc(k).is_some());
+        .any(|&(_, k, _)| arch.probe_stub_reloc(k).is_some());
     let ret0: Option<SymbolId> = if needs_ret0 {
         let found = b
             .symbols
@@ -154,17 +177,23 @@ pub(super) fn write_object(
                 continue;
             };
             for r in rels.iter_mut() {
+                let Some(&(kind, site)) = sites.get(&r.r_offset) else {
+                    continue;
+                };
+                if arch.dropped_with_call(r.r_type.0) {
+                    r.r_type = elf::RelocationType(arch.none_reloc());
+                    continue;
+                }
                 if arch.reloc_class(r.r_type.0) != RelocClass::Branch {
                     continue;
                 }
-                let Some(&kind) = sites.get(&r.r_offset) else {
-                    continue;
-                };
                 *seen.entry(r.r_offset).or_default() += 1;
                 match (arch.probe_stub_reloc(kind), ret0) {
                     (Some((t, addend)), Some(id)) => {
                         r.symbol = Some(id);
                         (r.r_type, r.r_addend) = (elf::RelocationType(t), addend);
+                        // On the site's instruction (riscv64: inside the call).
+                        r.r_offset = arch.plain_branch_field(site);
                     }
                     _ => r.r_type = elf::RelocationType(arch.none_reloc()),
                 }
