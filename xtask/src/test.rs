@@ -86,8 +86,12 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     )?;
 
     heading("aarch64 corpus");
-    let corpus = crate::corpus_aarch64::run(sh, root)
+    let corpus = crate::corpus_modules::run(sh, root, &crate::corpus_aarch64::AARCH64)
         .context("aarch64 corpus: check-module or embed failed on a real C object")?;
+
+    heading("riscv64 corpus");
+    let corpus_riscv64 = crate::corpus_modules::run(sh, root, &crate::corpus_riscv64::RISCV64)
+        .context("riscv64 corpus: check-module or embed failed on a real C object")?;
 
     heading("qemu");
     let kernel =
@@ -98,11 +102,11 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
 
     println!(
         "\nxtask test: all steps passed ({host} host tests, {host_checks} host self-test checks, \
-         {corpus} aarch64 corpus objects, {kernel} in-kernel tests over all CPU models and architectures, {example} example kernel checks)"
+         {corpus} aarch64 corpus objects, {corpus_riscv64} riscv64 corpus objects, {kernel} in-kernel tests over all CPU models and architectures, {example} example kernel checks)"
     );
     println!(
         "xtask: {} passed, 0 failed",
-        host + host_checks + corpus + kernel + example
+        host + host_checks + corpus + corpus_riscv64 + kernel + example
     );
     Ok(())
 }
