@@ -41,6 +41,12 @@ include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 mod live;
 
 pub(crate) fn read_u32(addr: u64) -> u32 {
+    if !addr.is_multiple_of(4) {
+        // A riscv64 site may be 2-aligned (compressed code): two halfword reads.
+        // SAFETY: only called on mapped, readable addresses, at least 2-aligned.
+        let half = |a: u64| unsafe { core::ptr::read_volatile(a as usize as *const u16) };
+        return u32::from(half(addr)) | (u32::from(half(addr + 2)) << 16);
+    }
     // SAFETY: only called on mapped, readable, 4-aligned addresses.
     unsafe { core::ptr::read_volatile(addr as usize as *const u32) }
 }

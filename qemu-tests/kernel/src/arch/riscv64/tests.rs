@@ -2,7 +2,9 @@
 //! features from it, the trap path (`ebreak` resumed, FP state preserved), SBI HSM
 //! start-up of every hart, the IPI synchronisation round, jobs on every hart with its
 //! paging on; and, under their riscv64 names, the shared W^X, alias-patching and
-//! live-patching tests (`crate::shared::wx_tests`, `crate::shared::live_tests`).
+//! live-patching tests (`crate::shared::wx_tests`, `crate::shared::live_tests`). The
+//! text functions those use (`ksites_rv_text_canary`, `ksites_rv_patch_page` at the
+//! start of the patch page) are here; `testing.rs` hands them out.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,6 +14,28 @@ use crate::harness::{Harness, TestResult};
 use crate::shared::{live_tests, wx_tests};
 use crate::{ensure, println};
 use kernel_loader::CpuFeatures;
+
+core::arch::global_asm!(
+    r#"
+    .option push
+    .option norvc
+    .text
+    .balign 4
+    .global ksites_rv_text_canary
+ksites_rv_text_canary:
+    li a0, 42
+    ret
+
+    .section .text.patch_page, "ax"
+    .balign 4096
+    .global ksites_rv_patch_page
+ksites_rv_patch_page:
+    li a0, 1
+    ret
+    .fill 1022, 4, 0x00100073
+    .option pop
+"#
+);
 
 /// Runs every platform test, in boot order (the other harts start before the IPI tests).
 pub fn run(h: &mut Harness) {
