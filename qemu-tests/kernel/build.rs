@@ -12,6 +12,9 @@ const MODULES: &[&str] = &["rmod", "cmod", "badmod"];
 /// The aarch64 set: `farmod` too (loaded out of `bl` reach of the kernel).
 const AARCH64_MODULES: &[&str] = &["rmod", "cmod", "badmod", "farmod"];
 
+/// The riscv64 set (the modules built for riscv64).
+const RISCV64_MODULES: &[&str] = &["rmod", "cmod", "badmod"];
+
 /// Writes `$OUT_DIR/modules.rs`: one `pub static NAME: &Aligned<[u8]>` per module,
 /// `include_bytes!` of `NAME.ko`, or an empty slice (and a warning) if it was not built,
 /// so the kernel still builds (e.g. under `cargo clippy`) and its module tests fail
@@ -33,6 +36,17 @@ fn include_aarch64_modules(manifest_dir: &str) {
         "KSITES_AARCH64_MODULE_DIR",
         "target/ksites-modules/aarch64",
         AARCH64_MODULES,
+    );
+}
+
+/// The riscv64 kernel's [`include_modules`]: the modules built for riscv64, from
+/// `KSITES_RISCV64_MODULE_DIR` (default: `target/ksites-modules/riscv64`).
+fn include_riscv64_modules(manifest_dir: &str) {
+    write_modules(
+        manifest_dir,
+        "KSITES_RISCV64_MODULE_DIR",
+        "target/ksites-modules/riscv64",
+        RISCV64_MODULES,
     );
 }
 
@@ -97,6 +111,35 @@ fn compile_aarch64_c_probes() {
         .compile("a64cprobes");
 }
 
+/// The riscv64 kernel's C probe sites: c/cprobes.c, built with the cross gcc for the
+/// kernel's ABI (RV64GC, lp64d) and code model (`medany`: the kernel lies at
+/// 0x8020_0000, above `medlow`'s reach), without linker relaxation.
+fn compile_riscv64_c_probes() {
+    println!("cargo:rerun-if-changed=c/cprobes.c");
+    println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_sdt.h");
+    println!("cargo:rerun-if-changed=../../kernel-loader/c/ksites_arch.h");
+    cc::Build::new()
+        .compiler("riscv64-linux-gnu-gcc")
+        .archiver("riscv64-linux-gnu-ar")
+        .file("c/cprobes.c")
+        .include("../../kernel-loader/c")
+        .pic(false)
+        .opt_level(2)
+        .flag("-ffreestanding")
+        .flag("-fno-pic")
+        .flag("-march=rv64gc")
+        .flag("-mabi=lp64d")
+        .flag("-mcmodel=medany")
+        // No R_RISCV_RELAX: the linker keeps each probe call an `auipc`+`jalr` pair,
+        // the form `ksites embed` rewrites (a relaxed `jal` would be refused).
+        .flag("-mno-relax")
+        .flag("-fno-stack-protector")
+        .flag("-fno-asynchronous-unwind-tables")
+        .warnings(true)
+        .extra_warnings(true)
+        .compile("rv64cprobes");
+}
+
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     // The aarch64 platform (src/arch/aarch64/) has its own linker script, its own set
@@ -107,6 +150,16 @@ fn main() {
         println!("cargo:rerun-if-changed=src/arch/aarch64/linker.ld");
         println!("cargo:rerun-if-changed=build.rs");
         compile_aarch64_c_probes();
+        return;
+    }
+    // The riscv64 platform (src/arch/riscv64/): its own linker script and modules and,
+    // of the C code, only the probe file (the cross gcc), as on aarch64.
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("riscv64") {
+        include_riscv64_modules(&dir);
+        println!("cargo:rustc-link-arg-bins=-T{dir}/src/arch/riscv64/linker.ld");
+        println!("cargo:rerun-if-changed=src/arch/riscv64/linker.ld");
+        println!("cargo:rerun-if-changed=build.rs");
+        compile_riscv64_c_probes();
         return;
     }
     include_modules(&dir);

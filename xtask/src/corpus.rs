@@ -1,9 +1,10 @@
 //! The C corpus: real C libraries vendored by crates.io crates (pinned versions), fetched
 //! with `cargo fetch` into cargo's cache, unpacked, and compiled one object per source
 //! file. Shared by the recordmcount benchmark (`bench::mcount`: x86-64, `-pg -mfentry`)
-//! and the aarch64 module check (`corpus_aarch64`: `aarch64-linux-gnu-gcc`, kernel-like
-//! flags). Each user compiles into its own directory and keeps a listing, `obj/CORPUS`,
-//! whose first line records a key of the sources and flags, so a change rebuilds it.
+//! and the module checks (`corpus_modules`, per architecture: `aarch64-linux-gnu-gcc`,
+//! `riscv64-linux-gnu-gcc`, kernel-like flags). Each user compiles into its own
+//! directory and keeps a listing, `obj/CORPUS`, whose first line records a key of the
+//! sources and flags, so a change rebuilds it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -12,7 +12,10 @@
 //!
 //! The aarch64 kernel gets the same three modules built for aarch64 ([`build_aarch64`]:
 //! rustc `--target aarch64-unknown-none`, `aarch64-linux-gnu-gcc`) in
-//! `target/ksites-modules/aarch64/`, named by [`AARCH64_MODULE_DIR_ENV`].
+//! `target/ksites-modules/aarch64/`, named by [`AARCH64_MODULE_DIR_ENV`]; the riscv64
+//! kernel the same for riscv64 ([`build_riscv64`]: `riscv64gc-unknown-none-elf`,
+//! `riscv64-linux-gnu-gcc`) in `target/ksites-modules/riscv64/`
+//! ([`RISCV64_MODULE_DIR_ENV`]).
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -25,6 +28,8 @@ use xshell::{Shell, cmd};
 pub(crate) const MODULE_DIR_ENV: &str = "KSITES_MODULE_DIR";
 /// The same for the aarch64 kernel's modules.
 pub(crate) const AARCH64_MODULE_DIR_ENV: &str = "KSITES_AARCH64_MODULE_DIR";
+/// The same for the riscv64 kernel's modules.
+pub(crate) const RISCV64_MODULE_DIR_ENV: &str = "KSITES_RISCV64_MODULE_DIR";
 
 /// The C modules, by file stem, in `qemu-tests/modules/`.
 const C_MODULES: &[&str] = &["cmod", "badmod"];
@@ -32,10 +37,11 @@ const C_MODULES: &[&str] = &["cmod", "badmod"];
 /// reach of its text (its calls into the kernel go through the loader's veneers).
 const AARCH64_C_MODULES: &[&str] = &["cmod", "badmod", "farmod"];
 
-/// The flags every C module is compiled with: freestanding, not PIC (the kernel and the
-/// module arena lie below 2 GiB, so the small code model's absolute 32-bit relocations
-/// reach them), no SSE/x87 or FP/SIMD state, no stack protector or unwind tables; the
-/// architecture's own flags ([`Toolchain::arch_flags`]) follow.
+/// The flags every C module is compiled with: freestanding, not PIC (on x86_64 and
+/// aarch64 the kernel and the module arena lie below 2 GiB, so the small code model's
+/// absolute 32-bit relocations reach them), no stack protector or unwind tables; the
+/// architecture's own flags ([`Toolchain::arch_flags`]: no FP/SIMD state where the
+/// compiler can promise it, the code model) follow.
 const C_FLAGS: &[&str] = &[
     "-c",
     "-O2",
@@ -43,7 +49,6 @@ const C_FLAGS: &[&str] = &[
     "-fno-pic",
     "-fno-pie",
     "-fno-common",
-    "-mgeneral-regs-only",
     "-fno-stack-protector",
     "-fno-asynchronous-unwind-tables",
     "-Wall",
@@ -66,7 +71,7 @@ const X86_64: Toolchain = Toolchain {
     rust_target: None,
     c_modules: C_MODULES,
     cc: "gcc",
-    arch_flags: &["-mno-red-zone"],
+    arch_flags: &["-mno-red-zone", "-mgeneral-regs-only"],
     nm: "nm",
 };
 
@@ -74,8 +79,25 @@ const AARCH64: Toolchain = Toolchain {
     rust_target: Some("aarch64-unknown-none"),
     c_modules: AARCH64_C_MODULES,
     cc: "aarch64-linux-gnu-gcc",
-    arch_flags: &[],
+    arch_flags: &["-mgeneral-regs-only"],
     nm: "aarch64-linux-gnu-nm",
+};
+
+/// riscv64: the kernel's ABI (RV64GC, lp64d; gcc has no general-registers-only mode,
+/// and the modules use no floating point), `medany` (the kernel lies at 0x8020_0000,
+/// above `medlow`'s reach), and no linker relaxation (`-mno-relax`: C probe calls stay
+/// `auipc`+`jalr` pairs, the form `ksites embed` rewrites).
+const RISCV64: Toolchain = Toolchain {
+    rust_target: Some("riscv64gc-unknown-none-elf"),
+    c_modules: C_MODULES,
+    cc: "riscv64-linux-gnu-gcc",
+    arch_flags: &[
+        "-march=rv64gc",
+        "-mabi=lp64d",
+        "-mcmodel=medany",
+        "-mno-relax",
+    ],
+    nm: "riscv64-linux-gnu-nm",
 };
 
 /// Where the module objects and the embedded modules go.
@@ -86,6 +108,16 @@ pub(crate) fn module_dir(root: &Path) -> PathBuf {
 /// Where the aarch64 modules go.
 pub(crate) fn aarch64_module_dir(root: &Path) -> PathBuf {
     module_dir(root).join("aarch64")
+}
+
+/// Where the riscv64 modules go.
+pub(crate) fn riscv64_module_dir(root: &Path) -> PathBuf {
+    module_dir(root).join("riscv64")
+}
+
+/// Builds every module for riscv64 and embeds it; returns the directory holding them.
+pub(crate) fn build_riscv64(sh: &Shell, root: &Path, ksites: &Path) -> Result<PathBuf> {
+    build_set(sh, root, ksites, &RISCV64, riscv64_module_dir(root))
 }
 
 /// Builds every module and embeds it; returns the directory holding the `*.ko` files.
@@ -238,6 +270,10 @@ mod tests {
         assert_eq!(
             aarch64_module_dir(Path::new("/r")),
             Path::new("/r/target/ksites-modules/aarch64")
+        );
+        assert_eq!(
+            riscv64_module_dir(Path::new("/r")),
+            Path::new("/r/target/ksites-modules/riscv64")
         );
     }
 }

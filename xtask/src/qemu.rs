@@ -14,7 +14,7 @@ use object::read::elf::{FileHeader, ProgramHeader};
 use xshell::{Shell, cmd};
 
 use crate::judge::{self, Exit, Verdict};
-use crate::{crosscheck, install, modules, qemu_aarch64};
+use crate::{crosscheck, install, modules, qemu_aarch64, qemu_riscv64};
 
 /// The CPU models booted when `--cpu` is not given. `MODEL-smpN` boots `MODEL` with N
 /// CPUs under multi-threaded TCG (see [`split_label`]).
@@ -29,13 +29,15 @@ const STATIC_RUSTFLAGS_ENV: &str = "CARGO_TARGET_X86_64_UNKNOWN_NONE_RUSTFLAGS";
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct QemuArgs {
     /// Architecture whose test kernel to build and boot; repeat for several
-    /// [default: both]
+    /// [default: all three]
     #[arg(long = "arch", value_enum, value_name = "ARCH")]
     pub(crate) arches: Vec<Arch>,
     /// CPU model to boot, `MODEL-smpN` for N CPUs; repeat to boot several. x86_64:
     /// [default: qemu64, max, Haswell, qemu64-smp4, max-smp4]; aarch64 (`aarch64-MODEL`,
     /// or `MODEL` with `--arch aarch64`): [default: aarch64-cortex-a57, aarch64-max,
-    /// aarch64-max-smp4]. Without `--arch`, `--cpu` boots only the architectures it names
+    /// aarch64-max-smp4]; riscv64 (`riscv64-MODEL`, or `MODEL` with `--arch riscv64`):
+    /// [default: riscv64-rv64, riscv64-rv64-zbb, riscv64-max-smp4]. Without `--arch`,
+    /// `--cpu` boots only the architectures it names
     #[arg(long = "cpu", value_name = "MODEL")]
     pub(crate) cpus: Vec<String>,
     /// Seconds each single-CPU QEMU run may take before it is killed (SMP runs: 3x)
@@ -59,6 +61,8 @@ pub(crate) enum Arch {
     X86_64,
     /// qemu-system-aarch64 -M virt, the platform tests.
     Aarch64,
+    /// qemu-system-riscv64 -M virt -bios default (OpenSBI), the platform tests.
+    Riscv64,
 }
 
 impl Default for QemuArgs {
@@ -98,10 +102,14 @@ impl Paths {
     }
 }
 
-/// Runs the x86_64 and the aarch64 test kernels (those `--arch`/`--cpu` select);
+/// Runs the x86_64, aarch64 and riscv64 test kernels (those `--arch`/`--cpu` select);
 /// returns the number of in-kernel tests that passed, summed over every run.
 pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
-    let (x86_64, aarch64) = qemu_aarch64::split_runs(args)?;
+    let (riscv64, others) = qemu_riscv64::split_runs(args)?;
+    let (x86_64, aarch64) = match &others {
+        Some(others) => qemu_aarch64::split_runs(others)?,
+        None => (None, None),
+    };
     let mut passed = 0;
     if let Some(cpus) = x86_64 {
         passed += run_x86_64(
@@ -115,6 +123,9 @@ pub(crate) fn run(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
     }
     if let Some(labels) = aarch64 {
         passed += qemu_aarch64::run(sh, root, &labels, args)?;
+    }
+    if let Some(labels) = riscv64 {
+        passed += qemu_riscv64::run(sh, root, &labels, args)?;
     }
     Ok(passed)
 }

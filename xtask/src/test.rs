@@ -1,4 +1,4 @@
-//! `cargo xtask test`: tidy, fmt, clippy, host tests, then the QEMU runs of both
+//! `cargo xtask test`: tidy, fmt, clippy, host tests, then the QEMU runs of the three
 //! architectures. Stops at the first failure.
 
 use std::path::Path;
@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use xshell::{Shell, cmd};
 
 use crate::qemu::{self, Paths, QemuArgs};
-use crate::qemu_aarch64;
 use crate::{example, host, install};
+use crate::{qemu_aarch64, qemu_riscv64};
 
 pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     let paths = Paths::new(root);
@@ -58,6 +58,17 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
         .run()
         .context("clippy: warnings in the aarch64 test kernel (qemu-tests)")?;
     }
+    qemu_riscv64::install_tools(sh, kernel_dir)?;
+    {
+        let _dir = in_dir(sh, kernel_dir);
+        let target = qemu_riscv64::TARGET;
+        cmd!(
+            sh,
+            "cargo clippy --release -p qemu-tests --target {target} -- -D warnings"
+        )
+        .run()
+        .context("clippy: warnings in the riscv64 test kernel (qemu-tests)")?;
+    }
     {
         let _dir = in_dir(sh, &root.join(example::DIR));
         cmd!(sh, "cargo clippy --release -- -D warnings")
@@ -75,8 +86,12 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
     )?;
 
     heading("aarch64 corpus");
-    let corpus = crate::corpus_aarch64::run(sh, root)
+    let corpus = crate::corpus_modules::run(sh, root, &crate::corpus_aarch64::AARCH64)
         .context("aarch64 corpus: check-module or embed failed on a real C object")?;
+
+    heading("riscv64 corpus");
+    let corpus_riscv64 = crate::corpus_modules::run(sh, root, &crate::corpus_riscv64::RISCV64)
+        .context("riscv64 corpus: check-module or embed failed on a real C object")?;
 
     heading("qemu");
     let kernel =
@@ -87,11 +102,11 @@ pub(crate) fn run(sh: &Shell, root: &Path) -> Result<()> {
 
     println!(
         "\nxtask test: all steps passed ({host} host tests, {host_checks} host self-test checks, \
-         {corpus} aarch64 corpus objects, {kernel} in-kernel tests over all CPU models and architectures, {example} example kernel checks)"
+         {corpus} aarch64 corpus objects, {corpus_riscv64} riscv64 corpus objects, {kernel} in-kernel tests over all CPU models and architectures, {example} example kernel checks)"
     );
     println!(
         "xtask: {} passed, 0 failed",
-        host + host_checks + corpus + kernel + example
+        host + host_checks + corpus + corpus_riscv64 + kernel + example
     );
     Ok(())
 }

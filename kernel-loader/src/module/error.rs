@@ -94,7 +94,7 @@ impl fmt::Display for RelocationProblem {
     }
 }
 
-/// `x86-64 or aarch64`: the machines the loader relocates.
+/// `x86-64, aarch64 or riscv64`: the machines the loader relocates.
 fn machines(f: &mut fmt::Formatter<'_>) -> fmt::Result {
     for (i, m) in Machine::ALL.into_iter().enumerate() {
         if i > 0 {
@@ -214,6 +214,15 @@ pub enum RelocFailure {
         /// The veneer's address.
         veneer: u64,
     },
+    /// A PC-relative low part (riscv64 `PCREL_LO12_I`/`_S`) whose label carries no
+    /// high part (`PCREL_HI20`) to complete.
+    NoHighPart {
+        /// The label's address (where the high part's `auipc` should be).
+        label: u64,
+    },
+    /// An alignment relocation (riscv64 `ALIGN`) covers bytes that are not NOP padding
+    /// (the loader keeps the padding and runs through it, so it must be NOPs).
+    NotPadding,
 }
 
 impl fmt::Display for RelocFailure {
@@ -235,6 +244,11 @@ impl fmt::Display for RelocFailure {
                 f,
                 "is out of reach of {target:#x} and of its veneer at {veneer:#x}"
             ),
+            RelocFailure::NoHighPart { label } => write!(
+                f,
+                "has no PC-relative high-part relocation at its label {label:#x} to complete"
+            ),
+            RelocFailure::NotPadding => f.write_str("covers bytes that are not NOP padding"),
         }
     }
 }

@@ -3,11 +3,22 @@
 //! module's table in place.
 //!
 //! The region is the layout contract's three groups from offset 0, then the loader's
-//! bookkeeping, then (on architectures with veneers, and only if the module may need
-//! one) a page-aligned veneer area mapped read + execute. Neither changes a section's
-//! address. The veneer area has room for one veneer per branch relocation to a
+//! bookkeeping (with, on riscv64, the index of PC-relative high parts below), then (on
+//! architectures with veneers, and only if the module may need one) a page-aligned
+//! veneer area mapped read + execute. Neither changes a section's address. The veneer area has room for one veneer per branch relocation to a
 //! symbol outside the module (at most one per such symbol); a branch that overflows
 //! goes through a veneer to its target, one veneer per distinct target.
+//!
+//! On riscv64 a PC-relative low part (`PCREL_LO12_I`/`_S`) names the label of the
+//! `auipc` whose high part (`PCREL_HI20`) it completes, possibly in another section and
+//! anywhere in the relocation order. Before relocating, the linker records every high
+//! part of the module — the `auipc`'s address and the target — in an index in its
+//! bookkeeping (24 bytes each, counted when the region is laid out) and sorts it by
+//! address once; each low part then finds its high part by binary search: O(n log n)
+//! for the module, without allocating. Label differences (an `ADDn`/`SETn` then a
+//! `SUBn` at the same place) are checked to fit their field once both halves are
+//! applied, and an `ALIGN`'s padding is checked to be NOPs (the loader does not relax;
+//! see [`crate::arch::riscv64::reloc`]).
 //!
 //! The linker writes the region only through raw pointers ([`Linker::write`], bounds
 //! checked), never through a `&mut` slice made from `&self`; the one shared slice into
@@ -32,7 +43,7 @@ use super::error::{
     Malformed, ModuleError, RelocFailure, RelocationProblem, SectionSymbol, SymbolProblem,
 };
 use super::layout::{PAGE_SIZE, SectionHeader};
-use super::machine::{Failure, Machine};
+use super::machine::{Failure, MAX_VENEER_LEN, Machine};
 use super::object::{ElfSym, Object, Shdr, elf_err};
 use super::{Kernel, LoadReport, MAX_KERNEL_EXEC, ModuleMemory, Region};
 
@@ -44,11 +55,22 @@ pub(super) struct Layout {
     pub(super) rw: usize,
     /// Bookkeeping: one `u64` address per section, then one per symbol.
     pub(super) meta: usize,
+    /// The index of PC-relative high parts (riscv64): `pcrel_len` entries of
+    /// [`HI_ENTRY`] bytes, after the addresses.
+    pub(super) pcrel: usize,
+    pub(super) pcrel_len: usize,
     /// The veneer area (page-aligned; up to `end`, empty if the module needs none).
     pub(super) veneers: usize,
     pub(super) end: usize,
     pub(super) sections: usize,
     pub(super) symbols: usize,
+}
+
+/// The sort key of a high-part index entry: the `auipc`'s address.
+fn hi_key(e: &[u8; HI_ENTRY]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&e[..8]);
+    u64::from_le_bytes(a)
 }
 
 /// Whether a section is loaded (has a group in the layout contract).
@@ -64,9 +86,14 @@ impl Object<'_> {
         let off = |v: u64| usize::try_from(v).map_err(|_| too_big);
         let meta = off(g.end())?;
         let n = self.sections.len() + self.symtab.len();
-        let veneers = n
+        let pcrel = n
             .checked_mul(8)
             .and_then(|b| meta.checked_add(b))
+            .ok_or(too_big)?;
+        let pcrel_len = self.pcrel_highs()?;
+        let veneers = pcrel_len
+            .checked_mul(HI_ENTRY)
+            .and_then(|b| pcrel.checked_add(b))
             .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
             .ok_or(too_big)?
             .max(PAGE_SIZE);
@@ -81,6 +108,8 @@ impl Object<'_> {
             ro: off(g.read_only.start)?,
             rw: off(g.writable.start)?,
             meta,
+            pcrel,
+            pcrel_len,
             veneers,
             end,
             sections: self.sections.len(),
@@ -89,7 +118,45 @@ impl Object<'_> {
     }
 }
 
+/// Bytes of one entry of the high-part index: the `auipc`'s address, the target
+/// (`S + A`), and whether the target is known (8 bytes each, little-endian).
+const HI_ENTRY: usize = 24;
+
 impl Object<'_> {
+    /// The relocations of loaded sections, with the index of the section each applies
+    /// to, section by section.
+    fn loaded_relas(
+        &self,
+    ) -> impl Iterator<Item = Result<(usize, &[elf::Rela64<LE>]), ModuleError>> + '_ {
+        self.sections.iter().filter_map(|rs| {
+            let target = rs.sh_info.get(LE) as usize;
+            if rs.sh_type.get(LE) != elf::SHT_RELA
+                || !self.sections.get(target).is_some_and(is_loaded)
+            {
+                return None;
+            }
+            match rs.rela(LE, self.bytes) {
+                Ok(Some((relas, _))) => Some(Ok((target, relas))),
+                Ok(None) => None,
+                Err(e) => Some(Err(elf_err(e))),
+            }
+        })
+    }
+
+    /// How many PC-relative high parts the module's loaded sections have (0 on
+    /// machines without low parts that refer to them).
+    fn pcrel_highs(&self) -> Result<usize, ModuleError> {
+        let Some(hi) = self.machine.pcrel_hi() else {
+            return Ok(0);
+        };
+        let mut n = 0usize;
+        for r in self.loaded_relas() {
+            let (_, relas) = r?;
+            n += relas.iter().filter(|r| r.r_type(LE, false).0 == hi).count();
+        }
+        Ok(n)
+    }
+
     /// Whether symbol `i` lies outside the module's memory (undefined, absolute, or in
     /// a section that is not loaded): a branch to it may need a veneer.
     fn outside(&self, i: usize) -> bool {
@@ -114,18 +181,8 @@ impl Object<'_> {
             return Ok(0);
         }
         let (mut plain, mut offset) = (0usize, 0usize);
-        for rs in self.sections {
-            if rs.sh_type.get(LE) != elf::SHT_RELA
-                || !self
-                    .sections
-                    .get(rs.sh_info.get(LE) as usize)
-                    .is_some_and(is_loaded)
-            {
-                continue;
-            }
-            let Some((relas, _)) = rs.rela(LE, self.bytes).map_err(elf_err)? else {
-                continue;
-            };
+        for r in self.loaded_relas() {
+            let (_, relas) = r?;
             for r in relas {
                 if self.machine.needs_veneer(r.r_type(LE, false).0)
                     && self.outside(r.r_sym(LE, false) as usize)
@@ -151,6 +208,16 @@ struct Linker<'b, 'k, 'm> {
     region: &'m Region,
     layout: Layout,
     report: LoadReport,
+    /// Entries of the high-part index written (see [`Linker::index_pcrel_highs`]).
+    highs: usize,
+}
+
+/// The first half of a label difference, until its second half is applied.
+#[derive(Clone, Copy)]
+struct FirstHalf {
+    offset: u64,
+    bits: u32,
+    value: u64,
 }
 
 impl<'b> Linker<'b, '_, '_> {
@@ -343,6 +410,7 @@ impl<'b> Linker<'b, '_, '_> {
     /// Applies every relocation section that targets an allocated section; reports each
     /// problem to `issue`.
     fn relocate(&mut self, issue: &mut dyn FnMut(ModuleError)) -> Result<(), ModuleError> {
+        self.index_pcrel_highs()?;
         for rs in self.obj.sections {
             let ty = rs.sh_type.get(LE);
             if ty != elf::SHT_RELA && ty != elf::SHT_REL {
@@ -369,13 +437,75 @@ impl<'b> Linker<'b, '_, '_> {
             let Some((relas, _)) = rs.rela(LE, self.obj.bytes).map_err(elf_err)? else {
                 continue;
             };
+            let mut first = None;
             for r in relas {
-                if let Err(e) = self.apply(target, tsh, tname, r) {
+                if let Err(e) = self.apply(target, tsh, tname, r, &mut first) {
                     issue(e);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Records every PC-relative high part of the module (the `auipc`'s address, the
+    /// target `S + A`, and whether it is known) in the index, and sorts it by address:
+    /// a low part finds its high part by its label's address ([`Linker::pcrel_high`]).
+    fn index_pcrel_highs(&mut self) -> Result<(), ModuleError> {
+        let Some(hi) = self.obj.machine.pcrel_hi() else {
+            return Ok(());
+        };
+        let mut n = 0usize;
+        for r in self.obj.loaded_relas() {
+            let (target, relas) = r?;
+            for r in relas.iter().filter(|r| r.r_type(LE, false).0 == hi) {
+                if n >= self.layout.pcrel_len {
+                    return Err(ModuleError::Malformed(Malformed::OutsideRegion));
+                }
+                let p = self.section_addr(target).wrapping_add(r.r_offset(LE));
+                let sym = r.r_sym(LE, false) as usize;
+                let s = self.symbol_addr(sym);
+                // A bad or unresolved symbol is reported when the high part is applied;
+                // its low parts are then left alone.
+                let known =
+                    sym < self.layout.symbols && !(s == 0 && self.unresolved(SymbolIndex(sym)));
+                let mut e = [0u8; HI_ENTRY];
+                e[..8].copy_from_slice(&p.to_le_bytes());
+                e[8..16].copy_from_slice(&s.wrapping_add_signed(r.r_addend(LE)).to_le_bytes());
+                e[16] = u8::from(known);
+                self.write(self.layout.pcrel + n * HI_ENTRY, &e)?;
+                n += 1;
+            }
+        }
+        let ptr = self.at(self.layout.pcrel, n * HI_ENTRY)?;
+        // SAFETY: `ptr..ptr + n * HI_ENTRY` is the index, inside the region (`at` checked
+        // it) and written above; the slice is the only reference into the region while
+        // it lives (it ends with this function), and `[u8; HI_ENTRY]` needs no alignment.
+        let entries = unsafe { core::slice::from_raw_parts_mut(ptr.cast::<[u8; HI_ENTRY]>(), n) };
+        entries.sort_unstable_by_key(hi_key);
+        self.highs = n;
+        Ok(())
+    }
+
+    /// The high part at `label` in the index: its target, and whether it is known.
+    fn pcrel_high(&self, label: u64) -> Option<(u64, bool)> {
+        let entry = |i: usize| {
+            let mut e = [0u8; HI_ENTRY];
+            self.read(self.layout.pcrel + i * HI_ENTRY, &mut e).ok()?;
+            Some(e)
+        };
+        let (mut lo, mut hi) = (0, self.highs);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if hi_key(&entry(mid)?) < label {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let e = entry(lo).filter(|e| hi_key(e) == label)?;
+        let mut to = [0u8; 8];
+        to.copy_from_slice(&e[8..16]);
+        Some((u64::from_le_bytes(to), e[16] != 0))
     }
 
     fn apply(
@@ -384,6 +514,7 @@ impl<'b> Linker<'b, '_, '_> {
         tsh: &Shdr,
         tname: &str,
         r: &elf::Rela64<LE>,
+        first: &mut Option<FirstHalf>,
     ) -> Result<(), ModuleError> {
         let offset = r.r_offset(LE);
         let r_type = r.r_type(LE, false).0;
@@ -403,12 +534,23 @@ impl<'b> Linker<'b, '_, '_> {
         // Names are looked up only on the error paths.
         let fail =
             |this: &Self, why: Failure| this.reloc_error(machine, r_type, tname, offset, sym, why);
+        let size = tsh.sh_size.get(LE);
+        if let Some(padding) = machine.align_padding(r_type, a) {
+            let len = padding.map_err(|why| fail(self, why))?;
+            if offset.checked_add(len as u64).is_none_or(|e| e > size) {
+                return Err(bad(RelocationProblem::OutsideSection));
+            }
+            if !self.is_padding(target, offset, len)? {
+                return Err(fail(self, Failure::NotPadding));
+            }
+            self.report.relocations += 1;
+            return Ok(());
+        }
         let width = match machine.width(r_type) {
             Some(0) => return Ok(()),
             Some(w) => w,
             None => return Err(fail(self, Failure::Unsupported)),
         };
-        let size = tsh.sh_size.get(LE);
         if offset.checked_add(width as u64).is_none_or(|e| e > size) {
             return Err(bad(RelocationProblem::OutsideSection));
         }
@@ -419,12 +561,47 @@ impl<'b> Linker<'b, '_, '_> {
             return Ok(());
         }
         let p = self.section_addr(target).wrapping_add(offset);
+        // A low part is computed from its high part: `S` is the high part's target, `P`
+        // its `auipc`'s address (the label, `s`).
+        let (s, from) = if machine.is_pcrel_lo(r_type) {
+            match self.pcrel_high(s) {
+                Some((to, true)) => (to, s),
+                Some((_, false)) => return Ok(()),
+                None => {
+                    let why = RelocFailure::NoHighPart { label: s };
+                    return Err(self.failed(machine, r_type, tname, offset, sym, why));
+                }
+            }
+        } else {
+            (s, p)
+        };
         // The field lies in its section (checked above), which lies in the region.
         let at = (p - self.region.addr) as usize;
         let mut buf = [0u8; 8];
         let place = &mut buf[..width];
         self.read(at, place)?;
-        match machine.apply(r_type, place, s, a, p) {
+        match machine.difference_half(r_type) {
+            Some((true, bits)) => {
+                *first = Some(FirstHalf {
+                    offset,
+                    bits,
+                    value: s.wrapping_add_signed(a),
+                });
+            }
+            Some((false, bits)) => {
+                if let Some(f) = first.take()
+                    && f.offset == offset
+                    && f.bits == bits
+                {
+                    let d = f.value.wrapping_sub(s.wrapping_add_signed(a)) as i64;
+                    machine
+                        .check_difference(bits, d)
+                        .map_err(|why| fail(self, why))?;
+                }
+            }
+            None => *first = None,
+        }
+        match machine.apply(r_type, place, s, a, from) {
             Ok(()) => {}
             Err(Failure::Overflow { .. }) if machine.needs_veneer(r_type) => {
                 let to = s.wrapping_add_signed(a);
@@ -446,6 +623,23 @@ impl<'b> Linker<'b, '_, '_> {
         Ok(())
     }
 
+    /// Whether the `len` bytes at `offset` in section `target` are padding instructions
+    /// (an alignment relocation's, which the loader leaves in place).
+    fn is_padding(&self, target: usize, offset: u64, len: usize) -> Result<bool, ModuleError> {
+        let at = (self.section_addr(target).wrapping_add(offset) - self.region.addr) as usize;
+        let mut done = 0;
+        while done < len {
+            let mut b = [0u8; 4];
+            let n = (len - done).min(4);
+            self.read(at + done, &mut b[..n])?;
+            match self.obj.machine.padding_insn(&b[..n]) {
+                0 => return Ok(false),
+                step => done += step,
+            }
+        }
+        Ok(true)
+    }
+
     /// The address of a veneer to `to` in the veneer area: an existing one to the
     /// same target, or a new one.
     fn veneer(&mut self, to: u64) -> Result<u64, RelocFailure> {
@@ -454,7 +648,7 @@ impl<'b> Linker<'b, '_, '_> {
         let slots = (self.layout.end - self.layout.veneers)
             .checked_div(len)
             .unwrap_or(0);
-        let mut bytes = [0u8; 16];
+        let mut bytes = [0u8; MAX_VENEER_LEN];
         for i in 0..self.report.veneers as usize {
             let off = self.layout.veneers + i * len;
             if self.read(off, &mut bytes[..len]).is_ok()
@@ -498,7 +692,7 @@ impl<'b> Linker<'b, '_, '_> {
                         value,
                     }
                 }
-                Failure::Unsupported => ModuleError::UnsupportedRelocation {
+                Failure::Unsupported | Failure::NotPadding => ModuleError::UnsupportedRelocation {
                     r_type,
                     section,
                     offset,
@@ -512,6 +706,7 @@ impl<'b> Linker<'b, '_, '_> {
                 RelocFailure::Overflow { value, min, max }
             }
             Failure::Misaligned { value, align } => RelocFailure::Misaligned { value, align },
+            Failure::NotPadding => RelocFailure::NotPadding,
         };
         self.failed(machine, r_type, tname, offset, sym, why)
     }
@@ -710,6 +905,7 @@ pub(super) fn link<'k>(
         kernel,
         region: &region,
         layout,
+        highs: 0,
         report: LoadReport {
             text_size: layout.ro - layout.text,
             ro_size: layout.rw - layout.ro,

@@ -10,7 +10,11 @@
 //!
 //! Built for `aarch64-unknown-none` it is the aarch64 platform instead ([`arch`],
 //! `src/arch/aarch64/`: QEMU `virt`, PL011, GICv2, PSCI, semihosting exit), which
-//! shares [`harness`] and [`no_alloc`]; every other module here is x86_64's.
+//! shares [`harness`] and [`no_alloc`] and runs the test list of `shared` (the
+//! platform-neutral tests of every non-x86 kernel); every other module here is x86_64's.
+//! Built for `riscv64gc-unknown-none-elf` it is the riscv64 platform
+//! (`src/arch/riscv64/`: QEMU `virt` with OpenSBI, NS16550A, SBI HSM and IPIs, Sv39,
+//! `sifive_test` exit).
 #![no_std]
 #![no_main]
 
@@ -24,8 +28,15 @@ macro_rules! x86_64_only {
 pub mod arch;
 #[cfg(target_arch = "aarch64")]
 pub use arch::{exit, serial};
+#[cfg(target_arch = "riscv64")]
+#[path = "arch/riscv64/mod.rs"]
+pub mod arch;
+#[cfg(target_arch = "riscv64")]
+pub use arch::{exit, serial};
 pub mod harness;
 pub mod no_alloc;
+#[cfg(not(target_arch = "x86_64"))]
+pub mod shared;
 // Outside `x86_64_only!`: its `#[macro_export]` macros must not be macro-expanded.
 #[cfg(target_arch = "x86_64")]
 pub mod serial;

@@ -4,7 +4,7 @@
 //!
 //! | ifunc       | fast (feature)                 | baseline (default)          |
 //! |-------------|--------------------------------|-----------------------------|
-//! | `popcount`  | `cnt` + `addv` (ASIMD)         | 4-bit table                 |
+//! | `popcount`  | `cnt` + `addv` (ASIMD)         | 4-bit table (shared)        |
 //! | `crc32c`    | `crc32cx`/`crc32cb` (CRC32)    | 256-entry table (shared)    |
 //! | `fetch_add` | `ldaddal` (LSE)                | `ldaxr`/`stlxr` loop        |
 //! | `xor3`      | `eor3`, 16 bytes a step (SHA3) | two `eor`, 16 bytes a step  |
@@ -14,11 +14,10 @@
 //! turn a bit-trick popcount into `cnt` on this NEON target.
 
 use core::arch::asm;
-use core::sync::atomic::AtomicU64;
 
 use kernel_loader::CpuFeatures;
 
-use crate::{crc32c_table, fetch_add, xor3};
+use crate::{crc32c_table, popcount_soft};
 
 // ---------------------------------------------------------------------------------------
 // popcount
@@ -45,32 +44,6 @@ pub unsafe extern "C" fn popcount_cnt(x: u64) -> u32 {
         );
     }
     n
-}
-
-/// Bits set in each 4-bit value.
-const NIBBLE_BITS: [u8; 16] = [0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4];
-
-/// A 4-bit table lookup per nibble (no vector registers, no `cnt`).
-///
-/// # Safety
-///
-/// None: safe on every CPU (the signature is `unsafe` to match the ifunc's slot type).
-pub unsafe extern "C" fn popcount_soft(x: u64) -> u32 {
-    let mut n = 0u32;
-    let mut i = 0;
-    while i < 64 {
-        n += u32::from(NIBBLE_BITS[((x >> i) & 0xf) as usize]);
-        i += 4;
-    }
-    n
-}
-
-pub(crate) fn pick_popcount(f: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u32 {
-    if f.contains(CpuFeatures::ASIMD) {
-        popcount_cnt
-    } else {
-        popcount_soft
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -106,14 +79,6 @@ pub unsafe extern "C" fn crc32c_hw(crc: u32, data: *const u8, len: usize) -> u32
         i += 1;
     }
     c
-}
-
-pub(crate) fn pick_crc32c(f: &CpuFeatures) -> unsafe extern "C" fn(u32, *const u8, usize) -> u32 {
-    if f.contains(CpuFeatures::CRC32) {
-        crc32c_hw
-    } else {
-        crc32c_table
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -160,14 +125,6 @@ pub unsafe extern "C" fn fetch_add_llsc(p: *mut u64, v: u64) -> u64 {
         );
     }
     old
-}
-
-pub(crate) fn pick_fetch_add(f: &CpuFeatures) -> unsafe extern "C" fn(*mut u64, u64) -> u64 {
-    if f.contains(CpuFeatures::LSE) {
-        fetch_add_lse
-    } else {
-        fetch_add_llsc
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -244,64 +201,6 @@ pub unsafe extern "C" fn xor3_neon(dst: *mut u8, a: *const u8, b: *const u8, n: 
     );
 }
 
-pub(crate) fn pick_xor3(
-    f: &CpuFeatures,
-) -> unsafe extern "C" fn(*mut u8, *const u8, *const u8, usize) {
-    if f.contains(CpuFeatures::SHA3) {
-        xor3_eor3
-    } else {
-        xor3_neon
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Callers only aarch64 has.
-
-/// Adds `v` to the counter; returns the old value.
-#[inline(never)]
-pub fn counter_add(c: &AtomicU64, v: u64) -> u64 {
-    fetch_add(c.as_ptr(), v)
-}
-
-/// Adds 1, `n` times: a call site in a loop.
-#[inline(never)]
-pub fn counter_bump(c: &AtomicU64, n: u64) {
-    for _ in 0..n {
-        fetch_add(c.as_ptr(), 1);
-    }
-}
-
-/// Tail call of `fetch_add`.
-#[inline(never)]
-pub extern "C" fn fetch_add_tail(p: *mut u64, v: u64) -> u64 {
-    fetch_add(p, v)
-}
-
-/// `dst ^= a ^ b` over the shortest of the three.
-#[inline(never)]
-pub fn xor_into(dst: &mut [u8], a: &[u8], b: &[u8]) {
-    let n = dst.len().min(a.len()).min(b.len());
-    xor3(dst.as_mut_ptr(), a.as_ptr(), b.as_ptr(), n);
-}
-
-/// Tail call of `xor3`.
-#[inline(never)]
-pub extern "C" fn xor3_tail(dst: *mut u8, a: *const u8, b: *const u8, n: usize) {
-    xor3(dst, a, b, n)
-}
-
-/// The name of a known implementation, for reports.
-pub fn impl_name(addr: usize) -> &'static str {
-    type Named = (usize, &'static str);
-    let known: [Named; 8] = [
-        (popcount_cnt as *const () as usize, "popcount_cnt"),
-        (popcount_soft as *const () as usize, "popcount_soft"),
-        (crc32c_hw as *const () as usize, "crc32c_hw"),
-        (crc32c_table as *const () as usize, "crc32c_table"),
-        (fetch_add_lse as *const () as usize, "fetch_add_lse"),
-        (fetch_add_llsc as *const () as usize, "fetch_add_llsc"),
-        (xor3_eor3 as *const () as usize, "xor3_eor3"),
-        (xor3_neon as *const () as usize, "xor3_neon"),
-    ];
-    known.iter().find(|k| k.0 == addr).map_or("?", |k| k.1)
-}
+// The resolvers and the implementations by name, from the table at the top.
+implementations!(ASIMD ? popcount_cnt : popcount_soft, CRC32 ? crc32c_hw : crc32c_table,
+    LSE ? fetch_add_lse : fetch_add_llsc, SHA3 ? xor3_eor3 : xor3_neon);

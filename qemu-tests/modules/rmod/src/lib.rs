@@ -13,7 +13,8 @@
 //! * its **own ifunc**, [`rmod_mix`], resolved by the module loader from the CPU
 //!   features: AVX2 → [`MIX_AVX2`], else POPCNT → [`MIX_POPCNT`], else [`MIX_BASE`]
 //!   (each implementation XORs its own tag into the argument); built for aarch64:
-//!   LSE atomics → [`MIX_LSE`], else CRC32 → [`MIX_CRC32`], else [`MIX_BASE`];
+//!   LSE atomics → [`MIX_LSE`], else CRC32 → [`MIX_CRC32`], else [`MIX_BASE`]; built
+//!   for riscv64: Zbb → [`MIX_ZBB`], else Zbc → [`MIX_ZBC`], else [`MIX_BASE`];
 //! * a **probe** `rmod:hit` with three arguments and an is-enabled check of it;
 //! * `ksites_module_init` / `ksites_module_exit`, which count in [`rmod_state`].
 //!
@@ -40,78 +41,79 @@ pub const MIX_POPCNT: u64 = 0x9c9c_0000_0000_0000;
 /// Tag of the baseline implementation (also the default).
 pub const MIX_BASE: u64 = 0xbaba_0000_0000_0000;
 
-/// Baseline (and default) implementation of [`rmod_mix`].
-///
-/// # Safety
-///
-/// None: safe on every CPU (`unsafe` to match the ifunc's slot type).
-pub unsafe extern "C" fn mix_base(x: u64) -> u64 {
-    x ^ MIX_BASE
-}
-
-/// The POPCNT flavour of [`rmod_mix`].
-///
-/// # Safety
-///
-/// None beyond the ifunc contract (the value is what matters, not the instruction).
-pub unsafe extern "C" fn mix_popcnt(x: u64) -> u64 {
-    x ^ MIX_POPCNT
-}
-
-/// The AVX2 flavour of [`rmod_mix`].
-///
-/// # Safety
-///
-/// None beyond the ifunc contract.
-pub unsafe extern "C" fn mix_avx2(x: u64) -> u64 {
-    x ^ MIX_AVX2
-}
-
 /// Tag of the aarch64 LSE-atomics implementation.
 pub const MIX_LSE: u64 = 0x15e0_0000_0000_0000;
 /// Tag of the aarch64 CRC32 implementation.
 pub const MIX_CRC32: u64 = 0xc3c3_0000_0000_0000;
+/// Tag of the riscv64 Zbb implementation.
+pub const MIX_ZBB: u64 = 0x2bb0_0000_0000_0000;
+/// Tag of the riscv64 Zbc implementation.
+pub const MIX_ZBC: u64 = 0x2bc0_0000_0000_0000;
 
-/// The aarch64 LSE flavour of [`rmod_mix`].
-///
-/// # Safety
-///
-/// None beyond the ifunc contract.
-#[cfg(target_arch = "aarch64")]
-pub unsafe extern "C" fn mix_lse(x: u64) -> u64 {
-    x ^ MIX_LSE
+/// Defines the flavours of [`rmod_mix`]: each `x` XOR its tag. Which instruction it
+/// could use does not matter; the tag says which one the resolver chose.
+macro_rules! mix_flavours {
+    ($($(#[$attr:meta])* $name:ident = $tag:ident;)+) => {
+        $(
+            $(#[$attr])*
+            ///
+            /// # Safety
+            ///
+            /// None: safe on every CPU (`unsafe` to match the ifunc's slot type).
+            pub unsafe extern "C" fn $name(x: u64) -> u64 {
+                x ^ $tag
+            }
+        )+
+    };
 }
 
-/// The aarch64 CRC32 flavour of [`rmod_mix`].
-///
-/// # Safety
-///
-/// None beyond the ifunc contract.
-#[cfg(target_arch = "aarch64")]
-pub unsafe extern "C" fn mix_crc32(x: u64) -> u64 {
-    x ^ MIX_CRC32
+mix_flavours! {
+    /// Baseline (and default) implementation of [`rmod_mix`].
+    mix_base = MIX_BASE;
+    /// The POPCNT flavour of [`rmod_mix`].
+    mix_popcnt = MIX_POPCNT;
+    /// The AVX2 flavour of [`rmod_mix`].
+    mix_avx2 = MIX_AVX2;
+    /// The aarch64 LSE flavour of [`rmod_mix`].
+    #[cfg(target_arch = "aarch64")]
+    mix_lse = MIX_LSE;
+    /// The aarch64 CRC32 flavour of [`rmod_mix`].
+    #[cfg(target_arch = "aarch64")]
+    mix_crc32 = MIX_CRC32;
+    /// The riscv64 Zbb flavour of [`rmod_mix`].
+    #[cfg(target_arch = "riscv64")]
+    mix_zbb = MIX_ZBB;
+    /// The riscv64 Zbc flavour of [`rmod_mix`].
+    #[cfg(target_arch = "riscv64")]
+    mix_zbc = MIX_ZBC;
 }
 
-#[cfg(target_arch = "aarch64")]
-fn pick_mix(f: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u64 {
-    if f.contains(CpuFeatures::LSE) {
-        mix_lse
-    } else if f.contains(CpuFeatures::CRC32) {
-        mix_crc32
-    } else {
-        mix_base
-    }
-}
+/// An implementation of [`rmod_mix`].
+type Flavour = unsafe extern "C" fn(u64) -> u64;
 
+/// The flavours by preference: the first whose feature the CPU has wins, else
+/// [`mix_base`].
+#[cfg(target_arch = "aarch64")]
+const FLAVOURS: [(CpuFeatures, Flavour); 2] =
+    [(CpuFeatures::LSE, mix_lse), (CpuFeatures::CRC32, mix_crc32)];
+/// The flavours by preference (see the aarch64 list).
+#[cfg(target_arch = "riscv64")]
+const FLAVOURS: [(CpuFeatures, Flavour); 2] =
+    [(CpuFeatures::ZBB, mix_zbb), (CpuFeatures::ZBC, mix_zbc)];
+/// The flavours by preference (see the aarch64 list).
 #[cfg(target_arch = "x86_64")]
-fn pick_mix(f: &CpuFeatures) -> unsafe extern "C" fn(u64) -> u64 {
-    if f.contains(CpuFeatures::AVX2) {
-        mix_avx2
-    } else if f.contains(CpuFeatures::POPCNT) {
-        mix_popcnt
-    } else {
-        mix_base
+const FLAVOURS: [(CpuFeatures, Flavour); 2] = [
+    (CpuFeatures::AVX2, mix_avx2),
+    (CpuFeatures::POPCNT, mix_popcnt),
+];
+
+fn pick_mix(f: &CpuFeatures) -> Flavour {
+    for &(feature, flavour) in &FLAVOURS {
+        if f.contains(feature) {
+            return flavour;
+        }
     }
+    mix_base
 }
 
 ifunc! {

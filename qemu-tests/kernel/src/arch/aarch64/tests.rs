@@ -1,38 +1,24 @@
-//! The aarch64 platform tests: W^X of the kernel's own mappings (faults caught and
-//! checked), CPU features against the raw ID registers, the SIMD state, PSCI start-up
-//! of every CPU, the SGI synchronisation round, patching text through the alias with
-//! `sync_icache`, and the BRK route.
+//! The aarch64 platform tests: CPU features against the raw ID registers, the SIMD
+//! state, the BRK route, FP/SIMD state kept across exceptions, PSCI start-up of every
+//! CPU and the SGI synchronisation round; and, under their aarch64 names, the shared W^X,
+//! alias-patching and live-patching tests (`crate::shared::wx_tests`,
+//! `crate::shared::live_tests`).
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::Ordering;
 
-use kernel_loader::TextPoker;
 use kernel_loader::arch::aarch64::CpuFeatures;
 use kernel_loader::arch::aarch64::probe::{BRK_IMM, Int3Frame};
 use kernel_loader::arch::aarch64::trap::is_probe_brk;
 
-use super::exceptions::{
-    CaughtFault, EC_DATA_ABORT, EC_INSTRUCTION_ABORT, PLATFORM_BRKS, try_call, try_store,
-};
-use super::mmu::{self, AliasPoker};
+use super::exceptions::PLATFORM_BRKS;
 use super::{psci, smp};
 use crate::harness::{Harness, Msg, TestResult};
-use crate::{ensure, msg, println};
-
-/// `ret`.
-const RET: u32 = 0xd65f_03c0;
-
-/// `mov w0, #imm` (MOVZ, 32-bit).
-const fn mov_w0(imm: u16) -> u32 {
-    0x5280_0000 | ((imm as u32) << 5)
-}
+use crate::shared::{live_tests, wx_tests};
+use crate::{ensure, println};
 
 core::arch::global_asm!(
     r#"
     .text
-    .global ksites_a64_text_canary
-ksites_a64_text_canary:
-    mov x0, #42
-    ret
     .global ksites_a64_brk_fn
 ksites_a64_brk_fn:
     mov x0, #0
@@ -40,23 +26,13 @@ ksites_a64_brk_fn:
 ksites_a64_brk_site:
     brk #{probe_brk}
     ret
-
-    .section .text.patch_page, "ax"
-    .balign 4096
-    .global ksites_a64_patch_page
-ksites_a64_patch_page:
-    mov w0, #1
-    ret
-    .fill 1022, 4, 0xd4200000
 "#,
     probe_brk = const BRK_IMM,
 );
 
 unsafe extern "C" {
-    fn ksites_a64_text_canary() -> u64;
     fn ksites_a64_brk_fn() -> u64;
     fn ksites_a64_brk_site();
-    fn ksites_a64_patch_page() -> u64;
 }
 
 /// Runs every platform test, in boot order (CPU features and SIMD first, the other CPUs
@@ -67,11 +43,17 @@ pub fn run(h: &mut Harness) {
         "aarch64_cpu_features_match_id_registers",
         cpu_features_match_id_registers,
     );
-    h.run("aarch64_text_is_not_writable", text_is_not_writable);
-    h.run("aarch64_data_is_not_executable", data_is_not_executable);
+    h.run(
+        "aarch64_text_is_not_writable",
+        wx_tests::text_is_not_writable,
+    );
+    h.run(
+        "aarch64_data_is_not_executable",
+        wx_tests::data_is_not_executable,
+    );
     h.run(
         "aarch64_sync_icache_makes_new_code_visible",
-        sync_icache_makes_new_code_visible,
+        wx_tests::sync_icache_makes_new_code_visible,
     );
     h.run(
         "aarch64_brk_is_trapped_and_resumed",
@@ -85,7 +67,7 @@ pub fn run(h: &mut Harness) {
     h.run("aarch64_sgi_reaches_every_cpu", sgi_reaches_every_cpu);
     h.run(
         "aarch64_live_patch_seen_by_every_cpu",
-        super::live_tests::live_patch_seen_by_every_cpu,
+        live_tests::live_patch_seen_by_every_cpu,
     );
 }
 
@@ -191,121 +173,6 @@ fn cpu_features_match_id_registers() -> TestResult {
         );
     }
     println!("features:{line} (MIDR {midr:#x})");
-    Ok(())
-}
-
-/// Checks `fault` is a permission fault of class `class` at `addr`.
-fn expect_permission_fault(what: &str, fault: CaughtFault, class: u64, addr: u64) -> TestResult {
-    ensure!(
-        fault.class() == class && fault.is_permission_fault() && fault.far == addr,
-        "{what}: expected a permission fault (EC {class:#x}) at {addr:#x}, got ESR {:#x} FAR {:#x} ELR {:#x}",
-        fault.esr,
-        fault.far,
-        fault.elr
-    );
-    Ok(())
-}
-
-static RODATA_WORD: u32 = 0x1234_5678;
-static DATA_WORD: AtomicU32 = AtomicU32::new(5);
-
-fn text_is_not_writable() -> TestResult {
-    let text = ksites_a64_text_canary as *const () as u64;
-    // SAFETY: text is mapped readable.
-    let before = unsafe { (text as *const u32).read_volatile() };
-    // SAFETY: a store to text is expected to fault; were it to succeed it would write
-    // the canary's own first instruction back inverted, which the test then reports.
-    match unsafe { try_store(text, !before) } {
-        Ok(()) => return Err(msg!("a store to text at {text:#x} succeeded")),
-        Err(fault) => {
-            expect_permission_fault("text", fault, EC_DATA_ABORT, text)?;
-            ensure!(fault.is_write(), "the text fault is not a write: {fault:?}");
-        }
-    }
-    // SAFETY: as above.
-    let after = unsafe { (text as *const u32).read_volatile() };
-    ensure!(after == before, "text changed: {before:#x} -> {after:#x}");
-    // SAFETY: the canary is `mov x0, #42; ret`.
-    let canary = unsafe { ksites_a64_text_canary() };
-    ensure!(canary == 42, "the canary returns {canary}, not 42");
-    let ro = core::ptr::addr_of!(RODATA_WORD) as u64;
-    // SAFETY: expected to fault (rodata); a success is reported.
-    match unsafe { try_store(ro, 0) } {
-        Ok(()) => return Err(msg!("a store to rodata at {ro:#x} succeeded")),
-        Err(fault) => expect_permission_fault("rodata", fault, EC_DATA_ABORT, ro)?,
-    }
-    // The control: data is writable through the same path.
-    let data = DATA_WORD.as_ptr() as u64;
-    // SAFETY: DATA_WORD is this test's own word.
-    unsafe { try_store(data, 9) }.map_err(|f| msg!("a store to data faulted: {f:?}"))?;
-    ensure!(
-        DATA_WORD.load(Ordering::SeqCst) == 9,
-        "the data store was lost"
-    );
-    Ok(())
-}
-
-/// `mov w0, #7; ret` in writable data.
-static DATA_CODE: [AtomicU32; 2] = [AtomicU32::new(mov_w0(7)), AtomicU32::new(RET)];
-/// `mov w0, #8; ret` in rodata.
-static RODATA_CODE: [u32; 2] = [mov_w0(8), RET];
-
-fn data_is_not_executable() -> TestResult {
-    for (what, addr) in [
-        ("data", DATA_CODE.as_ptr() as u64),
-        ("rodata", RODATA_CODE.as_ptr() as u64),
-    ] {
-        // SAFETY: expected to fault (NX); were it executable it is `mov w0, #N; ret`.
-        match unsafe { try_call(addr) } {
-            Ok(v) => return Err(msg!("{what} at {addr:#x} executed (returned {v})")),
-            Err(fault) => {
-                expect_permission_fault(what, fault, EC_INSTRUCTION_ABORT, addr)?;
-                ensure!(fault.elr == addr, "{what}: ELR {:#x}", fault.elr);
-            }
-        }
-    }
-    // The control: text runs through the same path.
-    let text = ksites_a64_text_canary as *const () as u64;
-    // SAFETY: the canary is `mov x0, #42; ret`.
-    let v = unsafe { try_call(text) }.map_err(|f| msg!("calling text faulted: {f:?}"))?;
-    ensure!(v == 42, "the canary returned {v}");
-    Ok(())
-}
-
-fn sync_icache_makes_new_code_visible() -> TestResult {
-    let page = ksites_a64_patch_page as *const () as u64;
-    ensure!(
-        page == mmu::layout().patch_page,
-        "the patch page is not at __patch_page"
-    );
-    // SAFETY: expected to fault (text); were it writable, the page is the test's own.
-    match unsafe { try_store(page, RET) } {
-        Ok(()) => return Err(msg!("the patch page is writable at its own address")),
-        Err(fault) => expect_permission_fault("patch page", fault, EC_DATA_ABORT, page)?,
-    }
-    let mut poker = AliasPoker::default();
-    // SAFETY: the page is this test's own code; nothing else executes it.
-    let call = || unsafe { ksites_a64_patch_page() };
-    ensure!(
-        call() == 1,
-        "the patch page returns {} before patching",
-        call()
-    );
-    for n in [1234u16, 4321, 7] {
-        // SAFETY: an aligned instruction of the test's own page, which no CPU runs now.
-        unsafe { poker.write(page, &mov_w0(n).to_le_bytes()) }.map_err(Msg::display)?;
-        poker.sync_cores();
-        let got = call();
-        ensure!(
-            got == u64::from(n),
-            "after patching in `mov w0, #{n}` the page returns {got}"
-        );
-    }
-    // The poker refuses anything but text.
-    let data = DATA_WORD.as_ptr() as u64;
-    // SAFETY: refused before any write (not text).
-    let refused = unsafe { poker.write(data, &[0; 4]) };
-    ensure!(refused.is_err(), "the poker wrote to data at {data:#x}");
     Ok(())
 }
 

@@ -1,14 +1,14 @@
 //! Live toggling of a module probe (`rmod:hit`) while the other CPUs run its site: the
-//! x86_64 kernel's `module_probe_live_toggle_while_aps_run_it` on aarch64.
+//! x86_64 kernel's `module_probe_live_toggle_while_aps_run_it`.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use kernel_loader::module::Module;
 use kernel_loader::probe::{self, ProbeId};
 
-use super::super::mmu::AliasPoker;
-use super::super::{smp, timer};
 use super::{Fn3, sym};
+use crate::arch::mmu::AliasPoker;
+use crate::arch::{smp, timer};
 use crate::harness::Msg;
 use crate::{ensure, msg, println};
 

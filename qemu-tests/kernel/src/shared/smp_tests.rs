@@ -1,4 +1,4 @@
-//! SMP tests of the aarch64 kernel, mirroring the x86_64 kernel's `smp_tests.rs` by
+//! SMP tests of the non-x86 kernels, mirroring the x86_64 kernel's `smp_tests.rs` by
 //! name: live probe patching holds up while three CPUs run every probe site
 //! (`smp_stress_live_patching`), `disable` and a live handler change wait for handlers
 //! still running on other CPUs (`smp_drain_waits_for_handlers_on_aps`), and text is
@@ -8,9 +8,9 @@
 //! image (Rust `probe!`/`probe_enabled!`, C call, tail, is-enabled, is-enabled tail and
 //! guarded sites, the `kfuncs` crate's site) and over ifunc'd functions, checking every
 //! result. Between passes a worker waits for an
-//! interrupt (`wfi`): QEMU runs each CPU on a host thread, and four busy CPUs on a
+//! interrupt (`testing::wait_for_interrupt`): QEMU runs each CPU on a host thread, and four busy CPUs on a
 //! two-core host would make every synchronisation round wait for time slices. Each
-//! batch's round (an SGI) wakes every worker, so workers run the sites right while the
+//! batch's round (an IPI) wakes every worker, so workers run the sites right while the
 //! next batch stores its instructions.
 //!
 //! Before each call a worker tells the probe handler, through its per-CPU slot, which
@@ -21,7 +21,8 @@
 //! observed — as on x86_64.
 //!
 //! **A handler never outlives the disable of its probe.** While `ctest:tail` is
-//! enabled its site is `brk`, and its handler runs inside the loader's BRK emulation
+//! enabled its site is the probe trap, and its handler runs inside the loader's trap
+//! emulation
 //! with IRQs masked; there it lingers and checks no disable of its probe returned
 //! meanwhile. Batches of other probes wait in the loader's drain for such CPUs
 //! (`probe::int3_drain_waits`).
@@ -36,8 +37,9 @@ use kernel_loader::patch::TextPoker;
 use kernel_loader::probe::{self, ProbeId};
 
 use super::probe_tests::{self as pt, Poker, WX};
-use super::smp::{self, MAX_CPUS};
-use super::timer;
+use super::testing;
+use crate::arch::smp::{self, MAX_CPUS};
+use crate::arch::timer;
 use crate::harness::{Harness, Msg};
 use crate::{ensure, msg, println};
 
@@ -154,7 +156,7 @@ static MISMATCHES: AtomicU64 = AtomicU64::new(0);
 static FIRST_MISMATCH: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 /// Per probe: disables that returned (bumped by CPU 0 after `probe::disable`).
 static DISABLED: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
-/// Tail-handler runs inside the BRK emulation that checked their probe's disables.
+/// Tail-handler runs inside the trap emulation that checked their probe's disables.
 static TAIL_HOLDS: AtomicU64 = AtomicU64::new(0);
 /// ... and saw a disable of their probe return while they ran.
 static TAIL_OUTLIVED: AtomicU64 = AtomicU64::new(0);
@@ -213,9 +215,9 @@ fn handler(id: ProbeId, args: &[u64; 6]) {
             a.store(v, Ordering::Relaxed);
         }
     }
-    // An enabled tail site: this CPU is inside the loader's BRK emulation (IRQs
+    // An enabled tail site: this CPU is inside the loader's trap emulation (IRQs
     // masked). Stay a while; no disable of this probe may return meanwhile.
-    if pt::in_brk_for(cpu) == Some(id)
+    if pt::in_trap_for(cpu) == Some(id)
         && let Some(d) = DISABLED.get(id.0 as usize)
     {
         let g = d.load(Ordering::SeqCst);
@@ -367,10 +369,9 @@ const CRC_DATA: &[u8] = b"ksites: live patching on every CPU";
 /// `crc32c_of(CRC_DATA)` as CPU 0 computed it.
 static EXPECT_CRC: AtomicU32 = AtomicU32::new(0);
 
-/// Waits for an interrupt (a synchronisation round's SGI); IRQs are unmasked in jobs.
+/// Waits for an interrupt (a synchronisation round's IPI); IRQs are unmasked in jobs.
 fn nap() {
-    // SAFETY: `wfi` only waits; a pending SGI (each batch sends one) wakes it.
-    unsafe { core::arch::asm!("wfi", options(nomem, nostack)) };
+    testing::wait_for_interrupt();
 }
 
 /// A worker's job: run [`one_pass`] until told to stop, then publish its counts.
@@ -393,7 +394,7 @@ static JOB: AtomicU64 = AtomicU64::new(0);
 static PARK_STOP: AtomicBool = AtomicBool::new(false);
 static PARK_JOB: AtomicU64 = AtomicU64::new(0);
 
-/// A job: sleep in `wfi` (acknowledging every synchronisation round) until
+/// A job: sleep in `nap` (acknowledging every synchronisation round) until
 /// [`unpark_others`].
 fn park_job(_cpu: usize) {
     while !PARK_STOP.load(Ordering::Acquire) {
@@ -401,9 +402,9 @@ fn park_job(_cpu: usize) {
     }
 }
 
-/// Parks every other CPU in `wfi` (the platform's idle loop spins on `wfe`, which
-/// QEMU's TCG does not sleep in): a synchronisation round then costs an SGI and an
-/// `isb`, not a wait for time slices of spinning vCPU threads. CPU 0 only.
+/// Parks every other CPU in `nap` (a platform's idle loop may spin, e.g. aarch64's on
+/// `wfe`, which QEMU's TCG does not sleep in): a synchronisation round then costs an
+/// IPI, not a wait for time slices of spinning vCPU threads. CPU 0 only.
 pub(crate) fn park_others() {
     if smp::online() > 1 {
         PARK_STOP.store(false, Ordering::SeqCst);
@@ -531,7 +532,7 @@ fn tally(hits0: &[u64; 64]) -> Result<Tally, Msg> {
     let outlived = TAIL_OUTLIVED.load(Ordering::SeqCst);
     ensure!(
         outlived == 0,
-        "{outlived} handler runs inside the BRK emulation outlived a disable of their probe"
+        "{outlived} handler runs inside the trap emulation outlived a disable of their probe"
     );
     Ok(t)
 }
@@ -552,8 +553,8 @@ fn check_all_sites(t: &Table<'_>, enabled: &[ProbeId]) -> Result<(), Msg> {
 /// Enables (with [`handler`]) or disables `p` through `poker`; a disable is counted in
 /// [`DISABLED`] once it returned.
 fn set(p: ProbeId, on: bool, poker: &mut impl TextPoker) -> Result<(), Msg> {
-    // SAFETY: the BRK route is declared (probe tests); the poker writes through the
-    // alias and runs `isb` on every online CPU; only CPU 0 patches.
+    // SAFETY: the trap route is declared (probe tests); the poker writes through the
+    // alias and synchronises every online CPU; only CPU 0 patches.
     let r = unsafe {
         if on {
             probe::enable(p, handler, poker)
@@ -583,8 +584,8 @@ fn ids() -> Result<[ProbeId; PROBES.len()], Msg> {
     Ok(out)
 }
 
-fn brk_on_others() -> u64 {
-    (1..smp::online() as usize).map(pt::brk_on_cpu).sum()
+fn traps_on_others() -> u64 {
+    (1..smp::online() as usize).map(pt::traps_on_cpu).sum()
 }
 
 fn probe_calls(k: usize) -> u64 {
@@ -599,9 +600,9 @@ fn stress(t: &Table<'_>) -> Result<(), Msg> {
     check_all_sites(t, &[])?;
     reset_counters();
     let hits0 = registry_hits();
-    let (drain0, brk0, writes0) = (
+    let (drain0, traps0, writes0) = (
         probe::int3_drain_waits(),
-        brk_on_others(),
+        traps_on_others(),
         WX.writes.load(Ordering::Relaxed),
     );
     start_workers()?;
@@ -651,7 +652,7 @@ fn stress(t: &Table<'_>) -> Result<(), Msg> {
         rounds == STRESS_BATCHES as u64,
         "{rounds} sync rounds for {STRESS_BATCHES} batches"
     );
-    let brks = brk_on_others() - brk0;
+    let traps = traps_on_others() - traps0;
     let drains = probe::int3_drain_waits() - drain0;
     let others = smp::online() as usize - 1;
     println!(
@@ -667,7 +668,7 @@ fn stress(t: &Table<'_>) -> Result<(), Msg> {
         tally.handler, tally.registry, tally.observed,
     );
     println!(
-        "smp stress: {rounds} sync rounds (1 per batch); {brks} BRK traps on the other CPUs \
+        "smp stress: {rounds} sync rounds (1 per batch); {traps} probe traps on the other CPUs \
          (enabled tail site), {} tail-handler runs checked inside the trap, 0 outlived a \
          disable; {drains} batches waited in the drain for a CPU inside handle_int3; {} \
          alias writes",
@@ -675,7 +676,7 @@ fn stress(t: &Table<'_>) -> Result<(), Msg> {
         WX.writes.load(Ordering::Relaxed) - writes0
     );
     ensure!(
-        brks > 0 && TAIL_HOLDS.load(Ordering::Relaxed) > 0,
+        traps > 0 && TAIL_HOLDS.load(Ordering::Relaxed) > 0,
         "no CPU ever trapped on the enabled tail site"
     );
     ensure!(enables >= 10_000 && STRESS_BATCHES - enables >= 10_000);
@@ -683,7 +684,7 @@ fn stress(t: &Table<'_>) -> Result<(), Msg> {
 }
 
 /// Per CPU: the probe sites writable at their own address, and those checked, as a
-/// job on that CPU found them (`AT S1E1W`).
+/// job on that CPU found them (`testing::translates`).
 static WRITABLE_SITES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static CHECKED_SITES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
@@ -692,7 +693,7 @@ fn wx_job(cpu: usize) {
     if let Some(t) = pt::table() {
         for s in t.probe_sites() {
             checked += 1;
-            if pt::translates(s.addr, true) || !pt::translates(s.addr, false) {
+            if testing::translates(s.addr, true) || !testing::translates(s.addr, false) {
                 writable += 1;
             }
         }
@@ -882,8 +883,8 @@ fn drain_waits_for_aps(poker: &mut Poker) -> Result<(), Msg> {
     Ok(())
 }
 
-/// Runs the SMP tests (after the probe tests registered the table, declared the BRK
-/// route and installed the BRK hook).
+/// Runs the SMP tests (after the probe tests registered the table, declared the trap
+/// route and installed the trap hook).
 pub fn run(h: &mut Harness) {
     if smp::online() < 2 {
         println!("smp: 1 CPU online: the SMP tests need more than one and are skipped");

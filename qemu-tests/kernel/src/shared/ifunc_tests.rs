@@ -1,18 +1,21 @@
-//! Boot-time ifunc patching on aarch64, checked from inside the booted kernel (the
-//! x86_64 `ifunc_tests` by name where they apply): the table `ksites-ld` embedded,
-//! calls before init, fault injection with rollback, [`super::ksites_init`], the
-//! choices against the raw ID registers, every site read back and decoded as a direct
-//! `bl`/`b` to the choice, results of both implementations, text never writable through
-//! its own mapping, and one synchronisation round per batch.
+//! Boot-time ifunc patching, checked from inside the booted kernel (the x86_64
+//! `ifunc_tests` by name where they apply): the table `ksites-ld` embedded, calls
+//! before init, fault injection with rollback, [`super::ksites_init`], the choices
+//! against the CPU's features read without `CpuFeatures` (`testing::raw_features`), every
+//! site read back and decoded as a direct call/jump to the choice, results of every
+//! implementation the CPU can run, text never writable through its own mapping, and one
+//! synchronisation round per batch.
 
-use kernel_loader::arch::aarch64::{B, B_OPCODE_MASK, BL, branch_dest};
-use kernel_loader::format::{SiteKind, Table};
+use kernel_loader::arch::Arch;
+use kernel_loader::format::{Site, SiteKind, Table};
 use kernel_loader::patch::{self, PatchError, PokeFailure};
 use kernel_loader::{CpuFeatures, PokeError, TextPoker};
 
-use super::exceptions::{EC_DATA_ABORT, try_store};
-use super::mmu::AliasPoker;
-use super::{Ksites, ksites_exec, ksites_features, ksites_init, ksites_table};
+use super::testing;
+use super::{Ksites, ksites_init, ksites_table};
+use crate::arch::exceptions::try_store;
+use crate::arch::mmu::AliasPoker;
+use crate::arch::{ksites_exec, ksites_features};
 use crate::harness::{Harness, Msg, TestResult};
 use crate::{ensure, msg, println};
 
@@ -22,64 +25,27 @@ pub(crate) fn read_slot(addr: u64) -> u64 {
     unsafe { core::ptr::read_volatile(addr as usize as *const u64) }
 }
 
-/// The instruction at a site.
-fn read_insn(addr: u64) -> u32 {
-    // SAFETY: sites lie in mapped, readable text (validated against the exec range),
-    // 4-aligned.
-    unsafe { core::ptr::read_volatile(addr as usize as *const u32) }
+/// The bytes of a site (at most 16).
+fn site_bytes(s: &Site) -> ([u8; 16], usize) {
+    let mut b = [0u8; 16];
+    let n = s.len().min(b.len());
+    for (i, x) in b[..n].iter_mut().enumerate() {
+        // SAFETY: sites lie in mapped, readable text (validated against the exec range).
+        *x = unsafe { core::ptr::read_volatile((s.addr + i as u64) as usize as *const u8) };
+    }
+    (b, n)
 }
 
-/// FNV-1a over every site's instruction, to prove a refused batch changed nothing.
+/// FNV-1a over every site's bytes, to prove a refused batch changed nothing.
 fn sites_digest(t: &Table<'_>) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for s in t.sites() {
-        for b in read_insn(s.addr).to_le_bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        let (b, n) = site_bytes(&s);
+        for &x in &b[..n] {
+            h = (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
         }
     }
     h
-}
-
-/// What the raw ID registers (not `CpuFeatures`) say each ifunc should pick.
-struct RawChoice {
-    asimd: bool,
-    crc32: bool,
-    lse: bool,
-    sha3: bool,
-}
-
-fn raw_choice() -> RawChoice {
-    let (isar0, pfr0): (u64, u64);
-    // SAFETY: ID registers are readable at EL1; no side effect.
-    unsafe {
-        core::arch::asm!(
-            "mrs {0}, ID_AA64ISAR0_EL1",
-            "mrs {1}, ID_AA64PFR0_EL1",
-            out(reg) isar0, out(reg) pfr0,
-            options(nomem, nostack),
-        );
-    }
-    let field = |r: u64, lsb: u32| (r >> lsb) & 0xf;
-    RawChoice {
-        asimd: field(pfr0, 20) != 0xf,
-        crc32: field(isar0, 16) >= 1,
-        lse: field(isar0, 20) >= 2,
-        sha3: field(isar0, 32) >= 1,
-    }
-}
-
-fn expected_impl(name: &str, c: &RawChoice) -> &'static str {
-    match name.rsplit("::").next().unwrap_or("") {
-        "popcount" if c.asimd => "popcount_cnt",
-        "popcount" => "popcount_soft",
-        "crc32c" if c.crc32 => "crc32c_hw",
-        "crc32c" => "crc32c_table",
-        "fetch_add" if c.lse => "fetch_add_lse",
-        "fetch_add" => "fetch_add_llsc",
-        "xor3" if c.sha3 => "xor3_eor3",
-        "xor3" => "xor3_neon",
-        _ => "?",
-    }
 }
 
 /// The platform's poker, counting writes, optionally failing write number `fail_at`.
@@ -287,18 +253,75 @@ fn check_init(k: &Ksites) -> TestResult {
     Ok(())
 }
 
+/// What the CPU's features, read without `CpuFeatures` (`testing::raw_features`), say
+/// about the `kfuncs` implementations (each list: the fast one first, the baseline last).
+struct RawChoice {
+    features: [(&'static str, &'static str, bool); 4],
+}
+
+impl RawChoice {
+    fn read() -> RawChoice {
+        RawChoice {
+            features: testing::raw_features(),
+        }
+    }
+
+    /// The names of ifunc `ifunc`'s implementations.
+    fn impls(ifunc: &str) -> Option<[&'static str; 2]> {
+        fn ends<F>(l: &[(&'static str, F)]) -> Option<[&'static str; 2]> {
+            Some([l.first()?.0, l.last()?.0])
+        }
+        match ifunc {
+            "popcount" => ends(&kfuncs::POPCOUNT_IMPLS),
+            "crc32c" => ends(&kfuncs::CRC32C_IMPLS),
+            "fetch_add" => ends(&kfuncs::FETCH_ADD_IMPLS),
+            "xor3" => ends(&kfuncs::XOR3_IMPLS),
+            _ => None,
+        }
+    }
+
+    /// The implementation ifunc `name` (`kfuncs::NAME`) should have chosen.
+    fn expected_impl(&self, name: &str) -> &'static str {
+        let short = name.rsplit("::").next().unwrap_or("");
+        let has = self.features.iter().find(|f| f.0 == short).map(|f| f.2);
+        match (Self::impls(short), has) {
+            (Some([fast, _]), Some(true)) => fast,
+            (Some([_, baseline]), Some(false)) => baseline,
+            _ => "?",
+        }
+    }
+
+    /// Whether this CPU can run implementation `name`: a baseline, or a fast one whose
+    /// feature it has.
+    fn can_run(&self, name: &str) -> bool {
+        self.features.iter().any(|&(ifunc, _, has)| {
+            Self::impls(ifunc)
+                .is_some_and(|[fast, baseline]| name == baseline || (name == fast && has))
+        })
+    }
+}
+
+impl core::fmt::Display for RawChoice {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(testing::RAW_SOURCE)?;
+        let mut sep = ":";
+        for (_, feature, has) in self.features {
+            write!(f, "{sep} {feature}={has}")?;
+            sep = "";
+        }
+        Ok(())
+    }
+}
+
 fn check_choices(t: &Table<'_>) -> TestResult {
-    let c = raw_choice();
-    println!(
-        "id registers: asimd={} crc32={} lse={} sha3={}",
-        c.asimd, c.crc32, c.lse, c.sha3
-    );
+    let c = RawChoice::read();
+    println!("{c}");
     for f in t.ifuncs() {
         let chosen = kfuncs::impl_name(read_slot(f.slot) as usize);
-        let want = expected_impl(f.name, &c);
+        let want = c.expected_impl(f.name);
         ensure!(
             chosen == want,
-            "{}: chose {chosen}, the ID registers call for {want}",
+            "{}: chose {chosen}, the CPU ({c}) calls for {want}",
             f.name
         );
     }
@@ -310,21 +333,23 @@ fn check_sites(t: &Table<'_>) -> TestResult {
         let f = t
             .ifunc(s.ifunc)
             .ok_or_else(|| msg!("site {:#x}: no ifunc", s.addr))?;
-        let insn = read_insn(s.addr);
-        let op = match s.kind {
-            SiteKind::Call => BL,
-            _ => B,
-        };
+        let (b, n) = site_bytes(&s);
+        let bytes = &b[..n];
+        let branch = s.branch();
         ensure!(
-            insn & B_OPCODE_MASK == op,
-            "site {:#x} ({}, {:?}): {insn:#010x} is not a {}",
+            Arch::native().has_branch_opcode(&branch, bytes),
+            "site {:#x} ({}, {:?}): {bytes:02x?} is not a {}",
             s.addr,
             f.name,
             s.kind,
-            if op == BL { "bl" } else { "b" }
+            if s.kind == SiteKind::Call {
+                "call"
+            } else {
+                "jump"
+            }
         );
         let chosen = read_slot(f.slot);
-        let dest = branch_dest(insn, s.addr);
+        let dest = Arch::native().decode_branch_target(&branch, bytes);
         ensure!(
             dest == Some(chosen),
             "site {:#x} ({}) goes to {dest:#x?}, the choice is {chosen:#x}",
@@ -335,110 +360,102 @@ fn check_sites(t: &Table<'_>) -> TestResult {
     Ok(())
 }
 
-/// Both implementations of every ifunc (the fast one where the ID registers allow it)
-/// agree with the reference on the same inputs.
-fn check_all_implementations() -> TestResult {
-    let c = raw_choice();
-    for x in pop_inputs() {
-        // SAFETY: the soft version runs anywhere, `cnt` with AdvSIMD (enabled at init).
-        unsafe {
-            ensure!(
-                kfuncs::popcount_soft(x) == ref_popcount(x),
-                "popcount_soft({x:#x})"
-            );
-            if c.asimd {
-                ensure!(
-                    kfuncs::popcount_cnt(x) == ref_popcount(x),
-                    "popcount_cnt({x:#x})"
-                );
-            }
+/// Runs `check` on every implementation in `list` this CPU can run (at least one).
+fn each_runnable<F: Copy>(
+    c: &RawChoice,
+    list: &[(&'static str, F)],
+    mut check: impl FnMut(&'static str, F) -> TestResult,
+) -> TestResult {
+    let mut ran = 0;
+    for &(name, f) in list {
+        if c.can_run(name) {
+            check(name, f)?;
+            ran += 1;
         }
     }
-    let d: [u8; 200] = test_data(0xfeed);
-    for n in LENS {
-        let want = !ref_crc32c(&d[..n]);
-        // SAFETY: `d` is valid for n bytes; the CRC32 version only when implemented.
-        unsafe {
-            ensure!(
-                kfuncs::crc32c_table(!0, d.as_ptr(), n) == want,
-                "crc32c_table(len {n})"
-            );
-            if c.crc32 {
-                ensure!(
-                    kfuncs::crc32c_hw(!0, d.as_ptr(), n) == want,
-                    "crc32c_hw(len {n})"
-                );
-            }
-        }
-    }
-    let (a, b): ([u8; 200], [u8; 200]) = (test_data(7), test_data(8));
-    for n in LENS {
-        let mut x: [u8; 200] = test_data(9);
-        let mut y = x;
-        let orig = x;
-        // SAFETY: disjoint 200-byte buffers; eor3 only with SHA3.
-        unsafe {
-            kfuncs::xor3_neon(x.as_mut_ptr(), a.as_ptr(), b.as_ptr(), n);
-            if c.sha3 {
-                kfuncs::xor3_eor3(y.as_mut_ptr(), a.as_ptr(), b.as_ptr(), n);
-            } else {
-                kfuncs::xor3_neon(y.as_mut_ptr(), a.as_ptr(), b.as_ptr(), n);
-            }
-        }
-        ensure!(
-            (0..200).all(|i| x[i]
-                == if i < n {
-                    orig[i] ^ a[i] ^ b[i]
-                } else {
-                    orig[i]
-                }),
-            "xor3_neon(len {n})"
-        );
-        ensure!(x == y, "xor3_eor3 and xor3_neon disagree (len {n})");
-    }
-    let cell = core::sync::atomic::AtomicU64::new(0);
-    for (i, v) in pop_inputs().into_iter().enumerate() {
-        let before = cell.load(core::sync::atomic::Ordering::SeqCst);
-        // SAFETY: `cell` is valid, aligned and only accessed atomically; LSE only when
-        // implemented.
-        let old = unsafe {
-            if c.lse && i % 2 == 1 {
-                kfuncs::fetch_add_lse(cell.as_ptr(), v)
-            } else {
-                kfuncs::fetch_add_llsc(cell.as_ptr(), v)
-            }
-        };
-        ensure!(
-            old == before,
-            "fetch_add #{i}: old {old:#x}, was {before:#x}"
-        );
-        ensure!(
-            cell.load(core::sync::atomic::Ordering::SeqCst) == before.wrapping_add(v),
-            "fetch_add #{i}: sum"
-        );
-    }
+    ensure!(
+        ran >= 1 && list.len() >= 2,
+        "{ran} of {} implementations runnable",
+        list.len()
+    );
     Ok(())
+}
+
+/// Every implementation of every ifunc this CPU can run (by its features read without
+/// `CpuFeatures`) agrees with the reference on the same inputs.
+fn check_all_implementations() -> TestResult {
+    let c = RawChoice::read();
+    each_runnable(&c, &kfuncs::POPCOUNT_IMPLS, |name, f| {
+        for x in pop_inputs() {
+            // SAFETY: the CPU runs `name` (`can_run`); vector state is enabled at init.
+            let got = unsafe { f(x) };
+            ensure!(got == ref_popcount(x), "{name}({x:#x}) = {got}");
+        }
+        Ok(())
+    })?;
+    let d: [u8; 200] = test_data(0xfeed);
+    each_runnable(&c, &kfuncs::CRC32C_IMPLS, |name, f| {
+        for n in LENS {
+            let want = !ref_crc32c(&d[..n]);
+            // SAFETY: `d` is valid for n bytes; the CPU runs `name`.
+            let got = unsafe { f(!0, d.as_ptr(), n) };
+            ensure!(got == want, "{name}(len {n}) = {got:#x}, want {want:#x}");
+        }
+        Ok(())
+    })?;
+    let (a, b): ([u8; 200], [u8; 200]) = (test_data(7), test_data(8));
+    each_runnable(&c, &kfuncs::XOR3_IMPLS, |name, f| {
+        for n in LENS {
+            let mut x: [u8; 200] = test_data(9);
+            let orig = x;
+            // SAFETY: disjoint 200-byte buffers; the CPU runs `name`.
+            unsafe { f(x.as_mut_ptr(), a.as_ptr(), b.as_ptr(), n) };
+            ensure!(
+                (0..200).all(|i| x[i]
+                    == if i < n {
+                        orig[i] ^ a[i] ^ b[i]
+                    } else {
+                        orig[i]
+                    }),
+                "{name}(len {n})"
+            );
+        }
+        Ok(())
+    })?;
+    let cell = core::sync::atomic::AtomicU64::new(0);
+    each_runnable(&c, &kfuncs::FETCH_ADD_IMPLS, |name, f| {
+        for (i, v) in pop_inputs().into_iter().enumerate() {
+            let before = cell.load(core::sync::atomic::Ordering::SeqCst);
+            // SAFETY: `cell` is valid, aligned and only accessed atomically; the CPU
+            // runs `name`.
+            let old = unsafe { f(cell.as_ptr(), v) };
+            ensure!(old == before, "{name} #{i}: old {old:#x}, was {before:#x}");
+            ensure!(
+                cell.load(core::sync::atomic::Ordering::SeqCst) == before.wrapping_add(v),
+                "{name} #{i}: sum"
+            );
+        }
+        Ok(())
+    })
 }
 
 /// Every seventh site (and the first) refuses a store through its own mapping with a
 /// permission fault, and is unchanged afterwards.
 fn check_text_read_only(t: &Table<'_>) -> TestResult {
     for s in t.sites().step_by(7) {
-        let before = read_insn(s.addr);
+        let before = site_bytes(&s);
+        let word = u32::from_le_bytes([before.0[0], before.0[1], before.0[2], before.0[3]]);
         // SAFETY: expected to fault (text is read-only); were it to succeed it would
-        // write the site's own instruction back, changing nothing.
-        match unsafe { try_store(s.addr, before) } {
+        // write the site's own first word back, changing nothing.
+        match unsafe { try_store(s.addr, word) } {
             Ok(()) => return Err(msg!("a store to site {:#x} succeeded", s.addr)),
             Err(f) => ensure!(
-                f.class() == EC_DATA_ABORT
-                    && f.is_permission_fault()
-                    && f.is_write()
-                    && f.far == s.addr,
+                testing::is_store_fault(&f, s.addr),
                 "store to site {:#x}: unexpected fault {f:?}",
                 s.addr
             ),
         }
-        ensure!(read_insn(s.addr) == before, "site {:#x} changed", s.addr);
+        ensure!(site_bytes(&s) == before, "site {:#x} changed", s.addr);
     }
     Ok(())
 }

@@ -9,14 +9,29 @@
 //! trampoline, and neither is routed through a veneer today (rmod loaded there is
 //! refused with `PatchError::TrampolineOutOfReach`: `module_far_ifunc_import_refused_clearly`).
 
-use kernel_loader::arch::aarch64::branch::{B_OPCODE_MASK, BL, branch_dest, veneer_target};
-use kernel_loader::module::{Export, Kernel, Module};
+use kernel_loader::arch::aarch64::branch::{B_OPCODE_MASK, BL, branch_dest};
+use kernel_loader::module::{Export, Kernel, Module, ModuleError};
+use kernel_loader::patch::PatchError;
 
-use super::super::mmu::{self, AliasPoker};
-use super::super::module_arena::FarArena;
-use super::{FARMOD, Fn2, FnU64, check_mapping, func, read_u32, report, unload_from};
-use crate::harness::Msg;
+use super::mmu::{self, AliasPoker};
+use super::module_arena::FarArena;
+use crate::harness::{Harness, Msg};
+use crate::shared::module_tests::{
+    Env, FARMOD, Fn2, FnU64, RMOD, check_mapping, func, read_u32, report, unload_from,
+};
 use crate::{ensure, msg, println};
+
+/// Runs the far-module tests (after `module_unknown_symbol_fails_cleanly`).
+pub fn run(h: &mut Harness, env: &Env) {
+    h.check(
+        "module_far_calls_through_veneers",
+        check_far_module(&env.exec),
+    );
+    h.check(
+        "module_far_ifunc_import_refused_clearly",
+        far_import_refused(env),
+    );
+}
 
 /// The kernel function farmod calls: `a * 3 + b`.
 #[unsafe(no_mangle)]
@@ -28,7 +43,7 @@ pub extern "C" fn ksites_test_kernel_add(a: u64, b: u64) -> u64 {
 static FAR_EXPORTS: [Export; 1] = [kernel_loader::export!(ksites_test_kernel_add)];
 
 /// Loads farmod into the far block, checks it, unloads it; the far block is free again.
-pub(super) fn check_far_module(exec: &[core::ops::Range<u64>]) -> Result<(), Msg> {
+fn check_far_module(exec: &[core::ops::Range<u64>]) -> Result<(), Msg> {
     let kernel = Kernel {
         symbols: &FAR_EXPORTS,
         table: None,
@@ -85,11 +100,7 @@ fn checks(m: &Module<'_>) -> Result<(), Msg> {
         v.contains(&dest),
         "farmod_call's bl goes to {dest:#x}, not a veneer"
     );
-    let mut b = [0u8; 28];
-    for (i, w) in b.chunks_exact_mut(4).enumerate() {
-        w.copy_from_slice(&read_u32(dest + 4 * i as u64).to_le_bytes());
-    }
-    let via = veneer_target(&b, dest);
+    let via = super::testing::veneer_target(dest);
     ensure!(
         via == Some(target),
         "veneer {dest:#x} goes to {via:x?}, want {target:#x}"
@@ -106,4 +117,28 @@ fn checks(m: &Module<'_>) -> Result<(), Msg> {
         m.report().veneers
     );
     Ok(())
+}
+
+/// `rmod` imports kernel ifuncs; loaded into the far block its import sites cannot
+/// reach the kernel's trampolines with a `bl`, so the load is refused with
+/// `PatchError::TrampolineOutOfReach` naming the site, and the far block is free again.
+fn far_import_refused(env: &Env) -> Result<(), Msg> {
+    let mut far = FarArena;
+    match env.try_load("rmod", &RMOD.0, &mut far).0 {
+        Ok(m) => {
+            let _ = unload_from(m, &mut far);
+            Err(msg!("rmod loaded into the far block"))
+        }
+        Err(ModuleError::Patch(PatchError::TrampolineOutOfReach {
+            site, trampoline, ..
+        })) => {
+            ensure!(
+                site.abs_diff(trampoline) > 1 << 27,
+                "site {site:#x} is within reach of {trampoline:#x}"
+            );
+            ensure!(!far.in_use(), "the far block was not freed");
+            Ok(())
+        }
+        Err(e) => Err(msg!("rmod in the far block: unexpected error: {e}")),
+    }
 }

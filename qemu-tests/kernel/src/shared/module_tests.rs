@@ -1,19 +1,22 @@
-//! Loadable modules on aarch64 (issue 16), checked inside the booted kernel: the
-//! x86_64 kernel's module tests (`src/module_tests.rs`) by name, where they apply.
+//! Loadable modules, checked inside the booted kernel: the x86_64 kernel's module tests
+//! (`src/module_tests.rs`) by name, where they apply.
 //!
-//! The xtask builds `rmod` (Rust, `--target aarch64-unknown-none`), `cmod` and `badmod`
-//! (C, `aarch64-linux-gnu-gcc`) and `ksites embed`s them (`xtask/src/modules.rs`);
-//! `build.rs` includes them here ([`RMOD`], [`CMOD`], [`BADMOD`]). They are loaded into
-//! the module block ([`ModuleArena`]: 4 KiB pages RX / R / RW, never W+X, patched
-//! through the writable alias by [`AliasPoker`]) against the kernel's exports (the
-//! loader's runtime entry points and the `kfuncs` ifuncs `popcount` and `crc32c`) and
-//! its `.ksites` table, after [`super::ksites_init`] patched the kernel.
+//! The xtask builds `rmod` (Rust), `cmod` and `badmod` (C, the cross gcc), and the
+//! platform's extra modules (`testing::EXTRA_MODULES`, aarch64's `farmod`), for the
+//! kernel's architecture and `ksites embed`s them (`xtask/src/modules.rs`); `build.rs`
+//! includes them here ([`RMOD`], [`CMOD`], [`BADMOD`], …). They are
+//! loaded into the module block (`module_arena::ModuleArena`: pages RX / R / RW, never
+//! W+X, patched through the writable alias by `mmu::AliasPoker`) against the kernel's
+//! exports (the loader's runtime entry points and the `kfuncs` ifuncs `popcount` and
+//! `crc32c`) and its `.ksites` table, after [`super::ksites_init`] patched the kernel.
+//! The platform adds its own module tests (`testing::module_tests`, e.g. aarch64's far
+//! module reached through veneers).
 
 use core::ops::Range;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use kernel_loader::CpuFeatures;
-use kernel_loader::arch::aarch64::branch::{B, B_OPCODE_MASK, BL, branch_dest, veneer_target};
+use kernel_loader::arch::Arch;
 use kernel_loader::format::{SiteKind, Table};
 use kernel_loader::module::{
     Export, Kernel, Module, ModuleError, ModuleMemory, Prot, RUNTIME_EXPORTS,
@@ -21,10 +24,11 @@ use kernel_loader::module::{
 use kernel_loader::patch::TextPoker;
 use kernel_loader::probe::{self, ProbeError, ProbeId};
 
-use super::exceptions::{EC_DATA_ABORT, EC_INSTRUCTION_ABORT, try_call, try_store};
-use super::mmu::{self, AliasPoker};
-use super::module_arena::{self, ModuleArena};
-use super::smp;
+use super::testing;
+use crate::arch::exceptions::{try_call, try_store};
+use crate::arch::mmu::{self, AliasPoker};
+use crate::arch::module_arena::{self, ModuleArena};
+use crate::arch::smp;
 use crate::harness::{Harness, Msg};
 use crate::{ensure, msg, println};
 
@@ -34,19 +38,15 @@ pub struct Aligned<T: ?Sized>(pub T);
 
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 
-mod far;
 mod live;
 
-/// `mov w0, #imm` (MOVZ, 32-bit).
-const fn mov_w0(imm: u16) -> u32 {
-    0x5280_0000 | ((imm as u32) << 5)
-}
-/// `ret`.
-const RET: u32 = 0xd65f_03c0;
-/// `EM_AARCH64`.
-const EM_AARCH64: u16 = 183;
-
-fn read_u32(addr: u64) -> u32 {
+pub(crate) fn read_u32(addr: u64) -> u32 {
+    if !addr.is_multiple_of(4) {
+        // A riscv64 site may be 2-aligned (compressed code): two halfword reads.
+        // SAFETY: only called on mapped, readable addresses, at least 2-aligned.
+        let half = |a: u64| unsafe { core::ptr::read_volatile(a as usize as *const u16) };
+        return u32::from(half(addr)) | (u32::from(half(addr + 2)) << 16);
+    }
     // SAFETY: only called on mapped, readable, 4-aligned addresses.
     unsafe { core::ptr::read_volatile(addr as usize as *const u32) }
 }
@@ -56,24 +56,24 @@ fn read_u64(addr: u64) -> u64 {
     unsafe { core::ptr::read_volatile(addr as usize as *const u64) }
 }
 
-/// The store to `addr` (a word it already holds) faults with a data abort.
+/// The store to `addr` (a word it already holds) faults with a permission fault.
 fn store_faults(addr: u64) -> Result<(), Msg> {
     let word = read_u32(addr);
     // SAFETY: the same word goes back if the store is (wrongly) allowed.
     match unsafe { try_store(addr, word) } {
         Ok(()) => Err(msg!("a store to {addr:#x} succeeded")),
-        Err(f) if f.class() == EC_DATA_ABORT && f.far == addr => Ok(()),
+        Err(f) if testing::is_store_fault(&f, addr) => Ok(()),
         Err(f) => Err(msg!("store to {addr:#x}: unexpected fault {f:?}")),
     }
 }
 
-/// A call to `addr` faults with an instruction abort.
+/// A call to `addr` faults with an instruction fetch permission fault.
 fn call_faults(addr: u64) -> Result<(), Msg> {
     // SAFETY: `addr` is expected not to be executable; if it is, it holds the caller's
-    // `mov w0; ret` code or zeroes (an undefined instruction: the fault is caught).
+    // `ret_imm` code or zeroes (an illegal instruction: the fault is caught).
     match unsafe { try_call(addr) } {
         Ok(v) => Err(msg!("{addr:#x} executed (returned {v:#x})")),
-        Err(f) if f.class() == EC_INSTRUCTION_ABORT && f.far == addr => Ok(()),
+        Err(f) if testing::is_exec_fault(&f, addr) => Ok(()),
         Err(f) => Err(msg!("call to {addr:#x}: unexpected fault {f:?}")),
     }
 }
@@ -96,8 +96,8 @@ fn arena_alloc_protect_poke_free() -> Result<(), Msg> {
     let l = mmu::layout();
     let reach = end.abs_diff(l.text_start).max(l.text_end.abs_diff(r.addr));
     ensure!(
-        reach < 1 << 27,
-        "module block not within bl reach of the kernel text"
+        reach < testing::DIRECT_CALL_REACH,
+        "module block not within direct call reach of the kernel text"
     );
     for page in (r.addr..end).step_by(4096) {
         let p = mmu::module_page_perms(page).ok_or("arena page not in the block")?;
@@ -107,8 +107,8 @@ fn arena_alloc_protect_poke_free() -> Result<(), Msg> {
 
     // Code at the start of pages 0 and 1; page 2 stays data.
     let code = [r.addr, r.addr + 4096];
-    for (at, imm) in code.into_iter().zip([0x1111u16, 0x2222]) {
-        for (i, w) in [mov_w0(imm), RET].into_iter().enumerate() {
+    for (at, imm) in code.into_iter().zip([0x111u16, 0x222]) {
+        for (i, w) in testing::ret_imm(imm).into_iter().enumerate() {
             // SAFETY: writable, ours, in bounds.
             unsafe { ((at as usize + 4 * i) as *mut u32).write_volatile(w) };
         }
@@ -127,28 +127,26 @@ fn arena_alloc_protect_poke_free() -> Result<(), Msg> {
         "read-only page after protect"
     );
     let run = |at: u64| -> Result<u64, Msg> {
-        // SAFETY: `mov w0, #imm; ret` code, executable now.
+        // SAFETY: `ret_imm` code, executable now.
         unsafe { try_call(at) }.map_err(|f| msg!("calling {at:#x}: {f:?}"))
     };
     let (x, y) = (run(code[0])?, run(code[1])?);
-    ensure!(x == 0x1111 && y == 0x2222, "ran {x:#x} {y:#x}");
+    ensure!(x == 0x111 && y == 0x222, "ran {x:#x} {y:#x}");
     store_faults(code[0])?;
     store_faults(r.addr + 2 * 4096)?;
     call_faults(r.addr + 2 * 4096)?;
 
     let mut alias = AliasPoker::default();
     alias.begin().map_err(Msg::display)?;
-    for (at, imm) in code.into_iter().zip([0x3333u16, 0x4444]) {
+    for (at, imm) in code.into_iter().zip([0x333u16, 0x444]) {
         // SAFETY: the first instruction of our own code, which no other CPU runs.
-        unsafe { alias.write(at, &mov_w0(imm).to_le_bytes()) }.map_err(Msg::display)?;
+        unsafe { alias.write(at, &testing::ret_imm(imm)[0].to_le_bytes()) }
+            .map_err(Msg::display)?;
     }
     alias.sync_cores();
     alias.end();
     let (x, y) = (run(code[0])?, run(code[1])?);
-    ensure!(
-        x == 0x3333 && y == 0x4444,
-        "after AliasPoker: {x:#x} {y:#x}"
-    );
+    ensure!(x == 0x333 && y == 0x444, "after AliasPoker: {x:#x} {y:#x}");
     // The alias writes module text only: data pages are refused.
     // SAFETY: refused before any write (not executable).
     let refused = unsafe { alias.write(r.addr + 2 * 4096, &[0; 4]) };
@@ -200,17 +198,14 @@ fn arena_alloc_protect_poke_free() -> Result<(), Msg> {
     Ok(())
 }
 
-/// Each embedded module is an aarch64 ELF relocatable object.
+/// Each embedded module is an ELF relocatable object of this architecture.
 fn modules_embedded() -> Result<(), Msg> {
-    for (name, bytes) in [
-        ("rmod", &RMOD.0),
-        ("cmod", &CMOD.0),
-        ("badmod", &BADMOD.0),
-        ("farmod", &FARMOD.0),
-    ] {
+    let shared: [(&str, &[u8]); 3] = [("rmod", &RMOD.0), ("cmod", &CMOD.0), ("badmod", &BADMOD.0)];
+    for &(name, bytes) in shared.iter().chain(testing::EXTRA_MODULES) {
         ensure!(
             !bytes.is_empty(),
-            "{name}.ko was not built into the kernel (run `cargo xtask qemu --arch aarch64`)"
+            "{name}.ko was not built into the kernel (run `cargo xtask qemu --arch {}`)",
+            Arch::native().name()
         );
         ensure!(
             bytes.starts_with(b"\x7fELF\x02\x01"),
@@ -219,8 +214,9 @@ fn modules_embedded() -> Result<(), Msg> {
         let e_type = u16::from_le_bytes([bytes[16], bytes[17]]);
         let machine = u16::from_le_bytes([bytes[18], bytes[19]]);
         ensure!(
-            e_type == 1 && machine == EM_AARCH64,
-            "{name}: e_type {e_type}, e_machine {machine} (want ET_REL, aarch64)"
+            e_type == 1 && machine == testing::MODULE_MACHINE,
+            "{name}: e_type {e_type}, e_machine {machine} (want ET_REL, {})",
+            Arch::native().name()
         );
         println!("modules: {name}.ko embedded, {} bytes", bytes.len());
     }
@@ -238,10 +234,13 @@ static KERNEL_EXPORTS: [Export; 2] = [
 static RUNTIME: [Export; 4] = RUNTIME_EXPORTS;
 
 /// What the module tests load against.
-struct Env {
-    table: Table<'static>,
-    exec: [Range<u64>; 1],
-    features: CpuFeatures,
+pub struct Env {
+    /// The kernel's table.
+    pub table: Table<'static>,
+    /// The kernel's text.
+    pub exec: [Range<u64>; 1],
+    /// The features the kernel's resolvers got.
+    pub features: CpuFeatures,
 }
 
 impl Env {
@@ -249,7 +248,7 @@ impl Env {
         let k = super::ksites_init()?;
         Ok(Env {
             table: k.table,
-            exec: super::ksites_exec(),
+            exec: crate::arch::ksites_exec(),
             features: k.features,
         })
     }
@@ -262,7 +261,7 @@ impl Env {
 
     /// Loads `bytes` as `name` into `mem`; the error, and the poker's synchronisation
     /// rounds.
-    fn try_load(
+    pub fn try_load(
         &self,
         name: &'static str,
         bytes: &'static [u8],
@@ -276,8 +275,8 @@ impl Env {
             features: self.features,
         };
         let mut poker = AliasPoker::default();
-        // SAFETY: the module block is executable once protected and within `bl` reach
-        // of the kernel (veneers otherwise); the poker writes module text through the
+        // SAFETY: the module block is executable once protected and within direct call
+        // reach of the kernel (veneers otherwise); the poker writes module text through the
         // alias and syncs every CPU; `kernel` is this kernel; the modules are ours.
         let r = unsafe { Module::load(name, bytes, &kernel, mem, &mut poker) };
         (r, poker.rounds)
@@ -291,7 +290,7 @@ fn unload(m: Module<'static>) -> Result<(), (Module<'static>, ModuleError)> {
 
 /// Unloads `m`, which `mem` gave its memory.
 #[allow(clippy::result_large_err)]
-fn unload_from(
+pub fn unload_from(
     m: Module<'static>,
     mem: &mut dyn ModuleMemory,
 ) -> Result<(), (Module<'static>, ModuleError)> {
@@ -306,7 +305,7 @@ fn unload_ok(m: Module<'static>) -> Result<(), Msg> {
     unload(m).map_err(|(_, e)| msg!("unloading {name}: {e}"))
 }
 
-fn sym(m: &Module<'_>, name: &str) -> Result<u64, Msg> {
+pub(crate) fn sym(m: &Module<'_>, name: &str) -> Result<u64, Msg> {
     m.symbol(name)
         .ok_or_else(|| msg!("{}: no symbol {name}", m.name()))
 }
@@ -316,7 +315,7 @@ fn sym(m: &Module<'_>, name: &str) -> Result<u64, Msg> {
 /// # Safety
 ///
 /// The module defines `name` with exactly type `F`, and stays loaded while it is used.
-unsafe fn func<F: Copy>(m: &Module<'_>, name: &str) -> Result<F, Msg> {
+pub(crate) unsafe fn func<F: Copy>(m: &Module<'_>, name: &str) -> Result<F, Msg> {
     let addr = sym(m, name)?;
     ensure!(
         m.text().contains(&addr),
@@ -330,45 +329,46 @@ unsafe fn func<F: Copy>(m: &Module<'_>, name: &str) -> Result<F, Msg> {
     Ok(unsafe { core::mem::transmute_copy::<usize, F>(&(addr as usize)) })
 }
 
-// rmod's `rmod_mix` tags (qemu-tests/modules/rmod/src/lib.rs).
-const MIX_LSE: u64 = 0x15e0_0000_0000_0000;
-const MIX_CRC32: u64 = 0xc3c3_0000_0000_0000;
-const MIX_BASE: u64 = 0xbaba_0000_0000_0000;
+pub(crate) type FnU64 = extern "C" fn() -> u64;
+pub(crate) type FnU64U64 = extern "C" fn(u64) -> u64;
+pub(crate) type Fn3 = extern "C" fn(u64, u64, u64) -> u64;
+pub(crate) type Fn2 = extern "C" fn(u64, u64) -> u64;
+pub(crate) type FnI32 = extern "C" fn() -> i32;
+pub(crate) type FnSum = unsafe extern "C" fn(*const u64, usize) -> u64;
+pub(crate) type FnCrc = unsafe extern "C" fn(*const u8, usize) -> u32;
 
-type FnU64 = extern "C" fn() -> u64;
-type FnU64U64 = extern "C" fn(u64) -> u64;
-type Fn3 = extern "C" fn(u64, u64, u64) -> u64;
-type Fn2 = extern "C" fn(u64, u64) -> u64;
-type FnI32 = extern "C" fn() -> i32;
-type FnSum = unsafe extern "C" fn(*const u64, usize) -> u64;
-type FnCrc = unsafe extern "C" fn(*const u8, usize) -> u32;
-
-/// Where the branch site at `addr` (`bl` for a call, `b` for a jump) finally goes:
-/// through a loader veneer of `m` if it branches into one.
-fn site_target(m: &Module<'_>, addr: u64, kind: SiteKind) -> Result<u64, Msg> {
-    let insn = read_u32(addr);
-    let op = match kind {
-        SiteKind::Call => BL,
-        SiteKind::Jmp => B,
-        SiteKind::Jcc => return Err(msg!("site {addr:#x}: a conditional branch site")),
-    };
+/// Where the branch site `s` of `m` finally goes: through a loader veneer of `m` if it
+/// branches into one.
+fn site_target(m: &Module<'_>, s: &kernel_loader::format::Site) -> Result<u64, Msg> {
     ensure!(
-        insn & B_OPCODE_MASK == op,
-        "{} site {addr:#x} ({kind:?}): {insn:#010x}",
-        m.name()
+        s.kind != SiteKind::Jcc,
+        "site {:#x}: a conditional branch site",
+        s.addr
     );
-    let dest = branch_dest(insn, addr).ok_or("not a branch")?;
+    let b = s.branch();
+    let mut bytes = [0u8; 16];
+    let bytes = &mut bytes[..usize::from(b.len)];
+    for (i, x) in bytes.iter_mut().enumerate() {
+        // SAFETY: the site lies in the module's mapped text (checked by the caller).
+        *x = unsafe { core::ptr::read_volatile((s.addr + i as u64) as *const u8) };
+    }
+    let dest = Arch::native()
+        .decode_branch_target(&b, bytes)
+        .ok_or_else(|| {
+            msg!(
+                "{} site {:#x} ({:?}): {bytes:02x?}",
+                m.name(),
+                s.addr,
+                s.kind
+            )
+        })?;
     if m.veneers().contains(&dest) {
-        let mut b = [0u8; 28];
-        for (i, w) in b.chunks_exact_mut(4).enumerate() {
-            w.copy_from_slice(&read_u32(dest + 4 * i as u64).to_le_bytes());
-        }
-        return veneer_target(&b, dest).ok_or_else(|| msg!("bad veneer at {dest:#x}"));
+        return testing::veneer_target(dest).ok_or_else(|| msg!("bad veneer at {dest:#x}"));
     }
     Ok(dest)
 }
 
-/// Every site of `m` that calls a kernel ifunc is a direct `bl`/`b` to the
+/// Every site of `m` that calls a kernel ifunc is a direct call/jump to the
 /// implementation the kernel's slot holds; both imports have sites.
 fn check_import_sites(env: &Env, m: &Module<'_>) -> Result<(), Msg> {
     let t = m.table().ok_or_else(|| msg!("{}: no table", m.name()))?;
@@ -386,7 +386,7 @@ fn check_import_sites(env: &Env, m: &Module<'_>) -> Result<(), Msg> {
         let mut n = 0;
         for s in t.sites().filter(|s| s.ifunc == f.index) {
             ensure!(m.text().contains(&s.addr), "site {:#x} outside", s.addr);
-            let target = site_target(m, s.addr, s.kind)?;
+            let target = site_target(m, &s)?;
             ensure!(
                 target == chosen,
                 "{} site {:#x} ({import}) goes to {target:#x}, the kernel chose {} at {chosen:#x}",
@@ -454,16 +454,13 @@ fn check_results_of(modules: &[(&Module<'_>, [&str; 3])]) -> Result<(), Msg> {
     Ok(())
 }
 
-/// rmod's own ifunc picked what the ID registers call for, and its site calls it directly.
+/// rmod's own ifunc picked what the CPU's features call for, and its site calls it
+/// directly.
 fn check_own_ifunc(env: &Env, rmod: &Module<'_>) -> Result<(), Msg> {
-    let f = &env.features;
-    let (want_tag, want_name) = if f.contains(CpuFeatures::LSE) {
-        (MIX_LSE, "mix_lse")
-    } else if f.contains(CpuFeatures::CRC32) {
-        (MIX_CRC32, "mix_crc32")
-    } else {
-        (MIX_BASE, "mix_base")
-    };
+    let (_, want_tag, want_name) = testing::RMOD_MIX
+        .into_iter()
+        .find(|m| env.features.contains(m.0))
+        .ok_or("no rmod_mix flavour for these features")?;
     let t = rmod.table().ok_or("rmod: no table")?;
     let f = t
         .ifuncs()
@@ -477,12 +474,10 @@ fn check_own_ifunc(env: &Env, rmod: &Module<'_>) -> Result<(), Msg> {
     // SAFETY: the slot holds one of rmod_mix's implementations, `extern "C" fn(u64) -> u64`.
     let imp = unsafe { core::mem::transmute::<usize, FnU64U64>(chosen as usize) };
     let tag = imp(0);
-    let name = match tag {
-        MIX_LSE => "mix_lse",
-        MIX_CRC32 => "mix_crc32",
-        MIX_BASE => "mix_base",
-        _ => "?",
-    };
+    let name = testing::RMOD_MIX
+        .iter()
+        .find(|m| m.1 == tag)
+        .map_or("?", |m| m.2);
     println!("modules: rmod's own ifunc {} chose {name}", f.name);
     ensure!(
         tag == want_tag,
@@ -490,7 +485,7 @@ fn check_own_ifunc(env: &Env, rmod: &Module<'_>) -> Result<(), Msg> {
     );
     let mut n = 0;
     for s in t.sites().filter(|s| s.ifunc == f.index) {
-        let target = site_target(rmod, s.addr, s.kind)?;
+        let target = site_target(rmod, &s)?;
         ensure!(
             target == chosen,
             "rmod_mix site {:#x} goes to {target:#x}",
@@ -626,7 +621,7 @@ fn kernel_sites_digest(t: &Table<'_>) -> u64 {
     h
 }
 
-fn report(m: &Module<'_>) {
+pub(crate) fn report(m: &Module<'_>) {
     let r = m.report();
     println!(
         "modules: {} loaded at {:#x} ({} bytes, text {:#x}..{:#x}): {} relocations, {} veneers, {} kernel symbols, {} ifuncs ({} imported), {} sites patched, {} probes ({} sites)",
@@ -649,7 +644,7 @@ fn report(m: &Module<'_>) {
 /// The module's text and veneer area are read + execute (a store to text faults), the
 /// rest of its memory never executable (a call into it faults), and no module page is
 /// W+X.
-fn check_mapping(m: &Module<'_>) -> Result<(), Msg> {
+pub(crate) fn check_mapping(m: &Module<'_>) -> Result<(), Msg> {
     let mem = m.memory();
     let mut first_data = None;
     for page in mem.clone().step_by(mmu::PAGE_SIZE as usize) {
@@ -774,9 +769,9 @@ pub fn run(h: &mut Harness) {
         arena_alloc_protect_poke_free(),
     );
     h.check("modules_embedded_are_et_rel", modules_embedded());
-    // SAFETY: the vectors (installed on every CPU at boot, before it runs anything)
-    // send a probe `brk` to `kernel_loader::probe::handle_brk` and write back the pc
-    // and x0 it changes (`exceptions::handle_brk`), for as long as the kernel runs.
+    // SAFETY: the platform's trap vector (installed on every CPU at boot, before it
+    // runs anything) sends a probe trap to `kernel_loader::probe`'s hook and writes back
+    // the frame it changes, for as long as the kernel runs.
     unsafe { probe::declare_int3_route() };
     let env = match Env::new() {
         Ok(e) => e,
@@ -905,14 +900,7 @@ pub fn run(h: &mut Harness) {
         "module_unknown_symbol_fails_cleanly",
         check_bad_module(&env),
     );
-    h.check(
-        "module_far_calls_through_veneers",
-        far::check_far_module(&env.exec),
-    );
-    h.check(
-        "module_far_ifunc_import_refused_clearly",
-        far_import_refused(&env),
-    );
+    testing::module_tests(h, &env);
 
     let again = env.load("rmod", &RMOD.0).and_then(|m| {
         let r = check_own_ifunc(&env, &m).and_then(|()| {
@@ -945,30 +933,4 @@ pub fn run(h: &mut Harness) {
             n => Err(msg!("{n} allocation request(s)")),
         },
     );
-}
-
-/// `rmod` imports kernel ifuncs; loaded into the far block its import sites cannot
-/// reach the kernel's trampolines with a `bl`, so the load is refused with
-/// `PatchError::TrampolineOutOfReach` naming the site, and the far block is free again.
-fn far_import_refused(env: &Env) -> Result<(), Msg> {
-    let mut far = super::module_arena::FarArena;
-    match env.try_load("rmod", &RMOD.0, &mut far).0 {
-        Ok(m) => {
-            let _ = unload_from(m, &mut far);
-            Err(msg!("rmod loaded into the far block"))
-        }
-        Err(ModuleError::Patch(kernel_loader::patch::PatchError::TrampolineOutOfReach {
-            site,
-            trampoline,
-            ..
-        })) => {
-            ensure!(
-                site.abs_diff(trampoline) > 1 << 27,
-                "site {site:#x} is within reach of {trampoline:#x}"
-            );
-            ensure!(!far.in_use(), "the far block was not freed");
-            Ok(())
-        }
-        Err(e) => Err(msg!("rmod in the far block: unexpected error: {e}")),
-    }
 }

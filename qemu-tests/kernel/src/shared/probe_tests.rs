@@ -1,17 +1,17 @@
-//! SDT probes in the aarch64 kernel, checked live: Rust `probe!`/`probe_enabled!` sites
-//! and dtrace-style C sites (c/cprobes.c, built with `aarch64-linux-gnu-gcc` and
-//! rewritten by `ksites embed`): C call (`bl` ↔ `nop`), tail (`b ksites_probe_ret0` ↔
-//! `brk #0x4b53`, routed to `probe::handle_brk` by `exceptions.rs`), is-enabled and
-//! is-enabled tail (`bl`/`b ksites_probe_ret0` ↔ `ret1`), with 0, 1 and 6 arguments,
-//! and the `kfuncs` crate's site (a second crate).
+//! SDT probes in the kernel, checked live: Rust `probe!`/`probe_enabled!` sites and
+//! dtrace-style C sites (c/cprobes.c, built with the cross gcc and rewritten by `ksites
+//! embed`): C call, tail (its enabled form the probe trap, `brk`/`ebreak`, routed to the
+//! loader by the platform's trap vector), is-enabled and is-enabled tail, with 0, 1 and
+//! 6 arguments, and the `kfuncs` crate's site (a second crate). The architecture's
+//! forms are `kernel_loader::arch::<arch>::probe`'s.
 //! The tests mirror the x86_64 kernel's `probe_tests.rs` by name.
 //!
-//! Live patching goes through [`Poker`] (the platform's [`AliasPoker`], counting its
-//! writes and synchronisation rounds, checking with `AT S1E1W` that each site is
-//! read-only at its own address and writable only through the alias, and able to fail
-//! its N-th write). These tests run on CPU 0 while the other CPUs idle; [`brk_hook`]
-//! (installed here, left installed for [`super::smp_tests`]) counts the BRK traps the
-//! loader handled, per CPU.
+//! Live patching goes through [`Poker`] (the platform's `AliasPoker`, counting its
+//! writes and synchronisation rounds, checking with `testing::translates` that each site
+//! is read-only at its own address and writable only through the alias, and able to
+//! fail its N-th write). These tests run on CPU 0 while the other CPUs idle;
+//! [`trap_hook`] (installed here, left installed for [`super::smp_tests`]) counts the
+//! traps the loader handled, per CPU.
 
 use core::cell::UnsafeCell;
 use core::hint::black_box;
@@ -22,8 +22,9 @@ use kernel_loader::patch::{PokeError, PokeFailure, TextPoker};
 use kernel_loader::probe::{self, Int3Frame, ProbeError, ProbeId};
 use kernel_loader::probe_enabled;
 
-use super::mmu::{self, AliasPoker};
-use super::smp::{self, MAX_CPUS};
+use super::testing::{self, translates};
+use crate::arch::mmu::{self, AliasPoker};
+use crate::arch::smp::{self, MAX_CPUS};
 use crate::harness::{Harness, Msg};
 use crate::{ensure, msg, println};
 
@@ -113,7 +114,7 @@ fn hits(p: ProbeId) -> u64 {
     probe::info(p).map_or(0, |i| i.hits)
 }
 
-/// The image's table, for [`brk_hook`] and the SMP tests.
+/// The image's table, for [`trap_hook`] and the SMP tests.
 struct TableCell {
     set: AtomicBool,
     table: UnsafeCell<Option<Table<'static>>>,
@@ -147,59 +148,44 @@ pub(crate) fn table() -> Option<&'static Table<'static>> {
     }
 }
 
-/// Per CPU: BRK traps the loader handled.
-static BRK_BY_CPU: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-/// Per CPU: while inside [`brk_hook`] for a probe site, 1 + the probe; else 0.
-static IN_BRK: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Per CPU: probe traps the loader handled.
+static TRAPS_BY_CPU: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per CPU: while inside [`trap_hook`] for a probe site, 1 + the probe; else 0.
+static IN_TRAP: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 
-/// BRK traps the loader handled on CPU `cpu`.
-pub(crate) fn brk_on_cpu(cpu: usize) -> u64 {
-    BRK_BY_CPU[cpu].load(Ordering::Relaxed)
+/// Probe traps the loader handled on CPU `cpu`.
+pub(crate) fn traps_on_cpu(cpu: usize) -> u64 {
+    TRAPS_BY_CPU[cpu].load(Ordering::Relaxed)
 }
 
-/// While CPU `cpu` is inside [`brk_hook`] for a probe site: the probe.
-pub(crate) fn in_brk_for(cpu: usize) -> Option<ProbeId> {
-    match IN_BRK[cpu].load(Ordering::Relaxed) {
+/// While CPU `cpu` is inside [`trap_hook`] for a probe site: the probe.
+pub(crate) fn in_trap_for(cpu: usize) -> Option<ProbeId> {
+    match IN_TRAP[cpu].load(Ordering::Relaxed) {
         0 => None,
         v => Some(ProbeId(v - 1)),
     }
 }
 
-/// The BRK hook (`probe::set_int3_hook`, run by `probe::handle_brk`, which the
-/// platform's synchronous exception handler calls for a probe `brk`): hands the trap
-/// to the loader's emulation, counting what it handled.
-pub(crate) fn brk_hook(f: &mut Int3Frame) -> bool {
+/// The trap hook (`probe::set_int3_hook`, run by the loader's trap entry, which the
+/// platform's exception handler calls for a probe trap): hands the trap to the
+/// loader's emulation, counting what it handled.
+pub(crate) fn trap_hook(f: &mut Int3Frame) -> bool {
     let cpu = smp::cpu_index();
-    let probe = table().and_then(|t| t.probe_site_at(f.pc)).map(|s| s.probe);
-    IN_BRK[cpu].store(probe.map_or(0, |p| p + 1), Ordering::Relaxed);
-    // SAFETY: `f` is this CPU's interrupted BRK context, which `exceptions.rs` writes
-    // back (pc into ELR_EL1, x0) before `eret`.
+    let pc = kernel_loader::arch::native::probe::trap_site(f);
+    let probe = table().and_then(|t| t.probe_site_at(pc)).map(|s| s.probe);
+    IN_TRAP[cpu].store(probe.map_or(0, |p| p + 1), Ordering::Relaxed);
+    // SAFETY: `f` is this CPU's interrupted trap context, which the platform writes
+    // back before returning from the exception.
     let handled = unsafe { probe::handle_int3(f) };
-    IN_BRK[cpu].store(0, Ordering::Relaxed);
+    IN_TRAP[cpu].store(0, Ordering::Relaxed);
     if handled {
-        BRK_BY_CPU[cpu].fetch_add(1, Ordering::Relaxed);
+        TRAPS_BY_CPU[cpu].fetch_add(1, Ordering::Relaxed);
     }
     handled
 }
 
 // ---------------------------------------------------------------------------------------
 // The poker and W^X checks.
-
-/// Whether a stage-1 EL1 translation of `addr` for a write (`write`) or a read
-/// succeeds (`AT S1E1W`/`AT S1E1R`, then PAR_EL1.F).
-pub(crate) fn translates(addr: u64, write: bool) -> bool {
-    let par: u64;
-    // SAFETY: an address translation instruction only writes PAR_EL1 (this CPU's,
-    // nothing else reads it); the `isb` makes the result visible to the `mrs`.
-    unsafe {
-        if write {
-            core::arch::asm!("at s1e1w, {a}", "isb", "mrs {p}, PAR_EL1", a = in(reg) addr, p = out(reg) par, options(nostack));
-        } else {
-            core::arch::asm!("at s1e1r, {a}", "isb", "mrs {p}, PAR_EL1", a = in(reg) addr, p = out(reg) par, options(nostack));
-        }
-    }
-    par & 1 == 0
-}
 
 /// What every [`Poker`] checked before its writes.
 pub(crate) struct WxStats {
@@ -334,8 +320,9 @@ pub(crate) fn check_sites(t: &Table<'_>, enabled: &[ProbeId]) -> Result<(), Msg>
 /// Enables `p` with `handler`: one batch, one synchronisation round.
 fn enable(p: ProbeId) -> Result<(), Msg> {
     let mut k = Poker::default();
-    // SAFETY: the BRK route is in place (exceptions.rs); the poker writes through the
-    // alias and runs `isb` on every online CPU (the others idle, not running sites).
+    // SAFETY: the trap route is in place (the platform's vector); the poker writes
+    // through the alias and synchronises every online CPU (the others idle, not
+    // running sites).
     unsafe { probe::enable(p, handler, &mut k) }.map_err(|e| msg!("enable {}: {e}", p.0))?;
     ensure!(
         k.rounds == 1,
@@ -455,11 +442,11 @@ fn disabled_are_nops(t: &Table<'_>) -> Result<(), Msg> {
 }
 
 /// Before any other enable: `probe::enable` refuses (nothing written, no round) until
-/// the kernel declares its BRK route; then the route is declared.
-fn enable_refused_without_brk_route(t: &Table<'_>) -> Result<(), Msg> {
+/// the kernel declares its trap route; then the route is declared.
+fn enable_refused_without_trap_route(t: &Table<'_>) -> Result<(), Msg> {
     ensure!(
         !probe::int3_route_declared(),
-        "the BRK route was declared before the probe tests"
+        "the trap route was declared before the probe tests"
     );
     let before = snapshot(t);
     let tail = id("ctest:tail")?;
@@ -477,9 +464,9 @@ fn enable_refused_without_brk_route(t: &Table<'_>) -> Result<(), Msg> {
         k.rounds
     );
     ensure!(snapshot(t) == before, "a refused enable changed a site");
-    // SAFETY: exceptions.rs hands every probe `brk` (EC 0x3c, comment 0x4b53) on every
-    // CPU to `probe::handle_brk` and writes pc and x0 back; the vectors are set on every
-    // CPU before it runs kernel code.
+    // SAFETY: the platform's vector hands every probe trap on every CPU to the loader
+    // and writes the frame back; the vectors are set on every CPU before it runs kernel
+    // code.
     unsafe { probe::declare_int3_route() };
     enable(tail)?;
     check_sites(t, &[tail])?;
@@ -649,7 +636,7 @@ fn is_enabled_reports_state() -> Result<(), Msg> {
 fn c_tail_returns() -> Result<(), Msg> {
     let tail = id("ctest:tail")?;
     let c0 = calls(tail);
-    let brk0 = brk_on_cpu(0);
+    let traps0 = traps_on_cpu(0);
     let w = c_work_now();
     // SAFETY: plain C function.
     unsafe { c_fire_tail(5) };
@@ -658,7 +645,8 @@ fn c_tail_returns() -> Result<(), Msg> {
         "disabled tail site"
     );
     enable(tail)?;
-    // SAFETY: plain C function; its tail site is `brk`, which fires and returns for it.
+    // SAFETY: plain C function; its tail site is the probe trap, which fires and
+    // returns for it.
     unsafe { c_fire_tail(7) };
     let got = last_args();
     ensure!(
@@ -671,15 +659,18 @@ fn c_tail_returns() -> Result<(), Msg> {
         calls(tail) - c0
     );
     ensure!(
-        brk_on_cpu(0) == brk0 + 1,
-        "{} BRK traps for one enabled tail call",
-        brk_on_cpu(0) - brk0
+        traps_on_cpu(0) == traps0 + 1,
+        "{} traps for one enabled tail call",
+        traps_on_cpu(0) - traps0
     );
     disable(tail)?;
     // SAFETY: plain C function.
     unsafe { c_fire_tail(1) };
     ensure!(calls(tail) == c0 + 1 && c_work_now() == w + 13);
-    ensure!(brk_on_cpu(0) == brk0 + 1, "a disabled tail site trapped");
+    ensure!(
+        traps_on_cpu(0) == traps0 + 1,
+        "a disabled tail site trapped"
+    );
     Ok(())
 }
 
@@ -837,8 +828,8 @@ fn failed_batch_restores(t: &Table<'_>) -> Result<(), Msg> {
     Ok(())
 }
 
-/// Every probe site is executable and read-only at its own address (AT S1E1W faults),
-/// and every write of these tests went through the writable alias.
+/// Every probe site is executable and read-only at its own address (a write does not
+/// translate), and every write of these tests went through the writable alias.
 pub(crate) fn text_still_read_only(t: &Table<'_>) -> Result<(), Msg> {
     let l = mmu::layout();
     for s in t.probe_sites() {
@@ -868,12 +859,13 @@ pub(crate) fn text_still_read_only(t: &Table<'_>) -> Result<(), Msg> {
         "alias writes {writes}, checks {checks}"
     );
     println!(
-        "probes: text read-only at its own address: {writes} writes through the alias, {checks} AT S1E1W/S1E1R checks, 0 violations"
+        "probes: text read-only at its own address: {writes} writes through the alias, {checks} {} checks, 0 violations",
+        testing::TRANSLATION_CHECK
     );
     Ok(())
 }
 
-/// Runs the probe tests, with the other CPUs parked in `wfi`.
+/// Runs the probe tests, with the other CPUs parked (waiting for an interrupt).
 pub fn run(h: &mut Harness) {
     super::smp_tests::park_others();
     run_parked(h);
@@ -891,8 +883,8 @@ fn run_parked(h: &mut Harness) {
         }
     };
     set_table(table);
-    // SAFETY: `brk_hook` passes every trap to `probe::handle_int3` and returns its result.
-    unsafe { probe::set_int3_hook(Some(brk_hook)) };
+    // SAFETY: `trap_hook` passes every trap to `probe::handle_int3` and returns its result.
+    unsafe { probe::set_int3_hook(Some(trap_hook)) };
     match probe::register_image(table, &AliasPoker::default()) {
         Ok(n) => println!(
             "probes: {n} registered, {} sites ({} in rtest:one)",
@@ -911,7 +903,7 @@ fn run_parked(h: &mut Harness) {
     h.check("probe_disabled_sites_are_nops", disabled_are_nops(&table));
     h.check(
         "probe_enable_refused_without_brk_route",
-        enable_refused_without_brk_route(&table),
+        enable_refused_without_trap_route(&table),
     );
     h.check(
         "probe_enable_c_probe_patches_only_its_sites",

@@ -1,39 +1,30 @@
-//! Live patching on every CPU: CPU 0 rewrites a text site through [`AliasPoker`] (one
-//! aligned store of a `b`, the instruction class the Arm ARM lets a CPU replace while
-//! others execute it) and runs one [`smp::sync_cores`] round per patch; after the
-//! round, every CPU runs the new branch.
+//! Live patching on every CPU: CPU 0 rewrites a text site through `AliasPoker` (one
+//! aligned store of a one-word jump, `testing::jump_insn`: the instruction class each
+//! architecture lets a CPU replace while others execute it) and runs one
+//! `smp::sync_cores` round per patch; after the round, every CPU runs the new jump. The
+//! site is `testing::live_site`; the platform runs it as `<arch>_live_patch_seen_by_every_cpu`.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kernel_loader::TextPoker;
-use kernel_loader::arch::aarch64::branch_insn;
 
-use super::mmu::AliasPoker;
-use super::smp::{self, MAX_CPUS};
+use super::testing;
+use crate::arch::mmu::AliasPoker;
+use crate::arch::smp::{self, MAX_CPUS};
+use crate::arch::timer;
 use crate::harness::{Msg, TestResult};
 use crate::{ensure, println};
 
-/// Stubs `mov w0, #j; ret` for j = 1..=STUBS after the site.
+/// Stubs `testing::ret_imm(j)` for j = 1..=STUBS after the site.
 const STUBS: u64 = 16;
 /// Patches per phase.
 const PATCHES: u64 = 200;
 
-core::arch::global_asm!(
-    r#"
-    .section .text.patch_page, "ax"
-    .balign 64
-    .global ksites_a64_live_site
-ksites_a64_live_site:
-    b 1f
-    brk #0
-1:  mov w0, #1
-    ret
-    .fill 64, 4, 0xd4200000
-"#
-);
-
-unsafe extern "C" {
-    fn ksites_a64_live_site() -> u64;
+/// The site: `testing::live_site`.
+fn live_site() -> u64 {
+    let f = testing::live_site();
+    // SAFETY: the site is a jump to one of the stubs, each `ret_imm(j)`.
+    unsafe { f() }
 }
 
 /// The stub returning `j` (1..=STUBS): two words each, right after the site's two.
@@ -60,8 +51,7 @@ static STALE: AtomicU64 = AtomicU64::new(0);
 
 /// Phase 1's job: one call, its result in [`RESULT`].
 fn call_once(cpu: usize) {
-    // SAFETY: the site is a branch to one of the stubs, each `mov w0, #j; ret`.
-    RESULT[cpu].store(unsafe { ksites_a64_live_site() }, Ordering::Release);
+    RESULT[cpu].store(live_site(), Ordering::Release);
 }
 
 /// Phase 2's job: calls the site until told to stop. A call that starts after patch
@@ -70,8 +60,7 @@ fn call_once(cpu: usize) {
 fn call_until_stopped(cpu: usize) {
     while !STOP.load(Ordering::Acquire) {
         let e = EPOCH.load(Ordering::Acquire);
-        // SAFETY: as in `call_once`.
-        let v = unsafe { ksites_a64_live_site() };
+        let v = live_site();
         let e2 = EPOCH.load(Ordering::Acquire);
         if !(1..=STUBS).contains(&v) {
             GARBAGE.fetch_add(1, Ordering::SeqCst);
@@ -83,15 +72,16 @@ fn call_until_stopped(cpu: usize) {
 }
 
 fn patch(poker: &mut AliasPoker, site: u64, k: u64) -> TestResult {
-    let b = branch_insn(site, stub(site, value(k)), false).ok_or("stub out of reach")?;
-    // SAFETY: one aligned store of a `b` over a `b` at the site (the Arm ARM's
-    // concurrent modification rule); every stub it may branch to is in place.
+    let b = testing::jump_insn(site, stub(site, value(k))).ok_or("stub out of reach")?;
+    // SAFETY: one aligned store of a one-word jump over a one-word jump at the site (the
+    // concurrent modification rule of every architecture here); every stub it may
+    // jump to is in place.
     unsafe { poker.write(site, &b.to_le_bytes()) }.map_err(Msg::display)?;
     poker.sync_cores();
     Ok(())
 }
 
-/// `aarch64_live_patch_seen_by_every_cpu`, in two phases.
+/// `<arch>_live_patch_seen_by_every_cpu`, in two phases.
 ///
 /// 1. For each of [`PATCHES`] patches: patch and synchronise while the other CPUs are
 ///    idle, then each CPU calls the site once and must get the new value.
@@ -103,12 +93,11 @@ fn patch(poker: &mut AliasPoker, site: u64, k: u64) -> TestResult {
 ///    made while the store happened (the x86_64 runs show the same), which is why the
 ///    strict check is phase 1's.
 pub fn live_patch_seen_by_every_cpu() -> TestResult {
-    let site = ksites_a64_live_site as *const () as u64;
+    let site = testing::live_site() as usize as u64;
     let mut poker = AliasPoker::default();
     // The stubs first, while no CPU runs them.
     for j in 1..=STUBS {
-        let code = [0x5280_0000 | ((j as u32) << 5), 0xd65f_03c0];
-        for (i, word) in code.iter().enumerate() {
+        for (i, word) in testing::ret_imm(j as u16).iter().enumerate() {
             // SAFETY: the stubs are this test's own text, not running yet.
             unsafe { poker.write(stub(site, j) + 4 * i as u64, &word.to_le_bytes()) }
                 .map_err(Msg::display)?;
@@ -145,12 +134,11 @@ pub fn live_patch_seen_by_every_cpu() -> TestResult {
         let before: [u64; MAX_CPUS] = core::array::from_fn(|c| CALLS[c].load(Ordering::Acquire));
         patch(&mut poker, site, k)?;
         EPOCH.store(k, Ordering::Release);
-        // SAFETY: as in `call_once`.
-        let v = unsafe { ksites_a64_live_site() };
+        let v = live_site();
         ensure!((1..=STUBS).contains(&v), "CPU 0 got {v} at patch {k}");
         // Let every other CPU run this version at least once.
         for c in 1..=others {
-            let ran = super::timer::wait_until(1_000_000, || {
+            let ran = timer::wait_until(1_000_000, || {
                 CALLS[c].load(Ordering::Acquire) >= before[c] + 2
             });
             ensure!(ran, "CPU {c} stopped calling the site at patch {k}");
