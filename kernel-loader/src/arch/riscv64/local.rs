@@ -5,9 +5,9 @@
 //! read-modify-writes (`amoadd.d`, one instruction with the A extension, which RV64GC
 //! has). Only the owning hart writes the word, so the cache line is not contended.
 //!
-//! Also the instruction-fetch side of a text write: [`fence_i`] after the store, on the
+//! Also the instruction-fetch side of a text write: `fence_i` after the store, on the
 //! storing hart (what a kernel's `TextPoker::write` needs), and
-//! [`sbi_remote_fence_i`], a `fence.i` on every other hart through the SBI firmware
+//! `sbi_remote_fence_i`, a `fence.i` on every other hart through the SBI firmware
 //! (what `TextPoker::sync_cores` needs).
 
 use core::sync::atomic::{AtomicU64, Ordering};
