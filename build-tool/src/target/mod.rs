@@ -338,6 +338,23 @@ impl Target {
         }
     }
 
+    /// Where the branch whose field is at `at` goes, its bytes read by `read(len)`: the
+    /// longest field, or, at the end of a section, a shorter one (riscv64's 4-byte `jal`
+    /// and 2-byte `c.j`).
+    pub fn branch_dest_at<'d>(
+        self,
+        read: impl Fn(u64) -> Option<&'d [u8]>,
+        at: u64,
+    ) -> Option<u64> {
+        let lens: &[u64] = match self {
+            Target::Riscv64 => &[8, 4, 2],
+            _ => &[self.branch_field_len()],
+        };
+        lens.iter()
+            .find_map(|&n| read(n))
+            .and_then(|f| self.branch_field_dest(f, at))
+    }
+
     /// The first byte of a plain (prefix-less) call or jump whose branch field is at
     /// `field_at`.
     pub fn plain_branch_start(self, field_at: u64) -> Option<u64> {

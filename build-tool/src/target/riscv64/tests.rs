@@ -170,3 +170,18 @@ fn table_relocations_apply_as_the_loader_does() {
     assert!(apply_table_reloc(&mut f, 1 << 40, 0, 0).is_err());
     assert!(apply_table_reloc(&mut f[..2], 0, 0, 0).is_err());
 }
+
+#[test]
+fn a_relaxed_branch_at_a_section_end_is_read_whole() {
+    // The `c.j mid` at 0x10016 as the section's last two bytes, the `jal ra, mid` at
+    // 0x10010 as its last four.
+    let t = super::super::Target::Riscv64;
+    let cj = &CODE[0x16..0x18];
+    let read = |n: u64| cj.get(..n as usize);
+    assert_eq!(t.branch_dest_at(read, 0x10016), Some(MID));
+    let jal = &CODE[0x10..0x14];
+    let read = |n: u64| jal.get(..n as usize);
+    assert_eq!(t.branch_dest_at(read, 0x10010), Some(MID));
+    let read = |_: u64| None;
+    assert_eq!(t.branch_dest_at(read, 0x10010), None);
+}
