@@ -769,9 +769,9 @@ impl ProbeFunctions {
                         continue;
                     }
                     let dest = match class {
-                        RelocClass::Branch => exec
-                            .read(r.offset, t.branch_field_len())
-                            .and_then(|f| t.branch_field_dest(f, r.offset)),
+                        RelocClass::Branch => {
+                            t.branch_dest_at(|n| exec.read(r.offset, n), r.offset)
+                        }
                         _ => t.plain_branch_start(r.offset).and_then(|start| {
                             let code = exec.read(start, t.probe_site_len() as u64)?;
                             let insn = t.decode_insn(code, start);

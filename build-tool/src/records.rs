@@ -167,9 +167,8 @@ pub fn read_gnu_ifuncs(img: &Image<'_>) -> Result<Vec<IfuncInfo>> {
         let Some(&at) = first_call.get(&index) else {
             continue;
         };
-        let trampoline = img
-            .read_va(at, t.branch_field_len())
-            .and_then(|b| t.branch_field_dest(b, at))
+        let trampoline = t
+            .branch_dest_at(|n| img.read_va(at, n), at)
             .with_context(|| {
                 format!(
                     "{}: call to GNU ifunc {name} at {at:#x} is not in the file",

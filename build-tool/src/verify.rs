@@ -199,6 +199,19 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
             }
         };
         let found = img.read_va(s.addr, img.target.probe_site_len() as u64);
+        let len = img.target.probe_site_len() as u64;
+        if !s.kind.is_rust()
+            && let Some(why) = img
+                .read_va(s.addr + len, len)
+                .and_then(|after| target.c_probe_remnant(s.addr, after))
+        {
+            bad(format!(
+                "probe site {} at {} ({}): {why}",
+                s.index,
+                loc(&img, s.addr),
+                s.kind.name()
+            ));
+        }
         if found != Some(&want[..]) {
             let name = t
                 .probe(s.probe)

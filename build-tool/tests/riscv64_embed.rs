@@ -24,6 +24,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use kernel_loader::arch::Arch;
 use kernel_loader::arch::riscv64::decode_site;
@@ -144,9 +145,92 @@ void _start(void) {
 }
 "#;
 
+/// The Rust half: an ifunc (its trampoline also under the C name `fixture_add_c`), Rust
+/// callers, and `probe!`/`probe_enabled!` sites (kernel-loader's riscv64 macros).
+const LIB: &str = r#"#![no_std]
+use kernel_loader::{CpuFeatures, ifunc, probe, probe_enabled};
+
+unsafe extern "C" fn add_soft(a: u64, b: u64) -> u64 {
+    a.wrapping_add(b)
+}
+unsafe extern "C" fn add_zbb(a: u64, b: u64) -> u64 {
+    a.wrapping_add(b) ^ 1
+}
+fn pick_add(f: &CpuFeatures) -> unsafe extern "C" fn(u64, u64) -> u64 {
+    if f.contains(CpuFeatures::ZBB) { add_zbb } else { add_soft }
+}
+
+ifunc! {
+    /// An ifunc.
+    pub fn fixture_add(a: u64, b: u64) -> u64;
+    default = add_soft;
+    resolver = pick_add;
+}
+
+// The trampoline under a C name, for C callers.
+core::arch::global_asm!(".globl fixture_add_c", ".set fixture_add_c, {t}", t = sym fixture_add);
+
+#[unsafe(no_mangle)]
+pub extern "C" fn fixture_fire(x: u64) -> u64 {
+    probe!(fixture, hit, x, 7);
+    if probe_enabled!(fixture, on) { 1 } else { fixture_add(x, 2) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_calls(x: u64) -> u64 {
+    fixture_add(x, 1).wrapping_add(fixture_add(x, 2))
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+"#;
+
+/// The C half of the Rust image: calls, a tail call and a C probe.
+const RK_C: &str = r#"
+#include <stdint.h>
+#include "ksites_sdt.h"
+KSITES_PROBE_DECL(net, rx, 2, (unsigned long len, unsigned long port))
+extern uint64_t fixture_add_c(uint64_t a, uint64_t b);
+extern uint64_t fixture_fire(uint64_t x);
+extern uint64_t rust_calls(uint64_t x);
+volatile uint64_t sink;
+__attribute__((noinline)) uint64_t c_calls(uint64_t x) {
+    uint64_t a = fixture_add_c(x, 1);
+    sink = a;
+    return fixture_add_c(a, 3) + 1;
+}
+__attribute__((noinline)) uint64_t c_tail(uint64_t x) { return fixture_add_c(x, 5); }
+__attribute__((noinline)) void c_probe(unsigned long n) { KSITES_PROBE(net, rx, n, 80); sink = n; }
+void _start(void) {
+    sink = c_calls(1) + c_tail(2) + fixture_fire(3) + rust_calls(4);
+    c_probe(5);
+    for (;;) {}
+}
+"#;
+
+/// A kernel-like layout (QEMU virt's S-mode entry) reserving the `.ksites` slot in the
+/// read-only data, as the riscv64 test kernel's script does.
+const KERNEL_LD: &str = "ENTRY(_start)
+SECTIONS {
+  . = 0x80200000;
+  .text : { *(.text.boot) *(.text .text.*) }
+  . = ALIGN(4096);
+  .rodata : { *(.rodata .rodata.* .srodata .srodata.*) }
+  .ksites : ALIGN(8) { __ksites_table_start = .; BYTE(0); . += 16384 - 1; }
+  . = ALIGN(4096);
+  .data : { *(.data .data.* .sdata .sdata.*) *(.got .got.*) }
+  .ksites_ifuncs : { KEEP(*(.ksites_ifuncs)) }
+  .bss (NOLOAD) : { *(.bss .bss.* .sbss .sbss.*) *(COMMON) }
+}
+";
+
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?}: {e} (install gcc-riscv64-linux-gnu / binutils-riscv64-linux-gnu)")
+        panic!(
+            "cannot run {cmd:?}: {e} (install gcc-riscv64-linux-gnu / binutils-riscv64-linux-gnu)"
+        )
     })
 }
 
@@ -173,6 +257,37 @@ fn tmpdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// The Rust half as a static library for riscv64gc-unknown-none-elf, built once.
+fn rust_lib() -> PathBuf {
+    static LIB_PATH: OnceLock<PathBuf> = OnceLock::new();
+    LIB_PATH
+        .get_or_init(|| {
+            let dir = tmpdir("rs");
+            let manifest = format!(
+                "[package]\nname = \"rv64embed\"\nversion = \"0.0.0\"\nedition = \"2024\"\n\n\
+                 [lib]\npath = \"lib.rs\"\ncrate-type = [\"staticlib\"]\n\n\
+                 [dependencies]\nkernel-loader = {{ path = {:?} }}\n\n\
+                 [profile.release]\npanic = \"abort\"\n\n[workspace]\n",
+                ws().join("kernel-loader").display().to_string()
+            );
+            std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
+            std::fs::write(dir.join("lib.rs"), LIB).unwrap();
+            std::fs::copy(ws().join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
+            let target_dir = ws().join("target").join("riscv64-embed");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            ok(Command::new(cargo)
+                .args(["build", "--offline", "--release", "--target"])
+                .arg("riscv64gc-unknown-none-elf")
+                .arg("--manifest-path")
+                .arg(dir.join("Cargo.toml"))
+                .env("CARGO_TARGET_DIR", &target_dir)
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS"));
+            target_dir.join("riscv64gc-unknown-none-elf/release/librv64embed.a")
+        })
+        .clone()
 }
 
 /// `src` (C, or assembly when `name` ends in `.S.o`) compiled with the kernel flags
@@ -213,6 +328,11 @@ fn rust_lld() -> PathBuf {
 
 /// Links `objs` with `ld` (relaxing with `relax`), static, `--emit-relocs`, into `out`.
 fn link(ld: Ld, relax: bool, objs: &[&Path], out: &Path) {
+    link_with(ld, relax, None, objs, out)
+}
+
+/// [`link`] with a linker script.
+fn link_with(ld: Ld, relax: bool, script: Option<&Path>, objs: &[&Path], out: &Path) {
     let mut cmd = match ld {
         Ld::Bfd => Command::new(LD),
         Ld::Lld => {
@@ -223,6 +343,9 @@ fn link(ld: Ld, relax: bool, objs: &[&Path], out: &Path) {
     };
     cmd.args(["--emit-relocs", "-static", "-e", "_start"]);
     cmd.arg(if relax { "--relax" } else { "--no-relax" });
+    if let Some(s) = script {
+        cmd.arg("-T").arg(s);
+    }
     ok(cmd.args(objs).arg("-o").arg(out));
 }
 
@@ -345,7 +468,14 @@ fn check_embedded(input: &Path, out: &Path) -> ([usize; 3], usize, String) {
     .unwrap();
     assert_eq!(t.arch(), Arch::Riscv64);
     let f = t.ifuncs().next().expect("one ifunc");
-    let want = objdump_calls(input, "fixture_add");
+    // Every name of the trampoline (the Rust symbol and its C alias).
+    let names: Vec<String> = object::Object::symbols(&img.file)
+        .filter(|s| object::ObjectSymbol::address(s) == f.trampoline)
+        .filter_map(|s| Some(object::ObjectSymbol::name(&s).ok()?.to_string()))
+        .filter(|n| !n.is_empty())
+        .collect();
+    let mut want: Vec<(u64, bool)> = names.iter().flat_map(|n| objdump_calls(input, n)).collect();
+    want.sort();
     let got: Vec<(u64, bool)> = t
         .sites()
         .map(|s| (s.addr, s.kind == SiteKind::Call))
@@ -365,7 +495,7 @@ fn check_embedded(input: &Path, out: &Path) -> ([usize; 3], usize, String) {
     }
     let inspect = ksites_ok(&[&"inspect", &out]);
     assert!(
-        inspect.contains(&format!("fixture_add sites={}", want.len())),
+        inspect.contains(&format!(" sites={}\n", want.len())),
         "inspect vs objdump ({}): {inspect}",
         want.len()
     );
@@ -375,7 +505,15 @@ fn check_embedded(input: &Path, out: &Path) -> ([usize; 3], usize, String) {
     let before = Image::parse("in", &orig).unwrap();
     for p in t.probe_sites() {
         let want = site_bytes(&p.arch_ref(), false, &stubs).unwrap();
-        assert_eq!(img.read_va(p.addr, 4).unwrap(), want, "probe site {:#x}", p.addr);
+        assert_eq!(
+            img.read_va(p.addr, 4).unwrap(),
+            want,
+            "probe site {:#x}",
+            p.addr
+        );
+        if p.kind.is_rust() {
+            continue;
+        }
         // The call was at the site or 2 bytes before it: a pair, or a 4-aligned `jal`.
         let call = [p.addr, p.addr - 2]
             .into_iter()
@@ -418,7 +556,10 @@ fn images_relaxed_or_not_from_both_linkers_embed_verify_and_match_objdump() {
         (Ld::Bfd, true, &calls_norelax, [4, 0, 0]),
         (Ld::Lld, true, &calls_norelax, [4, 0, 0]),
     ] {
-        let name = format!("k-{ld:?}-{relax}-{}", calls.file_stem().unwrap().to_string_lossy());
+        let name = format!(
+            "k-{ld:?}-{relax}-{}",
+            calls.file_stem().unwrap().to_string_lossy()
+        );
         let input = dir.join(format!("{name}.elf"));
         link(ld, relax, &[calls, &probes, &asm], &input);
         let before = digest(&input);
@@ -461,7 +602,13 @@ fn scan_lists_pairs_relaxed_forms_and_conditional_branches() {
     let calls = gcc(&dir, "calls.o", CALLS_C, &["-mrelax"]);
     let asm = gcc(&dir, "ifunc.S.o", IFUNC_S, &[]);
     let said = ksites_ok(&[
-        &"scan", &"--calls-to", &"fixture_add", &"--jumps-to", &"fixture_add", &calls, &asm,
+        &"scan",
+        &"--calls-to",
+        &"fixture_add",
+        &"--jumps-to",
+        &"fixture_add",
+        &calls,
+        &asm,
     ]);
     // In the objects: four pairs (the site is the `auipc`), 8 bytes; two branches.
     let kinds: Vec<&str> = said
@@ -472,7 +619,10 @@ fn scan_lists_pairs_relaxed_forms_and_conditional_branches() {
     assert_eq!(kinds.iter().filter(|k| **k == "jmp").count(), 2, "{said}");
     assert_eq!(kinds.iter().filter(|k| **k == "jcc").count(), 2, "{said}");
     assert_eq!(said.matches("(8 bytes)").count(), 4, "{said}");
-    assert!(said.contains("jcc (4 bytes)") && said.contains("jcc (2 bytes)"), "{said}");
+    assert!(
+        said.contains("jcc (4 bytes)") && said.contains("jcc (2 bytes)"),
+        "{said}"
+    );
     for (addr, _) in objdump_calls(&calls, "fixture_add") {
         assert!(said.contains(&format!("+{addr:#x} ")), "{addr:#x}: {said}");
     }
@@ -480,7 +630,14 @@ fn scan_lists_pairs_relaxed_forms_and_conditional_branches() {
     let probes = gcc(&dir, "probes.o", PROBES_C, &["-mno-relax"]);
     let img = dir.join("k.elf");
     link(Ld::Lld, true, &[&calls, &probes, &asm], &img);
-    let said = ksites_ok(&[&"scan", &"--calls-to", &"fixture_add", &"--jumps-to", &"fixture_add", &img]);
+    let said = ksites_ok(&[
+        &"scan",
+        &"--calls-to",
+        &"fixture_add",
+        &"--jumps-to",
+        &"fixture_add",
+        &img,
+    ]);
     assert_eq!(said.matches("call (4 bytes)").count(), 2, "{said}");
     assert_eq!(said.matches("jmp (2 bytes)").count(), 2, "{said}");
 }
@@ -495,8 +652,18 @@ fn ksites_link_wraps_both_riscv64_linkers() {
     for linker in ["bfd", "lld"] {
         let out = dir.join(format!("k-{linker}.elf"));
         let said = ksites_ok(&[
-            &"link", &"--linker", &linker, &"--", &"-static", &"-e", &"_start", &calls,
-            &probes, &asm, &"-o", &out,
+            &"link",
+            &"--linker",
+            &linker,
+            &"--",
+            &"-static",
+            &"-e",
+            &"_start",
+            &calls,
+            &probes,
+            &asm,
+            &"-o",
+            &out,
         ]);
         assert!(said.contains("4 sites"), "{said}");
         let v = ksites_ok(&[&"verify", &out]);
@@ -556,7 +723,11 @@ fn hostile_inputs_are_refused_naming_the_place() {
     // The same in a linked image.
     let img = dir.join("badcall.elf");
     link(Ld::Bfd, false, &[&bad, &calls, &probes, &asm], &img);
-    refused(&dir, &img, &["badcall.elf", "(badcall)", "not on an `auipc`+`jalr` pair"]);
+    refused(
+        &dir,
+        &img,
+        &["badcall.elf", "(badcall)", "not on an `auipc`+`jalr` pair"],
+    );
     // A conditional branch to a probe function: never left live, never rewritten.
     let condbr = gcc(
         &dir,
@@ -571,7 +742,11 @@ fn hostile_inputs_are_refused_naming_the_place() {
     refused(
         &dir,
         &img,
-        &["condbr.elf", "in c_condbr_probe", "jcc to probe function __dtrace_probe_net___rx"],
+        &[
+            "condbr.elf",
+            "in c_condbr_probe",
+            "jcc to probe function __dtrace_probe_net___rx",
+        ],
     );
     // A probe call that relaxation made a `jal` at 2 mod 4: no room for an aligned site.
     let mis = gcc(
@@ -583,7 +758,16 @@ fn hostile_inputs_are_refused_naming_the_place() {
     );
     let img = dir.join("mis.elf");
     link(Ld::Bfd, true, &[&mis, &calls, &probes, &asm], &img);
-    refused(&dir, &img, &["mis.elf", "in mis+0x2", "__dtrace_probe_net___tx", "4-aligned"]);
+    refused(
+        &dir,
+        &img,
+        &[
+            "mis.elf",
+            "in mis+0x2",
+            "__dtrace_probe_net___tx",
+            "4-aligned",
+        ],
+    );
     // The ifunc's own conditional branches are reported, not patched (like aarch64's).
     let img = dir.join("k.elf");
     link(Ld::Lld, true, &[&calls, &probes, &asm], &img);
@@ -631,4 +815,172 @@ fn modules_embed_with_probe_calls_rewritten_whole() {
             .count()
     };
     assert_eq!(auipcs(otext) - auipcs(code), 4);
+}
+
+#[test]
+fn rust_and_c_through_ksites_link_into_a_reserved_slot_with_both_linkers() {
+    let dir = tmpdir("rust");
+    let c = gcc(&dir, "rk.o", RK_C, &["-mno-relax"]);
+    let lib = rust_lib();
+    let script = dir.join("kernel.ld");
+    std::fs::write(&script, KERNEL_LD).unwrap();
+    for (linker, ld) in [("bfd", Ld::Bfd), ("lld", Ld::Lld)] {
+        // Linked as `ksites-ld` links the test kernel (relaxing: the Rust calls become
+        // `jal`/`c.j`), for objdump; then through `ksites link` into the slot.
+        let input = dir.join(format!("k-{linker}.elf"));
+        link_with(ld, true, Some(&script), &[&c, &lib], &input);
+        let out = dir.join(format!("k-{linker}.emb"));
+        let said = ksites_ok(&[
+            &"link",
+            &"--linker",
+            &linker,
+            &"--",
+            &"-static",
+            &"-e",
+            &"_start",
+            &"-T",
+            &script,
+            &c,
+            &lib,
+            &"-o",
+            &out,
+        ]);
+        assert!(said.contains("1 ifuncs, 6 sites"), "{linker}: {said}");
+        let (forms, probe_sites, inspect) = check_embedded(&input, &out);
+        assert!(
+            forms.iter().sum::<usize>() >= 6,
+            "{linker}: {forms:?} {inspect}"
+        );
+        // The C probe, `probe!` and `probe_enabled!`.
+        assert_eq!(probe_sites, 3, "{linker}: {inspect}");
+        for kind in ["c-call", "rust "] {
+            assert!(inspect.contains(kind), "{kind}: {inspect}");
+        }
+        // The table is in the reserved slot: no new segment.
+        let data = std::fs::read(&out).unwrap();
+        let img = Image::parse("out", &data).unwrap();
+        let sec = img.section_by_name(SECTION_NAME).unwrap();
+        let slot = img.symbol("__ksites_table_start").unwrap().addr;
+        assert_eq!(object::ObjectSection::address(&sec), slot);
+        let loads = |p: &Path| {
+            ok(Command::new("readelf").arg("-lW").arg(p))
+                .matches("LOAD")
+                .count()
+        };
+        assert_eq!(loads(&out), loads(&input), "{linker}");
+    }
+}
+
+/// A GNU ifunc (`R_RISCV_IRELATIVE`, called through the linker's PLT entry `auipc t3;
+/// ld t3; jalr t1, t3; nop`).
+const G_C: &str = r#"
+#include <stdint.h>
+static uint64_t pc_a(uint64_t x) { return x + 1; }
+static void *pick_pc(void) { return (void *)pc_a; }
+uint64_t gpop(uint64_t x) __attribute__((ifunc("pick_pc")));
+volatile uint64_t sink;
+__attribute__((noinline)) uint64_t g_calls(uint64_t x) { sink = gpop(x); return gpop(x + 1) + 1; }
+__attribute__((noinline)) uint64_t g_tail(uint64_t x) { return gpop(x); }
+uint64_t __ksites_table_cell[3] = {0x01004c4c4543534bull, 0, 0};
+void _start(void) { sink = g_calls(1) + g_tail(2); for (;;) {} }
+"#;
+
+#[test]
+fn gnu_ifuncs_through_the_plt_of_both_linkers() {
+    let dir = tmpdir("gnu");
+    let g = gcc(&dir, "g.o", G_C, &[]);
+    for ld in [Ld::Bfd, Ld::Lld] {
+        let input = dir.join(format!("g-{ld:?}.elf"));
+        link(ld, true, &[&g], &input);
+        let out = input.with_extension("emb");
+        let said = ksites_ok(&[&"embed", &input, &"-o", &out]);
+        assert!(said.contains("1 ifuncs, 3 sites"), "{ld:?}: {said}");
+        assert!(ksites_ok(&[&"verify", &out]).contains("ok (3 ifunc sites"));
+        let data = std::fs::read(&out).unwrap();
+        let img = Image::parse("out", &data).unwrap();
+        let sec = img.section_by_name(SECTION_NAME).unwrap();
+        let t = Table::parse(
+            object::ObjectSection::data(&sec).unwrap(),
+            object::ObjectSection::address(&sec),
+            &img.exec_ranges(),
+        )
+        .unwrap();
+        let got: Vec<(u64, bool)> = t
+            .sites()
+            .map(|s| (s.addr, s.kind == SiteKind::Call))
+            .collect();
+        assert_eq!(got, objdump_calls(&input, "gpop"), "{ld:?}");
+        // The slot is the IRELATIVE one.
+        let rel = ok(Command::new("readelf").arg("-rW").arg(&input));
+        let irel = rel
+            .lines()
+            .find(|l| l.contains("R_RISCV_IRELATIVE"))
+            .expect("an IRELATIVE relocation");
+        let slot = u64::from_str_radix(irel.split_whitespace().next().unwrap(), 16).unwrap();
+        assert_eq!(t.ifuncs().next().unwrap().slot, slot, "{ld:?}");
+    }
+}
+
+#[test]
+fn verify_finds_a_probe_pair_not_rewritten_whole() {
+    let dir = tmpdir("verify");
+    let asm = gcc(&dir, "ifunc.S.o", IFUNC_S, &[]);
+    let probes = gcc(&dir, "probes.o", PROBES_C, &["-mno-relax"]);
+    let calls = gcc(&dir, "calls.o", CALLS_C, &["-mno-relax"]);
+    let input = dir.join("k.elf");
+    link(Ld::Bfd, false, &[&calls, &probes, &asm], &input);
+    let out = dir.join("k.emb");
+    ksites_ok(&[&"embed", &input, &"-o", &out]);
+    let orig = std::fs::read(&input).unwrap();
+    let before = Image::parse("in", &orig).unwrap();
+    let mut data = std::fs::read(&out).unwrap();
+    // A C call probe site that was a 4-aligned pair: put its `jalr` back.
+    let (at, jalr) = {
+        let img = Image::parse("out", &data).unwrap();
+        let sec = img.section_by_name(SECTION_NAME).unwrap();
+        let t = Table::parse(
+            object::ObjectSection::data(&sec).unwrap(),
+            object::ObjectSection::address(&sec),
+            &img.exec_ranges(),
+        )
+        .unwrap();
+        let site = t
+            .probe_sites()
+            .map(|p| p.addr)
+            .find(|&a| {
+                decode_site(before.read_va(a, 8).unwrap(), a)
+                    .is_some_and(|d| d.form == 0 && d.kind == SiteKind::Call)
+            })
+            .expect("a 4-aligned C probe pair");
+        let jalr: [u8; 4] = before.read_va(site + 4, 4).unwrap().try_into().unwrap();
+        (img.va_to_file_offset(site + 4, 4).unwrap() as usize, jalr)
+    };
+    data[at..at + 4].copy_from_slice(&jalr);
+    let bad = dir.join("bad.emb");
+    std::fs::write(&bad, &data).unwrap();
+    let o = ksites(&[&"verify", &bad]);
+    assert_eq!(o.status.code(), Some(4));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("the pair was not rewritten whole"), "{said}");
+}
+
+#[test]
+fn relaxable_probe_calls_linked_without_relaxation_lose_their_relax_relocations() {
+    let dir = tmpdir("relaxrel");
+    let asm = gcc(&dir, "ifunc.S.o", IFUNC_S, &[]);
+    let probes = gcc(&dir, "probes.o", PROBES_C, &["-mrelax"]);
+    let calls = gcc(&dir, "calls.o", CALLS_C, &[]);
+    let input = dir.join("k.elf");
+    link(Ld::Bfd, false, &[&calls, &probes, &asm], &input);
+    let out = dir.join("k.emb");
+    let said = ksites_ok(&[&"embed", &input, &"-o", &out]);
+    assert!(said.contains("4 probe sites"), "{said}");
+    assert!(ksites_ok(&[&"verify", &out]).contains(": ok ("));
+    // Each rewritten pair's R_RISCV_RELAX went "none" with its CALL_PLT.
+    let relax = |p: &Path| {
+        ok(Command::new("readelf").arg("-rW").arg(p))
+            .matches("R_RISCV_RELAX")
+            .count()
+    };
+    assert_eq!(relax(&input) - relax(&out), 4);
 }

@@ -1,8 +1,11 @@
 //! Cross-check `ksites inspect` against `objdump -dr`: for every ifunc, the number of sites
 //! the build tool found must equal the number of branch instructions whose relocation
 //! names the ifunc's trampoline: x86_64 `call`/`jmp`/`j<cc>` with PLT32/PC32, aarch64
-//! `bl`/`b` with CALL26/JUMP26 (`aarch64-linux-gnu-objdump`). The kernels are linked with
-//! `--emit-relocs`, so the relocations are still there.
+//! `bl`/`b` with CALL26/JUMP26 (`aarch64-linux-gnu-objdump`), riscv64 calls and tail
+//! calls in every form relaxation leaves them (`riscv64-linux-gnu-objdump`): an `auipc
+//! ra`/`auipc t1` with CALL/CALL_PLT followed by `jalr …(ra)`/`jr …(t1)`, a `jal`
+//! linking `ra` or a `j` (`jal zero` or `c.j`) with JAL/RVC_JUMP (or a relaxed CALL).
+//! The kernels are linked with `--emit-relocs`, so the relocations are still there.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -78,6 +81,10 @@ const BRANCH_RELOCS: &[&str] = &[
 pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     let mut after_branch = false;
+    // riscv64: the instruction the relocations belong to, and a CALL on an `auipc`
+    // waiting for the `jalr` after it (symbol, the `auipc`'s register).
+    let mut riscv_last: Option<(String, String)> = None;
+    let mut riscv_pair: Option<(String, String)> = None;
     for line in objdump.lines() {
         let Some((address, rest)) = line.trim_start().split_once(':') else {
             continue;
@@ -85,9 +92,34 @@ pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
         if !is_hex(address) {
             // Symbol headers (`0000000000101230 <foo>:`), section headers, file header.
             after_branch = false;
+            riscv_last = None;
+            riscv_pair = None;
             continue;
         }
         let rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix("R_RISCV_") {
+            let mut parts = r.split_whitespace();
+            let (Some(kind), Some(target)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let symbol = strip_addend(target).to_owned();
+            if let Some((mnemonic, operands)) = &riscv_last {
+                match (kind, mnemonic.as_str()) {
+                    ("CALL" | "CALL_PLT", "auipc") => {
+                        let rx = operands.split(',').next().unwrap_or("").to_owned();
+                        riscv_pair = Some((symbol, rx));
+                    }
+                    ("CALL" | "CALL_PLT" | "JAL" | "RVC_JUMP", "j")
+                    | ("CALL" | "CALL_PLT" | "JAL", "jal")
+                        if mnemonic == "j" || !operands.contains(',') =>
+                    {
+                        *counts.entry(symbol).or_default() += 1;
+                    }
+                    _ => {}
+                }
+            }
+            continue;
+        }
         if rest.starts_with("R_X86_64_") || rest.starts_with("R_AARCH64_") {
             let mut parts = rest.split_whitespace();
             let (Some(kind), Some(target)) = (parts.next(), parts.next()) else {
@@ -98,6 +130,19 @@ pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
             }
         } else {
             after_branch = is_branch(rest);
+            let mut tokens = rest.split_whitespace();
+            let mnemonic = tokens.next().unwrap_or("").to_owned();
+            let operands = tokens.next().unwrap_or("").to_owned();
+            // `jalr 282(ra)` (links ra) after `auipc ra`; `jr 246(t1)` after `auipc t1`.
+            if let Some((symbol, rx)) = riscv_pair.take() {
+                let through = |r: &str| operands.ends_with(&format!("({r})"));
+                let call = mnemonic == "jalr" && rx == "ra" && !operands.contains(',');
+                let tail = mnemonic == "jr" && rx == "t1";
+                if (call || tail) && through(&rx) {
+                    *counts.entry(symbol).or_default() += 1;
+                }
+            }
+            riscv_last = Some((mnemonic, operands));
         }
     }
     counts
@@ -366,6 +411,52 @@ Disassembly of section .text:
         ]
         .into_iter()
         .collect();
+        assert_eq!(counts, expected);
+    }
+
+    /// `riscv64-linux-gnu-objdump -dr --no-show-raw-insn` of a kernel linked with
+    /// `--emit-relocs`, relaxed (`jal`, `j`) and not (pairs).
+    const OBJDUMP_RISCV64: &str = "
+k.elf:     file format elf64-littleriscv
+
+Disassembly of section .text:
+
+0000000000010120 <c_calls>:
+   10124:\tauipc\tra,0x0
+\t\t\t10124: R_RISCV_CALL_PLT\tfixture_add
+\t\t\t10124: R_RISCV_RELAX\t*ABS*
+   10128:\tjalr\t282(ra) # 10240 <fixture_add>
+   1012c:\tjal\t10240 <fixture_add>
+\t\t\t1012c: R_RISCV_JAL\tfixture_add
+   10130:\tj\t10240 <fixture_add>
+\t\t\t10130: R_RISCV_RVC_JUMP\tfixture_add
+   10132:\tj\t10240 <fixture_add>
+\t\t\t10132: R_RISCV_JAL\tfixture_add
+   10136:\tauipc\tt1,0x0
+\t\t\t10136: R_RISCV_CALL_PLT\tfixture_add
+   1013a:\tjr\t246(t1) # 10240 <fixture_add>
+   1013e:\tjal\tt0,10240 <fixture_add>
+\t\t\t1013e: R_RISCV_JAL\tfixture_add
+   10142:\tauipc\tt0,0x0
+\t\t\t10142: R_RISCV_CALL_PLT\tfixture_add
+   10146:\tjalr\tt0,230(t0) # 10240 <fixture_add>
+   1014a:\tauipc\ta0,0x0
+\t\t\t1014a: R_RISCV_PCREL_HI20\tfixture_add
+   1014e:\taddi\ta0,a0,242 # 10240 <fixture_add>
+   10152:\tbnez\ta0,10240 <fixture_add>
+\t\t\t10152: R_RISCV_RVC_BRANCH\tfixture_add
+   10154:\tauipc\tra,0x0
+\t\t\t10154: R_RISCV_CALL_PLT\tother+0x4
+   10158:\tjalr\t-4(ra) # 10154 <other>
+";
+
+    #[test]
+    fn counts_riscv64_objdump_calls_in_every_form() {
+        let counts = count_branch_relocs(OBJDUMP_RISCV64);
+        let expected: BTreeMap<String, usize> =
+            [("fixture_add".to_owned(), 5), ("other".to_owned(), 1)]
+                .into_iter()
+                .collect();
         assert_eq!(counts, expected);
     }
 

@@ -789,14 +789,17 @@ pub fn stapsdt_notes(target: Target, probes: &ProbeScan, base: u64) -> Vec<u8> {
 }
 
 /// File offsets of the `Elf64_Rela` entries (in any SHT_RELA section) whose `r_offset` is
-/// in `offsets` and whose type is a rel32 branch relocation.
+/// in `offsets` and whose type is a branch relocation, or one dropped with it
+/// (riscv64's R_RISCV_RELAX, [`Target::dropped_with_call`]).
 fn rela_entries_at(img: &Image<'_>, offsets: &std::collections::HashSet<u64>) -> Vec<usize> {
     if offsets.is_empty() {
         return Vec::new();
     }
     img.raw_relas()
         .filter(|r| {
-            offsets.contains(&r.offset) && img.target.reloc_class(r.r_type) == RelocClass::Branch
+            offsets.contains(&r.offset)
+                && (img.target.reloc_class(r.r_type) == RelocClass::Branch
+                    || img.target.dropped_with_call(r.r_type))
         })
         .map(|r| r.file_offset)
         .collect()

@@ -338,6 +338,23 @@ impl Target {
         }
     }
 
+    /// Where the branch whose field is at `at` goes, its bytes read by `read(len)`: the
+    /// longest field, or, at the end of a section, a shorter one (riscv64's 4-byte `jal`
+    /// and 2-byte `c.j`).
+    pub fn branch_dest_at<'d>(
+        self,
+        read: impl Fn(u64) -> Option<&'d [u8]>,
+        at: u64,
+    ) -> Option<u64> {
+        let lens: &[u64] = match self {
+            Target::Riscv64 => &[8, 4, 2],
+            _ => &[self.branch_field_len()],
+        };
+        lens.iter()
+            .find_map(|&n| read(n))
+            .and_then(|f| self.branch_field_dest(f, at))
+    }
+
     /// The first byte of a plain (prefix-less) call or jump whose branch field is at
     /// `field_at`.
     pub fn plain_branch_start(self, field_at: u64) -> Option<u64> {
@@ -601,6 +618,16 @@ impl Target {
         }
     }
 
+    /// What is wrong after the rewritten C probe site at `site` (`after`: the bytes from
+    /// its end on), if part of the original call is left there (riscv64: a pair's
+    /// `jalr`); `None` on the targets where the call is the site.
+    pub fn c_probe_remnant(self, site: u64, after: &[u8]) -> Option<String> {
+        match self {
+            Target::X86_64 | Target::Aarch64 => None,
+            Target::Riscv64 => riscv64::c_probe_remnant(site, after),
+        }
+    }
+
     /// Whether a relocation of type `r_type` goes with a C probe call's own relocation
     /// and is dropped with it when `embed` rewrites the call (riscv64's R_RISCV_RELAX,
     /// which would let a linker shrink the rewritten bytes).
@@ -771,7 +798,10 @@ mod tests {
             Ok(Target::Riscv64)
         );
         let e = Target::from_machine(object::elf::EM_PPC64.0).unwrap_err();
-        assert_eq!(e.to_string(), "machine 21 is not x86-64, aarch64 or riscv64");
+        assert_eq!(
+            e.to_string(),
+            "machine 21 is not x86-64, aarch64 or riscv64"
+        );
     }
 
     #[test]

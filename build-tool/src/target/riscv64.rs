@@ -26,8 +26,7 @@ use kernel_loader::arch::ids;
 use kernel_loader::arch::riscv64::probe::{CSiteError, c_site_disabled, site_bytes};
 pub use kernel_loader::arch::riscv64::{FORM_C_J, FORM_JAL, FORM_PAIR};
 use kernel_loader::arch::riscv64::{
-    MAX_SITE_LEN, NOP, auipc_offset, c_j_offset, decode_site, i_imm, jal_offset, pair_dest, rd,
-    rs1,
+    MAX_SITE_LEN, NOP, auipc_offset, c_j_offset, decode_site, i_imm, jal_offset, pair_dest, rd, rs1,
 };
 pub use kernel_loader::arch::riscv64::{PROBE_SITE_LEN, TRAMPOLINE_LEN};
 use kernel_loader::format::{PSite, ProbeKind, SiteKind};
@@ -331,9 +330,7 @@ pub fn branch_field_dest(field: &[u8], at: u64) -> Option<u64> {
         return None;
     }
     match decode(field, at)? {
-        Decoded::Pair { dest, .. } | Decoded::Jal { dest, .. } | Decoded::CJ { dest } => {
-            Some(dest)
-        }
+        Decoded::Pair { dest, .. } | Decoded::Jal { dest, .. } | Decoded::CJ { dest } => Some(dest),
         _ => None,
     }
 }
@@ -348,9 +345,8 @@ pub fn plain_branch_start(field_at: u64) -> Option<u64> {
 /// `place`, as the module loader does.
 pub fn apply_table_reloc(place: &mut [u8], s: u64, a: i64, p: u64) -> Result<(), String> {
     let v = s.wrapping_add_signed(a).wrapping_sub(p) as i64;
-    let v = i32::try_from(v).map_err(|_| {
-        format!("R_RISCV_32_PCREL: {v:#x} does not fit in a signed 32-bit field")
-    })?;
+    let v = i32::try_from(v)
+        .map_err(|_| format!("R_RISCV_32_PCREL: {v:#x} does not fit in a signed 32-bit field"))?;
     let field = place
         .get_mut(..4)
         .ok_or("R_RISCV_32_PCREL: the field is past the end of its section")?;
@@ -423,10 +419,7 @@ pub const fn probe_nop() -> [u8; PROBE_SITE_LEN] {
 
 /// The disabled instruction of a probe site of any kind (kernel-loader's table: `nop`,
 /// `ret`, `li a0, 0`, `jal x0, ksites_probe_ret0`).
-pub fn disabled_probe(
-    site: &PSite,
-    stubs: &Stubs,
-) -> Result<[u8; PROBE_SITE_LEN], ProbeError> {
+pub fn disabled_probe(site: &PSite, stubs: &Stubs) -> Result<[u8; PROBE_SITE_LEN], ProbeError> {
     site_bytes(&site.arch_ref(), false, stubs).map_err(|e| ProbeError::OutOfReach {
         site: site.addr,
         target: e.target,
@@ -494,12 +487,29 @@ pub fn c_probe_rewrite(
     }
 }
 
+/// What is wrong with the bytes after a rewritten C probe site at `site` (`after`: from
+/// `site + 4` on), if they still hold the second half of the call: a `jalr ra, lo(ra)`
+/// or `jr lo(t1)` right after the disabled instruction would jump through a stale
+/// register (the `nop` padding of a pair was lost).
+pub fn c_probe_remnant(site: u64, after: &[u8]) -> Option<String> {
+    let Some(Ok(j)) = insn_at(after, 0) else {
+        return None;
+    };
+    let stale = j & 0x707f == OP_JALR && matches!((rd(j), rs1(j)), (1, 1) | (0, T1));
+    stale.then(|| {
+        format!(
+            "the call's `jalr` at {:#x} follows the disabled site: the pair was not rewritten \
+             whole",
+            site + PROBE_SITE_LEN as u64
+        )
+    })
+}
+
 /// R_RISCV_RELAX goes with a C probe call's CALL relocation: dropped with it, so no
 /// linker shrinks the rewritten bytes.
 pub fn dropped_with_call(t: u32) -> bool {
     elf::RelocationType(t) == elf::R_RISCV_RELAX
 }
-
 
 /// Whether the site at `at` (`code` from there on) is one a relocation of type `t`
 /// fills: a CALL/CALL_PLT an `auipc rX` + `jalr rd, lo(rX)` pair (or, relaxed by the
@@ -508,7 +518,9 @@ pub fn dropped_with_call(t: u32) -> bool {
 /// are not checked.
 pub fn check_branch_reloc(t: u32, code: &[u8], at: u64) -> Result<(), String> {
     let want: &str = match elf::RelocationType(t) {
-        elf::R_RISCV_CALL | elf::R_RISCV_CALL_PLT => "an `auipc`+`jalr` pair (or a relaxed `jal`/`c.j`)",
+        elf::R_RISCV_CALL | elf::R_RISCV_CALL_PLT => {
+            "an `auipc`+`jalr` pair (or a relaxed `jal`/`c.j`)"
+        }
         elf::R_RISCV_JAL => "a `jal`",
         elf::R_RISCV_RVC_JUMP => "a `c.j`",
         elf::R_RISCV_BRANCH => "a conditional branch",

@@ -52,7 +52,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::{Context, Result, bail, ensure};
-use kernel_loader::format::{NARGS_UNKNOWN, ProbeKind, SECTION_NAME, Table};
+use kernel_loader::format::{NARGS_UNKNOWN, SECTION_NAME, Table};
 use object::elf;
 use object::read::elf::{ElfFile64, SectionHeader as _};
 use object::{
@@ -246,7 +246,7 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         });
     }
     let mut record_ids: BTreeSet<(Target, u32)> = BTreeSet::new();
-    let mut rewrites: Vec<(Target, ProbeKind, Option<(u64, u8)>)> = Vec::new();
+    let mut rewrites: Vec<write::Rewrite> = Vec::new();
     for p in &pf.pending {
         let id = index[&p.key];
         if let Some(rec) = p.record {

@@ -21,6 +21,10 @@ pub const RELA_SECTION_NAME: &str = ".rela.ksites";
 /// `sh_type` of `.llvm_addrsig`.
 const SHT_LLVM_ADDRSIG: u32 = 0x6fff_4c03;
 
+/// A C probe site to rewrite: the site, its kind, and (riscv64) the call it is in
+/// (section offset, length) when the rewrite spans the whole call.
+pub(super) type Rewrite = (Target, ProbeKind, Option<(u64, u8)>);
+
 /// Applies every change to a [`Builder`] of the input and writes it.
 pub(super) fn write_object(
     arch: target::Target,
@@ -29,7 +33,7 @@ pub(super) fn write_object(
     table: &[u8],
     table_relocs: &[(u64, Target)],
     record_ids: &BTreeSet<(Target, u32)>,
-    rewrites: &[(Target, ProbeKind, Option<(u64, u8)>)],
+    rewrites: &[Rewrite],
 ) -> Result<Vec<u8>> {
     // The builder rejects section types it does not model (SHT_GROUP, .llvm_addrsig,
     // ...): they are read and written as opaque PROGBITS and get their type back in

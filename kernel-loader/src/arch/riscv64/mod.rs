@@ -26,7 +26,7 @@
 //! | `CCall` (`call __dtrace_probe_*`) | `nop` | `jal ra, ksites_probe_c_entry` (or `ebreak`) |
 //! | `CTail` (`tail __dtrace_probe_*`) | `ret` | `ebreak`: fires, then returns |
 //! | `CEnabled` (`call __dtraceenabled_*`) | `li a0, 0` | `li a0, 1` |
-//! | `CEnabledTail` (`tail __dtraceenabled_*`) | `jal x0, ksites_probe_ret0` | `jal x0, ksites_probe_ret1` (or `ebreak`) |
+//! | `CEnabledTail` (`tail __dtraceenabled_*`) | `jal x0, ksites_probe_ret0` (±1 MiB) | `jal x0, ksites_probe_ret1` (or `ebreak`) |
 
 pub mod branch;
 pub mod cpu;

@@ -23,13 +23,17 @@
 //! | `CCall` (`call __dtrace_probe_*`) | `nop` | `jal ra, ksites_probe_c_entry`, or `ebreak` beyond ±1 MiB |
 //! | `CTail` (`tail __dtrace_probe_*`) | `ret` | `ebreak`: fires, then returns |
 //! | `CEnabled` (`call __dtraceenabled_*`) | `li a0, 0` | `li a0, 1` |
-//! | `CEnabledTail` (`tail __dtraceenabled_*`) | `jal x0, ksites_probe_ret0` | `jal x0, ksites_probe_ret1` (each `ebreak` beyond ±1 MiB) |
+//! | `CEnabledTail` (`tail __dtraceenabled_*`) | `jal x0, ksites_probe_ret0` | `jal x0, ksites_probe_ret1`, or `ebreak` beyond ±1 MiB |
 //!
-//! `jal` reaches only ±1 MiB, less than a large kernel's text, so a C form whose stub is
-//! farther is `ebreak` instead, which [`emulate`] turns into exactly what the branch
-//! would have done (the dispatcher fires an enabled C call or tail first): slower, never
-//! wrong, never [`OutOfReach`]. A `probe!` block is in its own function, so its `jal`
-//! is out of reach only in a function over 1 MiB ([`OutOfReach`]).
+//! `jal` reaches only ±1 MiB, less than a large kernel's text, so an *enabled* C form
+//! whose stub is farther is `ebreak` instead, which [`emulate`] turns into exactly what
+//! the branch would have done (the dispatcher fires an enabled C call or tail first):
+//! slower, never wrong, never [`OutOfReach`] (enabling requires the trap route anyway).
+//! A *disabled* form never traps (a kernel need not declare a trap route until it
+//! enables a probe), so the one disabled form that branches, the is-enabled tail's `jal
+//! x0, ksites_probe_ret0`, is [`OutOfReach`] beyond ±1 MiB: embed and the module loader
+//! refuse it. A `probe!` block is in its own function, so its `jal` is out of reach only
+//! in a function over 1 MiB ([`OutOfReach`]).
 //!
 //! # C probe calls (what `ksites embed` writes)
 //!
@@ -109,8 +113,9 @@ pub fn site_word_again(s: &ProbeSiteRef, on: bool, stubs: &Stubs) -> SiteWord {
     }
 }
 
-/// The instruction of site `s` in state `on`; `off(pc, target)` checks a `probe!`
-/// block's offset.
+/// The instruction of site `s` in state `on`; `off(pc, target)` checks the offset of
+/// a `jal` that has no fallback (to a `probe!` block, and the disabled is-enabled tail's
+/// to `ksites_probe_ret0`).
 #[inline(always)]
 fn encode<E>(
     s: &ProbeSiteRef,
@@ -118,7 +123,8 @@ fn encode<E>(
     stubs: &Stubs,
     off: impl Fn(u64, u64) -> Result<i64, E>,
 ) -> Result<SiteWord, E> {
-    // A C form's branch to a stub, or `ebreak` when the stub is out of reach.
+    // An enabled C form's branch to a stub, or `ebreak` when the stub is out of reach
+    // (enabling requires the trap route; a disabled form never traps).
     let to_stub = |link: u32, stub: u64| -> SiteWord {
         u64::from(jal(link, stub.wrapping_sub(s.addr) as i64).unwrap_or(EBREAK))
     };
@@ -132,7 +138,7 @@ fn encode<E>(
         (ProbeKind::CTail, true) => word(&C_TAIL_ON),
         (ProbeKind::CEnabled, false) => word(&C_ENABLED_OFF),
         (ProbeKind::CEnabled, true) => word(&C_ENABLED_ON),
-        (ProbeKind::CEnabledTail, false) => to_stub(ZERO, stubs.ret0),
+        (ProbeKind::CEnabledTail, false) => u64::from(jal_wrapping(ZERO, off(s.addr, stubs.ret0)?)),
         (ProbeKind::CEnabledTail, true) => to_stub(ZERO, stubs.ret1),
     })
 }
@@ -280,8 +286,12 @@ pub fn c_site_disabled(
     let insn = match (c_stub_target(kind, &Stubs::default_zero()), stubs) {
         (Some(_), None) => jal_wrapping(ZERO, 0),
         (Some(_), Some(st)) => {
-            let target = c_stub_target(kind, st).unwrap_or(0);
-            jal(ZERO, target.wrapping_sub(site) as i64).ok_or(CSiteError::OutOfReach)?
+            let r = ProbeSiteRef {
+                addr: site,
+                target: 0,
+                kind,
+            };
+            site_word(&r, false, st).map_err(|_| CSiteError::OutOfReach)? as u32
         }
         (None, _) => {
             let r = ProbeSiteRef {
@@ -572,12 +582,24 @@ mod tests {
     }
 
     #[test]
-    fn far_stubs_trap_and_far_blocks_are_refused() {
+    fn far_enabled_stubs_trap_and_far_blocks_are_refused() {
         let far = 0x4000_0000;
         for kind in [ProbeKind::CCall, ProbeKind::CEnabledTail] {
             let s = site(kind, far);
             assert_eq!(site_word(&s, true, &STUBS), Ok(u64::from(EBREAK)));
             assert_eq!(site_word_again(&s, true, &STUBS), u64::from(EBREAK));
+        }
+        // Disabled forms never trap: the far is-enabled tail is refused; the rest do not
+        // branch.
+        let s = site(ProbeKind::CEnabledTail, far);
+        assert_eq!(
+            site_word(&s, false, &STUBS),
+            Err(OutOfReach { target: STUBS.ret0 })
+        );
+        for kind in KINDS {
+            if let Ok(w) = site_word(&site(kind, far), false, &STUBS) {
+                assert_ne!(w, u64::from(EBREAK), "{kind:?}");
+            }
         }
         let s = ProbeSiteRef {
             addr: 0x1000,
