@@ -26,8 +26,9 @@
  * handler passes an `ebreak` (scause 3, the 4-byte 0x00100073 at sepc) to the loader
  * (kernel-loader's `probe::handle_ebreak`, with struct ksites_ebreak_frame), then
  * writes pc back to sepc and ra, a0 to the saved ra, a0. Build C kernel code with
- * -fno-pic -mcmodel=medany (and -mno-relax or keep R_RISCV_RELAX: embed drops it at
- * probe sites).
+ * -fno-pic -mcmodel=medany -mno-relax: a probe site's 4-alignment is decided in the
+ * object, and relaxing earlier calls in the same section would move it to 2 mod 4
+ * (which the loader's table reader then refuses).
  */
 #ifndef KSITES_ARCH_H
 #define KSITES_ARCH_H

@@ -3,10 +3,12 @@
 //! The `#![no_std]`, allocation-free run-time half of ksites.
 //!
 //! * [`format`]: the `.ksites` table format (v1) and its validating, zero-copy reader.
-//! * [`arch`]: everything architecture-specific ([`arch::x86_64`] today), behind names
-//!   every architecture defines; [`arch::Arch`] is a table's architecture.
+//! * [`arch`]: everything architecture-specific ([`arch::x86_64`], [`arch::aarch64`],
+//!   [`arch::riscv64`]), behind names every architecture defines; [`arch::Arch`] is a
+//!   table's architecture.
 //! * [`cpu`]: [`CpuFeatures`], the compiled-for architecture's feature set (on x86-64:
-//!   from CPUID leaves 1, 7 and 0xD and XGETBV).
+//!   from CPUID leaves 1, 7 and 0xD and XGETBV; on aarch64 from the ID registers; on
+//!   riscv64 from the device tree's ISA extensions).
 //! * [`ifunc!`]: declares an ifunc (trampoline, slot, descriptor record).
 //! * [`patch`]: boot-time patching of ifunc call sites through a kernel-supplied [`TextPoker`].
 //! * [`introspect`]: what each ifunc resolved to, and every ifunc and probe site's state.

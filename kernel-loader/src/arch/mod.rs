@@ -564,7 +564,8 @@ pub struct BranchSite {
     pub addr: u64,
     /// The branch.
     pub kind: SiteKind,
-    /// Bytes before the opcode (left alone by patching).
+    /// Bytes before the opcode (left alone by patching); on riscv64 the site's form
+    /// (`riscv64::FORM_PAIR`, `FORM_JAL`, `FORM_C_J`).
     pub prefixes: u8,
     /// Length of the whole instruction (or instruction sequence).
     pub len: u8,

@@ -59,7 +59,8 @@ pub struct Site {
     pub addr: u64,
     /// The instruction.
     pub kind: SiteKind,
-    /// Number of prefix bytes before the opcode.
+    /// Number of prefix bytes before the opcode; on riscv64 the site's form
+    /// (`arch::riscv64::FORM_*`).
     pub prefixes: u8,
     /// Index of the ifunc it calls.
     pub ifunc: u32,

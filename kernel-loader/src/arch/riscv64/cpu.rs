@@ -8,12 +8,12 @@
 //! that its `riscv,isa` string (`rv64imafdc_zicsr_zba_zbb…`). [`CpuFeatures::from_fdt`]
 //! parses it (with [`super::dtb`]) and intersects the harts' sets, since a resolver's
 //! choice runs on every hart; the kernel records the result once at boot
-//! ([`set_detected`], or [`init_from_fdt`]) and [`CpuFeatures::detect`] returns it, less
+//! ([`set_detected`], or [`init_from_fdt`]) and `CpuFeatures::detect` returns it, less
 //! what `sstatus` keeps from use.
 //!
 //! Also the register-state setup F/D and V need in S-mode: `sstatus.FS` and `sstatus.VS`
-//! must not be Off, or every FP/vector instruction traps ([`enable_simd_state`],
-//! [`CpuFeatures::unusable`]).
+//! must not be Off, or every FP/vector instruction traps (`enable_simd_state`,
+//! `CpuFeatures::unusable`).
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -32,7 +32,7 @@ pub const FP_SAVE_AREA_SIZE: u32 = 32 * 8 + 16;
 
 bitflags::bitflags! {
     /// ISA extensions resolvers can test (what every hart has, per the device tree, and
-    /// the kernel has enabled; see [`CpuFeatures::detect`]).
+    /// the kernel has enabled; see `CpuFeatures::detect`).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub struct CpuFeatures: u64 {
         /// Base integer ISA.
@@ -361,7 +361,7 @@ impl CpuFeatures {
     }
 
     /// What the kernel recorded at boot ([`set_detected`]), less what `sstatus` keeps
-    /// from use on the running hart ([`CpuFeatures::unusable`]); empty if nothing was
+    /// from use on the running hart (`CpuFeatures::unusable`); empty if nothing was
     /// recorded (S-mode cannot ask the hardware).
     #[cfg(target_arch = "riscv64")]
     pub fn detect() -> CpuFeatures {
@@ -384,7 +384,7 @@ impl CpuFeatures {
 
     /// The recorded features that `sstatus` keeps from use on the running hart. A
     /// kernel that expects FP or vectors should check this is empty after
-    /// [`enable_simd_state`].
+    /// `enable_simd_state`.
     #[cfg(target_arch = "riscv64")]
     pub fn unusable() -> CpuFeatures {
         CpuFeatures::unusable_from(detected().unwrap_or(CpuFeatures::empty()), read_sstatus())
@@ -441,7 +441,7 @@ static DETECTED: AtomicU64 = AtomicU64::new(0);
 static RECORDED: AtomicBool = AtomicBool::new(false);
 
 /// Records what every hart has (from the device tree, or the kernel's own knowledge):
-/// what [`CpuFeatures::detect`] then returns. Call it once at boot, before `patch::init`.
+/// what `CpuFeatures::detect` then returns. Call it once at boot, before `patch::init`.
 pub fn set_detected(features: CpuFeatures) {
     DETECTED.store(features.bits(), Ordering::SeqCst);
     RECORDED.store(true, Ordering::SeqCst);
@@ -499,11 +499,11 @@ impl SimdState {
 
 /// Turns on the FP (`sstatus.FS` = Initial, with F or D) and vector (`sstatus.VS` =
 /// Initial, with V) register state on the running hart, for the features
-/// [`set_detected`] recorded, so [`CpuFeatures::detect`] reports them; with V, reads
+/// [`set_detected`] recorded, so `CpuFeatures::detect` reports them; with V, reads
 /// `vlenb`.
 ///
 /// Call it on every hart (`sstatus` is per hart), after [`set_detected`] and before
-/// anything uses FP/vector registers, [`CpuFeatures::detect`] and `patch::init`.
+/// anything uses FP/vector registers, `CpuFeatures::detect` and `patch::init`.
 ///
 /// # Safety
 ///

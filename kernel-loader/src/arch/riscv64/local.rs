@@ -5,8 +5,10 @@
 //! read-modify-writes (`amoadd.d`, one instruction with the A extension, which RV64GC
 //! has). Only the owning hart writes the word, so the cache line is not contended.
 //!
-//! Also the instruction-fetch side of a text write (what a kernel's
-//! `TextPoker::write` needs): [`fence_i`] after the store, on the storing hart.
+//! Also the instruction-fetch side of a text write: `fence_i` after the store, on the
+//! storing hart (what a kernel's `TextPoker::write` needs), and
+//! `sbi_remote_fence_i`, a `fence.i` on every other hart through the SBI firmware
+//! (what `TextPoker::sync_cores` needs).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -36,6 +38,40 @@ pub fn fetch_inc(c: &AtomicU64) -> u64 {
 pub fn fence_i() {
     // SAFETY: a fence; no register or memory effect beyond ordering.
     unsafe { core::arch::asm!("fence.i", options(nostack, preserves_flags)) };
+}
+
+/// SBI RFENCE extension id ("RFNC"), SBI v0.2+.
+pub const SBI_EXT_RFENCE: u64 = 0x5246_4e43;
+/// RFENCE function `sbi_remote_fence_i`.
+pub const SBI_RFENCE_REMOTE_FENCE_I: u64 = 0;
+/// `hart_mask_base` meaning "every hart" (the mask is then ignored).
+pub const SBI_HART_MASK_ALL: u64 = u64::MAX;
+
+/// Asks the SBI firmware (OpenSBI) to run `fence.i` on the harts of `hart_mask`
+/// (bit `i` = hart `hart_mask_base + i`; [`SBI_HART_MASK_ALL`] as the base = every
+/// hart): a ready `TextPoker::sync_cores` for the single-store protocol. Returns the SBI
+/// error code on failure (e.g. −2, not supported).
+///
+/// # Safety
+///
+/// The caller runs in S-mode under an SBI implementation (an `ecall` here traps to
+/// M-mode firmware, which clobbers only `a0` and `a1`).
+#[cfg(target_arch = "riscv64")]
+pub unsafe fn sbi_remote_fence_i(hart_mask: u64, hart_mask_base: u64) -> Result<(), i64> {
+    let err: i64;
+    // SAFETY: an SBI call per the contract: arguments in a0/a1, ids in a7/a6; the
+    // firmware returns the error in a0 and a value in a1, nothing else changes.
+    unsafe {
+        core::arch::asm!(
+            "ecall",
+            inlateout("a0") hart_mask as i64 => err,
+            inlateout("a1") hart_mask_base => _,
+            in("a6") SBI_RFENCE_REMOTE_FENCE_I,
+            in("a7") SBI_EXT_RFENCE,
+            options(nostack),
+        )
+    };
+    if err == 0 { Ok(()) } else { Err(err) }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! * [`cpu`]: the ISA extensions resolvers receive, from the device tree
 //!   (`riscv,isa-extensions` / `riscv,isa`); `sstatus.FS`/`.VS` for FP and vectors.
 //! * [`dtb`]: a validating flattened-device-tree reader (the cpu nodes' properties).
-//! * [`local`]: hart-local counters and `fence.i`.
+//! * [`local`]: hart-local counters, `fence.i`, and SBI `remote_fence_i`.
 //! * [`trap`]: how a kernel's trap handler routes a probe's `ebreak`.
 //! * [`reloc`]: the ELF machine and the relocations a module may use.
 //!
@@ -39,4 +39,4 @@ pub mod trap;
 pub use branch::*;
 pub use cpu::*;
 #[cfg(target_arch = "riscv64")]
-pub use local::fence_i;
+pub use local::{fence_i, sbi_remote_fence_i};

@@ -48,6 +48,14 @@
 //! or shorten the 8 bytes); the `jal` forms to `ksites_probe_ret0` take an
 //! `R_RISCV_JAL` relocation at the site instead ([`c_stub_target`]).
 //!
+//! **Relaxation and C probes.** The site's 4-alignment is decided in the object; if the
+//! linker relaxes *other* calls earlier in the same section (each shrinks 8 → 4 or 2
+//! bytes), code after them moves by 2 and the site ends up at 2 mod 4, which the table
+//! reader refuses (`ProbeSiteMisaligned`: an error at embed/verify/boot, never a torn
+//! store). So C objects with probes are compiled with `-mno-relax` (or linked with
+//! `--no-relax`); Rust `probe!` sites need nothing (their `.p2align 2` carries an
+//! `R_RISCV_ALIGN` the linker honours when it relaxes).
+//!
 //! # The live-patch protocol
 //!
 //! RISC-V (unprivileged ISA, "Zifencei") makes a store to instruction memory visible to
