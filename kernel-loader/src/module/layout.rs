@@ -16,8 +16,8 @@
 //!   [`crate::format::Table::parse_module`] checks the order at load.
 //!
 //! The contract covers the sections only. What the loader puts after the groups in its
-//! own region (its bookkeeping, then on aarch64 an executable area for range-extension
-//! veneers; see `link`) changes no section's address, so `ksites embed` and
+//! own region (its bookkeeping, then on aarch64 and riscv64 an executable area for
+//! range-extension veneers; see `link`) changes no section's address, so `ksites embed` and
 //! `check-module` need not know it.
 //!
 //! Everything is computed with checked arithmetic and without allocating ([`layout`]

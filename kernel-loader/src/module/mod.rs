@@ -15,11 +15,15 @@
 //! 3. **Relocate** every allocated section with the relocation types of the object's
 //!    architecture ([`Machine`], from `e_machine`): [`crate::arch::x86_64::reloc`]
 //!    (`64`, `PC32`, `PLT32`, `32`, `32S`, `PC64` and `NONE`, each 32-bit result
-//!    checked for overflow) or [`crate::arch::aarch64::reloc`] (data, page/low-12-bit,
+//!    checked for overflow), [`crate::arch::aarch64::reloc`] (data, page/low-12-bit,
 //!    move-wide, branch and PC-relative address forms, each checked as its ABI says;
 //!    a call or jump out of reach goes through a veneer the loader writes in an
-//!    executable area after its bookkeeping, see [`Module::veneers`]). Anything else fails with its type, section and offset
-//!    (and, on aarch64, symbol). [`check`] relocates any supported architecture's
+//!    executable area after its bookkeeping, see [`Module::veneers`]) or
+//!    [`crate::arch::riscv64::reloc`] (data, branches, `auipc`+`jalr` calls with
+//!    veneers likewise, PC-relative and absolute HI20/LO12 pairs, label differences,
+//!    `ALIGN` padding kept and checked, `RELAX` ignored: the loader does not relax).
+//!    Anything else fails with its type, section and offset (and, on aarch64 and
+//!    riscv64, symbol). [`check`] relocates any supported architecture's
 //!    module on any host; [`Module::load`] only the one it is compiled for. `.rela.ksites` is relocated like any other
 //!    section, which turns the module's table into the self-relative form of a linked
 //!    image's.
@@ -269,7 +273,7 @@ pub struct LoadReport {
     pub rw_size: usize,
     /// Relocations applied.
     pub relocations: u32,
-    /// Range-extension veneers built (for branches out of reach; aarch64).
+    /// Range-extension veneers built (for calls out of reach; aarch64 and riscv64).
     pub veneers: u32,
     /// Undefined symbols resolved against the kernel.
     pub kernel_symbols: u32,
