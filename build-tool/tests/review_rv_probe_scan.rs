@@ -1,0 +1,152 @@
+//! Review (riscv64 port): a probe-function check must not read a branch out of the
+//! middle of an instruction. `lui a5, imm` whose upper 16 bits happen to be a `c.j` to a
+//! probe function made `ksites embed` refuse the image ("the jmp at crafted+0x2 reaches
+//! probe function ... but has no relocation"): `ProbeFunctions::field_candidates` tries
+//! every byte offset and the riscv64 cursor classifies at that offset directly instead
+//! of decoding from the function start. Needs gcc-riscv64-linux-gnu.
+
+use std::path::Path;
+use std::process::Command;
+
+const ASM: &str = r#"
+    .section .text.tramp,"ax",@progbits
+    .option push
+    .option norvc
+    .option norelax
+    .balign 4
+    .globl fixture_add
+    .type fixture_add,@function
+fixture_add:
+1:  auipc t1, %pcrel_hi(fixture_add_slot)
+    ld t1, %pcrel_lo(1b)(t1)
+    jr t1
+    .size fixture_add, .-fixture_add
+    .option pop
+    # `beq a0, a1, fixture_add` and `c.bnez a0, fixture_add`, as words (the assembler
+    # would turn a branch to a global symbol into a branch around a `j`); near the
+    # trampoline, in reach of `c.bnez`.
+    .globl c_condbr_unused
+    .type c_condbr_unused,@function
+c_condbr_unused:
+    .reloc ., R_RISCV_BRANCH, fixture_add
+    .4byte 0x00b50063
+    .reloc ., R_RISCV_RVC_BRANCH, fixture_add
+    .2byte 0xe101
+    ret
+    .size c_condbr_unused, .-c_condbr_unused
+    .text
+    .globl add_impl
+    .type add_impl,@function
+add_impl:
+    add a0, a0, a1
+    ret
+    .size add_impl, .-add_impl
+    .globl ksites_probe_c_entry
+    .type ksites_probe_c_entry,@function
+ksites_probe_c_entry:
+    ret
+    .size ksites_probe_c_entry, .-ksites_probe_c_entry
+    .globl ksites_probe_ret0
+    .type ksites_probe_ret0,@function
+ksites_probe_ret0:
+    li a0, 0
+    ret
+    .size ksites_probe_ret0, .-ksites_probe_ret0
+    .globl ksites_probe_ret1
+    .type ksites_probe_ret1,@function
+ksites_probe_ret1:
+    li a0, 1
+    ret
+    .size ksites_probe_ret1, .-ksites_probe_ret1
+    .data
+    .balign 8
+fixture_add_slot: .quad add_impl
+    .section .rodata
+n1: .ascii "fixture::add"
+n1e:
+    .section .ksites_ifuncs,"awR",@progbits
+    .balign 8
+    .long 0x4649534b, 1
+    .quad fixture_add, fixture_add_slot, add_impl, add_impl, n1, n1e - n1
+    .section .data.cell,"aw",@progbits
+    .balign 8
+    .globl __ksites_table_cell
+__ksites_table_cell: .quad 0x01004c4c4543534b, 0, 0
+"#;
+const C: &str = r#"#include <stdint.h>
+#include "ksites_sdt.h"
+extern volatile uint64_t sink;
+volatile uint64_t sink;
+KSITES_PROBE_DECL(zz, qq, 1, (unsigned long n))
+__attribute__((noinline)) void crafted(void) {
+    __asm__ volatile("lui a5, " IMM "\n" ::: "a5");
+}
+__attribute__((noinline)) void c_probe(unsigned long n) { KSITES_PROBE(zz, qq, n); sink = n; }
+void c_condbr(void) {}
+void _start(void) { crafted(); c_probe(5); for (;;) {} }
+"#;
+
+fn run(c: &mut Command) -> std::process::Output {
+    let o = c.output().expect("run");
+    o
+}
+
+fn build(dir: &Path, imm: &str) -> std::path::PathBuf {
+    let flags = [
+        "-O2", "-march=rv64gc", "-mabi=lp64d", "-mcmodel=medany", "-fno-pic",
+        "-ffreestanding", "-mno-relax", "-c",
+    ];
+    let inc = format!("-I{}/../kernel-loader/c", env!("CARGO_MANIFEST_DIR"));
+    std::fs::write(dir.join("ifunc.S"), ASM).unwrap();
+    std::fs::write(dir.join("p.c"), C).unwrap();
+    for (src, obj, def) in [("ifunc.S", "ifunc.o", None), ("p.c", "p.o", Some(imm))] {
+        let mut c = Command::new("riscv64-linux-gnu-gcc");
+        c.args(flags).arg(&inc);
+        if let Some(i) = def {
+            c.arg(format!("-DIMM=\"{i}\""));
+        }
+        let o = run(c.arg(dir.join(src)).arg("-o").arg(dir.join(obj)));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let k = dir.join(format!("k-{imm}"));
+    let o = run(Command::new("riscv64-linux-gnu-ld")
+        .args(["--emit-relocs", "-static", "-e", "_start", "--no-relax"])
+        .arg(dir.join("ifunc.o"))
+        .arg(dir.join("p.o"))
+        .arg("-o")
+        .arg(&k));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    k
+}
+
+fn sym(k: &Path, name: &str) -> u64 {
+    let o = run(Command::new("riscv64-linux-gnu-nm").arg(k));
+    let s = String::from_utf8(o.stdout).unwrap();
+    let l = s.lines().find(|l| l.ends_with(&format!(" {name}"))).unwrap();
+    u64::from_str_radix(l.split(' ').next().unwrap(), 16).unwrap()
+}
+
+#[test]
+fn an_instruction_whose_upper_half_looks_like_c_j_to_a_probe_function_is_no_branch() {
+    let dir = std::env::temp_dir().join(format!("ksites-review-rv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k0 = build(&dir, "0");
+    let (probe, crafted) = (sym(&k0, "__dtrace_probe_zz___qq"), sym(&k0, "crafted"));
+    // The `lui`'s upper parcel, at crafted + 2, read as `c.j` to the probe function.
+    let off = probe.wrapping_sub(crafted + 2) as i64;
+    let h = kernel_loader::arch::riscv64::c_j(off).expect("within 2 KiB") as u32;
+    let k1 = build(&dir, &format!("{:#x}", h << 4));
+    assert_eq!(sym(&k1, "crafted"), crafted, "same layout");
+    let out = dir.join("k1.out");
+    let o = run(Command::new(env!("CARGO_BIN_EXE_ksites"))
+        .arg("embed")
+        .arg(&k1)
+        .arg("-o")
+        .arg(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        o.status.success(),
+        "a plain `lui` was taken for a branch: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
