@@ -87,14 +87,19 @@ void _start(void) { crafted(); c_probe(5); for (;;) {} }
 "#;
 
 fn run(c: &mut Command) -> std::process::Output {
-    let o = c.output().expect("run");
-    o
+    c.output().expect("run")
 }
 
 fn build(dir: &Path, imm: &str) -> std::path::PathBuf {
     let flags = [
-        "-O2", "-march=rv64gc", "-mabi=lp64d", "-mcmodel=medany", "-fno-pic",
-        "-ffreestanding", "-mno-relax", "-c",
+        "-O2",
+        "-march=rv64gc",
+        "-mabi=lp64d",
+        "-mcmodel=medany",
+        "-fno-pic",
+        "-ffreestanding",
+        "-mno-relax",
+        "-c",
     ];
     let inc = format!("-I{}/../kernel-loader/c", env!("CARGO_MANIFEST_DIR"));
     std::fs::write(dir.join("ifunc.S"), ASM).unwrap();
@@ -122,7 +127,10 @@ fn build(dir: &Path, imm: &str) -> std::path::PathBuf {
 fn sym(k: &Path, name: &str) -> u64 {
     let o = run(Command::new("riscv64-linux-gnu-nm").arg(k));
     let s = String::from_utf8(o.stdout).unwrap();
-    let l = s.lines().find(|l| l.ends_with(&format!(" {name}"))).unwrap();
+    let l = s
+        .lines()
+        .find(|l| l.ends_with(&format!(" {name}")))
+        .unwrap();
     u64::from_str_radix(l.split(' ').next().unwrap(), 16).unwrap()
 }
 

@@ -35,8 +35,15 @@ fn random_multi_byte_corruption_never_panics() {
             match rng.below(5) {
                 0 if d.len() >= 40 => {
                     let w = 4 * rng.below(10);
-                    let v = [0u32, 1, 3, 0x7fff_ffff, 0xffff_ffff, 0xffff_fffc, d.len() as u32]
-                        [rng.below(7)];
+                    let v = [
+                        0u32,
+                        1,
+                        3,
+                        0x7fff_ffff,
+                        0xffff_ffff,
+                        0xffff_fffc,
+                        d.len() as u32,
+                    ][rng.below(7)];
                     d[w..w + 4].copy_from_slice(&v.to_be_bytes());
                 }
                 1 if d.len() >= 4 => {
