@@ -338,6 +338,15 @@ impl Target {
         }
     }
 
+    /// The step between the places a branch field can start when code is searched for
+    /// one: 2 on riscv64 (instructions are 2-byte aligned), 1 elsewhere.
+    pub const fn branch_field_step(self) -> usize {
+        match self {
+            Target::Riscv64 => 2,
+            _ => 1,
+        }
+    }
+
     /// Where the branch whose field is at `at` goes, its bytes read by `read(len)`: the
     /// longest field, or, at the end of a section, a shorter one (riscv64's 4-byte `jal`
     /// and 2-byte `c.j`).

@@ -1,9 +1,9 @@
-//! Review (riscv64 port): a probe-function check must not read a branch out of the
-//! middle of an instruction. `lui a5, imm` whose upper 16 bits happen to be a `c.j` to a
-//! probe function made `ksites embed` refuse the image ("the jmp at crafted+0x2 reaches
-//! probe function ... but has no relocation"): `ProbeFunctions::field_candidates` tries
-//! every byte offset and the riscv64 cursor classifies at that offset directly instead
-//! of decoding from the function start. Needs gcc-riscv64-linux-gnu.
+//! riscv64 probe-function check of `ksites embed` (code that reaches a probe function
+//! without a relocation): it must not read a branch out of the middle of an instruction
+//! (`lui a5, imm` whose upper 16 bits happen to be a `c.j` to a probe function was
+//! refused: "the jmp at crafted+0x2 reaches probe function ... but has no relocation"),
+//! and must not miss a relocation-less `c.j` in the last bytes of a section. Needs
+//! gcc-riscv64-linux-gnu.
 
 use std::path::Path;
 use std::process::Command;
@@ -90,7 +90,9 @@ fn run(c: &mut Command) -> std::process::Output {
     c.output().expect("run")
 }
 
-fn build(dir: &Path, imm: &str) -> std::path::PathBuf {
+/// Links `ifunc.S`, `p.c` (its `lui a5` immediate `imm`) and, if `tail` is given, an
+/// object whose one section (the last of `.text`) holds the parcel `tail`.
+fn build(dir: &Path, imm: &str, tail: Option<u16>) -> std::path::PathBuf {
     let flags = [
         "-O2",
         "-march=rv64gc",
@@ -113,11 +115,22 @@ fn build(dir: &Path, imm: &str) -> std::path::PathBuf {
         let o = run(c.arg(dir.join(src)).arg("-o").arg(dir.join(obj)));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let k = dir.join(format!("k-{imm}"));
+    let mut objs = vec![dir.join("ifunc.o"), dir.join("p.o")];
+    if let Some(h) = tail {
+        let src = format!(".section .text.zz_tail,\"ax\",@progbits\n.globl zz_tail\nzz_tail: .2byte {h:#x}\n");
+        std::fs::write(dir.join("tail.S"), src).unwrap();
+        let o = run(Command::new("riscv64-linux-gnu-gcc")
+            .args(flags)
+            .arg(dir.join("tail.S"))
+            .arg("-o")
+            .arg(dir.join("tail.o")));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        objs.push(dir.join("tail.o"));
+    }
+    let k = dir.join(format!("k-{imm}-{tail:?}"));
     let o = run(Command::new("riscv64-linux-gnu-ld")
         .args(["--emit-relocs", "-static", "-e", "_start", "--no-relax"])
-        .arg(dir.join("ifunc.o"))
-        .arg(dir.join("p.o"))
+        .args(&objs)
         .arg("-o")
         .arg(&k));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -134,27 +147,51 @@ fn sym(k: &Path, name: &str) -> u64 {
     u64::from_str_radix(l.split(' ').next().unwrap(), 16).unwrap()
 }
 
+fn embed(k: &Path, out: &Path) -> std::process::Output {
+    run(Command::new(env!("CARGO_BIN_EXE_ksites"))
+        .arg("embed")
+        .arg(k)
+        .arg("-o")
+        .arg(out))
+}
+
 #[test]
 fn an_instruction_whose_upper_half_looks_like_c_j_to_a_probe_function_is_no_branch() {
-    let dir = std::env::temp_dir().join(format!("ksites-review-rv-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ksites-rv-probe-scan-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let k0 = build(&dir, "0");
+    let k0 = build(&dir, "0", None);
     let (probe, crafted) = (sym(&k0, "__dtrace_probe_zz___qq"), sym(&k0, "crafted"));
     // The `lui`'s upper parcel, at crafted + 2, read as `c.j` to the probe function.
     let off = probe.wrapping_sub(crafted + 2) as i64;
     let h = kernel_loader::arch::riscv64::c_j(off).expect("within 2 KiB") as u32;
-    let k1 = build(&dir, &format!("{:#x}", h << 4));
+    let k1 = build(&dir, &format!("{:#x}", h << 4), None);
     assert_eq!(sym(&k1, "crafted"), crafted, "same layout");
-    let out = dir.join("k1.out");
-    let o = run(Command::new(env!("CARGO_BIN_EXE_ksites"))
-        .arg("embed")
-        .arg(&k1)
-        .arg("-o")
-        .arg(&out));
+    let o = embed(&k1, &dir.join("k1.out"));
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         o.status.success(),
         "a plain `lui` was taken for a branch: {}",
         String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn a_relocation_less_c_j_in_a_sections_last_bytes_is_found() {
+    let dir = std::env::temp_dir().join(format!("ksites-rv-probe-tail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // First with a `c.nop` there, for the layout; then a `c.j` to the probe function.
+    let k0 = build(&dir, "0", Some(0x0001));
+    let (probe, at) = (sym(&k0, "__dtrace_probe_zz___qq"), sym(&k0, "zz_tail"));
+    let ok = embed(&k0, &dir.join("k0.out"));
+    let h = kernel_loader::arch::riscv64::c_j(probe.wrapping_sub(at) as i64).expect("2 KiB");
+    let k1 = build(&dir, "0", Some(h));
+    assert_eq!(sym(&k1, "zz_tail"), at, "same layout");
+    let o = embed(&k1, &dir.join("k1.out"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("reaches probe function") && err.contains(&format!("{at:#x}")),
+        "a `c.j` at the end of .text was missed: {err}"
     );
 }
