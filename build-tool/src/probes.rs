@@ -143,6 +143,9 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                 img.path,
                 img.target.probe_site_len()
             );
+            if let Some(why) = img.target.probe_site_misaligned(site) {
+                bail!("{}: probe site ({provider}:{name}) {why}", img.path);
+            }
             let key = (provider, name);
             declare(
                 &mut nargs,

@@ -2,7 +2,8 @@
 //! without a relocation): it must not read a branch out of the middle of an instruction
 //! (`lui a5, imm` whose upper 16 bits happen to be a `c.j` to a probe function was
 //! refused: "the jmp at crafted+0x2 reaches probe function ... but has no relocation"),
-//! and must not miss a relocation-less `c.j` in the last bytes of a section. Needs
+//! must not miss a relocation-less `c.j` in the last bytes of a section, and refuses a
+//! `probe!` site that relaxation padding left at 2 mod 4 in an object. Needs
 //! gcc-riscv64-linux-gnu.
 
 use std::path::Path;
@@ -193,5 +194,69 @@ fn a_relocation_less_c_j_in_a_sections_last_bytes_is_found() {
     assert!(
         !o.status.success() && err.contains("reaches probe function") && err.contains(&format!("{at:#x}")),
         "a `c.j` at the end of .text was missed: {err}"
+    );
+}
+
+/// A `probe!` site as rustc emits it (`.p2align 2`, `.option norvc`, `nop`, and its
+/// records) after a 4-byte instruction: with relaxation the assembler pads with a
+/// `c.nop` + `R_RISCV_ALIGN`, leaving the site at 2 mod 4 in the object.
+const RUST_SITE: &str = r#"
+    .text
+    .globl f
+    .type f,@function
+f:  .option push
+    .option norvc
+    addi sp, sp, -16
+    .option pop
+    .option push
+    .p2align 2
+    .option norvc
+2:  nop
+    .option pop
+    ret
+3:  ret
+    .size f, .-f
+    .section .ksites_probe_sites,"aw",@progbits
+    .balign 8
+    .long 0x5053534b, 0
+    .quad 2b, 3b, rec
+    .data
+    .balign 8
+rec: .long 0x5250534b, 0
+    .quad prov, 2, name, 2, 0xffffffff, 0
+    .section .rodata
+prov: .ascii "pp"
+name: .ascii "nn"
+"#;
+
+#[test]
+fn a_probe_site_left_at_2_mod_4_by_relaxation_is_refused_naming_the_build_flags() {
+    let dir = std::env::temp_dir().join(format!("ksites-rv-probe-align-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("site.S"), RUST_SITE).unwrap();
+    let mut outs = Vec::new();
+    for relax in ["-mrelax", "-mno-relax"] {
+        let obj = dir.join(format!("site{relax}.o"));
+        let o = run(Command::new("riscv64-linux-gnu-gcc")
+            .args(["-march=rv64gc", "-mabi=lp64d", relax, "-c"])
+            .arg(dir.join("site.S"))
+            .arg("-o")
+            .arg(&obj));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        outs.push(embed(&obj, &dir.join(format!("site{relax}.emb.o"))));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&outs[0].stderr);
+    assert!(
+        !outs[0].status.success()
+            && err.contains("(pp:nn) is at 0x6, not 4-aligned")
+            && err.contains("-C target-feature=-relax")
+            && err.contains("-mno-relax"),
+        "{err}"
+    );
+    assert!(
+        outs[1].status.success(),
+        "{}",
+        String::from_utf8_lossy(&outs[1].stderr)
     );
 }

@@ -549,6 +549,16 @@ impl Target {
             Target::Riscv64 => riscv64::PROBE_SITE_LEN,
         }
     }
+    /// Why a `probe!` site recorded at `site` cannot be patched, when it is not aligned
+    /// as the target's sites must be (riscv64: 4; linker relaxation's `R_RISCV_ALIGN`
+    /// padding left in an object); `None` if it is, and on x86-64 and aarch64.
+    pub fn probe_site_misaligned(self, site: u64) -> Option<String> {
+        match self {
+            Target::Riscv64 => riscv64::probe_site_misaligned(site),
+            _ => None,
+        }
+    }
+
     /// The disabled form of a `probe!` site and of a C probe call.
     pub const fn probe_nop(self) -> ProbeBytes {
         match self {

@@ -42,6 +42,19 @@ pub const C_CALL_MAX: usize = MAX_SITE_LEN;
 pub const C_PROBE_CALL_FORMS: &str =
     "an `auipc`+`jalr` pair or a 4-aligned `jal` (compile C with probes with -mno-relax)";
 
+/// Why a `probe!` site at `site` cannot be patched: it is not 4-aligned. Built with
+/// relaxation (rustc's `+relax`, gcc's default), `.p2align 2` before the site becomes a
+/// `c.nop` plus an `R_RISCV_ALIGN` the linker resolves; an object embedded directly (a
+/// module) keeps the site where the assembler put it, possibly at 2 mod 4.
+pub fn probe_site_misaligned(site: u64) -> Option<String> {
+    (!site.is_multiple_of(4)).then(|| {
+        format!(
+            "is at {site:#x}, not 4-aligned (relaxation padding, R_RISCV_ALIGN, left for a \
+             linker): build with -C target-feature=-relax (Rust) or gcc -mno-relax (C)"
+        )
+    })
+}
+
 /// GNU ld for this target on a host of another architecture.
 pub const CROSS_GNU_LD: &str = "riscv64-linux-gnu-ld";
 /// The ELF machine.
