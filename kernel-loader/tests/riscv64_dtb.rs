@@ -1,8 +1,11 @@
-//! Review (riscv64 port): randomised multi-byte corruption of the QEMU `virt` device
-//! trees and random `riscv,isa` strings — the DTB reader and the ISA parsers must return
-//! `Ok` or an error, never panic (a hang would time the test out).
+//! riscv64 device-tree reader on hostile input: randomised multi-byte corruption of the
+//! QEMU `virt` device trees and random `riscv,isa` strings — the DTB reader and the ISA
+//! parsers must return `Ok` or an error, never panic (a hang would time the test out) —
+//! and the `totalsize` cap of a tree read through a pointer.
 
 use kernel_loader::arch::riscv64::CpuFeatures as F;
+use kernel_loader::arch::riscv64::DtbError;
+use kernel_loader::arch::riscv64::dtb::{Dtb, MAX_FDT_SIZE};
 
 const TREES: [&[u8]; 3] = [
     include_bytes!("fixtures/riscv64-virt-rv64-zbb.dtb"),
@@ -97,5 +100,30 @@ fn random_isa_strings_never_panic() {
             let _ = F::from_isa_extensions(&s);
         });
         assert!(r.is_ok(), "panicked on {s:?}");
+    }
+}
+
+/// A tree read through a pointer is bounded only by its header's `totalsize`: above
+/// 2 MiB (Linux's `MAX_FDT_SIZE`) it is refused without reading past the header, at
+/// the cap it is read.
+#[test]
+fn a_pointer_trees_totalsize_is_capped_at_2_mib() {
+    assert_eq!(MAX_FDT_SIZE, 2 << 20);
+    for (size, ok) in [(MAX_FDT_SIZE, true), (MAX_FDT_SIZE + 4, false), (3 << 20, false)] {
+        // A real tree padded to `size`, its header saying so: a valid tree of that size.
+        let mut d = vec![0u8; size];
+        d[..TREES[0].len()].copy_from_slice(TREES[0]);
+        d[4..8].copy_from_slice(&(size as u32).to_be_bytes());
+        assert!(F::from_fdt_bytes(&d).is_ok(), "the padded tree itself is valid");
+        // SAFETY: `d` is readable for `size` bytes and not written while in use.
+        let tree = unsafe { Dtb::from_ptr(d.as_ptr()) };
+        // SAFETY: as above.
+        let feats = unsafe { F::from_fdt(d.as_ptr()) };
+        if ok {
+            assert!(tree.is_ok() && feats.is_ok(), "{size:#x}: {feats:?}");
+        } else {
+            assert_eq!(tree.err(), Some(DtbError::BadHeader), "{size:#x}");
+            assert_eq!(feats, Err(DtbError::BadHeader), "{size:#x}");
+        }
     }
 }
