@@ -118,7 +118,9 @@ fn build(dir: &Path, imm: &str, tail: Option<u16>) -> std::path::PathBuf {
     }
     let mut objs = vec![dir.join("ifunc.o"), dir.join("p.o")];
     if let Some(h) = tail {
-        let src = format!(".section .text.zz_tail,\"ax\",@progbits\n.globl zz_tail\nzz_tail: .2byte {h:#x}\n");
+        let src = format!(
+            ".section .text.zz_tail,\"ax\",@progbits\n.globl zz_tail\nzz_tail: .2byte {h:#x}\n"
+        );
         std::fs::write(dir.join("tail.S"), src).unwrap();
         let o = run(Command::new("riscv64-linux-gnu-gcc")
             .args(flags)
@@ -189,10 +191,16 @@ fn a_relocation_less_c_j_in_a_sections_last_bytes_is_found() {
     assert_eq!(sym(&k1, "zz_tail"), at, "same layout");
     let o = embed(&k1, &dir.join("k1.out"));
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("reaches probe function") && err.contains(&format!("{at:#x}")),
+        !o.status.success()
+            && err.contains("reaches probe function")
+            && err.contains(&format!("{at:#x}")),
         "a `c.j` at the end of .text was missed: {err}"
     );
 }

@@ -109,12 +109,19 @@ fn random_isa_strings_never_panic() {
 #[test]
 fn a_pointer_trees_totalsize_is_capped_at_2_mib() {
     assert_eq!(MAX_FDT_SIZE, 2 << 20);
-    for (size, ok) in [(MAX_FDT_SIZE, true), (MAX_FDT_SIZE + 4, false), (3 << 20, false)] {
+    for (size, ok) in [
+        (MAX_FDT_SIZE, true),
+        (MAX_FDT_SIZE + 4, false),
+        (3 << 20, false),
+    ] {
         // A real tree padded to `size`, its header saying so: a valid tree of that size.
         let mut d = vec![0u8; size];
         d[..TREES[0].len()].copy_from_slice(TREES[0]);
         d[4..8].copy_from_slice(&(size as u32).to_be_bytes());
-        assert!(F::from_fdt_bytes(&d).is_ok(), "the padded tree itself is valid");
+        assert!(
+            F::from_fdt_bytes(&d).is_ok(),
+            "the padded tree itself is valid"
+        );
         // SAFETY: `d` is readable for `size` bytes and not written while in use.
         let tree = unsafe { Dtb::from_ptr(d.as_ptr()) };
         // SAFETY: as above.
