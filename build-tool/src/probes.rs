@@ -143,6 +143,9 @@ pub fn find_probes(img: &Image<'_>) -> Result<ProbeScan> {
                 img.path,
                 img.target.probe_site_len()
             );
+            if let Some(why) = img.target.probe_site_misaligned(site) {
+                bail!("{}: probe site ({provider}:{name}) {why}", img.path);
+            }
             let key = (provider, name);
             declare(
                 &mut nargs,
@@ -837,8 +840,10 @@ impl ProbeFunctions {
 
     /// The places in executable code whose bytes, read as a branch's field, reach a
     /// probe function, in address order: (field address, destination, probe index).
-    /// Every byte is tried (a window that lands exactly on a probe function is rare);
-    /// whether one is a branch is decided by [`branch_at`].
+    /// Every byte is tried (every 2 bytes on riscv64; a window that lands exactly on a
+    /// probe function is rare), with a shorter field at a section's end as
+    /// [`crate::target::Target::branch_dest_at`] reads it (riscv64's `jal`/`c.j`); whether one is a
+    /// branch is decided by [`branch_at`].
     fn field_candidates(&self, img: &Image<'_>, exec: &ExecCode<'_>) -> Vec<(u64, u64, usize)> {
         let t = img.target;
         let mut out = Vec::new();
@@ -846,11 +851,11 @@ impl ProbeFunctions {
         else {
             return out;
         };
-        let n = t.branch_field_len() as usize;
         for &(start, data, _) in &exec.0 {
-            for (k, w) in data.windows(n).enumerate() {
+            for k in (0..data.len()).step_by(t.branch_field_step()) {
                 let at = start.wrapping_add(k as u64);
-                let Some(dest) = t.branch_field_dest(w, at) else {
+                let read = |n: u64| data.get(k..k.checked_add(usize::try_from(n).ok()?)?);
+                let Some(dest) = t.branch_dest_at(read, at) else {
                     continue;
                 };
                 if (lo..=hi).contains(&dest)

@@ -338,6 +338,15 @@ impl Target {
         }
     }
 
+    /// The step between the places a branch field can start when code is searched for
+    /// one: 2 on riscv64 (instructions are 2-byte aligned), 1 elsewhere.
+    pub const fn branch_field_step(self) -> usize {
+        match self {
+            Target::Riscv64 => 2,
+            _ => 1,
+        }
+    }
+
     /// Where the branch whose field is at `at` goes, its bytes read by `read(len)`: the
     /// longest field, or, at the end of a section, a shorter one (riscv64's 4-byte `jal`
     /// and 2-byte `c.j`).
@@ -540,6 +549,16 @@ impl Target {
             Target::Riscv64 => riscv64::PROBE_SITE_LEN,
         }
     }
+    /// Why a `probe!` site recorded at `site` cannot be patched, when it is not aligned
+    /// as the target's sites must be (riscv64: 4; linker relaxation's `R_RISCV_ALIGN`
+    /// padding left in an object); `None` if it is, and on x86-64 and aarch64.
+    pub fn probe_site_misaligned(self, site: u64) -> Option<String> {
+        match self {
+            Target::Riscv64 => riscv64::probe_site_misaligned(site),
+            _ => None,
+        }
+    }
+
     /// The disabled form of a `probe!` site and of a C probe call.
     pub const fn probe_nop(self) -> ProbeBytes {
         match self {

@@ -42,6 +42,19 @@ pub const C_CALL_MAX: usize = MAX_SITE_LEN;
 pub const C_PROBE_CALL_FORMS: &str =
     "an `auipc`+`jalr` pair or a 4-aligned `jal` (compile C with probes with -mno-relax)";
 
+/// Why a `probe!` site at `site` cannot be patched: it is not 4-aligned. Built with
+/// relaxation (rustc's `+relax`, gcc's default), `.p2align 2` before the site becomes a
+/// `c.nop` plus an `R_RISCV_ALIGN` the linker resolves; an object embedded directly (a
+/// module) keeps the site where the assembler put it, possibly at 2 mod 4.
+pub fn probe_site_misaligned(site: u64) -> Option<String> {
+    (!site.is_multiple_of(4)).then(|| {
+        format!(
+            "is at {site:#x}, not 4-aligned (relaxation padding, R_RISCV_ALIGN, left for a \
+             linker): build with -C target-feature=-relax (Rust) or gcc -mno-relax (C)"
+        )
+    })
+}
+
 /// GNU ld for this target on a host of another architecture.
 pub const CROSS_GNU_LD: &str = "riscv64-linux-gnu-ld";
 /// The ELF machine.
@@ -551,16 +564,55 @@ pub fn check_branch_reloc(t: u32, code: &[u8], at: u64) -> Result<(), String> {
     }
 }
 
-/// A function's instructions: a relocation is on the first byte of its instruction
-/// (the `auipc` of a pair), so the instruction holding one is read directly.
+/// Length of the instruction whose first 2-byte parcel is `h`, from its low bits (the
+/// base ISA's length encoding): 2 (compressed), 4, 6 or 8; the reserved longer
+/// encodings count as one parcel.
+fn insn_len(h: u16) -> usize {
+    match h {
+        _ if h & 3 != 3 => 2,
+        _ if h & 0x1c != 0x1c => 4,
+        _ if h & 0x3f == 0x1f => 6,
+        _ if h & 0x7f == 0x3f => 8,
+        _ => 2,
+    }
+}
+
+/// A function's instructions, walked in 2-byte parcels from its first byte (each
+/// instruction's length from its low bits), as the relocations in it are asked about:
+/// in address order one forward pass; an earlier address restarts the walk. An address
+/// inside an instruction is never classified (the upper half of a `lui` can look like a
+/// `c.j`).
 pub(super) struct Cursor<'c> {
     code: &'c [u8],
     start: u64,
+    /// Offset of the next instruction boundary the walk has reached.
+    pos: usize,
 }
 
 impl<'c> Cursor<'c> {
     pub(super) fn new(code: &'c [u8], start: u64) -> Self {
-        Cursor { code, start }
+        Cursor {
+            code,
+            start,
+            pos: 0,
+        }
+    }
+
+    /// Walks to `off`: `Ok` if an instruction starts there, else `Err` with the start of
+    /// the instruction holding it.
+    fn walk_to(&mut self, off: usize) -> Result<(), usize> {
+        if off < self.pos {
+            self.pos = 0;
+        }
+        let mut last = self.pos;
+        while self.pos < off {
+            let Some(b) = self.code.get(self.pos..self.pos + 2) else {
+                break;
+            };
+            last = self.pos;
+            self.pos += insn_len(u16::from_le_bytes([b[0], b[1]]));
+        }
+        if self.pos == off { Ok(()) } else { Err(last) }
     }
 
     /// Classifies the instruction holding the relocation at `reloc_at`: a call or tail
@@ -576,10 +628,19 @@ impl<'c> Cursor<'c> {
                 "relocation at {reloc_at:#x} is not on a 2-byte instruction boundary"
             ));
         }
-        let code = reloc_at
+        let off = reloc_at
             .checked_sub(self.start)
-            .and_then(|off| self.code.get(usize::try_from(off).ok()?..))
-            .unwrap_or(&[]);
+            .and_then(|off| usize::try_from(off).ok())
+            .filter(|&off| off < self.code.len())
+            .ok_or("not inside a decodable instruction")?;
+        if let Err(insn) = self.walk_to(off) {
+            let at = self.start + insn as u64;
+            return Err(format!(
+                "inside the instruction at {at:#x} ({})",
+                disasm(&self.code[insn..], at)
+            ));
+        }
+        let code = &self.code[off..];
         let (kind, form, dest, len) = classify_at(code, reloc_at)?;
         if target_addr.is_some_and(|t| t != dest) {
             return Err(format!(

@@ -452,6 +452,14 @@ pub(super) fn find_probes_rel(o: &Obj<'_, '_>) -> Result<ProbeFind> {
                 o.describe(site),
                 o.img.target.probe_site_len()
             );
+            if let Target::Sec { off: soff, .. } = site
+                && let Some(why) = o.img.target.probe_site_misaligned(soff)
+            {
+                bail!(
+                    "{path}: probe site {} ({provider}:{name}) {why}",
+                    o.describe(site)
+                );
+            }
             let n = u32_at(rb, 4);
             let key = (provider, name);
             declare(

@@ -14,6 +14,10 @@ use super::cpu::DtbError;
 pub const FDT_MAGIC: u32 = 0xd00d_feed;
 /// Header length (version 17).
 pub const HEADER_LEN: usize = 40;
+/// The largest `totalsize` [`Dtb::from_ptr`] accepts: 2 MiB, Linux's `MAX_FDT_SIZE`
+/// (`arch/riscv`, `scripts/dtc`). A pointer's header is all that bounds the read, so a
+/// corrupted `totalsize` must not make the reader walk up to 4 GiB of memory.
+pub const MAX_FDT_SIZE: usize = 2 << 20;
 const FDT_BEGIN_NODE: u32 = 1;
 const FDT_END_NODE: u32 = 2;
 const FDT_PROP: u32 = 3;
@@ -107,9 +111,10 @@ impl<'a> Dtb<'a> {
     ///
     /// # Safety
     ///
-    /// `p` is readable for 8 bytes, and, if they hold the FDT magic, for the
-    /// `totalsize` the next 4 give, none of which is written while the returned
-    /// `Dtb` lives.
+    /// `p` is readable for 8 bytes, and, if they hold the FDT magic and the `totalsize`
+    /// the next 4 give is at most [`MAX_FDT_SIZE`], for `totalsize` bytes, none of which
+    /// is written while the returned `Dtb` lives. A larger `totalsize` is
+    /// [`DtbError::BadHeader`] (nothing past the 8 bytes is read).
     pub unsafe fn from_ptr(p: *const u8) -> Result<Dtb<'a>, DtbError> {
         if p.is_null() {
             return Err(DtbError::BadHeader);
@@ -120,7 +125,10 @@ impl<'a> Dtb<'a> {
             return Err(DtbError::BadHeader);
         }
         let total = be32(head, 4).ok_or(DtbError::BadHeader)? as usize;
-        // SAFETY: the magic is there, so `p` is readable for `totalsize` bytes and not
+        if total > MAX_FDT_SIZE {
+            return Err(DtbError::BadHeader);
+        }
+        // SAFETY: the magic is there and `totalsize` is at most MAX_FDT_SIZE, so `p` is readable for `totalsize` bytes and not
         // written meanwhile (precondition).
         Dtb::new(unsafe { core::slice::from_raw_parts(p, total) })
     }

@@ -62,7 +62,10 @@
 //! the storing hart's fetch after its `fence.i`, and to another hart's after that hart
 //! runs `fence.i`; a naturally aligned 32-bit store is single-copy atomic (RVWMO), and a
 //! 4-aligned 4-byte instruction is fetched whole, so a hart sees the old or the new
-//! instruction, never a mix (what Linux's riscv jump labels, `nop` ↔ `jal`, rely on).
+//! instruction, never a mix (what Linux's riscv jump labels, `nop` ↔ `jal`, rely on;
+//! the formal guarantee is the Ziccif extension, mandatory in the RVA20/RVA22/RVA23
+//! profiles: an aligned instruction of up to XLEN bits is fetched atomically, so
+//! concurrent modification and execution see the old or the new one).
 //! So a batch is ([`SINGLE_STORE`]): check every site holds its old instruction; publish
 //! the new state; one aligned 32-bit store per site, then a local `fence.i`
 //! (`super::fence_i`, by the kernel's `TextPoker::write`); **one**
@@ -360,8 +363,9 @@ impl Stubs {
 }
 
 /// The registers the `ebreak` hook (`crate::probe::handle_int3`, named after x86-64's
-/// `int3`) reads and may change: of these, [`emulate`] writes only `pc` and `a0`, which
-/// the kernel's trap handler must write back (`pc` into `sepc`).
+/// `int3`) reads and may change: of these, [`emulate`] writes only `pc`, `ra` (an
+/// enabled C call's, as its `jal ra` would) and `a0`, which the kernel's trap handler
+/// must write back (`pc` into `sepc`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Int3Frame {
