@@ -5,9 +5,10 @@
 //! The region is the layout contract's three groups from offset 0, then the loader's
 //! bookkeeping (with, on riscv64, the index of PC-relative high parts below), then (on
 //! architectures with veneers, and only if the module may need one) a page-aligned
-//! veneer area mapped read + execute. Neither changes a section's address. The veneer area has room for one veneer per branch relocation to a
-//! symbol outside the module (at most one per such symbol); a branch that overflows
-//! goes through a veneer to its target, one veneer per distinct target.
+//! veneer area mapped read + execute. Neither changes a section's address. The veneer
+//! area has room for one veneer per branch relocation to a symbol outside the module
+//! (at most one per such symbol); a branch that overflows goes through a veneer to its
+//! target, one veneer per distinct target.
 //!
 //! On riscv64 a PC-relative low part (`PCREL_LO12_I`/`_S`) names the label of the
 //! `auipc` whose high part (`PCREL_HI20`) it completes, possibly in another section and
@@ -21,7 +22,9 @@
 //! see [`crate::arch::riscv64::reloc`]).
 //!
 //! The linker writes the region only through raw pointers ([`Linker::write`], bounds
-//! checked), never through a `&mut` slice made from `&self`; the one shared slice into
+//! checked), never through a `&mut` slice made from `&self` (the one `&mut` slice, over
+//! the high-part index alone, lives inside [`Linker::index_pcrel_highs`] to sort it,
+//! while nothing else refers to the region); the one shared slice into
 //! the region, the `.ksites` table handed to [`Table::parse_module`], is made after the
 //! last write of the linker and covers bytes nothing writes afterwards (see
 //! [`Linker::table`]).
