@@ -336,10 +336,12 @@ fn read_word<P: TextPoker + ?Sized>(poker: &P, addr: u64, len: usize) -> u64 {
 }
 
 /// Reads `len` (at most 8) bytes of memory at `addr` as a little-endian word (the higher
-/// bytes 0) with volatile loads, as few as `len` allows (one for 1, 2, 4 or 8 bytes; two
-/// or three otherwise), each of any alignment: the [`TextPoker::read_word`] of a poker
-/// whose text is readable at its own address. Volatile, so a read-back after a write is
-/// a real load, never the value the compiler knows was stored.
+/// bytes 0) with volatile loads of any alignment: one for 1, 2, 4 or 8 bytes, else two
+/// overlapping ones (5 to 7 bytes: the first four and the last four; 3: the first two
+/// and the last two), with no branch on the length beyond its range. The
+/// [`TextPoker::read_word`] of a poker whose text is readable at its own address.
+/// Volatile, so a read-back after a write is a real load, never the value the compiler
+/// knows was stored.
 ///
 /// # Safety
 ///
@@ -361,22 +363,16 @@ pub unsafe fn read_text_word(addr: u64, len: usize) -> u64 {
     let load16 = |at: usize| unsafe { core::ptr::read_volatile(at as *const Unaligned<u16>).0 };
     // SAFETY: as above.
     let load8 = |at: usize| unsafe { core::ptr::read_volatile(at as *const u8) };
-    if len >= 8 {
-        return load64(p);
+    match len {
+        0 => 0,
+        1 => u64::from(load8(p)),
+        2 => u64::from(load16(p)),
+        3 => u64::from(load16(p)) | u64::from(load16(p + 1)) << 8,
+        4 => u64::from(load32(p)),
+        // The bytes both loads cover are the same bytes, at the same place in the word.
+        5..=7 => u64::from(load32(p)) | u64::from(load32(p + len - 4)) << (8 * (len - 4)),
+        _ => load64(p),
     }
-    let (mut v, mut off) = (0u64, 0usize);
-    if len & 4 != 0 {
-        v = u64::from(load32(p));
-        off = 4;
-    }
-    if len & 2 != 0 {
-        v |= u64::from(load16(p + off)) << (8 * off);
-        off += 2;
-    }
-    if len & 1 != 0 {
-        v |= u64::from(load8(p + off)) << (8 * off);
-    }
-    v
 }
 
 /// An ifunc's slot, readable: an 8-byte word the engine may load with a volatile read.
@@ -954,4 +950,25 @@ pub unsafe fn init<'t, P: TextPoker + ?Sized>(
     };
     // SAFETY: forwarded to the caller.
     unsafe { patch_ifuncs(table, exec, poker, &mut resolve) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_text_word;
+
+    #[test]
+    fn read_text_word_reads_exactly_len_bytes_at_any_alignment() {
+        let buf: [u8; 24] = core::array::from_fn(|i| 7 * i as u8 + 1);
+        for off in 0..8 {
+            for len in 0..=8 {
+                let want = buf[off..off + len]
+                    .iter()
+                    .rev()
+                    .fold(0u64, |v, &b| v << 8 | u64::from(b));
+                // SAFETY: `off + len` ≤ 16, inside `buf`.
+                let got = unsafe { read_text_word(buf.as_ptr() as u64 + off as u64, len) };
+                assert_eq!(got, want, "offset {off}, {len} bytes");
+            }
+        }
+    }
 }

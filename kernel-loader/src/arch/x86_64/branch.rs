@@ -45,11 +45,11 @@ pub const fn is_branch_prefix(b: u8) -> bool {
 }
 
 /// Opcode length (without prefixes): 1 for `e8`/`e9`, 2 for `0f 8x`.
+#[inline(always)]
 pub const fn opcode_len(kind: SiteKind) -> usize {
-    match kind {
-        SiteKind::Call | SiteKind::Jmp => 1,
-        SiteKind::Jcc => 2,
-    }
+    // Arithmetic, not a `match`: the engine computes it for every site, where a
+    // three-way match compiled to a jump table.
+    1 + matches!(kind, SiteKind::Jcc) as usize
 }
 
 /// Length of a site: prefixes, opcode, rel32.
@@ -142,11 +142,16 @@ pub fn is_original(site: &BranchSite, v: u64, trampoline: u64) -> bool {
     if len > 8 || !(0..p).all(|i| is_branch_prefix(byte(i))) {
         return false;
     }
-    let opcode_ok = match site.kind {
-        SiteKind::Call => byte(p) == CALL_REL32,
-        SiteKind::Jmp => byte(p) == JMP_REL32,
-        SiteKind::Jcc => byte(p) == TWO_BYTE_ESCAPE && byte(p + 1) & 0xf0 == 0x80,
-    };
+    // The opcode bytes (1 or 2, after the prefixes) under a mask, looked up by kind
+    // rather than matched (no branch per kind): `e8`, `e9`, `0f 8x`.
+    const { assert!(SiteKind::Call as usize == 0 && SiteKind::Jcc as usize == 2) };
+    const OPCODES: [(u64, u64); 3] = [
+        (CALL_REL32 as u64, 0xff),
+        (JMP_REL32 as u64, 0xff),
+        (TWO_BYTE_ESCAPE as u64 | 0x80 << 8, 0xf0ff),
+    ];
+    let (want, mask) = OPCODES[site.kind as usize];
+    let opcode_ok = (v >> (8 * p)) & mask == want;
     let rel = (v >> (8 * (len - REL32_LEN))) as u32 as i32;
     // Where the rel32 goes, exactly (no wrap), is the trampoline: the same as
     // `rel32(site.end(), trampoline) == Some(rel)`, with one addition.
