@@ -152,6 +152,11 @@ impl TextPoker for MemPoker {
         Ok(())
     }
 
+    unsafe fn read_word(&self, addr: u64, len: usize) -> u64 {
+        // SAFETY: forwarded; the fake text is readable at its own address.
+        unsafe { kernel_loader::patch::read_text_word(addr, len) }
+    }
+
     fn sync_cores(&mut self) {}
 
     fn end(&mut self) {}
@@ -239,6 +244,11 @@ impl TextPoker for CpuidPoker {
     unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
         // SAFETY: forwarded.
         unsafe { self.0.write(addr, bytes) }
+    }
+
+    unsafe fn read_word(&self, addr: u64, len: usize) -> u64 {
+        // SAFETY: forwarded.
+        unsafe { self.0.read_word(addr, len) }
     }
 
     fn sync_cores(&mut self) {

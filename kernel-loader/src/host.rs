@@ -228,6 +228,12 @@ impl TextPoker for HostPoker {
         Ok(())
     }
 
+    #[inline]
+    unsafe fn read_word(&self, addr: u64, len: usize) -> u64 {
+        // SAFETY: forwarded; this poker's text is readable at its own address.
+        unsafe { crate::patch::read_text_word(addr, len) }
+    }
+
     fn sync_cores(&mut self) {
         self.syncs += 1;
         if !self.sync_core || membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE) != 0 {

@@ -14,7 +14,7 @@ use core::ops::Range;
 
 use crate::CpuFeatures;
 pub use crate::arch::InsnBytes;
-use crate::arch::{Arch, MAX_TRAMPOLINE_LEN};
+use crate::arch::{Arch, BranchSite, MAX_TRAMPOLINE_LEN};
 use crate::format::{FormatError, Ifunc, Site, Table};
 use crate::name::Name;
 
@@ -121,6 +121,29 @@ pub trait TextPoker {
             // SAFETY: the caller guarantees the range is mapped and readable.
             *b = unsafe { core::ptr::read_volatile((addr as usize + i) as *const u8) };
         }
+    }
+
+    /// Reads `len` (at most 8) bytes of text at `addr` as a little-endian word (the
+    /// higher bytes 0): how the patch engine and the probe batches read every site they
+    /// check or verify. The default reads one byte at a time through
+    /// [`TextPoker::read`] and assembles the word in a register, so a poker that only
+    /// overrides `read` is read through it. A poker whose text is readable at its own
+    /// address (the default `read`'s assumption) should override this with
+    /// [`read_text_word`]: one or two loads instead of `len`, on every site of a batch.
+    ///
+    /// # Safety
+    ///
+    /// As for [`TextPoker::read`]: `addr .. addr + len` must be mapped and readable.
+    #[inline(always)]
+    unsafe fn read_word(&self, addr: u64, len: usize) -> u64 {
+        let mut v = 0u64;
+        for i in 0..len.min(8) {
+            let mut b = [0u8; 1];
+            // SAFETY: forwarded: the caller guarantees the range is mapped and readable.
+            unsafe { self.read(addr + i as u64, &mut b) };
+            v |= u64::from(b[0]) << (8 * i);
+        }
+        v
     }
 
     /// Makes every CPU that may execute the patched text execute a serializing
@@ -315,20 +338,53 @@ fn read_site<P: TextPoker + ?Sized>(poker: &P, site: &Site) -> InsnBytes {
     InsnBytes::from_word(read_word(poker, site.addr, len), len)
 }
 
-/// Reads `len` (≤ 8) bytes of text at `addr` into a little-endian `u64`, one byte per
-/// `read`: assembled in a register, it avoids the store-forwarding stall of reading a
-/// byte-filled buffer back as a word (the engine's hot path reads every site).
+/// Reads `len` (≤ 8) bytes of text at `addr` into a little-endian `u64`, through the
+/// poker ([`TextPoker::read_word`]).
 #[inline(always)]
 fn read_word<P: TextPoker + ?Sized>(poker: &P, addr: u64, len: usize) -> u64 {
-    let mut v = 0u64;
-    for i in 0..len.min(8) {
-        let mut b = [0u8; 1];
-        // SAFETY: callers pass a range inside a validated site, which lies in an
-        // executable range the kernel declared mapped.
-        unsafe { poker.read(addr + i as u64, &mut b) };
-        v |= u64::from(b[0]) << (8 * i);
+    // SAFETY: callers pass a range inside a validated site, which lies in an
+    // executable range the kernel declared mapped.
+    unsafe { poker.read_word(addr, len) }
+}
+
+/// Reads `len` (at most 8) bytes of memory at `addr` as a little-endian word (the higher
+/// bytes 0) with volatile loads of any alignment: one for 1, 2, 4 or 8 bytes, else two
+/// overlapping ones (5 to 7 bytes: the first four and the last four; 3: the first two
+/// and the last two), with no branch on the length beyond its range. The
+/// [`TextPoker::read_word`] of a poker whose text is readable at its own address.
+/// Volatile, so a read-back after a write is a real load, never the value the compiler
+/// knows was stored.
+///
+/// # Safety
+///
+/// `addr .. addr + len` must be mapped and readable.
+#[inline(always)]
+pub unsafe fn read_text_word(addr: u64, len: usize) -> u64 {
+    /// An unaligned integer: a volatile load of it is one load of its width wherever
+    /// the target allows unaligned loads (else the compiler splits it).
+    #[repr(C, packed)]
+    #[derive(Clone, Copy)]
+    struct Unaligned<T: Copy>(T);
+    let p = addr as usize;
+    // SAFETY: inside `addr .. addr + len`, which the caller guarantees is mapped and
+    // readable; `Unaligned` has alignment 1.
+    let load64 = |at: usize| unsafe { core::ptr::read_volatile(at as *const Unaligned<u64>).0 };
+    // SAFETY: as above.
+    let load32 = |at: usize| unsafe { core::ptr::read_volatile(at as *const Unaligned<u32>).0 };
+    // SAFETY: as above.
+    let load16 = |at: usize| unsafe { core::ptr::read_volatile(at as *const Unaligned<u16>).0 };
+    // SAFETY: as above.
+    let load8 = |at: usize| unsafe { core::ptr::read_volatile(at as *const u8) };
+    match len {
+        0 => 0,
+        1 => u64::from(load8(p)),
+        2 => u64::from(load16(p)),
+        3 => u64::from(load16(p)) | u64::from(load16(p + 1)) << 8,
+        4 => u64::from(load32(p)),
+        // The bytes both loads cover are the same bytes, at the same place in the word.
+        5..=7 => u64::from(load32(p)) | u64::from(load32(p + len - 4)) << (8 * (len - 4)),
+        _ => load64(p),
     }
-    v
 }
 
 /// An ifunc's slot, readable: an 8-byte word the engine may load with a volatile read.
@@ -528,65 +584,21 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         let slot = unsafe { check_trampoline(arch, poker, &f, exec)? };
         cache.set_checked(f.index, f.trampoline, slot);
     }
-    // The slot an ifunc's sites end up at: its own, or for an import (read, never
-    // written) the defining image's, which its trampoline jumps through: the one step 1
-    // accepted, or (past the cache) the trampoline checked again.
-    let slot_of = |cache: &IfuncCache, f: &Ifunc<'t>| -> Result<Slot, PatchError> {
-        // SAFETY: `f` is from `table`, which satisfies precondition 1 (defined ifuncs)
-        // and 3 (imports).
-        let own = unsafe { Slot::defined(f) };
-        match (own, cache.slot(f.index)) {
-            (Some(s), _) => Ok(s.slot()),
-            (None, Some(s)) => Ok(s),
-            // SAFETY: as in `check_trampoline`, which already accepted this trampoline.
-            (None, None) => unsafe { check_trampoline(arch, poker, f, exec) },
-        }
-    };
-    // One walk over the entries per pass (`site_walk`): the engine's hot paths.
+    // One walk over the entries per pass (`site_walk`): the engine's hot paths. The
+    // loops keep nothing of a site but what the next step needs (no `Site` kept for a
+    // possible error: that made the compiler spill it to the stack on every site), take
+    // lengths and field offsets from the constant `arch`, and hand anything unusual
+    // (an ifunc past the cache, a site that is not the original) to a cold function
+    // that decodes the entry again and reports it exactly.
     for s in table.site_walk() {
-        if let Some(trampoline) = cache.trampoline(table, s.ifunc)
-            && arch.is_original(&s.branch(), read_word(poker, s.addr, s.len()), trampoline)
-        {
-            continue;
-        }
-        let found = read_site(poker, &s);
-        let f = ifunc_of(table, &s);
-        let b = s.branch();
-        let ok = arch.expected_original(&b, &found, f.trampoline);
-        let opcode_ok = arch.has_branch_opcode(&b, found.as_slice());
-        match ok {
-            Some(exp) if opcode_ok && exp == found => {}
-            _ => {
-                // (Without a descriptor, which a validated table always has, there is no
-                // slot to read: the trampoline stands in and the site is unexpected.)
-                let current = match table.ifunc(s.ifunc) {
-                    Some(f) => slot_of(&cache, &f)?.read(),
-                    None => f.trampoline,
-                };
-                if opcode_ok
-                    && current != f.trampoline
-                    && arch.decode_branch_target(&b, found.as_slice()) == Some(current)
-                {
-                    return Err(PatchError::AlreadyPatched {
-                        site: s.addr,
-                        ifunc: Name::new(f.name),
-                    });
-                }
-                let Some(expected) = ok else {
-                    return Err(PatchError::TrampolineOutOfReach {
-                        site: s.addr,
-                        ifunc: Name::new(f.name),
-                        trampoline: f.trampoline,
-                    });
-                };
-                return Err(PatchError::UnexpectedSiteBytes {
-                    site: s.addr,
-                    ifunc: Name::new(f.name),
-                    expected,
-                    found,
-                });
+        if let Some(&trampoline) = cache.trampolines.get(s.ifunc as usize) {
+            let b = branch_of(arch, &s);
+            if arch.is_original(&b, read_word(poker, s.addr, b.len as usize), trampoline) {
+                continue;
             }
         }
+        // SAFETY: forwarded (preconditions 1 and 3); `s.index` is a site of `table`.
+        unsafe { check_site(arch, table, &cache, poker, exec, s.index) }?;
     }
     for f in table.ifuncs() {
         // SAFETY: precondition 1; `f` is from `table`.
@@ -611,7 +623,8 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         let own = unsafe { Slot::defined(&f) };
         let addr = match own {
             Some(_) => resolve(&f),
-            None => match slot_of(&cache, &f) {
+            // SAFETY: forwarded (preconditions 1 and 3); `f` is from `table`.
+            None => match unsafe { slot_of(arch, &cache, poker, exec, &f) } {
                 Ok(slot) => slot.read(),
                 Err(e) => {
                     // Earlier ifuncs' slots are resolved already: keep "no slot
@@ -640,13 +653,18 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         restore_slots(table, table.ifunc_count() as usize);
         return Err(PatchError::Poke { ifunc: None, error });
     }
+    // The entry index of the site whose write failed, and the poker's error (`None`:
+    // the write went through but did not read back).
     let mut failed = None;
     for s in table.site_walk() {
-        // The ifunc's name is decoded only for an error.
         // Only the target field changes: the other bytes were checked in step 1 and are
         // not written, so the field is what is written and read back.
-        let target = cache.target(table, poker, exec, s.ifunc);
-        let Some(field) = target.and_then(|t| arch.encode_target(&s.branch(), t)) else {
+        let target = match cache.targets.get(s.ifunc as usize) {
+            Some(&t) => Some(t),
+            None => cache.target_uncached(table, poker, exec, s.ifunc),
+        };
+        let b = branch_of(arch, &s);
+        let Some(field) = target.and_then(|t| arch.encode_target(&b, t)) else {
             report.sites_out_of_reach += 1;
             if arch.is_relaxed_form(s.kind, s.prefixes) {
                 report.relaxed_sites_on_trampoline += 1;
@@ -654,59 +672,182 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
             continue;
         };
         let len = field.len as usize;
-        let at = s.target_field().start;
+        let at = s.addr + arch.target_field(s.kind, s.prefixes).start as u64;
         // SAFETY: the target field lies inside a validated site; precondition 2.
         if let Err(error) = unsafe { poker.write(at, &field.bytes()[..len]) } {
-            // The failed write may have changed part of the field: restore this site too.
-            failed = Some((
-                s.index + 1,
-                PatchError::Poke {
-                    ifunc: Some(Name::new(ifunc_of(table, &s).name)),
-                    error,
-                },
-            ));
+            failed = Some((s.index, Some(error)));
             break;
         }
+        // The read-back: through the text mapping (`TextPoker::read`), which a poker
+        // writing through an alias does not otherwise check.
         if read_word(poker, at, len) != field.value {
-            failed = Some((
-                s.index + 1,
-                PatchError::VerifyFailed {
-                    site: s.addr,
-                    ifunc: Name::new(ifunc_of(table, &s).name),
-                },
-            ));
+            failed = Some((s.index, None));
             break;
         }
         report.sites_patched += 1;
     }
-    if let Some((touched, err)) = failed {
-        // Put back every site touched so far (the failed one included), then read each
-        // back: the original bytes were checked in step 1, so they are known exactly.
-        let mut incomplete = None;
-        for s in table.sites().take(touched as usize) {
-            let f = ifunc_of(table, &s);
-            let current = read_site(poker, &s);
-            let Some(orig) = arch.encode_branch(&s.branch(), &current, f.trampoline) else {
-                continue;
-            };
-            let field = s.target_field_offsets();
-            // SAFETY: as above; restoring the original bytes the check pass saw.
-            let w = unsafe { poker.write(s.target_field().start, &orig.as_slice()[field]) };
-            if (w.is_err() || read_site(poker, &s) != orig) && incomplete.is_none() {
-                incomplete = Some(PatchError::RollbackIncomplete {
-                    site: s.addr,
-                    ifunc: Name::new(f.name),
-                });
-            }
-        }
-        poker.sync_cores();
-        poker.end();
-        restore_slots(table, table.ifunc_count() as usize);
-        return Err(incomplete.unwrap_or(err));
+    if let Some((index, error)) = failed {
+        // SAFETY: forwarded; `index` is the site step 3 stopped at.
+        return Err(unsafe { roll_back(arch, table, poker, index, error) });
     }
     poker.sync_cores();
     poker.end();
     Ok(report)
+}
+
+/// The site as the architecture sees it, its length from the constant `arch` (not the
+/// one the walk computed with the table's run-time `Arch`, which then goes unused).
+#[inline(always)]
+fn branch_of(arch: Arch, s: &Site) -> BranchSite {
+    BranchSite {
+        addr: s.addr,
+        kind: s.kind,
+        prefixes: s.prefixes,
+        len: arch.site_len(s.kind, s.prefixes) as u8,
+    }
+}
+
+/// The slot an ifunc's sites end up at: its own, or for an import (read, never written)
+/// the defining image's, which its trampoline jumps through: the one step 1 accepted, or
+/// (past the cache) the trampoline checked again.
+///
+/// # Safety
+///
+/// As for [`patch_ifuncs`], with `f` from its table.
+unsafe fn slot_of<P: TextPoker + ?Sized>(
+    arch: Arch,
+    cache: &IfuncCache,
+    poker: &P,
+    exec: &[Range<u64>],
+    f: &Ifunc<'_>,
+) -> Result<Slot, PatchError> {
+    // SAFETY: `f` is from the table, which satisfies precondition 1 (defined ifuncs)
+    // and 3 (imports).
+    let own = unsafe { Slot::defined(f) };
+    match (own, cache.slot(f.index)) {
+        (Some(s), _) => Ok(s.slot()),
+        (None, Some(s)) => Ok(s),
+        // SAFETY: as in `check_trampoline`, which already accepted this trampoline.
+        (None, None) => unsafe { check_trampoline(arch, poker, f, exec) },
+    }
+}
+
+/// Step 1 for the site at table entry `index`, decoded again, when the fast path did not
+/// accept it: its ifunc is past the cache, or it is not the original branch (then the
+/// error says exactly what it is).
+///
+/// # Safety
+///
+/// As for [`patch_ifuncs`].
+#[cold]
+#[inline(never)]
+unsafe fn check_site<P: TextPoker + ?Sized>(
+    arch: Arch,
+    table: &Table<'_>,
+    cache: &IfuncCache,
+    poker: &P,
+    exec: &[Range<u64>],
+    index: u32,
+) -> Result<(), PatchError> {
+    // The walk yields only entries that decode, which `site` decodes the same way.
+    let Some(s) = table.site(index) else {
+        return Ok(());
+    };
+    let found = read_site(poker, &s);
+    let f = ifunc_of(table, &s);
+    let b = s.branch();
+    let ok = arch.expected_original(&b, &found, f.trampoline);
+    let opcode_ok = arch.has_branch_opcode(&b, found.as_slice());
+    match ok {
+        Some(exp) if opcode_ok && exp == found => Ok(()),
+        _ => {
+            // (Without a descriptor, which a validated table always has, there is no
+            // slot to read: the trampoline stands in and the site is unexpected.)
+            let current = match table.ifunc(s.ifunc) {
+                // SAFETY: forwarded; `f` is from `table`.
+                Some(f) => unsafe { slot_of(arch, cache, poker, exec, &f) }?.read(),
+                None => f.trampoline,
+            };
+            if opcode_ok
+                && current != f.trampoline
+                && arch.decode_branch_target(&b, found.as_slice()) == Some(current)
+            {
+                return Err(PatchError::AlreadyPatched {
+                    site: s.addr,
+                    ifunc: Name::new(f.name),
+                });
+            }
+            let Some(expected) = ok else {
+                return Err(PatchError::TrampolineOutOfReach {
+                    site: s.addr,
+                    ifunc: Name::new(f.name),
+                    trampoline: f.trampoline,
+                });
+            };
+            Err(PatchError::UnexpectedSiteBytes {
+                site: s.addr,
+                ifunc: Name::new(f.name),
+                expected,
+                found,
+            })
+        }
+    }
+}
+
+/// Step 3 failed at the site at table entry `index` (`error`: the poker's, or `None` if
+/// the write did not read back): puts back every site touched so far, the failed one
+/// included, and every slot, then reads each site back. Returns the error to report.
+///
+/// # Safety
+///
+/// As for [`patch_ifuncs`], called between `poker.begin()` and `poker.end()` (which
+/// this calls).
+#[cold]
+#[inline(never)]
+unsafe fn roll_back<P: TextPoker + ?Sized>(
+    arch: Arch,
+    table: &Table<'_>,
+    poker: &mut P,
+    index: u32,
+    error: Option<PokeError>,
+) -> PatchError {
+    let err = match (table.site(index), error) {
+        (Some(s), Some(error)) => PatchError::Poke {
+            ifunc: Some(Name::new(ifunc_of(table, &s).name)),
+            error,
+        },
+        (Some(s), None) => PatchError::VerifyFailed {
+            site: s.addr,
+            ifunc: Name::new(ifunc_of(table, &s).name),
+        },
+        // Not reached: `index` is an entry the walk decoded.
+        (None, error) => PatchError::Poke {
+            ifunc: None,
+            error: error.unwrap_or(PokeError::new(0, PokeFailure::ReadBack)),
+        },
+    };
+    // The original bytes were checked in step 1, so they are known exactly.
+    let mut incomplete = None;
+    for s in table.sites().take(index as usize + 1) {
+        let f = ifunc_of(table, &s);
+        let current = read_site(poker, &s);
+        let Some(orig) = arch.encode_branch(&s.branch(), &current, f.trampoline) else {
+            continue;
+        };
+        let field = s.target_field_offsets();
+        // SAFETY: as in step 3; restoring the original bytes the check pass saw.
+        let w = unsafe { poker.write(s.target_field().start, &orig.as_slice()[field]) };
+        if (w.is_err() || read_site(poker, &s) != orig) && incomplete.is_none() {
+            incomplete = Some(PatchError::RollbackIncomplete {
+                site: s.addr,
+                ifunc: Name::new(f.name),
+            });
+        }
+    }
+    poker.sync_cores();
+    poker.end();
+    restore_slots(table, table.ifunc_count() as usize);
+    incomplete.unwrap_or(err)
 }
 
 /// Per-ifunc addresses the per-site loops need, for the first [`IfuncCache::LEN`] ifuncs
@@ -753,29 +894,19 @@ impl IfuncCache {
         }
     }
 
-    #[inline(always)]
-    fn trampoline(&self, table: &Table<'_>, i: u32) -> Option<u64> {
-        match self.trampolines.get(i as usize) {
-            Some(&t) => Some(t),
-            None => table.ifunc_trampoline_slot(i).map(|(t, _)| t),
-        }
-    }
-
-    /// The resolved implementation (what the slot holds after step 2); `None` only if
-    /// the table or a trampoline changed since step 1.
+    /// The resolved implementation (what the slot holds after step 2) of an ifunc past
+    /// the cache; `None` only if the table or a trampoline changed since step 1.
     ///
     /// Safe to call only from `patch_ifuncs` step 3, whose preconditions it relies on.
-    #[inline(always)]
-    fn target<P: TextPoker + ?Sized>(
+    #[cold]
+    #[inline(never)]
+    fn target_uncached<P: TextPoker + ?Sized>(
         &self,
         table: &Table<'_>,
         poker: &P,
         exec: &[Range<u64>],
         i: u32,
     ) -> Option<u64> {
-        if let Some(&t) = self.targets.get(i as usize) {
-            return Some(t);
-        }
         // The slot of an import is 0 here: it is read through the trampoline.
         let (trampoline, slot) = table.ifunc_trampoline_slot(i)?;
         let slot = if slot != 0 {
@@ -838,4 +969,25 @@ pub unsafe fn init<'t, P: TextPoker + ?Sized>(
     };
     // SAFETY: forwarded to the caller.
     unsafe { patch_ifuncs(table, exec, poker, &mut resolve) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_text_word;
+
+    #[test]
+    fn read_text_word_reads_exactly_len_bytes_at_any_alignment() {
+        let buf: [u8; 24] = core::array::from_fn(|i| 7 * i as u8 + 1);
+        for off in 0..8 {
+            for len in 0..=8 {
+                let want = buf[off..off + len]
+                    .iter()
+                    .rev()
+                    .fold(0u64, |v, &b| v << 8 | u64::from(b));
+                // SAFETY: `off + len` ≤ 16, inside `buf`.
+                let got = unsafe { read_text_word(buf.as_ptr() as u64 + off as u64, len) };
+                assert_eq!(got, want, "offset {off}, {len} bytes");
+            }
+        }
+    }
 }

@@ -704,8 +704,14 @@ impl<'a> Table<'a> {
     /// one range test): what the patch engine's passes iterate.
     #[inline]
     pub fn site_walk(&self) -> SiteWalk<'a> {
+        let st = self.header.ifunc_sites;
+        let start = st.offset as usize;
+        // `parse` checked the sub-table lies inside the table.
+        let end = start.saturating_add(st.count as usize * IFUNC_SITE_SIZE);
         SiteWalk {
-            walk: self.entries(self.header.ifunc_sites, IFUNC_SITE_SIZE),
+            rest: self.bytes.get(start..end).unwrap_or(&[]),
+            index: 0,
+            entry_addr: self.field_addr(start),
             ifuncs: self.header.ifuncs.count,
             arch: self.arch,
         }
@@ -885,7 +891,12 @@ impl Iterator for ProbeSitesOf<'_> {
 /// skipped, as [`Table::sites`] skips them (a parsed table has none).
 #[derive(Clone, Debug)]
 pub struct SiteWalk<'a> {
-    walk: Entries<'a>,
+    /// The entries not yet visited.
+    rest: &'a [u8],
+    /// Index of the next entry.
+    index: u32,
+    /// Address of the next entry (its `site` field's).
+    entry_addr: u64,
     /// The table's ifunc count.
     ifuncs: u32,
     arch: Arch,
@@ -896,29 +907,39 @@ impl Iterator for SiteWalk<'_> {
 
     #[inline(always)]
     fn next(&mut self) -> Option<Site> {
-        while let Some((off, e)) = self.walk.next::<IFUNC_SITE_SIZE>() {
+        // An index and the entry's address advanced by one step each, rather than
+        // offsets recomputed from slices: the fewest live values in the engine's loops.
+        while let Some((e, rest)) = self.rest.split_first_chunk::<IFUNC_SITE_SIZE>() {
+            self.rest = rest;
+            let (index, at) = (self.index, self.entry_addr);
+            self.index = index.wrapping_add(1);
+            self.entry_addr = at.wrapping_add(IFUNC_SITE_SIZE as u64);
             let e = IfuncSite::read(e);
-            // What `try_site` checks (any failure skips the entry).
-            let kind = match e.info & 0xe0 {
-                0 => SiteKind::from_bits(e.info & 3),
-                _ => None,
-            };
+            // What `try_site` checks (any failure skips the entry): the reserved bits
+            // and the kind's fourth value in one test, the ifunc index, the address.
+            // The kind by table lookup, not a `match` (which compiled to a jump table).
+            const KINDS: [Option<SiteKind>; 4] = [
+                SiteKind::from_bits(0),
+                SiteKind::from_bits(1),
+                SiteKind::from_bits(2),
+                SiteKind::from_bits(3),
+            ];
             let ifunc = e.info >> 8;
-            // `Entries::resolve`, spelled out: the test, then the addition (the
-            // `Option` form compiles to a much slower loop here).
-            let x = off as i64 + i64::from(e.site);
-            let (Some(kind), true, true) = (
-                kind,
+            let (Some(kind), true, Some(addr)) = (
+                if e.info & 0xe0 == 0 {
+                    KINDS[(e.info & 3) as usize]
+                } else {
+                    None
+                },
                 ifunc < self.ifuncs,
-                x.wrapping_sub(self.walk.lo) as u64 <= self.walk.span,
+                resolve_rel(at, e.site),
             ) else {
                 continue;
             };
-            let addr = self.walk.first.wrapping_add(x as u64);
             let prefixes = ((e.info >> 2) & 7) as u8;
             let field = self.arch.target_field(kind, prefixes);
             return Some(Site {
-                index: (off / IFUNC_SITE_SIZE) as u32,
+                index,
                 addr,
                 kind,
                 prefixes,

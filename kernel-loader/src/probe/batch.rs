@@ -43,21 +43,15 @@ fn site_word<A: LiveProtocol>(
     })
 }
 
-/// The bytes at a probe site, read one byte per `read` and assembled in a register
-/// (reading a byte-filled buffer back as a word would stall store forwarding on every
-/// site of a batch).
+/// The bytes at a probe site, as a word ([`TextPoker::read_word`]: one or two loads with
+/// a poker that reads text directly, never a byte-filled buffer loaded back as a word,
+/// which would stall store forwarding on every site of a batch).
 #[inline(always)]
 fn read_site<A: LiveProtocol, P: TextPoker + ?Sized>(poker: &P, addr: u64) -> SiteWord {
     const { assert!(A::SITE_LEN <= 8) };
-    let mut v = 0u64;
-    for i in 0..A::SITE_LEN as u64 {
-        let mut b = [0u8; 1];
-        // SAFETY: probe sites were validated, when their table was parsed, to lie in
-        // the image's executable ranges, which the poker can read.
-        unsafe { poker.read(addr + i, &mut b) };
-        v |= u64::from(b[0]) << (8 * i);
-    }
-    v
+    // SAFETY: probe sites were validated, when their table was parsed, to lie in the
+    // image's executable ranges, which the poker can read.
+    unsafe { poker.read_word(addr, A::SITE_LEN) }
 }
 
 /// An error's view of a site word.

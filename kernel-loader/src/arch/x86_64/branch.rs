@@ -45,11 +45,11 @@ pub const fn is_branch_prefix(b: u8) -> bool {
 }
 
 /// Opcode length (without prefixes): 1 for `e8`/`e9`, 2 for `0f 8x`.
+#[inline(always)]
 pub const fn opcode_len(kind: SiteKind) -> usize {
-    match kind {
-        SiteKind::Call | SiteKind::Jmp => 1,
-        SiteKind::Jcc => 2,
-    }
+    // Arithmetic, not a `match`: the engine computes it for every site, where a
+    // three-way match compiled to a jump table.
+    1 + matches!(kind, SiteKind::Jcc) as usize
 }
 
 /// Length of a site: prefixes, opcode, rel32.
@@ -80,7 +80,14 @@ pub fn opcode_matches(kind: SiteKind, opcode: &[u8]) -> bool {
 /// The rel32 that makes a branch ending at `next_ip` reach `target`, if in range.
 #[inline(always)]
 pub fn rel32(next_ip: u64, target: u64) -> Option<i32> {
-    i32::try_from(target as i128 - next_ip as i128).ok()
+    // `target - next_ip` exactly (no wrap), as `i32`: the wrapped difference is the
+    // exact one when its sign says which is larger (a few instructions; the same
+    // result as an `i128` subtraction, which compiled to a dozen on every site).
+    let d = target.wrapping_sub(next_ip) as i64;
+    if (target < next_ip) != (d < 0) {
+        return None;
+    }
+    i32::try_from(d).ok()
 }
 
 /// The bytes `site` holds when its rel32 targets `target`, keeping the prefix and
@@ -135,11 +142,16 @@ pub fn is_original(site: &BranchSite, v: u64, trampoline: u64) -> bool {
     if len > 8 || !(0..p).all(|i| is_branch_prefix(byte(i))) {
         return false;
     }
-    let opcode_ok = match site.kind {
-        SiteKind::Call => byte(p) == CALL_REL32,
-        SiteKind::Jmp => byte(p) == JMP_REL32,
-        SiteKind::Jcc => byte(p) == TWO_BYTE_ESCAPE && byte(p + 1) & 0xf0 == 0x80,
-    };
+    // The opcode bytes (1 or 2, after the prefixes) under a mask, looked up by kind
+    // rather than matched (no branch per kind): `e8`, `e9`, `0f 8x`.
+    const { assert!(SiteKind::Call as usize == 0 && SiteKind::Jcc as usize == 2) };
+    const OPCODES: [(u64, u64); 3] = [
+        (CALL_REL32 as u64, 0xff),
+        (JMP_REL32 as u64, 0xff),
+        (TWO_BYTE_ESCAPE as u64 | 0x80 << 8, 0xf0ff),
+    ];
+    let (want, mask) = OPCODES[site.kind as usize];
+    let opcode_ok = (v >> (8 * p)) & mask == want;
     let rel = (v >> (8 * (len - REL32_LEN))) as u32 as i32;
     // Where the rel32 goes, exactly (no wrap), is the trampoline: the same as
     // `rel32(site.end(), trampoline) == Some(rel)`, with one addition.
@@ -241,6 +253,31 @@ mod tests {
         assert!(is_original(&s, u64::from_le_bytes(w), 0x2000));
         assert!(!is_original(&s, u64::from_le_bytes(w), 0x2001));
         assert!(encode_branch(&s, &cur, 0x1_0000_2000).is_none());
+    }
+
+    #[test]
+    fn rel32_is_the_exact_difference_or_none() {
+        let exact = |n: u64, t: u64| i32::try_from(t as i128 - n as i128).ok();
+        let edges: [u64; 11] = [
+            0,
+            1,
+            0x7fff_ffff,
+            0x8000_0000,
+            0x8000_0001,
+            0xffff_ffff,
+            0x1_0000_0000,
+            0x7fff_ffff_ffff_ffff,
+            0x8000_0000_0000_0000,
+            0xffff_ffff_8000_0000,
+            0xffff_ffff_ffff_ffff,
+        ];
+        for &a in &edges {
+            for &b in &edges {
+                for (n, t) in [(a, b), (a, a.wrapping_add(b)), (a.wrapping_add(b), a)] {
+                    assert_eq!(rel32(n, t), exact(n, t), "{n:#x} -> {t:#x}");
+                }
+            }
+        }
     }
 
     #[test]
