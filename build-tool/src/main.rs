@@ -1,10 +1,15 @@
 //! `ksites`: finds ifunc call sites and SDT probe sites in x86-64 and aarch64 ELF files,
 //! embeds the `.ksites` table the kernel-loader patches from, wraps the linker, scans for
 //! arbitrary call/jump sites, and verifies embedded images.
+//!
+//! The binary defines the C `main` itself (`#![no_main]`, see [`main`]): a kernel build
+//! starts it once per object (`ksites scan --calls-to __fentry__`, like `recordmcount`),
+//! and the standard library's start-up work is then a good part of the run.
 
-use std::ffi::OsString;
+#![no_main]
+
+use std::ffi::{OsString, c_char, c_int};
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -248,7 +253,10 @@ fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Pat
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// The exit status of a run that returns normally.
+const SUCCESS: u8 = 0;
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Embed {
             image,
@@ -297,7 +305,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.problems.len(),
                     file.display()
                 );
-                return Ok(ExitCode::from(4));
+                return Ok(4);
             }
             println!(
                 "ksites: {}: ok ({} ifunc sites, {} probe sites)",
@@ -330,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", ksites::check_module::to_text(&name, &r));
             }
             if !r.problems.is_empty() || r.load.is_none() {
-                return Ok(ExitCode::from(4));
+                return Ok(4);
             }
         }
         Command::Scan {
@@ -345,7 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if calls_to.is_empty() && jumps_to.is_empty() {
                 eprintln!("ksites: error: give at least one --calls-to or --jumps-to glob");
-                return Ok(ExitCode::from(2));
+                return Ok(2);
             }
             let opts = ScanOptions { calls_to, jumps_to };
             let mut failed = None;
@@ -376,10 +384,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(SUCCESS)
 }
 
-fn main() -> ExitCode {
+/// Parses the command line, runs it, reports an error; the exit status.
+fn run_cli() -> u8 {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -388,10 +397,82 @@ fn main() -> ExitCode {
                 || e.chain()
                     .any(|c| c.downcast_ref::<AlreadyEmbedded>().is_some())
             {
-                ExitCode::from(3)
+                3
             } else {
-                ExitCode::FAILURE
+                1
             }
         }
+    }
+}
+
+/// The program's entry point, called by the C runtime in place of the standard library's.
+///
+/// Rust's own start-up (`std::rt`) would also find the main thread's stack guard, which
+/// glibc does by reading and parsing `/proc/self/maps` (a tenth of the instructions of a
+/// `scan --calls-to __fentry__` of a typical object), and map an alternate signal stack
+/// to report a stack overflow by name; both are skipped here (a stack overflow is then a
+/// plain SIGSEGV). What the rest of the program relies on is done as std does it:
+/// [`startup::init`] makes sure file descriptors 0-2 are open (so no file the tool
+/// opens becomes its stdout) and ignores SIGPIPE (a closed pipe is a write error, as
+/// before; child processes still start with the default). The command line is read
+/// through `std::env::args_os`, which glibc provides to std before `main` runs. A panic
+/// exits 101 with its message, as from std's `main`; stdout is flushed before returning.
+// SAFETY: the only `main` symbol in the binary (`#![no_main]`: std defines none), with the
+// signature the C runtime calls it with; it does not read `argv`.
+#[unsafe(no_mangle)]
+extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
+    startup::init();
+    let code = std::panic::catch_unwind(run_cli).unwrap_or(101);
+    startup::finish(code)
+}
+
+/// What the standard library's start-up and shutdown did that the program relies on.
+mod startup {
+    use std::ffi::c_int;
+    use std::io::Write as _;
+
+    /// Opens `/dev/null` on any of file descriptors 0, 1 and 2 that is closed (else the
+    /// first file the tool opened would take its number and, for 1, receive what it
+    /// prints), and ignores SIGPIPE, as std's start-up does; aborts if that fails.
+    pub(crate) fn init() {
+        let mut fds = [0, 1, 2].map(|fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        });
+        // SAFETY: `fds` is a valid array of three `pollfd`s for the duration of the call;
+        // a zero timeout returns at once.
+        let polled = unsafe { libc::poll(fds.as_mut_ptr(), 3, 0) };
+        if polled == -1 {
+            // (std falls back to `fcntl(F_GETFD)` per descriptor where `poll` is not
+            // available; it is on every Linux this runs on.)
+            for fd in &mut fds {
+                // SAFETY: F_GETFD on any number only reports whether it is open.
+                if unsafe { libc::fcntl(fd.fd, libc::F_GETFD) } == -1 {
+                    fd.revents = libc::POLLNVAL;
+                }
+            }
+        }
+        for fd in fds {
+            if fd.revents & libc::POLLNVAL != 0 {
+                // SAFETY: a NUL-terminated path and plain flags; the descriptor returned
+                // is the lowest free one, i.e. `fd.fd` (the lower ones are open).
+                let got = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR, 0) };
+                if got != fd.fd {
+                    std::process::abort();
+                }
+            }
+        }
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+        if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) } == libc::SIG_ERR {
+            std::process::abort();
+        }
+    }
+
+    /// Flushes stdout, as std's shutdown does (a `print!` without a newline waits in its
+    /// buffer; like std, a failure here does not change the exit status `code`).
+    pub(crate) fn finish(code: u8) -> c_int {
+        let _ = std::io::stdout().flush();
+        c_int::from(code)
     }
 }
