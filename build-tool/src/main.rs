@@ -6,7 +6,9 @@
 //! starts it once per object (`ksites scan --calls-to __fentry__`, like `recordmcount`),
 //! and the standard library's start-up work is then a good part of the run.
 
-#![no_main]
+// (Unit tests of this file run under the test harness's `main`, which calls none of it.)
+#![cfg_attr(not(test), no_main)]
+#![cfg_attr(test, allow(dead_code, unused_imports))]
 
 use std::ffi::{OsString, c_char, c_int};
 use std::path::PathBuf;
@@ -143,38 +145,77 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List every `call rel32` to a symbol matching a --calls-to glob and every
-    /// `jmp rel32`/`jcc rel32` to one matching a --jumps-to glob, in ET_REL objects or
-    /// in ET_EXEC/ET_DYN images linked with --emit-relocs, or in the members of an `ar`
-    /// archive (printed as `lib.a(member.o)`) (like recordmcount for `__fentry__` or
-    /// objtool for retpoline thunks). Sites are found through relocations and decoded
-    /// from the start of the enclosing function, or, for code no sized function covers,
-    /// from the last symbol or the section start, as `objdump -d` does; a site is the
-    /// instruction's first byte, prefixes included. Calls through the GOT (`-fno-plt`)
-    /// are not rel32 sites and are not listed. Files are scanned in parallel; output
-    /// follows the order of the files. A linked image without relocations is an error.
+    // (Its help is `ScanArgs`' doc comment.)
     #[command(after_help = EXIT_CODES)]
-    Scan {
-        /// Glob for call targets: `*` any run of characters, `?` one; matched against
-        /// raw and demangled names. `[`, `]`, `{`, `}`, `\` and an empty glob are
-        /// usage errors (no character classes, braces or escapes).
-        #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
-        calls_to: Vec<String>,
-        /// Glob for jmp/jcc (tail call) targets, as for --calls-to.
-        #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
-        jumps_to: Vec<String>,
-        /// One JSON object per line: file, section, offset (section offset of the first
-        /// byte), length, kind (call|jmp|jcc), symbol, and address for linked images.
-        #[arg(long)]
-        json: bool,
-        /// Refuse files larger than BYTES (a number, or with K, M, G or T; default 2G,
-        /// or $KSITES_MAX_SIZE).
-        #[arg(long, value_name = "BYTES", value_parser = ksites::output::parse_size)]
-        max_size: Option<u64>,
-        /// The files.
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-    },
+    Scan(ScanArgs),
+}
+
+/// List every `call rel32` to a symbol matching a --calls-to glob and every
+/// `jmp rel32`/`jcc rel32` to one matching a --jumps-to glob, in ET_REL objects or
+/// in ET_EXEC/ET_DYN images linked with --emit-relocs, or in the members of an `ar`
+/// archive (printed as `lib.a(member.o)`) (like recordmcount for `__fentry__` or
+/// objtool for retpoline thunks). Sites are found through relocations and decoded
+/// from the start of the enclosing function, or, for code no sized function covers,
+/// from the last symbol or the section start, as `objdump -d` does; a site is the
+/// instruction's first byte, prefixes included. Calls through the GOT (`-fno-plt`)
+/// are not rel32 sites and are not listed. Files are scanned in parallel; output
+/// follows the order of the files. A linked image without relocations is an error.
+#[derive(clap::Args, Debug)]
+struct ScanArgs {
+    /// Glob for call targets: `*` any run of characters, `?` one; matched against
+    /// raw and demangled names. `[`, `]`, `{`, `}`, `\` and an empty glob are
+    /// usage errors (no character classes, braces or escapes).
+    #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
+    calls_to: Vec<String>,
+    /// Glob for jmp/jcc (tail call) targets, as for --calls-to.
+    #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
+    jumps_to: Vec<String>,
+    /// One JSON object per line: file, section, offset (section offset of the first
+    /// byte), length, kind (call|jmp|jcc), symbol, and address for linked images.
+    #[arg(long)]
+    json: bool,
+    /// Refuse files larger than BYTES (a number, or with K, M, G or T; default 2G,
+    /// or $KSITES_MAX_SIZE).
+    #[arg(long, value_name = "BYTES", value_parser = ksites::output::parse_size)]
+    max_size: Option<u64>,
+    /// The files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+/// `ksites scan …` parsed by a command that has only the `scan` subcommand (the same
+/// definition as [`Command::Scan`]'s): a kernel build starts `ksites scan` once per
+/// object, and building every subcommand's arguments and help (most of clap's work)
+/// for one that is not run cost more than parsing. The subcommand's help, usage and
+/// errors are the same (they show nothing of the others); `ksites --help`, `ksites help
+/// scan` and every other command line go through [`Cli`].
+#[derive(Parser, Debug)]
+#[command(name = "ksites", version, after_help = EXIT_CODES)]
+struct ScanCli {
+    #[command(subcommand)]
+    command: ScanOnly,
+}
+
+#[derive(Subcommand, Debug)]
+enum ScanOnly {
+    // (Its help is `ScanArgs`' doc comment.)
+    #[command(after_help = EXIT_CODES)]
+    Scan(ScanArgs),
+}
+
+impl Cli {
+    /// The command line, parsed (exits on a usage error, `--help` or `--version`).
+    fn from_args() -> Cli {
+        if std::env::args_os().nth(1).is_some_and(|a| a == "scan") {
+            let ScanCli {
+                command: ScanOnly::Scan(args),
+            } = ScanCli::parse();
+            return Cli {
+                command: Command::Scan(args),
+            };
+        }
+        Cli::parse()
+    }
 }
 
 /// A `--load-address`: hex, page-aligned (the module loader gives each section group
@@ -341,13 +382,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 return Ok(4);
             }
         }
-        Command::Scan {
+        Command::Scan(ScanArgs {
             calls_to,
             jumps_to,
             json,
             max_size,
             files,
-        } => {
+        }) => {
             if let Some(n) = max_size {
                 ksites::output::set_max_size(n);
             }
@@ -389,7 +430,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 
 /// Parses the command line, runs it, reports an error; the exit status.
 fn run_cli() -> u8 {
-    match run(Cli::parse()) {
+    match run(Cli::from_args()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ksites: error: {e:#}");
@@ -419,6 +460,7 @@ fn run_cli() -> u8 {
 /// exits 101 with its message, as from std's `main`; stdout is flushed before returning.
 // SAFETY: the only `main` symbol in the binary (`#![no_main]`: std defines none), with the
 // signature the C runtime calls it with; it does not read `argv`.
+#[cfg(not(test))]
 #[unsafe(no_mangle)]
 extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     startup::init();
@@ -474,5 +516,28 @@ mod startup {
     pub(crate) fn finish(code: u8) -> c_int {
         let _ = std::io::stdout().flush();
         c_int::from(code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn both_command_lines_are_well_formed_and_scan_is_the_same_in_both() {
+        super::Cli::command().debug_assert();
+        super::ScanCli::command().debug_assert();
+        let mut full = super::Cli::command();
+        let mut only = super::ScanCli::command();
+        let full = full
+            .find_subcommand_mut("scan")
+            .expect("scan")
+            .render_long_help();
+        let only = only
+            .find_subcommand_mut("scan")
+            .expect("scan")
+            .render_long_help();
+        assert_eq!(full.to_string(), only.to_string());
+        assert!(full.to_string().contains("--calls-to <GLOB>"));
     }
 }
