@@ -1,10 +1,17 @@
 //! `ksites`: finds ifunc call sites and SDT probe sites in x86-64 and aarch64 ELF files,
 //! embeds the `.ksites` table the kernel-loader patches from, wraps the linker, scans for
 //! arbitrary call/jump sites, and verifies embedded images.
+//!
+//! The binary defines the C `main` itself (`#![no_main]`, see [`main`]): a kernel build
+//! starts it once per object (`ksites scan --calls-to __fentry__`, like `recordmcount`),
+//! and the standard library's start-up work is then a good part of the run.
 
-use std::ffi::OsString;
+// (Unit tests of this file run under the test harness's `main`, which calls none of it.)
+#![cfg_attr(not(test), no_main)]
+#![cfg_attr(test, allow(dead_code, unused_imports))]
+
+use std::ffi::{OsString, c_char, c_int};
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -138,38 +145,77 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List every `call rel32` to a symbol matching a --calls-to glob and every
-    /// `jmp rel32`/`jcc rel32` to one matching a --jumps-to glob, in ET_REL objects or
-    /// in ET_EXEC/ET_DYN images linked with --emit-relocs, or in the members of an `ar`
-    /// archive (printed as `lib.a(member.o)`) (like recordmcount for `__fentry__` or
-    /// objtool for retpoline thunks). Sites are found through relocations and decoded
-    /// from the start of the enclosing function, or, for code no sized function covers,
-    /// from the last symbol or the section start, as `objdump -d` does; a site is the
-    /// instruction's first byte, prefixes included. Calls through the GOT (`-fno-plt`)
-    /// are not rel32 sites and are not listed. Files are scanned in parallel; output
-    /// follows the order of the files. A linked image without relocations is an error.
+    // (Its help is `ScanArgs`' doc comment.)
     #[command(after_help = EXIT_CODES)]
-    Scan {
-        /// Glob for call targets: `*` any run of characters, `?` one; matched against
-        /// raw and demangled names. `[`, `]`, `{`, `}`, `\` and an empty glob are
-        /// usage errors (no character classes, braces or escapes).
-        #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
-        calls_to: Vec<String>,
-        /// Glob for jmp/jcc (tail call) targets, as for --calls-to.
-        #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
-        jumps_to: Vec<String>,
-        /// One JSON object per line: file, section, offset (section offset of the first
-        /// byte), length, kind (call|jmp|jcc), symbol, and address for linked images.
-        #[arg(long)]
-        json: bool,
-        /// Refuse files larger than BYTES (a number, or with K, M, G or T; default 2G,
-        /// or $KSITES_MAX_SIZE).
-        #[arg(long, value_name = "BYTES", value_parser = ksites::output::parse_size)]
-        max_size: Option<u64>,
-        /// The files.
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-    },
+    Scan(ScanArgs),
+}
+
+/// List every `call rel32` to a symbol matching a --calls-to glob and every
+/// `jmp rel32`/`jcc rel32` to one matching a --jumps-to glob, in ET_REL objects or
+/// in ET_EXEC/ET_DYN images linked with --emit-relocs, or in the members of an `ar`
+/// archive (printed as `lib.a(member.o)`) (like recordmcount for `__fentry__` or
+/// objtool for retpoline thunks). Sites are found through relocations and decoded
+/// from the start of the enclosing function, or, for code no sized function covers,
+/// from the last symbol or the section start, as `objdump -d` does; a site is the
+/// instruction's first byte, prefixes included. Calls through the GOT (`-fno-plt`)
+/// are not rel32 sites and are not listed. Files are scanned in parallel; output
+/// follows the order of the files. A linked image without relocations is an error.
+#[derive(clap::Args, Debug)]
+struct ScanArgs {
+    /// Glob for call targets: `*` any run of characters, `?` one; matched against
+    /// raw and demangled names. `[`, `]`, `{`, `}`, `\` and an empty glob are
+    /// usage errors (no character classes, braces or escapes).
+    #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
+    calls_to: Vec<String>,
+    /// Glob for jmp/jcc (tail call) targets, as for --calls-to.
+    #[arg(long, value_name = "GLOB", value_parser = ksites::scan::parse_glob)]
+    jumps_to: Vec<String>,
+    /// One JSON object per line: file, section, offset (section offset of the first
+    /// byte), length, kind (call|jmp|jcc), symbol, and address for linked images.
+    #[arg(long)]
+    json: bool,
+    /// Refuse files larger than BYTES (a number, or with K, M, G or T; default 2G,
+    /// or $KSITES_MAX_SIZE).
+    #[arg(long, value_name = "BYTES", value_parser = ksites::output::parse_size)]
+    max_size: Option<u64>,
+    /// The files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+/// `ksites scan …` parsed by a command that has only the `scan` subcommand (the same
+/// definition as [`Command::Scan`]'s): a kernel build starts `ksites scan` once per
+/// object, and building every subcommand's arguments and help (most of clap's work)
+/// for one that is not run cost more than parsing. The subcommand's help, usage and
+/// errors are the same (they show nothing of the others); `ksites --help`, `ksites help
+/// scan` and every other command line go through [`Cli`].
+#[derive(Parser, Debug)]
+#[command(name = "ksites", version, after_help = EXIT_CODES)]
+struct ScanCli {
+    #[command(subcommand)]
+    command: ScanOnly,
+}
+
+#[derive(Subcommand, Debug)]
+enum ScanOnly {
+    // (Its help is `ScanArgs`' doc comment.)
+    #[command(after_help = EXIT_CODES)]
+    Scan(ScanArgs),
+}
+
+impl Cli {
+    /// The command line, parsed (exits on a usage error, `--help` or `--version`).
+    fn from_args() -> Cli {
+        if std::env::args_os().nth(1).is_some_and(|a| a == "scan") {
+            let ScanCli {
+                command: ScanOnly::Scan(args),
+            } = ScanCli::parse();
+            return Cli {
+                command: Command::Scan(args),
+            };
+        }
+        Cli::parse()
+    }
 }
 
 /// A `--load-address`: hex, page-aligned (the module loader gives each section group
@@ -248,7 +294,10 @@ fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Pat
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// The exit status of a run that returns normally.
+const SUCCESS: u8 = 0;
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Embed {
             image,
@@ -297,7 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.problems.len(),
                     file.display()
                 );
-                return Ok(ExitCode::from(4));
+                return Ok(4);
             }
             println!(
                 "ksites: {}: ok ({} ifunc sites, {} probe sites)",
@@ -330,22 +379,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", ksites::check_module::to_text(&name, &r));
             }
             if !r.problems.is_empty() || r.load.is_none() {
-                return Ok(ExitCode::from(4));
+                return Ok(4);
             }
         }
-        Command::Scan {
+        Command::Scan(ScanArgs {
             calls_to,
             jumps_to,
             json,
             max_size,
             files,
-        } => {
+        }) => {
             if let Some(n) = max_size {
                 ksites::output::set_max_size(n);
             }
             if calls_to.is_empty() && jumps_to.is_empty() {
                 eprintln!("ksites: error: give at least one --calls-to or --jumps-to glob");
-                return Ok(ExitCode::from(2));
+                return Ok(2);
             }
             let opts = ScanOptions { calls_to, jumps_to };
             let mut failed = None;
@@ -376,11 +425,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(SUCCESS)
 }
 
-fn main() -> ExitCode {
-    match run(Cli::parse()) {
+/// Parses the command line, runs it, reports an error; the exit status.
+fn run_cli() -> u8 {
+    match run(Cli::from_args()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ksites: error: {e:#}");
@@ -388,10 +438,106 @@ fn main() -> ExitCode {
                 || e.chain()
                     .any(|c| c.downcast_ref::<AlreadyEmbedded>().is_some())
             {
-                ExitCode::from(3)
+                3
             } else {
-                ExitCode::FAILURE
+                1
             }
         }
+    }
+}
+
+/// The program's entry point, called by the C runtime in place of the standard library's.
+///
+/// Rust's own start-up (`std::rt`) would also find the main thread's stack guard, which
+/// glibc does by reading and parsing `/proc/self/maps` (a tenth of the instructions of a
+/// `scan --calls-to __fentry__` of a typical object), and map an alternate signal stack
+/// to report a stack overflow by name; both are skipped here (a stack overflow is then a
+/// plain SIGSEGV). What the rest of the program relies on is done as std does it:
+/// [`startup::init`] makes sure file descriptors 0-2 are open (so no file the tool
+/// opens becomes its stdout) and ignores SIGPIPE (a closed pipe is a write error, as
+/// before; child processes still start with the default). The command line is read
+/// through `std::env::args_os`, which glibc provides to std before `main` runs. A panic
+/// exits 101 with its message, as from std's `main`; stdout is flushed before returning.
+// SAFETY: the only `main` symbol in the binary (`#![no_main]`: std defines none), with the
+// signature the C runtime calls it with; it does not read `argv`.
+#[cfg(not(test))]
+#[unsafe(no_mangle)]
+extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
+    startup::init();
+    let code = std::panic::catch_unwind(run_cli).unwrap_or(101);
+    startup::finish(code)
+}
+
+/// What the standard library's start-up and shutdown did that the program relies on.
+mod startup {
+    use std::ffi::c_int;
+    use std::io::Write as _;
+
+    /// Opens `/dev/null` on any of file descriptors 0, 1 and 2 that is closed (else the
+    /// first file the tool opened would take its number and, for 1, receive what it
+    /// prints), and ignores SIGPIPE, as std's start-up does; aborts if that fails.
+    pub(crate) fn init() {
+        let mut fds = [0, 1, 2].map(|fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        });
+        // SAFETY: `fds` is a valid array of three `pollfd`s for the duration of the call;
+        // a zero timeout returns at once.
+        let polled = unsafe { libc::poll(fds.as_mut_ptr(), 3, 0) };
+        if polled == -1 {
+            // (std falls back to `fcntl(F_GETFD)` per descriptor where `poll` is not
+            // available; it is on every Linux this runs on.)
+            for fd in &mut fds {
+                // SAFETY: F_GETFD on any number only reports whether it is open.
+                if unsafe { libc::fcntl(fd.fd, libc::F_GETFD) } == -1 {
+                    fd.revents = libc::POLLNVAL;
+                }
+            }
+        }
+        for fd in fds {
+            if fd.revents & libc::POLLNVAL != 0 {
+                // SAFETY: a NUL-terminated path and plain flags; the descriptor returned
+                // is the lowest free one, i.e. `fd.fd` (the lower ones are open).
+                let got = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR, 0) };
+                if got != fd.fd {
+                    std::process::abort();
+                }
+            }
+        }
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+        if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) } == libc::SIG_ERR {
+            std::process::abort();
+        }
+    }
+
+    /// Flushes stdout, as std's shutdown does (a `print!` without a newline waits in its
+    /// buffer; like std, a failure here does not change the exit status `code`).
+    pub(crate) fn finish(code: u8) -> c_int {
+        let _ = std::io::stdout().flush();
+        c_int::from(code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn both_command_lines_are_well_formed_and_scan_is_the_same_in_both() {
+        super::Cli::command().debug_assert();
+        super::ScanCli::command().debug_assert();
+        let mut full = super::Cli::command();
+        let mut only = super::ScanCli::command();
+        let full = full
+            .find_subcommand_mut("scan")
+            .expect("scan")
+            .render_long_help();
+        let only = only
+            .find_subcommand_mut("scan")
+            .expect("scan")
+            .render_long_help();
+        assert_eq!(full.to_string(), only.to_string());
+        assert!(full.to_string().contains("--calls-to <GLOB>"));
     }
 }

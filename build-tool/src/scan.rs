@@ -6,6 +6,7 @@
 //! of the enclosing function, or, for code no sized function symbol covers, from the last
 //! symbol or section start before it, as `objdump -d` decodes it ([`crate::sites`]).
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -188,10 +189,26 @@ fn matches(globs: &[String], raw: &str) -> bool {
     if globs.is_empty() {
         return false;
     }
-    let dem = demangle(raw);
-    globs
-        .iter()
-        .any(|g| glob_match_str(g, raw) || glob_match_str(g, &dem))
+    if globs.iter().any(|g| glob_match_str(g, raw)) {
+        return true;
+    }
+    let dem = demangled(raw);
+    *dem != *raw && globs.iter().any(|g| glob_match_str(g, &dem))
+}
+
+/// [`demangle`]`(raw)`, without running the demangler on a name it leaves as it is (a C
+/// object's every name): `rustc_demangle` changes only a name that starts like a
+/// Rust symbol (`_ZN`, `ZN`, `__ZN`; `_R`, `R`, `__R`) or ends in `.llvm.HASH`.
+fn demangled(raw: &str) -> Cow<'_, str> {
+    let s = raw
+        .strip_prefix("__")
+        .or_else(|| raw.strip_prefix('_'))
+        .unwrap_or(raw);
+    if s.starts_with("ZN") || s.starts_with('R') || raw.as_bytes().contains(&b'.') {
+        Cow::Owned(demangle(raw))
+    } else {
+        Cow::Borrowed(raw)
+    }
 }
 
 /// Parses a `--calls-to`/`--jumps-to` pattern: `*` matches any run of characters and
@@ -223,11 +240,27 @@ const NO_MATCH: u32 = u32::MAX - 1;
 struct Targets<'o> {
     opts: &'o ScanOptions,
     /// The names, and each name's index (distinct symbols can share a name).
-    names: Mutex<(Vec<String>, std::collections::HashMap<String, u32>)>,
+    names: Mutex<Names>,
     /// By symbol table index.
     by_symbol: Vec<AtomicU32>,
     /// Section symbols' targets, by the index ([`Image::sym`]) of the symbol defined there.
     by_defined: Vec<AtomicU32>,
+}
+
+/// The matching target names ([`FileScan::names`]), whether each matches a `--calls-to`
+/// and a `--jumps-to` glob, and each name's index.
+#[derive(Default)]
+struct Names {
+    names: Vec<String>,
+    wants: Vec<Wants>,
+    index: std::collections::HashMap<String, u32>,
+}
+
+/// Whether a name matches a `--calls-to` glob, and a `--jumps-to` one.
+#[derive(Clone, Copy)]
+struct Wants {
+    call: bool,
+    jump: bool,
 }
 
 impl Targets<'_> {
@@ -243,15 +276,25 @@ impl Targets<'_> {
         let mut t = slot.load(Ordering::Relaxed);
         if t == UNKNOWN {
             let mut guard = self.names.lock().expect("no poisoning");
-            let (names, index) = &mut *guard;
+            let Names {
+                names,
+                wants,
+                index,
+            } = &mut *guard;
             t = slot.load(Ordering::Relaxed);
             if t == UNKNOWN {
-                t = match name() {
-                    Some(n)
-                        if matches(&self.opts.calls_to, n) || matches(&self.opts.jumps_to, n) =>
-                    {
+                let w = name().map(|n| {
+                    let w = Wants {
+                        call: matches(&self.opts.calls_to, n),
+                        jump: matches(&self.opts.jumps_to, n),
+                    };
+                    (n, w)
+                });
+                t = match w {
+                    Some((n, w)) if w.call || w.jump => {
                         *index.entry(n.to_string()).or_insert_with(|| {
                             names.push(n.to_string());
+                            wants.push(w);
                             // One per symbol: fewer than the symbol table's u32 indices.
                             (names.len() - 1) as u32
                         })
@@ -277,7 +320,7 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<FileSca
     let unknown = |n: usize| (0..n).map(|_| AtomicU32::new(UNKNOWN)).collect();
     let targets = Targets {
         opts,
-        names: Mutex::new((Vec::new(), std::collections::HashMap::new())),
+        names: Mutex::new(Names::default()),
         by_symbol: unknown(img.symbol_count()),
         by_defined: unknown(img.defined_count()),
     };
@@ -299,14 +342,10 @@ pub fn scan_bytes(path: &str, data: &[u8], opts: &ScanOptions) -> Result<FileSca
         })
     };
     let mut scan = find_sites_with(&img, &select)?;
-    let (names, _) = targets.names.into_inner().expect("no poisoning");
-    let wants: Vec<(bool, bool)> = names
-        .iter()
-        .map(|n| (matches(&opts.calls_to, n), matches(&opts.jumps_to, n)))
-        .collect();
+    let Names { names, wants, .. } = targets.names.into_inner().expect("no poisoning");
     scan.sites.retain(|s| match s.kind {
-        SiteKind::Call => wants[s.target as usize].0,
-        SiteKind::Jmp | SiteKind::Jcc => wants[s.target as usize].1,
+        SiteKind::Call => wants[s.target as usize].call,
+        SiteKind::Jmp | SiteKind::Jcc => wants[s.target as usize].jump,
     });
     // Output order: by section name (names need not be unique: equal names rank
     // equal), then offset; a stable sort, so it is skipped when already in order.
@@ -389,7 +428,46 @@ pub fn scan_files(files: &[PathBuf], opts: &ScanOptions) -> Vec<Result<FileScan>
 
 #[cfg(test)]
 mod tests {
-    use super::{push_decimal, push_hex};
+    use super::{demangle, demangled, push_decimal, push_hex};
+
+    #[test]
+    fn names_are_demangled_as_demangle_does() {
+        for n in [
+            "__fentry__",
+            "memcpy",
+            "_",
+            "",
+            "R",
+            "_R",
+            "__R",
+            "Rust",
+            "_Z3foov",
+            "ZN",
+            "_ZN3foo3barE",
+            "_ZN3foo3bar17h0123456789abcdefE",
+            "__ZN3foo3bar17h0123456789abcdefE",
+            "ZN3foo3bar17h0123456789abcdefE",
+            "_ZN3foo3bar17h0123456789abcdefE.llvm.1234ABCD",
+            "_RNvCs1234_7mycrate3foo",
+            "RNvCs1234_7mycrate3foo",
+            "__RNvCs1234_7mycrate3foo",
+            "helper.llvm.1234ABCD",
+            "helper.llvm.xyz",
+            "helper.cold",
+            "helper.part.0",
+            "___ZN3foo3barE",
+        ] {
+            assert_eq!(demangled(n), demangle(n), "{n:?}");
+        }
+        // A C name is not copied.
+        assert!(matches!(
+            demangled("__fentry__"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        // The cases the shortcut must not take.
+        assert_eq!(demangled("helper.llvm.1234ABCD"), "helper");
+        assert_eq!(demangled("_ZN3foo3barE"), "foo::bar");
+    }
 
     #[test]
     fn numbers_print_as_format_does() {
