@@ -632,7 +632,7 @@ n1e:
         ));
         cases.push(("02-truncated", good[..40].to_vec()));
         let mut m = good.clone();
-        m[18] = 243; // e_machine = EM_RISCV (no target yet)
+        m[18] = 21; // e_machine = EM_PPC64 (no target)
         cases.push(("03-wrong-machine", m));
         cases.push((
             "04-no-emit-relocs",
