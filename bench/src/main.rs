@@ -318,40 +318,58 @@ fn main() {
     }
     c.final_summary();
 
-    // Paired, interleaved re-measurement of the pairs whose ratio is close to 1.
-    let rounds = match (&o.filter, o.quick) {
-        (Some(_), _) => 0,
-        (None, true) => 101,
-        (None, false) => 401,
-    };
-    let pairs: [Pair; 6] = [
-        ("patched / direct", calls::patched, calls::direct),
-        ("patched / slot", calls::patched, calls::via_slot),
+    // Paired, interleaved re-measurement of the pairs whose ratio is close to 1, and of
+    // the enabled probe (whose criterion figure drifts with the machine's load). With
+    // `--filter`, the pairs whose group (`paired/<group>`) it matches.
+    let rounds = if o.quick { 101 } else { 401 };
+    let pairs: [(&str, Pair); 7] = [
+        ("ifunc", ("patched / direct", calls::patched, calls::direct)),
+        ("ifunc", ("patched / slot", calls::patched, calls::via_slot)),
         (
-            "patched / multiversion",
-            calls::patched,
-            calls::multiversion,
+            "ifunc",
+            (
+                "patched / multiversion",
+                calls::patched,
+                calls::multiversion,
+            ),
         ),
         (
-            "disabled probe! / no probe",
-            probes::ksites_off,
-            probes::none,
+            "probe_off",
+            (
+                "disabled probe! / no probe",
+                probes::ksites_off,
+                probes::none,
+            ),
         ),
         (
-            "disabled probe! / AtomicBool",
-            probes::ksites_off,
-            probes::atomic_bool,
+            "probe_off",
+            (
+                "disabled probe! / AtomicBool",
+                probes::ksites_off,
+                probes::atomic_bool,
+            ),
         ),
         (
-            "disabled probe! / probe crate",
-            probes::ksites_off,
-            probes::sdt_crate,
+            "probe_off",
+            (
+                "disabled probe! / probe crate",
+                probes::ksites_off,
+                probes::sdt_crate,
+            ),
+        ),
+        (
+            "probe_on",
+            (
+                "enabled probe! / direct handler call",
+                probes::ksites_on,
+                probes::direct_handler,
+            ),
         ),
     ];
     let paired: Vec<(&str, Vec<f64>)> = pairs
         .iter()
-        .filter(|_| rounds > 0)
-        .map(|&(name, a, b)| (name, paired(a, b, rounds, 2_000)))
+        .filter(|(group, _)| o.wants(&format!("paired/{group}")))
+        .map(|&(_, (name, a, b))| (name, paired(a, b, rounds, 2_000)))
         .collect();
 
     let mut text = report::render(&crit_dir, tool_ran, module_ran, &paired);
