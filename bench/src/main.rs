@@ -135,13 +135,16 @@ fn micro(g: &mut BenchmarkGroup<'_, WallTime>, variants: &[Variant], expect: Opt
 }
 
 /// One A/B pair measured in interleaved rounds (ABBA order): the per-round ratios.
+///
+/// Each side is timed in this thread's CPU time, so a round in which the thread was
+/// descheduled (other tenants, other builds) is not charged for the time it waited.
 fn paired(a: fn(u64) -> u64, b: fn(u64) -> u64, rounds: usize, inner: u64) -> Vec<f64> {
     let time = |f: fn(u64) -> u64| {
-        let t = Instant::now();
+        let t = probes::thread_cpu_time();
         for i in 0..inner {
             black_box(f(black_box(i)));
         }
-        t.elapsed().as_secs_f64()
+        (probes::thread_cpu_time() - t).as_secs_f64()
     };
     for _ in 0..3 {
         time(a);

@@ -170,7 +170,7 @@ fn tls_offset() -> isize {
 pub const SCALING_THREADS: &[usize] = &[1, 2, 4];
 
 /// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`).
-fn thread_cpu_time() -> Duration {
+pub fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
