@@ -135,13 +135,16 @@ fn micro(g: &mut BenchmarkGroup<'_, WallTime>, variants: &[Variant], expect: Opt
 }
 
 /// One A/B pair measured in interleaved rounds (ABBA order): the per-round ratios.
+///
+/// Each side is timed in this thread's CPU time, so a round in which the thread was
+/// descheduled (other tenants, other builds) is not charged for the time it waited.
 fn paired(a: fn(u64) -> u64, b: fn(u64) -> u64, rounds: usize, inner: u64) -> Vec<f64> {
     let time = |f: fn(u64) -> u64| {
-        let t = Instant::now();
+        let t = probes::thread_cpu_time();
         for i in 0..inner {
             black_box(f(black_box(i)));
         }
-        t.elapsed().as_secs_f64()
+        (probes::thread_cpu_time() - t).as_secs_f64()
     };
     for _ in 0..3 {
         time(a);
@@ -318,40 +321,58 @@ fn main() {
     }
     c.final_summary();
 
-    // Paired, interleaved re-measurement of the pairs whose ratio is close to 1.
-    let rounds = match (&o.filter, o.quick) {
-        (Some(_), _) => 0,
-        (None, true) => 101,
-        (None, false) => 401,
-    };
-    let pairs: [Pair; 6] = [
-        ("patched / direct", calls::patched, calls::direct),
-        ("patched / slot", calls::patched, calls::via_slot),
+    // Paired, interleaved re-measurement of the pairs whose ratio is close to 1, and of
+    // the enabled probe (whose criterion figure drifts with the machine's load). With
+    // `--filter`, the pairs whose group (`paired/<group>`) it matches.
+    let rounds = if o.quick { 101 } else { 401 };
+    let pairs: [(&str, Pair); 7] = [
+        ("ifunc", ("patched / direct", calls::patched, calls::direct)),
+        ("ifunc", ("patched / slot", calls::patched, calls::via_slot)),
         (
-            "patched / multiversion",
-            calls::patched,
-            calls::multiversion,
+            "ifunc",
+            (
+                "patched / multiversion",
+                calls::patched,
+                calls::multiversion,
+            ),
         ),
         (
-            "disabled probe! / no probe",
-            probes::ksites_off,
-            probes::none,
+            "probe_off",
+            (
+                "disabled probe! / no probe",
+                probes::ksites_off,
+                probes::none,
+            ),
         ),
         (
-            "disabled probe! / AtomicBool",
-            probes::ksites_off,
-            probes::atomic_bool,
+            "probe_off",
+            (
+                "disabled probe! / AtomicBool",
+                probes::ksites_off,
+                probes::atomic_bool,
+            ),
         ),
         (
-            "disabled probe! / probe crate",
-            probes::ksites_off,
-            probes::sdt_crate,
+            "probe_off",
+            (
+                "disabled probe! / probe crate",
+                probes::ksites_off,
+                probes::sdt_crate,
+            ),
+        ),
+        (
+            "probe_on",
+            (
+                "enabled probe! / direct handler call",
+                probes::ksites_on,
+                probes::direct_handler,
+            ),
         ),
     ];
     let paired: Vec<(&str, Vec<f64>)> = pairs
         .iter()
-        .filter(|_| rounds > 0)
-        .map(|&(name, a, b)| (name, paired(a, b, rounds, 2_000)))
+        .filter(|(group, _)| o.wants(&format!("paired/{group}")))
+        .map(|&(_, (name, a, b))| (name, paired(a, b, rounds, 2_000)))
         .collect();
 
     let mut text = report::render(&crit_dir, tool_ran, module_ran, &paired);

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use criterion::Criterion;
-use kernel_loader::probe::ProbeId;
+use kernel_loader::probe::{self as kprobe, ProbeId};
 
 /// Loop iterations per benchmark iteration.
 pub const ITERS: u64 = 100;
@@ -132,21 +132,45 @@ fn claim_cpu(i: usize) {
     CPU.with(|c| c.set(i));
 }
 
-/// Installs [`cpu_index`] as the dispatchers' hook, the main thread as CPU 0.
+/// Gives the dispatchers this thread's index the way a kernel gives its CPU's: as a word
+/// at a fixed offset from the per-thread base register (`fs`, where [`CPU`] lives; a
+/// kernel's would be `gs`), read with one load; the main thread is CPU 0. Falls back to
+/// the [`cpu_index`] hook (a call per fire) if `CPU` is not at the same offset from
+/// `fs` on another thread (it is in this non-PIE executable: local-exec TLS).
 pub fn use_cpu_index() {
     claim_cpu(0);
-    // SAFETY: every thread that fires probes has its own index (the main thread 0, the
-    // scaling threads 1..=4 while they run, one group at a time) or none (usize::MAX:
-    // the shared counters), and a thread's index does not change while it fires. The
-    // host poker's `sync_cores` is `membarrier`, a barrier on every thread.
-    unsafe { kernel_loader::probe::set_cpu_index(cpu_index) };
+    let here = tls_offset();
+    let there = std::thread::spawn(tls_offset).join().expect("tls_offset");
+    match Some(here).filter(|&o| o == there) {
+        // SAFETY: every thread that fires probes has its own index (the main thread 0,
+        // the scaling threads 1..=4 while they run, one group at a time) or none
+        // (usize::MAX, whose low half is past MAX_CPUS: the shared counters), kept in
+        // `CPU` at the same offset from `fs` on every thread (checked above on two), and
+        // a thread's index does not change while it fires. The host poker's
+        // `sync_cores` is `membarrier`, a barrier on every thread.
+        Some(o) => unsafe { kprobe::set_cpu_index_word(o) },
+        // SAFETY: as above, through the hook.
+        None => unsafe { kprobe::set_cpu_index(cpu_index) },
+    }
+}
+
+/// `CPU`'s offset from this thread's `fs` base.
+fn tls_offset() -> isize {
+    let fs: usize;
+    // SAFETY: on x86-64 Linux, `fs:0` holds the thread control block's own address
+    // (the TLS ABI); the load writes nothing.
+    unsafe {
+        std::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) fs, options(nostack, readonly, preserves_flags))
+    };
+    let cell = CPU.with(|c| c.as_ptr() as usize);
+    cell.wrapping_sub(fs) as isize
 }
 
 /// Thread counts of the scaling benchmark.
 pub const SCALING_THREADS: &[usize] = &[1, 2, 4];
 
 /// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`).
-fn thread_cpu_time() -> Duration {
+pub fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -347,8 +347,13 @@ pub fn render(dir: &Path, tool_ran: bool, module_ran: bool, paired: &[(&str, Vec
             1.02,
         ),
         (
-            "enabled probe! / direct handler call ≤ 2".into(),
+            "enabled probe! / direct handler call ≤ 2 (criterion)".into(),
             ratio(dir, "probe_on", "ksites_on", "direct_handler"),
+            2.0,
+        ),
+        (
+            "enabled probe! / direct handler call ≤ 2 (paired)".into(),
+            p("enabled probe! / direct handler call"),
             2.0,
         ),
         (

@@ -21,6 +21,21 @@
 //!   riscv64: one store per site and one round per batch), `ROUNDS`, `round`, `is_residue`, the trap
 //!   frame and its emulation. The generic batch (`crate::probe`) runs whichever the
 //!   native module defines.
+//! * The enabled `probe!` fire path (`probe`): `CPU_BASE` and `read_cpu_word(offset) ->
+//!   u32`, the `u32` at `offset` from the per-CPU base register, read with no call and
+//!   no branch (x86-64: `gs` freestanding, `fs` hosted; aarch64: `TPIDR_EL1`,
+//!   `TPIDR_EL0`; a riscv64 port: `tp`, which a kernel points at its per-CPU or task
+//!   data and a host thread at its TLS), which `probe::set_cpu_index_word` uses. The
+//!   rest of the shape is generic and the same on every architecture: the enabled site
+//!   is a branch to its out-of-line block (the `asm goto` label of `probe!`), which
+//!   stores the six arguments in an array on its stack and calls `extern "C" fn
+//!   ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6])`, then branches back after
+//!   the site. The dispatcher's fast path is one straight line (the slot from the index
+//!   word, the section word counted in, the probe's global id from the record's cache,
+//!   `enabled` and the handler from the probe's state, the hit on the CPU's own
+//!   counter, the handler's call, the section word put back); the architecture supplies
+//!   only `read_cpu_word` and `local::{inc, fetch_inc}` (a CPU-local add that an
+//!   interrupt cannot split).
 //! * `CpuFeatures`: a `bitflags` set over `u64` of what the CPU (and the OS's state
 //!   setup) allows, with `from_bits_retain` and `detect()`. Resolvers receive it, and the
 //!   C resolver ABI passes its bits as the first (`u64`) argument, which fits an

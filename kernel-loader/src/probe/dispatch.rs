@@ -9,12 +9,18 @@
 //! registry (image slots, probe state) and closes it after the handler returned: that
 //! is what `disable`, a live handler change and module unload wait for, and on the fire
 //! path it writes only this CPU's slot.
+//!
+//! `ksites_probe_fire` finds the probe without a registry lookup: a `ProbeRecord` caches
+//! its global id (tagged with the registry's id epoch, which moves on when a module's
+//! ids are freed), written by the first fire that looks it up.
 
 use core::sync::atomic::Ordering;
 
 use super::percpu::{self, Section};
 use super::records::ProbeRecord;
-use super::state::{IN_INT3, INT3_DRAIN_WAITS, INT3_EMULATIONS, STATES, with_image_at};
+use super::state::{
+    ID_EPOCH, IN_INT3, INT3_DRAIN_WAITS, INT3_EMULATIONS, STATES, with_image_at,
+};
 use super::{Handler, ProbeId};
 use crate::arch::native::probe::{
     self as arch, Int3Frame, Stubs, ksites_probe_ret0, ksites_probe_ret1,
@@ -51,17 +57,54 @@ fn fire_in(sec: &Section, id: u32, args: &[u64; 6]) {
 }
 
 /// Entry point of an enabled `probe!` site's out-of-line block (stable symbol, so
-/// modules can link against it by name).
+/// modules can link against it by name): `rec` is the site's [`ProbeRecord`], `args`
+/// the six arguments.
+///
+/// The fast path is one straight line with no call but the handler's: the CPU's slot
+/// from the index word (`set_cpu_index_word`), its section word counted in, the probe's
+/// global id from the record's cache, the probe's state, the hit on the CPU's own
+/// counter, the handler, the section word put back. Anything else (a CPU index from a
+/// hook, no slot, a record not cached yet) leaves that line for a function out of line.
 #[unsafe(no_mangle)]
 pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
-    // The record's id is its index in its own image's table; the image is the one
-    // whose memory holds the record.
-    let Some(local) = rec.id() else { return };
+    let Some(cpu) = percpu::this_cpu_by_word() else {
+        return fire_record(rec, args);
+    };
+    let sec = percpu::enter_on(cpu);
+    // Read inside the section: `state::free` moves the epoch on only after waiting for
+    // the sections that may have cached an id of the image it frees.
+    let epoch = ID_EPOCH.load(Ordering::Relaxed);
+    match rec.cached_global(epoch) {
+        Some(id) => fire_in(&sec, id, args),
+        None => fire_uncached(sec, rec, args, epoch),
+    }
+}
+
+/// [`ksites_probe_fire`] in a section of any kind, out of line (`#[cold]`, so the word's
+/// path is the straight line: a CPU index from the hook costs a call anyway).
+#[cold]
+#[inline(never)]
+fn fire_record(rec: &ProbeRecord, args: &[u64; 6]) {
     let sec = percpu::enter();
+    let epoch = ID_EPOCH.load(Ordering::Relaxed);
+    match rec.cached_global(epoch) {
+        Some(id) => fire_in(&sec, id, args),
+        None => fire_uncached(sec, rec, args, epoch),
+    }
+}
+
+/// Fires `rec`'s probe, whose global id is not cached for `epoch`: finds it through the
+/// image holding the record (the record's `id` is its index in that image's table),
+/// caches it, fires. (Once per record and id epoch.)
+#[cold]
+#[inline(never)]
+fn fire_uncached(sec: Section, rec: &ProbeRecord, args: &[u64; 6], epoch: u32) {
+    let Some(local) = rec.id() else { return };
     let id = with_image_at(&sec, rec as *const ProbeRecord as u64, |d| {
         (local.0 < d.table.probe_count()).then_some(d.base + local.0)
     });
     if let Some(Some(id)) = id {
+        rec.cache_global(id, epoch);
         fire_in(&sec, id, args);
     }
 }

@@ -25,7 +25,11 @@
 //! a running handler (the bug Linux shipped twice).
 //!
 //! Firing an enabled probe writes only the firing CPU's own data (its read-side section
-//! depth and hit counters, `percpu`, given a CPU index from [`set_cpu_index`]); a
+//! depth and hit counters, `percpu`, given a CPU index: a word at a fixed offset from
+//! the per-CPU base register, [`set_cpu_index_word`], read with one load, or a hook,
+//! [`set_cpu_index`]), except that the first fire of a `probe!` site's record caches
+//! the probe's global id in the record (then it is only read, and dispatch needs no
+//! image lookup); a
 //! disable, a live handler change and a module unload publish the change, serialize
 //! every CPU through the poker and wait for the sections still open (RCU-like). A
 //! handler must therefore not wait for the registry lock (a drain holds it while it
@@ -74,7 +78,8 @@ pub use dispatch::{
 };
 pub use glob::{glob_match, glob_match_str};
 pub use inspect::{ProbeSiteImage, ProbeSiteInfo, ProbeSiteState, ProbeSites, probe_sites, probes};
-pub use percpu::{CpuIndex, MAX_CPUS, set_cpu_index};
+pub use crate::arch::native::probe::CPU_BASE;
+pub use percpu::{CpuIndex, MAX_CPUS, set_cpu_index, set_cpu_index_word};
 pub use records::{
     DECL_MAGIC, DECL_SECTION, DECL_SIZE, PROBE_RECORD_MAGIC, ProbeRecord, RECORD_NARGS_NONE,
     SITE_RECORD_MAGIC, SITE_RECORD_SECTION, SITE_RECORD_SIZE, UNASSIGNED, decl, record,

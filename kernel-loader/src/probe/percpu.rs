@@ -4,7 +4,8 @@
 //!
 //! # The fire path
 //!
-//! With a CPU index installed ([`set_cpu_index`]), a dispatcher runs inside a
+//! With a CPU index installed ([`set_cpu_index_word`]: one load from the per-CPU base
+//! register; or [`set_cpu_index`]: a hook, a call per fire), a dispatcher runs inside a
 //! [`Section`] on its CPU's slot, whose one word holds the CPU's section depth (low 32
 //! bits) and its count of outermost exits (high 32 bits). Entering adds 1 to the word
 //! and keeps the old value `w`, in one instruction without `lock`
@@ -60,10 +61,13 @@
 //! the registry lock (`info`, `lookup`, `enable`, …) while another CPU may be draining:
 //! the drain holds the lock.
 
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering, compiler_fence};
+use core::sync::atomic::{
+    AtomicIsize, AtomicU64, AtomicUsize, Ordering, compiler_fence,
+};
 
 use super::MAX_PROBES;
 use crate::arch::native::local;
+use crate::arch::native::probe as arch;
 
 /// Most CPU indices that get a slot of their own; a CPU whose index is at least this
 /// fires through the shared (atomic) counters.
@@ -136,19 +140,56 @@ static SHARED_HITS: [AtomicU64; MAX_PROBES] = [const { AtomicU64::new(0) }; MAX_
 /// `sync_cores`, so a value that is stale by the time it is used is harmless.
 pub unsafe fn set_cpu_index(index: CpuIndex) {
     HOOK.store(index as usize, Ordering::Release);
+    WORD_OFFSET.store(NO_WORD, Ordering::Relaxed);
 }
 
-/// The installed hook's index for this CPU, if it has a slot.
+/// Installs the kernel's CPU index as a word each CPU keeps at `offset` from its
+/// per-CPU base register (`arch::native::probe::CPU_BASE`: on x86-64 `gs` in a
+/// freestanding build, `fs` in a hosted one; on aarch64 `TPIDR_EL1`, `TPIDR_EL0`): the
+/// dispatchers then read it with one load instead of calling a [`CpuIndex`] hook (a
+/// call and a return per fire, two of the fire's taken branches). The word is a `u32`
+/// (the low half of a little-endian `u64` index will do). Replaces an earlier
+/// [`set_cpu_index`] hook; a later `set_cpu_index` replaces it.
+///
+/// # Safety
+///
+/// As for [`set_cpu_index`], with "the `u32` at `CPU_BASE + offset`" for "`index()`":
+/// on every CPU that fires probes, in every context it fires in (and on the CPUs of
+/// writers, which read it to skip their own slot), the base register holds that CPU's
+/// own pointer, readable at that privilege level, and the `u32` there is its index.
+/// `offset` is not `isize::MIN` (which stands for "no word").
+pub unsafe fn set_cpu_index_word(offset: isize) {
+    // (`NO_WORD` is no offset a kernel or thread can use: the whole address space away.)
+    WORD_OFFSET.store(offset, Ordering::Relaxed);
+}
+
+/// [`set_cpu_index_word`]'s offset, or [`NO_WORD`] when it is not in force (then the
+/// hook, if any). One word, so one load on the fire path.
+static WORD_OFFSET: AtomicIsize = AtomicIsize::new(NO_WORD);
+const NO_WORD: isize = isize::MIN;
+
+/// This CPU's slot, if it has one: from the index word, else from the hook.
 #[inline(always)]
-fn this_cpu() -> Option<&'static Cpu> {
-    let f = HOOK.load(Ordering::Acquire);
-    if f == 0 {
-        return None;
-    }
-    // SAFETY: `HOOK` only ever holds 0 or a `CpuIndex` stored by `set_cpu_index` (a fn
-    // pointer as `usize`, same size).
-    let index = unsafe { core::mem::transmute::<usize, CpuIndex>(f) };
-    CPUS.get(index())
+pub(super) fn this_cpu() -> Option<&'static Cpu> {
+    // Relaxed: the offset is the whole message.
+    let offset = WORD_OFFSET.load(Ordering::Relaxed);
+    let index = if offset != NO_WORD {
+        // SAFETY: `set_cpu_index_word`'s caller promised every CPU that fires probes a
+        // readable index word there.
+        unsafe { arch::read_cpu_word(offset) as usize }
+    } else {
+        // Relaxed: a code address, which carries no data. (A section remembers the
+        // slot it counted itself in, whichever source it read.)
+        let f = HOOK.load(Ordering::Relaxed);
+        if f == 0 {
+            return None;
+        }
+        // SAFETY: `HOOK` only ever holds 0 or a `CpuIndex` stored by `set_cpu_index` (a
+        // fn pointer as `usize`, same size).
+        let index = unsafe { core::mem::transmute::<usize, CpuIndex>(f) };
+        index()
+    };
+    CPUS.get(index)
 }
 
 /// One outermost exit, in a slot's word.
@@ -165,17 +206,38 @@ pub(super) enum Section {
     Shared(usize),
 }
 
+/// This CPU's slot from the index word ([`set_cpu_index_word`]); `None` without one
+/// (the hook, if any, is [`this_cpu`]'s) or past [`MAX_CPUS`].
+#[inline(always)]
+pub(super) fn this_cpu_by_word() -> Option<&'static Cpu> {
+    // Relaxed: the offset is the whole message.
+    let offset = WORD_OFFSET.load(Ordering::Relaxed);
+    if offset == NO_WORD {
+        return None;
+    }
+    // SAFETY: `set_cpu_index_word`'s caller promised every CPU that fires probes a
+    // readable index word there.
+    let index = unsafe { arch::read_cpu_word(offset) as usize };
+    CPUS.get(index)
+}
+
 /// Enters a read-side section on this CPU.
 #[inline(always)]
 pub(super) fn enter() -> Section {
-    if let Some(cpu) = this_cpu() {
-        let w = local::fetch_inc(&cpu.word);
-        // The registry is read after the increment (in program order; the writer's
-        // `sync_cores` orders it on the hardware).
-        compiler_fence(Ordering::SeqCst);
-        return Section::Cpu(cpu, w);
+    match this_cpu() {
+        Some(cpu) => enter_on(cpu),
+        None => enter_shared(),
     }
-    enter_shared()
+}
+
+/// Enters a read-side section on `cpu`, the running CPU's slot ([`this_cpu`]).
+#[inline(always)]
+pub(super) fn enter_on(cpu: &'static Cpu) -> Section {
+    let w = local::fetch_inc(&cpu.word);
+    // The registry is read after the increment (in program order; the writer's
+    // `sync_cores` orders it on the hardware).
+    compiler_fence(Ordering::SeqCst);
+    Section::Cpu(cpu, w)
 }
 
 /// [`enter`] without a CPU slot (out of line: the per-CPU path is the hot one).
@@ -299,7 +361,8 @@ mod tests {
     //! Per-CPU sections on host threads (each thread that claims an index is a CPU),
     //! with the host poker, whose `sync_cores` is `membarrier`, a barrier on every thread.
 
-    use super::super::dispatch::fire;
+    use super::super::dispatch::{fire, ksites_probe_fire};
+    use super::super::records::ProbeRecord;
     use super::super::state::with_image_at;
     use super::super::{
         ImageHandle, ProbeId, disable, enable, info, register_module, unregister_module,
@@ -322,16 +385,130 @@ mod tests {
         INDEX.with(Cell::get)
     }
 
-    /// Installs the test hook and gives this thread a CPU index of its own.
+    /// Held while a test changes where the index comes from and checks it.
+    static SOURCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// `INDEX`'s offset from this thread's `fs` base (the same on every thread: the test
+    /// binary's own TLS block, at a fixed place from the thread pointer).
+    fn index_offset() -> isize {
+        let fs: usize;
+        // SAFETY: on x86-64 Linux, `fs:0` holds the thread control block's own address
+        // (the TLS ABI); the load writes nothing.
+        unsafe {
+            core::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) fs, options(nostack, readonly, preserves_flags))
+        };
+        INDEX.with(|c| c.as_ptr() as usize).wrapping_sub(fs) as isize
+    }
+
+    /// Installs the index word (`INDEX`, through `fs`) and gives this thread a CPU index
+    /// of its own.
     fn become_cpu() -> usize {
-        // SAFETY: every thread's index is its own (claimed once, never shared); threads
-        // without one get `usize::MAX` (the shared counters). The tests' poker is
-        // `membarrier`.
-        unsafe { set_cpu_index(test_index) };
+        {
+            let _source = SOURCE.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: every thread's index is its own (claimed once, never shared), in
+            // `INDEX` at the same offset from `fs` on every thread; threads without one
+            // read `usize::MAX`'s low half (past MAX_CPUS: the shared counters). The
+            // tests' poker is `membarrier`.
+            unsafe { set_cpu_index_word(index_offset()) };
+        }
         let i = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
         assert!(i < MAX_CPUS, "test threads ran out of CPU indices");
         INDEX.with(|c| c.set(i));
         i
+    }
+
+    #[test]
+    fn the_cpu_index_comes_from_the_word_or_the_hook() {
+        std::thread::spawn(|| {
+            let i = become_cpu();
+            let there = std::thread::spawn(index_offset).join().unwrap();
+            assert_eq!(index_offset(), there, "INDEX moved between threads");
+            let _source = SOURCE.lock().unwrap_or_else(|e| e.into_inner());
+            assert!(core::ptr::eq(this_cpu_by_word().unwrap(), &CPUS[i]));
+            assert!(core::ptr::eq(this_cpu().unwrap(), &CPUS[i]));
+            // SAFETY: as in `become_cpu`, through the hook (same `INDEX`).
+            unsafe { set_cpu_index(test_index) };
+            assert!(this_cpu_by_word().is_none(), "the hook replaces the word");
+            assert!(core::ptr::eq(this_cpu().unwrap(), &CPUS[i]));
+            // A thread without an index has no slot either way.
+            assert!(std::thread::spawn(|| this_cpu().is_none()).join().unwrap());
+            // SAFETY: as in `become_cpu`.
+            unsafe { set_cpu_index_word(index_offset()) };
+            assert!(core::ptr::eq(this_cpu_by_word().unwrap(), &CPUS[i]));
+            assert!(std::thread::spawn(|| this_cpu().is_none()).join().unwrap());
+        })
+        .join()
+        .unwrap();
+    }
+
+    static REC: ProbeRecord = ProbeRecord::new("pcpu", "rec", 0);
+    static SEEN: AtomicU64 = AtomicU64::new(u64::MAX);
+
+    fn seen(id: ProbeId, _: &[u64; 6]) {
+        SEEN.store(u64::from(id.0), Ordering::SeqCst);
+    }
+
+    /// Fires `REC` (a record whose table index is 0) and returns the id its handler saw.
+    fn fire_rec() -> u64 {
+        SEEN.store(u64::MAX, Ordering::SeqCst);
+        ksites_probe_fire(&REC, &[0; 6]);
+        SEEN.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_record_fires_the_probe_of_its_current_registration() {
+        REC.set_local_id(0);
+        let at = &REC as *const ProbeRecord as u64;
+        let range = at..at + core::mem::size_of::<ProbeRecord>() as u64;
+        // The record's memory registered as a module (its table's probe 0), unloaded,
+        // then registered again at other ids: the record must fire the new ids (its
+        // cached id is of the old registration).
+        let first = {
+            let bytes = table_of(&["rec"]);
+            let t = Table::parse(bytes, bytes.as_ptr() as u64, &[]).unwrap();
+            // SAFETY: the table is leaked; it has no sites.
+            unsafe { register_module(t, range.clone(), &poker()) }.unwrap()
+        };
+        super::super::trap::route_for_tests();
+        let p = id(&first, 0);
+        // SAFETY: no sites: nothing is written (here and below).
+        unsafe { enable(p, seen, &mut poker()) }.unwrap();
+        std::thread::spawn(move || {
+            become_cpu();
+            assert_eq!(fire_rec(), u64::from(p.0));
+            // Cached now: the same again.
+            assert_eq!(fire_rec(), u64::from(p.0));
+        })
+        .join()
+        .unwrap();
+        // A thread with no CPU slot (the shared counters) fires it too.
+        assert_eq!(std::thread::spawn(fire_rec).join().unwrap(), u64::from(p.0));
+        // SAFETY: as above.
+        unsafe { disable(p, &mut poker()) }.unwrap();
+        unload(&first);
+        // Another module takes the freed ids (first fit), so the record's next
+        // registration gets others.
+        let (filler, _) = module(&["filler"]);
+        let second = {
+            let bytes = table_of(&["rec"]);
+            let t = Table::parse(bytes, bytes.as_ptr() as u64, &[]).unwrap();
+            // SAFETY: as above.
+            unsafe { register_module(t, range.clone(), &poker()) }.unwrap()
+        };
+        let q = id(&second, 0);
+        assert_ne!(p, q, "the second registration got the same ids: nothing tested");
+        // SAFETY: as above.
+        unsafe { enable(q, seen, &mut poker()) }.unwrap();
+        std::thread::spawn(move || {
+            become_cpu();
+            assert_eq!(fire_rec(), u64::from(q.0), "fired through a stale cached id");
+        })
+        .join()
+        .unwrap();
+        // SAFETY: as above.
+        unsafe { disable(q, &mut poker()) }.unwrap();
+        unload(&second);
+        unload(&filler);
     }
 
     /// The host poker: its `sync_cores` is `membarrier`, a barrier on every thread (which

@@ -73,7 +73,10 @@ pub struct ProbeRecord {
     name: *const u8,
     name_len: usize,
     id: AtomicU32,
-    _pad: u32,
+    /// The probe's global id, cached by the dispatcher at the record's first fire, tagged
+    /// with the registry's id epoch (`state::ID_EPOCH`); 0 until then. Not part of the
+    /// build tool's view of the record (which ends its fields at [`record::ID`]).
+    cache: AtomicU32,
 }
 
 // SAFETY: the only constructor, `new`, takes `&'static str`s, so the pointers refer to
@@ -91,7 +94,7 @@ impl ProbeRecord {
             name: name.as_ptr(),
             name_len: name.len(),
             id: AtomicU32::new(UNASSIGNED),
-            _pad: 0,
+            cache: AtomicU32::new(0),
         }
     }
 
@@ -101,6 +104,30 @@ impl ProbeRecord {
             UNASSIGNED => None,
             id => Some(ProbeId(id)),
         }
+    }
+
+    /// Sets the table index `ksites embed` would write (tests build records by hand).
+    #[cfg(test)]
+    pub(super) fn set_local_id(&self, id: u32) {
+        self.id.store(id, Ordering::Relaxed);
+    }
+
+    /// The global id cached by [`ProbeRecord::cache_global`], if it was cached in id
+    /// epoch `epoch` (the current one: see `state::ID_EPOCH`).
+    #[inline(always)]
+    pub(super) fn cached_global(&self, epoch: u32) -> Option<u32> {
+        let c = self.cache.load(Ordering::Relaxed);
+        let id = c ^ epoch;
+        (id < super::MAX_PROBES as u32).then_some(id)
+    }
+
+    /// Caches global id `id` (`< MAX_PROBES`), found in id epoch `epoch`. Every CPU that
+    /// races to cache it stores the same value (a record's global id does not change
+    /// while its image is registered); the record's cache line is written once, then
+    /// only read.
+    #[inline]
+    pub(super) fn cache_global(&self, id: u32, epoch: u32) {
+        self.cache.store(epoch | id, Ordering::Relaxed);
     }
 }
 

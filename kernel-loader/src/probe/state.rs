@@ -69,6 +69,22 @@ static LIVE_MODULES: AtomicU32 = AtomicU32::new(0);
 const _: () = assert!(MAX_IMAGES <= 32, "LIVE_MODULES has one bit per slot");
 static CONTROL: spin::Mutex<()> = spin::Mutex::new(());
 
+/// The registry's id epoch, in the bits above a global id's (a multiple of
+/// [`MAX_PROBES`], never 0): `ProbeRecord`s cache their global id tagged with it, and a
+/// tag from another epoch is a miss. [`free`] moves to the next epoch once no CPU can
+/// still be using the freed image, before its ids can be given out again, so a record
+/// whose memory is registered again (at other ids) does not fire through its old cache
+/// (unless exactly a multiple of 2^22 unloads happened in between, when the tag wraps).
+pub(super) static ID_EPOCH: AtomicU32 = AtomicU32::new(MAX_PROBES as u32);
+const _: () = assert!(MAX_PROBES.is_power_of_two(), "ID_EPOCH counts above the id bits");
+
+/// Moves [`ID_EPOCH`] on (wrapping past 0, which an empty cache holds).
+fn next_epoch(_lock: &mut Control) {
+    let e = ID_EPOCH.load(Ordering::Relaxed).wrapping_add(MAX_PROBES as u32);
+    let e = if e == 0 { MAX_PROBES as u32 } else { e };
+    ID_EPOCH.store(e, Ordering::SeqCst);
+}
+
 /// CPUs inside the #BP hook: a batch waits for it to drop to 0 (step 4 of the protocol).
 pub(super) static IN_INT3: AtomicU32 = AtomicU32::new(0);
 /// Times the #BP hook emulated a probe site.
@@ -279,6 +295,9 @@ pub(super) fn free<P: TextPoker + ?Sized>(
     // section is visible to the wait), then wait for the sections open before.
     poker.sync_cores();
     percpu::synchronize();
+    // No section that may have cached one of its ids is open: caches from now on are
+    // of the next epoch.
+    next_epoch(_lock);
     sl.start.store(0, Ordering::Release);
     sl.end.store(0, Ordering::Release);
     // SAFETY: the slot is free and no lock-free reader is inside it (above); `_lock` is

@@ -79,12 +79,13 @@ x86_64_only! {
     #[unsafe(no_mangle)]
     extern "C" fn kmain(start_info: u64) -> ! {
         smp::init_bsp();
-        // SAFETY: `cpu_index` reads this CPU's index through its per-CPU segment, set up on
-        // every CPU before anything else runs there (`init_bsp` above, `ap_entry` on an AP),
-        // from any context; this kernel never migrates or preempts, so it is stable while a
-        // probe fires, and each online CPU has its own. Live probe changes use the
-        // `AliasPoker`, whose `sync_cores` serializes every online CPU.
-        unsafe { kernel_loader::probe::set_cpu_index(smp::cpu_index) };
+        // SAFETY: `gs:[0]` is this CPU's index (what `smp::cpu_index` reads: its `PerCpu`,
+        // whose GS base is set up on every CPU before anything else runs there, `init_bsp`
+        // above, `ap_entry` on an AP), readable from any context; this kernel never
+        // migrates or preempts, so it is stable while a probe fires, and each online CPU
+        // has its own. Live probe changes use the `AliasPoker`, whose `sync_cores`
+        // serializes every online CPU.
+        unsafe { kernel_loader::probe::set_cpu_index_word(0) };
         cpu::init();
         serial::init();
         idt::init();

@@ -10,6 +10,13 @@
 //! [`call_site`], the entry stubs and the `c_entry!`, `__ksites_probe_site_asm!` and
 //! `__ksites_probe_section_asm!` macros.
 //!
+//! The enabled `probe!` fire path: the site branches to its out-of-line block, which
+//! stores the six arguments on its stack and calls `ksites_probe_fire(&record, &args)`
+//! (C ABI: the record in the first argument register, the array's address in the
+//! second), then branches back after the site. The dispatcher reads the CPU's index with
+//! [`read_cpu_word`] ([`CPU_BASE`]: `TPIDR_EL1` (freestanding) or `TPIDR_EL0` (hosted)), one load and no call; everything
+//! else on the path is generic (`crate::probe`'s `dispatch` and `percpu`).
+//!
 //! # The live-patch protocol
 //!
 //! Every form is one instruction from {`b`, `bl`, `nop`, `brk`} in both states. The
@@ -274,6 +281,54 @@ pub unsafe fn emulate(f: &mut Int3Frame, s: &ProbeSiteRef, on: bool) {
 #[inline(always)]
 pub fn call_site(ret: u64) -> u64 {
     ret.wrapping_sub(SITE_LEN as u64)
+}
+
+/// The per-CPU base register the probe dispatchers read a CPU's index through
+/// (`crate::probe::set_cpu_index_word`): `TPIDR_EL1` in a freestanding build
+/// (`target_os = "none"`: a kernel at EL1, as Linux keeps its per-CPU offset there
+/// without VHE), `TPIDR_EL0` in a hosted one (a thread's TLS block). Fixed at build
+/// time, so the read is a register read and one load with no branch.
+pub const CPU_BASE: &str = if cfg!(target_os = "none") {
+    "TPIDR_EL1"
+} else {
+    "TPIDR_EL0"
+};
+
+/// The `u32` at `offset` from the running CPU's [`CPU_BASE`]: a system register read
+/// and one load, no call.
+///
+/// # Safety
+///
+/// On this CPU, [`CPU_BASE`] is readable at the current exception level and holds a
+/// pointer such that pointer + `offset` is a readable, 4-aligned `u32` (the kernel or
+/// thread set it up first).
+#[inline(always)]
+pub unsafe fn read_cpu_word(offset: isize) -> u32 {
+    let v: u32;
+    #[cfg(target_arch = "aarch64")]
+    {
+        let b: usize;
+        // SAFETY: reading the register has no side effect; the caller runs where it is
+        // readable (precondition).
+        #[cfg(target_os = "none")]
+        unsafe {
+            core::arch::asm!("mrs {}, TPIDR_EL1", out(reg) b, options(nomem, nostack, preserves_flags))
+        };
+        // SAFETY: reading TPIDR_EL0 has no side effect.
+        #[cfg(not(target_os = "none"))]
+        unsafe {
+            core::arch::asm!("mrs {}, TPIDR_EL0", out(reg) b, options(nomem, nostack, preserves_flags))
+        };
+        // SAFETY: the caller's precondition: a readable, aligned u32 there.
+        v = unsafe { core::ptr::read_volatile(b.wrapping_add_signed(offset) as *const u32) };
+    }
+    // (Compiled on every host for the build tool; only an aarch64 kernel calls it.)
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let _ = offset;
+        v = u32::MAX;
+    }
+    v
 }
 
 /// Returns 0: a disabled C tail or is-enabled site branches here.

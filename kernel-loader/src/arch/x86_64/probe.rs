@@ -9,6 +9,13 @@
 //! [`trap_site`]/[`trap_args`]/[`emulate`]/[`call_site`], the entry stubs, and the
 //! `c_entry!`, `__ksites_probe_site_asm!` and `__ksites_probe_section_asm!` macros.
 //!
+//! The enabled `probe!` fire path: the site branches to its out-of-line block, which
+//! stores the six arguments on its stack and calls `ksites_probe_fire(&record, &args)`
+//! (C ABI: the record in the first argument register, the array's address in the
+//! second), then branches back after the site. The dispatcher reads the CPU's index with
+//! [`read_cpu_word`] ([`CPU_BASE`]: `gs` (freestanding) or `fs` (hosted)), one load and no call; everything
+//! else on the path is generic (`crate::probe`'s `dispatch` and `percpu`).
+//!
 //! This module imports nothing outside `crate::arch`: sites come as the neutral
 //! [`ProbeSiteRef`].
 
@@ -311,6 +318,52 @@ pub mod host {
         g[libc::REG_RSP as usize] = f.rsp as i64;
         g[libc::REG_RAX as usize] = f.rax as i64;
     }
+}
+
+/// The per-CPU base register the probe dispatchers read a CPU's index through
+/// (`crate::probe::set_cpu_index_word`): `gs` in a freestanding build (`target_os =
+/// "none"`: a kernel's per-CPU area, as Linux's `gs:cpu_number`), `fs` in a hosted one
+/// (a thread's TLS block, where a `#[thread_local]` sits at a fixed offset). Fixed at
+/// build time, so the read is one instruction with no branch.
+pub const CPU_BASE: &str = if cfg!(target_os = "none") { "gs" } else { "fs" };
+
+/// The `u32` at `offset` from the running CPU's [`CPU_BASE`]: one segment-relative load,
+/// no call.
+///
+/// # Safety
+///
+/// On this CPU, [`CPU_BASE`] + `offset` is a readable, 4-aligned `u32` (the kernel or
+/// thread set its base up first).
+#[inline(always)]
+pub unsafe fn read_cpu_word(offset: isize) -> u32 {
+    let v: u32;
+    // SAFETY: the caller's precondition; reads 4 bytes, writes nothing.
+    #[cfg(all(target_arch = "x86_64", target_os = "none"))]
+    unsafe {
+        core::arch::asm!(
+            "mov {v:e}, dword ptr gs:[{o}]",
+            v = out(reg) v,
+            o = in(reg) offset,
+            options(nostack, readonly, preserves_flags),
+        )
+    };
+    // SAFETY: as above.
+    #[cfg(all(target_arch = "x86_64", not(target_os = "none")))]
+    unsafe {
+        core::arch::asm!(
+            "mov {v:e}, dword ptr fs:[{o}]",
+            v = out(reg) v,
+            o = in(reg) offset,
+            options(nostack, readonly, preserves_flags),
+        )
+    };
+    // (Compiled on every host for the build tool; only an x86-64 kernel calls it.)
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = offset;
+        v = u32::MAX;
+    }
+    v
 }
 
 /// A disabled C is-enabled tail site jumps here: returns 0 for the site's function.
