@@ -8,7 +8,8 @@
 //! [`site_bytes`]/[`site_word`]/[`site_word_again`], [`Stubs`],
 //! [`SINGLE_STORE`]/[`ROUNDS`]/[`round`]/[`RoundPiece`]/[`round_uses_new`]/[`is_residue`],
 //! [`Int3Frame`] (here the `ebreak` frame), [`trap_site`]/[`trap_args`]/[`emulate`]/
-//! [`call_site`], the entry stubs and the `c_entry!`, `__ksites_probe_site_asm!` and
+//! [`call_site`], [`CPU_BASE`]/[`read_cpu_word`] (the fire path's index word), the entry
+//! stubs and the `c_entry!`, `__ksites_probe_site_asm!` and
 //! `__ksites_probe_section_asm!` macros.
 //!
 //! # Forms
@@ -442,6 +443,39 @@ pub unsafe fn emulate(f: &mut Int3Frame, s: &ProbeSiteRef, on: bool) {
 #[inline(always)]
 pub fn call_site(ret: u64) -> u64 {
     ret.wrapping_sub(SITE_LEN as u64)
+}
+
+/// The per-CPU base register the probe dispatchers read a CPU's index through
+/// (`crate::probe::set_cpu_index_word`): `tp`, which a RISC-V kernel points at its
+/// per-CPU (or per-task) block and a hosted thread at its TLS block. A kernel that keeps
+/// something else in `tp` (the ksites test kernel keeps the index itself) uses
+/// `crate::probe::set_cpu_index` instead.
+pub const CPU_BASE: &str = "tp";
+
+/// The `u32` at `offset` from the running CPU's [`CPU_BASE`]: one load, no call.
+///
+/// # Safety
+///
+/// `tp` + `offset` is a readable, 4-aligned `u32` on this CPU (the kernel or thread set
+/// it up first).
+#[inline(always)]
+pub unsafe fn read_cpu_word(offset: isize) -> u32 {
+    let v: u32;
+    #[cfg(target_arch = "riscv64")]
+    {
+        let b: usize;
+        // SAFETY: reading a register has no side effect.
+        unsafe { core::arch::asm!("mv {}, tp", out(reg) b, options(nomem, nostack, preserves_flags)) };
+        // SAFETY: the caller's precondition: a readable, aligned u32 there.
+        v = unsafe { core::ptr::read_volatile(b.wrapping_add_signed(offset) as *const u32) };
+    }
+    // (Compiled on every host for the build tool; only a riscv64 kernel calls it.)
+    #[cfg(not(target_arch = "riscv64"))]
+    {
+        let _ = offset;
+        v = u32::MAX;
+    }
+    v
 }
 
 /// Returns 0: a disabled C is-enabled tail site branches here.
