@@ -160,6 +160,12 @@ pub fn trap_with_registers(regs: &mut [u64; 10], ra: &mut u64) -> u64 {
             ".option push",
             ".option norvc",
             "lla {site}, 2f",
+            ".option pop",
+            // 4-aligned, as a probe site's (`is_probe_ebreak` refuses an `ebreak` at
+            // 2 mod 4); the padding, if any, is a `c.nop`, so RVC is on here.
+            ".p2align 2",
+            ".option push",
+            ".option norvc",
             "2: ebreak",
             ".option pop",
             inout("a0") r[0], inout("a1") r[1], inout("a2") r[2], inout("a3") r[3], inout("a4") r[4],
@@ -183,6 +189,11 @@ pub fn trap_then_return() -> bool {
             ".option norvc",
             "li {landed}, 0",
             "lla ra, 3f",
+            ".option pop",
+            // 4-aligned, as in `trap_with_registers`.
+            ".p2align 2",
+            ".option push",
+            ".option norvc",
             "ebreak",
             "unimp",
             "3: li {landed}, 1",
