@@ -24,9 +24,9 @@
  * ksites_probe_ret1` (a jal whose stub is beyond +-1 MiB is `ebreak` instead). Each
  * state is one aligned 32-bit store, then fence.i on every hart (Ziccif, mandatory in
  * RVA20 and later profiles, makes the fetch of an aligned instruction atomic). A kernel's trap
- * handler passes an `ebreak` (scause 3, the 4-byte 0x00100073 at a 4-aligned sepc;
- * sepc is only 2-aligned in general, so read 32 bits there only when sepc % 4 == 0)
- * to the loader
+ * handler passes every breakpoint trap (scause 3) at a 4-aligned sepc to the loader,
+ * which decides by the address; it must not check for an `ebreak` at sepc first, as a
+ * live batch on another hart may already have rewritten the site (e.g. to `ret`)
  * (kernel-loader's `probe::handle_ebreak`, with struct ksites_ebreak_frame), then
  * writes pc back to sepc and ra, a0 to the saved ra, a0. Build C kernel code with
  * -fno-pic -mcmodel=medany -mno-relax: a probe site's 4-alignment is decided in the
