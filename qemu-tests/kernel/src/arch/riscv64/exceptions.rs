@@ -243,7 +243,7 @@ fn handle_ebreak(f: &mut TrapFrame) -> bool {
     if platform_ebreak(f) {
         return true;
     }
-    if !is_probe_ebreak(f.scause, insn_at(pc)) {
+    if !is_probe_ebreak(f.scause, pc, insn_at(pc)) {
         return false;
     }
     let mut frame = Int3Frame {

@@ -157,6 +157,10 @@ pub fn trap_with_registers(regs: &mut [u64; 10], ra: &mut u64) -> u64 {
     // as operands; `ra` is one (in/out), so the compiler saved the real return address.
     unsafe {
         asm!(
+            // The probe trap is 4-aligned, as every probe site is: the loader's
+            // `is_probe_ebreak` refuses an `ebreak` at 2 mod 4. (The padding may be a
+            // `c.nop`, so it comes before `norvc`; only 4-byte instructions follow.)
+            ".balign 4",
             ".option push",
             ".option norvc",
             "lla {site}, 2f",
@@ -179,6 +183,8 @@ pub fn trap_then_return() -> bool {
     // `ebreak` is only reached if it does not (and then faults, failing the run).
     unsafe {
         asm!(
+            // 4-aligned, as in `trap_with_registers`.
+            ".balign 4",
             ".option push",
             ".option norvc",
             "li {landed}, 0",
