@@ -6,6 +6,9 @@
 //! ra`/`auipc t1` with CALL/CALL_PLT followed by `jalr …(ra)`/`jr …(t1)`, a `jal`
 //! linking `ra` or a `j` (`jal zero` or `c.j`) with JAL/RVC_JUMP (or a relaxed CALL).
 //! The kernels are linked with `--emit-relocs`, so the relocations are still there.
+//! On riscv64 the check also goes site by site: every site `ksites inspect` lists must
+//! be such a call at the same address ([`site_forms`]), counted by its form (pair,
+//! `jal`, `c.j`: [`render_forms`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -65,6 +68,35 @@ pub(crate) fn parse_inspect(text: &str) -> Result<Vec<InspectedIfunc>, String> {
     Ok(ifuncs)
 }
 
+/// The `  site 0x<hex> …` lines under each `ifunc` line of `ksites inspect` output, as
+/// (ifunc name, site address); the sites listed under a `probe` line are not ifunc sites.
+pub(crate) fn parse_inspect_sites(text: &str) -> Result<Vec<(String, u64)>, String> {
+    let mut sites = Vec::new();
+    let mut ifunc: Option<&str> = None;
+    for (index, line) in text.lines().enumerate() {
+        if let Some(rest) = line.strip_prefix("ifunc ") {
+            ifunc = rest.split(' ').next();
+        } else if !line.starts_with(' ') {
+            ifunc = None;
+        } else if let (Some(name), Some(rest)) = (ifunc, line.strip_prefix("  site ")) {
+            let addr = rest
+                .split(' ')
+                .next()
+                .and_then(|a| a.strip_prefix("0x"))
+                .filter(|hex| is_hex(hex))
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "ksites inspect, line {}: expected `  site 0x<hex> …`, got `{line}`",
+                        index + 1
+                    )
+                })?;
+            sites.push((name.to_owned(), addr));
+        }
+    }
+    Ok(sites)
+}
+
 /// The relocations that make a branch instruction a branch to their symbol: x86_64's
 /// PLT32/PC32 (`call`/`jmp`/`j<cc>`), aarch64's CALL26 (`bl`) and JUMP26 (`b`).
 const BRANCH_RELOCS: &[&str] = &[
@@ -75,16 +107,61 @@ const BRANCH_RELOCS: &[&str] = &[
 ];
 
 /// Count, per symbol, the [`BRANCH_RELOCS`] relocations (any addend) that belong to a
-/// branch instruction (x86_64 `call`, `jmp`, `j<cc>`; aarch64 `bl`, `b`) in
-/// `objdump -dr --no-show-raw-insn` output. A relocation line belongs to the
-/// instruction line just before it.
+/// branch instruction (x86_64 `call`, `jmp`, `j<cc>`; aarch64 `bl`, `b`), and the
+/// riscv64 calls and tail calls ([`riscv64_calls`]), in `objdump -dr
+/// --no-show-raw-insn` output. A relocation line belongs to the instruction line just
+/// before it.
 pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
+    for call in scan(objdump) {
+        *counts.entry(call.symbol).or_default() += 1;
+    }
+    counts
+}
+
+/// The form of a riscv64 ifunc call site (the table's `prefixes` value: the riscv64
+/// contract's forms 0, 1 and 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// `auipc rX` + `jalr`/`jr` through `rX`, 8 bytes: what the compiler emits.
+    Pair,
+    /// `jal ra` or `j` (`jal zero`), 4 bytes: a pair relaxed by the linker.
+    Jal,
+    /// `c.j`, 2 bytes: a tail-call pair relaxed by the linker.
+    CJ,
+}
+
+/// One branch objdump shows to `symbol`, at `addr` (a pair's `auipc`); `form` is
+/// `None` off riscv64.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Call {
+    pub(crate) addr: u64,
+    pub(crate) symbol: String,
+    pub(crate) form: Option<Form>,
+}
+
+/// The riscv64 calls and tail calls of `riscv64-linux-gnu-objdump -dr
+/// --no-show-raw-insn` output, in every form relaxation leaves them: an `auipc ra`
+/// (`auipc t1`) with CALL/CALL_PLT followed by `jalr …(ra)` (`jr …(t1)`), a `jal`
+/// linking `ra` or a `j` with JAL, RVC_JUMP or a relaxed CALL. objdump prints `c.j` as
+/// `j` too: a `j` is a `c.j` when the next instruction starts 2 bytes after it (or, at
+/// the end of the listing, when its relocation is RVC_JUMP).
+pub(crate) fn riscv64_calls(objdump: &str) -> Vec<Call> {
+    scan(objdump)
+        .into_iter()
+        .filter(|c| c.form.is_some())
+        .collect()
+}
+
+fn scan(objdump: &str) -> Vec<Call> {
+    let mut calls = Vec::new();
     let mut after_branch = false;
-    // riscv64: the instruction the relocations belong to, and a CALL on an `auipc`
-    // waiting for the `jalr` after it (symbol, the `auipc`'s register).
-    let mut riscv_last: Option<(String, String)> = None;
-    let mut riscv_pair: Option<(String, String)> = None;
+    // riscv64: the instruction the relocations belong to (address, mnemonic, operands),
+    // a CALL on an `auipc` waiting for the `jalr` after it (symbol, the `auipc`'s
+    // register, its address), and the `j` whose length the next instruction tells.
+    let mut riscv_last: Option<(u64, String, String)> = None;
+    let mut riscv_pair: Option<(String, String, u64)> = None;
+    let mut short_jump: Option<usize> = None;
     for line in objdump.lines() {
         let Some((address, rest)) = line.trim_start().split_once(':') else {
             continue;
@@ -96,6 +173,9 @@ pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
             riscv_pair = None;
             continue;
         }
+        let Ok(addr) = u64::from_str_radix(address, 16) else {
+            continue;
+        };
         let rest = rest.trim_start();
         if let Some(r) = rest.strip_prefix("R_RISCV_") {
             let mut parts = r.split_whitespace();
@@ -103,17 +183,27 @@ pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
                 continue;
             };
             let symbol = strip_addend(target).to_owned();
-            if let Some((mnemonic, operands)) = &riscv_last {
+            if let Some((at, mnemonic, operands)) = &riscv_last {
                 match (kind, mnemonic.as_str()) {
                     ("CALL" | "CALL_PLT", "auipc") => {
                         let rx = operands.split(',').next().unwrap_or("").to_owned();
-                        riscv_pair = Some((symbol, rx));
+                        riscv_pair = Some((symbol, rx, *at));
                     }
                     ("CALL" | "CALL_PLT" | "JAL" | "RVC_JUMP", "j")
                     | ("CALL" | "CALL_PLT" | "JAL", "jal")
                         if mnemonic == "j" || !operands.contains(',') =>
                     {
-                        *counts.entry(symbol).or_default() += 1;
+                        let form = if kind == "RVC_JUMP" {
+                            Form::CJ
+                        } else {
+                            Form::Jal
+                        };
+                        short_jump = (mnemonic == "j").then_some(calls.len());
+                        calls.push(Call {
+                            addr: *at,
+                            symbol,
+                            form: Some(form),
+                        });
                     }
                     _ => {}
                 }
@@ -126,26 +216,42 @@ pub(crate) fn count_branch_relocs(objdump: &str) -> BTreeMap<String, usize> {
                 continue;
             };
             if after_branch && BRANCH_RELOCS.contains(&kind) {
-                *counts.entry(strip_addend(target).to_owned()).or_default() += 1;
+                calls.push(Call {
+                    addr,
+                    symbol: strip_addend(target).to_owned(),
+                    form: None,
+                });
             }
         } else {
+            if let Some(j) = short_jump.take() {
+                let call = &mut calls[j];
+                if addr == call.addr + 2 {
+                    call.form = Some(Form::CJ);
+                } else if addr == call.addr + 4 {
+                    call.form = Some(Form::Jal);
+                }
+            }
             after_branch = is_branch(rest);
             let mut tokens = rest.split_whitespace();
             let mnemonic = tokens.next().unwrap_or("").to_owned();
             let operands = tokens.next().unwrap_or("").to_owned();
             // `jalr 282(ra)` (links ra) after `auipc ra`; `jr 246(t1)` after `auipc t1`.
-            if let Some((symbol, rx)) = riscv_pair.take() {
+            if let Some((symbol, rx, at)) = riscv_pair.take() {
                 let through = |r: &str| operands.ends_with(&format!("({r})"));
                 let call = mnemonic == "jalr" && rx == "ra" && !operands.contains(',');
                 let tail = mnemonic == "jr" && rx == "t1";
                 if (call || tail) && through(&rx) {
-                    *counts.entry(symbol).or_default() += 1;
+                    calls.push(Call {
+                        addr: at,
+                        symbol,
+                        form: Some(Form::Pair),
+                    });
                 }
             }
-            riscv_last = Some((mnemonic, operands));
+            riscv_last = Some((addr, mnemonic, operands));
         }
     }
-    counts
+    calls
 }
 
 /// Whether an instruction's text (`bnd jmp 1234 <x>`, `callq 1234 <x>`, `jne,pt 10 <y>`,
@@ -248,6 +354,111 @@ pub(crate) fn render(rows: &[Row]) -> String {
             row.name, row.inspect, row.objdump
         );
     }
+    out
+}
+
+/// How many sites of an ifunc are in each riscv64 [`Form`]: pair, `jal`, `c.j`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct FormCounts {
+    pub(crate) pair: usize,
+    pub(crate) jal: usize,
+    pub(crate) c_j: usize,
+}
+
+impl FormCounts {
+    /// The sites linker relaxation shortened (`jal` and `c.j`).
+    pub(crate) fn relaxed(&self) -> usize {
+        self.jal + self.c_j
+    }
+
+    fn add(&mut self, form: Form) {
+        match form {
+            Form::Pair => self.pair += 1,
+            Form::Jal => self.jal += 1,
+            Form::CJ => self.c_j += 1,
+        }
+    }
+}
+
+/// riscv64: every site `ksites inspect` lists (`sites`, from [`parse_inspect_sites`])
+/// must be one of objdump's `calls` ([`riscv64_calls`]) at the same address to the
+/// ifunc's trampoline, so the table and objdump agree site by site, not only in
+/// number. Returns each ifunc's sites by the form objdump shows them in.
+pub(crate) fn site_forms(
+    ifuncs: &[InspectedIfunc],
+    sites: &[(String, u64)],
+    calls: &[Call],
+) -> Result<BTreeMap<String, FormCounts>, String> {
+    let by_addr: BTreeMap<u64, &Call> = calls.iter().map(|c| (c.addr, c)).collect();
+    let mut forms: BTreeMap<String, FormCounts> = ifuncs
+        .iter()
+        .map(|f| (f.name.clone(), FormCounts::default()))
+        .collect();
+    let mut problems = Vec::new();
+    for (name, addr) in sites {
+        let Some(f) = ifuncs.iter().find(|f| &f.name == name) else {
+            problems.push(format!("site {addr:#x} of unknown ifunc {name}"));
+            continue;
+        };
+        match by_addr.get(addr) {
+            Some(Call {
+                symbol,
+                form: Some(form),
+                ..
+            }) if *symbol == f.symbol => {
+                if let Some(counts) = forms.get_mut(name) {
+                    counts.add(*form);
+                }
+            }
+            _ => problems.push(format!(
+                "{name}: site {addr:#x} is no call or tail call objdump shows to {}",
+                f.symbol
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(forms)
+    } else {
+        Err(format!(
+            "ksites inspect lists sites objdump does not:\n  {}",
+            problems.join("\n  ")
+        ))
+    }
+}
+
+/// The cross-check table with the riscv64 form columns (`pair  jal  c.j`) and a
+/// `total` line.
+pub(crate) fn render_forms(rows: &[Row], forms: &BTreeMap<String, FormCounts>) -> String {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(5);
+    let mut out = format!(
+        "{:<width$}  inspect  objdump   pair    jal    c.j\n",
+        "ifunc"
+    );
+    let mut total = (0, 0, FormCounts::default());
+    for row in rows {
+        let f = forms.get(&row.name).copied().unwrap_or_default();
+        let mark = if row.inspect == row.objdump {
+            ""
+        } else {
+            "  <-- MISMATCH"
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>7}  {:>7}  {:>5}  {:>5}  {:>5}{mark}",
+            row.name, row.inspect, row.objdump, f.pair, f.jal, f.c_j
+        );
+        total.0 += row.inspect;
+        total.1 += row.objdump;
+        total.2.pair += f.pair;
+        total.2.jal += f.jal;
+        total.2.c_j += f.c_j;
+    }
+    let (inspect, objdump, f) = total;
+    let _ = writeln!(
+        out,
+        "{:<width$}  {inspect:>7}  {objdump:>7}  {:>5}  {:>5}  {:>5}",
+        "total", f.pair, f.jal, f.c_j
+    );
     out
 }
 
@@ -458,6 +669,86 @@ Disassembly of section .text:
                 .into_iter()
                 .collect();
         assert_eq!(counts, expected);
+    }
+
+    #[test]
+    fn riscv64_calls_with_their_forms() {
+        let call = |addr, symbol: &str, form| Call {
+            addr,
+            symbol: symbol.into(),
+            form: Some(form),
+        };
+        let mut calls = riscv64_calls(OBJDUMP_RISCV64);
+        calls.sort_by_key(|c| c.addr);
+        assert_eq!(
+            calls,
+            [
+                call(0x10124, "fixture_add", Form::Pair),
+                call(0x1012c, "fixture_add", Form::Jal),
+                // `j` 2 bytes before the next instruction: a `c.j`; 4 bytes: `jal zero`.
+                call(0x10130, "fixture_add", Form::CJ),
+                call(0x10132, "fixture_add", Form::Jal),
+                call(0x10136, "fixture_add", Form::Pair),
+                call(0x10154, "other", Form::Pair),
+            ]
+        );
+        // A `j` whose length no next instruction tells: its relocation's type does.
+        let last = "  2000:\tj\t2040 <f>\n\t\t\t2000: R_RISCV_RVC_JUMP\tf\n";
+        assert_eq!(riscv64_calls(last), [call(0x2000, "f", Form::CJ)]);
+        // x86_64 and aarch64 branches have no form.
+        assert!(riscv64_calls(OBJDUMP_AARCH64).is_empty());
+    }
+
+    #[test]
+    fn inspect_sites_of_ifuncs_only() {
+        let sites =
+            parse_inspect_sites(&(INSPECT.to_owned() + "  site 0x105000 probe-nop probe_fn\n"))
+                .unwrap();
+        assert_eq!(
+            sites,
+            [
+                ("kfuncs::popcount".to_owned(), 0x101234),
+                ("kfuncs::popcount".to_owned(), 0x101300),
+                ("kfuncs::sum_u32".to_owned(), 0x101400),
+            ]
+        );
+        assert!(
+            parse_inspect_sites("ifunc a trampoline=0x10 t sites=1\n  site 12 call\n").is_err()
+        );
+    }
+
+    #[test]
+    fn riscv64_sites_by_form() {
+        let inspect = "\
+ifunc fixture trampoline=0x10240 fixture_add sites=4
+  slot=0x20000 resolver=0x10300 default=0x10400 fixture_soft
+  site 0x10124 call c_calls
+  site 0x1012c call c_calls
+  site 0x10130 jmp (tail call) c_calls
+  site 0x10136 jmp (tail call) c_calls
+";
+        let ifuncs = parse_inspect(inspect).unwrap();
+        let sites = parse_inspect_sites(inspect).unwrap();
+        let calls = riscv64_calls(OBJDUMP_RISCV64);
+        let forms = site_forms(&ifuncs, &sites, &calls).unwrap();
+        let f = forms["fixture"];
+        assert_eq!((f.pair, f.jal, f.c_j, f.relaxed()), (2, 1, 1, 2));
+        let rows = compare(&ifuncs, &count_branch_relocs(OBJDUMP_RISCV64));
+        let table = render_forms(&rows, &forms);
+        assert_eq!(
+            table,
+            "ifunc    inspect  objdump   pair    jal    c.j\n\
+             fixture        4        5      2      1      1  <-- MISMATCH\n\
+             total          4        5      2      1      1\n"
+        );
+        // A listed site objdump shows as no call to the trampoline (here a `jal t0`),
+        // or a call to another symbol.
+        for bad in [0x1013e, 0x10154] {
+            let mut wrong = sites.clone();
+            wrong.push(("fixture".to_owned(), bad));
+            let err = site_forms(&ifuncs, &wrong, &calls).unwrap_err();
+            assert!(err.contains(&format!("{bad:#x}")), "{err}");
+        }
     }
 
     #[test]

@@ -5,8 +5,16 @@
 //! The kernel (`qemu-tests/kernel/src/arch/riscv64/`) is linked through `ksites-ld`
 //! (rust-lld, then `ksites embed` into the `.ksites` slot its linker script reserves),
 //! as the other kernels are; the build tool is built first. Before booting, the image is
-//! `ksites verify`-ed, its `ksites inspect` printed, and its site counts cross-checked
-//! against `riscv64-linux-gnu-objdump -dr` (`crosscheck`). The kernel enters in
+//! `ksites verify`-ed, its `ksites inspect` printed, and its sites cross-checked
+//! against `riscv64-linux-gnu-objdump -dr` (`crosscheck`: counts, addresses and forms).
+//! The kernel is built twice: as configured, rustc emits no R_RISCV_RELAX, so the link
+//! relaxes nothing and every site stays an `auipc`+`jalr` pair (relaxation off); and
+//! with `-C target-feature=+relax` ([`RELAXED_RUSTFLAGS`], in its own target
+//! directory), so rust-lld turns the calls in reach into `jal`/`c.j` (relaxation on).
+//! The relaxed image must have such sites, the plain one none ([`check_forms`]); it
+//! boots once more as run `MODEL/relaxed` (one CPU, [`RELAXED_RUN`]) under the same
+//! judge. Every run's `init:` line must account for every site, and only relaxed sites
+//! may be out of reach ([`check_init`]). The kernel enters in
 //! S-mode at 0x8020_0000 and exits through QEMU's `sifive_test` device with the x86_64 kernel's statuses (33 =
 //! success, 35 = failure), so [`judge::judge`] applies unchanged; on top, every run must
 //! pass every platform test ([`REQUIRED_TESTS`]), the shared ifunc, probe, module (and
@@ -164,6 +172,29 @@ pub(crate) fn kernel_path(root: &Path) -> PathBuf {
         .join("release/qemu-tests-kernel")
 }
 
+/// The cargo target directory (under `qemu-tests/`) of the relaxed kernel: its own, so
+/// the two builds' different RUSTFLAGS do not rebuild each other.
+const RELAXED_TARGET_DIR: &str = "target/relaxed";
+/// What the relaxed kernel is compiled with: rustc then marks every call with
+/// R_RISCV_RELAX (the target's default is `-relax`), and rust-lld relaxes the calls in
+/// reach into `jal`/`c.j`. The C probe file stays `-mno-relax` (kernel/build.rs does
+/// not pass rustflags to gcc).
+const RELAXED_RUSTFLAGS: (&str, &str) = (
+    "CARGO_TARGET_RISCV64GC_UNKNOWN_NONE_ELF_RUSTFLAGS",
+    "-C target-feature=+relax",
+);
+/// The run label the relaxed kernel boots on unless `--cpu` names runs (then the
+/// first one's model, on one CPU).
+const RELAXED_RUN: &str = "riscv64-rv64-zbb";
+
+/// The relaxed kernel image (see [`RELAXED_RUSTFLAGS`]).
+pub(crate) fn relaxed_kernel_path(root: &Path) -> PathBuf {
+    root.join("qemu-tests")
+        .join(RELAXED_TARGET_DIR)
+        .join(TARGET)
+        .join("release/qemu-tests-kernel")
+}
+
 /// Installs what is missing, builds the kernel (unless `--no-build`) and boots `labels`;
 /// returns the tests passed, summed over the runs.
 pub(crate) fn run(sh: &Shell, root: &Path, labels: &[String], args: &QemuArgs) -> Result<u32> {
@@ -187,23 +218,54 @@ pub(crate) fn run(sh: &Shell, root: &Path, labels: &[String], args: &QemuArgs) -
         cmd!(sh, "cargo build --release -p qemu-tests --target {TARGET}")
             .run()
             .context("building the riscv64 test kernel failed")?;
+        // The same kernel compiled for linker relaxation (cargo appends these flags to
+        // the config's), in its own target directory.
+        let _relax = sh.push_env(RELAXED_RUSTFLAGS.0, RELAXED_RUSTFLAGS.1);
+        cmd!(
+            sh,
+            "cargo build --release -p qemu-tests --target {TARGET} --target-dir {RELAXED_TARGET_DIR}"
+        )
+        .run()
+        .context("building the relaxed riscv64 test kernel failed")?;
     }
     let image = kernel_path(root);
-    if !image.is_file() {
-        bail!(
-            "the riscv64 test kernel is missing: {} (build it, or drop --no-build)",
-            image.display()
-        );
+    let relaxed = relaxed_kernel_path(root);
+    for (what, path) in [("", &image), ("relaxed ", &relaxed)] {
+        if !path.is_file() {
+            bail!(
+                "the {what}riscv64 test kernel is missing: {} (build it, or drop --no-build)",
+                path.display()
+            );
+        }
     }
-    check_image(sh, root, &image)?;
+    let plain = check_image(sh, root, &image, false)?;
+    let relaxed_sites = check_image(sh, root, &relaxed, true)?;
     let has_max = qemu_has_max_cpu();
-    boot_all(&image, labels, Duration::from_secs(args.timeout), has_max)
+    let timeout = Duration::from_secs(args.timeout);
+    let passed = boot_all(&image, labels, timeout, has_max, &plain)?;
+    let model = match labels.first() {
+        Some(first) if !args.cpus.is_empty() => first.as_str(),
+        _ => RELAXED_RUN,
+    };
+    Ok(passed + boot_relaxed(&relaxed, model, timeout, has_max, &relaxed_sites)?)
+}
+
+/// What the cross-check learnt of an image's ifunc sites, for judging its boot line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sites {
+    /// Every ifunc site of the table.
+    pub(crate) total: usize,
+    /// Of them, the `jal` and `c.j` ones (relaxed by the linker).
+    pub(crate) relaxed: usize,
 }
 
 /// `ksites verify` the kernel, print its `ksites inspect`, and check every ifunc's site
 /// count equals `riscv64-linux-gnu-objdump -dr`'s calls and tail calls to its
-/// trampoline.
-fn check_image(sh: &Shell, root: &Path, image: &Path) -> Result<()> {
+/// trampoline, and every listed site is one of them ([`crosscheck::site_forms`]); print
+/// the table with the sites by form. Linked with relaxation (`relaxed`), the image must
+/// have relaxed (`jal`/`c.j`) sites, or it shows nothing the plain link does not;
+/// without, every site must be a pair.
+fn check_image(sh: &Shell, root: &Path, image: &Path, relaxed: bool) -> Result<Sites> {
     let ksites = root.join("target/release/ksites");
     cmd!(sh, "{ksites} verify {image}")
         .run()
@@ -219,13 +281,133 @@ fn check_image(sh: &Shell, root: &Path, image: &Path) -> Result<()> {
     .read()
     .context("riscv64-linux-gnu-objdump failed")?;
     let ifuncs = crosscheck::parse_inspect(&inspect).map_err(|e| anyhow::anyhow!(e))?;
+    let sites = crosscheck::parse_inspect_sites(&inspect).map_err(|e| anyhow::anyhow!(e))?;
     let rows = crosscheck::compare(&ifuncs, &crosscheck::count_branch_relocs(&objdump));
+    let forms = crosscheck::site_forms(&ifuncs, &sites, &crosscheck::riscv64_calls(&objdump));
+    let link = if relaxed {
+        "relaxation on: +relax, rust-lld relaxes"
+    } else {
+        "relaxation off: no R_RISCV_RELAX"
+    };
     println!(
-        "xtask: riscv64-linux-gnu-objdump cross-check of {}",
+        "xtask: riscv64-linux-gnu-objdump cross-check of {} ({link})",
         image.display()
     );
-    print!("{}", crosscheck::render(&rows));
-    crosscheck::check(&rows).map_err(|e| anyhow::anyhow!("objdump cross-check failed: {e}"))
+    let empty = BTreeMap::new();
+    print!(
+        "{}",
+        crosscheck::render_forms(&rows, forms.as_ref().unwrap_or(&empty))
+    );
+    crosscheck::check(&rows).map_err(|e| anyhow::anyhow!("objdump cross-check failed: {e}"))?;
+    let forms = forms.map_err(|e| anyhow::anyhow!("objdump cross-check failed: {e}"))?;
+    let total = crosscheck::FormCounts {
+        pair: forms.values().map(|f| f.pair).sum(),
+        jal: forms.values().map(|f| f.jal).sum(),
+        c_j: forms.values().map(|f| f.c_j).sum(),
+    };
+    check_forms(relaxed, &total).map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
+    println!(
+        "xtask: {} sites: {} auipc+jalr pairs, {} jal, {} c.j",
+        sites.len(),
+        total.pair,
+        total.jal,
+        total.c_j
+    );
+    Ok(Sites {
+        total: sites.len(),
+        relaxed: total.relaxed(),
+    })
+}
+
+/// A relaxed link must show relaxed sites; a plain one none.
+fn check_forms(relaxed: bool, total: &crosscheck::FormCounts) -> Result<(), String> {
+    match (relaxed, total.relaxed()) {
+        (true, 0) => Err(format!(
+            "linked with relaxation, yet no ifunc site is a `jal` or `c.j` ({} pairs): \
+             the relaxed run would prove nothing",
+            total.pair
+        )),
+        (false, n @ 1..) => Err(format!(
+            "linked without R_RISCV_RELAX, yet {n} ifunc sites are `jal`/`c.j` ({} jal, {} c.j)",
+            total.jal, total.c_j
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The numbers of the kernel's `init: I ifuncs resolved, P sites patched, R out of
+/// reach, …` line: (P, R).
+fn parse_init(serial: &[String]) -> Option<(usize, usize)> {
+    serial.iter().find_map(|line| {
+        let rest = line.trim_end().strip_prefix("init: ")?;
+        let (_, rest) = rest.split_once(" ifuncs resolved, ")?;
+        let (patched, rest) = rest.split_once(" sites patched, ")?;
+        let (out, _) = rest.split_once(" out of reach")?;
+        Some((patched.parse().ok()?, out.parse().ok()?))
+    })
+}
+
+/// The boot line must account for every site of the table (patched, or out of reach
+/// and left on the trampoline), and only a relaxed site (`jal` ±1 MiB, `c.j` ±2 KiB)
+/// can be out of reach: a pair reaches ±2 GiB, beyond the whole kernel. Returns the
+/// line's summary.
+fn check_init(serial: &[String], sites: &Sites) -> Result<String, String> {
+    let Some((patched, out)) = parse_init(serial) else {
+        return Err("no `init: … sites patched, … out of reach` line".to_owned());
+    };
+    if patched + out != sites.total {
+        return Err(format!(
+            "init: {patched} sites patched + {out} out of reach, but the table has {} sites",
+            sites.total
+        ));
+    }
+    if out > sites.relaxed {
+        return Err(format!(
+            "init: {out} sites out of reach, but only {} are relaxed (jal/c.j)",
+            sites.relaxed
+        ));
+    }
+    Ok(format!(
+        "{patched} sites patched + {out} out of reach (on the trampoline) = {} sites, \
+         {} of them relaxed",
+        sites.total, sites.relaxed
+    ))
+}
+
+/// Boots the relaxed kernel once, on one CPU of `label`'s model, as run
+/// `MODEL/relaxed`, and judges it as [`boot_all`] judges a run.
+fn boot_relaxed(
+    image: &Path,
+    label: &str,
+    timeout: Duration,
+    has_max: bool,
+    sites: &Sites,
+) -> Result<u32> {
+    let model = qemu::split_label(label).0;
+    let label = format!("{model}/relaxed");
+    let (exit, serial) = qemu::boot(&label, qemu_command(model, image, has_max), timeout)?;
+    let mut verdict = judge::judge(&exit, &serial);
+    verdict
+        .problems
+        .extend(judge::check_required_tests(&serial, REQUIRED_TESTS));
+    verdict
+        .problems
+        .extend(judge::check_required_tests(&serial, &shared_tests_for(1)));
+    verdict
+        .problems
+        .extend(judge::check_cpus_online(&serial, 1));
+    match check_init(&serial, sites) {
+        Ok(line) => println!("xtask: [{label}] {line}"),
+        Err(e) => verdict.problems.push(e),
+    }
+    if !verdict.ok() {
+        bail!(
+            "[{label}] the relaxed kernel failed: {}",
+            verdict.problems.join("; ")
+        );
+    }
+    println!("xtask: [{label}] passed ({exit})");
+    Ok(verdict.passed.unwrap_or(0))
 }
 
 /// `rustup target add riscv64gc-unknown-none-elf`, QEMU for RISC-V, OpenSBI (the
@@ -295,7 +477,13 @@ pub(crate) fn qemu_command(label: &str, image: &Path, has_max: bool) -> Command 
     command
 }
 
-fn boot_all(image: &Path, labels: &[String], timeout: Duration, has_max: bool) -> Result<u32> {
+fn boot_all(
+    image: &Path,
+    labels: &[String],
+    timeout: Duration,
+    has_max: bool,
+    sites: &Sites,
+) -> Result<u32> {
     if !has_max && labels.iter().any(|l| l.contains("-max")) {
         println!(
             "xtask: this qemu-system-riscv64 has no `max` CPU: `max` runs boot `rv64,{MAX_EXTENSIONS}`"
@@ -323,6 +511,10 @@ fn boot_all(image: &Path, labels: &[String], timeout: Duration, has_max: bool) -
         verdict
             .problems
             .extend(judge::check_cpus_online(&serial, cpus));
+        match check_init(&serial, sites) {
+            Ok(line) => println!("xtask: [{label}] {line}"),
+            Err(e) => verdict.problems.push(e),
+        }
         if let Some(passed) = verdict.passed.filter(|&n| n < REQUIRED_TESTS.len() as u32) {
             verdict.problems.push(format!(
                 "{passed} tests passed, expected at least {}",
@@ -542,6 +734,40 @@ mod tests {
         assert!(four.contains(&"smp_stress_live_patching"));
         assert!(four.contains(&"module_probe_live_toggle_while_aps_run_it"));
         assert!(!four.iter().any(|t| t.starts_with("module_far_")));
+    }
+
+    #[test]
+    fn init_line_accounts_for_every_site() {
+        let serial = |line: &str| vec!["ksites: boot".to_owned(), line.to_owned()];
+        let line = "init: 9 ifuncs resolved, 40 sites patched, 2 out of reach, 1 sync rounds";
+        assert_eq!(parse_init(&serial(line)), Some((40, 2)));
+        let relaxed = Sites {
+            total: 42,
+            relaxed: 5,
+        };
+        assert!(check_init(&serial(line), &relaxed).is_ok());
+        // A site neither patched nor out of reach, or more out of reach than relaxed.
+        let short = Sites {
+            total: 43,
+            relaxed: 5,
+        };
+        assert!(check_init(&serial(line), &short).is_err());
+        let pairs = Sites {
+            total: 42,
+            relaxed: 0,
+        };
+        assert!(check_init(&serial(line), &pairs).is_err());
+        assert!(check_init(&serial("init: failed"), &relaxed).is_err());
+        assert_eq!(parse_init(&serial("init: x ifuncs resolved")), None);
+    }
+
+    #[test]
+    fn relaxed_link_needs_relaxed_sites() {
+        let forms = |pair, jal, c_j| crosscheck::FormCounts { pair, jal, c_j };
+        assert!(check_forms(true, &forms(10, 3, 1)).is_ok());
+        assert!(check_forms(true, &forms(10, 0, 0)).is_err());
+        assert!(check_forms(false, &forms(10, 0, 0)).is_ok());
+        assert!(check_forms(false, &forms(10, 0, 1)).is_err());
     }
 
     #[test]

@@ -18,9 +18,7 @@ use core::sync::atomic::Ordering;
 
 use super::percpu::{self, Section};
 use super::records::ProbeRecord;
-use super::state::{
-    ID_EPOCH, IN_INT3, INT3_DRAIN_WAITS, INT3_EMULATIONS, STATES, with_image_at,
-};
+use super::state::{ID_EPOCH, IN_INT3, INT3_DRAIN_WAITS, INT3_EMULATIONS, STATES, with_image_at};
 use super::{Handler, ProbeId};
 use crate::arch::native::probe::{
     self as arch, Int3Frame, Stubs, ksites_probe_ret0, ksites_probe_ret1,

@@ -67,6 +67,7 @@ mod registry;
 mod state;
 mod trap;
 
+pub use crate::arch::native::probe::CPU_BASE;
 #[cfg(any(target_arch = "x86_64", target_arch = "riscv64"))]
 pub use crate::arch::native::probe::{C_ENABLED_OFF, C_ENABLED_ON, C_TAIL_OFF};
 pub use crate::arch::native::probe::{
@@ -78,7 +79,6 @@ pub use dispatch::{
 };
 pub use glob::{glob_match, glob_match_str};
 pub use inspect::{ProbeSiteImage, ProbeSiteInfo, ProbeSiteState, ProbeSites, probe_sites, probes};
-pub use crate::arch::native::probe::CPU_BASE;
 pub use percpu::{CpuIndex, MAX_CPUS, set_cpu_index, set_cpu_index_word};
 pub use records::{
     DECL_MAGIC, DECL_SECTION, DECL_SIZE, PROBE_RECORD_MAGIC, ProbeRecord, RECORD_NARGS_NONE,

@@ -61,9 +61,7 @@
 //! the registry lock (`info`, `lookup`, `enable`, …) while another CPU may be draining:
 //! the drain holds the lock.
 
-use core::sync::atomic::{
-    AtomicIsize, AtomicU64, AtomicUsize, Ordering, compiler_fence,
-};
+use core::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering, compiler_fence};
 
 use super::MAX_PROBES;
 use crate::arch::native::local;
@@ -496,12 +494,19 @@ mod tests {
             unsafe { register_module(t, range.clone(), &poker()) }.unwrap()
         };
         let q = id(&second, 0);
-        assert_ne!(p, q, "the second registration got the same ids: nothing tested");
+        assert_ne!(
+            p, q,
+            "the second registration got the same ids: nothing tested"
+        );
         // SAFETY: as above.
         unsafe { enable(q, seen, &mut poker()) }.unwrap();
         std::thread::spawn(move || {
             become_cpu();
-            assert_eq!(fire_rec(), u64::from(q.0), "fired through a stale cached id");
+            assert_eq!(
+                fire_rec(),
+                u64::from(q.0),
+                "fired through a stale cached id"
+            );
         })
         .join()
         .unwrap();

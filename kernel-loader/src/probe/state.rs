@@ -76,11 +76,16 @@ static CONTROL: spin::Mutex<()> = spin::Mutex::new(());
 /// whose memory is registered again (at other ids) does not fire through its old cache
 /// (unless exactly a multiple of 2^22 unloads happened in between, when the tag wraps).
 pub(super) static ID_EPOCH: AtomicU32 = AtomicU32::new(MAX_PROBES as u32);
-const _: () = assert!(MAX_PROBES.is_power_of_two(), "ID_EPOCH counts above the id bits");
+const _: () = assert!(
+    MAX_PROBES.is_power_of_two(),
+    "ID_EPOCH counts above the id bits"
+);
 
 /// Moves [`ID_EPOCH`] on (wrapping past 0, which an empty cache holds).
 fn next_epoch(_lock: &mut Control) {
-    let e = ID_EPOCH.load(Ordering::Relaxed).wrapping_add(MAX_PROBES as u32);
+    let e = ID_EPOCH
+        .load(Ordering::Relaxed)
+        .wrapping_add(MAX_PROBES as u32);
     let e = if e == 0 { MAX_PROBES as u32 } else { e };
     ID_EPOCH.store(e, Ordering::SeqCst);
 }

@@ -465,7 +465,9 @@ pub unsafe fn read_cpu_word(offset: isize) -> u32 {
     {
         let b: usize;
         // SAFETY: reading a register has no side effect.
-        unsafe { core::arch::asm!("mv {}, tp", out(reg) b, options(nomem, nostack, preserves_flags)) };
+        unsafe {
+            core::arch::asm!("mv {}, tp", out(reg) b, options(nomem, nostack, preserves_flags))
+        };
         // SAFETY: the caller's precondition: a readable, aligned u32 there.
         v = unsafe { core::ptr::read_volatile(b.wrapping_add_signed(offset) as *const u32) };
     }

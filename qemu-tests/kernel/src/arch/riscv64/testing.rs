@@ -157,13 +157,15 @@ pub fn trap_with_registers(regs: &mut [u64; 10], ra: &mut u64) -> u64 {
     // as operands; `ra` is one (in/out), so the compiler saved the real return address.
     unsafe {
         asm!(
-            // The probe trap is 4-aligned, as every probe site is: the loader's
-            // `is_probe_ebreak` refuses an `ebreak` at 2 mod 4. (The padding may be a
-            // `c.nop`, so it comes before `norvc`; only 4-byte instructions follow.)
-            ".balign 4",
             ".option push",
             ".option norvc",
             "lla {site}, 2f",
+            ".option pop",
+            // 4-aligned, as a probe site's (`is_probe_ebreak` refuses an `ebreak` at
+            // 2 mod 4); the padding, if any, is a `c.nop`, so RVC is on here.
+            ".p2align 2",
+            ".option push",
+            ".option norvc",
             "2: ebreak",
             ".option pop",
             inout("a0") r[0], inout("a1") r[1], inout("a2") r[2], inout("a3") r[3], inout("a4") r[4],
@@ -183,12 +185,15 @@ pub fn trap_then_return() -> bool {
     // `ebreak` is only reached if it does not (and then faults, failing the run).
     unsafe {
         asm!(
-            // 4-aligned, as in `trap_with_registers`.
-            ".balign 4",
             ".option push",
             ".option norvc",
             "li {landed}, 0",
             "lla ra, 3f",
+            ".option pop",
+            // 4-aligned, as in `trap_with_registers`.
+            ".p2align 2",
+            ".option push",
+            ".option norvc",
             "ebreak",
             "unimp",
             "3: li {landed}, 1",
