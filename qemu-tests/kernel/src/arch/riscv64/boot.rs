@@ -41,6 +41,17 @@ static mut SECONDARY_STACKS: Stacks = Stacks([[0; STACK_SIZE]; MAX_CPUS]);
 #[unsafe(no_mangle)]
 pub static mut MMU_SATP: u64 = 0;
 
+/// The stack CPU `cpu` runs on, as an address range (for fault reports).
+pub fn stack_of(cpu: usize) -> core::ops::Range<u64> {
+    let (base, size) = if cpu == 0 {
+        (core::ptr::addr_of!(BOOT_STACK) as u64, BOOT_STACK_SIZE)
+    } else {
+        let all = core::ptr::addr_of!(SECONDARY_STACKS) as u64;
+        (all + (cpu * STACK_SIZE) as u64, STACK_SIZE)
+    };
+    base..base + size as u64
+}
+
 const _: () = assert!(STACK_SIZE.is_power_of_two());
 
 /// `sstatus.FS` = Initial.

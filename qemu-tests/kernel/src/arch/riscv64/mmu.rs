@@ -273,6 +273,16 @@ pub unsafe fn write_text(addr: u64, bytes: &[u8]) -> bool {
     };
     if addr.is_multiple_of(4) && bytes.len() == 4 {
         let word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        // SAFETY: `alias` maps the text page RW, 4-aligned.
+        let old = unsafe { (alias as *const u32).read_volatile() };
+        if tears_harmfully(old, word) {
+            // SAFETY: as above: the low half alone, one aligned 16-bit store.
+            unsafe { (alias as *mut u16).write_volatile(word as u16) };
+            riscv::asm::fence_i();
+            // Every other hart takes an interrupt, so a translation that read the old
+            // low half has finished before the high half changes.
+            smp::tear_barrier();
+        }
         // SAFETY: `alias` maps the text page RW; one aligned 32-bit store, single-copy
         // atomic for a hart fetching `addr`.
         unsafe { (alias as *mut u32).write_volatile(word) };
@@ -284,6 +294,40 @@ pub unsafe fn write_text(addr: u64, bytes: &[u8]) -> bool {
     }
     riscv::asm::fence_i();
     true
+}
+
+/// `nop` (`addi x0, x0, 0`) and `ret` (`jalr x0, 0(ra)`): the low halves of the
+/// disabled forms of the probe sites that change both halves of their word.
+const NOP_LOW: u16 = 0x0013;
+const RET_LOW: u16 = 0x8067;
+/// The high half of `ebreak` (the enabled C tail site).
+const EBREAK_HIGH: u16 = 0x0010;
+
+/// Whether replacing instruction `old` by `new` with one 32-bit store can be *fetched
+/// torn* in a way that runs something neither is, so [`write_text`] first stores the
+/// new low half alone.
+///
+/// QEMU's RISC-V translator reads a 32-bit instruction as two 16-bit loads, low half
+/// first, and with multi-threaded TCG another hart can translate a site while CPU 0's
+/// store to it lands between the two loads (its host thread may be preempted there):
+/// it then runs (old low half, new high half) — not the atomic fetch (Ziccif) that
+/// the single-store protocol relies on and hardware gives. For a disable that is harmful:
+/// `jal rd, stub` -> `nop` tears into `jal rd, (imm[15:12] << 12)` (the SMP stress
+/// jumped from `c_fire_zero` into the middle of an unrelated function and faulted,
+/// "unexpected exception 5 … stval=0x30"), and `ebreak` -> `ret` into `ecall`. The
+/// enables are harmless torn (`nop`'s low half with any high half is `addi x0`, a
+/// no-op; `ret`'s low half with `ebreak`'s high half is `jalr x0, 1(ra)`, a `ret`).
+/// So [`write_text`] stores the new low half first, waits for one interrupt on every
+/// other hart ([`smp::tear_barrier`]: a translation that read the old low half is
+/// finished by then), then stores the word: a hart fetches old, (new low, old high)
+/// or new, and the middle one is a harmless mix: `addi x0, …` (a no-op hint) for a
+/// `nop`, `jalr x0, 1(ra)` for a `ret` over `ebreak`. Each state behaves as the old or
+/// the new instruction, so the protocol's guarantee holds (on hardware too), at the
+/// cost of a second store and an uncounted round for such a disable.
+fn tears_harmfully(old: u32, new: u32) -> bool {
+    let (old_high, new_low, new_high) = (old >> 16, new as u16, new >> 16);
+    old_high != new_high
+        && (new_low == NOP_LOW || (new_low == RET_LOW && old_high == u32::from(EBREAK_HIGH)))
 }
 
 /// The `TextPoker` for this kernel: writes kernel or module text through the alias

@@ -207,8 +207,25 @@ pub static ROUNDS: AtomicU64 = AtomicU64::new(0);
 /// before it returns. CPU 0 only (one patcher at a time). Panics if a hart does not
 /// acknowledge within [`ACK_TIMEOUT_US`] (a lost IPI is a kernel bug).
 pub fn sync_cores() {
-    riscv::asm::fence_i();
     ROUNDS.fetch_add(1, Ordering::SeqCst);
+    fence_round();
+}
+
+/// Rounds [`tear_barrier`] ran (not counted in [`ROUNDS`]).
+pub static TEAR_ROUNDS: AtomicU64 = AtomicU64::new(0);
+
+/// The round of [`sync_cores`], not counted as a synchronisation round: `mmu::write_text`
+/// runs it between the two stores of a disable that QEMU could fetch torn (see
+/// `mmu::tears_harmfully`). CPU 0 only.
+pub fn tear_barrier() {
+    TEAR_ROUNDS.fetch_add(1, Ordering::SeqCst);
+    fence_round();
+}
+
+/// `fence.i` here, an IPI to every other online hart, and the wait for their
+/// acknowledgements (each handler runs `fence.i`).
+fn fence_round() {
+    riscv::asm::fence_i();
     let round = ROUND.fetch_add(1, Ordering::SeqCst) + 1;
     let me = cpu_index();
     let others = others_mask();
