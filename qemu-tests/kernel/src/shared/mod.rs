@@ -52,6 +52,7 @@
 
 pub mod ifunc_tests;
 pub mod live_tests;
+pub mod module_arena;
 pub mod module_tests;
 pub mod probe_tests;
 pub mod smp_tests;

@@ -22,7 +22,7 @@ pub mod exit;
 pub mod far_module_tests;
 pub mod gic;
 pub mod mmu;
-pub mod module_arena;
+pub use crate::shared::module_arena;
 pub mod psci;
 pub mod serial;
 pub mod smp;

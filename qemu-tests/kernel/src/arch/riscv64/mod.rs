@@ -24,7 +24,7 @@ pub mod dt;
 pub mod exceptions;
 pub mod exit;
 pub mod mmu;
-pub mod module_arena;
+pub use crate::shared::module_arena;
 pub mod sbi;
 pub mod serial;
 pub mod smp;

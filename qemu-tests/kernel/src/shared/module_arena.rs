@@ -1,18 +1,22 @@
-//! The aarch64 module arena: the pages of the module block ([`mmu::MODULE_BASE`], 2 MiB,
-//! within `bl` reach of the kernel text) handed out to loaded modules.
+//! The module arena of the aarch64 and riscv64 platforms: the pages of the module block
+//! ([`mmu::MODULE_BASE`], 2 MiB, within direct-call reach of the kernel text: `bl` on
+//! aarch64, `auipc`+`jalr` on riscv64) handed out to loaded modules. Each platform
+//! re-exports it as `arch::module_arena`; it reaches the platform only through
+//! `arch::mmu` (`MODULE_BASE`, `MODULE_SIZE`, `FAR_MODULE_BASE`, `PAGE_SIZE`,
+//! `protect_module`, `ModulePerm`).
 //!
 //! A bitmap (no heap) of the block's 512 pages; a run is handed out zeroed and RW + NX;
 //! [`ModuleMemory::protect`] sets each page's permissions through
 //! [`mmu::protect_module`] (RX, R or RW, never W+X); [`ModuleMemory::free`] makes the
 //! pages RW + NX and zeroes them. Module text is patched through the block's writable
-//! alias ([`mmu::AliasPoker`]), never through its own mapping.
+//! alias (`mmu::AliasPoker`), never through its own mapping.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use kernel_loader::module::{ModuleMemory, Prot, ProtectError, Region};
 
-use super::mmu::{self, ModulePerm};
+use crate::arch::mmu::{self, ModulePerm};
 
 /// Pages in the arena.
 pub const PAGES: usize = (mmu::MODULE_SIZE / mmu::PAGE_SIZE) as usize;
@@ -139,8 +143,8 @@ impl ModuleMemory for ModuleArena {
     }
 }
 
-/// The far module block ([`mmu::FAR_MODULE_BASE`], out of `bl` reach of the kernel
-/// text) as module memory: one region at a time, from its start.
+/// The far module block ([`mmu::FAR_MODULE_BASE`]: out of `bl` reach of the kernel text
+/// on aarch64; 160 MiB into RAM on riscv64, in `auipc`+`jalr` reach) as module memory: one region at a time, from its start.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FarArena;
 
