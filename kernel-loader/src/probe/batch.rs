@@ -631,325 +631,174 @@ mod fused_check_tests {
     }
 }
 
-/// The generic batch with aarch64's single-store protocol, on any host: over a buffer
-/// nothing executes, with a poker that counts writes and synchronisation rounds.
+/// The generic batch with a single-store protocol (aarch64's, riscv64's), on any host:
+/// over a buffer nothing executes, with a poker that counts writes and synchronisation
+/// rounds. One test module per architecture: `$arch` names its `crate::arch` module,
+/// `$id` its table id, `$foreign` a word that is none of its probe forms.
 #[cfg(test)]
-mod single_store_tests {
-    use super::*;
-    use crate::arch::aarch64::probe::{Live as A64, Stubs as A64Stubs, site_word as a64_word};
-    use crate::arch::ids;
-    use crate::format::{ProbeKind, test_table};
-    use std::vec::Vec;
+macro_rules! single_store_tests {
+    ($name:ident, $arch:ident, $id:ident, $foreign:expr) => {
+        mod $name {
+            use super::*;
+            use crate::arch::$arch::probe::{Live as Proto, Stubs as ArchStubs, site_word as arch_word};
+            use crate::arch::ids;
+            use crate::format::{ProbeKind, test_table};
+            use std::vec::Vec;
 
-    /// Writes memory directly (one aligned 4-byte store per write), with an optional
-    /// one-shot failure, counting writes and rounds.
-    #[derive(Default)]
-    struct Mem {
-        writes: usize,
-        syncs: usize,
-        fail_at: Option<u64>,
-    }
-    impl TextPoker for Mem {
-        unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
-            if self.fail_at == Some(addr) {
-                self.fail_at = None;
-                return Err(PokeError::new(addr, crate::patch::PokeFailure::Injected));
+            /// Writes memory directly (one aligned 4-byte store per write), with an optional
+            /// one-shot failure, counting writes and rounds.
+            #[derive(Default)]
+            struct Mem {
+                writes: usize,
+                syncs: usize,
+                fail_at: Option<u64>,
             }
-            assert_eq!((bytes.len(), addr % 4), (4, 0), "one aligned store");
-            self.writes += 1;
-            let w = u32::from_le_bytes(bytes.try_into().unwrap());
-            // SAFETY: a site in the test's leaked buffer, which nothing executes;
-            // 4-aligned (checked above).
-            unsafe { core::ptr::write_volatile(addr as *mut u32, w) };
-            Ok(())
+            impl TextPoker for Mem {
+                unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
+                    if self.fail_at == Some(addr) {
+                        self.fail_at = None;
+                        return Err(PokeError::new(addr, crate::patch::PokeFailure::Injected));
+                    }
+                    assert_eq!((bytes.len(), addr % 4), (4, 0), "one aligned store");
+                    self.writes += 1;
+                    let w = u32::from_le_bytes(bytes.try_into().unwrap());
+                    // SAFETY: a site in the test's leaked buffer, which nothing executes;
+                    // 4-aligned (checked above).
+                    unsafe { core::ptr::write_volatile(addr as *mut u32, w) };
+                    Ok(())
+                }
+                fn sync_cores(&mut self) {
+                    self.syncs += 1;
+                }
+                fn end(&mut self) {}
+            }
+
+            const KINDS: [ProbeKind; 6] = [
+                ProbeKind::RustJmp,
+                ProbeKind::CCall,
+                ProbeKind::CTail,
+                ProbeKind::CEnabled,
+                ProbeKind::CEnabledTail,
+                ProbeKind::RustEnabled,
+            ];
+            const N: u64 = 12;
+
+            /// A leaked text buffer holding `N` probe sites of probe 0 (every kind), a
+            /// table of the architecture for them, and stubs inside the buffer.
+            fn setup() -> (&'static mut [u32], Table<'static>, ArchStubs) {
+                let text: &'static mut [u32] =
+                    std::boxed::Box::leak(std::vec![0u32; 256].into_boxed_slice());
+                let t0 = text.as_ptr() as u64;
+                let sites: Vec<_> = (0..N)
+                    .map(|i| (t0 + 8 * i, t0 + 0x200 + 8 * i, KINDS[i as usize % 6], 0))
+                    .collect();
+                let words: &'static mut [u64] =
+                    std::boxed::Box::leak(std::vec![0u64; 64].into_boxed_slice());
+                let base = words.as_ptr() as u64;
+                let tb = test_table::probe_table_for(ids::$id, base, 1, &sites);
+                // SAFETY: the leaked table buffer, as bytes (512 of them).
+                let tbytes = unsafe { core::slice::from_raw_parts_mut(base as *mut u8, 512) };
+                tbytes[..tb.len()].copy_from_slice(&tb);
+                let exec: Vec<_> = core::iter::once(t0..t0 + 1024).collect();
+                let t = Table::parse(&tbytes[..tb.len()], base, &exec).unwrap();
+                let stubs = ArchStubs {
+                    c_entry: t0 + 0x300,
+                    ret0: t0 + 0x308,
+                    ret1: t0 + 0x310,
+                };
+                for s in t.probe_sites() {
+                    text[((s.addr - t0) / 4) as usize] =
+                        arch_word(&s.arch_ref(), false, &stubs).unwrap() as u32;
+                }
+                (text, t, stubs)
+            }
+
+            fn form(t: &Table<'_>, stubs: &ArchStubs, on: bool) -> Vec<u32> {
+                t.probe_sites()
+                    .map(|s| arch_word(&s.arch_ref(), on, stubs).unwrap() as u32)
+                    .collect()
+            }
+
+            fn sites_now(text: &[u32]) -> Vec<u32> {
+                (0..N as usize).map(|i| text[2 * i]).collect()
+            }
+
+            #[test]
+            fn one_store_per_site_and_one_round_per_batch() {
+                let (text, t, stubs) = setup();
+                let st = ProbeState::new();
+                let b = Batch::<Proto> {
+                    t: &t,
+                    local: ProbeId(0),
+                    id: ProbeId(0),
+                    stubs,
+                    arch: PhantomData,
+                };
+                assert_ne!(form(&t, &stubs, true), form(&t, &stubs, false));
+                let mut p = Mem::default();
+                // SAFETY: the sites are in the test's buffer, which nothing executes.
+                unsafe { b.switch(&st, true, &mut p) }.unwrap();
+                assert_eq!(sites_now(text), form(&t, &stubs, true));
+                assert!(st.enabled.load(Ordering::SeqCst));
+                assert_eq!((p.writes, p.syncs), (N as usize, 1), "one round per batch");
+                let mut p = Mem::default();
+                // SAFETY: as above.
+                unsafe { b.switch(&st, false, &mut p) }.unwrap();
+                assert_eq!(sites_now(text), form(&t, &stubs, false));
+                assert!(!st.enabled.load(Ordering::SeqCst));
+                assert_eq!((p.writes, p.syncs), (N as usize, 1));
+            }
+
+            #[test]
+            fn a_failed_check_writes_nothing_and_a_failed_store_rolls_back() {
+                let (text, t, stubs) = setup();
+                let t0 = text.as_ptr() as u64;
+                let st = ProbeState::new();
+                let b = Batch::<Proto> {
+                    t: &t,
+                    local: ProbeId(0),
+                    id: ProbeId(0),
+                    stubs,
+                    arch: PhantomData,
+                };
+                let off = form(&t, &stubs, false);
+                // Site 5 holds something else: every site is checked before any is written.
+                text[10] = $foreign;
+                let mut p = Mem::default();
+                // SAFETY: as above.
+                let r = unsafe { b.switch(&st, true, &mut p) };
+                assert!(
+                    matches!(r, Err(ProbeError::UnexpectedBytes { site, .. }) if site == t0 + 40),
+                    "{r:?}"
+                );
+                assert_eq!((p.writes, p.syncs), (0, 0));
+                assert!(!st.enabled.load(Ordering::SeqCst));
+                text[10] = off[5];
+                // The store at site 7 fails: sites 0..7 were written, then every site is put
+                // back, in one round.
+                let mut p = Mem {
+                    fail_at: Some(t0 + 56),
+                    ..Mem::default()
+                };
+                // SAFETY: as above.
+                let r = unsafe { b.switch(&st, true, &mut p) };
+                assert!(
+                    matches!(r, Err(ProbeError::Poke(e)) if e.addr == t0 + 56),
+                    "{r:?}"
+                );
+                assert_eq!(sites_now(text), off);
+                assert!(!st.enabled.load(Ordering::SeqCst));
+                assert_eq!((p.writes, p.syncs), (7 + N as usize, 1));
+                // And the next batch goes through.
+                // SAFETY: as above.
+                unsafe { b.switch(&st, true, &mut Mem::default()) }.unwrap();
+                assert_eq!(sites_now(text), form(&t, &stubs, true));
+            }
         }
-        fn sync_cores(&mut self) {
-            self.syncs += 1;
-        }
-        fn end(&mut self) {}
-    }
-
-    const KINDS: [ProbeKind; 6] = [
-        ProbeKind::RustJmp,
-        ProbeKind::CCall,
-        ProbeKind::CTail,
-        ProbeKind::CEnabled,
-        ProbeKind::CEnabledTail,
-        ProbeKind::RustEnabled,
-    ];
-    const N: u64 = 12;
-
-    /// A leaked text buffer holding `N` probe sites of probe 0 (every kind), an aarch64
-    /// table for them, and stubs inside the buffer.
-    fn setup() -> (&'static mut [u32], Table<'static>, A64Stubs) {
-        let text: &'static mut [u32] =
-            std::boxed::Box::leak(std::vec![0u32; 256].into_boxed_slice());
-        let t0 = text.as_ptr() as u64;
-        let sites: Vec<_> = (0..N)
-            .map(|i| (t0 + 8 * i, t0 + 0x200 + 8 * i, KINDS[i as usize % 6], 0))
-            .collect();
-        let words: &'static mut [u64] =
-            std::boxed::Box::leak(std::vec![0u64; 64].into_boxed_slice());
-        let base = words.as_ptr() as u64;
-        let tb = test_table::probe_table_for(ids::AARCH64, base, 1, &sites);
-        // SAFETY: the leaked table buffer, as bytes (512 of them).
-        let tbytes = unsafe { core::slice::from_raw_parts_mut(base as *mut u8, 512) };
-        tbytes[..tb.len()].copy_from_slice(&tb);
-        let exec: Vec<_> = core::iter::once(t0..t0 + 1024).collect();
-        let t = Table::parse(&tbytes[..tb.len()], base, &exec).unwrap();
-        let stubs = A64Stubs {
-            c_entry: t0 + 0x300,
-            ret0: t0 + 0x308,
-            ret1: t0 + 0x310,
-        };
-        for s in t.probe_sites() {
-            text[((s.addr - t0) / 4) as usize] =
-                a64_word(&s.arch_ref(), false, &stubs).unwrap() as u32;
-        }
-        (text, t, stubs)
-    }
-
-    fn form(t: &Table<'_>, stubs: &A64Stubs, on: bool) -> Vec<u32> {
-        t.probe_sites()
-            .map(|s| a64_word(&s.arch_ref(), on, stubs).unwrap() as u32)
-            .collect()
-    }
-
-    fn sites_now(text: &[u32]) -> Vec<u32> {
-        (0..N as usize).map(|i| text[2 * i]).collect()
-    }
-
-    #[test]
-    fn one_store_per_site_and_one_round_per_batch() {
-        let (text, t, stubs) = setup();
-        let st = ProbeState::new();
-        let b = Batch::<A64> {
-            t: &t,
-            local: ProbeId(0),
-            id: ProbeId(0),
-            stubs,
-            arch: PhantomData,
-        };
-        assert_ne!(form(&t, &stubs, true), form(&t, &stubs, false));
-        let mut p = Mem::default();
-        // SAFETY: the sites are in the test's buffer, which nothing executes.
-        unsafe { b.switch(&st, true, &mut p) }.unwrap();
-        assert_eq!(sites_now(text), form(&t, &stubs, true));
-        assert!(st.enabled.load(Ordering::SeqCst));
-        assert_eq!((p.writes, p.syncs), (N as usize, 1), "one round per batch");
-        let mut p = Mem::default();
-        // SAFETY: as above.
-        unsafe { b.switch(&st, false, &mut p) }.unwrap();
-        assert_eq!(sites_now(text), form(&t, &stubs, false));
-        assert!(!st.enabled.load(Ordering::SeqCst));
-        assert_eq!((p.writes, p.syncs), (N as usize, 1));
-    }
-
-    #[test]
-    fn a_failed_check_writes_nothing_and_a_failed_store_rolls_back() {
-        let (text, t, stubs) = setup();
-        let t0 = text.as_ptr() as u64;
-        let st = ProbeState::new();
-        let b = Batch::<A64> {
-            t: &t,
-            local: ProbeId(0),
-            id: ProbeId(0),
-            stubs,
-            arch: PhantomData,
-        };
-        let off = form(&t, &stubs, false);
-        // Site 5 holds something else: every site is checked before any is written.
-        text[10] = 0xd65f_03c0;
-        let mut p = Mem::default();
-        // SAFETY: as above.
-        let r = unsafe { b.switch(&st, true, &mut p) };
-        assert!(
-            matches!(r, Err(ProbeError::UnexpectedBytes { site, .. }) if site == t0 + 40),
-            "{r:?}"
-        );
-        assert_eq!((p.writes, p.syncs), (0, 0));
-        assert!(!st.enabled.load(Ordering::SeqCst));
-        text[10] = off[5];
-        // The store at site 7 fails: sites 0..7 were written, then every site is put
-        // back, in one round.
-        let mut p = Mem {
-            fail_at: Some(t0 + 56),
-            ..Mem::default()
-        };
-        // SAFETY: as above.
-        let r = unsafe { b.switch(&st, true, &mut p) };
-        assert!(
-            matches!(r, Err(ProbeError::Poke(e)) if e.addr == t0 + 56),
-            "{r:?}"
-        );
-        assert_eq!(sites_now(text), off);
-        assert!(!st.enabled.load(Ordering::SeqCst));
-        assert_eq!((p.writes, p.syncs), (7 + N as usize, 1));
-        // And the next batch goes through.
-        // SAFETY: as above.
-        unsafe { b.switch(&st, true, &mut Mem::default()) }.unwrap();
-        assert_eq!(sites_now(text), form(&t, &stubs, true));
-    }
+    };
 }
 
-/// The generic batch with riscv64's single-store protocol (the aarch64 tests above, on
-/// riscv64 forms), on any host: over a buffer
-/// nothing executes, with a poker that counts writes and synchronisation rounds.
 #[cfg(test)]
-mod riscv64_single_store_tests {
-    use super::*;
-    use crate::arch::ids;
-    use crate::arch::riscv64::probe::{Live as Rv, Stubs as RvStubs, site_word as rv_word};
-    use crate::format::{ProbeKind, test_table};
-    use std::vec::Vec;
-
-    /// Writes memory directly (one aligned 4-byte store per write), with an optional
-    /// one-shot failure, counting writes and rounds.
-    #[derive(Default)]
-    struct Mem {
-        writes: usize,
-        syncs: usize,
-        fail_at: Option<u64>,
-    }
-    impl TextPoker for Mem {
-        unsafe fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PokeError> {
-            if self.fail_at == Some(addr) {
-                self.fail_at = None;
-                return Err(PokeError::new(addr, crate::patch::PokeFailure::Injected));
-            }
-            assert_eq!((bytes.len(), addr % 4), (4, 0), "one aligned store");
-            self.writes += 1;
-            let w = u32::from_le_bytes(bytes.try_into().unwrap());
-            // SAFETY: a site in the test's leaked buffer, which nothing executes;
-            // 4-aligned (checked above).
-            unsafe { core::ptr::write_volatile(addr as *mut u32, w) };
-            Ok(())
-        }
-        fn sync_cores(&mut self) {
-            self.syncs += 1;
-        }
-        fn end(&mut self) {}
-    }
-
-    const KINDS: [ProbeKind; 6] = [
-        ProbeKind::RustJmp,
-        ProbeKind::CCall,
-        ProbeKind::CTail,
-        ProbeKind::CEnabled,
-        ProbeKind::CEnabledTail,
-        ProbeKind::RustEnabled,
-    ];
-    const N: u64 = 12;
-
-    /// A leaked text buffer holding `N` probe sites of probe 0 (every kind), a riscv64
-    /// table for them, and stubs inside the buffer.
-    fn setup() -> (&'static mut [u32], Table<'static>, RvStubs) {
-        let text: &'static mut [u32] =
-            std::boxed::Box::leak(std::vec![0u32; 256].into_boxed_slice());
-        let t0 = text.as_ptr() as u64;
-        let sites: Vec<_> = (0..N)
-            .map(|i| (t0 + 8 * i, t0 + 0x200 + 8 * i, KINDS[i as usize % 6], 0))
-            .collect();
-        let words: &'static mut [u64] =
-            std::boxed::Box::leak(std::vec![0u64; 64].into_boxed_slice());
-        let base = words.as_ptr() as u64;
-        let tb = test_table::probe_table_for(ids::RISCV64, base, 1, &sites);
-        // SAFETY: the leaked table buffer, as bytes (512 of them).
-        let tbytes = unsafe { core::slice::from_raw_parts_mut(base as *mut u8, 512) };
-        tbytes[..tb.len()].copy_from_slice(&tb);
-        let exec: Vec<_> = core::iter::once(t0..t0 + 1024).collect();
-        let t = Table::parse(&tbytes[..tb.len()], base, &exec).unwrap();
-        let stubs = RvStubs {
-            c_entry: t0 + 0x300,
-            ret0: t0 + 0x308,
-            ret1: t0 + 0x310,
-        };
-        for s in t.probe_sites() {
-            text[((s.addr - t0) / 4) as usize] =
-                rv_word(&s.arch_ref(), false, &stubs).unwrap() as u32;
-        }
-        (text, t, stubs)
-    }
-
-    fn form(t: &Table<'_>, stubs: &RvStubs, on: bool) -> Vec<u32> {
-        t.probe_sites()
-            .map(|s| rv_word(&s.arch_ref(), on, stubs).unwrap() as u32)
-            .collect()
-    }
-
-    fn sites_now(text: &[u32]) -> Vec<u32> {
-        (0..N as usize).map(|i| text[2 * i]).collect()
-    }
-
-    #[test]
-    fn one_store_per_site_and_one_round_per_batch() {
-        let (text, t, stubs) = setup();
-        let st = ProbeState::new();
-        let b = Batch::<Rv> {
-            t: &t,
-            local: ProbeId(0),
-            id: ProbeId(0),
-            stubs,
-            arch: PhantomData,
-        };
-        assert_ne!(form(&t, &stubs, true), form(&t, &stubs, false));
-        let mut p = Mem::default();
-        // SAFETY: the sites are in the test's buffer, which nothing executes.
-        unsafe { b.switch(&st, true, &mut p) }.unwrap();
-        assert_eq!(sites_now(text), form(&t, &stubs, true));
-        assert!(st.enabled.load(Ordering::SeqCst));
-        assert_eq!((p.writes, p.syncs), (N as usize, 1), "one round per batch");
-        let mut p = Mem::default();
-        // SAFETY: as above.
-        unsafe { b.switch(&st, false, &mut p) }.unwrap();
-        assert_eq!(sites_now(text), form(&t, &stubs, false));
-        assert!(!st.enabled.load(Ordering::SeqCst));
-        assert_eq!((p.writes, p.syncs), (N as usize, 1));
-    }
-
-    #[test]
-    fn a_failed_check_writes_nothing_and_a_failed_store_rolls_back() {
-        let (text, t, stubs) = setup();
-        let t0 = text.as_ptr() as u64;
-        let st = ProbeState::new();
-        let b = Batch::<Rv> {
-            t: &t,
-            local: ProbeId(0),
-            id: ProbeId(0),
-            stubs,
-            arch: PhantomData,
-        };
-        let off = form(&t, &stubs, false);
-        // Site 5 holds something else: every site is checked before any is written.
-        text[10] = 0x0000_0073; // ecall
-        let mut p = Mem::default();
-        // SAFETY: as above.
-        let r = unsafe { b.switch(&st, true, &mut p) };
-        assert!(
-            matches!(r, Err(ProbeError::UnexpectedBytes { site, .. }) if site == t0 + 40),
-            "{r:?}"
-        );
-        assert_eq!((p.writes, p.syncs), (0, 0));
-        assert!(!st.enabled.load(Ordering::SeqCst));
-        text[10] = off[5];
-        // The store at site 7 fails: sites 0..7 were written, then every site is put
-        // back, in one round.
-        let mut p = Mem {
-            fail_at: Some(t0 + 56),
-            ..Mem::default()
-        };
-        // SAFETY: as above.
-        let r = unsafe { b.switch(&st, true, &mut p) };
-        assert!(
-            matches!(r, Err(ProbeError::Poke(e)) if e.addr == t0 + 56),
-            "{r:?}"
-        );
-        assert_eq!(sites_now(text), off);
-        assert!(!st.enabled.load(Ordering::SeqCst));
-        assert_eq!((p.writes, p.syncs), (7 + N as usize, 1));
-        // And the next batch goes through.
-        // SAFETY: as above.
-        unsafe { b.switch(&st, true, &mut Mem::default()) }.unwrap();
-        assert_eq!(sites_now(text), form(&t, &stubs, true));
-    }
-}
+single_store_tests!(single_store_tests, aarch64, AARCH64, 0xd65f_03c0); // ret
+#[cfg(test)]
+single_store_tests!(riscv64_single_store_tests, riscv64, RISCV64, 0x0000_0073); // ecall
