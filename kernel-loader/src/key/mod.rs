@@ -48,6 +48,14 @@ use crate::name::Name;
 use crate::patch::{InsnBytes, PokeError, TextPoker};
 
 mod batch;
+#[cfg(all(
+    test,
+    feature = "std",
+    feature = "module",
+    target_os = "linux",
+    target_arch = "x86_64"
+))]
+mod host_tests;
 mod macros;
 pub(crate) mod registry;
 #[cfg(test)]

@@ -23,18 +23,18 @@ use crate::probe::{
 
 /// 512 bytes of "text" and 512 of table, 8-aligned, in the test binary's data.
 #[repr(C, align(8))]
-struct Area(UnsafeCell<[u8; 1024]>);
+pub(super) struct Area(UnsafeCell<[u8; 1024]>);
 // SAFETY: each test uses its own areas, written only through the test's poker or
 // before registration.
 unsafe impl Sync for Area {}
 impl Area {
-    const fn new() -> Area {
+    pub(super) const fn new() -> Area {
         Area(UnsafeCell::new([0; 1024]))
     }
     fn text(&self) -> u64 {
         self.0.get() as u64
     }
-    fn table_base(&self) -> u64 {
+    pub(super) fn table_base(&self) -> u64 {
         self.text() + 512
     }
     fn bytes(&self) -> &'static mut [u8; 1024] {
@@ -53,6 +53,16 @@ impl Area {
         )
         .unwrap()
     }
+    /// Copies `t` into the table half and parses it with the executable ranges `exec`.
+    pub(super) fn table_with(
+        &'static self,
+        t: &[u8],
+        exec: &[core::ops::Range<u64>],
+    ) -> Table<'static> {
+        let b = self.bytes();
+        b[512..512 + t.len()].copy_from_slice(t);
+        Table::parse(&b[512..512 + t.len()], self.table_base(), exec).unwrap()
+    }
     fn range(&self) -> core::ops::Range<u64> {
         self.text()..self.text() + 1024
     }
@@ -63,7 +73,7 @@ impl Area {
 
 /// Registers an empty kernel table once (keys need the kernel registered) and
 /// declares the #BP route (the tests' sites are never executed).
-fn kernel() {
+pub(super) fn kernel() {
     static ONCE: Once = Once::new();
     static KERNEL: Area = Area::new();
     ONCE.call_once(|| {
