@@ -1,6 +1,7 @@
 /*
  * ksites.h: everything a C kernel (or C program) needs from ksites. Includes
- * ksites_sdt.h (KSITES_PROBE*) and ksites_module.h (KSITES_IFUNC_IMPORT).
+ * ksites_sdt.h (KSITES_PROBE*), ksites_key.h (KSITES_STATIC_KEY_*, KSITES_STATIC_BRANCH*)
+ * and ksites_module.h (KSITES_IFUNC_IMPORT).
  *
  *   KSITES_TABLE_CELL();
  *       at file scope, once per image: defines `__ksites_table_cell`, the 24-byte cell
@@ -26,6 +27,7 @@
 #include <stdint.h>
 
 #include "ksites_arch.h"
+#include "ksites_key.h"
 #include "ksites_module.h"
 #include "ksites_sdt.h"
 
