@@ -680,7 +680,7 @@ single_store!(riscv64_single_store_batch, riscv64, RISCV64, 0x0000_8067u32); // 
 #[test]
 fn errors_say_what_is_wrong_and_chain_into_error() {
     let k = crate::name::Name::new("m::K");
-    let insn = crate::patch::InsnBytes::new(&[0x90; 5]);
+    let insn = crate::patch::InsnBytes::new(&[7; 5]);
     let cases = [
         (KeyError::NotRegistered, "probe::register_image"),
         (KeyError::NoTrapRoute, "declare_int3_route"),
