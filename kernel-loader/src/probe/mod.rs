@@ -89,6 +89,9 @@ pub use registry::{
     is_enabled, lookup, matching, register_image, register_module, unregister_module,
 };
 pub use state::MAX_IMAGES;
+pub(crate) use state::lock_images;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use state::with_table_at;
 #[cfg(target_arch = "aarch64")]
 pub use trap::handle_brk;
 #[cfg(target_arch = "riscv64")]
