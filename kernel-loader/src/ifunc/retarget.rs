@@ -23,12 +23,16 @@
 //! * x86-64, the int3 protocol, batched: `int3` over every changed site's first byte,
 //!   then the new implementation is published to the #BP hook, `sync_cores`; the new
 //!   rel32 of every site, `sync_cores`; every first byte back, `sync_cores`; a
-//!   read-back of every site; the slot (one aligned 8-byte store); then a wait until no
-//!   CPU is still inside the #BP hook. A CPU reaching a site meanwhile traps and is
+//!   read-back of every site; a wait until no CPU is still inside the #BP hook; then
+//!   the slot (one aligned 8-byte store). Three `sync_cores` (IPI rounds) per retarget
+//!   whatever the number of sites. A CPU reaching a site meanwhile traps and is
 //!   emulated (`arch::x86_64::emulate`) into the branch to the ifunc's current target:
 //!   `call` pushes the return address, `jmp` jumps, `jcc` evaluates its condition
-//!   from RFLAGS. The first byte of a prefixed site is a prefix, which the trap hides:
-//!   the batch keeps those bytes in a static buffer ([`MAX_PREFIXED_SITES`] of them per
+//!   from RFLAGS. A CPU that trapped just before a first byte came back and reaches
+//!   the hook after the batch is resumed at the site, to run it again (the hook
+//!   recognises a site of any registered ifunc whose first byte is no longer the
+//!   trap). The first byte of a prefixed site is a prefix, which the trap hides: the
+//!   batch keeps those bytes in a static buffer ([`MAX_PREFIXED_SITES`] of them per
 //!   retarget).
 //! * aarch64: `bl`/`b` may be replaced by one another while other CPUs run them (the
 //!   ARM ARM's concurrent modification rule), so every changed site gets its new
@@ -40,6 +44,15 @@
 //! code is freed or changed but the sites' branches. On any failure every written byte
 //! is put back with the same protocol, the slot is not touched, and the error says
 //! which site.
+//!
+//! # Images
+//!
+//! The images are the probe registry's (`probe::register_image` for the kernel, module
+//! load for modules): a module must be registered to have its imported sites
+//! retargeted. Module load patches a module's imports from the kernel's slot before it
+//! registers the module; it then calls `refresh_imports` under the registry lock,
+//! before publishing it, so a retarget that ran in between cannot leave the module on
+//! the old implementation (a retarget after that sees the module).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
