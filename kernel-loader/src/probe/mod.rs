@@ -90,6 +90,9 @@ pub use registry::{
     unregister_module,
 };
 pub use state::MAX_IMAGES;
+pub(crate) use state::lock_images;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use state::with_table_at;
 #[cfg(target_arch = "aarch64")]
 pub use trap::handle_brk;
 #[cfg(target_arch = "riscv64")]
@@ -179,6 +182,9 @@ pub enum ProbeError {
     /// The table's static keys: a key address that is no key object, a key site not in
     /// the form its key's state calls for, or (a module's) a failed write setting them.
     Key(crate::key::KeyError),
+    /// A module's imported ifunc sites could not be brought to the kernel's current
+    /// implementations (`crate::ifunc`, module load).
+    Retarget(crate::ifunc::RetargetError),
 }
 
 impl fmt::Display for ProbeError {
@@ -242,6 +248,7 @@ impl fmt::Display for ProbeError {
                 probe.0
             ),
             ProbeError::Key(e) => write!(f, "{e}"),
+            ProbeError::Retarget(e) => write!(f, "{e}"),
         }
     }
 }

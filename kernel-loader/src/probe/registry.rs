@@ -155,7 +155,16 @@ unsafe fn register_module_keyed<P: TextPoker + ?Sized>(
         // SAFETY: the caller's: the table's key addresses are key objects.
         KeyMode::Check(p) => unsafe { crate::key::registry::check_sites(&table, p) },
         // SAFETY: as above; no CPU runs the module's text yet (caller).
-        KeyMode::Set(p) => unsafe { crate::key::registry::set_sites(&table, p, &lock) }.map(|_| ()),
+        KeyMode::Set(p) => {
+            // Its imported ifunc sites follow any retarget since `patch::init` read the
+            // kernel's slots (a retarget from now on sees the module).
+            let tables = state::images(&lock).map(|d| &d.table);
+            // SAFETY: no CPU runs the module's text yet (caller); the images are live.
+            unsafe { crate::ifunc::refresh_imports(&table, tables, p) }
+                .map_err(ProbeError::Retarget)?;
+            // SAFETY: as above.
+            unsafe { crate::key::registry::set_sites(&table, p, &lock) }.map(|_| ())
+        }
     };
     keyed.map_err(ProbeError::Key)?;
     state::publish(slot, table, base, range, &mut lock);

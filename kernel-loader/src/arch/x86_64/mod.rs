@@ -6,6 +6,8 @@
 //!   trap-frame emulation and the dispatcher entry stubs.
 //! * [`key`]: static-key sites (NOP5 ↔ `jmp rel32`, the probe sites' int3 protocol).
 //! * [`reloc`]: the ELF machine and the relocation types a module may use.
+//! * [`emulate`]: the #BP emulation of a `call`/`jmp`/`jcc` site trapped while a live
+//!   ifunc retarget rewrites it (`jcc` conditions from RFLAGS).
 //! * [`cpu`]: CPUID/XGETBV and the feature set resolvers receive.
 //! * [`local`]: CPU-local counters (an interrupt-atomic increment without `lock`).
 //! * [`trap`]: the ready #BP entry stub (`int3_entry!`) a kernel installs in its IDT.
@@ -28,6 +30,7 @@
 
 pub mod branch;
 pub mod cpu;
+pub mod emulate;
 pub mod key;
 pub mod local;
 pub mod probe;
