@@ -61,6 +61,35 @@ pub struct ProbeSiteEntry {
     pub probe: u32,
 }
 
+/// A static key to describe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyEntry {
+    /// Its name (`module::path::NAME`, or a C key's identifier; for an imported key,
+    /// the symbol's name).
+    pub name: String,
+    /// Address of its `StaticKey` object (in a module, an undefined symbol's for an
+    /// imported key).
+    pub addr: u64,
+    /// Its state at boot (`false` for an imported key, whose default is the defining
+    /// image's).
+    pub default: bool,
+    /// Another image's key (a module's reference to a kernel key).
+    pub imported: bool,
+}
+
+/// A static key site to record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeySiteEntry {
+    /// Address of the site instruction.
+    pub addr: u64,
+    /// Its label: where the branch form goes.
+    pub target: u64,
+    /// `static_branch_likely!` (falls through while the key is enabled).
+    pub likely: bool,
+    /// Index into the key list.
+    pub key: u32,
+}
+
 /// Everything a table holds.
 #[derive(Clone, Debug, Default)]
 pub struct TableInput {
@@ -72,6 +101,10 @@ pub struct TableInput {
     pub probes: Vec<ProbeEntry>,
     /// Probe sites.
     pub probe_sites: Vec<ProbeSiteEntry>,
+    /// Static keys, sorted by name.
+    pub keys: Vec<KeyEntry>,
+    /// Static key sites, sorted by address.
+    pub key_sites: Vec<KeySiteEntry>,
 }
 
 fn align4(x: usize) -> usize {

@@ -86,6 +86,17 @@ impl std::ops::Deref for ProbeBytes {
     }
 }
 
+/// What a static key site holds ([`Target::key_form`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyForm {
+    /// The NOP: the site falls through.
+    Nop,
+    /// The branch form, to this address.
+    Branch(u64),
+    /// Neither.
+    Other,
+}
+
 /// How `embed` rewrites one C probe call ([`Target::c_probe_rewrite`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CProbeRewrite {
@@ -566,6 +577,47 @@ impl Target {
             Target::Aarch64 => ProbeBytes::new(aarch64::probe_nop()),
             Target::Riscv64 => ProbeBytes::new(riscv64::probe_nop()),
         }
+    }
+
+    /// The form a static key site holds as compiled, and while it falls through: the
+    /// probe site's NOP ([`Target::probe_nop`]), [`Target::probe_site_len`] bytes,
+    /// aligned as a probe site ([`Target::probe_site_misaligned`]).
+    pub const fn key_nop(self) -> ProbeBytes {
+        self.probe_nop()
+    }
+
+    /// The branch form of a static key site at `site` to its label `target` (x86-64
+    /// `jmp rel32`, aarch64 `b`, riscv64 `jal x0`); `Err`: what it cannot reach.
+    pub fn key_branch(self, site: u64, target: u64) -> Result<ProbeBytes, &'static str> {
+        let (form, reach) = match self {
+            Target::X86_64 => (
+                x86_64::key_branch(site, target).map(ProbeBytes::new),
+                x86_64::KEY_BRANCH_REACH,
+            ),
+            Target::Aarch64 => (
+                aarch64::key_branch(site, target).map(ProbeBytes::new),
+                aarch64::KEY_BRANCH_REACH,
+            ),
+            Target::Riscv64 => (
+                riscv64::key_branch(site, target).map(ProbeBytes::new),
+                riscv64::KEY_BRANCH_REACH,
+            ),
+        };
+        form.ok_or(reach)
+    }
+
+    /// What the bytes `b` of a key site at `site` are: its NOP, its branch form (to
+    /// where), or something else.
+    pub fn key_form(self, b: &[u8], site: u64) -> KeyForm {
+        if b == self.key_nop() {
+            return KeyForm::Nop;
+        }
+        let dest = match self {
+            Target::X86_64 => x86_64::key_branch_dest(b, site),
+            Target::Aarch64 => aarch64::key_branch_dest(b, site),
+            Target::Riscv64 => riscv64::key_branch_dest(b, site),
+        };
+        dest.map_or(KeyForm::Other, KeyForm::Branch)
     }
 
     /// The disabled bytes of a probe site of any kind (`stubs`: the image's entry
