@@ -158,7 +158,10 @@ pub(crate) fn check_same_function(
     tsec: SectionIndex,
     target: u64,
 ) -> Result<(), String> {
-    let sized = |sec, a| img.enclosing_symbol(sec, a).filter(|s| s.is_func && s.size != 0);
+    let sized = |sec, a| {
+        img.enclosing_symbol(sec, a)
+            .filter(|s| s.is_func && s.size != 0)
+    };
     let Some(f) = sized(ssec, site) else {
         return Ok(());
     };
@@ -321,7 +324,12 @@ pub fn find_keys(img: &Image<'_>) -> Result<KeyScan> {
     let len = t.probe_site_len() as u64;
     let mut sites = Vec::with_capacity(records.len());
     for (off, s) in records {
-        let at = || format!("{path}: key site {} ({SITE_RECORD_SECTION}+{off:#x})", location(img, s.addr));
+        let at = || {
+            format!(
+                "{path}: key site {} ({SITE_RECORD_SECTION}+{off:#x})",
+                location(img, s.addr)
+            )
+        };
         if !keys.contains_key(&s.key) {
             let what = || format!("{}: key object at {:#x}", at(), s.key);
             ensure!(s.key != 0, "{}: its key pointer is 0", at());
@@ -329,11 +337,16 @@ pub fn find_keys(img: &Image<'_>) -> Result<KeyScan> {
                 .read_va(img, s.key, KEY_SIZE as u64)
                 .with_context(|| format!("{}: not in the file", what()))?;
             let default = key_default(&b, &what)?;
-            let (p, n) = (u64_at(&b, key_object::NAME), u64_at(&b, key_object::NAME_LEN));
+            let (p, n) = (
+                u64_at(&b, key_object::NAME),
+                u64_at(&b, key_object::NAME_LEN),
+            );
             let name = img
                 .read_va(p, n)
                 .and_then(|b| std::str::from_utf8(b).ok())
-                .with_context(|| format!("{}: its name at {p:#x} ({n} bytes) is unreadable", what()))?
+                .with_context(|| {
+                    format!("{}: its name at {p:#x} ({n} bytes) is unreadable", what())
+                })?
                 .to_string();
             keys.insert(
                 s.key,
@@ -346,7 +359,10 @@ pub fn find_keys(img: &Image<'_>) -> Result<KeyScan> {
         }
         let name = &keys[&s.key].name;
         let Some(ssec) = exec_section(img, s.addr) else {
-            bail!("{} (key {name}): the site is not in an executable section", at());
+            bail!(
+                "{} (key {name}): the site is not in an executable section",
+                at()
+            );
         };
         let Some(tsec) = exec_section(img, s.target) else {
             bail!(
@@ -363,13 +379,9 @@ pub fn find_keys(img: &Image<'_>) -> Result<KeyScan> {
             .map_err(|why| anyhow::anyhow!("{} (key {name}): {why}", at()))?;
         sites.push(s);
     }
-    number(
-        path,
-        t,
-        keys.into_values().collect(),
-        sites,
-        &|a| location(img, a),
-    )
+    number(path, t, keys.into_values().collect(), sites, &|a| {
+        location(img, a)
+    })
 }
 
 /// The key sites an embedded image's records name (their bytes are their initial

@@ -167,8 +167,10 @@ pub(super) fn embed_exec<'a>(
             check: None,
         });
     }
+    // Ifunc and probe sites are found through relocations; static key sites only
+    // through their records.
     ensure!(
-        img.has_text_relocations(),
+        img.has_text_relocations() || (ifuncs.is_empty() && probes.probes.is_empty()),
         "{path}: executable sections carry no relocations; link with --emit-relocs \
          (e.g. `-C link-arg=--emit-relocs`) so call sites can be found"
     );

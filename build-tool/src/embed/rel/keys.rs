@@ -56,13 +56,26 @@ pub(super) fn read_keys(o: &Obj<'_, '_>) -> Result<(Vec<RelKey>, Vec<RelKeySite>
                 f(site_record::TARGET)?,
                 f(site_record::KEY)?,
             );
-            let at = || format!("{path}: key site {} ({SITE_RECORD_SECTION}+{off:#x})", o.describe(site));
+            let at = || {
+                format!(
+                    "{path}: key site {} ({SITE_RECORD_SECTION}+{off:#x})",
+                    o.describe(site)
+                )
+            };
             if !keys.iter().any(|k| k.key == key) {
                 keys.push(read_key(o, key, &at)?);
             }
             let name = &keys.iter().find(|k| k.key == key).expect("just added").name;
-            let (Target::Sec { sec: ssec, off: soff }, Target::Sec { sec: tsec, off: toff }) =
-                (site, target)
+            let (
+                Target::Sec {
+                    sec: ssec,
+                    off: soff,
+                },
+                Target::Sec {
+                    sec: tsec,
+                    off: toff,
+                },
+            ) = (site, target)
             else {
                 bail!(
                     "{} (key {name}): the site or its label {} is an undefined symbol",

@@ -311,7 +311,10 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         });
     }
     let keys = crate::keys::number(path, img.target, raw_keys, raw_sites, &|a| {
-        site_names.get(&a).cloned().unwrap_or_else(|| format!("{a:#x}"))
+        site_names
+            .get(&a)
+            .cloned()
+            .unwrap_or_else(|| format!("{a:#x}"))
     })?;
     let key_forms: Vec<(Target, Target)> = keys
         .initial
@@ -432,7 +435,9 @@ fn verify_output(
         t.ifunc_count() as usize == input.ifuncs.len()
             && t.site_count() as usize == input.sites.len()
             && t.probe_count() as usize == input.probes.len()
-            && t.probe_site_count() as usize == input.probe_sites.len(),
+            && t.probe_site_count() as usize == input.probe_sites.len()
+            && t.key_count() as usize == input.keys.len()
+            && t.key_site_count() as usize == input.key_sites.len(),
         "{path}: written table lost entries"
     );
     Ok(())

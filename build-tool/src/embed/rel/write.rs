@@ -146,7 +146,13 @@ pub(super) fn write_object(
     // label, added below: (site section, site offset, label section, label offset).
     let mut key_relocs: Vec<(usize, u64, usize, u64)> = Vec::new();
     for &(site, label) in key_forms {
-        let (Target::Sec { sec, off }, Target::Sec { sec: tsec, off: toff }) = (site, label)
+        let (
+            Target::Sec { sec, off },
+            Target::Sec {
+                sec: tsec,
+                off: toff,
+            },
+        ) = (site, label)
         else {
             bail!("{path}: key site or label is not in a section")
         };
@@ -155,10 +161,16 @@ pub(super) fn write_object(
         } else {
             key_relocs.push((sec, off, tsec, toff));
             // The branch whose field is 0 (what the relocation fills).
-            arch.key_branch(0, arch.plain_branch_field(0).wrapping_add_signed(arch.branch_bias()))
+            arch.key_branch(
+                0,
+                arch.plain_branch_field(0)
+                    .wrapping_add_signed(arch.branch_bias()),
+            )
         }
         .map_err(|reach| {
-            anyhow::anyhow!("{path}: key site at section {sec}+{off:#x}: its label is beyond {reach}")
+            anyhow::anyhow!(
+                "{path}: key site at section {sec}+{off:#x}: its label is beyond {reach}"
+            )
         })?;
         patches
             .entry(sec)
