@@ -330,7 +330,7 @@ pub fn find_keys(img: &Image<'_>) -> Result<KeyScan> {
                 location(img, s.addr)
             )
         };
-        if !keys.contains_key(&s.key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(s.key) {
             let what = || format!("{}: key object at {:#x}", at(), s.key);
             ensure!(s.key != 0, "{}: its key pointer is 0", at());
             let b = rel
@@ -348,14 +348,11 @@ pub fn find_keys(img: &Image<'_>) -> Result<KeyScan> {
                     format!("{}: its name at {p:#x} ({n} bytes) is unreadable", what())
                 })?
                 .to_string();
-            keys.insert(
-                s.key,
-                RawKey {
-                    addr: s.key,
-                    name,
-                    default: Some(default),
-                },
-            );
+            slot.insert(RawKey {
+                addr: s.key,
+                name,
+                default: Some(default),
+            });
         }
         let name = &keys[&s.key].name;
         let Some(ssec) = exec_section(img, s.addr) else {

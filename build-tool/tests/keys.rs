@@ -392,3 +392,92 @@ fn fixture_semantics() {
     );
     let _: &Site = &sites_of(false)[0];
 }
+
+/// A C program (gcc `asm goto`, the contract's record and `struct ksites_static_key`
+/// written out): its exit status says which way each of four sites went. Compiled,
+/// every site falls through (12: the unlikely ones false, the likely ones true); after
+/// `embed`, each site is in its key's default state (5: `c_on` enabled, `c_off` not).
+const C_PROGRAM: &str = r#"
+struct ksites_static_key { unsigned magic, dflt; const char *name; unsigned long len; unsigned count, reserved; };
+struct cell { unsigned long m, o, s; };
+__attribute__((used)) struct cell CELL = { MAGIC, 0, 0 };
+struct ksites_static_key key_on = { 0x594b534b, 1, "c_on", 4, 1, 0 };
+struct ksites_static_key key_off = { 0x594b534b, 0, "c_off", 5, 0, 0 };
+#define BRANCH(key, likely, label) \
+    asm goto("1: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n" \
+             ".pushsection .ksites_key_sites,\"awR\",@progbits\n.balign 8\n" \
+             ".long 0x534b534b, " #likely "\n.quad 1b, %l[" #label "], " #key "\n.popsection" \
+             :::: label)
+__attribute__((noinline)) int unlikely_on(void) { BRANCH(key_on, 0, yes); return 0; yes: return 1; }
+__attribute__((noinline)) int unlikely_off(void) { BRANCH(key_off, 0, yes); return 0; yes: return 1; }
+__attribute__((noinline)) int likely_on(void) { BRANCH(key_on, 1, no); return 1; no: return 0; }
+__attribute__((noinline)) int likely_off(void) { BRANCH(key_off, 1, no); return 1; no: return 0; }
+int main(void) { return unlikely_on() + 2 * unlikely_off() + 4 * likely_on() + 8 * likely_off(); }
+"#;
+
+fn c_program_boots_in_each_keys_default_state(name: &str, flags: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join(format!("{name}.c"));
+    let src = C_PROGRAM
+        .replace("CELL", kernel_loader::cell::CELL_SYMBOL)
+        .replace(
+            "MAGIC",
+            &format!("{:#x}UL", kernel_loader::cell::CELL_MAGIC),
+        );
+    std::fs::write(&c, src).unwrap();
+    let exe = dir.path().join(name);
+    let o = run(Command::new("gcc")
+        .args(["-O2", "-Wl,--emit-relocs"])
+        .args(flags)
+        .arg(&c)
+        .arg("-o")
+        .arg(&exe));
+    assert!(o.status.success(), "{name}: {}", text(&o.stderr));
+    assert_eq!(
+        run(&mut Command::new(&exe)).status.code(),
+        Some(12),
+        "{name}: before"
+    );
+    let out = dir.path().join(format!("{name}.k"));
+    let o = ksites(&[&"embed", &exe, &"-o", &out]);
+    assert!(o.status.success(), "{name}: {}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains(", 2 keys, 4 key sites (2 starting as jumps)"),
+        "{name}: {}",
+        text(&o.stdout)
+    );
+    assert_eq!(
+        run(&mut Command::new(&out)).status.code(),
+        Some(5),
+        "{name}: after"
+    );
+    let o = ksites(&[&"verify", &out]);
+    assert!(
+        o.status.success() && text(&o.stdout).contains(", 4 key sites)"),
+        "{name}: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    let o = ksites(&[&"inspect", &out]);
+    let l = text(&o.stdout);
+    assert!(
+        l.contains("key c_off default=false imported=no sites=2\n")
+            && l.contains("key c_on default=true imported=no sites=2\n")
+            && l.contains(" unlikely unlikely_on label=")
+            && l.matches("form=jump").count() == 2,
+        "{name}: {l}"
+    );
+}
+
+#[test]
+fn gcc_asm_goto_program_static() {
+    c_program_boots_in_each_keys_default_state("c-static", &["-static"]);
+}
+
+#[test]
+fn gcc_asm_goto_program_lld_static_pie() {
+    let lld = common::toolchain::lld_flags();
+    let mut flags = vec!["-static-pie"];
+    flags.extend(lld.iter().map(String::as_str));
+    c_program_boots_in_each_keys_default_state("c-lld-pie", &flags);
+}

@@ -206,9 +206,8 @@ pub fn fixture(a: &Arch, module: bool) -> String {
             key_sym(s.key)
         ));
     }
-    o.push_str(&format!(
-        "    .data\n    .p2align 3\n    .globl key_off\nkey_off: .long 0x594b534b, 0\n    .quad name_off, 9\n    .long 0, 0\n    .globl key_on\nkey_on: .long 0x594b534b, 1\n    .quad name_on, 8\n    .long 1, 0\n    .section .rodata\nname_off: .ascii \"test::OFF\"\nname_on: .ascii \"test::ON\"\n"
-    ));
+    o.push_str(
+        "    .data\n    .p2align 3\n    .globl key_off\nkey_off: .long 0x594b534b, 0\n    .quad name_off, 9\n    .long 0, 0\n    .globl key_on\nkey_on: .long 0x594b534b, 1\n    .quad name_on, 8\n    .long 1, 0\n    .section .rodata\nname_off: .ascii \"test::OFF\"\nname_on: .ascii \"test::ON\"\n");
     if !module {
         o.push_str(&format!(
             "    .section .data.cell,\"aw\",{t}progbits\n    .balign 8\n    .globl {CELL_SYMBOL}\n{CELL_SYMBOL}: .quad {CELL_MAGIC:#x}, 0, 0\n"
