@@ -393,3 +393,132 @@ pub fn key_sites_in_embedded(img: &Image<'_>) -> Result<Vec<(u64, u64, bool, u64
     v.sort_unstable();
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(addr: u64, name: &str, default: Option<bool>) -> RawKey {
+        RawKey {
+            addr,
+            name: name.to_string(),
+            default,
+        }
+    }
+
+    fn site(addr: u64, likely: bool, key: u64) -> RawSite {
+        RawSite {
+            addr,
+            target: addr + 0x20,
+            likely,
+            key,
+        }
+    }
+
+    #[test]
+    fn keys_by_name_then_address_sites_by_address_and_their_initial_forms() {
+        let t = Target::X86_64;
+        let keys = vec![
+            key(0x3000, "b", Some(true)),
+            key(0x2000, "a", None),
+            key(0x1000, "b", Some(false)),
+            key(0x3000, "b", Some(true)),
+        ];
+        let sites = vec![
+            site(0x10, false, 0x3000),
+            site(0x0, true, 0x1000),
+            site(0x5, false, 0x2000),
+            site(0x40, true, 0x3000),
+        ];
+        let s = number("f", t, keys, sites, &|a| format!("{a:#x}")).unwrap();
+        let k: Vec<(&str, u64, bool, bool)> = s
+            .keys
+            .iter()
+            .map(|k| (k.name.as_str(), k.addr, k.default, k.imported))
+            .collect();
+        assert_eq!(
+            k,
+            [
+                ("a", 0x2000, false, true),
+                ("b", 0x1000, false, false),
+                ("b", 0x3000, true, false)
+            ]
+        );
+        let v: Vec<(u64, u32, bool)> = s.sites.iter().map(|s| (s.addr, s.key, s.likely)).collect();
+        assert_eq!(
+            v,
+            [
+                (0x0, 1, true),
+                (0x5, 0, false),
+                (0x10, 2, false),
+                (0x40, 2, true)
+            ]
+        );
+        // Default false + likely, default true + unlikely: branch; imported: never.
+        let initial: Vec<(u64, Vec<u8>)> =
+            s.initial.iter().map(|(a, b)| (*a, b.to_vec())).collect();
+        assert_eq!(
+            initial,
+            [
+                (0x0, t.key_branch(0x0, 0x20).unwrap().to_vec()),
+                (0x10, t.key_branch(0x10, 0x30).unwrap().to_vec())
+            ]
+        );
+        assert_eq!(s.locations, ["0x0", "0x5", "0x10", "0x40"]);
+    }
+
+    #[test]
+    fn overlapping_sites_and_unreachable_labels_are_refused() {
+        let t = Target::Aarch64;
+        let keys = || vec![key(0x9000, "k", Some(false))];
+        let e = number(
+            "f",
+            t,
+            keys(),
+            vec![site(0x10, false, 0x9000), site(0x12, true, 0x9000)],
+            &|a| format!("{a:#x}"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key sites at 0x10 and 0x12 overlap"), "{e}");
+        let far = RawSite {
+            addr: 0x10,
+            target: 0x10 + (256 << 20),
+            likely: false,
+            key: 0x9000,
+        };
+        let e = number("f", t, keys(), vec![far], &|a| format!("{a:#x}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "key site 0x10 (key k): its label at 0x10000010 is beyond the ±128 MiB of a b"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn expected_forms_and_their_names() {
+        let t = Target::Riscv64;
+        let s = KeySiteEntry {
+            addr: 0x100,
+            target: 0x140,
+            likely: false,
+            key: 0,
+        };
+        let jump = t.key_branch(0x100, 0x140).unwrap();
+        assert_eq!(expected_form(t, &s, true).unwrap(), jump);
+        assert_eq!(expected_form(t, &s, false).unwrap(), t.key_nop());
+        let likely = KeySiteEntry { likely: true, ..s };
+        assert_eq!(expected_form(t, &likely, false).unwrap(), jump);
+        assert_eq!(form_name(t, Some(&jump), 0x100, 0x140), "jump");
+        assert_eq!(form_name(t, Some(&t.key_nop()), 0x100, 0x140), "nop");
+        assert_eq!(
+            form_name(t, Some(&jump), 0x100, 0x180),
+            "jump to 0x140, not its label"
+        );
+        assert_eq!(form_name(t, None, 0x100, 0x140), "not in the file");
+        assert!(form_name(t, Some(&[0, 0, 0, 0]), 0x100, 0x140).starts_with("other bytes"));
+    }
+}

@@ -882,6 +882,59 @@ mod tests {
         }
     }
 
+    #[test]
+    fn key_branch_forms_round_trip_and_stop_at_their_reach() {
+        let site = 0x4000_0000u64;
+        for t in TARGETS {
+            for to in [site + 0x40, site - 0x100, site + 0x8_0000] {
+                let b = t.key_branch(site, to).unwrap();
+                assert_eq!(b.len(), t.probe_site_len(), "{t:?}");
+                assert_eq!(t.key_form(&b, site), KeyForm::Branch(to), "{t:?}");
+                assert_eq!(t.key_form(&b, site + 4), KeyForm::Branch(to + 4), "{t:?}");
+            }
+            assert_eq!(t.key_form(&t.key_nop(), site), KeyForm::Nop);
+            let zeros = [0u8; PROBE_SITE_LEN];
+            assert_eq!(
+                t.key_form(&zeros[..t.probe_site_len()], site),
+                KeyForm::Other
+            );
+            assert!(t.key_branch(site, site + (4 << 30)).is_err(), "{t:?}");
+            assert!(t.key_branch(u64::MAX - 2, 0).is_err(), "{t:?}");
+        }
+        let at = |t: Target, to: u64| t.key_branch(0x1000, to).map(|b| b.to_vec());
+        assert_eq!(at(Target::X86_64, 0x1010).unwrap(), [0xe9, 0x0b, 0, 0, 0]);
+        assert_eq!(
+            at(Target::Aarch64, 0x1010).unwrap(),
+            0x1400_0004u32.to_le_bytes()
+        );
+        assert_eq!(
+            at(Target::Riscv64, 0x1010).unwrap(),
+            0x0100_006fu32.to_le_bytes()
+        );
+        // Reach: aarch64 `b` +-128 MiB, riscv64 `jal` +-1 MiB.
+        assert!(at(Target::Aarch64, 0x1000 + (128 << 20) - 4).is_ok());
+        assert!(at(Target::Aarch64, 0x1000 + (128 << 20)).is_err());
+        assert!(at(Target::Aarch64, 0x1002).is_err(), "misaligned");
+        assert!(at(Target::Riscv64, 0x1000 + (1 << 20) - 2).is_ok());
+        assert!(at(Target::Riscv64, 0x1000 + (1 << 20)).is_err());
+        assert!(at(Target::X86_64, 0x1005 + i32::MAX as u64).is_ok());
+        assert!(at(Target::X86_64, 0x1006 + i32::MAX as u64).is_err());
+        // A call is no key branch: `call rel32`, `bl`, `jal ra`.
+        let site = 0x1000;
+        assert_eq!(
+            Target::X86_64.key_form(&[0xe8, 0, 0, 0, 0], site),
+            KeyForm::Other
+        );
+        assert_eq!(
+            Target::Aarch64.key_form(&0x9400_0004u32.to_le_bytes(), site),
+            KeyForm::Other
+        );
+        assert_eq!(
+            Target::Riscv64.key_form(&0x0100_00efu32.to_le_bytes(), site),
+            KeyForm::Other
+        );
+    }
+
     fn classes_of(t: Target) {
         assert_eq!(t.reloc_class(t.table_reloc()), RelocClass::Branch);
         assert_eq!(t.reloc_class(t.branch_reloc().0), RelocClass::Branch);

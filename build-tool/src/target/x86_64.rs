@@ -391,7 +391,7 @@ impl std::fmt::Display for Mnemonic<'_> {
 /// The branch form of a static key site at `site`: `jmp rel32` to `target` (the
 /// enabled form of a `probe!` site); `None` beyond the rel32's ±2 GiB.
 pub fn key_branch(site: u64, target: u64) -> Option<[u8; PROBE_SITE_LEN]> {
-    let rel = kernel_loader::arch::x86_64::rel32(site + PROBE_SITE_LEN as u64, target)?;
+    let rel = kernel_loader::arch::x86_64::rel32(site.checked_add(PROBE_SITE_LEN as u64)?, target)?;
     let r = rel.to_le_bytes();
     Some([JMP_REL32, r[0], r[1], r[2], r[3]])
 }
@@ -402,7 +402,8 @@ pub fn key_branch_dest(b: &[u8], site: u64) -> Option<u64> {
         return None;
     };
     let rel = i32::from_le_bytes([r0, r1, r2, r3]);
-    (site + PROBE_SITE_LEN as u64).checked_add_signed(i64::from(rel))
+    site.checked_add(PROBE_SITE_LEN as u64)?
+        .checked_add_signed(i64::from(rel))
 }
 
 /// How far [`key_branch`] reaches, for messages.
