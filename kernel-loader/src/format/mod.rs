@@ -35,21 +35,23 @@
 //! * [`layout`]: the POD structs and their byte encodings.
 //! * [`error`]: [`FormatError`] and the parts it names.
 //! * [`reader`]: the validating reader, [`Table`], and the decoded entries.
+//! * [`key_reader`]: the decoded keys and key sites ([`Key`], [`KSite`]) and their
+//!   validation.
 
 pub mod error;
+pub mod key_reader;
 pub mod layout;
 pub mod reader;
 
 pub use crate::arch::{Arch, SiteKind};
 pub use error::{FormatError, IfuncField, Part};
+pub use key_reader::{KSite, Key, KeySitesOf};
 pub use layout::{
     Header, IfuncDesc, IfuncSite, KEY_DEFAULT_TRUE, KEY_IMPORTED, KEY_SITE_LIKELY, KeyDesc,
     KeySite, MAX_IFUNCS, MAX_KEYS, MAX_PREFIXES, ProbeDesc, ProbeKind, ProbeSite, SubTable,
     make_rel, resolve_rel,
 };
-pub use reader::{
-    Ifunc, KSite, Key, KeySitesOf, PSite, Probe, ProbeSitesOf, Site, SiteWalk, Table,
-};
+pub use reader::{Ifunc, PSite, Probe, ProbeSitesOf, Site, SiteWalk, Table};
 
 /// First eight bytes of every table.
 pub const MAGIC: [u8; 8] = *b"KSITES\0\0";

@@ -1,24 +1,25 @@
 //! The validating, zero-copy reader: [`Table`] and the entries it decodes ([`Ifunc`],
-//! [`Site`], [`Probe`], [`PSite`], [`Key`], [`KSite`]). Every instruction fact comes
-//! from the table's [`Arch`]. Reads format v1 and v2 ([`Table::version`]).
+//! [`Site`], [`Probe`], [`PSite`]; the keys' are in [`super::key_reader`]). Every
+//! instruction fact comes from the table's [`Arch`]. Reads format v1 and v2
+//! ([`Table::version`]).
 
 use core::ops::Range;
 
 use super::{
     FormatError, HEADER_SIZE, HEADER_SIZE_V1, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc,
-    IfuncField, IfuncSite, KEY_DEFAULT_TRUE, KEY_DESC_SIZE, KEY_IMPORTED, KEY_SITE_LIKELY,
-    KEY_SITE_SIZE, KeyDesc, KeySite, MAGIC, NARGS_UNKNOWN, PROBE_DESC_SIZE, PROBE_SITE_SIZE, Part,
-    ProbeDesc, ProbeKind, ProbeSite, SubTable, TABLE_ALIGN, VERSION, VERSION_1, resolve_rel,
+    IfuncField, IfuncSite, KEY_DESC_SIZE, KEY_SITE_SIZE, MAGIC, NARGS_UNKNOWN, PROBE_DESC_SIZE,
+    PROBE_SITE_SIZE, Part, ProbeDesc, ProbeKind, ProbeSite, SubTable, TABLE_ALIGN, VERSION,
+    VERSION_1, resolve_rel,
 };
 use crate::arch::{Arch, BranchSite, ProbeSiteRef, SiteKind};
 
 /// A validated table. Cheap to copy; borrows the table bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct Table<'a> {
-    bytes: &'a [u8],
-    base: u64,
-    header: Header,
-    arch: Arch,
+    pub(super) bytes: &'a [u8],
+    pub(super) base: u64,
+    pub(super) header: Header,
+    pub(super) arch: Arch,
 }
 
 /// A decoded ifunc descriptor with absolute addresses.
@@ -161,49 +162,7 @@ impl PSite {
     }
 }
 
-/// A decoded static-key descriptor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Key<'a> {
-    /// Index in the table.
-    pub index: u32,
-    /// Address of the key object (a `kernel_loader::key::StaticKey`).
-    pub addr: u64,
-    /// Name (from the string table).
-    pub name: &'a str,
-    /// The key's boot state: its sites as written by the build tool (when not
-    /// imported) jump iff `default != likely`.
-    pub default: bool,
-    /// Another image's key (a module's sites of a kernel key): the sites are written
-    /// as NOPs and the loader sets them to the key's current state.
-    pub imported: bool,
-}
-
-/// A decoded static-key site.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KSite {
-    /// Index in the table.
-    pub index: u32,
-    /// Address of the site instruction (the architecture's probe site length long).
-    pub addr: u64,
-    /// The branch target (the asm-goto label).
-    pub target: u64,
-    /// A `static_branch_likely!` site: it jumps iff its key is disabled (an unlikely
-    /// site jumps iff its key is enabled).
-    pub likely: bool,
-    /// Index of its key in the table.
-    pub key: u32,
-}
-
-impl KSite {
-    /// Whether the site holds the branch form when its key's enabled state is
-    /// `enabled`.
-    #[inline(always)]
-    pub const fn jumps(&self, enabled: bool) -> bool {
-        enabled != self.likely
-    }
-}
-
-fn in_ranges(exec: &[Range<u64>], start: u64, len: u64) -> bool {
+pub(super) fn in_ranges(exec: &[Range<u64>], start: u64, len: u64) -> bool {
     let Some(end) = start.checked_add(len) else {
         return false;
     };
@@ -337,143 +296,6 @@ impl<'a> Table<'a> {
         table.validate_probes(exec)?;
         table.validate_keys(exec)?;
         Ok(table)
-    }
-
-    fn validate_keys(&self, exec: &[Range<u64>]) -> Result<(), FormatError> {
-        let mut prev: Option<&str> = None;
-        for i in 0..self.header.keys.count {
-            let k = self.try_key(i)?;
-            if prev.is_some_and(|p| k.name < p) {
-                return Err(FormatError::KeysUnsorted { key: i });
-            }
-            prev = Some(k.name);
-        }
-        let mut prev_end = 0u64;
-        let len = self.arch.probe_site_len() as u64;
-        for i in 0..self.header.key_sites.count {
-            let s = self.try_ksite(i)?;
-            if i > 0 && s.addr < prev_end {
-                return Err(FormatError::KeySitesUnsorted { site: i });
-            }
-            if !s.addr.is_multiple_of(self.arch.probe_align()) {
-                return Err(FormatError::KeySiteMisaligned {
-                    site: i,
-                    addr: s.addr,
-                });
-            }
-            for (addr, len) in [(s.addr, len), (s.target, 1)] {
-                if !in_ranges(exec, addr, len) {
-                    return Err(FormatError::KeySiteNotExecutable { site: i, addr });
-                }
-            }
-            prev_end = s.addr + len;
-        }
-        Ok(())
-    }
-
-    fn try_key(&self, i: u32) -> Result<Key<'a>, FormatError> {
-        let off = self.header.keys.offset as usize + i as usize * KEY_DESC_SIZE;
-        let d = KeyDesc::read(&self.bytes[off..off + KEY_DESC_SIZE]);
-        if d.key == 0 || d.flags & !(KEY_DEFAULT_TRUE | KEY_IMPORTED) != 0 {
-            return Err(FormatError::BadKeyDesc { key: i });
-        }
-        let addr =
-            resolve_rel(self.field_addr(off), d.key).ok_or(FormatError::AddressOverflow {
-                part: Part::Keys,
-                index: i,
-            })?;
-        Ok(Key {
-            index: i,
-            addr,
-            name: self.string(d.name)?,
-            default: d.flags & KEY_DEFAULT_TRUE != 0,
-            imported: d.flags & KEY_IMPORTED != 0,
-        })
-    }
-
-    #[inline(always)]
-    fn try_ksite(&self, i: u32) -> Result<KSite, FormatError> {
-        let off = self.header.key_sites.offset as usize + i as usize * KEY_SITE_SIZE;
-        let e = &self.bytes[off..off + KEY_SITE_SIZE];
-        decode_ksite(i, e, self.field_addr(off), self.header.keys.count)
-    }
-
-    /// The format version of the table: [`VERSION`] (2) or [`VERSION_1`] (a v1 table,
-    /// which has no keys).
-    #[inline]
-    pub fn version(&self) -> u16 {
-        self.header.version
-    }
-
-    /// Number of static keys.
-    #[inline]
-    pub fn key_count(&self) -> u32 {
-        self.header.keys.count
-    }
-
-    /// Number of static-key sites.
-    #[inline]
-    pub fn key_site_count(&self) -> u32 {
-        self.header.key_sites.count
-    }
-
-    /// Key `i`, or `None` if out of range.
-    pub fn key(&self, i: u32) -> Option<Key<'a>> {
-        if i >= self.key_count() {
-            return None;
-        }
-        self.try_key(i).ok()
-    }
-
-    /// Key site `i`, or `None` if out of range.
-    #[inline]
-    pub fn key_site(&self, i: u32) -> Option<KSite> {
-        if i >= self.key_site_count() {
-            return None;
-        }
-        self.try_ksite(i).ok()
-    }
-
-    /// All keys, in table order (by name).
-    pub fn keys(&self) -> impl Iterator<Item = Key<'a>> + '_ {
-        (0..self.key_count()).filter_map(|i| self.key(i))
-    }
-
-    /// All key sites, in address order.
-    pub fn key_sites(&self) -> impl Iterator<Item = KSite> + '_ {
-        (0..self.key_site_count()).filter_map(|i| self.key_site(i))
-    }
-
-    /// The sites of key `key` (a [`Key::index`]), in address order: one walk over the
-    /// entries that decodes only that key's. Yields what [`Table::key_sites`] yields
-    /// for that key.
-    #[inline]
-    pub fn key_sites_of(&self, key: u32) -> KeySitesOf<'a> {
-        let mut walk = self.entries(self.header.key_sites, KEY_SITE_SIZE);
-        if key >= self.header.keys.count || key >= 1 << 24 {
-            walk.rest = &[];
-        }
-        KeySitesOf {
-            walk,
-            key_bits: key << 8,
-        }
-    }
-
-    /// The key site starting exactly at `addr` (binary search).
-    pub fn key_site_at(&self, addr: u64) -> Option<KSite> {
-        let (mut lo, mut hi) = (0u32, self.key_site_count());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let s = self.key_site(mid)?;
-            if addr < s.addr {
-                hi = mid;
-            } else if addr > s.addr {
-                lo = mid + 1;
-            } else {
-                return Some(s);
-            }
-        }
-        None
     }
 
     fn validate_ifuncs(
@@ -700,7 +522,7 @@ impl<'a> Table<'a> {
 
     /// A walk over the `entry`-byte entries of sub-table `st`.
     #[inline]
-    fn entries(&self, st: SubTable, entry: usize) -> Entries<'a> {
+    pub(super) fn entries(&self, st: SubTable, entry: usize) -> Entries<'a> {
         let start = st.offset as usize;
         // `parse` checked the sub-table lies inside the table.
         let end = start.saturating_add(st.count as usize * entry);
@@ -734,11 +556,11 @@ impl<'a> Table<'a> {
     }
 
     #[inline]
-    fn field_addr(&self, offset: usize) -> u64 {
+    pub(super) fn field_addr(&self, offset: usize) -> u64 {
         self.base + offset as u64
     }
 
-    fn string(&self, offset: u32) -> Result<&'a str, FormatError> {
+    pub(super) fn string(&self, offset: u32) -> Result<&'a str, FormatError> {
         let st = self.header.strings;
         if offset >= st.count {
             return Err(FormatError::StringOutOfBounds { offset });
@@ -813,6 +635,13 @@ impl<'a> Table<'a> {
             len: self.arch.site_len(kind, prefixes) as u8,
             field: (field.start as u8, field.end as u8),
         })
+    }
+
+    /// The format version of the table: [`VERSION`] (2) or [`VERSION_1`] (a v1 table,
+    /// which has no keys).
+    #[inline]
+    pub fn version(&self) -> u16 {
+        self.header.version
     }
 
     /// The decoded header.
@@ -979,43 +808,14 @@ fn decode_psite(i: u32, e: &[u8], field_addr: u64, probes: u32) -> Result<PSite,
     })
 }
 
-/// Decodes key site entry `i` (`e`, its bytes, at address `field_addr`) of a table with
-/// `keys` keys.
-#[inline(always)]
-fn decode_ksite(i: u32, e: &[u8], field_addr: u64, keys: u32) -> Result<KSite, FormatError> {
-    let e = KeySite::read(e);
-    if e.info & 0xff & !KEY_SITE_LIKELY != 0 {
-        return Err(FormatError::BadKeySite { site: i });
-    }
-    let key = e.info >> 8;
-    if key >= keys {
-        return Err(FormatError::KeyIndexOutOfRange {
-            site: i,
-            key,
-            count: keys,
-        });
-    }
-    let ovf = FormatError::AddressOverflow {
-        part: Part::KeySites,
-        index: i,
-    };
-    Ok(KSite {
-        index: i,
-        addr: resolve_rel(field_addr, e.site).ok_or(ovf)?,
-        target: resolve_rel(field_addr + 4, e.target).ok_or(ovf)?,
-        likely: e.info & KEY_SITE_LIKELY != 0,
-        key,
-    })
-}
-
 /// A walk over the entries of one sub-table: each step yields an entry and its offset,
 /// and [`Entries::resolve`] turns a self-relative field into an address.
 #[derive(Clone, Debug)]
-struct Entries<'a> {
+pub(super) struct Entries<'a> {
     /// Every entry of the sub-table.
     entries: &'a [u8],
     /// The entries not yet visited (a tail of `entries`).
-    rest: &'a [u8],
+    pub(super) rest: &'a [u8],
     /// Address of `entries`.
     first: u64,
     /// [`resolution_bounds`] of `first`.
@@ -1026,7 +826,7 @@ struct Entries<'a> {
 impl<'a> Entries<'a> {
     /// The next entry (`N` bytes) and its offset in `entries`.
     #[inline(always)]
-    fn next<const N: usize>(&mut self) -> Option<(usize, &'a [u8; N])> {
+    pub(super) fn next<const N: usize>(&mut self) -> Option<(usize, &'a [u8; N])> {
         let (e, rest) = self.rest.split_first_chunk::<N>()?;
         let off = self.entries.len() - self.rest.len();
         self.rest = rest;
@@ -1036,7 +836,7 @@ impl<'a> Entries<'a> {
     /// The address the self-relative `rel` at offset `off` of `entries` refers to:
     /// [`resolve_rel`] of the field's address, as one range test.
     #[inline(always)]
-    fn resolve(&self, off: usize, rel: i32) -> Option<u64> {
+    pub(super) fn resolve(&self, off: usize, rel: i32) -> Option<u64> {
         let x = off as i64 + i64::from(rel);
         (x.wrapping_sub(self.lo) as u64 <= self.span).then(|| self.first.wrapping_add(x as u64))
     }
@@ -1104,45 +904,6 @@ impl Iterator for ProbeSitesOf<'_> {
                 target,
                 kind,
                 probe: self.probe_bits >> 8,
-            });
-        }
-        None
-    }
-}
-
-/// The sites of one static key, in address order ([`Table::key_sites_of`]). Entries
-/// that do not decode are skipped (a parsed table has none).
-#[derive(Clone, Debug)]
-pub struct KeySitesOf<'a> {
-    walk: Entries<'a>,
-    /// The key's index, shifted to its place in an entry's `info`.
-    key_bits: u32,
-}
-
-impl Iterator for KeySitesOf<'_> {
-    type Item = KSite;
-
-    #[inline]
-    fn next(&mut self) -> Option<KSite> {
-        while let Some((off, e)) = self.walk.next::<KEY_SITE_SIZE>() {
-            let entry = KeySite::read(e);
-            // This key's entry with no reserved bit set: `info - key_bits` is 0 or 1.
-            let bits = entry.info.wrapping_sub(self.key_bits);
-            if bits > KEY_SITE_LIKELY {
-                continue;
-            }
-            let (Some(addr), Some(target)) = (
-                self.walk.resolve(off, entry.site),
-                self.walk.resolve(off + 4, entry.target),
-            ) else {
-                continue;
-            };
-            return Some(KSite {
-                index: (off / KEY_SITE_SIZE) as u32,
-                addr,
-                target,
-                likely: bits == KEY_SITE_LIKELY,
-                key: self.key_bits >> 8,
             });
         }
         None

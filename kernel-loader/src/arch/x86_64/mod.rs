@@ -4,6 +4,7 @@
 //! * [`branch`]: call/jmp/jcc site encodings, prefixes, rel32 reach, the trampoline.
 //! * [`probe`]: the disabled and enabled bytes of every probe form, the int3 protocol,
 //!   trap-frame emulation and the dispatcher entry stubs.
+//! * [`key`]: static-key sites (NOP5 ↔ `jmp rel32`, the probe sites' int3 protocol).
 //! * [`reloc`]: the ELF machine and the relocation types a module may use.
 //! * [`cpu`]: CPUID/XGETBV and the feature set resolvers receive.
 //! * [`local`]: CPU-local counters (an interrupt-atomic increment without `lock`).
@@ -27,6 +28,7 @@
 
 pub mod branch;
 pub mod cpu;
+pub mod key;
 pub mod local;
 pub mod probe;
 pub mod reloc;
