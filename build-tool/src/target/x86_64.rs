@@ -388,6 +388,27 @@ impl std::fmt::Display for Mnemonic<'_> {
     }
 }
 
+/// The branch form of a static key site at `site`: `jmp rel32` to `target` (the
+/// enabled form of a `probe!` site); `None` beyond the rel32's ±2 GiB.
+pub fn key_branch(site: u64, target: u64) -> Option<[u8; PROBE_SITE_LEN]> {
+    let rel = kernel_loader::arch::x86_64::rel32(site.checked_add(PROBE_SITE_LEN as u64)?, target)?;
+    let r = rel.to_le_bytes();
+    Some([JMP_REL32, r[0], r[1], r[2], r[3]])
+}
+
+/// Where the key site bytes `b` at `site` branch, if they are [`key_branch`]'s form.
+pub fn key_branch_dest(b: &[u8], site: u64) -> Option<u64> {
+    let [JMP_REL32, r0, r1, r2, r3] = *b else {
+        return None;
+    };
+    let rel = i32::from_le_bytes([r0, r1, r2, r3]);
+    site.checked_add(PROBE_SITE_LEN as u64)?
+        .checked_add_signed(i64::from(rel))
+}
+
+/// How far [`key_branch`] reaches, for messages.
+pub const KEY_BRANCH_REACH: &str = "the ±2 GiB of a jmp rel32";
+
 /// The code the generic engine's tests assemble objects from (they name no encoding).
 #[cfg(test)]
 pub(crate) const SAMPLES: super::Samples = super::Samples {
@@ -408,6 +429,17 @@ pub(crate) const SAMPLES: super::Samples = super::Samples {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_branch_is_jmp_rel32_and_a_call_is_none() {
+        assert_eq!(key_branch(0x1000, 0x1010), Some([0xe9, 0x0b, 0, 0, 0]));
+        assert_eq!(
+            key_branch_dest(&[0xe9, 0x0b, 0, 0, 0], 0x1000),
+            Some(0x1010)
+        );
+        assert_eq!(key_branch_dest(&[0xe8, 0x0b, 0, 0, 0], 0x1000), None);
+        assert_eq!(key_branch_dest(&NOP5, 0x1000), None);
+    }
 
     #[test]
     fn one_classification_for_whole_functions_and_single_instructions() {
