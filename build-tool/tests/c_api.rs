@@ -304,7 +304,7 @@ static void on_trap(int sig, siginfo_t *si, void *uc_) {
     struct ksites_int3_frame f = {
         (uint64_t)g[REG_RIP], (uint64_t)g[REG_RSP], (uint64_t)g[REG_RAX], (uint64_t)g[REG_RDI],
         (uint64_t)g[REG_RSI], (uint64_t)g[REG_RDX], (uint64_t)g[REG_RCX], (uint64_t)g[REG_R8],
-        (uint64_t)g[REG_R9],
+        (uint64_t)g[REG_R9], (uint64_t)g[REG_EFL],
     };
     if (!ksites_handle_int3(&f)) _exit(70);
     traps++;
