@@ -2,9 +2,9 @@
 //!
 //! [`init`] runs each ifunc's resolver exactly once, stores the result in the ifunc's
 //! slot, and rewrites the target field of every recorded call/jump site so it targets the
-//! chosen implementation directly. It is all-or-nothing: every byte is checked before the
-//! first write, and if anything fails after writing began, every site and slot is put
-//! back the way it was.
+//! chosen implementation directly. It is all-or-nothing: each site is checked before its
+//! write, and if anything fails after writing began (a site that is not the original, a
+//! failed write), every site written and every slot is put back the way it was.
 //!
 //! The kernel owns the hardware side through [`TextPoker`] (how to write text, how to
 //! make every CPU serialize); this module owns the protocol.
@@ -572,10 +572,9 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         }
     };
     debug_assert!(arch == table.arch());
-    // 1. Check everything before anything is written: trampolines, then sites (a site
-    //    already aimed at its slot's current value means `init` ran before), then slots.
+    // 1. Check what can be checked without the sites: trampolines, then slots.
     // The first CACHED ifuncs' trampolines and, once resolved, targets, on the stack (no
-    // allocator): the per-site loops then decode only the site entries.
+    // allocator): the per-site loop then decodes only the site entries.
     // Each cached ifunc keeps the slot its trampoline was checked to jump through, so
     // later steps never read (and never re-validate) a trampoline again.
     let mut cache = IfuncCache::default();
@@ -584,22 +583,6 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         let slot = unsafe { check_trampoline(arch, poker, &f, exec)? };
         cache.set_checked(f.index, f.trampoline, slot);
     }
-    // One walk over the entries per pass (`site_walk`): the engine's hot paths. The
-    // loops keep nothing of a site but what the next step needs (no `Site` kept for a
-    // possible error: that made the compiler spill it to the stack on every site), take
-    // lengths and field offsets from the constant `arch`, and hand anything unusual
-    // (an ifunc past the cache, a site that is not the original) to a cold function
-    // that decodes the entry again and reports it exactly.
-    for s in table.site_walk() {
-        if let Some(&trampoline) = cache.trampolines.get(s.ifunc as usize) {
-            let b = branch_of(arch, &s);
-            if arch.is_original(&b, read_word(poker, s.addr, b.len as usize), trampoline) {
-                continue;
-            }
-        }
-        // SAFETY: forwarded (preconditions 1 and 3); `s.index` is a site of `table`.
-        unsafe { check_site(arch, table, &cache, poker, exec, s.index) }?;
-    }
     for f in table.ifuncs() {
         // SAFETY: precondition 1; `f` is from `table`.
         let Some(slot) = (unsafe { Slot::defined(&f) }) else {
@@ -607,6 +590,10 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         };
         let value = slot.slot().read();
         if value != f.default {
+            // Sites are reported before slots (a site already aimed at its slot's
+            // current value means `init` ran before).
+            // SAFETY: forwarded (preconditions 1 and 3).
+            unsafe { first_bad_site(arch, table, &cache, poker, exec, 0) }?;
             return Err(PatchError::SlotNotDefault {
                 ifunc: Name::new(f.name),
                 slot: f.slot,
@@ -630,12 +617,16 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
                     // Earlier ifuncs' slots are resolved already: keep "no slot
                     // changed on error".
                     restore_slots(table, i);
+                    // SAFETY: as above.
+                    unsafe { first_bad_site(arch, table, &cache, poker, exec, 0) }?;
                     return Err(e);
                 }
             },
         };
         if !in_exec(exec, addr) {
             restore_slots(table, i);
+            // SAFETY: as above.
+            unsafe { first_bad_site(arch, table, &cache, poker, exec, 0) }?;
             return Err(PatchError::BadResolution {
                 ifunc: Name::new(f.name),
                 addr,
@@ -648,22 +639,44 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         report.ifuncs += 1;
     }
 
-    // 3. Rewrite every site's target field to the chosen implementation.
+    // 3. One pass over the sites: check each one is the original branch to its
+    //    trampoline, then rewrite its target field and read that back. No other CPU runs
+    //    this text (precondition 2), so checking site N only after sites 0..N-1 are
+    //    written is as all-or-nothing as checking every site first: on the first
+    //    failure, every site written so far is put back (from its original form, which
+    //    the check established) before anything is reported.
     if let Err(error) = poker.begin() {
         restore_slots(table, table.ifunc_count() as usize);
+        // SAFETY: as above.
+        unsafe { first_bad_site(arch, table, &cache, poker, exec, 0) }?;
         return Err(PatchError::Poke { ifunc: None, error });
     }
-    // The entry index of the site whose write failed, and the poker's error (`None`:
-    // the write went through but did not read back).
+    // The entry index of the site where the pass stopped, and why.
     let mut failed = None;
+    // The loop keeps nothing of a site but what the next step needs (no `Site` kept for
+    // a possible error: that made the compiler spill it to the stack on every site),
+    // takes lengths and field offsets from the constant `arch`, and hands anything
+    // unusual (an ifunc past the cache, a site that is not the original) to a cold
+    // function that decodes the entry again and reports it exactly.
     for s in table.site_walk() {
-        // Only the target field changes: the other bytes were checked in step 1 and are
-        // not written, so the field is what is written and read back.
+        let b = branch_of(arch, &s);
+        let original = match cache.trampolines.get(s.ifunc as usize) {
+            Some(&trampoline) => {
+                arch.is_original(&b, read_word(poker, s.addr, b.len as usize), trampoline)
+            }
+            None => false,
+        };
+        // SAFETY: forwarded (preconditions 1 and 3); `s.index` is a site of `table`.
+        if !original && unsafe { check_site(arch, table, &cache, poker, exec, s.index) }.is_err() {
+            failed = Some((s.index, Stop::NotOriginal));
+            break;
+        }
+        // Only the target field changes: the other bytes were just checked and are not
+        // written, so the field is what is written and read back.
         let target = match cache.targets.get(s.ifunc as usize) {
             Some(&t) => Some(t),
             None => cache.target_uncached(table, poker, exec, s.ifunc),
         };
-        let b = branch_of(arch, &s);
         let Some(field) = target.and_then(|t| arch.encode_target(&b, t)) else {
             report.sites_out_of_reach += 1;
             if arch.is_relaxed_form(s.kind, s.prefixes) {
@@ -675,20 +688,20 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         let at = s.addr + arch.target_field(s.kind, s.prefixes).start as u64;
         // SAFETY: the target field lies inside a validated site; precondition 2.
         if let Err(error) = unsafe { poker.write(at, &field.bytes()[..len]) } {
-            failed = Some((s.index, Some(error)));
+            failed = Some((s.index, Stop::Poke(error)));
             break;
         }
-        // The read-back: through the text mapping (`TextPoker::read`), which a poker
-        // writing through an alias does not otherwise check.
+        // The read-back: through the text mapping (`TextPoker::read_word`), which a
+        // poker writing through an alias does not otherwise check.
         if read_word(poker, at, len) != field.value {
-            failed = Some((s.index, None));
+            failed = Some((s.index, Stop::ReadBack));
             break;
         }
         report.sites_patched += 1;
     }
-    if let Some((index, error)) = failed {
-        // SAFETY: forwarded; `index` is the site step 3 stopped at.
-        return Err(unsafe { roll_back(arch, table, poker, index, error) });
+    if let Some((index, stop)) = failed {
+        // SAFETY: forwarded; `index` is the site the pass stopped at.
+        return Err(unsafe { roll_back(arch, table, &cache, poker, exec, index, stop) });
     }
     poker.sync_cores();
     poker.end();
@@ -732,9 +745,10 @@ unsafe fn slot_of<P: TextPoker + ?Sized>(
     }
 }
 
-/// Step 1 for the site at table entry `index`, decoded again, when the fast path did not
-/// accept it: its ifunc is past the cache, or it is not the original branch (then the
-/// error says exactly what it is).
+/// The check of the site at table entry `index`, decoded again, when the fast path did
+/// not accept it: its ifunc is past the cache, or it is not the original branch (then
+/// the error says exactly what it is; [`PatchError::AlreadyPatched`] compares with the
+/// slot's current value, so report it with the slots at their defaults).
 ///
 /// # Safety
 ///
@@ -794,50 +808,85 @@ unsafe fn check_site<P: TextPoker + ?Sized>(
     }
 }
 
-/// Step 3 failed at the site at table entry `index` (`error`: the poker's, or `None` if
-/// the write did not read back): puts back every site touched so far, the failed one
-/// included, and every slot, then reads each site back. Returns the error to report.
+/// Why the site pass of [`patch_ifuncs`] stopped at a site.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// The site is not the original branch to its trampoline: nothing was written to it.
+    NotOriginal,
+    /// The poker failed writing its target field (maybe after writing part of it).
+    Poke(PokeError),
+    /// The field was written but did not read back as written.
+    ReadBack,
+}
+
+/// The first site, from table entry `from` on, that is not the original branch to its
+/// ifunc's trampoline, as the error [`check_site`] reports for it.
+///
+/// # Safety
+///
+/// As for [`patch_ifuncs`].
+#[cold]
+#[inline(never)]
+unsafe fn first_bad_site<P: TextPoker + ?Sized>(
+    arch: Arch,
+    table: &Table<'_>,
+    cache: &IfuncCache,
+    poker: &P,
+    exec: &[Range<u64>],
+    from: u32,
+) -> Result<(), PatchError> {
+    for i in from..table.site_count() {
+        // SAFETY: forwarded; `i` is an entry of `table`.
+        unsafe { check_site(arch, table, cache, poker, exec, i) }?;
+    }
+    Ok(())
+}
+
+/// The site pass stopped at the site at table entry `index`: puts back, last first,
+/// every site written so far (for `Stop::Poke` and `Stop::ReadBack` the failed one
+/// included, which may hold part of its new field), reading each back, then every slot.
+/// Returns the error to report: [`PatchError::RollbackIncomplete`] if a site could not be
+/// restored; else the error of the first site that is not the original (what checking
+/// every site before writing any would have reported); else the poker's or the
+/// read-back's.
 ///
 /// # Safety
 ///
 /// As for [`patch_ifuncs`], called between `poker.begin()` and `poker.end()` (which
-/// this calls).
+/// this calls), with every site before `index` checked to have been the original.
 #[cold]
 #[inline(never)]
 unsafe fn roll_back<P: TextPoker + ?Sized>(
     arch: Arch,
     table: &Table<'_>,
+    cache: &IfuncCache,
     poker: &mut P,
+    exec: &[Range<u64>],
     index: u32,
-    error: Option<PokeError>,
+    stop: Stop,
 ) -> PatchError {
-    let err = match (table.site(index), error) {
-        (Some(s), Some(error)) => PatchError::Poke {
-            ifunc: Some(Name::new(ifunc_of(table, &s).name)),
-            error,
-        },
-        (Some(s), None) => PatchError::VerifyFailed {
-            site: s.addr,
-            ifunc: Name::new(ifunc_of(table, &s).name),
-        },
-        // Not reached: `index` is an entry the walk decoded.
-        (None, error) => PatchError::Poke {
-            ifunc: None,
-            error: error.unwrap_or(PokeError::new(0, PokeFailure::ReadBack)),
-        },
+    let written = match stop {
+        Stop::NotOriginal => index,
+        Stop::Poke(_) | Stop::ReadBack => index + 1,
     };
-    // The original bytes were checked in step 1, so they are known exactly.
+    // Each site written was checked to be the original before its write, and only its
+    // target field changed since: the original is its current prefix and opcode bytes
+    // with the field aimed at the trampoline again.
     let mut incomplete = None;
-    for s in table.sites().take(index as usize + 1) {
+    for s in (0..written).rev().filter_map(|i| table.site(i)) {
         let f = ifunc_of(table, &s);
         let current = read_site(poker, &s);
         let Some(orig) = arch.encode_branch(&s.branch(), &current, f.trampoline) else {
             continue;
         };
+        if current == orig {
+            // Not written (its implementation was out of reach), or put back already.
+            continue;
+        }
         let field = s.target_field_offsets();
-        // SAFETY: as in step 3; restoring the original bytes the check pass saw.
+        // SAFETY: as in the site pass; restoring the original bytes it checked.
         let w = unsafe { poker.write(s.target_field().start, &orig.as_slice()[field]) };
-        if (w.is_err() || read_site(poker, &s) != orig) && incomplete.is_none() {
+        if w.is_err() || read_site(poker, &s) != orig {
             incomplete = Some(PatchError::RollbackIncomplete {
                 site: s.addr,
                 ifunc: Name::new(f.name),
@@ -847,7 +896,35 @@ unsafe fn roll_back<P: TextPoker + ?Sized>(
     poker.sync_cores();
     poker.end();
     restore_slots(table, table.ifunc_count() as usize);
-    incomplete.unwrap_or(err)
+    if let Some(e) = incomplete {
+        // (Set last by the lowest site: the first in table order that failed.)
+        return e;
+    }
+    // With every slot back at its default, as when the sites were checked before
+    // resolution: the same error for the same site.
+    let from = match stop {
+        Stop::NotOriginal => index,
+        Stop::Poke(_) | Stop::ReadBack => index + 1,
+    };
+    // SAFETY: forwarded.
+    if let Err(e) = unsafe { first_bad_site(arch, table, cache, poker, exec, from) } {
+        return e;
+    }
+    let s = table.site(index);
+    let ifunc = s.as_ref().map(|s| Name::new(ifunc_of(table, s).name));
+    match (stop, s) {
+        (Stop::Poke(error), _) => PatchError::Poke { ifunc, error },
+        (Stop::ReadBack, Some(s)) => PatchError::VerifyFailed {
+            site: s.addr,
+            ifunc: Name::new(ifunc_of(table, &s).name),
+        },
+        // Not reached: a site that is not the original has an error above, and `index`
+        // is an entry the pass decoded.
+        (Stop::NotOriginal | Stop::ReadBack, _) => PatchError::Poke {
+            ifunc,
+            error: PokeError::new(0, PokeFailure::ReadBack),
+        },
+    }
 }
 
 /// Per-ifunc addresses the per-site loops need, for the first [`IfuncCache::LEN`] ifuncs
