@@ -18,6 +18,9 @@ use crate::arch::{Arch, BranchSite, MAX_TRAMPOLINE_LEN};
 use crate::format::{FormatError, Ifunc, Site, Table};
 use crate::name::Name;
 
+mod failure;
+use failure::{Stop, check_site, first_bad_site, roll_back};
+
 /// Why a [`TextPoker`] could not write text. A small set that every poker maps its
 /// failures into, so errors own their data (no borrowed strings).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -660,10 +663,14 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
     // function that decodes the entry again and reports it exactly.
     for s in table.site_walk() {
         let b = branch_of(arch, &s);
-        let original = match cache.trampolines.get(s.ifunc as usize) {
-            Some(&trampoline) => {
-                arch.is_original(&b, read_word(poker, s.addr, b.len as usize), trampoline)
-            }
+        // The trampoline (for the check) and the resolved implementation (for the write)
+        // of the site's ifunc, if cached: one bounds check for both.
+        let (trampoline, target) = match cache.ifuncs.get(s.ifunc as usize) {
+            Some(c) => (Some(c.trampoline), Some(c.target)),
+            None => (None, None),
+        };
+        let original = match trampoline {
+            Some(t) => arch.is_original(&b, read_word(poker, b.addr, b.len as usize), t),
             None => false,
         };
         // SAFETY: forwarded (preconditions 1 and 3); `s.index` is a site of `table`.
@@ -673,8 +680,8 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         }
         // Only the target field changes: the other bytes were just checked and are not
         // written, so the field is what is written and read back.
-        let target = match cache.targets.get(s.ifunc as usize) {
-            Some(&t) => Some(t),
+        let target = match target {
+            Some(t) => Some(t),
             None => cache.target_uncached(table, poker, exec, s.ifunc),
         };
         let Some(field) = target.and_then(|t| arch.encode_target(&b, t)) else {
@@ -685,7 +692,7 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
             continue;
         };
         let len = field.len as usize;
-        let at = s.addr + arch.target_field(s.kind, s.prefixes).start as u64;
+        let at = b.addr + arch.target_field(s.kind, s.prefixes).start as u64;
         // SAFETY: the target field lies inside a validated site; precondition 2.
         if let Err(error) = unsafe { poker.write(at, &field.bytes()[..len]) } {
             failed = Some((s.index, Stop::Poke(error)));
@@ -713,11 +720,25 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
 #[inline(always)]
 fn branch_of(arch: Arch, s: &Site) -> BranchSite {
     BranchSite {
-        addr: s.addr,
+        addr: opaque(s.addr),
         kind: s.kind,
         prefixes: s.prefixes,
         len: arch.site_len(s.kind, s.prefixes) as u8,
     }
+}
+
+/// `v`, computed once: the optimizer cannot see through this, so it keeps the value in
+/// a register rather than recomputing it from the values it came from wherever it is
+/// used (which, for a site's address decoded from its table entry, kept more values
+/// alive across the site pass and spilled them to the stack).
+#[inline(always)]
+fn opaque(mut v: u64) -> u64 {
+    // SAFETY: an empty assembly block naming one register as input and output: it
+    // executes no instruction and touches no memory, flags or stack.
+    unsafe {
+        core::arch::asm!("/* {0} */", inout(reg) v, options(pure, nomem, nostack, preserves_flags))
+    };
+    v
 }
 
 /// The slot an ifunc's sites end up at: its own, or for an import (read, never written)
@@ -745,203 +766,27 @@ unsafe fn slot_of<P: TextPoker + ?Sized>(
     }
 }
 
-/// The check of the site at table entry `index`, decoded again, when the fast path did
-/// not accept it: its ifunc is past the cache, or it is not the original branch (then
-/// the error says exactly what it is; [`PatchError::AlreadyPatched`] compares with the
-/// slot's current value, so report it with the slots at their defaults).
-///
-/// # Safety
-///
-/// As for [`patch_ifuncs`].
-#[cold]
-#[inline(never)]
-unsafe fn check_site<P: TextPoker + ?Sized>(
-    arch: Arch,
-    table: &Table<'_>,
-    cache: &IfuncCache,
-    poker: &P,
-    exec: &[Range<u64>],
-    index: u32,
-) -> Result<(), PatchError> {
-    // The walk yields only entries that decode, which `site` decodes the same way.
-    let Some(s) = table.site(index) else {
-        return Ok(());
-    };
-    let found = read_site(poker, &s);
-    let f = ifunc_of(table, &s);
-    let b = s.branch();
-    let ok = arch.expected_original(&b, &found, f.trampoline);
-    let opcode_ok = arch.has_branch_opcode(&b, found.as_slice());
-    match ok {
-        Some(exp) if opcode_ok && exp == found => Ok(()),
-        _ => {
-            // (Without a descriptor, which a validated table always has, there is no
-            // slot to read: the trampoline stands in and the site is unexpected.)
-            let current = match table.ifunc(s.ifunc) {
-                // SAFETY: forwarded; `f` is from `table`.
-                Some(f) => unsafe { slot_of(arch, cache, poker, exec, &f) }?.read(),
-                None => f.trampoline,
-            };
-            if opcode_ok
-                && current != f.trampoline
-                && arch.decode_branch_target(&b, found.as_slice()) == Some(current)
-            {
-                return Err(PatchError::AlreadyPatched {
-                    site: s.addr,
-                    ifunc: Name::new(f.name),
-                });
-            }
-            let Some(expected) = ok else {
-                return Err(PatchError::TrampolineOutOfReach {
-                    site: s.addr,
-                    ifunc: Name::new(f.name),
-                    trampoline: f.trampoline,
-                });
-            };
-            Err(PatchError::UnexpectedSiteBytes {
-                site: s.addr,
-                ifunc: Name::new(f.name),
-                expected,
-                found,
-            })
-        }
-    }
-}
-
-/// Why the site pass of [`patch_ifuncs`] stopped at a site.
-#[derive(Clone, Copy)]
-enum Stop {
-    /// The site is not the original branch to its trampoline: nothing was written to it.
-    NotOriginal,
-    /// The poker failed writing its target field (maybe after writing part of it).
-    Poke(PokeError),
-    /// The field was written but did not read back as written.
-    ReadBack,
-}
-
-/// The first site, from table entry `from` on, that is not the original branch to its
-/// ifunc's trampoline, as the error [`check_site`] reports for it.
-///
-/// # Safety
-///
-/// As for [`patch_ifuncs`].
-#[cold]
-#[inline(never)]
-unsafe fn first_bad_site<P: TextPoker + ?Sized>(
-    arch: Arch,
-    table: &Table<'_>,
-    cache: &IfuncCache,
-    poker: &P,
-    exec: &[Range<u64>],
-    from: u32,
-) -> Result<(), PatchError> {
-    for i in from..table.site_count() {
-        // SAFETY: forwarded; `i` is an entry of `table`.
-        unsafe { check_site(arch, table, cache, poker, exec, i) }?;
-    }
-    Ok(())
-}
-
-/// The site pass stopped at the site at table entry `index`: puts back, last first,
-/// every site written so far (for `Stop::Poke` and `Stop::ReadBack` the failed one
-/// included, which may hold part of its new field), reading each back, then every slot.
-/// Returns the error to report: [`PatchError::RollbackIncomplete`] if a site could not be
-/// restored; else the error of the first site that is not the original (what checking
-/// every site before writing any would have reported); else the poker's or the
-/// read-back's.
-///
-/// # Safety
-///
-/// As for [`patch_ifuncs`], called between `poker.begin()` and `poker.end()` (which
-/// this calls), with every site before `index` checked to have been the original.
-#[cold]
-#[inline(never)]
-unsafe fn roll_back<P: TextPoker + ?Sized>(
-    arch: Arch,
-    table: &Table<'_>,
-    cache: &IfuncCache,
-    poker: &mut P,
-    exec: &[Range<u64>],
-    index: u32,
-    stop: Stop,
-) -> PatchError {
-    let written = match stop {
-        Stop::NotOriginal => index,
-        Stop::Poke(_) | Stop::ReadBack => index + 1,
-    };
-    // Each site written was checked to be the original before its write, and only its
-    // target field changed since: the original is its current prefix and opcode bytes
-    // with the field aimed at the trampoline again.
-    let mut incomplete = None;
-    for s in (0..written).rev().filter_map(|i| table.site(i)) {
-        let f = ifunc_of(table, &s);
-        let current = read_site(poker, &s);
-        let Some(orig) = arch.encode_branch(&s.branch(), &current, f.trampoline) else {
-            continue;
-        };
-        if current == orig {
-            // Not written (its implementation was out of reach), or put back already.
-            continue;
-        }
-        let field = s.target_field_offsets();
-        // SAFETY: as in the site pass; restoring the original bytes it checked.
-        let w = unsafe { poker.write(s.target_field().start, &orig.as_slice()[field]) };
-        if w.is_err() || read_site(poker, &s) != orig {
-            incomplete = Some(PatchError::RollbackIncomplete {
-                site: s.addr,
-                ifunc: Name::new(f.name),
-            });
-        }
-    }
-    poker.sync_cores();
-    poker.end();
-    restore_slots(table, table.ifunc_count() as usize);
-    if let Some(e) = incomplete {
-        // (Set last by the lowest site: the first in table order that failed.)
-        return e;
-    }
-    // With every slot back at its default, as when the sites were checked before
-    // resolution: the same error for the same site.
-    let from = match stop {
-        Stop::NotOriginal => index,
-        Stop::Poke(_) | Stop::ReadBack => index + 1,
-    };
-    // SAFETY: forwarded.
-    if let Err(e) = unsafe { first_bad_site(arch, table, cache, poker, exec, from) } {
-        return e;
-    }
-    let s = table.site(index);
-    let ifunc = s.as_ref().map(|s| Name::new(ifunc_of(table, s).name));
-    match (stop, s) {
-        (Stop::Poke(error), _) => PatchError::Poke { ifunc, error },
-        (Stop::ReadBack, Some(s)) => PatchError::VerifyFailed {
-            site: s.addr,
-            ifunc: Name::new(ifunc_of(table, &s).name),
-        },
-        // Not reached: a site that is not the original has an error above, and `index`
-        // is an entry the pass decoded.
-        (Stop::NotOriginal | Stop::ReadBack, _) => PatchError::Poke {
-            ifunc,
-            error: PokeError::new(0, PokeFailure::ReadBack),
-        },
-    }
-}
-
 /// Per-ifunc addresses the per-site loops need, for the first [`IfuncCache::LEN`] ifuncs
 /// (tables have tens); later ones are decoded from the table each time.
 struct IfuncCache {
-    trampolines: [u64; IfuncCache::LEN],
+    ifuncs: [CachedIfunc; IfuncCache::LEN],
     /// The slot step 1 found each trampoline jumping through.
     slots: [Option<Slot>; IfuncCache::LEN],
-    targets: [u64; IfuncCache::LEN],
+}
+
+/// What the site pass needs of a cached ifunc.
+#[derive(Clone, Copy, Default)]
+struct CachedIfunc {
+    trampoline: u64,
+    /// The resolved implementation (0 before step 2).
+    target: u64,
 }
 
 impl Default for IfuncCache {
     fn default() -> Self {
         IfuncCache {
-            trampolines: [0; IfuncCache::LEN],
+            ifuncs: [CachedIfunc::default(); IfuncCache::LEN],
             slots: [None; IfuncCache::LEN],
-            targets: [0; IfuncCache::LEN],
         }
     }
 }
@@ -951,11 +796,11 @@ impl IfuncCache {
 
     /// Records ifunc `i`'s trampoline and the slot `check_trampoline` returned for it.
     fn set_checked(&mut self, i: u32, trampoline: u64, slot: Slot) {
-        if let (Some(t), Some(s)) = (
-            self.trampolines.get_mut(i as usize),
+        if let (Some(c), Some(s)) = (
+            self.ifuncs.get_mut(i as usize),
             self.slots.get_mut(i as usize),
         ) {
-            *t = trampoline;
+            c.trampoline = trampoline;
             *s = Some(slot);
         }
     }
@@ -966,8 +811,8 @@ impl IfuncCache {
     }
 
     fn set_target(&mut self, i: u32, addr: u64) {
-        if let Some(t) = self.targets.get_mut(i as usize) {
-            *t = addr;
+        if let Some(c) = self.ifuncs.get_mut(i as usize) {
+            c.target = addr;
         }
     }
 
@@ -997,19 +842,6 @@ impl IfuncCache {
         };
         Some(slot.read())
     }
-}
-
-fn ifunc_of<'t>(table: &Table<'t>, s: &Site) -> Ifunc<'t> {
-    // Validated in `Table::parse`: the index is in range and the descriptor decodes.
-    table.ifunc(s.ifunc).unwrap_or(Ifunc {
-        index: s.ifunc,
-        name: "?",
-        trampoline: 0,
-        slot: 0,
-        resolver: 0,
-        default: 0,
-        imported: false,
-    })
 }
 
 /// Puts the default implementation back into the slots of the first `n` ifuncs.
