@@ -182,7 +182,7 @@ fn sites_longer_than_eight_bytes_are_rejected_not_patched() {
 }
 
 #[test]
-fn unexpected_site_bytes_abort_before_any_write() {
+fn unexpected_site_bytes_abort_and_restore_every_site_written() {
     let mut img = Image::new();
     img.bytes_mut()[S_JMP] = 0x90; // someone changed the jmp
     let before = img.bytes().to_vec();
@@ -204,7 +204,9 @@ fn unexpected_site_bytes_abort_before_any_write() {
         }
         e => panic!("wrong error {e}"),
     }
-    assert_eq!(p.writes, 0);
+    // One pass checks each site then writes it: site 0 was written, then put back.
+    assert_eq!(p.writes, 2);
+    assert_eq!((p.began, p.ended), (1, 1));
     assert_eq!(img.bytes(), &before[..]);
 
     // A rel32 that points elsewhere is caught too.
@@ -221,6 +223,53 @@ fn unexpected_site_bytes_abort_before_any_write() {
         )
     };
     assert!(matches!(e, Err(PatchError::UnexpectedSiteBytes { .. })));
+}
+
+/// The site pass checks site N only after writing sites 0..N-1: a site N that is not
+/// the original leaves every byte of the image (text and slots) as it was, sites 0..N-1
+/// each written once and put back once, and the error names site N.
+#[test]
+fn a_bad_site_after_written_ones_restores_them_exactly() {
+    let sites = [
+        (S_CALL, "t::zero"),
+        (S_JMP, "t::one"),
+        (S_PCALL, "t::zero"),
+        (S_JCC, "t::one"),
+    ];
+    let ends = [S_JMP, S_PCALL, S_JCC, S_JCC + 6];
+    for (n, &(at, ifunc)) in sites.iter().enumerate() {
+        let mut img = Image::new();
+        // Aim its rel32 far from the trampoline (its top byte flipped).
+        img.bytes_mut()[ends[n] - 1] ^= 0x40;
+        let before = img.bytes().to_vec();
+        let t = img.table();
+        let mut p = FakePoker::default();
+        // SAFETY: as above.
+        let e =
+            unsafe { patch_ifuncs(&t, &img.exec(), &mut p, &mut resolve_fast(&img)) }.unwrap_err();
+        assert!(
+            matches!(e, PatchError::UnexpectedSiteBytes { site, ifunc: f, .. }
+                if site == img.addr(at) && f == ifunc),
+            "site {n}: {e}"
+        );
+        assert_eq!(
+            p.writes,
+            2 * n,
+            "site {n}: each earlier site written and restored once"
+        );
+        assert_eq!(
+            img.bytes(),
+            &before[..],
+            "site {n}: image not restored exactly"
+        );
+        assert_eq!(img.slot(SLOT0), img.addr(IMPL_A0));
+        assert_eq!(img.slot(SLOT1), img.addr(IMPL_B0));
+        assert_eq!(
+            (p.began, p.ended),
+            (1, 1),
+            "site {n}: text made read-only again"
+        );
+    }
 }
 
 #[test]

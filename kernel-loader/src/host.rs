@@ -219,11 +219,9 @@ impl TextPoker for HostPoker {
         if !self.contains(addr, bytes.len()) {
             return Err(PokeError::new(addr, PokeFailure::NotText));
         }
-        for (i, &b) in bytes.iter().enumerate() {
-            // SAFETY: inside an executable segment made writable by `begin`; the engine
-            // only writes inside validated sites (the caller's contract).
-            unsafe { core::ptr::write_volatile((addr as usize + i) as *mut u8, b) };
-        }
+        // SAFETY: inside an executable segment made writable by `begin`; the engine
+        // only writes inside validated sites (the caller's contract).
+        unsafe { store_text(addr, bytes) };
         self.writes += 1;
         Ok(())
     }
@@ -246,6 +244,50 @@ impl TextPoker for HostPoker {
         // Nothing sensible to do on failure but report it loudly: text stays writable.
         if let Err(e) = self.protect(false) {
             std::eprintln!("ksites host poker: cannot make text read-only again: {e}");
+        }
+    }
+}
+
+/// Stores `bytes` at `addr` as a kernel's poker copies them into its alias mapping: one
+/// store for 1, 2, 4 or 8 bytes (a probe round's piece, an ifunc site's rel32), else
+/// byte by byte. Volatile, so every store happens, in order, even though nothing in this
+/// program reads the bytes back.
+///
+/// # Safety
+///
+/// `addr .. addr + bytes.len()` is mapped and writable.
+#[inline(always)]
+unsafe fn store_text(addr: u64, bytes: &[u8]) {
+    /// An unaligned integer (alignment 1): a volatile store of it is one store.
+    #[repr(C, packed)]
+    struct Unaligned<T>(T);
+    let p = addr as usize;
+    let w = |at: usize, b: u8| {
+        // SAFETY: `at` is in the caller's range.
+        unsafe { core::ptr::write_volatile(at as *mut u8, b) }
+    };
+    // SAFETY: `bytes.len()` bytes at `addr`, the caller's range; `Unaligned` has
+    // alignment 1.
+    unsafe {
+        match *bytes {
+            [a] => w(p, a),
+            [a, b] => core::ptr::write_volatile(
+                p as *mut Unaligned<u16>,
+                Unaligned(u16::from_le_bytes([a, b])),
+            ),
+            [a, b, c, d] => core::ptr::write_volatile(
+                p as *mut Unaligned<u32>,
+                Unaligned(u32::from_le_bytes([a, b, c, d])),
+            ),
+            [a, b, c, d, e, f, g, h] => core::ptr::write_volatile(
+                p as *mut Unaligned<u64>,
+                Unaligned(u64::from_le_bytes([a, b, c, d, e, f, g, h])),
+            ),
+            _ => {
+                for (i, &b) in bytes.iter().enumerate() {
+                    w(p + i, b);
+                }
+            }
         }
     }
 }

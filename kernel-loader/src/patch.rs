@@ -2,9 +2,9 @@
 //!
 //! [`init`] runs each ifunc's resolver exactly once, stores the result in the ifunc's
 //! slot, and rewrites the target field of every recorded call/jump site so it targets the
-//! chosen implementation directly. It is all-or-nothing: every byte is checked before the
-//! first write, and if anything fails after writing began, every site and slot is put
-//! back the way it was.
+//! chosen implementation directly. It is all-or-nothing: each site is checked before its
+//! write, and if anything fails after writing began (a site that is not the original, a
+//! failed write), every site written and every slot is put back the way it was.
 //!
 //! The kernel owns the hardware side through [`TextPoker`] (how to write text, how to
 //! make every CPU serialize); this module owns the protocol.
@@ -17,6 +17,9 @@ pub use crate::arch::InsnBytes;
 use crate::arch::{Arch, BranchSite, MAX_TRAMPOLINE_LEN};
 use crate::format::{FormatError, Ifunc, Site, Table};
 use crate::name::Name;
+
+mod failure;
+use failure::{Stop, check_site, first_bad_site, roll_back};
 
 /// Why a [`TextPoker`] could not write text. A small set that every poker maps its
 /// failures into, so errors own their data (no borrowed strings).
@@ -572,10 +575,9 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         }
     };
     debug_assert!(arch == table.arch());
-    // 1. Check everything before anything is written: trampolines, then sites (a site
-    //    already aimed at its slot's current value means `init` ran before), then slots.
+    // 1. Check what can be checked without the sites: trampolines, then slots.
     // The first CACHED ifuncs' trampolines and, once resolved, targets, on the stack (no
-    // allocator): the per-site loops then decode only the site entries.
+    // allocator): the per-site loop then decodes only the site entries.
     // Each cached ifunc keeps the slot its trampoline was checked to jump through, so
     // later steps never read (and never re-validate) a trampoline again.
     let mut cache = IfuncCache::default();
@@ -584,22 +586,6 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         let slot = unsafe { check_trampoline(arch, poker, &f, exec)? };
         cache.set_checked(f.index, f.trampoline, slot);
     }
-    // One walk over the entries per pass (`site_walk`): the engine's hot paths. The
-    // loops keep nothing of a site but what the next step needs (no `Site` kept for a
-    // possible error: that made the compiler spill it to the stack on every site), take
-    // lengths and field offsets from the constant `arch`, and hand anything unusual
-    // (an ifunc past the cache, a site that is not the original) to a cold function
-    // that decodes the entry again and reports it exactly.
-    for s in table.site_walk() {
-        if let Some(&trampoline) = cache.trampolines.get(s.ifunc as usize) {
-            let b = branch_of(arch, &s);
-            if arch.is_original(&b, read_word(poker, s.addr, b.len as usize), trampoline) {
-                continue;
-            }
-        }
-        // SAFETY: forwarded (preconditions 1 and 3); `s.index` is a site of `table`.
-        unsafe { check_site(arch, table, &cache, poker, exec, s.index) }?;
-    }
     for f in table.ifuncs() {
         // SAFETY: precondition 1; `f` is from `table`.
         let Some(slot) = (unsafe { Slot::defined(&f) }) else {
@@ -607,6 +593,10 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         };
         let value = slot.slot().read();
         if value != f.default {
+            // Sites are reported before slots (a site already aimed at its slot's
+            // current value means `init` ran before).
+            // SAFETY: forwarded (preconditions 1 and 3).
+            unsafe { first_bad_site(arch, table, &cache, poker, exec, 0) }?;
             return Err(PatchError::SlotNotDefault {
                 ifunc: Name::new(f.name),
                 slot: f.slot,
@@ -630,12 +620,16 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
                     // Earlier ifuncs' slots are resolved already: keep "no slot
                     // changed on error".
                     restore_slots(table, i);
+                    // SAFETY: as above.
+                    unsafe { first_bad_site(arch, table, &cache, poker, exec, 0) }?;
                     return Err(e);
                 }
             },
         };
         if !in_exec(exec, addr) {
             restore_slots(table, i);
+            // SAFETY: as above.
+            unsafe { first_bad_site(arch, table, &cache, poker, exec, 0) }?;
             return Err(PatchError::BadResolution {
                 ifunc: Name::new(f.name),
                 addr,
@@ -648,22 +642,48 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
         report.ifuncs += 1;
     }
 
-    // 3. Rewrite every site's target field to the chosen implementation.
+    // 3. One pass over the sites: check each one is the original branch to its
+    //    trampoline, then rewrite its target field and read that back. No other CPU runs
+    //    this text (precondition 2), so checking site N only after sites 0..N-1 are
+    //    written is as all-or-nothing as checking every site first: on the first
+    //    failure, every site written so far is put back (from its original form, which
+    //    the check established) before anything is reported.
     if let Err(error) = poker.begin() {
         restore_slots(table, table.ifunc_count() as usize);
+        // SAFETY: as above.
+        unsafe { first_bad_site(arch, table, &cache, poker, exec, 0) }?;
         return Err(PatchError::Poke { ifunc: None, error });
     }
-    // The entry index of the site whose write failed, and the poker's error (`None`:
-    // the write went through but did not read back).
+    // The entry index of the site where the pass stopped, and why.
     let mut failed = None;
+    // The loop keeps nothing of a site but what the next step needs (no `Site` kept for
+    // a possible error: that made the compiler spill it to the stack on every site),
+    // takes lengths and field offsets from the constant `arch`, and hands anything
+    // unusual (an ifunc past the cache, a site that is not the original) to a cold
+    // function that decodes the entry again and reports it exactly.
     for s in table.site_walk() {
-        // Only the target field changes: the other bytes were checked in step 1 and are
-        // not written, so the field is what is written and read back.
-        let target = match cache.targets.get(s.ifunc as usize) {
-            Some(&t) => Some(t),
+        let b = branch_of(arch, &s);
+        // The trampoline (for the check) and the resolved implementation (for the write)
+        // of the site's ifunc, if cached: one bounds check for both.
+        let (trampoline, target) = match cache.ifuncs.get(s.ifunc as usize) {
+            Some(c) => (Some(c.trampoline), Some(c.target)),
+            None => (None, None),
+        };
+        let original = match trampoline {
+            Some(t) => arch.is_original(&b, read_word(poker, b.addr, b.len as usize), t),
+            None => false,
+        };
+        // SAFETY: forwarded (preconditions 1 and 3); `s.index` is a site of `table`.
+        if !original && unsafe { check_site(arch, table, &cache, poker, exec, s.index) }.is_err() {
+            failed = Some((s.index, Stop::NotOriginal));
+            break;
+        }
+        // Only the target field changes: the other bytes were just checked and are not
+        // written, so the field is what is written and read back.
+        let target = match target {
+            Some(t) => Some(t),
             None => cache.target_uncached(table, poker, exec, s.ifunc),
         };
-        let b = branch_of(arch, &s);
         let Some(field) = target.and_then(|t| arch.encode_target(&b, t)) else {
             report.sites_out_of_reach += 1;
             if arch.is_relaxed_form(s.kind, s.prefixes) {
@@ -672,23 +692,23 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
             continue;
         };
         let len = field.len as usize;
-        let at = s.addr + arch.target_field(s.kind, s.prefixes).start as u64;
+        let at = b.addr + arch.target_field(s.kind, s.prefixes).start as u64;
         // SAFETY: the target field lies inside a validated site; precondition 2.
         if let Err(error) = unsafe { poker.write(at, &field.bytes()[..len]) } {
-            failed = Some((s.index, Some(error)));
+            failed = Some((s.index, Stop::Poke(error)));
             break;
         }
-        // The read-back: through the text mapping (`TextPoker::read`), which a poker
-        // writing through an alias does not otherwise check.
+        // The read-back: through the text mapping (`TextPoker::read_word`), which a
+        // poker writing through an alias does not otherwise check.
         if read_word(poker, at, len) != field.value {
-            failed = Some((s.index, None));
+            failed = Some((s.index, Stop::ReadBack));
             break;
         }
         report.sites_patched += 1;
     }
-    if let Some((index, error)) = failed {
-        // SAFETY: forwarded; `index` is the site step 3 stopped at.
-        return Err(unsafe { roll_back(arch, table, poker, index, error) });
+    if let Some((index, stop)) = failed {
+        // SAFETY: forwarded; `index` is the site the pass stopped at.
+        return Err(unsafe { roll_back(arch, table, &cache, poker, exec, index, stop) });
     }
     poker.sync_cores();
     poker.end();
@@ -700,11 +720,25 @@ unsafe fn patch_ifuncs_for<'t, const ID: u16, P: TextPoker + ?Sized>(
 #[inline(always)]
 fn branch_of(arch: Arch, s: &Site) -> BranchSite {
     BranchSite {
-        addr: s.addr,
+        addr: opaque(s.addr),
         kind: s.kind,
         prefixes: s.prefixes,
         len: arch.site_len(s.kind, s.prefixes) as u8,
     }
+}
+
+/// `v`, computed once: the optimizer cannot see through this, so it keeps the value in
+/// a register rather than recomputing it from the values it came from wherever it is
+/// used (which, for a site's address decoded from its table entry, kept more values
+/// alive across the site pass and spilled them to the stack).
+#[inline(always)]
+fn opaque(mut v: u64) -> u64 {
+    // SAFETY: an empty assembly block naming one register as input and output: it
+    // executes no instruction and touches no memory, flags or stack.
+    unsafe {
+        core::arch::asm!("/* {0} */", inout(reg) v, options(pure, nomem, nostack, preserves_flags))
+    };
+    v
 }
 
 /// The slot an ifunc's sites end up at: its own, or for an import (read, never written)
@@ -732,139 +766,27 @@ unsafe fn slot_of<P: TextPoker + ?Sized>(
     }
 }
 
-/// Step 1 for the site at table entry `index`, decoded again, when the fast path did not
-/// accept it: its ifunc is past the cache, or it is not the original branch (then the
-/// error says exactly what it is).
-///
-/// # Safety
-///
-/// As for [`patch_ifuncs`].
-#[cold]
-#[inline(never)]
-unsafe fn check_site<P: TextPoker + ?Sized>(
-    arch: Arch,
-    table: &Table<'_>,
-    cache: &IfuncCache,
-    poker: &P,
-    exec: &[Range<u64>],
-    index: u32,
-) -> Result<(), PatchError> {
-    // The walk yields only entries that decode, which `site` decodes the same way.
-    let Some(s) = table.site(index) else {
-        return Ok(());
-    };
-    let found = read_site(poker, &s);
-    let f = ifunc_of(table, &s);
-    let b = s.branch();
-    let ok = arch.expected_original(&b, &found, f.trampoline);
-    let opcode_ok = arch.has_branch_opcode(&b, found.as_slice());
-    match ok {
-        Some(exp) if opcode_ok && exp == found => Ok(()),
-        _ => {
-            // (Without a descriptor, which a validated table always has, there is no
-            // slot to read: the trampoline stands in and the site is unexpected.)
-            let current = match table.ifunc(s.ifunc) {
-                // SAFETY: forwarded; `f` is from `table`.
-                Some(f) => unsafe { slot_of(arch, cache, poker, exec, &f) }?.read(),
-                None => f.trampoline,
-            };
-            if opcode_ok
-                && current != f.trampoline
-                && arch.decode_branch_target(&b, found.as_slice()) == Some(current)
-            {
-                return Err(PatchError::AlreadyPatched {
-                    site: s.addr,
-                    ifunc: Name::new(f.name),
-                });
-            }
-            let Some(expected) = ok else {
-                return Err(PatchError::TrampolineOutOfReach {
-                    site: s.addr,
-                    ifunc: Name::new(f.name),
-                    trampoline: f.trampoline,
-                });
-            };
-            Err(PatchError::UnexpectedSiteBytes {
-                site: s.addr,
-                ifunc: Name::new(f.name),
-                expected,
-                found,
-            })
-        }
-    }
-}
-
-/// Step 3 failed at the site at table entry `index` (`error`: the poker's, or `None` if
-/// the write did not read back): puts back every site touched so far, the failed one
-/// included, and every slot, then reads each site back. Returns the error to report.
-///
-/// # Safety
-///
-/// As for [`patch_ifuncs`], called between `poker.begin()` and `poker.end()` (which
-/// this calls).
-#[cold]
-#[inline(never)]
-unsafe fn roll_back<P: TextPoker + ?Sized>(
-    arch: Arch,
-    table: &Table<'_>,
-    poker: &mut P,
-    index: u32,
-    error: Option<PokeError>,
-) -> PatchError {
-    let err = match (table.site(index), error) {
-        (Some(s), Some(error)) => PatchError::Poke {
-            ifunc: Some(Name::new(ifunc_of(table, &s).name)),
-            error,
-        },
-        (Some(s), None) => PatchError::VerifyFailed {
-            site: s.addr,
-            ifunc: Name::new(ifunc_of(table, &s).name),
-        },
-        // Not reached: `index` is an entry the walk decoded.
-        (None, error) => PatchError::Poke {
-            ifunc: None,
-            error: error.unwrap_or(PokeError::new(0, PokeFailure::ReadBack)),
-        },
-    };
-    // The original bytes were checked in step 1, so they are known exactly.
-    let mut incomplete = None;
-    for s in table.sites().take(index as usize + 1) {
-        let f = ifunc_of(table, &s);
-        let current = read_site(poker, &s);
-        let Some(orig) = arch.encode_branch(&s.branch(), &current, f.trampoline) else {
-            continue;
-        };
-        let field = s.target_field_offsets();
-        // SAFETY: as in step 3; restoring the original bytes the check pass saw.
-        let w = unsafe { poker.write(s.target_field().start, &orig.as_slice()[field]) };
-        if (w.is_err() || read_site(poker, &s) != orig) && incomplete.is_none() {
-            incomplete = Some(PatchError::RollbackIncomplete {
-                site: s.addr,
-                ifunc: Name::new(f.name),
-            });
-        }
-    }
-    poker.sync_cores();
-    poker.end();
-    restore_slots(table, table.ifunc_count() as usize);
-    incomplete.unwrap_or(err)
-}
-
 /// Per-ifunc addresses the per-site loops need, for the first [`IfuncCache::LEN`] ifuncs
 /// (tables have tens); later ones are decoded from the table each time.
 struct IfuncCache {
-    trampolines: [u64; IfuncCache::LEN],
+    ifuncs: [CachedIfunc; IfuncCache::LEN],
     /// The slot step 1 found each trampoline jumping through.
     slots: [Option<Slot>; IfuncCache::LEN],
-    targets: [u64; IfuncCache::LEN],
+}
+
+/// What the site pass needs of a cached ifunc.
+#[derive(Clone, Copy, Default)]
+struct CachedIfunc {
+    trampoline: u64,
+    /// The resolved implementation (0 before step 2).
+    target: u64,
 }
 
 impl Default for IfuncCache {
     fn default() -> Self {
         IfuncCache {
-            trampolines: [0; IfuncCache::LEN],
+            ifuncs: [CachedIfunc::default(); IfuncCache::LEN],
             slots: [None; IfuncCache::LEN],
-            targets: [0; IfuncCache::LEN],
         }
     }
 }
@@ -874,11 +796,11 @@ impl IfuncCache {
 
     /// Records ifunc `i`'s trampoline and the slot `check_trampoline` returned for it.
     fn set_checked(&mut self, i: u32, trampoline: u64, slot: Slot) {
-        if let (Some(t), Some(s)) = (
-            self.trampolines.get_mut(i as usize),
+        if let (Some(c), Some(s)) = (
+            self.ifuncs.get_mut(i as usize),
             self.slots.get_mut(i as usize),
         ) {
-            *t = trampoline;
+            c.trampoline = trampoline;
             *s = Some(slot);
         }
     }
@@ -889,8 +811,8 @@ impl IfuncCache {
     }
 
     fn set_target(&mut self, i: u32, addr: u64) {
-        if let Some(t) = self.targets.get_mut(i as usize) {
-            *t = addr;
+        if let Some(c) = self.ifuncs.get_mut(i as usize) {
+            c.target = addr;
         }
     }
 
@@ -920,19 +842,6 @@ impl IfuncCache {
         };
         Some(slot.read())
     }
-}
-
-fn ifunc_of<'t>(table: &Table<'t>, s: &Site) -> Ifunc<'t> {
-    // Validated in `Table::parse`: the index is in range and the descriptor decodes.
-    table.ifunc(s.ifunc).unwrap_or(Ifunc {
-        index: s.ifunc,
-        name: "?",
-        trampoline: 0,
-        slot: 0,
-        resolver: 0,
-        default: 0,
-        imported: false,
-    })
 }
 
 /// Puts the default implementation back into the slots of the first `n` ifuncs.

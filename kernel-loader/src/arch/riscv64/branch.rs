@@ -43,9 +43,9 @@
 //! implementation, just not directly; `patch::InitReport::sites_out_of_reach` counts it,
 //! and `InitReport::relaxed_sites_on_trampoline` counts the relaxed ones among them. It
 //! is never an error and never misread: every site's bytes are checked against the
-//! exact form the table names ([`is_original`]) before anything is written, and a site
-//! whose bytes are another form (say a `jal` where the table says pair) is refused
-//! whole. A kernel that wants every site direct links with relaxation off (`-mno-relax`
+//! exact form the table names ([`is_original`]) before it is written, and a site whose
+//! bytes are another form (say a `jal` where the table says pair) is refused with the
+//! whole batch (every site written before it is put back). A kernel that wants every site direct links with relaxation off (`-mno-relax`
 //! / `--no-relax`), so every site is a pair.
 
 use core::ops::Range;
