@@ -22,6 +22,7 @@
 //! ```
 
 mod calls;
+mod keys;
 mod mcount;
 mod module;
 mod patching;
@@ -173,6 +174,7 @@ fn main() {
     let mut poker = host::HostPoker::new();
     let (_on, many) = patch_self(&mut poker);
     probes::use_cpu_index();
+    keys::setup(&mut poker);
     calls::setup();
     probes::run_many(1);
 
@@ -210,6 +212,9 @@ fn main() {
     );
     micro(&mut c.benchmark_group("probe_on"), probes::ON, Some(expect));
     probes::bench_scaling(&mut c);
+    micro(&mut c.benchmark_group("key_off"), keys::OFF, Some(expect));
+    // The enabled-key loops compute the same value (the branch calls, it returns nothing).
+    micro(&mut c.benchmark_group("key_on"), keys::ON, Some(expect));
 
     {
         let mut img = patching::FakeImage::new();
@@ -252,6 +257,9 @@ fn main() {
             b.iter(|| patching::toggle_plain(&sites, &mut cp.0))
         });
         g.finish();
+        if o.wants("retarget/") {
+            keys::bench_retarget(&mut c, many, &mut poker);
+        }
         // Still a working probe: enable, fire every site once, disable.
         let before = probe::info(many).expect("info").hits;
         // SAFETY: as in `patch_self`.
@@ -325,7 +333,7 @@ fn main() {
     // the enabled probe (whose criterion figure drifts with the machine's load). With
     // `--filter`, the pairs whose group (`paired/<group>`) it matches.
     let rounds = if o.quick { 101 } else { 401 };
-    let pairs: [(&str, Pair); 7] = [
+    let pairs: [(&str, Pair); 10] = [
         ("ifunc", ("patched / direct", calls::patched, calls::direct)),
         ("ifunc", ("patched / slot", calls::patched, calls::via_slot)),
         (
@@ -366,6 +374,30 @@ fn main() {
                 "enabled probe! / direct handler call",
                 probes::ksites_on,
                 probes::direct_handler,
+            ),
+        ),
+        (
+            "key_off",
+            (
+                "disabled static_branch_unlikely! / no branch",
+                keys::key_off,
+                probes::none,
+            ),
+        ),
+        (
+            "key_on",
+            (
+                "enabled static_branch_unlikely! / AtomicBool",
+                keys::key_on,
+                keys::atomic_on,
+            ),
+        ),
+        (
+            "key_on",
+            (
+                "enabled static_branch_likely! / AtomicBool",
+                keys::key_on_likely,
+                keys::atomic_on,
             ),
         ),
     ];

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::{calls, module, patching, probes, tool};
+use crate::{calls, keys, module, patching, probes, tool};
 
 /// Median and its 95% confidence interval, in nanoseconds per criterion iteration.
 #[derive(Clone, Copy, Debug)]
@@ -164,6 +164,32 @@ pub fn render(dir: &Path, tool_ran: bool, module_ran: bool, paired: &[(&str, Vec
             rows: vec![("1", "1 thread"), ("2", "2 threads"), ("4", "4 threads")],
         },
     );
+    section(
+        &mut out,
+        dir,
+        &Section {
+            title: "Disabled static keys (per loop iteration: a multiply-add and the branch)",
+            group: "key_off",
+            unit: "time per iteration",
+            per: probes::ITERS as f64,
+            baseline: "none",
+            baseline_label: "no branch",
+            rows: keys::OFF.iter().map(|&(i, l, _)| (i, l)).collect(),
+        },
+    );
+    section(
+        &mut out,
+        dir,
+        &Section {
+            title: "Enabled static keys (per loop iteration: a multiply-add and a call)",
+            group: "key_on",
+            unit: "time per iteration",
+            per: probes::ITERS as f64,
+            baseline: "atomic_on",
+            baseline_label: "AtomicBool check (true) + call",
+            rows: keys::ON.iter().map(|&(i, l, _)| (i, l)).collect(),
+        },
+    );
     let sites = patching::IFUNC_SITES;
     section(
         &mut out,
@@ -219,6 +245,26 @@ pub fn render(dir: &Path, tool_ran: bool, module_ran: bool, paired: &[(&str, Vec
                     "plain_loop",
                     "plain loop of 5-byte stores, no checks, no sync",
                 ),
+            ],
+        },
+    );
+    let n = keys::RETARGET_SITES;
+    section(
+        &mut out,
+        dir,
+        &Section {
+            title: &format!(
+                "Retarget an ifunc with {n} call sites (to B and back: two live batches) against \
+                 a probe toggle of {many} sites (enable + disable), both sync = membarrier"
+            ),
+            group: "retarget",
+            unit: "time per two batches",
+            per: 1.0,
+            baseline: "probe_toggle_10k",
+            baseline_label: "probe enable + disable",
+            rows: vec![
+                ("retarget_10k", "retarget to B, then back to A"),
+                ("probe_toggle_10k", "probe::enable + probe::disable"),
             ],
         },
     );
@@ -370,6 +416,16 @@ pub fn render(dir: &Path, tool_ran: bool, module_ran: bool, paired: &[(&str, Vec
             "probe batch (membarrier) / plain loop ≤ 5".into(),
             ratio(dir, "toggle", "batch_membarrier", "plain_loop"),
             5.0,
+        ),
+        (
+            "disabled static_branch_unlikely! / no branch ≤ 1.02 (paired)".into(),
+            p("disabled static_branch_unlikely! / no branch"),
+            1.02,
+        ),
+        (
+            "enabled static_branch_unlikely! / AtomicBool ≤ 1.0 (paired)".into(),
+            p("enabled static_branch_unlikely! / AtomicBool"),
+            1.0,
         ),
     ];
     if tool_ran {
