@@ -198,7 +198,8 @@ const DEPTH: u64 = OUTER_EXIT - 1;
 /// A dispatcher's read-side section: while it lives, writers that published a change
 /// wait for it in [`synchronize`]. Ends when dropped.
 pub(super) enum Section {
-    /// Counted in on this CPU's slot, whose word was `.1` before.
+    /// Counted in on this CPU's slot; `.1` is what leaving stores in its word: the word
+    /// as the section found it, plus an outermost exit if it was the outermost.
     Cpu(&'static Cpu, u64),
     /// Counted in on `SHARED[phase]`.
     Shared(usize),
@@ -235,7 +236,13 @@ pub(super) fn enter_on(cpu: &'static Cpu) -> Section {
     // The registry is read after the increment (in program order; the writer's
     // `sync_cores` orders it on the hardware).
     compiler_fence(Ordering::SeqCst);
-    Section::Cpu(cpu, w)
+    // Back to the word as this section found it when it leaves (every section nested in
+    // it has done the same by then), plus an outermost exit if it was the outermost.
+    // Computed now, so one value (not `w` and the exit's constant) is held across the
+    // handler call: on a `probe!` block's inlined path that is one register fewer the
+    // enclosing function saves.
+    let exit = if w & DEPTH == 0 { OUTER_EXIT } else { 0 };
+    Section::Cpu(cpu, w.wrapping_add(exit))
 }
 
 /// [`enter`] without a CPU slot (out of line: the per-CPU path is the hot one).
@@ -282,14 +289,12 @@ impl Drop for Section {
     #[inline(always)]
     fn drop(&mut self) {
         match self {
-            Section::Cpu(cpu, w) => {
-                // Back to the word as this section found it (every nested section has
-                // done the same), plus an outermost exit if it was the outermost. A
-                // plain store: no interrupt can observe a half-done exit. Release (the
-                // hardware keeps a CPU's earlier loads and stores before a later
-                // store): everything the section did comes before the exit.
-                let exit = if *w & DEPTH == 0 { OUTER_EXIT } else { 0 };
-                cpu.word.store(w.wrapping_add(exit), Ordering::Release);
+            Section::Cpu(cpu, out) => {
+                // (`out`: see `enter_on`.) A plain store: no interrupt can observe a
+                // half-done exit. Release (the hardware keeps a CPU's earlier loads and
+                // stores before a later store): everything the section did comes before
+                // the exit.
+                cpu.word.store(*out, Ordering::Release);
             }
             Section::Shared(phase) => exit_shared(*phase),
         }
