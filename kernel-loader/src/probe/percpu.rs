@@ -669,15 +669,20 @@ mod tests {
 
     fn inner(_: ProbeId, _: &[u64; 6]) {}
 
+    /// How many times [`outer`] fires the inner probe.
+    const INNER_FIRES: u64 = 40;
+
     /// Fires the inner probe (a nested section on the same CPU, which exits first)
-    /// before and while the writer waits, then lingers.
+    /// every millisecond or so while the writer waits (whenever the writer reads the
+    /// slot, nested exits follow while this frame is still inside), then lingers.
     fn outer(_: ProbeId, _: &[u64; 6]) {
         OUTER_INSIDE.store(true, Ordering::SeqCst);
         let inner = INNER.load(Ordering::SeqCst) as u32;
-        fire(inner, &[0; 6]);
-        sleep_ms(10);
-        fire(inner, &[0; 6]);
-        sleep_ms(20);
+        for _ in 0..INNER_FIRES {
+            fire(inner, &[0; 6]);
+            sleep_ms(1);
+        }
+        sleep_ms(5);
         OUTER_INSIDE.store(false, Ordering::SeqCst);
     }
 
@@ -729,7 +734,7 @@ mod tests {
             }
         });
         assert_eq!(info(o).unwrap().hits, 2);
-        assert_eq!(info(i).unwrap().hits, 4);
+        assert_eq!(info(i).unwrap().hits, 2 * INNER_FIRES);
         // SAFETY: as above.
         unsafe { disable(i, &mut poker()) }.unwrap();
         unload(&h);
