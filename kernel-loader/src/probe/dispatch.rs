@@ -81,12 +81,12 @@ pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
 /// [`ksites_probe_fire`]).
 ///
 /// The fast path is one straight line with no call but the handler's: the CPU's slot
-/// from the index word (`set_cpu_index_word`), its section word counted in, the probe's
-/// global id from the record's cache, the probe's state, the hit on the CPU's own
-/// counter, the handler, the section word put back. Anything else (a CPU index from a
-/// hook, no slot, a record not cached yet) calls a cold function out of line, which
-/// opens a section of its own: so the inlined code is only that line and two calls of
-/// it.
+/// from the index word (`set_cpu_index_word`), its section depth counted in, the
+/// probe's global id from the record's cache, the probe's state, the hit on the CPU's
+/// own counter, the handler, the section depth put back (after one more outermost exit,
+/// if it was the outermost). Anything else (a CPU index from a hook, no slot, a record
+/// not cached yet) calls a cold function out of line, which opens a section of its
+/// own: so the inlined code is only that line and two calls of it.
 #[inline(always)]
 pub(super) fn fire_inline(rec: &ProbeRecord, args: &[u64; 6]) {
     let Some(cpu) = percpu::this_cpu_by_word() else {

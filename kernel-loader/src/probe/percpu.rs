@@ -19,10 +19,11 @@
 //! on x86-64. The depth's store writes the value the entry read, with no arithmetic in
 //! between: the next fire's entry on this CPU waits for that store (through store
 //! forwarding), so that chain from fire to fire is as short as it can be (the exits
-//! and the hits are chains of their own, which the CPU runs alongside). Each CPU writes only its own cache lines;
-//! the registry it reads is written only by the (rare) writers, so those lines stay
-//! shared. The writer pays for the ordering with an asymmetric barrier, the poker's
-//! `sync_cores` (an IPI round in a kernel, `membarrier` on a host), as RCU-sched does.
+//! and the hits are chains of their own, which the CPU runs alongside). Each CPU writes
+//! only its own cache lines; the registry it reads is written only by the (rare)
+//! writers, so those lines stay shared. The writer pays for the ordering with an
+//! asymmetric barrier, the poker's `sync_cores` (an IPI round in a kernel, `membarrier`
+//! on a host), as RCU-sched does.
 //!
 //! Without an index (no hook, or an index `>= MAX_CPUS`), a section counts itself in one
 //! of two shared counters with atomic read-modify-writes, SRCU-style: correct on any
