@@ -28,12 +28,13 @@
 //!   data and a host thread at its TLS), which `probe::set_cpu_index_word` uses. The
 //!   rest of the shape is generic and the same on every architecture: the enabled site
 //!   is a branch to its out-of-line block (the `asm goto` label of `probe!`), which
-//!   stores the six arguments in an array on its stack and calls `extern "C" fn
-//!   ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6])`, then branches back after
-//!   the site. The dispatcher's fast path is one straight line (the slot from the index
-//!   word, the section word counted in, the probe's global id from the record's cache,
+//!   stores the six arguments in an array on its stack and dispatches (inline with the
+//!   `inline-fire` feature, else by calling `extern "C" fn ksites_probe_fire(rec:
+//!   &ProbeRecord, args: &[u64; 6])`), then branches back after the site. The
+//!   dispatcher's fast path is one straight line (the slot from the index word, the
+//!   section depth counted in, the probe's global id from the record's cache,
 //!   `enabled` and the handler from the probe's state, the hit on the CPU's own
-//!   counter, the handler's call, the section word put back); the architecture supplies
+//!   counter, the handler's call, the section depth put back); the architecture supplies
 //!   only `read_cpu_word` and `local::{inc, fetch_inc}` (a CPU-local add that an
 //!   interrupt cannot split).
 //! * `CpuFeatures`: a `bitflags` set over `u64` of what the CPU (and the OS's state

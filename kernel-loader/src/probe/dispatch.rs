@@ -1,5 +1,6 @@
 //! Firing probes: the dispatcher every enabled site ends up in ([`fire`]), its entry
-//! points (`ksites_probe_fire` for `probe!` blocks, `ksites_probe_c_entry` for C call
+//! points (`fire_inline`, compiled into each `probe!` block with the `inline-fire`
+//! feature, else called through `ksites_probe_fire`; `ksites_probe_c_entry` for C call
 //! sites), and the #BP hook ([`handle_int3`]) that finds the probe site a CPU trapped
 //! on and has the architecture emulate it.
 //!
@@ -10,7 +11,7 @@
 //! is what `disable`, a live handler change and module unload wait for, and on the fire
 //! path it writes only this CPU's slot.
 //!
-//! `ksites_probe_fire` finds the probe without a registry lookup: a `ProbeRecord` caches
+//! A `probe!` block finds the probe without a registry lookup: a `ProbeRecord` caches
 //! its global id (tagged with the registry's id epoch, which moves on when a module's
 //! ids are freed), written by the first fire that looks it up.
 
@@ -56,17 +57,40 @@ fn fire_in(sec: &Section, id: u32, args: &[u64; 6]) {
     }
 }
 
-/// Entry point of an enabled `probe!` site's out-of-line block (stable symbol, so
-/// modules can link against it by name): `rec` is the site's [`ProbeRecord`], `args`
-/// the six arguments.
-///
-/// The fast path is one straight line with no call but the handler's: the CPU's slot
-/// from the index word (`set_cpu_index_word`), its section word counted in, the probe's
-/// global id from the record's cache, the probe's state, the hit on the CPU's own
-/// counter, the handler, the section word put back. Anything else (a CPU index from a
-/// hook, no slot, a record not cached yet) leaves that line for a function out of line.
+/// What an enabled `probe!` site's out-of-line block runs (hidden: the macro's
+/// expansion). With the `inline-fire` feature, [`fire_inline`]: the dispatch compiled
+/// into the block itself, for code linked with this crate (the kernel image). Without
+/// it, a call of the unmangled [`ksites_probe_fire`], which code linked separately (a
+/// module, which may import only unmangled kernel symbols) must use.
+#[doc(hidden)]
+#[inline(always)]
+pub fn fire_site(rec: &ProbeRecord, args: &[u64; 6]) {
+    #[cfg(feature = "inline-fire")]
+    fire_inline(rec, args);
+    #[cfg(not(feature = "inline-fire"))]
+    ksites_probe_fire(rec, args);
+}
+
+/// Entry point of an enabled `probe!` site's out-of-line block when the dispatch is not
+/// inlined into it (stable symbol, so modules can link against it by name): `rec` is
+/// the site's [`ProbeRecord`], `args` the six arguments. Its body is [`fire_inline`].
 #[unsafe(no_mangle)]
 pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
+    fire_inline(rec, args);
+}
+
+/// The dispatch of an enabled `probe!` site, inlined into its caller ([`fire_site`],
+/// [`ksites_probe_fire`]).
+///
+/// The fast path is one straight line with no call but the handler's: the CPU's slot
+/// from the index word (`set_cpu_index_word`), its section depth counted in, the
+/// probe's global id from the record's cache, the probe's state, the hit on the CPU's
+/// own counter, the handler, the section depth put back (after one more outermost exit,
+/// if it was the outermost). Anything else (a CPU index from a hook, no slot, a record
+/// not cached yet) calls a cold function out of line, which opens a section of its
+/// own: so the inlined code is only that line and two calls of it.
+#[inline(always)]
+pub(super) fn fire_inline(rec: &ProbeRecord, args: &[u64; 6]) {
     let Some(cpu) = percpu::this_cpu_by_word() else {
         return fire_record(rec, args);
     };
@@ -76,12 +100,15 @@ pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
     let epoch = ID_EPOCH.load(Ordering::Relaxed);
     match rec.cached_global(epoch) {
         Some(id) => fire_in(&sec, id, args),
-        None => fire_uncached(sec, rec, args, epoch),
+        // Out of line, in a section of its own nested in this one (sections nest on a
+        // CPU), so this line has one exit.
+        None => fire_record(rec, args),
     }
 }
 
-/// [`ksites_probe_fire`] in a section of any kind, out of line (`#[cold]`, so the word's
-/// path is the straight line: a CPU index from the hook costs a call anyway).
+/// [`fire_inline`] in a section of any kind, out of line (`#[cold]`, so the word's path
+/// is the straight line: a CPU index from the hook costs a call anyway, and a record is
+/// uncached once per id epoch).
 #[cold]
 #[inline(never)]
 fn fire_record(rec: &ProbeRecord, args: &[u64; 6]) {

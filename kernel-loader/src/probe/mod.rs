@@ -74,6 +74,8 @@ pub use crate::arch::native::probe::{
     C_TAIL_ON, Int3Frame, STUB_SYMBOLS, Stubs, ksites_probe_ret0, ksites_probe_ret1,
 };
 pub use batch::{site_bytes, site_bytes_with};
+#[doc(hidden)]
+pub use dispatch::fire_site as __fire_site;
 pub use dispatch::{
     handle_int3, int3_drain_waits, int3_emulations, ksites_probe_c_entry, ksites_probe_fire,
 };

@@ -6,19 +6,24 @@
 //!
 //! With a CPU index installed ([`set_cpu_index_word`]: one load from the per-CPU base
 //! register; or [`set_cpu_index`]: a hook, a call per fire), a dispatcher runs inside a
-//! [`Section`] on its CPU's slot, whose one word holds the CPU's section depth (low 32
-//! bits) and its count of outermost exits (high 32 bits). Entering adds 1 to the word
-//! and keeps the old value `w`, in one instruction without `lock`
-//! (`arch::native::local`, atomic against interrupts on this CPU); then the dispatcher
-//! reads the registry (image slots, the probe's state), counts the hit in its CPU's own
-//! counter and calls the handler. Leaving stores `w` back, plus one outermost exit if
-//! `w`'s depth was 0: frames on one CPU are LIFO, so every frame that nested inside
-//! (a probe fired by the handler, an interrupt) has already put the word back to `w + 1`
-//! and the store loses nothing. A fire is one read-modify-write and one plain store on
-//! this CPU's line, plus the hit; no fence. Each CPU writes only its own cache lines;
-//! the registry it reads is written only by the (rare) writers, so those lines stay
-//! shared. The writer pays for the ordering with an asymmetric barrier, the poker's
-//! `sync_cores` (an IPI round in a kernel, `membarrier` on a host), as RCU-sched does.
+//! [`Section`] on its CPU's slot, which holds the CPU's section depth and its count of
+//! outermost exits (two words). Entering adds 1 to the depth and keeps the old value
+//! `d`, in one instruction without `lock` (`arch::native::local`, atomic against
+//! interrupts on this CPU); then the dispatcher reads the registry (image slots, the
+//! probe's state), counts the hit in its CPU's own counter and calls the handler.
+//! Leaving (if `d` is 0, the outermost frame) adds 1 to the exits, then stores `d` back
+//! into the depth: frames on one CPU are LIFO, so every frame that nested inside (a
+//! probe fired by the handler, an interrupt) has already put the depth back to `d + 1`
+//! and the store loses nothing. A fire is one read-modify-write and one plain store of
+//! the depth, an increment of the exits for an outermost frame, plus the hit; no fence
+//! on x86-64. The depth's store writes the value the entry read, with no arithmetic in
+//! between: the next fire's entry on this CPU waits for that store (through store
+//! forwarding), so that chain from fire to fire is as short as it can be (the exits
+//! and the hits are chains of their own, which the CPU runs alongside). Each CPU writes
+//! only its own cache lines; the registry it reads is written only by the (rare)
+//! writers, so those lines stay shared. The writer pays for the ordering with an
+//! asymmetric barrier, the poker's `sync_cores` (an IPI round in a kernel, `membarrier`
+//! on a host), as RCU-sched does.
 //!
 //! Without an index (no hook, or an index `>= MAX_CPUS`), a section counts itself in one
 //! of two shared counters with atomic read-modify-writes, SRCU-style: correct on any
@@ -34,14 +39,16 @@
 //!   waits for it: each CPU's earlier stores (its section entries) are then visible to
 //!   the writer, and each CPU's later loads see the published state. So a section that
 //!   entered after that point reads the new state and needs no wait; one that entered
-//!   before it is counted in the word the writer reads next. For each CPU the writer
-//!   reads the word once: depth 0 means no section is active (all sections that started
-//!   before the barrier have ended). Otherwise it spins until the word shows depth 0 or
-//!   an outermost-exit count other than the one it read. That second exit is exact even
-//!   with nesting: an outermost exit is stored at a moment when the CPU has no section
-//!   active at all (every frame nested inside it has ended, LIFO), and a CPU's stores
-//!   become visible in program order, so an exit the writer did not see at its first
-//!   read comes after the entry of every section active then, and ends them all. A CPU
+//!   before it is counted in the depth the writer reads next. For each CPU the writer
+//!   reads the depth once: 0 means no section is active (all sections that started
+//!   before the barrier have ended). Otherwise it reads the exits, then spins until the
+//!   depth is 0 or the exits differ from what it read. That second exit is exact even
+//!   with nesting: an outermost exit is counted when the CPU's outermost frame is done
+//!   (every frame nested inside it has ended, LIFO; the exit is ordered after the
+//!   frame's reads by a release fence, free on x86-64), and the writer read the exits
+//!   after the depth, so an exit it did not see comes after that read of the depth and
+//!   ends every section active then. (It may also have seen an exit that came after
+//!   the depth it read: then it waits for one more, which is only longer.) A CPU
 //!   that keeps firing does exit its outermost frame between fires, so the wait ends.
 //! * **The shared counters.** The writer waits for the counter of the *other* phase (only
 //!   sections that read the phase before the previous flip can still enter it: at most
@@ -61,7 +68,7 @@
 //! the registry lock (`info`, `lookup`, `enable`, …) while another CPU may be draining:
 //! the drain holds the lock.
 
-use core::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering, compiler_fence};
+use core::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering, compiler_fence, fence};
 
 use super::MAX_PROBES;
 use crate::arch::native::local;
@@ -79,13 +86,14 @@ pub const MAX_CPUS: usize = 64;
 /// Returns the index of the CPU it runs on: see [`set_cpu_index`].
 pub type CpuIndex = fn() -> usize;
 
-/// One CPU's slot: its section word, its hit counters. Only that CPU writes it (with
-/// [`local`] increments and plain stores); writers and [`hits`] read it.
+/// One CPU's slot: its section depth and exits, its hit counters. Only that CPU writes
+/// it (with [`local`] increments and plain stores); writers and [`hits`] read it.
 #[repr(C, align(64))]
 pub(super) struct Cpu {
-    /// Sections active on this CPU, nested ones included (low 32 bits), and times that
-    /// went back to 0 (high 32 bits, wrapping).
-    word: AtomicU64,
+    /// Sections active on this CPU, nested ones included.
+    depth: AtomicU64,
+    /// Times the depth went back to 0 (outermost exits), wrapping.
+    exits: AtomicU64,
     /// Hits per probe id, on this CPU.
     hits: [AtomicU64; MAX_PROBES],
 }
@@ -96,7 +104,8 @@ struct Line(AtomicU64);
 
 static CPUS: [Cpu; MAX_CPUS] = [const {
     Cpu {
-        word: AtomicU64::new(0),
+        depth: AtomicU64::new(0),
+        exits: AtomicU64::new(0),
         hits: [const { AtomicU64::new(0) }; MAX_PROBES],
     }
 }; MAX_CPUS];
@@ -190,15 +199,10 @@ pub(super) fn this_cpu() -> Option<&'static Cpu> {
     CPUS.get(index)
 }
 
-/// One outermost exit, in a slot's word.
-const OUTER_EXIT: u64 = 1 << 32;
-/// The depth bits of a slot's word.
-const DEPTH: u64 = OUTER_EXIT - 1;
-
 /// A dispatcher's read-side section: while it lives, writers that published a change
 /// wait for it in [`synchronize`]. Ends when dropped.
 pub(super) enum Section {
-    /// Counted in on this CPU's slot, whose word was `.1` before.
+    /// Counted in on this CPU's slot, whose depth was `.1` before.
     Cpu(&'static Cpu, u64),
     /// Counted in on `SHARED[phase]`.
     Shared(usize),
@@ -231,11 +235,11 @@ pub(super) fn enter() -> Section {
 /// Enters a read-side section on `cpu`, the running CPU's slot ([`this_cpu`]).
 #[inline(always)]
 pub(super) fn enter_on(cpu: &'static Cpu) -> Section {
-    let w = local::fetch_inc(&cpu.word);
+    let d = local::fetch_inc(&cpu.depth);
     // The registry is read after the increment (in program order; the writer's
     // `sync_cores` orders it on the hardware).
     compiler_fence(Ordering::SeqCst);
-    Section::Cpu(cpu, w)
+    Section::Cpu(cpu, d)
 }
 
 /// [`enter`] without a CPU slot (out of line: the per-CPU path is the hot one).
@@ -282,14 +286,18 @@ impl Drop for Section {
     #[inline(always)]
     fn drop(&mut self) {
         match self {
-            Section::Cpu(cpu, w) => {
-                // Back to the word as this section found it (every nested section has
-                // done the same), plus an outermost exit if it was the outermost. A
-                // plain store: no interrupt can observe a half-done exit. Release (the
-                // hardware keeps a CPU's earlier loads and stores before a later
-                // store): everything the section did comes before the exit.
-                let exit = if *w & DEPTH == 0 { OUTER_EXIT } else { 0 };
-                cpu.word.store(w.wrapping_add(exit), Ordering::Release);
+            Section::Cpu(cpu, d) => {
+                if *d == 0 {
+                    // The outermost frame: one more exit, after everything the section
+                    // did (a writer that sees it stops waiting; free on x86-64, where
+                    // stores stay after earlier loads and stores).
+                    fence(Ordering::Release);
+                    local::inc(&cpu.exits);
+                }
+                // The depth back to what this section found (every nested section has
+                // done the same). A plain store: no interrupt can observe a half-done
+                // exit. Release: everything the section did comes before it.
+                cpu.depth.store(*d, Ordering::Release);
             }
             Section::Shared(phase) => exit_shared(*phase),
         }
@@ -318,16 +326,12 @@ pub(super) fn synchronize() {
         if Some(cpu as *const Cpu) == me {
             continue;
         }
-        let w = cpu.word.load(Ordering::SeqCst);
-        if w & DEPTH == 0 {
+        if cpu.depth.load(Ordering::SeqCst) == 0 {
             continue;
         }
-        let exits = w & !DEPTH;
-        loop {
-            let now = cpu.word.load(Ordering::SeqCst);
-            if now & DEPTH == 0 || now & !DEPTH != exits {
-                break;
-            }
+        // Read after the depth: see the module docs.
+        let exits = cpu.exits.load(Ordering::SeqCst);
+        while cpu.depth.load(Ordering::SeqCst) != 0 && cpu.exits.load(Ordering::SeqCst) == exits {
             core::hint::spin_loop();
         }
     }
@@ -668,15 +672,20 @@ mod tests {
 
     fn inner(_: ProbeId, _: &[u64; 6]) {}
 
+    /// How many times [`outer`] fires the inner probe.
+    const INNER_FIRES: u64 = 40;
+
     /// Fires the inner probe (a nested section on the same CPU, which exits first)
-    /// before and while the writer waits, then lingers.
+    /// every millisecond or so while the writer waits (whenever the writer reads the
+    /// slot, nested exits follow while this frame is still inside), then lingers.
     fn outer(_: ProbeId, _: &[u64; 6]) {
         OUTER_INSIDE.store(true, Ordering::SeqCst);
         let inner = INNER.load(Ordering::SeqCst) as u32;
-        fire(inner, &[0; 6]);
-        sleep_ms(10);
-        fire(inner, &[0; 6]);
-        sleep_ms(20);
+        for _ in 0..INNER_FIRES {
+            fire(inner, &[0; 6]);
+            sleep_ms(1);
+        }
+        sleep_ms(5);
         OUTER_INSIDE.store(false, Ordering::SeqCst);
     }
 
@@ -728,7 +737,7 @@ mod tests {
             }
         });
         assert_eq!(info(o).unwrap().hits, 2);
-        assert_eq!(info(i).unwrap().hits, 4);
+        assert_eq!(info(i).unwrap().hits, 2 * INNER_FIRES);
         // SAFETY: as above.
         unsafe { disable(i, &mut poker()) }.unwrap();
         unload(&h);

@@ -135,7 +135,10 @@ impl ProbeRecord {
 ///
 /// Disabled (the default), the site is one NOP instruction: the arguments are not
 /// evaluated. Enabled, the NOP becomes a jump to an out-of-line block that evaluates
-/// them and calls the dispatcher, then continues after the site.
+/// them and dispatches, then continues after the site. With this crate's `inline-fire`
+/// feature the dispatch is compiled into the block (no call but the handler's); without
+/// it the block calls the unmangled `ksites_probe_fire` (what a module, linked apart
+/// from the kernel, must do).
 ///
 /// ```ignore
 /// kernel_loader::probe!(net, rx, len, port);
@@ -160,7 +163,7 @@ macro_rules! probe {
                 __ksites_i += 1;
             )*
             let _ = __ksites_i;
-            $crate::probe::ksites_probe_fire(&__KSITES_REC, &__ksites_args);
+            $crate::probe::__fire_site(&__KSITES_REC, &__ksites_args);
         });
     }};
 }

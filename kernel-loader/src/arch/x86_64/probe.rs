@@ -10,9 +10,10 @@
 //! `c_entry!`, `__ksites_probe_site_asm!` and `__ksites_probe_section_asm!` macros.
 //!
 //! The enabled `probe!` fire path: the site branches to its out-of-line block, which
-//! stores the six arguments on its stack and calls `ksites_probe_fire(&record, &args)`
-//! (C ABI: the record in the first argument register, the array's address in the
-//! second), then branches back after the site. The dispatcher reads the CPU's index with
+//! stores the six arguments on its stack and dispatches (inline with the `inline-fire`
+//! feature; else by calling `ksites_probe_fire(&record, &args)`, C ABI: the record in
+//! the first argument register, the array's address in the second), then branches back
+//! after the site. The dispatcher reads the CPU's index with
 //! [`read_cpu_word`] ([`CPU_BASE`]: `gs` (freestanding) or `fs` (hosted)), one load and no call; everything
 //! else on the path is generic (`crate::probe`'s `dispatch` and `percpu`).
 //!
