@@ -230,6 +230,9 @@ impl Variant {
         verdict.problems.extend(judge::check_required(&serial));
         verdict
             .problems
+            .extend(judge::check_key_retarget(&serial, cpus));
+        verdict
+            .problems
             .extend(judge::check_cpus_online(&serial, cpus));
         verdict
             .problems
@@ -458,6 +461,9 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
         let (exit, serial) = boot(model, qemu_command(model, image), timeout)?;
         let mut verdict = judge::judge(&exit, &serial);
         verdict.problems.extend(judge::check_required(&serial));
+        verdict
+            .problems
+            .extend(judge::check_key_retarget(&serial, cpus));
         if let Some(problem) = judge::check_cpus_online(&serial, cpus) {
             verdict.problems.push(problem);
         }
