@@ -333,6 +333,15 @@ fn encode(
             offset: l.str_off as u32,
             count: l.strings.len() as u32,
         },
+        // No keys yet: KB's branch writes the key sub-tables.
+        keys: SubTable {
+            offset: l.str_off as u32,
+            count: 0,
+        },
+        key_sites: SubTable {
+            offset: l.str_off as u32,
+            count: 0,
+        },
     };
     out[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
 

@@ -2,7 +2,8 @@
 //!
 //! The `#![no_std]`, allocation-free run-time half of ksites.
 //!
-//! * [`format`]: the `.ksites` table format (v1) and its validating, zero-copy reader.
+//! * [`format`]: the `.ksites` table format (v2; v1 still read) and its validating,
+//!   zero-copy reader.
 //! * [`arch`]: everything architecture-specific ([`arch::x86_64`], [`arch::aarch64`],
 //!   [`arch::riscv64`]), behind names every architecture defines; [`arch::Arch`] is a
 //!   table's architecture.
@@ -15,6 +16,8 @@
 //! * [`cell`]: the table cell through which a linked image finds its own table.
 //! * [`probe`](mod@probe): SDT probes (`probe!`, `probe_enabled!`, dtrace-style C probes), the
 //!   registry, and live enable/disable with the architecture's live-patch protocol.
+//! * [`key`]: static keys (`static_key!`, `static_branch_unlikely!`,
+//!   `static_branch_likely!`): sites rewritten live between a NOP and a jump.
 //! * `module` (feature `module`): the ET_REL module loader ([`module::Module::load`]).
 //! * `host` (feature `std`, Linux x86-64): a [`TextPoker`] and a `SIGTRAP` hook for a
 //!   normal process, so a host binary can patch itself (tests and benchmarks).
@@ -36,6 +39,7 @@ pub mod format;
 pub mod host;
 pub mod ifunc;
 pub mod introspect;
+pub mod key;
 #[cfg(feature = "module")]
 pub mod module;
 pub mod name;

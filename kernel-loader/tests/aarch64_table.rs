@@ -96,6 +96,8 @@ fn table(
         probes: st(pdesc, 1),
         probe_sites: st(psite, probes.len() as u32),
         strings: st(strs, strings.len() as u32),
+        keys: st(strs, 0),
+        key_sites: st(strs, 0),
     };
     let mut v = Vec::from(h.to_bytes());
     let rel = |field: u64, to: u64| make_rel(at + field, b + to).unwrap();

@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use super::{HEADER_SIZE, VERSION};
+use super::{HEADER_SIZE, HEADER_SIZE_V1, VERSION, VERSION_1};
 use crate::arch::{Arch, ids};
 
 /// A part of the table, as named in errors.
@@ -18,6 +18,10 @@ pub enum Part {
     Probes,
     /// The probe site entries.
     ProbeSites,
+    /// The static-key descriptors (v2).
+    Keys,
+    /// The static-key site entries (v2).
+    KeySites,
     /// The string table.
     Strings,
 }
@@ -30,6 +34,8 @@ impl fmt::Display for Part {
             Part::IfuncSites => "ifunc sites",
             Part::Probes => "probe descriptors",
             Part::ProbeSites => "probe sites",
+            Part::Keys => "key descriptors",
+            Part::KeySites => "key sites",
             Part::Strings => "string table",
         })
     }
@@ -78,8 +84,14 @@ pub enum FormatError {
     WrongArch(u16),
     /// Reserved header flags are set.
     UnknownFlags(u32),
-    /// `header_size` is not [`HEADER_SIZE`].
-    BadHeaderSize(u32),
+    /// `header_size` is not the size of the table version's header ([`HEADER_SIZE`] for
+    /// v2, [`HEADER_SIZE_V1`] for v1).
+    BadHeaderSize {
+        /// The declared size.
+        size: u32,
+        /// The table's version.
+        version: u16,
+    },
     /// `total_size` exceeds the bytes available (or is smaller than the header).
     BadTotalSize {
         /// Declared size.
@@ -235,6 +247,50 @@ pub enum FormatError {
         /// Its address.
         addr: u64,
     },
+    /// A key descriptor's key pointer is 0, or reserved flags are set.
+    BadKeyDesc {
+        /// Key index.
+        key: u32,
+    },
+    /// Key descriptors are not sorted by name.
+    KeysUnsorted {
+        /// The first descriptor out of order.
+        key: u32,
+    },
+    /// A key site's reserved bits are set.
+    BadKeySite {
+        /// Key site index.
+        site: u32,
+    },
+    /// A key site names a key that does not exist.
+    KeyIndexOutOfRange {
+        /// Key site index.
+        site: u32,
+        /// The index it names.
+        key: u32,
+        /// Number of keys.
+        count: u32,
+    },
+    /// Key sites are not sorted by address and disjoint.
+    KeySitesUnsorted {
+        /// Index of the first site out of order.
+        site: u32,
+    },
+    /// A key site is not aligned as the table's architecture requires for a probe site
+    /// (the same instruction).
+    KeySiteMisaligned {
+        /// Key site index.
+        site: u32,
+        /// Its address.
+        addr: u64,
+    },
+    /// A key site, or its branch target, is not in an executable range.
+    KeySiteNotExecutable {
+        /// Key site index.
+        site: u32,
+        /// The address (the site's, or its target's).
+        addr: u64,
+    },
 }
 
 impl fmt::Display for FormatError {
@@ -247,7 +303,7 @@ impl fmt::Display for FormatError {
             FormatError::UnsupportedVersion(v) => {
                 write!(
                     f,
-                    "unsupported table version {v} (this reader knows {VERSION})"
+                    "unsupported table version {v} (this reader knows {VERSION_1} and {VERSION})"
                 )
             }
             FormatError::WrongArch(a) => {
@@ -265,8 +321,16 @@ impl fmt::Display for FormatError {
                 Ok(())
             }
             FormatError::UnknownFlags(x) => write!(f, "unknown header flags {x:#x}"),
-            FormatError::BadHeaderSize(s) => {
-                write!(f, "header size {s}, expected {HEADER_SIZE}")
+            FormatError::BadHeaderSize { size, version } => {
+                let expected = if version == VERSION_1 {
+                    HEADER_SIZE_V1
+                } else {
+                    HEADER_SIZE
+                };
+                write!(
+                    f,
+                    "header size {size} in a version {version} table, expected {expected}"
+                )
             }
             FormatError::BadTotalSize { total_size, len } => write!(
                 f,
@@ -369,6 +433,32 @@ impl fmt::Display for FormatError {
             FormatError::SiteNotExecutable { site, addr } => write!(
                 f,
                 "ifunc site {site} at {addr:#x} is not inside an executable range"
+            ),
+            FormatError::BadKeyDesc { key } => write!(
+                f,
+                "key {key}: null key pointer or reserved flags set (only default and imported are defined)"
+            ),
+            FormatError::KeysUnsorted { key } => {
+                write!(f, "key {key}: key descriptors must be sorted by name")
+            }
+            FormatError::BadKeySite { site } => {
+                write!(f, "key site {site}: reserved bits set")
+            }
+            FormatError::KeyIndexOutOfRange { site, key, count } => write!(
+                f,
+                "key site {site}: names key {key}, but there are only {count}"
+            ),
+            FormatError::KeySitesUnsorted { site } => write!(
+                f,
+                "key site {site}: not after the previous site (sites must be sorted and disjoint)"
+            ),
+            FormatError::KeySiteMisaligned { site, addr } => write!(
+                f,
+                "key site {site} at {addr:#x} is not aligned to an instruction boundary"
+            ),
+            FormatError::KeySiteNotExecutable { site, addr } => write!(
+                f,
+                "key site {site}: {addr:#x} is not inside an executable range"
             ),
         }
     }

@@ -2,7 +2,8 @@
 //! validation: that is [`super::reader`]'s job).
 
 use super::{
-    FormatError, HEADER_SIZE, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, PROBE_DESC_SIZE, PROBE_SITE_SIZE,
+    FormatError, HEADER_SIZE, HEADER_SIZE_V1, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, KEY_DESC_SIZE,
+    KEY_SITE_SIZE, PROBE_DESC_SIZE, PROBE_SITE_SIZE,
 };
 use crate::arch::SiteKind;
 
@@ -16,7 +17,8 @@ pub struct SubTable {
     pub count: u32,
 }
 
-/// The table header.
+/// The table header: [`HEADER_SIZE`] bytes in v2, [`HEADER_SIZE_V1`] in v1 (which ends
+/// before `keys`; a v1 header decodes with empty key sub-tables).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -26,9 +28,9 @@ pub struct Header {
     pub version: u16,
     /// The architecture: a [`crate::arch::ids`] value ([`super::ARCH_X86_64`] today).
     pub arch: u16,
-    /// Reserved, must be 0 in v1.
+    /// Reserved, must be 0.
     pub flags: u32,
-    /// [`HEADER_SIZE`].
+    /// [`HEADER_SIZE`] (v2) or [`HEADER_SIZE_V1`] (v1).
     pub header_size: u32,
     /// Size of the whole table in bytes, header included.
     pub total_size: u32,
@@ -42,6 +44,10 @@ pub struct Header {
     pub probe_sites: SubTable,
     /// The string table (`count` = size in bytes).
     pub strings: SubTable,
+    /// [`KeyDesc`] entries (v2; empty in a v1 table).
+    pub keys: SubTable,
+    /// [`KeySite`] entries (v2; empty in a v1 table).
+    pub key_sites: SubTable,
 }
 
 /// One ifunc: where its trampoline, slot, resolver and default implementation live.
@@ -101,6 +107,43 @@ pub struct ProbeSite {
     pub info: u32,
 }
 
+/// One static key an image's sites test (12 bytes). A key object is data (a
+/// `kernel_loader::key::StaticKey`); the table names it and says how it starts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyDesc {
+    /// Self-relative: the key object. Never 0 (that would point into the table itself).
+    pub key: i32,
+    /// String-table offset of the key's name.
+    pub name: u32,
+    /// Bit 0 ([`KEY_DEFAULT_TRUE`]): the key starts enabled; bit 1 ([`KEY_IMPORTED`]):
+    /// another image's key (a module's sites of a kernel key); other bits reserved (0).
+    pub flags: u32,
+}
+
+/// One static-key site (12 bytes): one instruction (the architecture's probe site
+/// length) that holds either the native NOP or a branch to `target`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeySite {
+    /// Self-relative: the site instruction's first byte.
+    pub site: i32,
+    /// Self-relative: the branch target (the asm-goto label).
+    pub target: i32,
+    /// Bit 0 ([`KEY_SITE_LIKELY`]): a `static_branch_likely!` site; bits 1..=7 reserved
+    /// (0); bits 8..=31: the key's index in the key descriptors.
+    pub info: u32,
+}
+
+/// `KeyDesc::flags`: the key's default (boot) state is enabled.
+pub const KEY_DEFAULT_TRUE: u32 = 1;
+/// `KeyDesc::flags`: the key object is another image's (an import).
+pub const KEY_IMPORTED: u32 = 2;
+/// `KeySite::info`: the site is a `static_branch_likely!` (falls through when enabled).
+pub const KEY_SITE_LIKELY: u32 = 1;
+/// Largest key index a site can name, plus one (24 bits).
+pub const MAX_KEYS: u32 = 1 << 24;
+
 pub use crate::arch::ProbeKind;
 
 /// Largest number of prefix bytes a site's encoding can carry (3 bits).
@@ -159,19 +202,31 @@ impl SubTable {
 }
 
 impl Header {
-    /// Decodes a header from the first [`HEADER_SIZE`] bytes (no validation).
+    /// Decodes a header (no validation): the v1 fields from the first
+    /// [`HEADER_SIZE_V1`] bytes, and the key sub-tables from bytes 64..80 when `version`
+    /// is 2 or more and they are there (else empty: [`Table::parse`](super::Table::parse)
+    /// checks a v2 table is long enough).
     pub fn read(b: &[u8]) -> Result<Header, FormatError> {
-        if b.len() < HEADER_SIZE {
+        if b.len() < HEADER_SIZE_V1 {
             return Err(FormatError::Truncated {
                 len: b.len(),
-                needed: HEADER_SIZE,
+                needed: HEADER_SIZE_V1,
             });
         }
+        let version = rd_u16(b, 8);
+        let v2 = version >= 2 && b.len() >= HEADER_SIZE;
+        let sub = |at| {
+            if v2 {
+                SubTable::read(b, at)
+            } else {
+                SubTable::default()
+            }
+        };
         let mut magic = [0u8; 8];
         magic.copy_from_slice(&b[..8]);
         Ok(Header {
             magic,
-            version: rd_u16(b, 8),
+            version,
             arch: rd_u16(b, 10),
             flags: rd_u32(b, 12),
             header_size: rd_u32(b, 16),
@@ -181,12 +236,25 @@ impl Header {
             probes: SubTable::read(b, 40),
             probe_sites: SubTable::read(b, 48),
             strings: SubTable::read(b, 56),
+            keys: sub(64),
+            key_sites: sub(72),
         })
     }
 
-    /// Encodes the header.
+    /// Encodes the header, v2 layout ([`HEADER_SIZE`] bytes, the key sub-tables
+    /// included).
     pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
         let mut b = [0u8; HEADER_SIZE];
+        b[..HEADER_SIZE_V1].copy_from_slice(&self.to_bytes_v1());
+        self.keys.write(&mut b[64..72]);
+        self.key_sites.write(&mut b[72..80]);
+        b
+    }
+
+    /// Encodes the v1 fields only ([`HEADER_SIZE_V1`] bytes: a v1 header; `keys` and
+    /// `key_sites` are not written).
+    pub fn to_bytes_v1(&self) -> [u8; HEADER_SIZE_V1] {
+        let mut b = [0u8; HEADER_SIZE_V1];
         b[..8].copy_from_slice(&self.magic);
         b[8..10].copy_from_slice(&self.version.to_le_bytes());
         b[10..12].copy_from_slice(&self.arch.to_le_bytes());
@@ -294,6 +362,61 @@ impl ProbeSite {
             return None;
         }
         Some(kind.bits() | (probe << 8))
+    }
+}
+
+impl KeyDesc {
+    /// Decodes a key descriptor (no validation).
+    #[inline]
+    pub fn read(b: &[u8]) -> KeyDesc {
+        KeyDesc {
+            key: rd_i32(b, 0),
+            name: rd_u32(b, 4),
+            flags: rd_u32(b, 8),
+        }
+    }
+
+    /// Encodes the key descriptor.
+    pub fn to_bytes(&self) -> [u8; KEY_DESC_SIZE] {
+        let mut b = [0u8; KEY_DESC_SIZE];
+        b[0..4].copy_from_slice(&self.key.to_le_bytes());
+        b[4..8].copy_from_slice(&self.name.to_le_bytes());
+        b[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        b
+    }
+
+    /// The `flags` of a key with boot state `default`, imported or not.
+    pub const fn pack_flags(default: bool, imported: bool) -> u32 {
+        (if default { KEY_DEFAULT_TRUE } else { 0 }) | (if imported { KEY_IMPORTED } else { 0 })
+    }
+}
+
+impl KeySite {
+    /// Decodes a key site (no validation).
+    #[inline]
+    pub fn read(b: &[u8]) -> KeySite {
+        KeySite {
+            site: rd_i32(b, 0),
+            target: rd_i32(b, 4),
+            info: rd_u32(b, 8),
+        }
+    }
+
+    /// Encodes the key site.
+    pub fn to_bytes(&self) -> [u8; KEY_SITE_SIZE] {
+        let mut b = [0u8; KEY_SITE_SIZE];
+        b[0..4].copy_from_slice(&self.site.to_le_bytes());
+        b[4..8].copy_from_slice(&self.target.to_le_bytes());
+        b[8..12].copy_from_slice(&self.info.to_le_bytes());
+        b
+    }
+
+    /// Packs `info`; `None` if the key index does not fit in 24 bits.
+    pub const fn pack_info(likely: bool, key: u32) -> Option<u32> {
+        if key >= MAX_KEYS {
+            return None;
+        }
+        Some((if likely { KEY_SITE_LIKELY } else { 0 }) | (key << 8))
     }
 }
 

@@ -1,17 +1,23 @@
-//! The `.ksites` table, format v1.
+//! The `.ksites` table, format v2 (the reader also accepts v1).
 //!
 //! One table per image or module. All multi-byte fields are little-endian. Every
 //! reference to code or data is **self-relative**: `target = address_of(field) + value`
 //! (an `i32`), so the table needs no run-time relocation and works at any load address.
 //!
 //! ```text
-//! offset 0   Header (64 bytes)
+//! offset 0   Header (80 bytes; 64 in a v1 table)
 //!            IfuncDesc[ifuncs.count]        (20 bytes each, 4-aligned, sorted by trampoline)
 //!            IfuncSite[ifunc_sites.count]   (8 bytes each, 4-aligned, sorted by address)
 //!            ProbeDesc[probes.count]        (12 bytes each, 4-aligned, sorted by name)
 //!            ProbeSite[probe_sites.count]   (12 bytes each, 4-aligned, sorted by address)
+//!            KeyDesc[keys.count]            (12 bytes each, 4-aligned, sorted by name; v2)
+//!            KeySite[key_sites.count]       (12 bytes each, 4-aligned, sorted by address; v2)
 //!            strings                        (NUL-terminated UTF-8)
 //! ```
+//!
+//! Version 2 adds the static keys: the v1 header's fields, then the `keys` and
+//! `key_sites` sub-tables (header bytes 64..80). A v1 table (64-byte header) has no
+//! keys; [`Table::version`] says which version a parsed table is. Writers write v2.
 //!
 //! [`Table::parse`] validates everything a patcher relies on before anything is touched:
 //! sizes, bounds, alignment, ordering, indices, strings, and that every site and code
@@ -29,23 +35,30 @@
 //! * [`layout`]: the POD structs and their byte encodings.
 //! * [`error`]: [`FormatError`] and the parts it names.
 //! * [`reader`]: the validating reader, [`Table`], and the decoded entries.
+//! * [`key_reader`]: the decoded keys and key sites ([`Key`], [`KSite`]) and their
+//!   validation.
 
 pub mod error;
+pub mod key_reader;
 pub mod layout;
 pub mod reader;
 
 pub use crate::arch::{Arch, SiteKind};
 pub use error::{FormatError, IfuncField, Part};
+pub use key_reader::{KSite, Key, KeySitesOf};
 pub use layout::{
-    Header, IfuncDesc, IfuncSite, MAX_IFUNCS, MAX_PREFIXES, ProbeDesc, ProbeKind, ProbeSite,
-    SubTable, make_rel, resolve_rel,
+    Header, IfuncDesc, IfuncSite, KEY_DEFAULT_TRUE, KEY_IMPORTED, KEY_SITE_LIKELY, KeyDesc,
+    KeySite, MAX_IFUNCS, MAX_KEYS, MAX_PREFIXES, ProbeDesc, ProbeKind, ProbeSite, SubTable,
+    make_rel, resolve_rel,
 };
 pub use reader::{Ifunc, PSite, Probe, ProbeSitesOf, Site, SiteWalk, Table};
 
 /// First eight bytes of every table.
 pub const MAGIC: [u8; 8] = *b"KSITES\0\0";
-/// The format version this reader understands.
-pub const VERSION: u16 = 1;
+/// The format version writers write (the reader also accepts [`VERSION_1`]).
+pub const VERSION: u16 = 2;
+/// The first format version: no key sub-tables, a [`HEADER_SIZE_V1`]-byte header.
+pub const VERSION_1: u16 = 1;
 /// `Header::arch` for x86-64 (= `Arch::X86_64.id()`; see [`crate::arch::ids`] for the
 /// reserved ids of other architectures).
 pub const ARCH_X86_64: u16 = crate::arch::ids::X86_64;
@@ -54,8 +67,10 @@ pub const SECTION_NAME: &str = ".ksites";
 /// Required alignment of the table's start address.
 pub const TABLE_ALIGN: u64 = 8;
 
-/// Size of [`Header`] in bytes.
-pub const HEADER_SIZE: usize = 64;
+/// Size of a v2 [`Header`] in bytes (what writers write).
+pub const HEADER_SIZE: usize = 80;
+/// Size of a v1 header in bytes: [`HEADER_SIZE`] without the key sub-tables.
+pub const HEADER_SIZE_V1: usize = 64;
 /// Size of [`IfuncDesc`] in bytes.
 pub const IFUNC_DESC_SIZE: usize = 20;
 /// Size of [`IfuncSite`] in bytes.
@@ -64,6 +79,10 @@ pub const IFUNC_SITE_SIZE: usize = 8;
 pub const PROBE_DESC_SIZE: usize = 12;
 /// Size of [`ProbeSite`] in bytes.
 pub const PROBE_SITE_SIZE: usize = 12;
+/// Size of [`KeyDesc`] in bytes.
+pub const KEY_DESC_SIZE: usize = 12;
+/// Size of [`KeySite`] in bytes.
+pub const KEY_SITE_SIZE: usize = 12;
 /// `ProbeDesc::nargs` when no site declares the argument count.
 pub const NARGS_UNKNOWN: u16 = u16::MAX;
 
@@ -98,6 +117,30 @@ pub(crate) mod test_table {
         probes: u32,
         sites: &[(u64, u64, ProbeKind, u32)],
     ) -> Vec<u8> {
+        table_for(arch, base, probes, sites, &[], &[])
+    }
+
+    /// One key of [`key_table`]: its object's address, name, default and imported.
+    pub(crate) type KeySpec<'n> = (u64, &'n str, bool, bool);
+    /// One key site of [`key_table`]: `(addr, target, likely, key index)`.
+    pub(crate) type KeySiteSpec = (u64, u64, bool, u32);
+
+    /// A v2 x86_64 table at `base` with the `keys` (in the given order: sorted by name
+    /// for a valid table) and the key `sites`, and no ifuncs or probes.
+    pub(crate) fn key_table(base: u64, keys: &[KeySpec<'_>], sites: &[KeySiteSpec]) -> Vec<u8> {
+        table_for(ARCH_X86_64, base, 0, &[], keys, sites)
+    }
+
+    /// A v2 table for `arch` at `base`: `probes` probes (named `t:p0`, ...), probe
+    /// sites, keys and key sites, each sub-table in the given order.
+    pub(crate) fn table_for(
+        arch: u16,
+        base: u64,
+        probes: u32,
+        sites: &[(u64, u64, ProbeKind, u32)],
+        keys: &[KeySpec<'_>],
+        key_sites: &[KeySiteSpec],
+    ) -> Vec<u8> {
         let mut strings = Vec::new();
         let mut descs = Vec::new();
         for p in 0..probes {
@@ -112,10 +155,22 @@ pub(crate) mod test_table {
                 flags: 0,
             });
         }
+        let mut key_names = Vec::new();
+        for &(_, name, _, _) in keys {
+            key_names.push(strings.len() as u32);
+            strings.extend_from_slice(name.as_bytes());
+            strings.push(0);
+        }
         let probes_off = HEADER_SIZE as u32;
         let sites_off = probes_off + probes * PROBE_DESC_SIZE as u32;
-        let strs = sites_off + sites.len() as u32 * PROBE_SITE_SIZE as u32;
+        let keys_off = sites_off + sites.len() as u32 * PROBE_SITE_SIZE as u32;
+        let ksites_off = keys_off + keys.len() as u32 * KEY_DESC_SIZE as u32;
+        let strs = ksites_off + key_sites.len() as u32 * KEY_SITE_SIZE as u32;
         let total = strs + strings.len() as u32;
+        let st = |offset, count: usize| SubTable {
+            offset,
+            count: count as u32,
+        };
         let h = Header {
             magic: MAGIC,
             version: VERSION,
@@ -123,26 +178,13 @@ pub(crate) mod test_table {
             flags: 0,
             header_size: HEADER_SIZE as u32,
             total_size: total,
-            ifuncs: SubTable {
-                offset: probes_off,
-                count: 0,
-            },
-            ifunc_sites: SubTable {
-                offset: probes_off,
-                count: 0,
-            },
-            probes: SubTable {
-                offset: probes_off,
-                count: probes,
-            },
-            probe_sites: SubTable {
-                offset: sites_off,
-                count: sites.len() as u32,
-            },
-            strings: SubTable {
-                offset: strs,
-                count: strings.len() as u32,
-            },
+            ifuncs: st(probes_off, 0),
+            ifunc_sites: st(probes_off, 0),
+            probes: st(probes_off, probes as usize),
+            probe_sites: st(sites_off, sites.len()),
+            keys: st(keys_off, keys.len()),
+            key_sites: st(ksites_off, key_sites.len()),
+            strings: st(strs, strings.len()),
         };
         let mut v = Vec::new();
         v.extend_from_slice(&h.to_bytes());
@@ -162,10 +204,31 @@ pub(crate) mod test_table {
             };
             v.extend_from_slice(&e.to_bytes());
         }
+        for (&(addr, _, default, imported), &name) in keys.iter().zip(&key_names) {
+            let field = base + v.len() as u64;
+            let d = KeyDesc {
+                key: make_rel(field, addr).unwrap(),
+                name,
+                flags: KeyDesc::pack_flags(default, imported),
+            };
+            v.extend_from_slice(&d.to_bytes());
+        }
+        for &(addr, target, likely, key) in key_sites {
+            let field = base + v.len() as u64;
+            let e = KeySite {
+                site: make_rel(field, addr).unwrap(),
+                target: make_rel(field + 4, target).unwrap(),
+                info: KeySite::pack_info(likely, key).unwrap(),
+            };
+            v.extend_from_slice(&e.to_bytes());
+        }
         v.extend_from_slice(&strings);
         v
     }
 }
+
+#[cfg(test)]
+mod key_tests;
 
 #[cfg(test)]
 mod walk_tests {
@@ -192,6 +255,8 @@ mod walk_tests {
             probes: st(strs, 0),
             probe_sites: st(strs, 0),
             strings: st(strs, strings.len() as u32),
+            keys: st(strs, 0),
+            key_sites: st(strs, 0),
         };
         let mut v = Vec::from(h.to_bytes());
         let rel = |at: u64, to: u64| make_rel(base + at, to).unwrap();
@@ -316,6 +381,8 @@ mod tests {
             probes: SubTable::default(),
             probe_sites: SubTable::default(),
             strings: SubTable::default(),
+            keys: SubTable::default(),
+            key_sites: SubTable::default(),
         }
         .to_bytes()
     }

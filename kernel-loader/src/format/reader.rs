@@ -1,23 +1,25 @@
 //! The validating, zero-copy reader: [`Table`] and the entries it decodes ([`Ifunc`],
-//! [`Site`], [`Probe`], [`PSite`]). Every instruction fact comes from the table's
-//! [`Arch`].
+//! [`Site`], [`Probe`], [`PSite`]; the keys' are in [`super::key_reader`]). Every
+//! instruction fact comes from the table's [`Arch`]. Reads format v1 and v2
+//! ([`Table::version`]).
 
 use core::ops::Range;
 
 use super::{
-    FormatError, HEADER_SIZE, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc, IfuncField,
-    IfuncSite, MAGIC, NARGS_UNKNOWN, PROBE_DESC_SIZE, PROBE_SITE_SIZE, Part, ProbeDesc, ProbeKind,
-    ProbeSite, SubTable, TABLE_ALIGN, VERSION, resolve_rel,
+    FormatError, HEADER_SIZE, HEADER_SIZE_V1, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc,
+    IfuncField, IfuncSite, KEY_DESC_SIZE, KEY_SITE_SIZE, MAGIC, NARGS_UNKNOWN, PROBE_DESC_SIZE,
+    PROBE_SITE_SIZE, Part, ProbeDesc, ProbeKind, ProbeSite, SubTable, TABLE_ALIGN, VERSION,
+    VERSION_1, resolve_rel,
 };
 use crate::arch::{Arch, BranchSite, ProbeSiteRef, SiteKind};
 
 /// A validated table. Cheap to copy; borrows the table bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct Table<'a> {
-    bytes: &'a [u8],
-    base: u64,
-    header: Header,
-    arch: Arch,
+    pub(super) bytes: &'a [u8],
+    pub(super) base: u64,
+    pub(super) header: Header,
+    pub(super) arch: Arch,
 }
 
 /// A decoded ifunc descriptor with absolute addresses.
@@ -160,7 +162,7 @@ impl PSite {
     }
 }
 
-fn in_ranges(exec: &[Range<u64>], start: u64, len: u64) -> bool {
+pub(super) fn in_ranges(exec: &[Range<u64>], start: u64, len: u64) -> bool {
     let Some(end) = start.checked_add(len) else {
         return false;
     };
@@ -210,17 +212,28 @@ impl<'a> Table<'a> {
         if header.magic != MAGIC {
             return Err(FormatError::BadMagic);
         }
-        if header.version != VERSION {
-            return Err(FormatError::UnsupportedVersion(header.version));
+        let header_size = match header.version {
+            VERSION => HEADER_SIZE,
+            VERSION_1 => HEADER_SIZE_V1,
+            v => return Err(FormatError::UnsupportedVersion(v)),
+        };
+        if bytes.len() < header_size {
+            return Err(FormatError::Truncated {
+                len: bytes.len(),
+                needed: header_size,
+            });
         }
         let arch = Arch::from_id(header.arch).ok_or(FormatError::WrongArch(header.arch))?;
         if header.flags != 0 {
             return Err(FormatError::UnknownFlags(header.flags));
         }
-        if header.header_size as usize != HEADER_SIZE {
-            return Err(FormatError::BadHeaderSize(header.header_size));
+        if header.header_size as usize != header_size {
+            return Err(FormatError::BadHeaderSize {
+                size: header.header_size,
+                version: header.version,
+            });
         }
-        if (header.total_size as usize) < HEADER_SIZE || header.total_size as usize > bytes.len() {
+        if (header.total_size as usize) < header_size || header.total_size as usize > bytes.len() {
             return Err(FormatError::BadTotalSize {
                 total_size: header.total_size,
                 len: bytes.len(),
@@ -241,9 +254,11 @@ impl<'a> Table<'a> {
             (Part::IfuncSites, header.ifunc_sites, IFUNC_SITE_SIZE, 4),
             (Part::Probes, header.probes, PROBE_DESC_SIZE, 4),
             (Part::ProbeSites, header.probe_sites, PROBE_SITE_SIZE, 4),
+            (Part::Keys, header.keys, KEY_DESC_SIZE, 4),
+            (Part::KeySites, header.key_sites, KEY_SITE_SIZE, 4),
             (Part::Strings, header.strings, 1, 1),
         ];
-        let mut spans = [(Part::Header, 0u32, HEADER_SIZE as u32); 6];
+        let mut spans = [(Part::Header, 0u32, header_size as u32); 8];
         for (i, &(part, st, entry, align)) in parts.iter().enumerate() {
             if !st.offset.is_multiple_of(align) {
                 return Err(FormatError::Misaligned {
@@ -279,6 +294,7 @@ impl<'a> Table<'a> {
         table.validate_ifuncs(exec, import_exec)?;
         table.validate_sites(exec)?;
         table.validate_probes(exec)?;
+        table.validate_keys(exec)?;
         Ok(table)
     }
 
@@ -506,7 +522,7 @@ impl<'a> Table<'a> {
 
     /// A walk over the `entry`-byte entries of sub-table `st`.
     #[inline]
-    fn entries(&self, st: SubTable, entry: usize) -> Entries<'a> {
+    pub(super) fn entries(&self, st: SubTable, entry: usize) -> Entries<'a> {
         let start = st.offset as usize;
         // `parse` checked the sub-table lies inside the table.
         let end = start.saturating_add(st.count as usize * entry);
@@ -540,11 +556,11 @@ impl<'a> Table<'a> {
     }
 
     #[inline]
-    fn field_addr(&self, offset: usize) -> u64 {
+    pub(super) fn field_addr(&self, offset: usize) -> u64 {
         self.base + offset as u64
     }
 
-    fn string(&self, offset: u32) -> Result<&'a str, FormatError> {
+    pub(super) fn string(&self, offset: u32) -> Result<&'a str, FormatError> {
         let st = self.header.strings;
         if offset >= st.count {
             return Err(FormatError::StringOutOfBounds { offset });
@@ -619,6 +635,13 @@ impl<'a> Table<'a> {
             len: self.arch.site_len(kind, prefixes) as u8,
             field: (field.start as u8, field.end as u8),
         })
+    }
+
+    /// The format version of the table: [`VERSION`] (2) or [`VERSION_1`] (a v1 table,
+    /// which has no keys).
+    #[inline]
+    pub fn version(&self) -> u16 {
+        self.header.version
     }
 
     /// The decoded header.
@@ -788,11 +811,11 @@ fn decode_psite(i: u32, e: &[u8], field_addr: u64, probes: u32) -> Result<PSite,
 /// A walk over the entries of one sub-table: each step yields an entry and its offset,
 /// and [`Entries::resolve`] turns a self-relative field into an address.
 #[derive(Clone, Debug)]
-struct Entries<'a> {
+pub(super) struct Entries<'a> {
     /// Every entry of the sub-table.
     entries: &'a [u8],
     /// The entries not yet visited (a tail of `entries`).
-    rest: &'a [u8],
+    pub(super) rest: &'a [u8],
     /// Address of `entries`.
     first: u64,
     /// [`resolution_bounds`] of `first`.
@@ -803,7 +826,7 @@ struct Entries<'a> {
 impl<'a> Entries<'a> {
     /// The next entry (`N` bytes) and its offset in `entries`.
     #[inline(always)]
-    fn next<const N: usize>(&mut self) -> Option<(usize, &'a [u8; N])> {
+    pub(super) fn next<const N: usize>(&mut self) -> Option<(usize, &'a [u8; N])> {
         let (e, rest) = self.rest.split_first_chunk::<N>()?;
         let off = self.entries.len() - self.rest.len();
         self.rest = rest;
@@ -813,7 +836,7 @@ impl<'a> Entries<'a> {
     /// The address the self-relative `rel` at offset `off` of `entries` refers to:
     /// [`resolve_rel`] of the field's address, as one range test.
     #[inline(always)]
-    fn resolve(&self, off: usize, rel: i32) -> Option<u64> {
+    pub(super) fn resolve(&self, off: usize, rel: i32) -> Option<u64> {
         let x = off as i64 + i64::from(rel);
         (x.wrapping_sub(self.lo) as u64 <= self.span).then(|| self.first.wrapping_add(x as u64))
     }

@@ -1,5 +1,5 @@
 //! [`Module`]: a loaded module, steps 5–8 of a load (permissions, ifunc patching,
-//! probe registration, init) and unload.
+//! registration of its probes and static-key sites, init) and unload.
 
 use core::fmt;
 use core::ops::Range;
@@ -139,13 +139,15 @@ impl<'b> Module<'b> {
             }
         }
         m.report = report;
-        // 7. Probes.
-        if let Some(t) = m.table
-            && t.probe_count() > 0
-        {
+        // 7. Probes and static keys: every module with a table is registered (a key
+        // batch finds the module's sites of a kernel key through the registry), its key
+        // sites set to their keys' current state first, under the registry lock.
+        if let Some(t) = m.table {
             // SAFETY: the table lives in the region, which outlives the registration
-            // (`release_all` unregisters before freeing).
-            match unsafe { probe::register_module(t, m.range(), poker) } {
+            // (`release_all` unregisters before freeing); no CPU runs the module's text
+            // yet; its key addresses are its own key objects or the kernel's (`link`
+            // relocated them against the kernel's exports).
+            match unsafe { probe::register_loaded_module(t, m.range(), poker) } {
                 Ok(h) => m.probes = Some(h),
                 Err(e) => return fail(m, mem, poker, ModuleError::Probe(e)),
             }

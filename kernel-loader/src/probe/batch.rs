@@ -420,6 +420,8 @@ mod drain_tests {
                 offset: strs,
                 count: strings.len() as u32,
             },
+            keys: SubTable::default(),
+            key_sites: SubTable::default(),
         };
         let d = ProbeDesc {
             provider: 0,

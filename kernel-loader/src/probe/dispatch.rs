@@ -18,7 +18,9 @@ use core::sync::atomic::Ordering;
 
 use super::percpu::{self, Section};
 use super::records::ProbeRecord;
-use super::state::{ID_EPOCH, IN_INT3, INT3_DRAIN_WAITS, INT3_EMULATIONS, STATES, with_image_at};
+use super::state::{
+    ID_EPOCH, IN_INT3, INT3_DRAIN_WAITS, INT3_EMULATIONS, STATES, SlotData, with_image_at,
+};
 use super::{Handler, ProbeId};
 use crate::arch::native::probe::{
     self as arch, Int3Frame, Stubs, ksites_probe_ret0, ksites_probe_ret1,
@@ -146,8 +148,9 @@ impl Stubs {
 }
 
 /// The #BP hook: if the trap came from a probe site, emulates the instruction the site
-/// is becoming (or, for an enabled C tail site, fires and returns) and returns `true`.
-/// Returns `false` for any other trap.
+/// is becoming (or, for an enabled C tail site, fires and returns) and returns `true`;
+/// if from a static key's site (mid-batch), emulates the form of the key's published
+/// state. Returns `false` for any other trap.
 ///
 /// Enabled C call and tail sites run the probe's handler from here: in trap context in
 /// a kernel, in a `SIGTRAP` handler on a host.
@@ -177,7 +180,11 @@ unsafe fn emulate(f: &mut Int3Frame) -> bool {
     let Some(Some((s, id))) = with_image_at(&sec, addr, |d| {
         d.table.probe_site_at(addr).map(|s| (s, d.base + s.probe))
     }) else {
-        return false;
+        // Not a probe site: a static key's (`crate::key`), or not the loader's.
+        // SAFETY: `f` is the live context of this trap (precondition); the table is
+        // read inside the section `sec`.
+        let key = |d: &SlotData| unsafe { crate::key::registry::emulate_trap(&d.table, f, addr) };
+        return with_image_at(&sec, addr, key).unwrap_or(false);
     };
     // (A registered site's probe always has a state; `get` keeps the trap path free of
     // a panicking index all the same.)

@@ -64,7 +64,7 @@ mod inspect;
 mod percpu;
 mod records;
 mod registry;
-mod state;
+pub(crate) mod state;
 mod trap;
 
 pub use crate::arch::native::probe::CPU_BASE;
@@ -86,7 +86,8 @@ pub use records::{
 };
 pub use registry::{
     ImageHandle, ProbeInfo, count, disable, disable_handlers_in, enable, handler_in, info,
-    is_enabled, lookup, matching, register_image, register_module, unregister_module,
+    is_enabled, lookup, matching, register_image, register_loaded_module, register_module,
+    unregister_module,
 };
 pub use state::MAX_IMAGES;
 #[cfg(target_arch = "aarch64")]
@@ -175,6 +176,9 @@ pub enum ProbeError {
         /// The probe.
         probe: ProbeId,
     },
+    /// The table's static keys: a key address that is no key object, a key site not in
+    /// the form its key's state calls for, or (a module's) a failed write setting them.
+    Key(crate::key::KeyError),
 }
 
 impl fmt::Display for ProbeError {
@@ -237,6 +241,7 @@ impl fmt::Display for ProbeError {
                  emulated through the trap handler until the next batch rewrites it)",
                 probe.0
             ),
+            ProbeError::Key(e) => write!(f, "{e}"),
         }
     }
 }

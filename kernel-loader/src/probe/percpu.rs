@@ -559,6 +559,8 @@ mod tests {
             probes: sub(probes, names.len()),
             probe_sites: sub(strs, 0),
             strings: sub(strs, strings.len()),
+            keys: SubTable::default(),
+            key_sites: SubTable::default(),
         };
         let mut bytes = h.to_bytes().to_vec();
         descs

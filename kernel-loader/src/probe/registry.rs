@@ -16,7 +16,9 @@ use crate::arch::Arch;
 use crate::format::Table;
 use crate::patch::TextPoker;
 
-/// Registers the kernel image's table: checks every probe site holds its disabled form.
+/// Registers the kernel image's table: checks every probe site holds its disabled form,
+/// and every static-key site the form of its key's default (as the build tool wrote it;
+/// keys cannot change before this: `crate::key` refuses with `NotRegistered`).
 /// Call once at boot (after [`crate::patch::init`] or before: they touch different
 /// sites). The kernel's probes get the first free run of ids (`0..n` when it registers
 /// before any module, as at boot). Returns `n`.
@@ -30,6 +32,9 @@ pub fn register_image<P: TextPoker + ?Sized>(
         return Err(ProbeError::AlreadyRegistered);
     }
     check_disabled(&table, poker)?;
+    // SAFETY: the kernel's table names its own key objects (the build tool wrote their
+    // addresses from the image's key site records).
+    unsafe { crate::key::registry::check_sites(&table, poker) }.map_err(ProbeError::Key)?;
     let n = table.probe_count();
     let base = state::free_ids(n, &lock).ok_or(ProbeError::TooManyProbes(n))?;
     state::publish(0, table, base, 0..0, &mut lock);
@@ -77,23 +82,76 @@ impl ImageHandle {
 }
 
 /// Registers a loaded module's table, whose probes get the next free run of global ids.
-/// Every site must hold its disabled form; `range` is the module's whole memory (its
-/// `ProbeRecord`s and sites lie there).
+/// Every probe site must hold its disabled form, every static-key site the form of its
+/// key's current state ([`register_loaded_module`] sets them); `range` is the module's
+/// whole memory (its `ProbeRecord`s and sites lie there).
 ///
 /// # Safety
 ///
-/// The table's memory stays valid and unchanged until [`unregister_module`] returns.
+/// The table's memory stays valid and unchanged until [`unregister_module`] returns;
+/// its key addresses are the module's key objects or keys of registered images.
 pub unsafe fn register_module<P: TextPoker + ?Sized>(
     table: Table<'_>,
     range: Range<u64>,
     poker: &P,
+) -> Result<ImageHandle, ProbeError> {
+    // SAFETY: forwarded.
+    unsafe { register_module_keyed(table, range, KeyMode::Check(poker)) }
+}
+
+/// [`register_module`] for a module no CPU runs yet (the module loader's step 7): its
+/// static-key sites are first set, under the registry lock, to the form of their keys'
+/// current state (a module's sites of a kernel key enabled since boot jump from the
+/// start), so a key change either sees the module or happened before it was set.
+///
+/// # Safety
+///
+/// As for [`register_module`]; no CPU executes the module's text yet, and `poker` can
+/// write it.
+pub unsafe fn register_loaded_module<P: TextPoker + ?Sized>(
+    table: Table<'_>,
+    range: Range<u64>,
+    poker: &mut P,
+) -> Result<ImageHandle, ProbeError> {
+    // SAFETY: forwarded.
+    unsafe { register_module_keyed(table, range, KeyMode::Set(poker)) }
+}
+
+/// What registering does with a module's key sites.
+enum KeyMode<'p, P: ?Sized> {
+    /// Check they hold their keys' forms.
+    Check(&'p P),
+    /// Set them (no CPU runs the module yet).
+    Set(&'p mut P),
+}
+
+/// [`register_module`], with the module's key sites checked or set.
+///
+/// # Safety
+///
+/// As for [`register_module`] (and [`register_loaded_module`] with `KeyMode::Set`).
+unsafe fn register_module_keyed<P: TextPoker + ?Sized>(
+    table: Table<'_>,
+    range: Range<u64>,
+    keys: KeyMode<'_, P>,
 ) -> Result<ImageHandle, ProbeError> {
     // SAFETY: the caller keeps the table alive until it is unregistered, which removes
     // every reference the registry holds (`state::free` waits for lock-free readers).
     let table: Table<'static> = unsafe { core::mem::transmute::<Table<'_>, Table<'static>>(table) };
     native_only(table.arch())?;
     let mut lock = state::lock();
+    let poker: &P = match &keys {
+        KeyMode::Check(p) => p,
+        KeyMode::Set(p) => p,
+    };
     check_disabled(&table, poker)?;
+    let keyed = match keys {
+        // SAFETY: the caller's: the table's key addresses are key objects.
+        KeyMode::Check(p) => unsafe { crate::key::registry::check_sites(&table, p) },
+        // SAFETY: as above; no CPU runs the module's text yet (caller).
+        KeyMode::Set(p) => unsafe { crate::key::registry::set_sites(&table, p, &lock) }.map(|_| ()),
+    };
+    keyed.map_err(ProbeError::Key)?;
     let n = table.probe_count();
     let slot = state::free_module_slot(&lock).ok_or(ProbeError::TooManyImages)?;
     let base = state::free_ids(n, &lock).ok_or(ProbeError::TooManyProbes(n))?;

@@ -12,6 +12,9 @@
 //! slot's data borrow it mutably (`&mut Control`), so a reference obtained under the lock
 //! cannot outlive it nor coexist with a write. Lock-free readers (the dispatchers and
 //! the #BP hook) go through [`with_image_at`] and [`kernel_image`].
+//!
+//! `crate::key` shares it (the lock, the live images, the trap counters): a key batch
+//! holds the same lock, so it serialises with probe batches and module load/unload.
 
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -91,21 +94,21 @@ fn next_epoch(_lock: &mut Control) {
 }
 
 /// CPUs inside the #BP hook: a batch waits for it to drop to 0 (step 4 of the protocol).
-pub(super) static IN_INT3: AtomicU32 = AtomicU32::new(0);
+pub(crate) static IN_INT3: AtomicU32 = AtomicU32::new(0);
 /// Times the #BP hook emulated a probe site.
-pub(super) static INT3_EMULATIONS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static INT3_EMULATIONS: AtomicU64 = AtomicU64::new(0);
 /// Batches that waited for a CPU inside the #BP hook.
-pub(super) static INT3_DRAIN_WAITS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static INT3_DRAIN_WAITS: AtomicU64 = AtomicU64::new(0);
 
 /// Proof that the caller holds the registry lock: only [`lock`] makes one, and the lock
 /// is released when it drops. Functions that read slot data under the lock take
 /// `&Control`; functions that write it take `&mut Control`.
-pub(super) struct Control {
+pub(crate) struct Control {
     _guard: spin::MutexGuard<'static, ()>,
 }
 
 /// Takes the registry lock.
-pub(super) fn lock() -> Control {
+pub(crate) fn lock() -> Control {
     Control {
         _guard: CONTROL.lock(),
     }
@@ -134,8 +137,8 @@ struct ImageSlot {
 
 /// A live image: its table and where its ids start.
 #[derive(Clone)]
-pub(super) struct SlotData {
-    pub(super) table: Table<'static>,
+pub(crate) struct SlotData {
+    pub(crate) table: Table<'static>,
     /// Global id of the table's probe 0.
     pub(super) base: u32,
 }
@@ -180,7 +183,7 @@ impl ImageSlot {
 }
 
 /// Live images, kernel first.
-pub(super) fn images(lock: &Control) -> impl Iterator<Item = &SlotData> {
+pub(crate) fn images(lock: &Control) -> impl Iterator<Item = &SlotData> + Clone {
     IMAGES.iter().filter_map(move |s| s.get(lock))
 }
 
@@ -245,7 +248,7 @@ pub(super) fn free_ids(n: u32, lock: &Control) -> Option<u32> {
 }
 
 /// Whether the kernel's slot (0) is live.
-pub(super) fn kernel_registered(lock: &Control) -> bool {
+pub(crate) fn kernel_registered(lock: &Control) -> bool {
     IMAGES[0].get(lock).is_some()
 }
 

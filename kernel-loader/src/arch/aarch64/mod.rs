@@ -34,6 +34,7 @@
 
 pub mod branch;
 pub mod cpu;
+pub mod key;
 pub mod local;
 pub mod probe;
 pub mod reloc;

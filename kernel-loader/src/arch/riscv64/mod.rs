@@ -31,6 +31,7 @@
 pub mod branch;
 pub mod cpu;
 pub mod dtb;
+pub mod key;
 pub mod local;
 pub mod probe;
 pub mod reloc;

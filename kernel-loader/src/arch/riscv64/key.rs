@@ -1,0 +1,106 @@
+//! riscv64 static-key sites: the instruction a `static_branch_*!` site is, and the
+//! protocol that rewrites it live.
+//!
+//! A key site is compiled as the probe site `nop` and holds either that `nop` (falls
+//! through) or `jal x0, label` (jumps, ±1 MiB): exactly a `probe!` site's two forms
+//! ([`ProbeKind::RustJmp`]). Both are one aligned 4-byte instruction, so key batches use
+//! the probe sites' single-store protocol
+//! ([`Live`]: every site checked, then one 4-byte store per site and one `sync_cores`
+//! for the batch). A `jal` out of reach is [`OutOfReach`].
+
+use crate::arch::{ProbeKind, ProbeSiteRef};
+
+pub use super::probe::{Live, OutOfReach, SITE_LEN, SiteWord};
+use super::probe::{Stubs, site_word as probe_word};
+
+/// The instruction every key site is compiled as, and holds while it falls through.
+pub const NOP: u32 = super::branch::NOP;
+
+/// No stub is ever used by a key site's forms (they branch to the site's own label).
+const NO_STUBS: Stubs = Stubs {
+    c_entry: 0,
+    ret0: 0,
+    ret1: 0,
+};
+
+/// A key site at `addr` branching to `target`, as the probe protocol sees it (a
+/// `probe!` site whose out-of-line block is the label): its state `true` is the jump.
+#[inline(always)]
+pub const fn site_ref(addr: u64, target: u64) -> ProbeSiteRef {
+    ProbeSiteRef {
+        addr,
+        target,
+        kind: ProbeKind::RustJmp,
+    }
+}
+
+/// The stubs the probe protocol's functions take for a key site (none is used).
+#[inline(always)]
+pub const fn stubs() -> Stubs {
+    NO_STUBS
+}
+
+/// The key site's bytes, as a word: `jal x0` to `target` when `jumps`, else the
+/// `nop`; [`OutOfReach`] past ±1 MiB (or misaligned).
+#[inline]
+pub fn site_word(addr: u64, target: u64, jumps: bool) -> Result<SiteWord, OutOfReach> {
+    probe_word(&site_ref(addr, target), jumps, &NO_STUBS)
+}
+
+/// The trap frame of a CPU that executed its `ebreak` (PC at it) at `site` (the crate's tests
+/// simulate traps with it).
+#[cfg(test)]
+pub(crate) fn trap_frame_at(site: u64) -> super::probe::Int3Frame {
+    super::probe::Int3Frame {
+        pc: site,
+        ..Default::default()
+    }
+}
+
+/// Where a trap frame resumes (after the #BP hook emulated it).
+#[cfg(test)]
+pub(crate) fn resume_addr(f: &super::probe::Int3Frame) -> u64 {
+    f.pc
+}
+
+/// The directive opening the key site record section (`.ksites_key_sites`), as an
+/// `asm!` template string. Hidden: used by `static_branch_likely!`/`_unlikely!`.
+#[cfg(target_arch = "riscv64")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __ksites_key_section_asm {
+    () => {
+        ".pushsection .ksites_key_sites,\"awR\",@progbits"
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_site_is_the_nop_or_a_jal_x0_to_its_label() {
+        assert_eq!(NOP, 0x0000_0013);
+        assert_eq!(site_word(0x1000, 0x1000, false), Ok(u64::from(NOP)));
+        // jal x0, +0x20: imm[10:1] = 0x10 at bits 21..31, rd = 0, opcode 0x6f.
+        assert_eq!(site_word(0x1000, 0x1020, true), Ok(0x0200_006f));
+        // jal x0, -0x20: every high bit of the immediate set.
+        assert_eq!(site_word(0x1000, 0x0fe0, true), Ok(0xfe1f_f06f));
+        let far = 0x1000 + (1 << 20);
+        assert_eq!(
+            site_word(0x1000, far, true),
+            Err(OutOfReach { target: far })
+        );
+        assert!(site_word(0x1000, far, false).is_ok());
+    }
+    #[test]
+    fn a_trapped_key_site_resumes_at_its_label_or_after_it() {
+        for (jumps, want) in [(true, 0x1800), (false, 0x1000 + SITE_LEN as u64)] {
+            let mut f = trap_frame_at(0x1000);
+            // SAFETY: a key site's forms never read the stack (only a C tail site's
+            // emulation does); the frame is ours.
+            unsafe { super::super::probe::emulate(&mut f, &site_ref(0x1000, 0x1800), jumps) };
+            assert_eq!(resume_addr(&f), want);
+        }
+    }
+}
