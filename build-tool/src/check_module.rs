@@ -338,7 +338,9 @@ pub fn check(
 }
 
 /// The names of the kernel ifuncs an embedded module imports: the undefined symbols its
-/// `.ksites` table is relocated against (see [`crate::embed`]'s module format).
+/// `.ksites` table's ifunc descriptors are relocated against (see [`crate::embed`]'s
+/// module format; an imported static key's descriptor is relocated against its
+/// undefined symbol too, and is no ifunc).
 fn ifunc_imports(data: &[u8]) -> Vec<String> {
     let Ok(f) = ElfFile64::<LittleEndian>::parse(data) else {
         return Vec::new();
@@ -346,8 +348,20 @@ fn ifunc_imports(data: &[u8]) -> Vec<String> {
     let Some(t) = f.section_by_name(kernel_loader::format::SECTION_NAME) else {
         return Vec::new();
     };
+    let Some(ifuncs) = t
+        .data()
+        .ok()
+        .and_then(|b| kernel_loader::format::Header::read(b).ok())
+        .map(|h| {
+            let start = u64::from(h.ifuncs.offset);
+            start..start + u64::from(h.ifuncs.count) * kernel_loader::format::IFUNC_DESC_SIZE as u64
+        })
+    else {
+        return Vec::new();
+    };
     let mut names: Vec<String> = t
         .relocations()
+        .filter(|(at, _)| ifuncs.contains(at))
         .filter_map(|(_, r)| match r.target() {
             object::RelocationTarget::Symbol(i) => f.symbol_by_index(i).ok(),
             _ => None,

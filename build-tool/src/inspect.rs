@@ -1,4 +1,5 @@
-//! `ksites inspect`: a readable listing of a file's ifuncs and sites.
+//! `ksites inspect`: a readable listing of a file's ifuncs, probes, static keys and their
+//! sites.
 
 use std::fmt::Write;
 
@@ -28,6 +29,14 @@ struct IfuncRow {
     sites: Vec<(u64, &'static str, String)>,
 }
 
+struct KeyRow {
+    name: String,
+    default: bool,
+    imported: bool,
+    /// (address, likely, label, current form, location)
+    sites: Vec<(u64, bool, u64, String, String)>,
+}
+
 struct ProbeRow {
     name: String,
     nargs: u16,
@@ -48,6 +57,7 @@ struct Listing {
     embedded: bool,
     ifuncs: Vec<IfuncRow>,
     probes: Vec<ProbeRow>,
+    keys: Vec<KeyRow>,
     /// (trampoline, address, what, location)
     other_refs: Vec<(u64, u64, String, String)>,
     default_names: std::collections::HashMap<u64, String>,
@@ -65,6 +75,11 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
     // Rows to print: from the table when embedded, else from what embed would record.
     let mut ifuncs: Vec<IfuncRow> = Vec::new();
     let mut probes: Vec<ProbeRow> = Vec::new();
+    let mut keys: Vec<KeyRow> = Vec::new();
+    let key_form = |addr: u64, label: u64| {
+        let len = img.target.probe_site_len() as u64;
+        crate::keys::form_name(img.target, img.read_va(addr, len), addr, label)
+    };
     let symbols: std::collections::HashMap<u64, &str> = ifunc_records
         .iter()
         .map(|r| (r.trampoline, r.trampoline_symbol.as_str()))
@@ -90,15 +105,36 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
             .map_err(|e| anyhow::anyhow!("{path}: {SECTION_NAME} at {:#x}: {e}", sec.address()))?;
         writeln!(
             o,
-            "{SECTION_NAME} table v{} at {:#x} ({} bytes): {} ifuncs, {} sites, {} probes, {} probe sites",
-            t.header().version,
+            "{SECTION_NAME} table v{} at {:#x} ({} bytes): {} ifuncs, {} sites, {} probes, {} probe sites, {} keys, {} key sites",
+            t.version(),
             t.base(),
             t.bytes().len(),
             t.ifunc_count(),
             t.site_count(),
             t.probe_count(),
-            t.probe_site_count()
+            t.probe_site_count(),
+            t.key_count(),
+            t.key_site_count()
         )?;
+        for k in t.keys() {
+            keys.push(KeyRow {
+                name: k.name.to_string(),
+                default: k.default,
+                imported: k.imported,
+                sites: Vec::new(),
+            });
+        }
+        for s in t.key_sites() {
+            if let Some(row) = keys.get_mut(s.key as usize) {
+                row.sites.push((
+                    s.addr,
+                    s.likely,
+                    s.target,
+                    key_form(s.addr, s.target),
+                    sym_name(&img, s.addr),
+                ));
+            }
+        }
         for f in t.ifuncs() {
             ifuncs.push(IfuncRow {
                 name: f.name.to_string(),
@@ -166,6 +202,26 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
                     .push((s.addr, s.kind.name(), s.location.to_string()));
             }
         }
+        let found = crate::keys::find_keys(&img)?;
+        for k in &found.keys {
+            keys.push(KeyRow {
+                name: k.name.clone(),
+                default: k.default,
+                imported: k.imported,
+                sites: Vec::new(),
+            });
+        }
+        for (s, loc) in found.sites.iter().zip(&found.locations) {
+            if let Some(row) = keys.get_mut(s.key as usize) {
+                row.sites.push((
+                    s.addr,
+                    s.likely,
+                    s.target,
+                    key_form(s.addr, s.target),
+                    loc.clone(),
+                ));
+            }
+        }
     }
 
     let default_names = ifuncs
@@ -177,6 +233,7 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
         embedded,
         ifuncs,
         probes,
+        keys,
         other_refs: scan
             .other_refs
             .iter()
@@ -197,7 +254,10 @@ fn listing(path: &str, data: &[u8]) -> Result<Listing> {
 ///
 /// For each ifunc, one line `ifunc NAME trampoline=0xADDR SYMBOL sites=N` (the format
 /// `cargo xtask` parses), then indented details and one `site` line per site; for each
-/// probe, `probe PROVIDER:NAME nargs=N sites=N` and its sites. An image that has not
+/// probe, `probe PROVIDER:NAME nargs=N sites=N` and its sites; for each static key,
+/// `key NAME default=true|false|? imported=yes|no sites=N` and one line per site
+/// (`  site 0xADDR likely|unlikely LOCATION label=0xADDR form=nop|jump|…`, the form
+/// the site holds in the file). An image that has not
 /// been embedded yet is listed from its records and relocations: what `embed` would
 /// record.
 pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
@@ -240,11 +300,39 @@ pub fn inspect(path: &str, data: &[u8]) -> Result<String> {
             writeln!(o, "  site {addr:#x} {kind} {loc}")?;
         }
     }
+    for k in &l.keys {
+        writeln!(
+            o,
+            "key {} default={} imported={} sites={}",
+            k.name,
+            if k.imported {
+                "?"
+            } else if k.default {
+                "true"
+            } else {
+                "false"
+            },
+            if k.imported { "yes" } else { "no" },
+            k.sites.len()
+        )?;
+        for (addr, likely, label, form, loc) in &k.sites {
+            writeln!(
+                o,
+                "  site {addr:#x} {} {loc} label={label:#x} form={form}",
+                likely_name(*likely)
+            )?;
+        }
+    }
     Ok(o)
 }
 
+fn likely_name(likely: bool) -> &'static str {
+    if likely { "likely" } else { "unlikely" }
+}
+
 /// The same listing as one JSON object: `file`, `embedded`, `ifuncs` (each with its
-/// `sites` and unpatched `refs`) and `probes` (each with its `sites`).
+/// `sites` and unpatched `refs`), `probes` (each with its `sites`) and `keys` (each
+/// with `default` (null when imported), `imported` and its `sites`).
 pub fn inspect_json(path: &str, data: &[u8]) -> Result<serde_json::Value> {
     use serde_json::json;
     let l = listing(path, data)?;
@@ -269,6 +357,18 @@ pub fn inspect_json(path: &str, data: &[u8]) -> Result<serde_json::Value> {
             "name": p.name,
             "nargs": if p.nargs == NARGS_UNKNOWN { serde_json::Value::Null } else { p.nargs.into() },
             "sites": p.sites.iter().map(site).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "keys": l.keys.iter().map(|k| json!({
+            "name": k.name,
+            "default": if k.imported { serde_json::Value::Null } else { k.default.into() },
+            "imported": k.imported,
+            "sites": k.sites.iter().map(|(addr, likely, label, form, loc)| json!({
+                "address": addr,
+                "kind": likely_name(*likely),
+                "label": label,
+                "form": form,
+                "location": loc,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     }))
 }

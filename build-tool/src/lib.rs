@@ -5,6 +5,7 @@ pub mod elf;
 pub mod embed;
 pub use embed::rel as embed_rel;
 pub mod inspect;
+pub mod keys;
 pub mod link;
 pub mod output;
 pub mod probes;

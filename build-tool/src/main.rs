@@ -243,9 +243,18 @@ fn read_input(p: &std::path::Path) -> anyhow::Result<ksites::elf::FileBytes> {
 }
 
 fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Path) {
+    // Static keys are counted when there are any (the line is unchanged without).
+    let keys = match r.keys.sites.len() {
+        0 if r.keys.keys.is_empty() => String::new(),
+        n => format!(
+            ", {} keys, {n} key sites ({} starting as jumps)",
+            r.keys.keys.len(),
+            r.keys.initial.len()
+        ),
+    };
     let line = match r.table {
         Some((_, size)) if r.relocatable => format!(
-            "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites; table in .ksites ({size} bytes, relocated at load by .rela.ksites) -> {}",
+            "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites{keys}; table in .ksites ({size} bytes, relocated at load by .rela.ksites) -> {}",
             input.display(),
             r.ifuncs.len(),
             r.scan.sites.len(),
@@ -255,7 +264,7 @@ fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Pat
             output.display()
         ),
         Some((addr, size)) => format!(
-            "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites; table at {addr:#x} ({size} bytes) -> {}",
+            "ksites: {}: {} ifuncs, {} sites, {} other references, {} probes, {} probe sites{keys}; table at {addr:#x} ({size} bytes) -> {}",
             input.display(),
             r.ifuncs.len(),
             r.scan.sites.len(),
@@ -265,7 +274,7 @@ fn print_embed(r: &EmbedReport, input: &std::path::Path, output: &std::path::Pat
             output.display()
         ),
         None => format!(
-            "ksites: {}: no ifuncs or probes; copied unchanged -> {}",
+            "ksites: {}: no ifuncs, probes or static keys; copied unchanged -> {}",
             input.display(),
             output.display()
         ),
@@ -348,8 +357,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 );
                 return Ok(4);
             }
+            let keys = match r.key_sites {
+                0 => String::new(),
+                n => format!(", {n} key sites"),
+            };
             println!(
-                "ksites: {}: ok ({} ifunc sites, {} probe sites)",
+                "ksites: {}: ok ({} ifunc sites, {} probe sites{keys})",
                 file.display(),
                 r.ifunc_sites,
                 r.probe_sites

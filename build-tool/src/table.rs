@@ -2,9 +2,9 @@
 
 use anyhow::{Context, Result, ensure};
 use kernel_loader::format::{
-    HEADER_SIZE, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc, IfuncSite, MAGIC,
-    PROBE_DESC_SIZE, PROBE_SITE_SIZE, ProbeDesc, ProbeKind, ProbeSite, SiteKind, SubTable, VERSION,
-    make_rel,
+    HEADER_SIZE, Header, IFUNC_DESC_SIZE, IFUNC_SITE_SIZE, IfuncDesc, IfuncSite, KEY_DESC_SIZE,
+    KEY_SITE_SIZE, KeyDesc, KeySite, MAGIC, PROBE_DESC_SIZE, PROBE_SITE_SIZE, ProbeDesc, ProbeKind,
+    ProbeSite, SiteKind, SubTable, VERSION, make_rel,
 };
 
 use crate::target::Target;
@@ -61,6 +61,35 @@ pub struct ProbeSiteEntry {
     pub probe: u32,
 }
 
+/// A static key to describe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyEntry {
+    /// Its name (`module::path::NAME`, or a C key's identifier; for an imported key,
+    /// the symbol's name).
+    pub name: String,
+    /// Address of its `StaticKey` object (in a module, an undefined symbol's for an
+    /// imported key).
+    pub addr: u64,
+    /// Its state at boot (`false` for an imported key, whose default is the defining
+    /// image's).
+    pub default: bool,
+    /// Another image's key (a module's reference to a kernel key).
+    pub imported: bool,
+}
+
+/// A static key site to record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeySiteEntry {
+    /// Address of the site instruction.
+    pub addr: u64,
+    /// Its label: where the branch form goes.
+    pub target: u64,
+    /// `static_branch_likely!` (falls through while the key is enabled).
+    pub likely: bool,
+    /// Index into the key list.
+    pub key: u32,
+}
+
 /// Everything a table holds.
 #[derive(Clone, Debug, Default)]
 pub struct TableInput {
@@ -72,6 +101,10 @@ pub struct TableInput {
     pub probes: Vec<ProbeEntry>,
     /// Probe sites.
     pub probe_sites: Vec<ProbeSiteEntry>,
+    /// Static keys, sorted by name.
+    pub keys: Vec<KeyEntry>,
+    /// Static key sites, sorted by address.
+    pub key_sites: Vec<KeySiteEntry>,
 }
 
 fn align4(x: usize) -> usize {
@@ -104,10 +137,13 @@ struct Layout {
     site_off: usize,
     probe_off: usize,
     psite_off: usize,
+    key_off: usize,
+    ksite_off: usize,
     str_off: usize,
     strings: Vec<u8>,
     ifunc_names: Vec<u32>,
     probe_names: Vec<(u32, u32)>,
+    key_names: Vec<u32>,
     total: usize,
 }
 
@@ -126,21 +162,27 @@ fn layout(input: &TableInput, sites: usize) -> Layout {
         .iter()
         .map(|p| (intern(&p.provider), intern(&p.name)))
         .collect();
+    let key_names = input.keys.iter().map(|k| intern(&k.name)).collect();
     let ifunc_off = HEADER_SIZE;
     let site_off = align4(ifunc_off + input.ifuncs.len() * IFUNC_DESC_SIZE);
     let probe_off = site_off + sites * IFUNC_SITE_SIZE;
     let psite_off = probe_off + input.probes.len() * PROBE_DESC_SIZE;
-    let str_off = psite_off + input.probe_sites.len() * PROBE_SITE_SIZE;
+    let key_off = psite_off + input.probe_sites.len() * PROBE_SITE_SIZE;
+    let ksite_off = key_off + input.keys.len() * KEY_DESC_SIZE;
+    let str_off = ksite_off + input.key_sites.len() * KEY_SITE_SIZE;
     let total = (str_off + strings.len() + 7) & !7;
     Layout {
         ifunc_off,
         site_off,
         probe_off,
         psite_off,
+        key_off,
+        ksite_off,
         str_off,
         strings,
         ifunc_names,
         probe_names,
+        key_names,
         total,
     }
 }
@@ -237,7 +279,8 @@ pub fn build_with_for(
     // Sorted with no duplicate, as the site finder gives them, the input is used as it
     // is (a sort and a dedup would change nothing); otherwise a sorted copy.
     let in_order = input.sites.windows(2).all(|w| w[0].addr < w[1].addr)
-        && input.probe_sites.windows(2).all(|w| w[0].addr < w[1].addr);
+        && input.probe_sites.windows(2).all(|w| w[0].addr < w[1].addr)
+        && input.key_sites.windows(2).all(|w| w[0].addr < w[1].addr);
     let input: std::borrow::Cow<'_, TableInput> = if in_order {
         std::borrow::Cow::Borrowed(input)
     } else {
@@ -246,6 +289,8 @@ pub fn build_with_for(
         input.sites.dedup_by_key(|s| s.addr);
         input.probe_sites.sort_by_key(|s| s.addr);
         input.probe_sites.dedup_by_key(|s| s.addr);
+        input.key_sites.sort_by_key(|s| s.addr);
+        input.key_sites.dedup_by_key(|s| s.addr);
         std::borrow::Cow::Owned(input)
     };
     let sites = &input.sites;
@@ -265,7 +310,8 @@ pub fn build_sites_for(
     site: &dyn Fn(usize) -> SiteEntry,
 ) -> Result<Vec<u8>> {
     let in_order = (1..sites).all(|i| site(i - 1).addr < site(i).addr)
-        && input.probe_sites.windows(2).all(|w| w[0].addr < w[1].addr);
+        && input.probe_sites.windows(2).all(|w| w[0].addr < w[1].addr)
+        && input.key_sites.windows(2).all(|w| w[0].addr < w[1].addr);
     let rel = &mut |field: usize, t: u64| make_rel(base + field as u64, t);
     if in_order {
         encode(target, input, sites, site, rel)
@@ -280,7 +326,8 @@ pub fn build_sites_for(
 }
 
 /// Encodes a table of `input` with `sites` ifunc sites (`site(i)`), sorted by address
-/// without duplicates, as are `input.probe_sites`.
+/// without duplicates, as are `input.probe_sites` and `input.key_sites`; `input.keys`
+/// sorted by name.
 fn encode(
     target: Target,
     input: &TableInput,
@@ -301,6 +348,26 @@ fn encode(
             "probe name {}:{} contains NUL",
             p.provider,
             p.name
+        );
+    }
+    for k in &input.keys {
+        ensure!(
+            !k.name.as_bytes().contains(&0),
+            "key name {:?} contains NUL",
+            k.name
+        );
+    }
+    ensure!(
+        input.keys.windows(2).all(|w| w[0].name <= w[1].name),
+        "internal: keys not sorted by name"
+    );
+    for s in &input.key_sites {
+        ensure!(
+            (s.key as usize) < input.keys.len(),
+            "internal: key site {:#x} names key {} of {}",
+            s.addr,
+            s.key,
+            input.keys.len()
         );
     }
     let l = layout(input, sites);
@@ -333,14 +400,13 @@ fn encode(
             offset: l.str_off as u32,
             count: l.strings.len() as u32,
         },
-        // No keys yet: KB's branch writes the key sub-tables.
         keys: SubTable {
-            offset: l.str_off as u32,
-            count: 0,
+            offset: l.key_off as u32,
+            count: input.keys.len() as u32,
         },
         key_sites: SubTable {
-            offset: l.str_off as u32,
-            count: 0,
+            offset: l.ksite_off as u32,
+            count: input.key_sites.len() as u32,
         },
     };
     out[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
@@ -398,6 +464,30 @@ fn encode(
             info,
         };
         out[at..at + PROBE_SITE_SIZE].copy_from_slice(&e.to_bytes());
+    }
+    for (i, k) in input.keys.iter().enumerate() {
+        let at = l.key_off + i * KEY_DESC_SIZE;
+        let d = KeyDesc {
+            key: rel(at, k.addr, "key object", &k.name)?,
+            name: l.key_names[i],
+            flags: KeyDesc::pack_flags(k.default, k.imported),
+        };
+        out[at..at + KEY_DESC_SIZE].copy_from_slice(&d.to_bytes());
+    }
+    for (i, s) in input.key_sites.iter().enumerate() {
+        let at = l.ksite_off + i * KEY_SITE_SIZE;
+        let name = input
+            .keys
+            .get(s.key as usize)
+            .map_or("?", |k| k.name.as_str());
+        let info = KeySite::pack_info(s.likely, s.key)
+            .with_context(|| format!("key site {:#x}: key index too large", s.addr))?;
+        let e = KeySite {
+            site: rel(at, s.addr, "key site", name)?,
+            target: rel(at + 4, s.target, "key site label", name)?,
+            info,
+        };
+        out[at..at + KEY_SITE_SIZE].copy_from_slice(&e.to_bytes());
     }
     out[l.str_off..l.str_off + l.strings.len()].copy_from_slice(&l.strings);
     Ok(out)

@@ -1,7 +1,8 @@
 //! `ksites verify`: re-checks an embedded image against its own table. Every ifunc site
 //! is re-decoded and must be the recorded `call`/`jmp`/`jcc` to its trampoline; every
-//! probe site must hold its disabled form; the set of sites must equal what a fresh scan
-//! of the relocations finds; the cell must point at the table.
+//! probe site must hold its disabled form; every static key site the form of its key's
+//! default; the set of sites must equal what a fresh scan of the relocations (and the
+//! key site records) finds; the cell must point at the table.
 
 use std::collections::BTreeSet;
 
@@ -20,6 +21,8 @@ pub struct VerifyReport {
     pub ifunc_sites: usize,
     /// Probe sites checked.
     pub probe_sites: usize,
+    /// Static key sites checked.
+    pub key_sites: usize,
     /// One line per mismatch; empty when the image is consistent.
     pub problems: Vec<String>,
 }
@@ -262,5 +265,104 @@ pub fn verify(path: &str, data: &[u8]) -> Result<VerifyReport> {
             }
         ));
     }
+    check_keys(&img, &t, &mut r.key_sites, &mut bad)?;
     Ok(r)
+}
+
+/// Static keys: every key object is a `StaticKey` whose default is the table's, every
+/// key site holds the form of its key's default (an imported key's: the NOP), and the
+/// table's sites are exactly the records' (site, label, likeliness, key).
+fn check_keys(
+    img: &Image<'_>,
+    t: &Table<'_>,
+    count: &mut usize,
+    bad: &mut dyn FnMut(String),
+) -> Result<()> {
+    use crate::keys::{KEY_SIZE, expected_form, key_default, key_sites_in_embedded};
+    use crate::table::KeySiteEntry;
+    let target = img.target;
+    let rel = crate::record_section::Relative::of(img);
+    let mut keys = Vec::new();
+    for k in t.keys() {
+        if !k.imported {
+            let what = || format!("key {} at {:#x}", k.name, k.addr);
+            match rel.read_va(img, k.addr, KEY_SIZE as u64) {
+                None => bad(format!("{}: not in the file", what())),
+                Some(b) => match key_default(&b, &what) {
+                    Err(e) => bad(e.to_string()),
+                    Ok(d) if d != k.default => bad(format!(
+                        "{}: the object's default is {d}, the table's {}",
+                        what(),
+                        k.default
+                    )),
+                    Ok(_) => {}
+                },
+            }
+        }
+        keys.push(k);
+    }
+    let len = target.probe_site_len() as u64;
+    let mut in_table = Vec::new();
+    for s in t.key_sites() {
+        *count += 1;
+        let Some(k) = keys.get(s.key as usize) else {
+            continue;
+        };
+        in_table.push((s.addr, s.target, s.likely, k.addr));
+        let entry = KeySiteEntry {
+            addr: s.addr,
+            target: s.target,
+            likely: s.likely,
+            key: s.key,
+        };
+        let state = if k.imported {
+            "imported: NOP"
+        } else if k.default {
+            "default true"
+        } else {
+            "default false"
+        };
+        let want = match expected_form(target, &entry, !k.imported && k.default) {
+            Ok(w) => w,
+            Err(why) => {
+                bad(format!(
+                    "key site at {} (key {}): {why}",
+                    loc(img, s.addr),
+                    k.name
+                ));
+                continue;
+            }
+        };
+        let found = img.read_va(s.addr, len);
+        if found != Some(&want[..]) {
+            bad(format!(
+                "key site at {} (key {}, {}, {state}): expected {}, found {}",
+                loc(img, s.addr),
+                k.name,
+                if s.likely { "likely" } else { "unlikely" },
+                crate::keys::form_name(target, Some(&want), s.addr, s.target),
+                crate::keys::form_name(target, found, s.addr, s.target),
+            ));
+        }
+    }
+    let records: BTreeSet<(u64, u64, bool, u64)> =
+        key_sites_in_embedded(img)?.into_iter().collect();
+    let in_table: BTreeSet<(u64, u64, bool, u64)> = in_table.into_iter().collect();
+    for a in records.difference(&in_table) {
+        bad(format!(
+            "key site at {} (label {:#x}, key object {:#x}) has a record but is not in the table as such",
+            loc(img, a.0),
+            a.1,
+            a.3
+        ));
+    }
+    for a in in_table.difference(&records) {
+        bad(format!(
+            "table key site at {} (label {:#x}, key object {:#x}) has no such record",
+            loc(img, a.0),
+            a.1,
+            a.3
+        ));
+    }
+    Ok(())
 }

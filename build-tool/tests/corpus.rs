@@ -98,8 +98,8 @@ fn table_cases() -> Vec<(&'static str, &'static str, Resolve, Mutate)> {
         ("02-bad-magic", "BadMagic", Fast, |i| {
             T(i).b()[H_MAGIC] = b'X'
         }),
-        ("03-version-2", "UnsupportedVersion", Fast, |i| {
-            T(i).b()[H_VERSION] = 2
+        ("03-version-3", "UnsupportedVersion", Fast, |i| {
+            T(i).b()[H_VERSION] = 3
         }),
         ("04-wrong-arch", "WrongArch", Fast, |i| {
             T(i).b()[H_ARCH] = 62

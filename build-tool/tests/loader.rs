@@ -419,10 +419,10 @@ fn reader_rejects_broken_tables_with_distinct_errors() {
     );
     assert_eq!(
         parse_mut(|t, b| {
-            t[H_VERSION] = 2;
+            t[H_VERSION] = 3;
             b
         }),
-        Err(FormatError::UnsupportedVersion(2))
+        Err(FormatError::UnsupportedVersion(3))
     );
     assert_eq!(
         parse_mut(|t, b| {

@@ -284,7 +284,7 @@ fn an_unfilled_slot_is_reported_as_such() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let said = text(&o.stdout) + &text(&o.stderr);
     assert!(
-        said.contains("no ifuncs or probes; copied unchanged"),
+        said.contains("no ifuncs, probes or static keys; copied unchanged"),
         "{said}"
     );
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&exe).unwrap());

@@ -3,7 +3,8 @@
 //! `.ksites` section the linker script reserved ([`reserved_slot`]), or else into a new
 //! `PT_LOAD` ([`append_segment`]); the image's table cell points at it, C probe sites get their
 //! disabled form (their relocations become "none"), `probe!` records get their ids,
-//! and SystemTap notes describe the probe sites ([`stapsdt_notes`]).
+//! static key sites get their initial form ([`crate::keys`]), and SystemTap notes
+//! describe the probe sites ([`stapsdt_notes`]).
 
 use anyhow::{Context, Result, ensure};
 use kernel_loader::cell::{CELL_MAGIC, CELL_SIZE, CELL_SYMBOL};
@@ -16,6 +17,7 @@ use object::{LittleEndian as LE, U16, U32, U64};
 use super::report::{AlreadyEmbedded, EmbedReport};
 use super::{Embedded, Output};
 use crate::elf::Image;
+use crate::keys::find_keys;
 use crate::probes::{ProbeScan, find_probes};
 use crate::records::{find_ifunc_sites, read_ifuncs};
 use crate::table::{IfuncEntry, SiteEntry, TableInput, build_sites_for, table_size_with};
@@ -156,7 +158,8 @@ pub(super) fn embed_exec<'a>(
 ) -> Result<Embedded<'a>> {
     let ifuncs = read_ifuncs(img)?;
     let probes = find_probes(img)?;
-    if ifuncs.is_empty() && probes.probes.is_empty() {
+    let keys = find_keys(img)?;
+    if ifuncs.is_empty() && probes.probes.is_empty() && keys.is_empty() {
         // Nothing to describe: the output is the input, unchanged.
         return Ok(Embedded {
             out: Output::new(data),
@@ -164,8 +167,10 @@ pub(super) fn embed_exec<'a>(
             check: None,
         });
     }
+    // Ifunc and probe sites are found through relocations; static key sites only
+    // through their records.
     ensure!(
-        img.has_text_relocations(),
+        img.has_text_relocations() || (ifuncs.is_empty() && probes.probes.is_empty()),
         "{path}: executable sections carry no relocations; link with --emit-relocs \
          (e.g. `-C link-arg=--emit-relocs`) so call sites can be found"
     );
@@ -215,6 +220,8 @@ pub(super) fn embed_exec<'a>(
         sites: Vec::new(),
         probes: probes.probes.clone(),
         probe_sites: probes.sites.clone(),
+        keys: keys.keys.clone(),
+        key_sites: keys.sites.clone(),
     };
     let size = table_size_with(&input, scan.sites.len());
     let build = |addr: u64| {
@@ -240,6 +247,11 @@ pub(super) fn embed_exec<'a>(
     };
     for (addr, bytes) in &probes.rewrites {
         patch(&mut out, *addr, bytes, "probe site")?;
+    }
+    // Static key sites whose key's default differs from their likeliness start out
+    // branching, so the image boots in every key's default state.
+    for (addr, bytes) in &keys.initial {
+        patch(&mut out, *addr, bytes, "key site")?;
     }
     // Their relocations now describe bytes that are gone: make them "none" (as
     // `dtrace -G` does), keeping the symbol, so no tool re-applies them over the new
@@ -291,6 +303,7 @@ pub(super) fn embed_exec<'a>(
             ifuncs,
             scan,
             probes,
+            keys,
             table: Some((table_addr, size)),
             relocatable: false,
         },

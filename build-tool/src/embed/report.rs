@@ -3,6 +3,7 @@
 
 use kernel_loader::format::SECTION_NAME;
 
+use crate::keys::KeyScan;
 use crate::probes::ProbeScan;
 use crate::records::IfuncInfo;
 use crate::sites::SiteScan;
@@ -33,6 +34,8 @@ pub struct EmbedReport {
     pub scan: SiteScan,
     /// Probes and probe sites.
     pub probes: ProbeScan,
+    /// Static keys and their sites.
+    pub keys: KeyScan,
     /// Address and size of the table, if one was written (for an object: 0, the table
     /// is relocated at load).
     pub table: Option<(u64, usize)>,

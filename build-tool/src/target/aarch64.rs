@@ -345,6 +345,24 @@ pub fn disasm(code: &[u8], ip: u64) -> String {
     }
 }
 
+/// The branch form of a static key site at `site`: `b target` (the enabled form of a
+/// `probe!` site); `None` beyond ±128 MiB or misaligned.
+pub fn key_branch(site: u64, target: u64) -> Option<[u8; PROBE_SITE_LEN]> {
+    kernel_loader::arch::aarch64::branch_insn(site, target, false).map(u32::to_le_bytes)
+}
+
+/// Where the key site bytes `b` at `site` branch, if they are [`key_branch`]'s form
+/// (a `b`, not a `bl`).
+pub fn key_branch_dest(b: &[u8], site: u64) -> Option<u64> {
+    let insn = u32::from_le_bytes(b.try_into().ok()?);
+    (insn & B_OPCODE_MASK != BL)
+        .then(|| branch_dest(insn, site))
+        .flatten()
+}
+
+/// How far [`key_branch`] reaches, for messages.
+pub const KEY_BRANCH_REACH: &str = "the ±128 MiB of a b";
+
 /// `adrp x0, .` (a PC-relative instruction that is no branch).
 #[cfg(test)]
 const ADRP_X0: [u8; 4] = (kernel_loader::arch::aarch64::ADRP_X16 & !0x1f).to_le_bytes();

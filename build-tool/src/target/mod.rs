@@ -86,6 +86,17 @@ impl std::ops::Deref for ProbeBytes {
     }
 }
 
+/// What a static key site holds ([`Target::key_form`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyForm {
+    /// The NOP: the site falls through.
+    Nop,
+    /// The branch form, to this address.
+    Branch(u64),
+    /// Neither.
+    Other,
+}
+
 /// How `embed` rewrites one C probe call ([`Target::c_probe_rewrite`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CProbeRewrite {
@@ -568,6 +579,47 @@ impl Target {
         }
     }
 
+    /// The form a static key site holds as compiled, and while it falls through: the
+    /// probe site's NOP ([`Target::probe_nop`]), [`Target::probe_site_len`] bytes,
+    /// aligned as a probe site ([`Target::probe_site_misaligned`]).
+    pub const fn key_nop(self) -> ProbeBytes {
+        self.probe_nop()
+    }
+
+    /// The branch form of a static key site at `site` to its label `target` (x86-64
+    /// `jmp rel32`, aarch64 `b`, riscv64 `jal x0`); `Err`: what it cannot reach.
+    pub fn key_branch(self, site: u64, target: u64) -> Result<ProbeBytes, &'static str> {
+        let (form, reach) = match self {
+            Target::X86_64 => (
+                x86_64::key_branch(site, target).map(ProbeBytes::new),
+                x86_64::KEY_BRANCH_REACH,
+            ),
+            Target::Aarch64 => (
+                aarch64::key_branch(site, target).map(ProbeBytes::new),
+                aarch64::KEY_BRANCH_REACH,
+            ),
+            Target::Riscv64 => (
+                riscv64::key_branch(site, target).map(ProbeBytes::new),
+                riscv64::KEY_BRANCH_REACH,
+            ),
+        };
+        form.ok_or(reach)
+    }
+
+    /// What the bytes `b` of a key site at `site` are: its NOP, its branch form (to
+    /// where), or something else.
+    pub fn key_form(self, b: &[u8], site: u64) -> KeyForm {
+        if b == self.key_nop() {
+            return KeyForm::Nop;
+        }
+        let dest = match self {
+            Target::X86_64 => x86_64::key_branch_dest(b, site),
+            Target::Aarch64 => aarch64::key_branch_dest(b, site),
+            Target::Riscv64 => riscv64::key_branch_dest(b, site),
+        };
+        dest.map_or(KeyForm::Other, KeyForm::Branch)
+    }
+
     /// The disabled bytes of a probe site of any kind (`stubs`: the image's entry
     /// points, for the forms that branch to one).
     pub fn disabled_probe(self, site: &PSite, stubs: &Stubs) -> Result<ProbeBytes, ProbeError> {
@@ -828,6 +880,59 @@ mod tests {
         for t in TARGETS {
             classes_of(t);
         }
+    }
+
+    #[test]
+    fn key_branch_forms_round_trip_and_stop_at_their_reach() {
+        let site = 0x4000_0000u64;
+        for t in TARGETS {
+            for to in [site + 0x40, site - 0x100, site + 0x8_0000] {
+                let b = t.key_branch(site, to).unwrap();
+                assert_eq!(b.len(), t.probe_site_len(), "{t:?}");
+                assert_eq!(t.key_form(&b, site), KeyForm::Branch(to), "{t:?}");
+                assert_eq!(t.key_form(&b, site + 4), KeyForm::Branch(to + 4), "{t:?}");
+            }
+            assert_eq!(t.key_form(&t.key_nop(), site), KeyForm::Nop);
+            let zeros = [0u8; PROBE_SITE_LEN];
+            assert_eq!(
+                t.key_form(&zeros[..t.probe_site_len()], site),
+                KeyForm::Other
+            );
+            assert!(t.key_branch(site, site + (4 << 30)).is_err(), "{t:?}");
+            assert!(t.key_branch(u64::MAX - 2, 0).is_err(), "{t:?}");
+        }
+        let at = |t: Target, to: u64| t.key_branch(0x1000, to).map(|b| b.to_vec());
+        assert_eq!(at(Target::X86_64, 0x1010).unwrap(), [0xe9, 0x0b, 0, 0, 0]);
+        assert_eq!(
+            at(Target::Aarch64, 0x1010).unwrap(),
+            0x1400_0004u32.to_le_bytes()
+        );
+        assert_eq!(
+            at(Target::Riscv64, 0x1010).unwrap(),
+            0x0100_006fu32.to_le_bytes()
+        );
+        // Reach: aarch64 `b` +-128 MiB, riscv64 `jal` +-1 MiB.
+        assert!(at(Target::Aarch64, 0x1000 + (128 << 20) - 4).is_ok());
+        assert!(at(Target::Aarch64, 0x1000 + (128 << 20)).is_err());
+        assert!(at(Target::Aarch64, 0x1002).is_err(), "misaligned");
+        assert!(at(Target::Riscv64, 0x1000 + (1 << 20) - 2).is_ok());
+        assert!(at(Target::Riscv64, 0x1000 + (1 << 20)).is_err());
+        assert!(at(Target::X86_64, 0x1005 + i32::MAX as u64).is_ok());
+        assert!(at(Target::X86_64, 0x1006 + i32::MAX as u64).is_err());
+        // A call is no key branch: `call rel32`, `bl`, `jal ra`.
+        let site = 0x1000;
+        assert_eq!(
+            Target::X86_64.key_form(&[0xe8, 0, 0, 0, 0], site),
+            KeyForm::Other
+        );
+        assert_eq!(
+            Target::Aarch64.key_form(&0x9400_0004u32.to_le_bytes(), site),
+            KeyForm::Other
+        );
+        assert_eq!(
+            Target::Riscv64.key_form(&0x0100_00efu32.to_le_bytes(), site),
+            KeyForm::Other
+        );
     }
 
     fn classes_of(t: Target) {

@@ -683,6 +683,25 @@ pub fn disasm(code: &[u8], ip: u64) -> String {
     }
 }
 
+/// The branch form of a static key site at `site`: `jal x0, target` (the enabled form
+/// of a `probe!` site); `None` beyond ±1 MiB or odd.
+pub fn key_branch(site: u64, target: u64) -> Option<[u8; PROBE_SITE_LEN]> {
+    kernel_loader::arch::riscv64::jal_to(0, site, target).map(u32::to_le_bytes)
+}
+
+/// Where the key site bytes `b` at `site` branch, if they are [`key_branch`]'s form
+/// (a `jal` that links nothing).
+pub fn key_branch_dest(b: &[u8], site: u64) -> Option<u64> {
+    let insn = u32::from_le_bytes(b.try_into().ok()?);
+    if rd(insn) != 0 {
+        return None;
+    }
+    site.checked_add_signed(jal_offset(insn)?)
+}
+
+/// How far [`key_branch`] reaches, for messages.
+pub const KEY_BRANCH_REACH: &str = "the ±1 MiB of a jal";
+
 /// The code the generic engine's tests assemble objects from.
 #[cfg(test)]
 pub(crate) const SAMPLES: super::Samples = super::Samples {

@@ -388,6 +388,27 @@ impl std::fmt::Display for Mnemonic<'_> {
     }
 }
 
+/// The branch form of a static key site at `site`: `jmp rel32` to `target` (the
+/// enabled form of a `probe!` site); `None` beyond the rel32's ±2 GiB.
+pub fn key_branch(site: u64, target: u64) -> Option<[u8; PROBE_SITE_LEN]> {
+    let rel = kernel_loader::arch::x86_64::rel32(site.checked_add(PROBE_SITE_LEN as u64)?, target)?;
+    let r = rel.to_le_bytes();
+    Some([JMP_REL32, r[0], r[1], r[2], r[3]])
+}
+
+/// Where the key site bytes `b` at `site` branch, if they are [`key_branch`]'s form.
+pub fn key_branch_dest(b: &[u8], site: u64) -> Option<u64> {
+    let [JMP_REL32, r0, r1, r2, r3] = *b else {
+        return None;
+    };
+    let rel = i32::from_le_bytes([r0, r1, r2, r3]);
+    site.checked_add(PROBE_SITE_LEN as u64)?
+        .checked_add_signed(i64::from(rel))
+}
+
+/// How far [`key_branch`] reaches, for messages.
+pub const KEY_BRANCH_REACH: &str = "the ±2 GiB of a jmp rel32";
+
 /// The code the generic engine's tests assemble objects from (they name no encoding).
 #[cfg(test)]
 pub(crate) const SAMPLES: super::Samples = super::Samples {

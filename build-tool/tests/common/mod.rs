@@ -84,6 +84,7 @@ impl Image {
                     probe: 0,
                 },
             ],
+            ..TableInput::default()
         }
     }
 

@@ -45,7 +45,14 @@
 //! linked" at the contract's layout ([`VirtualLayout`]), and the addresses are mapped
 //! back to (section, offset) or symbol when the relocations are written.
 //!
-//! Files: `layout` ([`VirtualLayout`], [`Target`]), `read` (the records), `write` (the
+//! Static key sites ([`crate::keys`]) whose key the module defines and whose default
+//! differs from their likeliness get their branch form in section data: computed
+//! there when the label is in the site's section, else left for a branch relocation
+//! added to the section's relocations (against the label section's symbol). Sites of
+//! an imported key (an undefined symbol) stay NOP: the module loader sets them.
+//!
+//! Files: `layout` ([`VirtualLayout`], [`Target`]), `read` (the records), `keys` (the
+//! key site records and key objects), `write` (the
 //! output object).
 
 use std::cell::RefCell;
@@ -62,11 +69,13 @@ use object::{
 
 use super::report::{AlreadyEmbedded, EmbedReport};
 use crate::elf::{Image, Reloc};
+use crate::keys::{RawKey, RawSite};
 use crate::probes::{FoundProbeSite, ProbeScan};
 use crate::records::IfuncInfo;
 use crate::sites::{Selected, SiteScan, find_sites_with};
 use crate::table::{IfuncEntry, ProbeEntry, ProbeSiteEntry, SiteEntry, TableInput, build_with_for};
 
+mod keys;
 mod layout;
 mod read;
 mod write;
@@ -278,8 +287,54 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         });
     }
 
+    // Static keys: numbered at the layout's addresses (reach checked there), then the
+    // sites given their initial form mapped back to (section, offset).
+    let (rel_keys, rel_sites) = keys::read_keys(&o)?;
+    let mut raw_keys = Vec::with_capacity(rel_keys.len());
+    for k in rel_keys {
+        raw_keys.push(RawKey {
+            addr: va(k.key)?,
+            name: k.name,
+            default: k.default,
+        });
+    }
+    let mut raw_sites = Vec::with_capacity(rel_sites.len());
+    let mut site_names: HashMap<u64, String> = HashMap::new();
+    for s in &rel_sites {
+        let addr = va(s.site)?;
+        site_names.insert(addr, o.describe(s.site));
+        raw_sites.push(RawSite {
+            addr,
+            target: va(s.target)?,
+            likely: s.likely,
+            key: va(s.key)?,
+        });
+    }
+    let keys = crate::keys::number(path, img.target, raw_keys, raw_sites, &|a| {
+        site_names
+            .get(&a)
+            .cloned()
+            .unwrap_or_else(|| format!("{a:#x}"))
+    })?;
+    let key_forms: Vec<(Target, Target)> = keys
+        .initial
+        .iter()
+        .filter_map(|&(a, _)| {
+            let i = keys.sites.binary_search_by_key(&a, |s| s.addr).ok()?;
+            Some((*back.get(&a)?, *back.get(&keys.sites[i].target)?))
+        })
+        .collect();
+    ensure!(
+        key_forms.len() == keys.initial.len(),
+        "internal: a key site's address does not map back to the object"
+    );
+
     // The table, with a relocation per self-relative field.
-    if !(entries.is_empty() && site_entries.is_empty() && probes.sites.is_empty()) {
+    if !(entries.is_empty()
+        && site_entries.is_empty()
+        && probes.sites.is_empty()
+        && keys.is_empty())
+    {
         check_span(&img, &layout)?;
     }
     let input = TableInput {
@@ -287,6 +342,8 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         sites: site_entries,
         probes: probes.probes.clone(),
         probe_sites: probes.sites.clone(),
+        keys: keys.keys.clone(),
+        key_sites: keys.sites.clone(),
     };
     let mut table_relocs: Vec<(u64, Target)> = Vec::new();
     let table = build_with_for(img.target, &input, &mut |field, target| {
@@ -303,8 +360,11 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
         data,
         &table,
         &table_relocs,
-        &record_ids,
-        &rewrites,
+        &write::Edits {
+            record_ids: &record_ids,
+            rewrites: &rewrites,
+            key_forms: &key_forms,
+        },
     )?;
     verify_output(img.target, path, &out, &input)?;
     Ok((
@@ -313,6 +373,7 @@ pub fn embed_rel(path: &str, data: &[u8]) -> Result<(Vec<u8>, EmbedReport)> {
             ifuncs,
             scan,
             probes,
+            keys,
             table: Some((0, table.len())),
             relocatable: true,
         },
@@ -374,7 +435,9 @@ fn verify_output(
         t.ifunc_count() as usize == input.ifuncs.len()
             && t.site_count() as usize == input.sites.len()
             && t.probe_count() as usize == input.probes.len()
-            && t.probe_site_count() as usize == input.probe_sites.len(),
+            && t.probe_site_count() as usize == input.probe_sites.len()
+            && t.key_count() as usize == input.keys.len()
+            && t.key_site_count() as usize == input.key_sites.len(),
         "{path}: written table lost entries"
     );
     Ok(())

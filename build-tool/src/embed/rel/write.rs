@@ -25,6 +25,16 @@ const SHT_LLVM_ADDRSIG: u32 = 0x6fff_4c03;
 /// (section offset, length) when the rewrite spans the whole call.
 pub(super) type Rewrite = (Target, ProbeKind, Option<(u64, u8)>);
 
+/// What changes in the input's sections besides the new ones.
+pub(super) struct Edits<'a> {
+    /// `probe!` records and the ids they get.
+    pub(super) record_ids: &'a BTreeSet<(Target, u32)>,
+    /// C probe sites to disable.
+    pub(super) rewrites: &'a [Rewrite],
+    /// Static key sites that start out branching: (site, label).
+    pub(super) key_forms: &'a [(Target, Target)],
+}
+
 /// Applies every change to a [`Builder`] of the input and writes it.
 pub(super) fn write_object(
     arch: target::Target,
@@ -32,9 +42,13 @@ pub(super) fn write_object(
     data: &[u8],
     table: &[u8],
     table_relocs: &[(u64, Target)],
-    record_ids: &BTreeSet<(Target, u32)>,
-    rewrites: &[Rewrite],
+    edits: &Edits<'_>,
 ) -> Result<Vec<u8>> {
+    let Edits {
+        record_ids,
+        rewrites,
+        key_forms,
+    } = *edits;
     // The builder rejects section types it does not model (SHT_GROUP, .llvm_addrsig,
     // ...): they are read and written as opaque PROGBITS and get their type back in
     // the output. Sections keep their indices (none is removed, new ones go last), so
@@ -126,6 +140,42 @@ pub(super) fn write_object(
             .entry(sec)
             .or_default()
             .insert(arch.plain_branch_field(off), (kind, off));
+    }
+    // Static key sites' branch forms: computed when the label is in the site's section
+    // (the distance is fixed), else a zeroed branch plus a branch relocation to the
+    // label, added below: (site section, site offset, label section, label offset).
+    let mut key_relocs: Vec<(usize, u64, usize, u64)> = Vec::new();
+    for &(site, label) in key_forms {
+        let (
+            Target::Sec { sec, off },
+            Target::Sec {
+                sec: tsec,
+                off: toff,
+            },
+        ) = (site, label)
+        else {
+            bail!("{path}: key site or label is not in a section")
+        };
+        let form = if sec == tsec {
+            arch.key_branch(off, toff)
+        } else {
+            key_relocs.push((sec, off, tsec, toff));
+            // The branch whose field is 0 (what the relocation fills).
+            arch.key_branch(
+                0,
+                arch.plain_branch_field(0)
+                    .wrapping_add_signed(arch.branch_bias()),
+            )
+        }
+        .map_err(|reach| {
+            anyhow::anyhow!(
+                "{path}: key site at section {sec}+{off:#x}: its label is beyond {reach}"
+            )
+        })?;
+        patches
+            .entry(sec)
+            .or_default()
+            .push((off as usize, form.to_vec()));
     }
     for &sec in &align4 {
         let s = b.sections.get_mut(sec_id(sec)?);
@@ -222,24 +272,53 @@ pub(super) fn write_object(
             sec_syms.entry(id.index()).or_insert(s.id());
         }
     }
+    let symtab = b
+        .sections
+        .iter()
+        .find(|s| matches!(s.data, SectionData::Symbol))
+        .map(|s| s.id())
+        .with_context(|| format!("{path}: the object has no .symtab"))?;
+    for &(sec, off, tsec, toff) in &key_relocs {
+        let (sec, tsec) = (sec_id(sec)?, sec_id(tsec)?);
+        let symbol = section_symbol(&mut b, &mut sec_syms, tsec);
+        let (r_type, bias) = arch.branch_reloc();
+        let r = BRel {
+            r_offset: arch.plain_branch_field(off),
+            symbol: Some(symbol),
+            r_type: elf::RelocationType(r_type),
+            r_addend: i64::try_from(toff)? + bias,
+        };
+        let existing = b.sections.iter_mut().find(|rs| {
+            rs.sh_info_section == Some(sec) && matches!(rs.data, SectionData::Relocation(_))
+        });
+        match existing {
+            Some(rs) => {
+                if let SectionData::Relocation(v) = &mut rs.data {
+                    v.push(r);
+                }
+            }
+            None => {
+                let mut name = b".rela".to_vec();
+                name.extend_from_slice(&b.sections.get(sec).name);
+                let rs = b.sections.add();
+                rs.name = name.into();
+                rs.sh_type = elf::SHT_RELA;
+                rs.sh_flags = elf::SHF_INFO_LINK;
+                rs.sh_addralign = 8;
+                rs.sh_entsize = 24;
+                rs.sh_link_section = Some(symtab);
+                rs.sh_info_section = Some(sec);
+                rs.data = SectionData::Relocation(vec![r]);
+            }
+        }
+    }
     let mut rels: Vec<BRel> = Vec::new();
     for &(field, t) in table_relocs {
         let (symbol, addend) = match t {
-            Target::Sec { sec, off } => {
-                let id = sec_id(sec)?;
-                let sym = match sec_syms.get(&id.index()) {
-                    Some(&s) => s,
-                    None => {
-                        let s = b.symbols.add();
-                        s.section = Some(id);
-                        s.st_info = elf::SymbolInfo::new(elf::STB_LOCAL, elf::STT_SECTION);
-                        let sid = s.id();
-                        sec_syms.insert(id.index(), sid);
-                        sid
-                    }
-                };
-                (sym, i64::try_from(off)?)
-            }
+            Target::Sec { sec, off } => (
+                section_symbol(&mut b, &mut sec_syms, sec_id(sec)?),
+                i64::try_from(off)?,
+            ),
             Target::Undef { sym, addend } => (sym_id(sym)?, addend),
         };
         rels.push(BRel {
@@ -298,12 +377,6 @@ pub(super) fn write_object(
     }
 
     // The new sections, at the end (every existing section keeps its index).
-    let symtab = b
-        .sections
-        .iter()
-        .find(|s| matches!(s.data, SectionData::Symbol))
-        .map(|s| s.id())
-        .with_context(|| format!("{path}: the object has no .symtab"))?;
     let ks = b.sections.add();
     ks.name = SECTION_NAME.as_bytes().to_vec().into();
     ks.sh_type = elf::SHT_PROGBITS;
@@ -332,6 +405,20 @@ pub(super) fn write_object(
         .map_err(|e| anyhow::anyhow!("{path}: cannot write the object: {e}"))?;
     set_section_types(&mut out, &disguised)?;
     Ok(out)
+}
+
+/// The section symbol of section `id` (the first one, or one added, local).
+fn section_symbol(
+    b: &mut Builder<'_>,
+    sec_syms: &mut HashMap<usize, SymbolId>,
+    id: SectionId,
+) -> SymbolId {
+    *sec_syms.entry(id.index()).or_insert_with(|| {
+        let s = b.symbols.add();
+        s.section = Some(id);
+        s.st_info = elf::SymbolInfo::new(elf::STB_LOCAL, elf::STT_SECTION);
+        s.id()
+    })
 }
 
 /// Section types `object::build::elf::Builder` reads as what they are.
