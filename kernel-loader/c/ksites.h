@@ -158,7 +158,7 @@ struct ksites_int3_frame {
 KSITES_STATIC_ASSERT_(sizeof(struct ksites_int3_frame) == 64, "ksites_int3_frame layout");
 #else
 /* kernel-loader's Int3Frame: the registers the #BP hook reads; it writes back rip, rsp
- * and rax. */
+ * and rax (an emulated call also pushes its return address below rsp). */
 struct ksites_int3_frame {
     uint64_t rip; /* after the int3 */
     uint64_t rsp;
@@ -169,8 +169,9 @@ struct ksites_int3_frame {
     uint64_t rcx;
     uint64_t r8;
     uint64_t r9;
+    uint64_t rflags; /* read only: a trapped jcc site's condition */
 };
-KSITES_STATIC_ASSERT_(sizeof(struct ksites_int3_frame) == 72, "ksites_int3_frame layout");
+KSITES_STATIC_ASSERT_(sizeof(struct ksites_int3_frame) == 80, "ksites_int3_frame layout");
 #endif
 
 /* A probe handler: the probe's id and its six arguments (unused ones are 0). Runs on

@@ -14,6 +14,24 @@
 //!   `--gc-sections` keeps it and everything it names): magic, version, trampoline,
 //!   slot, resolver adapter, default, name pointer, name length. The build tool reads
 //!   these records from the linked image to build the `.ksites` table.
+//!
+//! [`retarget_raw`] (and the signature-checked `name::retarget` each ifunc gets, or
+//! [`retarget!`](crate::retarget!)) rewrites an ifunc's sites and slot live, in one
+//! batch; [`reresolve_all`] reruns every resolver and retargets what changed (see
+//! `retarget`'s docs for the protocol).
+
+mod error;
+mod retarget;
+#[cfg(test)]
+mod retarget_tests;
+
+pub(crate) use retarget::emulate_retarget_trap;
+#[allow(unused_imports)] // Module load calls it (`crate::probe` registry, under its lock).
+pub(crate) use retarget::refresh_imports;
+pub use retarget::{
+    MAX_PREFIXED_SITES, ReresolveError, ReresolveReport, RetargetError, RetargetReport,
+    reresolve_all, retarget_int3_emulations, retarget_raw,
+};
 
 /// Section holding ifunc descriptor records.
 pub const RECORD_SECTION: &str = ".ksites_ifuncs";
@@ -71,8 +89,52 @@ pub mod record {
 ///   exactly once, during [`crate::patch::init`]. Calling the ifunc is safe, so the
 ///   resolver is what guarantees the chosen implementation is valid on this CPU.
 /// * `default` and `resolver` are paths resolved in the module that invokes the macro.
-///   The macro also defines a hidden, uninhabited type with the ifunc's name (types and
-///   functions live in different namespaces), which holds the resolver adapter.
+///   The macro also defines a hidden, uninhabited type with the ifunc's name and
+///   visibility (types and functions live in different namespaces), which holds the
+///   resolver adapter and `retarget`.
+///
+/// # Live retargeting
+///
+/// `popcount::retarget(popcount_hw, &mut poker)` (or
+/// [`retarget!(popcount, popcount_hw, &mut poker)`](crate::retarget!)) rewrites every
+/// site of `popcount` in the kernel and every registered module, then its slot, in one
+/// live batch ([`retarget_raw`], whose safety contract it has). The new implementation
+/// must have exactly the ifunc's signature:
+///
+/// ```
+/// # #[cfg(target_arch = "x86_64")] mod m {
+/// unsafe extern "C" fn soft(x: u64) -> u32 { x.count_ones() }
+/// fn pick(_: &kernel_loader::CpuFeatures) -> unsafe extern "C" fn(u64) -> u32 { soft }
+/// kernel_loader::ifunc! {
+///     pub fn popcount(x: u64) -> u32;
+///     default = soft;
+///     resolver = pick;
+/// }
+/// unsafe extern "C" fn other(x: u64) -> u32 { 64 - x.count_zeros() }
+/// pub fn switch<P: kernel_loader::TextPoker>(poker: &mut P) {
+///     // SAFETY: `other` runs on every CPU (no target feature).
+///     let _ = unsafe { kernel_loader::retarget!(popcount, other, poker) };
+/// }
+/// # }
+/// ```
+///
+/// ```compile_fail,E0308
+/// # #[cfg(target_arch = "x86_64")] mod m {
+/// unsafe extern "C" fn soft(x: u64) -> u32 { x.count_ones() }
+/// fn pick(_: &kernel_loader::CpuFeatures) -> unsafe extern "C" fn(u64) -> u32 { soft }
+/// kernel_loader::ifunc! {
+///     pub fn popcount(x: u64) -> u32;
+///     default = soft;
+///     resolver = pick;
+/// }
+/// // Not the ifunc's signature: `u64` returned, not `u32`.
+/// unsafe extern "C" fn wrong(x: u64) -> u64 { x }
+/// pub fn switch<P: kernel_loader::TextPoker>(poker: &mut P) {
+///     let _ = unsafe { popcount::retarget(wrong, poker) };
+/// }
+/// # }
+/// # #[cfg(not(target_arch = "x86_64"))] compile_error!("x86-64 only");
+/// ```
 #[macro_export]
 macro_rules! ifunc {
     (
@@ -113,7 +175,7 @@ macro_rules! ifunc {
 
         #[doc(hidden)]
         #[allow(non_camel_case_types, dead_code)]
-        enum $name {}
+        $vis enum $name {}
 
         #[allow(dead_code)]
         impl $name {
@@ -126,7 +188,43 @@ macro_rules! ifunc {
                 let chosen: unsafe extern "C" fn($($ty),*) $(-> $ret)? = $resolver(&features);
                 chosen as usize
             }
+
+            /// Rewrites every site of this ifunc, in the kernel and every registered
+            /// module, to call `new`, then its slot: one live batch.
+            ///
+            /// # Safety
+            ///
+            /// As for `kernel_loader::ifunc::retarget_raw`: `new` (whose signature is
+            /// checked here) runs on every CPU and stays mapped.
+            #[doc(hidden)]
+            pub unsafe fn retarget<P: $crate::TextPoker + ?Sized>(
+                new: unsafe extern "C" fn($($ty),*) $(-> $ret)?,
+                poker: &mut P,
+            ) -> ::core::result::Result<
+                $crate::ifunc::RetargetReport,
+                $crate::ifunc::RetargetError,
+            > {
+                // SAFETY: forwarded to the caller; `new` has the ifunc's signature.
+                unsafe {
+                    $crate::ifunc::retarget_raw(
+                        $name as *const () as usize,
+                        new as *const () as usize,
+                        poker,
+                    )
+                }
+            }
         }
+    };
+}
+
+/// Retargets an ifunc live: `retarget!(popcount, popcount_hw, &mut poker)` is
+/// `popcount::retarget(popcount_hw, &mut poker)` (see [`ifunc!`](crate::ifunc!)), an
+/// `unsafe` call whose implementation's signature is checked against the ifunc's at
+/// compile time. The ifunc may be named by a path (`drivers::popcount`).
+#[macro_export]
+macro_rules! retarget {
+    ($($ifunc:ident)::+, $new:expr, $poker:expr $(,)?) => {
+        $($ifunc)::+::retarget($new, $poker)
     };
 }
 

@@ -174,6 +174,10 @@ pub unsafe fn handle_int3(f: &mut Int3Frame) -> bool {
 ///
 /// As for [`handle_int3`].
 unsafe fn emulate(f: &mut Int3Frame) -> bool {
+    // SAFETY: forwarded. (An ifunc site mid-retarget; one load when none is in flight.)
+    if unsafe { crate::ifunc::emulate_retarget_trap(f) } {
+        return true;
+    }
     let addr = arch::trap_site(f);
     let sec = percpu::enter();
     // The site is copied out (it is plain data): nothing below reads the table.

@@ -90,6 +90,9 @@ pub use registry::{
     unregister_module,
 };
 pub use state::MAX_IMAGES;
+pub(crate) use state::lock_images;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use state::with_table_at;
 #[cfg(target_arch = "aarch64")]
 pub use trap::handle_brk;
 #[cfg(target_arch = "riscv64")]

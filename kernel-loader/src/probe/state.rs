@@ -317,3 +317,40 @@ pub(super) fn free<P: TextPoker + ?Sized>(
         }
     }
 }
+
+// For ifunc retargeting (`crate::ifunc`), a writer and a #BP hook outside `probe`.
+
+/// The registry lock held by a writer outside `probe` (an ifunc retarget), with read
+/// access to the live images' tables for as long as it is held.
+pub(crate) struct ImagesLock(Control);
+
+impl ImagesLock {
+    /// The live images' tables, kernel first.
+    pub(crate) fn tables(&self) -> impl Iterator<Item = &Table<'static>> {
+        images(&self.0).map(|d| &d.table)
+    }
+
+    /// Waits until no CPU is inside the #BP hook (the last step of a live batch).
+    pub(crate) fn wait_for_int3(&self) {
+        if IN_INT3.load(Ordering::Acquire) != 0 {
+            INT3_DRAIN_WAITS.fetch_add(1, Ordering::Relaxed);
+            while IN_INT3.load(Ordering::Acquire) != 0 {
+                core::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Takes the registry lock for a writer outside `probe`.
+pub(crate) fn lock_images() -> ImagesLock {
+    ImagesLock(lock())
+}
+
+/// Runs `f` on the table of the live image owning `addr` (a module whose memory holds
+/// it, else the kernel) inside a read-side section of its own. Lock-free: for the #BP
+/// hook (x86-64's: the one architecture whose retarget writes traps).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn with_table_at<R>(addr: u64, f: impl FnOnce(&Table<'static>) -> R) -> Option<R> {
+    let sec = percpu::enter();
+    with_image_at(&sec, addr, |d| f(&d.table))
+}

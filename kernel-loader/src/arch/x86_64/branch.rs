@@ -35,6 +35,21 @@ const DS_PREFIX: u8 = 0x3e;
 /// (`jne`).
 const JNE_REL32: u8 = 0x85;
 
+/// `int3`: what the live-patch protocol writes over a site's first byte while it
+/// rewrites the rest (a live ifunc retarget, `crate::ifunc`).
+pub const INT3: u8 = 0xcc;
+
+/// The first opcode byte of a site of `kind` (`e8`, `e9`, or `0f` for `jcc`): its byte 0
+/// when it has no prefix.
+#[inline(always)]
+pub const fn first_opcode_byte(kind: SiteKind) -> u8 {
+    match kind {
+        SiteKind::Call => CALL_REL32,
+        SiteKind::Jmp => JMP_REL32,
+        SiteKind::Jcc => TWO_BYTE_ESCAPE,
+    }
+}
+
 /// Legacy prefixes a compiler may put before a branch (segment overrides used as
 /// branch hints, operand/address size, `bnd`/`rep`). REX is never valid on `e8`/`e9`.
 pub const fn is_branch_prefix(b: u8) -> bool {

@@ -5,6 +5,8 @@
 //! * [`probe`]: the disabled and enabled bytes of every probe form, the int3 protocol,
 //!   trap-frame emulation and the dispatcher entry stubs.
 //! * [`reloc`]: the ELF machine and the relocation types a module may use.
+//! * [`emulate`]: the #BP emulation of a `call`/`jmp`/`jcc` site trapped while a live
+//!   ifunc retarget rewrites it (`jcc` conditions from RFLAGS).
 //! * [`cpu`]: CPUID/XGETBV and the feature set resolvers receive.
 //! * [`local`]: CPU-local counters (an interrupt-atomic increment without `lock`).
 //! * [`trap`]: the ready #BP entry stub (`int3_entry!`) a kernel installs in its IDT.
@@ -27,6 +29,7 @@
 
 pub mod branch;
 pub mod cpu;
+pub mod emulate;
 pub mod key;
 pub mod local;
 pub mod probe;

@@ -203,8 +203,10 @@ pub const fn bytes_of(w: SiteWord) -> SiteBytes {
 }
 
 /// The registers the #BP hook (`crate::probe::handle_int3`) reads and may change: of
-/// these, [`emulate`] writes only `rip`, `rsp` and `rax`, which the trap handler must
-/// write back.
+/// these, [`emulate`] writes only `rip`, `rsp` and `rax`, and the emulation of an ifunc
+/// site being retargeted (`super::emulate`) only `rip` and `rsp` (a `call` also pushes
+/// its return address below the interrupted RSP), which the trap handler must write
+/// back. `rflags` is read only (a `jcc` site's condition).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Int3Frame {
@@ -226,10 +228,12 @@ pub struct Int3Frame {
     pub r8: u64,
     /// Sixth.
     pub r9: u64,
+    /// RFLAGS of the interrupted code (read only: a trapped `jcc` site's condition).
+    pub rflags: u64,
 }
 
-// `struct ksites_int3_frame` in kernel-loader/c/ksites.h has this layout (72 bytes).
-const _: () = assert!(core::mem::size_of::<Int3Frame>() == 72);
+// `struct ksites_int3_frame` in kernel-loader/c/ksites.h has this layout (80 bytes).
+const _: () = assert!(core::mem::size_of::<Int3Frame>() == 80);
 
 /// The address of the site whose trap instruction produced `f` (the `int3` is the
 /// site's byte 0, and RIP points after it).
@@ -307,6 +311,7 @@ pub mod host {
             rcx: r(libc::REG_RCX),
             r8: r(libc::REG_R8),
             r9: r(libc::REG_R9),
+            rflags: r(libc::REG_EFL),
         }
     }
 

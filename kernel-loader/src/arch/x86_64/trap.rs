@@ -7,34 +7,39 @@
 //! # The stub's stack
 //!
 //! On a #BP (a trap: no error code) the CPU aligns RSP down to 16 and pushes SS, RSP,
-//! RFLAGS, CS, RIP. The stub then pushes RBP (its frame base, `rbp` below) and r11,
-//! r10, r9, r8, rcx, rdx, rsi, rdi, rax, the interrupted RSP and RIP: the last nine
-//! words, lowest address first, are an `Int3Frame` (rip, rsp, rax, rdi, rsi, rdx, rcx,
-//! r8, r9). It aligns RSP to 16 for the call (whatever the entry alignment), clears DF
-//! and calls `trap(&mut Int3Frame) -> bool`.
+//! RFLAGS, CS, RIP. The stub first copies those five words 40 bytes lower (Linux's
+//! int3 "gap"), and returns through the copy: an emulated `call` (an ifunc site trapped
+//! mid-retarget, `super::emulate`) pushes its return address just below the interrupted
+//! RSP, which is where the CPU's own frame lies, now dead. It then pushes RBP (its frame
+//! base, `rbp` below) and r11, r10, RFLAGS, r9, r8, rcx, rdx, rsi, rdi, rax, the
+//! interrupted RSP and RIP: the last ten words, lowest address first, are an
+//! `Int3Frame` (rip, rsp, rax, rdi, rsi, rdx, rcx, r8, r9, rflags). It aligns RSP to 16
+//! for the call (whatever the entry alignment), clears DF and calls
+//! `trap(&mut Int3Frame) -> bool`.
 //!
 //! | address | word |
 //! |---|---|
-//! | `rbp + 40` | SS |
-//! | `rbp + 32` | RSP (interrupted) |
-//! | `rbp + 24` | RFLAGS |
-//! | `rbp + 16` | CS |
-//! | `rbp + 8` | RIP (after the `int3`) |
+//! | `rbp + 48 ..= rbp + 80` | the CPU's frame (dead once copied) |
+//! | `rbp + 40` | SS (copy) |
+//! | `rbp + 32` | RSP (interrupted, copy) |
+//! | `rbp + 24` | RFLAGS (copy) |
+//! | `rbp + 16` | CS (copy) |
+//! | `rbp + 8` | RIP (after the `int3`, copy) |
 //! | `rbp` | saved RBP |
 //! | `rbp - 8`, `- 16` | r11, r10 |
-//! | `rbp - 88 ..= rbp - 24` | the `Int3Frame`: rip, rsp, rax, rdi, rsi, rdx, rcx, r8, r9 |
+//! | `rbp - 96 ..= rbp - 24` | the `Int3Frame`: rip, rsp, rax, rdi, rsi, rdx, rcx, r8, r9, rflags |
 //!
-//! After the call every frame field is written back: RIP and RSP into the CPU's frame
-//! (`iretq` loads them), the other seven into their registers. The emulation only ever
-//! *raises* RSP (a `ret` pops the interrupted stack's top, which lies above the CPU's
-//! frame), so the CPU's frame stays where it is and `iretq` lands on the emulated RSP;
-//! an emulation that pushed (lowered RSP) would write into this very frame and is not
-//! one the loader does.
+//! After the call the frame fields are written back: RIP and RSP into the copied frame
+//! (`iretq` loads them), rax and the six argument registers into their registers
+//! (`rflags` is not written back). The emulation may raise RSP (a `ret` pops the
+//! interrupted stack's top, which lies above every frame of the stub) or lower it by
+//! one word (a `call`'s push, which lands at most 8 bytes below the CPU's aligned
+//! frame top, inside the dead original); either way `iretq` lands on the emulated RSP.
 //!
 //! If `trap` returns `false` (no one handled the `int3`), the stub restores every
 //! register (with whatever a declining hook or fallback left in the frame's fields) and
 //! executes `ud2`: the kernel's #UD handler reports it
-//! with the #BP's frame (RIP = the `int3` + 1) on top of its interrupted stack.
+//! with the #BP's frame (RIP = the `int3` + 1, the copy) on top of its interrupted stack.
 
 /// Defines `pub extern "C" fn int3_entry()`: the #BP entry stub described in this
 /// module, calling `$trap: extern "C" fn(&mut Int3Frame) -> bool`. A macro, so the
@@ -54,7 +59,7 @@ macro_rules! int3_entry {
         /// it restores the registers and executes `ud2` (a #UD in this stub, with the
         /// #BP's frame on top of the stack).
         ///
-        /// What the kernel must provide: a stack with room for the stub's 12 words and
+        /// What the kernel must provide: a stack with room for the stub's 18 words and
         /// the Rust code it calls (a gate with IST 0: the stub is re-entered when a
         /// handler reaches a site mid-patch or an enabled C tail site, and a nested #BP
         /// on an IST stack would overwrite the outer frame); code built
@@ -69,10 +74,17 @@ macro_rules! int3_entry {
         #[unsafe(naked)]
         pub unsafe extern "C" fn int3_entry() {
             core::arch::naked_asm!(
+                // The gap: the CPU's five words, 40 bytes lower.
+                "push qword ptr [rsp + 32]",
+                "push qword ptr [rsp + 32]",
+                "push qword ptr [rsp + 32]",
+                "push qword ptr [rsp + 32]",
+                "push qword ptr [rsp + 32]",
                 "push rbp",
                 "mov rbp, rsp",
                 "push r11",
                 "push r10",
+                "push qword ptr [rbp + 24]",
                 "push r9",
                 "push r8",
                 "push rcx",
@@ -86,7 +98,7 @@ macro_rules! int3_entry {
                 "and rsp, -16",
                 "cld",
                 "call {trap}",
-                "lea rsp, [rbp - 88]",
+                "lea rsp, [rbp - 96]",
                 // `test` sets ZF for the end; nothing below changes the flags.
                 "test al, al",
                 "pop rax",
@@ -100,6 +112,8 @@ macro_rules! int3_entry {
                 "pop rcx",
                 "pop r8",
                 "pop r9",
+                // Past RFLAGS (`lea` keeps ZF).
+                "lea rsp, [rsp + 8]",
                 "pop r10",
                 "pop r11",
                 "pop rbp",
