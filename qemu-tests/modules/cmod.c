@@ -71,14 +71,28 @@ int cmod_event_enabled(void)
 }
 
 #if defined(__x86_64__)
+unsigned long retarget_tag(unsigned long x);
+KSITES_IFUNC_IMPORT(retarget_tag);
+
+/* retarget_tag(x) through a call site (the result is used after it). */
+unsigned long cmod_tag_call(unsigned long x)
+{
+    return retarget_tag(x) ^ state ^ state;
+}
+
+/* retarget_tag(x) as a tail call. */
+unsigned long cmod_tag_tail(unsigned long x)
+{
+    return retarget_tag(x);
+}
+#endif
+
+#if defined(__x86_64__) && __has_include("ksites_key.h")
 #include "ksites_key.h"
 
 /* The kernel's key KEY_MOD, exported as ksites_test_key. */
 extern struct ksites_static_key ksites_test_key;
 KSITES_STATIC_KEY_FALSE(cmod_key);
-
-unsigned long retarget_tag(unsigned long x);
-KSITES_IFUNC_IMPORT(retarget_tag);
 
 /* 1 while the kernel's key is enabled (an unlikely site), else 0. */
 unsigned long cmod_kkey_unlikely(void)
@@ -104,15 +118,4 @@ unsigned long cmod_own_key(void)
     return (unsigned long)&cmod_key;
 }
 
-/* retarget_tag(x) through a call site (the result is used after it). */
-unsigned long cmod_tag_call(unsigned long x)
-{
-    return retarget_tag(x) ^ state ^ state;
-}
-
-/* retarget_tag(x) as a tail call. */
-unsigned long cmod_tag_tail(unsigned long x)
-{
-    return retarget_tag(x);
-}
 #endif
