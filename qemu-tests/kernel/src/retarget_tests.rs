@@ -130,12 +130,14 @@ fn unhandled() -> u64 {
 }
 
 /// Called by the #BP hook (`probe_tests::bp_hook`) when `probe::handle_int3` declined
-/// a trap outside any probe site: if it is a kernel ifunc `call`/`jmp` site whose
-/// memory no longer holds the `int3`, the CPU ran a stale QEMU translation of a
-/// retarget batch's `int3` after the batch ended (see `probe_tests::bp_hook`), which the
-/// loader must emulate like a probe site's. This counts it (the retarget tests fail on
-/// any) and emulates the branch the site holds now, so the kernel carries on and the
-/// other tests still run; anything else stays unhandled (`ud2`).
+/// a trap outside any probe site. If it is at a kernel ifunc `call`/`jmp` site, the CPU
+/// ran a stale QEMU translation of a retarget batch's `int3` (see
+/// `probe_tests::bp_hook`) and reached the loader between two batches, when no retarget
+/// was in flight: the loader must emulate that like a probe site's trap (the site's
+/// current state is right in every case). This counts it (the retarget tests fail on
+/// any) and carries on so the other tests still run: if the site holds `int3` again (the
+/// next batch started meanwhile) it asks the loader once more, else it emulates the
+/// branch the site holds. Anything else stays unhandled (`ud2`).
 pub(crate) fn emulate_unhandled_ifunc_trap(f: &mut Int3Frame) -> bool {
     let site_addr = f.rip.wrapping_sub(1);
     let Some(s) = pt::table().and_then(|t| t.site_containing(site_addr)) else {
@@ -144,12 +146,17 @@ pub(crate) fn emulate_unhandled_ifunc_trap(f: &mut Int3Frame) -> bool {
     if s.addr != site_addr {
         return false;
     }
+    UNHANDLED[smp::cpu_index()].fetch_add(1, Ordering::Relaxed);
     let b: [u8; 8] = read_bytes(s.addr);
     let p = s.prefixes as usize;
     let at = s.len() - 4;
     let rel = i32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     let target = s.end().wrapping_add_signed(i64::from(rel));
     match (s.kind, b[p]) {
+        (_, 0xcc) if p == 0 => {
+            // SAFETY: `f` is this CPU's interrupted context (the caller's).
+            return unsafe { kernel_loader::probe::handle_int3(f) };
+        }
         (SiteKind::Call, 0xe8) => {
             f.rsp -= 8;
             // SAFETY: the interrupted stack, one word below its top: the #BP entry
@@ -160,7 +167,6 @@ pub(crate) fn emulate_unhandled_ifunc_trap(f: &mut Int3Frame) -> bool {
         _ => return false,
     }
     f.rip = target;
-    UNHANDLED[smp::cpu_index()].fetch_add(1, Ordering::Relaxed);
     true
 }
 
