@@ -2,7 +2,7 @@
 //!
 //! The C API to `kernel-loader`, declared in `kernel-loader/c/ksites.h`: boot-time init
 //! (table, ifunc patching, probe registration), probe lookup/enable/disable/hits, the
-//! #BP hook, and module load/unload ([`module`]). Every `int` function returns 0 or a
+//! #BP hook, static keys ([`key`]), and module load/unload ([`module`]). Every `int` function returns 0 or a
 //! negative `KSITES_E*` code ([`ksites_strerror`] names it); nothing panics on input.
 //!
 //! Build the C static library with
@@ -19,9 +19,11 @@ use core::ffi::{CStr, c_char, c_int, c_void};
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+pub mod key;
 pub mod module;
 
 use kernel_loader::cell::CellError;
+use kernel_loader::key::KeyError;
 use kernel_loader::patch::PatchError;
 use kernel_loader::patch::PokeFailure;
 use kernel_loader::probe::{self, MAX_PROBES, ProbeError, ProbeId};
@@ -200,6 +202,13 @@ pub(crate) fn code(e: Error) -> c_int {
             ProbeError::NotRegistered | ProbeError::AlreadyRegistered => KSITES_EREGISTERED,
             ProbeError::Poke(_) => KSITES_EPOKE,
             ProbeError::RollbackIncomplete { .. } => KSITES_EROLLBACK,
+            _ => KSITES_EPROBE,
+        },
+        Error::Key(k) => match k {
+            KeyError::NotRegistered => KSITES_EREGISTERED,
+            KeyError::NoTrapRoute => KSITES_ENOTRAP,
+            KeyError::Poke(_) => KSITES_EPOKE,
+            KeyError::RollbackIncomplete { .. } => KSITES_EROLLBACK,
             _ => KSITES_EPROBE,
         },
         Error::Module(m) => module::module_code(m),

@@ -1,6 +1,7 @@
 /*
  * ksites.h: everything a C kernel (or C program) needs from ksites. Includes
- * ksites_sdt.h (KSITES_PROBE*) and ksites_module.h (KSITES_IFUNC_IMPORT).
+ * ksites_sdt.h (KSITES_PROBE*), ksites_key.h (KSITES_STATIC_KEY_*, KSITES_STATIC_BRANCH*)
+ * and ksites_module.h (KSITES_IFUNC_IMPORT).
  *
  *   KSITES_TABLE_CELL();
  *       at file scope, once per image: defines `__ksites_table_cell`, the 24-byte cell
@@ -26,6 +27,7 @@
 #include <stdint.h>
 
 #include "ksites_arch.h"
+#include "ksites_key.h"
 #include "ksites_module.h"
 #include "ksites_sdt.h"
 
@@ -201,6 +203,19 @@ int ksites_probe_disable(uint32_t id, const struct ksites_poker *poker);
 
 /* How many times probe `id` fired while enabled (0 for an unknown id). */
 uint64_t ksites_probe_hits(uint32_t id);
+
+/* Static keys (ksites_key.h; `key` defined with KSITES_STATIC_KEY_FALSE/TRUE): enable
+ * and disable are idempotent, inc and dec count (patching on 0 <-> 1; dec at 0 is
+ * KSITES_EPROBE); each change is one live batch over the key's sites in the kernel and
+ * every loaded module (needs the image registered by ksites_init, and on x86-64 the #BP
+ * route declared). On an error the key's count and every site are unchanged. */
+int ksites_static_key_enable(struct ksites_static_key *key, const struct ksites_poker *poker);
+int ksites_static_key_disable(struct ksites_static_key *key, const struct ksites_poker *poker);
+int ksites_static_key_inc(struct ksites_static_key *key, const struct ksites_poker *poker);
+int ksites_static_key_dec(struct ksites_static_key *key, const struct ksites_poker *poker);
+
+/* The key's enable count (enabled iff > 0; 0 for NULL). */
+uint32_t ksites_static_key_count(const struct ksites_static_key *key);
 
 /* The #BP hook, for a kernel's own #BP handler: 1 if the int3 was a probe site's (write
  * rip, rsp and rax back), 0 if not. It runs the probe's handler and saves no vector

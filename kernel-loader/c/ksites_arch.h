@@ -4,6 +4,12 @@
  * (e.g. `%progbits` on 32-bit ARM, where `@` starts a comment).
  *
  *   KSITES_PROGBITS   the `progbits` section type, as the assembler spells it
+ *   KSITES_PROGBITS_X the same inside an extended asm template (a `%` doubled)
+ *   KSITES_KEY_SITE   a static-key site (ksites_key.h): the probe site NOP, labelled `1:`
+ *                     (x86_64 `0f 1f 44 00 00`; aarch64 `nop`; riscv64 a 4-aligned
+ *                     4-byte `nop`), as an asm string
+ *   KSITES_KEY_ADDR   how an asm template prints operand 0, a key's address
+ *                     constant (`%c0`: without the immediate prefix)
  *
  * aarch64 (kernel-loader's arch::aarch64): `ksites embed` rewrites `bl __dtrace_probe_*`
  * into `nop`, a tail `b __dtrace_probe_*` into `b ksites_probe_ret0`, and
@@ -40,8 +46,14 @@
 
 #if defined(__x86_64__)
 #define KSITES_PROGBITS "@progbits"
+#define KSITES_PROGBITS_X "@progbits"
+#define KSITES_KEY_SITE "1: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00"
+#define KSITES_KEY_ADDR "%c0"
 #elif defined(__aarch64__)
 #define KSITES_PROGBITS "%progbits"
+#define KSITES_PROGBITS_X "%%progbits"
+#define KSITES_KEY_SITE "1: nop"
+#define KSITES_KEY_ADDR "%c0"
 /* The `brk` comment of an enabled C tail probe site ("KS"). */
 #define KSITES_PROBE_BRK_IMM 0x4b53
 /* kernel-loader's aarch64 Int3Frame (the BRK frame): pc = ELR_EL1 (the brk itself),
@@ -58,6 +70,9 @@ struct ksites_brk_frame {
  * (arch::riscv64::probe::c_site_disabled). Compile C code with probes with -mno-relax
  * (or link with --no-relax): a relaxed jal at 2 mod 4 cannot hold an aligned site. */
 #define KSITES_PROGBITS "@progbits"
+#define KSITES_PROGBITS_X "@progbits"
+#define KSITES_KEY_SITE ".option push\n.p2align 2\n.option norvc\n1: nop\n.option pop"
+#define KSITES_KEY_ADDR "%0"
 /* A probe site's trap instruction: the 4-byte `ebreak`. */
 #define KSITES_PROBE_EBREAK 0x00100073u
 /* kernel-loader's riscv64 Int3Frame (the ebreak frame): pc = sepc (the ebreak itself),

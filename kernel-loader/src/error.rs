@@ -1,5 +1,5 @@
 //! [`Error`]: one error type that every public error of the crate converts into, so a
-//! kernel can chain `?` across table lookup, patching, probes and modules.
+//! kernel can chain `?` across table lookup, patching, probes, static keys and modules.
 
 use core::fmt;
 
@@ -23,6 +23,8 @@ pub enum Error {
     Poke(PokeError),
     /// A probe operation failed.
     Probe(ProbeError),
+    /// A static-key operation failed.
+    Key(crate::key::KeyError),
     /// Loading, checking or unloading a module failed.
     #[cfg(feature = "module")]
     Module(crate::module::ModuleError),
@@ -36,6 +38,7 @@ impl fmt::Display for Error {
             Error::Patch(e) => fmt::Display::fmt(e, f),
             Error::Poke(e) => fmt::Display::fmt(e, f),
             Error::Probe(e) => fmt::Display::fmt(e, f),
+            Error::Key(e) => fmt::Display::fmt(e, f),
             #[cfg(feature = "module")]
             Error::Module(e) => fmt::Display::fmt(e, f),
         }
@@ -72,6 +75,12 @@ impl From<PokeError> for Error {
 impl From<ProbeError> for Error {
     fn from(e: ProbeError) -> Error {
         Error::Probe(e)
+    }
+}
+
+impl From<crate::key::KeyError> for Error {
+    fn from(e: crate::key::KeyError) -> Error {
+        Error::Key(e)
     }
 }
 

@@ -676,3 +676,59 @@ macro_rules! single_store {
 
 single_store!(aarch64_single_store_batch, aarch64, AARCH64, 0xd65f_03c0u32); // ret
 single_store!(riscv64_single_store_batch, riscv64, RISCV64, 0x0000_8067u32); // ret
+
+#[test]
+fn errors_say_what_is_wrong_and_chain_into_error() {
+    let k = crate::name::Name::new("m::K");
+    let insn = crate::patch::InsnBytes::new(&[7; 5]);
+    let cases = [
+        (KeyError::NotRegistered, "probe::register_image"),
+        (KeyError::NoTrapRoute, "declare_int3_route"),
+        (
+            KeyError::Underflow { key: k },
+            "static key m::K: dec with a count of 0",
+        ),
+        (
+            KeyError::Overflow { key: k },
+            "static key m::K: inc past a count of 4294967295",
+        ),
+        (
+            KeyError::NotAKey { addr: 0x40 },
+            "names 0x40 as a static key",
+        ),
+        (
+            KeyError::UnexpectedBytes {
+                site: 0x1000,
+                key: k,
+                expected: insn,
+                found: insn,
+            },
+            "static key m::K site 0x1000: expected bytes [",
+        ),
+        (
+            KeyError::OutOfReach {
+                site: 0x1000,
+                target: 0x9000,
+            },
+            "site 0x1000 cannot reach its label 0x9000",
+        ),
+        (
+            KeyError::Poke(PokeError::new(0x1000, PokeFailure::Injected)),
+            "(key batch rolled back)",
+        ),
+        (
+            KeyError::RollbackIncomplete {
+                site: 0x1000,
+                key: k,
+            },
+            "static key m::K: a write failed and site 0x1000 could not be restored",
+        ),
+    ];
+    for (e, want) in cases {
+        let msg = std::format!("{e}");
+        assert!(msg.contains(want), "{msg:?} lacks {want:?}");
+        let chained = || -> Result<(), crate::Error> { Err(e)? };
+        assert_eq!(std::format!("{}", chained().unwrap_err()), msg);
+        assert_eq!(std::format!("{}", ProbeError::Key(e)), msg);
+    }
+}

@@ -19,6 +19,8 @@ use crate::patch::TextPoker;
 /// Registers the kernel image's table: checks every probe site holds its disabled form,
 /// and every static-key site the form of its key's default (as the build tool wrote it;
 /// keys cannot change before this: `crate::key` refuses with `NotRegistered`).
+/// It reads each key object the table names (its magic): pass the running image's own
+/// table (from [`crate::cell::image_table`]).
 /// Call once at boot (after [`crate::patch::init`] or before: they touch different
 /// sites). The kernel's probes get the first free run of ids (`0..n` when it registers
 /// before any module, as at boot). Returns `n`.
@@ -145,6 +147,10 @@ unsafe fn register_module_keyed<P: TextPoker + ?Sized>(
         KeyMode::Set(p) => p,
     };
     check_disabled(&table, poker)?;
+    let n = table.probe_count();
+    let slot = state::free_module_slot(&lock).ok_or(ProbeError::TooManyImages)?;
+    let base = state::free_ids(n, &lock).ok_or(ProbeError::TooManyProbes(n))?;
+    // Last, as it may write (nothing fails after it but the keys' own errors).
     let keyed = match keys {
         // SAFETY: the caller's: the table's key addresses are key objects.
         KeyMode::Check(p) => unsafe { crate::key::registry::check_sites(&table, p) },
@@ -152,9 +158,6 @@ unsafe fn register_module_keyed<P: TextPoker + ?Sized>(
         KeyMode::Set(p) => unsafe { crate::key::registry::set_sites(&table, p, &lock) }.map(|_| ()),
     };
     keyed.map_err(ProbeError::Key)?;
-    let n = table.probe_count();
-    let slot = state::free_module_slot(&lock).ok_or(ProbeError::TooManyImages)?;
-    let base = state::free_ids(n, &lock).ok_or(ProbeError::TooManyProbes(n))?;
     state::publish(slot, table, base, range, &mut lock);
     Ok(ImageHandle {
         slot,

@@ -6,6 +6,7 @@
 //! * [`probe`]: the disabled and enabled instruction of every probe form, the
 //!   single-store live-patch protocol, BRK-frame emulation and the dispatcher entry
 //!   stubs.
+//! * [`key`]: static-key sites (`nop` ↔ `b`, the single-store protocol).
 //! * [`cpu`]: ID_AA64ISAR0/ISAR1/PFR0_EL1 and the feature set resolvers receive;
 //!   CPACR_EL1 for the FP/SIMD/SVE state.
 //! * [`local`]: CPU-local counters.

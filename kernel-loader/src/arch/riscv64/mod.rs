@@ -7,6 +7,7 @@
 //! * [`probe`]: the disabled and enabled instruction of every probe form, how `ksites
 //!   embed` rewrites a C probe call, the single-store live-patch protocol, `ebreak`
 //!   emulation and the dispatcher entry stubs.
+//! * [`key`]: static-key sites (`nop` ↔ `jal x0`, the single-store protocol).
 //! * [`cpu`]: the ISA extensions resolvers receive, from the device tree
 //!   (`riscv,isa-extensions` / `riscv,isa`); `sstatus.FS`/`.VS` for FP and vectors.
 //! * [`dtb`]: a validating flattened-device-tree reader (the cpu nodes' properties).

@@ -4,6 +4,7 @@
 //! * [`branch`]: call/jmp/jcc site encodings, prefixes, rel32 reach, the trampoline.
 //! * [`probe`]: the disabled and enabled bytes of every probe form, the int3 protocol,
 //!   trap-frame emulation and the dispatcher entry stubs.
+//! * [`key`]: static-key sites (NOP5 ↔ `jmp rel32`, the probe sites' int3 protocol).
 //! * [`reloc`]: the ELF machine and the relocation types a module may use.
 //! * [`emulate`]: the #BP emulation of a `call`/`jmp`/`jcc` site trapped while a live
 //!   ifunc retarget rewrites it (`jcc` conditions from RFLAGS).
