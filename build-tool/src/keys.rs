@@ -19,17 +19,14 @@ use crate::record_section::{self, RecordKind, Relative, u32_at, u64_at};
 use crate::table::{KeyEntry, KeySiteEntry};
 use crate::target::{KeyForm, ProbeBytes, Target};
 
-/// The key site record section.
-pub const SITE_RECORD_SECTION: &str = ".ksites_key_sites";
-/// A key site record's first `u32`.
-pub const SITE_RECORD_MAGIC: u32 = u32::from_le_bytes(*b"KSKS");
-/// Size of a key site record: magic, flags, then the site, label and key pointers.
-pub const SITE_RECORD_SIZE: usize = 32;
-/// Record flag: a `static_branch_likely!` site.
-pub const SITE_LIKELY: u32 = 1;
-/// Offsets of a key site record's fields.
+pub use kernel_loader::key::{
+    KEY_MAGIC, KEY_SIZE, SITE_RECORD_LIKELY, SITE_RECORD_MAGIC, SITE_RECORD_SECTION,
+    SITE_RECORD_SIZE, layout as key_object,
+};
+
+/// Offsets of a key site record's fields (`kernel_loader::key`'s macros write them).
 pub mod site_record {
-    /// `u32` flags ([`super::SITE_LIKELY`]).
+    /// `u32` flags ([`super::SITE_RECORD_LIKELY`]).
     pub const FLAGS: usize = 4;
     /// `u64` address of the site instruction.
     pub const SITE: usize = 8;
@@ -37,19 +34,6 @@ pub mod site_record {
     pub const TARGET: usize = 16;
     /// `u64` address of the `StaticKey`.
     pub const KEY: usize = 24;
-}
-/// A `StaticKey` object's first `u32`.
-pub const KEY_MAGIC: u32 = u32::from_le_bytes(*b"KSKY");
-/// Size of a `StaticKey` object.
-pub const KEY_SIZE: usize = 32;
-/// Offsets of a `StaticKey`'s fields.
-pub mod key_object {
-    /// `u32` default state, 0 or 1.
-    pub const DEFAULT: usize = 4;
-    /// `u64` address of the name's bytes.
-    pub const NAME: usize = 8;
-    /// `u64` length of the name.
-    pub const NAME_LEN: usize = 16;
 }
 
 /// Key site records.
@@ -105,11 +89,11 @@ pub(crate) struct RawSite {
 pub(crate) fn record_likely(path: &str, off: usize, r: &[u8]) -> Result<bool> {
     let flags = u32_at(r, site_record::FLAGS);
     ensure!(
-        flags & !SITE_LIKELY == 0,
+        flags & !SITE_RECORD_LIKELY == 0,
         "{path}: {SITE_RECORD_SECTION}+{off:#x}: key site record flags {flags:#x} (only bit 0, \
          likely, is defined; rebuild with the matching kernel-loader)"
     );
-    Ok(flags & SITE_LIKELY != 0)
+    Ok(flags & SITE_RECORD_LIKELY != 0)
 }
 
 /// The default state of the key object `b` (its [`KEY_SIZE`] bytes), checking its

@@ -355,6 +355,19 @@ fn bad_sites_and_keys_are_refused() {
     );
 }
 
+/// An image with static keys needs the table cell, as one with ifuncs or probes does.
+#[test]
+fn image_without_a_cell_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = fixture(&X86_64, false);
+    let src = &good[..good.find("    .section .data.cell").unwrap()];
+    let input = link(dir.path(), "no-cell", &X86_64, src, &["-static", "-no-pie"]);
+    refused(
+        &input,
+        &["has ifuncs, probes or static keys but no `__ksites_table_cell` symbol"],
+    );
+}
+
 /// riscv64: a key site must be 4-aligned, like a probe site.
 #[test]
 fn riscv64_misaligned_site_is_refused() {

@@ -178,7 +178,7 @@ pub(super) fn embed_exec<'a>(
 
     let cell = img.symbol(CELL_SYMBOL).with_context(|| {
         format!(
-            "{path}: the image has ifuncs or probes but no `{CELL_SYMBOL}` symbol; \
+            "{path}: the image has ifuncs, probes or static keys but no `{CELL_SYMBOL}` symbol; \
              link kernel-loader and call `kernel_loader::cell::image_table` so the kernel can find its table"
         )
     })?;
