@@ -22,6 +22,8 @@
 
 mod error;
 mod retarget;
+#[cfg(all(test, feature = "std", target_os = "linux", target_arch = "x86_64"))]
+mod retarget_live_tests;
 #[cfg(test)]
 mod retarget_tests;
 

@@ -19,7 +19,7 @@ use crate::patch::{PokeError, PokeFailure, TextPoker};
 /// registry lock makes it in a kernel).
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn serial() -> std::sync::MutexGuard<'static, ()> {
     let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // A test that failed mid-batch may have left it published.
     reset_in_flight_for_tests();
@@ -27,16 +27,16 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// A descriptor: `slot` 0 makes it an import (only the trampoline set).
-struct Desc {
-    trampoline: u64,
-    slot: u64,
-    resolver: u64,
-    default: u64,
-    name: &'static str,
+pub(super) struct Desc {
+    pub(super) trampoline: u64,
+    pub(super) slot: u64,
+    pub(super) resolver: u64,
+    pub(super) default: u64,
+    pub(super) name: &'static str,
 }
 
 /// A site: address, kind, prefix count, ifunc index.
-type SiteSpec = (u64, SiteKind, u8, u32);
+pub(super) type SiteSpec = (u64, SiteKind, u8, u32);
 
 /// A v1 table (64-byte header) at `base` for `arch`.
 fn table_bytes(arch: u16, base: u64, descs: &[Desc], sites: &[SiteSpec]) -> Vec<u8> {
@@ -134,7 +134,7 @@ fn table_len(descs: &[Desc], sites: &[SiteSpec]) -> usize {
 }
 
 /// A leaked, parsed table.
-fn parse(
+pub(super) fn parse(
     arch: u16,
     descs: &[Desc],
     sites: &[SiteSpec],
@@ -154,7 +154,7 @@ fn leak_slot(v: u64) -> u64 {
     b.as_ptr() as u64
 }
 
-fn slot(addr: u64) -> u64 {
+pub(super) fn slot(addr: u64) -> u64 {
     // SAFETY: a leaked slot.
     unsafe { core::ptr::read_volatile(addr as *const u64) }
 }
@@ -217,7 +217,7 @@ struct World {
 
 const PREFIXES: [&[u8]; 3] = [&[], &[0x2e], &[0x3e, 0x2e]];
 
-extern "C" fn resolver_t(features: u64) -> usize {
+pub(super) extern "C" fn resolver_t(features: u64) -> usize {
     let (a, b) = *PICK.lock().unwrap_or_else(|e| e.into_inner());
     if features & 1 != 0 {
         b as usize
@@ -392,7 +392,7 @@ impl World {
     }
 }
 
-fn no_drain() {}
+pub(super) fn no_drain() {}
 
 /// Retargets `T` of `w` to `to` with poker `p`.
 fn retarget(w: &World, to: u64, p: &mut Mem) -> Result<super::RetargetReport, RetargetError> {

@@ -274,3 +274,120 @@ pub(crate) mod testing {
         f
     }
 }
+
+/// Real code for a host test that runs ifunc sites while a retarget has them trapped
+/// (`crate::ifunc`'s tests): two implementations, a trampoline through a slot, and
+/// three functions holding a site each (a `call`, a prefixed `jmp` tail call, a
+/// doubly prefixed `jb`).
+#[cfg(all(test, feature = "std", target_os = "linux", target_arch = "x86_64"))]
+pub(crate) mod live_code {
+    core::arch::global_asm!(
+        ".pushsection .text.ksites_rt_live,\"ax\",@progbits",
+        ".p2align 4",
+        "ksites_rt_code_start:",
+        "ksites_rt_a:",
+        "mov eax, 1",
+        "ret",
+        ".p2align 4",
+        "ksites_rt_b:",
+        "mov eax, 2",
+        "ret",
+        ".p2align 4",
+        "ksites_rt_tramp:",
+        "jmp qword ptr [rip + ksites_rt_slot]",
+        "int3",
+        "int3",
+        ".p2align 4",
+        // `fn() -> u32`: calls the ifunc.
+        "ksites_rt_call_fn:",
+        "push rbx",
+        "ksites_rt_call_site:",
+        ".byte 0xe8",
+        ".long ksites_rt_tramp - (. + 4)",
+        "pop rbx",
+        "ret",
+        ".p2align 4",
+        // `fn() -> u32`: tail-calls it (`cs jmp`).
+        "ksites_rt_jmp_fn:",
+        "ksites_rt_jmp_site:",
+        ".byte 0x2e, 0xe9",
+        ".long ksites_rt_tramp - (. + 4)",
+        ".p2align 4",
+        // `fn(a: u64, b: u64) -> u32`: tail-calls it if `a < b` (`ds cs jb`), else 7.
+        "ksites_rt_jcc_fn:",
+        "cmp rdi, rsi",
+        "ksites_rt_jcc_site:",
+        ".byte 0x3e, 0x2e, 0x0f, 0x82",
+        ".long ksites_rt_tramp - (. + 4)",
+        "mov eax, 7",
+        "ret",
+        "ksites_rt_code_end:",
+        ".popsection",
+        ".pushsection .data.ksites_rt_live,\"aw\",@progbits",
+        ".p2align 3",
+        "ksites_rt_slot:",
+        ".quad ksites_rt_a",
+        ".popsection",
+        ".globl ksites_rt_code_start, ksites_rt_code_end, ksites_rt_a, ksites_rt_b",
+        ".globl ksites_rt_tramp, ksites_rt_slot, ksites_rt_call_fn, ksites_rt_call_site",
+        ".globl ksites_rt_jmp_fn, ksites_rt_jmp_site, ksites_rt_jcc_fn, ksites_rt_jcc_site",
+    );
+
+    unsafe extern "C" {
+        fn ksites_rt_code_start();
+        fn ksites_rt_code_end();
+        fn ksites_rt_a();
+        fn ksites_rt_b();
+        fn ksites_rt_tramp();
+        static ksites_rt_slot: u64;
+        fn ksites_rt_call_fn() -> u32;
+        fn ksites_rt_call_site();
+        fn ksites_rt_jmp_fn() -> u32;
+        fn ksites_rt_jmp_site();
+        fn ksites_rt_jcc_fn(a: u64, b: u64) -> u32;
+        fn ksites_rt_jcc_site();
+    }
+
+    /// The code's addresses, and callers of its three functions.
+    pub(crate) struct LiveCode {
+        pub(crate) code: core::ops::Range<u64>,
+        /// The implementations: return 1 and 2.
+        pub(crate) a: u64,
+        pub(crate) b: u64,
+        pub(crate) trampoline: u64,
+        pub(crate) slot: u64,
+        /// (address, prefix count) of the `call`, `jmp` and `jcc` sites.
+        pub(crate) call_site: (u64, u8),
+        pub(crate) jmp_site: (u64, u8),
+        pub(crate) jcc_site: (u64, u8),
+    }
+
+    pub(crate) fn code() -> LiveCode {
+        let a = |f: unsafe extern "C" fn()| f as *const () as u64;
+        LiveCode {
+            code: a(ksites_rt_code_start)..a(ksites_rt_code_end),
+            a: a(ksites_rt_a),
+            b: a(ksites_rt_b),
+            trampoline: a(ksites_rt_tramp),
+            slot: (&raw const ksites_rt_slot) as u64,
+            call_site: (a(ksites_rt_call_site), 0),
+            jmp_site: (a(ksites_rt_jmp_site), 1),
+            jcc_site: (a(ksites_rt_jcc_site), 2),
+        }
+    }
+
+    /// Runs the three functions: the `call`'s result, the `jmp`'s, and the `jcc`'s with
+    /// `a < b` and with `a > b`.
+    pub(crate) fn run() -> [u32; 4] {
+        // SAFETY: the functions above, with the signatures they are declared with; the
+        // sites they hold branch to an implementation (or are emulated into one).
+        unsafe {
+            [
+                ksites_rt_call_fn(),
+                ksites_rt_jmp_fn(),
+                ksites_rt_jcc_fn(1, 2),
+                ksites_rt_jcc_fn(2, 1),
+            ]
+        }
+    }
+}
