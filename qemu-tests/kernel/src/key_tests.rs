@@ -239,7 +239,7 @@ fn enable_disable(t: &Table<'_>) -> Result<(), Msg> {
     let [off, on, ..] = &KEYS;
     let others = others_digest(t, addr_of(off.key))?;
     let mut p = AliasPoker::default();
-    // SAFETY (every key change in these tests): the poker writes through the alias and
+    // SAFETY: (every key change in these tests) the poker writes through the alias and
     // serializes every online CPU; the #BP hook passes traps to `probe::handle_int3`;
     // only CPU 0 changes keys.
     unsafe { off.key.enable(&mut p) }.map_err(|e| msg!("enable: {e}"))?;
