@@ -18,10 +18,10 @@
 //! [`retarget_raw`] (and the signature-checked `name::retarget` each ifunc gets, or
 //! [`retarget!`](crate::retarget!)) rewrites an ifunc's sites and slot live, in one
 //! batch; [`reresolve_all`] reruns every resolver and retargets what changed (see
-//! `retarget`'s docs for the protocol).
+//! [`retarget`]'s docs for the protocol).
 
 mod error;
-mod retarget;
+pub mod retarget;
 #[cfg(all(test, feature = "std", target_os = "linux", target_arch = "x86_64"))]
 mod retarget_live_tests;
 #[cfg(test)]
@@ -32,7 +32,7 @@ pub(crate) use retarget::emulate_retarget_trap;
 pub(crate) use retarget::refresh_imports;
 pub use retarget::{
     MAX_PREFIXED_SITES, ReresolveError, ReresolveReport, RetargetError, RetargetReport,
-    reresolve_all, retarget_int3_emulations, retarget_raw,
+    reresolve_all, retarget_int3_emulations, retarget_raw, retarget_stale_traps,
 };
 
 /// Section holding ifunc descriptor records.

@@ -10,7 +10,8 @@
 //! * [`cpu`]: [`CpuFeatures`], the compiled-for architecture's feature set (on x86-64:
 //!   from CPUID leaves 1, 7 and 0xD and XGETBV; on aarch64 from the ID registers; on
 //!   riscv64 from the device tree's ISA extensions).
-//! * [`ifunc!`]: declares an ifunc (trampoline, slot, descriptor record).
+//! * [`ifunc!`]: declares an ifunc (trampoline, slot, descriptor record); [`retarget!`],
+//!   [`ifunc::retarget_raw`] and [`ifunc::reresolve_all`] retarget ifuncs live.
 //! * [`patch`]: boot-time patching of ifunc call sites through a kernel-supplied [`TextPoker`].
 //! * [`introspect`]: what each ifunc resolved to, and every ifunc and probe site's state.
 //! * [`cell`]: the table cell through which a linked image finds its own table.

@@ -115,7 +115,8 @@ impl fmt::Display for RetargetError {
         match self {
             RetargetError::NoSuchIfunc { trampoline } => write!(
                 f,
-                "no registered image defines an ifunc with trampoline {trampoline:#x}"
+                "no registered image defines an ifunc with trampoline {trampoline:#x} \
+                 (a kernel registers its table with probe::register_image)"
             ),
             RetargetError::BadImplementation { ifunc, addr } => write!(
                 f,

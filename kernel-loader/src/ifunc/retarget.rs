@@ -23,12 +23,16 @@
 //! * x86-64, the int3 protocol, batched: `int3` over every changed site's first byte,
 //!   then the new implementation is published to the #BP hook, `sync_cores`; the new
 //!   rel32 of every site, `sync_cores`; every first byte back, `sync_cores`; a
-//!   read-back of every site; the slot (one aligned 8-byte store); then a wait until no
-//!   CPU is still inside the #BP hook. A CPU reaching a site meanwhile traps and is
+//!   read-back of every site; a wait until no CPU is still inside the #BP hook; then
+//!   the slot (one aligned 8-byte store). Three `sync_cores` (IPI rounds) per retarget
+//!   whatever the number of sites. A CPU reaching a site meanwhile traps and is
 //!   emulated (`arch::x86_64::emulate`) into the branch to the ifunc's current target:
 //!   `call` pushes the return address, `jmp` jumps, `jcc` evaluates its condition
-//!   from RFLAGS. The first byte of a prefixed site is a prefix, which the trap hides:
-//!   the batch keeps those bytes in a static buffer ([`MAX_PREFIXED_SITES`] of them per
+//!   from RFLAGS. A CPU that trapped just before a first byte came back and reaches
+//!   the hook after the batch is resumed at the site, to run it again (the hook
+//!   recognises a site of any registered ifunc whose first byte is no longer the
+//!   trap). The first byte of a prefixed site is a prefix, which the trap hides: the
+//!   batch keeps those bytes in a static buffer ([`MAX_PREFIXED_SITES`] of them per
 //!   retarget).
 //! * aarch64: `bl`/`b` may be replaced by one another while other CPUs run them (the
 //!   ARM ARM's concurrent modification rule), so every changed site gets its new
@@ -40,6 +44,15 @@
 //! code is freed or changed but the sites' branches. On any failure every written byte
 //! is put back with the same protocol, the slot is not touched, and the error says
 //! which site.
+//!
+//! # Images
+//!
+//! The images are the probe registry's (`probe::register_image` for the kernel, module
+//! load for modules): a module must be registered to have its imported sites
+//! retargeted. Module load patches a module's imports from the kernel's slot before it
+//! registers the module; it then calls `refresh_imports` under the registry lock,
+//! before publishing it, so a retarget that ran in between cannot leave the module on
+//! the old implementation (a retarget after that sees the module).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -56,21 +69,35 @@ use crate::probe::MAX_IMAGES;
 /// rewrites: their first bytes are kept in a static buffer while the trap hides them.
 pub const MAX_PREFIXED_SITES: usize = 4096;
 
-/// The trampoline of the ifunc whose sites a batch is rewriting (0: none). Set before
-/// the first trap is written, cleared once no CPU can still trap on one (or left set
-/// when a rollback could not remove them all).
-static IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+/// The trampoline of the ifunc whose sites a batch is rewriting; [`NEVER`] until a
+/// batch first writes a trap, [`IDLE`] between batches. Set before the first trap is
+/// written, back to [`IDLE`] once no CPU can still trap on one (or left set when a
+/// rollback could not remove them all).
+static IN_FLIGHT: AtomicU64 = AtomicU64::new(NEVER);
+/// [`IN_FLIGHT`]: no batch ever wrote a trap (the #BP hook returns at once).
+const NEVER: u64 = 0;
+/// [`IN_FLIGHT`]: no batch in flight now (the #BP hook still recognises a stale trap).
+const IDLE: u64 = 1;
 /// Where a CPU trapping on a site of [`IN_FLIGHT`] goes: the old implementation until
 /// every site is trapped, the new one after, the old one again during a rollback.
 static TARGET: AtomicU64 = AtomicU64::new(0);
 /// Times the #BP hook emulated an ifunc site.
 static EMULATIONS: AtomicU64 = AtomicU64::new(0);
+/// Times the #BP hook resumed a CPU at an ifunc site whose trap a batch had already
+/// replaced.
+static STALE_RETRIES: AtomicU64 = AtomicU64::new(0);
 /// The first bytes of the prefixed sites of the batch in flight (in site order).
 static PREFIX0: spin::Mutex<[u8; MAX_PREFIXED_SITES]> = spin::Mutex::new([0; MAX_PREFIXED_SITES]);
 
 /// How many times the #BP hook emulated an ifunc site trapped mid-retarget.
 pub fn retarget_int3_emulations() -> u64 {
     EMULATIONS.load(Ordering::Relaxed)
+}
+
+/// How many times the #BP hook resumed a CPU at an ifunc site whose trap a batch had
+/// already put back (the CPU trapped just before, and reached the hook just after).
+pub fn retarget_stale_traps() -> u64 {
+    STALE_RETRIES.load(Ordering::Relaxed)
 }
 
 /// Rewrites every site of the ifunc whose trampoline is `trampoline`, in every
@@ -215,7 +242,7 @@ pub(super) unsafe fn retarget_in<P: TextPoker + ?Sized>(
     drain: &dyn Fn(),
 ) -> Result<RetargetReport, RetargetError> {
     let stuck = IN_FLIGHT.load(Ordering::Acquire);
-    if stuck != 0 {
+    if stuck > IDLE {
         return Err(RetargetError::Stuck { trampoline: stuck });
     }
     let Some((def, f)) = images.iter().flatten().find_map(|t| {
@@ -515,7 +542,7 @@ impl Batch<'_> {
         // No CPU may still be emulating a site of this batch once the hook is off.
         drain();
         if !matches!(r, Err(RetargetError::RollbackIncomplete { .. })) {
-            IN_FLIGHT.store(0, Ordering::SeqCst);
+            IN_FLIGHT.store(IDLE, Ordering::SeqCst);
         }
         r
     }
@@ -766,7 +793,12 @@ pub(crate) unsafe fn refresh_imports<'a, P: TextPoker + ?Sized>(
 
 /// The #BP hook's part for ifunc sites (`probe::handle_int3` calls it first): if a
 /// retarget is in flight and the trap is on one of its sites, emulates the branch to
-/// the ifunc's current target and returns `true`. One load when none is in flight.
+/// the ifunc's current target and returns `true`; if the trap is at the start of an
+/// ifunc site whose first byte is no longer the trap (a CPU that hit it just before a
+/// batch put the byte back, and reached the hook only after), resumes the CPU at the
+/// site to run it again, and returns `true`. One load when no retarget ever ran; after
+/// that, a trap elsewhere (a probe's) also costs a lookup of its address among the
+/// ifunc sites of the image holding it (a binary search).
 ///
 /// # Safety
 ///
@@ -774,7 +806,7 @@ pub(crate) unsafe fn refresh_imports<'a, P: TextPoker + ?Sized>(
 /// CPU, whose program counter and stack pointer the kernel writes back.
 #[inline(always)]
 pub(crate) unsafe fn emulate_retarget_trap(f: &mut crate::arch::native::probe::Int3Frame) -> bool {
-    if IN_FLIGHT.load(Ordering::Acquire) == 0 {
+    if IN_FLIGHT.load(Ordering::Acquire) == NEVER {
         return false;
     }
     // SAFETY: forwarded.
@@ -810,15 +842,16 @@ unsafe fn emulate_in_flight(_f: &mut crate::arch::native::probe::Int3Frame) -> b
 }
 
 /// The site of `t` starting at `addr`, if it is a site of the ifunc whose trampoline
-/// is `tramp`.
+/// is `tramp` (`None`: of any ifunc).
 #[cfg(any(target_arch = "x86_64", test))]
-pub(super) fn site_of(t: &Table<'_>, addr: u64, tramp: u64) -> Option<BranchSite> {
+pub(super) fn site_of(t: &Table<'_>, addr: u64, tramp: Option<u64>) -> Option<BranchSite> {
     let s = t.site_containing(addr)?;
     let (tr, _) = t.ifunc_trampoline_slot(s.ifunc)?;
-    (s.addr == addr && tr == tramp).then(|| s.branch())
+    (s.addr == addr && tramp.is_none_or(|t| t == tr)).then(|| s.branch())
 }
 
-/// [`emulate_retarget_trap`] with the site found by `find(addr, trampoline)`.
+/// [`emulate_retarget_trap`] with the site found by `find(addr, trampoline)` (`None`:
+/// a site of any ifunc).
 ///
 /// # Safety
 ///
@@ -826,17 +859,35 @@ pub(super) fn site_of(t: &Table<'_>, addr: u64, tramp: u64) -> Option<BranchSite
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn emulate_with(
     f: &mut crate::arch::native::probe::Int3Frame,
-    find: impl FnOnce(u64, u64) -> Option<BranchSite>,
+    find: impl Fn(u64, Option<u64>) -> Option<BranchSite>,
 ) -> bool {
     use crate::arch::SiteKind;
     use x86_64::emulate;
-    let tramp = IN_FLIGHT.load(Ordering::Acquire);
-    if tramp == 0 {
+    let state = IN_FLIGHT.load(Ordering::Acquire);
+    if state == NEVER {
         return false;
     }
     let addr = x86_64::probe::trap_site(f);
-    let Some(site) = find(addr, tramp) else {
-        return false;
+    let found = if state == IDLE {
+        None
+    } else {
+        find(addr, Some(state))
+    };
+    let Some(site) = found else {
+        // A stale trap? Only at the start of an ifunc site (looked up first: a frame
+        // handed to the hook may name any address) whose first byte is not the trap.
+        if find(addr, None).is_none() {
+            return false;
+        }
+        // SAFETY: the first byte of a validated site of a live image.
+        let b0 = unsafe { core::ptr::read_volatile(addr as usize as *const u8) };
+        if b0 == x86_64::INT3 {
+            return false;
+        }
+        // The trap is gone and a complete instruction is back: run it again.
+        STALE_RETRIES.fetch_add(1, Ordering::Relaxed);
+        emulate::resume_at(f, addr);
+        return true;
     };
     let target = TARGET.load(Ordering::SeqCst);
     let cc = if site.kind == SiteKind::Jcc {
@@ -858,5 +909,7 @@ pub(super) unsafe fn emulate_with(
 /// Clears a stuck batch's published state (tests only: a rollback they made fail).
 #[cfg(test)]
 pub(super) fn reset_in_flight_for_tests() {
-    IN_FLIGHT.store(0, Ordering::SeqCst);
+    if IN_FLIGHT.load(Ordering::SeqCst) > IDLE {
+        IN_FLIGHT.store(IDLE, Ordering::SeqCst);
+    }
 }

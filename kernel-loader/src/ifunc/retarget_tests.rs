@@ -598,7 +598,7 @@ fn a_cpu_trapping_mid_batch_is_emulated_into_the_current_implementation() {
     let _g = serial();
     let w = World::new(true);
     let tables = w.images();
-    let find = move |addr: u64, tramp: u64| {
+    let find = move |addr: u64, tramp: Option<u64>| {
         tables
             .iter()
             .flatten()
@@ -648,13 +648,17 @@ fn a_cpu_trapping_mid_batch_is_emulated_into_the_current_implementation() {
                 c2.set(c2.get() + 1);
             }
         }
-        // Not a site of `T` (one of `U`, an address inside a site, the module's
-        // memory), nothing emulated.
-        for not in [u_site, sites[0].0 + 1, m] {
+        // Not a site (an address inside a site, the module's memory): not handled.
+        for not in [sites[0].0 + 1, m] {
             let mut f = trapped_at(not, top, 0);
             // SAFETY: as above; nothing is written when nothing is found.
             assert!(!unsafe { emulate_with(&mut f, find) });
         }
+        // A site of `U`, whose first byte is no trap: a stale trap, run again.
+        let mut f = trapped_at(u_site, top, 0);
+        // SAFETY: as above.
+        assert!(unsafe { emulate_with(&mut f, find) });
+        assert_eq!(resumes(&f), (u_site, top));
     };
     let early = check_all.clone();
     let mut p = Mem {
@@ -674,11 +678,22 @@ fn a_cpu_trapping_mid_batch_is_emulated_into_the_current_implementation() {
     };
     retarget(&w, w.b, &mut p).unwrap();
     assert_eq!(checks.get(), 3 * 6 * w.t_sites.len() as u32);
-    // With no batch in flight, nothing is emulated (the hook's one load).
+    // With no batch in flight, a CPU that trapped on a site just before its first
+    // byte came back runs the site again; a trap elsewhere is not handled.
     let mut stack = [0u64; 4];
-    let mut f = trapped_at(w.t_sites[0].0, stack.as_mut_ptr() as u64 + 32, 0);
+    let top = stack.as_mut_ptr() as u64 + 32;
+    let (s0, s0_kind, s0_pre, _) = w.t_sites[0];
+    let stale = super::retarget_stale_traps();
+    let mut f = trapped_at(s0, top, 0);
     // SAFETY: as above.
-    assert!(!unsafe { emulate_with(&mut f, |_, _| unreachable!("no lookup when idle")) });
+    assert!(unsafe { emulate_with(&mut f, find) });
+    assert_eq!(resumes(&f), (s0, top));
+    assert!(super::retarget_stale_traps() > stale);
+    let mut f = trapped_at(s0 + site_len(s0_kind, s0_pre) + 1, top, 0);
+    // SAFETY: as above.
+    assert!(!unsafe { emulate_with(&mut f, find) });
+    // Through the registry, where these tables are not: not handled.
+    let mut f = trapped_at(s0, top, 0);
     // SAFETY: as above.
     assert!(!unsafe { super::emulate_retarget_trap(&mut f) });
 }

@@ -106,6 +106,13 @@ pub unsafe fn emulate_branch(f: &mut Int3Frame, site: &BranchSite, cc: u8, targe
     }
 }
 
+/// Makes `f` resume at `addr` (a trapped instruction whose trap is gone, to be run
+/// again).
+#[inline]
+pub fn resume_at(f: &mut Int3Frame, addr: u64) {
+    f.rip = addr;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
