@@ -380,3 +380,55 @@ fn rustc_module() {
         ]
     );
 }
+
+/// A module's bad sites and keys are refused as an image's are, naming the site.
+#[test]
+fn bad_module_sites_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = fixture(&X86_64, true);
+    for (name, from, to, needle) in [
+        (
+            "not-nop",
+            "s2: .byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
+            "s2: .byte 0x90, 0x90, 0x90, 0x90, 0x90",
+            "key site .text+0xe (f2) (.ksites_key_sites+0x20) (key test::ON): holds [90, 90, 90, 90, 90]",
+        ),
+        (
+            "label-in-data",
+            ".quad s2, l2, key_on",
+            ".quad s2, name_on, key_on",
+            "(key test::ON): its label .rodata+0x9",
+        ),
+        (
+            "bad-key-magic",
+            "key_on: .long 0x594b534b",
+            "key_on: .long 0x594b5300",
+            "not a StaticKey (magic 0x594b5300",
+        ),
+        (
+            "label-in-other-function",
+            ".quad s2, l2, key_on",
+            ".quad s2, l5, key_on",
+            "is in function f3, not in the site's function f2",
+        ),
+    ] {
+        assert!(good.contains(from), "{name}");
+        let s = dir.path().join(format!("{name}.s"));
+        std::fs::write(&s, good.replacen(from, to, 1)).unwrap();
+        let input = dir.path().join(format!("{name}.o"));
+        assert!(
+            run(Command::new("gcc").arg("-c").arg(&s).arg("-o").arg(&input))
+                .status
+                .success()
+        );
+        let out = dir.path().join(format!("{name}.k.o"));
+        let o = embed(&input, &out);
+        assert_eq!(o.status.code(), Some(1), "{name}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains(needle),
+            "{name}: {}",
+            text(&o.stderr)
+        );
+        assert!(!out.exists(), "{name}");
+    }
+}
