@@ -683,9 +683,10 @@ fn stress(t: &Table<'_>) -> Result<(), Msg> {
     );
     ensure!(
         declined == 0,
-        "handle_int3 declined {declined} traps at retarget_tag's sites whose batch had ended \
-         (stale QEMU translations of its int3): the loader must emulate an ifunc site's trap \
-         outside a batch too (the test kernel emulated them to carry on)"
+        "handle_int3 declined {declined} traps at retarget_tag's sites reached between two \
+         batches (a stale QEMU translation of a batch's int3; the site held the branch, or \
+         int3 again once the next batch began): the loader must handle an ifunc site's trap \
+         at any time (the test kernel emulated them to carry on)"
     );
     Ok(())
 }
