@@ -494,3 +494,26 @@ fn gcc_asm_goto_program_lld_static_pie() {
     flags.extend(lld.iter().map(String::as_str));
     c_program_boots_in_each_keys_default_state("c-lld-pie", &flags);
 }
+
+/// An image embedded by a tool that wrote format v1 (the corpus keeps one) is still
+/// listed and verified: no keys, its version said.
+#[test]
+fn v1_tables_are_still_read() {
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/elf/13-already-embedded");
+    let data = std::fs::read(&f).unwrap();
+    let (_, t) = table_of(&data);
+    assert_eq!((t.version(), t.key_count(), t.key_site_count()), (1, 0, 0));
+    let o = ksites(&[&"inspect", &f]);
+    assert!(
+        text(&o.stdout).contains(".ksites table v1 at ")
+            && text(&o.stdout).contains(" 0 keys, 0 key sites\n"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = ksites(&[&"verify", &f]);
+    assert!(
+        o.status.success() && text(&o.stdout).contains("ok (1 ifunc sites, 0 probe sites)\n"),
+        "{}",
+        text(&o.stdout)
+    );
+}

@@ -389,6 +389,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn key_branch_is_b_and_bl_is_none() {
+        assert_eq!(
+            key_branch(0x1000, 0x1010),
+            Some(0x1400_0004u32.to_le_bytes())
+        );
+        assert_eq!(
+            key_branch(0x1010, 0x1000),
+            Some(0x17ff_fffcu32.to_le_bytes())
+        );
+        assert_eq!(
+            key_branch_dest(&0x1400_0004u32.to_le_bytes(), 0x1000),
+            Some(0x1010)
+        );
+        assert_eq!(key_branch_dest(&0x9400_0004u32.to_le_bytes(), 0x1000), None);
+        assert_eq!(key_branch_dest(&probe_nop(), 0x1000), None);
+    }
+
+    #[test]
     fn classification() {
         // bl .+8; b .-4; b.ne .+0x100; cbz x3, .-8; adrp x0, .; nop
         let words: [u32; 6] = [

@@ -901,17 +901,8 @@ mod tests {
             assert!(t.key_branch(site, site + (4 << 30)).is_err(), "{t:?}");
             assert!(t.key_branch(u64::MAX - 2, 0).is_err(), "{t:?}");
         }
+        // Reach: aarch64 `b` +-128 MiB, riscv64 `jal` +-1 MiB, x86-64 rel32 +-2 GiB.
         let at = |t: Target, to: u64| t.key_branch(0x1000, to).map(|b| b.to_vec());
-        assert_eq!(at(Target::X86_64, 0x1010).unwrap(), [0xe9, 0x0b, 0, 0, 0]);
-        assert_eq!(
-            at(Target::Aarch64, 0x1010).unwrap(),
-            0x1400_0004u32.to_le_bytes()
-        );
-        assert_eq!(
-            at(Target::Riscv64, 0x1010).unwrap(),
-            0x0100_006fu32.to_le_bytes()
-        );
-        // Reach: aarch64 `b` +-128 MiB, riscv64 `jal` +-1 MiB.
         assert!(at(Target::Aarch64, 0x1000 + (128 << 20) - 4).is_ok());
         assert!(at(Target::Aarch64, 0x1000 + (128 << 20)).is_err());
         assert!(at(Target::Aarch64, 0x1002).is_err(), "misaligned");
@@ -919,20 +910,6 @@ mod tests {
         assert!(at(Target::Riscv64, 0x1000 + (1 << 20)).is_err());
         assert!(at(Target::X86_64, 0x1005 + i32::MAX as u64).is_ok());
         assert!(at(Target::X86_64, 0x1006 + i32::MAX as u64).is_err());
-        // A call is no key branch: `call rel32`, `bl`, `jal ra`.
-        let site = 0x1000;
-        assert_eq!(
-            Target::X86_64.key_form(&[0xe8, 0, 0, 0, 0], site),
-            KeyForm::Other
-        );
-        assert_eq!(
-            Target::Aarch64.key_form(&0x9400_0004u32.to_le_bytes(), site),
-            KeyForm::Other
-        );
-        assert_eq!(
-            Target::Riscv64.key_form(&0x0100_00efu32.to_le_bytes(), site),
-            KeyForm::Other
-        );
     }
 
     fn classes_of(t: Target) {

@@ -431,6 +431,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn key_branch_is_jmp_rel32_and_a_call_is_none() {
+        assert_eq!(key_branch(0x1000, 0x1010), Some([0xe9, 0x0b, 0, 0, 0]));
+        assert_eq!(
+            key_branch_dest(&[0xe9, 0x0b, 0, 0, 0], 0x1000),
+            Some(0x1010)
+        );
+        assert_eq!(key_branch_dest(&[0xe8, 0x0b, 0, 0, 0], 0x1000), None);
+        assert_eq!(key_branch_dest(&NOP5, 0x1000), None);
+    }
+
+    #[test]
     fn one_classification_for_whole_functions_and_single_instructions() {
         // call rel32; cs jmp rel32; jne rel32 (0f 85); lea rax, [rip+0]
         let code: [u8; 24] = [

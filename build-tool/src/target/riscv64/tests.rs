@@ -185,3 +185,22 @@ fn a_relaxed_branch_at_a_section_end_is_read_whole() {
     let read = |_: u64| None;
     assert_eq!(t.branch_dest_at(read, 0x10010), None);
 }
+
+#[test]
+fn key_branch_is_jal_x0_and_jal_ra_is_none() {
+    // `jal x0, 16` and `jal x0, -16` as riscv64-linux-gnu-as assembles them.
+    assert_eq!(
+        key_branch(0x1000, 0x1010),
+        Some(0x0100_006fu32.to_le_bytes())
+    );
+    assert_eq!(
+        key_branch(0x1010, 0x1000),
+        Some(0xff1f_f06fu32.to_le_bytes())
+    );
+    assert_eq!(
+        key_branch_dest(&0x0100_006fu32.to_le_bytes(), 0x1000),
+        Some(0x1010)
+    );
+    assert_eq!(key_branch_dest(&0x0100_00efu32.to_le_bytes(), 0x1000), None);
+    assert_eq!(key_branch_dest(&probe_nop(), 0x1000), None);
+}
