@@ -609,6 +609,7 @@ fn stress(t: &Table<'_>) -> Result<(), Msg> {
     let traps0 = pt::other_traps_on_aps();
     let syncs0 = smp::sync_rounds();
     let unhandled0 = unhandled();
+    let stale0 = kernel_loader::ifunc::retarget::retarget_stale_traps();
     CREW.start(tag_worker)?;
     let t0 = cpu::rdtsc();
     let mut p = AliasPoker::default();
@@ -669,13 +670,15 @@ fn stress(t: &Table<'_>) -> Result<(), Msg> {
     );
     ensure!(a > 0 && b > 0 && settled > 0, "A {a}, B {b}, settled {settled}");
     let declined = unhandled() - unhandled0;
+    let stale = kernel_loader::ifunc::retarget::retarget_stale_traps() - stale0;
     check_retargeted(t, tramp, addr(tag_b))?;
     check_calls(false)?;
     println!(
         "retarget: {RETARGETS} retargets of retarget_tag in {ms} ms while {} APs made {calls} \
          calls (A {a} + B {b}, each counted by its implementation; {settled} between \
          batches, each in the current target); {} int3 emulations at non-probe sites on \
-         APs ({declined} of them declined by the loader); {} sync rounds; {} alias writes",
+         APs ({stale} of them stale QEMU translations the loader ran again, {declined} declined); \
+         {} sync rounds; {} alias writes",
         n - 1,
         pt::other_traps_on_aps() - traps0,
         smp::sync_rounds() - syncs0,
