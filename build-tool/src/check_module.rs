@@ -195,6 +195,8 @@ pub struct CheckReport {
     /// Why those imports could not be checked to be kernel ifuncs (`None`: they were,
     /// against the kernel's `.ksites` table).
     pub imports_unchecked: Option<String>,
+    /// The module table's static keys: (keys, of which imported, key sites).
+    pub keys: (u32, u32, u32),
 }
 
 /// Checks that `data` is what a module is, an ELF64 little-endian relocatable object,
@@ -334,7 +336,34 @@ pub fn check(
         symbols_checked: checked,
         ifunc_imports: ifunc_imports(module),
         imports_unchecked,
+        keys: key_counts(module),
     })
+}
+
+/// (keys, imported keys, key sites) of an embedded module's table, read from its
+/// header and key descriptors (whose flags no relocation changes); zeros without one.
+fn key_counts(data: &[u8]) -> (u32, u32, u32) {
+    use kernel_loader::format::{Header, KEY_DESC_SIZE, KEY_IMPORTED, KeyDesc};
+    let Ok(f) = ElfFile64::<LittleEndian>::parse(data) else {
+        return (0, 0, 0);
+    };
+    let Some(b) = f
+        .section_by_name(kernel_loader::format::SECTION_NAME)
+        .and_then(|t| t.data().ok())
+    else {
+        return (0, 0, 0);
+    };
+    let Ok(h) = Header::read(b) else {
+        return (0, 0, 0);
+    };
+    let imported = (0..h.keys.count as usize)
+        .filter_map(|i| {
+            let at = (h.keys.offset as usize).checked_add(i.checked_mul(KEY_DESC_SIZE)?)?;
+            b.get(at..at.checked_add(KEY_DESC_SIZE)?)
+        })
+        .filter(|d| KeyDesc::read(d).flags & KEY_IMPORTED != 0)
+        .count() as u32;
+    (h.keys.count, imported, h.key_sites.count)
 }
 
 /// The names of the kernel ifuncs an embedded module imports: the undefined symbols its
@@ -409,6 +438,15 @@ pub fn to_text(name: &str, r: &CheckReport) -> String {
                 l.probes,
                 l.probe_sites
             );
+            // Static keys are counted when there are any (the line is unchanged without).
+            if r.keys.0 != 0 {
+                o.pop();
+                let _ = writeln!(
+                    o,
+                    ", {} keys ({} imported), {} key sites",
+                    r.keys.0, r.keys.1, r.keys.2
+                );
+            }
         }
         _ => {
             let _ = writeln!(
@@ -461,6 +499,9 @@ pub fn to_json(name: &str, r: &CheckReport) -> serde_json::Value {
         "ifunc_imports": r.ifunc_imports,
         "ifunc_imports_checked": r.imports_unchecked.is_none(),
         "ifunc_imports_not_checked_because": r.imports_unchecked,
+        "keys": r.keys.0,
+        "imported_keys": r.keys.1,
+        "key_sites": r.keys.2,
         "problems": r.problems,
         "imports": r.imports.iter().map(|(n, a)| serde_json::json!({"name": n, "address": a})).collect::<Vec<_>>(),
         "report": r.load.map(|l| serde_json::json!({

@@ -210,7 +210,9 @@ fn rust_module_with_a_kernel_key() {
     assert_eq!(sites, [(false, 1, true), (true, 0, false)]);
     let c = run(Command::new(KSITES).arg("check-module").arg(&out));
     assert!(
-        c.status.success() && text(&c.stdout).contains("KERNEL_KEY"),
+        c.status.success()
+            && text(&c.stdout).contains(", 2 keys (1 imported), 2 key sites\n")
+            && text(&c.stdout).contains("KERNEL_KEY"),
         "{}{}",
         text(&c.stdout),
         text(&c.stderr)
