@@ -8,7 +8,10 @@
  *   - calls the kernel ifuncs popcount and crc32c (KSITES_IFUNC_IMPORT): after loading,
  *     each call site must be a direct call to the implementation the kernel chose;
  *   - a dtrace-style probe cmod:event(x, y), and an is-enabled check of it;
- *   - init/exit, counted in cmod_state().
+ *   - init/exit, counted in cmod_state();
+ *   - on x86_64 (issue 18): sites of the kernel's static key ksites_test_key and of a key
+ *     of its own (cmod_key), and calls to the kernel ifunc retarget_tag, which the
+ *     kernel retargets live.
  */
 #include "ksites_module.h"
 #include "ksites_sdt.h"
@@ -66,3 +69,53 @@ int cmod_event_enabled(void)
 {
     return KSITES_PROBE_ENABLED(cmod, event) ? 1 : 0;
 }
+
+#if defined(__x86_64__)
+unsigned long retarget_tag(unsigned long x);
+KSITES_IFUNC_IMPORT(retarget_tag);
+
+/* retarget_tag(x) through a call site (the result is used after it). */
+unsigned long cmod_tag_call(unsigned long x)
+{
+    return retarget_tag(x) ^ state ^ state;
+}
+
+/* retarget_tag(x) as a tail call. */
+unsigned long cmod_tag_tail(unsigned long x)
+{
+    return retarget_tag(x);
+}
+#endif
+
+#if defined(__x86_64__) && __has_include("ksites_key.h")
+#include "ksites_key.h"
+
+/* The kernel's key KEY_MOD, exported as ksites_test_key. */
+extern struct ksites_static_key ksites_test_key;
+KSITES_STATIC_KEY_FALSE(cmod_key);
+
+/* 1 while the kernel's key is enabled (an unlikely site), else 0. */
+unsigned long cmod_kkey_unlikely(void)
+{
+    return KSITES_STATIC_BRANCH_UNLIKELY(ksites_test_key) ? 1 : 0;
+}
+
+/* 1 while the kernel's key is enabled (a likely site), else 0. */
+unsigned long cmod_kkey_likely(void)
+{
+    return KSITES_STATIC_BRANCH_LIKELY(ksites_test_key) ? 1 : 0;
+}
+
+/* 1 while cmod_key is enabled, else 0. */
+unsigned long cmod_own_unlikely(void)
+{
+    return KSITES_STATIC_BRANCH(cmod_key) ? 1 : 0;
+}
+
+/* The address of cmod_key, for the kernel to enable it. */
+unsigned long cmod_own_key(void)
+{
+    return (unsigned long)&cmod_key;
+}
+
+#endif

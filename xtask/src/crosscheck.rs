@@ -13,6 +13,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+/// The static keys' cross-check (issue 18): `ksites inspect` against the key site
+/// records.
+#[path = "crosscheck_keys.rs"]
+pub(crate) mod keys;
+
 /// One `ifunc <name> trampoline=0x<hex> <symbol> sites=<N>` line of `ksites inspect`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct InspectedIfunc {

@@ -209,6 +209,40 @@ pub(crate) const REQUIRED_TESTS: &[&str] = &[
     "module_loader_never_allocates",
 ];
 
+/// In-kernel tests of static keys and live retargeting (issue 18) every x86_64 run
+/// must pass, except the C boot run (which, like the probe tests they build on, it
+/// skips).
+pub(crate) const KEY_RETARGET_TESTS: &[&str] = &[
+    "static_key_defaults_before_any_enable",
+    "static_key_enable_disable_patch_sites",
+    "static_key_inc_dec_refcount_underflow",
+    "static_key_failed_batch_rolls_back",
+    "static_key_introspection_lists_keys",
+    "static_key_module_loaded_while_enabled_gets_sites_enabled",
+    "static_key_after_module_unload_still_toggles",
+    "ifunc_retarget_rewrites_every_site_and_slot",
+    "ifunc_retarget_failed_batch_rolls_back",
+    "ifunc_retarget_modules_follow_loaded_and_later",
+    "ifunc_retarget_reresolve_all_features",
+];
+
+/// Issue 18's stress tests, which need other CPUs: required on every run with more
+/// than one.
+pub(crate) const KEY_RETARGET_SMP_TESTS: &[&str] = &[
+    "static_key_smp_10000_toggles_while_aps_run_sites",
+    "ifunc_retarget_smp_10000_while_aps_call",
+];
+
+/// A problem for every test of [`KEY_RETARGET_TESTS`] (and, with `cpus` > 1, of
+/// [`KEY_RETARGET_SMP_TESTS`]) without an `ok <name>` line.
+pub(crate) fn check_key_retarget(serial: &[String], cpus: u32) -> Vec<String> {
+    let mut problems = check_required_tests(serial, KEY_RETARGET_TESTS);
+    if cpus > 1 {
+        problems.extend(check_required_tests(serial, KEY_RETARGET_SMP_TESTS));
+    }
+    problems
+}
+
 /// A problem for every test in [`REQUIRED_TESTS`] without an `ok <name>` line.
 pub(crate) fn check_required(serial: &[String]) -> Vec<String> {
     check_required_tests(serial, REQUIRED_TESTS)
@@ -462,6 +496,33 @@ ok   ifunc::popcount_matches_cpuid
             "{problems:?}"
         );
         assert_eq!(check_required(&lines(GOOD)).len(), REQUIRED_TESTS.len());
+    }
+
+    #[test]
+    fn key_retarget_tests_required_and_smp_ones_on_smp_runs() {
+        let one: String = KEY_RETARGET_TESTS
+            .iter()
+            .map(|t| format!("ok {t}\n"))
+            .collect();
+        assert_eq!(check_key_retarget(&lines(&one), 1), Vec::<String>::new());
+        let smp = check_key_retarget(&lines(&one), 4);
+        assert_eq!(smp.len(), KEY_RETARGET_SMP_TESTS.len(), "{smp:?}");
+        assert!(smp[0].contains("static_key_smp_10000"), "{smp:?}");
+        let all: String = KEY_RETARGET_SMP_TESTS
+            .iter()
+            .map(|t| format!("ok {t}\n"))
+            .collect::<String>()
+            + &one;
+        assert_eq!(check_key_retarget(&lines(&all), 4), Vec::<String>::new());
+        let failed = all.replace(
+            "ok ifunc_retarget_reresolve_all_features",
+            "FAIL ifunc_retarget_reresolve_all_features: x",
+        );
+        assert_eq!(check_key_retarget(&lines(&failed), 4).len(), 1);
+        assert_eq!(
+            check_key_retarget(&lines(GOOD), 4).len(),
+            KEY_RETARGET_TESTS.len() + KEY_RETARGET_SMP_TESTS.len()
+        );
     }
 
     #[test]

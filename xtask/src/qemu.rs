@@ -153,6 +153,7 @@ fn run_x86_64(sh: &Shell, root: &Path, args: &QemuArgs) -> Result<u32> {
     }
     let inspect = embed(sh, &paths)?;
     cross_check_objdump(sh, &paths, &inspect)?;
+    cross_check_keys(&paths, &inspect)?;
     let relocated = relocated_image(&paths.embedded, RELOCATE_BY)?;
     let passed = boot_all(&paths.embedded, args)?;
     let gnu_ld = Variant {
@@ -228,6 +229,9 @@ impl Variant {
         let (exit, serial) = boot(&label, qemu_command(model, image), timeout)?;
         let mut verdict = judge::judge(&exit, &serial);
         verdict.problems.extend(judge::check_required(&serial));
+        verdict
+            .problems
+            .extend(judge::check_key_retarget(&serial, cpus));
         verdict
             .problems
             .extend(judge::check_cpus_online(&serial, cpus));
@@ -432,6 +436,25 @@ fn cross_check_objdump(sh: &Shell, paths: &Paths, inspect: &str) -> Result<()> {
     crosscheck::check(&rows).map_err(|e| anyhow!("objdump cross-check failed: {e}"))
 }
 
+/// Every static key `ksites inspect` lists must have exactly the sites its records in
+/// the linked kernel name (and there must be keys: the test kernel defines several).
+fn cross_check_keys(paths: &Paths, inspect: &str) -> Result<()> {
+    let data = std::fs::read(&paths.kernel)
+        .with_context(|| format!("reading {}", paths.kernel.display()))?;
+    let keys = crosscheck::keys::parse_inspect(inspect).map_err(|e| anyhow!(e))?;
+    let records = crosscheck::keys::records(&data).map_err(|e| anyhow!(e))?;
+    println!(
+        "xtask: static key cross-check of {} ({} records in {})",
+        paths.kernel.display(),
+        records.values().map(|s| s.len()).sum::<usize>(),
+        crosscheck::keys::SECTION
+    );
+    let table = crosscheck::keys::check(&keys, &records)
+        .map_err(|e| anyhow!("static key cross-check failed: {e}"))?;
+    print!("{table}");
+    Ok(())
+}
+
 /// One finished QEMU run.
 #[derive(Debug)]
 pub(crate) struct Run {
@@ -458,6 +481,9 @@ fn boot_all(image: &Path, args: &QemuArgs) -> Result<u32> {
         let (exit, serial) = boot(model, qemu_command(model, image), timeout)?;
         let mut verdict = judge::judge(&exit, &serial);
         verdict.problems.extend(judge::check_required(&serial));
+        verdict
+            .problems
+            .extend(judge::check_key_retarget(&serial, cpus));
         if let Some(problem) = judge::check_cpus_online(&serial, cpus) {
             verdict.problems.push(problem);
         }

@@ -881,7 +881,10 @@ pub(super) unsafe fn emulate_with(
         }
         // SAFETY: the first byte of a validated site of a live image.
         let b0 = unsafe { core::ptr::read_volatile(addr as usize as *const u8) };
-        if b0 == x86_64::INT3 {
+        // A trap there again, and a batch in flight now: it began after `state` was
+        // read (a batch publishes itself before it writes a trap); running the site
+        // again traps into it. A trap no batch wrote stays the kernel's.
+        if b0 == x86_64::INT3 && IN_FLIGHT.load(Ordering::Acquire) <= IDLE {
             return false;
         }
         // The trap is gone and a complete instruction is back: run it again.

@@ -229,8 +229,8 @@ static int t_load(struct line *why)
     if (!load_cmod(&cmod, why))
         return 0;
     REQUIRE_RC(ksites_module_info(cmod.m, &info), KSITES_OK, "ksites_module_info");
-    REQUIRE(info.imports == 2 && info.sites_patched >= 2,
-            "cmod's calls to popcount/crc32c were not patched");
+    REQUIRE(info.imports == 3 && info.sites_patched >= 4,
+            "cmod's calls to popcount/crc32c/retarget_tag were not patched");
     REQUIRE(info.probes == 1 && info.probe_sites >= 1, "cmod:event not registered");
     REQUIRE(info.text_start < info.text_end && info.mem_start <= info.text_start &&
                 info.text_end <= info.mem_end,

@@ -116,6 +116,15 @@ pub fn c_boot(h: &mut Harness) -> bool {
         export(c"crc32c", kfuncs::crc32c as *const ()),
         export(c"memcpy", kfuncs::memcpy as *const ()),
         export(c"sum_u32", kfuncs::sum_u32 as *const ()),
+        // cmod's imports of issue 18 (see `module_tests::KERNEL_EXPORTS`).
+        export(
+            c"retarget_tag",
+            crate::retarget_tests::retarget_tag as *const (),
+        ),
+        export(
+            c"ksites_test_key",
+            &crate::key_tests::KEY_MOD as *const kernel_loader::key::StaticKey as *const (),
+        ),
     ];
     let text = paging::text_range();
     let platform = Platform {

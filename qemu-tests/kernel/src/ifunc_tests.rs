@@ -55,6 +55,8 @@ pub(crate) fn impl_name(addr: u64) -> &'static str {
         "c_scale_soft"
     } else if addr == c[1] as usize as u64 {
         "c_scale_fast"
+    } else if let Some(name) = crate::retarget_tests::impl_name(addr) {
+        name
     } else {
         kfuncs::impl_name(addr as usize)
     }
@@ -89,6 +91,8 @@ pub(crate) fn expected_impl(name: &str, c: &RawChoice) -> &'static str {
         "crc32c" => "crc32c_table",
         "sum_u32" if c.avx2 => "sum_u32_avx2",
         "sum_u32" => "sum_u32_scalar",
+        // The retarget tests' ifunc: SSE2, which every x86-64 CPU has.
+        "retarget_tag" => "tag_b",
         _ => "?",
     }
 }
@@ -170,7 +174,7 @@ fn test_words() -> [u32; 203] {
 }
 
 /// The calls every test makes through the ifuncs (patched or not) and their helpers.
-fn check_ifunc_results() -> Result<(), Msg> {
+pub(crate) fn check_ifunc_results() -> Result<(), Msg> {
     for x in POP_INPUTS {
         ensure!(
             kfuncs::popcount(x) == ref_popcount(x),

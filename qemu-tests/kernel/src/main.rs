@@ -4,7 +4,8 @@
 //! COM1, exceptions and its own W^X page tables, then runs the ifunc tests (boot
 //! patching, one CPU), starts the other CPUs ([`smp`]: `smp: N CPUs online`), runs the
 //! probe tests, the module tests ([`module_tests`]: the module arena, loadable
-//! modules), the SMP tests (live patching while the APs run the sites) and its own
+//! modules), the static key and live retarget tests ([`key_tests`], [`retarget_tests`]),
+//! the SMP tests (live patching while the APs run the sites) and its own
 //! infrastructure self-tests, printing one line per test and `N passed, M failed`, and
 //! exits QEMU through isa-debug-exit (33 = success, 35 = failure).
 //!
@@ -53,11 +54,14 @@ x86_64_only! {
     pub mod idt;
     pub mod ifunc_tests;
     pub mod introspect_tests;
+    pub mod key_tests;
+    pub mod live_seq;
     pub mod load_tests;
     pub mod module_tests;
     pub mod paging;
     pub mod poker;
     pub mod probe_tests;
+    pub mod retarget_tests;
     mod selftest;
     pub mod smp;
     pub mod smp_tests;
@@ -105,6 +109,8 @@ x86_64_only! {
         load_tests::run(&mut harness);
         module_tests::run(&mut harness);
         if !c_boot {
+            key_tests::run(&mut harness);
+            retarget_tests::run(&mut harness);
             smp_tests::run(&mut harness);
         }
         trap_tests::run(&mut harness);

@@ -18,13 +18,14 @@ use kernel_loader::format::{SiteKind, Table};
 use kernel_loader::module::{Export, Kernel, Module, ModuleError, RUNTIME_EXPORTS};
 use kernel_loader::patch::TextPoker;
 use kernel_loader::probe::{self, ProbeId};
+use kernel_loader::key::StaticKey;
 use kernel_loader::{CpuFeatures, cell};
 
 use crate::arena::{self, Arena, Perm};
 use crate::harness::{Harness, Msg};
 use crate::ifunc_tests::{raw_choice, read_bytes, read_slot, ref_crc32c, ref_popcount};
 use crate::poker::{ALIAS_STATS, AliasPoker, WpPoker};
-use crate::{ensure, msg, paging, println, smp};
+use crate::{ensure, msg, paging, println, retarget_tests, smp};
 
 /// Bytes aligned for the ELF reader (section headers and symbols are read in place).
 #[repr(C, align(16))]
@@ -218,24 +219,31 @@ fn modules_embedded() -> Result<(), Msg> {
 // Loading modules.
 
 /// The kernel's exports besides the loader's runtime entry points: its ifuncs, under
-/// their plain names (what `ifunc_import!` / `KSITES_IFUNC_IMPORT` declare).
-static KERNEL_EXPORTS: [Export; 4] = [
+/// their plain names (what `ifunc_import!` / `KSITES_IFUNC_IMPORT` declare), the
+/// retarget tests' ifunc, and the static key the modules use
+/// ([`crate::key_tests::KEY_MOD`], as `ksites_test_key`).
+static KERNEL_EXPORTS: [Export; 6] = [
     kernel_loader::export!(kfuncs::popcount),
     kernel_loader::export!(kfuncs::crc32c),
     kernel_loader::export!(kfuncs::memcpy),
     kernel_loader::export!(kfuncs::sum_u32),
+    kernel_loader::export!(retarget_tests::retarget_tag),
+    Export::new(
+        "ksites_test_key",
+        &crate::key_tests::KEY_MOD as *const StaticKey as *const (),
+    ),
 ];
-static RUNTIME: [Export; 4] = RUNTIME_EXPORTS;
+static RUNTIME: [Export; RUNTIME_EXPORTS.len()] = RUNTIME_EXPORTS;
 
 /// What the module tests load against.
-struct Env {
+pub(crate) struct Env {
     table: Table<'static>,
     exec: [Range<u64>; 1],
     features: CpuFeatures,
 }
 
 impl Env {
-    fn new() -> Result<Env, Msg> {
+    pub(crate) fn new() -> Result<Env, Msg> {
         let exec = [paging::text_range()];
         // SAFETY: as in ifunc_tests: the image was embedded; the table is mapped
         // read-only and nothing writes it.
@@ -248,7 +256,7 @@ impl Env {
     }
 
     /// Loads `bytes` as `name` into the arena, patching through an [`AliasPoker`].
-    fn load(&self, name: &'static str, bytes: &'static [u8]) -> Result<Module<'static>, Msg> {
+    pub(crate) fn load(&self, name: &'static str, bytes: &'static [u8]) -> Result<Module<'static>, Msg> {
         let (m, _) = self.try_load(name, bytes);
         m.map_err(|e| msg!("loading {name}: {e}"))
     }
@@ -284,7 +292,7 @@ fn unload(m: Module<'static>) -> Result<(), (Module<'static>, ModuleError)> {
     unsafe { m.unload(&mut Arena, &mut poker) }
 }
 
-fn unload_ok(m: Module<'static>) -> Result<(), Msg> {
+pub(crate) fn unload_ok(m: Module<'static>) -> Result<(), Msg> {
     let name = m.name();
     unload(m).map_err(|(_, e)| msg!("unloading {name}: {e}"))
 }
@@ -299,7 +307,7 @@ fn sym(m: &Module<'_>, name: &str) -> Result<u64, Msg> {
 /// # Safety
 ///
 /// The module defines `name` with exactly type `F`, and stays loaded while it is used.
-unsafe fn func<F: Copy>(m: &Module<'_>, name: &str) -> Result<F, Msg> {
+pub(crate) unsafe fn func<F: Copy>(m: &Module<'_>, name: &str) -> Result<F, Msg> {
     let addr = sym(m, name)?;
     ensure!(
         m.text().contains(&addr),
@@ -423,7 +431,7 @@ fn check_results(rmod: &Module<'_>, cmod: &Module<'_>) -> Result<(), Msg> {
 }
 
 /// `pre` + `suffix` in a small stack buffer (no allocator).
-fn fmt_name(pre: &str, suffix: &str) -> NameBuf {
+pub(crate) fn fmt_name(pre: &str, suffix: &str) -> NameBuf {
     let mut b = NameBuf {
         buf: [0; 48],
         len: 0,
@@ -436,7 +444,7 @@ fn fmt_name(pre: &str, suffix: &str) -> NameBuf {
     b
 }
 
-struct NameBuf {
+pub(crate) struct NameBuf {
     buf: [u8; 48],
     len: usize,
 }

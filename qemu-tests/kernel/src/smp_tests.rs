@@ -430,7 +430,7 @@ fn stop_workers() -> Result<(), Msg> {
 static TSC_PER_MS: AtomicU64 = AtomicU64::new(0);
 
 /// TSC ticks per millisecond, measured once against the PIT.
-fn tsc_per_ms() -> u64 {
+pub(crate) fn tsc_per_ms() -> u64 {
     match TSC_PER_MS.load(Ordering::Relaxed) {
         0 => {
             let t0 = cpu::rdtsc();

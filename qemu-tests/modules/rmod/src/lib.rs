@@ -16,7 +16,12 @@
 //!   LSE atomics → [`MIX_LSE`], else CRC32 → [`MIX_CRC32`], else [`MIX_BASE`]; built
 //!   for riscv64: Zbb → [`MIX_ZBB`], else Zbc → [`MIX_ZBC`], else [`MIX_BASE`];
 //! * a **probe** `rmod:hit` with three arguments and an is-enabled check of it;
-//! * `ksites_module_init` / `ksites_module_exit`, which count in [`rmod_state`].
+//! * `ksites_module_init` / `ksites_module_exit`, which count in [`rmod_state`];
+//! * on x86_64 (issue 18, the kernel's `key_tests` and `retarget_tests`): sites of the
+//!   kernel's **static key** `ksites_test_key` ([`rmod_kkey_unlikely`],
+//!   [`rmod_kkey_likely`]), a key of its own ([`RMOD_KEY`], [`rmod_own_unlikely`]), and
+//!   calls to the kernel ifunc `retarget_tag` ([`rmod_tag_call`]), which the kernel
+//!   retargets live.
 //!
 //! The object must not reference anything from `core` by a mangled name (the kernel
 //! exports only unmangled symbols): no panicking paths, only wrapping arithmetic and
@@ -193,4 +198,67 @@ pub extern "C" fn rmod_fire(a: u64, b: u64, c: u64) -> u64 {
 #[inline(never)]
 pub extern "C" fn rmod_hit_enabled() -> u64 {
     u64::from(probe_enabled!(rmod, hit))
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use keys::*;
+
+/// Issue 18's static keys and live retargeting, on x86_64.
+#[cfg(target_arch = "x86_64")]
+mod keys {
+    use kernel_loader::key::StaticKey;
+    use kernel_loader::{static_branch_likely, static_branch_unlikely, static_key};
+
+    unsafe extern "C" {
+        /// The kernel's key `KEY_MOD`, exported as `ksites_test_key`.
+        static ksites_test_key: StaticKey;
+    }
+
+    kernel_loader::ifunc_import! {
+        /// The kernel's retarget test ifunc (`x ^` its implementation's tag).
+        pub fn retarget_tag(x: u64) -> u64;
+    }
+
+    static_key!(pub RMOD_KEY: default false);
+
+    /// 1 while the kernel's key is enabled (an unlikely site), else 0.
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn rmod_kkey_unlikely() -> u64 {
+        u64::from(static_branch_unlikely!(ksites_test_key))
+    }
+
+    /// 1 while the kernel's key is enabled (a likely site), else 0.
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn rmod_kkey_likely() -> u64 {
+        u64::from(static_branch_likely!(ksites_test_key))
+    }
+
+    /// 1 while [`RMOD_KEY`] is enabled, else 0.
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn rmod_own_unlikely() -> u64 {
+        u64::from(static_branch_unlikely!(RMOD_KEY))
+    }
+
+    /// The address of [`RMOD_KEY`], for the kernel to enable it.
+    #[unsafe(no_mangle)]
+    pub extern "C" fn rmod_own_key() -> u64 {
+        &RMOD_KEY as *const StaticKey as u64
+    }
+
+    /// `retarget_tag(x)` through a call site (not a tail call).
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn rmod_tag_call(x: u64) -> u64 {
+        core::hint::black_box(retarget_tag(x))
+    }
+
+    /// `retarget_tag(x)` as a tail call.
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn rmod_tag_tail(x: u64) -> u64 {
+        retarget_tag(x)
+    }
 }
