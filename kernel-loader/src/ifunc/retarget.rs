@@ -81,6 +81,18 @@ const IDLE: u64 = 1;
 /// Where a CPU trapping on a site of [`IN_FLIGHT`] goes: the old implementation until
 /// every site is trapped, the new one after, the old one again during a rollback.
 static TARGET: AtomicU64 = AtomicU64::new(0);
+/// Moves on (SeqCst) when a batch starts, before it publishes [`TARGET`] and
+/// [`IN_FLIGHT`]: the #BP hook reads it first and again after everything it read of
+/// them, and if it moved, resumes the CPU at the site (which then runs or traps again)
+/// instead of acting on a mix of two batches (the target of another ifunc's batch, or a
+/// trap taken for foreign because a whole batch ran in between).
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// Moves [`GENERATION`] on, as a batch does when it starts (tests that play a batch's
+/// writes by hand).
+#[cfg(test)]
+pub(super) fn start_generation() {
+    GENERATION.fetch_add(1, Ordering::SeqCst);
+}
 /// Times the #BP hook emulated an ifunc site.
 static EMULATIONS: AtomicU64 = AtomicU64::new(0);
 /// Times the #BP hook resumed a CPU at an ifunc site whose trap a batch had already
@@ -349,20 +361,20 @@ impl Batch<'_> {
         Name::new(self.name)
     }
 
-    /// The index of this ifunc in `t`, if `t` has sites of it (a definition or an
-    /// import naming the same trampoline).
-    fn index_in(&self, t: &Table<'_>) -> Option<u32> {
-        (0..t.ifunc_count()).find(|&i| {
-            t.ifunc_trampoline_slot(i)
-                .is_some_and(|(tr, _)| tr == self.trampoline)
-        })
+    /// Whether descriptor `i` of `t` names this ifunc (a definition or an import of the
+    /// same trampoline; a module may import one trampoline under two names).
+    fn names_us(&self, t: &Table<'_>, i: u32) -> bool {
+        t.ifunc_trampoline_slot(i)
+            .is_some_and(|(tr, _)| tr == self.trampoline)
     }
 
-    /// Every site of the ifunc, image by image, each in table order.
+    /// Every site of the ifunc, image by image, each in table order: the sites of every
+    /// descriptor of `t` that names its trampoline.
     fn sites(&self) -> impl Iterator<Item = Site> + '_ {
         self.images.iter().flatten().flat_map(move |t| {
-            let idx = self.index_in(t);
-            t.site_walk().filter(move |s| Some(s.ifunc) == idx)
+            let any = (0..t.ifunc_count()).any(|i| self.names_us(t, i));
+            t.site_walk()
+                .filter(move |s| any && self.names_us(t, s.ifunc))
         })
     }
 
@@ -441,10 +453,7 @@ impl Batch<'_> {
             .images
             .iter()
             .flatten()
-            .filter(|t| {
-                let idx = self.index_in(t);
-                idx.is_some() && t.site_walk().any(|s| Some(s.ifunc) == idx)
-            })
+            .filter(|t| t.site_walk().any(|s| self.names_us(t, s.ifunc)))
             .count() as u32;
         Ok(r)
     }
@@ -524,6 +533,7 @@ impl Batch<'_> {
             ifunc: self.err_name(),
             error,
         })?;
+        GENERATION.fetch_add(1, Ordering::SeqCst);
         TARGET.store(self.old, Ordering::SeqCst);
         IN_FLIGHT.store(self.trampoline, Ordering::SeqCst);
         // SAFETY: forwarded.
@@ -863,10 +873,13 @@ pub(super) unsafe fn emulate_with(
 ) -> bool {
     use crate::arch::SiteKind;
     use x86_64::emulate;
-    let state = IN_FLIGHT.load(Ordering::Acquire);
+    let generation = GENERATION.load(Ordering::SeqCst);
+    let state = IN_FLIGHT.load(Ordering::SeqCst);
     if state == NEVER {
         return false;
     }
+    // Another batch started since `generation` was read: what was read may mix two.
+    let moved = || GENERATION.load(Ordering::SeqCst) != generation;
     let addr = x86_64::probe::trap_site(f);
     let found = if state == IDLE {
         None
@@ -884,7 +897,7 @@ pub(super) unsafe fn emulate_with(
         // A trap there again, and a batch in flight now: it began after `state` was
         // read (a batch publishes itself before it writes a trap); running the site
         // again traps into it. A trap no batch wrote stays the kernel's.
-        if b0 == x86_64::INT3 && IN_FLIGHT.load(Ordering::Acquire) <= IDLE {
+        if b0 == x86_64::INT3 && !moved() && IN_FLIGHT.load(Ordering::SeqCst) <= IDLE {
             return false;
         }
         // The trap is gone and a complete instruction is back: run it again.
@@ -893,6 +906,13 @@ pub(super) unsafe fn emulate_with(
         return true;
     };
     let target = TARGET.load(Ordering::SeqCst);
+    if moved() {
+        // `target` may be another ifunc's (a later batch): run the site again, which
+        // holds the trap or a complete instruction.
+        STALE_RETRIES.fetch_add(1, Ordering::Relaxed);
+        emulate::resume_at(f, addr);
+        return true;
+    }
     let cc = if site.kind == SiteKind::Jcc {
         // SAFETY: the condition byte lies inside the validated site; the protocol
         // never writes it.

@@ -920,3 +920,8 @@ fn riscv64_is_refused_as_unsupported() {
     assert!(std::format!("{}", r.unwrap_err()).contains("riscv64"));
     assert_eq!(slot(sl), k + 0x100);
 }
+
+/// Races of the #BP hook with consecutive batches (found in review).
+#[cfg(target_arch = "x86_64")]
+#[path = "retarget_race_tests.rs"]
+mod race;

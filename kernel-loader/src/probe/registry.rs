@@ -86,7 +86,11 @@ impl ImageHandle {
 /// Registers a loaded module's table, whose probes get the next free run of global ids.
 /// Every probe site must hold its disabled form, every static-key site the form of its
 /// key's current state ([`register_loaded_module`] sets them); `range` is the module's
-/// whole memory (its `ProbeRecord`s and sites lie there).
+/// whole memory (its `ProbeRecord`s and sites lie there). Imported ifunc sites are taken
+/// as they are: a loader that patched them (`patch::init`) before a retarget of the
+/// kernel ifunc and registers after it leaves them on the old implementation, and the
+/// next retarget then refuses them ([`register_loaded_module`], which `Module::load`
+/// uses, brings them to the current one under the registry lock).
 ///
 /// # Safety
 ///
