@@ -2,12 +2,13 @@
 //! `ifunc_tests` by name where they apply): the table `ksites-ld` embedded, calls
 //! before init, fault injection with rollback, [`super::ksites_init`], the choices
 //! against the CPU's features read without `CpuFeatures` (`testing::raw_features`), every
-//! site read back and decoded as a direct call/jump to the choice, results of every
+//! site read back and decoded as a direct call/jump to the choice (or, a relaxed site
+//! whose form does not reach it, still to the trampoline), results of every
 //! implementation the CPU can run, text never writable through its own mapping, and one
 //! synchronisation round per batch.
 
 use kernel_loader::arch::Arch;
-use kernel_loader::format::{Site, SiteKind, Table};
+use kernel_loader::format::{Ifunc, Site, SiteKind, Table};
 use kernel_loader::patch::{self, PatchError, PokeFailure};
 use kernel_loader::{CpuFeatures, PokeError, TextPoker};
 
@@ -201,11 +202,99 @@ fn check_table(t: &Table<'_>) -> TestResult {
     Ok(())
 }
 
+/// How the table's sites stand against their ifuncs' implementations.
+struct Reach {
+    /// Sites whose form reaches the implementation: `init` rewrites each of them with
+    /// one write.
+    direct: usize,
+    /// Sites in a short, relaxed form (riscv64 `jal`/`c.j`) that does not reach it: they
+    /// stay branches to the trampoline, which reaches it through the slot.
+    on_trampoline: usize,
+}
+
+/// Sorts the sites by whether their own form reaches `choice(ifunc)`
+/// (`Arch::encode_target`); with `show`, prints each site left on the trampoline. Only
+/// a relaxed form may fall short: every other form reaches the whole kernel image.
+fn reach(
+    t: &Table<'_>,
+    choice: impl Fn(&Ifunc<'_>) -> Result<u64, Msg>,
+    show: bool,
+) -> Result<Reach, Msg> {
+    let arch = Arch::native();
+    let mut r = Reach {
+        direct: 0,
+        on_trampoline: 0,
+    };
+    for s in t.sites() {
+        let f = t
+            .ifunc(s.ifunc)
+            .ok_or_else(|| msg!("site {:#x}: no ifunc", s.addr))?;
+        let to = choice(&f)?;
+        if arch.encode_target(&s.branch(), to).is_some() {
+            r.direct += 1;
+            continue;
+        }
+        ensure!(
+            arch.is_relaxed_form(s.kind, s.prefixes),
+            "site {:#x} ({}, {:?}, form {}) cannot reach {to:#x}, yet it is not a relaxed form",
+            s.addr,
+            f.name,
+            s.kind,
+            s.prefixes
+        );
+        if show {
+            println!(
+                "ifunc reach: site {:#x} ({}, {:?}, relaxed form {}) is {:+} bytes from {} at \
+                 {to:#x}, beyond its reach: it stays on the trampoline {:#x}",
+                s.addr,
+                f.name,
+                s.kind,
+                s.prefixes,
+                to.wrapping_sub(s.addr) as i64,
+                kfuncs::impl_name(to as usize),
+                f.trampoline
+            );
+        }
+        r.on_trampoline += 1;
+    }
+    Ok(r)
+}
+
+/// The implementation ifunc `f`'s resolver picks for `features` (what `init` will
+/// store), checked to be the one the CPU's features read without `CpuFeatures` call for.
+fn expected_choice(c: &RawChoice, features: &CpuFeatures, f: &Ifunc<'_>) -> Result<u64, Msg> {
+    // SAFETY: the resolver is an `ifunc!` adapter, `extern "C" fn(u64) -> usize`
+    // (validated to lie in the text), which only picks an implementation: as `init`
+    // calls it.
+    let resolve: extern "C" fn(u64) -> usize = unsafe { core::mem::transmute(f.resolver as usize) };
+    let addr = resolve(features.bits());
+    let (got, want) = (kfuncs::impl_name(addr), c.expected_impl(f.name));
+    ensure!(
+        got == want,
+        "{}: the resolver picks {got} at {addr:#x}, the CPU ({c}) calls for {want}",
+        f.name
+    );
+    Ok(addr as u64)
+}
+
 /// Boot patching with a poker that fails the Nth write, for N across the batch: every
-/// attempt must fail cleanly, leave every site and slot as it was, and cost one round.
+/// attempt must fail cleanly, leave every site and slot as it was, put back exactly the
+/// sites it wrote, and cost one round. The batch's writes are the sites whose form
+/// reaches the implementation the CPU calls for ([`reach`]): a relaxed site that does
+/// not is never written.
 fn init_fault_injection(t: &Table<'_>, f: &CpuFeatures) -> TestResult {
     let digest = sites_digest(t);
-    let n = t.site_count() as usize;
+    let c = RawChoice::read();
+    let r = reach(t, |i| expected_choice(&c, f, i), true)?;
+    println!(
+        "ifunc reach: {} of {} sites reach the implementation the CPU calls for, {} stay \
+         on the trampoline",
+        r.direct,
+        t.site_count(),
+        r.on_trampoline
+    );
+    let n = r.direct;
+    ensure!(n >= 2, "only {n} sites to write: too few to fail across");
     for fail_at in [0, 1, n / 2, n - 1] {
         let mut p = CountingPoker {
             fail_at: Some(fail_at),
@@ -215,12 +304,18 @@ fn init_fault_injection(t: &Table<'_>, f: &CpuFeatures) -> TestResult {
         let r = unsafe { patch::init(t, &ksites_exec(), f, &mut p) };
         ensure!(
             matches!(r, Err(PatchError::Poke { .. })),
-            "fail_at {fail_at}: {:?}",
+            "fail_at {fail_at} of {n} writes: {:?}",
             r.map(|_| ())
         );
         ensure!(
             sites_digest(t) == digest,
             "fail_at {fail_at}: sites not restored"
+        );
+        // The `fail_at` sites written before the failure, then each of them put back.
+        ensure!(
+            p.writes == 2 * fail_at,
+            "fail_at {fail_at}: {} writes, not {fail_at} and as many restores",
+            p.writes
         );
         for i in t.ifuncs() {
             ensure!(
@@ -240,11 +335,20 @@ fn init_fault_injection(t: &Table<'_>, f: &CpuFeatures) -> TestResult {
 
 fn check_init(k: &Ksites) -> TestResult {
     let r = k.report;
+    // What the chosen implementations (`check_choices` checks them) and the sites' forms
+    // say: every site that reaches its choice patched, every other one a relaxed site
+    // left on the trampoline.
+    let want = reach(&k.table, |f| Ok(read_slot(f.slot)), false)?;
     ensure!(
-        r.sites_patched == k.table.site_count()
-            && r.sites_out_of_reach == 0
+        r.sites_patched as usize == want.direct
+            && r.sites_out_of_reach as usize == want.on_trampoline
+            && r.relaxed_sites_on_trampoline == r.sites_out_of_reach
+            && r.sites_patched + r.sites_out_of_reach == k.table.site_count()
             && r.ifuncs == k.table.ifunc_count(),
-        "report {r:?} does not cover the table"
+        "report {r:?} does not cover the table ({} sites reach their choice, {} relaxed \
+         ones do not)",
+        want.direct,
+        want.on_trampoline
     );
     ensure!(
         k.features == CpuFeatures::detect(),
@@ -328,6 +432,8 @@ fn check_choices(t: &Table<'_>) -> TestResult {
     Ok(())
 }
 
+/// Every site is a branch of its kind to the choice, or (only a relaxed form out of
+/// its reach) still to its trampoline.
 fn check_sites(t: &Table<'_>) -> TestResult {
     for s in t.sites() {
         let f = t
@@ -349,10 +455,24 @@ fn check_sites(t: &Table<'_>) -> TestResult {
             }
         );
         let chosen = read_slot(f.slot);
-        let dest = Arch::native().decode_branch_target(&branch, bytes);
+        // A relaxed site whose form does not reach the choice keeps calling the
+        // trampoline (`reach`, which also refuses any other form out of reach).
+        let arch = Arch::native();
+        let want = if arch.encode_target(&branch, chosen).is_some() {
+            chosen
+        } else {
+            ensure!(
+                arch.is_relaxed_form(s.kind, s.prefixes),
+                "site {:#x} ({}) cannot reach the choice {chosen:#x} and is not relaxed",
+                s.addr,
+                f.name
+            );
+            f.trampoline
+        };
+        let dest = arch.decode_branch_target(&branch, bytes);
         ensure!(
-            dest == Some(chosen),
-            "site {:#x} ({}) goes to {dest:#x?}, the choice is {chosen:#x}",
+            dest == Some(want),
+            "site {:#x} ({}) goes to {dest:#x?}, not {want:#x} (the choice is {chosen:#x})",
             s.addr,
             f.name
         );
