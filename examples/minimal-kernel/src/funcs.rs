@@ -1,13 +1,17 @@
-//! The kernel's ifuncs (`popcount`, `byte_sum`) and its probe (`demo:tick`).
+//! The kernel's ifuncs (`popcount`, `byte_sum`), its probe (`demo:tick`) and its static
+//! key (`COUNT_SUMS`).
 
-use kernel_loader::{CpuFeatures, ifunc, probe};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use kernel_loader::{CpuFeatures, ifunc, probe, static_branch_unlikely, static_key};
 
 #[target_feature(enable = "popcnt")]
 unsafe extern "C" fn popcount_popcnt(x: u64) -> u32 {
     x.count_ones()
 }
 
-unsafe extern "C" fn popcount_soft(x: u64) -> u32 {
+/// The portable popcount (also what `main.rs` retargets `popcount` to).
+pub unsafe extern "C" fn popcount_soft(x: u64) -> u32 {
     let x = x - ((x >> 1) & 0x5555_5555_5555_5555);
     let x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
     let x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
@@ -102,8 +106,19 @@ ifunc! {
     resolver = pick_byte_sum;
 }
 
+static_key!(
+    /// Whether [`sum`] counts its calls: off at boot, so each call pays one 5-byte NOP.
+    pub COUNT_SUMS: default false
+);
+
+/// Calls of [`sum`] made while [`COUNT_SUMS`] was enabled.
+pub static SUMS_COUNTED: AtomicU64 = AtomicU64::new(0);
+
 /// `byte_sum` of a slice: the safe wrapper callers use.
 pub fn sum(bytes: &[u8]) -> u64 {
+    if static_branch_unlikely!(COUNT_SUMS) {
+        SUMS_COUNTED.fetch_add(1, Ordering::Relaxed);
+    }
     byte_sum(bytes.as_ptr(), bytes.len())
 }
 

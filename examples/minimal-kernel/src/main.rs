@@ -189,6 +189,8 @@ extern "C" fn kmain(start_info: u32) -> ! {
     };
     check_ifuncs(table);
     check_probe(&mut poker);
+    check_key(&mut poker);
+    check_retarget(&mut poker);
 
     let (passed, failed) = (
         PASSED.load(Ordering::Relaxed),
@@ -314,6 +316,55 @@ fn check_probe(poker: &mut WpPoker) {
             p.provider, p.name, p.enabled, p.hits
         );
     }
+}
+
+/// The static key: off at boot (the site falls through), counted exactly while enabled.
+fn check_key(poker: &mut WpPoker) {
+    let data = [1u8, 2, 3];
+    let counted = || funcs::SUMS_COUNTED.load(Ordering::Relaxed);
+    funcs::sum(&data);
+    let off = counted();
+    // SAFETY: the #BP route is in place (`check_probe`); `poker` writes the text.
+    let on = unsafe { funcs::COUNT_SUMS.enable(poker) };
+    funcs::sum(&data);
+    funcs::sum(&data);
+    let while_on = counted();
+    // SAFETY: as above.
+    let off_again = unsafe { funcs::COUNT_SUMS.disable(poker) };
+    funcs::sum(&data);
+    println!("key COUNT_SUMS: counted {off} while off, {while_on} after two calls while on");
+    check(
+        "key_counts_only_while_enabled",
+        on.is_ok() && off_again.is_ok() && off == 0 && while_on == 2 && counted() == 2,
+        format_args!("{on:?} {off_again:?}: {off}, {while_on}, {}", counted()),
+    );
+    for k in kernel_loader::key::keys() {
+        println!("key {} enabled={} sites={}", k.name, k.enabled, k.sites);
+    }
+}
+
+/// Live retargeting: every `popcount` site to the portable version and back.
+fn check_retarget(poker: &mut WpPoker) {
+    // SAFETY: `popcount_soft` runs on every CPU and stays mapped; the #BP route is in.
+    let r = unsafe { funcs::popcount::retarget(funcs::popcount_soft, poker) };
+    let right = funcs::popcount(0xf0f0) == 8;
+    println!("retarget popcount -> popcount_soft: {r:?}");
+    check(
+        "retarget_popcount",
+        r.is_ok_and(|r| r.sites > 0) && right,
+        format_args!("{r:?}, result right: {right}"),
+    );
+    // SAFETY: as above, for whatever the resolvers pick.
+    let back = unsafe { kernel_loader::ifunc::reresolve_all(&CpuFeatures::detect(), poker) };
+    println!("reresolve_all: {back:?}");
+    // Where the boot choice was not `popcount_soft` (POPCNT present), the retarget moved
+    // sites and re-resolving must move them back; otherwise both changed nothing.
+    let moved = r.is_ok_and(|r| r.sites_rewritten > 0);
+    check(
+        "reresolve_restores_the_boot_choice",
+        back.is_ok_and(|b| (b.retargeted > 0) == moved) && funcs::popcount(0xf0f0) == 8,
+        format_args!("{back:?} after {r:?}"),
+    );
 }
 
 #[panic_handler]
