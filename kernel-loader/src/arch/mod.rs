@@ -507,6 +507,34 @@ pub struct Stubs {
     pub ret1: u64,
 }
 
+impl Stubs {
+    /// No stub: what a static-key site's forms take (they branch to the site's own label).
+    pub const NONE: Stubs = Stubs {
+        c_entry: 0,
+        ret0: 0,
+        ret1: 0,
+    };
+}
+
+/// A static-key site at `addr` branching to `target`, as every architecture's probe
+/// protocol sees it: a `probe!` site whose out-of-line block is the label, its state
+/// `true` the jump. (Each architecture's `key` module re-exports it as `site_ref`.)
+#[inline(always)]
+pub const fn key_site_ref(addr: u64, target: u64) -> ProbeSiteRef {
+    ProbeSiteRef {
+        addr,
+        target,
+        kind: ProbeKind::RustJmp,
+    }
+}
+
+/// The stubs a static-key site's forms take: [`Stubs::NONE`]. (Each architecture's `key`
+/// module re-exports it as `stubs`.)
+#[inline(always)]
+pub const fn key_stubs() -> Stubs {
+    Stubs::NONE
+}
+
 /// Symbol names of [`Stubs`], in field order (the build tool looks them up).
 pub const STUB_SYMBOLS: [&str; 3] = [
     "ksites_probe_c_entry",

@@ -3,48 +3,25 @@
 //!
 //! A key site is compiled as the probe site `nop` and holds either that `nop` (falls
 //! through) or `jal x0, label` (jumps, ±1 MiB): exactly a `probe!` site's two forms
-//! ([`ProbeKind::RustJmp`]). Both are one aligned 4-byte instruction, so key batches use
+//! ([`ProbeKind::RustJmp`](crate::arch::ProbeKind::RustJmp)). Both are one aligned 4-byte instruction, so key batches use
 //! the probe sites' single-store protocol
 //! ([`Live`]: every site checked, then one 4-byte store per site and one `sync_cores`
 //! for the batch). A `jal` out of reach is [`OutOfReach`].
 
-use crate::arch::{ProbeKind, ProbeSiteRef};
+use crate::arch::Stubs;
+pub use crate::arch::{key_site_ref as site_ref, key_stubs as stubs};
 
+use super::probe::site_word as probe_word;
 pub use super::probe::{Live, OutOfReach, SITE_LEN, SiteWord};
-use super::probe::{Stubs, site_word as probe_word};
 
 /// The instruction every key site is compiled as, and holds while it falls through.
 pub const NOP: u32 = super::branch::NOP;
-
-/// No stub is ever used by a key site's forms (they branch to the site's own label).
-const NO_STUBS: Stubs = Stubs {
-    c_entry: 0,
-    ret0: 0,
-    ret1: 0,
-};
-
-/// A key site at `addr` branching to `target`, as the probe protocol sees it (a
-/// `probe!` site whose out-of-line block is the label): its state `true` is the jump.
-#[inline(always)]
-pub const fn site_ref(addr: u64, target: u64) -> ProbeSiteRef {
-    ProbeSiteRef {
-        addr,
-        target,
-        kind: ProbeKind::RustJmp,
-    }
-}
-
-/// The stubs the probe protocol's functions take for a key site (none is used).
-#[inline(always)]
-pub const fn stubs() -> Stubs {
-    NO_STUBS
-}
 
 /// The key site's bytes, as a word: `jal x0` to `target` when `jumps`, else the
 /// `nop`; [`OutOfReach`] past ±1 MiB (or misaligned).
 #[inline]
 pub fn site_word(addr: u64, target: u64, jumps: bool) -> Result<SiteWord, OutOfReach> {
-    probe_word(&site_ref(addr, target), jumps, &NO_STUBS)
+    probe_word(&site_ref(addr, target), jumps, &Stubs::NONE)
 }
 
 /// The trap frame of a CPU that executed its `ebreak` (PC at it) at `site` (the crate's tests

@@ -3,48 +3,25 @@
 //!
 //! A key site is compiled as the probe site NOP (`0f 1f 44 00 00`) and holds either
 //! that NOP (falls through) or `e9 rel32` to its label (jumps): exactly a `probe!`
-//! site's two forms ([`ProbeKind::RustJmp`]), so key batches run the probe sites' int3
+//! site's two forms ([`ProbeKind::RustJmp`](crate::arch::ProbeKind::RustJmp)), so key batches run the probe sites' int3
 //! protocol ([`Live`]: trap byte 0, write bytes 1..5, write byte 0, a `sync_cores`
 //! after each round) and a CPU trapping on a key site mid-batch is emulated by
 //! [`super::probe::emulate`] (continue at the label, or after the site).
 
-use crate::arch::{ProbeKind, ProbeSiteRef};
+use crate::arch::Stubs;
+pub use crate::arch::{key_site_ref as site_ref, key_stubs as stubs};
 
+use super::probe::site_word as probe_word;
 pub use super::probe::{Live, OutOfReach, SITE_LEN, SiteWord};
-use super::probe::{Stubs, site_word as probe_word};
 
 /// The instruction every key site is compiled as, and holds while it falls through.
 pub const NOP: [u8; SITE_LEN] = super::branch::NOP5;
-
-/// No stub is ever used by a key site's forms (they branch to the site's own label).
-const NO_STUBS: Stubs = Stubs {
-    c_entry: 0,
-    ret0: 0,
-    ret1: 0,
-};
-
-/// A key site at `addr` branching to `target`, as the probe protocol sees it (a
-/// `probe!` site whose out-of-line block is the label): its state `true` is the jump.
-#[inline(always)]
-pub const fn site_ref(addr: u64, target: u64) -> ProbeSiteRef {
-    ProbeSiteRef {
-        addr,
-        target,
-        kind: ProbeKind::RustJmp,
-    }
-}
-
-/// The stubs the probe protocol's functions take for a key site (none is used).
-#[inline(always)]
-pub const fn stubs() -> Stubs {
-    NO_STUBS
-}
 
 /// The key site's bytes, as a word: `jmp rel32` to `target` when `jumps`, else the
 /// NOP; [`OutOfReach`] past rel32.
 #[inline]
 pub fn site_word(addr: u64, target: u64, jumps: bool) -> Result<SiteWord, OutOfReach> {
-    probe_word(&site_ref(addr, target), jumps, &NO_STUBS)
+    probe_word(&site_ref(addr, target), jumps, &Stubs::NONE)
 }
 
 /// The trap frame of a CPU that executed its `int3` (RIP after it) at `site` (the crate's tests
