@@ -73,7 +73,8 @@ pub fn fire_site(rec: &ProbeRecord, args: &[u64; 6]) {
 
 /// Entry point of an enabled `probe!` site's out-of-line block when the dispatch is not
 /// inlined into it (stable symbol, so modules can link against it by name): `rec` is
-/// the site's [`ProbeRecord`], `args` the six arguments. Its body is [`fire_inline`].
+/// the site's [`ProbeRecord`], `args` the six arguments. Its body is the fast path
+/// `probe!` blocks run inline with the `inline-fire` feature.
 #[unsafe(no_mangle)]
 pub extern "C" fn ksites_probe_fire(rec: &ProbeRecord, args: &[u64; 6]) {
     fire_inline(rec, args);
