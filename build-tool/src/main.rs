@@ -1,6 +1,7 @@
-//! `ksites`: finds ifunc call sites and SDT probe sites in x86-64 and aarch64 ELF files,
-//! embeds the `.ksites` table the kernel-loader patches from, wraps the linker, scans for
-//! arbitrary call/jump sites, and verifies embedded images.
+//! `ksites`: finds ifunc call sites, SDT probe sites and static-key sites in x86-64,
+//! aarch64 and riscv64 ELF files, embeds the `.ksites` table the kernel-loader patches
+//! from, wraps the linker, scans for arbitrary call/jump sites, and verifies embedded
+//! images.
 //!
 //! The binary defines the C `main` itself (`#![no_main]`, see [`main`]): a kernel build
 //! starts it once per object (`ksites scan --calls-to __fentry__`, like `recordmcount`),
@@ -36,8 +37,8 @@ Exit status:
      check-module: the module, a well-formed object, would not load (one line per
      problem); nothing else exits 4";
 
-/// Find ifunc call sites and SDT probe sites in x86-64 and aarch64 ELF files and embed the
-/// `.ksites` table that kernel-loader patches from at boot and at module load.
+/// Find ifunc call sites, SDT probe sites and static-key sites in x86-64, aarch64 and
+/// riscv64 ELF files and embed the `.ksites` table that kernel-loader patches from at boot and at module load.
 #[derive(Parser, Debug)]
 #[command(name = "ksites", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -55,6 +56,8 @@ enum Command {
     /// one `.note.stapsdt` note per probe site, point the image's table cell at the
     /// table, and write the result to OUTPUT. IMAGE is never modified; identical input
     /// gives identical output. An image without ifuncs or probes is copied unchanged.
+    /// Static-key sites (`static_branch_*!`, `KSITES_STATIC_BRANCH*`) are checked and
+    /// each site of a key the file defines is written in the form of the key's default.
     /// IMAGE may also be an ET_REL module (`gcc -c`, `rustc --emit=obj`): it gets a
     /// `.ksites` section and `.rela.ksites` (a PC-relative relocation per field), which
     /// the module loader relocates into the same self-relative table; see `check-module`.
@@ -100,7 +103,8 @@ enum Command {
         #[arg(last = true, required = true, value_name = "LINKER-ARGS")]
         args: Vec<OsString>,
     },
-    /// List ifuncs, probes, their sites, and references left on the trampoline. Works on
+    /// List ifuncs, probes, static keys, their sites, and references left on the
+    /// trampoline. Works on
     /// embedded images (reads the table) and on linked images not yet embedded (shows
     /// what embed would record).
     #[command(after_help = EXIT_CODES)]
@@ -115,7 +119,7 @@ enum Command {
     /// check every probe site holds its disabled form, that the table's sites are
     /// exactly those the relocations show, that the cell points at the table, and that
     /// the table's PT_LOAD loads it at its address (catching a later objcopy/strip that
-    /// moved it).
+    /// moved it), and that every static-key site holds its key's default form.
     /// Prints one line per problem and exits 4 if there is any.
     #[command(after_help = EXIT_CODES)]
     Verify {
